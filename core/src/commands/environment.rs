@@ -1,0 +1,410 @@
+//! Steps of environment commands, including the dispatch of container-type hooks.
+//!
+//! Hook order (the design notes' rule): the hooks of the container being added or removed run
+//! first, then those of the environment's members by ascending priority value (ties by id).
+
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
+    QueryFilter, Set, TransactionTrait,
+};
+use serde_json::{Value, json};
+
+use super::{StepCtx, core_err};
+use crate::core::Core;
+use crate::entities::{container, environment, server};
+use crate::managers::{insert_container, parse_status};
+use crate::model::{CommandStatus, ContainerStatus, EnvironmentStatus, Requirements, now_ms};
+use crate::queue::{NewCommand, Next, StepError, Target, Transition};
+use crate::types::{EnvironmentView, Hook, HookContext, MemberView, Verdict};
+
+pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, StepError> {
+    let env_id = ctx.target_id()?;
+    let env = environment::Entity::find_by_id(env_id)
+        .one(ctx.core.db())
+        .await?
+        .ok_or_else(|| StepError::Permanent(format!("environment {env_id} does not exist")))?;
+    if env.status == EnvironmentStatus::Destroyed.as_str() {
+        return Err(StepError::Permanent(format!(
+            "environment '{}' is destroyed",
+            env.name
+        )));
+    }
+    match op {
+        "create" => {
+            let txn = ctx.core.db().begin().await?;
+            let mut am: environment::ActiveModel = env.clone().into();
+            am.status = Set(EnvironmentStatus::Active.as_str().into());
+            am.updated_at = Set(now_ms());
+            am.update(&txn).await?;
+            Ok(Transition::with(
+                Next::Done(json!({ "environment_id": env.id })),
+                txn,
+            ))
+        }
+        "add" => add(ctx, &env).await,
+        "remove" => remove(ctx, &env).await,
+        "start" | "stop" | "suspend" | "resume" | "destroy" => fan_out(ctx, &env, op).await,
+        other => Err(StepError::Permanent(format!(
+            "unknown environment command '{other}'"
+        ))),
+    }
+}
+
+/// Live members of an environment, ascending priority then id.
+async fn members<C: ConnectionTrait>(
+    core: &Core,
+    conn: &C,
+    env_id: i64,
+) -> Result<Vec<(container::Model, MemberView)>, StepError> {
+    let rows = container::Entity::find()
+        .filter(container::Column::EnvironmentId.eq(env_id))
+        .filter(container::Column::Status.is_not_in([
+            ContainerStatus::Destroyed.as_str(),
+            ContainerStatus::Failed.as_str(),
+        ]))
+        .all(conn)
+        .await?;
+    let servers: std::collections::HashMap<i64, String> = server::Entity::find()
+        .all(conn)
+        .await?
+        .into_iter()
+        .map(|s| (s.id, s.name))
+        .collect();
+    let mut out: Vec<_> = rows
+        .into_iter()
+        .map(|r| {
+            let view = MemberView {
+                id: r.id,
+                type_id: r.type_id.clone(),
+                priority: core.types().get(&r.type_id).map_or(0, |t| t.priority()),
+                status: parse_status(&r.status),
+                server: r.server_id.and_then(|s| servers.get(&s).cloned()),
+                ip: r.ip.clone(),
+            };
+            (r, view)
+        })
+        .collect();
+    out.sort_by_key(|(_, v)| (v.priority, v.id));
+    Ok(out)
+}
+
+/// One hook call to make.
+struct Call<'a> {
+    view: &'a MemberView,
+    state: &'a [u8],
+    hook: Hook,
+}
+
+/// Runs hooks in the given order; returns the new state blobs by container id, or the first
+/// denial (with who denied) as a permanent error when `may_deny`.
+fn dispatch(
+    core: &Core,
+    env: &EnvironmentView,
+    calls: Vec<Call<'_>>,
+    may_deny: bool,
+) -> Result<Vec<(i64, Vec<u8>)>, StepError> {
+    let mut states = Vec::new();
+    for call in calls {
+        let ty = core.types().get(&call.view.type_id).ok_or_else(|| {
+            StepError::Permanent(format!(
+                "container {} has type '{}', which is not installed",
+                call.view.id, call.view.type_id
+            ))
+        })?;
+        let ctx = HookContext {
+            container: call.view,
+            environment: env,
+            state: call.state,
+        };
+        let outcome = ty
+            .handle(&call.hook, &ctx)
+            .map_err(|e| StepError::Permanent(e.to_string()))?;
+        tracing::debug!(container = call.view.id, hook = call.hook.name(), ?outcome.verdict, "hook ran");
+        if let Verdict::Deny(reason) = outcome.verdict {
+            if may_deny {
+                let who = if call.view.id == 0 {
+                    format!("the new {} container", call.view.type_id)
+                } else {
+                    format!("container {} ({})", call.view.id, call.view.type_id)
+                };
+                return Err(StepError::Permanent(format!(
+                    "denied by {who} in {}: {reason}",
+                    call.hook.name()
+                )));
+            }
+            tracing::warn!(container = call.view.id, hook = call.hook.name(), %reason, "a hook denied after the fact; ignored");
+        }
+        if let Some(s) = outcome.new_state {
+            states.push((call.view.id, s));
+        }
+    }
+    Ok(states)
+}
+
+async fn save_states(
+    txn: &DatabaseTransaction,
+    states: Vec<(i64, Vec<u8>)>,
+) -> Result<(), StepError> {
+    for (id, state) in states {
+        container::Entity::update_many()
+            .col_expr(container::Column::State, sea_orm::sea_query::Expr::val(state).into())
+            .col_expr(container::Column::UpdatedAt, sea_orm::sea_query::Expr::val(now_ms()).into())
+            .filter(container::Column::Id.eq(id))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
+}
+
+fn env_view(env: &environment::Model, members: &[(container::Model, MemberView)]) -> EnvironmentView {
+    EnvironmentView {
+        id: env.id,
+        name: env.name.clone(),
+        members: members.iter().map(|(_, v)| v.clone()).collect(),
+    }
+}
+
+/// The failure of any child, as one message.
+async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, StepError> {
+    let children = ctx.core.queue().children(ctx.cmd.id).await?;
+    let failed: Vec<String> = children
+        .iter()
+        .filter(|c| c.status != CommandStatus::Succeeded.as_str())
+        .map(|c| {
+            format!(
+                "command {} ({} of {} {}) {}: {}",
+                c.id,
+                c.kind,
+                c.target_type.as_deref().unwrap_or("-"),
+                c.target_id.unwrap_or_default(),
+                c.status,
+                c.error.as_deref().unwrap_or("no error message")
+            )
+        })
+        .collect();
+    Ok((!failed.is_empty()).then(|| failed.join("; ")))
+}
+
+/// Steps: 0 before-hooks and the child create, 1 after-hooks.
+async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    let type_id = ctx.params["type"].as_str().unwrap_or_default().to_string();
+    let ty = core.types().require(&type_id).map_err(StepError::Permanent)?;
+    if ctx.cmd.step == 0 {
+        let members = members(core, core.db(), env.id).await?;
+        let view = env_view(env, &members);
+        let initial = ty.initial_state();
+        let new_view = MemberView {
+            id: 0,
+            type_id: type_id.clone(),
+            priority: ty.priority(),
+            status: ContainerStatus::Creating,
+            server: None,
+            ip: None,
+        };
+        let mut calls = vec![Call {
+            view: &new_view,
+            state: &initial,
+            hook: Hook::BeforeItIsAdded,
+        }];
+        calls.extend(members.iter().map(|(row, v)| Call {
+            view: v,
+            state: &row.state,
+            hook: Hook::BeforeOtherIsAdded(new_view.clone()),
+        }));
+        let states = dispatch(core, &view, calls, true)?;
+        let requirements: Option<Requirements> = serde_json::from_value(ctx.params["requirements"].clone())
+            .map_err(|e| StepError::Permanent(format!("bad requirements: {e}")))?;
+        let server = ctx.params["server"].as_str();
+        let txn = core.db().begin().await?;
+        let id = insert_container(core, &txn, &type_id, server, requirements, Some(env.id))
+            .await
+            .map_err(core_err)?;
+        let (own, others): (Vec<_>, Vec<_>) = states.into_iter().partition(|(i, _)| *i == 0);
+        let mut states = others;
+        states.extend(own.into_iter().map(|(_, s)| (id, s)));
+        save_states(&txn, states).await?;
+        let child = NewCommand {
+            kind: "container.create".into(),
+            target: Some(Target::Container(id)),
+            params: json!({}),
+            requested_by: ctx.cmd.requested_by.clone(),
+        };
+        let next = Next::Spawn {
+            step: 1,
+            progress: json!({ "container_id": id }),
+            children: vec![child],
+        };
+        return Ok(Transition::with(next, txn));
+    }
+    let id = ctx
+        .progress_i64("container_id")
+        .ok_or_else(|| StepError::Permanent("lost the id of the new container".into()))?;
+    if let Some(failure) = child_failures(ctx).await? {
+        return Ok(Transition::bare(Next::Fail(format!(
+            "adding a {type_id} container failed: {failure}"
+        ))));
+    }
+    let all = members(core, core.db(), env.id).await?;
+    let (new, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|(r, _)| r.id == id);
+    let (new_row, new_view) = new.into_iter().next().ok_or_else(|| {
+        StepError::Permanent(format!("container {id} vanished while being added"))
+    })?;
+    let view = env_view(env, &others);
+    let mut calls = vec![Call {
+        view: &new_view,
+        state: &new_row.state,
+        hook: Hook::AfterItIsAdded,
+    }];
+    calls.extend(others.iter().map(|(row, v)| Call {
+        view: v,
+        state: &row.state,
+        hook: Hook::AfterOtherIsAdded(new_view.clone()),
+    }));
+    let states = dispatch(core, &view, calls, false)?;
+    let txn = core.db().begin().await?;
+    save_states(&txn, states).await?;
+    Ok(Transition::with(Next::Done(json!({ "container_id": id })), txn))
+}
+
+/// Steps: 0 before-it-is-removed and the child destroy, 1 after-other-is-removed.
+async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    let id = ctx.params["container_id"]
+        .as_i64()
+        .ok_or_else(|| StepError::Permanent("bad parameters: container_id is missing".into()))?;
+    if ctx.cmd.step == 0 {
+        let members = members(core, core.db(), env.id).await?;
+        let Some((row, removed)) = members.iter().find(|(r, _)| r.id == id) else {
+            return Err(StepError::Permanent(format!(
+                "container {id} is not a member of environment '{}'",
+                env.name
+            )));
+        };
+        let others: Vec<_> = members.iter().filter(|(r, _)| r.id != id).cloned().collect();
+        let view = env_view(env, &others);
+        let states = dispatch(
+            core,
+            &view,
+            vec![Call {
+                view: removed,
+                state: &row.state,
+                hook: Hook::BeforeItIsRemoved,
+            }],
+            true,
+        )?;
+        let txn = core.db().begin().await?;
+        save_states(&txn, states).await?;
+        let child = NewCommand {
+            kind: "container.destroy".into(),
+            target: Some(Target::Container(id)),
+            params: json!({}),
+            requested_by: ctx.cmd.requested_by.clone(),
+        };
+        let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable") });
+        let next = Next::Spawn {
+            step: 1,
+            progress,
+            children: vec![child],
+        };
+        return Ok(Transition::with(next, txn));
+    }
+    if let Some(failure) = child_failures(ctx).await? {
+        return Ok(Transition::bare(Next::Fail(format!(
+            "removing container {id} failed: {failure}"
+        ))));
+    }
+    let removed: MemberView = serde_json::from_value(ctx.progress["removed"].clone())
+        .map_err(|e| StepError::Permanent(format!("lost the removed member: {e}")))?;
+    let others = members(core, core.db(), env.id).await?;
+    let view = env_view(env, &others);
+    let calls = others
+        .iter()
+        .map(|(row, v)| Call {
+            view: v,
+            state: &row.state,
+            hook: Hook::AfterOtherIsRemoved(removed.clone()),
+        })
+        .collect();
+    let states = dispatch(core, &view, calls, false)?;
+    let txn = core.db().begin().await?;
+    save_states(&txn, states).await?;
+    Ok(Transition::with(Next::Done(json!({ "container_id": id })), txn))
+}
+
+/// Step 0 plans groups of members by priority; step k spawns group k-1 after checking the
+/// previous groups succeeded; the last step finishes (a destroy also retires the environment).
+async fn fan_out(
+    ctx: &StepCtx<'_>,
+    env: &environment::Model,
+    op: &str,
+) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    if ctx.cmd.step == 0 {
+        use ContainerStatus::*;
+        let (applies, ascending): (&[ContainerStatus], bool) = match op {
+            "start" => (&[Stopped], true),
+            "resume" => (&[Suspended], true),
+            "stop" => (&[Running, Suspended], false),
+            "suspend" => (&[Running], false),
+            _ => (&[Creating, Running, Stopped, Suspended], false),
+        };
+        let mut groups: Vec<(i32, Vec<i64>)> = Vec::new();
+        let mut members = members(core, core.db(), env.id).await?;
+        if !ascending {
+            members.reverse();
+        }
+        for (row, v) in members {
+            if !applies.contains(&parse_status(&row.status)) {
+                continue;
+            }
+            match groups.last_mut() {
+                Some((p, ids)) if *p == v.priority => ids.push(row.id),
+                _ => groups.push((v.priority, vec![row.id])),
+            }
+        }
+        let groups: Vec<Vec<i64>> = groups.into_iter().map(|(_, ids)| ids).collect();
+        return Ok(Transition::bare(Next::Continue {
+            step: 1,
+            progress: json!({ "groups": groups }),
+        }));
+    }
+    if ctx.cmd.step > 1
+        && let Some(failure) = child_failures(ctx).await?
+    {
+        return Ok(Transition::bare(Next::Fail(format!(
+            "{op} of environment '{}' stopped: {failure}",
+            env.name
+        ))));
+    }
+    let groups: Vec<Vec<i64>> = serde_json::from_value(ctx.progress["groups"].clone())
+        .map_err(|e| StepError::Permanent(format!("lost the plan: {e}")))?;
+    let index = (ctx.cmd.step - 1) as usize;
+    if let Some(group) = groups.get(index) {
+        let children = group
+            .iter()
+            .map(|id| NewCommand {
+                kind: format!("container.{op}"),
+                target: Some(Target::Container(*id)),
+                params: json!({}),
+                requested_by: ctx.cmd.requested_by.clone(),
+            })
+            .collect();
+        return Ok(Transition::bare(Next::Spawn {
+            step: ctx.cmd.step + 1,
+            progress: ctx.progress.clone(),
+            children,
+        }));
+    }
+    let count: usize = groups.iter().map(Vec::len).sum();
+    let result: Value = json!({ "environment_id": env.id, "containers": count });
+    if op == "destroy" {
+        let txn = core.db().begin().await?;
+        let mut am: environment::ActiveModel = env.clone().into();
+        am.status = Set(EnvironmentStatus::Destroyed.as_str().into());
+        am.updated_at = Set(now_ms());
+        am.update(&txn).await?;
+        return Ok(Transition::with(Next::Done(result), txn));
+    }
+    Ok(Transition::bare(Next::Done(result)))
+}

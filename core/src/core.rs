@@ -1,0 +1,349 @@
+//! The cloud core: database, queue, fleet of server drivers and container types, wired together.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectOptions, Database, DatabaseBackend, DatabaseConnection,
+    DbErr, EntityTrait, QueryFilter, Set,
+};
+
+use crate::driver::Driver;
+use crate::driver::sim::{SimLatency, SimServer};
+use crate::entities::{platform, server};
+use crate::managers::{ContainerManager, EnvironmentManager, ServerManager};
+use crate::model::{Resources, ServerId, now_ms};
+use crate::queue::{Clock, Queue, QueueConfig, SystemClock};
+use crate::types::TypeRegistry;
+
+/// Errors of core operations, each with a clear message for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// An object does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The object's current state does not allow the operation.
+    #[error("{0}")]
+    Conflict(String),
+    /// Bad input; `field` names the offending field.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The offending field.
+        field: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// A queue error.
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+    /// Starting the core failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl CoreError {
+    /// Bad input in `field`.
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        CoreError::Invalid {
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Settings of a core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Directory for the SQLite file, the node id and simulated servers' state.
+    pub data_dir: PathBuf,
+    /// Database URL; `None` means SQLite at `<data_dir>/cloud48.db`.
+    pub database_url: Option<String>,
+    /// Connections to PostgreSQL (SQLite always uses one).
+    pub db_connections: u32,
+    /// Queue tuning.
+    pub queue: QueueConfig,
+    /// Simulated servers created when no server is registered (0 = none).
+    pub sim_servers: u32,
+    /// Capacity of each simulated server.
+    pub sim_capacity: Resources,
+    /// Latency of every simulated operation.
+    pub sim_latency: Duration,
+    /// Keep simulated servers' guests in `<data_dir>/sim/` across restarts.
+    pub sim_persist: bool,
+}
+
+impl CoreConfig {
+    /// Defaults with data under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        CoreConfig {
+            data_dir: data_dir.into(),
+            database_url: None,
+            db_connections: 5,
+            queue: QueueConfig::default(),
+            sim_servers: 4,
+            sim_capacity: Resources {
+                cpu_millis: 16_000,
+                memory_mb: 65_536,
+                disk_mb: 1_048_576,
+            },
+            sim_latency: Duration::ZERO,
+            sim_persist: true,
+        }
+    }
+}
+
+/// Drivers of the registered servers.
+#[derive(Default)]
+pub struct Fleet {
+    drivers: RwLock<HashMap<ServerId, Arc<dyn Driver>>>,
+    sims: RwLock<HashMap<ServerId, Arc<SimServer>>>,
+}
+
+impl Fleet {
+    /// The driver of a server.
+    pub fn driver(&self, id: ServerId) -> Option<Arc<dyn Driver>> {
+        self.drivers.read().unwrap().get(&id).cloned()
+    }
+
+    /// The simulated server behind a server id, for fault injection and inspection.
+    pub fn sim(&self, id: ServerId) -> Option<Arc<SimServer>> {
+        self.sims.read().unwrap().get(&id).cloned()
+    }
+
+    /// Registers a simulated server.
+    pub fn add_sim(&self, id: ServerId, sim: Arc<SimServer>) {
+        self.drivers.write().unwrap().insert(id, sim.clone());
+        self.sims.write().unwrap().insert(id, sim);
+    }
+}
+
+pub(crate) struct CoreInner {
+    pub db: DatabaseConnection,
+    pub queue: Queue,
+    pub fleet: Fleet,
+    pub types: TypeRegistry,
+    pub platform: platform::Model,
+    pub config: CoreConfig,
+}
+
+/// A running cloud core; cheap to clone.
+#[derive(Clone)]
+pub struct Core {
+    pub(crate) inner: Arc<CoreInner>,
+}
+
+/// Connects to the database, SQLite in WAL mode by default, and runs the migrations.
+pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        CoreError::Setup(format!(
+            "cannot create data directory {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
+    let url = config.database_url.clone().unwrap_or_else(|| {
+        format!("sqlite://{}", config.data_dir.join("cloud48.db").display())
+    });
+    let mut opt = ConnectOptions::new(url.clone());
+    opt.sqlx_logging(false);
+    if url.starts_with("sqlite:") {
+        use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+        // One connection: SQLite has one writer anyway, and a single connection avoids
+        // SQLITE_BUSY between our own transactions.
+        opt.max_connections(1)
+            .min_connections(1)
+            .map_sqlx_sqlite_opts(|o| {
+                o.create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10))
+            });
+    } else {
+        opt.max_connections(config.db_connections.max(2));
+    }
+    let db = Database::connect(opt)
+        .await
+        .map_err(|e| CoreError::Setup(format!("cannot open database {url}: {e}")))?;
+    use migrations::sea_orm_migration::MigratorTrait;
+    migrations::Migrator::up(&db, None)
+        .await
+        .map_err(|e| CoreError::Setup(format!("database migration failed: {e}")))?;
+    Ok(db)
+}
+
+fn node_id(data_dir: &std::path::Path) -> Result<String, CoreError> {
+    let path = data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let id = format!("core-{:016x}", rand::random::<u64>());
+    std::fs::write(&path, &id)
+        .map_err(|e| CoreError::Setup(format!("cannot write {}: {e}", path.display())))?;
+    Ok(id)
+}
+
+impl Core {
+    /// Opens a core: database, migrations, local platform, servers (creating simulated ones if
+    /// none is registered). Call `start` to run the queue.
+    pub async fn open(config: CoreConfig) -> Result<Core, CoreError> {
+        Self::open_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// `open` with an injected clock.
+    pub async fn open_with_clock(
+        config: CoreConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Core, CoreError> {
+        let db = connect(&config).await?;
+        let node = node_id(&config.data_dir)?;
+        let platform = local_platform(&db).await?;
+        let queue = Queue::new(db.clone(), node, config.queue.clone(), clock);
+        let core = Core {
+            inner: Arc::new(CoreInner {
+                db,
+                queue,
+                fleet: Fleet::default(),
+                types: TypeRegistry::with_builtins(),
+                platform,
+                config,
+            }),
+        };
+        core.load_servers().await?;
+        Ok(core)
+    }
+
+    async fn load_servers(&self) -> Result<(), CoreError> {
+        let c = &self.inner.config;
+        let mut rows = server::Entity::find().all(&self.inner.db).await?;
+        if rows.is_empty() && c.sim_servers > 0 {
+            for i in 1..=c.sim_servers {
+                let row = server::ActiveModel {
+                    platform_id: Set(self.inner.platform.id),
+                    name: Set(format!("sim-{i}")),
+                    driver: Set("sim".into()),
+                    address: Set(None),
+                    status: Set("up".into()),
+                    cpu_millis: Set(c.sim_capacity.cpu_millis as i64),
+                    memory_mb: Set(c.sim_capacity.memory_mb as i64),
+                    disk_mb: Set(c.sim_capacity.disk_mb as i64),
+                    labels: Set("[]".into()),
+                    last_heartbeat: Set(Some(now_ms())),
+                    created_at: Set(now_ms()),
+                    ..Default::default()
+                };
+                rows.push(row.insert(&self.inner.db).await?);
+            }
+            tracing::info!(servers = c.sim_servers, "created a simulated platform");
+        }
+        let sim_dir = c.data_dir.join("sim");
+        if c.sim_persist {
+            std::fs::create_dir_all(&sim_dir).map_err(|e| {
+                CoreError::Setup(format!("cannot create {}: {e}", sim_dir.display()))
+            })?;
+        }
+        for row in rows {
+            if row.driver != "sim" {
+                return Err(CoreError::Setup(format!(
+                    "server {} uses driver '{}', which this core does not have",
+                    row.name, row.driver
+                )));
+            }
+            let capacity = Resources {
+                cpu_millis: row.cpu_millis as u64,
+                memory_mb: row.memory_mb as u64,
+                disk_mb: row.disk_mb as u64,
+            };
+            let mut sim = SimServer::new(
+                &row.name,
+                row.id as u32,
+                capacity,
+                SimLatency::uniform(c.sim_latency),
+            );
+            if c.sim_persist {
+                sim = sim
+                    .with_state_file(sim_dir.join(format!("{}.json", row.name)))
+                    .map_err(|e| CoreError::Setup(e.to_string()))?;
+            }
+            self.inner.fleet.add_sim(row.id, Arc::new(sim));
+        }
+        Ok(())
+    }
+
+    /// Starts executing commands, resuming those a previous run left unfinished.
+    pub async fn start(&self) -> Result<(), CoreError> {
+        let runner = Arc::new(crate::commands::Handlers::new(self.clone()));
+        let single_core = self.inner.db.get_database_backend() == DatabaseBackend::Sqlite;
+        self.inner.queue.start(runner, single_core).await?;
+        Ok(())
+    }
+
+    /// Stops claiming commands and waits up to `grace` for running steps.
+    pub async fn stop(&self, grace: Duration) {
+        self.inner.queue.stop(grace).await;
+    }
+
+    /// The command queue.
+    pub fn queue(&self) -> &Queue {
+        &self.inner.queue
+    }
+
+    /// The database connection.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.inner.db
+    }
+
+    /// The drivers of the servers.
+    pub fn fleet(&self) -> &Fleet {
+        &self.inner.fleet
+    }
+
+    /// The container types.
+    pub fn types(&self) -> &TypeRegistry {
+        &self.inner.types
+    }
+
+    /// The local platform.
+    pub fn platform_name(&self) -> &str {
+        &self.inner.platform.name
+    }
+
+    /// The ContainerManager.
+    pub fn containers(&self) -> ContainerManager<'_> {
+        ContainerManager::new(self)
+    }
+
+    /// The EnvironmentManager.
+    pub fn environments(&self) -> EnvironmentManager<'_> {
+        EnvironmentManager::new(self)
+    }
+
+    /// Servers.
+    pub fn servers(&self) -> ServerManager<'_> {
+        ServerManager::new(self)
+    }
+}
+
+async fn local_platform(db: &DatabaseConnection) -> Result<platform::Model, DbErr> {
+    if let Some(p) = platform::Entity::find()
+        .filter(platform::Column::IsLocal.eq(true))
+        .one(db)
+        .await?
+    {
+        return Ok(p);
+    }
+    platform::ActiveModel {
+        name: Set(format!("platform-{:08x}", rand::random::<u32>())),
+        is_local: Set(true),
+        created_at: Set(now_ms()),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+}

@@ -1,0 +1,212 @@
+//! Hypervisor drivers (the VSH layer): one trait for the whole container lifecycle on one server.
+//!
+//! Invariants:
+//! - One `Driver` value drives one server; the core keeps a map from server id to driver.
+//! - Every operation is idempotent where the driver can tell: `create`/`import` of a guest id
+//!   that exists returns the existing guest, `start` of a running guest and `stop` of a stopped
+//!   one succeed, `destroy` of a missing guest succeeds. A resumed command may therefore repeat
+//!   its last step without repeating its side effect.
+//! - Errors say whether a retry can help (`DriverError::is_transient`).
+//! - Optional operations are announced by `capabilities`; unsupported ones answer
+//!   `DriverError::Unsupported`.
+
+pub mod conformance;
+pub mod sim;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::model::Resources;
+
+/// An error of a driver operation.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DriverError {
+    /// The server does not answer; retrying later may help.
+    #[error("server {server} is unreachable: {message}")]
+    Unreachable {
+        /// Server name.
+        server: String,
+        /// What happened.
+        message: String,
+    },
+    /// A temporary failure; retrying may help.
+    #[error("{0}")]
+    Transient(String),
+    /// The guest does not exist on this server.
+    #[error("guest {0} does not exist on this server")]
+    NotFound(String),
+    /// The server lacks capacity for the request.
+    #[error("not enough capacity on server {server}: {message}")]
+    Capacity {
+        /// Server name.
+        server: String,
+        /// Which figure does not fit.
+        message: String,
+    },
+    /// The guest is in a state that does not allow the operation.
+    #[error("guest {guest} is {state}; {operation} is not possible")]
+    InvalidState {
+        /// Guest id.
+        guest: String,
+        /// Its current state.
+        state: GuestState,
+        /// The refused operation.
+        operation: String,
+    },
+    /// The driver does not support the operation.
+    #[error("driver {driver} does not support {operation}")]
+    Unsupported {
+        /// Driver kind.
+        driver: String,
+        /// The operation.
+        operation: String,
+    },
+    /// Any other permanent failure.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl DriverError {
+    /// True when retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            DriverError::Unreachable { .. } | DriverError::Transient(_)
+        )
+    }
+}
+
+/// State of a guest as its server reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestState {
+    /// Running.
+    Running,
+    /// Created, not running.
+    Stopped,
+    /// Frozen.
+    Suspended,
+}
+
+impl std::fmt::Display for GuestState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuestState::Running => "running",
+            GuestState::Stopped => "stopped",
+            GuestState::Suspended => "suspended",
+        })
+    }
+}
+
+/// What to create on a server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSpec {
+    /// Guest id, unique on the platform; chosen by the core, so creation is idempotent.
+    pub guest_id: String,
+    /// Container type id, for drivers that pick a template per type.
+    pub type_id: String,
+    /// Resources to reserve.
+    pub resources: Resources,
+}
+
+/// A guest as its server reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestInfo {
+    /// Guest id.
+    pub guest_id: String,
+    /// Current state.
+    pub state: GuestState,
+    /// Assigned IP address.
+    pub ip: Option<String>,
+    /// Reserved resources.
+    pub resources: Resources,
+}
+
+/// Portable image of a stopped guest, produced by `export` and consumed by `import`
+/// (cold migration and cloning).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestImage {
+    /// Type id of the exported guest.
+    pub type_id: String,
+    /// Opaque disk content.
+    pub data: Vec<u8>,
+}
+
+/// Result of running a script inside a container (the CIS layer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecOutput {
+    /// Exit code of the script.
+    pub exit_code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Load figures of a server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerStats {
+    /// Total capacity.
+    pub capacity: Resources,
+    /// Resources reserved by guests.
+    pub allocated: Resources,
+    /// Number of guests.
+    pub guests: u64,
+}
+
+/// Optional operations a driver supports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// `suspend` and `resume`.
+    pub suspend: bool,
+    /// `exec`.
+    pub exec: bool,
+    /// `export` and `import` (cold migration and cloning).
+    pub migrate: bool,
+    /// `update` of resources of an existing guest.
+    pub update: bool,
+}
+
+/// Operations on the containers of one server.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// Driver kind, e.g. `sim`.
+    fn kind(&self) -> &'static str;
+    /// Optional operations this driver supports.
+    fn capabilities(&self) -> Capabilities;
+    /// Creates a stopped guest; returns the existing one if `spec.guest_id` exists.
+    async fn create(&self, spec: &GuestSpec) -> Result<GuestInfo, DriverError>;
+    /// Starts a stopped guest; succeeds if it is already running.
+    async fn start(&self, guest_id: &str) -> Result<(), DriverError>;
+    /// Stops a running or suspended guest; succeeds if it is already stopped.
+    async fn stop(&self, guest_id: &str) -> Result<(), DriverError>;
+    /// Freezes a running guest; succeeds if it is already suspended.
+    async fn suspend(&self, guest_id: &str) -> Result<(), DriverError>;
+    /// Thaws a suspended guest; succeeds if it is already running.
+    async fn resume(&self, guest_id: &str) -> Result<(), DriverError>;
+    /// Restarts a running guest.
+    async fn reboot(&self, guest_id: &str) -> Result<(), DriverError>;
+    /// Destroys a guest; succeeds if it does not exist.
+    async fn destroy(&self, guest_id: &str) -> Result<(), DriverError>;
+    /// Changes the resources of a guest.
+    async fn update(&self, guest_id: &str, resources: &Resources) -> Result<(), DriverError>;
+    /// Exports a stopped guest's disk.
+    async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError>;
+    /// Creates a stopped guest from an image; returns the existing one if the id exists.
+    async fn import(&self, spec: &GuestSpec, image: &GuestImage)
+    -> Result<GuestInfo, DriverError>;
+    /// Runs a script with arguments inside a running guest.
+    async fn exec(
+        &self,
+        guest_id: &str,
+        script: &str,
+        args: &[String],
+    ) -> Result<ExecOutput, DriverError>;
+    /// Reports one guest, or `None` if it does not exist.
+    async fn status(&self, guest_id: &str) -> Result<Option<GuestInfo>, DriverError>;
+    /// Reports every guest of the server.
+    async fn list(&self) -> Result<Vec<GuestInfo>, DriverError>;
+    /// Reports load figures.
+    async fn stats(&self) -> Result<ServerStats, DriverError>;
+}

@@ -1,0 +1,507 @@
+//! `sim`: simulated servers inside the core process, for tests, demos and benchmarks at scale.
+//!
+//! A simulated server has a capacity, assigns IPs, waits a configurable latency per operation,
+//! can crash and recover, can be told to fail the next operations, and records what was done to
+//! each guest (including exec'd scripts). With a state file it keeps its guests across restarts
+//! of the core, as a real server would.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState,
+    ServerStats,
+};
+use crate::model::Resources;
+
+/// Latency of simulated operations.
+#[derive(Debug, Clone, Default)]
+pub struct SimLatency {
+    /// Latency of every operation without its own entry.
+    pub default: Duration,
+    /// Latency per operation name (`create`, `start`, ...).
+    pub per_operation: HashMap<String, Duration>,
+}
+
+impl SimLatency {
+    /// The same latency for every operation.
+    pub fn uniform(latency: Duration) -> Self {
+        SimLatency {
+            default: latency,
+            per_operation: HashMap::new(),
+        }
+    }
+
+    fn of(&self, operation: &str) -> Duration {
+        self.per_operation
+            .get(operation)
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+/// A script run inside a simulated guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRecord {
+    /// The script.
+    pub script: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+}
+
+/// A simulated guest with the history of what was done to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimGuest {
+    /// Current state and reservation.
+    pub info: GuestInfo,
+    /// Type id it was created with.
+    pub type_id: String,
+    /// Opaque disk content (travels with export/import).
+    pub disk: Vec<u8>,
+    /// Operations that changed the guest, in order (`create`, `start`, ...).
+    pub operations: Vec<String>,
+    /// Scripts exec'd inside it, in order.
+    pub execs: Vec<ExecRecord>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SimState {
+    guests: BTreeMap<String, SimGuest>,
+    next_ip: u32,
+}
+
+struct Fault {
+    operation: String,
+    remaining: u32,
+    error: DriverError,
+}
+
+/// One simulated server.
+pub struct SimServer {
+    name: String,
+    index: u32,
+    capacity: Resources,
+    latency: SimLatency,
+    state_file: Option<PathBuf>,
+    state: Mutex<SimState>,
+    crashed: Mutex<bool>,
+    faults: Mutex<Vec<Fault>>,
+    busy: Mutex<HashMap<String, u32>>,
+    overlaps: std::sync::atomic::AtomicU64,
+}
+
+/// Marks a guest busy for the duration of one operation.
+struct Busy<'a> {
+    server: &'a SimServer,
+    guest: Option<String>,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = &self.guest {
+            let mut busy = self.server.busy.lock().unwrap();
+            if let Some(n) = busy.get_mut(g) {
+                *n -= 1;
+                if *n == 0 {
+                    busy.remove(g);
+                }
+            }
+        }
+    }
+}
+
+impl SimServer {
+    /// A simulated server; `index` (e.g. the server id) picks its IP range `10.x.y.0/22`.
+    pub fn new(name: &str, index: u32, capacity: Resources, latency: SimLatency) -> Self {
+        SimServer {
+            name: name.to_string(),
+            index,
+            capacity,
+            latency,
+            state_file: None,
+            state: Mutex::new(SimState::default()),
+            crashed: Mutex::new(false),
+            faults: Mutex::new(Vec::new()),
+            busy: Mutex::new(HashMap::new()),
+            overlaps: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Keeps the guests in `path` (JSON), loading what is there; corrupt files are an error.
+    pub fn with_state_file(mut self, path: PathBuf) -> Result<Self, DriverError> {
+        if path.exists() {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                DriverError::Permanent(format!("cannot read {}: {e}", path.display()))
+            })?;
+            let state: SimState = serde_json::from_str(&text).map_err(|e| {
+                DriverError::Permanent(format!("corrupt sim state {}: {e}", path.display()))
+            })?;
+            *self.state.lock().unwrap() = state;
+        }
+        self.state_file = Some(path);
+        Ok(self)
+    }
+
+    /// Server name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Simulates a crash: every operation fails as unreachable until `recover`.
+    pub fn crash(&self) {
+        *self.crashed.lock().unwrap() = true;
+    }
+
+    /// Ends a simulated crash; the guests are as they were.
+    pub fn recover(&self) {
+        *self.crashed.lock().unwrap() = false;
+    }
+
+    /// True while crashed.
+    pub fn is_crashed(&self) -> bool {
+        *self.crashed.lock().unwrap()
+    }
+
+    /// Makes the next `times` calls of `operation` fail with `error`.
+    pub fn fail_next(&self, operation: &str, times: u32, error: DriverError) {
+        self.faults.lock().unwrap().push(Fault {
+            operation: operation.to_string(),
+            remaining: times,
+            error,
+        });
+    }
+
+    /// A copy of one guest with its history.
+    pub fn guest(&self, guest_id: &str) -> Option<SimGuest> {
+        self.state.lock().unwrap().guests.get(guest_id).cloned()
+    }
+
+    /// Copies of every guest with their history.
+    pub fn guests(&self) -> Vec<SimGuest> {
+        self.state.lock().unwrap().guests.values().cloned().collect()
+    }
+
+    /// Times two operations ran on the same guest at once (the core's locks should make this 0).
+    pub fn overlapping_operations(&self) -> u64 {
+        self.overlaps.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    async fn enter(&self, operation: &str, guest: Option<&str>) -> Result<Busy<'_>, DriverError> {
+        let busy = Busy {
+            server: self,
+            guest: guest.map(str::to_string),
+        };
+        if let Some(g) = guest {
+            let mut map = self.busy.lock().unwrap();
+            let n = map.entry(g.to_string()).or_insert(0);
+            *n += 1;
+            if *n > 1 {
+                self.overlaps
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let latency = self.latency.of(operation);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        if self.is_crashed() {
+            return Err(DriverError::Unreachable {
+                server: self.name.clone(),
+                message: "simulated crash".into(),
+            });
+        }
+        let mut faults = self.faults.lock().unwrap();
+        if let Some(pos) = faults
+            .iter()
+            .position(|f| f.operation == operation && f.remaining > 0)
+        {
+            faults[pos].remaining -= 1;
+            let error = faults[pos].error.clone();
+            if faults[pos].remaining == 0 {
+                faults.remove(pos);
+            }
+            return Err(error);
+        }
+        Ok(busy)
+    }
+
+    fn save(&self, state: &SimState) -> Result<(), DriverError> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_vec(state).expect("sim state serializes");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| DriverError::Transient(format!("cannot save {}: {e}", path.display())))
+    }
+
+    fn allocated(state: &SimState) -> Resources {
+        state
+            .guests
+            .values()
+            .fold(Resources::default(), |sum, g| sum.plus(&g.info.resources))
+    }
+
+    fn check_capacity(&self, state: &SimState, extra: &Resources) -> Result<(), DriverError> {
+        let wanted = Self::allocated(state).plus(extra);
+        for (figure, want, have) in [
+            ("cpu_millis", wanted.cpu_millis, self.capacity.cpu_millis),
+            ("memory_mb", wanted.memory_mb, self.capacity.memory_mb),
+            ("disk_mb", wanted.disk_mb, self.capacity.disk_mb),
+        ] {
+            if want > have {
+                return Err(DriverError::Capacity {
+                    server: self.name.clone(),
+                    message: format!("{figure} would be {want}, capacity is {have}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn next_ip(&self, state: &mut SimState) -> String {
+        state.next_ip += 1;
+        let host = state.next_ip % 1022 + 1;
+        let net = (self.index & 0x3fff) << 10;
+        let addr = (10u32 << 24) | net | host;
+        std::net::Ipv4Addr::from(addr).to_string()
+    }
+
+    fn insert(
+        &self,
+        spec: &GuestSpec,
+        disk: Vec<u8>,
+        operation: &str,
+    ) -> Result<GuestInfo, DriverError> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(existing) = state.guests.get(&spec.guest_id) {
+            return Ok(existing.info.clone());
+        }
+        self.check_capacity(&state, &spec.resources)?;
+        let info = GuestInfo {
+            guest_id: spec.guest_id.clone(),
+            state: GuestState::Stopped,
+            ip: Some(self.next_ip(&mut state)),
+            resources: spec.resources,
+        };
+        state.guests.insert(
+            spec.guest_id.clone(),
+            SimGuest {
+                info: info.clone(),
+                type_id: spec.type_id.clone(),
+                disk,
+                operations: vec![operation.to_string()],
+                execs: Vec::new(),
+            },
+        );
+        self.save(&state)?;
+        Ok(info)
+    }
+
+    /// Moves a guest from one of `from` states to `to`; a guest already in `to` is left alone.
+    fn transition(
+        &self,
+        guest_id: &str,
+        operation: &str,
+        from: &[GuestState],
+        to: GuestState,
+    ) -> Result<(), DriverError> {
+        let mut state = self.state.lock().unwrap();
+        let guest = state
+            .guests
+            .get_mut(guest_id)
+            .ok_or_else(|| DriverError::NotFound(guest_id.to_string()))?;
+        if guest.info.state == to && operation != "reboot" {
+            return Ok(());
+        }
+        if !from.contains(&guest.info.state) {
+            return Err(DriverError::InvalidState {
+                guest: guest_id.to_string(),
+                state: guest.info.state,
+                operation: operation.to_string(),
+            });
+        }
+        guest.info.state = to;
+        guest.operations.push(operation.to_string());
+        self.save(&state)
+    }
+}
+
+#[async_trait]
+impl Driver for SimServer {
+    fn kind(&self) -> &'static str {
+        "sim"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            suspend: true,
+            exec: true,
+            migrate: true,
+            update: true,
+        }
+    }
+
+    async fn create(&self, spec: &GuestSpec) -> Result<GuestInfo, DriverError> {
+        let _busy = self.enter("create", Some(&spec.guest_id)).await?;
+        self.insert(spec, Vec::new(), "create")
+    }
+
+    async fn start(&self, guest_id: &str) -> Result<(), DriverError> {
+        let _busy = self.enter("start", Some(guest_id)).await?;
+        self.transition(guest_id, "start", &[GuestState::Stopped], GuestState::Running)
+    }
+
+    async fn stop(&self, guest_id: &str) -> Result<(), DriverError> {
+        let _busy = self.enter("stop", Some(guest_id)).await?;
+        self.transition(
+            guest_id,
+            "stop",
+            &[GuestState::Running, GuestState::Suspended],
+            GuestState::Stopped,
+        )
+    }
+
+    async fn suspend(&self, guest_id: &str) -> Result<(), DriverError> {
+        let _busy = self.enter("suspend", Some(guest_id)).await?;
+        self.transition(guest_id, "suspend", &[GuestState::Running], GuestState::Suspended)
+    }
+
+    async fn resume(&self, guest_id: &str) -> Result<(), DriverError> {
+        let _busy = self.enter("resume", Some(guest_id)).await?;
+        self.transition(guest_id, "resume", &[GuestState::Suspended], GuestState::Running)
+    }
+
+    async fn reboot(&self, guest_id: &str) -> Result<(), DriverError> {
+        let _busy = self.enter("reboot", Some(guest_id)).await?;
+        self.transition(guest_id, "reboot", &[GuestState::Running], GuestState::Running)
+    }
+
+    async fn destroy(&self, guest_id: &str) -> Result<(), DriverError> {
+        let _busy = self.enter("destroy", Some(guest_id)).await?;
+        let mut state = self.state.lock().unwrap();
+        if state.guests.remove(guest_id).is_some() {
+            self.save(&state)?;
+        }
+        Ok(())
+    }
+
+    async fn update(&self, guest_id: &str, resources: &Resources) -> Result<(), DriverError> {
+        let _busy = self.enter("update", Some(guest_id)).await?;
+        let mut state = self.state.lock().unwrap();
+        let current = state
+            .guests
+            .get(guest_id)
+            .ok_or_else(|| DriverError::NotFound(guest_id.to_string()))?
+            .info
+            .resources;
+        if current == *resources {
+            return Ok(());
+        }
+        let growth = resources.minus(&current);
+        self.check_capacity(&state, &growth)?;
+        let guest = state.guests.get_mut(guest_id).expect("checked above");
+        guest.info.resources = *resources;
+        guest.operations.push("update".into());
+        self.save(&state)
+    }
+
+    async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError> {
+        let _busy = self.enter("export", Some(guest_id)).await?;
+        let state = self.state.lock().unwrap();
+        let guest = state
+            .guests
+            .get(guest_id)
+            .ok_or_else(|| DriverError::NotFound(guest_id.to_string()))?;
+        if guest.info.state != GuestState::Stopped {
+            return Err(DriverError::InvalidState {
+                guest: guest_id.to_string(),
+                state: guest.info.state,
+                operation: "export".into(),
+            });
+        }
+        Ok(GuestImage {
+            type_id: guest.type_id.clone(),
+            data: guest.disk.clone(),
+        })
+    }
+
+    async fn import(
+        &self,
+        spec: &GuestSpec,
+        image: &GuestImage,
+    ) -> Result<GuestInfo, DriverError> {
+        let _busy = self.enter("import", Some(&spec.guest_id)).await?;
+        self.insert(spec, image.data.clone(), "import")
+    }
+
+    async fn exec(
+        &self,
+        guest_id: &str,
+        script: &str,
+        args: &[String],
+    ) -> Result<ExecOutput, DriverError> {
+        let _busy = self.enter("exec", Some(guest_id)).await?;
+        let mut state = self.state.lock().unwrap();
+        let guest = state
+            .guests
+            .get_mut(guest_id)
+            .ok_or_else(|| DriverError::NotFound(guest_id.to_string()))?;
+        if guest.info.state != GuestState::Running {
+            return Err(DriverError::InvalidState {
+                guest: guest_id.to_string(),
+                state: guest.info.state,
+                operation: "exec".into(),
+            });
+        }
+        guest.execs.push(ExecRecord {
+            script: script.to_string(),
+            args: args.to_vec(),
+        });
+        self.save(&state)?;
+        Ok(ExecOutput {
+            exit_code: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+        })
+    }
+
+    async fn status(&self, guest_id: &str) -> Result<Option<GuestInfo>, DriverError> {
+        let _busy = self.enter("status", None).await?;
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .guests
+            .get(guest_id)
+            .map(|g| g.info.clone()))
+    }
+
+    async fn list(&self) -> Result<Vec<GuestInfo>, DriverError> {
+        let _busy = self.enter("list", None).await?;
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .guests
+            .values()
+            .map(|g| g.info.clone())
+            .collect())
+    }
+
+    async fn stats(&self) -> Result<ServerStats, DriverError> {
+        let _busy = self.enter("stats", None).await?;
+        let state = self.state.lock().unwrap();
+        Ok(ServerStats {
+            capacity: self.capacity,
+            allocated: Self::allocated(&state),
+            guests: state.guests.len() as u64,
+        })
+    }
+}

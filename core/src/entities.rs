@@ -1,0 +1,152 @@
+//! sea-orm entities, one module per table of `migrations`.
+//!
+//! Invariant: only `store`-level code (queue, managers, core) touches these; the API and the
+//! CLI see the types of `model`.
+
+macro_rules! no_relations {
+    () => {
+        #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+        pub enum Relation {}
+        impl ActiveModelBehavior for ActiveModel {}
+    };
+}
+
+/// Platforms: all servers governed by one core. Exactly one row is local.
+pub mod platform {
+    use sea_orm::entity::prelude::*;
+    /// A platform row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "platforms")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+        pub is_local: bool,
+        pub created_at: i64,
+    }
+    no_relations!();
+}
+
+/// Servers (virtualization servers).
+pub mod server {
+    use sea_orm::entity::prelude::*;
+    /// A server row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "servers")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub platform_id: i64,
+        pub name: String,
+        pub driver: String,
+        pub address: Option<String>,
+        pub status: String,
+        pub cpu_millis: i64,
+        pub memory_mb: i64,
+        pub disk_mb: i64,
+        /// JSON array of strings.
+        pub labels: String,
+        pub last_heartbeat: Option<i64>,
+        pub created_at: i64,
+    }
+    no_relations!();
+}
+
+/// Environments.
+pub mod environment {
+    use sea_orm::entity::prelude::*;
+    /// An environment row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "environments")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+        pub status: String,
+        /// Command holding the lock, if any.
+        pub locked_by: Option<i64>,
+        pub created_at: i64,
+        pub updated_at: i64,
+    }
+    no_relations!();
+}
+
+/// Containers: type id + opaque state blob.
+pub mod container {
+    use sea_orm::entity::prelude::*;
+    /// A container row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "containers")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub platform_id: i64,
+        pub type_id: String,
+        /// Opaque state blob owned by the container type.
+        pub state: Vec<u8>,
+        pub status: String,
+        pub server_id: Option<i64>,
+        pub environment_id: Option<i64>,
+        pub guest_id: String,
+        pub ip: Option<String>,
+        /// JSON of `model::Requirements`.
+        pub requirements: String,
+        /// Command holding the lock, if any.
+        pub locked_by: Option<i64>,
+        pub created_at: i64,
+        pub updated_at: i64,
+    }
+    no_relations!();
+}
+
+/// Persisted commands: the queue.
+pub mod command {
+    use sea_orm::entity::prelude::*;
+    /// A command row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "commands")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub kind: String,
+        pub status: String,
+        pub target_type: Option<String>,
+        pub target_id: Option<i64>,
+        pub parent_id: Option<i64>,
+        /// JSON parameters.
+        pub params: String,
+        /// JSON progress written by each persisted step.
+        pub progress: String,
+        pub step: i32,
+        pub result: Option<String>,
+        pub error: Option<String>,
+        pub waiting_on: Option<String>,
+        pub attempts: i32,
+        pub run_after: i64,
+        pub lease_owner: Option<String>,
+        pub lease_until: Option<i64>,
+        pub requested_by: String,
+        pub created_at: i64,
+        pub started_at: Option<i64>,
+        pub finished_at: Option<i64>,
+    }
+    no_relations!();
+}
+
+/// Origin identity of containers migrated in from another platform.
+pub mod origin_identity {
+    use sea_orm::entity::prelude::*;
+    /// An origin-identity row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "origin_identities")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub container_id: i64,
+        pub origin_platform: String,
+        pub origin_container_id: i64,
+        pub guest_id: String,
+        pub imported_at: i64,
+    }
+    no_relations!();
+}

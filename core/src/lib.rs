@@ -1,0 +1,18 @@
+//! Cloud48 cloud core: a control plane for fleets of virtualization servers.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map of this crate.
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod commands;
+pub mod core;
+pub mod driver;
+pub mod entities;
+pub mod managers;
+pub mod model;
+pub mod placement;
+pub mod queue;
+pub mod types;
+
+pub use crate::core::{Core, CoreConfig, CoreError};

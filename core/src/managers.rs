@@ -1,0 +1,760 @@
+//! ContainerManager, EnvironmentManager and ServerManager: the core's public operations.
+//!
+//! A mutation validates its input against the current state, then persists the objects it
+//! creates and its command in one transaction, and returns the command id at once. Nothing is
+//! written when validation fails.
+
+use std::collections::HashMap;
+
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
+    TransactionTrait,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+use crate::core::{Core, CoreError};
+use crate::entities::{container, environment, origin_identity, server};
+use crate::model::*;
+use crate::queue::{NewCommand, Target};
+
+/// A lifecycle command on an existing container (`create` goes through
+/// `ContainerManager::create` or an environment's `add`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ContainerCommand {
+    /// Start a stopped container.
+    Start,
+    /// Stop a running or suspended container.
+    Stop,
+    /// Freeze a running container.
+    Suspend,
+    /// Thaw a suspended container.
+    Resume,
+    /// Restart a running container.
+    Reboot,
+    /// Destroy a container.
+    Destroy,
+    /// Change the resources of a container.
+    Update {
+        /// New resources.
+        resources: Resources,
+    },
+    /// Copy a container (cold: a running source is stopped while copied, then started again).
+    Clone {
+        /// Server name for the copy; default: the source's server.
+        server: Option<String>,
+    },
+    /// Move a container to another server (cold).
+    Migrate {
+        /// Name of the target server.
+        to: String,
+    },
+}
+
+impl ContainerCommand {
+    /// Command kind, e.g. `container.start`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ContainerCommand::Start => "container.start",
+            ContainerCommand::Stop => "container.stop",
+            ContainerCommand::Suspend => "container.suspend",
+            ContainerCommand::Resume => "container.resume",
+            ContainerCommand::Reboot => "container.reboot",
+            ContainerCommand::Destroy => "container.destroy",
+            ContainerCommand::Update { .. } => "container.update",
+            ContainerCommand::Clone { .. } => "container.clone",
+            ContainerCommand::Migrate { .. } => "container.migrate",
+        }
+    }
+
+    /// Statuses from which the command may run.
+    pub fn allowed_from(&self) -> &'static [ContainerStatus] {
+        use ContainerStatus::*;
+        match self {
+            ContainerCommand::Start => &[Stopped],
+            ContainerCommand::Stop => &[Running, Suspended],
+            ContainerCommand::Suspend => &[Running],
+            ContainerCommand::Resume => &[Suspended],
+            ContainerCommand::Reboot => &[Running],
+            ContainerCommand::Destroy => &[Creating, Running, Stopped, Suspended],
+            ContainerCommand::Update { .. } => &[Running, Stopped, Suspended],
+            ContainerCommand::Clone { .. } | ContainerCommand::Migrate { .. } => {
+                &[Running, Stopped]
+            }
+        }
+    }
+}
+
+/// Checks that `status` allows `op`; the message says what the container must be.
+pub fn check_status(
+    id: ContainerId,
+    status: ContainerStatus,
+    op: &str,
+    allowed: &[ContainerStatus],
+) -> Result<(), String> {
+    if allowed.contains(&status) {
+        return Ok(());
+    }
+    let want = allowed
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ");
+    Err(format!(
+        "container {id} is {status}; {op} needs a container that is {want}"
+    ))
+}
+
+/// Which containers to find.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema, utoipa::IntoParams)]
+pub struct ContainerQuery {
+    /// Only members of this environment (id or name).
+    pub environment: Option<String>,
+    /// Only this status.
+    pub status: Option<ContainerStatus>,
+    /// Only on this server (name).
+    pub server: Option<String>,
+    /// Only this type.
+    #[serde(rename = "type")]
+    pub type_id: Option<String>,
+    /// Include destroyed and failed containers (default false).
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// Request to create a standalone container.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateContainer {
+    /// Container type id.
+    #[serde(rename = "type")]
+    pub type_id: String,
+    /// Server name; default: the server with the most free memory that fits.
+    pub server: Option<String>,
+    /// Requirements; default: the type's.
+    pub requirements: Option<Requirements>,
+}
+
+/// The ContainerManager of the design notes: `run`, `find`, `get_by_id`, `get`, `put`.
+pub struct ContainerManager<'a> {
+    core: &'a Core,
+}
+
+pub(crate) async fn load_container<C: ConnectionTrait>(
+    conn: &C,
+    id: ContainerId,
+) -> Result<container::Model, CoreError> {
+    container::Entity::find_by_id(id)
+        .one(conn)
+        .await?
+        .ok_or_else(|| CoreError::NotFound(format!("container {id} does not exist")))
+}
+
+pub(crate) fn parse_status(s: &str) -> ContainerStatus {
+    s.parse().unwrap_or(ContainerStatus::Failed)
+}
+
+pub(crate) async fn server_by_name<C: ConnectionTrait>(
+    conn: &C,
+    field: &str,
+    name: &str,
+) -> Result<server::Model, CoreError> {
+    server::Entity::find()
+        .filter(server::Column::Name.eq(name))
+        .one(conn)
+        .await?
+        .ok_or_else(|| {
+            CoreError::invalid(
+                field,
+                format!("server '{name}' does not exist (see `cloud48 server list`)"),
+            )
+        })
+}
+
+/// Guest id of a container: unique on the platform and fixed at creation, so that creating it
+/// twice on a server is detectable.
+pub(crate) fn guest_id_for(platform: &str, id: ContainerId) -> String {
+    format!("{platform}-c{id}")
+}
+
+impl<'a> ContainerManager<'a> {
+    pub(crate) fn new(core: &'a Core) -> Self {
+        ContainerManager { core }
+    }
+
+    /// Submits `cmd` for container `id`; returns the command id.
+    pub async fn run(
+        &self,
+        cmd: ContainerCommand,
+        id: ContainerId,
+        requested_by: &str,
+    ) -> Result<CommandId, CoreError> {
+        let db = self.core.db();
+        let row = load_container(db, id).await?;
+        let status = parse_status(&row.status);
+        check_status(id, status, cmd.kind(), cmd.allowed_from()).map_err(CoreError::Conflict)?;
+        let params = match &cmd {
+            ContainerCommand::Update { resources } => {
+                resources
+                    .validate()
+                    .map_err(|m| CoreError::invalid("resources", m))?;
+                json!({ "resources": resources })
+            }
+            ContainerCommand::Clone { server } => {
+                let server_id = match server {
+                    Some(name) => Some(server_by_name(db, "server", name).await?.id),
+                    None => None,
+                };
+                json!({ "server_id": server_id })
+            }
+            ContainerCommand::Migrate { to } => {
+                let target = server_by_name(db, "to", to).await?;
+                if Some(target.id) == row.server_id {
+                    return Err(CoreError::invalid(
+                        "to",
+                        format!("container {id} is already on server {to}; name another server"),
+                    ));
+                }
+                if target.status != "up" {
+                    return Err(CoreError::Conflict(format!(
+                        "server {to} is {}; migrate to a server that is up",
+                        target.status
+                    )));
+                }
+                json!({ "to": target.id })
+            }
+            _ => json!({}),
+        };
+        let command = NewCommand {
+            kind: cmd.kind().to_string(),
+            target: Some(Target::Container(id)),
+            params,
+            requested_by: requested_by.to_string(),
+        };
+        Ok(self.core.queue().enqueue(command).await?)
+    }
+
+    /// Creates a standalone container (not in an environment); returns (command, container).
+    pub async fn create(
+        &self,
+        req: &CreateContainer,
+        requested_by: &str,
+    ) -> Result<(CommandId, ContainerId), CoreError> {
+        let txn = self.core.db().begin().await?;
+        let id = insert_container(self.core, &txn, &req.type_id, req.server.as_deref(), req.requirements.clone(), None).await?;
+        let ids = self
+            .core
+            .queue()
+            .enqueue_in(
+                &txn,
+                vec![NewCommand {
+                    kind: "container.create".into(),
+                    target: Some(Target::Container(id)),
+                    params: json!({}),
+                    requested_by: requested_by.to_string(),
+                }],
+                None,
+            )
+            .await?;
+        txn.commit().await?;
+        self.core.queue().wake();
+        Ok((ids[0], id))
+    }
+
+    /// Containers matching `query`, by id.
+    pub async fn find(&self, query: &ContainerQuery) -> Result<Vec<Container>, CoreError> {
+        let db = self.core.db();
+        let mut q = container::Entity::find();
+        if let Some(env) = &query.environment {
+            let env = find_environment(db, env).await?;
+            q = q.filter(container::Column::EnvironmentId.eq(env.id));
+        }
+        if let Some(s) = query.status {
+            q = q.filter(container::Column::Status.eq(s.as_str()));
+        } else if !query.all {
+            q = q.filter(
+                container::Column::Status
+                    .is_not_in([ContainerStatus::Destroyed.as_str(), ContainerStatus::Failed.as_str()]),
+            );
+        }
+        if let Some(name) = &query.server {
+            let s = server_by_name(db, "server", name).await?;
+            q = q.filter(container::Column::ServerId.eq(s.id));
+        }
+        if let Some(t) = &query.type_id {
+            q = q.filter(container::Column::TypeId.eq(t.clone()));
+        }
+        let rows = q.order_by_asc(container::Column::Id).all(db).await?;
+        to_views(self.core, rows).await
+    }
+
+    /// One container.
+    pub async fn get_by_id(&self, id: ContainerId) -> Result<Container, CoreError> {
+        let row = load_container(self.core.db(), id).await?;
+        let mut views = to_views(self.core, vec![row]).await?;
+        let mut view = views.pop().expect("one row in, one view out");
+        if let Some(o) = origin_identity::Entity::find()
+            .filter(origin_identity::Column::ContainerId.eq(id))
+            .one(self.core.db())
+            .await?
+        {
+            view.origin = Some(OriginIdentity {
+                origin_platform: o.origin_platform,
+                origin_container_id: o.origin_container_id,
+                guest_id: o.guest_id,
+            });
+        }
+        Ok(view)
+    }
+
+    /// Locks container `id` for command `cmd`; false when another command holds it.
+    pub async fn get(&self, id: ContainerId, cmd: CommandId) -> Result<bool, CoreError> {
+        Ok(self.core.queue().lock(Target::Container(id), cmd).await?)
+    }
+
+    /// Unlocks container `id` if `cmd` holds it.
+    pub async fn put(&self, id: ContainerId, cmd: CommandId) -> Result<(), CoreError> {
+        Ok(self.core.queue().unlock(Target::Container(id), cmd).await?)
+    }
+}
+
+/// Inserts a container row in status `creating` (validating type, server and requirements).
+pub(crate) async fn insert_container<C: ConnectionTrait>(
+    core: &Core,
+    conn: &C,
+    type_id: &str,
+    server: Option<&str>,
+    requirements: Option<Requirements>,
+    environment: Option<EnvironmentId>,
+) -> Result<ContainerId, CoreError> {
+    let ty = core
+        .types()
+        .require(type_id)
+        .map_err(|m| CoreError::invalid("type", m))?;
+    let requirements = requirements.unwrap_or_else(|| ty.default_requirements());
+    requirements
+        .resources
+        .validate()
+        .map_err(|m| CoreError::invalid("requirements", m))?;
+    let server_id = match server {
+        Some(name) => Some(server_by_name(conn, "server", name).await?.id),
+        None => None,
+    };
+    let now = now_ms();
+    let row = container::ActiveModel {
+        platform_id: Set(core.inner.platform.id),
+        type_id: Set(type_id.to_string()),
+        state: Set(ty.initial_state()),
+        status: Set(ContainerStatus::Creating.as_str().into()),
+        server_id: Set(server_id),
+        environment_id: Set(environment),
+        guest_id: Set(String::new()),
+        ip: Set(None),
+        requirements: Set(serde_json::to_string(&requirements).expect("serializable")),
+        locked_by: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+    .insert(conn)
+    .await?;
+    let guest = guest_id_for(core.platform_name(), row.id);
+    let mut active: container::ActiveModel = row.into();
+    active.guest_id = Set(guest);
+    let row = active.update(conn).await?;
+    Ok(row.id)
+}
+
+/// API views of container rows (server and environment names resolved).
+pub(crate) async fn to_views(
+    core: &Core,
+    rows: Vec<container::Model>,
+) -> Result<Vec<Container>, CoreError> {
+    let db = core.db();
+    let servers: HashMap<i64, String> = server::Entity::find()
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|s| (s.id, s.name))
+        .collect();
+    let mut env_ids: Vec<i64> = rows.iter().filter_map(|r| r.environment_id).collect();
+    env_ids.sort_unstable();
+    env_ids.dedup();
+    let envs: HashMap<i64, String> = if env_ids.is_empty() {
+        HashMap::new()
+    } else {
+        environment::Entity::find()
+            .filter(environment::Column::Id.is_in(env_ids))
+            .all(db)
+            .await?
+            .into_iter()
+            .map(|e| (e.id, e.name))
+            .collect()
+    };
+    Ok(rows
+        .into_iter()
+        .map(|r| Container {
+            id: r.id,
+            priority: core.types().get(&r.type_id).map_or(0, |t| t.priority()),
+            type_id: r.type_id,
+            status: parse_status(&r.status),
+            server: r.server_id.and_then(|s| servers.get(&s).cloned()),
+            server_id: r.server_id,
+            ip: r.ip,
+            environment: r.environment_id.and_then(|e| envs.get(&e).cloned()),
+            environment_id: r.environment_id,
+            guest_id: r.guest_id,
+            requirements: serde_json::from_str(&r.requirements).unwrap_or_default(),
+            locked_by: r.locked_by,
+            state_bytes: r.state.len(),
+            origin: None,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+        .collect())
+}
+
+/// An environment by id (digits) or name.
+pub(crate) async fn find_environment<C: ConnectionTrait>(
+    conn: &C,
+    key: &str,
+) -> Result<environment::Model, CoreError> {
+    let found = match key.parse::<i64>() {
+        Ok(id) => environment::Entity::find_by_id(id).one(conn).await?,
+        Err(_) => {
+            // A live environment wins over destroyed ones of the same name.
+            let mut all = environment::Entity::find()
+                .filter(environment::Column::Name.eq(key))
+                .order_by_desc(environment::Column::Id)
+                .all(conn)
+                .await?;
+            let live = all
+                .iter()
+                .position(|e| e.status != EnvironmentStatus::Destroyed.as_str());
+            match live {
+                Some(i) => Some(all.swap_remove(i)),
+                None => all.into_iter().next(),
+            }
+        }
+    };
+    found.ok_or_else(|| {
+        CoreError::NotFound(format!(
+            "environment '{key}' does not exist (see `cloud48 env list`)"
+        ))
+    })
+}
+
+/// An operation on a whole environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvironmentOp {
+    /// Start every stopped member, ascending priority.
+    Start,
+    /// Stop every running or suspended member, descending priority.
+    Stop,
+    /// Suspend every running member, descending priority.
+    Suspend,
+    /// Resume every suspended member, ascending priority.
+    Resume,
+    /// Destroy every member, descending priority, then the environment.
+    Destroy,
+}
+
+impl EnvironmentOp {
+    /// Command kind, e.g. `environment.start`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EnvironmentOp::Start => "environment.start",
+            EnvironmentOp::Stop => "environment.stop",
+            EnvironmentOp::Suspend => "environment.suspend",
+            EnvironmentOp::Resume => "environment.resume",
+            EnvironmentOp::Destroy => "environment.destroy",
+        }
+    }
+}
+
+/// Request to add a container to an environment.
+#[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddContainer {
+    /// Container type id.
+    #[serde(rename = "type")]
+    pub type_id: String,
+    /// Requirements; default: the type's.
+    pub requirements: Option<Requirements>,
+    /// Server name; default: chosen by placement.
+    pub server: Option<String>,
+}
+
+/// The EnvironmentManager of the design notes: `run`, `find`, `get_by_id`, `get`, `put`.
+pub struct EnvironmentManager<'a> {
+    core: &'a Core,
+}
+
+impl<'a> EnvironmentManager<'a> {
+    pub(crate) fn new(core: &'a Core) -> Self {
+        EnvironmentManager { core }
+    }
+
+    /// Creates an empty environment; returns (command, environment id).
+    pub async fn create(
+        &self,
+        name: &str,
+        requested_by: &str,
+    ) -> Result<(CommandId, EnvironmentId), CoreError> {
+        validate_name(name).map_err(|m| CoreError::invalid("name", m))?;
+        let txn = self.core.db().begin().await?;
+        let exists = environment::Entity::find()
+            .filter(environment::Column::Name.eq(name))
+            .filter(environment::Column::Status.ne(EnvironmentStatus::Destroyed.as_str()))
+            .one(&txn)
+            .await?;
+        if let Some(e) = exists {
+            return Err(CoreError::Conflict(format!(
+                "an environment named '{name}' already exists (id {}); choose another name",
+                e.id
+            )));
+        }
+        let now = now_ms();
+        let env = environment::ActiveModel {
+            name: Set(name.to_string()),
+            status: Set(EnvironmentStatus::Creating.as_str().into()),
+            locked_by: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        let ids = self
+            .core
+            .queue()
+            .enqueue_in(
+                &txn,
+                vec![NewCommand {
+                    kind: "environment.create".into(),
+                    target: Some(Target::Environment(env.id)),
+                    params: json!({ "name": name }),
+                    requested_by: requested_by.to_string(),
+                }],
+                None,
+            )
+            .await?;
+        txn.commit().await?;
+        self.core.queue().wake();
+        Ok((ids[0], env.id))
+    }
+
+    async fn active(&self, key: &str) -> Result<environment::Model, CoreError> {
+        let env = find_environment(self.core.db(), key).await?;
+        if env.status == EnvironmentStatus::Destroyed.as_str() {
+            return Err(CoreError::Conflict(format!(
+                "environment '{}' is destroyed",
+                env.name
+            )));
+        }
+        Ok(env)
+    }
+
+    /// Adds a new container of a type; the command's result holds the container id.
+    pub async fn add(
+        &self,
+        env: &str,
+        req: &AddContainer,
+        requested_by: &str,
+    ) -> Result<CommandId, CoreError> {
+        let env = self.active(env).await?;
+        let ty = self
+            .core
+            .types()
+            .require(&req.type_id)
+            .map_err(|m| CoreError::invalid("type", m))?;
+        if let Some(r) = &req.requirements {
+            r.resources
+                .validate()
+                .map_err(|m| CoreError::invalid("requirements", m))?;
+        }
+        if let Some(s) = &req.server {
+            server_by_name(self.core.db(), "server", s).await?;
+        }
+        let cmd = NewCommand {
+            kind: "environment.add".into(),
+            target: Some(Target::Environment(env.id)),
+            params: json!({
+                "type": ty.type_id(),
+                "requirements": req.requirements,
+                "server": req.server,
+            }),
+            requested_by: requested_by.to_string(),
+        };
+        Ok(self.core.queue().enqueue(cmd).await?)
+    }
+
+    /// Removes (and destroys) a member.
+    pub async fn remove(
+        &self,
+        env: &str,
+        container: ContainerId,
+        requested_by: &str,
+    ) -> Result<CommandId, CoreError> {
+        let env = self.active(env).await?;
+        let row = load_container(self.core.db(), container).await?;
+        if row.environment_id != Some(env.id) || parse_status(&row.status).is_gone() {
+            return Err(CoreError::NotFound(format!(
+                "container {container} is not a member of environment '{}'",
+                env.name
+            )));
+        }
+        let cmd = NewCommand {
+            kind: "environment.remove".into(),
+            target: Some(Target::Environment(env.id)),
+            params: json!({ "container_id": container }),
+            requested_by: requested_by.to_string(),
+        };
+        Ok(self.core.queue().enqueue(cmd).await?)
+    }
+
+    /// Runs an operation on the environment and its members (the `run` of the notes).
+    pub async fn run(
+        &self,
+        op: EnvironmentOp,
+        env: &str,
+        requested_by: &str,
+    ) -> Result<CommandId, CoreError> {
+        let env = self.active(env).await?;
+        let cmd = NewCommand {
+            kind: op.kind().into(),
+            target: Some(Target::Environment(env.id)),
+            params: json!({}),
+            requested_by: requested_by.to_string(),
+        };
+        Ok(self.core.queue().enqueue(cmd).await?)
+    }
+
+    /// Environments, by id (destroyed ones only with `all`).
+    pub async fn find(&self, all: bool) -> Result<Vec<Environment>, CoreError> {
+        let mut q = environment::Entity::find();
+        if !all {
+            q = q.filter(environment::Column::Status.ne(EnvironmentStatus::Destroyed.as_str()));
+        }
+        let envs = q
+            .order_by_asc(environment::Column::Id)
+            .all(self.core.db())
+            .await?;
+        let mut out = Vec::with_capacity(envs.len());
+        for e in envs {
+            out.push(self.view(e).await?);
+        }
+        Ok(out)
+    }
+
+    /// One environment (by id or name) with its members.
+    pub async fn get_by_id(&self, key: &str) -> Result<Environment, CoreError> {
+        let env = find_environment(self.core.db(), key).await?;
+        self.view(env).await
+    }
+
+    async fn view(&self, env: environment::Model) -> Result<Environment, CoreError> {
+        let rows = container::Entity::find()
+            .filter(container::Column::EnvironmentId.eq(env.id))
+            .filter(container::Column::Status.is_not_in([
+                ContainerStatus::Destroyed.as_str(),
+                ContainerStatus::Failed.as_str(),
+            ]))
+            .order_by_asc(container::Column::Id)
+            .all(self.core.db())
+            .await?;
+        let mut members = to_views(self.core, rows).await?;
+        members.sort_by_key(|m| (m.priority, m.id));
+        Ok(Environment {
+            id: env.id,
+            name: env.name,
+            status: env.status.parse().unwrap_or(EnvironmentStatus::Active),
+            locked_by: env.locked_by,
+            members,
+            created_at: env.created_at,
+        })
+    }
+
+    /// Locks environment `id` for command `cmd`; false when another command holds it.
+    pub async fn get(&self, id: EnvironmentId, cmd: CommandId) -> Result<bool, CoreError> {
+        Ok(self.core.queue().lock(Target::Environment(id), cmd).await?)
+    }
+
+    /// Unlocks environment `id` if `cmd` holds it.
+    pub async fn put(&self, id: EnvironmentId, cmd: CommandId) -> Result<(), CoreError> {
+        Ok(self.core.queue().unlock(Target::Environment(id), cmd).await?)
+    }
+}
+
+/// Servers of the platform.
+pub struct ServerManager<'a> {
+    core: &'a Core,
+}
+
+impl<'a> ServerManager<'a> {
+    pub(crate) fn new(core: &'a Core) -> Self {
+        ServerManager { core }
+    }
+
+    /// Every server with its allocation, by id.
+    pub async fn list(&self) -> Result<Vec<Server>, CoreError> {
+        let db = self.core.db();
+        let servers = server::Entity::find()
+            .order_by_asc(server::Column::Id)
+            .all(db)
+            .await?;
+        let live = container::Entity::find()
+            .filter(container::Column::Status.is_not_in([
+                ContainerStatus::Destroyed.as_str(),
+                ContainerStatus::Failed.as_str(),
+            ]))
+            .all(db)
+            .await?;
+        let mut usage: HashMap<i64, (Resources, u64)> = HashMap::new();
+        for c in live {
+            if let Some(s) = c.server_id {
+                let req: Requirements = serde_json::from_str(&c.requirements).unwrap_or_default();
+                let e = usage.entry(s).or_default();
+                e.0 = e.0.plus(&req.resources);
+                e.1 += 1;
+            }
+        }
+        Ok(servers
+            .into_iter()
+            .map(|s| {
+                let (allocated, containers) = usage.get(&s.id).copied().unwrap_or_default();
+                Server {
+                    id: s.id,
+                    name: s.name,
+                    driver: s.driver,
+                    status: s.status.parse().unwrap_or(ServerStatus::Down),
+                    capacity: Resources {
+                        cpu_millis: s.cpu_millis as u64,
+                        memory_mb: s.memory_mb as u64,
+                        disk_mb: s.disk_mb as u64,
+                    },
+                    allocated,
+                    labels: serde_json::from_str(&s.labels).unwrap_or_default(),
+                    containers,
+                    last_heartbeat: s.last_heartbeat,
+                }
+            })
+            .collect())
+    }
+
+    /// One server by name or id.
+    pub async fn get(&self, key: &str) -> Result<Server, CoreError> {
+        self.list()
+            .await?
+            .into_iter()
+            .find(|s| s.name == key || s.id.to_string() == key)
+            .ok_or_else(|| {
+                CoreError::NotFound(format!(
+                    "server '{key}' does not exist (see `cloud48 server list`)"
+                ))
+            })
+    }
+}

@@ -1,0 +1,357 @@
+//! Domain types shared by the queue, the managers, the API and the CLI.
+//!
+//! Invariant: these types are plain data (serde + OpenAPI schema); they know nothing about
+//! the database or HTTP.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Identifier of a container, unique within a platform.
+pub type ContainerId = i64;
+/// Identifier of an environment.
+pub type EnvironmentId = i64;
+/// Identifier of a server (virtualization server, VS).
+pub type ServerId = i64;
+/// Identifier of a persisted command.
+pub type CommandId = i64;
+
+/// Compute resources: what a container needs or what a server offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU in thousandths of a core (1000 = one core).
+    pub cpu_millis: u64,
+    /// Memory in MiB.
+    pub memory_mb: u64,
+    /// Disk in MiB.
+    pub disk_mb: u64,
+}
+
+impl Resources {
+    /// True when every figure of `self` is at most the same figure of `other`.
+    pub fn fits_in(&self, other: &Resources) -> bool {
+        self.cpu_millis <= other.cpu_millis
+            && self.memory_mb <= other.memory_mb
+            && self.disk_mb <= other.disk_mb
+    }
+
+    /// Figure-wise sum.
+    pub fn plus(&self, other: &Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis + other.cpu_millis,
+            memory_mb: self.memory_mb + other.memory_mb,
+            disk_mb: self.disk_mb + other.disk_mb,
+        }
+    }
+
+    /// Figure-wise difference, saturating at zero.
+    pub fn minus(&self, other: &Resources) -> Resources {
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
+            memory_mb: self.memory_mb.saturating_sub(other.memory_mb),
+            disk_mb: self.disk_mb.saturating_sub(other.disk_mb),
+        }
+    }
+
+    /// Checks that no figure is zero; names the first zero figure otherwise.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("cpu_millis", self.cpu_millis),
+            ("memory_mb", self.memory_mb),
+            ("disk_mb", self.disk_mb),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a container needs from the server it is placed on.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Requirements {
+    /// Resources reserved for the container.
+    #[serde(flatten)]
+    pub resources: Resources,
+    /// Labels the server must carry (all of them).
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            /// The stable text form stored in the database and shown to users.
+            pub fn as_str(&self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(format!(
+                        "unknown {} '{}' (expected one of: {})",
+                        stringify!($name),
+                        s,
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Lifecycle status of a container.
+    ContainerStatus {
+        /// Being created on its server.
+        Creating = "creating",
+        /// Running.
+        Running = "running",
+        /// Created but not running.
+        Stopped = "stopped",
+        /// Frozen in memory.
+        Suspended = "suspended",
+        /// Destroyed; kept as history.
+        Destroyed = "destroyed",
+        /// Creation failed; nothing runs.
+        Failed = "failed",
+    }
+);
+
+impl ContainerStatus {
+    /// True when the container no longer exists on any server.
+    pub fn is_gone(&self) -> bool {
+        matches!(self, ContainerStatus::Destroyed | ContainerStatus::Failed)
+    }
+}
+
+string_enum!(
+    /// Status of an environment.
+    EnvironmentStatus {
+        /// Its create command has not run yet.
+        Creating = "creating",
+        /// Usable.
+        Active = "active",
+        /// Destroyed; kept as history.
+        Destroyed = "destroyed",
+    }
+);
+
+string_enum!(
+    /// Status of a server.
+    ServerStatus {
+        /// Answering.
+        Up = "up",
+        /// Not answering.
+        Down = "down",
+    }
+);
+
+string_enum!(
+    /// Status of a persisted command.
+    CommandStatus {
+        /// Persisted, waiting for a worker (or for a lock, or for a retry).
+        Queued = "queued",
+        /// Claimed by a worker.
+        Running = "running",
+        /// Waiting for its child commands to finish.
+        Waiting = "waiting",
+        /// Finished successfully.
+        Succeeded = "succeeded",
+        /// Finished with an error.
+        Failed = "failed",
+        /// Cancelled before it started.
+        Cancelled = "cancelled",
+    }
+);
+
+impl CommandStatus {
+    /// True for succeeded, failed and cancelled.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            CommandStatus::Succeeded | CommandStatus::Failed | CommandStatus::Cancelled
+        )
+    }
+}
+
+/// A container as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Container {
+    /// Unique within the platform.
+    pub id: ContainerId,
+    /// Container type id (`name` or `name@version`).
+    #[serde(rename = "type")]
+    pub type_id: String,
+    /// Lifecycle status.
+    pub status: ContainerStatus,
+    /// Name of the server it is on.
+    pub server: Option<String>,
+    /// Id of the server it is on.
+    pub server_id: Option<ServerId>,
+    /// IP address assigned by the server.
+    pub ip: Option<String>,
+    /// Name of its environment, if any.
+    pub environment: Option<String>,
+    /// Id of its environment, if any.
+    pub environment_id: Option<EnvironmentId>,
+    /// Identifier of the guest on its server.
+    pub guest_id: String,
+    /// What it needs from its server.
+    pub requirements: Requirements,
+    /// Priority of its type (lower runs first).
+    pub priority: i32,
+    /// Command currently holding its lock.
+    pub locked_by: Option<CommandId>,
+    /// Size of its opaque state blob in bytes.
+    pub state_bytes: usize,
+    /// Where it came from if it was imported from another platform.
+    pub origin: Option<OriginIdentity>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at: i64,
+    /// Last change, milliseconds since the Unix epoch.
+    pub updated_at: i64,
+}
+
+/// Identity of a container migrated in from another platform.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OriginIdentity {
+    /// Name of the origin platform.
+    pub origin_platform: String,
+    /// Container id on the origin platform.
+    pub origin_container_id: i64,
+    /// Guest id on the origin platform.
+    pub guest_id: String,
+}
+
+/// An environment as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Environment {
+    /// Identifier.
+    pub id: EnvironmentId,
+    /// Unique name.
+    pub name: String,
+    /// Status.
+    pub status: EnvironmentStatus,
+    /// Command currently holding its lock.
+    pub locked_by: Option<CommandId>,
+    /// Members in ascending priority order (existing containers only).
+    pub members: Vec<Container>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+/// A server as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Server {
+    /// Identifier.
+    pub id: ServerId,
+    /// Unique name.
+    pub name: String,
+    /// Driver kind (`sim`, ...).
+    pub driver: String,
+    /// Status.
+    pub status: ServerStatus,
+    /// Total capacity.
+    pub capacity: Resources,
+    /// Resources reserved by its containers.
+    pub allocated: Resources,
+    /// Labels for placement.
+    pub labels: Vec<String>,
+    /// Number of existing containers on it.
+    pub containers: u64,
+    /// Last heartbeat, milliseconds since the Unix epoch.
+    pub last_heartbeat: Option<i64>,
+}
+
+/// A persisted command as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Command {
+    /// Identifier.
+    pub id: CommandId,
+    /// What it does, e.g. `container.start`.
+    pub kind: String,
+    /// Status.
+    pub status: CommandStatus,
+    /// `container` or `environment`.
+    pub target_type: Option<String>,
+    /// Id of the container or environment it acts on.
+    pub target_id: Option<i64>,
+    /// Parent command, if this is a child.
+    pub parent: Option<CommandId>,
+    /// Parameters it was submitted with.
+    pub params: serde_json::Value,
+    /// Last persisted step (0 = not started).
+    pub step: i32,
+    /// Result when succeeded (e.g. the id of a created container).
+    pub result: Option<serde_json::Value>,
+    /// Error message when failed or cancelled.
+    pub error: Option<String>,
+    /// What a queued command waits for (a lock, a retry, its children).
+    pub waiting_on: Option<String>,
+    /// Number of failed attempts retried so far.
+    pub attempts: i32,
+    /// Who submitted it.
+    pub requested_by: String,
+    /// Submission time, milliseconds since the Unix epoch.
+    pub created_at: i64,
+    /// First start, milliseconds since the Unix epoch.
+    pub started_at: Option<i64>,
+    /// End, milliseconds since the Unix epoch.
+    pub finished_at: Option<i64>,
+}
+
+/// Answer to a mutation: the command that will carry it out.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    /// Id of the persisted command.
+    pub command_id: CommandId,
+    /// Id of the object created at submission time, if any (e.g. a new environment).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object_id: Option<i64>,
+}
+
+/// Checks a name for environments and servers: 1-63 characters of `a-z`, `0-9` and `-`,
+/// starting with a letter or digit.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{name}' is not a valid name: use 1-63 characters of a-z, 0-9 and '-', not starting with '-'"
+        ))
+    }
+}
+
+/// Milliseconds since the Unix epoch according to the system clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

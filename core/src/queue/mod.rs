@@ -1,0 +1,411 @@
+//! The persisted command queue.
+//!
+//! Every command is a row of `commands` before it runs. A dispatcher claims queued rows in
+//! batches under a lease (`FOR UPDATE SKIP LOCKED` on PostgreSQL, so several cores can share
+//! one queue), and at most `workers` commands execute at once. A command runs as a sequence of
+//! steps; each step's outcome is committed together with the step number and progress, so after
+//! a crash the command resumes from its last committed step.
+//!
+//! Invariants:
+//! - A command only changes rows while it holds its lease (`lease_owner` = this core); every
+//!   write to its row is fenced on that.
+//! - A command with a target (a container or an environment) holds the target's lock
+//!   (`locked_by`) from its first step until it finishes; a second command on the same target
+//!   waits in `queued` until the lock is free. Lock release, the final status and waking the
+//!   parent are one transaction.
+//! - A parent in `waiting` is queued again exactly when its last child reaches a terminal status.
+//! - Only commands that never started (step 0, no attempts) can be cancelled.
+
+mod store;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
+use serde_json::Value;
+use tokio::sync::Notify;
+
+pub use store::CommandFilter;
+
+use crate::entities::command;
+use crate::model::{Command, CommandId, CommandStatus};
+
+/// Tuning of the queue.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Commands executing at once.
+    pub workers: usize,
+    /// How long a claim is valid without renewal.
+    pub lease: Duration,
+    /// Delay before a command retries a busy lock.
+    pub lock_retry: Duration,
+    /// First retry delay after a transient error; doubles per attempt.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Attempts before a transient error fails the command.
+    pub max_attempts: i32,
+    /// Most commands claimed in one statement.
+    pub claim_batch: usize,
+    /// Poll interval when idle (for work from other cores and for due retries).
+    pub poll: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            workers: 8,
+            lease: Duration::from_secs(30),
+            lock_retry: Duration::from_millis(20),
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+            max_attempts: 5,
+            claim_batch: 256,
+            poll: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Source of wall-clock time in milliseconds, injectable for tests.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        crate::model::now_ms()
+    }
+}
+
+/// A command to persist.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    /// Kind, e.g. `container.start`.
+    pub kind: String,
+    /// Target whose lock the command holds while it runs.
+    pub target: Option<Target>,
+    /// Parameters (JSON).
+    pub params: Value,
+    /// Who asked for it (`anonymous` or a user).
+    pub requested_by: String,
+}
+
+/// The object a command locks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A container row.
+    Container(i64),
+    /// An environment row.
+    Environment(i64),
+}
+
+impl Target {
+    fn table(&self) -> &'static str {
+        match self {
+            Target::Container(_) => "containers",
+            Target::Environment(_) => "environments",
+        }
+    }
+    fn type_name(&self) -> &'static str {
+        match self {
+            Target::Container(_) => "container",
+            Target::Environment(_) => "environment",
+        }
+    }
+    fn id(&self) -> i64 {
+        match self {
+            Target::Container(id) | Target::Environment(id) => *id,
+        }
+    }
+    /// The target of a stored command.
+    pub fn of(row: &command::Model) -> Option<Target> {
+        match (row.target_type.as_deref(), row.target_id) {
+            (Some("container"), Some(id)) => Some(Target::Container(id)),
+            (Some("environment"), Some(id)) => Some(Target::Environment(id)),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.type_name(), self.id())
+    }
+}
+
+/// What a step decided.
+pub enum Next {
+    /// Commit `progress` as step `step` and run that step now.
+    Continue {
+        /// The next step.
+        step: i32,
+        /// Progress to persist.
+        progress: Value,
+    },
+    /// Persist `children` and wait; resume at `step` when all have finished.
+    Spawn {
+        /// Step to resume at.
+        step: i32,
+        /// Progress to persist.
+        progress: Value,
+        /// Child commands.
+        children: Vec<NewCommand>,
+    },
+    /// Succeeded with a result.
+    Done(Value),
+    /// Failed with a message for the user.
+    Fail(String),
+}
+
+/// A step's decision plus the writes it made, committed with it.
+pub struct Transition {
+    /// The decision.
+    pub next: Next,
+    /// Writes of the step, committed together with the decision (if any).
+    pub txn: Option<DatabaseTransaction>,
+}
+
+impl Transition {
+    /// A decision without writes.
+    pub fn bare(next: Next) -> Self {
+        Transition { next, txn: None }
+    }
+    /// A decision committed with `txn`.
+    pub fn with(next: Next, txn: DatabaseTransaction) -> Self {
+        Transition {
+            next,
+            txn: Some(txn),
+        }
+    }
+}
+
+/// Why a step did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// Retry later with backoff.
+    #[error("{0}")]
+    Transient(String),
+    /// Fail the command with this message.
+    #[error("{0}")]
+    Permanent(String),
+    /// The database failed; retried like a transient error.
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+}
+
+/// Executes the steps of commands; implemented by the command handlers of the core.
+#[async_trait]
+pub trait Runner: Send + Sync + 'static {
+    /// Runs step `cmd.step` of `cmd` (its target already locked).
+    async fn step(&self, cmd: &command::Model) -> Result<Transition, StepError>;
+    /// Undoes what it can of a failing command; its writes commit with the failure.
+    async fn on_failure(
+        &self,
+        cmd: &command::Model,
+        error: &str,
+    ) -> Result<Option<DatabaseTransaction>, DbErr>;
+}
+
+/// Errors of queue operations requested by users.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// No command has this id.
+    #[error("command {0} does not exist")]
+    NotFound(CommandId),
+    /// The command is past the point where it could be cancelled.
+    #[error("command {id} is {status}{detail}; only queued commands that have not started can be cancelled")]
+    NotCancellable {
+        /// The command.
+        id: CommandId,
+        /// Its status.
+        status: CommandStatus,
+        /// Extra detail.
+        detail: String,
+    },
+    /// The object to lock does not exist.
+    #[error("{0} does not exist")]
+    TargetMissing(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Db(#[from] DbErr),
+}
+
+pub(crate) struct Inner {
+    db: DatabaseConnection,
+    node_id: String,
+    config: QueueConfig,
+    clock: Arc<dyn Clock>,
+    work: Notify,
+    finished: Notify,
+    stopping: AtomicBool,
+    slots: Arc<tokio::sync::Semaphore>,
+    runner: std::sync::OnceLock<Arc<dyn Runner>>,
+}
+
+/// Handle to the queue; cheap to clone.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+impl Queue {
+    /// A queue on `db`, claiming under the name `node_id`.
+    pub fn new(
+        db: DatabaseConnection,
+        node_id: String,
+        config: QueueConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Queue {
+            inner: Arc::new(Inner {
+                db,
+                node_id,
+                config: config.clone(),
+                clock,
+                work: Notify::new(),
+                finished: Notify::new(),
+                stopping: AtomicBool::new(false),
+                slots: Arc::new(tokio::sync::Semaphore::new(config.workers.max(1))),
+                runner: std::sync::OnceLock::new(),
+            }),
+        }
+    }
+
+    /// The name this core claims commands under.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &QueueConfig {
+        &self.inner.config
+    }
+
+    /// Current time of the queue's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.inner.clock.now_ms()
+    }
+
+    /// Persists commands in `conn` (usually a transaction that also creates the objects they
+    /// act on); call `wake` after committing.
+    pub async fn enqueue_in<C: sea_orm::ConnectionTrait>(
+        &self,
+        conn: &C,
+        commands: Vec<NewCommand>,
+        parent: Option<CommandId>,
+    ) -> Result<Vec<CommandId>, DbErr> {
+        store::insert(conn, &commands, parent, self.now_ms()).await
+    }
+
+    /// Persists one command and wakes the workers.
+    pub async fn enqueue(&self, command: NewCommand) -> Result<CommandId, DbErr> {
+        let ids = store::insert(&self.inner.db, &[command], None, self.now_ms()).await?;
+        self.wake();
+        Ok(ids[0])
+    }
+
+    /// Tells the dispatcher that work may be waiting.
+    pub fn wake(&self) {
+        self.inner.work.notify_one();
+    }
+
+    /// One command.
+    pub async fn get(&self, id: CommandId) -> Result<Command, QueueError> {
+        store::get(&self.inner.db, id)
+            .await?
+            .map(|row| store::to_api(&row))
+            .ok_or(QueueError::NotFound(id))
+    }
+
+    /// Commands matching `filter`, newest first.
+    pub async fn list(&self, filter: &CommandFilter) -> Result<Vec<Command>, DbErr> {
+        Ok(store::list(&self.inner.db, filter)
+            .await?
+            .iter()
+            .map(store::to_api)
+            .collect())
+    }
+
+    /// Locks `target` for command `cmd` (the manager's `get`); true when acquired or already
+    /// held by `cmd`, false when another command holds it.
+    pub async fn lock(&self, target: Target, cmd: CommandId) -> Result<bool, QueueError> {
+        match store::lock(&self.inner.db, target, cmd).await? {
+            store::LockOutcome::Acquired => Ok(true),
+            store::LockOutcome::Busy(_) => Ok(false),
+            store::LockOutcome::Missing => Err(QueueError::TargetMissing(target.to_string())),
+        }
+    }
+
+    /// Releases `target` if `cmd` holds it (the manager's `put`).
+    pub async fn unlock(&self, target: Target, cmd: CommandId) -> Result<(), QueueError> {
+        store::unlock(&self.inner.db, target, cmd).await?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Child commands of `parent`, oldest first.
+    pub async fn children(&self, parent: CommandId) -> Result<Vec<command::Model>, DbErr> {
+        store::children(&self.inner.db, parent).await
+    }
+
+    /// Cancels a command that has not started.
+    pub async fn cancel(&self, id: CommandId) -> Result<Command, QueueError> {
+        let cmd = store::cancel(&self.inner.db, id, self.now_ms()).await?;
+        self.inner.finished.notify_waiters();
+        self.wake();
+        Ok(cmd)
+    }
+
+    /// Waits until the command reaches a terminal status or `timeout` passes; returns its
+    /// latest state either way.
+    pub async fn wait(&self, id: CommandId, timeout: Duration) -> Result<Command, QueueError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let finished = self.inner.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            let cmd = self.get(id).await?;
+            if cmd.status.is_terminal() || tokio::time::Instant::now() >= deadline {
+                return Ok(cmd);
+            }
+            tokio::select! {
+                _ = finished => {}
+                _ = tokio::time::sleep(self.inner.config.poll.max(Duration::from_millis(100))) => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    /// Starts the dispatcher and its helpers with `runner` executing steps.
+    ///
+    /// On start, commands this node had claimed before a crash (same `node_id`) are queued again
+    /// at once; with `reclaim_all`, every running command is (single-core databases like SQLite).
+    pub async fn start(&self, runner: Arc<dyn Runner>, reclaim_all: bool) -> Result<(), DbErr> {
+        if self.inner.runner.set(runner).is_err() {
+            return Ok(());
+        }
+        let owner = if reclaim_all { None } else { Some(self.inner.node_id.as_str()) };
+        let n = store::requeue_claimed(&self.inner.db, owner).await?;
+        if n > 0 {
+            tracing::info!(commands = n, "resuming commands that were running before a restart");
+        }
+        worker::spawn(self.inner.clone());
+        Ok(())
+    }
+
+    /// Stops claiming new commands and waits up to `grace` for in-flight steps; whatever is
+    /// still running then resumes from its last committed step after a restart.
+    pub async fn stop(&self, grace: Duration) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.inner.work.notify_waiters();
+        let all = self.inner.config.workers.max(1) as u32;
+        let _ = tokio::time::timeout(grace, self.inner.slots.acquire_many(all)).await;
+    }
+}

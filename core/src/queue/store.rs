@@ -1,0 +1,517 @@
+//! SQL of the queue. Every write of a claimed command is fenced on its lease owner.
+
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Statement, TransactionTrait, Value,
+};
+
+use super::{NewCommand, QueueError, Target};
+use crate::entities::command;
+use crate::model::{Command, CommandId, CommandStatus};
+
+/// Statement in `$N` placeholder style, rewritten to `?N` for SQLite.
+pub(crate) fn sql<C: ConnectionTrait>(conn: &C, text: &str, values: Vec<Value>) -> Statement {
+    let backend = conn.get_database_backend();
+    let text = if backend == DatabaseBackend::Sqlite {
+        text.replace('$', "?")
+    } else {
+        text.to_string()
+    };
+    Statement::from_sql_and_values(backend, text, values)
+}
+
+/// Inserts commands, returning their ids in order.
+pub(crate) async fn insert<C: ConnectionTrait>(
+    conn: &C,
+    commands: &[NewCommand],
+    parent: Option<CommandId>,
+    now: i64,
+) -> Result<Vec<CommandId>, DbErr> {
+    let mut ids = Vec::with_capacity(commands.len());
+    for chunk in commands.chunks(1000) {
+        let mut text = String::from(
+            "INSERT INTO commands (kind, status, target_type, target_id, parent_id, params, \
+             progress, step, attempts, run_after, requested_by, created_at) VALUES ",
+        );
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
+        for (i, c) in chunk.iter().enumerate() {
+            if i > 0 {
+                text.push(',');
+            }
+            let b = values.len();
+            text.push_str(&format!(
+                "(${}, 'queued', ${}, ${}, ${}, ${}, '{{}}', 0, 0, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 8
+            ));
+            values.push(c.kind.clone().into());
+            values.push(c.target.map(|t| t.type_name().to_string()).into());
+            values.push(c.target.map(|t| t.id()).into());
+            values.push(parent.into());
+            values.push(c.params.to_string().into());
+            values.push(now.into());
+            values.push(c.requested_by.clone().into());
+            values.push(now.into());
+        }
+        text.push_str(" RETURNING id");
+        let rows = conn.query_all_raw(sql(conn, &text, values)).await?;
+        let mut chunk_ids = rows
+            .iter()
+            .map(|r| r.try_get::<i64>("", "id"))
+            .collect::<Result<Vec<_>, _>>()?;
+        chunk_ids.sort_unstable();
+        ids.extend(chunk_ids);
+    }
+    Ok(ids)
+}
+
+/// One command row.
+pub(crate) async fn get<C: ConnectionTrait>(
+    conn: &C,
+    id: CommandId,
+) -> Result<Option<command::Model>, DbErr> {
+    command::Entity::find_by_id(id).one(conn).await
+}
+
+/// Which commands to list.
+#[derive(Debug, Clone, Default)]
+pub struct CommandFilter {
+    /// Only this status.
+    pub status: Option<CommandStatus>,
+    /// Only children of this command.
+    pub parent: Option<CommandId>,
+    /// Only commands on this target type (`container`, `environment`) ...
+    pub target_type: Option<String>,
+    /// ... and id.
+    pub target_id: Option<i64>,
+    /// At most this many (default 100).
+    pub limit: Option<u64>,
+}
+
+pub(crate) async fn list<C: ConnectionTrait>(
+    conn: &C,
+    filter: &CommandFilter,
+) -> Result<Vec<command::Model>, DbErr> {
+    let mut q = command::Entity::find();
+    if let Some(s) = filter.status {
+        q = q.filter(command::Column::Status.eq(s.as_str()));
+    }
+    if let Some(p) = filter.parent {
+        q = q.filter(command::Column::ParentId.eq(p));
+    }
+    if let Some(t) = &filter.target_type {
+        q = q.filter(command::Column::TargetType.eq(t.clone()));
+    }
+    if let Some(t) = filter.target_id {
+        q = q.filter(command::Column::TargetId.eq(t));
+    }
+    q.order_by_desc(command::Column::Id)
+        .limit(filter.limit.unwrap_or(100))
+        .all(conn)
+        .await
+}
+
+pub(crate) async fn children<C: ConnectionTrait>(
+    conn: &C,
+    parent: CommandId,
+) -> Result<Vec<command::Model>, DbErr> {
+    command::Entity::find()
+        .filter(command::Column::ParentId.eq(parent))
+        .order_by_asc(command::Column::Id)
+        .all(conn)
+        .await
+}
+
+/// The API view of a row.
+pub(crate) fn to_api(row: &command::Model) -> Command {
+    Command {
+        id: row.id,
+        kind: row.kind.clone(),
+        status: row.status.parse().unwrap_or(CommandStatus::Failed),
+        target_type: row.target_type.clone(),
+        target_id: row.target_id,
+        parent: row.parent_id,
+        params: serde_json::from_str(&row.params).unwrap_or(serde_json::Value::Null),
+        step: row.step,
+        result: row.result.as_deref().and_then(|r| serde_json::from_str(r).ok()),
+        error: row.error.clone(),
+        waiting_on: row.waiting_on.clone(),
+        attempts: row.attempts,
+        requested_by: row.requested_by.clone(),
+        created_at: row.created_at,
+        started_at: row.started_at,
+        finished_at: row.finished_at,
+    }
+}
+
+/// Claims up to `limit` due commands for `owner`.
+pub(crate) async fn claim<C: ConnectionTrait>(
+    conn: &C,
+    owner: &str,
+    now: i64,
+    lease_until: i64,
+    limit: usize,
+) -> Result<Vec<command::Model>, DbErr> {
+    let skip_locked = if conn.get_database_backend() == DatabaseBackend::Postgres {
+        " FOR UPDATE SKIP LOCKED"
+    } else {
+        ""
+    };
+    let text = format!(
+        "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
+         started_at = COALESCE(started_at, $3) \
+         WHERE id IN (SELECT id FROM commands WHERE status = 'queued' AND run_after <= $3 \
+         ORDER BY id LIMIT $4{skip_locked}) RETURNING *"
+    );
+    let stmt = sql(
+        conn,
+        &text,
+        vec![owner.into(), lease_until.into(), now.into(), (limit as i64).into()],
+    );
+    let mut rows = command::Entity::find().from_raw_sql(stmt).all(conn).await?;
+    rows.sort_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// Queues again the commands left `running` by a previous process (all of them when `owner`
+/// is `None`).
+pub(crate) async fn requeue_claimed<C: ConnectionTrait>(
+    conn: &C,
+    owner: Option<&str>,
+) -> Result<u64, DbErr> {
+    let base = "UPDATE commands SET status = 'queued', lease_owner = NULL, lease_until = NULL, \
+                waiting_on = 'resumed after a restart of the core' WHERE status = 'running'";
+    let stmt = match owner {
+        Some(o) => sql(conn, &format!("{base} AND lease_owner = $1"), vec![o.into()]),
+        None => sql(conn, base, vec![]),
+    };
+    Ok(conn.execute_raw(stmt).await?.rows_affected())
+}
+
+/// Extends the leases of everything `owner` runs.
+pub(crate) async fn renew_leases<C: ConnectionTrait>(
+    conn: &C,
+    owner: &str,
+    lease_until: i64,
+) -> Result<u64, DbErr> {
+    let stmt = sql(
+        conn,
+        "UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running'",
+        vec![lease_until.into(), owner.into()],
+    );
+    Ok(conn.execute_raw(stmt).await?.rows_affected())
+}
+
+/// Queues again commands whose lease expired (their core died), and wakes parents whose
+/// children all finished (a safety net for the wake-up done at each child's end).
+pub(crate) async fn sweep<C: ConnectionTrait>(conn: &C, now: i64) -> Result<u64, DbErr> {
+    let expired = sql(
+        conn,
+        "UPDATE commands SET status = 'queued', lease_owner = NULL, lease_until = NULL, \
+         waiting_on = 'lease expired; its core stopped answering' \
+         WHERE status = 'running' AND lease_until < $1",
+        vec![now.into()],
+    );
+    let n = conn.execute_raw(expired).await?.rows_affected();
+    let parents = sql(
+        conn,
+        "UPDATE commands SET status = 'queued', waiting_on = NULL, run_after = $1 \
+         WHERE status = 'waiting' AND NOT EXISTS (SELECT 1 FROM commands c \
+         WHERE c.parent_id = commands.id AND c.status NOT IN ('succeeded', 'failed', 'cancelled'))",
+        vec![now.into()],
+    );
+    Ok(n + conn.execute_raw(parents).await?.rows_affected())
+}
+
+/// Outcome of trying to lock a target.
+pub(crate) enum LockOutcome {
+    Acquired,
+    Busy(i64),
+    Missing,
+}
+
+/// Locks `target` for command `cmd` (idempotent for the holder).
+pub(crate) async fn lock<C: ConnectionTrait>(
+    conn: &C,
+    target: Target,
+    cmd: CommandId,
+) -> Result<LockOutcome, DbErr> {
+    let table = target.table();
+    let stmt = sql(
+        conn,
+        &format!(
+            "UPDATE {table} SET locked_by = $1 WHERE id = $2 AND (locked_by IS NULL OR locked_by = $1)"
+        ),
+        vec![cmd.into(), target.id().into()],
+    );
+    if conn.execute_raw(stmt).await?.rows_affected() == 1 {
+        return Ok(LockOutcome::Acquired);
+    }
+    let row = conn
+        .query_one_raw(sql(
+            conn,
+            &format!("SELECT locked_by FROM {table} WHERE id = $1"),
+            vec![target.id().into()],
+        ))
+        .await?;
+    let Some(row) = row else {
+        return Ok(LockOutcome::Missing);
+    };
+    let holder: Option<i64> = row.try_get("", "locked_by")?;
+    let Some(holder) = holder else {
+        return Ok(LockOutcome::Busy(0));
+    };
+    // A lock whose holder finished is stale (it cannot happen through the queue, which releases
+    // locks in the finishing transaction, but a manual edit could leave one): take it over.
+    let holder_row = get(conn, holder).await?;
+    let stale = holder_row.is_none_or(|h| {
+        h.status
+            .parse::<CommandStatus>()
+            .map(|s| s.is_terminal())
+            .unwrap_or(true)
+    });
+    if stale {
+        let stmt = sql(
+            conn,
+            &format!("UPDATE {table} SET locked_by = $1 WHERE id = $2 AND locked_by = $3"),
+            vec![cmd.into(), target.id().into(), holder.into()],
+        );
+        if conn.execute_raw(stmt).await?.rows_affected() == 1 {
+            return Ok(LockOutcome::Acquired);
+        }
+    }
+    Ok(LockOutcome::Busy(holder))
+}
+
+/// Releases `target` if `cmd` holds it.
+pub(crate) async fn unlock<C: ConnectionTrait>(
+    conn: &C,
+    target: Target,
+    cmd: CommandId,
+) -> Result<(), DbErr> {
+    let stmt = sql(
+        conn,
+        &format!(
+            "UPDATE {} SET locked_by = NULL WHERE id = $1 AND locked_by = $2",
+            target.table()
+        ),
+        vec![target.id().into(), cmd.into()],
+    );
+    conn.execute_raw(stmt).await?;
+    Ok(())
+}
+
+/// Persists a step (fenced); false when the lease was lost.
+pub(crate) async fn advance<C: ConnectionTrait>(
+    conn: &C,
+    id: CommandId,
+    owner: &str,
+    step: i32,
+    progress: &serde_json::Value,
+    lease_until: i64,
+) -> Result<bool, DbErr> {
+    let stmt = sql(
+        conn,
+        "UPDATE commands SET step = $1, progress = $2, lease_until = $3 \
+         WHERE id = $4 AND lease_owner = $5 AND status = 'running'",
+        vec![
+            step.into(),
+            progress.to_string().into(),
+            lease_until.into(),
+            id.into(),
+            owner.into(),
+        ],
+    );
+    Ok(conn.execute_raw(stmt).await?.rows_affected() == 1)
+}
+
+/// Puts a parent to sleep until its children finish (fenced); false when the lease was lost.
+pub(crate) async fn wait_for_children<C: ConnectionTrait>(
+    conn: &C,
+    id: CommandId,
+    owner: &str,
+    step: i32,
+    progress: &serde_json::Value,
+) -> Result<bool, DbErr> {
+    let stmt = sql(
+        conn,
+        "UPDATE commands SET status = 'waiting', step = $1, progress = $2, \
+         waiting_on = 'children', lease_owner = NULL, lease_until = NULL \
+         WHERE id = $3 AND lease_owner = $4 AND status = 'running'",
+        vec![step.into(), progress.to_string().into(), id.into(), owner.into()],
+    );
+    Ok(conn.execute_raw(stmt).await?.rows_affected() == 1)
+}
+
+/// Queues a claimed command again (lock busy, retry after backoff); fenced.
+pub(crate) async fn requeue<C: ConnectionTrait>(
+    conn: &C,
+    id: CommandId,
+    owner: &str,
+    run_after: i64,
+    attempts: i32,
+    waiting_on: &str,
+) -> Result<bool, DbErr> {
+    let stmt = sql(
+        conn,
+        "UPDATE commands SET status = 'queued', lease_owner = NULL, lease_until = NULL, \
+         run_after = $1, attempts = $2, waiting_on = $3 \
+         WHERE id = $4 AND lease_owner = $5 AND status = 'running'",
+        vec![
+            run_after.into(),
+            attempts.into(),
+            waiting_on.into(),
+            id.into(),
+            owner.into(),
+        ],
+    );
+    Ok(conn.execute_raw(stmt).await?.rows_affected() == 1)
+}
+
+/// The end of a command.
+pub(crate) struct Finish {
+    pub id: CommandId,
+    pub status: CommandStatus,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub target: Option<Target>,
+    pub parent: Option<CommandId>,
+}
+
+/// Writes a terminal status, releases the target lock and wakes the parent, in `conn` (a
+/// transaction). `owner` fences the write (None for cancellation of a queued command).
+pub(crate) async fn finish<C: ConnectionTrait>(
+    conn: &C,
+    f: &Finish,
+    owner: Option<&str>,
+    now: i64,
+) -> Result<bool, DbErr> {
+    let mut values: Vec<Value> = vec![
+        f.status.as_str().into(),
+        f.result.clone().into(),
+        f.error.clone().into(),
+        now.into(),
+        f.id.into(),
+    ];
+    let fence = match owner {
+        Some(o) => {
+            values.push(o.into());
+            "lease_owner = $6 AND status = 'running'"
+        }
+        None => "status = 'queued'",
+    };
+    let stmt = sql(
+        conn,
+        &format!(
+            "UPDATE commands SET status = $1, result = $2, error = $3, finished_at = $4, \
+             lease_owner = NULL, lease_until = NULL, waiting_on = NULL WHERE id = $5 AND {fence}"
+        ),
+        values,
+    );
+    if conn.execute_raw(stmt).await?.rows_affected() != 1 {
+        return Ok(false);
+    }
+    if let Some(target) = f.target {
+        unlock(conn, target, f.id).await?;
+    }
+    if let Some(parent) = f.parent {
+        wake_parent(conn, parent, now).await?;
+    }
+    Ok(true)
+}
+
+/// Queues `parent` again if it waits and all its children are terminal.
+async fn wake_parent<C: ConnectionTrait>(conn: &C, parent: CommandId, now: i64) -> Result<(), DbErr> {
+    if conn.get_database_backend() == DatabaseBackend::Postgres {
+        // Serialize siblings finishing at once, so the last one sees the others' status.
+        conn.execute_raw(sql(
+            conn,
+            "SELECT id FROM commands WHERE id = $1 FOR UPDATE",
+            vec![parent.into()],
+        ))
+        .await?;
+    }
+    let stmt = sql(
+        conn,
+        "UPDATE commands SET status = 'queued', waiting_on = NULL, run_after = $1 \
+         WHERE id = $2 AND status = 'waiting' AND NOT EXISTS (SELECT 1 FROM commands c \
+         WHERE c.parent_id = $2 AND c.status NOT IN ('succeeded', 'failed', 'cancelled'))",
+        vec![now.into(), parent.into()],
+    );
+    conn.execute_raw(stmt).await?;
+    Ok(())
+}
+
+/// Marks many commands without target or parent succeeded in one statement.
+pub(crate) async fn finish_plain_batch<C: ConnectionTrait>(
+    conn: &C,
+    ids: &[CommandId],
+    owner: &str,
+    result: &str,
+    now: i64,
+) -> Result<(), DbErr> {
+    for chunk in ids.chunks(500) {
+        let list = chunk
+            .iter()
+            .map(|id| id.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let stmt = sql(
+            conn,
+            &format!(
+                "UPDATE commands SET status = 'succeeded', result = $1, finished_at = $2, \
+                 lease_owner = NULL, lease_until = NULL, waiting_on = NULL \
+                 WHERE id IN ({list}) AND lease_owner = $3 AND status = 'running'"
+            ),
+            vec![result.into(), now.into(), owner.into()],
+        );
+        conn.execute_raw(stmt).await?;
+    }
+    Ok(())
+}
+
+/// Cancels a command that has not started.
+pub(crate) async fn cancel(
+    conn: &sea_orm::DatabaseConnection,
+    id: CommandId,
+    now: i64,
+) -> Result<Command, QueueError> {
+    let txn = conn.begin().await?;
+    let row = get(&txn, id).await?.ok_or(QueueError::NotFound(id))?;
+    let status: CommandStatus = row.status.parse().unwrap_or(CommandStatus::Failed);
+    let started = row.step > 0 || row.attempts > 0;
+    if status != CommandStatus::Queued || started {
+        return Err(QueueError::NotCancellable {
+            id,
+            status,
+            detail: if started && status == CommandStatus::Queued {
+                format!(" but already started (step {}, attempt {})", row.step, row.attempts)
+            } else {
+                String::new()
+            },
+        });
+    }
+    let f = Finish {
+        id,
+        status: CommandStatus::Cancelled,
+        result: None,
+        error: Some("cancelled by request".into()),
+        target: Target::of(&row),
+        parent: row.parent_id,
+    };
+    if !finish(&txn, &f, None, now).await? {
+        return Err(QueueError::NotCancellable {
+            id,
+            status: CommandStatus::Running,
+            detail: String::new(),
+        });
+    }
+    txn.commit().await?;
+    Ok(to_api(&get(conn, id).await?.ok_or(QueueError::NotFound(id))?))
+}

@@ -1,0 +1,19 @@
+//! Database schema of Cloud48, as sea-orm migrations.
+//!
+//! The same migrations run on SQLite (the embedded default) and PostgreSQL.
+//! Invariant: a released migration is never edited; schema changes add a new one.
+
+pub use sea_orm_migration;
+use sea_orm_migration::prelude::*;
+
+mod m0001_initial;
+
+/// All migrations of Cloud48, in order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m0001_initial::Migration)]
+    }
+}

@@ -1,0 +1,178 @@
+//! Initial schema: platforms, servers, environments, containers, commands and origin identities.
+
+use sea_orm_migration::{prelude::*, schema::*};
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table("platforms")
+                    .col(big_pk_auto("id"))
+                    .col(string_uniq("name"))
+                    .col(boolean("is_local"))
+                    .col(big_integer("created_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("servers")
+                    .col(big_pk_auto("id"))
+                    .col(big_integer("platform_id"))
+                    .col(string_uniq("name"))
+                    .col(string("driver"))
+                    .col(string_null("address"))
+                    .col(string("status"))
+                    .col(big_integer("cpu_millis"))
+                    .col(big_integer("memory_mb"))
+                    .col(big_integer("disk_mb"))
+                    .col(text("labels"))
+                    .col(big_integer_null("last_heartbeat"))
+                    .col(big_integer("created_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("environments")
+                    .col(big_pk_auto("id"))
+                    .col(string("name"))
+                    .col(string("status"))
+                    .col(big_integer_null("locked_by"))
+                    .col(big_integer("created_at"))
+                    .col(big_integer("updated_at"))
+                    .to_owned(),
+            )
+            .await?;
+        // Names are unique among environments that are not destroyed (both databases support
+        // partial indexes).
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "CREATE UNIQUE INDEX environments_live_name ON environments (name) \
+                 WHERE status <> 'destroyed'",
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("containers")
+                    .col(big_pk_auto("id"))
+                    .col(big_integer("platform_id"))
+                    .col(string("type_id"))
+                    .col(blob("state"))
+                    .col(string("status"))
+                    .col(big_integer_null("server_id"))
+                    .col(big_integer_null("environment_id"))
+                    .col(string("guest_id"))
+                    .col(string_null("ip"))
+                    .col(text("requirements"))
+                    .col(big_integer_null("locked_by"))
+                    .col(big_integer("created_at"))
+                    .col(big_integer("updated_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("containers_by_environment")
+                    .table("containers")
+                    .col("environment_id")
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("containers_by_server")
+                    .table("containers")
+                    .col("server_id")
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("commands")
+                    .col(big_pk_auto("id"))
+                    .col(string("kind"))
+                    .col(string("status"))
+                    .col(string_null("target_type"))
+                    .col(big_integer_null("target_id"))
+                    .col(big_integer_null("parent_id"))
+                    .col(text("params"))
+                    .col(text("progress"))
+                    .col(integer("step"))
+                    .col(text_null("result"))
+                    .col(text_null("error"))
+                    .col(string_null("waiting_on"))
+                    .col(integer("attempts"))
+                    .col(big_integer("run_after"))
+                    .col(string_null("lease_owner"))
+                    .col(big_integer_null("lease_until"))
+                    .col(string("requested_by"))
+                    .col(big_integer("created_at"))
+                    .col(big_integer_null("started_at"))
+                    .col(big_integer_null("finished_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("commands_claimable")
+                    .table("commands")
+                    .col("status")
+                    .col("id")
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("commands_by_parent")
+                    .table("commands")
+                    .col("parent_id")
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("origin_identities")
+                    .col(big_pk_auto("id"))
+                    .col(big_integer_uniq("container_id"))
+                    .col(string("origin_platform"))
+                    .col(big_integer("origin_container_id"))
+                    .col(string("guest_id"))
+                    .col(big_integer("imported_at"))
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            "origin_identities",
+            "commands",
+            "containers",
+            "environments",
+            "servers",
+            "platforms",
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}

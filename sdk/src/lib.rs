@@ -1,0 +1,1 @@
+//! Cloud48 plugin SDK (filled in by the WASM plugin issue).
