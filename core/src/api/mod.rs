@@ -1,1 +1,325 @@
-//! REST API.
+//! The REST API (axum, JSON, versioned under `/v1`), with its OpenAPI document generated from
+//! the handlers at `/v1/openapi.json`.
+//!
+//! Invariant: handlers only translate between HTTP and the managers; every rule lives in the
+//! core. A mutation answers `202 Accepted` with the id of the command that carries it out.
+
+mod error;
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use error::{ApiError, ApiJson, ApiQuery, ErrorBody, ErrorDetail, parse_id};
+
+use crate::core::Core;
+use crate::managers::{AddContainer, ContainerCommand, ContainerQuery, CreateContainer, EnvironmentOp};
+use crate::model::*;
+use crate::queue::CommandFilter;
+
+/// Until access control lands, every request acts as this user.
+const ANONYMOUS: &str = "anonymous";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Cloud48 API", description = "Control plane for fleets of virtualization servers. Every mutation is a persisted command: the answer is 202 with the command id; watch it at /v1/commands/{id}."),
+    tags(
+        (name = "environments", description = "Groups of related containers"),
+        (name = "containers", description = "Containers and their lifecycle"),
+        (name = "servers", description = "Virtualization servers"),
+        (name = "commands", description = "The persisted command queue"),
+    )
+)]
+struct ApiDoc;
+
+/// The API router for `core`.
+pub fn router(core: Core) -> Router {
+    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(list_environments, create_environment))
+        .routes(routes!(show_environment, destroy_environment))
+        .routes(routes!(environment_action))
+        .routes(routes!(add_container))
+        .routes(routes!(remove_container))
+        .routes(routes!(list_containers, create_container))
+        .routes(routes!(show_container, destroy_container))
+        .routes(routes!(container_action))
+        .routes(routes!(list_servers))
+        .routes(routes!(show_server))
+        .routes(routes!(list_commands))
+        .routes(routes!(show_command))
+        .routes(routes!(cancel_command))
+        .with_state(core)
+        .split_for_parts();
+    let doc = api.clone();
+    router
+        .route("/v1/openapi.json", get(move || async move { Json(doc) }))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see /v1/openapi.json",
+                None,
+            )
+        })
+}
+
+type Accept = (StatusCode, Json<Accepted>);
+
+fn accepted(command_id: CommandId, object_id: Option<i64>) -> Accept {
+    (StatusCode::ACCEPTED, Json(Accepted { command_id, object_id }))
+}
+
+/// Request to create an environment.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnvironment {
+    /// Unique name: 1-63 of a-z, 0-9, '-'.
+    pub name: String,
+}
+
+/// Listing options.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct ListAll {
+    /// Include destroyed objects.
+    #[serde(default)]
+    pub all: bool,
+}
+
+#[utoipa::path(get, path = "/v1/environments", tag = "environments", params(ListAll),
+    responses((status = 200, body = Vec<Environment>)))]
+async fn list_environments(
+    State(core): State<Core>,
+    ApiQuery(q): ApiQuery<ListAll>,
+) -> Result<Json<Vec<Environment>>, ApiError> {
+    Ok(Json(core.environments().find(q.all).await?))
+}
+
+#[utoipa::path(post, path = "/v1/environments", tag = "environments", request_body = CreateEnvironment,
+    responses((status = 202, body = Accepted), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn create_environment(
+    State(core): State<Core>,
+    ApiJson(req): ApiJson<CreateEnvironment>,
+) -> Result<Accept, ApiError> {
+    let (cmd, id) = core.environments().create(&req.name, ANONYMOUS).await?;
+    Ok(accepted(cmd, Some(id)))
+}
+
+#[utoipa::path(get, path = "/v1/environments/{env}", tag = "environments",
+    params(("env" = String, Path, description = "Environment id or name")),
+    responses((status = 200, body = Environment), (status = 404, body = ErrorBody)))]
+async fn show_environment(
+    State(core): State<Core>,
+    Path(env): Path<String>,
+) -> Result<Json<Environment>, ApiError> {
+    Ok(Json(core.environments().get_by_id(&env).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/environments/{env}", tag = "environments",
+    params(("env" = String, Path, description = "Environment id or name")),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)))]
+async fn destroy_environment(
+    State(core): State<Core>,
+    Path(env): Path<String>,
+) -> Result<Accept, ApiError> {
+    Ok(accepted(core.environments().run(EnvironmentOp::Destroy, &env, ANONYMOUS).await?, None))
+}
+
+#[utoipa::path(post, path = "/v1/environments/{env}/{op}", tag = "environments",
+    params(("env" = String, Path, description = "Environment id or name"),
+           ("op" = EnvironmentOp, Path, description = "start, stop, suspend, resume or destroy")),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn environment_action(
+    State(core): State<Core>,
+    Path((env, op)): Path<(String, String)>,
+) -> Result<Accept, ApiError> {
+    let op: EnvironmentOp = serde_json::from_value(serde_json::Value::String(op.clone())).map_err(|_| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("op: '{op}' is not an environment operation (start, stop, suspend, resume, destroy)"),
+            Some("op"),
+        )
+    })?;
+    Ok(accepted(core.environments().run(op, &env, ANONYMOUS).await?, None))
+}
+
+#[utoipa::path(post, path = "/v1/environments/{env}/containers", tag = "environments",
+    params(("env" = String, Path, description = "Environment id or name")),
+    request_body = AddContainer,
+    responses((status = 202, body = Accepted, description = "The command's result holds the new container id"),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn add_container(
+    State(core): State<Core>,
+    Path(env): Path<String>,
+    ApiJson(req): ApiJson<AddContainer>,
+) -> Result<Accept, ApiError> {
+    Ok(accepted(core.environments().add(&env, &req, ANONYMOUS).await?, None))
+}
+
+#[utoipa::path(delete, path = "/v1/environments/{env}/containers/{id}", tag = "environments",
+    params(("env" = String, Path, description = "Environment id or name"), ("id" = i64, Path, description = "Container id")),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)))]
+async fn remove_container(
+    State(core): State<Core>,
+    Path((env, id)): Path<(String, String)>,
+) -> Result<Accept, ApiError> {
+    let id = parse_id("id", &id)?;
+    Ok(accepted(core.environments().remove(&env, id, ANONYMOUS).await?, None))
+}
+
+#[utoipa::path(get, path = "/v1/containers", tag = "containers", params(ContainerQuery),
+    responses((status = 200, body = Vec<Container>), (status = 422, body = ErrorBody)))]
+async fn list_containers(
+    State(core): State<Core>,
+    ApiQuery(q): ApiQuery<ContainerQuery>,
+) -> Result<Json<Vec<Container>>, ApiError> {
+    Ok(Json(core.containers().find(&q).await?))
+}
+
+#[utoipa::path(post, path = "/v1/containers", tag = "containers", request_body = CreateContainer,
+    responses((status = 202, body = Accepted), (status = 422, body = ErrorBody)))]
+async fn create_container(
+    State(core): State<Core>,
+    ApiJson(req): ApiJson<CreateContainer>,
+) -> Result<Accept, ApiError> {
+    let (cmd, id) = core.containers().create(&req, ANONYMOUS).await?;
+    Ok(accepted(cmd, Some(id)))
+}
+
+#[utoipa::path(get, path = "/v1/containers/{id}", tag = "containers",
+    params(("id" = i64, Path, description = "Container id")),
+    responses((status = 200, body = Container), (status = 404, body = ErrorBody)))]
+async fn show_container(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+) -> Result<Json<Container>, ApiError> {
+    Ok(Json(core.containers().get_by_id(parse_id("id", &id)?).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/containers/{id}", tag = "containers",
+    params(("id" = i64, Path, description = "Container id")),
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn destroy_container(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+) -> Result<Accept, ApiError> {
+    let id = parse_id("id", &id)?;
+    Ok(accepted(core.containers().run(ContainerCommand::Destroy, id, ANONYMOUS).await?, None))
+}
+
+#[utoipa::path(post, path = "/v1/containers/{id}/actions", tag = "containers",
+    params(("id" = i64, Path, description = "Container id")),
+    request_body = ContainerCommand,
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The container's status does not allow the operation"),
+              (status = 422, body = ErrorBody)))]
+async fn container_action(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    ApiJson(cmd): ApiJson<ContainerCommand>,
+) -> Result<Accept, ApiError> {
+    let id = parse_id("id", &id)?;
+    Ok(accepted(core.containers().run(cmd, id, ANONYMOUS).await?, None))
+}
+
+#[utoipa::path(get, path = "/v1/servers", tag = "servers", responses((status = 200, body = Vec<Server>)))]
+async fn list_servers(State(core): State<Core>) -> Result<Json<Vec<Server>>, ApiError> {
+    Ok(Json(core.servers().list().await?))
+}
+
+#[utoipa::path(get, path = "/v1/servers/{server}", tag = "servers",
+    params(("server" = String, Path, description = "Server name or id")),
+    responses((status = 200, body = Server), (status = 404, body = ErrorBody)))]
+async fn show_server(
+    State(core): State<Core>,
+    Path(server): Path<String>,
+) -> Result<Json<Server>, ApiError> {
+    Ok(Json(core.servers().get(&server).await?))
+}
+
+/// Which commands to list.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct CommandQuery {
+    /// Only this status.
+    pub status: Option<CommandStatus>,
+    /// Only children of this command.
+    pub parent: Option<i64>,
+    /// Only commands on `container` or `environment` ...
+    pub target_type: Option<String>,
+    /// ... with this id.
+    pub target_id: Option<i64>,
+    /// At most this many, newest first (default 100, at most 10000).
+    pub limit: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/commands", tag = "commands", params(CommandQuery),
+    responses((status = 200, body = Vec<Command>), (status = 422, body = ErrorBody)))]
+async fn list_commands(
+    State(core): State<Core>,
+    ApiQuery(q): ApiQuery<CommandQuery>,
+) -> Result<Json<Vec<Command>>, ApiError> {
+    if let Some(t) = &q.target_type
+        && t != "container"
+        && t != "environment"
+    {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("target_type: '{t}' is not container or environment"),
+            Some("target_type"),
+        ));
+    }
+    let filter = CommandFilter {
+        status: q.status,
+        parent: q.parent,
+        target_type: q.target_type,
+        target_id: q.target_id,
+        limit: Some(q.limit.unwrap_or(100).min(10_000)),
+    };
+    Ok(Json(core.queue().list(&filter).await?))
+}
+
+/// Options of showing a command.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct WaitQuery {
+    /// Block up to this many seconds (at most 300) until the command finishes.
+    pub wait: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/commands/{id}", tag = "commands",
+    params(("id" = i64, Path, description = "Command id"), WaitQuery),
+    responses((status = 200, body = Command), (status = 404, body = ErrorBody)))]
+async fn show_command(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<WaitQuery>,
+) -> Result<Json<Command>, ApiError> {
+    let id = parse_id("id", &id)?;
+    let cmd = match q.wait {
+        Some(secs) if secs > 0 => {
+            core.queue()
+                .wait(id, Duration::from_secs(secs.min(300)))
+                .await?
+        }
+        _ => core.queue().get(id).await?,
+    };
+    Ok(Json(cmd))
+}
+
+#[utoipa::path(post, path = "/v1/commands/{id}/cancel", tag = "commands",
+    params(("id" = i64, Path, description = "Command id")),
+    responses((status = 200, body = Command), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The command has started")))]
+async fn cancel_command(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+) -> Result<Json<Command>, ApiError> {
+    Ok(Json(core.queue().cancel(parse_id("id", &id)?).await?))
+}

@@ -1,0 +1,177 @@
+//! JSON errors and extractors that turn bad input into them.
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::core::CoreError;
+use crate::queue::QueueError;
+
+/// Body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Machine-readable code: `invalid`, `not_found`, `conflict`, `bad_request`, `internal`.
+    pub code: String,
+    /// Human-readable explanation with a hint on how to fix it.
+    pub message: String,
+    /// The request field at fault, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    detail: ErrorDetail,
+}
+
+impl ApiError {
+    /// An error with a status, code, message and optional field.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>, field: Option<&str>) -> Self {
+        ApiError {
+            status,
+            detail: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+                field: field.map(str::to_string),
+            },
+        }
+    }
+
+    /// 400 for unparsable input.
+    pub fn bad_request(message: impl Into<String>, field: Option<&str>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message, field)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(ErrorBody { error: self.detail })).into_response()
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::NotFound(m) => Self::new(StatusCode::NOT_FOUND, "not_found", m, None),
+            CoreError::Conflict(m) => Self::new(StatusCode::CONFLICT, "conflict", m, None),
+            CoreError::Invalid { field, message } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("{field}: {message}"),
+                Some(&field),
+            ),
+            CoreError::Queue(q) => q.into(),
+            other => {
+                tracing::error!(error = %other, "internal error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", other.to_string(), None)
+            }
+        }
+    }
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::NotFound(_) | QueueError::TargetMissing(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string(), None)
+            }
+            QueueError::NotCancellable { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string(), None)
+            }
+            QueueError::Db(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string(), None)
+            }
+        }
+    }
+}
+
+impl From<sea_orm::DbErr> for ApiError {
+    fn from(e: sea_orm::DbErr) -> Self {
+        CoreError::Db(e).into()
+    }
+}
+
+/// A JSON body whose errors name the offending field.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let json_type = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        if !json_type {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "bad_request",
+                "send the body as JSON with 'Content-Type: application/json'",
+                None,
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}"), None))?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(de).map(ApiJson).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let field = (path != ".").then_some(path);
+            let status = if inner.is_data() {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            let message = match &field {
+                Some(f) => format!("{f}: {inner}"),
+                None => format!("invalid JSON body: {inner}"),
+            };
+            ApiError::new(status, "invalid", message, field.as_deref())
+        })
+    }
+}
+
+/// Query parameters whose errors come back as JSON.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de).map(ApiQuery).map_err(|e| {
+            let path = e.path().to_string();
+            let field = (path != ".").then_some(path);
+            let message = format!("invalid query parameter: {}", e.into_inner());
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message, field.as_deref())
+        })
+    }
+}
+
+/// Parses a numeric id from the path.
+pub fn parse_id(field: &str, raw: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>().map_err(|_| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("{field}: '{raw}' is not a numeric id"),
+            Some(field),
+        )
+    })
+}

@@ -1,0 +1,180 @@
+//! Human tables and JSON output.
+
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use serde::Serialize;
+
+use crate::model::{Command, Container, Environment, Server};
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t
+}
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or("-".into(), |v| v.to_string())
+}
+
+/// Prints a value as pretty JSON.
+pub fn json<T: Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+/// A table of containers.
+pub fn containers(list: &[Container]) -> String {
+    let mut t = table(&["ID", "TYPE", "STATUS", "SERVER", "IP", "ENVIRONMENT", "CPU", "MEM MB", "DISK MB"]);
+    for c in list {
+        let r = &c.requirements.resources;
+        t.add_row(vec![
+            c.id.to_string(),
+            c.type_id.clone(),
+            c.status.to_string(),
+            opt(&c.server),
+            opt(&c.ip),
+            opt(&c.environment),
+            format!("{:.2}", r.cpu_millis as f64 / 1000.0),
+            r.memory_mb.to_string(),
+            r.disk_mb.to_string(),
+        ]);
+    }
+    t.to_string()
+}
+
+/// Details of one container.
+pub fn container(c: &Container) -> String {
+    let mut lines = vec![
+        format!("container {}  ({})", c.id, c.type_id),
+        format!("  status:      {}", c.status),
+        format!("  server:      {}", opt(&c.server)),
+        format!("  ip:          {}", opt(&c.ip)),
+        format!("  environment: {}", opt(&c.environment)),
+        format!("  guest id:    {}", c.guest_id),
+        format!("  priority:    {}", c.priority),
+        format!(
+            "  resources:   cpu {:.2}, memory {} MB, disk {} MB",
+            c.requirements.resources.cpu_millis as f64 / 1000.0,
+            c.requirements.resources.memory_mb,
+            c.requirements.resources.disk_mb
+        ),
+        format!("  state:       {} bytes", c.state_bytes),
+    ];
+    if !c.requirements.labels.is_empty() {
+        lines.push(format!("  labels:      {}", c.requirements.labels.join(", ")));
+    }
+    if let Some(l) = c.locked_by {
+        lines.push(format!("  locked by:   command {l}"));
+    }
+    if let Some(o) = &c.origin {
+        lines.push(format!(
+            "  origin:      platform {}, container {}, guest {}",
+            o.origin_platform, o.origin_container_id, o.guest_id
+        ));
+    }
+    lines.join("\n")
+}
+
+/// A table of environments.
+pub fn environments(list: &[Environment]) -> String {
+    let mut t = table(&["ID", "NAME", "STATUS", "MEMBERS", "LOCKED BY"]);
+    for e in list {
+        t.add_row(vec![
+            e.id.to_string(),
+            e.name.clone(),
+            e.status.to_string(),
+            e.members.len().to_string(),
+            opt(&e.locked_by),
+        ]);
+    }
+    t.to_string()
+}
+
+/// Details of one environment with its members.
+pub fn environment(e: &Environment) -> String {
+    let mut out = format!(
+        "environment {}  (id {}, {}, {} members)\n",
+        e.name,
+        e.id,
+        e.status,
+        e.members.len()
+    );
+    if !e.members.is_empty() {
+        let mut t = table(&["ID", "TYPE", "PRIORITY", "STATUS", "SERVER", "IP"]);
+        for c in &e.members {
+            t.add_row(vec![
+                c.id.to_string(),
+                c.type_id.clone(),
+                c.priority.to_string(),
+                c.status.to_string(),
+                opt(&c.server),
+                opt(&c.ip),
+            ]);
+        }
+        out.push_str(&t.to_string());
+    }
+    out
+}
+
+/// A table of servers.
+pub fn servers(list: &[Server]) -> String {
+    let mut t = table(&["ID", "NAME", "DRIVER", "STATUS", "CONTAINERS", "CPU USED/TOTAL", "MEM MB USED/TOTAL", "DISK MB USED/TOTAL"]);
+    for s in list {
+        t.add_row(vec![
+            s.id.to_string(),
+            s.name.clone(),
+            s.driver.clone(),
+            s.status.to_string(),
+            s.containers.to_string(),
+            format!("{:.1}/{:.1}", s.allocated.cpu_millis as f64 / 1000.0, s.capacity.cpu_millis as f64 / 1000.0),
+            format!("{}/{}", s.allocated.memory_mb, s.capacity.memory_mb),
+            format!("{}/{}", s.allocated.disk_mb, s.capacity.disk_mb),
+        ]);
+    }
+    t.to_string()
+}
+
+/// A table of commands.
+pub fn commands(list: &[Command]) -> String {
+    let mut t = table(&["ID", "KIND", "STATUS", "TARGET", "PARENT", "STEP", "BY", "ERROR / WAITING ON"]);
+    for c in list {
+        let target = match (&c.target_type, c.target_id) {
+            (Some(t), Some(id)) => format!("{t} {id}"),
+            _ => "-".into(),
+        };
+        let note = c.error.clone().or_else(|| c.waiting_on.clone()).unwrap_or_default();
+        t.add_row(vec![
+            c.id.to_string(),
+            c.kind.clone(),
+            c.status.to_string(),
+            target,
+            opt(&c.parent),
+            c.step.to_string(),
+            c.requested_by.clone(),
+            note,
+        ]);
+    }
+    t.to_string()
+}
+
+/// Details of one command.
+pub fn command(c: &Command) -> String {
+    let mut lines = vec![
+        format!("command {}  ({})", c.id, c.kind),
+        format!("  status:       {}", c.status),
+        format!("  target:       {} {}", c.target_type.as_deref().unwrap_or("-"), opt(&c.target_id)),
+        format!("  parent:       {}", opt(&c.parent)),
+        format!("  step:         {}", c.step),
+        format!("  attempts:     {}", c.attempts),
+        format!("  requested by: {}", c.requested_by),
+        format!("  params:       {}", c.params),
+    ];
+    if let Some(r) = &c.result {
+        lines.push(format!("  result:       {r}"));
+    }
+    if let Some(w) = &c.waiting_on {
+        lines.push(format!("  waiting on:   {w}"));
+    }
+    if let Some(e) = &c.error {
+        lines.push(format!("  error:        {e}"));
+    }
+    lines.join("\n")
+}
