@@ -9,15 +9,32 @@ use super::{NewCommand, QueueError, Target};
 use crate::entities::command;
 use crate::model::{Command, CommandId, CommandStatus};
 
-/// Statement in `$N` placeholder style, rewritten to `?N` for SQLite.
+/// Statement in `$N` placeholder style. For SQLite every `$N` becomes an anonymous `?` with
+/// its value repeated in order of appearance: sqlx looks numbered parameters up by name, which
+/// costs time quadratic in their number.
 pub(crate) fn sql<C: ConnectionTrait>(conn: &C, text: &str, values: Vec<Value>) -> Statement {
     let backend = conn.get_database_backend();
-    let text = if backend == DatabaseBackend::Sqlite {
-        text.replace('$', "?")
-    } else {
-        text.to_string()
-    };
-    Statement::from_sql_and_values(backend, text, values)
+    if backend != DatabaseBackend::Sqlite {
+        return Statement::from_sql_and_values(backend, text, values);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut ordered = Vec::with_capacity(values.len());
+    let mut chars = text.char_indices().peekable();
+    while let Some((_, c)) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let mut n = 0usize;
+        while let Some(&(_, d)) = chars.peek() {
+            let Some(digit) = d.to_digit(10) else { break };
+            n = n * 10 + digit as usize;
+            chars.next();
+        }
+        out.push('?');
+        ordered.push(values[n - 1].clone());
+    }
+    Statement::from_sql_and_values(backend, out, ordered)
 }
 
 /// Inserts commands, returning their ids in order.
