@@ -131,11 +131,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
         serde_path_to_error::deserialize(de).map(ApiJson).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            let field = (path != ".").then_some(path);
-            let status = if inner.is_data() {
-                StatusCode::UNPROCESSABLE_ENTITY
+            let (status, field) = if inner.is_data() {
+                (StatusCode::UNPROCESSABLE_ENTITY, (path != ".").then_some(path))
             } else {
-                StatusCode::BAD_REQUEST
+                (StatusCode::BAD_REQUEST, None)
             };
             let message = match &field {
                 Some(f) => format!("{f}: {inner}"),

@@ -51,7 +51,14 @@ fn done(id: i64) -> Next {
     Next::Done(json!({ "container_id": id }))
 }
 
+const OPS: &[&str] = &[
+    "create", "start", "stop", "suspend", "resume", "reboot", "destroy", "update", "clone", "migrate",
+];
+
 pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, StepError> {
+    if !OPS.contains(&op) {
+        return Err(StepError::Permanent(format!("unknown container command '{op}'")));
+    }
     let core = ctx.core;
     let id = ctx.target_id()?;
     let row = load_container(core.db(), id).await.map_err(core_err)?;

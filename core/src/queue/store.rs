@@ -167,7 +167,8 @@ pub(crate) fn to_api(row: &command::Model) -> Command {
     }
 }
 
-/// Claims up to `limit` due commands for `owner`.
+/// Claims up to `limit` due commands for `owner`, oldest first, skipping commands whose target
+/// another command has locked (they wait in `queued` without being polled).
 pub(crate) async fn claim<C: ConnectionTrait>(
     conn: &C,
     owner: &str,
@@ -184,6 +185,10 @@ pub(crate) async fn claim<C: ConnectionTrait>(
         "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
          started_at = COALESCE(started_at, $3) \
          WHERE id IN (SELECT id FROM commands WHERE status = 'queued' AND run_after <= $3 \
+         AND NOT EXISTS (SELECT 1 FROM containers t WHERE commands.target_type = 'container' \
+           AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id) \
+         AND NOT EXISTS (SELECT 1 FROM environments t WHERE commands.target_type = 'environment' \
+           AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id) \
          ORDER BY id LIMIT $4{skip_locked}) RETURNING *"
     );
     let stmt = sql(

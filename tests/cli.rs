@@ -1,0 +1,83 @@
+//! The CLI through the real binary against a real `cloud48 serve`.
+
+use serde_json::Value;
+
+use crate::common::{ServeProcess, cli};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_tour_through_the_real_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = ServeProcess::spawn(&dir.path().join("data"), &["--sim-servers", "2"]).await;
+    let url = serve.url.clone();
+    let run = move |args: Vec<&'static str>| {
+        let url = url.clone();
+        async move { tokio::task::spawn_blocking(move || cli(&url, &args)).await.unwrap() }
+    };
+
+    let (ok, out, err) = run(vec!["--json", "env", "create", "web", "--wait"]).await;
+    assert!(ok, "{err}");
+    let cmd: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(cmd["status"], "succeeded");
+
+    let (ok, out, err) = run(vec!["--json", "env", "add", "web", "--type", "plain", "--wait"]).await;
+    assert!(ok, "{err}");
+    let cmd: Value = serde_json::from_str(&out).unwrap();
+    let id = cmd["result"]["container_id"].as_i64().unwrap();
+
+    let (ok, out, _) = run(vec!["--json", "container", "list"]).await;
+    assert!(ok);
+    let list: Value = serde_json::from_str(&out).unwrap();
+    let c = &list[0];
+    for field in ["id", "type", "status", "server", "ip", "environment"] {
+        assert!(c.get(field).is_some(), "container JSON lacks {field}: {c}");
+    }
+    assert_eq!(c["id"], id);
+    assert_eq!(c["environment"], "web");
+    assert_eq!(c["status"], "running");
+
+    let (ok, out, _) = run(vec!["env", "show", "web"]).await;
+    assert!(ok);
+    assert!(out.contains("environment web") && out.contains("running"), "{out}");
+
+    let (ok, out, _) = run(vec!["--json", "command", "list"]).await;
+    assert!(ok);
+    let cmds: Value = serde_json::from_str(&out).unwrap();
+    for field in ["id", "kind", "status", "parent", "error"] {
+        assert!(cmds[0].get(field).is_some(), "command JSON lacks {field}");
+    }
+    assert!(cmds.as_array().unwrap().iter().any(|c| c["kind"] == "container.create" && c["parent"].is_i64()));
+
+    let (ok, out, _) = run(vec!["server", "list"]).await;
+    assert!(ok);
+    assert!(out.contains("sim-1") && out.contains("sim-2"));
+
+    let (ok, out, err) = run(vec!["container", "stop", "1", "--wait"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("succeeded"));
+
+    // Errors: one clear line, non-zero exit.
+    let (ok, _, err) = run(vec!["container", "stop", "1"]).await;
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("error: container 1 is stopped"), "{err}");
+    let (ok, _, err) = run(vec!["container", "show", "999"]).await;
+    assert!(!ok);
+    assert!(err.contains("container 999 does not exist"), "{err}");
+    let (ok, _, err) = run(vec!["env", "create", "Bad_Name"]).await;
+    assert!(!ok);
+    assert!(err.contains("not a valid name"), "{err}");
+
+    // A queued command can be cancelled from the CLI; a finished one cannot.
+    let (ok, _, err) = run(vec!["command", "cancel", "1"]).await;
+    assert!(!ok);
+    assert!(err.contains("only queued commands"), "{err}");
+}
+
+#[tokio::test]
+async fn the_cli_says_clearly_when_no_core_answers() {
+    let port = crate::common::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let (ok, _, err) = tokio::task::spawn_blocking(move || cli(&url, &["env", "list"])).await.unwrap();
+    assert!(!ok);
+    assert!(err.contains("cannot reach the core") && err.contains("cloud48 serve"), "{err}");
+}

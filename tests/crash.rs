@@ -1,0 +1,84 @@
+//! `kill -9` of the core in the middle of commands: after a restart every command finishes
+//! exactly once and no container is duplicated.
+
+use std::time::Duration;
+
+use cloud48_core::cli::Client;
+use cloud48_core::model::{Accepted, Command, CommandStatus, Container, Environment};
+use serde_json::{Value, json};
+
+use crate::common::ServeProcess;
+
+fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(data.join("sim")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let state: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        for (id, guest) in state["guests"].as_object().unwrap() {
+            let ops = guest["operations"].as_array().unwrap().iter().map(|o| o.as_str().unwrap().to_string()).collect();
+            out.push((id.clone(), ops));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_resume_after_kill_9_and_finish_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let latency = ["--sim-latency-ms", "250", "--sim-servers", "3"];
+    let mut serve = ServeProcess::spawn(&data, &latency).await;
+    let client = Client::new(&serve.url);
+    let a: Accepted = client.post("/v1/environments", &json!({ "name": "web" })).await.unwrap();
+    assert_eq!(client.command(a.command_id, 30).await.unwrap().status, CommandStatus::Succeeded);
+
+    let mut top = Vec::new();
+    for _ in 0..3 {
+        let a: Accepted = client.post("/v1/environments/web/containers", &json!({ "type": "plain" })).await.unwrap();
+        top.push(a.command_id);
+        let a: Accepted = client.post("/v1/containers", &json!({ "type": "plain" })).await.unwrap();
+        top.push(a.command_id);
+    }
+    // Kill as soon as some creation is mid-way (past its first persisted step).
+    loop {
+        let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
+        if cmds.iter().any(|c| c.kind == "container.create" && c.step >= 1 && !c.status.is_terminal()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    serve.kill9();
+    drop(serve);
+
+    let serve = ServeProcess::spawn(&data, &latency).await;
+    let client = Client::new(&serve.url);
+    let mut unfinished_at_restart = 0;
+    for id in &top {
+        let before: Command = client.get(&format!("/v1/commands/{id}")).await.unwrap();
+        if !before.status.is_terminal() {
+            unfinished_at_restart += 1;
+        }
+        let c = client.command(*id, 120).await.unwrap();
+        assert_eq!(c.status, CommandStatus::Succeeded, "command {id} after restart: {c:?}");
+    }
+    assert!(unfinished_at_restart > 0, "the kill came too late to test anything");
+
+    let env: Environment = client.get("/v1/environments/web").await.unwrap();
+    assert_eq!(env.members.len(), 3, "three adds, three members");
+    let live: Vec<Container> = client.get("/v1/containers").await.unwrap();
+    assert_eq!(live.len(), 6);
+    assert!(live.iter().all(|c| c.status.as_str() == "running" && c.locked_by.is_none()));
+    let all: Vec<Container> = client.get("/v1/containers?all=true").await.unwrap();
+    assert_eq!(all.len(), 6, "no duplicate container rows");
+
+    let guests = sim_guests(&data);
+    assert_eq!(guests.len(), 6, "no duplicate guests on the servers: {guests:?}");
+    for (id, ops) in guests {
+        assert_eq!(ops, ["create", "start"], "guest {id} saw its operations more than once");
+    }
+    let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
+    assert!(cmds.iter().all(|c| c.status == CommandStatus::Succeeded), "{cmds:#?}");
+}

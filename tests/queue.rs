@@ -1,0 +1,167 @@
+//! The persisted queue on SQLite and PostgreSQL: locks, parents and children, cancellation,
+//! several cores sharing one queue.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cloud48_core::entities::command;
+use cloud48_core::managers::{ContainerCommand, CreateContainer};
+use cloud48_core::model::{CommandStatus, ContainerStatus};
+use cloud48_core::queue::{Next, NewCommand, Queue, QueueConfig, Runner, StepError, SystemClock, Transition};
+use sea_orm::{DatabaseTransaction, DbErr};
+use serde_json::Value;
+
+use crate::common::{Opts, PgDb, TestCore};
+use crate::on_both_databases;
+
+async fn running_container(t: &TestCore) -> (i64, String) {
+    let (cmd, id) = t
+        .core
+        .containers()
+        .create(&CreateContainer { type_id: "plain".into(), server: Some("sim-1".into()), requirements: None }, "test")
+        .await
+        .unwrap();
+    t.ok(cmd).await;
+    let guest = t.core.containers().get_by_id(id).await.unwrap().guest_id;
+    (id, guest)
+}
+
+on_both_databases!(two_commands_on_one_container_never_overlap, lock_serialization);
+async fn lock_serialization(pg: bool) {
+    let Some(t) = TestCore::start(Opts { postgres: pg, latency: Duration::from_millis(20), ..Opts::default() }).await else { return };
+    let (id, guest) = running_container(&t).await;
+    let mut cmds = Vec::new();
+    for _ in 0..6 {
+        cmds.push(t.core.containers().run(ContainerCommand::Reboot, id, "test").await.unwrap());
+    }
+    for c in cmds {
+        t.ok(c).await;
+    }
+    let sim = t.sim("sim-1").await;
+    assert_eq!(sim.overlapping_operations(), 0, "two commands acted on the guest at once");
+    let reboots = sim.guest(&guest).unwrap().operations.iter().filter(|o| *o == "reboot").count();
+    assert_eq!(reboots, 6, "every queued command ran, none failed for the lock");
+    assert_eq!(t.core.containers().get_by_id(id).await.unwrap().locked_by, None, "the lock was released");
+}
+
+on_both_databases!(a_parent_waits_for_all_its_children, parent_child);
+async fn parent_child(pg: bool) {
+    let Some(t) = TestCore::start(Opts { postgres: pg, ..Opts::default() }).await else { return };
+    let (env_cmd, _) = t.core.environments().create("fam", "test").await.unwrap();
+    t.ok(env_cmd).await;
+    for _ in 0..3 {
+        let add = t
+            .core
+            .environments()
+            .add("fam", &cloud48_core::managers::AddContainer { type_id: "plain".into(), requirements: None, server: None }, "test")
+            .await
+            .unwrap();
+        t.ok(add).await;
+    }
+    let stop = t.core.environments().run(cloud48_core::managers::EnvironmentOp::Stop, "fam", "test").await.unwrap();
+    let parent = t.ok(stop).await;
+    let children = t
+        .core
+        .queue()
+        .list(&cloud48_core::queue::CommandFilter { parent: Some(stop), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(children.len(), 3);
+    for c in &children {
+        assert_eq!(c.status, CommandStatus::Succeeded);
+        assert_eq!(c.kind, "container.stop");
+        assert!(c.finished_at.unwrap() <= parent.finished_at.unwrap(), "the parent finished after its children");
+    }
+    let env = t.core.environments().get_by_id("fam").await.unwrap();
+    assert!(env.members.iter().all(|m| m.status == ContainerStatus::Stopped));
+}
+
+on_both_databases!(a_queued_command_can_be_cancelled_and_never_runs, cancellation);
+async fn cancellation(pg: bool) {
+    let Some(t) = TestCore::start(Opts { postgres: pg, latency: Duration::from_millis(300), ..Opts::default() }).await else { return };
+    let (id, guest) = running_container(&t).await;
+    let slow = t.core.containers().run(ContainerCommand::Reboot, id, "test").await.unwrap();
+    // Once the slow command holds the lock, the next one waits in the queue without running.
+    while t.core.containers().get_by_id(id).await.unwrap().locked_by != Some(slow) {
+        tokio::task::yield_now().await;
+    }
+    let queued = t.core.containers().run(ContainerCommand::Stop, id, "test").await.unwrap();
+    let cancelled = t.core.queue().cancel(queued).await.unwrap();
+    assert_eq!(cancelled.status, CommandStatus::Cancelled);
+    t.ok(slow).await;
+    let again = t.core.queue().get(queued).await.unwrap();
+    assert_eq!(again.status, CommandStatus::Cancelled);
+    assert_eq!(t.core.containers().get_by_id(id).await.unwrap().status, ContainerStatus::Running);
+    assert!(!t.sim("sim-1").await.guest(&guest).unwrap().operations.contains(&"stop".to_string()));
+    let err = t.core.queue().cancel(slow).await.unwrap_err();
+    assert!(err.to_string().contains("only queued commands"), "{err}");
+    let err = t.core.queue().cancel(999_999).await.unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+/// A runner that records which core ran each command.
+struct Recorder {
+    node: String,
+    seen: Arc<Mutex<HashMap<i64, Vec<String>>>>,
+}
+
+#[async_trait::async_trait]
+impl Runner for Recorder {
+    async fn step(&self, cmd: &command::Model) -> Result<Transition, StepError> {
+        self.seen.lock().unwrap().entry(cmd.id).or_default().push(self.node.clone());
+        tokio::task::yield_now().await;
+        Ok(Transition::bare(Next::Done(Value::Null)))
+    }
+    async fn on_failure(&self, _: &command::Model, _: &str) -> Result<Option<DatabaseTransaction>, DbErr> {
+        Ok(None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
+    let Some(pg) = PgDb::create().await else { return };
+    let mut config = cloud48_core::CoreConfig::new(tempfile::tempdir().unwrap().path());
+    config.database_url = Some(pg.url.clone());
+    let db = cloud48_core::core::connect(&config).await.unwrap();
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let queue_config = QueueConfig { workers: 16, claim_batch: 8, poll: Duration::from_millis(5), ..QueueConfig::default() };
+    let mut queues = Vec::new();
+    for node in ["core-a", "core-b", "core-c"] {
+        let q = Queue::new(db.clone(), node.into(), queue_config.clone(), Arc::new(SystemClock));
+        q.start(Arc::new(Recorder { node: node.into(), seen: seen.clone() }), false).await.unwrap();
+        queues.push(q);
+    }
+    let mut ids = Vec::new();
+    for i in 0..600 {
+        let q = &queues[i % 3];
+        ids.push(q.enqueue(NewCommand { kind: "noop".into(), target: None, params: Value::Null, requested_by: "test".into() }).await.unwrap());
+    }
+    for id in &ids {
+        let c = queues[0].wait(*id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(c.status, CommandStatus::Succeeded);
+    }
+    let seen = seen.lock().unwrap();
+    for id in &ids {
+        assert_eq!(seen[id].len(), 1, "command {id} ran {} times: {:?}", seen[id].len(), seen[id]);
+    }
+    let mut per_node: HashMap<&str, usize> = HashMap::new();
+    for runs in seen.values() {
+        *per_node.entry(runs[0].as_str()).or_default() += 1;
+    }
+    assert!(per_node.len() >= 2, "the work was shared: {per_node:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_command_kind_fails_with_a_clear_error() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let id = t
+        .core
+        .queue()
+        .enqueue(NewCommand { kind: "container.teleport".into(), target: None, params: Value::Null, requested_by: "test".into() })
+        .await
+        .unwrap();
+    let c = t.wait(id).await;
+    assert_eq!(c.status, CommandStatus::Failed);
+    assert!(c.error.unwrap().contains("teleport"));
+}
