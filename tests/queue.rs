@@ -165,3 +165,42 @@ async fn an_unknown_command_kind_fails_with_a_clear_error() {
     assert_eq!(c.status, CommandStatus::Failed);
     assert!(c.error.unwrap().contains("teleport"));
 }
+
+/// A runner whose steps never finish: a core that hangs or died mid-command.
+struct Hang;
+
+#[async_trait::async_trait]
+impl Runner for Hang {
+    async fn step(&self, _: &command::Model) -> Result<Transition, StepError> {
+        std::future::pending().await
+    }
+    async fn on_failure(&self, _: &command::Model, _: &str) -> Result<Option<DatabaseTransaction>, DbErr> {
+        Ok(None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core() {
+    let Some(pg) = PgDb::create().await else { return };
+    let mut config = cloud48_core::CoreConfig::new(tempfile::tempdir().unwrap().path());
+    config.database_url = Some(pg.url.clone());
+    let db = cloud48_core::core::connect(&config).await.unwrap();
+    let queue_config = QueueConfig { lease: Duration::from_millis(300), poll: Duration::from_millis(10), ..QueueConfig::default() };
+    let dead = Queue::new(db.clone(), "core-dead".into(), queue_config.clone(), Arc::new(SystemClock));
+    dead.start(Arc::new(Hang), false).await.unwrap();
+    let id = dead
+        .enqueue(NewCommand { kind: "noop".into(), target: None, params: Value::Null, requested_by: "test".into() })
+        .await
+        .unwrap();
+    while dead.get(id).await.unwrap().status != CommandStatus::Running {
+        tokio::task::yield_now().await;
+    }
+    // The core stops renewing (as if it died); its lease runs out and another core takes over.
+    dead.stop(Duration::ZERO).await;
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let alive = Queue::new(db.clone(), "core-alive".into(), queue_config, Arc::new(SystemClock));
+    alive.start(Arc::new(Recorder { node: "core-alive".into(), seen: seen.clone() }), false).await.unwrap();
+    let done = alive.wait(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done.status, CommandStatus::Succeeded);
+    assert_eq!(seen.lock().unwrap()[&id], vec!["core-alive".to_string()]);
+}
