@@ -7,7 +7,7 @@ use crate::common::{ServeProcess, cli};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_tour_through_the_real_binary() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = ServeProcess::spawn(&dir.path().join("data"), &["--sim-servers", "2"]).await;
+    let serve = ServeProcess::spawn(&dir.path().join("data"), &["--sim-servers", "2", "--anonymous", "full"]).await;
     let url = serve.url.clone();
     let run = move |args: Vec<&'static str>| {
         let url = url.clone();

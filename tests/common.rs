@@ -19,6 +19,8 @@ pub struct Opts {
     pub max_attempts: i32,
     pub workers: usize,
     pub types: Vec<Arc<dyn ContainerType>>,
+    /// Access control; tests of other areas run with anonymous full access.
+    pub auth: cloud48_core::auth::AuthConfig,
 }
 
 impl Default for Opts {
@@ -30,6 +32,10 @@ impl Default for Opts {
             max_attempts: 4,
             workers: 8,
             types: Vec::new(),
+            auth: cloud48_core::auth::AuthConfig {
+                anonymous: cloud48_core::auth::Anonymous::Full,
+                ..Default::default()
+            },
         }
     }
 }
@@ -56,6 +62,7 @@ impl TestCore {
         config.queue.lock_retry = Duration::from_millis(5);
         config.queue.poll = Duration::from_millis(20);
         config.queue.max_attempts = opts.max_attempts;
+        config.auth = opts.auth.clone();
         let core = Core::open(config).await.expect("core opens");
         for t in opts.types {
             core.types().register(t);

@@ -29,7 +29,7 @@ fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
 async fn commands_resume_after_kill_9_and_finish_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let latency = ["--sim-latency-ms", "250", "--sim-servers", "3"];
+    let latency = ["--sim-latency-ms", "250", "--sim-servers", "3", "--anonymous", "full"];
     let mut serve = ServeProcess::spawn(&data, &latency).await;
     let client = Client::new(&serve.url);
     let a: Accepted = client.post("/v1/environments", &json!({ "name": "web" })).await.unwrap();

@@ -75,6 +75,8 @@ pub struct CoreConfig {
     pub sim_latency: Duration,
     /// Keep simulated servers' guests in `<data_dir>/sim/` across restarts.
     pub sim_persist: bool,
+    /// Access control.
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl CoreConfig {
@@ -93,6 +95,7 @@ impl CoreConfig {
             },
             sim_latency: Duration::ZERO,
             sim_persist: true,
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -124,6 +127,7 @@ impl Fleet {
 
 pub(crate) struct CoreInner {
     pub db: DatabaseConnection,
+    pub auth: crate::auth::Authenticator,
     pub queue: Queue,
     pub fleet: Fleet,
     pub types: TypeRegistry,
@@ -204,9 +208,11 @@ impl Core {
         let db = connect(&config).await?;
         let node = node_id(&config.data_dir)?;
         let platform = local_platform(&db).await?;
-        let queue = Queue::new(db.clone(), node, config.queue.clone(), clock);
+        let queue = Queue::new(db.clone(), node, config.queue.clone(), clock.clone());
+        let auth = crate::auth::Authenticator::new(config.auth.clone(), db.clone(), clock);
         let core = Core {
             inner: Arc::new(CoreInner {
+                auth,
                 db,
                 queue,
                 fleet: Fleet::default(),
@@ -287,6 +293,11 @@ impl Core {
     /// Stops claiming commands and waits up to `grace` for running steps.
     pub async fn stop(&self, grace: Duration) {
         self.inner.queue.stop(grace).await;
+    }
+
+    /// Access control.
+    pub fn auth(&self) -> &crate::auth::Authenticator {
+        &self.inner.auth
     }
 
     /// The command queue.

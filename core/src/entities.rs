@@ -150,3 +150,21 @@ pub mod origin_identity {
     }
     no_relations!();
 }
+
+/// Users of the API (passwords only as HA1 hashes).
+pub mod user {
+    use sea_orm::entity::prelude::*;
+    /// A user row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "users")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+        pub role: String,
+        pub ha1_md5: String,
+        pub ha1_sha256: String,
+        pub created_at: i64,
+    }
+    no_relations!();
+}

@@ -3,9 +3,11 @@
 //! See `ARCHITECTURE.md` at the repository root for the map of this crate.
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod commands;
+pub mod config;
 pub mod core;
 pub mod driver;
 pub mod entities;

@@ -4,6 +4,7 @@
 //! Invariant: handlers only translate between HTTP and the managers; every rule lives in the
 //! core. A mutation answers `202 Accepted` with the id of the command that carries it out.
 
+mod access;
 mod error;
 
 use std::time::Duration;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -19,13 +20,12 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiJson, ApiQuery, ErrorBody, ErrorDetail, parse_id};
 
+use crate::auth::Principal;
 use crate::core::Core;
 use crate::managers::{AddContainer, ContainerCommand, ContainerQuery, CreateContainer, EnvironmentOp};
 use crate::model::*;
 use crate::queue::CommandFilter;
 
-/// Until access control lands, every request acts as this user.
-const ANONYMOUS: &str = "anonymous";
 
 #[derive(OpenApi)]
 #[openapi(
@@ -55,7 +55,7 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(list_commands))
         .routes(routes!(show_command))
         .routes(routes!(cancel_command))
-        .with_state(core)
+        .with_state(core.clone())
         .split_for_parts();
     let doc = api.clone();
     router
@@ -68,6 +68,7 @@ pub fn router(core: Core) -> Router {
                 None,
             )
         })
+        .layer(axum::middleware::from_fn_with_state(core, access::check))
 }
 
 type Accept = (StatusCode, Json<Accepted>);
@@ -105,9 +106,10 @@ async fn list_environments(
     responses((status = 202, body = Accepted), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create_environment(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<CreateEnvironment>,
 ) -> Result<Accept, ApiError> {
-    let (cmd, id) = core.environments().create(&req.name, ANONYMOUS).await?;
+    let (cmd, id) = core.environments().create(&req.name, who.audit_name()).await?;
     Ok(accepted(cmd, Some(id)))
 }
 
@@ -126,9 +128,10 @@ async fn show_environment(
     responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)))]
 async fn destroy_environment(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     Path(env): Path<String>,
 ) -> Result<Accept, ApiError> {
-    Ok(accepted(core.environments().run(EnvironmentOp::Destroy, &env, ANONYMOUS).await?, None))
+    Ok(accepted(core.environments().run(EnvironmentOp::Destroy, &env, who.audit_name()).await?, None))
 }
 
 #[utoipa::path(post, path = "/v1/environments/{env}/{op}", tag = "environments",
@@ -137,6 +140,7 @@ async fn destroy_environment(
     responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn environment_action(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     Path((env, op)): Path<(String, String)>,
 ) -> Result<Accept, ApiError> {
     let op: EnvironmentOp = serde_json::from_value(serde_json::Value::String(op.clone())).map_err(|_| {
@@ -147,7 +151,7 @@ async fn environment_action(
             Some("op"),
         )
     })?;
-    Ok(accepted(core.environments().run(op, &env, ANONYMOUS).await?, None))
+    Ok(accepted(core.environments().run(op, &env, who.audit_name()).await?, None))
 }
 
 #[utoipa::path(post, path = "/v1/environments/{env}/containers", tag = "environments",
@@ -157,10 +161,11 @@ async fn environment_action(
               (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn add_container(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     Path(env): Path<String>,
     ApiJson(req): ApiJson<AddContainer>,
 ) -> Result<Accept, ApiError> {
-    Ok(accepted(core.environments().add(&env, &req, ANONYMOUS).await?, None))
+    Ok(accepted(core.environments().add(&env, &req, who.audit_name()).await?, None))
 }
 
 #[utoipa::path(delete, path = "/v1/environments/{env}/containers/{id}", tag = "environments",
@@ -168,10 +173,11 @@ async fn add_container(
     responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)))]
 async fn remove_container(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     Path((env, id)): Path<(String, String)>,
 ) -> Result<Accept, ApiError> {
     let id = parse_id("id", &id)?;
-    Ok(accepted(core.environments().remove(&env, id, ANONYMOUS).await?, None))
+    Ok(accepted(core.environments().remove(&env, id, who.audit_name()).await?, None))
 }
 
 #[utoipa::path(get, path = "/v1/containers", tag = "containers", params(ContainerQuery),
@@ -187,9 +193,10 @@ async fn list_containers(
     responses((status = 202, body = Accepted), (status = 422, body = ErrorBody)))]
 async fn create_container(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<CreateContainer>,
 ) -> Result<Accept, ApiError> {
-    let (cmd, id) = core.containers().create(&req, ANONYMOUS).await?;
+    let (cmd, id) = core.containers().create(&req, who.audit_name()).await?;
     Ok(accepted(cmd, Some(id)))
 }
 
@@ -208,10 +215,11 @@ async fn show_container(
     responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn destroy_container(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Accept, ApiError> {
     let id = parse_id("id", &id)?;
-    Ok(accepted(core.containers().run(ContainerCommand::Destroy, id, ANONYMOUS).await?, None))
+    Ok(accepted(core.containers().run(ContainerCommand::Destroy, id, who.audit_name()).await?, None))
 }
 
 #[utoipa::path(post, path = "/v1/containers/{id}/actions", tag = "containers",
@@ -222,11 +230,12 @@ async fn destroy_container(
               (status = 422, body = ErrorBody)))]
 async fn container_action(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
     ApiJson(cmd): ApiJson<ContainerCommand>,
 ) -> Result<Accept, ApiError> {
     let id = parse_id("id", &id)?;
-    Ok(accepted(core.containers().run(cmd, id, ANONYMOUS).await?, None))
+    Ok(accepted(core.containers().run(cmd, id, who.audit_name()).await?, None))
 }
 
 #[utoipa::path(get, path = "/v1/servers", tag = "servers", responses((status = 200, body = Vec<Server>)))]

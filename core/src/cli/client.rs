@@ -10,11 +10,23 @@ use serde::de::DeserializeOwned;
 use crate::api::ErrorBody;
 use crate::model::{Accepted, Command};
 
+/// A user name and password for HTTP Digest authentication.
+#[derive(Clone)]
+pub struct Credentials {
+    /// User name.
+    pub user: String,
+    /// Password (kept in memory only).
+    pub password: String,
+}
+
 /// A client of one core.
 #[derive(Clone)]
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    credentials: Option<Credentials>,
+    /// The last Digest challenge, reused (with increasing nonce counts) until refused.
+    prompt: std::sync::Arc<std::sync::Mutex<Option<digest_auth::WwwAuthenticateHeader>>>,
 }
 
 impl Client {
@@ -26,30 +38,97 @@ impl Client {
                 .timeout(Duration::from_secs(330))
                 .build()
                 .expect("HTTP client builds"),
+            credentials: None,
+            prompt: Default::default(),
         }
+    }
+
+    /// The same client, authenticating as `credentials`.
+    pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    fn authorization(&self, method: &Method, uri: &str) -> Option<String> {
+        let creds = self.credentials.as_ref()?;
+        let mut prompt = self.prompt.lock().unwrap();
+        let p = prompt.as_mut()?;
+        let ctx = digest_auth::AuthContext::new_with_method(
+            creds.user.as_str(),
+            creds.password.as_str(),
+            uri,
+            Option::<&[u8]>::None,
+            digest_auth::HttpMethod::from(method.as_str()),
+        );
+        p.respond(&ctx).ok().map(|h| h.to_string())
+    }
+
+    /// Remembers the best challenge of a 401 answer; false if there is none to answer.
+    fn learn_challenge(&self, resp: &reqwest::Response) -> bool {
+        let challenges: Vec<digest_auth::WwwAuthenticateHeader> = resp
+            .headers()
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| digest_auth::parse(v).ok())
+            .collect();
+        let best = challenges
+            .iter()
+            .find(|c| c.algorithm.algo == digest_auth::AlgorithmType::SHA2_256)
+            .or(challenges.first())
+            .cloned();
+        let found = best.is_some();
+        *self.prompt.lock().unwrap() = best;
+        found
     }
 
     async fn send<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> Result<reqwest::Response> {
         let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method, &url);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let resp = req.send().await.map_err(|e| {
-            if e.is_connect() {
-                anyhow!("cannot reach the core at {}: is `cloud48 serve` running there? (use --server URL)", self.base)
-            } else {
-                anyhow!("request to {url} failed: {e}")
+        let mut attempt = 0;
+        let resp = loop {
+            attempt += 1;
+            let mut req = self.http.request(method.clone(), &url);
+            if let Some(b) = body {
+                req = req.json(b);
             }
-        })?;
+            if let Some(h) = self.authorization(&method, path) {
+                req = req.header(reqwest::header::AUTHORIZATION, h);
+            }
+            let resp = req.send().await.map_err(|e| {
+                if e.is_connect() {
+                    anyhow!("cannot reach the core at {}: is `cloud48 serve` running there? (use --server URL)", self.base)
+                } else {
+                    anyhow!("request to {url} failed: {e}")
+                }
+            })?;
+            // Answer a challenge (a first one, or a stale nonce) once or twice, then give up.
+            if resp.status() == StatusCode::UNAUTHORIZED
+                && self.credentials.is_some()
+                && attempt < 3
+                && self.learn_challenge(&resp)
+            {
+                continue;
+            }
+            break resp;
+        };
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
-        match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(body) => bail!("{} ({})", body.error.message, status_word(status)),
-            Err(_) => bail!("the core answered {status}: {text}"),
+        let message = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => body.error.message,
+            Err(_) => format!("the core answered: {text}"),
+        };
+        match (status, &self.credentials) {
+            (StatusCode::UNAUTHORIZED, None) => bail!(
+                "{message} ({}): sign in with --user NAME; the password comes from CLOUD48_PASSWORD, --credentials FILE or a prompt",
+                status_word(status)
+            ),
+            (StatusCode::UNAUTHORIZED, Some(c)) => {
+                bail!("authentication as '{}' failed: {message} ({})", c.user, status_word(status))
+            }
+            _ => bail!("{message} ({})", status_word(status)),
         }
     }
 

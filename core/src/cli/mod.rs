@@ -3,7 +3,6 @@
 pub mod client;
 pub mod output;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -12,10 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::core::{Core, CoreConfig};
+use crate::config::Settings;
+use crate::core::Core;
 use crate::managers::{AddContainer, ContainerCommand, CreateContainer};
 use crate::model::{Accepted, Command, CommandStatus, Container, Environment, Requirements, Resources, Server};
-pub use client::Client;
+pub use client::{Client, Credentials};
 
 /// Cloud48: a control plane for fleets of virtualization servers.
 #[derive(Debug, Parser)]
@@ -27,6 +27,13 @@ pub struct Cli {
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     pub json: bool,
+    /// Sign in as this user (HTTP Digest). The password comes from CLOUD48_PASSWORD,
+    /// --credentials FILE or a prompt; never from a flag.
+    #[arg(long, global = true, env = "CLOUD48_USER")]
+    pub user: Option<String>,
+    /// TOML file with `user` and `password` (keep it private: chmod 600).
+    #[arg(long, global = true, env = "CLOUD48_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Top,
@@ -36,7 +43,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Top {
     /// Run a cloud core (REST API + command queue).
-    Serve(ServeArgs),
+    Serve(CoreArgs),
+    /// Configuration.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Users of the API (stored in the core's database).
+    #[command(subcommand)]
+    User(UserCmd),
     /// Environments: groups of related containers.
     #[command(subcommand)]
     Env(EnvCmd),
@@ -54,33 +67,84 @@ pub enum Top {
     Bench(BenchCmd),
 }
 
-/// Options of `serve`.
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "CLOUD48_LISTEN", default_value = "127.0.0.1:4848")]
-    pub listen: SocketAddr,
-    /// Directory for the SQLite database and local state.
-    #[arg(long, env = "CLOUD48_DATA_DIR", default_value = "./cloud48-data")]
-    pub data_dir: PathBuf,
-    /// Database URL (`postgres://...`); default: SQLite in the data directory.
-    #[arg(long, env = "CLOUD48_DATABASE_URL")]
+/// Where the core's configuration comes from: a TOML file, the environment and these flags
+/// (flag > env > file > default; see `cloud48 config show`).
+#[derive(Debug, Args, Default, Clone)]
+pub struct CoreArgs {
+    /// Config file (TOML); default: ./cloud48.toml if it exists.
+    #[arg(long, env = "CLOUD48_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default 127.0.0.1:4848].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Directory for the SQLite database and local state [default ./cloud48-data].
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// Database URL (`postgres://...`) [default: SQLite in the data directory].
+    #[arg(long)]
     pub database_url: Option<String>,
-    /// Commands executing at once.
-    #[arg(long, env = "CLOUD48_WORKERS", default_value_t = 8)]
-    pub workers: usize,
-    /// Simulated servers to create when none is registered (0 = none).
-    #[arg(long, env = "CLOUD48_SIM_SERVERS", default_value_t = 4)]
-    pub sim_servers: u32,
-    /// Latency of every simulated server operation, in milliseconds.
-    #[arg(long, env = "CLOUD48_SIM_LATENCY_MS", default_value_t = 0)]
-    pub sim_latency_ms: u64,
-    /// First retry delay after a transient driver error, in milliseconds (doubles per attempt).
-    #[arg(long, env = "CLOUD48_RETRY_BASE_MS", default_value_t = 200)]
-    pub retry_base_ms: u64,
-    /// Attempts before a transient driver error fails a command.
-    #[arg(long, env = "CLOUD48_MAX_ATTEMPTS", default_value_t = 5)]
-    pub max_attempts: i32,
+    /// Connections to PostgreSQL [default 5].
+    #[arg(long)]
+    pub db_connections: Option<u64>,
+    /// Commands executing at once [default 8].
+    #[arg(long)]
+    pub workers: Option<u64>,
+    /// First retry delay after a transient driver error, ms; doubles per attempt [default 200].
+    #[arg(long)]
+    pub retry_base_ms: Option<u64>,
+    /// Attempts before a transient driver error fails a command [default 5].
+    #[arg(long)]
+    pub max_attempts: Option<u64>,
+    /// Lease of a claimed command, ms [default 30000].
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Simulated servers created when none is registered [default 4].
+    #[arg(long)]
+    pub sim_servers: Option<u64>,
+    /// Latency of every simulated server operation, ms [default 0].
+    #[arg(long)]
+    pub sim_latency_ms: Option<u64>,
+    /// What anonymous requests may do: none, read or full (full: local development only) [default read].
+    #[arg(long)]
+    pub anonymous: Option<String>,
+    /// HTTP Digest realm; part of stored password hashes [default cloud48].
+    #[arg(long)]
+    pub realm: Option<String>,
+    /// Lifetime of a Digest nonce, seconds [default 300].
+    #[arg(long)]
+    pub nonce_ttl_secs: Option<u64>,
+}
+
+impl CoreArgs {
+    fn flags(&self) -> std::collections::BTreeMap<&'static str, String> {
+        let mut m = std::collections::BTreeMap::new();
+        let mut put = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                m.insert(k, v);
+            }
+        };
+        put("server.listen", self.listen.clone());
+        put("server.data_dir", self.data_dir.clone());
+        put("database.url", self.database_url.clone());
+        put("database.connections", self.db_connections.map(|v| v.to_string()));
+        put("queue.workers", self.workers.map(|v| v.to_string()));
+        put("queue.retry_base_ms", self.retry_base_ms.map(|v| v.to_string()));
+        put("queue.max_attempts", self.max_attempts.map(|v| v.to_string()));
+        put("queue.lease_ms", self.lease_ms.map(|v| v.to_string()));
+        put("drivers.sim.servers", self.sim_servers.map(|v| v.to_string()));
+        put("drivers.sim.latency_ms", self.sim_latency_ms.map(|v| v.to_string()));
+        put("auth.anonymous", self.anonymous.clone());
+        put("auth.realm", self.realm.clone());
+        put("auth.nonce_ttl_secs", self.nonce_ttl_secs.map(|v| v.to_string()));
+        m
+    }
+
+    /// The effective settings.
+    pub fn settings(&self) -> Result<Settings> {
+        let default_file = PathBuf::from("cloud48.toml");
+        let file = self.config.clone().or_else(|| default_file.exists().then_some(default_file));
+        Ok(Settings::load(file.as_deref(), &crate::config::process_env, &self.flags())?)
+    }
 }
 
 /// Wait options of mutations.
@@ -273,6 +337,47 @@ pub enum CommandCmd {
         id: i64 },
 }
 
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print the effective configuration, secrets masked, with where each value came from.
+    Show(CoreArgs),
+}
+
+/// `user` subcommands: they act on the database named by the configuration.
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Add a user; the password comes from CLOUD48_NEW_PASSWORD or a prompt.
+    Add {
+        /// User name.
+        name: String,
+        /// admin, operator or viewer.
+        #[arg(long)]
+        role: String,
+        #[command(flatten)]
+        core: CoreArgs,
+    },
+    /// List users.
+    List {
+        #[command(flatten)]
+        core: CoreArgs,
+    },
+    /// Remove a user.
+    Remove {
+        /// User name.
+        name: String,
+        #[command(flatten)]
+        core: CoreArgs,
+    },
+    /// Change a user's password (from CLOUD48_NEW_PASSWORD or a prompt).
+    Passwd {
+        /// User name.
+        name: String,
+        #[command(flatten)]
+        core: CoreArgs,
+    },
+}
+
 /// `bench` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
@@ -282,10 +387,18 @@ pub enum BenchCmd {
 
 /// Runs the CLI.
 pub async fn run(cli: Cli) -> Result<()> {
-    let client = Client::new(&cli.server);
+    let mut client = Client::new(&cli.server);
+    if let Some(c) = credentials(&cli)? {
+        client = client.with_credentials(c);
+    }
     let out = Out { json: cli.json };
     match cli.command {
         Top::Serve(args) => serve(args).await,
+        Top::Config(ConfigCmd::Show(args)) => {
+            println!("{}", args.settings()?.show());
+            Ok(())
+        }
+        Top::User(cmd) => users(out, cmd).await,
         Top::Bench(BenchCmd::Queue(args)) => crate::bench::queue(args).await,
         Top::Env(cmd) => env(&client, out, cmd).await,
         Top::Container(cmd) => container(&client, out, cmd).await,
@@ -487,21 +600,105 @@ async fn command(client: &Client, out: Out, cmd: CommandCmd) -> Result<()> {
     }
 }
 
+/// The credentials of the CLI user, if `--user` or a credentials file names one.
+fn credentials(cli: &Cli) -> Result<Option<Credentials>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        user: Option<String>,
+        password: String,
+    }
+    if let Some(path) = &cli.credentials {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read credentials file {}", path.display()))?;
+        let file: File = toml_edit::de::from_str(&text)
+            .with_context(|| format!("credentials file {} must hold `user = \"...\"` and `password = \"...\"`", path.display()))?;
+        let user = cli.user.clone().or(file.user).context("no user: pass --user NAME or put `user = ...` in the credentials file")?;
+        return Ok(Some(Credentials { user, password: file.password }));
+    }
+    let Some(user) = cli.user.clone() else { return Ok(None) };
+    let password = match std::env::var("CLOUD48_PASSWORD") {
+        Ok(p) => p,
+        Err(_) => rpassword::prompt_password(format!("password for {user}: "))
+            .context("no password: set CLOUD48_PASSWORD, use --credentials FILE, or run in a terminal to be prompted")?,
+    };
+    Ok(Some(Credentials { user, password }))
+}
+
+fn new_password(name: &str) -> Result<String> {
+    if let Ok(p) = std::env::var("CLOUD48_NEW_PASSWORD") {
+        return Ok(p);
+    }
+    let first = rpassword::prompt_password(format!("new password for {name}: "))
+        .context("no password: set CLOUD48_NEW_PASSWORD or run in a terminal to be prompted")?;
+    let second = rpassword::prompt_password("repeat it: ")?;
+    if first != second {
+        bail!("the two passwords differ");
+    }
+    Ok(first)
+}
+
+async fn users(out: Out, cmd: UserCmd) -> Result<()> {
+    let core_args = match &cmd {
+        UserCmd::Add { core, .. } | UserCmd::List { core } | UserCmd::Remove { core, .. } | UserCmd::Passwd { core, .. } => core.clone(),
+    };
+    let settings = core_args.settings()?;
+    let config = settings.core();
+    let db = crate::core::connect(&config).await?;
+    let store = crate::auth::UserStore::new(&db, &config.auth.realm);
+    match cmd {
+        UserCmd::Add { name, role, .. } => {
+            let role: crate::auth::Role = role.parse().map_err(anyhow::Error::msg)?;
+            crate::auth::validate_user_name(&name).map_err(anyhow::Error::msg)?;
+            let password = new_password(&name)?;
+            store.add(&name, role, &password).await.map_err(anyhow::Error::msg)?;
+            println!("user {name} added with role {role}");
+        }
+        UserCmd::Passwd { name, .. } => {
+            let password = new_password(&name)?;
+            store.passwd(&name, &password).await.map_err(anyhow::Error::msg)?;
+            println!("password of {name} changed");
+        }
+        UserCmd::Remove { name, .. } => {
+            store.remove(&name).await.map_err(anyhow::Error::msg)?;
+            println!("user {name} removed");
+        }
+        UserCmd::List { .. } => {
+            let list = store.list().await.map_err(anyhow::Error::msg)?;
+            out.show(&list, || {
+                let mut t = comfy_table::Table::new();
+                t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED).set_header(vec!["NAME", "ROLE"]);
+                for u in &list {
+                    t.add_row(vec![u.name.clone(), u.role.to_string()]);
+                }
+                for u in &config.auth.users {
+                    t.add_row(vec![u.name.clone(), format!("{} (config file)", u.role)]);
+                }
+                t.to_string()
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Runs a core until Ctrl-C or SIGTERM.
-pub async fn serve(args: ServeArgs) -> Result<()> {
-    let mut config = CoreConfig::new(&args.data_dir);
-    config.database_url = args.database_url.clone();
-    config.queue.workers = args.workers.max(1);
-    config.queue.backoff_base = Duration::from_millis(args.retry_base_ms);
-    config.queue.max_attempts = args.max_attempts.max(1);
-    config.sim_servers = args.sim_servers;
-    config.sim_latency = Duration::from_millis(args.sim_latency_ms);
+pub async fn serve(args: CoreArgs) -> Result<()> {
+    let settings = args.settings()?;
+    let config = settings.core();
+    let listen = settings.listen();
+    let data_dir = config.data_dir.clone();
+    if config.auth.anonymous == crate::auth::Anonymous::Full {
+        tracing::warn!("anonymous requests have FULL access (auth.anonymous = full): for local development only");
+        if !listen.ip().is_loopback() {
+            tracing::warn!(%listen, "anonymous full access on a non-loopback address: anyone who can reach it controls the cloud");
+        }
+    }
     let core = Core::open(config).await?;
     core.start().await?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, data_dir = %args.data_dir.display(), platform = core.platform_name(), "cloud48 core serving");
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(%listen, data_dir = %data_dir.display(), platform = core.platform_name(), "cloud48 core serving");
     let app = crate::api::router(core.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())

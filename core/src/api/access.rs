@@ -1,0 +1,68 @@
+//! The access layer: authenticates every request and checks the role its endpoint needs.
+//!
+//! Reads need `viewer`; changes to servers, plugins and users need `admin`; every other change
+//! needs `operator`.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::ApiError;
+use crate::auth::{AuthError, Principal, Role};
+use crate::core::Core;
+
+/// The role a request needs.
+pub fn needed_role(method: &Method, path: &str) -> Role {
+    if method == Method::GET || method == Method::HEAD {
+        return Role::Viewer;
+    }
+    let admin_areas = ["/v1/servers", "/v1/plugins", "/v1/users"];
+    if admin_areas.iter().any(|a| path == *a || path.starts_with(&format!("{a}/"))) {
+        Role::Admin
+    } else {
+        Role::Operator
+    }
+}
+
+pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next) -> Response {
+    let needed = needed_role(req.method(), req.uri().path());
+    let uri = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| req.uri().path().to_string(), |pq| pq.as_str().to_string());
+    let auth = core.auth();
+    let who = match req.headers().get(header::AUTHORIZATION) {
+        None => Ok(Principal::Anonymous),
+        Some(h) => match h.to_str() {
+            Ok(h) => auth.authenticate(req.method().as_str(), &uri, h).await,
+            Err(_) => Err(AuthError::Unauthorized { message: "malformed Authorization header".into(), stale: false }),
+        },
+    };
+    let who = match who {
+        Ok(w) => w,
+        Err(e) => return refuse(&core, e),
+    };
+    if let Err(e) = auth.authorize(&who, needed).await {
+        return refuse(&core, e);
+    }
+    req.extensions_mut().insert(who);
+    next.run(req).await
+}
+
+fn refuse(core: &Core, e: AuthError) -> Response {
+    match e {
+        AuthError::Unauthorized { message, stale } => {
+            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message, None).into_response();
+            for c in core.auth().challenges(stale) {
+                if let Ok(v) = HeaderValue::from_str(&c) {
+                    resp.headers_mut().append(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            resp
+        }
+        AuthError::Forbidden(message) => {
+            ApiError::new(StatusCode::FORBIDDEN, "forbidden", message, None).into_response()
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! Access control: HTTP Digest authentication (RFC 7616: SHA-256 and MD5, `qop=auth`, signed
+//! expiring nonces, nonce counts against replay, `stale=true`) and role-based authorization.
+//!
+//! Invariants: passwords are never stored, only HA1 hashes (`H(user:realm:password)`); a
+//! replayed or tampered request is refused; anonymous requests get exactly what
+//! `auth.anonymous` allows (read-only by default).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use digest_auth::{Algorithm, AlgorithmType, AuthorizationHeader};
+use hmac::{Hmac, Mac};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, Set,
+};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+use crate::entities::user;
+use crate::model::now_ms;
+use crate::queue::Clock;
+
+/// What a user may do; each role includes the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read everything.
+    Viewer,
+    /// Also operate environments, containers and commands.
+    Operator,
+    /// Also manage servers, plugins and users.
+    Admin,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            _ => Err(format!("unknown role '{s}' (expected admin, operator or viewer)")),
+        }
+    }
+}
+
+/// What anonymous requests may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anonymous {
+    /// Nothing.
+    None,
+    /// Read (the default).
+    Read,
+    /// Everything: for local development only.
+    Full,
+}
+
+impl std::str::FromStr for Anonymous {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Anonymous::None),
+            "read" => Ok(Anonymous::Read),
+            "full" => Ok(Anonymous::Full),
+            _ => Err(format!("unknown anonymous access '{s}' (expected none, read or full)")),
+        }
+    }
+}
+
+/// A user and the hashes its password is checked against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// User name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// `MD5(name:realm:password)`, hex.
+    pub ha1_md5: String,
+    /// `SHA-256(name:realm:password)`, hex.
+    pub ha1_sha256: String,
+}
+
+impl UserRecord {
+    /// Hashes a password for `realm`; the password itself is not kept.
+    pub fn with_password(name: &str, role: Role, realm: &str, password: &str) -> Self {
+        let a1 = format!("{name}:{realm}:{password}");
+        UserRecord {
+            name: name.to_string(),
+            role,
+            ha1_md5: Algorithm::new(AlgorithmType::MD5, false).hash_str(&a1),
+            ha1_sha256: Algorithm::new(AlgorithmType::SHA2_256, false).hash_str(&a1),
+        }
+    }
+}
+
+/// Checks a user name: 1-64 of letters, digits, `-`, `_`, `.`.
+pub fn validate_user_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("'{name}' is not a valid user name: use 1-64 letters, digits, '-', '_' or '.'"))
+    }
+}
+
+/// Settings of access control (the `auth` section).
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Digest realm; part of every HA1, so changing it invalidates stored passwords.
+    pub realm: String,
+    /// What anonymous requests may do.
+    pub anonymous: Anonymous,
+    /// How long a nonce stays fresh.
+    pub nonce_ttl: Duration,
+    /// Users declared in the config file (in addition to those in the database).
+    pub users: Vec<UserRecord>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            realm: "cloud48".into(),
+            anonymous: Anonymous::Read,
+            nonce_ttl: Duration::from_secs(300),
+            users: Vec::new(),
+        }
+    }
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// No credentials.
+    Anonymous,
+    /// An authenticated user.
+    User {
+        /// Name.
+        name: String,
+        /// Role.
+        role: Role,
+    },
+}
+
+impl Principal {
+    /// The name recorded in the audit trail (`anonymous` or the user).
+    pub fn audit_name(&self) -> &str {
+        match self {
+            Principal::Anonymous => "anonymous",
+            Principal::User { name, .. } => name,
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Credentials are missing or wrong: answer 401 with a challenge.
+    #[error("{message}")]
+    Unauthorized {
+        /// What was wrong.
+        message: String,
+        /// The nonce had expired but the credentials were right.
+        stale: bool,
+    },
+    /// Authenticated (or anonymous) but not allowed: answer 403.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+fn unauthorized(message: impl Into<String>) -> AuthError {
+    AuthError::Unauthorized { message: message.into(), stale: false }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Verifies Digest credentials and roles.
+pub struct Authenticator {
+    config: AuthConfig,
+    db: DatabaseConnection,
+    clock: Arc<dyn Clock>,
+    key: [u8; 32],
+    opaque: String,
+    /// Highest nonce count seen per nonce.
+    counts: Mutex<HashMap<String, u32>>,
+}
+
+impl Authenticator {
+    /// An authenticator over the users of `config` and of the database.
+    pub fn new(config: AuthConfig, db: DatabaseConnection, clock: Arc<dyn Clock>) -> Self {
+        Authenticator {
+            config,
+            db,
+            clock,
+            key: rand::random(),
+            opaque: hex::encode(rand::random::<[u8; 16]>()),
+            counts: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AuthConfig {
+        &self.config
+    }
+
+    fn sign(&self, payload: &[u8]) -> Vec<u8> {
+        let mut mac = HmacSha256::new_from_slice(&self.key).expect("any key length");
+        mac.update(payload);
+        mac.finalize().into_bytes()[..16].to_vec()
+    }
+
+    /// A fresh nonce: issue time and randomness, signed, so it cannot be forged or backdated.
+    pub fn nonce(&self) -> String {
+        let mut payload = self.clock.now_ms().to_be_bytes().to_vec();
+        payload.extend_from_slice(&rand::random::<[u8; 8]>());
+        let sig = self.sign(&payload);
+        payload.extend_from_slice(&sig);
+        hex::encode(payload)
+    }
+
+    /// Issue time of a nonce this core signed, or `None` for a forged one.
+    fn nonce_time(&self, nonce: &str) -> Option<i64> {
+        let bytes = hex::decode(nonce).ok()?;
+        if bytes.len() != 32 {
+            return None;
+        }
+        let (payload, sig) = bytes.split_at(16);
+        if !constant_eq(&self.sign(payload), sig) {
+            return None;
+        }
+        Some(i64::from_be_bytes(payload[..8].try_into().ok()?))
+    }
+
+    /// `WWW-Authenticate` values: SHA-256 first, MD5 for old clients.
+    pub fn challenges(&self, stale: bool) -> Vec<String> {
+        let nonce = self.nonce();
+        ["SHA-256", "MD5"]
+            .iter()
+            .map(|alg| {
+                format!(
+                    "Digest realm=\"{}\", qop=\"auth\", algorithm={alg}, nonce=\"{nonce}\", opaque=\"{}\"{}",
+                    self.config.realm,
+                    self.opaque,
+                    if stale { ", stale=true" } else { "" }
+                )
+            })
+            .collect()
+    }
+
+    async fn user(&self, name: &str) -> Result<Option<UserRecord>, DbErr> {
+        if let Some(u) = self.config.users.iter().find(|u| u.name == name) {
+            return Ok(Some(u.clone()));
+        }
+        Ok(user::Entity::find()
+            .filter(user::Column::Name.eq(name))
+            .one(&self.db)
+            .await?
+            .map(|u| UserRecord {
+                role: u.role.parse().unwrap_or(Role::Viewer),
+                name: u.name,
+                ha1_md5: u.ha1_md5,
+                ha1_sha256: u.ha1_sha256,
+            }))
+    }
+
+    /// True when any user exists (in the file or the database).
+    pub async fn has_users(&self) -> Result<bool, DbErr> {
+        if !self.config.users.is_empty() {
+            return Ok(true);
+        }
+        Ok(user::Entity::find().one(&self.db).await?.is_some())
+    }
+
+    /// Checks the `Authorization` header of a request for `method` and `uri` (path and query).
+    pub async fn authenticate(
+        &self,
+        method: &str,
+        uri: &str,
+        header: &str,
+    ) -> Result<Principal, AuthError> {
+        if !header.trim_start().starts_with("Digest") {
+            return Err(unauthorized("only HTTP Digest authentication is accepted"));
+        }
+        let auth = AuthorizationHeader::parse(header)
+            .map_err(|e| unauthorized(format!("malformed Digest credentials: {e}")))?;
+        if auth.realm != self.config.realm {
+            return Err(unauthorized(format!("wrong realm '{}' (expected '{}')", auth.realm, self.config.realm)));
+        }
+        if auth.uri != uri {
+            return Err(unauthorized("the credentials were computed for another URI"));
+        }
+        if auth.algorithm.sess || auth.algorithm.algo == AlgorithmType::SHA2_512_256 {
+            return Err(unauthorized("unsupported algorithm: use SHA-256 or MD5"));
+        }
+        if auth.qop != Some(digest_auth::Qop::AUTH) {
+            return Err(unauthorized("qop=auth is required"));
+        }
+        let cnonce = auth.cnonce.clone().ok_or_else(|| unauthorized("cnonce is missing"))?;
+        let Some(issued) = self.nonce_time(&auth.nonce) else {
+            return Err(unauthorized("unknown nonce; authenticate again"));
+        };
+        let bad = || unauthorized("wrong user name or password");
+        let record = self
+            .user(&auth.username)
+            .await
+            .map_err(|e| unauthorized(format!("cannot check credentials: {e}")))?
+            .ok_or_else(bad)?;
+        let ha1 = match auth.algorithm.algo {
+            AlgorithmType::MD5 => &record.ha1_md5,
+            _ => &record.ha1_sha256,
+        };
+        let h = |s: &str| auth.algorithm.hash_str(s);
+        let ha2 = h(&format!("{method}:{}", auth.uri));
+        let expected = h(&format!("{ha1}:{}:{:08x}:{cnonce}:auth:{ha2}", auth.nonce, auth.nc));
+        if !constant_eq(expected.as_bytes(), auth.response.to_ascii_lowercase().as_bytes()) {
+            return Err(bad());
+        }
+        let age = self.clock.now_ms() - issued;
+        if age > self.config.nonce_ttl.as_millis() as i64 {
+            return Err(AuthError::Unauthorized { message: "the nonce expired; authenticate again".into(), stale: true });
+        }
+        {
+            let mut counts = self.counts.lock().unwrap();
+            let seen = counts.entry(auth.nonce.clone()).or_insert(0);
+            if auth.nc <= *seen {
+                return Err(unauthorized(format!(
+                    "replayed request: nonce count {} was already used",
+                    auth.nc
+                )));
+            }
+            *seen = auth.nc;
+            let ttl = self.config.nonce_ttl.as_millis() as i64;
+            let now = self.clock.now_ms();
+            if counts.len() > 10_000 {
+                counts.retain(|n, _| self.nonce_time(n).is_some_and(|t| now - t <= ttl));
+            }
+        }
+        Ok(Principal::User { name: record.name, role: record.role })
+    }
+
+    /// Decides whether `who` may do what needs `needed`.
+    pub async fn authorize(&self, who: &Principal, needed: Role) -> Result<(), AuthError> {
+        match who {
+            Principal::User { name, role } => {
+                if *role >= needed {
+                    Ok(())
+                } else {
+                    Err(AuthError::Forbidden(format!(
+                        "this needs role {needed}; user '{name}' has role {role}"
+                    )))
+                }
+            }
+            Principal::Anonymous => {
+                let allowed = match self.config.anonymous {
+                    Anonymous::Full => true,
+                    Anonymous::Read => needed == Role::Viewer,
+                    Anonymous::None => false,
+                };
+                if allowed {
+                    return Ok(());
+                }
+                let has_users = self.has_users().await.unwrap_or(true);
+                if has_users {
+                    Err(unauthorized(format!("authentication required: this needs role {needed}")))
+                } else {
+                    Err(AuthError::Forbidden(format!(
+                        "anonymous access is limited and no users are configured: add one with `cloud48 user add NAME --role {needed}`, or set auth.anonymous = \"full\" for local development only"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Users stored in the database (`cloud48 user ...`).
+pub struct UserStore<'a> {
+    db: &'a DatabaseConnection,
+    realm: &'a str,
+}
+
+/// A user as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at: i64,
+}
+
+impl<'a> UserStore<'a> {
+    /// The users of `db`, hashed for `realm`.
+    pub fn new(db: &'a DatabaseConnection, realm: &'a str) -> Self {
+        UserStore { db, realm }
+    }
+
+    /// Adds a user; refuses an existing name.
+    pub async fn add(&self, name: &str, role: Role, password: &str) -> Result<(), String> {
+        validate_user_name(name)?;
+        if password.len() < 8 {
+            return Err("the password must have at least 8 characters".into());
+        }
+        if self.find(name).await?.is_some() {
+            return Err(format!("user '{name}' already exists; use `cloud48 user passwd {name}` to change the password"));
+        }
+        let r = UserRecord::with_password(name, role, self.realm, password);
+        user::ActiveModel {
+            name: Set(r.name),
+            role: Set(role.to_string()),
+            ha1_md5: Set(r.ha1_md5),
+            ha1_sha256: Set(r.ha1_sha256),
+            created_at: Set(now_ms()),
+            ..Default::default()
+        }
+        .insert(self.db)
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    async fn find(&self, name: &str) -> Result<Option<user::Model>, String> {
+        user::Entity::find()
+            .filter(user::Column::Name.eq(name))
+            .one(self.db)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Changes a user's password.
+    pub async fn passwd(&self, name: &str, password: &str) -> Result<(), String> {
+        if password.len() < 8 {
+            return Err("the password must have at least 8 characters".into());
+        }
+        let row = self.find(name).await?.ok_or_else(|| format!("user '{name}' does not exist"))?;
+        let role: Role = row.role.parse()?;
+        let r = UserRecord::with_password(name, role, self.realm, password);
+        let mut am: user::ActiveModel = row.into();
+        am.ha1_md5 = Set(r.ha1_md5);
+        am.ha1_sha256 = Set(r.ha1_sha256);
+        am.update(self.db).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Removes a user.
+    pub async fn remove(&self, name: &str) -> Result<(), String> {
+        let row = self.find(name).await?.ok_or_else(|| format!("user '{name}' does not exist"))?;
+        user::Entity::delete_by_id(row.id).exec(self.db).await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Every stored user, by name.
+    pub async fn list(&self) -> Result<Vec<UserInfo>, String> {
+        Ok(user::Entity::find()
+            .order_by_asc(user::Column::Name)
+            .all(self.db)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|u| UserInfo { role: u.role.parse().unwrap_or(Role::Viewer), name: u.name, created_at: u.created_at })
+            .collect())
+    }
+}
