@@ -3,7 +3,9 @@
 mod common;
 
 mod api;
+mod auth;
 mod cli;
+mod config;
 mod container;
 mod crash;
 mod driver;
