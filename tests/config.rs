@@ -153,6 +153,19 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
     assert!(ok, "{err}");
     let (ok, out, _) = call(s(&["command", "show", "1"]), vec![]).await;
     assert!(ok && out.contains("requested by: olga"), "{out}");
+    // passwd replaces the password; remove ends the account.
+    let (ok, _, err) = run_env(&["user", "passwd", "olga", "--data-dir", &data_s], &[("CLOUD48_NEW_PASSWORD", "olgas-new-password")], dir.path());
+    assert!(ok, "{err}");
+    let (ok, _, err) = call(s(&["--credentials", creds.to_str().unwrap(), "env", "create", "web2"]), vec![]).await;
+    assert!(!ok && err.contains("authentication as 'olga' failed"), "the old password no longer works: {err}");
+    let (ok, _, err) = call(s(&["--user", "olga", "env", "create", "web2"]), vec![("CLOUD48_PASSWORD", "olgas-new-password".into())]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = run_env(&["user", "remove", "olga", "--data-dir", &data_s], &[], dir.path());
+    assert!(ok, "{err}");
+    let (ok, _, err) = call(s(&["--user", "olga", "env", "create", "web3"]), vec![("CLOUD48_PASSWORD", "olgas-new-password".into())]).await;
+    assert!(!ok && err.contains("wrong user name or password"), "{err}");
+    let (ok, _, err) = run_env(&["user", "remove", "olga", "--data-dir", &data_s], &[], dir.path());
+    assert!(!ok && err.contains("user 'olga' does not exist"), "{err}");
     drop(serve);
     let _ = cli;
 }
