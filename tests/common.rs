@@ -63,6 +63,8 @@ impl TestCore {
         config.queue.poll = Duration::from_millis(20);
         config.queue.max_attempts = opts.max_attempts;
         config.auth = opts.auth.clone();
+        // Compiled plugins are shared by all tests: compiling them is the slow part of a start.
+        config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
         let core = Core::open(config).await.expect("core opens");
         for t in opts.types {
             core.types().register(t);

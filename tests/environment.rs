@@ -33,11 +33,11 @@ impl ContainerType for Recording {
             && *hook == Hook::BeforeItIsAdded
             && ctx.environment.members.iter().any(|m| m.type_id == "singleton")
         {
-            return Ok(HookOutcome { verdict: Verdict::Deny("only one singleton per environment".into()), new_state: None });
+            return Ok(HookOutcome { verdict: Verdict::Deny("only one singleton per environment".into()), actions: vec![], new_state: None });
         }
         if self.name == "counter" && matches!(hook, Hook::AfterOtherIsAdded(_)) {
             let n: u32 = std::str::from_utf8(ctx.state).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-            return Ok(HookOutcome { verdict: Verdict::Allow, new_state: Some((n + 1).to_string().into_bytes()) });
+            return Ok(HookOutcome { verdict: Verdict::Allow, actions: vec![], new_state: Some((n + 1).to_string().into_bytes()) });
         }
         Ok(HookOutcome::allow())
     }

@@ -77,6 +77,10 @@ pub struct CoreConfig {
     pub sim_persist: bool,
     /// Access control.
     pub auth: crate::auth::AuthConfig,
+    /// Sandbox limits of plugin hooks.
+    pub plugin_limits: crate::plugins::Limits,
+    /// Where compiled plugins are cached; default `<data_dir>/plugin-cache`.
+    pub plugin_cache: Option<PathBuf>,
 }
 
 impl CoreConfig {
@@ -96,6 +100,8 @@ impl CoreConfig {
             sim_latency: Duration::ZERO,
             sim_persist: true,
             auth: crate::auth::AuthConfig::default(),
+            plugin_limits: crate::plugins::Limits::default(),
+            plugin_cache: None,
         }
     }
 }
@@ -127,6 +133,7 @@ impl Fleet {
 
 pub(crate) struct CoreInner {
     pub db: DatabaseConnection,
+    pub plugin_host: Arc<crate::plugins::PluginHost>,
     pub auth: crate::auth::Authenticator,
     pub queue: Queue,
     pub fleet: Fleet,
@@ -210,8 +217,14 @@ impl Core {
         let platform = local_platform(&db).await?;
         let queue = Queue::new(db.clone(), node, config.queue.clone(), clock.clone());
         let auth = crate::auth::Authenticator::new(config.auth.clone(), db.clone(), clock);
+        let plugin_host = crate::plugins::PluginHost::new(
+            Some(config.plugin_cache.clone().unwrap_or_else(|| config.data_dir.join("plugin-cache"))),
+            config.plugin_limits.clone(),
+        )
+        .map_err(|e| CoreError::Setup(e.to_string()))?;
         let core = Core {
             inner: Arc::new(CoreInner {
+                plugin_host,
                 auth,
                 db,
                 queue,
@@ -222,6 +235,9 @@ impl Core {
             }),
         };
         core.load_servers().await?;
+        let plugins = core.plugins();
+        plugins.load_all().await?;
+        plugins.bootstrap(core.inner.platform.id).await?;
         Ok(core)
     }
 
@@ -295,6 +311,11 @@ impl Core {
         self.inner.queue.stop(grace).await;
     }
 
+    /// Installed plugins.
+    pub fn plugins(&self) -> crate::plugins::PluginManager<'_> {
+        crate::plugins::PluginManager::new(&self.inner.db, &self.inner.plugin_host, &self.inner.types)
+    }
+
     /// Access control.
     pub fn auth(&self) -> &crate::auth::Authenticator {
         &self.inner.auth
@@ -352,6 +373,7 @@ async fn local_platform(db: &DatabaseConnection) -> Result<platform::Model, DbEr
     platform::ActiveModel {
         name: Set(format!("platform-{:08x}", rand::random::<u32>())),
         is_local: Set(true),
+        plugins_bootstrapped: Set(false),
         created_at: Set(now_ms()),
         ..Default::default()
     }

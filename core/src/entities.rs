@@ -23,6 +23,8 @@ pub mod platform {
         pub name: String,
         pub is_local: bool,
         pub created_at: i64,
+        /// True once the bundled plugins were installed (first start).
+        pub plugins_bootstrapped: bool,
     }
     no_relations!();
 }
@@ -165,6 +167,30 @@ pub mod user {
         pub ha1_md5: String,
         pub ha1_sha256: String,
         pub created_at: i64,
+    }
+    no_relations!();
+}
+
+/// Installed plugins: one row per plugin version, with its component.
+pub mod plugin {
+    use sea_orm::entity::prelude::*;
+    /// A plugin row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "plugins")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+        pub version: String,
+        pub wit_version: String,
+        pub priority: i32,
+        pub description: String,
+        /// JSON of `model::Requirements`.
+        pub requirements: String,
+        pub sha256: String,
+        /// The WASM component.
+        pub wasm: Vec<u8>,
+        pub installed_at: i64,
     }
     no_relations!();
 }

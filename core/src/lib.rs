@@ -14,6 +14,7 @@ pub mod entities;
 pub mod managers;
 pub mod model;
 pub mod placement;
+pub mod plugins;
 pub mod queue;
 pub mod types;
 

@@ -284,7 +284,16 @@ impl<'a> ContainerManager<'a> {
             q = q.filter(container::Column::ServerId.eq(s.id));
         }
         if let Some(t) = &query.type_id {
-            q = q.filter(container::Column::TypeId.eq(t.clone()));
+            q = if t.contains('@') {
+                q.filter(container::Column::TypeId.eq(t.clone()))
+            } else {
+                // A bare name matches every installed version of the type.
+                q.filter(
+                    sea_orm::Condition::any()
+                        .add(container::Column::TypeId.eq(t.clone()))
+                        .add(container::Column::TypeId.starts_with(format!("{t}@"))),
+                )
+            };
         }
         let rows = q.order_by_asc(container::Column::Id).all(db).await?;
         to_views(self.core, rows).await
@@ -293,8 +302,36 @@ impl<'a> ContainerManager<'a> {
     /// One container.
     pub async fn get_by_id(&self, id: ContainerId) -> Result<Container, CoreError> {
         let row = load_container(self.core.db(), id).await?;
+        let state = row.state.clone();
         let mut views = to_views(self.core, vec![row]).await?;
         let mut view = views.pop().expect("one row in, one view out");
+        if let Some(ty) = self.core.types().get(&view.type_id) {
+            view.inspect = Some(match ty.inspect(&state) {
+                Ok(v) => v,
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            });
+        }
+        let execs = self
+            .core
+            .queue()
+            .list(&crate::queue::CommandFilter {
+                target_type: Some("container".into()),
+                target_id: Some(id),
+                limit: Some(1000),
+                ..Default::default()
+            })
+            .await?;
+        view.execs = execs
+            .into_iter()
+            .rev()
+            .filter(|c| c.kind == "container.exec")
+            .map(|c| ExecSummary {
+                command_id: c.id,
+                status: c.status,
+                script: c.params["script"].as_str().unwrap_or_default().lines().find(|l| !l.trim().is_empty() && !l.starts_with("set ")).unwrap_or_default().to_string(),
+                args: serde_json::from_value(c.params["args"].clone()).unwrap_or_default(),
+            })
+            .collect();
         if let Some(o) = origin_identity::Entity::find()
             .filter(origin_identity::Column::ContainerId.eq(id))
             .one(self.core.db())
@@ -410,6 +447,8 @@ pub(crate) async fn to_views(
             locked_by: r.locked_by,
             state_bytes: r.state.len(),
             origin: None,
+            inspect: None,
+            execs: Vec::new(),
             created_at: r.created_at,
             updated_at: r.updated_at,
         })

@@ -228,10 +228,29 @@ pub struct Container {
     pub state_bytes: usize,
     /// Where it came from if it was imported from another platform.
     pub origin: Option<OriginIdentity>,
+    /// Its state as its container type shows it (JSON), in single-container views.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inspect: Option<serde_json::Value>,
+    /// Scripts run inside it (newest last), in single-container views.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub execs: Vec<ExecSummary>,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_at: i64,
     /// Last change, milliseconds since the Unix epoch.
     pub updated_at: i64,
+}
+
+/// A script run inside a container by a command.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecSummary {
+    /// The `container.exec` command.
+    pub command_id: CommandId,
+    /// Status of that command.
+    pub status: CommandStatus,
+    /// First line of the script.
+    pub script: String,
+    /// Its arguments.
+    pub args: Vec<String>,
 }
 
 /// Identity of a container migrated in from another platform.

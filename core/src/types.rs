@@ -110,20 +110,43 @@ pub enum Verdict {
     Deny(String),
 }
 
+/// Work a hook asks the core to do; each becomes a child command of the running command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HookAction {
+    /// Add a container of this type to the environment first.
+    AddContainer(String),
+    /// Remove (and destroy) this member.
+    RemoveContainer(ContainerId),
+    /// Run a script in a container (the CIS layer).
+    Exec {
+        /// The container.
+        container: ContainerId,
+        /// The script.
+        script: String,
+        /// Its arguments.
+        args: Vec<String>,
+    },
+    /// Create a replacement of this container on another server.
+    ReplaceContainer(ContainerId),
+}
+
 /// What a hook returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookOutcome {
     /// Allow or deny.
     pub verdict: Verdict,
+    /// Work for the core, in order.
+    pub actions: Vec<HookAction>,
     /// A new state blob, committed with the step that ran the hook.
     pub new_state: Option<Vec<u8>>,
 }
 
 impl HookOutcome {
-    /// Allow, state unchanged.
+    /// Allow, no actions, state unchanged.
     pub fn allow() -> Self {
         HookOutcome {
             verdict: Verdict::Allow,
+            actions: Vec::new(),
             new_state: None,
         }
     }
@@ -155,6 +178,10 @@ pub trait ContainerType: Send + Sync + 'static {
     }
     /// Handles one event.
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError>;
+    /// The state blob as JSON for users (default: its size).
+    fn inspect(&self, state: &[u8]) -> Result<serde_json::Value, TypeError> {
+        Ok(serde_json::json!({ "bytes": state.len() }))
+    }
 }
 
 /// The built-in `plain` type: one piece of software, no relations to other members.
@@ -182,6 +209,10 @@ impl ContainerType for PlainType {
     }
 }
 
+fn version_of(type_id: &str) -> Option<semver::Version> {
+    type_id.split_once('@').and_then(|(_, v)| semver::Version::parse(v).ok())
+}
+
 /// The container types the core knows, by type id.
 #[derive(Default, Clone)]
 pub struct TypeRegistry {
@@ -204,9 +235,25 @@ impl TypeRegistry {
             .insert(t.type_id().to_string(), t);
     }
 
-    /// The type with this id.
+    /// The type with this id (`name@version`), or the newest installed version of a bare name.
     pub fn get(&self, type_id: &str) -> Option<Arc<dyn ContainerType>> {
-        self.types.read().unwrap().get(type_id).cloned()
+        let types = self.types.read().unwrap();
+        if let Some(t) = types.get(type_id) {
+            return Some(t.clone());
+        }
+        if type_id.contains('@') {
+            return None;
+        }
+        types
+            .iter()
+            .filter(|(id, _)| id.split('@').next() == Some(type_id))
+            .max_by(|(a, _), (b, _)| version_of(a).cmp(&version_of(b)))
+            .map(|(_, t)| t.clone())
+    }
+
+    /// Removes a type id.
+    pub fn unregister(&self, type_id: &str) {
+        self.types.write().unwrap().remove(type_id);
     }
 
     /// Every type id, sorted.

@@ -8,6 +8,7 @@ use sea_orm_migration::prelude::*;
 
 mod m0001_initial;
 mod m0002_users;
+mod m0003_plugins;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m0001_initial::Migration),
             Box::new(m0002_users::Migration),
+            Box::new(m0003_plugins::Migration),
         ]
     }
 }

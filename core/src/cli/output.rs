@@ -64,6 +64,15 @@ pub fn container(c: &Container) -> String {
     if let Some(l) = c.locked_by {
         lines.push(format!("  locked by:   command {l}"));
     }
+    if let Some(i) = &c.inspect {
+        lines.push(format!("  type state:  {i}"));
+    }
+    if !c.execs.is_empty() {
+        lines.push(format!("  scripts run: {}", c.execs.len()));
+        for e in &c.execs {
+            lines.push(format!("    command {} {}: {} {}", e.command_id, e.status, e.script, e.args.join(" ")));
+        }
+    }
     if let Some(o) = &c.origin {
         lines.push(format!(
             "  origin:      platform {}, container {}, guest {}",

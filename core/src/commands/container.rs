@@ -53,6 +53,7 @@ fn done(id: i64) -> Next {
 
 const OPS: &[&str] = &[
     "create", "start", "stop", "suspend", "resume", "reboot", "destroy", "update", "clone", "migrate",
+    "exec",
 ];
 
 pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, StepError> {
@@ -67,6 +68,7 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
         "create" => return create(ctx, row).await,
         "clone" => return clone(ctx, row).await,
         "migrate" => return migrate(ctx, row).await,
+        "exec" => return exec(ctx, row).await,
         "start" => Some(ContainerCommand::Start),
         "stop" => Some(ContainerCommand::Stop),
         "suspend" => Some(ContainerCommand::Suspend),
@@ -404,3 +406,33 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
     }
 }
 
+
+/// Runs a script inside a running container (the CIS layer). Scripts run by hooks must be
+/// idempotent: after a crash of the core the step may run again.
+async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
+    let status = parse_status(&row.status);
+    check_status(row.id, status, "container.exec", &[ContainerStatus::Running]).map_err(StepError::Permanent)?;
+    let script = ctx.params["script"].as_str().unwrap_or_default();
+    let args: Vec<String> = serde_json::from_value(ctx.params["args"].clone()).unwrap_or_default();
+    let server_id = row
+        .server_id
+        .ok_or_else(|| StepError::Permanent(format!("container {} has no server", row.id)))?;
+    let (driver, server) = driver_of(ctx.core, server_id).await?;
+    let out = driver
+        .exec(&row.guest_id, script, &args)
+        .await
+        .map_err(|e| driver_err(&server, e))?;
+    if out.exit_code != 0 {
+        return Err(StepError::Permanent(format!(
+            "script in container {} exited with code {}: {}",
+            row.id,
+            out.exit_code,
+            out.stderr.trim()
+        )));
+    }
+    Ok(Transition::bare(Next::Done(json!({
+        "exit_code": out.exit_code,
+        "stdout": out.stdout,
+        "stderr": out.stderr,
+    }))))
+}

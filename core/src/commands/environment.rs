@@ -15,7 +15,7 @@ use crate::entities::{container, environment, server};
 use crate::managers::{insert_container, parse_status};
 use crate::model::{CommandStatus, ContainerStatus, EnvironmentStatus, Requirements, now_ms};
 use crate::queue::{NewCommand, Next, StepError, Target, Transition};
-use crate::types::{EnvironmentView, Hook, HookContext, MemberView, Verdict};
+use crate::types::{EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict};
 
 pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, StepError> {
     let env_id = ctx.target_id()?;
@@ -95,15 +95,19 @@ struct Call<'a> {
     hook: Hook,
 }
 
-/// Runs hooks in the given order; returns the new state blobs by container id, or the first
-/// denial (with who denied) as a permanent error when `may_deny`.
+/// New state blobs by container id, and the requested actions in order.
+type Dispatched = (Vec<(i64, Vec<u8>)>, Vec<HookAction>);
+
+/// Runs hooks in the given order; returns what they changed and asked for, or the first denial
+/// (with who denied) as a permanent error when `may_deny`.
 fn dispatch(
     core: &Core,
     env: &EnvironmentView,
     calls: Vec<Call<'_>>,
     may_deny: bool,
-) -> Result<Vec<(i64, Vec<u8>)>, StepError> {
+) -> Result<Dispatched, StepError> {
     let mut states = Vec::new();
+    let mut actions = Vec::new();
     for call in calls {
         let ty = core.types().get(&call.view.type_id).ok_or_else(|| {
             StepError::Permanent(format!(
@@ -137,8 +141,9 @@ fn dispatch(
         if let Some(s) = outcome.new_state {
             states.push((call.view.id, s));
         }
+        actions.extend(outcome.actions);
     }
-    Ok(states)
+    Ok((states, actions))
 }
 
 async fn save_states(
@@ -185,151 +190,221 @@ async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, StepError> 
     Ok((!failed.is_empty()).then(|| failed.join("; ")))
 }
 
-/// Steps: 0 before-hooks and the child create, 1 after-hooks.
+/// The command that carries out a hook's action.
+fn action_command(
+    ctx: &StepCtx<'_>,
+    env: &environment::Model,
+    action: &HookAction,
+    members: &[(container::Model, MemberView)],
+) -> Result<NewCommand, String> {
+    let member = |id: i64| members.iter().any(|(r, _)| r.id == id);
+    let (kind, target, params) = match action {
+        HookAction::AddContainer(t) => (
+            "environment.add",
+            Target::Environment(env.id),
+            json!({ "type": t, "requirements": null, "server": null }),
+        ),
+        HookAction::RemoveContainer(id) => {
+            if !member(*id) {
+                return Err(format!("a hook asked to remove container {id}, which is not a member"));
+            }
+            ("environment.remove", Target::Environment(env.id), json!({ "container_id": id }))
+        }
+        HookAction::Exec { container, script, args } => {
+            if !member(*container) {
+                return Err(format!("a hook asked to exec in container {container}, which is not a member of '{}'", env.name));
+            }
+            ("container.exec", Target::Container(*container), json!({ "script": script, "args": args }))
+        }
+        HookAction::ReplaceContainer(id) => {
+            return Err(format!(
+                "a hook asked to replace container {id}; replacing containers needs the health monitor, which this core does not have yet"
+            ));
+        }
+    };
+    Ok(NewCommand {
+        kind: kind.into(),
+        target: Some(target),
+        params,
+        requested_by: ctx.cmd.requested_by.clone(),
+    })
+}
+
+/// Runs the actions stored in the progress one at a time, in order, each as a child command;
+/// goes on to `next` when none is left. A failed action fails the command.
+async fn drain_actions(
+    ctx: &StepCtx<'_>,
+    env: &environment::Model,
+    next: i32,
+) -> Result<Transition, StepError> {
+    if let Some(failure) = child_failures(ctx).await? {
+        return Ok(Transition::bare(Next::Fail(format!("an action requested by a hook failed: {failure}"))));
+    }
+    let mut progress = ctx.progress.clone();
+    let mut actions: Vec<HookAction> = serde_json::from_value(progress["actions"].clone()).unwrap_or_default();
+    if actions.is_empty() {
+        return Ok(Transition::bare(Next::Continue { step: next, progress }));
+    }
+    let action = actions.remove(0);
+    let members = members(ctx.core, ctx.core.db(), env.id).await?;
+    let child = action_command(ctx, env, &action, &members).map_err(StepError::Permanent)?;
+    progress["actions"] = serde_json::to_value(&actions).expect("serializable");
+    Ok(Transition::bare(Next::Spawn { step: ctx.cmd.step, progress, children: vec![child] }))
+}
+
+/// Steps: 0 before-hooks; 1 their actions; 2 the child create; 3 after-hooks; 4 their actions.
 async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
     let type_id = ctx.params["type"].as_str().unwrap_or_default().to_string();
     let ty = core.types().require(&type_id).map_err(StepError::Permanent)?;
-    if ctx.cmd.step == 0 {
-        let members = members(core, core.db(), env.id).await?;
-        let view = env_view(env, &members);
-        let initial = ty.initial_state();
-        let new_view = MemberView {
-            id: 0,
-            type_id: type_id.clone(),
-            priority: ty.priority(),
-            status: ContainerStatus::Creating,
-            server: None,
-            ip: None,
-        };
-        let mut calls = vec![Call {
-            view: &new_view,
-            state: &initial,
-            hook: Hook::BeforeItIsAdded,
-        }];
-        calls.extend(members.iter().map(|(row, v)| Call {
-            view: v,
-            state: &row.state,
-            hook: Hook::BeforeOtherIsAdded(new_view.clone()),
-        }));
-        let states = dispatch(core, &view, calls, true)?;
-        let requirements: Option<Requirements> = serde_json::from_value(ctx.params["requirements"].clone())
-            .map_err(|e| StepError::Permanent(format!("bad requirements: {e}")))?;
-        let server = ctx.params["server"].as_str();
-        let txn = core.db().begin().await?;
-        let id = insert_container(core, &txn, &type_id, server, requirements, Some(env.id))
-            .await
-            .map_err(core_err)?;
-        let (own, others): (Vec<_>, Vec<_>) = states.into_iter().partition(|(i, _)| *i == 0);
-        let mut states = others;
-        states.extend(own.into_iter().map(|(_, s)| (id, s)));
-        save_states(&txn, states).await?;
-        let child = NewCommand {
-            kind: "container.create".into(),
-            target: Some(Target::Container(id)),
-            params: json!({}),
-            requested_by: ctx.cmd.requested_by.clone(),
-        };
-        let next = Next::Spawn {
-            step: 1,
-            progress: json!({ "container_id": id }),
-            children: vec![child],
-        };
-        return Ok(Transition::with(next, txn));
+    match ctx.cmd.step {
+        0 => {
+            let members = members(core, core.db(), env.id).await?;
+            let view = env_view(env, &members);
+            let initial = ty.initial_state();
+            let new_view = MemberView {
+                id: 0,
+                type_id: ty.type_id().to_string(),
+                priority: ty.priority(),
+                status: ContainerStatus::Creating,
+                server: None,
+                ip: None,
+            };
+            let mut calls = vec![Call { view: &new_view, state: &initial, hook: Hook::BeforeItIsAdded }];
+            calls.extend(members.iter().map(|(row, v)| Call {
+                view: v,
+                state: &row.state,
+                hook: Hook::BeforeOtherIsAdded(new_view.clone()),
+            }));
+            let (states, actions) = dispatch(core, &view, calls, true)?;
+            let (own, others): (Vec<_>, Vec<_>) = states.into_iter().partition(|(i, _)| *i == 0);
+            let new_state = own.into_iter().last().map_or(initial.clone(), |(_, s)| s);
+            let txn = core.db().begin().await?;
+            save_states(&txn, others).await?;
+            let progress = json!({ "new_state": new_state, "actions": actions });
+            Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
+        }
+        1 => drain_actions(ctx, env, 2).await,
+        2 => {
+            let requirements: Option<Requirements> = serde_json::from_value(ctx.params["requirements"].clone())
+                .map_err(|e| StepError::Permanent(format!("bad requirements: {e}")))?;
+            let server = ctx.params["server"].as_str();
+            let new_state: Vec<u8> = serde_json::from_value(ctx.progress["new_state"].clone()).unwrap_or_default();
+            let txn = core.db().begin().await?;
+            let id = insert_container(core, &txn, ty.type_id(), server, requirements, Some(env.id))
+                .await
+                .map_err(core_err)?;
+            save_states(&txn, vec![(id, new_state)]).await?;
+            let child = NewCommand {
+                kind: "container.create".into(),
+                target: Some(Target::Container(id)),
+                params: json!({}),
+                requested_by: ctx.cmd.requested_by.clone(),
+            };
+            let next = Next::Spawn { step: 3, progress: json!({ "container_id": id }), children: vec![child] };
+            Ok(Transition::with(next, txn))
+        }
+        3 => {
+            let id = ctx
+                .progress_i64("container_id")
+                .ok_or_else(|| StepError::Permanent("lost the id of the new container".into()))?;
+            if let Some(failure) = child_failures(ctx).await? {
+                return Ok(Transition::bare(Next::Fail(format!("adding a {type_id} container failed: {failure}"))));
+            }
+            let all = members(core, core.db(), env.id).await?;
+            let (new, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|(r, _)| r.id == id);
+            let (new_row, new_view) = new.into_iter().next().ok_or_else(|| {
+                StepError::Permanent(format!("container {id} vanished while being added"))
+            })?;
+            let view = env_view(env, &others);
+            let mut calls = vec![Call { view: &new_view, state: &new_row.state, hook: Hook::AfterItIsAdded }];
+            calls.extend(others.iter().map(|(row, v)| Call {
+                view: v,
+                state: &row.state,
+                hook: Hook::AfterOtherIsAdded(new_view.clone()),
+            }));
+            let (states, actions) = dispatch(core, &view, calls, false)?;
+            let txn = core.db().begin().await?;
+            save_states(&txn, states).await?;
+            let progress = json!({ "container_id": id, "actions": actions });
+            Ok(Transition::with(Next::Continue { step: 4, progress }, txn))
+        }
+        _ => {
+            let t = drain_actions(ctx, env, 5).await?;
+            if let Next::Continue { .. } = t.next {
+                return Ok(Transition::bare(Next::Done(json!({ "container_id": ctx.progress["container_id"] }))));
+            }
+            Ok(t)
+        }
     }
-    let id = ctx
-        .progress_i64("container_id")
-        .ok_or_else(|| StepError::Permanent("lost the id of the new container".into()))?;
-    if let Some(failure) = child_failures(ctx).await? {
-        return Ok(Transition::bare(Next::Fail(format!(
-            "adding a {type_id} container failed: {failure}"
-        ))));
-    }
-    let all = members(core, core.db(), env.id).await?;
-    let (new, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|(r, _)| r.id == id);
-    let (new_row, new_view) = new.into_iter().next().ok_or_else(|| {
-        StepError::Permanent(format!("container {id} vanished while being added"))
-    })?;
-    let view = env_view(env, &others);
-    let mut calls = vec![Call {
-        view: &new_view,
-        state: &new_row.state,
-        hook: Hook::AfterItIsAdded,
-    }];
-    calls.extend(others.iter().map(|(row, v)| Call {
-        view: v,
-        state: &row.state,
-        hook: Hook::AfterOtherIsAdded(new_view.clone()),
-    }));
-    let states = dispatch(core, &view, calls, false)?;
-    let txn = core.db().begin().await?;
-    save_states(&txn, states).await?;
-    Ok(Transition::with(Next::Done(json!({ "container_id": id })), txn))
 }
 
-/// Steps: 0 before-it-is-removed and the child destroy, 1 after-other-is-removed.
+/// Steps: 0 before-it-is-removed; 1 its actions; 2 the child destroy; 3 after-other-is-removed;
+/// 4 their actions.
 async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
     let id = ctx.params["container_id"]
         .as_i64()
         .ok_or_else(|| StepError::Permanent("bad parameters: container_id is missing".into()))?;
-    if ctx.cmd.step == 0 {
-        let members = members(core, core.db(), env.id).await?;
-        let Some((row, removed)) = members.iter().find(|(r, _)| r.id == id) else {
-            return Err(StepError::Permanent(format!(
-                "container {id} is not a member of environment '{}'",
-                env.name
-            )));
-        };
-        let others: Vec<_> = members.iter().filter(|(r, _)| r.id != id).cloned().collect();
-        let view = env_view(env, &others);
-        let states = dispatch(
-            core,
-            &view,
-            vec![Call {
-                view: removed,
-                state: &row.state,
-                hook: Hook::BeforeItIsRemoved,
-            }],
-            true,
-        )?;
-        let txn = core.db().begin().await?;
-        save_states(&txn, states).await?;
-        let child = NewCommand {
-            kind: "container.destroy".into(),
-            target: Some(Target::Container(id)),
-            params: json!({}),
-            requested_by: ctx.cmd.requested_by.clone(),
-        };
-        let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable") });
-        let next = Next::Spawn {
-            step: 1,
-            progress,
-            children: vec![child],
-        };
-        return Ok(Transition::with(next, txn));
+    match ctx.cmd.step {
+        0 => {
+            let members = members(core, core.db(), env.id).await?;
+            let Some((row, removed)) = members.iter().find(|(r, _)| r.id == id) else {
+                return Err(StepError::Permanent(format!(
+                    "container {id} is not a member of environment '{}'",
+                    env.name
+                )));
+            };
+            let others: Vec<_> = members.iter().filter(|(r, _)| r.id != id).cloned().collect();
+            let view = env_view(env, &others);
+            let (states, actions) = dispatch(
+                core,
+                &view,
+                vec![Call { view: removed, state: &row.state, hook: Hook::BeforeItIsRemoved }],
+                true,
+            )?;
+            let txn = core.db().begin().await?;
+            save_states(&txn, states).await?;
+            let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable"), "actions": actions });
+            Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
+        }
+        1 => drain_actions(ctx, env, 2).await,
+        2 => {
+            let child = NewCommand {
+                kind: "container.destroy".into(),
+                target: Some(Target::Container(id)),
+                params: json!({}),
+                requested_by: ctx.cmd.requested_by.clone(),
+            };
+            Ok(Transition::bare(Next::Spawn { step: 3, progress: ctx.progress.clone(), children: vec![child] }))
+        }
+        3 => {
+            if let Some(failure) = child_failures(ctx).await? {
+                return Ok(Transition::bare(Next::Fail(format!("removing container {id} failed: {failure}"))));
+            }
+            let removed: MemberView = serde_json::from_value(ctx.progress["removed"].clone())
+                .map_err(|e| StepError::Permanent(format!("lost the removed member: {e}")))?;
+            let others = members(core, core.db(), env.id).await?;
+            let view = env_view(env, &others);
+            let calls = others
+                .iter()
+                .map(|(row, v)| Call { view: v, state: &row.state, hook: Hook::AfterOtherIsRemoved(removed.clone()) })
+                .collect();
+            let (states, actions) = dispatch(core, &view, calls, false)?;
+            let txn = core.db().begin().await?;
+            save_states(&txn, states).await?;
+            let mut progress = ctx.progress.clone();
+            progress["actions"] = serde_json::to_value(&actions).expect("serializable");
+            Ok(Transition::with(Next::Continue { step: 4, progress }, txn))
+        }
+        _ => {
+            let t = drain_actions(ctx, env, 5).await?;
+            if let Next::Continue { .. } = t.next {
+                return Ok(Transition::bare(Next::Done(json!({ "container_id": id }))));
+            }
+            Ok(t)
+        }
     }
-    if let Some(failure) = child_failures(ctx).await? {
-        return Ok(Transition::bare(Next::Fail(format!(
-            "removing container {id} failed: {failure}"
-        ))));
-    }
-    let removed: MemberView = serde_json::from_value(ctx.progress["removed"].clone())
-        .map_err(|e| StepError::Permanent(format!("lost the removed member: {e}")))?;
-    let others = members(core, core.db(), env.id).await?;
-    let view = env_view(env, &others);
-    let calls = others
-        .iter()
-        .map(|(row, v)| Call {
-            view: v,
-            state: &row.state,
-            hook: Hook::AfterOtherIsRemoved(removed.clone()),
-        })
-        .collect();
-    let states = dispatch(core, &view, calls, false)?;
-    let txn = core.db().begin().await?;
-    save_states(&txn, states).await?;
-    Ok(Transition::with(Next::Done(json!({ "container_id": id })), txn))
 }
 
 /// Step 0 plans groups of members by priority; step k spawns group k-1 after checking the

@@ -185,10 +185,11 @@ pub(crate) async fn claim<C: ConnectionTrait>(
         "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
          started_at = COALESCE(started_at, $3) \
          WHERE id IN (SELECT id FROM commands WHERE status = 'queued' AND run_after <= $3 \
-         AND NOT EXISTS (SELECT 1 FROM containers t WHERE commands.target_type = 'container' \
+         AND (commands.parent_id IS NOT NULL OR (\
+         NOT EXISTS (SELECT 1 FROM containers t WHERE commands.target_type = 'container' \
            AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id) \
          AND NOT EXISTS (SELECT 1 FROM environments t WHERE commands.target_type = 'environment' \
-           AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id) \
+           AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id))) \
          ORDER BY id LIMIT $4{skip_locked}) RETURNING *"
     );
     let stmt = sql(
@@ -289,6 +290,16 @@ pub(crate) async fn lock<C: ConnectionTrait>(
     let Some(holder) = holder else {
         return Ok(LockOutcome::Busy(0));
     };
+    // A child acts under the lock of an ancestor (an environment add that a hook asked for
+    // while its parent holds the environment).
+    let mut ancestor = get(conn, cmd).await?.and_then(|c| c.parent_id);
+    for _ in 0..16 {
+        let Some(a) = ancestor else { break };
+        if a == holder {
+            return Ok(LockOutcome::Acquired);
+        }
+        ancestor = get(conn, a).await?.and_then(|c| c.parent_id);
+    }
     // A lock whose holder finished is stale (it cannot happen through the queue, which releases
     // locks in the finishing transaction, but a manual edit could leave one): take it over.
     let holder_row = get(conn, holder).await?;

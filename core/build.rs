@@ -1,0 +1,49 @@
+//! Builds the bundled reference plugins (`plugins/*`) as WASM components for `wasm32-wasip2`,
+//! so that `cargo build` produces them with no manual step. They are embedded in the binary and
+//! installed on a core's first start.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const PLUGINS: &[&str] = &["tomcat", "balancer", "mysql"];
+
+fn main() {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root = manifest.parent().unwrap().to_path_buf();
+    for dir in ["plugins", "sdk", "wit"] {
+        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    // A target directory of its own: the outer build holds the lock of the normal one.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("wasm-plugins");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+        .arg(&target_dir)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s");
+    for p in PLUGINS {
+        cmd.args(["-p", &format!("cloud48-plugin-{p}")]);
+    }
+    // Do not leak the outer build's settings into the nested one.
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"] {
+        cmd.env_remove(var);
+    }
+    let status = cmd.status().expect("cargo runs");
+    if !status.success() {
+        panic!(
+            "building the bundled plugins for wasm32-wasip2 failed; is the target installed? (rustup target add wasm32-wasip2)"
+        );
+    }
+    for p in PLUGINS {
+        let file = format!("cloud48_plugin_{p}.wasm");
+        let from = target_dir.join("wasm32-wasip2/release").join(&file);
+        std::fs::copy(&from, out.join(format!("{p}.wasm")))
+            .unwrap_or_else(|e| panic!("cannot copy {}: {e}", from.display()));
+    }
+}

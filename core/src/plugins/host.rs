@@ -1,0 +1,474 @@
+//! The WASM plugin host: wasmtime component model behind the core's `ContainerType` trait.
+//!
+//! One `Engine` (pooling allocator, epoch interruption driven by a ticker thread), one `Linker`
+//! with a locked-down WASI (no files, no network, no environment, frozen clocks). Each plugin
+//! version is compiled once (the artefact is cached on disk by content hash and engine
+//! compatibility) and pre-instantiated once; every hook call gets a fresh instance, so a trap
+//! cannot poison later calls. A hook has a deadline and a memory cap; a trap, a timeout, a memory
+//! bomb or oversized output fails that one call with an error naming plugin, hook and cause.
+
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::Digest;
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::model::{ContainerStatus, Requirements, Resources};
+use crate::types::{
+    ContainerType, DownCause, Hook, HookAction, HookContext, HookOutcome, MemberView, TypeError,
+    Verdict,
+};
+
+/// Bindings of the frozen WIT version 0.1.0.
+mod v0_1_0 {
+    wasmtime::component::bindgen!({
+        path: "../wit/0.1.0",
+        world: "container-type",
+    });
+}
+
+use v0_1_0::cloud48::container::types as wit;
+
+/// The WIT versions this host runs, newest first.
+pub const SUPPORTED_WIT: &[&str] = &["0.1.0"];
+
+/// Sandbox limits of every hook call.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Wall-clock deadline of one hook call.
+    pub deadline: Duration,
+    /// Largest linear memory of a plugin instance.
+    pub memory: usize,
+    /// Largest state blob, inspect output or script a hook may return.
+    pub max_output: usize,
+    /// Most actions one hook may request.
+    pub max_actions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            deadline: Duration::from_millis(100),
+            memory: 64 << 20,
+            max_output: 1 << 20,
+            max_actions: 64,
+        }
+    }
+}
+
+/// Errors of loading a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file is not a valid component or was built for another contract.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    memory_cap: usize,
+    memory_exceeded: bool,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl ResourceLimiter for HostState {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.memory_exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// A clock that always reads zero: plugins get no time.
+struct FrozenClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// Epoch ticks per second.
+const TICKS_PER_SEC: u64 = 1000;
+
+/// The engine, linker and artefact cache shared by all plugins.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: Option<PathBuf>,
+    limits: Limits,
+}
+
+impl PluginHost {
+    /// A host caching compiled artefacts in `cache_dir` (none: compile every time).
+    pub fn new(cache_dir: Option<PathBuf>, limits: Limits) -> Result<Arc<PluginHost>, LoadError> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(256)
+            .total_core_instances(1024)
+            .total_memories(256)
+            .total_tables(512)
+            .max_memory_size(limits.memory.max(1 << 20));
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| LoadError::Invalid(format!("cannot start the WASM engine: {e}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| LoadError::Invalid(format!("cannot link WASI: {e}")))?;
+        if let Some(dir) = &cache_dir {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("cloud48-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(Duration::from_micros(1_000_000 / TICKS_PER_SEC));
+                }
+            })
+            .expect("epoch ticker starts");
+        Ok(Arc::new(PluginHost { engine, linker, cache_dir, limits }))
+    }
+
+    /// The sandbox limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let key = format!("{}-{:016x}", hex::encode(sha2::Sha256::digest(bytes)), h.finish());
+        if let Some(dir) = &self.cache_dir {
+            let path = dir.join(format!("{key}.cwasm"));
+            if path.exists() {
+                // SAFETY: the file is an artefact this host wrote for this engine configuration
+                // (the key includes the engine's compatibility hash).
+                if let Ok(c) = unsafe { Component::deserialize_file(&self.engine, &path) } {
+                    return Ok(c);
+                }
+                tracing::warn!(path = %path.display(), "corrupt plugin cache entry; recompiling");
+            }
+            let artefact = self
+                .engine
+                .precompile_component(bytes)
+                .map_err(|e| LoadError::Invalid(format!("not a valid WASM component: {e:#}")))?;
+            let tmp = path.with_extension(format!("{:08x}.tmp", rand::random::<u32>()));
+            if std::fs::write(&tmp, &artefact).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
+                tracing::warn!(path = %path.display(), "cannot cache a compiled plugin");
+            }
+            // SAFETY: produced just above by this engine.
+            return unsafe { Component::deserialize(&self.engine, &artefact) }
+                .map_err(|e| LoadError::Invalid(format!("cannot load the compiled plugin: {e:#}")));
+        }
+        Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid(format!("not a valid WASM component: {e:#}")))
+    }
+
+    fn store(&self) -> Store<HostState> {
+        let wasi = WasiCtxBuilder::new()
+            .wall_clock(FrozenClock)
+            .monotonic_clock(FrozenClock)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let mut store = Store::new(
+            &self.engine,
+            HostState { wasi, table: ResourceTable::new(), memory_cap: self.limits.memory, memory_exceeded: false },
+        );
+        store.limiter(|s| s as &mut dyn ResourceLimiter);
+        let ticks = (self.limits.deadline.as_millis() as u64 * TICKS_PER_SEC / 1000).max(1);
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        store
+    }
+
+    /// Compiles and pre-instantiates a plugin, then asks it to describe itself.
+    pub fn load(self: &Arc<Self>, bytes: &[u8]) -> Result<WasmPlugin, LoadError> {
+        let component = self.compile(bytes)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            LoadError::Invalid(format!(
+                "the plugin needs something the host does not give plugins (only the cloud48:container contract and a locked-down WASI are available): {e:#}"
+            ))
+        })?;
+        let pre = v0_1_0::ContainerTypePre::new(pre).map_err(|e| {
+            LoadError::Invalid(format!(
+                "the plugin does not implement cloud48:container/hooks@0.1.0 (supported WIT versions: {}): {e:#}",
+                SUPPORTED_WIT.join(", ")
+            ))
+        })?;
+        let mut plugin = WasmPlugin {
+            host: self.clone(),
+            pre,
+            type_id: String::new(),
+            meta: PluginMeta::default(),
+        };
+        let m = plugin
+            .call("describe", |b, s| b.cloud48_container_hooks().call_describe(s))
+            .map_err(|e| LoadError::Invalid(e.to_string()))?;
+        plugin.meta = PluginMeta {
+            name: m.name,
+            version: m.version,
+            wit_version: m.wit_version,
+            priority: m.priority,
+            description: m.description,
+            requirements: Requirements {
+                resources: Resources { cpu_millis: m.requirements.cpu_millis, memory_mb: m.requirements.memory_mb, disk_mb: m.requirements.disk_mb },
+                labels: Vec::new(),
+            },
+        };
+        plugin.meta.validate().map_err(LoadError::Invalid)?;
+        plugin.type_id = format!("{}@{}", plugin.meta.name, plugin.meta.version);
+        Ok(plugin)
+    }
+}
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct PluginMeta {
+    /// Type name.
+    pub name: String,
+    /// Semantic version.
+    pub version: String,
+    /// WIT contract version it targets.
+    pub wit_version: String,
+    /// Priority (lower runs first).
+    pub priority: i32,
+    /// One line for humans.
+    pub description: String,
+    /// Default requirements of new containers.
+    pub requirements: Requirements,
+}
+
+impl PluginMeta {
+    /// Checks name, versions and requirements.
+    pub fn validate(&self) -> Result<(), String> {
+        crate::model::validate_name(&self.name).map_err(|m| format!("plugin name: {m}"))?;
+        if self.name == "plain" {
+            return Err("plugin name 'plain' is taken by the built-in type".into());
+        }
+        semver::Version::parse(&self.version)
+            .map_err(|e| format!("plugin version '{}' is not a semantic version: {e}", self.version))?;
+        let wit = semver::Version::parse(&self.wit_version)
+            .map_err(|e| format!("WIT version '{}' is not a semantic version: {e}", self.wit_version))?;
+        let compatible = SUPPORTED_WIT.iter().any(|s| {
+            let s = semver::Version::parse(s).expect("valid");
+            s.major == wit.major && (s.major > 0 || s.minor == wit.minor) && wit <= s
+        });
+        if !compatible {
+            return Err(format!(
+                "plugin {} targets WIT version {}, which this core does not support (supported: {}); rebuild it with a matching cloud48-sdk",
+                self.name,
+                self.wit_version,
+                SUPPORTED_WIT.join(", ")
+            ));
+        }
+        self.requirements.resources.validate().map_err(|m| format!("default requirements: {m}"))
+    }
+}
+
+/// A loaded plugin version: a `ContainerType` whose hooks run in the sandbox.
+pub struct WasmPlugin {
+    host: Arc<PluginHost>,
+    pre: v0_1_0::ContainerTypePre<HostState>,
+    type_id: String,
+    meta: PluginMeta,
+}
+
+impl WasmPlugin {
+    /// Metadata.
+    pub fn meta(&self) -> &PluginMeta {
+        &self.meta
+    }
+
+    /// Runs one export in a fresh instance; classifies failures.
+    fn call<R>(
+        &self,
+        hook: &str,
+        f: impl FnOnce(&v0_1_0::ContainerType, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, TypeError> {
+        let mut store = self.host.store();
+        let err = |cause: String| TypeError {
+            type_id: if self.type_id.is_empty() { "plugin".into() } else { self.type_id.clone() },
+            hook: hook.to_string(),
+            cause,
+        };
+        let instance = self.pre.instantiate(&mut store).map_err(|e| err(classify(&e, &store, &self.host.limits)))?;
+        f(&instance, &mut store).map_err(|e| err(classify(&e, &store, &self.host.limits)))
+    }
+
+    /// Converts a state blob of version `from` to this version.
+    pub fn migrate_state(&self, from: &str, state: Vec<u8>) -> Result<Vec<u8>, TypeError> {
+        let out = self.call("migrate-state", |b, s| b.cloud48_container_hooks().call_migrate_state(s, from, &state))?;
+        out.map_err(|m| TypeError { type_id: self.type_id.clone(), hook: "migrate-state".into(), cause: format!("refused: {m}") })
+    }
+}
+
+fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> String {
+    if store.data().memory_exceeded {
+        return format!("exceeded its memory limit of {} MiB", limits.memory >> 20);
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => format!("exceeded its deadline of {} ms", limits.deadline.as_millis()),
+        Some(trap) => format!("trapped: {trap}"),
+        None => format!("{e:#}"),
+    }
+}
+
+fn status(s: ContainerStatus) -> wit::Status {
+    match s {
+        ContainerStatus::Creating => wit::Status::Creating,
+        ContainerStatus::Running => wit::Status::Running,
+        ContainerStatus::Stopped => wit::Status::Stopped,
+        ContainerStatus::Suspended => wit::Status::Suspended,
+        ContainerStatus::Destroyed => wit::Status::Destroyed,
+        ContainerStatus::Failed => wit::Status::Failed,
+    }
+}
+
+fn member(m: &MemberView) -> wit::Member {
+    wit::Member {
+        id: m.id,
+        type_id: m.type_id.clone(),
+        priority: m.priority,
+        status: status(m.status),
+        server: m.server.clone(),
+        ip: m.ip.clone(),
+    }
+}
+
+fn context(ctx: &HookContext<'_>) -> wit::Context {
+    wit::Context {
+        container: member(ctx.container),
+        environment: wit::Environment {
+            id: ctx.environment.id,
+            name: ctx.environment.name.clone(),
+            members: ctx.environment.members.iter().map(member).collect(),
+        },
+        state: ctx.state.to_vec(),
+    }
+}
+
+impl ContainerType for WasmPlugin {
+    fn type_id(&self) -> &str {
+        &self.type_id
+    }
+
+    fn priority(&self) -> i32 {
+        self.meta.priority
+    }
+
+    fn default_requirements(&self) -> Requirements {
+        self.meta.requirements.clone()
+    }
+
+    fn initial_state(&self) -> Vec<u8> {
+        self.call("initial-state", |b, s| b.cloud48_container_hooks().call_initial_state(s))
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "initial-state failed; starting with an empty state");
+                Vec::new()
+            })
+    }
+
+    fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
+        let c = context(ctx);
+        let name = hook.name();
+        let out = self.call(name, |b, s| {
+            let h = b.cloud48_container_hooks();
+            match hook {
+                Hook::BeforeItIsAdded => h.call_before_it_is_added(s, &c),
+                Hook::AfterItIsAdded => h.call_after_it_is_added(s, &c),
+                Hook::BeforeOtherIsAdded(o) => h.call_before_other_is_added(s, &c, &member(o)),
+                Hook::AfterOtherIsAdded(o) => h.call_after_other_is_added(s, &c, &member(o)),
+                Hook::BeforeItIsRemoved => h.call_before_it_is_removed(s, &c),
+                Hook::AfterOtherIsRemoved(o) => h.call_after_other_is_removed(s, &c, &member(o)),
+                Hook::IsDown(cause) => {
+                    let cause = match cause {
+                        DownCause::ServerUnreachable(m) => wit::DownCause::ServerUnreachable(m.clone()),
+                        DownCause::Crashed(m) => wit::DownCause::Crashed(m.clone()),
+                    };
+                    h.call_is_down(s, &c, &cause)
+                }
+                Hook::IsUp => h.call_is_up(s, &c),
+                Hook::AfterCcStart => h.call_after_cc_start(s, &c),
+                Hook::BeforeCcStop => h.call_before_cc_stop(s, &c),
+            }
+        })?;
+        let limits = &self.host.limits;
+        let too_big = |what: &str, n: usize| TypeError {
+            type_id: self.type_id.clone(),
+            hook: name.to_string(),
+            cause: format!("returned oversized output: {what} of {n} bytes (limit {} bytes)", limits.max_output),
+        };
+        if let Some(s) = &out.new_state
+            && s.len() > limits.max_output
+        {
+            return Err(too_big("a state blob", s.len()));
+        }
+        if out.actions.len() > limits.max_actions {
+            return Err(TypeError {
+                type_id: self.type_id.clone(),
+                hook: name.to_string(),
+                cause: format!("returned {} actions (limit {})", out.actions.len(), limits.max_actions),
+            });
+        }
+        let mut actions = Vec::with_capacity(out.actions.len());
+        for a in out.actions {
+            actions.push(match a {
+                wit::Action::AddContainer(t) => HookAction::AddContainer(t),
+                wit::Action::RemoveContainer(id) => HookAction::RemoveContainer(id),
+                wit::Action::ReplaceContainer(id) => HookAction::ReplaceContainer(id),
+                wit::Action::Exec(e) => {
+                    let size = e.script.len() + e.args.iter().map(String::len).sum::<usize>();
+                    if size > limits.max_output {
+                        return Err(too_big("an exec request", size));
+                    }
+                    HookAction::Exec { container: e.container, script: e.script, args: e.args }
+                }
+            });
+        }
+        let verdict = match out.verdict {
+            wit::Verdict::Allow => Verdict::Allow,
+            wit::Verdict::Deny(r) => Verdict::Deny(r.chars().take(1000).collect()),
+        };
+        Ok(HookOutcome { verdict, actions, new_state: out.new_state })
+    }
+
+    fn inspect(&self, state: &[u8]) -> Result<serde_json::Value, TypeError> {
+        let text = self.call("inspect", |b, s| b.cloud48_container_hooks().call_inspect(s, state))?;
+        if text.len() > self.host.limits.max_output {
+            return Err(TypeError { type_id: self.type_id.clone(), hook: "inspect".into(), cause: format!("returned {} bytes (limit {})", text.len(), self.host.limits.max_output) });
+        }
+        serde_json::from_str(&text).map_err(|e| TypeError { type_id: self.type_id.clone(), hook: "inspect".into(), cause: format!("returned invalid JSON: {e}") })
+    }
+}

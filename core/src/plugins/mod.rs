@@ -1,0 +1,286 @@
+//! Container-type plugins: install, list, show, upgrade and remove WASM components, and the
+//! bundled reference plugins installed on a core's first start.
+//!
+//! Invariants: an installed plugin version is a row of `plugins` (with its component) and a type
+//! `name@version` in the registry; a version is removed only when no live container uses it;
+//! an upgrade moves every container to the new version in one transaction.
+
+pub mod host;
+
+use std::sync::Arc;
+
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Set,
+    TransactionTrait,
+};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use utoipa::ToSchema;
+
+pub use host::{Limits, PluginHost, PluginMeta, WasmPlugin};
+
+use crate::core::CoreError;
+use crate::entities::{container, plugin};
+use crate::model::{ContainerStatus, now_ms};
+use crate::types::{ContainerType, TypeRegistry};
+
+/// The reference plugins built from `plugins/` and embedded in the binary.
+pub const BUNDLED: &[(&str, &[u8])] = &[
+    ("tomcat", include_bytes!(concat!(env!("OUT_DIR"), "/tomcat.wasm"))),
+    ("balancer", include_bytes!(concat!(env!("OUT_DIR"), "/balancer.wasm"))),
+    ("mysql", include_bytes!(concat!(env!("OUT_DIR"), "/mysql.wasm"))),
+];
+
+/// An installed plugin version as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PluginInfo {
+    /// Type id of its containers: `name@version`.
+    pub type_id: String,
+    /// What the plugin says about itself.
+    #[serde(flatten)]
+    pub meta: PluginMeta,
+    /// SHA-256 of the component.
+    pub sha256: String,
+    /// Size of the component in bytes.
+    pub size: usize,
+    /// Live containers of this version.
+    pub containers: u64,
+    /// Install time, milliseconds since the Unix epoch.
+    pub installed_at: i64,
+}
+
+/// Manages the installed plugins of a core.
+pub struct PluginManager<'a> {
+    db: &'a DatabaseConnection,
+    host: &'a Arc<PluginHost>,
+    types: &'a TypeRegistry,
+}
+
+fn invalid(m: impl Into<String>) -> CoreError {
+    CoreError::invalid("plugin", m)
+}
+
+impl<'a> PluginManager<'a> {
+    /// A manager over the core's database, plugin host and type registry.
+    pub fn new(db: &'a DatabaseConnection, host: &'a Arc<PluginHost>, types: &'a TypeRegistry) -> Self {
+        PluginManager { db, host, types }
+    }
+
+    /// Loads every installed plugin into the registry (at start).
+    pub async fn load_all(&self) -> Result<(), CoreError> {
+        for row in plugin::Entity::find().all(self.db).await? {
+            match self.host.load(&row.wasm) {
+                Ok(p) => self.types.register(Arc::new(p)),
+                Err(e) => tracing::error!(plugin = %row.name, version = %row.version, error = %e, "cannot load an installed plugin; its containers cannot run hooks"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Installs a component; refuses an invalid one, an incompatible WIT version or a version
+    /// that is already installed.
+    pub async fn install(&self, wasm: &[u8]) -> Result<PluginInfo, CoreError> {
+        let loaded = self.host.load(wasm).map_err(|e| invalid(e.to_string()))?;
+        let meta = loaded.meta().clone();
+        let existing = self.rows(&meta.name).await?;
+        if existing.iter().any(|r| r.version == meta.version) {
+            return Err(CoreError::Conflict(format!(
+                "plugin {}@{} is already installed",
+                meta.name, meta.version
+            )));
+        }
+        if let Some(r) = existing.first() {
+            return Err(CoreError::Conflict(format!(
+                "plugin {} is installed in version {}; use `cloud48 plugin upgrade` to move to {}",
+                meta.name, r.version, meta.version
+            )));
+        }
+        let row = self.insert(wasm, &meta).await?;
+        self.types.register(Arc::new(loaded));
+        self.info(row).await
+    }
+
+    async fn insert(&self, wasm: &[u8], meta: &PluginMeta) -> Result<plugin::Model, CoreError> {
+        Ok(plugin::ActiveModel {
+            name: Set(meta.name.clone()),
+            version: Set(meta.version.clone()),
+            wit_version: Set(meta.wit_version.clone()),
+            priority: Set(meta.priority),
+            description: Set(meta.description.clone()),
+            requirements: Set(serde_json::to_string(&meta.requirements).expect("serializable")),
+            sha256: Set(hex::encode(sha2::Sha256::digest(wasm))),
+            wasm: Set(wasm.to_vec()),
+            installed_at: Set(now_ms()),
+            ..Default::default()
+        }
+        .insert(self.db)
+        .await?)
+    }
+
+    async fn rows(&self, name: &str) -> Result<Vec<plugin::Model>, CoreError> {
+        Ok(plugin::Entity::find()
+            .filter(plugin::Column::Name.eq(name))
+            .order_by_desc(plugin::Column::Id)
+            .all(self.db)
+            .await?)
+    }
+
+    async fn live_containers(&self, type_id: &str) -> Result<Vec<container::Model>, CoreError> {
+        Ok(container::Entity::find()
+            .filter(container::Column::TypeId.eq(type_id))
+            .filter(container::Column::Status.is_not_in([
+                ContainerStatus::Destroyed.as_str(),
+                ContainerStatus::Failed.as_str(),
+            ]))
+            .all(self.db)
+            .await?)
+    }
+
+    async fn info(&self, row: plugin::Model) -> Result<PluginInfo, CoreError> {
+        let type_id = format!("{}@{}", row.name, row.version);
+        let containers = self.live_containers(&type_id).await?.len() as u64;
+        Ok(PluginInfo {
+            type_id,
+            meta: PluginMeta {
+                name: row.name,
+                version: row.version,
+                wit_version: row.wit_version,
+                priority: row.priority,
+                description: row.description,
+                requirements: serde_json::from_str(&row.requirements).unwrap_or_default(),
+            },
+            sha256: row.sha256,
+            size: row.wasm.len(),
+            containers,
+            installed_at: row.installed_at,
+        })
+    }
+
+    /// Every installed plugin version, by name.
+    pub async fn list(&self) -> Result<Vec<PluginInfo>, CoreError> {
+        let rows = plugin::Entity::find().order_by_asc(plugin::Column::Name).all(self.db).await?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(self.info(r).await?);
+        }
+        Ok(out)
+    }
+
+    /// One plugin by name (newest version) or `name@version`.
+    pub async fn show(&self, key: &str) -> Result<PluginInfo, CoreError> {
+        let (name, version) = key.split_once('@').map_or((key, None), |(n, v)| (n, Some(v)));
+        let rows = self.rows(name).await?;
+        let row = rows
+            .into_iter()
+            .find(|r| version.is_none_or(|v| v == r.version))
+            .ok_or_else(|| CoreError::NotFound(format!("plugin '{key}' is not installed (see `cloud48 plugin list`)")))?;
+        self.info(row).await
+    }
+
+    /// Removes a plugin (all its versions); refuses while containers use it.
+    pub async fn remove(&self, name: &str) -> Result<(), CoreError> {
+        let rows = self.rows(name).await?;
+        if rows.is_empty() {
+            return Err(CoreError::NotFound(format!("plugin '{name}' is not installed")));
+        }
+        for r in &rows {
+            let type_id = format!("{}@{}", r.name, r.version);
+            let n = self.live_containers(&type_id).await?.len();
+            if n > 0 {
+                return Err(CoreError::Conflict(format!(
+                    "{n} container(s) of type {type_id} exist; destroy them before removing the plugin"
+                )));
+            }
+        }
+        plugin::Entity::delete_many().filter(plugin::Column::Name.eq(name)).exec(self.db).await?;
+        for r in rows {
+            self.types.unregister(&format!("{}@{}", r.name, r.version));
+        }
+        Ok(())
+    }
+
+    /// Installs a newer, semver-compatible version and moves every container of the old one
+    /// to it, converting states with the new version's `migrate-state`.
+    pub async fn upgrade(&self, wasm: &[u8]) -> Result<PluginInfo, CoreError> {
+        let loaded = self.host.load(wasm).map_err(|e| invalid(e.to_string()))?;
+        let meta = loaded.meta().clone();
+        let old = self.rows(&meta.name).await?.into_iter().next().ok_or_else(|| {
+            CoreError::NotFound(format!("plugin {} is not installed; use `cloud48 plugin install`", meta.name))
+        })?;
+        let from = semver::Version::parse(&old.version).map_err(|e| invalid(e.to_string()))?;
+        let to = semver::Version::parse(&meta.version).map_err(|e| invalid(e.to_string()))?;
+        if to <= from {
+            return Err(CoreError::Conflict(format!(
+                "{}@{} is not newer than the installed {}",
+                meta.name, meta.version, old.version
+            )));
+        }
+        let compatible = if from.major == 0 { to.major == 0 && to.minor == from.minor } else { to.major == from.major };
+        if !compatible {
+            return Err(CoreError::Conflict(format!(
+                "{} {} is not semver-compatible with the installed {}; install it under a new name or destroy the containers first",
+                meta.name, meta.version, old.version
+            )));
+        }
+        let old_type = format!("{}@{}", old.name, old.version);
+        let containers = self.live_containers(&old_type).await?;
+        let mut migrated = Vec::with_capacity(containers.len());
+        for c in containers {
+            let state = loaded.migrate_state(&old.version, c.state.clone()).map_err(|e| invalid(e.to_string()))?;
+            migrated.push((c, state));
+        }
+        let txn = self.db.begin().await?;
+        let new_type = loaded.type_id().to_string();
+        for (c, state) in migrated {
+            let mut am: container::ActiveModel = c.into();
+            am.type_id = Set(new_type.clone());
+            am.state = Set(state);
+            am.updated_at = Set(now_ms());
+            am.update(&txn).await?;
+        }
+        plugin::Entity::delete_by_id(old.id).exec(&txn).await?;
+        plugin::ActiveModel {
+            name: Set(meta.name.clone()),
+            version: Set(meta.version.clone()),
+            wit_version: Set(meta.wit_version.clone()),
+            priority: Set(meta.priority),
+            description: Set(meta.description.clone()),
+            requirements: Set(serde_json::to_string(&meta.requirements).expect("serializable")),
+            sha256: Set(hex::encode(sha2::Sha256::digest(wasm))),
+            wasm: Set(wasm.to_vec()),
+            installed_at: Set(now_ms()),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        txn.commit().await?;
+        self.types.register(Arc::new(loaded));
+        self.types.unregister(&old_type);
+        self.show(&new_type).await
+    }
+
+    /// Installs the bundled plugins once, on the first start of a platform.
+    pub async fn bootstrap(&self, platform_id: i64) -> Result<(), CoreError> {
+        use crate::entities::platform;
+        let p = platform::Entity::find_by_id(platform_id).one(self.db).await?;
+        if p.as_ref().is_some_and(|p| p.plugins_bootstrapped) {
+            return Ok(());
+        }
+        for (name, wasm) in BUNDLED {
+            if !self.rows(name).await?.is_empty() {
+                continue;
+            }
+            let loaded = self.host.load(wasm).map_err(|e| CoreError::Setup(format!("bundled plugin {name}: {e}")))?;
+            let meta = loaded.meta().clone();
+            self.insert(wasm, &meta).await?;
+            self.types.register(Arc::new(loaded));
+            tracing::info!(plugin = %meta.name, version = %meta.version, "installed a bundled plugin");
+        }
+        if let Some(p) = p {
+            let mut am: platform::ActiveModel = p.into();
+            am.plugins_bootstrapped = Set(true);
+            am.update(self.db).await?;
+        }
+        Ok(())
+    }
+}
