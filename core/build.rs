@@ -7,6 +7,33 @@ use std::process::Command;
 
 const PLUGINS: &[&str] = &["tomcat", "balancer", "mysql"];
 
+fn build(root: &std::path::Path, target_dir: &std::path::Path, plugins: &[&str], env: &[(&str, &str)]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+        .arg(target_dir)
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s");
+    for p in plugins {
+        cmd.args(["-p", &format!("cloud48-plugin-{p}")]);
+    }
+    // Do not leak the outer build's settings into the nested one.
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS", "HOSTILE_WIT", "HOSTILE_VERSION"] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().expect("cargo runs");
+    if !status.success() {
+        panic!(
+            "building the plugins for wasm32-wasip2 failed; is the target installed? (rustup target add wasm32-wasip2)"
+        );
+    }
+}
+
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
@@ -19,27 +46,17 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("wasm-plugins");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
-        .arg(&target_dir)
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
-        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s");
-    for p in PLUGINS {
-        cmd.args(["-p", &format!("cloud48-plugin-{p}")]);
-    }
-    // Do not leak the outer build's settings into the nested one.
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"] {
-        cmd.env_remove(var);
-    }
-    let status = cmd.status().expect("cargo runs");
-    if !status.success() {
-        panic!(
-            "building the bundled plugins for wasm32-wasip2 failed; is the target installed? (rustup target add wasm32-wasip2)"
-        );
-    }
+    build(&root, &target_dir, &[PLUGINS, &["hostile"]].concat(), &[]);
+    // The hostile test plugin once more, claiming a WIT version the host does not support.
+    let future_dir = target_dir.join("future-wit");
+    build(&root, &future_dir, &["hostile"], &[("HOSTILE_WIT", "9.0.0")]);
+    // And as a newer compatible version, to test upgrades with state migration.
+    let newer_dir = target_dir.join("newer");
+    build(&root, &newer_dir, &["hostile"], &[("HOSTILE_VERSION", "0.1.1")]);
+    println!("cargo:rustc-env=CLOUD48_TEST_PLUGINS_NEWER={}", newer_dir.join("wasm32-wasip2/release").display());
+    // Test plugins are not embedded; the integration tests find them here.
+    println!("cargo:rustc-env=CLOUD48_TEST_PLUGINS={}", target_dir.join("wasm32-wasip2/release").display());
+    println!("cargo:rustc-env=CLOUD48_TEST_PLUGINS_FUTURE={}", future_dir.join("wasm32-wasip2/release").display());
     for p in PLUGINS {
         let file = format!("cloud48_plugin_{p}.wasm");
         let from = target_dir.join("wasm32-wasip2/release").join(&file);

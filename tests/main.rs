@@ -10,4 +10,5 @@ mod container;
 mod crash;
 mod driver;
 mod environment;
+mod plugins;
 mod queue;

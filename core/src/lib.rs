@@ -9,6 +9,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod core;
+pub mod demo;
 pub mod driver;
 pub mod entities;
 pub mod managers;

@@ -328,7 +328,7 @@ impl<'a> ContainerManager<'a> {
             .map(|c| ExecSummary {
                 command_id: c.id,
                 status: c.status,
-                script: c.params["script"].as_str().unwrap_or_default().lines().find(|l| !l.trim().is_empty() && !l.starts_with("set ")).unwrap_or_default().to_string(),
+                script: script_title(c.params["script"].as_str().unwrap_or_default()),
                 args: serde_json::from_value(c.params["args"].clone()).unwrap_or_default(),
             })
             .collect();
@@ -355,6 +355,12 @@ impl<'a> ContainerManager<'a> {
     pub async fn put(&self, id: ContainerId, cmd: CommandId) -> Result<(), CoreError> {
         Ok(self.core.queue().unlock(Target::Container(id), cmd).await?)
     }
+}
+
+/// A one-line title of a script: its first `# cloud48:` comment, else its first line.
+fn script_title(script: &str) -> String {
+    let first = script.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default();
+    first.strip_prefix("# cloud48:").map_or(first, str::trim).chars().take(120).collect()
 }
 
 /// Inserts a container row in status `creating` (validating type, server and requirements).

@@ -35,6 +35,7 @@ use crate::queue::CommandFilter;
         (name = "containers", description = "Containers and their lifecycle"),
         (name = "servers", description = "Virtualization servers"),
         (name = "commands", description = "The persisted command queue"),
+        (name = "plugins", description = "Container types as WASM components"),
     )
 )]
 struct ApiDoc;
@@ -55,6 +56,8 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(list_commands))
         .routes(routes!(show_command))
         .routes(routes!(cancel_command))
+        .routes(routes!(list_plugins, install_plugin))
+        .routes(routes!(show_plugin, upgrade_plugin, remove_plugin))
         .with_state(core.clone())
         .split_for_parts();
     let doc = api.clone();
@@ -69,6 +72,7 @@ pub fn router(core: Core) -> Router {
             )
         })
         .layer(axum::middleware::from_fn_with_state(core, access::check))
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
 }
 
 type Accept = (StatusCode, Json<Accepted>);
@@ -331,4 +335,74 @@ async fn cancel_command(
     Path(id): Path<String>,
 ) -> Result<Json<Command>, ApiError> {
     Ok(Json(core.queue().cancel(parse_id("id", &id)?).await?))
+}
+
+fn wasm_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    let ok_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/wasm") || v.starts_with("application/octet-stream"));
+    if !ok_type {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_request",
+            "send the component as the body with 'Content-Type: application/wasm'",
+            None,
+        ));
+    }
+    if body.is_empty() {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", "plugin: the body is empty", Some("plugin")));
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/v1/plugins", tag = "plugins", responses((status = 200, body = Vec<crate::plugins::PluginInfo>)))]
+async fn list_plugins(State(core): State<Core>) -> Result<Json<Vec<crate::plugins::PluginInfo>>, ApiError> {
+    Ok(Json(core.plugins().list().await?))
+}
+
+#[utoipa::path(post, path = "/v1/plugins", tag = "plugins",
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The WASM component"),
+    responses((status = 201, body = crate::plugins::PluginInfo), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody, description = "Not a valid plugin, or an incompatible WIT version")))]
+async fn install_plugin(
+    State(core): State<Core>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<crate::plugins::PluginInfo>), ApiError> {
+    wasm_body(&headers, &body)?;
+    Ok((StatusCode::CREATED, Json(core.plugins().install(&body).await?)))
+}
+
+#[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name or name@version")),
+    responses((status = 200, body = crate::plugins::PluginInfo), (status = 404, body = ErrorBody)))]
+async fn show_plugin(State(core): State<Core>, Path(name): Path<String>) -> Result<Json<crate::plugins::PluginInfo>, ApiError> {
+    Ok(Json(core.plugins().show(&name).await?))
+}
+
+#[utoipa::path(put, path = "/v1/plugins/{name}", tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name")),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The newer WASM component"),
+    responses((status = 200, body = crate::plugins::PluginInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn upgrade_plugin(
+    State(core): State<Core>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::plugins::PluginInfo>, ApiError> {
+    wasm_body(&headers, &body)?;
+    let info = core.plugins().upgrade(&body).await?;
+    if info.meta.name != name {
+        tracing::warn!(path = %name, plugin = %info.meta.name, "upgrade path named another plugin than the component");
+    }
+    Ok(Json(info))
+}
+
+#[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins",
+    params(("name" = String, Path, description = "Plugin name")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Containers still use it")))]
+async fn remove_plugin(State(core): State<Core>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    core.plugins().remove(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -10,6 +10,12 @@ use serde::de::DeserializeOwned;
 use crate::api::ErrorBody;
 use crate::model::{Accepted, Command};
 
+/// A request body.
+enum Body {
+    Json(serde_json::Value),
+    Wasm(Vec<u8>),
+}
+
 /// A user name and password for HTTP Digest authentication.
 #[derive(Clone)]
 pub struct Credentials {
@@ -83,13 +89,32 @@ impl Client {
     }
 
     async fn send<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> Result<reqwest::Response> {
+        self.send_raw(method, path, body.map(|b| Body::Json(serde_json::to_value(b).expect("serializable")))).await
+    }
+
+    /// Sends a WASM component (`application/wasm`), expecting JSON back (or nothing).
+    pub async fn send_wasm<T: DeserializeOwned>(&self, method: Method, path: &str, wasm: Vec<u8>) -> Result<T> {
+        let resp = self.send_raw(method, path, Some(Body::Wasm(wasm))).await?;
+        resp.json().await.context("the core sent JSON this client does not understand")
+    }
+
+    /// DELETE expecting no content.
+    pub async fn delete_empty(&self, path: &str) -> Result<()> {
+        self.send_raw(Method::DELETE, path, None).await.map(|_| ())
+    }
+
+    async fn send_raw(&self, method: Method, path: &str, body: Option<Body>) -> Result<reqwest::Response> {
         let url = format!("{}{}", self.base, path);
         let mut attempt = 0;
         let resp = loop {
             attempt += 1;
             let mut req = self.http.request(method.clone(), &url);
-            if let Some(b) = body {
-                req = req.json(b);
+            match &body {
+                Some(Body::Json(v)) => req = req.json(v),
+                Some(Body::Wasm(w)) => {
+                    req = req.header(reqwest::header::CONTENT_TYPE, "application/wasm").body(w.clone())
+                }
+                None => {}
             }
             if let Some(h) = self.authorization(&method, path) {
                 req = req.header(reqwest::header::AUTHORIZATION, h);

@@ -62,6 +62,11 @@ pub enum Top {
     /// The persisted command queue.
     #[command(subcommand)]
     Command(CommandCmd),
+    /// Container types (WASM plugins).
+    #[command(subcommand)]
+    Plugin(PluginCmd),
+    /// Run the seed scenario (tomcats, a balancer) on an embedded core and print what happened.
+    Demo,
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -378,6 +383,33 @@ pub enum UserCmd {
     },
 }
 
+/// `plugin` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PluginCmd {
+    /// Install a WASM component as a new container type (admin).
+    Install {
+        /// The `.wasm` file.
+        file: PathBuf,
+    },
+    /// List installed plugins.
+    List,
+    /// Show a plugin.
+    Show {
+        /// Name or name@version.
+        name: String,
+    },
+    /// Install a newer compatible version and move every container to it (admin).
+    Upgrade {
+        /// The `.wasm` file of the new version.
+        file: PathBuf,
+    },
+    /// Remove a plugin no container uses (admin).
+    Remove {
+        /// Name.
+        name: String,
+    },
+}
+
 /// `bench` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
@@ -415,6 +447,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
         },
         Top::Command(cmd) => command(&client, out, cmd).await,
+        Top::Plugin(cmd) => plugin(&client, out, cmd).await,
+        Top::Demo => crate::demo::run().await,
     }
 }
 
@@ -564,6 +598,58 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
     let (path, body) = action(id, &op);
     let a = client.submit(&path, Some(&body)).await?;
     out.accepted(client, a, wait, &format!("{} of container {id}", op.kind())).await
+}
+
+fn read_wasm(file: &std::path::Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if !bytes.starts_with(b"\0asm") {
+        bail!("{} is not a WASM file (build plugins with `cargo build --release --target wasm32-wasip2`)", file.display());
+    }
+    Ok(bytes)
+}
+
+async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
+    use crate::plugins::PluginInfo;
+    match cmd {
+        PluginCmd::Install { file } => {
+            let info: PluginInfo = client.send_wasm(reqwest::Method::POST, "/v1/plugins", read_wasm(&file)?).await?;
+            out.show(&info, || format!("installed {} (priority {}): {}", info.type_id, info.meta.priority, info.meta.description));
+        }
+        PluginCmd::Upgrade { file } => {
+            let wasm = read_wasm(&file)?;
+            let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
+            let info: PluginInfo = client.send_wasm(reqwest::Method::PUT, &format!("/v1/plugins/{}", enc(&name)), wasm).await?;
+            out.show(&info, || format!("upgraded to {}; {} container(s) moved", info.type_id, info.containers));
+        }
+        PluginCmd::List => {
+            let list: Vec<PluginInfo> = client.get("/v1/plugins").await?;
+            out.show(&list, || {
+                let mut t = comfy_table::Table::new();
+                t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
+                    .set_header(vec!["TYPE", "PRIORITY", "WIT", "CONTAINERS", "SIZE", "DESCRIPTION"]);
+                for p in &list {
+                    t.add_row(vec![p.type_id.clone(), p.meta.priority.to_string(), p.meta.wit_version.clone(), p.containers.to_string(), format!("{} KiB", p.size / 1024), p.meta.description.clone()]);
+                }
+                t.to_string()
+            });
+        }
+        PluginCmd::Show { name } => {
+            let p: PluginInfo = client.get(&format!("/v1/plugins/{}", enc(&name))).await?;
+            out.show(&p, || {
+                let r = &p.meta.requirements.resources;
+                format!(
+                    "plugin {}\n  description:  {}\n  priority:     {}\n  WIT version:  {}\n  requirements: cpu {:.2}, memory {} MB, disk {} MB\n  containers:   {}\n  sha256:       {}\n  size:         {} bytes",
+                    p.type_id, p.meta.description, p.meta.priority, p.meta.wit_version,
+                    r.cpu_millis as f64 / 1000.0, r.memory_mb, r.disk_mb, p.containers, p.sha256, p.size
+                )
+            });
+        }
+        PluginCmd::Remove { name } => {
+            client.delete_empty(&format!("/v1/plugins/{}", enc(&name))).await?;
+            out.show(&serde_json::json!({ "removed": name }), || format!("plugin {name} removed"));
+        }
+    }
+    Ok(())
 }
 
 async fn command(client: &Client, out: Out, cmd: CommandCmd) -> Result<()> {

@@ -311,8 +311,22 @@ impl WasmPlugin {
         &self.meta
     }
 
-    /// Runs one export in a fresh instance; classifies failures.
-    fn call<R>(
+    /// Runs one export in a fresh instance, off the async runtime's scheduling (WASI's blocking
+    /// shims may block on the runtime); classifies failures.
+    fn call<R: Send>(
+        &self,
+        hook: &str,
+        f: impl FnOnce(&v0_1_0::ContainerType, &mut Store<HostState>) -> wasmtime::Result<R> + Send,
+    ) -> Result<R, TypeError> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| self.call_here(hook, f)),
+            Ok(_) => std::thread::scope(|s| s.spawn(|| self.call_here(hook, f)).join().expect("hook thread")),
+            Err(_) => self.call_here(hook, f),
+        }
+    }
+
+    fn call_here<R>(
         &self,
         hook: &str,
         f: impl FnOnce(&v0_1_0::ContainerType, &mut Store<HostState>) -> wasmtime::Result<R>,

@@ -22,7 +22,8 @@ pub struct Balancer;
 pub const TOMCAT_PORT: u16 = 8080;
 
 /// Rewrites the upstream block from its arguments and reloads nginx (CIS layer).
-pub const WRITE_UPSTREAMS: &str = r#"set -e
+pub const WRITE_UPSTREAMS: &str = r#"# cloud48: rewrite the nginx upstreams and reload nginx
+set -e
 conf=/etc/nginx/conf.d/cloud48-upstreams.conf
 {
   echo "upstream cloud48_app {"

@@ -16,7 +16,7 @@ pub struct State {
 pub struct Tomcat;
 
 /// Script that points the application at a database (CIS layer).
-pub const CONFIGURE_DATASOURCE: &str = "set -e\nmkdir -p /etc/cloud48\necho \"jdbc:mysql://$1:3306/app\" > /etc/cloud48/datasource\n";
+pub const CONFIGURE_DATASOURCE: &str = "# cloud48: point the application at the database\nset -e\nmkdir -p /etc/cloud48\necho \"jdbc:mysql://$1:3306/app\" > /etc/cloud48/datasource\n";
 
 fn configure(ctx: &Context, db_ip: &str) -> Outcome {
     Outcome::allow()

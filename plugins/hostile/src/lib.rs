@@ -1,0 +1,64 @@
+//! A container type that misbehaves on purpose, for the plugin host's sandbox tests. What it does
+//! in `before-it-is-added` depends on the environment's name:
+//! `loop` spins forever, `bomb` allocates until memory runs out, `trap` panics, `huge` returns a
+//! 2 MiB state, `spam` asks for 10,000 actions; anything else is allowed.
+//! Built with `HOSTILE_WIT=x.y.z` it claims that WIT version (to test install refusals); built with
+//! `HOSTILE_VERSION=x.y.z` it is that version and migrates states by prefixing `from->to:`.
+
+use cloud48_sdk::*;
+
+/// The hostile type.
+#[derive(Default)]
+pub struct Hostile;
+
+impl ContainerType for Hostile {
+    fn metadata(&self) -> Metadata {
+        let version = option_env!("HOSTILE_VERSION").unwrap_or("0.1.0");
+        let mut m = Metadata::new("hostile", version, 99, Resources::new(100, 64, 64));
+        if let Some(w) = option_env!("HOSTILE_WIT") {
+            m.wit_version = w.into();
+        }
+        m.described("misbehaves on purpose")
+    }
+
+    fn initial_state(&self) -> Vec<u8> {
+        b"v0".to_vec()
+    }
+
+    fn migrate_state(&self, from_version: &str, state: Vec<u8>) -> Result<Vec<u8>, String> {
+        let to = option_env!("HOSTILE_VERSION").unwrap_or("0.1.0");
+        let mut out = format!("{from_version}->{to}:").into_bytes();
+        out.extend(state);
+        Ok(out)
+    }
+
+    fn before_it_is_added(&self, ctx: &Context) -> Outcome {
+        match ctx.environment.name.as_str() {
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "trap" => panic!("hostile plugin panics on purpose"),
+            "huge" => Outcome::allow().with_state(vec![7u8; 2 << 20]),
+            "spam" => {
+                let mut o = Outcome::allow();
+                for _ in 0..10_000 {
+                    o = o.with_action(Action::add("hostile"));
+                }
+                o
+            }
+            _ => Outcome::allow(),
+        }
+    }
+}
+
+export_container_type!(Hostile);
