@@ -5,7 +5,7 @@
 //! Placeholders resolve from other keys of the file (`${server.data_dir}`) or from the
 //! environment (`${HOME}`). An unknown key, a bad value or an unresolved placeholder is an error
 //! naming the key and the file line. Named components read their own section (`database`,
-//! `queue`, `drivers.sim`, `auth`).
+//! `queue`, `drivers.sim`, `plugins`, `auth`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -49,6 +49,8 @@ const SETTINGS: &[Spec] = &[
     Spec { key: "queue.lease_ms", env: "CLOUD48_LEASE_MS", flag: "--lease-ms", default: "30000", secret: false, kind: Kind::Count },
     Spec { key: "drivers.sim.servers", env: "CLOUD48_SIM_SERVERS", flag: "--sim-servers", default: "4", secret: false, kind: Kind::Count },
     Spec { key: "drivers.sim.latency_ms", env: "CLOUD48_SIM_LATENCY_MS", flag: "--sim-latency-ms", default: "0", secret: false, kind: Kind::Count },
+    Spec { key: "plugins.deadline_ms", env: "CLOUD48_PLUGIN_DEADLINE_MS", flag: "--plugin-deadline-ms", default: "100", secret: false, kind: Kind::Count },
+    Spec { key: "plugins.memory_mb", env: "CLOUD48_PLUGIN_MEMORY_MB", flag: "--plugin-memory-mb", default: "64", secret: false, kind: Kind::Count },
     Spec { key: "auth.anonymous", env: "CLOUD48_ANONYMOUS", flag: "--anonymous", default: "read", secret: false, kind: Kind::Choice(&["none", "read", "full"]) },
     Spec { key: "auth.realm", env: "CLOUD48_REALM", flag: "--realm", default: "cloud48", secret: false, kind: Kind::Text },
     Spec { key: "auth.nonce_ttl_secs", env: "CLOUD48_NONCE_TTL_SECS", flag: "--nonce-ttl-secs", default: "300", secret: false, kind: Kind::Count },
@@ -362,6 +364,8 @@ impl Settings {
         c.sim_servers = self.count("drivers.sim.servers") as u32;
         c.sim_latency = Duration::from_millis(self.count("drivers.sim.latency_ms"));
         c.auth = self.auth();
+        c.plugin_limits.deadline = Duration::from_millis(self.count("plugins.deadline_ms").max(1));
+        c.plugin_limits.memory = (self.count("plugins.memory_mb").clamp(1, 4096) as usize) << 20;
         c
     }
 

@@ -109,6 +109,12 @@ pub struct CoreArgs {
     /// Latency of every simulated server operation, ms [default 0].
     #[arg(long)]
     pub sim_latency_ms: Option<u64>,
+    /// Deadline of one plugin hook call, ms [default 100].
+    #[arg(long)]
+    pub plugin_deadline_ms: Option<u64>,
+    /// Memory cap of one plugin instance, MiB [default 64].
+    #[arg(long)]
+    pub plugin_memory_mb: Option<u64>,
     /// What anonymous requests may do: none, read or full (full: local development only) [default read].
     #[arg(long)]
     pub anonymous: Option<String>,
@@ -138,6 +144,8 @@ impl CoreArgs {
         put("queue.lease_ms", self.lease_ms.map(|v| v.to_string()));
         put("drivers.sim.servers", self.sim_servers.map(|v| v.to_string()));
         put("drivers.sim.latency_ms", self.sim_latency_ms.map(|v| v.to_string()));
+        put("plugins.deadline_ms", self.plugin_deadline_ms.map(|v| v.to_string()));
+        put("plugins.memory_mb", self.plugin_memory_mb.map(|v| v.to_string()));
         put("auth.anonymous", self.anonymous.clone());
         put("auth.realm", self.realm.clone());
         put("auth.nonce_ttl_secs", self.nonce_ttl_secs.map(|v| v.to_string()));
@@ -415,6 +423,8 @@ pub enum PluginCmd {
 pub enum BenchCmd {
     /// Durable no-op command throughput of the queue, on SQLite and (if reachable) PostgreSQL.
     Queue(crate::bench::QueueBenchArgs),
+    /// Hook dispatch of the bundled balancer plugin (instantiate + call + state in/out).
+    Hooks(crate::bench::HooksBenchArgs),
 }
 
 /// Runs the CLI.
@@ -432,6 +442,10 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Top::User(cmd) => users(out, cmd).await,
         Top::Bench(BenchCmd::Queue(args)) => crate::bench::queue(args).await,
+        // Outside the async runtime, to measure the dispatch itself.
+        Top::Bench(BenchCmd::Hooks(args)) => std::thread::spawn(move || crate::bench::hooks(args))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the benchmark thread panicked"))?,
         Top::Env(cmd) => env(&client, out, cmd).await,
         Top::Container(cmd) => container(&client, out, cmd).await,
         Top::Server(cmd) => match cmd {
