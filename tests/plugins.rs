@@ -213,3 +213,96 @@ async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_dupli
     let cmds: Vec<Command> = client.get("/v1/commands?limit=100").await.unwrap();
     assert!(cmds.iter().all(|c| c.status == CommandStatus::Succeeded), "{cmds:#?}");
 }
+
+#[test]
+fn the_sdk_harness_runs_the_seed_scenario_against_the_compiled_plugins() {
+    use cloud48_core::plugins::harness::WasmHooks;
+    use cloud48_sdk::testing::Platform;
+    let host = cloud48_core::plugins::PluginHost::new(None, Default::default()).unwrap();
+    let mut hooks = WasmHooks::default();
+    for name in ["tomcat", "balancer", "mysql"] {
+        hooks = hooks.with(host.load(&test_plugin(env!("CLOUD48_TEST_PLUGINS"), name)).unwrap());
+    }
+    let mut p = Platform::new(hooks);
+    let t1 = p.add("tomcat").unwrap();
+    let t2 = p.add("tomcat").unwrap();
+    let lb = p.ids_of("balancer")[0];
+    assert!(lb < t2);
+    let state = p.inspect(lb);
+    assert_eq!(state["upstreams"].as_array().unwrap().len(), 2);
+    assert_eq!(p.execs.len(), 2);
+    p.remove(t1).unwrap();
+    assert_eq!(p.inspect(lb)["upstreams"].as_array().unwrap().len(), 1);
+    let db = p.add("mysql").unwrap();
+    assert_eq!(p.add("mysql").unwrap_err(), "this environment already has a mysql database");
+    assert!(p.inspect(t2)["database"].is_string());
+    assert!(p.remove(db).unwrap_err().contains("use this database"));
+    let server = p.members().into_iter().find(|m| m.id == lb).unwrap().server.unwrap();
+    p.crash_server(&server).unwrap();
+    assert_eq!(p.illegal.len(), 1, "the crashed balancer was replaced");
+    let new = p.ids_of("balancer")[0];
+    assert_eq!(p.inspect(new)["upstreams"].as_array().unwrap().len(), 1, "the replacement registered the tomcat");
+}
+
+fn run_bin(args: &[&str], cwd: &std::path::Path, env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = std::process::Command::new(crate::common::binary()).args(args).current_dir(cwd).envs(env.iter().copied()).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn plugin_test_runs_scenario_files_and_fails_on_a_broken_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let balancer = format!("{}/cloud48_plugin_balancer.wasm", env!("CLOUD48_TEST_PLUGINS"));
+    std::fs::write(
+        dir.path().join("seed.toml"),
+        r#"
+[[step]]
+add = "tomcat"
+[[step]]
+add = "tomcat"
+expect_members = ["balancer", "tomcat", "tomcat"]
+expect_execs = 2
+expect_state = { id = 2, pointer = "/reloads", value = 2 }
+[[step]]
+remove = 1
+expect_state = { id = 2, pointer = "/upstreams/0", value = "10.0.0.4:8080" }
+[[step]]
+add = "balancer"
+expect_deny = "already has a balancer"
+"#,
+    )
+    .unwrap();
+    let (ok, out, err) = run_bin(&["plugin", "test", &balancer, "--scenario", "seed.toml"], dir.path(), &[]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("scenario passed: 4 steps"), "{out}");
+    std::fs::write(dir.path().join("bad.toml"), "[[step]]\nadd = \"tomcat\"\nexpect_execs = 5\n").unwrap();
+    let (ok, _, err) = run_bin(&["plugin", "test", &balancer, "--scenario", "bad.toml"], dir.path(), &[]);
+    assert!(!ok && err.contains("step 1 (add tomcat): 0 scripts were exec'd, expected 5"), "{err}");
+    std::fs::write(dir.path().join("typo.toml"), "[[step]]\nadd = \"tomcat\"\nexpect_exec = 5\n").unwrap();
+    let (ok, _, err) = run_bin(&["plugin", "test", &balancer, "--scenario", "typo.toml"], dir.path(), &[]);
+    assert!(!ok && err.contains("not a valid scenario"), "{err}");
+}
+
+#[test]
+fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdk = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk");
+    let (ok, out, err) = run_bin(&["plugin", "new", "cache", "--sdk", sdk], dir.path(), &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("cargo test"), "{out}");
+    let krate = dir.path().join("cache");
+    let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/scaffold-test");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&cargo).args(args).current_dir(&krate).env("CARGO_TARGET_DIR", target).output().unwrap();
+        assert!(out.status.success(), "cargo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["test", "--quiet"]);
+    run(&["build", "--release", "--quiet", "--target", "wasm32-wasip2"]);
+    let wasm = format!("{target}/wasm32-wasip2/release/cloud48_plugin_cache.wasm");
+    let (ok, out, err) = run_bin(&["plugin", "test", &wasm, "--scenario", "scenario.toml"], &krate, &[]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("scenario passed: 3 steps"), "{out}");
+    let (ok, _, err) = run_bin(&["plugin", "new", "cache", "--sdk", sdk], dir.path(), &[]);
+    assert!(!ok && err.contains("exists already"), "{err}");
+}

@@ -17,6 +17,7 @@ pub mod model;
 pub mod placement;
 pub mod plugins;
 pub mod queue;
+pub mod scaffold;
 pub mod types;
 
 pub use crate::core::{Core, CoreConfig, CoreError};

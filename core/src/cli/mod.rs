@@ -416,6 +416,26 @@ pub enum PluginCmd {
         /// Name.
         name: String,
     },
+    /// Run a scenario file against compiled plugins through the real plugin host (no core needed).
+    Test {
+        /// The `.wasm` files to test (bundled plugins are available too).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Scenario file (TOML; see sdk/README.md).
+        #[arg(long)]
+        scenario: PathBuf,
+    },
+    /// Create a new plugin crate that builds and passes its own scenario test.
+    New {
+        /// Type name of the new container type.
+        name: String,
+        /// Directory to create (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Path of the cloud48-sdk crate to depend on.
+        #[arg(long, env = "CLOUD48_SDK_PATH")]
+        sdk: Option<PathBuf>,
+    },
 }
 
 /// `bench` subcommands.
@@ -658,6 +678,28 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
                 )
             });
         }
+        PluginCmd::Test { files, scenario } => {
+            let text = std::fs::read_to_string(&scenario).with_context(|| format!("cannot read {}", scenario.display()))?;
+            let sc: crate::plugins::harness::Scenario = toml_edit::de::from_str(&text)
+                .with_context(|| format!("{} is not a valid scenario", scenario.display()))?;
+            let wasm = files.iter().map(|f| read_wasm(f)).collect::<Result<Vec<_>>>()?;
+            let report = std::thread::spawn(move || {
+                let host = crate::plugins::PluginHost::new(None, crate::plugins::Limits::default()).map_err(|e| e.to_string())?;
+                crate::plugins::harness::run_scenario(&host, &wasm, &sc)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the scenario thread panicked"))?;
+            match report {
+                Ok(lines) => {
+                    for l in &lines {
+                        println!("{l}");
+                    }
+                    println!("scenario passed: {} steps", lines.len());
+                }
+                Err(e) => bail!("scenario failed: {e}"),
+            }
+        }
+        PluginCmd::New { name, dir, sdk } => crate::scaffold::new_plugin(&name, dir, sdk)?,
         PluginCmd::Remove { name } => {
             client.delete_empty(&format!("/v1/plugins/{}", enc(&name))).await?;
             out.show(&serde_json::json!({ "removed": name }), || format!("plugin {name} removed"));

@@ -5,6 +5,7 @@
 //! `name@version` in the registry; a version is removed only when no live container uses it;
 //! an upgrade moves every container to the new version in one transaction.
 
+pub mod harness;
 pub mod host;
 
 use std::sync::Arc;

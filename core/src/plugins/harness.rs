@@ -1,0 +1,212 @@
+//! Runs the SDK's test harness (`cloud48_sdk::testing`) against compiled plugins through the
+//! real host, and `cloud48 plugin test` scenario files.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use cloud48_sdk::testing::{Call, Hooks, Platform};
+use cloud48_sdk::{Action, Context, DownCause as SdkCause, Member, Metadata, Outcome, Resources, Status, Verdict as SdkVerdict};
+use serde::Deserialize;
+
+use super::{PluginHost, WasmPlugin};
+use crate::model::ContainerStatus;
+use crate::types::{ContainerType, DownCause, EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict};
+
+/// Compiled plugins by type name, for the SDK harness.
+#[derive(Default)]
+pub struct WasmHooks {
+    plugins: BTreeMap<String, Arc<WasmPlugin>>,
+}
+
+impl WasmHooks {
+    /// Adds a compiled plugin (replacing one of the same name).
+    pub fn with(mut self, plugin: WasmPlugin) -> Self {
+        self.plugins.insert(plugin.meta().name.clone(), Arc::new(plugin));
+        self
+    }
+
+    fn get(&self, name: &str) -> Result<&Arc<WasmPlugin>, String> {
+        self.plugins.get(name).ok_or_else(|| format!("no plugin named {name} is loaded"))
+    }
+}
+
+fn status(s: Status) -> ContainerStatus {
+    match s {
+        Status::Creating => ContainerStatus::Creating,
+        Status::Running => ContainerStatus::Running,
+        Status::Stopped => ContainerStatus::Stopped,
+        Status::Suspended => ContainerStatus::Suspended,
+        Status::Destroyed => ContainerStatus::Destroyed,
+        Status::Failed => ContainerStatus::Failed,
+    }
+}
+
+fn view(m: &Member) -> MemberView {
+    MemberView { id: m.id, type_id: m.type_id.clone(), priority: m.priority, status: status(m.status), server: m.server.clone(), ip: m.ip.clone() }
+}
+
+impl Hooks for WasmHooks {
+    fn metadata(&self, type_name: &str) -> Option<Metadata> {
+        let m = self.plugins.get(type_name)?.meta().clone();
+        let r = m.requirements.resources;
+        Some(Metadata {
+            name: m.name,
+            version: m.version,
+            wit_version: m.wit_version,
+            priority: m.priority,
+            requirements: Resources { cpu_millis: r.cpu_millis, memory_mb: r.memory_mb, disk_mb: r.disk_mb },
+            description: m.description,
+        })
+    }
+
+    fn initial_state(&self, type_name: &str) -> Result<Vec<u8>, String> {
+        Ok(self.get(type_name)?.initial_state())
+    }
+
+    fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<Outcome, String> {
+        let plugin = self.get(type_name)?;
+        let hook = match call {
+            Call::BeforeItIsAdded => Hook::BeforeItIsAdded,
+            Call::AfterItIsAdded => Hook::AfterItIsAdded,
+            Call::BeforeOtherIsAdded(o) => Hook::BeforeOtherIsAdded(view(o)),
+            Call::AfterOtherIsAdded(o) => Hook::AfterOtherIsAdded(view(o)),
+            Call::BeforeItIsRemoved => Hook::BeforeItIsRemoved,
+            Call::AfterOtherIsRemoved(o) => Hook::AfterOtherIsRemoved(view(o)),
+            Call::IsDown(SdkCause::ServerUnreachable(s)) => Hook::IsDown(DownCause::ServerUnreachable(s.clone())),
+            Call::IsDown(SdkCause::Crashed(s)) => Hook::IsDown(DownCause::Crashed(s.clone())),
+            Call::IsUp => Hook::IsUp,
+        };
+        let me = view(&ctx.container);
+        let env = EnvironmentView {
+            id: ctx.environment.id,
+            name: ctx.environment.name.clone(),
+            members: ctx.environment.members.iter().map(view).collect(),
+        };
+        let out = plugin
+            .handle(&hook, &HookContext { container: &me, environment: &env, state: &ctx.state })
+            .map_err(|e| e.to_string())?;
+        Ok(Outcome {
+            verdict: match out.verdict {
+                Verdict::Allow => SdkVerdict::Allow,
+                Verdict::Deny(r) => SdkVerdict::Deny(r),
+            },
+            actions: out
+                .actions
+                .into_iter()
+                .map(|a| match a {
+                    HookAction::AddContainer(t) => Action::AddContainer(t),
+                    HookAction::RemoveContainer(id) => Action::RemoveContainer(id),
+                    HookAction::ReplaceContainer(id) => Action::ReplaceContainer(id),
+                    HookAction::Exec { container, script, args } => {
+                        Action::Exec(cloud48_sdk::ExecRequest { container, script, args })
+                    }
+                })
+                .collect(),
+            new_state: out.new_state,
+        })
+    }
+
+    fn inspect(&self, type_name: &str, state: &[u8]) -> Result<String, String> {
+        Ok(self.get(type_name)?.inspect(state).map_err(|e| e.to_string())?.to_string())
+    }
+}
+
+/// A scenario file for `cloud48 plugin test`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Bundled plugins to load besides the tested files (default: all of them).
+    pub bundled: Option<Vec<String>>,
+    /// The steps, in order.
+    #[serde(rename = "step", default)]
+    pub steps: Vec<Step>,
+}
+
+/// One step: at most one operation, then expectations.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// Add a container of this type.
+    pub add: Option<String>,
+    /// Remove the container with this id.
+    pub remove: Option<i64>,
+    /// Crash this fake server (`s1`..`s3`).
+    pub crash: Option<String>,
+    /// The operation must be denied with a reason containing this text.
+    pub expect_deny: Option<String>,
+    /// Type names of the members afterwards, in priority order.
+    pub expect_members: Option<Vec<String>>,
+    /// Number of scripts exec'd so far.
+    pub expect_execs: Option<usize>,
+    /// A value of a member's inspected state.
+    pub expect_state: Option<StateExpectation>,
+}
+
+/// An expected value in a member's inspected state.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateExpectation {
+    /// Container id.
+    pub id: i64,
+    /// JSON pointer into the state, e.g. `/upstreams/0`.
+    pub pointer: String,
+    /// Expected value.
+    pub value: serde_json::Value,
+}
+
+/// Runs a scenario; returns one line per step, or the first failure.
+pub fn run_scenario(host: &Arc<PluginHost>, files: &[Vec<u8>], scenario: &Scenario) -> Result<Vec<String>, String> {
+    let mut hooks = WasmHooks::default();
+    for (name, wasm) in super::BUNDLED {
+        if scenario.bundled.as_ref().is_none_or(|b| b.iter().any(|x| x == name)) {
+            hooks = hooks.with(host.load(wasm).map_err(|e| e.to_string())?);
+        }
+    }
+    for f in files {
+        hooks = hooks.with(host.load(f).map_err(|e| e.to_string())?);
+    }
+    let mut p = Platform::new(hooks);
+    let mut report = Vec::new();
+    for (i, step) in scenario.steps.iter().enumerate() {
+        let n = i + 1;
+        let (what, result) = if let Some(t) = &step.add {
+            (format!("add {t}"), p.add(t).map(|id| format!("container {id}")))
+        } else if let Some(id) = step.remove {
+            (format!("remove {id}"), p.remove(id).map(|_| "removed".to_string()))
+        } else if let Some(s) = &step.crash {
+            (format!("crash {s}"), p.crash_server(s).map(|_| "crashed".to_string()))
+        } else {
+            ("check".to_string(), Ok(String::new()))
+        };
+        let fail = |m: String| format!("step {n} ({what}): {m}");
+        match (&step.expect_deny, result) {
+            (Some(want), Err(reason)) if reason.contains(want.as_str()) => report.push(format!("✓ step {n}: {what} denied: {reason}")),
+            (Some(want), Err(reason)) => return Err(fail(format!("denied with '{reason}', expected a denial containing '{want}'"))),
+            (Some(want), Ok(_)) => return Err(fail(format!("allowed, expected a denial containing '{want}'"))),
+            (None, Err(e)) => return Err(fail(e)),
+            (None, Ok(r)) => report.push(format!("✓ step {n}: {what} {r}")),
+        }
+        if let Some(want) = &step.expect_members {
+            let got: Vec<String> = p.members().iter().map(|m| cloud48_sdk::type_name(&m.type_id).to_string()).collect();
+            if &got != want {
+                return Err(fail(format!("members are {got:?}, expected {want:?}")));
+            }
+        }
+        if let Some(want) = step.expect_execs
+            && p.execs.len() != want
+        {
+            return Err(fail(format!("{} scripts were exec'd, expected {want}", p.execs.len())));
+        }
+        if let Some(e) = &step.expect_state {
+            if !p.members().iter().any(|m| m.id == e.id) {
+                return Err(fail(format!("container {} is not a member", e.id)));
+            }
+            let state = p.inspect(e.id);
+            let got = state.pointer(&e.pointer).cloned().unwrap_or(serde_json::Value::Null);
+            if got != e.value {
+                return Err(fail(format!("state {} of container {} is {got}, expected {}", e.pointer, e.id, e.value)));
+            }
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,158 @@
+//! `cloud48 plugin new NAME`: a new container-type crate that builds and passes its own tests.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+
+fn render(template: &str, name: &str, sdk: &str) -> String {
+    template
+        .replace("{{name}}", name)
+        .replace("{{crate}}", &name.replace('-', "_"))
+        .replace("{{Type}}", &camel(name))
+        .replace("{{sdk}}", sdk)
+}
+
+fn camel(name: &str) -> String {
+    name.split('-')
+        .map(|p| {
+            let mut c = p.chars();
+            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+        })
+        .collect()
+}
+
+const CARGO: &str = r#"[package]
+name = "cloud48-plugin-{{name}}"
+version = "0.1.0"
+edition = "2024"
+
+# A plugin crate of its own, outside any other workspace.
+[workspace]
+
+[lib]
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+cloud48-sdk = { path = "{{sdk}}" }
+serde = { version = "1", features = ["derive"] }
+serde_json = "1"
+"#;
+
+const TOOLCHAIN: &str = r#"[toolchain]
+channel = "stable"
+targets = ["wasm32-wasip2"]
+"#;
+
+const LIB: &str = r#"//! `{{name}}`: a Cloud48 container type.
+
+use cloud48_sdk::*;
+use serde::{Deserialize, Serialize};
+
+/// What a `{{name}}` container remembers.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Ids of the members it has seen join.
+    pub seen: Vec<i64>,
+}
+
+/// The `{{name}}` container type.
+#[derive(Default)]
+pub struct {{Type}};
+
+impl ContainerType for {{Type}} {
+    fn metadata(&self) -> Metadata {
+        Metadata::new("{{name}}", "0.1.0", 40, Resources::new(500, 256, 1024))
+            .described("describe {{name}} here")
+    }
+
+    fn initial_state(&self) -> Vec<u8> {
+        serde_json::to_vec(&State::default()).expect("serializes")
+    }
+
+    fn before_it_is_added(&self, ctx: &Context) -> Outcome {
+        if ctx.members_of_type("{{name}}").count() > 0 {
+            return Outcome::deny("one {{name}} per environment");
+        }
+        Outcome::allow()
+    }
+
+    fn after_other_is_added(&self, ctx: &Context, other: &Member) -> Outcome {
+        let mut state: State = ctx.json_state();
+        state.seen.push(other.id);
+        Outcome::allow().with_json_state(&state)
+    }
+}
+
+export_container_type!({{Type}});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud48_sdk::testing::{NativeHooks, Platform};
+
+    #[test]
+    fn one_per_environment_and_it_remembers_who_joined() {
+        let mut p = Platform::with_native(NativeHooks::default().with::<{{Type}}>());
+        let id = p.add("{{name}}").unwrap();
+        assert_eq!(p.add("{{name}}").unwrap_err(), "one {{name}} per environment");
+        assert_eq!(p.inspect(id)["seen"], serde_json::json!([]));
+    }
+}
+"#;
+
+const SCENARIO: &str = r#"# Run with: cloud48 plugin test target/wasm32-wasip2/release/cloud48_plugin_{{crate}}.wasm --scenario scenario.toml
+bundled = ["tomcat"]
+
+[[step]]
+add = "{{name}}"
+expect_members = ["{{name}}"]
+
+[[step]]
+add = "{{name}}"
+expect_deny = "one {{name}} per environment"
+
+[[step]]
+add = "tomcat"
+expect_state = { id = 1, pointer = "/seen", value = [2] }
+"#;
+
+/// Creates the crate; prints the next steps.
+pub fn new_plugin(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Result<()> {
+    crate::model::validate_name(name).map_err(anyhow::Error::msg)?;
+    let dir = dir.unwrap_or_else(|| PathBuf::from(name));
+    if dir.exists() {
+        bail!("{} exists already; choose another --dir", dir.display());
+    }
+    let sdk = match sdk {
+        Some(p) => p,
+        None => {
+            let built_with = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk"));
+            if !built_with.join("Cargo.toml").exists() {
+                bail!("cannot find the cloud48-sdk crate: pass --sdk PATH (or set CLOUD48_SDK_PATH)");
+            }
+            built_with
+        }
+    };
+    let sdk = std::fs::canonicalize(&sdk).with_context(|| format!("cannot find the SDK at {}", sdk.display()))?;
+    let sdk_text = sdk.to_str().context("the SDK path is not UTF-8")?;
+    std::fs::create_dir_all(dir.join("src")).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (file, template) in [
+        ("Cargo.toml", CARGO),
+        ("rust-toolchain.toml", TOOLCHAIN),
+        ("src/lib.rs", LIB),
+        ("scenario.toml", SCENARIO),
+    ] {
+        std::fs::write(dir.join(file), render(template, name, sdk_text))
+            .with_context(|| format!("cannot write {file}"))?;
+    }
+    println!("created {}; next:", dir.display());
+    println!("  cd {}", dir.display());
+    println!("  cargo test                                     # native scenario test");
+    println!("  cargo build --release --target wasm32-wasip2  # the component");
+    println!(
+        "  cloud48 plugin test target/wasm32-wasip2/release/cloud48_plugin_{}.wasm --scenario scenario.toml",
+        name.replace('-', "_")
+    );
+    println!("  cloud48 plugin install target/wasm32-wasip2/release/cloud48_plugin_{}.wasm", name.replace('-', "_"));
+    Ok(())
+}
