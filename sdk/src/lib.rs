@@ -44,6 +44,10 @@ pub mod bindings {
 
 pub mod testing;
 
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 use bindings::exports::cloud48::container::hooks::Guest;
 pub use bindings::cloud48::container::types::{
     Action, Context, DownCause, Environment, ExecRequest, Member, Metadata, Outcome, Resources,
