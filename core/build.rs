@@ -48,7 +48,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("wasm-plugins");
-    build(&root, &target_dir, &[PLUGINS, &["hostile"]].concat(), &[]);
+    build(&root, &target_dir, &[PLUGINS, &["hostile", "hostile-import"]].concat(), &[]);
     // The hostile test plugin once more, claiming a WIT version the host does not support.
     let future_dir = target_dir.join("future-wit");
     build(&root, &future_dir, &["hostile"], &[("HOSTILE_WIT", "9.0.0")]);

@@ -143,6 +143,8 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let err = install(&t, test_plugin(env!("CLOUD48_TEST_PLUGINS_FUTURE"), "hostile")).await.unwrap_err().to_string();
     assert!(err.contains("targets WIT version 9.0.0") && err.contains("supported: 0.1.0") && err.contains("HTTP 422"), "{err}");
+    let err = install(&t, test_plugin(env!("CLOUD48_TEST_PLUGINS"), "hostile_import")).await.unwrap_err().to_string();
+    assert!(err.contains("needs something the host does not give plugins") && err.contains("cloud48-test:evil/net"), "{err}");
     let err = install(&t, b"\0asm\x01\0\0\0garbage".to_vec()).await.unwrap_err().to_string();
     assert!(err.contains("not a valid WASM component"), "{err}");
     let err = install(&t, test_plugin(env!("CLOUD48_TEST_PLUGINS"), "tomcat")).await.unwrap_err().to_string();
