@@ -274,14 +274,14 @@ expect_deny = "already has a balancer"
 "#,
     )
     .unwrap();
-    let (ok, out, err) = run_bin(&["plugin", "test", &balancer, "--scenario", "seed.toml"], dir.path(), &[]);
+    let (ok, out, err) = run_bin(&["plugin", "test", &balancer, "seed.toml"], dir.path(), &[]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("scenario passed: 4 steps"), "{out}");
     std::fs::write(dir.path().join("bad.toml"), "[[step]]\nadd = \"tomcat\"\nexpect_execs = 5\n").unwrap();
-    let (ok, _, err) = run_bin(&["plugin", "test", &balancer, "--scenario", "bad.toml"], dir.path(), &[]);
+    let (ok, _, err) = run_bin(&["plugin", "test", &balancer, "bad.toml"], dir.path(), &[]);
     assert!(!ok && err.contains("step 1 (add tomcat): 0 scripts were exec'd, expected 5"), "{err}");
     std::fs::write(dir.path().join("typo.toml"), "[[step]]\nadd = \"tomcat\"\nexpect_exec = 5\n").unwrap();
-    let (ok, _, err) = run_bin(&["plugin", "test", &balancer, "--scenario", "typo.toml"], dir.path(), &[]);
+    let (ok, _, err) = run_bin(&["plugin", "test", &balancer, "typo.toml"], dir.path(), &[]);
     assert!(!ok && err.contains("not a valid scenario"), "{err}");
 }
 
@@ -302,7 +302,7 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
     run(&["test", "--quiet"]);
     run(&["build", "--release", "--quiet", "--target", "wasm32-wasip2"]);
     let wasm = format!("{target}/wasm32-wasip2/release/cloud48_plugin_cache.wasm");
-    let (ok, out, err) = run_bin(&["plugin", "test", &wasm, "--scenario", "scenario.toml"], &krate, &[]);
+    let (ok, out, err) = run_bin(&["plugin", "test", &wasm, "scenario.toml"], &krate, &[]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("scenario passed: 3 steps"), "{out}");
     let (ok, _, err) = run_bin(&["plugin", "new", "cache", "--sdk", sdk], dir.path(), &[]);

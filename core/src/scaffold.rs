@@ -100,7 +100,7 @@ mod tests {
 }
 "#;
 
-const SCENARIO: &str = r#"# Run with: cloud48 plugin test target/wasm32-wasip2/release/cloud48_plugin_{{crate}}.wasm --scenario scenario.toml
+const SCENARIO: &str = r#"# Run with: cloud48 plugin test target/wasm32-wasip2/release/cloud48_plugin_{{crate}}.wasm scenario.toml
 bundled = ["tomcat"]
 
 [[step]]
@@ -150,7 +150,7 @@ pub fn new_plugin(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Res
     println!("  cargo test                                     # native scenario test");
     println!("  cargo build --release --target wasm32-wasip2  # the component");
     println!(
-        "  cloud48 plugin test target/wasm32-wasip2/release/cloud48_plugin_{}.wasm --scenario scenario.toml",
+        "  cloud48 plugin test target/wasm32-wasip2/release/cloud48_plugin_{}.wasm scenario.toml",
         name.replace('-', "_")
     );
     println!("  cloud48 plugin install target/wasm32-wasip2/release/cloud48_plugin_{}.wasm", name.replace('-', "_"));

@@ -416,14 +416,13 @@ pub enum PluginCmd {
         /// Name.
         name: String,
     },
-    /// Run a scenario file against compiled plugins through the real plugin host (no core needed).
+    /// Run a scenario file against compiled plugins through the real plugin host (no core
+    /// needed): `cloud48 plugin test FILE.wasm [FILE.wasm ...] SCENARIO.toml`.
     Test {
-        /// The `.wasm` files to test (bundled plugins are available too).
-        #[arg(required = true)]
+        /// The `.wasm` files to test (bundled plugins are available too), then the scenario
+        /// file (TOML; see sdk/README.md).
+        #[arg(required = true, num_args = 2.., value_name = "FILE.wasm... SCENARIO.toml")]
         files: Vec<PathBuf>,
-        /// Scenario file (TOML; see sdk/README.md).
-        #[arg(long)]
-        scenario: PathBuf,
     },
     /// Create a new plugin crate that builds and passes its own scenario test.
     New {
@@ -678,7 +677,11 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
                 )
             });
         }
-        PluginCmd::Test { files, scenario } => {
+        PluginCmd::Test { mut files } => {
+            let scenario = files.pop().expect("clap requires two arguments");
+            if scenario.extension().and_then(|e| e.to_str()) != Some("toml") {
+                bail!("the last argument must be the scenario file (.toml), got {}", scenario.display());
+            }
             let text = std::fs::read_to_string(&scenario).with_context(|| format!("cannot read {}", scenario.display()))?;
             let sc: crate::plugins::harness::Scenario = toml_edit::de::from_str(&text)
                 .with_context(|| format!("{} is not a valid scenario", scenario.display()))?;
