@@ -15,7 +15,7 @@ fn build(root: &std::path::Path, target_dir: &std::path::Path, plugins: &[&str],
         .arg(target_dir)
         .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
         .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "s")
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "3")
         // A small shadow stack keeps a plugin's memory (reset between hook calls) small.
         .env("CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS", "-C link-arg=-zstack-size=131072");
     for p in plugins {
