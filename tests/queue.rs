@@ -9,7 +9,6 @@ use cloud48_core::entities::command;
 use cloud48_core::managers::{ContainerCommand, CreateContainer};
 use cloud48_core::model::{CommandStatus, ContainerStatus};
 use cloud48_core::queue::{Next, NewCommand, Queue, QueueConfig, Runner, StepError, SystemClock, Transition};
-use sea_orm::{DatabaseTransaction, DbErr};
 use serde_json::Value;
 
 use crate::common::{Opts, PgDb, TestCore};
@@ -100,6 +99,15 @@ async fn cancellation(pg: bool) {
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
 
+/// A scratch PostgreSQL database with the schema, for several queues to share.
+async fn shared_postgres() -> Option<(PgDb, sea_orm::DatabaseConnection)> {
+    let pg = PgDb::create().await?;
+    let mut config = cloud48_core::CoreConfig::new(tempfile::tempdir().unwrap().path());
+    config.database_url = Some(pg.url.clone());
+    let db = cloud48_core::core::connect(&config).await.unwrap();
+    Some((pg, db))
+}
+
 /// A runner that records which core ran each command.
 struct Recorder {
     node: String,
@@ -113,17 +121,11 @@ impl Runner for Recorder {
         tokio::task::yield_now().await;
         Ok(Transition::bare(Next::Done(Value::Null)))
     }
-    async fn on_failure(&self, _: &command::Model, _: &str) -> Result<Option<DatabaseTransaction>, DbErr> {
-        Ok(None)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
-    let Some(pg) = PgDb::create().await else { return };
-    let mut config = cloud48_core::CoreConfig::new(tempfile::tempdir().unwrap().path());
-    config.database_url = Some(pg.url.clone());
-    let db = cloud48_core::core::connect(&config).await.unwrap();
+    let Some((_pg, db)) = shared_postgres().await else { return };
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let queue_config = QueueConfig { workers: 16, claim_batch: 8, poll: Duration::from_millis(5), ..QueueConfig::default() };
     let mut queues = Vec::new();
@@ -174,17 +176,11 @@ impl Runner for Hang {
     async fn step(&self, _: &command::Model) -> Result<Transition, StepError> {
         std::future::pending().await
     }
-    async fn on_failure(&self, _: &command::Model, _: &str) -> Result<Option<DatabaseTransaction>, DbErr> {
-        Ok(None)
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core() {
-    let Some(pg) = PgDb::create().await else { return };
-    let mut config = cloud48_core::CoreConfig::new(tempfile::tempdir().unwrap().path());
-    config.database_url = Some(pg.url.clone());
-    let db = cloud48_core::core::connect(&config).await.unwrap();
+    let Some((_pg, db)) = shared_postgres().await else { return };
     let queue_config = QueueConfig { lease: Duration::from_millis(300), poll: Duration::from_millis(10), ..QueueConfig::default() };
     let dead = Queue::new(db.clone(), "core-dead".into(), queue_config.clone(), Arc::new(SystemClock));
     dead.start(Arc::new(Hang), false).await.unwrap();

@@ -96,12 +96,17 @@ impl<'a> PluginManager<'a> {
                 meta.name, r.version, meta.version
             )));
         }
-        let row = self.insert(wasm, &meta).await?;
+        let row = self.insert(self.db, wasm, &meta).await?;
         self.types.register(Arc::new(loaded));
         self.info(row).await
     }
 
-    async fn insert(&self, wasm: &[u8], meta: &PluginMeta) -> Result<plugin::Model, CoreError> {
+    async fn insert<C: sea_orm::ConnectionTrait>(
+        &self,
+        conn: &C,
+        wasm: &[u8],
+        meta: &PluginMeta,
+    ) -> Result<plugin::Model, CoreError> {
         Ok(plugin::ActiveModel {
             name: Set(meta.name.clone()),
             version: Set(meta.version.clone()),
@@ -114,7 +119,7 @@ impl<'a> PluginManager<'a> {
             installed_at: Set(now_ms()),
             ..Default::default()
         }
-        .insert(self.db)
+        .insert(conn)
         .await?)
     }
 
@@ -240,20 +245,7 @@ impl<'a> PluginManager<'a> {
             am.update(&txn).await?;
         }
         plugin::Entity::delete_by_id(old.id).exec(&txn).await?;
-        plugin::ActiveModel {
-            name: Set(meta.name.clone()),
-            version: Set(meta.version.clone()),
-            wit_version: Set(meta.wit_version.clone()),
-            priority: Set(meta.priority),
-            description: Set(meta.description.clone()),
-            requirements: Set(serde_json::to_string(&meta.requirements).expect("serializable")),
-            sha256: Set(hex::encode(sha2::Sha256::digest(wasm))),
-            wasm: Set(wasm.to_vec()),
-            installed_at: Set(now_ms()),
-            ..Default::default()
-        }
-        .insert(&txn)
-        .await?;
+        self.insert(&txn, wasm, &meta).await?;
         txn.commit().await?;
         self.types.register(Arc::new(loaded));
         self.types.unregister(&old_type);
@@ -273,7 +265,7 @@ impl<'a> PluginManager<'a> {
             }
             let loaded = self.host.load(wasm).map_err(|e| CoreError::Setup(format!("bundled plugin {name}: {e}")))?;
             let meta = loaded.meta().clone();
-            self.insert(wasm, &meta).await?;
+            self.insert(self.db, wasm, &meta).await?;
             self.types.register(Arc::new(loaded));
             tracing::info!(plugin = %meta.name, version = %meta.version, "installed a bundled plugin");
         }

@@ -205,12 +205,15 @@ pub enum StepError {
 pub trait Runner: Send + Sync + 'static {
     /// Runs step `cmd.step` of `cmd` (its target already locked).
     async fn step(&self, cmd: &command::Model) -> Result<Transition, StepError>;
-    /// Undoes what it can of a failing command; its writes commit with the failure.
+    /// Undoes what it can of a failing command; its writes commit with the failure
+    /// (default: nothing to undo).
     async fn on_failure(
         &self,
-        cmd: &command::Model,
-        error: &str,
-    ) -> Result<Option<DatabaseTransaction>, DbErr>;
+        _cmd: &command::Model,
+        _error: &str,
+    ) -> Result<Option<DatabaseTransaction>, DbErr> {
+        Ok(None)
+    }
 }
 
 /// Errors of queue operations requested by users.
