@@ -308,3 +308,43 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
     let (ok, _, err) = run_bin(&["plugin", "new", "cache", "--sdk", sdk], dir.path(), &[]);
     assert!(!ok && err.contains("exists already"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_plugins_are_cached_and_a_corrupt_cache_entry_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let host = cloud48_core::plugins::PluginHost::new(Some(cache.clone()), Default::default()).unwrap();
+    let wasm = test_plugin(env!("CLOUD48_TEST_PLUGINS"), "mysql");
+    host.load(&wasm).unwrap();
+    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(entries.len(), 1, "one artefact per content hash and engine: {entries:?}");
+    let name = entries[0].file_name().unwrap().to_str().unwrap().to_string();
+    assert!(name.starts_with(&hex_sha256(&wasm)) && name.ends_with(".cwasm"), "{name}");
+    std::fs::write(&entries[0], b"not an artefact").unwrap();
+    let again = host.load(&wasm).expect("a corrupt cache entry is recompiled, not fatal");
+    assert_eq!(again.meta().name, "mysql");
+    assert_ne!(std::fs::read(&entries[0]).unwrap(), b"not an artefact", "the entry was rewritten");
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundled_plugins_are_installed_on_the_first_start_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        let mut c = cloud48_core::CoreConfig::new(dir.path());
+        c.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
+        cloud48_core::Core::open(c)
+    };
+    let core = open().await.unwrap();
+    assert_eq!(core.plugins().list().await.unwrap().len(), 3);
+    core.plugins().remove("mysql").await.unwrap();
+    drop(core);
+    let core = open().await.unwrap();
+    let names: Vec<String> = core.plugins().list().await.unwrap().into_iter().map(|p| p.meta.name).collect();
+    assert_eq!(names, ["balancer", "tomcat"], "a removed bundled plugin stays removed after a restart");
+    assert!(core.types().get("balancer").is_some() && core.types().get("mysql").is_none());
+}
