@@ -47,6 +47,14 @@ pub struct TestCore {
     pub url: String,
     pub _dir: tempfile::TempDir,
     pub _pg: Option<PgDb>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestCore {
+    fn drop(&mut self) {
+        // Let go of the core (and its WASM engine) when the test ends.
+        self.server.abort();
+    }
 }
 
 impl TestCore {
@@ -73,13 +81,16 @@ impl TestCore {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = cloud48_core::api::router(core.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
         Some(TestCore {
             core,
             client: Client::new(&url),
             url,
             _dir: dir,
             _pg: pg,
+            server,
         })
     }
 

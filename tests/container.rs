@@ -162,3 +162,22 @@ async fn placement_spreads_containers_and_says_which_requirement_failed() {
     let err = t.wait(a.command_id).await.error.unwrap();
     assert!(err.contains("labels [ssd]"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_that_fails_late_releases_the_copy_and_restarts_the_source() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let id = create(&t, Some("sim-1")).await;
+    let source = show(&t, id).await;
+    t.sim("sim-2").await.fail_next("start", 1, DriverError::Permanent("no init process".into()));
+    let cmd = t.wait(act(&t, id, ContainerCommand::Clone { server: Some("sim-2".into()) }).await).await;
+    assert!(cmd.error.unwrap().contains("no init process"));
+    let all: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
+    let copy = all.iter().find(|c| c.id != id).expect("the copy row exists");
+    assert_eq!(copy.locked_by, None, "the failed clone released the copy");
+    t.ok(act(&t, copy.id, ContainerCommand::Destroy).await).await;
+    assert_eq!(
+        t.sim("sim-1").await.guest(&source.guest_id).unwrap().info.state,
+        GuestState::Running,
+        "the source runs again"
+    );
+}

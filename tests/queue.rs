@@ -200,3 +200,24 @@ async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core()
     assert_eq!(done.status, CommandStatus::Succeeded);
     assert_eq!(seen.lock().unwrap()[&id], vec!["core-alive".to_string()]);
 }
+
+on_both_databases!(commands_on_one_container_run_in_submission_order, submission_order);
+async fn submission_order(pg: bool) {
+    let Some(t) = TestCore::start(Opts { postgres: pg, latency: Duration::from_millis(10), ..Opts::default() }).await else { return };
+    let (id, _) = running_container(&t).await;
+    let mut last = 0;
+    for mem in 300..308 {
+        let resources = cloud48_core::model::Resources { cpu_millis: 500, memory_mb: mem, disk_mb: 1024 };
+        last = t.core.containers().run(ContainerCommand::Update { resources }, id, "test").await.unwrap();
+    }
+    t.ok(last).await;
+    let c = t.core.containers().get_by_id(id).await.unwrap();
+    assert_eq!(c.requirements.resources.memory_mb, 307, "the last submitted update wins");
+    let cmds = t.core.queue().list(&cloud48_core::queue::CommandFilter { target_id: Some(id), target_type: Some("container".into()), ..Default::default() }).await.unwrap();
+    let mut finished: Vec<(i64, i64)> = cmds.iter().filter(|c| c.kind == "container.update").map(|c| (c.finished_at.unwrap(), c.id)).collect();
+    finished.sort();
+    let ids: Vec<i64> = finished.iter().map(|(_, id)| *id).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "updates finished in the order they were submitted");
+}

@@ -217,7 +217,7 @@ impl Core {
         let platform = local_platform(&db).await?;
         let queue = Queue::new(db.clone(), node, config.queue.clone(), clock.clone());
         let auth = crate::auth::Authenticator::new(config.auth.clone(), db.clone(), clock);
-        let plugin_host = crate::plugins::PluginHost::new(
+        let plugin_host = crate::plugins::PluginHost::shared(
             Some(config.plugin_cache.clone().unwrap_or_else(|| config.data_dir.join("plugin-cache"))),
             config.plugin_limits.clone(),
         )

@@ -9,6 +9,7 @@ use sea_orm_migration::prelude::*;
 mod m0001_initial;
 mod m0002_users;
 mod m0003_plugins;
+mod m0004_command_targets;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0001_initial::Migration),
             Box::new(m0002_users::Migration),
             Box::new(m0003_plugins::Migration),
+            Box::new(m0004_command_targets::Migration),
         ]
     }
 }

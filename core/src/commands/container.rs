@@ -226,7 +226,16 @@ pub(super) async fn compensate(
     let Ok(row) = load_container(core.db(), new_id).await else {
         return Ok(None);
     };
+    if cmd.kind == "container.clone" {
+        restart_clone_source(core, cmd, &progress).await;
+    }
     if parse_status(&row.status) != ContainerStatus::Creating {
+        // Only release what this command holds (the copy of a clone is locked by it).
+        if row.locked_by == Some(cmd.id) {
+            let txn = core.db().begin().await?;
+            write_in(&txn, &row, |am| am.locked_by = Set(None)).await?;
+            return Ok(Some(txn));
+        }
         return Ok(None);
     }
     if let Some(server_id) = row.server_id
@@ -242,6 +251,20 @@ pub(super) async fn compensate(
     })
     .await?;
     Ok(Some(txn))
+}
+
+/// After a failed clone, starts the source again if the clone had stopped it (best effort).
+async fn restart_clone_source(core: &Core, cmd: &command::Model, progress: &Value) {
+    if cmd.step < 2 || !progress["was_running"].as_bool().unwrap_or(false) {
+        return;
+    }
+    let Some(source) = cmd.target_id else { return };
+    let Ok(row) = load_container(core.db(), source).await else { return };
+    if let Some(driver) = row.server_id.and_then(|s| core.fleet().driver(s))
+        && let Err(e) = driver.start(&row.guest_id).await
+    {
+        tracing::warn!(error = %e, container = source, "could not restart the source of a failed clone");
+    }
 }
 
 /// Steps: 0 make the copy's row, 1 stop the source, 2 copy, 3 start both if the source ran.

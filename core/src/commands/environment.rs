@@ -115,9 +115,15 @@ fn dispatch(
                 call.view.id, call.view.type_id
             ))
         })?;
+        // A hook sees the other members, never its own container among them.
+        let own_env = EnvironmentView {
+            id: env.id,
+            name: env.name.clone(),
+            members: env.members.iter().filter(|m| m.id != call.view.id).cloned().collect(),
+        };
         let ctx = HookContext {
             container: call.view,
-            environment: env,
+            environment: &own_env,
             state: call.state,
         };
         let outcome = ty

@@ -164,6 +164,22 @@ impl PluginHost {
         Ok(Arc::new(PluginHost { engine, linker, cache_dir, limits }))
     }
 
+    /// The host of this process for `cache_dir` and `limits`: one `Engine` per process and
+    /// configuration, created on first use and kept (engines reserve much address space, so
+    /// several cores in one process, as in tests, share one).
+    pub fn shared(cache_dir: Option<PathBuf>, limits: Limits) -> Result<Arc<PluginHost>, LoadError> {
+        type Key = (Option<PathBuf>, Duration, usize, usize, usize);
+        static HOSTS: std::sync::Mutex<Vec<(Key, Arc<PluginHost>)>> = std::sync::Mutex::new(Vec::new());
+        let key: Key = (cache_dir.clone(), limits.deadline, limits.memory, limits.max_output, limits.max_actions);
+        let mut hosts = HOSTS.lock().unwrap();
+        if let Some((_, h)) = hosts.iter().find(|(k, _)| *k == key) {
+            return Ok(h.clone());
+        }
+        let host = PluginHost::new(cache_dir, limits)?;
+        hosts.push((key, host.clone()));
+        Ok(host)
+    }
+
     /// The sandbox limits.
     pub fn limits(&self) -> &Limits {
         &self.limits

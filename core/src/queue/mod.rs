@@ -249,6 +249,8 @@ pub(crate) struct Inner {
     finished: Notify,
     stopping: AtomicBool,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Commands this process is executing right now: the only ones whose leases it renews.
+    in_flight: std::sync::Mutex<std::collections::HashSet<CommandId>>,
     runner: std::sync::OnceLock<Arc<dyn Runner>>,
 }
 
@@ -276,6 +278,7 @@ impl Queue {
                 finished: Notify::new(),
                 stopping: AtomicBool::new(false),
                 slots: Arc::new(tokio::sync::Semaphore::new(config.workers.max(1))),
+                in_flight: Default::default(),
                 runner: std::sync::OnceLock::new(),
             }),
         }
@@ -341,7 +344,7 @@ impl Queue {
     pub async fn lock(&self, target: Target, cmd: CommandId) -> Result<bool, QueueError> {
         match store::lock(&self.inner.db, target, cmd).await? {
             store::LockOutcome::Acquired => Ok(true),
-            store::LockOutcome::Busy(_) => Ok(false),
+            store::LockOutcome::Busy(_) | store::LockOutcome::TooDeep => Ok(false),
             store::LockOutcome::Missing => Err(QueueError::TargetMissing(target.to_string())),
         }
     }

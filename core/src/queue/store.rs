@@ -31,8 +31,12 @@ pub(crate) fn sql<C: ConnectionTrait>(conn: &C, text: &str, values: Vec<Value>) 
             n = n * 10 + digit as usize;
             chars.next();
         }
+        if n == 0 {
+            out.push('$');
+            continue;
+        }
         out.push('?');
-        ordered.push(values[n - 1].clone());
+        ordered.push(values.get(n - 1).expect("placeholder $N without a value").clone());
     }
     Statement::from_sql_and_values(backend, out, ordered)
 }
@@ -167,8 +171,10 @@ pub(crate) fn to_api(row: &command::Model) -> Command {
     }
 }
 
-/// Claims up to `limit` due commands for `owner`, oldest first, skipping commands whose target
-/// another command has locked (they wait in `queued` without being polled).
+/// Claims up to `limit` due commands for `owner`, oldest first. A top-level command waits in
+/// `queued`, unpolled, while another unfinished command holds its target's lock or an older
+/// top-level command on the same target is unfinished: commands on one object run in the order
+/// they were submitted.
 pub(crate) async fn claim<C: ConnectionTrait>(
     conn: &C,
     owner: &str,
@@ -187,9 +193,14 @@ pub(crate) async fn claim<C: ConnectionTrait>(
          WHERE id IN (SELECT id FROM commands WHERE status = 'queued' AND run_after <= $3 \
          AND (commands.parent_id IS NOT NULL OR (\
          NOT EXISTS (SELECT 1 FROM containers t WHERE commands.target_type = 'container' \
-           AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id) \
+           AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id \
+           AND EXISTS (SELECT 1 FROM commands h WHERE h.id = t.locked_by AND h.status IN ('queued', 'running', 'waiting'))) \
          AND NOT EXISTS (SELECT 1 FROM environments t WHERE commands.target_type = 'environment' \
-           AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id))) \
+           AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id \
+           AND EXISTS (SELECT 1 FROM commands h WHERE h.id = t.locked_by AND h.status IN ('queued', 'running', 'waiting'))) \
+         AND NOT EXISTS (SELECT 1 FROM commands o WHERE o.target_type = commands.target_type \
+           AND o.target_id = commands.target_id AND o.id < commands.id AND o.parent_id IS NULL \
+           AND o.status IN ('queued', 'running', 'waiting')))) \
          ORDER BY id LIMIT $4{skip_locked}) RETURNING *"
     );
     let stmt = sql(
@@ -217,18 +228,26 @@ pub(crate) async fn requeue_claimed<C: ConnectionTrait>(
     Ok(conn.execute_raw(stmt).await?.rows_affected())
 }
 
-/// Extends the leases of everything `owner` runs.
+/// Extends the leases of the commands `owner` is executing (`ids`).
 pub(crate) async fn renew_leases<C: ConnectionTrait>(
     conn: &C,
     owner: &str,
+    ids: &[CommandId],
     lease_until: i64,
 ) -> Result<u64, DbErr> {
-    let stmt = sql(
-        conn,
-        "UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running'",
-        vec![lease_until.into(), owner.into()],
-    );
-    Ok(conn.execute_raw(stmt).await?.rows_affected())
+    let mut n = 0;
+    for chunk in ids.chunks(500) {
+        let list = chunk.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(",");
+        let stmt = sql(
+            conn,
+            &format!(
+                "UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running' AND id IN ({list})"
+            ),
+            vec![lease_until.into(), owner.into()],
+        );
+        n += conn.execute_raw(stmt).await?.rows_affected();
+    }
+    Ok(n)
 }
 
 /// Queues again commands whose lease expired (their core died), and wakes parents whose
@@ -252,11 +271,15 @@ pub(crate) async fn sweep<C: ConnectionTrait>(conn: &C, now: i64) -> Result<u64,
     Ok(n + conn.execute_raw(parents).await?.rows_affected())
 }
 
+/// Deepest chain of child commands (hook actions asking for more actions) the queue follows.
+pub(crate) const MAX_NESTING: usize = 32;
+
 /// Outcome of trying to lock a target.
 pub(crate) enum LockOutcome {
     Acquired,
     Busy(i64),
     Missing,
+    TooDeep,
 }
 
 /// Locks `target` for command `cmd` (idempotent for the holder).
@@ -293,10 +316,14 @@ pub(crate) async fn lock<C: ConnectionTrait>(
     // A child acts under the lock of an ancestor (an environment add that a hook asked for
     // while its parent holds the environment).
     let mut ancestor = get(conn, cmd).await?.and_then(|c| c.parent_id);
-    for _ in 0..16 {
-        let Some(a) = ancestor else { break };
+    let mut depth = 0;
+    while let Some(a) = ancestor {
         if a == holder {
             return Ok(LockOutcome::Acquired);
+        }
+        depth += 1;
+        if depth > MAX_NESTING {
+            return Ok(LockOutcome::TooDeep);
         }
         ancestor = get(conn, a).await?.and_then(|c| c.parent_id);
     }
@@ -382,6 +409,29 @@ pub(crate) async fn wait_for_children<C: ConnectionTrait>(
     Ok(conn.execute_raw(stmt).await?.rows_affected() == 1)
 }
 
+/// Queues a claimed command again because its target's lock was busy. A command runs steps only
+/// while holding its lock, so if it has no progress it never started and stays cancellable;
+/// fenced.
+pub(crate) async fn requeue_unstarted<C: ConnectionTrait>(
+    conn: &C,
+    row: &command::Model,
+    owner: &str,
+    run_after: i64,
+    waiting_on: &str,
+) -> Result<bool, DbErr> {
+    let never_started = row.step == 0 && row.attempts == 0;
+    let stmt = sql(
+        conn,
+        &format!(
+            "UPDATE commands SET status = 'queued', lease_owner = NULL, lease_until = NULL, \
+             run_after = $1, waiting_on = $2{} WHERE id = $3 AND lease_owner = $4 AND status = 'running'",
+            if never_started { ", started_at = NULL" } else { "" }
+        ),
+        vec![run_after.into(), waiting_on.into(), row.id.into(), owner.into()],
+    );
+    Ok(conn.execute_raw(stmt).await?.rows_affected() == 1)
+}
+
 /// Queues a claimed command again (lock busy, retry after backoff); fenced.
 pub(crate) async fn requeue<C: ConnectionTrait>(
     conn: &C,
@@ -437,7 +487,8 @@ pub(crate) async fn finish<C: ConnectionTrait>(
             values.push(o.into());
             "lease_owner = $6 AND status = 'running'"
         }
-        None => "status = 'queued'",
+        // Cancellation: only a command that never started (checked in the same statement).
+        None => "status = 'queued' AND started_at IS NULL AND step = 0 AND attempts = 0",
     };
     let stmt = sql(
         conn,
@@ -518,13 +569,13 @@ pub(crate) async fn cancel(
     let txn = conn.begin().await?;
     let row = get(&txn, id).await?.ok_or(QueueError::NotFound(id))?;
     let status: CommandStatus = row.status.parse().unwrap_or(CommandStatus::Failed);
-    let started = row.step > 0 || row.attempts > 0;
+    let started = row.step > 0 || row.attempts > 0 || row.started_at.is_some();
     if status != CommandStatus::Queued || started {
         return Err(QueueError::NotCancellable {
             id,
             status,
             detail: if started && status == CommandStatus::Queued {
-                format!(" but already started (step {}, attempt {})", row.step, row.attempts)
+                format!(" but already started (step {}, {} retries)", row.step, row.attempts)
             } else {
                 String::new()
             },

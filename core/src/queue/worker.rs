@@ -75,12 +75,34 @@ fn backoff(inner: &Inner, attempts: i32) -> Duration {
         .min(inner.config.backoff_max)
 }
 
+/// Marks a command as executing in this process until dropped (also on panic).
+struct InFlight<'a> {
+    inner: &'a Inner,
+    id: i64,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(inner: &'a Inner, id: i64) -> Self {
+        inner.in_flight.lock().unwrap().insert(id);
+        InFlight { inner, id }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.inner.in_flight.lock().unwrap().remove(&self.id);
+    }
+}
+
 async fn execute(
     inner: Arc<Inner>,
     mut row: command::Model,
     _permit: OwnedSemaphorePermit,
     done: mpsc::UnboundedSender<PlainDone>,
 ) {
+    // Only commands a task is executing get their lease renewed: anything left `running` by a
+    // failed write expires and is resumed by the sweep.
+    let _in_flight = InFlight::new(&inner, row.id);
     if let Err(e) = run(&inner, &mut row, &done).await {
         // A database error outside a step: leave the command to be retried.
         tracing::warn!(error = %e, "command interrupted by a database error; retrying");
@@ -112,9 +134,15 @@ async fn run(
                 let after = inner.clock.now_ms() + inner.config.lock_retry.as_millis() as i64;
                 let why = format!("lock of {target} held by command {holder}");
                 tracing::debug!(%why, "waiting for lock");
-                store::requeue(&inner.db, row.id, &inner.node_id, after, row.attempts, &why)
-                    .await?;
+                store::requeue_unstarted(&inner.db, row, &inner.node_id, after, &why).await?;
                 return Ok(());
+            }
+            LockOutcome::TooDeep => {
+                let msg = format!(
+                    "hook actions nested more than {} levels deep; a container type keeps asking for more work",
+                    store::MAX_NESTING
+                );
+                return fail(inner, row, msg, None).await;
             }
             LockOutcome::Missing => {
                 return fail(inner, row, format!("{target} does not exist"), None).await;
@@ -312,7 +340,8 @@ async fn lease_keeper(inner: Arc<Inner>) {
         tokio::time::sleep(every).await;
         let now = inner.clock.now_ms();
         let until = now + inner.config.lease.as_millis() as i64;
-        if let Err(e) = store::renew_leases(&inner.db, &inner.node_id, until).await {
+        let ids: Vec<i64> = inner.in_flight.lock().unwrap().iter().copied().collect();
+        if let Err(e) = store::renew_leases(&inner.db, &inner.node_id, &ids, until).await {
             tracing::warn!(error = %e, "renewing leases failed");
         }
         match store::sweep(&inner.db, now).await {
