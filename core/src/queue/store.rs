@@ -198,9 +198,10 @@ pub(crate) async fn claim<C: ConnectionTrait>(
          AND NOT EXISTS (SELECT 1 FROM environments t WHERE commands.target_type = 'environment' \
            AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id \
            AND EXISTS (SELECT 1 FROM commands h WHERE h.id = t.locked_by AND h.status IN ('queued', 'running', 'waiting'))) \
-         AND NOT EXISTS (SELECT 1 FROM commands o WHERE o.target_type = commands.target_type \
-           AND o.target_id = commands.target_id AND o.id < commands.id AND o.parent_id IS NULL \
-           AND o.status IN ('queued', 'running', 'waiting')))) \
+         AND (commands.target_id IS NULL OR NOT EXISTS (SELECT 1 FROM commands o \
+           WHERE o.target_type = commands.target_type AND o.target_id = commands.target_id \
+           AND o.id < commands.id AND o.parent_id IS NULL \
+           AND o.status IN ('queued', 'running', 'waiting'))))) \
          ORDER BY id LIMIT $4{skip_locked}) RETURNING *"
     );
     let stmt = sql(
