@@ -746,46 +746,19 @@ impl<'a> ServerManager<'a> {
 
     /// Every server with its allocation, by id.
     pub async fn list(&self) -> Result<Vec<Server>, CoreError> {
-        let db = self.core.db();
-        let servers = server::Entity::find()
-            .order_by_asc(server::Column::Id)
-            .all(db)
-            .await?;
-        let live = container::Entity::find()
-            .filter(container::Column::Status.is_not_in([
-                ContainerStatus::Destroyed.as_str(),
-                ContainerStatus::Failed.as_str(),
-            ]))
-            .all(db)
-            .await?;
-        let mut usage: HashMap<i64, (Resources, u64)> = HashMap::new();
-        for c in live {
-            if let Some(s) = c.server_id {
-                let req: Requirements = serde_json::from_str(&c.requirements).unwrap_or_default();
-                let e = usage.entry(s).or_default();
-                e.0 = e.0.plus(&req.resources);
-                e.1 += 1;
-            }
-        }
-        Ok(servers
+        let loads = crate::placement::server_loads(self.core.db(), None).await?;
+        Ok(loads
             .into_iter()
-            .map(|s| {
-                let (allocated, containers) = usage.get(&s.id).copied().unwrap_or_default();
-                Server {
-                    id: s.id,
-                    name: s.name,
-                    driver: s.driver,
-                    status: s.status.parse().unwrap_or(ServerStatus::Down),
-                    capacity: Resources {
-                        cpu_millis: s.cpu_millis as u64,
-                        memory_mb: s.memory_mb as u64,
-                        disk_mb: s.disk_mb as u64,
-                    },
-                    allocated,
-                    labels: serde_json::from_str(&s.labels).unwrap_or_default(),
-                    containers,
-                    last_heartbeat: s.last_heartbeat,
-                }
+            .map(|l| Server {
+                id: l.server.id,
+                status: l.server.status.parse().unwrap_or(ServerStatus::Down),
+                labels: serde_json::from_str(&l.server.labels).unwrap_or_default(),
+                last_heartbeat: l.server.last_heartbeat,
+                name: l.server.name,
+                driver: l.server.driver,
+                capacity: l.capacity,
+                allocated: l.allocated,
+                containers: l.containers,
             })
             .collect())
     }

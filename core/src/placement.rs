@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter};
+use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder};
 
 use crate::entities::{container, server};
 use crate::model::{ContainerId, ContainerStatus, Requirements, Resources, ServerId};
@@ -23,12 +23,31 @@ pub enum PlacementError {
     Db(#[from] DbErr),
 }
 
-/// Free resources of every server, not counting container `except`.
-pub async fn free_resources<C: ConnectionTrait>(
+/// A server with what its existing containers reserve.
+pub struct ServerLoad {
+    /// The server row.
+    pub server: server::Model,
+    /// Its total capacity.
+    pub capacity: Resources,
+    /// Resources reserved by its live containers.
+    pub allocated: Resources,
+    /// Number of its live containers.
+    pub containers: u64,
+}
+
+impl ServerLoad {
+    /// Capacity not reserved.
+    pub fn free(&self) -> Resources {
+        self.capacity.minus(&self.allocated)
+    }
+}
+
+/// Every server (by id) with its load, not counting container `except`.
+pub async fn server_loads<C: ConnectionTrait>(
     conn: &C,
     except: Option<ContainerId>,
-) -> Result<Vec<(server::Model, Resources)>, DbErr> {
-    let servers = server::Entity::find().all(conn).await?;
+) -> Result<Vec<ServerLoad>, DbErr> {
+    let servers = server::Entity::find().order_by_asc(server::Column::Id).all(conn).await?;
     let live = container::Entity::find()
         .filter(container::Column::Status.is_not_in([
             ContainerStatus::Destroyed.as_str(),
@@ -37,25 +56,26 @@ pub async fn free_resources<C: ConnectionTrait>(
         .filter(container::Column::ServerId.is_not_null())
         .all(conn)
         .await?;
-    let mut used: HashMap<ServerId, Resources> = HashMap::new();
+    let mut used: HashMap<ServerId, (Resources, u64)> = HashMap::new();
     for c in live {
         if Some(c.id) == except {
             continue;
         }
         let req: Requirements = serde_json::from_str(&c.requirements).unwrap_or_default();
         let e = used.entry(c.server_id.expect("filtered")).or_default();
-        *e = e.plus(&req.resources);
+        e.0 = e.0.plus(&req.resources);
+        e.1 += 1;
     }
     Ok(servers
         .into_iter()
         .map(|s| {
-            let cap = Resources {
+            let (allocated, containers) = used.get(&s.id).copied().unwrap_or_default();
+            let capacity = Resources {
                 cpu_millis: s.cpu_millis as u64,
                 memory_mb: s.memory_mb as u64,
                 disk_mb: s.disk_mb as u64,
             };
-            let free = cap.minus(&used.get(&s.id).copied().unwrap_or_default());
-            (s, free)
+            ServerLoad { server: s, capacity, allocated, containers }
         })
         .collect())
 }
@@ -67,7 +87,14 @@ pub async fn choose<C: ConnectionTrait>(
     except: Option<ContainerId>,
     avoid: Option<ServerId>,
 ) -> Result<ServerId, PlacementError> {
-    let candidates = free_resources(conn, except).await?;
+    let candidates: Vec<_> = server_loads(conn, except)
+        .await?
+        .into_iter()
+        .map(|l| {
+            let free = l.free();
+            (l.server, free)
+        })
+        .collect();
     let up: Vec<_> = candidates
         .into_iter()
         .filter(|(s, _)| s.status == "up" && Some(s.id) != avoid)
