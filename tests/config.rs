@@ -5,7 +5,7 @@ use std::path::Path;
 
 use cloud48_core::config::{Settings, Source};
 
-use crate::common::{ServeProcess, binary, cli};
+use crate::common::{ServeProcess, binary};
 
 fn load(file: Option<&str>, env: &[(&str, &str)], flags: &[(&'static str, &str)]) -> Result<Settings, String> {
     let dir = tempfile::tempdir().unwrap();
@@ -167,7 +167,6 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
     let (ok, _, err) = run_env(&["user", "remove", "olga", "--data-dir", &data_s], &[], dir.path());
     assert!(!ok && err.contains("user 'olga' does not exist"), "{err}");
     drop(serve);
-    let _ = cli;
 }
 
 #[test]

@@ -162,6 +162,8 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
     let a: Accepted = t.client.post("/v1/environments/calm/containers", &json!({ "type": "hostile" })).await.unwrap();
     let id = t.created(a.command_id).await;
     let newer = test_plugin(env!("CLOUD48_TEST_PLUGINS_NEWER"), "hostile");
+    let err = t.client.send_wasm::<PluginInfo>(reqwest::Method::PUT, "/v1/plugins/tomcat", newer.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("the component is plugin 'hostile', not 'tomcat'"), "{err}");
     let info: PluginInfo = t.client.send_wasm(reqwest::Method::PUT, "/v1/plugins/hostile", newer).await.unwrap();
     assert_eq!(info.type_id, "hostile@0.1.1");
     assert_eq!(info.containers, 1);
@@ -227,9 +229,26 @@ fn the_sdk_harness_runs_the_seed_scenario_against_the_compiled_plugins() {
     }
     let mut p = Platform::new(hooks);
     let t1 = p.add("tomcat").unwrap();
+    p.log.clear();
     let t2 = p.add("tomcat").unwrap();
     let lb = p.ids_of("balancer")[0];
     assert!(lb < t2);
+    // The compiled plugins' hooks run in the documented order: the new container first, then the
+    // members by ascending priority (the balancer, priority 20, before the tomcat, priority 50).
+    assert_eq!(
+        p.log,
+        [
+            "tomcat#0:before-it-is-added".to_string(),
+            format!("tomcat#{t1}:before-other-is-added"),
+            "balancer#0:before-it-is-added".to_string(),
+            format!("tomcat#{t1}:before-other-is-added"),
+            format!("balancer#{lb}:after-it-is-added"),
+            format!("tomcat#{t1}:after-other-is-added"),
+            format!("tomcat#{t2}:after-it-is-added"),
+            format!("balancer#{lb}:after-other-is-added"),
+            format!("tomcat#{t1}:after-other-is-added"),
+        ]
+    );
     let state = p.inspect(lb);
     assert_eq!(state["upstreams"].as_array().unwrap().len(), 2);
     assert_eq!(p.execs.len(), 2);

@@ -33,7 +33,7 @@ pub async fn run() -> Result<()> {
     finish(&core, cmd, "created the empty environment 'shop'").await?;
     let tomcat = AddContainer { type_id: "tomcat".into(), requirements: None, server: None };
     let first = finish(&core, envs.add("shop", &tomcat, by).await?, "added the first tomcat: allowed, no balancer needed").await?;
-    let second = finish(&core, envs.add("shop", &tomcat, by).await?, "added the second tomcat: it asked for a balancer first").await?;
+    finish(&core, envs.add("shop", &tomcat, by).await?, "added the second tomcat: it asked for a balancer first").await?;
     let env = envs.get_by_id("shop").await?;
     println!("\n{}", output::environment(&env));
     let balancer = env
@@ -47,7 +47,6 @@ pub async fn run() -> Result<()> {
     finish(&core, envs.remove("shop", first_id, by).await?, &format!("removed tomcat {first_id}: the balancer deregistered it")).await?;
     let shown = core.containers().get_by_id(balancer.id).await?;
     println!("\n{}", output::container(&shown));
-    let _ = second;
     core.stop(Duration::from_secs(5)).await;
     Ok(())
 }

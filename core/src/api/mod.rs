@@ -392,11 +392,7 @@ async fn upgrade_plugin(
     body: axum::body::Bytes,
 ) -> Result<Json<crate::plugins::PluginInfo>, ApiError> {
     wasm_body(&headers, &body)?;
-    let info = core.plugins().upgrade(&body).await?;
-    if info.meta.name != name {
-        tracing::warn!(path = %name, plugin = %info.meta.name, "upgrade path named another plugin than the component");
-    }
-    Ok(Json(info))
+    Ok(Json(core.plugins().upgrade(&name, &body).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins",

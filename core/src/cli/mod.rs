@@ -408,6 +408,8 @@ pub enum PluginCmd {
     },
     /// Install a newer compatible version and move every container to it (admin).
     Upgrade {
+        /// Name of the installed plugin.
+        name: String,
         /// The `.wasm` file of the new version.
         file: PathBuf,
     },
@@ -648,9 +650,8 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
             let info: PluginInfo = client.send_wasm(reqwest::Method::POST, "/v1/plugins", read_wasm(&file)?).await?;
             out.show(&info, || format!("installed {} (priority {}): {}", info.type_id, info.meta.priority, info.meta.description));
         }
-        PluginCmd::Upgrade { file } => {
+        PluginCmd::Upgrade { name, file } => {
             let wasm = read_wasm(&file)?;
-            let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("plugin").to_string();
             let info: PluginInfo = client.send_wasm(reqwest::Method::PUT, &format!("/v1/plugins/{}", enc(&name)), wasm).await?;
             out.show(&info, || format!("upgraded to {}; {} container(s) moved", info.type_id, info.containers));
         }

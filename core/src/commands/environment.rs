@@ -237,11 +237,11 @@ fn action_command(
 }
 
 /// Runs the actions stored in the progress one at a time, in order, each as a child command;
-/// goes on to `next` when none is left. A failed action fails the command.
+/// when none is left, goes on with `then(progress)`. A failed action fails the command.
 async fn drain_actions(
     ctx: &StepCtx<'_>,
     env: &environment::Model,
-    next: i32,
+    then: impl FnOnce(Value) -> Next,
 ) -> Result<Transition, StepError> {
     if let Some(failure) = child_failures(ctx).await? {
         return Ok(Transition::bare(Next::Fail(format!("an action requested by a hook failed: {failure}"))));
@@ -249,7 +249,7 @@ async fn drain_actions(
     let mut progress = ctx.progress.clone();
     let mut actions: Vec<HookAction> = serde_json::from_value(progress["actions"].clone()).unwrap_or_default();
     if actions.is_empty() {
-        return Ok(Transition::bare(Next::Continue { step: next, progress }));
+        return Ok(Transition::bare(then(progress)));
     }
     let action = actions.remove(0);
     let members = members(ctx.core, ctx.core.db(), env.id).await?;
@@ -290,7 +290,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let progress = json!({ "new_state": new_state, "actions": actions });
             Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
         }
-        1 => drain_actions(ctx, env, 2).await,
+        1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
         2 => {
             let requirements: Option<Requirements> = serde_json::from_value(ctx.params["requirements"].clone())
                 .map_err(|e| StepError::Permanent(format!("bad requirements: {e}")))?;
@@ -335,13 +335,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let progress = json!({ "container_id": id, "actions": actions });
             Ok(Transition::with(Next::Continue { step: 4, progress }, txn))
         }
-        _ => {
-            let t = drain_actions(ctx, env, 5).await?;
-            if let Next::Continue { .. } = t.next {
-                return Ok(Transition::bare(Next::Done(json!({ "container_id": ctx.progress["container_id"] }))));
-            }
-            Ok(t)
-        }
+        _ => drain_actions(ctx, env, |p| Next::Done(json!({ "container_id": p["container_id"] }))).await,
     }
 }
 
@@ -374,7 +368,7 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable"), "actions": actions });
             Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
         }
-        1 => drain_actions(ctx, env, 2).await,
+        1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
         2 => {
             let child = NewCommand {
                 kind: "container.destroy".into(),
@@ -403,13 +397,7 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             progress["actions"] = serde_json::to_value(&actions).expect("serializable");
             Ok(Transition::with(Next::Continue { step: 4, progress }, txn))
         }
-        _ => {
-            let t = drain_actions(ctx, env, 5).await?;
-            if let Next::Continue { .. } = t.next {
-                return Ok(Transition::bare(Next::Done(json!({ "container_id": id }))));
-            }
-            Ok(t)
-        }
+        _ => drain_actions(ctx, env, |_| Next::Done(json!({ "container_id": id }))).await,
     }
 }
 

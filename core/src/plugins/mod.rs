@@ -205,11 +205,17 @@ impl<'a> PluginManager<'a> {
         Ok(())
     }
 
-    /// Installs a newer, semver-compatible version and moves every container of the old one
-    /// to it, converting states with the new version's `migrate-state`.
-    pub async fn upgrade(&self, wasm: &[u8]) -> Result<PluginInfo, CoreError> {
+    /// Installs a newer, semver-compatible version of plugin `name` and moves every container
+    /// of the old one to it, converting states with the new version's `migrate-state`.
+    pub async fn upgrade(&self, name: &str, wasm: &[u8]) -> Result<PluginInfo, CoreError> {
         let loaded = self.host.load(wasm).map_err(|e| invalid(e.to_string()))?;
         let meta = loaded.meta().clone();
+        if meta.name != name {
+            return Err(invalid(format!(
+                "the component is plugin '{}', not '{name}'; upgrade it under its own name",
+                meta.name
+            )));
+        }
         let old = self.rows(&meta.name).await?.into_iter().next().ok_or_else(|| {
             CoreError::NotFound(format!("plugin {} is not installed; use `cloud48 plugin install`", meta.name))
         })?;
