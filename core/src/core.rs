@@ -109,13 +109,19 @@ impl CoreConfig {
 /// Drivers of the registered servers.
 #[derive(Default)]
 pub struct Fleet {
-    drivers: RwLock<HashMap<ServerId, Arc<dyn Driver>>>,
+    /// Driver and server name by server id.
+    drivers: RwLock<HashMap<ServerId, (Arc<dyn Driver>, String)>>,
     sims: RwLock<HashMap<ServerId, Arc<SimServer>>>,
 }
 
 impl Fleet {
     /// The driver of a server.
     pub fn driver(&self, id: ServerId) -> Option<Arc<dyn Driver>> {
+        self.drivers.read().unwrap().get(&id).map(|(d, _)| d.clone())
+    }
+
+    /// The driver of a server with the server's name (for messages).
+    pub fn named_driver(&self, id: ServerId) -> Option<(Arc<dyn Driver>, String)> {
         self.drivers.read().unwrap().get(&id).cloned()
     }
 
@@ -126,7 +132,7 @@ impl Fleet {
 
     /// Registers a simulated server.
     pub fn add_sim(&self, id: ServerId, sim: Arc<SimServer>) {
-        self.drivers.write().unwrap().insert(id, sim.clone());
+        self.drivers.write().unwrap().insert(id, (sim.clone(), sim.name().to_string()));
         self.sims.write().unwrap().insert(id, sim);
     }
 }

@@ -99,7 +99,7 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
         let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Destroyed)).await?;
         return Ok(Transition::with(done(id), txn));
     };
-    let (driver, server) = driver_of(core, server_id).await?;
+    let (driver, server) = driver_of(core, server_id)?;
     let guest = row.guest_id.as_str();
     let new_status = match &cmd {
         ContainerCommand::Start => {
@@ -178,7 +178,7 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
             let server_id = row
                 .server_id
                 .ok_or_else(|| StepError::Permanent("container lost its server".into()))?;
-            let (driver, server) = driver_of(core, server_id).await?;
+            let (driver, server) = driver_of(core, server_id)?;
             let info = driver
                 .create(&spec(&row))
                 .await
@@ -196,7 +196,7 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
             let server_id = row
                 .server_id
                 .ok_or_else(|| StepError::Permanent("container lost its server".into()))?;
-            let (driver, server) = driver_of(core, server_id).await?;
+            let (driver, server) = driver_of(core, server_id)?;
             driver
                 .start(&row.guest_id)
                 .await
@@ -317,7 +317,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
     let source_server = row
         .server_id
         .ok_or_else(|| StepError::Permanent("source container has no server".into()))?;
-    let (src, src_name) = driver_of(core, source_server).await?;
+    let (src, src_name) = driver_of(core, source_server)?;
     let next = |step| Next::Continue {
         step,
         progress: ctx.progress.clone(),
@@ -330,7 +330,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         2 => {
             let copy = load_container(core.db(), clone_id).await.map_err(core_err)?;
             let image = src.export(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
-            let (dst, dst_name) = driver_of(core, target).await?;
+            let (dst, dst_name) = driver_of(core, target)?;
             let info = dst
                 .import(&spec(&copy), &image)
                 .await
@@ -345,7 +345,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         _ => {
             let copy = load_container(core.db(), clone_id).await.map_err(core_err)?;
             if was_running {
-                let (dst, dst_name) = driver_of(core, target).await?;
+                let (dst, dst_name) = driver_of(core, target)?;
                 src.start(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
                 dst.start(&copy.guest_id).await.map_err(|e| driver_err(&dst_name, e))?;
             }
@@ -383,15 +383,15 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         }
         1 => {
             let source = ctx.progress_i64("source").unwrap_or_default();
-            let (src, src_name) = driver_of(core, source).await?;
+            let (src, src_name) = driver_of(core, source)?;
             src.stop(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
             let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Stopped)).await?;
             Ok(Transition::with(next(2, ctx.progress.clone()), txn))
         }
         2 => {
             let source = ctx.progress_i64("source").unwrap_or_default();
-            let (src, src_name) = driver_of(core, source).await?;
-            let (dst, dst_name) = driver_of(core, target).await?;
+            let (src, src_name) = driver_of(core, source)?;
+            let (dst, dst_name) = driver_of(core, target)?;
             let info = match dst.status(&row.guest_id).await.map_err(|e| driver_err(&dst_name, e))? {
                 Some(info) => info,
                 None => {
@@ -407,7 +407,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         }
         3 => {
             let source = ctx.progress_i64("source").unwrap_or_default();
-            let (src, src_name) = driver_of(core, source).await?;
+            let (src, src_name) = driver_of(core, source)?;
             src.destroy(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
             let ip = ctx.progress["ip"].as_str().map(str::to_string);
             let txn = write(core, &row, |am| {
@@ -419,7 +419,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         }
         _ => {
             if ctx.progress["was_running"].as_bool().unwrap_or(false) {
-                let (dst, dst_name) = driver_of(core, target).await?;
+                let (dst, dst_name) = driver_of(core, target)?;
                 dst.start(&row.guest_id).await.map_err(|e| driver_err(&dst_name, e))?;
                 let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Running)).await?;
                 return Ok(Transition::with(done(row.id), txn));
@@ -440,7 +440,7 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
     let server_id = row
         .server_id
         .ok_or_else(|| StepError::Permanent(format!("container {} has no server", row.id)))?;
-    let (driver, server) = driver_of(ctx.core, server_id).await?;
+    let (driver, server) = driver_of(ctx.core, server_id)?;
     let out = driver
         .exec(&row.guest_id, script, &args)
         .await

@@ -107,19 +107,11 @@ pub(crate) fn core_err(e: CoreError) -> StepError {
 }
 
 /// The driver of a server, with its name for messages.
-pub(crate) async fn driver_of(
+pub(crate) fn driver_of(
     core: &Core,
     server_id: i64,
 ) -> Result<(Arc<dyn Driver>, String), StepError> {
-    use sea_orm::EntityTrait;
-    let name = crate::entities::server::Entity::find_by_id(server_id)
-        .one(core.db())
-        .await?
-        .map(|s| s.name)
-        .unwrap_or_else(|| format!("#{server_id}"));
-    let driver = core
-        .fleet()
-        .driver(server_id)
-        .ok_or_else(|| StepError::Permanent(format!("server {name} has no driver in this core")))?;
-    Ok((driver, name))
+    core.fleet().named_driver(server_id).ok_or_else(|| {
+        StepError::Permanent(format!("server #{server_id} has no driver in this core"))
+    })
 }

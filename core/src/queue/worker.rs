@@ -169,24 +169,13 @@ async fn run(
                 return Ok(());
             }
         };
+        // Spawning nothing is simply going on.
+        let next = match next {
+            Next::Spawn { step, progress, children } if children.is_empty() => Next::Continue { step, progress },
+            other => other,
+        };
         match next {
             Next::Continue { step, progress } => {
-                let txn = begin(inner, txn).await?;
-                let lease_until = inner.clock.now_ms() + inner.config.lease.as_millis() as i64;
-                if !store::advance(&txn, row.id, &inner.node_id, step, &progress, lease_until)
-                    .await?
-                {
-                    return lost_lease(row, txn).await;
-                }
-                txn.commit().await?;
-                row.step = step;
-                row.progress = progress.to_string();
-            }
-            Next::Spawn {
-                step,
-                progress,
-                children,
-            } if children.is_empty() => {
                 let txn = begin(inner, txn).await?;
                 let lease_until = inner.clock.now_ms() + inner.config.lease.as_millis() as i64;
                 if !store::advance(&txn, row.id, &inner.node_id, step, &progress, lease_until)
