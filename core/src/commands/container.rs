@@ -51,45 +51,37 @@ fn done(id: i64) -> Next {
     Next::Done(json!({ "container_id": id }))
 }
 
-const OPS: &[&str] = &[
-    "create", "start", "stop", "suspend", "resume", "reboot", "destroy", "update", "clone", "migrate",
-    "exec",
-];
-
 pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, StepError> {
-    if !OPS.contains(&op) {
-        return Err(StepError::Permanent(format!("unknown container command '{op}'")));
-    }
-    let core = ctx.core;
-    let id = ctx.target_id()?;
-    let row = load_container(core.db(), id).await.map_err(core_err)?;
-    let status = parse_status(&row.status);
+    // The one-step lifecycle commands; the multi-step ones have their own functions.
     let simple = match op {
-        "create" => return create(ctx, row).await,
-        "clone" => return clone(ctx, row).await,
-        "migrate" => return migrate(ctx, row).await,
-        "exec" => return exec(ctx, row).await,
+        "create" | "clone" | "migrate" | "exec" => None,
         "start" => Some(ContainerCommand::Start),
         "stop" => Some(ContainerCommand::Stop),
         "suspend" => Some(ContainerCommand::Suspend),
         "resume" => Some(ContainerCommand::Resume),
         "reboot" => Some(ContainerCommand::Reboot),
         "destroy" => Some(ContainerCommand::Destroy),
-        "update" => None,
-        other => {
-            return Err(StepError::Permanent(format!(
-                "unknown container command '{other}'"
-            )));
-        }
-    };
-    let cmd = match simple {
-        Some(c) => c,
-        None => {
+        "update" => {
             let resources: Resources = serde_json::from_value(ctx.params["resources"].clone())
                 .map_err(|e| StepError::Permanent(format!("bad parameters: {e}")))?;
-            ContainerCommand::Update { resources }
+            Some(ContainerCommand::Update { resources })
+        }
+        other => {
+            return Err(StepError::Permanent(format!("unknown container command '{other}'")));
         }
     };
+    let core = ctx.core;
+    let id = ctx.target_id()?;
+    let row = load_container(core.db(), id).await.map_err(core_err)?;
+    let Some(cmd) = simple else {
+        return match op {
+            "create" => create(ctx, row).await,
+            "clone" => clone(ctx, row).await,
+            "migrate" => migrate(ctx, row).await,
+            _ => exec(ctx, row).await,
+        };
+    };
+    let status = parse_status(&row.status);
     if cmd == ContainerCommand::Destroy && status.is_gone() {
         return Ok(Transition::bare(done(id)));
     }
