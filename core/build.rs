@@ -36,6 +36,21 @@ fn build(root: &std::path::Path, target_dir: &std::path::Path, plugins: &[&str],
     }
 }
 
+/// Installs the `wasm32-wasip2` standard library through rustup when it is missing (rustup
+/// reads the target from `rust-toolchain.toml` only when it installs the toolchain itself).
+fn ensure_target(root: &std::path::Path) {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(rustc).args(["--print", "sysroot"]).output();
+    let installed = sysroot.ok().is_some_and(|o| {
+        let root = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        std::path::Path::new(&root).join("lib/rustlib/wasm32-wasip2").exists()
+    });
+    if !installed {
+        println!("cargo:warning=installing the wasm32-wasip2 target with rustup (plugins are built for it)");
+        let _ = Command::new("rustup").current_dir(root).args(["target", "add", "wasm32-wasip2"]).status();
+    }
+}
+
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest.parent().unwrap().to_path_buf();
@@ -48,6 +63,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("wasm-plugins");
+    ensure_target(&root);
     build(&root, &target_dir, &[PLUGINS, &["hostile", "hostile-import"]].concat(), &[]);
     // The hostile test plugin once more, claiming a WIT version the host does not support.
     let future_dir = target_dir.join("future-wit");

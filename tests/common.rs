@@ -21,6 +21,12 @@ pub struct Opts {
     pub types: Vec<Arc<dyn ContainerType>>,
     /// Access control; tests of other areas run with anonymous full access.
     pub auth: cloud48_core::auth::AuthConfig,
+    /// Health monitoring; off in the background unless a test turns it on.
+    pub health: cloud48_core::core::HealthConfig,
+    /// Capacity of each simulated server (default: the core's).
+    pub capacity: Option<cloud48_core::model::Resources>,
+    /// The core's clock (default: the system clock).
+    pub clock: Option<Arc<dyn cloud48_core::queue::Clock>>,
 }
 
 impl Default for Opts {
@@ -36,7 +42,48 @@ impl Default for Opts {
                 anonymous: cloud48_core::auth::Anonymous::Full,
                 ..Default::default()
             },
+            health: cloud48_core::core::HealthConfig { background: false, ..Default::default() },
+            capacity: None,
+            clock: None,
         }
+    }
+}
+
+/// A clock the test moves by hand.
+pub struct ManualClock(pub std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    /// A clock at `ms`.
+    pub fn at(ms: i64) -> Arc<ManualClock> {
+        Arc::new(ManualClock(std::sync::atomic::AtomicI64::new(ms)))
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl cloud48_core::queue::Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Polls `check` until it returns `Some` (at most 30 s): for conditions that only show in
+/// the database or on simulated servers.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -71,9 +118,16 @@ impl TestCore {
         config.queue.poll = Duration::from_millis(20);
         config.queue.max_attempts = opts.max_attempts;
         config.auth = opts.auth.clone();
+        config.health = opts.health.clone();
+        if let Some(c) = opts.capacity {
+            config.sim_capacity = c;
+        }
         // Compiled plugins are shared by all tests: compiling them is the slow part of a start.
         config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
-        let core = Core::open(config).await.expect("core opens");
+        let core = match &opts.clock {
+            Some(clock) => Core::open_with_clock(config, clock.clone()).await.expect("core opens"),
+            None => Core::open(config).await.expect("core opens"),
+        };
         for t in opts.types {
             core.types().register(t);
         }

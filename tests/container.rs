@@ -71,7 +71,7 @@ async fn every_container_command_works_on_the_sim_driver() {
     assert_ne!(copy.ip, c.ip);
     assert_eq!(show(&t, id).await.status, ContainerStatus::Running, "the source runs again after a cold clone");
 
-    t.ok(act(&t, id, ContainerCommand::Migrate { to: "sim-3".into() }).await).await;
+    t.ok(act(&t, id, ContainerCommand::Migrate { to: Some("sim-3".into()) }).await).await;
     let moved = show(&t, id).await;
     assert_eq!(moved.server.as_deref(), Some("sim-3"));
     assert_eq!(moved.status, ContainerStatus::Running);
@@ -148,7 +148,7 @@ async fn placement_spreads_containers_and_says_which_requirement_failed() {
     servers.sort();
     assert_eq!(servers, ["sim-1", "sim-2", "sim-3"], "each new container goes to the emptiest server");
 
-    let huge = Requirements { resources: Resources { cpu_millis: 1000, memory_mb: 10_000_000, disk_mb: 10 }, labels: vec![] };
+    let huge = Requirements { resources: Resources { cpu_millis: 1000, memory_mb: 10_000_000, disk_mb: 10 }, ..Default::default() };
     let a: Accepted = t
         .client
         .post("/v1/containers", &json!({ "type": "plain", "requirements": huge }))
@@ -157,7 +157,7 @@ async fn placement_spreads_containers_and_says_which_requirement_failed() {
     let err = t.wait(a.command_id).await.error.unwrap();
     assert!(err.contains("memory_mb 10000000 needed"), "{err}");
 
-    let labelled = Requirements { resources: Resources { cpu_millis: 1, memory_mb: 1, disk_mb: 1 }, labels: vec!["ssd".into()] };
+    let labelled = Requirements { resources: Resources { cpu_millis: 1, memory_mb: 1, disk_mb: 1 }, labels: vec!["ssd".into()], spread: false };
     let a: Accepted = t.client.post("/v1/containers", &json!({ "type": "plain", "requirements": labelled })).await.unwrap();
     let err = t.wait(a.command_id).await.error.unwrap();
     assert!(err.contains("labels [ssd]"), "{err}");

@@ -25,6 +25,7 @@ fn spec(id: &str) -> GuestSpec {
         guest_id: id.into(),
         type_id: "plain".into(),
         resources: Resources { cpu_millis: 100, memory_mb: 100, disk_mb: 100 },
+        ip: None,
     }
 }
 

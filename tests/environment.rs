@@ -25,7 +25,7 @@ impl ContainerType for Recording {
         self.priority
     }
     fn default_requirements(&self) -> Requirements {
-        Requirements { resources: Resources { cpu_millis: 100, memory_mb: 64, disk_mb: 64 }, labels: vec![] }
+        Requirements { resources: Resources { cpu_millis: 100, memory_mb: 64, disk_mb: 64 }, ..Default::default() }
     }
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
         self.log.lock().unwrap().push(format!("{}#{}:{}", self.name, ctx.container.id, hook.name()));

@@ -44,7 +44,7 @@ async fn seed_scenario_through_the_cli() {
     let (ok, out, _) = run(s(&["--json", "plugin", "list"])).await;
     assert!(ok);
     let types: Vec<String> = json(&out).as_array().unwrap().iter().map(|p| p["type_id"].as_str().unwrap().to_string()).collect();
-    assert_eq!(types, ["balancer@0.1.0", "mysql@0.1.0", "tomcat@0.1.0"], "bundled plugins are installed on first start");
+    assert_eq!(types, ["balancer@0.1.0", "mysql@0.1.0", "tomcat@0.2.0"], "bundled plugins are installed on first start");
 
     assert!(run(s(&["env", "create", "shop", "--wait"])).await.0);
     let (ok, out, err) = run(s(&["--json", "env", "add", "shop", "--type", "tomcat", "--wait"])).await;
@@ -59,7 +59,7 @@ async fn seed_scenario_through_the_cli() {
     let (_, out, _) = run(s(&["--json", "env", "show", "shop"])).await;
     let env: Environment = serde_json::from_str(&out).unwrap();
     let kinds: Vec<&str> = env.members.iter().map(|m| m.type_id.as_str()).collect();
-    assert_eq!(kinds, ["balancer@0.1.0", "tomcat@0.1.0", "tomcat@0.1.0"]);
+    assert_eq!(kinds, ["balancer@0.1.0", "tomcat@0.2.0", "tomcat@0.2.0"]);
     let lb = env.members[0].id;
     assert!(lb < t2, "the balancer was created before the second tomcat");
     let ip = |id: i64| env.members.iter().find(|m| m.id == id).unwrap().ip.clone().unwrap();
@@ -148,7 +148,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     let err = install(&t, b"\0asm\x01\0\0\0garbage".to_vec()).await.unwrap_err().to_string();
     assert!(err.contains("not a valid WASM component"), "{err}");
     let err = install(&t, test_plugin(env!("CLOUD48_TEST_PLUGINS"), "tomcat")).await.unwrap_err().to_string();
-    assert!(err.contains("tomcat@0.1.0 is already installed") && err.contains("HTTP 409"), "{err}");
+    assert!(err.contains("tomcat@0.2.0 is already installed") && err.contains("HTTP 409"), "{err}");
     let list: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
     assert_eq!(list.len(), 3, "nothing was installed");
 }
@@ -209,7 +209,7 @@ async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_dupli
     assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
     let env: Environment = client.get("/v1/environments/shop").await.unwrap();
     let kinds: Vec<&str> = env.members.iter().map(|m| m.type_id.as_str()).collect();
-    assert_eq!(kinds, ["balancer@0.1.0", "tomcat@0.1.0", "tomcat@0.1.0"], "exactly one balancer");
+    assert_eq!(kinds, ["balancer@0.1.0", "tomcat@0.2.0", "tomcat@0.2.0"], "exactly one balancer");
     let lb: Container = client.get(&format!("/v1/containers/{}", env.members[0].id)).await.unwrap();
     assert_eq!(lb.inspect.unwrap()["upstreams"].as_array().unwrap().len(), 2);
     let all: Vec<Container> = client.get("/v1/containers?all=true").await.unwrap();

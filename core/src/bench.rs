@@ -143,14 +143,14 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
         server: Some(format!("sim-{}", id % 4 + 1)),
         ip: Some(format!("10.0.0.{id}")),
     };
-    let members: Vec<MemberView> = (1..=args.members as i64).map(|i| member(i, "tomcat@0.1.0")).collect();
+    let members: Vec<MemberView> = (1..=args.members as i64).map(|i| member(i, "tomcat@0.2.0")).collect();
     let state = serde_json::to_vec(&serde_json::json!({
         "upstreams": members.iter().map(|m| format!("{}:8080", m.ip.as_ref().unwrap())).collect::<Vec<_>>(),
         "reloads": 3,
     }))?;
     let env = EnvironmentView { id: 1, name: "bench".into(), members };
     let me = member(1000, "balancer@0.1.0");
-    let other = member(2000, "tomcat@0.1.0");
+    let other = member(2000, "tomcat@0.2.0");
     let run = |calls: usize, timings: bool| -> Result<Vec<u64>> {
         let mut samples = Vec::with_capacity(if timings { calls } else { 0 });
         let hook = Hook::AfterOtherIsAdded(other.clone());
@@ -189,5 +189,191 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
         secs,
         total as f64 / secs
     );
+    Ok(())
+}
+
+/// Options of `bench place`.
+#[derive(Debug, Args)]
+pub struct PlaceBenchArgs {
+    /// Simulated servers.
+    #[arg(long, default_value_t = 10_000)]
+    pub servers: u32,
+    /// Containers to create.
+    #[arg(long, default_value_t = 100_000)]
+    pub creates: usize,
+    /// Commands executing at once.
+    #[arg(long, default_value_t = 256)]
+    pub workers: usize,
+}
+
+/// Runs the placement benchmark: container creates through the full durable path (command
+/// persisted, placement decision, dummy, sim create and start, status committed).
+pub async fn place(args: PlaceBenchArgs) -> Result<()> {
+    use crate::managers::insert_container;
+    use crate::model::{Requirements, Resources};
+    use crate::queue::Target;
+
+    let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let mut config = CoreConfig::new(dir.path());
+    config.sim_servers = args.servers;
+    config.sim_persist = false;
+    config.queue.workers = args.workers.max(1);
+    config.queue.claim_batch = 512;
+    config.health.background = false;
+    let opened = Instant::now();
+    let core = Core::open(config).await?;
+    core.start().await?;
+    println!("{} simulated servers registered in {:.1} s", args.servers, opened.elapsed().as_secs_f64());
+    core.placement().record_timings(true);
+    let req = Requirements {
+        resources: Resources { cpu_millis: 100, memory_mb: 256, disk_mb: 1024 },
+        ..Default::default()
+    };
+    let started = Instant::now();
+    for chunk in (0..args.creates).collect::<Vec<_>>().chunks(2000) {
+        let txn = core.db().begin().await?;
+        let mut commands = Vec::with_capacity(chunk.len());
+        for _ in chunk {
+            let (id, _) = insert_container(&core, &txn, "tomcat", None, Some(req.clone()), None).await?;
+            commands.push(NewCommand {
+                kind: "container.create".into(),
+                target: Some(Target::Container(id)),
+                params: serde_json::json!({}),
+                requested_by: "bench".into(),
+            });
+        }
+        core.queue().enqueue_in(&txn, commands, None).await?;
+        txn.commit().await?;
+        core.queue().wake();
+    }
+    let submitted = started.elapsed().as_secs_f64();
+    let db = core.db();
+    let unfinished = Statement::from_string(
+        db.get_database_backend(),
+        "SELECT id FROM commands WHERE status IN ('queued', 'running') LIMIT 1",
+    );
+    while db.query_one_raw(unfinished.clone()).await?.is_some() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let failed = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM commands WHERE status <> 'succeeded'",
+        ))
+        .await?
+        .and_then(|r| r.try_get::<i64>("", "n").ok())
+        .unwrap_or(-1);
+    let mut samples = core.placement().take_timings();
+    samples.sort_unstable();
+    anyhow::ensure!(!samples.is_empty(), "no placement decision was recorded");
+    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)] as f64 / 1000.0;
+    let spread = core.placement().snapshot();
+    let (min, max) = spread.iter().fold((u64::MAX, 0), |(lo, hi), c| (lo.min(c.containers), hi.max(c.containers)));
+    let audit = crate::placement::audit(db).await?;
+    println!(
+        "{} placements/s: {} creates on {} servers in {:.2} s (submission {:.2} s), {} not succeeded; decision p50 {:.1} µs, p99 {:.1} µs; containers per server {}..{}; ledger {}",
+        (args.creates as f64 / secs).round(),
+        args.creates,
+        args.servers,
+        secs,
+        submitted,
+        failed,
+        pct(0.5),
+        pct(0.99),
+        min,
+        max,
+        if audit.is_empty() { "consistent".to_string() } else { format!("INCONSISTENT: {}", audit.join("; ")) }
+    );
+    core.stop(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Options of `bench failover`.
+#[derive(Debug, Args)]
+pub struct FailoverBenchArgs {
+    /// Crashes to measure.
+    #[arg(long, default_value_t = 5)]
+    pub trials: usize,
+    /// Tomcats in the environment.
+    #[arg(long, default_value_t = 4)]
+    pub tomcats: usize,
+}
+
+/// Measures failover under the default health settings: the time from a crash of the
+/// balancer's server to a replacement balancer that is running with every tomcat registered
+/// (its nginx rewrite exec'd).
+pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
+    use crate::managers::AddContainer;
+    use crate::model::ContainerStatus;
+
+    let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let mut config = CoreConfig::new(dir.path());
+    config.sim_servers = (args.trials + args.tomcats + 2) as u32;
+    config.sim_persist = false;
+    let core = Core::open(config).await?;
+    core.start().await?;
+    let (cmd, _) = core.environments().create("bench", "bench").await?;
+    core.queue().wait(cmd, Duration::from_secs(30)).await?;
+    for _ in 0..args.tomcats {
+        let add = AddContainer { type_id: "tomcat".into(), requirements: None, server: None };
+        let cmd = core.environments().add("bench", &add, "bench").await?;
+        let done = core.queue().wait(cmd, Duration::from_secs(60)).await?;
+        anyhow::ensure!(done.status.is_terminal() && done.error.is_none(), "adding a tomcat failed: {:?}", done.error);
+    }
+    let mut times = Vec::new();
+    for trial in 0..args.trials {
+        let env = core.environments().get_by_id("bench").await?;
+        let balancer = env
+            .members
+            .iter()
+            .find(|m| m.type_id.starts_with("balancer") && m.status == ContainerStatus::Running)
+            .context("the environment has a running balancer")?
+            .clone();
+        let sim = core.fleet().sim(balancer.server_id.context("placed")?).context("simulated")?;
+        let crashed = Instant::now();
+        sim.crash();
+        let took = loop {
+            let env = core.environments().get_by_id("bench").await?;
+            let tomcats: Vec<String> = env
+                .members
+                .iter()
+                .filter(|m| m.type_id.starts_with("tomcat") && m.status == ContainerStatus::Running)
+                .filter_map(|m| m.ip.as_ref().map(|ip| format!("{ip}:8080")))
+                .collect();
+            let replacement = env.members.iter().find(|m| {
+                m.type_id.starts_with("balancer") && m.status == ContainerStatus::Running && m.id != balancer.id
+            });
+            if let Some(r) = replacement
+                && let Some(s) = r.server_id.and_then(|s| core.fleet().sim(s))
+                && let Some(g) = s.guest(&r.guest_id)
+                && g.execs.last().is_some_and(|e| {
+                    let mut have = e.args.clone();
+                    let mut want = tomcats.clone();
+                    have.sort();
+                    want.sort();
+                    have == want && !want.is_empty()
+                })
+            {
+                break crashed.elapsed();
+            }
+            anyhow::ensure!(crashed.elapsed() < Duration::from_secs(60), "no replacement balancer within 60 s (trial {trial})");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        times.push(took.as_secs_f64());
+        sim.recover();
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "failover (heartbeat {} ms, grace {} ms, check {} ms): crash of the balancer's server to a replacement balancer with all {} upstreams: median {:.2} s, max {:.2} s over {} crashes",
+        core.config().health.heartbeat.as_millis(),
+        core.config().health.grace.as_millis(),
+        core.config().health.check.as_millis(),
+        args.tomcats,
+        times[times.len() / 2],
+        times[times.len() - 1],
+        times.len()
+    );
+    core.stop(Duration::from_secs(5)).await;
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! Placeholders resolve from other keys of the file (`${server.data_dir}`) or from the
 //! environment (`${HOME}`). An unknown key, a bad value or an unresolved placeholder is an error
 //! naming the key and the file line. Named components read their own section (`database`,
-//! `queue`, `drivers.sim`, `plugins`, `auth`).
+//! `queue`, `drivers.sim`, `health`, `collector`, `rebalancer`, `placement`, `plugins`, `auth`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -49,6 +49,16 @@ const SETTINGS: &[Spec] = &[
     Spec { key: "queue.lease_ms", env: "CLOUD48_LEASE_MS", flag: "--lease-ms", default: "30000", secret: false, kind: Kind::Count },
     Spec { key: "drivers.sim.servers", env: "CLOUD48_SIM_SERVERS", flag: "--sim-servers", default: "4", secret: false, kind: Kind::Count },
     Spec { key: "drivers.sim.latency_ms", env: "CLOUD48_SIM_LATENCY_MS", flag: "--sim-latency-ms", default: "0", secret: false, kind: Kind::Count },
+    Spec { key: "health.heartbeat_ms", env: "CLOUD48_HEARTBEAT_MS", flag: "--heartbeat-ms", default: "500", secret: false, kind: Kind::Count },
+    Spec { key: "health.grace_ms", env: "CLOUD48_GRACE_MS", flag: "--grace-ms", default: "2000", secret: false, kind: Kind::Count },
+    Spec { key: "health.check_ms", env: "CLOUD48_HEALTH_CHECK_MS", flag: "--health-check-ms", default: "250", secret: false, kind: Kind::Count },
+    Spec { key: "collector.interval_secs", env: "CLOUD48_COLLECTOR_SECS", flag: "--collector-secs", default: "30", secret: false, kind: Kind::Count },
+    Spec { key: "rebalancer.spread_percent", env: "CLOUD48_REBALANCE_SPREAD", flag: "--rebalance-spread", default: "0", secret: false, kind: Kind::Count },
+    Spec { key: "rebalancer.batch", env: "CLOUD48_REBALANCE_BATCH", flag: "--rebalance-batch", default: "2", secret: false, kind: Kind::Count },
+    Spec { key: "placement.weight_cpu", env: "CLOUD48_WEIGHT_CPU", flag: "--weight-cpu", default: "100", secret: false, kind: Kind::Count },
+    Spec { key: "placement.weight_memory", env: "CLOUD48_WEIGHT_MEMORY", flag: "--weight-memory", default: "100", secret: false, kind: Kind::Count },
+    Spec { key: "placement.weight_disk", env: "CLOUD48_WEIGHT_DISK", flag: "--weight-disk", default: "50", secret: false, kind: Kind::Count },
+    Spec { key: "placement.dummy_ttl_secs", env: "CLOUD48_DUMMY_TTL_SECS", flag: "--dummy-ttl-secs", default: "600", secret: false, kind: Kind::Count },
     Spec { key: "plugins.deadline_ms", env: "CLOUD48_PLUGIN_DEADLINE_MS", flag: "--plugin-deadline-ms", default: "100", secret: false, kind: Kind::Count },
     Spec { key: "plugins.memory_mb", env: "CLOUD48_PLUGIN_MEMORY_MB", flag: "--plugin-memory-mb", default: "64", secret: false, kind: Kind::Count },
     Spec { key: "auth.anonymous", env: "CLOUD48_ANONYMOUS", flag: "--anonymous", default: "read", secret: false, kind: Kind::Choice(&["none", "read", "full"]) },
@@ -363,6 +373,18 @@ impl Settings {
         c.queue.lease = Duration::from_millis(self.count("queue.lease_ms").max(300));
         c.sim_servers = self.count("drivers.sim.servers") as u32;
         c.sim_latency = Duration::from_millis(self.count("drivers.sim.latency_ms"));
+        c.health.heartbeat = Duration::from_millis(self.count("health.heartbeat_ms").max(10));
+        c.health.grace = Duration::from_millis(self.count("health.grace_ms").max(10));
+        c.health.check = Duration::from_millis(self.count("health.check_ms").max(10));
+        c.health.collector = Duration::from_secs(self.count("collector.interval_secs").max(1));
+        c.health.rebalance_spread = self.count("rebalancer.spread_percent").min(100);
+        c.health.rebalance_batch = self.count("rebalancer.batch").max(1) as usize;
+        c.placement.weights = crate::placement::Weights {
+            cpu: self.count("placement.weight_cpu") as f64 / 100.0,
+            memory: self.count("placement.weight_memory") as f64 / 100.0,
+            disk: self.count("placement.weight_disk") as f64 / 100.0,
+        };
+        c.placement.dummy_ttl = Some(Duration::from_secs(self.count("placement.dummy_ttl_secs").max(1)));
         c.auth = self.auth();
         c.plugin_limits.deadline = Duration::from_millis(self.count("plugins.deadline_ms").max(1));
         c.plugin_limits.memory = (self.count("plugins.memory_mb").clamp(1, 4096) as usize) << 20;

@@ -11,6 +11,11 @@ use sea_orm::{
 };
 
 use crate::driver::Driver;
+
+mod futures_job {
+    /// A background job's future.
+    pub type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
 use crate::driver::sim::{SimLatency, SimServer};
 use crate::entities::{platform, server};
 use crate::managers::{ContainerManager, EnvironmentManager, ServerManager};
@@ -81,6 +86,61 @@ pub struct CoreConfig {
     pub plugin_limits: crate::plugins::Limits,
     /// Where compiled plugins are cached; default `<data_dir>/plugin-cache`.
     pub plugin_cache: Option<PathBuf>,
+    /// Heartbeats, failure detection and the collector.
+    pub health: HealthConfig,
+    /// Placement.
+    pub placement: PlacementConfig,
+}
+
+/// Settings of failure detection, the collector and the rebalancer.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// Run the monitor, the simulated servers' heartbeats, the collector and the rebalancer
+    /// in the background (tests that drive them by hand turn this off).
+    pub background: bool,
+    /// Interval of the simulated servers' heartbeats.
+    pub heartbeat: Duration,
+    /// Silence after which a server is marked down.
+    pub grace: Duration,
+    /// Interval of the monitor's checks.
+    pub check: Duration,
+    /// Interval of the periodic collector (and rebalancer).
+    pub collector: Duration,
+    /// Memory-utilisation spread (percentage points between the fullest and the emptiest
+    /// server) above which the rebalancer migrates containers; 0 turns it off.
+    pub rebalance_spread: u64,
+    /// Most migrations the rebalancer has in flight.
+    pub rebalance_batch: usize,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            background: true,
+            heartbeat: Duration::from_millis(500),
+            grace: Duration::from_millis(2000),
+            check: Duration::from_millis(250),
+            collector: Duration::from_secs(30),
+            rebalance_spread: 0,
+            rebalance_batch: 2,
+        }
+    }
+}
+
+/// Settings of placement.
+#[derive(Debug, Clone, Default)]
+pub struct PlacementConfig {
+    /// Weights of the score.
+    pub weights: crate::placement::Weights,
+    /// Lifetime of a dummy (capacity reservation) if its command does not finish first.
+    pub dummy_ttl: Option<Duration>,
+}
+
+impl PlacementConfig {
+    /// Lifetime of a dummy; default 10 minutes.
+    pub fn dummy_ttl(&self) -> Duration {
+        self.dummy_ttl.unwrap_or(Duration::from_secs(600))
+    }
 }
 
 impl CoreConfig {
@@ -102,6 +162,8 @@ impl CoreConfig {
             auth: crate::auth::AuthConfig::default(),
             plugin_limits: crate::plugins::Limits::default(),
             plugin_cache: None,
+            health: HealthConfig::default(),
+            placement: PlacementConfig::default(),
         }
     }
 }
@@ -130,6 +192,11 @@ impl Fleet {
         self.sims.read().unwrap().get(&id).cloned()
     }
 
+    /// Every simulated server with its id.
+    pub fn sims(&self) -> Vec<(ServerId, Arc<SimServer>)> {
+        self.sims.read().unwrap().iter().map(|(id, s)| (*id, s.clone())).collect()
+    }
+
     /// Registers a simulated server.
     pub fn add_sim(&self, id: ServerId, sim: Arc<SimServer>) {
         self.drivers.write().unwrap().insert(id, (sim.clone(), sim.name().to_string()));
@@ -146,6 +213,9 @@ pub(crate) struct CoreInner {
     pub types: TypeRegistry,
     pub platform: platform::Model,
     pub config: CoreConfig,
+    pub health: crate::health::Health,
+    pub placement: crate::placement::PlacementCache,
+    pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// A running cloud core; cheap to clone.
@@ -222,6 +292,8 @@ impl Core {
         let node = node_id(&config.data_dir)?;
         let platform = local_platform(&db).await?;
         let queue = Queue::new(db.clone(), node, config.queue.clone(), clock.clone());
+        let health = crate::health::Health::new(clock.clone());
+        let placement = crate::placement::PlacementCache::new(config.placement.weights);
         let auth = crate::auth::Authenticator::new(config.auth.clone(), db.clone(), clock);
         let plugin_host = crate::plugins::PluginHost::shared(
             Some(config.plugin_cache.clone().unwrap_or_else(|| config.data_dir.join("plugin-cache"))),
@@ -238,9 +310,17 @@ impl Core {
                 types: TypeRegistry::with_builtins(),
                 platform,
                 config,
+                health,
+                placement,
+                background: std::sync::Mutex::new(Vec::new()),
             }),
         };
         core.load_servers().await?;
+        let fixed = crate::placement::reconcile(core.db()).await?;
+        if fixed > 0 {
+            tracing::warn!(servers = fixed, "corrected the allocation counters of servers");
+        }
+        core.placement().refresh_all(core.db()).await?;
         let plugins = core.plugins();
         plugins.load_all().await?;
         plugins.bootstrap(core.inner.platform.id).await?;
@@ -304,17 +384,126 @@ impl Core {
         Ok(())
     }
 
-    /// Starts executing commands, resuming those a previous run left unfinished.
+    /// Starts executing commands, resuming those a previous run left unfinished; runs the
+    /// collector once, tells every environment the core started (`after-cc-start`) and starts
+    /// the background monitor, heartbeats, collector and rebalancer.
     pub async fn start(&self) -> Result<(), CoreError> {
         let runner = Arc::new(crate::commands::Handlers::new(self.clone()));
         let single_core = self.inner.db.get_database_backend() == DatabaseBackend::Sqlite;
         self.inner.queue.start(runner, single_core).await?;
+        self.collect(None).await?;
+        self.notify_environments("after-cc-start").await?;
+        if self.inner.config.health.background {
+            self.spawn_background();
+        }
         Ok(())
     }
 
-    /// Stops claiming commands and waits up to `grace` for running steps.
+    fn spawn_background(&self) {
+        let h = self.inner.config.health.clone();
+        let every = |period: Duration, core: Core, job: fn(Core) -> futures_job::Job| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    job(core.clone()).await;
+                }
+            })
+        };
+        let mut tasks = self.inner.background.lock().unwrap();
+        tasks.push(every(h.heartbeat, self.clone(), |c| Box::pin(async move { c.beat_sims().await })));
+        tasks.push(every(h.check, self.clone(), |c| {
+            Box::pin(async move {
+                if let Err(e) = c.check_health().await {
+                    tracing::warn!(error = %e, "health check failed");
+                }
+            })
+        }));
+        tasks.push(every(h.collector, self.clone(), |c| {
+            Box::pin(async move {
+                if let Err(e) = c.placement().refresh_all(c.db()).await {
+                    tracing::warn!(error = %e, "placement refresh failed");
+                }
+                if let Err(e) = c.collect(None).await {
+                    tracing::warn!(error = %e, "collector failed");
+                }
+                if let Err(e) = c.rebalance().await {
+                    tracing::warn!(error = %e, "rebalancer failed");
+                }
+            })
+        }));
+    }
+
+    /// Stops the background tasks, stops claiming commands and waits up to `grace` for
+    /// running steps.
     pub async fn stop(&self, grace: Duration) {
+        for t in self.inner.background.lock().unwrap().drain(..) {
+            t.abort();
+        }
         self.inner.queue.stop(grace).await;
+    }
+
+    /// A graceful stop: `before-cc-stop` runs in every environment (waiting up to `grace`
+    /// for it and the actions its hooks ask for), then `stop`.
+    pub async fn shutdown(&self, grace: Duration) -> Result<(), CoreError> {
+        let result = async {
+            let deadline = tokio::time::Instant::now() + grace;
+            for id in self.notify_environments("before-cc-stop").await? {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                self.queue().wait(id, left).await?;
+            }
+            Ok(())
+        }
+        .await;
+        self.stop(grace).await;
+        result
+    }
+
+    /// Submits an `environment.notify` command running `hook` for the members of every
+    /// active environment that has members; returns the command ids.
+    pub async fn notify_environments(&self, hook: &str) -> Result<Vec<i64>, CoreError> {
+        use sea_orm::QuerySelect;
+        let envs: Vec<i64> = crate::entities::container::Entity::find()
+            .select_only()
+            .column(crate::entities::container::Column::EnvironmentId)
+            .distinct()
+            .filter(crate::entities::container::Column::EnvironmentId.is_not_null())
+            .filter(crate::entities::container::Column::Status.is_in(
+                [crate::model::ContainerStatus::Running, crate::model::ContainerStatus::Stopped, crate::model::ContainerStatus::Suspended]
+                    .map(|s| s.as_str()),
+            ))
+            .into_tuple::<Option<i64>>()
+            .all(self.db())
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        let commands: Vec<_> = envs
+            .into_iter()
+            .map(|env| crate::queue::NewCommand {
+                kind: "environment.notify".into(),
+                target: Some(crate::queue::Target::Environment(env)),
+                params: serde_json::json!({ "hook": hook }),
+                requested_by: "core".into(),
+            })
+            .collect();
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = self.queue().enqueue_in(self.db(), commands, None).await?;
+        self.queue().wake();
+        Ok(ids)
+    }
+
+    /// Placement's view of the servers.
+    pub fn placement(&self) -> &crate::placement::PlacementCache {
+        &self.inner.placement
+    }
+
+    /// The configuration the core runs with.
+    pub fn config(&self) -> &CoreConfig {
+        &self.inner.config
     }
 
     /// Installed plugins.

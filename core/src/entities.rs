@@ -50,6 +50,38 @@ pub mod server {
         pub labels: String,
         pub last_heartbeat: Option<i64>,
         pub created_at: i64,
+        /// Sum of what its containers and dummies reserve (see `placement`).
+        pub alloc_cpu_millis: i64,
+        pub alloc_memory_mb: i64,
+        pub alloc_disk_mb: i64,
+        pub alloc_containers: i64,
+        /// Placement puts nothing new on a draining server.
+        pub draining: bool,
+    }
+    no_relations!();
+}
+
+/// Dummy containers: capacity reserved on a server for a container being created, cloned or
+/// migrated there, until the real container replaces it or its deadline passes.
+pub mod dummy {
+    use sea_orm::entity::prelude::*;
+    /// A dummy row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "dummies")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub server_id: i64,
+        /// The container that will replace it.
+        pub container_id: i64,
+        /// The command that placed it; the dummy dies with it.
+        pub command_id: Option<i64>,
+        pub cpu_millis: i64,
+        pub memory_mb: i64,
+        pub disk_mb: i64,
+        /// Milliseconds since the Unix epoch after which the collector removes it.
+        pub deadline: i64,
+        pub created_at: i64,
     }
     no_relations!();
 }

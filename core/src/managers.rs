@@ -48,8 +48,9 @@ pub enum ContainerCommand {
     },
     /// Move a container to another server (cold).
     Migrate {
-        /// Name of the target server.
-        to: String,
+        /// Name of the target server; default: placement chooses (never the current server).
+        #[serde(default)]
+        to: Option<String>,
     },
 }
 
@@ -137,6 +138,34 @@ pub struct CreateContainer {
     pub requirements: Option<Requirements>,
 }
 
+/// A container exported from one platform for import into another.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerExport {
+    /// Format version of this document.
+    pub format: u32,
+    /// Name of the exporting platform.
+    pub platform: String,
+    /// Container id on the exporting platform.
+    pub container_id: ContainerId,
+    /// Guest id on the exporting platform.
+    pub guest_id: String,
+    /// Container type id.
+    #[serde(rename = "type")]
+    pub type_id: String,
+    /// Requirements.
+    pub requirements: Requirements,
+    /// The opaque state blob, hex-encoded.
+    pub state_hex: String,
+    /// The disk image, hex-encoded.
+    pub disk_hex: String,
+}
+
+impl ContainerExport {
+    /// The format this core writes and reads.
+    pub const FORMAT: u32 = 1;
+}
+
 /// The ContainerManager of the design notes: `run`, `find`, `get_by_id`, `get`, `put`.
 pub struct ContainerManager<'a> {
     core: &'a Core,
@@ -209,7 +238,8 @@ impl<'a> ContainerManager<'a> {
                 };
                 json!({ "server_id": server_id })
             }
-            ContainerCommand::Migrate { to } => {
+            ContainerCommand::Migrate { to: None } => json!({ "to": null }),
+            ContainerCommand::Migrate { to: Some(to) } => {
                 let target = server_by_name(db, "to", to).await?;
                 if Some(target.id) == row.server_id {
                     return Err(CoreError::invalid(
@@ -243,7 +273,7 @@ impl<'a> ContainerManager<'a> {
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
         let txn = self.core.db().begin().await?;
-        let id = insert_container(self.core, &txn, &req.type_id, req.server.as_deref(), req.requirements.clone(), None).await?;
+        let (id, server_id) = insert_container(self.core, &txn, &req.type_id, req.server.as_deref(), req.requirements.clone(), None).await?;
         let ids = self
             .core
             .queue()
@@ -252,7 +282,96 @@ impl<'a> ContainerManager<'a> {
                 vec![NewCommand {
                     kind: "container.create".into(),
                     target: Some(Target::Container(id)),
-                    params: json!({}),
+                    params: json!({ "server_id": server_id }),
+                    requested_by: requested_by.to_string(),
+                }],
+                None,
+            )
+            .await?;
+        txn.commit().await?;
+        self.core.queue().wake();
+        Ok((ids[0], id))
+    }
+
+    /// Exports a stopped container for another platform (`import` there): its type, state,
+    /// requirements and disk, with its identity here.
+    pub async fn export(&self, id: ContainerId) -> Result<ContainerExport, CoreError> {
+        let row = load_container(self.core.db(), id).await?;
+        let status = parse_status(&row.status);
+        check_status(id, status, "container export", &[ContainerStatus::Stopped])
+            .map_err(|m| CoreError::Conflict(format!("{m}; stop it first with `cloud48 container stop {id}`")))?;
+        let server_id = row.server_id.ok_or_else(|| CoreError::Conflict(format!("container {id} has no server")))?;
+        let (driver, server) = self.core.fleet().named_driver(server_id).ok_or_else(|| {
+            CoreError::Conflict(format!("server #{server_id} has no driver in this core"))
+        })?;
+        let image = driver
+            .export(&row.guest_id)
+            .await
+            .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))?;
+        Ok(ContainerExport {
+            format: ContainerExport::FORMAT,
+            platform: self.core.platform_name().to_string(),
+            container_id: row.id,
+            guest_id: row.guest_id,
+            type_id: row.type_id,
+            requirements: serde_json::from_str(&row.requirements).unwrap_or_default(),
+            state_hex: hex::encode(&row.state),
+            disk_hex: hex::encode(&image.data),
+        })
+    }
+
+    /// Imports a container exported by another platform: a new container here, placed by the
+    /// factory and created from the exported disk (stopped), that records where it came from.
+    /// Returns (command, container).
+    pub async fn import(
+        &self,
+        export: &ContainerExport,
+        requested_by: &str,
+    ) -> Result<(CommandId, ContainerId), CoreError> {
+        if export.format != ContainerExport::FORMAT {
+            return Err(CoreError::invalid(
+                "format",
+                format!("export format {} is not supported (this core reads format {})", export.format, ContainerExport::FORMAT),
+            ));
+        }
+        if export.platform == self.core.platform_name() {
+            return Err(CoreError::invalid(
+                "platform",
+                "this container was exported by this platform; use `cloud48 container clone` to copy it here",
+            ));
+        }
+        if export.guest_id.is_empty() || export.platform.is_empty() {
+            return Err(CoreError::invalid("guest_id", "the export names no origin platform or guest id"));
+        }
+        let state = hex::decode(&export.state_hex).map_err(|e| CoreError::invalid("state_hex", format!("not hex: {e}")))?;
+        let disk = hex::decode(&export.disk_hex).map_err(|e| CoreError::invalid("disk_hex", format!("not hex: {e}")))?;
+        let txn = self.core.db().begin().await?;
+        let (id, _) = insert_container(self.core, &txn, &export.type_id, None, Some(export.requirements.clone()), None).await?;
+        container::Entity::update_many()
+            .col_expr(container::Column::State, sea_orm::sea_query::Expr::val(state).into())
+            .filter(container::Column::Id.eq(id))
+            .exec(&txn)
+            .await?;
+        origin_identity::ActiveModel {
+            container_id: Set(id),
+            origin_platform: Set(export.platform.clone()),
+            origin_container_id: Set(export.container_id),
+            guest_id: Set(export.guest_id.clone()),
+            imported_at: Set(now_ms()),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        let image = crate::driver::GuestImage { type_id: export.type_id.clone(), data: disk };
+        let ids = self
+            .core
+            .queue()
+            .enqueue_in(
+                &txn,
+                vec![NewCommand {
+                    kind: "container.create".into(),
+                    target: Some(Target::Container(id)),
+                    params: json!({ "image": image, "start": false }),
                     requested_by: requested_by.to_string(),
                 }],
                 None,
@@ -363,7 +482,8 @@ fn script_title(script: &str) -> String {
     first.strip_prefix("# cloud48:").map_or(first, str::trim).chars().take(120).collect()
 }
 
-/// Inserts a container row in status `creating` (validating type, server and requirements).
+/// Inserts a container row in status `creating` (validating type, server and requirements);
+/// returns its id and the id of the server the caller named (placement reserves it there).
 pub(crate) async fn insert_container<C: ConnectionTrait>(
     core: &Core,
     conn: &C,
@@ -371,7 +491,7 @@ pub(crate) async fn insert_container<C: ConnectionTrait>(
     server: Option<&str>,
     requirements: Option<Requirements>,
     environment: Option<EnvironmentId>,
-) -> Result<ContainerId, CoreError> {
+) -> Result<(ContainerId, Option<ServerId>), CoreError> {
     let ty = core
         .types()
         .require(type_id)
@@ -391,7 +511,7 @@ pub(crate) async fn insert_container<C: ConnectionTrait>(
         type_id: Set(type_id.to_string()),
         state: Set(ty.initial_state()),
         status: Set(ContainerStatus::Creating.as_str().into()),
-        server_id: Set(server_id),
+        server_id: Set(None),
         environment_id: Set(environment),
         guest_id: Set(String::new()),
         ip: Set(None),
@@ -407,7 +527,7 @@ pub(crate) async fn insert_container<C: ConnectionTrait>(
     let mut active: container::ActiveModel = row.into();
     active.guest_id = Set(guest);
     let row = active.update(conn).await?;
-    Ok(row.id)
+    Ok((row.id, server_id))
 }
 
 /// API views of container rows (server and environment names resolved).
@@ -549,6 +669,41 @@ impl<'a> EnvironmentManager<'a> {
         name: &str,
         requested_by: &str,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
+        self.submit_new(name, |env| NewCommand {
+            kind: "environment.create".into(),
+            target: Some(Target::Environment(env)),
+            params: json!({ "name": name }),
+            requested_by: requested_by.to_string(),
+        })
+        .await
+    }
+
+    /// Clones environment `source` into a new environment `name`: every member is cloned
+    /// (state and disk, placed by the factory) and the add hooks re-run so that the copy is
+    /// wired to itself. Returns (command, new environment id).
+    pub async fn clone(
+        &self,
+        source: &str,
+        name: &str,
+        requested_by: &str,
+    ) -> Result<(CommandId, EnvironmentId), CoreError> {
+        let src = self.active(source).await?;
+        self.submit_new(name, |env| NewCommand {
+            kind: "environment.clone".into(),
+            target: Some(Target::Environment(src.id)),
+            params: json!({ "destination": env }),
+            requested_by: requested_by.to_string(),
+        })
+        .await
+    }
+
+    /// Inserts a new environment `name` (status creating) and the command `make` returns for
+    /// it, in one transaction.
+    async fn submit_new(
+        &self,
+        name: &str,
+        make: impl FnOnce(EnvironmentId) -> NewCommand,
+    ) -> Result<(CommandId, EnvironmentId), CoreError> {
         validate_name(name).map_err(|m| CoreError::invalid("name", m))?;
         let txn = self.core.db().begin().await?;
         let exists = environment::Entity::find()
@@ -573,20 +728,7 @@ impl<'a> EnvironmentManager<'a> {
         }
         .insert(&txn)
         .await?;
-        let ids = self
-            .core
-            .queue()
-            .enqueue_in(
-                &txn,
-                vec![NewCommand {
-                    kind: "environment.create".into(),
-                    target: Some(Target::Environment(env.id)),
-                    params: json!({ "name": name }),
-                    requested_by: requested_by.to_string(),
-                }],
-                None,
-            )
-            .await?;
+        let ids = self.core.queue().enqueue_in(&txn, vec![make(env.id)], None).await?;
         txn.commit().await?;
         self.core.queue().wake();
         Ok((ids[0], env.id))
@@ -734,6 +876,17 @@ impl<'a> EnvironmentManager<'a> {
     }
 }
 
+/// What `ServerManager::drain` did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DrainReport {
+    /// The drained server.
+    pub server: String,
+    /// The migrations submitted, one per container.
+    pub commands: Vec<CommandId>,
+    /// Containers that could not be migrated, with the reason.
+    pub skipped: Vec<String>,
+}
+
 /// Servers of the platform.
 pub struct ServerManager<'a> {
     core: &'a Core,
@@ -744,23 +897,112 @@ impl<'a> ServerManager<'a> {
         ServerManager { core }
     }
 
-    /// Every server with its allocation, by id.
+    /// Every server with its allocation, load and last heartbeat, by id.
     pub async fn list(&self) -> Result<Vec<Server>, CoreError> {
-        let loads = crate::placement::server_loads(self.core.db(), None).await?;
-        Ok(loads
+        use sea_orm::QuerySelect;
+        let db = self.core.db();
+        let rows = server::Entity::find().order_by_asc(server::Column::Id).all(db).await?;
+        let dummies: HashMap<i64, i64> = crate::entities::dummy::Entity::find()
+            .select_only()
+            .column(crate::entities::dummy::Column::ServerId)
+            .column_as(crate::entities::dummy::Column::Id.count(), "n")
+            .group_by(crate::entities::dummy::Column::ServerId)
+            .into_tuple::<(i64, i64)>()
+            .all(db)
+            .await?
             .into_iter()
-            .map(|l| Server {
-                id: l.server.id,
-                status: l.server.status.parse().unwrap_or(ServerStatus::Down),
-                labels: serde_json::from_str(&l.server.labels).unwrap_or_default(),
-                last_heartbeat: l.server.last_heartbeat,
-                name: l.server.name,
-                driver: l.server.driver,
-                capacity: l.capacity,
-                allocated: l.allocated,
-                containers: l.containers,
+            .collect();
+        Ok(rows
+            .into_iter()
+            .map(|s| {
+                let beat = self.core.health().last(s.id);
+                Server {
+                    id: s.id,
+                    status: s.status.parse().unwrap_or(ServerStatus::Down),
+                    labels: serde_json::from_str(&s.labels).unwrap_or_default(),
+                    last_heartbeat: beat.as_ref().map(|b| b.at).or(s.last_heartbeat),
+                    load: beat.and_then(|b| b.load),
+                    capacity: crate::placement::capacity_of(&s),
+                    allocated: crate::placement::allocated_of(&s),
+                    containers: s.alloc_containers.max(0) as u64,
+                    dummies: dummies.get(&s.id).copied().unwrap_or(0) as u64,
+                    draining: s.draining,
+                    name: s.name,
+                    driver: s.driver,
+                }
             })
             .collect())
+    }
+
+    /// Drains a server: placement puts nothing new there and every running or stopped
+    /// container on it is migrated away (placement chooses where).
+    pub async fn drain(&self, key: &str, requested_by: &str) -> Result<DrainReport, CoreError> {
+        let db = self.core.db();
+        let s = server_by_name(db, "server", key).await?;
+        let txn = db.begin().await?;
+        let mut am: server::ActiveModel = s.clone().into();
+        am.draining = Set(true);
+        am.update(&txn).await?;
+        let rows = container::Entity::find()
+            .filter(container::Column::ServerId.eq(s.id))
+            .order_by_asc(container::Column::Id)
+            .all(&txn)
+            .await?;
+        let mut commands = Vec::new();
+        let mut skipped = Vec::new();
+        for r in rows {
+            match parse_status(&r.status) {
+                ContainerStatus::Running | ContainerStatus::Stopped => commands.push(NewCommand {
+                    kind: "container.migrate".into(),
+                    target: Some(Target::Container(r.id)),
+                    params: json!({ "to": null }),
+                    requested_by: requested_by.to_string(),
+                }),
+                st if st.is_gone() => {}
+                st => skipped.push(format!("container {} is {st} and cannot be migrated", r.id)),
+            }
+        }
+        let ids = self.core.queue().enqueue_in(&txn, commands, None).await?;
+        txn.commit().await?;
+        self.core.placement().set_status(s.id, s.status == "up", true);
+        self.core.queue().wake();
+        Ok(DrainReport { server: s.name, commands: ids, skipped })
+    }
+
+    /// Ends a drain: placement may use the server again.
+    pub async fn undrain(&self, key: &str) -> Result<(), CoreError> {
+        let db = self.core.db();
+        let s = server_by_name(db, "server", key).await?;
+        let up = s.status == "up";
+        let id = s.id;
+        let mut am: server::ActiveModel = s.into();
+        am.draining = Set(false);
+        am.update(db).await?;
+        self.core.placement().set_status(id, up, false);
+        Ok(())
+    }
+
+    /// Injects a crash into a simulated server (it stops answering and sending heartbeats);
+    /// the health monitor marks it down after the grace period.
+    pub async fn fail(&self, key: &str) -> Result<(), CoreError> {
+        self.sim(key).await?.crash();
+        Ok(())
+    }
+
+    /// Ends an injected crash: heartbeats resume and the monitor brings the server back.
+    pub async fn recover(&self, key: &str) -> Result<(), CoreError> {
+        self.sim(key).await?.recover();
+        Ok(())
+    }
+
+    async fn sim(&self, key: &str) -> Result<std::sync::Arc<crate::driver::sim::SimServer>, CoreError> {
+        let s = server_by_name(self.core.db(), "server", key).await?;
+        self.core.fleet().sim(s.id).ok_or_else(|| {
+            CoreError::Conflict(format!(
+                "server {} uses driver '{}'; only simulated servers can be failed and recovered on command",
+                s.name, s.driver
+            ))
+        })
     }
 
     /// One server by name or id.

@@ -78,6 +78,10 @@ pub struct Requirements {
     /// Labels the server must carry (all of them).
     #[serde(default)]
     pub labels: Vec<String>,
+    /// Never on the same server as another member of the same type in the same environment
+    /// (anti-affinity).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spread: bool,
 }
 
 macro_rules! string_enum {
@@ -136,6 +140,10 @@ string_enum!(
         Destroyed = "destroyed",
         /// Creation failed; nothing runs.
         Failed = "failed",
+        /// Its server stopped answering; hooks decide what happens (`is-down`).
+        Down = "down",
+        /// Replaced while its server was down; the collector destroys it when the server is back.
+        Illegal = "illegal",
     }
 );
 
@@ -143,6 +151,12 @@ impl ContainerStatus {
     /// True when the container no longer exists on any server.
     pub fn is_gone(&self) -> bool {
         matches!(self, ContainerStatus::Destroyed | ContainerStatus::Failed)
+    }
+
+    /// True when the container belongs to its environment for hooks and fan-outs: it exists
+    /// and was not replaced (illegal).
+    pub fn is_member(&self) -> bool {
+        !self.is_gone() && *self != ContainerStatus::Illegal
     }
 }
 
@@ -298,10 +312,16 @@ pub struct Server {
     pub allocated: Resources,
     /// Labels for placement.
     pub labels: Vec<String>,
-    /// Number of existing containers on it.
+    /// Number of existing containers on it, including placement reservations (dummies).
     pub containers: u64,
+    /// Placement reservations (dummies) on it.
+    pub dummies: u64,
+    /// True while drained: placement puts nothing new there.
+    pub draining: bool,
     /// Last heartbeat, milliseconds since the Unix epoch.
     pub last_heartbeat: Option<i64>,
+    /// Load figures of the last heartbeat.
+    pub load: Option<crate::driver::ServerStats>,
 }
 
 /// A persisted command as the API shows it.

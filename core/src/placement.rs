@@ -1,16 +1,44 @@
-//! Choosing a server for a new or moving container (the ContainerFactory's decision).
+//! Placement (the ContainerFactory): where a new, cloned or migrating container goes, and the
+//! ledger of what each server has reserved.
 //!
-//! For now: among servers that are up, carry every required label and have the required
-//! resources free (capacity minus the requirements of their existing containers), pick the one
-//! with the most free memory, ties by lowest id. When nothing fits, the error says which
-//! requirement no server met.
+//! The decision filters servers by status (up, not draining), anti-affinity (`spread`), labels
+//! and free resources, then scores each fitting server by the share of its capacity left free
+//! after placing the container:
+//!
+//! ```text
+//! score = (w_cpu·free_cpu/cap_cpu + w_mem·free_mem/cap_mem + w_disk·free_disk/cap_disk)
+//!         / (w_cpu + w_mem + w_disk)        where free = capacity − allocated − need
+//! ```
+//!
+//! and takes the highest score (ties: lowest server id), which spreads load. The weights are
+//! configurable (`placement.weight_cpu`, `placement.weight_memory`, `placement.weight_disk`).
+//!
+//! Invariants:
+//! - The decision reads an in-memory `PlacementCache`; it may be stale. The database is the
+//!   truth: a reservation is a conditional `UPDATE` of the server's allocation counters that
+//!   succeeds only if the container still fits, so concurrent placements (in one core or many)
+//!   never over-commit a server. A failed claim refreshes that server and tries the next one.
+//! - A server's counters are the sum of the requirements of its existing containers (status
+//!   not destroyed or failed) plus its dummies. Every change to either changes the counters in
+//!   the same transaction (`claim`, `release`, `fill`, `drop_dummy`); `reconcile` recomputes
+//!   them at start-up and `audit` checks them.
+//! - A dummy carries the id of the command that placed it and a deadline; the collector removes
+//!   dummies whose command finished or whose deadline passed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
+    EntityTrait,
+    QueryFilter, QueryOrder, Set, TransactionTrait,
+};
 
-use crate::entities::{container, server};
-use crate::model::{ContainerId, ContainerStatus, Requirements, Resources, ServerId};
+use crate::entities::{container, dummy, server};
+use crate::model::{ContainerId, ContainerStatus, Requirements, Resources, ServerId, now_ms};
 
 /// Why no server fits.
 #[derive(Debug, thiserror::Error)]
@@ -23,120 +51,484 @@ pub enum PlacementError {
     Db(#[from] DbErr),
 }
 
-/// A server with what its existing containers reserve.
-pub struct ServerLoad {
-    /// The server row.
-    pub server: server::Model,
-    /// Its total capacity.
+/// Weights of the score's figures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weights {
+    /// Weight of the free CPU share.
+    pub cpu: f64,
+    /// Weight of the free memory share.
+    pub memory: f64,
+    /// Weight of the free disk share.
+    pub disk: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Weights { cpu: 1.0, memory: 1.0, disk: 0.5 }
+    }
+}
+
+/// A server as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Server id.
+    pub id: ServerId,
+    /// True when up.
+    pub up: bool,
+    /// True while drained.
+    pub draining: bool,
+    /// Labels it carries.
+    pub labels: Vec<String>,
+    /// Total capacity.
     pub capacity: Resources,
-    /// Resources reserved by its live containers.
+    /// Reserved by containers and dummies.
     pub allocated: Resources,
-    /// Number of its live containers.
+    /// Containers and dummies on it.
     pub containers: u64,
 }
 
-impl ServerLoad {
+impl Candidate {
+    /// Placement's view of a server row.
+    pub fn from_row(s: &server::Model) -> Candidate {
+        Candidate {
+            id: s.id,
+            up: s.status == "up",
+            draining: s.draining,
+            labels: serde_json::from_str(&s.labels).unwrap_or_default(),
+            capacity: capacity_of(s),
+            allocated: allocated_of(s),
+            containers: s.alloc_containers.max(0) as u64,
+        }
+    }
+
     /// Capacity not reserved.
     pub fn free(&self) -> Resources {
         self.capacity.minus(&self.allocated)
     }
+
+    fn placeable(&self) -> bool {
+        self.up && !self.draining
+    }
 }
 
-/// Every server (by id) with its load, not counting container `except`.
-pub async fn server_loads<C: ConnectionTrait>(
+/// Capacity of a server row.
+pub fn capacity_of(s: &server::Model) -> Resources {
+    Resources {
+        cpu_millis: s.cpu_millis.max(0) as u64,
+        memory_mb: s.memory_mb.max(0) as u64,
+        disk_mb: s.disk_mb.max(0) as u64,
+    }
+}
+
+/// Allocation counters of a server row.
+pub fn allocated_of(s: &server::Model) -> Resources {
+    Resources {
+        cpu_millis: s.alloc_cpu_millis.max(0) as u64,
+        memory_mb: s.alloc_memory_mb.max(0) as u64,
+        disk_mb: s.alloc_disk_mb.max(0) as u64,
+    }
+}
+
+/// Score of placing `need` on `c` (higher is better); see the module documentation.
+pub fn score(c: &Candidate, need: &Resources, w: &Weights) -> f64 {
+    let share = |cap: u64, used: u64, need: u64| {
+        if cap == 0 { 0.0 } else { cap.saturating_sub(used + need) as f64 / cap as f64 }
+    };
+    let total = w.cpu + w.memory + w.disk;
+    let sum = w.cpu * share(c.capacity.cpu_millis, c.allocated.cpu_millis, need.cpu_millis)
+        + w.memory * share(c.capacity.memory_mb, c.allocated.memory_mb, need.memory_mb)
+        + w.disk * share(c.capacity.disk_mb, c.allocated.disk_mb, need.disk_mb);
+    if total > 0.0 { sum / total } else { 0.0 }
+}
+
+fn has_labels(c: &Candidate, req: &Requirements) -> bool {
+    req.labels.iter().all(|l| c.labels.contains(l))
+}
+
+/// Chooses a server for `req` among `servers`, never one in `avoid`. The error names the
+/// requirement no server met.
+pub fn decide(
+    servers: &[Candidate],
+    req: &Requirements,
+    avoid: &HashSet<ServerId>,
+    w: &Weights,
+) -> Result<ServerId, String> {
+    let need = &req.resources;
+    let mut best: Option<(f64, ServerId)> = None;
+    for c in servers {
+        if !c.placeable() || avoid.contains(&c.id) || !has_labels(c, req) || !need.fits_in(&c.free()) {
+            continue;
+        }
+        let s = score(c, need, w);
+        if best.is_none_or(|(b, id)| s > b || (s == b && c.id < id)) {
+            best = Some((s, c.id));
+        }
+    }
+    best.map(|(_, id)| id).ok_or_else(|| no_fit_reason(servers, req, avoid))
+}
+
+/// Names the first requirement that eliminated every server.
+fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<ServerId>) -> String {
+    let placeable: Vec<_> = servers.iter().filter(|c| c.placeable()).collect();
+    if placeable.is_empty() {
+        return "no server is up and accepting containers (not draining)".into();
+    }
+    let allowed: Vec<_> = placeable.into_iter().filter(|c| !avoid.contains(&c.id)).collect();
+    if allowed.is_empty() {
+        return if req.spread {
+            "every server that is up already runs a container of the same type in this environment (spread)".into()
+        } else {
+            "no other server is up".into()
+        };
+    }
+    let labelled: Vec<_> = allowed.into_iter().filter(|c| has_labels(c, req)).collect();
+    if labelled.is_empty() {
+        return format!("no server that is up carries the labels [{}]", req.labels.join(", "));
+    }
+    let r = &req.resources;
+    for (figure, need, have) in [
+        ("cpu_millis", r.cpu_millis, labelled.iter().map(|c| c.free().cpu_millis).max()),
+        ("memory_mb", r.memory_mb, labelled.iter().map(|c| c.free().memory_mb).max()),
+        ("disk_mb", r.disk_mb, labelled.iter().map(|c| c.free().disk_mb).max()),
+    ] {
+        let have = have.unwrap_or(0);
+        if need > have {
+            return format!("{figure} {need} needed, at most {have} free on any eligible server");
+        }
+    }
+    format!(
+        "no single server has {} cpu_millis, {} memory_mb and {} disk_mb free together",
+        r.cpu_millis, r.memory_mb, r.disk_mb
+    )
+}
+
+/// Placement's in-memory view of the servers: read by every decision, refreshed from the
+/// database (fully at start and by the collector, per server after a failed claim).
+#[derive(Default)]
+pub struct PlacementCache {
+    servers: RwLock<(Vec<Candidate>, HashMap<ServerId, usize>)>,
+    weights: RwLock<Weights>,
+    timing: AtomicBool,
+    samples: std::sync::Mutex<Vec<u32>>,
+}
+
+impl PlacementCache {
+    /// A cache scoring with `weights`.
+    pub fn new(weights: Weights) -> Self {
+        PlacementCache { weights: RwLock::new(weights), ..Default::default() }
+    }
+
+    /// Reloads every server.
+    pub async fn refresh_all<C: ConnectionTrait>(&self, conn: &C) -> Result<(), DbErr> {
+        let rows = server::Entity::find().order_by_asc(server::Column::Id).all(conn).await?;
+        let list: Vec<Candidate> = rows.iter().map(Candidate::from_row).collect();
+        let index = list.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+        *self.servers.write().unwrap() = (list, index);
+        Ok(())
+    }
+
+    /// Reloads one server.
+    pub async fn refresh<C: ConnectionTrait>(&self, conn: &C, id: ServerId) -> Result<(), DbErr> {
+        let Some(row) = server::Entity::find_by_id(id).one(conn).await? else {
+            return Ok(());
+        };
+        let fresh = Candidate::from_row(&row);
+        let mut guard = self.servers.write().unwrap();
+        let (list, index) = &mut *guard;
+        match index.get(&id) {
+            Some(&i) => list[i] = fresh,
+            None => {
+                index.insert(id, list.len());
+                list.push(fresh);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a reservation (`sign` 1) or a release (`sign` -1) made in this core.
+    pub(crate) fn apply(&self, id: ServerId, r: &Resources, count: i64, sign: i64) {
+        let mut guard = self.servers.write().unwrap();
+        let (list, index) = &mut *guard;
+        if let Some(&i) = index.get(&id) {
+            let c = &mut list[i];
+            if sign > 0 {
+                c.allocated = c.allocated.plus(r);
+                c.containers += count as u64;
+            } else {
+                c.allocated = c.allocated.minus(r);
+                c.containers = c.containers.saturating_sub(count as u64);
+            }
+        }
+    }
+
+    /// Marks a server up or down and draining or not.
+    pub fn set_status(&self, id: ServerId, up: bool, draining: bool) {
+        let mut guard = self.servers.write().unwrap();
+        let (list, index) = &mut *guard;
+        if let Some(&i) = index.get(&id) {
+            list[i].up = up;
+            list[i].draining = draining;
+        }
+    }
+
+    /// Chooses a server (see `decide`).
+    pub fn decide(&self, req: &Requirements, avoid: &HashSet<ServerId>) -> Result<ServerId, String> {
+        let started = self.timing.load(Ordering::Relaxed).then(Instant::now);
+        let w = *self.weights.read().unwrap();
+        let out = decide(&self.servers.read().unwrap().0, req, avoid, &w);
+        if let Some(t) = started {
+            let ns = t.elapsed().as_nanos().min(u32::MAX as u128) as u32;
+            self.samples.lock().unwrap().push(ns);
+        }
+        out
+    }
+
+    /// Starts recording the duration of every decision (for `bench place`).
+    pub fn record_timings(&self, on: bool) {
+        self.timing.store(on, Ordering::Relaxed);
+    }
+
+    /// Takes the recorded decision durations in nanoseconds.
+    pub fn take_timings(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.samples.lock().unwrap())
+    }
+
+    /// A copy of the cached servers.
+    pub fn snapshot(&self) -> Vec<Candidate> {
+        self.servers.read().unwrap().0.clone()
+    }
+}
+
+/// Reserves `r` (and `count` containers) on `server` if it still fits; with `placeable` the
+/// server must also be up and not draining. True when reserved.
+pub async fn claim<C: ConnectionTrait>(
     conn: &C,
-    except: Option<ContainerId>,
-) -> Result<Vec<ServerLoad>, DbErr> {
-    let servers = server::Entity::find().order_by_asc(server::Column::Id).all(conn).await?;
+    server_id: ServerId,
+    r: &Resources,
+    count: i64,
+    placeable: bool,
+) -> Result<bool, DbErr> {
+    use sea_orm::sea_query::ExprTrait;
+    use server::Column as S;
+    let (cpu, mem, disk) = (r.cpu_millis as i64, r.memory_mb as i64, r.disk_mb as i64);
+    let mut q = server::Entity::update_many()
+        .col_expr(S::AllocCpuMillis, Expr::col(S::AllocCpuMillis).add(cpu))
+        .col_expr(S::AllocMemoryMb, Expr::col(S::AllocMemoryMb).add(mem))
+        .col_expr(S::AllocDiskMb, Expr::col(S::AllocDiskMb).add(disk))
+        .col_expr(S::AllocContainers, Expr::col(S::AllocContainers).add(count))
+        .filter(S::Id.eq(server_id))
+        .filter(Expr::col(S::AllocCpuMillis).add(cpu).lte(Expr::col(S::CpuMillis)))
+        .filter(Expr::col(S::AllocMemoryMb).add(mem).lte(Expr::col(S::MemoryMb)))
+        .filter(Expr::col(S::AllocDiskMb).add(disk).lte(Expr::col(S::DiskMb)));
+    if placeable {
+        q = q.filter(S::Status.eq("up")).filter(S::Draining.eq(false));
+    }
+    Ok(q.exec(conn).await?.rows_affected == 1)
+}
+
+/// Gives back `r` (and `count` containers) on `server`.
+pub async fn release<C: ConnectionTrait>(
+    conn: &C,
+    server_id: ServerId,
+    r: &Resources,
+    count: i64,
+) -> Result<(), DbErr> {
+    use sea_orm::sea_query::ExprTrait;
+    use server::Column as S;
+    let (cpu, mem, disk) = (r.cpu_millis as i64, r.memory_mb as i64, r.disk_mb as i64);
+    server::Entity::update_many()
+        .col_expr(S::AllocCpuMillis, Expr::col(S::AllocCpuMillis).sub(cpu))
+        .col_expr(S::AllocMemoryMb, Expr::col(S::AllocMemoryMb).sub(mem))
+        .col_expr(S::AllocDiskMb, Expr::col(S::AllocDiskMb).sub(disk))
+        .col_expr(S::AllocContainers, Expr::col(S::AllocContainers).sub(count))
+        .filter(S::Id.eq(server_id))
+        .exec(conn)
+        .await?;
+    Ok(())
+}
+
+/// A reservation made by `place`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// The chosen server.
+    pub server_id: ServerId,
+    /// The dummy holding the capacity.
+    pub dummy_id: i64,
+}
+
+/// What to place.
+pub struct PlaceRequest<'a> {
+    /// The container's requirements.
+    pub requirements: &'a Requirements,
+    /// The container the dummy stands for.
+    pub container_id: ContainerId,
+    /// The command placing it.
+    pub command_id: Option<i64>,
+    /// Servers it must not go to (its current server, spread).
+    pub avoid: HashSet<ServerId>,
+    /// A server the user named instead of letting placement choose.
+    pub server: Option<ServerId>,
+    /// Deadline of the dummy, milliseconds since the Unix epoch.
+    pub deadline: i64,
+}
+
+/// Chooses a server and reserves capacity there with a dummy, inside `txn` (the caller
+/// commits it with its step). When a claim loses a race (the server filled up meanwhile),
+/// refreshes that server and tries the next best.
+pub async fn place(
+    txn: &DatabaseTransaction,
+    cache: &PlacementCache,
+    req: PlaceRequest<'_>,
+) -> Result<Reservation, PlacementError> {
+    let need = req.requirements.resources;
+    let mut avoid = req.avoid.clone();
+    for _ in 0..32 {
+        let server_id = match req.server {
+            Some(s) => s,
+            None => cache.decide(req.requirements, &avoid).map_err(PlacementError::NoFit)?,
+        };
+        // A failed conditional update changes nothing, so no savepoint is needed.
+        if claim(txn, server_id, &need, 1, true).await? {
+            let dummy_id = insert_dummy(txn, server_id, &req, &need).await?;
+            cache.apply(server_id, &need, 1, 1);
+            return Ok(Reservation { server_id, dummy_id });
+        }
+        cache.refresh(txn, server_id).await?;
+        if req.server.is_some() {
+            return Err(PlacementError::NoFit(format!(
+                "the requested server #{server_id} is not up, is draining or lacks {} cpu_millis, {} memory_mb and {} disk_mb free",
+                need.cpu_millis, need.memory_mb, need.disk_mb
+            )));
+        }
+        avoid.insert(server_id);
+    }
+    Err(PlacementError::NoFit("every fitting server filled up while placing; try again".into()))
+}
+
+async fn insert_dummy(
+    txn: &DatabaseTransaction,
+    server_id: ServerId,
+    req: &PlaceRequest<'_>,
+    need: &Resources,
+) -> Result<i64, DbErr> {
+    let row = dummy::ActiveModel {
+        server_id: Set(server_id),
+        container_id: Set(req.container_id),
+        command_id: Set(req.command_id),
+        cpu_millis: Set(need.cpu_millis as i64),
+        memory_mb: Set(need.memory_mb as i64),
+        disk_mb: Set(need.disk_mb as i64),
+        deadline: Set(req.deadline),
+        created_at: Set(now_ms()),
+        ..Default::default()
+    }
+    .insert(txn)
+    .await?;
+    Ok(row.id)
+}
+
+/// The real container takes the place of its dummy: the dummy goes, its reservation stays. If
+/// the collector already removed the dummy (deadline passed), reserves again; false when the
+/// container no longer fits.
+pub async fn fill<C: ConnectionTrait>(
+    conn: &C,
+    r: Reservation,
+    need: &Resources,
+) -> Result<bool, DbErr> {
+    let deleted = dummy::Entity::delete_by_id(r.dummy_id).exec(conn).await?.rows_affected;
+    if deleted == 1 {
+        return Ok(true);
+    }
+    claim(conn, r.server_id, need, 1, false).await
+}
+
+/// Removes a dummy and gives back what it reserved; false if it was already gone.
+pub async fn drop_dummy<C: ConnectionTrait>(conn: &C, dummy_id: i64) -> Result<bool, DbErr> {
+    let Some(d) = dummy::Entity::find_by_id(dummy_id).one(conn).await? else {
+        return Ok(false);
+    };
+    if dummy::Entity::delete_by_id(d.id).exec(conn).await?.rows_affected == 0 {
+        return Ok(false);
+    }
+    release(conn, d.server_id, &dummy_resources(&d), 1).await?;
+    Ok(true)
+}
+
+/// What a dummy reserves.
+pub fn dummy_resources(d: &dummy::Model) -> Resources {
+    Resources {
+        cpu_millis: d.cpu_millis.max(0) as u64,
+        memory_mb: d.memory_mb.max(0) as u64,
+        disk_mb: d.disk_mb.max(0) as u64,
+    }
+}
+
+/// Requirements of a container row.
+pub fn requirements_of(row: &container::Model) -> Requirements {
+    serde_json::from_str(&row.requirements).unwrap_or_default()
+}
+
+/// What the counters of every server should be, recomputed from containers and dummies.
+async fn recompute<C: ConnectionTrait>(conn: &C) -> Result<HashMap<ServerId, (Resources, u64)>, DbErr> {
+    let mut used: HashMap<ServerId, (Resources, u64)> = HashMap::new();
     let live = container::Entity::find()
+        .filter(container::Column::ServerId.is_not_null())
         .filter(container::Column::Status.is_not_in([
             ContainerStatus::Destroyed.as_str(),
             ContainerStatus::Failed.as_str(),
         ]))
-        .filter(container::Column::ServerId.is_not_null())
         .all(conn)
         .await?;
-    let mut used: HashMap<ServerId, (Resources, u64)> = HashMap::new();
     for c in live {
-        if Some(c.id) == except {
-            continue;
-        }
-        let req: Requirements = serde_json::from_str(&c.requirements).unwrap_or_default();
         let e = used.entry(c.server_id.expect("filtered")).or_default();
-        e.0 = e.0.plus(&req.resources);
+        e.0 = e.0.plus(&requirements_of(&c).resources);
         e.1 += 1;
     }
-    Ok(servers
-        .into_iter()
-        .map(|s| {
-            let (allocated, containers) = used.get(&s.id).copied().unwrap_or_default();
-            let capacity = Resources {
-                cpu_millis: s.cpu_millis as u64,
-                memory_mb: s.memory_mb as u64,
-                disk_mb: s.disk_mb as u64,
-            };
-            ServerLoad { server: s, capacity, allocated, containers }
-        })
-        .collect())
+    for d in dummy::Entity::find().all(conn).await? {
+        let e = used.entry(d.server_id).or_default();
+        e.0 = e.0.plus(&dummy_resources(&d));
+        e.1 += 1;
+    }
+    Ok(used)
 }
 
-/// Picks a server for `req`, excluding `avoid`.
-pub async fn choose<C: ConnectionTrait>(
-    conn: &C,
-    req: &Requirements,
-    except: Option<ContainerId>,
-    avoid: Option<ServerId>,
-) -> Result<ServerId, PlacementError> {
-    let candidates: Vec<_> = server_loads(conn, except)
-        .await?
-        .into_iter()
-        .map(|l| {
-            let free = l.free();
-            (l.server, free)
-        })
-        .collect();
-    let up: Vec<_> = candidates
-        .into_iter()
-        .filter(|(s, _)| s.status == "up" && Some(s.id) != avoid)
-        .collect();
-    if up.is_empty() {
-        return Err(PlacementError::NoFit("no other server is up".into()));
-    }
-    let labelled: Vec<_> = up
-        .into_iter()
-        .filter(|(s, _)| {
-            let labels: Vec<String> = serde_json::from_str(&s.labels).unwrap_or_default();
-            req.labels.iter().all(|l| labels.contains(l))
-        })
-        .collect();
-    if labelled.is_empty() {
-        return Err(PlacementError::NoFit(format!(
-            "no server that is up carries the labels [{}]",
-            req.labels.join(", ")
-        )));
-    }
-    let r = &req.resources;
-    for (figure, need, have) in [
-        ("cpu_millis", r.cpu_millis, labelled.iter().map(|(_, f)| f.cpu_millis).max()),
-        ("memory_mb", r.memory_mb, labelled.iter().map(|(_, f)| f.memory_mb).max()),
-        ("disk_mb", r.disk_mb, labelled.iter().map(|(_, f)| f.disk_mb).max()),
-    ] {
-        let have = have.unwrap_or(0);
-        if need > have {
-            return Err(PlacementError::NoFit(format!(
-                "{figure} {need} needed, at most {have} free on any eligible server"
-            )));
+/// Servers whose counters differ from their containers and dummies, as messages (empty when
+/// the ledger is consistent).
+pub async fn audit<C: ConnectionTrait>(conn: &C) -> Result<Vec<String>, DbErr> {
+    let used = recompute(conn).await?;
+    let mut out = Vec::new();
+    for s in server::Entity::find().order_by_asc(server::Column::Id).all(conn).await? {
+        let (want, count) = used.get(&s.id).copied().unwrap_or_default();
+        let have = allocated_of(&s);
+        if have != want || s.alloc_containers != count as i64 || s.alloc_cpu_millis < 0 {
+            out.push(format!(
+                "server {}: counters {have:?} x{} but containers and dummies reserve {want:?} x{count}",
+                s.name, s.alloc_containers
+            ));
         }
     }
-    labelled
-        .into_iter()
-        .filter(|(_, free)| r.fits_in(free))
-        .max_by(|(a, fa), (b, fb)| fa.memory_mb.cmp(&fb.memory_mb).then(b.id.cmp(&a.id)))
-        .map(|(s, _)| s.id)
-        .ok_or_else(|| {
-            PlacementError::NoFit(format!(
-                "no single server has {} cpu_millis, {} memory_mb and {} disk_mb free together",
-                r.cpu_millis, r.memory_mb, r.disk_mb
-            ))
-        })
+    Ok(out)
+}
+
+/// Recomputes every server's counters (at start-up, before commands run). Returns how many
+/// servers were corrected.
+pub async fn reconcile(db: &DatabaseConnection) -> Result<usize, DbErr> {
+    let txn = db.begin().await?;
+    let used = recompute(&txn).await?;
+    let mut fixed = 0;
+    for s in server::Entity::find().all(&txn).await? {
+        let (want, count) = used.get(&s.id).copied().unwrap_or_default();
+        if allocated_of(&s) == want && s.alloc_containers == count as i64 && s.alloc_cpu_millis >= 0 {
+            continue;
+        }
+        let mut am: server::ActiveModel = s.into();
+        am.alloc_cpu_millis = Set(want.cpu_millis as i64);
+        am.alloc_memory_mb = Set(want.memory_mb as i64);
+        am.alloc_disk_mb = Set(want.disk_mb as i64);
+        am.alloc_containers = Set(count as i64);
+        am.update(&txn).await?;
+        fixed += 1;
+    }
+    txn.commit().await?;
+    Ok(fixed)
 }

@@ -202,6 +202,7 @@ impl ContainerType for PlainType {
                 disk_mb: 1024,
             },
             labels: Vec::new(),
+            spread: false,
         }
     }
     fn handle(&self, _hook: &Hook, _ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {

@@ -10,6 +10,7 @@ mod m0001_initial;
 mod m0002_users;
 mod m0003_plugins;
 mod m0004_command_targets;
+mod m0005_placement;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0002_users::Migration),
             Box::new(m0003_plugins::Migration),
             Box::new(m0004_command_targets::Migration),
+            Box::new(m0005_placement::Migration),
         ]
     }
 }

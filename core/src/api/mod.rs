@@ -22,7 +22,10 @@ pub use error::{ApiError, ApiJson, ApiQuery, ErrorBody, ErrorDetail, parse_id};
 
 use crate::auth::Principal;
 use crate::core::Core;
-use crate::managers::{AddContainer, ContainerCommand, ContainerQuery, CreateContainer, EnvironmentOp};
+use crate::managers::{
+    AddContainer, ContainerCommand, ContainerExport, ContainerQuery, CreateContainer, DrainReport,
+    EnvironmentOp,
+};
 use crate::model::*;
 use crate::queue::CommandFilter;
 
@@ -51,8 +54,12 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(list_containers, create_container))
         .routes(routes!(show_container, destroy_container))
         .routes(routes!(container_action))
+        .routes(routes!(clone_environment))
+        .routes(routes!(export_container))
+        .routes(routes!(import_container))
         .routes(routes!(list_servers))
         .routes(routes!(show_server))
+        .routes(routes!(server_action))
         .routes(routes!(list_commands))
         .routes(routes!(show_command))
         .routes(routes!(cancel_command))
@@ -240,6 +247,92 @@ async fn container_action(
 ) -> Result<Accept, ApiError> {
     let id = parse_id("id", &id)?;
     Ok(accepted(core.containers().run(cmd, id, who.audit_name()).await?, None))
+}
+
+/// Request to clone an environment.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneEnvironment {
+    /// Name of the copy: 1-63 of a-z, 0-9, '-'.
+    pub name: String,
+}
+
+#[utoipa::path(post, path = "/v1/environments/{env}/clone", tag = "environments",
+    params(("env" = String, Path, description = "Source environment id or name")),
+    request_body = CloneEnvironment,
+    responses((status = 202, body = Accepted, description = "object_id is the new environment"),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn clone_environment(
+    State(core): State<Core>,
+    Extension(who): Extension<Principal>,
+    Path(env): Path<String>,
+    ApiJson(req): ApiJson<CloneEnvironment>,
+) -> Result<Accept, ApiError> {
+    let (cmd, id) = core.environments().clone(&env, &req.name, who.audit_name()).await?;
+    Ok(accepted(cmd, Some(id)))
+}
+
+#[utoipa::path(get, path = "/v1/containers/{id}/export", tag = "containers",
+    params(("id" = i64, Path, description = "Container id (stopped)")),
+    responses((status = 200, body = ContainerExport), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn export_container(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+) -> Result<Json<ContainerExport>, ApiError> {
+    Ok(Json(core.containers().export(parse_id("id", &id)?).await?))
+}
+
+#[utoipa::path(post, path = "/v1/containers/import", tag = "containers", request_body = ContainerExport,
+    responses((status = 202, body = Accepted, description = "object_id is the new container"), (status = 422, body = ErrorBody)))]
+async fn import_container(
+    State(core): State<Core>,
+    Extension(who): Extension<Principal>,
+    ApiJson(req): ApiJson<ContainerExport>,
+) -> Result<Accept, ApiError> {
+    let (cmd, id) = core.containers().import(&req, who.audit_name()).await?;
+    Ok(accepted(cmd, Some(id)))
+}
+
+/// An operation on a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerOp {
+    /// Take no new containers and migrate every container away.
+    Drain,
+    /// Take containers again.
+    Undrain,
+    /// Simulated servers: crash (stop answering and sending heartbeats).
+    Fail,
+    /// Simulated servers: come back after `fail`.
+    Recover,
+}
+
+#[utoipa::path(post, path = "/v1/servers/{server}/{op}", tag = "servers",
+    params(("server" = String, Path, description = "Server name"),
+           ("op" = ServerOp, Path, description = "drain, undrain, fail or recover")),
+    responses((status = 200, body = DrainReport, description = "For drain: the migrations submitted"),
+              (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn server_action(
+    State(core): State<Core>,
+    Extension(who): Extension<Principal>,
+    Path((server, op)): Path<(String, String)>,
+) -> Result<Json<DrainReport>, ApiError> {
+    let op: ServerOp = serde_json::from_value(serde_json::Value::String(op.clone())).map_err(|_| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("op: '{op}' is not a server operation (drain, undrain, fail, recover)"),
+            Some("op"),
+        )
+    })?;
+    let servers = core.servers();
+    let empty = |server: String| DrainReport { server, commands: Vec::new(), skipped: Vec::new() };
+    Ok(Json(match op {
+        ServerOp::Drain => servers.drain(&server, who.audit_name()).await?,
+        ServerOp::Undrain => servers.undrain(&server).await.map(|()| empty(server))?,
+        ServerOp::Fail => servers.fail(&server).await.map(|()| empty(server))?,
+        ServerOp::Recover => servers.recover(&server).await.map(|()| empty(server))?,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/servers", tag = "servers", responses((status = 200, body = Vec<Server>)))]

@@ -207,6 +207,9 @@ pub struct NewContainerArgs {
     /// Label the server must carry (repeatable).
     #[arg(long = "label")]
     pub labels: Vec<String>,
+    /// Never on a server that already runs a container of this type in the same environment.
+    #[arg(long)]
+    pub spread: bool,
     /// Resources (default: the type's).
     #[command(flatten)]
     pub resources: ResourceArgs,
@@ -214,15 +217,16 @@ pub struct NewContainerArgs {
 
 impl NewContainerArgs {
     fn requirements(&self) -> Result<Option<Requirements>> {
-        if !self.resources.any() && self.labels.is_empty() {
+        if !self.resources.any() && self.labels.is_empty() && !self.spread {
             return Ok(None);
         }
         if !(self.resources.cpu_millis.is_some() && self.resources.memory_mb.is_some() && self.resources.disk_mb.is_some()) {
-            bail!("give all of --cpu-millis, --memory-mb and --disk-mb, or none to use the type's defaults");
+            bail!("give all of --cpu-millis, --memory-mb and --disk-mb with --label or --spread, or none of them to use the type's defaults");
         }
         Ok(Some(Requirements {
             resources: self.resources.over(Resources::default()),
             labels: self.labels.clone(),
+            spread: self.spread,
         }))
     }
 }
@@ -255,6 +259,11 @@ pub enum EnvCmd {
     /// Destroy every member, then the environment.
     Destroy { /// Environment name or id.
         env: String, #[command(flatten)] wait: WaitArg },
+    /// Clone an environment: every member is copied (state and disk) onto servers placement
+    /// chooses, and the add hooks re-run so that the copy is wired to itself.
+    Clone { /// Source environment name or id.
+        source: String, /// Name of the copy.
+        name: String, #[command(flatten)] wait: WaitArg },
     /// List environments.
     List { /// Include destroyed ones.
         #[arg(long)] all: bool },
@@ -291,12 +300,20 @@ pub enum ContainerCmd {
         id: i64, #[command(flatten)] wait: WaitArg },
     /// Copy a container (cold); the copy gets a new id and IP.
     Clone { /// Container id.
-        id: i64, /// Server for the copy (default: the source's).
+        id: i64, /// Server for the copy (default: placement chooses).
         #[arg(long = "on", value_name = "SERVER")] on: Option<String>, #[command(flatten)] wait: WaitArg },
     /// Move a container to another server (cold).
     Migrate { /// Container id.
-        id: i64, /// Target server.
-        #[arg(long)] to: String, #[command(flatten)] wait: WaitArg },
+        id: i64, /// Target server (default: placement chooses, never the current server).
+        #[arg(long)] to: Option<String>, #[command(flatten)] wait: WaitArg },
+    /// Write a stopped container (type, state, requirements, disk) to a file for another
+    /// platform's `container import`.
+    Export { /// Container id.
+        id: i64, /// Output file (`-` for standard output).
+        #[arg(long, short = 'o', default_value = "-")] output: String },
+    /// Create a container from another platform's export; it records its origin.
+    Import { /// File written by `container export`.
+        file: std::path::PathBuf, #[command(flatten)] wait: WaitArg },
     /// List containers.
     List {
         /// Only members of this environment.
@@ -322,6 +339,18 @@ pub enum ServerCmd {
     List,
     /// Show a server.
     Show { /// Server name or id.
+        server: String },
+    /// Take no new containers and migrate every container away.
+    Drain { /// Server name.
+        server: String },
+    /// Take new containers again after a drain.
+    Undrain { /// Server name.
+        server: String },
+    /// Simulated servers: inject a crash (no answers, no heartbeats).
+    Fail { /// Server name.
+        server: String },
+    /// Simulated servers: end an injected crash (the server rejoins).
+    Recover { /// Server name.
         server: String },
 }
 
@@ -446,6 +475,10 @@ pub enum BenchCmd {
     Queue(crate::bench::QueueBenchArgs),
     /// Hook dispatch of the bundled balancer plugin (instantiate + call + state in/out).
     Hooks(crate::bench::HooksBenchArgs),
+    /// Placement: container creates through the full durable path on many simulated servers.
+    Place(crate::bench::PlaceBenchArgs),
+    /// Failover: crash of the balancer's server to a replacement balancer with all upstreams.
+    Failover(crate::bench::FailoverBenchArgs),
 }
 
 /// Runs the CLI.
@@ -463,6 +496,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Top::User(cmd) => users(out, cmd).await,
         Top::Bench(BenchCmd::Queue(args)) => crate::bench::queue(args).await,
+        Top::Bench(BenchCmd::Place(args)) => crate::bench::place(args).await,
+        Top::Bench(BenchCmd::Failover(args)) => crate::bench::failover(args).await,
         // Outside the async runtime, to measure the dispatch itself.
         Top::Bench(BenchCmd::Hooks(args)) => std::thread::spawn(move || crate::bench::hooks(args))
             .join()
@@ -479,6 +514,24 @@ pub async fn run(cli: Cli) -> Result<()> {
                 let s: Server = client.get(&format!("/v1/servers/{}", enc(&server))).await?;
                 out.show(&s, || output::servers(std::slice::from_ref(&s)));
                 Ok(())
+            }
+            ServerCmd::Drain { server } => {
+                let r: crate::managers::DrainReport = client.post(&format!("/v1/servers/{}/drain", enc(&server)), &json!({})).await?;
+                out.show(&r, || {
+                    let mut text = format!("server {} is draining: {} migrations submitted (commands {:?})", r.server, r.commands.len(), r.commands);
+                    for s in &r.skipped {
+                        text.push_str(&format!("\nskipped: {s}"));
+                    }
+                    text
+                });
+                Ok(())
+            }
+            ServerCmd::Undrain { server } => server_op(&client, out, &server, "undrain", "takes containers again").await,
+            ServerCmd::Fail { server } => {
+                server_op(&client, out, &server, "fail", "crashed: it stops answering; the health monitor marks it down after the grace period").await
+            }
+            ServerCmd::Recover { server } => {
+                server_op(&client, out, &server, "recover", "recovered: heartbeats resume and the server rejoins").await
             }
         },
         Top::Command(cmd) => command(&client, out, cmd).await,
@@ -569,12 +622,22 @@ async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
             out.show(&list, || output::environments(&list));
             Ok(())
         }
+        EnvCmd::Clone { source, name, wait } => {
+            let a = client.submit(&format!("/v1/environments/{}/clone", enc(&source)), Some(&json!({ "name": name }))).await?;
+            out.accepted(client, a, wait, &format!("cloning environment {source} into {name}")).await
+        }
         EnvCmd::Show { env } => {
             let e: Environment = client.get(&format!("/v1/environments/{}", enc(&env))).await?;
             out.show(&e, || output::environment(&e));
             Ok(())
         }
     }
+}
+
+async fn server_op(client: &Client, out: Out, server: &str, op: &str, done: &str) -> Result<()> {
+    let r: crate::managers::DrainReport = client.post(&format!("/v1/servers/{}/{op}", enc(server)), &json!({})).await?;
+    out.show(&r, || format!("server {} {done}", r.server));
+    Ok(())
 }
 
 async fn env_op(client: &Client, out: Out, op: &str, env: &str, wait: WaitArg) -> Result<()> {
@@ -628,6 +691,25 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             let c: Container = client.get(&format!("/v1/containers/{id}")).await?;
             out.show(&c, || output::container(&c));
             return Ok(());
+        }
+        ContainerCmd::Export { id, output } => {
+            let e: crate::managers::ContainerExport = client.get(&format!("/v1/containers/{id}/export")).await?;
+            let text = serde_json::to_string_pretty(&e)?;
+            if output == "-" {
+                println!("{text}");
+            } else {
+                std::fs::write(&output, text).with_context(|| format!("cannot write {output}"))?;
+                eprintln!("container {id} exported to {output}; import it on the other platform with `cloud48 container import {output}`");
+            }
+            return Ok(());
+        }
+        ContainerCmd::Import { file, wait } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let export: crate::managers::ContainerExport = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a container export (write one with `cloud48 container export ID -o FILE`)", file.display()))?;
+            let a = client.submit("/v1/containers/import", Some(&export)).await?;
+            let what = format!("importing container {} from {} as container {}", export.container_id, export.platform, a.object_id.unwrap_or_default());
+            return out.accepted(client, a, wait, &what).await;
         }
     };
     let (path, body) = action(id, &op);
@@ -850,8 +932,10 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("HTTP server failed")?;
-    tracing::info!("stopping: letting running steps finish");
-    core.stop(Duration::from_secs(10)).await;
+    tracing::info!("stopping: before-cc-stop hooks, then letting running steps finish");
+    if let Err(e) = core.shutdown(Duration::from_secs(10)).await {
+        tracing::warn!(error = %e, "before-cc-stop did not finish");
+    }
     Ok(())
 }
 

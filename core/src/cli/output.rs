@@ -3,7 +3,7 @@
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
 
-use crate::model::{Command, Container, Environment, Server};
+use crate::model::{Command, Container, ContainerStatus, Environment, Server};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -109,11 +109,16 @@ pub fn environment(e: &Environment) -> String {
     if !e.members.is_empty() {
         let mut t = table(&["ID", "TYPE", "PRIORITY", "STATUS", "SERVER", "IP"]);
         for c in &e.members {
+            let status = match c.status {
+                ContainerStatus::Down => "DOWN (server unreachable)".to_string(),
+                ContainerStatus::Illegal => "ILLEGAL (replaced; collected when its server is back)".to_string(),
+                other => other.to_string(),
+            };
             t.add_row(vec![
                 c.id.to_string(),
                 c.type_id.clone(),
                 c.priority.to_string(),
-                c.status.to_string(),
+                status,
                 opt(&c.server),
                 opt(&c.ip),
             ]);
@@ -125,17 +130,22 @@ pub fn environment(e: &Environment) -> String {
 
 /// A table of servers.
 pub fn servers(list: &[Server]) -> String {
-    let mut t = table(&["ID", "NAME", "DRIVER", "STATUS", "CONTAINERS", "CPU USED/TOTAL", "MEM MB USED/TOTAL", "DISK MB USED/TOTAL"]);
+    let mut t = table(&["ID", "NAME", "DRIVER", "STATUS", "CONTAINERS", "CPU USED/TOTAL", "MEM MB USED/TOTAL", "DISK MB USED/TOTAL", "LAST HEARTBEAT"]);
+    let now = crate::model::now_ms();
     for s in list {
+        let status = if s.draining { format!("{} (draining)", s.status) } else { s.status.to_string() };
+        let beat = s.last_heartbeat.map_or("never".to_string(), |t| format!("{:.1} s ago", (now - t).max(0) as f64 / 1000.0));
+        let containers = if s.dummies > 0 { format!("{} (+{} reserved)", s.containers - s.dummies.min(s.containers), s.dummies) } else { s.containers.to_string() };
         t.add_row(vec![
             s.id.to_string(),
             s.name.clone(),
             s.driver.clone(),
-            s.status.to_string(),
-            s.containers.to_string(),
+            status,
+            containers,
             format!("{:.1}/{:.1}", s.allocated.cpu_millis as f64 / 1000.0, s.capacity.cpu_millis as f64 / 1000.0),
             format!("{}/{}", s.allocated.memory_mb, s.capacity.memory_mb),
             format!("{}/{}", s.allocated.disk_mb, s.capacity.disk_mb),
+            beat,
         ]);
     }
     t.to_string()

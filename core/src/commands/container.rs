@@ -1,22 +1,28 @@
 //! Steps of container commands.
 
-use sea_orm::{ActiveModelTrait, DatabaseTransaction, DbErr, Set, TransactionTrait};
+use std::collections::HashSet;
+
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, Set,
+    TransactionTrait,
+};
 use serde_json::{Value, json};
 
 use super::{StepCtx, core_err, driver_err, driver_of};
 use crate::core::Core;
-use crate::driver::GuestSpec;
+use crate::driver::{GuestImage, GuestSpec};
 use crate::entities::{command, container};
 use crate::managers::{ContainerCommand, check_status, guest_id_for, load_container, parse_status};
 use crate::model::{ContainerStatus, Requirements, Resources, now_ms};
+use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirements_of};
 use crate::queue::{Next, StepError, Transition};
 
 fn spec(row: &container::Model) -> GuestSpec {
-    let req: Requirements = serde_json::from_str(&row.requirements).unwrap_or_default();
     GuestSpec {
         guest_id: row.guest_id.clone(),
         type_id: row.type_id.clone(),
-        resources: req.resources,
+        resources: requirements_of(row).resources,
+        ip: None,
     }
 }
 
@@ -87,7 +93,7 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
     }
     check_status(id, status, cmd.kind(), cmd.allowed_from()).map_err(StepError::Permanent)?;
     let Some(server_id) = row.server_id else {
-        // Destroying a container that never reached a server.
+        // Destroying a container that never reached a server (its create gives back its dummy).
         let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Destroyed)).await?;
         return Ok(Transition::with(done(id), txn));
     };
@@ -116,17 +122,33 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
         }
         ContainerCommand::Destroy => {
             driver.destroy(guest).await.map_err(|e| driver_err(&server, e))?;
-            ContainerStatus::Destroyed
+            let need = requirements_of(&row).resources;
+            let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Destroyed)).await?;
+            placement::release(&txn, server_id, &need, 1).await?;
+            core.placement().apply(server_id, &need, 1, -1);
+            return Ok(Transition::with(done(id), txn));
         }
         ContainerCommand::Update { resources } => {
+            // Reserve the growth first (nothing is changed if the server lacks room), then
+            // resize, then commit both.
+            let mut req = requirements_of(&row);
+            let (grow, shrink) = (resources.minus(&req.resources), req.resources.minus(resources));
+            let txn = core.db().begin().await?;
+            if !placement::claim(&txn, server_id, &grow, 0, false).await? {
+                return Err(StepError::Permanent(format!(
+                    "server {server} lacks room to grow container {id} by {} cpu_millis, {} memory_mb and {} disk_mb; migrate it first",
+                    grow.cpu_millis, grow.memory_mb, grow.disk_mb
+                )));
+            }
+            placement::release(&txn, server_id, &shrink, 0).await?;
             driver
                 .update(guest, resources)
                 .await
                 .map_err(|e| driver_err(&server, e))?;
-            let mut req: Requirements = serde_json::from_str(&row.requirements).unwrap_or_default();
             req.resources = *resources;
             let text = serde_json::to_string(&req).expect("serializable");
-            let txn = write(core, &row, |am| am.requirements = Set(text)).await?;
+            write_in(&txn, &row, |am| am.requirements = Set(text)).await?;
+            core.placement().refresh(&txn, server_id).await?;
             return Ok(Transition::with(done(id), txn));
         }
         ContainerCommand::Clone { .. } | ContainerCommand::Migrate { .. } => unreachable!(),
@@ -135,114 +157,239 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
     Ok(Transition::with(done(id), txn))
 }
 
-/// Steps: 0 place, 1 create on the server, 2 start.
-async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
-    let core = ctx.core;
-    let id = row.id;
-    let status = parse_status(&row.status);
-    if status != ContainerStatus::Creating {
-        // Already created (a repeated final step): nothing left to do.
-        return Ok(Transition::bare(done(id)));
-    }
-    match ctx.cmd.step {
-        0 => {
-            let server_id = match row.server_id {
-                Some(s) => s,
-                None => {
-                    let req: Requirements =
-                        serde_json::from_str(&row.requirements).unwrap_or_default();
-                    crate::placement::choose(core.db(), &req, Some(id), None)
-                        .await
-                        .map_err(|e| match e {
-                            crate::placement::PlacementError::Db(e) => StepError::Db(e),
-                            other => StepError::Permanent(other.to_string()),
-                        })?
-                }
-            };
-            let txn = write(core, &row, |am| am.server_id = Set(Some(server_id))).await?;
-            let next = Next::Continue {
-                step: 1,
-                progress: json!({ "server_id": server_id }),
-            };
-            Ok(Transition::with(next, txn))
-        }
-        1 => {
-            let server_id = row
-                .server_id
-                .ok_or_else(|| StepError::Permanent("container lost its server".into()))?;
-            let (driver, server) = driver_of(core, server_id)?;
-            let info = driver
-                .create(&spec(&row))
-                .await
-                .map_err(|e| driver_err(&server, e))?;
-            let txn = write(core, &row, |am| am.ip = Set(info.ip.clone())).await?;
-            Ok(Transition::with(
-                Next::Continue {
-                    step: 2,
-                    progress: ctx.progress.clone(),
-                },
-                txn,
-            ))
-        }
-        _ => {
-            let server_id = row
-                .server_id
-                .ok_or_else(|| StepError::Permanent("container lost its server".into()))?;
-            let (driver, server) = driver_of(core, server_id)?;
-            driver
-                .start(&row.guest_id)
-                .await
-                .map_err(|e| driver_err(&server, e))?;
-            let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Running)).await?;
-            Ok(Transition::with(done(id), txn))
-        }
+fn place_err(e: PlacementError) -> StepError {
+    match e {
+        PlacementError::Db(e) => StepError::Db(e),
+        other => StepError::Permanent(other.to_string()),
     }
 }
 
-/// Undoes a failed create or clone: destroys the new guest if it got created and marks the new
-/// container failed.
+/// Servers that hold another member of the same type in the container's environment (for
+/// `spread`).
+async fn spread_avoid(core: &Core, row: &container::Model, req: &Requirements) -> Result<HashSet<i64>, StepError> {
+    let (true, Some(env)) = (req.spread, row.environment_id) else {
+        return Ok(HashSet::new());
+    };
+    let same = container::Entity::find()
+        .filter(container::Column::EnvironmentId.eq(env))
+        .filter(container::Column::TypeId.eq(row.type_id.clone()))
+        .filter(container::Column::Id.ne(row.id))
+        .all(core.db())
+        .await?;
+    Ok(same
+        .into_iter()
+        .filter(|c| parse_status(&c.status).is_member())
+        .filter_map(|c| c.server_id)
+        .collect())
+}
+
+/// Places `container_id` in `txn` with a dummy that dies with this command.
+async fn reserve(
+    ctx: &StepCtx<'_>,
+    txn: &DatabaseTransaction,
+    container_id: i64,
+    req: &Requirements,
+    avoid: HashSet<i64>,
+    server: Option<i64>,
+) -> Result<Reservation, StepError> {
+    let ttl = ctx.core.config().placement.dummy_ttl().as_millis() as i64;
+    let request = PlaceRequest {
+        requirements: req,
+        container_id,
+        command_id: Some(ctx.cmd.id),
+        avoid,
+        server,
+        deadline: ctx.core.queue().now_ms() + ttl,
+    };
+    placement::place(txn, ctx.core.placement(), request).await.map_err(place_err)
+}
+
+/// The reservation a placing step recorded in the progress.
+fn reservation(progress: &Value) -> Option<Reservation> {
+    Some(Reservation {
+        server_id: progress.get("server_id")?.as_i64()?,
+        dummy_id: progress.get("dummy_id")?.as_i64()?,
+    })
+}
+
+fn lost_reservation() -> StepError {
+    StepError::Permanent("lost the placement of this command".into())
+}
+
+/// Makes the container the holder of its dummy's reservation; fails when the dummy expired
+/// and the server has no room any more.
+async fn fill(txn: &DatabaseTransaction, r: Reservation, need: &Resources, server: &str) -> Result<(), StepError> {
+    if placement::fill(txn, r, need).await? {
+        return Ok(());
+    }
+    Err(StepError::Permanent(format!(
+        "the capacity reserved on server {server} expired and the server has no room any more"
+    )))
+}
+
+/// Steps: 0 place (dummy), 1 create (or import) and start on the server, replacing the dummy.
+async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    let id = row.id;
+    if parse_status(&row.status) != ContainerStatus::Creating {
+        // Already created (a repeated final step): nothing left to do.
+        return Ok(Transition::bare(done(id)));
+    }
+    let req = requirements_of(&row);
+    if ctx.cmd.step == 0 {
+        let mut avoid = spread_avoid(core, &row, &req).await?;
+        avoid.extend(ctx.params["avoid"].as_i64());
+        let txn = core.db().begin().await?;
+        let r = reserve(ctx, &txn, id, &req, avoid, ctx.params["server_id"].as_i64()).await?;
+        let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
+        return Ok(Transition::with(Next::Continue { step: 1, progress }, txn));
+    }
+    let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
+    let (driver, server) = driver_of(core, r.server_id)?;
+    let image = match (ctx.params.get("image").filter(|v| !v.is_null()), ctx.params["clone_of"].as_i64()) {
+        (Some(image), _) => Some(
+            serde_json::from_value::<GuestImage>(image.clone())
+                .map_err(|e| StepError::Permanent(format!("bad image: {e}")))?,
+        ),
+        (None, Some(source)) if driver.status(&row.guest_id).await.map_err(|e| driver_err(&server, e))?.is_none() => {
+            Some(disk_of(core, source).await?)
+        }
+        _ => None,
+    };
+    let info = match image {
+        Some(image) => driver.import(&spec(&row), &image).await,
+        None => driver.create(&spec(&row)).await,
+    }
+    .map_err(|e| driver_err(&server, e))?;
+    let start = ctx.params["start"].as_bool().unwrap_or(true);
+    if start {
+        driver.start(&row.guest_id).await.map_err(|e| driver_err(&server, e))?;
+    }
+    let txn = core.db().begin().await?;
+    fill(&txn, r, &req.resources, &server).await?;
+    let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
+    write_in(&txn, &row, |am| {
+        am.server_id = Set(Some(r.server_id));
+        am.ip = Set(info.ip.clone());
+        am.status = status_of(status);
+    })
+    .await?;
+    Ok(Transition::with(done(id), txn))
+}
+
+/// A copy of a container's disk; a running container is stopped for the copy and started again.
+async fn disk_of(core: &Core, id: i64) -> Result<GuestImage, StepError> {
+    let row = load_container(core.db(), id).await.map_err(core_err)?;
+    let server_id = row
+        .server_id
+        .ok_or_else(|| StepError::Permanent(format!("container {id} has no server to copy from")))?;
+    let (src, name) = driver_of(core, server_id)?;
+    let running = parse_status(&row.status) == ContainerStatus::Running;
+    if running {
+        src.stop(&row.guest_id).await.map_err(|e| driver_err(&name, e))?;
+    }
+    let image = src.export(&row.guest_id).await.map_err(|e| driver_err(&name, e));
+    if running {
+        src.start(&row.guest_id).await.map_err(|e| driver_err(&name, e))?;
+    }
+    image
+}
+
+/// Undoes a failed create, clone or migration: destroys what it made on the target server,
+/// gives back its dummy and puts the containers back as they were.
 pub(super) async fn compensate(
     core: &Core,
     cmd: &command::Model,
     _error: &str,
 ) -> Result<Option<DatabaseTransaction>, DbErr> {
     let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
-    let new_id = if cmd.kind == "container.clone" {
-        progress.get("clone_id").and_then(Value::as_i64)
-    } else {
-        cmd.target_id
-    };
-    let Some(new_id) = new_id else {
-        return Ok(None);
-    };
-    let Ok(row) = load_container(core.db(), new_id).await else {
-        return Ok(None);
-    };
-    if cmd.kind == "container.clone" {
-        restart_clone_source(core, cmd, &progress).await;
+    let reserved = reservation(&progress);
+    let txn = core.db().begin().await?;
+    if let Some(r) = reserved
+        && placement::drop_dummy(&txn, r.dummy_id).await?
+        && let Ok(need) = dummy_need(core, cmd, &progress).await
+    {
+        core.placement().apply(r.server_id, &need, 1, -1);
     }
+    match cmd.kind.as_str() {
+        "container.migrate" => undo_migrate(core, cmd, &progress, &txn).await?,
+        "container.clone" => {
+            restart_clone_source(core, cmd, &progress).await;
+            if let Some(copy) = progress.get("clone_id").and_then(Value::as_i64) {
+                undo_create(core, cmd, copy, reserved, &txn).await?;
+            }
+        }
+        _ => {
+            if let Some(id) = cmd.target_id {
+                undo_create(core, cmd, id, reserved, &txn).await?;
+            }
+        }
+    }
+    Ok(Some(txn))
+}
+
+async fn dummy_need(core: &Core, cmd: &command::Model, progress: &Value) -> Result<Resources, DbErr> {
+    let id = progress.get("clone_id").and_then(Value::as_i64).or(cmd.target_id).unwrap_or_default();
+    let row = container::Entity::find_by_id(id).one(core.db()).await?;
+    Ok(row.map(|r| requirements_of(&r).resources).unwrap_or_default())
+}
+
+/// Marks a container that never got created failed, destroying its guest if it got made.
+async fn undo_create(
+    core: &Core,
+    cmd: &command::Model,
+    id: i64,
+    reserved: Option<Reservation>,
+    txn: &DatabaseTransaction,
+) -> Result<(), DbErr> {
+    let Ok(row) = load_container(core.db(), id).await else {
+        return Ok(());
+    };
     if parse_status(&row.status) != ContainerStatus::Creating {
         // Only release what this command holds (the copy of a clone is locked by it).
         if row.locked_by == Some(cmd.id) {
-            let txn = core.db().begin().await?;
-            write_in(&txn, &row, |am| am.locked_by = Set(None)).await?;
-            return Ok(Some(txn));
+            write_in(txn, &row, |am| am.locked_by = Set(None)).await?;
         }
-        return Ok(None);
+        return Ok(());
     }
-    if let Some(server_id) = row.server_id
+    if let Some(server_id) = reserved.map(|r| r.server_id).or(row.server_id)
         && let Some(driver) = core.fleet().driver(server_id)
         && let Err(e) = driver.destroy(&row.guest_id).await
     {
         tracing::warn!(error = %e, guest = %row.guest_id, "could not destroy the guest of a failed create; it is left for the collector");
     }
-    let txn = core.db().begin().await?;
-    write_in(&txn, &row, |am| {
+    write_in(txn, &row, |am| {
         am.status = status_of(ContainerStatus::Failed);
         am.locked_by = Set(None);
     })
-    .await?;
-    Ok(Some(txn))
+    .await
+}
+
+/// After a failed migration that did not switch servers: destroys the copy on the target and
+/// starts the container again where it was if it ran before.
+async fn undo_migrate(core: &Core, cmd: &command::Model, progress: &Value, txn: &DatabaseTransaction) -> Result<(), DbErr> {
+    let Some(id) = cmd.target_id else { return Ok(()) };
+    let Ok(row) = load_container(core.db(), id).await else { return Ok(()) };
+    let target = progress.get("server_id").and_then(Value::as_i64);
+    if target.is_none() || row.server_id == target {
+        return Ok(());
+    }
+    if cmd.step >= 2
+        && let Some(driver) = target.and_then(|t| core.fleet().driver(t))
+        && let Err(e) = driver.destroy(&row.guest_id).await
+    {
+        tracing::warn!(error = %e, guest = %row.guest_id, "could not destroy the copy of a failed migration");
+    }
+    if cmd.step >= 2
+        && progress["was_running"].as_bool().unwrap_or(false)
+        && let Some(driver) = row.server_id.and_then(|s| core.fleet().driver(s))
+    {
+        match driver.start(&row.guest_id).await {
+            Ok(()) => write_in(txn, &row, |am| am.status = status_of(ContainerStatus::Running)).await?,
+            Err(e) => tracing::warn!(error = %e, container = id, "could not restart a container after its migration failed"),
+        }
+    }
+    Ok(())
 }
 
 /// After a failed clone, starts the source again if the clone had stopped it (best effort).
@@ -259,7 +406,8 @@ async fn restart_clone_source(core: &Core, cmd: &command::Model, progress: &Valu
     }
 }
 
-/// Steps: 0 make the copy's row, 1 stop the source, 2 copy, 3 start both if the source ran.
+/// Steps: 0 make the copy's row and place it, 1 stop the source, 2 copy, 3 start both if the
+/// source ran.
 async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
     let step = ctx.cmd.step;
@@ -267,9 +415,6 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         let status = parse_status(&row.status);
         check_status(row.id, status, "container.clone", ContainerCommand::Clone { server: None }.allowed_from())
             .map_err(StepError::Permanent)?;
-        let target = ctx.params["server_id"].as_i64().or(row.server_id).ok_or_else(|| {
-            StepError::Permanent(format!("container {} has no server to clone on", row.id))
-        })?;
         let txn = core.db().begin().await?;
         let now = now_ms();
         let copy = container::ActiveModel {
@@ -277,7 +422,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             type_id: Set(row.type_id.clone()),
             state: Set(row.state.clone()),
             status: status_of(ContainerStatus::Creating),
-            server_id: Set(Some(target)),
+            server_id: Set(None),
             environment_id: Set(None),
             guest_id: Set(String::new()),
             ip: Set(None),
@@ -294,9 +439,12 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         let mut am: container::ActiveModel = copy.into();
         am.guest_id = Set(guest);
         am.update(&txn).await?;
+        let req = requirements_of(&row);
+        let r = reserve(ctx, &txn, copy_id, &req, HashSet::new(), ctx.params["server_id"].as_i64()).await?;
         let progress = json!({
             "clone_id": copy_id,
-            "server_id": target,
+            "server_id": r.server_id,
+            "dummy_id": r.dummy_id,
             "was_running": status == ContainerStatus::Running,
         });
         return Ok(Transition::with(Next::Continue { step: 1, progress }, txn));
@@ -304,7 +452,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
     let clone_id = ctx
         .progress_i64("clone_id")
         .ok_or_else(|| StepError::Permanent("lost the id of the copy".into()))?;
-    let target = ctx.progress_i64("server_id").unwrap_or_default();
+    let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
     let was_running = ctx.progress["was_running"].as_bool().unwrap_or(false);
     let source_server = row
         .server_id
@@ -322,12 +470,15 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         2 => {
             let copy = load_container(core.db(), clone_id).await.map_err(core_err)?;
             let image = src.export(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
-            let (dst, dst_name) = driver_of(core, target)?;
+            let (dst, dst_name) = driver_of(core, r.server_id)?;
             let info = dst
                 .import(&spec(&copy), &image)
                 .await
                 .map_err(|e| driver_err(&dst_name, e))?;
-            let txn = write(core, &copy, |am| {
+            let txn = core.db().begin().await?;
+            fill(&txn, r, &requirements_of(&copy).resources, &dst_name).await?;
+            write_in(&txn, &copy, |am| {
+                am.server_id = Set(Some(r.server_id));
                 am.ip = Set(info.ip.clone());
                 am.status = status_of(ContainerStatus::Stopped);
             })
@@ -337,7 +488,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         _ => {
             let copy = load_container(core.db(), clone_id).await.map_err(core_err)?;
             if was_running {
-                let (dst, dst_name) = driver_of(core, target)?;
+                let (dst, dst_name) = driver_of(core, r.server_id)?;
                 src.start(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
                 dst.start(&copy.guest_id).await.map_err(|e| driver_err(&dst_name, e))?;
             }
@@ -352,43 +503,51 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
     }
 }
 
-/// Steps: 0 check, 1 stop, 2 copy to the target, 3 destroy on the source and switch, 4 start.
+/// Steps: 0 check and place on the target (dummy), 1 stop, 2 copy to the target, 3 destroy on
+/// the source and switch, 4 start.
 async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
-    let target = ctx.params["to"]
-        .as_i64()
-        .ok_or_else(|| StepError::Permanent("bad parameters: 'to' is missing".into()))?;
     let next = |step, progress: Value| Next::Continue { step, progress };
-    match ctx.cmd.step {
-        0 => {
-            let status = parse_status(&row.status);
-            check_status(row.id, status, "container.migrate", ContainerCommand::Migrate { to: String::new() }.allowed_from())
-                .map_err(StepError::Permanent)?;
-            if row.server_id == Some(target) {
-                return Ok(Transition::bare(done(row.id)));
-            }
-            let progress = json!({
-                "source": row.server_id,
-                "was_running": status == ContainerStatus::Running,
-            });
-            Ok(Transition::bare(next(1, progress)))
+    if ctx.cmd.step == 0 {
+        let status = parse_status(&row.status);
+        check_status(row.id, status, "container.migrate", ContainerCommand::Migrate { to: None }.allowed_from())
+            .map_err(StepError::Permanent)?;
+        let to = ctx.params["to"].as_i64();
+        if to.is_some() && row.server_id == to {
+            return Ok(Transition::bare(done(row.id)));
         }
+        let req = requirements_of(&row);
+        let mut avoid = spread_avoid(core, &row, &req).await?;
+        avoid.extend(row.server_id);
+        let txn = core.db().begin().await?;
+        let r = reserve(ctx, &txn, row.id, &req, avoid, to).await?;
+        let progress = json!({
+            "source": row.server_id,
+            "server_id": r.server_id,
+            "dummy_id": r.dummy_id,
+            "was_running": status == ContainerStatus::Running,
+        });
+        return Ok(Transition::with(next(1, progress), txn));
+    }
+    let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
+    let source = ctx.progress_i64("source").unwrap_or_default();
+    match ctx.cmd.step {
         1 => {
-            let source = ctx.progress_i64("source").unwrap_or_default();
             let (src, src_name) = driver_of(core, source)?;
             src.stop(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
             let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Stopped)).await?;
             Ok(Transition::with(next(2, ctx.progress.clone()), txn))
         }
         2 => {
-            let source = ctx.progress_i64("source").unwrap_or_default();
             let (src, src_name) = driver_of(core, source)?;
-            let (dst, dst_name) = driver_of(core, target)?;
+            let (dst, dst_name) = driver_of(core, r.server_id)?;
             let info = match dst.status(&row.guest_id).await.map_err(|e| driver_err(&dst_name, e))? {
                 Some(info) => info,
                 None => {
                     let image = src.export(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
-                    dst.import(&spec(&row), &image)
+                    // The container keeps its address: its environment stays wired.
+                    let keep = GuestSpec { ip: row.ip.clone(), ..spec(&row) };
+                    dst.import(&keep, &image)
                         .await
                         .map_err(|e| driver_err(&dst_name, e))?
                 }
@@ -398,12 +557,17 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             Ok(Transition::bare(next(3, progress)))
         }
         3 => {
-            let source = ctx.progress_i64("source").unwrap_or_default();
             let (src, src_name) = driver_of(core, source)?;
+            let (_, dst_name) = driver_of(core, r.server_id)?;
             src.destroy(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
+            let need = requirements_of(&row).resources;
             let ip = ctx.progress["ip"].as_str().map(str::to_string);
-            let txn = write(core, &row, |am| {
-                am.server_id = Set(Some(target));
+            let txn = core.db().begin().await?;
+            fill(&txn, r, &need, &dst_name).await?;
+            placement::release(&txn, source, &need, 1).await?;
+            core.placement().apply(source, &need, 1, -1);
+            write_in(&txn, &row, |am| {
+                am.server_id = Set(Some(r.server_id));
                 am.ip = Set(ip);
             })
             .await?;
@@ -411,7 +575,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         }
         _ => {
             if ctx.progress["was_running"].as_bool().unwrap_or(false) {
-                let (dst, dst_name) = driver_of(core, target)?;
+                let (dst, dst_name) = driver_of(core, r.server_id)?;
                 dst.start(&row.guest_id).await.map_err(|e| driver_err(&dst_name, e))?;
                 let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Running)).await?;
                 return Ok(Transition::with(done(row.id), txn));
@@ -420,7 +584,6 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         }
     }
 }
-
 
 /// Runs a script inside a running container (the CIS layer). Scripts run by hooks must be
 /// idempotent: after a crash of the core the step may run again.

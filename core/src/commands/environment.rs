@@ -43,6 +43,9 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
         }
         "add" => add(ctx, &env).await,
         "remove" => remove(ctx, &env).await,
+        "replace" => replace(ctx, &env).await,
+        "failover" | "recover" | "notify" => notify(ctx, &env, op).await,
+        "clone" => clone(ctx, &env).await,
         "start" | "stop" | "suspend" | "resume" | "destroy" => fan_out(ctx, &env, op).await,
         other => Err(StepError::Permanent(format!(
             "unknown environment command '{other}'"
@@ -61,6 +64,7 @@ async fn members<C: ConnectionTrait>(
         .filter(container::Column::Status.is_not_in([
             ContainerStatus::Destroyed.as_str(),
             ContainerStatus::Failed.as_str(),
+            ContainerStatus::Illegal.as_str(),
         ]))
         .all(conn)
         .await?;
@@ -196,14 +200,16 @@ async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, StepError> 
     Ok((!failed.is_empty()).then(|| failed.join("; ")))
 }
 
-/// The command that carries out a hook's action.
+/// The command that carries out a hook's action; `None` for a script aimed at a container that
+/// is down (it cannot run there; the replacement or `is-up` rewires it).
 fn action_command(
     ctx: &StepCtx<'_>,
     env: &environment::Model,
     action: &HookAction,
     members: &[(container::Model, MemberView)],
-) -> Result<NewCommand, String> {
+) -> Result<Option<NewCommand>, String> {
     let member = |id: i64| members.iter().any(|(r, _)| r.id == id);
+    let status = |id: i64| members.iter().find(|(r, _)| r.id == id).map(|(_, v)| v.status);
     let (kind, target, params) = match action {
         HookAction::AddContainer(t) => (
             "environment.add",
@@ -220,20 +226,25 @@ fn action_command(
             if !member(*container) {
                 return Err(format!("a hook asked to exec in container {container}, which is not a member of '{}'", env.name));
             }
+            if status(*container) == Some(ContainerStatus::Down) {
+                tracing::warn!(container, "a hook asked to run a script in a container that is down; skipped");
+                return Ok(None);
+            }
             ("container.exec", Target::Container(*container), json!({ "script": script, "args": args }))
         }
         HookAction::ReplaceContainer(id) => {
-            return Err(format!(
-                "a hook asked to replace container {id}; replacing containers needs the health monitor, which this core does not have yet"
-            ));
+            if !member(*id) {
+                return Err(format!("a hook asked to replace container {id}, which is not a member of '{}'", env.name));
+            }
+            ("environment.replace", Target::Environment(env.id), json!({ "container_id": id }))
         }
     };
-    Ok(NewCommand {
+    Ok(Some(NewCommand {
         kind: kind.into(),
         target: Some(target),
         params,
         requested_by: ctx.cmd.requested_by.clone(),
-    })
+    }))
 }
 
 /// Runs the actions stored in the progress one at a time, in order, each as a child command;
@@ -255,7 +266,9 @@ async fn drain_actions(
     let members = members(ctx.core, ctx.core.db(), env.id).await?;
     let child = action_command(ctx, env, &action, &members).map_err(StepError::Permanent)?;
     progress["actions"] = serde_json::to_value(&actions).expect("serializable");
-    Ok(Transition::bare(Next::Spawn { step: ctx.cmd.step, progress, children: vec![child] }))
+    // A skipped action spawns nothing, which the queue treats as going on at once.
+    let children = child.into_iter().collect();
+    Ok(Transition::bare(Next::Spawn { step: ctx.cmd.step, progress, children }))
 }
 
 /// Steps: 0 before-hooks; 1 their actions; 2 the child create; 3 after-hooks; 4 their actions.
@@ -267,7 +280,11 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
         0 => {
             let members = members(core, core.db(), env.id).await?;
             let view = env_view(env, &members);
-            let initial = ty.initial_state();
+            // A clone starts from a copy of its source's state; the add hooks then rewire it.
+            let initial = match ctx.params["clone_of"].as_i64() {
+                Some(src) => crate::managers::load_container(core.db(), src).await.map_err(core_err)?.state,
+                None => ty.initial_state(),
+            };
             let new_view = MemberView {
                 id: 0,
                 type_id: ty.type_id().to_string(),
@@ -297,14 +314,14 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let server = ctx.params["server"].as_str();
             let new_state: Vec<u8> = serde_json::from_value(ctx.progress["new_state"].clone()).unwrap_or_default();
             let txn = core.db().begin().await?;
-            let id = insert_container(core, &txn, ty.type_id(), server, requirements, Some(env.id))
+            let (id, server_id) = insert_container(core, &txn, ty.type_id(), server, requirements, Some(env.id))
                 .await
                 .map_err(core_err)?;
             save_states(&txn, vec![(id, new_state)]).await?;
             let child = NewCommand {
                 kind: "container.create".into(),
                 target: Some(Target::Container(id)),
-                params: json!({}),
+                params: json!({ "server_id": server_id, "avoid": ctx.params["avoid"], "clone_of": ctx.params["clone_of"] }),
                 requested_by: ctx.cmd.requested_by.clone(),
             };
             let next = Next::Spawn { step: 3, progress: json!({ "container_id": id }), children: vec![child] };
@@ -476,4 +493,153 @@ async fn fan_out(
         return Ok(Transition::with(Next::Done(result), txn));
     }
     Ok(Transition::bare(Next::Done(result)))
+}
+
+/// Runs one hook for chosen members in priority order, then the actions the hooks asked for.
+/// `failover`: `is-down` for the listed containers that are still down; `recover`: `is-up` for
+/// the listed ones that are back; `notify`: the hook named in the parameters for every member.
+async fn notify(ctx: &StepCtx<'_>, env: &environment::Model, op: &str) -> Result<Transition, StepError> {
+    if ctx.cmd.step > 0 {
+        return drain_actions(ctx, env, |_| Next::Done(json!({ "environment_id": env.id }))).await;
+    }
+    let core = ctx.core;
+    let listed: Vec<i64> = serde_json::from_value(ctx.params["containers"].clone()).unwrap_or_default();
+    let cause = ctx.params["cause"].as_str().unwrap_or("server unreachable").to_string();
+    let hook = match (op, ctx.params["hook"].as_str()) {
+        ("failover", _) => Hook::IsDown(crate::types::DownCause::ServerUnreachable(cause)),
+        ("recover", _) => Hook::IsUp,
+        (_, Some("after-cc-start")) => Hook::AfterCcStart,
+        (_, Some("before-cc-stop")) => Hook::BeforeCcStop,
+        (_, other) => return Err(StepError::Permanent(format!("environment.notify cannot run hook {other:?}"))),
+    };
+    let members = members(core, core.db(), env.id).await?;
+    let chosen = |v: &MemberView| match op {
+        "failover" => listed.contains(&v.id) && v.status == ContainerStatus::Down,
+        "recover" => listed.contains(&v.id) && v.status != ContainerStatus::Down,
+        _ => v.status != ContainerStatus::Down && v.status != ContainerStatus::Creating,
+    };
+    let view = env_view(env, &members);
+    let calls = members
+        .iter()
+        .filter(|(_, v)| chosen(v))
+        .map(|(row, v)| Call { view: v, state: &row.state, hook: hook.clone() })
+        .collect();
+    let (states, actions) = dispatch(core, &view, calls, false)?;
+    let txn = core.db().begin().await?;
+    save_states(&txn, states).await?;
+    Ok(Transition::with(Next::Continue { step: 1, progress: json!({ "actions": actions }) }, txn))
+}
+
+/// Replaces a member that is down: it becomes illegal (the collector destroys it when its
+/// server is back), the others hear it left, and a new container of its type is added on
+/// another server. Steps: 0 retire; 1 the others' actions; 2 the child add; 3 finish.
+async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    let id = ctx.params["container_id"]
+        .as_i64()
+        .ok_or_else(|| StepError::Permanent("bad parameters: container_id is missing".into()))?;
+    match ctx.cmd.step {
+        0 => {
+            let all = members(core, core.db(), env.id).await?;
+            let Some((row, old)) = all.iter().find(|(r, _)| r.id == id).cloned() else {
+                return Err(StepError::Permanent(format!("container {id} is not a member of environment '{}'", env.name)));
+            };
+            if old.status != ContainerStatus::Down {
+                return Ok(Transition::bare(Next::Done(json!({
+                    "container_id": id,
+                    "replaced": false,
+                    "reason": format!("container {id} is {}, not down", old.status),
+                }))));
+            }
+            let txn = core.db().begin().await?;
+            container::Entity::update_many()
+                .col_expr(container::Column::Status, sea_orm::sea_query::Expr::val(ContainerStatus::Illegal.as_str()).into())
+                .col_expr(container::Column::UpdatedAt, sea_orm::sea_query::Expr::val(now_ms()).into())
+                .filter(container::Column::Id.eq(id))
+                .exec(&txn)
+                .await?;
+            let others: Vec<_> = all.into_iter().filter(|(r, _)| r.id != id).collect();
+            let view = env_view(env, &others);
+            let calls = others
+                .iter()
+                .map(|(r, v)| Call { view: v, state: &r.state, hook: Hook::AfterOtherIsRemoved(old.clone()) })
+                .collect();
+            let (states, actions) = dispatch(core, &view, calls, false)?;
+            save_states(&txn, states).await?;
+            let progress = json!({
+                "type": row.type_id,
+                "requirements": serde_json::from_str::<Value>(&row.requirements).unwrap_or(Value::Null),
+                "avoid": row.server_id,
+                "actions": actions,
+            });
+            Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
+        }
+        1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
+        2 => {
+            let p = &ctx.progress;
+            let child = NewCommand {
+                kind: "environment.add".into(),
+                target: Some(Target::Environment(env.id)),
+                params: json!({ "type": p["type"], "requirements": p["requirements"], "server": null, "avoid": p["avoid"] }),
+                requested_by: ctx.cmd.requested_by.clone(),
+            };
+            Ok(Transition::bare(Next::Spawn { step: 3, progress: ctx.progress.clone(), children: vec![child] }))
+        }
+        _ => {
+            let children = core.queue().children(ctx.cmd.id).await?;
+            if let Some(failure) = child_failures(ctx).await? {
+                return Ok(Transition::bare(Next::Fail(format!("replacing container {id} failed: {failure}"))));
+            }
+            let replacement = children
+                .iter()
+                .filter(|c| c.kind == "environment.add")
+                .filter_map(|c| c.result.as_deref())
+                .filter_map(|r| serde_json::from_str::<Value>(r).ok())
+                .find_map(|r| r["container_id"].as_i64());
+            Ok(Transition::bare(Next::Done(json!({ "container_id": id, "replaced": true, "replacement": replacement }))))
+        }
+    }
+}
+
+/// Clones the source environment into the one named by `destination`: every member, in
+/// priority order, is added to the copy as a clone of its source (state and disk), so the add
+/// hooks wire the copy to itself. Step 0 plans; step k adds member k-1; the last step
+/// activates the copy.
+async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    let dst = ctx.params["destination"]
+        .as_i64()
+        .ok_or_else(|| StepError::Permanent("bad parameters: destination is missing".into()))?;
+    if ctx.cmd.step == 0 {
+        let plan: Vec<(i64, String, Value)> = members(core, core.db(), env.id)
+            .await?
+            .into_iter()
+            .filter(|(_, v)| matches!(v.status, ContainerStatus::Running | ContainerStatus::Stopped))
+            .map(|(r, v)| (r.id, v.type_id, serde_json::from_str(&r.requirements).unwrap_or(Value::Null)))
+            .collect();
+        return Ok(Transition::bare(Next::Continue { step: 1, progress: json!({ "plan": plan }) }));
+    }
+    if let Some(failure) = child_failures(ctx).await? {
+        return Ok(Transition::bare(Next::Fail(format!("cloning environment '{}' stopped: {failure}", env.name))));
+    }
+    let plan: Vec<(i64, String, Value)> = serde_json::from_value(ctx.progress["plan"].clone())
+        .map_err(|e| StepError::Permanent(format!("lost the plan: {e}")))?;
+    let index = (ctx.cmd.step - 1) as usize;
+    if let Some((source, type_id, requirements)) = plan.get(index) {
+        let child = NewCommand {
+            kind: "environment.add".into(),
+            target: Some(Target::Environment(dst)),
+            params: json!({ "type": type_id, "requirements": requirements, "server": null, "clone_of": source }),
+            requested_by: ctx.cmd.requested_by.clone(),
+        };
+        return Ok(Transition::bare(Next::Spawn { step: ctx.cmd.step + 1, progress: ctx.progress.clone(), children: vec![child] }));
+    }
+    let txn = core.db().begin().await?;
+    environment::Entity::update_many()
+        .col_expr(environment::Column::Status, sea_orm::sea_query::Expr::val(EnvironmentStatus::Active.as_str()).into())
+        .col_expr(environment::Column::UpdatedAt, sea_orm::sea_query::Expr::val(now_ms()).into())
+        .filter(environment::Column::Id.eq(dst))
+        .exec(&txn)
+        .await?;
+    Ok(Transition::with(Next::Done(json!({ "environment_id": dst, "containers": plan.len() })), txn))
 }

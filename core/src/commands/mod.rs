@@ -60,7 +60,7 @@ impl Runner for Handlers {
         cmd: &command::Model,
         error: &str,
     ) -> Result<Option<DatabaseTransaction>, DbErr> {
-        if cmd.kind == "container.create" || cmd.kind == "container.clone" {
+        if matches!(cmd.kind.as_str(), "container.create" | "container.clone" | "container.migrate") {
             return container::compensate(&self.core, cmd, error).await;
         }
         Ok(None)

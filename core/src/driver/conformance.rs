@@ -26,6 +26,7 @@ fn spec(guest: &str) -> GuestSpec {
             memory_mb: 64,
             disk_mb: 64,
         },
+        ip: None,
     }
 }
 

@@ -108,6 +108,9 @@ pub struct GuestSpec {
     pub type_id: String,
     /// Resources to reserve.
     pub resources: Resources,
+    /// Address to keep (a migrating container keeps its IP); `None` lets the server assign one.
+    #[serde(default)]
+    pub ip: Option<String>,
 }
 
 /// A guest as its server reports it.
@@ -145,7 +148,7 @@ pub struct ExecOutput {
 }
 
 /// Load figures of a server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ServerStats {
     /// Total capacity.
     pub capacity: Resources,

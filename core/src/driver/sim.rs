@@ -287,7 +287,10 @@ impl SimServer {
         let info = GuestInfo {
             guest_id: spec.guest_id.clone(),
             state: GuestState::Stopped,
-            ip: Some(self.next_ip(&mut state)),
+            ip: Some(match &spec.ip {
+                Some(ip) => ip.clone(),
+                None => self.next_ip(&mut state),
+            }),
             resources: spec.resources,
         };
         state.guests.insert(

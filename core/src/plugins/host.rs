@@ -265,6 +265,7 @@ impl PluginHost {
             requirements: Requirements {
                 resources: Resources { cpu_millis: m.requirements.cpu_millis, memory_mb: m.requirements.memory_mb, disk_mb: m.requirements.disk_mb },
                 labels: Vec::new(),
+            spread: false,
             },
         };
         plugin.meta.validate().map_err(LoadError::Invalid)?;
@@ -387,6 +388,10 @@ fn status(s: ContainerStatus) -> wit::Status {
         ContainerStatus::Suspended => wit::Status::Suspended,
         ContainerStatus::Destroyed => wit::Status::Destroyed,
         ContainerStatus::Failed => wit::Status::Failed,
+        // WIT 0.1.0 has no `down` or `illegal`: a down container is not running (its cause
+        // comes with `is-down`), and illegal containers are never shown to hooks.
+        ContainerStatus::Down => wit::Status::Stopped,
+        ContainerStatus::Illegal => wit::Status::Destroyed,
     }
 }
 

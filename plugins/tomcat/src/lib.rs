@@ -1,5 +1,6 @@
 //! `tomcat`: an application server. The second tomcat of an environment asks for a balancer
-//! first; a tomcat in an environment with a database is configured with the database's address.
+//! first; a tomcat in an environment with a database is configured with the database's address;
+//! a tomcat whose server goes down asks for a replacement on another server (0.2.0).
 
 use cloud48_sdk::*;
 use serde::{Deserialize, Serialize};
@@ -26,7 +27,7 @@ fn configure(ctx: &Context, db_ip: &str) -> Outcome {
 
 impl ContainerType for Tomcat {
     fn metadata(&self) -> Metadata {
-        Metadata::new("tomcat", "0.1.0", 50, Resources::new(1000, 1024, 2048))
+        Metadata::new("tomcat", "0.2.0", 50, Resources::new(1000, 1024, 2048))
             .described("application server; asks for a balancer when a second one joins")
     }
 
@@ -63,6 +64,10 @@ impl ContainerType for Tomcat {
             return Outcome::allow().with_json_state(&State { database: None });
         }
         Outcome::allow()
+    }
+
+    fn is_down(&self, ctx: &Context, _cause: &DownCause) -> Outcome {
+        Outcome::allow().with_action(Action::ReplaceContainer(ctx.container.id))
     }
 }
 

@@ -1,0 +1,154 @@
+//! The container collector: removes what must not exist any more.
+//!
+//! - dummies whose command finished or whose deadline passed (their capacity is given back);
+//! - illegal containers (replaced while their server was down), once their server is up;
+//! - guests a server still runs although the database says their container was destroyed or
+//!   failed (a create or destroy that could not reach the server).
+//!
+//! It runs when a server comes back, periodically, and at start-up.
+//! Invariant: it never destroys a guest whose container the database holds as legal
+//! (any status other than destroyed, failed or illegal).
+
+use std::collections::HashMap;
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+
+use crate::core::{Core, CoreError};
+use crate::entities::{command, container, dummy};
+use crate::model::{CommandStatus, ContainerStatus, ServerId};
+use crate::placement::{drop_dummy, release, requirements_of};
+
+/// What one collection removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CollectReport {
+    /// Dummies removed.
+    pub dummies: usize,
+    /// Illegal containers destroyed.
+    pub illegal: usize,
+    /// Leftover guests of destroyed or failed containers destroyed.
+    pub leftovers: usize,
+}
+
+impl Core {
+    /// Collects on one server, or on every server that is up.
+    pub async fn collect(&self, only: Option<ServerId>) -> Result<CollectReport, CoreError> {
+        let mut report = CollectReport { dummies: self.collect_dummies(only).await?, ..Default::default() };
+        let servers: Vec<ServerId> = self
+            .placement()
+            .snapshot()
+            .into_iter()
+            .filter(|c| c.up && only.is_none_or(|o| o == c.id))
+            .map(|c| c.id)
+            .collect();
+        for server_id in servers {
+            let (illegal, leftovers) = self.collect_server(server_id).await?;
+            report.illegal += illegal;
+            report.leftovers += leftovers;
+        }
+        if report != CollectReport::default() {
+            tracing::info!(?report, "collector removed what must not exist");
+        }
+        Ok(report)
+    }
+
+    async fn collect_dummies(&self, only: Option<ServerId>) -> Result<usize, CoreError> {
+        let now = self.queue().now_ms();
+        let mut q = dummy::Entity::find();
+        if let Some(s) = only {
+            q = q.filter(dummy::Column::ServerId.eq(s));
+        }
+        let dummies = q.all(self.db()).await?;
+        if dummies.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<i64> = dummies.iter().filter_map(|d| d.command_id).collect();
+        let alive: HashMap<i64, bool> = command::Entity::find()
+            .filter(command::Column::Id.is_in(ids))
+            .all(self.db())
+            .await?
+            .into_iter()
+            .map(|c| (c.id, !c.status.parse::<CommandStatus>().is_ok_and(|s| s.is_terminal())))
+            .collect();
+        let mut removed = 0;
+        for d in dummies {
+            let owner_alive = d.command_id.is_some_and(|c| alive.get(&c).copied().unwrap_or(false));
+            if owner_alive && d.deadline > now {
+                continue;
+            }
+            let txn = self.db().begin().await?;
+            if drop_dummy(&txn, d.id).await? {
+                removed += 1;
+            }
+            txn.commit().await?;
+            self.placement().apply(d.server_id, &crate::placement::dummy_resources(&d), 1, -1);
+        }
+        Ok(removed)
+    }
+
+    /// Destroys the illegal containers and leftover guests of one server.
+    async fn collect_server(&self, server_id: ServerId) -> Result<(usize, usize), CoreError> {
+        let Some((driver, name)) = self.fleet().named_driver(server_id) else {
+            return Ok((0, 0));
+        };
+        let mut illegal = 0;
+        let rows = container::Entity::find()
+            .filter(container::Column::ServerId.eq(server_id))
+            .filter(container::Column::Status.eq(ContainerStatus::Illegal.as_str()))
+            .all(self.db())
+            .await?;
+        for row in rows {
+            if let Err(e) = driver.destroy(&row.guest_id).await {
+                tracing::warn!(server = %name, guest = %row.guest_id, error = %e, "collector could not destroy an illegal container; will retry");
+                continue;
+            }
+            let txn = self.db().begin().await?;
+            let changed = container::Entity::update_many()
+                .col_expr(container::Column::Status, Expr::val(ContainerStatus::Destroyed.as_str()).into())
+                .col_expr(container::Column::UpdatedAt, Expr::val(crate::model::now_ms()).into())
+                .filter(container::Column::Id.eq(row.id))
+                .filter(container::Column::Status.eq(ContainerStatus::Illegal.as_str()))
+                .exec(&txn)
+                .await?
+                .rows_affected;
+            if changed == 1 {
+                let need = requirements_of(&row).resources;
+                release(&txn, server_id, &need, 1).await?;
+                self.placement().apply(server_id, &need, 1, -1);
+                illegal += 1;
+            }
+            txn.commit().await?;
+        }
+        let guests = match driver.list().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(server = %name, error = %e, "collector could not list guests");
+                return Ok((illegal, 0));
+            }
+        };
+        if guests.is_empty() {
+            return Ok((illegal, 0));
+        }
+        let ids: Vec<String> = guests.iter().map(|g| g.guest_id.clone()).collect();
+        let mut leftovers = 0;
+        for chunk in ids.chunks(500) {
+            let dead = container::Entity::find()
+                .filter(container::Column::GuestId.is_in(chunk.to_vec()))
+                .filter(container::Column::Status.is_in([
+                    ContainerStatus::Destroyed.as_str(),
+                    ContainerStatus::Failed.as_str(),
+                ]))
+                .all(self.db())
+                .await?;
+            for row in dead {
+                // A destroyed container that was re-created under the same guest id does not
+                // exist: guest ids are unique per container.
+                match driver.destroy(&row.guest_id).await {
+                    Ok(()) => leftovers += 1,
+                    Err(e) => tracing::warn!(server = %name, guest = %row.guest_id, error = %e, "collector could not destroy a leftover guest"),
+                }
+            }
+        }
+        Ok((illegal, leftovers))
+    }
+}

@@ -1,0 +1,237 @@
+//! Live fleet health: heartbeats, and the transitions of servers between up and down.
+//!
+//! Servers send heartbeats with their load figures (`Health::heartbeat`; the simulated servers
+//! of this core send theirs from a background task). The monitor (`Core::check_health`) marks
+//! a server down when its last heartbeat is older than the grace period, and up again when
+//! heartbeats resume. A gap shorter than the grace period changes nothing.
+//!
+//! Going down: the server's existing containers become `down` and each affected environment
+//! gets an `environment.failover` command, which runs `is-down` in priority order and carries
+//! out what the hooks ask (typically a replacement on another server, which makes the old
+//! container `illegal`). Coming back: the collector cleans the server, containers that were not
+//! replaced take the status their server reports, and `environment.recover` runs `is-up`.
+//!
+//! Invariant: a transition is a conditional update of the server's status, so when several
+//! cores watch the same servers exactly one of them acts on each transition.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+use serde_json::json;
+
+use crate::core::{Core, CoreError};
+use crate::driver::{GuestState, ServerStats};
+use crate::entities::{container, server};
+use crate::model::{ContainerStatus, ServerId};
+use crate::queue::{Clock, NewCommand, Target};
+
+/// The last heartbeat of a server.
+#[derive(Debug, Clone)]
+pub struct Beat {
+    /// When it arrived, milliseconds since the Unix epoch (by the core's clock).
+    pub at: i64,
+    /// The load figures it carried.
+    pub load: Option<ServerStats>,
+}
+
+/// Heartbeats received by this core.
+pub struct Health {
+    beats: Mutex<HashMap<ServerId, Beat>>,
+    clock: Arc<dyn Clock>,
+    started: i64,
+}
+
+/// Server transitions made by one pass of the monitor.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    /// Servers marked down.
+    pub down: Vec<ServerId>,
+    /// Servers marked up again.
+    pub up: Vec<ServerId>,
+}
+
+impl Health {
+    /// No heartbeats yet; the grace period of every server starts now.
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        let started = clock.now_ms();
+        Health { beats: Mutex::new(HashMap::new()), clock, started }
+    }
+
+    /// Records a heartbeat of `server` now.
+    pub fn heartbeat(&self, server: ServerId, load: Option<ServerStats>) {
+        let at = self.clock.now_ms();
+        self.beats.lock().unwrap().insert(server, Beat { at, load });
+    }
+
+    /// The last heartbeat of `server`.
+    pub fn last(&self, server: ServerId) -> Option<Beat> {
+        self.beats.lock().unwrap().get(&server).cloned()
+    }
+
+    /// Milliseconds since the last heartbeat of `server` (or since this core started).
+    fn silence(&self, server: ServerId, now: i64) -> i64 {
+        let at = self.beats.lock().unwrap().get(&server).map_or(self.started, |b| b.at);
+        now - at
+    }
+}
+
+impl Core {
+    /// Heartbeats received by this core.
+    pub fn health(&self) -> &Health {
+        &self.inner.health
+    }
+
+    /// Sends a heartbeat for every simulated server that is not crashed (what their agents
+    /// would do).
+    pub async fn beat_sims(&self) {
+        for (id, sim) in self.fleet().sims() {
+            if let Ok(stats) = crate::driver::Driver::stats(sim.as_ref()).await {
+                self.health().heartbeat(id, Some(stats));
+            }
+        }
+    }
+
+    /// One pass of the monitor: marks silent servers down and answering ones up.
+    pub async fn check_health(&self) -> Result<HealthReport, CoreError> {
+        let grace = self.inner.config.health.grace.as_millis() as i64;
+        let now = self.inner.health.clock.now_ms();
+        let mut report = HealthReport::default();
+        for c in self.placement().snapshot() {
+            let silent = self.health().silence(c.id, now) > grace;
+            if c.up && silent {
+                let cause = format!("server missed its heartbeats for more than {grace} ms");
+                if self.mark_down(c.id, &cause).await? {
+                    report.down.push(c.id);
+                }
+            } else if !c.up && !silent && self.health().last(c.id).is_some() && self.mark_up(c.id).await? {
+                report.up.push(c.id);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Marks a server down: its containers become `down` and their environments get an
+    /// `environment.failover` command. False if it was not up.
+    pub async fn mark_down(&self, server_id: ServerId, cause: &str) -> Result<bool, CoreError> {
+        let txn = self.db().begin().await?;
+        let changed = server::Entity::update_many()
+            .col_expr(server::Column::Status, Expr::val("down").into())
+            .filter(server::Column::Id.eq(server_id))
+            .filter(server::Column::Status.eq("up"))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if changed == 0 {
+            return Ok(false);
+        }
+        let live = [ContainerStatus::Running, ContainerStatus::Stopped, ContainerStatus::Suspended]
+            .map(|s| s.as_str());
+        let hit = container::Entity::find()
+            .filter(container::Column::ServerId.eq(server_id))
+            .filter(container::Column::Status.is_in(live))
+            .all(&txn)
+            .await?;
+        container::Entity::update_many()
+            .col_expr(container::Column::Status, Expr::val(ContainerStatus::Down.as_str()).into())
+            .col_expr(container::Column::UpdatedAt, Expr::val(crate::model::now_ms()).into())
+            .filter(container::Column::ServerId.eq(server_id))
+            .filter(container::Column::Status.is_in(live))
+            .exec(&txn)
+            .await?;
+        let name = self.fleet().named_driver(server_id).map_or(format!("#{server_id}"), |(_, n)| n);
+        let cause = format!("server {name} is unreachable: {cause}");
+        let commands = per_environment(&hit, |env, ids| NewCommand {
+            kind: "environment.failover".into(),
+            target: Some(Target::Environment(env)),
+            params: json!({ "containers": ids, "cause": cause }),
+            requested_by: "health-monitor".into(),
+        });
+        let count = commands.len();
+        self.queue().enqueue_in(&txn, commands, None).await?;
+        txn.commit().await?;
+        let draining = self.placement().snapshot().iter().any(|c| c.id == server_id && c.draining);
+        self.placement().set_status(server_id, false, draining);
+        self.queue().wake();
+        tracing::warn!(server = %name, containers = hit.len(), environments = count, "server is down");
+        Ok(true)
+    }
+
+    /// Marks a server up again: the collector cleans it, containers that were not replaced
+    /// take the status their server reports, and their environments get `environment.recover`.
+    /// False if it was not down.
+    pub async fn mark_up(&self, server_id: ServerId) -> Result<bool, CoreError> {
+        let changed = server::Entity::update_many()
+            .col_expr(server::Column::Status, Expr::val("up").into())
+            .filter(server::Column::Id.eq(server_id))
+            .filter(server::Column::Status.eq("down"))
+            .exec(self.db())
+            .await?
+            .rows_affected;
+        if changed == 0 {
+            return Ok(false);
+        }
+        self.placement().refresh(self.db(), server_id).await?;
+        let report = self.collect(Some(server_id)).await?;
+        let down = container::Entity::find()
+            .filter(container::Column::ServerId.eq(server_id))
+            .filter(container::Column::Status.eq(ContainerStatus::Down.as_str()))
+            .all(self.db())
+            .await?;
+        let driver = self.fleet().driver(server_id);
+        let txn = self.db().begin().await?;
+        let mut back = Vec::new();
+        for row in down {
+            let reported = match &driver {
+                Some(d) => d.status(&row.guest_id).await.ok().flatten(),
+                None => None,
+            };
+            let status = match reported.map(|g| g.state) {
+                Some(GuestState::Running) => ContainerStatus::Running,
+                Some(GuestState::Stopped) => ContainerStatus::Stopped,
+                Some(GuestState::Suspended) => ContainerStatus::Suspended,
+                None => ContainerStatus::Failed,
+            };
+            container::Entity::update_many()
+                .col_expr(container::Column::Status, Expr::val(status.as_str()).into())
+                .filter(container::Column::Id.eq(row.id))
+                .filter(container::Column::Status.eq(ContainerStatus::Down.as_str()))
+                .exec(&txn)
+                .await?;
+            if status == ContainerStatus::Failed {
+                let need = crate::placement::requirements_of(&row).resources;
+                crate::placement::release(&txn, server_id, &need, 1).await?;
+                tracing::warn!(container = row.id, "its guest is gone from its server after the outage; marked failed");
+            } else {
+                back.push(row);
+            }
+        }
+        let commands = per_environment(&back, |env, ids| NewCommand {
+            kind: "environment.recover".into(),
+            target: Some(Target::Environment(env)),
+            params: json!({ "containers": ids }),
+            requested_by: "health-monitor".into(),
+        });
+        self.queue().enqueue_in(&txn, commands, None).await?;
+        txn.commit().await?;
+        self.placement().refresh(self.db(), server_id).await?;
+        self.queue().wake();
+        tracing::info!(server = server_id, back = back.len(), ?report, "server is up again");
+        Ok(true)
+    }
+}
+
+/// One command per environment of `rows` (standalone containers get none).
+fn per_environment(
+    rows: &[container::Model],
+    make: impl Fn(i64, Vec<i64>) -> NewCommand,
+) -> Vec<NewCommand> {
+    let mut by_env: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for r in rows {
+        if let Some(env) = r.environment_id {
+            by_env.entry(env).or_default().push(r.id);
+        }
+    }
+    by_env.into_iter().map(|(env, ids)| make(env, ids)).collect()
+}
