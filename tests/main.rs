@@ -10,5 +10,7 @@ mod container;
 mod crash;
 mod driver;
 mod environment;
+mod health;
 mod plugins;
+mod placement;
 mod queue;

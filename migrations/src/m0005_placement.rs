@@ -45,10 +45,9 @@ impl MigrationTrait for Migration {
         manager
             .create_index(
                 Index::create()
-                    .name("containers_by_server")
+                    .name("containers_by_guest")
                     .table("containers")
-                    .col("server_id")
-                    .col("status")
+                    .col("guest_id")
                     .to_owned(),
             )
             .await

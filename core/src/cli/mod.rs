@@ -339,19 +339,19 @@ pub enum ServerCmd {
     List,
     /// Show a server.
     Show { /// Server name or id.
-        server: String },
+        #[arg(value_name = "SERVER")] name: String },
     /// Take no new containers and migrate every container away.
     Drain { /// Server name.
-        server: String },
+        #[arg(value_name = "SERVER")] name: String },
     /// Take new containers again after a drain.
     Undrain { /// Server name.
-        server: String },
+        #[arg(value_name = "SERVER")] name: String },
     /// Simulated servers: inject a crash (no answers, no heartbeats).
     Fail { /// Server name.
-        server: String },
+        #[arg(value_name = "SERVER")] name: String },
     /// Simulated servers: end an injected crash (the server rejoins).
     Recover { /// Server name.
-        server: String },
+        #[arg(value_name = "SERVER")] name: String },
 }
 
 /// `command` subcommands.
@@ -510,12 +510,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 out.show(&list, || output::servers(&list));
                 Ok(())
             }
-            ServerCmd::Show { server } => {
+            ServerCmd::Show { name: server } => {
                 let s: Server = client.get(&format!("/v1/servers/{}", enc(&server))).await?;
                 out.show(&s, || output::servers(std::slice::from_ref(&s)));
                 Ok(())
             }
-            ServerCmd::Drain { server } => {
+            ServerCmd::Drain { name: server } => {
                 let r: crate::managers::DrainReport = client.post(&format!("/v1/servers/{}/drain", enc(&server)), &json!({})).await?;
                 out.show(&r, || {
                     let mut text = format!("server {} is draining: {} migrations submitted (commands {:?})", r.server, r.commands.len(), r.commands);
@@ -526,11 +526,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 });
                 Ok(())
             }
-            ServerCmd::Undrain { server } => server_op(&client, out, &server, "undrain", "takes containers again").await,
-            ServerCmd::Fail { server } => {
+            ServerCmd::Undrain { name: server } => server_op(&client, out, &server, "undrain", "takes containers again").await,
+            ServerCmd::Fail { name: server } => {
                 server_op(&client, out, &server, "fail", "crashed: it stops answering; the health monitor marks it down after the grace period").await
             }
-            ServerCmd::Recover { server } => {
+            ServerCmd::Recover { name: server } => {
                 server_op(&client, out, &server, "recover", "recovered: heartbeats resume and the server rejoins").await
             }
         },

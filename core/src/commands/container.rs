@@ -297,6 +297,8 @@ async fn disk_of(core: &Core, id: i64) -> Result<GuestImage, StepError> {
 
 /// Undoes a failed create, clone or migration: destroys what it made on the target server,
 /// gives back its dummy and puts the containers back as they were.
+///
+/// Every read happens before the transaction begins: SQLite has one connection.
 pub(super) async fn compensate(
     core: &Core,
     cmd: &command::Model,
@@ -304,53 +306,58 @@ pub(super) async fn compensate(
 ) -> Result<Option<DatabaseTransaction>, DbErr> {
     let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
     let reserved = reservation(&progress);
-    let txn = core.db().begin().await?;
-    if let Some(r) = reserved
-        && placement::drop_dummy(&txn, r.dummy_id).await?
-        && let Ok(need) = dummy_need(core, cmd, &progress).await
-    {
-        core.placement().apply(r.server_id, &need, 1, -1);
+    let new_id = match cmd.kind.as_str() {
+        "container.clone" => progress.get("clone_id").and_then(Value::as_i64),
+        _ => cmd.target_id,
+    };
+    let row = match new_id {
+        Some(id) => container::Entity::find_by_id(id).one(core.db()).await?,
+        None => None,
+    };
+    let dummy = match reserved {
+        Some(r) => crate::entities::dummy::Entity::find_by_id(r.dummy_id).one(core.db()).await?,
+        None => None,
+    };
+    if cmd.kind == "container.clone" {
+        restart_clone_source(core, cmd, &progress).await;
     }
-    match cmd.kind.as_str() {
-        "container.migrate" => undo_migrate(core, cmd, &progress, &txn).await?,
-        "container.clone" => {
-            restart_clone_source(core, cmd, &progress).await;
-            if let Some(copy) = progress.get("clone_id").and_then(Value::as_i64) {
-                undo_create(core, cmd, copy, reserved, &txn).await?;
+    // Side effects on servers first (best effort), then one transaction.
+    let change = match (&row, cmd.kind.as_str()) {
+        (Some(row), "container.migrate") => undo_migrate(core, cmd, &progress, row).await,
+        (Some(row), _) => undo_create(core, cmd, row, reserved).await,
+        (None, _) => None,
+    };
+    let txn = core.db().begin().await?;
+    if let Some(d) = dummy
+        && placement::drop_dummy(&txn, d.id).await?
+    {
+        core.placement().apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
+    }
+    if let (Some(row), Some(change)) = (row, change) {
+        write_in(&txn, &row, |am| {
+            if let Some(status) = change.status {
+                am.status = status_of(status);
             }
-        }
-        _ => {
-            if let Some(id) = cmd.target_id {
-                undo_create(core, cmd, id, reserved, &txn).await?;
+            if change.unlock {
+                am.locked_by = Set(None);
             }
-        }
+        })
+        .await?;
     }
     Ok(Some(txn))
 }
 
-async fn dummy_need(core: &Core, cmd: &command::Model, progress: &Value) -> Result<Resources, DbErr> {
-    let id = progress.get("clone_id").and_then(Value::as_i64).or(cmd.target_id).unwrap_or_default();
-    let row = container::Entity::find_by_id(id).one(core.db()).await?;
-    Ok(row.map(|r| requirements_of(&r).resources).unwrap_or_default())
+/// What undoing a command changes on its container row.
+struct Undo {
+    status: Option<ContainerStatus>,
+    unlock: bool,
 }
 
-/// Marks a container that never got created failed, destroying its guest if it got made.
-async fn undo_create(
-    core: &Core,
-    cmd: &command::Model,
-    id: i64,
-    reserved: Option<Reservation>,
-    txn: &DatabaseTransaction,
-) -> Result<(), DbErr> {
-    let Ok(row) = load_container(core.db(), id).await else {
-        return Ok(());
-    };
+/// A container that never got created becomes failed (its guest destroyed if it got made);
+/// a copy this command already finished is only unlocked.
+async fn undo_create(core: &Core, cmd: &command::Model, row: &container::Model, reserved: Option<Reservation>) -> Option<Undo> {
     if parse_status(&row.status) != ContainerStatus::Creating {
-        // Only release what this command holds (the copy of a clone is locked by it).
-        if row.locked_by == Some(cmd.id) {
-            write_in(txn, &row, |am| am.locked_by = Set(None)).await?;
-        }
-        return Ok(());
+        return (row.locked_by == Some(cmd.id)).then_some(Undo { status: None, unlock: true });
     }
     if let Some(server_id) = reserved.map(|r| r.server_id).or(row.server_id)
         && let Some(driver) = core.fleet().driver(server_id)
@@ -358,38 +365,32 @@ async fn undo_create(
     {
         tracing::warn!(error = %e, guest = %row.guest_id, "could not destroy the guest of a failed create; it is left for the collector");
     }
-    write_in(txn, &row, |am| {
-        am.status = status_of(ContainerStatus::Failed);
-        am.locked_by = Set(None);
-    })
-    .await
+    Some(Undo { status: Some(ContainerStatus::Failed), unlock: true })
 }
 
 /// After a failed migration that did not switch servers: destroys the copy on the target and
 /// starts the container again where it was if it ran before.
-async fn undo_migrate(core: &Core, cmd: &command::Model, progress: &Value, txn: &DatabaseTransaction) -> Result<(), DbErr> {
-    let Some(id) = cmd.target_id else { return Ok(()) };
-    let Ok(row) = load_container(core.db(), id).await else { return Ok(()) };
+async fn undo_migrate(core: &Core, cmd: &command::Model, progress: &Value, row: &container::Model) -> Option<Undo> {
     let target = progress.get("server_id").and_then(Value::as_i64);
-    if target.is_none() || row.server_id == target {
-        return Ok(());
+    if target.is_none() || row.server_id == target || cmd.step < 2 {
+        return None;
     }
-    if cmd.step >= 2
-        && let Some(driver) = target.and_then(|t| core.fleet().driver(t))
+    if let Some(driver) = target.and_then(|t| core.fleet().driver(t))
         && let Err(e) = driver.destroy(&row.guest_id).await
     {
         tracing::warn!(error = %e, guest = %row.guest_id, "could not destroy the copy of a failed migration");
     }
-    if cmd.step >= 2
-        && progress["was_running"].as_bool().unwrap_or(false)
-        && let Some(driver) = row.server_id.and_then(|s| core.fleet().driver(s))
-    {
-        match driver.start(&row.guest_id).await {
-            Ok(()) => write_in(txn, &row, |am| am.status = status_of(ContainerStatus::Running)).await?,
-            Err(e) => tracing::warn!(error = %e, container = id, "could not restart a container after its migration failed"),
+    if !progress["was_running"].as_bool().unwrap_or(false) {
+        return None;
+    }
+    let driver = row.server_id.and_then(|s| core.fleet().driver(s))?;
+    match driver.start(&row.guest_id).await {
+        Ok(()) => Some(Undo { status: Some(ContainerStatus::Running), unlock: false }),
+        Err(e) => {
+            tracing::warn!(error = %e, container = row.id, "could not restart a container after its migration failed");
+            None
         }
     }
-    Ok(())
 }
 
 /// After a failed clone, starts the source again if the clone had stopped it (best effort).

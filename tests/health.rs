@@ -1,0 +1,257 @@
+//! Fleet health: heartbeats and the grace period, failover by replacement end to end on sim,
+//! the collector on rejoin, and the core's start and stop hooks.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cloud48_core::core::HealthConfig;
+use cloud48_core::model::{
+    Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources, ServerStatus,
+};
+use cloud48_core::queue::CommandFilter;
+use cloud48_core::types::{ContainerType, Hook, HookContext, HookOutcome, TypeError};
+use serde_json::{Value, json};
+
+use crate::common::{ManualClock, Opts, TestCore, eventually};
+
+/// A type that records `id:hook` for every hook call.
+struct Watched(Arc<Mutex<Vec<String>>>);
+
+impl ContainerType for Watched {
+    fn type_id(&self) -> &str {
+        "watched"
+    }
+    fn priority(&self) -> i32 {
+        30
+    }
+    fn default_requirements(&self) -> Requirements {
+        Requirements { resources: Resources { cpu_millis: 10, memory_mb: 16, disk_mb: 16 }, ..Default::default() }
+    }
+    fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
+        self.0.lock().unwrap().push(format!("{}:{}", ctx.container.id, hook.name()));
+        Ok(HookOutcome::allow())
+    }
+}
+
+async fn show(t: &TestCore, id: i64) -> Container {
+    t.client.get(&format!("/v1/containers/{id}")).await.unwrap()
+}
+
+async fn env_with_watched(t: &TestCore, server: &str) -> i64 {
+    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "watch" })).await.unwrap();
+    t.ok(a.command_id).await;
+    let a: Accepted =
+        t.client.post("/v1/environments/watch/containers", &json!({ "type": "watched", "server": server })).await.unwrap();
+    t.created(a.command_id).await
+}
+
+async fn commands_of(t: &TestCore, kind: &str) -> Vec<Command> {
+    let all = t.core.queue().list(&CommandFilter { limit: Some(1000), ..Default::default() }).await.unwrap();
+    all.into_iter().filter(|c| c.kind == kind).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
+    let clock = ManualClock::at(1_000_000);
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let opts = Opts {
+        clock: Some(clock.clone()),
+        types: vec![Arc::new(Watched(log.clone()))],
+        ..Default::default()
+    };
+    let t = TestCore::start(opts).await.unwrap();
+    let grace = t.core.config().health.grace.as_millis() as i64;
+    let id = env_with_watched(&t, "sim-1").await;
+    let servers = t.core.servers().list().await.unwrap();
+    let beat_all_but = |skip: Option<i64>| {
+        for s in &servers {
+            if Some(s.id) != skip {
+                t.core.health().heartbeat(s.id, None);
+            }
+        }
+    };
+    beat_all_but(None);
+    clock.advance(grace - 100);
+    assert_eq!(t.core.check_health().await.unwrap(), Default::default(), "a blip shorter than the grace period");
+    beat_all_but(None);
+    clock.advance(grace - 100);
+    beat_all_but(Some(servers[0].id));
+    assert_eq!(t.core.check_health().await.unwrap(), Default::default(), "still within the grace period");
+    assert_eq!(show(&t, id).await.status, ContainerStatus::Running);
+    assert!(commands_of(&t, "environment.failover").await.is_empty());
+
+    // Past the grace period: down, the member is down and its environment hears it.
+    clock.advance(200);
+    let report = t.core.check_health().await.unwrap();
+    assert_eq!(report.down, vec![servers[0].id]);
+    assert_eq!(show(&t, id).await.status, ContainerStatus::Down);
+    let failover = commands_of(&t, "environment.failover").await;
+    assert_eq!(failover.len(), 1);
+    t.ok(failover[0].id).await;
+    assert!(log.lock().unwrap().contains(&format!("{id}:is-down")));
+    let env: Environment = t.client.get("/v1/environments/watch").await.unwrap();
+    assert_eq!(env.members[0].status, ContainerStatus::Down, "env show marks the member down");
+    let (ok, out, _) = crate::common::cli(&t.url, &["env", "show", "watch"]);
+    assert!(ok && out.contains("DOWN"), "{out}");
+    let s1 = t.core.servers().get("sim-1").await.unwrap();
+    assert_eq!(s1.status, ServerStatus::Down);
+
+    // Heartbeats resume: up again, the member takes the status its server reports, is-up runs.
+    t.core.health().heartbeat(servers[0].id, None);
+    let report = t.core.check_health().await.unwrap();
+    assert_eq!(report.up, vec![servers[0].id]);
+    assert_eq!(show(&t, id).await.status, ContainerStatus::Running);
+    let recover = commands_of(&t, "environment.recover").await;
+    assert_eq!(recover.len(), 1);
+    t.ok(recover[0].id).await;
+    assert!(log.lock().unwrap().contains(&format!("{id}:is-up")));
+}
+
+fn fast_health() -> HealthConfig {
+    HealthConfig {
+        background: true,
+        heartbeat: Duration::from_millis(50),
+        grace: Duration::from_millis(500),
+        check: Duration::from_millis(50),
+        collector: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}
+
+/// The `ip:8080` of the given containers, sorted.
+async fn addresses(t: &TestCore, ids: &[i64]) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(format!("{}:8080", show(t, *id).await.ip.unwrap()));
+    }
+    out.sort();
+    out
+}
+
+/// The arguments of the last nginx rewrite exec'd in a container, sorted.
+async fn last_rewrite(t: &TestCore, c: &Container) -> Option<Vec<String>> {
+    let guest = t.sim(c.server.as_deref()?).await.guest(&c.guest_id)?;
+    let mut args = guest.execs.last()?.args.clone();
+    args.sort();
+    Some(args)
+}
+
+/// The running member of a type other than `not`, once there is one.
+async fn running_other(t: &TestCore, type_name: &str, not: &[i64]) -> Option<Container> {
+    let env: Environment = t.client.get("/v1/environments/shop").await.ok()?;
+    env.members
+        .into_iter()
+        .find(|m| m.type_id.starts_with(type_name) && m.status == ContainerStatus::Running && !not.contains(&m.id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_the_old_ones() {
+    let opts = Opts { sim_servers: 4, health: fast_health(), ..Default::default() };
+    let t = TestCore::start(opts).await.unwrap();
+    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "shop" })).await.unwrap();
+    t.ok(a.command_id).await;
+    let mut tomcats = Vec::new();
+    for server in ["sim-3", "sim-4"] {
+        let a: Accepted =
+            t.client.post("/v1/environments/shop/containers", &json!({ "type": "tomcat", "server": server })).await.unwrap();
+        tomcats.push(t.created(a.command_id).await);
+    }
+    let balancer = running_other(&t, "balancer", &[]).await.unwrap();
+    let lb_server = balancer.server.clone().unwrap();
+    assert!(lb_server != "sim-3" && lb_server != "sim-4", "placement put the balancer on an empty server");
+    let tomcat_ops: Vec<Vec<String>> = {
+        let mut v = Vec::new();
+        for id in &tomcats {
+            let c = show(&t, *id).await;
+            v.push(t.sim(c.server.as_deref().unwrap()).await.guest(&c.guest_id).unwrap().operations);
+        }
+        v
+    };
+
+    // Crash the balancer's server: a new balancer elsewhere registers every tomcat.
+    let (ok, _, err) = crate::common::cli(&t.url, &["server", "fail", &lb_server]);
+    assert!(ok, "{err}");
+    let want = addresses(&t, &tomcats).await;
+    let replacement = eventually("a replacement balancer with every tomcat registered", || async {
+        let r = running_other(&t, "balancer", &[balancer.id]).await?;
+        (last_rewrite(&t, &r).await? == want).then_some(r)
+    })
+    .await;
+    assert_ne!(replacement.server, balancer.server);
+    assert_eq!(show(&t, balancer.id).await.status, ContainerStatus::Illegal);
+    let (_, out, _) = crate::common::cli(&t.url, &["env", "show", "shop"]);
+    assert!(out.contains("ILLEGAL"), "env show marks the replaced balancer: {out}");
+    let failover = commands_of(&t, "environment.failover").await;
+    assert_eq!(failover.len(), 1);
+    assert_eq!(t.ok(failover[0].id).await.requested_by, "health-monitor");
+
+    // The server rejoins: the collector destroys the old balancer there and touches nothing else.
+    let (ok, _, err) = crate::common::cli(&t.url, &["server", "recover", &lb_server]);
+    assert!(ok, "{err}");
+    eventually("the old balancer is collected", || async {
+        (show(&t, balancer.id).await.status == ContainerStatus::Destroyed).then_some(())
+    })
+    .await;
+    assert!(t.sim(&lb_server).await.guest(&balancer.guest_id).is_none());
+    for (id, ops) in tomcats.iter().zip(&tomcat_ops) {
+        let c = show(&t, *id).await;
+        assert_eq!(c.status, ContainerStatus::Running);
+        assert_eq!(&t.sim(c.server.as_deref().unwrap()).await.guest(&c.guest_id).unwrap().operations, ops);
+    }
+    let server: Value = t.client.get(&format!("/v1/servers/{lb_server}")).await.unwrap();
+    assert_eq!(server["status"], "up");
+
+    // Now a tomcat's server: the tomcat asks for its own replacement; the balancer follows.
+    let (ok, _, err) = crate::common::cli(&t.url, &["server", "fail", "sim-3"]);
+    assert!(ok, "{err}");
+    let new_tomcat = eventually("a replacement tomcat", || async { running_other(&t, "tomcat", &tomcats).await }).await;
+    assert_ne!(new_tomcat.server.as_deref(), Some("sim-3"));
+    let want = addresses(&t, &[tomcats[1], new_tomcat.id]).await;
+    eventually("the balancer points at the live tomcats", || async {
+        (last_rewrite(&t, &show(&t, replacement.id).await).await? == want).then_some(())
+    })
+    .await;
+    assert_eq!(show(&t, tomcats[0]).await.status, ContainerStatus::Illegal);
+    let (ok, _, _) = crate::common::cli(&t.url, &["server", "recover", "sim-3"]);
+    assert!(ok);
+    eventually("the old tomcat is collected", || async {
+        (show(&t, tomcats[0]).await.status == ContainerStatus::Destroyed).then_some(())
+    })
+    .await;
+    assert!(cloud48_core::placement::audit(t.core.db()).await.unwrap().is_empty());
+    let (ok, out, _) = crate::common::cli(&t.url, &["server", "list"]);
+    assert!(ok && out.contains("LAST HEARTBEAT") && out.contains(" s ago"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_a_server_that_is_not_simulated_or_unknown_is_refused() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let err = t.client.post::<_, Value>("/v1/servers/nope/fail", &json!({})).await.unwrap_err().to_string();
+    assert!(err.contains("server 'nope' does not exist"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_member_hears_after_cc_start_and_before_cc_stop() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let opts = Opts { types: vec![Arc::new(Watched(log.clone()))], ..Default::default() };
+    let t = TestCore::start(opts).await.unwrap();
+    let id = env_with_watched(&t, "sim-2").await;
+    t.core.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert!(log.lock().unwrap().contains(&format!("{id}:before-cc-stop")));
+
+    // A new core on the same data: every member hears that the core started.
+    let mut config = cloud48_core::CoreConfig::new(t._dir.path());
+    config.sim_servers = 3;
+    config.health.background = false;
+    config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
+    let again = cloud48_core::Core::open(config).await.unwrap();
+    again.types().register(Arc::new(Watched(log.clone())));
+    log.lock().unwrap().clear();
+    again.start().await.unwrap();
+    let notify = again.queue().list(&CommandFilter { limit: Some(100), ..Default::default() }).await.unwrap();
+    let notify = notify.iter().find(|c| c.kind == "environment.notify" && c.params["hook"] == "after-cc-start").unwrap();
+    let done = again.queue().wait(notify.id, Duration::from_secs(30)).await.unwrap();
+    assert!(done.error.is_none(), "{done:?}");
+    assert_eq!(*log.lock().unwrap(), vec![format!("{id}:after-cc-start")]);
+    again.stop(Duration::from_secs(5)).await;
+}

@@ -1,0 +1,415 @@
+//! Placement (the ContainerFactory): requirements and balance (property tests), reservations
+//! under concurrency, dummies and the collector, and migrate, clone, drain and environment
+//! clone through placement.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use cloud48_core::managers::{ContainerCommand, CreateContainer};
+use cloud48_core::model::{
+    Accepted, CommandStatus, Container, ContainerStatus, Environment, Requirements, Resources, Server,
+};
+use cloud48_core::placement::{self, Candidate, PlaceRequest, Weights, decide, score};
+use proptest::prelude::*;
+use sea_orm::TransactionTrait;
+use serde_json::{Value, json};
+
+use crate::common::{Opts, TestCore};
+
+const LABELS: [&str; 3] = ["ssd", "gpu", "eu"];
+
+fn candidate() -> impl Strategy<Value = Candidate> {
+    (
+        prop::bool::weighted(0.85),
+        prop::bool::weighted(0.1),
+        prop::collection::vec(prop::sample::select(LABELS.to_vec()), 0..3),
+        (1_000..32_000u64, 1_024..131_072u64, 1_024..1_000_000u64),
+        (0..=100u64, 0..=100u64, 0..=100u64),
+        0..50u64,
+    )
+        .prop_map(|(up, draining, labels, (cpu, mem, disk), (pc, pm, pd), containers)| Candidate {
+            id: 0,
+            up,
+            draining,
+            labels: labels.into_iter().map(String::from).collect(),
+            capacity: Resources { cpu_millis: cpu, memory_mb: mem, disk_mb: disk },
+            allocated: Resources { cpu_millis: cpu * pc / 100, memory_mb: mem * pm / 100, disk_mb: disk * pd / 100 },
+            containers,
+        })
+}
+
+fn eligible(c: &Candidate, req: &Requirements, avoid: &HashSet<i64>) -> bool {
+    c.up && !c.draining
+        && !avoid.contains(&c.id)
+        && req.labels.iter().all(|l| c.labels.contains(l))
+        && req.resources.fits_in(&c.free())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn the_decision_meets_every_requirement_and_takes_the_best_score(
+        fleet in prop::collection::vec(candidate(), 0..40),
+        need in (1..8_000u64, 1..32_768u64, 1..200_000u64),
+        labels in prop::collection::vec(prop::sample::select(LABELS.to_vec()), 0..2),
+        avoid_mask in any::<u64>(),
+        weights in (0..=200u32, 0..=200u32, 0..=200u32),
+    ) {
+        let servers: Vec<Candidate> = fleet.into_iter().enumerate().map(|(i, mut c)| { c.id = i as i64 + 1; c }).collect();
+        let avoid: HashSet<i64> = servers.iter().filter(|c| avoid_mask >> (c.id % 64) & 1 == 1 && c.id % 4 == 0).map(|c| c.id).collect();
+        let req = Requirements {
+            resources: Resources { cpu_millis: need.0, memory_mb: need.1, disk_mb: need.2 },
+            labels: labels.into_iter().map(String::from).collect(),
+            spread: false,
+        };
+        let w = Weights { cpu: weights.0 as f64 / 100.0, memory: weights.1 as f64 / 100.0, disk: weights.2 as f64 / 100.0 };
+        match decide(&servers, &req, &avoid, &w) {
+            Ok(id) => {
+                let chosen = servers.iter().find(|c| c.id == id).unwrap();
+                prop_assert!(eligible(chosen, &req, &avoid), "chose an ineligible server {chosen:?}");
+                for other in servers.iter().filter(|c| eligible(c, &req, &avoid)) {
+                    prop_assert!(score(chosen, &req.resources, &w) >= score(other, &req.resources, &w),
+                        "server {} scores better than the chosen {}", other.id, chosen.id);
+                }
+            }
+            Err(reason) => {
+                prop_assert!(servers.iter().all(|c| !eligible(c, &req, &avoid)), "refused although a server fits: {reason}");
+                let placeable = servers.iter().any(|c| c.up && !c.draining && !avoid.contains(&c.id)
+                    && req.labels.iter().all(|l| c.labels.contains(l)));
+                if placeable {
+                    prop_assert!(reason.contains("needed") || reason.contains("together"), "the reason should name a resource: {reason}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn equal_containers_on_equal_servers_end_up_balanced(servers in 1..30usize, containers in 0..300usize) {
+        let capacity = Resources { cpu_millis: 64_000, memory_mb: 262_144, disk_mb: 4_000_000 };
+        let mut fleet: Vec<Candidate> = (1..=servers as i64)
+            .map(|id| Candidate { id, up: true, draining: false, labels: vec![], capacity, allocated: Resources::default(), containers: 0 })
+            .collect();
+        let req = Requirements { resources: Resources { cpu_millis: 100, memory_mb: 256, disk_mb: 1_000 }, ..Default::default() };
+        for _ in 0..containers {
+            let id = decide(&fleet, &req, &HashSet::new(), &Weights::default()).unwrap();
+            let c = fleet.iter_mut().find(|c| c.id == id).unwrap();
+            c.allocated = c.allocated.plus(&req.resources);
+            c.containers += 1;
+        }
+        let most = fleet.iter().map(|c| c.containers).max().unwrap();
+        let least = fleet.iter().map(|c| c.containers).min().unwrap();
+        prop_assert!(most - least <= 1, "unbalanced: {least}..{most}");
+    }
+}
+
+async fn create(t: &TestCore, req: &CreateContainer) -> Accepted {
+    t.client.post("/v1/containers", req).await.unwrap()
+}
+
+async fn show(t: &TestCore, id: i64) -> Container {
+    t.client.get(&format!("/v1/containers/{id}")).await.unwrap()
+}
+
+async fn servers(t: &TestCore) -> Vec<Server> {
+    t.client.get("/v1/servers").await.unwrap()
+}
+
+/// The ledger matches the containers and dummies, and no dummy is left.
+async fn assert_ledger_clean(t: &TestCore) {
+    let audit = placement::audit(t.core.db()).await.unwrap();
+    assert!(audit.is_empty(), "allocation counters drifted: {audit:?}");
+    for s in servers(t).await {
+        assert_eq!(s.dummies, 0, "server {} keeps a dummy", s.name);
+    }
+}
+
+fn plain(server: Option<&str>) -> CreateContainer {
+    CreateContainer { type_id: "plain".into(), server: server.map(Into::into), requirements: None }
+}
+
+async fn two_hundred_concurrent_creates_never_overcommit(postgres: bool) {
+    // Three servers with room for 50 plain containers (256 MB) each: 150 fit, 50 do not.
+    let opts = Opts {
+        postgres,
+        workers: 16,
+        capacity: Some(Resources { cpu_millis: 1_000_000, memory_mb: 256 * 50, disk_mb: 10_000_000 }),
+        ..Default::default()
+    };
+    let Some(t) = TestCore::start(opts).await else { return };
+    let mut accepted = Vec::new();
+    for _ in 0..200 {
+        accepted.push(create(&t, &plain(None)).await);
+    }
+    let mut failures = Vec::new();
+    for a in &accepted {
+        let cmd = t.wait(a.command_id).await;
+        if cmd.status != CommandStatus::Succeeded {
+            failures.push(cmd.error.unwrap_or_default());
+        }
+    }
+    assert_eq!(failures.len(), 50, "exactly the creates that do not fit fail");
+    for f in &failures {
+        assert!(f.contains("memory_mb 256 needed") || f.contains("filled up"), "unclear failure: {f}");
+    }
+    for s in servers(&t).await {
+        assert!(s.allocated.memory_mb <= s.capacity.memory_mb, "server {} is over-committed: {s:?}", s.name);
+        assert_eq!(s.containers, 50, "server {} is not full", s.name);
+        let guests = t.sim(&s.name).await.guests().len();
+        assert_eq!(guests, 50, "server {} runs {guests} guests", s.name);
+    }
+    assert_ledger_clean(&t).await;
+}
+crate::on_both_databases!(concurrent_creates, two_hundred_concurrent_creates_never_overcommit);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spread_keeps_members_of_a_type_on_different_servers() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "spread" })).await.unwrap();
+    t.ok(a.command_id).await;
+    let req = json!({ "type": "plain", "requirements": { "cpu_millis": 10, "memory_mb": 16, "disk_mb": 16, "spread": true } });
+    let mut on = HashSet::new();
+    for _ in 0..3 {
+        let a: Accepted = t.client.post("/v1/environments/spread/containers", &req).await.unwrap();
+        let id = t.created(a.command_id).await;
+        assert!(on.insert(show(&t, id).await.server_id.unwrap()), "two members of the type share a server");
+    }
+    let a: Accepted = t.client.post("/v1/environments/spread/containers", &req).await.unwrap();
+    let failed = t.wait(a.command_id).await;
+    assert_eq!(failed.status, CommandStatus::Failed);
+    assert!(failed.error.unwrap().contains("(spread)"), "the failure names the spread requirement");
+    assert_ledger_clean(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_dummies_and_those_of_finished_commands_are_collected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = cloud48_core::CoreConfig::new(dir.path());
+    config.sim_servers = 2;
+    config.health.background = false;
+    config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
+    // Opened, not started: commands stay queued until `start`.
+    let core = cloud48_core::Core::open(config).await.unwrap();
+    let live = core
+        .queue()
+        .enqueue(cloud48_core::queue::NewCommand { kind: "noop".into(), target: None, params: Value::Null, requested_by: "test".into() })
+        .await
+        .unwrap();
+    let req = Requirements { resources: Resources { cpu_millis: 100, memory_mb: 100, disk_mb: 100 }, ..Default::default() };
+    let now = core.queue().now_ms();
+    for (command_id, deadline) in [(None, now - 1), (Some(live), now + 3_600_000)] {
+        let txn = core.db().begin().await.unwrap();
+        let request = PlaceRequest { requirements: &req, container_id: 0, command_id, avoid: HashSet::new(), server: None, deadline };
+        placement::place(&txn, core.placement(), request).await.unwrap();
+        txn.commit().await.unwrap();
+    }
+    let reserved: u64 = core.servers().list().await.unwrap().iter().map(|s| s.dummies).sum();
+    assert_eq!(reserved, 2);
+    let report = core.collect(None).await.unwrap();
+    assert_eq!(report.dummies, 1, "only the expired dummy without a command goes");
+    assert!(placement::audit(core.db()).await.unwrap().is_empty());
+
+    // Once its command finished, the other one goes too (the collector runs at start-up).
+    core.start().await.unwrap();
+    core.queue().wait(live, Duration::from_secs(30)).await.unwrap();
+    core.collect(None).await.unwrap();
+    let reserved: u64 = core.servers().list().await.unwrap().iter().map(|s| s.dummies).sum();
+    assert_eq!(reserved, 0);
+    for s in core.servers().list().await.unwrap() {
+        assert_eq!(s.allocated, Resources::default(), "server {} still has capacity reserved", s.name);
+    }
+    core.stop(Duration::from_secs(5)).await;
+}
+
+/// The seed environment: two tomcats on sim-1 and sim-2 and the balancer the second asks for.
+async fn seed(t: &TestCore, name: &str) -> (Vec<i64>, i64) {
+    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": name })).await.unwrap();
+    t.ok(a.command_id).await;
+    let mut tomcats = Vec::new();
+    for server in ["sim-1", "sim-2"] {
+        let a: Accepted = t
+            .client
+            .post(&format!("/v1/environments/{name}/containers"), &json!({ "type": "tomcat", "server": server }))
+            .await
+            .unwrap();
+        tomcats.push(t.created(a.command_id).await);
+    }
+    let env: Environment = t.client.get(&format!("/v1/environments/{name}")).await.unwrap();
+    let balancer = env.members.iter().find(|m| m.type_id.starts_with("balancer")).unwrap().id;
+    (tomcats, balancer)
+}
+
+async fn upstreams(t: &TestCore, balancer: i64) -> Vec<String> {
+    let mut list: Vec<String> = serde_json::from_value(show(t, balancer).await.inspect.unwrap()["upstreams"].clone()).unwrap();
+    list.sort();
+    list
+}
+
+async fn addresses(t: &TestCore, ids: &[i64]) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(format!("{}:8080", show(t, *id).await.ip.unwrap()));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_without_a_target_lets_placement_choose_and_keeps_the_environment_wired() {
+    let t = TestCore::start(Opts { sim_servers: 4, ..Default::default() }).await.unwrap();
+    let (tomcats, balancer) = seed(&t, "shop").await;
+    let before = show(&t, tomcats[0]).await;
+    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", tomcats[0]), &json!({ "op": "migrate" })).await.unwrap();
+    t.ok(a.command_id).await;
+    let after = show(&t, tomcats[0]).await;
+    assert_ne!(after.server_id, before.server_id, "placement never picks the current server");
+    assert_eq!(after.status, ContainerStatus::Running);
+    assert_eq!(after.ip, before.ip, "a migrated container keeps its address");
+    assert_eq!(upstreams(&t, balancer).await, addresses(&t, &tomcats).await, "the balancer still reaches both tomcats");
+    let old = t.sim(before.server.as_deref().unwrap()).await;
+    let new = t.sim(after.server.as_deref().unwrap()).await;
+    assert!(old.guest(&before.guest_id).is_none(), "the source copy is gone");
+    assert!(new.guest(&before.guest_id).is_some());
+    assert_ledger_clean(&t).await;
+
+    // A named target that is the current server is refused up front.
+    let here = after.server.clone().unwrap();
+    let err = t
+        .client
+        .post::<_, Accepted>(&format!("/v1/containers/{}/actions", tomcats[0]), &ContainerCommand::Migrate { to: Some(here) })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already on server"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_through_placement_copies_state_and_disk() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let a = create(&t, &plain(Some("sim-1"))).await;
+    let id = t.created(a.command_id).await;
+    let a: Accepted = t.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "clone" })).await.unwrap();
+    let copy = t.created(a.command_id).await;
+    assert_ne!(copy, id);
+    let (src, dst) = (show(&t, id).await, show(&t, copy).await);
+    assert_eq!(dst.status, ContainerStatus::Running);
+    assert_eq!(src.status, ContainerStatus::Running, "the source runs again");
+    assert_ne!(dst.ip, src.ip);
+    let src_guest = t.sim(src.server.as_deref().unwrap()).await.guest(&src.guest_id).unwrap();
+    let dst_guest = t.sim(dst.server.as_deref().unwrap()).await.guest(&dst.guest_id).unwrap();
+    assert_eq!(dst_guest.disk, src_guest.disk);
+    assert_eq!(dst_guest.operations.first().map(String::as_str), Some("import"));
+    assert_ledger_clean(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_environment_clone_is_wired_to_itself() {
+    let t = TestCore::start(Opts { sim_servers: 4, ..Default::default() }).await.unwrap();
+    let (tomcats, balancer) = seed(&t, "shop").await;
+    let a: Accepted = t.client.post("/v1/environments/shop/clone", &json!({ "name": "shop-copy" })).await.unwrap();
+    t.ok(a.command_id).await;
+    let copy: Environment = t.client.get("/v1/environments/shop-copy").await.unwrap();
+    assert_eq!(copy.status.to_string(), "active");
+    let kinds: Vec<&str> = copy.members.iter().map(|m| m.type_id.split('@').next().unwrap()).collect();
+    assert_eq!(kinds, ["balancer", "tomcat", "tomcat"], "every member cloned once, no extra balancer");
+    let copy_tomcats: Vec<i64> = copy.members.iter().filter(|m| m.type_id.starts_with("tomcat")).map(|m| m.id).collect();
+    let copy_balancer = copy.members.iter().find(|m| m.type_id.starts_with("balancer")).unwrap().id;
+    assert!(copy_tomcats.iter().all(|id| !tomcats.contains(id)));
+    assert_eq!(upstreams(&t, copy_balancer).await, addresses(&t, &copy_tomcats).await, "the copy's balancer points at the copy's tomcats");
+    assert_eq!(upstreams(&t, balancer).await, addresses(&t, &tomcats).await, "the source is untouched");
+    for m in &copy.members {
+        let guest = t.sim(m.server.as_deref().unwrap()).await.guest(&m.guest_id).unwrap();
+        assert_eq!(guest.operations.first().map(String::as_str), Some("import"), "member {} was copied from its source's disk", m.id);
+    }
+    let err = t.client.post::<_, Accepted>("/v1/environments/shop/clone", &json!({ "name": "shop-copy" })).await.unwrap_err().to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert_ledger_clean(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_server_empties_and_takes_nothing_new() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let a = create(&t, &plain(Some("sim-1"))).await;
+        ids.push(t.created(a.command_id).await);
+    }
+    let report: Value = t.client.post("/v1/servers/sim-1/drain", &json!({})).await.unwrap();
+    let commands: Vec<i64> = serde_json::from_value(report["commands"].clone()).unwrap();
+    assert_eq!(commands.len(), 4);
+    for c in commands {
+        t.ok(c).await;
+    }
+    for id in &ids {
+        let c = show(&t, *id).await;
+        assert_ne!(c.server.as_deref(), Some("sim-1"));
+        assert_eq!(c.status, ContainerStatus::Running);
+    }
+    for _ in 0..4 {
+        let a = create(&t, &plain(None)).await;
+        let id = t.created(a.command_id).await;
+        assert_ne!(show(&t, id).await.server.as_deref(), Some("sim-1"), "placement skips a draining server");
+    }
+    let sim1 = servers(&t).await.into_iter().find(|s| s.name == "sim-1").unwrap();
+    assert!(sim1.draining);
+    assert_eq!(sim1.containers, 0);
+    assert!(t.sim("sim-1").await.guests().is_empty());
+    let a = create(&t, &plain(Some("sim-1"))).await;
+    let refused = t.wait(a.command_id).await;
+    assert!(refused.error.unwrap().contains("draining"), "a named draining server is refused with a reason");
+    let _: Value = t.client.post("/v1/servers/sim-1/undrain", &json!({})).await.unwrap();
+    let a = create(&t, &plain(Some("sim-1"))).await;
+    t.ok(a.command_id).await;
+    let err = t.client.post::<_, Value>("/v1/servers/sim-1/explode", &json!({})).await.unwrap_err().to_string();
+    assert!(err.contains("drain, undrain, fail, recover"), "{err}");
+    assert_ledger_clean(&t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_import_move_a_container_between_platforms_with_its_origin() {
+    let a = TestCore::start(Opts::default()).await.unwrap();
+    let b = TestCore::start(Opts::default()).await.unwrap();
+    let created = create(&a, &plain(None)).await;
+    let id = a.created(created.command_id).await;
+    let source = show(&a, id).await;
+    let err = a.client.get::<Value>(&format!("/v1/containers/{id}/export")).await.unwrap_err().to_string();
+    assert!(err.contains("stop it first"), "{err}");
+    let stop: Accepted = a.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "stop" })).await.unwrap();
+    a.ok(stop.command_id).await;
+
+    // Through the CLI, as an operator would.
+    let file = a._dir.path().join("export.json");
+    let (ok, _, err) = crate::common::cli(&a.url, &["container", "export", &id.to_string(), "-o", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = crate::common::cli(&b.url, &["--json", "container", "import", file.to_str().unwrap(), "--wait"]);
+    assert!(ok, "{err}");
+    let imported: Value = serde_json::from_str(&out).unwrap();
+    let new_id = imported["result"]["container_id"].as_i64().unwrap();
+    let c = show(&b, new_id).await;
+    assert_eq!(c.status, ContainerStatus::Stopped);
+    let origin = c.origin.expect("the import records its origin");
+    assert_eq!(origin.origin_container_id, id);
+    assert_eq!(origin.guest_id, source.guest_id);
+    assert_eq!(origin.origin_platform, a.core.platform_name());
+    let (ok, out, _) = crate::common::cli(&b.url, &["container", "show", &new_id.to_string()]);
+    assert!(ok && out.contains(&format!("origin:      platform {}, container {id}", a.core.platform_name())), "{out}");
+    let src_disk = a.sim(source.server.as_deref().unwrap()).await.guest(&source.guest_id).unwrap().disk;
+    let dst_disk = b.sim(c.server.as_deref().unwrap()).await.guest(&c.guest_id).unwrap().disk;
+    assert_eq!(src_disk, dst_disk);
+
+    // Bad input: its own export, an unknown format, a missing type.
+    let export: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let err = a.client.post::<_, Accepted>("/v1/containers/import", &export).await.unwrap_err().to_string();
+    assert!(err.contains("container clone"), "{err}");
+    let mut bad = export.clone();
+    bad["format"] = json!(99);
+    let err = b.client.post::<_, Accepted>("/v1/containers/import", &bad).await.unwrap_err().to_string();
+    assert!(err.contains("format 99"), "{err}");
+    let mut bad = export;
+    bad["type"] = json!("nosuchtype");
+    let err = b.client.post::<_, Accepted>("/v1/containers/import", &bad).await.unwrap_err().to_string();
+    assert!(err.contains("nosuchtype"), "{err}");
+    assert_ledger_clean(&b).await;
+    let counts: HashMap<String, u64> = servers(&b).await.into_iter().map(|s| (s.name, s.containers)).collect();
+    assert_eq!(counts.values().sum::<u64>(), 1);
+}
