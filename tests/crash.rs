@@ -82,3 +82,41 @@ async fn commands_resume_after_kill_9_and_finish_exactly_once() {
     let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
     assert!(cmds.iter().all(|c| c.status == CommandStatus::Succeeded), "{cmds:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leaking_a_dummy() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let flags = ["--sim-latency-ms", "300", "--sim-servers", "3", "--anonymous", "full"];
+    let mut serve = ServeProcess::spawn(&data, &flags).await;
+    let client = Client::new(&serve.url);
+    let a: Accepted = client.post("/v1/containers", &json!({ "type": "plain", "server": "sim-1" })).await.unwrap();
+    let id = client.command(a.command_id, 60).await.unwrap().result.unwrap()["container_id"].as_i64().unwrap();
+    let a: Accepted = client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "migrate" })).await.unwrap();
+    // Kill once the target is reserved (step 1 persisted) and before the switch.
+    loop {
+        let c: Command = client.get(&format!("/v1/commands/{}", a.command_id)).await.unwrap();
+        assert!(!c.status.is_terminal(), "the migration finished before the kill: {c:?}");
+        if c.step >= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let servers: Vec<Value> = client.get("/v1/servers").await.unwrap();
+    assert_eq!(servers.iter().map(|s| s["dummies"].as_u64().unwrap()).sum::<u64>(), 1, "the target is reserved by a dummy");
+    serve.kill9();
+    drop(serve);
+
+    let serve = ServeProcess::spawn(&data, &flags).await;
+    let client = Client::new(&serve.url);
+    let done = client.command(a.command_id, 120).await.unwrap();
+    assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
+    let c: Container = client.get(&format!("/v1/containers/{id}")).await.unwrap();
+    assert_ne!(c.server.as_deref(), Some("sim-1"));
+    assert_eq!(c.status.as_str(), "running");
+    let servers: Vec<Value> = client.get("/v1/servers").await.unwrap();
+    assert_eq!(servers.iter().map(|s| s["dummies"].as_u64().unwrap()).sum::<u64>(), 0, "no dummy outlives its command");
+    assert_eq!(servers.iter().map(|s| s["containers"].as_u64().unwrap()).sum::<u64>(), 1, "{servers:#?}");
+    let guests = sim_guests(&data);
+    assert_eq!(guests.len(), 1, "exactly one copy of the container exists: {guests:?}");
+}

@@ -393,6 +393,7 @@ impl Core {
         self.inner.queue.start(runner, single_core).await?;
         self.collect(None).await?;
         self.notify_environments("after-cc-start").await?;
+        self.inner.health.begin();
         if self.inner.config.health.background {
             self.spawn_background();
         }

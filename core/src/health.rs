@@ -40,7 +40,9 @@ pub struct Beat {
 pub struct Health {
     beats: Mutex<HashMap<ServerId, Beat>>,
     clock: Arc<dyn Clock>,
-    started: i64,
+    /// When monitoring began: the grace period of a server that never sent a heartbeat
+    /// counts from here.
+    started: std::sync::atomic::AtomicI64,
 }
 
 /// Server transitions made by one pass of the monitor.
@@ -55,8 +57,14 @@ pub struct HealthReport {
 impl Health {
     /// No heartbeats yet; the grace period of every server starts now.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
-        let started = clock.now_ms();
+        let started = std::sync::atomic::AtomicI64::new(clock.now_ms());
         Health { beats: Mutex::new(HashMap::new()), clock, started }
+    }
+
+    /// Restarts the grace period of every server that has not sent a heartbeat yet (when the
+    /// core starts monitoring).
+    pub fn begin(&self) {
+        self.started.store(self.clock.now_ms(), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Records a heartbeat of `server` now.
@@ -72,7 +80,8 @@ impl Health {
 
     /// Milliseconds since the last heartbeat of `server` (or since this core started).
     fn silence(&self, server: ServerId, now: i64) -> i64 {
-        let at = self.beats.lock().unwrap().get(&server).map_or(self.started, |b| b.at);
+        let started = self.started.load(std::sync::atomic::Ordering::SeqCst);
+        let at = self.beats.lock().unwrap().get(&server).map_or(started, |b| b.at);
         now - at
     }
 }
@@ -87,7 +96,7 @@ impl Core {
     /// would do).
     pub async fn beat_sims(&self) {
         for (id, sim) in self.fleet().sims() {
-            if let Ok(stats) = crate::driver::Driver::stats(sim.as_ref()).await {
+            if let Some(stats) = sim.heartbeat() {
                 self.health().heartbeat(id, Some(stats));
             }
         }

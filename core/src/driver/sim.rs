@@ -162,6 +162,17 @@ impl SimServer {
         *self.crashed.lock().unwrap() = false;
     }
 
+    /// The load figures a heartbeat of this server carries, or `None` while crashed (a
+    /// crashed server sends nothing). No simulated latency: heartbeats are pushed by the
+    /// server, not answers to an operation.
+    pub fn heartbeat(&self) -> Option<ServerStats> {
+        if self.is_crashed() {
+            return None;
+        }
+        let state = self.state.lock().unwrap();
+        Some(ServerStats { capacity: self.capacity, allocated: Self::allocated(&state), guests: state.guests.len() as u64 })
+    }
+
     /// True while crashed.
     pub fn is_crashed(&self) -> bool {
         *self.crashed.lock().unwrap()
