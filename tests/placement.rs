@@ -413,3 +413,38 @@ async fn export_and_import_move_a_container_between_platforms_with_its_origin() 
     let counts: HashMap<String, u64> = servers(&b).await.into_iter().map(|s| (s.name, s.containers)).collect();
     assert_eq!(counts.values().sum::<u64>(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rebalancer_moves_a_bounded_number_of_containers_off_the_fullest_server() {
+    let health = cloud48_core::core::HealthConfig { background: false, rebalance_spread: 20, rebalance_batch: 2, ..Default::default() };
+    let opts = Opts {
+        health,
+        capacity: Some(Resources { cpu_millis: 100_000, memory_mb: 256 * 10, disk_mb: 1_000_000 }),
+        ..Default::default()
+    };
+    let t = TestCore::start(opts).await.unwrap();
+    for _ in 0..6 {
+        let a = create(&t, &plain(Some("sim-1"))).await;
+        t.ok(a.command_id).await;
+    }
+    // sim-1 is 60 % full, the others empty: a spread of 60 points.
+    let mut rounds = 0;
+    loop {
+        let submitted = t.core.rebalance().await.unwrap();
+        if submitted.is_empty() {
+            break;
+        }
+        assert!(submitted.len() <= 2, "at most the batch size at a time");
+        assert!(t.core.rebalance().await.unwrap().is_empty(), "nothing more while migrations are in flight");
+        for c in submitted {
+            t.ok(c).await;
+        }
+        rounds += 1;
+        assert!(rounds < 10, "the rebalancer does not converge");
+    }
+    let used: Vec<u64> = servers(&t).await.iter().map(|s| s.allocated.memory_mb * 100 / s.capacity.memory_mb).collect();
+    let spread = used.iter().max().unwrap() - used.iter().min().unwrap();
+    assert!(spread <= 20, "utilisation still spread {used:?}");
+    assert!(rounds >= 1);
+    assert_ledger_clean(&t).await;
+}
