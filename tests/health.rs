@@ -17,6 +17,28 @@ use crate::common::{ManualClock, Opts, TestCore, eventually};
 /// A type that records `id:hook` for every hook call.
 struct Watched(Arc<Mutex<Vec<String>>>);
 
+/// A type that asks for its own replacement when it goes down.
+struct Phoenix;
+
+impl ContainerType for Phoenix {
+    fn type_id(&self) -> &str {
+        "phoenix"
+    }
+    fn priority(&self) -> i32 {
+        40
+    }
+    fn default_requirements(&self) -> Requirements {
+        Requirements { resources: Resources { cpu_millis: 10, memory_mb: 1000, disk_mb: 16 }, ..Default::default() }
+    }
+    fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
+        let mut out = HookOutcome::allow();
+        if matches!(hook, Hook::IsDown(_)) {
+            out.actions.push(cloud48_core::types::HookAction::ReplaceContainer(ctx.container.id));
+        }
+        Ok(out)
+    }
+}
+
 impl ContainerType for Watched {
     fn type_id(&self) -> &str {
         "watched"
@@ -254,4 +276,46 @@ async fn every_member_hears_after_cc_start_and_before_cc_stop() {
     assert!(done.error.is_none(), "{done:?}");
     assert_eq!(*log.lock().unwrap(), vec![format!("{id}:after-cc-start")]);
     again.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal() {
+    let opts = Opts {
+        sim_servers: 2,
+        types: vec![Arc::new(Phoenix)],
+        capacity: Some(Resources { cpu_millis: 10_000, memory_mb: 1500, disk_mb: 10_000 }),
+        ..Default::default()
+    };
+    let t = TestCore::start(opts).await.unwrap();
+    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "nest" })).await.unwrap();
+    t.ok(a.command_id).await;
+    let mut ids = Vec::new();
+    for server in ["sim-1", "sim-2"] {
+        let a: Accepted = t.client.post("/v1/environments/nest/containers", &json!({ "type": "phoenix", "server": server })).await.unwrap();
+        ids.push(t.created(a.command_id).await);
+    }
+    let sim1 = t.core.servers().get("sim-1").await.unwrap();
+    assert!(t.core.mark_down(sim1.id, "test").await.unwrap());
+    let failover = commands_of(&t, "environment.failover").await;
+    let failed = t.wait(failover[0].id).await;
+    assert!(failed.error.as_deref().unwrap_or_default().contains("stays down"), "{failed:?}");
+    assert!(failed.error.unwrap().contains("memory_mb 1000 needed"), "the reason names the missing memory");
+    assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Down);
+
+    // Back up: the only copy is kept, not collected.
+    assert!(t.core.mark_up(sim1.id).await.unwrap());
+    assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Running);
+    assert!(t.sim("sim-1").await.guest(&show(&t, ids[0]).await.guest_id).is_some());
+
+    // Destroying a down container gives it up at once; the collector removes its guest later.
+    assert!(t.core.mark_down(sim1.id, "test").await.unwrap());
+    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", ids[0]), &json!({ "op": "destroy" })).await.unwrap();
+    t.ok(a.command_id).await;
+    assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Illegal);
+    assert!(t.core.mark_up(sim1.id).await.unwrap());
+    let gone = show(&t, ids[0]).await;
+    assert_eq!(gone.status, ContainerStatus::Destroyed);
+    assert!(t.sim("sim-1").await.guest(&gone.guest_id).is_none());
+    assert_eq!(show(&t, ids[1]).await.status, ContainerStatus::Running, "the other member is untouched");
+    assert!(cloud48_core::placement::audit(t.core.db()).await.unwrap().is_empty());
 }

@@ -192,15 +192,19 @@ impl Core {
         let txn = self.db().begin().await?;
         let mut back = Vec::new();
         for row in down {
-            let reported = match &driver {
-                Some(d) => d.status(&row.guest_id).await.ok().flatten(),
-                None => None,
-            };
-            let status = match reported.map(|g| g.state) {
-                Some(GuestState::Running) => ContainerStatus::Running,
-                Some(GuestState::Stopped) => ContainerStatus::Stopped,
-                Some(GuestState::Suspended) => ContainerStatus::Suspended,
-                None => ContainerStatus::Failed,
+            let Some(d) = &driver else { continue };
+            let status = match d.status(&row.guest_id).await {
+                Ok(Some(g)) => match g.state {
+                    GuestState::Running => ContainerStatus::Running,
+                    GuestState::Stopped => ContainerStatus::Stopped,
+                    GuestState::Suspended => ContainerStatus::Suspended,
+                },
+                Ok(None) => ContainerStatus::Failed,
+                Err(e) => {
+                    // Still not answering for this guest: it stays down until the next rejoin.
+                    tracing::warn!(container = row.id, error = %e, "cannot read a container's status after its server came back");
+                    continue;
+                }
             };
             container::Entity::update_many()
                 .col_expr(container::Column::Status, Expr::val(status.as_str()).into())

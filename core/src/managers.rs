@@ -79,7 +79,7 @@ impl ContainerCommand {
             ContainerCommand::Suspend => &[Running],
             ContainerCommand::Resume => &[Suspended],
             ContainerCommand::Reboot => &[Running],
-            ContainerCommand::Destroy => &[Creating, Running, Stopped, Suspended],
+            ContainerCommand::Destroy => &[Creating, Running, Stopped, Suspended, Down],
             ContainerCommand::Update { .. } => &[Running, Stopped, Suspended],
             ContainerCommand::Clone { .. } | ContainerCommand::Migrate { .. } => {
                 &[Running, Stopped]

@@ -92,6 +92,12 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
         return Ok(Transition::bare(done(id)));
     }
     check_status(id, status, cmd.kind(), cmd.allowed_from()).map_err(StepError::Permanent)?;
+    if cmd == ContainerCommand::Destroy && status == ContainerStatus::Down {
+        // Its server does not answer: the container is given up now and its guest destroyed
+        // by the collector when the server is back.
+        let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Illegal)).await?;
+        return Ok(Transition::with(done(id), txn));
+    }
     let Some(server_id) = row.server_id else {
         // Destroying a container that never reached a server (its create gives back its dummy).
         let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Destroyed)).await?;

@@ -433,7 +433,7 @@ async fn fan_out(
             "resume" => (&[Suspended], true),
             "stop" => (&[Running, Suspended], false),
             "suspend" => (&[Running], false),
-            _ => (&[Creating, Running, Stopped, Suspended], false),
+            _ => (&[Creating, Running, Stopped, Suspended, Down], false),
         };
         let mut groups: Vec<(i32, Vec<i64>)> = Vec::new();
         let mut members = members(core, core.db(), env.id).await?;
@@ -588,7 +588,16 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
         _ => {
             let children = core.queue().children(ctx.cmd.id).await?;
             if let Some(failure) = child_failures(ctx).await? {
-                return Ok(Transition::bare(Next::Fail(format!("replacing container {id} failed: {failure}"))));
+                // No replacement: the old container is down again rather than illegal, so the
+                // collector does not destroy the only copy when its server comes back.
+                let txn = core.db().begin().await?;
+                container::Entity::update_many()
+                    .col_expr(container::Column::Status, sea_orm::sea_query::Expr::val(ContainerStatus::Down.as_str()).into())
+                    .filter(container::Column::Id.eq(id))
+                    .filter(container::Column::Status.eq(ContainerStatus::Illegal.as_str()))
+                    .exec(&txn)
+                    .await?;
+                return Ok(Transition::with(Next::Fail(format!("replacing container {id} failed, it stays down: {failure}")), txn));
             }
             let replacement = children
                 .iter()
