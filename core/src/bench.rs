@@ -204,15 +204,18 @@ pub struct PlaceBenchArgs {
     /// Commands executing at once.
     #[arg(long, default_value_t = 256)]
     pub workers: usize,
+    /// Run on PostgreSQL at this admin URL (a scratch database is created and dropped there)
+    /// instead of SQLite.
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
+    /// Database connections (PostgreSQL).
+    #[arg(long, default_value_t = 16)]
+    pub connections: u32,
 }
 
 /// Runs the placement benchmark: container creates through the full durable path (command
 /// persisted, placement decision, dummy, sim create and start, status committed).
 pub async fn place(args: PlaceBenchArgs) -> Result<()> {
-    use crate::managers::insert_container;
-    use crate::model::{Requirements, Resources};
-    use crate::queue::Target;
-
     let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
     let mut config = CoreConfig::new(dir.path());
     config.sim_servers = args.servers;
@@ -220,6 +223,32 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
     config.queue.workers = args.workers.max(1);
     config.queue.claim_batch = 512;
     config.health.background = false;
+    config.db_connections = args.connections;
+    let scratch = match &args.postgres {
+        Some(admin_url) => {
+            let admin = Database::connect(admin_url).await.with_context(|| format!("cannot connect to {admin_url}"))?;
+            let name = format!("cloud48_bench_{:08x}", rand::random::<u32>());
+            admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await?;
+            let (base, _) = admin_url.rsplit_once('/').context("--postgres must end with /DATABASE")?;
+            config.database_url = Some(format!("{base}/{name}"));
+            Some((admin, name))
+        }
+        None => None,
+    };
+    let result = place_case(config, &args).await;
+    if let Some((admin, name)) = scratch {
+        admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+    }
+    result
+}
+
+async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
+    use crate::entities::container;
+    use crate::model::{Requirements, Resources};
+    use crate::queue::Target;
+    use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+
+    let database = if config.database_url.is_some() { "postgresql" } else { "sqlite" };
     let opened = Instant::now();
     let core = Core::open(config).await?;
     core.start().await?;
@@ -230,18 +259,55 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
         ..Default::default()
     };
     let started = Instant::now();
-    for chunk in (0..args.creates).collect::<Vec<_>>().chunks(2000) {
+    // A bulk submitter: rows and commands in batches of 500 per transaction (guest ids set by
+    // one statement per batch, in the format of `managers::guest_id_for`).
+    let ty = core.types().require("tomcat").map_err(|e| anyhow::anyhow!(e))?;
+    let requirements = serde_json::to_string(&req)?;
+    let backend = core.db().get_database_backend();
+    let mut left = args.creates;
+    while left > 0 {
+        let n = left.min(500);
+        left -= n;
+        let now = crate::model::now_ms();
+        let rows = (0..n).map(|_| container::ActiveModel {
+            platform_id: Set(core.inner.platform.id),
+            type_id: Set(ty.type_id().to_string()),
+            state: Set(ty.initial_state()),
+            status: Set("creating".into()),
+            server_id: Set(None),
+            environment_id: Set(None),
+            guest_id: Set(String::new()),
+            ip: Set(None),
+            requirements: Set(requirements.clone()),
+            locked_by: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+            ..Default::default()
+        });
         let txn = core.db().begin().await?;
-        let mut commands = Vec::with_capacity(chunk.len());
-        for _ in chunk {
-            let (id, _) = insert_container(&core, &txn, "tomcat", None, Some(req.clone()), None).await?;
-            commands.push(NewCommand {
+        container::Entity::insert_many(rows).exec(&txn).await?;
+        let ids: Vec<i64> = container::Entity::find()
+            .select_only()
+            .column(container::Column::Id)
+            .filter(container::Column::GuestId.eq(""))
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        let platform = core.platform_name().replace('\'', "");
+        txn.execute_raw(Statement::from_string(
+            backend,
+            format!("UPDATE containers SET guest_id = '{platform}-c' || id WHERE guest_id = ''"),
+        ))
+        .await?;
+        let commands = ids
+            .into_iter()
+            .map(|id| NewCommand {
                 kind: "container.create".into(),
                 target: Some(Target::Container(id)),
                 params: serde_json::json!({}),
                 requested_by: "bench".into(),
-            });
-        }
+            })
+            .collect();
         core.queue().enqueue_in(&txn, commands, None).await?;
         txn.commit().await?;
         core.queue().wake();
@@ -272,7 +338,7 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
     let (min, max) = spread.iter().fold((u64::MAX, 0), |(lo, hi), c| (lo.min(c.containers), hi.max(c.containers)));
     let audit = crate::placement::audit(db).await?;
     println!(
-        "{} placements/s: {} creates on {} servers in {:.2} s (submission {:.2} s), {} not succeeded; decision p50 {:.1} µs, p99 {:.1} µs; containers per server {}..{}; ledger {}",
+        "{database}: {} placements/s: {} creates on {} servers in {:.2} s (submission {:.2} s), {} not succeeded; decision p50 {:.1} µs, p99 {:.1} µs; containers per server {}..{}; ledger {}",
         (args.creates as f64 / secs).round(),
         args.creates,
         args.servers,
