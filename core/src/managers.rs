@@ -274,20 +274,25 @@ impl<'a> ContainerManager<'a> {
     ) -> Result<(CommandId, ContainerId), CoreError> {
         let txn = self.core.db().begin().await?;
         let (id, server_id) = insert_container(self.core, &txn, &req.type_id, req.server.as_deref(), req.requirements.clone(), None).await?;
-        let ids = self
-            .core
-            .queue()
-            .enqueue_in(
-                &txn,
-                vec![NewCommand {
-                    kind: "container.create".into(),
-                    target: Some(Target::Container(id)),
-                    params: json!({ "server_id": server_id }),
-                    requested_by: requested_by.to_string(),
-                }],
-                None,
-            )
-            .await?;
+        self.submit_create(txn, id, json!({ "server_id": server_id }), requested_by).await
+    }
+
+    /// Persists the `container.create` of a new container `id` in `txn` and commits;
+    /// returns (command, container).
+    async fn submit_create(
+        &self,
+        txn: sea_orm::DatabaseTransaction,
+        id: ContainerId,
+        params: serde_json::Value,
+        requested_by: &str,
+    ) -> Result<(CommandId, ContainerId), CoreError> {
+        let command = NewCommand {
+            kind: "container.create".into(),
+            target: Some(Target::Container(id)),
+            params,
+            requested_by: requested_by.to_string(),
+        };
+        let ids = self.core.queue().enqueue_in(&txn, vec![command], None).await?;
         txn.commit().await?;
         self.core.queue().wake();
         Ok((ids[0], id))
@@ -363,23 +368,7 @@ impl<'a> ContainerManager<'a> {
         .insert(&txn)
         .await?;
         let image = crate::driver::GuestImage { type_id: export.type_id.clone(), data: disk };
-        let ids = self
-            .core
-            .queue()
-            .enqueue_in(
-                &txn,
-                vec![NewCommand {
-                    kind: "container.create".into(),
-                    target: Some(Target::Container(id)),
-                    params: json!({ "image": image, "start": false }),
-                    requested_by: requested_by.to_string(),
-                }],
-                None,
-            )
-            .await?;
-        txn.commit().await?;
-        self.core.queue().wake();
-        Ok((ids[0], id))
+        self.submit_create(txn, id, json!({ "image": image, "start": false }), requested_by).await
     }
 
     /// Containers matching `query`, by id.

@@ -111,22 +111,20 @@ impl Candidate {
     }
 }
 
+/// Resources from database figures (negative ones read as zero).
+fn resources(cpu_millis: i64, memory_mb: i64, disk_mb: i64) -> Resources {
+    let n = |v: i64| v.max(0) as u64;
+    Resources { cpu_millis: n(cpu_millis), memory_mb: n(memory_mb), disk_mb: n(disk_mb) }
+}
+
 /// Capacity of a server row.
 pub fn capacity_of(s: &server::Model) -> Resources {
-    Resources {
-        cpu_millis: s.cpu_millis.max(0) as u64,
-        memory_mb: s.memory_mb.max(0) as u64,
-        disk_mb: s.disk_mb.max(0) as u64,
-    }
+    resources(s.cpu_millis, s.memory_mb, s.disk_mb)
 }
 
 /// Allocation counters of a server row.
 pub fn allocated_of(s: &server::Model) -> Resources {
-    Resources {
-        cpu_millis: s.alloc_cpu_millis.max(0) as u64,
-        memory_mb: s.alloc_memory_mb.max(0) as u64,
-        disk_mb: s.alloc_disk_mb.max(0) as u64,
-    }
+    resources(s.alloc_cpu_millis, s.alloc_memory_mb, s.alloc_disk_mb)
 }
 
 /// Score of placing `need` on `c` (higher is better); see the module documentation.
@@ -456,11 +454,7 @@ pub async fn drop_dummy<C: ConnectionTrait>(conn: &C, dummy_id: i64) -> Result<b
 
 /// What a dummy reserves.
 pub fn dummy_resources(d: &dummy::Model) -> Resources {
-    Resources {
-        cpu_millis: d.cpu_millis.max(0) as u64,
-        memory_mb: d.memory_mb.max(0) as u64,
-        disk_mb: d.disk_mb.max(0) as u64,
-    }
+    resources(d.cpu_millis, d.memory_mb, d.disk_mb)
 }
 
 /// Requirements of a container row.

@@ -356,13 +356,18 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
     }
 }
 
+/// The `container_id` parameter of a remove or replace.
+fn container_param(ctx: &StepCtx<'_>) -> Result<i64, StepError> {
+    ctx.params["container_id"]
+        .as_i64()
+        .ok_or_else(|| StepError::Permanent("bad parameters: container_id is missing".into()))
+}
+
 /// Steps: 0 before-it-is-removed; 1 its actions; 2 the child destroy; 3 after-other-is-removed;
 /// 4 their actions.
 async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
-    let id = ctx.params["container_id"]
-        .as_i64()
-        .ok_or_else(|| StepError::Permanent("bad parameters: container_id is missing".into()))?;
+    let id = container_param(ctx)?;
     match ctx.cmd.step {
         0 => {
             let members = members(core, core.db(), env.id).await?;
@@ -535,9 +540,7 @@ async fn notify(ctx: &StepCtx<'_>, env: &environment::Model, op: &str) -> Result
 /// another server. Steps: 0 retire; 1 the others' actions; 2 the child add; 3 finish.
 async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
-    let id = ctx.params["container_id"]
-        .as_i64()
-        .ok_or_else(|| StepError::Permanent("bad parameters: container_id is missing".into()))?;
+    let id = container_param(ctx)?;
     match ctx.cmd.step {
         0 => {
             let all = members(core, core.db(), env.id).await?;
