@@ -27,6 +27,10 @@ pub struct Opts {
     pub capacity: Option<cloud48_core::model::Resources>,
     /// The core's clock (default: the system clock).
     pub clock: Option<Arc<dyn cloud48_core::queue::Clock>>,
+    /// The token node agents present (`agents.token`).
+    pub agent_token: Option<String>,
+    /// Address the API listens on (default 127.0.0.1, any port).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for Opts {
@@ -45,6 +49,8 @@ impl Default for Opts {
             health: cloud48_core::core::HealthConfig { background: false, ..Default::default() },
             capacity: None,
             clock: None,
+            agent_token: None,
+            listen: None,
         }
     }
 }
@@ -119,6 +125,7 @@ impl TestCore {
         config.queue.max_attempts = opts.max_attempts;
         config.auth = opts.auth.clone();
         config.health = opts.health.clone();
+        config.agent_token = opts.agent_token.clone();
         if let Some(c) = opts.capacity {
             config.sim_capacity = c;
         }
@@ -132,7 +139,7 @@ impl TestCore {
             core.types().register(t);
         }
         core.start().await.expect("core starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(opts.listen.unwrap_or(([127, 0, 0, 1], 0).into())).await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = cloud48_core::api::router(core.clone());
         let server = tokio::spawn(async move {

@@ -2,6 +2,7 @@
 
 mod common;
 
+mod agent;
 mod api;
 mod auth;
 mod cli;
@@ -11,6 +12,8 @@ mod crash;
 mod driver;
 mod environment;
 mod health;
+mod linux;
 mod plugins;
 mod placement;
 mod queue;
+mod real;

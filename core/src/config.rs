@@ -63,6 +63,7 @@ const SETTINGS: &[Spec] = &[
     Spec { key: "plugins.memory_mb", env: "CLOUD48_PLUGIN_MEMORY_MB", flag: "--plugin-memory-mb", default: "64", secret: false, kind: Kind::Count },
     Spec { key: "auth.anonymous", env: "CLOUD48_ANONYMOUS", flag: "--anonymous", default: "read", secret: false, kind: Kind::Choice(&["none", "read", "full"]) },
     Spec { key: "auth.realm", env: "CLOUD48_REALM", flag: "--realm", default: "cloud48", secret: false, kind: Kind::Text },
+    Spec { key: "agents.token", env: "CLOUD48_AGENT_TOKEN", flag: "--agent-token", default: "", secret: true, kind: Kind::Text },
     Spec { key: "auth.nonce_ttl_secs", env: "CLOUD48_NONCE_TTL_SECS", flag: "--nonce-ttl-secs", default: "300", secret: false, kind: Kind::Count },
 ];
 
@@ -385,6 +386,8 @@ impl Settings {
             disk: self.count("placement.weight_disk") as f64 / 100.0,
         };
         c.placement.dummy_ttl = Some(Duration::from_secs(self.count("placement.dummy_ttl_secs").max(1)));
+        let token = self.get("agents.token");
+        c.agent_token = (!token.is_empty()).then(|| token.to_string());
         c.auth = self.auth();
         c.plugin_limits.deadline = Duration::from_millis(self.count("plugins.deadline_ms").max(1));
         c.plugin_limits.memory = (self.count("plugins.memory_mb").clamp(1, 4096) as usize) << 20;

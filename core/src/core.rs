@@ -16,6 +16,7 @@ mod futures_job {
     /// A background job's future.
     pub type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
+use crate::driver::remote::RemoteDriver;
 use crate::driver::sim::{SimLatency, SimServer};
 use crate::entities::{platform, server};
 use crate::managers::{ContainerManager, EnvironmentManager, ServerManager};
@@ -90,6 +91,10 @@ pub struct CoreConfig {
     pub health: HealthConfig,
     /// Placement.
     pub placement: PlacementConfig,
+    /// Token shared with the node agents (`agents.token`); without it no agent can register.
+    pub agent_token: Option<String>,
+    /// Deadlines and retries of requests to agents.
+    pub remote: crate::driver::remote::RemoteTimeouts,
 }
 
 /// Settings of failure detection, the collector and the rebalancer.
@@ -164,6 +169,8 @@ impl CoreConfig {
             plugin_cache: None,
             health: HealthConfig::default(),
             placement: PlacementConfig::default(),
+            agent_token: None,
+            remote: Default::default(),
         }
     }
 }
@@ -174,6 +181,7 @@ pub struct Fleet {
     /// Driver and server name by server id.
     drivers: RwLock<HashMap<ServerId, (Arc<dyn Driver>, String)>>,
     sims: RwLock<HashMap<ServerId, Arc<SimServer>>>,
+    remotes: RwLock<HashMap<ServerId, Arc<RemoteDriver>>>,
 }
 
 impl Fleet {
@@ -195,6 +203,17 @@ impl Fleet {
     /// Every simulated server with its id.
     pub fn sims(&self) -> Vec<(ServerId, Arc<SimServer>)> {
         self.sims.read().unwrap().iter().map(|(id, s)| (*id, s.clone())).collect()
+    }
+
+    /// The remote driver of a server run by an agent.
+    pub fn remote(&self, id: ServerId) -> Option<Arc<RemoteDriver>> {
+        self.remotes.read().unwrap().get(&id).cloned()
+    }
+
+    /// Registers (or replaces) a server run by an agent.
+    pub fn add_remote(&self, id: ServerId, name: &str, remote: Arc<RemoteDriver>) {
+        self.drivers.write().unwrap().insert(id, (remote.clone(), name.to_string()));
+        self.remotes.write().unwrap().insert(id, remote);
     }
 
     /// Registers a simulated server.
@@ -357,6 +376,15 @@ impl Core {
             })?;
         }
         for row in rows {
+            if row.driver == "remote" {
+                let url = row.address.clone().unwrap_or_default();
+                let token = c.agent_token.clone().unwrap_or_default();
+                if token.is_empty() {
+                    tracing::warn!(server = %row.name, "agents.token is not set: requests to this server's agent will be refused");
+                }
+                self.inner.fleet.add_remote(row.id, &row.name, Arc::new(RemoteDriver::new(&row.name, &url, &token, c.remote)));
+                continue;
+            }
             if row.driver != "sim" {
                 return Err(CoreError::Setup(format!(
                     "server {} uses driver '{}', which this core does not have",

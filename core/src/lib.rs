@@ -2,6 +2,8 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of this crate.
 
+pub mod agent;
+pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod bench;

@@ -313,6 +313,10 @@ impl<'a> ContainerManager<'a> {
             .export(&row.guest_id)
             .await
             .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))?;
+        let token = self.core.config().agent_token.clone().unwrap_or_default();
+        let image = crate::driver::remote::materialize(image, &token)
+            .await
+            .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))?;
         Ok(ContainerExport {
             format: ContainerExport::FORMAT,
             platform: self.core.platform_name().to_string(),
@@ -323,6 +327,35 @@ impl<'a> ContainerManager<'a> {
             state_hex: hex::encode(&row.state),
             disk_hex: hex::encode(&image.data),
         })
+    }
+
+    /// The driver and guest id of a container that is on a server.
+    async fn guest(&self, id: ContainerId) -> Result<(std::sync::Arc<dyn crate::driver::Driver>, String, String), CoreError> {
+        let row = load_container(self.core.db(), id).await?;
+        let server_id = row.server_id.ok_or_else(|| CoreError::Conflict(format!("container {id} is on no server (yet)")))?;
+        let (driver, server) = self.core.fleet().named_driver(server_id).ok_or_else(|| {
+            CoreError::Conflict(format!("server #{server_id} has no driver in this core"))
+        })?;
+        Ok((driver, server, row.guest_id))
+    }
+
+    /// The recent output (stdout and stderr) of a container's main process.
+    pub async fn logs(&self, id: ContainerId) -> Result<String, CoreError> {
+        let (driver, server, guest) = self.guest(id).await?;
+        driver.logs(&guest).await.map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))
+    }
+
+    /// Runs a command inside a running container (an operator's shell; not a persisted command:
+    /// it changes nothing the core keeps). `command[0]` is the program, the rest its arguments.
+    pub async fn exec(&self, id: ContainerId, command: &[String]) -> Result<crate::driver::ExecOutput, CoreError> {
+        if command.is_empty() || command[0].is_empty() {
+            return Err(CoreError::invalid("command", "give the program to run and its arguments, e.g. [\"cat\", \"/etc/hostname\"]"));
+        }
+        let (driver, server, guest) = self.guest(id).await?;
+        driver
+            .exec(&guest, "exec \"$@\"", command)
+            .await
+            .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))
     }
 
     /// Imports a container exported by another platform: a new container here, placed by the
@@ -918,6 +951,7 @@ impl<'a> ServerManager<'a> {
                     draining: s.draining,
                     name: s.name,
                     driver: s.driver,
+                    address: s.address,
                 }
             })
             .collect())

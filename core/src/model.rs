@@ -302,8 +302,11 @@ pub struct Server {
     pub id: ServerId,
     /// Unique name.
     pub name: String,
-    /// Driver kind (`sim`, ...).
+    /// Driver kind (`sim`, or `remote` for a server run by a node agent).
     pub driver: String,
+    /// Address of the server's agent (remote servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// Status.
     pub status: ServerStatus,
     /// Total capacity.

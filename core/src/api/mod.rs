@@ -57,7 +57,9 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(clone_environment))
         .routes(routes!(export_container))
         .routes(routes!(import_container))
-        .routes(routes!(list_servers))
+        .routes(routes!(list_servers, add_server))
+        .routes(routes!(container_logs))
+        .routes(routes!(container_exec))
         .routes(routes!(show_server))
         .routes(routes!(server_action))
         .routes(routes!(list_commands))
@@ -70,6 +72,7 @@ pub fn router(core: Core) -> Router {
     let doc = api.clone();
     router
         .route("/v1/openapi.json", get(move || async move { Json(doc) }))
+        .route("/v1/agents/heartbeat", axum::routing::post(agent_heartbeat))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -333,6 +336,65 @@ async fn server_action(
         ServerOp::Fail => servers.fail(&server).await.map(|()| empty(server))?,
         ServerOp::Recover => servers.recover(&server).await.map(|()| empty(server))?,
     }))
+}
+
+/// Request to register a server run by a node agent.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddServer {
+    /// The agent's address, e.g. `http://10.0.0.7:7048`.
+    pub url: String,
+}
+
+#[utoipa::path(post, path = "/v1/servers", tag = "servers", request_body = AddServer,
+    responses((status = 200, body = Server), (status = 409, body = ErrorBody, description = "The agent cannot be reached or refused"), (status = 422, body = ErrorBody)))]
+async fn add_server(State(core): State<Core>, ApiJson(req): ApiJson<AddServer>) -> Result<Json<Server>, ApiError> {
+    let id = core.add_agent(&req.url).await?;
+    Ok(Json(core.servers().get(&id.to_string()).await?))
+}
+
+/// A heartbeat from a node agent, authenticated by the shared agent token instead of a user
+/// (the agent protocol, see ARCHITECTURE.md); the first one registers the agent's server.
+async fn agent_heartbeat(State(core): State<Core>, headers: axum::http::HeaderMap, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let expected = core.agent_token()?;
+    let given = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_none_or(|g| !crate::agent::server::same_secret(g, expected)) {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "heartbeats need 'Authorization: Bearer TOKEN' with the core's agents.token", None));
+    }
+    let beat: crate::agent::protocol::Heartbeat = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("malformed heartbeat: {e}"), None)
+    })?;
+    let id = core.agent_heartbeat(beat).await?;
+    Ok(Json(serde_json::json!({ "server_id": id })))
+}
+
+/// Output of a container's main process.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct ContainerLogs {
+    /// The last 64 KiB of standard output and error.
+    pub logs: String,
+}
+
+#[utoipa::path(get, path = "/v1/containers/{id}/logs", tag = "containers",
+    params(("id" = i64, Path, description = "Container id")),
+    responses((status = 200, body = ContainerLogs), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn container_logs(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<ContainerLogs>, ApiError> {
+    Ok(Json(ContainerLogs { logs: core.containers().logs(parse_id("id", &id)?).await? }))
+}
+
+/// A command to run inside a container.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments, e.g. `["cat", "/etc/hostname"]`.
+    pub command: Vec<String>,
+}
+
+#[utoipa::path(post, path = "/v1/containers/{id}/exec", tag = "containers", request_body = ExecRequest,
+    params(("id" = i64, Path, description = "Container id (running)")),
+    responses((status = 200, body = crate::driver::ExecOutput), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn container_exec(State(core): State<Core>, Path(id): Path<String>, ApiJson(req): ApiJson<ExecRequest>) -> Result<Json<crate::driver::ExecOutput>, ApiError> {
+    Ok(Json(core.containers().exec(parse_id("id", &id)?, &req.command).await?))
 }
 
 #[utoipa::path(get, path = "/v1/servers", tag = "servers", responses((status = 200, body = Vec<Server>)))]

@@ -1,5 +1,6 @@
 //! The `cloud48` command line: `serve` runs a core; the other commands talk to one over HTTP.
 
+pub mod agent;
 pub mod client;
 pub mod output;
 
@@ -70,6 +71,11 @@ pub enum Top {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Run the node agent of this server: it drives its containers for the core.
+    Agent(agent::AgentArgs),
+    /// A small HTTP server answering every request with one line (run inside containers).
+    #[command(hide = true)]
+    GuestHttp(agent::GuestHttpArgs),
 }
 
 /// Where the core's configuration comes from: a TOML file, the environment and these flags
@@ -330,6 +336,14 @@ pub enum ContainerCmd {
     /// Show a container.
     Show { /// Container id.
         id: i64 },
+    /// Print the recent output (stdout and stderr) of a container's main process.
+    Logs { /// Container id.
+        id: i64 },
+    /// Run a command inside a running container and print its output; exits with its code.
+    Exec { /// Container id.
+        id: i64,
+        /// Program and arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "COMMAND")] command: Vec<String> },
 }
 
 /// `server` subcommands.
@@ -337,6 +351,9 @@ pub enum ContainerCmd {
 pub enum ServerCmd {
     /// List servers with their load.
     List,
+    /// Register the server whose node agent listens at URL (the core must share its token).
+    Add { /// The agent's address, e.g. http://10.0.0.7:7048.
+        url: String },
     /// Show a server.
     Show { /// Server name or id.
         #[arg(value_name = "SERVER")] name: String },
@@ -510,6 +527,11 @@ pub async fn run(cli: Cli) -> Result<()> {
                 out.show(&list, || output::servers(&list));
                 Ok(())
             }
+            ServerCmd::Add { url } => {
+                let s: Server = client.post("/v1/servers", &json!({ "url": url })).await?;
+                out.show(&s, || output::servers(std::slice::from_ref(&s)));
+                Ok(())
+            }
             ServerCmd::Show { name: server } => {
                 let s: Server = client.get(&format!("/v1/servers/{}", enc(&server))).await?;
                 out.show(&s, || output::servers(std::slice::from_ref(&s)));
@@ -537,6 +559,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Command(cmd) => command(&client, out, cmd).await,
         Top::Plugin(cmd) => plugin(&client, out, cmd).await,
         Top::Demo => crate::demo::run().await,
+        Top::Agent(args) => agent::run(args).await,
+        Top::GuestHttp(args) => agent::guest_http(args).await,
     }
 }
 
@@ -690,6 +714,24 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
         ContainerCmd::Show { id } => {
             let c: Container = client.get(&format!("/v1/containers/{id}")).await?;
             out.show(&c, || output::container(&c));
+            return Ok(());
+        }
+        ContainerCmd::Logs { id } => {
+            let l: crate::api::ContainerLogs = client.get(&format!("/v1/containers/{id}/logs")).await?;
+            out.show(&l, || l.logs.clone());
+            return Ok(());
+        }
+        ContainerCmd::Exec { id, command } => {
+            let r: crate::driver::ExecOutput = client.post(&format!("/v1/containers/{id}/exec"), &json!({ "command": command })).await?;
+            if out.json {
+                out.show(&r, String::new);
+            } else {
+                print!("{}", r.stdout);
+                eprint!("{}", r.stderr);
+            }
+            if r.exit_code != 0 {
+                std::process::exit(r.exit_code.clamp(1, 255));
+            }
             return Ok(());
         }
         ContainerCmd::Export { id, output } => {

@@ -11,6 +11,8 @@
 //!   `DriverError::Unsupported`.
 
 pub mod conformance;
+pub mod linux;
+pub mod remote;
 pub mod sim;
 
 use async_trait::async_trait;
@@ -19,8 +21,9 @@ use utoipa::ToSchema;
 
 use crate::model::Resources;
 
-/// An error of a driver operation.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+/// An error of a driver operation (it crosses the agent protocol as JSON).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
 pub enum DriverError {
     /// The server does not answer; retrying later may help.
     #[error("server {server} is unreachable: {message}")]
@@ -156,6 +159,10 @@ pub struct ServerStats {
     pub allocated: Resources,
     /// Number of guests.
     pub guests: u64,
+    /// Resources the guests actually use (measured by real drivers: memory and disk in MB,
+    /// cpu as millicores averaged since the previous report); `None` when not measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<Resources>,
 }
 
 /// Optional operations a driver supports.
@@ -212,4 +219,9 @@ pub trait Driver: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<GuestInfo>, DriverError>;
     /// Reports load figures.
     async fn stats(&self) -> Result<ServerStats, DriverError>;
+    /// The recent standard output and error of a guest's main process.
+    async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
+        let _ = guest_id;
+        Err(DriverError::Unsupported { driver: self.kind().into(), operation: "logs".into() })
+    }
 }

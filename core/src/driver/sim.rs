@@ -170,7 +170,7 @@ impl SimServer {
             return None;
         }
         let state = self.state.lock().unwrap();
-        Some(ServerStats { capacity: self.capacity, allocated: Self::allocated(&state), guests: state.guests.len() as u64 })
+        Some(ServerStats { capacity: self.capacity, allocated: Self::allocated(&state), guests: state.guests.len() as u64, used: None })
     }
 
     /// True while crashed.
@@ -516,6 +516,7 @@ impl Driver for SimServer {
             capacity: self.capacity,
             allocated: Self::allocated(&state),
             guests: state.guests.len() as u64,
+            used: None,
         })
     }
 }

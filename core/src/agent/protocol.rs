@@ -1,0 +1,122 @@
+//! The agent protocol: what the core's remote driver and a node agent say to each other.
+//!
+//! HTTP/1.1 with JSON bodies, every request carrying `Authorization: Bearer TOKEN`.
+//! - `POST /v1/ops` with an [`OpRequest`]: a mutation. The answer is always `200` with an
+//!   [`OpResponse`] (the driver's result or its typed error). The operation id makes a retry
+//!   safe: the agent runs each id once and answers repeats with the first result, waiting for it
+//!   if the first request is still running.
+//! - `GET /v1/info`: [`AgentInfo`]. `GET /v1/stats`: load figures. `GET /v1/guests`: every guest.
+//!   `GET /v1/guests/{id}`: one guest or `null`. `GET /v1/guests/{id}/logs`: its output.
+//! - `GET /v1/guests/{id}/image`: the stopped guest's directory as a byte stream; another agent
+//!   pulls it when it imports the guest (cold migration goes agent to agent).
+//! - Failures of the protocol itself (no token, malformed body, reused operation id) answer a
+//!   4xx status with an [`ProtocolError`] body.
+//!
+//! The agent in turn sends `POST {core}/v1/agents/heartbeat` with a [`Heartbeat`] every
+//! heartbeat period; the first one registers the server.
+
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{Capabilities, DriverError, ExecOutput, GuestInfo, GuestSpec, ServerStats};
+use crate::model::Resources;
+
+/// A mutation of guests on the agent's server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Op {
+    /// `Driver::create`.
+    Create { spec: GuestSpec },
+    /// `Driver::start`.
+    Start { guest: String },
+    /// `Driver::stop`.
+    Stop { guest: String },
+    /// `Driver::suspend`.
+    Suspend { guest: String },
+    /// `Driver::resume`.
+    Resume { guest: String },
+    /// `Driver::reboot`.
+    Reboot { guest: String },
+    /// `Driver::destroy`.
+    Destroy { guest: String },
+    /// `Driver::update`.
+    Update { guest: String, resources: Resources },
+    /// `Driver::import`, from bytes in the request or pulled from another agent.
+    Import { spec: GuestSpec, source: ImageSource },
+    /// `Driver::exec`.
+    Exec { guest: String, script: String, args: Vec<String> },
+}
+
+/// Where an imported guest's image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ImageSource {
+    /// The image travels in the request, hex-encoded.
+    Inline { type_id: String, data_hex: String },
+    /// The importing agent pulls `GET {url}/v1/guests/{guest}/image` from the source agent.
+    Agent { url: String, guest: String, type_id: String },
+}
+
+/// A mutation with the id that makes its retries safe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpRequest {
+    /// Chosen by the caller, unique per operation; 1-100 characters.
+    pub id: String,
+    /// What to do.
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// What a successful operation returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OpOutput {
+    /// Nothing to report.
+    Done,
+    /// The created or imported guest.
+    Guest { guest: GuestInfo },
+    /// The result of an exec.
+    Exec { output: ExecOutput },
+}
+
+/// The answer to an [`OpRequest`]: the driver's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpResponse {
+    /// The operation succeeded.
+    Ok(OpOutput),
+    /// The driver refused or failed.
+    Err(DriverError),
+}
+
+/// A failure of the protocol itself (authentication, malformed requests).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtocolError {
+    /// What was wrong and how to fix it.
+    pub error: String,
+}
+
+/// What an agent says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// Server name, unique on the platform.
+    pub name: String,
+    /// Address the core reaches the agent at.
+    pub url: String,
+    /// Kind of the agent's driver (`linux`, `sim`).
+    pub driver: String,
+    /// Optional operations the driver supports.
+    pub capabilities: Capabilities,
+    /// Labels of the server, for placement.
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+/// A heartbeat from an agent to the core.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Who is beating.
+    pub agent: AgentInfo,
+    /// Current load figures.
+    pub stats: ServerStats,
+}

@@ -1,0 +1,262 @@
+//! The agent's HTTP side: it serves the agent protocol over one driver.
+//!
+//! Invariants:
+//! - Every request must carry the shared token; without it nothing reaches the driver.
+//! - An operation id runs at most once: the operation runs on its own task, so a client that
+//!   disconnects mid-operation neither cancels it nor, on retry, starts it again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::watch;
+
+use super::protocol::{AgentInfo, ImageSource, Op, OpOutput, OpRequest, OpResponse, ProtocolError};
+use crate::driver::{Driver, DriverError, GuestImage};
+
+/// How many finished operations the agent remembers for retries.
+const REMEMBERED_OPS: usize = 10_000;
+
+/// An operation by id: its request (to refuse a reused id) and its result once known.
+struct Slot {
+    op: Op,
+    result: watch::Receiver<Option<OpResponse>>,
+}
+
+/// State shared by the agent's handlers.
+pub struct AgentService {
+    driver: Arc<dyn Driver>,
+    token: String,
+    info: AgentInfo,
+    ops: Mutex<(HashMap<String, Slot>, VecDeque<String>)>,
+    client: reqwest::Client,
+}
+
+impl AgentService {
+    /// An agent serving `driver`, accepting requests that carry `token`.
+    pub fn new(driver: Arc<dyn Driver>, token: impl Into<String>, info: AgentInfo) -> Arc<Self> {
+        Arc::new(AgentService {
+            driver,
+            token: token.into(),
+            info,
+            ops: Mutex::new((HashMap::new(), VecDeque::new())),
+            client: reqwest::Client::new(),
+        })
+    }
+
+    /// What the agent says about itself.
+    pub fn info(&self) -> &AgentInfo {
+        &self.info
+    }
+
+    /// The driver behind the agent.
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.driver
+    }
+
+    /// The HTTP router of the agent protocol.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/info", get(info))
+            .route("/v1/stats", get(stats))
+            .route("/v1/guests", get(list))
+            .route("/v1/guests/{id}", get(status))
+            .route("/v1/guests/{id}/logs", get(logs))
+            .route("/v1/guests/{id}/image", get(image))
+            .route("/v1/ops", post(op))
+            .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such agent endpoint; see the agent protocol in ARCHITECTURE.md") })
+            .layer(axum::middleware::from_fn_with_state(self.clone(), authenticate))
+            .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
+            .with_state(self.clone())
+    }
+
+    /// Runs `request` once per id; a repeat waits for and returns the first result.
+    async fn run_once(self: &Arc<Self>, request: OpRequest) -> Result<OpResponse, (StatusCode, String)> {
+        let mut rx = {
+            let mut guard = self.ops.lock().unwrap();
+            let (slots, order) = &mut *guard;
+            match slots.get(&request.id) {
+                Some(slot) if slot.op != request.op => {
+                    return Err((
+                        StatusCode::CONFLICT,
+                        format!("operation id {} was already used for a different operation; use a new id per operation", request.id),
+                    ));
+                }
+                Some(slot) => slot.result.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    slots.insert(request.id.clone(), Slot { op: request.op.clone(), result: rx.clone() });
+                    order.push_back(request.id.clone());
+                    while order.len() > REMEMBERED_OPS {
+                        if let Some(old) = order.pop_front() {
+                            slots.remove(&old);
+                        }
+                    }
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let result = me.execute(request.op).await;
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
+                }
+            }
+        };
+        let done = rx.wait_for(Option::is_some).await.map_err(|_| {
+            (StatusCode::INTERNAL_SERVER_ERROR, "the operation's task ended without a result".to_string())
+        })?;
+        Ok(done.clone().expect("waited for a result"))
+    }
+
+    async fn execute(&self, op: Op) -> OpResponse {
+        let d = &self.driver;
+        let result = match op {
+            Op::Create { spec } => d.create(&spec).await.map(|guest| OpOutput::Guest { guest }),
+            Op::Start { guest } => d.start(&guest).await.map(|_| OpOutput::Done),
+            Op::Stop { guest } => d.stop(&guest).await.map(|_| OpOutput::Done),
+            Op::Suspend { guest } => d.suspend(&guest).await.map(|_| OpOutput::Done),
+            Op::Resume { guest } => d.resume(&guest).await.map(|_| OpOutput::Done),
+            Op::Reboot { guest } => d.reboot(&guest).await.map(|_| OpOutput::Done),
+            Op::Destroy { guest } => d.destroy(&guest).await.map(|_| OpOutput::Done),
+            Op::Update { guest, resources } => d.update(&guest, &resources).await.map(|_| OpOutput::Done),
+            Op::Exec { guest, script, args } => d.exec(&guest, &script, &args).await.map(|output| OpOutput::Exec { output }),
+            Op::Import { spec, source } => match self.fetch_image(source).await {
+                Ok(image) => d.import(&spec, &image).await.map(|guest| OpOutput::Guest { guest }),
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(out) => OpResponse::Ok(out),
+            Err(e) => OpResponse::Err(e),
+        }
+    }
+
+    async fn fetch_image(&self, source: ImageSource) -> Result<GuestImage, DriverError> {
+        match source {
+            ImageSource::Inline { type_id, data_hex } => {
+                let data = hex::decode(&data_hex).map_err(|e| DriverError::Permanent(format!("inline image is not valid hex: {e}")))?;
+                Ok(GuestImage { type_id, data })
+            }
+            ImageSource::Agent { url, guest, type_id } => {
+                let from = format!("{}/v1/guests/{}/image", url.trim_end_matches('/'), guest);
+                let resp = self
+                    .client
+                    .get(&from)
+                    .bearer_auth(&self.token)
+                    .send()
+                    .await
+                    .map_err(|e| DriverError::Unreachable { server: url.clone(), message: format!("cannot pull the image of {guest}: {e}") })?;
+                if !resp.status().is_success() {
+                    let status = resp.status();
+                    let body = resp.text().await.unwrap_or_default();
+                    return Err(match serde_json::from_str::<OpResponse>(&body) {
+                        Ok(OpResponse::Err(e)) => e,
+                        _ => DriverError::Permanent(format!("source agent answered {status} for the image of {guest}: {body}")),
+                    });
+                }
+                let data = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| DriverError::Transient(format!("image of {guest} was cut off: {e}")))?;
+                Ok(GuestImage { type_id, data: data.to_vec() })
+            }
+        }
+    }
+}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(ProtocolError { error: message.into() })).into_response()
+}
+
+/// Compares in time independent of where the strings differ.
+pub(crate) fn same_secret(a: &str, b: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let (x, y) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
+}
+
+async fn authenticate(State(agent): State<Arc<AgentService>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => refuse(
+            StatusCode::UNAUTHORIZED,
+            "this agent needs 'Authorization: Bearer TOKEN' with the fleet's agent token (agents.token on the core, --token on the agent)",
+        ),
+        Some(t) if !same_secret(t, &agent.token) => refuse(StatusCode::UNAUTHORIZED, "wrong agent token; core and agent must share the same agents.token"),
+        Some(_) => next.run(req).await,
+    }
+}
+
+fn driver_result<T: serde::Serialize>(r: Result<T, DriverError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            let status = match e {
+                DriverError::NotFound(_) => StatusCode::NOT_FOUND,
+                DriverError::InvalidState { .. } => StatusCode::CONFLICT,
+                DriverError::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            (status, Json(OpResponse::Err(e))).into_response()
+        }
+    }
+}
+
+async fn info(State(agent): State<Arc<AgentService>>) -> Response {
+    Json(agent.info.clone()).into_response()
+}
+
+async fn stats(State(agent): State<Arc<AgentService>>) -> Response {
+    driver_result(agent.driver.stats().await)
+}
+
+async fn list(State(agent): State<Arc<AgentService>>) -> Response {
+    driver_result(agent.driver.list().await)
+}
+
+async fn status(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
+    driver_result(agent.driver.status(&id).await)
+}
+
+async fn logs(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
+    driver_result(agent.driver.logs(&id).await)
+}
+
+async fn image(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
+    match agent.driver.export(&id).await {
+        Ok(image) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            Body::from(image.data),
+        )
+            .into_response(),
+        Err(e) => driver_result::<()>(Err(e)),
+    }
+}
+
+async fn op(State(agent): State<Arc<AgentService>>, body: Bytes) -> Response {
+    let request: OpRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("malformed operation: {e}; expected {{\"id\": \"...\", \"op\": \"create|start|stop|...\", ...}}"),
+            );
+        }
+    };
+    if request.id.is_empty() || request.id.len() > 100 {
+        return refuse(StatusCode::BAD_REQUEST, "operation id must have 1-100 characters");
+    }
+    match agent.run_once(request).await {
+        Ok(r) => Json(r).into_response(),
+        Err((status, message)) => refuse(status, message),
+    }
+}

@@ -1,0 +1,133 @@
+//! The core's side of node agents: registering servers run by agents (by their heartbeats or
+//! by `server add URL`) and receiving their heartbeats.
+//!
+//! Invariant: a server keeps its id and name for life; an agent that comes back under the same
+//! name at another address updates the address.
+
+use std::sync::Arc;
+
+use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
+
+use crate::agent::protocol::{AgentInfo, Heartbeat};
+use crate::core::{Core, CoreError};
+use crate::driver::ServerStats;
+use crate::driver::remote::RemoteDriver;
+use crate::entities::server;
+use crate::model::ServerId;
+
+/// Checks a server name an agent gives.
+fn valid_name(name: &str) -> Result<(), CoreError> {
+    if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
+        return Err(CoreError::invalid("agent.name", format!("server name '{name}' must be 1-63 characters of a-z, A-Z, 0-9, '-', '.', '_'")));
+    }
+    Ok(())
+}
+
+fn valid_url(url: &str) -> Result<(), CoreError> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 500 {
+        return Err(CoreError::invalid("agent.url", format!("agent address '{url}' must be an http:// or https:// URL")));
+    }
+    Ok(())
+}
+
+impl Core {
+    /// The token agents must present; an error when none is configured.
+    pub fn agent_token(&self) -> Result<&str, CoreError> {
+        self.config()
+            .agent_token
+            .as_deref()
+            .ok_or_else(|| CoreError::Conflict("this core has no agents.token; set it (CLOUD48_AGENT_TOKEN or agents.token in the config file) to the token the agents use".into()))
+    }
+
+    /// Registers the server an agent runs, or updates its address and capabilities.
+    pub async fn register_agent(&self, info: &AgentInfo, stats: &ServerStats) -> Result<ServerId, CoreError> {
+        valid_name(&info.name)?;
+        valid_url(&info.url)?;
+        let token = self.agent_token()?.to_string();
+        let db = self.db();
+        let existing = server::Entity::find().filter(server::Column::Name.eq(&info.name)).one(db).await?;
+        let id = match existing {
+            Some(row) if row.driver != "remote" => {
+                return Err(CoreError::Conflict(format!(
+                    "server {} already exists with driver '{}'; give the agent another --name",
+                    row.name, row.driver
+                )));
+            }
+            Some(row) => {
+                let id = row.id;
+                if row.address.as_deref() != Some(info.url.as_str()) || self.fleet().remote(id).is_none() {
+                    let mut am: server::ActiveModel = row.into();
+                    am.address = Set(Some(info.url.clone()));
+                    am.update(db).await?;
+                    self.fleet().add_remote(id, &info.name, Arc::new(RemoteDriver::new(&info.name, &info.url, &token, self.config().remote)));
+                }
+                id
+            }
+            None => {
+                let row = server::ActiveModel {
+                    platform_id: Set(self.inner.platform.id),
+                    name: Set(info.name.clone()),
+                    driver: Set("remote".into()),
+                    address: Set(Some(info.url.clone())),
+                    status: Set("up".into()),
+                    cpu_millis: Set(stats.capacity.cpu_millis as i64),
+                    memory_mb: Set(stats.capacity.memory_mb as i64),
+                    disk_mb: Set(stats.capacity.disk_mb as i64),
+                    labels: Set(serde_json::to_string(&info.labels).expect("serializes")),
+                    last_heartbeat: Set(Some(crate::model::now_ms())),
+                    created_at: Set(crate::model::now_ms()),
+                    ..Default::default()
+                }
+                .insert(db)
+                .await?;
+                self.fleet().add_remote(row.id, &info.name, Arc::new(RemoteDriver::new(&info.name, &info.url, &token, self.config().remote)));
+                self.placement().refresh(db, row.id).await?;
+                tracing::info!(server = %info.name, url = %info.url, driver = %info.driver, "registered a server run by an agent");
+                row.id
+            }
+        };
+        if let Some(remote) = self.fleet().remote(id) {
+            remote.set_capabilities(info.capabilities);
+        }
+        Ok(id)
+    }
+
+    /// A heartbeat from an agent (registers its server on first contact).
+    pub async fn agent_heartbeat(&self, beat: Heartbeat) -> Result<ServerId, CoreError> {
+        let id = self.register_agent(&beat.agent, &beat.stats).await?;
+        self.health().heartbeat(id, Some(beat.stats));
+        Ok(id)
+    }
+
+    /// Registers the agent at `url` by asking it who it is (`cloud48 server add URL`).
+    pub async fn add_agent(&self, url: &str) -> Result<ServerId, CoreError> {
+        valid_url(url)?;
+        let token = self.agent_token()?.to_string();
+        let client = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .expect("an HTTP client without TLS builds");
+        let base = url.trim_end_matches('/');
+        let get = |path: &'static str| {
+            let req = client.get(format!("{base}{path}")).bearer_auth(&token);
+            async move {
+                let resp = req.send().await.map_err(|e| CoreError::Conflict(format!("cannot reach an agent at {base}: {e}")))?;
+                if !resp.status().is_success() {
+                    let status = resp.status();
+                    let body = resp.text().await.unwrap_or_default();
+                    return Err(CoreError::Conflict(format!("the agent at {base} refused {path} ({status}): {body}")));
+                }
+                resp.bytes().await.map_err(|e| CoreError::Conflict(format!("the agent at {base} broke off: {e}")))
+            }
+        };
+        let mut info: AgentInfo = serde_json::from_slice(&get("/v1/info").await?)
+            .map_err(|e| CoreError::Conflict(format!("{base} does not speak the agent protocol: {e}")))?;
+        let stats: ServerStats = serde_json::from_slice(&get("/v1/stats").await?)
+            .map_err(|e| CoreError::Conflict(format!("{base} does not speak the agent protocol: {e}")))?;
+        info.url = base.to_string();
+        let id = self.register_agent(&info, &stats).await?;
+        self.health().heartbeat(id, Some(stats));
+        Ok(id)
+    }
+}

@@ -1,0 +1,173 @@
+//! `cloud48 agent` (the node agent of one server) and `cloud48 guest-http` (the small HTTP
+//! server the reference container templates run).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+
+use crate::agent::AgentService;
+use crate::agent::protocol::AgentInfo;
+use crate::driver::Driver;
+use crate::driver::linux::{LinuxConfig, LinuxDriver};
+use crate::driver::sim::{SimLatency, SimServer};
+use crate::model::Resources;
+
+/// Which driver the agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AgentDriver {
+    /// OS containers: namespaces, cgroups, a veth on the agent's bridge (needs root).
+    Linux,
+    /// Simulated containers (no privileges needed).
+    Sim,
+}
+
+/// Options of `cloud48 agent`.
+#[derive(Debug, Args, Clone)]
+pub struct AgentArgs {
+    /// Driver of this server.
+    #[arg(long, value_enum, default_value = "linux")]
+    pub driver: AgentDriver,
+    /// Address to listen on for the core.
+    #[arg(long, default_value = "127.0.0.1:7048")]
+    pub listen: String,
+    /// URL of the core, for registration and heartbeats (e.g. http://10.0.0.1:4848).
+    #[arg(long)]
+    pub core: Option<String>,
+    /// Token shared with the core (the core's agents.token).
+    #[arg(long, env = "CLOUD48_AGENT_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Server name [default: the host name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// URL the core reaches this agent at [default: http://LISTEN].
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Label of this server for placement (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Directory for the containers' directories and records.
+    #[arg(long, default_value = "./cloud48-agent")]
+    pub data_dir: PathBuf,
+    /// Linux driver: subnet of the containers; the bridge takes its first address.
+    #[arg(long, default_value = "10.48.0.0/24")]
+    pub subnet: String,
+    /// Linux driver: bridge the containers join.
+    #[arg(long, default_value = "c48br0")]
+    pub bridge: String,
+    /// Linux driver: prefix (1-5 of a-z0-9) of namespaces, interfaces and the parent cgroup.
+    #[arg(long, default_value = "c48")]
+    pub prefix: String,
+    /// Capacity offered, as CPU_MILLIS,MEMORY_MB,DISK_MB [default: the machine's].
+    #[arg(long, value_name = "CPU,MEM,DISK")]
+    pub capacity: Option<String>,
+    /// Linux driver: how long a stop waits after SIGTERM before SIGKILL, ms.
+    #[arg(long, default_value_t = 5000)]
+    pub stop_grace_ms: u64,
+    /// Period of heartbeats to the core, ms.
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// Sim driver: latency of every operation, ms (to rehearse slow servers).
+    #[arg(long, default_value_t = 0)]
+    pub sim_latency_ms: u64,
+}
+
+fn parse_capacity(s: &str) -> Result<Resources> {
+    let parts: Vec<u64> = s
+        .split(',')
+        .map(|p| p.trim().parse::<u64>())
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("--capacity '{s}' must be three numbers: CPU_MILLIS,MEMORY_MB,DISK_MB"))?;
+    let [cpu_millis, memory_mb, disk_mb] = parts[..] else {
+        bail!("--capacity '{s}' must be three numbers: CPU_MILLIS,MEMORY_MB,DISK_MB");
+    };
+    Ok(Resources { cpu_millis, memory_mb, disk_mb })
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "agent".into())
+}
+
+/// Runs the agent until interrupted.
+pub async fn run(args: AgentArgs) -> Result<()> {
+    if args.token.len() < 16 {
+        bail!("the agent token must have at least 16 characters (set CLOUD48_AGENT_TOKEN to the core's agents.token)");
+    }
+    let listen: std::net::SocketAddr = args.listen.parse().with_context(|| format!("--listen '{}' is not an address like 10.0.0.7:7048", args.listen))?;
+    let name = args.name.clone().unwrap_or_else(host_name);
+    let url = match &args.url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None if listen.ip().is_unspecified() => bail!("--listen {listen} does not say how the core reaches this agent; give --url http://ADDRESS:{}", listen.port()),
+        None => format!("http://{listen}"),
+    };
+    let capacity = args.capacity.as_deref().map(parse_capacity).transpose()?;
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let driver: Arc<dyn Driver> = match args.driver {
+        AgentDriver::Linux => {
+            let cfg = LinuxConfig {
+                name: name.clone(),
+                data_dir: std::fs::canonicalize(&args.data_dir)?,
+                bridge: args.bridge.clone(),
+                subnet: args.subnet.parse().map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?,
+                prefix: args.prefix.clone(),
+                capacity,
+                stop_grace: Duration::from_millis(args.stop_grace_ms),
+                exe: std::env::current_exe().context("cannot find this program's path")?,
+            };
+            Arc::new(LinuxDriver::open(cfg).await.map_err(|e| anyhow::anyhow!("the linux driver cannot start: {e}"))?)
+        }
+        AgentDriver::Sim => {
+            let capacity = capacity.unwrap_or(Resources { cpu_millis: 16_000, memory_mb: 65_536, disk_mb: 1_000_000 });
+            let sim = SimServer::new(&name, 1, capacity, SimLatency::uniform(Duration::from_millis(args.sim_latency_ms)))
+                .with_state_file(args.data_dir.join("sim.json"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            Arc::new(sim)
+        }
+    };
+    let info = AgentInfo { name: name.clone(), url: url.clone(), driver: driver.kind().to_string(), capabilities: driver.capabilities(), labels: args.labels.clone() };
+    let agent = AgentService::new(driver, args.token.clone(), info);
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    eprintln!("cloud48 agent {name}: {} driver, listening on {url}", agent.info().driver);
+    let beats = args.core.clone().map(|core| {
+        tokio::spawn(crate::agent::heartbeats(agent.clone(), core, args.token.clone(), Duration::from_millis(args.heartbeat_ms.max(10))))
+    });
+    let served = axum::serve(listener, agent.router()).with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    });
+    let result = served.await.context("the agent's HTTP server failed");
+    if let Some(b) = beats {
+        b.abort();
+    }
+    result
+}
+
+/// Options of `cloud48 guest-http`.
+#[derive(Debug, Args, Clone)]
+pub struct GuestHttpArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// What every request is answered with (a line).
+    #[arg(long)]
+    pub answer: String,
+}
+
+/// Answers every HTTP request with `answer` until terminated.
+pub async fn guest_http(args: GuestHttpArgs) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let answer = format!("{}\n", args.answer);
+    let app = axum::Router::new().fallback(move || {
+        let a = answer.clone();
+        async move { a }
+    });
+    eprintln!("guest-http: answering on {}", args.listen);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            term.recv().await;
+        })
+        .await
+        .context("guest-http failed")
+}

@@ -1,0 +1,667 @@
+//! The Linux driver: OS containers ("Vz" servers) made of namespaces, cgroups and a veth pair.
+//!
+//! A guest is a process tree in its own network, mount, PID and UTS namespaces. Its network
+//! namespace is joined by a veth pair to the driver's bridge and has its own address from the
+//! driver's subnet; cgroups limit its memory, cpu and processes, and the freezer suspends it.
+//! Its private directories live in `DATA/guests/ID/fs` and are bind-mounted over the same paths
+//! inside its mount namespace, so clone and cold migration copy exactly them. What runs inside
+//! comes from the type's [`templates::Template`].
+//!
+//! Invariants:
+//! - The on-disk record (`guest.json`) is the list of guests; the state (running, stopped,
+//!   suspended) is read from the kernel (cgroup members, freezer), so an agent that restarts
+//!   finds its guests as they are.
+//! - Operations on one guest are serialized; operations on different guests run in parallel.
+//! - Stop is graceful (SIGTERM, then SIGKILL after the grace period) and leaves no process,
+//!   namespace or veth behind; destroy also removes the cgroups and the directory.
+
+pub mod cgroups;
+pub mod network;
+pub mod templates;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+
+use self::cgroups::Cgroups;
+use self::network::{GuestNet, Subnet};
+use self::templates::template_for;
+use super::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState, ServerStats};
+use crate::model::Resources;
+
+/// How long `exec` may run.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a started guest has to answer on its ready port.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How much of the log `logs` returns.
+const LOG_TAIL: u64 = 64 << 10;
+
+/// Configuration of a Linux driver.
+#[derive(Debug, Clone)]
+pub struct LinuxConfig {
+    /// Server name, for messages.
+    pub name: String,
+    /// Where guests' directories and records live.
+    pub data_dir: PathBuf,
+    /// Bridge the guests' veths join.
+    pub bridge: String,
+    /// Subnet of the guests; the bridge takes its first address.
+    pub subnet: Subnet,
+    /// Prefix (1-5 characters of a-z0-9) of namespaces, interfaces and the parent cgroup.
+    pub prefix: String,
+    /// Capacity offered; `None` measures the machine.
+    pub capacity: Option<Resources>,
+    /// How long a stop waits after SIGTERM before SIGKILL.
+    pub stop_grace: Duration,
+    /// This program, which templates run as small servers (`guest-http`).
+    pub exe: PathBuf,
+}
+
+/// A guest as the driver keeps it on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    spec: GuestSpec,
+    ip: Ipv4Addr,
+}
+
+/// Drives OS containers on this machine.
+pub struct LinuxDriver {
+    cfg: LinuxConfig,
+    cgroups: Cgroups,
+    capacity: Resources,
+    guests: Mutex<BTreeMap<String, Record>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    cpu_sample: Mutex<Option<(Instant, u64)>>,
+}
+
+fn permanent(e: impl std::fmt::Display) -> DriverError {
+    DriverError::Permanent(e.to_string())
+}
+
+/// The init of every guest (PID 1 of its PID namespace): mounts its private directories,
+/// runs the main command and forwards SIGTERM to it.
+const GUEST_INIT: &str = r#"set -e
+hostname "$C48_HOSTNAME"
+for d in $C48_PRIVATE; do mkdir -p "$d"; mount --bind "$C48_FS$d" "$d"; done
+mount -t tmpfs -o size=64m tmpfs /tmp
+set +e
+"$@" &
+child=$!
+trap 'kill -TERM $child 2>/dev/null' TERM
+wait $child
+wait $child
+"#;
+
+/// Joins the guest's cgroups, then its namespaces are made and `GUEST_INIT` runs inside.
+const LAUNCH: &str = r#"for f in $C48_PROCS; do echo $$ > "$f" || exit 111; done
+exec ip netns exec "$C48_NETNS" unshare --pid --fork --kill-child --mount --uts --mount-proc --propagation private sh -c "$C48_INIT" c48-init "$@""#;
+
+/// Joins the guest's cgroups, then its namespaces, and runs a script there.
+const JOIN: &str = r#"for f in $C48_PROCS; do echo $$ > "$f" || exit 111; done
+exec nsenter -t "$C48_PID" -m -u -n -p -- sh -c "$C48_SCRIPT" c48-exec "$@""#;
+
+impl LinuxDriver {
+    /// Checks privileges and tools, prepares cgroups and the bridge, and loads the guests
+    /// recorded in the data directory.
+    pub async fn open(cfg: LinuxConfig) -> Result<LinuxDriver, String> {
+        if !(1..=5).contains(&cfg.prefix.len()) || !cfg.prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+            return Err(format!("prefix '{}' must be 1-5 characters of a-z and 0-9", cfg.prefix));
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("the linux driver needs root (namespaces, cgroups and veths); run the agent as root or use --driver sim".into());
+        }
+        for program in ["ip", "unshare", "nsenter", "mount", "hostname"] {
+            if find_program(program).is_none() {
+                return Err(format!("{program} is not installed (Debian: apt-get install {})", network::package_of(program)));
+            }
+        }
+        let cgroups = Cgroups::detect(&cfg.prefix)?;
+        network::ensure_bridge(&cfg.bridge, &cfg.subnet).await?;
+        let guests_dir = cfg.data_dir.join("guests");
+        std::fs::create_dir_all(&guests_dir).map_err(|e| format!("cannot create {}: {e}", guests_dir.display()))?;
+        let mut guests = BTreeMap::new();
+        for entry in std::fs::read_dir(&guests_dir).map_err(|e| e.to_string())?.flatten() {
+            let file = entry.path().join("guest.json");
+            match std::fs::read(&file).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string())) {
+                Ok(r) => {
+                    guests.insert(r.spec.guest_id.clone(), r);
+                }
+                Err(e) => tracing::warn!(file = %file.display(), error = %e, "skipping an unreadable guest record"),
+            }
+        }
+        let capacity = cfg.capacity.unwrap_or_else(|| machine_capacity(&cfg.data_dir));
+        Ok(LinuxDriver { cfg, cgroups, capacity, guests: Mutex::new(guests), locks: Mutex::new(HashMap::new()), cpu_sample: Mutex::new(None) })
+    }
+
+    /// Destroys every guest, then removes the bridge and the parent cgroups.
+    pub async fn teardown(&self) {
+        let ids: Vec<String> = self.guests.lock().unwrap().keys().cloned().collect();
+        for id in ids {
+            let _ = self.destroy(&id).await;
+        }
+        network::remove_bridge(&self.cfg.bridge).await;
+        self.cgroups.remove_parent();
+    }
+
+    fn lock(&self, guest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().unwrap().entry(guest.to_string()).or_default().clone()
+    }
+
+    fn dir(&self, guest: &str) -> PathBuf {
+        self.cfg.data_dir.join("guests").join(guest)
+    }
+
+    fn record(&self, guest: &str) -> Result<Record, DriverError> {
+        self.guests.lock().unwrap().get(guest).cloned().ok_or_else(|| DriverError::NotFound(guest.into()))
+    }
+
+    fn save(&self, r: &Record) -> Result<(), DriverError> {
+        let dir = self.dir(&r.spec.guest_id);
+        let tmp = dir.join("guest.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(r).expect("serializes")).map_err(permanent)?;
+        std::fs::rename(&tmp, dir.join("guest.json")).map_err(permanent)?;
+        self.guests.lock().unwrap().insert(r.spec.guest_id.clone(), r.clone());
+        Ok(())
+    }
+
+    fn state(&self, guest: &str) -> GuestState {
+        if self.cgroups.pids(guest).is_empty() {
+            GuestState::Stopped
+        } else if self.cgroups.frozen(guest) {
+            GuestState::Suspended
+        } else {
+            GuestState::Running
+        }
+    }
+
+    fn info(&self, r: &Record) -> GuestInfo {
+        GuestInfo { guest_id: r.spec.guest_id.clone(), state: self.state(&r.spec.guest_id), ip: Some(r.ip.to_string()), resources: r.spec.resources }
+    }
+
+    fn allocated(&self) -> Resources {
+        self.guests.lock().unwrap().values().fold(Resources::default(), |acc, r| acc.plus(&r.spec.resources))
+    }
+
+    fn check_capacity(&self, extra: &Resources, freed: &Resources) -> Result<(), DriverError> {
+        let wanted = self.allocated().minus(freed).plus(extra);
+        if wanted.fits_in(&self.capacity) {
+            return Ok(());
+        }
+        Err(DriverError::Capacity {
+            server: self.cfg.name.clone(),
+            message: format!("{wanted:?} would exceed the capacity {:?}", self.capacity),
+        })
+    }
+
+    /// The spec's address if it is free and in the subnet, else the lowest free one.
+    fn choose_ip(&self, wanted: Option<&str>) -> Result<Ipv4Addr, DriverError> {
+        let guests = self.guests.lock().unwrap();
+        let used: Vec<Ipv4Addr> = guests.values().map(|r| r.ip).collect();
+        if let Some(ip) = wanted.and_then(|w| w.parse::<Ipv4Addr>().ok()) {
+            if self.cfg.subnet.contains(ip) && !used.contains(&ip) {
+                return Ok(ip);
+            }
+        }
+        self.cfg.subnet.hosts().find(|ip| !used.contains(ip)).ok_or_else(|| DriverError::Capacity {
+            server: self.cfg.name.clone(),
+            message: format!("no free address left in {}", self.cfg.subnet),
+        })
+    }
+
+    /// Makes the guest's directory, cgroups and record; `fill` writes its private files.
+    fn make_guest(&self, spec: &GuestSpec, fill: impl FnOnce(&Path) -> Result<(), DriverError>) -> Result<GuestInfo, DriverError> {
+        validate_id(&spec.guest_id)?;
+        if let Ok(existing) = self.record(&spec.guest_id) {
+            return Ok(self.info(&existing));
+        }
+        self.check_capacity(&spec.resources, &Resources::default())?;
+        let ip = self.choose_ip(spec.ip.as_deref())?;
+        let dir = self.dir(&spec.guest_id);
+        let fs = dir.join("fs");
+        let made = (|| {
+            std::fs::create_dir_all(&fs).map_err(permanent)?;
+            fill(&fs)?;
+            self.cgroups.create(&spec.guest_id, &spec.resources).map_err(permanent)?;
+            let mut spec = spec.clone();
+            spec.ip = Some(ip.to_string());
+            self.save(&Record { spec, ip })
+        })();
+        if let Err(e) = made {
+            self.cgroups.remove(&spec.guest_id);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(self.info(&self.record(&spec.guest_id)?))
+    }
+
+    /// Processes of the guest inside its PID namespace (not the launcher outside it).
+    fn inner_pids(&self, guest: &str) -> Vec<i32> {
+        let own = std::fs::read_link("/proc/self/ns/pid").ok();
+        self.cgroups
+            .pids(guest)
+            .into_iter()
+            .filter(|p| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok() != own)
+            .collect()
+    }
+
+    fn signal_all(&self, guest: &str, pids: Vec<i32>, signal: i32) {
+        let _ = guest;
+        for p in pids {
+            // SAFETY: kill has no memory preconditions; a stale pid only yields ESRCH.
+            unsafe { libc::kill(p, signal) };
+        }
+    }
+
+    async fn wait_empty(&self, guest: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.cgroups.pids(guest).is_empty() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.cgroups.pids(guest).is_empty()
+    }
+
+    /// Stops every process of the guest (graceful, then forced) and removes its network.
+    async fn halt(&self, guest: &str) -> Result<(), DriverError> {
+        if self.cgroups.frozen(guest) {
+            self.cgroups.freeze(guest, false).await.map_err(permanent)?;
+        }
+        if !self.cgroups.pids(guest).is_empty() {
+            self.signal_all(guest, self.inner_pids(guest), libc::SIGTERM);
+            if !self.wait_empty(guest, self.cfg.stop_grace).await {
+                self.signal_all(guest, self.cgroups.pids(guest), libc::SIGKILL);
+                if !self.wait_empty(guest, Duration::from_secs(10)).await {
+                    return Err(DriverError::Transient(format!("processes of {guest} survived SIGKILL; try again")));
+                }
+            }
+        }
+        network::detach(&GuestNet::new(&self.cfg.prefix, guest)).await;
+        Ok(())
+    }
+
+    async fn launch(&self, r: &Record) -> Result<(), DriverError> {
+        let guest = &r.spec.guest_id;
+        let t = template_for(cloud48_sdk::type_name(&r.spec.type_id));
+        let exe = self.cfg.exe.to_string_lossy().into_owned();
+        let fill = |s: &str| s.replace("{id}", guest).replace("{ip}", &r.ip.to_string()).replace("{exe}", &exe);
+        let command: Vec<String> = t.command.iter().map(|s| fill(s)).collect();
+        if find_program(&command[0]).is_none() {
+            return Err(DriverError::Permanent(format!(
+                "{} is not installed on server {}; containers of type {} need it (Debian: apt-get install {})",
+                command[0], self.cfg.name, r.spec.type_id, network::package_of(&command[0])
+            )));
+        }
+        let net = GuestNet::new(&self.cfg.prefix, guest);
+        network::attach(&net, &self.cfg.bridge, &self.cfg.subnet, r.ip).await.map_err(permanent)?;
+        let dir = self.dir(guest);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("console.log")).map_err(permanent)?;
+        let procs: Vec<String> = self.cgroups.procs_files(guest).iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let spawned = Command::new("sh")
+            .arg("-c")
+            .arg(LAUNCH)
+            .arg("c48-launch")
+            .args(&command)
+            .env("C48_PROCS", procs.join(" "))
+            .env("C48_NETNS", &net.netns)
+            .env("C48_INIT", GUEST_INIT)
+            .env("C48_HOSTNAME", guest.chars().take(63).collect::<String>())
+            .env("C48_PRIVATE", t.private_dirs.join(" "))
+            .env("C48_FS", dir.join("fs"))
+            .env("CLOUD48_CONTAINER", guest)
+            .current_dir(dir.join("fs"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(permanent)?)
+            .stderr(log)
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                network::detach(&net).await;
+                return Err(permanent(format!("cannot launch {guest}: {e}")));
+            }
+        };
+        // Reap the launcher whenever it ends.
+        let pid = child.id();
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            tracing::debug!(?pid, "a guest launcher ended");
+        });
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let inner = self.inner_pids(guest);
+            let launched = !inner.is_empty();
+            if launched {
+                match t.ready_port {
+                    None => return Ok(()),
+                    Some(port) => {
+                        let probe = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect((r.ip, port))).await;
+                        if matches!(probe, Ok(Ok(_))) {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            let launcher_gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+            if Instant::now() > deadline || (launcher_gone && self.cgroups.pids(guest).is_empty()) {
+                let _ = self.halt(guest).await;
+                return Err(DriverError::Permanent(format!(
+                    "container {guest} did not become ready{}; its output ends with:\n{}",
+                    t.ready_port.map(|p| format!(" (nothing answered on port {p})")).unwrap_or_default(),
+                    tail(&dir.join("console.log"), 2048)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn disk_used(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.is_dir() => std::fs::read_dir(p).map(|rd| rd.flatten().map(|e| walk(&e.path())).sum()).unwrap_or(0),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            }
+        }
+        walk(&self.cfg.data_dir.join("guests"))
+    }
+}
+
+/// Guest ids become directory, cgroup and host names.
+fn validate_id(id: &str) -> Result<(), DriverError> {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') || id.starts_with('.') {
+        return Err(DriverError::Permanent(format!("guest id '{id}' must be 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'")));
+    }
+    Ok(())
+}
+
+/// The full path of a program, looked up in PATH unless it has a slash.
+fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Path::new(program).exists().then(|| PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+fn tail(path: &Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Cpu, memory and disk of this machine.
+fn machine_capacity(data_dir: &Path) -> Resources {
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let memory_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        .unwrap_or(0);
+    let disk_mb = {
+        let c = std::ffi::CString::new(data_dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } == 0 { (s.f_blocks as u64 * s.f_frsize as u64) >> 20 } else { 0 }
+    };
+    Resources { cpu_millis: cpus * 1000, memory_mb: memory_kb / 1024, disk_mb }
+}
+
+fn unpack(image: &GuestImage, fs: &Path) -> Result<(), DriverError> {
+    let mut archive = tar::Archive::new(image.data.as_slice());
+    archive.set_preserve_permissions(true);
+    archive.unpack(fs).map_err(|e| DriverError::Permanent(format!("the guest image is not a valid archive: {e}")))
+}
+
+#[async_trait]
+impl Driver for LinuxDriver {
+    fn kind(&self) -> &'static str {
+        "linux"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { suspend: true, exec: true, migrate: true, update: true }
+    }
+
+    async fn create(&self, spec: &GuestSpec) -> Result<GuestInfo, DriverError> {
+        let lock = self.lock(&spec.guest_id);
+        let _held = lock.lock().await;
+        let t = template_for(cloud48_sdk::type_name(&spec.type_id));
+        self.make_guest(spec, |fs| {
+            for d in &t.private_dirs {
+                std::fs::create_dir_all(fs.join(d.trim_start_matches('/'))).map_err(permanent)?;
+            }
+            for (path, content) in &t.files {
+                let p = fs.join(path.trim_start_matches('/'));
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent).map_err(permanent)?;
+                }
+                std::fs::write(&p, content).map_err(permanent)?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn start(&self, guest_id: &str) -> Result<(), DriverError> {
+        let lock = self.lock(guest_id);
+        let _held = lock.lock().await;
+        let r = self.record(guest_id)?;
+        match self.state(guest_id) {
+            GuestState::Running => Ok(()),
+            GuestState::Suspended => Err(DriverError::InvalidState { guest: guest_id.into(), state: GuestState::Suspended, operation: "start".into() }),
+            GuestState::Stopped => self.launch(&r).await,
+        }
+    }
+
+    async fn stop(&self, guest_id: &str) -> Result<(), DriverError> {
+        let lock = self.lock(guest_id);
+        let _held = lock.lock().await;
+        self.record(guest_id)?;
+        self.halt(guest_id).await
+    }
+
+    async fn suspend(&self, guest_id: &str) -> Result<(), DriverError> {
+        let lock = self.lock(guest_id);
+        let _held = lock.lock().await;
+        self.record(guest_id)?;
+        match self.state(guest_id) {
+            GuestState::Suspended => Ok(()),
+            GuestState::Running => self.cgroups.freeze(guest_id, true).await.map_err(permanent),
+            s => Err(DriverError::InvalidState { guest: guest_id.into(), state: s, operation: "suspend".into() }),
+        }
+    }
+
+    async fn resume(&self, guest_id: &str) -> Result<(), DriverError> {
+        let lock = self.lock(guest_id);
+        let _held = lock.lock().await;
+        self.record(guest_id)?;
+        match self.state(guest_id) {
+            GuestState::Running => Ok(()),
+            GuestState::Suspended => self.cgroups.freeze(guest_id, false).await.map_err(permanent),
+            s => Err(DriverError::InvalidState { guest: guest_id.into(), state: s, operation: "resume".into() }),
+        }
+    }
+
+    async fn reboot(&self, guest_id: &str) -> Result<(), DriverError> {
+        let lock = self.lock(guest_id);
+        let _held = lock.lock().await;
+        let r = self.record(guest_id)?;
+        match self.state(guest_id) {
+            GuestState::Running => {
+                self.halt(guest_id).await?;
+                self.launch(&r).await
+            }
+            s => Err(DriverError::InvalidState { guest: guest_id.into(), state: s, operation: "reboot".into() }),
+        }
+    }
+
+    async fn destroy(&self, guest_id: &str) -> Result<(), DriverError> {
+        let lock = self.lock(guest_id);
+        let _held = lock.lock().await;
+        if self.record(guest_id).is_err() {
+            return Ok(());
+        }
+        self.halt(guest_id).await?;
+        self.cgroups.remove(guest_id);
+        std::fs::remove_dir_all(self.dir(guest_id)).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(permanent)?;
+        self.guests.lock().unwrap().remove(guest_id);
+        Ok(())
+    }
+
+    async fn update(&self, guest_id: &str, resources: &Resources) -> Result<(), DriverError> {
+        let lock = self.lock(guest_id);
+        let _held = lock.lock().await;
+        let mut r = self.record(guest_id)?;
+        self.check_capacity(resources, &r.spec.resources)?;
+        self.cgroups.limit(guest_id, resources).map_err(permanent)?;
+        r.spec.resources = *resources;
+        self.save(&r)
+    }
+
+    async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError> {
+        let lock = self.lock(guest_id);
+        let _held = lock.lock().await;
+        let r = self.record(guest_id)?;
+        let state = self.state(guest_id);
+        if state != GuestState::Stopped {
+            return Err(DriverError::InvalidState { guest: guest_id.into(), state, operation: "export".into() });
+        }
+        let fs = self.dir(guest_id).join("fs");
+        let data = tokio::task::spawn_blocking(move || {
+            let mut b = tar::Builder::new(Vec::new());
+            b.follow_symlinks(false);
+            b.append_dir_all(".", &fs)?;
+            b.into_inner()
+        })
+        .await
+        .map_err(permanent)?
+        .map_err(|e| permanent(format!("cannot archive the directory of {guest_id}: {e}")))?;
+        Ok(GuestImage { type_id: r.spec.type_id, data })
+    }
+
+    async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
+        let lock = self.lock(&spec.guest_id);
+        let _held = lock.lock().await;
+        self.make_guest(spec, |fs| unpack(image, fs))
+    }
+
+    async fn exec(&self, guest_id: &str, script: &str, args: &[String]) -> Result<ExecOutput, DriverError> {
+        self.record(guest_id)?;
+        let state = self.state(guest_id);
+        let target = self.inner_pids(guest_id).into_iter().min();
+        let (GuestState::Running, Some(pid)) = (state, target) else {
+            return Err(DriverError::InvalidState { guest: guest_id.into(), state, operation: "exec".into() });
+        };
+        let procs: Vec<String> = self.cgroups.procs_files(guest_id).iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let run = Command::new("sh")
+            .arg("-c")
+            .arg(JOIN)
+            .arg("c48-join")
+            .args(args)
+            .env("C48_PROCS", procs.join(" "))
+            .env("C48_PID", pid.to_string())
+            .env("C48_SCRIPT", script)
+            .env("CLOUD48_CONTAINER", guest_id)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(EXEC_TIMEOUT, run)
+            .await
+            .map_err(|_| permanent(format!("exec in {guest_id} did not finish within {} s", EXEC_TIMEOUT.as_secs())))?
+            .map_err(|e| permanent(format!("cannot exec in {guest_id}: {e}")))?;
+        Ok(ExecOutput {
+            exit_code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    async fn status(&self, guest_id: &str) -> Result<Option<GuestInfo>, DriverError> {
+        Ok(self.guests.lock().unwrap().get(guest_id).cloned().map(|r| self.info(&r)))
+    }
+
+    async fn list(&self) -> Result<Vec<GuestInfo>, DriverError> {
+        let records: Vec<Record> = self.guests.lock().unwrap().values().cloned().collect();
+        Ok(records.iter().map(|r| self.info(r)).collect())
+    }
+
+    async fn stats(&self) -> Result<ServerStats, DriverError> {
+        let ids: Vec<String> = self.guests.lock().unwrap().keys().cloned().collect();
+        let (mut memory, mut cpu_ns) = (0u64, 0u64);
+        for id in &ids {
+            let (m, c) = self.cgroups.usage(id);
+            memory += m;
+            cpu_ns += c;
+        }
+        let now = Instant::now();
+        let cpu_millis = {
+            let mut last = self.cpu_sample.lock().unwrap();
+            let millis = match *last {
+                Some((at, before)) if now > at => cpu_ns.saturating_sub(before) * 1000 / (now - at).as_nanos().max(1) as u64,
+                _ => 0,
+            };
+            *last = Some((now, cpu_ns));
+            millis
+        };
+        Ok(ServerStats {
+            capacity: self.capacity,
+            allocated: self.allocated(),
+            guests: ids.len() as u64,
+            used: Some(Resources { cpu_millis, memory_mb: memory >> 20, disk_mb: self.disk_used() >> 20 }),
+        })
+    }
+
+    async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
+        self.record(guest_id)?;
+        Ok(tail(&self.dir(guest_id).join("console.log"), LOG_TAIL))
+    }
+}
+
+/// Removes, without a running driver, everything drivers with `prefix` left on this machine:
+/// processes in their cgroups, the cgroups, their network namespaces and `bridges`.
+/// For tests and for cleaning up after a crashed agent.
+pub fn sweep(prefix: &str, bridges: &[&str]) {
+    if let Ok(cg) = Cgroups::detect(prefix) {
+        for guest in cg.guests() {
+            for _ in 0..100 {
+                let pids = cg.pids(&guest);
+                if pids.is_empty() {
+                    break;
+                }
+                if cg.frozen(&guest) {
+                    let _ = match &cg {
+                        Cgroups::V1 { root, prefix } => std::fs::write(root.join("freezer").join(prefix).join(&guest).join("freezer.state"), "THAWED"),
+                        Cgroups::V2 { parent } => std::fs::write(parent.join(&guest).join("cgroup.freeze"), "0"),
+                    };
+                }
+                for p in pids {
+                    // SAFETY: see signal_all.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            cg.remove(&guest);
+        }
+        cg.remove_parent();
+    }
+    let netns = std::process::Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    for ns in netns.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&format!("{prefix}-"))) {
+        let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
+    }
+    for b in bridges {
+        let _ = std::process::Command::new("ip").args(["link", "del", b]).output();
+    }
+}

@@ -1,0 +1,159 @@
+//! Guest networking: a bridge per agent with the gateway address of its subnet, and for each
+//! running guest a network namespace joined to the bridge by a veth pair. Uses iproute2.
+
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+/// An IPv4 subnet in CIDR form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    /// Network address.
+    pub network: Ipv4Addr,
+    /// Prefix length, 8-30.
+    pub prefix: u8,
+}
+
+impl std::str::FromStr for Subnet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not an IPv4 subnet like 10.48.1.0/24 (prefix 8-30)");
+        let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+        if !(8..=30).contains(&prefix) {
+            return Err(bad());
+        }
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Subnet { network: Ipv4Addr::from(u32::from(addr) & mask), prefix })
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+impl Subnet {
+    /// The bridge's address: the first host address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// Guest addresses: every host address after the gateway.
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let base = u32::from(self.network);
+        let size = 1u32 << (32 - self.prefix);
+        (2..size - 1).map(move |i| Ipv4Addr::from(base + i))
+    }
+
+    /// True when `ip` is a guest address of this subnet.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.hosts().next().is_some_and(|first| u32::from(ip) >= u32::from(first))
+            && u32::from(ip) < u32::from(self.network) + (1u32 << (32 - self.prefix)) - 1
+    }
+}
+
+/// Runs a program and returns its standard output, or an error with its standard error.
+pub async fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!("{program} is not installed on this server (Debian: apt-get install {})", package_of(program)),
+            _ => format!("cannot run {program}: {e}"),
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let hint = if err.contains("Operation not permitted") { " (the linux driver must run as root)" } else { "" };
+        Err(format!("{program} {} failed: {}{hint}", args.join(" "), err.trim()))
+    }
+}
+
+/// The Debian package that carries a program the driver uses.
+pub fn package_of(program: &str) -> &str {
+    match program {
+        "ip" => "iproute2",
+        "unshare" | "nsenter" | "mount" => "util-linux",
+        "nginx" => "nginx-light",
+        "tar" => "tar",
+        other => other,
+    }
+}
+
+/// Names of one guest's network objects, derived from its id.
+#[derive(Debug, Clone)]
+pub struct GuestNet {
+    /// Network namespace.
+    pub netns: String,
+    /// Host side of the veth pair (on the bridge).
+    pub host_if: String,
+    /// Guest side before it is renamed `eth0` in the namespace.
+    pub peer_if: String,
+}
+
+impl GuestNet {
+    /// Names for `guest` under the driver's name prefix (at most 5 characters).
+    pub fn new(prefix: &str, guest: &str) -> GuestNet {
+        use sha2::{Digest, Sha256};
+        let h = hex::encode(&Sha256::digest(guest.as_bytes())[..4]);
+        GuestNet { netns: format!("{prefix}-{h}"), host_if: format!("{prefix}{h}h"), peer_if: format!("{prefix}{h}g") }
+    }
+}
+
+/// Creates the bridge with the gateway address (if missing) and turns on forwarding.
+pub async fn ensure_bridge(bridge: &str, subnet: &Subnet) -> Result<(), String> {
+    if run("ip", &["link", "show", bridge]).await.is_err() {
+        run("ip", &["link", "add", bridge, "type", "bridge"]).await?;
+    }
+    let addrs = run("ip", &["-4", "addr", "show", "dev", bridge]).await?;
+    let gw = format!("{}/{}", subnet.gateway(), subnet.prefix);
+    if !addrs.contains(&format!("inet {gw}")) {
+        run("ip", &["addr", "add", &gw, "dev", bridge]).await?;
+    }
+    run("ip", &["link", "set", bridge, "up"]).await?;
+    let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
+    Ok(())
+}
+
+/// Deletes the bridge.
+pub async fn remove_bridge(bridge: &str) {
+    let _ = run("ip", &["link", "del", bridge]).await;
+}
+
+/// Creates the guest's namespace and veth pair with `ip` on the bridge (after removing leftovers).
+pub async fn attach(net: &GuestNet, bridge: &str, subnet: &Subnet, ip: Ipv4Addr) -> Result<(), String> {
+    detach(net).await;
+    run("ip", &["netns", "add", &net.netns]).await?;
+    let addr = format!("{ip}/{}", subnet.prefix);
+    let gw = subnet.gateway().to_string();
+    let steps: [&[&str]; 8] = [
+        &["link", "add", &net.host_if, "type", "veth", "peer", "name", &net.peer_if],
+        &["link", "set", &net.host_if, "master", bridge, "up"],
+        &["link", "set", &net.peer_if, "netns", &net.netns],
+        &["-n", &net.netns, "link", "set", &net.peer_if, "name", "eth0"],
+        &["-n", &net.netns, "addr", "add", &addr, "dev", "eth0"],
+        &["-n", &net.netns, "link", "set", "eth0", "up"],
+        &["-n", &net.netns, "link", "set", "lo", "up"],
+        &["-n", &net.netns, "route", "add", "default", "via", &gw],
+    ];
+    for args in steps {
+        if let Err(e) = run("ip", args).await {
+            detach(net).await;
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Removes the guest's namespace and veth pair; missing ones are fine.
+pub async fn detach(net: &GuestNet) {
+    let _ = run("ip", &["link", "del", &net.host_if]).await;
+    let _ = run("ip", &["netns", "del", &net.netns]).await;
+}

@@ -1,0 +1,284 @@
+//! The remote driver: drives a server through the node agent running on it (the agent
+//! protocol of `crate::agent::protocol`).
+//!
+//! Invariants:
+//! - Every mutation carries a fresh operation id; a request lost in transit is retried with the
+//!   same id, so the agent runs it once however often it is sent.
+//! - Every request has a deadline: a hanging agent costs the command that waits for it a
+//!   bounded time and never blocks other servers.
+//! - `export` hands out a reference to the guest on its agent; the importing agent pulls the
+//!   bytes from the exporting one, so cold migration streams agent to agent, not via the core.
+
+use std::sync::RwLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::RngCore;
+
+use super::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, ServerStats};
+use crate::agent::protocol::{ImageSource, Op, OpOutput, OpRequest, OpResponse, ProtocolError};
+use crate::model::Resources;
+
+/// Prefix of a `GuestImage` that refers to a guest on an agent instead of holding its bytes.
+const AGENT_IMAGE: &[u8] = b"cloud48-agent-image:";
+
+/// Deadlines and retries of a remote driver.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteTimeouts {
+    /// Deadline of one mutation request (an agent may take long to start software).
+    pub operation: Duration,
+    /// Deadline of one query (status, list, stats).
+    pub query: Duration,
+    /// Deadline of connecting.
+    pub connect: Duration,
+    /// How many times a request that never got an answer is sent.
+    pub attempts: u32,
+}
+
+impl Default for RemoteTimeouts {
+    fn default() -> Self {
+        RemoteTimeouts {
+            operation: Duration::from_secs(60),
+            query: Duration::from_secs(3),
+            connect: Duration::from_secs(1),
+            attempts: 3,
+        }
+    }
+}
+
+/// A server driven through its agent.
+pub struct RemoteDriver {
+    name: String,
+    url: String,
+    token: String,
+    client: reqwest::Client,
+    timeouts: RemoteTimeouts,
+    capabilities: RwLock<Capabilities>,
+}
+
+/// Reads the bytes of an image, pulling them from the agent it refers to if needed (for
+/// moving a container to another platform, where no agent of ours can pull).
+pub async fn materialize(image: GuestImage, token: &str) -> Result<GuestImage, DriverError> {
+    let Some(reference) = image.data.strip_prefix(AGENT_IMAGE) else { return Ok(image) };
+    let (url, guest): (String, String) = serde_json::from_slice(reference)
+        .map_err(|e| DriverError::Permanent(format!("corrupt agent image reference: {e}")))?;
+    let resp = reqwest::Client::new()
+        .get(format!("{url}/v1/guests/{guest}/image"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| DriverError::Unreachable { server: url.clone(), message: e.to_string() })?;
+    if !resp.status().is_success() {
+        return Err(DriverError::Permanent(format!("agent {url} answered {} for the image of {guest}", resp.status())));
+    }
+    let data = resp.bytes().await.map_err(|e| DriverError::Transient(e.to_string()))?;
+    Ok(GuestImage { type_id: image.type_id, data: data.to_vec() })
+}
+
+impl RemoteDriver {
+    /// A driver for the server `name` whose agent listens at `url`.
+    pub fn new(name: &str, url: &str, token: &str, timeouts: RemoteTimeouts) -> Self {
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeouts.connect)
+            .build()
+            .expect("an HTTP client without TLS builds");
+        RemoteDriver {
+            name: name.to_string(),
+            url: url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            client,
+            timeouts,
+            capabilities: RwLock::new(Capabilities { suspend: true, exec: true, migrate: true, update: true }),
+        }
+    }
+
+    /// The agent's address.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Records what the agent says it supports (from its heartbeats).
+    pub fn set_capabilities(&self, c: Capabilities) {
+        *self.capabilities.write().unwrap() = c;
+    }
+
+    fn unreachable(&self, e: impl std::fmt::Display) -> DriverError {
+        DriverError::Unreachable { server: self.name.clone(), message: format!("agent at {}: {e}", self.url) }
+    }
+
+    /// Turns a non-success protocol answer into a driver error.
+    async fn protocol_error(&self, resp: reqwest::Response) -> DriverError {
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if let Ok(OpResponse::Err(e)) = serde_json::from_str::<OpResponse>(&body) {
+            return e;
+        }
+        let message = serde_json::from_str::<ProtocolError>(&body).map(|p| p.error).unwrap_or(body);
+        DriverError::Permanent(format!("agent {} refused the request ({status}): {message}", self.name))
+    }
+
+    async fn op(&self, op: Op) -> Result<OpOutput, DriverError> {
+        let mut id = [0u8; 12];
+        rand::rng().fill_bytes(&mut id);
+        let request = OpRequest { id: hex::encode(id), op };
+        let mut last = None;
+        for attempt in 0..self.timeouts.attempts.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+            }
+            let sent = self
+                .client
+                .post(format!("{}/v1/ops", self.url))
+                .bearer_auth(&self.token)
+                .timeout(self.timeouts.operation)
+                .json(&request)
+                .send()
+                .await;
+            match sent {
+                Ok(resp) if resp.status().is_success() => {
+                    return match resp.json::<OpResponse>().await {
+                        Ok(OpResponse::Ok(out)) => Ok(out),
+                        Ok(OpResponse::Err(e)) => Err(e),
+                        Err(e) => {
+                            last = Some(e);
+                            continue;
+                        }
+                    };
+                }
+                Ok(resp) => return Err(self.protocol_error(resp).await),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(self.unreachable(last.map_or_else(|| "no answer".to_string(), |e| e.to_string())))
+    }
+
+    async fn query<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, DriverError> {
+        let mut last = None;
+        for attempt in 0..self.timeouts.attempts.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
+            }
+            match self
+                .client
+                .get(format!("{}{path}", self.url))
+                .bearer_auth(&self.token)
+                .timeout(self.timeouts.query)
+                .send()
+                .await
+            {
+                Ok(resp) if resp.status().is_success() => {
+                    return resp.json::<T>().await.map_err(|e| self.unreachable(format!("unreadable answer: {e}")));
+                }
+                Ok(resp) => return Err(self.protocol_error(resp).await),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(self.unreachable(last.map_or_else(|| "no answer".to_string(), |e| e.to_string())))
+    }
+
+    async fn done(&self, op: Op) -> Result<(), DriverError> {
+        self.op(op).await.map(|_| ())
+    }
+
+    async fn guest(&self, op: Op) -> Result<GuestInfo, DriverError> {
+        match self.op(op).await? {
+            OpOutput::Guest { guest } => Ok(guest),
+            other => Err(DriverError::Permanent(format!("agent {} answered {other:?} where a guest was expected", self.name))),
+        }
+    }
+}
+
+#[async_trait]
+impl Driver for RemoteDriver {
+    fn kind(&self) -> &'static str {
+        "remote"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        *self.capabilities.read().unwrap()
+    }
+
+    async fn create(&self, spec: &GuestSpec) -> Result<GuestInfo, DriverError> {
+        self.guest(Op::Create { spec: spec.clone() }).await
+    }
+
+    async fn start(&self, guest_id: &str) -> Result<(), DriverError> {
+        self.done(Op::Start { guest: guest_id.into() }).await
+    }
+
+    async fn stop(&self, guest_id: &str) -> Result<(), DriverError> {
+        self.done(Op::Stop { guest: guest_id.into() }).await
+    }
+
+    async fn suspend(&self, guest_id: &str) -> Result<(), DriverError> {
+        self.done(Op::Suspend { guest: guest_id.into() }).await
+    }
+
+    async fn resume(&self, guest_id: &str) -> Result<(), DriverError> {
+        self.done(Op::Resume { guest: guest_id.into() }).await
+    }
+
+    async fn reboot(&self, guest_id: &str) -> Result<(), DriverError> {
+        self.done(Op::Reboot { guest: guest_id.into() }).await
+    }
+
+    async fn destroy(&self, guest_id: &str) -> Result<(), DriverError> {
+        self.done(Op::Destroy { guest: guest_id.into() }).await
+    }
+
+    async fn update(&self, guest_id: &str, resources: &Resources) -> Result<(), DriverError> {
+        self.done(Op::Update { guest: guest_id.into(), resources: *resources }).await
+    }
+
+    async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError> {
+        if !self.capabilities().migrate {
+            return Err(DriverError::Unsupported { driver: "remote".into(), operation: "export".into() });
+        }
+        // The guest must exist and be stopped now; the bytes move later, agent to agent.
+        match self.status(guest_id).await? {
+            None => return Err(DriverError::NotFound(guest_id.into())),
+            Some(info) if info.state != super::GuestState::Stopped => {
+                return Err(DriverError::InvalidState { guest: guest_id.into(), state: info.state, operation: "export".into() });
+            }
+            Some(_) => {}
+        }
+        let mut data = AGENT_IMAGE.to_vec();
+        data.extend(serde_json::to_vec(&(&self.url, guest_id)).expect("serializes"));
+        Ok(GuestImage { type_id: String::new(), data })
+    }
+
+    async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
+        let source = match image.data.strip_prefix(AGENT_IMAGE) {
+            Some(reference) => {
+                let (url, guest): (String, String) = serde_json::from_slice(reference)
+                    .map_err(|e| DriverError::Permanent(format!("corrupt agent image reference: {e}")))?;
+                ImageSource::Agent { url, guest, type_id: spec.type_id.clone() }
+            }
+            None => ImageSource::Inline { type_id: image.type_id.clone(), data_hex: hex::encode(&image.data) },
+        };
+        self.guest(Op::Import { spec: spec.clone(), source }).await
+    }
+
+    async fn exec(&self, guest_id: &str, script: &str, args: &[String]) -> Result<ExecOutput, DriverError> {
+        match self.op(Op::Exec { guest: guest_id.into(), script: script.into(), args: args.to_vec() }).await? {
+            OpOutput::Exec { output } => Ok(output),
+            other => Err(DriverError::Permanent(format!("agent {} answered {other:?} where exec output was expected", self.name))),
+        }
+    }
+
+    async fn status(&self, guest_id: &str) -> Result<Option<GuestInfo>, DriverError> {
+        self.query(&format!("/v1/guests/{guest_id}")).await
+    }
+
+    async fn list(&self) -> Result<Vec<GuestInfo>, DriverError> {
+        self.query("/v1/guests").await
+    }
+
+    async fn stats(&self) -> Result<ServerStats, DriverError> {
+        self.query("/v1/stats").await
+    }
+
+    async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
+        self.query(&format!("/v1/guests/{guest_id}/logs")).await
+    }
+}

@@ -1,0 +1,191 @@
+//! The node agent and the remote driver: the protocol, its authentication, idempotent
+//! retries, registration with the core and a hanging agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloud48_core::agent::AgentService;
+use cloud48_core::agent::protocol::{AgentInfo, Op, OpRequest, OpResponse};
+use cloud48_core::driver::conformance::{self, DriverFactory};
+use cloud48_core::driver::remote::{RemoteDriver, RemoteTimeouts};
+use cloud48_core::driver::sim::{SimLatency, SimServer};
+use cloud48_core::driver::{Driver, DriverError, GuestSpec};
+use cloud48_core::model::{Resources, ServerStatus};
+use serde_json::json;
+
+use crate::common::{Opts, TestCore, eventually};
+
+pub const TOKEN: &str = "test-agent-token-0123456789";
+
+/// An agent on a loopback port serving `driver`; the task ends with the test.
+pub async fn serve_agent(name: &str, driver: Arc<dyn Driver>) -> (Arc<AgentService>, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let info = AgentInfo { name: name.into(), url: url.clone(), driver: driver.kind().into(), capabilities: driver.capabilities(), labels: vec![] };
+    let agent = AgentService::new(driver, TOKEN, info);
+    let router = agent.router();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (agent, url)
+}
+
+fn sim(name: &str, latency: Duration) -> Arc<SimServer> {
+    Arc::new(SimServer::new(name, 1, Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 }, SimLatency::uniform(latency)))
+}
+
+struct RemoteSimFactory;
+
+impl DriverFactory for RemoteSimFactory {
+    type Driver = RemoteDriver;
+    async fn make(&self, n: u32) -> RemoteDriver {
+        let name = format!("remote-{n}");
+        let (_, url) = serve_agent(&name, sim(&name, Duration::ZERO)).await;
+        RemoteDriver::new(&name, &url, TOKEN, RemoteTimeouts::default())
+    }
+}
+
+#[tokio::test]
+async fn remote_driver_passes_the_conformance_suite() {
+    let failures = conformance::run(&RemoteSimFactory).await;
+    assert!(failures.is_empty(), "conformance failures: {failures:#?}");
+}
+
+#[tokio::test]
+async fn cold_migration_pulls_the_disk_from_agent_to_agent() {
+    let (a, b) = (sim("a", Duration::ZERO), sim("b", Duration::ZERO));
+    let (_, url_a) = serve_agent("a", a.clone()).await;
+    let (_, url_b) = serve_agent("b", b.clone()).await;
+    let (ra, rb) = (RemoteDriver::new("a", &url_a, TOKEN, RemoteTimeouts::default()), RemoteDriver::new("b", &url_b, TOKEN, RemoteTimeouts::default()));
+    let spec = GuestSpec { guest_id: "m1".into(), type_id: "plain".into(), resources: Resources { cpu_millis: 100, memory_mb: 64, disk_mb: 64 }, ip: None };
+    ra.create(&spec).await.unwrap();
+    let disk = a.guest("m1").unwrap().disk;
+    let image = ra.export("m1").await.unwrap();
+    assert!(image.data.len() < 200, "the core carries a reference, not the disk");
+    rb.import(&spec, &image).await.unwrap();
+    assert_eq!(b.guest("m1").expect("imported on b").disk, disk, "b holds a's disk");
+}
+
+async fn post_op(url: &str, token: Option<&str>, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new().post(format!("{url}/v1/ops")).json(&body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test]
+async fn agent_refuses_bad_requests_with_clear_errors() {
+    let s = sim("guarded", Duration::ZERO);
+    let (_, url) = serve_agent("guarded", s.clone()).await;
+    let create = json!({ "id": "op-1", "op": "create", "spec": { "guest_id": "g1", "type_id": "plain", "resources": { "cpu_millis": 1, "memory_mb": 1, "disk_mb": 1 } } });
+
+    let (status, body) = post_op(&url, None, create.clone()).await;
+    assert_eq!(status, 401);
+    assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
+    let (status, body) = post_op(&url, Some("wrong-token-wrong-token"), create.clone()).await;
+    assert_eq!(status, 401);
+    assert!(body["error"].as_str().unwrap().contains("wrong agent token"), "{body}");
+    let resp = reqwest::Client::new().get(format!("{url}/v1/guests")).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401, "reads need the token too");
+    assert!(s.guests().is_empty(), "nothing reached the driver");
+
+    let (status, body) = post_op(&url, Some(TOKEN), json!({ "id": "op-2", "op": "explode" })).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("malformed operation"), "{body}");
+    let (status, _) = post_op(&url, Some(TOKEN), json!({ "id": "", "op": "start", "guest": "g1" })).await;
+    assert_eq!(status, 400, "an empty operation id is refused");
+
+    let (status, body) = post_op(&url, Some(TOKEN), json!({ "id": "op-3", "op": "start", "guest": "nobody" })).await;
+    assert_eq!(status, 200);
+    let answer: OpResponse = serde_json::from_value(body).unwrap();
+    assert_eq!(answer, OpResponse::Err(DriverError::NotFound("nobody".into())));
+    let resp = reqwest::Client::new().get(format!("{url}/v1/guests/nobody/logs")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 404, "logs of an unknown guest");
+
+    let (status, _) = post_op(&url, Some(TOKEN), create.clone()).await;
+    assert_eq!(status, 200);
+    let (status, body) = post_op(&url, Some(TOKEN), json!({ "id": "op-1", "op": "destroy", "guest": "g1" })).await;
+    assert_eq!(status, 409, "an operation id reused for another operation: {body}");
+    assert!(s.guest("g1").is_some(), "the reused id destroyed nothing");
+}
+
+#[tokio::test]
+async fn a_retried_operation_runs_once() {
+    let s = sim("once", Duration::from_millis(200));
+    let (agent, url) = serve_agent("once", s.clone()).await;
+    let spec = GuestSpec { guest_id: "g".into(), type_id: "plain".into(), resources: Resources { cpu_millis: 1, memory_mb: 1, disk_mb: 1 }, ip: None };
+    agent.driver().create(&spec).await.unwrap();
+    agent.driver().start("g").await.unwrap();
+    let exec = OpRequest { id: "exec-1".into(), op: Op::Exec { guest: "g".into(), script: "echo once".into(), args: vec![] } };
+    let body = serde_json::to_value(&exec).unwrap();
+    // The first request is abandoned by its client mid-operation, as when a connection drops.
+    let abandoned = tokio::time::timeout(Duration::from_millis(50), post_op(&url, Some(TOKEN), body.clone())).await;
+    assert!(abandoned.is_err(), "the first request was cut off before the answer");
+    let (a, b) = tokio::join!(post_op(&url, Some(TOKEN), body.clone()), post_op(&url, Some(TOKEN), body.clone()));
+    assert_eq!((a.0, b.0), (200, 200));
+    assert_eq!(a.1, b.1, "every retry gets the first result");
+    assert_eq!(s.guest("g").unwrap().execs.len(), 1, "the script ran once for three requests");
+}
+
+fn agent_opts() -> Opts {
+    Opts { sim_servers: 0, agent_token: Some(TOKEN.into()), ..Default::default() }
+}
+
+#[tokio::test]
+async fn agents_register_by_heartbeat_and_by_server_add() {
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let s1 = sim("node-1", Duration::ZERO);
+    let (agent1, _) = serve_agent("node-1", s1.clone()).await;
+    let beats = tokio::spawn(cloud48_core::agent::heartbeats(agent1, tc.url.clone(), TOKEN.into(), Duration::from_millis(20)));
+    let server = eventually("node-1 registers by heartbeat", || async {
+        tc.core.servers().list().await.unwrap().into_iter().find(|s| s.name == "node-1")
+    })
+    .await;
+    assert_eq!(server.driver, "remote");
+    assert_eq!(server.capacity.memory_mb, 4096, "capacity comes from the agent's figures");
+    assert_eq!(server.status, ServerStatus::Up);
+
+    let (_, url2) = serve_agent("node-2", sim("node-2", Duration::ZERO)).await;
+    let added: serde_json::Value = tc.client.post("/v1/servers", &json!({ "url": url2 })).await.unwrap();
+    assert_eq!(added["name"], "node-2");
+    assert_eq!(added["address"], url2.as_str());
+
+    // A container placed on a remote server lives on its agent.
+    let cmd: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "tomcat", "server": "node-1" })).await.unwrap();
+    let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+    let c = tc.core.containers().get_by_id(id).await.unwrap();
+    assert!(s1.guest(&c.guest_id).is_some(), "the guest exists on node-1's agent");
+
+    // Bad heartbeats and unreachable agents get clear answers.
+    let resp = reqwest::Client::new().post(format!("{}/v1/agents/heartbeat", tc.url)).json(&json!({})).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let resp = reqwest::Client::new().post(format!("{}/v1/agents/heartbeat", tc.url)).bearer_auth(TOKEN).body("{").send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    assert!(resp.text().await.unwrap().contains("malformed heartbeat"));
+    let err = tc.client.post::<_, serde_json::Value>("/v1/servers", &json!({ "url": "http://127.0.0.1:1" })).await.unwrap_err();
+    assert!(err.to_string().contains("cannot reach an agent"), "{err}");
+    beats.abort();
+}
+
+#[tokio::test]
+async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
+    let mut opts = agent_opts();
+    opts.max_attempts = 1;
+    let tc = TestCore::start(opts).await.unwrap();
+    let (_, slow_url) = serve_agent("slow", sim("slow", Duration::from_secs(600))).await;
+    let (_, fast_url) = serve_agent("fast", sim("fast", Duration::ZERO)).await;
+    tc.core.add_agent(&fast_url).await.unwrap();
+    // The slow agent's stats hang too, so it is registered from known figures.
+    let info = AgentInfo { name: "slow".into(), url: slow_url, driver: "sim".into(), capabilities: sim("x", Duration::ZERO).capabilities(), labels: vec![] };
+    let stats = cloud48_core::driver::ServerStats { capacity: Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 }, allocated: Resources::default(), guests: 0, used: None };
+    tc.core.register_agent(&info, &stats).await.unwrap();
+
+    let slow: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "tomcat", "server": "slow" })).await.unwrap();
+    let fast: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "tomcat", "server": "fast" })).await.unwrap();
+    tc.created(fast["command_id"].as_i64().unwrap()).await;
+    let stuck = tc.core.queue().get(slow["command_id"].as_i64().unwrap()).await.unwrap();
+    assert!(!stuck.status.is_terminal(), "the create on the hanging agent is still waiting: {stuck:?}");
+}

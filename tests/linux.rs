@@ -1,0 +1,177 @@
+//! The Linux driver (needs root): conformance, namespaces, limits, freezer, exec, logs,
+//! directory copy between servers, and recovery of guests by a restarted agent. Every test
+//! sweeps what its driver made, even when it fails.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cloud48_core::driver::conformance::{self, DriverFactory};
+use cloud48_core::driver::linux::{self, LinuxConfig, LinuxDriver};
+use cloud48_core::driver::{Driver, DriverError, GuestSpec, GuestState};
+use cloud48_core::model::Resources;
+
+/// Removes every process, cgroup, namespace and bridge of a prefix when dropped.
+pub struct Sweep {
+    pub prefix: String,
+    pub bridges: Vec<String>,
+}
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        let bridges: Vec<&str> = self.bridges.iter().map(String::as_str).collect();
+        linux::sweep(&self.prefix, &bridges);
+    }
+}
+
+/// A prefix no other test run uses.
+pub fn unique_prefix(tag: char) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let tail: String = (0..4).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect();
+    format!("{tag}{tail}")
+}
+
+/// Server `n` of a test; `net` keeps the subnets of tests running at once apart.
+pub fn config(dir: &Path, prefix: &str, net: u32, n: u32) -> LinuxConfig {
+    LinuxConfig {
+        name: format!("{prefix}-{n}"),
+        data_dir: dir.join(format!("server-{n}")),
+        bridge: format!("{prefix}br{n}"),
+        subnet: format!("10.241.{}.0/24", net + n).parse().unwrap(),
+        prefix: prefix.to_string(),
+        capacity: Some(Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 }),
+        stop_grace: Duration::from_secs(3),
+        exe: env!("CARGO_BIN_EXE_cloud48").into(),
+    }
+}
+
+struct LinuxFactory {
+    dir: tempfile::TempDir,
+    prefix: String,
+}
+
+impl DriverFactory for LinuxFactory {
+    type Driver = LinuxDriver;
+    async fn make(&self, n: u32) -> LinuxDriver {
+        LinuxDriver::open(config(self.dir.path(), &self.prefix, 10, n)).await.expect("the linux driver opens (run the tests as root)")
+    }
+}
+
+fn spec(id: &str, type_id: &str) -> GuestSpec {
+    GuestSpec { guest_id: id.into(), type_id: type_id.into(), resources: Resources { cpu_millis: 500, memory_mb: 128, disk_mb: 64 }, ip: None }
+}
+
+#[tokio::test]
+async fn linux_driver_passes_the_conformance_suite() {
+    let prefix = unique_prefix('c');
+    let _sweep = Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")] };
+    let factory = LinuxFactory { dir: tempfile::tempdir().unwrap(), prefix };
+    let failures = conformance::run(&factory).await;
+    assert!(failures.is_empty(), "conformance failures: {failures:#?}");
+}
+
+async fn exec(d: &LinuxDriver, guest: &str, script: &str) -> String {
+    let out = d.exec(guest, script, &[]).await.unwrap();
+    assert_eq!(out.exit_code, 0, "{script}: {out:?}");
+    out.stdout.trim().to_string()
+}
+
+#[tokio::test]
+async fn a_linux_container_is_isolated_limited_and_serves_http() {
+    let prefix = unique_prefix('l');
+    let _sweep = Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")] };
+    let dir = tempfile::tempdir().unwrap();
+    let d = LinuxDriver::open(config(dir.path(), &prefix, 20, 0)).await.unwrap();
+    let info = d.create(&spec("web-1", "tomcat@0.2.0")).await.unwrap();
+    let ip = info.ip.clone().unwrap();
+    assert!(ip.starts_with("10.241.20."), "address from the driver's subnet: {ip}");
+    d.start("web-1").await.unwrap();
+
+    // Real HTTP from the host to the container's own address.
+    let body = reqwest::get(format!("http://{ip}:8080/")).await.unwrap().text().await.unwrap();
+    assert_eq!(body.trim(), "web-1", "the tomcat template answers with its container id");
+
+    // Namespaces: own hostname, own PID 1, only its own eth0 address, private /tmp.
+    assert_eq!(exec(&d, "web-1", "hostname").await, "web-1");
+    assert_eq!(exec(&d, "web-1", "cat /proc/1/comm").await, "sh", "PID 1 is the guest's init");
+    let addrs = exec(&d, "web-1", "ip -4 -o addr show").await;
+    assert!(addrs.contains(&ip) && !addrs.contains("10.241.20.1/"), "{addrs}");
+    exec(&d, "web-1", "echo secret > /tmp/private").await;
+    assert!(!Path::new("/tmp/private").exists() || std::fs::read_to_string("/tmp/private").unwrap().trim() != "secret", "/tmp is private");
+
+    // Private directory: a script writes /etc/cloud48 inside, the file lands in the guest's dir.
+    let out = d.exec("web-1", "mkdir -p /etc/cloud48 && echo \"$1\" > /etc/cloud48/datasource", &["jdbc:mysql://db".into()]).await.unwrap();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let copy = dir.path().join("server-0/guests/web-1/fs/etc/cloud48/datasource");
+    assert_eq!(std::fs::read_to_string(&copy).unwrap().trim(), "jdbc:mysql://db");
+
+    // Exit codes and stderr come back.
+    let failed = d.exec("web-1", "echo oops >&2; exit 3", &[]).await.unwrap();
+    assert_eq!((failed.exit_code, failed.stderr.trim()), (3, "oops"));
+
+    // Limits through cgroups.
+    let mem = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
+        .iter()
+        .find_map(|root| {
+            let base = Path::new(root).join(&prefix).join("web-1");
+            std::fs::read_to_string(base.join("memory.limit_in_bytes")).or_else(|_| std::fs::read_to_string(base.join("memory.max"))).ok()
+        })
+        .expect("a memory limit file");
+    assert_eq!(mem.trim().parse::<u64>().unwrap(), 128 << 20);
+
+    // The freezer suspends: no answer while frozen, answers again after resume.
+    d.suspend("web-1").await.unwrap();
+    assert_eq!(d.status("web-1").await.unwrap().unwrap().state, GuestState::Suspended);
+    let frozen = reqwest::Client::new().get(format!("http://{ip}:8080/")).timeout(Duration::from_millis(500)).send().await;
+    assert!(frozen.is_err(), "a frozen container does not answer");
+    d.resume("web-1").await.unwrap();
+    let body = reqwest::get(format!("http://{ip}:8080/")).await.unwrap().text().await.unwrap();
+    assert_eq!(body.trim(), "web-1");
+
+    // Logs of the main process.
+    assert!(d.logs("web-1").await.unwrap().contains("guest-http: answering on 0.0.0.0:8080"));
+
+    // Real load figures.
+    let stats = d.stats().await.unwrap();
+    let used = stats.used.expect("the linux driver measures");
+    assert!(used.memory_mb > 0 || stats.guests == 1, "{stats:?}");
+    assert_eq!(stats.allocated.memory_mb, 128);
+
+    // A restarted agent finds its guest running.
+    let again = LinuxDriver::open(config(dir.path(), &prefix, 20, 0)).await.unwrap();
+    assert_eq!(again.status("web-1").await.unwrap().unwrap().state, GuestState::Running);
+
+    // Cold migration: the directory moves to another server and the container runs there.
+    d.stop("web-1").await.unwrap();
+    let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&format!("{prefix}-")), "stop removes the namespace");
+    let image = d.export("web-1").await.unwrap();
+    let target = LinuxDriver::open(config(dir.path(), &prefix, 20, 1)).await.unwrap();
+    let moved = target.import(&spec("web-1", "tomcat@0.2.0"), &image).await.unwrap();
+    target.start("web-1").await.unwrap();
+    let moved_ip = moved.ip.unwrap();
+    assert!(moved_ip.starts_with("10.241.21."), "an address of the target's subnet: {moved_ip}");
+    assert_eq!(exec(&target, "web-1", "cat /etc/cloud48/datasource").await, "jdbc:mysql://db", "the private directory came along");
+    d.destroy("web-1").await.unwrap();
+    assert!(!dir.path().join("server-0/guests/web-1").exists(), "destroy removes the directory");
+    target.teardown().await;
+    d.teardown().await;
+}
+
+#[tokio::test]
+async fn linux_driver_refuses_what_it_cannot_do() {
+    let prefix = unique_prefix('r');
+    let _sweep = Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0")] };
+    let dir = tempfile::tempdir().unwrap();
+    let d = LinuxDriver::open(config(dir.path(), &prefix, 30, 0)).await.unwrap();
+    let bad = d.create(&spec("../etc", "plain")).await.unwrap_err();
+    assert!(bad.to_string().contains("must be 1-128 characters"), "{bad}");
+    d.create(&spec("idle", "plain")).await.unwrap();
+    let err = d.exec("idle", "true", &[]).await.unwrap_err();
+    assert!(matches!(err, DriverError::InvalidState { .. }), "exec in a stopped guest: {err:?}");
+    assert!(matches!(d.logs("ghost").await, Err(DriverError::NotFound(_))));
+    let mut cfg = config(dir.path(), &prefix, 30, 0);
+    cfg.prefix = "Bad Prefix".into();
+    assert!(LinuxDriver::open(cfg).await.err().unwrap().contains("prefix"));
+    d.teardown().await;
+}
