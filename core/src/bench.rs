@@ -443,3 +443,98 @@ pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
     core.stop(Duration::from_secs(5)).await;
     Ok(())
 }
+
+/// Options of `bench linux`.
+#[derive(Debug, Args)]
+pub struct LinuxBenchArgs {
+    /// Containers to create and start (tomcat template: a real HTTP server, ready when it answers).
+    #[arg(long, default_value_t = 40)]
+    pub containers: usize,
+    /// Creates in flight at once for the throughput run.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// Size of the directory moved by the cold-migration case, MiB.
+    #[arg(long, default_value_t = 100)]
+    pub migrate_mb: u64,
+}
+
+/// The linux driver on this machine (needs root): create + start latency one at a time,
+/// containers per second with several in flight, and a cold migration of a container with a
+/// large directory to a second driver (export, transfer as one archive, import, start).
+pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
+    use crate::driver::Driver;
+    use crate::driver::linux::{LinuxConfig, LinuxDriver, sweep};
+    let dir = tempfile::tempdir()?;
+    let prefix = "b48";
+    let config = |n: u32| LinuxConfig {
+        name: format!("bench-{n}"),
+        data_dir: dir.path().join(format!("s{n}")),
+        bridge: format!("{prefix}br{n}"),
+        subnet: format!("10.249.{}.0/22", n * 4).parse().expect("valid subnet"),
+        prefix: prefix.into(),
+        capacity: Some(crate::model::Resources { cpu_millis: 1_000_000, memory_mb: 1_000_000, disk_mb: 1_000_000 }),
+        stop_grace: Duration::from_secs(2),
+        exe: std::env::current_exe().expect("own path"),
+    };
+    let result = async {
+        let d = std::sync::Arc::new(LinuxDriver::open(config(0)).await.map_err(anyhow::Error::msg)?);
+        let spec = |id: String| crate::driver::GuestSpec {
+            guest_id: id,
+            type_id: "tomcat".into(),
+            resources: crate::model::Resources { cpu_millis: 100, memory_mb: 64, disk_mb: 64 },
+            ip: None,
+        };
+        let mut times = Vec::new();
+        for i in 0..args.containers {
+            let t = Instant::now();
+            d.create(&spec(format!("seq-{i}"))).await?;
+            d.start(&format!("seq-{i}")).await?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(f64::total_cmp);
+        let at = |q: f64| times[((times.len() as f64 - 1.0) * q).round() as usize];
+        println!("linux create+start (tomcat template, ready when HTTP answers): {} containers one at a time: median {:.1} ms, p95 {:.1} ms", times.len(), at(0.5), at(0.95));
+        let t = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(args.parallel.max(1)));
+        for i in 0..args.containers {
+            let (d, gate, s) = (d.clone(), gate.clone(), spec(format!("par-{i}")));
+            set.spawn(async move {
+                let _p = gate.acquire().await;
+                d.create(&s).await?;
+                d.start(&s.guest_id).await
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r??;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!("linux create+start, {} in flight: {} containers in {:.2} s: {:.1} containers/s", args.parallel, args.containers, secs, args.containers as f64 / secs);
+
+        let target = LinuxDriver::open(config(1)).await.map_err(anyhow::Error::msg)?;
+        d.create(&spec("big".into())).await?;
+        let blob = vec![7u8; (args.migrate_mb as usize) << 20];
+        std::fs::write(dir.path().join("s0/guests/big/fs/etc/cloud48/blob"), &blob)?;
+        let t = Instant::now();
+        let image = d.export("big").await?;
+        let exported = t.elapsed();
+        let moved = target.import(&spec("big".into()), &image).await?;
+        target.start("big").await?;
+        d.destroy("big").await?;
+        let total = t.elapsed();
+        println!(
+            "linux cold migration of a {} MiB directory: {:.2} s (export {:.2} s, import + start {:.2} s); answers at {}",
+            args.migrate_mb,
+            total.as_secs_f64(),
+            exported.as_secs_f64(),
+            (total - exported).as_secs_f64(),
+            moved.ip.unwrap_or_default()
+        );
+        d.teardown().await;
+        target.teardown().await;
+        anyhow::Ok(())
+    }
+    .await;
+    sweep(prefix, &[&format!("{prefix}br0"), &format!("{prefix}br1")]);
+    result
+}

@@ -72,7 +72,10 @@ pub fn router(core: Core) -> Router {
     let doc = api.clone();
     router
         .route("/v1/openapi.json", get(move || async move { Json(doc) }))
-        .route("/v1/agents/heartbeat", axum::routing::post(agent_heartbeat))
+        .route("/v1/agents/heartbeat", axum::routing::post({
+            let core = core.clone();
+            move |headers, body| agent_heartbeat(core, headers, body)
+        }))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -355,7 +358,7 @@ async fn add_server(State(core): State<Core>, ApiJson(req): ApiJson<AddServer>) 
 
 /// A heartbeat from a node agent, authenticated by the shared agent token instead of a user
 /// (the agent protocol, see ARCHITECTURE.md); the first one registers the agent's server.
-async fn agent_heartbeat(State(core): State<Core>, headers: axum::http::HeaderMap, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+async fn agent_heartbeat(core: Core, headers: axum::http::HeaderMap, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
     let expected = core.agent_token()?;
     let given = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if given.is_none_or(|g| !crate::agent::server::same_secret(g, expected)) {

@@ -496,6 +496,8 @@ pub enum BenchCmd {
     Place(crate::bench::PlaceBenchArgs),
     /// Failover: crash of the balancer's server to a replacement balancer with all upstreams.
     Failover(crate::bench::FailoverBenchArgs),
+    /// The linux driver (root): create+start latency and rate, cold migration of a large directory.
+    Linux(crate::bench::LinuxBenchArgs),
 }
 
 /// Runs the CLI.
@@ -515,6 +517,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Bench(BenchCmd::Queue(args)) => crate::bench::queue(args).await,
         Top::Bench(BenchCmd::Place(args)) => crate::bench::place(args).await,
         Top::Bench(BenchCmd::Failover(args)) => crate::bench::failover(args).await,
+        Top::Bench(BenchCmd::Linux(args)) => crate::bench::linux(args).await,
         // Outside the async runtime, to measure the dispatch itself.
         Top::Bench(BenchCmd::Hooks(args)) => std::thread::spawn(move || crate::bench::hooks(args))
             .join()
