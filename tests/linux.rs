@@ -10,7 +10,8 @@ use cloud48_core::driver::linux::{self, LinuxConfig, LinuxDriver};
 use cloud48_core::driver::{Driver, DriverError, GuestSpec, GuestState};
 use cloud48_core::model::Resources;
 
-/// Removes every process, cgroup, namespace and bridge of a prefix when dropped.
+/// Removes every process, cgroup, namespace and bridge of the drivers `{prefix}{n}` (n < 10)
+/// when dropped.
 pub struct Sweep {
     pub prefix: String,
     pub bridges: Vec<String>,
@@ -19,15 +20,19 @@ pub struct Sweep {
 impl Drop for Sweep {
     fn drop(&mut self) {
         let bridges: Vec<&str> = self.bridges.iter().map(String::as_str).collect();
+        for n in 0..10 {
+            linux::sweep(&format!("{}{n}", self.prefix), &[]);
+        }
         linux::sweep(&self.prefix, &bridges);
     }
 }
 
-/// A prefix no other test run uses.
+/// A 4-character prefix no other test run uses; driver `n` of a test uses `{prefix}{n}`, as
+/// two drivers on one machine must (they share the machine's cgroups).
 pub fn unique_prefix(tag: char) -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    let tail: String = (0..4).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect();
+    let tail: String = (0..3).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect();
     format!("{tag}{tail}")
 }
 
@@ -38,7 +43,7 @@ pub fn config(dir: &Path, prefix: &str, net: u32, n: u32) -> LinuxConfig {
         data_dir: dir.join(format!("server-{n}")),
         bridge: format!("{prefix}br{n}"),
         subnet: format!("10.241.{}.0/24", net + n).parse().unwrap(),
-        prefix: prefix.to_string(),
+        prefix: format!("{prefix}{n}"),
         capacity: Some(Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 }),
         stop_grace: Duration::from_secs(3),
         exe: env!("CARGO_BIN_EXE_cloud48").into(),
@@ -113,7 +118,7 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
     let mem = ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"]
         .iter()
         .find_map(|root| {
-            let base = Path::new(root).join(&prefix).join("web-1");
+            let base = Path::new(root).join(format!("{prefix}0")).join("web-1");
             std::fs::read_to_string(base.join("memory.limit_in_bytes")).or_else(|_| std::fs::read_to_string(base.join("memory.max"))).ok()
         })
         .expect("a memory limit file");
@@ -144,7 +149,7 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
     // Cold migration: the directory moves to another server and the container runs there.
     d.stop("web-1").await.unwrap();
     let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&format!("{prefix}-")), "stop removes the namespace");
+    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&format!("{prefix}0-")), "stop removes the namespace");
     let image = d.export("web-1").await.unwrap();
     let target = LinuxDriver::open(config(dir.path(), &prefix, 20, 1)).await.unwrap();
     let moved = target.import(&spec("web-1", "tomcat@0.2.0"), &image).await.unwrap();
@@ -171,7 +176,7 @@ async fn linux_driver_refuses_what_it_cannot_do() {
     assert!(matches!(err, DriverError::InvalidState { .. }), "exec in a stopped guest: {err:?}");
     assert!(matches!(d.logs("ghost").await, Err(DriverError::NotFound(_))));
     let mut cfg = config(dir.path(), &prefix, 30, 0);
-    cfg.prefix = "Bad Prefix".into();
+    cfg.prefix = "Bad P".into();
     assert!(LinuxDriver::open(cfg).await.err().unwrap().contains("prefix"));
     d.teardown().await;
 }

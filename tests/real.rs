@@ -66,12 +66,14 @@ impl Lab {
     fn start_agent(&mut self, i: u32) {
         let ns = format!("{}-h{i}", self.prefix);
         let data = self.dir.path().join(format!("h{i}"));
-        let child = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_cloud48"), "agent", "--driver", "linux"])
+        // nsenter, not `ip netns exec`, which would remount /sys without the cgroup trees.
+        let child = tokio::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["--", env!("CARGO_BIN_EXE_cloud48"), "agent", "--driver", "linux"])
             .args(["--listen", &format!("{}:7048", lan_ip(i)), "--core", &self.core_url, "--name", &format!("h{i}")])
             .arg("--data-dir")
             .arg(&data)
-            .args(["--subnet", &subnet(i), "--bridge", "c48br", "--prefix", &self.prefix, "--heartbeat-ms", "200"])
+            .args(["--subnet", &subnet(i), "--bridge", "c48br", "--prefix", &format!("{}{i}", self.prefix), "--heartbeat-ms", "200"])
             .args(["--capacity", "8000,8192,20000", "--stop-grace-ms", "2000"])
             .env("CLOUD48_AGENT_TOKEN", TOKEN)
             .stdin(Stdio::null())
@@ -100,6 +102,7 @@ impl Drop for Lab {
         let _sweep = Sweep { prefix: self.prefix.clone(), bridges: vec![lan] };
         for i in 1..=self.hosts {
             let _ = std::process::Command::new("ip").args(["route", "del", &subnet(i)]).output();
+            let _ = std::process::Command::new("ip").args(["netns", "del", &format!("{}-h{i}", self.prefix)]).output();
         }
     }
 }
@@ -197,11 +200,11 @@ async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
     serves_all(lb.ip.as_deref().unwrap(), &guests).await;
 
     // One tomcat stops: all traffic goes to the other.
-    let a: Accepted = t.client.post(&format!("/v1/containers/{}/stop", tomcats[0]), &json!({})).await.unwrap();
+    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", tomcats[0]), &json!({ "op": "stop" })).await.unwrap();
     t.ok(a.command_id).await;
     let got = answers(lb.ip.as_deref().unwrap(), 6).await;
     assert!(got.iter().all(|g| g.as_deref() == Some(guests[1].as_str())), "only the running tomcat answers: {got:?}");
-    let a: Accepted = t.client.post(&format!("/v1/containers/{}/start", tomcats[0]), &json!({})).await.unwrap();
+    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", tomcats[0]), &json!({ "op": "start" })).await.unwrap();
     t.ok(a.command_id).await;
     serves_all(lb.ip.as_deref().unwrap(), &guests).await;
 

@@ -58,7 +58,6 @@ pub enum ImageSource {
 
 /// A mutation with the id that makes its retries safe.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct OpRequest {
     /// Chosen by the caller, unique per operation; 1-100 characters.
     pub id: String,

@@ -57,7 +57,8 @@ pub struct AgentArgs {
     /// Linux driver: bridge the containers join.
     #[arg(long, default_value = "c48br0")]
     pub bridge: String,
-    /// Linux driver: prefix (1-5 of a-z0-9) of namespaces, interfaces and the parent cgroup.
+    /// Linux driver: prefix (1-5 of a-z0-9) of namespaces, interfaces and the parent cgroup;
+    /// distinct for every agent on one machine.
     #[arg(long, default_value = "c48")]
     pub prefix: String,
     /// Capacity offered, as CPU_MILLIS,MEMORY_MB,DISK_MB [default: the machine's].

@@ -509,6 +509,15 @@ impl Driver for SimServer {
             .collect())
     }
 
+    /// A simulated guest has no process; its log is its history of operations and scripts.
+    async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
+        let state = self.state.lock().unwrap();
+        let guest = state.guests.get(guest_id).ok_or_else(|| DriverError::NotFound(guest_id.to_string()))?;
+        let mut out: Vec<String> = guest.operations.iter().map(|o| format!("sim: {o}")).collect();
+        out.extend(guest.execs.iter().map(|e| format!("sim: exec {} {:?}", e.script.lines().next().unwrap_or_default(), e.args)));
+        Ok(out.join("\n"))
+    }
+
     async fn stats(&self) -> Result<ServerStats, DriverError> {
         let _busy = self.enter("stats", None).await?;
         let state = self.state.lock().unwrap();

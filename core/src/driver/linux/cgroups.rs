@@ -47,7 +47,7 @@ impl Cgroups {
         for c in V1_CONTROLLERS {
             let dir = root.join(c);
             if !dir.exists() {
-                return Err(format!("the cgroup controller {c} is not mounted at {}; the linux driver needs memory, cpu, cpuacct, pids and freezer (v1) or cgroup v2", dir.display()));
+                return Err(format!("the cgroup controller {c} is not mounted at {}; the linux driver needs memory, cpu, cpuacct, pids and freezer (v1) or cgroup v2 (inside `ip netns exec`, which remounts /sys, start the agent with `nsenter --net=/run/netns/NAME` instead)", dir.display()));
             }
             let parent = dir.join(prefix);
             std::fs::create_dir_all(&parent).map_err(|e| privileges(&parent, e))?;
