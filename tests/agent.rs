@@ -189,3 +189,44 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
     let stuck = tc.core.queue().get(slow["command_id"].as_i64().unwrap()).await.unwrap();
     assert!(!stuck.status.is_terminal(), "the create on the hanging agent is still waiting: {stuck:?}");
 }
+
+struct RemoteLinuxFactory {
+    dir: tempfile::TempDir,
+    prefix: String,
+}
+
+impl DriverFactory for RemoteLinuxFactory {
+    type Driver = RemoteDriver;
+    async fn make(&self, n: u32) -> RemoteDriver {
+        let cfg = crate::linux::config(self.dir.path(), &self.prefix, 40, n);
+        let name = cfg.name.clone();
+        let linux = cloud48_core::driver::linux::LinuxDriver::open(cfg).await.expect("the linux driver opens (run the tests as root)");
+        let (_, url) = serve_agent(&name, Arc::new(linux)).await;
+        RemoteDriver::new(&name, &url, TOKEN, RemoteTimeouts::default())
+    }
+}
+
+#[tokio::test]
+async fn remote_driver_over_linux_agents_passes_the_conformance_suite() {
+    let prefix = crate::linux::unique_prefix('a');
+    let _sweep = crate::linux::Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")] };
+    let failures = conformance::run(&RemoteLinuxFactory { dir: tempfile::tempdir().unwrap(), prefix }).await;
+    assert!(failures.is_empty(), "conformance failures: {failures:#?}");
+}
+
+#[tokio::test]
+async fn a_long_operation_reports_progress() {
+    let s = sim("slowish", Duration::from_millis(400));
+    let (_, url) = serve_agent("slowish", s.clone()).await;
+    let remote = RemoteDriver::new("slowish", &url, TOKEN, RemoteTimeouts::default());
+    assert_eq!(remote.progress("never-sent").await.unwrap(), None, "an unknown id");
+    let body = json!({ "id": "long-1", "op": "create", "spec": { "guest_id": "g", "type_id": "plain", "resources": { "cpu_millis": 1, "memory_mb": 1, "disk_mb": 1 } } });
+    let running = tokio::spawn(async move { post_op(&url, Some(TOKEN), body).await });
+    let during = eventually("the agent knows the operation", || async { remote.progress("long-1").await.unwrap() }).await;
+    assert!(!during.done, "reported while running: {during:?}");
+    assert_eq!(during.progress, "started");
+    let (status, _) = running.await.unwrap();
+    assert_eq!(status, 200);
+    let after = remote.progress("long-1").await.unwrap().unwrap();
+    assert!(after.done && after.progress == "done" && after.elapsed_ms >= 400, "{after:?}");
+}

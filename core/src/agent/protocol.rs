@@ -7,6 +7,7 @@
 //!   if the first request is still running.
 //! - `GET /v1/info`: [`AgentInfo`]. `GET /v1/stats`: load figures. `GET /v1/guests`: every guest.
 //!   `GET /v1/guests/{id}`: one guest or `null`. `GET /v1/guests/{id}/logs`: its output.
+//! - `GET /v1/ops/{id}`: progress of an operation ([`OpStatus`]).
 //! - `GET /v1/guests/{id}/image`: the stopped guest's directory as a byte stream; another agent
 //!   pulls it when it imports the guest (cold migration goes agent to agent).
 //! - Failures of the protocol itself (no token, malformed body, reused operation id) answer a
@@ -86,6 +87,19 @@ pub enum OpResponse {
     Ok(OpOutput),
     /// The driver refused or failed.
     Err(DriverError),
+}
+
+/// Progress of an operation (`GET /v1/ops/{id}`), for long ones such as imports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpStatus {
+    /// The operation id.
+    pub id: String,
+    /// True once the result is known (send the operation again to get it).
+    pub done: bool,
+    /// Time since it started.
+    pub elapsed_ms: u64,
+    /// What it last reported, e.g. `pulled 40 of 100 MiB from http://...`.
+    pub progress: String,
 }
 
 /// A failure of the protocol itself (authentication, malformed requests).

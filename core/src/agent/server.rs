@@ -17,17 +17,23 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio::sync::watch;
 
-use super::protocol::{AgentInfo, ImageSource, Op, OpOutput, OpRequest, OpResponse, ProtocolError};
+use super::protocol::{AgentInfo, ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
 use crate::driver::{Driver, DriverError, GuestImage};
 
 /// How many finished operations the agent remembers for retries.
 const REMEMBERED_OPS: usize = 10_000;
 
-/// An operation by id: its request (to refuse a reused id) and its result once known.
+/// An operation by id: its request (to refuse a reused id), its progress and its result once
+/// known.
 struct Slot {
     op: Op,
+    started: std::time::Instant,
+    progress: Progress,
     result: watch::Receiver<Option<OpResponse>>,
 }
+
+/// What a running operation last said about itself.
+type Progress = Arc<Mutex<String>>;
 
 /// State shared by the agent's handlers.
 pub struct AgentService {
@@ -70,6 +76,7 @@ impl AgentService {
             .route("/v1/guests/{id}/logs", get(logs))
             .route("/v1/guests/{id}/image", get(image))
             .route("/v1/ops", post(op))
+            .route("/v1/ops/{id}", get(op_status))
             .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such agent endpoint; see the agent protocol in ARCHITECTURE.md") })
             .layer(axum::middleware::from_fn_with_state(self.clone(), authenticate))
             .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
@@ -91,7 +98,11 @@ impl AgentService {
                 Some(slot) => slot.result.clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    slots.insert(request.id.clone(), Slot { op: request.op.clone(), result: rx.clone() });
+                    let progress: Progress = Arc::new(Mutex::new("started".into()));
+                    slots.insert(
+                        request.id.clone(),
+                        Slot { op: request.op.clone(), started: std::time::Instant::now(), progress: progress.clone(), result: rx.clone() },
+                    );
                     order.push_back(request.id.clone());
                     while order.len() > REMEMBERED_OPS {
                         if let Some(old) = order.pop_front() {
@@ -100,7 +111,7 @@ impl AgentService {
                     }
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let result = me.execute(request.op).await;
+                        let result = me.execute(request.op, &progress).await;
                         let _ = tx.send(Some(result));
                     });
                     rx
@@ -113,7 +124,20 @@ impl AgentService {
         Ok(done.clone().expect("waited for a result"))
     }
 
-    async fn execute(&self, op: Op) -> OpResponse {
+    /// The state of an operation: `None` when the id is unknown.
+    fn op_status(&self, id: &str) -> Option<OpStatus> {
+        let guard = self.ops.lock().unwrap();
+        let slot = guard.0.get(id)?;
+        let done = slot.result.borrow().is_some();
+        Some(OpStatus {
+            id: id.to_string(),
+            done,
+            elapsed_ms: slot.started.elapsed().as_millis() as u64,
+            progress: slot.progress.lock().unwrap().clone(),
+        })
+    }
+
+    async fn execute(&self, op: Op, progress: &Progress) -> OpResponse {
         let d = &self.driver;
         let result = match op {
             Op::Create { spec } => d.create(&spec).await.map(|guest| OpOutput::Guest { guest }),
@@ -125,18 +149,19 @@ impl AgentService {
             Op::Destroy { guest } => d.destroy(&guest).await.map(|_| OpOutput::Done),
             Op::Update { guest, resources } => d.update(&guest, &resources).await.map(|_| OpOutput::Done),
             Op::Exec { guest, script, args } => d.exec(&guest, &script, &args).await.map(|output| OpOutput::Exec { output }),
-            Op::Import { spec, source } => match self.fetch_image(source).await {
+            Op::Import { spec, source } => match self.fetch_image(source, progress).await {
                 Ok(image) => d.import(&spec, &image).await.map(|guest| OpOutput::Guest { guest }),
                 Err(e) => Err(e),
             },
         };
+        *progress.lock().unwrap() = if result.is_ok() { "done".into() } else { "failed".into() };
         match result {
             Ok(out) => OpResponse::Ok(out),
             Err(e) => OpResponse::Err(e),
         }
     }
 
-    async fn fetch_image(&self, source: ImageSource) -> Result<GuestImage, DriverError> {
+    async fn fetch_image(&self, source: ImageSource, progress: &Progress) -> Result<GuestImage, DriverError> {
         match source {
             ImageSource::Inline { type_id, data_hex } => {
                 let data = hex::decode(&data_hex).map_err(|e| DriverError::Permanent(format!("inline image is not valid hex: {e}")))?;
@@ -159,11 +184,22 @@ impl AgentService {
                         _ => DriverError::Permanent(format!("source agent answered {status} for the image of {guest}: {body}")),
                     });
                 }
-                let data = resp
-                    .bytes()
+                let total = resp.content_length();
+                let mut data = Vec::with_capacity(total.unwrap_or(0).min(1 << 30) as usize);
+                let mut resp = resp;
+                while let Some(chunk) = resp
+                    .chunk()
                     .await
-                    .map_err(|e| DriverError::Transient(format!("image of {guest} was cut off: {e}")))?;
-                Ok(GuestImage { type_id, data: data.to_vec() })
+                    .map_err(|e| DriverError::Transient(format!("image of {guest} was cut off: {e}")))?
+                {
+                    data.extend_from_slice(&chunk);
+                    *progress.lock().unwrap() = match total {
+                        Some(t) => format!("pulled {} of {} MiB from {url}", data.len() >> 20, t >> 20),
+                        None => format!("pulled {} MiB from {url}", data.len() >> 20),
+                    };
+                }
+                *progress.lock().unwrap() = "importing".into();
+                Ok(GuestImage { type_id, data })
             }
         }
     }
@@ -239,6 +275,13 @@ async fn image(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -
         )
             .into_response(),
         Err(e) => driver_result::<()>(Err(e)),
+    }
+}
+
+async fn op_status(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
+    match agent.op_status(&id) {
+        Some(s) => Json(s).into_response(),
+        None => refuse(StatusCode::NOT_FOUND, format!("no operation {id} on this agent (ids are kept for the last {REMEMBERED_OPS} operations)")),
     }
 }
 

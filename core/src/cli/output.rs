@@ -130,7 +130,7 @@ pub fn environment(e: &Environment) -> String {
 
 /// A table of servers.
 pub fn servers(list: &[Server]) -> String {
-    let mut t = table(&["ID", "NAME", "DRIVER", "STATUS", "CONTAINERS", "CPU USED/TOTAL", "MEM MB USED/TOTAL", "DISK MB USED/TOTAL", "LAST HEARTBEAT"]);
+    let mut t = table(&["ID", "NAME", "DRIVER", "STATUS", "CONTAINERS", "CPU RESERVED/TOTAL", "MEM MB RESERVED/TOTAL", "DISK MB RESERVED/TOTAL", "MEASURED USE", "LAST HEARTBEAT"]);
     let now = crate::model::now_ms();
     for s in list {
         let status = if s.draining { format!("{} (draining)", s.status) } else { s.status.to_string() };
@@ -145,6 +145,9 @@ pub fn servers(list: &[Server]) -> String {
             format!("{:.1}/{:.1}", s.allocated.cpu_millis as f64 / 1000.0, s.capacity.cpu_millis as f64 / 1000.0),
             format!("{}/{}", s.allocated.memory_mb, s.capacity.memory_mb),
             format!("{}/{}", s.allocated.disk_mb, s.capacity.disk_mb),
+            s.load.as_ref().and_then(|l| l.used).map_or("-".to_string(), |u| {
+                format!("{:.2} cpu, {} MB mem, {} MB disk", u.cpu_millis as f64 / 1000.0, u.memory_mb, u.disk_mb)
+            }),
             beat,
         ]);
     }

@@ -16,8 +16,11 @@ use async_trait::async_trait;
 use rand::RngCore;
 
 use super::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, ServerStats};
-use crate::agent::protocol::{ImageSource, Op, OpOutput, OpRequest, OpResponse, ProtocolError};
+use crate::agent::protocol::{ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
 use crate::model::Resources;
+
+/// How often a long operation's progress is asked for and logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
 /// Prefix of a `GuestImage` that refers to a guest on an agent instead of holding its bytes.
 const AGENT_IMAGE: &[u8] = b"cloud48-agent-image:";
@@ -126,14 +129,7 @@ impl RemoteDriver {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
             }
-            let sent = self
-                .client
-                .post(format!("{}/v1/ops", self.url))
-                .bearer_auth(&self.token)
-                .timeout(self.timeouts.operation)
-                .json(&request)
-                .send()
-                .await;
+            let sent = self.send_reporting(&request).await;
             match sent {
                 Ok(resp) if resp.status().is_success() => {
                     return match resp.json::<OpResponse>().await {
@@ -150,6 +146,39 @@ impl RemoteDriver {
             }
         }
         Err(self.unreachable(last.map_or_else(|| "no answer".to_string(), |e| e.to_string())))
+    }
+
+    /// Sends an operation; while it runs longer than a few seconds, logs the agent's progress.
+    async fn send_reporting(&self, request: &OpRequest) -> reqwest::Result<reqwest::Response> {
+        let send = self.client.post(format!("{}/v1/ops", self.url)).bearer_auth(&self.token).timeout(self.timeouts.operation).json(request).send();
+        tokio::pin!(send);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        loop {
+            tokio::select! {
+                sent = &mut send => return sent,
+                _ = tick.tick() => {
+                    if let Ok(Some(s)) = self.progress(&request.id).await {
+                        tracing::info!(server = %self.name, op = %request.id, elapsed_ms = s.elapsed_ms, progress = %s.progress, "agent operation in progress");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The agent's report on an operation; `None` if it does not know the id.
+    pub async fn progress(&self, op_id: &str) -> Result<Option<OpStatus>, DriverError> {
+        let resp = self
+            .client
+            .get(format!("{}/v1/ops/{op_id}", self.url))
+            .bearer_auth(&self.token)
+            .timeout(self.timeouts.query)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        resp.json().await.map(Some).map_err(|e| self.unreachable(format!("unreadable progress: {e}")))
     }
 
     async fn query<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, DriverError> {
