@@ -47,6 +47,7 @@ pub fn config(dir: &Path, prefix: &str, net: u32, n: u32) -> LinuxConfig {
         capacity: Some(Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 }),
         stop_grace: Duration::from_secs(3),
         exe: env!("CARGO_BIN_EXE_cloud48").into(),
+        templates: Default::default(),
     }
 }
 
@@ -146,8 +147,14 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
     let again = LinuxDriver::open(config(dir.path(), &prefix, 20, 0)).await.unwrap();
     assert_eq!(again.status("web-1").await.unwrap().unwrap().state, GuestState::Running);
 
-    // Cold migration: the directory moves to another server and the container runs there.
+    // Stop ends every process of the container, also those its scripts left behind.
+    exec(&d, "web-1", "nohup sh -c 'trap \"\" TERM; while :; do sleep 1; done' >/dev/null 2>&1 &").await;
+    assert!(exec(&d, "web-1", "ps -e -o comm=").await.lines().filter(|l| *l == "sh").count() >= 2, "the stubborn shell runs");
     d.stop("web-1").await.unwrap();
+    assert_eq!(d.status("web-1").await.unwrap().unwrap().state, GuestState::Stopped);
+    assert!(procs(&format!("{prefix}0"), "web-1").is_empty(), "no process of the container is left");
+
+    // Cold migration: the directory moves to another server and the container runs there.
     let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&netns.stdout).contains(&format!("{prefix}0-")), "stop removes the namespace");
     let image = d.export("web-1").await.unwrap();
@@ -160,6 +167,40 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
     d.destroy("web-1").await.unwrap();
     assert!(!dir.path().join("server-0/guests/web-1").exists(), "destroy removes the directory");
     target.teardown().await;
+    d.teardown().await;
+}
+
+fn procs(group: &str, guest: &str) -> String {
+    std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{group}/{guest}/cgroup.procs"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/{group}/{guest}/cgroup.procs")))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[tokio::test]
+async fn stop_is_graceful_then_forced() {
+    use cloud48_core::driver::linux::templates::Template;
+    let prefix = unique_prefix('s');
+    let _sweep = Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0")] };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &prefix, 50, 0);
+    let template = |script: &str| Template { command: vec!["sh".into(), "-c".into(), script.into()], private_dirs: vec![], files: Default::default(), ready_port: None };
+    // One main process leaves a mark when SIGTERM reaches it; the other ignores SIGTERM.
+    cfg.templates.insert("polite".into(), template("trap 'echo got-term; exit 0' TERM; while :; do sleep 0.1; done"));
+    cfg.templates.insert("stubborn".into(), template("trap '' TERM; while :; do sleep 0.1; done"));
+    let d = LinuxDriver::open(cfg).await.unwrap();
+    for id in ["polite", "stubborn"] {
+        d.create(&spec(id, id)).await.unwrap();
+        d.start(id).await.unwrap();
+    }
+    d.stop("polite").await.unwrap();
+    assert!(d.logs("polite").await.unwrap().contains("got-term"), "the main process was asked to stop");
+    d.stop("stubborn").await.unwrap();
+    for id in ["polite", "stubborn"] {
+        assert_eq!(d.status(id).await.unwrap().unwrap().state, GuestState::Stopped);
+        assert!(procs(&format!("{prefix}0"), id).is_empty(), "{id}: no process is left");
+    }
     d.teardown().await;
 }
 

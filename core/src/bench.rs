@@ -475,6 +475,7 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         capacity: Some(crate::model::Resources { cpu_millis: 1_000_000, memory_mb: 1_000_000, disk_mb: 1_000_000 }),
         stop_grace: Duration::from_secs(2),
         exe: std::env::current_exe().expect("own path"),
+        templates: Default::default(),
     };
     let result = async {
         let d = std::sync::Arc::new(LinuxDriver::open(config(0)).await.map_err(anyhow::Error::msg)?);

@@ -116,6 +116,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms),
                 exe: std::env::current_exe().context("cannot find this program's path")?,
+                templates: Default::default(),
             };
             Arc::new(LinuxDriver::open(cfg).await.map_err(|e| anyhow::anyhow!("the linux driver cannot start: {e}"))?)
         }

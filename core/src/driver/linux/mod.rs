@@ -32,7 +32,7 @@ use tokio::process::Command;
 
 use self::cgroups::Cgroups;
 use self::network::{GuestNet, Subnet};
-use self::templates::template_for;
+use self::templates::Template;
 use super::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState, ServerStats};
 use crate::model::Resources;
 
@@ -62,6 +62,8 @@ pub struct LinuxConfig {
     pub stop_grace: Duration,
     /// This program, which templates run as small servers (`guest-http`).
     pub exe: PathBuf,
+    /// Templates by type name that replace or add to the built-in ones.
+    pub templates: BTreeMap<String, templates::Template>,
 }
 
 /// A guest as the driver keeps it on disk.
@@ -149,6 +151,12 @@ impl LinuxDriver {
         }
         network::remove_bridge(&self.cfg.bridge).await;
         self.cgroups.remove_parent();
+    }
+
+    /// The template of a type id: configured, else built in.
+    fn template(&self, type_id: &str) -> Template {
+        let name = cloud48_sdk::type_name(type_id);
+        self.cfg.templates.get(name).cloned().unwrap_or_else(|| templates::template_for(name))
     }
 
     fn lock(&self, guest: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -291,7 +299,7 @@ impl LinuxDriver {
 
     async fn launch(&self, r: &Record) -> Result<(), DriverError> {
         let guest = &r.spec.guest_id;
-        let t = template_for(cloud48_sdk::type_name(&r.spec.type_id));
+        let t = self.template(&r.spec.type_id);
         let exe = self.cfg.exe.to_string_lossy().into_owned();
         let fill = |s: &str| s.replace("{id}", guest).replace("{ip}", &r.ip.to_string()).replace("{exe}", &exe);
         let command: Vec<String> = t.command.iter().map(|s| fill(s)).collect();
@@ -439,7 +447,7 @@ impl Driver for LinuxDriver {
     async fn create(&self, spec: &GuestSpec) -> Result<GuestInfo, DriverError> {
         let lock = self.lock(&spec.guest_id);
         let _held = lock.lock().await;
-        let t = template_for(cloud48_sdk::type_name(&spec.type_id));
+        let t = self.template(&spec.type_id);
         self.make_guest(spec, |fs| {
             for d in &t.private_dirs {
                 std::fs::create_dir_all(fs.join(d.trim_start_matches('/'))).map_err(permanent)?;
