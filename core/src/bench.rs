@@ -539,3 +539,119 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
     sweep(prefix, &[&format!("{prefix}br0"), &format!("{prefix}br1")]);
     result
 }
+
+/// Options of `bench failover-real`.
+#[derive(Debug, Args)]
+pub struct FailoverRealBenchArgs {
+    /// Agent kills to measure.
+    #[arg(long, default_value_t = 5)]
+    pub trials: usize,
+}
+
+/// Failover on real servers (needs root, nginx): a core and four agents in network namespaces,
+/// two tomcats and a real nginx balancer; the time from `kill -9` of the balancer host's agent
+/// to a replacement balancer that answers HTTP from both tomcats. Default health settings.
+pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
+    use crate::lab::{CORE_IP, Lab, serves_all};
+    use crate::managers::AddContainer;
+    use crate::model::{Container, ContainerStatus, ServerStatus};
+    use rand::RngCore;
+
+    let mut secret = [0u8; 24];
+    rand::rng().fill_bytes(&mut secret);
+    let token = hex::encode(secret);
+    let mut lab = Lab::new("bfov", 4, std::env::current_exe()?, &token).map_err(anyhow::Error::msg)?;
+    let dir = tempfile::tempdir()?;
+    let mut config = CoreConfig::new(dir.path());
+    config.sim_servers = 0;
+    config.agent_token = Some(token.clone());
+    let core = Core::open(config).await?;
+    core.start().await?;
+    let listener = tokio::net::TcpListener::bind(std::net::SocketAddr::from((CORE_IP, 0))).await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let app = crate::api::router(core.clone());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let wait_for = |what: &'static str, secs: u64| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        move || -> Result<()> {
+            anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+            Ok(())
+        }
+    };
+    // h3 and h4 first, so the balancer gets a host of its own (see tests/real.rs).
+    for (hosts, total) in [([3, 4], 2), ([1, 2], 4)] {
+        for i in hosts {
+            lab.start_agent(i, &url).map_err(anyhow::Error::msg)?;
+        }
+        let check = wait_for("the agents to register", 30);
+        while core.servers().list().await?.iter().filter(|s| s.status == ServerStatus::Up).count() < total {
+            check()?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (cmd, _) = core.environments().create("bench", "bench").await?;
+    core.queue().wait(cmd, Duration::from_secs(30)).await?;
+    for host in ["h1", "h2"] {
+        let add = AddContainer { type_id: "tomcat".into(), requirements: None, server: Some(host.into()) };
+        let cmd = core.environments().add("bench", &add, "bench").await?;
+        let done = core.queue().wait(cmd, Duration::from_secs(60)).await?;
+        anyhow::ensure!(done.error.is_none(), "adding a tomcat failed: {:?}", done.error);
+    }
+    let members = || async { anyhow::Ok(core.environments().get_by_id("bench").await?.members) };
+    let running = |m: &Vec<Container>, kind: &str, not: &[i64]| {
+        m.iter().find(|c| c.type_id.starts_with(kind) && c.status == ContainerStatus::Running && !not.contains(&c.id)).cloned()
+    };
+    let guests: Vec<String> = members().await?.iter().filter(|c| c.type_id.starts_with("tomcat")).map(|c| c.guest_id.clone()).collect();
+    let mut times = Vec::new();
+    let mut old = Vec::new();
+    for _ in 0..args.trials {
+        let check = wait_for("a serving balancer", 60);
+        let lb = loop {
+            if let Some(lb) = running(&members().await?, "balancer", &old)
+                && serves_all(lb.ip.as_deref().unwrap_or_default(), &guests).await
+            {
+                break lb;
+            }
+            check()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        old.push(lb.id);
+        let host: u32 = lb.server.as_deref().and_then(|s| s.strip_prefix('h')).and_then(|s| s.parse().ok()).context("balancer host")?;
+        anyhow::ensure!(host >= 3, "the balancer shares h{host} with a tomcat; the measurement needs it alone");
+        let killed = Instant::now();
+        lab.kill_agent(host).await;
+        let check = wait_for("a replacement balancer serving both tomcats", 60);
+        loop {
+            if let Some(r) = running(&members().await?, "balancer", &old)
+                && serves_all(r.ip.as_deref().unwrap_or_default(), &guests).await
+            {
+                break;
+            }
+            check()?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        times.push(killed.elapsed().as_secs_f64());
+        lab.start_agent(host, &url).map_err(anyhow::Error::msg)?;
+        let check = wait_for("the collector to remove the illegal balancer", 60);
+        while core.containers().get_by_id(lb.id).await?.status != ContainerStatus::Destroyed {
+            check()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "failover on real agents (agent heartbeat {} ms, grace {} ms, check {} ms): kill -9 of the balancer host's agent to a replacement nginx serving both tomcats over HTTP: median {:.2} s, max {:.2} s over {} kills",
+        lab.heartbeat_ms,
+        core.config().health.grace.as_millis(),
+        core.config().health.check.as_millis(),
+        times[times.len() / 2],
+        times[times.len() - 1],
+        times.len()
+    );
+    core.stop(Duration::from_secs(5)).await;
+    server.abort();
+    drop(lab);
+    Ok(())
+}

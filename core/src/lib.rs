@@ -16,6 +16,7 @@ pub mod demo;
 pub mod driver;
 pub mod entities;
 pub mod health;
+pub mod lab;
 pub mod managers;
 pub mod model;
 pub mod placement;

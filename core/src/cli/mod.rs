@@ -498,6 +498,8 @@ pub enum BenchCmd {
     Failover(crate::bench::FailoverBenchArgs),
     /// The linux driver (root): create+start latency and rate, cold migration of a large directory.
     Linux(crate::bench::LinuxBenchArgs),
+    /// Failover on real agents in network namespaces with real nginx (root).
+    FailoverReal(crate::bench::FailoverRealBenchArgs),
 }
 
 /// Runs the CLI.
@@ -518,6 +520,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Bench(BenchCmd::Place(args)) => crate::bench::place(args).await,
         Top::Bench(BenchCmd::Failover(args)) => crate::bench::failover(args).await,
         Top::Bench(BenchCmd::Linux(args)) => crate::bench::linux(args).await,
+        Top::Bench(BenchCmd::FailoverReal(args)) => crate::bench::failover_real(args).await,
         // Outside the async runtime, to measure the dispatch itself.
         Top::Bench(BenchCmd::Hooks(args)) => std::thread::spawn(move || crate::bench::hooks(args))
             .join()
