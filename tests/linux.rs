@@ -204,12 +204,34 @@ async fn stop_is_graceful_then_forced() {
     d.teardown().await;
 }
 
+#[test]
+fn templates_come_from_toml_and_bad_ones_are_refused() {
+    use cloud48_core::driver::linux::templates::parse_templates;
+    let t = parse_templates("[redis]\ncommand = [\"redis-server\"]\nprivate_dirs = [\"/var/lib/redis\"]\nready_port = 6379\nfiles = { \"/var/lib/redis/x\" = \"y\" }\n").unwrap();
+    assert_eq!(t["redis"].ready_port, Some(6379));
+    for (bad, why) in [
+        ("[a]\ncommand = []\n", "must name a program"),
+        ("[a]\ncommand = [\"x\"]\nprivate_dirs = [\"etc\"]\n", "absolute path"),
+        ("[a]\ncommand = [\"x\"]\nfiles = { \"/etc/x\" = \"y\" }\n", "must lie in one of its private_dirs"),
+        ("[a]\ncommand = [\"x\"]\ncolour = 1\n", "unknown field"),
+    ] {
+        let err = parse_templates(bad).unwrap_err();
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn linux_driver_refuses_what_it_cannot_do() {
     let prefix = unique_prefix('r');
     let _sweep = Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0")] };
     let dir = tempfile::tempdir().unwrap();
-    let d = LinuxDriver::open(config(dir.path(), &prefix, 30, 0)).await.unwrap();
+    let mut cfg = config(dir.path(), &prefix, 30, 0);
+    let missing = cloud48_core::driver::linux::templates::Template { command: vec!["c48-missing-program".into()], private_dirs: vec![], files: Default::default(), ready_port: None };
+    cfg.templates.insert("ghost".into(), missing);
+    let d = LinuxDriver::open(cfg).await.unwrap();
+    d.create(&spec("ghost-1", "ghost")).await.unwrap();
+    let err = d.start("ghost-1").await.unwrap_err().to_string();
+    assert!(err.contains("c48-missing-program is not installed on server"), "a missing package is named: {err}");
     let bad = d.create(&spec("../etc", "plain")).await.unwrap_err();
     assert!(bad.to_string().contains("must be 1-128 characters"), "{bad}");
     d.create(&spec("idle", "plain")).await.unwrap();

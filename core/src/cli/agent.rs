@@ -70,6 +70,10 @@ pub struct AgentArgs {
     /// Period of heartbeats to the core, ms.
     #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
+    /// Linux driver: TOML file of container templates (what runs inside each type), adding to
+    /// or replacing the built-in balancer (nginx), tomcat and mysql templates.
+    #[arg(long)]
+    pub templates: Option<PathBuf>,
     /// Sim driver: latency of every operation, ms (to rehearse slow servers).
     #[arg(long, default_value_t = 0)]
     pub sim_latency_ms: u64,
@@ -116,7 +120,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms),
                 exe: std::env::current_exe().context("cannot find this program's path")?,
-                templates: Default::default(),
+                templates: match &args.templates {
+                    None => Default::default(),
+                    Some(path) => {
+                        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+                        crate::driver::linux::templates::parse_templates(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                    }
+                },
             };
             Arc::new(LinuxDriver::open(cfg).await.map_err(|e| anyhow::anyhow!("the linux driver cannot start: {e}"))?)
         }

@@ -8,16 +8,48 @@
 use std::collections::BTreeMap;
 
 /// What runs inside containers of one type.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Template {
     /// Main command and arguments.
     pub command: Vec<String>,
     /// Absolute paths inside the container that are private to it.
+    #[serde(default)]
     pub private_dirs: Vec<String>,
     /// Files written into the private directories when the container is created.
+    #[serde(default)]
     pub files: BTreeMap<String, String>,
     /// TCP port that accepts connections once the container is ready (its health check).
+    #[serde(default)]
     pub ready_port: Option<u16>,
+}
+
+/// Reads templates from TOML, one table per type name:
+///
+/// ```toml
+/// [redis]
+/// command = ["redis-server", "--port", "6379", "--dir", "/var/lib/redis"]
+/// private_dirs = ["/var/lib/redis"]
+/// ready_port = 6379
+/// ```
+pub fn parse_templates(text: &str) -> Result<BTreeMap<String, Template>, String> {
+    let templates: BTreeMap<String, Template> = toml_edit::de::from_str(text).map_err(|e| e.to_string())?;
+    for (name, t) in &templates {
+        if t.command.is_empty() || t.command[0].is_empty() {
+            return Err(format!("template {name}: command must name a program"));
+        }
+        for d in t.private_dirs.iter().chain(t.files.keys()) {
+            if !d.starts_with('/') || d.contains("..") || d.contains(char::is_whitespace) {
+                return Err(format!("template {name}: '{d}' must be an absolute path without '..' or spaces"));
+            }
+        }
+        for f in t.files.keys() {
+            if !t.private_dirs.iter().any(|d| f.starts_with(&format!("{}/", d.trim_end_matches('/')))) {
+                return Err(format!("template {name}: file '{f}' must lie in one of its private_dirs, or it would not be visible inside"));
+            }
+        }
+    }
+    Ok(templates)
 }
 
 const NGINX_CONF: &str = "# cloud48 balancer
