@@ -62,8 +62,22 @@ async fn cold_migration_pulls_the_disk_from_agent_to_agent() {
     let disk = a.guest("m1").unwrap().disk;
     let image = ra.export("m1").await.unwrap();
     assert!(image.data.len() < 200, "the core carries a reference, not the disk");
+    // As in a clone: the source runs again before the target pulls the snapshot.
+    ra.start("m1").await.unwrap();
     rb.import(&spec, &image).await.unwrap();
     assert_eq!(b.guest("m1").expect("imported on b").disk, disk, "b holds a's disk");
+    let bogus = cloud48_core::driver::GuestImage { type_id: String::new(), data: format!("cloud48-agent-image:[\"{url_a}\",\"no-such-export\"]").into_bytes() };
+    let err = rb.import(&GuestSpec { guest_id: "m2".into(), ..spec.clone() }, &bogus).await.unwrap_err();
+    assert!(err.to_string().contains("could not give export"), "a missing export is blamed on the source: {err}");
+}
+
+#[tokio::test]
+async fn a_platform_import_cannot_smuggle_an_agent_reference() {
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let forged = hex::encode(br#"cloud48-agent-image:["http://127.0.0.1:9","x"]"#);
+    let export = json!({ "format": 1, "platform": "elsewhere", "container_id": 7, "guest_id": "g7", "type": "plain", "requirements": { "cpu_millis": 100, "memory_mb": 64, "disk_mb": 64 }, "state_hex": "", "disk_hex": forged });
+    let err = tc.client.post::<_, serde_json::Value>("/v1/containers/import", &export).await.unwrap_err().to_string();
+    assert!(err.contains("disk_hex") && err.contains("reference"), "{err}");
 }
 
 async fn post_op(url: &str, token: Option<&str>, body: serde_json::Value) -> (u16, serde_json::Value) {

@@ -207,6 +207,9 @@ async fn each_role_against_each_endpoint_family() {
         ("POST", format!("/v1/containers/{container}/actions"), Some(json!({ "op": "reboot" })), [401, 403, 202, 202]),
         ("POST", format!("/v1/commands/{}/cancel", a.command_id), Some(json!({})), [401, 403, 409, 409]),
         ("POST", "/v1/servers".into(), Some(json!({})), [401, 403, 403, 422]),
+        // exec is a root shell in the container: admins only (the helper maps any success of a
+        // POST to 202).
+        ("POST", format!("/v1/containers/{container}/exec"), Some(json!({ "command": ["true"] })), [401, 403, 403, 202]),
     ];
     let http = reqwest::Client::new();
     for (method, path, body, expected) in families {

@@ -232,6 +232,21 @@ async fn linux_driver_refuses_what_it_cannot_do() {
     d.create(&spec("ghost-1", "ghost")).await.unwrap();
     let err = d.start("ghost-1").await.unwrap_err().to_string();
     assert!(err.contains("c48-missing-program is not installed on server"), "a missing package is named: {err}");
+    // Concurrent creates never share an address.
+    let d = std::sync::Arc::new(d);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let d = d.clone();
+        let small = GuestSpec { resources: Resources { cpu_millis: 10, memory_mb: 8, disk_mb: 8 }, ..spec(&format!("par-{i}"), "plain") };
+        set.spawn(async move { d.create(&small).await.unwrap().ip.unwrap() });
+    }
+    let mut ips = Vec::new();
+    while let Some(ip) = set.join_next().await {
+        ips.push(ip.unwrap());
+    }
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 8, "eight creates, eight addresses");
     let bad = d.create(&spec("../etc", "plain")).await.unwrap_err();
     assert!(bad.to_string().contains("must be 1-128 characters"), "{bad}");
     d.create(&spec("idle", "plain")).await.unwrap();

@@ -24,8 +24,11 @@ fn valid_name(name: &str) -> Result<(), CoreError> {
 }
 
 fn valid_url(url: &str) -> Result<(), CoreError> {
-    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 500 {
-        return Err(CoreError::invalid("agent.url", format!("agent address '{url}' must be an http:// or https:// URL")));
+    if url.starts_with("https://") {
+        return Err(CoreError::invalid("agent.url", format!("agent address '{url}': this build speaks plain HTTP to agents; use http:// on a trusted network (the token authenticates)")));
+    }
+    if !url.starts_with("http://") || url.len() > 500 || url.contains(char::is_whitespace) {
+        return Err(CoreError::invalid("agent.url", format!("agent address '{url}' must be an http:// URL such as http://10.0.0.7:7048")));
     }
     Ok(())
 }
@@ -55,7 +58,17 @@ impl Core {
             }
             Some(row) => {
                 let id = row.id;
-                if row.address.as_deref() != Some(info.url.as_str()) || self.fleet().remote(id).is_none() {
+                let moved = row.address.as_deref() != Some(info.url.as_str());
+                let grace = self.config().health.grace.as_millis() as i64;
+                let alive = self.health().last(id).is_some_and(|b| crate::model::now_ms() - b.at < grace);
+                if moved && alive {
+                    return Err(CoreError::Conflict(format!(
+                        "server name {} is taken by the live agent at {}; give this agent another --name",
+                        info.name,
+                        row.address.as_deref().unwrap_or("?")
+                    )));
+                }
+                if moved || self.fleet().remote(id).is_none() {
                     let mut am: server::ActiveModel = row.into();
                     am.address = Set(Some(info.url.clone()));
                     am.update(db).await?;

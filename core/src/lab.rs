@@ -56,6 +56,12 @@ impl Lab {
             heartbeat_ms: 500,
         };
         let lan = format!("{prefix}lan");
+        // Leftovers of a run that was killed before it could clean up.
+        for i in 1..=hosts {
+            crate::driver::linux::sweep(&format!("{prefix}{i}"), &[]);
+            let _ = ip(&["netns", "del", &lab.netns(i)]);
+        }
+        let _ = ip(&["link", "del", &lan]);
         ip(&["link", "add", &lan, "type", "bridge"])?;
         ip(&["addr", "add", "10.242.0.1/24", "dev", &lan])?;
         ip(&["link", "set", &lan, "up"])?;
@@ -69,9 +75,9 @@ impl Lab {
             ip(&["-n", &ns, "addr", "add", &format!("{}/24", lan_ip(i)), "dev", &inner])?;
             ip(&["-n", &ns, "link", "set", &inner, "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["route", "add", &subnet(i), "via", &lan_ip(i)])?;
+            ip(&["route", "replace", &subnet(i), "via", &lan_ip(i)])?;
             for j in (1..=hosts).filter(|j| *j != i) {
-                ip(&["-n", &ns, "route", "add", &subnet(j), "via", &lan_ip(j)])?;
+                ip(&["-n", &ns, "route", "replace", &subnet(j), "via", &lan_ip(j)])?;
             }
         }
         Ok(lab)
@@ -120,7 +126,16 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        self.agents.clear();
+        // Kill the agents and wait for them, so none starts a process after the sweep.
+        for mut child in self.agents.drain(..).flatten() {
+            let _ = child.start_kill();
+            for _ in 0..200 {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
         for i in 1..=self.hosts {
             crate::driver::linux::sweep(&format!("{}{i}", self.prefix), &[]);
             let _ = ip(&["route", "del", &subnet(i)]);

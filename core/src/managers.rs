@@ -383,6 +383,9 @@ impl<'a> ContainerManager<'a> {
         }
         let state = hex::decode(&export.state_hex).map_err(|e| CoreError::invalid("state_hex", format!("not hex: {e}")))?;
         let disk = hex::decode(&export.disk_hex).map_err(|e| CoreError::invalid("disk_hex", format!("not hex: {e}")))?;
+        if crate::driver::remote::is_reference(&disk) {
+            return Err(CoreError::invalid("disk_hex", "is a reference to an agent's export, not a disk; export the container again with `cloud48 container export`"));
+        }
         let txn = self.core.db().begin().await?;
         let (id, _) = insert_container(self.core, &txn, &export.type_id, None, Some(export.requirements.clone()), None).await?;
         container::Entity::update_many()

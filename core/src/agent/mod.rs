@@ -16,8 +16,8 @@ use self::protocol::Heartbeat;
 /// when they start and when they end, not on every beat.
 pub async fn heartbeats(agent: Arc<AgentService>, core_url: String, token: String, period: Duration) {
     let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(1))
         .build()
         .expect("an HTTP client without TLS builds");
     let url = format!("{}/v1/agents/heartbeat", core_url.trim_end_matches('/'));

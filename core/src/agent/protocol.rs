@@ -8,8 +8,9 @@
 //! - `GET /v1/info`: [`AgentInfo`]. `GET /v1/stats`: load figures. `GET /v1/guests`: every guest.
 //!   `GET /v1/guests/{id}`: one guest or `null`. `GET /v1/guests/{id}/logs`: its output.
 //! - `GET /v1/ops/{id}`: progress of an operation ([`OpStatus`]).
-//! - `GET /v1/guests/{id}/image`: the stopped guest's directory as a byte stream; another agent
-//!   pulls it when it imports the guest (cold migration goes agent to agent).
+//! - `GET /v1/exports/{export}`: an image made by an `export` operation (a snapshot of the
+//!   stopped guest's directory, kept for a while); the importing agent pulls it (cold migration
+//!   and cloning go agent to agent, and the source may run again meanwhile).
 //! - Failures of the protocol itself (no token, malformed body, reused operation id) answer a
 //!   4xx status with an [`ProtocolError`] body.
 //!
@@ -41,6 +42,9 @@ pub enum Op {
     Destroy { guest: String },
     /// `Driver::update`.
     Update { guest: String, resources: Resources },
+    /// `Driver::export` of a stopped guest: the agent keeps the image for a while under an
+    /// export id, for another agent (or the core) to pull.
+    Export { guest: String },
     /// `Driver::import`, from bytes in the request or pulled from another agent.
     Import { spec: GuestSpec, source: ImageSource },
     /// `Driver::exec`.
@@ -53,8 +57,8 @@ pub enum Op {
 pub enum ImageSource {
     /// The image travels in the request, hex-encoded.
     Inline { type_id: String, data_hex: String },
-    /// The importing agent pulls `GET {url}/v1/guests/{guest}/image` from the source agent.
-    Agent { url: String, guest: String, type_id: String },
+    /// The importing agent pulls `GET {url}/v1/exports/{export}` from the source agent.
+    Agent { url: String, export: String, type_id: String },
 }
 
 /// A mutation with the id that makes its retries safe.
@@ -77,6 +81,8 @@ pub enum OpOutput {
     Guest { guest: GuestInfo },
     /// The result of an exec.
     Exec { output: ExecOutput },
+    /// An export kept by the agent.
+    Export { export: String, bytes: u64 },
 }
 
 /// The answer to an [`OpRequest`]: the driver's result.

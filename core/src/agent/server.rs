@@ -22,6 +22,12 @@ use crate::driver::{Driver, DriverError, GuestImage};
 
 /// How many finished operations the agent remembers for retries.
 const REMEMBERED_OPS: usize = 10_000;
+/// How long an export is kept for pulling.
+const EXPORT_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+/// How many bytes of exports the agent keeps at most (the oldest go first).
+const EXPORTS_MAX_BYTES: usize = 8 << 30;
+/// Deadline of connecting to a source agent, and of each read while pulling.
+const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// An operation by id: its request (to refuse a reused id), its progress and its result once
 /// known.
@@ -41,7 +47,15 @@ pub struct AgentService {
     token: String,
     info: AgentInfo,
     ops: Mutex<(HashMap<String, Slot>, VecDeque<String>)>,
+    exports: Mutex<Vec<Export>>,
     client: reqwest::Client,
+}
+
+/// An image kept for pulling.
+struct Export {
+    id: String,
+    made: std::time::Instant,
+    data: Bytes,
 }
 
 impl AgentService {
@@ -52,7 +66,12 @@ impl AgentService {
             token: token.into(),
             info,
             ops: Mutex::new((HashMap::new(), VecDeque::new())),
-            client: reqwest::Client::new(),
+            exports: Mutex::new(Vec::new()),
+            client: reqwest::Client::builder()
+                .connect_timeout(PULL_TIMEOUT)
+                .read_timeout(PULL_TIMEOUT)
+                .build()
+                .expect("an HTTP client without TLS builds"),
         })
     }
 
@@ -74,7 +93,7 @@ impl AgentService {
             .route("/v1/guests", get(list))
             .route("/v1/guests/{id}", get(status))
             .route("/v1/guests/{id}/logs", get(logs))
-            .route("/v1/guests/{id}/image", get(image))
+            .route("/v1/exports/{id}", get(export))
             .route("/v1/ops", post(op))
             .route("/v1/ops/{id}", get(op_status))
             .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such agent endpoint; see the agent protocol in ARCHITECTURE.md") })
@@ -104,10 +123,18 @@ impl AgentService {
                         Slot { op: request.op.clone(), started: std::time::Instant::now(), progress: progress.clone(), result: rx.clone() },
                     );
                     order.push_back(request.id.clone());
-                    while order.len() > REMEMBERED_OPS {
-                        if let Some(old) = order.pop_front() {
+                    // Forget the oldest finished operations; running ones stay.
+                    let mut keep = VecDeque::new();
+                    while order.len() + keep.len() > REMEMBERED_OPS {
+                        let Some(old) = order.pop_front() else { break };
+                        if slots.get(&old).is_some_and(|s| s.result.borrow().is_none()) {
+                            keep.push_back(old);
+                        } else {
                             slots.remove(&old);
                         }
+                    }
+                    while let Some(k) = keep.pop_back() {
+                        order.push_front(k);
                     }
                     let me = self.clone();
                     tokio::spawn(async move {
@@ -149,6 +176,7 @@ impl AgentService {
             Op::Destroy { guest } => d.destroy(&guest).await.map(|_| OpOutput::Done),
             Op::Update { guest, resources } => d.update(&guest, &resources).await.map(|_| OpOutput::Done),
             Op::Exec { guest, script, args } => d.exec(&guest, &script, &args).await.map(|output| OpOutput::Exec { output }),
+            Op::Export { guest } => d.export(&guest).await.map(|image| self.keep_export(image)),
             Op::Import { spec, source } => match self.fetch_image(source, progress).await {
                 Ok(image) => d.import(&spec, &image).await.map(|guest| OpOutput::Guest { guest }),
                 Err(e) => Err(e),
@@ -161,27 +189,43 @@ impl AgentService {
         }
     }
 
+    /// Keeps an image for pulling; drops expired ones and the oldest beyond the size cap.
+    fn keep_export(&self, image: GuestImage) -> OpOutput {
+        let mut id = [0u8; 12];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
+        let id = hex::encode(id);
+        let bytes = image.data.len() as u64;
+        let mut exports = self.exports.lock().unwrap();
+        exports.retain(|e| e.made.elapsed() < EXPORT_TTL);
+        exports.push(Export { id: id.clone(), made: std::time::Instant::now(), data: image.data.into() });
+        while exports.iter().map(|e| e.data.len()).sum::<usize>() > EXPORTS_MAX_BYTES && exports.len() > 1 {
+            exports.remove(0);
+        }
+        OpOutput::Export { export: id, bytes }
+    }
+
     async fn fetch_image(&self, source: ImageSource, progress: &Progress) -> Result<GuestImage, DriverError> {
         match source {
             ImageSource::Inline { type_id, data_hex } => {
                 let data = hex::decode(&data_hex).map_err(|e| DriverError::Permanent(format!("inline image is not valid hex: {e}")))?;
                 Ok(GuestImage { type_id, data })
             }
-            ImageSource::Agent { url, guest, type_id } => {
-                let from = format!("{}/v1/guests/{}/image", url.trim_end_matches('/'), guest);
+            ImageSource::Agent { url, export, type_id } => {
+                let from = format!("{}/v1/exports/{export}", url.trim_end_matches('/'));
+                let source = |e: DriverError| DriverError::Permanent(format!("the source agent {url} could not give export {export}: {e}"));
                 let resp = self
                     .client
                     .get(&from)
                     .bearer_auth(&self.token)
                     .send()
                     .await
-                    .map_err(|e| DriverError::Unreachable { server: url.clone(), message: format!("cannot pull the image of {guest}: {e}") })?;
+                    .map_err(|e| DriverError::Unreachable { server: url.clone(), message: format!("cannot pull export {export}: {e}") })?;
                 if !resp.status().is_success() {
                     let status = resp.status();
                     let body = resp.text().await.unwrap_or_default();
-                    return Err(match serde_json::from_str::<OpResponse>(&body) {
-                        Ok(OpResponse::Err(e)) => e,
-                        _ => DriverError::Permanent(format!("source agent answered {status} for the image of {guest}: {body}")),
+                    return Err(match serde_json::from_str::<ProtocolError>(&body) {
+                        Ok(p) => source(DriverError::Permanent(p.error)),
+                        _ => source(DriverError::Permanent(format!("{status}: {body}"))),
                     });
                 }
                 let total = resp.content_length();
@@ -190,7 +234,7 @@ impl AgentService {
                 while let Some(chunk) = resp
                     .chunk()
                     .await
-                    .map_err(|e| DriverError::Transient(format!("image of {guest} was cut off: {e}")))?
+                    .map_err(|e| DriverError::Transient(format!("export {export} from {url} was cut off: {e}")))?
                 {
                     data.extend_from_slice(&chunk);
                     *progress.lock().unwrap() = match total {
@@ -267,14 +311,11 @@ async fn logs(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) ->
     driver_result(agent.driver.logs(&id).await)
 }
 
-async fn image(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
-    match agent.driver.export(&id).await {
-        Ok(image) => (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            Body::from(image.data),
-        )
-            .into_response(),
-        Err(e) => driver_result::<()>(Err(e)),
+async fn export(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
+    let found = agent.exports.lock().unwrap().iter().find(|e| e.id == id && e.made.elapsed() < EXPORT_TTL).map(|e| e.data.clone());
+    match found {
+        Some(data) => ([(header::CONTENT_TYPE, "application/octet-stream")], Body::from(data)).into_response(),
+        None => refuse(StatusCode::NOT_FOUND, format!("no export {id} on this agent (exports are kept {} minutes)", EXPORT_TTL.as_secs() / 60)),
     }
 }
 

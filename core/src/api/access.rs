@@ -1,7 +1,7 @@
 //! The access layer: authenticates every request and checks the role its endpoint needs.
 //!
-//! Reads need `viewer`; changes to servers, plugins and users need `admin`; every other change
-//! needs `operator`.
+//! Reads need `viewer`; changes to servers, plugins and users, and exec in containers, need
+//! `admin`; every other change needs `operator`.
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -18,7 +18,10 @@ pub fn needed_role(method: &Method, path: &str) -> Role {
         return Role::Viewer;
     }
     let admin_areas = ["/v1/servers", "/v1/plugins", "/v1/users"];
-    if admin_areas.iter().any(|a| path == *a || path.starts_with(&format!("{a}/"))) {
+    // exec runs as root inside a container, which shares the host's files outside its
+    // private directories: an admin's tool.
+    let exec = path.starts_with("/v1/containers/") && path.ends_with("/exec");
+    if exec || admin_areas.iter().any(|a| path == *a || path.starts_with(&format!("{a}/"))) {
         Role::Admin
     } else {
         Role::Operator

@@ -6,8 +6,9 @@
 //!   same id, so the agent runs it once however often it is sent.
 //! - Every request has a deadline: a hanging agent costs the command that waits for it a
 //!   bounded time and never blocks other servers.
-//! - `export` hands out a reference to the guest on its agent; the importing agent pulls the
-//!   bytes from the exporting one, so cold migration streams agent to agent, not via the core.
+//! - `export` has the agent snapshot the stopped guest and hands out a reference to that
+//!   export; the importing agent pulls the bytes from the exporting one, so cold migration and
+//!   cloning stream agent to agent, not via the core.
 
 use std::sync::RwLock;
 use std::time::Duration;
@@ -59,20 +60,30 @@ pub struct RemoteDriver {
     capabilities: RwLock<Capabilities>,
 }
 
+/// True when an image is a reference to an export on an agent rather than bytes. Images that
+/// come from users (a platform import) must never be references: a forged one would make an
+/// agent present the fleet's token to any address.
+pub fn is_reference(image: &[u8]) -> bool {
+    image.starts_with(AGENT_IMAGE)
+}
+
+fn reference(image: &GuestImage) -> Result<Option<(String, String)>, DriverError> {
+    let Some(r) = image.data.strip_prefix(AGENT_IMAGE) else { return Ok(None) };
+    serde_json::from_slice(r).map(Some).map_err(|e| DriverError::Permanent(format!("corrupt agent image reference: {e}")))
+}
+
 /// Reads the bytes of an image, pulling them from the agent it refers to if needed (for
 /// moving a container to another platform, where no agent of ours can pull).
 pub async fn materialize(image: GuestImage, token: &str) -> Result<GuestImage, DriverError> {
-    let Some(reference) = image.data.strip_prefix(AGENT_IMAGE) else { return Ok(image) };
-    let (url, guest): (String, String) = serde_json::from_slice(reference)
-        .map_err(|e| DriverError::Permanent(format!("corrupt agent image reference: {e}")))?;
+    let Some((url, export)) = reference(&image)? else { return Ok(image) };
     let resp = reqwest::Client::new()
-        .get(format!("{url}/v1/guests/{guest}/image"))
+        .get(format!("{url}/v1/exports/{export}"))
         .bearer_auth(token)
         .send()
         .await
         .map_err(|e| DriverError::Unreachable { server: url.clone(), message: e.to_string() })?;
     if !resp.status().is_success() {
-        return Err(DriverError::Permanent(format!("agent {url} answered {} for the image of {guest}", resp.status())));
+        return Err(DriverError::Permanent(format!("agent {url} answered {} for export {export}", resp.status())));
     }
     let data = resp.bytes().await.map_err(|e| DriverError::Transient(e.to_string()))?;
     Ok(GuestImage { type_id: image.type_id, data: data.to_vec() })
@@ -263,26 +274,19 @@ impl Driver for RemoteDriver {
         if !self.capabilities().migrate {
             return Err(DriverError::Unsupported { driver: "remote".into(), operation: "export".into() });
         }
-        // The guest must exist and be stopped now; the bytes move later, agent to agent.
-        match self.status(guest_id).await? {
-            None => return Err(DriverError::NotFound(guest_id.into())),
-            Some(info) if info.state != super::GuestState::Stopped => {
-                return Err(DriverError::InvalidState { guest: guest_id.into(), state: info.state, operation: "export".into() });
-            }
-            Some(_) => {}
-        }
+        // The agent snapshots the stopped guest now; the bytes move later, agent to agent.
+        let export = match self.op(Op::Export { guest: guest_id.into() }).await? {
+            OpOutput::Export { export, .. } => export,
+            other => return Err(DriverError::Permanent(format!("agent {} answered {other:?} where an export was expected", self.name))),
+        };
         let mut data = AGENT_IMAGE.to_vec();
-        data.extend(serde_json::to_vec(&(&self.url, guest_id)).expect("serializes"));
+        data.extend(serde_json::to_vec(&(&self.url, export)).expect("serializes"));
         Ok(GuestImage { type_id: String::new(), data })
     }
 
     async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
-        let source = match image.data.strip_prefix(AGENT_IMAGE) {
-            Some(reference) => {
-                let (url, guest): (String, String) = serde_json::from_slice(reference)
-                    .map_err(|e| DriverError::Permanent(format!("corrupt agent image reference: {e}")))?;
-                ImageSource::Agent { url, guest, type_id: spec.type_id.clone() }
-            }
+        let source = match reference(image)? {
+            Some((url, export)) => ImageSource::Agent { url, export, type_id: spec.type_id.clone() },
             None => ImageSource::Inline { type_id: image.type_id.clone(), data_hex: hex::encode(&image.data) },
         };
         self.guest(Op::Import { spec: spec.clone(), source }).await

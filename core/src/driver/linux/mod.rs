@@ -40,6 +40,8 @@ use crate::model::Resources;
 const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a started guest has to answer on its ready port.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How much of each output stream `exec` returns.
+const EXEC_OUTPUT_MAX: usize = 1 << 20;
 /// How much of the log `logs` returns.
 const LOG_TAIL: u64 = 64 << 10;
 
@@ -139,6 +141,12 @@ impl LinuxDriver {
                 Err(e) => tracing::warn!(file = %file.display(), error = %e, "skipping an unreadable guest record"),
             }
         }
+        // After a reboot of the host the kernel has no cgroups for the recorded guests.
+        for r in guests.values() {
+            if let Err(e) = cgroups.create(&r.spec.guest_id, &r.spec.resources) {
+                tracing::warn!(guest = %r.spec.guest_id, error = %e, "cannot restore the cgroups of a guest");
+            }
+        }
         let capacity = cfg.capacity.unwrap_or_else(|| machine_capacity(&cfg.data_dir));
         Ok(LinuxDriver { cfg, cgroups, capacity, guests: Mutex::new(guests), locks: Mutex::new(HashMap::new()), cpu_sample: Mutex::new(None) })
     }
@@ -195,59 +203,67 @@ impl LinuxDriver {
     }
 
     fn allocated(&self) -> Resources {
-        self.guests.lock().unwrap().values().fold(Resources::default(), |acc, r| acc.plus(&r.spec.resources))
+        allocated_in(&self.guests.lock().unwrap())
     }
 
-    fn check_capacity(&self, extra: &Resources, freed: &Resources) -> Result<(), DriverError> {
-        let wanted = self.allocated().minus(freed).plus(extra);
-        if wanted.fits_in(&self.capacity) {
-            return Ok(());
+    fn over_capacity(&self, wanted: Resources) -> DriverError {
+        DriverError::Capacity { server: self.cfg.name.clone(), message: format!("{wanted:?} would exceed the capacity {:?}", self.capacity) }
+    }
+
+    /// Reserves capacity and an address for a new guest by recording it in memory, under one
+    /// lock, so concurrent creates never share an address or over-commit. `Err(info)` when the
+    /// guest exists.
+    fn reserve(&self, spec: &GuestSpec) -> Result<Result<Record, GuestInfo>, DriverError> {
+        let mut guests = self.guests.lock().unwrap();
+        if let Some(existing) = guests.get(&spec.guest_id).cloned() {
+            drop(guests);
+            return Ok(Err(self.info(&existing)));
         }
-        Err(DriverError::Capacity {
-            server: self.cfg.name.clone(),
-            message: format!("{wanted:?} would exceed the capacity {:?}", self.capacity),
-        })
-    }
-
-    /// The spec's address if it is free and in the subnet, else the lowest free one.
-    fn choose_ip(&self, wanted: Option<&str>) -> Result<Ipv4Addr, DriverError> {
-        let guests = self.guests.lock().unwrap();
+        let wanted = allocated_in(&guests).plus(&spec.resources);
+        if !wanted.fits_in(&self.capacity) {
+            return Err(self.over_capacity(wanted));
+        }
         let used: Vec<Ipv4Addr> = guests.values().map(|r| r.ip).collect();
-        if let Some(ip) = wanted.and_then(|w| w.parse::<Ipv4Addr>().ok()) {
-            if self.cfg.subnet.contains(ip) && !used.contains(&ip) {
-                return Ok(ip);
-            }
-        }
-        self.cfg.subnet.hosts().find(|ip| !used.contains(ip)).ok_or_else(|| DriverError::Capacity {
+        let asked = spec.ip.as_deref().and_then(|w| w.parse::<Ipv4Addr>().ok()).filter(|ip| self.cfg.subnet.contains(*ip) && !used.contains(ip));
+        let ip = asked.or_else(|| self.cfg.subnet.hosts().find(|ip| !used.contains(ip))).ok_or_else(|| DriverError::Capacity {
             server: self.cfg.name.clone(),
             message: format!("no free address left in {}", self.cfg.subnet),
-        })
+        })?;
+        let mut spec = spec.clone();
+        spec.ip = Some(ip.to_string());
+        let record = Record { spec, ip };
+        guests.insert(record.spec.guest_id.clone(), record.clone());
+        Ok(Ok(record))
     }
 
-    /// Makes the guest's directory, cgroups and record; `fill` writes its private files.
-    fn make_guest(&self, spec: &GuestSpec, fill: impl FnOnce(&Path) -> Result<(), DriverError>) -> Result<GuestInfo, DriverError> {
+    /// Makes the guest's directory, cgroups and record; `fill` writes its private files (off
+    /// the async runtime). The record on disk is written last: a guest without one does not exist.
+    async fn make_guest(&self, spec: &GuestSpec, fill: impl FnOnce(&Path) -> Result<(), DriverError> + Send + 'static) -> Result<GuestInfo, DriverError> {
         validate_id(&spec.guest_id)?;
-        if let Ok(existing) = self.record(&spec.guest_id) {
-            return Ok(self.info(&existing));
-        }
-        self.check_capacity(&spec.resources, &Resources::default())?;
-        let ip = self.choose_ip(spec.ip.as_deref())?;
+        let record = match self.reserve(spec)? {
+            Ok(r) => r,
+            Err(existing) => return Ok(existing),
+        };
         let dir = self.dir(&spec.guest_id);
-        let fs = dir.join("fs");
-        let made = (|| {
-            std::fs::create_dir_all(&fs).map_err(permanent)?;
-            fill(&fs)?;
+        let made = async {
+            let fs = dir.join("fs");
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&fs).map_err(permanent)?;
+                fill(&fs)
+            })
+            .await
+            .map_err(permanent)??;
             self.cgroups.create(&spec.guest_id, &spec.resources).map_err(permanent)?;
-            let mut spec = spec.clone();
-            spec.ip = Some(ip.to_string());
-            self.save(&Record { spec, ip })
-        })();
+            self.save(&record)
+        }
+        .await;
         if let Err(e) = made {
+            self.guests.lock().unwrap().remove(&spec.guest_id);
             self.cgroups.remove(&spec.guest_id);
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(e);
         }
-        Ok(self.info(&self.record(&spec.guest_id)?))
+        Ok(self.info(&record))
     }
 
     /// Processes of the guest inside its PID namespace (not the launcher outside it).
@@ -260,8 +276,17 @@ impl LinuxDriver {
             .collect()
     }
 
-    fn signal_all(&self, guest: &str, pids: Vec<i32>, signal: i32) {
-        let _ = guest;
+    /// The guest's PID 1 (its init), as seen from the host.
+    fn init_pid(&self, guest: &str) -> Option<i32> {
+        self.cgroups.pids(guest).into_iter().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .ok()
+                .and_then(|s| s.lines().find(|l| l.starts_with("NSpid:")).map(|l| l.split_whitespace().last() == Some("1") && l.split_whitespace().count() > 2))
+                .unwrap_or(false)
+        })
+    }
+
+    fn signal_all(&self, pids: Vec<i32>, signal: i32) {
         for p in pids {
             // SAFETY: kill has no memory preconditions; a stale pid only yields ESRCH.
             unsafe { libc::kill(p, signal) };
@@ -285,9 +310,9 @@ impl LinuxDriver {
             self.cgroups.freeze(guest, false).await.map_err(permanent)?;
         }
         if !self.cgroups.pids(guest).is_empty() {
-            self.signal_all(guest, self.inner_pids(guest), libc::SIGTERM);
+            self.signal_all(self.inner_pids(guest), libc::SIGTERM);
             if !self.wait_empty(guest, self.cfg.stop_grace).await {
-                self.signal_all(guest, self.cgroups.pids(guest), libc::SIGKILL);
+                self.signal_all(self.cgroups.pids(guest), libc::SIGKILL);
                 if !self.wait_empty(guest, Duration::from_secs(10)).await {
                     return Err(DriverError::Transient(format!("processes of {guest} survived SIGKILL; try again")));
                 }
@@ -312,7 +337,13 @@ impl LinuxDriver {
         let net = GuestNet::new(&self.cfg.prefix, guest);
         network::attach(&net, &self.cfg.bridge, &self.cfg.subnet, r.ip).await.map_err(permanent)?;
         let dir = self.dir(guest);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("console.log")).map_err(permanent)?;
+        let log = match std::fs::OpenOptions::new().create(true).append(true).open(dir.join("console.log")).and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok(files) => files,
+            Err(e) => {
+                network::detach(&net).await;
+                return Err(permanent(format!("cannot open the log of {guest}: {e}")));
+            }
+        };
         let procs: Vec<String> = self.cgroups.procs_files(guest).iter().map(|p| p.to_string_lossy().into_owned()).collect();
         let spawned = Command::new("sh")
             .arg("-c")
@@ -328,8 +359,8 @@ impl LinuxDriver {
             .env("CLOUD48_CONTAINER", guest)
             .current_dir(dir.join("fs"))
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(permanent)?)
-            .stderr(log)
+            .stdout(log.0)
+            .stderr(log.1)
             .spawn();
         let mut child = match spawned {
             Ok(c) => c,
@@ -372,7 +403,8 @@ impl LinuxDriver {
         }
     }
 
-    fn disk_used(&self) -> u64 {
+    /// Bytes in the guests' directories (walked off the async runtime).
+    async fn disk_used(&self) -> u64 {
         fn walk(p: &Path) -> u64 {
             match std::fs::symlink_metadata(p) {
                 Ok(m) if m.is_dir() => std::fs::read_dir(p).map(|rd| rd.flatten().map(|e| walk(&e.path())).sum()).unwrap_or(0),
@@ -380,8 +412,13 @@ impl LinuxDriver {
                 Err(_) => 0,
             }
         }
-        walk(&self.cfg.data_dir.join("guests"))
+        let root = self.cfg.data_dir.join("guests");
+        tokio::task::spawn_blocking(move || walk(&root)).await.unwrap_or(0)
     }
+}
+
+fn allocated_in(guests: &BTreeMap<String, Record>) -> Resources {
+    guests.values().fold(Resources::default(), |acc, r| acc.plus(&r.spec.resources))
 }
 
 /// Guest ids become directory, cgroup and host names.
@@ -428,6 +465,31 @@ fn machine_capacity(data_dir: &Path) -> Resources {
     Resources { cpu_millis: cpus * 1000, memory_mb: memory_kb / 1024, disk_mb }
 }
 
+/// A tar archive of a guest's directory: directories, files and symlinks; sockets, pipes and
+/// devices are skipped (they mean nothing on another server).
+fn archive(fs: &Path) -> std::io::Result<Vec<u8>> {
+    fn add(b: &mut tar::Builder<Vec<u8>>, root: &Path, dir: &Path) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let name = path.strip_prefix(root).expect("inside the root");
+            let kind = e.file_type()?;
+            if kind.is_dir() {
+                b.append_dir(name, &path)?;
+                add(b, root, &path)?;
+            } else if kind.is_file() || kind.is_symlink() {
+                b.append_path_with_name(&path, name)?;
+            }
+        }
+        Ok(())
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    add(&mut b, fs, fs)?;
+    b.into_inner()
+}
+
 fn unpack(image: &GuestImage, fs: &Path) -> Result<(), DriverError> {
     let mut archive = tar::Archive::new(image.data.as_slice());
     archive.set_preserve_permissions(true);
@@ -448,7 +510,7 @@ impl Driver for LinuxDriver {
         let lock = self.lock(&spec.guest_id);
         let _held = lock.lock().await;
         let t = self.template(&spec.type_id);
-        self.make_guest(spec, |fs| {
+        self.make_guest(spec, move |fs| {
             for d in &t.private_dirs {
                 std::fs::create_dir_all(fs.join(d.trim_start_matches('/'))).map_err(permanent)?;
             }
@@ -461,6 +523,7 @@ impl Driver for LinuxDriver {
             }
             Ok(())
         })
+        .await
     }
 
     async fn start(&self, guest_id: &str) -> Result<(), DriverError> {
@@ -524,7 +587,7 @@ impl Driver for LinuxDriver {
         }
         self.halt(guest_id).await?;
         self.cgroups.remove(guest_id);
-        std::fs::remove_dir_all(self.dir(guest_id)).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(permanent)?;
+        tokio::fs::remove_dir_all(self.dir(guest_id)).await.or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(permanent)?;
         self.guests.lock().unwrap().remove(guest_id);
         Ok(())
     }
@@ -533,7 +596,10 @@ impl Driver for LinuxDriver {
         let lock = self.lock(guest_id);
         let _held = lock.lock().await;
         let mut r = self.record(guest_id)?;
-        self.check_capacity(resources, &r.spec.resources)?;
+        let wanted = self.allocated().minus(&r.spec.resources).plus(resources);
+        if !wanted.fits_in(&self.capacity) {
+            return Err(self.over_capacity(wanted));
+        }
         self.cgroups.limit(guest_id, resources).map_err(permanent)?;
         r.spec.resources = *resources;
         self.save(&r)
@@ -548,12 +614,7 @@ impl Driver for LinuxDriver {
             return Err(DriverError::InvalidState { guest: guest_id.into(), state, operation: "export".into() });
         }
         let fs = self.dir(guest_id).join("fs");
-        let data = tokio::task::spawn_blocking(move || {
-            let mut b = tar::Builder::new(Vec::new());
-            b.follow_symlinks(false);
-            b.append_dir_all(".", &fs)?;
-            b.into_inner()
-        })
+        let data = tokio::task::spawn_blocking(move || archive(&fs))
         .await
         .map_err(permanent)?
         .map_err(|e| permanent(format!("cannot archive the directory of {guest_id}: {e}")))?;
@@ -563,18 +624,20 @@ impl Driver for LinuxDriver {
     async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
         let lock = self.lock(&spec.guest_id);
         let _held = lock.lock().await;
-        self.make_guest(spec, |fs| unpack(image, fs))
+        let image = image.clone();
+        self.make_guest(spec, move |fs| unpack(&image, fs)).await
     }
 
     async fn exec(&self, guest_id: &str, script: &str, args: &[String]) -> Result<ExecOutput, DriverError> {
+        let lock = self.lock(guest_id);
+        let _held = lock.lock().await;
         self.record(guest_id)?;
         let state = self.state(guest_id);
-        let target = self.inner_pids(guest_id).into_iter().min();
-        let (GuestState::Running, Some(pid)) = (state, target) else {
+        let (GuestState::Running, Some(pid)) = (state, self.init_pid(guest_id)) else {
             return Err(DriverError::InvalidState { guest: guest_id.into(), state, operation: "exec".into() });
         };
         let procs: Vec<String> = self.cgroups.procs_files(guest_id).iter().map(|p| p.to_string_lossy().into_owned()).collect();
-        let run = Command::new("sh")
+        let child = Command::new("sh")
             .arg("-c")
             .arg(JOIN)
             .arg("c48-join")
@@ -584,17 +647,25 @@ impl Driver for LinuxDriver {
             .env("C48_SCRIPT", script)
             .env("CLOUD48_CONTAINER", guest_id)
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(EXEC_TIMEOUT, run)
-            .await
-            .map_err(|_| permanent(format!("exec in {guest_id} did not finish within {} s", EXEC_TIMEOUT.as_secs())))?
+            .spawn()
             .map_err(|e| permanent(format!("cannot exec in {guest_id}: {e}")))?;
-        Ok(ExecOutput {
-            exit_code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        let group = child.id();
+        let out = match tokio::time::timeout(EXEC_TIMEOUT, child.wait_with_output()).await {
+            Ok(out) => out.map_err(|e| permanent(format!("cannot exec in {guest_id}: {e}")))?,
+            Err(_) => {
+                if let Some(g) = group {
+                    // SAFETY: killpg has no memory preconditions.
+                    unsafe { libc::killpg(g as i32, libc::SIGKILL) };
+                }
+                return Err(permanent(format!("exec in {guest_id} did not finish within {} s and was killed", EXEC_TIMEOUT.as_secs())));
+            }
+        };
+        let text = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(EXEC_OUTPUT_MAX)]).into_owned();
+        Ok(ExecOutput { exit_code: out.status.code().unwrap_or(-1), stdout: text(&out.stdout), stderr: text(&out.stderr) })
     }
 
     async fn status(&self, guest_id: &str) -> Result<Option<GuestInfo>, DriverError> {
@@ -628,7 +699,7 @@ impl Driver for LinuxDriver {
             capacity: self.capacity,
             allocated: self.allocated(),
             guests: ids.len() as u64,
-            used: Some(Resources { cpu_millis, memory_mb: memory >> 20, disk_mb: self.disk_used() >> 20 }),
+            used: Some(Resources { cpu_millis, memory_mb: memory >> 20, disk_mb: self.disk_used().await >> 20 }),
         })
     }
 
