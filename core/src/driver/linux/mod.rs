@@ -399,7 +399,7 @@ impl LinuxDriver {
                     tail(&dir.join("console.log"), 2048)
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 

@@ -127,29 +127,60 @@ pub async fn remove_bridge(bridge: &str) {
     let _ = run("ip", &["link", "del", bridge]).await;
 }
 
+/// Runs `ip -batch -` (optionally inside a namespace) with one command per line.
+async fn batch(netns: Option<&str>, lines: &[String]) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run ip (Debian: apt-get install iproute2): {e}"))?;
+    let mut stdin = child.stdin.take().expect("piped");
+    stdin.write_all(lines.join("\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    drop(stdin);
+    let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let hint = if err.contains("Operation not permitted") { " (the linux driver must run as root)" } else { "" };
+    Err(format!("ip -batch ({}) failed: {}{hint}", lines.join("; "), err.trim()))
+}
+
 /// Creates the guest's namespace and veth pair with `ip` on the bridge (after removing leftovers).
 pub async fn attach(net: &GuestNet, bridge: &str, subnet: &Subnet, ip: Ipv4Addr) -> Result<(), String> {
-    detach(net).await;
-    run("ip", &["netns", "add", &net.netns]).await?;
-    let addr = format!("{ip}/{}", subnet.prefix);
-    let gw = subnet.gateway().to_string();
-    let steps: [&[&str]; 8] = [
-        &["link", "add", &net.host_if, "type", "veth", "peer", "name", &net.peer_if],
-        &["link", "set", &net.host_if, "master", bridge, "up"],
-        &["link", "set", &net.peer_if, "netns", &net.netns],
-        &["-n", &net.netns, "link", "set", &net.peer_if, "name", "eth0"],
-        &["-n", &net.netns, "addr", "add", &addr, "dev", "eth0"],
-        &["-n", &net.netns, "link", "set", "eth0", "up"],
-        &["-n", &net.netns, "link", "set", "lo", "up"],
-        &["-n", &net.netns, "route", "add", "default", "via", &gw],
-    ];
-    for args in steps {
-        if let Err(e) = run("ip", args).await {
-            detach(net).await;
-            return Err(e);
-        }
+    // /proc/net shows this process's network namespace (unlike /sys under nsenter).
+    let interfaces = tokio::fs::read_to_string("/proc/net/dev").await.unwrap_or_default();
+    if interfaces.contains(&format!("{}:", net.host_if)) || std::path::Path::new(&format!("/run/netns/{}", net.netns)).exists() {
+        detach(net).await;
     }
-    Ok(())
+    run("ip", &["netns", "add", &net.netns]).await?;
+    let host = [
+        format!("link add {} type veth peer name {}", net.host_if, net.peer_if),
+        format!("link set {} master {bridge} up", net.host_if),
+        format!("link set {} netns {}", net.peer_if, net.netns),
+    ];
+    let inside = [
+        format!("link set {} name eth0", net.peer_if),
+        format!("addr add {ip}/{} dev eth0", subnet.prefix),
+        "link set eth0 up".to_string(),
+        "link set lo up".to_string(),
+        format!("route add default via {}", subnet.gateway()),
+    ];
+    let made = match batch(None, &host).await {
+        Ok(()) => batch(Some(&net.netns), &inside).await,
+        Err(e) => Err(e),
+    };
+    if made.is_err() {
+        detach(net).await;
+    }
+    made
 }
 
 /// Removes the guest's namespace and veth pair; missing ones are fine.
