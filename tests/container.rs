@@ -12,7 +12,7 @@ async fn create(t: &TestCore, server: Option<&str>) -> i64 {
         .client
         .post(
             "/v1/containers",
-            &CreateContainer { type_id: "plain".into(), server: server.map(Into::into), requirements: None },
+            &CreateContainer { type_id: "plain".into(), server: server.map(Into::into), requirements: None, count: None },
         )
         .await
         .unwrap();
@@ -125,7 +125,7 @@ async fn a_failed_create_leaves_a_failed_container_and_no_guest() {
     t.sim("sim-2").await.fail_next("start", 1, DriverError::Permanent("image broken".into()));
     let a: Accepted = t
         .client
-        .post("/v1/containers", &CreateContainer { type_id: "plain".into(), server: Some("sim-2".into()), requirements: None })
+        .post("/v1/containers", &CreateContainer { type_id: "plain".into(), server: Some("sim-2".into()), requirements: None, count: None })
         .await
         .unwrap();
     let cmd = t.wait(a.command_id).await;

@@ -125,7 +125,7 @@ async fn assert_ledger_clean(t: &TestCore) {
 }
 
 fn plain(server: Option<&str>) -> CreateContainer {
-    CreateContainer { type_id: "plain".into(), server: server.map(Into::into), requirements: None }
+    CreateContainer { type_id: "plain".into(), server: server.map(Into::into), requirements: None, count: None }
 }
 
 async fn two_hundred_concurrent_creates_never_overcommit(postgres: bool) {
@@ -161,6 +161,66 @@ async fn two_hundred_concurrent_creates_never_overcommit(postgres: bool) {
     assert_ledger_clean(&t).await;
 }
 crate::on_both_databases!(concurrent_creates, two_hundred_concurrent_creates_never_overcommit);
+
+async fn a_batch_onto_a_nearly_full_platform_never_overcommits(postgres: bool) {
+    // Room for 150 plain containers on three servers; one batch of 160 and 40 single creates
+    // compete for it.
+    let opts = Opts {
+        postgres,
+        workers: 16,
+        capacity: Some(Resources { cpu_millis: 1_000_000, memory_mb: 256 * 50, disk_mb: 10_000_000 }),
+        ..Default::default()
+    };
+    let Some(t) = TestCore::start(opts).await else { return };
+    let batch = create(&t, &CreateContainer { count: Some(160), ..plain(None) }).await;
+    assert_eq!(batch.object_id, None);
+    let mut singles = Vec::new();
+    for _ in 0..40 {
+        singles.push(create(&t, &plain(None)).await);
+    }
+    let done = t.ok(batch.command_id).await;
+    let result = done.result.unwrap();
+    let mut single_ok = 0;
+    for a in &singles {
+        single_ok += (t.wait(a.command_id).await.status == CommandStatus::Succeeded) as u64;
+    }
+    let created = result["created"].as_u64().unwrap();
+    assert_eq!(created + single_ok, 150, "exactly what fits was created: {result}");
+    let failed = result["failed"].as_array().unwrap();
+    assert_eq!(failed.len() as u64, 160 - created);
+    assert!(failed.iter().all(|f| f[1].as_str().unwrap().contains("memory_mb 256 needed") || f[1].as_str().unwrap().contains("room")), "{result}");
+    let list: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
+    let running = list.iter().filter(|c| c.status == ContainerStatus::Running).count();
+    let failed_rows = list.iter().filter(|c| c.status == ContainerStatus::Failed).count();
+    assert_eq!((running, failed_rows), (150, 50), "every container ended running or failed");
+    for s in servers(&t).await {
+        assert!(s.allocated.memory_mb <= s.capacity.memory_mb, "server {} is over-committed", s.name);
+        assert_eq!(t.sim(&s.name).await.guests().len(), 50, "server {} runs one guest per container", s.name);
+    }
+    // The batch's containers are unlocked: a command on one of them runs.
+    let one = list.iter().find(|c| c.status == ContainerStatus::Running).unwrap();
+    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", one.id), &json!({ "op": "stop" })).await.unwrap();
+    t.ok(a.command_id).await;
+    assert_ledger_clean(&t).await;
+}
+crate::on_both_databases!(batch_creates, a_batch_onto_a_nearly_full_platform_never_overcommits);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_back() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    for name in ["sim-1", "sim-2", "sim-3"] {
+        t.sim(&name).await.fail_next("create", 1, cloud48_core::driver::DriverError::Permanent("disk broken".into()));
+    }
+    let batch = create(&t, &CreateContainer { count: Some(30), ..plain(None) }).await;
+    let result = t.ok(batch.command_id).await.result.unwrap();
+    assert_eq!(result["created"], 27, "{result}");
+    let failed = result["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 3);
+    assert!(failed.iter().all(|f| f[1].as_str().unwrap().contains("disk broken")), "{result}");
+    let err = t.client.post::<_, Value>("/v1/containers", &json!({ "type": "plain", "count": 0 })).await.unwrap_err();
+    assert!(err.to_string().contains("count: must be 1-10000"), "{err}");
+    assert_ledger_clean(&t).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spread_keeps_members_of_a_type_on_different_servers() {

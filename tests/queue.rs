@@ -18,7 +18,7 @@ async fn running_container(t: &TestCore) -> (i64, String) {
     let (cmd, id) = t
         .core
         .containers()
-        .create(&CreateContainer { type_id: "plain".into(), server: Some("sim-1".into()), requirements: None }, "test")
+        .create(&CreateContainer { type_id: "plain".into(), server: Some("sim-1".into()), requirements: None, count: None }, "test")
         .await
         .unwrap();
     t.ok(cmd).await;

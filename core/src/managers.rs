@@ -136,6 +136,10 @@ pub struct CreateContainer {
     pub server: Option<String>,
     /// Requirements; default: the type's.
     pub requirements: Option<Requirements>,
+    /// How many such containers (1-10,000; default 1). More than one are made by one
+    /// `container.create_many` command; its result lists those that failed.
+    #[serde(default)]
+    pub count: Option<u32>,
 }
 
 /// A container exported from one platform for import into another.
@@ -204,6 +208,9 @@ pub(crate) async fn server_by_name<C: ConnectionTrait>(
 
 /// Guest id of a container: unique on the platform and fixed at creation, so that creating it
 /// twice on a server is detectable.
+/// Most containers one `container.create_many` makes.
+pub const MAX_BATCH: u32 = 10_000;
+
 pub(crate) fn guest_id_for(platform: &str, id: ContainerId) -> String {
     format!("{platform}-c{id}")
 }
@@ -275,6 +282,78 @@ impl<'a> ContainerManager<'a> {
         let txn = self.core.db().begin().await?;
         let (id, server_id) = insert_container(self.core, &txn, &req.type_id, req.server.as_deref(), req.requirements.clone(), None).await?;
         self.submit_create(txn, id, json!({ "server_id": server_id }), requested_by).await
+    }
+
+    /// Creates `count` containers of one type with one `container.create_many` command (the
+    /// fast path for many containers: batched placement and writes); returns (command,
+    /// containers). Each container is placed on its own and fails alone.
+    pub async fn create_many(
+        &self,
+        req: &CreateContainer,
+        count: u32,
+        requested_by: &str,
+    ) -> Result<(CommandId, Vec<ContainerId>), CoreError> {
+        use sea_orm::QuerySelect;
+        if !(1..=MAX_BATCH).contains(&count) {
+            return Err(CoreError::invalid("count", format!("must be 1-{MAX_BATCH}; submit larger numbers as several batches")));
+        }
+        let ty = self.core.types().require(&req.type_id).map_err(|m| CoreError::invalid("type", m))?;
+        let requirements = req.requirements.clone().unwrap_or_else(|| ty.default_requirements());
+        requirements.resources.validate().map_err(|m| CoreError::invalid("requirements", m))?;
+        let db = self.core.db();
+        let txn = db.begin().await?;
+        let server_id = match req.server.as_deref() {
+            Some(name) => Some(server_by_name(&txn, "server", name).await?.id),
+            None => None,
+        };
+        let command = NewCommand {
+            kind: "container.create_many".into(),
+            target: None,
+            params: json!({ "type": req.type_id, "count": count, "server_id": server_id }),
+            requested_by: requested_by.to_string(),
+        };
+        let cmd = self.core.queue().enqueue_in(&txn, vec![command], None).await?[0];
+        let now = now_ms();
+        let requirements = serde_json::to_string(&requirements).expect("serializable");
+        let rows: Vec<container::ActiveModel> = (0..count)
+            .map(|_| container::ActiveModel {
+                platform_id: Set(self.core.inner.platform.id),
+                type_id: Set(req.type_id.clone()),
+                state: Set(ty.initial_state()),
+                status: Set(ContainerStatus::Creating.as_str().into()),
+                server_id: Set(None),
+                environment_id: Set(None),
+                guest_id: Set(String::new()),
+                ip: Set(None),
+                requirements: Set(requirements.clone()),
+                locked_by: Set(Some(cmd)),
+                created_at: Set(now),
+                updated_at: Set(now),
+                ..Default::default()
+            })
+            .collect();
+        for chunk in rows.chunks(500) {
+            container::Entity::insert_many(chunk.to_vec()).exec(&txn).await?;
+        }
+        // Guest ids in the format of `guest_id_for`, in one statement.
+        let prefix = format!("{}-c", self.core.platform_name());
+        txn.execute_raw(crate::queue::store::sql(
+            &txn,
+            "UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE locked_by = $2 AND guest_id = ''",
+            vec![prefix.into(), cmd.into()],
+        ))
+        .await?;
+        let ids: Vec<i64> = container::Entity::find()
+            .select_only()
+            .column(container::Column::Id)
+            .filter(container::Column::LockedBy.eq(cmd))
+            .order_by_asc(container::Column::Id)
+            .into_tuple()
+            .all(&txn)
+            .await?;
+        txn.commit().await?;
+        self.core.queue().wake();
+        Ok((cmd, ids))
     }
 
     /// Persists the `container.create` of a new container `id` in `txn` and commits;

@@ -282,7 +282,10 @@ pub enum EnvCmd {
 #[derive(Debug, Subcommand)]
 pub enum ContainerCmd {
     /// Create a standalone container (outside any environment).
-    Create { #[command(flatten)] new: NewContainerArgs, #[command(flatten)] wait: WaitArg },
+    Create { #[command(flatten)] new: NewContainerArgs,
+        /// How many such containers (1-10,000), made by one batched command.
+        #[arg(long)] count: Option<u32>,
+        #[command(flatten)] wait: WaitArg },
     /// Start a stopped container.
     Start { /// Container id.
         id: i64, #[command(flatten)] wait: WaitArg },
@@ -684,10 +687,13 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
         (path, body)
     };
     let (id, op, wait) = match cmd {
-        ContainerCmd::Create { new, wait } => {
-            let req = CreateContainer { type_id: new.type_id.clone(), server: new.on.clone(), requirements: new.requirements()? };
+        ContainerCmd::Create { new, count, wait } => {
+            let req = CreateContainer { type_id: new.type_id.clone(), server: new.on.clone(), requirements: new.requirements()?, count };
             let a = client.submit("/v1/containers", Some(&req)).await?;
-            let what = format!("creating container {}", a.object_id.unwrap_or_default());
+            let what = match a.object_id {
+                Some(id) => format!("creating container {id}"),
+                None => format!("creating {} containers", count.unwrap_or(1)),
+            };
             return out.accepted(client, a, wait, &what).await;
         }
         ContainerCmd::Start { id, wait } => (id, ContainerCommand::Start, wait),

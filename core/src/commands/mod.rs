@@ -7,6 +7,7 @@
 //! - A step re-checks the object's status; a command queued behind another one fails with a
 //!   clear message when the object is no longer in a status it can act on.
 
+mod batch;
 mod container;
 mod environment;
 
@@ -46,6 +47,7 @@ impl Runner for Handlers {
         };
         match cmd.kind.split_once('.') {
             _ if cmd.kind == "noop" => Ok(Transition::bare(Next::Done(Value::Null))),
+            _ if cmd.kind == "container.create_many" => batch::create_many(&ctx).await,
             Some(("container", op)) => container::step(&ctx, op).await,
             Some(("environment", op)) => environment::step(&ctx, op).await,
             _ => Err(StepError::Permanent(format!(
@@ -60,6 +62,9 @@ impl Runner for Handlers {
         cmd: &command::Model,
         error: &str,
     ) -> Result<Option<DatabaseTransaction>, DbErr> {
+        if cmd.kind == "container.create_many" {
+            return batch::compensate(&self.core, cmd).await;
+        }
         if matches!(cmd.kind.as_str(), "container.create" | "container.clone" | "container.migrate") {
             return container::compensate(&self.core, cmd, error).await;
         }

@@ -16,7 +16,7 @@
 //! - A parent in `waiting` is queued again exactly when its last child reaches a terminal status.
 //! - Only commands that never started (step 0, no attempts) can be cancelled.
 
-mod store;
+pub(crate) mod store;
 mod worker;
 
 use std::sync::Arc;

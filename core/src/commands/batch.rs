@@ -1,0 +1,245 @@
+//! `container.create_many`: one persisted command creates many containers of one type, with
+//! the same guarantees as `container.create` and a fraction of its database round trips.
+//!
+//! The containers are inserted at submission, locked by the command. Step 0 decides a server
+//! for each in the placement cache, claims the capacity with one conditional update per server
+//! (falling back to one-by-one placement on a server that filled up meanwhile), and records a
+//! dummy per container in one insert. Step 1 creates and starts every guest, then in one
+//! transaction the containers take their dummies' places and get their server, address and
+//! status. A container that fits nowhere, or that its server refuses, fails alone; the others go
+//! on.
+//!
+//! Invariants: as for `container.create` — the reservation is durable before anything is made on
+//! a server, step 1 repeats idempotently (guest ids), and a failing command gives back every
+//! reservation it holds and marks its unfinished containers failed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    TransactionTrait, Value as DbValue,
+};
+use serde_json::json;
+
+use super::{StepCtx, driver_of};
+use crate::core::Core;
+use crate::driver::GuestSpec;
+use crate::entities::{command, container, dummy};
+use crate::model::{ContainerStatus, Resources, ServerId, now_ms};
+use crate::placement::{self, PlaceRequest, requirements_of};
+use crate::queue::{Next, StepError, Transition};
+
+/// Rows per multi-row statement.
+const CHUNK: usize = 300;
+
+async fn creating(core: &Core, cmd: i64) -> Result<Vec<container::Model>, DbErr> {
+    container::Entity::find()
+        .filter(container::Column::LockedBy.eq(cmd))
+        .filter(container::Column::Status.eq(ContainerStatus::Creating.as_str()))
+        .order_by_asc(container::Column::Id)
+        .all(core.db())
+        .await
+}
+
+/// The steps.
+pub(crate) async fn create_many(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
+    match ctx.cmd.step {
+        0 => place_all(ctx).await,
+        _ => make_all(ctx).await,
+    }
+}
+
+async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    let cache = core.placement();
+    let rows = creating(core, ctx.cmd.id).await?;
+    let fixed = ctx.params["server_id"].as_i64();
+    let none = HashSet::new();
+    // Decide in memory; the cache counts each decision so the next one sees it.
+    let mut per_server: BTreeMap<ServerId, (Resources, Vec<usize>)> = BTreeMap::new();
+    let mut failed: Vec<(i64, String)> = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let need = requirements_of(row).resources;
+        let decided = match fixed {
+            Some(s) => Ok(s),
+            None => cache.decide(&requirements_of(row), &none),
+        };
+        match decided {
+            Ok(s) => {
+                cache.apply(s, &need, 1, 1);
+                let e = per_server.entry(s).or_default();
+                e.0 = e.0.plus(&need);
+                e.1.push(i);
+            }
+            Err(reason) => failed.push((row.id, reason)),
+        }
+    }
+    let deadline = core.queue().now_ms() + core.config().placement.dummy_ttl().as_millis() as i64;
+    let txn = core.db().begin().await?;
+    let mut placed: Vec<(i64, ServerId)> = Vec::new();
+    let mut dummies = Vec::new();
+    for (server, (total, members)) in per_server {
+        if placement::claim(&txn, server, &total, members.len() as i64, true).await? {
+            for i in members {
+                let need = requirements_of(&rows[i]).resources;
+                dummies.push(dummy_row(server, rows[i].id, ctx.cmd.id, &need, deadline));
+                placed.push((rows[i].id, server));
+            }
+            continue;
+        }
+        // The server filled up meanwhile: place these one by one.
+        cache.apply(server, &total, members.len() as i64, -1);
+        cache.refresh(&txn, server).await?;
+        for i in members {
+            let req = requirements_of(&rows[i]);
+            let request = PlaceRequest { requirements: &req, container_id: rows[i].id, command_id: Some(ctx.cmd.id), avoid: none.clone(), server: fixed, deadline };
+            match placement::place(&txn, cache, request).await {
+                Ok(r) => placed.push((rows[i].id, r.server_id)),
+                Err(placement::PlacementError::NoFit(reason)) => failed.push((rows[i].id, reason)),
+                Err(placement::PlacementError::Db(e)) => return Err(e.into()),
+            }
+        }
+    }
+    for chunk in dummies.chunks(CHUNK) {
+        dummy::Entity::insert_many(chunk.to_vec()).exec(&txn).await?;
+    }
+    give_up(&txn, &failed.iter().map(|(id, _)| *id).collect::<Vec<_>>()).await?;
+    let progress = json!({ "placed": placed, "failed": failed });
+    Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
+}
+
+fn dummy_row(server: ServerId, container: i64, command: i64, need: &Resources, deadline: i64) -> dummy::ActiveModel {
+    dummy::ActiveModel {
+        server_id: Set(server),
+        container_id: Set(container),
+        command_id: Set(Some(command)),
+        cpu_millis: Set(need.cpu_millis as i64),
+        memory_mb: Set(need.memory_mb as i64),
+        disk_mb: Set(need.disk_mb as i64),
+        deadline: Set(deadline),
+        created_at: Set(now_ms()),
+        ..Default::default()
+    }
+}
+
+/// Marks containers failed and unlocks them.
+async fn give_up<C: ConnectionTrait>(conn: &C, ids: &[i64]) -> Result<(), DbErr> {
+    for chunk in ids.chunks(CHUNK) {
+        container::Entity::update_many()
+            .col_expr(container::Column::Status, Expr::value(ContainerStatus::Failed.as_str()))
+            .col_expr(container::Column::LockedBy, Expr::value(DbValue::BigInt(None)))
+            .col_expr(container::Column::UpdatedAt, Expr::value(now_ms()))
+            .filter(container::Column::Id.is_in(chunk.iter().copied()))
+            .exec(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    let placed: Vec<(i64, ServerId)> = serde_json::from_value(ctx.progress["placed"].clone())
+        .map_err(|_| StepError::Permanent("lost the placements of this command".into()))?;
+    let mut failed: Vec<(i64, String)> = serde_json::from_value(ctx.progress["failed"].clone()).unwrap_or_default();
+    let rows: HashMap<i64, container::Model> = creating(core, ctx.cmd.id).await?.into_iter().map(|r| (r.id, r)).collect();
+    let start = ctx.params["start"].as_bool().unwrap_or(true);
+    let mut made: Vec<(i64, ServerId, Option<String>)> = Vec::new();
+    let mut refused: Vec<i64> = Vec::new();
+    for (id, server) in placed {
+        let Some(row) = rows.get(&id) else { continue };
+        let (driver, name) = driver_of(core, server)?;
+        let spec = GuestSpec { guest_id: row.guest_id.clone(), type_id: row.type_id.clone(), resources: requirements_of(row).resources, ip: None };
+        let outcome = async {
+            let info = driver.create(&spec).await?;
+            if start {
+                driver.start(&spec.guest_id).await?;
+            }
+            Ok::<_, crate::driver::DriverError>(info)
+        }
+        .await;
+        match outcome {
+            Ok(info) => made.push((id, server, info.ip)),
+            Err(e) if e.is_transient() => return Err(StepError::Transient(format!("server {name}: {e}"))),
+            Err(e) => {
+                failed.push((id, format!("server {name}: {e}")));
+                refused.push(id);
+            }
+        }
+    }
+    // Read what is needed before the transaction (SQLite has one connection).
+    let dummies = dummy::Entity::find().filter(dummy::Column::CommandId.eq(ctx.cmd.id)).all(core.db()).await?;
+    let txn = core.db().begin().await?;
+    let by_container: HashMap<i64, &dummy::Model> = dummies.iter().map(|d| (d.container_id, d)).collect();
+    // The refused give their reservation back; the made take their dummies' places.
+    for id in &refused {
+        if let Some(d) = by_container.get(id) {
+            placement::release(&txn, d.server_id, &placement::dummy_resources(d), 1).await?;
+            core.placement().apply(d.server_id, &placement::dummy_resources(d), 1, -1);
+        }
+    }
+    let mut lost = Vec::new();
+    for (id, server, _) in &made {
+        if !by_container.contains_key(id) {
+            // The collector took the dummy (deadline passed): reserve again if it still fits.
+            let need = requirements_of(&rows[id]).resources;
+            if !placement::claim(&txn, *server, &need, 1, false).await? {
+                lost.push(*id);
+            }
+        }
+    }
+    let ids: Vec<i64> = dummies.iter().map(|d| d.id).collect();
+    for chunk in ids.chunks(CHUNK) {
+        dummy::Entity::delete_many().filter(dummy::Column::Id.is_in(chunk.iter().copied())).exec(&txn).await?;
+    }
+    let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
+    let ok: Vec<&(i64, ServerId, Option<String>)> = made.iter().filter(|m| !lost.contains(&m.0)).collect();
+    for chunk in ok.chunks(CHUNK) {
+        fill_many(&txn, chunk, status).await?;
+    }
+    for id in &lost {
+        failed.push((*id, "the capacity reserved expired and the server has no room any more".into()));
+    }
+    give_up(&txn, &refused.iter().chain(lost.iter()).copied().collect::<Vec<_>>()).await?;
+    let result = json!({ "created": ok.len(), "failed": failed });
+    Ok(Transition::with(Next::Done(result), txn))
+}
+
+/// One statement: each container gets its server, address and status, and is unlocked.
+async fn fill_many(txn: &DatabaseTransaction, made: &[&(i64, ServerId, Option<String>)], status: ContainerStatus) -> Result<(), DbErr> {
+    let mut values = Vec::new();
+    let mut params: Vec<DbValue> = Vec::new();
+    for (id, server, ip) in made {
+        let n = params.len();
+        values.push(format!("(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS TEXT))", n + 1, n + 2, n + 3));
+        params.extend([DbValue::BigInt(Some(*id)), DbValue::BigInt(Some(*server)), DbValue::String(ip.clone())]);
+    }
+    let n = params.len();
+    params.push(DbValue::String(Some(status.as_str().to_string())));
+    params.push(DbValue::BigInt(Some(now_ms())));
+    let text = format!(
+        "UPDATE containers SET server_id = v.column2, ip = v.column3, status = ${}, locked_by = NULL, updated_at = ${} \
+         FROM (VALUES {}) AS v WHERE containers.id = v.column1",
+        n + 1,
+        n + 2,
+        values.join(", ")
+    );
+    txn.execute_raw(crate::queue::store::sql(txn, &text, params)).await?;
+    Ok(())
+}
+
+/// A failing `container.create_many` gives back every reservation it holds and marks its
+/// unfinished containers failed.
+pub(crate) async fn compensate(core: &Core, cmd: &command::Model) -> Result<Option<DatabaseTransaction>, DbErr> {
+    let dummies = dummy::Entity::find().filter(dummy::Column::CommandId.eq(cmd.id)).all(core.db()).await?;
+    let unfinished: Vec<i64> = creating(core, cmd.id).await?.into_iter().map(|r| r.id).collect();
+    let txn = core.db().begin().await?;
+    for d in &dummies {
+        placement::drop_dummy(&txn, d.id).await?;
+    }
+    give_up(&txn, &unfinished).await?;
+    for d in &dummies {
+        core.placement().apply(d.server_id, &placement::dummy_resources(d), 1, -1);
+    }
+    Ok(Some(txn))
+}
