@@ -120,3 +120,38 @@ async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leakin
     let guests = sim_guests(&data);
     assert_eq!(guests.len(), 1, "exactly one copy of the container exists: {guests:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let flags = ["--sim-latency-ms", "20", "--sim-servers", "3", "--anonymous", "full"];
+    let mut serve = ServeProcess::spawn(&data, &flags).await;
+    let client = Client::new(&serve.url);
+    let a: Accepted = client.post("/v1/containers", &json!({ "type": "plain", "count": 40 })).await.unwrap();
+    // Kill once the reservations are persisted (step 1) and some guests exist.
+    loop {
+        let c: Command = client.get(&format!("/v1/commands/{}", a.command_id)).await.unwrap();
+        assert!(!c.status.is_terminal(), "the batch finished before the kill: {c:?}");
+        if c.step >= 1 && !sim_guests(&data).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    serve.kill9();
+    drop(serve);
+
+    let serve = ServeProcess::spawn(&data, &flags).await;
+    let client = Client::new(&serve.url);
+    let done = client.command(a.command_id, 120).await.unwrap();
+    assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
+    assert_eq!(done.result.unwrap()["created"], 40);
+    let servers: Vec<Value> = client.get("/v1/servers").await.unwrap();
+    assert_eq!(servers.iter().map(|s| s["dummies"].as_u64().unwrap()).sum::<u64>(), 0, "no dummy outlives its command");
+    assert_eq!(servers.iter().map(|s| s["containers"].as_u64().unwrap()).sum::<u64>(), 40, "{servers:#?}");
+    let guests = sim_guests(&data);
+    assert_eq!(guests.len(), 40, "one guest per container");
+    for (id, ops) in guests {
+        assert_eq!(ops, ["create", "start"], "guest {id} saw its operations more than once");
+    }
+}

@@ -211,6 +211,10 @@ pub struct PlaceBenchArgs {
     /// Database connections (PostgreSQL).
     #[arg(long, default_value_t = 16)]
     pub connections: u32,
+    /// Containers per `container.create_many` command; 1 submits one `container.create`
+    /// command per container.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: u32,
 }
 
 /// Runs the placement benchmark: container creates through the full durable path (command
@@ -264,7 +268,16 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     let ty = core.types().require("tomcat").map_err(|e| anyhow::anyhow!(e))?;
     let requirements = serde_json::to_string(&req)?;
     let backend = core.db().get_database_backend();
-    let mut left = args.creates;
+    let mut left = if args.batch > 1 { 0 } else { args.creates };
+    if args.batch > 1 {
+        let create = crate::managers::CreateContainer { type_id: "tomcat".into(), server: None, requirements: Some(req.clone()), count: None };
+        let mut rest = args.creates;
+        while rest > 0 {
+            let n = rest.min(args.batch as usize);
+            rest -= n;
+            core.containers().create_many(&create, n as u32, "bench").await?;
+        }
+    }
     while left > 0 {
         let n = left.min(500);
         left -= n;
@@ -325,7 +338,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     let failed = db
         .query_one_raw(Statement::from_string(
             db.get_database_backend(),
-            "SELECT COUNT(*) AS n FROM commands WHERE status <> 'succeeded'",
+            "SELECT COUNT(*) AS n FROM containers WHERE status <> 'running'",
         ))
         .await?
         .and_then(|r| r.try_get::<i64>("", "n").ok())
@@ -338,9 +351,10 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     let (min, max) = spread.iter().fold((u64::MAX, 0), |(lo, hi), c| (lo.min(c.containers), hi.max(c.containers)));
     let audit = crate::placement::audit(db).await?;
     println!(
-        "{database}: {} placements/s: {} creates on {} servers in {:.2} s (submission {:.2} s), {} not succeeded; decision p50 {:.1} µs, p99 {:.1} µs; containers per server {}..{}; ledger {}",
+        "{database}: {} placements/s: {} creates ({}) on {} servers in {:.2} s (submission {:.2} s), {} not running; decision p50 {:.1} µs, p99 {:.1} µs; containers per server {}..{}; ledger {}",
         (args.creates as f64 / secs).round(),
         args.creates,
+        if args.batch > 1 { format!("{} per command", args.batch) } else { "one command each".to_string() },
         args.servers,
         secs,
         submitted,

@@ -281,6 +281,72 @@ impl PlacementCache {
         out
     }
 
+    /// Decides servers for many requests at once, as `decide` would one after another, and
+    /// counts each decision in the cache (like `apply`). Requests with the same requirements
+    /// share one scan of the servers: the fitting servers go into a heap by score, and each
+    /// decision takes the best, counts the container there and puts the server back with its
+    /// new score, so a decision costs O(log servers) instead of a scan.
+    pub fn decide_many(&self, requests: &[Requirements]) -> Vec<Result<ServerId, String>> {
+        use std::cmp::{Ordering as O, Reverse};
+        use std::collections::BinaryHeap;
+        #[derive(PartialEq)]
+        struct Best(f64, Reverse<ServerId>, usize);
+        impl Eq for Best {}
+        impl PartialOrd for Best {
+            fn partial_cmp(&self, other: &Self) -> Option<O> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for Best {
+            fn cmp(&self, other: &Self) -> O {
+                self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
+            }
+        }
+        let w = *self.weights.read().unwrap();
+        let mut out = vec![Err(String::new()); requests.len()];
+        let mut groups: Vec<(&Requirements, Vec<usize>)> = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            match groups.iter_mut().find(|(g, _)| *g == r) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((r, vec![i])),
+            }
+        }
+        let avoid = HashSet::new();
+        let mut guard = self.servers.write().unwrap();
+        let list = &mut guard.0;
+        for (req, members) in groups {
+            let started = Instant::now();
+            let need = &req.resources;
+            let mut heap: BinaryHeap<Best> = list
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.placeable() && has_labels(c, req) && need.fits_in(&c.free()))
+                .map(|(i, c)| Best(score(c, need, &w), Reverse(c.id), i))
+                .collect();
+            let build = started.elapsed().as_nanos() as u64 / members.len() as u64;
+            for i in members {
+                let one = Instant::now();
+                out[i] = match heap.pop() {
+                    Some(Best(_, Reverse(id), at)) => {
+                        let c = &mut list[at];
+                        c.allocated = c.allocated.plus(need);
+                        c.containers += 1;
+                        if need.fits_in(&c.free()) {
+                            heap.push(Best(score(c, need, &w), Reverse(id), at));
+                        }
+                        Ok(id)
+                    }
+                    None => Err(no_fit_reason(list, req, &avoid)),
+                };
+                if self.timing.load(Ordering::Relaxed) {
+                    let ns = (build + one.elapsed().as_nanos() as u64).min(u32::MAX as u64) as u32;
+                    self.samples.lock().unwrap().push(ns);
+                }
+            }
+        }
+        out
+    }
+
     /// Starts recording the duration of every decision (for `bench place`).
     pub fn record_timings(&self, on: bool) {
         self.timing.store(on, Ordering::Relaxed);

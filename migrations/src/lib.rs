@@ -11,6 +11,7 @@ mod m0002_users;
 mod m0003_plugins;
 mod m0004_command_targets;
 mod m0005_placement;
+mod m0006_container_locks;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0003_plugins::Migration),
             Box::new(m0004_command_targets::Migration),
             Box::new(m0005_placement::Migration),
+            Box::new(m0006_container_locks::Migration),
         ]
     }
 }

@@ -57,22 +57,26 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let fixed = ctx.params["server_id"].as_i64();
     let none = HashSet::new();
     // Decide in memory; the cache counts each decision so the next one sees it.
+    let requirements: Vec<_> = rows.iter().map(requirements_of).collect();
+    let decisions = match fixed {
+        Some(s) => {
+            for r in &requirements {
+                cache.apply(s, &r.resources, 1, 1);
+            }
+            vec![Ok(s); rows.len()]
+        }
+        None => cache.decide_many(&requirements),
+    };
     let mut per_server: BTreeMap<ServerId, (Resources, Vec<usize>)> = BTreeMap::new();
     let mut failed: Vec<(i64, String)> = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        let need = requirements_of(row).resources;
-        let decided = match fixed {
-            Some(s) => Ok(s),
-            None => cache.decide(&requirements_of(row), &none),
-        };
+    for (i, decided) in decisions.into_iter().enumerate() {
         match decided {
             Ok(s) => {
-                cache.apply(s, &need, 1, 1);
                 let e = per_server.entry(s).or_default();
-                e.0 = e.0.plus(&need);
+                e.0 = e.0.plus(&requirements[i].resources);
                 e.1.push(i);
             }
-            Err(reason) => failed.push((row.id, reason)),
+            Err(reason) => failed.push((rows[i].id, reason)),
         }
     }
     let deadline = core.queue().now_ms() + core.config().placement.dummy_ttl().as_millis() as i64;
@@ -82,8 +86,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     for (server, (total, members)) in per_server {
         if placement::claim(&txn, server, &total, members.len() as i64, true).await? {
             for i in members {
-                let need = requirements_of(&rows[i]).resources;
-                dummies.push(dummy_row(server, rows[i].id, ctx.cmd.id, &need, deadline));
+                dummies.push(dummy_row(server, rows[i].id, ctx.cmd.id, &requirements[i].resources, deadline));
                 placed.push((rows[i].id, server));
             }
             continue;
@@ -92,8 +95,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
         cache.apply(server, &total, members.len() as i64, -1);
         cache.refresh(&txn, server).await?;
         for i in members {
-            let req = requirements_of(&rows[i]);
-            let request = PlaceRequest { requirements: &req, container_id: rows[i].id, command_id: Some(ctx.cmd.id), avoid: none.clone(), server: fixed, deadline };
+            let request = PlaceRequest { requirements: &requirements[i], container_id: rows[i].id, command_id: Some(ctx.cmd.id), avoid: none.clone(), server: fixed, deadline };
             match placement::place(&txn, cache, request).await {
                 Ok(r) => placed.push((rows[i].id, r.server_id)),
                 Err(placement::PlacementError::NoFit(reason)) => failed.push((rows[i].id, reason)),
