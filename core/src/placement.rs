@@ -390,6 +390,41 @@ pub async fn claim<C: ConnectionTrait>(
     Ok(q.exec(conn).await?.rows_affected == 1)
 }
 
+/// `claim` for many servers with few statements; returns the servers whose claim held (the
+/// others changed nothing).
+pub async fn claim_many<C: ConnectionTrait>(
+    conn: &C,
+    claims: &[(ServerId, Resources, i64)],
+) -> Result<HashSet<ServerId>, DbErr> {
+    let mut held = HashSet::new();
+    for chunk in claims.chunks(200) {
+        let mut values = Vec::new();
+        let mut params: Vec<sea_orm::Value> = Vec::new();
+        for (server, r, count) in chunk {
+            let n = params.len();
+            values.push(format!(
+                "(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
+                n + 1, n + 2, n + 3, n + 4, n + 5
+            ));
+            params.extend([*server, r.cpu_millis as i64, r.memory_mb as i64, r.disk_mb as i64, *count].map(sea_orm::Value::from));
+        }
+        let text = format!(
+            "UPDATE servers SET alloc_cpu_millis = alloc_cpu_millis + v.column2, alloc_memory_mb = alloc_memory_mb + v.column3, \
+             alloc_disk_mb = alloc_disk_mb + v.column4, alloc_containers = alloc_containers + v.column5 \
+             FROM (VALUES {}) AS v WHERE servers.id = v.column1 \
+             AND servers.alloc_cpu_millis + v.column2 <= servers.cpu_millis \
+             AND servers.alloc_memory_mb + v.column3 <= servers.memory_mb \
+             AND servers.alloc_disk_mb + v.column4 <= servers.disk_mb \
+             AND servers.status = 'up' AND servers.draining = false RETURNING servers.id",
+            values.join(", ")
+        );
+        for row in conn.query_all_raw(crate::queue::store::sql(conn, &text, params)).await? {
+            held.insert(row.try_get::<i64>("", "id")?);
+        }
+    }
+    Ok(held)
+}
+
 /// Gives back `r` (and `count` containers) on `server`.
 pub async fn release<C: ConnectionTrait>(
     conn: &C,

@@ -83,8 +83,10 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let txn = core.db().begin().await?;
     let mut placed: Vec<(i64, ServerId)> = Vec::new();
     let mut dummies = Vec::new();
+    let claims: Vec<(ServerId, Resources, i64)> = per_server.iter().map(|(s, (total, m))| (*s, *total, m.len() as i64)).collect();
+    let held = placement::claim_many(&txn, &claims).await?;
     for (server, (total, members)) in per_server {
-        if placement::claim(&txn, server, &total, members.len() as i64, true).await? {
+        if held.contains(&server) {
             for i in members {
                 dummies.push(dummy_row(server, rows[i].id, ctx.cmd.id, &requirements[i].resources, deadline));
                 placed.push((rows[i].id, server));
