@@ -85,6 +85,35 @@ proptest! {
     }
 
     #[test]
+    fn batch_decisions_equal_one_decision_after_another(
+        fleet in prop::collection::vec(candidate(), 0..40),
+        need in (1..4_000u64, 1..16_384u64, 1..100_000u64),
+        labels in prop::collection::vec(prop::sample::select(LABELS.to_vec()), 0..2),
+        count in 0..60usize,
+    ) {
+        let mut servers: Vec<Candidate> = fleet.into_iter().enumerate().map(|(i, mut c)| { c.id = i as i64 + 1; c }).collect();
+        let req = Requirements {
+            resources: Resources { cpu_millis: need.0, memory_mb: need.1, disk_mb: need.2 },
+            labels: labels.into_iter().map(String::from).collect(),
+            spread: false,
+        };
+        let w = Weights::default();
+        let cache = placement::PlacementCache::with_servers(w, servers.clone());
+        let batch = cache.decide_many(&vec![req.clone(); count]);
+        for (i, got) in batch.iter().enumerate() {
+            let want = decide(&servers, &req, &HashSet::new(), &w);
+            prop_assert_eq!(got.is_ok(), want.is_ok(), "decision {} differs", i);
+            if let (Ok(g), Ok(s)) = (got, &want) {
+                prop_assert_eq!(g, s, "decision {} chose another server", i);
+                let c = servers.iter_mut().find(|c| c.id == *s).unwrap();
+                c.allocated = c.allocated.plus(&req.resources);
+                c.containers += 1;
+            }
+        }
+        prop_assert_eq!(cache.snapshot(), servers, "the cache counts every decision");
+    }
+
+    #[test]
     fn equal_containers_on_equal_servers_end_up_balanced(servers in 1..30usize, containers in 0..300usize) {
         let capacity = Resources { cpu_millis: 64_000, memory_mb: 262_144, disk_mb: 4_000_000 };
         let mut fleet: Vec<Candidate> = (1..=servers as i64)

@@ -285,15 +285,15 @@ impl<'a> ContainerManager<'a> {
     }
 
     /// Creates `count` containers of one type with one `container.create_many` command (the
-    /// fast path for many containers: batched placement and writes); returns (command,
-    /// containers). Each container is placed on its own and fails alone.
+    /// fast path for many containers: batched placement and writes); returns the command,
+    /// whose result lists the containers that failed. Each container is placed on its own and
+    /// fails alone.
     pub async fn create_many(
         &self,
         req: &CreateContainer,
         count: u32,
         requested_by: &str,
-    ) -> Result<(CommandId, Vec<ContainerId>), CoreError> {
-        use sea_orm::QuerySelect;
+    ) -> Result<CommandId, CoreError> {
         if !(1..=MAX_BATCH).contains(&count) {
             return Err(CoreError::invalid("count", format!("must be 1-{MAX_BATCH}; submit larger numbers as several batches")));
         }
@@ -309,7 +309,7 @@ impl<'a> ContainerManager<'a> {
         let command = NewCommand {
             kind: "container.create_many".into(),
             target: None,
-            params: json!({ "type": req.type_id, "count": count, "server_id": server_id }),
+            params: json!({ "type": req.type_id, "count": count, "server_id": server_id, "requirements": requirements }),
             requested_by: requested_by.to_string(),
         };
         let cmd = self.core.queue().enqueue_in(&txn, vec![command], None).await?[0];
@@ -343,17 +343,9 @@ impl<'a> ContainerManager<'a> {
             vec![prefix.into(), cmd.into()],
         ))
         .await?;
-        let ids: Vec<i64> = container::Entity::find()
-            .select_only()
-            .column(container::Column::Id)
-            .filter(container::Column::LockedBy.eq(cmd))
-            .order_by_asc(container::Column::Id)
-            .into_tuple()
-            .all(&txn)
-            .await?;
         txn.commit().await?;
         self.core.queue().wake();
-        Ok((cmd, ids))
+        Ok(cmd)
     }
 
     /// Persists the `container.create` of a new container `id` in `txn` and commits;

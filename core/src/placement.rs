@@ -216,6 +216,14 @@ impl PlacementCache {
         PlacementCache { weights: RwLock::new(weights), ..Default::default() }
     }
 
+    /// A cache of the given servers (for tools and tests that need no database).
+    pub fn with_servers(weights: Weights, servers: Vec<Candidate>) -> Self {
+        let index = servers.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
+        let cache = PlacementCache::new(weights);
+        *cache.servers.write().unwrap() = (servers, index);
+        cache
+    }
+
     /// Reloads every server.
     pub async fn refresh_all<C: ConnectionTrait>(&self, conn: &C) -> Result<(), DbErr> {
         let rows = server::Entity::find().order_by_asc(server::Column::Id).all(conn).await?;
@@ -281,8 +289,9 @@ impl PlacementCache {
         out
     }
 
-    /// Decides servers for many requests at once, as `decide` would one after another, and
-    /// counts each decision in the cache (like `apply`). Requests with the same requirements
+    /// Decides servers for many requests at once, as `decide` would one after another (taking
+    /// requests with equal requirements together, in order of first appearance), and counts
+    /// each decision in the cache (like `apply`). Requests with the same requirements
     /// share one scan of the servers: the fitting servers go into a heap by score, and each
     /// decision takes the best, counts the container there and puts the server back with its
     /// new score, so a decision costs O(log servers) instead of a scan.
@@ -392,8 +401,8 @@ pub async fn claim<C: ConnectionTrait>(
 
 /// `claim` for many servers with few statements; returns the servers whose claim held (the
 /// others changed nothing).
-pub async fn claim_many<C: ConnectionTrait>(
-    conn: &C,
+pub async fn claim_many(
+    txn: &DatabaseTransaction,
     claims: &[(ServerId, Resources, i64)],
 ) -> Result<HashSet<ServerId>, DbErr> {
     let mut held = HashSet::new();
@@ -415,11 +424,21 @@ pub async fn claim_many<C: ConnectionTrait>(
              AND servers.alloc_cpu_millis + v.column2 <= servers.cpu_millis \
              AND servers.alloc_memory_mb + v.column3 <= servers.memory_mb \
              AND servers.alloc_disk_mb + v.column4 <= servers.disk_mb \
-             AND servers.status = 'up' AND servers.draining = false RETURNING servers.id",
+             AND servers.status = 'up' AND servers.draining = false",
             values.join(", ")
         );
-        for row in conn.query_all_raw(crate::queue::store::sql(conn, &text, params)).await? {
-            held.insert(row.try_get::<i64>("", "id")?);
+        // Usually every claim holds; otherwise undo the chunk and claim server by server.
+        let sp = txn.begin().await?;
+        if sp.execute_raw(crate::queue::store::sql(&sp, &text, params)).await?.rows_affected() == chunk.len() as u64 {
+            sp.commit().await?;
+            held.extend(chunk.iter().map(|c| c.0));
+            continue;
+        }
+        sp.rollback().await?;
+        for (server, r, count) in chunk {
+            if claim(txn, *server, r, *count, true).await? {
+                held.insert(*server);
+            }
         }
     }
     Ok(held)

@@ -214,7 +214,7 @@ async fn create_container(
     ApiJson(req): ApiJson<CreateContainer>,
 ) -> Result<Accept, ApiError> {
     if let Some(n) = req.count.filter(|n| *n != 1) {
-        let (cmd, _) = core.containers().create_many(&req, n, who.audit_name()).await?;
+        let cmd = core.containers().create_many(&req, n, who.audit_name()).await?;
         return Ok(accepted(cmd, None));
     }
     let (cmd, id) = core.containers().create(&req, who.audit_name()).await?;

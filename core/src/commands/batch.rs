@@ -26,20 +26,31 @@ use super::{StepCtx, driver_of};
 use crate::core::Core;
 use crate::driver::GuestSpec;
 use crate::entities::{command, container, dummy};
-use crate::model::{ContainerStatus, Resources, ServerId, now_ms};
-use crate::placement::{self, PlaceRequest, requirements_of};
+use crate::managers::guest_id_for;
+use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
+use crate::placement::{self, PlaceRequest};
 use crate::queue::{Next, StepError, Transition};
 
 /// Rows per multi-row statement.
 const CHUNK: usize = 300;
 
-async fn creating(core: &Core, cmd: i64) -> Result<Vec<container::Model>, DbErr> {
+/// Ids of the containers the command still has to create.
+async fn creating(core: &Core, cmd: i64) -> Result<Vec<i64>, DbErr> {
+    use sea_orm::QuerySelect;
     container::Entity::find()
+        .select_only()
+        .column(container::Column::Id)
         .filter(container::Column::LockedBy.eq(cmd))
         .filter(container::Column::Status.eq(ContainerStatus::Creating.as_str()))
         .order_by_asc(container::Column::Id)
+        .into_tuple()
         .all(core.db())
         .await
+}
+
+/// The requirements every container of the batch shares.
+fn requirements(ctx: &StepCtx<'_>) -> Result<Requirements, StepError> {
+    serde_json::from_value(ctx.params["requirements"].clone()).map_err(|e| StepError::Permanent(format!("bad requirements in the command: {e}")))
 }
 
 /// The steps.
@@ -57,7 +68,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let fixed = ctx.params["server_id"].as_i64();
     let none = HashSet::new();
     // Decide in memory; the cache counts each decision so the next one sees it.
-    let requirements: Vec<_> = rows.iter().map(requirements_of).collect();
+    let requirements = vec![requirements(ctx)?; rows.len()];
     let decisions = match fixed {
         Some(s) => {
             for r in &requirements {
@@ -76,7 +87,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
                 e.0 = e.0.plus(&requirements[i].resources);
                 e.1.push(i);
             }
-            Err(reason) => failed.push((rows[i].id, reason)),
+            Err(reason) => failed.push((rows[i], reason)),
         }
     }
     let deadline = core.queue().now_ms() + core.config().placement.dummy_ttl().as_millis() as i64;
@@ -88,8 +99,8 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     for (server, (total, members)) in per_server {
         if held.contains(&server) {
             for i in members {
-                dummies.push(dummy_row(server, rows[i].id, ctx.cmd.id, &requirements[i].resources, deadline));
-                placed.push((rows[i].id, server));
+                dummies.push(dummy_row(server, rows[i], ctx.cmd.id, &requirements[i].resources, deadline));
+                placed.push((rows[i], server));
             }
             continue;
         }
@@ -97,10 +108,10 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
         cache.apply(server, &total, members.len() as i64, -1);
         cache.refresh(&txn, server).await?;
         for i in members {
-            let request = PlaceRequest { requirements: &requirements[i], container_id: rows[i].id, command_id: Some(ctx.cmd.id), avoid: none.clone(), server: fixed, deadline };
+            let request = PlaceRequest { requirements: &requirements[i], container_id: rows[i], command_id: Some(ctx.cmd.id), avoid: none.clone(), server: fixed, deadline };
             match placement::place(&txn, cache, request).await {
-                Ok(r) => placed.push((rows[i].id, r.server_id)),
-                Err(placement::PlacementError::NoFit(reason)) => failed.push((rows[i].id, reason)),
+                Ok(r) => placed.push((rows[i], r.server_id)),
+                Err(placement::PlacementError::NoFit(reason)) => failed.push((rows[i], reason)),
                 Err(placement::PlacementError::Db(e)) => return Err(e.into()),
             }
         }
@@ -146,14 +157,15 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let placed: Vec<(i64, ServerId)> = serde_json::from_value(ctx.progress["placed"].clone())
         .map_err(|_| StepError::Permanent("lost the placements of this command".into()))?;
     let mut failed: Vec<(i64, String)> = serde_json::from_value(ctx.progress["failed"].clone()).unwrap_or_default();
-    let rows: HashMap<i64, container::Model> = creating(core, ctx.cmd.id).await?.into_iter().map(|r| (r.id, r)).collect();
+    let need = requirements(ctx)?.resources;
+    let type_id = ctx.params["type"].as_str().unwrap_or_default().to_string();
     let start = ctx.params["start"].as_bool().unwrap_or(true);
     let mut made: Vec<(i64, ServerId, Option<String>)> = Vec::new();
     let mut refused: Vec<i64> = Vec::new();
+    // The containers are locked by this command: no other command changed them meanwhile.
     for (id, server) in placed {
-        let Some(row) = rows.get(&id) else { continue };
         let (driver, name) = driver_of(core, server)?;
-        let spec = GuestSpec { guest_id: row.guest_id.clone(), type_id: row.type_id.clone(), resources: requirements_of(row).resources, ip: None };
+        let spec = GuestSpec { guest_id: guest_id_for(core.platform_name(), id), type_id: type_id.clone(), resources: need, ip: None };
         let outcome = async {
             let info = driver.create(&spec).await?;
             if start {
@@ -171,11 +183,32 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
             }
         }
     }
-    // Read what is needed before the transaction (SQLite has one connection).
-    let dummies = dummy::Entity::find().filter(dummy::Column::CommandId.eq(ctx.cmd.id)).all(core.db()).await?;
     let txn = core.db().begin().await?;
+    // The made take their dummies' places, the refused give their reservations back. In the
+    // common case every dummy is there and nothing was refused: one delete does it all.
+    let removed = dummy::Entity::delete_many().filter(dummy::Column::CommandId.eq(ctx.cmd.id)).exec(&txn).await?.rows_affected;
+    if removed != (made.len() + refused.len()) as u64 || !refused.is_empty() {
+        txn.rollback().await?;
+        return settle_slowly(ctx, made, refused, failed, need, start).await;
+    }
+    finish(txn, made, Vec::new(), refused, failed, start).await
+}
+
+/// The uncommon end of step 1: some dummies were collected (their deadline passed) or some
+/// containers were refused by their server.
+async fn settle_slowly(
+    ctx: &StepCtx<'_>,
+    made: Vec<(i64, ServerId, Option<String>)>,
+    refused: Vec<i64>,
+    failed: Vec<(i64, String)>,
+    need: Resources,
+    start: bool,
+) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    // Read before the transaction (SQLite has one connection).
+    let dummies = dummy::Entity::find().filter(dummy::Column::CommandId.eq(ctx.cmd.id)).all(core.db()).await?;
     let by_container: HashMap<i64, &dummy::Model> = dummies.iter().map(|d| (d.container_id, d)).collect();
-    // The refused give their reservation back; the made take their dummies' places.
+    let txn = core.db().begin().await?;
     for id in &refused {
         if let Some(d) = by_container.get(id) {
             placement::release(&txn, d.server_id, &placement::dummy_resources(d), 1).await?;
@@ -184,18 +217,27 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     }
     let mut lost = Vec::new();
     for (id, server, _) in &made {
-        if !by_container.contains_key(id) {
-            // The collector took the dummy (deadline passed): reserve again if it still fits.
-            let need = requirements_of(&rows[id]).resources;
-            if !placement::claim(&txn, *server, &need, 1, false).await? {
-                lost.push(*id);
-            }
+        // A dummy the collector took (deadline passed): reserve again if it still fits.
+        if !by_container.contains_key(id) && !placement::claim(&txn, *server, &need, 1, false).await? {
+            lost.push(*id);
         }
     }
     let ids: Vec<i64> = dummies.iter().map(|d| d.id).collect();
     for chunk in ids.chunks(CHUNK) {
         dummy::Entity::delete_many().filter(dummy::Column::Id.is_in(chunk.iter().copied())).exec(&txn).await?;
     }
+    finish(txn, made, lost, refused, failed, start).await
+}
+
+/// Commits the made containers and fails the others.
+async fn finish(
+    txn: DatabaseTransaction,
+    made: Vec<(i64, ServerId, Option<String>)>,
+    lost: Vec<i64>,
+    refused: Vec<i64>,
+    mut failed: Vec<(i64, String)>,
+    start: bool,
+) -> Result<Transition, StepError> {
     let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
     let ok: Vec<&(i64, ServerId, Option<String>)> = made.iter().filter(|m| !lost.contains(&m.0)).collect();
     for chunk in ok.chunks(CHUNK) {
@@ -236,7 +278,7 @@ async fn fill_many(txn: &DatabaseTransaction, made: &[&(i64, ServerId, Option<St
 /// unfinished containers failed.
 pub(crate) async fn compensate(core: &Core, cmd: &command::Model) -> Result<Option<DatabaseTransaction>, DbErr> {
     let dummies = dummy::Entity::find().filter(dummy::Column::CommandId.eq(cmd.id)).all(core.db()).await?;
-    let unfinished: Vec<i64> = creating(core, cmd.id).await?.into_iter().map(|r| r.id).collect();
+    let unfinished = creating(core, cmd.id).await?;
     let txn = core.db().begin().await?;
     for d in &dummies {
         placement::drop_dummy(&txn, d.id).await?;
