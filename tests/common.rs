@@ -179,6 +179,17 @@ impl TestCore {
         self.ok(id).await.result.unwrap()["container_id"].as_i64().unwrap()
     }
 
+    /// The `ip:8080` of the given containers (as balancer upstreams), sorted.
+    pub async fn addresses(&self, ids: &[i64]) -> Vec<String> {
+        let mut out = Vec::new();
+        for id in ids {
+            let c: cloud48_core::model::Container = self.client.get(&format!("/v1/containers/{id}")).await.unwrap();
+            out.push(format!("{}:8080", c.ip.unwrap()));
+        }
+        out.sort();
+        out
+    }
+
     /// The simulated server of a server name.
     pub async fn sim(&self, name: &str) -> Arc<cloud48_core::driver::sim::SimServer> {
         let s = self.core.servers().get(name).await.unwrap();

@@ -140,15 +140,6 @@ fn fast_health() -> HealthConfig {
     }
 }
 
-/// The `ip:8080` of the given containers, sorted.
-async fn addresses(t: &TestCore, ids: &[i64]) -> Vec<String> {
-    let mut out = Vec::new();
-    for id in ids {
-        out.push(format!("{}:8080", show(t, *id).await.ip.unwrap()));
-    }
-    out.sort();
-    out
-}
 
 /// The arguments of the last nginx rewrite exec'd in a container, sorted.
 async fn last_rewrite(t: &TestCore, c: &Container) -> Option<Vec<String>> {
@@ -193,7 +184,7 @@ async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_t
     // Crash the balancer's server: a new balancer elsewhere registers every tomcat.
     let (ok, _, err) = crate::common::cli(&t.url, &["server", "fail", &lb_server]);
     assert!(ok, "{err}");
-    let want = addresses(&t, &tomcats).await;
+    let want = t.addresses(&tomcats).await;
     let replacement = eventually("a replacement balancer with every tomcat registered", || async {
         let r = running_other(&t, "balancer", &[balancer.id]).await?;
         (last_rewrite(&t, &r).await? == want).then_some(r)
@@ -228,7 +219,7 @@ async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_t
     assert!(ok, "{err}");
     let new_tomcat = eventually("a replacement tomcat", || async { running_other(&t, "tomcat", &tomcats).await }).await;
     assert_ne!(new_tomcat.server.as_deref(), Some("sim-3"));
-    let want = addresses(&t, &[tomcats[1], new_tomcat.id]).await;
+    let want = t.addresses(&[tomcats[1], new_tomcat.id]).await;
     eventually("the balancer points at the live tomcats", || async {
         (last_rewrite(&t, &show(&t, replacement.id).await).await? == want).then_some(())
     })

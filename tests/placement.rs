@@ -157,15 +157,19 @@ fn plain(server: Option<&str>) -> CreateContainer {
     CreateContainer { type_id: "plain".into(), server: server.map(Into::into), requirements: None, count: None }
 }
 
-async fn two_hundred_concurrent_creates_never_overcommit(postgres: bool) {
-    // Three servers with room for 50 plain containers (256 MB) each: 150 fit, 50 do not.
-    let opts = Opts {
+/// Three servers with room for 50 plain containers (256 MB) each.
+fn room_for_150(postgres: bool) -> Opts {
+    Opts {
         postgres,
         workers: 16,
         capacity: Some(Resources { cpu_millis: 1_000_000, memory_mb: 256 * 50, disk_mb: 10_000_000 }),
         ..Default::default()
-    };
-    let Some(t) = TestCore::start(opts).await else { return };
+    }
+}
+
+async fn two_hundred_concurrent_creates_never_overcommit(postgres: bool) {
+    // 150 fit, 50 do not.
+    let Some(t) = TestCore::start(room_for_150(postgres)).await else { return };
     let mut accepted = Vec::new();
     for _ in 0..200 {
         accepted.push(create(&t, &plain(None)).await);
@@ -192,15 +196,8 @@ async fn two_hundred_concurrent_creates_never_overcommit(postgres: bool) {
 crate::on_both_databases!(concurrent_creates, two_hundred_concurrent_creates_never_overcommit);
 
 async fn a_batch_onto_a_nearly_full_platform_never_overcommits(postgres: bool) {
-    // Room for 150 plain containers on three servers; one batch of 160 and 40 single creates
-    // compete for it.
-    let opts = Opts {
-        postgres,
-        workers: 16,
-        capacity: Some(Resources { cpu_millis: 1_000_000, memory_mb: 256 * 50, disk_mb: 10_000_000 }),
-        ..Default::default()
-    };
-    let Some(t) = TestCore::start(opts).await else { return };
+    // One batch of 160 and 40 single creates compete for room for 150.
+    let Some(t) = TestCore::start(room_for_150(postgres)).await else { return };
     let batch = create(&t, &CreateContainer { count: Some(160), ..plain(None) }).await;
     assert_eq!(batch.object_id, None);
     let mut singles = Vec::new();
@@ -334,14 +331,6 @@ async fn upstreams(t: &TestCore, balancer: i64) -> Vec<String> {
     list
 }
 
-async fn addresses(t: &TestCore, ids: &[i64]) -> Vec<String> {
-    let mut out = Vec::new();
-    for id in ids {
-        out.push(format!("{}:8080", show(t, *id).await.ip.unwrap()));
-    }
-    out.sort();
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_without_a_target_lets_placement_choose_and_keeps_the_environment_wired() {
@@ -354,7 +343,7 @@ async fn migrate_without_a_target_lets_placement_choose_and_keeps_the_environmen
     assert_ne!(after.server_id, before.server_id, "placement never picks the current server");
     assert_eq!(after.status, ContainerStatus::Running);
     assert_eq!(after.ip, before.ip, "a migrated container keeps its address");
-    assert_eq!(upstreams(&t, balancer).await, addresses(&t, &tomcats).await, "the balancer still reaches both tomcats");
+    assert_eq!(upstreams(&t, balancer).await, t.addresses(&tomcats).await, "the balancer still reaches both tomcats");
     let old = t.sim(before.server.as_deref().unwrap()).await;
     let new = t.sim(after.server.as_deref().unwrap()).await;
     assert!(old.guest(&before.guest_id).is_none(), "the source copy is gone");
@@ -404,8 +393,8 @@ async fn an_environment_clone_is_wired_to_itself() {
     let copy_tomcats: Vec<i64> = copy.members.iter().filter(|m| m.type_id.starts_with("tomcat")).map(|m| m.id).collect();
     let copy_balancer = copy.members.iter().find(|m| m.type_id.starts_with("balancer")).unwrap().id;
     assert!(copy_tomcats.iter().all(|id| !tomcats.contains(id)));
-    assert_eq!(upstreams(&t, copy_balancer).await, addresses(&t, &copy_tomcats).await, "the copy's balancer points at the copy's tomcats");
-    assert_eq!(upstreams(&t, balancer).await, addresses(&t, &tomcats).await, "the source is untouched");
+    assert_eq!(upstreams(&t, copy_balancer).await, t.addresses(&copy_tomcats).await, "the copy's balancer points at the copy's tomcats");
+    assert_eq!(upstreams(&t, balancer).await, t.addresses(&tomcats).await, "the source is untouched");
     for m in &copy.members {
         let guest = t.sim(m.server.as_deref().unwrap()).await.guest(&m.guest_id).unwrap();
         assert_eq!(guest.operations.first().map(String::as_str), Some("import"), "member {} was copied from its source's disk", m.id);
