@@ -113,17 +113,20 @@ impl Cgroups {
 
     /// Freezes or thaws the guest and waits until the kernel is done.
     pub async fn freeze(&self, guest: &str, frozen: bool) -> Result<(), String> {
-        match self {
-            Cgroups::V2 { .. } => write(&self.dir("", guest).join("cgroup.freeze"), if frozen { "1" } else { "0" })?,
-            Cgroups::V1 { .. } => write(&self.dir("freezer", guest).join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" })?,
-        }
-        for _ in 0..500 {
+        // A busy machine may need several requests (v1 stays FREEZING while a task cannot stop).
+        for attempt in 0..1000 {
+            if attempt % 50 == 0 {
+                match self {
+                    Cgroups::V2 { .. } => write(&self.dir("", guest).join("cgroup.freeze"), if frozen { "1" } else { "0" })?,
+                    Cgroups::V1 { .. } => write(&self.dir("freezer", guest).join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" })?,
+                }
+            }
             if self.frozen(guest) == frozen {
                 return Ok(());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(2 + attempt / 100)).await;
         }
-        Err(format!("the kernel did not {} guest {guest} within a second", if frozen { "freeze" } else { "thaw" }))
+        Err(format!("the kernel did not {} guest {guest} within several seconds; try again", if frozen { "freeze" } else { "thaw" }))
     }
 
     /// True when the guest is frozen.

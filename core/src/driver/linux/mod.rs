@@ -94,9 +94,14 @@ fn permanent(e: impl std::fmt::Display) -> DriverError {
 const GUEST_INIT: &str = r#"set -e
 hostname "$C48_HOSTNAME"
 for d in $C48_PRIVATE; do mkdir -p "$d"; mount --bind "$C48_FS$d" "$d"; done
+# The program may live under /tmp, which the private /tmp hides: hold it open and run it
+# through its descriptor.
+prog=$(command -v "$1")
+shift
+case "$prog" in /tmp/*) exec 9<"$prog"; prog=/proc/self/fd/9;; esac
 mount -t tmpfs -o size=64m tmpfs /tmp
 set +e
-"$@" &
+"$prog" "$@" &
 child=$!
 trap 'kill -TERM $child 2>/dev/null' TERM
 wait $child
