@@ -250,7 +250,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     use crate::entities::container;
     use crate::model::{Requirements, Resources};
     use crate::queue::Target;
-    use sea_orm::{ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
 
     let database = if config.database_url.is_some() { "postgresql" } else { "sqlite" };
     let opened = Instant::now();
@@ -281,22 +281,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     while left > 0 {
         let n = left.min(500);
         left -= n;
-        let now = crate::model::now_ms();
-        let rows = (0..n).map(|_| container::ActiveModel {
-            platform_id: Set(core.inner.platform.id),
-            type_id: Set(ty.type_id().to_string()),
-            state: Set(ty.initial_state()),
-            status: Set("creating".into()),
-            server_id: Set(None),
-            environment_id: Set(None),
-            guest_id: Set(String::new()),
-            ip: Set(None),
-            requirements: Set(requirements.clone()),
-            locked_by: Set(None),
-            created_at: Set(now),
-            updated_at: Set(now),
-            ..Default::default()
-        });
+        let rows = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None, None));
         let txn = core.db().begin().await?;
         container::Entity::insert_many(rows).exec(&txn).await?;
         let ids: Vec<i64> = container::Entity::find()

@@ -208,6 +208,34 @@ pub(crate) async fn server_by_name<C: ConnectionTrait>(
 
 /// Guest id of a container: unique on the platform and fixed at creation, so that creating it
 /// twice on a server is detectable.
+/// A new container row in status `creating`, with no server yet (its guest id is set once
+/// its id is known).
+pub(crate) fn creating_row(
+    core: &Core,
+    type_id: &str,
+    ty: &dyn crate::types::ContainerType,
+    requirements: &str,
+    environment: Option<EnvironmentId>,
+    locked_by: Option<CommandId>,
+) -> container::ActiveModel {
+    let now = now_ms();
+    container::ActiveModel {
+        platform_id: Set(core.inner.platform.id),
+        type_id: Set(type_id.to_string()),
+        state: Set(ty.initial_state()),
+        status: Set(ContainerStatus::Creating.as_str().into()),
+        server_id: Set(None),
+        environment_id: Set(environment),
+        guest_id: Set(String::new()),
+        ip: Set(None),
+        requirements: Set(requirements.to_string()),
+        locked_by: Set(locked_by),
+        created_at: Set(now),
+        updated_at: Set(now),
+        ..Default::default()
+    }
+}
+
 /// Most containers one `container.create_many` makes.
 pub const MAX_BATCH: u32 = 10_000;
 
@@ -313,25 +341,8 @@ impl<'a> ContainerManager<'a> {
             requested_by: requested_by.to_string(),
         };
         let cmd = self.core.queue().enqueue_in(&txn, vec![command], None).await?[0];
-        let now = now_ms();
         let requirements = serde_json::to_string(&requirements).expect("serializable");
-        let rows: Vec<container::ActiveModel> = (0..count)
-            .map(|_| container::ActiveModel {
-                platform_id: Set(self.core.inner.platform.id),
-                type_id: Set(req.type_id.clone()),
-                state: Set(ty.initial_state()),
-                status: Set(ContainerStatus::Creating.as_str().into()),
-                server_id: Set(None),
-                environment_id: Set(None),
-                guest_id: Set(String::new()),
-                ip: Set(None),
-                requirements: Set(requirements.clone()),
-                locked_by: Set(Some(cmd)),
-                created_at: Set(now),
-                updated_at: Set(now),
-                ..Default::default()
-            })
-            .collect();
+        let rows: Vec<container::ActiveModel> = (0..count).map(|_| creating_row(self.core, &req.type_id, ty.as_ref(), &requirements, None, Some(cmd))).collect();
         for chunk in rows.chunks(500) {
             container::Entity::insert_many(chunk.to_vec()).exec(&txn).await?;
         }
@@ -601,22 +612,8 @@ pub(crate) async fn insert_container<C: ConnectionTrait>(
         Some(name) => Some(server_by_name(conn, "server", name).await?.id),
         None => None,
     };
-    let now = now_ms();
-    let row = container::ActiveModel {
-        platform_id: Set(core.inner.platform.id),
-        type_id: Set(type_id.to_string()),
-        state: Set(ty.initial_state()),
-        status: Set(ContainerStatus::Creating.as_str().into()),
-        server_id: Set(None),
-        environment_id: Set(environment),
-        guest_id: Set(String::new()),
-        ip: Set(None),
-        requirements: Set(serde_json::to_string(&requirements).expect("serializable")),
-        locked_by: Set(None),
-        created_at: Set(now),
-        updated_at: Set(now),
-        ..Default::default()
-    }
+    let requirements = serde_json::to_string(&requirements).expect("serializable");
+    let row = creating_row(core, type_id, ty.as_ref(), &requirements, environment, None)
     .insert(conn)
     .await?;
     let guest = guest_id_for(core.platform_name(), row.id);
