@@ -42,14 +42,29 @@ impl Core {
             .ok_or_else(|| CoreError::Conflict("this core has no agents.token; set it (CLOUD48_AGENT_TOKEN or agents.token in the config file) to the token the agents use".into()))
     }
 
+    /// Makes `url` the address of the remote server `id` in this core's fleet.
+    pub(crate) fn attach_agent(&self, id: ServerId, name: &str, url: &str) -> Arc<RemoteDriver> {
+        let token = self.config().agent_token.clone().unwrap_or_default();
+        let remote = Arc::new(RemoteDriver::new(name, url, &token, self.config().remote));
+        self.fleet().add_remote(id, name, remote.clone());
+        remote
+    }
+
     /// Registers the server an agent runs, or updates its address and capabilities.
     pub async fn register_agent(&self, info: &AgentInfo, stats: &ServerStats) -> Result<ServerId, CoreError> {
+        self.agent_token()?;
+        // Every heartbeat comes here: an agent already known at its address costs no database read.
+        if let Some((id, remote)) = self.fleet().remote_named(&info.name)
+            && remote.url() == info.url
+        {
+            remote.set_capabilities(info.capabilities);
+            return Ok(id);
+        }
         valid_name(&info.name)?;
         valid_url(&info.url)?;
-        let token = self.agent_token()?.to_string();
         let db = self.db();
         let existing = server::Entity::find().filter(server::Column::Name.eq(&info.name)).one(db).await?;
-        let id = match existing {
+        let (id, remote) = match existing {
             Some(row) if row.driver != "remote" => {
                 return Err(CoreError::Conflict(format!(
                     "server {} already exists with driver '{}'; give the agent another --name",
@@ -58,23 +73,19 @@ impl Core {
             }
             Some(row) => {
                 let id = row.id;
-                let moved = row.address.as_deref() != Some(info.url.as_str());
                 let grace = self.config().health.grace.as_millis() as i64;
                 let alive = self.health().last(id).is_some_and(|b| crate::model::now_ms() - b.at < grace);
-                if moved && alive {
+                if alive && self.fleet().remote(id).is_some() {
                     return Err(CoreError::Conflict(format!(
                         "server name {} is taken by the live agent at {}; give this agent another --name",
                         info.name,
                         row.address.as_deref().unwrap_or("?")
                     )));
                 }
-                if moved || self.fleet().remote(id).is_none() {
-                    let mut am: server::ActiveModel = row.into();
-                    am.address = Set(Some(info.url.clone()));
-                    am.update(db).await?;
-                    self.fleet().add_remote(id, &info.name, Arc::new(RemoteDriver::new(&info.name, &info.url, &token, self.config().remote)));
-                }
-                id
+                let mut am: server::ActiveModel = row.into();
+                am.address = Set(Some(info.url.clone()));
+                am.update(db).await?;
+                (id, self.attach_agent(id, &info.name, &info.url))
             }
             None => {
                 let row = server::ActiveModel {
@@ -93,15 +104,13 @@ impl Core {
                 }
                 .insert(db)
                 .await?;
-                self.fleet().add_remote(row.id, &info.name, Arc::new(RemoteDriver::new(&info.name, &info.url, &token, self.config().remote)));
+                let remote = self.attach_agent(row.id, &info.name, &info.url);
                 self.placement().refresh(db, row.id).await?;
                 tracing::info!(server = %info.name, url = %info.url, driver = %info.driver, "registered a server run by an agent");
-                row.id
+                (row.id, remote)
             }
         };
-        if let Some(remote) = self.fleet().remote(id) {
-            remote.set_capabilities(info.capabilities);
-        }
+        remote.set_capabilities(info.capabilities);
         Ok(id)
     }
 

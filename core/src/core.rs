@@ -210,6 +210,13 @@ impl Fleet {
         self.remotes.read().unwrap().get(&id).cloned()
     }
 
+    /// The remote server with this name, with its id.
+    pub fn remote_named(&self, name: &str) -> Option<(ServerId, Arc<RemoteDriver>)> {
+        let drivers = self.drivers.read().unwrap();
+        let remotes = self.remotes.read().unwrap();
+        remotes.iter().find(|(id, _)| drivers.get(id).is_some_and(|(_, n)| n == name)).map(|(id, r)| (*id, r.clone()))
+    }
+
     /// Registers (or replaces) a server run by an agent.
     pub fn add_remote(&self, id: ServerId, name: &str, remote: Arc<RemoteDriver>) {
         self.drivers.write().unwrap().insert(id, (remote.clone(), name.to_string()));
@@ -377,12 +384,10 @@ impl Core {
         }
         for row in rows {
             if row.driver == "remote" {
-                let url = row.address.clone().unwrap_or_default();
-                let token = c.agent_token.clone().unwrap_or_default();
-                if token.is_empty() {
+                if c.agent_token.is_none() {
                     tracing::warn!(server = %row.name, "agents.token is not set: requests to this server's agent will be refused");
                 }
-                self.inner.fleet.add_remote(row.id, &row.name, Arc::new(RemoteDriver::new(&row.name, &url, &token, c.remote)));
+                self.attach_agent(row.id, &row.name, row.address.as_deref().unwrap_or_default());
                 continue;
             }
             if row.driver != "sim" {

@@ -18,6 +18,7 @@ use axum::{Json, Router};
 use tokio::sync::watch;
 
 use super::protocol::{AgentInfo, ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
+use crate::auth::constant_eq;
 use crate::driver::{Driver, DriverError, GuestImage};
 
 /// How many finished operations the agent remembers for retries.
@@ -253,13 +254,6 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(ProtocolError { error: message.into() })).into_response()
 }
 
-/// Compares in time independent of where the strings differ.
-pub(crate) fn same_secret(a: &str, b: &str) -> bool {
-    use sha2::{Digest, Sha256};
-    let (x, y) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
-    x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q)) == 0
-}
-
 async fn authenticate(State(agent): State<Arc<AgentService>>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
@@ -271,7 +265,7 @@ async fn authenticate(State(agent): State<Arc<AgentService>>, req: Request, next
             StatusCode::UNAUTHORIZED,
             "this agent needs 'Authorization: Bearer TOKEN' with the fleet's agent token (agents.token on the core, --token on the agent)",
         ),
-        Some(t) if !same_secret(t, &agent.token) => refuse(StatusCode::UNAUTHORIZED, "wrong agent token; core and agent must share the same agents.token"),
+        Some(t) if !constant_eq(t.as_bytes(), agent.token.as_bytes()) => refuse(StatusCode::UNAUTHORIZED, "wrong agent token; core and agent must share the same agents.token"),
         Some(_) => next.run(req).await,
     }
 }

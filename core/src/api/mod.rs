@@ -365,7 +365,7 @@ async fn add_server(State(core): State<Core>, ApiJson(req): ApiJson<AddServer>) 
 async fn agent_heartbeat(core: Core, headers: axum::http::HeaderMap, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
     let expected = core.agent_token()?;
     let given = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_none_or(|g| !crate::agent::server::same_secret(g, expected)) {
+    if given.is_none_or(|g| !crate::auth::constant_eq(g.as_bytes(), expected.as_bytes())) {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "heartbeats need 'Authorization: Bearer TOKEN' with the core's agents.token", None));
     }
     let beat: crate::agent::protocol::Heartbeat = serde_json::from_slice(&body).map_err(|e| {
