@@ -244,3 +244,20 @@ async fn a_long_operation_reports_progress() {
     let after = remote.progress("long-1").await.unwrap().unwrap();
     assert!(after.done && after.progress == "done" && after.elapsed_ms >= 400, "{after:?}");
 }
+
+#[tokio::test]
+async fn a_container_moves_between_an_agent_and_a_local_server() {
+    let tc = TestCore::start(Opts { sim_servers: 1, ..agent_opts() }).await.unwrap();
+    let remote = sim("node-1", Duration::ZERO);
+    let (_, url) = serve_agent("node-1", remote.clone()).await;
+    tc.core.add_agent(&url).await.unwrap();
+    let cmd: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "plain", "server": "node-1" })).await.unwrap();
+    let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+    let guest = tc.core.containers().get_by_id(id).await.unwrap().guest_id;
+    let disk = remote.guest(&guest).unwrap().disk;
+    // The agent's export is a reference; the local server cannot pull it, so the core does.
+    let a: serde_json::Value = tc.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "migrate", "to": "sim-1" })).await.unwrap();
+    tc.ok(a["command_id"].as_i64().unwrap()).await;
+    assert_eq!(tc.sim("sim-1").await.guest(&guest).expect("moved to sim-1").disk, disk, "the disk came along");
+    assert!(remote.guest(&guest).is_none(), "the agent's copy is gone");
+}

@@ -95,6 +95,24 @@ pub enum OpResponse {
     Err(DriverError),
 }
 
+impl From<Result<OpOutput, DriverError>> for OpResponse {
+    fn from(r: Result<OpOutput, DriverError>) -> Self {
+        match r {
+            Ok(out) => OpResponse::Ok(out),
+            Err(e) => OpResponse::Err(e),
+        }
+    }
+}
+
+impl From<OpResponse> for Result<OpOutput, DriverError> {
+    fn from(r: OpResponse) -> Self {
+        match r {
+            OpResponse::Ok(out) => Ok(out),
+            OpResponse::Err(e) => Err(e),
+        }
+    }
+}
+
 /// Progress of an operation (`GET /v1/ops/{id}`), for long ones such as imports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpStatus {

@@ -184,17 +184,12 @@ impl AgentService {
             },
         };
         *progress.lock().unwrap() = if result.is_ok() { "done".into() } else { "failed".into() };
-        match result {
-            Ok(out) => OpResponse::Ok(out),
-            Err(e) => OpResponse::Err(e),
-        }
+        result.into()
     }
 
     /// Keeps an image for pulling; drops expired ones and the oldest beyond the size cap.
     fn keep_export(&self, image: GuestImage) -> OpOutput {
-        let mut id = [0u8; 12];
-        rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
-        let id = hex::encode(id);
+        let id = hex::encode(rand::random::<[u8; 12]>());
         let bytes = image.data.len() as u64;
         let mut exports = self.exports.lock().unwrap();
         exports.retain(|e| e.made.elapsed() < EXPORT_TTL);
@@ -212,37 +207,13 @@ impl AgentService {
                 Ok(GuestImage { type_id, data })
             }
             ImageSource::Agent { url, export, type_id } => {
-                let from = format!("{}/v1/exports/{export}", url.trim_end_matches('/'));
-                let source = |e: DriverError| DriverError::Permanent(format!("the source agent {url} could not give export {export}: {e}"));
-                let resp = self
-                    .client
-                    .get(&from)
-                    .bearer_auth(&self.token)
-                    .send()
-                    .await
-                    .map_err(|e| DriverError::Unreachable { server: url.clone(), message: format!("cannot pull export {export}: {e}") })?;
-                if !resp.status().is_success() {
-                    let status = resp.status();
-                    let body = resp.text().await.unwrap_or_default();
-                    return Err(match serde_json::from_str::<ProtocolError>(&body) {
-                        Ok(p) => source(DriverError::Permanent(p.error)),
-                        _ => source(DriverError::Permanent(format!("{status}: {body}"))),
-                    });
-                }
-                let total = resp.content_length();
-                let mut data = Vec::with_capacity(total.unwrap_or(0).min(1 << 30) as usize);
-                let mut resp = resp;
-                while let Some(chunk) = resp
-                    .chunk()
-                    .await
-                    .map_err(|e| DriverError::Transient(format!("export {export} from {url} was cut off: {e}")))?
-                {
-                    data.extend_from_slice(&chunk);
+                let data = crate::driver::remote::pull_export(&self.client, &url, &export, &self.token, |got, total| {
                     *progress.lock().unwrap() = match total {
-                        Some(t) => format!("pulled {} of {} MiB from {url}", data.len() >> 20, t >> 20),
-                        None => format!("pulled {} MiB from {url}", data.len() >> 20),
+                        Some(t) => format!("pulled {} of {} MiB from {url}", got >> 20, t >> 20),
+                        None => format!("pulled {} MiB from {url}", got >> 20),
                     };
-                }
+                })
+                .await?;
                 *progress.lock().unwrap() = "importing".into();
                 Ok(GuestImage { type_id, data })
             }

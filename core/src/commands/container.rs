@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::{StepCtx, core_err, driver_err, driver_of};
 use crate::core::Core;
-use crate::driver::{GuestImage, GuestSpec};
+use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::{command, container};
 use crate::managers::{ContainerCommand, check_status, guest_id_for, load_container, parse_status};
 use crate::model::{ContainerStatus, Requirements, Resources, now_ms};
@@ -263,10 +263,9 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         _ => None,
     };
     let info = match image {
-        Some(image) => driver.import(&spec(&row), &image).await,
-        None => driver.create(&spec(&row)).await,
-    }
-    .map_err(|e| driver_err(&server, e))?;
+        Some(image) => import_on(core, driver.as_ref(), &server, &spec(&row), image).await?,
+        None => driver.create(&spec(&row)).await.map_err(|e| driver_err(&server, e))?,
+    };
     let start = ctx.params["start"].as_bool().unwrap_or(true);
     if start {
         driver.start(&row.guest_id).await.map_err(|e| driver_err(&server, e))?;
@@ -281,6 +280,14 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
     })
     .await?;
     Ok(Transition::with(done(id), txn))
+}
+
+/// Imports `image` on `target`, first pulling it from an agent if it refers to an agent's
+/// export and `target` cannot pull it itself.
+async fn import_on(core: &Core, target: &dyn Driver, name: &str, spec: &GuestSpec, image: GuestImage) -> Result<GuestInfo, StepError> {
+    let token = core.config().agent_token.clone().unwrap_or_default();
+    let image = crate::driver::remote::for_target(image, target, &token).await.map_err(|e| driver_err(name, e))?;
+    target.import(spec, &image).await.map_err(|e| driver_err(name, e))
 }
 
 /// A copy of a container's disk; a running container is stopped for the copy and started again.
@@ -478,10 +485,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             let copy = load_container(core.db(), clone_id).await.map_err(core_err)?;
             let image = src.export(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
             let (dst, dst_name) = driver_of(core, r.server_id)?;
-            let info = dst
-                .import(&spec(&copy), &image)
-                .await
-                .map_err(|e| driver_err(&dst_name, e))?;
+            let info = import_on(core, dst.as_ref(), &dst_name, &spec(&copy), image).await?;
             let txn = core.db().begin().await?;
             fill(&txn, r, &requirements_of(&copy).resources, &dst_name).await?;
             write_in(&txn, &copy, |am| {
@@ -554,9 +558,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                     let image = src.export(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
                     // The container keeps its address: its environment stays wired.
                     let keep = GuestSpec { ip: row.ip.clone(), ..spec(&row) };
-                    dst.import(&keep, &image)
-                        .await
-                        .map_err(|e| driver_err(&dst_name, e))?
+                    import_on(core, dst.as_ref(), &dst_name, &keep, image).await?
                 }
             };
             let mut progress = ctx.progress.clone();

@@ -14,7 +14,6 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rand::RngCore;
 
 use super::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, ServerStats};
 use crate::agent::protocol::{ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
@@ -72,21 +71,57 @@ fn reference(image: &GuestImage) -> Result<Option<(String, String)>, DriverError
     serde_json::from_slice(r).map(Some).map_err(|e| DriverError::Permanent(format!("corrupt agent image reference: {e}")))
 }
 
-/// Reads the bytes of an image, pulling them from the agent it refers to if needed (for
-/// moving a container to another platform, where no agent of ours can pull).
-pub async fn materialize(image: GuestImage, token: &str) -> Result<GuestImage, DriverError> {
-    let Some((url, export)) = reference(&image)? else { return Ok(image) };
-    let resp = reqwest::Client::new()
-        .get(format!("{url}/v1/exports/{export}"))
+/// Pulls export `export` from the agent at `url`; `progress` hears the bytes received so far
+/// and the total when known.
+pub async fn pull_export(
+    client: &reqwest::Client,
+    url: &str,
+    export: &str,
+    token: &str,
+    mut progress: impl FnMut(usize, Option<u64>),
+) -> Result<Vec<u8>, DriverError> {
+    let from = format!("{}/v1/exports/{export}", url.trim_end_matches('/'));
+    let mut resp = client
+        .get(&from)
         .bearer_auth(token)
         .send()
         .await
-        .map_err(|e| DriverError::Unreachable { server: url.clone(), message: e.to_string() })?;
+        .map_err(|e| DriverError::Unreachable { server: url.to_string(), message: format!("cannot pull export {export}: {e}") })?;
     if !resp.status().is_success() {
-        return Err(DriverError::Permanent(format!("agent {url} answered {} for export {export}", resp.status())));
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ProtocolError>(&body).map(|p| p.error).unwrap_or_else(|_| format!("{status}: {body}"));
+        return Err(DriverError::Permanent(format!("the source agent {url} could not give export {export}: {message}")));
     }
-    let data = resp.bytes().await.map_err(|e| DriverError::Transient(e.to_string()))?;
-    Ok(GuestImage { type_id: image.type_id, data: data.to_vec() })
+    let total = resp.content_length();
+    let mut data = Vec::with_capacity(total.unwrap_or(0).min(1 << 30) as usize);
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| DriverError::Transient(format!("export {export} from {url} was cut off: {e}")))?
+    {
+        data.extend_from_slice(&chunk);
+        progress(data.len(), total);
+    }
+    Ok(data)
+}
+
+/// An image `target` can import: a reference to an agent's export stays a reference for a
+/// remote target (its agent pulls it), and is pulled here for any other driver.
+pub async fn for_target(image: GuestImage, target: &dyn Driver, token: &str) -> Result<GuestImage, DriverError> {
+    if target.kind() == "remote" { Ok(image) } else { materialize(image, token).await }
+}
+
+/// The image with its bytes, pulled from the agent it refers to if needed.
+pub async fn materialize(image: GuestImage, token: &str) -> Result<GuestImage, DriverError> {
+    let Some((url, export)) = reference(&image)? else { return Ok(image) };
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(30))
+        .build()
+        .expect("an HTTP client without TLS builds");
+    let data = pull_export(&client, &url, &export, token, |_, _| {}).await?;
+    Ok(GuestImage { type_id: image.type_id, data })
 }
 
 impl RemoteDriver {
@@ -131,32 +166,33 @@ impl RemoteDriver {
         DriverError::Permanent(format!("agent {} refused the request ({status}): {message}", self.name))
     }
 
-    async fn op(&self, op: Op) -> Result<OpOutput, DriverError> {
-        let mut id = [0u8; 12];
-        rand::rng().fill_bytes(&mut id);
-        let request = OpRequest { id: hex::encode(id), op };
+    /// Sends a request until it is answered, at most `attempts` times with backoff from
+    /// `backoff_ms`; a refusal becomes the agent's driver error or a protocol error.
+    async fn answered<F, Fut>(&self, backoff_ms: u64, send: F) -> Result<reqwest::Response, DriverError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    {
         let mut last = None;
         for attempt in 0..self.timeouts.attempts.max(1) {
             if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
+                tokio::time::sleep(Duration::from_millis(backoff_ms << attempt.min(4))).await;
             }
-            let sent = self.send_reporting(&request).await;
-            match sent {
-                Ok(resp) if resp.status().is_success() => {
-                    return match resp.json::<OpResponse>().await {
-                        Ok(OpResponse::Ok(out)) => Ok(out),
-                        Ok(OpResponse::Err(e)) => Err(e),
-                        Err(e) => {
-                            last = Some(e);
-                            continue;
-                        }
-                    };
-                }
+            match send().await {
+                Ok(resp) if resp.status().is_success() => return Ok(resp),
                 Ok(resp) => return Err(self.protocol_error(resp).await),
                 Err(e) => last = Some(e),
             }
         }
         Err(self.unreachable(last.map_or_else(|| "no answer".to_string(), |e| e.to_string())))
+    }
+
+    async fn op(&self, op: Op) -> Result<OpOutput, DriverError> {
+        let request = OpRequest { id: hex::encode(rand::random::<[u8; 12]>()), op };
+        // A retry carries the same id: the agent runs the operation once.
+        let resp = self.answered(100, || self.send_reporting(&request)).await?;
+        let answer: OpResponse = resp.json().await.map_err(|e| self.unreachable(format!("unreadable answer: {e}")))?;
+        answer.into()
     }
 
     /// Sends an operation; while it runs longer than a few seconds, logs the agent's progress.
@@ -193,27 +229,9 @@ impl RemoteDriver {
     }
 
     async fn query<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, DriverError> {
-        let mut last = None;
-        for attempt in 0..self.timeouts.attempts.max(1) {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(50 << attempt.min(4))).await;
-            }
-            match self
-                .client
-                .get(format!("{}{path}", self.url))
-                .bearer_auth(&self.token)
-                .timeout(self.timeouts.query)
-                .send()
-                .await
-            {
-                Ok(resp) if resp.status().is_success() => {
-                    return resp.json::<T>().await.map_err(|e| self.unreachable(format!("unreadable answer: {e}")));
-                }
-                Ok(resp) => return Err(self.protocol_error(resp).await),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(self.unreachable(last.map_or_else(|| "no answer".to_string(), |e| e.to_string())))
+        let url = format!("{}{path}", self.url);
+        let resp = self.answered(50, || self.client.get(&url).bearer_auth(&self.token).timeout(self.timeouts.query).send()).await?;
+        resp.json::<T>().await.map_err(|e| self.unreachable(format!("unreadable answer: {e}")))
     }
 
     async fn done(&self, op: Op) -> Result<(), DriverError> {
