@@ -99,7 +99,7 @@ proptest! {
         };
         let w = Weights::default();
         let cache = placement::PlacementCache::with_servers(w, servers.clone());
-        let batch = cache.decide_many(&vec![req.clone(); count]);
+        let batch = cache.decide_many(&req, count);
         for (i, got) in batch.iter().enumerate() {
             let want = decide(&servers, &req, &HashSet::new(), &w);
             prop_assert_eq!(got.is_ok(), want.is_ok(), "decision {} differs", i);

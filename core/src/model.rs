@@ -35,6 +35,11 @@ impl Resources {
             && self.disk_mb <= other.disk_mb
     }
 
+    /// `n` times these resources.
+    pub fn times(&self, n: u64) -> Resources {
+        Resources { cpu_millis: self.cpu_millis * n, memory_mb: self.memory_mb * n, disk_mb: self.disk_mb * n }
+    }
+
     /// Figure-wise sum.
     pub fn plus(&self, other: &Resources) -> Resources {
         Resources {

@@ -289,13 +289,12 @@ impl PlacementCache {
         out
     }
 
-    /// Decides servers for many requests at once, as `decide` would one after another (taking
-    /// requests with equal requirements together, in order of first appearance), and counts
-    /// each decision in the cache (like `apply`). Requests with the same requirements
-    /// share one scan of the servers: the fitting servers go into a heap by score, and each
-    /// decision takes the best, counts the container there and puts the server back with its
-    /// new score, so a decision costs O(log servers) instead of a scan.
-    pub fn decide_many(&self, requests: &[Requirements]) -> Vec<Result<ServerId, String>> {
+    /// Decides servers for `count` containers with the same requirements, as `decide` would
+    /// one after another, and counts each decision in the cache (like `apply`). The fitting
+    /// servers go into a heap by score once; each decision takes the best, counts the container
+    /// there and puts the server back with its new score, so a decision costs O(log servers)
+    /// instead of a scan. The decisions that find no server carry the reason.
+    pub fn decide_many(&self, req: &Requirements, count: usize) -> Vec<Result<ServerId, String>> {
         use std::cmp::{Ordering as O, Reverse};
         use std::collections::BinaryHeap;
         #[derive(PartialEq)]
@@ -312,46 +311,40 @@ impl PlacementCache {
             }
         }
         let w = *self.weights.read().unwrap();
-        let mut out = vec![Err(String::new()); requests.len()];
-        let mut groups: Vec<(&Requirements, Vec<usize>)> = Vec::new();
-        for (i, r) in requests.iter().enumerate() {
-            match groups.iter_mut().find(|(g, _)| *g == r) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((r, vec![i])),
-            }
-        }
-        let avoid = HashSet::new();
+        let need = &req.resources;
+        let timing = self.timing.load(Ordering::Relaxed);
         let mut guard = self.servers.write().unwrap();
         let list = &mut guard.0;
-        for (req, members) in groups {
-            let started = Instant::now();
-            let need = &req.resources;
-            let mut heap: BinaryHeap<Best> = list
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.placeable() && has_labels(c, req) && need.fits_in(&c.free()))
-                .map(|(i, c)| Best(score(c, need, &w), Reverse(c.id), i))
-                .collect();
-            let build = started.elapsed().as_nanos() as u64 / members.len() as u64;
-            for i in members {
-                let one = Instant::now();
-                out[i] = match heap.pop() {
-                    Some(Best(_, Reverse(id), at)) => {
-                        let c = &mut list[at];
-                        c.allocated = c.allocated.plus(need);
-                        c.containers += 1;
-                        if need.fits_in(&c.free()) {
-                            heap.push(Best(score(c, need, &w), Reverse(id), at));
-                        }
-                        Ok(id)
-                    }
-                    None => Err(no_fit_reason(list, req, &avoid)),
-                };
-                if self.timing.load(Ordering::Relaxed) {
-                    let ns = (build + one.elapsed().as_nanos() as u64).min(u32::MAX as u64) as u32;
-                    self.samples.lock().unwrap().push(ns);
-                }
+        let started = Instant::now();
+        let mut heap: BinaryHeap<Best> = list
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.placeable() && has_labels(c, req) && need.fits_in(&c.free()))
+            .map(|(i, c)| Best(score(c, need, &w), Reverse(c.id), i))
+            .collect();
+        let build = started.elapsed().as_nanos() as u64 / count.max(1) as u64;
+        let mut out = Vec::with_capacity(count);
+        let mut samples = Vec::new();
+        for _ in 0..count {
+            let one = Instant::now();
+            let Some(Best(_, Reverse(id), at)) = heap.pop() else {
+                let reason = no_fit_reason(list, req, &HashSet::new());
+                out.resize(count, Err(reason));
+                break;
+            };
+            let c = &mut list[at];
+            c.allocated = c.allocated.plus(need);
+            c.containers += 1;
+            if need.fits_in(&c.free()) {
+                heap.push(Best(score(c, need, &w), Reverse(id), at));
             }
+            out.push(Ok(id));
+            if timing {
+                samples.push((build + one.elapsed().as_nanos() as u64).min(u32::MAX as u64) as u32);
+            }
+        }
+        if timing {
+            self.samples.lock().unwrap().extend(samples);
         }
         out
     }
@@ -529,20 +522,22 @@ async fn insert_dummy(
     req: &PlaceRequest<'_>,
     need: &Resources,
 ) -> Result<i64, DbErr> {
-    let row = dummy::ActiveModel {
+    Ok(dummy_row(server_id, req.container_id, req.command_id, need, req.deadline).insert(txn).await?.id)
+}
+
+/// A dummy reserving `need` on `server_id` for `container_id` until `deadline`.
+pub fn dummy_row(server_id: ServerId, container_id: ContainerId, command_id: Option<i64>, need: &Resources, deadline: i64) -> dummy::ActiveModel {
+    dummy::ActiveModel {
         server_id: Set(server_id),
-        container_id: Set(req.container_id),
-        command_id: Set(req.command_id),
+        container_id: Set(container_id),
+        command_id: Set(command_id),
         cpu_millis: Set(need.cpu_millis as i64),
         memory_mb: Set(need.memory_mb as i64),
         disk_mb: Set(need.disk_mb as i64),
-        deadline: Set(req.deadline),
+        deadline: Set(deadline),
         created_at: Set(now_ms()),
         ..Default::default()
     }
-    .insert(txn)
-    .await?;
-    Ok(row.id)
 }
 
 /// The real container takes the place of its dummy: the dummy goes, its reservation stays. If

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryOrder,
     TransactionTrait, Value as DbValue,
 };
 use serde_json::json;
@@ -66,52 +66,46 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let cache = core.placement();
     let rows = creating(core, ctx.cmd.id).await?;
     let fixed = ctx.params["server_id"].as_i64();
-    let none = HashSet::new();
+    let req = requirements(ctx)?;
+    let need = req.resources;
     // Decide in memory; the cache counts each decision so the next one sees it.
-    let requirements = vec![requirements(ctx)?; rows.len()];
     let decisions = match fixed {
         Some(s) => {
-            for r in &requirements {
-                cache.apply(s, &r.resources, 1, 1);
-            }
+            cache.apply(s, &need.times(rows.len() as u64), rows.len() as i64, 1);
             vec![Ok(s); rows.len()]
         }
-        None => cache.decide_many(&requirements),
+        None => cache.decide_many(&req, rows.len()),
     };
-    let mut per_server: BTreeMap<ServerId, (Resources, Vec<usize>)> = BTreeMap::new();
+    let mut per_server: BTreeMap<ServerId, Vec<i64>> = BTreeMap::new();
     let mut failed: Vec<(i64, String)> = Vec::new();
-    for (i, decided) in decisions.into_iter().enumerate() {
+    for (id, decided) in rows.into_iter().zip(decisions) {
         match decided {
-            Ok(s) => {
-                let e = per_server.entry(s).or_default();
-                e.0 = e.0.plus(&requirements[i].resources);
-                e.1.push(i);
-            }
-            Err(reason) => failed.push((rows[i], reason)),
+            Ok(s) => per_server.entry(s).or_default().push(id),
+            Err(reason) => failed.push((id, reason)),
         }
     }
     let deadline = core.queue().now_ms() + core.config().placement.dummy_ttl().as_millis() as i64;
     let txn = core.db().begin().await?;
     let mut placed: Vec<(i64, ServerId)> = Vec::new();
     let mut dummies = Vec::new();
-    let claims: Vec<(ServerId, Resources, i64)> = per_server.iter().map(|(s, (total, m))| (*s, *total, m.len() as i64)).collect();
+    let claims: Vec<(ServerId, Resources, i64)> = per_server.iter().map(|(s, ids)| (*s, need.times(ids.len() as u64), ids.len() as i64)).collect();
     let held = placement::claim_many(&txn, &claims).await?;
-    for (server, (total, members)) in per_server {
+    for (server, ids) in per_server {
         if held.contains(&server) {
-            for i in members {
-                dummies.push(dummy_row(server, rows[i], ctx.cmd.id, &requirements[i].resources, deadline));
-                placed.push((rows[i], server));
+            for id in ids {
+                dummies.push(placement::dummy_row(server, id, Some(ctx.cmd.id), &need, deadline));
+                placed.push((id, server));
             }
             continue;
         }
         // The server filled up meanwhile: place these one by one.
-        cache.apply(server, &total, members.len() as i64, -1);
+        cache.apply(server, &need.times(ids.len() as u64), ids.len() as i64, -1);
         cache.refresh(&txn, server).await?;
-        for i in members {
-            let request = PlaceRequest { requirements: &requirements[i], container_id: rows[i], command_id: Some(ctx.cmd.id), avoid: none.clone(), server: fixed, deadline };
+        for id in ids {
+            let request = PlaceRequest { requirements: &req, container_id: id, command_id: Some(ctx.cmd.id), avoid: HashSet::new(), server: fixed, deadline };
             match placement::place(&txn, cache, request).await {
-                Ok(r) => placed.push((rows[i], r.server_id)),
-                Err(placement::PlacementError::NoFit(reason)) => failed.push((rows[i], reason)),
+                Ok(r) => placed.push((id, r.server_id)),
+                Err(placement::PlacementError::NoFit(reason)) => failed.push((id, reason)),
                 Err(placement::PlacementError::Db(e)) => return Err(e.into()),
             }
         }
@@ -122,20 +116,6 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     give_up(&txn, &failed.iter().map(|(id, _)| *id).collect::<Vec<_>>()).await?;
     let progress = json!({ "placed": placed, "failed": failed });
     Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
-}
-
-fn dummy_row(server: ServerId, container: i64, command: i64, need: &Resources, deadline: i64) -> dummy::ActiveModel {
-    dummy::ActiveModel {
-        server_id: Set(server),
-        container_id: Set(container),
-        command_id: Set(Some(command)),
-        cpu_millis: Set(need.cpu_millis as i64),
-        memory_mb: Set(need.memory_mb as i64),
-        disk_mb: Set(need.disk_mb as i64),
-        deadline: Set(deadline),
-        created_at: Set(now_ms()),
-        ..Default::default()
-    }
 }
 
 /// Marks containers failed and unlocks them.
