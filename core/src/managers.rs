@@ -206,8 +206,6 @@ pub(crate) async fn server_by_name<C: ConnectionTrait>(
         })
 }
 
-/// Guest id of a container: unique on the platform and fixed at creation, so that creating it
-/// twice on a server is detectable.
 /// A new container row in status `creating`, with no server yet (its guest id is set once
 /// its id is known).
 pub(crate) fn creating_row(
@@ -239,6 +237,8 @@ pub(crate) fn creating_row(
 /// Most containers one `container.create_many` makes.
 pub const MAX_BATCH: u32 = 10_000;
 
+/// Guest id of a container: unique on the platform and fixed at creation, so that creating it
+/// twice on a server is detectable.
 pub(crate) fn guest_id_for(platform: &str, id: ContainerId) -> String {
     format!("{platform}-c{id}")
 }
@@ -325,15 +325,8 @@ impl<'a> ContainerManager<'a> {
         if !(1..=MAX_BATCH).contains(&count) {
             return Err(CoreError::invalid("count", format!("must be 1-{MAX_BATCH}; submit larger numbers as several batches")));
         }
-        let ty = self.core.types().require(&req.type_id).map_err(|m| CoreError::invalid("type", m))?;
-        let requirements = req.requirements.clone().unwrap_or_else(|| ty.default_requirements());
-        requirements.resources.validate().map_err(|m| CoreError::invalid("requirements", m))?;
-        let db = self.core.db();
-        let txn = db.begin().await?;
-        let server_id = match req.server.as_deref() {
-            Some(name) => Some(server_by_name(&txn, "server", name).await?.id),
-            None => None,
-        };
+        let txn = self.core.db().begin().await?;
+        let (ty, requirements, server_id) = checked_new(self.core, &txn, &req.type_id, req.server.as_deref(), req.requirements.clone()).await?;
         let command = NewCommand {
             kind: "container.create_many".into(),
             target: None,
@@ -383,14 +376,9 @@ impl<'a> ContainerManager<'a> {
     /// Exports a stopped container for another platform (`import` there): its type, state,
     /// requirements and disk, with its identity here.
     pub async fn export(&self, id: ContainerId) -> Result<ContainerExport, CoreError> {
-        let row = load_container(self.core.db(), id).await?;
-        let status = parse_status(&row.status);
-        check_status(id, status, "container export", &[ContainerStatus::Stopped])
+        let (driver, server, row) = self.guest(id).await?;
+        check_status(id, parse_status(&row.status), "container export", &[ContainerStatus::Stopped])
             .map_err(|m| CoreError::Conflict(format!("{m}; stop it first with `cloud48 container stop {id}`")))?;
-        let server_id = row.server_id.ok_or_else(|| CoreError::Conflict(format!("container {id} has no server")))?;
-        let (driver, server) = self.core.fleet().named_driver(server_id).ok_or_else(|| {
-            CoreError::Conflict(format!("server #{server_id} has no driver in this core"))
-        })?;
         let image = driver
             .export(&row.guest_id)
             .await
@@ -411,20 +399,20 @@ impl<'a> ContainerManager<'a> {
         })
     }
 
-    /// The driver and guest id of a container that is on a server.
-    async fn guest(&self, id: ContainerId) -> Result<(std::sync::Arc<dyn crate::driver::Driver>, String, String), CoreError> {
+    /// The driver and server name of a container that is on a server, with its row.
+    async fn guest(&self, id: ContainerId) -> Result<(std::sync::Arc<dyn crate::driver::Driver>, String, container::Model), CoreError> {
         let row = load_container(self.core.db(), id).await?;
         let server_id = row.server_id.ok_or_else(|| CoreError::Conflict(format!("container {id} is on no server (yet)")))?;
         let (driver, server) = self.core.fleet().named_driver(server_id).ok_or_else(|| {
             CoreError::Conflict(format!("server #{server_id} has no driver in this core"))
         })?;
-        Ok((driver, server, row.guest_id))
+        Ok((driver, server, row))
     }
 
     /// The recent output (stdout and stderr) of a container's main process.
     pub async fn logs(&self, id: ContainerId) -> Result<String, CoreError> {
-        let (driver, server, guest) = self.guest(id).await?;
-        driver.logs(&guest).await.map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))
+        let (driver, server, row) = self.guest(id).await?;
+        driver.logs(&row.guest_id).await.map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))
     }
 
     /// Runs a command inside a running container (an operator's shell; not a persisted command:
@@ -433,9 +421,9 @@ impl<'a> ContainerManager<'a> {
         if command.is_empty() || command[0].is_empty() {
             return Err(CoreError::invalid("command", "give the program to run and its arguments, e.g. [\"cat\", \"/etc/hostname\"]"));
         }
-        let (driver, server, guest) = self.guest(id).await?;
+        let (driver, server, row) = self.guest(id).await?;
         driver
-            .exec(&guest, "exec \"$@\"", command)
+            .exec(&row.guest_id, "exec \"$@\"", command)
             .await
             .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))
     }
@@ -591,6 +579,25 @@ fn script_title(script: &str) -> String {
 
 /// Inserts a container row in status `creating` (validating type, server and requirements);
 /// returns its id and the id of the server the caller named (placement reserves it there).
+/// The type, the requirements (the type's by default) and the named server of new
+/// containers, each checked.
+async fn checked_new<C: ConnectionTrait>(
+    core: &Core,
+    conn: &C,
+    type_id: &str,
+    server: Option<&str>,
+    requirements: Option<Requirements>,
+) -> Result<(std::sync::Arc<dyn crate::types::ContainerType>, Requirements, Option<ServerId>), CoreError> {
+    let ty = core.types().require(type_id).map_err(|m| CoreError::invalid("type", m))?;
+    let requirements = requirements.unwrap_or_else(|| ty.default_requirements());
+    requirements.resources.validate().map_err(|m| CoreError::invalid("requirements", m))?;
+    let server_id = match server {
+        Some(name) => Some(server_by_name(conn, "server", name).await?.id),
+        None => None,
+    };
+    Ok((ty, requirements, server_id))
+}
+
 pub(crate) async fn insert_container<C: ConnectionTrait>(
     core: &Core,
     conn: &C,
@@ -599,23 +606,9 @@ pub(crate) async fn insert_container<C: ConnectionTrait>(
     requirements: Option<Requirements>,
     environment: Option<EnvironmentId>,
 ) -> Result<(ContainerId, Option<ServerId>), CoreError> {
-    let ty = core
-        .types()
-        .require(type_id)
-        .map_err(|m| CoreError::invalid("type", m))?;
-    let requirements = requirements.unwrap_or_else(|| ty.default_requirements());
-    requirements
-        .resources
-        .validate()
-        .map_err(|m| CoreError::invalid("requirements", m))?;
-    let server_id = match server {
-        Some(name) => Some(server_by_name(conn, "server", name).await?.id),
-        None => None,
-    };
+    let (ty, requirements, server_id) = checked_new(core, conn, type_id, server, requirements).await?;
     let requirements = serde_json::to_string(&requirements).expect("serializable");
-    let row = creating_row(core, type_id, ty.as_ref(), &requirements, environment, None)
-    .insert(conn)
-    .await?;
+    let row = creating_row(core, type_id, ty.as_ref(), &requirements, environment, None).insert(conn).await?;
     let guest = guest_id_for(core.platform_name(), row.id);
     let mut active: container::ActiveModel = row.into();
     active.guest_id = Set(guest);
