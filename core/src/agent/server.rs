@@ -125,17 +125,10 @@ impl AgentService {
                     );
                     order.push_back(request.id.clone());
                     // Forget the oldest finished operations; running ones stay.
-                    let mut keep = VecDeque::new();
-                    while order.len() + keep.len() > REMEMBERED_OPS {
-                        let Some(old) = order.pop_front() else { break };
-                        if slots.get(&old).is_some_and(|s| s.result.borrow().is_none()) {
-                            keep.push_back(old);
-                        } else {
-                            slots.remove(&old);
-                        }
-                    }
-                    while let Some(k) = keep.pop_back() {
-                        order.push_front(k);
+                    while order.len() > REMEMBERED_OPS {
+                        let finished = order.iter().position(|id| slots.get(id).is_none_or(|s| s.result.borrow().is_some()));
+                        let Some(old) = finished.and_then(|i| order.remove(i)) else { break };
+                        slots.remove(&old);
                     }
                     let me = self.clone();
                     tokio::spawn(async move {

@@ -116,10 +116,7 @@ impl Cgroups {
         // A busy machine may need several requests (v1 stays FREEZING while a task cannot stop).
         for attempt in 0..1000 {
             if attempt % 50 == 0 {
-                match self {
-                    Cgroups::V2 { .. } => write(&self.dir("", guest).join("cgroup.freeze"), if frozen { "1" } else { "0" })?,
-                    Cgroups::V1 { .. } => write(&self.dir("freezer", guest).join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" })?,
-                }
+                self.request_freeze(guest, frozen)?;
             }
             if self.frozen(guest) == frozen {
                 return Ok(());
@@ -127,6 +124,14 @@ impl Cgroups {
             tokio::time::sleep(std::time::Duration::from_millis(2 + attempt / 100)).await;
         }
         Err(format!("the kernel did not {} guest {guest} within several seconds; try again", if frozen { "freeze" } else { "thaw" }))
+    }
+
+    /// Asks the kernel to freeze or thaw the guest (it may take a while; see `freeze`).
+    pub fn request_freeze(&self, guest: &str, frozen: bool) -> Result<(), String> {
+        match self {
+            Cgroups::V2 { .. } => write(&self.dir("", guest).join("cgroup.freeze"), if frozen { "1" } else { "0" }),
+            Cgroups::V1 { .. } => write(&self.dir("freezer", guest).join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" }),
+        }
     }
 
     /// True when the guest is frozen.

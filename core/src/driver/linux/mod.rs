@@ -172,8 +172,10 @@ impl LinuxDriver {
         self.cfg.templates.get(name).cloned().unwrap_or_else(|| templates::template_for(name))
     }
 
-    fn lock(&self, guest: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().unwrap().entry(guest.to_string()).or_default().clone()
+    /// Holds the guest's lock: operations on one guest run one at a time.
+    async fn hold(&self, guest: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self.locks.lock().unwrap().entry(guest.to_string()).or_default().clone();
+        lock.lock_owned().await
     }
 
     fn dir(&self, guest: &str) -> PathBuf {
@@ -291,13 +293,6 @@ impl LinuxDriver {
         })
     }
 
-    fn signal_all(&self, pids: Vec<i32>, signal: i32) {
-        for p in pids {
-            // SAFETY: kill has no memory preconditions; a stale pid only yields ESRCH.
-            unsafe { libc::kill(p, signal) };
-        }
-    }
-
     async fn wait_empty(&self, guest: &str, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
@@ -315,9 +310,9 @@ impl LinuxDriver {
             self.cgroups.freeze(guest, false).await.map_err(permanent)?;
         }
         if !self.cgroups.pids(guest).is_empty() {
-            self.signal_all(self.inner_pids(guest), libc::SIGTERM);
+            signal_all(self.inner_pids(guest), libc::SIGTERM);
             if !self.wait_empty(guest, self.cfg.stop_grace).await {
-                self.signal_all(self.cgroups.pids(guest), libc::SIGKILL);
+                signal_all(self.cgroups.pids(guest), libc::SIGKILL);
                 if !self.wait_empty(guest, Duration::from_secs(10)).await {
                     return Err(DriverError::Transient(format!("processes of {guest} survived SIGKILL; try again")));
                 }
@@ -422,6 +417,13 @@ impl LinuxDriver {
     }
 }
 
+fn signal_all(pids: Vec<i32>, signal: i32) {
+    for p in pids {
+        // SAFETY: kill has no memory preconditions; a stale pid only yields ESRCH.
+        unsafe { libc::kill(p, signal) };
+    }
+}
+
 fn allocated_in(guests: &BTreeMap<String, Record>) -> Resources {
     guests.values().fold(Resources::default(), |acc, r| acc.plus(&r.spec.resources))
 }
@@ -512,8 +514,7 @@ impl Driver for LinuxDriver {
     }
 
     async fn create(&self, spec: &GuestSpec) -> Result<GuestInfo, DriverError> {
-        let lock = self.lock(&spec.guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(&spec.guest_id).await;
         let t = self.template(&spec.type_id);
         self.make_guest(spec, move |fs| {
             for d in &t.private_dirs {
@@ -532,8 +533,7 @@ impl Driver for LinuxDriver {
     }
 
     async fn start(&self, guest_id: &str) -> Result<(), DriverError> {
-        let lock = self.lock(guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(guest_id).await;
         let r = self.record(guest_id)?;
         match self.state(guest_id) {
             GuestState::Running => Ok(()),
@@ -543,15 +543,13 @@ impl Driver for LinuxDriver {
     }
 
     async fn stop(&self, guest_id: &str) -> Result<(), DriverError> {
-        let lock = self.lock(guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(guest_id).await;
         self.record(guest_id)?;
         self.halt(guest_id).await
     }
 
     async fn suspend(&self, guest_id: &str) -> Result<(), DriverError> {
-        let lock = self.lock(guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(guest_id).await;
         self.record(guest_id)?;
         match self.state(guest_id) {
             GuestState::Suspended => Ok(()),
@@ -561,8 +559,7 @@ impl Driver for LinuxDriver {
     }
 
     async fn resume(&self, guest_id: &str) -> Result<(), DriverError> {
-        let lock = self.lock(guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(guest_id).await;
         self.record(guest_id)?;
         match self.state(guest_id) {
             GuestState::Running => Ok(()),
@@ -572,8 +569,7 @@ impl Driver for LinuxDriver {
     }
 
     async fn reboot(&self, guest_id: &str) -> Result<(), DriverError> {
-        let lock = self.lock(guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(guest_id).await;
         let r = self.record(guest_id)?;
         match self.state(guest_id) {
             GuestState::Running => {
@@ -585,8 +581,7 @@ impl Driver for LinuxDriver {
     }
 
     async fn destroy(&self, guest_id: &str) -> Result<(), DriverError> {
-        let lock = self.lock(guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(guest_id).await;
         if self.record(guest_id).is_err() {
             return Ok(());
         }
@@ -598,8 +593,7 @@ impl Driver for LinuxDriver {
     }
 
     async fn update(&self, guest_id: &str, resources: &Resources) -> Result<(), DriverError> {
-        let lock = self.lock(guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(guest_id).await;
         let mut r = self.record(guest_id)?;
         let wanted = self.allocated().minus(&r.spec.resources).plus(resources);
         if !wanted.fits_in(&self.capacity) {
@@ -611,8 +605,7 @@ impl Driver for LinuxDriver {
     }
 
     async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError> {
-        let lock = self.lock(guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(guest_id).await;
         let r = self.record(guest_id)?;
         let state = self.state(guest_id);
         if state != GuestState::Stopped {
@@ -627,15 +620,13 @@ impl Driver for LinuxDriver {
     }
 
     async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
-        let lock = self.lock(&spec.guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(&spec.guest_id).await;
         let image = image.clone();
         self.make_guest(spec, move |fs| unpack(&image, fs)).await
     }
 
     async fn exec(&self, guest_id: &str, script: &str, args: &[String]) -> Result<ExecOutput, DriverError> {
-        let lock = self.lock(guest_id);
-        let _held = lock.lock().await;
+        let _held = self.hold(guest_id).await;
         self.record(guest_id)?;
         let state = self.state(guest_id);
         let (GuestState::Running, Some(pid)) = (state, self.init_pid(guest_id)) else {
@@ -726,15 +717,9 @@ pub fn sweep(prefix: &str, bridges: &[&str]) {
                     break;
                 }
                 if cg.frozen(&guest) {
-                    let _ = match &cg {
-                        Cgroups::V1 { root, prefix } => std::fs::write(root.join("freezer").join(prefix).join(&guest).join("freezer.state"), "THAWED"),
-                        Cgroups::V2 { parent } => std::fs::write(parent.join(&guest).join("cgroup.freeze"), "0"),
-                    };
+                    let _ = cg.request_freeze(&guest, false);
                 }
-                for p in pids {
-                    // SAFETY: see signal_all.
-                    unsafe { libc::kill(p, libc::SIGKILL) };
-                }
+                signal_all(pids, libc::SIGKILL);
                 std::thread::sleep(Duration::from_millis(20));
             }
             cg.remove(&guest);
