@@ -58,18 +58,7 @@ async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
     let health = HealthConfig { background: true, collector: Duration::from_secs(3600), ..Default::default() };
     let opts = Opts { sim_servers: 0, agent_token: Some(TOKEN.into()), health, listen: Some((CORE_IP, 0).into()), ..Default::default() };
     let t = TestCore::start(opts).await.unwrap();
-    // h3 and h4 register first: with lower ids they win ties, so the balancer, which its
-    // tomcat may ask for before that tomcat's own reservation counts, lands on a host of its own.
-    for (hosts, total) in [([3, 4], 2), ([1, 2], 4)] {
-        for i in hosts {
-            lab.start_agent(i, &t.url).unwrap();
-        }
-        eventually("the agents register and are up", || async {
-            let servers = t.core.servers().list().await.unwrap();
-            (servers.iter().filter(|s| s.status == cloud48_core::model::ServerStatus::Up).count() == total).then_some(())
-        })
-        .await;
-    }
+    lab.start_agents_for_the_seed(&t.core, &t.url).await.unwrap();
 
     // The seed environment: two tomcats on h1 and h2; the second asks for a balancer.
     let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "shop" })).await.unwrap();

@@ -553,12 +553,8 @@ pub struct FailoverRealBenchArgs {
 pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
     use crate::lab::{CORE_IP, Lab, serves_all};
     use crate::managers::AddContainer;
-    use crate::model::{Container, ContainerStatus, ServerStatus};
-    use rand::RngCore;
-
-    let mut secret = [0u8; 24];
-    rand::rng().fill_bytes(&mut secret);
-    let token = hex::encode(secret);
+    use crate::model::{Container, ContainerStatus};
+    let token = hex::encode(rand::random::<[u8; 24]>());
     let mut lab = Lab::new("bfov", 4, std::env::current_exe()?, &token).map_err(anyhow::Error::msg)?;
     let dir = tempfile::tempdir()?;
     let mut config = CoreConfig::new(dir.path());
@@ -579,17 +575,7 @@ pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
             Ok(())
         }
     };
-    // h3 and h4 first, so the balancer gets a host of its own (see tests/real.rs).
-    for (hosts, total) in [([3, 4], 2), ([1, 2], 4)] {
-        for i in hosts {
-            lab.start_agent(i, &url).map_err(anyhow::Error::msg)?;
-        }
-        let check = wait_for("the agents to register", 30);
-        while core.servers().list().await?.iter().filter(|s| s.status == ServerStatus::Up).count() < total {
-            check()?;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    lab.start_agents_for_the_seed(&core, &url).await.map_err(anyhow::Error::msg)?;
     let (cmd, _) = core.environments().create("bench", "bench").await?;
     core.queue().wait(cmd, Duration::from_secs(30)).await?;
     for host in ["h1", "h2"] {

@@ -111,6 +111,30 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts the agents of hosts 3 and 4, waits until `core` has them up, then those of hosts 1
+    /// and 2. Registered first, h3 and h4 get the lower ids and win ties, so a balancer that a
+    /// tomcat on h1 or h2 asks for (before that tomcat's own reservation counts) lands on a
+    /// host of its own.
+    pub async fn start_agents_for_the_seed(&mut self, core: &crate::Core, core_url: &str) -> Result<(), String> {
+        for (hosts, total) in [([3, 4], 2), ([1, 2], 4)] {
+            for i in hosts {
+                self.start_agent(i, core_url)?;
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let servers = core.servers().list().await.map_err(|e| e.to_string())?;
+                if servers.iter().filter(|s| s.status == crate::model::ServerStatus::Up).count() >= total {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("the agents of hosts {hosts:?} did not register within 30 s"));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// kill -9 of host `i`'s agent (its containers keep running, as on a real server).
     pub async fn kill_agent(&mut self, i: u32) {
         if let Some(mut child) = self.agents[(i - 1) as usize].take() {
