@@ -42,6 +42,8 @@ const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 /// How much of each output stream `exec` returns.
 const EXEC_OUTPUT_MAX: usize = 1 << 20;
+/// How often the disk use of the guests is measured again.
+const DISK_WALK_EVERY: Duration = Duration::from_secs(10);
 /// How much of the log `logs` returns.
 const LOG_TAIL: u64 = 64 << 10;
 
@@ -83,6 +85,7 @@ pub struct LinuxDriver {
     guests: Mutex<BTreeMap<String, Record>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cpu_sample: Mutex<Option<(Instant, u64)>>,
+    disk_sample: Mutex<Option<(Instant, u64)>>,
 }
 
 fn permanent(e: impl std::fmt::Display) -> DriverError {
@@ -153,7 +156,7 @@ impl LinuxDriver {
             }
         }
         let capacity = cfg.capacity.unwrap_or_else(|| machine_capacity(&cfg.data_dir));
-        Ok(LinuxDriver { cfg, cgroups, capacity, guests: Mutex::new(guests), locks: Mutex::new(HashMap::new()), cpu_sample: Mutex::new(None) })
+        Ok(LinuxDriver { cfg, cgroups, capacity, guests: Mutex::new(guests), locks: Mutex::new(HashMap::new()), cpu_sample: Mutex::new(None), disk_sample: Mutex::new(None) })
     }
 
     /// Destroys every guest, then removes the bridge and the parent cgroups.
@@ -403,8 +406,14 @@ impl LinuxDriver {
         }
     }
 
-    /// Bytes in the guests' directories (walked off the async runtime).
+    /// Bytes in the guests' directories, walked off the async runtime at most every
+    /// `DISK_WALK_EVERY` (heartbeats ask every half second).
     async fn disk_used(&self) -> u64 {
+        if let Some((at, bytes)) = *self.disk_sample.lock().unwrap()
+            && at.elapsed() < DISK_WALK_EVERY
+        {
+            return bytes;
+        }
         fn walk(p: &Path) -> u64 {
             match std::fs::symlink_metadata(p) {
                 Ok(m) if m.is_dir() => std::fs::read_dir(p).map(|rd| rd.flatten().map(|e| walk(&e.path())).sum()).unwrap_or(0),
@@ -413,7 +422,9 @@ impl LinuxDriver {
             }
         }
         let root = self.cfg.data_dir.join("guests");
-        tokio::task::spawn_blocking(move || walk(&root)).await.unwrap_or(0)
+        let bytes = tokio::task::spawn_blocking(move || walk(&root)).await.unwrap_or(0);
+        *self.disk_sample.lock().unwrap() = Some((Instant::now(), bytes));
+        bytes
     }
 }
 
