@@ -70,10 +70,15 @@ pub async fn run(program: &str, args: &[&str]) -> Result<String, String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let hint = if err.contains("Operation not permitted") { " (the linux driver must run as root)" } else { "" };
-        Err(format!("{program} {} failed: {}{hint}", args.join(" "), err.trim()))
+        Err(failed(&format!("{program} {}", args.join(" ")), &out.stderr))
     }
+}
+
+/// What a failed command said, with a hint when privileges are missing.
+fn failed(what: &str, stderr: &[u8]) -> String {
+    let err = String::from_utf8_lossy(stderr);
+    let hint = if err.contains("Operation not permitted") { " (the linux driver must run as root)" } else { "" };
+    format!("{what} failed: {}{hint}", err.trim())
 }
 
 /// The Debian package that carries a program the driver uses.
@@ -82,7 +87,6 @@ pub fn package_of(program: &str) -> &str {
         "ip" => "iproute2",
         "unshare" | "nsenter" | "mount" => "util-linux",
         "nginx" => "nginx-light",
-        "tar" => "tar",
         other => other,
     }
 }
@@ -148,9 +152,7 @@ async fn batch(netns: Option<&str>, lines: &[String]) -> Result<(), String> {
     if out.status.success() {
         return Ok(());
     }
-    let err = String::from_utf8_lossy(&out.stderr);
-    let hint = if err.contains("Operation not permitted") { " (the linux driver must run as root)" } else { "" };
-    Err(format!("ip -batch ({}) failed: {}{hint}", lines.join("; "), err.trim()))
+    Err(failed(&format!("ip -batch ({})", lines.join("; ")), &out.stderr))
 }
 
 /// Creates the guest's namespace and veth pair with `ip` on the bridge (after removing leftovers).
