@@ -470,7 +470,7 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         data_dir: dir.path().join(format!("s{n}")),
         bridge: format!("{prefix}br{n}"),
         subnet: format!("10.249.{}.0/22", n * 4).parse().expect("valid subnet"),
-        prefix: prefix.into(),
+        prefix: format!("{prefix}{n}"),
         capacity: Some(crate::model::Resources { cpu_millis: 1_000_000, memory_mb: 1_000_000, disk_mb: 1_000_000 }),
         stop_grace: Duration::from_secs(2),
         exe: std::env::current_exe().expect("own path"),
@@ -511,19 +511,36 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         let secs = t.elapsed().as_secs_f64();
         println!("linux create+start, {} in flight: {} containers in {:.2} s: {:.1} containers/s", args.parallel, args.containers, secs, args.containers as f64 / secs);
 
-        let target = LinuxDriver::open(config(1)).await.map_err(anyhow::Error::msg)?;
-        d.create(&spec("big".into())).await?;
+        // Cold migration between two agents, as the core drives it: the source agent snapshots
+        // the directory, the target agent pulls it over HTTP, imports and starts it.
+        let target = std::sync::Arc::new(LinuxDriver::open(config(1)).await.map_err(anyhow::Error::msg)?);
+        let token = hex::encode(rand::random::<[u8; 24]>());
+        let mut remotes = Vec::new();
+        for (n, driver) in [(0, d.clone() as std::sync::Arc<dyn Driver>), (1, target.clone() as std::sync::Arc<dyn Driver>)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let info = crate::agent::protocol::AgentInfo { name: format!("bench-{n}"), url: url.clone(), driver: "linux".into(), capabilities: driver.capabilities(), labels: vec![] };
+            let router = crate::agent::AgentService::new(driver, token.clone(), info).router();
+            tokio::spawn(async move { axum::serve(listener, router).await });
+            remotes.push(crate::driver::remote::RemoteDriver::new(&format!("bench-{n}"), &url, &token, Default::default()));
+        }
+        let (source, dest) = (&remotes[0], &remotes[1]);
+        source.create(&spec("big".into())).await?;
         let blob = vec![7u8; (args.migrate_mb as usize) << 20];
         std::fs::write(dir.path().join("s0/guests/big/fs/etc/cloud48/blob"), &blob)?;
         let t = Instant::now();
-        let image = d.export("big").await?;
+        let image = source.export("big").await?;
         let exported = t.elapsed();
-        let moved = target.import(&spec("big".into()), &image).await?;
-        target.start("big").await?;
-        d.destroy("big").await?;
+        let moved = dest.import(&spec("big".into()), &image).await?;
+        dest.start("big").await?;
+        source.destroy("big").await?;
         let total = t.elapsed();
+        anyhow::ensure!(
+            std::fs::metadata(dir.path().join("s1/guests/big/fs/etc/cloud48/blob"))?.len() == blob.len() as u64,
+            "the directory did not arrive whole"
+        );
         println!(
-            "linux cold migration of a {} MiB directory: {:.2} s (export {:.2} s, import + start {:.2} s); answers at {}",
+            "linux cold migration of a {} MiB directory between two agents: {:.2} s (export {:.2} s, pull + import + start {:.2} s); answers at {}",
             args.migrate_mb,
             total.as_secs_f64(),
             exported.as_secs_f64(),
@@ -535,7 +552,8 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         anyhow::Ok(())
     }
     .await;
-    sweep(prefix, &[&format!("{prefix}br0"), &format!("{prefix}br1")]);
+    sweep(&format!("{prefix}0"), &[&format!("{prefix}br0")]);
+    sweep(&format!("{prefix}1"), &[&format!("{prefix}br1")]);
     result
 }
 
