@@ -171,7 +171,7 @@ impl Drop for Lab {
 
 /// What `n` HTTP requests to `http://{ip}/` answered (`None` for a failed request).
 pub async fn answers(ip: &str, n: usize) -> Vec<Option<String>> {
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().expect("an HTTP client builds");
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(15)).build().expect("an HTTP client builds");
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(match client.get(format!("http://{ip}/")).send().await {

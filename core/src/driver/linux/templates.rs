@@ -70,7 +70,7 @@ http {
     location / {
       proxy_pass http://cloud48_app;
       proxy_connect_timeout 1s;
-      proxy_next_upstream error timeout;
+      proxy_next_upstream error timeout http_502 http_503 http_504;
     }
   }
 }
