@@ -31,6 +31,9 @@ pub struct Opts {
     pub agent_token: Option<String>,
     /// Address the API listens on (default 127.0.0.1, any port).
     pub listen: Option<std::net::SocketAddr>,
+    /// Open the core and serve its API, but start nothing (the queue, health, collector) until
+    /// the test calls `core.start()`: what is submitted meanwhile is claimed together.
+    pub paused: bool,
 }
 
 impl Default for Opts {
@@ -51,6 +54,7 @@ impl Default for Opts {
             clock: None,
             agent_token: None,
             listen: None,
+            paused: false,
         }
     }
 }
@@ -138,7 +142,9 @@ impl TestCore {
         for t in opts.types {
             core.types().register(t);
         }
-        core.start().await.expect("core starts");
+        if !opts.paused {
+            core.start().await.expect("core starts");
+        }
         let listener = tokio::net::TcpListener::bind(opts.listen.unwrap_or(([127, 0, 0, 1], 0).into())).await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = cloud48_core::api::router(core.clone());

@@ -155,3 +155,47 @@ async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_onc
         assert_eq!(ops, ["create", "start"], "guest {id} saw its operations more than once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_restart_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Enough workers that the creates are claimed, and run, together.
+    let flags = ["--sim-latency-ms", "250", "--sim-servers", "3", "--workers", "64", "--anonymous", "full"];
+    let mut serve = ServeProcess::spawn(&data, &flags).await;
+    let client = Client::new(&serve.url);
+    let mut ids = Vec::new();
+    for _ in 0..60 {
+        let a: Accepted = client.post("/v1/containers", &json!({ "type": "plain" })).await.unwrap();
+        ids.push(a.command_id);
+    }
+    // Kill once reservations are persisted (step 1) and some guests exist.
+    loop {
+        let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
+        assert!(cmds.iter().any(|c| !c.status.is_terminal()), "every create finished before the kill");
+        if cmds.iter().any(|c| c.step >= 1 && !c.status.is_terminal()) && !sim_guests(&data).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    serve.kill9();
+    drop(serve);
+
+    let serve = ServeProcess::spawn(&data, &flags).await;
+    let client = Client::new(&serve.url);
+    for id in &ids {
+        let c = client.command(*id, 120).await.unwrap();
+        assert_eq!(c.status, CommandStatus::Succeeded, "command {id} after restart: {c:?}");
+    }
+    let all: Vec<Container> = client.get("/v1/containers?all=true").await.unwrap();
+    assert_eq!(all.len(), 60, "no duplicate container rows");
+    assert!(all.iter().all(|c| c.status.as_str() == "running" && c.locked_by.is_none()), "{all:#?}");
+    let servers: Vec<Value> = client.get("/v1/servers").await.unwrap();
+    assert_eq!(servers.iter().map(|s| s["dummies"].as_u64().unwrap()).sum::<u64>(), 0, "no dummy outlives its command");
+    assert_eq!(servers.iter().map(|s| s["containers"].as_u64().unwrap()).sum::<u64>(), 60, "{servers:#?}");
+    let guests = sim_guests(&data);
+    assert_eq!(guests.len(), 60, "one guest per container: {guests:?}");
+    for (id, ops) in guests {
+        assert_eq!(ops, ["create", "start"], "guest {id} saw its operations more than once");
+    }
+}

@@ -231,6 +231,63 @@ async fn a_batch_onto_a_nearly_full_platform_never_overcommits(postgres: bool) {
 }
 crate::on_both_databases!(batch_creates, a_batch_onto_a_nearly_full_platform_never_overcommits);
 
+async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alone(postgres: bool) {
+    // Submitted while the queue is paused, the creates are claimed together, 64 at a time.
+    let opts = Opts { workers: 64, paused: true, ..room_for_150(postgres) };
+    let Some(t) = TestCore::start(opts).await else { return };
+    let mut pinned = Vec::new();
+    for _ in 0..20 {
+        pinned.push(create(&t, &plain(Some("sim-2"))).await);
+    }
+    let mut free = Vec::new();
+    for _ in 0..130 {
+        free.push(create(&t, &plain(None)).await);
+    }
+    let huge = Requirements { resources: Resources { cpu_millis: 10, memory_mb: 1_000_000, disk_mb: 10 }, ..Default::default() };
+    let mut too_big = Vec::new();
+    for _ in 0..5 {
+        too_big.push(create(&t, &CreateContainer { requirements: Some(huge.clone()), ..plain(None) }).await);
+    }
+    // One guest that its server refuses: that create fails alone, with the server's words.
+    t.sim("sim-3").await.fail_next("create", 1, cloud48_core::driver::DriverError::Permanent("disk broken".into()));
+    t.core.start().await.unwrap();
+
+    let mut refused = 0;
+    for a in pinned.iter().chain(&free) {
+        let cmd = t.wait(a.command_id).await;
+        if cmd.status == CommandStatus::Succeeded {
+            let c = show(&t, a.object_id.unwrap()).await;
+            assert_eq!(c.status, ContainerStatus::Running);
+            assert!(c.ip.is_some() && c.locked_by.is_none(), "{c:?}");
+        } else {
+            assert!(cmd.error.as_deref().unwrap_or_default().contains("disk broken"), "{cmd:?}");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1, "only the refused guest's create failed");
+    for a in &pinned {
+        assert_eq!(show(&t, a.object_id.unwrap()).await.server.as_deref(), Some("sim-2"), "a create that named its server went elsewhere");
+    }
+    for a in &too_big {
+        let cmd = t.wait(a.command_id).await;
+        assert_eq!(cmd.status, CommandStatus::Failed);
+        assert!(cmd.error.unwrap().contains("memory_mb 1000000 needed"), "the failure names the unmet requirement");
+    }
+    let grouped = t.core.queue().grouped_steps();
+    assert!(grouped >= 200, "most create steps ran in groups, only {grouped} did");
+    let mut guests = 0;
+    for s in servers(&t).await {
+        assert!(s.allocated.memory_mb <= s.capacity.memory_mb, "server {} is over-committed", s.name);
+        let n = t.sim(&s.name).await.guests().len();
+        assert_eq!(n as u64, s.containers, "server {} runs one guest per container", s.name);
+        assert!(n >= 49, "placement did not balance: {} holds {n}", s.name);
+        guests += n;
+    }
+    assert_eq!(guests, 149);
+    assert_ledger_clean(&t).await;
+}
+crate::on_both_databases!(grouped_creates, single_creates_claimed_together_run_in_groups_and_end_as_they_would_alone);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_back() {
     let t = TestCore::start(Opts::default()).await.unwrap();

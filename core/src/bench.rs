@@ -335,8 +335,9 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     let spread = core.placement().snapshot();
     let (min, max) = spread.iter().fold((u64::MAX, 0), |(lo, hi), c| (lo.min(c.containers), hi.max(c.containers)));
     let audit = crate::placement::audit(db).await?;
+    let grouped = core.queue().grouped_steps();
     println!(
-        "{database}: {} placements/s: {} creates ({}) on {} servers in {:.2} s (submission {:.2} s), {} not running; decision p50 {:.1} µs, p99 {:.1} µs; containers per server {}..{}; ledger {}",
+        "{database}: {} placements/s: {} creates ({}) on {} servers in {:.2} s (submission {:.2} s), {} not running; decision p50 {:.1} µs, p99 {:.1} µs; containers per server {}..{}; {} steps ran in groups; ledger {}",
         (args.creates as f64 / secs).round(),
         args.creates,
         if args.batch > 1 { format!("{} per command", args.batch) } else { "one command each".to_string() },
@@ -348,6 +349,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         pct(0.99),
         min,
         max,
+        grouped,
         if audit.is_empty() { "consistent".to_string() } else { format!("INCONSISTENT: {}", audit.join("; ")) }
     );
     core.stop(Duration::from_secs(5)).await;

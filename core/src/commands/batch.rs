@@ -232,7 +232,7 @@ async fn finish(
 }
 
 /// One statement: each container gets its server, address and status, and is unlocked.
-async fn fill_many(txn: &DatabaseTransaction, made: &[&(i64, ServerId, Option<String>)], status: ContainerStatus) -> Result<(), DbErr> {
+pub(super) async fn fill_many(txn: &DatabaseTransaction, made: &[&(i64, ServerId, Option<String>)], status: ContainerStatus) -> Result<(), DbErr> {
     let mut values = Vec::new();
     let mut params: Vec<DbValue> = Vec::new();
     for (id, server, ip) in made {

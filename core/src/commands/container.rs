@@ -17,7 +17,7 @@ use crate::model::{ContainerStatus, Requirements, Resources, now_ms};
 use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirements_of};
 use crate::queue::{Next, StepError, Transition};
 
-fn spec(row: &container::Model) -> GuestSpec {
+pub(super) fn spec(row: &container::Model) -> GuestSpec {
     GuestSpec {
         guest_id: row.guest_id.clone(),
         type_id: row.type_id.clone(),
@@ -211,7 +211,7 @@ async fn reserve(
 }
 
 /// The reservation a placing step recorded in the progress.
-fn reservation(progress: &Value) -> Option<Reservation> {
+pub(super) fn reservation(progress: &Value) -> Option<Reservation> {
     Some(Reservation {
         server_id: progress.get("server_id")?.as_i64()?,
         dummy_id: progress.get("dummy_id")?.as_i64()?,

@@ -10,6 +10,7 @@
 mod batch;
 mod container;
 mod environment;
+mod grouped;
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use serde_json::Value;
 use crate::core::{Core, CoreError};
 use crate::driver::{Driver, DriverError};
 use crate::entities::command;
-use crate::queue::{Next, Runner, StepError, Transition};
+use crate::queue::{GroupSink, Next, Runner, StepError, Transition};
 
 /// The `queue::Runner` of the core.
 pub struct Handlers {
@@ -55,6 +56,14 @@ impl Runner for Handlers {
                 cmd.kind
             ))),
         }
+    }
+
+    fn group_key(&self, cmd: &command::Model) -> Option<String> {
+        grouped::key(cmd)
+    }
+
+    async fn step_group(&self, cmds: &[command::Model], sink: &mut dyn GroupSink) -> Result<(), StepError> {
+        grouped::step(&self.core, cmds, sink).await
     }
 
     async fn on_failure(

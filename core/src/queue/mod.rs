@@ -186,6 +186,33 @@ impl Transition {
     }
 }
 
+/// What a command decided in a group step (see `Runner::step_group`).
+pub enum GroupNext {
+    /// Commit `progress` as step `step`; the command goes on.
+    Continue {
+        /// The next step.
+        step: i32,
+        /// Progress to persist.
+        progress: Value,
+    },
+    /// Succeeded with a result.
+    Done(Value),
+}
+
+/// Where a group step commits its commands' decisions, as often as it likes: each call is one
+/// transaction holding the step's writes for the listed commands and their decisions.
+#[async_trait]
+pub trait GroupSink: Send {
+    /// Commits `txn` (the writes the step made for the commands at these indexes of the group)
+    /// together with their decisions; true when committed. When the queue cannot commit them (a
+    /// lease was lost), nothing of the call is committed, those commands run alone instead and
+    /// the answer is false.
+    async fn commit(&mut self, txn: Option<DatabaseTransaction>, decisions: Vec<(usize, GroupNext)>) -> Result<bool, DbErr>;
+    /// Fails the command at `index` of the group with `message`, as a step failing alone would
+    /// (the runner's `on_failure` undoes what it can); for errors a retry would only repeat.
+    fn fail(&mut self, index: usize, message: String);
+}
+
 /// Why a step did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
@@ -201,10 +228,27 @@ pub enum StepError {
 }
 
 /// Executes the steps of commands; implemented by the command handlers of the core.
+///
+/// A runner may also run one step of many commands at once (`group_key`, `step_group`): the
+/// queue then locks their targets, persists their decisions and finishes them with a few
+/// multi-row statements instead of a dozen statements each. Grouping is only an optimisation:
+/// every command a group step does not commit runs alone, through `step`, from the step it
+/// was at.
 #[async_trait]
 pub trait Runner: Send + Sync + 'static {
     /// Runs step `cmd.step` of `cmd` (its target already locked).
     async fn step(&self, cmd: &command::Model) -> Result<Transition, StepError>;
+    /// Commands with the same key at their current step may run that step together through
+    /// `step_group` (default: none may).
+    fn group_key(&self, _cmd: &command::Model) -> Option<String> {
+        None
+    }
+    /// Runs the current step of commands sharing a group key (their targets already locked),
+    /// committing through `sink`. A command must not have writes in a transaction it does not
+    /// commit; the commands not committed when this returns run alone (default: all of them).
+    async fn step_group(&self, _cmds: &[command::Model], _sink: &mut dyn GroupSink) -> Result<(), StepError> {
+        Ok(())
+    }
     /// Undoes what it can of a failing command; its writes commit with the failure
     /// (default: nothing to undo).
     async fn on_failure(
@@ -248,6 +292,8 @@ pub(crate) struct Inner {
     work: Notify,
     finished: Notify,
     stopping: AtomicBool,
+    /// Command steps committed by group steps.
+    grouped: std::sync::atomic::AtomicU64,
     slots: Arc<tokio::sync::Semaphore>,
     /// Commands this process is executing right now: the only ones whose leases it renews.
     in_flight: std::sync::Mutex<std::collections::HashSet<CommandId>>,
@@ -277,6 +323,7 @@ impl Queue {
                 work: Notify::new(),
                 finished: Notify::new(),
                 stopping: AtomicBool::new(false),
+                grouped: Default::default(),
                 slots: Arc::new(tokio::sync::Semaphore::new(config.workers.max(1))),
                 in_flight: Default::default(),
                 runner: std::sync::OnceLock::new(),
@@ -315,6 +362,12 @@ impl Queue {
         let ids = store::insert(&self.inner.db, &[command], None, self.now_ms()).await?;
         self.wake();
         Ok(ids[0])
+    }
+
+    /// Command steps committed by group steps since the queue was made (see
+    /// `Runner::step_group`).
+    pub fn grouped_steps(&self) -> u64 {
+        self.inner.grouped.load(Ordering::Relaxed)
     }
 
     /// Tells the dispatcher that work may be waiting.

@@ -187,6 +187,9 @@ pub(crate) async fn claim<C: ConnectionTrait>(
     } else {
         ""
     };
+    // `+o.parent_id` keeps SQLite from looking the older commands of a target up by
+    // `parent_id IS NULL` (every top-level command: quadratic with many queued creates) instead
+    // of by `commands_by_target`.
     let text = format!(
         "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
          started_at = COALESCE(started_at, $3) \
@@ -200,7 +203,7 @@ pub(crate) async fn claim<C: ConnectionTrait>(
            AND EXISTS (SELECT 1 FROM commands h WHERE h.id = t.locked_by AND h.status IN ('queued', 'running', 'waiting'))) \
          AND (commands.target_id IS NULL OR NOT EXISTS (SELECT 1 FROM commands o \
            WHERE o.target_type = commands.target_type AND o.target_id = commands.target_id \
-           AND o.id < commands.id AND o.parent_id IS NULL \
+           AND o.id < commands.id AND +o.parent_id IS NULL \
            AND o.status IN ('queued', 'running', 'waiting'))))) \
          ORDER BY id LIMIT $4{skip_locked}) RETURNING *"
     );
@@ -512,7 +515,7 @@ pub(crate) async fn finish<C: ConnectionTrait>(
 }
 
 /// Queues `parent` again if it waits and all its children are terminal.
-async fn wake_parent<C: ConnectionTrait>(conn: &C, parent: CommandId, now: i64) -> Result<(), DbErr> {
+pub(crate) async fn wake_parent<C: ConnectionTrait>(conn: &C, parent: CommandId, now: i64) -> Result<(), DbErr> {
     if conn.get_database_backend() == DatabaseBackend::Postgres {
         // Serialize siblings finishing at once, so the last one sees the others' status.
         conn.execute_raw(sql(
@@ -600,3 +603,130 @@ pub(crate) async fn cancel(
     txn.commit().await?;
     Ok(to_api(&get(conn, id).await?.ok_or(QueueError::NotFound(id))?))
 }
+
+/// `(CAST($1 AS T1), CAST($2 AS T2)), (…)`: `rows` rows of `types`, numbered from `$first`.
+fn values_rows(rows: usize, types: &[&str], first: usize) -> String {
+    let mut out = String::new();
+    let mut n = first;
+    for r in 0..rows {
+        out.push_str(if r == 0 { "(" } else { ", (" });
+        for (i, t) in types.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&format!("CAST(${n} AS {t})"));
+            n += 1;
+        }
+        out.push(')');
+    }
+    out
+}
+
+/// Rows per multi-row statement of the group functions.
+const GROUP_CHUNK: usize = 300;
+
+/// Locks many targets of one table, each for its command (`(target id, command id)`), like
+/// `lock` without its slow paths; returns the ids of the targets now held by their command.
+pub(crate) async fn lock_many<C: ConnectionTrait>(
+    conn: &C,
+    table: &str,
+    pairs: &[(i64, CommandId)],
+) -> Result<std::collections::HashSet<i64>, DbErr> {
+    let mut locked = 0;
+    for chunk in pairs.chunks(GROUP_CHUNK) {
+        let text = format!(
+            "UPDATE {table} SET locked_by = v.column2 FROM (VALUES {}) AS v \
+             WHERE {table}.id = v.column1 AND ({table}.locked_by IS NULL OR {table}.locked_by = v.column2)",
+            values_rows(chunk.len(), &["BIGINT", "BIGINT"], 1)
+        );
+        let values = chunk.iter().flat_map(|(t, c)| [Value::from(*t), Value::from(*c)]).collect();
+        locked += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
+    }
+    if locked == pairs.len() as u64 {
+        return Ok(pairs.iter().map(|p| p.0).collect());
+    }
+    // Some were busy or missing: read who holds what.
+    let mut held = std::collections::HashSet::new();
+    let wanted: std::collections::HashMap<i64, CommandId> = pairs.iter().copied().collect();
+    for chunk in pairs.chunks(GROUP_CHUNK) {
+        let list = chunk.iter().map(|p| p.0.to_string()).collect::<Vec<_>>().join(",");
+        let rows = conn
+            .query_all_raw(sql(conn, &format!("SELECT id, locked_by FROM {table} WHERE id IN ({list})"), vec![]))
+            .await?;
+        for row in rows {
+            let id: i64 = row.try_get("", "id")?;
+            let holder: Option<i64> = row.try_get("", "locked_by")?;
+            if holder.is_some() && holder == wanted.get(&id).copied() {
+                held.insert(id);
+            }
+        }
+    }
+    Ok(held)
+}
+
+/// Persists the steps of many commands (`(id, step, progress)`), fenced like `advance`;
+/// returns how many rows it changed.
+pub(crate) async fn advance_many<C: ConnectionTrait>(
+    conn: &C,
+    owner: &str,
+    lease_until: i64,
+    items: &[(CommandId, i32, String)],
+) -> Result<u64, DbErr> {
+    let mut n = 0;
+    for chunk in items.chunks(GROUP_CHUNK) {
+        let text = format!(
+            "UPDATE commands SET step = v.column2, progress = v.column3, lease_until = $1 \
+             FROM (VALUES {}) AS v WHERE commands.id = v.column1 AND commands.lease_owner = $2 \
+             AND commands.status = 'running'",
+            values_rows(chunk.len(), &["BIGINT", "INTEGER", "TEXT"], 3)
+        );
+        let mut values: Vec<Value> = vec![lease_until.into(), owner.into()];
+        for (id, step, progress) in chunk {
+            values.extend([Value::from(*id), Value::from(*step), Value::from(progress.clone())]);
+        }
+        n += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
+    }
+    Ok(n)
+}
+
+/// Marks many commands succeeded (`(id, result)`), fenced like `finish`, and releases their
+/// targets; returns how many commands it finished. Waking parents is the caller's.
+pub(crate) async fn succeed_many<C: ConnectionTrait>(
+    conn: &C,
+    owner: &str,
+    now: i64,
+    items: &[(CommandId, String, Option<Target>)],
+) -> Result<u64, DbErr> {
+    let mut n = 0;
+    for chunk in items.chunks(GROUP_CHUNK) {
+        let text = format!(
+            "UPDATE commands SET status = 'succeeded', result = v.column2, finished_at = $1, \
+             lease_owner = NULL, lease_until = NULL, waiting_on = NULL \
+             FROM (VALUES {}) AS v WHERE commands.id = v.column1 AND commands.lease_owner = $2 \
+             AND commands.status = 'running'",
+            values_rows(chunk.len(), &["BIGINT", "TEXT"], 3)
+        );
+        let mut values: Vec<Value> = vec![now.into(), owner.into()];
+        for (id, result, _) in chunk {
+            values.extend([Value::from(*id), Value::from(result.clone())]);
+        }
+        n += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
+    }
+    for table in ["containers", "environments"] {
+        let pairs: Vec<(i64, CommandId)> = items
+            .iter()
+            .filter_map(|(id, _, t)| t.filter(|t| t.table() == table).map(|t| (t.id(), *id)))
+            .collect();
+        for chunk in pairs.chunks(GROUP_CHUNK) {
+            let text = format!(
+                "UPDATE {table} SET locked_by = NULL FROM (VALUES {}) AS v \
+                 WHERE {table}.id = v.column1 AND {table}.locked_by = v.column2",
+                values_rows(chunk.len(), &["BIGINT", "BIGINT"], 1)
+            );
+            let values = chunk.iter().flat_map(|(t, c)| [Value::from(*t), Value::from(*c)]).collect();
+            conn.execute_raw(sql(conn, &text, values)).await?;
+        }
+    }
+    Ok(n)
+}
+

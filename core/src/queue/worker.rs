@@ -1,7 +1,10 @@
 //! The dispatcher, the command executor, the batching completer and the lease keeper.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
 use std::time::Duration;
 
 use sea_orm::{DatabaseTransaction, TransactionTrait};
@@ -9,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::Instrument;
 
 use super::store::{self, Finish, LockOutcome};
-use super::{Inner, Next, StepError, Target, Transition};
+use super::{GroupNext, GroupSink, Inner, Next, StepError, Target, Transition};
 use crate::entities::command;
 use crate::model::CommandStatus;
 
@@ -58,11 +61,209 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
             }
             continue;
         }
+        let runner = inner.runner.get().expect("runner set before start").clone();
+        let mut groups: BTreeMap<String, Vec<command::Model>> = BTreeMap::new();
+        let mut singles = Vec::new();
         for row in rows {
-            let permit = permits.pop().expect("claimed at most one row per permit");
-            let span = tracing::info_span!("command", id = row.id, kind = %row.kind);
-            tokio::spawn(execute(inner.clone(), row, permit, done.clone()).instrument(span));
+            match runner.group_key(&row) {
+                Some(key) => groups.entry(key).or_default().push(row),
+                None => singles.push(row),
+            }
         }
+        for (key, rows) in groups {
+            if rows.len() == 1 {
+                singles.extend(rows);
+                continue;
+            }
+            let held = permits.split_off(permits.len() - rows.len());
+            let span = tracing::info_span!("group", kind = %key, commands = rows.len());
+            tokio::spawn(execute_group(inner.clone(), rows, held, done.clone()).instrument(span));
+        }
+        for row in singles {
+            let permit = permits.pop().expect("claimed at most one row per permit");
+            spawn_alone(&inner, row, permit, &done);
+        }
+    }
+}
+
+fn spawn_alone(inner: &Arc<Inner>, row: command::Model, permit: OwnedSemaphorePermit, done: &mpsc::UnboundedSender<PlainDone>) {
+    let span = tracing::info_span!("command", id = row.id, kind = %row.kind);
+    tokio::spawn(execute(inner.clone(), row, permit, done.clone()).instrument(span));
+}
+
+/// How a command of a group step ended up.
+enum Settled {
+    /// Committed at a new step; it goes on in the group.
+    Continued { step: i32, progress: String },
+    /// Committed as succeeded.
+    Finished,
+    /// Runs alone.
+    Alone,
+    /// Fails alone with this message.
+    Failed(String),
+}
+
+/// The queue's side of a group step: commits decisions with few statements.
+struct Sink<'a> {
+    inner: &'a Inner,
+    rows: &'a [command::Model],
+    settled: Vec<Option<Settled>>,
+}
+
+#[async_trait]
+impl GroupSink for Sink<'_> {
+    async fn commit(&mut self, txn: Option<DatabaseTransaction>, decisions: Vec<(usize, GroupNext)>) -> Result<bool, sea_orm::DbErr> {
+        if let Some((i, _)) = decisions.iter().find(|(i, _)| self.settled.get(*i).is_none_or(Option::is_some)) {
+            return Err(sea_orm::DbErr::Custom(format!("group step committed command #{i} of the group twice or out of range")));
+        }
+        let txn = begin(self.inner, txn).await?;
+        let now = self.inner.clock.now_ms();
+        let lease_until = now + self.inner.config.lease.as_millis() as i64;
+        let mut advances = Vec::new();
+        let mut finishes = Vec::new();
+        for (i, next) in &decisions {
+            let row = &self.rows[*i];
+            match next {
+                GroupNext::Continue { step, progress } => advances.push((row.id, *step, progress.to_string())),
+                GroupNext::Done(result) => finishes.push((row.id, result.to_string(), Target::of(row))),
+            }
+        }
+        let owner = self.inner.node_id.as_str();
+        let advanced = store::advance_many(&txn, owner, lease_until, &advances).await?;
+        let finished = store::succeed_many(&txn, owner, now, &finishes).await?;
+        if advanced != advances.len() as u64 || finished != finishes.len() as u64 {
+            tracing::warn!("lost the lease of a command of a group; its members run alone");
+            txn.rollback().await?;
+            for (i, _) in decisions {
+                self.settled[i] = Some(Settled::Alone);
+            }
+            return Ok(false);
+        }
+        let parents: BTreeSet<i64> = decisions
+            .iter()
+            .filter(|(_, n)| matches!(n, GroupNext::Done(_)))
+            .filter_map(|(i, _)| self.rows[*i].parent_id)
+            .collect();
+        for parent in parents {
+            store::wake_parent(&txn, parent, now).await?;
+        }
+        txn.commit().await?;
+        self.inner.grouped.fetch_add(decisions.len() as u64, Ordering::Relaxed);
+        for (i, next) in decisions {
+            self.settled[i] = Some(match next {
+                GroupNext::Continue { step, progress } => Settled::Continued { step, progress: progress.to_string() },
+                GroupNext::Done(_) => Settled::Finished,
+            });
+        }
+        if !finishes.is_empty() {
+            tracing::debug!(commands = finishes.len(), "commands of a group finished");
+            self.inner.finished.notify_waiters();
+            self.inner.work.notify_one();
+        }
+        Ok(true)
+    }
+
+    fn fail(&mut self, index: usize, message: String) {
+        if let Some(slot @ None) = self.settled.get_mut(index) {
+            *slot = Some(Settled::Failed(message));
+        }
+    }
+}
+
+/// Runs commands that share a group key: locks their targets together, then runs their steps
+/// as groups for as long as they go on together. Whatever a group step leaves uncommitted runs
+/// alone (`execute`) from its current step, with its own permit.
+async fn execute_group(
+    inner: Arc<Inner>,
+    rows: Vec<command::Model>,
+    mut permits: Vec<OwnedSemaphorePermit>,
+    done: mpsc::UnboundedSender<PlainDone>,
+) {
+    let runner = inner.runner.get().expect("runner set before start").clone();
+    let mut in_flight: HashMap<i64, InFlight<'_>> = rows.iter().map(|r| (r.id, InFlight::new(&inner, r.id))).collect();
+    let mut alone = Vec::new();
+    let mut current = Vec::new();
+    // Lock the targets, one statement per table; a target that is busy or missing is left to
+    // the single path, which knows how to wait for it or fail.
+    let mut held: HashSet<(&'static str, i64)> = HashSet::new();
+    for table in ["containers", "environments"] {
+        let pairs: Vec<(i64, i64)> = rows
+            .iter()
+            .filter_map(|r| Target::of(r).filter(|t| t.table() == table).map(|t| (t.id(), r.id)))
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        match store::lock_many(&inner.db, table, &pairs).await {
+            Ok(ids) => held.extend(ids.into_iter().map(|id| (table, id))),
+            Err(e) => tracing::warn!(error = %e, "locking the targets of a group failed; its commands run alone"),
+        }
+    }
+    for row in rows {
+        match Target::of(&row) {
+            Some(t) if !held.contains(&(t.table(), t.id())) => alone.push(row),
+            _ => current.push(row),
+        }
+    }
+    while !current.is_empty() {
+        let mut by_key: BTreeMap<String, Vec<command::Model>> = BTreeMap::new();
+        for row in current.drain(..) {
+            match runner.group_key(&row) {
+                Some(key) => by_key.entry(key).or_default().push(row),
+                None => alone.push(row),
+            }
+        }
+        for (_, group) in by_key {
+            if group.len() == 1 {
+                alone.extend(group);
+                continue;
+            }
+            let mut sink = Sink { inner: &inner, rows: &group, settled: group.iter().map(|_| None).collect() };
+            if let Err(e) = runner.step_group(&group, &mut sink).await {
+                tracing::info!(error = %e, "a group step stopped; its uncommitted commands run alone");
+            }
+            let settled = std::mem::take(&mut sink.settled);
+            for (mut row, s) in group.into_iter().zip(settled) {
+                match s {
+                    Some(Settled::Continued { step, progress }) => {
+                        row.step = step;
+                        row.progress = progress;
+                        current.push(row);
+                    }
+                    Some(Settled::Finished) => {
+                        in_flight.remove(&row.id);
+                        permits.pop();
+                    }
+                    Some(Settled::Failed(msg)) => {
+                        in_flight.remove(&row.id);
+                        let permit = permits.pop().expect("one permit per command of the group");
+                        let inner = inner.clone();
+                        let span = tracing::info_span!("command", id = row.id, kind = %row.kind);
+                        tokio::spawn(
+                            async move {
+                                let _permit = permit;
+                                if let Err(e) = fail(&inner, &row, msg, None).await {
+                                    tracing::warn!(error = %e, "failing a command of a group failed; it runs again after its lease expires");
+                                }
+                            }
+                            .instrument(span),
+                        );
+                    }
+                    Some(Settled::Alone) | None => alone.push(row),
+                }
+            }
+        }
+        for row in alone.drain(..) {
+            // The single path marks it in flight again.
+            in_flight.remove(&row.id);
+            let permit = permits.pop().expect("one permit per command of the group");
+            spawn_alone(&inner, row, permit, &done);
+        }
+    }
+    for row in alone {
+        in_flight.remove(&row.id);
+        let permit = permits.pop().expect("one permit per command of the group");
+        spawn_alone(&inner, row, permit, &done);
     }
 }
 

@@ -1,0 +1,280 @@
+//! Group steps of `container.create`: many independently submitted create commands, claimed
+//! together by the queue, run each step as one group with a few multi-row statements (see
+//! `queue::Runner::step_group`).
+//!
+//! Step 0 decides a server for each container in the placement cache (one heap per set of
+//! equal requirements), claims capacity with one conditional update per server and inserts a
+//! dummy per container, committed with every command's step. Step 1 creates and starts the
+//! guests concurrently and commits them in waves, as they finish: the dummies go, the
+//! containers get server, address and status, and the commands succeed.
+//!
+//! Invariants: each command's writes are exactly those of `container::create`'s same step, so
+//! a command can continue alone at any point. Only the common case is grouped; a command with
+//! an image, a source to clone, spread or servers to avoid, a decision that finds no server, a
+//! claim that loses a race, a driver error or an expired dummy is left uncommitted, and the
+//! queue runs it alone through `container::create`, which knows how to wait, retry, fail and
+//! compensate.
+
+use std::collections::{BTreeMap, HashMap};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, TransactionTrait, Value as DbValue};
+use serde_json::{Value, json};
+
+use super::batch::fill_many;
+use super::container::{reservation, spec};
+use super::{driver_err, driver_of};
+use crate::core::Core;
+use crate::driver::DriverError;
+use crate::entities::{command, container, dummy};
+use crate::managers::parse_status;
+use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
+use crate::placement::{self, requirements_of};
+use crate::queue::{GroupNext, GroupSink, StepError};
+
+/// Rows per multi-row statement.
+const CHUNK: usize = 300;
+
+/// The key under which create commands at `cmd`'s step run together, if they may.
+pub(super) fn key(cmd: &command::Model) -> Option<String> {
+    (cmd.kind == "container.create" && (cmd.step == 0 || cmd.step == 1)).then(|| format!("container.create@{}", cmd.step))
+}
+
+/// Runs the current step (all share it) of a group of create commands.
+pub(super) async fn step(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -> Result<(), StepError> {
+    match cmds.first().map(|c| c.step) {
+        Some(0) => place(core, cmds, sink).await,
+        Some(1) => make(core, cmds, sink).await,
+        _ => Ok(()),
+    }
+}
+
+/// A command of the group that the group can run: its container is being created from
+/// nothing, with no placement constraint beyond its requirements (and a server it named).
+struct Plain<'a> {
+    index: usize,
+    row: &'a container::Model,
+    params: Value,
+}
+
+/// The commands of the group that the group can run, with their containers (`rows`).
+fn plain<'a>(cmds: &[command::Model], rows: &'a HashMap<i64, container::Model>) -> Vec<Plain<'a>> {
+    cmds.iter()
+        .enumerate()
+        .filter_map(|(index, cmd)| {
+            let params: Value = serde_json::from_str(&cmd.params).unwrap_or(Value::Null);
+            let special = ["image", "clone_of", "avoid"].iter().any(|k| params.get(k).is_some_and(|v| !v.is_null()));
+            let row = rows.get(&cmd.target_id?)?;
+            (!special && parse_status(&row.status) == ContainerStatus::Creating).then_some(Plain { index, row, params })
+        })
+        .collect()
+}
+
+/// The containers of the group's commands, by id.
+async fn load(core: &Core, cmds: &[command::Model]) -> Result<HashMap<i64, container::Model>, DbErr> {
+    let ids: Vec<i64> = cmds.iter().filter_map(|c| c.target_id).collect();
+    let mut rows = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(CHUNK) {
+        for row in container::Entity::find().filter(container::Column::Id.is_in(chunk.iter().copied())).all(core.db()).await? {
+            rows.insert(row.id, row);
+        }
+    }
+    Ok(rows)
+}
+
+/// Step 0: decide, claim and reserve with dummies.
+async fn place(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -> Result<(), StepError> {
+    let rows = load(core, cmds).await?;
+    let cache = core.placement();
+    // Equal requirements (and named server) share one decision heap.
+    // Those that named a server come first, so the others' decisions see what they take.
+    let mut by_need: BTreeMap<(bool, Option<ServerId>, String), Vec<Plain<'_>>> = BTreeMap::new();
+    for p in plain(cmds, &rows) {
+        let req = requirements_of(p.row);
+        if req.spread && p.row.environment_id.is_some() {
+            continue;
+        }
+        let fixed = p.params["server_id"].as_i64();
+        by_need.entry((fixed.is_none(), fixed, p.row.requirements.clone())).or_default().push(p);
+    }
+    // (command index, container, server, need), counted in the cache.
+    let mut decided: Vec<(usize, i64, ServerId, Resources)> = Vec::new();
+    for ((_, fixed, _), members) in by_need {
+        let req: Requirements = requirements_of(members[0].row);
+        let need = req.resources;
+        let n = members.len();
+        let decisions = match fixed {
+            Some(s) => {
+                cache.apply(s, &need.times(n as u64), n as i64, 1);
+                vec![Ok(s); n]
+            }
+            None => cache.decide_many(&req, n),
+        };
+        for (p, d) in members.into_iter().zip(decisions) {
+            // No server fits: it fails alone, with the reason.
+            if let Ok(server) = d {
+                decided.push((p.index, p.row.id, server, need));
+            }
+        }
+    }
+    if decided.is_empty() {
+        return Ok(());
+    }
+    let undo = |list: &[(usize, i64, ServerId, Resources)]| {
+        for (_, _, server, need) in list {
+            cache.apply(*server, need, 1, -1);
+        }
+    };
+    let deadline = core.queue().now_ms() + core.config().placement.dummy_ttl().as_millis() as i64;
+    let txn = core.db().begin().await?;
+    let mut per_server: BTreeMap<ServerId, (Resources, i64)> = BTreeMap::new();
+    for (_, _, server, need) in &decided {
+        let e = per_server.entry(*server).or_default();
+        e.0 = e.0.plus(need);
+        e.1 += 1;
+    }
+    let claims: Vec<(ServerId, Resources, i64)> = per_server.iter().map(|(s, (r, n))| (*s, *r, *n)).collect();
+    let held = match placement::claim_many(&txn, &claims).await {
+        Ok(held) => held,
+        Err(e) => {
+            undo(&decided);
+            return Err(e.into());
+        }
+    };
+    // A server that filled up meanwhile: its containers are placed alone.
+    let (kept, lost): (Vec<_>, Vec<_>) = decided.into_iter().partition(|d| held.contains(&d.2));
+    undo(&lost);
+    for server in lost.iter().map(|d| d.2).collect::<std::collections::BTreeSet<_>>() {
+        cache.refresh(&txn, server).await?;
+    }
+    let commands: HashMap<usize, i64> = kept.iter().map(|d| (d.0, cmds[d.0].id)).collect();
+    let dummies = match insert_dummies(&txn, &kept, &commands, deadline).await {
+        Ok(ids) => ids,
+        Err(e) => {
+            undo(&kept);
+            return Err(e.into());
+        }
+    };
+    let decisions = kept
+        .iter()
+        .map(|(i, container, server, _)| {
+            let progress = json!({ "server_id": server, "dummy_id": dummies[container] });
+            (*i, GroupNext::Continue { step: 1, progress })
+        })
+        .collect();
+    match sink.commit(Some(txn), decisions).await {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            undo(&kept);
+            Ok(())
+        }
+        Err(e) => {
+            undo(&kept);
+            Err(e.into())
+        }
+    }
+}
+
+/// Inserts one dummy per placed container; returns their ids by container.
+async fn insert_dummies(
+    txn: &DatabaseTransaction,
+    placed: &[(usize, i64, ServerId, Resources)],
+    commands: &HashMap<usize, i64>,
+    deadline: i64,
+) -> Result<HashMap<i64, i64>, DbErr> {
+    let mut ids = HashMap::with_capacity(placed.len());
+    let now = now_ms();
+    for chunk in placed.chunks(CHUNK) {
+        let mut rows = Vec::with_capacity(chunk.len());
+        let mut params: Vec<DbValue> = Vec::with_capacity(chunk.len() * 8);
+        for (i, container, server, need) in chunk {
+            let n = params.len();
+            rows.push(format!("(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5, n + 6, n + 7, n + 8));
+            params.extend([
+                DbValue::from(*server),
+                DbValue::from(*container),
+                DbValue::from(commands[i]),
+                DbValue::from(need.cpu_millis as i64),
+                DbValue::from(need.memory_mb as i64),
+                DbValue::from(need.disk_mb as i64),
+                DbValue::from(deadline),
+                DbValue::from(now),
+            ]);
+        }
+        let text = format!(
+            "INSERT INTO dummies (server_id, container_id, command_id, cpu_millis, memory_mb, disk_mb, deadline, created_at) \
+             VALUES {} RETURNING id, container_id",
+            rows.join(", ")
+        );
+        for row in txn.query_all_raw(crate::queue::store::sql(txn, &text, params)).await? {
+            ids.insert(row.try_get::<i64>("", "container_id")?, row.try_get::<i64>("", "id")?);
+        }
+    }
+    Ok(ids)
+}
+
+/// Step 1: create and start the guests, committing them in waves as they finish.
+async fn make(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -> Result<(), StepError> {
+    let rows = load(core, cmds).await?;
+    let mut pending = FuturesUnordered::new();
+    for p in plain(cmds, &rows) {
+        let Some(r) = reservation(&serde_json::from_str(&cmds[p.index].progress).unwrap_or(Value::Null)) else {
+            continue;
+        };
+        let Ok((driver, server)) = driver_of(core, r.server_id) else { continue };
+        let start = p.params["start"].as_bool().unwrap_or(true);
+        let spec = spec(p.row);
+        let (index, id) = (p.index, p.row.id);
+        pending.push(async move {
+            let made = async {
+                let info = driver.create(&spec).await?;
+                if start {
+                    driver.start(&spec.guest_id).await?;
+                }
+                Ok::<_, DriverError>(info.ip)
+            }
+            .await;
+            (index, id, r, start, server, made)
+        });
+    }
+    while let Some(first) = pending.next().await {
+        let mut wave = vec![first];
+        while let Some(Some(more)) = pending.next().now_or_never() {
+            wave.push(more);
+        }
+        // A transient driver error is retried alone; a permanent one fails its command.
+        let mut made = Vec::with_capacity(wave.len());
+        for (i, id, r, start, server, outcome) in wave {
+            match outcome {
+                Ok(ip) => made.push((i, id, r, start, ip)),
+                Err(e) if e.is_transient() => {}
+                Err(e) => sink.fail(i, driver_err(&server, e).to_string()),
+            }
+        }
+        if made.is_empty() {
+            continue;
+        }
+        let txn = core.db().begin().await?;
+        let mut deleted = 0;
+        for chunk in made.chunks(CHUNK) {
+            let ids = chunk.iter().map(|m| m.2.dummy_id);
+            deleted += dummy::Entity::delete_many().filter(dummy::Column::Id.is_in(ids)).exec(&txn).await?.rows_affected;
+        }
+        if deleted != made.len() as u64 {
+            // Some dummy expired and was collected: each container takes its place alone.
+            txn.rollback().await?;
+            continue;
+        }
+        for start in [true, false] {
+            let rows: Vec<(i64, ServerId, Option<String>)> = made.iter().filter(|m| m.3 == start).map(|m| (m.1, m.2.server_id, m.4.clone())).collect();
+            let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
+            for chunk in rows.chunks(CHUNK) {
+                fill_many(&txn, &chunk.iter().collect::<Vec<_>>(), status).await?;
+            }
+        }
+        let decisions = made.iter().map(|m| (m.0, GroupNext::Done(json!({ "container_id": m.1 })))).collect();
+        sink.commit(Some(txn), decisions).await?;
+    }
+    Ok(())
+}
