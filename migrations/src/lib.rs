@@ -12,6 +12,7 @@ mod m0003_plugins;
 mod m0004_command_targets;
 mod m0005_placement;
 mod m0006_container_locks;
+mod m0007_dummy_commands;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0004_command_targets::Migration),
             Box::new(m0005_placement::Migration),
             Box::new(m0006_container_locks::Migration),
+            Box::new(m0007_dummy_commands::Migration),
         ]
     }
 }

@@ -17,7 +17,7 @@ use crate::model::{ContainerStatus, Requirements, Resources, now_ms};
 use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirements_of};
 use crate::queue::{Next, StepError, Transition};
 
-pub(super) fn spec(row: &container::Model) -> GuestSpec {
+fn spec(row: &container::Model) -> GuestSpec {
     GuestSpec {
         guest_id: row.guest_id.clone(),
         type_id: row.type_id.clone(),

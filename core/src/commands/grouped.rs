@@ -23,14 +23,15 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTr
 use serde_json::{Value, json};
 
 use super::batch::fill_many;
-use super::container::{reservation, spec};
+use super::container::reservation;
 use super::{driver_err, driver_of};
 use crate::core::Core;
-use crate::driver::DriverError;
-use crate::entities::{command, container, dummy};
+use crate::driver::{DriverError, GuestSpec};
+use crate::entities::{command, dummy};
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
-use crate::placement::{self, requirements_of};
+use crate::placement;
+use crate::queue::store::{json_rows, sql};
 use crate::queue::{GroupNext, GroupSink, StepError};
 
 /// Rows per multi-row statement.
@@ -50,16 +51,33 @@ pub(super) async fn step(core: &Core, cmds: &[command::Model], sink: &mut dyn Gr
     }
 }
 
+/// What the group reads of a container.
+struct Row {
+    id: i64,
+    status: String,
+    guest_id: String,
+    type_id: String,
+    /// Requirements as stored (text).
+    requirements: String,
+    environment_id: Option<i64>,
+}
+
+impl Row {
+    fn requirements(&self) -> Requirements {
+        serde_json::from_str(&self.requirements).unwrap_or_default()
+    }
+}
+
 /// A command of the group that the group can run: its container is being created from
 /// nothing, with no placement constraint beyond its requirements (and a server it named).
 struct Plain<'a> {
     index: usize,
-    row: &'a container::Model,
+    row: &'a Row,
     params: Value,
 }
 
 /// The commands of the group that the group can run, with their containers (`rows`).
-fn plain<'a>(cmds: &[command::Model], rows: &'a HashMap<i64, container::Model>) -> Vec<Plain<'a>> {
+fn plain<'a>(cmds: &[command::Model], rows: &'a HashMap<i64, Row>) -> Vec<Plain<'a>> {
     cmds.iter()
         .enumerate()
         .filter_map(|(index, cmd)| {
@@ -71,13 +89,22 @@ fn plain<'a>(cmds: &[command::Model], rows: &'a HashMap<i64, container::Model>) 
         .collect()
 }
 
-/// The containers of the group's commands, by id.
-async fn load(core: &Core, cmds: &[command::Model]) -> Result<HashMap<i64, container::Model>, DbErr> {
+/// The ids as a list for `IN (…)` (integers, so safe to put in the statement).
+fn id_list(ids: impl Iterator<Item = i64>) -> String {
+    ids.map(|id| id.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// The containers of the group's commands, by id: only the columns the group needs, in one
+/// row per chunk.
+async fn load(core: &Core, cmds: &[command::Model]) -> Result<HashMap<i64, Row>, DbErr> {
     let ids: Vec<i64> = cmds.iter().filter_map(|c| c.target_id).collect();
     let mut rows = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(CHUNK) {
-        for row in container::Entity::find().filter(container::Column::Id.is_in(chunk.iter().copied())).all(core.db()).await? {
-            rows.insert(row.id, row);
+        let from = format!("containers WHERE id IN ({})", id_list(chunk.iter().copied()));
+        let found: Vec<(i64, String, String, String, String, Option<i64>)> =
+            json_rows(core.db(), "id, status, guest_id, type_id, requirements, environment_id", &from).await?;
+        for (id, status, guest_id, type_id, requirements, environment_id) in found {
+            rows.insert(id, Row { id, status, guest_id, type_id, requirements, environment_id });
         }
     }
     Ok(rows)
@@ -91,7 +118,7 @@ async fn place(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -
     // Those that named a server come first, so the others' decisions see what they take.
     let mut by_need: BTreeMap<(bool, Option<ServerId>, String), Vec<Plain<'_>>> = BTreeMap::new();
     for p in plain(cmds, &rows) {
-        let req = requirements_of(p.row);
+        let req = p.row.requirements();
         if req.spread && p.row.environment_id.is_some() {
             continue;
         }
@@ -101,7 +128,7 @@ async fn place(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -
     // (command index, container, server, need), counted in the cache.
     let mut decided: Vec<(usize, i64, ServerId, Resources)> = Vec::new();
     for ((_, fixed, _), members) in by_need {
-        let req: Requirements = requirements_of(members[0].row);
+        let req = members[0].row.requirements();
         let need = req.resources;
         let n = members.len();
         let decisions = match fixed {
@@ -204,12 +231,12 @@ async fn insert_dummies(
         }
         let text = format!(
             "INSERT INTO dummies (server_id, container_id, command_id, cpu_millis, memory_mb, disk_mb, deadline, created_at) \
-             VALUES {} RETURNING id, container_id",
+             VALUES {}",
             rows.join(", ")
         );
-        for row in txn.query_all_raw(crate::queue::store::sql(txn, &text, params)).await? {
-            ids.insert(row.try_get::<i64>("", "container_id")?, row.try_get::<i64>("", "id")?);
-        }
+        txn.execute_raw(sql(txn, &text, params)).await?;
+        let from = format!("dummies WHERE command_id IN ({})", id_list(chunk.iter().map(|p| commands[&p.0])));
+        ids.extend(json_rows::<_, (i64, i64)>(txn, "container_id, id", &from).await?);
     }
     Ok(ids)
 }
@@ -224,7 +251,7 @@ async fn make(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) ->
         };
         let Ok((driver, server)) = driver_of(core, r.server_id) else { continue };
         let start = p.params["start"].as_bool().unwrap_or(true);
-        let spec = spec(p.row);
+        let spec = GuestSpec { guest_id: p.row.guest_id.clone(), type_id: p.row.type_id.clone(), resources: p.row.requirements().resources, ip: None };
         let (index, id) = (p.index, p.row.id);
         pending.push(async move {
             let made = async {

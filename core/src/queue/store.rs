@@ -41,6 +41,31 @@ pub(crate) fn sql<C: ConnectionTrait>(conn: &C, text: &str, values: Vec<Value>) 
     Statement::from_sql_and_values(backend, out, ordered)
 }
 
+/// Runs `SELECT columns FROM rest` and returns its rows as one: the database aggregates them
+/// into a JSON array of arrays, decoded into `T` per row. On SQLite every row of a result crosses
+/// from the database thread to the core on its own (a thread switch each); this way a whole
+/// result costs one.
+pub(crate) async fn json_rows<C: ConnectionTrait, T: serde::de::DeserializeOwned>(
+    conn: &C,
+    columns: &str,
+    rest: &str,
+) -> Result<Vec<T>, DbErr> {
+    let backend = conn.get_database_backend();
+    let text = match backend {
+        DatabaseBackend::Postgres => format!(
+            "SELECT CAST(COALESCE(json_agg(json_build_array({columns})), '[]') AS TEXT) AS agg FROM {rest}"
+        ),
+        _ => format!("SELECT json_group_array(json_array({columns})) AS agg FROM {rest}"),
+    };
+    let row = conn.query_one_raw(Statement::from_string(backend, text)).await?;
+    let agg: Option<String> = match row {
+        Some(r) => r.try_get("", "agg")?,
+        None => None,
+    };
+    serde_json::from_str(agg.as_deref().unwrap_or("[]"))
+        .map_err(|e| DbErr::Custom(format!("rows of `{columns}` from {rest} did not decode: {e}")))
+}
+
 /// Inserts commands, returning their ids in order.
 pub(crate) async fn insert<C: ConnectionTrait>(
     conn: &C,
