@@ -211,9 +211,9 @@ pub struct PlaceBenchArgs {
     /// Database connections (PostgreSQL).
     #[arg(long, default_value_t = 16)]
     pub connections: u32,
-    /// Containers per `container.create_many` command; 1 submits one `container.create`
-    /// command per container.
-    #[arg(long, default_value_t = 1000)]
+    /// Containers per command: 1 (the default) submits one `container.create` command per
+    /// container; more submits `container.create_many` commands of this many.
+    #[arg(long, default_value_t = 1)]
     pub batch: u32,
 }
 
@@ -250,7 +250,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     use crate::entities::container;
     use crate::model::{Requirements, Resources};
     use crate::queue::Target;
-    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+    use sea_orm::EntityTrait;
 
     let database = if config.database_url.is_some() { "postgresql" } else { "sqlite" };
     let opened = Instant::now();
@@ -267,7 +267,6 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     // one statement per batch, in the format of `managers::guest_id_for`).
     let ty = core.types().require("tomcat").map_err(|e| anyhow::anyhow!(e))?;
     let requirements = serde_json::to_string(&req)?;
-    let backend = core.db().get_database_backend();
     let mut left = if args.batch > 1 { 0 } else { args.creates };
     if args.batch > 1 {
         let create = crate::managers::CreateContainer { type_id: "tomcat".into(), server: None, requirements: Some(req.clone()), count: None };
@@ -284,29 +283,21 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         let rows = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None, None));
         let txn = core.db().begin().await?;
         container::Entity::insert_many(rows).exec(&txn).await?;
-        let ids: Vec<i64> = container::Entity::find()
-            .select_only()
-            .column(container::Column::Id)
-            .filter(container::Column::GuestId.eq(""))
-            .into_tuple()
-            .all(&txn)
-            .await?;
-        let platform = core.platform_name().replace('\'', "");
-        txn.execute_raw(Statement::from_string(
-            backend,
-            format!("UPDATE containers SET guest_id = '{platform}-c' || id WHERE guest_id = ''"),
-        ))
-        .await?;
+        let ids: Vec<(i64,)> = crate::queue::store::json_rows(&txn, "id", "containers WHERE guest_id = ''").await?;
         let commands = ids
-            .into_iter()
-            .map(|id| NewCommand {
+            .iter()
+            .map(|(id,)| NewCommand {
                 kind: "container.create".into(),
-                target: Some(Target::Container(id)),
+                target: Some(Target::Container(*id)),
                 params: serde_json::json!({}),
                 requested_by: "bench".into(),
             })
             .collect();
-        core.queue().enqueue_in(&txn, commands, None).await?;
+        let command_ids = core.queue().enqueue_in(&txn, commands, None).await?;
+        // Each container gets its guest id and is locked by its create from the start, in
+        // one statement (a create made by the manager takes its lock when it first runs).
+        let pairs: Vec<(i64, i64)> = ids.iter().map(|(id,)| *id).zip(command_ids).collect();
+        crate::managers::name_and_lock(&txn, core.platform_name(), &pairs).await?;
         txn.commit().await?;
         core.queue().wake();
     }

@@ -274,9 +274,6 @@ pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreErro
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(Duration::from_secs(10))
-                    // 64 MiB of page cache instead of 2: a fleet's queue, containers and
-                    // servers stay in memory instead of being read back page by page.
-                    .pragma("cache_size", "-65536")
                     // Rows of a statement reach the core in one hand-over rather than 50 at a
                     // time (each hand-over is a thread switch).
                     .row_buffer_size(4096)

@@ -137,7 +137,7 @@ pub mod container {
 pub mod command {
     use sea_orm::entity::prelude::*;
     /// A command row.
-    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, serde::Deserialize)]
     #[sea_orm(table_name = "commands")]
     pub struct Model {
         #[sea_orm(primary_key)]

@@ -50,20 +50,45 @@ pub(crate) async fn json_rows<C: ConnectionTrait, T: serde::de::DeserializeOwned
     columns: &str,
     rest: &str,
 ) -> Result<Vec<T>, DbErr> {
-    let backend = conn.get_database_backend();
-    let text = match backend {
-        DatabaseBackend::Postgres => format!(
-            "SELECT CAST(COALESCE(json_agg(json_build_array({columns})), '[]') AS TEXT) AS agg FROM {rest}"
-        ),
-        _ => format!("SELECT json_group_array(json_array({columns})) AS agg FROM {rest}"),
+    let row = match conn.get_database_backend() {
+        DatabaseBackend::Postgres => format!("json_build_array({columns})"),
+        _ => format!("json_array({columns})"),
     };
-    let row = conn.query_one_raw(Statement::from_string(backend, text)).await?;
-    let agg: Option<String> = match row {
+    json_agg(conn, &row, rest, vec![]).await
+}
+
+/// Like `json_rows`, with each row an object of the named columns (decoded into `T` by name);
+/// `rest` may hold `$N` placeholders for `values`.
+pub(crate) async fn json_objects<C: ConnectionTrait, T: serde::de::DeserializeOwned>(
+    conn: &C,
+    columns: &[&str],
+    rest: &str,
+    values: Vec<Value>,
+) -> Result<Vec<T>, DbErr> {
+    let pairs = columns.iter().map(|c| format!("'{c}', {c}")).collect::<Vec<_>>().join(", ");
+    let row = match conn.get_database_backend() {
+        DatabaseBackend::Postgres => format!("json_build_object({pairs})"),
+        _ => format!("json_object({pairs})"),
+    };
+    json_agg(conn, &row, rest, values).await
+}
+
+async fn json_agg<C: ConnectionTrait, T: serde::de::DeserializeOwned>(
+    conn: &C,
+    row: &str,
+    rest: &str,
+    values: Vec<Value>,
+) -> Result<Vec<T>, DbErr> {
+    let text = match conn.get_database_backend() {
+        DatabaseBackend::Postgres => format!("SELECT CAST(COALESCE(json_agg({row}), '[]') AS TEXT) AS agg FROM {rest}"),
+        _ => format!("SELECT json_group_array({row}) AS agg FROM {rest}"),
+    };
+    let agg: Option<String> = match conn.query_one_raw(sql(conn, &text, values)).await? {
         Some(r) => r.try_get("", "agg")?,
         None => None,
     };
     serde_json::from_str(agg.as_deref().unwrap_or("[]"))
-        .map_err(|e| DbErr::Custom(format!("rows of `{columns}` from {rest} did not decode: {e}")))
+        .map_err(|e| DbErr::Custom(format!("rows of {rest} did not decode: {e}")))
 }
 
 /// Inserts commands, returning their ids in order.
@@ -104,6 +129,18 @@ pub(crate) async fn insert<C: ConnectionTrait>(
             values.push(now.into());
             values.push(c.requested_by.clone().into());
             values.push(now.into());
+        }
+        if conn.get_database_backend() == DatabaseBackend::Sqlite {
+            // One multi-row INSERT into an AUTOINCREMENT table takes consecutive ids, in order,
+            // ending at the last inserted row id (returning each would cost a thread switch).
+            let done = conn.execute_raw(sql(conn, &text, values)).await?;
+            let last = done.last_insert_id() as i64;
+            let n = chunk.len() as i64;
+            if done.rows_affected() != n as u64 {
+                return Err(DbErr::Custom(format!("inserted {} of {n} commands", done.rows_affected())));
+            }
+            ids.extend(last - n + 1..=last);
+            continue;
         }
         text.push_str(" RETURNING id");
         let rows = conn.query_all_raw(sql(conn, &text, values)).await?;
@@ -207,18 +244,10 @@ pub(crate) async fn claim<C: ConnectionTrait>(
     lease_until: i64,
     limit: usize,
 ) -> Result<Vec<command::Model>, DbErr> {
-    let skip_locked = if conn.get_database_backend() == DatabaseBackend::Postgres {
-        " FOR UPDATE SKIP LOCKED"
-    } else {
-        ""
-    };
     // `+o.parent_id` keeps SQLite from looking the older commands of a target up by
     // `parent_id IS NULL` (every top-level command: quadratic with many queued creates) instead
     // of by `commands_by_target`.
-    let text = format!(
-        "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
-         started_at = COALESCE(started_at, $3) \
-         WHERE id IN (SELECT id FROM commands WHERE status = 'queued' AND run_after <= $3 \
+    let claimable = "status = 'queued' AND run_after <= $3 \
          AND (commands.parent_id IS NOT NULL OR (\
          NOT EXISTS (SELECT 1 FROM containers t WHERE commands.target_type = 'container' \
            AND t.id = commands.target_id AND t.locked_by IS NOT NULL AND t.locked_by <> commands.id \
@@ -229,8 +258,14 @@ pub(crate) async fn claim<C: ConnectionTrait>(
          AND (commands.target_id IS NULL OR NOT EXISTS (SELECT 1 FROM commands o \
            WHERE o.target_type = commands.target_type AND o.target_id = commands.target_id \
            AND o.id < commands.id AND +o.parent_id IS NULL \
-           AND o.status IN ('queued', 'running', 'waiting'))))) \
-         ORDER BY id LIMIT $4{skip_locked}) RETURNING *"
+           AND o.status IN ('queued', 'running', 'waiting'))))) ";
+    if conn.get_database_backend() == DatabaseBackend::Sqlite {
+        return claim_sqlite(conn, claimable, owner, now, lease_until, limit).await;
+    }
+    let text = format!(
+        "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
+         started_at = COALESCE(started_at, $3) \
+         WHERE id IN (SELECT id FROM commands WHERE {claimable} ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING *"
     );
     let stmt = sql(
         conn,
@@ -241,6 +276,50 @@ pub(crate) async fn claim<C: ConnectionTrait>(
     rows.sort_by_key(|r| r.id);
     Ok(rows)
 }
+
+/// `claim` on SQLite, where this core is the only claimer: the candidates come as one
+/// aggregated row (a row each would cost a thread switch each), then one update takes them.
+async fn claim_sqlite<C: ConnectionTrait>(
+    conn: &C,
+    claimable: &str,
+    owner: &str,
+    now: i64,
+    lease_until: i64,
+    limit: usize,
+) -> Result<Vec<command::Model>, DbErr> {
+    let from = format!("(SELECT * FROM commands WHERE {claimable} ORDER BY id LIMIT $4)");
+    let mut rows: Vec<command::Model> = json_objects(conn, COMMAND_COLUMNS, &from, vec![Value::from(0i64), Value::from(0i64), now.into(), (limit as i64).into()]).await?;
+    if rows.is_empty() {
+        return Ok(rows);
+    }
+    let list = rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>().join(",");
+    let text = format!(
+        "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
+         started_at = COALESCE(started_at, $3) WHERE id IN ({list}) AND status = 'queued'"
+    );
+    let taken = conn.execute_raw(sql(conn, &text, vec![owner.into(), lease_until.into(), now.into()])).await?.rows_affected();
+    if taken != rows.len() as u64 {
+        // Not expected with one claimer; read back what this call took.
+        let from = format!("commands WHERE id IN ({list}) AND status = 'running' AND lease_owner = $1 AND lease_until = $2 AND started_at IS NOT NULL");
+        rows = json_objects(conn, COMMAND_COLUMNS, &from, vec![owner.into(), lease_until.into()]).await?;
+    } else {
+        for r in &mut rows {
+            r.status = CommandStatus::Running.as_str().to_string();
+            r.lease_owner = Some(owner.to_string());
+            r.lease_until = Some(lease_until);
+            r.started_at = r.started_at.or(Some(now));
+        }
+    }
+    rows.sort_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// The columns of `commands`, as `json_objects` names them for `command::Model`.
+const COMMAND_COLUMNS: &[&str] = &[
+    "id", "kind", "status", "target_type", "target_id", "parent_id", "params", "progress", "step", "result", "error",
+    "waiting_on", "attempts", "run_after", "lease_owner", "lease_until", "requested_by", "created_at", "started_at",
+    "finished_at",
+];
 
 /// Queues again the commands left `running` by a previous process (all of them when `owner`
 /// is `None`).
@@ -651,7 +730,8 @@ fn values_rows(rows: usize, types: &[&str], first: usize) -> String {
 const GROUP_CHUNK: usize = 300;
 
 /// Locks many targets of one table, each for its command (`(target id, command id)`), like
-/// `lock` without its slow paths; returns the ids of the targets now held by their command.
+/// `lock` without its slow paths; returns the ids of the targets now held by their command
+/// (those locked before, by a bulk submission, included).
 pub(crate) async fn lock_many<C: ConnectionTrait>(
     conn: &C,
     table: &str,
@@ -661,7 +741,7 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
     for chunk in pairs.chunks(GROUP_CHUNK) {
         let text = format!(
             "UPDATE {table} SET locked_by = v.column2 FROM (VALUES {}) AS v \
-             WHERE {table}.id = v.column1 AND ({table}.locked_by IS NULL OR {table}.locked_by = v.column2)",
+             WHERE {table}.id = v.column1 AND {table}.locked_by IS NULL",
             values_rows(chunk.len(), &["BIGINT", "BIGINT"], 1)
         );
         let values = chunk.iter().flat_map(|(t, c)| [Value::from(*t), Value::from(*c)]).collect();
@@ -670,21 +750,13 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
     if locked == pairs.len() as u64 {
         return Ok(pairs.iter().map(|p| p.0).collect());
     }
-    // Some were busy or missing: read who holds what.
-    let mut held = std::collections::HashSet::new();
+    // Some were held already (by their command, or busy) or are missing: read who holds what.
     let wanted: std::collections::HashMap<i64, CommandId> = pairs.iter().copied().collect();
+    let mut held = std::collections::HashSet::new();
     for chunk in pairs.chunks(GROUP_CHUNK) {
         let list = chunk.iter().map(|p| p.0.to_string()).collect::<Vec<_>>().join(",");
-        let rows = conn
-            .query_all_raw(sql(conn, &format!("SELECT id, locked_by FROM {table} WHERE id IN ({list})"), vec![]))
-            .await?;
-        for row in rows {
-            let id: i64 = row.try_get("", "id")?;
-            let holder: Option<i64> = row.try_get("", "locked_by")?;
-            if holder.is_some() && holder == wanted.get(&id).copied() {
-                held.insert(id);
-            }
-        }
+        let holders: Vec<(i64, Option<i64>)> = json_rows(conn, "id, locked_by", &format!("{table} WHERE id IN ({list})")).await?;
+        held.extend(holders.into_iter().filter(|(id, h)| h.is_some() && *h == wanted.get(id).copied()).map(|(id, _)| id));
     }
     Ok(held)
 }
