@@ -202,8 +202,12 @@ pub struct PlaceBenchArgs {
     #[arg(long, default_value_t = 100_000)]
     pub creates: usize,
     /// Commands executing at once.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     pub workers: usize,
+    /// Most commands claimed at once (`queue.claim_batch`); commands claimed together run as
+    /// groups.
+    #[arg(long, default_value_t = 1024)]
+    pub claim_batch: usize,
     /// Run on PostgreSQL at this admin URL (a scratch database is created and dropped there)
     /// instead of SQLite.
     #[arg(long, value_name = "URL")]
@@ -225,7 +229,7 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
     config.sim_servers = args.servers;
     config.sim_persist = false;
     config.queue.workers = args.workers.max(1);
-    config.queue.claim_batch = 512;
+    config.queue.claim_batch = args.claim_batch.max(1);
     config.health.background = false;
     config.db_connections = args.connections;
     let scratch = match &args.postgres {

@@ -62,19 +62,8 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
             continue;
         }
         let runner = inner.runner.get().expect("runner set before start").clone();
-        let mut groups: BTreeMap<String, Vec<command::Model>> = BTreeMap::new();
-        let mut singles = Vec::new();
-        for row in rows {
-            match runner.group_key(&row) {
-                Some(key) => groups.entry(key).or_default().push(row),
-                None => singles.push(row),
-            }
-        }
+        let (groups, singles) = by_group_key(runner.as_ref(), rows);
         for (key, rows) in groups {
-            if rows.len() == 1 {
-                singles.extend(rows);
-                continue;
-            }
             let held = permits.split_off(permits.len() - rows.len());
             let span = tracing::info_span!("group", kind = %key, commands = rows.len());
             tokio::spawn(execute_group(inner.clone(), rows, held, done.clone()).instrument(span));
@@ -84,6 +73,31 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
             spawn_alone(&inner, row, permit, &done);
         }
     }
+}
+
+/// Sorts commands into groups by `Runner::group_key`; a command without a key, or alone under
+/// its key, goes into the second list.
+fn by_group_key(
+    runner: &dyn super::Runner,
+    rows: impl IntoIterator<Item = command::Model>,
+) -> (Vec<(String, Vec<command::Model>)>, Vec<command::Model>) {
+    let mut keyed: BTreeMap<String, Vec<command::Model>> = BTreeMap::new();
+    let mut singles = Vec::new();
+    for row in rows {
+        match runner.group_key(&row) {
+            Some(key) => keyed.entry(key).or_default().push(row),
+            None => singles.push(row),
+        }
+    }
+    let mut groups = Vec::new();
+    for (key, rows) in keyed {
+        if rows.len() == 1 {
+            singles.extend(rows);
+        } else {
+            groups.push((key, rows));
+        }
+    }
+    (groups, singles)
 }
 
 fn spawn_alone(inner: &Arc<Inner>, row: command::Model, permit: OwnedSemaphorePermit, done: &mpsc::UnboundedSender<PlainDone>) {
@@ -206,18 +220,9 @@ async fn execute_group(
         }
     }
     while !current.is_empty() {
-        let mut by_key: BTreeMap<String, Vec<command::Model>> = BTreeMap::new();
-        for row in current.drain(..) {
-            match runner.group_key(&row) {
-                Some(key) => by_key.entry(key).or_default().push(row),
-                None => alone.push(row),
-            }
-        }
-        for (_, group) in by_key {
-            if group.len() == 1 {
-                alone.extend(group);
-                continue;
-            }
+        let (groups, singles) = by_group_key(runner.as_ref(), current.drain(..));
+        alone.extend(singles);
+        for (_, group) in groups {
             let mut sink = Sink { inner: &inner, rows: &group, settled: group.iter().map(|_| None).collect() };
             if let Err(e) = runner.step_group(&group, &mut sink).await {
                 tracing::info!(error = %e, "a group step stopped; its uncommitted commands run alone");
