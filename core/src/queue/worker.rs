@@ -1,12 +1,12 @@
-//! The dispatcher, the command executor, the batching completer and the lease keeper.
+//! The dispatcher, the command executor, the group executor, the batching completer and the
+//! lease keeper.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-
-use async_trait::async_trait;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use sea_orm::{DatabaseTransaction, TransactionTrait};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::Instrument;
