@@ -7,7 +7,7 @@ use cloud48_core::cli::Client;
 use cloud48_core::model::{Accepted, Command, CommandStatus, Container, Environment};
 use serde_json::{Value, json};
 
-use crate::common::ServeProcess;
+use crate::common::{ServeProcess, eventually};
 
 fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
@@ -170,14 +170,12 @@ async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_re
         ids.push(a.command_id);
     }
     // Kill once reservations are persisted (step 1) and some guests exist.
-    loop {
+    eventually("a create past its reservation, with guests made", || async {
         let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
         assert!(cmds.iter().any(|c| !c.status.is_terminal()), "every create finished before the kill");
-        if cmds.iter().any(|c| c.step >= 1 && !c.status.is_terminal()) && !sim_guests(&data).is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (cmds.iter().any(|c| c.step >= 1 && !c.status.is_terminal()) && !sim_guests(&data).is_empty()).then_some(())
+    })
+    .await;
     serve.kill9();
     drop(serve);
 

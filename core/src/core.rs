@@ -274,9 +274,6 @@ pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreErro
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Normal)
                     .busy_timeout(Duration::from_secs(10))
-                    // Rows of a statement reach the core in one hand-over rather than 50 at a
-                    // time (each hand-over is a thread switch).
-                    .row_buffer_size(4096)
             });
     } else {
         opt.max_connections(config.db_connections.max(2));

@@ -31,8 +31,7 @@ fn main() {
 
 /// Worker threads of the async runtime: one fewer than the machine's cores (at least one), so
 /// that the database thread (SQLite runs every statement on one thread of its own) keeps a core
-/// to itself; on 2 cores this alone took `bench place` from about 7,000 to 9,000 creates/s.
-/// `TOKIO_WORKER_THREADS` overrides it.
+/// to itself. `TOKIO_WORKER_THREADS` overrides it.
 fn runtime_threads() -> Result<usize, String> {
     if let Ok(v) = std::env::var("TOKIO_WORKER_THREADS") {
         return v.trim().parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {

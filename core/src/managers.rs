@@ -251,16 +251,13 @@ pub(crate) async fn name_and_lock<C: sea_orm::ConnectionTrait>(
     pairs: &[(ContainerId, CommandId)],
 ) -> Result<(), sea_orm::DbErr> {
     for chunk in pairs.chunks(300) {
-        let mut rows = Vec::with_capacity(chunk.len());
         let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3);
         for (id, cmd) in chunk {
-            let n = values.len();
-            rows.push(format!("(CAST(${} AS BIGINT), CAST(${} AS TEXT), CAST(${} AS BIGINT))", n + 1, n + 2, n + 3));
             values.extend([sea_orm::Value::from(*id), sea_orm::Value::from(guest_id_for(platform, *id)), sea_orm::Value::from(*cmd)]);
         }
         let text = format!(
             "UPDATE containers SET guest_id = v.column2, locked_by = v.column3 FROM (VALUES {}) AS v WHERE containers.id = v.column1",
-            rows.join(", ")
+            crate::queue::store::values_rows(chunk.len(), &["BIGINT", "TEXT", "BIGINT"], 1)
         );
         conn.execute_raw(crate::queue::store::sql(conn, &text, values)).await?;
     }

@@ -31,11 +31,8 @@ use crate::entities::{command, dummy};
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
 use crate::placement;
-use crate::queue::store::{json_rows, sql};
+use crate::queue::store::{GROUP_CHUNK as CHUNK, id_list, json_rows, sql, values_rows};
 use crate::queue::{GroupNext, GroupSink, StepError};
-
-/// Rows per multi-row statement.
-const CHUNK: usize = 300;
 
 /// The key under which create commands at `cmd`'s step run together, if they may.
 pub(super) fn key(cmd: &command::Model) -> Option<String> {
@@ -87,11 +84,6 @@ fn plain<'a>(cmds: &[command::Model], rows: &'a HashMap<i64, Row>) -> Vec<Plain<
             (!special && parse_status(&row.status) == ContainerStatus::Creating).then_some(Plain { index, row, params })
         })
         .collect()
-}
-
-/// The ids as a list for `IN (…)` (integers, so safe to put in the statement).
-fn id_list(ids: impl Iterator<Item = i64>) -> String {
-    ids.map(|id| id.to_string()).collect::<Vec<_>>().join(",")
 }
 
 /// The containers of the group's commands, by id: only the columns the group needs, in one
@@ -213,11 +205,8 @@ async fn insert_dummies(
     let mut ids = HashMap::with_capacity(placed.len());
     let now = now_ms();
     for chunk in placed.chunks(CHUNK) {
-        let mut rows = Vec::with_capacity(chunk.len());
         let mut params: Vec<DbValue> = Vec::with_capacity(chunk.len() * 8);
         for (i, container, server, need) in chunk {
-            let n = params.len();
-            rows.push(format!("(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})", n + 1, n + 2, n + 3, n + 4, n + 5, n + 6, n + 7, n + 8));
             params.extend([
                 DbValue::from(*server),
                 DbValue::from(*container),
@@ -232,7 +221,7 @@ async fn insert_dummies(
         let text = format!(
             "INSERT INTO dummies (server_id, container_id, command_id, cpu_millis, memory_mb, disk_mb, deadline, created_at) \
              VALUES {}",
-            rows.join(", ")
+            values_rows(chunk.len(), &["BIGINT"; 8], 1)
         );
         txn.execute_raw(sql(txn, &text, params)).await?;
         let from = format!("dummies WHERE command_id IN ({})", id_list(chunk.iter().map(|p| commands[&p.0])));

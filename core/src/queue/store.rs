@@ -288,11 +288,12 @@ async fn claim_sqlite<C: ConnectionTrait>(
     limit: usize,
 ) -> Result<Vec<command::Model>, DbErr> {
     let from = format!("(SELECT * FROM commands WHERE {claimable} ORDER BY id LIMIT $4)");
-    let mut rows: Vec<command::Model> = json_objects(conn, COMMAND_COLUMNS, &from, vec![Value::from(0i64), Value::from(0i64), now.into(), (limit as i64).into()]).await?;
+    let values = vec![owner.into(), lease_until.into(), now.into(), (limit as i64).into()];
+    let mut rows: Vec<command::Model> = json_objects(conn, COMMAND_COLUMNS, &from, values).await?;
     if rows.is_empty() {
         return Ok(rows);
     }
-    let list = rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>().join(",");
+    let list = id_list(rows.iter().map(|r| r.id));
     let text = format!(
         "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
          started_at = COALESCE(started_at, $3) WHERE id IN ({list}) AND status = 'queued'"
@@ -300,7 +301,7 @@ async fn claim_sqlite<C: ConnectionTrait>(
     let taken = conn.execute_raw(sql(conn, &text, vec![owner.into(), lease_until.into(), now.into()])).await?.rows_affected();
     if taken != rows.len() as u64 {
         // Not expected with one claimer; read back what this call took.
-        let from = format!("commands WHERE id IN ({list}) AND status = 'running' AND lease_owner = $1 AND lease_until = $2 AND started_at IS NOT NULL");
+        let from = format!("commands WHERE id IN ({list}) AND status = 'running' AND lease_owner = $1 AND lease_until = $2");
         rows = json_objects(conn, COMMAND_COLUMNS, &from, vec![owner.into(), lease_until.into()]).await?;
     } else {
         for r in &mut rows {
@@ -345,7 +346,7 @@ pub(crate) async fn renew_leases<C: ConnectionTrait>(
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in ids.chunks(500) {
-        let list = chunk.iter().map(|id| id.to_string()).collect::<Vec<_>>().join(",");
+        let list = id_list(chunk.iter().copied());
         let stmt = sql(
             conn,
             &format!(
@@ -649,11 +650,7 @@ pub(crate) async fn finish_plain_batch<C: ConnectionTrait>(
     now: i64,
 ) -> Result<(), DbErr> {
     for chunk in ids.chunks(500) {
-        let list = chunk
-            .iter()
-            .map(|id| id.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let list = id_list(chunk.iter().copied());
         let stmt = sql(
             conn,
             &format!(
@@ -709,7 +706,7 @@ pub(crate) async fn cancel(
 }
 
 /// `(CAST($1 AS T1), CAST($2 AS T2)), (…)`: `rows` rows of `types`, numbered from `$first`.
-fn values_rows(rows: usize, types: &[&str], first: usize) -> String {
+pub(crate) fn values_rows(rows: usize, types: &[&str], first: usize) -> String {
     let mut out = String::new();
     let mut n = first;
     for r in 0..rows {
@@ -727,7 +724,12 @@ fn values_rows(rows: usize, types: &[&str], first: usize) -> String {
 }
 
 /// Rows per multi-row statement of the group functions.
-const GROUP_CHUNK: usize = 300;
+pub(crate) const GROUP_CHUNK: usize = 300;
+
+/// Ids as a list for `IN (…)` (integers, so safe in the statement text).
+pub(crate) fn id_list(ids: impl IntoIterator<Item = i64>) -> String {
+    ids.into_iter().map(|id| id.to_string()).collect::<Vec<_>>().join(",")
+}
 
 /// Locks many targets of one table, each for its command (`(target id, command id)`), like
 /// `lock` without its slow paths; returns the ids of the targets now held by their command
@@ -754,7 +756,7 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
     let wanted: std::collections::HashMap<i64, CommandId> = pairs.iter().copied().collect();
     let mut held = std::collections::HashSet::new();
     for chunk in pairs.chunks(GROUP_CHUNK) {
-        let list = chunk.iter().map(|p| p.0.to_string()).collect::<Vec<_>>().join(",");
+        let list = id_list(chunk.iter().map(|p| p.0));
         let holders: Vec<(i64, Option<i64>)> = json_rows(conn, "id, locked_by", &format!("{table} WHERE id IN ({list})")).await?;
         held.extend(holders.into_iter().filter(|(id, h)| h.is_some() && *h == wanted.get(id).copied()).map(|(id, _)| id));
     }
