@@ -251,14 +251,9 @@ pub(crate) async fn name_and_lock<C: sea_orm::ConnectionTrait>(
     pairs: &[(ContainerId, CommandId)],
 ) -> Result<(), sea_orm::DbErr> {
     for chunk in pairs.chunks(300) {
-        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(chunk.len() * 3);
-        for (id, cmd) in chunk {
-            values.extend([sea_orm::Value::from(*id), sea_orm::Value::from(guest_id_for(platform, *id)), sea_orm::Value::from(*cmd)]);
-        }
-        let text = format!(
-            "UPDATE containers SET guest_id = v.column2, locked_by = v.column3 FROM (VALUES {}) AS v WHERE containers.id = v.column1",
-            crate::queue::store::values_rows(chunk.len(), &["BIGINT", "TEXT", "BIGINT"], 1)
-        );
+        let rows: Vec<_> = chunk.iter().map(|(id, cmd)| vec![(*id).into(), guest_id_for(platform, *id).into(), (*cmd).into()]).collect();
+        let (v, values) = crate::queue::store::rows_source(conn, &["BIGINT", "TEXT", "BIGINT"], &rows, 1);
+        let text = format!("UPDATE containers SET guest_id = v.column2, locked_by = v.column3 FROM {v} WHERE containers.id = v.column1");
         conn.execute_raw(crate::queue::store::sql(conn, &text, values)).await?;
     }
     Ok(())

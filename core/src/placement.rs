@@ -400,25 +400,19 @@ pub async fn claim_many(
 ) -> Result<HashSet<ServerId>, DbErr> {
     let mut held = HashSet::new();
     for chunk in claims.chunks(200) {
-        let mut values = Vec::new();
-        let mut params: Vec<sea_orm::Value> = Vec::new();
-        for (server, r, count) in chunk {
-            let n = params.len();
-            values.push(format!(
-                "(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS BIGINT))",
-                n + 1, n + 2, n + 3, n + 4, n + 5
-            ));
-            params.extend([*server, r.cpu_millis as i64, r.memory_mb as i64, r.disk_mb as i64, *count].map(sea_orm::Value::from));
-        }
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(server, r, count)| [*server, r.cpu_millis as i64, r.memory_mb as i64, r.disk_mb as i64, *count].map(serde_json::Value::from).to_vec())
+            .collect();
+        let (v, params) = crate::queue::store::rows_source(txn, &["BIGINT"; 5], &rows, 1);
         let text = format!(
             "UPDATE servers SET alloc_cpu_millis = alloc_cpu_millis + v.column2, alloc_memory_mb = alloc_memory_mb + v.column3, \
              alloc_disk_mb = alloc_disk_mb + v.column4, alloc_containers = alloc_containers + v.column5 \
-             FROM (VALUES {}) AS v WHERE servers.id = v.column1 \
+             FROM {v} WHERE servers.id = v.column1 \
              AND servers.alloc_cpu_millis + v.column2 <= servers.cpu_millis \
              AND servers.alloc_memory_mb + v.column3 <= servers.memory_mb \
              AND servers.alloc_disk_mb + v.column4 <= servers.disk_mb \
-             AND servers.status = 'up' AND servers.draining = false",
-            values.join(", ")
+             AND servers.status || '' = 'up' AND servers.draining = false"
         );
         // Usually every claim holds; otherwise undo the chunk and claim server by server.
         let sp = txn.begin().await?;

@@ -233,22 +233,13 @@ async fn finish(
 
 /// One statement: each container gets its server, address and status, and is unlocked.
 pub(super) async fn fill_many(txn: &DatabaseTransaction, made: &[&(i64, ServerId, Option<String>)], status: ContainerStatus) -> Result<(), DbErr> {
-    let mut values = Vec::new();
-    let mut params: Vec<DbValue> = Vec::new();
-    for (id, server, ip) in made {
-        let n = params.len();
-        values.push(format!("(CAST(${} AS BIGINT), CAST(${} AS BIGINT), CAST(${} AS TEXT))", n + 1, n + 2, n + 3));
-        params.extend([DbValue::BigInt(Some(*id)), DbValue::BigInt(Some(*server)), DbValue::String(ip.clone())]);
-    }
-    let n = params.len();
-    params.push(DbValue::String(Some(status.as_str().to_string())));
-    params.push(DbValue::BigInt(Some(now_ms())));
+    let rows: Vec<_> = made.iter().map(|(id, server, ip)| vec![(*id).into(), (*server).into(), ip.clone().into()]).collect();
+    let (v, mut params) = crate::queue::store::rows_source(txn, &["BIGINT", "BIGINT", "TEXT"], &rows, 3);
+    params.insert(0, DbValue::String(Some(status.as_str().to_string())));
+    params.insert(1, DbValue::BigInt(Some(now_ms())));
     let text = format!(
-        "UPDATE containers SET server_id = v.column2, ip = v.column3, status = ${}, locked_by = NULL, updated_at = ${} \
-         FROM (VALUES {}) AS v WHERE containers.id = v.column1",
-        n + 1,
-        n + 2,
-        values.join(", ")
+        "UPDATE containers SET server_id = v.column2, ip = v.column3, status = $1, locked_by = NULL, updated_at = $2 \
+         FROM {v} WHERE containers.id = v.column1"
     );
     txn.execute_raw(crate::queue::store::sql(txn, &text, params)).await?;
     Ok(())

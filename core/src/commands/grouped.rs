@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, TransactionTrait, Value as DbValue};
+use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, TransactionTrait};
 use serde_json::{Value, json};
 
 use super::batch::fill_many;
@@ -31,7 +31,7 @@ use crate::entities::{command, dummy};
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
 use crate::placement;
-use crate::queue::store::{GROUP_CHUNK as CHUNK, id_list, json_rows, sql, values_rows};
+use crate::queue::store::{GROUP_CHUNK as CHUNK, id_list, json_rows, rows_source, sql};
 use crate::queue::{GroupNext, GroupSink, StepError};
 
 /// The key under which create commands at `cmd`'s step run together, if they may.
@@ -205,23 +205,18 @@ async fn insert_dummies(
     let mut ids = HashMap::with_capacity(placed.len());
     let now = now_ms();
     for chunk in placed.chunks(CHUNK) {
-        let mut params: Vec<DbValue> = Vec::with_capacity(chunk.len() * 8);
-        for (i, container, server, need) in chunk {
-            params.extend([
-                DbValue::from(*server),
-                DbValue::from(*container),
-                DbValue::from(commands[i]),
-                DbValue::from(need.cpu_millis as i64),
-                DbValue::from(need.memory_mb as i64),
-                DbValue::from(need.disk_mb as i64),
-                DbValue::from(deadline),
-                DbValue::from(now),
-            ]);
-        }
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(i, container, server, need)| {
+                [*server, *container, commands[i], need.cpu_millis as i64, need.memory_mb as i64, need.disk_mb as i64, deadline, now]
+                    .map(Value::from)
+                    .to_vec()
+            })
+            .collect();
+        let (v, params) = rows_source(txn, &["BIGINT"; 8], &rows, 1);
         let text = format!(
             "INSERT INTO dummies (server_id, container_id, command_id, cpu_millis, memory_mb, disk_mb, deadline, created_at) \
-             VALUES {}",
-            values_rows(chunk.len(), &["BIGINT"; 8], 1)
+             SELECT * FROM {v}"
         );
         txn.execute_raw(sql(txn, &text, params)).await?;
         let from = format!("dummies WHERE command_id IN ({})", id_list(chunk.iter().map(|p| commands[&p.0])));

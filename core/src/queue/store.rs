@@ -705,22 +705,48 @@ pub(crate) async fn cancel(
     Ok(to_api(&get(conn, id).await?.ok_or(QueueError::NotFound(id))?))
 }
 
-/// `(CAST($1 AS T1), CAST($2 AS T2)), (…)`: `rows` rows of `types`, numbered from `$first`.
-pub(crate) fn values_rows(rows: usize, types: &[&str], first: usize) -> String {
-    let mut out = String::new();
-    let mut n = first;
-    for r in 0..rows {
-        out.push_str(if r == 0 { "(" } else { ", (" });
-        for (i, t) in types.iter().enumerate() {
-            if i > 0 {
-                out.push_str(", ");
-            }
-            out.push_str(&format!("CAST(${n} AS {t})"));
-            n += 1;
-        }
-        out.push(')');
+/// Rows of values for one statement, as a row source `v` with columns `column1…`, to follow
+/// `FROM` (`UPDATE t SET … FROM {source} WHERE t.id = v.column1`) or `SELECT * FROM` (in an
+/// `INSERT`); `$first` is the number of its first placeholder. Returns the source and its values.
+///
+/// On SQLite the rows travel as one JSON parameter read by `json_each`: the statement's text is
+/// then the same for any number of rows, so it is prepared once and cached (a `VALUES` list of a
+/// few hundred rows took longer to prepare than to run), and SQLite drives the join from the
+/// rows, looking each target up by id. The caller must keep SQLite from using another index of
+/// the target instead (`+column` in its other conditions): with `VALUES`, SQLite 3.51 scanned
+/// the whole target table once per statement. On PostgreSQL the rows are a typed `VALUES` list.
+pub(crate) fn rows_source<C: ConnectionTrait>(
+    conn: &C,
+    types: &[&str],
+    rows: &[Vec<serde_json::Value>],
+    first: usize,
+) -> (String, Vec<Value>) {
+    if conn.get_database_backend() == DatabaseBackend::Sqlite {
+        let columns = (0..types.len()).map(|i| format!("value ->> {i} AS column{}", i + 1)).collect::<Vec<_>>().join(", ");
+        let json = serde_json::Value::Array(rows.iter().map(|r| serde_json::Value::Array(r.clone())).collect());
+        return (format!("(SELECT {columns} FROM json_each(${first})) AS v"), vec![json.to_string().into()]);
     }
-    out
+    let mut text = String::from("(VALUES ");
+    let mut values = Vec::with_capacity(rows.len() * types.len());
+    for (r, row) in rows.iter().enumerate() {
+        text.push_str(if r == 0 { "(" } else { ", (" });
+        for (i, (t, v)) in types.iter().zip(row).enumerate() {
+            if i > 0 {
+                text.push_str(", ");
+            }
+            text.push_str(&format!("CAST(${} AS {t})", first + values.len()));
+            values.push(match (*t, v) {
+                ("INTEGER", v) => Value::Int(v.as_i64().map(|n| n as i32)),
+                ("BIGINT", v) => Value::BigInt(v.as_i64()),
+                (_, serde_json::Value::String(s)) => Value::String(Some(s.clone())),
+                (_, serde_json::Value::Null) => Value::String(None),
+                (_, other) => Value::String(Some(other.to_string())),
+            });
+        }
+        text.push(')');
+    }
+    text.push_str(") AS v");
+    (text, values)
 }
 
 /// Rows per multi-row statement of the group functions.
@@ -741,12 +767,9 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
 ) -> Result<std::collections::HashSet<i64>, DbErr> {
     let mut locked = 0;
     for chunk in pairs.chunks(GROUP_CHUNK) {
-        let text = format!(
-            "UPDATE {table} SET locked_by = v.column2 FROM (VALUES {}) AS v \
-             WHERE {table}.id = v.column1 AND {table}.locked_by IS NULL",
-            values_rows(chunk.len(), &["BIGINT", "BIGINT"], 1)
-        );
-        let values = chunk.iter().flat_map(|(t, c)| [Value::from(*t), Value::from(*c)]).collect();
+        let rows: Vec<_> = chunk.iter().map(|(t, c)| vec![(*t).into(), (*c).into()]).collect();
+        let (v, values) = rows_source(conn, &["BIGINT", "BIGINT"], &rows, 1);
+        let text = format!("UPDATE {table} SET locked_by = v.column2 FROM {v} WHERE {table}.id = v.column1 AND +{table}.locked_by IS NULL");
         locked += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
     }
     if locked == pairs.len() as u64 {
@@ -773,16 +796,14 @@ pub(crate) async fn advance_many<C: ConnectionTrait>(
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in items.chunks(GROUP_CHUNK) {
+        let rows: Vec<_> = chunk.iter().map(|(id, step, progress)| vec![(*id).into(), (*step).into(), progress.as_str().into()]).collect();
+        let (v, rows) = rows_source(conn, &["BIGINT", "INTEGER", "TEXT"], &rows, 3);
         let text = format!(
-            "UPDATE commands SET step = v.column2, progress = v.column3, lease_until = $1 \
-             FROM (VALUES {}) AS v WHERE commands.id = v.column1 AND commands.lease_owner = $2 \
-             AND commands.status = 'running'",
-            values_rows(chunk.len(), &["BIGINT", "INTEGER", "TEXT"], 3)
+            "UPDATE commands SET step = v.column2, progress = v.column3, lease_until = $1 FROM {v} \
+             WHERE commands.id = v.column1 AND commands.lease_owner || '' = $2 AND commands.status || '' = 'running'"
         );
         let mut values: Vec<Value> = vec![lease_until.into(), owner.into()];
-        for (id, step, progress) in chunk {
-            values.extend([Value::from(*id), Value::from(*step), Value::from(progress.clone())]);
-        }
+        values.extend(rows);
         n += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
     }
     Ok(n)
@@ -798,17 +819,15 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in items.chunks(GROUP_CHUNK) {
+        let rows: Vec<_> = chunk.iter().map(|(id, result, _)| vec![(*id).into(), result.as_str().into()]).collect();
+        let (v, rows) = rows_source(conn, &["BIGINT", "TEXT"], &rows, 3);
         let text = format!(
             "UPDATE commands SET status = 'succeeded', result = v.column2, finished_at = $1, \
-             lease_owner = NULL, lease_until = NULL, waiting_on = NULL \
-             FROM (VALUES {}) AS v WHERE commands.id = v.column1 AND commands.lease_owner = $2 \
-             AND commands.status = 'running'",
-            values_rows(chunk.len(), &["BIGINT", "TEXT"], 3)
+             lease_owner = NULL, lease_until = NULL, waiting_on = NULL FROM {v} \
+             WHERE commands.id = v.column1 AND commands.lease_owner || '' = $2 AND commands.status || '' = 'running'"
         );
         let mut values: Vec<Value> = vec![now.into(), owner.into()];
-        for (id, result, _) in chunk {
-            values.extend([Value::from(*id), Value::from(result.clone())]);
-        }
+        values.extend(rows);
         n += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
     }
     for table in ["containers", "environments"] {
@@ -817,12 +836,9 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
             .filter_map(|(id, _, t)| t.filter(|t| t.table() == table).map(|t| (t.id(), *id)))
             .collect();
         for chunk in pairs.chunks(GROUP_CHUNK) {
-            let text = format!(
-                "UPDATE {table} SET locked_by = NULL FROM (VALUES {}) AS v \
-                 WHERE {table}.id = v.column1 AND {table}.locked_by = v.column2",
-                values_rows(chunk.len(), &["BIGINT", "BIGINT"], 1)
-            );
-            let values = chunk.iter().flat_map(|(t, c)| [Value::from(*t), Value::from(*c)]).collect();
+            let rows: Vec<_> = chunk.iter().map(|(t, c)| vec![(*t).into(), (*c).into()]).collect();
+            let (v, values) = rows_source(conn, &["BIGINT", "BIGINT"], &rows, 1);
+            let text = format!("UPDATE {table} SET locked_by = NULL FROM {v} WHERE {table}.id = v.column1 AND +{table}.locked_by = v.column2");
             conn.execute_raw(sql(conn, &text, values)).await?;
         }
     }
