@@ -286,7 +286,8 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         left -= n;
         let rows = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None, None));
         let txn = core.db().begin().await?;
-        container::Entity::insert_many(rows).exec(&txn).await?;
+        // Without RETURNING: the ids are read back as one row below.
+        container::Entity::insert_many(rows).exec_without_returning(&txn).await?;
         let ids: Vec<(i64,)> = crate::queue::store::json_rows(&txn, "id", "containers WHERE guest_id = ''").await?;
         let commands = ids
             .iter()
