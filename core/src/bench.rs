@@ -284,7 +284,9 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     while left > 0 {
         let n = left.min(500);
         left -= n;
-        let rows = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None, None));
+        // Rows (each with its plugin's initial state) are made before the transaction, which
+        // holds SQLite's only connection.
+        let rows: Vec<_> = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None, None)).collect();
         let txn = core.db().begin().await?;
         // Without RETURNING: the ids are read back as one row below.
         container::Entity::insert_many(rows).exec_without_returning(&txn).await?;
