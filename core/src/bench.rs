@@ -251,10 +251,7 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
 }
 
 async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
-    use crate::entities::container;
     use crate::model::{Requirements, Resources};
-    use crate::queue::Target;
-    use sea_orm::EntityTrait;
 
     let database = if config.database_url.is_some() { "postgresql" } else { "sqlite" };
     let opened = Instant::now();
@@ -281,32 +278,22 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
             core.containers().create_many(&create, n as u32, "bench").await?;
         }
     }
+    // The next batch's rows are made while the previous batch is written, as concurrent
+    // clients would.
+    let mut writing: Option<tokio::task::JoinHandle<Result<()>>> = None;
     while left > 0 {
         let n = left.min(500);
         left -= n;
         // Rows (each with its plugin's initial state) are made before the transaction, which
         // holds SQLite's only connection.
         let rows: Vec<_> = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None, None)).collect();
-        let txn = core.db().begin().await?;
-        // Without RETURNING: the ids are read back as one row below.
-        container::Entity::insert_many(rows).exec_without_returning(&txn).await?;
-        let ids: Vec<(i64,)> = crate::queue::store::json_rows(&txn, "id", "containers WHERE guest_id = ''").await?;
-        let commands = ids
-            .iter()
-            .map(|(id,)| NewCommand {
-                kind: "container.create".into(),
-                target: Some(Target::Container(*id)),
-                params: serde_json::json!({}),
-                requested_by: "bench".into(),
-            })
-            .collect();
-        let command_ids = core.queue().enqueue_in(&txn, commands, None).await?;
-        // Each container gets its guest id and is locked by its create from the start, in
-        // one statement (a create made by the manager takes its lock when it first runs).
-        let pairs: Vec<(i64, i64)> = ids.iter().map(|(id,)| *id).zip(command_ids).collect();
-        crate::managers::name_and_lock(&txn, core.platform_name(), &pairs).await?;
-        txn.commit().await?;
-        core.queue().wake();
+        if let Some(previous) = writing.take() {
+            previous.await??;
+        }
+        writing = Some(tokio::spawn(submit_creates(core.clone(), rows)));
+    }
+    if let Some(last) = writing {
+        last.await??;
     }
     let submitted = started.elapsed().as_secs_f64();
     let db = core.db();
@@ -351,6 +338,34 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         if audit.is_empty() { "consistent".to_string() } else { format!("INCONSISTENT: {}", audit.join("; ")) }
     );
     core.stop(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// Writes a batch of new container rows with one `container.create` command each, in one
+/// transaction: the bench's bulk submitter.
+async fn submit_creates(core: Core, rows: Vec<crate::entities::container::ActiveModel>) -> Result<()> {
+    use crate::queue::Target;
+    use sea_orm::EntityTrait;
+    let txn = core.db().begin().await?;
+    // Without RETURNING: the ids are read back as one row below.
+    crate::entities::container::Entity::insert_many(rows).exec_without_returning(&txn).await?;
+    let ids: Vec<(i64,)> = crate::queue::store::json_rows(&txn, "id", "containers WHERE guest_id = ''").await?;
+    let commands = ids
+        .iter()
+        .map(|(id,)| NewCommand {
+            kind: "container.create".into(),
+            target: Some(Target::Container(*id)),
+            params: serde_json::json!({}),
+            requested_by: "bench".into(),
+        })
+        .collect();
+    let command_ids = core.queue().enqueue_in(&txn, commands, None).await?;
+    // Each container gets its guest id and is locked by its create from the start, in one
+    // statement (a create made by the manager takes its lock when it first runs).
+    let pairs: Vec<(i64, i64)> = ids.iter().map(|(id,)| *id).zip(command_ids).collect();
+    crate::managers::name_and_lock(&txn, core.platform_name(), &pairs).await?;
+    txn.commit().await?;
+    core.queue().wake();
     Ok(())
 }
 
