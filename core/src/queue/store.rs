@@ -713,7 +713,7 @@ pub(crate) async fn cancel(
 /// then the same for any number of rows, so it is prepared once and cached (a `VALUES` list of a
 /// few hundred rows took longer to prepare than to run), and SQLite drives the join from the
 /// rows, looking each target up by id. The caller must keep SQLite from using another index of
-/// the target instead (`+column` in its other conditions): with `VALUES`, SQLite 3.51 scanned
+/// the target instead (`+column` or `column || ''` in its other conditions): with `VALUES`, SQLite 3.51 scanned
 /// the whole target table once per statement. On PostgreSQL the rows are a typed `VALUES` list.
 pub(crate) fn rows_source<C: ConnectionTrait>(
     conn: &C,
