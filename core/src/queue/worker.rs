@@ -219,7 +219,16 @@ async fn execute_group(
             _ => current.push(row),
         }
     }
-    while !current.is_empty() {
+    loop {
+        for row in alone.drain(..) {
+            // The single path marks it in flight again.
+            in_flight.remove(&row.id);
+            let permit = permits.pop().expect("one permit per command of the group");
+            spawn_alone(&inner, row, permit, &done);
+        }
+        if current.is_empty() {
+            return;
+        }
         let (groups, singles) = by_group_key(runner.as_ref(), current.drain(..));
         alone.extend(singles);
         for (_, group) in groups {
@@ -258,17 +267,6 @@ async fn execute_group(
                 }
             }
         }
-        for row in alone.drain(..) {
-            // The single path marks it in flight again.
-            in_flight.remove(&row.id);
-            let permit = permits.pop().expect("one permit per command of the group");
-            spawn_alone(&inner, row, permit, &done);
-        }
-    }
-    for row in alone {
-        in_flight.remove(&row.id);
-        let permit = permits.pop().expect("one permit per command of the group");
-        spawn_alone(&inner, row, permit, &done);
     }
 }
 
