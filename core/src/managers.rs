@@ -252,7 +252,7 @@ pub(crate) async fn name_and_lock<C: sea_orm::ConnectionTrait>(
 ) -> Result<(), sea_orm::DbErr> {
     for chunk in pairs.chunks(300) {
         let rows: Vec<_> = chunk.iter().map(|(id, cmd)| vec![(*id).into(), guest_id_for(platform, *id).into(), (*cmd).into()]).collect();
-        let (v, values) = crate::queue::store::rows_source(conn, &["BIGINT", "TEXT", "BIGINT"], &rows, 1);
+        let (v, values) = crate::queue::store::rows_source(conn, &["BIGINT", "TEXT", "BIGINT"], rows, 1);
         let text = format!("UPDATE containers SET guest_id = v.column2, locked_by = v.column3 FROM {v} WHERE containers.id = v.column1");
         conn.execute_raw(crate::queue::store::sql(conn, &text, values)).await?;
     }

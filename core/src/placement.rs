@@ -404,7 +404,7 @@ pub async fn claim_many(
             .iter()
             .map(|(server, r, count)| [*server, r.cpu_millis as i64, r.memory_mb as i64, r.disk_mb as i64, *count].map(serde_json::Value::from).to_vec())
             .collect();
-        let (v, params) = crate::queue::store::rows_source(txn, &["BIGINT"; 5], &rows, 1);
+        let (v, params) = crate::queue::store::rows_source(txn, &["BIGINT"; 5], rows, 1);
         let text = format!(
             "UPDATE servers SET alloc_cpu_millis = alloc_cpu_millis + v.column2, alloc_memory_mb = alloc_memory_mb + v.column3, \
              alloc_disk_mb = alloc_disk_mb + v.column4, alloc_containers = alloc_containers + v.column5 \

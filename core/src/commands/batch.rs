@@ -234,7 +234,7 @@ async fn finish(
 /// One statement: each container gets its server, address and status, and is unlocked.
 pub(super) async fn fill_many(txn: &DatabaseTransaction, made: &[&(i64, ServerId, Option<String>)], status: ContainerStatus) -> Result<(), DbErr> {
     let rows: Vec<_> = made.iter().map(|(id, server, ip)| vec![(*id).into(), (*server).into(), ip.clone().into()]).collect();
-    let (v, mut params) = crate::queue::store::rows_source(txn, &["BIGINT", "BIGINT", "TEXT"], &rows, 3);
+    let (v, mut params) = crate::queue::store::rows_source(txn, &["BIGINT", "BIGINT", "TEXT"], rows, 3);
     params.insert(0, DbValue::String(Some(status.as_str().to_string())));
     params.insert(1, DbValue::BigInt(Some(now_ms())));
     let text = format!(

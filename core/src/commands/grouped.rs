@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, TransactionTrait};
 use serde_json::{Value, json};
 
 use super::batch::fill_many;
@@ -31,7 +31,7 @@ use crate::entities::{command, dummy};
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
 use crate::placement;
-use crate::queue::store::{GROUP_CHUNK as CHUNK, id_list, json_rows, rows_source, sql};
+use crate::queue::store::{GROUP_CHUNK as CHUNK, id_list, insert_ids, json_rows, rows_source};
 use crate::queue::{GroupNext, GroupSink, StepError};
 
 /// The key under which create commands at `cmd`'s step run together, if they may.
@@ -213,14 +213,13 @@ async fn insert_dummies(
                     .to_vec()
             })
             .collect();
-        let (v, params) = rows_source(txn, &["BIGINT"; 8], &rows, 1);
+        let (v, params) = rows_source(txn, &["BIGINT"; 8], rows, 1);
         let text = format!(
             "INSERT INTO dummies (server_id, container_id, command_id, cpu_millis, memory_mb, disk_mb, deadline, created_at) \
              SELECT * FROM {v}"
         );
-        txn.execute_raw(sql(txn, &text, params)).await?;
-        let from = format!("dummies WHERE command_id IN ({})", id_list(chunk.iter().map(|p| commands[&p.0])));
-        ids.extend(json_rows::<_, (i64, i64)>(txn, "container_id, id", &from).await?);
+        let made = insert_ids(txn, text, params, chunk.len()).await?;
+        ids.extend(chunk.iter().map(|p| p.1).zip(made));
     }
     Ok(ids)
 }

@@ -130,27 +130,29 @@ pub(crate) async fn insert<C: ConnectionTrait>(
             values.push(c.requested_by.clone().into());
             values.push(now.into());
         }
-        if conn.get_database_backend() == DatabaseBackend::Sqlite {
-            // One multi-row INSERT into an AUTOINCREMENT table takes consecutive ids, in order,
-            // ending at the last inserted row id (returning each would cost a thread switch).
-            let done = conn.execute_raw(sql(conn, &text, values)).await?;
-            let last = done.last_insert_id() as i64;
-            let n = chunk.len() as i64;
-            if done.rows_affected() != n as u64 {
-                return Err(DbErr::Custom(format!("inserted {} of {n} commands", done.rows_affected())));
-            }
-            ids.extend(last - n + 1..=last);
-            continue;
-        }
-        text.push_str(" RETURNING id");
-        let rows = conn.query_all_raw(sql(conn, &text, values)).await?;
-        let mut chunk_ids = rows
-            .iter()
-            .map(|r| r.try_get::<i64>("", "id"))
-            .collect::<Result<Vec<_>, _>>()?;
-        chunk_ids.sort_unstable();
-        ids.extend(chunk_ids);
+        ids.extend(insert_ids(conn, text, values, chunk.len()).await?);
     }
+    Ok(ids)
+}
+
+/// Runs `text`, a multi-row `INSERT` of `n` rows into a table with an autoincrement `id`, and
+/// returns the new ids in the order of the rows. On SQLite one multi-row `INSERT` takes
+/// consecutive ids ending at the last inserted row id (returning each row would cost a thread
+/// switch each); on PostgreSQL the sequence numbers the rows in order and `RETURNING id` gives
+/// them back.
+pub(crate) async fn insert_ids<C: ConnectionTrait>(conn: &C, mut text: String, values: Vec<Value>, n: usize) -> Result<Vec<i64>, DbErr> {
+    if conn.get_database_backend() == DatabaseBackend::Sqlite {
+        let done = conn.execute_raw(sql(conn, &text, values)).await?;
+        if done.rows_affected() != n as u64 {
+            return Err(DbErr::Custom(format!("inserted {} of {n} rows", done.rows_affected())));
+        }
+        let last = done.last_insert_id() as i64;
+        return Ok((last - n as i64 + 1..=last).collect());
+    }
+    text.push_str(" RETURNING id");
+    let rows = conn.query_all_raw(sql(conn, &text, values)).await?;
+    let mut ids = rows.iter().map(|r| r.try_get::<i64>("", "id")).collect::<Result<Vec<_>, _>>()?;
+    ids.sort_unstable();
     Ok(ids)
 }
 
@@ -713,22 +715,23 @@ pub(crate) async fn cancel(
 /// then the same for any number of rows, so it is prepared once and cached (a `VALUES` list of a
 /// few hundred rows took longer to prepare than to run), and SQLite drives the join from the
 /// rows, looking each target up by id. The caller must keep SQLite from using another index of
-/// the target instead (`+column` or `column || ''` in its other conditions): with `VALUES`, SQLite 3.51 scanned
-/// the whole target table once per statement. On PostgreSQL the rows are a typed `VALUES` list.
+/// the target instead (`+column` or `column || ''` in its other conditions): with `VALUES`,
+/// SQLite 3.51 scanned the whole target table once per statement. On PostgreSQL the rows are a
+/// typed `VALUES` list.
 pub(crate) fn rows_source<C: ConnectionTrait>(
     conn: &C,
     types: &[&str],
-    rows: &[Vec<serde_json::Value>],
+    rows: Vec<Vec<serde_json::Value>>,
     first: usize,
 ) -> (String, Vec<Value>) {
     if conn.get_database_backend() == DatabaseBackend::Sqlite {
         let columns = (0..types.len()).map(|i| format!("value ->> {i} AS column{}", i + 1)).collect::<Vec<_>>().join(", ");
-        let json = serde_json::Value::Array(rows.iter().map(|r| serde_json::Value::Array(r.clone())).collect());
+        let json = serde_json::Value::Array(rows.into_iter().map(serde_json::Value::Array).collect());
         return (format!("(SELECT {columns} FROM json_each(${first})) AS v"), vec![json.to_string().into()]);
     }
     let mut text = String::from("(VALUES ");
     let mut values = Vec::with_capacity(rows.len() * types.len());
-    for (r, row) in rows.iter().enumerate() {
+    for (r, row) in rows.into_iter().enumerate() {
         text.push_str(if r == 0 { "(" } else { ", (" });
         for (i, (t, v)) in types.iter().zip(row).enumerate() {
             if i > 0 {
@@ -738,7 +741,7 @@ pub(crate) fn rows_source<C: ConnectionTrait>(
             values.push(match (*t, v) {
                 ("INTEGER", v) => Value::Int(v.as_i64().map(|n| n as i32)),
                 ("BIGINT", v) => Value::BigInt(v.as_i64()),
-                (_, serde_json::Value::String(s)) => Value::String(Some(s.clone())),
+                (_, serde_json::Value::String(s)) => Value::String(Some(s)),
                 (_, serde_json::Value::Null) => Value::String(None),
                 (_, other) => Value::String(Some(other.to_string())),
             });
@@ -768,7 +771,7 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
     let mut locked = 0;
     for chunk in pairs.chunks(GROUP_CHUNK) {
         let rows: Vec<_> = chunk.iter().map(|(t, c)| vec![(*t).into(), (*c).into()]).collect();
-        let (v, values) = rows_source(conn, &["BIGINT", "BIGINT"], &rows, 1);
+        let (v, values) = rows_source(conn, &["BIGINT", "BIGINT"], rows, 1);
         let text = format!("UPDATE {table} SET locked_by = v.column2 FROM {v} WHERE {table}.id = v.column1 AND +{table}.locked_by IS NULL");
         locked += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
     }
@@ -797,7 +800,7 @@ pub(crate) async fn advance_many<C: ConnectionTrait>(
     let mut n = 0;
     for chunk in items.chunks(GROUP_CHUNK) {
         let rows: Vec<_> = chunk.iter().map(|(id, step, progress)| vec![(*id).into(), (*step).into(), progress.as_str().into()]).collect();
-        let (v, rows) = rows_source(conn, &["BIGINT", "INTEGER", "TEXT"], &rows, 3);
+        let (v, rows) = rows_source(conn, &["BIGINT", "INTEGER", "TEXT"], rows, 3);
         let text = format!(
             "UPDATE commands SET step = v.column2, progress = v.column3, lease_until = $1 FROM {v} \
              WHERE commands.id = v.column1 AND commands.lease_owner || '' = $2 AND commands.status || '' = 'running'"
@@ -820,7 +823,7 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
     let mut n = 0;
     for chunk in items.chunks(GROUP_CHUNK) {
         let rows: Vec<_> = chunk.iter().map(|(id, result, _)| vec![(*id).into(), result.as_str().into()]).collect();
-        let (v, rows) = rows_source(conn, &["BIGINT", "TEXT"], &rows, 3);
+        let (v, rows) = rows_source(conn, &["BIGINT", "TEXT"], rows, 3);
         let text = format!(
             "UPDATE commands SET status = 'succeeded', result = v.column2, finished_at = $1, \
              lease_owner = NULL, lease_until = NULL, waiting_on = NULL FROM {v} \
@@ -837,7 +840,7 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
             .collect();
         for chunk in pairs.chunks(GROUP_CHUNK) {
             let rows: Vec<_> = chunk.iter().map(|(t, c)| vec![(*t).into(), (*c).into()]).collect();
-            let (v, values) = rows_source(conn, &["BIGINT", "BIGINT"], &rows, 1);
+            let (v, values) = rows_source(conn, &["BIGINT", "BIGINT"], rows, 1);
             let text = format!("UPDATE {table} SET locked_by = NULL FROM {v} WHERE {table}.id = v.column1 AND +{table}.locked_by = v.column2");
             conn.execute_raw(sql(conn, &text, values)).await?;
         }
