@@ -286,7 +286,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         left -= n;
         // Rows (each with its plugin's initial state) are made before the transaction, which
         // holds SQLite's only connection.
-        let rows: Vec<_> = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None, None)).collect();
+        let rows: Vec<_> = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None)).collect();
         if let Some(previous) = writing.take() {
             previous.await??;
         }

@@ -207,14 +207,14 @@ pub(crate) async fn server_by_name<C: ConnectionTrait>(
 }
 
 /// A new container row in status `creating`, with no server yet (its guest id is set once
-/// its id is known).
+/// its id is known). Its initial state comes from its type, which for a plugin is a call into
+/// a fresh WASM instance: make rows before taking a transaction where that can be done.
 pub(crate) fn creating_row(
     core: &Core,
     type_id: &str,
     ty: &dyn crate::types::ContainerType,
     requirements: &str,
     environment: Option<EnvironmentId>,
-    locked_by: Option<CommandId>,
 ) -> container::ActiveModel {
     let now = now_ms();
     container::ActiveModel {
@@ -227,7 +227,7 @@ pub(crate) fn creating_row(
         guest_id: Set(String::new()),
         ip: Set(None),
         requirements: Set(requirements.to_string()),
-        locked_by: Set(locked_by),
+        locked_by: Set(None),
         created_at: Set(now),
         updated_at: Set(now),
         ..Default::default()
@@ -341,8 +341,12 @@ impl<'a> ContainerManager<'a> {
         if !(1..=MAX_BATCH).contains(&count) {
             return Err(CoreError::invalid("count", format!("must be 1-{MAX_BATCH}; submit larger numbers as several batches")));
         }
+        let (ty, requirements, server_id) = checked_new(self.core, self.core.db(), &req.type_id, req.server.as_deref(), req.requirements.clone()).await?;
+        let text = serde_json::to_string(&requirements).expect("serializable");
+        // The rows (and their plugin's initial states) are made before the transaction holds
+        // the database connection.
+        let mut rows: Vec<container::ActiveModel> = (0..count).map(|_| creating_row(self.core, &req.type_id, ty.as_ref(), &text, None)).collect();
         let txn = self.core.db().begin().await?;
-        let (ty, requirements, server_id) = checked_new(self.core, &txn, &req.type_id, req.server.as_deref(), req.requirements.clone()).await?;
         let command = NewCommand {
             kind: "container.create_many".into(),
             target: None,
@@ -350,10 +354,13 @@ impl<'a> ContainerManager<'a> {
             requested_by: requested_by.to_string(),
         };
         let cmd = self.core.queue().enqueue_in(&txn, vec![command], None).await?[0];
-        let requirements = serde_json::to_string(&requirements).expect("serializable");
-        let rows: Vec<container::ActiveModel> = (0..count).map(|_| creating_row(self.core, &req.type_id, ty.as_ref(), &requirements, None, Some(cmd))).collect();
-        for chunk in rows.chunks(500) {
-            container::Entity::insert_many(chunk.to_vec()).exec(&txn).await?;
+        // Each container is locked by its batch from the start.
+        for row in &mut rows {
+            row.locked_by = Set(Some(cmd));
+        }
+        while !rows.is_empty() {
+            let chunk: Vec<_> = rows.drain(..rows.len().min(500)).collect();
+            container::Entity::insert_many(chunk).exec_without_returning(&txn).await?;
         }
         // Guest ids in the format of `guest_id_for`, in one statement.
         let prefix = format!("{}-c", self.core.platform_name());
@@ -624,7 +631,7 @@ pub(crate) async fn insert_container<C: ConnectionTrait>(
 ) -> Result<(ContainerId, Option<ServerId>), CoreError> {
     let (ty, requirements, server_id) = checked_new(core, conn, type_id, server, requirements).await?;
     let requirements = serde_json::to_string(&requirements).expect("serializable");
-    let row = creating_row(core, type_id, ty.as_ref(), &requirements, environment, None).insert(conn).await?;
+    let row = creating_row(core, type_id, ty.as_ref(), &requirements, environment).insert(conn).await?;
     let guest = guest_id_for(core.platform_name(), row.id);
     let mut active: container::ActiveModel = row.into();
     active.guest_id = Set(guest);
