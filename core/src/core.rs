@@ -262,7 +262,9 @@ pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreErro
         format!("sqlite://{}", config.data_dir.join("cloud48.db").display())
     });
     let mut opt = ConnectOptions::new(url.clone());
-    opt.sqlx_logging(std::env::var_os("CLOUD48_SQL_LOG").is_some());
+    // Each statement is logged with its rows and time at `sqlx=info`, which `CLOUD48_LOG`
+    // filters out by default.
+    opt.sqlx_logging(true);
     if url.starts_with("sqlite:") {
         use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
         // One connection: SQLite has one writer anyway, and a single connection avoids
