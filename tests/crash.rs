@@ -146,11 +146,17 @@ async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_onc
     let done = client.command(a.command_id, 120).await.unwrap();
     assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
     assert_eq!(done.result.unwrap()["created"], 40);
+    assert_created_once(&client, &data, 40).await;
+}
+
+/// After a restart: no dummy left, `n` containers counted on the servers and one guest each,
+/// created and started once.
+async fn assert_created_once(client: &Client, data: &std::path::Path, n: u64) {
     let servers: Vec<Value> = client.get("/v1/servers").await.unwrap();
     assert_eq!(servers.iter().map(|s| s["dummies"].as_u64().unwrap()).sum::<u64>(), 0, "no dummy outlives its command");
-    assert_eq!(servers.iter().map(|s| s["containers"].as_u64().unwrap()).sum::<u64>(), 40, "{servers:#?}");
-    let guests = sim_guests(&data);
-    assert_eq!(guests.len(), 40, "one guest per container");
+    assert_eq!(servers.iter().map(|s| s["containers"].as_u64().unwrap()).sum::<u64>(), n, "{servers:#?}");
+    let guests = sim_guests(data);
+    assert_eq!(guests.len() as u64, n, "one guest per container: {guests:?}");
     for (id, ops) in guests {
         assert_eq!(ops, ["create", "start"], "guest {id} saw its operations more than once");
     }
@@ -188,12 +194,5 @@ async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_re
     let all: Vec<Container> = client.get("/v1/containers?all=true").await.unwrap();
     assert_eq!(all.len(), 60, "no duplicate container rows");
     assert!(all.iter().all(|c| c.status.as_str() == "running" && c.locked_by.is_none()), "{all:#?}");
-    let servers: Vec<Value> = client.get("/v1/servers").await.unwrap();
-    assert_eq!(servers.iter().map(|s| s["dummies"].as_u64().unwrap()).sum::<u64>(), 0, "no dummy outlives its command");
-    assert_eq!(servers.iter().map(|s| s["containers"].as_u64().unwrap()).sum::<u64>(), 60, "{servers:#?}");
-    let guests = sim_guests(&data);
-    assert_eq!(guests.len(), 60, "one guest per container: {guests:?}");
-    for (id, ops) in guests {
-        assert_eq!(ops, ["create", "start"], "guest {id} saw its operations more than once");
-    }
+    assert_created_once(&client, &data, 60).await;
 }
