@@ -34,6 +34,8 @@ pub struct Opts {
     /// Open the core and serve its API, but start nothing (the queue, health, collector) until
     /// the test calls `core.start()`: what is submitted meanwhile is claimed together.
     pub paused: bool,
+    /// How long a plugin call may run (default: the product's default).
+    pub plugin_deadline: Option<Duration>,
 }
 
 impl Default for Opts {
@@ -55,6 +57,7 @@ impl Default for Opts {
             agent_token: None,
             listen: None,
             paused: false,
+            plugin_deadline: None,
         }
     }
 }
@@ -132,6 +135,9 @@ impl TestCore {
         config.agent_token = opts.agent_token.clone();
         if let Some(c) = opts.capacity {
             config.sim_capacity = c;
+        }
+        if let Some(d) = opts.plugin_deadline {
+            config.plugin_limits.deadline = d;
         }
         // Compiled plugins are shared by all tests: compiling them is the slow part of a start.
         config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));

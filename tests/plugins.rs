@@ -110,11 +110,14 @@ async fn the_demo_command_runs_the_seed_scenario() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_plugins_fail_their_command_with_a_clear_error_and_the_core_keeps_working() {
-    let t = TestCore::start(Opts::default()).await.unwrap();
+    // A deadline the memory bomb cannot reach before its memory limit, even on a loaded
+    // machine (with the default 100 ms it sometimes did).
+    let opts = Opts { plugin_deadline: Some(Duration::from_secs(2)), ..Opts::default() };
+    let t = TestCore::start(opts).await.unwrap();
     let info = install(&t, hostile()).await.unwrap();
     assert_eq!(info.type_id, "hostile@0.1.0");
     let cases = [
-        ("loop", "exceeded its deadline of 100 ms"),
+        ("loop", "exceeded its deadline of 2000 ms"),
         ("bomb", "exceeded its memory limit of 64 MiB"),
         ("trap", "trapped"),
         ("huge", "oversized output"),
