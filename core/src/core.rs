@@ -269,8 +269,11 @@ pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreErro
         use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
         // One connection: SQLite has one writer anyway, and a single connection avoids
         // SQLITE_BUSY between our own transactions.
+        // A local file cannot go stale, so the pool does not ping it before handing it out (a
+        // round trip to SQLite's thread per statement).
         opt.max_connections(1)
             .min_connections(1)
+            .test_before_acquire(false)
             .map_sqlx_sqlite_opts(|o| {
                 o.create_if_missing(true)
                     .journal_mode(SqliteJournalMode::Wal)

@@ -250,7 +250,7 @@ pub(crate) async fn name_and_lock<C: sea_orm::ConnectionTrait>(
     platform: &str,
     pairs: &[(ContainerId, CommandId)],
 ) -> Result<(), sea_orm::DbErr> {
-    for chunk in pairs.chunks(300) {
+    for chunk in pairs.chunks(crate::queue::store::GROUP_CHUNK) {
         let rows: Vec<_> = chunk.iter().map(|(id, cmd)| vec![(*id).into(), guest_id_for(platform, *id).into(), (*cmd).into()]).collect();
         let (v, values) = crate::queue::store::rows_source(conn, &["BIGINT", "TEXT", "BIGINT"], rows, 1);
         let text = format!("UPDATE containers SET guest_id = v.column2, locked_by = v.column3 FROM {v} WHERE containers.id = v.column1");

@@ -399,7 +399,7 @@ pub async fn claim_many(
     claims: &[(ServerId, Resources, i64)],
 ) -> Result<HashSet<ServerId>, DbErr> {
     let mut held = HashSet::new();
-    for chunk in claims.chunks(200) {
+    for chunk in claims.chunks(crate::queue::store::GROUP_CHUNK) {
         let rows: Vec<_> = chunk
             .iter()
             .map(|(server, r, count)| [*server, r.cpu_millis as i64, r.memory_mb as i64, r.disk_mb as i64, *count].map(serde_json::Value::from).to_vec())

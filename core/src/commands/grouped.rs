@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use sea_orm::{ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, TransactionTrait};
 use serde_json::{Value, json};
 
 use super::batch::fill_many;
@@ -27,11 +27,11 @@ use super::container::reservation;
 use super::{driver_err, driver_of};
 use crate::core::Core;
 use crate::driver::{DriverError, GuestSpec};
-use crate::entities::{command, dummy};
+use crate::entities::command;
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
 use crate::placement;
-use crate::queue::store::{GROUP_CHUNK as CHUNK, id_list, insert_ids, json_rows, rows_source};
+use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_source, insert_ids, json_rows, rows_source, sql};
 use crate::queue::{GroupNext, GroupSink, StepError};
 
 /// The key under which create commands at `cmd`'s step run together, if they may.
@@ -92,9 +92,10 @@ async fn load(core: &Core, cmds: &[command::Model]) -> Result<HashMap<i64, Row>,
     let ids: Vec<i64> = cmds.iter().filter_map(|c| c.target_id).collect();
     let mut rows = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(CHUNK) {
-        let from = format!("containers WHERE id IN ({})", id_list(chunk.iter().copied()));
+        let (ids, values) = ids_source(core.db(), chunk.iter().copied(), 1);
+        let from = format!("containers WHERE id IN {ids}");
         let found: Vec<(i64, String, String, String, String, Option<i64>)> =
-            json_rows(core.db(), "id, status, guest_id, type_id, requirements, environment_id", &from).await?;
+            json_rows(core.db(), "id, status, guest_id, type_id, requirements, environment_id", &from, values).await?;
         for (id, status, guest_id, type_id, requirements, environment_id) in found {
             rows.insert(id, Row { id, status, guest_id, type_id, requirements, environment_id });
         }
@@ -268,8 +269,8 @@ async fn make(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) ->
         let txn = core.db().begin().await?;
         let mut deleted = 0;
         for chunk in made.chunks(CHUNK) {
-            let ids = chunk.iter().map(|m| m.2.dummy_id);
-            deleted += dummy::Entity::delete_many().filter(dummy::Column::Id.is_in(ids)).exec(&txn).await?.rows_affected;
+            let (ids, values) = ids_source(&txn, chunk.iter().map(|m| m.2.dummy_id), 1);
+            deleted += txn.execute_raw(sql(&txn, &format!("DELETE FROM dummies WHERE id IN {ids}"), values)).await?.rows_affected();
         }
         if deleted != made.len() as u64 {
             // Some dummy expired and was collected: each container takes its place alone.
@@ -280,7 +281,8 @@ async fn make(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) ->
             let rows: Vec<(i64, ServerId, Option<String>)> = made.iter().filter(|m| m.3 == start).map(|m| (m.1, m.2.server_id, m.4.clone())).collect();
             let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
             for chunk in rows.chunks(CHUNK) {
-                fill_many(&txn, &chunk.iter().collect::<Vec<_>>(), status).await?;
+                // The queue releases each container with its command's success.
+                fill_many(&txn, &chunk.iter().collect::<Vec<_>>(), status, false).await?;
             }
         }
         let decisions = made.iter().map(|m| (m.0, GroupNext::Done(json!({ "container_id": m.1 })))).collect();

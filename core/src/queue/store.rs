@@ -44,17 +44,18 @@ pub(crate) fn sql<C: ConnectionTrait>(conn: &C, text: &str, values: Vec<Value>) 
 /// Runs `SELECT columns FROM rest` and returns its rows as one: the database aggregates them
 /// into a JSON array of arrays, decoded into `T` per row. On SQLite every row of a result crosses
 /// from the database thread to the core on its own (a thread switch each); this way a whole
-/// result costs one.
+/// result costs one. `rest` may hold `$N` placeholders for `values`.
 pub(crate) async fn json_rows<C: ConnectionTrait, T: serde::de::DeserializeOwned>(
     conn: &C,
     columns: &str,
     rest: &str,
+    values: Vec<Value>,
 ) -> Result<Vec<T>, DbErr> {
     let row = match conn.get_database_backend() {
         DatabaseBackend::Postgres => format!("json_build_array({columns})"),
         _ => format!("json_array({columns})"),
     };
-    json_agg(conn, &row, rest, vec![]).await
+    json_agg(conn, &row, rest, values).await
 }
 
 /// Like `json_rows`, with each row an object of the named columns (decoded into `T` by name);
@@ -235,6 +236,15 @@ pub(crate) fn to_api(row: &command::Model) -> Command {
     }
 }
 
+/// Commands taken by `claim`, oldest first.
+pub(crate) struct Claimed {
+    /// The commands, now `running` under the claimer's lease.
+    pub rows: Vec<command::Model>,
+    /// Those whose target they held already when claimed (a bulk submission locks each new
+    /// container for its create), so they need not lock it. Only SQLite's claim reports them.
+    pub holding: std::collections::HashSet<CommandId>,
+}
+
 /// Claims up to `limit` due commands for `owner`, oldest first. A top-level command waits in
 /// `queued`, unpolled, while another unfinished command holds its target's lock or an older
 /// top-level command on the same target is unfinished: commands on one object run in the order
@@ -245,7 +255,7 @@ pub(crate) async fn claim<C: ConnectionTrait>(
     now: i64,
     lease_until: i64,
     limit: usize,
-) -> Result<Vec<command::Model>, DbErr> {
+) -> Result<Claimed, DbErr> {
     // `+o.parent_id` keeps SQLite from looking the older commands of a target up by
     // `parent_id IS NULL` (every top-level command: quadratic with many queued creates) instead
     // of by `commands_by_target`.
@@ -276,11 +286,20 @@ pub(crate) async fn claim<C: ConnectionTrait>(
     );
     let mut rows = command::Entity::find().from_raw_sql(stmt).all(conn).await?;
     rows.sort_by_key(|r| r.id);
-    Ok(rows)
+    Ok(Claimed { rows, holding: Default::default() })
+}
+
+/// A candidate of `claim_sqlite`: the command and the holder of its target's lock.
+#[derive(serde::Deserialize)]
+struct Candidate {
+    #[serde(flatten)]
+    row: command::Model,
+    holder: Option<CommandId>,
 }
 
 /// `claim` on SQLite, where this core is the only claimer: the candidates come as one
-/// aggregated row (a row each would cost a thread switch each), then one update takes them.
+/// aggregated row (a row each would cost a thread switch each), each with the holder of its
+/// target's lock, then one update takes them.
 async fn claim_sqlite<C: ConnectionTrait>(
     conn: &C,
     claimable: &str,
@@ -288,23 +307,34 @@ async fn claim_sqlite<C: ConnectionTrait>(
     now: i64,
     lease_until: i64,
     limit: usize,
-) -> Result<Vec<command::Model>, DbErr> {
-    let from = format!("(SELECT * FROM commands WHERE {claimable} ORDER BY id LIMIT $4)");
+) -> Result<Claimed, DbErr> {
+    let from = format!(
+        "(SELECT *, CASE target_type \
+           WHEN 'container' THEN (SELECT locked_by FROM containers t WHERE t.id = commands.target_id) \
+           WHEN 'environment' THEN (SELECT locked_by FROM environments t WHERE t.id = commands.target_id) END AS holder \
+         FROM commands WHERE {claimable} ORDER BY id LIMIT $4)"
+    );
     let values = vec![owner.into(), lease_until.into(), now.into(), (limit as i64).into()];
-    let mut rows: Vec<command::Model> = json_objects(conn, COMMAND_COLUMNS, &from, values).await?;
+    let columns: Vec<&str> = COMMAND_COLUMNS.iter().copied().chain(["holder"]).collect();
+    let candidates: Vec<Candidate> = json_objects(conn, &columns, &from, values).await?;
+    let holding = candidates.iter().filter(|c| c.holder == Some(c.row.id)).map(|c| c.row.id).collect();
+    let mut rows: Vec<command::Model> = candidates.into_iter().map(|c| c.row).collect();
     if rows.is_empty() {
-        return Ok(rows);
+        return Ok(Claimed { rows, holding });
     }
-    let list = id_list(rows.iter().map(|r| r.id));
+    let (ids, mut values) = ids_source(conn, rows.iter().map(|r| r.id), 4);
     let text = format!(
         "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
-         started_at = COALESCE(started_at, $3) WHERE id IN ({list}) AND status = 'queued'"
+         started_at = COALESCE(started_at, $3) WHERE id IN {ids} AND status || '' = 'queued'"
     );
-    let taken = conn.execute_raw(sql(conn, &text, vec![owner.into(), lease_until.into(), now.into()])).await?.rows_affected();
+    values.splice(0..0, [owner.into(), lease_until.into(), now.into()]);
+    let taken = conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
     if taken != rows.len() as u64 {
         // Not expected with one claimer; read back what this call took.
-        let from = format!("commands WHERE id IN ({list}) AND status = 'running' AND lease_owner = $1 AND lease_until = $2");
-        rows = json_objects(conn, COMMAND_COLUMNS, &from, vec![owner.into(), lease_until.into()]).await?;
+        let (ids, mut values) = ids_source(conn, rows.iter().map(|r| r.id), 3);
+        let from = format!("commands WHERE id IN {ids} AND status = 'running' AND lease_owner = $1 AND lease_until = $2");
+        values.splice(0..0, [owner.into(), lease_until.into()]);
+        rows = json_objects(conn, COMMAND_COLUMNS, &from, values).await?;
     } else {
         for r in &mut rows {
             r.status = CommandStatus::Running.as_str().to_string();
@@ -314,7 +344,7 @@ async fn claim_sqlite<C: ConnectionTrait>(
         }
     }
     rows.sort_by_key(|r| r.id);
-    Ok(rows)
+    Ok(Claimed { rows, holding })
 }
 
 /// The columns of `commands`, as `json_objects` names them for `command::Model`.
@@ -752,12 +782,25 @@ pub(crate) fn rows_source<C: ConnectionTrait>(
     (text, values)
 }
 
-/// Rows per multi-row statement of the group functions.
-pub(crate) const GROUP_CHUNK: usize = 300;
+/// Rows per multi-row statement of the group functions (a claim of the default batch is one
+/// chunk; PostgreSQL's limit of 65,535 parameters allows 60 columns).
+pub(crate) const GROUP_CHUNK: usize = 1024;
 
 /// Ids as a list for `IN (…)` (integers, so safe in the statement text).
 pub(crate) fn id_list(ids: impl IntoIterator<Item = i64>) -> String {
     ids.into_iter().map(|id| id.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Ids as a set to follow `IN`, with its values; `$first` is the number of its placeholder. On
+/// SQLite the ids travel as one JSON parameter (`(SELECT value FROM json_each($first))`), so the
+/// statement's text is the same for any ids and is prepared once; elsewhere they are a literal
+/// list.
+pub(crate) fn ids_source<C: ConnectionTrait>(conn: &C, ids: impl IntoIterator<Item = i64>, first: usize) -> (String, Vec<Value>) {
+    if conn.get_database_backend() == DatabaseBackend::Sqlite {
+        let json = serde_json::Value::Array(ids.into_iter().map(serde_json::Value::from).collect());
+        return (format!("(SELECT value FROM json_each(${first}))"), vec![json.to_string().into()]);
+    }
+    (format!("({})", id_list(ids)), Vec::new())
 }
 
 /// Locks many targets of one table, each for its command (`(target id, command id)`), like
@@ -782,8 +825,8 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
     let wanted: std::collections::HashMap<i64, CommandId> = pairs.iter().copied().collect();
     let mut held = std::collections::HashSet::new();
     for chunk in pairs.chunks(GROUP_CHUNK) {
-        let list = id_list(chunk.iter().map(|p| p.0));
-        let holders: Vec<(i64, Option<i64>)> = json_rows(conn, "id, locked_by", &format!("{table} WHERE id IN ({list})")).await?;
+        let (ids, values) = ids_source(conn, chunk.iter().map(|p| p.0), 1);
+        let holders: Vec<(i64, Option<i64>)> = json_rows(conn, "id, locked_by", &format!("{table} WHERE id IN {ids}"), values).await?;
         held.extend(holders.into_iter().filter(|(id, h)| h.is_some() && *h == wanted.get(id).copied()).map(|(id, _)| id));
     }
     Ok(held)

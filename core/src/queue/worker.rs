@@ -46,11 +46,11 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
         let lease_until = now + inner.config.lease.as_millis() as i64;
         let claimed =
             store::claim(&inner.db, &inner.node_id, now, lease_until, permits.len()).await;
-        let rows = match claimed {
-            Ok(rows) => rows,
+        let (rows, holding) = match claimed {
+            Ok(c) => (c.rows, c.holding),
             Err(e) => {
                 tracing::warn!(error = %e, "claiming commands failed; retrying");
-                Vec::new()
+                (Vec::new(), HashSet::new())
             }
         };
         if rows.is_empty() {
@@ -66,7 +66,8 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
         for (key, rows) in groups {
             let held = permits.split_off(permits.len() - rows.len());
             let span = tracing::info_span!("group", kind = %key, commands = rows.len());
-            tokio::spawn(execute_group(inner.clone(), rows, held, done.clone()).instrument(span));
+            let holding = rows.iter().map(|r| r.id).filter(|id| holding.contains(id)).collect();
+            tokio::spawn(execute_group(inner.clone(), rows, holding, held, done.clone()).instrument(span));
         }
         for row in singles {
             let permit = permits.pop().expect("claimed at most one row per permit");
@@ -184,12 +185,14 @@ impl GroupSink for Sink<'_> {
     }
 }
 
-/// Runs commands that share a group key: locks their targets together, then runs their steps
-/// as groups for as long as they go on together. Whatever a group step leaves uncommitted runs
-/// alone (`execute`) from its current step, with its own permit.
+/// Runs commands that share a group key: locks their targets together (except those the claim
+/// found them `holding`), then runs their steps as groups for as long as they go on together.
+/// Whatever a group step leaves uncommitted runs alone (`execute`) from its current step, with
+/// its own permit.
 async fn execute_group(
     inner: Arc<Inner>,
     rows: Vec<command::Model>,
+    holding: HashSet<i64>,
     mut permits: Vec<OwnedSemaphorePermit>,
     done: mpsc::UnboundedSender<PlainDone>,
 ) {
@@ -201,10 +204,16 @@ async fn execute_group(
     // the single path, which knows how to wait for it or fail.
     let mut held: HashSet<(&'static str, i64)> = HashSet::new();
     for table in ["containers", "environments"] {
-        let pairs: Vec<(i64, i64)> = rows
-            .iter()
-            .filter_map(|r| Target::of(r).filter(|t| t.table() == table).map(|t| (t.id(), r.id)))
-            .collect();
+        let mut pairs: Vec<(i64, i64)> = Vec::new();
+        for r in &rows {
+            match Target::of(r).filter(|t| t.table() == table) {
+                Some(t) if holding.contains(&r.id) => {
+                    held.insert((table, t.id()));
+                }
+                Some(t) => pairs.push((t.id(), r.id)),
+                None => {}
+            }
+        }
         if pairs.is_empty() {
             continue;
         }
