@@ -221,7 +221,7 @@ async fn finish(
     let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
     let ok: Vec<&(i64, ServerId, Option<String>)> = made.iter().filter(|m| !lost.contains(&m.0)).collect();
     for chunk in ok.chunks(CHUNK) {
-        fill_many(&txn, chunk, status, true).await?;
+        fill_many(&txn, chunk, status).await?;
     }
     for id in &lost {
         failed.push((*id, "the capacity reserved expired and the server has no room any more".into()));
@@ -231,21 +231,14 @@ async fn finish(
     Ok(Transition::with(Next::Done(result), txn))
 }
 
-/// One statement: each container gets its server, address and status, and is unlocked if
-/// `release`.
-pub(super) async fn fill_many(
-    txn: &DatabaseTransaction,
-    made: &[&(i64, ServerId, Option<String>)],
-    status: ContainerStatus,
-    release: bool,
-) -> Result<(), DbErr> {
+/// One statement: each container gets its server, address and status, and is unlocked.
+pub(super) async fn fill_many(txn: &DatabaseTransaction, made: &[&(i64, ServerId, Option<String>)], status: ContainerStatus) -> Result<(), DbErr> {
     let rows: Vec<_> = made.iter().map(|(id, server, ip)| vec![(*id).into(), (*server).into(), ip.clone().into()]).collect();
     let (v, mut params) = crate::queue::store::rows_source(txn, &["BIGINT", "BIGINT", "TEXT"], rows, 3);
     params.insert(0, DbValue::String(Some(status.as_str().to_string())));
     params.insert(1, DbValue::BigInt(Some(now_ms())));
-    let unlock = if release { ", locked_by = NULL" } else { "" };
     let text = format!(
-        "UPDATE containers SET server_id = v.column2, ip = v.column3, status = $1, updated_at = $2{unlock} \
+        "UPDATE containers SET server_id = v.column2, ip = v.column3, status = $1, locked_by = NULL, updated_at = $2 \
          FROM {v} WHERE containers.id = v.column1"
     );
     txn.execute_raw(crate::queue::store::sql(txn, &text, params)).await?;

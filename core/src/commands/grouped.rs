@@ -6,7 +6,8 @@
 //! equal requirements), claims capacity with one conditional update per server and inserts a
 //! dummy per container, committed with every command's step. Step 1 creates and starts the
 //! guests concurrently and commits them in waves, as they finish: the dummies go, the
-//! containers get server, address and status, and the commands succeed.
+//! containers get server, address and status, and the commands succeed. Commands placed by
+//! step 0 go on to step 1 in the same call, with the containers step 0 read.
 //!
 //! Invariants: each command's writes are exactly those of `container::create`'s same step, so
 //! a command can continue alone at any point. Only the common case is grouped; a command with
@@ -30,7 +31,7 @@ use crate::driver::{DriverError, GuestSpec};
 use crate::entities::command;
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
-use crate::placement;
+use crate::placement::{self, Reservation};
 use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_source, insert_ids, json_rows, rows_source, sql};
 use crate::queue::{GroupNext, GroupSink, StepError};
 
@@ -184,7 +185,13 @@ async fn place(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -
         })
         .collect();
     match sink.commit(Some(txn), decisions).await {
-        Ok(true) => Ok(()),
+        Ok(true) => {
+            let placed = kept
+                .iter()
+                .map(|(i, container, server, _)| (*i, &rows[container], Reservation { server_id: *server, dummy_id: dummies[container] }))
+                .collect();
+            make_placed(core, cmds, placed, sink).await
+        }
         Ok(false) => {
             undo(&kept);
             Ok(())
@@ -228,15 +235,22 @@ async fn insert_dummies(
 /// Step 1: create and start the guests, committing them in waves as they finish.
 async fn make(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -> Result<(), StepError> {
     let rows = load(core, cmds).await?;
+    let placed = plain(cmds, &rows)
+        .into_iter()
+        .filter_map(|p| Some((p.index, p.row, reservation(&serde_json::from_str(&cmds[p.index].progress).unwrap_or(Value::Null))?)))
+        .collect();
+    make_placed(core, cmds, placed, sink).await
+}
+
+/// Step 1 for the commands at these indexes, with their containers and reservations.
+async fn make_placed(core: &Core, cmds: &[command::Model], placed: Vec<(usize, &Row, Reservation)>, sink: &mut dyn GroupSink) -> Result<(), StepError> {
     let mut pending = FuturesUnordered::new();
-    for p in plain(cmds, &rows) {
-        let Some(r) = reservation(&serde_json::from_str(&cmds[p.index].progress).unwrap_or(Value::Null)) else {
-            continue;
-        };
+    for (index, row, r) in placed {
         let Ok((driver, server)) = driver_of(core, r.server_id) else { continue };
-        let start = p.params["start"].as_bool().unwrap_or(true);
-        let spec = GuestSpec { guest_id: p.row.guest_id.clone(), type_id: p.row.type_id.clone(), resources: p.row.requirements().resources, ip: None };
-        let (index, id) = (p.index, p.row.id);
+        let params: Value = serde_json::from_str(&cmds[index].params).unwrap_or(Value::Null);
+        let start = params["start"].as_bool().unwrap_or(true);
+        let spec = GuestSpec { guest_id: row.guest_id.clone(), type_id: row.type_id.clone(), resources: row.requirements().resources, ip: None };
+        let id = row.id;
         pending.push(async move {
             let made = async {
                 let info = driver.create(&spec).await?;
@@ -281,11 +295,11 @@ async fn make(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) ->
             let rows: Vec<(i64, ServerId, Option<String>)> = made.iter().filter(|m| m.3 == start).map(|m| (m.1, m.2.server_id, m.4.clone())).collect();
             let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
             for chunk in rows.chunks(CHUNK) {
-                // The queue releases each container with its command's success.
-                fill_many(&txn, &chunk.iter().collect::<Vec<_>>(), status, false).await?;
+                fill_many(&txn, &chunk.iter().collect::<Vec<_>>(), status).await?;
             }
         }
-        let decisions = made.iter().map(|m| (m.0, GroupNext::Done(json!({ "container_id": m.1 })))).collect();
+        // The fill released each container with its command's success.
+        let decisions = made.iter().map(|m| (m.0, GroupNext::Done { result: json!({ "container_id": m.1 }), released: true })).collect();
         sink.commit(Some(txn), decisions).await?;
     }
     Ok(())

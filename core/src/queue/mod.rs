@@ -196,11 +196,18 @@ pub enum GroupNext {
         progress: Value,
     },
     /// Succeeded with a result.
-    Done(Value),
+    Done {
+        /// The command's result.
+        result: Value,
+        /// The step's transaction released the command's target itself (in a write it makes to
+        /// the target anyway), so the queue does not.
+        released: bool,
+    },
 }
 
 /// Where a group step commits its commands' decisions, as often as it likes: each call is one
-/// transaction holding the step's writes for the listed commands and their decisions.
+/// transaction holding the step's writes for the listed commands and their decisions. A command
+/// committed at a new step may be committed again (its next step); one that ended may not.
 #[async_trait]
 pub trait GroupSink: Send {
     /// Commits `txn` (the writes the step made for the commands at these indexes of the group)
@@ -244,8 +251,10 @@ pub trait Runner: Send + Sync + 'static {
         None
     }
     /// Runs the current step of commands sharing a group key (their targets already locked),
-    /// committing through `sink`. A command must not have writes in a transaction it does not
-    /// commit; the commands not committed when this returns run alone (default: all of them).
+    /// committing through `sink`; it may carry a command it committed at a new step on through
+    /// that step, committing it again. A command must not have writes in a transaction it does
+    /// not commit; the commands not committed when this returns run alone (default: all of
+    /// them), those committed at a new step go on from it.
     async fn step_group(&self, _cmds: &[command::Model], _sink: &mut dyn GroupSink) -> Result<(), StepError> {
         Ok(())
     }

@@ -741,7 +741,8 @@ pub(crate) async fn cancel(
 /// `FROM` (`UPDATE t SET … FROM {source} WHERE t.id = v.column1`) or `SELECT * FROM` (in an
 /// `INSERT`); `$first` is the number of its first placeholder. Returns the source and its values.
 ///
-/// On SQLite the rows travel as one JSON parameter read by `json_each`: the statement's text is
+/// On SQLite the rows travel as one JSON parameter read by `jsonb_each` (each row comes as
+/// binary JSON, so reading its columns does not parse text again): the statement's text is
 /// then the same for any number of rows, so it is prepared once and cached (a `VALUES` list of a
 /// few hundred rows took longer to prepare than to run), and SQLite drives the join from the
 /// rows, looking each target up by id. The caller must keep SQLite from using another index of
@@ -757,7 +758,7 @@ pub(crate) fn rows_source<C: ConnectionTrait>(
     if conn.get_database_backend() == DatabaseBackend::Sqlite {
         let columns = (0..types.len()).map(|i| format!("value ->> {i} AS column{}", i + 1)).collect::<Vec<_>>().join(", ");
         let json = serde_json::Value::Array(rows.into_iter().map(serde_json::Value::Array).collect());
-        return (format!("(SELECT {columns} FROM json_each(${first})) AS v"), vec![json.to_string().into()]);
+        return (format!("(SELECT {columns} FROM jsonb_each(${first})) AS v"), vec![json.to_string().into()]);
     }
     let mut text = String::from("(VALUES ");
     let mut values = Vec::with_capacity(rows.len() * types.len());

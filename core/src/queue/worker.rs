@@ -109,7 +109,7 @@ fn spawn_alone(inner: &Arc<Inner>, row: command::Model, permit: OwnedSemaphorePe
 /// How a command of a group step ended up.
 enum Settled {
     /// Committed at a new step; it goes on in the group.
-    Continued { step: i32, progress: String },
+    Continued,
     /// Committed as succeeded.
     Finished,
     /// Runs alone.
@@ -123,13 +123,17 @@ struct Sink<'a> {
     inner: &'a Inner,
     rows: &'a [command::Model],
     settled: Vec<Option<Settled>>,
+    /// The last step and progress committed for each command, if any.
+    committed: Vec<Option<(i32, String)>>,
 }
 
 #[async_trait]
 impl GroupSink for Sink<'_> {
     async fn commit(&mut self, txn: Option<DatabaseTransaction>, decisions: Vec<(usize, GroupNext)>) -> Result<bool, sea_orm::DbErr> {
-        if let Some((i, _)) = decisions.iter().find(|(i, _)| self.settled.get(*i).is_none_or(Option::is_some)) {
-            return Err(sea_orm::DbErr::Custom(format!("group step committed command #{i} of the group twice or out of range")));
+        // A command committed at a new step may be committed again, at its next step.
+        let open = |s: Option<&Option<Settled>>| matches!(s, Some(None | Some(Settled::Continued)));
+        if let Some((i, _)) = decisions.iter().find(|(i, _)| !open(self.settled.get(*i))) {
+            return Err(sea_orm::DbErr::Custom(format!("group step committed command #{i} of the group after it ended, or out of range")));
         }
         let txn = begin(self.inner, txn).await?;
         let now = self.inner.clock.now_ms();
@@ -140,7 +144,9 @@ impl GroupSink for Sink<'_> {
             let row = &self.rows[*i];
             match next {
                 GroupNext::Continue { step, progress } => advances.push((row.id, *step, progress.to_string())),
-                GroupNext::Done(result) => finishes.push((row.id, result.to_string(), Target::of(row))),
+                GroupNext::Done { result, released } => {
+                    finishes.push((row.id, result.to_string(), Target::of(row).filter(|_| !*released)))
+                }
             }
         }
         let owner = self.inner.node_id.as_str();
@@ -156,7 +162,7 @@ impl GroupSink for Sink<'_> {
         }
         let parents: BTreeSet<i64> = decisions
             .iter()
-            .filter(|(_, n)| matches!(n, GroupNext::Done(_)))
+            .filter(|(_, n)| matches!(n, GroupNext::Done { .. }))
             .filter_map(|(i, _)| self.rows[*i].parent_id)
             .collect();
         for parent in parents {
@@ -166,8 +172,11 @@ impl GroupSink for Sink<'_> {
         self.inner.grouped.fetch_add(decisions.len() as u64, Ordering::Relaxed);
         for (i, next) in decisions {
             self.settled[i] = Some(match next {
-                GroupNext::Continue { step, progress } => Settled::Continued { step, progress: progress.to_string() },
-                GroupNext::Done(_) => Settled::Finished,
+                GroupNext::Continue { step, progress } => {
+                    self.committed[i] = Some((step, progress.to_string()));
+                    Settled::Continued
+                }
+                GroupNext::Done { .. } => Settled::Finished,
             });
         }
         if !finishes.is_empty() {
@@ -179,7 +188,7 @@ impl GroupSink for Sink<'_> {
     }
 
     fn fail(&mut self, index: usize, message: String) {
-        if let Some(slot @ None) = self.settled.get_mut(index) {
+        if let Some(slot @ (None | Some(Settled::Continued))) = self.settled.get_mut(index) {
             *slot = Some(Settled::Failed(message));
         }
     }
@@ -241,18 +250,20 @@ async fn execute_group(
         let (groups, singles) = by_group_key(runner.as_ref(), current.drain(..));
         alone.extend(singles);
         for (_, group) in groups {
-            let mut sink = Sink { inner: &inner, rows: &group, settled: group.iter().map(|_| None).collect() };
+            let n = group.len();
+            let mut sink = Sink { inner: &inner, rows: &group, settled: (0..n).map(|_| None).collect(), committed: vec![None; n] };
             if let Err(e) = runner.step_group(&group, &mut sink).await {
                 tracing::info!(error = %e, "a group step stopped; its uncommitted commands run alone");
             }
-            let settled = std::mem::take(&mut sink.settled);
-            for (mut row, s) in group.into_iter().zip(settled) {
+            let (settled, committed) = (std::mem::take(&mut sink.settled), std::mem::take(&mut sink.committed));
+            for ((mut row, s), c) in group.into_iter().zip(settled).zip(committed) {
+                // Whatever happens next starts from the last step committed.
+                if let Some((step, progress)) = c {
+                    row.step = step;
+                    row.progress = progress;
+                }
                 match s {
-                    Some(Settled::Continued { step, progress }) => {
-                        row.step = step;
-                        row.progress = progress;
-                        current.push(row);
-                    }
+                    Some(Settled::Continued) => current.push(row),
                     Some(Settled::Finished) => {
                         in_flight.remove(&row.id);
                         permits.pop();
