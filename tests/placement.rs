@@ -289,6 +289,22 @@ async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alo
 crate::on_both_databases!(grouped_creates, single_creates_claimed_together_run_in_groups_and_end_as_they_would_alone);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger() {
+    // Its submitter locks each new container for its create, so the claim finds them held;
+    // the bench fails if a container is not running or the ledger disagrees.
+    let args = cloud48_core::bench::PlaceBenchArgs {
+        servers: 200,
+        creates: 2_000,
+        workers: 256,
+        claim_batch: 256,
+        postgres: None,
+        connections: 4,
+        batch: 1,
+    };
+    cloud48_core::bench::place(args).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_back() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     for name in ["sim-1", "sim-2", "sim-3"] {

@@ -351,6 +351,8 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         if audit.is_empty() { "consistent".to_string() } else { format!("INCONSISTENT: {}", audit.join("; ")) }
     );
     core.stop(Duration::from_secs(5)).await;
+    anyhow::ensure!(failed == 0, "{failed} containers are not running");
+    anyhow::ensure!(audit.is_empty(), "the placement ledger is inconsistent: {}", audit.join("; "));
     Ok(())
 }
 
