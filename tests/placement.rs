@@ -288,21 +288,29 @@ async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alo
 }
 crate::on_both_databases!(grouped_creates, single_creates_claimed_together_run_in_groups_and_end_as_they_would_alone);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger() {
+async fn the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger(postgres: bool) {
     // Its submitter locks each new container for its create, so the claim finds them held;
-    // the bench fails if a container is not running or the ledger disagrees.
+    // the bench fails if a container is not running or the ledger disagrees. On PostgreSQL it
+    // makes its own scratch database through the test's.
+    let pg = match postgres {
+        true => match crate::common::PgDb::create().await {
+            Some(db) => Some(db),
+            None => return,
+        },
+        false => None,
+    };
     let args = cloud48_core::bench::PlaceBenchArgs {
         servers: 200,
         creates: 2_000,
         workers: 256,
         claim_batch: 256,
-        postgres: None,
+        postgres: pg.as_ref().map(|db| db.url.clone()),
         connections: 4,
         batch: 1,
     };
     cloud48_core::bench::place(args).await.unwrap();
 }
+crate::on_both_databases!(placement_bench, the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_back() {
