@@ -377,16 +377,11 @@ pub(crate) async fn renew_leases<C: ConnectionTrait>(
     lease_until: i64,
 ) -> Result<u64, DbErr> {
     let mut n = 0;
-    for chunk in ids.chunks(500) {
-        let list = id_list(chunk.iter().copied());
-        let stmt = sql(
-            conn,
-            &format!(
-                "UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running' AND id IN ({list})"
-            ),
-            vec![lease_until.into(), owner.into()],
-        );
-        n += conn.execute_raw(stmt).await?.rows_affected();
+    for chunk in ids.chunks(GROUP_CHUNK) {
+        let (ids, mut values) = ids_source(conn, chunk.iter().copied(), 3);
+        let text = format!("UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running' AND id IN {ids}");
+        values.splice(0..0, [lease_until.into(), owner.into()]);
+        n += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
     }
     Ok(n)
 }
@@ -681,18 +676,15 @@ pub(crate) async fn finish_plain_batch<C: ConnectionTrait>(
     result: &str,
     now: i64,
 ) -> Result<(), DbErr> {
-    for chunk in ids.chunks(500) {
-        let list = id_list(chunk.iter().copied());
-        let stmt = sql(
-            conn,
-            &format!(
-                "UPDATE commands SET status = 'succeeded', result = $1, finished_at = $2, \
-                 lease_owner = NULL, lease_until = NULL, waiting_on = NULL \
-                 WHERE id IN ({list}) AND lease_owner = $3 AND status = 'running'"
-            ),
-            vec![result.into(), now.into(), owner.into()],
+    for chunk in ids.chunks(GROUP_CHUNK) {
+        let (ids, mut values) = ids_source(conn, chunk.iter().copied(), 4);
+        let text = format!(
+            "UPDATE commands SET status = 'succeeded', result = $1, finished_at = $2, \
+             lease_owner = NULL, lease_until = NULL, waiting_on = NULL \
+             WHERE id IN {ids} AND lease_owner = $3 AND status = 'running'"
         );
-        conn.execute_raw(stmt).await?;
+        values.splice(0..0, [result.into(), now.into(), owner.into()]);
+        conn.execute_raw(sql(conn, &text, values)).await?;
     }
     Ok(())
 }
@@ -783,12 +775,12 @@ pub(crate) fn rows_source<C: ConnectionTrait>(
     (text, values)
 }
 
-/// Rows per multi-row statement of the group functions (a claim of the default batch is one
-/// chunk; PostgreSQL's limit of 65,535 parameters allows 60 columns).
+/// Rows per multi-row statement (a claim of the default batch is one chunk; PostgreSQL's limit
+/// of 65,535 parameters allows 64 columns).
 pub(crate) const GROUP_CHUNK: usize = 1024;
 
 /// Ids as a list for `IN (…)` (integers, so safe in the statement text).
-pub(crate) fn id_list(ids: impl IntoIterator<Item = i64>) -> String {
+fn id_list(ids: impl IntoIterator<Item = i64>) -> String {
     ids.into_iter().map(|id| id.to_string()).collect::<Vec<_>>().join(",")
 }
 
