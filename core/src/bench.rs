@@ -268,7 +268,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     // one statement per batch, in the format of `managers::guest_id_for`).
     let ty = core.types().require("tomcat").map_err(|e| anyhow::anyhow!(e))?;
     let requirements = serde_json::to_string(&req)?;
-    let left = if args.batch > 1 { 0 } else { args.creates };
+    let mut left = if args.batch > 1 { 0 } else { args.creates };
     if args.batch > 1 {
         let create = crate::managers::CreateContainer { type_id: "tomcat".into(), server: None, requirements: Some(req.clone()), count: None };
         let mut rest = args.creates;
@@ -278,28 +278,15 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
             core.containers().create_many(&create, n as u32, "bench").await?;
         }
     }
-    // Clients make rows (each with its plugin's initial state, a plugin call) on two threads
-    // while earlier batches are written, as concurrent clients would; the rows are made before
-    // the transaction, which holds SQLite's only connection.
-    const BATCH: usize = 500;
-    const MAKERS: usize = 2;
-    let sizes: Vec<usize> = (0..left).step_by(BATCH).map(|start| (left - start).min(BATCH)).collect();
-    let (made, mut batches) = tokio::sync::mpsc::channel::<Vec<crate::entities::container::ActiveModel>>(MAKERS);
-    for maker in 0..MAKERS {
-        let (made, core, ty, requirements) = (made.clone(), core.clone(), ty.clone(), requirements.clone());
-        let mine: Vec<usize> = sizes.iter().skip(maker).step_by(MAKERS).copied().collect();
-        tokio::task::spawn_blocking(move || {
-            for n in mine {
-                let rows = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None)).collect();
-                if made.blocking_send(rows).is_err() {
-                    return;
-                }
-            }
-        });
-    }
-    drop(made);
+    // The next batch's rows are made while the previous batch is written, as concurrent
+    // clients would.
     let mut writing: Option<tokio::task::JoinHandle<Result<()>>> = None;
-    while let Some(rows) = batches.recv().await {
+    while left > 0 {
+        let n = left.min(500);
+        left -= n;
+        // Rows (each with its plugin's initial state) are made before the transaction, which
+        // holds SQLite's only connection.
+        let rows: Vec<_> = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None)).collect();
         if let Some(previous) = writing.take() {
             previous.await??;
         }
