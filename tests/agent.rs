@@ -204,6 +204,45 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
     assert!(!stuck.status.is_terminal(), "the create on the hanging agent is still waiting: {stuck:?}");
 }
 
+/// An agent whose `update` hangs (every other operation answers at once) does not hold the
+/// database while the core waits for it: other commands run and the API answers reads. On
+/// SQLite the core has one connection, so a transaction held across the call would stall both.
+#[tokio::test]
+async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let latency = SimLatency { per_operation: [("update".to_string(), Duration::from_secs(600))].into(), ..Default::default() };
+    let capacity = Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 };
+    let (_, url) = serve_agent("hangs", Arc::new(SimServer::new("hangs", 1, capacity, latency))).await;
+    tc.core.add_agent(&url).await.unwrap();
+    let cmd: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "plain", "server": "hangs" })).await.unwrap();
+    let first = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+    let cmd: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "plain", "server": "hangs" })).await.unwrap();
+    let second = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+
+    // Grow the first container: its growth is reserved, then the agent hangs in the resize.
+    let body = json!({ "op": "update", "resources": { "cpu_millis": 1000, "memory_mb": 1024, "disk_mb": 2048 } });
+    let update: serde_json::Value = tc.client.post(&format!("/v1/containers/{first}/actions"), &body).await.unwrap();
+    let update = update["command_id"].as_i64().unwrap();
+    eventually("the update reaches the agent", || async {
+        let c = tc.core.queue().get(update).await.unwrap();
+        (c.step == 1).then_some(())
+    })
+    .await;
+
+    // Meanwhile another command on the same server runs to its end, and reads answer.
+    let stop: serde_json::Value = tc.client.post(&format!("/v1/containers/{second}/actions"), &json!({ "op": "stop" })).await.unwrap();
+    tc.ok(stop["command_id"].as_i64().unwrap()).await;
+    let listed: serde_json::Value = tc.client.get("/v1/containers").await.unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    let servers: serde_json::Value = tc.client.get("/v1/servers").await.unwrap();
+    assert_eq!(servers[0]["name"], "hangs");
+    let waiting = tc.core.queue().get(update).await.unwrap();
+    assert!(!waiting.status.is_terminal(), "the update still waits for the agent: {waiting:?}");
+    // The growth is held by a dummy while the guest is resized, so the ledger stays exact.
+    let audit = cloud48_core::placement::audit(tc.core.db()).await.unwrap();
+    assert!(audit.is_empty(), "{audit:?}");
+}
+
 struct RemoteLinuxFactory {
     dir: tempfile::TempDir,
     prefix: String,

@@ -1,6 +1,6 @@
 //! The REST API: OpenAPI document, JSON errors naming the field, nothing half-applied.
 
-use cloud48_core::model::{Accepted, Command};
+use cloud48_core::model::{Accepted, Command, CommandStatus, ContainerStatus};
 use serde_json::{Value, json};
 
 use crate::common::{Opts, TestCore};
@@ -84,22 +84,51 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
     assert_eq!(command_count(&t).await, before, "no rejected request created a command");
 }
 
+/// A command's precondition is checked when it runs, after the commands queued before it on
+/// the same object: one the status does not allow then fails with a message naming what the
+/// container must be. Only what can never run (a destroyed container) is refused at submission.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_operation_the_status_does_not_allow_is_refused_with_409() {
+async fn an_operation_the_status_does_not_allow_fails_when_it_runs() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let a: Accepted = t.client.post("/v1/containers", &json!({ "type": "plain" })).await.unwrap();
     let id = t.created(a.command_id).await;
-    let before = command_count(&t).await;
     for (op, needs) in [("start", "stopped"), ("resume", "suspended")] {
-        let (status, err) = raw(&t, "POST", &format!("/v1/containers/{id}/actions"), Some(&format!("{{\"op\": \"{op}\"}}"))).await;
-        assert_eq!(status, 409);
-        let m = err["error"]["message"].as_str().unwrap();
+        let (status, body) = raw(&t, "POST", &format!("/v1/containers/{id}/actions"), Some(&format!("{{\"op\": \"{op}\"}}"))).await;
+        assert_eq!(status, 202, "{body}");
+        let done = t.wait(body["command_id"].as_i64().unwrap()).await;
+        assert_eq!(done.status, CommandStatus::Failed);
+        let m = done.error.unwrap_or_default();
         assert!(m.contains(&format!("container {id} is running")) && m.contains(needs), "{m}");
     }
+    let before = command_count(&t).await;
     let (status, err) = raw(&t, "POST", &format!("/v1/containers/{id}/actions"), Some("{\"op\": \"migrate\", \"to\": \"sim-404\"}")).await;
     assert_eq!(status, 422);
     assert_eq!(err["error"]["field"], "to");
     assert_eq!(command_count(&t).await, before);
+
+    let (_, body) = raw(&t, "POST", &format!("/v1/containers/{id}/actions"), Some("{\"op\": \"destroy\"}")).await;
+    t.ok(body["command_id"].as_i64().unwrap()).await;
+    let before = command_count(&t).await;
+    let (status, err) = raw(&t, "POST", &format!("/v1/containers/{id}/actions"), Some("{\"op\": \"start\"}")).await;
+    assert_eq!(status, 409);
+    let m = err["error"]["message"].as_str().unwrap();
+    assert!(m.contains(&format!("container {id} is destroyed")), "{m}");
+    assert_eq!(command_count(&t).await, before, "a refused request makes no command");
+}
+
+/// Stop then start, submitted back to back without waiting: the start waits for the stop, then
+/// finds the container stopped and starts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_then_start_submitted_back_to_back_ends_running() {
+    let t = TestCore::start(Opts { latency: std::time::Duration::from_millis(50), ..Opts::default() }).await.unwrap();
+    let a: Accepted = t.client.post("/v1/containers", &json!({ "type": "plain" })).await.unwrap();
+    let id = t.created(a.command_id).await;
+    let stop: Accepted = t.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "stop" })).await.unwrap();
+    let start: Accepted = t.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "start" })).await.unwrap();
+    t.ok(stop.command_id).await;
+    t.ok(start.command_id).await;
+    let c = t.core.containers().get_by_id(id).await.unwrap();
+    assert_eq!(c.status, ContainerStatus::Running);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,16 +56,27 @@ async fn cli_tour_through_the_real_binary() {
     assert!(out.contains("succeeded"));
 
     // Errors: one clear line, non-zero exit.
-    let (ok, _, err) = run(vec!["container", "stop", "1"]).await;
+    // A stop of a stopped container is accepted, then fails when it runs: with --wait, one line.
+    let (ok, _, err) = run(vec!["container", "stop", "1", "--wait"]).await;
     assert!(!ok);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("error: container 1 is stopped"), "{err}");
+    assert!(err.contains("failed: container 1 is stopped"), "{err}");
     let (ok, _, err) = run(vec!["container", "show", "999"]).await;
     assert!(!ok);
     assert!(err.contains("container 999 does not exist"), "{err}");
     let (ok, _, err) = run(vec!["env", "create", "Bad_Name"]).await;
     assert!(!ok);
     assert!(err.contains("not a valid name"), "{err}");
+
+    // A batch that places fewer than asked fails with a one-line summary and a non-zero exit.
+    let args = ["container", "create", "--type", "plain", "--count", "5", "--cpu-millis", "10000", "--memory-mb", "64", "--disk-mb", "64", "--wait"];
+    let (ok, _, err) = run(args.to_vec()).await;
+    assert!(!ok, "a partial batch must fail");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("failed: placed 2 of 5: ") && err.contains("cpu_millis"), "{err}");
+    let (ok, out, err) = run(vec!["container", "purge"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("purged 3 failed containers"), "{out}");
 
     // A queued command can be cancelled from the CLI; a finished one cannot.
     let (ok, _, err) = run(vec!["command", "cancel", "1"]).await;

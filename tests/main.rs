@@ -12,6 +12,7 @@ mod crash;
 mod driver;
 mod environment;
 mod health;
+mod layout;
 mod linux;
 mod plugins;
 mod placement;

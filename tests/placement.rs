@@ -204,7 +204,10 @@ async fn a_batch_onto_a_nearly_full_platform_never_overcommits(postgres: bool) {
     for _ in 0..40 {
         singles.push(create(&t, &plain(None)).await);
     }
-    let done = t.ok(batch.command_id).await;
+    // Fewer than asked were placed: the batch fails, says so in one line and keeps its result.
+    let done = t.wait(batch.command_id).await;
+    assert_eq!(done.status, CommandStatus::Failed, "{done:?}");
+    let error = done.error.clone().unwrap();
     let result = done.result.unwrap();
     let mut single_ok = 0;
     for a in &singles {
@@ -214,6 +217,8 @@ async fn a_batch_onto_a_nearly_full_platform_never_overcommits(postgres: bool) {
     assert_eq!(created + single_ok, 150, "exactly what fits was created: {result}");
     let failed = result["failed"].as_array().unwrap();
     assert_eq!(failed.len() as u64, 160 - created);
+    assert!(error.starts_with(&format!("placed {created} of 160: ")), "{error}");
+    assert!(!error.contains('\n') && error.len() < 300, "one short line: {error}");
     assert!(failed.iter().all(|f| f[1].as_str().unwrap().contains("memory_mb 256 needed") || f[1].as_str().unwrap().contains("room")), "{result}");
     let list: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
     let running = list.iter().filter(|c| c.status == ContainerStatus::Running).count();
@@ -319,11 +324,29 @@ async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_ba
         t.sim(&name).await.fail_next("create", 1, cloud48_core::driver::DriverError::Permanent("disk broken".into()));
     }
     let batch = create(&t, &CreateContainer { count: Some(30), ..plain(None) }).await;
-    let result = t.ok(batch.command_id).await.result.unwrap();
+    let done = t.wait(batch.command_id).await;
+    assert_eq!(done.status, CommandStatus::Failed, "a partial batch is a failure: {done:?}");
+    let error = done.error.unwrap();
+    assert!(error.starts_with("placed 27 of 30: server sim-") && error.contains("disk broken"), "{error}");
+    let result = done.result.unwrap();
     assert_eq!(result["created"], 27, "{result}");
     let failed = result["failed"].as_array().unwrap();
     assert_eq!(failed.len(), 3);
     assert!(failed.iter().all(|f| f[1].as_str().unwrap().contains("disk broken")), "{result}");
+    // The failed containers are hidden from the list unless asked, and can be purged.
+    let listed: Vec<Container> = t.client.get("/v1/containers").await.unwrap();
+    assert_eq!(listed.len(), 27);
+    let all: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
+    assert_eq!(all.iter().filter(|c| c.status == ContainerStatus::Failed).count(), 3);
+    let purged: Value = t.client.post("/v1/containers/purge", &json!({})).await.unwrap();
+    assert_eq!(purged["purged"], 3, "{purged}");
+    let all: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
+    assert_eq!(all.len(), 27, "only the running containers are left");
+    let mut guests = 0;
+    for s in servers(&t).await {
+        guests += t.sim(&s.name).await.guests().len();
+    }
+    assert_eq!(guests, 27, "no guest of a failed container is left behind");
     let err = t.client.post::<_, Value>("/v1/containers", &json!({ "type": "plain", "count": 0 })).await.unwrap_err();
     assert!(err.to_string().contains("count: must be 1-10000"), "{err}");
     assert_ledger_clean(&t).await;
@@ -359,7 +382,7 @@ async fn expired_dummies_and_those_of_finished_commands_are_collected() {
     let core = cloud48_core::Core::open(config).await.unwrap();
     let live = core
         .queue()
-        .enqueue(cloud48_core::queue::NewCommand { kind: "noop".into(), target: None, params: Value::Null, requested_by: "test".into() })
+        .enqueue(cloud48_core::queue::NewCommand { kind: cloud48_core::model::CommandKind::Noop, target: None, params: Value::Null, requested_by: "test".into() })
         .await
         .unwrap();
     let req = Requirements { resources: Resources { cpu_millis: 100, memory_mb: 100, disk_mb: 100 }, ..Default::default() };

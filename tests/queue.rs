@@ -137,7 +137,7 @@ async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
     let mut ids = Vec::new();
     for i in 0..600 {
         let q = &queues[i % 3];
-        ids.push(q.enqueue(NewCommand { kind: "noop".into(), target: None, params: Value::Null, requested_by: "test".into() }).await.unwrap());
+        ids.push(q.enqueue(NewCommand { kind: cloud48_core::model::CommandKind::Noop, target: None, params: Value::Null, requested_by: "test".into() }).await.unwrap());
     }
     for id in &ids {
         let c = queues[0].wait(*id, Duration::from_secs(60)).await.unwrap();
@@ -154,18 +154,35 @@ async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
     assert!(per_node.len() >= 2, "the work was shared: {per_node:?}");
 }
 
+/// A stored command this core cannot read (written by a newer core, or damaged) fails with a
+/// message naming the command and what was wrong; it is never run with `null` parameters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_command_kind_fails_with_a_clear_error() {
+async fn an_unreadable_command_fails_with_an_error_that_names_it() {
+    use sea_orm::ConnectionTrait;
     let t = TestCore::start(Opts::default()).await.unwrap();
-    let id = t
-        .core
-        .queue()
-        .enqueue(NewCommand { kind: "container.teleport".into(), target: None, params: Value::Null, requested_by: "test".into() })
-        .await
-        .unwrap();
-    let c = t.wait(id).await;
-    assert_eq!(c.status, CommandStatus::Failed);
-    assert!(c.error.unwrap().contains("teleport"));
+    let a: cloud48_core::model::Accepted = t.client.post("/v1/containers", &serde_json::json!({ "type": "plain" })).await.unwrap();
+    let container = t.created(a.command_id).await;
+    let rows = [
+        ("container.teleport", "{}".to_string(), "unknown CommandKind 'container.teleport'"),
+        ("container.update", "{\"resources\": 12".to_string(), "unreadable parameters"),
+        ("container.update", "{\"resources\": {\"cpu\": 1}}".to_string(), "bad parameters"),
+    ];
+    for (kind, params, expected) in rows {
+        let sql = format!(
+            "INSERT INTO commands (kind, status, target_type, target_id, params, progress, step, attempts, run_after, requested_by, created_at) \
+             VALUES ('{kind}', 'queued', 'container', {container}, '{params}', '{{}}', 0, 0, 0, 'test', 0)"
+        );
+        t.core.db().execute_unprepared(&sql).await.unwrap();
+        let id: i64 = t.core.queue().list(&Default::default()).await.unwrap().iter().map(|c| c.id).max().unwrap();
+        t.core.queue().wake();
+        let c = t.wait(id).await;
+        assert_eq!(c.status, CommandStatus::Failed);
+        let error = c.error.unwrap();
+        assert!(error.contains(&format!("command {id}")) && error.contains(expected), "{error}");
+    }
+    // The container was not touched.
+    let c = t.core.containers().get_by_id(container).await.unwrap();
+    assert_eq!(c.status, cloud48_core::model::ContainerStatus::Running);
 }
 
 /// A runner whose steps never finish: a core that hangs or died mid-command.
@@ -185,7 +202,7 @@ async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core()
     let dead = Queue::new(db.clone(), "core-dead".into(), queue_config.clone(), Arc::new(SystemClock));
     dead.start(Arc::new(Hang), false).await.unwrap();
     let id = dead
-        .enqueue(NewCommand { kind: "noop".into(), target: None, params: Value::Null, requested_by: "test".into() })
+        .enqueue(NewCommand { kind: cloud48_core::model::CommandKind::Noop, target: None, params: Value::Null, requested_by: "test".into() })
         .await
         .unwrap();
     while dead.get(id).await.unwrap().status != CommandStatus::Running {

@@ -387,7 +387,8 @@ impl Authenticator {
 
 /// Compares secrets in time independent of where they differ.
 pub(crate) fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// Users stored in the database (`cloud48 user ...`).

@@ -82,7 +82,7 @@ async fn queue_case(
     core.start().await?;
     let started = Instant::now();
     let noop = NewCommand {
-        kind: "noop".into(),
+        kind: crate::model::CommandKind::Noop,
         target: None,
         params: Value::Null,
         requested_by: "bench".into(),
@@ -355,7 +355,7 @@ async fn submit_creates(core: Core, rows: Vec<crate::entities::container::Active
     let commands = ids
         .iter()
         .map(|(id,)| NewCommand {
-            kind: "container.create".into(),
+            kind: crate::model::CommandKind::ContainerCreate,
             target: Some(Target::Container(*id)),
             params: serde_json::json!({}),
             requested_by: "bench".into(),

@@ -521,7 +521,7 @@ impl Core {
         let commands: Vec<_> = envs
             .into_iter()
             .map(|env| crate::queue::NewCommand {
-                kind: "environment.notify".into(),
+                kind: crate::model::CommandKind::EnvironmentNotify,
                 target: Some(crate::queue::Target::Environment(env)),
                 params: serde_json::json!({ "hook": hook }),
                 requested_by: "core".into(),

@@ -152,7 +152,7 @@ impl Core {
         let name = self.fleet().named_driver(server_id).map_or(format!("#{server_id}"), |(_, n)| n);
         let cause = format!("server {name} is unreachable: {cause}");
         let commands = per_environment(&hit, |env, ids| NewCommand {
-            kind: "environment.failover".into(),
+            kind: crate::model::CommandKind::EnvironmentFailover,
             target: Some(Target::Environment(env)),
             params: json!({ "containers": ids, "cause": cause }),
             requested_by: "health-monitor".into(),
@@ -221,7 +221,7 @@ impl Core {
             }
         }
         let commands = per_environment(&back, |env, ids| NewCommand {
-            kind: "environment.recover".into(),
+            kind: crate::model::CommandKind::EnvironmentRecover,
             target: Some(Target::Environment(env)),
             params: json!({ "containers": ids }),
             requested_by: "health-monitor".into(),

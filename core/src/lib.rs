@@ -2,7 +2,6 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of this crate.
 
-pub mod agent;
 pub mod agents;
 pub mod api;
 pub mod auth;
@@ -13,17 +12,25 @@ pub mod commands;
 pub mod config;
 pub mod core;
 pub mod demo;
-pub mod driver;
 pub mod entities;
 pub mod health;
 pub mod lab;
 pub mod managers;
-pub mod model;
 pub mod placement;
 pub mod plugins;
 pub mod queue;
 pub mod rebalance;
 pub mod scaffold;
-pub mod types;
 
 pub use crate::core::{Core, CoreConfig, CoreError};
+pub use cloud48_agent as agent;
+pub use cloud48_model as model;
+pub use cloud48_plugin_host::types;
+
+/// The drivers: the trait and the simulated driver, the linux driver, and the remote driver over a
+/// node agent.
+pub mod driver {
+    pub use cloud48_agent::remote;
+    pub use cloud48_driver::*;
+    pub use cloud48_linux as linux;
+}

@@ -56,17 +56,17 @@ pub enum ContainerCommand {
 
 impl ContainerCommand {
     /// Command kind, e.g. `container.start`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> CommandKind {
         match self {
-            ContainerCommand::Start => "container.start",
-            ContainerCommand::Stop => "container.stop",
-            ContainerCommand::Suspend => "container.suspend",
-            ContainerCommand::Resume => "container.resume",
-            ContainerCommand::Reboot => "container.reboot",
-            ContainerCommand::Destroy => "container.destroy",
-            ContainerCommand::Update { .. } => "container.update",
-            ContainerCommand::Clone { .. } => "container.clone",
-            ContainerCommand::Migrate { .. } => "container.migrate",
+            ContainerCommand::Start => CommandKind::ContainerStart,
+            ContainerCommand::Stop => CommandKind::ContainerStop,
+            ContainerCommand::Suspend => CommandKind::ContainerSuspend,
+            ContainerCommand::Resume => CommandKind::ContainerResume,
+            ContainerCommand::Reboot => CommandKind::ContainerReboot,
+            ContainerCommand::Destroy => CommandKind::ContainerDestroy,
+            ContainerCommand::Update { .. } => CommandKind::ContainerUpdate,
+            ContainerCommand::Clone { .. } => CommandKind::ContainerClone,
+            ContainerCommand::Migrate { .. } => CommandKind::ContainerMigrate,
         }
     }
 
@@ -168,6 +168,15 @@ pub struct ContainerExport {
 impl ContainerExport {
     /// The format this core writes and reads.
     pub const FORMAT: u32 = 1;
+}
+
+/// What `container purge` did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PurgeReport {
+    /// Failed containers deleted.
+    pub purged: u64,
+    /// Failed containers kept, each with the reason (their server could not destroy the guest).
+    pub kept: Vec<String>,
 }
 
 /// The ContainerManager of the design notes: `run`, `find`, `get_by_id`, `get`, `put`.
@@ -273,8 +282,13 @@ impl<'a> ContainerManager<'a> {
     ) -> Result<CommandId, CoreError> {
         let db = self.core.db();
         let row = load_container(db, id).await?;
+        // The status is checked when the command runs, after the commands queued before it on
+        // this container (stop then start, submitted back to back, ends running). Only what can
+        // never run is refused now: a container that no longer exists on any server.
         let status = parse_status(&row.status);
-        check_status(id, status, cmd.kind(), cmd.allowed_from()).map_err(CoreError::Conflict)?;
+        if status.is_gone() && cmd != ContainerCommand::Destroy {
+            check_status(id, status, cmd.kind().as_str(), cmd.allowed_from()).map_err(CoreError::Conflict)?;
+        }
         let params = match &cmd {
             ContainerCommand::Update { resources } => {
                 resources
@@ -309,7 +323,7 @@ impl<'a> ContainerManager<'a> {
             _ => json!({}),
         };
         let command = NewCommand {
-            kind: cmd.kind().to_string(),
+            kind: cmd.kind(),
             target: Some(Target::Container(id)),
             params,
             requested_by: requested_by.to_string(),
@@ -323,8 +337,9 @@ impl<'a> ContainerManager<'a> {
         req: &CreateContainer,
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
+        let new = prepare_container(self.core, &req.type_id, req.server.as_deref(), req.requirements.clone(), None).await?;
         let txn = self.core.db().begin().await?;
-        let (id, server_id) = insert_container(self.core, &txn, &req.type_id, req.server.as_deref(), req.requirements.clone(), None).await?;
+        let (id, server_id) = insert_container(self.core, &txn, new).await?;
         self.submit_create(txn, id, json!({ "server_id": server_id }), requested_by).await
     }
 
@@ -341,14 +356,14 @@ impl<'a> ContainerManager<'a> {
         if !(1..=MAX_BATCH).contains(&count) {
             return Err(CoreError::invalid("count", format!("must be 1-{MAX_BATCH}; submit larger numbers as several batches")));
         }
-        let (ty, requirements, server_id) = checked_new(self.core, self.core.db(), &req.type_id, req.server.as_deref(), req.requirements.clone()).await?;
+        let (ty, requirements, server_id) = checked_new(self.core, &req.type_id, req.server.as_deref(), req.requirements.clone()).await?;
         let text = serde_json::to_string(&requirements).expect("serializable");
         // The rows (and their plugin's initial states) are made before the transaction holds
         // the database connection.
         let mut rows: Vec<container::ActiveModel> = (0..count).map(|_| creating_row(self.core, &req.type_id, ty.as_ref(), &text, None)).collect();
         let txn = self.core.db().begin().await?;
         let command = NewCommand {
-            kind: "container.create_many".into(),
+            kind: crate::model::CommandKind::ContainerCreateMany,
             target: None,
             params: json!({ "type": req.type_id, "count": count, "server_id": server_id, "requirements": requirements }),
             requested_by: requested_by.to_string(),
@@ -385,7 +400,7 @@ impl<'a> ContainerManager<'a> {
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
         let command = NewCommand {
-            kind: "container.create".into(),
+            kind: crate::model::CommandKind::ContainerCreate,
             target: Some(Target::Container(id)),
             params,
             requested_by: requested_by.to_string(),
@@ -479,8 +494,9 @@ impl<'a> ContainerManager<'a> {
         if crate::driver::remote::is_reference(&disk) {
             return Err(CoreError::invalid("disk_hex", "is a reference to an agent's export, not a disk; export the container again with `cloud48 container export`"));
         }
+        let new = prepare_container(self.core, &export.type_id, None, Some(export.requirements.clone()), None).await?;
         let txn = self.core.db().begin().await?;
-        let (id, _) = insert_container(self.core, &txn, &export.type_id, None, Some(export.requirements.clone()), None).await?;
+        let (id, _) = insert_container(self.core, &txn, new).await?;
         container::Entity::update_many()
             .col_expr(container::Column::State, sea_orm::sea_query::Expr::val(state).into())
             .filter(container::Column::Id.eq(id))
@@ -534,6 +550,61 @@ impl<'a> ContainerManager<'a> {
         }
         let rows = q.order_by_asc(container::Column::Id).all(db).await?;
         to_views(self.core, rows).await
+    }
+
+    /// Deletes failed containers (a create that did not complete) that no command holds and no
+    /// reservation names. The guest of one that reached a server is destroyed there first; one
+    /// whose server cannot be reached is kept, so the collector can still find its guest.
+    pub async fn purge(&self) -> Result<PurgeReport, CoreError> {
+        let db = self.core.db();
+        let rows = container::Entity::find()
+            .filter(container::Column::Status.eq(ContainerStatus::Failed.as_str()))
+            .filter(container::Column::LockedBy.is_null())
+            .order_by_asc(container::Column::Id)
+            .all(db)
+            .await?;
+        let mut gone = Vec::new();
+        let mut kept = Vec::new();
+        // Driver calls first, then one transaction.
+        for row in rows {
+            if let Some(server_id) = row.server_id {
+                let Some((driver, name)) = self.core.fleet().named_driver(server_id) else {
+                    kept.push(format!("container {}: server #{server_id} has no driver in this core", row.id));
+                    continue;
+                };
+                if let Err(e) = driver.destroy(&row.guest_id).await {
+                    kept.push(format!("container {}: server {name}: {e}", row.id));
+                    continue;
+                }
+            }
+            gone.push(row.id);
+        }
+        let txn = db.begin().await?;
+        let mut purged = 0;
+        for chunk in gone.chunks(500) {
+            let reserved = sea_orm::sea_query::Query::select()
+                .column(crate::entities::dummy::Column::ContainerId)
+                .from(crate::entities::dummy::Entity)
+                .to_owned();
+            purged += container::Entity::delete_many()
+                .filter(container::Column::Id.is_in(chunk.iter().copied()))
+                .filter(container::Column::Status.eq(ContainerStatus::Failed.as_str()))
+                .filter(container::Column::LockedBy.is_null())
+                .filter(container::Column::Id.not_in_subquery(reserved))
+                .exec(&txn)
+                .await?
+                .rows_affected;
+            origin_identity::Entity::delete_many()
+                .filter(origin_identity::Column::ContainerId.is_in(chunk.iter().copied()))
+                .filter(
+                    origin_identity::Column::ContainerId
+                        .not_in_subquery(sea_orm::sea_query::Query::select().column(container::Column::Id).from(container::Entity).to_owned()),
+                )
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(PurgeReport { purged, kept })
     }
 
     /// One container.
@@ -604,9 +675,31 @@ fn script_title(script: &str) -> String {
 /// returns its id and the id of the server the caller named (placement reserves it there).
 /// The type, the requirements (the type's by default) and the named server of new
 /// containers, each checked.
-async fn checked_new<C: ConnectionTrait>(
+/// A new container, checked and ready to insert. Its initial state comes from its type, which
+/// for a plugin is a call into a fresh WASM instance: it is made here, before any transaction.
+pub(crate) struct NewContainer {
+    row: container::ActiveModel,
+    server_id: Option<ServerId>,
+}
+
+/// Checks a new container's type, requirements and named server, and makes its row.
+pub(crate) async fn prepare_container(
     core: &Core,
-    conn: &C,
+    type_id: &str,
+    server: Option<&str>,
+    requirements: Option<Requirements>,
+    environment: Option<EnvironmentId>,
+) -> Result<NewContainer, CoreError> {
+    let (ty, requirements, server_id) = checked_new(core, type_id, server, requirements).await?;
+    let requirements = serde_json::to_string(&requirements).expect("serializable");
+    let row = creating_row(core, type_id, ty.as_ref(), &requirements, environment);
+    Ok(NewContainer { row, server_id })
+}
+
+/// A new container's type, its requirements (the type's by default, validated) and the server
+/// the user named.
+async fn checked_new(
+    core: &Core,
     type_id: &str,
     server: Option<&str>,
     requirements: Option<Requirements>,
@@ -615,28 +708,24 @@ async fn checked_new<C: ConnectionTrait>(
     let requirements = requirements.unwrap_or_else(|| ty.default_requirements());
     requirements.resources.validate().map_err(|m| CoreError::invalid("requirements", m))?;
     let server_id = match server {
-        Some(name) => Some(server_by_name(conn, "server", name).await?.id),
+        Some(name) => Some(server_by_name(core.db(), "server", name).await?.id),
         None => None,
     };
     Ok((ty, requirements, server_id))
 }
 
+/// Inserts a prepared container (in the caller's transaction) and gives it its guest id.
 pub(crate) async fn insert_container<C: ConnectionTrait>(
     core: &Core,
     conn: &C,
-    type_id: &str,
-    server: Option<&str>,
-    requirements: Option<Requirements>,
-    environment: Option<EnvironmentId>,
+    new: NewContainer,
 ) -> Result<(ContainerId, Option<ServerId>), CoreError> {
-    let (ty, requirements, server_id) = checked_new(core, conn, type_id, server, requirements).await?;
-    let requirements = serde_json::to_string(&requirements).expect("serializable");
-    let row = creating_row(core, type_id, ty.as_ref(), &requirements, environment).insert(conn).await?;
+    let row = new.row.insert(conn).await?;
     let guest = guest_id_for(core.platform_name(), row.id);
     let mut active: container::ActiveModel = row.into();
     active.guest_id = Set(guest);
     let row = active.update(conn).await?;
-    Ok((row.id, server_id))
+    Ok((row.id, new.server_id))
 }
 
 /// API views of container rows (server and environment names resolved).
@@ -738,13 +827,13 @@ pub enum EnvironmentOp {
 
 impl EnvironmentOp {
     /// Command kind, e.g. `environment.start`.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> CommandKind {
         match self {
-            EnvironmentOp::Start => "environment.start",
-            EnvironmentOp::Stop => "environment.stop",
-            EnvironmentOp::Suspend => "environment.suspend",
-            EnvironmentOp::Resume => "environment.resume",
-            EnvironmentOp::Destroy => "environment.destroy",
+            EnvironmentOp::Start => CommandKind::EnvironmentStart,
+            EnvironmentOp::Stop => CommandKind::EnvironmentStop,
+            EnvironmentOp::Suspend => CommandKind::EnvironmentSuspend,
+            EnvironmentOp::Resume => CommandKind::EnvironmentResume,
+            EnvironmentOp::Destroy => CommandKind::EnvironmentDestroy,
         }
     }
 }
@@ -779,7 +868,7 @@ impl<'a> EnvironmentManager<'a> {
         requested_by: &str,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
         self.submit_new(name, |env| NewCommand {
-            kind: "environment.create".into(),
+            kind: crate::model::CommandKind::EnvironmentCreate,
             target: Some(Target::Environment(env)),
             params: json!({ "name": name }),
             requested_by: requested_by.to_string(),
@@ -798,7 +887,7 @@ impl<'a> EnvironmentManager<'a> {
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
         let src = self.active(source).await?;
         self.submit_new(name, |env| NewCommand {
-            kind: "environment.clone".into(),
+            kind: crate::model::CommandKind::EnvironmentClone,
             target: Some(Target::Environment(src.id)),
             params: json!({ "destination": env }),
             requested_by: requested_by.to_string(),
@@ -876,7 +965,7 @@ impl<'a> EnvironmentManager<'a> {
             server_by_name(self.core.db(), "server", s).await?;
         }
         let cmd = NewCommand {
-            kind: "environment.add".into(),
+            kind: crate::model::CommandKind::EnvironmentAdd,
             target: Some(Target::Environment(env.id)),
             params: json!({
                 "type": ty.type_id(),
@@ -904,7 +993,7 @@ impl<'a> EnvironmentManager<'a> {
             )));
         }
         let cmd = NewCommand {
-            kind: "environment.remove".into(),
+            kind: crate::model::CommandKind::EnvironmentRemove,
             target: Some(Target::Environment(env.id)),
             params: json!({ "container_id": container }),
             requested_by: requested_by.to_string(),
@@ -921,7 +1010,7 @@ impl<'a> EnvironmentManager<'a> {
     ) -> Result<CommandId, CoreError> {
         let env = self.active(env).await?;
         let cmd = NewCommand {
-            kind: op.kind().into(),
+            kind: op.kind(),
             target: Some(Target::Environment(env.id)),
             params: json!({}),
             requested_by: requested_by.to_string(),
@@ -1063,7 +1152,7 @@ impl<'a> ServerManager<'a> {
         for r in rows {
             match parse_status(&r.status) {
                 ContainerStatus::Running | ContainerStatus::Stopped => commands.push(NewCommand {
-                    kind: "container.migrate".into(),
+                    kind: crate::model::CommandKind::ContainerMigrate,
                     target: Some(Target::Container(r.id)),
                     params: json!({ "to": null }),
                     requested_by: requested_by.to_string(),

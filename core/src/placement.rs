@@ -452,6 +452,47 @@ pub async fn release<C: ConnectionTrait>(
     Ok(())
 }
 
+/// Reserves the growth `grow` of a container on its own server with a dummy (so the ledger's
+/// invariant holds while the container is resized, and the collector gives the growth back if
+/// the command dies); `None` when the server lacks room. The server may be draining or down:
+/// the container is already there.
+pub async fn reserve_growth(
+    txn: &DatabaseTransaction,
+    server_id: ServerId,
+    container_id: ContainerId,
+    command_id: i64,
+    grow: &Resources,
+    deadline: i64,
+) -> Result<Option<Reservation>, DbErr> {
+    if !claim(txn, server_id, grow, 1, false).await? {
+        return Ok(None);
+    }
+    let dummy_id = dummy_row(server_id, container_id, Some(command_id), grow, deadline).insert(txn).await?.id;
+    Ok(Some(Reservation { server_id, dummy_id }))
+}
+
+/// The container now has its new size: the growth dummy (if any) gives its reservation to the
+/// container, and `shrink` is given back. When the dummy expired meanwhile, the growth is
+/// claimed again; false when it no longer fits (nothing is changed then).
+pub async fn settle_resize(
+    txn: &DatabaseTransaction,
+    server_id: ServerId,
+    growth: Option<Reservation>,
+    grow: &Resources,
+    shrink: &Resources,
+) -> Result<bool, DbErr> {
+    if let Some(r) = growth {
+        if dummy::Entity::delete_by_id(r.dummy_id).exec(txn).await?.rows_affected == 1 {
+            // The dummy counted as a container of the server; the container is counted already.
+            release(txn, server_id, &Resources::default(), 1).await?;
+        } else if !claim(txn, server_id, grow, 0, false).await? {
+            return Ok(false);
+        }
+    }
+    release(txn, server_id, shrink, 0).await?;
+    Ok(true)
+}
+
 /// A reservation made by `place`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {

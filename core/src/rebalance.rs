@@ -53,7 +53,7 @@ impl Core {
             .into_iter()
             .take(h.rebalance_batch.max(1))
             .map(|c| NewCommand {
-                kind: "container.migrate".into(),
+                kind: crate::model::CommandKind::ContainerMigrate,
                 target: Some(Target::Container(c.id)),
                 params: json!({ "to": null }),
                 requested_by: REBALANCER.into(),

@@ -24,7 +24,7 @@ use crate::auth::Principal;
 use crate::core::Core;
 use crate::managers::{
     AddContainer, ContainerCommand, ContainerExport, ContainerQuery, CreateContainer, DrainReport,
-    EnvironmentOp,
+    EnvironmentOp, PurgeReport,
 };
 use crate::model::*;
 use crate::queue::CommandFilter;
@@ -57,6 +57,7 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(clone_environment))
         .routes(routes!(export_container))
         .routes(routes!(import_container))
+        .routes(routes!(purge_containers))
         .routes(routes!(list_servers, add_server))
         .routes(routes!(container_logs))
         .routes(routes!(container_exec))
@@ -280,6 +281,12 @@ async fn clone_environment(
 ) -> Result<Accept, ApiError> {
     let (cmd, id) = core.environments().clone(&env, &req.name, who.audit_name()).await?;
     Ok(accepted(cmd, Some(id)))
+}
+
+#[utoipa::path(post, path = "/v1/containers/purge", tag = "containers",
+    responses((status = 200, body = PurgeReport, description = "Failed containers deleted, and those kept with the reason")))]
+async fn purge_containers(State(core): State<Core>) -> Result<Json<PurgeReport>, ApiError> {
+    Ok(Json(core.containers().purge().await?))
 }
 
 #[utoipa::path(get, path = "/v1/containers/{id}/export", tag = "containers",

@@ -1,6 +1,5 @@
 //! The `cloud48` command line: `serve` runs a core; the other commands talk to one over HTTP.
 
-pub mod agent;
 pub mod client;
 pub mod output;
 
@@ -72,10 +71,10 @@ pub enum Top {
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Run the node agent of this server: it drives its containers for the core.
-    Agent(agent::AgentArgs),
+    Agent(cloud48_agent::cli::AgentArgs),
     /// A small HTTP server answering every request with one line (run inside containers).
     #[command(hide = true)]
-    GuestHttp(agent::GuestHttpArgs),
+    GuestHttp(cloud48_agent::cli::GuestHttpArgs),
 }
 
 /// Where the core's configuration comes from: a TOML file, the environment and these flags
@@ -323,6 +322,9 @@ pub enum ContainerCmd {
     /// Create a container from another platform's export; it records its origin.
     Import { /// File written by `container export`.
         file: std::path::PathBuf, #[command(flatten)] wait: WaitArg },
+    /// Delete failed containers (creates that did not complete); their guests are destroyed
+    /// first where they reached a server.
+    Purge,
     /// List containers.
     List {
         /// Only members of this environment.
@@ -568,8 +570,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Command(cmd) => command(&client, out, cmd).await,
         Top::Plugin(cmd) => plugin(&client, out, cmd).await,
         Top::Demo => crate::demo::run().await,
-        Top::Agent(args) => agent::run(args).await,
-        Top::GuestHttp(args) => agent::guest_http(args).await,
+        Top::Agent(args) => cloud48_agent::cli::run(args).await,
+        Top::GuestHttp(args) => cloud48_agent::cli::guest_http(args).await,
     }
 }
 
@@ -723,6 +725,15 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             out.show(&list, || output::containers(&list));
             return Ok(());
         }
+        ContainerCmd::Purge => {
+            let r: crate::managers::PurgeReport = client.post("/v1/containers/purge", &serde_json::json!({})).await?;
+            out.show(&r, || {
+                let mut lines = vec![format!("purged {} failed containers", r.purged)];
+                lines.extend(r.kept.iter().map(|k| format!("kept {k}")));
+                lines.join("\n")
+            });
+            return Ok(());
+        }
         ContainerCmd::Show { id } => {
             let c: Container = client.get(&format!("/v1/containers/{id}")).await?;
             out.show(&c, || output::container(&c));
@@ -825,7 +836,7 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
             let wasm = files.iter().map(|f| read_wasm(f)).collect::<Result<Vec<_>>>()?;
             let report = std::thread::spawn(move || {
                 let host = crate::plugins::PluginHost::new(None, crate::plugins::Limits::default()).map_err(|e| e.to_string())?;
-                crate::plugins::harness::run_scenario(&host, &wasm, &sc)
+                crate::plugins::harness::run_scenario(&host, crate::plugins::BUNDLED, &wasm, &sc)
             })
             .join()
             .map_err(|_| anyhow::anyhow!("the scenario thread panicked"))?;

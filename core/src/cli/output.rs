@@ -190,7 +190,7 @@ pub fn command(c: &Command) -> String {
         format!("  params:       {}", c.params),
     ];
     if let Some(r) = &c.result {
-        lines.push(format!("  result:       {r}"));
+        lines.push(format!("  result:       {}", result_line(r)));
     }
     if let Some(w) = &c.waiting_on {
         lines.push(format!("  waiting on:   {w}"));
@@ -199,4 +199,36 @@ pub fn command(c: &Command) -> String {
         lines.push(format!("  error:        {e}"));
     }
     lines.join("\n")
+}
+
+/// A command's result on one line: a batch's list of failed containers is summed up (all of
+/// them are in `--json`).
+fn result_line(r: &serde_json::Value) -> String {
+    match r.get("failed").and_then(|f| f.as_array()) {
+        Some(failed) if failed.len() > 3 => {
+            let first = &failed[0];
+            format!(
+                "created {}, failed {} (first: container {}: {}); --json lists each",
+                r["created"],
+                failed.len(),
+                first[0],
+                first[1].as_str().unwrap_or_default()
+            )
+        }
+        _ => r.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_long_batch_result_is_summed_up() {
+        let failed: Vec<_> = (4..10).map(|id| json!([id, "no room"])).collect();
+        let line = super::result_line(&json!({ "created": 3, "failed": failed }));
+        assert_eq!(line, "created 3, failed 6 (first: container 4: no room); --json lists each");
+        let short = json!({ "created": 3, "failed": [[4, "no room"]] });
+        assert_eq!(super::result_line(&short), short.to_string());
+    }
 }

@@ -227,8 +227,56 @@ async fn finish(
         failed.push((*id, "the capacity reserved expired and the server has no room any more".into()));
     }
     give_up(&txn, &refused.iter().chain(lost.iter()).copied().collect::<Vec<_>>()).await?;
-    let result = json!({ "created": ok.len(), "failed": failed });
-    Ok(Transition::with(Next::Done(result), txn))
+    let created = ok.len();
+    let summary = shortfall(created, &failed);
+    let result = json!({ "created": created, "failed": failed });
+    Ok(Transition::with(
+        match summary {
+            None => Next::Done(result),
+            Some(error) => Next::Partial { result, error },
+        },
+        txn,
+    ))
+}
+
+/// One line when a batch made fewer containers than asked: how many, and the most common
+/// reason (ties go to the first seen), e.g. `placed 109 of 500: ... (391 containers)`.
+fn shortfall(created: usize, failed: &[(i64, String)]) -> Option<String> {
+    if failed.is_empty() {
+        return None;
+    }
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for (_, reason) in failed {
+        match counts.iter_mut().find(|(r, _)| *r == reason.as_str()) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((reason, 1)),
+        }
+    }
+    let (reason, n) = counts.iter().fold(counts[0], |best, c| if c.1 > best.1 { *c } else { best });
+    let others = if n == failed.len() { String::new() } else { format!("; {} failed for other reasons", failed.len() - n) };
+    let plural = if n == 1 { "" } else { "s" };
+    Some(format!("placed {created} of {}: {reason} ({n} container{plural}){others}; see the command's result for each", created + failed.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shortfall;
+
+    #[test]
+    fn a_full_batch_has_no_shortfall() {
+        assert_eq!(shortfall(3, &[]), None);
+    }
+
+    #[test]
+    fn the_shortfall_names_the_most_common_reason() {
+        let failed = vec![(4, "disk".to_string()), (5, "cpu".to_string()), (6, "cpu".to_string())];
+        assert_eq!(
+            shortfall(3, &failed).unwrap(),
+            "placed 3 of 6: cpu (2 containers); 1 failed for other reasons; see the command's result for each"
+        );
+        let failed = vec![(4, "cpu".to_string())];
+        assert_eq!(shortfall(0, &failed).unwrap(), "placed 0 of 1: cpu (1 container); see the command's result for each");
+    }
 }
 
 /// One statement: each container gets its server, address and status, and is unlocked.

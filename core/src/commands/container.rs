@@ -13,7 +13,7 @@ use crate::core::Core;
 use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::{command, container};
 use crate::managers::{ContainerCommand, check_status, guest_id_for, load_container, parse_status};
-use crate::model::{ContainerStatus, Requirements, Resources, now_ms};
+use crate::model::{CommandKind, ContainerStatus, Requirements, Resources, now_ms};
 use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirements_of};
 use crate::queue::{Next, StepError, Transition};
 
@@ -57,41 +57,39 @@ fn done(id: i64) -> Next {
     Next::Done(json!({ "container_id": id }))
 }
 
-pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, StepError> {
+pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transition, StepError> {
     // The one-step lifecycle commands; the multi-step ones have their own functions.
-    let simple = match op {
-        "create" | "clone" | "migrate" | "exec" => None,
-        "start" => Some(ContainerCommand::Start),
-        "stop" => Some(ContainerCommand::Stop),
-        "suspend" => Some(ContainerCommand::Suspend),
-        "resume" => Some(ContainerCommand::Resume),
-        "reboot" => Some(ContainerCommand::Reboot),
-        "destroy" => Some(ContainerCommand::Destroy),
-        "update" => {
+    let simple = match kind {
+        CommandKind::ContainerStart => Some(ContainerCommand::Start),
+        CommandKind::ContainerStop => Some(ContainerCommand::Stop),
+        CommandKind::ContainerSuspend => Some(ContainerCommand::Suspend),
+        CommandKind::ContainerResume => Some(ContainerCommand::Resume),
+        CommandKind::ContainerReboot => Some(ContainerCommand::Reboot),
+        CommandKind::ContainerDestroy => Some(ContainerCommand::Destroy),
+        CommandKind::ContainerUpdate => {
             let resources: Resources = serde_json::from_value(ctx.params["resources"].clone())
-                .map_err(|e| StepError::Permanent(format!("bad parameters: {e}")))?;
+                .map_err(|e| StepError::Permanent(format!("command {} ({kind}): bad parameters: {e}", ctx.cmd.id)))?;
             Some(ContainerCommand::Update { resources })
         }
-        other => {
-            return Err(StepError::Permanent(format!("unknown container command '{other}'")));
-        }
+        _ => None,
     };
     let core = ctx.core;
     let id = ctx.target_id()?;
     let row = load_container(core.db(), id).await.map_err(core_err)?;
     let Some(cmd) = simple else {
-        return match op {
-            "create" => create(ctx, row).await,
-            "clone" => clone(ctx, row).await,
-            "migrate" => migrate(ctx, row).await,
-            _ => exec(ctx, row).await,
+        return match kind {
+            CommandKind::ContainerCreate => create(ctx, row).await,
+            CommandKind::ContainerClone => clone(ctx, row).await,
+            CommandKind::ContainerMigrate => migrate(ctx, row).await,
+            CommandKind::ContainerExec => exec(ctx, row).await,
+            other => Err(StepError::Permanent(format!("command {}: {other} is not a container command", ctx.cmd.id))),
         };
     };
     let status = parse_status(&row.status);
     if cmd == ContainerCommand::Destroy && status.is_gone() {
         return Ok(Transition::bare(done(id)));
     }
-    check_status(id, status, cmd.kind(), cmd.allowed_from()).map_err(StepError::Permanent)?;
+    check_status(id, status, cmd.kind().as_str(), cmd.allowed_from()).map_err(StepError::Permanent)?;
     if cmd == ContainerCommand::Destroy && status == ContainerStatus::Down {
         // Its server does not answer: the container is given up now and its guest destroyed
         // by the collector when the server is back.
@@ -135,32 +133,73 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
             return Ok(Transition::with(done(id), txn));
         }
         ContainerCommand::Update { resources } => {
-            // Reserve the growth first (nothing is changed if the server lacks room), then
-            // resize, then commit both.
-            let mut req = requirements_of(&row);
-            let (grow, shrink) = (resources.minus(&req.resources), req.resources.minus(resources));
-            let txn = core.db().begin().await?;
-            if !placement::claim(&txn, server_id, &grow, 0, false).await? {
-                return Err(StepError::Permanent(format!(
-                    "server {server} lacks room to grow container {id} by {} cpu_millis, {} memory_mb and {} disk_mb; migrate it first",
-                    grow.cpu_millis, grow.memory_mb, grow.disk_mb
-                )));
-            }
-            placement::release(&txn, server_id, &shrink, 0).await?;
-            driver
-                .update(guest, resources)
-                .await
-                .map_err(|e| driver_err(&server, e))?;
-            req.resources = *resources;
-            let text = serde_json::to_string(&req).expect("serializable");
-            write_in(&txn, &row, |am| am.requirements = Set(text)).await?;
-            core.placement().refresh(&txn, server_id).await?;
-            return Ok(Transition::with(done(id), txn));
+            return update(ctx, &row, (driver.as_ref(), &server), server_id, resources).await;
         }
         ContainerCommand::Clone { .. } | ContainerCommand::Migrate { .. } => unreachable!(),
     };
     let txn = write(core, &row, |am| am.status = status_of(new_status)).await?;
     Ok(Transition::with(done(id), txn))
+}
+
+/// Steps of `container.update`: 0 reserve the growth on the container's server (a dummy,
+/// committed before the server is touched), 1 resize the guest, then give the growth dummy's
+/// reservation to the container and release what shrank, with the new requirements. No
+/// transaction is open while the driver works.
+async fn update(
+    ctx: &StepCtx<'_>,
+    row: &container::Model,
+    (driver, server): (&dyn Driver, &str),
+    server_id: i64,
+    resources: &Resources,
+) -> Result<Transition, StepError> {
+    let core = ctx.core;
+    let id = row.id;
+    let mut req = requirements_of(row);
+    let (grow, shrink) = (resources.minus(&req.resources), req.resources.minus(resources));
+    let growth = reservation(&ctx.progress);
+    if ctx.cmd.step == 0 && grow != Resources::default() {
+        let ttl = core.config().placement.dummy_ttl().as_millis() as i64;
+        let deadline = core.queue().now_ms() + ttl;
+        let txn = core.db().begin().await?;
+        let Some(r) = placement::reserve_growth(&txn, server_id, id, ctx.cmd.id, &grow, deadline).await? else {
+            return Err(StepError::Permanent(format!(
+                "server {server} lacks room to grow container {id} by {} cpu_millis, {} memory_mb and {} disk_mb; migrate it first",
+                grow.cpu_millis, grow.memory_mb, grow.disk_mb
+            )));
+        };
+        core.placement().apply(server_id, &grow, 1, 1);
+        let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
+        return Ok(Transition::with(Next::Continue { step: 1, progress }, txn));
+    }
+    driver.update(&row.guest_id, resources).await.map_err(|e| driver_err(server, e))?;
+    let txn = core.db().begin().await?;
+    if !placement::settle_resize(&txn, server_id, growth, &grow, &shrink).await? {
+        return Err(StepError::Permanent(format!(
+            "the capacity reserved on server {server} to grow container {id} expired and the server has no room any more"
+        )));
+    }
+    req.resources = *resources;
+    let text = serde_json::to_string(&req).expect("serializable");
+    write_in(&txn, row, |am| am.requirements = Set(text)).await?;
+    core.placement().refresh(&txn, server_id).await?;
+    Ok(Transition::with(done(id), txn))
+}
+
+/// Undoes a failed `container.update`: its growth dummy (if any) goes, giving back what it
+/// reserved. The guest keeps the size the driver reports; the core's requirements are unchanged.
+pub(super) async fn compensate_update(core: &Core, cmd: &command::Model) -> Result<Option<DatabaseTransaction>, DbErr> {
+    let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
+    let Some(r) = reservation(&progress) else {
+        return Ok(None);
+    };
+    let Some(d) = crate::entities::dummy::Entity::find_by_id(r.dummy_id).one(core.db()).await? else {
+        return Ok(None);
+    };
+    let txn = core.db().begin().await?;
+    if placement::drop_dummy(&txn, d.id).await? {
+        core.placement().apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
+    }
+    Ok(Some(txn))
 }
 
 fn place_err(e: PlacementError) -> StepError {

@@ -12,12 +12,12 @@ use serde_json::{Value, json};
 use super::{StepCtx, core_err};
 use crate::core::Core;
 use crate::entities::{container, environment, server};
-use crate::managers::{insert_container, parse_status};
-use crate::model::{CommandStatus, ContainerStatus, EnvironmentStatus, Requirements, now_ms};
+use crate::managers::{insert_container, parse_status, prepare_container};
+use crate::model::{CommandKind, CommandStatus, ContainerStatus, EnvironmentStatus, Requirements, now_ms};
 use crate::queue::{NewCommand, Next, StepError, Target, Transition};
 use crate::types::{EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict};
 
-pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, StepError> {
+pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transition, StepError> {
     let env_id = ctx.target_id()?;
     let env = environment::Entity::find_by_id(env_id)
         .one(ctx.core.db())
@@ -29,8 +29,9 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
             env.name
         )));
     }
-    match op {
-        "create" => {
+    use CommandKind::*;
+    match kind {
+        EnvironmentCreate => {
             let txn = ctx.core.db().begin().await?;
             let mut am: environment::ActiveModel = env.clone().into();
             am.status = Set(EnvironmentStatus::Active.as_str().into());
@@ -41,15 +42,15 @@ pub(super) async fn step(ctx: &StepCtx<'_>, op: &str) -> Result<Transition, Step
                 txn,
             ))
         }
-        "add" => add(ctx, &env).await,
-        "remove" => remove(ctx, &env).await,
-        "replace" => replace(ctx, &env).await,
-        "failover" | "recover" | "notify" => notify(ctx, &env, op).await,
-        "clone" => clone(ctx, &env).await,
-        "start" | "stop" | "suspend" | "resume" | "destroy" => fan_out(ctx, &env, op).await,
-        other => Err(StepError::Permanent(format!(
-            "unknown environment command '{other}'"
-        ))),
+        EnvironmentAdd => add(ctx, &env).await,
+        EnvironmentRemove => remove(ctx, &env).await,
+        EnvironmentReplace => replace(ctx, &env).await,
+        EnvironmentFailover | EnvironmentRecover | EnvironmentNotify => notify(ctx, &env, kind.op()).await,
+        EnvironmentClone => clone(ctx, &env).await,
+        EnvironmentStart | EnvironmentStop | EnvironmentSuspend | EnvironmentResume | EnvironmentDestroy => {
+            fan_out(ctx, &env, kind.op()).await
+        }
+        _ => Err(StepError::Permanent(format!("command {}: {kind} is not an environment command", ctx.cmd.id))),
     }
 }
 
@@ -212,7 +213,7 @@ fn action_command(
     let status = |id: i64| members.iter().find(|(r, _)| r.id == id).map(|(_, v)| v.status);
     let (kind, target, params) = match action {
         HookAction::AddContainer(t) => (
-            "environment.add",
+            CommandKind::EnvironmentAdd,
             Target::Environment(env.id),
             json!({ "type": t, "requirements": null, "server": null }),
         ),
@@ -220,7 +221,7 @@ fn action_command(
             if !member(*id) {
                 return Err(format!("a hook asked to remove container {id}, which is not a member"));
             }
-            ("environment.remove", Target::Environment(env.id), json!({ "container_id": id }))
+            (CommandKind::EnvironmentRemove, Target::Environment(env.id), json!({ "container_id": id }))
         }
         HookAction::Exec { container, script, args } => {
             if !member(*container) {
@@ -230,17 +231,17 @@ fn action_command(
                 tracing::warn!(container, "a hook asked to run a script in a container that is down; skipped");
                 return Ok(None);
             }
-            ("container.exec", Target::Container(*container), json!({ "script": script, "args": args }))
+            (CommandKind::ContainerExec, Target::Container(*container), json!({ "script": script, "args": args }))
         }
         HookAction::ReplaceContainer(id) => {
             if !member(*id) {
                 return Err(format!("a hook asked to replace container {id}, which is not a member of '{}'", env.name));
             }
-            ("environment.replace", Target::Environment(env.id), json!({ "container_id": id }))
+            (CommandKind::EnvironmentReplace, Target::Environment(env.id), json!({ "container_id": id }))
         }
     };
     Ok(Some(NewCommand {
-        kind: kind.into(),
+        kind,
         target: Some(target),
         params,
         requested_by: ctx.cmd.requested_by.clone(),
@@ -313,13 +314,12 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 .map_err(|e| StepError::Permanent(format!("bad requirements: {e}")))?;
             let server = ctx.params["server"].as_str();
             let new_state: Vec<u8> = serde_json::from_value(ctx.progress["new_state"].clone()).unwrap_or_default();
+            let new = prepare_container(core, ty.type_id(), server, requirements, Some(env.id)).await.map_err(core_err)?;
             let txn = core.db().begin().await?;
-            let (id, server_id) = insert_container(core, &txn, ty.type_id(), server, requirements, Some(env.id))
-                .await
-                .map_err(core_err)?;
+            let (id, server_id) = insert_container(core, &txn, new).await.map_err(core_err)?;
             save_states(&txn, vec![(id, new_state)]).await?;
             let child = NewCommand {
-                kind: "container.create".into(),
+                kind: crate::model::CommandKind::ContainerCreate,
                 target: Some(Target::Container(id)),
                 params: json!({ "server_id": server_id, "avoid": ctx.params["avoid"], "clone_of": ctx.params["clone_of"] }),
                 requested_by: ctx.cmd.requested_by.clone(),
@@ -393,7 +393,7 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
         1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
         2 => {
             let child = NewCommand {
-                kind: "container.destroy".into(),
+                kind: crate::model::CommandKind::ContainerDestroy,
                 target: Some(Target::Container(id)),
                 params: json!({}),
                 requested_by: ctx.cmd.requested_by.clone(),
@@ -425,6 +425,11 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
 
 /// Step 0 plans groups of members by priority; step k spawns group k-1 after checking the
 /// previous groups succeeded; the last step finishes (a destroy also retires the environment).
+/// The container command a fan-out of `op` gives each member.
+fn member_kind(op: &str) -> Result<CommandKind, StepError> {
+    format!("container.{op}").parse().map_err(StepError::Permanent)
+}
+
 async fn fan_out(
     ctx: &StepCtx<'_>,
     env: &environment::Model,
@@ -472,10 +477,11 @@ async fn fan_out(
         .map_err(|e| StepError::Permanent(format!("lost the plan: {e}")))?;
     let index = (ctx.cmd.step - 1) as usize;
     if let Some(group) = groups.get(index) {
+        let kind = member_kind(op)?;
         let children = group
             .iter()
             .map(|id| NewCommand {
-                kind: format!("container.{op}"),
+                kind,
                 target: Some(Target::Container(*id)),
                 params: json!({}),
                 requested_by: ctx.cmd.requested_by.clone(),
@@ -581,7 +587,7 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
         2 => {
             let p = &ctx.progress;
             let child = NewCommand {
-                kind: "environment.add".into(),
+                kind: crate::model::CommandKind::EnvironmentAdd,
                 target: Some(Target::Environment(env.id)),
                 params: json!({ "type": p["type"], "requirements": p["requirements"], "server": null, "avoid": p["avoid"] }),
                 requested_by: ctx.cmd.requested_by.clone(),
@@ -639,7 +645,7 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
     let index = (ctx.cmd.step - 1) as usize;
     if let Some((source, type_id, requirements)) = plan.get(index) {
         let child = NewCommand {
-            kind: "environment.add".into(),
+            kind: crate::model::CommandKind::EnvironmentAdd,
             target: Some(Target::Environment(dst)),
             params: json!({ "type": type_id, "requirements": requirements, "server": null, "clone_of": source }),
             requested_by: ctx.cmd.requested_by.clone(),

@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::core::{Core, CoreError};
 use crate::driver::{Driver, DriverError};
 use crate::entities::command;
+use crate::model::CommandKind;
 use crate::queue::{GroupSink, Next, Runner, StepError, Transition};
 
 /// The `queue::Runner` of the core.
@@ -38,23 +39,18 @@ impl Handlers {
 #[async_trait]
 impl Runner for Handlers {
     async fn step(&self, cmd: &command::Model) -> Result<Transition, StepError> {
-        let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
-        let params: Value = serde_json::from_str(&cmd.params).unwrap_or(Value::Null);
+        let kind = kind_of(cmd)?;
         let ctx = StepCtx {
             core: &self.core,
             cmd,
-            params,
-            progress,
+            params: read_json(cmd, "parameters", &cmd.params)?,
+            progress: read_json(cmd, "progress", &cmd.progress)?,
         };
-        match cmd.kind.split_once('.') {
-            _ if cmd.kind == "noop" => Ok(Transition::bare(Next::Done(Value::Null))),
-            _ if cmd.kind == "container.create_many" => batch::create_many(&ctx).await,
-            Some(("container", op)) => container::step(&ctx, op).await,
-            Some(("environment", op)) => environment::step(&ctx, op).await,
-            _ => Err(StepError::Permanent(format!(
-                "unknown command kind '{}'",
-                cmd.kind
-            ))),
+        match kind {
+            CommandKind::Noop => Ok(Transition::bare(Next::Done(Value::Null))),
+            CommandKind::ContainerCreateMany => batch::create_many(&ctx).await,
+            k if k.as_str().starts_with("container.") => container::step(&ctx, k).await,
+            k => environment::step(&ctx, k).await,
         }
     }
 
@@ -71,14 +67,28 @@ impl Runner for Handlers {
         cmd: &command::Model,
         error: &str,
     ) -> Result<Option<DatabaseTransaction>, DbErr> {
-        if cmd.kind == "container.create_many" {
-            return batch::compensate(&self.core, cmd).await;
+        // A command whose kind this core does not know did nothing it could undo.
+        match cmd.kind.parse::<CommandKind>() {
+            Ok(CommandKind::ContainerCreateMany) => batch::compensate(&self.core, cmd).await,
+            Ok(CommandKind::ContainerUpdate) => container::compensate_update(&self.core, cmd).await,
+            Ok(CommandKind::ContainerCreate | CommandKind::ContainerClone | CommandKind::ContainerMigrate) => {
+                container::compensate(&self.core, cmd, error).await
+            }
+            _ => Ok(None),
         }
-        if matches!(cmd.kind.as_str(), "container.create" | "container.clone" | "container.migrate") {
-            return container::compensate(&self.core, cmd, error).await;
-        }
-        Ok(None)
     }
+}
+
+/// The kind of a stored command; an unknown one (written by a newer core, or damaged) fails the
+/// command with a message that names it.
+pub(crate) fn kind_of(cmd: &command::Model) -> Result<CommandKind, StepError> {
+    cmd.kind.parse().map_err(|e| StepError::Permanent(format!("command {}: {e}; this core cannot run it", cmd.id)))
+}
+
+/// A stored JSON column of a command (`what`: parameters or progress); unreadable JSON fails
+/// the command with a message that names it, never `null`.
+fn read_json(cmd: &command::Model, what: &str, text: &str) -> Result<Value, StepError> {
+    serde_json::from_str(text).map_err(|e| StepError::Permanent(format!("command {} ({}): unreadable {what}: {e}", cmd.id, cmd.kind)))
 }
 
 /// What a step sees.

@@ -5,8 +5,7 @@
 //! `name@version` in the registry; a version is removed only when no live container uses it;
 //! an upgrade moves every container to the new version in one transaction.
 
-pub mod harness;
-pub mod host;
+pub use cloud48_plugin_host::{harness, host};
 
 use std::sync::Arc;
 
@@ -18,12 +17,12 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use utoipa::ToSchema;
 
-pub use host::{Limits, PluginHost, PluginMeta, WasmPlugin};
+pub use cloud48_plugin_host::{Limits, PluginHost, PluginMeta, WasmPlugin};
 
 use crate::core::CoreError;
 use crate::entities::{container, plugin};
 use crate::model::{ContainerStatus, now_ms};
-use crate::types::{ContainerType, TypeRegistry};
+use cloud48_plugin_host::types::{ContainerType, TypeRegistry};
 
 /// The reference plugins built from `plugins/` and embedded in the binary.
 pub const BUNDLED: &[(&str, &[u8])] = &[

@@ -87,8 +87,8 @@ impl Clock for SystemClock {
 /// A command to persist.
 #[derive(Debug, Clone)]
 pub struct NewCommand {
-    /// Kind, e.g. `container.start`.
-    pub kind: String,
+    /// What it does.
+    pub kind: crate::model::CommandKind,
     /// Target whose lock the command holds while it runs.
     pub target: Option<Target>,
     /// Parameters (JSON).
@@ -162,6 +162,14 @@ pub enum Next {
     Done(Value),
     /// Failed with a message for the user.
     Fail(String),
+    /// Failed part-way (a batch that made some of what it was asked): the step's writes commit
+    /// (what was made stays), the command ends `failed` with `error` and keeps `result`.
+    Partial {
+        /// What was done and what was not.
+        result: Value,
+        /// One line for the user.
+        error: String,
+    },
 }
 
 /// A step's decision plus the writes it made, committed with it.

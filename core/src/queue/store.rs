@@ -122,7 +122,7 @@ pub(crate) async fn insert<C: ConnectionTrait>(
                 b + 7,
                 b + 8
             ));
-            values.push(c.kind.clone().into());
+            values.push(c.kind.as_str().into());
             values.push(c.target.map(|t| t.type_name().to_string()).into());
             values.push(c.target.map(|t| t.id()).into());
             values.push(parent.into());

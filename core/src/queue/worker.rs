@@ -276,7 +276,7 @@ async fn execute_group(
                         tokio::spawn(
                             async move {
                                 let _permit = permit;
-                                if let Err(e) = fail(&inner, &row, msg, None).await {
+                                if let Err(e) = fail(&inner, &row, msg, None, None).await {
                                     tracing::warn!(error = %e, "failing a command of a group failed; it runs again after its lease expires");
                                 }
                             }
@@ -366,10 +366,10 @@ async fn run(
                     "hook actions nested more than {} levels deep; a container type keeps asking for more work",
                     store::MAX_NESTING
                 );
-                return fail(inner, row, msg, None).await;
+                return fail(inner, row, msg, None, None).await;
             }
             LockOutcome::Missing => {
-                return fail(inner, row, format!("{target} does not exist"), None).await;
+                return fail(inner, row, format!("{target} does not exist"), None, None).await;
             }
         }
     }
@@ -377,13 +377,13 @@ async fn run(
         let outcome = runner.step(row).await;
         let Transition { next, txn } = match outcome {
             Ok(t) => t,
-            Err(StepError::Permanent(msg)) => return fail(inner, row, msg, None).await,
+            Err(StepError::Permanent(msg)) => return fail(inner, row, msg, None, None).await,
             Err(e @ (StepError::Transient(_) | StepError::Db(_))) => {
                 let attempts = row.attempts + 1;
                 let max = inner.config.max_attempts;
                 if attempts >= max {
                     let msg = format!("gave up after {attempts} attempts: {e}");
-                    return fail(inner, row, msg, None).await;
+                    return fail(inner, row, msg, None, None).await;
                 }
                 let after = inner.clock.now_ms() + backoff(inner, attempts).as_millis() as i64;
                 let why = format!("retry {attempts}/{} after: {e}", max - 1);
@@ -445,7 +445,8 @@ async fn run(
                 };
                 return commit_finish(inner, row, txn, &f).await;
             }
-            Next::Fail(msg) => return fail(inner, row, msg, txn).await,
+            Next::Fail(msg) => return fail(inner, row, msg, None, txn).await,
+            Next::Partial { result, error } => return fail(inner, row, error, Some(result.to_string()), txn).await,
         }
     }
 }
@@ -466,11 +467,12 @@ async fn lost_lease(row: &command::Model, txn: DatabaseTransaction) -> Result<()
 }
 
 /// Fails a command: the handler's own writes (if it returned some) or its `on_failure`
-/// compensation commit together with the failure.
+/// compensation commit together with the failure (and a result, for a partial failure).
 async fn fail(
     inner: &Arc<Inner>,
     row: &command::Model,
     msg: String,
+    result: Option<String>,
     txn: Option<DatabaseTransaction>,
 ) -> Result<(), sea_orm::DbErr> {
     tracing::warn!(error = %msg, "command failed");
@@ -487,7 +489,7 @@ async fn fail(
     let f = Finish {
         id: row.id,
         status: CommandStatus::Failed,
-        result: None,
+        result,
         error: Some(msg),
         target: Target::of(row),
         parent: row.parent_id,

@@ -10,16 +10,15 @@
 //! - Optional operations are announced by `capabilities`; unsupported ones answer
 //!   `DriverError::Unsupported`.
 
+#[cfg(feature = "conformance")]
 pub mod conformance;
-pub mod linux;
-pub mod remote;
 pub mod sim;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
-use crate::model::Resources;
+pub use cloud48_model::ServerStats;
+use cloud48_model::Resources;
 
 /// An error of a driver operation (it crosses the agent protocol as JSON).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,7 +80,8 @@ impl DriverError {
 }
 
 /// State of a guest as its server reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum GuestState {
     /// Running.
@@ -140,7 +140,8 @@ pub struct GuestImage {
 }
 
 /// Result of running a script inside a container (the CIS layer).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecOutput {
     /// Exit code of the script.
     pub exit_code: i32,
@@ -148,21 +149,6 @@ pub struct ExecOutput {
     pub stdout: String,
     /// Standard error.
     pub stderr: String,
-}
-
-/// Load figures of a server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ServerStats {
-    /// Total capacity.
-    pub capacity: Resources,
-    /// Resources reserved by guests.
-    pub allocated: Resources,
-    /// Number of guests.
-    pub guests: u64,
-    /// Resources the guests actually use (measured by real drivers: memory and disk in MB,
-    /// cpu as millicores averaged since the previous report); `None` when not measured.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub used: Option<Resources>,
 }
 
 /// Optional operations a driver supports.

@@ -33,8 +33,8 @@ use tokio::process::Command;
 use self::cgroups::Cgroups;
 use self::network::{GuestNet, Subnet};
 use self::templates::Template;
-use super::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState, ServerStats};
-use crate::model::Resources;
+use cloud48_driver::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState, ServerStats};
+use cloud48_model::Resources;
 
 /// How long `exec` may run.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(120);
@@ -171,7 +171,7 @@ impl LinuxDriver {
 
     /// The template of a type id: configured, else built in.
     fn template(&self, type_id: &str) -> Template {
-        let name = cloud48_sdk::type_name(type_id);
+        let name = cloud48_model::type_name(type_id);
         self.cfg.templates.get(name).cloned().unwrap_or_else(|| templates::template_for(name))
     }
 

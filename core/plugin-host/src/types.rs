@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ContainerId, ContainerStatus, Requirements, Resources};
+use cloud48_model::{ContainerId, ContainerStatus, Requirements, Resources};
 
 /// A read-only view of one container for hooks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,8 +8,8 @@ use cloud48_sdk::testing::{Call, Hooks, Platform};
 use cloud48_sdk::{Action, Context, DownCause as SdkCause, Member, Metadata, Outcome, Resources, Status, Verdict as SdkVerdict};
 use serde::Deserialize;
 
-use super::{PluginHost, WasmPlugin};
-use crate::model::ContainerStatus;
+use crate::{PluginHost, WasmPlugin};
+use cloud48_model::ContainerStatus;
 use crate::types::{ContainerType, DownCause, EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict};
 
 /// Compiled plugins by type name, for the SDK harness.
@@ -154,10 +154,16 @@ pub struct StateExpectation {
     pub value: serde_json::Value,
 }
 
-/// Runs a scenario; returns one line per step, or the first failure.
-pub fn run_scenario(host: &Arc<PluginHost>, files: &[Vec<u8>], scenario: &Scenario) -> Result<Vec<String>, String> {
+/// Runs a scenario over the bundled plugins `bundled` (name, component) it names and the
+/// plugins `files`; returns one line per step, or the first failure.
+pub fn run_scenario(
+    host: &Arc<PluginHost>,
+    bundled: &[(&str, &[u8])],
+    files: &[Vec<u8>],
+    scenario: &Scenario,
+) -> Result<Vec<String>, String> {
     let mut hooks = WasmHooks::default();
-    for (name, wasm) in super::BUNDLED {
+    for (name, wasm) in bundled {
         if scenario.bundled.as_ref().is_none_or(|b| b.iter().any(|x| x == name)) {
             hooks = hooks.with(host.load(wasm).map_err(|e| e.to_string())?);
         }

@@ -2,7 +2,9 @@
 //! over its driver (linux or sim) and sends heartbeats with load figures to the core, the first
 //! of which registers the server.
 
+pub mod cli;
 pub mod protocol;
+pub mod remote;
 pub mod server;
 
 use std::sync::Arc;

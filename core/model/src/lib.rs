@@ -4,7 +4,22 @@
 //! the database or HTTP.
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+
+/// Load figures of a server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ServerStats {
+    /// Total capacity.
+    pub capacity: Resources,
+    /// Resources reserved by guests.
+    pub allocated: Resources,
+    /// Number of guests.
+    pub guests: u64,
+    /// Resources the guests actually use (measured by real drivers: memory and disk in MB,
+    /// cpu as millicores averaged since the previous report); `None` when not measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<Resources>,
+}
 
 /// Identifier of a container, unique within a platform.
 pub type ContainerId = i64;
@@ -16,7 +31,8 @@ pub type ServerId = i64;
 pub type CommandId = i64;
 
 /// Compute resources: what a container needs or what a server offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// CPU in thousandths of a core (1000 = one core).
@@ -74,7 +90,8 @@ impl Resources {
 }
 
 /// What a container needs from the server it is placed on.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Requirements {
     /// Resources reserved for the container.
@@ -92,7 +109,8 @@ pub struct Requirements {
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         pub enum $name {
             $($(#[$vmeta])* #[serde(rename = $text)] $variant),+
         }
@@ -205,6 +223,72 @@ string_enum!(
     }
 );
 
+string_enum!(
+    /// What a persisted command does: the closed set of commands, stored as its text.
+    CommandKind {
+        /// Does nothing (queue benchmarks).
+        Noop = "noop",
+        /// Place and create one container.
+        ContainerCreate = "container.create",
+        /// Place and create many containers of one type.
+        ContainerCreateMany = "container.create_many",
+        /// Start a container.
+        ContainerStart = "container.start",
+        /// Stop a container.
+        ContainerStop = "container.stop",
+        /// Freeze a container.
+        ContainerSuspend = "container.suspend",
+        /// Thaw a container.
+        ContainerResume = "container.resume",
+        /// Restart a container.
+        ContainerReboot = "container.reboot",
+        /// Destroy a container.
+        ContainerDestroy = "container.destroy",
+        /// Change a container's resources.
+        ContainerUpdate = "container.update",
+        /// Copy a container.
+        ContainerClone = "container.clone",
+        /// Move a container to another server.
+        ContainerMigrate = "container.migrate",
+        /// Run a script inside a container (asked by a container type).
+        ContainerExec = "container.exec",
+        /// Make an environment usable.
+        EnvironmentCreate = "environment.create",
+        /// Add a container to an environment.
+        EnvironmentAdd = "environment.add",
+        /// Remove a container from an environment.
+        EnvironmentRemove = "environment.remove",
+        /// Replace a down member of an environment.
+        EnvironmentReplace = "environment.replace",
+        /// Tell an environment's types that a server went down.
+        EnvironmentFailover = "environment.failover",
+        /// Tell an environment's types that a server is back.
+        EnvironmentRecover = "environment.recover",
+        /// Tell an environment's types of an event.
+        EnvironmentNotify = "environment.notify",
+        /// Copy an environment.
+        EnvironmentClone = "environment.clone",
+        /// Start every member.
+        EnvironmentStart = "environment.start",
+        /// Stop every member.
+        EnvironmentStop = "environment.stop",
+        /// Freeze every member.
+        EnvironmentSuspend = "environment.suspend",
+        /// Thaw every member.
+        EnvironmentResume = "environment.resume",
+        /// Destroy every member and the environment.
+        EnvironmentDestroy = "environment.destroy",
+    }
+);
+
+impl CommandKind {
+    /// The operation without its object, e.g. `start` for `container.start`.
+    pub fn op(&self) -> &'static str {
+        let text = self.as_str();
+        text.split_once('.').map_or(text, |(_, op)| op)
+    }
+}
+
 impl CommandStatus {
     /// True for succeeded, failed and cancelled.
     pub fn is_terminal(&self) -> bool {
@@ -216,7 +300,8 @@ impl CommandStatus {
 }
 
 /// A container as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Container {
     /// Unique within the platform.
     pub id: ContainerId,
@@ -260,7 +345,8 @@ pub struct Container {
 }
 
 /// A script run inside a container by a command.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecSummary {
     /// The `container.exec` command.
     pub command_id: CommandId,
@@ -273,7 +359,8 @@ pub struct ExecSummary {
 }
 
 /// Identity of a container migrated in from another platform.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OriginIdentity {
     /// Name of the origin platform.
     pub origin_platform: String,
@@ -284,7 +371,8 @@ pub struct OriginIdentity {
 }
 
 /// An environment as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Environment {
     /// Identifier.
     pub id: EnvironmentId,
@@ -301,7 +389,8 @@ pub struct Environment {
 }
 
 /// A server as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Server {
     /// Identifier.
     pub id: ServerId,
@@ -329,11 +418,12 @@ pub struct Server {
     /// Last heartbeat, milliseconds since the Unix epoch.
     pub last_heartbeat: Option<i64>,
     /// Load figures of the last heartbeat.
-    pub load: Option<crate::driver::ServerStats>,
+    pub load: Option<ServerStats>,
 }
 
 /// A persisted command as the API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Command {
     /// Identifier.
     pub id: CommandId,
@@ -370,13 +460,20 @@ pub struct Command {
 }
 
 /// Answer to a mutation: the command that will carry it out.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Accepted {
     /// Id of the persisted command.
     pub command_id: CommandId,
     /// Id of the object created at submission time, if any (e.g. a new environment).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub object_id: Option<i64>,
+}
+
+/// The name of a container type id: `tomcat` for `tomcat@0.2.0` (the built-in `plain` has no
+/// version).
+pub fn type_name(type_id: &str) -> &str {
+    type_id.split('@').next().unwrap_or(type_id)
 }
 
 /// Checks a name for environments and servers: 1-63 characters of `a-z`, `0-9` and `-`,
@@ -401,4 +498,35 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_kind_reads_back_from_its_text() {
+        for k in CommandKind::ALL {
+            assert_eq!(k.as_str().parse::<CommandKind>(), Ok(*k));
+            assert_eq!(serde_json::to_value(k).unwrap(), serde_json::Value::from(k.as_str()));
+        }
+        assert_eq!(CommandKind::ContainerCreateMany.op(), "create_many");
+        assert_eq!(CommandKind::Noop.op(), "noop");
+    }
+
+    #[test]
+    fn an_unknown_text_is_an_error_that_lists_the_known_ones() {
+        let e = "container.explode".parse::<CommandKind>().unwrap_err();
+        assert!(e.contains("unknown CommandKind 'container.explode'") && e.contains("container.start"), "{e}");
+        let e = "paused".parse::<CommandStatus>().unwrap_err();
+        assert!(e.contains("queued"), "{e}");
+    }
+
+    #[test]
+    fn resources_validate_and_subtract() {
+        let a = Resources { cpu_millis: 1000, memory_mb: 512, disk_mb: 100 };
+        let b = Resources { cpu_millis: 500, memory_mb: 1024, disk_mb: 100 };
+        assert_eq!(a.minus(&b), Resources { cpu_millis: 500, memory_mb: 0, disk_mb: 0 });
+        assert_eq!(b.minus(&a), Resources { cpu_millis: 0, memory_mb: 512, disk_mb: 0 });
+    }
 }

@@ -19,8 +19,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{Capabilities, DriverError, ExecOutput, GuestInfo, GuestSpec, ServerStats};
-use crate::model::Resources;
+use cloud48_driver::{Capabilities, DriverError, ExecOutput, GuestInfo, GuestSpec, ServerStats};
+use cloud48_model::Resources;
 
 /// A mutation of guests on the agent's server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::model::Resources;
+use cloud48_model::Resources;
 
 /// Processes one guest may run at most.
 const PIDS_MAX: u32 = 1024;

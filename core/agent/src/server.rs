@@ -15,11 +15,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use super::protocol::{AgentInfo, ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
-use crate::auth::constant_eq;
-use crate::driver::{Driver, DriverError, GuestImage};
+use cloud48_driver::{Driver, DriverError, GuestImage};
 
 /// How many finished operations the agent remembers for retries.
 const REMEMBERED_OPS: usize = 10_000;
@@ -200,7 +200,7 @@ impl AgentService {
                 Ok(GuestImage { type_id, data })
             }
             ImageSource::Agent { url, export, type_id } => {
-                let data = crate::driver::remote::pull_export(&self.client, &url, &export, &self.token, |got, total| {
+                let data = crate::remote::pull_export(&self.client, &url, &export, &self.token, |got, total| {
                     *progress.lock().unwrap() = match total {
                         Some(t) => format!("pulled {} of {} MiB from {url}", got >> 20, t >> 20),
                         None => format!("pulled {} MiB from {url}", got >> 20),
@@ -229,7 +229,7 @@ async fn authenticate(State(agent): State<Arc<AgentService>>, req: Request, next
             StatusCode::UNAUTHORIZED,
             "this agent needs 'Authorization: Bearer TOKEN' with the fleet's agent token (agents.token on the core, --token on the agent)",
         ),
-        Some(t) if !constant_eq(t.as_bytes(), agent.token.as_bytes()) => refuse(StatusCode::UNAUTHORIZED, "wrong agent token; core and agent must share the same agents.token"),
+        Some(t) if !bool::from(t.as_bytes().ct_eq(agent.token.as_bytes())) => refuse(StatusCode::UNAUTHORIZED, "wrong agent token; core and agent must share the same agents.token"),
         Some(_) => next.run(req).await,
     }
 }

@@ -17,7 +17,7 @@ use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::model::{ContainerStatus, Requirements, Resources};
+use cloud48_model::{ContainerStatus, Requirements, Resources};
 use crate::types::{
     ContainerType, DownCause, Hook, HookAction, HookContext, HookOutcome, MemberView, TypeError,
     Verdict,
@@ -26,7 +26,7 @@ use crate::types::{
 /// Bindings of the frozen WIT version 0.1.0.
 mod v0_1_0 {
     wasmtime::component::bindgen!({
-        path: "../wit/0.1.0",
+        path: "../../wit/0.1.0",
         world: "container-type",
     });
 }
@@ -275,7 +275,8 @@ impl PluginHost {
 }
 
 /// What a plugin says about itself.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PluginMeta {
     /// Type name.
     pub name: String,
@@ -294,7 +295,7 @@ pub struct PluginMeta {
 impl PluginMeta {
     /// Checks name, versions and requirements.
     pub fn validate(&self) -> Result<(), String> {
-        crate::model::validate_name(&self.name).map_err(|m| format!("plugin name: {m}"))?;
+        cloud48_model::validate_name(&self.name).map_err(|m| format!("plugin name: {m}"))?;
         if self.name == "plain" {
             return Err("plugin name 'plain' is taken by the built-in type".into());
         }

@@ -1,4 +1,4 @@
-//! `cloud48 agent` (the node agent of one server) and `cloud48 guest-http` (the small HTTP
+//! `cloud48-agent` (alias `cloud48 agent`: the node agent of one server) and `guest-http` (the small HTTP
 //! server the reference container templates run).
 
 use std::path::PathBuf;
@@ -8,12 +8,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 
-use crate::agent::AgentService;
-use crate::agent::protocol::AgentInfo;
-use crate::driver::Driver;
-use crate::driver::linux::{LinuxConfig, LinuxDriver};
-use crate::driver::sim::{SimLatency, SimServer};
-use crate::model::Resources;
+use cloud48_driver::Driver;
+use cloud48_driver::sim::{SimLatency, SimServer};
+use cloud48_linux::{LinuxConfig, LinuxDriver};
+use cloud48_model::Resources;
+
+use crate::AgentService;
+use crate::protocol::AgentInfo;
 
 /// Which driver the agent runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,7 +125,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                     None => Default::default(),
                     Some(path) => {
                         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                        crate::driver::linux::templates::parse_templates(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                        cloud48_linux::templates::parse_templates(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
                     }
                 },
             };
@@ -143,7 +144,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     eprintln!("cloud48 agent {name}: {} driver, listening on {url}", agent.info().driver);
     let beats = args.core.clone().map(|core| {
-        tokio::spawn(crate::agent::heartbeats(agent.clone(), core, args.token.clone(), Duration::from_millis(args.heartbeat_ms.max(10))))
+        tokio::spawn(crate::heartbeats(agent.clone(), core, args.token.clone(), Duration::from_millis(args.heartbeat_ms.max(10))))
     });
     let served = axum::serve(listener, agent.router()).with_graceful_shutdown(async {
         let _ = tokio::signal::ctrl_c().await;

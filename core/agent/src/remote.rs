@@ -1,5 +1,5 @@
 //! The remote driver: drives a server through the node agent running on it (the agent
-//! protocol of `crate::agent::protocol`).
+//! protocol of `crate::protocol`).
 //!
 //! Invariants:
 //! - Every mutation carries a fresh operation id; a request lost in transit is retried with the
@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, ServerStats};
-use crate::agent::protocol::{ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
-use crate::model::Resources;
+use cloud48_driver::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, ServerStats};
+use crate::protocol::{ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
+use cloud48_model::Resources;
 
 /// How often a long operation's progress is asked for and logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);

@@ -7,7 +7,7 @@
 use std::future::Future;
 
 use super::{Driver, DriverError, GuestSpec, GuestState};
-use crate::model::Resources;
+use cloud48_model::Resources;
 
 /// Makes fresh, empty driver instances with enough capacity for a few small guests.
 pub trait DriverFactory {

@@ -17,7 +17,7 @@ use super::{
     Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState,
     ServerStats,
 };
-use crate::model::Resources;
+use cloud48_model::Resources;
 
 /// Latency of simulated operations.
 #[derive(Debug, Clone, Default)]
