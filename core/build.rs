@@ -7,22 +7,47 @@ use std::process::Command;
 
 const PLUGINS: &[&str] = &["tomcat", "balancer", "mysql"];
 
-fn build(root: &std::path::Path, target_dir: &std::path::Path, plugins: &[&str], env: &[(&str, &str)]) {
+fn build(
+    root: &std::path::Path,
+    target_dir: &std::path::Path,
+    plugins: &[&str],
+    env: &[(&str, &str)],
+) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
         .arg(target_dir)
         .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
         .env("CARGO_PROFILE_RELEASE_STRIP", "true")
         .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "3")
         // A small shadow stack keeps a plugin's memory (reset between hook calls) small.
-        .env("CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS", "-C link-arg=-zstack-size=131072");
+        .env(
+            "CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS",
+            "-C link-arg=-zstack-size=131072",
+        );
     for p in plugins {
         cmd.args(["-p", &format!("cloud48-plugin-{p}")]);
     }
     // Do not leak the outer build's settings into the nested one.
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WRAPPER", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS", "HOSTILE_WIT", "HOSTILE_VERSION"] {
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WRAPPER",
+        "CARGO_MAKEFLAGS",
+        "MAKEFLAGS",
+        "MFLAGS",
+        "HOSTILE_WIT",
+        "HOSTILE_VERSION",
+    ] {
         cmd.env_remove(var);
     }
     for (k, v) in env {
@@ -43,11 +68,18 @@ fn ensure_target(root: &std::path::Path) {
     let sysroot = Command::new(rustc).args(["--print", "sysroot"]).output();
     let installed = sysroot.ok().is_some_and(|o| {
         let root = String::from_utf8_lossy(&o.stdout).trim().to_string();
-        std::path::Path::new(&root).join("lib/rustlib/wasm32-wasip2").exists()
+        std::path::Path::new(&root)
+            .join("lib/rustlib/wasm32-wasip2")
+            .exists()
     });
     if !installed {
-        println!("cargo:warning=installing the wasm32-wasip2 target with rustup (plugins are built for it)");
-        let _ = Command::new("rustup").current_dir(root).args(["target", "add", "wasm32-wasip2"]).status();
+        println!(
+            "cargo:warning=installing the wasm32-wasip2 target with rustup (plugins are built for it)"
+        );
+        let _ = Command::new("rustup")
+            .current_dir(root)
+            .args(["target", "add", "wasm32-wasip2"])
+            .status();
     }
 }
 
@@ -64,17 +96,41 @@ fn main() {
         .unwrap_or_else(|| root.join("target"))
         .join("wasm-plugins");
     ensure_target(&root);
-    build(&root, &target_dir, &[PLUGINS, &["hostile", "hostile-import"]].concat(), &[]);
+    build(
+        &root,
+        &target_dir,
+        &[PLUGINS, &["hostile", "hostile-import"]].concat(),
+        &[],
+    );
     // The hostile test plugin once more, claiming a WIT version the host does not support.
     let future_dir = target_dir.join("future-wit");
-    build(&root, &future_dir, &["hostile"], &[("HOSTILE_WIT", "9.0.0")]);
+    build(
+        &root,
+        &future_dir,
+        &["hostile"],
+        &[("HOSTILE_WIT", "9.0.0")],
+    );
     // And as a newer compatible version, to test upgrades with state migration.
     let newer_dir = target_dir.join("newer");
-    build(&root, &newer_dir, &["hostile"], &[("HOSTILE_VERSION", "0.1.1")]);
-    println!("cargo:rustc-env=CLOUD48_TEST_PLUGINS_NEWER={}", newer_dir.join("wasm32-wasip2/release").display());
+    build(
+        &root,
+        &newer_dir,
+        &["hostile"],
+        &[("HOSTILE_VERSION", "0.1.1")],
+    );
+    println!(
+        "cargo:rustc-env=CLOUD48_TEST_PLUGINS_NEWER={}",
+        newer_dir.join("wasm32-wasip2/release").display()
+    );
     // Test plugins are not embedded; the integration tests find them here.
-    println!("cargo:rustc-env=CLOUD48_TEST_PLUGINS={}", target_dir.join("wasm32-wasip2/release").display());
-    println!("cargo:rustc-env=CLOUD48_TEST_PLUGINS_FUTURE={}", future_dir.join("wasm32-wasip2/release").display());
+    println!(
+        "cargo:rustc-env=CLOUD48_TEST_PLUGINS={}",
+        target_dir.join("wasm32-wasip2/release").display()
+    );
+    println!(
+        "cargo:rustc-env=CLOUD48_TEST_PLUGINS_FUTURE={}",
+        future_dir.join("wasm32-wasip2/release").display()
+    );
     for p in PLUGINS {
         let file = format!("cloud48_plugin_{p}.wasm");
         let from = target_dir.join("wasm32-wasip2/release").join(&file);

@@ -21,7 +21,13 @@ pub const TOKEN: &str = "test-agent-token-0123456789";
 pub async fn serve_agent(name: &str, driver: Arc<dyn Driver>) -> (Arc<AgentService>, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let info = AgentInfo { name: name.into(), url: url.clone(), driver: driver.kind().into(), capabilities: driver.capabilities(), labels: vec![] };
+    let info = AgentInfo {
+        name: name.into(),
+        url: url.clone(),
+        driver: driver.kind().into(),
+        capabilities: driver.capabilities(),
+        labels: vec![],
+    };
     let agent = AgentService::new(driver, TOKEN, info);
     let router = agent.router();
     tokio::spawn(async move {
@@ -31,7 +37,16 @@ pub async fn serve_agent(name: &str, driver: Arc<dyn Driver>) -> (Arc<AgentServi
 }
 
 fn sim(name: &str, latency: Duration) -> Arc<SimServer> {
-    Arc::new(SimServer::new(name, 1, Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 }, SimLatency::uniform(latency)))
+    Arc::new(SimServer::new(
+        name,
+        1,
+        Resources {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            disk_mb: 10_000,
+        },
+        SimLatency::uniform(latency),
+    ))
 }
 
 struct RemoteSimFactory;
@@ -56,19 +71,53 @@ async fn cold_migration_pulls_the_disk_from_agent_to_agent() {
     let (a, b) = (sim("a", Duration::ZERO), sim("b", Duration::ZERO));
     let (_, url_a) = serve_agent("a", a.clone()).await;
     let (_, url_b) = serve_agent("b", b.clone()).await;
-    let (ra, rb) = (RemoteDriver::new("a", &url_a, TOKEN, RemoteTimeouts::default()), RemoteDriver::new("b", &url_b, TOKEN, RemoteTimeouts::default()));
-    let spec = GuestSpec { guest_id: "m1".into(), type_id: "plain".into(), resources: Resources { cpu_millis: 100, memory_mb: 64, disk_mb: 64 }, ip: None };
+    let (ra, rb) = (
+        RemoteDriver::new("a", &url_a, TOKEN, RemoteTimeouts::default()),
+        RemoteDriver::new("b", &url_b, TOKEN, RemoteTimeouts::default()),
+    );
+    let spec = GuestSpec {
+        guest_id: "m1".into(),
+        type_id: "plain".into(),
+        resources: Resources {
+            cpu_millis: 100,
+            memory_mb: 64,
+            disk_mb: 64,
+        },
+        ip: None,
+    };
     ra.create(&spec).await.unwrap();
     let disk = a.guest("m1").unwrap().disk;
     let image = ra.export("m1").await.unwrap();
-    assert!(image.data.len() < 200, "the core carries a reference, not the disk");
+    assert!(
+        image.data.len() < 200,
+        "the core carries a reference, not the disk"
+    );
     // As in a clone: the source runs again before the target pulls the snapshot.
     ra.start("m1").await.unwrap();
     rb.import(&spec, &image).await.unwrap();
-    assert_eq!(b.guest("m1").expect("imported on b").disk, disk, "b holds a's disk");
-    let bogus = cloud48_core::driver::GuestImage { type_id: String::new(), data: format!("cloud48-agent-image:[\"{url_a}\",\"no-such-export\"]").into_bytes() };
-    let err = rb.import(&GuestSpec { guest_id: "m2".into(), ..spec.clone() }, &bogus).await.unwrap_err();
-    assert!(err.to_string().contains("could not give export"), "a missing export is blamed on the source: {err}");
+    assert_eq!(
+        b.guest("m1").expect("imported on b").disk,
+        disk,
+        "b holds a's disk"
+    );
+    let bogus = cloud48_core::driver::GuestImage {
+        type_id: String::new(),
+        data: format!("cloud48-agent-image:[\"{url_a}\",\"no-such-export\"]").into_bytes(),
+    };
+    let err = rb
+        .import(
+            &GuestSpec {
+                guest_id: "m2".into(),
+                ..spec.clone()
+            },
+            &bogus,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("could not give export"),
+        "a missing export is blamed on the source: {err}"
+    );
 }
 
 #[tokio::test]
@@ -76,12 +125,26 @@ async fn a_platform_import_cannot_smuggle_an_agent_reference() {
     let tc = TestCore::start(agent_opts()).await.unwrap();
     let forged = hex::encode(br#"cloud48-agent-image:["http://127.0.0.1:9","x"]"#);
     let export = json!({ "format": 1, "platform": "elsewhere", "container_id": 7, "guest_id": "g7", "type": "plain", "requirements": { "cpu_millis": 100, "memory_mb": 64, "disk_mb": 64 }, "state_hex": "", "disk_hex": forged });
-    let err = tc.client.post::<_, serde_json::Value>("/v1/containers/import", &export).await.unwrap_err().to_string();
-    assert!(err.contains("disk_hex") && err.contains("reference"), "{err}");
+    let err = tc
+        .client
+        .post::<_, serde_json::Value>("/v1/containers/import", &export)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("disk_hex") && err.contains("reference"),
+        "{err}"
+    );
 }
 
-async fn post_op(url: &str, token: Option<&str>, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let mut req = reqwest::Client::new().post(format!("{url}/v1/ops")).json(&body);
+async fn post_op(
+    url: &str,
+    token: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{url}/v1/ops"))
+        .json(&body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -101,28 +164,70 @@ async fn agent_refuses_bad_requests_with_clear_errors() {
     assert!(body["error"].as_str().unwrap().contains("Bearer"), "{body}");
     let (status, body) = post_op(&url, Some("wrong-token-wrong-token"), create.clone()).await;
     assert_eq!(status, 401);
-    assert!(body["error"].as_str().unwrap().contains("wrong agent token"), "{body}");
-    let resp = reqwest::Client::new().get(format!("{url}/v1/guests")).send().await.unwrap();
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("wrong agent token"),
+        "{body}"
+    );
+    let resp = reqwest::Client::new()
+        .get(format!("{url}/v1/guests"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 401, "reads need the token too");
     assert!(s.guests().is_empty(), "nothing reached the driver");
 
     let (status, body) = post_op(&url, Some(TOKEN), json!({ "id": "op-2", "op": "explode" })).await;
     assert_eq!(status, 400);
-    assert!(body["error"].as_str().unwrap().contains("malformed operation"), "{body}");
-    let (status, _) = post_op(&url, Some(TOKEN), json!({ "id": "", "op": "start", "guest": "g1" })).await;
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("malformed operation"),
+        "{body}"
+    );
+    let (status, _) = post_op(
+        &url,
+        Some(TOKEN),
+        json!({ "id": "", "op": "start", "guest": "g1" }),
+    )
+    .await;
     assert_eq!(status, 400, "an empty operation id is refused");
 
-    let (status, body) = post_op(&url, Some(TOKEN), json!({ "id": "op-3", "op": "start", "guest": "nobody" })).await;
+    let (status, body) = post_op(
+        &url,
+        Some(TOKEN),
+        json!({ "id": "op-3", "op": "start", "guest": "nobody" }),
+    )
+    .await;
     assert_eq!(status, 200);
     let answer: OpResponse = serde_json::from_value(body).unwrap();
-    assert_eq!(answer, OpResponse::Err(DriverError::NotFound("nobody".into())));
-    let resp = reqwest::Client::new().get(format!("{url}/v1/guests/nobody/logs")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(
+        answer,
+        OpResponse::Err(DriverError::NotFound("nobody".into()))
+    );
+    let resp = reqwest::Client::new()
+        .get(format!("{url}/v1/guests/nobody/logs"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 404, "logs of an unknown guest");
 
     let (status, _) = post_op(&url, Some(TOKEN), create.clone()).await;
     assert_eq!(status, 200);
-    let (status, body) = post_op(&url, Some(TOKEN), json!({ "id": "op-1", "op": "destroy", "guest": "g1" })).await;
-    assert_eq!(status, 409, "an operation id reused for another operation: {body}");
+    let (status, body) = post_op(
+        &url,
+        Some(TOKEN),
+        json!({ "id": "op-1", "op": "destroy", "guest": "g1" }),
+    )
+    .await;
+    assert_eq!(
+        status, 409,
+        "an operation id reused for another operation: {body}"
+    );
     assert!(s.guest("g1").is_some(), "the reused id destroyed nothing");
 }
 
@@ -130,22 +235,56 @@ async fn agent_refuses_bad_requests_with_clear_errors() {
 async fn a_retried_operation_runs_once() {
     let s = sim("once", Duration::from_millis(200));
     let (agent, url) = serve_agent("once", s.clone()).await;
-    let spec = GuestSpec { guest_id: "g".into(), type_id: "plain".into(), resources: Resources { cpu_millis: 1, memory_mb: 1, disk_mb: 1 }, ip: None };
+    let spec = GuestSpec {
+        guest_id: "g".into(),
+        type_id: "plain".into(),
+        resources: Resources {
+            cpu_millis: 1,
+            memory_mb: 1,
+            disk_mb: 1,
+        },
+        ip: None,
+    };
     agent.driver().create(&spec).await.unwrap();
     agent.driver().start("g").await.unwrap();
-    let exec = OpRequest { id: "exec-1".into(), op: Op::Exec { guest: "g".into(), script: "echo once".into(), args: vec![] } };
+    let exec = OpRequest {
+        id: "exec-1".into(),
+        op: Op::Exec {
+            guest: "g".into(),
+            script: "echo once".into(),
+            args: vec![],
+        },
+    };
     let body = serde_json::to_value(&exec).unwrap();
     // The first request is abandoned by its client mid-operation, as when a connection drops.
-    let abandoned = tokio::time::timeout(Duration::from_millis(50), post_op(&url, Some(TOKEN), body.clone())).await;
-    assert!(abandoned.is_err(), "the first request was cut off before the answer");
-    let (a, b) = tokio::join!(post_op(&url, Some(TOKEN), body.clone()), post_op(&url, Some(TOKEN), body.clone()));
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(50),
+        post_op(&url, Some(TOKEN), body.clone()),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the first request was cut off before the answer"
+    );
+    let (a, b) = tokio::join!(
+        post_op(&url, Some(TOKEN), body.clone()),
+        post_op(&url, Some(TOKEN), body.clone())
+    );
     assert_eq!((a.0, b.0), (200, 200));
     assert_eq!(a.1, b.1, "every retry gets the first result");
-    assert_eq!(s.guest("g").unwrap().execs.len(), 1, "the script ran once for three requests");
+    assert_eq!(
+        s.guest("g").unwrap().execs.len(),
+        1,
+        "the script ran once for three requests"
+    );
 }
 
 fn agent_opts() -> Opts {
-    Opts { sim_servers: 0, agent_token: Some(TOKEN.into()), ..Default::default() }
+    Opts {
+        sim_servers: 0,
+        agent_token: Some(TOKEN.into()),
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
@@ -153,33 +292,76 @@ async fn agents_register_by_heartbeat_and_by_server_add() {
     let tc = TestCore::start(agent_opts()).await.unwrap();
     let s1 = sim("node-1", Duration::ZERO);
     let (agent1, _) = serve_agent("node-1", s1.clone()).await;
-    let beats = tokio::spawn(cloud48_core::agent::heartbeats(agent1, tc.url.clone(), TOKEN.into(), Duration::from_millis(20)));
+    let beats = tokio::spawn(cloud48_core::agent::heartbeats(
+        agent1,
+        tc.url.clone(),
+        TOKEN.into(),
+        Duration::from_millis(20),
+    ));
     let server = eventually("node-1 registers by heartbeat", || async {
-        tc.core.servers().list().await.unwrap().into_iter().find(|s| s.name == "node-1")
+        tc.core
+            .servers()
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "node-1")
     })
     .await;
     assert_eq!(server.driver, "remote");
-    assert_eq!(server.capacity.memory_mb, 4096, "capacity comes from the agent's figures");
+    assert_eq!(
+        server.capacity.memory_mb, 4096,
+        "capacity comes from the agent's figures"
+    );
     assert_eq!(server.status, ServerStatus::Up);
 
     let (_, url2) = serve_agent("node-2", sim("node-2", Duration::ZERO)).await;
-    let added: serde_json::Value = tc.client.post("/v1/servers", &json!({ "url": url2 })).await.unwrap();
+    let added: serde_json::Value = tc
+        .client
+        .post("/v1/servers", &json!({ "url": url2 }))
+        .await
+        .unwrap();
     assert_eq!(added["name"], "node-2");
     assert_eq!(added["address"], url2.as_str());
 
     // A container placed on a remote server lives on its agent.
-    let cmd: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "tomcat", "server": "node-1" })).await.unwrap();
+    let cmd: serde_json::Value = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "tomcat", "server": "node-1" }),
+        )
+        .await
+        .unwrap();
     let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
     let c = tc.core.containers().get_by_id(id).await.unwrap();
-    assert!(s1.guest(&c.guest_id).is_some(), "the guest exists on node-1's agent");
+    assert!(
+        s1.guest(&c.guest_id).is_some(),
+        "the guest exists on node-1's agent"
+    );
 
     // Bad heartbeats and unreachable agents get clear answers.
-    let resp = reqwest::Client::new().post(format!("{}/v1/agents/heartbeat", tc.url)).json(&json!({})).send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/agents/heartbeat", tc.url))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 401);
-    let resp = reqwest::Client::new().post(format!("{}/v1/agents/heartbeat", tc.url)).bearer_auth(TOKEN).body("{").send().await.unwrap();
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/agents/heartbeat", tc.url))
+        .bearer_auth(TOKEN)
+        .body("{")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 422);
     assert!(resp.text().await.unwrap().contains("malformed heartbeat"));
-    let err = tc.client.post::<_, serde_json::Value>("/v1/servers", &json!({ "url": "http://127.0.0.1:1" })).await.unwrap_err();
+    let err = tc
+        .client
+        .post::<_, serde_json::Value>("/v1/servers", &json!({ "url": "http://127.0.0.1:1" }))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("cannot reach an agent"), "{err}");
     beats.abort();
 }
@@ -193,15 +375,52 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
     let (_, fast_url) = serve_agent("fast", sim("fast", Duration::ZERO)).await;
     tc.core.add_agent(&fast_url).await.unwrap();
     // The slow agent's stats hang too, so it is registered from known figures.
-    let info = AgentInfo { name: "slow".into(), url: slow_url, driver: "sim".into(), capabilities: sim("x", Duration::ZERO).capabilities(), labels: vec![] };
-    let stats = cloud48_core::driver::ServerStats { capacity: Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 }, allocated: Resources::default(), guests: 0, used: None };
+    let info = AgentInfo {
+        name: "slow".into(),
+        url: slow_url,
+        driver: "sim".into(),
+        capabilities: sim("x", Duration::ZERO).capabilities(),
+        labels: vec![],
+    };
+    let stats = cloud48_core::driver::ServerStats {
+        capacity: Resources {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            disk_mb: 10_000,
+        },
+        allocated: Resources::default(),
+        guests: 0,
+        used: None,
+    };
     tc.core.register_agent(&info, &stats).await.unwrap();
 
-    let slow: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "tomcat", "server": "slow" })).await.unwrap();
-    let fast: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "tomcat", "server": "fast" })).await.unwrap();
+    let slow: serde_json::Value = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "tomcat", "server": "slow" }),
+        )
+        .await
+        .unwrap();
+    let fast: serde_json::Value = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "tomcat", "server": "fast" }),
+        )
+        .await
+        .unwrap();
     tc.created(fast["command_id"].as_i64().unwrap()).await;
-    let stuck = tc.core.queue().get(slow["command_id"].as_i64().unwrap()).await.unwrap();
-    assert!(!stuck.status.is_terminal(), "the create on the hanging agent is still waiting: {stuck:?}");
+    let stuck = tc
+        .core
+        .queue()
+        .get(slow["command_id"].as_i64().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !stuck.status.is_terminal(),
+        "the create on the hanging agent is still waiting: {stuck:?}"
+    );
 }
 
 /// An agent whose `update` hangs (every other operation answers at once) does not hold the
@@ -210,18 +429,47 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
 #[tokio::test]
 async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
     let tc = TestCore::start(agent_opts()).await.unwrap();
-    let latency = SimLatency { per_operation: [("update".to_string(), Duration::from_secs(600))].into(), ..Default::default() };
-    let capacity = Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 };
-    let (_, url) = serve_agent("hangs", Arc::new(SimServer::new("hangs", 1, capacity, latency))).await;
+    let latency = SimLatency {
+        per_operation: [("update".to_string(), Duration::from_secs(600))].into(),
+        ..Default::default()
+    };
+    let capacity = Resources {
+        cpu_millis: 4000,
+        memory_mb: 4096,
+        disk_mb: 10_000,
+    };
+    let (_, url) = serve_agent(
+        "hangs",
+        Arc::new(SimServer::new("hangs", 1, capacity, latency)),
+    )
+    .await;
     tc.core.add_agent(&url).await.unwrap();
-    let cmd: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "plain", "server": "hangs" })).await.unwrap();
+    let cmd: serde_json::Value = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "hangs" }),
+        )
+        .await
+        .unwrap();
     let first = tc.created(cmd["command_id"].as_i64().unwrap()).await;
-    let cmd: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "plain", "server": "hangs" })).await.unwrap();
+    let cmd: serde_json::Value = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "hangs" }),
+        )
+        .await
+        .unwrap();
     let second = tc.created(cmd["command_id"].as_i64().unwrap()).await;
 
     // Grow the first container: its growth is reserved, then the agent hangs in the resize.
     let body = json!({ "op": "update", "resources": { "cpu_millis": 1000, "memory_mb": 1024, "disk_mb": 2048 } });
-    let update: serde_json::Value = tc.client.post(&format!("/v1/containers/{first}/actions"), &body).await.unwrap();
+    let update: serde_json::Value = tc
+        .client
+        .post(&format!("/v1/containers/{first}/actions"), &body)
+        .await
+        .unwrap();
     let update = update["command_id"].as_i64().unwrap();
     eventually("the update reaches the agent", || async {
         let c = tc.core.queue().get(update).await.unwrap();
@@ -230,14 +478,24 @@ async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
     .await;
 
     // Meanwhile another command on the same server runs to its end, and reads answer.
-    let stop: serde_json::Value = tc.client.post(&format!("/v1/containers/{second}/actions"), &json!({ "op": "stop" })).await.unwrap();
+    let stop: serde_json::Value = tc
+        .client
+        .post(
+            &format!("/v1/containers/{second}/actions"),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
     tc.ok(stop["command_id"].as_i64().unwrap()).await;
     let listed: serde_json::Value = tc.client.get("/v1/containers").await.unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
     let servers: serde_json::Value = tc.client.get("/v1/servers").await.unwrap();
     assert_eq!(servers[0]["name"], "hangs");
     let waiting = tc.core.queue().get(update).await.unwrap();
-    assert!(!waiting.status.is_terminal(), "the update still waits for the agent: {waiting:?}");
+    assert!(
+        !waiting.status.is_terminal(),
+        "the update still waits for the agent: {waiting:?}"
+    );
     // The growth is held by a dummy while the guest is resized, so the ledger stays exact.
     let audit = cloud48_core::placement::audit(tc.core.db()).await.unwrap();
     assert!(audit.is_empty(), "{audit:?}");
@@ -253,7 +511,9 @@ impl DriverFactory for RemoteLinuxFactory {
     async fn make(&self, n: u32) -> RemoteDriver {
         let cfg = crate::linux::config(self.dir.path(), &self.prefix, 40, n);
         let name = cfg.name.clone();
-        let linux = cloud48_core::driver::linux::LinuxDriver::open(cfg).await.expect("the linux driver opens (run the tests as root)");
+        let linux = cloud48_core::driver::linux::LinuxDriver::open(cfg)
+            .await
+            .expect("the linux driver opens (run the tests as root)");
         let (_, url) = serve_agent(&name, Arc::new(linux)).await;
         RemoteDriver::new(&name, &url, TOKEN, RemoteTimeouts::default())
     }
@@ -262,8 +522,15 @@ impl DriverFactory for RemoteLinuxFactory {
 #[tokio::test]
 async fn remote_driver_over_linux_agents_passes_the_conformance_suite() {
     let prefix = crate::linux::unique_prefix('a');
-    let _sweep = crate::linux::Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")] };
-    let failures = conformance::run(&RemoteLinuxFactory { dir: tempfile::tempdir().unwrap(), prefix }).await;
+    let _sweep = crate::linux::Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
+    };
+    let failures = conformance::run(&RemoteLinuxFactory {
+        dir: tempfile::tempdir().unwrap(),
+        prefix,
+    })
+    .await;
     assert!(failures.is_empty(), "conformance failures: {failures:#?}");
 }
 
@@ -272,31 +539,68 @@ async fn a_long_operation_reports_progress() {
     let s = sim("slowish", Duration::from_millis(400));
     let (_, url) = serve_agent("slowish", s.clone()).await;
     let remote = RemoteDriver::new("slowish", &url, TOKEN, RemoteTimeouts::default());
-    assert_eq!(remote.progress("never-sent").await.unwrap(), None, "an unknown id");
+    assert_eq!(
+        remote.progress("never-sent").await.unwrap(),
+        None,
+        "an unknown id"
+    );
     let body = json!({ "id": "long-1", "op": "create", "spec": { "guest_id": "g", "type_id": "plain", "resources": { "cpu_millis": 1, "memory_mb": 1, "disk_mb": 1 } } });
     let running = tokio::spawn(async move { post_op(&url, Some(TOKEN), body).await });
-    let during = eventually("the agent knows the operation", || async { remote.progress("long-1").await.unwrap() }).await;
+    let during = eventually("the agent knows the operation", || async {
+        remote.progress("long-1").await.unwrap()
+    })
+    .await;
     assert!(!during.done, "reported while running: {during:?}");
     assert_eq!(during.progress, "started");
     let (status, _) = running.await.unwrap();
     assert_eq!(status, 200);
     let after = remote.progress("long-1").await.unwrap().unwrap();
-    assert!(after.done && after.progress == "done" && after.elapsed_ms >= 400, "{after:?}");
+    assert!(
+        after.done && after.progress == "done" && after.elapsed_ms >= 400,
+        "{after:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_container_moves_between_an_agent_and_a_local_server() {
-    let tc = TestCore::start(Opts { sim_servers: 1, ..agent_opts() }).await.unwrap();
+    let tc = TestCore::start(Opts {
+        sim_servers: 1,
+        ..agent_opts()
+    })
+    .await
+    .unwrap();
     let remote = sim("node-1", Duration::ZERO);
     let (_, url) = serve_agent("node-1", remote.clone()).await;
     tc.core.add_agent(&url).await.unwrap();
-    let cmd: serde_json::Value = tc.client.post("/v1/containers", &json!({ "type": "plain", "server": "node-1" })).await.unwrap();
+    let cmd: serde_json::Value = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "node-1" }),
+        )
+        .await
+        .unwrap();
     let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
     let guest = tc.core.containers().get_by_id(id).await.unwrap().guest_id;
     let disk = remote.guest(&guest).unwrap().disk;
     // The agent's export is a reference; the local server cannot pull it, so the core does.
-    let a: serde_json::Value = tc.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "migrate", "to": "sim-1" })).await.unwrap();
+    let a: serde_json::Value = tc
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "migrate", "to": "sim-1" }),
+        )
+        .await
+        .unwrap();
     tc.ok(a["command_id"].as_i64().unwrap()).await;
-    assert_eq!(tc.sim("sim-1").await.guest(&guest).expect("moved to sim-1").disk, disk, "the disk came along");
+    assert_eq!(
+        tc.sim("sim-1")
+            .await
+            .guest(&guest)
+            .expect("moved to sim-1")
+            .disk,
+        disk,
+        "the disk came along"
+    );
     assert!(remote.guest(&guest).is_none(), "the agent's copy is gone");
 }

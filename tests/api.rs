@@ -9,12 +9,17 @@ async fn raw(t: &TestCore, method: &str, path: &str, body: Option<&str>) -> (u16
     let http = reqwest::Client::new();
     let mut req = http.request(method.parse().unwrap(), format!("{}{path}", t.url));
     if let Some(b) = body {
-        req = req.header("content-type", "application/json").body(b.to_string());
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_string());
     }
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 async fn command_count(t: &TestCore) -> usize {
@@ -38,50 +43,218 @@ async fn openapi_document_is_generated_from_the_handlers() {
         "/v1/commands/{id}",
         "/v1/commands/{id}/cancel",
     ] {
-        assert!(doc["paths"].get(path).is_some(), "{path} missing from the OpenAPI document");
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
     }
-    assert!(doc["components"]["schemas"].get("ContainerCommand").is_some());
+    assert!(
+        doc["components"]["schemas"]
+            .get("ContainerCommand")
+            .is_some()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
     let t = TestCore::start(Opts::default()).await.unwrap();
-    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "web" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "web" }))
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     let before = command_count(&t).await;
 
-    let cases: Vec<(&str, &str, Option<&str>, u16, Option<&str>, &str)> = vec![
-        ("POST", "/v1/environments", Some("{\"name\": "), 400, None, "invalid JSON"),
-        ("POST", "/v1/environments", Some("{}"), 422, None, "missing field `name`"),
-        ("POST", "/v1/environments", Some("{\"name\": 5}"), 422, Some("name"), "name"),
-        ("POST", "/v1/environments", Some("{\"name\": \"Bad Name\"}"), 422, Some("name"), "not a valid name"),
-        ("POST", "/v1/environments", Some("{\"name\": \"web\"}"), 409, None, "already exists"),
-        ("POST", "/v1/environments", Some("{\"name\": \"x\", \"colour\": 1}"), 422, None, "unknown field `colour`"),
-        ("POST", "/v1/environments/web/containers", Some("{\"type\": \"nosuch\"}"), 422, Some("type"), "unknown container type 'nosuch'"),
-        ("POST", "/v1/environments/web/containers", Some("{\"type\": \"plain\", \"requirements\": {\"cpu_millis\": 0, \"memory_mb\": 1, \"disk_mb\": 1}}"), 422, Some("requirements"), "cpu_millis must be greater than 0"),
-        ("POST", "/v1/environments/nosuch/containers", Some("{\"type\": \"plain\"}"), 404, None, "environment 'nosuch' does not exist"),
-        ("POST", "/v1/environments/web/explode", Some("{}"), 422, Some("op"), "not an environment operation"),
-        ("DELETE", "/v1/environments/web/containers/77", None, 404, None, "container 77 does not exist"),
-        ("GET", "/v1/containers/abc", None, 422, Some("id"), "not a numeric id"),
-        ("GET", "/v1/containers/424242", None, 404, None, "container 424242 does not exist"),
-        ("POST", "/v1/containers/424242/actions", Some("{\"op\": \"start\"}"), 404, None, "does not exist"),
-        ("POST", "/v1/containers/1/actions", Some("{\"op\": \"fly\"}"), 422, None, "unknown variant `fly`"),
-        ("GET", "/v1/containers?status=sleeping", None, 422, Some("status"), "unknown variant `sleeping`"),
-        ("GET", "/v1/commands/999999", None, 404, None, "command 999999 does not exist"),
-        ("GET", "/v1/commands?target_type=server", None, 422, Some("target_type"), "not container or environment"),
-        ("POST", "/v1/commands/999999/cancel", Some("{}"), 404, None, "does not exist"),
+    // (method, path, body, status, field named, message contains)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        u16,
+        Option<&'a str>,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/v1/environments",
+            Some("{\"name\": "),
+            400,
+            None,
+            "invalid JSON",
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            Some("{}"),
+            422,
+            None,
+            "missing field `name`",
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            Some("{\"name\": 5}"),
+            422,
+            Some("name"),
+            "name",
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            Some("{\"name\": \"Bad Name\"}"),
+            422,
+            Some("name"),
+            "not a valid name",
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            Some("{\"name\": \"web\"}"),
+            409,
+            None,
+            "already exists",
+        ),
+        (
+            "POST",
+            "/v1/environments",
+            Some("{\"name\": \"x\", \"colour\": 1}"),
+            422,
+            None,
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            "/v1/environments/web/containers",
+            Some("{\"type\": \"nosuch\"}"),
+            422,
+            Some("type"),
+            "unknown container type 'nosuch'",
+        ),
+        (
+            "POST",
+            "/v1/environments/web/containers",
+            Some(
+                "{\"type\": \"plain\", \"requirements\": {\"cpu_millis\": 0, \"memory_mb\": 1, \"disk_mb\": 1}}",
+            ),
+            422,
+            Some("requirements"),
+            "cpu_millis must be greater than 0",
+        ),
+        (
+            "POST",
+            "/v1/environments/nosuch/containers",
+            Some("{\"type\": \"plain\"}"),
+            404,
+            None,
+            "environment 'nosuch' does not exist",
+        ),
+        (
+            "POST",
+            "/v1/environments/web/explode",
+            Some("{}"),
+            422,
+            Some("op"),
+            "not an environment operation",
+        ),
+        (
+            "DELETE",
+            "/v1/environments/web/containers/77",
+            None,
+            404,
+            None,
+            "container 77 does not exist",
+        ),
+        (
+            "GET",
+            "/v1/containers/abc",
+            None,
+            422,
+            Some("id"),
+            "not a numeric id",
+        ),
+        (
+            "GET",
+            "/v1/containers/424242",
+            None,
+            404,
+            None,
+            "container 424242 does not exist",
+        ),
+        (
+            "POST",
+            "/v1/containers/424242/actions",
+            Some("{\"op\": \"start\"}"),
+            404,
+            None,
+            "does not exist",
+        ),
+        (
+            "POST",
+            "/v1/containers/1/actions",
+            Some("{\"op\": \"fly\"}"),
+            422,
+            None,
+            "unknown variant `fly`",
+        ),
+        (
+            "GET",
+            "/v1/containers?status=sleeping",
+            None,
+            422,
+            Some("status"),
+            "unknown variant `sleeping`",
+        ),
+        (
+            "GET",
+            "/v1/commands/999999",
+            None,
+            404,
+            None,
+            "command 999999 does not exist",
+        ),
+        (
+            "GET",
+            "/v1/commands?target_type=server",
+            None,
+            422,
+            Some("target_type"),
+            "not container or environment",
+        ),
+        (
+            "POST",
+            "/v1/commands/999999/cancel",
+            Some("{}"),
+            404,
+            None,
+            "does not exist",
+        ),
         ("GET", "/v1/nowhere", None, 404, None, "no such endpoint"),
     ];
     for (method, path, body, want, field, text) in cases {
         let (status, err) = raw(&t, method, path, body).await;
         assert_eq!(status, want, "{method} {path} {body:?}: {err}");
-        let message = err["error"]["message"].as_str().unwrap_or_else(|| panic!("{method} {path}: no JSON error: {err}"));
-        assert!(message.contains(text), "{method} {path}: '{message}' lacks '{text}'");
+        let message = err["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{method} {path}: no JSON error: {err}"));
+        assert!(
+            message.contains(text),
+            "{method} {path}: '{message}' lacks '{text}'"
+        );
         if let Some(f) = field {
-            assert_eq!(err["error"]["field"].as_str(), Some(f), "{method} {path}: {err}");
+            assert_eq!(
+                err["error"]["field"].as_str(),
+                Some(f),
+                "{method} {path}: {err}"
+            );
         }
     }
-    assert_eq!(command_count(&t).await, before, "no rejected request created a command");
+    assert_eq!(
+        command_count(&t).await,
+        before,
+        "no rejected request created a command"
+    );
 }
 
 /// A command's precondition is checked when it runs, after the commands queued before it on
@@ -90,41 +263,99 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operation_the_status_does_not_allow_fails_when_it_runs() {
     let t = TestCore::start(Opts::default()).await.unwrap();
-    let a: Accepted = t.client.post("/v1/containers", &json!({ "type": "plain" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/containers", &json!({ "type": "plain" }))
+        .await
+        .unwrap();
     let id = t.created(a.command_id).await;
     for (op, needs) in [("start", "stopped"), ("resume", "suspended")] {
-        let (status, body) = raw(&t, "POST", &format!("/v1/containers/{id}/actions"), Some(&format!("{{\"op\": \"{op}\"}}"))).await;
+        let (status, body) = raw(
+            &t,
+            "POST",
+            &format!("/v1/containers/{id}/actions"),
+            Some(&format!("{{\"op\": \"{op}\"}}")),
+        )
+        .await;
         assert_eq!(status, 202, "{body}");
         let done = t.wait(body["command_id"].as_i64().unwrap()).await;
         assert_eq!(done.status, CommandStatus::Failed);
         let m = done.error.unwrap_or_default();
-        assert!(m.contains(&format!("container {id} is running")) && m.contains(needs), "{m}");
+        assert!(
+            m.contains(&format!("container {id} is running")) && m.contains(needs),
+            "{m}"
+        );
     }
     let before = command_count(&t).await;
-    let (status, err) = raw(&t, "POST", &format!("/v1/containers/{id}/actions"), Some("{\"op\": \"migrate\", \"to\": \"sim-404\"}")).await;
+    let (status, err) = raw(
+        &t,
+        "POST",
+        &format!("/v1/containers/{id}/actions"),
+        Some("{\"op\": \"migrate\", \"to\": \"sim-404\"}"),
+    )
+    .await;
     assert_eq!(status, 422);
     assert_eq!(err["error"]["field"], "to");
     assert_eq!(command_count(&t).await, before);
 
-    let (_, body) = raw(&t, "POST", &format!("/v1/containers/{id}/actions"), Some("{\"op\": \"destroy\"}")).await;
+    let (_, body) = raw(
+        &t,
+        "POST",
+        &format!("/v1/containers/{id}/actions"),
+        Some("{\"op\": \"destroy\"}"),
+    )
+    .await;
     t.ok(body["command_id"].as_i64().unwrap()).await;
     let before = command_count(&t).await;
-    let (status, err) = raw(&t, "POST", &format!("/v1/containers/{id}/actions"), Some("{\"op\": \"start\"}")).await;
+    let (status, err) = raw(
+        &t,
+        "POST",
+        &format!("/v1/containers/{id}/actions"),
+        Some("{\"op\": \"start\"}"),
+    )
+    .await;
     assert_eq!(status, 409);
     let m = err["error"]["message"].as_str().unwrap();
     assert!(m.contains(&format!("container {id} is destroyed")), "{m}");
-    assert_eq!(command_count(&t).await, before, "a refused request makes no command");
+    assert_eq!(
+        command_count(&t).await,
+        before,
+        "a refused request makes no command"
+    );
 }
 
 /// Stop then start, submitted back to back without waiting: the start waits for the stop, then
 /// finds the container stopped and starts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_then_start_submitted_back_to_back_ends_running() {
-    let t = TestCore::start(Opts { latency: std::time::Duration::from_millis(50), ..Opts::default() }).await.unwrap();
-    let a: Accepted = t.client.post("/v1/containers", &json!({ "type": "plain" })).await.unwrap();
+    let t = TestCore::start(Opts {
+        latency: std::time::Duration::from_millis(50),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/containers", &json!({ "type": "plain" }))
+        .await
+        .unwrap();
     let id = t.created(a.command_id).await;
-    let stop: Accepted = t.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "stop" })).await.unwrap();
-    let start: Accepted = t.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "start" })).await.unwrap();
+    let stop: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
+    let start: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "start" }),
+        )
+        .await
+        .unwrap();
     t.ok(stop.command_id).await;
     t.ok(start.command_id).await;
     let c = t.core.containers().get_by_id(id).await.unwrap();
@@ -133,12 +364,20 @@ async fn stop_then_start_submitted_back_to_back_ends_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mutation_answers_202_at_once_and_the_wait_option_blocks_until_done() {
-    let t = TestCore::start(Opts { latency: std::time::Duration::from_millis(100), ..Opts::default() }).await.unwrap();
+    let t = TestCore::start(Opts {
+        latency: std::time::Duration::from_millis(100),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
     let (status, body) = raw(&t, "POST", "/v1/containers", Some("{\"type\": \"plain\"}")).await;
     assert_eq!(status, 202);
     let id = body["command_id"].as_i64().unwrap();
     let (_, now) = raw(&t, "GET", &format!("/v1/commands/{id}"), None).await;
-    assert_ne!(now["status"], "succeeded", "the answer came before the work was done");
+    assert_ne!(
+        now["status"], "succeeded",
+        "the answer came before the work was done"
+    );
     let (_, done) = raw(&t, "GET", &format!("/v1/commands/{id}?wait=30"), None).await;
     assert_eq!(done["status"], "succeeded");
     assert_eq!(done["kind"], "container.create");

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use cloud48_core::auth::{Anonymous, AuthConfig, AuthError, Authenticator, Principal, Role, UserRecord};
+use cloud48_core::auth::{
+    Anonymous, AuthConfig, AuthError, Authenticator, Principal, Role, UserRecord,
+};
 use cloud48_core::cli::{Client, Credentials};
 use cloud48_core::model::{Accepted, Command};
 use cloud48_core::queue::Clock;
@@ -29,18 +31,34 @@ fn users_config(anonymous: Anonymous) -> AuthConfig {
 }
 
 async fn core_with_users() -> TestCore {
-    TestCore::start(Opts { auth: users_config(Anonymous::Read), ..Opts::default() }).await.unwrap()
+    TestCore::start(Opts {
+        auth: users_config(Anonymous::Read),
+        ..Opts::default()
+    })
+    .await
+    .unwrap()
 }
 
 fn as_user(t: &TestCore, user: &str, password: &str) -> Client {
-    Client::new(&t.url).with_credentials(Credentials { user: user.into(), password: password.into() })
+    Client::new(&t.url).with_credentials(Credentials {
+        user: user.into(),
+        password: password.into(),
+    })
 }
 
 /// Sends a request with a hand-made Authorization header; returns status and WWW-Authenticate values.
-async fn send(t: &TestCore, method: &str, path: &str, authorization: Option<&str>) -> (u16, Vec<String>, String) {
-    let mut req = reqwest::Client::new().request(method.parse().unwrap(), format!("{}{path}", t.url));
+async fn send(
+    t: &TestCore,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+) -> (u16, Vec<String>, String) {
+    let mut req =
+        reqwest::Client::new().request(method.parse().unwrap(), format!("{}{path}", t.url));
     if method == "POST" {
-        req = req.header("content-type", "application/json").body("{\"name\": \"env-x\"}");
+        req = req
+            .header("content-type", "application/json")
+            .body("{\"name\": \"env-x\"}");
     }
     if let Some(a) = authorization {
         req = req.header("authorization", a);
@@ -57,9 +75,21 @@ async fn send(t: &TestCore, method: &str, path: &str, authorization: Option<&str
 }
 
 /// Answers a challenge as `user` for `method path`.
-fn answer(challenge: &str, user: &str, password: &str, method: &str, path: &str) -> (digest_auth::WwwAuthenticateHeader, String) {
+fn answer(
+    challenge: &str,
+    user: &str,
+    password: &str,
+    method: &str,
+    path: &str,
+) -> (digest_auth::WwwAuthenticateHeader, String) {
     let mut prompt = digest_auth::parse(challenge).unwrap();
-    let ctx = digest_auth::AuthContext::new_with_method(user, password, path, Option::<&[u8]>::None, digest_auth::HttpMethod::from(method));
+    let ctx = digest_auth::AuthContext::new_with_method(
+        user,
+        password,
+        path,
+        Option::<&[u8]>::None,
+        digest_auth::HttpMethod::from(method),
+    );
     let header = prompt.respond(&ctx).unwrap().to_string();
     (prompt, header)
 }
@@ -70,20 +100,56 @@ async fn curl_authenticates_with_digest_sha256_and_md5() {
     let url = format!("{}/v1/environments", t.url);
     let creds = format!("otto:{PASSWORD}");
     let out = tokio::process::Command::new("curl")
-        .args(["-s", "-v", "-o", "/dev/null", "-w", "%{http_code}", "--digest", "-u", &creds])
-        .args(["-H", "content-type: application/json", "-d", "{\"name\": \"web\"}", &url])
+        .args([
+            "-s",
+            "-v",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--digest",
+            "-u",
+            &creds,
+        ])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{\"name\": \"web\"}",
+            &url,
+        ])
         .output()
         .await
         .expect("curl runs");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "202", "curl --digest as an operator");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "202",
+        "curl --digest as an operator"
+    );
     let trace = String::from_utf8_lossy(&out.stderr);
     assert!(
-        trace.lines().any(|l| l.starts_with("> Authorization: Digest") && l.contains("algorithm=SHA-256")),
+        trace
+            .lines()
+            .any(|l| l.starts_with("> Authorization: Digest") && l.contains("algorithm=SHA-256")),
         "curl answered the SHA-256 challenge: {trace}"
     );
     let url = format!("{}/v1/environments", t.url);
     let out = tokio::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--digest", "-u", "otto:wrong", "-H", "content-type: application/json", "-d", "{\"name\": \"x\"}", &url])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--digest",
+            "-u",
+            "otto:wrong",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            "{\"name\": \"x\"}",
+            &url,
+        ])
         .output()
         .await
         .unwrap();
@@ -91,7 +157,10 @@ async fn curl_authenticates_with_digest_sha256_and_md5() {
     // MD5, for old clients: answer the MD5 challenge by hand.
     let (status, challenges, _) = send(&t, "POST", "/v1/environments", None).await;
     assert_eq!(status, 401);
-    assert!(challenges[0].contains("algorithm=SHA-256") && challenges[1].contains("algorithm=MD5"), "{challenges:?}");
+    assert!(
+        challenges[0].contains("algorithm=SHA-256") && challenges[1].contains("algorithm=MD5"),
+        "{challenges:?}"
+    );
     let (_, header) = answer(&challenges[1], "otto", PASSWORD, "POST", "/v1/environments");
     assert!(header.contains("algorithm=MD5"));
     let (status, _, body) = send(&t, "POST", "/v1/environments", Some(&header)).await;
@@ -101,8 +170,14 @@ async fn curl_authenticates_with_digest_sha256_and_md5() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_trail_names_the_user_who_asked() {
     let t = core_with_users().await;
-    let a: Accepted = as_user(&t, "otto", PASSWORD).post("/v1/environments", &json!({ "name": "audited" })).await.unwrap();
-    let cmd: Command = as_user(&t, "vera", PASSWORD).get(&format!("/v1/commands/{}", a.command_id)).await.unwrap();
+    let a: Accepted = as_user(&t, "otto", PASSWORD)
+        .post("/v1/environments", &json!({ "name": "audited" }))
+        .await
+        .unwrap();
+    let cmd: Command = as_user(&t, "vera", PASSWORD)
+        .get(&format!("/v1/commands/{}", a.command_id))
+        .await
+        .unwrap();
     assert_eq!(cmd.requested_by, "otto");
     assert!(cmd.created_at > 0);
 }
@@ -110,10 +185,23 @@ async fn the_audit_trail_names_the_user_who_asked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_password_unknown_user_replay_and_tampered_uri_are_refused() {
     let t = core_with_users().await;
-    let err = as_user(&t, "otto", "nope").post::<_, Accepted>("/v1/environments", &json!({ "name": "a" })).await.unwrap_err();
-    assert!(err.to_string().contains("authentication as 'otto' failed: wrong user name or password"), "{err}");
-    let err = as_user(&t, "mallory", PASSWORD).post::<_, Accepted>("/v1/environments", &json!({ "name": "a" })).await.unwrap_err();
-    assert!(err.to_string().contains("wrong user name or password"), "{err}");
+    let err = as_user(&t, "otto", "nope")
+        .post::<_, Accepted>("/v1/environments", &json!({ "name": "a" }))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("authentication as 'otto' failed: wrong user name or password"),
+        "{err}"
+    );
+    let err = as_user(&t, "mallory", PASSWORD)
+        .post::<_, Accepted>("/v1/environments", &json!({ "name": "a" }))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("wrong user name or password"),
+        "{err}"
+    );
 
     let (_, challenges, _) = send(&t, "POST", "/v1/environments", None).await;
     let (_, header) = answer(&challenges[0], "otto", PASSWORD, "POST", "/v1/environments");
@@ -125,14 +213,24 @@ async fn wrong_password_unknown_user_replay_and_tampered_uri_are_refused() {
 
     let (_, header) = answer(&challenges[0], "otto", PASSWORD, "POST", "/v1/environments");
     let (status, _, body) = send(&t, "POST", "/v1/environments/env-x/stop", Some(&header)).await;
-    assert_eq!(status, 401, "credentials for one URI must not work for another");
+    assert_eq!(
+        status, 401,
+        "credentials for one URI must not work for another"
+    );
     assert!(body.contains("another URI"), "{body}");
 
     let forged = header.replace(&digest_auth::parse(&challenges[0]).unwrap().nonce, "00ff");
     let (status, _, _) = send(&t, "POST", "/v1/environments", Some(&forged)).await;
     assert_eq!(status, 401);
-    let list: Vec<Command> = as_user(&t, "vera", PASSWORD).get("/v1/commands").await.unwrap();
-    assert_eq!(list.len(), 1, "only the one authenticated request created a command");
+    let list: Vec<Command> = as_user(&t, "vera", PASSWORD)
+        .get("/v1/commands")
+        .await
+        .unwrap();
+    assert_eq!(
+        list.len(),
+        1,
+        "only the one authenticated request created a command"
+    );
 }
 
 /// A clock the test moves by hand.
@@ -146,7 +244,9 @@ impl Clock for ManualClock {
 #[tokio::test]
 async fn an_expired_nonce_with_right_credentials_is_answered_stale() {
     let dir = tempfile::tempdir().unwrap();
-    let db = cloud48_core::core::connect(&cloud48_core::CoreConfig::new(dir.path())).await.unwrap();
+    let db = cloud48_core::core::connect(&cloud48_core::CoreConfig::new(dir.path()))
+        .await
+        .unwrap();
     let clock = Arc::new(ManualClock(AtomicI64::new(1_000_000)));
     let mut config = users_config(Anonymous::Read);
     config.nonce_ttl = Duration::from_secs(60);
@@ -155,10 +255,19 @@ async fn an_expired_nonce_with_right_credentials_is_answered_stale() {
     let (mut prompt, header) = answer(&challenge, "otto", PASSWORD, "GET", "/v1/servers");
     assert_eq!(
         auth.authenticate("GET", "/v1/servers", &header).await,
-        Ok(Principal::User { name: "otto".into(), role: Role::Operator })
+        Ok(Principal::User {
+            name: "otto".into(),
+            role: Role::Operator
+        })
     );
     clock.0.fetch_add(61_000, Ordering::SeqCst);
-    let ctx = digest_auth::AuthContext::new_with_method("otto", PASSWORD, "/v1/servers", Option::<&[u8]>::None, digest_auth::HttpMethod::GET);
+    let ctx = digest_auth::AuthContext::new_with_method(
+        "otto",
+        PASSWORD,
+        "/v1/servers",
+        Option::<&[u8]>::None,
+        digest_auth::HttpMethod::GET,
+    );
     let later = prompt.respond(&ctx).unwrap().to_string();
     match auth.authenticate("GET", "/v1/servers", &later).await {
         Err(AuthError::Unauthorized { stale: true, .. }) => {}
@@ -174,11 +283,19 @@ async fn an_expired_nonce_with_right_credentials_is_answered_stale() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_reads_by_default_and_cannot_change_anything() {
-    let t = TestCore::start(Opts { auth: AuthConfig::default(), ..Opts::default() }).await.unwrap();
+    let t = TestCore::start(Opts {
+        auth: AuthConfig::default(),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
     let (status, _, _) = send(&t, "GET", "/v1/environments", None).await;
     assert_eq!(status, 200);
     let (status, challenges, body) = send(&t, "POST", "/v1/environments", None).await;
-    assert_eq!(status, 403, "with no users configured, signing in cannot help: {body}");
+    assert_eq!(
+        status, 403,
+        "with no users configured, signing in cannot help: {body}"
+    );
     assert!(challenges.is_empty());
     assert!(body.contains("cloud48 user add"), "{body}");
 
@@ -194,26 +311,62 @@ async fn anonymous_reads_by_default_and_cannot_change_anything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_against_each_endpoint_family() {
     let t = core_with_users().await;
-    let a: Accepted = as_user(&t, "ada", PASSWORD).post("/v1/containers", &json!({ "type": "plain" })).await.unwrap();
+    let a: Accepted = as_user(&t, "ada", PASSWORD)
+        .post("/v1/containers", &json!({ "type": "plain" }))
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     let container = a.object_id.unwrap();
     // (method, path, body) per family; expected status per (anonymous, viewer, operator, admin).
     let families: Vec<(&str, String, Option<serde_json::Value>, [u16; 4])> = vec![
         ("GET", "/v1/environments".into(), None, [200, 200, 200, 200]),
-        ("GET", format!("/v1/containers/{container}"), None, [200, 200, 200, 200]),
+        (
+            "GET",
+            format!("/v1/containers/{container}"),
+            None,
+            [200, 200, 200, 200],
+        ),
         ("GET", "/v1/commands".into(), None, [200, 200, 200, 200]),
         ("GET", "/v1/servers".into(), None, [200, 200, 200, 200]),
-        ("POST", "/v1/environments".into(), Some(json!({ "name": "fam" })), [401, 403, 202, 409]),
-        ("POST", format!("/v1/containers/{container}/actions"), Some(json!({ "op": "reboot" })), [401, 403, 202, 202]),
-        ("POST", format!("/v1/commands/{}/cancel", a.command_id), Some(json!({})), [401, 403, 409, 409]),
-        ("POST", "/v1/servers".into(), Some(json!({})), [401, 403, 403, 422]),
+        (
+            "POST",
+            "/v1/environments".into(),
+            Some(json!({ "name": "fam" })),
+            [401, 403, 202, 409],
+        ),
+        (
+            "POST",
+            format!("/v1/containers/{container}/actions"),
+            Some(json!({ "op": "reboot" })),
+            [401, 403, 202, 202],
+        ),
+        (
+            "POST",
+            format!("/v1/commands/{}/cancel", a.command_id),
+            Some(json!({})),
+            [401, 403, 409, 409],
+        ),
+        (
+            "POST",
+            "/v1/servers".into(),
+            Some(json!({})),
+            [401, 403, 403, 422],
+        ),
         // exec is a root shell in the container: admins only (the helper maps any success of a
         // POST to 202).
-        ("POST", format!("/v1/containers/{container}/exec"), Some(json!({ "command": ["true"] })), [401, 403, 403, 202]),
+        (
+            "POST",
+            format!("/v1/containers/{container}/exec"),
+            Some(json!({ "command": ["true"] })),
+            [401, 403, 403, 202],
+        ),
     ];
     let http = reqwest::Client::new();
     for (method, path, body, expected) in families {
-        for (i, who) in [None, Some("vera"), Some("otto"), Some("ada")].into_iter().enumerate() {
+        for (i, who) in [None, Some("vera"), Some("otto"), Some("ada")]
+            .into_iter()
+            .enumerate()
+        {
             let status = match who {
                 None => {
                     let mut req = http.request(method.parse().unwrap(), format!("{}{path}", t.url));
@@ -229,11 +382,13 @@ async fn each_role_against_each_endpoint_family() {
                         None => client.get::<serde_json::Value>(&path).await,
                     };
                     match result {
-                        Ok(_) => if method == "GET" { 200 } else if path.ends_with("/cancel") { 200 } else { 202 },
+                        Ok(_) if method == "GET" || path.ends_with("/cancel") => 200,
+                        Ok(_) => 202,
                         Err(e) => {
                             let text = e.to_string();
                             let code = text.rsplit("HTTP ").next().unwrap().trim_end_matches(')');
-                            code.parse().unwrap_or_else(|_| panic!("no status in '{text}'"))
+                            code.parse()
+                                .unwrap_or_else(|_| panic!("no status in '{text}'"))
                         }
                     }
                 }

@@ -7,11 +7,19 @@ use crate::common::{ServeProcess, cli};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_tour_through_the_real_binary() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = ServeProcess::spawn(&dir.path().join("data"), &["--sim-servers", "2", "--anonymous", "full"]).await;
+    let serve = ServeProcess::spawn(
+        &dir.path().join("data"),
+        &["--sim-servers", "2", "--anonymous", "full"],
+    )
+    .await;
     let url = serve.url.clone();
     let run = move |args: Vec<&'static str>| {
         let url = url.clone();
-        async move { tokio::task::spawn_blocking(move || cli(&url, &args)).await.unwrap() }
+        async move {
+            tokio::task::spawn_blocking(move || cli(&url, &args))
+                .await
+                .unwrap()
+        }
     };
 
     let (ok, out, err) = run(vec!["--json", "env", "create", "web", "--wait"]).await;
@@ -19,7 +27,10 @@ async fn cli_tour_through_the_real_binary() {
     let cmd: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(cmd["status"], "succeeded");
 
-    let (ok, out, err) = run(vec!["--json", "env", "add", "web", "--type", "plain", "--wait"]).await;
+    let (ok, out, err) = run(vec![
+        "--json", "env", "add", "web", "--type", "plain", "--wait",
+    ])
+    .await;
     assert!(ok, "{err}");
     let cmd: Value = serde_json::from_str(&out).unwrap();
     let id = cmd["result"]["container_id"].as_i64().unwrap();
@@ -37,7 +48,10 @@ async fn cli_tour_through_the_real_binary() {
 
     let (ok, out, _) = run(vec!["env", "show", "web"]).await;
     assert!(ok);
-    assert!(out.contains("environment web") && out.contains("running"), "{out}");
+    assert!(
+        out.contains("environment web") && out.contains("running"),
+        "{out}"
+    );
 
     let (ok, out, _) = run(vec!["--json", "command", "list"]).await;
     assert!(ok);
@@ -45,7 +59,12 @@ async fn cli_tour_through_the_real_binary() {
     for field in ["id", "kind", "status", "parent", "error"] {
         assert!(cmds[0].get(field).is_some(), "command JSON lacks {field}");
     }
-    assert!(cmds.as_array().unwrap().iter().any(|c| c["kind"] == "container.create" && c["parent"].is_i64()));
+    assert!(
+        cmds.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["kind"] == "container.create" && c["parent"].is_i64())
+    );
 
     let (ok, out, _) = run(vec!["server", "list"]).await;
     assert!(ok);
@@ -69,11 +88,28 @@ async fn cli_tour_through_the_real_binary() {
     assert!(err.contains("not a valid name"), "{err}");
 
     // A batch that places fewer than asked fails with a one-line summary and a non-zero exit.
-    let args = ["container", "create", "--type", "plain", "--count", "5", "--cpu-millis", "10000", "--memory-mb", "64", "--disk-mb", "64", "--wait"];
+    let args = [
+        "container",
+        "create",
+        "--type",
+        "plain",
+        "--count",
+        "5",
+        "--cpu-millis",
+        "10000",
+        "--memory-mb",
+        "64",
+        "--disk-mb",
+        "64",
+        "--wait",
+    ];
     let (ok, _, err) = run(args.to_vec()).await;
     assert!(!ok, "a partial batch must fail");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("failed: placed 2 of 5: ") && err.contains("cpu_millis"), "{err}");
+    assert!(
+        err.contains("failed: placed 2 of 5: ") && err.contains("cpu_millis"),
+        "{err}"
+    );
     let (ok, out, err) = run(vec!["container", "purge"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("purged 3 failed containers"), "{out}");
@@ -88,7 +124,12 @@ async fn cli_tour_through_the_real_binary() {
 async fn the_cli_says_clearly_when_no_core_answers() {
     let port = crate::common::free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let (ok, _, err) = tokio::task::spawn_blocking(move || cli(&url, &["env", "list"])).await.unwrap();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || cli(&url, &["env", "list"]))
+        .await
+        .unwrap();
     assert!(!ok);
-    assert!(err.contains("cannot reach the core") && err.contains("cloud48 serve"), "{err}");
+    assert!(
+        err.contains("cannot reach the core") && err.contains("cloud48 serve"),
+        "{err}"
+    );
 }

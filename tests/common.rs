@@ -51,7 +51,10 @@ impl Default for Opts {
                 anonymous: cloud48_core::auth::Anonymous::Full,
                 ..Default::default()
             },
-            health: cloud48_core::core::HealthConfig { background: false, ..Default::default() },
+            health: cloud48_core::core::HealthConfig {
+                background: false,
+                ..Default::default()
+            },
             capacity: None,
             clock: None,
             agent_token: None,
@@ -95,7 +98,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -120,7 +126,11 @@ impl Drop for TestCore {
 impl TestCore {
     pub async fn start(opts: Opts) -> Option<TestCore> {
         let dir = tempfile::tempdir().unwrap();
-        let pg = if opts.postgres { Some(PgDb::create().await?) } else { None };
+        let pg = if opts.postgres {
+            Some(PgDb::create().await?)
+        } else {
+            None
+        };
         let mut config = CoreConfig::new(dir.path());
         config.database_url = pg.as_ref().map(|p| p.url.clone());
         config.sim_servers = opts.sim_servers;
@@ -142,7 +152,9 @@ impl TestCore {
         // Compiled plugins are shared by all tests: compiling them is the slow part of a start.
         config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
         let core = match &opts.clock {
-            Some(clock) => Core::open_with_clock(config, clock.clone()).await.expect("core opens"),
+            Some(clock) => Core::open_with_clock(config, clock.clone())
+                .await
+                .expect("core opens"),
             None => Core::open(config).await.expect("core opens"),
         };
         for t in opts.types {
@@ -151,7 +163,10 @@ impl TestCore {
         if !opts.paused {
             core.start().await.expect("core starts");
         }
-        let listener = tokio::net::TcpListener::bind(opts.listen.unwrap_or(([127, 0, 0, 1], 0).into())).await.unwrap();
+        let listener =
+            tokio::net::TcpListener::bind(opts.listen.unwrap_or(([127, 0, 0, 1], 0).into()))
+                .await
+                .unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = cloud48_core::api::router(core.clone());
         let server = tokio::spawn(async move {
@@ -175,27 +190,40 @@ impl TestCore {
             .wait(id, Duration::from_secs(60))
             .await
             .expect("command exists");
-        assert!(cmd.status.is_terminal(), "command {id} did not finish: {cmd:?}");
+        assert!(
+            cmd.status.is_terminal(),
+            "command {id} did not finish: {cmd:?}"
+        );
         cmd
     }
 
     /// Waits for a command and asserts it succeeded.
     pub async fn ok(&self, id: i64) -> Command {
         let cmd = self.wait(id).await;
-        assert_eq!(cmd.status, CommandStatus::Succeeded, "command {id} failed: {cmd:?}");
+        assert_eq!(
+            cmd.status,
+            CommandStatus::Succeeded,
+            "command {id} failed: {cmd:?}"
+        );
         cmd
     }
 
     /// Id of the container created by a finished command.
     pub async fn created(&self, id: i64) -> i64 {
-        self.ok(id).await.result.unwrap()["container_id"].as_i64().unwrap()
+        self.ok(id).await.result.unwrap()["container_id"]
+            .as_i64()
+            .unwrap()
     }
 
     /// The `ip:8080` of the given containers (as balancer upstreams), sorted.
     pub async fn addresses(&self, ids: &[i64]) -> Vec<String> {
         let mut out = Vec::new();
         for id in ids {
-            let c: cloud48_core::model::Container = self.client.get(&format!("/v1/containers/{id}")).await.unwrap();
+            let c: cloud48_core::model::Container = self
+                .client
+                .get(&format!("/v1/containers/{id}"))
+                .await
+                .unwrap();
             out.push(format!("{}:8080", c.ip.unwrap()));
         }
         out.sort();
@@ -247,7 +275,10 @@ impl Drop for PgDb {
     fn drop(&mut self) {
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async {
                 if let Ok(admin) = Database::connect(PG_ADMIN).await {
                     let _ = admin
@@ -306,7 +337,7 @@ impl ServeProcess {
             .append(true)
             .open(data_dir.with_extension("log"))
             .unwrap();
-        let child = std::process::Command::new(binary())
+        let mut child = std::process::Command::new(binary())
             .args(["serve", "--listen", &listen, "--data-dir"])
             .arg(data_dir)
             .args(extra)
@@ -322,6 +353,8 @@ impl ServeProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("cloud48 serve did not answer on {url}");
     }
 

@@ -7,20 +7,37 @@ use cloud48_core::config::{Settings, Source};
 
 use crate::common::{ServeProcess, binary};
 
-fn load(file: Option<&str>, env: &[(&str, &str)], flags: &[(&'static str, &str)]) -> Result<Settings, String> {
+fn load(
+    file: Option<&str>,
+    env: &[(&str, &str)],
+    flags: &[(&'static str, &str)],
+) -> Result<Settings, String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cloud48.toml");
     if let Some(text) = file {
         std::fs::write(&path, text).unwrap();
     }
-    let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let flags: BTreeMap<&'static str, String> = flags.iter().map(|(k, v)| (*k, v.to_string())).collect();
-    Settings::load(file.map(|_| path.as_path()), &|name| env.get(name).cloned(), &flags)
-        .map_err(|e| e.to_string().replace(&path.display().to_string(), "FILE"))
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let flags: BTreeMap<&'static str, String> =
+        flags.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    Settings::load(
+        file.map(|_| path.as_path()),
+        &|name| env.get(name).cloned(),
+        &flags,
+    )
+    .map_err(|e| e.to_string().replace(&path.display().to_string(), "FILE"))
 }
 
 fn source(s: &Settings, key: &str) -> String {
-    s.entries().find(|(k, _)| *k == key).unwrap().1.source.to_string()
+    s.entries()
+        .find(|(k, _)| *k == key)
+        .unwrap()
+        .1
+        .source
+        .to_string()
 }
 
 #[test]
@@ -28,17 +45,38 @@ fn precedence_is_flag_then_env_then_file_then_default() {
     let file = "[queue]\nworkers = 3\n";
     let env = [("CLOUD48_WORKERS", "5")];
     let s = load(Some(file), &env, &[("queue.workers", "7")]).unwrap();
-    assert_eq!((s.get("queue.workers"), source(&s, "queue.workers").as_str()), ("7", "flag --workers"));
+    assert_eq!(
+        (s.get("queue.workers"), source(&s, "queue.workers").as_str()),
+        ("7", "flag --workers")
+    );
     let s = load(Some(file), &env, &[]).unwrap();
-    assert_eq!((s.get("queue.workers"), source(&s, "queue.workers").as_str()), ("5", "env CLOUD48_WORKERS"));
+    assert_eq!(
+        (s.get("queue.workers"), source(&s, "queue.workers").as_str()),
+        ("5", "env CLOUD48_WORKERS")
+    );
     let s = load(Some(file), &[], &[]).unwrap();
     assert_eq!(s.get("queue.workers"), "3");
-    assert!(source(&s, "queue.workers").ends_with(":2"), "{}", source(&s, "queue.workers"));
+    assert!(
+        source(&s, "queue.workers").ends_with(":2"),
+        "{}",
+        source(&s, "queue.workers")
+    );
     let s = load(None, &[], &[]).unwrap();
-    assert_eq!((s.get("queue.workers"), source(&s, "queue.workers").as_str()), ("8", "default"));
+    assert_eq!(
+        (s.get("queue.workers"), source(&s, "queue.workers").as_str()),
+        ("8", "default")
+    );
     assert_eq!(s.core().queue.workers, 8);
-    assert_eq!(s.get("auth.anonymous"), "read", "anonymous access is read-only by default");
-    assert_eq!(s.listen().to_string(), "127.0.0.1:4848", "the core binds to loopback by default");
+    assert_eq!(
+        s.get("auth.anonymous"),
+        "read",
+        "anonymous access is read-only by default"
+    );
+    assert_eq!(
+        s.listen().to_string(),
+        "127.0.0.1:4848",
+        "the core binds to loopback by default"
+    );
 }
 
 #[test]
@@ -58,33 +96,77 @@ nonce_ttl_secs = "${TTL:60}"
     assert_eq!(s.get("auth.realm"), "prod");
     assert_eq!(s.get("auth.nonce_ttl_secs"), "60");
     let s = load(Some(file), &[("REALM", "x")], &[]).unwrap();
-    assert_eq!(s.get("server.data_dir"), "/var/lib/cloud48", "the default applies when BASE is unset");
-    let s = load(Some("[auth]\nrealm = \"cost $$5 ${R}\"\n"), &[("R", "now")], &[]).unwrap();
+    assert_eq!(
+        s.get("server.data_dir"),
+        "/var/lib/cloud48",
+        "the default applies when BASE is unset"
+    );
+    let s = load(
+        Some("[auth]\nrealm = \"cost $$5 ${R}\"\n"),
+        &[("R", "now")],
+        &[],
+    )
+    .unwrap();
     assert_eq!(s.get("auth.realm"), "cost $5 now");
 }
 
 #[test]
 fn every_config_error_names_the_key_and_the_line() {
     let cases: &[(&str, &str)] = &[
-        ("[queue]\nworkers = 2\nwrokers = 3\n", "FILE:3: unknown key 'queue.wrokers'"),
-        ("[queue]\n\nworkers = \"many\"\n", "FILE:3: bad value for queue.workers: 'many' is not a whole number"),
-        ("[server]\nlisten = \"everywhere\"\n", "FILE:2: bad value for server.listen"),
-        ("[auth]\nanonymous = \"sometimes\"\n", "FILE:2: bad value for auth.anonymous: 'sometimes' is not one of none, read, full"),
-        ("[auth]\nrealm = \"${NOPE}\"\n", "FILE:2: unresolved placeholder ${NOPE} in auth.realm"),
+        (
+            "[queue]\nworkers = 2\nwrokers = 3\n",
+            "FILE:3: unknown key 'queue.wrokers'",
+        ),
+        (
+            "[queue]\n\nworkers = \"many\"\n",
+            "FILE:3: bad value for queue.workers: 'many' is not a whole number",
+        ),
+        (
+            "[server]\nlisten = \"everywhere\"\n",
+            "FILE:2: bad value for server.listen",
+        ),
+        (
+            "[auth]\nanonymous = \"sometimes\"\n",
+            "FILE:2: bad value for auth.anonymous: 'sometimes' is not one of none, read, full",
+        ),
+        (
+            "[auth]\nrealm = \"${NOPE}\"\n",
+            "FILE:2: unresolved placeholder ${NOPE} in auth.realm",
+        ),
         ("[auth]\nrealm = \"${auth.realm}\"\n", "cycle"),
         ("[queue\nworkers = 1\n", "FILE:1: not valid TOML"),
-        ("[queue]\nworkers = [1]\n", "FILE:2: queue.workers must be a string or a number"),
-        ("[[auth.users]]\nname = \"bob\"\npassword = \"x\"\n", "user bob needs a role"),
-        ("[[auth.users]]\nname = \"bob\"\nrole = \"king\"\npassword = \"x\"\n", "unknown role 'king'"),
-        ("[[auth.users]]\nname = \"bob\"\nrole = \"admin\"\n", "needs either password or both ha1_md5 and ha1_sha256"),
-        ("[[auth.users]]\nname = \"bob\"\nrole = \"admin\"\npasswd = \"x\"\n", "unknown key 'auth.users.passwd'"),
+        (
+            "[queue]\nworkers = [1]\n",
+            "FILE:2: queue.workers must be a string or a number",
+        ),
+        (
+            "[[auth.users]]\nname = \"bob\"\npassword = \"x\"\n",
+            "user bob needs a role",
+        ),
+        (
+            "[[auth.users]]\nname = \"bob\"\nrole = \"king\"\npassword = \"x\"\n",
+            "unknown role 'king'",
+        ),
+        (
+            "[[auth.users]]\nname = \"bob\"\nrole = \"admin\"\n",
+            "needs either password or both ha1_md5 and ha1_sha256",
+        ),
+        (
+            "[[auth.users]]\nname = \"bob\"\nrole = \"admin\"\npasswd = \"x\"\n",
+            "unknown key 'auth.users.passwd'",
+        ),
     ];
     for (file, want) in cases {
-        let err = load(Some(file), &[], &[]).err().unwrap_or_else(|| panic!("accepted: {file}"));
+        let err = load(Some(file), &[], &[])
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {file}"));
         assert!(err.contains(want), "for {file:?}: '{err}' lacks '{want}'");
     }
     let err = load(None, &[("CLOUD48_WORKERS", "-1")], &[]).err().unwrap();
-    assert!(err.contains("env CLOUD48_WORKERS: bad value for queue.workers"), "{err}");
+    assert!(
+        err.contains("env CLOUD48_WORKERS: bad value for queue.workers"),
+        "{err}"
+    );
     let err = load(None, &[], &[("queue.workers", "x")]).err().unwrap();
     assert!(err.contains("flag --workers"), "{err}");
 }
@@ -94,18 +176,39 @@ fn config_show_masks_secrets_and_tells_sources() {
     let file = "[database]\nurl = \"postgres://c48:hunter2@db.example:5432/cloud48\"\n[[auth.users]]\nname = \"ada\"\nrole = \"admin\"\npassword = \"${ADA_PASSWORD}\"\n";
     let s = load(Some(file), &[("ADA_PASSWORD", "s3cret-s3cret")], &[]).unwrap();
     let text = s.show();
-    assert!(!text.contains("hunter2") && !text.contains("s3cret"), "{text}");
-    assert!(text.contains("postgres://****@db.example:5432/****"), "{text}");
-    assert!(text.contains("auth.users.ada") && text.contains("role admin"), "{text}");
+    assert!(
+        !text.contains("hunter2") && !text.contains("s3cret"),
+        "{text}"
+    );
+    assert!(
+        text.contains("postgres://****@db.example:5432/****"),
+        "{text}"
+    );
+    assert!(
+        text.contains("auth.users.ada") && text.contains("role admin"),
+        "{text}"
+    );
     assert!(text.contains("cloud48.toml:2"), "{text}");
     assert_eq!(s.auth().users[0].name, "ada");
     assert_ne!(s.auth().users[0].ha1_sha256, "s3cret-s3cret");
-    assert!(matches!(s.entries().next().unwrap().1.source, Source::Default | Source::File { .. }));
+    assert!(matches!(
+        s.entries().next().unwrap().1.source,
+        Source::Default | Source::File { .. }
+    ));
 }
 
 fn run_env(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (bool, String, String) {
-    let out = std::process::Command::new(binary()).args(args).envs(env.iter().copied()).current_dir(cwd).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = std::process::Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(cwd)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,14 +216,53 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_s = data.to_str().unwrap().to_string();
-    let (ok, _, err) = run_env(&["user", "add", "bob", "--role", "viewer", "--data-dir", &data_s], &[("CLOUD48_NEW_PASSWORD", "bobs-password")], dir.path());
+    let (ok, _, err) = run_env(
+        &[
+            "user",
+            "add",
+            "bob",
+            "--role",
+            "viewer",
+            "--data-dir",
+            &data_s,
+        ],
+        &[("CLOUD48_NEW_PASSWORD", "bobs-password")],
+        dir.path(),
+    );
     assert!(ok, "{err}");
-    let (ok, _, err) = run_env(&["user", "add", "olga", "--role", "operator", "--data-dir", &data_s], &[("CLOUD48_NEW_PASSWORD", "short")], dir.path());
+    let (ok, _, err) = run_env(
+        &[
+            "user",
+            "add",
+            "olga",
+            "--role",
+            "operator",
+            "--data-dir",
+            &data_s,
+        ],
+        &[("CLOUD48_NEW_PASSWORD", "short")],
+        dir.path(),
+    );
     assert!(!ok && err.contains("at least 8 characters"), "{err}");
-    let (ok, _, _) = run_env(&["user", "add", "olga", "--role", "operator", "--data-dir", &data_s], &[("CLOUD48_NEW_PASSWORD", "olgas-password")], dir.path());
+    let (ok, _, _) = run_env(
+        &[
+            "user",
+            "add",
+            "olga",
+            "--role",
+            "operator",
+            "--data-dir",
+            &data_s,
+        ],
+        &[("CLOUD48_NEW_PASSWORD", "olgas-password")],
+        dir.path(),
+    );
     assert!(ok);
     let (ok, out, _) = run_env(&["user", "list", "--data-dir", &data_s], &[], dir.path());
-    assert!(ok && out.contains("bob") && out.contains("viewer") && out.contains("olga"), "{out}");
+    assert!(
+        ok && out.contains("bob") && out.contains("viewer") && out.contains("olga"),
+        "{out}"
+    );
 
     let serve = ServeProcess::spawn(&data, &[]).await;
     let url = serve.url.clone();
@@ -142,29 +284,90 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
     };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let (ok, _, err) = call(s(&["env", "create", "web"]), vec![]).await;
-    assert!(!ok && err.contains("sign in with --user NAME"), "ok={ok} err={err}");
-    let (ok, _, err) = call(s(&["--user", "bob", "env", "create", "web"]), vec![("CLOUD48_PASSWORD", "bobs-password".into())]).await;
-    assert!(!ok && err.contains("this needs role operator; user 'bob' has role viewer"), "{err}");
-    let (ok, _, err) = call(s(&["--user", "bob", "env", "create", "web"]), vec![("CLOUD48_PASSWORD", "wrong-password".into())]).await;
-    assert!(!ok && err.contains("authentication as 'bob' failed"), "{err}");
+    assert!(
+        !ok && err.contains("sign in with --user NAME"),
+        "ok={ok} err={err}"
+    );
+    let (ok, _, err) = call(
+        s(&["--user", "bob", "env", "create", "web"]),
+        vec![("CLOUD48_PASSWORD", "bobs-password".into())],
+    )
+    .await;
+    assert!(
+        !ok && err.contains("this needs role operator; user 'bob' has role viewer"),
+        "{err}"
+    );
+    let (ok, _, err) = call(
+        s(&["--user", "bob", "env", "create", "web"]),
+        vec![("CLOUD48_PASSWORD", "wrong-password".into())],
+    )
+    .await;
+    assert!(
+        !ok && err.contains("authentication as 'bob' failed"),
+        "{err}"
+    );
     let creds = dir.path().join("creds.toml");
     std::fs::write(&creds, "user = \"olga\"\npassword = \"olgas-password\"\n").unwrap();
-    let (ok, _, err) = call(s(&["--credentials", creds.to_str().unwrap(), "env", "create", "web", "--wait"]), vec![]).await;
+    let (ok, _, err) = call(
+        s(&[
+            "--credentials",
+            creds.to_str().unwrap(),
+            "env",
+            "create",
+            "web",
+            "--wait",
+        ]),
+        vec![],
+    )
+    .await;
     assert!(ok, "{err}");
     let (ok, out, _) = call(s(&["command", "show", "1"]), vec![]).await;
     assert!(ok && out.contains("requested by: olga"), "{out}");
     // passwd replaces the password; remove ends the account.
-    let (ok, _, err) = run_env(&["user", "passwd", "olga", "--data-dir", &data_s], &[("CLOUD48_NEW_PASSWORD", "olgas-new-password")], dir.path());
+    let (ok, _, err) = run_env(
+        &["user", "passwd", "olga", "--data-dir", &data_s],
+        &[("CLOUD48_NEW_PASSWORD", "olgas-new-password")],
+        dir.path(),
+    );
     assert!(ok, "{err}");
-    let (ok, _, err) = call(s(&["--credentials", creds.to_str().unwrap(), "env", "create", "web2"]), vec![]).await;
-    assert!(!ok && err.contains("authentication as 'olga' failed"), "the old password no longer works: {err}");
-    let (ok, _, err) = call(s(&["--user", "olga", "env", "create", "web2"]), vec![("CLOUD48_PASSWORD", "olgas-new-password".into())]).await;
+    let (ok, _, err) = call(
+        s(&[
+            "--credentials",
+            creds.to_str().unwrap(),
+            "env",
+            "create",
+            "web2",
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(
+        !ok && err.contains("authentication as 'olga' failed"),
+        "the old password no longer works: {err}"
+    );
+    let (ok, _, err) = call(
+        s(&["--user", "olga", "env", "create", "web2"]),
+        vec![("CLOUD48_PASSWORD", "olgas-new-password".into())],
+    )
+    .await;
     assert!(ok, "{err}");
-    let (ok, _, err) = run_env(&["user", "remove", "olga", "--data-dir", &data_s], &[], dir.path());
+    let (ok, _, err) = run_env(
+        &["user", "remove", "olga", "--data-dir", &data_s],
+        &[],
+        dir.path(),
+    );
     assert!(ok, "{err}");
-    let (ok, _, err) = call(s(&["--user", "olga", "env", "create", "web3"]), vec![("CLOUD48_PASSWORD", "olgas-new-password".into())]).await;
+    let (ok, _, err) = call(
+        s(&["--user", "olga", "env", "create", "web3"]),
+        vec![("CLOUD48_PASSWORD", "olgas-new-password".into())],
+    )
+    .await;
     assert!(!ok && err.contains("wrong user name or password"), "{err}");
-    let (ok, _, err) = run_env(&["user", "remove", "olga", "--data-dir", &data_s], &[], dir.path());
+    let (ok, _, err) = run_env(
+        &["user", "remove", "olga", "--data-dir", &data_s],
+        &[],
+        dir.path(),
+    );
     assert!(!ok && err.contains("user 'olga' does not exist"), "{err}");
     drop(serve);
 }
@@ -172,14 +375,27 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
 #[test]
 fn config_show_through_the_binary_reports_the_file_line() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("cloud48.toml"), "# cloud48\n[queue]\nworkers = 12\n").unwrap();
+    std::fs::write(
+        dir.path().join("cloud48.toml"),
+        "# cloud48\n[queue]\nworkers = 12\n",
+    )
+    .unwrap();
     let (ok, out, err) = run_env(&["config", "show", "--sim-servers", "2"], &[], dir.path());
     assert!(ok, "{err}");
     let line = out.lines().find(|l| l.contains("queue.workers")).unwrap();
-    assert!(line.contains("12") && line.contains("cloud48.toml:3"), "{line}");
-    let line = out.lines().find(|l| l.contains("drivers.sim.servers")).unwrap();
+    assert!(
+        line.contains("12") && line.contains("cloud48.toml:3"),
+        "{line}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("drivers.sim.servers"))
+        .unwrap();
     assert!(line.contains("flag --sim-servers"), "{line}");
     std::fs::write(dir.path().join("cloud48.toml"), "[queue]\nworker = 12\n").unwrap();
     let (ok, _, err) = run_env(&["serve"], &[], dir.path());
-    assert!(!ok && err.contains("cloud48.toml:2: unknown key 'queue.worker'"), "{err}");
+    assert!(
+        !ok && err.contains("cloud48.toml:2: unknown key 'queue.worker'"),
+        "{err}"
+    );
 }

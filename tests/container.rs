@@ -12,7 +12,12 @@ async fn create(t: &TestCore, server: Option<&str>) -> i64 {
         .client
         .post(
             "/v1/containers",
-            &CreateContainer { type_id: "plain".into(), server: server.map(Into::into), requirements: None, count: None },
+            &CreateContainer {
+                type_id: "plain".into(),
+                server: server.map(Into::into),
+                requirements: None,
+                count: None,
+            },
         )
         .await
         .unwrap();
@@ -20,7 +25,11 @@ async fn create(t: &TestCore, server: Option<&str>) -> i64 {
 }
 
 async fn act(t: &TestCore, id: i64, op: ContainerCommand) -> i64 {
-    let a: Accepted = t.client.post(&format!("/v1/containers/{id}/actions"), &op).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(&format!("/v1/containers/{id}/actions"), &op)
+        .await
+        .unwrap();
     a.command_id
 }
 
@@ -37,15 +46,36 @@ async fn every_container_command_works_on_the_sim_driver() {
     assert_eq!(c.server.as_deref(), Some("sim-1"));
     assert!(c.ip.is_some());
     let sim1 = t.sim("sim-1").await;
-    let guest_state = |sim: &cloud48_core::driver::sim::SimServer| sim.guest(&c.guest_id).map(|g| g.info.state);
+    let guest_state =
+        |sim: &cloud48_core::driver::sim::SimServer| sim.guest(&c.guest_id).map(|g| g.info.state);
     assert_eq!(guest_state(&sim1), Some(GuestState::Running));
 
     for (op, status, guest) in [
-        (ContainerCommand::Stop, ContainerStatus::Stopped, GuestState::Stopped),
-        (ContainerCommand::Start, ContainerStatus::Running, GuestState::Running),
-        (ContainerCommand::Suspend, ContainerStatus::Suspended, GuestState::Suspended),
-        (ContainerCommand::Resume, ContainerStatus::Running, GuestState::Running),
-        (ContainerCommand::Reboot, ContainerStatus::Running, GuestState::Running),
+        (
+            ContainerCommand::Stop,
+            ContainerStatus::Stopped,
+            GuestState::Stopped,
+        ),
+        (
+            ContainerCommand::Start,
+            ContainerStatus::Running,
+            GuestState::Running,
+        ),
+        (
+            ContainerCommand::Suspend,
+            ContainerStatus::Suspended,
+            GuestState::Suspended,
+        ),
+        (
+            ContainerCommand::Resume,
+            ContainerStatus::Running,
+            GuestState::Running,
+        ),
+        (
+            ContainerCommand::Reboot,
+            ContainerStatus::Running,
+            GuestState::Running,
+        ),
     ] {
         let cmd = act(&t, id, op.clone()).await;
         t.ok(cmd).await;
@@ -54,29 +84,63 @@ async fn every_container_command_works_on_the_sim_driver() {
     }
     assert_eq!(
         sim1.guest(&c.guest_id).unwrap().operations,
-        ["create", "start", "stop", "start", "suspend", "resume", "reboot"]
+        [
+            "create", "start", "stop", "start", "suspend", "resume", "reboot"
+        ]
     );
 
-    let bigger = Resources { cpu_millis: 1500, memory_mb: 1024, disk_mb: 2048 };
-    t.ok(act(&t, id, ContainerCommand::Update { resources: bigger }).await).await;
+    let bigger = Resources {
+        cpu_millis: 1500,
+        memory_mb: 1024,
+        disk_mb: 2048,
+    };
+    t.ok(act(&t, id, ContainerCommand::Update { resources: bigger }).await)
+        .await;
     assert_eq!(show(&t, id).await.requirements.resources, bigger);
     assert_eq!(sim1.guest(&c.guest_id).unwrap().info.resources, bigger);
 
-    let cmd = t.ok(act(&t, id, ContainerCommand::Clone { server: Some("sim-2".into()) }).await).await;
+    let cmd = t
+        .ok(act(
+            &t,
+            id,
+            ContainerCommand::Clone {
+                server: Some("sim-2".into()),
+            },
+        )
+        .await)
+        .await;
     let copy_id = cmd.result.unwrap()["container_id"].as_i64().unwrap();
     let copy = show(&t, copy_id).await;
     assert_ne!(copy_id, id);
     assert_eq!(copy.status, ContainerStatus::Running);
     assert_eq!(copy.server.as_deref(), Some("sim-2"));
     assert_ne!(copy.ip, c.ip);
-    assert_eq!(show(&t, id).await.status, ContainerStatus::Running, "the source runs again after a cold clone");
+    assert_eq!(
+        show(&t, id).await.status,
+        ContainerStatus::Running,
+        "the source runs again after a cold clone"
+    );
 
-    t.ok(act(&t, id, ContainerCommand::Migrate { to: Some("sim-3".into()) }).await).await;
+    t.ok(act(
+        &t,
+        id,
+        ContainerCommand::Migrate {
+            to: Some("sim-3".into()),
+        },
+    )
+    .await)
+        .await;
     let moved = show(&t, id).await;
     assert_eq!(moved.server.as_deref(), Some("sim-3"));
     assert_eq!(moved.status, ContainerStatus::Running);
-    assert!(sim1.guest(&c.guest_id).is_none(), "the source server no longer has the guest");
-    assert_eq!(t.sim("sim-3").await.guest(&c.guest_id).unwrap().info.state, GuestState::Running);
+    assert!(
+        sim1.guest(&c.guest_id).is_none(),
+        "the source server no longer has the guest"
+    );
+    assert_eq!(
+        t.sim("sim-3").await.guest(&c.guest_id).unwrap().info.state,
+        GuestState::Running
+    );
 
     t.ok(act(&t, id, ContainerCommand::Destroy).await).await;
     assert_eq!(show(&t, id).await.status, ContainerStatus::Destroyed);
@@ -91,28 +155,45 @@ async fn every_container_command_works_on_the_sim_driver() {
 async fn transient_driver_errors_are_retried_with_backoff() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let id = create(&t, Some("sim-1")).await;
-    t.sim("sim-1").await.fail_next("reboot", 2, DriverError::Transient("connection reset".into()));
+    t.sim("sim-1").await.fail_next(
+        "reboot",
+        2,
+        DriverError::Transient("connection reset".into()),
+    );
     let cmd = t.ok(act(&t, id, ContainerCommand::Reboot).await).await;
     assert_eq!(cmd.attempts, 2, "two failed attempts were retried");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_past_the_attempt_limit_fail_the_command() {
-    let t = TestCore::start(Opts { max_attempts: 3, ..Opts::default() }).await.unwrap();
+    let t = TestCore::start(Opts {
+        max_attempts: 3,
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
     let id = create(&t, Some("sim-1")).await;
     t.sim("sim-1").await.crash();
     let cmd = t.wait(act(&t, id, ContainerCommand::Stop).await).await;
     let err = cmd.error.unwrap();
     assert!(err.contains("gave up after 3 attempts"), "{err}");
     assert!(err.contains("sim-1 is unreachable"), "{err}");
-    assert_eq!(show(&t, id).await.status, ContainerStatus::Running, "a failed stop changes nothing");
+    assert_eq!(
+        show(&t, id).await.status,
+        ContainerStatus::Running,
+        "a failed stop changes nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_driver_errors_fail_at_once_with_the_drivers_message() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let id = create(&t, Some("sim-1")).await;
-    t.sim("sim-1").await.fail_next("suspend", 1, DriverError::Permanent("cgroup freezer missing".into()));
+    t.sim("sim-1").await.fail_next(
+        "suspend",
+        1,
+        DriverError::Permanent("cgroup freezer missing".into()),
+    );
     let cmd = t.wait(act(&t, id, ContainerCommand::Suspend).await).await;
     assert_eq!(cmd.attempts, 0);
     assert!(cmd.error.unwrap().contains("cgroup freezer missing"));
@@ -122,17 +203,30 @@ async fn permanent_driver_errors_fail_at_once_with_the_drivers_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_create_leaves_a_failed_container_and_no_guest() {
     let t = TestCore::start(Opts::default()).await.unwrap();
-    t.sim("sim-2").await.fail_next("start", 1, DriverError::Permanent("image broken".into()));
+    t.sim("sim-2")
+        .await
+        .fail_next("start", 1, DriverError::Permanent("image broken".into()));
     let a: Accepted = t
         .client
-        .post("/v1/containers", &CreateContainer { type_id: "plain".into(), server: Some("sim-2".into()), requirements: None, count: None })
+        .post(
+            "/v1/containers",
+            &CreateContainer {
+                type_id: "plain".into(),
+                server: Some("sim-2".into()),
+                requirements: None,
+                count: None,
+            },
+        )
         .await
         .unwrap();
     let cmd = t.wait(a.command_id).await;
     assert!(cmd.error.unwrap().contains("image broken"));
     let c = show(&t, a.object_id.unwrap()).await;
     assert_eq!(c.status, ContainerStatus::Failed);
-    assert!(t.sim("sim-2").await.guests().is_empty(), "the half-created guest was destroyed");
+    assert!(
+        t.sim("sim-2").await.guests().is_empty(),
+        "the half-created guest was destroyed"
+    );
     let live: Vec<Container> = t.client.get("/v1/containers").await.unwrap();
     assert!(live.is_empty());
 }
@@ -146,19 +240,48 @@ async fn placement_spreads_containers_and_says_which_requirement_failed() {
         servers.push(show(&t, id).await.server.unwrap());
     }
     servers.sort();
-    assert_eq!(servers, ["sim-1", "sim-2", "sim-3"], "each new container goes to the emptiest server");
+    assert_eq!(
+        servers,
+        ["sim-1", "sim-2", "sim-3"],
+        "each new container goes to the emptiest server"
+    );
 
-    let huge = Requirements { resources: Resources { cpu_millis: 1000, memory_mb: 10_000_000, disk_mb: 10 }, ..Default::default() };
+    let huge = Requirements {
+        resources: Resources {
+            cpu_millis: 1000,
+            memory_mb: 10_000_000,
+            disk_mb: 10,
+        },
+        ..Default::default()
+    };
     let a: Accepted = t
         .client
-        .post("/v1/containers", &json!({ "type": "plain", "requirements": huge }))
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "requirements": huge }),
+        )
         .await
         .unwrap();
     let err = t.wait(a.command_id).await.error.unwrap();
     assert!(err.contains("memory_mb 10000000 needed"), "{err}");
 
-    let labelled = Requirements { resources: Resources { cpu_millis: 1, memory_mb: 1, disk_mb: 1 }, labels: vec!["ssd".into()], spread: false };
-    let a: Accepted = t.client.post("/v1/containers", &json!({ "type": "plain", "requirements": labelled })).await.unwrap();
+    let labelled = Requirements {
+        resources: Resources {
+            cpu_millis: 1,
+            memory_mb: 1,
+            disk_mb: 1,
+        },
+        labels: vec!["ssd".into()],
+        spread: false,
+    };
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "requirements": labelled }),
+        )
+        .await
+        .unwrap();
     let err = t.wait(a.command_id).await.error.unwrap();
     assert!(err.contains("labels [ssd]"), "{err}");
 }
@@ -168,15 +291,37 @@ async fn a_clone_that_fails_late_releases_the_copy_and_restarts_the_source() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let id = create(&t, Some("sim-1")).await;
     let source = show(&t, id).await;
-    t.sim("sim-2").await.fail_next("start", 1, DriverError::Permanent("no init process".into()));
-    let cmd = t.wait(act(&t, id, ContainerCommand::Clone { server: Some("sim-2".into()) }).await).await;
+    t.sim("sim-2")
+        .await
+        .fail_next("start", 1, DriverError::Permanent("no init process".into()));
+    let cmd = t
+        .wait(
+            act(
+                &t,
+                id,
+                ContainerCommand::Clone {
+                    server: Some("sim-2".into()),
+                },
+            )
+            .await,
+        )
+        .await;
     assert!(cmd.error.unwrap().contains("no init process"));
     let all: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
-    let copy = all.iter().find(|c| c.id != id).expect("the copy row exists");
+    let copy = all
+        .iter()
+        .find(|c| c.id != id)
+        .expect("the copy row exists");
     assert_eq!(copy.locked_by, None, "the failed clone released the copy");
-    t.ok(act(&t, copy.id, ContainerCommand::Destroy).await).await;
+    t.ok(act(&t, copy.id, ContainerCommand::Destroy).await)
+        .await;
     assert_eq!(
-        t.sim("sim-1").await.guest(&source.guest_id).unwrap().info.state,
+        t.sim("sim-1")
+            .await
+            .guest(&source.guest_id)
+            .unwrap()
+            .info
+            .state,
         GuestState::Running,
         "the source runs again"
     );

@@ -18,7 +18,12 @@ fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
         }
         let state: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         for (id, guest) in state["guests"].as_object().unwrap() {
-            let ops = guest["operations"].as_array().unwrap().iter().map(|o| o.as_str().unwrap().to_string()).collect();
+            let ops = guest["operations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o.as_str().unwrap().to_string())
+                .collect();
             out.push((id.clone(), ops));
         }
     }
@@ -29,23 +34,48 @@ fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
 async fn commands_resume_after_kill_9_and_finish_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let latency = ["--sim-latency-ms", "250", "--sim-servers", "3", "--anonymous", "full"];
+    let latency = [
+        "--sim-latency-ms",
+        "250",
+        "--sim-servers",
+        "3",
+        "--anonymous",
+        "full",
+    ];
     let mut serve = ServeProcess::spawn(&data, &latency).await;
     let client = Client::new(&serve.url);
-    let a: Accepted = client.post("/v1/environments", &json!({ "name": "web" })).await.unwrap();
-    assert_eq!(client.command(a.command_id, 30).await.unwrap().status, CommandStatus::Succeeded);
+    let a: Accepted = client
+        .post("/v1/environments", &json!({ "name": "web" }))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.command(a.command_id, 30).await.unwrap().status,
+        CommandStatus::Succeeded
+    );
 
     let mut top = Vec::new();
     for _ in 0..3 {
-        let a: Accepted = client.post("/v1/environments/web/containers", &json!({ "type": "plain" })).await.unwrap();
+        let a: Accepted = client
+            .post(
+                "/v1/environments/web/containers",
+                &json!({ "type": "plain" }),
+            )
+            .await
+            .unwrap();
         top.push(a.command_id);
-        let a: Accepted = client.post("/v1/containers", &json!({ "type": "plain" })).await.unwrap();
+        let a: Accepted = client
+            .post("/v1/containers", &json!({ "type": "plain" }))
+            .await
+            .unwrap();
         top.push(a.command_id);
     }
     // Kill as soon as some creation is mid-way (past its first persisted step).
     loop {
         let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
-        if cmds.iter().any(|c| c.kind == "container.create" && c.step >= 1 && !c.status.is_terminal()) {
+        if cmds
+            .iter()
+            .any(|c| c.kind == "container.create" && c.step >= 1 && !c.status.is_terminal())
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -62,48 +92,108 @@ async fn commands_resume_after_kill_9_and_finish_exactly_once() {
             unfinished_at_restart += 1;
         }
         let c = client.command(*id, 120).await.unwrap();
-        assert_eq!(c.status, CommandStatus::Succeeded, "command {id} after restart: {c:?}");
+        assert_eq!(
+            c.status,
+            CommandStatus::Succeeded,
+            "command {id} after restart: {c:?}"
+        );
     }
-    assert!(unfinished_at_restart > 0, "the kill came too late to test anything");
+    assert!(
+        unfinished_at_restart > 0,
+        "the kill came too late to test anything"
+    );
 
     let env: Environment = client.get("/v1/environments/web").await.unwrap();
     assert_eq!(env.members.len(), 3, "three adds, three members");
     let live: Vec<Container> = client.get("/v1/containers").await.unwrap();
     assert_eq!(live.len(), 6);
-    assert!(live.iter().all(|c| c.status.as_str() == "running" && c.locked_by.is_none()));
+    assert!(
+        live.iter()
+            .all(|c| c.status.as_str() == "running" && c.locked_by.is_none())
+    );
     let all: Vec<Container> = client.get("/v1/containers?all=true").await.unwrap();
     assert_eq!(all.len(), 6, "no duplicate container rows");
 
     let guests = sim_guests(&data);
-    assert_eq!(guests.len(), 6, "no duplicate guests on the servers: {guests:?}");
+    assert_eq!(
+        guests.len(),
+        6,
+        "no duplicate guests on the servers: {guests:?}"
+    );
     for (id, ops) in guests {
-        assert_eq!(ops, ["create", "start"], "guest {id} saw its operations more than once");
+        assert_eq!(
+            ops,
+            ["create", "start"],
+            "guest {id} saw its operations more than once"
+        );
     }
     let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
-    assert!(cmds.iter().all(|c| c.status == CommandStatus::Succeeded), "{cmds:#?}");
+    assert!(
+        cmds.iter().all(|c| c.status == CommandStatus::Succeeded),
+        "{cmds:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leaking_a_dummy() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let flags = ["--sim-latency-ms", "300", "--sim-servers", "3", "--anonymous", "full"];
+    let flags = [
+        "--sim-latency-ms",
+        "300",
+        "--sim-servers",
+        "3",
+        "--anonymous",
+        "full",
+    ];
     let mut serve = ServeProcess::spawn(&data, &flags).await;
     let client = Client::new(&serve.url);
-    let a: Accepted = client.post("/v1/containers", &json!({ "type": "plain", "server": "sim-1" })).await.unwrap();
-    let id = client.command(a.command_id, 60).await.unwrap().result.unwrap()["container_id"].as_i64().unwrap();
-    let a: Accepted = client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "migrate" })).await.unwrap();
+    let a: Accepted = client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "sim-1" }),
+        )
+        .await
+        .unwrap();
+    let id = client
+        .command(a.command_id, 60)
+        .await
+        .unwrap()
+        .result
+        .unwrap()["container_id"]
+        .as_i64()
+        .unwrap();
+    let a: Accepted = client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "migrate" }),
+        )
+        .await
+        .unwrap();
     // Kill once the target is reserved (step 1 persisted) and before the switch.
     loop {
-        let c: Command = client.get(&format!("/v1/commands/{}", a.command_id)).await.unwrap();
-        assert!(!c.status.is_terminal(), "the migration finished before the kill: {c:?}");
+        let c: Command = client
+            .get(&format!("/v1/commands/{}", a.command_id))
+            .await
+            .unwrap();
+        assert!(
+            !c.status.is_terminal(),
+            "the migration finished before the kill: {c:?}"
+        );
         if c.step >= 1 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let servers: Vec<Value> = client.get("/v1/servers").await.unwrap();
-    assert_eq!(servers.iter().map(|s| s["dummies"].as_u64().unwrap()).sum::<u64>(), 1, "the target is reserved by a dummy");
+    assert_eq!(
+        servers
+            .iter()
+            .map(|s| s["dummies"].as_u64().unwrap())
+            .sum::<u64>(),
+        1,
+        "the target is reserved by a dummy"
+    );
     serve.kill9();
     drop(serve);
 
@@ -115,24 +205,58 @@ async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leakin
     assert_ne!(c.server.as_deref(), Some("sim-1"));
     assert_eq!(c.status.as_str(), "running");
     let servers: Vec<Value> = client.get("/v1/servers").await.unwrap();
-    assert_eq!(servers.iter().map(|s| s["dummies"].as_u64().unwrap()).sum::<u64>(), 0, "no dummy outlives its command");
-    assert_eq!(servers.iter().map(|s| s["containers"].as_u64().unwrap()).sum::<u64>(), 1, "{servers:#?}");
+    assert_eq!(
+        servers
+            .iter()
+            .map(|s| s["dummies"].as_u64().unwrap())
+            .sum::<u64>(),
+        0,
+        "no dummy outlives its command"
+    );
+    assert_eq!(
+        servers
+            .iter()
+            .map(|s| s["containers"].as_u64().unwrap())
+            .sum::<u64>(),
+        1,
+        "{servers:#?}"
+    );
     let guests = sim_guests(&data);
-    assert_eq!(guests.len(), 1, "exactly one copy of the container exists: {guests:?}");
+    assert_eq!(
+        guests.len(),
+        1,
+        "exactly one copy of the container exists: {guests:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let flags = ["--sim-latency-ms", "20", "--sim-servers", "3", "--anonymous", "full"];
+    let flags = [
+        "--sim-latency-ms",
+        "20",
+        "--sim-servers",
+        "3",
+        "--anonymous",
+        "full",
+    ];
     let mut serve = ServeProcess::spawn(&data, &flags).await;
     let client = Client::new(&serve.url);
-    let a: Accepted = client.post("/v1/containers", &json!({ "type": "plain", "count": 40 })).await.unwrap();
+    let a: Accepted = client
+        .post("/v1/containers", &json!({ "type": "plain", "count": 40 }))
+        .await
+        .unwrap();
     // Kill once the reservations are persisted (step 1) and some guests exist.
     loop {
-        let c: Command = client.get(&format!("/v1/commands/{}", a.command_id)).await.unwrap();
-        assert!(!c.status.is_terminal(), "the batch finished before the kill: {c:?}");
+        let c: Command = client
+            .get(&format!("/v1/commands/{}", a.command_id))
+            .await
+            .unwrap();
+        assert!(
+            !c.status.is_terminal(),
+            "the batch finished before the kill: {c:?}"
+        );
         if c.step >= 1 && !sim_guests(&data).is_empty() {
             break;
         }
@@ -153,34 +277,77 @@ async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_onc
 /// created and started once.
 async fn assert_created_once(client: &Client, data: &std::path::Path, n: u64) {
     let servers: Vec<Value> = client.get("/v1/servers").await.unwrap();
-    assert_eq!(servers.iter().map(|s| s["dummies"].as_u64().unwrap()).sum::<u64>(), 0, "no dummy outlives its command");
-    assert_eq!(servers.iter().map(|s| s["containers"].as_u64().unwrap()).sum::<u64>(), n, "{servers:#?}");
+    assert_eq!(
+        servers
+            .iter()
+            .map(|s| s["dummies"].as_u64().unwrap())
+            .sum::<u64>(),
+        0,
+        "no dummy outlives its command"
+    );
+    assert_eq!(
+        servers
+            .iter()
+            .map(|s| s["containers"].as_u64().unwrap())
+            .sum::<u64>(),
+        n,
+        "{servers:#?}"
+    );
     let guests = sim_guests(data);
-    assert_eq!(guests.len() as u64, n, "one guest per container: {guests:?}");
+    assert_eq!(
+        guests.len() as u64,
+        n,
+        "one guest per container: {guests:?}"
+    );
     for (id, ops) in guests {
-        assert_eq!(ops, ["create", "start"], "guest {id} saw its operations more than once");
+        assert_eq!(
+            ops,
+            ["create", "start"],
+            "guest {id} saw its operations more than once"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_restart_exactly_once() {
+async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_restart_exactly_once()
+{
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Enough workers that the creates are claimed, and run, together.
-    let flags = ["--sim-latency-ms", "250", "--sim-servers", "3", "--workers", "64", "--anonymous", "full"];
+    let flags = [
+        "--sim-latency-ms",
+        "250",
+        "--sim-servers",
+        "3",
+        "--workers",
+        "64",
+        "--anonymous",
+        "full",
+    ];
     let mut serve = ServeProcess::spawn(&data, &flags).await;
     let client = Client::new(&serve.url);
     let mut ids = Vec::new();
     for _ in 0..60 {
-        let a: Accepted = client.post("/v1/containers", &json!({ "type": "plain" })).await.unwrap();
+        let a: Accepted = client
+            .post("/v1/containers", &json!({ "type": "plain" }))
+            .await
+            .unwrap();
         ids.push(a.command_id);
     }
     // Kill once reservations are persisted (step 1) and some guests exist.
-    eventually("a create past its reservation, with guests made", || async {
-        let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
-        assert!(cmds.iter().any(|c| !c.status.is_terminal()), "every create finished before the kill");
-        (cmds.iter().any(|c| c.step >= 1 && !c.status.is_terminal()) && !sim_guests(&data).is_empty()).then_some(())
-    })
+    eventually(
+        "a create past its reservation, with guests made",
+        || async {
+            let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
+            assert!(
+                cmds.iter().any(|c| !c.status.is_terminal()),
+                "every create finished before the kill"
+            );
+            (cmds.iter().any(|c| c.step >= 1 && !c.status.is_terminal())
+                && !sim_guests(&data).is_empty())
+            .then_some(())
+        },
+    )
     .await;
     serve.kill9();
     drop(serve);
@@ -189,10 +356,18 @@ async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_re
     let client = Client::new(&serve.url);
     for id in &ids {
         let c = client.command(*id, 120).await.unwrap();
-        assert_eq!(c.status, CommandStatus::Succeeded, "command {id} after restart: {c:?}");
+        assert_eq!(
+            c.status,
+            CommandStatus::Succeeded,
+            "command {id} after restart: {c:?}"
+        );
     }
     let all: Vec<Container> = client.get("/v1/containers?all=true").await.unwrap();
     assert_eq!(all.len(), 60, "no duplicate container rows");
-    assert!(all.iter().all(|c| c.status.as_str() == "running" && c.locked_by.is_none()), "{all:#?}");
+    assert!(
+        all.iter()
+            .all(|c| c.status.as_str() == "running" && c.locked_by.is_none()),
+        "{all:#?}"
+    );
     assert_created_once(&client, &data, 60).await;
 }

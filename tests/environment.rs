@@ -3,7 +3,9 @@
 use std::sync::{Arc, Mutex};
 
 use cloud48_core::managers::AddContainer;
-use cloud48_core::model::{Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources};
+use cloud48_core::model::{
+    Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources,
+};
 use cloud48_core::queue::CommandFilter;
 use cloud48_core::types::{ContainerType, Hook, HookContext, HookOutcome, TypeError, Verdict};
 use serde_json::json;
@@ -25,62 +27,126 @@ impl ContainerType for Recording {
         self.priority
     }
     fn default_requirements(&self) -> Requirements {
-        Requirements { resources: Resources { cpu_millis: 100, memory_mb: 64, disk_mb: 64 }, ..Default::default() }
+        Requirements {
+            resources: Resources {
+                cpu_millis: 100,
+                memory_mb: 64,
+                disk_mb: 64,
+            },
+            ..Default::default()
+        }
     }
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
-        self.log.lock().unwrap().push(format!("{}#{}:{}", self.name, ctx.container.id, hook.name()));
+        self.log.lock().unwrap().push(format!(
+            "{}#{}:{}",
+            self.name,
+            ctx.container.id,
+            hook.name()
+        ));
         if self.name == "singleton"
             && *hook == Hook::BeforeItIsAdded
-            && ctx.environment.members.iter().any(|m| m.type_id == "singleton")
+            && ctx
+                .environment
+                .members
+                .iter()
+                .any(|m| m.type_id == "singleton")
         {
-            return Ok(HookOutcome { verdict: Verdict::Deny("only one singleton per environment".into()), actions: vec![], new_state: None });
+            return Ok(HookOutcome {
+                verdict: Verdict::Deny("only one singleton per environment".into()),
+                actions: vec![],
+                new_state: None,
+            });
         }
         if self.name == "counter" && matches!(hook, Hook::AfterOtherIsAdded(_)) {
-            let n: u32 = std::str::from_utf8(ctx.state).ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-            return Ok(HookOutcome { verdict: Verdict::Allow, actions: vec![], new_state: Some((n + 1).to_string().into_bytes()) });
+            let n: u32 = std::str::from_utf8(ctx.state)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            return Ok(HookOutcome {
+                verdict: Verdict::Allow,
+                actions: vec![],
+                new_state: Some((n + 1).to_string().into_bytes()),
+            });
         }
         Ok(HookOutcome::allow())
     }
 }
 
 fn recording(log: &Arc<Mutex<Vec<String>>>) -> Vec<Arc<dyn ContainerType>> {
-    [("db", 10), ("lb", 20), ("web", 50), ("singleton", 60), ("counter", 70)]
-        .into_iter()
-        .map(|(name, priority)| Arc::new(Recording { name, priority, log: log.clone() }) as Arc<dyn ContainerType>)
-        .collect()
+    [
+        ("db", 10),
+        ("lb", 20),
+        ("web", 50),
+        ("singleton", 60),
+        ("counter", 70),
+    ]
+    .into_iter()
+    .map(|(name, priority)| {
+        Arc::new(Recording {
+            name,
+            priority,
+            log: log.clone(),
+        }) as Arc<dyn ContainerType>
+    })
+    .collect()
 }
 
 async fn env(t: &TestCore, name: &str) {
-    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": name })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": name }))
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
 }
 
 async fn add(t: &TestCore, env: &str, type_id: &str) -> Command {
     let a: Accepted = t
         .client
-        .post(&format!("/v1/environments/{env}/containers"), &AddContainer { type_id: type_id.into(), requirements: None, server: None })
+        .post(
+            &format!("/v1/environments/{env}/containers"),
+            &AddContainer {
+                type_id: type_id.into(),
+                requirements: None,
+                server: None,
+            },
+        )
         .await
         .unwrap();
     t.wait(a.command_id).await
 }
 
 fn added(cmd: &Command) -> i64 {
-    cmd.result.as_ref().expect("succeeded")["container_id"].as_i64().unwrap()
+    cmd.result.as_ref().expect("succeeded")["container_id"]
+        .as_i64()
+        .unwrap()
 }
 
 async fn op(t: &TestCore, env: &str, op: &str) -> Command {
-    let a: Accepted = t.client.post(&format!("/v1/environments/{env}/{op}"), &json!({})).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(&format!("/v1/environments/{env}/{op}"), &json!({}))
+        .await
+        .unwrap();
     t.ok(a.command_id).await
 }
 
 async fn show(t: &TestCore, env: &str) -> Environment {
-    t.client.get(&format!("/v1/environments/{env}")).await.unwrap()
+    t.client
+        .get(&format!("/v1/environments/{env}"))
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_run_for_the_new_container_first_then_members_by_ascending_priority() {
     let log = Arc::new(Mutex::new(Vec::new()));
-    let t = TestCore::start(Opts { types: recording(&log), ..Opts::default() }).await.unwrap();
+    let t = TestCore::start(Opts {
+        types: recording(&log),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
     env(&t, "shop").await;
     let web1 = added(&add(&t, "shop", "web").await);
     let db = added(&add(&t, "shop", "db").await);
@@ -103,7 +169,11 @@ async fn hooks_run_for_the_new_container_first_then_members_by_ascending_priorit
     );
 
     log.lock().unwrap().clear();
-    let a: Accepted = t.client.submit::<()>(&format!("/v1/environments/shop/containers/{lb}"), None).await.unwrap();
+    let a: Accepted = t
+        .client
+        .submit::<()>(&format!("/v1/environments/shop/containers/{lb}"), None)
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     assert_eq!(
         log.lock().unwrap().clone(),
@@ -114,48 +184,94 @@ async fn hooks_run_for_the_new_container_first_then_members_by_ascending_priorit
             format!("web#{web2}:after-other-is-removed"),
         ]
     );
-    let members: Vec<i64> = show(&t, "shop").await.members.iter().map(|m| m.id).collect();
-    assert_eq!(members, vec![db, web1, web2], "members are listed by ascending priority");
+    let members: Vec<i64> = show(&t, "shop")
+        .await
+        .members
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(
+        members,
+        vec![db, web1, web2],
+        "members are listed by ascending priority"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_denial_fails_the_add_with_the_reason_and_creates_nothing() {
     let log = Arc::new(Mutex::new(Vec::new()));
-    let t = TestCore::start(Opts { types: recording(&log), ..Opts::default() }).await.unwrap();
+    let t = TestCore::start(Opts {
+        types: recording(&log),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
     env(&t, "solo").await;
     added(&add(&t, "solo", "singleton").await);
     let before: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
     let cmd = add(&t, "solo", "singleton").await;
     let err = cmd.error.unwrap();
-    assert!(err.contains("denied by the new singleton container"), "{err}");
+    assert!(
+        err.contains("denied by the new singleton container"),
+        "{err}"
+    );
     assert!(err.contains("only one singleton per environment"), "{err}");
     let after: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
     assert_eq!(before.len(), after.len(), "no container row was created");
-    let guests: usize = [1, 2, 3].iter().map(|i| t.core.fleet().sim(*i).unwrap().guests().len()).sum();
+    let guests: usize = [1, 2, 3]
+        .iter()
+        .map(|i| t.core.fleet().sim(*i).unwrap().guests().len())
+        .sum();
     assert_eq!(guests, 1, "no guest was created");
-    let children = t.core.queue().list(&CommandFilter { parent: Some(cmd.id), ..Default::default() }).await.unwrap();
+    let children = t
+        .core
+        .queue()
+        .list(&CommandFilter {
+            parent: Some(cmd.id),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     assert!(children.is_empty(), "no child command was created");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_blobs_returned_by_hooks_are_persisted() {
     let log = Arc::new(Mutex::new(Vec::new()));
-    let t = TestCore::start(Opts { types: recording(&log), ..Opts::default() }).await.unwrap();
+    let t = TestCore::start(Opts {
+        types: recording(&log),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
     env(&t, "count").await;
     let counter = added(&add(&t, "count", "counter").await);
     add(&t, "count", "web").await;
     add(&t, "count", "web").await;
-    let c: Container = t.client.get(&format!("/v1/containers/{counter}")).await.unwrap();
+    let c: Container = t
+        .client
+        .get(&format!("/v1/containers/{counter}"))
+        .await
+        .unwrap();
     assert_eq!(c.state_bytes, 1);
     use sea_orm::EntityTrait;
-    let row = cloud48_core::entities::container::Entity::find_by_id(counter).one(t.core.db()).await.unwrap().unwrap();
+    let row = cloud48_core::entities::container::Entity::find_by_id(counter)
+        .one(t.core.db())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(row.state, b"2", "the counter saw two others join");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_operations_act_on_members_in_priority_order() {
     let log = Arc::new(Mutex::new(Vec::new()));
-    let t = TestCore::start(Opts { types: recording(&log), ..Opts::default() }).await.unwrap();
+    let t = TestCore::start(Opts {
+        types: recording(&log),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
     env(&t, "app").await;
     let web = added(&add(&t, "app", "web").await);
     let db = added(&add(&t, "app", "db").await);
@@ -164,26 +280,66 @@ async fn environment_operations_act_on_members_in_priority_order() {
     let order = |cmd: Command| {
         let t = &t;
         async move {
-            let mut children = t.core.queue().list(&CommandFilter { parent: Some(cmd.id), ..Default::default() }).await.unwrap();
+            let mut children = t
+                .core
+                .queue()
+                .list(&CommandFilter {
+                    parent: Some(cmd.id),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
             children.sort_by_key(|c| c.id);
-            children.iter().map(|c| c.target_id.unwrap()).collect::<Vec<_>>()
+            children
+                .iter()
+                .map(|c| c.target_id.unwrap())
+                .collect::<Vec<_>>()
         }
     };
     let stop = op(&t, "app", "stop").await;
-    assert_eq!(order(stop).await, vec![web, lb, db], "stop goes by descending priority");
-    assert!(show(&t, "app").await.members.iter().all(|m| m.status == ContainerStatus::Stopped));
+    assert_eq!(
+        order(stop).await,
+        vec![web, lb, db],
+        "stop goes by descending priority"
+    );
+    assert!(
+        show(&t, "app")
+            .await
+            .members
+            .iter()
+            .all(|m| m.status == ContainerStatus::Stopped)
+    );
     let start = op(&t, "app", "start").await;
-    assert_eq!(order(start).await, vec![db, lb, web], "start goes by ascending priority");
+    assert_eq!(
+        order(start).await,
+        vec![db, lb, web],
+        "start goes by ascending priority"
+    );
     op(&t, "app", "suspend").await;
-    assert!(show(&t, "app").await.members.iter().all(|m| m.status == ContainerStatus::Suspended));
+    assert!(
+        show(&t, "app")
+            .await
+            .members
+            .iter()
+            .all(|m| m.status == ContainerStatus::Suspended)
+    );
     op(&t, "app", "resume").await;
-    assert!(show(&t, "app").await.members.iter().all(|m| m.status == ContainerStatus::Running));
+    assert!(
+        show(&t, "app")
+            .await
+            .members
+            .iter()
+            .all(|m| m.status == ContainerStatus::Running)
+    );
     let destroy = op(&t, "app", "destroy").await;
     assert_eq!(order(destroy).await, vec![web, lb, db]);
     let e = show(&t, "app").await;
     assert_eq!(e.status.as_str(), "destroyed");
     assert!(e.members.is_empty());
-    let guests: usize = [1, 2, 3].iter().map(|i| t.core.fleet().sim(*i).unwrap().guests().len()).sum();
+    let guests: usize = [1, 2, 3]
+        .iter()
+        .map(|i| t.core.fleet().sim(*i).unwrap().guests().len())
+        .sum();
     assert_eq!(guests, 0);
     // The name is free again once the environment is destroyed.
     env(&t, "app").await;
@@ -197,8 +353,16 @@ async fn a_failing_member_fails_the_environment_operation_with_its_message() {
     let id = added(&add(&t, "frail", "plain").await);
     let c: Container = t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
     let server = c.server.unwrap();
-    t.sim(&server).await.fail_next("stop", 1, cloud48_core::driver::DriverError::Permanent("stuck in D state".into()));
-    let a: Accepted = t.client.post("/v1/environments/frail/stop", &json!({})).await.unwrap();
+    t.sim(&server).await.fail_next(
+        "stop",
+        1,
+        cloud48_core::driver::DriverError::Permanent("stuck in D state".into()),
+    );
+    let a: Accepted = t
+        .client
+        .post("/v1/environments/frail/stop", &json!({}))
+        .await
+        .unwrap();
     let cmd = t.wait(a.command_id).await;
     let err = cmd.error.unwrap();
     assert!(err.contains("stop of environment 'frail' stopped"), "{err}");

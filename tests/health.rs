@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use cloud48_core::core::HealthConfig;
 use cloud48_core::model::{
-    Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources, ServerStatus,
+    Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources,
+    ServerStatus,
 };
 use cloud48_core::queue::CommandFilter;
 use cloud48_core::types::{ContainerType, Hook, HookContext, HookOutcome, TypeError};
@@ -28,12 +29,22 @@ impl ContainerType for Phoenix {
         40
     }
     fn default_requirements(&self) -> Requirements {
-        Requirements { resources: Resources { cpu_millis: 10, memory_mb: 1000, disk_mb: 16 }, ..Default::default() }
+        Requirements {
+            resources: Resources {
+                cpu_millis: 10,
+                memory_mb: 1000,
+                disk_mb: 16,
+            },
+            ..Default::default()
+        }
     }
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
         let mut out = HookOutcome::allow();
         if matches!(hook, Hook::IsDown(_)) {
-            out.actions.push(cloud48_core::types::HookAction::ReplaceContainer(ctx.container.id));
+            out.actions
+                .push(cloud48_core::types::HookAction::ReplaceContainer(
+                    ctx.container.id,
+                ));
         }
         Ok(out)
     }
@@ -47,10 +58,20 @@ impl ContainerType for Watched {
         30
     }
     fn default_requirements(&self) -> Requirements {
-        Requirements { resources: Resources { cpu_millis: 10, memory_mb: 16, disk_mb: 16 }, ..Default::default() }
+        Requirements {
+            resources: Resources {
+                cpu_millis: 10,
+                memory_mb: 16,
+                disk_mb: 16,
+            },
+            ..Default::default()
+        }
     }
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
-        self.0.lock().unwrap().push(format!("{}:{}", ctx.container.id, hook.name()));
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{}:{}", ctx.container.id, hook.name()));
         Ok(HookOutcome::allow())
     }
 }
@@ -60,15 +81,33 @@ async fn show(t: &TestCore, id: i64) -> Container {
 }
 
 async fn env_with_watched(t: &TestCore, server: &str) -> i64 {
-    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "watch" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "watch" }))
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
-    let a: Accepted =
-        t.client.post("/v1/environments/watch/containers", &json!({ "type": "watched", "server": server })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/watch/containers",
+            &json!({ "type": "watched", "server": server }),
+        )
+        .await
+        .unwrap();
     t.created(a.command_id).await
 }
 
 async fn commands_of(t: &TestCore, kind: &str) -> Vec<Command> {
-    let all = t.core.queue().list(&CommandFilter { limit: Some(1000), ..Default::default() }).await.unwrap();
+    let all = t
+        .core
+        .queue()
+        .list(&CommandFilter {
+            limit: Some(1000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     all.into_iter().filter(|c| c.kind == kind).collect()
 }
 
@@ -94,11 +133,19 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
     };
     beat_all_but(None);
     clock.advance(grace - 100);
-    assert_eq!(t.core.check_health().await.unwrap(), Default::default(), "a blip shorter than the grace period");
+    assert_eq!(
+        t.core.check_health().await.unwrap(),
+        Default::default(),
+        "a blip shorter than the grace period"
+    );
     beat_all_but(None);
     clock.advance(grace - 100);
     beat_all_but(Some(servers[0].id));
-    assert_eq!(t.core.check_health().await.unwrap(), Default::default(), "still within the grace period");
+    assert_eq!(
+        t.core.check_health().await.unwrap(),
+        Default::default(),
+        "still within the grace period"
+    );
     assert_eq!(show(&t, id).await.status, ContainerStatus::Running);
     assert!(commands_of(&t, "environment.failover").await.is_empty());
 
@@ -112,7 +159,11 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
     t.ok(failover[0].id).await;
     assert!(log.lock().unwrap().contains(&format!("{id}:is-down")));
     let env: Environment = t.client.get("/v1/environments/watch").await.unwrap();
-    assert_eq!(env.members[0].status, ContainerStatus::Down, "env show marks the member down");
+    assert_eq!(
+        env.members[0].status,
+        ContainerStatus::Down,
+        "env show marks the member down"
+    );
     let (ok, out, _) = crate::common::cli(&t.url, &["env", "show", "watch"]);
     assert!(ok && out.contains("DOWN"), "{out}");
     let s1 = t.core.servers().get("sim-1").await.unwrap();
@@ -140,7 +191,6 @@ fn fast_health() -> HealthConfig {
     }
 }
 
-
 /// The arguments of the last nginx rewrite exec'd in a container, sorted.
 async fn last_rewrite(t: &TestCore, c: &Container) -> Option<Vec<String>> {
     let guest = t.sim(c.server.as_deref()?).await.guest(&c.guest_id)?;
@@ -152,31 +202,56 @@ async fn last_rewrite(t: &TestCore, c: &Container) -> Option<Vec<String>> {
 /// The running member of a type other than `not`, once there is one.
 async fn running_other(t: &TestCore, type_name: &str, not: &[i64]) -> Option<Container> {
     let env: Environment = t.client.get("/v1/environments/shop").await.ok()?;
-    env.members
-        .into_iter()
-        .find(|m| m.type_id.starts_with(type_name) && m.status == ContainerStatus::Running && !not.contains(&m.id))
+    env.members.into_iter().find(|m| {
+        m.type_id.starts_with(type_name)
+            && m.status == ContainerStatus::Running
+            && !not.contains(&m.id)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_the_old_ones() {
-    let opts = Opts { sim_servers: 4, health: fast_health(), ..Default::default() };
+    let opts = Opts {
+        sim_servers: 4,
+        health: fast_health(),
+        ..Default::default()
+    };
     let t = TestCore::start(opts).await.unwrap();
-    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "shop" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "shop" }))
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     let mut tomcats = Vec::new();
     for server in ["sim-3", "sim-4"] {
-        let a: Accepted =
-            t.client.post("/v1/environments/shop/containers", &json!({ "type": "tomcat", "server": server })).await.unwrap();
+        let a: Accepted = t
+            .client
+            .post(
+                "/v1/environments/shop/containers",
+                &json!({ "type": "tomcat", "server": server }),
+            )
+            .await
+            .unwrap();
         tomcats.push(t.created(a.command_id).await);
     }
     let balancer = running_other(&t, "balancer", &[]).await.unwrap();
     let lb_server = balancer.server.clone().unwrap();
-    assert!(lb_server != "sim-3" && lb_server != "sim-4", "placement put the balancer on an empty server");
+    assert!(
+        lb_server != "sim-3" && lb_server != "sim-4",
+        "placement put the balancer on an empty server"
+    );
     let tomcat_ops: Vec<Vec<String>> = {
         let mut v = Vec::new();
         for id in &tomcats {
             let c = show(&t, *id).await;
-            v.push(t.sim(c.server.as_deref().unwrap()).await.guest(&c.guest_id).unwrap().operations);
+            v.push(
+                t.sim(c.server.as_deref().unwrap())
+                    .await
+                    .guest(&c.guest_id)
+                    .unwrap()
+                    .operations,
+            );
         }
         v
     };
@@ -185,15 +260,21 @@ async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_t
     let (ok, _, err) = crate::common::cli(&t.url, &["server", "fail", &lb_server]);
     assert!(ok, "{err}");
     let want = t.addresses(&tomcats).await;
-    let replacement = eventually("a replacement balancer with every tomcat registered", || async {
-        let r = running_other(&t, "balancer", &[balancer.id]).await?;
-        (last_rewrite(&t, &r).await? == want).then_some(r)
-    })
+    let replacement = eventually(
+        "a replacement balancer with every tomcat registered",
+        || async {
+            let r = running_other(&t, "balancer", &[balancer.id]).await?;
+            (last_rewrite(&t, &r).await? == want).then_some(r)
+        },
+    )
     .await;
     assert_ne!(replacement.server, balancer.server);
     assert_eq!(show(&t, balancer.id).await.status, ContainerStatus::Illegal);
     let (_, out, _) = crate::common::cli(&t.url, &["env", "show", "shop"]);
-    assert!(out.contains("ILLEGAL"), "env show marks the replaced balancer: {out}");
+    assert!(
+        out.contains("ILLEGAL"),
+        "env show marks the replaced balancer: {out}"
+    );
     let failover = commands_of(&t, "environment.failover").await;
     assert_eq!(failover.len(), 1);
     assert_eq!(t.ok(failover[0].id).await.requested_by, "health-monitor");
@@ -209,15 +290,29 @@ async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_t
     for (id, ops) in tomcats.iter().zip(&tomcat_ops) {
         let c = show(&t, *id).await;
         assert_eq!(c.status, ContainerStatus::Running);
-        assert_eq!(&t.sim(c.server.as_deref().unwrap()).await.guest(&c.guest_id).unwrap().operations, ops);
+        assert_eq!(
+            &t.sim(c.server.as_deref().unwrap())
+                .await
+                .guest(&c.guest_id)
+                .unwrap()
+                .operations,
+            ops
+        );
     }
-    let server: Value = t.client.get(&format!("/v1/servers/{lb_server}")).await.unwrap();
+    let server: Value = t
+        .client
+        .get(&format!("/v1/servers/{lb_server}"))
+        .await
+        .unwrap();
     assert_eq!(server["status"], "up");
 
     // Now a tomcat's server: the tomcat asks for its own replacement; the balancer follows.
     let (ok, _, err) = crate::common::cli(&t.url, &["server", "fail", "sim-3"]);
     assert!(ok, "{err}");
-    let new_tomcat = eventually("a replacement tomcat", || async { running_other(&t, "tomcat", &tomcats).await }).await;
+    let new_tomcat = eventually("a replacement tomcat", || async {
+        running_other(&t, "tomcat", &tomcats).await
+    })
+    .await;
     assert_ne!(new_tomcat.server.as_deref(), Some("sim-3"));
     let want = t.addresses(&[tomcats[1], new_tomcat.id]).await;
     eventually("the balancer points at the live tomcats", || async {
@@ -231,26 +326,46 @@ async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_t
         (show(&t, tomcats[0]).await.status == ContainerStatus::Destroyed).then_some(())
     })
     .await;
-    assert!(cloud48_core::placement::audit(t.core.db()).await.unwrap().is_empty());
+    assert!(
+        cloud48_core::placement::audit(t.core.db())
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let (ok, out, _) = crate::common::cli(&t.url, &["server", "list"]);
-    assert!(ok && out.contains("LAST HEARTBEAT") && out.contains(" s ago"), "{out}");
+    assert!(
+        ok && out.contains("LAST HEARTBEAT") && out.contains(" s ago"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_a_server_that_is_not_simulated_or_unknown_is_refused() {
     let t = TestCore::start(Opts::default()).await.unwrap();
-    let err = t.client.post::<_, Value>("/v1/servers/nope/fail", &json!({})).await.unwrap_err().to_string();
+    let err = t
+        .client
+        .post::<_, Value>("/v1/servers/nope/fail", &json!({}))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("server 'nope' does not exist"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_member_hears_after_cc_start_and_before_cc_stop() {
     let log = Arc::new(Mutex::new(Vec::new()));
-    let opts = Opts { types: vec![Arc::new(Watched(log.clone()))], ..Default::default() };
+    let opts = Opts {
+        types: vec![Arc::new(Watched(log.clone()))],
+        ..Default::default()
+    };
     let t = TestCore::start(opts).await.unwrap();
     let id = env_with_watched(&t, "sim-2").await;
     t.core.shutdown(Duration::from_secs(10)).await.unwrap();
-    assert!(log.lock().unwrap().contains(&format!("{id}:before-cc-stop")));
+    assert!(
+        log.lock()
+            .unwrap()
+            .contains(&format!("{id}:before-cc-stop"))
+    );
 
     // A new core on the same data: every member hears that the core started.
     let mut config = cloud48_core::CoreConfig::new(t._dir.path());
@@ -261,9 +376,23 @@ async fn every_member_hears_after_cc_start_and_before_cc_stop() {
     again.types().register(Arc::new(Watched(log.clone())));
     log.lock().unwrap().clear();
     again.start().await.unwrap();
-    let notify = again.queue().list(&CommandFilter { limit: Some(100), ..Default::default() }).await.unwrap();
-    let notify = notify.iter().find(|c| c.kind == "environment.notify" && c.params["hook"] == "after-cc-start").unwrap();
-    let done = again.queue().wait(notify.id, Duration::from_secs(30)).await.unwrap();
+    let notify = again
+        .queue()
+        .list(&CommandFilter {
+            limit: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let notify = notify
+        .iter()
+        .find(|c| c.kind == "environment.notify" && c.params["hook"] == "after-cc-start")
+        .unwrap();
+    let done = again
+        .queue()
+        .wait(notify.id, Duration::from_secs(30))
+        .await
+        .unwrap();
     assert!(done.error.is_none(), "{done:?}");
     assert_eq!(*log.lock().unwrap(), vec![format!("{id}:after-cc-start")]);
     again.stop(Duration::from_secs(5)).await;
@@ -274,39 +403,85 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
     let opts = Opts {
         sim_servers: 2,
         types: vec![Arc::new(Phoenix)],
-        capacity: Some(Resources { cpu_millis: 10_000, memory_mb: 1500, disk_mb: 10_000 }),
+        capacity: Some(Resources {
+            cpu_millis: 10_000,
+            memory_mb: 1500,
+            disk_mb: 10_000,
+        }),
         ..Default::default()
     };
     let t = TestCore::start(opts).await.unwrap();
-    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "nest" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "nest" }))
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     let mut ids = Vec::new();
     for server in ["sim-1", "sim-2"] {
-        let a: Accepted = t.client.post("/v1/environments/nest/containers", &json!({ "type": "phoenix", "server": server })).await.unwrap();
+        let a: Accepted = t
+            .client
+            .post(
+                "/v1/environments/nest/containers",
+                &json!({ "type": "phoenix", "server": server }),
+            )
+            .await
+            .unwrap();
         ids.push(t.created(a.command_id).await);
     }
     let sim1 = t.core.servers().get("sim-1").await.unwrap();
     assert!(t.core.mark_down(sim1.id, "test").await.unwrap());
     let failover = commands_of(&t, "environment.failover").await;
     let failed = t.wait(failover[0].id).await;
-    assert!(failed.error.as_deref().unwrap_or_default().contains("stays down"), "{failed:?}");
-    assert!(failed.error.unwrap().contains("memory_mb 1000 needed"), "the reason names the missing memory");
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("stays down"),
+        "{failed:?}"
+    );
+    assert!(
+        failed.error.unwrap().contains("memory_mb 1000 needed"),
+        "the reason names the missing memory"
+    );
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Down);
 
     // Back up: the only copy is kept, not collected.
     assert!(t.core.mark_up(sim1.id).await.unwrap());
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Running);
-    assert!(t.sim("sim-1").await.guest(&show(&t, ids[0]).await.guest_id).is_some());
+    assert!(
+        t.sim("sim-1")
+            .await
+            .guest(&show(&t, ids[0]).await.guest_id)
+            .is_some()
+    );
 
     // Destroying a down container gives it up at once; the collector removes its guest later.
     assert!(t.core.mark_down(sim1.id, "test").await.unwrap());
-    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", ids[0]), &json!({ "op": "destroy" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{}/actions", ids[0]),
+            &json!({ "op": "destroy" }),
+        )
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Illegal);
     assert!(t.core.mark_up(sim1.id).await.unwrap());
     let gone = show(&t, ids[0]).await;
     assert_eq!(gone.status, ContainerStatus::Destroyed);
     assert!(t.sim("sim-1").await.guest(&gone.guest_id).is_none());
-    assert_eq!(show(&t, ids[1]).await.status, ContainerStatus::Running, "the other member is untouched");
-    assert!(cloud48_core::placement::audit(t.core.db()).await.unwrap().is_empty());
+    assert_eq!(
+        show(&t, ids[1]).await.status,
+        ContainerStatus::Running,
+        "the other member is untouched"
+    );
+    assert!(
+        cloud48_core::placement::audit(t.core.db())
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

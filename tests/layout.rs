@@ -10,15 +10,32 @@ use serde_json::Value;
 fn graph() -> HashMap<String, Vec<String>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // This machine's dependencies only: they are the ones downloaded, so no network is needed.
-    let rustc = std::process::Command::new("rustc").arg("-vV").output().expect("rustc runs");
+    let rustc = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc runs");
     let rustc = String::from_utf8(rustc.stdout).unwrap();
-    let host = rustc.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc names its host");
+    let host = rustc
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc names its host");
     let out = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", host])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--offline",
+            "--filter-platform",
+            host,
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo metadata runs");
-    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
     let names: HashMap<&str, &str> = meta["packages"]
         .as_array()
@@ -32,7 +49,13 @@ fn graph() -> HashMap<String, Vec<String>> {
             .as_array()
             .unwrap()
             .iter()
-            .filter(|d| d["dep_kinds"].as_array().unwrap().iter().any(|k| k["kind"].is_null()))
+            .filter(|d| {
+                d["dep_kinds"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|k| k["kind"].is_null())
+            })
             .map(|d| names[d["pkg"].as_str().unwrap()].to_string())
             .collect();
         graph.insert(names[node["id"].as_str().unwrap()].to_string(), deps);
@@ -57,7 +80,12 @@ fn closure(graph: &HashMap<String, Vec<String>>, root: &str) -> BTreeSet<String>
 #[test]
 fn the_agent_and_the_model_link_neither_wasmtime_nor_a_database() {
     let graph = graph();
-    for krate in ["cloud48-agent", "cloud48-model", "cloud48-driver", "cloud48-linux"] {
+    for krate in [
+        "cloud48-agent",
+        "cloud48-model",
+        "cloud48-driver",
+        "cloud48-linux",
+    ] {
         assert!(graph.contains_key(krate), "{krate} is not in the workspace");
         let linked = closure(&graph, krate);
         for banned in ["wasmtime", "sea-orm", "sqlx", "cloud48-plugin-host"] {
@@ -66,7 +94,10 @@ fn the_agent_and_the_model_link_neither_wasmtime_nor_a_database() {
     }
     // The test can fail: the core does link both.
     let core = closure(&graph, "cloud48");
-    assert!(core.contains("wasmtime") && core.contains("sea-orm"), "the core should link wasmtime and sea-orm");
+    assert!(
+        core.contains("wasmtime") && core.contains("sea-orm"),
+        "the core should link wasmtime and sea-orm"
+    );
 }
 
 #[test]
@@ -74,7 +105,9 @@ fn only_the_plugin_host_depends_on_wasmtime_directly() {
     let graph = graph();
     let direct: BTreeSet<&str> = graph
         .iter()
-        .filter(|(name, deps)| name.starts_with("cloud48") && deps.iter().any(|d| d.starts_with("wasmtime")))
+        .filter(|(name, deps)| {
+            name.starts_with("cloud48") && deps.iter().any(|d| d.starts_with("wasmtime"))
+        })
         .map(|(name, _)| name.as_str())
         .collect();
     assert_eq!(direct, BTreeSet::from(["cloud48-plugin-host"]));

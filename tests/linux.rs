@@ -32,7 +32,9 @@ impl Drop for Sweep {
 pub fn unique_prefix(tag: char) -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    let tail: String = (0..3).map(|_| char::from(b'a' + rng.random_range(0..26u8))).collect();
+    let tail: String = (0..3)
+        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+        .collect();
     format!("{tag}{tail}")
 }
 
@@ -44,7 +46,11 @@ pub fn config(dir: &Path, prefix: &str, net: u32, n: u32) -> LinuxConfig {
         bridge: format!("{prefix}br{n}"),
         subnet: format!("10.241.{}.0/24", net + n).parse().unwrap(),
         prefix: format!("{prefix}{n}"),
-        capacity: Some(Resources { cpu_millis: 4000, memory_mb: 4096, disk_mb: 10_000 }),
+        capacity: Some(Resources {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            disk_mb: 10_000,
+        }),
         stop_grace: Duration::from_secs(3),
         exe: env!("CARGO_BIN_EXE_cloud48").into(),
         templates: Default::default(),
@@ -59,19 +65,36 @@ struct LinuxFactory {
 impl DriverFactory for LinuxFactory {
     type Driver = LinuxDriver;
     async fn make(&self, n: u32) -> LinuxDriver {
-        LinuxDriver::open(config(self.dir.path(), &self.prefix, 10, n)).await.expect("the linux driver opens (run the tests as root)")
+        LinuxDriver::open(config(self.dir.path(), &self.prefix, 10, n))
+            .await
+            .expect("the linux driver opens (run the tests as root)")
     }
 }
 
 fn spec(id: &str, type_id: &str) -> GuestSpec {
-    GuestSpec { guest_id: id.into(), type_id: type_id.into(), resources: Resources { cpu_millis: 500, memory_mb: 128, disk_mb: 64 }, ip: None }
+    GuestSpec {
+        guest_id: id.into(),
+        type_id: type_id.into(),
+        resources: Resources {
+            cpu_millis: 500,
+            memory_mb: 128,
+            disk_mb: 64,
+        },
+        ip: None,
+    }
 }
 
 #[tokio::test]
 async fn linux_driver_passes_the_conformance_suite() {
     let prefix = unique_prefix('c');
-    let _sweep = Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")] };
-    let factory = LinuxFactory { dir: tempfile::tempdir().unwrap(), prefix };
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
+    };
+    let factory = LinuxFactory {
+        dir: tempfile::tempdir().unwrap(),
+        prefix,
+    };
     let failures = conformance::run(&factory).await;
     assert!(failures.is_empty(), "conformance failures: {failures:#?}");
 }
@@ -85,31 +108,71 @@ async fn exec(d: &LinuxDriver, guest: &str, script: &str) -> String {
 #[tokio::test]
 async fn a_linux_container_is_isolated_limited_and_serves_http() {
     let prefix = unique_prefix('l');
-    let _sweep = Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")] };
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
+    };
     let dir = tempfile::tempdir().unwrap();
-    let d = LinuxDriver::open(config(dir.path(), &prefix, 20, 0)).await.unwrap();
+    let d = LinuxDriver::open(config(dir.path(), &prefix, 20, 0))
+        .await
+        .unwrap();
     let info = d.create(&spec("web-1", "tomcat@0.2.0")).await.unwrap();
     let ip = info.ip.clone().unwrap();
-    assert!(ip.starts_with("10.241.20."), "address from the driver's subnet: {ip}");
+    assert!(
+        ip.starts_with("10.241.20."),
+        "address from the driver's subnet: {ip}"
+    );
     d.start("web-1").await.unwrap();
 
     // Real HTTP from the host to the container's own address.
-    let body = reqwest::get(format!("http://{ip}:8080/")).await.unwrap().text().await.unwrap();
-    assert_eq!(body.trim(), "web-1", "the tomcat template answers with its container id");
+    let body = reqwest::get(format!("http://{ip}:8080/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        body.trim(),
+        "web-1",
+        "the tomcat template answers with its container id"
+    );
 
     // Namespaces: own hostname, own PID 1, only its own eth0 address, private /tmp.
     assert_eq!(exec(&d, "web-1", "hostname").await, "web-1");
-    assert_eq!(exec(&d, "web-1", "cat /proc/1/comm").await, "sh", "PID 1 is the guest's init");
+    assert_eq!(
+        exec(&d, "web-1", "cat /proc/1/comm").await,
+        "sh",
+        "PID 1 is the guest's init"
+    );
     let addrs = exec(&d, "web-1", "ip -4 -o addr show").await;
-    assert!(addrs.contains(&ip) && !addrs.contains("10.241.20.1/"), "{addrs}");
+    assert!(
+        addrs.contains(&ip) && !addrs.contains("10.241.20.1/"),
+        "{addrs}"
+    );
     exec(&d, "web-1", "echo secret > /tmp/private").await;
-    assert!(!Path::new("/tmp/private").exists() || std::fs::read_to_string("/tmp/private").unwrap().trim() != "secret", "/tmp is private");
+    assert!(
+        !Path::new("/tmp/private").exists()
+            || std::fs::read_to_string("/tmp/private").unwrap().trim() != "secret",
+        "/tmp is private"
+    );
 
     // Private directory: a script writes /etc/cloud48 inside, the file lands in the guest's dir.
-    let out = d.exec("web-1", "mkdir -p /etc/cloud48 && echo \"$1\" > /etc/cloud48/datasource", &["jdbc:mysql://db".into()]).await.unwrap();
+    let out = d
+        .exec(
+            "web-1",
+            "mkdir -p /etc/cloud48 && echo \"$1\" > /etc/cloud48/datasource",
+            &["jdbc:mysql://db".into()],
+        )
+        .await
+        .unwrap();
     assert_eq!(out.exit_code, 0, "{out:?}");
-    let copy = dir.path().join("server-0/guests/web-1/fs/etc/cloud48/datasource");
-    assert_eq!(std::fs::read_to_string(&copy).unwrap().trim(), "jdbc:mysql://db");
+    let copy = dir
+        .path()
+        .join("server-0/guests/web-1/fs/etc/cloud48/datasource");
+    assert_eq!(
+        std::fs::read_to_string(&copy).unwrap().trim(),
+        "jdbc:mysql://db"
+    );
 
     // Exit codes and stderr come back.
     let failed = d.exec("web-1", "echo oops >&2; exit 3", &[]).await.unwrap();
@@ -120,22 +183,41 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
         .iter()
         .find_map(|root| {
             let base = Path::new(root).join(format!("{prefix}0")).join("web-1");
-            std::fs::read_to_string(base.join("memory.limit_in_bytes")).or_else(|_| std::fs::read_to_string(base.join("memory.max"))).ok()
+            std::fs::read_to_string(base.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(base.join("memory.max")))
+                .ok()
         })
         .expect("a memory limit file");
     assert_eq!(mem.trim().parse::<u64>().unwrap(), 128 << 20);
 
     // The freezer suspends: no answer while frozen, answers again after resume.
     d.suspend("web-1").await.unwrap();
-    assert_eq!(d.status("web-1").await.unwrap().unwrap().state, GuestState::Suspended);
-    let frozen = reqwest::Client::new().get(format!("http://{ip}:8080/")).timeout(Duration::from_millis(500)).send().await;
+    assert_eq!(
+        d.status("web-1").await.unwrap().unwrap().state,
+        GuestState::Suspended
+    );
+    let frozen = reqwest::Client::new()
+        .get(format!("http://{ip}:8080/"))
+        .timeout(Duration::from_millis(500))
+        .send()
+        .await;
     assert!(frozen.is_err(), "a frozen container does not answer");
     d.resume("web-1").await.unwrap();
-    let body = reqwest::get(format!("http://{ip}:8080/")).await.unwrap().text().await.unwrap();
+    let body = reqwest::get(format!("http://{ip}:8080/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(body.trim(), "web-1");
 
     // Logs of the main process.
-    assert!(d.logs("web-1").await.unwrap().contains("guest-http: answering on 0.0.0.0:8080"));
+    assert!(
+        d.logs("web-1")
+            .await
+            .unwrap()
+            .contains("guest-http: answering on 0.0.0.0:8080")
+    );
 
     // Real load figures.
     let stats = d.stats().await.unwrap();
@@ -144,35 +226,82 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
     assert_eq!(stats.allocated.memory_mb, 128);
 
     // A restarted agent finds its guest running.
-    let again = LinuxDriver::open(config(dir.path(), &prefix, 20, 0)).await.unwrap();
-    assert_eq!(again.status("web-1").await.unwrap().unwrap().state, GuestState::Running);
+    let again = LinuxDriver::open(config(dir.path(), &prefix, 20, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.status("web-1").await.unwrap().unwrap().state,
+        GuestState::Running
+    );
 
     // Stop ends every process of the container, also those its scripts left behind.
-    exec(&d, "web-1", "nohup sh -c 'trap \"\" TERM; while :; do sleep 1; done' >/dev/null 2>&1 &").await;
-    assert!(exec(&d, "web-1", "ps -e -o comm=").await.lines().filter(|l| *l == "sh").count() >= 2, "the stubborn shell runs");
+    exec(
+        &d,
+        "web-1",
+        "nohup sh -c 'trap \"\" TERM; while :; do sleep 1; done' >/dev/null 2>&1 &",
+    )
+    .await;
+    assert!(
+        exec(&d, "web-1", "ps -e -o comm=")
+            .await
+            .lines()
+            .filter(|l| *l == "sh")
+            .count()
+            >= 2,
+        "the stubborn shell runs"
+    );
     d.stop("web-1").await.unwrap();
-    assert_eq!(d.status("web-1").await.unwrap().unwrap().state, GuestState::Stopped);
-    assert!(procs(&format!("{prefix}0"), "web-1").is_empty(), "no process of the container is left");
+    assert_eq!(
+        d.status("web-1").await.unwrap().unwrap().state,
+        GuestState::Stopped
+    );
+    assert!(
+        procs(&format!("{prefix}0"), "web-1").is_empty(),
+        "no process of the container is left"
+    );
 
     // Cold migration: the directory moves to another server and the container runs there.
-    let netns = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&netns.stdout).contains(&format!("{prefix}0-")), "stop removes the namespace");
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains(&format!("{prefix}0-")),
+        "stop removes the namespace"
+    );
     let image = d.export("web-1").await.unwrap();
-    let target = LinuxDriver::open(config(dir.path(), &prefix, 20, 1)).await.unwrap();
-    let moved = target.import(&spec("web-1", "tomcat@0.2.0"), &image).await.unwrap();
+    let target = LinuxDriver::open(config(dir.path(), &prefix, 20, 1))
+        .await
+        .unwrap();
+    let moved = target
+        .import(&spec("web-1", "tomcat@0.2.0"), &image)
+        .await
+        .unwrap();
     target.start("web-1").await.unwrap();
     let moved_ip = moved.ip.unwrap();
-    assert!(moved_ip.starts_with("10.241.21."), "an address of the target's subnet: {moved_ip}");
-    assert_eq!(exec(&target, "web-1", "cat /etc/cloud48/datasource").await, "jdbc:mysql://db", "the private directory came along");
+    assert!(
+        moved_ip.starts_with("10.241.21."),
+        "an address of the target's subnet: {moved_ip}"
+    );
+    assert_eq!(
+        exec(&target, "web-1", "cat /etc/cloud48/datasource").await,
+        "jdbc:mysql://db",
+        "the private directory came along"
+    );
     d.destroy("web-1").await.unwrap();
-    assert!(!dir.path().join("server-0/guests/web-1").exists(), "destroy removes the directory");
+    assert!(
+        !dir.path().join("server-0/guests/web-1").exists(),
+        "destroy removes the directory"
+    );
     target.teardown().await;
     d.teardown().await;
 }
 
 fn procs(group: &str, guest: &str) -> String {
     std::fs::read_to_string(format!("/sys/fs/cgroup/pids/{group}/{guest}/cgroup.procs"))
-        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/{group}/{guest}/cgroup.procs")))
+        .or_else(|_| {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/{group}/{guest}/cgroup.procs"))
+        })
         .unwrap_or_default()
         .trim()
         .to_string()
@@ -182,24 +311,47 @@ fn procs(group: &str, guest: &str) -> String {
 async fn stop_is_graceful_then_forced() {
     use cloud48_core::driver::linux::templates::Template;
     let prefix = unique_prefix('s');
-    let _sweep = Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0")] };
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0")],
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), &prefix, 50, 0);
-    let template = |script: &str| Template { command: vec!["sh".into(), "-c".into(), script.into()], private_dirs: vec![], files: Default::default(), ready_port: None };
+    let template = |script: &str| Template {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        private_dirs: vec![],
+        files: Default::default(),
+        ready_port: None,
+    };
     // One main process leaves a mark when SIGTERM reaches it; the other ignores SIGTERM.
-    cfg.templates.insert("polite".into(), template("trap 'echo got-term; exit 0' TERM; while :; do sleep 0.1; done"));
-    cfg.templates.insert("stubborn".into(), template("trap '' TERM; while :; do sleep 0.1; done"));
+    cfg.templates.insert(
+        "polite".into(),
+        template("trap 'echo got-term; exit 0' TERM; while :; do sleep 0.1; done"),
+    );
+    cfg.templates.insert(
+        "stubborn".into(),
+        template("trap '' TERM; while :; do sleep 0.1; done"),
+    );
     let d = LinuxDriver::open(cfg).await.unwrap();
     for id in ["polite", "stubborn"] {
         d.create(&spec(id, id)).await.unwrap();
         d.start(id).await.unwrap();
     }
     d.stop("polite").await.unwrap();
-    assert!(d.logs("polite").await.unwrap().contains("got-term"), "the main process was asked to stop");
+    assert!(
+        d.logs("polite").await.unwrap().contains("got-term"),
+        "the main process was asked to stop"
+    );
     d.stop("stubborn").await.unwrap();
     for id in ["polite", "stubborn"] {
-        assert_eq!(d.status(id).await.unwrap().unwrap().state, GuestState::Stopped);
-        assert!(procs(&format!("{prefix}0"), id).is_empty(), "{id}: no process is left");
+        assert_eq!(
+            d.status(id).await.unwrap().unwrap().state,
+            GuestState::Stopped
+        );
+        assert!(
+            procs(&format!("{prefix}0"), id).is_empty(),
+            "{id}: no process is left"
+        );
     }
     d.teardown().await;
 }
@@ -211,8 +363,14 @@ fn templates_come_from_toml_and_bad_ones_are_refused() {
     assert_eq!(t["redis"].ready_port, Some(6379));
     for (bad, why) in [
         ("[a]\ncommand = []\n", "must name a program"),
-        ("[a]\ncommand = [\"x\"]\nprivate_dirs = [\"etc\"]\n", "absolute path"),
-        ("[a]\ncommand = [\"x\"]\nfiles = { \"/etc/x\" = \"y\" }\n", "must lie in one of its private_dirs"),
+        (
+            "[a]\ncommand = [\"x\"]\nprivate_dirs = [\"etc\"]\n",
+            "absolute path",
+        ),
+        (
+            "[a]\ncommand = [\"x\"]\nfiles = { \"/etc/x\" = \"y\" }\n",
+            "must lie in one of its private_dirs",
+        ),
         ("[a]\ncommand = [\"x\"]\ncolour = 1\n", "unknown field"),
     ] {
         let err = parse_templates(bad).unwrap_err();
@@ -223,21 +381,39 @@ fn templates_come_from_toml_and_bad_ones_are_refused() {
 #[tokio::test]
 async fn linux_driver_refuses_what_it_cannot_do() {
     let prefix = unique_prefix('r');
-    let _sweep = Sweep { prefix: prefix.clone(), bridges: vec![format!("{prefix}br0")] };
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0")],
+    };
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), &prefix, 30, 0);
-    let missing = cloud48_core::driver::linux::templates::Template { command: vec!["c48-missing-program".into()], private_dirs: vec![], files: Default::default(), ready_port: None };
+    let missing = cloud48_core::driver::linux::templates::Template {
+        command: vec!["c48-missing-program".into()],
+        private_dirs: vec![],
+        files: Default::default(),
+        ready_port: None,
+    };
     cfg.templates.insert("ghost".into(), missing);
     let d = LinuxDriver::open(cfg).await.unwrap();
     d.create(&spec("ghost-1", "ghost")).await.unwrap();
     let err = d.start("ghost-1").await.unwrap_err().to_string();
-    assert!(err.contains("c48-missing-program is not installed on server"), "a missing package is named: {err}");
+    assert!(
+        err.contains("c48-missing-program is not installed on server"),
+        "a missing package is named: {err}"
+    );
     // Concurrent creates never share an address.
     let d = std::sync::Arc::new(d);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..8 {
         let d = d.clone();
-        let small = GuestSpec { resources: Resources { cpu_millis: 10, memory_mb: 8, disk_mb: 8 }, ..spec(&format!("par-{i}"), "plain") };
+        let small = GuestSpec {
+            resources: Resources {
+                cpu_millis: 10,
+                memory_mb: 8,
+                disk_mb: 8,
+            },
+            ..spec(&format!("par-{i}"), "plain")
+        };
         set.spawn(async move { d.create(&small).await.unwrap().ip.unwrap() });
     }
     let mut ips = Vec::new();
@@ -248,13 +424,28 @@ async fn linux_driver_refuses_what_it_cannot_do() {
     ips.dedup();
     assert_eq!(ips.len(), 8, "eight creates, eight addresses");
     let bad = d.create(&spec("../etc", "plain")).await.unwrap_err();
-    assert!(bad.to_string().contains("must be 1-128 characters"), "{bad}");
+    assert!(
+        bad.to_string().contains("must be 1-128 characters"),
+        "{bad}"
+    );
     d.create(&spec("idle", "plain")).await.unwrap();
     let err = d.exec("idle", "true", &[]).await.unwrap_err();
-    assert!(matches!(err, DriverError::InvalidState { .. }), "exec in a stopped guest: {err:?}");
-    assert!(matches!(d.logs("ghost").await, Err(DriverError::NotFound(_))));
+    assert!(
+        matches!(err, DriverError::InvalidState { .. }),
+        "exec in a stopped guest: {err:?}"
+    );
+    assert!(matches!(
+        d.logs("ghost").await,
+        Err(DriverError::NotFound(_))
+    ));
     let mut cfg = config(dir.path(), &prefix, 30, 0);
     cfg.prefix = "Bad P".into();
-    assert!(LinuxDriver::open(cfg).await.err().unwrap().contains("prefix"));
+    assert!(
+        LinuxDriver::open(cfg)
+            .await
+            .err()
+            .unwrap()
+            .contains("prefix")
+    );
     d.teardown().await;
 }

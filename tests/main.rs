@@ -14,7 +14,7 @@ mod environment;
 mod health;
 mod layout;
 mod linux;
-mod plugins;
 mod placement;
+mod plugins;
 mod queue;
 mod real;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use cloud48_core::managers::{ContainerCommand, CreateContainer};
 use cloud48_core::model::{
-    Accepted, CommandStatus, Container, ContainerStatus, Environment, Requirements, Resources, Server,
+    Accepted, CommandStatus, Container, ContainerStatus, Environment, Requirements, Resources,
+    Server,
 };
 use cloud48_core::placement::{self, Candidate, PlaceRequest, Weights, decide, score};
 use proptest::prelude::*;
@@ -27,15 +28,25 @@ fn candidate() -> impl Strategy<Value = Candidate> {
         (0..=100u64, 0..=100u64, 0..=100u64),
         0..50u64,
     )
-        .prop_map(|(up, draining, labels, (cpu, mem, disk), (pc, pm, pd), containers)| Candidate {
-            id: 0,
-            up,
-            draining,
-            labels: labels.into_iter().map(String::from).collect(),
-            capacity: Resources { cpu_millis: cpu, memory_mb: mem, disk_mb: disk },
-            allocated: Resources { cpu_millis: cpu * pc / 100, memory_mb: mem * pm / 100, disk_mb: disk * pd / 100 },
-            containers,
-        })
+        .prop_map(
+            |(up, draining, labels, (cpu, mem, disk), (pc, pm, pd), containers)| Candidate {
+                id: 0,
+                up,
+                draining,
+                labels: labels.into_iter().map(String::from).collect(),
+                capacity: Resources {
+                    cpu_millis: cpu,
+                    memory_mb: mem,
+                    disk_mb: disk,
+                },
+                allocated: Resources {
+                    cpu_millis: cpu * pc / 100,
+                    memory_mb: mem * pm / 100,
+                    disk_mb: disk * pd / 100,
+                },
+                containers,
+            },
+        )
 }
 
 fn eligible(c: &Candidate, req: &Requirements, avoid: &HashSet<i64>) -> bool {
@@ -154,7 +165,12 @@ async fn assert_ledger_clean(t: &TestCore) {
 }
 
 fn plain(server: Option<&str>) -> CreateContainer {
-    CreateContainer { type_id: "plain".into(), server: server.map(Into::into), requirements: None, count: None }
+    CreateContainer {
+        type_id: "plain".into(),
+        server: server.map(Into::into),
+        requirements: None,
+        count: None,
+    }
 }
 
 /// Three servers with room for 50 plain containers (256 MB) each.
@@ -162,14 +178,20 @@ fn room_for_150(postgres: bool) -> Opts {
     Opts {
         postgres,
         workers: 16,
-        capacity: Some(Resources { cpu_millis: 1_000_000, memory_mb: 256 * 50, disk_mb: 10_000_000 }),
+        capacity: Some(Resources {
+            cpu_millis: 1_000_000,
+            memory_mb: 256 * 50,
+            disk_mb: 10_000_000,
+        }),
         ..Default::default()
     }
 }
 
 async fn two_hundred_concurrent_creates_never_overcommit(postgres: bool) {
     // 150 fit, 50 do not.
-    let Some(t) = TestCore::start(room_for_150(postgres)).await else { return };
+    let Some(t) = TestCore::start(room_for_150(postgres)).await else {
+        return;
+    };
     let mut accepted = Vec::new();
     for _ in 0..200 {
         accepted.push(create(&t, &plain(None)).await);
@@ -181,24 +203,47 @@ async fn two_hundred_concurrent_creates_never_overcommit(postgres: bool) {
             failures.push(cmd.error.unwrap_or_default());
         }
     }
-    assert_eq!(failures.len(), 50, "exactly the creates that do not fit fail");
+    assert_eq!(
+        failures.len(),
+        50,
+        "exactly the creates that do not fit fail"
+    );
     for f in &failures {
-        assert!(f.contains("memory_mb 256 needed") || f.contains("filled up"), "unclear failure: {f}");
+        assert!(
+            f.contains("memory_mb 256 needed") || f.contains("filled up"),
+            "unclear failure: {f}"
+        );
     }
     for s in servers(&t).await {
-        assert!(s.allocated.memory_mb <= s.capacity.memory_mb, "server {} is over-committed: {s:?}", s.name);
+        assert!(
+            s.allocated.memory_mb <= s.capacity.memory_mb,
+            "server {} is over-committed: {s:?}",
+            s.name
+        );
         assert_eq!(s.containers, 50, "server {} is not full", s.name);
         let guests = t.sim(&s.name).await.guests().len();
         assert_eq!(guests, 50, "server {} runs {guests} guests", s.name);
     }
     assert_ledger_clean(&t).await;
 }
-crate::on_both_databases!(concurrent_creates, two_hundred_concurrent_creates_never_overcommit);
+crate::on_both_databases!(
+    concurrent_creates,
+    two_hundred_concurrent_creates_never_overcommit
+);
 
 async fn a_batch_onto_a_nearly_full_platform_never_overcommits(postgres: bool) {
     // One batch of 160 and 40 single creates compete for room for 150.
-    let Some(t) = TestCore::start(room_for_150(postgres)).await else { return };
-    let batch = create(&t, &CreateContainer { count: Some(160), ..plain(None) }).await;
+    let Some(t) = TestCore::start(room_for_150(postgres)).await else {
+        return;
+    };
+    let batch = create(
+        &t,
+        &CreateContainer {
+            count: Some(160),
+            ..plain(None)
+        },
+    )
+    .await;
     assert_eq!(batch.object_id, None);
     let mut singles = Vec::new();
     for _ in 0..40 {
@@ -214,32 +259,86 @@ async fn a_batch_onto_a_nearly_full_platform_never_overcommits(postgres: bool) {
         single_ok += (t.wait(a.command_id).await.status == CommandStatus::Succeeded) as u64;
     }
     let created = result["created"].as_u64().unwrap();
-    assert_eq!(created + single_ok, 150, "exactly what fits was created: {result}");
+    assert_eq!(
+        created + single_ok,
+        150,
+        "exactly what fits was created: {result}"
+    );
     let failed = result["failed"].as_array().unwrap();
     assert_eq!(failed.len() as u64, 160 - created);
-    assert!(error.starts_with(&format!("placed {created} of 160: ")), "{error}");
-    assert!(!error.contains('\n') && error.len() < 300, "one short line: {error}");
-    assert!(failed.iter().all(|f| f[1].as_str().unwrap().contains("memory_mb 256 needed") || f[1].as_str().unwrap().contains("room")), "{result}");
+    assert!(
+        error.starts_with(&format!("placed {created} of 160: ")),
+        "{error}"
+    );
+    assert!(
+        !error.contains('\n') && error.len() < 300,
+        "one short line: {error}"
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|f| f[1].as_str().unwrap().contains("memory_mb 256 needed")
+                || f[1].as_str().unwrap().contains("room")),
+        "{result}"
+    );
     let list: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
-    let running = list.iter().filter(|c| c.status == ContainerStatus::Running).count();
-    let failed_rows = list.iter().filter(|c| c.status == ContainerStatus::Failed).count();
-    assert_eq!((running, failed_rows), (150, 50), "every container ended running or failed");
+    let running = list
+        .iter()
+        .filter(|c| c.status == ContainerStatus::Running)
+        .count();
+    let failed_rows = list
+        .iter()
+        .filter(|c| c.status == ContainerStatus::Failed)
+        .count();
+    assert_eq!(
+        (running, failed_rows),
+        (150, 50),
+        "every container ended running or failed"
+    );
     for s in servers(&t).await {
-        assert!(s.allocated.memory_mb <= s.capacity.memory_mb, "server {} is over-committed", s.name);
-        assert_eq!(t.sim(&s.name).await.guests().len(), 50, "server {} runs one guest per container", s.name);
+        assert!(
+            s.allocated.memory_mb <= s.capacity.memory_mb,
+            "server {} is over-committed",
+            s.name
+        );
+        assert_eq!(
+            t.sim(&s.name).await.guests().len(),
+            50,
+            "server {} runs one guest per container",
+            s.name
+        );
     }
     // The batch's containers are unlocked: a command on one of them runs.
-    let one = list.iter().find(|c| c.status == ContainerStatus::Running).unwrap();
-    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", one.id), &json!({ "op": "stop" })).await.unwrap();
+    let one = list
+        .iter()
+        .find(|c| c.status == ContainerStatus::Running)
+        .unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{}/actions", one.id),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     assert_ledger_clean(&t).await;
 }
-crate::on_both_databases!(batch_creates, a_batch_onto_a_nearly_full_platform_never_overcommits);
+crate::on_both_databases!(
+    batch_creates,
+    a_batch_onto_a_nearly_full_platform_never_overcommits
+);
 
 async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alone(postgres: bool) {
     // Submitted while the queue is paused, the creates are claimed together, 64 at a time.
-    let opts = Opts { workers: 64, paused: true, ..room_for_150(postgres) };
-    let Some(t) = TestCore::start(opts).await else { return };
+    let opts = Opts {
+        workers: 64,
+        paused: true,
+        ..room_for_150(postgres)
+    };
+    let Some(t) = TestCore::start(opts).await else {
+        return;
+    };
     let mut pinned = Vec::new();
     for _ in 0..20 {
         pinned.push(create(&t, &plain(Some("sim-2"))).await);
@@ -248,13 +347,33 @@ async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alo
     for _ in 0..130 {
         free.push(create(&t, &plain(None)).await);
     }
-    let huge = Requirements { resources: Resources { cpu_millis: 10, memory_mb: 1_000_000, disk_mb: 10 }, ..Default::default() };
+    let huge = Requirements {
+        resources: Resources {
+            cpu_millis: 10,
+            memory_mb: 1_000_000,
+            disk_mb: 10,
+        },
+        ..Default::default()
+    };
     let mut too_big = Vec::new();
     for _ in 0..5 {
-        too_big.push(create(&t, &CreateContainer { requirements: Some(huge.clone()), ..plain(None) }).await);
+        too_big.push(
+            create(
+                &t,
+                &CreateContainer {
+                    requirements: Some(huge.clone()),
+                    ..plain(None)
+                },
+            )
+            .await,
+        );
     }
     // One guest that its server refuses: that create fails alone, with the server's words.
-    t.sim("sim-3").await.fail_next("create", 1, cloud48_core::driver::DriverError::Permanent("disk broken".into()));
+    t.sim("sim-3").await.fail_next(
+        "create",
+        1,
+        cloud48_core::driver::DriverError::Permanent("disk broken".into()),
+    );
     t.core.start().await.unwrap();
 
     let mut refused = 0;
@@ -265,33 +384,60 @@ async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alo
             assert_eq!(c.status, ContainerStatus::Running);
             assert!(c.ip.is_some() && c.locked_by.is_none(), "{c:?}");
         } else {
-            assert!(cmd.error.as_deref().unwrap_or_default().contains("disk broken"), "{cmd:?}");
+            assert!(
+                cmd.error
+                    .as_deref()
+                    .unwrap_or_default()
+                    .contains("disk broken"),
+                "{cmd:?}"
+            );
             refused += 1;
         }
     }
     assert_eq!(refused, 1, "only the refused guest's create failed");
     for a in &pinned {
-        assert_eq!(show(&t, a.object_id.unwrap()).await.server.as_deref(), Some("sim-2"), "a create that named its server went elsewhere");
+        assert_eq!(
+            show(&t, a.object_id.unwrap()).await.server.as_deref(),
+            Some("sim-2"),
+            "a create that named its server went elsewhere"
+        );
     }
     for a in &too_big {
         let cmd = t.wait(a.command_id).await;
         assert_eq!(cmd.status, CommandStatus::Failed);
-        assert!(cmd.error.unwrap().contains("memory_mb 1000000 needed"), "the failure names the unmet requirement");
+        assert!(
+            cmd.error.unwrap().contains("memory_mb 1000000 needed"),
+            "the failure names the unmet requirement"
+        );
     }
     let grouped = t.core.queue().grouped_steps();
-    assert!(grouped >= 200, "most create steps ran in groups, only {grouped} did");
+    assert!(
+        grouped >= 200,
+        "most create steps ran in groups, only {grouped} did"
+    );
     let mut guests = 0;
     for s in servers(&t).await {
-        assert!(s.allocated.memory_mb <= s.capacity.memory_mb, "server {} is over-committed", s.name);
+        assert!(
+            s.allocated.memory_mb <= s.capacity.memory_mb,
+            "server {} is over-committed",
+            s.name
+        );
         let n = t.sim(&s.name).await.guests().len();
-        assert_eq!(n as u64, s.containers, "server {} runs one guest per container", s.name);
+        assert_eq!(
+            n as u64, s.containers,
+            "server {} runs one guest per container",
+            s.name
+        );
         assert!(n >= 49, "placement did not balance: {} holds {n}", s.name);
         guests += n;
     }
     assert_eq!(guests, 149);
     assert_ledger_clean(&t).await;
 }
-crate::on_both_databases!(grouped_creates, single_creates_claimed_together_run_in_groups_and_end_as_they_would_alone);
+crate::on_both_databases!(
+    grouped_creates,
+    single_creates_claimed_together_run_in_groups_and_end_as_they_would_alone
+);
 
 async fn the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger(postgres: bool) {
     // Its submitter locks each new container for its create, so the claim finds them held;
@@ -315,30 +461,65 @@ async fn the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger(post
     };
     cloud48_core::bench::place(args).await.unwrap();
 }
-crate::on_both_databases!(placement_bench, the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger);
+crate::on_both_databases!(
+    placement_bench,
+    the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_back() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     for name in ["sim-1", "sim-2", "sim-3"] {
-        t.sim(&name).await.fail_next("create", 1, cloud48_core::driver::DriverError::Permanent("disk broken".into()));
+        t.sim(name).await.fail_next(
+            "create",
+            1,
+            cloud48_core::driver::DriverError::Permanent("disk broken".into()),
+        );
     }
-    let batch = create(&t, &CreateContainer { count: Some(30), ..plain(None) }).await;
+    let batch = create(
+        &t,
+        &CreateContainer {
+            count: Some(30),
+            ..plain(None)
+        },
+    )
+    .await;
     let done = t.wait(batch.command_id).await;
-    assert_eq!(done.status, CommandStatus::Failed, "a partial batch is a failure: {done:?}");
+    assert_eq!(
+        done.status,
+        CommandStatus::Failed,
+        "a partial batch is a failure: {done:?}"
+    );
     let error = done.error.unwrap();
-    assert!(error.starts_with("placed 27 of 30: server sim-") && error.contains("disk broken"), "{error}");
+    assert!(
+        error.starts_with("placed 27 of 30: server sim-") && error.contains("disk broken"),
+        "{error}"
+    );
     let result = done.result.unwrap();
     assert_eq!(result["created"], 27, "{result}");
     let failed = result["failed"].as_array().unwrap();
     assert_eq!(failed.len(), 3);
-    assert!(failed.iter().all(|f| f[1].as_str().unwrap().contains("disk broken")), "{result}");
+    assert!(
+        failed
+            .iter()
+            .all(|f| f[1].as_str().unwrap().contains("disk broken")),
+        "{result}"
+    );
     // The failed containers are hidden from the list unless asked, and can be purged.
     let listed: Vec<Container> = t.client.get("/v1/containers").await.unwrap();
     assert_eq!(listed.len(), 27);
     let all: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
-    assert_eq!(all.iter().filter(|c| c.status == ContainerStatus::Failed).count(), 3);
-    let purged: Value = t.client.post("/v1/containers/purge", &json!({})).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .filter(|c| c.status == ContainerStatus::Failed)
+            .count(),
+        3
+    );
+    let purged: Value = t
+        .client
+        .post("/v1/containers/purge", &json!({}))
+        .await
+        .unwrap();
     assert_eq!(purged["purged"], 3, "{purged}");
     let all: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
     assert_eq!(all.len(), 27, "only the running containers are left");
@@ -347,7 +528,11 @@ async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_ba
         guests += t.sim(&s.name).await.guests().len();
     }
     assert_eq!(guests, 27, "no guest of a failed container is left behind");
-    let err = t.client.post::<_, Value>("/v1/containers", &json!({ "type": "plain", "count": 0 })).await.unwrap_err();
+    let err = t
+        .client
+        .post::<_, Value>("/v1/containers", &json!({ "type": "plain", "count": 0 }))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("count: must be 1-10000"), "{err}");
     assert_ledger_clean(&t).await;
 }
@@ -355,19 +540,37 @@ async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_ba
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spread_keeps_members_of_a_type_on_different_servers() {
     let t = TestCore::start(Opts::default()).await.unwrap();
-    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "spread" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "spread" }))
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     let req = json!({ "type": "plain", "requirements": { "cpu_millis": 10, "memory_mb": 16, "disk_mb": 16, "spread": true } });
     let mut on = HashSet::new();
     for _ in 0..3 {
-        let a: Accepted = t.client.post("/v1/environments/spread/containers", &req).await.unwrap();
+        let a: Accepted = t
+            .client
+            .post("/v1/environments/spread/containers", &req)
+            .await
+            .unwrap();
         let id = t.created(a.command_id).await;
-        assert!(on.insert(show(&t, id).await.server_id.unwrap()), "two members of the type share a server");
+        assert!(
+            on.insert(show(&t, id).await.server_id.unwrap()),
+            "two members of the type share a server"
+        );
     }
-    let a: Accepted = t.client.post("/v1/environments/spread/containers", &req).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments/spread/containers", &req)
+        .await
+        .unwrap();
     let failed = t.wait(a.command_id).await;
     assert_eq!(failed.status, CommandStatus::Failed);
-    assert!(failed.error.unwrap().contains("(spread)"), "the failure names the spread requirement");
+    assert!(
+        failed.error.unwrap().contains("(spread)"),
+        "the failure names the spread requirement"
+    );
     assert_ledger_clean(&t).await;
 }
 
@@ -382,75 +585,163 @@ async fn expired_dummies_and_those_of_finished_commands_are_collected() {
     let core = cloud48_core::Core::open(config).await.unwrap();
     let live = core
         .queue()
-        .enqueue(cloud48_core::queue::NewCommand { kind: cloud48_core::model::CommandKind::Noop, target: None, params: Value::Null, requested_by: "test".into() })
+        .enqueue(cloud48_core::queue::NewCommand {
+            kind: cloud48_core::model::CommandKind::Noop,
+            target: None,
+            params: Value::Null,
+            requested_by: "test".into(),
+        })
         .await
         .unwrap();
-    let req = Requirements { resources: Resources { cpu_millis: 100, memory_mb: 100, disk_mb: 100 }, ..Default::default() };
+    let req = Requirements {
+        resources: Resources {
+            cpu_millis: 100,
+            memory_mb: 100,
+            disk_mb: 100,
+        },
+        ..Default::default()
+    };
     let now = core.queue().now_ms();
     for (command_id, deadline) in [(None, now - 1), (Some(live), now + 3_600_000)] {
         let txn = core.db().begin().await.unwrap();
-        let request = PlaceRequest { requirements: &req, container_id: 0, command_id, avoid: HashSet::new(), server: None, deadline };
-        placement::place(&txn, core.placement(), request).await.unwrap();
+        let request = PlaceRequest {
+            requirements: &req,
+            container_id: 0,
+            command_id,
+            avoid: HashSet::new(),
+            server: None,
+            deadline,
+        };
+        placement::place(&txn, core.placement(), request)
+            .await
+            .unwrap();
         txn.commit().await.unwrap();
     }
-    let reserved: u64 = core.servers().list().await.unwrap().iter().map(|s| s.dummies).sum();
+    let reserved: u64 = core
+        .servers()
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.dummies)
+        .sum();
     assert_eq!(reserved, 2);
     let report = core.collect(None).await.unwrap();
-    assert_eq!(report.dummies, 1, "only the expired dummy without a command goes");
+    assert_eq!(
+        report.dummies, 1,
+        "only the expired dummy without a command goes"
+    );
     assert!(placement::audit(core.db()).await.unwrap().is_empty());
 
     // Once its command finished, the other one goes too (the collector runs at start-up).
     core.start().await.unwrap();
-    core.queue().wait(live, Duration::from_secs(30)).await.unwrap();
+    core.queue()
+        .wait(live, Duration::from_secs(30))
+        .await
+        .unwrap();
     core.collect(None).await.unwrap();
-    let reserved: u64 = core.servers().list().await.unwrap().iter().map(|s| s.dummies).sum();
+    let reserved: u64 = core
+        .servers()
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.dummies)
+        .sum();
     assert_eq!(reserved, 0);
     for s in core.servers().list().await.unwrap() {
-        assert_eq!(s.allocated, Resources::default(), "server {} still has capacity reserved", s.name);
+        assert_eq!(
+            s.allocated,
+            Resources::default(),
+            "server {} still has capacity reserved",
+            s.name
+        );
     }
     core.stop(Duration::from_secs(5)).await;
 }
 
 /// The seed environment: two tomcats on sim-1 and sim-2 and the balancer the second asks for.
 async fn seed(t: &TestCore, name: &str) -> (Vec<i64>, i64) {
-    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": name })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": name }))
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     let mut tomcats = Vec::new();
     for server in ["sim-1", "sim-2"] {
         let a: Accepted = t
             .client
-            .post(&format!("/v1/environments/{name}/containers"), &json!({ "type": "tomcat", "server": server }))
+            .post(
+                &format!("/v1/environments/{name}/containers"),
+                &json!({ "type": "tomcat", "server": server }),
+            )
             .await
             .unwrap();
         tomcats.push(t.created(a.command_id).await);
     }
-    let env: Environment = t.client.get(&format!("/v1/environments/{name}")).await.unwrap();
-    let balancer = env.members.iter().find(|m| m.type_id.starts_with("balancer")).unwrap().id;
+    let env: Environment = t
+        .client
+        .get(&format!("/v1/environments/{name}"))
+        .await
+        .unwrap();
+    let balancer = env
+        .members
+        .iter()
+        .find(|m| m.type_id.starts_with("balancer"))
+        .unwrap()
+        .id;
     (tomcats, balancer)
 }
 
 async fn upstreams(t: &TestCore, balancer: i64) -> Vec<String> {
-    let mut list: Vec<String> = serde_json::from_value(show(t, balancer).await.inspect.unwrap()["upstreams"].clone()).unwrap();
+    let mut list: Vec<String> =
+        serde_json::from_value(show(t, balancer).await.inspect.unwrap()["upstreams"].clone())
+            .unwrap();
     list.sort();
     list
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_without_a_target_lets_placement_choose_and_keeps_the_environment_wired() {
-    let t = TestCore::start(Opts { sim_servers: 4, ..Default::default() }).await.unwrap();
+    let t = TestCore::start(Opts {
+        sim_servers: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let (tomcats, balancer) = seed(&t, "shop").await;
     let before = show(&t, tomcats[0]).await;
-    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", tomcats[0]), &json!({ "op": "migrate" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{}/actions", tomcats[0]),
+            &json!({ "op": "migrate" }),
+        )
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     let after = show(&t, tomcats[0]).await;
-    assert_ne!(after.server_id, before.server_id, "placement never picks the current server");
+    assert_ne!(
+        after.server_id, before.server_id,
+        "placement never picks the current server"
+    );
     assert_eq!(after.status, ContainerStatus::Running);
-    assert_eq!(after.ip, before.ip, "a migrated container keeps its address");
-    assert_eq!(upstreams(&t, balancer).await, t.addresses(&tomcats).await, "the balancer still reaches both tomcats");
+    assert_eq!(
+        after.ip, before.ip,
+        "a migrated container keeps its address"
+    );
+    assert_eq!(
+        upstreams(&t, balancer).await,
+        t.addresses(&tomcats).await,
+        "the balancer still reaches both tomcats"
+    );
     let old = t.sim(before.server.as_deref().unwrap()).await;
     let new = t.sim(after.server.as_deref().unwrap()).await;
-    assert!(old.guest(&before.guest_id).is_none(), "the source copy is gone");
+    assert!(
+        old.guest(&before.guest_id).is_none(),
+        "the source copy is gone"
+    );
     assert!(new.guest(&before.guest_id).is_some());
     assert_ledger_clean(&t).await;
 
@@ -458,7 +749,10 @@ async fn migrate_without_a_target_lets_placement_choose_and_keeps_the_environmen
     let here = after.server.clone().unwrap();
     let err = t
         .client
-        .post::<_, Accepted>(&format!("/v1/containers/{}/actions", tomcats[0]), &ContainerCommand::Migrate { to: Some(here) })
+        .post::<_, Accepted>(
+            &format!("/v1/containers/{}/actions", tomcats[0]),
+            &ContainerCommand::Migrate { to: Some(here) },
+        )
         .await
         .unwrap_err()
         .to_string();
@@ -470,40 +764,117 @@ async fn clone_through_placement_copies_state_and_disk() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let a = create(&t, &plain(Some("sim-1"))).await;
     let id = t.created(a.command_id).await;
-    let a: Accepted = t.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "clone" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "clone" }),
+        )
+        .await
+        .unwrap();
     let copy = t.created(a.command_id).await;
     assert_ne!(copy, id);
     let (src, dst) = (show(&t, id).await, show(&t, copy).await);
     assert_eq!(dst.status, ContainerStatus::Running);
-    assert_eq!(src.status, ContainerStatus::Running, "the source runs again");
+    assert_eq!(
+        src.status,
+        ContainerStatus::Running,
+        "the source runs again"
+    );
     assert_ne!(dst.ip, src.ip);
-    let src_guest = t.sim(src.server.as_deref().unwrap()).await.guest(&src.guest_id).unwrap();
-    let dst_guest = t.sim(dst.server.as_deref().unwrap()).await.guest(&dst.guest_id).unwrap();
+    let src_guest = t
+        .sim(src.server.as_deref().unwrap())
+        .await
+        .guest(&src.guest_id)
+        .unwrap();
+    let dst_guest = t
+        .sim(dst.server.as_deref().unwrap())
+        .await
+        .guest(&dst.guest_id)
+        .unwrap();
     assert_eq!(dst_guest.disk, src_guest.disk);
-    assert_eq!(dst_guest.operations.first().map(String::as_str), Some("import"));
+    assert_eq!(
+        dst_guest.operations.first().map(String::as_str),
+        Some("import")
+    );
     assert_ledger_clean(&t).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_environment_clone_is_wired_to_itself() {
-    let t = TestCore::start(Opts { sim_servers: 4, ..Default::default() }).await.unwrap();
+    let t = TestCore::start(Opts {
+        sim_servers: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let (tomcats, balancer) = seed(&t, "shop").await;
-    let a: Accepted = t.client.post("/v1/environments/shop/clone", &json!({ "name": "shop-copy" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/shop/clone",
+            &json!({ "name": "shop-copy" }),
+        )
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     let copy: Environment = t.client.get("/v1/environments/shop-copy").await.unwrap();
     assert_eq!(copy.status.to_string(), "active");
-    let kinds: Vec<&str> = copy.members.iter().map(|m| m.type_id.split('@').next().unwrap()).collect();
-    assert_eq!(kinds, ["balancer", "tomcat", "tomcat"], "every member cloned once, no extra balancer");
-    let copy_tomcats: Vec<i64> = copy.members.iter().filter(|m| m.type_id.starts_with("tomcat")).map(|m| m.id).collect();
-    let copy_balancer = copy.members.iter().find(|m| m.type_id.starts_with("balancer")).unwrap().id;
+    let kinds: Vec<&str> = copy
+        .members
+        .iter()
+        .map(|m| m.type_id.split('@').next().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["balancer", "tomcat", "tomcat"],
+        "every member cloned once, no extra balancer"
+    );
+    let copy_tomcats: Vec<i64> = copy
+        .members
+        .iter()
+        .filter(|m| m.type_id.starts_with("tomcat"))
+        .map(|m| m.id)
+        .collect();
+    let copy_balancer = copy
+        .members
+        .iter()
+        .find(|m| m.type_id.starts_with("balancer"))
+        .unwrap()
+        .id;
     assert!(copy_tomcats.iter().all(|id| !tomcats.contains(id)));
-    assert_eq!(upstreams(&t, copy_balancer).await, t.addresses(&copy_tomcats).await, "the copy's balancer points at the copy's tomcats");
-    assert_eq!(upstreams(&t, balancer).await, t.addresses(&tomcats).await, "the source is untouched");
+    assert_eq!(
+        upstreams(&t, copy_balancer).await,
+        t.addresses(&copy_tomcats).await,
+        "the copy's balancer points at the copy's tomcats"
+    );
+    assert_eq!(
+        upstreams(&t, balancer).await,
+        t.addresses(&tomcats).await,
+        "the source is untouched"
+    );
     for m in &copy.members {
-        let guest = t.sim(m.server.as_deref().unwrap()).await.guest(&m.guest_id).unwrap();
-        assert_eq!(guest.operations.first().map(String::as_str), Some("import"), "member {} was copied from its source's disk", m.id);
+        let guest = t
+            .sim(m.server.as_deref().unwrap())
+            .await
+            .guest(&m.guest_id)
+            .unwrap();
+        assert_eq!(
+            guest.operations.first().map(String::as_str),
+            Some("import"),
+            "member {} was copied from its source's disk",
+            m.id
+        );
     }
-    let err = t.client.post::<_, Accepted>("/v1/environments/shop/clone", &json!({ "name": "shop-copy" })).await.unwrap_err().to_string();
+    let err = t
+        .client
+        .post::<_, Accepted>(
+            "/v1/environments/shop/clone",
+            &json!({ "name": "shop-copy" }),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("already exists"), "{err}");
     assert_ledger_clean(&t).await;
 }
@@ -516,7 +887,11 @@ async fn a_drained_server_empties_and_takes_nothing_new() {
         let a = create(&t, &plain(Some("sim-1"))).await;
         ids.push(t.created(a.command_id).await);
     }
-    let report: Value = t.client.post("/v1/servers/sim-1/drain", &json!({})).await.unwrap();
+    let report: Value = t
+        .client
+        .post("/v1/servers/sim-1/drain", &json!({}))
+        .await
+        .unwrap();
     let commands: Vec<i64> = serde_json::from_value(report["commands"].clone()).unwrap();
     assert_eq!(commands.len(), 4);
     for c in commands {
@@ -530,19 +905,39 @@ async fn a_drained_server_empties_and_takes_nothing_new() {
     for _ in 0..4 {
         let a = create(&t, &plain(None)).await;
         let id = t.created(a.command_id).await;
-        assert_ne!(show(&t, id).await.server.as_deref(), Some("sim-1"), "placement skips a draining server");
+        assert_ne!(
+            show(&t, id).await.server.as_deref(),
+            Some("sim-1"),
+            "placement skips a draining server"
+        );
     }
-    let sim1 = servers(&t).await.into_iter().find(|s| s.name == "sim-1").unwrap();
+    let sim1 = servers(&t)
+        .await
+        .into_iter()
+        .find(|s| s.name == "sim-1")
+        .unwrap();
     assert!(sim1.draining);
     assert_eq!(sim1.containers, 0);
     assert!(t.sim("sim-1").await.guests().is_empty());
     let a = create(&t, &plain(Some("sim-1"))).await;
     let refused = t.wait(a.command_id).await;
-    assert!(refused.error.unwrap().contains("draining"), "a named draining server is refused with a reason");
-    let _: Value = t.client.post("/v1/servers/sim-1/undrain", &json!({})).await.unwrap();
+    assert!(
+        refused.error.unwrap().contains("draining"),
+        "a named draining server is refused with a reason"
+    );
+    let _: Value = t
+        .client
+        .post("/v1/servers/sim-1/undrain", &json!({}))
+        .await
+        .unwrap();
     let a = create(&t, &plain(Some("sim-1"))).await;
     t.ok(a.command_id).await;
-    let err = t.client.post::<_, Value>("/v1/servers/sim-1/explode", &json!({})).await.unwrap_err().to_string();
+    let err = t
+        .client
+        .post::<_, Value>("/v1/servers/sim-1/explode", &json!({}))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("drain, undrain, fail, recover"), "{err}");
     assert_ledger_clean(&t).await;
 }
@@ -554,16 +949,46 @@ async fn export_and_import_move_a_container_between_platforms_with_its_origin() 
     let created = create(&a, &plain(None)).await;
     let id = a.created(created.command_id).await;
     let source = show(&a, id).await;
-    let err = a.client.get::<Value>(&format!("/v1/containers/{id}/export")).await.unwrap_err().to_string();
+    let err = a
+        .client
+        .get::<Value>(&format!("/v1/containers/{id}/export"))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("stop it first"), "{err}");
-    let stop: Accepted = a.client.post(&format!("/v1/containers/{id}/actions"), &json!({ "op": "stop" })).await.unwrap();
+    let stop: Accepted = a
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
     a.ok(stop.command_id).await;
 
     // Through the CLI, as an operator would.
     let file = a._dir.path().join("export.json");
-    let (ok, _, err) = crate::common::cli(&a.url, &["container", "export", &id.to_string(), "-o", file.to_str().unwrap()]);
+    let (ok, _, err) = crate::common::cli(
+        &a.url,
+        &[
+            "container",
+            "export",
+            &id.to_string(),
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "{err}");
-    let (ok, out, err) = crate::common::cli(&b.url, &["--json", "container", "import", file.to_str().unwrap(), "--wait"]);
+    let (ok, out, err) = crate::common::cli(
+        &b.url,
+        &[
+            "--json",
+            "container",
+            "import",
+            file.to_str().unwrap(),
+            "--wait",
+        ],
+    );
     assert!(ok, "{err}");
     let imported: Value = serde_json::from_str(&out).unwrap();
     let new_id = imported["result"]["container_id"].as_i64().unwrap();
@@ -574,34 +999,78 @@ async fn export_and_import_move_a_container_between_platforms_with_its_origin() 
     assert_eq!(origin.guest_id, source.guest_id);
     assert_eq!(origin.origin_platform, a.core.platform_name());
     let (ok, out, _) = crate::common::cli(&b.url, &["container", "show", &new_id.to_string()]);
-    assert!(ok && out.contains(&format!("origin:      platform {}, container {id}", a.core.platform_name())), "{out}");
-    let src_disk = a.sim(source.server.as_deref().unwrap()).await.guest(&source.guest_id).unwrap().disk;
-    let dst_disk = b.sim(c.server.as_deref().unwrap()).await.guest(&c.guest_id).unwrap().disk;
+    assert!(
+        ok && out.contains(&format!(
+            "origin:      platform {}, container {id}",
+            a.core.platform_name()
+        )),
+        "{out}"
+    );
+    let src_disk = a
+        .sim(source.server.as_deref().unwrap())
+        .await
+        .guest(&source.guest_id)
+        .unwrap()
+        .disk;
+    let dst_disk = b
+        .sim(c.server.as_deref().unwrap())
+        .await
+        .guest(&c.guest_id)
+        .unwrap()
+        .disk;
     assert_eq!(src_disk, dst_disk);
 
     // Bad input: its own export, an unknown format, a missing type.
     let export: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    let err = a.client.post::<_, Accepted>("/v1/containers/import", &export).await.unwrap_err().to_string();
+    let err = a
+        .client
+        .post::<_, Accepted>("/v1/containers/import", &export)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("container clone"), "{err}");
     let mut bad = export.clone();
     bad["format"] = json!(99);
-    let err = b.client.post::<_, Accepted>("/v1/containers/import", &bad).await.unwrap_err().to_string();
+    let err = b
+        .client
+        .post::<_, Accepted>("/v1/containers/import", &bad)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("format 99"), "{err}");
     let mut bad = export;
     bad["type"] = json!("nosuchtype");
-    let err = b.client.post::<_, Accepted>("/v1/containers/import", &bad).await.unwrap_err().to_string();
+    let err = b
+        .client
+        .post::<_, Accepted>("/v1/containers/import", &bad)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("nosuchtype"), "{err}");
     assert_ledger_clean(&b).await;
-    let counts: HashMap<String, u64> = servers(&b).await.into_iter().map(|s| (s.name, s.containers)).collect();
+    let counts: HashMap<String, u64> = servers(&b)
+        .await
+        .into_iter()
+        .map(|s| (s.name, s.containers))
+        .collect();
     assert_eq!(counts.values().sum::<u64>(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rebalancer_moves_a_bounded_number_of_containers_off_the_fullest_server() {
-    let health = cloud48_core::core::HealthConfig { background: false, rebalance_spread: 20, rebalance_batch: 2, ..Default::default() };
+    let health = cloud48_core::core::HealthConfig {
+        background: false,
+        rebalance_spread: 20,
+        rebalance_batch: 2,
+        ..Default::default()
+    };
     let opts = Opts {
         health,
-        capacity: Some(Resources { cpu_millis: 100_000, memory_mb: 256 * 10, disk_mb: 1_000_000 }),
+        capacity: Some(Resources {
+            cpu_millis: 100_000,
+            memory_mb: 256 * 10,
+            disk_mb: 1_000_000,
+        }),
         ..Default::default()
     };
     let t = TestCore::start(opts).await.unwrap();
@@ -617,14 +1086,21 @@ async fn the_rebalancer_moves_a_bounded_number_of_containers_off_the_fullest_ser
             break;
         }
         assert!(submitted.len() <= 2, "at most the batch size at a time");
-        assert!(t.core.rebalance().await.unwrap().is_empty(), "nothing more while migrations are in flight");
+        assert!(
+            t.core.rebalance().await.unwrap().is_empty(),
+            "nothing more while migrations are in flight"
+        );
         for c in submitted {
             t.ok(c).await;
         }
         rounds += 1;
         assert!(rounds < 10, "the rebalancer does not converge");
     }
-    let used: Vec<u64> = servers(&t).await.iter().map(|s| s.allocated.memory_mb * 100 / s.capacity.memory_mb).collect();
+    let used: Vec<u64> = servers(&t)
+        .await
+        .iter()
+        .map(|s| s.allocated.memory_mb * 100 / s.capacity.memory_mb)
+        .collect();
     let spread = used.iter().max().unwrap() - used.iter().min().unwrap();
     assert!(spread <= 20, "utilisation still spread {used:?}");
     assert!(rounds >= 1);

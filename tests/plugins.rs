@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use crate::common::{Opts, ServeProcess, TestCore, cli};
 
 fn test_plugin(dir: &str, name: &str) -> Vec<u8> {
-    std::fs::read(std::path::Path::new(dir).join(format!("cloud48_plugin_{name}.wasm"))).expect("test plugin built by core/build.rs")
+    std::fs::read(std::path::Path::new(dir).join(format!("cloud48_plugin_{name}.wasm")))
+        .expect("test plugin built by core/build.rs")
 }
 
 fn hostile() -> Vec<u8> {
@@ -19,13 +20,19 @@ fn hostile() -> Vec<u8> {
 }
 
 async fn install(t: &TestCore, wasm: Vec<u8>) -> anyhow::Result<PluginInfo> {
-    t.client.send_wasm(reqwest::Method::POST, "/v1/plugins", wasm).await
+    t.client
+        .send_wasm(reqwest::Method::POST, "/v1/plugins", wasm)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = ServeProcess::spawn(&dir.path().join("data"), &["--sim-servers", "3", "--anonymous", "full"]).await;
+    let serve = ServeProcess::spawn(
+        &dir.path().join("data"),
+        &["--sim-servers", "3", "--anonymous", "full"],
+    )
+    .await;
     let url = serve.url.clone();
     let run = move |args: Vec<String>| {
         let url = url.clone();
@@ -39,21 +46,41 @@ async fn seed_scenario_through_the_cli() {
         }
     };
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let json = |out: &str| serde_json::from_str::<Value>(out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let json =
+        |out: &str| serde_json::from_str::<Value>(out).unwrap_or_else(|e| panic!("{e}: {out}"));
 
     let (ok, out, _) = run(s(&["--json", "plugin", "list"])).await;
     assert!(ok);
-    let types: Vec<String> = json(&out).as_array().unwrap().iter().map(|p| p["type_id"].as_str().unwrap().to_string()).collect();
-    assert_eq!(types, ["balancer@0.1.0", "mysql@0.1.0", "tomcat@0.2.0"], "bundled plugins are installed on first start");
+    let types: Vec<String> = json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        types,
+        ["balancer@0.1.0", "mysql@0.1.0", "tomcat@0.2.0"],
+        "bundled plugins are installed on first start"
+    );
 
     assert!(run(s(&["env", "create", "shop", "--wait"])).await.0);
-    let (ok, out, err) = run(s(&["--json", "env", "add", "shop", "--type", "tomcat", "--wait"])).await;
+    let (ok, out, err) = run(s(&[
+        "--json", "env", "add", "shop", "--type", "tomcat", "--wait",
+    ]))
+    .await;
     assert!(ok, "{err}");
     let t1 = json(&out)["result"]["container_id"].as_i64().unwrap();
     let (_, out, _) = run(s(&["--json", "env", "show", "shop"])).await;
-    assert_eq!(json(&out)["members"].as_array().unwrap().len(), 1, "one tomcat needs no balancer");
+    assert_eq!(
+        json(&out)["members"].as_array().unwrap().len(),
+        1,
+        "one tomcat needs no balancer"
+    );
 
-    let (ok, out, err) = run(s(&["--json", "env", "add", "shop", "--type", "tomcat", "--wait"])).await;
+    let (ok, out, err) = run(s(&[
+        "--json", "env", "add", "shop", "--type", "tomcat", "--wait",
+    ]))
+    .await;
     assert!(ok, "{err}");
     let t2 = json(&out)["result"]["container_id"].as_i64().unwrap();
     let (_, out, _) = run(s(&["--json", "env", "show", "shop"])).await;
@@ -62,31 +89,60 @@ async fn seed_scenario_through_the_cli() {
     assert_eq!(kinds, ["balancer@0.1.0", "tomcat@0.2.0", "tomcat@0.2.0"]);
     let lb = env.members[0].id;
     assert!(lb < t2, "the balancer was created before the second tomcat");
-    let ip = |id: i64| env.members.iter().find(|m| m.id == id).unwrap().ip.clone().unwrap();
+    let ip = |id: i64| {
+        env.members
+            .iter()
+            .find(|m| m.id == id)
+            .unwrap()
+            .ip
+            .clone()
+            .unwrap()
+    };
 
     let (_, out, _) = run(s(&["--json", "container", "show", &lb.to_string()])).await;
     let shown: Container = serde_json::from_str(&out).unwrap();
     let inspect = shown.inspect.unwrap();
-    assert_eq!(inspect["upstreams"], json!([format!("{}:8080", ip(t1)), format!("{}:8080", ip(t2))]));
+    assert_eq!(
+        inspect["upstreams"],
+        json!([format!("{}:8080", ip(t1)), format!("{}:8080", ip(t2))])
+    );
     assert_eq!(inspect["reloads"], 2);
     assert_eq!(shown.execs.len(), 2, "two nginx reloads ran");
-    assert_eq!(shown.execs[0].args, vec![format!("{}:8080", ip(t1))], "first the one bound tomcat");
+    assert_eq!(
+        shown.execs[0].args,
+        vec![format!("{}:8080", ip(t1))],
+        "first the one bound tomcat"
+    );
     assert_eq!(shown.execs[1].args.len(), 2, "then both");
     assert!(shown.execs[0].script.contains("nginx"));
     let (_, human, _) = run(s(&["container", "show", &lb.to_string()])).await;
-    assert!(human.contains("upstreams") && human.contains("scripts run: 2"), "{human}");
+    assert!(
+        human.contains("upstreams") && human.contains("scripts run: 2"),
+        "{human}"
+    );
 
     let (ok, _, err) = run(s(&["env", "remove", "shop", &t1.to_string(), "--wait"])).await;
     assert!(ok, "{err}");
     let (_, out, _) = run(s(&["--json", "container", "show", &lb.to_string()])).await;
     let shown: Container = serde_json::from_str(&out).unwrap();
-    assert_eq!(shown.inspect.unwrap()["upstreams"], json!([format!("{}:8080", ip(t2))]), "the removed tomcat was deregistered");
+    assert_eq!(
+        shown.inspect.unwrap()["upstreams"],
+        json!([format!("{}:8080", ip(t2))]),
+        "the removed tomcat was deregistered"
+    );
     assert_eq!(shown.execs.len(), 3);
 
     // Denial with the plugin's reason, nothing created.
-    assert!(run(s(&["env", "add", "shop", "--type", "mysql", "--wait"])).await.0);
+    assert!(
+        run(s(&["env", "add", "shop", "--type", "mysql", "--wait"]))
+            .await
+            .0
+    );
     let (ok, _, err) = run(s(&["env", "add", "shop", "--type", "mysql", "--wait"])).await;
-    assert!(!ok && err.contains("this environment already has a mysql database"), "{err}");
+    assert!(
+        !ok && err.contains("this environment already has a mysql database"),
+        "{err}"
+    );
     let (_, out, _) = run(s(&["--json", "env", "show", "shop"])).await;
     assert_eq!(json(&out)["members"].as_array().unwrap().len(), 3);
     // The remaining tomcat was configured with the database's address.
@@ -94,16 +150,28 @@ async fn seed_scenario_through_the_cli() {
     assert!(json(&out)["inspect"]["database"].is_string(), "{out}");
 
     let (ok, _, err) = run(s(&["plugin", "remove", "tomcat"])).await;
-    assert!(!ok && err.contains("destroy them before removing the plugin"), "{err}");
+    assert!(
+        !ok && err.contains("destroy them before removing the plugin"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_command_runs_the_seed_scenario() {
-    let out = tokio::task::spawn_blocking(|| std::process::Command::new(crate::common::binary()).arg("demo").output().unwrap())
-        .await
-        .unwrap();
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new(crate::common::binary())
+            .arg("demo")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("asked for a balancer first"), "{text}");
     assert!(text.contains("\"reloads\":3"), "{text}");
 }
@@ -112,7 +180,10 @@ async fn the_demo_command_runs_the_seed_scenario() {
 async fn hostile_plugins_fail_their_command_with_a_clear_error_and_the_core_keeps_working() {
     // A deadline the memory bomb cannot reach before its memory limit, even on a loaded
     // machine (with the default 100 ms it sometimes did).
-    let opts = Opts { plugin_deadline: Some(Duration::from_secs(2)), ..Opts::default() };
+    let opts = Opts {
+        plugin_deadline: Some(Duration::from_secs(2)),
+        ..Opts::default()
+    };
     let t = TestCore::start(opts).await.unwrap();
     let info = install(&t, hostile()).await.unwrap();
     assert_eq!(info.type_id, "hostile@0.1.0");
@@ -126,32 +197,88 @@ async fn hostile_plugins_fail_their_command_with_a_clear_error_and_the_core_keep
     for (env, cause) in cases {
         let (c, _) = t.core.environments().create(env, "test").await.unwrap();
         t.ok(c).await;
-        let a: Accepted = t.client.post(&format!("/v1/environments/{env}/containers"), &json!({ "type": "hostile" })).await.unwrap();
+        let a: Accepted = t
+            .client
+            .post(
+                &format!("/v1/environments/{env}/containers"),
+                &json!({ "type": "hostile" }),
+            )
+            .await
+            .unwrap();
         let cmd = t.wait(a.command_id).await;
         assert_eq!(cmd.status, CommandStatus::Failed);
         let err = cmd.error.unwrap();
-        assert!(err.contains("hostile@0.1.0") && err.contains("before-it-is-added") && err.contains(cause), "{env}: {err}");
+        assert!(
+            err.contains("hostile@0.1.0")
+                && err.contains("before-it-is-added")
+                && err.contains(cause),
+            "{env}: {err}"
+        );
     }
-    let hostile_rows: Vec<Container> = t.client.get("/v1/containers?all=true&type=hostile").await.unwrap();
-    assert!(hostile_rows.is_empty(), "no failed hook left a container behind");
+    let hostile_rows: Vec<Container> = t
+        .client
+        .get("/v1/containers?all=true&type=hostile")
+        .await
+        .unwrap();
+    assert!(
+        hostile_rows.is_empty(),
+        "no failed hook left a container behind"
+    );
     // The core still serves, and the same plugin still works where it behaves.
     let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
     t.ok(c).await;
-    let a: Accepted = t.client.post("/v1/environments/calm/containers", &json!({ "type": "hostile" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/calm/containers",
+            &json!({ "type": "hostile" }),
+        )
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     let t = TestCore::start(Opts::default()).await.unwrap();
-    let err = install(&t, test_plugin(env!("CLOUD48_TEST_PLUGINS_FUTURE"), "hostile")).await.unwrap_err().to_string();
-    assert!(err.contains("targets WIT version 9.0.0") && err.contains("supported: 0.1.0") && err.contains("HTTP 422"), "{err}");
-    let err = install(&t, test_plugin(env!("CLOUD48_TEST_PLUGINS"), "hostile_import")).await.unwrap_err().to_string();
-    assert!(err.contains("needs something the host does not give plugins") && err.contains("cloud48-test:evil/net"), "{err}");
-    let err = install(&t, b"\0asm\x01\0\0\0garbage".to_vec()).await.unwrap_err().to_string();
+    let err = install(
+        &t,
+        test_plugin(env!("CLOUD48_TEST_PLUGINS_FUTURE"), "hostile"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("targets WIT version 9.0.0")
+            && err.contains("supported: 0.1.0")
+            && err.contains("HTTP 422"),
+        "{err}"
+    );
+    let err = install(
+        &t,
+        test_plugin(env!("CLOUD48_TEST_PLUGINS"), "hostile_import"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("needs something the host does not give plugins")
+            && err.contains("cloud48-test:evil/net"),
+        "{err}"
+    );
+    let err = install(&t, b"\0asm\x01\0\0\0garbage".to_vec())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a valid WASM component"), "{err}");
-    let err = install(&t, test_plugin(env!("CLOUD48_TEST_PLUGINS"), "tomcat")).await.unwrap_err().to_string();
-    assert!(err.contains("tomcat@0.2.0 is already installed") && err.contains("HTTP 409"), "{err}");
+    let err = install(&t, test_plugin(env!("CLOUD48_TEST_PLUGINS"), "tomcat"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tomcat@0.2.0 is already installed") && err.contains("HTTP 409"),
+        "{err}"
+    );
     let list: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
     assert_eq!(list.len(), 3, "nothing was installed");
 }
@@ -162,25 +289,68 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
     install(&t, hostile()).await.unwrap();
     let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
     t.ok(c).await;
-    let a: Accepted = t.client.post("/v1/environments/calm/containers", &json!({ "type": "hostile" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/calm/containers",
+            &json!({ "type": "hostile" }),
+        )
+        .await
+        .unwrap();
     let id = t.created(a.command_id).await;
     let newer = test_plugin(env!("CLOUD48_TEST_PLUGINS_NEWER"), "hostile");
-    let err = t.client.send_wasm::<PluginInfo>(reqwest::Method::PUT, "/v1/plugins/tomcat", newer.clone()).await.unwrap_err().to_string();
-    assert!(err.contains("the component is plugin 'hostile', not 'tomcat'"), "{err}");
-    let info: PluginInfo = t.client.send_wasm(reqwest::Method::PUT, "/v1/plugins/hostile", newer).await.unwrap();
+    let err = t
+        .client
+        .send_wasm::<PluginInfo>(reqwest::Method::PUT, "/v1/plugins/tomcat", newer.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the component is plugin 'hostile', not 'tomcat'"),
+        "{err}"
+    );
+    let info: PluginInfo = t
+        .client
+        .send_wasm(reqwest::Method::PUT, "/v1/plugins/hostile", newer)
+        .await
+        .unwrap();
     assert_eq!(info.type_id, "hostile@0.1.1");
     assert_eq!(info.containers, 1);
     let c: Container = t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
     assert_eq!(c.type_id, "hostile@0.1.1");
     use sea_orm::EntityTrait;
-    let row = cloud48_core::entities::container::Entity::find_by_id(id).one(t.core.db()).await.unwrap().unwrap();
-    assert_eq!(row.state, b"0.1.0->0.1.1:v0", "migrate-state of the new version converted the blob");
-    let err = t.client.delete_empty("/v1/plugins/hostile").await.unwrap_err().to_string();
-    assert!(err.contains("1 container(s) of type hostile@0.1.1 exist"), "{err}");
-    let a: Accepted = t.client.submit::<()>(&format!("/v1/environments/calm/containers/{id}"), None).await.unwrap();
+    let row = cloud48_core::entities::container::Entity::find_by_id(id)
+        .one(t.core.db())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        row.state, b"0.1.0->0.1.1:v0",
+        "migrate-state of the new version converted the blob"
+    );
+    let err = t
+        .client
+        .delete_empty("/v1/plugins/hostile")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("1 container(s) of type hostile@0.1.1 exist"),
+        "{err}"
+    );
+    let a: Accepted = t
+        .client
+        .submit::<()>(&format!("/v1/environments/calm/containers/{id}"), None)
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     t.client.delete_empty("/v1/plugins/hostile").await.unwrap();
-    let err = t.client.get::<PluginInfo>("/v1/plugins/hostile").await.unwrap_err().to_string();
+    let err = t
+        .client
+        .get::<PluginInfo>("/v1/plugins/hostile")
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not installed"), "{err}");
 }
 
@@ -188,18 +358,47 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
 async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let flags = ["--sim-latency-ms", "150", "--sim-servers", "3", "--anonymous", "full"];
+    let flags = [
+        "--sim-latency-ms",
+        "150",
+        "--sim-servers",
+        "3",
+        "--anonymous",
+        "full",
+    ];
     let mut serve = ServeProcess::spawn(&data, &flags).await;
     let client = Client::new(&serve.url);
-    let a: Accepted = client.post("/v1/environments", &json!({ "name": "shop" })).await.unwrap();
+    let a: Accepted = client
+        .post("/v1/environments", &json!({ "name": "shop" }))
+        .await
+        .unwrap();
     client.command(a.command_id, 60).await.unwrap();
-    let a: Accepted = client.post("/v1/environments/shop/containers", &json!({ "type": "tomcat" })).await.unwrap();
-    assert_eq!(client.command(a.command_id, 60).await.unwrap().status, CommandStatus::Succeeded);
-    let second: Accepted = client.post("/v1/environments/shop/containers", &json!({ "type": "tomcat" })).await.unwrap();
+    let a: Accepted = client
+        .post(
+            "/v1/environments/shop/containers",
+            &json!({ "type": "tomcat" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        client.command(a.command_id, 60).await.unwrap().status,
+        CommandStatus::Succeeded
+    );
+    let second: Accepted = client
+        .post(
+            "/v1/environments/shop/containers",
+            &json!({ "type": "tomcat" }),
+        )
+        .await
+        .unwrap();
     // Kill while the balancer the hook asked for is being created (a child of a child).
     loop {
         let cmds: Vec<Command> = client.get("/v1/commands?limit=100").await.unwrap();
-        if cmds.iter().any(|c| c.kind == "container.create" && c.parent.is_some_and(|p| p != second.command_id) && !c.status.is_terminal()) {
+        if cmds.iter().any(|c| {
+            c.kind == "container.create"
+                && c.parent.is_some_and(|p| p != second.command_id)
+                && !c.status.is_terminal()
+        }) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -212,13 +411,26 @@ async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_dupli
     assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
     let env: Environment = client.get("/v1/environments/shop").await.unwrap();
     let kinds: Vec<&str> = env.members.iter().map(|m| m.type_id.as_str()).collect();
-    assert_eq!(kinds, ["balancer@0.1.0", "tomcat@0.2.0", "tomcat@0.2.0"], "exactly one balancer");
-    let lb: Container = client.get(&format!("/v1/containers/{}", env.members[0].id)).await.unwrap();
-    assert_eq!(lb.inspect.unwrap()["upstreams"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        kinds,
+        ["balancer@0.1.0", "tomcat@0.2.0", "tomcat@0.2.0"],
+        "exactly one balancer"
+    );
+    let lb: Container = client
+        .get(&format!("/v1/containers/{}", env.members[0].id))
+        .await
+        .unwrap();
+    assert_eq!(
+        lb.inspect.unwrap()["upstreams"].as_array().unwrap().len(),
+        2
+    );
     let all: Vec<Container> = client.get("/v1/containers?all=true").await.unwrap();
     assert_eq!(all.len(), 3, "no duplicate container");
     let cmds: Vec<Command> = client.get("/v1/commands?limit=100").await.unwrap();
-    assert!(cmds.iter().all(|c| c.status == CommandStatus::Succeeded), "{cmds:#?}");
+    assert!(
+        cmds.iter().all(|c| c.status == CommandStatus::Succeeded),
+        "{cmds:#?}"
+    );
 }
 
 #[test]
@@ -228,7 +440,10 @@ fn the_sdk_harness_runs_the_seed_scenario_against_the_compiled_plugins() {
     let host = cloud48_core::plugins::PluginHost::new(None, Default::default()).unwrap();
     let mut hooks = WasmHooks::default();
     for name in ["tomcat", "balancer", "mysql"] {
-        hooks = hooks.with(host.load(&test_plugin(env!("CLOUD48_TEST_PLUGINS"), name)).unwrap());
+        hooks = hooks.with(
+            host.load(&test_plugin(env!("CLOUD48_TEST_PLUGINS"), name))
+                .unwrap(),
+        );
     }
     let mut p = Platform::new(hooks);
     let t1 = p.add("tomcat").unwrap();
@@ -258,25 +473,50 @@ fn the_sdk_harness_runs_the_seed_scenario_against_the_compiled_plugins() {
     p.remove(t1).unwrap();
     assert_eq!(p.inspect(lb)["upstreams"].as_array().unwrap().len(), 1);
     let db = p.add("mysql").unwrap();
-    assert_eq!(p.add("mysql").unwrap_err(), "this environment already has a mysql database");
+    assert_eq!(
+        p.add("mysql").unwrap_err(),
+        "this environment already has a mysql database"
+    );
     assert!(p.inspect(t2)["database"].is_string());
     assert!(p.remove(db).unwrap_err().contains("use this database"));
-    let server = p.members().into_iter().find(|m| m.id == lb).unwrap().server.unwrap();
+    let server = p
+        .members()
+        .into_iter()
+        .find(|m| m.id == lb)
+        .unwrap()
+        .server
+        .unwrap();
     p.crash_server(&server).unwrap();
     assert_eq!(p.illegal.len(), 1, "the crashed balancer was replaced");
     let new = p.ids_of("balancer")[0];
-    assert_eq!(p.inspect(new)["upstreams"].as_array().unwrap().len(), 1, "the replacement registered the tomcat");
+    assert_eq!(
+        p.inspect(new)["upstreams"].as_array().unwrap().len(),
+        1,
+        "the replacement registered the tomcat"
+    );
 }
 
 fn run_bin(args: &[&str], cwd: &std::path::Path, env: &[(&str, &str)]) -> (bool, String, String) {
-    let out = std::process::Command::new(crate::common::binary()).args(args).current_dir(cwd).envs(env.iter().copied()).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = std::process::Command::new(crate::common::binary())
+        .args(args)
+        .current_dir(cwd)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
 fn plugin_test_runs_scenario_files_and_fails_on_a_broken_expectation() {
     let dir = tempfile::tempdir().unwrap();
-    let balancer = format!("{}/cloud48_plugin_balancer.wasm", env!("CLOUD48_TEST_PLUGINS"));
+    let balancer = format!(
+        "{}/cloud48_plugin_balancer.wasm",
+        env!("CLOUD48_TEST_PLUGINS")
+    );
     std::fs::write(
         dir.path().join("seed.toml"),
         r#"
@@ -299,10 +539,21 @@ expect_deny = "already has a balancer"
     let (ok, out, err) = run_bin(&["plugin", "test", &balancer, "seed.toml"], dir.path(), &[]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("scenario passed: 4 steps"), "{out}");
-    std::fs::write(dir.path().join("bad.toml"), "[[step]]\nadd = \"tomcat\"\nexpect_execs = 5\n").unwrap();
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[[step]]\nadd = \"tomcat\"\nexpect_execs = 5\n",
+    )
+    .unwrap();
     let (ok, _, err) = run_bin(&["plugin", "test", &balancer, "bad.toml"], dir.path(), &[]);
-    assert!(!ok && err.contains("step 1 (add tomcat): 0 scripts were exec'd, expected 5"), "{err}");
-    std::fs::write(dir.path().join("typo.toml"), "[[step]]\nadd = \"tomcat\"\nexpect_exec = 5\n").unwrap();
+    assert!(
+        !ok && err.contains("step 1 (add tomcat): 0 scripts were exec'd, expected 5"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.path().join("typo.toml"),
+        "[[step]]\nadd = \"tomcat\"\nexpect_exec = 5\n",
+    )
+    .unwrap();
     let (ok, _, err) = run_bin(&["plugin", "test", &balancer, "typo.toml"], dir.path(), &[]);
     assert!(!ok && err.contains("not a valid scenario"), "{err}");
 }
@@ -318,8 +569,17 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
     let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/scaffold-test");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(&cargo).args(args).current_dir(&krate).env("CARGO_TARGET_DIR", target).output().unwrap();
-        assert!(out.status.success(), "cargo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new(&cargo)
+            .args(args)
+            .current_dir(&krate)
+            .env("CARGO_TARGET_DIR", target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cargo {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     run(&["test", "--quiet"]);
     run(&["build", "--release", "--quiet", "--target", "wasm32-wasip2"]);
@@ -335,22 +595,47 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
 async fn compiled_plugins_are_cached_and_a_corrupt_cache_entry_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let host = cloud48_core::plugins::PluginHost::new(Some(cache.clone()), Default::default()).unwrap();
+    let host =
+        cloud48_core::plugins::PluginHost::new(Some(cache.clone()), Default::default()).unwrap();
     let wasm = test_plugin(env!("CLOUD48_TEST_PLUGINS"), "mysql");
     host.load(&wasm).unwrap();
-    let entries: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(entries.len(), 1, "one artefact per content hash and engine: {entries:?}");
-    let name = entries[0].file_name().unwrap().to_str().unwrap().to_string();
-    assert!(name.starts_with(&hex_sha256(&wasm)) && name.ends_with(".cwasm"), "{name}");
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        entries.len(),
+        1,
+        "one artefact per content hash and engine: {entries:?}"
+    );
+    let name = entries[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        name.starts_with(&hex_sha256(&wasm)) && name.ends_with(".cwasm"),
+        "{name}"
+    );
     std::fs::write(&entries[0], b"not an artefact").unwrap();
-    let again = host.load(&wasm).expect("a corrupt cache entry is recompiled, not fatal");
+    let again = host
+        .load(&wasm)
+        .expect("a corrupt cache entry is recompiled, not fatal");
     assert_eq!(again.meta().name, "mysql");
-    assert_ne!(std::fs::read(&entries[0]).unwrap(), b"not an artefact", "the entry was rewritten");
+    assert_ne!(
+        std::fs::read(&entries[0]).unwrap(),
+        b"not an artefact",
+        "the entry was rewritten"
+    );
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,7 +651,18 @@ async fn bundled_plugins_are_installed_on_the_first_start_only() {
     core.plugins().remove("mysql").await.unwrap();
     drop(core);
     let core = open().await.unwrap();
-    let names: Vec<String> = core.plugins().list().await.unwrap().into_iter().map(|p| p.meta.name).collect();
-    assert_eq!(names, ["balancer", "tomcat"], "a removed bundled plugin stays removed after a restart");
+    let names: Vec<String> = core
+        .plugins()
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.meta.name)
+        .collect();
+    assert_eq!(
+        names,
+        ["balancer", "tomcat"],
+        "a removed bundled plugin stays removed after a restart"
+    );
     assert!(core.types().get("balancer").is_some() && core.types().get("mysql").is_none());
 }

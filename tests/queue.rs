@@ -8,7 +8,9 @@ use std::time::Duration;
 use cloud48_core::entities::command;
 use cloud48_core::managers::{ContainerCommand, CreateContainer};
 use cloud48_core::model::{CommandStatus, ContainerStatus};
-use cloud48_core::queue::{Next, NewCommand, Queue, QueueConfig, Runner, StepError, SystemClock, Transition};
+use cloud48_core::queue::{
+    NewCommand, Next, Queue, QueueConfig, Runner, StepError, SystemClock, Transition,
+};
 use serde_json::Value;
 
 use crate::common::{Opts, PgDb, TestCore};
@@ -18,7 +20,15 @@ async fn running_container(t: &TestCore) -> (i64, String) {
     let (cmd, id) = t
         .core
         .containers()
-        .create(&CreateContainer { type_id: "plain".into(), server: Some("sim-1".into()), requirements: None, count: None }, "test")
+        .create(
+            &CreateContainer {
+                type_id: "plain".into(),
+                server: Some("sim-1".into()),
+                requirements: None,
+                count: None,
+            },
+            "test",
+        )
         .await
         .unwrap();
     t.ok(cmd).await;
@@ -26,73 +36,168 @@ async fn running_container(t: &TestCore) -> (i64, String) {
     (id, guest)
 }
 
-on_both_databases!(two_commands_on_one_container_never_overlap, lock_serialization);
+on_both_databases!(
+    two_commands_on_one_container_never_overlap,
+    lock_serialization
+);
 async fn lock_serialization(pg: bool) {
-    let Some(t) = TestCore::start(Opts { postgres: pg, latency: Duration::from_millis(20), ..Opts::default() }).await else { return };
+    let Some(t) = TestCore::start(Opts {
+        postgres: pg,
+        latency: Duration::from_millis(20),
+        ..Opts::default()
+    })
+    .await
+    else {
+        return;
+    };
     let (id, guest) = running_container(&t).await;
     let mut cmds = Vec::new();
     for _ in 0..6 {
-        cmds.push(t.core.containers().run(ContainerCommand::Reboot, id, "test").await.unwrap());
+        cmds.push(
+            t.core
+                .containers()
+                .run(ContainerCommand::Reboot, id, "test")
+                .await
+                .unwrap(),
+        );
     }
     for c in cmds {
         t.ok(c).await;
     }
     let sim = t.sim("sim-1").await;
-    assert_eq!(sim.overlapping_operations(), 0, "two commands acted on the guest at once");
-    let reboots = sim.guest(&guest).unwrap().operations.iter().filter(|o| *o == "reboot").count();
-    assert_eq!(reboots, 6, "every queued command ran, none failed for the lock");
-    assert_eq!(t.core.containers().get_by_id(id).await.unwrap().locked_by, None, "the lock was released");
+    assert_eq!(
+        sim.overlapping_operations(),
+        0,
+        "two commands acted on the guest at once"
+    );
+    let reboots = sim
+        .guest(&guest)
+        .unwrap()
+        .operations
+        .iter()
+        .filter(|o| *o == "reboot")
+        .count();
+    assert_eq!(
+        reboots, 6,
+        "every queued command ran, none failed for the lock"
+    );
+    assert_eq!(
+        t.core.containers().get_by_id(id).await.unwrap().locked_by,
+        None,
+        "the lock was released"
+    );
 }
 
 on_both_databases!(a_parent_waits_for_all_its_children, parent_child);
 async fn parent_child(pg: bool) {
-    let Some(t) = TestCore::start(Opts { postgres: pg, ..Opts::default() }).await else { return };
+    let Some(t) = TestCore::start(Opts {
+        postgres: pg,
+        ..Opts::default()
+    })
+    .await
+    else {
+        return;
+    };
     let (env_cmd, _) = t.core.environments().create("fam", "test").await.unwrap();
     t.ok(env_cmd).await;
     for _ in 0..3 {
         let add = t
             .core
             .environments()
-            .add("fam", &cloud48_core::managers::AddContainer { type_id: "plain".into(), requirements: None, server: None }, "test")
+            .add(
+                "fam",
+                &cloud48_core::managers::AddContainer {
+                    type_id: "plain".into(),
+                    requirements: None,
+                    server: None,
+                },
+                "test",
+            )
             .await
             .unwrap();
         t.ok(add).await;
     }
-    let stop = t.core.environments().run(cloud48_core::managers::EnvironmentOp::Stop, "fam", "test").await.unwrap();
+    let stop = t
+        .core
+        .environments()
+        .run(cloud48_core::managers::EnvironmentOp::Stop, "fam", "test")
+        .await
+        .unwrap();
     let parent = t.ok(stop).await;
     let children = t
         .core
         .queue()
-        .list(&cloud48_core::queue::CommandFilter { parent: Some(stop), ..Default::default() })
+        .list(&cloud48_core::queue::CommandFilter {
+            parent: Some(stop),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(children.len(), 3);
     for c in &children {
         assert_eq!(c.status, CommandStatus::Succeeded);
         assert_eq!(c.kind, "container.stop");
-        assert!(c.finished_at.unwrap() <= parent.finished_at.unwrap(), "the parent finished after its children");
+        assert!(
+            c.finished_at.unwrap() <= parent.finished_at.unwrap(),
+            "the parent finished after its children"
+        );
     }
     let env = t.core.environments().get_by_id("fam").await.unwrap();
-    assert!(env.members.iter().all(|m| m.status == ContainerStatus::Stopped));
+    assert!(
+        env.members
+            .iter()
+            .all(|m| m.status == ContainerStatus::Stopped)
+    );
 }
 
-on_both_databases!(a_queued_command_can_be_cancelled_and_never_runs, cancellation);
+on_both_databases!(
+    a_queued_command_can_be_cancelled_and_never_runs,
+    cancellation
+);
 async fn cancellation(pg: bool) {
-    let Some(t) = TestCore::start(Opts { postgres: pg, latency: Duration::from_millis(300), ..Opts::default() }).await else { return };
+    let Some(t) = TestCore::start(Opts {
+        postgres: pg,
+        latency: Duration::from_millis(300),
+        ..Opts::default()
+    })
+    .await
+    else {
+        return;
+    };
     let (id, guest) = running_container(&t).await;
-    let slow = t.core.containers().run(ContainerCommand::Reboot, id, "test").await.unwrap();
+    let slow = t
+        .core
+        .containers()
+        .run(ContainerCommand::Reboot, id, "test")
+        .await
+        .unwrap();
     // Once the slow command holds the lock, the next one waits in the queue without running.
     while t.core.containers().get_by_id(id).await.unwrap().locked_by != Some(slow) {
         tokio::task::yield_now().await;
     }
-    let queued = t.core.containers().run(ContainerCommand::Stop, id, "test").await.unwrap();
+    let queued = t
+        .core
+        .containers()
+        .run(ContainerCommand::Stop, id, "test")
+        .await
+        .unwrap();
     let cancelled = t.core.queue().cancel(queued).await.unwrap();
     assert_eq!(cancelled.status, CommandStatus::Cancelled);
     t.ok(slow).await;
     let again = t.core.queue().get(queued).await.unwrap();
     assert_eq!(again.status, CommandStatus::Cancelled);
-    assert_eq!(t.core.containers().get_by_id(id).await.unwrap().status, ContainerStatus::Running);
-    assert!(!t.sim("sim-1").await.guest(&guest).unwrap().operations.contains(&"stop".to_string()));
+    assert_eq!(
+        t.core.containers().get_by_id(id).await.unwrap().status,
+        ContainerStatus::Running
+    );
+    assert!(
+        !t.sim("sim-1")
+            .await
+            .guest(&guest)
+            .unwrap()
+            .operations
+            .contains(&"stop".to_string())
+    );
     let err = t.core.queue().cancel(slow).await.unwrap_err();
     assert!(err.to_string().contains("only queued commands"), "{err}");
     let err = t.core.queue().cancel(999_999).await.unwrap_err();
@@ -117,7 +222,12 @@ struct Recorder {
 #[async_trait::async_trait]
 impl Runner for Recorder {
     async fn step(&self, cmd: &command::Model) -> Result<Transition, StepError> {
-        self.seen.lock().unwrap().entry(cmd.id).or_default().push(self.node.clone());
+        self.seen
+            .lock()
+            .unwrap()
+            .entry(cmd.id)
+            .or_default()
+            .push(self.node.clone());
         tokio::task::yield_now().await;
         Ok(Transition::bare(Next::Done(Value::Null)))
     }
@@ -125,19 +235,48 @@ impl Runner for Recorder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
-    let Some((_pg, db)) = shared_postgres().await else { return };
+    let Some((_pg, db)) = shared_postgres().await else {
+        return;
+    };
     let seen = Arc::new(Mutex::new(HashMap::new()));
-    let queue_config = QueueConfig { workers: 16, claim_batch: 8, poll: Duration::from_millis(5), ..QueueConfig::default() };
+    let queue_config = QueueConfig {
+        workers: 16,
+        claim_batch: 8,
+        poll: Duration::from_millis(5),
+        ..QueueConfig::default()
+    };
     let mut queues = Vec::new();
     for node in ["core-a", "core-b", "core-c"] {
-        let q = Queue::new(db.clone(), node.into(), queue_config.clone(), Arc::new(SystemClock));
-        q.start(Arc::new(Recorder { node: node.into(), seen: seen.clone() }), false).await.unwrap();
+        let q = Queue::new(
+            db.clone(),
+            node.into(),
+            queue_config.clone(),
+            Arc::new(SystemClock),
+        );
+        q.start(
+            Arc::new(Recorder {
+                node: node.into(),
+                seen: seen.clone(),
+            }),
+            false,
+        )
+        .await
+        .unwrap();
         queues.push(q);
     }
     let mut ids = Vec::new();
     for i in 0..600 {
         let q = &queues[i % 3];
-        ids.push(q.enqueue(NewCommand { kind: cloud48_core::model::CommandKind::Noop, target: None, params: Value::Null, requested_by: "test".into() }).await.unwrap());
+        ids.push(
+            q.enqueue(NewCommand {
+                kind: cloud48_core::model::CommandKind::Noop,
+                target: None,
+                params: Value::Null,
+                requested_by: "test".into(),
+            })
+            .await
+            .unwrap(),
+        );
     }
     for id in &ids {
         let c = queues[0].wait(*id, Duration::from_secs(60)).await.unwrap();
@@ -145,7 +284,13 @@ async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
     }
     let seen = seen.lock().unwrap();
     for id in &ids {
-        assert_eq!(seen[id].len(), 1, "command {id} ran {} times: {:?}", seen[id].len(), seen[id]);
+        assert_eq!(
+            seen[id].len(),
+            1,
+            "command {id} ran {} times: {:?}",
+            seen[id].len(),
+            seen[id]
+        );
     }
     let mut per_node: HashMap<&str, usize> = HashMap::new();
     for runs in seen.values() {
@@ -160,12 +305,28 @@ async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
 async fn an_unreadable_command_fails_with_an_error_that_names_it() {
     use sea_orm::ConnectionTrait;
     let t = TestCore::start(Opts::default()).await.unwrap();
-    let a: cloud48_core::model::Accepted = t.client.post("/v1/containers", &serde_json::json!({ "type": "plain" })).await.unwrap();
+    let a: cloud48_core::model::Accepted = t
+        .client
+        .post("/v1/containers", &serde_json::json!({ "type": "plain" }))
+        .await
+        .unwrap();
     let container = t.created(a.command_id).await;
     let rows = [
-        ("container.teleport", "{}".to_string(), "unknown CommandKind 'container.teleport'"),
-        ("container.update", "{\"resources\": 12".to_string(), "unreadable parameters"),
-        ("container.update", "{\"resources\": {\"cpu\": 1}}".to_string(), "bad parameters"),
+        (
+            "container.teleport",
+            "{}".to_string(),
+            "unknown CommandKind 'container.teleport'",
+        ),
+        (
+            "container.update",
+            "{\"resources\": 12".to_string(),
+            "unreadable parameters",
+        ),
+        (
+            "container.update",
+            "{\"resources\": {\"cpu\": 1}}".to_string(),
+            "bad parameters",
+        ),
     ];
     for (kind, params, expected) in rows {
         let sql = format!(
@@ -173,12 +334,24 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
              VALUES ('{kind}', 'queued', 'container', {container}, '{params}', '{{}}', 0, 0, 0, 'test', 0)"
         );
         t.core.db().execute_unprepared(&sql).await.unwrap();
-        let id: i64 = t.core.queue().list(&Default::default()).await.unwrap().iter().map(|c| c.id).max().unwrap();
+        let id: i64 = t
+            .core
+            .queue()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .iter()
+            .map(|c| c.id)
+            .max()
+            .unwrap();
         t.core.queue().wake();
         let c = t.wait(id).await;
         assert_eq!(c.status, CommandStatus::Failed);
         let error = c.error.unwrap();
-        assert!(error.contains(&format!("command {id}")) && error.contains(expected), "{error}");
+        assert!(
+            error.contains(&format!("command {id}")) && error.contains(expected),
+            "{error}"
+        );
     }
     // The container was not touched.
     let c = t.core.containers().get_by_id(container).await.unwrap();
@@ -197,12 +370,28 @@ impl Runner for Hang {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core() {
-    let Some((_pg, db)) = shared_postgres().await else { return };
-    let queue_config = QueueConfig { lease: Duration::from_millis(300), poll: Duration::from_millis(10), ..QueueConfig::default() };
-    let dead = Queue::new(db.clone(), "core-dead".into(), queue_config.clone(), Arc::new(SystemClock));
+    let Some((_pg, db)) = shared_postgres().await else {
+        return;
+    };
+    let queue_config = QueueConfig {
+        lease: Duration::from_millis(300),
+        poll: Duration::from_millis(10),
+        ..QueueConfig::default()
+    };
+    let dead = Queue::new(
+        db.clone(),
+        "core-dead".into(),
+        queue_config.clone(),
+        Arc::new(SystemClock),
+    );
     dead.start(Arc::new(Hang), false).await.unwrap();
     let id = dead
-        .enqueue(NewCommand { kind: cloud48_core::model::CommandKind::Noop, target: None, params: Value::Null, requested_by: "test".into() })
+        .enqueue(NewCommand {
+            kind: cloud48_core::model::CommandKind::Noop,
+            target: None,
+            params: Value::Null,
+            requested_by: "test".into(),
+        })
         .await
         .unwrap();
     while dead.get(id).await.unwrap().status != CommandStatus::Running {
@@ -211,30 +400,83 @@ async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core()
     // The core stops renewing (as if it died); its lease runs out and another core takes over.
     dead.stop(Duration::ZERO).await;
     let seen = Arc::new(Mutex::new(HashMap::new()));
-    let alive = Queue::new(db.clone(), "core-alive".into(), queue_config, Arc::new(SystemClock));
-    alive.start(Arc::new(Recorder { node: "core-alive".into(), seen: seen.clone() }), false).await.unwrap();
+    let alive = Queue::new(
+        db.clone(),
+        "core-alive".into(),
+        queue_config,
+        Arc::new(SystemClock),
+    );
+    alive
+        .start(
+            Arc::new(Recorder {
+                node: "core-alive".into(),
+                seen: seen.clone(),
+            }),
+            false,
+        )
+        .await
+        .unwrap();
     let done = alive.wait(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(done.status, CommandStatus::Succeeded);
     assert_eq!(seen.lock().unwrap()[&id], vec!["core-alive".to_string()]);
 }
 
-on_both_databases!(commands_on_one_container_run_in_submission_order, submission_order);
+on_both_databases!(
+    commands_on_one_container_run_in_submission_order,
+    submission_order
+);
 async fn submission_order(pg: bool) {
-    let Some(t) = TestCore::start(Opts { postgres: pg, latency: Duration::from_millis(10), ..Opts::default() }).await else { return };
+    let Some(t) = TestCore::start(Opts {
+        postgres: pg,
+        latency: Duration::from_millis(10),
+        ..Opts::default()
+    })
+    .await
+    else {
+        return;
+    };
     let (id, _) = running_container(&t).await;
     let mut last = 0;
     for mem in 300..308 {
-        let resources = cloud48_core::model::Resources { cpu_millis: 500, memory_mb: mem, disk_mb: 1024 };
-        last = t.core.containers().run(ContainerCommand::Update { resources }, id, "test").await.unwrap();
+        let resources = cloud48_core::model::Resources {
+            cpu_millis: 500,
+            memory_mb: mem,
+            disk_mb: 1024,
+        };
+        last = t
+            .core
+            .containers()
+            .run(ContainerCommand::Update { resources }, id, "test")
+            .await
+            .unwrap();
     }
     t.ok(last).await;
     let c = t.core.containers().get_by_id(id).await.unwrap();
-    assert_eq!(c.requirements.resources.memory_mb, 307, "the last submitted update wins");
-    let cmds = t.core.queue().list(&cloud48_core::queue::CommandFilter { target_id: Some(id), target_type: Some("container".into()), ..Default::default() }).await.unwrap();
-    let mut finished: Vec<(i64, i64)> = cmds.iter().filter(|c| c.kind == "container.update").map(|c| (c.finished_at.unwrap(), c.id)).collect();
+    assert_eq!(
+        c.requirements.resources.memory_mb, 307,
+        "the last submitted update wins"
+    );
+    let cmds = t
+        .core
+        .queue()
+        .list(&cloud48_core::queue::CommandFilter {
+            target_id: Some(id),
+            target_type: Some("container".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut finished: Vec<(i64, i64)> = cmds
+        .iter()
+        .filter(|c| c.kind == "container.update")
+        .map(|c| (c.finished_at.unwrap(), c.id))
+        .collect();
     finished.sort();
     let ids: Vec<i64> = finished.iter().map(|(_, id)| *id).collect();
     let mut sorted = ids.clone();
     sorted.sort();
-    assert_eq!(ids, sorted, "updates finished in the order they were submitted");
+    assert_eq!(
+        ids, sorted,
+        "updates finished in the order they were submitted"
+    );
 }

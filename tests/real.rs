@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use cloud48_core::model::Accepted;
 use cloud48_core::core::HealthConfig;
+use cloud48_core::model::Accepted;
 use cloud48_core::model::{Container, ContainerStatus, Environment};
 use serde_json::json;
 
@@ -22,7 +22,11 @@ async fn members(t: &TestCore) -> Vec<Container> {
 }
 
 async fn running(t: &TestCore, type_name: &str, not: &[i64]) -> Option<Container> {
-    members(t).await.into_iter().find(|m| m.type_id.starts_with(type_name) && m.status == ContainerStatus::Running && !not.contains(&m.id))
+    members(t).await.into_iter().find(|m| {
+        m.type_id.starts_with(type_name)
+            && m.status == ContainerStatus::Running
+            && !not.contains(&m.id)
+    })
 }
 
 async fn container(t: &TestCore, id: i64) -> Container {
@@ -31,41 +35,83 @@ async fn container(t: &TestCore, id: i64) -> Container {
 
 /// Waits until the balancer at `ip` serves every one of `guests` (and nothing else).
 async fn serves_all(ip: &str, guests: &[String]) {
-    eventually(&format!("the balancer at {ip} serves {guests:?}"), || async { lab::serves_all(ip, guests).await.then_some(()) }).await;
+    eventually(
+        &format!("the balancer at {ip} serves {guests:?}"),
+        || async { lab::serves_all(ip, guests).await.then_some(()) },
+    )
+    .await;
 }
 
 /// Waits for a replacement balancer (not one of `old`) on a host other than `not_on`, serving
 /// both tomcats; returns it and the time it took.
-async fn replacement(t: &TestCore, old: &[i64], not_on: &str, tomcats: &[String], since: Instant) -> (Container, Duration) {
-    let lb = eventually("a replacement balancer", || async { running(t, "balancer", old).await }).await;
-    assert_ne!(lb.server.as_deref(), Some(not_on), "the replacement is on another host");
+async fn replacement(
+    t: &TestCore,
+    old: &[i64],
+    not_on: &str,
+    tomcats: &[String],
+    since: Instant,
+) -> (Container, Duration) {
+    let lb = eventually("a replacement balancer", || async {
+        running(t, "balancer", old).await
+    })
+    .await;
+    assert_ne!(
+        lb.server.as_deref(),
+        Some(not_on),
+        "the replacement is on another host"
+    );
     serves_all(lb.ip.as_deref().unwrap(), tomcats).await;
     (lb, since.elapsed())
 }
 
 async fn collected(t: &TestCore, id: i64) {
-    eventually(&format!("the illegal balancer {id} is collected"), || async {
-        (container(t, id).await.status == ContainerStatus::Destroyed).then_some(())
-    })
+    eventually(
+        &format!("the illegal balancer {id} is collected"),
+        || async { (container(t, id).await.status == ContainerStatus::Destroyed).then_some(()) },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
     let prefix = unique_prefix('e');
-    let mut lab = Lab::new(&prefix, 4, env!("CARGO_BIN_EXE_cloud48").into(), TOKEN).expect("the lab builds (run as root)");
+    let mut lab = Lab::new(&prefix, 4, env!("CARGO_BIN_EXE_cloud48").into(), TOKEN)
+        .expect("the lab builds (run as root)");
     lab.heartbeat_ms = 200;
-    let health = HealthConfig { background: true, collector: Duration::from_secs(3600), ..Default::default() };
-    let opts = Opts { sim_servers: 0, agent_token: Some(TOKEN.into()), health, listen: Some((CORE_IP, 0).into()), ..Default::default() };
+    let health = HealthConfig {
+        background: true,
+        collector: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let opts = Opts {
+        sim_servers: 0,
+        agent_token: Some(TOKEN.into()),
+        health,
+        listen: Some((CORE_IP, 0).into()),
+        ..Default::default()
+    };
     let t = TestCore::start(opts).await.unwrap();
-    lab.start_agents_for_the_seed(&t.core, &t.url).await.unwrap();
+    lab.start_agents_for_the_seed(&t.core, &t.url)
+        .await
+        .unwrap();
 
     // The seed environment: two tomcats on h1 and h2; the second asks for a balancer.
-    let a: Accepted = t.client.post("/v1/environments", &json!({ "name": "shop" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "shop" }))
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     let mut tomcats = Vec::new();
     for host in ["h1", "h2"] {
-        let a: Accepted = t.client.post("/v1/environments/shop/containers", &json!({ "type": "tomcat", "server": host })).await.unwrap();
+        let a: Accepted = t
+            .client
+            .post(
+                "/v1/environments/shop/containers",
+                &json!({ "type": "tomcat", "server": host }),
+            )
+            .await
+            .unwrap();
         tomcats.push(t.created(a.command_id).await);
     }
     let guests: Vec<String> = {
@@ -75,27 +121,60 @@ async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
         }
         g
     };
-    let lb = eventually("a running balancer", || async { running(&t, "balancer", &[]).await }).await;
+    let lb = eventually("a running balancer", || async {
+        running(&t, "balancer", &[]).await
+    })
+    .await;
     let lb_host = lb.server.clone().unwrap();
-    assert!(lb_host == "h3" || lb_host == "h4", "placement put the balancer on an empty host, not {lb_host}");
+    assert!(
+        lb_host == "h3" || lb_host == "h4",
+        "placement put the balancer on an empty host, not {lb_host}"
+    );
     serves_all(lb.ip.as_deref().unwrap(), &guests).await;
 
     // One tomcat stops: all traffic goes to the other.
-    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", tomcats[0]), &json!({ "op": "stop" })).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{}/actions", tomcats[0]),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     // A request may fail while nginx finds the stopped upstream dead (under load its 1 s
     // connect timeout can pass); the stopped tomcat never answers, and traffic settles on the other.
     let seen = std::sync::Mutex::new(Vec::new());
-    let got = eventually("six requests in a row answered by the running tomcat", || async {
-        let got = lab::answers(lb.ip.as_deref().unwrap(), 6).await;
-        seen.lock().unwrap().extend(got.clone());
-        got.iter().all(|g| g.as_deref() == Some(guests[1].as_str())).then_some(got)
-    })
+    let got = eventually(
+        "six requests in a row answered by the running tomcat",
+        || async {
+            let got = lab::answers(lb.ip.as_deref().unwrap(), 6).await;
+            seen.lock().unwrap().extend(got.clone());
+            got.iter()
+                .all(|g| g.as_deref() == Some(guests[1].as_str()))
+                .then_some(got)
+        },
+    )
     .await;
     let seen = seen.into_inner().unwrap();
-    assert!(got.iter().all(|g| g.as_deref() == Some(guests[1].as_str())), "only the running tomcat answers: {got:?}");
-    assert!(!seen.iter().any(|g| g.as_deref() == Some(guests[0].as_str())), "the stopped tomcat answered: {seen:?}");
-    let a: Accepted = t.client.post(&format!("/v1/containers/{}/actions", tomcats[0]), &json!({ "op": "start" })).await.unwrap();
+    assert!(
+        got.iter().all(|g| g.as_deref() == Some(guests[1].as_str())),
+        "only the running tomcat answers: {got:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|g| g.as_deref() == Some(guests[0].as_str())),
+        "the stopped tomcat answered: {seen:?}"
+    );
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{}/actions", tomcats[0]),
+            &json!({ "op": "start" }),
+        )
+        .await
+        .unwrap();
     t.ok(a.command_id).await;
     serves_all(lb.ip.as_deref().unwrap(), &guests).await;
 
@@ -127,7 +206,17 @@ async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
     serves_all(lb3.ip.as_deref().unwrap(), &guests).await;
 
     // Operator views: logs and exec through the CLI.
-    let (ok, out, err) = crate::common::cli(&t.url, &["container", "exec", &lb3.id.to_string(), "--", "cat", "/etc/nginx/conf.d/cloud48-upstreams.conf"]);
+    let (ok, out, err) = crate::common::cli(
+        &t.url,
+        &[
+            "container",
+            "exec",
+            &lb3.id.to_string(),
+            "--",
+            "cat",
+            "/etc/nginx/conf.d/cloud48-upstreams.conf",
+        ],
+    );
     assert!(ok, "{err}");
     let tomcat_ips: Vec<String> = {
         let mut v = Vec::new();
@@ -136,8 +225,14 @@ async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
         }
         v
     };
-    assert!(tomcat_ips.iter().all(|ip| out.contains(&format!("server {ip}:8080;"))), "nginx has both upstreams: {out}");
-    let (ok, out, err) = crate::common::cli(&t.url, &["container", "logs", &tomcats[0].to_string()]);
+    assert!(
+        tomcat_ips
+            .iter()
+            .all(|ip| out.contains(&format!("server {ip}:8080;"))),
+        "nginx has both upstreams: {out}"
+    );
+    let (ok, out, err) =
+        crate::common::cli(&t.url, &["container", "logs", &tomcats[0].to_string()]);
     assert!(ok && out.contains("guest-http: answering"), "{out} {err}");
     let (ok, out, _) = crate::common::cli(&t.url, &["server", "list"]);
     assert!(ok && out.contains("h4") && out.contains("remote"), "{out}");

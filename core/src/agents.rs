@@ -17,18 +17,34 @@ use crate::model::ServerId;
 
 /// Checks a server name an agent gives.
 fn valid_name(name: &str) -> Result<(), CoreError> {
-    if name.is_empty() || name.len() > 63 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') {
-        return Err(CoreError::invalid("agent.name", format!("server name '{name}' must be 1-63 characters of a-z, A-Z, 0-9, '-', '.', '_'")));
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Err(CoreError::invalid(
+            "agent.name",
+            format!("server name '{name}' must be 1-63 characters of a-z, A-Z, 0-9, '-', '.', '_'"),
+        ));
     }
     Ok(())
 }
 
 fn valid_url(url: &str) -> Result<(), CoreError> {
     if url.starts_with("https://") {
-        return Err(CoreError::invalid("agent.url", format!("agent address '{url}': this build speaks plain HTTP to agents; use http:// on a trusted network (the token authenticates)")));
+        return Err(CoreError::invalid(
+            "agent.url",
+            format!(
+                "agent address '{url}': this build speaks plain HTTP to agents; use http:// on a trusted network (the token authenticates)"
+            ),
+        ));
     }
     if !url.starts_with("http://") || url.len() > 500 || url.contains(char::is_whitespace) {
-        return Err(CoreError::invalid("agent.url", format!("agent address '{url}' must be an http:// URL such as http://10.0.0.7:7048")));
+        return Err(CoreError::invalid(
+            "agent.url",
+            format!("agent address '{url}' must be an http:// URL such as http://10.0.0.7:7048"),
+        ));
     }
     Ok(())
 }
@@ -51,7 +67,11 @@ impl Core {
     }
 
     /// Registers the server an agent runs, or updates its address and capabilities.
-    pub async fn register_agent(&self, info: &AgentInfo, stats: &ServerStats) -> Result<ServerId, CoreError> {
+    pub async fn register_agent(
+        &self,
+        info: &AgentInfo,
+        stats: &ServerStats,
+    ) -> Result<ServerId, CoreError> {
         self.agent_token()?;
         // Every heartbeat comes here: an agent already known at its address costs no database read.
         if let Some((id, remote)) = self.fleet().remote_named(&info.name)
@@ -63,7 +83,10 @@ impl Core {
         valid_name(&info.name)?;
         valid_url(&info.url)?;
         let db = self.db();
-        let existing = server::Entity::find().filter(server::Column::Name.eq(&info.name)).one(db).await?;
+        let existing = server::Entity::find()
+            .filter(server::Column::Name.eq(&info.name))
+            .one(db)
+            .await?;
         let (id, remote) = match existing {
             Some(row) if row.driver != "remote" => {
                 return Err(CoreError::Conflict(format!(
@@ -74,7 +97,10 @@ impl Core {
             Some(row) => {
                 let id = row.id;
                 let grace = self.config().health.grace.as_millis() as i64;
-                let alive = self.health().last(id).is_some_and(|b| crate::model::now_ms() - b.at < grace);
+                let alive = self
+                    .health()
+                    .last(id)
+                    .is_some_and(|b| crate::model::now_ms() - b.at < grace);
                 if alive && self.fleet().remote(id).is_some() {
                     return Err(CoreError::Conflict(format!(
                         "server name {} is taken by the live agent at {}; give this agent another --name",
@@ -134,19 +160,27 @@ impl Core {
         let get = |path: &'static str| {
             let req = client.get(format!("{base}{path}")).bearer_auth(&token);
             async move {
-                let resp = req.send().await.map_err(|e| CoreError::Conflict(format!("cannot reach an agent at {base}: {e}")))?;
+                let resp = req.send().await.map_err(|e| {
+                    CoreError::Conflict(format!("cannot reach an agent at {base}: {e}"))
+                })?;
                 if !resp.status().is_success() {
                     let status = resp.status();
                     let body = resp.text().await.unwrap_or_default();
-                    return Err(CoreError::Conflict(format!("the agent at {base} refused {path} ({status}): {body}")));
+                    return Err(CoreError::Conflict(format!(
+                        "the agent at {base} refused {path} ({status}): {body}"
+                    )));
                 }
-                resp.bytes().await.map_err(|e| CoreError::Conflict(format!("the agent at {base} broke off: {e}")))
+                resp.bytes()
+                    .await
+                    .map_err(|e| CoreError::Conflict(format!("the agent at {base} broke off: {e}")))
             }
         };
-        let mut info: AgentInfo = serde_json::from_slice(&get("/v1/info").await?)
-            .map_err(|e| CoreError::Conflict(format!("{base} does not speak the agent protocol: {e}")))?;
-        let stats: ServerStats = serde_json::from_slice(&get("/v1/stats").await?)
-            .map_err(|e| CoreError::Conflict(format!("{base} does not speak the agent protocol: {e}")))?;
+        let mut info: AgentInfo = serde_json::from_slice(&get("/v1/info").await?).map_err(|e| {
+            CoreError::Conflict(format!("{base} does not speak the agent protocol: {e}"))
+        })?;
+        let stats: ServerStats = serde_json::from_slice(&get("/v1/stats").await?).map_err(|e| {
+            CoreError::Conflict(format!("{base} does not speak the agent protocol: {e}"))
+        })?;
         info.url = base.to_string();
         let id = self.register_agent(&info, &stats).await?;
         self.health().heartbeat(id, Some(stats));

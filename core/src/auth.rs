@@ -12,8 +12,8 @@ use std::time::Duration;
 use digest_auth::{Algorithm, AlgorithmType, AuthorizationHeader};
 use hmac::{Hmac, Mac};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, Set,
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    Set,
 };
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -23,7 +23,9 @@ use crate::model::now_ms;
 use crate::queue::Clock;
 
 /// What a user may do; each role includes the ones below it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Read everything.
@@ -51,7 +53,9 @@ impl std::str::FromStr for Role {
             "viewer" => Ok(Role::Viewer),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
-            _ => Err(format!("unknown role '{s}' (expected admin, operator or viewer)")),
+            _ => Err(format!(
+                "unknown role '{s}' (expected admin, operator or viewer)"
+            )),
         }
     }
 }
@@ -74,7 +78,9 @@ impl std::str::FromStr for Anonymous {
             "none" => Ok(Anonymous::None),
             "read" => Ok(Anonymous::Read),
             "full" => Ok(Anonymous::Full),
-            _ => Err(format!("unknown anonymous access '{s}' (expected none, read or full)")),
+            _ => Err(format!(
+                "unknown anonymous access '{s}' (expected none, read or full)"
+            )),
         }
     }
 }
@@ -109,11 +115,15 @@ impl UserRecord {
 pub fn validate_user_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok {
         Ok(())
     } else {
-        Err(format!("'{name}' is not a valid user name: use 1-64 letters, digits, '-', '_' or '.'"))
+        Err(format!(
+            "'{name}' is not a valid user name: use 1-64 letters, digits, '-', '_' or '.'"
+        ))
     }
 }
 
@@ -182,7 +192,10 @@ pub enum AuthError {
 }
 
 fn unauthorized(message: impl Into<String>) -> AuthError {
-    AuthError::Unauthorized { message: message.into(), stale: false }
+    AuthError::Unauthorized {
+        message: message.into(),
+        stale: false,
+    }
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -297,10 +310,15 @@ impl Authenticator {
         let auth = AuthorizationHeader::parse(header)
             .map_err(|e| unauthorized(format!("malformed Digest credentials: {e}")))?;
         if auth.realm != self.config.realm {
-            return Err(unauthorized(format!("wrong realm '{}' (expected '{}')", auth.realm, self.config.realm)));
+            return Err(unauthorized(format!(
+                "wrong realm '{}' (expected '{}')",
+                auth.realm, self.config.realm
+            )));
         }
         if auth.uri != uri {
-            return Err(unauthorized("the credentials were computed for another URI"));
+            return Err(unauthorized(
+                "the credentials were computed for another URI",
+            ));
         }
         if auth.algorithm.sess || auth.algorithm.algo == AlgorithmType::SHA2_512_256 {
             return Err(unauthorized("unsupported algorithm: use SHA-256 or MD5"));
@@ -308,7 +326,10 @@ impl Authenticator {
         if auth.qop != Some(digest_auth::Qop::AUTH) {
             return Err(unauthorized("qop=auth is required"));
         }
-        let cnonce = auth.cnonce.clone().ok_or_else(|| unauthorized("cnonce is missing"))?;
+        let cnonce = auth
+            .cnonce
+            .clone()
+            .ok_or_else(|| unauthorized("cnonce is missing"))?;
         let Some(issued) = self.nonce_time(&auth.nonce) else {
             return Err(unauthorized("unknown nonce; authenticate again"));
         };
@@ -324,13 +345,22 @@ impl Authenticator {
         };
         let h = |s: &str| auth.algorithm.hash_str(s);
         let ha2 = h(&format!("{method}:{}", auth.uri));
-        let expected = h(&format!("{ha1}:{}:{:08x}:{cnonce}:auth:{ha2}", auth.nonce, auth.nc));
-        if !constant_eq(expected.as_bytes(), auth.response.to_ascii_lowercase().as_bytes()) {
+        let expected = h(&format!(
+            "{ha1}:{}:{:08x}:{cnonce}:auth:{ha2}",
+            auth.nonce, auth.nc
+        ));
+        if !constant_eq(
+            expected.as_bytes(),
+            auth.response.to_ascii_lowercase().as_bytes(),
+        ) {
             return Err(bad());
         }
         let age = self.clock.now_ms() - issued;
         if age > self.config.nonce_ttl.as_millis() as i64 {
-            return Err(AuthError::Unauthorized { message: "the nonce expired; authenticate again".into(), stale: true });
+            return Err(AuthError::Unauthorized {
+                message: "the nonce expired; authenticate again".into(),
+                stale: true,
+            });
         }
         {
             let mut counts = self.counts.lock().unwrap();
@@ -348,7 +378,10 @@ impl Authenticator {
                 counts.retain(|n, _| self.nonce_time(n).is_some_and(|t| now - t <= ttl));
             }
         }
-        Ok(Principal::User { name: record.name, role: record.role })
+        Ok(Principal::User {
+            name: record.name,
+            role: record.role,
+        })
     }
 
     /// Decides whether `who` may do what needs `needed`.
@@ -374,7 +407,9 @@ impl Authenticator {
                 }
                 let has_users = self.has_users().await.unwrap_or(true);
                 if has_users {
-                    Err(unauthorized(format!("authentication required: this needs role {needed}")))
+                    Err(unauthorized(format!(
+                        "authentication required: this needs role {needed}"
+                    )))
                 } else {
                     Err(AuthError::Forbidden(format!(
                         "anonymous access is limited and no users are configured: add one with `cloud48 user add NAME --role {needed}`, or set auth.anonymous = \"full\" for local development only"
@@ -421,7 +456,9 @@ impl<'a> UserStore<'a> {
             return Err("the password must have at least 8 characters".into());
         }
         if self.find(name).await?.is_some() {
-            return Err(format!("user '{name}' already exists; use `cloud48 user passwd {name}` to change the password"));
+            return Err(format!(
+                "user '{name}' already exists; use `cloud48 user passwd {name}` to change the password"
+            ));
         }
         let r = UserRecord::with_password(name, role, self.realm, password);
         user::ActiveModel {
@@ -451,7 +488,10 @@ impl<'a> UserStore<'a> {
         if password.len() < 8 {
             return Err("the password must have at least 8 characters".into());
         }
-        let row = self.find(name).await?.ok_or_else(|| format!("user '{name}' does not exist"))?;
+        let row = self
+            .find(name)
+            .await?
+            .ok_or_else(|| format!("user '{name}' does not exist"))?;
         let role: Role = row.role.parse()?;
         let r = UserRecord::with_password(name, role, self.realm, password);
         let mut am: user::ActiveModel = row.into();
@@ -463,8 +503,14 @@ impl<'a> UserStore<'a> {
 
     /// Removes a user.
     pub async fn remove(&self, name: &str) -> Result<(), String> {
-        let row = self.find(name).await?.ok_or_else(|| format!("user '{name}' does not exist"))?;
-        user::Entity::delete_by_id(row.id).exec(self.db).await.map_err(|e| e.to_string())?;
+        let row = self
+            .find(name)
+            .await?
+            .ok_or_else(|| format!("user '{name}' does not exist"))?;
+        user::Entity::delete_by_id(row.id)
+            .exec(self.db)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -476,7 +522,11 @@ impl<'a> UserStore<'a> {
             .await
             .map_err(|e| e.to_string())?
             .into_iter()
-            .map(|u| UserInfo { role: u.role.parse().unwrap_or(Role::Viewer), name: u.name, created_at: u.created_at })
+            .map(|u| UserInfo {
+                role: u.role.parse().unwrap_or(Role::Viewer),
+                name: u.name,
+                created_at: u.created_at,
+            })
             .collect())
     }
 }

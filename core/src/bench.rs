@@ -41,7 +41,10 @@ pub async fn queue(args: QueueBenchArgs) -> Result<()> {
     let admin = match Database::connect(&args.postgres).await {
         Ok(db) => db,
         Err(e) => {
-            println!("postgresql: skipped, cannot connect to {}: {e}", args.postgres);
+            println!(
+                "postgresql: skipped, cannot connect to {}: {e}",
+                args.postgres
+            );
             return Ok(());
         }
     };
@@ -70,7 +73,11 @@ async fn queue_case(
     database_url: Option<String>,
     args: &QueueBenchArgs,
 ) -> Result<(f64, f64)> {
-    let data = dir.join(if database_url.is_some() { "pg" } else { "sqlite" });
+    let data = dir.join(if database_url.is_some() {
+        "pg"
+    } else {
+        "sqlite"
+    });
     let mut config = CoreConfig::new(&data);
     config.database_url = database_url;
     config.sim_servers = 0;
@@ -106,7 +113,11 @@ async fn queue_case(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let secs = started.elapsed().as_secs_f64();
-    tracing::info!(enqueue_secs = enqueued, total_secs = secs, "queue benchmark case done");
+    tracing::info!(
+        enqueue_secs = enqueued,
+        total_secs = secs,
+        "queue benchmark case done"
+    );
     core.stop(Duration::from_secs(5)).await;
     Ok((secs, args.commands as f64 / secs))
 }
@@ -133,7 +144,11 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
     use crate::types::{ContainerType, EnvironmentView, Hook, HookContext, MemberView};
 
     let host = PluginHost::new(None, Limits::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let wasm = crate::plugins::BUNDLED.iter().find(|(n, _)| *n == "balancer").context("balancer is bundled")?.1;
+    let wasm = crate::plugins::BUNDLED
+        .iter()
+        .find(|(n, _)| *n == "balancer")
+        .context("balancer is bundled")?
+        .1;
     let plugin = std::sync::Arc::new(host.load(wasm).map_err(|e| anyhow::anyhow!("{e}"))?);
     let member = |id: i64, type_id: &str| MemberView {
         id,
@@ -143,37 +158,57 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
         server: Some(format!("sim-{}", id % 4 + 1)),
         ip: Some(format!("10.0.0.{id}")),
     };
-    let members: Vec<MemberView> = (1..=args.members as i64).map(|i| member(i, "tomcat@0.2.0")).collect();
+    let members: Vec<MemberView> = (1..=args.members as i64)
+        .map(|i| member(i, "tomcat@0.2.0"))
+        .collect();
     let state = serde_json::to_vec(&serde_json::json!({
         "upstreams": members.iter().map(|m| format!("{}:8080", m.ip.as_ref().unwrap())).collect::<Vec<_>>(),
         "reloads": 3,
     }))?;
-    let env = EnvironmentView { id: 1, name: "bench".into(), members };
+    let env = EnvironmentView {
+        id: 1,
+        name: "bench".into(),
+        members,
+    };
     let me = member(1000, "balancer@0.1.0");
     let other = member(2000, "tomcat@0.2.0");
     let run = |calls: usize, timings: bool| -> Result<Vec<u64>> {
         let mut samples = Vec::with_capacity(if timings { calls } else { 0 });
         let hook = Hook::AfterOtherIsAdded(other.clone());
         for _ in 0..calls {
-            let ctx = HookContext { container: &me, environment: &env, state: &state };
+            let ctx = HookContext {
+                container: &me,
+                environment: &env,
+                state: &state,
+            };
             let t = Instant::now();
-            let out = plugin.handle(&hook, &ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let out = plugin
+                .handle(&hook, &ctx)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             if timings {
                 samples.push(t.elapsed().as_nanos() as u64);
             }
-            anyhow::ensure!(out.new_state.is_some() && out.actions.len() == 1, "unexpected outcome");
+            anyhow::ensure!(
+                out.new_state.is_some() && out.actions.len() == 1,
+                "unexpected outcome"
+            );
         }
         Ok(samples)
     };
     run(1000, false)?;
     let mut samples = run(args.calls, true)?;
     samples.sort_unstable();
-    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)] as f64 / 1000.0;
+    let pct = |p: f64| {
+        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)] as f64 / 1000.0
+    };
     let started = Instant::now();
     std::thread::scope(|s| -> Result<()> {
-        let handles: Vec<_> = (0..args.threads.max(1)).map(|_| s.spawn(|| run(args.calls, false))).collect();
+        let handles: Vec<_> = (0..args.threads.max(1))
+            .map(|_| s.spawn(|| run(args.calls, false)))
+            .collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("a bench thread panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a bench thread panicked"))??;
         }
         Ok(())
     })?;
@@ -234,10 +269,16 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
     config.db_connections = args.connections;
     let scratch = match &args.postgres {
         Some(admin_url) => {
-            let admin = Database::connect(admin_url).await.with_context(|| format!("cannot connect to {admin_url}"))?;
+            let admin = Database::connect(admin_url)
+                .await
+                .with_context(|| format!("cannot connect to {admin_url}"))?;
             let name = format!("cloud48_bench_{:08x}", rand::random::<u32>());
-            admin.execute_unprepared(&format!("CREATE DATABASE {name}")).await?;
-            let (base, _) = admin_url.rsplit_once('/').context("--postgres must end with /DATABASE")?;
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await?;
+            let (base, _) = admin_url
+                .rsplit_once('/')
+                .context("--postgres must end with /DATABASE")?;
             config.database_url = Some(format!("{base}/{name}"));
             Some((admin, name))
         }
@@ -245,7 +286,9 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
     };
     let result = place_case(config, &args).await;
     if let Some((admin, name)) = scratch {
-        admin.execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await?;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await?;
     }
     result
 }
@@ -253,29 +296,51 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
 async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     use crate::model::{Requirements, Resources};
 
-    let database = if config.database_url.is_some() { "postgresql" } else { "sqlite" };
+    let database = if config.database_url.is_some() {
+        "postgresql"
+    } else {
+        "sqlite"
+    };
     let opened = Instant::now();
     let core = Core::open(config).await?;
     core.start().await?;
-    println!("{} simulated servers registered in {:.1} s", args.servers, opened.elapsed().as_secs_f64());
+    println!(
+        "{} simulated servers registered in {:.1} s",
+        args.servers,
+        opened.elapsed().as_secs_f64()
+    );
     core.placement().record_timings(true);
     let req = Requirements {
-        resources: Resources { cpu_millis: 100, memory_mb: 256, disk_mb: 1024 },
+        resources: Resources {
+            cpu_millis: 100,
+            memory_mb: 256,
+            disk_mb: 1024,
+        },
         ..Default::default()
     };
     let started = Instant::now();
     // A bulk submitter: rows and commands in batches of 500 per transaction (guest ids set by
     // one statement per batch, in the format of `managers::guest_id_for`).
-    let ty = core.types().require("tomcat").map_err(|e| anyhow::anyhow!(e))?;
+    let ty = core
+        .types()
+        .require("tomcat")
+        .map_err(|e| anyhow::anyhow!(e))?;
     let requirements = serde_json::to_string(&req)?;
     let mut left = if args.batch > 1 { 0 } else { args.creates };
     if args.batch > 1 {
-        let create = crate::managers::CreateContainer { type_id: "tomcat".into(), server: None, requirements: Some(req.clone()), count: None };
+        let create = crate::managers::CreateContainer {
+            type_id: "tomcat".into(),
+            server: None,
+            requirements: Some(req.clone()),
+            count: None,
+        };
         let mut rest = args.creates;
         while rest > 0 {
             let n = rest.min(args.batch as usize);
             rest -= n;
-            core.containers().create_many(&create, n as u32, "bench").await?;
+            core.containers()
+                .create_many(&create, n as u32, "bench")
+                .await?;
         }
     }
     // The next batch's rows are made while the previous batch is written, as concurrent
@@ -286,7 +351,11 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         left -= n;
         // Rows (each with its plugin's initial state) are made before the transaction, which
         // holds SQLite's only connection.
-        let rows: Vec<_> = (0..n).map(|_| crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None)).collect();
+        let rows: Vec<_> = (0..n)
+            .map(|_| {
+                crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None)
+            })
+            .collect();
         if let Some(previous) = writing.take() {
             previous.await??;
         }
@@ -316,16 +385,24 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     let mut samples = core.placement().take_timings();
     samples.sort_unstable();
     anyhow::ensure!(!samples.is_empty(), "no placement decision was recorded");
-    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)] as f64 / 1000.0;
+    let pct = |p: f64| {
+        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)] as f64 / 1000.0
+    };
     let spread = core.placement().snapshot();
-    let (min, max) = spread.iter().fold((u64::MAX, 0), |(lo, hi), c| (lo.min(c.containers), hi.max(c.containers)));
+    let (min, max) = spread.iter().fold((u64::MAX, 0), |(lo, hi), c| {
+        (lo.min(c.containers), hi.max(c.containers))
+    });
     let audit = crate::placement::audit(db).await?;
     let grouped = core.queue().grouped_steps();
     println!(
         "{database}: {} placements/s: {} creates ({}) on {} servers in {:.2} s (submission {:.2} s), {} not running; decision p50 {:.1} µs, p99 {:.1} µs; containers per server {}..{}; {} steps ran in groups; ledger {}",
         (args.creates as f64 / secs).round(),
         args.creates,
-        if args.batch > 1 { format!("{} per command", args.batch) } else { "one command each".to_string() },
+        if args.batch > 1 {
+            format!("{} per command", args.batch)
+        } else {
+            "one command each".to_string()
+        },
         args.servers,
         secs,
         submitted,
@@ -335,23 +412,38 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         min,
         max,
         grouped,
-        if audit.is_empty() { "consistent".to_string() } else { format!("INCONSISTENT: {}", audit.join("; ")) }
+        if audit.is_empty() {
+            "consistent".to_string()
+        } else {
+            format!("INCONSISTENT: {}", audit.join("; "))
+        }
     );
     core.stop(Duration::from_secs(5)).await;
     anyhow::ensure!(failed == 0, "{failed} containers are not running");
-    anyhow::ensure!(audit.is_empty(), "the placement ledger is inconsistent: {}", audit.join("; "));
+    anyhow::ensure!(
+        audit.is_empty(),
+        "the placement ledger is inconsistent: {}",
+        audit.join("; ")
+    );
     Ok(())
 }
 
 /// Writes a batch of new container rows with one `container.create` command each, in one
 /// transaction: the bench's bulk submitter.
-async fn submit_creates(core: Core, rows: Vec<crate::entities::container::ActiveModel>) -> Result<()> {
+async fn submit_creates(
+    core: Core,
+    rows: Vec<crate::entities::container::ActiveModel>,
+) -> Result<()> {
     use crate::queue::Target;
     use sea_orm::EntityTrait;
     let txn = core.db().begin().await?;
     // Without RETURNING: the ids are read back as one row below.
-    crate::entities::container::Entity::insert_many(rows).exec_without_returning(&txn).await?;
-    let ids: Vec<(i64,)> = crate::queue::store::json_rows(&txn, "id", "containers WHERE guest_id = ''", vec![]).await?;
+    crate::entities::container::Entity::insert_many(rows)
+        .exec_without_returning(&txn)
+        .await?;
+    let ids: Vec<(i64,)> =
+        crate::queue::store::json_rows(&txn, "id", "containers WHERE guest_id = ''", vec![])
+            .await?;
     let commands = ids
         .iter()
         .map(|(id,)| NewCommand {
@@ -398,10 +490,18 @@ pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
     let (cmd, _) = core.environments().create("bench", "bench").await?;
     core.queue().wait(cmd, Duration::from_secs(30)).await?;
     for _ in 0..args.tomcats {
-        let add = AddContainer { type_id: "tomcat".into(), requirements: None, server: None };
+        let add = AddContainer {
+            type_id: "tomcat".into(),
+            requirements: None,
+            server: None,
+        };
         let cmd = core.environments().add("bench", &add, "bench").await?;
         let done = core.queue().wait(cmd, Duration::from_secs(60)).await?;
-        anyhow::ensure!(done.status.is_terminal() && done.error.is_none(), "adding a tomcat failed: {:?}", done.error);
+        anyhow::ensure!(
+            done.status.is_terminal() && done.error.is_none(),
+            "adding a tomcat failed: {:?}",
+            done.error
+        );
     }
     let mut times = Vec::new();
     for trial in 0..args.trials {
@@ -412,7 +512,10 @@ pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
             .find(|m| m.type_id.starts_with("balancer") && m.status == ContainerStatus::Running)
             .context("the environment has a running balancer")?
             .clone();
-        let sim = core.fleet().sim(balancer.server_id.context("placed")?).context("simulated")?;
+        let sim = core
+            .fleet()
+            .sim(balancer.server_id.context("placed")?)
+            .context("simulated")?;
         let crashed = Instant::now();
         sim.crash();
         let took = loop {
@@ -424,7 +527,9 @@ pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
                 .filter_map(|m| m.ip.as_ref().map(|ip| format!("{ip}:8080")))
                 .collect();
             let replacement = env.members.iter().find(|m| {
-                m.type_id.starts_with("balancer") && m.status == ContainerStatus::Running && m.id != balancer.id
+                m.type_id.starts_with("balancer")
+                    && m.status == ContainerStatus::Running
+                    && m.id != balancer.id
             });
             if let Some(r) = replacement
                 && let Some(s) = r.server_id.and_then(|s| core.fleet().sim(s))
@@ -439,7 +544,10 @@ pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
             {
                 break crashed.elapsed();
             }
-            anyhow::ensure!(crashed.elapsed() < Duration::from_secs(60), "no replacement balancer within 60 s (trial {trial})");
+            anyhow::ensure!(
+                crashed.elapsed() < Duration::from_secs(60),
+                "no replacement balancer within 60 s (trial {trial})"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         times.push(took.as_secs_f64());
@@ -486,9 +594,15 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         name: format!("bench-{n}"),
         data_dir: dir.path().join(format!("s{n}")),
         bridge: format!("{prefix}br{n}"),
-        subnet: format!("10.249.{}.0/22", n * 4).parse().expect("valid subnet"),
+        subnet: format!("10.249.{}.0/22", n * 4)
+            .parse()
+            .expect("valid subnet"),
         prefix: format!("{prefix}{n}"),
-        capacity: Some(crate::model::Resources { cpu_millis: 1_000_000, memory_mb: 1_000_000, disk_mb: 1_000_000 }),
+        capacity: Some(crate::model::Resources {
+            cpu_millis: 1_000_000,
+            memory_mb: 1_000_000,
+            disk_mb: 1_000_000,
+        }),
         stop_grace: Duration::from_secs(2),
         exe: std::env::current_exe().expect("own path"),
         templates: Default::default(),
@@ -590,7 +704,8 @@ pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
     use crate::managers::AddContainer;
     use crate::model::{Container, ContainerStatus};
     let token = hex::encode(rand::random::<[u8; 24]>());
-    let mut lab = Lab::new("bfov", 4, std::env::current_exe()?, &token).map_err(anyhow::Error::msg)?;
+    let mut lab =
+        Lab::new("bfov", 4, std::env::current_exe()?, &token).map_err(anyhow::Error::msg)?;
     let dir = tempfile::tempdir()?;
     let mut config = CoreConfig::new(dir.path());
     config.sim_servers = 0;
@@ -610,20 +725,41 @@ pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
             Ok(())
         }
     };
-    lab.start_agents_for_the_seed(&core, &url).await.map_err(anyhow::Error::msg)?;
+    lab.start_agents_for_the_seed(&core, &url)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let (cmd, _) = core.environments().create("bench", "bench").await?;
     core.queue().wait(cmd, Duration::from_secs(30)).await?;
     for host in ["h1", "h2"] {
-        let add = AddContainer { type_id: "tomcat".into(), requirements: None, server: Some(host.into()) };
+        let add = AddContainer {
+            type_id: "tomcat".into(),
+            requirements: None,
+            server: Some(host.into()),
+        };
         let cmd = core.environments().add("bench", &add, "bench").await?;
         let done = core.queue().wait(cmd, Duration::from_secs(60)).await?;
-        anyhow::ensure!(done.error.is_none(), "adding a tomcat failed: {:?}", done.error);
+        anyhow::ensure!(
+            done.error.is_none(),
+            "adding a tomcat failed: {:?}",
+            done.error
+        );
     }
     let members = || async { anyhow::Ok(core.environments().get_by_id("bench").await?.members) };
     let running = |m: &Vec<Container>, kind: &str, not: &[i64]| {
-        m.iter().find(|c| c.type_id.starts_with(kind) && c.status == ContainerStatus::Running && !not.contains(&c.id)).cloned()
+        m.iter()
+            .find(|c| {
+                c.type_id.starts_with(kind)
+                    && c.status == ContainerStatus::Running
+                    && !not.contains(&c.id)
+            })
+            .cloned()
     };
-    let guests: Vec<String> = members().await?.iter().filter(|c| c.type_id.starts_with("tomcat")).map(|c| c.guest_id.clone()).collect();
+    let guests: Vec<String> = members()
+        .await?
+        .iter()
+        .filter(|c| c.type_id.starts_with("tomcat"))
+        .map(|c| c.guest_id.clone())
+        .collect();
     let mut times = Vec::new();
     let mut old = Vec::new();
     for _ in 0..args.trials {
@@ -638,8 +774,16 @@ pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         old.push(lb.id);
-        let host: u32 = lb.server.as_deref().and_then(|s| s.strip_prefix('h')).and_then(|s| s.parse().ok()).context("balancer host")?;
-        anyhow::ensure!(host >= 3, "the balancer shares h{host} with a tomcat; the measurement needs it alone");
+        let host: u32 = lb
+            .server
+            .as_deref()
+            .and_then(|s| s.strip_prefix('h'))
+            .and_then(|s| s.parse().ok())
+            .context("balancer host")?;
+        anyhow::ensure!(
+            host >= 3,
+            "the balancer shares h{host} with a tomcat; the measurement needs it alone"
+        );
         let killed = Instant::now();
         lab.kill_agent(host).await;
         let check = wait_for("a replacement balancer serving both tomcats", 60);

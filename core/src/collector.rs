@@ -33,7 +33,10 @@ pub struct CollectReport {
 impl Core {
     /// Collects on one server, or on every server that is up.
     pub async fn collect(&self, only: Option<ServerId>) -> Result<CollectReport, CoreError> {
-        let mut report = CollectReport { dummies: self.collect_dummies(only).await?, ..Default::default() };
+        let mut report = CollectReport {
+            dummies: self.collect_dummies(only).await?,
+            ..Default::default()
+        };
         let servers: Vec<ServerId> = self
             .placement()
             .snapshot()
@@ -68,11 +71,20 @@ impl Core {
             .all(self.db())
             .await?
             .into_iter()
-            .map(|c| (c.id, !c.status.parse::<CommandStatus>().is_ok_and(|s| s.is_terminal())))
+            .map(|c| {
+                (
+                    c.id,
+                    !c.status
+                        .parse::<CommandStatus>()
+                        .is_ok_and(|s| s.is_terminal()),
+                )
+            })
             .collect();
         let mut removed = 0;
         for d in dummies {
-            let owner_alive = d.command_id.is_some_and(|c| alive.get(&c).copied().unwrap_or(false));
+            let owner_alive = d
+                .command_id
+                .is_some_and(|c| alive.get(&c).copied().unwrap_or(false));
             if owner_alive && d.deadline > now {
                 continue;
             }
@@ -81,7 +93,8 @@ impl Core {
                 removed += 1;
             }
             txn.commit().await?;
-            self.placement().apply(d.server_id, &crate::placement::dummy_resources(&d), 1, -1);
+            self.placement()
+                .apply(d.server_id, &crate::placement::dummy_resources(&d), 1, -1);
         }
         Ok(removed)
     }
@@ -104,8 +117,14 @@ impl Core {
             }
             let txn = self.db().begin().await?;
             let changed = container::Entity::update_many()
-                .col_expr(container::Column::Status, Expr::val(ContainerStatus::Destroyed.as_str()).into())
-                .col_expr(container::Column::UpdatedAt, Expr::val(crate::model::now_ms()).into())
+                .col_expr(
+                    container::Column::Status,
+                    Expr::val(ContainerStatus::Destroyed.as_str()),
+                )
+                .col_expr(
+                    container::Column::UpdatedAt,
+                    Expr::val(crate::model::now_ms()),
+                )
                 .filter(container::Column::Id.eq(row.id))
                 .filter(container::Column::Status.eq(ContainerStatus::Illegal.as_str()))
                 .exec(&txn)
@@ -145,7 +164,9 @@ impl Core {
                 // exist: guest ids are unique per container.
                 match driver.destroy(&row.guest_id).await {
                     Ok(()) => leftovers += 1,
-                    Err(e) => tracing::warn!(server = %name, guest = %row.guest_id, error = %e, "collector could not destroy a leftover guest"),
+                    Err(e) => {
+                        tracing::warn!(server = %name, guest = %row.guest_id, error = %e, "collector could not destroy a leftover guest")
+                    }
                 }
             }
         }

@@ -39,32 +39,214 @@ struct Spec {
 }
 
 const SETTINGS: &[Spec] = &[
-    Spec { key: "server.listen", env: "CLOUD48_LISTEN", flag: "--listen", default: "127.0.0.1:4848", secret: false, kind: Kind::Address },
-    Spec { key: "server.data_dir", env: "CLOUD48_DATA_DIR", flag: "--data-dir", default: "./cloud48-data", secret: false, kind: Kind::Text },
-    Spec { key: "database.url", env: "CLOUD48_DATABASE_URL", flag: "--database-url", default: "", secret: true, kind: Kind::Text },
-    Spec { key: "database.connections", env: "CLOUD48_DB_CONNECTIONS", flag: "--db-connections", default: "5", secret: false, kind: Kind::Count },
-    Spec { key: "queue.workers", env: "CLOUD48_WORKERS", flag: "--workers", default: "8", secret: false, kind: Kind::Count },
-    Spec { key: "queue.retry_base_ms", env: "CLOUD48_RETRY_BASE_MS", flag: "--retry-base-ms", default: "200", secret: false, kind: Kind::Count },
-    Spec { key: "queue.max_attempts", env: "CLOUD48_MAX_ATTEMPTS", flag: "--max-attempts", default: "5", secret: false, kind: Kind::Count },
-    Spec { key: "queue.lease_ms", env: "CLOUD48_LEASE_MS", flag: "--lease-ms", default: "30000", secret: false, kind: Kind::Count },
-    Spec { key: "drivers.sim.servers", env: "CLOUD48_SIM_SERVERS", flag: "--sim-servers", default: "4", secret: false, kind: Kind::Count },
-    Spec { key: "drivers.sim.latency_ms", env: "CLOUD48_SIM_LATENCY_MS", flag: "--sim-latency-ms", default: "0", secret: false, kind: Kind::Count },
-    Spec { key: "health.heartbeat_ms", env: "CLOUD48_HEARTBEAT_MS", flag: "--heartbeat-ms", default: "500", secret: false, kind: Kind::Count },
-    Spec { key: "health.grace_ms", env: "CLOUD48_GRACE_MS", flag: "--grace-ms", default: "2000", secret: false, kind: Kind::Count },
-    Spec { key: "health.check_ms", env: "CLOUD48_HEALTH_CHECK_MS", flag: "--health-check-ms", default: "250", secret: false, kind: Kind::Count },
-    Spec { key: "collector.interval_secs", env: "CLOUD48_COLLECTOR_SECS", flag: "--collector-secs", default: "30", secret: false, kind: Kind::Count },
-    Spec { key: "rebalancer.spread_percent", env: "CLOUD48_REBALANCE_SPREAD", flag: "--rebalance-spread", default: "0", secret: false, kind: Kind::Count },
-    Spec { key: "rebalancer.batch", env: "CLOUD48_REBALANCE_BATCH", flag: "--rebalance-batch", default: "2", secret: false, kind: Kind::Count },
-    Spec { key: "placement.weight_cpu", env: "CLOUD48_WEIGHT_CPU", flag: "--weight-cpu", default: "100", secret: false, kind: Kind::Count },
-    Spec { key: "placement.weight_memory", env: "CLOUD48_WEIGHT_MEMORY", flag: "--weight-memory", default: "100", secret: false, kind: Kind::Count },
-    Spec { key: "placement.weight_disk", env: "CLOUD48_WEIGHT_DISK", flag: "--weight-disk", default: "50", secret: false, kind: Kind::Count },
-    Spec { key: "placement.dummy_ttl_secs", env: "CLOUD48_DUMMY_TTL_SECS", flag: "--dummy-ttl-secs", default: "600", secret: false, kind: Kind::Count },
-    Spec { key: "plugins.deadline_ms", env: "CLOUD48_PLUGIN_DEADLINE_MS", flag: "--plugin-deadline-ms", default: "100", secret: false, kind: Kind::Count },
-    Spec { key: "plugins.memory_mb", env: "CLOUD48_PLUGIN_MEMORY_MB", flag: "--plugin-memory-mb", default: "64", secret: false, kind: Kind::Count },
-    Spec { key: "auth.anonymous", env: "CLOUD48_ANONYMOUS", flag: "--anonymous", default: "read", secret: false, kind: Kind::Choice(&["none", "read", "full"]) },
-    Spec { key: "auth.realm", env: "CLOUD48_REALM", flag: "--realm", default: "cloud48", secret: false, kind: Kind::Text },
-    Spec { key: "agents.token", env: "CLOUD48_AGENT_TOKEN", flag: "--agent-token", default: "", secret: true, kind: Kind::Text },
-    Spec { key: "auth.nonce_ttl_secs", env: "CLOUD48_NONCE_TTL_SECS", flag: "--nonce-ttl-secs", default: "300", secret: false, kind: Kind::Count },
+    Spec {
+        key: "server.listen",
+        env: "CLOUD48_LISTEN",
+        flag: "--listen",
+        default: "127.0.0.1:4848",
+        secret: false,
+        kind: Kind::Address,
+    },
+    Spec {
+        key: "server.data_dir",
+        env: "CLOUD48_DATA_DIR",
+        flag: "--data-dir",
+        default: "./cloud48-data",
+        secret: false,
+        kind: Kind::Text,
+    },
+    Spec {
+        key: "database.url",
+        env: "CLOUD48_DATABASE_URL",
+        flag: "--database-url",
+        default: "",
+        secret: true,
+        kind: Kind::Text,
+    },
+    Spec {
+        key: "database.connections",
+        env: "CLOUD48_DB_CONNECTIONS",
+        flag: "--db-connections",
+        default: "5",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "queue.workers",
+        env: "CLOUD48_WORKERS",
+        flag: "--workers",
+        default: "8",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "queue.retry_base_ms",
+        env: "CLOUD48_RETRY_BASE_MS",
+        flag: "--retry-base-ms",
+        default: "200",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "queue.max_attempts",
+        env: "CLOUD48_MAX_ATTEMPTS",
+        flag: "--max-attempts",
+        default: "5",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "queue.lease_ms",
+        env: "CLOUD48_LEASE_MS",
+        flag: "--lease-ms",
+        default: "30000",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "drivers.sim.servers",
+        env: "CLOUD48_SIM_SERVERS",
+        flag: "--sim-servers",
+        default: "4",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "drivers.sim.latency_ms",
+        env: "CLOUD48_SIM_LATENCY_MS",
+        flag: "--sim-latency-ms",
+        default: "0",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "health.heartbeat_ms",
+        env: "CLOUD48_HEARTBEAT_MS",
+        flag: "--heartbeat-ms",
+        default: "500",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "health.grace_ms",
+        env: "CLOUD48_GRACE_MS",
+        flag: "--grace-ms",
+        default: "2000",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "health.check_ms",
+        env: "CLOUD48_HEALTH_CHECK_MS",
+        flag: "--health-check-ms",
+        default: "250",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "collector.interval_secs",
+        env: "CLOUD48_COLLECTOR_SECS",
+        flag: "--collector-secs",
+        default: "30",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "rebalancer.spread_percent",
+        env: "CLOUD48_REBALANCE_SPREAD",
+        flag: "--rebalance-spread",
+        default: "0",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "rebalancer.batch",
+        env: "CLOUD48_REBALANCE_BATCH",
+        flag: "--rebalance-batch",
+        default: "2",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "placement.weight_cpu",
+        env: "CLOUD48_WEIGHT_CPU",
+        flag: "--weight-cpu",
+        default: "100",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "placement.weight_memory",
+        env: "CLOUD48_WEIGHT_MEMORY",
+        flag: "--weight-memory",
+        default: "100",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "placement.weight_disk",
+        env: "CLOUD48_WEIGHT_DISK",
+        flag: "--weight-disk",
+        default: "50",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "placement.dummy_ttl_secs",
+        env: "CLOUD48_DUMMY_TTL_SECS",
+        flag: "--dummy-ttl-secs",
+        default: "600",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "plugins.deadline_ms",
+        env: "CLOUD48_PLUGIN_DEADLINE_MS",
+        flag: "--plugin-deadline-ms",
+        default: "100",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "plugins.memory_mb",
+        env: "CLOUD48_PLUGIN_MEMORY_MB",
+        flag: "--plugin-memory-mb",
+        default: "64",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "auth.anonymous",
+        env: "CLOUD48_ANONYMOUS",
+        flag: "--anonymous",
+        default: "read",
+        secret: false,
+        kind: Kind::Choice(&["none", "read", "full"]),
+    },
+    Spec {
+        key: "auth.realm",
+        env: "CLOUD48_REALM",
+        flag: "--realm",
+        default: "cloud48",
+        secret: false,
+        kind: Kind::Text,
+    },
+    Spec {
+        key: "agents.token",
+        env: "CLOUD48_AGENT_TOKEN",
+        flag: "--agent-token",
+        default: "",
+        secret: true,
+        kind: Kind::Text,
+    },
+    Spec {
+        key: "auth.nonce_ttl_secs",
+        env: "CLOUD48_NONCE_TTL_SECS",
+        flag: "--nonce-ttl-secs",
+        default: "300",
+        secret: false,
+        kind: Kind::Count,
+    },
 ];
 
 /// Where a value came from.
@@ -128,16 +310,23 @@ fn line_of(text: &str, offset: usize) -> usize {
 /// Raw values read from a file: key -> (value, line).
 type FileValues = HashMap<String, (String, usize)>;
 
+/// Per `[[users]]` table: its keys with (value, line), and the table's line.
+type UserTables = Vec<(HashMap<String, (String, usize)>, usize)>;
+
 fn walk(
     text: &str,
     path: &Path,
     prefix: &str,
     table: &dyn toml_edit::TableLike,
     out: &mut FileValues,
-    users: &mut Vec<(HashMap<String, (String, usize)>, usize)>,
+    users: &mut UserTables,
 ) -> Result<(), ConfigError> {
     for (name, item) in table.iter() {
-        let key = if prefix.is_empty() { name.to_string() } else { format!("{prefix}.{name}") };
+        let key = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
         let line = table
             .key(name)
             .and_then(|k| k.span())
@@ -146,15 +335,24 @@ fn walk(
         let at = || format!("{}:{line}", path.display());
         if key == "auth.users" {
             let Some(array) = item.as_array_of_tables() else {
-                return Err(ConfigError(format!("{}: auth.users must be written as [[auth.users]] tables", at())));
+                return Err(ConfigError(format!(
+                    "{}: auth.users must be written as [[auth.users]] tables",
+                    at()
+                )));
             };
             for t in array.iter() {
                 let tline = t.span().map_or(line, |s| line_of(text, s.start));
                 let mut fields = HashMap::new();
                 for (field, v) in t.iter() {
-                    let fline = t.key(field).and_then(|k| k.span()).map_or(tline, |s| line_of(text, s.start));
+                    let fline = t
+                        .key(field)
+                        .and_then(|k| k.span())
+                        .map_or(tline, |s| line_of(text, s.start));
                     let Some(s) = v.as_str() else {
-                        return Err(ConfigError(format!("{}:{fline}: auth.users.{field} must be a string", path.display())));
+                        return Err(ConfigError(format!(
+                            "{}:{fline}: auth.users.{field} must be a string",
+                            path.display()
+                        )));
                     };
                     fields.insert(field.to_string(), (s.to_string(), fline));
                 }
@@ -200,7 +398,9 @@ fn resolve(
     depth: usize,
 ) -> Result<String, String> {
     if depth > 10 {
-        return Err(format!("placeholders in {key} refer to each other in a cycle"));
+        return Err(format!(
+            "placeholders in {key} refer to each other in a cycle"
+        ));
     }
     let mut out = String::new();
     let mut rest = raw;
@@ -282,7 +482,11 @@ impl Settings {
             })?;
             let doc = toml_edit::Document::parse(text.clone()).map_err(|e| {
                 let line = e.span().map_or(0, |s| line_of(&text, s.start));
-                ConfigError(format!("{}:{line}: not valid TOML: {}", path.display(), e.message()))
+                ConfigError(format!(
+                    "{}:{line}: not valid TOML: {}",
+                    path.display(),
+                    e.message()
+                ))
             })?;
             walk(&text, path, "", doc.as_table(), &mut values, &mut raw_users)?;
         }
@@ -293,21 +497,42 @@ impl Settings {
             } else if let Some(v) = env(spec.env) {
                 (v, Source::Env(spec.env.to_string()))
             } else if let Some((raw, line)) = values.get(spec.key) {
-                let source = Source::File { path: path.clone(), line: *line };
+                let source = Source::File {
+                    path: path.clone(),
+                    line: *line,
+                };
                 let v = resolve(raw, spec.key, &values, env, 0)
                     .map_err(|m| ConfigError(format!("{source}: {m}")))?;
                 (v, source)
             } else {
                 (spec.default.to_string(), Source::Default)
             };
-            check(spec, &value)
-                .map_err(|m| ConfigError(format!("{source}: bad value for {}: {m}", spec.key, source = source)))?;
-            entries.insert(spec.key, Entry { value, source, secret: spec.secret });
+            check(spec, &value).map_err(|m| {
+                ConfigError(format!(
+                    "{source}: bad value for {}: {m}",
+                    spec.key,
+                    source = source
+                ))
+            })?;
+            entries.insert(
+                spec.key,
+                Entry {
+                    value,
+                    source,
+                    secret: spec.secret,
+                },
+            );
         }
-        let mut settings = Settings { entries, users: Vec::new() };
+        let mut settings = Settings {
+            entries,
+            users: Vec::new(),
+        };
         let realm = settings.get("auth.realm").to_string();
         for (fields, line) in raw_users {
-            let source = Source::File { path: path.clone(), line };
+            let source = Source::File {
+                path: path.clone(),
+                line,
+            };
             let field = |name: &str| -> Result<Option<String>, ConfigError> {
                 match fields.get(name) {
                     None => Ok(None),
@@ -323,15 +548,26 @@ impl Settings {
                     )));
                 }
             }
-            let name = field("name")?.ok_or_else(|| ConfigError(format!("{source}: a user needs a name")))?;
-            crate::auth::validate_user_name(&name).map_err(|m| ConfigError(format!("{source}: {m}")))?;
+            let name = field("name")?
+                .ok_or_else(|| ConfigError(format!("{source}: a user needs a name")))?;
+            crate::auth::validate_user_name(&name)
+                .map_err(|m| ConfigError(format!("{source}: {m}")))?;
             let role: Role = field("role")?
-                .ok_or_else(|| ConfigError(format!("{source}: user {name} needs a role (admin, operator or viewer)")))?
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "{source}: user {name} needs a role (admin, operator or viewer)"
+                    ))
+                })?
                 .parse()
                 .map_err(|m| ConfigError(format!("{source}: user {name}: {m}")))?;
             let record = match (field("password")?, field("ha1_md5")?, field("ha1_sha256")?) {
                 (Some(p), None, None) => UserRecord::with_password(&name, role, &realm, &p),
-                (None, Some(md5), Some(sha)) => UserRecord { name: name.clone(), role, ha1_md5: md5, ha1_sha256: sha },
+                (None, Some(md5), Some(sha)) => UserRecord {
+                    name: name.clone(),
+                    role,
+                    ha1_md5: md5,
+                    ha1_sha256: sha,
+                },
                 _ => {
                     return Err(ConfigError(format!(
                         "{source}: user {name} needs either password or both ha1_md5 and ha1_sha256"
@@ -345,7 +581,11 @@ impl Settings {
 
     /// The value of a declared key.
     pub fn get(&self, key: &str) -> &str {
-        &self.entries.get(key).unwrap_or_else(|| panic!("undeclared setting {key}")).value
+        &self
+            .entries
+            .get(key)
+            .unwrap_or_else(|| panic!("undeclared setting {key}"))
+            .value
     }
 
     fn count(&self, key: &str) -> u64 {
@@ -385,7 +625,9 @@ impl Settings {
             memory: self.count("placement.weight_memory") as f64 / 100.0,
             disk: self.count("placement.weight_disk") as f64 / 100.0,
         };
-        c.placement.dummy_ttl = Some(Duration::from_secs(self.count("placement.dummy_ttl_secs").max(1)));
+        c.placement.dummy_ttl = Some(Duration::from_secs(
+            self.count("placement.dummy_ttl_secs").max(1),
+        ));
         let token = self.get("agents.token");
         c.agent_token = (!token.is_empty()).then(|| token.to_string());
         c.auth = self.auth();
@@ -398,7 +640,10 @@ impl Settings {
     pub fn auth(&self) -> AuthConfig {
         AuthConfig {
             realm: self.get("auth.realm").to_string(),
-            anonymous: self.get("auth.anonymous").parse().unwrap_or(Anonymous::Read),
+            anonymous: self
+                .get("auth.anonymous")
+                .parse()
+                .unwrap_or(Anonymous::Read),
             nonce_ttl: Duration::from_secs(self.count("auth.nonce_ttl_secs").max(1)),
             users: self.users.iter().map(|u| u.record.clone()).collect(),
         }
@@ -410,7 +655,11 @@ impl Settings {
         t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
             .set_header(vec!["KEY", "VALUE", "SOURCE"]);
         for (key, e) in self.entries() {
-            let value = if e.secret && !e.value.is_empty() { mask(&e.value) } else { e.value.clone() };
+            let value = if e.secret && !e.value.is_empty() {
+                mask(&e.value)
+            } else {
+                e.value.clone()
+            };
             t.add_row(vec![key.to_string(), value, e.source.to_string()]);
         }
         for u in &self.users {

@@ -175,11 +175,14 @@ impl CoreConfig {
     }
 }
 
+/// A server's driver and the server's name.
+type NamedDriver = (Arc<dyn Driver>, String);
+
 /// Drivers of the registered servers.
 #[derive(Default)]
 pub struct Fleet {
     /// Driver and server name by server id.
-    drivers: RwLock<HashMap<ServerId, (Arc<dyn Driver>, String)>>,
+    drivers: RwLock<HashMap<ServerId, NamedDriver>>,
     sims: RwLock<HashMap<ServerId, Arc<SimServer>>>,
     remotes: RwLock<HashMap<ServerId, Arc<RemoteDriver>>>,
 }
@@ -187,7 +190,11 @@ pub struct Fleet {
 impl Fleet {
     /// The driver of a server.
     pub fn driver(&self, id: ServerId) -> Option<Arc<dyn Driver>> {
-        self.drivers.read().unwrap().get(&id).map(|(d, _)| d.clone())
+        self.drivers
+            .read()
+            .unwrap()
+            .get(&id)
+            .map(|(d, _)| d.clone())
     }
 
     /// The driver of a server with the server's name (for messages).
@@ -202,7 +209,12 @@ impl Fleet {
 
     /// Every simulated server with its id.
     pub fn sims(&self) -> Vec<(ServerId, Arc<SimServer>)> {
-        self.sims.read().unwrap().iter().map(|(id, s)| (*id, s.clone())).collect()
+        self.sims
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(id, s)| (*id, s.clone()))
+            .collect()
     }
 
     /// The remote driver of a server run by an agent.
@@ -214,18 +226,27 @@ impl Fleet {
     pub fn remote_named(&self, name: &str) -> Option<(ServerId, Arc<RemoteDriver>)> {
         let drivers = self.drivers.read().unwrap();
         let remotes = self.remotes.read().unwrap();
-        remotes.iter().find(|(id, _)| drivers.get(id).is_some_and(|(_, n)| n == name)).map(|(id, r)| (*id, r.clone()))
+        remotes
+            .iter()
+            .find(|(id, _)| drivers.get(id).is_some_and(|(_, n)| n == name))
+            .map(|(id, r)| (*id, r.clone()))
     }
 
     /// Registers (or replaces) a server run by an agent.
     pub fn add_remote(&self, id: ServerId, name: &str, remote: Arc<RemoteDriver>) {
-        self.drivers.write().unwrap().insert(id, (remote.clone(), name.to_string()));
+        self.drivers
+            .write()
+            .unwrap()
+            .insert(id, (remote.clone(), name.to_string()));
         self.remotes.write().unwrap().insert(id, remote);
     }
 
     /// Registers a simulated server.
     pub fn add_sim(&self, id: ServerId, sim: Arc<SimServer>) {
-        self.drivers.write().unwrap().insert(id, (sim.clone(), sim.name().to_string()));
+        self.drivers
+            .write()
+            .unwrap()
+            .insert(id, (sim.clone(), sim.name().to_string()));
         self.sims.write().unwrap().insert(id, sim);
     }
 }
@@ -258,9 +279,10 @@ pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreErro
             config.data_dir.display()
         ))
     })?;
-    let url = config.database_url.clone().unwrap_or_else(|| {
-        format!("sqlite://{}", config.data_dir.join("cloud48.db").display())
-    });
+    let url = config
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", config.data_dir.join("cloud48.db").display()));
     let mut opt = ConnectOptions::new(url.clone());
     // Each statement is logged with its rows and time at `sqlx=info`, which `CLOUD48_LOG`
     // filters out by default.
@@ -327,7 +349,12 @@ impl Core {
         let placement = crate::placement::PlacementCache::new(config.placement.weights);
         let auth = crate::auth::Authenticator::new(config.auth.clone(), db.clone(), clock);
         let plugin_host = crate::plugins::PluginHost::shared(
-            Some(config.plugin_cache.clone().unwrap_or_else(|| config.data_dir.join("plugin-cache"))),
+            Some(
+                config
+                    .plugin_cache
+                    .clone()
+                    .unwrap_or_else(|| config.data_dir.join("plugin-cache")),
+            ),
             config.plugin_limits.clone(),
         )
         .map_err(|e| CoreError::Setup(e.to_string()))?;
@@ -349,7 +376,10 @@ impl Core {
         core.load_servers().await?;
         let fixed = crate::placement::reconcile(core.db()).await?;
         if fixed > 0 {
-            tracing::warn!(servers = fixed, "corrected the allocation counters of servers");
+            tracing::warn!(
+                servers = fixed,
+                "corrected the allocation counters of servers"
+            );
         }
         core.placement().refresh_all(core.db()).await?;
         let plugins = core.plugins();
@@ -392,7 +422,11 @@ impl Core {
                 if c.agent_token.is_none() {
                     tracing::warn!(server = %row.name, "agents.token is not set: requests to this server's agent will be refused");
                 }
-                self.attach_agent(row.id, &row.name, row.address.as_deref().unwrap_or_default());
+                self.attach_agent(
+                    row.id,
+                    &row.name,
+                    row.address.as_deref().unwrap_or_default(),
+                );
                 continue;
             }
             if row.driver != "sim" {
@@ -451,7 +485,9 @@ impl Core {
             })
         };
         let mut tasks = self.inner.background.lock().unwrap();
-        tasks.push(every(h.heartbeat, self.clone(), |c| Box::pin(async move { c.beat_sims().await })));
+        tasks.push(every(h.heartbeat, self.clone(), |c| {
+            Box::pin(async move { c.beat_sims().await })
+        }));
         tasks.push(every(h.check, self.clone(), |c| {
             Box::pin(async move {
                 if let Err(e) = c.check_health().await {
@@ -508,10 +544,16 @@ impl Core {
             .column(crate::entities::container::Column::EnvironmentId)
             .distinct()
             .filter(crate::entities::container::Column::EnvironmentId.is_not_null())
-            .filter(crate::entities::container::Column::Status.is_in(
-                [crate::model::ContainerStatus::Running, crate::model::ContainerStatus::Stopped, crate::model::ContainerStatus::Suspended]
+            .filter(
+                crate::entities::container::Column::Status.is_in(
+                    [
+                        crate::model::ContainerStatus::Running,
+                        crate::model::ContainerStatus::Stopped,
+                        crate::model::ContainerStatus::Suspended,
+                    ]
                     .map(|s| s.as_str()),
-            ))
+                ),
+            )
             .into_tuple::<Option<i64>>()
             .all(self.db())
             .await?
@@ -547,7 +589,11 @@ impl Core {
 
     /// Installed plugins.
     pub fn plugins(&self) -> crate::plugins::PluginManager<'_> {
-        crate::plugins::PluginManager::new(&self.inner.db, &self.inner.plugin_host, &self.inner.types)
+        crate::plugins::PluginManager::new(
+            &self.inner.db,
+            &self.inner.plugin_host,
+            &self.inner.types,
+        )
     }
 
     /// Access control.

@@ -31,9 +31,23 @@ pub async fn run() -> Result<()> {
     println!("Seed scenario on an embedded core with 3 simulated servers:\n");
     let (cmd, _) = envs.create("shop", by).await?;
     finish(&core, cmd, "created the empty environment 'shop'").await?;
-    let tomcat = AddContainer { type_id: "tomcat".into(), requirements: None, server: None };
-    let first = finish(&core, envs.add("shop", &tomcat, by).await?, "added the first tomcat: allowed, no balancer needed").await?;
-    finish(&core, envs.add("shop", &tomcat, by).await?, "added the second tomcat: it asked for a balancer first").await?;
+    let tomcat = AddContainer {
+        type_id: "tomcat".into(),
+        requirements: None,
+        server: None,
+    };
+    let first = finish(
+        &core,
+        envs.add("shop", &tomcat, by).await?,
+        "added the first tomcat: allowed, no balancer needed",
+    )
+    .await?;
+    finish(
+        &core,
+        envs.add("shop", &tomcat, by).await?,
+        "added the second tomcat: it asked for a balancer first",
+    )
+    .await?;
     let env = envs.get_by_id("shop").await?;
     println!("\n{}", output::environment(&env));
     let balancer = env
@@ -44,7 +58,12 @@ pub async fn run() -> Result<()> {
     let shown = core.containers().get_by_id(balancer.id).await?;
     println!("{}\n", output::container(&shown));
     let first_id = first["container_id"].as_i64().context("no container id")?;
-    finish(&core, envs.remove("shop", first_id, by).await?, &format!("removed tomcat {first_id}: the balancer deregistered it")).await?;
+    finish(
+        &core,
+        envs.remove("shop", first_id, by).await?,
+        &format!("removed tomcat {first_id}: the balancer deregistered it"),
+    )
+    .await?;
     let shown = core.containers().get_by_id(balancer.id).await?;
     println!("\n{}", output::container(&shown));
     core.stop(Duration::from_secs(5)).await;

@@ -58,13 +58,18 @@ impl Health {
     /// No heartbeats yet; the grace period of every server starts now.
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         let started = std::sync::atomic::AtomicI64::new(clock.now_ms());
-        Health { beats: Mutex::new(HashMap::new()), clock, started }
+        Health {
+            beats: Mutex::new(HashMap::new()),
+            clock,
+            started,
+        }
     }
 
     /// Restarts the grace period of every server that has not sent a heartbeat yet (when the
     /// core starts monitoring).
     pub fn begin(&self) {
-        self.started.store(self.clock.now_ms(), std::sync::atomic::Ordering::SeqCst);
+        self.started
+            .store(self.clock.now_ms(), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Records a heartbeat of `server` now.
@@ -81,7 +86,12 @@ impl Health {
     /// Milliseconds since the last heartbeat of `server` (or since this core started).
     fn silence(&self, server: ServerId, now: i64) -> i64 {
         let started = self.started.load(std::sync::atomic::Ordering::SeqCst);
-        let at = self.beats.lock().unwrap().get(&server).map_or(started, |b| b.at);
+        let at = self
+            .beats
+            .lock()
+            .unwrap()
+            .get(&server)
+            .map_or(started, |b| b.at);
         now - at
     }
 }
@@ -114,7 +124,11 @@ impl Core {
                 if self.mark_down(c.id, &cause).await? {
                     report.down.push(c.id);
                 }
-            } else if !c.up && !silent && self.health().last(c.id).is_some() && self.mark_up(c.id).await? {
+            } else if !c.up
+                && !silent
+                && self.health().last(c.id).is_some()
+                && self.mark_up(c.id).await?
+            {
                 report.up.push(c.id);
             }
         }
@@ -126,7 +140,7 @@ impl Core {
     pub async fn mark_down(&self, server_id: ServerId, cause: &str) -> Result<bool, CoreError> {
         let txn = self.db().begin().await?;
         let changed = server::Entity::update_many()
-            .col_expr(server::Column::Status, Expr::val("down").into())
+            .col_expr(server::Column::Status, Expr::val("down"))
             .filter(server::Column::Id.eq(server_id))
             .filter(server::Column::Status.eq("up"))
             .exec(&txn)
@@ -135,21 +149,34 @@ impl Core {
         if changed == 0 {
             return Ok(false);
         }
-        let live = [ContainerStatus::Running, ContainerStatus::Stopped, ContainerStatus::Suspended]
-            .map(|s| s.as_str());
+        let live = [
+            ContainerStatus::Running,
+            ContainerStatus::Stopped,
+            ContainerStatus::Suspended,
+        ]
+        .map(|s| s.as_str());
         let hit = container::Entity::find()
             .filter(container::Column::ServerId.eq(server_id))
             .filter(container::Column::Status.is_in(live))
             .all(&txn)
             .await?;
         container::Entity::update_many()
-            .col_expr(container::Column::Status, Expr::val(ContainerStatus::Down.as_str()).into())
-            .col_expr(container::Column::UpdatedAt, Expr::val(crate::model::now_ms()).into())
+            .col_expr(
+                container::Column::Status,
+                Expr::val(ContainerStatus::Down.as_str()),
+            )
+            .col_expr(
+                container::Column::UpdatedAt,
+                Expr::val(crate::model::now_ms()),
+            )
             .filter(container::Column::ServerId.eq(server_id))
             .filter(container::Column::Status.is_in(live))
             .exec(&txn)
             .await?;
-        let name = self.fleet().named_driver(server_id).map_or(format!("#{server_id}"), |(_, n)| n);
+        let name = self
+            .fleet()
+            .named_driver(server_id)
+            .map_or(format!("#{server_id}"), |(_, n)| n);
         let cause = format!("server {name} is unreachable: {cause}");
         let commands = per_environment(&hit, |env, ids| NewCommand {
             kind: crate::model::CommandKind::EnvironmentFailover,
@@ -160,7 +187,11 @@ impl Core {
         let count = commands.len();
         self.queue().enqueue_in(&txn, commands, None).await?;
         txn.commit().await?;
-        let draining = self.placement().snapshot().iter().any(|c| c.id == server_id && c.draining);
+        let draining = self
+            .placement()
+            .snapshot()
+            .iter()
+            .any(|c| c.id == server_id && c.draining);
         self.placement().set_status(server_id, false, draining);
         self.queue().wake();
         tracing::warn!(server = %name, containers = hit.len(), environments = count, "server is down");
@@ -172,7 +203,7 @@ impl Core {
     /// False if it was not down.
     pub async fn mark_up(&self, server_id: ServerId) -> Result<bool, CoreError> {
         let changed = server::Entity::update_many()
-            .col_expr(server::Column::Status, Expr::val("up").into())
+            .col_expr(server::Column::Status, Expr::val("up"))
             .filter(server::Column::Id.eq(server_id))
             .filter(server::Column::Status.eq("down"))
             .exec(self.db())
@@ -207,7 +238,7 @@ impl Core {
                 }
             };
             container::Entity::update_many()
-                .col_expr(container::Column::Status, Expr::val(status.as_str()).into())
+                .col_expr(container::Column::Status, Expr::val(status.as_str()))
                 .filter(container::Column::Id.eq(row.id))
                 .filter(container::Column::Status.eq(ContainerStatus::Down.as_str()))
                 .exec(&txn)
@@ -215,7 +246,10 @@ impl Core {
             if status == ContainerStatus::Failed {
                 let need = crate::placement::requirements_of(&row).resources;
                 crate::placement::release(&txn, server_id, &need, 1).await?;
-                tracing::warn!(container = row.id, "its guest is gone from its server after the outage; marked failed");
+                tracing::warn!(
+                    container = row.id,
+                    "its guest is gone from its server after the outage; marked failed"
+                );
             } else {
                 back.push(row);
             }
@@ -230,7 +264,12 @@ impl Core {
         txn.commit().await?;
         self.placement().refresh(self.db(), server_id).await?;
         self.queue().wake();
-        tracing::info!(server = server_id, back = back.len(), ?report, "server is up again");
+        tracing::info!(
+            server = server_id,
+            back = back.len(),
+            ?report,
+            "server is up again"
+        );
         Ok(true)
     }
 }
@@ -246,5 +285,8 @@ fn per_environment(
             by_env.entry(env).or_default().push(r.id);
         }
     }
-    by_env.into_iter().map(|(env, ids)| make(env, ids)).collect()
+    by_env
+        .into_iter()
+        .map(|(env, ids)| make(env, ids))
+        .collect()
 }

@@ -24,11 +24,18 @@ pub struct Lab {
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new("ip").args(args).output().map_err(|e| format!("cannot run ip (apt-get install iproute2): {e}"))?;
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip (apt-get install iproute2): {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -69,10 +76,20 @@ impl Lab {
             let ns = lab.netns(i);
             let (outer, inner) = (format!("{prefix}h{i}a"), format!("{prefix}h{i}b"));
             ip(&["netns", "add", &ns])?;
-            ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ])?;
             ip(&["link", "set", &outer, "master", &lan, "up"])?;
             ip(&["link", "set", &inner, "netns", &ns])?;
-            ip(&["-n", &ns, "addr", "add", &format!("{}/24", lan_ip(i)), "dev", &inner])?;
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", lan_ip(i)),
+                "dev",
+                &inner,
+            ])?;
             ip(&["-n", &ns, "link", "set", &inner, "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&["route", "replace", &subnet(i), "via", &lan_ip(i)])?;
@@ -96,17 +113,40 @@ impl Lab {
             .arg("--")
             .arg(&self.exe)
             .args(["agent", "--driver", "linux"])
-            .args(["--listen", &format!("{}:7048", lan_ip(i)), "--core", core_url, "--name", &format!("h{i}")])
+            .args([
+                "--listen",
+                &format!("{}:7048", lan_ip(i)),
+                "--core",
+                core_url,
+                "--name",
+                &format!("h{i}"),
+            ])
             .arg("--data-dir")
             .arg(&data)
-            .args(["--subnet", &subnet(i), "--bridge", "c48br", "--prefix", &format!("{}{i}", self.prefix)])
-            .args(["--heartbeat-ms", &self.heartbeat_ms.to_string(), "--capacity", "8000,8192,20000", "--stop-grace-ms", "2000"])
+            .args([
+                "--subnet",
+                &subnet(i),
+                "--bridge",
+                "c48br",
+                "--prefix",
+                &format!("{}{i}", self.prefix),
+            ])
+            .args([
+                "--heartbeat-ms",
+                &self.heartbeat_ms.to_string(),
+                "--capacity",
+                "8000,8192,20000",
+                "--stop-grace-ms",
+                "2000",
+            ])
             .env("CLOUD48_AGENT_TOKEN", &self.token)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| format!("cannot start the agent of h{i} (nsenter is in util-linux): {e}"))?;
+            .map_err(|e| {
+                format!("cannot start the agent of h{i} (nsenter is in util-linux): {e}")
+            })?;
         self.agents[(i - 1) as usize] = Some(child);
         Ok(())
     }
@@ -115,7 +155,11 @@ impl Lab {
     /// and 2. Registered first, h3 and h4 get the lower ids and win ties, so a balancer that a
     /// tomcat on h1 or h2 asks for (before that tomcat's own reservation counts) lands on a
     /// host of its own.
-    pub async fn start_agents_for_the_seed(&mut self, core: &crate::Core, core_url: &str) -> Result<(), String> {
+    pub async fn start_agents_for_the_seed(
+        &mut self,
+        core: &crate::Core,
+        core_url: &str,
+    ) -> Result<(), String> {
         for (hosts, total) in [([3, 4], 2), ([1, 2], 4)] {
             for i in hosts {
                 self.start_agent(i, core_url)?;
@@ -123,11 +167,18 @@ impl Lab {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             loop {
                 let servers = core.servers().list().await.map_err(|e| e.to_string())?;
-                if servers.iter().filter(|s| s.status == crate::model::ServerStatus::Up).count() >= total {
+                if servers
+                    .iter()
+                    .filter(|s| s.status == crate::model::ServerStatus::Up)
+                    .count()
+                    >= total
+                {
                     break;
                 }
                 if std::time::Instant::now() > deadline {
-                    return Err(format!("the agents of hosts {hosts:?} did not register within 30 s"));
+                    return Err(format!(
+                        "the agents of hosts {hosts:?} did not register within 30 s"
+                    ));
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
@@ -144,7 +195,12 @@ impl Lab {
 
     /// Plugs or unplugs host `i`'s network cable.
     pub fn cable(&self, i: u32, up: bool) -> Result<(), String> {
-        ip(&["link", "set", &format!("{}h{i}a", self.prefix), if up { "up" } else { "down" }])
+        ip(&[
+            "link",
+            "set",
+            &format!("{}h{i}a", self.prefix),
+            if up { "up" } else { "down" },
+        ])
     }
 }
 
@@ -171,11 +227,16 @@ impl Drop for Lab {
 
 /// What `n` HTTP requests to `http://{ip}/` answered (`None` for a failed request).
 pub async fn answers(ip: &str, n: usize) -> Vec<Option<String>> {
-    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(15)).build().expect("an HTTP client builds");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(15))
+        .build()
+        .expect("an HTTP client builds");
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(match client.get(format!("http://{ip}/")).send().await {
-            Ok(resp) if resp.status().is_success() => resp.text().await.ok().map(|s| s.trim().to_string()),
+            Ok(resp) if resp.status().is_success() => {
+                resp.text().await.ok().map(|s| s.trim().to_string())
+            }
             _ => None,
         });
     }
@@ -186,5 +247,9 @@ pub async fn answers(ip: &str, n: usize) -> Vec<Option<String>> {
 /// every one of them does.
 pub async fn serves_all(ip: &str, guests: &[String]) -> bool {
     let got = answers(ip, 8).await;
-    got.iter().all(|g| g.as_ref().is_some_and(|g| guests.contains(g))) && guests.iter().all(|g| got.iter().any(|a| a.as_ref() == Some(g)))
+    got.iter()
+        .all(|g| g.as_ref().is_some_and(|g| guests.contains(g)))
+        && guests
+            .iter()
+            .all(|g| got.iter().any(|a| a.as_ref() == Some(g)))
 }

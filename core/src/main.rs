@@ -6,14 +6,18 @@ use tracing_subscriber::EnvFilter;
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("CLOUD48_LOG").unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn")),
+            EnvFilter::try_from_env("CLOUD48_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = cloud48_core::cli::Cli::parse();
     let built = runtime_threads().and_then(|n| {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build();
         rt.map_err(|e| format!("cannot start the async runtime: {e}"))
     });
     let runtime = match built {
@@ -38,5 +42,7 @@ fn runtime_threads() -> Result<usize, String> {
             format!("TOKIO_WORKER_THREADS={v:?} is not a positive number of threads; unset it to use one fewer than the cores")
         });
     }
-    Ok(std::thread::available_parallelism().map(|n| n.get().saturating_sub(1).max(1)).unwrap_or(1))
+    Ok(std::thread::available_parallelism()
+        .map(|n| n.get().saturating_sub(1).max(1))
+        .unwrap_or(1))
 }

@@ -260,10 +260,23 @@ pub(crate) async fn name_and_lock<C: sea_orm::ConnectionTrait>(
     pairs: &[(ContainerId, CommandId)],
 ) -> Result<(), sea_orm::DbErr> {
     for chunk in pairs.chunks(crate::queue::store::GROUP_CHUNK) {
-        let rows: Vec<_> = chunk.iter().map(|(id, cmd)| vec![(*id).into(), guest_id_for(platform, *id).into(), (*cmd).into()]).collect();
-        let (v, values) = crate::queue::store::rows_source(conn, &["BIGINT", "TEXT", "BIGINT"], rows, 1);
-        let text = format!("UPDATE containers SET guest_id = v.column2, locked_by = v.column3 FROM {v} WHERE containers.id = v.column1");
-        conn.execute_raw(crate::queue::store::sql(conn, &text, values)).await?;
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(id, cmd)| {
+                vec![
+                    (*id).into(),
+                    guest_id_for(platform, *id).into(),
+                    (*cmd).into(),
+                ]
+            })
+            .collect();
+        let (v, values) =
+            crate::queue::store::rows_source(conn, &["BIGINT", "TEXT", "BIGINT"], rows, 1);
+        let text = format!(
+            "UPDATE containers SET guest_id = v.column2, locked_by = v.column3 FROM {v} WHERE containers.id = v.column1"
+        );
+        conn.execute_raw(crate::queue::store::sql(conn, &text, values))
+            .await?;
     }
     Ok(())
 }
@@ -287,7 +300,8 @@ impl<'a> ContainerManager<'a> {
         // never run is refused now: a container that no longer exists on any server.
         let status = parse_status(&row.status);
         if status.is_gone() && cmd != ContainerCommand::Destroy {
-            check_status(id, status, cmd.kind().as_str(), cmd.allowed_from()).map_err(CoreError::Conflict)?;
+            check_status(id, status, cmd.kind().as_str(), cmd.allowed_from())
+                .map_err(CoreError::Conflict)?;
         }
         let params = match &cmd {
             ContainerCommand::Update { resources } => {
@@ -337,10 +351,18 @@ impl<'a> ContainerManager<'a> {
         req: &CreateContainer,
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
-        let new = prepare_container(self.core, &req.type_id, req.server.as_deref(), req.requirements.clone(), None).await?;
+        let new = prepare_container(
+            self.core,
+            &req.type_id,
+            req.server.as_deref(),
+            req.requirements.clone(),
+            None,
+        )
+        .await?;
         let txn = self.core.db().begin().await?;
         let (id, server_id) = insert_container(self.core, &txn, new).await?;
-        self.submit_create(txn, id, json!({ "server_id": server_id }), requested_by).await
+        self.submit_create(txn, id, json!({ "server_id": server_id }), requested_by)
+            .await
     }
 
     /// Creates `count` containers of one type with one `container.create_many` command (the
@@ -354,13 +376,24 @@ impl<'a> ContainerManager<'a> {
         requested_by: &str,
     ) -> Result<CommandId, CoreError> {
         if !(1..=MAX_BATCH).contains(&count) {
-            return Err(CoreError::invalid("count", format!("must be 1-{MAX_BATCH}; submit larger numbers as several batches")));
+            return Err(CoreError::invalid(
+                "count",
+                format!("must be 1-{MAX_BATCH}; submit larger numbers as several batches"),
+            ));
         }
-        let (ty, requirements, server_id) = checked_new(self.core, &req.type_id, req.server.as_deref(), req.requirements.clone()).await?;
+        let (ty, requirements, server_id) = checked_new(
+            self.core,
+            &req.type_id,
+            req.server.as_deref(),
+            req.requirements.clone(),
+        )
+        .await?;
         let text = serde_json::to_string(&requirements).expect("serializable");
         // The rows (and their plugin's initial states) are made before the transaction holds
         // the database connection.
-        let mut rows: Vec<container::ActiveModel> = (0..count).map(|_| creating_row(self.core, &req.type_id, ty.as_ref(), &text, None)).collect();
+        let mut rows: Vec<container::ActiveModel> = (0..count)
+            .map(|_| creating_row(self.core, &req.type_id, ty.as_ref(), &text, None))
+            .collect();
         let txn = self.core.db().begin().await?;
         let command = NewCommand {
             kind: crate::model::CommandKind::ContainerCreateMany,
@@ -368,14 +401,20 @@ impl<'a> ContainerManager<'a> {
             params: json!({ "type": req.type_id, "count": count, "server_id": server_id, "requirements": requirements }),
             requested_by: requested_by.to_string(),
         };
-        let cmd = self.core.queue().enqueue_in(&txn, vec![command], None).await?[0];
+        let cmd = self
+            .core
+            .queue()
+            .enqueue_in(&txn, vec![command], None)
+            .await?[0];
         // Each container is locked by its batch from the start.
         for row in &mut rows {
             row.locked_by = Set(Some(cmd));
         }
         while !rows.is_empty() {
             let chunk: Vec<_> = rows.drain(..rows.len().min(500)).collect();
-            container::Entity::insert_many(chunk).exec_without_returning(&txn).await?;
+            container::Entity::insert_many(chunk)
+                .exec_without_returning(&txn)
+                .await?;
         }
         // Guest ids in the format of `guest_id_for`, in one statement.
         let prefix = format!("{}-c", self.core.platform_name());
@@ -405,7 +444,11 @@ impl<'a> ContainerManager<'a> {
             params,
             requested_by: requested_by.to_string(),
         };
-        let ids = self.core.queue().enqueue_in(&txn, vec![command], None).await?;
+        let ids = self
+            .core
+            .queue()
+            .enqueue_in(&txn, vec![command], None)
+            .await?;
         txn.commit().await?;
         self.core.queue().wake();
         Ok((ids[0], id))
@@ -415,8 +458,17 @@ impl<'a> ContainerManager<'a> {
     /// requirements and disk, with its identity here.
     pub async fn export(&self, id: ContainerId) -> Result<ContainerExport, CoreError> {
         let (driver, server, row) = self.guest(id).await?;
-        check_status(id, parse_status(&row.status), "container export", &[ContainerStatus::Stopped])
-            .map_err(|m| CoreError::Conflict(format!("{m}; stop it first with `cloud48 container stop {id}`")))?;
+        check_status(
+            id,
+            parse_status(&row.status),
+            "container export",
+            &[ContainerStatus::Stopped],
+        )
+        .map_err(|m| {
+            CoreError::Conflict(format!(
+                "{m}; stop it first with `cloud48 container stop {id}`"
+            ))
+        })?;
         let image = driver
             .export(&row.guest_id)
             .await
@@ -438,9 +490,21 @@ impl<'a> ContainerManager<'a> {
     }
 
     /// The driver and server name of a container that is on a server, with its row.
-    async fn guest(&self, id: ContainerId) -> Result<(std::sync::Arc<dyn crate::driver::Driver>, String, container::Model), CoreError> {
+    async fn guest(
+        &self,
+        id: ContainerId,
+    ) -> Result<
+        (
+            std::sync::Arc<dyn crate::driver::Driver>,
+            String,
+            container::Model,
+        ),
+        CoreError,
+    > {
         let row = load_container(self.core.db(), id).await?;
-        let server_id = row.server_id.ok_or_else(|| CoreError::Conflict(format!("container {id} is on no server (yet)")))?;
+        let server_id = row
+            .server_id
+            .ok_or_else(|| CoreError::Conflict(format!("container {id} is on no server (yet)")))?;
         let (driver, server) = self.core.fleet().named_driver(server_id).ok_or_else(|| {
             CoreError::Conflict(format!("server #{server_id} has no driver in this core"))
         })?;
@@ -450,14 +514,24 @@ impl<'a> ContainerManager<'a> {
     /// The recent output (stdout and stderr) of a container's main process.
     pub async fn logs(&self, id: ContainerId) -> Result<String, CoreError> {
         let (driver, server, row) = self.guest(id).await?;
-        driver.logs(&row.guest_id).await.map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))
+        driver
+            .logs(&row.guest_id)
+            .await
+            .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))
     }
 
     /// Runs a command inside a running container (an operator's shell; not a persisted command:
     /// it changes nothing the core keeps). `command[0]` is the program, the rest its arguments.
-    pub async fn exec(&self, id: ContainerId, command: &[String]) -> Result<crate::driver::ExecOutput, CoreError> {
+    pub async fn exec(
+        &self,
+        id: ContainerId,
+        command: &[String],
+    ) -> Result<crate::driver::ExecOutput, CoreError> {
         if command.is_empty() || command[0].is_empty() {
-            return Err(CoreError::invalid("command", "give the program to run and its arguments, e.g. [\"cat\", \"/etc/hostname\"]"));
+            return Err(CoreError::invalid(
+                "command",
+                "give the program to run and its arguments, e.g. [\"cat\", \"/etc/hostname\"]",
+            ));
         }
         let (driver, server, row) = self.guest(id).await?;
         driver
@@ -477,7 +551,11 @@ impl<'a> ContainerManager<'a> {
         if export.format != ContainerExport::FORMAT {
             return Err(CoreError::invalid(
                 "format",
-                format!("export format {} is not supported (this core reads format {})", export.format, ContainerExport::FORMAT),
+                format!(
+                    "export format {} is not supported (this core reads format {})",
+                    export.format,
+                    ContainerExport::FORMAT
+                ),
             ));
         }
         if export.platform == self.core.platform_name() {
@@ -487,18 +565,36 @@ impl<'a> ContainerManager<'a> {
             ));
         }
         if export.guest_id.is_empty() || export.platform.is_empty() {
-            return Err(CoreError::invalid("guest_id", "the export names no origin platform or guest id"));
+            return Err(CoreError::invalid(
+                "guest_id",
+                "the export names no origin platform or guest id",
+            ));
         }
-        let state = hex::decode(&export.state_hex).map_err(|e| CoreError::invalid("state_hex", format!("not hex: {e}")))?;
-        let disk = hex::decode(&export.disk_hex).map_err(|e| CoreError::invalid("disk_hex", format!("not hex: {e}")))?;
+        let state = hex::decode(&export.state_hex)
+            .map_err(|e| CoreError::invalid("state_hex", format!("not hex: {e}")))?;
+        let disk = hex::decode(&export.disk_hex)
+            .map_err(|e| CoreError::invalid("disk_hex", format!("not hex: {e}")))?;
         if crate::driver::remote::is_reference(&disk) {
-            return Err(CoreError::invalid("disk_hex", "is a reference to an agent's export, not a disk; export the container again with `cloud48 container export`"));
+            return Err(CoreError::invalid(
+                "disk_hex",
+                "is a reference to an agent's export, not a disk; export the container again with `cloud48 container export`",
+            ));
         }
-        let new = prepare_container(self.core, &export.type_id, None, Some(export.requirements.clone()), None).await?;
+        let new = prepare_container(
+            self.core,
+            &export.type_id,
+            None,
+            Some(export.requirements.clone()),
+            None,
+        )
+        .await?;
         let txn = self.core.db().begin().await?;
         let (id, _) = insert_container(self.core, &txn, new).await?;
         container::Entity::update_many()
-            .col_expr(container::Column::State, sea_orm::sea_query::Expr::val(state).into())
+            .col_expr(
+                container::Column::State,
+                sea_orm::sea_query::Expr::val(state),
+            )
             .filter(container::Column::Id.eq(id))
             .exec(&txn)
             .await?;
@@ -512,8 +608,17 @@ impl<'a> ContainerManager<'a> {
         }
         .insert(&txn)
         .await?;
-        let image = crate::driver::GuestImage { type_id: export.type_id.clone(), data: disk };
-        self.submit_create(txn, id, json!({ "image": image, "start": false }), requested_by).await
+        let image = crate::driver::GuestImage {
+            type_id: export.type_id.clone(),
+            data: disk,
+        };
+        self.submit_create(
+            txn,
+            id,
+            json!({ "image": image, "start": false }),
+            requested_by,
+        )
+        .await
     }
 
     /// Containers matching `query`, by id.
@@ -527,10 +632,10 @@ impl<'a> ContainerManager<'a> {
         if let Some(s) = query.status {
             q = q.filter(container::Column::Status.eq(s.as_str()));
         } else if !query.all {
-            q = q.filter(
-                container::Column::Status
-                    .is_not_in([ContainerStatus::Destroyed.as_str(), ContainerStatus::Failed.as_str()]),
-            );
+            q = q.filter(container::Column::Status.is_not_in([
+                ContainerStatus::Destroyed.as_str(),
+                ContainerStatus::Failed.as_str(),
+            ]));
         }
         if let Some(name) = &query.server {
             let s = server_by_name(db, "server", name).await?;
@@ -569,7 +674,10 @@ impl<'a> ContainerManager<'a> {
         for row in rows {
             if let Some(server_id) = row.server_id {
                 let Some((driver, name)) = self.core.fleet().named_driver(server_id) else {
-                    kept.push(format!("container {}: server #{server_id} has no driver in this core", row.id));
+                    kept.push(format!(
+                        "container {}: server #{server_id} has no driver in this core",
+                        row.id
+                    ));
                     continue;
                 };
                 if let Err(e) = driver.destroy(&row.guest_id).await {
@@ -597,8 +705,12 @@ impl<'a> ContainerManager<'a> {
             origin_identity::Entity::delete_many()
                 .filter(origin_identity::Column::ContainerId.is_in(chunk.iter().copied()))
                 .filter(
-                    origin_identity::Column::ContainerId
-                        .not_in_subquery(sea_orm::sea_query::Query::select().column(container::Column::Id).from(container::Entity).to_owned()),
+                    origin_identity::Column::ContainerId.not_in_subquery(
+                        sea_orm::sea_query::Query::select()
+                            .column(container::Column::Id)
+                            .from(container::Entity)
+                            .to_owned(),
+                    ),
                 )
                 .exec(&txn)
                 .await?;
@@ -667,8 +779,17 @@ impl<'a> ContainerManager<'a> {
 
 /// A one-line title of a script: its first `# cloud48:` comment, else its first line.
 fn script_title(script: &str) -> String {
-    let first = script.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default();
-    first.strip_prefix("# cloud48:").map_or(first, str::trim).chars().take(120).collect()
+    let first = script
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or_default();
+    first
+        .strip_prefix("# cloud48:")
+        .map_or(first, str::trim)
+        .chars()
+        .take(120)
+        .collect()
 }
 
 /// Inserts a container row in status `creating` (validating type, server and requirements);
@@ -703,10 +824,23 @@ async fn checked_new(
     type_id: &str,
     server: Option<&str>,
     requirements: Option<Requirements>,
-) -> Result<(std::sync::Arc<dyn crate::types::ContainerType>, Requirements, Option<ServerId>), CoreError> {
-    let ty = core.types().require(type_id).map_err(|m| CoreError::invalid("type", m))?;
+) -> Result<
+    (
+        std::sync::Arc<dyn crate::types::ContainerType>,
+        Requirements,
+        Option<ServerId>,
+    ),
+    CoreError,
+> {
+    let ty = core
+        .types()
+        .require(type_id)
+        .map_err(|m| CoreError::invalid("type", m))?;
     let requirements = requirements.unwrap_or_else(|| ty.default_requirements());
-    requirements.resources.validate().map_err(|m| CoreError::invalid("requirements", m))?;
+    requirements
+        .resources
+        .validate()
+        .map_err(|m| CoreError::invalid("requirements", m))?;
     let server_id = match server {
         Some(name) => Some(server_by_name(core.db(), "server", name).await?.id),
         None => None,
@@ -926,7 +1060,11 @@ impl<'a> EnvironmentManager<'a> {
         }
         .insert(&txn)
         .await?;
-        let ids = self.core.queue().enqueue_in(&txn, vec![make(env.id)], None).await?;
+        let ids = self
+            .core
+            .queue()
+            .enqueue_in(&txn, vec![make(env.id)], None)
+            .await?;
         txn.commit().await?;
         self.core.queue().wake();
         Ok((ids[0], env.id))
@@ -1070,7 +1208,11 @@ impl<'a> EnvironmentManager<'a> {
 
     /// Unlocks environment `id` if `cmd` holds it.
     pub async fn put(&self, id: EnvironmentId, cmd: CommandId) -> Result<(), CoreError> {
-        Ok(self.core.queue().unlock(Target::Environment(id), cmd).await?)
+        Ok(self
+            .core
+            .queue()
+            .unlock(Target::Environment(id), cmd)
+            .await?)
     }
 }
 
@@ -1099,7 +1241,10 @@ impl<'a> ServerManager<'a> {
     pub async fn list(&self) -> Result<Vec<Server>, CoreError> {
         use sea_orm::QuerySelect;
         let db = self.core.db();
-        let rows = server::Entity::find().order_by_asc(server::Column::Id).all(db).await?;
+        let rows = server::Entity::find()
+            .order_by_asc(server::Column::Id)
+            .all(db)
+            .await?;
         let dummies: HashMap<i64, i64> = crate::entities::dummy::Entity::find()
             .select_only()
             .column(crate::entities::dummy::Column::ServerId)
@@ -1163,9 +1308,15 @@ impl<'a> ServerManager<'a> {
         }
         let ids = self.core.queue().enqueue_in(&txn, commands, None).await?;
         txn.commit().await?;
-        self.core.placement().set_status(s.id, s.status == "up", true);
+        self.core
+            .placement()
+            .set_status(s.id, s.status == "up", true);
         self.core.queue().wake();
-        Ok(DrainReport { server: s.name, commands: ids, skipped })
+        Ok(DrainReport {
+            server: s.name,
+            commands: ids,
+            skipped,
+        })
     }
 
     /// Ends a drain: placement may use the server again.
@@ -1194,7 +1345,10 @@ impl<'a> ServerManager<'a> {
         Ok(())
     }
 
-    async fn sim(&self, key: &str) -> Result<std::sync::Arc<crate::driver::sim::SimServer>, CoreError> {
+    async fn sim(
+        &self,
+        key: &str,
+    ) -> Result<std::sync::Arc<crate::driver::sim::SimServer>, CoreError> {
         let s = server_by_name(self.core.db(), "server", key).await?;
         self.core.fleet().sim(s.id).ok_or_else(|| {
             CoreError::Conflict(format!(

@@ -33,8 +33,7 @@ use std::time::Instant;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait,
-    QueryFilter, QueryOrder, Set, TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
 };
 
 use crate::entities::{container, dummy, server};
@@ -64,7 +63,11 @@ pub struct Weights {
 
 impl Default for Weights {
     fn default() -> Self {
-        Weights { cpu: 1.0, memory: 1.0, disk: 0.5 }
+        Weights {
+            cpu: 1.0,
+            memory: 1.0,
+            disk: 0.5,
+        }
     }
 }
 
@@ -114,7 +117,11 @@ impl Candidate {
 /// Resources from database figures (negative ones read as zero).
 fn resources(cpu_millis: i64, memory_mb: i64, disk_mb: i64) -> Resources {
     let n = |v: i64| v.max(0) as u64;
-    Resources { cpu_millis: n(cpu_millis), memory_mb: n(memory_mb), disk_mb: n(disk_mb) }
+    Resources {
+        cpu_millis: n(cpu_millis),
+        memory_mb: n(memory_mb),
+        disk_mb: n(disk_mb),
+    }
 }
 
 /// Capacity of a server row.
@@ -130,10 +137,19 @@ pub fn allocated_of(s: &server::Model) -> Resources {
 /// Score of placing `need` on `c` (higher is better); see the module documentation.
 pub fn score(c: &Candidate, need: &Resources, w: &Weights) -> f64 {
     let share = |cap: u64, used: u64, need: u64| {
-        if cap == 0 { 0.0 } else { cap.saturating_sub(used + need) as f64 / cap as f64 }
+        if cap == 0 {
+            0.0
+        } else {
+            cap.saturating_sub(used + need) as f64 / cap as f64
+        }
     };
     let total = w.cpu + w.memory + w.disk;
-    let sum = w.cpu * share(c.capacity.cpu_millis, c.allocated.cpu_millis, need.cpu_millis)
+    let sum = w.cpu
+        * share(
+            c.capacity.cpu_millis,
+            c.allocated.cpu_millis,
+            need.cpu_millis,
+        )
         + w.memory * share(c.capacity.memory_mb, c.allocated.memory_mb, need.memory_mb)
         + w.disk * share(c.capacity.disk_mb, c.allocated.disk_mb, need.disk_mb);
     if total > 0.0 { sum / total } else { 0.0 }
@@ -154,7 +170,11 @@ pub fn decide(
     let need = &req.resources;
     let mut best: Option<(f64, ServerId)> = None;
     for c in servers {
-        if !c.placeable() || avoid.contains(&c.id) || !has_labels(c, req) || !need.fits_in(&c.free()) {
+        if !c.placeable()
+            || avoid.contains(&c.id)
+            || !has_labels(c, req)
+            || !need.fits_in(&c.free())
+        {
             continue;
         }
         let s = score(c, need, w);
@@ -162,7 +182,8 @@ pub fn decide(
             best = Some((s, c.id));
         }
     }
-    best.map(|(_, id)| id).ok_or_else(|| no_fit_reason(servers, req, avoid))
+    best.map(|(_, id)| id)
+        .ok_or_else(|| no_fit_reason(servers, req, avoid))
 }
 
 /// Names the first requirement that eliminated every server.
@@ -171,7 +192,10 @@ fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<Serv
     if placeable.is_empty() {
         return "no server is up and accepting containers (not draining)".into();
     }
-    let allowed: Vec<_> = placeable.into_iter().filter(|c| !avoid.contains(&c.id)).collect();
+    let allowed: Vec<_> = placeable
+        .into_iter()
+        .filter(|c| !avoid.contains(&c.id))
+        .collect();
     if allowed.is_empty() {
         return if req.spread {
             "every server that is up already runs a container of the same type in this environment (spread)".into()
@@ -181,13 +205,28 @@ fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<Serv
     }
     let labelled: Vec<_> = allowed.into_iter().filter(|c| has_labels(c, req)).collect();
     if labelled.is_empty() {
-        return format!("no server that is up carries the labels [{}]", req.labels.join(", "));
+        return format!(
+            "no server that is up carries the labels [{}]",
+            req.labels.join(", ")
+        );
     }
     let r = &req.resources;
     for (figure, need, have) in [
-        ("cpu_millis", r.cpu_millis, labelled.iter().map(|c| c.free().cpu_millis).max()),
-        ("memory_mb", r.memory_mb, labelled.iter().map(|c| c.free().memory_mb).max()),
-        ("disk_mb", r.disk_mb, labelled.iter().map(|c| c.free().disk_mb).max()),
+        (
+            "cpu_millis",
+            r.cpu_millis,
+            labelled.iter().map(|c| c.free().cpu_millis).max(),
+        ),
+        (
+            "memory_mb",
+            r.memory_mb,
+            labelled.iter().map(|c| c.free().memory_mb).max(),
+        ),
+        (
+            "disk_mb",
+            r.disk_mb,
+            labelled.iter().map(|c| c.free().disk_mb).max(),
+        ),
     ] {
         let have = have.unwrap_or(0);
         if need > have {
@@ -213,7 +252,10 @@ pub struct PlacementCache {
 impl PlacementCache {
     /// A cache scoring with `weights`.
     pub fn new(weights: Weights) -> Self {
-        PlacementCache { weights: RwLock::new(weights), ..Default::default() }
+        PlacementCache {
+            weights: RwLock::new(weights),
+            ..Default::default()
+        }
     }
 
     /// A cache of the given servers (for tools and tests that need no database).
@@ -226,7 +268,10 @@ impl PlacementCache {
 
     /// Reloads every server.
     pub async fn refresh_all<C: ConnectionTrait>(&self, conn: &C) -> Result<(), DbErr> {
-        let rows = server::Entity::find().order_by_asc(server::Column::Id).all(conn).await?;
+        let rows = server::Entity::find()
+            .order_by_asc(server::Column::Id)
+            .all(conn)
+            .await?;
         let list: Vec<Candidate> = rows.iter().map(Candidate::from_row).collect();
         let index = list.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
         *self.servers.write().unwrap() = (list, index);
@@ -278,7 +323,11 @@ impl PlacementCache {
     }
 
     /// Chooses a server (see `decide`).
-    pub fn decide(&self, req: &Requirements, avoid: &HashSet<ServerId>) -> Result<ServerId, String> {
+    pub fn decide(
+        &self,
+        req: &Requirements,
+        avoid: &HashSet<ServerId>,
+    ) -> Result<ServerId, String> {
         let started = self.timing.load(Ordering::Relaxed).then(Instant::now);
         let w = *self.weights.read().unwrap();
         let out = decide(&self.servers.read().unwrap().0, req, avoid, &w);
@@ -383,9 +432,21 @@ pub async fn claim<C: ConnectionTrait>(
         .col_expr(S::AllocDiskMb, Expr::col(S::AllocDiskMb).add(disk))
         .col_expr(S::AllocContainers, Expr::col(S::AllocContainers).add(count))
         .filter(S::Id.eq(server_id))
-        .filter(Expr::col(S::AllocCpuMillis).add(cpu).lte(Expr::col(S::CpuMillis)))
-        .filter(Expr::col(S::AllocMemoryMb).add(mem).lte(Expr::col(S::MemoryMb)))
-        .filter(Expr::col(S::AllocDiskMb).add(disk).lte(Expr::col(S::DiskMb)));
+        .filter(
+            Expr::col(S::AllocCpuMillis)
+                .add(cpu)
+                .lte(Expr::col(S::CpuMillis)),
+        )
+        .filter(
+            Expr::col(S::AllocMemoryMb)
+                .add(mem)
+                .lte(Expr::col(S::MemoryMb)),
+        )
+        .filter(
+            Expr::col(S::AllocDiskMb)
+                .add(disk)
+                .lte(Expr::col(S::DiskMb)),
+        );
     if placeable {
         q = q.filter(S::Status.eq("up")).filter(S::Draining.eq(false));
     }
@@ -402,7 +463,17 @@ pub async fn claim_many(
     for chunk in claims.chunks(crate::queue::store::GROUP_CHUNK) {
         let rows: Vec<_> = chunk
             .iter()
-            .map(|(server, r, count)| [*server, r.cpu_millis as i64, r.memory_mb as i64, r.disk_mb as i64, *count].map(serde_json::Value::from).to_vec())
+            .map(|(server, r, count)| {
+                [
+                    *server,
+                    r.cpu_millis as i64,
+                    r.memory_mb as i64,
+                    r.disk_mb as i64,
+                    *count,
+                ]
+                .map(serde_json::Value::from)
+                .to_vec()
+            })
             .collect();
         let (v, params) = crate::queue::store::rows_source(txn, &["BIGINT"; 5], rows, 1);
         let text = format!(
@@ -416,7 +487,12 @@ pub async fn claim_many(
         );
         // Usually every claim holds; otherwise undo the chunk and claim server by server.
         let sp = txn.begin().await?;
-        if sp.execute_raw(crate::queue::store::sql(&sp, &text, params)).await?.rows_affected() == chunk.len() as u64 {
+        if sp
+            .execute_raw(crate::queue::store::sql(&sp, &text, params))
+            .await?
+            .rows_affected()
+            == chunk.len() as u64
+        {
             sp.commit().await?;
             held.extend(chunk.iter().map(|c| c.0));
             continue;
@@ -467,8 +543,14 @@ pub async fn reserve_growth(
     if !claim(txn, server_id, grow, 1, false).await? {
         return Ok(None);
     }
-    let dummy_id = dummy_row(server_id, container_id, Some(command_id), grow, deadline).insert(txn).await?.id;
-    Ok(Some(Reservation { server_id, dummy_id }))
+    let dummy_id = dummy_row(server_id, container_id, Some(command_id), grow, deadline)
+        .insert(txn)
+        .await?
+        .id;
+    Ok(Some(Reservation {
+        server_id,
+        dummy_id,
+    }))
 }
 
 /// The container now has its new size: the growth dummy (if any) gives its reservation to the
@@ -482,7 +564,12 @@ pub async fn settle_resize(
     shrink: &Resources,
 ) -> Result<bool, DbErr> {
     if let Some(r) = growth {
-        if dummy::Entity::delete_by_id(r.dummy_id).exec(txn).await?.rows_affected == 1 {
+        if dummy::Entity::delete_by_id(r.dummy_id)
+            .exec(txn)
+            .await?
+            .rows_affected
+            == 1
+        {
             // The dummy counted as a container of the server; the container is counted already.
             release(txn, server_id, &Resources::default(), 1).await?;
         } else if !claim(txn, server_id, grow, 0, false).await? {
@@ -531,13 +618,18 @@ pub async fn place(
     for _ in 0..32 {
         let server_id = match req.server {
             Some(s) => s,
-            None => cache.decide(req.requirements, &avoid).map_err(PlacementError::NoFit)?,
+            None => cache
+                .decide(req.requirements, &avoid)
+                .map_err(PlacementError::NoFit)?,
         };
         // A failed conditional update changes nothing, so no savepoint is needed.
         if claim(txn, server_id, &need, 1, true).await? {
             let dummy_id = insert_dummy(txn, server_id, &req, &need).await?;
             cache.apply(server_id, &need, 1, 1);
-            return Ok(Reservation { server_id, dummy_id });
+            return Ok(Reservation {
+                server_id,
+                dummy_id,
+            });
         }
         cache.refresh(txn, server_id).await?;
         if req.server.is_some() {
@@ -548,7 +640,9 @@ pub async fn place(
         }
         avoid.insert(server_id);
     }
-    Err(PlacementError::NoFit("every fitting server filled up while placing; try again".into()))
+    Err(PlacementError::NoFit(
+        "every fitting server filled up while placing; try again".into(),
+    ))
 }
 
 async fn insert_dummy(
@@ -557,11 +651,26 @@ async fn insert_dummy(
     req: &PlaceRequest<'_>,
     need: &Resources,
 ) -> Result<i64, DbErr> {
-    Ok(dummy_row(server_id, req.container_id, req.command_id, need, req.deadline).insert(txn).await?.id)
+    Ok(dummy_row(
+        server_id,
+        req.container_id,
+        req.command_id,
+        need,
+        req.deadline,
+    )
+    .insert(txn)
+    .await?
+    .id)
 }
 
 /// A dummy reserving `need` on `server_id` for `container_id` until `deadline`.
-pub fn dummy_row(server_id: ServerId, container_id: ContainerId, command_id: Option<i64>, need: &Resources, deadline: i64) -> dummy::ActiveModel {
+pub fn dummy_row(
+    server_id: ServerId,
+    container_id: ContainerId,
+    command_id: Option<i64>,
+    need: &Resources,
+    deadline: i64,
+) -> dummy::ActiveModel {
     dummy::ActiveModel {
         server_id: Set(server_id),
         container_id: Set(container_id),
@@ -583,7 +692,10 @@ pub async fn fill<C: ConnectionTrait>(
     r: Reservation,
     need: &Resources,
 ) -> Result<bool, DbErr> {
-    let deleted = dummy::Entity::delete_by_id(r.dummy_id).exec(conn).await?.rows_affected;
+    let deleted = dummy::Entity::delete_by_id(r.dummy_id)
+        .exec(conn)
+        .await?
+        .rows_affected;
     if deleted == 1 {
         return Ok(true);
     }
@@ -595,7 +707,12 @@ pub async fn drop_dummy<C: ConnectionTrait>(conn: &C, dummy_id: i64) -> Result<b
     let Some(d) = dummy::Entity::find_by_id(dummy_id).one(conn).await? else {
         return Ok(false);
     };
-    if dummy::Entity::delete_by_id(d.id).exec(conn).await?.rows_affected == 0 {
+    if dummy::Entity::delete_by_id(d.id)
+        .exec(conn)
+        .await?
+        .rows_affected
+        == 0
+    {
         return Ok(false);
     }
     release(conn, d.server_id, &dummy_resources(&d), 1).await?;
@@ -613,7 +730,9 @@ pub fn requirements_of(row: &container::Model) -> Requirements {
 }
 
 /// What the counters of every server should be, recomputed from containers and dummies.
-async fn recompute<C: ConnectionTrait>(conn: &C) -> Result<HashMap<ServerId, (Resources, u64)>, DbErr> {
+async fn recompute<C: ConnectionTrait>(
+    conn: &C,
+) -> Result<HashMap<ServerId, (Resources, u64)>, DbErr> {
     let mut used: HashMap<ServerId, (Resources, u64)> = HashMap::new();
     let live = container::Entity::find()
         .filter(container::Column::ServerId.is_not_null())
@@ -641,7 +760,11 @@ async fn recompute<C: ConnectionTrait>(conn: &C) -> Result<HashMap<ServerId, (Re
 pub async fn audit<C: ConnectionTrait>(conn: &C) -> Result<Vec<String>, DbErr> {
     let used = recompute(conn).await?;
     let mut out = Vec::new();
-    for s in server::Entity::find().order_by_asc(server::Column::Id).all(conn).await? {
+    for s in server::Entity::find()
+        .order_by_asc(server::Column::Id)
+        .all(conn)
+        .await?
+    {
         let (want, count) = used.get(&s.id).copied().unwrap_or_default();
         let have = allocated_of(&s);
         if have != want || s.alloc_containers != count as i64 || s.alloc_cpu_millis < 0 {
@@ -662,7 +785,8 @@ pub async fn reconcile(db: &DatabaseConnection) -> Result<usize, DbErr> {
     let mut fixed = 0;
     for s in server::Entity::find().all(&txn).await? {
         let (want, count) = used.get(&s.id).copied().unwrap_or_default();
-        if allocated_of(&s) == want && s.alloc_containers == count as i64 && s.alloc_cpu_millis >= 0 {
+        if allocated_of(&s) == want && s.alloc_containers == count as i64 && s.alloc_cpu_millis >= 0
+        {
             continue;
         }
         let mut am: server::ActiveModel = s.into();

@@ -15,7 +15,9 @@ pub const REBALANCER: &str = "rebalancer";
 
 /// Memory utilisation of a server in percent.
 fn utilisation(c: &crate::placement::Candidate) -> u64 {
-    (c.allocated.memory_mb * 100).checked_div(c.capacity.memory_mb).unwrap_or(0)
+    (c.allocated.memory_mb * 100)
+        .checked_div(c.capacity.memory_mb)
+        .unwrap_or(0)
 }
 
 impl Core {
@@ -27,16 +29,31 @@ impl Core {
         }
         let unfinished = command::Entity::find()
             .filter(command::Column::RequestedBy.eq(REBALANCER))
-            .filter(command::Column::Status.is_in(
-                [CommandStatus::Queued, CommandStatus::Running, CommandStatus::Waiting].map(|s| s.as_str()),
-            ))
+            .filter(
+                command::Column::Status.is_in(
+                    [
+                        CommandStatus::Queued,
+                        CommandStatus::Running,
+                        CommandStatus::Waiting,
+                    ]
+                    .map(|s| s.as_str()),
+                ),
+            )
             .count(self.db())
             .await?;
         if unfinished > 0 {
             return Ok(Vec::new());
         }
-        let servers: Vec<_> = self.placement().snapshot().into_iter().filter(|c| c.up && !c.draining).collect();
-        let (Some(full), Some(empty)) = (servers.iter().max_by_key(|c| utilisation(c)), servers.iter().min_by_key(|c| utilisation(c))) else {
+        let servers: Vec<_> = self
+            .placement()
+            .snapshot()
+            .into_iter()
+            .filter(|c| c.up && !c.draining)
+            .collect();
+        let (Some(full), Some(empty)) = (
+            servers.iter().max_by_key(|c| utilisation(c)),
+            servers.iter().min_by_key(|c| utilisation(c)),
+        ) else {
             return Ok(Vec::new());
         };
         if utilisation(full) - utilisation(empty) <= h.rebalance_spread {
@@ -44,7 +61,10 @@ impl Core {
         }
         let movable = container::Entity::find()
             .filter(container::Column::ServerId.eq(full.id))
-            .filter(container::Column::Status.is_in([ContainerStatus::Running.as_str(), ContainerStatus::Stopped.as_str()]))
+            .filter(container::Column::Status.is_in([
+                ContainerStatus::Running.as_str(),
+                ContainerStatus::Stopped.as_str(),
+            ]))
             .filter(container::Column::LockedBy.is_null())
             .order_by_asc(container::Column::Id)
             .all(self.db())

@@ -16,7 +16,9 @@ fn camel(name: &str) -> String {
     name.split('-')
         .map(|p| {
             let mut c = p.chars();
-            c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
         })
         .collect()
 }
@@ -128,14 +130,18 @@ pub fn new_plugin(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Res
         None => {
             let built_with = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk"));
             if !built_with.join("Cargo.toml").exists() {
-                bail!("cannot find the cloud48-sdk crate: pass --sdk PATH (or set CLOUD48_SDK_PATH)");
+                bail!(
+                    "cannot find the cloud48-sdk crate: pass --sdk PATH (or set CLOUD48_SDK_PATH)"
+                );
             }
             built_with
         }
     };
-    let sdk = std::fs::canonicalize(&sdk).with_context(|| format!("cannot find the SDK at {}", sdk.display()))?;
+    let sdk = std::fs::canonicalize(&sdk)
+        .with_context(|| format!("cannot find the SDK at {}", sdk.display()))?;
     let sdk_text = sdk.to_str().context("the SDK path is not UTF-8")?;
-    std::fs::create_dir_all(dir.join("src")).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("src"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
     for (file, template) in [
         ("Cargo.toml", CARGO),
         ("rust-toolchain.toml", TOOLCHAIN),
@@ -153,6 +159,9 @@ pub fn new_plugin(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Res
         "  cloud48 plugin test target/wasm32-wasip2/release/cloud48_plugin_{}.wasm scenario.toml",
         name.replace('-', "_")
     );
-    println!("  cloud48 plugin install target/wasm32-wasip2/release/cloud48_plugin_{}.wasm", name.replace('-', "_"));
+    println!(
+        "  cloud48 plugin install target/wasm32-wasip2/release/cloud48_plugin_{}.wasm",
+        name.replace('-', "_")
+    );
     Ok(())
 }

@@ -23,7 +23,12 @@ impl MigrationTrait for Migration {
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
-            .drop_index(Index::drop().name("commands_by_target").table("commands").to_owned())
+            .drop_index(
+                Index::drop()
+                    .name("commands_by_target")
+                    .table("commands")
+                    .to_owned(),
+            )
             .await
     }
 }

@@ -18,7 +18,12 @@ impl MigrationTrait for Migration {
             boolean("draining").default(false).to_owned(),
         ] {
             manager
-                .alter_table(Table::alter().table("servers").add_column(column).to_owned())
+                .alter_table(
+                    Table::alter()
+                        .table("servers")
+                        .add_column(column)
+                        .to_owned(),
+                )
                 .await?;
         }
         manager
@@ -39,7 +44,11 @@ impl MigrationTrait for Migration {
             .await?;
         manager
             .create_index(
-                Index::create().name("dummies_by_server").table("dummies").col("server_id").to_owned(),
+                Index::create()
+                    .name("dummies_by_server")
+                    .table("dummies")
+                    .col("server_id")
+                    .to_owned(),
             )
             .await?;
         manager
@@ -54,6 +63,8 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_table(Table::drop().table("dummies").to_owned()).await
+        manager
+            .drop_table(Table::drop().table("dummies").to_owned())
+            .await
     }
 }

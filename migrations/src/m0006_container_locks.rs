@@ -9,11 +9,24 @@ pub struct Migration;
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
-            .create_index(Index::create().name("containers_by_lock").table("containers").col("locked_by").to_owned())
+            .create_index(
+                Index::create()
+                    .name("containers_by_lock")
+                    .table("containers")
+                    .col("locked_by")
+                    .to_owned(),
+            )
             .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_index(Index::drop().name("containers_by_lock").table("containers").to_owned()).await
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("containers_by_lock")
+                    .table("containers")
+                    .to_owned(),
+            )
+            .await
     }
 }

@@ -10,11 +10,24 @@ pub struct Migration;
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         manager
-            .create_index(Index::create().name("dummies_by_command").table("dummies").col("command_id").to_owned())
+            .create_index(
+                Index::create()
+                    .name("dummies_by_command")
+                    .table("dummies")
+                    .col("command_id")
+                    .to_owned(),
+            )
             .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_index(Index::drop().name("dummies_by_command").table("dummies").to_owned()).await
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("dummies_by_command")
+                    .table("dummies")
+                    .to_owned(),
+            )
+            .await
     }
 }

@@ -48,11 +48,11 @@ pub mod testing;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-use bindings::exports::cloud48::container::hooks::Guest;
 pub use bindings::cloud48::container::types::{
     Action, Context, DownCause, Environment, ExecRequest, Member, Metadata, Outcome, Resources,
     Status, Verdict,
 };
+use bindings::exports::cloud48::container::hooks::Guest;
 
 /// The version of the WIT contract this SDK builds plugins for.
 pub const WIT_VERSION: &str = "0.1.0";
@@ -140,18 +140,30 @@ impl Metadata {
 impl Resources {
     /// CPU in thousandths of a core, memory and disk in MiB.
     pub fn new(cpu_millis: u64, memory_mb: u64, disk_mb: u64) -> Self {
-        Resources { cpu_millis, memory_mb, disk_mb }
+        Resources {
+            cpu_millis,
+            memory_mb,
+            disk_mb,
+        }
     }
 }
 
 impl Outcome {
     /// Allow, no actions, state unchanged.
     pub fn allow() -> Self {
-        Outcome { verdict: Verdict::Allow, actions: Vec::new(), new_state: None }
+        Outcome {
+            verdict: Verdict::Allow,
+            actions: Vec::new(),
+            new_state: None,
+        }
     }
     /// Deny with a reason the user sees.
     pub fn deny(reason: impl Into<String>) -> Self {
-        Outcome { verdict: Verdict::Deny(reason.into()), actions: Vec::new(), new_state: None }
+        Outcome {
+            verdict: Verdict::Deny(reason.into()),
+            actions: Vec::new(),
+            new_state: None,
+        }
     }
     /// Adds an action.
     pub fn with_action(mut self, action: Action) -> Self {
@@ -187,7 +199,10 @@ impl Action {
 impl Context {
     /// Members whose type name (before `@`) is `name`.
     pub fn members_of_type<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Member> + 'a {
-        self.environment.members.iter().filter(move |m| type_name(&m.type_id) == name)
+        self.environment
+            .members
+            .iter()
+            .filter(move |m| type_name(&m.type_id) == name)
     }
     /// The state parsed as JSON, or `T::default()` when empty or unreadable.
     pub fn json_state<T: serde::de::DeserializeOwned + Default>(&self) -> T {
@@ -256,7 +271,7 @@ macro_rules! export_container_type {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             type Cloud48Plugin = $crate::Export<$t>;
-            $crate::bindings::export_world!(Cloud48Plugin with_types_in $crate::bindings);
+    $crate::bindings::export_world!(Cloud48Plugin with_types_in $crate::bindings);
         };
     };
 }

@@ -8,7 +8,10 @@
 
 use std::collections::BTreeMap;
 
-use crate::{Action, Context, ContainerType, DownCause, Environment, Member, Metadata, Outcome, Status, Verdict};
+use crate::{
+    Action, ContainerType, Context, DownCause, Environment, Member, Metadata, Outcome, Status,
+    Verdict,
+};
 
 /// One hook call, as the platform sees it.
 #[derive(Debug, Clone)]
@@ -96,13 +99,22 @@ impl Hooks for NativeHooks {
         self.types.get(type_name).map(|t| t.metadata())
     }
     fn initial_state(&self, type_name: &str) -> Result<Vec<u8>, String> {
-        self.types.get(type_name).map(|t| t.initial_state()).ok_or_else(|| format!("unknown type {type_name}"))
+        self.types
+            .get(type_name)
+            .map(|t| t.initial_state())
+            .ok_or_else(|| format!("unknown type {type_name}"))
     }
     fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<Outcome, String> {
-        self.types.get(type_name).map(|t| t.call(call, ctx)).ok_or_else(|| format!("unknown type {type_name}"))
+        self.types
+            .get(type_name)
+            .map(|t| t.call(call, ctx))
+            .ok_or_else(|| format!("unknown type {type_name}"))
     }
     fn inspect(&self, type_name: &str, state: &[u8]) -> Result<String, String> {
-        self.types.get(type_name).map(|t| t.inspect(state)).ok_or_else(|| format!("unknown type {type_name}"))
+        self.types
+            .get(type_name)
+            .map(|t| t.inspect(state))
+            .ok_or_else(|| format!("unknown type {type_name}"))
     }
 }
 
@@ -181,13 +193,24 @@ impl<H: Hooks> Platform<H> {
 
     /// Ids of the members of a type.
     pub fn ids_of(&self, type_name: &str) -> Vec<i64> {
-        self.members().into_iter().filter(|m| crate::type_name(&m.type_id) == type_name).map(|m| m.id).collect()
+        self.members()
+            .into_iter()
+            .filter(|m| crate::type_name(&m.type_id) == type_name)
+            .map(|m| m.id)
+            .collect()
     }
 
     /// The state of a member as its plugin's JSON.
     pub fn inspect(&self, id: i64) -> serde_json::Value {
-        let slot = self.members.iter().find(|s| s.member.id == id).expect("member exists");
-        let text = self.hooks.inspect(crate::type_name(&slot.member.type_id), &slot.state).expect("inspect works");
+        let slot = self
+            .members
+            .iter()
+            .find(|s| s.member.id == id)
+            .expect("member exists");
+        let text = self
+            .hooks
+            .inspect(crate::type_name(&slot.member.type_id), &slot.state)
+            .expect("inspect works");
         serde_json::from_str(&text).expect("inspect returns JSON")
     }
 
@@ -195,7 +218,11 @@ impl<H: Hooks> Platform<H> {
         let (container, state) = match new {
             Some((m, s)) => (m.clone(), s.to_vec()),
             None => {
-                let slot = self.members.iter().find(|s| s.member.id == id).expect("member exists");
+                let slot = self
+                    .members
+                    .iter()
+                    .find(|s| s.member.id == id)
+                    .expect("member exists");
                 (slot.member.clone(), slot.state.clone())
             }
         };
@@ -210,14 +237,26 @@ impl<H: Hooks> Platform<H> {
         }
     }
 
-    fn run(&mut self, member: &Member, call: Call<'_>, new: Option<&[u8]>) -> Result<Outcome, String> {
+    fn run(
+        &mut self,
+        member: &Member,
+        call: Call<'_>,
+        new: Option<&[u8]>,
+    ) -> Result<Outcome, String> {
         let ctx = self.context(member.id, new.map(|s| (member, s)));
-        self.log.push(format!("{}#{}:{}", crate::type_name(&member.type_id), member.id, hook_name(&call)));
-        let outcome = self.hooks.call(crate::type_name(&member.type_id), &call, &ctx)?;
-        if let Some(s) = &outcome.new_state {
-            if let Some(slot) = self.members.iter_mut().find(|s| s.member.id == member.id) {
-                slot.state = s.clone();
-            }
+        self.log.push(format!(
+            "{}#{}:{}",
+            crate::type_name(&member.type_id),
+            member.id,
+            hook_name(&call)
+        ));
+        let outcome = self
+            .hooks
+            .call(crate::type_name(&member.type_id), &call, &ctx)?;
+        if let Some(s) = &outcome.new_state
+            && let Some(slot) = self.members.iter_mut().find(|s| s.member.id == member.id)
+        {
+            slot.state = s.clone();
         }
         Ok(outcome)
     }
@@ -231,9 +270,16 @@ impl<H: Hooks> Platform<H> {
                 Action::RemoveContainer(id) => self.remove(id)?,
                 Action::Exec(e) => {
                     if !self.members.iter().any(|s| s.member.id == e.container) {
-                        return Err(format!("exec in container {} that is not a member", e.container));
+                        return Err(format!(
+                            "exec in container {} that is not a member",
+                            e.container
+                        ));
                     }
-                    self.execs.push(Exec { container: e.container, script: e.script, args: e.args });
+                    self.execs.push(Exec {
+                        container: e.container,
+                        script: e.script,
+                        args: e.args,
+                    });
                 }
                 Action::ReplaceContainer(id) => {
                     let pos = self
@@ -257,7 +303,10 @@ impl<H: Hooks> Platform<H> {
 
     /// Adds a container of `type_name`; returns its id or the denial.
     pub fn add(&mut self, type_name: &str) -> Result<i64, String> {
-        let meta = self.hooks.metadata(type_name).ok_or_else(|| format!("unknown type {type_name}"))?;
+        let meta = self
+            .hooks
+            .metadata(type_name)
+            .ok_or_else(|| format!("unknown type {type_name}"))?;
         let initial = self.hooks.initial_state(type_name)?;
         let mut new = Member {
             id: 0,
@@ -295,7 +344,10 @@ impl<H: Hooks> Platform<H> {
         }
         new.server = Some(server);
         new.ip = Some(format!("10.0.0.{}", id + 1));
-        self.members.push(Slot { member: new.clone(), state: new_state });
+        self.members.push(Slot {
+            member: new.clone(),
+            state: new_state,
+        });
         let mut actions = self.run(&new, Call::AfterItIsAdded, None)?.actions;
         for m in self.members().into_iter().filter(|m| m.id != id) {
             actions.extend(self.run(&m, Call::AfterOtherIsAdded(&new), None)?.actions);
@@ -306,7 +358,12 @@ impl<H: Hooks> Platform<H> {
 
     /// Removes a member.
     pub fn remove(&mut self, id: i64) -> Result<(), String> {
-        let member = self.members.iter().find(|s| s.member.id == id).map(|s| s.member.clone()).ok_or_else(|| format!("container {id} is not a member"))?;
+        let member = self
+            .members
+            .iter()
+            .find(|s| s.member.id == id)
+            .map(|s| s.member.clone())
+            .ok_or_else(|| format!("container {id} is not a member"))?;
         let outcome = self.run(&member, Call::BeforeItIsRemoved, None)?;
         if let Verdict::Deny(r) = outcome.verdict {
             return Err(r);
@@ -315,7 +372,10 @@ impl<H: Hooks> Platform<H> {
         self.members.retain(|s| s.member.id != id);
         let mut actions = Vec::new();
         for m in self.members() {
-            actions.extend(self.run(&m, Call::AfterOtherIsRemoved(&member), None)?.actions);
+            actions.extend(
+                self.run(&m, Call::AfterOtherIsRemoved(&member), None)?
+                    .actions,
+            );
         }
         self.act(actions)
     }
@@ -323,8 +383,16 @@ impl<H: Hooks> Platform<H> {
     /// Crashes a server: its members go down and get `is-down`, in priority order.
     pub fn crash_server(&mut self, server: &str) -> Result<(), String> {
         let cause = DownCause::ServerUnreachable(server.to_string());
-        let down: Vec<Member> = self.members().into_iter().filter(|m| m.server.as_deref() == Some(server)).collect();
-        for slot in self.members.iter_mut().filter(|s| s.member.server.as_deref() == Some(server)) {
+        let down: Vec<Member> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.server.as_deref() == Some(server))
+            .collect();
+        for slot in self
+            .members
+            .iter_mut()
+            .filter(|s| s.member.server.as_deref() == Some(server))
+        {
             slot.member.status = Status::Stopped;
         }
         let mut actions = Vec::new();

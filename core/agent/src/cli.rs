@@ -85,38 +85,60 @@ fn parse_capacity(s: &str) -> Result<Resources> {
         .split(',')
         .map(|p| p.trim().parse::<u64>())
         .collect::<std::result::Result<_, _>>()
-        .with_context(|| format!("--capacity '{s}' must be three numbers: CPU_MILLIS,MEMORY_MB,DISK_MB"))?;
+        .with_context(|| {
+            format!("--capacity '{s}' must be three numbers: CPU_MILLIS,MEMORY_MB,DISK_MB")
+        })?;
     let [cpu_millis, memory_mb, disk_mb] = parts[..] else {
         bail!("--capacity '{s}' must be three numbers: CPU_MILLIS,MEMORY_MB,DISK_MB");
     };
-    Ok(Resources { cpu_millis, memory_mb, disk_mb })
+    Ok(Resources {
+        cpu_millis,
+        memory_mb,
+        disk_mb,
+    })
 }
 
 fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "agent".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "agent".into())
 }
 
 /// Runs the agent until interrupted.
 pub async fn run(args: AgentArgs) -> Result<()> {
     if args.token.len() < 16 {
-        bail!("the agent token must have at least 16 characters (set CLOUD48_AGENT_TOKEN to the core's agents.token)");
+        bail!(
+            "the agent token must have at least 16 characters (set CLOUD48_AGENT_TOKEN to the core's agents.token)"
+        );
     }
-    let listen: std::net::SocketAddr = args.listen.parse().with_context(|| format!("--listen '{}' is not an address like 10.0.0.7:7048", args.listen))?;
+    let listen: std::net::SocketAddr = args.listen.parse().with_context(|| {
+        format!(
+            "--listen '{}' is not an address like 10.0.0.7:7048",
+            args.listen
+        )
+    })?;
     let name = args.name.clone().unwrap_or_else(host_name);
     let url = match &args.url {
         Some(u) => u.trim_end_matches('/').to_string(),
-        None if listen.ip().is_unspecified() => bail!("--listen {listen} does not say how the core reaches this agent; give --url http://ADDRESS:{}", listen.port()),
+        None if listen.ip().is_unspecified() => bail!(
+            "--listen {listen} does not say how the core reaches this agent; give --url http://ADDRESS:{}",
+            listen.port()
+        ),
         None => format!("http://{listen}"),
     };
     let capacity = args.capacity.as_deref().map(parse_capacity).transpose()?;
-    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let driver: Arc<dyn Driver> = match args.driver {
         AgentDriver::Linux => {
             let cfg = LinuxConfig {
                 name: name.clone(),
                 data_dir: std::fs::canonicalize(&args.data_dir)?,
                 bridge: args.bridge.clone(),
-                subnet: args.subnet.parse().map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?,
+                subnet: args
+                    .subnet
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?,
                 prefix: args.prefix.clone(),
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms),
@@ -124,27 +146,58 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 templates: match &args.templates {
                     None => Default::default(),
                     Some(path) => {
-                        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                        cloud48_linux::templates::parse_templates(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                        let text = std::fs::read_to_string(path)
+                            .with_context(|| format!("cannot read {}", path.display()))?;
+                        cloud48_linux::templates::parse_templates(&text)
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
                     }
                 },
             };
-            Arc::new(LinuxDriver::open(cfg).await.map_err(|e| anyhow::anyhow!("the linux driver cannot start: {e}"))?)
+            Arc::new(
+                LinuxDriver::open(cfg)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the linux driver cannot start: {e}"))?,
+            )
         }
         AgentDriver::Sim => {
-            let capacity = capacity.unwrap_or(Resources { cpu_millis: 16_000, memory_mb: 65_536, disk_mb: 1_000_000 });
-            let sim = SimServer::new(&name, 1, capacity, SimLatency::uniform(Duration::from_millis(args.sim_latency_ms)))
-                .with_state_file(args.data_dir.join("sim.json"))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let capacity = capacity.unwrap_or(Resources {
+                cpu_millis: 16_000,
+                memory_mb: 65_536,
+                disk_mb: 1_000_000,
+            });
+            let sim = SimServer::new(
+                &name,
+                1,
+                capacity,
+                SimLatency::uniform(Duration::from_millis(args.sim_latency_ms)),
+            )
+            .with_state_file(args.data_dir.join("sim.json"))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
             Arc::new(sim)
         }
     };
-    let info = AgentInfo { name: name.clone(), url: url.clone(), driver: driver.kind().to_string(), capabilities: driver.capabilities(), labels: args.labels.clone() };
+    let info = AgentInfo {
+        name: name.clone(),
+        url: url.clone(),
+        driver: driver.kind().to_string(),
+        capabilities: driver.capabilities(),
+        labels: args.labels.clone(),
+    };
     let agent = AgentService::new(driver, args.token.clone(), info);
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-    eprintln!("cloud48 agent {name}: {} driver, listening on {url}", agent.info().driver);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    eprintln!(
+        "cloud48 agent {name}: {} driver, listening on {url}",
+        agent.info().driver
+    );
     let beats = args.core.clone().map(|core| {
-        tokio::spawn(crate::heartbeats(agent.clone(), core, args.token.clone(), Duration::from_millis(args.heartbeat_ms.max(10))))
+        tokio::spawn(crate::heartbeats(
+            agent.clone(),
+            core,
+            args.token.clone(),
+            Duration::from_millis(args.heartbeat_ms.max(10)),
+        ))
     });
     let served = axum::serve(listener, agent.router()).with_graceful_shutdown(async {
         let _ = tokio::signal::ctrl_c().await;
@@ -169,7 +222,9 @@ pub struct GuestHttpArgs {
 
 /// Answers every HTTP request with `answer` until terminated.
 pub async fn guest_http(args: GuestHttpArgs) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let answer = format!("{}\n", args.answer);
     let app = axum::Router::new().fallback(move || {
         let a = answer.clone();
@@ -178,7 +233,9 @@ pub async fn guest_http(args: GuestHttpArgs) -> Result<()> {
     eprintln!("guest-http: answering on {}", args.listen);
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
             term.recv().await;
         })
         .await

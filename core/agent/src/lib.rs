@@ -16,7 +16,12 @@ use self::protocol::Heartbeat;
 
 /// Sends a heartbeat to the core every `period` until the task is dropped. Failures are logged
 /// when they start and when they end, not on every beat.
-pub async fn heartbeats(agent: Arc<AgentService>, core_url: String, token: String, period: Duration) {
+pub async fn heartbeats(
+    agent: Arc<AgentService>,
+    core_url: String,
+    token: String,
+    period: Duration,
+) {
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(1))
@@ -35,13 +40,24 @@ pub async fn heartbeats(agent: Arc<AgentService>, core_url: String, token: Strin
                 continue;
             }
         };
-        let beat = Heartbeat { agent: agent.info().clone(), stats };
-        let sent = client.post(&url).bearer_auth(&token).json(&beat).send().await;
+        let beat = Heartbeat {
+            agent: agent.info().clone(),
+            stats,
+        };
+        let sent = client
+            .post(&url)
+            .bearer_auth(&token)
+            .json(&beat)
+            .send()
+            .await;
         let problem = match sent {
             Ok(r) if r.status().is_success() => None,
             Ok(r) => {
                 let status = r.status();
-                Some(format!("core answered {status}: {}", r.text().await.unwrap_or_default()))
+                Some(format!(
+                    "core answered {status}: {}",
+                    r.text().await.unwrap_or_default()
+                ))
             }
             Err(e) => Some(e.to_string()),
         };

@@ -7,7 +7,11 @@ use tracing_subscriber::EnvFilter;
 
 /// The node agent of one server: it drives its containers for the core.
 #[derive(Debug, Parser)]
-#[command(name = "cloud48-agent", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "cloud48-agent",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Helper>,
@@ -25,7 +29,9 @@ enum Helper {
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("CLOUD48_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("CLOUD48_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -33,7 +39,9 @@ async fn main() {
     let result = match (cli.command, cli.agent) {
         (Some(Helper::GuestHttp(args)), _) => cloud48_agent::cli::guest_http(args).await,
         (None, Some(args)) => cloud48_agent::cli::run(args).await,
-        (None, None) => Err(anyhow::anyhow!("give the agent's options (at least --token); see cloud48-agent --help")),
+        (None, None) => Err(anyhow::anyhow!(
+            "give the agent's options (at least --token); see cloud48-agent --help"
+        )),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -46,9 +46,16 @@ pub enum Op {
     /// export id, for another agent (or the core) to pull.
     Export { guest: String },
     /// `Driver::import`, from bytes in the request or pulled from another agent.
-    Import { spec: GuestSpec, source: ImageSource },
+    Import {
+        spec: GuestSpec,
+        source: ImageSource,
+    },
     /// `Driver::exec`.
-    Exec { guest: String, script: String, args: Vec<String> },
+    Exec {
+        guest: String,
+        script: String,
+        args: Vec<String>,
+    },
 }
 
 /// Where an imported guest's image comes from.
@@ -58,7 +65,11 @@ pub enum ImageSource {
     /// The image travels in the request, hex-encoded.
     Inline { type_id: String, data_hex: String },
     /// The importing agent pulls `GET {url}/v1/exports/{export}` from the source agent.
-    Agent { url: String, export: String, type_id: String },
+    Agent {
+        url: String,
+        export: String,
+        type_id: String,
+    },
 }
 
 /// A mutation with the id that makes its retries safe.

@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use cloud48_driver::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, ServerStats};
 use crate::protocol::{ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
+use cloud48_driver::{
+    Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, ServerStats,
+};
 use cloud48_model::Resources;
 
 /// How often a long operation's progress is asked for and logged.
@@ -67,8 +69,12 @@ pub fn is_reference(image: &[u8]) -> bool {
 }
 
 fn reference(image: &GuestImage) -> Result<Option<(String, String)>, DriverError> {
-    let Some(r) = image.data.strip_prefix(AGENT_IMAGE) else { return Ok(None) };
-    serde_json::from_slice(r).map(Some).map_err(|e| DriverError::Permanent(format!("corrupt agent image reference: {e}")))
+    let Some(r) = image.data.strip_prefix(AGENT_IMAGE) else {
+        return Ok(None);
+    };
+    serde_json::from_slice(r)
+        .map(Some)
+        .map_err(|e| DriverError::Permanent(format!("corrupt agent image reference: {e}")))
 }
 
 /// Pulls export `export` from the agent at `url`; `progress` hears the bytes received so far
@@ -86,20 +92,25 @@ pub async fn pull_export(
         .bearer_auth(token)
         .send()
         .await
-        .map_err(|e| DriverError::Unreachable { server: url.to_string(), message: format!("cannot pull export {export}: {e}") })?;
+        .map_err(|e| DriverError::Unreachable {
+            server: url.to_string(),
+            message: format!("cannot pull export {export}: {e}"),
+        })?;
     if !resp.status().is_success() {
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ProtocolError>(&body).map(|p| p.error).unwrap_or_else(|_| format!("{status}: {body}"));
-        return Err(DriverError::Permanent(format!("the source agent {url} could not give export {export}: {message}")));
+        let message = serde_json::from_str::<ProtocolError>(&body)
+            .map(|p| p.error)
+            .unwrap_or_else(|_| format!("{status}: {body}"));
+        return Err(DriverError::Permanent(format!(
+            "the source agent {url} could not give export {export}: {message}"
+        )));
     }
     let total = resp.content_length();
     let mut data = Vec::with_capacity(total.unwrap_or(0).min(1 << 30) as usize);
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| DriverError::Transient(format!("export {export} from {url} was cut off: {e}")))?
-    {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        DriverError::Transient(format!("export {export} from {url} was cut off: {e}"))
+    })? {
         data.extend_from_slice(&chunk);
         progress(data.len(), total);
     }
@@ -108,20 +119,33 @@ pub async fn pull_export(
 
 /// An image `target` can import: a reference to an agent's export stays a reference for a
 /// remote target (its agent pulls it), and is pulled here for any other driver.
-pub async fn for_target(image: GuestImage, target: &dyn Driver, token: &str) -> Result<GuestImage, DriverError> {
-    if target.kind() == "remote" { Ok(image) } else { materialize(image, token).await }
+pub async fn for_target(
+    image: GuestImage,
+    target: &dyn Driver,
+    token: &str,
+) -> Result<GuestImage, DriverError> {
+    if target.kind() == "remote" {
+        Ok(image)
+    } else {
+        materialize(image, token).await
+    }
 }
 
 /// The image with its bytes, pulled from the agent it refers to if needed.
 pub async fn materialize(image: GuestImage, token: &str) -> Result<GuestImage, DriverError> {
-    let Some((url, export)) = reference(&image)? else { return Ok(image) };
+    let Some((url, export)) = reference(&image)? else {
+        return Ok(image);
+    };
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .read_timeout(Duration::from_secs(30))
         .build()
         .expect("an HTTP client without TLS builds");
     let data = pull_export(&client, &url, &export, token, |_, _| {}).await?;
-    Ok(GuestImage { type_id: image.type_id, data })
+    Ok(GuestImage {
+        type_id: image.type_id,
+        data,
+    })
 }
 
 impl RemoteDriver {
@@ -137,7 +161,12 @@ impl RemoteDriver {
             token: token.to_string(),
             client,
             timeouts,
-            capabilities: RwLock::new(Capabilities { suspend: true, exec: true, migrate: true, update: true }),
+            capabilities: RwLock::new(Capabilities {
+                suspend: true,
+                exec: true,
+                migrate: true,
+                update: true,
+            }),
         }
     }
 
@@ -152,7 +181,10 @@ impl RemoteDriver {
     }
 
     fn unreachable(&self, e: impl std::fmt::Display) -> DriverError {
-        DriverError::Unreachable { server: self.name.clone(), message: format!("agent at {}: {e}", self.url) }
+        DriverError::Unreachable {
+            server: self.name.clone(),
+            message: format!("agent at {}: {e}", self.url),
+        }
     }
 
     /// Turns a non-success protocol answer into a driver error.
@@ -162,13 +194,22 @@ impl RemoteDriver {
         if let Ok(OpResponse::Err(e)) = serde_json::from_str::<OpResponse>(&body) {
             return e;
         }
-        let message = serde_json::from_str::<ProtocolError>(&body).map(|p| p.error).unwrap_or(body);
-        DriverError::Permanent(format!("agent {} refused the request ({status}): {message}", self.name))
+        let message = serde_json::from_str::<ProtocolError>(&body)
+            .map(|p| p.error)
+            .unwrap_or(body);
+        DriverError::Permanent(format!(
+            "agent {} refused the request ({status}): {message}",
+            self.name
+        ))
     }
 
     /// Sends a request until it is answered, at most `attempts` times with backoff from
     /// `backoff_ms`; a refusal becomes the agent's driver error or a protocol error.
-    async fn answered<F, Fut>(&self, backoff_ms: u64, send: F) -> Result<reqwest::Response, DriverError>
+    async fn answered<F, Fut>(
+        &self,
+        backoff_ms: u64,
+        send: F,
+    ) -> Result<reqwest::Response, DriverError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = reqwest::Result<reqwest::Response>>,
@@ -188,18 +229,31 @@ impl RemoteDriver {
     }
 
     async fn op(&self, op: Op) -> Result<OpOutput, DriverError> {
-        let request = OpRequest { id: hex::encode(rand::random::<[u8; 12]>()), op };
+        let request = OpRequest {
+            id: hex::encode(rand::random::<[u8; 12]>()),
+            op,
+        };
         // A retry carries the same id: the agent runs the operation once.
         let resp = self.answered(100, || self.send_reporting(&request)).await?;
-        let answer: OpResponse = resp.json().await.map_err(|e| self.unreachable(format!("unreadable answer: {e}")))?;
+        let answer: OpResponse = resp
+            .json()
+            .await
+            .map_err(|e| self.unreachable(format!("unreadable answer: {e}")))?;
         answer.into()
     }
 
     /// Sends an operation; while it runs longer than a few seconds, logs the agent's progress.
     async fn send_reporting(&self, request: &OpRequest) -> reqwest::Result<reqwest::Response> {
-        let send = self.client.post(format!("{}/v1/ops", self.url)).bearer_auth(&self.token).timeout(self.timeouts.operation).json(request).send();
+        let send = self
+            .client
+            .post(format!("{}/v1/ops", self.url))
+            .bearer_auth(&self.token)
+            .timeout(self.timeouts.operation)
+            .json(request)
+            .send();
         tokio::pin!(send);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
         loop {
             tokio::select! {
                 sent = &mut send => return sent,
@@ -225,13 +279,26 @@ impl RemoteDriver {
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        resp.json().await.map(Some).map_err(|e| self.unreachable(format!("unreadable progress: {e}")))
+        resp.json()
+            .await
+            .map(Some)
+            .map_err(|e| self.unreachable(format!("unreadable progress: {e}")))
     }
 
     async fn query<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, DriverError> {
         let url = format!("{}{path}", self.url);
-        let resp = self.answered(50, || self.client.get(&url).bearer_auth(&self.token).timeout(self.timeouts.query).send()).await?;
-        resp.json::<T>().await.map_err(|e| self.unreachable(format!("unreadable answer: {e}")))
+        let resp = self
+            .answered(50, || {
+                self.client
+                    .get(&url)
+                    .bearer_auth(&self.token)
+                    .timeout(self.timeouts.query)
+                    .send()
+            })
+            .await?;
+        resp.json::<T>()
+            .await
+            .map_err(|e| self.unreachable(format!("unreadable answer: {e}")))
     }
 
     async fn done(&self, op: Op) -> Result<(), DriverError> {
@@ -241,7 +308,10 @@ impl RemoteDriver {
     async fn guest(&self, op: Op) -> Result<GuestInfo, DriverError> {
         match self.op(op).await? {
             OpOutput::Guest { guest } => Ok(guest),
-            other => Err(DriverError::Permanent(format!("agent {} answered {other:?} where a guest was expected", self.name))),
+            other => Err(DriverError::Permanent(format!(
+                "agent {} answered {other:?} where a guest was expected",
+                self.name
+            ))),
         }
     }
 }
@@ -261,59 +331,123 @@ impl Driver for RemoteDriver {
     }
 
     async fn start(&self, guest_id: &str) -> Result<(), DriverError> {
-        self.done(Op::Start { guest: guest_id.into() }).await
+        self.done(Op::Start {
+            guest: guest_id.into(),
+        })
+        .await
     }
 
     async fn stop(&self, guest_id: &str) -> Result<(), DriverError> {
-        self.done(Op::Stop { guest: guest_id.into() }).await
+        self.done(Op::Stop {
+            guest: guest_id.into(),
+        })
+        .await
     }
 
     async fn suspend(&self, guest_id: &str) -> Result<(), DriverError> {
-        self.done(Op::Suspend { guest: guest_id.into() }).await
+        self.done(Op::Suspend {
+            guest: guest_id.into(),
+        })
+        .await
     }
 
     async fn resume(&self, guest_id: &str) -> Result<(), DriverError> {
-        self.done(Op::Resume { guest: guest_id.into() }).await
+        self.done(Op::Resume {
+            guest: guest_id.into(),
+        })
+        .await
     }
 
     async fn reboot(&self, guest_id: &str) -> Result<(), DriverError> {
-        self.done(Op::Reboot { guest: guest_id.into() }).await
+        self.done(Op::Reboot {
+            guest: guest_id.into(),
+        })
+        .await
     }
 
     async fn destroy(&self, guest_id: &str) -> Result<(), DriverError> {
-        self.done(Op::Destroy { guest: guest_id.into() }).await
+        self.done(Op::Destroy {
+            guest: guest_id.into(),
+        })
+        .await
     }
 
     async fn update(&self, guest_id: &str, resources: &Resources) -> Result<(), DriverError> {
-        self.done(Op::Update { guest: guest_id.into(), resources: *resources }).await
+        self.done(Op::Update {
+            guest: guest_id.into(),
+            resources: *resources,
+        })
+        .await
     }
 
     async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError> {
         if !self.capabilities().migrate {
-            return Err(DriverError::Unsupported { driver: "remote".into(), operation: "export".into() });
+            return Err(DriverError::Unsupported {
+                driver: "remote".into(),
+                operation: "export".into(),
+            });
         }
         // The agent snapshots the stopped guest now; the bytes move later, agent to agent.
-        let export = match self.op(Op::Export { guest: guest_id.into() }).await? {
+        let export = match self
+            .op(Op::Export {
+                guest: guest_id.into(),
+            })
+            .await?
+        {
             OpOutput::Export { export, .. } => export,
-            other => return Err(DriverError::Permanent(format!("agent {} answered {other:?} where an export was expected", self.name))),
+            other => {
+                return Err(DriverError::Permanent(format!(
+                    "agent {} answered {other:?} where an export was expected",
+                    self.name
+                )));
+            }
         };
         let mut data = AGENT_IMAGE.to_vec();
         data.extend(serde_json::to_vec(&(&self.url, export)).expect("serializes"));
-        Ok(GuestImage { type_id: String::new(), data })
+        Ok(GuestImage {
+            type_id: String::new(),
+            data,
+        })
     }
 
     async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
         let source = match reference(image)? {
-            Some((url, export)) => ImageSource::Agent { url, export, type_id: spec.type_id.clone() },
-            None => ImageSource::Inline { type_id: image.type_id.clone(), data_hex: hex::encode(&image.data) },
+            Some((url, export)) => ImageSource::Agent {
+                url,
+                export,
+                type_id: spec.type_id.clone(),
+            },
+            None => ImageSource::Inline {
+                type_id: image.type_id.clone(),
+                data_hex: hex::encode(&image.data),
+            },
         };
-        self.guest(Op::Import { spec: spec.clone(), source }).await
+        self.guest(Op::Import {
+            spec: spec.clone(),
+            source,
+        })
+        .await
     }
 
-    async fn exec(&self, guest_id: &str, script: &str, args: &[String]) -> Result<ExecOutput, DriverError> {
-        match self.op(Op::Exec { guest: guest_id.into(), script: script.into(), args: args.to_vec() }).await? {
+    async fn exec(
+        &self,
+        guest_id: &str,
+        script: &str,
+        args: &[String],
+    ) -> Result<ExecOutput, DriverError> {
+        match self
+            .op(Op::Exec {
+                guest: guest_id.into(),
+                script: script.into(),
+                args: args.to_vec(),
+            })
+            .await?
+        {
             OpOutput::Exec { output } => Ok(output),
-            other => Err(DriverError::Permanent(format!("agent {} answered {other:?} where exec output was expected", self.name))),
+            other => Err(DriverError::Permanent(format!(
+                "agent {} answered {other:?} where exec output was expected",
+                self.name
+            ))),
         }
     }
 

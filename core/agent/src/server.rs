@@ -18,7 +18,9 @@ use axum::{Json, Router};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
-use super::protocol::{AgentInfo, ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
+use super::protocol::{
+    AgentInfo, ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError,
+};
 use cloud48_driver::{Driver, DriverError, GuestImage};
 
 /// How many finished operations the agent remembers for retries.
@@ -97,14 +99,25 @@ impl AgentService {
             .route("/v1/exports/{id}", get(export))
             .route("/v1/ops", post(op))
             .route("/v1/ops/{id}", get(op_status))
-            .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such agent endpoint; see the agent protocol in ARCHITECTURE.md") })
-            .layer(axum::middleware::from_fn_with_state(self.clone(), authenticate))
+            .fallback(|| async {
+                refuse(
+                    StatusCode::NOT_FOUND,
+                    "no such agent endpoint; see the agent protocol in ARCHITECTURE.md",
+                )
+            })
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                authenticate,
+            ))
             .layer(axum::extract::DefaultBodyLimit::max(1 << 30))
             .with_state(self.clone())
     }
 
     /// Runs `request` once per id; a repeat waits for and returns the first result.
-    async fn run_once(self: &Arc<Self>, request: OpRequest) -> Result<OpResponse, (StatusCode, String)> {
+    async fn run_once(
+        self: &Arc<Self>,
+        request: OpRequest,
+    ) -> Result<OpResponse, (StatusCode, String)> {
         let mut rx = {
             let mut guard = self.ops.lock().unwrap();
             let (slots, order) = &mut *guard;
@@ -112,7 +125,10 @@ impl AgentService {
                 Some(slot) if slot.op != request.op => {
                     return Err((
                         StatusCode::CONFLICT,
-                        format!("operation id {} was already used for a different operation; use a new id per operation", request.id),
+                        format!(
+                            "operation id {} was already used for a different operation; use a new id per operation",
+                            request.id
+                        ),
                     ));
                 }
                 Some(slot) => slot.result.clone(),
@@ -121,13 +137,22 @@ impl AgentService {
                     let progress: Progress = Arc::new(Mutex::new("started".into()));
                     slots.insert(
                         request.id.clone(),
-                        Slot { op: request.op.clone(), started: std::time::Instant::now(), progress: progress.clone(), result: rx.clone() },
+                        Slot {
+                            op: request.op.clone(),
+                            started: std::time::Instant::now(),
+                            progress: progress.clone(),
+                            result: rx.clone(),
+                        },
                     );
                     order.push_back(request.id.clone());
                     // Forget the oldest finished operations; running ones stay.
                     while order.len() > REMEMBERED_OPS {
-                        let finished = order.iter().position(|id| slots.get(id).is_none_or(|s| s.result.borrow().is_some()));
-                        let Some(old) = finished.and_then(|i| order.remove(i)) else { break };
+                        let finished = order.iter().position(|id| {
+                            slots.get(id).is_none_or(|s| s.result.borrow().is_some())
+                        });
+                        let Some(old) = finished.and_then(|i| order.remove(i)) else {
+                            break;
+                        };
                         slots.remove(&old);
                     }
                     let me = self.clone();
@@ -140,7 +165,10 @@ impl AgentService {
             }
         };
         let done = rx.wait_for(Option::is_some).await.map_err(|_| {
-            (StatusCode::INTERNAL_SERVER_ERROR, "the operation's task ended without a result".to_string())
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the operation's task ended without a result".to_string(),
+            )
         })?;
         Ok(done.clone().expect("waited for a result"))
     }
@@ -168,15 +196,31 @@ impl AgentService {
             Op::Resume { guest } => d.resume(&guest).await.map(|_| OpOutput::Done),
             Op::Reboot { guest } => d.reboot(&guest).await.map(|_| OpOutput::Done),
             Op::Destroy { guest } => d.destroy(&guest).await.map(|_| OpOutput::Done),
-            Op::Update { guest, resources } => d.update(&guest, &resources).await.map(|_| OpOutput::Done),
-            Op::Exec { guest, script, args } => d.exec(&guest, &script, &args).await.map(|output| OpOutput::Exec { output }),
+            Op::Update { guest, resources } => {
+                d.update(&guest, &resources).await.map(|_| OpOutput::Done)
+            }
+            Op::Exec {
+                guest,
+                script,
+                args,
+            } => d
+                .exec(&guest, &script, &args)
+                .await
+                .map(|output| OpOutput::Exec { output }),
             Op::Export { guest } => d.export(&guest).await.map(|image| self.keep_export(image)),
             Op::Import { spec, source } => match self.fetch_image(source, progress).await {
-                Ok(image) => d.import(&spec, &image).await.map(|guest| OpOutput::Guest { guest }),
+                Ok(image) => d
+                    .import(&spec, &image)
+                    .await
+                    .map(|guest| OpOutput::Guest { guest }),
                 Err(e) => Err(e),
             },
         };
-        *progress.lock().unwrap() = if result.is_ok() { "done".into() } else { "failed".into() };
+        *progress.lock().unwrap() = if result.is_ok() {
+            "done".into()
+        } else {
+            "failed".into()
+        };
         result.into()
     }
 
@@ -186,26 +230,50 @@ impl AgentService {
         let bytes = image.data.len() as u64;
         let mut exports = self.exports.lock().unwrap();
         exports.retain(|e| e.made.elapsed() < EXPORT_TTL);
-        exports.push(Export { id: id.clone(), made: std::time::Instant::now(), data: image.data.into() });
-        while exports.iter().map(|e| e.data.len()).sum::<usize>() > EXPORTS_MAX_BYTES && exports.len() > 1 {
+        exports.push(Export {
+            id: id.clone(),
+            made: std::time::Instant::now(),
+            data: image.data.into(),
+        });
+        while exports.iter().map(|e| e.data.len()).sum::<usize>() > EXPORTS_MAX_BYTES
+            && exports.len() > 1
+        {
             exports.remove(0);
         }
         OpOutput::Export { export: id, bytes }
     }
 
-    async fn fetch_image(&self, source: ImageSource, progress: &Progress) -> Result<GuestImage, DriverError> {
+    async fn fetch_image(
+        &self,
+        source: ImageSource,
+        progress: &Progress,
+    ) -> Result<GuestImage, DriverError> {
         match source {
             ImageSource::Inline { type_id, data_hex } => {
-                let data = hex::decode(&data_hex).map_err(|e| DriverError::Permanent(format!("inline image is not valid hex: {e}")))?;
+                let data = hex::decode(&data_hex).map_err(|e| {
+                    DriverError::Permanent(format!("inline image is not valid hex: {e}"))
+                })?;
                 Ok(GuestImage { type_id, data })
             }
-            ImageSource::Agent { url, export, type_id } => {
-                let data = crate::remote::pull_export(&self.client, &url, &export, &self.token, |got, total| {
-                    *progress.lock().unwrap() = match total {
-                        Some(t) => format!("pulled {} of {} MiB from {url}", got >> 20, t >> 20),
-                        None => format!("pulled {} MiB from {url}", got >> 20),
-                    };
-                })
+            ImageSource::Agent {
+                url,
+                export,
+                type_id,
+            } => {
+                let data = crate::remote::pull_export(
+                    &self.client,
+                    &url,
+                    &export,
+                    &self.token,
+                    |got, total| {
+                        *progress.lock().unwrap() = match total {
+                            Some(t) => {
+                                format!("pulled {} of {} MiB from {url}", got >> 20, t >> 20)
+                            }
+                            None => format!("pulled {} MiB from {url}", got >> 20),
+                        };
+                    },
+                )
                 .await?;
                 *progress.lock().unwrap() = "importing".into();
                 Ok(GuestImage { type_id, data })
@@ -215,10 +283,20 @@ impl AgentService {
 }
 
 fn refuse(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(ProtocolError { error: message.into() })).into_response()
+    (
+        status,
+        Json(ProtocolError {
+            error: message.into(),
+        }),
+    )
+        .into_response()
 }
 
-async fn authenticate(State(agent): State<Arc<AgentService>>, req: Request, next: Next) -> Response {
+async fn authenticate(
+    State(agent): State<Arc<AgentService>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -229,7 +307,10 @@ async fn authenticate(State(agent): State<Arc<AgentService>>, req: Request, next
             StatusCode::UNAUTHORIZED,
             "this agent needs 'Authorization: Bearer TOKEN' with the fleet's agent token (agents.token on the core, --token on the agent)",
         ),
-        Some(t) if !bool::from(t.as_bytes().ct_eq(agent.token.as_bytes())) => refuse(StatusCode::UNAUTHORIZED, "wrong agent token; core and agent must share the same agents.token"),
+        Some(t) if !bool::from(t.as_bytes().ct_eq(agent.token.as_bytes())) => refuse(
+            StatusCode::UNAUTHORIZED,
+            "wrong agent token; core and agent must share the same agents.token",
+        ),
         Some(_) => next.run(req).await,
     }
 }
@@ -270,17 +351,38 @@ async fn logs(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) ->
 }
 
 async fn export(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
-    let found = agent.exports.lock().unwrap().iter().find(|e| e.id == id && e.made.elapsed() < EXPORT_TTL).map(|e| e.data.clone());
+    let found = agent
+        .exports
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| e.id == id && e.made.elapsed() < EXPORT_TTL)
+        .map(|e| e.data.clone());
     match found {
-        Some(data) => ([(header::CONTENT_TYPE, "application/octet-stream")], Body::from(data)).into_response(),
-        None => refuse(StatusCode::NOT_FOUND, format!("no export {id} on this agent (exports are kept {} minutes)", EXPORT_TTL.as_secs() / 60)),
+        Some(data) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            Body::from(data),
+        )
+            .into_response(),
+        None => refuse(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no export {id} on this agent (exports are kept {} minutes)",
+                EXPORT_TTL.as_secs() / 60
+            ),
+        ),
     }
 }
 
 async fn op_status(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
     match agent.op_status(&id) {
         Some(s) => Json(s).into_response(),
-        None => refuse(StatusCode::NOT_FOUND, format!("no operation {id} on this agent (ids are kept for the last {REMEMBERED_OPS} operations)")),
+        None => refuse(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no operation {id} on this agent (ids are kept for the last {REMEMBERED_OPS} operations)"
+            ),
+        ),
     }
 }
 
@@ -290,12 +392,17 @@ async fn op(State(agent): State<Arc<AgentService>>, body: Bytes) -> Response {
         Err(e) => {
             return refuse(
                 StatusCode::BAD_REQUEST,
-                format!("malformed operation: {e}; expected {{\"id\": \"...\", \"op\": \"create|start|stop|...\", ...}}"),
+                format!(
+                    "malformed operation: {e}; expected {{\"id\": \"...\", \"op\": \"create|start|stop|...\", ...}}"
+                ),
             );
         }
     };
     if request.id.is_empty() || request.id.len() > 100 {
-        return refuse(StatusCode::BAD_REQUEST, "operation id must have 1-100 characters");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "operation id must have 1-100 characters",
+        );
     }
     match agent.run_once(request).await {
         Ok(r) => Json(r).into_response(),

@@ -39,8 +39,7 @@ macro_rules! ensure {
 }
 
 async fn state_of(d: &dyn Driver, guest: &str) -> Result<Option<GuestState>, String> {
-    Ok(d
-        .status(guest)
+    Ok(d.status(guest)
         .await
         .map_err(|e| format!("status({guest}): {e}"))?
         .map(|i| i.state))
@@ -51,34 +50,65 @@ async fn lifecycle(d: &dyn Driver) -> Result<(), String> {
         .create(&spec("conf-a"))
         .await
         .map_err(|e| format!("create: {e}"))?;
-    ensure!(info.state == GuestState::Stopped, "a created guest must be stopped, got {}", info.state);
+    ensure!(
+        info.state == GuestState::Stopped,
+        "a created guest must be stopped, got {}",
+        info.state
+    );
     ensure!(info.ip.is_some(), "a created guest must have an IP");
     let again = d
         .create(&spec("conf-a"))
         .await
         .map_err(|e| format!("second create: {e}"))?;
-    ensure!(again.ip == info.ip, "create of an existing guest id must return the existing guest");
+    ensure!(
+        again.ip == info.ip,
+        "create of an existing guest id must return the existing guest"
+    );
     let listed = d.list().await.map_err(|e| format!("list: {e}"))?;
     ensure!(
         listed.iter().filter(|g| g.guest_id == "conf-a").count() == 1,
         "list must show the guest exactly once after two creates, got {listed:?}"
     );
     d.start("conf-a").await.map_err(|e| format!("start: {e}"))?;
-    ensure!(state_of(d, "conf-a").await? == Some(GuestState::Running), "start must run the guest");
-    d.start("conf-a").await.map_err(|e| format!("start of a running guest must succeed: {e}"))?;
-    d.reboot("conf-a").await.map_err(|e| format!("reboot: {e}"))?;
-    ensure!(state_of(d, "conf-a").await? == Some(GuestState::Running), "reboot must leave the guest running");
+    ensure!(
+        state_of(d, "conf-a").await? == Some(GuestState::Running),
+        "start must run the guest"
+    );
+    d.start("conf-a")
+        .await
+        .map_err(|e| format!("start of a running guest must succeed: {e}"))?;
+    d.reboot("conf-a")
+        .await
+        .map_err(|e| format!("reboot: {e}"))?;
+    ensure!(
+        state_of(d, "conf-a").await? == Some(GuestState::Running),
+        "reboot must leave the guest running"
+    );
     d.stop("conf-a").await.map_err(|e| format!("stop: {e}"))?;
-    ensure!(state_of(d, "conf-a").await? == Some(GuestState::Stopped), "stop must stop the guest");
-    d.stop("conf-a").await.map_err(|e| format!("stop of a stopped guest must succeed: {e}"))?;
-    d.destroy("conf-a").await.map_err(|e| format!("destroy: {e}"))?;
-    ensure!(state_of(d, "conf-a").await?.is_none(), "destroy must remove the guest");
-    d.destroy("conf-a").await.map_err(|e| format!("destroy of a missing guest must succeed: {e}"))?;
+    ensure!(
+        state_of(d, "conf-a").await? == Some(GuestState::Stopped),
+        "stop must stop the guest"
+    );
+    d.stop("conf-a")
+        .await
+        .map_err(|e| format!("stop of a stopped guest must succeed: {e}"))?;
+    d.destroy("conf-a")
+        .await
+        .map_err(|e| format!("destroy: {e}"))?;
+    ensure!(
+        state_of(d, "conf-a").await?.is_none(),
+        "destroy must remove the guest"
+    );
+    d.destroy("conf-a")
+        .await
+        .map_err(|e| format!("destroy of a missing guest must succeed: {e}"))?;
     Ok(())
 }
 
 async fn suspend_resume(d: &dyn Driver) -> Result<(), String> {
-    d.create(&spec("conf-s")).await.map_err(|e| format!("create: {e}"))?;
+    d.create(&spec("conf-s"))
+        .await
+        .map_err(|e| format!("create: {e}"))?;
     if !d.capabilities().suspend {
         let err = d.suspend("conf-s").await;
         ensure!(
@@ -93,39 +123,86 @@ async fn suspend_resume(d: &dyn Driver) -> Result<(), String> {
         "suspend of a stopped guest must answer InvalidState, got {err:?}"
     );
     d.start("conf-s").await.map_err(|e| format!("start: {e}"))?;
-    d.suspend("conf-s").await.map_err(|e| format!("suspend: {e}"))?;
-    ensure!(state_of(d, "conf-s").await? == Some(GuestState::Suspended), "suspend must freeze the guest");
-    d.resume("conf-s").await.map_err(|e| format!("resume: {e}"))?;
-    ensure!(state_of(d, "conf-s").await? == Some(GuestState::Running), "resume must thaw the guest");
-    d.destroy("conf-s").await.map_err(|e| format!("destroy of a running guest: {e}"))?;
+    d.suspend("conf-s")
+        .await
+        .map_err(|e| format!("suspend: {e}"))?;
+    ensure!(
+        state_of(d, "conf-s").await? == Some(GuestState::Suspended),
+        "suspend must freeze the guest"
+    );
+    d.resume("conf-s")
+        .await
+        .map_err(|e| format!("resume: {e}"))?;
+    ensure!(
+        state_of(d, "conf-s").await? == Some(GuestState::Running),
+        "resume must thaw the guest"
+    );
+    d.destroy("conf-s")
+        .await
+        .map_err(|e| format!("destroy of a running guest: {e}"))?;
     Ok(())
 }
 
 async fn exec_and_update(d: &dyn Driver) -> Result<(), String> {
-    d.create(&spec("conf-e")).await.map_err(|e| format!("create: {e}"))?;
+    d.create(&spec("conf-e"))
+        .await
+        .map_err(|e| format!("create: {e}"))?;
     d.start("conf-e").await.map_err(|e| format!("start: {e}"))?;
     if d.capabilities().exec {
         let out = d
             .exec("conf-e", "exit 0", &["x".into()])
             .await
             .map_err(|e| format!("exec: {e}"))?;
-        ensure!(out.exit_code == 0, "exec of 'exit 0' must exit 0, got {}", out.exit_code);
+        ensure!(
+            out.exit_code == 0,
+            "exec of 'exit 0' must exit 0, got {}",
+            out.exit_code
+        );
     } else {
         let err = d.exec("conf-e", "true", &[]).await;
-        ensure!(matches!(err, Err(DriverError::Unsupported { .. })), "exec without the capability must answer Unsupported");
+        ensure!(
+            matches!(err, Err(DriverError::Unsupported { .. })),
+            "exec without the capability must answer Unsupported"
+        );
     }
     if d.capabilities().update {
-        let bigger = Resources { cpu_millis: 200, memory_mb: 128, disk_mb: 64 };
-        d.update("conf-e", &bigger).await.map_err(|e| format!("update: {e}"))?;
-        let info = d.status("conf-e").await.map_err(|e| e.to_string())?.ok_or("guest vanished after update")?;
-        ensure!(info.resources == bigger, "update must change the resources, got {:?}", info.resources);
+        let bigger = Resources {
+            cpu_millis: 200,
+            memory_mb: 128,
+            disk_mb: 64,
+        };
+        d.update("conf-e", &bigger)
+            .await
+            .map_err(|e| format!("update: {e}"))?;
+        let info = d
+            .status("conf-e")
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("guest vanished after update")?;
+        ensure!(
+            info.resources == bigger,
+            "update must change the resources, got {:?}",
+            info.resources
+        );
         let stats = d.stats().await.map_err(|e| format!("stats: {e}"))?;
-        ensure!(stats.allocated.memory_mb >= 128, "stats must count the updated reservation");
-        let huge = Resources { cpu_millis: u64::MAX / 4, memory_mb: 1, disk_mb: 1 };
+        ensure!(
+            stats.allocated.memory_mb >= 128,
+            "stats must count the updated reservation"
+        );
+        let huge = Resources {
+            cpu_millis: u64::MAX / 4,
+            memory_mb: 1,
+            disk_mb: 1,
+        };
         let err = d.update("conf-e", &huge).await;
-        ensure!(matches!(err, Err(DriverError::Capacity { .. })), "an update past capacity must answer Capacity, got {err:?}");
+        ensure!(
+            matches!(err, Err(DriverError::Capacity { .. })),
+            "an update past capacity must answer Capacity, got {err:?}"
+        );
     }
-    d.destroy("conf-e").await.map_err(|e| format!("destroy: {e}"))?;
+    d.destroy("conf-e")
+        .await
+        .map_err(|e| format!("destroy: {e}"))?;
     Ok(())
 }
 
@@ -140,7 +217,10 @@ async fn unknown_guest(d: &dyn Driver) -> Result<(), String> {
             "{op} of an unknown guest must answer NotFound, got {result:?}"
         );
     }
-    ensure!(state_of(d, "conf-missing").await?.is_none(), "status of an unknown guest must be None");
+    ensure!(
+        state_of(d, "conf-missing").await?.is_none(),
+        "status of an unknown guest must be None"
+    );
     Ok(())
 }
 
@@ -149,31 +229,79 @@ async fn capacity(d: &dyn Driver) -> Result<(), String> {
     let mut too_big = spec("conf-big");
     too_big.resources.memory_mb = stats.capacity.memory_mb + 1;
     let err = d.create(&too_big).await;
-    ensure!(matches!(err, Err(DriverError::Capacity { .. })), "a guest larger than the server must answer Capacity, got {err:?}");
-    ensure!(state_of(d, "conf-big").await?.is_none(), "a refused create must leave nothing behind");
+    ensure!(
+        matches!(err, Err(DriverError::Capacity { .. })),
+        "a guest larger than the server must answer Capacity, got {err:?}"
+    );
+    ensure!(
+        state_of(d, "conf-big").await?.is_none(),
+        "a refused create must leave nothing behind"
+    );
     Ok(())
 }
 
 async fn migrate(source: &dyn Driver, target: &dyn Driver) -> Result<(), String> {
     if !source.capabilities().migrate {
         let err = source.export("conf-m").await;
-        ensure!(matches!(err, Err(DriverError::Unsupported { .. })), "export without the capability must answer Unsupported");
+        ensure!(
+            matches!(err, Err(DriverError::Unsupported { .. })),
+            "export without the capability must answer Unsupported"
+        );
         return Ok(());
     }
-    source.create(&spec("conf-m")).await.map_err(|e| format!("create: {e}"))?;
-    source.start("conf-m").await.map_err(|e| format!("start: {e}"))?;
+    source
+        .create(&spec("conf-m"))
+        .await
+        .map_err(|e| format!("create: {e}"))?;
+    source
+        .start("conf-m")
+        .await
+        .map_err(|e| format!("start: {e}"))?;
     let err = source.export("conf-m").await;
-    ensure!(matches!(err, Err(DriverError::InvalidState { .. })), "export of a running guest must answer InvalidState, got {err:?}");
-    source.stop("conf-m").await.map_err(|e| format!("stop: {e}"))?;
-    let image = source.export("conf-m").await.map_err(|e| format!("export: {e}"))?;
-    let imported = target.import(&spec("conf-m"), &image).await.map_err(|e| format!("import: {e}"))?;
-    ensure!(imported.state == GuestState::Stopped, "an imported guest must be stopped");
-    let again = target.import(&spec("conf-m"), &image).await.map_err(|e| format!("second import: {e}"))?;
-    ensure!(again.ip == imported.ip, "import of an existing guest id must return the existing guest");
-    target.start("conf-m").await.map_err(|e| format!("start after import: {e}"))?;
-    source.destroy("conf-m").await.map_err(|e| format!("destroy on source: {e}"))?;
-    ensure!(state_of(target, "conf-m").await? == Some(GuestState::Running), "the imported guest must run on the target");
-    target.destroy("conf-m").await.map_err(|e| format!("destroy on target: {e}"))?;
+    ensure!(
+        matches!(err, Err(DriverError::InvalidState { .. })),
+        "export of a running guest must answer InvalidState, got {err:?}"
+    );
+    source
+        .stop("conf-m")
+        .await
+        .map_err(|e| format!("stop: {e}"))?;
+    let image = source
+        .export("conf-m")
+        .await
+        .map_err(|e| format!("export: {e}"))?;
+    let imported = target
+        .import(&spec("conf-m"), &image)
+        .await
+        .map_err(|e| format!("import: {e}"))?;
+    ensure!(
+        imported.state == GuestState::Stopped,
+        "an imported guest must be stopped"
+    );
+    let again = target
+        .import(&spec("conf-m"), &image)
+        .await
+        .map_err(|e| format!("second import: {e}"))?;
+    ensure!(
+        again.ip == imported.ip,
+        "import of an existing guest id must return the existing guest"
+    );
+    target
+        .start("conf-m")
+        .await
+        .map_err(|e| format!("start after import: {e}"))?;
+    source
+        .destroy("conf-m")
+        .await
+        .map_err(|e| format!("destroy on source: {e}"))?;
+    ensure!(
+        state_of(target, "conf-m").await? == Some(GuestState::Running),
+        "the imported guest must run on the target"
+    );
+    target
+        .destroy("conf-m")
+        .await
+        .map_err(|e| format!("destroy on target: {e}"))?;
     Ok(())
 }
 

@@ -17,8 +17,8 @@ pub mod sim;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use cloud48_model::ServerStats;
 use cloud48_model::Resources;
+pub use cloud48_model::ServerStats;
 
 /// An error of a driver operation (it crosses the agent protocol as JSON).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,8 +190,7 @@ pub trait Driver: Send + Sync + 'static {
     /// Exports a stopped guest's disk.
     async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError>;
     /// Creates a stopped guest from an image; returns the existing one if the id exists.
-    async fn import(&self, spec: &GuestSpec, image: &GuestImage)
-    -> Result<GuestInfo, DriverError>;
+    async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError>;
     /// Runs a script with arguments inside a running guest.
     async fn exec(
         &self,
@@ -208,6 +207,9 @@ pub trait Driver: Send + Sync + 'static {
     /// The recent standard output and error of a guest's main process.
     async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
         let _ = guest_id;
-        Err(DriverError::Unsupported { driver: self.kind().into(), operation: "logs".into() })
+        Err(DriverError::Unsupported {
+            driver: self.kind().into(),
+            operation: "logs".into(),
+        })
     }
 }

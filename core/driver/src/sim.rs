@@ -170,7 +170,12 @@ impl SimServer {
             return None;
         }
         let state = self.state.lock().unwrap();
-        Some(ServerStats { capacity: self.capacity, allocated: Self::allocated(&state), guests: state.guests.len() as u64, used: None })
+        Some(ServerStats {
+            capacity: self.capacity,
+            allocated: Self::allocated(&state),
+            guests: state.guests.len() as u64,
+            used: None,
+        })
     }
 
     /// True while crashed.
@@ -194,7 +199,13 @@ impl SimServer {
 
     /// Copies of every guest with their history.
     pub fn guests(&self) -> Vec<SimGuest> {
-        self.state.lock().unwrap().guests.values().cloned().collect()
+        self.state
+            .lock()
+            .unwrap()
+            .guests
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Times two operations ran on the same guest at once (the core's locks should make this 0).
@@ -369,7 +380,12 @@ impl Driver for SimServer {
 
     async fn start(&self, guest_id: &str) -> Result<(), DriverError> {
         let _busy = self.enter("start", Some(guest_id)).await?;
-        self.transition(guest_id, "start", &[GuestState::Stopped], GuestState::Running)
+        self.transition(
+            guest_id,
+            "start",
+            &[GuestState::Stopped],
+            GuestState::Running,
+        )
     }
 
     async fn stop(&self, guest_id: &str) -> Result<(), DriverError> {
@@ -384,17 +400,32 @@ impl Driver for SimServer {
 
     async fn suspend(&self, guest_id: &str) -> Result<(), DriverError> {
         let _busy = self.enter("suspend", Some(guest_id)).await?;
-        self.transition(guest_id, "suspend", &[GuestState::Running], GuestState::Suspended)
+        self.transition(
+            guest_id,
+            "suspend",
+            &[GuestState::Running],
+            GuestState::Suspended,
+        )
     }
 
     async fn resume(&self, guest_id: &str) -> Result<(), DriverError> {
         let _busy = self.enter("resume", Some(guest_id)).await?;
-        self.transition(guest_id, "resume", &[GuestState::Suspended], GuestState::Running)
+        self.transition(
+            guest_id,
+            "resume",
+            &[GuestState::Suspended],
+            GuestState::Running,
+        )
     }
 
     async fn reboot(&self, guest_id: &str) -> Result<(), DriverError> {
         let _busy = self.enter("reboot", Some(guest_id)).await?;
-        self.transition(guest_id, "reboot", &[GuestState::Running], GuestState::Running)
+        self.transition(
+            guest_id,
+            "reboot",
+            &[GuestState::Running],
+            GuestState::Running,
+        )
     }
 
     async fn destroy(&self, guest_id: &str) -> Result<(), DriverError> {
@@ -446,11 +477,7 @@ impl Driver for SimServer {
         })
     }
 
-    async fn import(
-        &self,
-        spec: &GuestSpec,
-        image: &GuestImage,
-    ) -> Result<GuestInfo, DriverError> {
+    async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
         let _busy = self.enter("import", Some(&spec.guest_id)).await?;
         self.insert(spec, image.data.clone(), "import")
     }
@@ -512,9 +539,22 @@ impl Driver for SimServer {
     /// A simulated guest has no process; its log is its history of operations and scripts.
     async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
         let state = self.state.lock().unwrap();
-        let guest = state.guests.get(guest_id).ok_or_else(|| DriverError::NotFound(guest_id.to_string()))?;
-        let mut out: Vec<String> = guest.operations.iter().map(|o| format!("sim: {o}")).collect();
-        out.extend(guest.execs.iter().map(|e| format!("sim: exec {} {:?}", e.script.lines().next().unwrap_or_default(), e.args)));
+        let guest = state
+            .guests
+            .get(guest_id)
+            .ok_or_else(|| DriverError::NotFound(guest_id.to_string()))?;
+        let mut out: Vec<String> = guest
+            .operations
+            .iter()
+            .map(|o| format!("sim: {o}"))
+            .collect();
+        out.extend(guest.execs.iter().map(|e| {
+            format!(
+                "sim: exec {} {:?}",
+                e.script.lines().next().unwrap_or_default(),
+                e.args
+            )
+        }));
         Ok(out.join("\n"))
     }
 

@@ -30,7 +30,8 @@ pub enum Cgroups {
 const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "freezer"];
 
 fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
+    std::fs::write(path, value)
+        .map_err(|e| format!("cannot write {value:?} to {}: {e}", path.display()))
 }
 
 impl Cgroups {
@@ -47,18 +48,27 @@ impl Cgroups {
         for c in V1_CONTROLLERS {
             let dir = root.join(c);
             if !dir.exists() {
-                return Err(format!("the cgroup controller {c} is not mounted at {}; the linux driver needs memory, cpu, cpuacct, pids and freezer (v1) or cgroup v2 (inside `ip netns exec`, which remounts /sys, start the agent with `nsenter --net=/run/netns/NAME` instead)", dir.display()));
+                return Err(format!(
+                    "the cgroup controller {c} is not mounted at {}; the linux driver needs memory, cpu, cpuacct, pids and freezer (v1) or cgroup v2 (inside `ip netns exec`, which remounts /sys, start the agent with `nsenter --net=/run/netns/NAME` instead)",
+                    dir.display()
+                ));
             }
             let parent = dir.join(prefix);
             std::fs::create_dir_all(&parent).map_err(|e| privileges(&parent, e))?;
         }
-        Ok(Cgroups::V1 { root, prefix: prefix.to_string() })
+        Ok(Cgroups::V1 {
+            root,
+            prefix: prefix.to_string(),
+        })
     }
 
     fn dirs(&self, guest: &str) -> Vec<PathBuf> {
         match self {
             Cgroups::V2 { parent } => vec![parent.join(guest)],
-            Cgroups::V1 { root, prefix } => V1_CONTROLLERS.iter().map(|c| root.join(c).join(prefix).join(guest)).collect(),
+            Cgroups::V1 { root, prefix } => V1_CONTROLLERS
+                .iter()
+                .map(|c| root.join(c).join(prefix).join(guest))
+                .collect(),
         }
     }
 
@@ -89,17 +99,32 @@ impl Cgroups {
                 write(&d.join("pids.max"), &PIDS_MAX.to_string())
             }
             Cgroups::V1 { .. } => {
-                write(&self.dir("memory", guest).join("memory.limit_in_bytes"), &memory)?;
-                write(&self.dir("cpu", guest).join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                write(&self.dir("cpu", guest).join("cpu.cfs_quota_us"), &quota.to_string())?;
-                write(&self.dir("pids", guest).join("pids.max"), &PIDS_MAX.to_string())
+                write(
+                    &self.dir("memory", guest).join("memory.limit_in_bytes"),
+                    &memory,
+                )?;
+                write(
+                    &self.dir("cpu", guest).join("cpu.cfs_period_us"),
+                    &CPU_PERIOD_US.to_string(),
+                )?;
+                write(
+                    &self.dir("cpu", guest).join("cpu.cfs_quota_us"),
+                    &quota.to_string(),
+                )?;
+                write(
+                    &self.dir("pids", guest).join("pids.max"),
+                    &PIDS_MAX.to_string(),
+                )
             }
         }
     }
 
     /// The `cgroup.procs` files a process writes its pid into to join the guest.
     pub fn procs_files(&self, guest: &str) -> Vec<PathBuf> {
-        self.dirs(guest).into_iter().map(|d| d.join("cgroup.procs")).collect()
+        self.dirs(guest)
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// Processes of the guest.
@@ -123,26 +148,39 @@ impl Cgroups {
             }
             tokio::time::sleep(std::time::Duration::from_millis(2 + attempt / 100)).await;
         }
-        Err(format!("the kernel did not {} guest {guest} within several seconds; try again", if frozen { "freeze" } else { "thaw" }))
+        Err(format!(
+            "the kernel did not {} guest {guest} within several seconds; try again",
+            if frozen { "freeze" } else { "thaw" }
+        ))
     }
 
     /// Asks the kernel to freeze or thaw the guest (it may take a while; see `freeze`).
     pub fn request_freeze(&self, guest: &str, frozen: bool) -> Result<(), String> {
         match self {
-            Cgroups::V2 { .. } => write(&self.dir("", guest).join("cgroup.freeze"), if frozen { "1" } else { "0" }),
-            Cgroups::V1 { .. } => write(&self.dir("freezer", guest).join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" }),
+            Cgroups::V2 { .. } => write(
+                &self.dir("", guest).join("cgroup.freeze"),
+                if frozen { "1" } else { "0" },
+            ),
+            Cgroups::V1 { .. } => write(
+                &self.dir("freezer", guest).join("freezer.state"),
+                if frozen { "FROZEN" } else { "THAWED" },
+            ),
         }
     }
 
     /// True when the guest is frozen.
     pub fn frozen(&self, guest: &str) -> bool {
         match self {
-            Cgroups::V2 { .. } => std::fs::read_to_string(self.dir("", guest).join("cgroup.events"))
-                .map(|s| s.lines().any(|l| l.trim() == "frozen 1"))
-                .unwrap_or(false),
-            Cgroups::V1 { .. } => std::fs::read_to_string(self.dir("freezer", guest).join("freezer.state"))
-                .map(|s| s.trim() == "FROZEN")
-                .unwrap_or(false),
+            Cgroups::V2 { .. } => {
+                std::fs::read_to_string(self.dir("", guest).join("cgroup.events"))
+                    .map(|s| s.lines().any(|l| l.trim() == "frozen 1"))
+                    .unwrap_or(false)
+            }
+            Cgroups::V1 { .. } => {
+                std::fs::read_to_string(self.dir("freezer", guest).join("freezer.state"))
+                    .map(|s| s.trim() == "FROZEN")
+                    .unwrap_or(false)
+            }
         }
     }
 
@@ -155,13 +193,22 @@ impl Cgroups {
                 let mem = read(d.join("memory.current")).trim().parse().unwrap_or(0);
                 let cpu_us: u64 = read(d.join("cpu.stat"))
                     .lines()
-                    .find_map(|l| l.strip_prefix("usage_usec ").and_then(|v| v.trim().parse().ok()))
+                    .find_map(|l| {
+                        l.strip_prefix("usage_usec ")
+                            .and_then(|v| v.trim().parse().ok())
+                    })
                     .unwrap_or(0);
                 (mem, cpu_us * 1000)
             }
             Cgroups::V1 { .. } => (
-                read(self.dir("memory", guest).join("memory.usage_in_bytes")).trim().parse().unwrap_or(0),
-                read(self.dir("cpuacct", guest).join("cpuacct.usage")).trim().parse().unwrap_or(0),
+                read(self.dir("memory", guest).join("memory.usage_in_bytes"))
+                    .trim()
+                    .parse()
+                    .unwrap_or(0),
+                read(self.dir("cpuacct", guest).join("cpuacct.usage"))
+                    .trim()
+                    .parse()
+                    .unwrap_or(0),
             ),
         }
     }
@@ -194,14 +241,22 @@ impl Cgroups {
             Cgroups::V1 { root, prefix } => root.join("pids").join(prefix),
         };
         std::fs::read_dir(parent)
-            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
 
 fn privileges(path: &Path, e: std::io::Error) -> String {
     if e.kind() == std::io::ErrorKind::PermissionDenied {
-        format!("cannot create the cgroup {}: permission denied; the linux driver must run as root (or with CAP_SYS_ADMIN)", path.display())
+        format!(
+            "cannot create the cgroup {}: permission denied; the linux driver must run as root (or with CAP_SYS_ADMIN)",
+            path.display()
+        )
     } else {
         format!("cannot create the cgroup {}: {e}", path.display())
     }

@@ -33,7 +33,10 @@ use tokio::process::Command;
 use self::cgroups::Cgroups;
 use self::network::{GuestNet, Subnet};
 use self::templates::Template;
-use cloud48_driver::{Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState, ServerStats};
+use cloud48_driver::{
+    Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState,
+    ServerStats,
+};
 use cloud48_model::Resources;
 
 /// How long `exec` may run.
@@ -123,8 +126,16 @@ impl LinuxDriver {
     /// Checks privileges and tools, prepares cgroups and the bridge, and loads the guests
     /// recorded in the data directory.
     pub async fn open(cfg: LinuxConfig) -> Result<LinuxDriver, String> {
-        if !(1..=5).contains(&cfg.prefix.len()) || !cfg.prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
-            return Err(format!("prefix '{}' must be 1-5 characters of a-z and 0-9", cfg.prefix));
+        if !(1..=5).contains(&cfg.prefix.len())
+            || !cfg
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(format!(
+                "prefix '{}' must be 1-5 characters of a-z and 0-9",
+                cfg.prefix
+            ));
         }
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -132,21 +143,33 @@ impl LinuxDriver {
         }
         for program in ["ip", "unshare", "nsenter", "mount", "hostname"] {
             if find_program(program).is_none() {
-                return Err(format!("{program} is not installed (Debian: apt-get install {})", network::package_of(program)));
+                return Err(format!(
+                    "{program} is not installed (Debian: apt-get install {})",
+                    network::package_of(program)
+                ));
             }
         }
         let cgroups = Cgroups::detect(&cfg.prefix)?;
         network::ensure_bridge(&cfg.bridge, &cfg.subnet).await?;
         let guests_dir = cfg.data_dir.join("guests");
-        std::fs::create_dir_all(&guests_dir).map_err(|e| format!("cannot create {}: {e}", guests_dir.display()))?;
+        std::fs::create_dir_all(&guests_dir)
+            .map_err(|e| format!("cannot create {}: {e}", guests_dir.display()))?;
         let mut guests = BTreeMap::new();
-        for entry in std::fs::read_dir(&guests_dir).map_err(|e| e.to_string())?.flatten() {
+        for entry in std::fs::read_dir(&guests_dir)
+            .map_err(|e| e.to_string())?
+            .flatten()
+        {
             let file = entry.path().join("guest.json");
-            match std::fs::read(&file).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string())) {
+            match std::fs::read(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))
+            {
                 Ok(r) => {
                     guests.insert(r.spec.guest_id.clone(), r);
                 }
-                Err(e) => tracing::warn!(file = %file.display(), error = %e, "skipping an unreadable guest record"),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "skipping an unreadable guest record")
+                }
             }
         }
         // After a reboot of the host the kernel has no cgroups for the recorded guests.
@@ -155,8 +178,18 @@ impl LinuxDriver {
                 tracing::warn!(guest = %r.spec.guest_id, error = %e, "cannot restore the cgroups of a guest");
             }
         }
-        let capacity = cfg.capacity.unwrap_or_else(|| machine_capacity(&cfg.data_dir));
-        Ok(LinuxDriver { cfg, cgroups, capacity, guests: Mutex::new(guests), locks: Mutex::new(HashMap::new()), cpu_sample: Mutex::new(None), disk_sample: Mutex::new(None) })
+        let capacity = cfg
+            .capacity
+            .unwrap_or_else(|| machine_capacity(&cfg.data_dir));
+        Ok(LinuxDriver {
+            cfg,
+            cgroups,
+            capacity,
+            guests: Mutex::new(guests),
+            locks: Mutex::new(HashMap::new()),
+            cpu_sample: Mutex::new(None),
+            disk_sample: Mutex::new(None),
+        })
     }
 
     /// Destroys every guest, then removes the bridge and the parent cgroups.
@@ -172,12 +205,22 @@ impl LinuxDriver {
     /// The template of a type id: configured, else built in.
     fn template(&self, type_id: &str) -> Template {
         let name = cloud48_model::type_name(type_id);
-        self.cfg.templates.get(name).cloned().unwrap_or_else(|| templates::template_for(name))
+        self.cfg
+            .templates
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| templates::template_for(name))
     }
 
     /// Holds the guest's lock: operations on one guest run one at a time.
     async fn hold(&self, guest: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = self.locks.lock().unwrap().entry(guest.to_string()).or_default().clone();
+        let lock = self
+            .locks
+            .lock()
+            .unwrap()
+            .entry(guest.to_string())
+            .or_default()
+            .clone();
         lock.lock_owned().await
     }
 
@@ -186,15 +229,24 @@ impl LinuxDriver {
     }
 
     fn record(&self, guest: &str) -> Result<Record, DriverError> {
-        self.guests.lock().unwrap().get(guest).cloned().ok_or_else(|| DriverError::NotFound(guest.into()))
+        self.guests
+            .lock()
+            .unwrap()
+            .get(guest)
+            .cloned()
+            .ok_or_else(|| DriverError::NotFound(guest.into()))
     }
 
     fn save(&self, r: &Record) -> Result<(), DriverError> {
         let dir = self.dir(&r.spec.guest_id);
         let tmp = dir.join("guest.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(r).expect("serializes")).map_err(permanent)?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(r).expect("serializes"))
+            .map_err(permanent)?;
         std::fs::rename(&tmp, dir.join("guest.json")).map_err(permanent)?;
-        self.guests.lock().unwrap().insert(r.spec.guest_id.clone(), r.clone());
+        self.guests
+            .lock()
+            .unwrap()
+            .insert(r.spec.guest_id.clone(), r.clone());
         Ok(())
     }
 
@@ -209,7 +261,12 @@ impl LinuxDriver {
     }
 
     fn info(&self, r: &Record) -> GuestInfo {
-        GuestInfo { guest_id: r.spec.guest_id.clone(), state: self.state(&r.spec.guest_id), ip: Some(r.ip.to_string()), resources: r.spec.resources }
+        GuestInfo {
+            guest_id: r.spec.guest_id.clone(),
+            state: self.state(&r.spec.guest_id),
+            ip: Some(r.ip.to_string()),
+            resources: r.spec.resources,
+        }
     }
 
     fn allocated(&self) -> Resources {
@@ -217,7 +274,10 @@ impl LinuxDriver {
     }
 
     fn over_capacity(&self, wanted: Resources) -> DriverError {
-        DriverError::Capacity { server: self.cfg.name.clone(), message: format!("{wanted:?} would exceed the capacity {:?}", self.capacity) }
+        DriverError::Capacity {
+            server: self.cfg.name.clone(),
+            message: format!("{wanted:?} would exceed the capacity {:?}", self.capacity),
+        }
     }
 
     /// Reserves capacity and an address for a new guest by recording it in memory, under one
@@ -234,11 +294,17 @@ impl LinuxDriver {
             return Err(self.over_capacity(wanted));
         }
         let used: Vec<Ipv4Addr> = guests.values().map(|r| r.ip).collect();
-        let asked = spec.ip.as_deref().and_then(|w| w.parse::<Ipv4Addr>().ok()).filter(|ip| self.cfg.subnet.contains(*ip) && !used.contains(ip));
-        let ip = asked.or_else(|| self.cfg.subnet.hosts().find(|ip| !used.contains(ip))).ok_or_else(|| DriverError::Capacity {
-            server: self.cfg.name.clone(),
-            message: format!("no free address left in {}", self.cfg.subnet),
-        })?;
+        let asked = spec
+            .ip
+            .as_deref()
+            .and_then(|w| w.parse::<Ipv4Addr>().ok())
+            .filter(|ip| self.cfg.subnet.contains(*ip) && !used.contains(ip));
+        let ip = asked
+            .or_else(|| self.cfg.subnet.hosts().find(|ip| !used.contains(ip)))
+            .ok_or_else(|| DriverError::Capacity {
+                server: self.cfg.name.clone(),
+                message: format!("no free address left in {}", self.cfg.subnet),
+            })?;
         let mut spec = spec.clone();
         spec.ip = Some(ip.to_string());
         let record = Record { spec, ip };
@@ -248,7 +314,11 @@ impl LinuxDriver {
 
     /// Makes the guest's directory, cgroups and record; `fill` writes its private files (off
     /// the async runtime). The record on disk is written last: a guest without one does not exist.
-    async fn make_guest(&self, spec: &GuestSpec, fill: impl FnOnce(&Path) -> Result<(), DriverError> + Send + 'static) -> Result<GuestInfo, DriverError> {
+    async fn make_guest(
+        &self,
+        spec: &GuestSpec,
+        fill: impl FnOnce(&Path) -> Result<(), DriverError> + Send + 'static,
+    ) -> Result<GuestInfo, DriverError> {
         validate_id(&spec.guest_id)?;
         let record = match self.reserve(spec)? {
             Ok(r) => r,
@@ -263,7 +333,9 @@ impl LinuxDriver {
             })
             .await
             .map_err(permanent)??;
-            self.cgroups.create(&spec.guest_id, &spec.resources).map_err(permanent)?;
+            self.cgroups
+                .create(&spec.guest_id, &spec.resources)
+                .map_err(permanent)?;
             self.save(&record)
         }
         .await;
@@ -291,7 +363,11 @@ impl LinuxDriver {
         self.cgroups.pids(guest).into_iter().find(|p| {
             std::fs::read_to_string(format!("/proc/{p}/status"))
                 .ok()
-                .and_then(|s| s.lines().find(|l| l.starts_with("NSpid:")).map(|l| l.split_whitespace().last() == Some("1") && l.split_whitespace().count() > 2))
+                .and_then(|s| {
+                    s.lines().find(|l| l.starts_with("NSpid:")).map(|l| {
+                        l.split_whitespace().last() == Some("1") && l.split_whitespace().count() > 2
+                    })
+                })
                 .unwrap_or(false)
         })
     }
@@ -317,7 +393,9 @@ impl LinuxDriver {
             if !self.wait_empty(guest, self.cfg.stop_grace).await {
                 signal_all(self.cgroups.pids(guest), libc::SIGKILL);
                 if !self.wait_empty(guest, Duration::from_secs(10)).await {
-                    return Err(DriverError::Transient(format!("processes of {guest} survived SIGKILL; try again")));
+                    return Err(DriverError::Transient(format!(
+                        "processes of {guest} survived SIGKILL; try again"
+                    )));
                 }
             }
         }
@@ -329,25 +407,44 @@ impl LinuxDriver {
         let guest = &r.spec.guest_id;
         let t = self.template(&r.spec.type_id);
         let exe = self.cfg.exe.to_string_lossy().into_owned();
-        let fill = |s: &str| s.replace("{id}", guest).replace("{ip}", &r.ip.to_string()).replace("{exe}", &exe);
+        let fill = |s: &str| {
+            s.replace("{id}", guest)
+                .replace("{ip}", &r.ip.to_string())
+                .replace("{exe}", &exe)
+        };
         let command: Vec<String> = t.command.iter().map(|s| fill(s)).collect();
         if find_program(&command[0]).is_none() {
             return Err(DriverError::Permanent(format!(
                 "{} is not installed on server {}; containers of type {} need it (Debian: apt-get install {})",
-                command[0], self.cfg.name, r.spec.type_id, network::package_of(&command[0])
+                command[0],
+                self.cfg.name,
+                r.spec.type_id,
+                network::package_of(&command[0])
             )));
         }
         let net = GuestNet::new(&self.cfg.prefix, guest);
-        network::attach(&net, &self.cfg.bridge, &self.cfg.subnet, r.ip).await.map_err(permanent)?;
+        network::attach(&net, &self.cfg.bridge, &self.cfg.subnet, r.ip)
+            .await
+            .map_err(permanent)?;
         let dir = self.dir(guest);
-        let log = match std::fs::OpenOptions::new().create(true).append(true).open(dir.join("console.log")).and_then(|f| Ok((f.try_clone()?, f))) {
+        let log = match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("console.log"))
+            .and_then(|f| Ok((f.try_clone()?, f)))
+        {
             Ok(files) => files,
             Err(e) => {
                 network::detach(&net).await;
                 return Err(permanent(format!("cannot open the log of {guest}: {e}")));
             }
         };
-        let procs: Vec<String> = self.cgroups.procs_files(guest).iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let procs: Vec<String> = self
+            .cgroups
+            .procs_files(guest)
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
         let spawned = Command::new("sh")
             .arg("-c")
             .arg(LAUNCH)
@@ -386,7 +483,11 @@ impl LinuxDriver {
                 match t.ready_port {
                     None => return Ok(()),
                     Some(port) => {
-                        let probe = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect((r.ip, port))).await;
+                        let probe = tokio::time::timeout(
+                            Duration::from_millis(200),
+                            tokio::net::TcpStream::connect((r.ip, port)),
+                        )
+                        .await;
                         if matches!(probe, Ok(Ok(_))) {
                             return Ok(());
                         }
@@ -398,7 +499,9 @@ impl LinuxDriver {
                 let _ = self.halt(guest).await;
                 return Err(DriverError::Permanent(format!(
                     "container {guest} did not become ready{}; its output ends with:\n{}",
-                    t.ready_port.map(|p| format!(" (nothing answered on port {p})")).unwrap_or_default(),
+                    t.ready_port
+                        .map(|p| format!(" (nothing answered on port {p})"))
+                        .unwrap_or_default(),
                     tail(&dir.join("console.log"), 2048)
                 )));
             }
@@ -416,13 +519,17 @@ impl LinuxDriver {
         }
         fn walk(p: &Path) -> u64 {
             match std::fs::symlink_metadata(p) {
-                Ok(m) if m.is_dir() => std::fs::read_dir(p).map(|rd| rd.flatten().map(|e| walk(&e.path())).sum()).unwrap_or(0),
+                Ok(m) if m.is_dir() => std::fs::read_dir(p)
+                    .map(|rd| rd.flatten().map(|e| walk(&e.path())).sum())
+                    .unwrap_or(0),
                 Ok(m) => m.len(),
                 Err(_) => 0,
             }
         }
         let root = self.cfg.data_dir.join("guests");
-        let bytes = tokio::task::spawn_blocking(move || walk(&root)).await.unwrap_or(0);
+        let bytes = tokio::task::spawn_blocking(move || walk(&root))
+            .await
+            .unwrap_or(0);
         *self.disk_sample.lock().unwrap() = Some((Instant::now(), bytes));
         bytes
     }
@@ -436,13 +543,23 @@ fn signal_all(pids: Vec<i32>, signal: i32) {
 }
 
 fn allocated_in(guests: &BTreeMap<String, Record>) -> Resources {
-    guests.values().fold(Resources::default(), |acc, r| acc.plus(&r.spec.resources))
+    guests
+        .values()
+        .fold(Resources::default(), |acc, r| acc.plus(&r.spec.resources))
 }
 
 /// Guest ids become directory, cgroup and host names.
 fn validate_id(id: &str) -> Result<(), DriverError> {
-    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') || id.starts_with('.') {
-        return Err(DriverError::Permanent(format!("guest id '{id}' must be 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'")));
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        || id.starts_with('.')
+    {
+        return Err(DriverError::Permanent(format!(
+            "guest id '{id}' must be 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'"
+        )));
     }
     Ok(())
 }
@@ -453,12 +570,16 @@ fn find_program(program: &str) -> Option<PathBuf> {
         return Path::new(program).exists().then(|| PathBuf::from(program));
     }
     let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 fn tail(path: &Path, max: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
     let mut buf = Vec::new();
@@ -468,19 +589,32 @@ fn tail(path: &Path, max: u64) -> String {
 
 /// Cpu, memory and disk of this machine.
 fn machine_capacity(data_dir: &Path) -> Resources {
-    let cpus = std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
     let memory_kb: u64 = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
         .unwrap_or(0);
     let disk_mb = {
         let c = std::ffi::CString::new(data_dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
         // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } == 0 { (s.f_blocks as u64 * s.f_frsize as u64) >> 20 } else { 0 }
+        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } == 0 {
+            (s.f_blocks as u64 * s.f_frsize as u64) >> 20
+        } else {
+            0
+        }
     };
-    Resources { cpu_millis: cpus * 1000, memory_mb: memory_kb / 1024, disk_mb }
+    Resources {
+        cpu_millis: cpus * 1000,
+        memory_mb: memory_kb / 1024,
+        disk_mb,
+    }
 }
 
 /// A tar archive of a guest's directory: directories, files and symlinks; sockets, pipes and
@@ -511,7 +645,9 @@ fn archive(fs: &Path) -> std::io::Result<Vec<u8>> {
 fn unpack(image: &GuestImage, fs: &Path) -> Result<(), DriverError> {
     let mut archive = tar::Archive::new(image.data.as_slice());
     archive.set_preserve_permissions(true);
-    archive.unpack(fs).map_err(|e| DriverError::Permanent(format!("the guest image is not a valid archive: {e}")))
+    archive
+        .unpack(fs)
+        .map_err(|e| DriverError::Permanent(format!("the guest image is not a valid archive: {e}")))
 }
 
 #[async_trait]
@@ -521,7 +657,12 @@ impl Driver for LinuxDriver {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities { suspend: true, exec: true, migrate: true, update: true }
+        Capabilities {
+            suspend: true,
+            exec: true,
+            migrate: true,
+            update: true,
+        }
     }
 
     async fn create(&self, spec: &GuestSpec) -> Result<GuestInfo, DriverError> {
@@ -548,7 +689,11 @@ impl Driver for LinuxDriver {
         let r = self.record(guest_id)?;
         match self.state(guest_id) {
             GuestState::Running => Ok(()),
-            GuestState::Suspended => Err(DriverError::InvalidState { guest: guest_id.into(), state: GuestState::Suspended, operation: "start".into() }),
+            GuestState::Suspended => Err(DriverError::InvalidState {
+                guest: guest_id.into(),
+                state: GuestState::Suspended,
+                operation: "start".into(),
+            }),
             GuestState::Stopped => self.launch(&r).await,
         }
     }
@@ -565,7 +710,11 @@ impl Driver for LinuxDriver {
         match self.state(guest_id) {
             GuestState::Suspended => Ok(()),
             GuestState::Running => self.cgroups.freeze(guest_id, true).await.map_err(permanent),
-            s => Err(DriverError::InvalidState { guest: guest_id.into(), state: s, operation: "suspend".into() }),
+            s => Err(DriverError::InvalidState {
+                guest: guest_id.into(),
+                state: s,
+                operation: "suspend".into(),
+            }),
         }
     }
 
@@ -574,8 +723,16 @@ impl Driver for LinuxDriver {
         self.record(guest_id)?;
         match self.state(guest_id) {
             GuestState::Running => Ok(()),
-            GuestState::Suspended => self.cgroups.freeze(guest_id, false).await.map_err(permanent),
-            s => Err(DriverError::InvalidState { guest: guest_id.into(), state: s, operation: "resume".into() }),
+            GuestState::Suspended => self
+                .cgroups
+                .freeze(guest_id, false)
+                .await
+                .map_err(permanent),
+            s => Err(DriverError::InvalidState {
+                guest: guest_id.into(),
+                state: s,
+                operation: "resume".into(),
+            }),
         }
     }
 
@@ -587,7 +744,11 @@ impl Driver for LinuxDriver {
                 self.halt(guest_id).await?;
                 self.launch(&r).await
             }
-            s => Err(DriverError::InvalidState { guest: guest_id.into(), state: s, operation: "reboot".into() }),
+            s => Err(DriverError::InvalidState {
+                guest: guest_id.into(),
+                state: s,
+                operation: "reboot".into(),
+            }),
         }
     }
 
@@ -598,7 +759,16 @@ impl Driver for LinuxDriver {
         }
         self.halt(guest_id).await?;
         self.cgroups.remove(guest_id);
-        tokio::fs::remove_dir_all(self.dir(guest_id)).await.or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(permanent)?;
+        tokio::fs::remove_dir_all(self.dir(guest_id))
+            .await
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(permanent)?;
         self.guests.lock().unwrap().remove(guest_id);
         Ok(())
     }
@@ -620,14 +790,21 @@ impl Driver for LinuxDriver {
         let r = self.record(guest_id)?;
         let state = self.state(guest_id);
         if state != GuestState::Stopped {
-            return Err(DriverError::InvalidState { guest: guest_id.into(), state, operation: "export".into() });
+            return Err(DriverError::InvalidState {
+                guest: guest_id.into(),
+                state,
+                operation: "export".into(),
+            });
         }
         let fs = self.dir(guest_id).join("fs");
         let data = tokio::task::spawn_blocking(move || archive(&fs))
-        .await
-        .map_err(permanent)?
-        .map_err(|e| permanent(format!("cannot archive the directory of {guest_id}: {e}")))?;
-        Ok(GuestImage { type_id: r.spec.type_id, data })
+            .await
+            .map_err(permanent)?
+            .map_err(|e| permanent(format!("cannot archive the directory of {guest_id}: {e}")))?;
+        Ok(GuestImage {
+            type_id: r.spec.type_id,
+            data,
+        })
     }
 
     async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
@@ -636,14 +813,28 @@ impl Driver for LinuxDriver {
         self.make_guest(spec, move |fs| unpack(&image, fs)).await
     }
 
-    async fn exec(&self, guest_id: &str, script: &str, args: &[String]) -> Result<ExecOutput, DriverError> {
+    async fn exec(
+        &self,
+        guest_id: &str,
+        script: &str,
+        args: &[String],
+    ) -> Result<ExecOutput, DriverError> {
         let _held = self.hold(guest_id).await;
         self.record(guest_id)?;
         let state = self.state(guest_id);
         let (GuestState::Running, Some(pid)) = (state, self.init_pid(guest_id)) else {
-            return Err(DriverError::InvalidState { guest: guest_id.into(), state, operation: "exec".into() });
+            return Err(DriverError::InvalidState {
+                guest: guest_id.into(),
+                state,
+                operation: "exec".into(),
+            });
         };
-        let procs: Vec<String> = self.cgroups.procs_files(guest_id).iter().map(|p| p.to_string_lossy().into_owned()).collect();
+        let procs: Vec<String> = self
+            .cgroups
+            .procs_files(guest_id)
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
         let child = Command::new("sh")
             .arg("-c")
             .arg(JOIN)
@@ -668,15 +859,29 @@ impl Driver for LinuxDriver {
                     // SAFETY: killpg has no memory preconditions.
                     unsafe { libc::killpg(g as i32, libc::SIGKILL) };
                 }
-                return Err(permanent(format!("exec in {guest_id} did not finish within {} s and was killed", EXEC_TIMEOUT.as_secs())));
+                return Err(permanent(format!(
+                    "exec in {guest_id} did not finish within {} s and was killed",
+                    EXEC_TIMEOUT.as_secs()
+                )));
             }
         };
-        let text = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(EXEC_OUTPUT_MAX)]).into_owned();
-        Ok(ExecOutput { exit_code: out.status.code().unwrap_or(-1), stdout: text(&out.stdout), stderr: text(&out.stderr) })
+        let text =
+            |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(EXEC_OUTPUT_MAX)]).into_owned();
+        Ok(ExecOutput {
+            exit_code: out.status.code().unwrap_or(-1),
+            stdout: text(&out.stdout),
+            stderr: text(&out.stderr),
+        })
     }
 
     async fn status(&self, guest_id: &str) -> Result<Option<GuestInfo>, DriverError> {
-        Ok(self.guests.lock().unwrap().get(guest_id).cloned().map(|r| self.info(&r)))
+        Ok(self
+            .guests
+            .lock()
+            .unwrap()
+            .get(guest_id)
+            .cloned()
+            .map(|r| self.info(&r)))
     }
 
     async fn list(&self) -> Result<Vec<GuestInfo>, DriverError> {
@@ -696,7 +901,9 @@ impl Driver for LinuxDriver {
         let cpu_millis = {
             let mut last = self.cpu_sample.lock().unwrap();
             let millis = match *last {
-                Some((at, before)) if now > at => cpu_ns.saturating_sub(before) * 1000 / (now - at).as_nanos().max(1) as u64,
+                Some((at, before)) if now > at => {
+                    cpu_ns.saturating_sub(before) * 1000 / (now - at).as_nanos().max(1) as u64
+                }
                 _ => 0,
             };
             *last = Some((now, cpu_ns));
@@ -706,7 +913,11 @@ impl Driver for LinuxDriver {
             capacity: self.capacity,
             allocated: self.allocated(),
             guests: ids.len() as u64,
-            used: Some(Resources { cpu_millis, memory_mb: memory >> 20, disk_mb: self.disk_used().await >> 20 }),
+            used: Some(Resources {
+                cpu_millis,
+                memory_mb: memory >> 20,
+                disk_mb: self.disk_used().await >> 20,
+            }),
         })
     }
 
@@ -737,11 +948,23 @@ pub fn sweep(prefix: &str, bridges: &[&str]) {
         }
         cg.remove_parent();
     }
-    let netns = std::process::Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
-    for ns in netns.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&format!("{prefix}-"))) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", ns]).output();
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for ns in netns
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+    {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", ns])
+            .output();
     }
     for b in bridges {
-        let _ = std::process::Command::new("ip").args(["link", "del", b]).output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", b])
+            .output();
     }
 }

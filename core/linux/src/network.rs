@@ -26,7 +26,10 @@ impl std::str::FromStr for Subnet {
             return Err(bad());
         }
         let mask = u32::MAX << (32 - prefix);
-        Ok(Subnet { network: Ipv4Addr::from(u32::from(addr) & mask), prefix })
+        Ok(Subnet {
+            network: Ipv4Addr::from(u32::from(addr) & mask),
+            prefix,
+        })
     }
 }
 
@@ -51,7 +54,9 @@ impl Subnet {
 
     /// True when `ip` is a guest address of this subnet.
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        self.hosts().next().is_some_and(|first| u32::from(ip) >= u32::from(first))
+        self.hosts()
+            .next()
+            .is_some_and(|first| u32::from(ip) >= u32::from(first))
             && u32::from(ip) < u32::from(self.network) + (1u32 << (32 - self.prefix)) - 1
     }
 }
@@ -64,20 +69,30 @@ pub async fn run(program: &str, args: &[&str]) -> Result<String, String> {
         .output()
         .await
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => format!("{program} is not installed on this server (Debian: apt-get install {})", package_of(program)),
+            std::io::ErrorKind::NotFound => format!(
+                "{program} is not installed on this server (Debian: apt-get install {})",
+                package_of(program)
+            ),
             _ => format!("cannot run {program}: {e}"),
         })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(failed(&format!("{program} {}", args.join(" ")), &out.stderr))
+        Err(failed(
+            &format!("{program} {}", args.join(" ")),
+            &out.stderr,
+        ))
     }
 }
 
 /// What a failed command said, with a hint when privileges are missing.
 fn failed(what: &str, stderr: &[u8]) -> String {
     let err = String::from_utf8_lossy(stderr);
-    let hint = if err.contains("Operation not permitted") { " (the linux driver must run as root)" } else { "" };
+    let hint = if err.contains("Operation not permitted") {
+        " (the linux driver must run as root)"
+    } else {
+        ""
+    };
     format!("{what} failed: {}{hint}", err.trim())
 }
 
@@ -107,7 +122,11 @@ impl GuestNet {
     pub fn new(prefix: &str, guest: &str) -> GuestNet {
         use sha2::{Digest, Sha256};
         let h = hex::encode(&Sha256::digest(guest.as_bytes())[..4]);
-        GuestNet { netns: format!("{prefix}-{h}"), host_if: format!("{prefix}{h}h"), peer_if: format!("{prefix}{h}g") }
+        GuestNet {
+            netns: format!("{prefix}-{h}"),
+            host_if: format!("{prefix}{h}h"),
+            peer_if: format!("{prefix}{h}g"),
+        }
     }
 }
 
@@ -146,25 +165,43 @@ async fn batch(netns: Option<&str>, lines: &[String]) -> Result<(), String> {
         .spawn()
         .map_err(|e| format!("cannot run ip (Debian: apt-get install iproute2): {e}"))?;
     let mut stdin = child.stdin.take().expect("piped");
-    stdin.write_all(lines.join("\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    stdin
+        .write_all(lines.join("\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     drop(stdin);
     let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
     if out.status.success() {
         return Ok(());
     }
-    Err(failed(&format!("ip -batch ({})", lines.join("; ")), &out.stderr))
+    Err(failed(
+        &format!("ip -batch ({})", lines.join("; ")),
+        &out.stderr,
+    ))
 }
 
 /// Creates the guest's namespace and veth pair with `ip` on the bridge (after removing leftovers).
-pub async fn attach(net: &GuestNet, bridge: &str, subnet: &Subnet, ip: Ipv4Addr) -> Result<(), String> {
+pub async fn attach(
+    net: &GuestNet,
+    bridge: &str,
+    subnet: &Subnet,
+    ip: Ipv4Addr,
+) -> Result<(), String> {
     // /proc/net shows this process's network namespace (unlike /sys under nsenter).
-    let interfaces = tokio::fs::read_to_string("/proc/net/dev").await.unwrap_or_default();
-    if interfaces.contains(&format!("{}:", net.host_if)) || std::path::Path::new(&format!("/run/netns/{}", net.netns)).exists() {
+    let interfaces = tokio::fs::read_to_string("/proc/net/dev")
+        .await
+        .unwrap_or_default();
+    if interfaces.contains(&format!("{}:", net.host_if))
+        || std::path::Path::new(&format!("/run/netns/{}", net.netns)).exists()
+    {
         detach(net).await;
     }
     run("ip", &["netns", "add", &net.netns]).await?;
     let host = [
-        format!("link add {} type veth peer name {}", net.host_if, net.peer_if),
+        format!(
+            "link add {} type veth peer name {}",
+            net.host_if, net.peer_if
+        ),
         format!("link set {} master {bridge} up", net.host_if),
         format!("link set {} netns {}", net.peer_if, net.netns),
     ];

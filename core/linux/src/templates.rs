@@ -33,19 +33,28 @@ pub struct Template {
 /// ready_port = 6379
 /// ```
 pub fn parse_templates(text: &str) -> Result<BTreeMap<String, Template>, String> {
-    let templates: BTreeMap<String, Template> = toml_edit::de::from_str(text).map_err(|e| e.to_string())?;
+    let templates: BTreeMap<String, Template> =
+        toml_edit::de::from_str(text).map_err(|e| e.to_string())?;
     for (name, t) in &templates {
         if t.command.is_empty() || t.command[0].is_empty() {
             return Err(format!("template {name}: command must name a program"));
         }
         for d in t.private_dirs.iter().chain(t.files.keys()) {
             if !d.starts_with('/') || d.contains("..") || d.contains(char::is_whitespace) {
-                return Err(format!("template {name}: '{d}' must be an absolute path without '..' or spaces"));
+                return Err(format!(
+                    "template {name}: '{d}' must be an absolute path without '..' or spaces"
+                ));
             }
         }
         for f in t.files.keys() {
-            if !t.private_dirs.iter().any(|d| f.starts_with(&format!("{}/", d.trim_end_matches('/')))) {
-                return Err(format!("template {name}: file '{f}' must lie in one of its private_dirs, or it would not be visible inside"));
+            if !t
+                .private_dirs
+                .iter()
+                .any(|d| f.starts_with(&format!("{}/", d.trim_end_matches('/'))))
+            {
+                return Err(format!(
+                    "template {name}: file '{f}' must lie in one of its private_dirs, or it would not be visible inside"
+                ));
             }
         }
     }
@@ -86,7 +95,14 @@ fn strings(v: &[&str]) -> Vec<String> {
 /// container id.
 fn echo_server(port: u16) -> Template {
     Template {
-        command: strings(&["{exe}", "guest-http", "--listen", &format!("0.0.0.0:{port}"), "--answer", "{id}"]),
+        command: strings(&[
+            "{exe}",
+            "guest-http",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--answer",
+            "{id}",
+        ]),
         private_dirs: strings(&["/etc/cloud48"]),
         files: BTreeMap::new(),
         ready_port: Some(port),
@@ -102,7 +118,10 @@ pub fn template_for(type_name: &str) -> Template {
             private_dirs: strings(&["/etc/nginx", "/var/lib/nginx", "/var/log/nginx", "/run"]),
             files: BTreeMap::from([
                 ("/etc/nginx/nginx.conf".to_string(), NGINX_CONF.to_string()),
-                ("/etc/nginx/conf.d/cloud48-upstreams.conf".to_string(), NO_UPSTREAMS.to_string()),
+                (
+                    "/etc/nginx/conf.d/cloud48-upstreams.conf".to_string(),
+                    NO_UPSTREAMS.to_string(),
+                ),
             ]),
             ready_port: Some(80),
         },

@@ -53,7 +53,11 @@ impl Resources {
 
     /// `n` times these resources.
     pub fn times(&self, n: u64) -> Resources {
-        Resources { cpu_millis: self.cpu_millis * n, memory_mb: self.memory_mb * n, disk_mb: self.disk_mb * n }
+        Resources {
+            cpu_millis: self.cpu_millis * n,
+            memory_mb: self.memory_mb * n,
+            disk_mb: self.disk_mb * n,
+        }
     }
 
     /// Figure-wise sum.
@@ -481,7 +485,9 @@ pub fn type_name(type_id: &str) -> &str {
 pub fn validate_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.starts_with('-');
     if ok {
         Ok(())
@@ -508,7 +514,10 @@ mod tests {
     fn every_command_kind_reads_back_from_its_text() {
         for k in CommandKind::ALL {
             assert_eq!(k.as_str().parse::<CommandKind>(), Ok(*k));
-            assert_eq!(serde_json::to_value(k).unwrap(), serde_json::Value::from(k.as_str()));
+            assert_eq!(
+                serde_json::to_value(k).unwrap(),
+                serde_json::Value::from(k.as_str())
+            );
         }
         assert_eq!(CommandKind::ContainerCreateMany.op(), "create_many");
         assert_eq!(CommandKind::Noop.op(), "noop");
@@ -517,16 +526,41 @@ mod tests {
     #[test]
     fn an_unknown_text_is_an_error_that_lists_the_known_ones() {
         let e = "container.explode".parse::<CommandKind>().unwrap_err();
-        assert!(e.contains("unknown CommandKind 'container.explode'") && e.contains("container.start"), "{e}");
+        assert!(
+            e.contains("unknown CommandKind 'container.explode'") && e.contains("container.start"),
+            "{e}"
+        );
         let e = "paused".parse::<CommandStatus>().unwrap_err();
         assert!(e.contains("queued"), "{e}");
     }
 
     #[test]
     fn resources_validate_and_subtract() {
-        let a = Resources { cpu_millis: 1000, memory_mb: 512, disk_mb: 100 };
-        let b = Resources { cpu_millis: 500, memory_mb: 1024, disk_mb: 100 };
-        assert_eq!(a.minus(&b), Resources { cpu_millis: 500, memory_mb: 0, disk_mb: 0 });
-        assert_eq!(b.minus(&a), Resources { cpu_millis: 0, memory_mb: 512, disk_mb: 0 });
+        let a = Resources {
+            cpu_millis: 1000,
+            memory_mb: 512,
+            disk_mb: 100,
+        };
+        let b = Resources {
+            cpu_millis: 500,
+            memory_mb: 1024,
+            disk_mb: 100,
+        };
+        assert_eq!(
+            a.minus(&b),
+            Resources {
+                cpu_millis: 500,
+                memory_mb: 0,
+                disk_mb: 0
+            }
+        );
+        assert_eq!(
+            b.minus(&a),
+            Resources {
+                cpu_millis: 0,
+                memory_mb: 512,
+                disk_mb: 0
+            }
+        );
     }
 }

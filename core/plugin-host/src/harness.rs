@@ -5,12 +5,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use cloud48_sdk::testing::{Call, Hooks, Platform};
-use cloud48_sdk::{Action, Context, DownCause as SdkCause, Member, Metadata, Outcome, Resources, Status, Verdict as SdkVerdict};
+use cloud48_sdk::{
+    Action, Context, DownCause as SdkCause, Member, Metadata, Outcome, Resources, Status,
+    Verdict as SdkVerdict,
+};
 use serde::Deserialize;
 
+use crate::types::{
+    ContainerType, DownCause, EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict,
+};
 use crate::{PluginHost, WasmPlugin};
 use cloud48_model::ContainerStatus;
-use crate::types::{ContainerType, DownCause, EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict};
 
 /// Compiled plugins by type name, for the SDK harness.
 #[derive(Default)]
@@ -21,12 +26,15 @@ pub struct WasmHooks {
 impl WasmHooks {
     /// Adds a compiled plugin (replacing one of the same name).
     pub fn with(mut self, plugin: WasmPlugin) -> Self {
-        self.plugins.insert(plugin.meta().name.clone(), Arc::new(plugin));
+        self.plugins
+            .insert(plugin.meta().name.clone(), Arc::new(plugin));
         self
     }
 
     fn get(&self, name: &str) -> Result<&Arc<WasmPlugin>, String> {
-        self.plugins.get(name).ok_or_else(|| format!("no plugin named {name} is loaded"))
+        self.plugins
+            .get(name)
+            .ok_or_else(|| format!("no plugin named {name} is loaded"))
     }
 }
 
@@ -42,7 +50,14 @@ fn status(s: Status) -> ContainerStatus {
 }
 
 fn view(m: &Member) -> MemberView {
-    MemberView { id: m.id, type_id: m.type_id.clone(), priority: m.priority, status: status(m.status), server: m.server.clone(), ip: m.ip.clone() }
+    MemberView {
+        id: m.id,
+        type_id: m.type_id.clone(),
+        priority: m.priority,
+        status: status(m.status),
+        server: m.server.clone(),
+        ip: m.ip.clone(),
+    }
 }
 
 impl Hooks for WasmHooks {
@@ -54,7 +69,11 @@ impl Hooks for WasmHooks {
             version: m.version,
             wit_version: m.wit_version,
             priority: m.priority,
-            requirements: Resources { cpu_millis: r.cpu_millis, memory_mb: r.memory_mb, disk_mb: r.disk_mb },
+            requirements: Resources {
+                cpu_millis: r.cpu_millis,
+                memory_mb: r.memory_mb,
+                disk_mb: r.disk_mb,
+            },
             description: m.description,
         })
     }
@@ -72,7 +91,9 @@ impl Hooks for WasmHooks {
             Call::AfterOtherIsAdded(o) => Hook::AfterOtherIsAdded(view(o)),
             Call::BeforeItIsRemoved => Hook::BeforeItIsRemoved,
             Call::AfterOtherIsRemoved(o) => Hook::AfterOtherIsRemoved(view(o)),
-            Call::IsDown(SdkCause::ServerUnreachable(s)) => Hook::IsDown(DownCause::ServerUnreachable(s.clone())),
+            Call::IsDown(SdkCause::ServerUnreachable(s)) => {
+                Hook::IsDown(DownCause::ServerUnreachable(s.clone()))
+            }
             Call::IsDown(SdkCause::Crashed(s)) => Hook::IsDown(DownCause::Crashed(s.clone())),
             Call::IsUp => Hook::IsUp,
         };
@@ -83,7 +104,14 @@ impl Hooks for WasmHooks {
             members: ctx.environment.members.iter().map(view).collect(),
         };
         let out = plugin
-            .handle(&hook, &HookContext { container: &me, environment: &env, state: &ctx.state })
+            .handle(
+                &hook,
+                &HookContext {
+                    container: &me,
+                    environment: &env,
+                    state: &ctx.state,
+                },
+            )
             .map_err(|e| e.to_string())?;
         Ok(Outcome {
             verdict: match out.verdict {
@@ -97,9 +125,15 @@ impl Hooks for WasmHooks {
                     HookAction::AddContainer(t) => Action::AddContainer(t),
                     HookAction::RemoveContainer(id) => Action::RemoveContainer(id),
                     HookAction::ReplaceContainer(id) => Action::ReplaceContainer(id),
-                    HookAction::Exec { container, script, args } => {
-                        Action::Exec(cloud48_sdk::ExecRequest { container, script, args })
-                    }
+                    HookAction::Exec {
+                        container,
+                        script,
+                        args,
+                    } => Action::Exec(cloud48_sdk::ExecRequest {
+                        container,
+                        script,
+                        args,
+                    }),
                 })
                 .collect(),
             new_state: out.new_state,
@@ -107,7 +141,11 @@ impl Hooks for WasmHooks {
     }
 
     fn inspect(&self, type_name: &str, state: &[u8]) -> Result<String, String> {
-        Ok(self.get(type_name)?.inspect(state).map_err(|e| e.to_string())?.to_string())
+        Ok(self
+            .get(type_name)?
+            .inspect(state)
+            .map_err(|e| e.to_string())?
+            .to_string())
     }
 }
 
@@ -164,7 +202,11 @@ pub fn run_scenario(
 ) -> Result<Vec<String>, String> {
     let mut hooks = WasmHooks::default();
     for (name, wasm) in bundled {
-        if scenario.bundled.as_ref().is_none_or(|b| b.iter().any(|x| x == name)) {
+        if scenario
+            .bundled
+            .as_ref()
+            .is_none_or(|b| b.iter().any(|x| x == name))
+        {
             hooks = hooks.with(host.load(wasm).map_err(|e| e.to_string())?);
         }
     }
@@ -176,24 +218,47 @@ pub fn run_scenario(
     for (i, step) in scenario.steps.iter().enumerate() {
         let n = i + 1;
         let (what, result) = if let Some(t) = &step.add {
-            (format!("add {t}"), p.add(t).map(|id| format!("container {id}")))
+            (
+                format!("add {t}"),
+                p.add(t).map(|id| format!("container {id}")),
+            )
         } else if let Some(id) = step.remove {
-            (format!("remove {id}"), p.remove(id).map(|_| "removed".to_string()))
+            (
+                format!("remove {id}"),
+                p.remove(id).map(|_| "removed".to_string()),
+            )
         } else if let Some(s) = &step.crash {
-            (format!("crash {s}"), p.crash_server(s).map(|_| "crashed".to_string()))
+            (
+                format!("crash {s}"),
+                p.crash_server(s).map(|_| "crashed".to_string()),
+            )
         } else {
             ("check".to_string(), Ok(String::new()))
         };
         let fail = |m: String| format!("step {n} ({what}): {m}");
         match (&step.expect_deny, result) {
-            (Some(want), Err(reason)) if reason.contains(want.as_str()) => report.push(format!("✓ step {n}: {what} denied: {reason}")),
-            (Some(want), Err(reason)) => return Err(fail(format!("denied with '{reason}', expected a denial containing '{want}'"))),
-            (Some(want), Ok(_)) => return Err(fail(format!("allowed, expected a denial containing '{want}'"))),
+            (Some(want), Err(reason)) if reason.contains(want.as_str()) => {
+                report.push(format!("✓ step {n}: {what} denied: {reason}"))
+            }
+            (Some(want), Err(reason)) => {
+                return Err(fail(format!(
+                    "denied with '{reason}', expected a denial containing '{want}'"
+                )));
+            }
+            (Some(want), Ok(_)) => {
+                return Err(fail(format!(
+                    "allowed, expected a denial containing '{want}'"
+                )));
+            }
             (None, Err(e)) => return Err(fail(e)),
             (None, Ok(r)) => report.push(format!("✓ step {n}: {what} {r}")),
         }
         if let Some(want) = &step.expect_members {
-            let got: Vec<String> = p.members().iter().map(|m| cloud48_sdk::type_name(&m.type_id).to_string()).collect();
+            let got: Vec<String> = p
+                .members()
+                .iter()
+                .map(|m| cloud48_sdk::type_name(&m.type_id).to_string())
+                .collect();
             if &got != want {
                 return Err(fail(format!("members are {got:?}, expected {want:?}")));
             }
@@ -201,16 +266,25 @@ pub fn run_scenario(
         if let Some(want) = step.expect_execs
             && p.execs.len() != want
         {
-            return Err(fail(format!("{} scripts were exec'd, expected {want}", p.execs.len())));
+            return Err(fail(format!(
+                "{} scripts were exec'd, expected {want}",
+                p.execs.len()
+            )));
         }
         if let Some(e) = &step.expect_state {
             if !p.members().iter().any(|m| m.id == e.id) {
                 return Err(fail(format!("container {} is not a member", e.id)));
             }
             let state = p.inspect(e.id);
-            let got = state.pointer(&e.pointer).cloned().unwrap_or(serde_json::Value::Null);
+            let got = state
+                .pointer(&e.pointer)
+                .cloned()
+                .unwrap_or(serde_json::Value::Null);
             if got != e.value {
-                return Err(fail(format!("state {} of container {} is {got}, expected {}", e.pointer, e.id, e.value)));
+                return Err(fail(format!(
+                    "state {} of container {} is {got}, expected {}",
+                    e.pointer, e.id, e.value
+                )));
             }
         }
     }

@@ -14,14 +14,17 @@ use std::time::Duration;
 
 use sha2::Digest;
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Trap,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use cloud48_model::{ContainerStatus, Requirements, Resources};
 use crate::types::{
     ContainerType, DownCause, Hook, HookAction, HookContext, HookOutcome, MemberView, TypeError,
     Verdict,
 };
+use cloud48_model::{ContainerStatus, Requirements, Resources};
 
 /// Bindings of the frozen WIT version 0.1.0.
 mod v0_1_0 {
@@ -77,19 +80,32 @@ struct HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 impl ResourceLimiter for HostState {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.memory_cap {
             self.memory_exceeded = true;
             return Ok(false);
         }
         Ok(true)
     }
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }
@@ -143,7 +159,8 @@ impl PluginHost {
             .linear_memory_keep_resident(512 << 10)
             .table_keep_resident(64 << 10);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(|e| LoadError::Invalid(format!("cannot start the WASM engine: {e}")))?;
+        let engine = Engine::new(&config)
+            .map_err(|e| LoadError::Invalid(format!("cannot start the WASM engine: {e}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| LoadError::Invalid(format!("cannot link WASI: {e}")))?;
@@ -161,16 +178,31 @@ impl PluginHost {
                 }
             })
             .expect("epoch ticker starts");
-        Ok(Arc::new(PluginHost { engine, linker, cache_dir, limits }))
+        Ok(Arc::new(PluginHost {
+            engine,
+            linker,
+            cache_dir,
+            limits,
+        }))
     }
 
     /// The host of this process for `cache_dir` and `limits`: one `Engine` per process and
     /// configuration, created on first use and kept (engines reserve much address space, so
     /// several cores in one process, as in tests, share one).
-    pub fn shared(cache_dir: Option<PathBuf>, limits: Limits) -> Result<Arc<PluginHost>, LoadError> {
+    pub fn shared(
+        cache_dir: Option<PathBuf>,
+        limits: Limits,
+    ) -> Result<Arc<PluginHost>, LoadError> {
         type Key = (Option<PathBuf>, Duration, usize, usize, usize);
-        static HOSTS: std::sync::Mutex<Vec<(Key, Arc<PluginHost>)>> = std::sync::Mutex::new(Vec::new());
-        let key: Key = (cache_dir.clone(), limits.deadline, limits.memory, limits.max_output, limits.max_actions);
+        static HOSTS: std::sync::Mutex<Vec<(Key, Arc<PluginHost>)>> =
+            std::sync::Mutex::new(Vec::new());
+        let key: Key = (
+            cache_dir.clone(),
+            limits.deadline,
+            limits.memory,
+            limits.max_output,
+            limits.max_actions,
+        );
         let mut hosts = HOSTS.lock().unwrap();
         if let Some((_, h)) = hosts.iter().find(|(k, _)| *k == key) {
             return Ok(h.clone());
@@ -188,7 +220,11 @@ impl PluginHost {
     fn compile(&self, bytes: &[u8]) -> Result<Component, LoadError> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut h);
-        let key = format!("{}-{:016x}", hex::encode(sha2::Sha256::digest(bytes)), h.finish());
+        let key = format!(
+            "{}-{:016x}",
+            hex::encode(sha2::Sha256::digest(bytes)),
+            h.finish()
+        );
         if let Some(dir) = &self.cache_dir {
             let path = dir.join(format!("{key}.cwasm"));
             if path.exists() {
@@ -204,14 +240,19 @@ impl PluginHost {
                 .precompile_component(bytes)
                 .map_err(|e| LoadError::Invalid(format!("not a valid WASM component: {e:#}")))?;
             let tmp = path.with_extension(format!("{:08x}.tmp", rand::random::<u32>()));
-            if std::fs::write(&tmp, &artefact).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
+            if std::fs::write(&tmp, &artefact)
+                .and_then(|_| std::fs::rename(&tmp, &path))
+                .is_err()
+            {
                 tracing::warn!(path = %path.display(), "cannot cache a compiled plugin");
             }
             // SAFETY: produced just above by this engine.
-            return unsafe { Component::deserialize(&self.engine, &artefact) }
-                .map_err(|e| LoadError::Invalid(format!("cannot load the compiled plugin: {e:#}")));
+            return unsafe { Component::deserialize(&self.engine, &artefact) }.map_err(|e| {
+                LoadError::Invalid(format!("cannot load the compiled plugin: {e:#}"))
+            });
         }
-        Component::new(&self.engine, bytes).map_err(|e| LoadError::Invalid(format!("not a valid WASM component: {e:#}")))
+        Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::Invalid(format!("not a valid WASM component: {e:#}")))
     }
 
     fn store(&self) -> Store<HostState> {
@@ -224,7 +265,12 @@ impl PluginHost {
             .build();
         let mut store = Store::new(
             &self.engine,
-            HostState { wasi, table: ResourceTable::new(), memory_cap: self.limits.memory, memory_exceeded: false },
+            HostState {
+                wasi,
+                table: ResourceTable::new(),
+                memory_cap: self.limits.memory,
+                memory_exceeded: false,
+            },
         );
         store.limiter(|s| s as &mut dyn ResourceLimiter);
         let ticks = (self.limits.deadline.as_millis() as u64 * TICKS_PER_SEC / 1000).max(1);
@@ -254,7 +300,9 @@ impl PluginHost {
             meta: PluginMeta::default(),
         };
         let m = plugin
-            .call("describe", |b, s| b.cloud48_container_hooks().call_describe(s))
+            .call("describe", |b, s| {
+                b.cloud48_container_hooks().call_describe(s)
+            })
             .map_err(|e| LoadError::Invalid(e.to_string()))?;
         plugin.meta = PluginMeta {
             name: m.name,
@@ -263,9 +311,13 @@ impl PluginHost {
             priority: m.priority,
             description: m.description,
             requirements: Requirements {
-                resources: Resources { cpu_millis: m.requirements.cpu_millis, memory_mb: m.requirements.memory_mb, disk_mb: m.requirements.disk_mb },
+                resources: Resources {
+                    cpu_millis: m.requirements.cpu_millis,
+                    memory_mb: m.requirements.memory_mb,
+                    disk_mb: m.requirements.disk_mb,
+                },
                 labels: Vec::new(),
-            spread: false,
+                spread: false,
             },
         };
         plugin.meta.validate().map_err(LoadError::Invalid)?;
@@ -299,10 +351,18 @@ impl PluginMeta {
         if self.name == "plain" {
             return Err("plugin name 'plain' is taken by the built-in type".into());
         }
-        semver::Version::parse(&self.version)
-            .map_err(|e| format!("plugin version '{}' is not a semantic version: {e}", self.version))?;
-        let wit = semver::Version::parse(&self.wit_version)
-            .map_err(|e| format!("WIT version '{}' is not a semantic version: {e}", self.wit_version))?;
+        semver::Version::parse(&self.version).map_err(|e| {
+            format!(
+                "plugin version '{}' is not a semantic version: {e}",
+                self.version
+            )
+        })?;
+        let wit = semver::Version::parse(&self.wit_version).map_err(|e| {
+            format!(
+                "WIT version '{}' is not a semantic version: {e}",
+                self.wit_version
+            )
+        })?;
         let compatible = SUPPORTED_WIT.iter().any(|s| {
             let s = semver::Version::parse(s).expect("valid");
             s.major == wit.major && (s.major > 0 || s.minor == wit.minor) && wit <= s
@@ -315,7 +375,10 @@ impl PluginMeta {
                 SUPPORTED_WIT.join(", ")
             ));
         }
-        self.requirements.resources.validate().map_err(|m| format!("default requirements: {m}"))
+        self.requirements
+            .resources
+            .validate()
+            .map_err(|m| format!("default requirements: {m}"))
     }
 }
 
@@ -342,8 +405,14 @@ impl WasmPlugin {
     ) -> Result<R, TypeError> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         match Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| self.call_here(hook, f)),
-            Ok(_) => std::thread::scope(|s| s.spawn(|| self.call_here(hook, f)).join().expect("hook thread")),
+            Ok(RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.call_here(hook, f))
+            }
+            Ok(_) => std::thread::scope(|s| {
+                s.spawn(|| self.call_here(hook, f))
+                    .join()
+                    .expect("hook thread")
+            }),
             Err(_) => self.call_here(hook, f),
         }
     }
@@ -355,18 +424,32 @@ impl WasmPlugin {
     ) -> Result<R, TypeError> {
         let mut store = self.host.store();
         let err = |cause: String| TypeError {
-            type_id: if self.type_id.is_empty() { "plugin".into() } else { self.type_id.clone() },
+            type_id: if self.type_id.is_empty() {
+                "plugin".into()
+            } else {
+                self.type_id.clone()
+            },
             hook: hook.to_string(),
             cause,
         };
-        let instance = self.pre.instantiate(&mut store).map_err(|e| err(classify(&e, &store, &self.host.limits)))?;
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| err(classify(&e, &store, &self.host.limits)))?;
         f(&instance, &mut store).map_err(|e| err(classify(&e, &store, &self.host.limits)))
     }
 
     /// Converts a state blob of version `from` to this version.
     pub fn migrate_state(&self, from: &str, state: Vec<u8>) -> Result<Vec<u8>, TypeError> {
-        let out = self.call("migrate-state", |b, s| b.cloud48_container_hooks().call_migrate_state(s, from, &state))?;
-        out.map_err(|m| TypeError { type_id: self.type_id.clone(), hook: "migrate-state".into(), cause: format!("refused: {m}") })
+        let out = self.call("migrate-state", |b, s| {
+            b.cloud48_container_hooks()
+                .call_migrate_state(s, from, &state)
+        })?;
+        out.map_err(|m| TypeError {
+            type_id: self.type_id.clone(),
+            hook: "migrate-state".into(),
+            cause: format!("refused: {m}"),
+        })
     }
 }
 
@@ -375,7 +458,10 @@ fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> S
         return format!("exceeded its memory limit of {} MiB", limits.memory >> 20);
     }
     match e.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => format!("exceeded its deadline of {} ms", limits.deadline.as_millis()),
+        Some(Trap::Interrupt) => format!(
+            "exceeded its deadline of {} ms",
+            limits.deadline.as_millis()
+        ),
         Some(trap) => format!("trapped: {trap}"),
         None => format!("{e:#}"),
     }
@@ -433,11 +519,13 @@ impl ContainerType for WasmPlugin {
     }
 
     fn initial_state(&self) -> Vec<u8> {
-        self.call("initial-state", |b, s| b.cloud48_container_hooks().call_initial_state(s))
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "initial-state failed; starting with an empty state");
-                Vec::new()
-            })
+        self.call("initial-state", |b, s| {
+            b.cloud48_container_hooks().call_initial_state(s)
+        })
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "initial-state failed; starting with an empty state");
+            Vec::new()
+        })
     }
 
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
@@ -454,7 +542,9 @@ impl ContainerType for WasmPlugin {
                 Hook::AfterOtherIsRemoved(o) => h.call_after_other_is_removed(s, &c, &member(o)),
                 Hook::IsDown(cause) => {
                     let cause = match cause {
-                        DownCause::ServerUnreachable(m) => wit::DownCause::ServerUnreachable(m.clone()),
+                        DownCause::ServerUnreachable(m) => {
+                            wit::DownCause::ServerUnreachable(m.clone())
+                        }
                         DownCause::Crashed(m) => wit::DownCause::Crashed(m.clone()),
                     };
                     h.call_is_down(s, &c, &cause)
@@ -468,7 +558,10 @@ impl ContainerType for WasmPlugin {
         let too_big = |what: &str, n: usize| TypeError {
             type_id: self.type_id.clone(),
             hook: name.to_string(),
-            cause: format!("returned oversized output: {what} of {n} bytes (limit {} bytes)", limits.max_output),
+            cause: format!(
+                "returned oversized output: {what} of {n} bytes (limit {} bytes)",
+                limits.max_output
+            ),
         };
         if let Some(s) = &out.new_state
             && s.len() > limits.max_output
@@ -479,7 +572,11 @@ impl ContainerType for WasmPlugin {
             return Err(TypeError {
                 type_id: self.type_id.clone(),
                 hook: name.to_string(),
-                cause: format!("returned {} actions (limit {})", out.actions.len(), limits.max_actions),
+                cause: format!(
+                    "returned {} actions (limit {})",
+                    out.actions.len(),
+                    limits.max_actions
+                ),
             });
         }
         let mut actions = Vec::with_capacity(out.actions.len());
@@ -493,7 +590,11 @@ impl ContainerType for WasmPlugin {
                     if size > limits.max_output {
                         return Err(too_big("an exec request", size));
                     }
-                    HookAction::Exec { container: e.container, script: e.script, args: e.args }
+                    HookAction::Exec {
+                        container: e.container,
+                        script: e.script,
+                        args: e.args,
+                    }
                 }
             });
         }
@@ -501,14 +602,32 @@ impl ContainerType for WasmPlugin {
             wit::Verdict::Allow => Verdict::Allow,
             wit::Verdict::Deny(r) => Verdict::Deny(r.chars().take(1000).collect()),
         };
-        Ok(HookOutcome { verdict, actions, new_state: out.new_state })
+        Ok(HookOutcome {
+            verdict,
+            actions,
+            new_state: out.new_state,
+        })
     }
 
     fn inspect(&self, state: &[u8]) -> Result<serde_json::Value, TypeError> {
-        let text = self.call("inspect", |b, s| b.cloud48_container_hooks().call_inspect(s, state))?;
+        let text = self.call("inspect", |b, s| {
+            b.cloud48_container_hooks().call_inspect(s, state)
+        })?;
         if text.len() > self.host.limits.max_output {
-            return Err(TypeError { type_id: self.type_id.clone(), hook: "inspect".into(), cause: format!("returned {} bytes (limit {})", text.len(), self.host.limits.max_output) });
+            return Err(TypeError {
+                type_id: self.type_id.clone(),
+                hook: "inspect".into(),
+                cause: format!(
+                    "returned {} bytes (limit {})",
+                    text.len(),
+                    self.host.limits.max_output
+                ),
+            });
         }
-        serde_json::from_str(&text).map_err(|e| TypeError { type_id: self.type_id.clone(), hook: "inspect".into(), cause: format!("returned invalid JSON: {e}") })
+        serde_json::from_str(&text).map_err(|e| TypeError {
+            type_id: self.type_id.clone(),
+            hook: "inspect".into(),
+            cause: format!("returned invalid JSON: {e}"),
+        })
     }
 }

@@ -211,7 +211,9 @@ impl ContainerType for PlainType {
 }
 
 fn version_of(type_id: &str) -> Option<semver::Version> {
-    type_id.split_once('@').and_then(|(_, v)| semver::Version::parse(v).ok())
+    type_id
+        .split_once('@')
+        .and_then(|(_, v)| semver::Version::parse(v).ok())
 }
 
 /// The container types the core knows, by type id.

@@ -21,7 +21,11 @@ pub fn needed_role(method: &Method, path: &str) -> Role {
     // exec runs as root inside a container, which shares the host's files outside its
     // private directories: an admin's tool.
     let exec = path.starts_with("/v1/containers/") && path.ends_with("/exec");
-    if exec || admin_areas.iter().any(|a| path == *a || path.starts_with(&format!("{a}/"))) {
+    if exec
+        || admin_areas
+            .iter()
+            .any(|a| path == *a || path.starts_with(&format!("{a}/")))
+    {
         Role::Admin
     } else {
         Role::Operator
@@ -34,16 +38,19 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
         return next.run(req).await;
     }
     let needed = needed_role(req.method(), req.uri().path());
-    let uri = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| req.uri().path().to_string(), |pq| pq.as_str().to_string());
+    let uri = req.uri().path_and_query().map_or_else(
+        || req.uri().path().to_string(),
+        |pq| pq.as_str().to_string(),
+    );
     let auth = core.auth();
     let who = match req.headers().get(header::AUTHORIZATION) {
         None => Ok(Principal::Anonymous),
         Some(h) => match h.to_str() {
             Ok(h) => auth.authenticate(req.method().as_str(), &uri, h).await,
-            Err(_) => Err(AuthError::Unauthorized { message: "malformed Authorization header".into(), stale: false }),
+            Err(_) => Err(AuthError::Unauthorized {
+                message: "malformed Authorization header".into(),
+                stale: false,
+            }),
         },
     };
     let who = match who {
@@ -60,7 +67,8 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
 fn refuse(core: &Core, e: AuthError) -> Response {
     match e {
         AuthError::Unauthorized { message, stale } => {
-            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message, None).into_response();
+            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message, None)
+                .into_response();
             for c in core.auth().challenges(stale) {
                 if let Ok(v) = HeaderValue::from_str(&c) {
                     resp.headers_mut().append(header::WWW_AUTHENTICATE, v);

@@ -39,7 +39,12 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error with a status, code, message and optional field.
-    pub fn new(status: StatusCode, code: &str, message: impl Into<String>, field: Option<&str>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: &str,
+        message: impl Into<String>,
+        field: Option<&str>,
+    ) -> Self {
         ApiError {
             status,
             detail: ErrorDetail {
@@ -76,7 +81,12 @@ impl From<CoreError> for ApiError {
             CoreError::Queue(q) => q.into(),
             other => {
                 tracing::error!(error = %other, "internal error");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", other.to_string(), None)
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    other.to_string(),
+                    None,
+                )
             }
         }
     }
@@ -91,9 +101,12 @@ impl From<QueueError> for ApiError {
             QueueError::NotCancellable { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string(), None)
             }
-            QueueError::Db(_) => {
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string(), None)
-            }
+            QueueError::Db(_) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                e.to_string(),
+                None,
+            ),
         }
     }
 }
@@ -128,20 +141,25 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             .await
             .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}"), None))?;
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(de).map(ApiJson).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let (status, field) = if inner.is_data() {
-                (StatusCode::UNPROCESSABLE_ENTITY, (path != ".").then_some(path))
-            } else {
-                (StatusCode::BAD_REQUEST, None)
-            };
-            let message = match &field {
-                Some(f) => format!("{f}: {inner}"),
-                None => format!("invalid JSON body: {inner}"),
-            };
-            ApiError::new(status, "invalid", message, field.as_deref())
-        })
+        serde_path_to_error::deserialize(de)
+            .map(ApiJson)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let (status, field) = if inner.is_data() {
+                    (
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        (path != ".").then_some(path),
+                    )
+                } else {
+                    (StatusCode::BAD_REQUEST, None)
+                };
+                let message = match &field {
+                    Some(f) => format!("{f}: {inner}"),
+                    None => format!("invalid JSON body: {inner}"),
+                };
+                ApiError::new(status, "invalid", message, field.as_deref())
+            })
     }
 }
 
@@ -154,12 +172,19 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
         let query = parts.uri.query().unwrap_or_default();
         let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
-        serde_path_to_error::deserialize(de).map(ApiQuery).map_err(|e| {
-            let path = e.path().to_string();
-            let field = (path != ".").then_some(path);
-            let message = format!("invalid query parameter: {}", e.into_inner());
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message, field.as_deref())
-        })
+        serde_path_to_error::deserialize(de)
+            .map(ApiQuery)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let field = (path != ".").then_some(path);
+                let message = format!("invalid query parameter: {}", e.into_inner());
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid",
+                    message,
+                    field.as_deref(),
+                )
+            })
     }
 }
 

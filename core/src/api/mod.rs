@@ -29,7 +29,6 @@ use crate::managers::{
 use crate::model::*;
 use crate::queue::CommandFilter;
 
-
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Cloud48 API", description = "Control plane for fleets of virtualization servers. Every mutation is a persisted command: the answer is 202 with the command id; watch it at /v1/commands/{id}."),
@@ -73,10 +72,13 @@ pub fn router(core: Core) -> Router {
     let doc = api.clone();
     router
         .route("/v1/openapi.json", get(move || async move { Json(doc) }))
-        .route("/v1/agents/heartbeat", axum::routing::post({
-            let core = core.clone();
-            move |headers, body| agent_heartbeat(core, headers, body)
-        }))
+        .route(
+            "/v1/agents/heartbeat",
+            axum::routing::post({
+                let core = core.clone();
+                move |headers, body| agent_heartbeat(core, headers, body)
+            }),
+        )
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -92,7 +94,13 @@ pub fn router(core: Core) -> Router {
 type Accept = (StatusCode, Json<Accepted>);
 
 fn accepted(command_id: CommandId, object_id: Option<i64>) -> Accept {
-    (StatusCode::ACCEPTED, Json(Accepted { command_id, object_id }))
+    (
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            command_id,
+            object_id,
+        }),
+    )
 }
 
 /// Request to create an environment.
@@ -127,7 +135,10 @@ async fn create_environment(
     Extension(who): Extension<Principal>,
     ApiJson(req): ApiJson<CreateEnvironment>,
 ) -> Result<Accept, ApiError> {
-    let (cmd, id) = core.environments().create(&req.name, who.audit_name()).await?;
+    let (cmd, id) = core
+        .environments()
+        .create(&req.name, who.audit_name())
+        .await?;
     Ok(accepted(cmd, Some(id)))
 }
 
@@ -149,7 +160,12 @@ async fn destroy_environment(
     Extension(who): Extension<Principal>,
     Path(env): Path<String>,
 ) -> Result<Accept, ApiError> {
-    Ok(accepted(core.environments().run(EnvironmentOp::Destroy, &env, who.audit_name()).await?, None))
+    Ok(accepted(
+        core.environments()
+            .run(EnvironmentOp::Destroy, &env, who.audit_name())
+            .await?,
+        None,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/environments/{env}/{op}", tag = "environments",
@@ -169,7 +185,10 @@ async fn environment_action(
             Some("op"),
         )
     })?;
-    Ok(accepted(core.environments().run(op, &env, who.audit_name()).await?, None))
+    Ok(accepted(
+        core.environments().run(op, &env, who.audit_name()).await?,
+        None,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/environments/{env}/containers", tag = "environments",
@@ -183,7 +202,12 @@ async fn add_container(
     Path(env): Path<String>,
     ApiJson(req): ApiJson<AddContainer>,
 ) -> Result<Accept, ApiError> {
-    Ok(accepted(core.environments().add(&env, &req, who.audit_name()).await?, None))
+    Ok(accepted(
+        core.environments()
+            .add(&env, &req, who.audit_name())
+            .await?,
+        None,
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/environments/{env}/containers/{id}", tag = "environments",
@@ -195,7 +219,12 @@ async fn remove_container(
     Path((env, id)): Path<(String, String)>,
 ) -> Result<Accept, ApiError> {
     let id = parse_id("id", &id)?;
-    Ok(accepted(core.environments().remove(&env, id, who.audit_name()).await?, None))
+    Ok(accepted(
+        core.environments()
+            .remove(&env, id, who.audit_name())
+            .await?,
+        None,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/containers", tag = "containers", params(ContainerQuery),
@@ -215,7 +244,10 @@ async fn create_container(
     ApiJson(req): ApiJson<CreateContainer>,
 ) -> Result<Accept, ApiError> {
     if let Some(n) = req.count.filter(|n| *n != 1) {
-        let cmd = core.containers().create_many(&req, n, who.audit_name()).await?;
+        let cmd = core
+            .containers()
+            .create_many(&req, n, who.audit_name())
+            .await?;
         return Ok(accepted(cmd, None));
     }
     let (cmd, id) = core.containers().create(&req, who.audit_name()).await?;
@@ -229,7 +261,9 @@ async fn show_container(
     State(core): State<Core>,
     Path(id): Path<String>,
 ) -> Result<Json<Container>, ApiError> {
-    Ok(Json(core.containers().get_by_id(parse_id("id", &id)?).await?))
+    Ok(Json(
+        core.containers().get_by_id(parse_id("id", &id)?).await?,
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/containers/{id}", tag = "containers",
@@ -241,7 +275,12 @@ async fn destroy_container(
     Path(id): Path<String>,
 ) -> Result<Accept, ApiError> {
     let id = parse_id("id", &id)?;
-    Ok(accepted(core.containers().run(ContainerCommand::Destroy, id, who.audit_name()).await?, None))
+    Ok(accepted(
+        core.containers()
+            .run(ContainerCommand::Destroy, id, who.audit_name())
+            .await?,
+        None,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/containers/{id}/actions", tag = "containers",
@@ -257,7 +296,10 @@ async fn container_action(
     ApiJson(cmd): ApiJson<ContainerCommand>,
 ) -> Result<Accept, ApiError> {
     let id = parse_id("id", &id)?;
-    Ok(accepted(core.containers().run(cmd, id, who.audit_name()).await?, None))
+    Ok(accepted(
+        core.containers().run(cmd, id, who.audit_name()).await?,
+        None,
+    ))
 }
 
 /// Request to clone an environment.
@@ -279,7 +321,10 @@ async fn clone_environment(
     Path(env): Path<String>,
     ApiJson(req): ApiJson<CloneEnvironment>,
 ) -> Result<Accept, ApiError> {
-    let (cmd, id) = core.environments().clone(&env, &req.name, who.audit_name()).await?;
+    let (cmd, id) = core
+        .environments()
+        .clone(&env, &req.name, who.audit_name())
+        .await?;
     Ok(accepted(cmd, Some(id)))
 }
 
@@ -334,16 +379,21 @@ async fn server_action(
     Extension(who): Extension<Principal>,
     Path((server, op)): Path<(String, String)>,
 ) -> Result<Json<DrainReport>, ApiError> {
-    let op: ServerOp = serde_json::from_value(serde_json::Value::String(op.clone())).map_err(|_| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            format!("op: '{op}' is not a server operation (drain, undrain, fail, recover)"),
-            Some("op"),
-        )
-    })?;
+    let op: ServerOp =
+        serde_json::from_value(serde_json::Value::String(op.clone())).map_err(|_| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("op: '{op}' is not a server operation (drain, undrain, fail, recover)"),
+                Some("op"),
+            )
+        })?;
     let servers = core.servers();
-    let empty = |server: String| DrainReport { server, commands: Vec::new(), skipped: Vec::new() };
+    let empty = |server: String| DrainReport {
+        server,
+        commands: Vec::new(),
+        skipped: Vec::new(),
+    };
     Ok(Json(match op {
         ServerOp::Drain => servers.drain(&server, who.audit_name()).await?,
         ServerOp::Undrain => servers.undrain(&server).await.map(|()| empty(server))?,
@@ -362,21 +412,41 @@ pub struct AddServer {
 
 #[utoipa::path(post, path = "/v1/servers", tag = "servers", request_body = AddServer,
     responses((status = 200, body = Server), (status = 409, body = ErrorBody, description = "The agent cannot be reached or refused"), (status = 422, body = ErrorBody)))]
-async fn add_server(State(core): State<Core>, ApiJson(req): ApiJson<AddServer>) -> Result<Json<Server>, ApiError> {
+async fn add_server(
+    State(core): State<Core>,
+    ApiJson(req): ApiJson<AddServer>,
+) -> Result<Json<Server>, ApiError> {
     let id = core.add_agent(&req.url).await?;
     Ok(Json(core.servers().get(&id.to_string()).await?))
 }
 
 /// A heartbeat from a node agent, authenticated by the shared agent token instead of a user
 /// (the agent protocol, see ARCHITECTURE.md); the first one registers the agent's server.
-async fn agent_heartbeat(core: Core, headers: axum::http::HeaderMap, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+async fn agent_heartbeat(
+    core: Core,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let expected = core.agent_token()?;
-    let given = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     if given.is_none_or(|g| !crate::auth::constant_eq(g.as_bytes(), expected.as_bytes())) {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "heartbeats need 'Authorization: Bearer TOKEN' with the core's agents.token", None));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "heartbeats need 'Authorization: Bearer TOKEN' with the core's agents.token",
+            None,
+        ));
     }
     let beat: crate::agent::protocol::Heartbeat = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", format!("malformed heartbeat: {e}"), None)
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            format!("malformed heartbeat: {e}"),
+            None,
+        )
     })?;
     let id = core.agent_heartbeat(beat).await?;
     Ok(Json(serde_json::json!({ "server_id": id })))
@@ -392,8 +462,13 @@ pub struct ContainerLogs {
 #[utoipa::path(get, path = "/v1/containers/{id}/logs", tag = "containers",
     params(("id" = i64, Path, description = "Container id")),
     responses((status = 200, body = ContainerLogs), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn container_logs(State(core): State<Core>, Path(id): Path<String>) -> Result<Json<ContainerLogs>, ApiError> {
-    Ok(Json(ContainerLogs { logs: core.containers().logs(parse_id("id", &id)?).await? }))
+async fn container_logs(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+) -> Result<Json<ContainerLogs>, ApiError> {
+    Ok(Json(ContainerLogs {
+        logs: core.containers().logs(parse_id("id", &id)?).await?,
+    }))
 }
 
 /// A command to run inside a container.
@@ -407,8 +482,16 @@ pub struct ExecRequest {
 #[utoipa::path(post, path = "/v1/containers/{id}/exec", tag = "containers", request_body = ExecRequest,
     params(("id" = i64, Path, description = "Container id (running)")),
     responses((status = 200, body = crate::driver::ExecOutput), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn container_exec(State(core): State<Core>, Path(id): Path<String>, ApiJson(req): ApiJson<ExecRequest>) -> Result<Json<crate::driver::ExecOutput>, ApiError> {
-    Ok(Json(core.containers().exec(parse_id("id", &id)?, &req.command).await?))
+async fn container_exec(
+    State(core): State<Core>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> Result<Json<crate::driver::ExecOutput>, ApiError> {
+    Ok(Json(
+        core.containers()
+            .exec(parse_id("id", &id)?, &req.command)
+            .await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/servers", tag = "servers", responses((status = 200, body = Vec<Server>)))]
@@ -510,7 +593,9 @@ fn wasm_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<(), ApiErro
     let ok_type = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/wasm") || v.starts_with("application/octet-stream"));
+        .is_some_and(|v| {
+            v.starts_with("application/wasm") || v.starts_with("application/octet-stream")
+        });
     if !ok_type {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -520,13 +605,20 @@ fn wasm_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<(), ApiErro
         ));
     }
     if body.is_empty() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", "plugin: the body is empty", Some("plugin")));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "plugin: the body is empty",
+            Some("plugin"),
+        ));
     }
     Ok(())
 }
 
 #[utoipa::path(get, path = "/v1/plugins", tag = "plugins", responses((status = 200, body = Vec<crate::plugins::PluginInfo>)))]
-async fn list_plugins(State(core): State<Core>) -> Result<Json<Vec<crate::plugins::PluginInfo>>, ApiError> {
+async fn list_plugins(
+    State(core): State<Core>,
+) -> Result<Json<Vec<crate::plugins::PluginInfo>>, ApiError> {
     Ok(Json(core.plugins().list().await?))
 }
 
@@ -540,13 +632,19 @@ async fn install_plugin(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<crate::plugins::PluginInfo>), ApiError> {
     wasm_body(&headers, &body)?;
-    Ok((StatusCode::CREATED, Json(core.plugins().install(&body).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(core.plugins().install(&body).await?),
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins",
     params(("name" = String, Path, description = "Plugin name or name@version")),
     responses((status = 200, body = crate::plugins::PluginInfo), (status = 404, body = ErrorBody)))]
-async fn show_plugin(State(core): State<Core>, Path(name): Path<String>) -> Result<Json<crate::plugins::PluginInfo>, ApiError> {
+async fn show_plugin(
+    State(core): State<Core>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::plugins::PluginInfo>, ApiError> {
     Ok(Json(core.plugins().show(&name).await?))
 }
 
@@ -567,7 +665,10 @@ async fn upgrade_plugin(
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins",
     params(("name" = String, Path, description = "Plugin name")),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Containers still use it")))]
-async fn remove_plugin(State(core): State<Core>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn remove_plugin(
+    State(core): State<Core>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     core.plugins().remove(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -88,14 +88,31 @@ impl Client {
         found
     }
 
-    async fn send<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> Result<reqwest::Response> {
-        self.send_raw(method, path, body.map(|b| Body::Json(serde_json::to_value(b).expect("serializable")))).await
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<reqwest::Response> {
+        self.send_raw(
+            method,
+            path,
+            body.map(|b| Body::Json(serde_json::to_value(b).expect("serializable"))),
+        )
+        .await
     }
 
     /// Sends a WASM component (`application/wasm`), expecting JSON back (or nothing).
-    pub async fn send_wasm<T: DeserializeOwned>(&self, method: Method, path: &str, wasm: Vec<u8>) -> Result<T> {
+    pub async fn send_wasm<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        wasm: Vec<u8>,
+    ) -> Result<T> {
         let resp = self.send_raw(method, path, Some(Body::Wasm(wasm))).await?;
-        resp.json().await.context("the core sent JSON this client does not understand")
+        resp.json()
+            .await
+            .context("the core sent JSON this client does not understand")
     }
 
     /// DELETE expecting no content.
@@ -103,7 +120,12 @@ impl Client {
         self.send_raw(Method::DELETE, path, None).await.map(|_| ())
     }
 
-    async fn send_raw(&self, method: Method, path: &str, body: Option<Body>) -> Result<reqwest::Response> {
+    async fn send_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Body>,
+    ) -> Result<reqwest::Response> {
         let url = format!("{}{}", self.base, path);
         let mut attempt = 0;
         let resp = loop {
@@ -112,7 +134,9 @@ impl Client {
             match &body {
                 Some(Body::Json(v)) => req = req.json(v),
                 Some(Body::Wasm(w)) => {
-                    req = req.header(reqwest::header::CONTENT_TYPE, "application/wasm").body(w.clone())
+                    req = req
+                        .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+                        .body(w.clone())
                 }
                 None => {}
             }
@@ -151,7 +175,11 @@ impl Client {
                 status_word(status)
             ),
             (StatusCode::UNAUTHORIZED, Some(c)) => {
-                bail!("authentication as '{}' failed: {message} ({})", c.user, status_word(status))
+                bail!(
+                    "authentication as '{}' failed: {message} ({})",
+                    c.user,
+                    status_word(status)
+                )
             }
             _ => bail!("{message} ({})", status_word(status)),
         }
@@ -160,19 +188,25 @@ impl Client {
     /// GET a JSON document.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let resp = self.send::<()>(Method::GET, path, None).await?;
-        resp.json().await.context("the core sent JSON this client does not understand")
+        resp.json()
+            .await
+            .context("the core sent JSON this client does not understand")
     }
 
     /// POST a JSON body, expecting JSON back.
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let resp = self.send(Method::POST, path, Some(body)).await?;
-        resp.json().await.context("the core sent JSON this client does not understand")
+        resp.json()
+            .await
+            .context("the core sent JSON this client does not understand")
     }
 
     /// DELETE, expecting JSON back.
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let resp = self.send::<()>(Method::DELETE, path, None).await?;
-        resp.json().await.context("the core sent JSON this client does not understand")
+        resp.json()
+            .await
+            .context("the core sent JSON this client does not understand")
     }
 
     /// Submits a mutation: POST (or DELETE when `body` is None) answering 202.
@@ -185,7 +219,8 @@ impl Client {
 
     /// A command, waiting up to `wait_secs` for it to finish.
     pub async fn command(&self, id: i64, wait_secs: u64) -> Result<Command> {
-        self.get(&format!("/v1/commands/{id}?wait={wait_secs}")).await
+        self.get(&format!("/v1/commands/{id}?wait={wait_secs}"))
+            .await
     }
 
     /// Waits until a command is terminal, calling `progress` with each state seen.

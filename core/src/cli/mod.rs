@@ -14,7 +14,9 @@ use serde_json::json;
 use crate::config::Settings;
 use crate::core::Core;
 use crate::managers::{AddContainer, ContainerCommand, CreateContainer};
-use crate::model::{Accepted, Command, CommandStatus, Container, Environment, Requirements, Resources, Server};
+use crate::model::{
+    Accepted, Command, CommandStatus, Container, Environment, Requirements, Resources, Server,
+};
 pub use client::{Client, Credentials};
 
 /// Cloud48: a control plane for fleets of virtualization servers.
@@ -22,7 +24,12 @@ pub use client::{Client, Credentials};
 #[command(name = "cloud48", version, about, long_about = None)]
 pub struct Cli {
     /// URL of the core to talk to.
-    #[arg(long, global = true, env = "CLOUD48_SERVER", default_value = "http://127.0.0.1:4848")]
+    #[arg(
+        long,
+        global = true,
+        env = "CLOUD48_SERVER",
+        default_value = "http://127.0.0.1:4848"
+    )]
     pub server: String,
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
@@ -142,26 +149,57 @@ impl CoreArgs {
         put("server.listen", self.listen.clone());
         put("server.data_dir", self.data_dir.clone());
         put("database.url", self.database_url.clone());
-        put("database.connections", self.db_connections.map(|v| v.to_string()));
+        put(
+            "database.connections",
+            self.db_connections.map(|v| v.to_string()),
+        );
         put("queue.workers", self.workers.map(|v| v.to_string()));
-        put("queue.retry_base_ms", self.retry_base_ms.map(|v| v.to_string()));
-        put("queue.max_attempts", self.max_attempts.map(|v| v.to_string()));
+        put(
+            "queue.retry_base_ms",
+            self.retry_base_ms.map(|v| v.to_string()),
+        );
+        put(
+            "queue.max_attempts",
+            self.max_attempts.map(|v| v.to_string()),
+        );
         put("queue.lease_ms", self.lease_ms.map(|v| v.to_string()));
-        put("drivers.sim.servers", self.sim_servers.map(|v| v.to_string()));
-        put("drivers.sim.latency_ms", self.sim_latency_ms.map(|v| v.to_string()));
-        put("plugins.deadline_ms", self.plugin_deadline_ms.map(|v| v.to_string()));
-        put("plugins.memory_mb", self.plugin_memory_mb.map(|v| v.to_string()));
+        put(
+            "drivers.sim.servers",
+            self.sim_servers.map(|v| v.to_string()),
+        );
+        put(
+            "drivers.sim.latency_ms",
+            self.sim_latency_ms.map(|v| v.to_string()),
+        );
+        put(
+            "plugins.deadline_ms",
+            self.plugin_deadline_ms.map(|v| v.to_string()),
+        );
+        put(
+            "plugins.memory_mb",
+            self.plugin_memory_mb.map(|v| v.to_string()),
+        );
         put("auth.anonymous", self.anonymous.clone());
         put("auth.realm", self.realm.clone());
-        put("auth.nonce_ttl_secs", self.nonce_ttl_secs.map(|v| v.to_string()));
+        put(
+            "auth.nonce_ttl_secs",
+            self.nonce_ttl_secs.map(|v| v.to_string()),
+        );
         m
     }
 
     /// The effective settings.
     pub fn settings(&self) -> Result<Settings> {
         let default_file = PathBuf::from("cloud48.toml");
-        let file = self.config.clone().or_else(|| default_file.exists().then_some(default_file));
-        Ok(Settings::load(file.as_deref(), &crate::config::process_env, &self.flags())?)
+        let file = self
+            .config
+            .clone()
+            .or_else(|| default_file.exists().then_some(default_file));
+        Ok(Settings::load(
+            file.as_deref(),
+            &crate::config::process_env,
+            &self.flags(),
+        )?)
     }
 }
 
@@ -225,8 +263,13 @@ impl NewContainerArgs {
         if !self.resources.any() && self.labels.is_empty() && !self.spread {
             return Ok(None);
         }
-        if !(self.resources.cpu_millis.is_some() && self.resources.memory_mb.is_some() && self.resources.disk_mb.is_some()) {
-            bail!("give all of --cpu-millis, --memory-mb and --disk-mb with --label or --spread, or none of them to use the type's defaults");
+        if !(self.resources.cpu_millis.is_some()
+            && self.resources.memory_mb.is_some()
+            && self.resources.disk_mb.is_some())
+        {
+            bail!(
+                "give all of --cpu-millis, --memory-mb and --disk-mb with --label or --spread, or none of them to use the type's defaults"
+            );
         }
         Ok(Some(Requirements {
             resources: self.resources.over(Resources::default()),
@@ -240,115 +283,227 @@ impl NewContainerArgs {
 #[derive(Debug, Subcommand)]
 pub enum EnvCmd {
     /// Create an empty environment.
-    Create { /// Name: 1-63 of a-z, 0-9, '-'.
-        name: String, #[command(flatten)] wait: WaitArg },
+    Create {
+        /// Name: 1-63 of a-z, 0-9, '-'.
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Add a new container of a type to an environment.
-    Add { /// Environment name or id.
-        env: String, #[command(flatten)] new: NewContainerArgs, #[command(flatten)] wait: WaitArg },
+    Add {
+        /// Environment name or id.
+        env: String,
+        #[command(flatten)]
+        new: NewContainerArgs,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Remove (and destroy) a member.
-    Remove { /// Environment name or id.
-        env: String, /// Container id.
-        container: i64, #[command(flatten)] wait: WaitArg },
+    Remove {
+        /// Environment name or id.
+        env: String,
+        /// Container id.
+        container: i64,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Start every member (ascending priority).
-    Start { /// Environment name or id.
-        env: String, #[command(flatten)] wait: WaitArg },
+    Start {
+        /// Environment name or id.
+        env: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Stop every member (descending priority).
-    Stop { /// Environment name or id.
-        env: String, #[command(flatten)] wait: WaitArg },
+    Stop {
+        /// Environment name or id.
+        env: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Suspend every member (descending priority).
-    Suspend { /// Environment name or id.
-        env: String, #[command(flatten)] wait: WaitArg },
+    Suspend {
+        /// Environment name or id.
+        env: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Resume every member (ascending priority).
-    Resume { /// Environment name or id.
-        env: String, #[command(flatten)] wait: WaitArg },
+    Resume {
+        /// Environment name or id.
+        env: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Destroy every member, then the environment.
-    Destroy { /// Environment name or id.
-        env: String, #[command(flatten)] wait: WaitArg },
+    Destroy {
+        /// Environment name or id.
+        env: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Clone an environment: every member is copied (state and disk) onto servers placement
     /// chooses, and the add hooks re-run so that the copy is wired to itself.
-    Clone { /// Source environment name or id.
-        source: String, /// Name of the copy.
-        name: String, #[command(flatten)] wait: WaitArg },
+    Clone {
+        /// Source environment name or id.
+        source: String,
+        /// Name of the copy.
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// List environments.
-    List { /// Include destroyed ones.
-        #[arg(long)] all: bool },
+    List {
+        /// Include destroyed ones.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show an environment and its members.
-    Show { /// Environment name or id.
-        env: String },
+    Show {
+        /// Environment name or id.
+        env: String,
+    },
 }
 
 /// `container` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum ContainerCmd {
     /// Create a standalone container (outside any environment).
-    Create { #[command(flatten)] new: NewContainerArgs,
+    Create {
+        #[command(flatten)]
+        new: NewContainerArgs,
         /// How many such containers (1-10,000), made by one batched command.
-        #[arg(long)] count: Option<u32>,
-        #[command(flatten)] wait: WaitArg },
+        #[arg(long)]
+        count: Option<u32>,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Start a stopped container.
-    Start { /// Container id.
-        id: i64, #[command(flatten)] wait: WaitArg },
+    Start {
+        /// Container id.
+        id: i64,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Stop a running or suspended container.
-    Stop { /// Container id.
-        id: i64, #[command(flatten)] wait: WaitArg },
+    Stop {
+        /// Container id.
+        id: i64,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Freeze a running container.
-    Suspend { /// Container id.
-        id: i64, #[command(flatten)] wait: WaitArg },
+    Suspend {
+        /// Container id.
+        id: i64,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Thaw a suspended container.
-    Resume { /// Container id.
-        id: i64, #[command(flatten)] wait: WaitArg },
+    Resume {
+        /// Container id.
+        id: i64,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Restart a running container.
-    Reboot { /// Container id.
-        id: i64, #[command(flatten)] wait: WaitArg },
+    Reboot {
+        /// Container id.
+        id: i64,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Change the resources of a container (unnamed figures stay).
-    Update { /// Container id.
-        id: i64, #[command(flatten)] resources: ResourceArgs, #[command(flatten)] wait: WaitArg },
+    Update {
+        /// Container id.
+        id: i64,
+        #[command(flatten)]
+        resources: ResourceArgs,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Destroy a container.
-    Destroy { /// Container id.
-        id: i64, #[command(flatten)] wait: WaitArg },
+    Destroy {
+        /// Container id.
+        id: i64,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Copy a container (cold); the copy gets a new id and IP.
-    Clone { /// Container id.
-        id: i64, /// Server for the copy (default: placement chooses).
-        #[arg(long = "on", value_name = "SERVER")] on: Option<String>, #[command(flatten)] wait: WaitArg },
+    Clone {
+        /// Container id.
+        id: i64,
+        /// Server for the copy (default: placement chooses).
+        #[arg(long = "on", value_name = "SERVER")]
+        on: Option<String>,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Move a container to another server (cold).
-    Migrate { /// Container id.
-        id: i64, /// Target server (default: placement chooses, never the current server).
-        #[arg(long)] to: Option<String>, #[command(flatten)] wait: WaitArg },
+    Migrate {
+        /// Container id.
+        id: i64,
+        /// Target server (default: placement chooses, never the current server).
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Write a stopped container (type, state, requirements, disk) to a file for another
     /// platform's `container import`.
-    Export { /// Container id.
-        id: i64, /// Output file (`-` for standard output).
-        #[arg(long, short = 'o', default_value = "-")] output: String },
+    Export {
+        /// Container id.
+        id: i64,
+        /// Output file (`-` for standard output).
+        #[arg(long, short = 'o', default_value = "-")]
+        output: String,
+    },
     /// Create a container from another platform's export; it records its origin.
-    Import { /// File written by `container export`.
-        file: std::path::PathBuf, #[command(flatten)] wait: WaitArg },
+    Import {
+        /// File written by `container export`.
+        file: std::path::PathBuf,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Delete failed containers (creates that did not complete); their guests are destroyed
     /// first where they reached a server.
     Purge,
     /// List containers.
     List {
         /// Only members of this environment.
-        #[arg(long)] env: Option<String>,
+        #[arg(long)]
+        env: Option<String>,
         /// Only this status.
-        #[arg(long)] status: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
         /// Only on this server.
-        #[arg(long = "on", value_name = "SERVER")] on: Option<String>,
+        #[arg(long = "on", value_name = "SERVER")]
+        on: Option<String>,
         /// Only this type.
-        #[arg(long = "type")] type_id: Option<String>,
+        #[arg(long = "type")]
+        type_id: Option<String>,
         /// Include destroyed and failed containers.
-        #[arg(long)] all: bool,
+        #[arg(long)]
+        all: bool,
     },
     /// Show a container.
-    Show { /// Container id.
-        id: i64 },
+    Show {
+        /// Container id.
+        id: i64,
+    },
     /// Print the recent output (stdout and stderr) of a container's main process.
-    Logs { /// Container id.
-        id: i64 },
+    Logs {
+        /// Container id.
+        id: i64,
+    },
     /// Run a command inside a running container and print its output; exits with its code.
-    Exec { /// Container id.
+    Exec {
+        /// Container id.
         id: i64,
         /// Program and arguments, after `--`.
-        #[arg(last = true, required = true, value_name = "COMMAND")] command: Vec<String> },
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
 }
 
 /// `server` subcommands.
@@ -357,23 +512,40 @@ pub enum ServerCmd {
     /// List servers with their load.
     List,
     /// Register the server whose node agent listens at URL (the core must share its token).
-    Add { /// The agent's address, e.g. http://10.0.0.7:7048.
-        url: String },
+    Add {
+        /// The agent's address, e.g. http://10.0.0.7:7048.
+        url: String,
+    },
     /// Show a server.
-    Show { /// Server name or id.
-        #[arg(value_name = "SERVER")] name: String },
+    Show {
+        /// Server name or id.
+        #[arg(value_name = "SERVER")]
+        name: String,
+    },
     /// Take no new containers and migrate every container away.
-    Drain { /// Server name.
-        #[arg(value_name = "SERVER")] name: String },
+    Drain {
+        /// Server name.
+        #[arg(value_name = "SERVER")]
+        name: String,
+    },
     /// Take new containers again after a drain.
-    Undrain { /// Server name.
-        #[arg(value_name = "SERVER")] name: String },
+    Undrain {
+        /// Server name.
+        #[arg(value_name = "SERVER")]
+        name: String,
+    },
     /// Simulated servers: inject a crash (no answers, no heartbeats).
-    Fail { /// Server name.
-        #[arg(value_name = "SERVER")] name: String },
+    Fail {
+        /// Server name.
+        #[arg(value_name = "SERVER")]
+        name: String,
+    },
     /// Simulated servers: end an injected crash (the server rejoins).
-    Recover { /// Server name.
-        #[arg(value_name = "SERVER")] name: String },
+    Recover {
+        /// Server name.
+        #[arg(value_name = "SERVER")]
+        name: String,
+    },
 }
 
 /// `command` subcommands.
@@ -382,23 +554,33 @@ pub enum CommandCmd {
     /// List commands, newest first.
     List {
         /// Only this status (queued, running, waiting, succeeded, failed, cancelled).
-        #[arg(long)] status: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
         /// Only children of this command.
-        #[arg(long)] parent: Option<i64>,
+        #[arg(long)]
+        parent: Option<i64>,
         /// At most this many.
-        #[arg(long, default_value_t = 50)] limit: u64,
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
     },
     /// Show a command.
-    Show { /// Command id.
-        id: i64 },
+    Show {
+        /// Command id.
+        id: i64,
+    },
     /// Wait until a command finishes; exits non-zero if it failed.
-    Wait { /// Command id.
+    Wait {
+        /// Command id.
         id: i64,
         /// Give up after this many seconds.
-        #[arg(long, default_value_t = 600)] timeout: u64 },
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Cancel a queued command that has not started.
-    Cancel { /// Command id.
-        id: i64 },
+    Cancel {
+        /// Command id.
+        id: i64,
+    },
 }
 
 /// `config` subcommands.
@@ -590,9 +772,20 @@ impl Out {
     }
 
     /// Reports a submitted command; with `wait`, follows it to its end.
-    async fn accepted(&self, client: &Client, a: Accepted, wait: WaitArg, what: &str) -> Result<()> {
+    async fn accepted(
+        &self,
+        client: &Client,
+        a: Accepted,
+        wait: WaitArg,
+        what: &str,
+    ) -> Result<()> {
         if !wait.wait {
-            self.show(&a, || format!("{what}: command {} queued (watch it with `cloud48 command wait {}`)", a.command_id, a.command_id));
+            self.show(&a, || {
+                format!(
+                    "{what}: command {} queued (watch it with `cloud48 command wait {}`)",
+                    a.command_id, a.command_id
+                )
+            });
             return Ok(());
         }
         let cmd = follow(client, a.command_id, !self.json).await?;
@@ -615,13 +808,26 @@ fn finished_ok(cmd: &Command) -> Result<()> {
 
 /// Follows a command to its end with a spinner on stderr.
 async fn follow(client: &Client, id: i64, spinner: bool) -> Result<Command> {
-    let bar = if spinner { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"));
+    let bar = if spinner {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
+    );
     bar.enable_steady_tick(Duration::from_millis(100));
     let cmd = client
         .wait(id, |c| {
-            let detail = c.waiting_on.as_deref().map(|w| format!(" ({w})")).unwrap_or_default();
-            bar.set_message(format!("command {} {} {}: step {}{detail}", c.id, c.kind, c.status, c.step));
+            let detail = c
+                .waiting_on
+                .as_deref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "command {} {} {}: step {}{detail}",
+                c.id, c.kind, c.status, c.step
+            ));
         })
         .await;
     bar.finish_and_clear();
@@ -635,17 +841,50 @@ fn enc(s: &str) -> String {
 async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
     match cmd {
         EnvCmd::Create { name, wait } => {
-            let a = client.submit("/v1/environments", Some(&json!({ "name": name }))).await?;
-            out.accepted(client, a, wait, &format!("creating environment {name}")).await
+            let a = client
+                .submit("/v1/environments", Some(&json!({ "name": name })))
+                .await?;
+            out.accepted(client, a, wait, &format!("creating environment {name}"))
+                .await
         }
         EnvCmd::Add { env, new, wait } => {
-            let req = AddContainer { type_id: new.type_id.clone(), requirements: new.requirements()?, server: new.on.clone() };
-            let a = client.submit(&format!("/v1/environments/{}/containers", enc(&env)), Some(&req)).await?;
-            out.accepted(client, a, wait, &format!("adding a {} container to {env}", new.type_id)).await
+            let req = AddContainer {
+                type_id: new.type_id.clone(),
+                requirements: new.requirements()?,
+                server: new.on.clone(),
+            };
+            let a = client
+                .submit(
+                    &format!("/v1/environments/{}/containers", enc(&env)),
+                    Some(&req),
+                )
+                .await?;
+            out.accepted(
+                client,
+                a,
+                wait,
+                &format!("adding a {} container to {env}", new.type_id),
+            )
+            .await
         }
-        EnvCmd::Remove { env, container, wait } => {
-            let a = client.submit::<()>(&format!("/v1/environments/{}/containers/{container}", enc(&env)), None).await?;
-            out.accepted(client, a, wait, &format!("removing container {container} from {env}")).await
+        EnvCmd::Remove {
+            env,
+            container,
+            wait,
+        } => {
+            let a = client
+                .submit::<()>(
+                    &format!("/v1/environments/{}/containers/{container}", enc(&env)),
+                    None,
+                )
+                .await?;
+            out.accepted(
+                client,
+                a,
+                wait,
+                &format!("removing container {container} from {env}"),
+            )
+            .await
         }
         EnvCmd::Start { env, wait } => env_op(client, out, "start", &env, wait).await,
         EnvCmd::Stop { env, wait } => env_op(client, out, "stop", &env, wait).await,
@@ -658,11 +897,24 @@ async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
             Ok(())
         }
         EnvCmd::Clone { source, name, wait } => {
-            let a = client.submit(&format!("/v1/environments/{}/clone", enc(&source)), Some(&json!({ "name": name }))).await?;
-            out.accepted(client, a, wait, &format!("cloning environment {source} into {name}")).await
+            let a = client
+                .submit(
+                    &format!("/v1/environments/{}/clone", enc(&source)),
+                    Some(&json!({ "name": name })),
+                )
+                .await?;
+            out.accepted(
+                client,
+                a,
+                wait,
+                &format!("cloning environment {source} into {name}"),
+            )
+            .await
         }
         EnvCmd::Show { env } => {
-            let e: Environment = client.get(&format!("/v1/environments/{}", enc(&env))).await?;
+            let e: Environment = client
+                .get(&format!("/v1/environments/{}", enc(&env)))
+                .await?;
             out.show(&e, || output::environment(&e));
             Ok(())
         }
@@ -670,7 +922,9 @@ async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
 }
 
 async fn server_op(client: &Client, out: Out, server: &str, op: &str, done: &str) -> Result<()> {
-    let r: crate::managers::DrainReport = client.post(&format!("/v1/servers/{}/{op}", enc(server)), &json!({})).await?;
+    let r: crate::managers::DrainReport = client
+        .post(&format!("/v1/servers/{}/{op}", enc(server)), &json!({}))
+        .await?;
     out.show(&r, || format!("server {} {done}", r.server));
     Ok(())
 }
@@ -679,7 +933,8 @@ async fn env_op(client: &Client, out: Out, op: &str, env: &str, wait: WaitArg) -
     let a = client
         .post(&format!("/v1/environments/{}/{op}", enc(env)), &json!({}))
         .await?;
-    out.accepted(client, a, wait, &format!("{op} of environment {env}")).await
+    out.accepted(client, a, wait, &format!("{op} of environment {env}"))
+        .await
 }
 
 async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
@@ -690,7 +945,12 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
     };
     let (id, op, wait) = match cmd {
         ContainerCmd::Create { new, count, wait } => {
-            let req = CreateContainer { type_id: new.type_id.clone(), server: new.on.clone(), requirements: new.requirements()?, count };
+            let req = CreateContainer {
+                type_id: new.type_id.clone(),
+                server: new.on.clone(),
+                requirements: new.requirements()?,
+                count,
+            };
             let a = client.submit("/v1/containers", Some(&req)).await?;
             let what = match a.object_id {
                 Some(id) => format!("creating container {id}"),
@@ -704,7 +964,11 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
         ContainerCmd::Resume { id, wait } => (id, ContainerCommand::Resume, wait),
         ContainerCmd::Reboot { id, wait } => (id, ContainerCommand::Reboot, wait),
         ContainerCmd::Destroy { id, wait } => (id, ContainerCommand::Destroy, wait),
-        ContainerCmd::Update { id, resources, wait } => {
+        ContainerCmd::Update {
+            id,
+            resources,
+            wait,
+        } => {
             if !resources.any() {
                 bail!("name at least one of --cpu-millis, --memory-mb, --disk-mb");
             }
@@ -714,19 +978,34 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
         }
         ContainerCmd::Clone { id, on, wait } => (id, ContainerCommand::Clone { server: on }, wait),
         ContainerCmd::Migrate { id, to, wait } => (id, ContainerCommand::Migrate { to }, wait),
-        ContainerCmd::List { env, status, on, type_id, all } => {
+        ContainerCmd::List {
+            env,
+            status,
+            on,
+            type_id,
+            all,
+        } => {
             let mut q = vec![format!("all={all}")];
-            for (k, v) in [("environment", env), ("status", status), ("server", on), ("type", type_id)] {
+            for (k, v) in [
+                ("environment", env),
+                ("status", status),
+                ("server", on),
+                ("type", type_id),
+            ] {
                 if let Some(v) = v {
                     q.push(format!("{k}={}", enc(&v)));
                 }
             }
-            let list: Vec<Container> = client.get(&format!("/v1/containers?{}", q.join("&"))).await?;
+            let list: Vec<Container> = client
+                .get(&format!("/v1/containers?{}", q.join("&")))
+                .await?;
             out.show(&list, || output::containers(&list));
             return Ok(());
         }
         ContainerCmd::Purge => {
-            let r: crate::managers::PurgeReport = client.post("/v1/containers/purge", &serde_json::json!({})).await?;
+            let r: crate::managers::PurgeReport = client
+                .post("/v1/containers/purge", &serde_json::json!({}))
+                .await?;
             out.show(&r, || {
                 let mut lines = vec![format!("purged {} failed containers", r.purged)];
                 lines.extend(r.kept.iter().map(|k| format!("kept {k}")));
@@ -740,12 +1019,18 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             return Ok(());
         }
         ContainerCmd::Logs { id } => {
-            let l: crate::api::ContainerLogs = client.get(&format!("/v1/containers/{id}/logs")).await?;
+            let l: crate::api::ContainerLogs =
+                client.get(&format!("/v1/containers/{id}/logs")).await?;
             out.show(&l, || l.logs.clone());
             return Ok(());
         }
         ContainerCmd::Exec { id, command } => {
-            let r: crate::driver::ExecOutput = client.post(&format!("/v1/containers/{id}/exec"), &json!({ "command": command })).await?;
+            let r: crate::driver::ExecOutput = client
+                .post(
+                    &format!("/v1/containers/{id}/exec"),
+                    &json!({ "command": command }),
+                )
+                .await?;
             if out.json {
                 out.show(&r, String::new);
             } else {
@@ -758,34 +1043,49 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             return Ok(());
         }
         ContainerCmd::Export { id, output } => {
-            let e: crate::managers::ContainerExport = client.get(&format!("/v1/containers/{id}/export")).await?;
+            let e: crate::managers::ContainerExport =
+                client.get(&format!("/v1/containers/{id}/export")).await?;
             let text = serde_json::to_string_pretty(&e)?;
             if output == "-" {
                 println!("{text}");
             } else {
                 std::fs::write(&output, text).with_context(|| format!("cannot write {output}"))?;
-                eprintln!("container {id} exported to {output}; import it on the other platform with `cloud48 container import {output}`");
+                eprintln!(
+                    "container {id} exported to {output}; import it on the other platform with `cloud48 container import {output}`"
+                );
             }
             return Ok(());
         }
         ContainerCmd::Import { file, wait } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
             let export: crate::managers::ContainerExport = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a container export (write one with `cloud48 container export ID -o FILE`)", file.display()))?;
-            let a = client.submit("/v1/containers/import", Some(&export)).await?;
-            let what = format!("importing container {} from {} as container {}", export.container_id, export.platform, a.object_id.unwrap_or_default());
+            let a = client
+                .submit("/v1/containers/import", Some(&export))
+                .await?;
+            let what = format!(
+                "importing container {} from {} as container {}",
+                export.container_id,
+                export.platform,
+                a.object_id.unwrap_or_default()
+            );
             return out.accepted(client, a, wait, &what).await;
         }
     };
     let (path, body) = action(id, &op);
     let a = client.submit(&path, Some(&body)).await?;
-    out.accepted(client, a, wait, &format!("{} of container {id}", op.kind())).await
+    out.accepted(client, a, wait, &format!("{} of container {id}", op.kind()))
+        .await
 }
 
 fn read_wasm(file: &std::path::Path) -> Result<Vec<u8>> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
     if !bytes.starts_with(b"\0asm") {
-        bail!("{} is not a WASM file (build plugins with `cargo build --release --target wasm32-wasip2`)", file.display());
+        bail!(
+            "{} is not a WASM file (build plugins with `cargo build --release --target wasm32-wasip2`)",
+            file.display()
+        );
     }
     Ok(bytes)
 }
@@ -794,22 +1094,54 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
     use crate::plugins::PluginInfo;
     match cmd {
         PluginCmd::Install { file } => {
-            let info: PluginInfo = client.send_wasm(reqwest::Method::POST, "/v1/plugins", read_wasm(&file)?).await?;
-            out.show(&info, || format!("installed {} (priority {}): {}", info.type_id, info.meta.priority, info.meta.description));
+            let info: PluginInfo = client
+                .send_wasm(reqwest::Method::POST, "/v1/plugins", read_wasm(&file)?)
+                .await?;
+            out.show(&info, || {
+                format!(
+                    "installed {} (priority {}): {}",
+                    info.type_id, info.meta.priority, info.meta.description
+                )
+            });
         }
         PluginCmd::Upgrade { name, file } => {
             let wasm = read_wasm(&file)?;
-            let info: PluginInfo = client.send_wasm(reqwest::Method::PUT, &format!("/v1/plugins/{}", enc(&name)), wasm).await?;
-            out.show(&info, || format!("upgraded to {}; {} container(s) moved", info.type_id, info.containers));
+            let info: PluginInfo = client
+                .send_wasm(
+                    reqwest::Method::PUT,
+                    &format!("/v1/plugins/{}", enc(&name)),
+                    wasm,
+                )
+                .await?;
+            out.show(&info, || {
+                format!(
+                    "upgraded to {}; {} container(s) moved",
+                    info.type_id, info.containers
+                )
+            });
         }
         PluginCmd::List => {
             let list: Vec<PluginInfo> = client.get("/v1/plugins").await?;
             out.show(&list, || {
                 let mut t = comfy_table::Table::new();
                 t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
-                    .set_header(vec!["TYPE", "PRIORITY", "WIT", "CONTAINERS", "SIZE", "DESCRIPTION"]);
+                    .set_header(vec![
+                        "TYPE",
+                        "PRIORITY",
+                        "WIT",
+                        "CONTAINERS",
+                        "SIZE",
+                        "DESCRIPTION",
+                    ]);
                 for p in &list {
-                    t.add_row(vec![p.type_id.clone(), p.meta.priority.to_string(), p.meta.wit_version.clone(), p.containers.to_string(), format!("{} KiB", p.size / 1024), p.meta.description.clone()]);
+                    t.add_row(vec![
+                        p.type_id.clone(),
+                        p.meta.priority.to_string(),
+                        p.meta.wit_version.clone(),
+                        p.containers.to_string(),
+                        format!("{} KiB", p.size / 1024),
+                        p.meta.description.clone(),
+                    ]);
                 }
                 t.to_string()
             });
@@ -828,14 +1160,22 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
         PluginCmd::Test { mut files } => {
             let scenario = files.pop().expect("clap requires two arguments");
             if scenario.extension().and_then(|e| e.to_str()) != Some("toml") {
-                bail!("the last argument must be the scenario file (.toml), got {}", scenario.display());
+                bail!(
+                    "the last argument must be the scenario file (.toml), got {}",
+                    scenario.display()
+                );
             }
-            let text = std::fs::read_to_string(&scenario).with_context(|| format!("cannot read {}", scenario.display()))?;
+            let text = std::fs::read_to_string(&scenario)
+                .with_context(|| format!("cannot read {}", scenario.display()))?;
             let sc: crate::plugins::harness::Scenario = toml_edit::de::from_str(&text)
                 .with_context(|| format!("{} is not a valid scenario", scenario.display()))?;
-            let wasm = files.iter().map(|f| read_wasm(f)).collect::<Result<Vec<_>>>()?;
+            let wasm = files
+                .iter()
+                .map(|f| read_wasm(f))
+                .collect::<Result<Vec<_>>>()?;
             let report = std::thread::spawn(move || {
-                let host = crate::plugins::PluginHost::new(None, crate::plugins::Limits::default()).map_err(|e| e.to_string())?;
+                let host = crate::plugins::PluginHost::new(None, crate::plugins::Limits::default())
+                    .map_err(|e| e.to_string())?;
                 crate::plugins::harness::run_scenario(&host, crate::plugins::BUNDLED, &wasm, &sc)
             })
             .join()
@@ -852,8 +1192,12 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
         }
         PluginCmd::New { name, dir, sdk } => crate::scaffold::new_plugin(&name, dir, sdk)?,
         PluginCmd::Remove { name } => {
-            client.delete_empty(&format!("/v1/plugins/{}", enc(&name))).await?;
-            out.show(&serde_json::json!({ "removed": name }), || format!("plugin {name} removed"));
+            client
+                .delete_empty(&format!("/v1/plugins/{}", enc(&name)))
+                .await?;
+            out.show(&serde_json::json!({ "removed": name }), || {
+                format!("plugin {name} removed")
+            });
         }
     }
     Ok(())
@@ -861,7 +1205,11 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
 
 async fn command(client: &Client, out: Out, cmd: CommandCmd) -> Result<()> {
     match cmd {
-        CommandCmd::List { status, parent, limit } => {
+        CommandCmd::List {
+            status,
+            parent,
+            limit,
+        } => {
             let mut q = vec![format!("limit={limit}")];
             if let Some(s) = status {
                 q.push(format!("status={}", enc(&s)));
@@ -879,14 +1227,17 @@ async fn command(client: &Client, out: Out, cmd: CommandCmd) -> Result<()> {
             Ok(())
         }
         CommandCmd::Wait { id, timeout } => {
-            let c = tokio::time::timeout(Duration::from_secs(timeout), follow(client, id, !out.json))
-                .await
-                .with_context(|| format!("command {id} did not finish within {timeout} s"))??;
+            let c =
+                tokio::time::timeout(Duration::from_secs(timeout), follow(client, id, !out.json))
+                    .await
+                    .with_context(|| format!("command {id} did not finish within {timeout} s"))??;
             out.show(&c, || output::command(&c));
             finished_ok(&c)
         }
         CommandCmd::Cancel { id } => {
-            let c: Command = client.post(&format!("/v1/commands/{id}/cancel"), &json!({})).await?;
+            let c: Command = client
+                .post(&format!("/v1/commands/{id}/cancel"), &json!({}))
+                .await?;
             out.show(&c, || format!("command {id} cancelled"));
             Ok(())
         }
@@ -904,12 +1255,25 @@ fn credentials(cli: &Cli) -> Result<Option<Credentials>> {
     if let Some(path) = &cli.credentials {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read credentials file {}", path.display()))?;
-        let file: File = toml_edit::de::from_str(&text)
-            .with_context(|| format!("credentials file {} must hold `user = \"...\"` and `password = \"...\"`", path.display()))?;
-        let user = cli.user.clone().or(file.user).context("no user: pass --user NAME or put `user = ...` in the credentials file")?;
-        return Ok(Some(Credentials { user, password: file.password }));
+        let file: File = toml_edit::de::from_str(&text).with_context(|| {
+            format!(
+                "credentials file {} must hold `user = \"...\"` and `password = \"...\"`",
+                path.display()
+            )
+        })?;
+        let user = cli
+            .user
+            .clone()
+            .or(file.user)
+            .context("no user: pass --user NAME or put `user = ...` in the credentials file")?;
+        return Ok(Some(Credentials {
+            user,
+            password: file.password,
+        }));
     }
-    let Some(user) = cli.user.clone() else { return Ok(None) };
+    let Some(user) = cli.user.clone() else {
+        return Ok(None);
+    };
     let password = match std::env::var("CLOUD48_PASSWORD") {
         Ok(p) => p,
         Err(_) => rpassword::prompt_password(format!("password for {user}: "))
@@ -933,7 +1297,10 @@ fn new_password(name: &str) -> Result<String> {
 
 async fn users(out: Out, cmd: UserCmd) -> Result<()> {
     let core_args = match &cmd {
-        UserCmd::Add { core, .. } | UserCmd::List { core } | UserCmd::Remove { core, .. } | UserCmd::Passwd { core, .. } => core.clone(),
+        UserCmd::Add { core, .. }
+        | UserCmd::List { core }
+        | UserCmd::Remove { core, .. }
+        | UserCmd::Passwd { core, .. } => core.clone(),
     };
     let settings = core_args.settings()?;
     let config = settings.core();
@@ -944,12 +1311,18 @@ async fn users(out: Out, cmd: UserCmd) -> Result<()> {
             let role: crate::auth::Role = role.parse().map_err(anyhow::Error::msg)?;
             crate::auth::validate_user_name(&name).map_err(anyhow::Error::msg)?;
             let password = new_password(&name)?;
-            store.add(&name, role, &password).await.map_err(anyhow::Error::msg)?;
+            store
+                .add(&name, role, &password)
+                .await
+                .map_err(anyhow::Error::msg)?;
             println!("user {name} added with role {role}");
         }
         UserCmd::Passwd { name, .. } => {
             let password = new_password(&name)?;
-            store.passwd(&name, &password).await.map_err(anyhow::Error::msg)?;
+            store
+                .passwd(&name, &password)
+                .await
+                .map_err(anyhow::Error::msg)?;
             println!("password of {name} changed");
         }
         UserCmd::Remove { name, .. } => {
@@ -960,7 +1333,8 @@ async fn users(out: Out, cmd: UserCmd) -> Result<()> {
             let list = store.list().await.map_err(anyhow::Error::msg)?;
             out.show(&list, || {
                 let mut t = comfy_table::Table::new();
-                t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED).set_header(vec!["NAME", "ROLE"]);
+                t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
+                    .set_header(vec!["NAME", "ROLE"]);
                 for u in &list {
                     t.add_row(vec![u.name.clone(), u.role.to_string()]);
                 }
@@ -981,7 +1355,9 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
     let listen = settings.listen();
     let data_dir = config.data_dir.clone();
     if config.auth.anonymous == crate::auth::Anonymous::Full {
-        tracing::warn!("anonymous requests have FULL access (auth.anonymous = full): for local development only");
+        tracing::warn!(
+            "anonymous requests have FULL access (auth.anonymous = full): for local development only"
+        );
         if !listen.ip().is_loopback() {
             tracing::warn!(%listen, "anonymous full access on a non-loopback address: anyone who can reach it controls the cloud");
         }

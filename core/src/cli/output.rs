@@ -7,7 +7,8 @@ use crate::model::{Command, Container, ContainerStatus, Environment, Server};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_style(UTF8_FULL_CONDENSED).set_header(header.to_vec());
+    t.load_style(UTF8_FULL_CONDENSED)
+        .set_header(header.to_vec());
     t
 }
 
@@ -22,7 +23,17 @@ pub fn json<T: Serialize>(v: &T) {
 
 /// A table of containers.
 pub fn containers(list: &[Container]) -> String {
-    let mut t = table(&["ID", "TYPE", "STATUS", "SERVER", "IP", "ENVIRONMENT", "CPU", "MEM MB", "DISK MB"]);
+    let mut t = table(&[
+        "ID",
+        "TYPE",
+        "STATUS",
+        "SERVER",
+        "IP",
+        "ENVIRONMENT",
+        "CPU",
+        "MEM MB",
+        "DISK MB",
+    ]);
     for c in list {
         let r = &c.requirements.resources;
         t.add_row(vec![
@@ -59,7 +70,10 @@ pub fn container(c: &Container) -> String {
         format!("  state:       {} bytes", c.state_bytes),
     ];
     if !c.requirements.labels.is_empty() {
-        lines.push(format!("  labels:      {}", c.requirements.labels.join(", ")));
+        lines.push(format!(
+            "  labels:      {}",
+            c.requirements.labels.join(", ")
+        ));
     }
     if let Some(l) = c.locked_by {
         lines.push(format!("  locked by:   command {l}"));
@@ -70,7 +84,13 @@ pub fn container(c: &Container) -> String {
     if !c.execs.is_empty() {
         lines.push(format!("  scripts run: {}", c.execs.len()));
         for e in &c.execs {
-            lines.push(format!("    command {} {}: {} {}", e.command_id, e.status, e.script, e.args.join(" ")));
+            lines.push(format!(
+                "    command {} {}: {} {}",
+                e.command_id,
+                e.status,
+                e.script,
+                e.args.join(" ")
+            ));
         }
     }
     if let Some(o) = &c.origin {
@@ -111,7 +131,9 @@ pub fn environment(e: &Environment) -> String {
         for c in &e.members {
             let status = match c.status {
                 ContainerStatus::Down => "DOWN (server unreachable)".to_string(),
-                ContainerStatus::Illegal => "ILLEGAL (replaced; collected when its server is back)".to_string(),
+                ContainerStatus::Illegal => {
+                    "ILLEGAL (replaced; collected when its server is back)".to_string()
+                }
                 other => other.to_string(),
             };
             t.add_row(vec![
@@ -130,24 +152,61 @@ pub fn environment(e: &Environment) -> String {
 
 /// A table of servers.
 pub fn servers(list: &[Server]) -> String {
-    let mut t = table(&["ID", "NAME", "DRIVER", "STATUS", "CONTAINERS", "CPU RESERVED/TOTAL", "MEM MB RESERVED/TOTAL", "DISK MB RESERVED/TOTAL", "MEASURED USE", "LAST HEARTBEAT"]);
+    let mut t = table(&[
+        "ID",
+        "NAME",
+        "DRIVER",
+        "STATUS",
+        "CONTAINERS",
+        "CPU RESERVED/TOTAL",
+        "MEM MB RESERVED/TOTAL",
+        "DISK MB RESERVED/TOTAL",
+        "MEASURED USE",
+        "LAST HEARTBEAT",
+    ]);
     let now = crate::model::now_ms();
     for s in list {
-        let status = if s.draining { format!("{} (draining)", s.status) } else { s.status.to_string() };
-        let beat = s.last_heartbeat.map_or("never".to_string(), |t| format!("{:.1} s ago", (now - t).max(0) as f64 / 1000.0));
-        let containers = if s.dummies > 0 { format!("{} (+{} reserved)", s.containers - s.dummies.min(s.containers), s.dummies) } else { s.containers.to_string() };
+        let status = if s.draining {
+            format!("{} (draining)", s.status)
+        } else {
+            s.status.to_string()
+        };
+        let beat = s.last_heartbeat.map_or("never".to_string(), |t| {
+            format!("{:.1} s ago", (now - t).max(0) as f64 / 1000.0)
+        });
+        let containers = if s.dummies > 0 {
+            format!(
+                "{} (+{} reserved)",
+                s.containers - s.dummies.min(s.containers),
+                s.dummies
+            )
+        } else {
+            s.containers.to_string()
+        };
         t.add_row(vec![
             s.id.to_string(),
             s.name.clone(),
             s.driver.clone(),
             status,
             containers,
-            format!("{:.1}/{:.1}", s.allocated.cpu_millis as f64 / 1000.0, s.capacity.cpu_millis as f64 / 1000.0),
+            format!(
+                "{:.1}/{:.1}",
+                s.allocated.cpu_millis as f64 / 1000.0,
+                s.capacity.cpu_millis as f64 / 1000.0
+            ),
             format!("{}/{}", s.allocated.memory_mb, s.capacity.memory_mb),
             format!("{}/{}", s.allocated.disk_mb, s.capacity.disk_mb),
-            s.load.as_ref().and_then(|l| l.used).map_or("-".to_string(), |u| {
-                format!("{:.2} cpu, {} MB mem, {} MB disk", u.cpu_millis as f64 / 1000.0, u.memory_mb, u.disk_mb)
-            }),
+            s.load
+                .as_ref()
+                .and_then(|l| l.used)
+                .map_or("-".to_string(), |u| {
+                    format!(
+                        "{:.2} cpu, {} MB mem, {} MB disk",
+                        u.cpu_millis as f64 / 1000.0,
+                        u.memory_mb,
+                        u.disk_mb
+                    )
+                }),
             beat,
         ]);
     }
@@ -156,13 +215,26 @@ pub fn servers(list: &[Server]) -> String {
 
 /// A table of commands.
 pub fn commands(list: &[Command]) -> String {
-    let mut t = table(&["ID", "KIND", "STATUS", "TARGET", "PARENT", "STEP", "BY", "ERROR / WAITING ON"]);
+    let mut t = table(&[
+        "ID",
+        "KIND",
+        "STATUS",
+        "TARGET",
+        "PARENT",
+        "STEP",
+        "BY",
+        "ERROR / WAITING ON",
+    ]);
     for c in list {
         let target = match (&c.target_type, c.target_id) {
             (Some(t), Some(id)) => format!("{t} {id}"),
             _ => "-".into(),
         };
-        let note = c.error.clone().or_else(|| c.waiting_on.clone()).unwrap_or_default();
+        let note = c
+            .error
+            .clone()
+            .or_else(|| c.waiting_on.clone())
+            .unwrap_or_default();
         t.add_row(vec![
             c.id.to_string(),
             c.kind.clone(),
@@ -182,7 +254,11 @@ pub fn command(c: &Command) -> String {
     let mut lines = vec![
         format!("command {}  ({})", c.id, c.kind),
         format!("  status:       {}", c.status),
-        format!("  target:       {} {}", c.target_type.as_deref().unwrap_or("-"), opt(&c.target_id)),
+        format!(
+            "  target:       {} {}",
+            c.target_type.as_deref().unwrap_or("-"),
+            opt(&c.target_id)
+        ),
         format!("  parent:       {}", opt(&c.parent)),
         format!("  step:         {}", c.step),
         format!("  attempts:     {}", c.attempts),
@@ -227,7 +303,10 @@ mod tests {
     fn a_long_batch_result_is_summed_up() {
         let failed: Vec<_> = (4..10).map(|id| json!([id, "no room"])).collect();
         let line = super::result_line(&json!({ "created": 3, "failed": failed }));
-        assert_eq!(line, "created 3, failed 6 (first: container 4: no room); --json lists each");
+        assert_eq!(
+            line,
+            "created 3, failed 6 (first: container 4: no room); --json lists each"
+        );
         let short = json!({ "created": 3, "failed": [[4, "no room"]] });
         assert_eq!(super::result_line(&short), short.to_string());
     }

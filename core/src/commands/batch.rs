@@ -50,7 +50,8 @@ async fn creating(core: &Core, cmd: i64) -> Result<Vec<i64>, DbErr> {
 
 /// The requirements every container of the batch shares.
 fn requirements(ctx: &StepCtx<'_>) -> Result<Requirements, StepError> {
-    serde_json::from_value(ctx.params["requirements"].clone()).map_err(|e| StepError::Permanent(format!("bad requirements in the command: {e}")))
+    serde_json::from_value(ctx.params["requirements"].clone())
+        .map_err(|e| StepError::Permanent(format!("bad requirements in the command: {e}")))
 }
 
 /// The steps.
@@ -88,12 +89,21 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let txn = core.db().begin().await?;
     let mut placed: Vec<(i64, ServerId)> = Vec::new();
     let mut dummies = Vec::new();
-    let claims: Vec<(ServerId, Resources, i64)> = per_server.iter().map(|(s, ids)| (*s, need.times(ids.len() as u64), ids.len() as i64)).collect();
+    let claims: Vec<(ServerId, Resources, i64)> = per_server
+        .iter()
+        .map(|(s, ids)| (*s, need.times(ids.len() as u64), ids.len() as i64))
+        .collect();
     let held = placement::claim_many(&txn, &claims).await?;
     for (server, ids) in per_server {
         if held.contains(&server) {
             for id in ids {
-                dummies.push(placement::dummy_row(server, id, Some(ctx.cmd.id), &need, deadline));
+                dummies.push(placement::dummy_row(
+                    server,
+                    id,
+                    Some(ctx.cmd.id),
+                    &need,
+                    deadline,
+                ));
                 placed.push((id, server));
             }
             continue;
@@ -102,7 +112,14 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
         cache.apply(server, &need.times(ids.len() as u64), ids.len() as i64, -1);
         cache.refresh(&txn, server).await?;
         for id in ids {
-            let request = PlaceRequest { requirements: &req, container_id: id, command_id: Some(ctx.cmd.id), avoid: HashSet::new(), server: fixed, deadline };
+            let request = PlaceRequest {
+                requirements: &req,
+                container_id: id,
+                command_id: Some(ctx.cmd.id),
+                avoid: HashSet::new(),
+                server: fixed,
+                deadline,
+            };
             match placement::place(&txn, cache, request).await {
                 Ok(r) => placed.push((id, r.server_id)),
                 Err(placement::PlacementError::NoFit(reason)) => failed.push((id, reason)),
@@ -111,7 +128,9 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
         }
     }
     for chunk in dummies.chunks(CHUNK) {
-        dummy::Entity::insert_many(chunk.to_vec()).exec(&txn).await?;
+        dummy::Entity::insert_many(chunk.to_vec())
+            .exec(&txn)
+            .await?;
     }
     give_up(&txn, &failed.iter().map(|(id, _)| *id).collect::<Vec<_>>()).await?;
     let progress = json!({ "placed": placed, "failed": failed });
@@ -122,8 +141,14 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
 async fn give_up<C: ConnectionTrait>(conn: &C, ids: &[i64]) -> Result<(), DbErr> {
     for chunk in ids.chunks(CHUNK) {
         container::Entity::update_many()
-            .col_expr(container::Column::Status, Expr::value(ContainerStatus::Failed.as_str()))
-            .col_expr(container::Column::LockedBy, Expr::value(DbValue::BigInt(None)))
+            .col_expr(
+                container::Column::Status,
+                Expr::value(ContainerStatus::Failed.as_str()),
+            )
+            .col_expr(
+                container::Column::LockedBy,
+                Expr::value(DbValue::BigInt(None)),
+            )
             .col_expr(container::Column::UpdatedAt, Expr::value(now_ms()))
             .filter(container::Column::Id.is_in(chunk.iter().copied()))
             .exec(conn)
@@ -136,7 +161,8 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let core = ctx.core;
     let placed: Vec<(i64, ServerId)> = serde_json::from_value(ctx.progress["placed"].clone())
         .map_err(|_| StepError::Permanent("lost the placements of this command".into()))?;
-    let mut failed: Vec<(i64, String)> = serde_json::from_value(ctx.progress["failed"].clone()).unwrap_or_default();
+    let mut failed: Vec<(i64, String)> =
+        serde_json::from_value(ctx.progress["failed"].clone()).unwrap_or_default();
     let need = requirements(ctx)?.resources;
     let type_id = ctx.params["type"].as_str().unwrap_or_default().to_string();
     let start = ctx.params["start"].as_bool().unwrap_or(true);
@@ -145,7 +171,12 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     // The containers are locked by this command: no other command changed them meanwhile.
     for (id, server) in placed {
         let (driver, name) = driver_of(core, server)?;
-        let spec = GuestSpec { guest_id: guest_id_for(core.platform_name(), id), type_id: type_id.clone(), resources: need, ip: None };
+        let spec = GuestSpec {
+            guest_id: guest_id_for(core.platform_name(), id),
+            type_id: type_id.clone(),
+            resources: need,
+            ip: None,
+        };
         let outcome = async {
             let info = driver.create(&spec).await?;
             if start {
@@ -156,7 +187,9 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
         .await;
         match outcome {
             Ok(info) => made.push((id, server, info.ip)),
-            Err(e) if e.is_transient() => return Err(StepError::Transient(format!("server {name}: {e}"))),
+            Err(e) if e.is_transient() => {
+                return Err(StepError::Transient(format!("server {name}: {e}")));
+            }
             Err(e) => {
                 failed.push((id, format!("server {name}: {e}")));
                 refused.push(id);
@@ -166,7 +199,11 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let txn = core.db().begin().await?;
     // The made take their dummies' places, the refused give their reservations back. In the
     // common case every dummy is there and nothing was refused: one delete does it all.
-    let removed = dummy::Entity::delete_many().filter(dummy::Column::CommandId.eq(ctx.cmd.id)).exec(&txn).await?.rows_affected;
+    let removed = dummy::Entity::delete_many()
+        .filter(dummy::Column::CommandId.eq(ctx.cmd.id))
+        .exec(&txn)
+        .await?
+        .rows_affected;
     if removed != (made.len() + refused.len()) as u64 || !refused.is_empty() {
         txn.rollback().await?;
         return settle_slowly(ctx, made, refused, failed, need, start).await;
@@ -186,25 +223,35 @@ async fn settle_slowly(
 ) -> Result<Transition, StepError> {
     let core = ctx.core;
     // Read before the transaction (SQLite has one connection).
-    let dummies = dummy::Entity::find().filter(dummy::Column::CommandId.eq(ctx.cmd.id)).all(core.db()).await?;
-    let by_container: HashMap<i64, &dummy::Model> = dummies.iter().map(|d| (d.container_id, d)).collect();
+    let dummies = dummy::Entity::find()
+        .filter(dummy::Column::CommandId.eq(ctx.cmd.id))
+        .all(core.db())
+        .await?;
+    let by_container: HashMap<i64, &dummy::Model> =
+        dummies.iter().map(|d| (d.container_id, d)).collect();
     let txn = core.db().begin().await?;
     for id in &refused {
         if let Some(d) = by_container.get(id) {
             placement::release(&txn, d.server_id, &placement::dummy_resources(d), 1).await?;
-            core.placement().apply(d.server_id, &placement::dummy_resources(d), 1, -1);
+            core.placement()
+                .apply(d.server_id, &placement::dummy_resources(d), 1, -1);
         }
     }
     let mut lost = Vec::new();
     for (id, server, _) in &made {
         // A dummy the collector took (deadline passed): reserve again if it still fits.
-        if !by_container.contains_key(id) && !placement::claim(&txn, *server, &need, 1, false).await? {
+        if !by_container.contains_key(id)
+            && !placement::claim(&txn, *server, &need, 1, false).await?
+        {
             lost.push(*id);
         }
     }
     let ids: Vec<i64> = dummies.iter().map(|d| d.id).collect();
     for chunk in ids.chunks(CHUNK) {
-        dummy::Entity::delete_many().filter(dummy::Column::Id.is_in(chunk.iter().copied())).exec(&txn).await?;
+        dummy::Entity::delete_many()
+            .filter(dummy::Column::Id.is_in(chunk.iter().copied()))
+            .exec(&txn)
+            .await?;
     }
     finish(txn, made, lost, refused, failed, start).await
 }
@@ -218,15 +265,31 @@ async fn finish(
     mut failed: Vec<(i64, String)>,
     start: bool,
 ) -> Result<Transition, StepError> {
-    let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
-    let ok: Vec<&(i64, ServerId, Option<String>)> = made.iter().filter(|m| !lost.contains(&m.0)).collect();
+    let status = if start {
+        ContainerStatus::Running
+    } else {
+        ContainerStatus::Stopped
+    };
+    let ok: Vec<&(i64, ServerId, Option<String>)> =
+        made.iter().filter(|m| !lost.contains(&m.0)).collect();
     for chunk in ok.chunks(CHUNK) {
         fill_many(&txn, chunk, status).await?;
     }
     for id in &lost {
-        failed.push((*id, "the capacity reserved expired and the server has no room any more".into()));
+        failed.push((
+            *id,
+            "the capacity reserved expired and the server has no room any more".into(),
+        ));
     }
-    give_up(&txn, &refused.iter().chain(lost.iter()).copied().collect::<Vec<_>>()).await?;
+    give_up(
+        &txn,
+        &refused
+            .iter()
+            .chain(lost.iter())
+            .copied()
+            .collect::<Vec<_>>(),
+    )
+    .await?;
     let created = ok.len();
     let summary = shortfall(created, &failed);
     let result = json!({ "created": created, "failed": failed });
@@ -252,10 +315,65 @@ fn shortfall(created: usize, failed: &[(i64, String)]) -> Option<String> {
             None => counts.push((reason, 1)),
         }
     }
-    let (reason, n) = counts.iter().fold(counts[0], |best, c| if c.1 > best.1 { *c } else { best });
-    let others = if n == failed.len() { String::new() } else { format!("; {} failed for other reasons", failed.len() - n) };
+    let (reason, n) = counts
+        .iter()
+        .fold(counts[0], |best, c| if c.1 > best.1 { *c } else { best });
+    let others = if n == failed.len() {
+        String::new()
+    } else {
+        format!("; {} failed for other reasons", failed.len() - n)
+    };
     let plural = if n == 1 { "" } else { "s" };
-    Some(format!("placed {created} of {}: {reason} ({n} container{plural}){others}; see the command's result for each", created + failed.len()))
+    Some(format!(
+        "placed {created} of {}: {reason} ({n} container{plural}){others}; see the command's result for each",
+        created + failed.len()
+    ))
+}
+
+/// One statement: each container gets its server, address and status, and is unlocked.
+pub(super) async fn fill_many(
+    txn: &DatabaseTransaction,
+    made: &[&(i64, ServerId, Option<String>)],
+    status: ContainerStatus,
+) -> Result<(), DbErr> {
+    let rows: Vec<_> = made
+        .iter()
+        .map(|(id, server, ip)| vec![(*id).into(), (*server).into(), ip.clone().into()])
+        .collect();
+    let (v, mut params) =
+        crate::queue::store::rows_source(txn, &["BIGINT", "BIGINT", "TEXT"], rows, 3);
+    params.insert(0, DbValue::String(Some(status.as_str().to_string())));
+    params.insert(1, DbValue::BigInt(Some(now_ms())));
+    let text = format!(
+        "UPDATE containers SET server_id = v.column2, ip = v.column3, status = $1, locked_by = NULL, updated_at = $2 \
+         FROM {v} WHERE containers.id = v.column1"
+    );
+    txn.execute_raw(crate::queue::store::sql(txn, &text, params))
+        .await?;
+    Ok(())
+}
+
+/// A failing `container.create_many` gives back every reservation it holds and marks its
+/// unfinished containers failed.
+pub(crate) async fn compensate(
+    core: &Core,
+    cmd: &command::Model,
+) -> Result<Option<DatabaseTransaction>, DbErr> {
+    let dummies = dummy::Entity::find()
+        .filter(dummy::Column::CommandId.eq(cmd.id))
+        .all(core.db())
+        .await?;
+    let unfinished = creating(core, cmd.id).await?;
+    let txn = core.db().begin().await?;
+    for d in &dummies {
+        placement::drop_dummy(&txn, d.id).await?;
+    }
+    give_up(&txn, &unfinished).await?;
+    for d in &dummies {
+        core.placement()
+            .apply(d.server_id, &placement::dummy_resources(d), 1, -1);
+    }
+    Ok(Some(txn))
 }
 
 #[cfg(test)]
@@ -269,42 +387,19 @@ mod tests {
 
     #[test]
     fn the_shortfall_names_the_most_common_reason() {
-        let failed = vec![(4, "disk".to_string()), (5, "cpu".to_string()), (6, "cpu".to_string())];
+        let failed = vec![
+            (4, "disk".to_string()),
+            (5, "cpu".to_string()),
+            (6, "cpu".to_string()),
+        ];
         assert_eq!(
             shortfall(3, &failed).unwrap(),
             "placed 3 of 6: cpu (2 containers); 1 failed for other reasons; see the command's result for each"
         );
         let failed = vec![(4, "cpu".to_string())];
-        assert_eq!(shortfall(0, &failed).unwrap(), "placed 0 of 1: cpu (1 container); see the command's result for each");
+        assert_eq!(
+            shortfall(0, &failed).unwrap(),
+            "placed 0 of 1: cpu (1 container); see the command's result for each"
+        );
     }
-}
-
-/// One statement: each container gets its server, address and status, and is unlocked.
-pub(super) async fn fill_many(txn: &DatabaseTransaction, made: &[&(i64, ServerId, Option<String>)], status: ContainerStatus) -> Result<(), DbErr> {
-    let rows: Vec<_> = made.iter().map(|(id, server, ip)| vec![(*id).into(), (*server).into(), ip.clone().into()]).collect();
-    let (v, mut params) = crate::queue::store::rows_source(txn, &["BIGINT", "BIGINT", "TEXT"], rows, 3);
-    params.insert(0, DbValue::String(Some(status.as_str().to_string())));
-    params.insert(1, DbValue::BigInt(Some(now_ms())));
-    let text = format!(
-        "UPDATE containers SET server_id = v.column2, ip = v.column3, status = $1, locked_by = NULL, updated_at = $2 \
-         FROM {v} WHERE containers.id = v.column1"
-    );
-    txn.execute_raw(crate::queue::store::sql(txn, &text, params)).await?;
-    Ok(())
-}
-
-/// A failing `container.create_many` gives back every reservation it holds and marks its
-/// unfinished containers failed.
-pub(crate) async fn compensate(core: &Core, cmd: &command::Model) -> Result<Option<DatabaseTransaction>, DbErr> {
-    let dummies = dummy::Entity::find().filter(dummy::Column::CommandId.eq(cmd.id)).all(core.db()).await?;
-    let unfinished = creating(core, cmd.id).await?;
-    let txn = core.db().begin().await?;
-    for d in &dummies {
-        placement::drop_dummy(&txn, d.id).await?;
-    }
-    give_up(&txn, &unfinished).await?;
-    for d in &dummies {
-        core.placement().apply(d.server_id, &placement::dummy_resources(d), 1, -1);
-    }
-    Ok(Some(txn))
 }

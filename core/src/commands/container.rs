@@ -68,7 +68,12 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
         CommandKind::ContainerDestroy => Some(ContainerCommand::Destroy),
         CommandKind::ContainerUpdate => {
             let resources: Resources = serde_json::from_value(ctx.params["resources"].clone())
-                .map_err(|e| StepError::Permanent(format!("command {} ({kind}): bad parameters: {e}", ctx.cmd.id)))?;
+                .map_err(|e| {
+                    StepError::Permanent(format!(
+                        "command {} ({kind}): bad parameters: {e}",
+                        ctx.cmd.id
+                    ))
+                })?;
             Some(ContainerCommand::Update { resources })
         }
         _ => None,
@@ -82,52 +87,83 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
             CommandKind::ContainerClone => clone(ctx, row).await,
             CommandKind::ContainerMigrate => migrate(ctx, row).await,
             CommandKind::ContainerExec => exec(ctx, row).await,
-            other => Err(StepError::Permanent(format!("command {}: {other} is not a container command", ctx.cmd.id))),
+            other => Err(StepError::Permanent(format!(
+                "command {}: {other} is not a container command",
+                ctx.cmd.id
+            ))),
         };
     };
     let status = parse_status(&row.status);
     if cmd == ContainerCommand::Destroy && status.is_gone() {
         return Ok(Transition::bare(done(id)));
     }
-    check_status(id, status, cmd.kind().as_str(), cmd.allowed_from()).map_err(StepError::Permanent)?;
+    check_status(id, status, cmd.kind().as_str(), cmd.allowed_from())
+        .map_err(StepError::Permanent)?;
     if cmd == ContainerCommand::Destroy && status == ContainerStatus::Down {
         // Its server does not answer: the container is given up now and its guest destroyed
         // by the collector when the server is back.
-        let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Illegal)).await?;
+        let txn = write(core, &row, |am| {
+            am.status = status_of(ContainerStatus::Illegal)
+        })
+        .await?;
         return Ok(Transition::with(done(id), txn));
     }
     let Some(server_id) = row.server_id else {
         // Destroying a container that never reached a server (its create gives back its dummy).
-        let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Destroyed)).await?;
+        let txn = write(core, &row, |am| {
+            am.status = status_of(ContainerStatus::Destroyed)
+        })
+        .await?;
         return Ok(Transition::with(done(id), txn));
     };
     let (driver, server) = driver_of(core, server_id)?;
     let guest = row.guest_id.as_str();
     let new_status = match &cmd {
         ContainerCommand::Start => {
-            driver.start(guest).await.map_err(|e| driver_err(&server, e))?;
+            driver
+                .start(guest)
+                .await
+                .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Running
         }
         ContainerCommand::Stop => {
-            driver.stop(guest).await.map_err(|e| driver_err(&server, e))?;
+            driver
+                .stop(guest)
+                .await
+                .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Stopped
         }
         ContainerCommand::Suspend => {
-            driver.suspend(guest).await.map_err(|e| driver_err(&server, e))?;
+            driver
+                .suspend(guest)
+                .await
+                .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Suspended
         }
         ContainerCommand::Resume => {
-            driver.resume(guest).await.map_err(|e| driver_err(&server, e))?;
+            driver
+                .resume(guest)
+                .await
+                .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Running
         }
         ContainerCommand::Reboot => {
-            driver.reboot(guest).await.map_err(|e| driver_err(&server, e))?;
+            driver
+                .reboot(guest)
+                .await
+                .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Running
         }
         ContainerCommand::Destroy => {
-            driver.destroy(guest).await.map_err(|e| driver_err(&server, e))?;
+            driver
+                .destroy(guest)
+                .await
+                .map_err(|e| driver_err(&server, e))?;
             let need = requirements_of(&row).resources;
-            let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Destroyed)).await?;
+            let txn = write(core, &row, |am| {
+                am.status = status_of(ContainerStatus::Destroyed)
+            })
+            .await?;
             placement::release(&txn, server_id, &need, 1).await?;
             core.placement().apply(server_id, &need, 1, -1);
             return Ok(Transition::with(done(id), txn));
@@ -155,13 +191,18 @@ async fn update(
     let core = ctx.core;
     let id = row.id;
     let mut req = requirements_of(row);
-    let (grow, shrink) = (resources.minus(&req.resources), req.resources.minus(resources));
+    let (grow, shrink) = (
+        resources.minus(&req.resources),
+        req.resources.minus(resources),
+    );
     let growth = reservation(&ctx.progress);
     if ctx.cmd.step == 0 && grow != Resources::default() {
         let ttl = core.config().placement.dummy_ttl().as_millis() as i64;
         let deadline = core.queue().now_ms() + ttl;
         let txn = core.db().begin().await?;
-        let Some(r) = placement::reserve_growth(&txn, server_id, id, ctx.cmd.id, &grow, deadline).await? else {
+        let Some(r) =
+            placement::reserve_growth(&txn, server_id, id, ctx.cmd.id, &grow, deadline).await?
+        else {
             return Err(StepError::Permanent(format!(
                 "server {server} lacks room to grow container {id} by {} cpu_millis, {} memory_mb and {} disk_mb; migrate it first",
                 grow.cpu_millis, grow.memory_mb, grow.disk_mb
@@ -171,7 +212,10 @@ async fn update(
         let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
         return Ok(Transition::with(Next::Continue { step: 1, progress }, txn));
     }
-    driver.update(&row.guest_id, resources).await.map_err(|e| driver_err(server, e))?;
+    driver
+        .update(&row.guest_id, resources)
+        .await
+        .map_err(|e| driver_err(server, e))?;
     let txn = core.db().begin().await?;
     if !placement::settle_resize(&txn, server_id, growth, &grow, &shrink).await? {
         return Err(StepError::Permanent(format!(
@@ -187,17 +231,24 @@ async fn update(
 
 /// Undoes a failed `container.update`: its growth dummy (if any) goes, giving back what it
 /// reserved. The guest keeps the size the driver reports; the core's requirements are unchanged.
-pub(super) async fn compensate_update(core: &Core, cmd: &command::Model) -> Result<Option<DatabaseTransaction>, DbErr> {
+pub(super) async fn compensate_update(
+    core: &Core,
+    cmd: &command::Model,
+) -> Result<Option<DatabaseTransaction>, DbErr> {
     let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
     let Some(r) = reservation(&progress) else {
         return Ok(None);
     };
-    let Some(d) = crate::entities::dummy::Entity::find_by_id(r.dummy_id).one(core.db()).await? else {
+    let Some(d) = crate::entities::dummy::Entity::find_by_id(r.dummy_id)
+        .one(core.db())
+        .await?
+    else {
         return Ok(None);
     };
     let txn = core.db().begin().await?;
     if placement::drop_dummy(&txn, d.id).await? {
-        core.placement().apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
+        core.placement()
+            .apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
     }
     Ok(Some(txn))
 }
@@ -211,7 +262,11 @@ fn place_err(e: PlacementError) -> StepError {
 
 /// Servers that hold another member of the same type in the container's environment (for
 /// `spread`).
-async fn spread_avoid(core: &Core, row: &container::Model, req: &Requirements) -> Result<HashSet<i64>, StepError> {
+async fn spread_avoid(
+    core: &Core,
+    row: &container::Model,
+    req: &Requirements,
+) -> Result<HashSet<i64>, StepError> {
     let (true, Some(env)) = (req.spread, row.environment_id) else {
         return Ok(HashSet::new());
     };
@@ -246,7 +301,9 @@ async fn reserve(
         server,
         deadline: ctx.core.queue().now_ms() + ttl,
     };
-    placement::place(txn, ctx.core.placement(), request).await.map_err(place_err)
+    placement::place(txn, ctx.core.placement(), request)
+        .await
+        .map_err(place_err)
 }
 
 /// The reservation a placing step recorded in the progress.
@@ -263,7 +320,12 @@ fn lost_reservation() -> StepError {
 
 /// Makes the container the holder of its dummy's reservation; fails when the dummy expired
 /// and the server has no room any more.
-async fn fill(txn: &DatabaseTransaction, r: Reservation, need: &Resources, server: &str) -> Result<(), StepError> {
+async fn fill(
+    txn: &DatabaseTransaction,
+    r: Reservation,
+    need: &Resources,
+    server: &str,
+) -> Result<(), StepError> {
     if placement::fill(txn, r, need).await? {
         return Ok(());
     }
@@ -291,27 +353,46 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
     }
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
     let (driver, server) = driver_of(core, r.server_id)?;
-    let image = match (ctx.params.get("image").filter(|v| !v.is_null()), ctx.params["clone_of"].as_i64()) {
+    let image = match (
+        ctx.params.get("image").filter(|v| !v.is_null()),
+        ctx.params["clone_of"].as_i64(),
+    ) {
         (Some(image), _) => Some(
             serde_json::from_value::<GuestImage>(image.clone())
                 .map_err(|e| StepError::Permanent(format!("bad image: {e}")))?,
         ),
-        (None, Some(source)) if driver.status(&row.guest_id).await.map_err(|e| driver_err(&server, e))?.is_none() => {
+        (None, Some(source))
+            if driver
+                .status(&row.guest_id)
+                .await
+                .map_err(|e| driver_err(&server, e))?
+                .is_none() =>
+        {
             Some(disk_of(core, source).await?)
         }
         _ => None,
     };
     let info = match image {
         Some(image) => import_on(core, driver.as_ref(), &server, &spec(&row), image).await?,
-        None => driver.create(&spec(&row)).await.map_err(|e| driver_err(&server, e))?,
+        None => driver
+            .create(&spec(&row))
+            .await
+            .map_err(|e| driver_err(&server, e))?,
     };
     let start = ctx.params["start"].as_bool().unwrap_or(true);
     if start {
-        driver.start(&row.guest_id).await.map_err(|e| driver_err(&server, e))?;
+        driver
+            .start(&row.guest_id)
+            .await
+            .map_err(|e| driver_err(&server, e))?;
     }
     let txn = core.db().begin().await?;
     fill(&txn, r, &req.resources, &server).await?;
-    let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
+    let status = if start {
+        ContainerStatus::Running
+    } else {
+        ContainerStatus::Stopped
+    };
     write_in(&txn, &row, |am| {
         am.server_id = Set(Some(r.server_id));
         am.ip = Set(info.ip.clone());
@@ -323,26 +404,44 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
 
 /// Imports `image` on `target`, first pulling it from an agent if it refers to an agent's
 /// export and `target` cannot pull it itself.
-async fn import_on(core: &Core, target: &dyn Driver, name: &str, spec: &GuestSpec, image: GuestImage) -> Result<GuestInfo, StepError> {
+async fn import_on(
+    core: &Core,
+    target: &dyn Driver,
+    name: &str,
+    spec: &GuestSpec,
+    image: GuestImage,
+) -> Result<GuestInfo, StepError> {
     let token = core.config().agent_token.clone().unwrap_or_default();
-    let image = crate::driver::remote::for_target(image, target, &token).await.map_err(|e| driver_err(name, e))?;
-    target.import(spec, &image).await.map_err(|e| driver_err(name, e))
+    let image = crate::driver::remote::for_target(image, target, &token)
+        .await
+        .map_err(|e| driver_err(name, e))?;
+    target
+        .import(spec, &image)
+        .await
+        .map_err(|e| driver_err(name, e))
 }
 
 /// A copy of a container's disk; a running container is stopped for the copy and started again.
 async fn disk_of(core: &Core, id: i64) -> Result<GuestImage, StepError> {
     let row = load_container(core.db(), id).await.map_err(core_err)?;
-    let server_id = row
-        .server_id
-        .ok_or_else(|| StepError::Permanent(format!("container {id} has no server to copy from")))?;
+    let server_id = row.server_id.ok_or_else(|| {
+        StepError::Permanent(format!("container {id} has no server to copy from"))
+    })?;
     let (src, name) = driver_of(core, server_id)?;
     let running = parse_status(&row.status) == ContainerStatus::Running;
     if running {
-        src.stop(&row.guest_id).await.map_err(|e| driver_err(&name, e))?;
+        src.stop(&row.guest_id)
+            .await
+            .map_err(|e| driver_err(&name, e))?;
     }
-    let image = src.export(&row.guest_id).await.map_err(|e| driver_err(&name, e));
+    let image = src
+        .export(&row.guest_id)
+        .await
+        .map_err(|e| driver_err(&name, e));
     if running {
-        src.start(&row.guest_id).await.map_err(|e| driver_err(&name, e))?;
+        src.start(&row.guest_id)
+            .await
+            .map_err(|e| driver_err(&name, e))?;
     }
     image
 }
@@ -367,7 +466,11 @@ pub(super) async fn compensate(
         None => None,
     };
     let dummy = match reserved {
-        Some(r) => crate::entities::dummy::Entity::find_by_id(r.dummy_id).one(core.db()).await?,
+        Some(r) => {
+            crate::entities::dummy::Entity::find_by_id(r.dummy_id)
+                .one(core.db())
+                .await?
+        }
         None => None,
     };
     if cmd.kind == "container.clone" {
@@ -383,7 +486,8 @@ pub(super) async fn compensate(
     if let Some(d) = dummy
         && placement::drop_dummy(&txn, d.id).await?
     {
-        core.placement().apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
+        core.placement()
+            .apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
     }
     if let (Some(row), Some(change)) = (row, change) {
         write_in(&txn, &row, |am| {
@@ -407,9 +511,17 @@ struct Undo {
 
 /// A container that never got created becomes failed (its guest destroyed if it got made);
 /// a copy this command already finished is only unlocked.
-async fn undo_create(core: &Core, cmd: &command::Model, row: &container::Model, reserved: Option<Reservation>) -> Option<Undo> {
+async fn undo_create(
+    core: &Core,
+    cmd: &command::Model,
+    row: &container::Model,
+    reserved: Option<Reservation>,
+) -> Option<Undo> {
     if parse_status(&row.status) != ContainerStatus::Creating {
-        return (row.locked_by == Some(cmd.id)).then_some(Undo { status: None, unlock: true });
+        return (row.locked_by == Some(cmd.id)).then_some(Undo {
+            status: None,
+            unlock: true,
+        });
     }
     if let Some(server_id) = reserved.map(|r| r.server_id).or(row.server_id)
         && let Some(driver) = core.fleet().driver(server_id)
@@ -417,12 +529,20 @@ async fn undo_create(core: &Core, cmd: &command::Model, row: &container::Model, 
     {
         tracing::warn!(error = %e, guest = %row.guest_id, "could not destroy the guest of a failed create; it is left for the collector");
     }
-    Some(Undo { status: Some(ContainerStatus::Failed), unlock: true })
+    Some(Undo {
+        status: Some(ContainerStatus::Failed),
+        unlock: true,
+    })
 }
 
 /// After a failed migration that did not switch servers: destroys the copy on the target and
 /// starts the container again where it was if it ran before.
-async fn undo_migrate(core: &Core, cmd: &command::Model, progress: &Value, row: &container::Model) -> Option<Undo> {
+async fn undo_migrate(
+    core: &Core,
+    cmd: &command::Model,
+    progress: &Value,
+    row: &container::Model,
+) -> Option<Undo> {
     let target = progress.get("server_id").and_then(Value::as_i64);
     if target.is_none() || row.server_id == target || cmd.step < 2 {
         return None;
@@ -437,7 +557,10 @@ async fn undo_migrate(core: &Core, cmd: &command::Model, progress: &Value, row: 
     }
     let driver = row.server_id.and_then(|s| core.fleet().driver(s))?;
     match driver.start(&row.guest_id).await {
-        Ok(()) => Some(Undo { status: Some(ContainerStatus::Running), unlock: false }),
+        Ok(()) => Some(Undo {
+            status: Some(ContainerStatus::Running),
+            unlock: false,
+        }),
         Err(e) => {
             tracing::warn!(error = %e, container = row.id, "could not restart a container after its migration failed");
             None
@@ -451,7 +574,9 @@ async fn restart_clone_source(core: &Core, cmd: &command::Model, progress: &Valu
         return;
     }
     let Some(source) = cmd.target_id else { return };
-    let Ok(row) = load_container(core.db(), source).await else { return };
+    let Ok(row) = load_container(core.db(), source).await else {
+        return;
+    };
     if let Some(driver) = row.server_id.and_then(|s| core.fleet().driver(s))
         && let Err(e) = driver.start(&row.guest_id).await
     {
@@ -466,8 +591,13 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
     let step = ctx.cmd.step;
     if step == 0 {
         let status = parse_status(&row.status);
-        check_status(row.id, status, "container.clone", ContainerCommand::Clone { server: None }.allowed_from())
-            .map_err(StepError::Permanent)?;
+        check_status(
+            row.id,
+            status,
+            "container.clone",
+            ContainerCommand::Clone { server: None }.allowed_from(),
+        )
+        .map_err(StepError::Permanent)?;
         let txn = core.db().begin().await?;
         let now = now_ms();
         let copy = container::ActiveModel {
@@ -493,7 +623,15 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         am.guest_id = Set(guest);
         am.update(&txn).await?;
         let req = requirements_of(&row);
-        let r = reserve(ctx, &txn, copy_id, &req, HashSet::new(), ctx.params["server_id"].as_i64()).await?;
+        let r = reserve(
+            ctx,
+            &txn,
+            copy_id,
+            &req,
+            HashSet::new(),
+            ctx.params["server_id"].as_i64(),
+        )
+        .await?;
         let progress = json!({
             "clone_id": copy_id,
             "server_id": r.server_id,
@@ -517,12 +655,19 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
     };
     match step {
         1 => {
-            src.stop(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
+            src.stop(&row.guest_id)
+                .await
+                .map_err(|e| driver_err(&src_name, e))?;
             Ok(Transition::bare(next(2)))
         }
         2 => {
-            let copy = load_container(core.db(), clone_id).await.map_err(core_err)?;
-            let image = src.export(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
+            let copy = load_container(core.db(), clone_id)
+                .await
+                .map_err(core_err)?;
+            let image = src
+                .export(&row.guest_id)
+                .await
+                .map_err(|e| driver_err(&src_name, e))?;
             let (dst, dst_name) = driver_of(core, r.server_id)?;
             let info = import_on(core, dst.as_ref(), &dst_name, &spec(&copy), image).await?;
             let txn = core.db().begin().await?;
@@ -536,13 +681,23 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             Ok(Transition::with(next(3), txn))
         }
         _ => {
-            let copy = load_container(core.db(), clone_id).await.map_err(core_err)?;
+            let copy = load_container(core.db(), clone_id)
+                .await
+                .map_err(core_err)?;
             if was_running {
                 let (dst, dst_name) = driver_of(core, r.server_id)?;
-                src.start(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
-                dst.start(&copy.guest_id).await.map_err(|e| driver_err(&dst_name, e))?;
+                src.start(&row.guest_id)
+                    .await
+                    .map_err(|e| driver_err(&src_name, e))?;
+                dst.start(&copy.guest_id)
+                    .await
+                    .map_err(|e| driver_err(&dst_name, e))?;
             }
-            let status = if was_running { ContainerStatus::Running } else { ContainerStatus::Stopped };
+            let status = if was_running {
+                ContainerStatus::Running
+            } else {
+                ContainerStatus::Stopped
+            };
             let txn = write(core, &copy, |am| {
                 am.status = status_of(status);
                 am.locked_by = Set(None);
@@ -560,8 +715,13 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
     let next = |step, progress: Value| Next::Continue { step, progress };
     if ctx.cmd.step == 0 {
         let status = parse_status(&row.status);
-        check_status(row.id, status, "container.migrate", ContainerCommand::Migrate { to: None }.allowed_from())
-            .map_err(StepError::Permanent)?;
+        check_status(
+            row.id,
+            status,
+            "container.migrate",
+            ContainerCommand::Migrate { to: None }.allowed_from(),
+        )
+        .map_err(StepError::Permanent)?;
         let to = ctx.params["to"].as_i64();
         if to.is_some() && row.server_id == to {
             return Ok(Transition::bare(done(row.id)));
@@ -584,19 +744,34 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
     match ctx.cmd.step {
         1 => {
             let (src, src_name) = driver_of(core, source)?;
-            src.stop(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
-            let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Stopped)).await?;
+            src.stop(&row.guest_id)
+                .await
+                .map_err(|e| driver_err(&src_name, e))?;
+            let txn = write(core, &row, |am| {
+                am.status = status_of(ContainerStatus::Stopped)
+            })
+            .await?;
             Ok(Transition::with(next(2, ctx.progress.clone()), txn))
         }
         2 => {
             let (src, src_name) = driver_of(core, source)?;
             let (dst, dst_name) = driver_of(core, r.server_id)?;
-            let info = match dst.status(&row.guest_id).await.map_err(|e| driver_err(&dst_name, e))? {
+            let info = match dst
+                .status(&row.guest_id)
+                .await
+                .map_err(|e| driver_err(&dst_name, e))?
+            {
                 Some(info) => info,
                 None => {
-                    let image = src.export(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
+                    let image = src
+                        .export(&row.guest_id)
+                        .await
+                        .map_err(|e| driver_err(&src_name, e))?;
                     // The container keeps its address: its environment stays wired.
-                    let keep = GuestSpec { ip: row.ip.clone(), ..spec(&row) };
+                    let keep = GuestSpec {
+                        ip: row.ip.clone(),
+                        ..spec(&row)
+                    };
                     import_on(core, dst.as_ref(), &dst_name, &keep, image).await?
                 }
             };
@@ -607,7 +782,9 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         3 => {
             let (src, src_name) = driver_of(core, source)?;
             let (_, dst_name) = driver_of(core, r.server_id)?;
-            src.destroy(&row.guest_id).await.map_err(|e| driver_err(&src_name, e))?;
+            src.destroy(&row.guest_id)
+                .await
+                .map_err(|e| driver_err(&src_name, e))?;
             let need = requirements_of(&row).resources;
             let ip = ctx.progress["ip"].as_str().map(str::to_string);
             let txn = core.db().begin().await?;
@@ -624,8 +801,13 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         _ => {
             if ctx.progress["was_running"].as_bool().unwrap_or(false) {
                 let (dst, dst_name) = driver_of(core, r.server_id)?;
-                dst.start(&row.guest_id).await.map_err(|e| driver_err(&dst_name, e))?;
-                let txn = write(core, &row, |am| am.status = status_of(ContainerStatus::Running)).await?;
+                dst.start(&row.guest_id)
+                    .await
+                    .map_err(|e| driver_err(&dst_name, e))?;
+                let txn = write(core, &row, |am| {
+                    am.status = status_of(ContainerStatus::Running)
+                })
+                .await?;
                 return Ok(Transition::with(done(row.id), txn));
             }
             Ok(Transition::bare(done(row.id)))
@@ -637,7 +819,13 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
 /// idempotent: after a crash of the core the step may run again.
 async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
     let status = parse_status(&row.status);
-    check_status(row.id, status, "container.exec", &[ContainerStatus::Running]).map_err(StepError::Permanent)?;
+    check_status(
+        row.id,
+        status,
+        "container.exec",
+        &[ContainerStatus::Running],
+    )
+    .map_err(StepError::Permanent)?;
     let script = ctx.params["script"].as_str().unwrap_or_default();
     let args: Vec<String> = serde_json::from_value(ctx.params["args"].clone()).unwrap_or_default();
     let server_id = row

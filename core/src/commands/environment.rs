@@ -4,8 +4,8 @@
 //! first, then those of the environment's members by ascending priority value (ties by id).
 
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
-    QueryFilter, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
+    Set, TransactionTrait,
 };
 use serde_json::{Value, json};
 
@@ -13,7 +13,9 @@ use super::{StepCtx, core_err};
 use crate::core::Core;
 use crate::entities::{container, environment, server};
 use crate::managers::{insert_container, parse_status, prepare_container};
-use crate::model::{CommandKind, CommandStatus, ContainerStatus, EnvironmentStatus, Requirements, now_ms};
+use crate::model::{
+    CommandKind, CommandStatus, ContainerStatus, EnvironmentStatus, Requirements, now_ms,
+};
 use crate::queue::{NewCommand, Next, StepError, Target, Transition};
 use crate::types::{EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict};
 
@@ -45,12 +47,16 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
         EnvironmentAdd => add(ctx, &env).await,
         EnvironmentRemove => remove(ctx, &env).await,
         EnvironmentReplace => replace(ctx, &env).await,
-        EnvironmentFailover | EnvironmentRecover | EnvironmentNotify => notify(ctx, &env, kind.op()).await,
-        EnvironmentClone => clone(ctx, &env).await,
-        EnvironmentStart | EnvironmentStop | EnvironmentSuspend | EnvironmentResume | EnvironmentDestroy => {
-            fan_out(ctx, &env, kind.op()).await
+        EnvironmentFailover | EnvironmentRecover | EnvironmentNotify => {
+            notify(ctx, &env, kind.op()).await
         }
-        _ => Err(StepError::Permanent(format!("command {}: {kind} is not an environment command", ctx.cmd.id))),
+        EnvironmentClone => clone(ctx, &env).await,
+        EnvironmentStart | EnvironmentStop | EnvironmentSuspend | EnvironmentResume
+        | EnvironmentDestroy => fan_out(ctx, &env, kind.op()).await,
+        _ => Err(StepError::Permanent(format!(
+            "command {}: {kind} is not an environment command",
+            ctx.cmd.id
+        ))),
     }
 }
 
@@ -124,7 +130,12 @@ fn dispatch(
         let own_env = EnvironmentView {
             id: env.id,
             name: env.name.clone(),
-            members: env.members.iter().filter(|m| m.id != call.view.id).cloned().collect(),
+            members: env
+                .members
+                .iter()
+                .filter(|m| m.id != call.view.id)
+                .cloned()
+                .collect(),
         };
         let ctx = HookContext {
             container: call.view,
@@ -163,8 +174,14 @@ async fn save_states(
 ) -> Result<(), StepError> {
     for (id, state) in states {
         container::Entity::update_many()
-            .col_expr(container::Column::State, sea_orm::sea_query::Expr::val(state).into())
-            .col_expr(container::Column::UpdatedAt, sea_orm::sea_query::Expr::val(now_ms()).into())
+            .col_expr(
+                container::Column::State,
+                sea_orm::sea_query::Expr::val(state),
+            )
+            .col_expr(
+                container::Column::UpdatedAt,
+                sea_orm::sea_query::Expr::val(now_ms()),
+            )
             .filter(container::Column::Id.eq(id))
             .exec(txn)
             .await?;
@@ -172,7 +189,10 @@ async fn save_states(
     Ok(())
 }
 
-fn env_view(env: &environment::Model, members: &[(container::Model, MemberView)]) -> EnvironmentView {
+fn env_view(
+    env: &environment::Model,
+    members: &[(container::Model, MemberView)],
+) -> EnvironmentView {
     EnvironmentView {
         id: env.id,
         name: env.name.clone(),
@@ -210,7 +230,12 @@ fn action_command(
     members: &[(container::Model, MemberView)],
 ) -> Result<Option<NewCommand>, String> {
     let member = |id: i64| members.iter().any(|(r, _)| r.id == id);
-    let status = |id: i64| members.iter().find(|(r, _)| r.id == id).map(|(_, v)| v.status);
+    let status = |id: i64| {
+        members
+            .iter()
+            .find(|(r, _)| r.id == id)
+            .map(|(_, v)| v.status)
+    };
     let (kind, target, params) = match action {
         HookAction::AddContainer(t) => (
             CommandKind::EnvironmentAdd,
@@ -219,25 +244,52 @@ fn action_command(
         ),
         HookAction::RemoveContainer(id) => {
             if !member(*id) {
-                return Err(format!("a hook asked to remove container {id}, which is not a member"));
+                return Err(format!(
+                    "a hook asked to remove container {id}, which is not a member"
+                ));
             }
-            (CommandKind::EnvironmentRemove, Target::Environment(env.id), json!({ "container_id": id }))
+            (
+                CommandKind::EnvironmentRemove,
+                Target::Environment(env.id),
+                json!({ "container_id": id }),
+            )
         }
-        HookAction::Exec { container, script, args } => {
+        HookAction::Exec {
+            container,
+            script,
+            args,
+        } => {
             if !member(*container) {
-                return Err(format!("a hook asked to exec in container {container}, which is not a member of '{}'", env.name));
+                return Err(format!(
+                    "a hook asked to exec in container {container}, which is not a member of '{}'",
+                    env.name
+                ));
             }
             if status(*container) == Some(ContainerStatus::Down) {
-                tracing::warn!(container, "a hook asked to run a script in a container that is down; skipped");
+                tracing::warn!(
+                    container,
+                    "a hook asked to run a script in a container that is down; skipped"
+                );
                 return Ok(None);
             }
-            (CommandKind::ContainerExec, Target::Container(*container), json!({ "script": script, "args": args }))
+            (
+                CommandKind::ContainerExec,
+                Target::Container(*container),
+                json!({ "script": script, "args": args }),
+            )
         }
         HookAction::ReplaceContainer(id) => {
             if !member(*id) {
-                return Err(format!("a hook asked to replace container {id}, which is not a member of '{}'", env.name));
+                return Err(format!(
+                    "a hook asked to replace container {id}, which is not a member of '{}'",
+                    env.name
+                ));
             }
-            (CommandKind::EnvironmentReplace, Target::Environment(env.id), json!({ "container_id": id }))
+            (
+                CommandKind::EnvironmentReplace,
+                Target::Environment(env.id),
+                json!({ "container_id": id }),
+            )
         }
     };
     Ok(Some(NewCommand {
@@ -256,10 +308,13 @@ async fn drain_actions(
     then: impl FnOnce(Value) -> Next,
 ) -> Result<Transition, StepError> {
     if let Some(failure) = child_failures(ctx).await? {
-        return Ok(Transition::bare(Next::Fail(format!("an action requested by a hook failed: {failure}"))));
+        return Ok(Transition::bare(Next::Fail(format!(
+            "an action requested by a hook failed: {failure}"
+        ))));
     }
     let mut progress = ctx.progress.clone();
-    let mut actions: Vec<HookAction> = serde_json::from_value(progress["actions"].clone()).unwrap_or_default();
+    let mut actions: Vec<HookAction> =
+        serde_json::from_value(progress["actions"].clone()).unwrap_or_default();
     if actions.is_empty() {
         return Ok(Transition::bare(then(progress)));
     }
@@ -269,21 +324,33 @@ async fn drain_actions(
     progress["actions"] = serde_json::to_value(&actions).expect("serializable");
     // A skipped action spawns nothing, which the queue treats as going on at once.
     let children = child.into_iter().collect();
-    Ok(Transition::bare(Next::Spawn { step: ctx.cmd.step, progress, children }))
+    Ok(Transition::bare(Next::Spawn {
+        step: ctx.cmd.step,
+        progress,
+        children,
+    }))
 }
 
 /// Steps: 0 before-hooks; 1 their actions; 2 the child create; 3 after-hooks; 4 their actions.
 async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
     let type_id = ctx.params["type"].as_str().unwrap_or_default().to_string();
-    let ty = core.types().require(&type_id).map_err(StepError::Permanent)?;
+    let ty = core
+        .types()
+        .require(&type_id)
+        .map_err(StepError::Permanent)?;
     match ctx.cmd.step {
         0 => {
             let members = members(core, core.db(), env.id).await?;
             let view = env_view(env, &members);
             // A clone starts from a copy of its source's state; the add hooks then rewire it.
             let initial = match ctx.params["clone_of"].as_i64() {
-                Some(src) => crate::managers::load_container(core.db(), src).await.map_err(core_err)?.state,
+                Some(src) => {
+                    crate::managers::load_container(core.db(), src)
+                        .await
+                        .map_err(core_err)?
+                        .state
+                }
                 None => ty.initial_state(),
             };
             let new_view = MemberView {
@@ -294,7 +361,11 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 server: None,
                 ip: None,
             };
-            let mut calls = vec![Call { view: &new_view, state: &initial, hook: Hook::BeforeItIsAdded }];
+            let mut calls = vec![Call {
+                view: &new_view,
+                state: &initial,
+                hook: Hook::BeforeItIsAdded,
+            }];
             calls.extend(members.iter().map(|(row, v)| Call {
                 view: v,
                 state: &row.state,
@@ -310,11 +381,15 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
         }
         1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
         2 => {
-            let requirements: Option<Requirements> = serde_json::from_value(ctx.params["requirements"].clone())
-                .map_err(|e| StepError::Permanent(format!("bad requirements: {e}")))?;
+            let requirements: Option<Requirements> =
+                serde_json::from_value(ctx.params["requirements"].clone())
+                    .map_err(|e| StepError::Permanent(format!("bad requirements: {e}")))?;
             let server = ctx.params["server"].as_str();
-            let new_state: Vec<u8> = serde_json::from_value(ctx.progress["new_state"].clone()).unwrap_or_default();
-            let new = prepare_container(core, ty.type_id(), server, requirements, Some(env.id)).await.map_err(core_err)?;
+            let new_state: Vec<u8> =
+                serde_json::from_value(ctx.progress["new_state"].clone()).unwrap_or_default();
+            let new = prepare_container(core, ty.type_id(), server, requirements, Some(env.id))
+                .await
+                .map_err(core_err)?;
             let txn = core.db().begin().await?;
             let (id, server_id) = insert_container(core, &txn, new).await.map_err(core_err)?;
             save_states(&txn, vec![(id, new_state)]).await?;
@@ -324,7 +399,11 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 params: json!({ "server_id": server_id, "avoid": ctx.params["avoid"], "clone_of": ctx.params["clone_of"] }),
                 requested_by: ctx.cmd.requested_by.clone(),
             };
-            let next = Next::Spawn { step: 3, progress: json!({ "container_id": id }), children: vec![child] };
+            let next = Next::Spawn {
+                step: 3,
+                progress: json!({ "container_id": id }),
+                children: vec![child],
+            };
             Ok(Transition::with(next, txn))
         }
         3 => {
@@ -332,7 +411,9 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 .progress_i64("container_id")
                 .ok_or_else(|| StepError::Permanent("lost the id of the new container".into()))?;
             if let Some(failure) = child_failures(ctx).await? {
-                return Ok(Transition::bare(Next::Fail(format!("adding a {type_id} container failed: {failure}"))));
+                return Ok(Transition::bare(Next::Fail(format!(
+                    "adding a {type_id} container failed: {failure}"
+                ))));
             }
             let all = members(core, core.db(), env.id).await?;
             let (new, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|(r, _)| r.id == id);
@@ -340,7 +421,11 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 StepError::Permanent(format!("container {id} vanished while being added"))
             })?;
             let view = env_view(env, &others);
-            let mut calls = vec![Call { view: &new_view, state: &new_row.state, hook: Hook::AfterItIsAdded }];
+            let mut calls = vec![Call {
+                view: &new_view,
+                state: &new_row.state,
+                hook: Hook::AfterItIsAdded,
+            }];
             calls.extend(others.iter().map(|(row, v)| Call {
                 view: v,
                 state: &row.state,
@@ -352,7 +437,12 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let progress = json!({ "container_id": id, "actions": actions });
             Ok(Transition::with(Next::Continue { step: 4, progress }, txn))
         }
-        _ => drain_actions(ctx, env, |p| Next::Done(json!({ "container_id": p["container_id"] }))).await,
+        _ => {
+            drain_actions(ctx, env, |p| {
+                Next::Done(json!({ "container_id": p["container_id"] }))
+            })
+            .await
+        }
     }
 }
 
@@ -377,12 +467,20 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
                     env.name
                 )));
             };
-            let others: Vec<_> = members.iter().filter(|(r, _)| r.id != id).cloned().collect();
+            let others: Vec<_> = members
+                .iter()
+                .filter(|(r, _)| r.id != id)
+                .cloned()
+                .collect();
             let view = env_view(env, &others);
             let (states, actions) = dispatch(
                 core,
                 &view,
-                vec![Call { view: removed, state: &row.state, hook: Hook::BeforeItIsRemoved }],
+                vec![Call {
+                    view: removed,
+                    state: &row.state,
+                    hook: Hook::BeforeItIsRemoved,
+                }],
                 true,
             )?;
             let txn = core.db().begin().await?;
@@ -398,11 +496,17 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
                 params: json!({}),
                 requested_by: ctx.cmd.requested_by.clone(),
             };
-            Ok(Transition::bare(Next::Spawn { step: 3, progress: ctx.progress.clone(), children: vec![child] }))
+            Ok(Transition::bare(Next::Spawn {
+                step: 3,
+                progress: ctx.progress.clone(),
+                children: vec![child],
+            }))
         }
         3 => {
             if let Some(failure) = child_failures(ctx).await? {
-                return Ok(Transition::bare(Next::Fail(format!("removing container {id} failed: {failure}"))));
+                return Ok(Transition::bare(Next::Fail(format!(
+                    "removing container {id} failed: {failure}"
+                ))));
             }
             let removed: MemberView = serde_json::from_value(ctx.progress["removed"].clone())
                 .map_err(|e| StepError::Permanent(format!("lost the removed member: {e}")))?;
@@ -410,7 +514,11 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             let view = env_view(env, &others);
             let calls = others
                 .iter()
-                .map(|(row, v)| Call { view: v, state: &row.state, hook: Hook::AfterOtherIsRemoved(removed.clone()) })
+                .map(|(row, v)| Call {
+                    view: v,
+                    state: &row.state,
+                    hook: Hook::AfterOtherIsRemoved(removed.clone()),
+                })
                 .collect();
             let (states, actions) = dispatch(core, &view, calls, false)?;
             let txn = core.db().begin().await?;
@@ -427,7 +535,9 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
 /// previous groups succeeded; the last step finishes (a destroy also retires the environment).
 /// The container command a fan-out of `op` gives each member.
 fn member_kind(op: &str) -> Result<CommandKind, StepError> {
-    format!("container.{op}").parse().map_err(StepError::Permanent)
+    format!("container.{op}")
+        .parse()
+        .map_err(StepError::Permanent)
 }
 
 async fn fan_out(
@@ -509,19 +619,34 @@ async fn fan_out(
 /// Runs one hook for chosen members in priority order, then the actions the hooks asked for.
 /// `failover`: `is-down` for the listed containers that are still down; `recover`: `is-up` for
 /// the listed ones that are back; `notify`: the hook named in the parameters for every member.
-async fn notify(ctx: &StepCtx<'_>, env: &environment::Model, op: &str) -> Result<Transition, StepError> {
+async fn notify(
+    ctx: &StepCtx<'_>,
+    env: &environment::Model,
+    op: &str,
+) -> Result<Transition, StepError> {
     if ctx.cmd.step > 0 {
-        return drain_actions(ctx, env, |_| Next::Done(json!({ "environment_id": env.id }))).await;
+        return drain_actions(ctx, env, |_| {
+            Next::Done(json!({ "environment_id": env.id }))
+        })
+        .await;
     }
     let core = ctx.core;
-    let listed: Vec<i64> = serde_json::from_value(ctx.params["containers"].clone()).unwrap_or_default();
-    let cause = ctx.params["cause"].as_str().unwrap_or("server unreachable").to_string();
+    let listed: Vec<i64> =
+        serde_json::from_value(ctx.params["containers"].clone()).unwrap_or_default();
+    let cause = ctx.params["cause"]
+        .as_str()
+        .unwrap_or("server unreachable")
+        .to_string();
     let hook = match (op, ctx.params["hook"].as_str()) {
         ("failover", _) => Hook::IsDown(crate::types::DownCause::ServerUnreachable(cause)),
         ("recover", _) => Hook::IsUp,
         (_, Some("after-cc-start")) => Hook::AfterCcStart,
         (_, Some("before-cc-stop")) => Hook::BeforeCcStop,
-        (_, other) => return Err(StepError::Permanent(format!("environment.notify cannot run hook {other:?}"))),
+        (_, other) => {
+            return Err(StepError::Permanent(format!(
+                "environment.notify cannot run hook {other:?}"
+            )));
+        }
     };
     let members = members(core, core.db(), env.id).await?;
     let chosen = |v: &MemberView| match op {
@@ -533,12 +658,22 @@ async fn notify(ctx: &StepCtx<'_>, env: &environment::Model, op: &str) -> Result
     let calls = members
         .iter()
         .filter(|(_, v)| chosen(v))
-        .map(|(row, v)| Call { view: v, state: &row.state, hook: hook.clone() })
+        .map(|(row, v)| Call {
+            view: v,
+            state: &row.state,
+            hook: hook.clone(),
+        })
         .collect();
     let (states, actions) = dispatch(core, &view, calls, false)?;
     let txn = core.db().begin().await?;
     save_states(&txn, states).await?;
-    Ok(Transition::with(Next::Continue { step: 1, progress: json!({ "actions": actions }) }, txn))
+    Ok(Transition::with(
+        Next::Continue {
+            step: 1,
+            progress: json!({ "actions": actions }),
+        },
+        txn,
+    ))
 }
 
 /// Replaces a member that is down: it becomes illegal (the collector destroys it when its
@@ -551,7 +686,10 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
         0 => {
             let all = members(core, core.db(), env.id).await?;
             let Some((row, old)) = all.iter().find(|(r, _)| r.id == id).cloned() else {
-                return Err(StepError::Permanent(format!("container {id} is not a member of environment '{}'", env.name)));
+                return Err(StepError::Permanent(format!(
+                    "container {id} is not a member of environment '{}'",
+                    env.name
+                )));
             };
             if old.status != ContainerStatus::Down {
                 return Ok(Transition::bare(Next::Done(json!({
@@ -562,8 +700,14 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
             }
             let txn = core.db().begin().await?;
             container::Entity::update_many()
-                .col_expr(container::Column::Status, sea_orm::sea_query::Expr::val(ContainerStatus::Illegal.as_str()).into())
-                .col_expr(container::Column::UpdatedAt, sea_orm::sea_query::Expr::val(now_ms()).into())
+                .col_expr(
+                    container::Column::Status,
+                    sea_orm::sea_query::Expr::val(ContainerStatus::Illegal.as_str()),
+                )
+                .col_expr(
+                    container::Column::UpdatedAt,
+                    sea_orm::sea_query::Expr::val(now_ms()),
+                )
                 .filter(container::Column::Id.eq(id))
                 .exec(&txn)
                 .await?;
@@ -571,7 +715,11 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
             let view = env_view(env, &others);
             let calls = others
                 .iter()
-                .map(|(r, v)| Call { view: v, state: &r.state, hook: Hook::AfterOtherIsRemoved(old.clone()) })
+                .map(|(r, v)| Call {
+                    view: v,
+                    state: &r.state,
+                    hook: Hook::AfterOtherIsRemoved(old.clone()),
+                })
                 .collect();
             let (states, actions) = dispatch(core, &view, calls, false)?;
             save_states(&txn, states).await?;
@@ -592,7 +740,11 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                 params: json!({ "type": p["type"], "requirements": p["requirements"], "server": null, "avoid": p["avoid"] }),
                 requested_by: ctx.cmd.requested_by.clone(),
             };
-            Ok(Transition::bare(Next::Spawn { step: 3, progress: ctx.progress.clone(), children: vec![child] }))
+            Ok(Transition::bare(Next::Spawn {
+                step: 3,
+                progress: ctx.progress.clone(),
+                children: vec![child],
+            }))
         }
         _ => {
             let children = core.queue().children(ctx.cmd.id).await?;
@@ -601,12 +753,20 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                 // collector does not destroy the only copy when its server comes back.
                 let txn = core.db().begin().await?;
                 container::Entity::update_many()
-                    .col_expr(container::Column::Status, sea_orm::sea_query::Expr::val(ContainerStatus::Down.as_str()).into())
+                    .col_expr(
+                        container::Column::Status,
+                        sea_orm::sea_query::Expr::val(ContainerStatus::Down.as_str()),
+                    )
                     .filter(container::Column::Id.eq(id))
                     .filter(container::Column::Status.eq(ContainerStatus::Illegal.as_str()))
                     .exec(&txn)
                     .await?;
-                return Ok(Transition::with(Next::Fail(format!("replacing container {id} failed, it stays down: {failure}")), txn));
+                return Ok(Transition::with(
+                    Next::Fail(format!(
+                        "replacing container {id} failed, it stays down: {failure}"
+                    )),
+                    txn,
+                ));
             }
             let replacement = children
                 .iter()
@@ -614,7 +774,9 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                 .filter_map(|c| c.result.as_deref())
                 .filter_map(|r| serde_json::from_str::<Value>(r).ok())
                 .find_map(|r| r["container_id"].as_i64());
-            Ok(Transition::bare(Next::Done(json!({ "container_id": id, "replaced": true, "replacement": replacement }))))
+            Ok(Transition::bare(Next::Done(
+                json!({ "container_id": id, "replaced": true, "replacement": replacement }),
+            )))
         }
     }
 }
@@ -632,13 +794,30 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
         let plan: Vec<(i64, String, Value)> = members(core, core.db(), env.id)
             .await?
             .into_iter()
-            .filter(|(_, v)| matches!(v.status, ContainerStatus::Running | ContainerStatus::Stopped))
-            .map(|(r, v)| (r.id, v.type_id, serde_json::from_str(&r.requirements).unwrap_or(Value::Null)))
+            .filter(|(_, v)| {
+                matches!(
+                    v.status,
+                    ContainerStatus::Running | ContainerStatus::Stopped
+                )
+            })
+            .map(|(r, v)| {
+                (
+                    r.id,
+                    v.type_id,
+                    serde_json::from_str(&r.requirements).unwrap_or(Value::Null),
+                )
+            })
             .collect();
-        return Ok(Transition::bare(Next::Continue { step: 1, progress: json!({ "plan": plan }) }));
+        return Ok(Transition::bare(Next::Continue {
+            step: 1,
+            progress: json!({ "plan": plan }),
+        }));
     }
     if let Some(failure) = child_failures(ctx).await? {
-        return Ok(Transition::bare(Next::Fail(format!("cloning environment '{}' stopped: {failure}", env.name))));
+        return Ok(Transition::bare(Next::Fail(format!(
+            "cloning environment '{}' stopped: {failure}",
+            env.name
+        ))));
     }
     let plan: Vec<(i64, String, Value)> = serde_json::from_value(ctx.progress["plan"].clone())
         .map_err(|e| StepError::Permanent(format!("lost the plan: {e}")))?;
@@ -650,14 +829,27 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
             params: json!({ "type": type_id, "requirements": requirements, "server": null, "clone_of": source }),
             requested_by: ctx.cmd.requested_by.clone(),
         };
-        return Ok(Transition::bare(Next::Spawn { step: ctx.cmd.step + 1, progress: ctx.progress.clone(), children: vec![child] }));
+        return Ok(Transition::bare(Next::Spawn {
+            step: ctx.cmd.step + 1,
+            progress: ctx.progress.clone(),
+            children: vec![child],
+        }));
     }
     let txn = core.db().begin().await?;
     environment::Entity::update_many()
-        .col_expr(environment::Column::Status, sea_orm::sea_query::Expr::val(EnvironmentStatus::Active.as_str()).into())
-        .col_expr(environment::Column::UpdatedAt, sea_orm::sea_query::Expr::val(now_ms()).into())
+        .col_expr(
+            environment::Column::Status,
+            sea_orm::sea_query::Expr::val(EnvironmentStatus::Active.as_str()),
+        )
+        .col_expr(
+            environment::Column::UpdatedAt,
+            sea_orm::sea_query::Expr::val(now_ms()),
+        )
         .filter(environment::Column::Id.eq(dst))
         .exec(&txn)
         .await?;
-    Ok(Transition::with(Next::Done(json!({ "environment_id": dst, "containers": plan.len() })), txn))
+    Ok(Transition::with(
+        Next::Done(json!({ "environment_id": dst, "containers": plan.len() })),
+        txn,
+    ))
 }

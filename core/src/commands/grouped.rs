@@ -18,8 +18,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
+use futures::stream::{FuturesUnordered, StreamExt};
 use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, TransactionTrait};
 use serde_json::{Value, json};
 
@@ -32,16 +32,23 @@ use crate::entities::command;
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
 use crate::placement::{self, Reservation};
-use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_source, insert_ids, json_rows, rows_source, sql};
+use crate::queue::store::{
+    GROUP_CHUNK as CHUNK, ids_source, insert_ids, json_rows, rows_source, sql,
+};
 use crate::queue::{GroupNext, GroupSink, StepError};
 
 /// The key under which create commands at `cmd`'s step run together, if they may.
 pub(super) fn key(cmd: &command::Model) -> Option<String> {
-    (cmd.kind == "container.create" && (cmd.step == 0 || cmd.step == 1)).then(|| format!("container.create@{}", cmd.step))
+    (cmd.kind == "container.create" && (cmd.step == 0 || cmd.step == 1))
+        .then(|| format!("container.create@{}", cmd.step))
 }
 
 /// Runs the current step (all share it) of a group of create commands.
-pub(super) async fn step(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -> Result<(), StepError> {
+pub(super) async fn step(
+    core: &Core,
+    cmds: &[command::Model],
+    sink: &mut dyn GroupSink,
+) -> Result<(), StepError> {
     match cmds.first().map(|c| c.step) {
         Some(0) => place(core, cmds, sink).await,
         Some(1) => make(core, cmds, sink).await,
@@ -80,9 +87,15 @@ fn plain<'a>(cmds: &[command::Model], rows: &'a HashMap<i64, Row>) -> Vec<Plain<
         .enumerate()
         .filter_map(|(index, cmd)| {
             let params: Value = serde_json::from_str(&cmd.params).unwrap_or(Value::Null);
-            let special = ["image", "clone_of", "avoid"].iter().any(|k| params.get(k).is_some_and(|v| !v.is_null()));
+            let special = ["image", "clone_of", "avoid"]
+                .iter()
+                .any(|k| params.get(k).is_some_and(|v| !v.is_null()));
             let row = rows.get(&cmd.target_id?)?;
-            (!special && parse_status(&row.status) == ContainerStatus::Creating).then_some(Plain { index, row, params })
+            (!special && parse_status(&row.status) == ContainerStatus::Creating).then_some(Plain {
+                index,
+                row,
+                params,
+            })
         })
         .collect()
 }
@@ -95,17 +108,36 @@ async fn load(core: &Core, cmds: &[command::Model]) -> Result<HashMap<i64, Row>,
     for chunk in ids.chunks(CHUNK) {
         let (ids, values) = ids_source(core.db(), chunk.iter().copied(), 1);
         let from = format!("containers WHERE id IN {ids}");
-        let found: Vec<(i64, String, String, String, String, Option<i64>)> =
-            json_rows(core.db(), "id, status, guest_id, type_id, requirements, environment_id", &from, values).await?;
+        let found: Vec<(i64, String, String, String, String, Option<i64>)> = json_rows(
+            core.db(),
+            "id, status, guest_id, type_id, requirements, environment_id",
+            &from,
+            values,
+        )
+        .await?;
         for (id, status, guest_id, type_id, requirements, environment_id) in found {
-            rows.insert(id, Row { id, status, guest_id, type_id, requirements, environment_id });
+            rows.insert(
+                id,
+                Row {
+                    id,
+                    status,
+                    guest_id,
+                    type_id,
+                    requirements,
+                    environment_id,
+                },
+            );
         }
     }
     Ok(rows)
 }
 
 /// Step 0: decide, claim and reserve with dummies.
-async fn place(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -> Result<(), StepError> {
+async fn place(
+    core: &Core,
+    cmds: &[command::Model],
+    sink: &mut dyn GroupSink,
+) -> Result<(), StepError> {
     let rows = load(core, cmds).await?;
     let cache = core.placement();
     // Equal requirements (and named server) share one decision heap.
@@ -117,7 +149,10 @@ async fn place(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -
             continue;
         }
         let fixed = p.params["server_id"].as_i64();
-        by_need.entry((fixed.is_none(), fixed, p.row.requirements.clone())).or_default().push(p);
+        by_need
+            .entry((fixed.is_none(), fixed, p.row.requirements.clone()))
+            .or_default()
+            .push(p);
     }
     // (command index, container, server, need), counted in the cache.
     let mut decided: Vec<(usize, i64, ServerId, Resources)> = Vec::new();
@@ -155,7 +190,8 @@ async fn place(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -
         e.0 = e.0.plus(need);
         e.1 += 1;
     }
-    let claims: Vec<(ServerId, Resources, i64)> = per_server.iter().map(|(s, (r, n))| (*s, *r, *n)).collect();
+    let claims: Vec<(ServerId, Resources, i64)> =
+        per_server.iter().map(|(s, (r, n))| (*s, *r, *n)).collect();
     let held = match placement::claim_many(&txn, &claims).await {
         Ok(held) => held,
         Err(e) => {
@@ -166,7 +202,11 @@ async fn place(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -
     // A server that filled up meanwhile: its containers are placed alone.
     let (kept, lost): (Vec<_>, Vec<_>) = decided.into_iter().partition(|d| held.contains(&d.2));
     undo(&lost);
-    for server in lost.iter().map(|d| d.2).collect::<std::collections::BTreeSet<_>>() {
+    for server in lost
+        .iter()
+        .map(|d| d.2)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
         cache.refresh(&txn, server).await?;
     }
     let commands: HashMap<usize, i64> = kept.iter().map(|d| (d.0, cmds[d.0].id)).collect();
@@ -188,7 +228,16 @@ async fn place(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -
         Ok(true) => {
             let placed = kept
                 .iter()
-                .map(|(i, container, server, _)| (*i, &rows[container], Reservation { server_id: *server, dummy_id: dummies[container] }))
+                .map(|(i, container, server, _)| {
+                    (
+                        *i,
+                        &rows[container],
+                        Reservation {
+                            server_id: *server,
+                            dummy_id: dummies[container],
+                        },
+                    )
+                })
                 .collect();
             make_placed(core, cmds, placed, sink).await
         }
@@ -216,9 +265,18 @@ async fn insert_dummies(
         let rows: Vec<_> = chunk
             .iter()
             .map(|(i, container, server, need)| {
-                [*server, *container, commands[i], need.cpu_millis as i64, need.memory_mb as i64, need.disk_mb as i64, deadline, now]
-                    .map(Value::from)
-                    .to_vec()
+                [
+                    *server,
+                    *container,
+                    commands[i],
+                    need.cpu_millis as i64,
+                    need.memory_mb as i64,
+                    need.disk_mb as i64,
+                    deadline,
+                    now,
+                ]
+                .map(Value::from)
+                .to_vec()
             })
             .collect();
         let (v, params) = rows_source(txn, &["BIGINT"; 8], rows, 1);
@@ -233,23 +291,45 @@ async fn insert_dummies(
 }
 
 /// Step 1: create and start the guests, committing them in waves as they finish.
-async fn make(core: &Core, cmds: &[command::Model], sink: &mut dyn GroupSink) -> Result<(), StepError> {
+async fn make(
+    core: &Core,
+    cmds: &[command::Model],
+    sink: &mut dyn GroupSink,
+) -> Result<(), StepError> {
     let rows = load(core, cmds).await?;
     let placed = plain(cmds, &rows)
         .into_iter()
-        .filter_map(|p| Some((p.index, p.row, reservation(&serde_json::from_str(&cmds[p.index].progress).unwrap_or(Value::Null))?)))
+        .filter_map(|p| {
+            Some((
+                p.index,
+                p.row,
+                reservation(&serde_json::from_str(&cmds[p.index].progress).unwrap_or(Value::Null))?,
+            ))
+        })
         .collect();
     make_placed(core, cmds, placed, sink).await
 }
 
 /// Step 1 for the commands at these indexes, with their containers and reservations.
-async fn make_placed(core: &Core, cmds: &[command::Model], placed: Vec<(usize, &Row, Reservation)>, sink: &mut dyn GroupSink) -> Result<(), StepError> {
+async fn make_placed(
+    core: &Core,
+    cmds: &[command::Model],
+    placed: Vec<(usize, &Row, Reservation)>,
+    sink: &mut dyn GroupSink,
+) -> Result<(), StepError> {
     let mut pending = FuturesUnordered::new();
     for (index, row, r) in placed {
-        let Ok((driver, server)) = driver_of(core, r.server_id) else { continue };
+        let Ok((driver, server)) = driver_of(core, r.server_id) else {
+            continue;
+        };
         let params: Value = serde_json::from_str(&cmds[index].params).unwrap_or(Value::Null);
         let start = params["start"].as_bool().unwrap_or(true);
-        let spec = GuestSpec { guest_id: row.guest_id.clone(), type_id: row.type_id.clone(), resources: row.requirements().resources, ip: None };
+        let spec = GuestSpec {
+            guest_id: row.guest_id.clone(),
+            type_id: row.type_id.clone(),
+            resources: row.requirements().resources,
+            ip: None,
+        };
         let id = row.id;
         pending.push(async move {
             let made = async {
@@ -284,7 +364,14 @@ async fn make_placed(core: &Core, cmds: &[command::Model], placed: Vec<(usize, &
         let mut deleted = 0;
         for chunk in made.chunks(CHUNK) {
             let (ids, values) = ids_source(&txn, chunk.iter().map(|m| m.2.dummy_id), 1);
-            deleted += txn.execute_raw(sql(&txn, &format!("DELETE FROM dummies WHERE id IN {ids}"), values)).await?.rows_affected();
+            deleted += txn
+                .execute_raw(sql(
+                    &txn,
+                    &format!("DELETE FROM dummies WHERE id IN {ids}"),
+                    values,
+                ))
+                .await?
+                .rows_affected();
         }
         if deleted != made.len() as u64 {
             // Some dummy expired and was collected: each container takes its place alone.
@@ -292,14 +379,33 @@ async fn make_placed(core: &Core, cmds: &[command::Model], placed: Vec<(usize, &
             continue;
         }
         for start in [true, false] {
-            let rows: Vec<(i64, ServerId, Option<String>)> = made.iter().filter(|m| m.3 == start).map(|m| (m.1, m.2.server_id, m.4.clone())).collect();
-            let status = if start { ContainerStatus::Running } else { ContainerStatus::Stopped };
+            let rows: Vec<(i64, ServerId, Option<String>)> = made
+                .iter()
+                .filter(|m| m.3 == start)
+                .map(|m| (m.1, m.2.server_id, m.4.clone()))
+                .collect();
+            let status = if start {
+                ContainerStatus::Running
+            } else {
+                ContainerStatus::Stopped
+            };
             for chunk in rows.chunks(CHUNK) {
                 fill_many(&txn, &chunk.iter().collect::<Vec<_>>(), status).await?;
             }
         }
         // The fill released each container with its command's success.
-        let decisions = made.iter().map(|m| (m.0, GroupNext::Done { result: json!({ "container_id": m.1 }), released: true })).collect();
+        let decisions = made
+            .iter()
+            .map(|m| {
+                (
+                    m.0,
+                    GroupNext::Done {
+                        result: json!({ "container_id": m.1 }),
+                        released: true,
+                    },
+                )
+            })
+            .collect();
         sink.commit(Some(txn), decisions).await?;
     }
     Ok(())

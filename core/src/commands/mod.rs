@@ -58,7 +58,11 @@ impl Runner for Handlers {
         grouped::key(cmd)
     }
 
-    async fn step_group(&self, cmds: &[command::Model], sink: &mut dyn GroupSink) -> Result<(), StepError> {
+    async fn step_group(
+        &self,
+        cmds: &[command::Model],
+        sink: &mut dyn GroupSink,
+    ) -> Result<(), StepError> {
         grouped::step(&self.core, cmds, sink).await
     }
 
@@ -71,9 +75,11 @@ impl Runner for Handlers {
         match cmd.kind.parse::<CommandKind>() {
             Ok(CommandKind::ContainerCreateMany) => batch::compensate(&self.core, cmd).await,
             Ok(CommandKind::ContainerUpdate) => container::compensate_update(&self.core, cmd).await,
-            Ok(CommandKind::ContainerCreate | CommandKind::ContainerClone | CommandKind::ContainerMigrate) => {
-                container::compensate(&self.core, cmd, error).await
-            }
+            Ok(
+                CommandKind::ContainerCreate
+                | CommandKind::ContainerClone
+                | CommandKind::ContainerMigrate,
+            ) => container::compensate(&self.core, cmd, error).await,
             _ => Ok(None),
         }
     }
@@ -82,13 +88,20 @@ impl Runner for Handlers {
 /// The kind of a stored command; an unknown one (written by a newer core, or damaged) fails the
 /// command with a message that names it.
 pub(crate) fn kind_of(cmd: &command::Model) -> Result<CommandKind, StepError> {
-    cmd.kind.parse().map_err(|e| StepError::Permanent(format!("command {}: {e}; this core cannot run it", cmd.id)))
+    cmd.kind.parse().map_err(|e| {
+        StepError::Permanent(format!("command {}: {e}; this core cannot run it", cmd.id))
+    })
 }
 
 /// A stored JSON column of a command (`what`: parameters or progress); unreadable JSON fails
 /// the command with a message that names it, never `null`.
 fn read_json(cmd: &command::Model, what: &str, text: &str) -> Result<Value, StepError> {
-    serde_json::from_str(text).map_err(|e| StepError::Permanent(format!("command {} ({}): unreadable {what}: {e}", cmd.id, cmd.kind)))
+    serde_json::from_str(text).map_err(|e| {
+        StepError::Permanent(format!(
+            "command {} ({}): unreadable {what}: {e}",
+            cmd.id, cmd.kind
+        ))
+    })
 }
 
 /// What a step sees.

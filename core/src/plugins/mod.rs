@@ -26,9 +26,18 @@ use cloud48_plugin_host::types::{ContainerType, TypeRegistry};
 
 /// The reference plugins built from `plugins/` and embedded in the binary.
 pub const BUNDLED: &[(&str, &[u8])] = &[
-    ("tomcat", include_bytes!(concat!(env!("OUT_DIR"), "/tomcat.wasm"))),
-    ("balancer", include_bytes!(concat!(env!("OUT_DIR"), "/balancer.wasm"))),
-    ("mysql", include_bytes!(concat!(env!("OUT_DIR"), "/mysql.wasm"))),
+    (
+        "tomcat",
+        include_bytes!(concat!(env!("OUT_DIR"), "/tomcat.wasm")),
+    ),
+    (
+        "balancer",
+        include_bytes!(concat!(env!("OUT_DIR"), "/balancer.wasm")),
+    ),
+    (
+        "mysql",
+        include_bytes!(concat!(env!("OUT_DIR"), "/mysql.wasm")),
+    ),
 ];
 
 /// An installed plugin version as the API shows it.
@@ -62,7 +71,11 @@ fn invalid(m: impl Into<String>) -> CoreError {
 
 impl<'a> PluginManager<'a> {
     /// A manager over the core's database, plugin host and type registry.
-    pub fn new(db: &'a DatabaseConnection, host: &'a Arc<PluginHost>, types: &'a TypeRegistry) -> Self {
+    pub fn new(
+        db: &'a DatabaseConnection,
+        host: &'a Arc<PluginHost>,
+        types: &'a TypeRegistry,
+    ) -> Self {
         PluginManager { db, host, types }
     }
 
@@ -71,7 +84,9 @@ impl<'a> PluginManager<'a> {
         for row in plugin::Entity::find().all(self.db).await? {
             match self.host.load(&row.wasm) {
                 Ok(p) => self.types.register(Arc::new(p)),
-                Err(e) => tracing::error!(plugin = %row.name, version = %row.version, error = %e, "cannot load an installed plugin; its containers cannot run hooks"),
+                Err(e) => {
+                    tracing::error!(plugin = %row.name, version = %row.version, error = %e, "cannot load an installed plugin; its containers cannot run hooks")
+                }
             }
         }
         Ok(())
@@ -163,7 +178,10 @@ impl<'a> PluginManager<'a> {
 
     /// Every installed plugin version, by name.
     pub async fn list(&self) -> Result<Vec<PluginInfo>, CoreError> {
-        let rows = plugin::Entity::find().order_by_asc(plugin::Column::Name).all(self.db).await?;
+        let rows = plugin::Entity::find()
+            .order_by_asc(plugin::Column::Name)
+            .all(self.db)
+            .await?;
         let mut out = Vec::new();
         for r in rows {
             out.push(self.info(r).await?);
@@ -173,12 +191,18 @@ impl<'a> PluginManager<'a> {
 
     /// One plugin by name (newest version) or `name@version`.
     pub async fn show(&self, key: &str) -> Result<PluginInfo, CoreError> {
-        let (name, version) = key.split_once('@').map_or((key, None), |(n, v)| (n, Some(v)));
+        let (name, version) = key
+            .split_once('@')
+            .map_or((key, None), |(n, v)| (n, Some(v)));
         let rows = self.rows(name).await?;
         let row = rows
             .into_iter()
             .find(|r| version.is_none_or(|v| v == r.version))
-            .ok_or_else(|| CoreError::NotFound(format!("plugin '{key}' is not installed (see `cloud48 plugin list`)")))?;
+            .ok_or_else(|| {
+                CoreError::NotFound(format!(
+                    "plugin '{key}' is not installed (see `cloud48 plugin list`)"
+                ))
+            })?;
         self.info(row).await
     }
 
@@ -186,7 +210,9 @@ impl<'a> PluginManager<'a> {
     pub async fn remove(&self, name: &str) -> Result<(), CoreError> {
         let rows = self.rows(name).await?;
         if rows.is_empty() {
-            return Err(CoreError::NotFound(format!("plugin '{name}' is not installed")));
+            return Err(CoreError::NotFound(format!(
+                "plugin '{name}' is not installed"
+            )));
         }
         for r in &rows {
             let type_id = format!("{}@{}", r.name, r.version);
@@ -197,7 +223,10 @@ impl<'a> PluginManager<'a> {
                 )));
             }
         }
-        plugin::Entity::delete_many().filter(plugin::Column::Name.eq(name)).exec(self.db).await?;
+        plugin::Entity::delete_many()
+            .filter(plugin::Column::Name.eq(name))
+            .exec(self.db)
+            .await?;
         for r in rows {
             self.types.unregister(&format!("{}@{}", r.name, r.version));
         }
@@ -215,9 +244,17 @@ impl<'a> PluginManager<'a> {
                 meta.name
             )));
         }
-        let old = self.rows(&meta.name).await?.into_iter().next().ok_or_else(|| {
-            CoreError::NotFound(format!("plugin {} is not installed; use `cloud48 plugin install`", meta.name))
-        })?;
+        let old = self
+            .rows(&meta.name)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                CoreError::NotFound(format!(
+                    "plugin {} is not installed; use `cloud48 plugin install`",
+                    meta.name
+                ))
+            })?;
         let from = semver::Version::parse(&old.version).map_err(|e| invalid(e.to_string()))?;
         let to = semver::Version::parse(&meta.version).map_err(|e| invalid(e.to_string()))?;
         if to <= from {
@@ -226,7 +263,11 @@ impl<'a> PluginManager<'a> {
                 meta.name, meta.version, old.version
             )));
         }
-        let compatible = if from.major == 0 { to.major == 0 && to.minor == from.minor } else { to.major == from.major };
+        let compatible = if from.major == 0 {
+            to.major == 0 && to.minor == from.minor
+        } else {
+            to.major == from.major
+        };
         if !compatible {
             return Err(CoreError::Conflict(format!(
                 "{} {} is not semver-compatible with the installed {}; install it under a new name or destroy the containers first",
@@ -237,7 +278,9 @@ impl<'a> PluginManager<'a> {
         let containers = self.live_containers(&old_type).await?;
         let mut migrated = Vec::with_capacity(containers.len());
         for c in containers {
-            let state = loaded.migrate_state(&old.version, c.state.clone()).map_err(|e| invalid(e.to_string()))?;
+            let state = loaded
+                .migrate_state(&old.version, c.state.clone())
+                .map_err(|e| invalid(e.to_string()))?;
             migrated.push((c, state));
         }
         let txn = self.db.begin().await?;
@@ -260,7 +303,9 @@ impl<'a> PluginManager<'a> {
     /// Installs the bundled plugins once, on the first start of a platform.
     pub async fn bootstrap(&self, platform_id: i64) -> Result<(), CoreError> {
         use crate::entities::platform;
-        let p = platform::Entity::find_by_id(platform_id).one(self.db).await?;
+        let p = platform::Entity::find_by_id(platform_id)
+            .one(self.db)
+            .await?;
         if p.as_ref().is_some_and(|p| p.plugins_bootstrapped) {
             return Ok(());
         }
@@ -268,7 +313,10 @@ impl<'a> PluginManager<'a> {
             if !self.rows(name).await?.is_empty() {
                 continue;
             }
-            let loaded = self.host.load(wasm).map_err(|e| CoreError::Setup(format!("bundled plugin {name}: {e}")))?;
+            let loaded = self
+                .host
+                .load(wasm)
+                .map_err(|e| CoreError::Setup(format!("bundled plugin {name}: {e}")))?;
             let meta = loaded.meta().clone();
             self.insert(self.db, wasm, &meta).await?;
             self.types.register(Arc::new(loaded));

@@ -222,7 +222,11 @@ pub trait GroupSink: Send {
     /// together with their decisions; true when committed. When the queue cannot commit them (a
     /// lease was lost), nothing of the call is committed, those commands run alone instead and
     /// the answer is false.
-    async fn commit(&mut self, txn: Option<DatabaseTransaction>, decisions: Vec<(usize, GroupNext)>) -> Result<bool, DbErr>;
+    async fn commit(
+        &mut self,
+        txn: Option<DatabaseTransaction>,
+        decisions: Vec<(usize, GroupNext)>,
+    ) -> Result<bool, DbErr>;
     /// Fails the command at `index` of the group with `message`, as a step failing alone would
     /// (the runner's `on_failure` undoes what it can); for errors a retry would only repeat.
     fn fail(&mut self, index: usize, message: String);
@@ -263,7 +267,11 @@ pub trait Runner: Send + Sync + 'static {
     /// that step, committing it again. A command must not have writes in a transaction it does
     /// not commit; the commands not committed when this returns run alone (default: all of
     /// them), those committed at a new step go on from it.
-    async fn step_group(&self, _cmds: &[command::Model], _sink: &mut dyn GroupSink) -> Result<(), StepError> {
+    async fn step_group(
+        &self,
+        _cmds: &[command::Model],
+        _sink: &mut dyn GroupSink,
+    ) -> Result<(), StepError> {
         Ok(())
     }
     /// Undoes what it can of a failing command; its writes commit with the failure
@@ -284,7 +292,9 @@ pub enum QueueError {
     #[error("command {0} does not exist")]
     NotFound(CommandId),
     /// The command is past the point where it could be cancelled.
-    #[error("command {id} is {status}{detail}; only queued commands that have not started can be cancelled")]
+    #[error(
+        "command {id} is {status}{detail}; only queued commands that have not started can be cancelled"
+    )]
     NotCancellable {
         /// The command.
         id: CommandId,
@@ -467,10 +477,17 @@ impl Queue {
         if self.inner.runner.set(runner).is_err() {
             return Ok(());
         }
-        let owner = if reclaim_all { None } else { Some(self.inner.node_id.as_str()) };
+        let owner = if reclaim_all {
+            None
+        } else {
+            Some(self.inner.node_id.as_str())
+        };
         let n = store::requeue_claimed(&self.inner.db, owner).await?;
         if n > 0 {
-            tracing::info!(commands = n, "resuming commands that were running before a restart");
+            tracing::info!(
+                commands = n,
+                "resuming commands that were running before a restart"
+            );
         }
         worker::spawn(self.inner.clone());
         Ok(())

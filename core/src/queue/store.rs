@@ -36,7 +36,12 @@ pub(crate) fn sql<C: ConnectionTrait>(conn: &C, text: &str, values: Vec<Value>) 
             continue;
         }
         out.push('?');
-        ordered.push(values.get(n - 1).expect("placeholder $N without a value").clone());
+        ordered.push(
+            values
+                .get(n - 1)
+                .expect("placeholder $N without a value")
+                .clone(),
+        );
     }
     Statement::from_sql_and_values(backend, out, ordered)
 }
@@ -66,7 +71,11 @@ pub(crate) async fn json_objects<C: ConnectionTrait, T: serde::de::DeserializeOw
     rest: &str,
     values: Vec<Value>,
 ) -> Result<Vec<T>, DbErr> {
-    let pairs = columns.iter().map(|c| format!("'{c}', {c}")).collect::<Vec<_>>().join(", ");
+    let pairs = columns
+        .iter()
+        .map(|c| format!("'{c}', {c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let row = match conn.get_database_backend() {
         DatabaseBackend::Postgres => format!("json_build_object({pairs})"),
         _ => format!("json_object({pairs})"),
@@ -81,7 +90,9 @@ async fn json_agg<C: ConnectionTrait, T: serde::de::DeserializeOwned>(
     values: Vec<Value>,
 ) -> Result<Vec<T>, DbErr> {
     let text = match conn.get_database_backend() {
-        DatabaseBackend::Postgres => format!("SELECT CAST(COALESCE(json_agg({row}), '[]') AS TEXT) AS agg FROM {rest}"),
+        DatabaseBackend::Postgres => {
+            format!("SELECT CAST(COALESCE(json_agg({row}), '[]') AS TEXT) AS agg FROM {rest}")
+        }
         _ => format!("SELECT json_group_array({row}) AS agg FROM {rest}"),
     };
     let agg: Option<String> = match conn.query_one_raw(sql(conn, &text, values)).await? {
@@ -141,18 +152,29 @@ pub(crate) async fn insert<C: ConnectionTrait>(
 /// consecutive ids ending at the last inserted row id (returning each row would cost a thread
 /// switch each); on PostgreSQL the sequence numbers the rows in order and `RETURNING id` gives
 /// them back.
-pub(crate) async fn insert_ids<C: ConnectionTrait>(conn: &C, mut text: String, values: Vec<Value>, n: usize) -> Result<Vec<i64>, DbErr> {
+pub(crate) async fn insert_ids<C: ConnectionTrait>(
+    conn: &C,
+    mut text: String,
+    values: Vec<Value>,
+    n: usize,
+) -> Result<Vec<i64>, DbErr> {
     if conn.get_database_backend() == DatabaseBackend::Sqlite {
         let done = conn.execute_raw(sql(conn, &text, values)).await?;
         if done.rows_affected() != n as u64 {
-            return Err(DbErr::Custom(format!("inserted {} of {n} rows", done.rows_affected())));
+            return Err(DbErr::Custom(format!(
+                "inserted {} of {n} rows",
+                done.rows_affected()
+            )));
         }
         let last = done.last_insert_id() as i64;
         return Ok((last - n as i64 + 1..=last).collect());
     }
     text.push_str(" RETURNING id");
     let rows = conn.query_all_raw(sql(conn, &text, values)).await?;
-    let mut ids = rows.iter().map(|r| r.try_get::<i64>("", "id")).collect::<Result<Vec<_>, _>>()?;
+    let mut ids = rows
+        .iter()
+        .map(|r| r.try_get::<i64>("", "id"))
+        .collect::<Result<Vec<_>, _>>()?;
     ids.sort_unstable();
     Ok(ids)
 }
@@ -225,7 +247,10 @@ pub(crate) fn to_api(row: &command::Model) -> Command {
         parent: row.parent_id,
         params: serde_json::from_str(&row.params).unwrap_or(serde_json::Value::Null),
         step: row.step,
-        result: row.result.as_deref().and_then(|r| serde_json::from_str(r).ok()),
+        result: row
+            .result
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok()),
         error: row.error.clone(),
         waiting_on: row.waiting_on.clone(),
         attempts: row.attempts,
@@ -282,11 +307,19 @@ pub(crate) async fn claim<C: ConnectionTrait>(
     let stmt = sql(
         conn,
         &text,
-        vec![owner.into(), lease_until.into(), now.into(), (limit as i64).into()],
+        vec![
+            owner.into(),
+            lease_until.into(),
+            now.into(),
+            (limit as i64).into(),
+        ],
     );
     let mut rows = command::Entity::find().from_raw_sql(stmt).all(conn).await?;
     rows.sort_by_key(|r| r.id);
-    Ok(Claimed { rows, holding: Default::default() })
+    Ok(Claimed {
+        rows,
+        holding: Default::default(),
+    })
 }
 
 /// A candidate of `claim_sqlite`: the command and the holder of its target's lock.
@@ -314,10 +347,19 @@ async fn claim_sqlite<C: ConnectionTrait>(
            WHEN 'environment' THEN (SELECT locked_by FROM environments t WHERE t.id = commands.target_id) END AS holder \
          FROM commands WHERE {claimable} ORDER BY id LIMIT $4)"
     );
-    let values = vec![owner.into(), lease_until.into(), now.into(), (limit as i64).into()];
+    let values = vec![
+        owner.into(),
+        lease_until.into(),
+        now.into(),
+        (limit as i64).into(),
+    ];
     let columns: Vec<&str> = COMMAND_COLUMNS.iter().copied().chain(["holder"]).collect();
     let candidates: Vec<Candidate> = json_objects(conn, &columns, &from, values).await?;
-    let holding = candidates.iter().filter(|c| c.holder == Some(c.row.id)).map(|c| c.row.id).collect();
+    let holding = candidates
+        .iter()
+        .filter(|c| c.holder == Some(c.row.id))
+        .map(|c| c.row.id)
+        .collect();
     let mut rows: Vec<command::Model> = candidates.into_iter().map(|c| c.row).collect();
     if rows.is_empty() {
         return Ok(Claimed { rows, holding });
@@ -328,11 +370,16 @@ async fn claim_sqlite<C: ConnectionTrait>(
          started_at = COALESCE(started_at, $3) WHERE id IN {ids} AND status || '' = 'queued'"
     );
     values.splice(0..0, [owner.into(), lease_until.into(), now.into()]);
-    let taken = conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
+    let taken = conn
+        .execute_raw(sql(conn, &text, values))
+        .await?
+        .rows_affected();
     if taken != rows.len() as u64 {
         // Not expected with one claimer; read back what this call took.
         let (ids, mut values) = ids_source(conn, rows.iter().map(|r| r.id), 3);
-        let from = format!("commands WHERE id IN {ids} AND status = 'running' AND lease_owner = $1 AND lease_until = $2");
+        let from = format!(
+            "commands WHERE id IN {ids} AND status = 'running' AND lease_owner = $1 AND lease_until = $2"
+        );
         values.splice(0..0, [owner.into(), lease_until.into()]);
         rows = json_objects(conn, COMMAND_COLUMNS, &from, values).await?;
     } else {
@@ -349,8 +396,25 @@ async fn claim_sqlite<C: ConnectionTrait>(
 
 /// The columns of `commands`, as `json_objects` names them for `command::Model`.
 const COMMAND_COLUMNS: &[&str] = &[
-    "id", "kind", "status", "target_type", "target_id", "parent_id", "params", "progress", "step", "result", "error",
-    "waiting_on", "attempts", "run_after", "lease_owner", "lease_until", "requested_by", "created_at", "started_at",
+    "id",
+    "kind",
+    "status",
+    "target_type",
+    "target_id",
+    "parent_id",
+    "params",
+    "progress",
+    "step",
+    "result",
+    "error",
+    "waiting_on",
+    "attempts",
+    "run_after",
+    "lease_owner",
+    "lease_until",
+    "requested_by",
+    "created_at",
+    "started_at",
     "finished_at",
 ];
 
@@ -363,7 +427,11 @@ pub(crate) async fn requeue_claimed<C: ConnectionTrait>(
     let base = "UPDATE commands SET status = 'queued', lease_owner = NULL, lease_until = NULL, \
                 waiting_on = 'resumed after a restart of the core' WHERE status = 'running'";
     let stmt = match owner {
-        Some(o) => sql(conn, &format!("{base} AND lease_owner = $1"), vec![o.into()]),
+        Some(o) => sql(
+            conn,
+            &format!("{base} AND lease_owner = $1"),
+            vec![o.into()],
+        ),
         None => sql(conn, base, vec![]),
     };
     Ok(conn.execute_raw(stmt).await?.rows_affected())
@@ -379,9 +447,14 @@ pub(crate) async fn renew_leases<C: ConnectionTrait>(
     let mut n = 0;
     for chunk in ids.chunks(GROUP_CHUNK) {
         let (ids, mut values) = ids_source(conn, chunk.iter().copied(), 3);
-        let text = format!("UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running' AND id IN {ids}");
+        let text = format!(
+            "UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running' AND id IN {ids}"
+        );
         values.splice(0..0, [lease_until.into(), owner.into()]);
-        n += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
+        n += conn
+            .execute_raw(sql(conn, &text, values))
+            .await?
+            .rows_affected();
     }
     Ok(n)
 }
@@ -540,7 +613,12 @@ pub(crate) async fn wait_for_children<C: ConnectionTrait>(
         "UPDATE commands SET status = 'waiting', step = $1, progress = $2, \
          waiting_on = 'children', lease_owner = NULL, lease_until = NULL \
          WHERE id = $3 AND lease_owner = $4 AND status = 'running'",
-        vec![step.into(), progress.to_string().into(), id.into(), owner.into()],
+        vec![
+            step.into(),
+            progress.to_string().into(),
+            id.into(),
+            owner.into(),
+        ],
     );
     Ok(conn.execute_raw(stmt).await?.rows_affected() == 1)
 }
@@ -561,9 +639,18 @@ pub(crate) async fn requeue_unstarted<C: ConnectionTrait>(
         &format!(
             "UPDATE commands SET status = 'queued', lease_owner = NULL, lease_until = NULL, \
              run_after = $1, waiting_on = $2{} WHERE id = $3 AND lease_owner = $4 AND status = 'running'",
-            if never_started { ", started_at = NULL" } else { "" }
+            if never_started {
+                ", started_at = NULL"
+            } else {
+                ""
+            }
         ),
-        vec![run_after.into(), waiting_on.into(), row.id.into(), owner.into()],
+        vec![
+            run_after.into(),
+            waiting_on.into(),
+            row.id.into(),
+            owner.into(),
+        ],
     );
     Ok(conn.execute_raw(stmt).await?.rows_affected() == 1)
 }
@@ -647,7 +734,11 @@ pub(crate) async fn finish<C: ConnectionTrait>(
 }
 
 /// Queues `parent` again if it waits and all its children are terminal.
-pub(crate) async fn wake_parent<C: ConnectionTrait>(conn: &C, parent: CommandId, now: i64) -> Result<(), DbErr> {
+pub(crate) async fn wake_parent<C: ConnectionTrait>(
+    conn: &C,
+    parent: CommandId,
+    now: i64,
+) -> Result<(), DbErr> {
     if conn.get_database_backend() == DatabaseBackend::Postgres {
         // Serialize siblings finishing at once, so the last one sees the others' status.
         conn.execute_raw(sql(
@@ -704,7 +795,10 @@ pub(crate) async fn cancel(
             id,
             status,
             detail: if started && status == CommandStatus::Queued {
-                format!(" but already started (step {}, {} retries)", row.step, row.attempts)
+                format!(
+                    " but already started (step {}, {} retries)",
+                    row.step, row.attempts
+                )
             } else {
                 String::new()
             },
@@ -726,7 +820,9 @@ pub(crate) async fn cancel(
         });
     }
     txn.commit().await?;
-    Ok(to_api(&get(conn, id).await?.ok_or(QueueError::NotFound(id))?))
+    Ok(to_api(
+        &get(conn, id).await?.ok_or(QueueError::NotFound(id))?,
+    ))
 }
 
 /// Rows of values for one statement, as a row source `v` with columns `column1…`, to follow
@@ -748,9 +844,16 @@ pub(crate) fn rows_source<C: ConnectionTrait>(
     first: usize,
 ) -> (String, Vec<Value>) {
     if conn.get_database_backend() == DatabaseBackend::Sqlite {
-        let columns = (0..types.len()).map(|i| format!("value ->> {i} AS column{}", i + 1)).collect::<Vec<_>>().join(", ");
-        let json = serde_json::Value::Array(rows.into_iter().map(serde_json::Value::Array).collect());
-        return (format!("(SELECT {columns} FROM jsonb_each(${first})) AS v"), vec![json.to_string().into()]);
+        let columns = (0..types.len())
+            .map(|i| format!("value ->> {i} AS column{}", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let json =
+            serde_json::Value::Array(rows.into_iter().map(serde_json::Value::Array).collect());
+        return (
+            format!("(SELECT {columns} FROM jsonb_each(${first})) AS v"),
+            vec![json.to_string().into()],
+        );
     }
     let mut text = String::from("(VALUES ");
     let mut values = Vec::with_capacity(rows.len() * types.len());
@@ -781,17 +884,27 @@ pub(crate) const GROUP_CHUNK: usize = 1024;
 
 /// Ids as a list for `IN (…)` (integers, so safe in the statement text).
 fn id_list(ids: impl IntoIterator<Item = i64>) -> String {
-    ids.into_iter().map(|id| id.to_string()).collect::<Vec<_>>().join(",")
+    ids.into_iter()
+        .map(|id| id.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Ids as a set to follow `IN`, with its values; `$first` is the number of its placeholder. On
 /// SQLite the ids travel as one JSON parameter (`(SELECT value FROM json_each($first))`), so the
 /// statement's text is the same for any ids and is prepared once; elsewhere they are a literal
 /// list.
-pub(crate) fn ids_source<C: ConnectionTrait>(conn: &C, ids: impl IntoIterator<Item = i64>, first: usize) -> (String, Vec<Value>) {
+pub(crate) fn ids_source<C: ConnectionTrait>(
+    conn: &C,
+    ids: impl IntoIterator<Item = i64>,
+    first: usize,
+) -> (String, Vec<Value>) {
     if conn.get_database_backend() == DatabaseBackend::Sqlite {
         let json = serde_json::Value::Array(ids.into_iter().map(serde_json::Value::from).collect());
-        return (format!("(SELECT value FROM json_each(${first}))"), vec![json.to_string().into()]);
+        return (
+            format!("(SELECT value FROM json_each(${first}))"),
+            vec![json.to_string().into()],
+        );
     }
     (format!("({})", id_list(ids)), Vec::new())
 }
@@ -806,10 +919,18 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
 ) -> Result<std::collections::HashSet<i64>, DbErr> {
     let mut locked = 0;
     for chunk in pairs.chunks(GROUP_CHUNK) {
-        let rows: Vec<_> = chunk.iter().map(|(t, c)| vec![(*t).into(), (*c).into()]).collect();
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(t, c)| vec![(*t).into(), (*c).into()])
+            .collect();
         let (v, values) = rows_source(conn, &["BIGINT", "BIGINT"], rows, 1);
-        let text = format!("UPDATE {table} SET locked_by = v.column2 FROM {v} WHERE {table}.id = v.column1 AND +{table}.locked_by IS NULL");
-        locked += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
+        let text = format!(
+            "UPDATE {table} SET locked_by = v.column2 FROM {v} WHERE {table}.id = v.column1 AND +{table}.locked_by IS NULL"
+        );
+        locked += conn
+            .execute_raw(sql(conn, &text, values))
+            .await?
+            .rows_affected();
     }
     if locked == pairs.len() as u64 {
         return Ok(pairs.iter().map(|p| p.0).collect());
@@ -819,8 +940,19 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
     let mut held = std::collections::HashSet::new();
     for chunk in pairs.chunks(GROUP_CHUNK) {
         let (ids, values) = ids_source(conn, chunk.iter().map(|p| p.0), 1);
-        let holders: Vec<(i64, Option<i64>)> = json_rows(conn, "id, locked_by", &format!("{table} WHERE id IN {ids}"), values).await?;
-        held.extend(holders.into_iter().filter(|(id, h)| h.is_some() && *h == wanted.get(id).copied()).map(|(id, _)| id));
+        let holders: Vec<(i64, Option<i64>)> = json_rows(
+            conn,
+            "id, locked_by",
+            &format!("{table} WHERE id IN {ids}"),
+            values,
+        )
+        .await?;
+        held.extend(
+            holders
+                .into_iter()
+                .filter(|(id, h)| h.is_some() && *h == wanted.get(id).copied())
+                .map(|(id, _)| id),
+        );
     }
     Ok(held)
 }
@@ -835,7 +967,12 @@ pub(crate) async fn advance_many<C: ConnectionTrait>(
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in items.chunks(GROUP_CHUNK) {
-        let rows: Vec<_> = chunk.iter().map(|(id, step, progress)| vec![(*id).into(), (*step).into(), progress.as_str().into()]).collect();
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(id, step, progress)| {
+                vec![(*id).into(), (*step).into(), progress.as_str().into()]
+            })
+            .collect();
         let (v, rows) = rows_source(conn, &["BIGINT", "INTEGER", "TEXT"], rows, 3);
         let text = format!(
             "UPDATE commands SET step = v.column2, progress = v.column3, lease_until = $1 FROM {v} \
@@ -843,7 +980,10 @@ pub(crate) async fn advance_many<C: ConnectionTrait>(
         );
         let mut values: Vec<Value> = vec![lease_until.into(), owner.into()];
         values.extend(rows);
-        n += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
+        n += conn
+            .execute_raw(sql(conn, &text, values))
+            .await?
+            .rows_affected();
     }
     Ok(n)
 }
@@ -858,7 +998,10 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in items.chunks(GROUP_CHUNK) {
-        let rows: Vec<_> = chunk.iter().map(|(id, result, _)| vec![(*id).into(), result.as_str().into()]).collect();
+        let rows: Vec<_> = chunk
+            .iter()
+            .map(|(id, result, _)| vec![(*id).into(), result.as_str().into()])
+            .collect();
         let (v, rows) = rows_source(conn, &["BIGINT", "TEXT"], rows, 3);
         let text = format!(
             "UPDATE commands SET status = 'succeeded', result = v.column2, finished_at = $1, \
@@ -867,7 +1010,10 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
         );
         let mut values: Vec<Value> = vec![now.into(), owner.into()];
         values.extend(rows);
-        n += conn.execute_raw(sql(conn, &text, values)).await?.rows_affected();
+        n += conn
+            .execute_raw(sql(conn, &text, values))
+            .await?
+            .rows_affected();
     }
     for table in ["containers", "environments"] {
         let pairs: Vec<(i64, CommandId)> = items
@@ -875,12 +1021,16 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
             .filter_map(|(id, _, t)| t.filter(|t| t.table() == table).map(|t| (t.id(), *id)))
             .collect();
         for chunk in pairs.chunks(GROUP_CHUNK) {
-            let rows: Vec<_> = chunk.iter().map(|(t, c)| vec![(*t).into(), (*c).into()]).collect();
+            let rows: Vec<_> = chunk
+                .iter()
+                .map(|(t, c)| vec![(*t).into(), (*c).into()])
+                .collect();
             let (v, values) = rows_source(conn, &["BIGINT", "BIGINT"], rows, 1);
-            let text = format!("UPDATE {table} SET locked_by = NULL FROM {v} WHERE {table}.id = v.column1 AND +{table}.locked_by = v.column2");
+            let text = format!(
+                "UPDATE {table} SET locked_by = NULL FROM {v} WHERE {table}.id = v.column1 AND +{table}.locked_by = v.column2"
+            );
             conn.execute_raw(sql(conn, &text, values)).await?;
         }
     }
     Ok(n)
 }
-

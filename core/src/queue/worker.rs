@@ -66,8 +66,14 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
         for (key, rows) in groups {
             let held = permits.split_off(permits.len() - rows.len());
             let span = tracing::info_span!("group", kind = %key, commands = rows.len());
-            let holding = rows.iter().map(|r| r.id).filter(|id| holding.contains(id)).collect();
-            tokio::spawn(execute_group(inner.clone(), rows, holding, held, done.clone()).instrument(span));
+            let holding = rows
+                .iter()
+                .map(|r| r.id)
+                .filter(|id| holding.contains(id))
+                .collect();
+            tokio::spawn(
+                execute_group(inner.clone(), rows, holding, held, done.clone()).instrument(span),
+            );
         }
         for row in singles {
             let permit = permits.pop().expect("claimed at most one row per permit");
@@ -101,7 +107,12 @@ fn by_group_key(
     (groups, singles)
 }
 
-fn spawn_alone(inner: &Arc<Inner>, row: command::Model, permit: OwnedSemaphorePermit, done: &mpsc::UnboundedSender<PlainDone>) {
+fn spawn_alone(
+    inner: &Arc<Inner>,
+    row: command::Model,
+    permit: OwnedSemaphorePermit,
+    done: &mpsc::UnboundedSender<PlainDone>,
+) {
     let span = tracing::info_span!("command", id = row.id, kind = %row.kind);
     tokio::spawn(execute(inner.clone(), row, permit, done.clone()).instrument(span));
 }
@@ -129,11 +140,17 @@ struct Sink<'a> {
 
 #[async_trait]
 impl GroupSink for Sink<'_> {
-    async fn commit(&mut self, txn: Option<DatabaseTransaction>, decisions: Vec<(usize, GroupNext)>) -> Result<bool, sea_orm::DbErr> {
+    async fn commit(
+        &mut self,
+        txn: Option<DatabaseTransaction>,
+        decisions: Vec<(usize, GroupNext)>,
+    ) -> Result<bool, sea_orm::DbErr> {
         // A command committed at a new step may be committed again, at its next step.
         let open = |s: Option<&Option<Settled>>| matches!(s, Some(None | Some(Settled::Continued)));
         if let Some((i, _)) = decisions.iter().find(|(i, _)| !open(self.settled.get(*i))) {
-            return Err(sea_orm::DbErr::Custom(format!("group step committed command #{i} of the group after it ended, or out of range")));
+            return Err(sea_orm::DbErr::Custom(format!(
+                "group step committed command #{i} of the group after it ended, or out of range"
+            )));
         }
         let txn = begin(self.inner, txn).await?;
         let now = self.inner.clock.now_ms();
@@ -143,10 +160,14 @@ impl GroupSink for Sink<'_> {
         for (i, next) in &decisions {
             let row = &self.rows[*i];
             match next {
-                GroupNext::Continue { step, progress } => advances.push((row.id, *step, progress.to_string())),
-                GroupNext::Done { result, released } => {
-                    finishes.push((row.id, result.to_string(), Target::of(row).filter(|_| !*released)))
+                GroupNext::Continue { step, progress } => {
+                    advances.push((row.id, *step, progress.to_string()))
                 }
+                GroupNext::Done { result, released } => finishes.push((
+                    row.id,
+                    result.to_string(),
+                    Target::of(row).filter(|_| !*released),
+                )),
             }
         }
         let owner = self.inner.node_id.as_str();
@@ -169,7 +190,9 @@ impl GroupSink for Sink<'_> {
             store::wake_parent(&txn, parent, now).await?;
         }
         txn.commit().await?;
-        self.inner.grouped.fetch_add(decisions.len() as u64, Ordering::Relaxed);
+        self.inner
+            .grouped
+            .fetch_add(decisions.len() as u64, Ordering::Relaxed);
         for (i, next) in decisions {
             self.settled[i] = Some(match next {
                 GroupNext::Continue { step, progress } => {
@@ -206,7 +229,10 @@ async fn execute_group(
     done: mpsc::UnboundedSender<PlainDone>,
 ) {
     let runner = inner.runner.get().expect("runner set before start").clone();
-    let mut in_flight: HashMap<i64, InFlight<'_>> = rows.iter().map(|r| (r.id, InFlight::new(&inner, r.id))).collect();
+    let mut in_flight: HashMap<i64, InFlight<'_>> = rows
+        .iter()
+        .map(|r| (r.id, InFlight::new(&inner, r.id)))
+        .collect();
     let mut alone = Vec::new();
     let mut current = Vec::new();
     // Lock the targets, one statement per table; a target that is busy or missing is left to
@@ -228,7 +254,9 @@ async fn execute_group(
         }
         match store::lock_many(&inner.db, table, &pairs).await {
             Ok(ids) => held.extend(ids.into_iter().map(|id| (table, id))),
-            Err(e) => tracing::warn!(error = %e, "locking the targets of a group failed; its commands run alone"),
+            Err(e) => {
+                tracing::warn!(error = %e, "locking the targets of a group failed; its commands run alone")
+            }
         }
     }
     for row in rows {
@@ -251,11 +279,19 @@ async fn execute_group(
         alone.extend(singles);
         for (_, group) in groups {
             let n = group.len();
-            let mut sink = Sink { inner: &inner, rows: &group, settled: (0..n).map(|_| None).collect(), committed: vec![None; n] };
+            let mut sink = Sink {
+                inner: &inner,
+                rows: &group,
+                settled: (0..n).map(|_| None).collect(),
+                committed: vec![None; n],
+            };
             if let Err(e) = runner.step_group(&group, &mut sink).await {
                 tracing::info!(error = %e, "a group step stopped; its uncommitted commands run alone");
             }
-            let (settled, committed) = (std::mem::take(&mut sink.settled), std::mem::take(&mut sink.committed));
+            let (settled, committed) = (
+                std::mem::take(&mut sink.settled),
+                std::mem::take(&mut sink.committed),
+            );
             for ((mut row, s), c) in group.into_iter().zip(settled).zip(committed) {
                 // Whatever happens next starts from the last step committed.
                 if let Some((step, progress)) = c {
@@ -395,7 +431,11 @@ async fn run(
         };
         // Spawning nothing is simply going on.
         let next = match next {
-            Next::Spawn { step, progress, children } if children.is_empty() => Next::Continue { step, progress },
+            Next::Spawn {
+                step,
+                progress,
+                children,
+            } if children.is_empty() => Next::Continue { step, progress },
             other => other,
         };
         match next {
@@ -419,8 +459,7 @@ async fn run(
                 let txn = begin(inner, txn).await?;
                 let now = inner.clock.now_ms();
                 let ids = store::insert(&txn, &children, Some(row.id), now).await?;
-                if !store::wait_for_children(&txn, row.id, &inner.node_id, step, &progress).await?
-                {
+                if !store::wait_for_children(&txn, row.id, &inner.node_id, step, &progress).await? {
                     return lost_lease(row, txn).await;
                 }
                 txn.commit().await?;
@@ -446,7 +485,9 @@ async fn run(
                 return commit_finish(inner, row, txn, &f).await;
             }
             Next::Fail(msg) => return fail(inner, row, msg, None, txn).await,
-            Next::Partial { result, error } => return fail(inner, row, error, Some(result.to_string()), txn).await,
+            Next::Partial { result, error } => {
+                return fail(inner, row, error, Some(result.to_string()), txn).await;
+            }
         }
     }
 }
@@ -462,7 +503,10 @@ async fn begin(
 }
 
 async fn lost_lease(row: &command::Model, txn: DatabaseTransaction) -> Result<(), sea_orm::DbErr> {
-    tracing::warn!(id = row.id, "lost the lease of the command; another core took it over");
+    tracing::warn!(
+        id = row.id,
+        "lost the lease of the command; another core took it over"
+    );
     txn.rollback().await
 }
 

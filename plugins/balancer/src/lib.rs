@@ -44,7 +44,8 @@ fn rewrite(ctx: &Context, mut state: State) -> Outcome {
 }
 
 fn upstream(m: &Member) -> Option<String> {
-    (type_name(&m.type_id) == "tomcat").then(|| m.ip.as_ref().map(|ip| format!("{ip}:{TOMCAT_PORT}")))?
+    (type_name(&m.type_id) == "tomcat")
+        .then(|| m.ip.as_ref().map(|ip| format!("{ip}:{TOMCAT_PORT}")))?
 }
 
 impl ContainerType for Balancer {
@@ -65,12 +66,25 @@ impl ContainerType for Balancer {
     }
 
     fn after_it_is_added(&self, ctx: &Context) -> Outcome {
-        let upstreams = ctx.environment.members.iter().filter_map(upstream).collect();
-        rewrite(ctx, State { upstreams, reloads: 0 })
+        let upstreams = ctx
+            .environment
+            .members
+            .iter()
+            .filter_map(upstream)
+            .collect();
+        rewrite(
+            ctx,
+            State {
+                upstreams,
+                reloads: 0,
+            },
+        )
     }
 
     fn after_other_is_added(&self, ctx: &Context, other: &Member) -> Outcome {
-        let Some(u) = upstream(other) else { return Outcome::allow() };
+        let Some(u) = upstream(other) else {
+            return Outcome::allow();
+        };
         let mut state: State = ctx.json_state();
         if state.upstreams.contains(&u) {
             return Outcome::allow();
@@ -80,7 +94,9 @@ impl ContainerType for Balancer {
     }
 
     fn after_other_is_removed(&self, ctx: &Context, other: &Member) -> Outcome {
-        let Some(u) = upstream(other) else { return Outcome::allow() };
+        let Some(u) = upstream(other) else {
+            return Outcome::allow();
+        };
         let mut state: State = ctx.json_state();
         if !state.upstreams.contains(&u) {
             return Outcome::allow();
@@ -106,39 +122,70 @@ mod tests {
     use cloud48_sdk::testing::{NativeHooks, Platform};
 
     fn platform() -> Platform<NativeHooks> {
-        Platform::with_native(NativeHooks::default().with::<Tomcat>().with::<Balancer>().with::<Mysql>())
+        Platform::with_native(
+            NativeHooks::default()
+                .with::<Tomcat>()
+                .with::<Balancer>()
+                .with::<Mysql>(),
+        )
     }
 
     #[test]
     fn seed_scenario_second_tomcat_brings_a_balancer_that_registers_both() {
         let mut p = platform();
         let t1 = p.add("tomcat").unwrap();
-        assert!(p.ids_of("balancer").is_empty(), "one tomcat needs no balancer");
+        assert!(
+            p.ids_of("balancer").is_empty(),
+            "one tomcat needs no balancer"
+        );
         let t2 = p.add("tomcat").unwrap();
         let lb = p.ids_of("balancer")[0];
         assert!(lb < t2, "the balancer was added before the second tomcat");
-        let ips: std::collections::HashMap<i64, String> = p.members().into_iter().map(|m| (m.id, m.ip.unwrap())).collect();
+        let ips: std::collections::HashMap<i64, String> = p
+            .members()
+            .into_iter()
+            .map(|m| (m.id, m.ip.unwrap()))
+            .collect();
         let ip = |id: i64| ips[&id].clone();
         let state = p.inspect(lb);
-        assert_eq!(state["upstreams"], serde_json::json!([format!("{}:8080", ip(t1)), format!("{}:8080", ip(t2))]));
+        assert_eq!(
+            state["upstreams"],
+            serde_json::json!([format!("{}:8080", ip(t1)), format!("{}:8080", ip(t2))])
+        );
         assert_eq!(state["reloads"], 2);
         assert_eq!(p.execs.len(), 2);
         assert_eq!(p.execs[0].args, vec![format!("{}:8080", ip(t1))]);
-        assert!(p.execs.iter().all(|e| e.container == lb && e.script == WRITE_UPSTREAMS));
+        assert!(
+            p.execs
+                .iter()
+                .all(|e| e.container == lb && e.script == WRITE_UPSTREAMS)
+        );
 
         p.remove(t1).unwrap();
         let state = p.inspect(lb);
-        assert_eq!(state["upstreams"], serde_json::json!([format!("{}:8080", ip(t2))]));
-        assert_eq!(p.execs.last().unwrap().args, vec![format!("{}:8080", ip(t2))]);
+        assert_eq!(
+            state["upstreams"],
+            serde_json::json!([format!("{}:8080", ip(t2))])
+        );
+        assert_eq!(
+            p.execs.last().unwrap().args,
+            vec![format!("{}:8080", ip(t2))]
+        );
     }
 
     #[test]
     fn only_one_balancer_and_one_database_per_environment() {
         let mut p = platform();
         p.add("balancer").unwrap();
-        assert_eq!(p.add("balancer").unwrap_err(), "this environment already has a balancer");
+        assert_eq!(
+            p.add("balancer").unwrap_err(),
+            "this environment already has a balancer"
+        );
         p.add("mysql").unwrap();
-        assert_eq!(p.add("mysql").unwrap_err(), "this environment already has a mysql database");
+        assert_eq!(
+            p.add("mysql").unwrap_err(),
+            "this environment already has a mysql database"
+        );
     }
 
     #[test]
@@ -146,9 +193,20 @@ mod tests {
         let mut p = platform();
         let db = p.add("mysql").unwrap();
         let t = p.add("tomcat").unwrap();
-        let db_ip = p.members().iter().find(|m| m.id == db).unwrap().ip.clone().unwrap();
+        let db_ip = p
+            .members()
+            .iter()
+            .find(|m| m.id == db)
+            .unwrap()
+            .ip
+            .clone()
+            .unwrap();
         assert_eq!(p.inspect(t)["database"], db_ip);
-        assert!(p.execs.iter().any(|e| e.container == t && e.args == vec![db_ip.clone()]));
+        assert!(
+            p.execs
+                .iter()
+                .any(|e| e.container == t && e.args == vec![db_ip.clone()])
+        );
         assert!(p.remove(db).unwrap_err().contains("use this database"));
     }
 
@@ -158,15 +216,30 @@ mod tests {
         p.add("tomcat").unwrap();
         p.add("tomcat").unwrap();
         let lb = p.ids_of("balancer")[0];
-        let server = p.members().iter().find(|m| m.id == lb).unwrap().server.clone().unwrap();
+        let server = p
+            .members()
+            .iter()
+            .find(|m| m.id == lb)
+            .unwrap()
+            .server
+            .clone()
+            .unwrap();
         p.crash_server(&server).unwrap();
         assert!(p.log.iter().any(|l| l == &format!("balancer#{lb}:is-down")));
         assert_eq!(p.illegal.iter().map(|m| m.id).collect::<Vec<_>>(), vec![lb]);
         let new = p.ids_of("balancer")[0];
         assert_ne!(new, lb);
         let new_member = p.members().into_iter().find(|m| m.id == new).unwrap();
-        assert_ne!(new_member.server.as_deref(), Some(server.as_str()), "the replacement runs elsewhere");
-        assert_eq!(p.inspect(new)["upstreams"].as_array().unwrap().len(), 2, "every tomcat is registered again");
+        assert_ne!(
+            new_member.server.as_deref(),
+            Some(server.as_str()),
+            "the replacement runs elsewhere"
+        );
+        assert_eq!(
+            p.inspect(new)["upstreams"].as_array().unwrap().len(),
+            2,
+            "every tomcat is registered again"
+        );
     }
 
     #[test]
@@ -176,10 +249,13 @@ mod tests {
         let t1 = p.add("tomcat").unwrap();
         p.log.clear();
         p.add("balancer").unwrap();
-        assert_eq!(p.log[..3], [
-            "balancer#0:before-it-is-added".to_string(),
-            format!("mysql#{db}:before-other-is-added"),
-            format!("tomcat#{t1}:before-other-is-added"),
-        ]);
+        assert_eq!(
+            p.log[..3],
+            [
+                "balancer#0:before-it-is-added".to_string(),
+                format!("mysql#{db}:before-other-is-added"),
+                format!("tomcat#{t1}:before-other-is-added"),
+            ]
+        );
     }
 }

@@ -21,8 +21,14 @@ pub const CONFIGURE_DATASOURCE: &str = "# cloud48: point the application at the 
 
 fn configure(ctx: &Context, db_ip: &str) -> Outcome {
     Outcome::allow()
-        .with_action(Action::exec(ctx.container.id, CONFIGURE_DATASOURCE, &[db_ip]))
-        .with_json_state(&State { database: Some(db_ip.to_string()) })
+        .with_action(Action::exec(
+            ctx.container.id,
+            CONFIGURE_DATASOURCE,
+            &[db_ip],
+        ))
+        .with_json_state(&State {
+            database: Some(db_ip.to_string()),
+        })
 }
 
 impl ContainerType for Tomcat {
