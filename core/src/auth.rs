@@ -343,12 +343,7 @@ impl Authenticator {
             AlgorithmType::MD5 => &record.ha1_md5,
             _ => &record.ha1_sha256,
         };
-        let h = |s: &str| auth.algorithm.hash_str(s);
-        let ha2 = h(&format!("{method}:{}", auth.uri));
-        let expected = h(&format!(
-            "{ha1}:{}:{:08x}:{cnonce}:auth:{ha2}",
-            auth.nonce, auth.nc
-        ));
+        let expected = expected_response(&auth, ha1, method, &cnonce);
         if !constant_eq(
             expected.as_bytes(),
             auth.response.to_ascii_lowercase().as_bytes(),
@@ -418,6 +413,17 @@ impl Authenticator {
             }
         }
     }
+}
+
+/// The response a client knowing `ha1` sends for `auth` (RFC 7616, qop=auth): hex of
+/// `H(HA1:nonce:nc:cnonce:auth:H(method:uri))`.
+fn expected_response(auth: &AuthorizationHeader, ha1: &str, method: &str, cnonce: &str) -> String {
+    let h = |s: &str| auth.algorithm.hash_str(s);
+    let ha2 = h(&format!("{method}:{}", auth.uri));
+    h(&format!(
+        "{ha1}:{}:{:08x}:{cnonce}:auth:{ha2}",
+        auth.nonce, auth.nc
+    ))
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -528,5 +534,80 @@ impl<'a> UserStore<'a> {
                 created_at: u.created_at,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RFC 7616, section 3.9.1: the same request with SHA-256 and with MD5.
+    fn rfc_header(algorithm: &str, response: &str) -> String {
+        format!(
+            "Digest username=\"Mufasa\", realm=\"http-auth@example.org\", uri=\"/dir/index.html\", \
+             algorithm={algorithm}, nonce=\"7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v\", nc=00000001, \
+             cnonce=\"f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ\", qop=auth, response=\"{response}\", \
+             opaque=\"FQhe/qaU925kfnzjCev0ciny7QMkPqMAFRtzCUYo5tdS\""
+        )
+    }
+
+    #[test]
+    fn digest_responses_match_the_rfc_7616_examples() {
+        let record = UserRecord::with_password(
+            "Mufasa",
+            Role::Viewer,
+            "http-auth@example.org",
+            "Circle of Life",
+        );
+        for (algorithm, ha1, response) in [
+            (
+                "SHA-256",
+                &record.ha1_sha256,
+                "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1",
+            ),
+            ("MD5", &record.ha1_md5, "8ca523f5e9506fed4657c9700eebdbec"),
+        ] {
+            let auth = AuthorizationHeader::parse(&rfc_header(algorithm, response)).unwrap();
+            assert_eq!(auth.nc, 1);
+            assert_eq!(auth.qop, Some(digest_auth::Qop::AUTH));
+            let cnonce = auth.cnonce.clone().unwrap();
+            assert_eq!(
+                expected_response(&auth, ha1, "GET", &cnonce),
+                response,
+                "{algorithm}"
+            );
+            // Another method or another password gives another response.
+            assert_ne!(expected_response(&auth, ha1, "POST", &cnonce), response);
+            let other = UserRecord::with_password(
+                "Mufasa",
+                Role::Viewer,
+                "http-auth@example.org",
+                "circle of life",
+            );
+            assert_ne!(
+                expected_response(&auth, &other.ha1_md5, "GET", &cnonce),
+                response
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_compare_equal_only_when_equal() {
+        assert!(constant_eq(b"token-123", b"token-123"));
+        assert!(!constant_eq(b"token-123", b"token-124"));
+        assert!(!constant_eq(b"token-123", b"token-1234"));
+        assert!(!constant_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn roles_and_user_names_read_and_refuse_clearly() {
+        for role in [Role::Viewer, Role::Operator, Role::Admin] {
+            assert_eq!(role.to_string().parse::<Role>(), Ok(role));
+        }
+        assert!(Role::Admin >= Role::Operator && Role::Operator >= Role::Viewer);
+        assert!("root".parse::<Role>().unwrap_err().contains("admin"));
+        assert!(validate_user_name("ada.lovelace_1").is_ok());
+        assert!(validate_user_name("").is_err());
+        assert!(validate_user_name("a b").is_err());
     }
 }

@@ -689,3 +689,66 @@ fn mask(value: &str) -> String {
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(pairs: &[(&str, &str)]) -> FileValues {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), (v.to_string(), 1)))
+            .collect()
+    }
+
+    fn env(name: &str) -> Option<String> {
+        (name == "HOME_DIR").then(|| "/home/ada".to_string())
+    }
+
+    #[test]
+    fn placeholders_take_keys_then_the_environment_then_their_default() {
+        let f = file(&[("data", "${HOME_DIR}/c48"), ("name", "core-${region:eu}")]);
+        assert_eq!(
+            resolve("${data}/db", "k", &f, &env, 0).unwrap(),
+            "/home/ada/c48/db"
+        );
+        assert_eq!(resolve("${name}", "k", &f, &env, 0).unwrap(), "core-eu");
+        assert_eq!(
+            resolve("${HOME_DIR:/tmp}", "k", &f, &env, 0).unwrap(),
+            "/home/ada"
+        );
+        assert_eq!(
+            resolve("cost $$5, $x", "k", &f, &env, 0).unwrap(),
+            "cost $5, $x"
+        );
+    }
+
+    #[test]
+    fn a_placeholder_that_cannot_resolve_says_how_to_fix_it() {
+        let f = file(&[("a", "${b}"), ("b", "${a}")]);
+        let e = resolve("${MISSING}", "auth.realm", &f, &env, 0).unwrap_err();
+        assert!(
+            e.contains("${MISSING} in auth.realm") && e.contains("${MISSING:value}"),
+            "{e}"
+        );
+        assert!(
+            resolve("${a}", "k", &f, &env, 0)
+                .unwrap_err()
+                .contains("cycle")
+        );
+        assert!(
+            resolve("${open", "k", &f, &env, 0)
+                .unwrap_err()
+                .contains("unclosed")
+        );
+    }
+
+    #[test]
+    fn secrets_are_masked_but_urls_keep_their_host() {
+        assert_eq!(mask("s3cret"), "****");
+        assert_eq!(
+            mask("postgres://u:pw@db.example:5432/c48"),
+            "postgres://****@db.example:5432/****"
+        );
+    }
+}

@@ -1371,3 +1371,55 @@ impl<'a> ServerManager<'a> {
             })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_commands_read_from_json_and_name_their_kind() {
+        let cmd: ContainerCommand =
+            serde_json::from_str(r#"{"op": "update", "resources": {"cpu_millis": 500, "memory_mb": 256, "disk_mb": 1024}}"#).unwrap();
+        let resources = Resources {
+            cpu_millis: 500,
+            memory_mb: 256,
+            disk_mb: 1024,
+        };
+        assert_eq!(cmd, ContainerCommand::Update { resources });
+        assert_eq!(cmd.kind(), CommandKind::ContainerUpdate);
+        let back: ContainerCommand =
+            serde_json::from_value(serde_json::to_value(&cmd).unwrap()).unwrap();
+        assert_eq!(back, cmd);
+        let migrate: ContainerCommand = serde_json::from_str(r#"{"op": "migrate"}"#).unwrap();
+        assert_eq!(migrate, ContainerCommand::Migrate { to: None });
+        assert_eq!(migrate.kind().as_str(), "container.migrate");
+    }
+
+    #[test]
+    fn a_bad_container_command_is_refused_naming_what_is_wrong() {
+        let e = serde_json::from_str::<ContainerCommand>(r#"{"op": "explode"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown variant `explode`") && e.contains("start"),
+            "{e}"
+        );
+        let e = serde_json::from_str::<ContainerCommand>(
+            r#"{"op": "update", "resources": {"cpu_millis": 1}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("memory_mb"), "{e}");
+    }
+
+    #[test]
+    fn a_status_check_says_what_the_container_must_be() {
+        let allowed = ContainerCommand::Stop.allowed_from();
+        assert!(check_status(7, ContainerStatus::Running, "container.stop", allowed).is_ok());
+        let e = check_status(7, ContainerStatus::Stopped, "container.stop", allowed).unwrap_err();
+        assert_eq!(
+            e,
+            "container 7 is stopped; container.stop needs a container that is running or suspended"
+        );
+    }
+}

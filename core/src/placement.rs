@@ -800,3 +800,88 @@ pub async fn reconcile(db: &DatabaseConnection) -> Result<usize, DbErr> {
     txn.commit().await?;
     Ok(fixed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(id: ServerId, free_cpu: u64, free_mem: u64, labels: &[&str]) -> Candidate {
+        let capacity = Resources {
+            cpu_millis: 8000,
+            memory_mb: 8192,
+            disk_mb: 100_000,
+        };
+        Candidate {
+            id,
+            up: true,
+            draining: false,
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            capacity,
+            allocated: Resources {
+                cpu_millis: 8000 - free_cpu,
+                memory_mb: 8192 - free_mem,
+                disk_mb: 0,
+            },
+            containers: 0,
+        }
+    }
+
+    fn need(cpu_millis: u64, memory_mb: u64) -> Requirements {
+        Requirements {
+            resources: Resources {
+                cpu_millis,
+                memory_mb,
+                disk_mb: 10,
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_emptiest_fitting_server_wins_and_ties_go_to_the_lowest_id() {
+        let servers = [
+            server(1, 1000, 1024, &[]),
+            server(2, 6000, 6000, &[]),
+            server(3, 6000, 6000, &[]),
+        ];
+        let w = Weights::default();
+        assert_eq!(
+            decide(&servers, &need(500, 512), &HashSet::new(), &w),
+            Ok(2)
+        );
+        assert_eq!(
+            decide(&servers, &need(500, 512), &HashSet::from([2]), &w),
+            Ok(3)
+        );
+        assert_eq!(
+            decide(&servers, &need(2000, 512), &HashSet::from([2, 3]), &w).unwrap_err(),
+            "cpu_millis 2000 needed, at most 1000 free on any eligible server"
+        );
+    }
+
+    #[test]
+    fn down_draining_and_unlabelled_servers_are_never_chosen_and_the_reason_says_why() {
+        let mut down = server(1, 8000, 8192, &["ssd"]);
+        down.up = false;
+        let mut draining = server(2, 8000, 8192, &["ssd"]);
+        draining.draining = true;
+        let plain = server(3, 8000, 8192, &[]);
+        let w = Weights::default();
+        let mut req = need(100, 100);
+        req.labels = vec!["ssd".into()];
+        let e = decide(
+            &[down.clone(), draining.clone(), plain.clone()],
+            &req,
+            &HashSet::new(),
+            &w,
+        )
+        .unwrap_err();
+        assert_eq!(e, "no server that is up carries the labels [ssd]");
+        let e = decide(&[down, draining], &need(100, 100), &HashSet::new(), &w).unwrap_err();
+        assert!(e.contains("no server is up"), "{e}");
+        assert_eq!(
+            decide(&[plain], &need(100, 100), &HashSet::new(), &w),
+            Ok(3)
+        );
+    }
+}
