@@ -325,7 +325,7 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
         (
             "container.update",
             "{\"resources\": {\"cpu\": 1}}".to_string(),
-            "bad parameters",
+            "unreadable parameters: unknown field `cpu`",
         ),
     ];
     for (kind, params, expected) in rows {

@@ -449,7 +449,7 @@ async fn submit_creates(
         .map(|(id,)| NewCommand {
             kind: crate::model::CommandKind::ContainerCreate,
             target: Some(Target::Container(*id)),
-            params: serde_json::json!({}),
+            params: crate::commands::params::to_value(crate::commands::params::Create::on(None)),
             requested_by: "bench".into(),
         })
         .collect();

@@ -565,7 +565,11 @@ impl Core {
             .map(|env| crate::queue::NewCommand {
                 kind: crate::model::CommandKind::EnvironmentNotify,
                 target: Some(crate::queue::Target::Environment(env)),
-                params: serde_json::json!({ "hook": hook }),
+                params: crate::commands::params::to_value(crate::commands::params::Notify {
+                    containers: Vec::new(),
+                    cause: None,
+                    hook: Some(hook.to_string()),
+                }),
                 requested_by: "core".into(),
             })
             .collect();

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
-use serde_json::json;
 
 use crate::core::{Core, CoreError};
 use crate::driver::{GuestState, ServerStats};
@@ -181,7 +180,11 @@ impl Core {
         let commands = per_environment(&hit, |env, ids| NewCommand {
             kind: crate::model::CommandKind::EnvironmentFailover,
             target: Some(Target::Environment(env)),
-            params: json!({ "containers": ids, "cause": cause }),
+            params: crate::commands::params::to_value(crate::commands::params::Notify {
+                containers: ids,
+                cause: Some(cause.clone()),
+                hook: None,
+            }),
             requested_by: "health-monitor".into(),
         });
         let count = commands.len();
@@ -257,7 +260,11 @@ impl Core {
         let commands = per_environment(&back, |env, ids| NewCommand {
             kind: crate::model::CommandKind::EnvironmentRecover,
             target: Some(Target::Environment(env)),
-            params: json!({ "containers": ids }),
+            params: crate::commands::params::to_value(crate::commands::params::Notify {
+                containers: ids,
+                cause: None,
+                hook: None,
+            }),
             requested_by: "health-monitor".into(),
         });
         self.queue().enqueue_in(&txn, commands, None).await?;

@@ -11,7 +11,6 @@ use sea_orm::{
     TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::ToSchema;
 
 use crate::core::{Core, CoreError};
@@ -308,16 +307,20 @@ impl<'a> ContainerManager<'a> {
                 resources
                     .validate()
                     .map_err(|m| CoreError::invalid("resources", m))?;
-                json!({ "resources": resources })
+                crate::commands::params::to_value(crate::commands::params::Update {
+                    resources: *resources,
+                })
             }
             ContainerCommand::Clone { server } => {
                 let server_id = match server {
                     Some(name) => Some(server_by_name(db, "server", name).await?.id),
                     None => None,
                 };
-                json!({ "server_id": server_id })
+                crate::commands::params::to_value(crate::commands::params::Clone { server_id })
             }
-            ContainerCommand::Migrate { to: None } => json!({ "to": null }),
+            ContainerCommand::Migrate { to: None } => {
+                crate::commands::params::to_value(crate::commands::params::Migrate { to: None })
+            }
             ContainerCommand::Migrate { to: Some(to) } => {
                 let target = server_by_name(db, "to", to).await?;
                 if Some(target.id) == row.server_id {
@@ -332,9 +335,11 @@ impl<'a> ContainerManager<'a> {
                         target.status
                     )));
                 }
-                json!({ "to": target.id })
+                crate::commands::params::to_value(crate::commands::params::Migrate {
+                    to: Some(target.id),
+                })
             }
-            _ => json!({}),
+            _ => crate::commands::params::to_value(crate::commands::params::NoParams {}),
         };
         let command = NewCommand {
             kind: cmd.kind(),
@@ -361,8 +366,13 @@ impl<'a> ContainerManager<'a> {
         .await?;
         let txn = self.core.db().begin().await?;
         let (id, server_id) = insert_container(self.core, &txn, new).await?;
-        self.submit_create(txn, id, json!({ "server_id": server_id }), requested_by)
-            .await
+        self.submit_create(
+            txn,
+            id,
+            crate::commands::params::Create::on(server_id),
+            requested_by,
+        )
+        .await
     }
 
     /// Creates `count` containers of one type with one `container.create_many` command (the
@@ -398,7 +408,13 @@ impl<'a> ContainerManager<'a> {
         let command = NewCommand {
             kind: crate::model::CommandKind::ContainerCreateMany,
             target: None,
-            params: json!({ "type": req.type_id, "count": count, "server_id": server_id, "requirements": requirements }),
+            params: crate::commands::params::to_value(crate::commands::params::CreateMany {
+                type_id: req.type_id.clone(),
+                count,
+                server_id,
+                requirements,
+                start: true,
+            }),
             requested_by: requested_by.to_string(),
         };
         let cmd = self
@@ -435,13 +451,13 @@ impl<'a> ContainerManager<'a> {
         &self,
         txn: sea_orm::DatabaseTransaction,
         id: ContainerId,
-        params: serde_json::Value,
+        params: crate::commands::params::Create,
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
         let command = NewCommand {
             kind: crate::model::CommandKind::ContainerCreate,
             target: Some(Target::Container(id)),
-            params,
+            params: crate::commands::params::to_value(params),
             requested_by: requested_by.to_string(),
         };
         let ids = self
@@ -615,7 +631,11 @@ impl<'a> ContainerManager<'a> {
         self.submit_create(
             txn,
             id,
-            json!({ "image": image, "start": false }),
+            crate::commands::params::Create {
+                image: Some(image),
+                start: false,
+                ..crate::commands::params::Create::on(None)
+            },
             requested_by,
         )
         .await
@@ -1004,7 +1024,9 @@ impl<'a> EnvironmentManager<'a> {
         self.submit_new(name, |env| NewCommand {
             kind: crate::model::CommandKind::EnvironmentCreate,
             target: Some(Target::Environment(env)),
-            params: json!({ "name": name }),
+            params: crate::commands::params::to_value(crate::commands::params::CreateEnvironment {
+                name: name.to_string(),
+            }),
             requested_by: requested_by.to_string(),
         })
         .await
@@ -1023,7 +1045,9 @@ impl<'a> EnvironmentManager<'a> {
         self.submit_new(name, |env| NewCommand {
             kind: crate::model::CommandKind::EnvironmentClone,
             target: Some(Target::Environment(src.id)),
-            params: json!({ "destination": env }),
+            params: crate::commands::params::to_value(crate::commands::params::CloneEnvironment {
+                destination: env,
+            }),
             requested_by: requested_by.to_string(),
         })
         .await
@@ -1105,10 +1129,10 @@ impl<'a> EnvironmentManager<'a> {
         let cmd = NewCommand {
             kind: crate::model::CommandKind::EnvironmentAdd,
             target: Some(Target::Environment(env.id)),
-            params: json!({
-                "type": ty.type_id(),
-                "requirements": req.requirements,
-                "server": req.server,
+            params: crate::commands::params::to_value(crate::commands::params::Add {
+                requirements: req.requirements.clone(),
+                server: req.server.clone(),
+                ..crate::commands::params::Add::of_type(ty.type_id())
             }),
             requested_by: requested_by.to_string(),
         };
@@ -1133,7 +1157,9 @@ impl<'a> EnvironmentManager<'a> {
         let cmd = NewCommand {
             kind: crate::model::CommandKind::EnvironmentRemove,
             target: Some(Target::Environment(env.id)),
-            params: json!({ "container_id": container }),
+            params: crate::commands::params::to_value(crate::commands::params::Member {
+                container_id: container,
+            }),
             requested_by: requested_by.to_string(),
         };
         Ok(self.core.queue().enqueue(cmd).await?)
@@ -1150,7 +1176,7 @@ impl<'a> EnvironmentManager<'a> {
         let cmd = NewCommand {
             kind: op.kind(),
             target: Some(Target::Environment(env.id)),
-            params: json!({}),
+            params: crate::commands::params::to_value(crate::commands::params::NoParams {}),
             requested_by: requested_by.to_string(),
         };
         Ok(self.core.queue().enqueue(cmd).await?)
@@ -1299,7 +1325,9 @@ impl<'a> ServerManager<'a> {
                 ContainerStatus::Running | ContainerStatus::Stopped => commands.push(NewCommand {
                     kind: crate::model::CommandKind::ContainerMigrate,
                     target: Some(Target::Container(r.id)),
-                    params: json!({ "to": null }),
+                    params: crate::commands::params::to_value(crate::commands::params::Migrate {
+                        to: None,
+                    }),
                     requested_by: requested_by.to_string(),
                 }),
                 st if st.is_gone() => {}

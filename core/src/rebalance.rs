@@ -3,7 +3,6 @@
 //! containers off the fullest one (placement chooses where). Off by default.
 
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
-use serde_json::json;
 
 use crate::core::{Core, CoreError};
 use crate::entities::{command, container};
@@ -75,7 +74,9 @@ impl Core {
             .map(|c| NewCommand {
                 kind: crate::model::CommandKind::ContainerMigrate,
                 target: Some(Target::Container(c.id)),
-                params: json!({ "to": null }),
+                params: crate::commands::params::to_value(crate::commands::params::Migrate {
+                    to: None,
+                }),
                 requested_by: REBALANCER.into(),
             })
             .collect();

@@ -22,12 +22,11 @@ use sea_orm::{
 };
 use serde_json::json;
 
-use super::{StepCtx, driver_of};
+use super::{StepCtx, driver_of, guest_spec, make_guest, params};
 use crate::core::Core;
-use crate::driver::GuestSpec;
 use crate::entities::{command, container, dummy};
 use crate::managers::guest_id_for;
-use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
+use crate::model::{ContainerStatus, Resources, ServerId, now_ms};
 use crate::placement::{self, PlaceRequest};
 use crate::queue::{Next, StepError, Transition};
 
@@ -48,12 +47,6 @@ async fn creating(core: &Core, cmd: i64) -> Result<Vec<i64>, DbErr> {
         .await
 }
 
-/// The requirements every container of the batch shares.
-fn requirements(ctx: &StepCtx<'_>) -> Result<Requirements, StepError> {
-    serde_json::from_value(ctx.params["requirements"].clone())
-        .map_err(|e| StepError::Permanent(format!("bad requirements in the command: {e}")))
-}
-
 /// The steps.
 pub(crate) async fn create_many(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     match ctx.cmd.step {
@@ -66,8 +59,9 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let core = ctx.core;
     let cache = core.placement();
     let rows = creating(core, ctx.cmd.id).await?;
-    let fixed = ctx.params["server_id"].as_i64();
-    let req = requirements(ctx)?;
+    let params: params::CreateMany = ctx.params()?;
+    let fixed = params.server_id;
+    let req = params.requirements;
     let need = req.resources;
     // Decide in memory; the cache counts each decision so the next one sees it.
     let decisions = match fixed {
@@ -163,29 +157,16 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
         .map_err(|_| StepError::Permanent("lost the placements of this command".into()))?;
     let mut failed: Vec<(i64, String)> =
         serde_json::from_value(ctx.progress["failed"].clone()).unwrap_or_default();
-    let need = requirements(ctx)?.resources;
-    let type_id = ctx.params["type"].as_str().unwrap_or_default().to_string();
-    let start = ctx.params["start"].as_bool().unwrap_or(true);
+    let params: params::CreateMany = ctx.params()?;
+    let need = params.requirements.resources;
+    let (type_id, start) = (params.type_id, params.start);
     let mut made: Vec<(i64, ServerId, Option<String>)> = Vec::new();
     let mut refused: Vec<i64> = Vec::new();
     // The containers are locked by this command: no other command changed them meanwhile.
     for (id, server) in placed {
         let (driver, name) = driver_of(core, server)?;
-        let spec = GuestSpec {
-            guest_id: guest_id_for(core.platform_name(), id),
-            type_id: type_id.clone(),
-            resources: need,
-            ip: None,
-        };
-        let outcome = async {
-            let info = driver.create(&spec).await?;
-            if start {
-                driver.start(&spec.guest_id).await?;
-            }
-            Ok::<_, crate::driver::DriverError>(info)
-        }
-        .await;
-        match outcome {
+        let spec = guest_spec(&guest_id_for(core.platform_name(), id), &type_id, need);
+        match make_guest(driver.as_ref(), &spec, None, start).await {
             Ok(info) => made.push((id, server, info.ip)),
             Err(e) if e.is_transient() => {
                 return Err(StepError::Transient(format!("server {name}: {e}")));

@@ -8,7 +8,7 @@ use sea_orm::{
 };
 use serde_json::{Value, json};
 
-use super::{StepCtx, core_err, driver_err, driver_of};
+use super::{StepCtx, core_err, driver_err, driver_of, guest_spec, make_guest, params};
 use crate::core::Core;
 use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::{command, container};
@@ -18,12 +18,7 @@ use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirem
 use crate::queue::{Next, StepError, Transition};
 
 fn spec(row: &container::Model) -> GuestSpec {
-    GuestSpec {
-        guest_id: row.guest_id.clone(),
-        type_id: row.type_id.clone(),
-        resources: requirements_of(row).resources,
-        ip: None,
-    }
+    guest_spec(&row.guest_id, &row.type_id, requirements_of(row).resources)
 }
 
 /// Begins a transaction and applies `change` to container `row`.
@@ -67,14 +62,10 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
         CommandKind::ContainerReboot => Some(ContainerCommand::Reboot),
         CommandKind::ContainerDestroy => Some(ContainerCommand::Destroy),
         CommandKind::ContainerUpdate => {
-            let resources: Resources = serde_json::from_value(ctx.params["resources"].clone())
-                .map_err(|e| {
-                    StepError::Permanent(format!(
-                        "command {} ({kind}): bad parameters: {e}",
-                        ctx.cmd.id
-                    ))
-                })?;
-            Some(ContainerCommand::Update { resources })
+            let p: params::Update = ctx.params()?;
+            Some(ContainerCommand::Update {
+                resources: p.resources,
+            })
         }
         _ => None,
     };
@@ -344,23 +335,19 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
     }
     let req = requirements_of(&row);
     if ctx.cmd.step == 0 {
+        let params: params::Create = ctx.params()?;
         let mut avoid = spread_avoid(core, &row, &req).await?;
-        avoid.extend(ctx.params["avoid"].as_i64());
+        avoid.extend(params.avoid);
         let txn = core.db().begin().await?;
-        let r = reserve(ctx, &txn, id, &req, avoid, ctx.params["server_id"].as_i64()).await?;
+        let r = reserve(ctx, &txn, id, &req, avoid, params.server_id).await?;
         let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
         return Ok(Transition::with(Next::Continue { step: 1, progress }, txn));
     }
+    let params: params::Create = ctx.params()?;
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
     let (driver, server) = driver_of(core, r.server_id)?;
-    let image = match (
-        ctx.params.get("image").filter(|v| !v.is_null()),
-        ctx.params["clone_of"].as_i64(),
-    ) {
-        (Some(image), _) => Some(
-            serde_json::from_value::<GuestImage>(image.clone())
-                .map_err(|e| StepError::Permanent(format!("bad image: {e}")))?,
-        ),
+    let image = match (params.image, params.clone_of) {
+        (Some(image), _) => Some(image),
         (None, Some(source))
             if driver
                 .status(&row.guest_id)
@@ -372,20 +359,14 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         }
         _ => None,
     };
-    let info = match image {
-        Some(image) => import_on(core, driver.as_ref(), &server, &spec(&row), image).await?,
-        None => driver
-            .create(&spec(&row))
-            .await
-            .map_err(|e| driver_err(&server, e))?,
+    let image = match image {
+        Some(image) => Some(usable_image(core, driver.as_ref(), &server, image).await?),
+        None => None,
     };
-    let start = ctx.params["start"].as_bool().unwrap_or(true);
-    if start {
-        driver
-            .start(&row.guest_id)
-            .await
-            .map_err(|e| driver_err(&server, e))?;
-    }
+    let start = params.start;
+    let info = make_guest(driver.as_ref(), &spec(&row), image.as_ref(), start)
+        .await
+        .map_err(|e| driver_err(&server, e))?;
     let txn = core.db().begin().await?;
     fill(&txn, r, &req.resources, &server).await?;
     let status = if start {
@@ -411,12 +392,22 @@ async fn import_on(
     spec: &GuestSpec,
     image: GuestImage,
 ) -> Result<GuestInfo, StepError> {
-    let token = core.config().agent_token.clone().unwrap_or_default();
-    let image = crate::driver::remote::for_target(image, target, &token)
+    let image = usable_image(core, target, name, image).await?;
+    make_guest(target, spec, Some(&image), false)
         .await
-        .map_err(|e| driver_err(name, e))?;
-    target
-        .import(spec, &image)
+        .map_err(|e| driver_err(name, e))
+}
+
+/// `image` in a form the driver `target` can import (a reference to an agent's export stays a
+/// reference between agents, and is pulled for other drivers).
+async fn usable_image(
+    core: &Core,
+    target: &dyn Driver,
+    name: &str,
+    image: GuestImage,
+) -> Result<GuestImage, StepError> {
+    let token = core.config().agent_token.clone().unwrap_or_default();
+    crate::driver::remote::for_target(image, target, &token)
         .await
         .map_err(|e| driver_err(name, e))
 }
@@ -629,7 +620,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             copy_id,
             &req,
             HashSet::new(),
-            ctx.params["server_id"].as_i64(),
+            ctx.params::<params::Clone>()?.server_id,
         )
         .await?;
         let progress = json!({
@@ -722,7 +713,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             ContainerCommand::Migrate { to: None }.allowed_from(),
         )
         .map_err(StepError::Permanent)?;
-        let to = ctx.params["to"].as_i64();
+        let to = ctx.params::<params::Migrate>()?.to;
         if to.is_some() && row.server_id == to {
             return Ok(Transition::bare(done(row.id)));
         }
@@ -826,14 +817,13 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
         &[ContainerStatus::Running],
     )
     .map_err(StepError::Permanent)?;
-    let script = ctx.params["script"].as_str().unwrap_or_default();
-    let args: Vec<String> = serde_json::from_value(ctx.params["args"].clone()).unwrap_or_default();
+    let params::Exec { script, args } = ctx.params()?;
     let server_id = row
         .server_id
         .ok_or_else(|| StepError::Permanent(format!("container {} has no server", row.id)))?;
     let (driver, server) = driver_of(ctx.core, server_id)?;
     let out = driver
-        .exec(&row.guest_id, script, &args)
+        .exec(&row.guest_id, &script, &args)
         .await
         .map_err(|e| driver_err(&server, e))?;
     if out.exit_code != 0 {

@@ -9,7 +9,7 @@ use sea_orm::{
 };
 use serde_json::{Value, json};
 
-use super::{StepCtx, core_err};
+use super::{StepCtx, core_err, params};
 use crate::core::Core;
 use crate::entities::{container, environment, server};
 use crate::managers::{insert_container, parse_status, prepare_container};
@@ -240,7 +240,7 @@ fn action_command(
         HookAction::AddContainer(t) => (
             CommandKind::EnvironmentAdd,
             Target::Environment(env.id),
-            json!({ "type": t, "requirements": null, "server": null }),
+            params::to_value(params::Add::of_type(t.clone())),
         ),
         HookAction::RemoveContainer(id) => {
             if !member(*id) {
@@ -251,7 +251,7 @@ fn action_command(
             (
                 CommandKind::EnvironmentRemove,
                 Target::Environment(env.id),
-                json!({ "container_id": id }),
+                params::to_value(params::Member { container_id: *id }),
             )
         }
         HookAction::Exec {
@@ -275,7 +275,10 @@ fn action_command(
             (
                 CommandKind::ContainerExec,
                 Target::Container(*container),
-                json!({ "script": script, "args": args }),
+                params::to_value(params::Exec {
+                    script: script.clone(),
+                    args: args.clone(),
+                }),
             )
         }
         HookAction::ReplaceContainer(id) => {
@@ -288,7 +291,7 @@ fn action_command(
             (
                 CommandKind::EnvironmentReplace,
                 Target::Environment(env.id),
-                json!({ "container_id": id }),
+                params::to_value(params::Member { container_id: *id }),
             )
         }
     };
@@ -334,17 +337,17 @@ async fn drain_actions(
 /// Steps: 0 before-hooks; 1 their actions; 2 the child create; 3 after-hooks; 4 their actions.
 async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
-    let type_id = ctx.params["type"].as_str().unwrap_or_default().to_string();
+    let params: params::Add = ctx.params()?;
     let ty = core
         .types()
-        .require(&type_id)
+        .require(&params.type_id)
         .map_err(StepError::Permanent)?;
     match ctx.cmd.step {
         0 => {
             let members = members(core, core.db(), env.id).await?;
             let view = env_view(env, &members);
             // A clone starts from a copy of its source's state; the add hooks then rewire it.
-            let initial = match ctx.params["clone_of"].as_i64() {
+            let initial = match params.clone_of {
                 Some(src) => {
                     crate::managers::load_container(core.db(), src)
                         .await
@@ -381,22 +384,34 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
         }
         1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
         2 => {
-            let requirements: Option<Requirements> =
-                serde_json::from_value(ctx.params["requirements"].clone())
-                    .map_err(|e| StepError::Permanent(format!("bad requirements: {e}")))?;
-            let server = ctx.params["server"].as_str();
-            let new_state: Vec<u8> =
-                serde_json::from_value(ctx.progress["new_state"].clone()).unwrap_or_default();
-            let new = prepare_container(core, ty.type_id(), server, requirements, Some(env.id))
-                .await
-                .map_err(core_err)?;
+            let new_state: Vec<u8> = serde_json::from_value(ctx.progress["new_state"].clone())
+                .map_err(|e| {
+                    StepError::Permanent(format!(
+                        "command {}: unreadable progress: new_state: {e}",
+                        ctx.cmd.id
+                    ))
+                })?;
+            let server = params.server.as_deref();
+            let new = prepare_container(
+                core,
+                ty.type_id(),
+                server,
+                params.requirements,
+                Some(env.id),
+            )
+            .await
+            .map_err(core_err)?;
             let txn = core.db().begin().await?;
             let (id, server_id) = insert_container(core, &txn, new).await.map_err(core_err)?;
             save_states(&txn, vec![(id, new_state)]).await?;
             let child = NewCommand {
                 kind: crate::model::CommandKind::ContainerCreate,
                 target: Some(Target::Container(id)),
-                params: json!({ "server_id": server_id, "avoid": ctx.params["avoid"], "clone_of": ctx.params["clone_of"] }),
+                params: params::to_value(params::Create {
+                    avoid: params.avoid,
+                    clone_of: params.clone_of,
+                    ..params::Create::on(server_id)
+                }),
                 requested_by: ctx.cmd.requested_by.clone(),
             };
             let next = Next::Spawn {
@@ -412,7 +427,8 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 .ok_or_else(|| StepError::Permanent("lost the id of the new container".into()))?;
             if let Some(failure) = child_failures(ctx).await? {
                 return Ok(Transition::bare(Next::Fail(format!(
-                    "adding a {type_id} container failed: {failure}"
+                    "adding a {} container failed: {failure}",
+                    params.type_id
                 ))));
             }
             let all = members(core, core.db(), env.id).await?;
@@ -448,9 +464,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
 
 /// The `container_id` parameter of a remove or replace.
 fn container_param(ctx: &StepCtx<'_>) -> Result<i64, StepError> {
-    ctx.params["container_id"]
-        .as_i64()
-        .ok_or_else(|| StepError::Permanent("bad parameters: container_id is missing".into()))
+    Ok(ctx.params::<params::Member>()?.container_id)
 }
 
 /// Steps: 0 before-it-is-removed; 1 its actions; 2 the child destroy; 3 after-other-is-removed;
@@ -631,13 +645,12 @@ async fn notify(
         .await;
     }
     let core = ctx.core;
-    let listed: Vec<i64> =
-        serde_json::from_value(ctx.params["containers"].clone()).unwrap_or_default();
-    let cause = ctx.params["cause"]
-        .as_str()
-        .unwrap_or("server unreachable")
-        .to_string();
-    let hook = match (op, ctx.params["hook"].as_str()) {
+    let params: params::Notify = ctx.params()?;
+    let listed = params.containers;
+    let cause = params
+        .cause
+        .unwrap_or_else(|| "server unreachable".to_string());
+    let hook = match (op, params.hook.as_deref()) {
         ("failover", _) => Hook::IsDown(crate::types::DownCause::ServerUnreachable(cause)),
         ("recover", _) => Hook::IsUp,
         (_, Some("after-cc-start")) => Hook::AfterCcStart,
@@ -733,11 +746,26 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
         }
         1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
         2 => {
-            let p = &ctx.progress;
+            // What step 0 recorded of the replaced container.
+            #[derive(serde::Deserialize)]
+            struct Replaced {
+                #[serde(rename = "type")]
+                type_id: String,
+                requirements: Option<Requirements>,
+                avoid: Option<i64>,
+            }
+            let p: Replaced = serde_json::from_value(ctx.progress.clone()).map_err(|e| {
+                StepError::Permanent(format!("command {}: unreadable progress: {e}", ctx.cmd.id))
+            })?;
+            let add = params::Add {
+                requirements: p.requirements,
+                avoid: p.avoid,
+                ..params::Add::of_type(p.type_id)
+            };
             let child = NewCommand {
                 kind: crate::model::CommandKind::EnvironmentAdd,
                 target: Some(Target::Environment(env.id)),
-                params: json!({ "type": p["type"], "requirements": p["requirements"], "server": null, "avoid": p["avoid"] }),
+                params: params::to_value(add),
                 requested_by: ctx.cmd.requested_by.clone(),
             };
             Ok(Transition::bare(Next::Spawn {
@@ -787,9 +815,7 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
 /// activates the copy.
 async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
-    let dst = ctx.params["destination"]
-        .as_i64()
-        .ok_or_else(|| StepError::Permanent("bad parameters: destination is missing".into()))?;
+    let dst = ctx.params::<params::CloneEnvironment>()?.destination;
     if ctx.cmd.step == 0 {
         let plan: Vec<(i64, String, Value)> = members(core, core.db(), env.id)
             .await?
@@ -826,7 +852,13 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
         let child = NewCommand {
             kind: crate::model::CommandKind::EnvironmentAdd,
             target: Some(Target::Environment(dst)),
-            params: json!({ "type": type_id, "requirements": requirements, "server": null, "clone_of": source }),
+            params: params::to_value(params::Add {
+                requirements: serde_json::from_value(requirements.clone()).map_err(|e| {
+                    StepError::Permanent(format!("command {}: unreadable plan: {e}", ctx.cmd.id))
+                })?,
+                clone_of: Some(*source),
+                ..params::Add::of_type(type_id.clone())
+            }),
             requested_by: ctx.cmd.requested_by.clone(),
         };
         return Ok(Transition::bare(Next::Spawn {

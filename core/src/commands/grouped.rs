@@ -25,9 +25,8 @@ use serde_json::{Value, json};
 
 use super::batch::fill_many;
 use super::container::reservation;
-use super::{driver_err, driver_of};
+use super::{driver_err, driver_of, guest_spec, make_guest, params};
 use crate::core::Core;
-use crate::driver::{DriverError, GuestSpec};
 use crate::entities::command;
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
@@ -78,7 +77,14 @@ impl Row {
 struct Plain<'a> {
     index: usize,
     row: &'a Row,
-    params: Value,
+    params: params::Create,
+}
+
+/// The parameters of a create; `None` when they do not read (the command then runs alone and
+/// fails with the reason).
+fn params_of(cmd: &command::Model) -> Option<params::Create> {
+    let value: Value = serde_json::from_str(&cmd.params).ok()?;
+    params::read(cmd, &value).ok()
 }
 
 /// The commands of the group that the group can run, with their containers (`rows`).
@@ -86,12 +92,9 @@ fn plain<'a>(cmds: &[command::Model], rows: &'a HashMap<i64, Row>) -> Vec<Plain<
     cmds.iter()
         .enumerate()
         .filter_map(|(index, cmd)| {
-            let params: Value = serde_json::from_str(&cmd.params).unwrap_or(Value::Null);
-            let special = ["image", "clone_of", "avoid"]
-                .iter()
-                .any(|k| params.get(k).is_some_and(|v| !v.is_null()));
+            let params = params_of(cmd).filter(params::Create::is_plain)?;
             let row = rows.get(&cmd.target_id?)?;
-            (!special && parse_status(&row.status) == ContainerStatus::Creating).then_some(Plain {
+            (parse_status(&row.status) == ContainerStatus::Creating).then_some(Plain {
                 index,
                 row,
                 params,
@@ -148,7 +151,7 @@ async fn place(
         if req.spread && p.row.environment_id.is_some() {
             continue;
         }
-        let fixed = p.params["server_id"].as_i64();
+        let fixed = p.params.server_id;
         by_need
             .entry((fixed.is_none(), fixed, p.row.requirements.clone()))
             .or_default()
@@ -322,24 +325,13 @@ async fn make_placed(
         let Ok((driver, server)) = driver_of(core, r.server_id) else {
             continue;
         };
-        let params: Value = serde_json::from_str(&cmds[index].params).unwrap_or(Value::Null);
-        let start = params["start"].as_bool().unwrap_or(true);
-        let spec = GuestSpec {
-            guest_id: row.guest_id.clone(),
-            type_id: row.type_id.clone(),
-            resources: row.requirements().resources,
-            ip: None,
-        };
+        let start = params_of(&cmds[index]).is_some_and(|p| p.start);
+        let spec = guest_spec(&row.guest_id, &row.type_id, row.requirements().resources);
         let id = row.id;
         pending.push(async move {
-            let made = async {
-                let info = driver.create(&spec).await?;
-                if start {
-                    driver.start(&spec.guest_id).await?;
-                }
-                Ok::<_, DriverError>(info.ip)
-            }
-            .await;
+            let made = make_guest(driver.as_ref(), &spec, None, start)
+                .await
+                .map(|info| info.ip);
             (index, id, r, start, server, made)
         });
     }

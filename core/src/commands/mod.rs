@@ -11,6 +11,7 @@ mod batch;
 mod container;
 mod environment;
 mod grouped;
+pub mod params;
 
 use std::sync::Arc;
 
@@ -19,9 +20,10 @@ use sea_orm::{DatabaseTransaction, DbErr};
 use serde_json::Value;
 
 use crate::core::{Core, CoreError};
-use crate::driver::{Driver, DriverError};
+use crate::driver::{Driver, DriverError, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::command;
 use crate::model::CommandKind;
+use crate::model::Resources;
 use crate::queue::{GroupSink, Next, Runner, StepError, Transition};
 
 /// The `queue::Runner` of the core.
@@ -120,10 +122,45 @@ impl StepCtx<'_> {
             .ok_or_else(|| StepError::Permanent("command has no target".into()))
     }
 
+    /// The command's parameters as `T`; unreadable ones fail the command, naming it.
+    pub fn params<T: serde::de::DeserializeOwned>(&self) -> Result<T, StepError> {
+        params::read(self.cmd, &self.params).map_err(StepError::Permanent)
+    }
+
     /// An integer from the progress.
     pub fn progress_i64(&self, key: &str) -> Option<i64> {
         self.progress.get(key).and_then(Value::as_i64)
     }
+}
+
+/// What a new container's guest is: its id, type and reserved resources (its server gives it an
+/// address).
+pub(crate) fn guest_spec(guest_id: &str, type_id: &str, resources: Resources) -> GuestSpec {
+    GuestSpec {
+        guest_id: guest_id.to_string(),
+        type_id: type_id.to_string(),
+        resources,
+        ip: None,
+    }
+}
+
+/// The one way a container's guest is made on its server, for single, grouped and batch creates
+/// and for copies: imported from `image` when given (already usable by this driver), created
+/// otherwise, then started when asked. Idempotent like the driver calls it makes.
+pub(crate) async fn make_guest(
+    driver: &dyn Driver,
+    spec: &GuestSpec,
+    image: Option<&GuestImage>,
+    start: bool,
+) -> Result<GuestInfo, DriverError> {
+    let info = match image {
+        Some(image) => driver.import(spec, image).await?,
+        None => driver.create(spec).await?,
+    };
+    if start {
+        driver.start(&spec.guest_id).await?;
+    }
+    Ok(info)
 }
 
 /// Maps driver errors: transient ones are retried by the queue, the others fail the command

@@ -1,0 +1,304 @@
+//! The typed parameters of every command, as they are stored in `commands.params`.
+//!
+//! Writers serialize these types (`to_value`) and steps read them back (`read`), so both sides
+//! agree by construction. Every document carries its format version as `v`; a document without
+//! one was written by Cloud48 0.1, whose format is version 1, so commands queued by the previous
+//! release still run. A document that does not read (a wrong type, a missing field, a newer
+//! version) fails its command with a message that names it; nothing is read as a default.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::driver::GuestImage;
+use crate::entities::command;
+use crate::model::{ContainerId, EnvironmentId, Requirements, Resources, ServerId};
+
+/// The version of the parameter documents this core writes and the newest it reads.
+pub const VERSION: u32 = 1;
+
+fn first_version() -> u32 {
+    1
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A parameter document with its format version.
+#[derive(Debug, Serialize, Deserialize)]
+struct Versioned<T> {
+    #[serde(rename = "v", default = "first_version")]
+    version: u32,
+    #[serde(flatten)]
+    params: T,
+}
+
+/// The JSON stored for `params`.
+pub fn to_value<T: Serialize>(params: T) -> Value {
+    serde_json::to_value(Versioned {
+        version: VERSION,
+        params,
+    })
+    .expect("parameters serialize")
+}
+
+/// Reads the parameters of `cmd` (already parsed as `value`) as `T`.
+pub fn read<T: DeserializeOwned>(cmd: &command::Model, value: &Value) -> Result<T, String> {
+    let what = |e: String| {
+        format!(
+            "command {} ({}): unreadable parameters: {e}",
+            cmd.id, cmd.kind
+        )
+    };
+    let doc: Versioned<T> =
+        serde_json::from_value(value.clone()).map_err(|e| what(e.to_string()))?;
+    if doc.version > VERSION {
+        return Err(what(format!(
+            "they are version {}, this core reads up to version {VERSION}; upgrade this core",
+            doc.version
+        )));
+    }
+    Ok(doc.params)
+}
+
+/// `container.create` (also a child of `environment.add`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Create {
+    /// The server the user named; placement chooses otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<ServerId>,
+    /// A server to avoid (a replacement avoids its down original's server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avoid: Option<ServerId>,
+    /// The container whose disk the new one copies (an environment clone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<ContainerId>,
+    /// The disk to import (a container imported from another platform).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<GuestImage>,
+    /// Start the container once created.
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+impl Create {
+    /// A plain create, on `server_id` if given.
+    pub fn on(server_id: Option<ServerId>) -> Self {
+        Create {
+            server_id,
+            avoid: None,
+            clone_of: None,
+            image: None,
+            start: true,
+        }
+    }
+
+    /// True for a create the group executor can run with others: nothing but a server.
+    pub fn is_plain(&self) -> bool {
+        self.avoid.is_none() && self.clone_of.is_none() && self.image.is_none()
+    }
+}
+
+/// `container.create_many`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateMany {
+    /// The containers' type.
+    #[serde(rename = "type")]
+    pub type_id: String,
+    /// How many.
+    pub count: u32,
+    /// The server the user named; placement chooses otherwise.
+    #[serde(default)]
+    pub server_id: Option<ServerId>,
+    /// What each container needs.
+    pub requirements: Requirements,
+    /// Start the containers once created.
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+/// `container.update`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    /// The new resources.
+    pub resources: Resources,
+}
+
+/// `container.clone`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Clone {
+    /// The server of the copy; the source's by default.
+    #[serde(default)]
+    pub server_id: Option<ServerId>,
+}
+
+/// `container.migrate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Migrate {
+    /// The target server; placement chooses otherwise.
+    #[serde(default)]
+    pub to: Option<ServerId>,
+}
+
+/// `container.exec`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exec {
+    /// The script.
+    pub script: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// `environment.add`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Add {
+    /// The new container's type.
+    #[serde(rename = "type")]
+    pub type_id: String,
+    /// Its requirements; the type's by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requirements: Option<Requirements>,
+    /// The server (name) the user named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// A server to avoid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avoid: Option<ServerId>,
+    /// The member this one copies (an environment clone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<ContainerId>,
+}
+
+impl Add {
+    /// A new container of `type_id`, placed by placement.
+    pub fn of_type(type_id: impl Into<String>) -> Self {
+        Add {
+            type_id: type_id.into(),
+            requirements: None,
+            server: None,
+            avoid: None,
+            clone_of: None,
+        }
+    }
+}
+
+/// `environment.remove` and `environment.replace`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    /// The member removed or replaced.
+    pub container_id: ContainerId,
+}
+
+/// `environment.failover`, `environment.recover` and `environment.notify`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notify {
+    /// The members the event is about (down or back).
+    #[serde(default)]
+    pub containers: Vec<ContainerId>,
+    /// Why they are down.
+    #[serde(default)]
+    pub cause: Option<String>,
+    /// The hook of a `notify` (`after-cc-start`, `before-cc-stop`).
+    #[serde(default)]
+    pub hook: Option<String>,
+}
+
+/// `environment.create`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateEnvironment {
+    /// Its name.
+    pub name: String,
+}
+
+/// `environment.clone`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloneEnvironment {
+    /// The copy.
+    pub destination: EnvironmentId,
+}
+
+/// Commands without parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NoParams {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(params: &str) -> command::Model {
+        command::Model {
+            id: 42,
+            kind: "container.create".into(),
+            status: "queued".into(),
+            target_type: None,
+            target_id: None,
+            parent_id: None,
+            params: params.into(),
+            progress: "{}".into(),
+            step: 0,
+            result: None,
+            error: None,
+            waiting_on: None,
+            attempts: 0,
+            run_after: 0,
+            lease_owner: None,
+            lease_until: None,
+            requested_by: "test".into(),
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+
+    fn read_str<T: DeserializeOwned>(text: &str) -> Result<T, String> {
+        let c = cmd(text);
+        read(&c, &serde_json::from_str(text).unwrap())
+    }
+
+    #[test]
+    fn parameters_written_by_the_previous_release_read_as_version_1() {
+        let create: Create =
+            read_str(r#"{"server_id": 3, "avoid": null, "clone_of": null}"#).unwrap();
+        assert_eq!(create, Create::on(Some(3)));
+        let many: CreateMany = read_str(
+            r#"{"type": "plain", "count": 5, "server_id": null, "requirements": {"cpu_millis": 1, "memory_mb": 2, "disk_mb": 3}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (many.count, many.start, many.requirements.resources.disk_mb),
+            (5, true, 3)
+        );
+        let stop: NoParams = read_str("{}").unwrap();
+        assert_eq!(stop, NoParams {});
+    }
+
+    #[test]
+    fn what_is_written_reads_back() {
+        let add = Add {
+            avoid: Some(2),
+            ..Add::of_type("tomcat")
+        };
+        let value = to_value(add.clone());
+        assert_eq!(value["v"], VERSION);
+        assert_eq!(value["type"], "tomcat");
+        assert_eq!(read::<Add>(&cmd(""), &value).unwrap(), add);
+    }
+
+    #[test]
+    fn unreadable_or_newer_parameters_are_errors_naming_the_command() {
+        let e = read_str::<Update>(r#"{"resources": 12}"#).unwrap_err();
+        assert!(
+            e.starts_with("command 42 (container.create): unreadable parameters: "),
+            "{e}"
+        );
+        let e = read_str::<Member>("{}").unwrap_err();
+        assert!(e.contains("container_id"), "{e}");
+        let e = read_str::<Create>(r#"{"v": 2}"#).unwrap_err();
+        assert!(
+            e.contains("version 2") && e.contains("upgrade this core"),
+            "{e}"
+        );
+    }
+}
