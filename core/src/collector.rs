@@ -15,7 +15,7 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
 
 use crate::core::{Core, CoreError};
-use crate::entities::{command, container, dummy};
+use crate::entities::{command, container};
 use crate::model::{CommandStatus, ContainerStatus, ServerId};
 use crate::placement::{drop_dummy, release, requirements_of};
 
@@ -57,11 +57,7 @@ impl Core {
 
     async fn collect_dummies(&self, only: Option<ServerId>) -> Result<usize, CoreError> {
         let now = self.queue().now_ms();
-        let mut q = dummy::Entity::find();
-        if let Some(s) = only {
-            q = q.filter(dummy::Column::ServerId.eq(s));
-        }
-        let dummies = q.all(self.db()).await?;
+        let dummies = crate::placement::dummies(self.db(), only).await?;
         if dummies.is_empty() {
             return Ok(0);
         }

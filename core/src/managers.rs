@@ -710,15 +710,16 @@ impl<'a> ContainerManager<'a> {
         let txn = db.begin().await?;
         let mut purged = 0;
         for chunk in gone.chunks(500) {
-            let reserved = sea_orm::sea_query::Query::select()
-                .column(crate::entities::dummy::Column::ContainerId)
-                .from(crate::entities::dummy::Entity)
-                .to_owned();
+            let held = crate::placement::reserved_for(&txn, chunk).await?;
+            let chunk: Vec<ContainerId> = chunk
+                .iter()
+                .copied()
+                .filter(|id| !held.contains(id))
+                .collect();
             purged += container::Entity::delete_many()
                 .filter(container::Column::Id.is_in(chunk.iter().copied()))
                 .filter(container::Column::Status.eq(ContainerStatus::Failed.as_str()))
                 .filter(container::Column::LockedBy.is_null())
-                .filter(container::Column::Id.not_in_subquery(reserved))
                 .exec(&txn)
                 .await?
                 .rows_affected;
@@ -1265,22 +1266,12 @@ impl<'a> ServerManager<'a> {
 
     /// Every server with its allocation, load and last heartbeat, by id.
     pub async fn list(&self) -> Result<Vec<Server>, CoreError> {
-        use sea_orm::QuerySelect;
         let db = self.core.db();
         let rows = server::Entity::find()
             .order_by_asc(server::Column::Id)
             .all(db)
             .await?;
-        let dummies: HashMap<i64, i64> = crate::entities::dummy::Entity::find()
-            .select_only()
-            .column(crate::entities::dummy::Column::ServerId)
-            .column_as(crate::entities::dummy::Column::Id.count(), "n")
-            .group_by(crate::entities::dummy::Column::ServerId)
-            .into_tuple::<(i64, i64)>()
-            .all(db)
-            .await?
-            .into_iter()
-            .collect();
+        let dummies = crate::placement::dummy_counts(db).await?;
         Ok(rows
             .into_iter()
             .map(|s| {

@@ -91,13 +91,12 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     for (server, ids) in per_server {
         if held.contains(&server) {
             for id in ids {
-                dummies.push(placement::dummy_row(
-                    server,
-                    id,
-                    Some(ctx.cmd.id),
-                    &need,
-                    deadline,
-                ));
+                dummies.push(placement::NewDummy {
+                    server_id: server,
+                    container_id: id,
+                    command_id: ctx.cmd.id,
+                    need,
+                });
                 placed.push((id, server));
             }
             continue;
@@ -121,11 +120,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
             }
         }
     }
-    for chunk in dummies.chunks(CHUNK) {
-        dummy::Entity::insert_many(chunk.to_vec())
-            .exec(&txn)
-            .await?;
-    }
+    placement::insert_dummies(&txn, &dummies, deadline).await?;
     give_up(&txn, &failed.iter().map(|(id, _)| *id).collect::<Vec<_>>()).await?;
     let progress = json!({ "placed": placed, "failed": failed });
     Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
@@ -180,11 +175,7 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let txn = core.db().begin().await?;
     // The made take their dummies' places, the refused give their reservations back. In the
     // common case every dummy is there and nothing was refused: one delete does it all.
-    let removed = dummy::Entity::delete_many()
-        .filter(dummy::Column::CommandId.eq(ctx.cmd.id))
-        .exec(&txn)
-        .await?
-        .rows_affected;
+    let removed = placement::fill_dummies_of(&txn, ctx.cmd.id).await?;
     if removed != (made.len() + refused.len()) as u64 || !refused.is_empty() {
         txn.rollback().await?;
         return settle_slowly(ctx, made, refused, failed, need, start).await;
@@ -204,10 +195,7 @@ async fn settle_slowly(
 ) -> Result<Transition, StepError> {
     let core = ctx.core;
     // Read before the transaction (SQLite has one connection).
-    let dummies = dummy::Entity::find()
-        .filter(dummy::Column::CommandId.eq(ctx.cmd.id))
-        .all(core.db())
-        .await?;
+    let dummies = placement::dummies_of(core.db(), ctx.cmd.id).await?;
     let by_container: HashMap<i64, &dummy::Model> =
         dummies.iter().map(|d| (d.container_id, d)).collect();
     let txn = core.db().begin().await?;
@@ -228,12 +216,7 @@ async fn settle_slowly(
         }
     }
     let ids: Vec<i64> = dummies.iter().map(|d| d.id).collect();
-    for chunk in ids.chunks(CHUNK) {
-        dummy::Entity::delete_many()
-            .filter(dummy::Column::Id.is_in(chunk.iter().copied()))
-            .exec(&txn)
-            .await?;
-    }
+    placement::fill_dummies(&txn, &ids).await?;
     finish(txn, made, lost, refused, failed, start).await
 }
 
@@ -340,10 +323,7 @@ pub(crate) async fn compensate(
     core: &Core,
     cmd: &command::Model,
 ) -> Result<Option<DatabaseTransaction>, DbErr> {
-    let dummies = dummy::Entity::find()
-        .filter(dummy::Column::CommandId.eq(cmd.id))
-        .all(core.db())
-        .await?;
+    let dummies = placement::dummies_of(core.db(), cmd.id).await?;
     let unfinished = creating(core, cmd.id).await?;
     let txn = core.db().begin().await?;
     for d in &dummies {

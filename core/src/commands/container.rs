@@ -230,10 +230,7 @@ pub(super) async fn compensate_update(
     let Some(r) = reservation(&progress) else {
         return Ok(None);
     };
-    let Some(d) = crate::entities::dummy::Entity::find_by_id(r.dummy_id)
-        .one(core.db())
-        .await?
-    else {
+    let Some(d) = placement::dummy(core.db(), r.dummy_id).await? else {
         return Ok(None);
     };
     let txn = core.db().begin().await?;
@@ -457,11 +454,7 @@ pub(super) async fn compensate(
         None => None,
     };
     let dummy = match reserved {
-        Some(r) => {
-            crate::entities::dummy::Entity::find_by_id(r.dummy_id)
-                .one(core.db())
-                .await?
-        }
+        Some(r) => placement::dummy(core.db(), r.dummy_id).await?,
         None => None,
     };
     if cmd.kind == "container.clone" {

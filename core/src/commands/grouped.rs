@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
-use sea_orm::{ConnectionTrait, DatabaseTransaction, DbErr, TransactionTrait};
+use sea_orm::{DbErr, TransactionTrait};
 use serde_json::{Value, json};
 
 use super::batch::fill_many;
@@ -29,11 +29,9 @@ use super::{driver_err, driver_of, guest_spec, make_guest, params};
 use crate::core::Core;
 use crate::entities::command;
 use crate::managers::parse_status;
-use crate::model::{ContainerStatus, Requirements, Resources, ServerId, now_ms};
+use crate::model::{ContainerStatus, Requirements, Resources, ServerId};
 use crate::placement::{self, Reservation};
-use crate::queue::store::{
-    GROUP_CHUNK as CHUNK, ids_source, insert_ids, json_rows, rows_source, sql,
-};
+use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_source, json_rows};
 use crate::queue::{GroupNext, GroupSink, StepError};
 
 /// The key under which create commands at `cmd`'s step run together, if they may.
@@ -213,8 +211,17 @@ async fn place(
         cache.refresh(&txn, server).await?;
     }
     let commands: HashMap<usize, i64> = kept.iter().map(|d| (d.0, cmds[d.0].id)).collect();
-    let dummies = match insert_dummies(&txn, &kept, &commands, deadline).await {
-        Ok(ids) => ids,
+    let new: Vec<placement::NewDummy> = kept
+        .iter()
+        .map(|(i, container, server, need)| placement::NewDummy {
+            server_id: *server,
+            container_id: *container,
+            command_id: commands[i],
+            need: *need,
+        })
+        .collect();
+    let dummies: HashMap<i64, i64> = match placement::insert_dummies(&txn, &new, deadline).await {
+        Ok(ids) => kept.iter().map(|d| d.1).zip(ids).collect(),
         Err(e) => {
             undo(&kept);
             return Err(e.into());
@@ -253,44 +260,6 @@ async fn place(
             Err(e.into())
         }
     }
-}
-
-/// Inserts one dummy per placed container; returns their ids by container.
-async fn insert_dummies(
-    txn: &DatabaseTransaction,
-    placed: &[(usize, i64, ServerId, Resources)],
-    commands: &HashMap<usize, i64>,
-    deadline: i64,
-) -> Result<HashMap<i64, i64>, DbErr> {
-    let mut ids = HashMap::with_capacity(placed.len());
-    let now = now_ms();
-    for chunk in placed.chunks(CHUNK) {
-        let rows: Vec<_> = chunk
-            .iter()
-            .map(|(i, container, server, need)| {
-                [
-                    *server,
-                    *container,
-                    commands[i],
-                    need.cpu_millis as i64,
-                    need.memory_mb as i64,
-                    need.disk_mb as i64,
-                    deadline,
-                    now,
-                ]
-                .map(Value::from)
-                .to_vec()
-            })
-            .collect();
-        let (v, params) = rows_source(txn, &["BIGINT"; 8], rows, 1);
-        let text = format!(
-            "INSERT INTO dummies (server_id, container_id, command_id, cpu_millis, memory_mb, disk_mb, deadline, created_at) \
-             SELECT * FROM {v}"
-        );
-        let made = insert_ids(txn, text, params, chunk.len()).await?;
-        ids.extend(chunk.iter().map(|p| p.1).zip(made));
-    }
-    Ok(ids)
 }
 
 /// Step 1: create and start the guests, committing them in waves as they finish.
@@ -353,18 +322,8 @@ async fn make_placed(
             continue;
         }
         let txn = core.db().begin().await?;
-        let mut deleted = 0;
-        for chunk in made.chunks(CHUNK) {
-            let (ids, values) = ids_source(&txn, chunk.iter().map(|m| m.2.dummy_id), 1);
-            deleted += txn
-                .execute_raw(sql(
-                    &txn,
-                    &format!("DELETE FROM dummies WHERE id IN {ids}"),
-                    values,
-                ))
-                .await?
-                .rows_affected();
-        }
+        let ids: Vec<i64> = made.iter().map(|m| m.2.dummy_id).collect();
+        let deleted = placement::fill_dummies(&txn, &ids).await?;
         if deleted != made.len() as u64 {
             // Some dummy expired and was collected: each container takes its place alone.
             txn.rollback().await?;
