@@ -357,6 +357,18 @@ async fn agents_register_by_heartbeat_and_by_server_add() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 422);
     assert!(resp.text().await.unwrap().contains("malformed heartbeat"));
+    // A core without simulated servers has no fault injection.
+    let err = tc
+        .client
+        .post::<_, serde_json::Value>("/v1/servers/node-1/fail", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only on a core that runs simulated servers")
+            && err.to_string().contains("404"),
+        "{err}"
+    );
     let err = tc
         .client
         .post::<_, serde_json::Value>("/v1/servers", &json!({ "url": "http://127.0.0.1:1" }))

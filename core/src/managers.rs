@@ -1368,6 +1368,12 @@ impl<'a> ServerManager<'a> {
         &self,
         key: &str,
     ) -> Result<std::sync::Arc<crate::driver::sim::SimServer>, CoreError> {
+        // Fault injection is a rehearsal tool: a core without simulated servers has no such route.
+        if self.core.fleet().sims().is_empty() {
+            return Err(CoreError::NotFound(
+                "fault injection (server fail, server recover) exists only on a core that runs simulated servers (--sim-servers); use the real server's own tools".into(),
+            ));
+        }
         let s = server_by_name(self.core.db(), "server", key).await?;
         self.core.fleet().sim(s.id).ok_or_else(|| {
             CoreError::Conflict(format!(
