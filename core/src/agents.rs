@@ -60,10 +60,9 @@ impl Core {
 
     /// Makes `url` the address of the remote server `id` in this core's fleet.
     pub(crate) fn attach_agent(&self, id: ServerId, name: &str, url: &str) -> Arc<RemoteDriver> {
-        let token = self.config().agent_token.clone().unwrap_or_default();
-        let remote = Arc::new(RemoteDriver::new(name, url, &token, self.config().remote));
-        self.fleet().add_remote(id, name, remote.clone());
-        remote
+        self.fleet()
+            .remote_factory()
+            .attach_url(self.fleet(), id, name, url)
     }
 
     /// Registers the server an agent runs, or updates its address and capabilities.

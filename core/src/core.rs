@@ -1,8 +1,7 @@
 //! The cloud core: database, queue, fleet of server drivers and container types, wired together.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sea_orm::{
@@ -10,17 +9,15 @@ use sea_orm::{
     DbErr, EntityTrait, QueryFilter, Set,
 };
 
-use crate::driver::Driver;
-
 mod futures_job {
     /// A background job's future.
     pub type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
-use crate::driver::remote::RemoteDriver;
-use crate::driver::sim::{SimLatency, SimServer};
 use crate::entities::{platform, server};
+pub use crate::fleet::Fleet;
+use crate::fleet::{RemoteFactory, SimFactory};
 use crate::managers::{ContainerManager, EnvironmentManager, ServerManager};
-use crate::model::{Resources, ServerId, now_ms};
+use crate::model::{Resources, now_ms};
 use crate::queue::{Clock, Queue, QueueConfig, SystemClock};
 use crate::types::TypeRegistry;
 
@@ -175,82 +172,6 @@ impl CoreConfig {
     }
 }
 
-/// A server's driver and the server's name.
-type NamedDriver = (Arc<dyn Driver>, String);
-
-/// Drivers of the registered servers.
-#[derive(Default)]
-pub struct Fleet {
-    /// Driver and server name by server id.
-    drivers: RwLock<HashMap<ServerId, NamedDriver>>,
-    sims: RwLock<HashMap<ServerId, Arc<SimServer>>>,
-    remotes: RwLock<HashMap<ServerId, Arc<RemoteDriver>>>,
-}
-
-impl Fleet {
-    /// The driver of a server.
-    pub fn driver(&self, id: ServerId) -> Option<Arc<dyn Driver>> {
-        self.drivers
-            .read()
-            .unwrap()
-            .get(&id)
-            .map(|(d, _)| d.clone())
-    }
-
-    /// The driver of a server with the server's name (for messages).
-    pub fn named_driver(&self, id: ServerId) -> Option<(Arc<dyn Driver>, String)> {
-        self.drivers.read().unwrap().get(&id).cloned()
-    }
-
-    /// The simulated server behind a server id, for fault injection and inspection.
-    pub fn sim(&self, id: ServerId) -> Option<Arc<SimServer>> {
-        self.sims.read().unwrap().get(&id).cloned()
-    }
-
-    /// Every simulated server with its id.
-    pub fn sims(&self) -> Vec<(ServerId, Arc<SimServer>)> {
-        self.sims
-            .read()
-            .unwrap()
-            .iter()
-            .map(|(id, s)| (*id, s.clone()))
-            .collect()
-    }
-
-    /// The remote driver of a server run by an agent.
-    pub fn remote(&self, id: ServerId) -> Option<Arc<RemoteDriver>> {
-        self.remotes.read().unwrap().get(&id).cloned()
-    }
-
-    /// The remote server with this name, with its id.
-    pub fn remote_named(&self, name: &str) -> Option<(ServerId, Arc<RemoteDriver>)> {
-        let drivers = self.drivers.read().unwrap();
-        let remotes = self.remotes.read().unwrap();
-        remotes
-            .iter()
-            .find(|(id, _)| drivers.get(id).is_some_and(|(_, n)| n == name))
-            .map(|(id, r)| (*id, r.clone()))
-    }
-
-    /// Registers (or replaces) a server run by an agent.
-    pub fn add_remote(&self, id: ServerId, name: &str, remote: Arc<RemoteDriver>) {
-        self.drivers
-            .write()
-            .unwrap()
-            .insert(id, (remote.clone(), name.to_string()));
-        self.remotes.write().unwrap().insert(id, remote);
-    }
-
-    /// Registers a simulated server.
-    pub fn add_sim(&self, id: ServerId, sim: Arc<SimServer>) {
-        self.drivers
-            .write()
-            .unwrap()
-            .insert(id, (sim.clone(), sim.name().to_string()));
-        self.sims.write().unwrap().insert(id, sim);
-    }
-}
-
 pub(crate) struct CoreInner {
     pub db: DatabaseConnection,
     pub plugin_host: Arc<crate::plugins::PluginHost>,
@@ -364,7 +285,10 @@ impl Core {
                 auth,
                 db,
                 queue,
-                fleet: Fleet::default(),
+                fleet: Fleet::new(vec![
+                    Arc::new(SimFactory::new(&config)),
+                    Arc::new(RemoteFactory::new(&config)),
+                ]),
                 types: TypeRegistry::with_builtins(),
                 platform,
                 config,
@@ -411,47 +335,17 @@ impl Core {
             }
             tracing::info!(servers = c.sim_servers, "created a simulated platform");
         }
-        let sim_dir = c.data_dir.join("sim");
         if c.sim_persist {
+            let sim_dir = c.data_dir.join("sim");
             std::fs::create_dir_all(&sim_dir).map_err(|e| {
                 CoreError::Setup(format!("cannot create {}: {e}", sim_dir.display()))
             })?;
         }
         for row in rows {
-            if row.driver == "remote" {
-                if c.agent_token.is_none() {
-                    tracing::warn!(server = %row.name, "agents.token is not set: requests to this server's agent will be refused");
-                }
-                self.attach_agent(
-                    row.id,
-                    &row.name,
-                    row.address.as_deref().unwrap_or_default(),
-                );
-                continue;
+            if row.driver == RemoteFactory::KIND && c.agent_token.is_none() {
+                tracing::warn!(server = %row.name, "agents.token is not set: requests to this server's agent will be refused");
             }
-            if row.driver != "sim" {
-                return Err(CoreError::Setup(format!(
-                    "server {} uses driver '{}', which this core does not have",
-                    row.name, row.driver
-                )));
-            }
-            let capacity = Resources {
-                cpu_millis: row.cpu_millis as u64,
-                memory_mb: row.memory_mb as u64,
-                disk_mb: row.disk_mb as u64,
-            };
-            let mut sim = SimServer::new(
-                &row.name,
-                row.id as u32,
-                capacity,
-                SimLatency::uniform(c.sim_latency),
-            );
-            if c.sim_persist {
-                sim = sim
-                    .with_state_file(sim_dir.join(format!("{}.json", row.name)))
-                    .map_err(|e| CoreError::Setup(e.to_string()))?;
-            }
-            self.inner.fleet.add_sim(row.id, Arc::new(sim));
+            self.inner.fleet.attach(&row)?;
         }
         Ok(())
     }

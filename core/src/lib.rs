@@ -13,6 +13,7 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod entities;
+pub mod fleet;
 pub mod health;
 pub mod lab;
 pub mod managers;

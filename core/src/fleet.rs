@@ -1,0 +1,284 @@
+//! The fleet: the driver of every registered server, made by one factory per driver kind.
+//!
+//! Invariant: the fleet knows driver kinds only through their factories; a server whose kind
+//! has no factory in this core is an error at start-up that names it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::core::{CoreConfig, CoreError};
+use crate::driver::Driver;
+use crate::driver::remote::{RemoteDriver, RemoteTimeouts};
+use crate::driver::sim::{SimLatency, SimServer};
+use crate::entities::server;
+use crate::model::{Resources, ServerId};
+
+/// Makes the driver of a registered server from its row and attaches it to the fleet.
+pub trait DriverFactory: std::any::Any + Send + Sync {
+    /// The kind it makes, as stored in `servers.driver`.
+    fn kind(&self) -> &'static str;
+    /// Makes the driver of server `row` and attaches it to `fleet`.
+    fn attach(&self, fleet: &Fleet, row: &server::Model) -> Result<(), CoreError>;
+}
+
+/// Simulated servers: capacity from the row, latency from the configuration, state in
+/// `DATA/sim/NAME.json` when the core persists it.
+pub struct SimFactory {
+    latency: Duration,
+    state_dir: Option<PathBuf>,
+}
+
+impl SimFactory {
+    /// The kind it makes.
+    pub const KIND: &'static str = "sim";
+
+    /// The factory of a core configured with `c`.
+    pub fn new(c: &CoreConfig) -> Self {
+        SimFactory {
+            latency: c.sim_latency,
+            state_dir: c.sim_persist.then(|| c.data_dir.join("sim")),
+        }
+    }
+}
+
+impl DriverFactory for SimFactory {
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    fn attach(&self, fleet: &Fleet, row: &server::Model) -> Result<(), CoreError> {
+        let capacity = Resources {
+            cpu_millis: row.cpu_millis as u64,
+            memory_mb: row.memory_mb as u64,
+            disk_mb: row.disk_mb as u64,
+        };
+        let mut sim = SimServer::new(
+            &row.name,
+            row.id as u32,
+            capacity,
+            SimLatency::uniform(self.latency),
+        );
+        if let Some(dir) = &self.state_dir {
+            sim = sim
+                .with_state_file(dir.join(format!("{}.json", row.name)))
+                .map_err(|e| CoreError::Setup(e.to_string()))?;
+        }
+        fleet.add_sim(row.id, Arc::new(sim));
+        Ok(())
+    }
+}
+
+/// Servers run by node agents, reached at the row's address with the core's agent token.
+pub struct RemoteFactory {
+    token: String,
+    timeouts: RemoteTimeouts,
+}
+
+impl RemoteFactory {
+    /// The kind it makes.
+    pub const KIND: &'static str = "remote";
+
+    /// The factory of a core configured with `c`.
+    pub fn new(c: &CoreConfig) -> Self {
+        RemoteFactory {
+            token: c.agent_token.clone().unwrap_or_default(),
+            timeouts: c.remote,
+        }
+    }
+
+    /// Attaches server `id` run by the agent at `url`.
+    pub fn attach_url(
+        &self,
+        fleet: &Fleet,
+        id: ServerId,
+        name: &str,
+        url: &str,
+    ) -> Arc<RemoteDriver> {
+        let remote = Arc::new(RemoteDriver::new(name, url, &self.token, self.timeouts));
+        fleet.add_remote(id, name, remote.clone());
+        remote
+    }
+}
+
+impl DriverFactory for RemoteFactory {
+    fn kind(&self) -> &'static str {
+        Self::KIND
+    }
+
+    fn attach(&self, fleet: &Fleet, row: &server::Model) -> Result<(), CoreError> {
+        self.attach_url(
+            fleet,
+            row.id,
+            &row.name,
+            row.address.as_deref().unwrap_or_default(),
+        );
+        Ok(())
+    }
+}
+
+/// A server's driver and the server's name.
+type NamedDriver = (Arc<dyn Driver>, String);
+
+/// Drivers of the registered servers.
+pub struct Fleet {
+    /// One factory per driver kind.
+    factories: BTreeMap<&'static str, Arc<dyn DriverFactory>>,
+    /// Driver and server name by server id.
+    drivers: RwLock<HashMap<ServerId, NamedDriver>>,
+    sims: RwLock<HashMap<ServerId, Arc<SimServer>>>,
+    remotes: RwLock<HashMap<ServerId, Arc<RemoteDriver>>>,
+}
+
+impl Fleet {
+    /// A fleet with no servers yet, making drivers with `factories`.
+    pub fn new(factories: Vec<Arc<dyn DriverFactory>>) -> Self {
+        Fleet {
+            factories: factories.into_iter().map(|f| (f.kind(), f)).collect(),
+            drivers: RwLock::default(),
+            sims: RwLock::default(),
+            remotes: RwLock::default(),
+        }
+    }
+
+    /// Makes and attaches the driver of server `row` with the factory of its kind.
+    pub fn attach(&self, row: &server::Model) -> Result<(), CoreError> {
+        let factory = self.factories.get(row.driver.as_str()).ok_or_else(|| {
+            let known: Vec<&str> = self.factories.keys().copied().collect();
+            CoreError::Setup(format!(
+                "server {} uses driver '{}', which this core does not have (it has: {})",
+                row.name,
+                row.driver,
+                known.join(", ")
+            ))
+        })?;
+        factory.attach(self, row)
+    }
+
+    /// The factory of agents' servers.
+    pub fn remote_factory(&self) -> &RemoteFactory {
+        // Registered by every core (`Core::open`).
+        let f = self
+            .factories
+            .get(RemoteFactory::KIND)
+            .expect("the remote factory is registered");
+        let any: &dyn std::any::Any = f.as_ref();
+        any.downcast_ref::<RemoteFactory>()
+            .expect("the remote factory")
+    }
+    /// The driver of a server.
+    pub fn driver(&self, id: ServerId) -> Option<Arc<dyn Driver>> {
+        self.drivers
+            .read()
+            .unwrap()
+            .get(&id)
+            .map(|(d, _)| d.clone())
+    }
+
+    /// The driver of a server with the server's name (for messages).
+    pub fn named_driver(&self, id: ServerId) -> Option<(Arc<dyn Driver>, String)> {
+        self.drivers.read().unwrap().get(&id).cloned()
+    }
+
+    /// The simulated server behind a server id, for fault injection and inspection.
+    pub fn sim(&self, id: ServerId) -> Option<Arc<SimServer>> {
+        self.sims.read().unwrap().get(&id).cloned()
+    }
+
+    /// Every simulated server with its id.
+    pub fn sims(&self) -> Vec<(ServerId, Arc<SimServer>)> {
+        self.sims
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(id, s)| (*id, s.clone()))
+            .collect()
+    }
+
+    /// The remote driver of a server run by an agent.
+    pub fn remote(&self, id: ServerId) -> Option<Arc<RemoteDriver>> {
+        self.remotes.read().unwrap().get(&id).cloned()
+    }
+
+    /// The remote server with this name, with its id.
+    pub fn remote_named(&self, name: &str) -> Option<(ServerId, Arc<RemoteDriver>)> {
+        let drivers = self.drivers.read().unwrap();
+        let remotes = self.remotes.read().unwrap();
+        remotes
+            .iter()
+            .find(|(id, _)| drivers.get(id).is_some_and(|(_, n)| n == name))
+            .map(|(id, r)| (*id, r.clone()))
+    }
+
+    /// Registers (or replaces) a server run by an agent.
+    pub fn add_remote(&self, id: ServerId, name: &str, remote: Arc<RemoteDriver>) {
+        self.drivers
+            .write()
+            .unwrap()
+            .insert(id, (remote.clone(), name.to_string()));
+        self.remotes.write().unwrap().insert(id, remote);
+    }
+
+    /// Registers a simulated server.
+    pub fn add_sim(&self, id: ServerId, sim: Arc<SimServer>) {
+        self.drivers
+            .write()
+            .unwrap()
+            .insert(id, (sim.clone(), sim.name().to_string()));
+        self.sims.write().unwrap().insert(id, sim);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: ServerId, name: &str, driver: &str) -> server::Model {
+        server::Model {
+            id,
+            platform_id: 1,
+            name: name.into(),
+            driver: driver.into(),
+            address: Some("http://127.0.0.1:1".into()),
+            status: "up".into(),
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            disk_mb: 10_000,
+            labels: "[]".into(),
+            last_heartbeat: None,
+            created_at: 0,
+            alloc_cpu_millis: 0,
+            alloc_memory_mb: 0,
+            alloc_disk_mb: 0,
+            alloc_containers: 0,
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn each_kind_is_made_by_its_factory_and_an_unknown_kind_is_named() {
+        let config = CoreConfig {
+            sim_persist: false,
+            ..CoreConfig::new(std::path::Path::new("/nonexistent"))
+        };
+        let fleet = Fleet::new(vec![
+            Arc::new(SimFactory::new(&config)),
+            Arc::new(RemoteFactory::new(&config)),
+        ]);
+        fleet.attach(&row(1, "sim-1", "sim")).unwrap();
+        fleet.attach(&row(2, "node-2", "remote")).unwrap();
+        assert_eq!(fleet.driver(1).unwrap().kind(), "sim");
+        assert!(fleet.sim(1).is_some() && fleet.remote(2).is_some());
+        assert_eq!(fleet.named_driver(2).unwrap().1, "node-2");
+        let e = fleet
+            .attach(&row(3, "xen-3", "xen"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server xen-3 uses driver 'xen'") && e.contains("it has: remote, sim"),
+            "{e}"
+        );
+        assert!(fleet.driver(3).is_none());
+    }
+}
