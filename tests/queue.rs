@@ -323,6 +323,11 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
             "unreadable parameters",
         ),
         (
+            "container.create_many",
+            "{\"type\": \"plain\", \"count\": 1, \"requirements\": {\"cpu_millis\": 1, \"memory_mb\": 1, \"disk_mb\": 1}}".to_string(),
+            "at step 1: unreadable progress: failed",
+        ),
+        (
             "container.update",
             "{\"resources\": {\"cpu\": 1}}".to_string(),
             "unreadable parameters: unknown field `cpu`",
@@ -333,6 +338,15 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
             "INSERT INTO commands (kind, status, target_type, target_id, params, progress, step, attempts, run_after, requested_by, created_at) \
              VALUES ('{kind}', 'queued', 'container', {container}, '{params}', '{{}}', 0, 0, 0, 'test', 0)"
         );
+        let sql = if kind == "container.create_many" {
+            // Resumed at step 1 with progress that lacks what step 0 writes.
+            format!(
+                "INSERT INTO commands (kind, status, params, progress, step, attempts, run_after, requested_by, created_at) \
+                 VALUES ('{kind}', 'queued', '{params}', '{{\"placed\": []}}', 1, 0, 0, 'test', 0)"
+            )
+        } else {
+            sql
+        };
         t.core.db().execute_unprepared(&sql).await.unwrap();
         let id: i64 = t
             .core

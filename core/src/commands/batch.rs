@@ -150,8 +150,7 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let core = ctx.core;
     let placed: Vec<(i64, ServerId)> = serde_json::from_value(ctx.progress["placed"].clone())
         .map_err(|_| StepError::Permanent("lost the placements of this command".into()))?;
-    let mut failed: Vec<(i64, String)> =
-        serde_json::from_value(ctx.progress["failed"].clone()).unwrap_or_default();
+    let mut failed: Vec<(i64, String)> = ctx.progress_field("failed")?;
     let params: params::CreateMany = ctx.params()?;
     let need = params.requirements.resources;
     let (type_id, start) = (params.type_id, params.start);

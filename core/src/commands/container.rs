@@ -628,7 +628,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         .progress_i64("clone_id")
         .ok_or_else(|| StepError::Permanent("lost the id of the copy".into()))?;
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
-    let was_running = ctx.progress["was_running"].as_bool().unwrap_or(false);
+    let was_running: bool = ctx.progress_field("was_running")?;
     let source_server = row
         .server_id
         .ok_or_else(|| StepError::Permanent("source container has no server".into()))?;
@@ -724,7 +724,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         return Ok(Transition::with(next(1, progress), txn));
     }
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
-    let source = ctx.progress_i64("source").unwrap_or_default();
+    let source: i64 = ctx.progress_field("source")?;
     match ctx.cmd.step {
         1 => {
             let (src, src_name) = driver_of(core, source)?;
@@ -783,7 +783,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             Ok(Transition::with(next(4, ctx.progress.clone()), txn))
         }
         _ => {
-            if ctx.progress["was_running"].as_bool().unwrap_or(false) {
+            if ctx.progress_field::<bool>("was_running")? {
                 let (dst, dst_name) = driver_of(core, r.server_id)?;
                 dst.start(&row.guest_id)
                     .await

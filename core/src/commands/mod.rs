@@ -127,6 +127,21 @@ impl StepCtx<'_> {
         params::read(self.cmd, &self.params).map_err(StepError::Permanent)
     }
 
+    /// Field `key` of the progress as `T`; a missing or unreadable one fails the command,
+    /// naming it (the step that wrote the progress always writes it).
+    pub fn progress_field<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<T, StepError> {
+        let value = self.progress.get(key).cloned().unwrap_or(Value::Null);
+        serde_json::from_value(value).map_err(|e| {
+            StepError::Permanent(format!(
+                "command {} ({}) at step {}: unreadable progress: {key}: {e}",
+                self.cmd.id, self.cmd.kind, self.cmd.step
+            ))
+        })
+    }
+
     /// An integer from the progress.
     pub fn progress_i64(&self, key: &str) -> Option<i64> {
         self.progress.get(key).and_then(Value::as_i64)
