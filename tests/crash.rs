@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::common::{ServeProcess, eventually};
 
-fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
+pub(crate) fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(data.join("sim")).unwrap() {
         let path = entry.unwrap().path();

@@ -18,3 +18,4 @@ mod placement;
 mod plugins;
 mod queue;
 mod real;
+mod upgrade;
