@@ -456,24 +456,13 @@ async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
     )
     .await;
     tc.core.add_agent(&url).await.unwrap();
-    let cmd: serde_json::Value = tc
-        .client
-        .post(
-            "/v1/containers",
-            &json!({ "type": "plain", "server": "hangs" }),
-        )
-        .await
-        .unwrap();
-    let first = tc.created(cmd["command_id"].as_i64().unwrap()).await;
-    let cmd: serde_json::Value = tc
-        .client
-        .post(
-            "/v1/containers",
-            &json!({ "type": "plain", "server": "hangs" }),
-        )
-        .await
-        .unwrap();
-    let second = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let body = json!({ "type": "plain", "server": "hangs" });
+        let cmd: serde_json::Value = tc.client.post("/v1/containers", &body).await.unwrap();
+        ids.push(tc.created(cmd["command_id"].as_i64().unwrap()).await);
+    }
+    let (first, second) = (ids[0], ids[1]);
 
     // Grow the first container: its growth is reserved, then the agent hangs in the resize.
     let body = json!({ "op": "update", "resources": { "cpu_millis": 1000, "memory_mb": 1024, "disk_mb": 2048 } });

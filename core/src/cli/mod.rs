@@ -73,8 +73,10 @@ pub enum Top {
     #[command(subcommand)]
     Plugin(PluginCmd),
     /// Run the seed scenario (tomcats, a balancer) on an embedded core and print what happened.
+    #[cfg(feature = "dev")]
     Demo,
     /// Benchmarks.
+    #[cfg(feature = "dev")]
     #[command(subcommand)]
     Bench(BenchCmd),
     /// Run the node agent of this server: it drives its containers for the core.
@@ -673,6 +675,7 @@ pub enum PluginCmd {
 }
 
 /// `bench` subcommands.
+#[cfg(feature = "dev")]
 #[derive(Debug, Subcommand)]
 pub enum BenchCmd {
     /// Durable no-op command throughput of the queue, on SQLite and (if reachable) PostgreSQL.
@@ -689,6 +692,21 @@ pub enum BenchCmd {
     FailoverReal(crate::bench::FailoverRealBenchArgs),
 }
 
+#[cfg(feature = "dev")]
+async fn bench(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Queue(args) => crate::bench::queue(args).await,
+        BenchCmd::Place(args) => crate::bench::place(args).await,
+        BenchCmd::Failover(args) => crate::bench::failover(args).await,
+        BenchCmd::Linux(args) => crate::bench::linux(args).await,
+        BenchCmd::FailoverReal(args) => crate::bench::failover_real(args).await,
+        // Outside the async runtime, to measure the dispatch itself.
+        BenchCmd::Hooks(args) => std::thread::spawn(move || crate::bench::hooks(args))
+            .join()
+            .map_err(|_| anyhow::anyhow!("the benchmark thread panicked"))?,
+    }
+}
+
 /// Runs the CLI.
 pub async fn run(cli: Cli) -> Result<()> {
     let mut client = Client::new(&cli.server);
@@ -703,15 +721,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Top::User(cmd) => users(out, cmd).await,
-        Top::Bench(BenchCmd::Queue(args)) => crate::bench::queue(args).await,
-        Top::Bench(BenchCmd::Place(args)) => crate::bench::place(args).await,
-        Top::Bench(BenchCmd::Failover(args)) => crate::bench::failover(args).await,
-        Top::Bench(BenchCmd::Linux(args)) => crate::bench::linux(args).await,
-        Top::Bench(BenchCmd::FailoverReal(args)) => crate::bench::failover_real(args).await,
-        // Outside the async runtime, to measure the dispatch itself.
-        Top::Bench(BenchCmd::Hooks(args)) => std::thread::spawn(move || crate::bench::hooks(args))
-            .join()
-            .map_err(|_| anyhow::anyhow!("the benchmark thread panicked"))?,
+        #[cfg(feature = "dev")]
+        Top::Bench(cmd) => bench(cmd).await,
         Top::Env(cmd) => env(&client, out, cmd).await,
         Top::Container(cmd) => container(&client, out, cmd).await,
         Top::Server(cmd) => match cmd {
@@ -751,6 +762,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         },
         Top::Command(cmd) => command(&client, out, cmd).await,
         Top::Plugin(cmd) => plugin(&client, out, cmd).await,
+        #[cfg(feature = "dev")]
         Top::Demo => crate::demo::run().await,
         Top::Agent(args) => cloud48_agent::cli::run(args).await,
         Top::GuestHttp(args) => cloud48_agent::cli::guest_http(args).await,

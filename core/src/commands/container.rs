@@ -209,8 +209,13 @@ async fn update(
         .map_err(|e| driver_err(server, e))?;
     let txn = core.db().begin().await?;
     if !placement::settle_resize(&txn, server_id, growth, &grow, &shrink).await? {
+        txn.rollback().await?;
+        // Give the guest its old size back (best effort) so it uses what the ledger holds.
+        if let Err(e) = driver.update(&row.guest_id, &req.resources).await {
+            tracing::warn!(container = id, error = %e, "could not undo a resize whose growth expired");
+        }
         return Err(StepError::Permanent(format!(
-            "the capacity reserved on server {server} to grow container {id} expired and the server has no room any more"
+            "the capacity reserved on server {server} to grow container {id} expired and the server has no room any more; its size is unchanged"
         )));
     }
     req.resources = *resources;
