@@ -92,6 +92,12 @@ fn the_agent_and_the_model_link_neither_wasmtime_nor_a_database() {
             assert!(!linked.contains(banned), "{krate} links {banned}");
         }
     }
+    // The engine knows nothing of the REST API or the command line (the agent it drives servers
+    // through carries its own options).
+    let engine = closure(&graph, "cloud48-engine");
+    for banned in ["cloud48-api", "cloud48", "utoipa-axum"] {
+        assert!(!engine.contains(banned), "cloud48-engine links {banned}");
+    }
     // The test can fail: the core does link both.
     let core = closure(&graph, "cloud48");
     assert!(

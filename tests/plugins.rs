@@ -16,7 +16,7 @@ fn test_plugin(dir: &str, name: &str) -> Vec<u8> {
 }
 
 fn hostile() -> Vec<u8> {
-    test_plugin(env!("CLOUD48_TEST_PLUGINS"), "hostile")
+    test_plugin(cloud48_core::plugins::TEST_PLUGINS, "hostile")
 }
 
 async fn install(t: &TestCore, wasm: Vec<u8>) -> anyhow::Result<PluginInfo> {
@@ -243,7 +243,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let err = install(
         &t,
-        test_plugin(env!("CLOUD48_TEST_PLUGINS_FUTURE"), "hostile"),
+        test_plugin(cloud48_core::plugins::TEST_PLUGINS_FUTURE, "hostile"),
     )
     .await
     .unwrap_err()
@@ -256,7 +256,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     );
     let err = install(
         &t,
-        test_plugin(env!("CLOUD48_TEST_PLUGINS"), "hostile_import"),
+        test_plugin(cloud48_core::plugins::TEST_PLUGINS, "hostile_import"),
     )
     .await
     .unwrap_err()
@@ -271,10 +271,13 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("not a valid WASM component"), "{err}");
-    let err = install(&t, test_plugin(env!("CLOUD48_TEST_PLUGINS"), "tomcat"))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = install(
+        &t,
+        test_plugin(cloud48_core::plugins::TEST_PLUGINS, "tomcat"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("tomcat@0.2.0 is already installed") && err.contains("HTTP 409"),
         "{err}"
@@ -298,7 +301,7 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
         .await
         .unwrap();
     let id = t.created(a.command_id).await;
-    let newer = test_plugin(env!("CLOUD48_TEST_PLUGINS_NEWER"), "hostile");
+    let newer = test_plugin(cloud48_core::plugins::TEST_PLUGINS_NEWER, "hostile");
     let err = t
         .client
         .send_wasm::<PluginInfo>(reqwest::Method::PUT, "/v1/plugins/tomcat", newer.clone())
@@ -441,7 +444,7 @@ fn the_sdk_harness_runs_the_seed_scenario_against_the_compiled_plugins() {
     let mut hooks = WasmHooks::default();
     for name in ["tomcat", "balancer", "mysql"] {
         hooks = hooks.with(
-            host.load(&test_plugin(env!("CLOUD48_TEST_PLUGINS"), name))
+            host.load(&test_plugin(cloud48_core::plugins::TEST_PLUGINS, name))
                 .unwrap(),
         );
     }
@@ -515,7 +518,7 @@ fn plugin_test_runs_scenario_files_and_fails_on_a_broken_expectation() {
     let dir = tempfile::tempdir().unwrap();
     let balancer = format!(
         "{}/cloud48_plugin_balancer.wasm",
-        env!("CLOUD48_TEST_PLUGINS")
+        cloud48_core::plugins::TEST_PLUGINS
     );
     std::fs::write(
         dir.path().join("seed.toml"),
@@ -597,7 +600,7 @@ async fn compiled_plugins_are_cached_and_a_corrupt_cache_entry_is_rebuilt() {
     let cache = dir.path().join("cache");
     let host =
         cloud48_core::plugins::PluginHost::new(Some(cache.clone()), Default::default()).unwrap();
-    let wasm = test_plugin(env!("CLOUD48_TEST_PLUGINS"), "mysql");
+    let wasm = test_plugin(cloud48_core::plugins::TEST_PLUGINS, "mysql");
     host.load(&wasm).unwrap();
     let entries: Vec<_> = std::fs::read_dir(&cache)
         .unwrap()

@@ -20,14 +20,14 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiJson, ApiQuery, ErrorBody, ErrorDetail, parse_id};
 
-use crate::auth::Principal;
-use crate::core::Core;
-use crate::managers::{
+use cloud48_engine::auth::Principal;
+use cloud48_engine::core::Core;
+use cloud48_engine::managers::{
     AddContainer, ContainerCommand, ContainerExport, ContainerQuery, CreateContainer, DrainReport,
     EnvironmentOp, PurgeReport,
 };
-use crate::model::*;
-use crate::queue::CommandFilter;
+use cloud48_engine::model::*;
+use cloud48_engine::queue::CommandFilter;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -432,7 +432,7 @@ async fn agent_heartbeat(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_none_or(|g| !crate::auth::constant_eq(g.as_bytes(), expected.as_bytes())) {
+    if given.is_none_or(|g| !cloud48_engine::auth::constant_eq(g.as_bytes(), expected.as_bytes())) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -440,14 +440,15 @@ async fn agent_heartbeat(
             None,
         ));
     }
-    let beat: crate::agent::protocol::Heartbeat = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            format!("malformed heartbeat: {e}"),
-            None,
-        )
-    })?;
+    let beat: cloud48_engine::agent::protocol::Heartbeat =
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("malformed heartbeat: {e}"),
+                None,
+            )
+        })?;
     let id = core.agent_heartbeat(beat).await?;
     Ok(Json(serde_json::json!({ "server_id": id })))
 }
@@ -481,12 +482,12 @@ pub struct ExecRequest {
 
 #[utoipa::path(post, path = "/v1/containers/{id}/exec", tag = "containers", request_body = ExecRequest,
     params(("id" = i64, Path, description = "Container id (running)")),
-    responses((status = 200, body = crate::driver::ExecOutput), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = cloud48_engine::driver::ExecOutput), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn container_exec(
     State(core): State<Core>,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
-) -> Result<Json<crate::driver::ExecOutput>, ApiError> {
+) -> Result<Json<cloud48_engine::driver::ExecOutput>, ApiError> {
     Ok(Json(
         core.containers()
             .exec(parse_id("id", &id)?, &req.command)
@@ -615,22 +616,22 @@ fn wasm_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<(), ApiErro
     Ok(())
 }
 
-#[utoipa::path(get, path = "/v1/plugins", tag = "plugins", responses((status = 200, body = Vec<crate::plugins::PluginInfo>)))]
+#[utoipa::path(get, path = "/v1/plugins", tag = "plugins", responses((status = 200, body = Vec<cloud48_engine::plugins::PluginInfo>)))]
 async fn list_plugins(
     State(core): State<Core>,
-) -> Result<Json<Vec<crate::plugins::PluginInfo>>, ApiError> {
+) -> Result<Json<Vec<cloud48_engine::plugins::PluginInfo>>, ApiError> {
     Ok(Json(core.plugins().list().await?))
 }
 
 #[utoipa::path(post, path = "/v1/plugins", tag = "plugins",
     request_body(content = Vec<u8>, content_type = "application/wasm", description = "The WASM component"),
-    responses((status = 201, body = crate::plugins::PluginInfo), (status = 409, body = ErrorBody),
+    responses((status = 201, body = cloud48_engine::plugins::PluginInfo), (status = 409, body = ErrorBody),
               (status = 422, body = ErrorBody, description = "Not a valid plugin, or an incompatible WIT version")))]
 async fn install_plugin(
     State(core): State<Core>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
-) -> Result<(StatusCode, Json<crate::plugins::PluginInfo>), ApiError> {
+) -> Result<(StatusCode, Json<cloud48_engine::plugins::PluginInfo>), ApiError> {
     wasm_body(&headers, &body)?;
     Ok((
         StatusCode::CREATED,
@@ -640,24 +641,24 @@ async fn install_plugin(
 
 #[utoipa::path(get, path = "/v1/plugins/{name}", tag = "plugins",
     params(("name" = String, Path, description = "Plugin name or name@version")),
-    responses((status = 200, body = crate::plugins::PluginInfo), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = cloud48_engine::plugins::PluginInfo), (status = 404, body = ErrorBody)))]
 async fn show_plugin(
     State(core): State<Core>,
     Path(name): Path<String>,
-) -> Result<Json<crate::plugins::PluginInfo>, ApiError> {
+) -> Result<Json<cloud48_engine::plugins::PluginInfo>, ApiError> {
     Ok(Json(core.plugins().show(&name).await?))
 }
 
 #[utoipa::path(put, path = "/v1/plugins/{name}", tag = "plugins",
     params(("name" = String, Path, description = "Plugin name")),
     request_body(content = Vec<u8>, content_type = "application/wasm", description = "The newer WASM component"),
-    responses((status = 200, body = crate::plugins::PluginInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = cloud48_engine::plugins::PluginInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn upgrade_plugin(
     State(core): State<Core>,
     Path(name): Path<String>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<crate::plugins::PluginInfo>, ApiError> {
+) -> Result<Json<cloud48_engine::plugins::PluginInfo>, ApiError> {
     wasm_body(&headers, &body)?;
     Ok(Json(core.plugins().upgrade(&name, &body).await?))
 }

@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::core::CoreError;
-use crate::queue::QueueError;
+use cloud48_engine::core::CoreError;
+use cloud48_engine::queue::QueueError;
 
 /// Body of every error answer.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

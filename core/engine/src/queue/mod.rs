@@ -16,7 +16,8 @@
 //! - A parent in `waiting` is queued again exactly when its last child reaches a terminal status.
 //! - Only commands that never started (step 0, no attempts) can be cancelled.
 
-pub(crate) mod store;
+#[doc(hidden)]
+pub mod store;
 mod worker;
 
 use std::sync::Arc;

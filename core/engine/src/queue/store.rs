@@ -50,7 +50,7 @@ pub(crate) fn sql<C: ConnectionTrait>(conn: &C, text: &str, values: Vec<Value>) 
 /// into a JSON array of arrays, decoded into `T` per row. On SQLite every row of a result crosses
 /// from the database thread to the core on its own (a thread switch each); this way a whole
 /// result costs one. `rest` may hold `$N` placeholders for `values`.
-pub(crate) async fn json_rows<C: ConnectionTrait, T: serde::de::DeserializeOwned>(
+pub async fn json_rows<C: ConnectionTrait, T: serde::de::DeserializeOwned>(
     conn: &C,
     columns: &str,
     rest: &str,

@@ -217,7 +217,7 @@ pub(crate) async fn server_by_name<C: ConnectionTrait>(
 /// A new container row in status `creating`, with no server yet (its guest id is set once
 /// its id is known). Its initial state comes from its type, which for a plugin is a call into
 /// a fresh WASM instance: make rows before taking a transaction where that can be done.
-pub(crate) fn creating_row(
+pub fn creating_row(
     core: &Core,
     type_id: &str,
     ty: &dyn crate::types::ContainerType,
@@ -253,7 +253,7 @@ pub(crate) fn guest_id_for(platform: &str, id: ContainerId) -> String {
 
 /// Gives new containers their guest ids and locks each for the command that creates it
 /// (`(container, command)` pairs of a bulk submission), one statement per 300 containers.
-pub(crate) async fn name_and_lock<C: sea_orm::ConnectionTrait>(
+pub async fn name_and_lock<C: sea_orm::ConnectionTrait>(
     conn: &C,
     platform: &str,
     pairs: &[(ContainerId, CommandId)],

@@ -24,6 +24,15 @@ use crate::entities::{container, plugin};
 use crate::model::{ContainerStatus, now_ms};
 use cloud48_plugin_host::types::{ContainerType, TypeRegistry};
 
+/// Where this build put the test plugins (the integration tests install them): the hostile
+/// plugins, then the same claiming a WIT version the host does not support, and a newer version.
+#[doc(hidden)]
+pub const TEST_PLUGINS: &str = env!("CLOUD48_TEST_PLUGINS");
+#[doc(hidden)]
+pub const TEST_PLUGINS_FUTURE: &str = env!("CLOUD48_TEST_PLUGINS_FUTURE");
+#[doc(hidden)]
+pub const TEST_PLUGINS_NEWER: &str = env!("CLOUD48_TEST_PLUGINS_NEWER");
+
 /// The reference plugins built from `plugins/` and embedded in the binary.
 pub const BUNDLED: &[(&str, &[u8])] = &[
     (

@@ -9,8 +9,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
-use crate::auth::{AuthError, Principal, Role};
-use crate::core::Core;
+use cloud48_engine::auth::{AuthError, Principal, Role};
+use cloud48_engine::core::Core;
 
 /// The role a request needs.
 pub fn needed_role(method: &Method, path: &str) -> Role {

@@ -427,7 +427,7 @@ fn expected_response(auth: &AuthorizationHeader, ha1: &str, method: &str, cnonce
 }
 
 /// Compares secrets in time independent of where they differ.
-pub(crate) fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     a.ct_eq(b).into()
 }
