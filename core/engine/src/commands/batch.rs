@@ -22,6 +22,7 @@ use sea_orm::{
 };
 use serde_json::json;
 
+use super::steps::CreateManyStep;
 use super::{StepCtx, driver_of, guest_spec, make_guest, params};
 use crate::core::Core;
 use crate::entities::{command, container, dummy};
@@ -49,9 +50,9 @@ async fn creating(core: &Core, cmd: i64) -> Result<Vec<i64>, DbErr> {
 
 /// The steps.
 pub(crate) async fn create_many(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
-    match ctx.cmd.step {
-        0 => place_all(ctx).await,
-        _ => make_all(ctx).await,
+    match CreateManyStep::of(ctx.cmd)? {
+        CreateManyStep::Place => place_all(ctx).await,
+        CreateManyStep::Make => make_all(ctx).await,
     }
 }
 
@@ -123,7 +124,8 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     placement::insert_dummies(&txn, &dummies, deadline).await?;
     give_up(&txn, &failed.iter().map(|(id, _)| *id).collect::<Vec<_>>()).await?;
     let progress = json!({ "placed": placed, "failed": failed });
-    Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
+    let step = CreateManyStep::Make.number();
+    Ok(Transition::with(Next::Continue { step, progress }, txn))
 }
 
 /// Marks containers failed and unlocks them.

@@ -8,6 +8,7 @@ use sea_orm::{
 };
 use serde_json::{Value, json};
 
+use super::steps::{CloneStep, CreateStep, MigrateStep, UpdateStep};
 use super::{StepCtx, core_err, driver_err, driver_of, guest_spec, make_guest, params};
 use crate::core::Core;
 use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec};
@@ -187,7 +188,7 @@ async fn update(
         req.resources.minus(resources),
     );
     let growth = reservation(&ctx.progress);
-    if ctx.cmd.step == 0 && grow != Resources::default() {
+    if UpdateStep::of(ctx.cmd)? == UpdateStep::Reserve && grow != Resources::default() {
         let ttl = core.config().placement.dummy_ttl().as_millis() as i64;
         let deadline = core.queue().now_ms() + ttl;
         let txn = core.db().begin().await?;
@@ -201,7 +202,8 @@ async fn update(
         };
         core.placement().apply(server_id, &grow, 1, 1);
         let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
-        return Ok(Transition::with(Next::Continue { step: 1, progress }, txn));
+        let step = UpdateStep::Resize.number();
+        return Ok(Transition::with(Next::Continue { step, progress }, txn));
     }
     driver
         .update(&row.guest_id, resources)
@@ -336,14 +338,15 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         return Ok(Transition::bare(done(id)));
     }
     let req = requirements_of(&row);
-    if ctx.cmd.step == 0 {
+    if CreateStep::of(ctx.cmd)? == CreateStep::Place {
         let params: params::Create = ctx.params()?;
         let mut avoid = spread_avoid(core, &row, &req).await?;
         avoid.extend(params.avoid);
         let txn = core.db().begin().await?;
         let r = reserve(ctx, &txn, id, &req, avoid, params.server_id).await?;
         let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
-        return Ok(Transition::with(Next::Continue { step: 1, progress }, txn));
+        let step = CreateStep::Make.number();
+        return Ok(Transition::with(Next::Continue { step, progress }, txn));
     }
     let params: params::Create = ctx.params()?;
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
@@ -533,7 +536,7 @@ async fn undo_migrate(
     row: &container::Model,
 ) -> Option<Undo> {
     let target = progress.get("server_id").and_then(Value::as_i64);
-    if target.is_none() || row.server_id == target || cmd.step < 2 {
+    if target.is_none() || row.server_id == target || cmd.step < MigrateStep::Copy.number() {
         return None;
     }
     if let Some(driver) = target.and_then(|t| core.fleet().driver(t))
@@ -559,7 +562,7 @@ async fn undo_migrate(
 
 /// After a failed clone, starts the source again if the clone had stopped it (best effort).
 async fn restart_clone_source(core: &Core, cmd: &command::Model, progress: &Value) {
-    if cmd.step < 2 || !progress["was_running"].as_bool().unwrap_or(false) {
+    if cmd.step < CloneStep::Copy.number() || !progress["was_running"].as_bool().unwrap_or(false) {
         return;
     }
     let Some(source) = cmd.target_id else { return };
@@ -577,8 +580,8 @@ async fn restart_clone_source(core: &Core, cmd: &command::Model, progress: &Valu
 /// source ran.
 async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
-    let step = ctx.cmd.step;
-    if step == 0 {
+    let step = CloneStep::of(ctx.cmd)?;
+    if step == CloneStep::Place {
         let status = parse_status(&row.status);
         check_status(
             row.id,
@@ -627,7 +630,8 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             "dummy_id": r.dummy_id,
             "was_running": status == ContainerStatus::Running,
         });
-        return Ok(Transition::with(Next::Continue { step: 1, progress }, txn));
+        let step = CloneStep::StopSource.number();
+        return Ok(Transition::with(Next::Continue { step, progress }, txn));
     }
     let clone_id = ctx
         .progress_i64("clone_id")
@@ -638,18 +642,19 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         .server_id
         .ok_or_else(|| StepError::Permanent("source container has no server".into()))?;
     let (src, src_name) = driver_of(core, source_server)?;
-    let next = |step| Next::Continue {
-        step,
+    let next = |step: CloneStep| Next::Continue {
+        step: step.number(),
         progress: ctx.progress.clone(),
     };
     match step {
-        1 => {
+        CloneStep::Place => unreachable!("placing returned above"),
+        CloneStep::StopSource => {
             src.stop(&row.guest_id)
                 .await
                 .map_err(|e| driver_err(&src_name, e))?;
-            Ok(Transition::bare(next(2)))
+            Ok(Transition::bare(next(CloneStep::Copy)))
         }
-        2 => {
+        CloneStep::Copy => {
             let copy = load_container(core.db(), clone_id)
                 .await
                 .map_err(core_err)?;
@@ -667,9 +672,9 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
                 am.status = status_of(ContainerStatus::Stopped);
             })
             .await?;
-            Ok(Transition::with(next(3), txn))
+            Ok(Transition::with(next(CloneStep::Finish), txn))
         }
-        _ => {
+        CloneStep::Finish => {
             let copy = load_container(core.db(), clone_id)
                 .await
                 .map_err(core_err)?;
@@ -701,8 +706,12 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
 /// the source and switch, 4 start.
 async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
-    let next = |step, progress: Value| Next::Continue { step, progress };
-    if ctx.cmd.step == 0 {
+    let next = |step: MigrateStep, progress: Value| Next::Continue {
+        step: step.number(),
+        progress,
+    };
+    let step = MigrateStep::of(ctx.cmd)?;
+    if step == MigrateStep::Place {
         let status = parse_status(&row.status);
         check_status(
             row.id,
@@ -726,12 +735,13 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             "dummy_id": r.dummy_id,
             "was_running": status == ContainerStatus::Running,
         });
-        return Ok(Transition::with(next(1, progress), txn));
+        return Ok(Transition::with(next(MigrateStep::Stop, progress), txn));
     }
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
     let source: i64 = ctx.progress_field("source")?;
-    match ctx.cmd.step {
-        1 => {
+    match step {
+        MigrateStep::Place => unreachable!("placing returned above"),
+        MigrateStep::Stop => {
             let (src, src_name) = driver_of(core, source)?;
             src.stop(&row.guest_id)
                 .await
@@ -740,9 +750,12 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                 am.status = status_of(ContainerStatus::Stopped)
             })
             .await?;
-            Ok(Transition::with(next(2, ctx.progress.clone()), txn))
+            Ok(Transition::with(
+                next(MigrateStep::Copy, ctx.progress.clone()),
+                txn,
+            ))
         }
-        2 => {
+        MigrateStep::Copy => {
             let (src, src_name) = driver_of(core, source)?;
             let (dst, dst_name) = driver_of(core, r.server_id)?;
             let info = match dst
@@ -766,9 +779,9 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             };
             let mut progress = ctx.progress.clone();
             progress["ip"] = json!(info.ip);
-            Ok(Transition::bare(next(3, progress)))
+            Ok(Transition::bare(next(MigrateStep::Switch, progress)))
         }
-        3 => {
+        MigrateStep::Switch => {
             let (src, src_name) = driver_of(core, source)?;
             let (_, dst_name) = driver_of(core, r.server_id)?;
             src.destroy(&row.guest_id)
@@ -785,9 +798,12 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                 am.ip = Set(ip);
             })
             .await?;
-            Ok(Transition::with(next(4, ctx.progress.clone()), txn))
+            Ok(Transition::with(
+                next(MigrateStep::Start, ctx.progress.clone()),
+                txn,
+            ))
         }
-        _ => {
+        MigrateStep::Start => {
             if ctx.progress_field::<bool>("was_running")? {
                 let (dst, dst_name) = driver_of(core, r.server_id)?;
                 dst.start(&row.guest_id)

@@ -12,6 +12,7 @@ mod container;
 mod environment;
 mod grouped;
 pub mod params;
+mod steps;
 
 use std::sync::Arc;
 

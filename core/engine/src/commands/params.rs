@@ -223,21 +223,23 @@ pub struct CloneEnvironment {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoParams {}
 
+/// A stored command for unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod tests_support {
+    use crate::entities::command;
 
-    fn cmd(params: &str) -> command::Model {
+    /// Command 42 of `kind` at `step`, with no parameters.
+    pub fn command(kind: &str, step: i32) -> command::Model {
         command::Model {
             id: 42,
-            kind: "container.create".into(),
-            status: "queued".into(),
+            kind: kind.into(),
+            status: "running".into(),
             target_type: None,
             target_id: None,
             parent_id: None,
-            params: params.into(),
+            params: "{}".into(),
             progress: "{}".into(),
-            step: 0,
+            step,
             result: None,
             error: None,
             waiting_on: None,
@@ -249,6 +251,18 @@ mod tests {
             created_at: 0,
             started_at: None,
             finished_at: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(params: &str) -> command::Model {
+        command::Model {
+            params: params.into(),
+            ..tests_support::command("container.create", 0)
         }
     }
 

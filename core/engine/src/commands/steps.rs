@@ -1,0 +1,114 @@
+//! The steps of the multi-step container commands. The queue persists a step as its number;
+//! a command at a number its kind does not have (written by a newer core, or damaged) fails
+//! with a message that names it, instead of running some other step.
+
+use crate::entities::command;
+use crate::queue::StepError;
+
+macro_rules! steps {
+    ($(#[$meta:meta])* $name:ident of $kind:literal { $($(#[$vmeta:meta])* $variant:ident = $n:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $n),+
+        }
+
+        impl $name {
+            /// The step `cmd` is at.
+            pub fn of(cmd: &command::Model) -> Result<Self, StepError> {
+                match cmd.step {
+                    $($n => Ok($name::$variant),)+
+                    other => Err(StepError::Permanent(format!(
+                        "command {} ({}): step {other} is not a step of {} this core knows",
+                        cmd.id, cmd.kind, $kind
+                    ))),
+                }
+            }
+
+            /// Its number, as the queue persists it.
+            pub fn number(self) -> i32 {
+                self as i32
+            }
+        }
+    };
+}
+
+steps!(
+    /// `container.create`.
+    CreateStep of "container.create" {
+        /// Place: reserve capacity with a dummy.
+        Place = 0,
+        /// Create (or import) and start the guest; the container takes the dummy's place.
+        Make = 1,
+    }
+);
+
+steps!(
+    /// `container.create_many`.
+    CreateManyStep of "container.create_many" {
+        /// Place every container: claims and dummies.
+        Place = 0,
+        /// Make the guests and commit them.
+        Make = 1,
+    }
+);
+
+steps!(
+    /// `container.update`.
+    UpdateStep of "container.update" {
+        /// Reserve the growth with a dummy.
+        Reserve = 0,
+        /// Resize the guest, then settle the ledger.
+        Resize = 1,
+    }
+);
+
+steps!(
+    /// `container.clone`.
+    CloneStep of "container.clone" {
+        /// Make the copy's row and place it.
+        Place = 0,
+        /// Stop the source.
+        StopSource = 1,
+        /// Copy the disk to the copy's server.
+        Copy = 2,
+        /// Start both again if the source ran.
+        Finish = 3,
+    }
+);
+
+steps!(
+    /// `container.migrate`.
+    MigrateStep of "container.migrate" {
+        /// Place on the target.
+        Place = 0,
+        /// Stop on the source.
+        Stop = 1,
+        /// Copy to the target.
+        Copy = 2,
+        /// Destroy on the source and switch servers.
+        Switch = 3,
+        /// Start on the target if it ran.
+        Start = 4,
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_number_reads_back_and_an_unknown_one_names_the_command() {
+        let mut cmd = crate::commands::params::tests_support::command("container.migrate", 3);
+        assert_eq!(MigrateStep::of(&cmd).unwrap(), MigrateStep::Switch);
+        assert_eq!(MigrateStep::Switch.number(), 3);
+        cmd.step = 9;
+        let e = MigrateStep::of(&cmd).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "command 42 (container.migrate): step 9 is not a step of container.migrate this core knows"
+        );
+        cmd.step = 2;
+        assert!(UpdateStep::of(&cmd).is_err());
+    }
+}
