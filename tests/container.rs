@@ -52,27 +52,27 @@ async fn every_container_command_works_on_the_sim_driver() {
 
     for (op, status, guest) in [
         (
-            ContainerCommand::Stop,
+            ContainerCommand::Stop {},
             ContainerStatus::Stopped,
             GuestState::Stopped,
         ),
         (
-            ContainerCommand::Start,
+            ContainerCommand::Start {},
             ContainerStatus::Running,
             GuestState::Running,
         ),
         (
-            ContainerCommand::Suspend,
+            ContainerCommand::Suspend {},
             ContainerStatus::Suspended,
             GuestState::Suspended,
         ),
         (
-            ContainerCommand::Resume,
+            ContainerCommand::Resume {},
             ContainerStatus::Running,
             GuestState::Running,
         ),
         (
-            ContainerCommand::Reboot,
+            ContainerCommand::Reboot {},
             ContainerStatus::Running,
             GuestState::Running,
         ),
@@ -142,7 +142,7 @@ async fn every_container_command_works_on_the_sim_driver() {
         GuestState::Running
     );
 
-    t.ok(act(&t, id, ContainerCommand::Destroy).await).await;
+    t.ok(act(&t, id, ContainerCommand::Destroy {}).await).await;
     assert_eq!(show(&t, id).await.status, ContainerStatus::Destroyed);
     assert!(t.sim("sim-3").await.guest(&c.guest_id).is_none());
     let live: Vec<Container> = t.client.get("/v1/containers").await.unwrap();
@@ -160,7 +160,7 @@ async fn transient_driver_errors_are_retried_with_backoff() {
         2,
         DriverError::Transient("connection reset".into()),
     );
-    let cmd = t.ok(act(&t, id, ContainerCommand::Reboot).await).await;
+    let cmd = t.ok(act(&t, id, ContainerCommand::Reboot {}).await).await;
     assert_eq!(cmd.attempts, 2, "two failed attempts were retried");
 }
 
@@ -174,7 +174,7 @@ async fn transient_errors_past_the_attempt_limit_fail_the_command() {
     .unwrap();
     let id = create(&t, Some("sim-1")).await;
     t.sim("sim-1").await.crash();
-    let cmd = t.wait(act(&t, id, ContainerCommand::Stop).await).await;
+    let cmd = t.wait(act(&t, id, ContainerCommand::Stop {}).await).await;
     let err = cmd.error.unwrap();
     assert!(err.contains("gave up after 3 attempts"), "{err}");
     assert!(err.contains("sim-1 is unreachable"), "{err}");
@@ -194,7 +194,9 @@ async fn permanent_driver_errors_fail_at_once_with_the_drivers_message() {
         1,
         DriverError::Permanent("cgroup freezer missing".into()),
     );
-    let cmd = t.wait(act(&t, id, ContainerCommand::Suspend).await).await;
+    let cmd = t
+        .wait(act(&t, id, ContainerCommand::Suspend {}).await)
+        .await;
     assert_eq!(cmd.attempts, 0);
     assert!(cmd.error.unwrap().contains("cgroup freezer missing"));
     assert_eq!(show(&t, id).await.status, ContainerStatus::Running);
@@ -313,7 +315,7 @@ async fn a_clone_that_fails_late_releases_the_copy_and_restarts_the_source() {
         .find(|c| c.id != id)
         .expect("the copy row exists");
     assert_eq!(copy.locked_by, None, "the failed clone released the copy");
-    t.ok(act(&t, copy.id, ContainerCommand::Destroy).await)
+    t.ok(act(&t, copy.id, ContainerCommand::Destroy {}).await)
         .await;
     assert_eq!(
         t.sim("sim-1")

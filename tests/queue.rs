@@ -56,7 +56,7 @@ async fn lock_serialization(pg: bool) {
         cmds.push(
             t.core
                 .containers()
-                .run(ContainerCommand::Reboot, id, "test")
+                .run(ContainerCommand::Reboot {}, id, "test")
                 .await
                 .unwrap(),
         );
@@ -168,7 +168,7 @@ async fn cancellation(pg: bool) {
     let slow = t
         .core
         .containers()
-        .run(ContainerCommand::Reboot, id, "test")
+        .run(ContainerCommand::Reboot {}, id, "test")
         .await
         .unwrap();
     // Once the slow command holds the lock, the next one waits in the queue without running.
@@ -178,7 +178,7 @@ async fn cancellation(pg: bool) {
     let queued = t
         .core
         .containers()
-        .run(ContainerCommand::Stop, id, "test")
+        .run(ContainerCommand::Stop {}, id, "test")
         .await
         .unwrap();
     let cancelled = t.core.queue().cancel(queued).await.unwrap();

@@ -277,7 +277,7 @@ async fn destroy_container(
     let id = parse_id("id", &id)?;
     Ok(accepted(
         core.containers()
-            .run(ContainerCommand::Destroy, id, who.audit_name())
+            .run(ContainerCommand::Destroy {}, id, who.audit_name())
             .await?,
         None,
     ))

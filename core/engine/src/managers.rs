@@ -24,17 +24,17 @@ use crate::queue::{NewCommand, Target};
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ContainerCommand {
     /// Start a stopped container.
-    Start,
+    Start {},
     /// Stop a running or suspended container.
-    Stop,
+    Stop {},
     /// Freeze a running container.
-    Suspend,
+    Suspend {},
     /// Thaw a suspended container.
-    Resume,
+    Resume {},
     /// Restart a running container.
-    Reboot,
+    Reboot {},
     /// Destroy a container.
-    Destroy,
+    Destroy {},
     /// Change the resources of a container.
     Update {
         /// New resources.
@@ -57,12 +57,12 @@ impl ContainerCommand {
     /// Command kind, e.g. `container.start`.
     pub fn kind(&self) -> CommandKind {
         match self {
-            ContainerCommand::Start => CommandKind::ContainerStart,
-            ContainerCommand::Stop => CommandKind::ContainerStop,
-            ContainerCommand::Suspend => CommandKind::ContainerSuspend,
-            ContainerCommand::Resume => CommandKind::ContainerResume,
-            ContainerCommand::Reboot => CommandKind::ContainerReboot,
-            ContainerCommand::Destroy => CommandKind::ContainerDestroy,
+            ContainerCommand::Start {} => CommandKind::ContainerStart,
+            ContainerCommand::Stop {} => CommandKind::ContainerStop,
+            ContainerCommand::Suspend {} => CommandKind::ContainerSuspend,
+            ContainerCommand::Resume {} => CommandKind::ContainerResume,
+            ContainerCommand::Reboot {} => CommandKind::ContainerReboot,
+            ContainerCommand::Destroy {} => CommandKind::ContainerDestroy,
             ContainerCommand::Update { .. } => CommandKind::ContainerUpdate,
             ContainerCommand::Clone { .. } => CommandKind::ContainerClone,
             ContainerCommand::Migrate { .. } => CommandKind::ContainerMigrate,
@@ -73,12 +73,12 @@ impl ContainerCommand {
     pub fn allowed_from(&self) -> &'static [ContainerStatus] {
         use ContainerStatus::*;
         match self {
-            ContainerCommand::Start => &[Stopped],
-            ContainerCommand::Stop => &[Running, Suspended],
-            ContainerCommand::Suspend => &[Running],
-            ContainerCommand::Resume => &[Suspended],
-            ContainerCommand::Reboot => &[Running],
-            ContainerCommand::Destroy => &[Creating, Running, Stopped, Suspended, Down],
+            ContainerCommand::Start {} => &[Stopped],
+            ContainerCommand::Stop {} => &[Running, Suspended],
+            ContainerCommand::Suspend {} => &[Running],
+            ContainerCommand::Resume {} => &[Suspended],
+            ContainerCommand::Reboot {} => &[Running],
+            ContainerCommand::Destroy {} => &[Creating, Running, Stopped, Suspended, Down],
             ContainerCommand::Update { .. } => &[Running, Stopped, Suspended],
             ContainerCommand::Clone { .. } | ContainerCommand::Migrate { .. } => {
                 &[Running, Stopped]
@@ -298,7 +298,7 @@ impl<'a> ContainerManager<'a> {
         // this container (stop then start, submitted back to back, ends running). Only what can
         // never run is refused now: a container that no longer exists on any server.
         let status = parse_status(&row.status);
-        if status.is_gone() && cmd != ContainerCommand::Destroy {
+        if status.is_gone() && !matches!(cmd, ContainerCommand::Destroy {}) {
             check_status(id, status, cmd.kind().as_str(), cmd.allowed_from())
                 .map_err(CoreError::Conflict)?;
         }
@@ -1429,6 +1429,10 @@ mod tests {
             e.contains("unknown variant `explode`") && e.contains("start"),
             "{e}"
         );
+        let e = serde_json::from_str::<ContainerCommand>(r#"{"op": "start", "force": true}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `force`"), "{e}");
         let e = serde_json::from_str::<ContainerCommand>(
             r#"{"op": "update", "resources": {"cpu_millis": 1}}"#,
         )
@@ -1439,7 +1443,7 @@ mod tests {
 
     #[test]
     fn a_status_check_says_what_the_container_must_be() {
-        let allowed = ContainerCommand::Stop.allowed_from();
+        let allowed = ContainerCommand::Stop {}.allowed_from();
         assert!(check_status(7, ContainerStatus::Running, "container.stop", allowed).is_ok());
         let e = check_status(7, ContainerStatus::Stopped, "container.stop", allowed).unwrap_err();
         assert_eq!(

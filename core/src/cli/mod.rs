@@ -970,12 +970,12 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             };
             return out.accepted(client, a, wait, &what).await;
         }
-        ContainerCmd::Start { id, wait } => (id, ContainerCommand::Start, wait),
-        ContainerCmd::Stop { id, wait } => (id, ContainerCommand::Stop, wait),
-        ContainerCmd::Suspend { id, wait } => (id, ContainerCommand::Suspend, wait),
-        ContainerCmd::Resume { id, wait } => (id, ContainerCommand::Resume, wait),
-        ContainerCmd::Reboot { id, wait } => (id, ContainerCommand::Reboot, wait),
-        ContainerCmd::Destroy { id, wait } => (id, ContainerCommand::Destroy, wait),
+        ContainerCmd::Start { id, wait } => (id, ContainerCommand::Start {}, wait),
+        ContainerCmd::Stop { id, wait } => (id, ContainerCommand::Stop {}, wait),
+        ContainerCmd::Suspend { id, wait } => (id, ContainerCommand::Suspend {}, wait),
+        ContainerCmd::Resume { id, wait } => (id, ContainerCommand::Resume {}, wait),
+        ContainerCmd::Reboot { id, wait } => (id, ContainerCommand::Reboot {}, wait),
+        ContainerCmd::Destroy { id, wait } => (id, ContainerCommand::Destroy {}, wait),
         ContainerCmd::Update {
             id,
             resources,

@@ -56,12 +56,12 @@ fn done(id: i64) -> Next {
 pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transition, StepError> {
     // The one-step lifecycle commands; the multi-step ones have their own functions.
     let simple = match kind {
-        CommandKind::ContainerStart => Some(ContainerCommand::Start),
-        CommandKind::ContainerStop => Some(ContainerCommand::Stop),
-        CommandKind::ContainerSuspend => Some(ContainerCommand::Suspend),
-        CommandKind::ContainerResume => Some(ContainerCommand::Resume),
-        CommandKind::ContainerReboot => Some(ContainerCommand::Reboot),
-        CommandKind::ContainerDestroy => Some(ContainerCommand::Destroy),
+        CommandKind::ContainerStart => Some(ContainerCommand::Start {}),
+        CommandKind::ContainerStop => Some(ContainerCommand::Stop {}),
+        CommandKind::ContainerSuspend => Some(ContainerCommand::Suspend {}),
+        CommandKind::ContainerResume => Some(ContainerCommand::Resume {}),
+        CommandKind::ContainerReboot => Some(ContainerCommand::Reboot {}),
+        CommandKind::ContainerDestroy => Some(ContainerCommand::Destroy {}),
         CommandKind::ContainerUpdate => {
             let p: params::Update = ctx.params()?;
             Some(ContainerCommand::Update {
@@ -86,12 +86,12 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
         };
     };
     let status = parse_status(&row.status);
-    if cmd == ContainerCommand::Destroy && status.is_gone() {
+    if matches!(cmd, ContainerCommand::Destroy {}) && status.is_gone() {
         return Ok(Transition::bare(done(id)));
     }
     check_status(id, status, cmd.kind().as_str(), cmd.allowed_from())
         .map_err(StepError::Permanent)?;
-    if cmd == ContainerCommand::Destroy && status == ContainerStatus::Down {
+    if matches!(cmd, ContainerCommand::Destroy {}) && status == ContainerStatus::Down {
         // Its server does not answer: the container is given up now and its guest destroyed
         // by the collector when the server is back.
         let txn = write(core, &row, |am| {
@@ -111,42 +111,42 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     let (driver, server) = driver_of(core, server_id)?;
     let guest = row.guest_id.as_str();
     let new_status = match &cmd {
-        ContainerCommand::Start => {
+        ContainerCommand::Start {} => {
             driver
                 .start(guest)
                 .await
                 .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Running
         }
-        ContainerCommand::Stop => {
+        ContainerCommand::Stop {} => {
             driver
                 .stop(guest)
                 .await
                 .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Stopped
         }
-        ContainerCommand::Suspend => {
+        ContainerCommand::Suspend {} => {
             driver
                 .suspend(guest)
                 .await
                 .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Suspended
         }
-        ContainerCommand::Resume => {
+        ContainerCommand::Resume {} => {
             driver
                 .resume(guest)
                 .await
                 .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Running
         }
-        ContainerCommand::Reboot => {
+        ContainerCommand::Reboot {} => {
             driver
                 .reboot(guest)
                 .await
                 .map_err(|e| driver_err(&server, e))?;
             ContainerStatus::Running
         }
-        ContainerCommand::Destroy => {
+        ContainerCommand::Destroy {} => {
             driver
                 .destroy(guest)
                 .await
