@@ -9,6 +9,7 @@ use sea_orm::{
 };
 use serde_json::{Value, json};
 
+use super::steps::{AddStep, RemoveStep, ReplaceStep};
 use super::{StepCtx, core_err, params};
 use crate::core::Core;
 use crate::entities::{container, environment, server};
@@ -342,8 +343,8 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
         .types()
         .require(&params.type_id)
         .map_err(StepError::Permanent)?;
-    match ctx.cmd.step {
-        0 => {
+    match AddStep::of(ctx.cmd)? {
+        AddStep::BeforeHooks => {
             let members = members(core, core.db(), env.id).await?;
             let view = env_view(env, &members);
             // A clone starts from a copy of its source's state; the add hooks then rewire it.
@@ -380,10 +381,22 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let txn = core.db().begin().await?;
             save_states(&txn, others).await?;
             let progress = json!({ "new_state": new_state, "actions": actions });
-            Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
+            Ok(Transition::with(
+                Next::Continue {
+                    step: AddStep::BeforeActions.number(),
+                    progress,
+                },
+                txn,
+            ))
         }
-        1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
-        2 => {
+        AddStep::BeforeActions => {
+            drain_actions(ctx, env, |progress| Next::Continue {
+                step: AddStep::Create.number(),
+                progress,
+            })
+            .await
+        }
+        AddStep::Create => {
             let new_state: Vec<u8> = serde_json::from_value(ctx.progress["new_state"].clone())
                 .map_err(|e| {
                     StepError::Permanent(format!(
@@ -415,13 +428,13 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 requested_by: ctx.cmd.requested_by.clone(),
             };
             let next = Next::Spawn {
-                step: 3,
+                step: AddStep::AfterHooks.number(),
                 progress: json!({ "container_id": id }),
                 children: vec![child],
             };
             Ok(Transition::with(next, txn))
         }
-        3 => {
+        AddStep::AfterHooks => {
             let id = ctx
                 .progress_i64("container_id")
                 .ok_or_else(|| StepError::Permanent("lost the id of the new container".into()))?;
@@ -451,9 +464,15 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let txn = core.db().begin().await?;
             save_states(&txn, states).await?;
             let progress = json!({ "container_id": id, "actions": actions });
-            Ok(Transition::with(Next::Continue { step: 4, progress }, txn))
+            Ok(Transition::with(
+                Next::Continue {
+                    step: AddStep::AfterActions.number(),
+                    progress,
+                },
+                txn,
+            ))
         }
-        _ => {
+        AddStep::AfterActions => {
             drain_actions(ctx, env, |p| {
                 Next::Done(json!({ "container_id": p["container_id"] }))
             })
@@ -472,8 +491,8 @@ fn container_param(ctx: &StepCtx<'_>) -> Result<i64, StepError> {
 async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
     let id = container_param(ctx)?;
-    match ctx.cmd.step {
-        0 => {
+    match RemoveStep::of(ctx.cmd)? {
+        RemoveStep::BeforeHooks => {
             let members = members(core, core.db(), env.id).await?;
             let Some((row, removed)) = members.iter().find(|(r, _)| r.id == id) else {
                 return Err(StepError::Permanent(format!(
@@ -500,10 +519,22 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             let txn = core.db().begin().await?;
             save_states(&txn, states).await?;
             let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable"), "actions": actions });
-            Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
+            Ok(Transition::with(
+                Next::Continue {
+                    step: RemoveStep::BeforeActions.number(),
+                    progress,
+                },
+                txn,
+            ))
         }
-        1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
-        2 => {
+        RemoveStep::BeforeActions => {
+            drain_actions(ctx, env, |progress| Next::Continue {
+                step: RemoveStep::Destroy.number(),
+                progress,
+            })
+            .await
+        }
+        RemoveStep::Destroy => {
             let child = NewCommand {
                 kind: crate::model::CommandKind::ContainerDestroy,
                 target: Some(Target::Container(id)),
@@ -511,12 +542,12 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
                 requested_by: ctx.cmd.requested_by.clone(),
             };
             Ok(Transition::bare(Next::Spawn {
-                step: 3,
+                step: RemoveStep::AfterHooks.number(),
                 progress: ctx.progress.clone(),
                 children: vec![child],
             }))
         }
-        3 => {
+        RemoveStep::AfterHooks => {
             if let Some(failure) = child_failures(ctx).await? {
                 return Ok(Transition::bare(Next::Fail(format!(
                     "removing container {id} failed: {failure}"
@@ -539,9 +570,17 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             save_states(&txn, states).await?;
             let mut progress = ctx.progress.clone();
             progress["actions"] = serde_json::to_value(&actions).expect("serializable");
-            Ok(Transition::with(Next::Continue { step: 4, progress }, txn))
+            Ok(Transition::with(
+                Next::Continue {
+                    step: RemoveStep::AfterActions.number(),
+                    progress,
+                },
+                txn,
+            ))
         }
-        _ => drain_actions(ctx, env, |_| Next::Done(json!({ "container_id": id }))).await,
+        RemoveStep::AfterActions => {
+            drain_actions(ctx, env, |_| Next::Done(json!({ "container_id": id }))).await
+        }
     }
 }
 
@@ -695,8 +734,8 @@ async fn notify(
 async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let core = ctx.core;
     let id = container_param(ctx)?;
-    match ctx.cmd.step {
-        0 => {
+    match ReplaceStep::of(ctx.cmd)? {
+        ReplaceStep::Retire => {
             let all = members(core, core.db(), env.id).await?;
             let Some((row, old)) = all.iter().find(|(r, _)| r.id == id).cloned() else {
                 return Err(StepError::Permanent(format!(
@@ -742,10 +781,22 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                 "avoid": row.server_id,
                 "actions": actions,
             });
-            Ok(Transition::with(Next::Continue { step: 1, progress }, txn))
+            Ok(Transition::with(
+                Next::Continue {
+                    step: ReplaceStep::Actions.number(),
+                    progress,
+                },
+                txn,
+            ))
         }
-        1 => drain_actions(ctx, env, |progress| Next::Continue { step: 2, progress }).await,
-        2 => {
+        ReplaceStep::Actions => {
+            drain_actions(ctx, env, |progress| Next::Continue {
+                step: ReplaceStep::Add.number(),
+                progress,
+            })
+            .await
+        }
+        ReplaceStep::Add => {
             // What step 0 recorded of the replaced container.
             #[derive(serde::Deserialize)]
             struct Replaced {
@@ -769,12 +820,12 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                 requested_by: ctx.cmd.requested_by.clone(),
             };
             Ok(Transition::bare(Next::Spawn {
-                step: 3,
+                step: ReplaceStep::Finish.number(),
                 progress: ctx.progress.clone(),
                 children: vec![child],
             }))
         }
-        _ => {
+        ReplaceStep::Finish => {
             let children = core.queue().children(ctx.cmd.id).await?;
             if let Some(failure) = child_failures(ctx).await? {
                 // No replacement: the old container is down again rather than illegal, so the

@@ -93,6 +93,52 @@ steps!(
     }
 );
 
+steps!(
+    /// `environment.add`.
+    AddStep of "environment.add" {
+        /// `before-it-is-added` and `before-other-is-added`.
+        BeforeHooks = 0,
+        /// The actions they asked for.
+        BeforeActions = 1,
+        /// The child create.
+        Create = 2,
+        /// `after-it-is-added` and `after-other-is-added`.
+        AfterHooks = 3,
+        /// The actions they asked for.
+        AfterActions = 4,
+    }
+);
+
+steps!(
+    /// `environment.remove`.
+    RemoveStep of "environment.remove" {
+        /// `before-it-is-removed`.
+        BeforeHooks = 0,
+        /// The actions it asked for.
+        BeforeActions = 1,
+        /// The child destroy.
+        Destroy = 2,
+        /// `after-other-is-removed`.
+        AfterHooks = 3,
+        /// The actions they asked for.
+        AfterActions = 4,
+    }
+);
+
+steps!(
+    /// `environment.replace`.
+    ReplaceStep of "environment.replace" {
+        /// Retire the down member; the others hear it left.
+        Retire = 0,
+        /// The actions they asked for.
+        Actions = 1,
+        /// The child add of its replacement.
+        Add = 2,
+        /// Finish (or put the member back to down when no replacement was made).
+        Finish = 3,
+    }
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
