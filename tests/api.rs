@@ -4,6 +4,8 @@ use cloud48_core::model::{Accepted, Command, CommandStatus, ContainerStatus};
 use serde_json::{Value, json};
 
 use crate::common::{Opts, TestCore};
+use crate::container::act;
+use cloud48_core::managers::ContainerCommand;
 
 async fn raw(t: &TestCore, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
     let http = reqwest::Client::new();
@@ -20,6 +22,17 @@ async fn raw(t: &TestCore, method: &str, path: &str, body: Option<&str>) -> (u16
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// `POST /v1/containers/{id}/actions` with `body`, raw.
+async fn action(t: &TestCore, id: i64, body: &str) -> (u16, Value) {
+    raw(
+        t,
+        "POST",
+        &format!("/v1/containers/{id}/actions"),
+        Some(body),
+    )
+    .await
 }
 
 async fn command_count(t: &TestCore) -> usize {
@@ -287,33 +300,15 @@ async fn an_operation_the_status_does_not_allow_fails_when_it_runs() {
         );
     }
     let before = command_count(&t).await;
-    let (status, err) = raw(
-        &t,
-        "POST",
-        &format!("/v1/containers/{id}/actions"),
-        Some("{\"op\": \"migrate\", \"to\": \"sim-404\"}"),
-    )
-    .await;
+    let (status, err) = action(&t, id, "{\"op\": \"migrate\", \"to\": \"sim-404\"}").await;
     assert_eq!(status, 422);
     assert_eq!(err["error"]["field"], "to");
     assert_eq!(command_count(&t).await, before);
 
-    let (_, body) = raw(
-        &t,
-        "POST",
-        &format!("/v1/containers/{id}/actions"),
-        Some("{\"op\": \"destroy\"}"),
-    )
-    .await;
+    let (_, body) = action(&t, id, "{\"op\": \"destroy\"}").await;
     t.ok(body["command_id"].as_i64().unwrap()).await;
     let before = command_count(&t).await;
-    let (status, err) = raw(
-        &t,
-        "POST",
-        &format!("/v1/containers/{id}/actions"),
-        Some("{\"op\": \"start\"}"),
-    )
-    .await;
+    let (status, err) = action(&t, id, "{\"op\": \"start\"}").await;
     assert_eq!(status, 409);
     let m = err["error"]["message"].as_str().unwrap();
     assert!(m.contains(&format!("container {id} is destroyed")), "{m}");
@@ -340,24 +335,10 @@ async fn stop_then_start_submitted_back_to_back_ends_running() {
         .await
         .unwrap();
     let id = t.created(a.command_id).await;
-    let stop: Accepted = t
-        .client
-        .post(
-            &format!("/v1/containers/{id}/actions"),
-            &json!({ "op": "stop" }),
-        )
-        .await
-        .unwrap();
-    let start: Accepted = t
-        .client
-        .post(
-            &format!("/v1/containers/{id}/actions"),
-            &json!({ "op": "start" }),
-        )
-        .await
-        .unwrap();
-    t.ok(stop.command_id).await;
-    t.ok(start.command_id).await;
+    let stop = act(&t, id, ContainerCommand::Stop {}).await;
+    let start = act(&t, id, ContainerCommand::Start {}).await;
+    t.ok(stop).await;
+    t.ok(start).await;
     let c = t.core.containers().get_by_id(id).await.unwrap();
     assert_eq!(c.status, ContainerStatus::Running);
 }

@@ -24,7 +24,7 @@ async fn create(t: &TestCore, server: Option<&str>) -> i64 {
     t.created(a.command_id).await
 }
 
-async fn act(t: &TestCore, id: i64, op: ContainerCommand) -> i64 {
+pub(crate) async fn act(t: &TestCore, id: i64, op: ContainerCommand) -> i64 {
     let a: Accepted = t
         .client
         .post(&format!("/v1/containers/{id}/actions"), &op)
