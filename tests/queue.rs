@@ -367,6 +367,40 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
             "{error}"
         );
     }
+    // A status this core does not know is an error naming the command, not `failed`.
+    let sql = "INSERT INTO commands (kind, status, params, progress, step, attempts, run_after, requested_by, created_at) \
+               VALUES ('noop', 'paused', '{}', '{}', 0, 0, 0, 'test', 0)";
+    t.core.db().execute_unprepared(sql).await.unwrap();
+    let id: i64 = t
+        .core
+        .queue()
+        .list(&Default::default())
+        .await
+        .unwrap_err()
+        .to_string()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let e = t.core.queue().get(id).await.unwrap_err().to_string();
+    assert_eq!(
+        e,
+        format!(
+            "command {id} (noop): unreadable status: unknown CommandStatus 'paused' (expected one of: queued, running, waiting, succeeded, failed, cancelled)"
+        )
+    );
+    let resp = reqwest::get(format!("{}/v1/commands/{id}", t.url))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 500);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("unknown CommandStatus 'paused'")
+    );
+
     // The container was not touched.
     let c = t.core.containers().get_by_id(container).await.unwrap();
     assert_eq!(c.status, cloud48_core::model::ContainerStatus::Running);

@@ -101,7 +101,7 @@ impl From<QueueError> for ApiError {
             QueueError::NotCancellable { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string(), None)
             }
-            QueueError::Db(_) => Self::new(
+            QueueError::Db(_) | QueueError::Unreadable(_) => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 e.to_string(),

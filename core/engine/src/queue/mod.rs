@@ -307,6 +307,10 @@ pub enum QueueError {
     /// The object to lock does not exist.
     #[error("{0} does not exist")]
     TargetMissing(String),
+    /// A stored command this core cannot read (written by a newer core, or damaged); the
+    /// message names it and what was wrong.
+    #[error("{0}")]
+    Unreadable(String),
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] DbErr),
@@ -405,19 +409,19 @@ impl Queue {
 
     /// One command.
     pub async fn get(&self, id: CommandId) -> Result<Command, QueueError> {
-        store::get(&self.inner.db, id)
+        let row = store::get(&self.inner.db, id)
             .await?
-            .map(|row| store::to_api(&row))
-            .ok_or(QueueError::NotFound(id))
+            .ok_or(QueueError::NotFound(id))?;
+        store::to_api(&row)
     }
 
     /// Commands matching `filter`, newest first.
-    pub async fn list(&self, filter: &CommandFilter) -> Result<Vec<Command>, DbErr> {
-        Ok(store::list(&self.inner.db, filter)
+    pub async fn list(&self, filter: &CommandFilter) -> Result<Vec<Command>, QueueError> {
+        store::list(&self.inner.db, filter)
             .await?
             .iter()
             .map(store::to_api)
-            .collect())
+            .collect()
     }
 
     /// Locks `target` for command `cmd` (the manager's `get`); true when acquired or already

@@ -236,21 +236,28 @@ pub(crate) async fn children<C: ConnectionTrait>(
         .await
 }
 
-/// The API view of a row.
-pub(crate) fn to_api(row: &command::Model) -> Command {
-    Command {
+/// The API view of a row. A status this core does not know is an error that names the command;
+/// parameters or a result that are not JSON are shown as the stored text (a string), so the
+/// command can still be looked at, and nothing is shown as `null` that was not.
+pub(crate) fn to_api(row: &command::Model) -> Result<Command, QueueError> {
+    let json = |text: &str| {
+        serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_string()))
+    };
+    Ok(Command {
         id: row.id,
         kind: row.kind.clone(),
-        status: row.status.parse().unwrap_or(CommandStatus::Failed),
+        status: row.status.parse().map_err(|e: String| {
+            QueueError::Unreadable(format!(
+                "command {} ({}): unreadable status: {e}",
+                row.id, row.kind
+            ))
+        })?,
         target_type: row.target_type.clone(),
         target_id: row.target_id,
         parent: row.parent_id,
-        params: serde_json::from_str(&row.params).unwrap_or(serde_json::Value::Null),
+        params: json(&row.params),
         step: row.step,
-        result: row
-            .result
-            .as_deref()
-            .and_then(|r| serde_json::from_str(r).ok()),
+        result: row.result.as_deref().map(json),
         error: row.error.clone(),
         waiting_on: row.waiting_on.clone(),
         attempts: row.attempts,
@@ -258,7 +265,7 @@ pub(crate) fn to_api(row: &command::Model) -> Command {
         created_at: row.created_at,
         started_at: row.started_at,
         finished_at: row.finished_at,
-    }
+    })
 }
 
 /// Commands taken by `claim`, oldest first.
@@ -788,7 +795,10 @@ pub(crate) async fn cancel(
 ) -> Result<Command, QueueError> {
     let txn = conn.begin().await?;
     let row = get(&txn, id).await?.ok_or(QueueError::NotFound(id))?;
-    let status: CommandStatus = row.status.parse().unwrap_or(CommandStatus::Failed);
+    let status: CommandStatus = row
+        .status
+        .parse()
+        .map_err(|e| QueueError::Unreadable(format!("command {id}: unreadable status: {e}")))?;
     let started = row.step > 0 || row.attempts > 0 || row.started_at.is_some();
     if status != CommandStatus::Queued || started {
         return Err(QueueError::NotCancellable {
@@ -820,9 +830,7 @@ pub(crate) async fn cancel(
         });
     }
     txn.commit().await?;
-    Ok(to_api(
-        &get(conn, id).await?.ok_or(QueueError::NotFound(id))?,
-    ))
+    to_api(&get(conn, id).await?.ok_or(QueueError::NotFound(id))?)
 }
 
 /// Rows of values for one statement, as a row source `v` with columns `column1…`, to follow
