@@ -144,7 +144,10 @@ async fn place(
     // Equal requirements (and named server) share one decision heap.
     // Those that named a server come first, so the others' decisions see what they take.
     let mut by_need: BTreeMap<(bool, Option<ServerId>, String), Vec<Plain<'_>>> = BTreeMap::new();
+    // Whether each command starts its container, read once from its parameters.
+    let mut starts: HashMap<usize, bool> = HashMap::new();
     for p in plain(cmds, &rows) {
+        starts.insert(p.index, p.params.start);
         let req = p.row.requirements();
         if req.spread && p.row.environment_id.is_some() {
             continue;
@@ -246,10 +249,11 @@ async fn place(
                             server_id: *server,
                             dummy_id: dummies[container],
                         },
+                        starts[i],
                     )
                 })
                 .collect();
-            make_placed(core, cmds, placed, sink).await
+            make_placed(core, placed, sink).await
         }
         Ok(false) => {
             undo(&kept);
@@ -276,25 +280,25 @@ async fn make(
                 p.index,
                 p.row,
                 reservation(&serde_json::from_str(&cmds[p.index].progress).unwrap_or(Value::Null))?,
+                p.params.start,
             ))
         })
         .collect();
-    make_placed(core, cmds, placed, sink).await
+    make_placed(core, placed, sink).await
 }
 
-/// Step 1 for the commands at these indexes, with their containers and reservations.
+/// Step 1 for the commands at these indexes, with their containers, reservations and whether
+/// they start them.
 async fn make_placed(
     core: &Core,
-    cmds: &[command::Model],
-    placed: Vec<(usize, &Row, Reservation)>,
+    placed: Vec<(usize, &Row, Reservation, bool)>,
     sink: &mut dyn GroupSink,
 ) -> Result<(), StepError> {
     let mut pending = FuturesUnordered::new();
-    for (index, row, r) in placed {
+    for (index, row, r, start) in placed {
         let Ok((driver, server)) = driver_of(core, r.server_id) else {
             continue;
         };
-        let start = params_of(&cmds[index]).is_some_and(|p| p.start);
         let spec = guest_spec(&row.guest_id, &row.type_id, row.requirements().resources);
         let id = row.id;
         pending.push(async move {
