@@ -13,6 +13,7 @@ use crate::core::{Core, CoreError};
 use crate::driver::ServerStats;
 use crate::driver::remote::RemoteDriver;
 use crate::entities::server;
+use crate::fleet::RemoteFactory;
 use crate::model::ServerId;
 
 /// Checks a server name an agent gives.
@@ -58,11 +59,13 @@ impl Core {
             .ok_or_else(|| CoreError::Conflict("this core has no agents.token; set it (CLOUD48_AGENT_TOKEN or agents.token in the config file) to the token the agents use".into()))
     }
 
-    /// Makes `url` the address of the remote server `id` in this core's fleet.
-    pub(crate) fn attach_agent(&self, id: ServerId, name: &str, url: &str) -> Arc<RemoteDriver> {
-        self.fleet()
-            .remote_factory()
-            .attach_url(self.fleet(), id, name, url)
+    /// Attaches the driver of the agent's server `row` to this core's fleet.
+    fn attach_agent(&self, row: &server::Model) -> Result<Arc<RemoteDriver>, CoreError> {
+        self.fleet().attach(row)?;
+        Ok(self
+            .fleet()
+            .remote(row.id)
+            .expect("the remote factory attached it"))
     }
 
     /// Registers the server an agent runs, or updates its address and capabilities.
@@ -87,7 +90,7 @@ impl Core {
             .one(db)
             .await?;
         let (id, remote) = match existing {
-            Some(row) if row.driver != "remote" => {
+            Some(row) if row.driver != RemoteFactory::KIND => {
                 return Err(CoreError::Conflict(format!(
                     "server {} already exists with driver '{}'; give the agent another --name",
                     row.name, row.driver
@@ -109,14 +112,14 @@ impl Core {
                 }
                 let mut am: server::ActiveModel = row.into();
                 am.address = Set(Some(info.url.clone()));
-                am.update(db).await?;
-                (id, self.attach_agent(id, &info.name, &info.url))
+                let row = am.update(db).await?;
+                (id, self.attach_agent(&row)?)
             }
             None => {
                 let row = server::ActiveModel {
                     platform_id: Set(self.inner.platform.id),
                     name: Set(info.name.clone()),
-                    driver: Set("remote".into()),
+                    driver: Set(RemoteFactory::KIND.into()),
                     address: Set(Some(info.url.clone())),
                     status: Set("up".into()),
                     cpu_millis: Set(stats.capacity.cpu_millis as i64),
@@ -129,7 +132,7 @@ impl Core {
                 }
                 .insert(db)
                 .await?;
-                let remote = self.attach_agent(row.id, &info.name, &info.url);
+                let remote = self.attach_agent(&row)?;
                 self.placement().refresh(db, row.id).await?;
                 tracing::info!(server = %info.name, url = %info.url, driver = %info.driver, "registered a server run by an agent");
                 (row.id, remote)

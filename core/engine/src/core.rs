@@ -320,7 +320,7 @@ impl Core {
                 let row = server::ActiveModel {
                     platform_id: Set(self.inner.platform.id),
                     name: Set(format!("sim-{i}")),
-                    driver: Set("sim".into()),
+                    driver: Set(SimFactory::KIND.into()),
                     address: Set(None),
                     status: Set("up".into()),
                     cpu_millis: Set(c.sim_capacity.cpu_millis as i64),

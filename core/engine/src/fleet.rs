@@ -13,10 +13,10 @@ use crate::driver::Driver;
 use crate::driver::remote::{RemoteDriver, RemoteTimeouts};
 use crate::driver::sim::{SimLatency, SimServer};
 use crate::entities::server;
-use crate::model::{Resources, ServerId};
+use crate::model::ServerId;
 
 /// Makes the driver of a registered server from its row and attaches it to the fleet.
-pub trait DriverFactory: std::any::Any + Send + Sync {
+pub trait DriverFactory: Send + Sync + 'static {
     /// The kind it makes, as stored in `servers.driver`.
     fn kind(&self) -> &'static str;
     /// Makes the driver of server `row` and attaches it to `fleet`.
@@ -49,15 +49,10 @@ impl DriverFactory for SimFactory {
     }
 
     fn attach(&self, fleet: &Fleet, row: &server::Model) -> Result<(), CoreError> {
-        let capacity = Resources {
-            cpu_millis: row.cpu_millis as u64,
-            memory_mb: row.memory_mb as u64,
-            disk_mb: row.disk_mb as u64,
-        };
         let mut sim = SimServer::new(
             &row.name,
             row.id as u32,
-            capacity,
+            crate::placement::capacity_of(row),
             SimLatency::uniform(self.latency),
         );
         if let Some(dir) = &self.state_dir {
@@ -87,19 +82,6 @@ impl RemoteFactory {
             timeouts: c.remote,
         }
     }
-
-    /// Attaches server `id` run by the agent at `url`.
-    pub fn attach_url(
-        &self,
-        fleet: &Fleet,
-        id: ServerId,
-        name: &str,
-        url: &str,
-    ) -> Arc<RemoteDriver> {
-        let remote = Arc::new(RemoteDriver::new(name, url, &self.token, self.timeouts));
-        fleet.add_remote(id, name, remote.clone());
-        remote
-    }
 }
 
 impl DriverFactory for RemoteFactory {
@@ -108,12 +90,9 @@ impl DriverFactory for RemoteFactory {
     }
 
     fn attach(&self, fleet: &Fleet, row: &server::Model) -> Result<(), CoreError> {
-        self.attach_url(
-            fleet,
-            row.id,
-            &row.name,
-            row.address.as_deref().unwrap_or_default(),
-        );
+        let url = row.address.as_deref().unwrap_or_default();
+        let remote = RemoteDriver::new(&row.name, url, &self.token, self.timeouts);
+        fleet.add_remote(row.id, &row.name, Arc::new(remote));
         Ok(())
     }
 }
@@ -156,17 +135,6 @@ impl Fleet {
         factory.attach(self, row)
     }
 
-    /// The factory of agents' servers.
-    pub fn remote_factory(&self) -> &RemoteFactory {
-        // Registered by every core (`Core::open`).
-        let f = self
-            .factories
-            .get(RemoteFactory::KIND)
-            .expect("the remote factory is registered");
-        let any: &dyn std::any::Any = f.as_ref();
-        any.downcast_ref::<RemoteFactory>()
-            .expect("the remote factory")
-    }
     /// The driver of a server.
     pub fn driver(&self, id: ServerId) -> Option<Arc<dyn Driver>> {
         self.drivers
