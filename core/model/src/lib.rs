@@ -286,6 +286,26 @@ string_enum!(
 );
 
 impl CommandKind {
+    /// True for the commands whose target is a container (the others act on an environment, or
+    /// on nothing).
+    pub fn on_container(&self) -> bool {
+        self.as_str().starts_with("container.")
+    }
+
+    /// The command an environment-wide operation gives each member, e.g. `container.stop` for
+    /// `environment.stop`.
+    pub fn member_command(&self) -> Option<CommandKind> {
+        use CommandKind::*;
+        Some(match self {
+            EnvironmentStart => ContainerStart,
+            EnvironmentStop => ContainerStop,
+            EnvironmentSuspend => ContainerSuspend,
+            EnvironmentResume => ContainerResume,
+            EnvironmentDestroy => ContainerDestroy,
+            _ => return None,
+        })
+    }
+
     /// The operation without its object, e.g. `start` for `container.start`.
     pub fn op(&self) -> &'static str {
         let text = self.as_str();
@@ -521,6 +541,12 @@ mod tests {
         }
         assert_eq!(CommandKind::ContainerCreateMany.op(), "create_many");
         assert_eq!(CommandKind::Noop.op(), "noop");
+        for k in CommandKind::ALL {
+            if let Some(member) = k.member_command() {
+                assert!(member.on_container() && !k.on_container());
+                assert_eq!(member.op(), k.op(), "{k}");
+            }
+        }
     }
 
     #[test]

@@ -633,9 +633,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         let step = CloneStep::StopSource.number();
         return Ok(Transition::with(Next::Continue { step, progress }, txn));
     }
-    let clone_id = ctx
-        .progress_i64("clone_id")
-        .ok_or_else(|| StepError::Permanent("lost the id of the copy".into()))?;
+    let clone_id: i64 = ctx.progress_field("clone_id")?;
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
     let was_running: bool = ctx.progress_field("was_running")?;
     let source_server = row

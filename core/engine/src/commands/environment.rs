@@ -435,9 +435,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             Ok(Transition::with(next, txn))
         }
         AddStep::AfterHooks => {
-            let id = ctx
-                .progress_i64("container_id")
-                .ok_or_else(|| StepError::Permanent("lost the id of the new container".into()))?;
+            let id: i64 = ctx.progress_field("container_id")?;
             if let Some(failure) = child_failures(ctx).await? {
                 return Ok(Transition::bare(Next::Fail(format!(
                     "adding a {} container failed: {failure}",
@@ -586,13 +584,6 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
 
 /// Step 0 plans groups of members by priority; step k spawns group k-1 after checking the
 /// previous groups succeeded; the last step finishes (a destroy also retires the environment).
-/// The container command a fan-out of `op` gives each member.
-fn member_kind(op: &str) -> Result<CommandKind, StepError> {
-    format!("container.{op}")
-        .parse()
-        .map_err(StepError::Permanent)
-}
-
 async fn fan_out(
     ctx: &StepCtx<'_>,
     env: &environment::Model,
@@ -640,7 +631,12 @@ async fn fan_out(
         .map_err(|e| StepError::Permanent(format!("lost the plan: {e}")))?;
     let index = (ctx.cmd.step - 1) as usize;
     if let Some(group) = groups.get(index) {
-        let kind = member_kind(op)?;
+        let kind = super::kind_of(ctx.cmd)?.member_command().ok_or_else(|| {
+            StepError::Permanent(format!(
+                "command {}: {} is not a fan-out",
+                ctx.cmd.id, ctx.cmd.kind
+            ))
+        })?;
         let children = group
             .iter()
             .map(|id| NewCommand {

@@ -52,7 +52,7 @@ impl Runner for Handlers {
         match kind {
             CommandKind::Noop => Ok(Transition::bare(Next::Done(Value::Null))),
             CommandKind::ContainerCreateMany => batch::create_many(&ctx).await,
-            k if k.as_str().starts_with("container.") => container::step(&ctx, k).await,
+            k if k.on_container() => container::step(&ctx, k).await,
             k => environment::step(&ctx, k).await,
         }
     }
@@ -99,12 +99,12 @@ pub(crate) fn kind_of(cmd: &command::Model) -> Result<CommandKind, StepError> {
 /// A stored JSON column of a command (`what`: parameters or progress); unreadable JSON fails
 /// the command with a message that names it, never `null`.
 fn read_json(cmd: &command::Model, what: &str, text: &str) -> Result<Value, StepError> {
-    serde_json::from_str(text).map_err(|e| {
-        StepError::Permanent(format!(
-            "command {} ({}): unreadable {what}: {e}",
-            cmd.id, cmd.kind
-        ))
-    })
+    serde_json::from_str(text).map_err(|e| StepError::Permanent(unreadable(cmd, what, e)))
+}
+
+/// The message of a stored command part (`what`) that cannot be read.
+pub(crate) fn unreadable(cmd: &command::Model, what: &str, e: impl std::fmt::Display) -> String {
+    format!("command {} ({}): unreadable {what}: {e}", cmd.id, cmd.kind)
 }
 
 /// What a step sees.
@@ -141,11 +141,6 @@ impl StepCtx<'_> {
                 self.cmd.id, self.cmd.kind, self.cmd.step
             ))
         })
-    }
-
-    /// An integer from the progress.
-    pub fn progress_i64(&self, key: &str) -> Option<i64> {
-        self.progress.get(key).and_then(Value::as_i64)
     }
 }
 

@@ -45,14 +45,8 @@ pub fn to_value<T: Serialize>(params: T) -> Value {
 
 /// Reads the parameters of `cmd` (already parsed as `value`) as `T`.
 pub fn read<T: DeserializeOwned>(cmd: &command::Model, value: &Value) -> Result<T, String> {
-    let what = |e: String| {
-        format!(
-            "command {} ({}): unreadable parameters: {e}",
-            cmd.id, cmd.kind
-        )
-    };
-    let doc: Versioned<T> =
-        serde_json::from_value(value.clone()).map_err(|e| what(e.to_string()))?;
+    let what = |e: String| super::unreadable(cmd, "parameters", e);
+    let doc = Versioned::<T>::deserialize(value).map_err(|e| what(e.to_string()))?;
     if doc.version > VERSION {
         return Err(what(format!(
             "they are version {}, this core reads up to version {VERSION}; upgrade this core",
