@@ -710,29 +710,28 @@ impl<'a> ContainerManager<'a> {
         let txn = db.begin().await?;
         let mut purged = 0;
         for chunk in gone.chunks(500) {
+            // Still failed and unlocked now, and no reservation names them.
             let held = crate::placement::reserved_for(&txn, chunk).await?;
-            let chunk: Vec<ContainerId> = chunk
-                .iter()
-                .copied()
-                .filter(|id| !held.contains(id))
-                .collect();
-            purged += container::Entity::delete_many()
+            use sea_orm::QuerySelect;
+            let ids: Vec<ContainerId> = container::Entity::find()
+                .select_only()
+                .column(container::Column::Id)
                 .filter(container::Column::Id.is_in(chunk.iter().copied()))
                 .filter(container::Column::Status.eq(ContainerStatus::Failed.as_str()))
                 .filter(container::Column::LockedBy.is_null())
+                .into_tuple::<ContainerId>()
+                .all(&txn)
+                .await?
+                .into_iter()
+                .filter(|id| !held.contains(id))
+                .collect();
+            purged += container::Entity::delete_many()
+                .filter(container::Column::Id.is_in(ids.iter().copied()))
                 .exec(&txn)
                 .await?
                 .rows_affected;
             origin_identity::Entity::delete_many()
-                .filter(origin_identity::Column::ContainerId.is_in(chunk.iter().copied()))
-                .filter(
-                    origin_identity::Column::ContainerId.not_in_subquery(
-                        sea_orm::sea_query::Query::select()
-                            .column(container::Column::Id)
-                            .from(container::Entity)
-                            .to_owned(),
-                    ),
-                )
+                .filter(origin_identity::Column::ContainerId.is_in(ids))
                 .exec(&txn)
                 .await?;
         }
