@@ -6,8 +6,13 @@ use std::collections::{BTreeSet, HashMap};
 use serde_json::Value;
 
 /// The resolved dependency graph: package name → names of its normal (non-dev, non-build)
-/// dependencies.
-fn graph() -> HashMap<String, Vec<String>> {
+/// dependencies, read once for all the tests here.
+fn graph() -> &'static HashMap<String, Vec<String>> {
+    static GRAPH: std::sync::OnceLock<HashMap<String, Vec<String>>> = std::sync::OnceLock::new();
+    GRAPH.get_or_init(read_graph)
+}
+
+fn read_graph() -> HashMap<String, Vec<String>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // This machine's dependencies only: they are the ones downloaded, so no network is needed.
     let rustc = std::process::Command::new("rustc")
@@ -87,19 +92,19 @@ fn the_agent_and_the_model_link_neither_wasmtime_nor_a_database() {
         "cloud48-linux",
     ] {
         assert!(graph.contains_key(krate), "{krate} is not in the workspace");
-        let linked = closure(&graph, krate);
+        let linked = closure(graph, krate);
         for banned in ["wasmtime", "sea-orm", "sqlx", "cloud48-plugin-host"] {
             assert!(!linked.contains(banned), "{krate} links {banned}");
         }
     }
     // The engine knows nothing of the REST API or the command line (the agent it drives servers
     // through carries its own options).
-    let engine = closure(&graph, "cloud48-engine");
+    let engine = closure(graph, "cloud48-engine");
     for banned in ["cloud48-api", "cloud48", "utoipa-axum"] {
         assert!(!engine.contains(banned), "cloud48-engine links {banned}");
     }
     // The test can fail: the core does link both.
-    let core = closure(&graph, "cloud48");
+    let core = closure(graph, "cloud48");
     assert!(
         core.contains("wasmtime") && core.contains("sea-orm"),
         "the core should link wasmtime and sea-orm"

@@ -368,21 +368,19 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
         );
     }
     // A status this core does not know is an error naming the command, not `failed`.
-    let sql = "INSERT INTO commands (kind, status, params, progress, step, attempts, run_after, requested_by, created_at) \
-               VALUES ('noop', 'paused', '{}', '{}', 0, 0, 0, 'test', 0)";
-    t.core.db().execute_unprepared(sql).await.unwrap();
-    let id: i64 = t
-        .core
-        .queue()
-        .list(&Default::default())
-        .await
-        .unwrap_err()
-        .to_string()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let id = 1000;
+    let sql = format!(
+        "INSERT INTO commands (id, kind, status, params, progress, step, attempts, run_after, requested_by, created_at) \
+         VALUES ({id}, 'noop', 'paused', '{{}}', '{{}}', 0, 0, 0, 'test', 0)"
+    );
+    t.core.db().execute_unprepared(&sql).await.unwrap();
+    let listed = t.core.queue().list(&Default::default()).await.unwrap_err();
+    assert!(
+        listed
+            .to_string()
+            .starts_with(&format!("command {id} (noop)")),
+        "{listed}"
+    );
     let e = t.core.queue().get(id).await.unwrap_err().to_string();
     assert_eq!(
         e,
