@@ -385,7 +385,7 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
     let tc = TestCore::start(opts).await.unwrap();
     let (_, slow_url) = serve_agent("slow", sim("slow", Duration::from_secs(600))).await;
     let (_, fast_url) = serve_agent("fast", sim("fast", Duration::ZERO)).await;
-    tc.core.add_agent(&fast_url).await.unwrap();
+    tc.core.agents().add(&fast_url).await.unwrap();
     // The slow agent's stats hang too, so it is registered from known figures.
     let info = AgentInfo {
         name: "slow".into(),
@@ -404,7 +404,7 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
         guests: 0,
         used: None,
     };
-    tc.core.register_agent(&info, &stats).await.unwrap();
+    tc.core.agents().register(&info, &stats).await.unwrap();
 
     let slow: serde_json::Value = tc
         .client
@@ -455,7 +455,7 @@ async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
         Arc::new(SimServer::new("hangs", 1, capacity, latency)),
     )
     .await;
-    tc.core.add_agent(&url).await.unwrap();
+    tc.core.agents().add(&url).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..2 {
         let body = json!({ "type": "plain", "server": "hangs" });
@@ -572,7 +572,7 @@ async fn a_container_moves_between_an_agent_and_a_local_server() {
     .unwrap();
     let remote = sim("node-1", Duration::ZERO);
     let (_, url) = serve_agent("node-1", remote.clone()).await;
-    tc.core.add_agent(&url).await.unwrap();
+    tc.core.agents().add(&url).await.unwrap();
     let cmd: serde_json::Value = tc
         .client
         .post(

@@ -328,3 +328,67 @@ async fn a_clone_that_fails_late_releases_the_copy_and_restarts_the_source() {
         "the source runs again"
     );
 }
+
+/// A container status this core does not know (written by a newer core, or damaged) is an
+/// error that names the container, in reads and in commands: never shown or treated as
+/// `failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_container_status_is_an_error_that_names_the_container() {
+    use sea_orm::ConnectionTrait;
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let id = create(&t, None).await;
+    let sql = format!("UPDATE containers SET status = 'hibernating' WHERE id = {id}");
+    t.core.db().execute_unprepared(&sql).await.unwrap();
+    let expected = format!("container {id}: unknown status 'hibernating'");
+
+    let resp = reqwest::get(format!("{}/v1/containers/{id}", t.url))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 500);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains(&expected), "{body}");
+    let listed = t.core.containers().find(&Default::default()).await;
+    assert!(
+        listed
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains(&expected)),
+        "{:?}",
+        listed.map(|l| l.len())
+    );
+
+    // Refused at submission, saying why.
+    let refused = t
+        .client
+        .post::<_, Accepted>(
+            &format!("/v1/containers/{id}/actions"),
+            &ContainerCommand::Stop {},
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains(&expected), "{refused}");
+    // A command already queued (submitted before the status changed) fails, saying why.
+    let sql = format!(
+        "INSERT INTO commands (id, kind, status, target_type, target_id, params, progress, step, attempts, run_after, requested_by, created_at) \
+         VALUES (900, 'container.stop', 'queued', 'container', {id}, '{{}}', '{{}}', 0, 0, 0, 'test', 0)"
+    );
+    t.core.db().execute_unprepared(&sql).await.unwrap();
+    t.core.queue().wake();
+    let c = t.wait(900).await;
+    assert_eq!(c.status, cloud48_core::model::CommandStatus::Failed);
+    assert!(c.error.as_deref().unwrap().contains(&expected), "{c:?}");
+    // Nothing was done to the guest.
+    let guests: Vec<_> = t
+        .core
+        .fleet()
+        .sims()
+        .into_iter()
+        .flat_map(|(_, sim)| sim.guests())
+        .collect();
+    assert_eq!(guests.len(), 1);
+    assert_eq!(guests[0].info.state, GuestState::Running);
+    assert!(
+        !guests[0].operations.iter().any(|o| o == "stop"),
+        "{guests:?}"
+    );
+}

@@ -134,7 +134,7 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
     beat_all_but(None);
     clock.advance(grace - 100);
     assert_eq!(
-        t.core.check_health().await.unwrap(),
+        t.core.monitor().check().await.unwrap(),
         Default::default(),
         "a blip shorter than the grace period"
     );
@@ -142,7 +142,7 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
     clock.advance(grace - 100);
     beat_all_but(Some(servers[0].id));
     assert_eq!(
-        t.core.check_health().await.unwrap(),
+        t.core.monitor().check().await.unwrap(),
         Default::default(),
         "still within the grace period"
     );
@@ -151,7 +151,7 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
 
     // Past the grace period: down, the member is down and its environment hears it.
     clock.advance(200);
-    let report = t.core.check_health().await.unwrap();
+    let report = t.core.monitor().check().await.unwrap();
     assert_eq!(report.down, vec![servers[0].id]);
     assert_eq!(show(&t, id).await.status, ContainerStatus::Down);
     let failover = commands_of(&t, "environment.failover").await;
@@ -171,7 +171,7 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
 
     // Heartbeats resume: up again, the member takes the status its server reports, is-up runs.
     t.core.health().heartbeat(servers[0].id, None);
-    let report = t.core.check_health().await.unwrap();
+    let report = t.core.monitor().check().await.unwrap();
     assert_eq!(report.up, vec![servers[0].id]);
     assert_eq!(show(&t, id).await.status, ContainerStatus::Running);
     let recover = commands_of(&t, "environment.recover").await;
@@ -430,7 +430,7 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
         ids.push(t.created(a.command_id).await);
     }
     let sim1 = t.core.servers().get("sim-1").await.unwrap();
-    assert!(t.core.mark_down(sim1.id, "test").await.unwrap());
+    assert!(t.core.monitor().mark_down(sim1.id, "test").await.unwrap());
     let failover = commands_of(&t, "environment.failover").await;
     let failed = t.wait(failover[0].id).await;
     assert!(
@@ -448,7 +448,7 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Down);
 
     // Back up: the only copy is kept, not collected.
-    assert!(t.core.mark_up(sim1.id).await.unwrap());
+    assert!(t.core.monitor().mark_up(sim1.id).await.unwrap());
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Running);
     assert!(
         t.sim("sim-1")
@@ -458,7 +458,7 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
     );
 
     // Destroying a down container gives it up at once; the collector removes its guest later.
-    assert!(t.core.mark_down(sim1.id, "test").await.unwrap());
+    assert!(t.core.monitor().mark_down(sim1.id, "test").await.unwrap());
     let a: Accepted = t
         .client
         .post(
@@ -469,7 +469,7 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
         .unwrap();
     t.ok(a.command_id).await;
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Illegal);
-    assert!(t.core.mark_up(sim1.id).await.unwrap());
+    assert!(t.core.monitor().mark_up(sim1.id).await.unwrap());
     let gone = show(&t, ids[0]).await;
     assert_eq!(gone.status, ContainerStatus::Destroyed);
     assert!(t.sim("sim-1").await.guest(&gone.guest_id).is_none());

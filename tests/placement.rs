@@ -626,7 +626,7 @@ async fn expired_dummies_and_those_of_finished_commands_are_collected() {
         .map(|s| s.dummies)
         .sum();
     assert_eq!(reserved, 2);
-    let report = core.collect(None).await.unwrap();
+    let report = core.collector().collect(None).await.unwrap();
     assert_eq!(
         report.dummies, 1,
         "only the expired dummy without a command goes"
@@ -639,7 +639,7 @@ async fn expired_dummies_and_those_of_finished_commands_are_collected() {
         .wait(live, Duration::from_secs(30))
         .await
         .unwrap();
-    core.collect(None).await.unwrap();
+    core.collector().collect(None).await.unwrap();
     let reserved: u64 = core
         .servers()
         .list()
@@ -1081,13 +1081,13 @@ async fn the_rebalancer_moves_a_bounded_number_of_containers_off_the_fullest_ser
     // sim-1 is 60 % full, the others empty: a spread of 60 points.
     let mut rounds = 0;
     loop {
-        let submitted = t.core.rebalance().await.unwrap();
+        let submitted = t.core.rebalancer().rebalance().await.unwrap();
         if submitted.is_empty() {
             break;
         }
         assert!(submitted.len() <= 2, "at most the batch size at a time");
         assert!(
-            t.core.rebalance().await.unwrap().is_empty(),
+            t.core.rebalancer().rebalance().await.unwrap().is_empty(),
             "nothing more while migrations are in flight"
         );
         for c in submitted {

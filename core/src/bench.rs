@@ -353,7 +353,13 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         // holds SQLite's only connection.
         let rows: Vec<_> = (0..n)
             .map(|_| {
-                crate::managers::creating_row(&core, ty.type_id(), ty.as_ref(), &requirements, None)
+                crate::managers::creating_row(
+                    core.services(),
+                    ty.type_id(),
+                    ty.as_ref(),
+                    &requirements,
+                    None,
+                )
             })
             .collect();
         if let Some(previous) = writing.take() {

@@ -416,7 +416,7 @@ async fn add_server(
     State(core): State<Core>,
     ApiJson(req): ApiJson<AddServer>,
 ) -> Result<Json<Server>, ApiError> {
-    let id = core.add_agent(&req.url).await?;
+    let id = core.agents().add(&req.url).await?;
     Ok(Json(core.servers().get(&id.to_string()).await?))
 }
 
@@ -427,7 +427,7 @@ async fn agent_heartbeat(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let expected = core.agent_token()?;
+    let expected = core.agents().token()?;
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -449,7 +449,7 @@ async fn agent_heartbeat(
                 None,
             )
         })?;
-    let id = core.agent_heartbeat(beat).await?;
+    let id = core.agents().heartbeat(beat).await?;
     Ok(Json(serde_json::json!({ "server_id": id })))
 }
 

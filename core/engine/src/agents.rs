@@ -6,15 +6,17 @@
 
 use std::sync::Arc;
 
-use sea_orm::{ActiveModelTrait, ColumnTrait, EntityTrait, QueryFilter, Set};
+use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set};
 
 use crate::agent::protocol::{AgentInfo, Heartbeat};
-use crate::core::{Core, CoreError};
+use crate::core::CoreError;
 use crate::driver::ServerStats;
 use crate::driver::remote::RemoteDriver;
 use crate::entities::server;
-use crate::fleet::RemoteFactory;
+use crate::fleet::{Fleet, RemoteFactory};
+use crate::health::Health;
 use crate::model::ServerId;
+use crate::placement::PlacementCache;
 
 /// Checks a server name an agent gives.
 fn valid_name(name: &str) -> Result<(), CoreError> {
@@ -50,33 +52,67 @@ fn valid_url(url: &str) -> Result<(), CoreError> {
     Ok(())
 }
 
-impl Core {
+/// The agents' registry, with what it uses: the database of servers, the fleet their drivers
+/// join, placement's view of the servers, the heartbeats, this platform, the agents' token and
+/// the grace period after which an agent's name is free again.
+#[derive(Clone)]
+pub struct Agents {
+    db: DatabaseConnection,
+    fleet: Arc<Fleet>,
+    placement: Arc<PlacementCache>,
+    health: Arc<Health>,
+    platform: i64,
+    token: Option<String>,
+    grace: std::time::Duration,
+}
+
+impl Agents {
+    /// A registry over these parts.
+    pub fn new(
+        db: DatabaseConnection,
+        fleet: Arc<Fleet>,
+        placement: Arc<PlacementCache>,
+        health: Arc<Health>,
+        platform: i64,
+        token: Option<String>,
+        grace: std::time::Duration,
+    ) -> Self {
+        Agents {
+            db,
+            fleet,
+            placement,
+            health,
+            platform,
+            token,
+            grace,
+        }
+    }
+
     /// The token agents must present; an error when none is configured.
-    pub fn agent_token(&self) -> Result<&str, CoreError> {
-        self.config()
-            .agent_token
+    pub fn token(&self) -> Result<&str, CoreError> {
+        self.token
             .as_deref()
             .ok_or_else(|| CoreError::Conflict("this core has no agents.token; set it (CLOUD48_AGENT_TOKEN or agents.token in the config file) to the token the agents use".into()))
     }
 
     /// Attaches the driver of the agent's server `row` to this core's fleet.
     fn attach_agent(&self, row: &server::Model) -> Result<Arc<RemoteDriver>, CoreError> {
-        self.fleet().attach(row)?;
+        self.fleet.attach(row)?;
         Ok(self
-            .fleet()
+            .fleet
             .remote(row.id)
             .expect("the remote factory attached it"))
     }
 
     /// Registers the server an agent runs, or updates its address and capabilities.
-    pub async fn register_agent(
+    pub async fn register(
         &self,
         info: &AgentInfo,
         stats: &ServerStats,
     ) -> Result<ServerId, CoreError> {
-        self.agent_token()?;
+        self.token()?;
         // Every heartbeat comes here: an agent already known at its address costs no database read.
-        if let Some((id, remote)) = self.fleet().remote_named(&info.name)
+        if let Some((id, remote)) = self.fleet.remote_named(&info.name)
             && remote.url() == info.url
         {
             remote.set_capabilities(info.capabilities);
@@ -84,7 +120,7 @@ impl Core {
         }
         valid_name(&info.name)?;
         valid_url(&info.url)?;
-        let db = self.db();
+        let db = &self.db;
         let existing = server::Entity::find()
             .filter(server::Column::Name.eq(&info.name))
             .one(db)
@@ -98,12 +134,12 @@ impl Core {
             }
             Some(row) => {
                 let id = row.id;
-                let grace = self.config().health.grace.as_millis() as i64;
+                let grace = self.grace.as_millis() as i64;
                 let alive = self
-                    .health()
+                    .health
                     .last(id)
                     .is_some_and(|b| crate::model::now_ms() - b.at < grace);
-                if alive && self.fleet().remote(id).is_some() {
+                if alive && self.fleet.remote(id).is_some() {
                     return Err(CoreError::Conflict(format!(
                         "server name {} is taken by the live agent at {}; give this agent another --name",
                         info.name,
@@ -117,7 +153,7 @@ impl Core {
             }
             None => {
                 let row = server::ActiveModel {
-                    platform_id: Set(self.inner.platform.id),
+                    platform_id: Set(self.platform),
                     name: Set(info.name.clone()),
                     driver: Set(RemoteFactory::KIND.into()),
                     address: Set(Some(info.url.clone())),
@@ -133,7 +169,7 @@ impl Core {
                 .insert(db)
                 .await?;
                 let remote = self.attach_agent(&row)?;
-                self.placement().refresh(db, row.id).await?;
+                self.placement.refresh(db, row.id).await?;
                 tracing::info!(server = %info.name, url = %info.url, driver = %info.driver, "registered a server run by an agent");
                 (row.id, remote)
             }
@@ -143,16 +179,16 @@ impl Core {
     }
 
     /// A heartbeat from an agent (registers its server on first contact).
-    pub async fn agent_heartbeat(&self, beat: Heartbeat) -> Result<ServerId, CoreError> {
-        let id = self.register_agent(&beat.agent, &beat.stats).await?;
-        self.health().heartbeat(id, Some(beat.stats));
+    pub async fn heartbeat(&self, beat: Heartbeat) -> Result<ServerId, CoreError> {
+        let id = self.register(&beat.agent, &beat.stats).await?;
+        self.health.heartbeat(id, Some(beat.stats));
         Ok(id)
     }
 
     /// Registers the agent at `url` by asking it who it is (`cloud48 server add URL`).
-    pub async fn add_agent(&self, url: &str) -> Result<ServerId, CoreError> {
+    pub async fn add(&self, url: &str) -> Result<ServerId, CoreError> {
         valid_url(url)?;
-        let token = self.agent_token()?.to_string();
+        let token = self.token()?.to_string();
         let client = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(2))
             .timeout(std::time::Duration::from_secs(5))
@@ -184,8 +220,8 @@ impl Core {
             CoreError::Conflict(format!("{base} does not speak the agent protocol: {e}"))
         })?;
         info.url = base.to_string();
-        let id = self.register_agent(&info, &stats).await?;
-        self.health().heartbeat(id, Some(stats));
+        let id = self.register(&info, &stats).await?;
+        self.health.heartbeat(id, Some(stats));
         Ok(id)
     }
 }

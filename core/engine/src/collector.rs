@@ -10,14 +10,17 @@
 //! (any status other than destroyed, failed or illegal).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait};
 
-use crate::core::{Core, CoreError};
+use crate::core::CoreError;
 use crate::entities::{command, container};
+use crate::fleet::Fleet;
 use crate::model::{CommandStatus, ContainerStatus, ServerId};
-use crate::placement::{drop_dummy, release, requirements_of};
+use crate::placement::{PlacementCache, drop_dummy, release, requirements_of};
+use crate::queue::Clock;
 
 /// What one collection removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -30,7 +33,32 @@ pub struct CollectReport {
     pub leftovers: usize,
 }
 
-impl Core {
+/// The collector, with what it uses: the database, the servers' drivers, placement's view of
+/// the servers and the clock that dates dummies.
+#[derive(Clone)]
+pub struct Collector {
+    db: DatabaseConnection,
+    fleet: Arc<Fleet>,
+    placement: Arc<PlacementCache>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Collector {
+    /// A collector over these parts.
+    pub fn new(
+        db: DatabaseConnection,
+        fleet: Arc<Fleet>,
+        placement: Arc<PlacementCache>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Collector {
+            db,
+            fleet,
+            placement,
+            clock,
+        }
+    }
+
     /// Collects on one server, or on every server that is up.
     pub async fn collect(&self, only: Option<ServerId>) -> Result<CollectReport, CoreError> {
         let mut report = CollectReport {
@@ -38,7 +66,7 @@ impl Core {
             ..Default::default()
         };
         let servers: Vec<ServerId> = self
-            .placement()
+            .placement
             .snapshot()
             .into_iter()
             .filter(|c| c.up && only.is_none_or(|o| o == c.id))
@@ -56,15 +84,15 @@ impl Core {
     }
 
     async fn collect_dummies(&self, only: Option<ServerId>) -> Result<usize, CoreError> {
-        let now = self.queue().now_ms();
-        let dummies = crate::placement::dummies(self.db(), only).await?;
+        let now = self.clock.now_ms();
+        let dummies = crate::placement::dummies(&self.db, only).await?;
         if dummies.is_empty() {
             return Ok(0);
         }
         let ids: Vec<i64> = dummies.iter().filter_map(|d| d.command_id).collect();
         let alive: HashMap<i64, bool> = command::Entity::find()
             .filter(command::Column::Id.is_in(ids))
-            .all(self.db())
+            .all(&self.db)
             .await?
             .into_iter()
             .map(|c| {
@@ -84,12 +112,12 @@ impl Core {
             if owner_alive && d.deadline > now {
                 continue;
             }
-            let txn = self.db().begin().await?;
+            let txn = self.db.begin().await?;
             if drop_dummy(&txn, d.id).await? {
                 removed += 1;
             }
             txn.commit().await?;
-            self.placement()
+            self.placement
                 .apply(d.server_id, &crate::placement::dummy_resources(&d), 1, -1);
         }
         Ok(removed)
@@ -97,21 +125,21 @@ impl Core {
 
     /// Destroys the illegal containers and leftover guests of one server.
     async fn collect_server(&self, server_id: ServerId) -> Result<(usize, usize), CoreError> {
-        let Some((driver, name)) = self.fleet().named_driver(server_id) else {
+        let Some((driver, name)) = self.fleet.named_driver(server_id) else {
             return Ok((0, 0));
         };
         let mut illegal = 0;
         let rows = container::Entity::find()
             .filter(container::Column::ServerId.eq(server_id))
             .filter(container::Column::Status.eq(ContainerStatus::Illegal.as_str()))
-            .all(self.db())
+            .all(&self.db)
             .await?;
         for row in rows {
             if let Err(e) = driver.destroy(&row.guest_id).await {
                 tracing::warn!(server = %name, guest = %row.guest_id, error = %e, "collector could not destroy an illegal container; will retry");
                 continue;
             }
-            let txn = self.db().begin().await?;
+            let txn = self.db.begin().await?;
             let changed = container::Entity::update_many()
                 .col_expr(
                     container::Column::Status,
@@ -129,7 +157,7 @@ impl Core {
             if changed == 1 {
                 let need = requirements_of(&row).resources;
                 release(&txn, server_id, &need, 1).await?;
-                self.placement().apply(server_id, &need, 1, -1);
+                self.placement.apply(server_id, &need, 1, -1);
                 illegal += 1;
             }
             txn.commit().await?;
@@ -153,7 +181,7 @@ impl Core {
                     ContainerStatus::Destroyed.as_str(),
                     ContainerStatus::Failed.as_str(),
                 ]))
-                .all(self.db())
+                .all(&self.db)
                 .await?;
             for row in dead {
                 // A destroyed container that was re-created under the same guest id does not

@@ -13,12 +13,17 @@ mod futures_job {
     /// A background job's future.
     pub type Job = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
+use crate::agents::Agents;
+use crate::collector::Collector;
 use crate::entities::{platform, server};
 pub use crate::fleet::Fleet;
 use crate::fleet::{RemoteFactory, SimFactory};
+use crate::health::{Health, Monitor};
 use crate::managers::{ContainerManager, EnvironmentManager, ServerManager};
 use crate::model::{Resources, now_ms};
 use crate::queue::{Clock, Queue, QueueConfig, SystemClock};
+use crate::rebalance::Rebalancer;
+use crate::services::{Services, Settings};
 use crate::types::TypeRegistry;
 
 /// Errors of core operations, each with a clear message for the user.
@@ -47,6 +52,9 @@ pub enum CoreError {
     /// Starting the core failed.
     #[error("{0}")]
     Setup(String),
+    /// Stored data this core cannot read (the message names the object).
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 impl CoreError {
@@ -177,12 +185,17 @@ pub(crate) struct CoreInner {
     pub plugin_host: Arc<crate::plugins::PluginHost>,
     pub auth: crate::auth::Authenticator,
     pub queue: Queue,
-    pub fleet: Fleet,
+    pub fleet: Arc<Fleet>,
     pub types: TypeRegistry,
     pub platform: platform::Model,
     pub config: CoreConfig,
-    pub health: crate::health::Health,
-    pub placement: crate::placement::PlacementCache,
+    pub health: Arc<crate::health::Health>,
+    pub placement: Arc<crate::placement::PlacementCache>,
+    pub collector: Collector,
+    pub monitor: Monitor,
+    pub rebalancer: Rebalancer,
+    pub agents: Agents,
+    pub services: Services,
     pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -266,8 +279,55 @@ impl Core {
         let node = node_id(&config.data_dir)?;
         let platform = local_platform(&db).await?;
         let queue = Queue::new(db.clone(), node, config.queue.clone(), clock.clone());
-        let health = crate::health::Health::new(clock.clone());
-        let placement = crate::placement::PlacementCache::new(config.placement.weights);
+        let health = Arc::new(Health::new(clock.clone()));
+        let placement = Arc::new(crate::placement::PlacementCache::new(
+            config.placement.weights,
+        ));
+        let fleet = Arc::new(Fleet::new(vec![
+            Arc::new(SimFactory::new(&config)),
+            Arc::new(RemoteFactory::new(&config)),
+        ]));
+        let collector = Collector::new(db.clone(), fleet.clone(), placement.clone(), clock.clone());
+        let h = &config.health;
+        let monitor = Monitor::new(
+            db.clone(),
+            queue.clone(),
+            fleet.clone(),
+            placement.clone(),
+            health.clone(),
+            collector.clone(),
+            h.grace,
+        );
+        let rebalancer = Rebalancer::new(
+            db.clone(),
+            queue.clone(),
+            placement.clone(),
+            h.rebalance_spread,
+            h.rebalance_batch,
+        );
+        let agents = Agents::new(
+            db.clone(),
+            fleet.clone(),
+            placement.clone(),
+            health.clone(),
+            platform.id,
+            config.agent_token.clone(),
+            h.grace,
+        );
+        let services = Services::new(
+            db.clone(),
+            queue.clone(),
+            fleet.clone(),
+            placement.clone(),
+            TypeRegistry::with_builtins(),
+            health.clone(),
+            Settings {
+                platform: platform.name.clone(),
+                platform_id: platform.id,
+                dummy_ttl: config.placement.dummy_ttl(),
+                agent_token: config.agent_token.clone(),
+            },
+        );
         let auth = crate::auth::Authenticator::new(config.auth.clone(), db.clone(), clock);
         let plugin_host = crate::plugins::PluginHost::shared(
             Some(
@@ -285,15 +345,17 @@ impl Core {
                 auth,
                 db,
                 queue,
-                fleet: Fleet::new(vec![
-                    Arc::new(SimFactory::new(&config)),
-                    Arc::new(RemoteFactory::new(&config)),
-                ]),
-                types: TypeRegistry::with_builtins(),
+                fleet,
+                types: services.types().clone(),
                 platform,
                 config,
                 health,
                 placement,
+                collector,
+                monitor,
+                rebalancer,
+                agents,
+                services,
                 background: std::sync::Mutex::new(Vec::new()),
             }),
         };
@@ -354,10 +416,10 @@ impl Core {
     /// collector once, tells every environment the core started (`after-cc-start`) and starts
     /// the background monitor, heartbeats, collector and rebalancer.
     pub async fn start(&self) -> Result<(), CoreError> {
-        let runner = Arc::new(crate::commands::Handlers::new(self.clone()));
+        let runner = Arc::new(crate::commands::Handlers::new(self.services().clone()));
         let single_core = self.inner.db.get_database_backend() == DatabaseBackend::Sqlite;
         self.inner.queue.start(runner, single_core).await?;
-        self.collect(None).await?;
+        self.collector().collect(None).await?;
         self.notify_environments("after-cc-start").await?;
         self.inner.health.begin();
         if self.inner.config.health.background {
@@ -368,40 +430,54 @@ impl Core {
 
     fn spawn_background(&self) {
         let h = self.inner.config.health.clone();
-        let every = |period: Duration, core: Core, job: fn(Core) -> futures_job::Job| {
+        fn every<S: Clone + Send + 'static>(
+            period: Duration,
+            service: S,
+            job: fn(S) -> futures_job::Job,
+        ) -> tokio::task::JoinHandle<()> {
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(period);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    job(core.clone()).await;
+                    job(service.clone()).await;
                 }
             })
-        };
+        }
         let mut tasks = self.inner.background.lock().unwrap();
-        tasks.push(every(h.heartbeat, self.clone(), |c| {
-            Box::pin(async move { c.beat_sims().await })
+        tasks.push(every(h.heartbeat, self.monitor().clone(), |m| {
+            Box::pin(async move { m.beat_sims().await })
         }));
-        tasks.push(every(h.check, self.clone(), |c| {
+        tasks.push(every(h.check, self.monitor().clone(), |m| {
             Box::pin(async move {
-                if let Err(e) = c.check_health().await {
+                if let Err(e) = m.check().await {
                     tracing::warn!(error = %e, "health check failed");
                 }
             })
         }));
-        tasks.push(every(h.collector, self.clone(), |c| {
-            Box::pin(async move {
-                if let Err(e) = c.placement().refresh_all(c.db()).await {
-                    tracing::warn!(error = %e, "placement refresh failed");
-                }
-                if let Err(e) = c.collect(None).await {
-                    tracing::warn!(error = %e, "collector failed");
-                }
-                if let Err(e) = c.rebalance().await {
-                    tracing::warn!(error = %e, "rebalancer failed");
-                }
-            })
-        }));
+        let periodic = (
+            self.db().clone(),
+            self.inner.placement.clone(),
+            self.collector().clone(),
+            self.rebalancer().clone(),
+        );
+        tasks.push(every(
+            h.collector,
+            periodic,
+            |(db, placement, collector, rebalancer)| {
+                Box::pin(async move {
+                    if let Err(e) = placement.refresh_all(&db).await {
+                        tracing::warn!(error = %e, "placement refresh failed");
+                    }
+                    if let Err(e) = collector.collect(None).await {
+                        tracing::warn!(error = %e, "collector failed");
+                    }
+                    if let Err(e) = rebalancer.rebalance().await {
+                        tracing::warn!(error = %e, "rebalancer failed");
+                    }
+                })
+            },
+        ));
     }
 
     /// Stops the background tasks, stops claiming commands and waits up to `grace` for
@@ -519,24 +595,54 @@ impl Core {
         &self.inner.types
     }
 
+    /// Heartbeats received by this core.
+    pub fn health(&self) -> &Health {
+        &self.inner.health
+    }
+
+    /// The health monitor.
+    pub fn monitor(&self) -> &Monitor {
+        &self.inner.monitor
+    }
+
+    /// The collector.
+    pub fn collector(&self) -> &Collector {
+        &self.inner.collector
+    }
+
+    /// The rebalancer.
+    pub fn rebalancer(&self) -> &Rebalancer {
+        &self.inner.rebalancer
+    }
+
+    /// The registry of node agents.
+    pub fn agents(&self) -> &Agents {
+        &self.inner.agents
+    }
+
     /// The local platform.
     pub fn platform_name(&self) -> &str {
         &self.inner.platform.name
     }
 
+    /// What commands and managers act through.
+    pub fn services(&self) -> &Services {
+        &self.inner.services
+    }
+
     /// The ContainerManager.
     pub fn containers(&self) -> ContainerManager<'_> {
-        ContainerManager::new(self)
+        ContainerManager::new(self.services())
     }
 
     /// The EnvironmentManager.
     pub fn environments(&self) -> EnvironmentManager<'_> {
-        EnvironmentManager::new(self)
+        EnvironmentManager::new(self.services())
     }
 
     /// Servers.
     pub fn servers(&self) -> ServerManager<'_> {
-        ServerManager::new(self)
+        ServerManager::new(self.services())
     }
 }
 

@@ -1,7 +1,7 @@
 //! Live fleet health: heartbeats, and the transitions of servers between up and down.
 //!
 //! Servers send heartbeats with their load figures (`Health::heartbeat`; the simulated servers
-//! of this core send theirs from a background task). The monitor (`Core::check_health`) marks
+//! of this core send theirs from a background task). The monitor (`Monitor::check`) marks
 //! a server down when its last heartbeat is older than the grace period, and up again when
 //! heartbeats resume. A gap shorter than the grace period changes nothing.
 //!
@@ -18,13 +18,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait};
 
-use crate::core::{Core, CoreError};
+use crate::collector::Collector;
+use crate::core::CoreError;
 use crate::driver::{GuestState, ServerStats};
 use crate::entities::{container, server};
+use crate::fleet::Fleet;
 use crate::model::{ContainerStatus, ServerId};
-use crate::queue::{Clock, NewCommand, Target};
+use crate::placement::PlacementCache;
+use crate::queue::{Clock, NewCommand, Queue, Target};
 
 /// The last heartbeat of a server.
 #[derive(Debug, Clone)]
@@ -95,29 +98,59 @@ impl Health {
     }
 }
 
-impl Core {
-    /// Heartbeats received by this core.
-    pub fn health(&self) -> &Health {
-        &self.inner.health
+/// The monitor, with what it uses: the heartbeats, the database and queue where transitions
+/// and failovers go, the servers' drivers, placement's view of the servers, the collector that
+/// cleans a server coming back, and the grace period.
+#[derive(Clone)]
+pub struct Monitor {
+    db: DatabaseConnection,
+    queue: Queue,
+    fleet: Arc<Fleet>,
+    placement: Arc<PlacementCache>,
+    health: Arc<Health>,
+    collector: Collector,
+    grace: std::time::Duration,
+}
+
+impl Monitor {
+    /// A monitor over these parts.
+    pub fn new(
+        db: DatabaseConnection,
+        queue: Queue,
+        fleet: Arc<Fleet>,
+        placement: Arc<PlacementCache>,
+        health: Arc<Health>,
+        collector: Collector,
+        grace: std::time::Duration,
+    ) -> Self {
+        Monitor {
+            db,
+            queue,
+            fleet,
+            placement,
+            health,
+            collector,
+            grace,
+        }
     }
 
     /// Sends a heartbeat for every simulated server that is not crashed (what their agents
     /// would do).
     pub async fn beat_sims(&self) {
-        for (id, sim) in self.fleet().sims() {
+        for (id, sim) in self.fleet.sims() {
             if let Some(stats) = sim.heartbeat() {
-                self.health().heartbeat(id, Some(stats));
+                self.health.heartbeat(id, Some(stats));
             }
         }
     }
 
     /// One pass of the monitor: marks silent servers down and answering ones up.
-    pub async fn check_health(&self) -> Result<HealthReport, CoreError> {
-        let grace = self.inner.config.health.grace.as_millis() as i64;
-        let now = self.inner.health.clock.now_ms();
+    pub async fn check(&self) -> Result<HealthReport, CoreError> {
+        let grace = self.grace.as_millis() as i64;
+        let now = self.health.clock.now_ms();
         let mut report = HealthReport::default();
-        for c in self.placement().snapshot() {
-            let silent = self.health().silence(c.id, now) > grace;
+        for c in self.placement.snapshot() {
+            let silent = self.health.silence(c.id, now) > grace;
             if c.up && silent {
                 let cause = format!("server missed its heartbeats for more than {grace} ms");
                 if self.mark_down(c.id, &cause).await? {
@@ -125,7 +158,7 @@ impl Core {
                 }
             } else if !c.up
                 && !silent
-                && self.health().last(c.id).is_some()
+                && self.health.last(c.id).is_some()
                 && self.mark_up(c.id).await?
             {
                 report.up.push(c.id);
@@ -137,7 +170,7 @@ impl Core {
     /// Marks a server down: its containers become `down` and their environments get an
     /// `environment.failover` command. False if it was not up.
     pub async fn mark_down(&self, server_id: ServerId, cause: &str) -> Result<bool, CoreError> {
-        let txn = self.db().begin().await?;
+        let txn = self.db.begin().await?;
         let changed = server::Entity::update_many()
             .col_expr(server::Column::Status, Expr::val("down"))
             .filter(server::Column::Id.eq(server_id))
@@ -173,7 +206,7 @@ impl Core {
             .exec(&txn)
             .await?;
         let name = self
-            .fleet()
+            .fleet
             .named_driver(server_id)
             .map_or(format!("#{server_id}"), |(_, n)| n);
         let cause = format!("server {name} is unreachable: {cause}");
@@ -188,15 +221,15 @@ impl Core {
             requested_by: "health-monitor".into(),
         });
         let count = commands.len();
-        self.queue().enqueue_in(&txn, commands, None).await?;
+        self.queue.enqueue_in(&txn, commands, None).await?;
         txn.commit().await?;
         let draining = self
-            .placement()
+            .placement
             .snapshot()
             .iter()
             .any(|c| c.id == server_id && c.draining);
-        self.placement().set_status(server_id, false, draining);
-        self.queue().wake();
+        self.placement.set_status(server_id, false, draining);
+        self.queue.wake();
         tracing::warn!(server = %name, containers = hit.len(), environments = count, "server is down");
         Ok(true)
     }
@@ -209,22 +242,22 @@ impl Core {
             .col_expr(server::Column::Status, Expr::val("up"))
             .filter(server::Column::Id.eq(server_id))
             .filter(server::Column::Status.eq("down"))
-            .exec(self.db())
+            .exec(&self.db)
             .await?
             .rows_affected;
         if changed == 0 {
             return Ok(false);
         }
-        self.placement().refresh(self.db(), server_id).await?;
-        let report = self.collect(Some(server_id)).await?;
+        self.placement.refresh(&self.db, server_id).await?;
+        let report = self.collector.collect(Some(server_id)).await?;
         let down = container::Entity::find()
             .filter(container::Column::ServerId.eq(server_id))
             .filter(container::Column::Status.eq(ContainerStatus::Down.as_str()))
-            .all(self.db())
+            .all(&self.db)
             .await?;
-        let driver = self.fleet().driver(server_id);
-        let txn = self.db().begin().await?;
-        let mut back = Vec::new();
+        // Ask the server first, then write: no transaction is open across a driver call.
+        let driver = self.fleet.driver(server_id);
+        let mut seen = Vec::new();
         for row in down {
             let Some(d) = &driver else { continue };
             let status = match d.status(&row.guest_id).await {
@@ -240,6 +273,11 @@ impl Core {
                     continue;
                 }
             };
+            seen.push((row, status));
+        }
+        let txn = self.db.begin().await?;
+        let mut back = Vec::new();
+        for (row, status) in seen {
             container::Entity::update_many()
                 .col_expr(container::Column::Status, Expr::val(status.as_str()))
                 .filter(container::Column::Id.eq(row.id))
@@ -267,10 +305,10 @@ impl Core {
             }),
             requested_by: "health-monitor".into(),
         });
-        self.queue().enqueue_in(&txn, commands, None).await?;
+        self.queue.enqueue_in(&txn, commands, None).await?;
         txn.commit().await?;
-        self.placement().refresh(self.db(), server_id).await?;
-        self.queue().wake();
+        self.placement.refresh(&self.db, server_id).await?;
+        self.queue.wake();
         tracing::info!(
             server = server_id,
             back = back.len(),

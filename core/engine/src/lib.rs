@@ -18,6 +18,7 @@ pub mod placement;
 pub mod plugins;
 pub mod queue;
 pub mod rebalance;
+pub mod services;
 
 pub use crate::core::{Core, CoreConfig, CoreError};
 pub use cloud48_agent as agent;

@@ -13,10 +13,11 @@ use sea_orm::{
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::core::{Core, CoreError};
+use crate::core::CoreError;
 use crate::entities::{container, environment, origin_identity, server};
 use crate::model::*;
 use crate::queue::{NewCommand, Target};
+use crate::services::Services;
 
 /// A lifecycle command on an existing container (`create` goes through
 /// `ContainerManager::create` or an environment's `add`).
@@ -180,7 +181,7 @@ pub struct PurgeReport {
 
 /// The ContainerManager of the design notes: `run`, `find`, `get_by_id`, `get`, `put`.
 pub struct ContainerManager<'a> {
-    core: &'a Core,
+    svc: &'a Services,
 }
 
 pub(crate) async fn load_container<C: ConnectionTrait>(
@@ -193,8 +194,41 @@ pub(crate) async fn load_container<C: ConnectionTrait>(
         .ok_or_else(|| CoreError::NotFound(format!("container {id} does not exist")))
 }
 
-pub(crate) fn parse_status(s: &str) -> ContainerStatus {
-    s.parse().unwrap_or(ContainerStatus::Failed)
+/// A container's stored status. One this core does not know (written by a newer core, or
+/// damaged) is an error that names the container, never `failed`.
+pub(crate) fn parse_status(
+    container: ContainerId,
+    status: &str,
+) -> Result<ContainerStatus, UnknownStatus> {
+    status.parse().map_err(|_| UnknownStatus {
+        container,
+        status: status.to_string(),
+    })
+}
+
+/// A container's stored status that this core does not know.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "container {container}: unknown status '{status}' in the database (written by a newer \
+     Cloud48, or damaged); this core cannot act on it"
+)]
+pub struct UnknownStatus {
+    /// The container.
+    pub container: ContainerId,
+    /// The stored text.
+    pub status: String,
+}
+
+impl From<UnknownStatus> for CoreError {
+    fn from(e: UnknownStatus) -> Self {
+        CoreError::Corrupt(e.to_string())
+    }
+}
+
+impl From<UnknownStatus> for crate::queue::StepError {
+    fn from(e: UnknownStatus) -> Self {
+        crate::queue::StepError::Permanent(e.to_string())
+    }
 }
 
 pub(crate) async fn server_by_name<C: ConnectionTrait>(
@@ -218,7 +252,7 @@ pub(crate) async fn server_by_name<C: ConnectionTrait>(
 /// its id is known). Its initial state comes from its type, which for a plugin is a call into
 /// a fresh WASM instance: make rows before taking a transaction where that can be done.
 pub fn creating_row(
-    core: &Core,
+    svc: &Services,
     type_id: &str,
     ty: &dyn crate::types::ContainerType,
     requirements: &str,
@@ -226,7 +260,7 @@ pub fn creating_row(
 ) -> container::ActiveModel {
     let now = now_ms();
     container::ActiveModel {
-        platform_id: Set(core.inner.platform.id),
+        platform_id: Set(svc.platform_id()),
         type_id: Set(type_id.to_string()),
         state: Set(ty.initial_state()),
         status: Set(ContainerStatus::Creating.as_str().into()),
@@ -281,8 +315,8 @@ pub async fn name_and_lock<C: sea_orm::ConnectionTrait>(
 }
 
 impl<'a> ContainerManager<'a> {
-    pub(crate) fn new(core: &'a Core) -> Self {
-        ContainerManager { core }
+    pub(crate) fn new(svc: &'a Services) -> Self {
+        ContainerManager { svc }
     }
 
     /// Submits `cmd` for container `id`; returns the command id.
@@ -292,12 +326,12 @@ impl<'a> ContainerManager<'a> {
         id: ContainerId,
         requested_by: &str,
     ) -> Result<CommandId, CoreError> {
-        let db = self.core.db();
+        let db = self.svc.db();
         let row = load_container(db, id).await?;
         // The status is checked when the command runs, after the commands queued before it on
         // this container (stop then start, submitted back to back, ends running). Only what can
         // never run is refused now: a container that no longer exists on any server.
-        let status = parse_status(&row.status);
+        let status = parse_status(row.id, &row.status)?;
         if status.is_gone() && !matches!(cmd, ContainerCommand::Destroy {}) {
             check_status(id, status, cmd.kind().as_str(), cmd.allowed_from())
                 .map_err(CoreError::Conflict)?;
@@ -347,7 +381,7 @@ impl<'a> ContainerManager<'a> {
             params,
             requested_by: requested_by.to_string(),
         };
-        Ok(self.core.queue().enqueue(command).await?)
+        Ok(self.svc.queue().enqueue(command).await?)
     }
 
     /// Creates a standalone container (not in an environment); returns (command, container).
@@ -357,15 +391,15 @@ impl<'a> ContainerManager<'a> {
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
         let new = prepare_container(
-            self.core,
+            self.svc,
             &req.type_id,
             req.server.as_deref(),
             req.requirements.clone(),
             None,
         )
         .await?;
-        let txn = self.core.db().begin().await?;
-        let (id, server_id) = insert_container(self.core, &txn, new).await?;
+        let txn = self.svc.db().begin().await?;
+        let (id, server_id) = insert_container(self.svc, &txn, new).await?;
         self.submit_create(
             txn,
             id,
@@ -392,7 +426,7 @@ impl<'a> ContainerManager<'a> {
             ));
         }
         let (ty, requirements, server_id) = checked_new(
-            self.core,
+            self.svc,
             &req.type_id,
             req.server.as_deref(),
             req.requirements.clone(),
@@ -402,9 +436,9 @@ impl<'a> ContainerManager<'a> {
         // The rows (and their plugin's initial states) are made before the transaction holds
         // the database connection.
         let mut rows: Vec<container::ActiveModel> = (0..count)
-            .map(|_| creating_row(self.core, &req.type_id, ty.as_ref(), &text, None))
+            .map(|_| creating_row(self.svc, &req.type_id, ty.as_ref(), &text, None))
             .collect();
-        let txn = self.core.db().begin().await?;
+        let txn = self.svc.db().begin().await?;
         let command = NewCommand {
             kind: crate::model::CommandKind::ContainerCreateMany,
             target: None,
@@ -418,7 +452,7 @@ impl<'a> ContainerManager<'a> {
             requested_by: requested_by.to_string(),
         };
         let cmd = self
-            .core
+            .svc
             .queue()
             .enqueue_in(&txn, vec![command], None)
             .await?[0];
@@ -433,7 +467,7 @@ impl<'a> ContainerManager<'a> {
                 .await?;
         }
         // Guest ids in the format of `guest_id_for`, in one statement.
-        let prefix = format!("{}-c", self.core.platform_name());
+        let prefix = format!("{}-c", self.svc.platform_name());
         txn.execute_raw(crate::queue::store::sql(
             &txn,
             "UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE locked_by = $2 AND guest_id = ''",
@@ -441,7 +475,7 @@ impl<'a> ContainerManager<'a> {
         ))
         .await?;
         txn.commit().await?;
-        self.core.queue().wake();
+        self.svc.queue().wake();
         Ok(cmd)
     }
 
@@ -461,12 +495,12 @@ impl<'a> ContainerManager<'a> {
             requested_by: requested_by.to_string(),
         };
         let ids = self
-            .core
+            .svc
             .queue()
             .enqueue_in(&txn, vec![command], None)
             .await?;
         txn.commit().await?;
-        self.core.queue().wake();
+        self.svc.queue().wake();
         Ok((ids[0], id))
     }
 
@@ -476,7 +510,7 @@ impl<'a> ContainerManager<'a> {
         let (driver, server, row) = self.guest(id).await?;
         check_status(
             id,
-            parse_status(&row.status),
+            parse_status(row.id, &row.status)?,
             "container export",
             &[ContainerStatus::Stopped],
         )
@@ -489,13 +523,13 @@ impl<'a> ContainerManager<'a> {
             .export(&row.guest_id)
             .await
             .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))?;
-        let token = self.core.config().agent_token.clone().unwrap_or_default();
+        let token = self.svc.agent_token().to_string();
         let image = crate::driver::remote::materialize(image, &token)
             .await
             .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))?;
         Ok(ContainerExport {
             format: ContainerExport::FORMAT,
-            platform: self.core.platform_name().to_string(),
+            platform: self.svc.platform_name().to_string(),
             container_id: row.id,
             guest_id: row.guest_id,
             type_id: row.type_id,
@@ -517,11 +551,11 @@ impl<'a> ContainerManager<'a> {
         ),
         CoreError,
     > {
-        let row = load_container(self.core.db(), id).await?;
+        let row = load_container(self.svc.db(), id).await?;
         let server_id = row
             .server_id
             .ok_or_else(|| CoreError::Conflict(format!("container {id} is on no server (yet)")))?;
-        let (driver, server) = self.core.fleet().named_driver(server_id).ok_or_else(|| {
+        let (driver, server) = self.svc.fleet().named_driver(server_id).ok_or_else(|| {
             CoreError::Conflict(format!("server #{server_id} has no driver in this core"))
         })?;
         Ok((driver, server, row))
@@ -574,7 +608,7 @@ impl<'a> ContainerManager<'a> {
                 ),
             ));
         }
-        if export.platform == self.core.platform_name() {
+        if export.platform == self.svc.platform_name() {
             return Err(CoreError::invalid(
                 "platform",
                 "this container was exported by this platform; use `cloud48 container clone` to copy it here",
@@ -597,15 +631,15 @@ impl<'a> ContainerManager<'a> {
             ));
         }
         let new = prepare_container(
-            self.core,
+            self.svc,
             &export.type_id,
             None,
             Some(export.requirements.clone()),
             None,
         )
         .await?;
-        let txn = self.core.db().begin().await?;
-        let (id, _) = insert_container(self.core, &txn, new).await?;
+        let txn = self.svc.db().begin().await?;
+        let (id, _) = insert_container(self.svc, &txn, new).await?;
         container::Entity::update_many()
             .col_expr(
                 container::Column::State,
@@ -643,7 +677,7 @@ impl<'a> ContainerManager<'a> {
 
     /// Containers matching `query`, by id.
     pub async fn find(&self, query: &ContainerQuery) -> Result<Vec<Container>, CoreError> {
-        let db = self.core.db();
+        let db = self.svc.db();
         let mut q = container::Entity::find();
         if let Some(env) = &query.environment {
             let env = find_environment(db, env).await?;
@@ -674,14 +708,14 @@ impl<'a> ContainerManager<'a> {
             };
         }
         let rows = q.order_by_asc(container::Column::Id).all(db).await?;
-        to_views(self.core, rows).await
+        to_views(self.svc, rows).await
     }
 
     /// Deletes failed containers (a create that did not complete) that no command holds and no
     /// reservation names. The guest of one that reached a server is destroyed there first; one
     /// whose server cannot be reached is kept, so the collector can still find its guest.
     pub async fn purge(&self) -> Result<PurgeReport, CoreError> {
-        let db = self.core.db();
+        let db = self.svc.db();
         let rows = container::Entity::find()
             .filter(container::Column::Status.eq(ContainerStatus::Failed.as_str()))
             .filter(container::Column::LockedBy.is_null())
@@ -693,7 +727,7 @@ impl<'a> ContainerManager<'a> {
         // Driver calls first, then one transaction.
         for row in rows {
             if let Some(server_id) = row.server_id {
-                let Some((driver, name)) = self.core.fleet().named_driver(server_id) else {
+                let Some((driver, name)) = self.svc.fleet().named_driver(server_id) else {
                     kept.push(format!(
                         "container {}: server #{server_id} has no driver in this core",
                         row.id
@@ -741,18 +775,18 @@ impl<'a> ContainerManager<'a> {
 
     /// One container.
     pub async fn get_by_id(&self, id: ContainerId) -> Result<Container, CoreError> {
-        let row = load_container(self.core.db(), id).await?;
+        let row = load_container(self.svc.db(), id).await?;
         let state = row.state.clone();
-        let mut views = to_views(self.core, vec![row]).await?;
+        let mut views = to_views(self.svc, vec![row]).await?;
         let mut view = views.pop().expect("one row in, one view out");
-        if let Some(ty) = self.core.types().get(&view.type_id) {
+        if let Some(ty) = self.svc.types().get(&view.type_id) {
             view.inspect = Some(match ty.inspect(&state) {
                 Ok(v) => v,
                 Err(e) => serde_json::json!({ "error": e.to_string() }),
             });
         }
         let execs = self
-            .core
+            .svc
             .queue()
             .list(&crate::queue::CommandFilter {
                 target_type: Some("container".into()),
@@ -774,7 +808,7 @@ impl<'a> ContainerManager<'a> {
             .collect();
         if let Some(o) = origin_identity::Entity::find()
             .filter(origin_identity::Column::ContainerId.eq(id))
-            .one(self.core.db())
+            .one(self.svc.db())
             .await?
         {
             view.origin = Some(OriginIdentity {
@@ -788,12 +822,12 @@ impl<'a> ContainerManager<'a> {
 
     /// Locks container `id` for command `cmd`; false when another command holds it.
     pub async fn get(&self, id: ContainerId, cmd: CommandId) -> Result<bool, CoreError> {
-        Ok(self.core.queue().lock(Target::Container(id), cmd).await?)
+        Ok(self.svc.queue().lock(Target::Container(id), cmd).await?)
     }
 
     /// Unlocks container `id` if `cmd` holds it.
     pub async fn put(&self, id: ContainerId, cmd: CommandId) -> Result<(), CoreError> {
-        Ok(self.core.queue().unlock(Target::Container(id), cmd).await?)
+        Ok(self.svc.queue().unlock(Target::Container(id), cmd).await?)
     }
 }
 
@@ -825,22 +859,22 @@ pub(crate) struct NewContainer {
 
 /// Checks a new container's type, requirements and named server, and makes its row.
 pub(crate) async fn prepare_container(
-    core: &Core,
+    svc: &Services,
     type_id: &str,
     server: Option<&str>,
     requirements: Option<Requirements>,
     environment: Option<EnvironmentId>,
 ) -> Result<NewContainer, CoreError> {
-    let (ty, requirements, server_id) = checked_new(core, type_id, server, requirements).await?;
+    let (ty, requirements, server_id) = checked_new(svc, type_id, server, requirements).await?;
     let requirements = serde_json::to_string(&requirements).expect("serializable");
-    let row = creating_row(core, type_id, ty.as_ref(), &requirements, environment);
+    let row = creating_row(svc, type_id, ty.as_ref(), &requirements, environment);
     Ok(NewContainer { row, server_id })
 }
 
 /// A new container's type, its requirements (the type's by default, validated) and the server
 /// the user named.
 async fn checked_new(
-    core: &Core,
+    svc: &Services,
     type_id: &str,
     server: Option<&str>,
     requirements: Option<Requirements>,
@@ -852,7 +886,7 @@ async fn checked_new(
     ),
     CoreError,
 > {
-    let ty = core
+    let ty = svc
         .types()
         .require(type_id)
         .map_err(|m| CoreError::invalid("type", m))?;
@@ -862,7 +896,7 @@ async fn checked_new(
         .validate()
         .map_err(|m| CoreError::invalid("requirements", m))?;
     let server_id = match server {
-        Some(name) => Some(server_by_name(core.db(), "server", name).await?.id),
+        Some(name) => Some(server_by_name(svc.db(), "server", name).await?.id),
         None => None,
     };
     Ok((ty, requirements, server_id))
@@ -870,12 +904,12 @@ async fn checked_new(
 
 /// Inserts a prepared container (in the caller's transaction) and gives it its guest id.
 pub(crate) async fn insert_container<C: ConnectionTrait>(
-    core: &Core,
+    svc: &Services,
     conn: &C,
     new: NewContainer,
 ) -> Result<(ContainerId, Option<ServerId>), CoreError> {
     let row = new.row.insert(conn).await?;
-    let guest = guest_id_for(core.platform_name(), row.id);
+    let guest = guest_id_for(svc.platform_name(), row.id);
     let mut active: container::ActiveModel = row.into();
     active.guest_id = Set(guest);
     let row = active.update(conn).await?;
@@ -884,10 +918,10 @@ pub(crate) async fn insert_container<C: ConnectionTrait>(
 
 /// API views of container rows (server and environment names resolved).
 pub(crate) async fn to_views(
-    core: &Core,
+    svc: &Services,
     rows: Vec<container::Model>,
 ) -> Result<Vec<Container>, CoreError> {
-    let db = core.db();
+    let db = svc.db();
     let servers: HashMap<i64, String> = server::Entity::find()
         .all(db)
         .await?
@@ -908,29 +942,32 @@ pub(crate) async fn to_views(
             .map(|e| (e.id, e.name))
             .collect()
     };
-    Ok(rows
-        .into_iter()
-        .map(|r| Container {
-            id: r.id,
-            priority: core.types().get(&r.type_id).map_or(0, |t| t.priority()),
-            type_id: r.type_id,
-            status: parse_status(&r.status),
-            server: r.server_id.and_then(|s| servers.get(&s).cloned()),
-            server_id: r.server_id,
-            ip: r.ip,
-            environment: r.environment_id.and_then(|e| envs.get(&e).cloned()),
-            environment_id: r.environment_id,
-            guest_id: r.guest_id,
-            requirements: serde_json::from_str(&r.requirements).unwrap_or_default(),
-            locked_by: r.locked_by,
-            state_bytes: r.state.len(),
-            origin: None,
-            inspect: None,
-            execs: Vec::new(),
-            created_at: r.created_at,
-            updated_at: r.updated_at,
+    rows.into_iter()
+        .map(|r| {
+            Ok(Container {
+                id: r.id,
+                priority: svc.types().get(&r.type_id).map_or(0, |t| t.priority()),
+                type_id: r.type_id,
+                status: parse_status(r.id, &r.status)?,
+                server: r.server_id.and_then(|s| servers.get(&s).cloned()),
+                server_id: r.server_id,
+                ip: r.ip,
+                environment: r.environment_id.and_then(|e| envs.get(&e).cloned()),
+                environment_id: r.environment_id,
+                guest_id: r.guest_id,
+                requirements: serde_json::from_str(&r.requirements).map_err(|e| {
+                    CoreError::Corrupt(format!("container {}: unreadable requirements: {e}", r.id))
+                })?,
+                locked_by: r.locked_by,
+                state_bytes: r.state.len(),
+                origin: None,
+                inspect: None,
+                execs: Vec::new(),
+                created_at: r.created_at,
+                updated_at: r.updated_at,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// An environment by id (digits) or name.
@@ -1007,12 +1044,12 @@ pub struct AddContainer {
 
 /// The EnvironmentManager of the design notes: `run`, `find`, `get_by_id`, `get`, `put`.
 pub struct EnvironmentManager<'a> {
-    core: &'a Core,
+    svc: &'a Services,
 }
 
 impl<'a> EnvironmentManager<'a> {
-    pub(crate) fn new(core: &'a Core) -> Self {
-        EnvironmentManager { core }
+    pub(crate) fn new(svc: &'a Services) -> Self {
+        EnvironmentManager { svc }
     }
 
     /// Creates an empty environment; returns (command, environment id).
@@ -1061,7 +1098,7 @@ impl<'a> EnvironmentManager<'a> {
         make: impl FnOnce(EnvironmentId) -> NewCommand,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
         validate_name(name).map_err(|m| CoreError::invalid("name", m))?;
-        let txn = self.core.db().begin().await?;
+        let txn = self.svc.db().begin().await?;
         let exists = environment::Entity::find()
             .filter(environment::Column::Name.eq(name))
             .filter(environment::Column::Status.ne(EnvironmentStatus::Destroyed.as_str()))
@@ -1085,17 +1122,17 @@ impl<'a> EnvironmentManager<'a> {
         .insert(&txn)
         .await?;
         let ids = self
-            .core
+            .svc
             .queue()
             .enqueue_in(&txn, vec![make(env.id)], None)
             .await?;
         txn.commit().await?;
-        self.core.queue().wake();
+        self.svc.queue().wake();
         Ok((ids[0], env.id))
     }
 
     async fn active(&self, key: &str) -> Result<environment::Model, CoreError> {
-        let env = find_environment(self.core.db(), key).await?;
+        let env = find_environment(self.svc.db(), key).await?;
         if env.status == EnvironmentStatus::Destroyed.as_str() {
             return Err(CoreError::Conflict(format!(
                 "environment '{}' is destroyed",
@@ -1114,7 +1151,7 @@ impl<'a> EnvironmentManager<'a> {
     ) -> Result<CommandId, CoreError> {
         let env = self.active(env).await?;
         let ty = self
-            .core
+            .svc
             .types()
             .require(&req.type_id)
             .map_err(|m| CoreError::invalid("type", m))?;
@@ -1124,7 +1161,7 @@ impl<'a> EnvironmentManager<'a> {
                 .map_err(|m| CoreError::invalid("requirements", m))?;
         }
         if let Some(s) = &req.server {
-            server_by_name(self.core.db(), "server", s).await?;
+            server_by_name(self.svc.db(), "server", s).await?;
         }
         let cmd = NewCommand {
             kind: crate::model::CommandKind::EnvironmentAdd,
@@ -1136,7 +1173,7 @@ impl<'a> EnvironmentManager<'a> {
             }),
             requested_by: requested_by.to_string(),
         };
-        Ok(self.core.queue().enqueue(cmd).await?)
+        Ok(self.svc.queue().enqueue(cmd).await?)
     }
 
     /// Removes (and destroys) a member.
@@ -1147,8 +1184,8 @@ impl<'a> EnvironmentManager<'a> {
         requested_by: &str,
     ) -> Result<CommandId, CoreError> {
         let env = self.active(env).await?;
-        let row = load_container(self.core.db(), container).await?;
-        if row.environment_id != Some(env.id) || parse_status(&row.status).is_gone() {
+        let row = load_container(self.svc.db(), container).await?;
+        if row.environment_id != Some(env.id) || parse_status(row.id, &row.status)?.is_gone() {
             return Err(CoreError::NotFound(format!(
                 "container {container} is not a member of environment '{}'",
                 env.name
@@ -1162,7 +1199,7 @@ impl<'a> EnvironmentManager<'a> {
             }),
             requested_by: requested_by.to_string(),
         };
-        Ok(self.core.queue().enqueue(cmd).await?)
+        Ok(self.svc.queue().enqueue(cmd).await?)
     }
 
     /// Runs an operation on the environment and its members (the `run` of the notes).
@@ -1179,7 +1216,7 @@ impl<'a> EnvironmentManager<'a> {
             params: crate::commands::params::to_value(crate::commands::params::NoParams {}),
             requested_by: requested_by.to_string(),
         };
-        Ok(self.core.queue().enqueue(cmd).await?)
+        Ok(self.svc.queue().enqueue(cmd).await?)
     }
 
     /// Environments, by id (destroyed ones only with `all`).
@@ -1190,7 +1227,7 @@ impl<'a> EnvironmentManager<'a> {
         }
         let envs = q
             .order_by_asc(environment::Column::Id)
-            .all(self.core.db())
+            .all(self.svc.db())
             .await?;
         let mut out = Vec::with_capacity(envs.len());
         for e in envs {
@@ -1201,7 +1238,7 @@ impl<'a> EnvironmentManager<'a> {
 
     /// One environment (by id or name) with its members.
     pub async fn get_by_id(&self, key: &str) -> Result<Environment, CoreError> {
-        let env = find_environment(self.core.db(), key).await?;
+        let env = find_environment(self.svc.db(), key).await?;
         self.view(env).await
     }
 
@@ -1213,9 +1250,9 @@ impl<'a> EnvironmentManager<'a> {
                 ContainerStatus::Failed.as_str(),
             ]))
             .order_by_asc(container::Column::Id)
-            .all(self.core.db())
+            .all(self.svc.db())
             .await?;
-        let mut members = to_views(self.core, rows).await?;
+        let mut members = to_views(self.svc, rows).await?;
         members.sort_by_key(|m| (m.priority, m.id));
         Ok(Environment {
             id: env.id,
@@ -1229,13 +1266,13 @@ impl<'a> EnvironmentManager<'a> {
 
     /// Locks environment `id` for command `cmd`; false when another command holds it.
     pub async fn get(&self, id: EnvironmentId, cmd: CommandId) -> Result<bool, CoreError> {
-        Ok(self.core.queue().lock(Target::Environment(id), cmd).await?)
+        Ok(self.svc.queue().lock(Target::Environment(id), cmd).await?)
     }
 
     /// Unlocks environment `id` if `cmd` holds it.
     pub async fn put(&self, id: EnvironmentId, cmd: CommandId) -> Result<(), CoreError> {
         Ok(self
-            .core
+            .svc
             .queue()
             .unlock(Target::Environment(id), cmd)
             .await?)
@@ -1255,17 +1292,17 @@ pub struct DrainReport {
 
 /// Servers of the platform.
 pub struct ServerManager<'a> {
-    core: &'a Core,
+    svc: &'a Services,
 }
 
 impl<'a> ServerManager<'a> {
-    pub(crate) fn new(core: &'a Core) -> Self {
-        ServerManager { core }
+    pub(crate) fn new(svc: &'a Services) -> Self {
+        ServerManager { svc }
     }
 
     /// Every server with its allocation, load and last heartbeat, by id.
     pub async fn list(&self) -> Result<Vec<Server>, CoreError> {
-        let db = self.core.db();
+        let db = self.svc.db();
         let rows = server::Entity::find()
             .order_by_asc(server::Column::Id)
             .all(db)
@@ -1274,7 +1311,7 @@ impl<'a> ServerManager<'a> {
         Ok(rows
             .into_iter()
             .map(|s| {
-                let beat = self.core.health().last(s.id);
+                let beat = self.svc.health().last(s.id);
                 Server {
                     id: s.id,
                     status: s.status.parse().unwrap_or(ServerStatus::Down),
@@ -1297,7 +1334,7 @@ impl<'a> ServerManager<'a> {
     /// Drains a server: placement puts nothing new there and every running or stopped
     /// container on it is migrated away (placement chooses where).
     pub async fn drain(&self, key: &str, requested_by: &str) -> Result<DrainReport, CoreError> {
-        let db = self.core.db();
+        let db = self.svc.db();
         let s = server_by_name(db, "server", key).await?;
         let txn = db.begin().await?;
         let mut am: server::ActiveModel = s.clone().into();
@@ -1311,7 +1348,7 @@ impl<'a> ServerManager<'a> {
         let mut commands = Vec::new();
         let mut skipped = Vec::new();
         for r in rows {
-            match parse_status(&r.status) {
+            match parse_status(r.id, &r.status)? {
                 ContainerStatus::Running | ContainerStatus::Stopped => commands.push(NewCommand {
                     kind: crate::model::CommandKind::ContainerMigrate,
                     target: Some(Target::Container(r.id)),
@@ -1324,12 +1361,12 @@ impl<'a> ServerManager<'a> {
                 st => skipped.push(format!("container {} is {st} and cannot be migrated", r.id)),
             }
         }
-        let ids = self.core.queue().enqueue_in(&txn, commands, None).await?;
+        let ids = self.svc.queue().enqueue_in(&txn, commands, None).await?;
         txn.commit().await?;
-        self.core
+        self.svc
             .placement()
             .set_status(s.id, s.status == "up", true);
-        self.core.queue().wake();
+        self.svc.queue().wake();
         Ok(DrainReport {
             server: s.name,
             commands: ids,
@@ -1339,14 +1376,14 @@ impl<'a> ServerManager<'a> {
 
     /// Ends a drain: placement may use the server again.
     pub async fn undrain(&self, key: &str) -> Result<(), CoreError> {
-        let db = self.core.db();
+        let db = self.svc.db();
         let s = server_by_name(db, "server", key).await?;
         let up = s.status == "up";
         let id = s.id;
         let mut am: server::ActiveModel = s.into();
         am.draining = Set(false);
         am.update(db).await?;
-        self.core.placement().set_status(id, up, false);
+        self.svc.placement().set_status(id, up, false);
         Ok(())
     }
 
@@ -1368,13 +1405,13 @@ impl<'a> ServerManager<'a> {
         key: &str,
     ) -> Result<std::sync::Arc<crate::driver::sim::SimServer>, CoreError> {
         // Fault injection is a rehearsal tool: a core without simulated servers has no such route.
-        if self.core.fleet().sims().is_empty() {
+        if self.svc.fleet().sims().is_empty() {
             return Err(CoreError::NotFound(
                 "fault injection (server fail, server recover) exists only on a core that runs simulated servers (--sim-servers); use the real server's own tools".into(),
             ));
         }
-        let s = server_by_name(self.core.db(), "server", key).await?;
-        self.core.fleet().sim(s.id).ok_or_else(|| {
+        let s = server_by_name(self.svc.db(), "server", key).await?;
+        self.svc.fleet().sim(s.id).ok_or_else(|| {
             CoreError::Conflict(format!(
                 "server {} uses driver '{}'; only simulated servers can be failed and recovered on command",
                 s.name, s.driver

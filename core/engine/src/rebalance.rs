@@ -2,12 +2,17 @@
 //! take containers differs by more than the configured spread, migrates a bounded number of
 //! containers off the fullest one (placement chooses where). Off by default.
 
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder};
+use std::sync::Arc;
 
-use crate::core::{Core, CoreError};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+};
+
+use crate::core::CoreError;
 use crate::entities::{command, container};
 use crate::model::{CommandId, CommandStatus, ContainerStatus};
-use crate::queue::{NewCommand, Target};
+use crate::placement::PlacementCache;
+use crate::queue::{NewCommand, Queue, Target};
 
 /// Who the rebalancer's commands are requested by.
 pub const REBALANCER: &str = "rebalancer";
@@ -19,11 +24,40 @@ fn utilisation(c: &crate::placement::Candidate) -> u64 {
         .unwrap_or(0)
 }
 
-impl Core {
+/// The rebalancer, with what it uses: the database and queue it submits migrations to,
+/// placement's view of the servers, and its settings.
+#[derive(Clone)]
+pub struct Rebalancer {
+    db: DatabaseConnection,
+    queue: Queue,
+    placement: Arc<PlacementCache>,
+    /// Spread in percentage points above which it migrates; 0 turns it off.
+    spread: u64,
+    /// Most migrations in flight.
+    batch: usize,
+}
+
+impl Rebalancer {
+    /// A rebalancer over these parts (`spread` 0 turns it off).
+    pub fn new(
+        db: DatabaseConnection,
+        queue: Queue,
+        placement: Arc<PlacementCache>,
+        spread: u64,
+        batch: usize,
+    ) -> Self {
+        Rebalancer {
+            db,
+            queue,
+            placement,
+            spread,
+            batch,
+        }
+    }
+
     /// One pass of the rebalancer; returns the migrations it submitted.
     pub async fn rebalance(&self) -> Result<Vec<CommandId>, CoreError> {
-        let h = &self.config().health;
-        if h.rebalance_spread == 0 {
+        if self.spread == 0 {
             return Ok(Vec::new());
         }
         let unfinished = command::Entity::find()
@@ -38,13 +72,13 @@ impl Core {
                     .map(|s| s.as_str()),
                 ),
             )
-            .count(self.db())
+            .count(&self.db)
             .await?;
         if unfinished > 0 {
             return Ok(Vec::new());
         }
         let servers: Vec<_> = self
-            .placement()
+            .placement
             .snapshot()
             .into_iter()
             .filter(|c| c.up && !c.draining)
@@ -55,7 +89,7 @@ impl Core {
         ) else {
             return Ok(Vec::new());
         };
-        if utilisation(full) - utilisation(empty) <= h.rebalance_spread {
+        if utilisation(full) - utilisation(empty) <= self.spread {
             return Ok(Vec::new());
         }
         let movable = container::Entity::find()
@@ -66,11 +100,11 @@ impl Core {
             ]))
             .filter(container::Column::LockedBy.is_null())
             .order_by_asc(container::Column::Id)
-            .all(self.db())
+            .all(&self.db)
             .await?;
         let commands: Vec<NewCommand> = movable
             .into_iter()
-            .take(h.rebalance_batch.max(1))
+            .take(self.batch.max(1))
             .map(|c| NewCommand {
                 kind: crate::model::CommandKind::ContainerMigrate,
                 target: Some(Target::Container(c.id)),
@@ -84,8 +118,8 @@ impl Core {
             return Ok(Vec::new());
         }
         tracing::info!(server = full.id, migrations = commands.len(), "rebalancing");
-        let ids = self.queue().enqueue_in(self.db(), commands, None).await?;
-        self.queue().wake();
+        let ids = self.queue.enqueue_in(&self.db, commands, None).await?;
+        self.queue.wake();
         Ok(ids)
     }
 }

@@ -24,18 +24,18 @@ use serde_json::json;
 
 use super::steps::CreateManyStep;
 use super::{StepCtx, driver_of, guest_spec, make_guest, params};
-use crate::core::Core;
 use crate::entities::{command, container, dummy};
 use crate::managers::guest_id_for;
 use crate::model::{ContainerStatus, Resources, ServerId, now_ms};
 use crate::placement::{self, PlaceRequest};
 use crate::queue::{Next, StepError, Transition};
+use crate::services::Services;
 
 /// Rows per multi-row statement.
 const CHUNK: usize = crate::queue::store::GROUP_CHUNK;
 
 /// Ids of the containers the command still has to create.
-async fn creating(core: &Core, cmd: i64) -> Result<Vec<i64>, DbErr> {
+async fn creating(svc: &Services, cmd: i64) -> Result<Vec<i64>, DbErr> {
     use sea_orm::QuerySelect;
     container::Entity::find()
         .select_only()
@@ -44,7 +44,7 @@ async fn creating(core: &Core, cmd: i64) -> Result<Vec<i64>, DbErr> {
         .filter(container::Column::Status.eq(ContainerStatus::Creating.as_str()))
         .order_by_asc(container::Column::Id)
         .into_tuple()
-        .all(core.db())
+        .all(svc.db())
         .await
 }
 
@@ -57,9 +57,9 @@ pub(crate) async fn create_many(ctx: &StepCtx<'_>) -> Result<Transition, StepErr
 }
 
 async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
-    let core = ctx.core;
-    let cache = core.placement();
-    let rows = creating(core, ctx.cmd.id).await?;
+    let svc = ctx.svc;
+    let cache = svc.placement();
+    let rows = creating(svc, ctx.cmd.id).await?;
     let params: params::CreateMany = ctx.params()?;
     let fixed = params.server_id;
     let req = params.requirements;
@@ -80,8 +80,8 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
             Err(reason) => failed.push((id, reason)),
         }
     }
-    let deadline = core.queue().now_ms() + core.config().placement.dummy_ttl().as_millis() as i64;
-    let txn = core.db().begin().await?;
+    let deadline = svc.queue().now_ms() + svc.dummy_ttl_ms();
+    let txn = svc.db().begin().await?;
     let mut placed: Vec<(i64, ServerId)> = Vec::new();
     let mut dummies = Vec::new();
     let claims: Vec<(ServerId, Resources, i64)> = per_server
@@ -149,7 +149,7 @@ async fn give_up<C: ConnectionTrait>(conn: &C, ids: &[i64]) -> Result<(), DbErr>
 }
 
 async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     let placed: Vec<(i64, ServerId)> = serde_json::from_value(ctx.progress["placed"].clone())
         .map_err(|_| StepError::Permanent("lost the placements of this command".into()))?;
     let mut failed: Vec<(i64, String)> = ctx.progress_field("failed")?;
@@ -160,8 +160,8 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let mut refused: Vec<i64> = Vec::new();
     // The containers are locked by this command: no other command changed them meanwhile.
     for (id, server) in placed {
-        let (driver, name) = driver_of(core, server)?;
-        let spec = guest_spec(&guest_id_for(core.platform_name(), id), &type_id, need);
+        let (driver, name) = driver_of(svc, server)?;
+        let spec = guest_spec(&guest_id_for(svc.platform_name(), id), &type_id, need);
         match make_guest(driver.as_ref(), &spec, None, start).await {
             Ok(info) => made.push((id, server, info.ip)),
             Err(e) if e.is_transient() => {
@@ -173,7 +173,7 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
             }
         }
     }
-    let txn = core.db().begin().await?;
+    let txn = svc.db().begin().await?;
     // The made take their dummies' places, the refused give their reservations back. In the
     // common case every dummy is there and nothing was refused: one delete does it all.
     let removed = placement::fill_dummies_of(&txn, ctx.cmd.id).await?;
@@ -194,16 +194,16 @@ async fn settle_slowly(
     need: Resources,
     start: bool,
 ) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     // Read before the transaction (SQLite has one connection).
-    let dummies = placement::dummies_of(core.db(), ctx.cmd.id).await?;
+    let dummies = placement::dummies_of(svc.db(), ctx.cmd.id).await?;
     let by_container: HashMap<i64, &dummy::Model> =
         dummies.iter().map(|d| (d.container_id, d)).collect();
-    let txn = core.db().begin().await?;
+    let txn = svc.db().begin().await?;
     for id in &refused {
         if let Some(d) = by_container.get(id) {
             placement::release(&txn, d.server_id, &placement::dummy_resources(d), 1).await?;
-            core.placement()
+            svc.placement()
                 .apply(d.server_id, &placement::dummy_resources(d), 1, -1);
         }
     }
@@ -321,18 +321,18 @@ pub(super) async fn fill_many(
 /// A failing `container.create_many` gives back every reservation it holds and marks its
 /// unfinished containers failed.
 pub(crate) async fn compensate(
-    core: &Core,
+    svc: &Services,
     cmd: &command::Model,
 ) -> Result<Option<DatabaseTransaction>, DbErr> {
-    let dummies = placement::dummies_of(core.db(), cmd.id).await?;
-    let unfinished = creating(core, cmd.id).await?;
-    let txn = core.db().begin().await?;
+    let dummies = placement::dummies_of(svc.db(), cmd.id).await?;
+    let unfinished = creating(svc, cmd.id).await?;
+    let txn = svc.db().begin().await?;
     for d in &dummies {
         placement::drop_dummy(&txn, d.id).await?;
     }
     give_up(&txn, &unfinished).await?;
     for d in &dummies {
-        core.placement()
+        svc.placement()
             .apply(d.server_id, &placement::dummy_resources(d), 1, -1);
     }
     Ok(Some(txn))

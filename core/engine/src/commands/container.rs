@@ -10,13 +10,13 @@ use serde_json::{Value, json};
 
 use super::steps::{CloneStep, CreateStep, MigrateStep, UpdateStep};
 use super::{StepCtx, core_err, driver_err, driver_of, guest_spec, make_guest, params};
-use crate::core::Core;
 use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::{command, container};
 use crate::managers::{ContainerCommand, check_status, guest_id_for, load_container, parse_status};
 use crate::model::{CommandKind, ContainerStatus, Requirements, Resources, now_ms};
 use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirements_of};
 use crate::queue::{Next, StepError, Transition};
+use crate::services::Services;
 
 fn spec(row: &container::Model) -> GuestSpec {
     guest_spec(&row.guest_id, &row.type_id, requirements_of(row).resources)
@@ -24,11 +24,11 @@ fn spec(row: &container::Model) -> GuestSpec {
 
 /// Begins a transaction and applies `change` to container `row`.
 async fn write(
-    core: &Core,
+    svc: &Services,
     row: &container::Model,
     change: impl FnOnce(&mut container::ActiveModel),
 ) -> Result<DatabaseTransaction, DbErr> {
-    let txn = core.db().begin().await?;
+    let txn = svc.db().begin().await?;
     write_in(&txn, row, change).await?;
     Ok(txn)
 }
@@ -70,9 +70,9 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
         }
         _ => None,
     };
-    let core = ctx.core;
+    let svc = ctx.svc;
     let id = ctx.target_id()?;
-    let row = load_container(core.db(), id).await.map_err(core_err)?;
+    let row = load_container(svc.db(), id).await.map_err(core_err)?;
     let Some(cmd) = simple else {
         return match kind {
             CommandKind::ContainerCreate => create(ctx, row).await,
@@ -85,7 +85,7 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
             ))),
         };
     };
-    let status = parse_status(&row.status);
+    let status = parse_status(row.id, &row.status)?;
     if matches!(cmd, ContainerCommand::Destroy {}) && status.is_gone() {
         return Ok(Transition::bare(done(id)));
     }
@@ -94,7 +94,7 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     if matches!(cmd, ContainerCommand::Destroy {}) && status == ContainerStatus::Down {
         // Its server does not answer: the container is given up now and its guest destroyed
         // by the collector when the server is back.
-        let txn = write(core, &row, |am| {
+        let txn = write(svc, &row, |am| {
             am.status = status_of(ContainerStatus::Illegal)
         })
         .await?;
@@ -102,13 +102,13 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     }
     let Some(server_id) = row.server_id else {
         // Destroying a container that never reached a server (its create gives back its dummy).
-        let txn = write(core, &row, |am| {
+        let txn = write(svc, &row, |am| {
             am.status = status_of(ContainerStatus::Destroyed)
         })
         .await?;
         return Ok(Transition::with(done(id), txn));
     };
-    let (driver, server) = driver_of(core, server_id)?;
+    let (driver, server) = driver_of(svc, server_id)?;
     let guest = row.guest_id.as_str();
     let new_status = match &cmd {
         ContainerCommand::Start {} => {
@@ -152,12 +152,12 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
                 .await
                 .map_err(|e| driver_err(&server, e))?;
             let need = requirements_of(&row).resources;
-            let txn = write(core, &row, |am| {
+            let txn = write(svc, &row, |am| {
                 am.status = status_of(ContainerStatus::Destroyed)
             })
             .await?;
             placement::release(&txn, server_id, &need, 1).await?;
-            core.placement().apply(server_id, &need, 1, -1);
+            svc.placement().apply(server_id, &need, 1, -1);
             return Ok(Transition::with(done(id), txn));
         }
         ContainerCommand::Update { resources } => {
@@ -165,7 +165,7 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
         }
         ContainerCommand::Clone { .. } | ContainerCommand::Migrate { .. } => unreachable!(),
     };
-    let txn = write(core, &row, |am| am.status = status_of(new_status)).await?;
+    let txn = write(svc, &row, |am| am.status = status_of(new_status)).await?;
     Ok(Transition::with(done(id), txn))
 }
 
@@ -180,7 +180,7 @@ async fn update(
     server_id: i64,
     resources: &Resources,
 ) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     let id = row.id;
     let mut req = requirements_of(row);
     let (grow, shrink) = (
@@ -189,9 +189,9 @@ async fn update(
     );
     let growth = reservation(&ctx.progress);
     if UpdateStep::of(ctx.cmd)? == UpdateStep::Reserve && grow != Resources::default() {
-        let ttl = core.config().placement.dummy_ttl().as_millis() as i64;
-        let deadline = core.queue().now_ms() + ttl;
-        let txn = core.db().begin().await?;
+        let ttl = svc.dummy_ttl_ms();
+        let deadline = svc.queue().now_ms() + ttl;
+        let txn = svc.db().begin().await?;
         let Some(r) =
             placement::reserve_growth(&txn, server_id, id, ctx.cmd.id, &grow, deadline).await?
         else {
@@ -200,7 +200,7 @@ async fn update(
                 grow.cpu_millis, grow.memory_mb, grow.disk_mb
             )));
         };
-        core.placement().apply(server_id, &grow, 1, 1);
+        svc.placement().apply(server_id, &grow, 1, 1);
         let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
         let step = UpdateStep::Resize.number();
         return Ok(Transition::with(Next::Continue { step, progress }, txn));
@@ -209,7 +209,7 @@ async fn update(
         .update(&row.guest_id, resources)
         .await
         .map_err(|e| driver_err(server, e))?;
-    let txn = core.db().begin().await?;
+    let txn = svc.db().begin().await?;
     if !placement::settle_resize(&txn, server_id, growth, &grow, &shrink).await? {
         txn.rollback().await?;
         // Give the guest its old size back (best effort) so it uses what the ledger holds.
@@ -223,26 +223,26 @@ async fn update(
     req.resources = *resources;
     let text = serde_json::to_string(&req).expect("serializable");
     write_in(&txn, row, |am| am.requirements = Set(text)).await?;
-    core.placement().refresh(&txn, server_id).await?;
+    svc.placement().refresh(&txn, server_id).await?;
     Ok(Transition::with(done(id), txn))
 }
 
 /// Undoes a failed `container.update`: its growth dummy (if any) goes, giving back what it
 /// reserved. The guest keeps the size the driver reports; the core's requirements are unchanged.
 pub(super) async fn compensate_update(
-    core: &Core,
+    svc: &Services,
     cmd: &command::Model,
 ) -> Result<Option<DatabaseTransaction>, DbErr> {
     let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
     let Some(r) = reservation(&progress) else {
         return Ok(None);
     };
-    let Some(d) = placement::dummy(core.db(), r.dummy_id).await? else {
+    let Some(d) = placement::dummy(svc.db(), r.dummy_id).await? else {
         return Ok(None);
     };
-    let txn = core.db().begin().await?;
+    let txn = svc.db().begin().await?;
     if placement::drop_dummy(&txn, d.id).await? {
-        core.placement()
+        svc.placement()
             .apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
     }
     Ok(Some(txn))
@@ -258,7 +258,7 @@ fn place_err(e: PlacementError) -> StepError {
 /// Servers that hold another member of the same type in the container's environment (for
 /// `spread`).
 async fn spread_avoid(
-    core: &Core,
+    svc: &Services,
     row: &container::Model,
     req: &Requirements,
 ) -> Result<HashSet<i64>, StepError> {
@@ -269,13 +269,15 @@ async fn spread_avoid(
         .filter(container::Column::EnvironmentId.eq(env))
         .filter(container::Column::TypeId.eq(row.type_id.clone()))
         .filter(container::Column::Id.ne(row.id))
-        .all(core.db())
+        .all(svc.db())
         .await?;
-    Ok(same
-        .into_iter()
-        .filter(|c| parse_status(&c.status).is_member())
-        .filter_map(|c| c.server_id)
-        .collect())
+    let mut servers = std::collections::HashSet::new();
+    for c in same {
+        if parse_status(c.id, &c.status)?.is_member() {
+            servers.extend(c.server_id);
+        }
+    }
+    Ok(servers)
 }
 
 /// Places `container_id` in `txn` with a dummy that dies with this command.
@@ -287,16 +289,16 @@ async fn reserve(
     avoid: HashSet<i64>,
     server: Option<i64>,
 ) -> Result<Reservation, StepError> {
-    let ttl = ctx.core.config().placement.dummy_ttl().as_millis() as i64;
+    let ttl = ctx.svc.dummy_ttl_ms();
     let request = PlaceRequest {
         requirements: req,
         container_id,
         command_id: Some(ctx.cmd.id),
         avoid,
         server,
-        deadline: ctx.core.queue().now_ms() + ttl,
+        deadline: ctx.svc.queue().now_ms() + ttl,
     };
-    placement::place(txn, ctx.core.placement(), request)
+    placement::place(txn, ctx.svc.placement(), request)
         .await
         .map_err(place_err)
 }
@@ -331,18 +333,18 @@ async fn fill(
 
 /// Steps: 0 place (dummy), 1 create (or import) and start on the server, replacing the dummy.
 async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     let id = row.id;
-    if parse_status(&row.status) != ContainerStatus::Creating {
+    if parse_status(row.id, &row.status)? != ContainerStatus::Creating {
         // Already created (a repeated final step): nothing left to do.
         return Ok(Transition::bare(done(id)));
     }
     let req = requirements_of(&row);
     if CreateStep::of(ctx.cmd)? == CreateStep::Place {
         let params: params::Create = ctx.params()?;
-        let mut avoid = spread_avoid(core, &row, &req).await?;
+        let mut avoid = spread_avoid(svc, &row, &req).await?;
         avoid.extend(params.avoid);
-        let txn = core.db().begin().await?;
+        let txn = svc.db().begin().await?;
         let r = reserve(ctx, &txn, id, &req, avoid, params.server_id).await?;
         let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
         let step = CreateStep::Make.number();
@@ -350,7 +352,7 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
     }
     let params: params::Create = ctx.params()?;
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
-    let (driver, server) = driver_of(core, r.server_id)?;
+    let (driver, server) = driver_of(svc, r.server_id)?;
     let image = match (params.image, params.clone_of) {
         (Some(image), _) => Some(image),
         (None, Some(source))
@@ -360,19 +362,19 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
                 .map_err(|e| driver_err(&server, e))?
                 .is_none() =>
         {
-            Some(disk_of(core, source).await?)
+            Some(disk_of(svc, source).await?)
         }
         _ => None,
     };
     let image = match image {
-        Some(image) => Some(usable_image(core, driver.as_ref(), &server, image).await?),
+        Some(image) => Some(usable_image(svc, driver.as_ref(), &server, image).await?),
         None => None,
     };
     let start = params.start;
     let info = make_guest(driver.as_ref(), &spec(&row), image.as_ref(), start)
         .await
         .map_err(|e| driver_err(&server, e))?;
-    let txn = core.db().begin().await?;
+    let txn = svc.db().begin().await?;
     fill(&txn, r, &req.resources, &server).await?;
     let status = if start {
         ContainerStatus::Running
@@ -391,13 +393,13 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
 /// Imports `image` on `target`, first pulling it from an agent if it refers to an agent's
 /// export and `target` cannot pull it itself.
 async fn import_on(
-    core: &Core,
+    svc: &Services,
     target: &dyn Driver,
     name: &str,
     spec: &GuestSpec,
     image: GuestImage,
 ) -> Result<GuestInfo, StepError> {
-    let image = usable_image(core, target, name, image).await?;
+    let image = usable_image(svc, target, name, image).await?;
     make_guest(target, spec, Some(&image), false)
         .await
         .map_err(|e| driver_err(name, e))
@@ -406,25 +408,25 @@ async fn import_on(
 /// `image` in a form the driver `target` can import (a reference to an agent's export stays a
 /// reference between agents, and is pulled for other drivers).
 async fn usable_image(
-    core: &Core,
+    svc: &Services,
     target: &dyn Driver,
     name: &str,
     image: GuestImage,
 ) -> Result<GuestImage, StepError> {
-    let token = core.config().agent_token.clone().unwrap_or_default();
+    let token = svc.agent_token().to_string();
     crate::driver::remote::for_target(image, target, &token)
         .await
         .map_err(|e| driver_err(name, e))
 }
 
 /// A copy of a container's disk; a running container is stopped for the copy and started again.
-async fn disk_of(core: &Core, id: i64) -> Result<GuestImage, StepError> {
-    let row = load_container(core.db(), id).await.map_err(core_err)?;
+async fn disk_of(svc: &Services, id: i64) -> Result<GuestImage, StepError> {
+    let row = load_container(svc.db(), id).await.map_err(core_err)?;
     let server_id = row.server_id.ok_or_else(|| {
         StepError::Permanent(format!("container {id} has no server to copy from"))
     })?;
-    let (src, name) = driver_of(core, server_id)?;
-    let running = parse_status(&row.status) == ContainerStatus::Running;
+    let (src, name) = driver_of(svc, server_id)?;
+    let running = parse_status(row.id, &row.status)? == ContainerStatus::Running;
     if running {
         src.stop(&row.guest_id)
             .await
@@ -447,7 +449,7 @@ async fn disk_of(core: &Core, id: i64) -> Result<GuestImage, StepError> {
 ///
 /// Every read happens before the transaction begins: SQLite has one connection.
 pub(super) async fn compensate(
-    core: &Core,
+    svc: &Services,
     cmd: &command::Model,
     _error: &str,
 ) -> Result<Option<DatabaseTransaction>, DbErr> {
@@ -458,27 +460,27 @@ pub(super) async fn compensate(
         _ => cmd.target_id,
     };
     let row = match new_id {
-        Some(id) => container::Entity::find_by_id(id).one(core.db()).await?,
+        Some(id) => container::Entity::find_by_id(id).one(svc.db()).await?,
         None => None,
     };
     let dummy = match reserved {
-        Some(r) => placement::dummy(core.db(), r.dummy_id).await?,
+        Some(r) => placement::dummy(svc.db(), r.dummy_id).await?,
         None => None,
     };
     if cmd.kind == "container.clone" {
-        restart_clone_source(core, cmd, &progress).await;
+        restart_clone_source(svc, cmd, &progress).await;
     }
     // Side effects on servers first (best effort), then one transaction.
     let change = match (&row, cmd.kind.as_str()) {
-        (Some(row), "container.migrate") => undo_migrate(core, cmd, &progress, row).await,
-        (Some(row), _) => undo_create(core, cmd, row, reserved).await,
+        (Some(row), "container.migrate") => undo_migrate(svc, cmd, &progress, row).await,
+        (Some(row), _) => undo_create(svc, cmd, row, reserved).await,
         (None, _) => None,
     };
-    let txn = core.db().begin().await?;
+    let txn = svc.db().begin().await?;
     if let Some(d) = dummy
         && placement::drop_dummy(&txn, d.id).await?
     {
-        core.placement()
+        svc.placement()
             .apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
     }
     if let (Some(row), Some(change)) = (row, change) {
@@ -504,19 +506,20 @@ struct Undo {
 /// A container that never got created becomes failed (its guest destroyed if it got made);
 /// a copy this command already finished is only unlocked.
 async fn undo_create(
-    core: &Core,
+    svc: &Services,
     cmd: &command::Model,
     row: &container::Model,
     reserved: Option<Reservation>,
 ) -> Option<Undo> {
-    if parse_status(&row.status) != ContainerStatus::Creating {
+    // A status this core does not know is left as it is (only the lock goes).
+    if parse_status(row.id, &row.status).map_or(true, |s| s != ContainerStatus::Creating) {
         return (row.locked_by == Some(cmd.id)).then_some(Undo {
             status: None,
             unlock: true,
         });
     }
     if let Some(server_id) = reserved.map(|r| r.server_id).or(row.server_id)
-        && let Some(driver) = core.fleet().driver(server_id)
+        && let Some(driver) = svc.fleet().driver(server_id)
         && let Err(e) = driver.destroy(&row.guest_id).await
     {
         tracing::warn!(error = %e, guest = %row.guest_id, "could not destroy the guest of a failed create; it is left for the collector");
@@ -530,7 +533,7 @@ async fn undo_create(
 /// After a failed migration that did not switch servers: destroys the copy on the target and
 /// starts the container again where it was if it ran before.
 async fn undo_migrate(
-    core: &Core,
+    svc: &Services,
     cmd: &command::Model,
     progress: &Value,
     row: &container::Model,
@@ -539,7 +542,7 @@ async fn undo_migrate(
     if target.is_none() || row.server_id == target || cmd.step < MigrateStep::Copy.number() {
         return None;
     }
-    if let Some(driver) = target.and_then(|t| core.fleet().driver(t))
+    if let Some(driver) = target.and_then(|t| svc.fleet().driver(t))
         && let Err(e) = driver.destroy(&row.guest_id).await
     {
         tracing::warn!(error = %e, guest = %row.guest_id, "could not destroy the copy of a failed migration");
@@ -547,7 +550,7 @@ async fn undo_migrate(
     if !progress["was_running"].as_bool().unwrap_or(false) {
         return None;
     }
-    let driver = row.server_id.and_then(|s| core.fleet().driver(s))?;
+    let driver = row.server_id.and_then(|s| svc.fleet().driver(s))?;
     match driver.start(&row.guest_id).await {
         Ok(()) => Some(Undo {
             status: Some(ContainerStatus::Running),
@@ -561,15 +564,15 @@ async fn undo_migrate(
 }
 
 /// After a failed clone, starts the source again if the clone had stopped it (best effort).
-async fn restart_clone_source(core: &Core, cmd: &command::Model, progress: &Value) {
+async fn restart_clone_source(svc: &Services, cmd: &command::Model, progress: &Value) {
     if cmd.step < CloneStep::Copy.number() || !progress["was_running"].as_bool().unwrap_or(false) {
         return;
     }
     let Some(source) = cmd.target_id else { return };
-    let Ok(row) = load_container(core.db(), source).await else {
+    let Ok(row) = load_container(svc.db(), source).await else {
         return;
     };
-    if let Some(driver) = row.server_id.and_then(|s| core.fleet().driver(s))
+    if let Some(driver) = row.server_id.and_then(|s| svc.fleet().driver(s))
         && let Err(e) = driver.start(&row.guest_id).await
     {
         tracing::warn!(error = %e, container = source, "could not restart the source of a failed clone");
@@ -579,10 +582,10 @@ async fn restart_clone_source(core: &Core, cmd: &command::Model, progress: &Valu
 /// Steps: 0 make the copy's row and place it, 1 stop the source, 2 copy, 3 start both if the
 /// source ran.
 async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     let step = CloneStep::of(ctx.cmd)?;
     if step == CloneStep::Place {
-        let status = parse_status(&row.status);
+        let status = parse_status(row.id, &row.status)?;
         check_status(
             row.id,
             status,
@@ -590,7 +593,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             ContainerCommand::Clone { server: None }.allowed_from(),
         )
         .map_err(StepError::Permanent)?;
-        let txn = core.db().begin().await?;
+        let txn = svc.db().begin().await?;
         let now = now_ms();
         let copy = container::ActiveModel {
             platform_id: Set(row.platform_id),
@@ -609,7 +612,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         }
         .insert(&txn)
         .await?;
-        let guest = guest_id_for(core.platform_name(), copy.id);
+        let guest = guest_id_for(svc.platform_name(), copy.id);
         let copy_id = copy.id;
         let mut am: container::ActiveModel = copy.into();
         am.guest_id = Set(guest);
@@ -639,7 +642,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
     let source_server = row
         .server_id
         .ok_or_else(|| StepError::Permanent("source container has no server".into()))?;
-    let (src, src_name) = driver_of(core, source_server)?;
+    let (src, src_name) = driver_of(svc, source_server)?;
     let next = |step: CloneStep| Next::Continue {
         step: step.number(),
         progress: ctx.progress.clone(),
@@ -653,16 +656,14 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             Ok(Transition::bare(next(CloneStep::Copy)))
         }
         CloneStep::Copy => {
-            let copy = load_container(core.db(), clone_id)
-                .await
-                .map_err(core_err)?;
+            let copy = load_container(svc.db(), clone_id).await.map_err(core_err)?;
             let image = src
                 .export(&row.guest_id)
                 .await
                 .map_err(|e| driver_err(&src_name, e))?;
-            let (dst, dst_name) = driver_of(core, r.server_id)?;
-            let info = import_on(core, dst.as_ref(), &dst_name, &spec(&copy), image).await?;
-            let txn = core.db().begin().await?;
+            let (dst, dst_name) = driver_of(svc, r.server_id)?;
+            let info = import_on(svc, dst.as_ref(), &dst_name, &spec(&copy), image).await?;
+            let txn = svc.db().begin().await?;
             fill(&txn, r, &requirements_of(&copy).resources, &dst_name).await?;
             write_in(&txn, &copy, |am| {
                 am.server_id = Set(Some(r.server_id));
@@ -673,11 +674,9 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             Ok(Transition::with(next(CloneStep::Finish), txn))
         }
         CloneStep::Finish => {
-            let copy = load_container(core.db(), clone_id)
-                .await
-                .map_err(core_err)?;
+            let copy = load_container(svc.db(), clone_id).await.map_err(core_err)?;
             if was_running {
-                let (dst, dst_name) = driver_of(core, r.server_id)?;
+                let (dst, dst_name) = driver_of(svc, r.server_id)?;
                 src.start(&row.guest_id)
                     .await
                     .map_err(|e| driver_err(&src_name, e))?;
@@ -690,7 +689,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             } else {
                 ContainerStatus::Stopped
             };
-            let txn = write(core, &copy, |am| {
+            let txn = write(svc, &copy, |am| {
                 am.status = status_of(status);
                 am.locked_by = Set(None);
             })
@@ -703,14 +702,14 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
 /// Steps: 0 check and place on the target (dummy), 1 stop, 2 copy to the target, 3 destroy on
 /// the source and switch, 4 start.
 async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     let next = |step: MigrateStep, progress: Value| Next::Continue {
         step: step.number(),
         progress,
     };
     let step = MigrateStep::of(ctx.cmd)?;
     if step == MigrateStep::Place {
-        let status = parse_status(&row.status);
+        let status = parse_status(row.id, &row.status)?;
         check_status(
             row.id,
             status,
@@ -723,9 +722,9 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             return Ok(Transition::bare(done(row.id)));
         }
         let req = requirements_of(&row);
-        let mut avoid = spread_avoid(core, &row, &req).await?;
+        let mut avoid = spread_avoid(svc, &row, &req).await?;
         avoid.extend(row.server_id);
-        let txn = core.db().begin().await?;
+        let txn = svc.db().begin().await?;
         let r = reserve(ctx, &txn, row.id, &req, avoid, to).await?;
         let progress = json!({
             "source": row.server_id,
@@ -740,11 +739,11 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
     match step {
         MigrateStep::Place => unreachable!("placing returned above"),
         MigrateStep::Stop => {
-            let (src, src_name) = driver_of(core, source)?;
+            let (src, src_name) = driver_of(svc, source)?;
             src.stop(&row.guest_id)
                 .await
                 .map_err(|e| driver_err(&src_name, e))?;
-            let txn = write(core, &row, |am| {
+            let txn = write(svc, &row, |am| {
                 am.status = status_of(ContainerStatus::Stopped)
             })
             .await?;
@@ -754,8 +753,8 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             ))
         }
         MigrateStep::Copy => {
-            let (src, src_name) = driver_of(core, source)?;
-            let (dst, dst_name) = driver_of(core, r.server_id)?;
+            let (src, src_name) = driver_of(svc, source)?;
+            let (dst, dst_name) = driver_of(svc, r.server_id)?;
             let info = match dst
                 .status(&row.guest_id)
                 .await
@@ -772,7 +771,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                         ip: row.ip.clone(),
                         ..spec(&row)
                     };
-                    import_on(core, dst.as_ref(), &dst_name, &keep, image).await?
+                    import_on(svc, dst.as_ref(), &dst_name, &keep, image).await?
                 }
             };
             let mut progress = ctx.progress.clone();
@@ -780,17 +779,17 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             Ok(Transition::bare(next(MigrateStep::Switch, progress)))
         }
         MigrateStep::Switch => {
-            let (src, src_name) = driver_of(core, source)?;
-            let (_, dst_name) = driver_of(core, r.server_id)?;
+            let (src, src_name) = driver_of(svc, source)?;
+            let (_, dst_name) = driver_of(svc, r.server_id)?;
             src.destroy(&row.guest_id)
                 .await
                 .map_err(|e| driver_err(&src_name, e))?;
             let need = requirements_of(&row).resources;
             let ip = ctx.progress["ip"].as_str().map(str::to_string);
-            let txn = core.db().begin().await?;
+            let txn = svc.db().begin().await?;
             fill(&txn, r, &need, &dst_name).await?;
             placement::release(&txn, source, &need, 1).await?;
-            core.placement().apply(source, &need, 1, -1);
+            svc.placement().apply(source, &need, 1, -1);
             write_in(&txn, &row, |am| {
                 am.server_id = Set(Some(r.server_id));
                 am.ip = Set(ip);
@@ -803,11 +802,11 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         }
         MigrateStep::Start => {
             if ctx.progress_field::<bool>("was_running")? {
-                let (dst, dst_name) = driver_of(core, r.server_id)?;
+                let (dst, dst_name) = driver_of(svc, r.server_id)?;
                 dst.start(&row.guest_id)
                     .await
                     .map_err(|e| driver_err(&dst_name, e))?;
-                let txn = write(core, &row, |am| {
+                let txn = write(svc, &row, |am| {
                     am.status = status_of(ContainerStatus::Running)
                 })
                 .await?;
@@ -821,7 +820,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
 /// Runs a script inside a running container (the CIS layer). Scripts run by hooks must be
 /// idempotent: after a crash of the core the step may run again.
 async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
-    let status = parse_status(&row.status);
+    let status = parse_status(row.id, &row.status)?;
     check_status(
         row.id,
         status,
@@ -833,7 +832,7 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
     let server_id = row
         .server_id
         .ok_or_else(|| StepError::Permanent(format!("container {} has no server", row.id)))?;
-    let (driver, server) = driver_of(ctx.core, server_id)?;
+    let (driver, server) = driver_of(ctx.svc, server_id)?;
     let out = driver
         .exec(&row.guest_id, &script, &args)
         .await

@@ -11,19 +11,19 @@ use serde_json::{Value, json};
 
 use super::steps::{AddStep, RemoveStep, ReplaceStep};
 use super::{StepCtx, core_err, params};
-use crate::core::Core;
 use crate::entities::{container, environment, server};
 use crate::managers::{insert_container, parse_status, prepare_container};
 use crate::model::{
     CommandKind, CommandStatus, ContainerStatus, EnvironmentStatus, Requirements, now_ms,
 };
 use crate::queue::{NewCommand, Next, StepError, Target, Transition};
+use crate::services::Services;
 use crate::types::{EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict};
 
 pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transition, StepError> {
     let env_id = ctx.target_id()?;
     let env = environment::Entity::find_by_id(env_id)
-        .one(ctx.core.db())
+        .one(ctx.svc.db())
         .await?
         .ok_or_else(|| StepError::Permanent(format!("environment {env_id} does not exist")))?;
     if env.status == EnvironmentStatus::Destroyed.as_str() {
@@ -35,7 +35,7 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     use CommandKind::*;
     match kind {
         EnvironmentCreate => {
-            let txn = ctx.core.db().begin().await?;
+            let txn = ctx.svc.db().begin().await?;
             let mut am: environment::ActiveModel = env.clone().into();
             am.status = Set(EnvironmentStatus::Active.as_str().into());
             am.updated_at = Set(now_ms());
@@ -63,7 +63,7 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
 
 /// Live members of an environment, ascending priority then id.
 async fn members<C: ConnectionTrait>(
-    core: &Core,
+    svc: &Services,
     conn: &C,
     env_id: i64,
 ) -> Result<Vec<(container::Model, MemberView)>, StepError> {
@@ -88,14 +88,14 @@ async fn members<C: ConnectionTrait>(
             let view = MemberView {
                 id: r.id,
                 type_id: r.type_id.clone(),
-                priority: core.types().get(&r.type_id).map_or(0, |t| t.priority()),
-                status: parse_status(&r.status),
+                priority: svc.types().get(&r.type_id).map_or(0, |t| t.priority()),
+                status: parse_status(r.id, &r.status)?,
                 server: r.server_id.and_then(|s| servers.get(&s).cloned()),
                 ip: r.ip.clone(),
             };
-            (r, view)
+            Ok((r, view))
         })
-        .collect();
+        .collect::<Result<Vec<_>, crate::managers::UnknownStatus>>()?;
     out.sort_by_key(|(_, v)| (v.priority, v.id));
     Ok(out)
 }
@@ -113,7 +113,7 @@ type Dispatched = (Vec<(i64, Vec<u8>)>, Vec<HookAction>);
 /// Runs hooks in the given order; returns what they changed and asked for, or the first denial
 /// (with who denied) as a permanent error when `may_deny`.
 fn dispatch(
-    core: &Core,
+    svc: &Services,
     env: &EnvironmentView,
     calls: Vec<Call<'_>>,
     may_deny: bool,
@@ -121,7 +121,7 @@ fn dispatch(
     let mut states = Vec::new();
     let mut actions = Vec::new();
     for call in calls {
-        let ty = core.types().get(&call.view.type_id).ok_or_else(|| {
+        let ty = svc.types().get(&call.view.type_id).ok_or_else(|| {
             StepError::Permanent(format!(
                 "container {} has type '{}', which is not installed",
                 call.view.id, call.view.type_id
@@ -203,7 +203,7 @@ fn env_view(
 
 /// The failure of any child, as one message.
 async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, StepError> {
-    let children = ctx.core.queue().children(ctx.cmd.id).await?;
+    let children = ctx.svc.queue().children(ctx.cmd.id).await?;
     let failed: Vec<String> = children
         .iter()
         .filter(|c| c.status != CommandStatus::Succeeded.as_str())
@@ -323,7 +323,7 @@ async fn drain_actions(
         return Ok(Transition::bare(then(progress)));
     }
     let action = actions.remove(0);
-    let members = members(ctx.core, ctx.core.db(), env.id).await?;
+    let members = members(ctx.svc, ctx.svc.db(), env.id).await?;
     let child = action_command(ctx, env, &action, &members).map_err(StepError::Permanent)?;
     progress["actions"] = serde_json::to_value(&actions).expect("serializable");
     // A skipped action spawns nothing, which the queue treats as going on at once.
@@ -337,20 +337,20 @@ async fn drain_actions(
 
 /// Steps: 0 before-hooks; 1 their actions; 2 the child create; 3 after-hooks; 4 their actions.
 async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     let params: params::Add = ctx.params()?;
-    let ty = core
+    let ty = svc
         .types()
         .require(&params.type_id)
         .map_err(StepError::Permanent)?;
     match AddStep::of(ctx.cmd)? {
         AddStep::BeforeHooks => {
-            let members = members(core, core.db(), env.id).await?;
+            let members = members(svc, svc.db(), env.id).await?;
             let view = env_view(env, &members);
             // A clone starts from a copy of its source's state; the add hooks then rewire it.
             let initial = match params.clone_of {
                 Some(src) => {
-                    crate::managers::load_container(core.db(), src)
+                    crate::managers::load_container(svc.db(), src)
                         .await
                         .map_err(core_err)?
                         .state
@@ -375,10 +375,10 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 state: &row.state,
                 hook: Hook::BeforeOtherIsAdded(new_view.clone()),
             }));
-            let (states, actions) = dispatch(core, &view, calls, true)?;
+            let (states, actions) = dispatch(svc, &view, calls, true)?;
             let (own, others): (Vec<_>, Vec<_>) = states.into_iter().partition(|(i, _)| *i == 0);
             let new_state = own.into_iter().last().map_or(initial.clone(), |(_, s)| s);
-            let txn = core.db().begin().await?;
+            let txn = svc.db().begin().await?;
             save_states(&txn, others).await?;
             let progress = json!({ "new_state": new_state, "actions": actions });
             Ok(Transition::with(
@@ -405,17 +405,12 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                     ))
                 })?;
             let server = params.server.as_deref();
-            let new = prepare_container(
-                core,
-                ty.type_id(),
-                server,
-                params.requirements,
-                Some(env.id),
-            )
-            .await
-            .map_err(core_err)?;
-            let txn = core.db().begin().await?;
-            let (id, server_id) = insert_container(core, &txn, new).await.map_err(core_err)?;
+            let new =
+                prepare_container(svc, ty.type_id(), server, params.requirements, Some(env.id))
+                    .await
+                    .map_err(core_err)?;
+            let txn = svc.db().begin().await?;
+            let (id, server_id) = insert_container(svc, &txn, new).await.map_err(core_err)?;
             save_states(&txn, vec![(id, new_state)]).await?;
             let child = NewCommand {
                 kind: crate::model::CommandKind::ContainerCreate,
@@ -442,7 +437,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                     params.type_id
                 ))));
             }
-            let all = members(core, core.db(), env.id).await?;
+            let all = members(svc, svc.db(), env.id).await?;
             let (new, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|(r, _)| r.id == id);
             let (new_row, new_view) = new.into_iter().next().ok_or_else(|| {
                 StepError::Permanent(format!("container {id} vanished while being added"))
@@ -458,8 +453,8 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 state: &row.state,
                 hook: Hook::AfterOtherIsAdded(new_view.clone()),
             }));
-            let (states, actions) = dispatch(core, &view, calls, false)?;
-            let txn = core.db().begin().await?;
+            let (states, actions) = dispatch(svc, &view, calls, false)?;
+            let txn = svc.db().begin().await?;
             save_states(&txn, states).await?;
             let progress = json!({ "container_id": id, "actions": actions });
             Ok(Transition::with(
@@ -487,11 +482,11 @@ fn container_param(ctx: &StepCtx<'_>) -> Result<i64, StepError> {
 /// Steps: 0 before-it-is-removed; 1 its actions; 2 the child destroy; 3 after-other-is-removed;
 /// 4 their actions.
 async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     let id = container_param(ctx)?;
     match RemoveStep::of(ctx.cmd)? {
         RemoveStep::BeforeHooks => {
-            let members = members(core, core.db(), env.id).await?;
+            let members = members(svc, svc.db(), env.id).await?;
             let Some((row, removed)) = members.iter().find(|(r, _)| r.id == id) else {
                 return Err(StepError::Permanent(format!(
                     "container {id} is not a member of environment '{}'",
@@ -505,7 +500,7 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
                 .collect();
             let view = env_view(env, &others);
             let (states, actions) = dispatch(
-                core,
+                svc,
                 &view,
                 vec![Call {
                     view: removed,
@@ -514,7 +509,7 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
                 }],
                 true,
             )?;
-            let txn = core.db().begin().await?;
+            let txn = svc.db().begin().await?;
             save_states(&txn, states).await?;
             let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable"), "actions": actions });
             Ok(Transition::with(
@@ -553,7 +548,7 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             }
             let removed: MemberView = serde_json::from_value(ctx.progress["removed"].clone())
                 .map_err(|e| StepError::Permanent(format!("lost the removed member: {e}")))?;
-            let others = members(core, core.db(), env.id).await?;
+            let others = members(svc, svc.db(), env.id).await?;
             let view = env_view(env, &others);
             let calls = others
                 .iter()
@@ -563,8 +558,8 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
                     hook: Hook::AfterOtherIsRemoved(removed.clone()),
                 })
                 .collect();
-            let (states, actions) = dispatch(core, &view, calls, false)?;
-            let txn = core.db().begin().await?;
+            let (states, actions) = dispatch(svc, &view, calls, false)?;
+            let txn = svc.db().begin().await?;
             save_states(&txn, states).await?;
             let mut progress = ctx.progress.clone();
             progress["actions"] = serde_json::to_value(&actions).expect("serializable");
@@ -589,7 +584,7 @@ async fn fan_out(
     env: &environment::Model,
     op: &str,
 ) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     if ctx.cmd.step == 0 {
         use ContainerStatus::*;
         let (applies, ascending): (&[ContainerStatus], bool) = match op {
@@ -600,12 +595,12 @@ async fn fan_out(
             _ => (&[Creating, Running, Stopped, Suspended, Down], false),
         };
         let mut groups: Vec<(i32, Vec<i64>)> = Vec::new();
-        let mut members = members(core, core.db(), env.id).await?;
+        let mut members = members(svc, svc.db(), env.id).await?;
         if !ascending {
             members.reverse();
         }
         for (row, v) in members {
-            if !applies.contains(&parse_status(&row.status)) {
+            if !applies.contains(&parse_status(row.id, &row.status)?) {
                 continue;
             }
             match groups.last_mut() {
@@ -655,7 +650,7 @@ async fn fan_out(
     let count: usize = groups.iter().map(Vec::len).sum();
     let result: Value = json!({ "environment_id": env.id, "containers": count });
     if op == "destroy" {
-        let txn = core.db().begin().await?;
+        let txn = svc.db().begin().await?;
         let mut am: environment::ActiveModel = env.clone().into();
         am.status = Set(EnvironmentStatus::Destroyed.as_str().into());
         am.updated_at = Set(now_ms());
@@ -679,7 +674,7 @@ async fn notify(
         })
         .await;
     }
-    let core = ctx.core;
+    let svc = ctx.svc;
     let params: params::Notify = ctx.params()?;
     let listed = params.containers;
     let cause = params
@@ -696,7 +691,7 @@ async fn notify(
             )));
         }
     };
-    let members = members(core, core.db(), env.id).await?;
+    let members = members(svc, svc.db(), env.id).await?;
     let chosen = |v: &MemberView| match op {
         "failover" => listed.contains(&v.id) && v.status == ContainerStatus::Down,
         "recover" => listed.contains(&v.id) && v.status != ContainerStatus::Down,
@@ -712,8 +707,8 @@ async fn notify(
             hook: hook.clone(),
         })
         .collect();
-    let (states, actions) = dispatch(core, &view, calls, false)?;
-    let txn = core.db().begin().await?;
+    let (states, actions) = dispatch(svc, &view, calls, false)?;
+    let txn = svc.db().begin().await?;
     save_states(&txn, states).await?;
     Ok(Transition::with(
         Next::Continue {
@@ -728,11 +723,11 @@ async fn notify(
 /// server is back), the others hear it left, and a new container of its type is added on
 /// another server. Steps: 0 retire; 1 the others' actions; 2 the child add; 3 finish.
 async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     let id = container_param(ctx)?;
     match ReplaceStep::of(ctx.cmd)? {
         ReplaceStep::Retire => {
-            let all = members(core, core.db(), env.id).await?;
+            let all = members(svc, svc.db(), env.id).await?;
             let Some((row, old)) = all.iter().find(|(r, _)| r.id == id).cloned() else {
                 return Err(StepError::Permanent(format!(
                     "container {id} is not a member of environment '{}'",
@@ -746,7 +741,7 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                     "reason": format!("container {id} is {}, not down", old.status),
                 }))));
             }
-            let txn = core.db().begin().await?;
+            let txn = svc.db().begin().await?;
             container::Entity::update_many()
                 .col_expr(
                     container::Column::Status,
@@ -769,7 +764,7 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                     hook: Hook::AfterOtherIsRemoved(old.clone()),
                 })
                 .collect();
-            let (states, actions) = dispatch(core, &view, calls, false)?;
+            let (states, actions) = dispatch(svc, &view, calls, false)?;
             save_states(&txn, states).await?;
             let progress = json!({
                 "type": row.type_id,
@@ -822,11 +817,11 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
             }))
         }
         ReplaceStep::Finish => {
-            let children = core.queue().children(ctx.cmd.id).await?;
+            let children = svc.queue().children(ctx.cmd.id).await?;
             if let Some(failure) = child_failures(ctx).await? {
                 // No replacement: the old container is down again rather than illegal, so the
                 // collector does not destroy the only copy when its server comes back.
-                let txn = core.db().begin().await?;
+                let txn = svc.db().begin().await?;
                 container::Entity::update_many()
                     .col_expr(
                         container::Column::Status,
@@ -861,10 +856,10 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
 /// hooks wire the copy to itself. Step 0 plans; step k adds member k-1; the last step
 /// activates the copy.
 async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
-    let core = ctx.core;
+    let svc = ctx.svc;
     let dst = ctx.params::<params::CloneEnvironment>()?.destination;
     if ctx.cmd.step == 0 {
-        let plan: Vec<(i64, String, Value)> = members(core, core.db(), env.id)
+        let plan: Vec<(i64, String, Value)> = members(svc, svc.db(), env.id)
             .await?
             .into_iter()
             .filter(|(_, v)| {
@@ -914,7 +909,7 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
             children: vec![child],
         }));
     }
-    let txn = core.db().begin().await?;
+    let txn = svc.db().begin().await?;
     environment::Entity::update_many()
         .col_expr(
             environment::Column::Status,

@@ -26,13 +26,13 @@ use serde_json::{Value, json};
 use super::batch::fill_many;
 use super::container::reservation;
 use super::{driver_err, driver_of, guest_spec, make_guest, params};
-use crate::core::Core;
 use crate::entities::command;
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId};
 use crate::placement::{self, Reservation};
 use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_source, json_rows};
 use crate::queue::{GroupNext, GroupSink, StepError};
+use crate::services::Services;
 
 /// The key under which create commands at `cmd`'s step run together, if they may.
 pub(super) fn key(cmd: &command::Model) -> Option<String> {
@@ -42,13 +42,13 @@ pub(super) fn key(cmd: &command::Model) -> Option<String> {
 
 /// Runs the current step (all share it) of a group of create commands.
 pub(super) async fn step(
-    core: &Core,
+    svc: &Services,
     cmds: &[command::Model],
     sink: &mut dyn GroupSink,
 ) -> Result<(), StepError> {
     match cmds.first().map(|c| c.step) {
-        Some(0) => place(core, cmds, sink).await,
-        Some(1) => make(core, cmds, sink).await,
+        Some(0) => place(svc, cmds, sink).await,
+        Some(1) => make(svc, cmds, sink).await,
         _ => Ok(()),
     }
 }
@@ -92,25 +92,22 @@ fn plain<'a>(cmds: &[command::Model], rows: &'a HashMap<i64, Row>) -> Vec<Plain<
         .filter_map(|(index, cmd)| {
             let params = params_of(cmd).filter(params::Create::is_plain)?;
             let row = rows.get(&cmd.target_id?)?;
-            (parse_status(&row.status) == ContainerStatus::Creating).then_some(Plain {
-                index,
-                row,
-                params,
-            })
+            (parse_status(row.id, &row.status).ok()? == ContainerStatus::Creating)
+                .then_some(Plain { index, row, params })
         })
         .collect()
 }
 
 /// The containers of the group's commands, by id: only the columns the group needs, in one
 /// row per chunk.
-async fn load(core: &Core, cmds: &[command::Model]) -> Result<HashMap<i64, Row>, DbErr> {
+async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Row>, DbErr> {
     let ids: Vec<i64> = cmds.iter().filter_map(|c| c.target_id).collect();
     let mut rows = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(CHUNK) {
-        let (ids, values) = ids_source(core.db(), chunk.iter().copied(), 1);
+        let (ids, values) = ids_source(svc.db(), chunk.iter().copied(), 1);
         let from = format!("containers WHERE id IN {ids}");
         let found: Vec<(i64, String, String, String, String, Option<i64>)> = json_rows(
-            core.db(),
+            svc.db(),
             "id, status, guest_id, type_id, requirements, environment_id",
             &from,
             values,
@@ -135,12 +132,12 @@ async fn load(core: &Core, cmds: &[command::Model]) -> Result<HashMap<i64, Row>,
 
 /// Step 0: decide, claim and reserve with dummies.
 async fn place(
-    core: &Core,
+    svc: &Services,
     cmds: &[command::Model],
     sink: &mut dyn GroupSink,
 ) -> Result<(), StepError> {
-    let rows = load(core, cmds).await?;
-    let cache = core.placement();
+    let rows = load(svc, cmds).await?;
+    let cache = svc.placement();
     // Equal requirements (and named server) share one decision heap.
     // Those that named a server come first, so the others' decisions see what they take.
     let mut by_need: BTreeMap<(bool, Option<ServerId>, String), Vec<Plain<'_>>> = BTreeMap::new();
@@ -186,8 +183,8 @@ async fn place(
             cache.apply(*server, need, 1, -1);
         }
     };
-    let deadline = core.queue().now_ms() + core.config().placement.dummy_ttl().as_millis() as i64;
-    let txn = core.db().begin().await?;
+    let deadline = svc.queue().now_ms() + svc.dummy_ttl_ms();
+    let txn = svc.db().begin().await?;
     let mut per_server: BTreeMap<ServerId, (Resources, i64)> = BTreeMap::new();
     for (_, _, server, need) in &decided {
         let e = per_server.entry(*server).or_default();
@@ -253,7 +250,7 @@ async fn place(
                     )
                 })
                 .collect();
-            make_placed(core, placed, sink).await
+            make_placed(svc, placed, sink).await
         }
         Ok(false) => {
             undo(&kept);
@@ -268,11 +265,11 @@ async fn place(
 
 /// Step 1: create and start the guests, committing them in waves as they finish.
 async fn make(
-    core: &Core,
+    svc: &Services,
     cmds: &[command::Model],
     sink: &mut dyn GroupSink,
 ) -> Result<(), StepError> {
-    let rows = load(core, cmds).await?;
+    let rows = load(svc, cmds).await?;
     let placed = plain(cmds, &rows)
         .into_iter()
         .filter_map(|p| {
@@ -284,19 +281,19 @@ async fn make(
             ))
         })
         .collect();
-    make_placed(core, placed, sink).await
+    make_placed(svc, placed, sink).await
 }
 
 /// Step 1 for the commands at these indexes, with their containers, reservations and whether
 /// they start them.
 async fn make_placed(
-    core: &Core,
+    svc: &Services,
     placed: Vec<(usize, &Row, Reservation, bool)>,
     sink: &mut dyn GroupSink,
 ) -> Result<(), StepError> {
     let mut pending = FuturesUnordered::new();
     for (index, row, r, start) in placed {
-        let Ok((driver, server)) = driver_of(core, r.server_id) else {
+        let Ok((driver, server)) = driver_of(svc, r.server_id) else {
             continue;
         };
         let spec = guest_spec(&row.guest_id, &row.type_id, row.requirements().resources);
@@ -325,7 +322,7 @@ async fn make_placed(
         if made.is_empty() {
             continue;
         }
-        let txn = core.db().begin().await?;
+        let txn = svc.db().begin().await?;
         let ids: Vec<i64> = made.iter().map(|m| m.2.dummy_id).collect();
         let deleted = placement::fill_dummies(&txn, &ids).await?;
         if deleted != made.len() as u64 {

@@ -20,22 +20,23 @@ use async_trait::async_trait;
 use sea_orm::{DatabaseTransaction, DbErr};
 use serde_json::Value;
 
-use crate::core::{Core, CoreError};
+use crate::core::CoreError;
 use crate::driver::{Driver, DriverError, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::command;
 use crate::model::CommandKind;
 use crate::model::Resources;
 use crate::queue::{GroupSink, Next, Runner, StepError, Transition};
+use crate::services::Services;
 
 /// The `queue::Runner` of the core.
 pub struct Handlers {
-    core: Core,
+    svc: Services,
 }
 
 impl Handlers {
-    /// Handlers acting on `core`.
-    pub fn new(core: Core) -> Self {
-        Handlers { core }
+    /// Handlers acting through `svc`.
+    pub fn new(svc: Services) -> Self {
+        Handlers { svc }
     }
 }
 
@@ -44,7 +45,7 @@ impl Runner for Handlers {
     async fn step(&self, cmd: &command::Model) -> Result<Transition, StepError> {
         let kind = kind_of(cmd)?;
         let ctx = StepCtx {
-            core: &self.core,
+            svc: &self.svc,
             cmd,
             params: read_json(cmd, "parameters", &cmd.params)?,
             progress: read_json(cmd, "progress", &cmd.progress)?,
@@ -66,7 +67,7 @@ impl Runner for Handlers {
         cmds: &[command::Model],
         sink: &mut dyn GroupSink,
     ) -> Result<(), StepError> {
-        grouped::step(&self.core, cmds, sink).await
+        grouped::step(&self.svc, cmds, sink).await
     }
 
     async fn on_failure(
@@ -76,13 +77,13 @@ impl Runner for Handlers {
     ) -> Result<Option<DatabaseTransaction>, DbErr> {
         // A command whose kind this core does not know did nothing it could undo.
         match cmd.kind.parse::<CommandKind>() {
-            Ok(CommandKind::ContainerCreateMany) => batch::compensate(&self.core, cmd).await,
-            Ok(CommandKind::ContainerUpdate) => container::compensate_update(&self.core, cmd).await,
+            Ok(CommandKind::ContainerCreateMany) => batch::compensate(&self.svc, cmd).await,
+            Ok(CommandKind::ContainerUpdate) => container::compensate_update(&self.svc, cmd).await,
             Ok(
                 CommandKind::ContainerCreate
                 | CommandKind::ContainerClone
                 | CommandKind::ContainerMigrate,
-            ) => container::compensate(&self.core, cmd, error).await,
+            ) => container::compensate(&self.svc, cmd, error).await,
             _ => Ok(None),
         }
     }
@@ -109,7 +110,7 @@ pub(crate) fn unreadable(cmd: &command::Model, what: &str, e: impl std::fmt::Dis
 
 /// What a step sees.
 pub(crate) struct StepCtx<'a> {
-    pub core: &'a Core,
+    pub svc: &'a Services,
     pub cmd: &'a command::Model,
     pub params: Value,
     pub progress: Value,
@@ -193,10 +194,10 @@ pub(crate) fn core_err(e: CoreError) -> StepError {
 
 /// The driver of a server, with its name for messages.
 pub(crate) fn driver_of(
-    core: &Core,
+    svc: &Services,
     server_id: i64,
 ) -> Result<(Arc<dyn Driver>, String), StepError> {
-    core.fleet().named_driver(server_id).ok_or_else(|| {
+    svc.fleet().named_driver(server_id).ok_or_else(|| {
         StepError::Permanent(format!("server #{server_id} has no driver in this core"))
     })
 }
