@@ -367,6 +367,22 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
             "{error}"
         );
     }
+    // A fan-out resumed past the end of its plan fails, naming it, instead of finishing.
+    let (created, env) = t.core.environments().create("plan", "test").await.unwrap();
+    t.wait(created).await;
+    let sql = format!(
+        "INSERT INTO commands (id, kind, status, target_type, target_id, params, progress, step, attempts, run_after, requested_by, created_at) \
+         VALUES (990, 'environment.stop', 'queued', 'environment', {env}, '{{}}', '{{\"groups\": [[1]]}}', 5, 0, 0, 'test', 0)"
+    );
+    t.core.db().execute_unprepared(&sql).await.unwrap();
+    t.core.queue().wake();
+    let c = t.wait(990).await;
+    assert_eq!(c.status, CommandStatus::Failed);
+    assert_eq!(
+        c.error.as_deref(),
+        Some("command 990 (environment.stop): step 5 is past the end of its plan of 1 items")
+    );
+
     // A status this core does not know is an error naming the command, not `failed`.
     let id = 1000;
     let sql = format!(

@@ -9,7 +9,7 @@ use sea_orm::{
 };
 use serde_json::{Value, json};
 
-use super::steps::{AddStep, RemoveStep, ReplaceStep};
+use super::steps::{AddStep, NotifyStep, PlanStep, RemoveStep, ReplaceStep};
 use super::{StepCtx, core_err, params};
 use crate::entities::{container, environment, server};
 use crate::managers::{insert_container, parse_status, prepare_container};
@@ -317,8 +317,7 @@ async fn drain_actions(
         ))));
     }
     let mut progress = ctx.progress.clone();
-    let mut actions: Vec<HookAction> =
-        serde_json::from_value(progress["actions"].clone()).unwrap_or_default();
+    let mut actions: Vec<HookAction> = ctx.progress_field("actions")?;
     if actions.is_empty() {
         return Ok(Transition::bare(then(progress)));
     }
@@ -585,7 +584,11 @@ async fn fan_out(
     op: &str,
 ) -> Result<Transition, StepError> {
     let svc = ctx.svc;
-    if ctx.cmd.step == 0 {
+    let index = match PlanStep::of(ctx.cmd)? {
+        PlanStep::Plan => None,
+        PlanStep::Item(n) => Some(n),
+    };
+    let Some(index) = index else {
         use ContainerStatus::*;
         let (applies, ascending): (&[ContainerStatus], bool) = match op {
             "start" => (&[Stopped], true),
@@ -610,11 +613,11 @@ async fn fan_out(
         }
         let groups: Vec<Vec<i64>> = groups.into_iter().map(|(_, ids)| ids).collect();
         return Ok(Transition::bare(Next::Continue {
-            step: 1,
+            step: PlanStep::Item(0).number(),
             progress: json!({ "groups": groups }),
         }));
-    }
-    if ctx.cmd.step > 1
+    };
+    if index > 0
         && let Some(failure) = child_failures(ctx).await?
     {
         return Ok(Transition::bare(Next::Fail(format!(
@@ -622,10 +625,8 @@ async fn fan_out(
             env.name
         ))));
     }
-    let groups: Vec<Vec<i64>> = serde_json::from_value(ctx.progress["groups"].clone())
-        .map_err(|e| StepError::Permanent(format!("lost the plan: {e}")))?;
-    let index = (ctx.cmd.step - 1) as usize;
-    if let Some(group) = groups.get(index) {
+    let groups: Vec<Vec<i64>> = ctx.progress_field("groups")?;
+    if let Some(group) = PlanStep::item(ctx.cmd, index, &groups)? {
         let kind = super::kind_of(ctx.cmd)?.member_command().ok_or_else(|| {
             StepError::Permanent(format!(
                 "command {}: {} is not a fan-out",
@@ -642,7 +643,7 @@ async fn fan_out(
             })
             .collect();
         return Ok(Transition::bare(Next::Spawn {
-            step: ctx.cmd.step + 1,
+            step: PlanStep::Item(index + 1).number(),
             progress: ctx.progress.clone(),
             children,
         }));
@@ -668,7 +669,7 @@ async fn notify(
     env: &environment::Model,
     op: &str,
 ) -> Result<Transition, StepError> {
-    if ctx.cmd.step > 0 {
+    if NotifyStep::of(ctx.cmd)? == NotifyStep::Actions {
         return drain_actions(ctx, env, |_| {
             Next::Done(json!({ "environment_id": env.id }))
         })
@@ -712,7 +713,7 @@ async fn notify(
     save_states(&txn, states).await?;
     Ok(Transition::with(
         Next::Continue {
-            step: 1,
+            step: NotifyStep::Actions.number(),
             progress: json!({ "actions": actions }),
         },
         txn,
@@ -858,39 +859,33 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
 async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, StepError> {
     let svc = ctx.svc;
     let dst = ctx.params::<params::CloneEnvironment>()?.destination;
-    if ctx.cmd.step == 0 {
-        let plan: Vec<(i64, String, Value)> = members(svc, svc.db(), env.id)
-            .await?
-            .into_iter()
-            .filter(|(_, v)| {
-                matches!(
-                    v.status,
-                    ContainerStatus::Running | ContainerStatus::Stopped
-                )
-            })
-            .map(|(r, v)| {
-                (
-                    r.id,
-                    v.type_id,
-                    serde_json::from_str(&r.requirements).unwrap_or(Value::Null),
-                )
-            })
-            .collect();
+    let PlanStep::Item(index) = PlanStep::of(ctx.cmd)? else {
+        let mut plan: Vec<(i64, String, Value)> = Vec::new();
+        for (r, v) in members(svc, svc.db(), env.id).await? {
+            if !matches!(
+                v.status,
+                ContainerStatus::Running | ContainerStatus::Stopped
+            ) {
+                continue;
+            }
+            let requirements = serde_json::from_str(&r.requirements).map_err(|e| {
+                StepError::Permanent(format!("container {}: unreadable requirements: {e}", r.id))
+            })?;
+            plan.push((r.id, v.type_id, requirements));
+        }
         return Ok(Transition::bare(Next::Continue {
-            step: 1,
+            step: PlanStep::Item(0).number(),
             progress: json!({ "plan": plan }),
         }));
-    }
+    };
     if let Some(failure) = child_failures(ctx).await? {
         return Ok(Transition::bare(Next::Fail(format!(
             "cloning environment '{}' stopped: {failure}",
             env.name
         ))));
     }
-    let plan: Vec<(i64, String, Value)> = serde_json::from_value(ctx.progress["plan"].clone())
-        .map_err(|e| StepError::Permanent(format!("lost the plan: {e}")))?;
-    let index = (ctx.cmd.step - 1) as usize;
-    if let Some((source, type_id, requirements)) = plan.get(index) {
+    let plan: Vec<(i64, String, Value)> = ctx.progress_field("plan")?;
+    if let Some((source, type_id, requirements)) = PlanStep::item(ctx.cmd, index, &plan)? {
         let child = NewCommand {
             kind: crate::model::CommandKind::EnvironmentAdd,
             target: Some(Target::Environment(dst)),
@@ -904,7 +899,7 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
             requested_by: ctx.cmd.requested_by.clone(),
         };
         return Ok(Transition::bare(Next::Spawn {
-            step: ctx.cmd.step + 1,
+            step: PlanStep::Item(index + 1).number(),
             progress: ctx.progress.clone(),
             children: vec![child],
         }));

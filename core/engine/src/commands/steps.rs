@@ -139,6 +139,70 @@ steps!(
     }
 );
 
+steps!(
+    /// `environment.failover`, `environment.recover` and `environment.notify`.
+    NotifyStep of "environment.notify" {
+        /// Run the hook for the chosen members.
+        Hooks = 0,
+        /// The actions it asked for.
+        Actions = 1,
+    }
+);
+
+/// The steps of a command that plans, then works through its plan one item per step: the
+/// fan-outs (`environment.start|stop|suspend|resume|destroy`, one group of members of equal
+/// priority per step) and `environment.clone` (one member per step). The step after the last
+/// item finishes the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanStep {
+    /// Make the plan.
+    Plan,
+    /// Carry out item `n` of the plan (0-based), or finish when `n` is the plan's length.
+    Item(usize),
+}
+
+impl PlanStep {
+    /// The step `cmd` is at.
+    pub fn of(cmd: &command::Model) -> Result<Self, StepError> {
+        match cmd.step {
+            0 => Ok(PlanStep::Plan),
+            n if n > 0 => Ok(PlanStep::Item(n as usize - 1)),
+            other => Err(StepError::Permanent(format!(
+                "command {} ({}): step {other} is not a step this core knows",
+                cmd.id, cmd.kind
+            ))),
+        }
+    }
+
+    /// Its number, as the queue persists it.
+    pub fn number(self) -> i32 {
+        match self {
+            PlanStep::Plan => 0,
+            PlanStep::Item(n) => n as i32 + 1,
+        }
+    }
+
+    /// Item `n` of a plan of `len` items: `Some` to carry it out, `None` to finish; past the
+    /// end (a damaged command) is an error naming the command.
+    pub fn item<'p, T>(
+        cmd: &command::Model,
+        n: usize,
+        plan: &'p [T],
+    ) -> Result<Option<&'p T>, StepError> {
+        match plan.get(n) {
+            Some(item) => Ok(Some(item)),
+            None if n == plan.len() => Ok(None),
+            None => Err(StepError::Permanent(format!(
+                "command {} ({}): step {} is past the end of its plan of {} items",
+                cmd.id,
+                cmd.kind,
+                cmd.step,
+                plan.len()
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +220,25 @@ mod tests {
         );
         cmd.step = 2;
         assert!(UpdateStep::of(&cmd).is_err());
+    }
+
+    #[test]
+    fn a_plan_step_numbers_its_items_from_one_and_refuses_to_run_past_the_plan() {
+        let mut cmd = crate::commands::params::tests_support::command("environment.stop", 0);
+        assert_eq!(PlanStep::of(&cmd).unwrap(), PlanStep::Plan);
+        cmd.step = 3;
+        assert_eq!(PlanStep::of(&cmd).unwrap(), PlanStep::Item(2));
+        assert_eq!(PlanStep::Item(2).number(), 3);
+        let plan = ["a", "b", "c"];
+        assert_eq!(PlanStep::item(&cmd, 2, &plan).unwrap(), Some(&"c"));
+        assert_eq!(PlanStep::item(&cmd, 3, &plan).unwrap(), None);
+        cmd.step = 5;
+        let e = PlanStep::item(&cmd, 4, &plan).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "command 42 (environment.stop): step 5 is past the end of its plan of 3 items"
+        );
+        cmd.step = -1;
+        assert!(PlanStep::of(&cmd).is_err());
     }
 }
