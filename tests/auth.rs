@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use cloud48_core::auth::{
-    Anonymous, AuthConfig, AuthError, Authenticator, Principal, Role, UserRecord,
+    Anonymous, AuthConfig, AuthError, Authenticator, Family, Principal, Role, UserRecord,
 };
 use cloud48_core::cli::{Client, Credentials};
 use cloud48_core::model::{Accepted, Command};
@@ -27,6 +27,7 @@ fn users_config(anonymous: Anonymous) -> AuthConfig {
             UserRecord::with_password("otto", Role::Operator, realm, PASSWORD),
             UserRecord::with_password("ada", Role::Admin, realm, PASSWORD),
         ],
+        ..AuthConfig::default()
     }
 }
 
@@ -306,6 +307,83 @@ async fn anonymous_reads_by_default_and_cannot_change_anything() {
     assert!(body.contains("needs role operator"), "{body}");
     let (status, _, _) = send(&t, "GET", "/v1/servers", None).await;
     assert_eq!(status, 200, "anonymous read stays allowed when users exist");
+    let (status, challenges, body) = send(&t, "GET", "/v1/containers", None).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(challenges.len(), 2);
+    assert!(
+        body.contains("anonymous requests may read only fleet, environments (auth.anonymous_read)"),
+        "{body}"
+    );
+}
+
+/// Regression (hardening): anonymous users exported any stopped container and read any
+/// container's logs, making the core pull them from agents. Export needs an operator; what
+/// anonymous requests read is configured per endpoint family.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_users_cannot_export_or_read_logs_and_read_only_the_configured_families() {
+    let t = TestCore::start(Opts {
+        auth: AuthConfig::default(),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    // Made through the core (anonymous requests cannot create); then stopped.
+    let (cmd, container) = t
+        .core
+        .containers()
+        .create(
+            &cloud48_core::managers::CreateContainer {
+                type_id: "plain".into(),
+                server: None,
+                requirements: None,
+                count: None,
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    t.ok(cmd).await;
+    let stop = t
+        .core
+        .containers()
+        .run(
+            cloud48_core::managers::ContainerCommand::Stop {},
+            container,
+            "test",
+        )
+        .await
+        .unwrap();
+    t.ok(stop).await;
+    for path in [
+        format!("/v1/containers/{container}/export"),
+        format!("/v1/containers/{container}/logs"),
+        format!("/v1/containers/{container}"),
+        "/v1/commands".to_string(),
+    ] {
+        let (status, _, body) = send(&t, "GET", &path, None).await;
+        assert_eq!(status, 403, "GET {path}: {body}");
+    }
+    let (status, _, _) = send(&t, "GET", "/v1/environments", None).await;
+    assert_eq!(status, 200);
+
+    // Families are configurable: containers and logs opened, the fleet closed; exports stay
+    // closed whatever the list says.
+    let t2 = TestCore::start(Opts {
+        auth: AuthConfig {
+            anonymous_read: vec![Family::Containers, Family::Logs],
+            ..AuthConfig::default()
+        },
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let (status, _, body) = send(&t2, "GET", "/v1/containers", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = send(&t2, "GET", "/v1/servers", None).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("may read only containers, logs"), "{body}");
+    let (status, _, _) = send(&t2, "GET", "/v1/containers/1/export", None).await;
+    assert_eq!(status, 403);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,15 +396,37 @@ async fn each_role_against_each_endpoint_family() {
     t.ok(a.command_id).await;
     let container = a.object_id.unwrap();
     // (method, path, body) per family; expected status per (anonymous, viewer, operator, admin).
+    // Anonymous requests read fleet and environment summaries only (the default).
     let families: Vec<(&str, String, Option<serde_json::Value>, [u16; 4])> = vec![
         ("GET", "/v1/environments".into(), None, [200, 200, 200, 200]),
         (
             "GET",
             format!("/v1/containers/{container}"),
             None,
-            [200, 200, 200, 200],
+            [401, 200, 200, 200],
         ),
-        ("GET", "/v1/commands".into(), None, [200, 200, 200, 200]),
+        ("GET", "/v1/containers".into(), None, [401, 200, 200, 200]),
+        (
+            "GET",
+            format!("/v1/containers/{container}/logs"),
+            None,
+            [401, 200, 200, 200],
+        ),
+        // An export is a copy of the disk: operators only (the container runs, hence 409).
+        (
+            "GET",
+            format!("/v1/containers/{container}/export"),
+            None,
+            [401, 403, 409, 409],
+        ),
+        ("GET", "/v1/commands".into(), None, [401, 200, 200, 200]),
+        (
+            "GET",
+            format!("/v1/commands/{}", a.command_id),
+            None,
+            [401, 200, 200, 200],
+        ),
+        ("GET", "/v1/plugins".into(), None, [401, 200, 200, 200]),
         ("GET", "/v1/servers".into(), None, [200, 200, 200, 200]),
         (
             "POST",

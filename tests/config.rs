@@ -321,7 +321,23 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
     )
     .await;
     assert!(ok, "{err}");
-    let (ok, out, _) = call(s(&["command", "show", "1"]), vec![]).await;
+    // Commands are not for anonymous eyes (auth.anonymous_read: fleet, environments).
+    let (ok, _, err) = call(s(&["command", "show", "1"]), vec![]).await;
+    assert!(
+        !ok && err.contains("may read only fleet, environments"),
+        "{err}"
+    );
+    let (ok, out, _) = call(
+        s(&[
+            "--credentials",
+            creds.to_str().unwrap(),
+            "command",
+            "show",
+            "1",
+        ]),
+        vec![],
+    )
+    .await;
     assert!(ok && out.contains("requested by: olga"), "{out}");
     // passwd replaces the password; remove ends the account.
     let (ok, _, err) = run_env(

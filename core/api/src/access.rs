@@ -1,7 +1,9 @@
 //! The access layer: authenticates every request and checks the role its endpoint needs.
 //!
-//! Reads need `viewer`; changes to servers, plugins and users, and exec in containers, need
-//! `admin`; every other change needs `operator`.
+//! Reads need `viewer` (anonymous requests read only the endpoint families of
+//! `auth.anonymous_read`: fleet and environments by default); exports need `operator`; changes
+//! to servers, plugins and users, and exec in containers, need `admin`; every other change
+//! needs `operator`.
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -9,12 +11,16 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
-use cloud48_engine::auth::{AuthError, Principal, Role};
+use cloud48_engine::auth::{AuthError, Family, Principal, Role};
 use cloud48_engine::core::Core;
 
 /// The role a request needs.
 pub fn needed_role(method: &Method, path: &str) -> Role {
     if method == Method::GET || method == Method::HEAD {
+        // An export carries a container's whole disk: an operator's tool, like import.
+        if path.starts_with("/v1/containers/") && path.ends_with("/export") {
+            return Role::Operator;
+        }
         return Role::Viewer;
     }
     let admin_areas = ["/v1/servers", "/v1/plugins", "/v1/users"];
@@ -57,7 +63,10 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
         Ok(w) => w,
         Err(e) => return refuse(&core, e),
     };
-    if let Err(e) = auth.authorize(&who, needed).await {
+    let family = (needed == Role::Viewer)
+        .then(|| Family::of(req.uri().path()))
+        .flatten();
+    if let Err(e) = auth.authorize(&who, needed, family).await {
         return refuse(&core, e);
     }
     req.extensions_mut().insert(who);

@@ -339,9 +339,14 @@ async fn purge_containers(State(core): State<Core>) -> Result<Json<PurgeReport>,
     responses((status = 200, body = ContainerExport), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn export_container(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     Path(id): Path<String>,
 ) -> Result<Json<ContainerExport>, ApiError> {
-    Ok(Json(core.containers().export(parse_id("id", &id)?).await?))
+    let id = parse_id("id", &id)?;
+    let export = core.containers().export(id).await?;
+    // The audit record: who took a copy of which container's disk.
+    tracing::info!(target: "cloud48::audit", user = who.audit_name(), container = id, disk_bytes = export.disk_hex.len() / 2, "container exported");
+    Ok(Json(export))
 }
 
 #[utoipa::path(post, path = "/v1/containers/import", tag = "containers", request_body = ContainerExport,

@@ -85,6 +85,91 @@ impl std::str::FromStr for Anonymous {
     }
 }
 
+/// A family of endpoints, for what anonymous requests may read (`auth.anonymous_read`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// Servers and their load (`/v1/servers`).
+    Fleet,
+    /// Environments and their members (`/v1/environments`).
+    Environments,
+    /// Containers (`/v1/containers`, without logs and export).
+    Containers,
+    /// Containers' logs (`/v1/containers/{id}/logs`): what runs inside may print secrets.
+    Logs,
+    /// Commands, with their parameters and results (exec output among them).
+    Commands,
+    /// Installed plugins.
+    Plugins,
+}
+
+impl Family {
+    /// Every family, by its name in the configuration.
+    pub const ALL: [(&'static str, Family); 6] = [
+        ("fleet", Family::Fleet),
+        ("environments", Family::Environments),
+        ("containers", Family::Containers),
+        ("logs", Family::Logs),
+        ("commands", Family::Commands),
+        ("plugins", Family::Plugins),
+    ];
+
+    /// What anonymous requests may read by default: fleet and environment summaries.
+    pub const DEFAULT_ANONYMOUS: [Family; 2] = [Family::Fleet, Family::Environments];
+
+    /// The family of a read of `path`; `None` for what anonymous requests never read
+    /// (exports, users, anything else).
+    pub fn of(path: &str) -> Option<Family> {
+        let under = |area: &str| path == area || path.starts_with(&format!("{area}/"));
+        if under("/v1/servers") {
+            Some(Family::Fleet)
+        } else if under("/v1/environments") {
+            Some(Family::Environments)
+        } else if under("/v1/containers") {
+            if path.ends_with("/logs") {
+                Some(Family::Logs)
+            } else if path.ends_with("/export") {
+                None
+            } else {
+                Some(Family::Containers)
+            }
+        } else if under("/v1/commands") {
+            Some(Family::Commands)
+        } else if under("/v1/plugins") {
+            Some(Family::Plugins)
+        } else {
+            None
+        }
+    }
+
+    /// The families named in a comma-separated list (`fleet,environments`); empty means none.
+    pub fn parse_list(text: &str) -> Result<Vec<Family>, String> {
+        let mut out = Vec::new();
+        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let Some((_, f)) = Family::ALL.iter().find(|(n, _)| *n == name) else {
+                let names: Vec<_> = Family::ALL.iter().map(|(n, _)| *n).collect();
+                return Err(format!(
+                    "unknown endpoint family '{name}' (expected some of: {})",
+                    names.join(", ")
+                ));
+            };
+            if !out.contains(f) {
+                out.push(*f);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = Family::ALL
+            .iter()
+            .find(|(_, x)| x == self)
+            .map_or("?", |(n, _)| n);
+        f.write_str(name)
+    }
+}
+
 /// A user and the hashes its password is checked against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
@@ -134,6 +219,8 @@ pub struct AuthConfig {
     pub realm: String,
     /// What anonymous requests may do.
     pub anonymous: Anonymous,
+    /// What anonymous requests may read when `anonymous` is `read`.
+    pub anonymous_read: Vec<Family>,
     /// How long a nonce stays fresh.
     pub nonce_ttl: Duration,
     /// Users declared in the config file (in addition to those in the database).
@@ -145,6 +232,7 @@ impl Default for AuthConfig {
         AuthConfig {
             realm: "cloud48".into(),
             anonymous: Anonymous::Read,
+            anonymous_read: Family::DEFAULT_ANONYMOUS.to_vec(),
             nonce_ttl: Duration::from_secs(300),
             users: Vec::new(),
         }
@@ -379,8 +467,29 @@ impl Authenticator {
         })
     }
 
-    /// Decides whether `who` may do what needs `needed`.
-    pub async fn authorize(&self, who: &Principal, needed: Role) -> Result<(), AuthError> {
+    /// The families anonymous requests may read, for messages (`nothing` when none).
+    fn anonymous_families(&self) -> String {
+        let names: Vec<String> = self
+            .config
+            .anonymous_read
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if names.is_empty() {
+            "nothing".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    /// Decides whether `who` may do what needs `needed`, in `family` for reads (`None`: a read
+    /// anonymous requests never make, or a change).
+    pub async fn authorize(
+        &self,
+        who: &Principal,
+        needed: Role,
+        family: Option<Family>,
+    ) -> Result<(), AuthError> {
         match who {
             Principal::User { name, role } => {
                 if *role >= needed {
@@ -394,20 +503,30 @@ impl Authenticator {
             Principal::Anonymous => {
                 let allowed = match self.config.anonymous {
                     Anonymous::Full => true,
-                    Anonymous::Read => needed == Role::Viewer,
+                    Anonymous::Read => {
+                        needed == Role::Viewer
+                            && family.is_some_and(|f| self.config.anonymous_read.contains(&f))
+                    }
                     Anonymous::None => false,
                 };
                 if allowed {
                     return Ok(());
                 }
                 let has_users = self.has_users().await.unwrap_or(true);
+                let read = match family {
+                    Some(_) if needed == Role::Viewer => format!(
+                        "; anonymous requests may read only {} (auth.anonymous_read)",
+                        self.anonymous_families()
+                    ),
+                    _ => String::new(),
+                };
                 if has_users {
                     Err(unauthorized(format!(
-                        "authentication required: this needs role {needed}"
+                        "authentication required: this needs role {needed}{read}"
                     )))
                 } else {
                     Err(AuthError::Forbidden(format!(
-                        "anonymous access is limited and no users are configured: add one with `cloud48 user add NAME --role {needed}`, or set auth.anonymous = \"full\" for local development only"
+                        "anonymous access is limited{read} and no users are configured: add one with `cloud48 user add NAME --role {needed}`, or set auth.anonymous = \"full\" for local development only"
                     )))
                 }
             }
@@ -606,6 +725,34 @@ mod tests {
         }
         assert!(Role::Admin >= Role::Operator && Role::Operator >= Role::Viewer);
         assert!("root".parse::<Role>().unwrap_err().contains("admin"));
+    }
+
+    #[test]
+    fn endpoint_families_of_paths_and_lists() {
+        assert_eq!(Family::of("/v1/servers"), Some(Family::Fleet));
+        assert_eq!(Family::of("/v1/servers/sim-1"), Some(Family::Fleet));
+        assert_eq!(
+            Family::of("/v1/environments/web"),
+            Some(Family::Environments)
+        );
+        assert_eq!(Family::of("/v1/containers"), Some(Family::Containers));
+        assert_eq!(Family::of("/v1/containers/3"), Some(Family::Containers));
+        assert_eq!(Family::of("/v1/containers/3/logs"), Some(Family::Logs));
+        assert_eq!(Family::of("/v1/containers/3/export"), None);
+        assert_eq!(Family::of("/v1/commands/7"), Some(Family::Commands));
+        assert_eq!(Family::of("/v1/plugins"), Some(Family::Plugins));
+        assert_eq!(Family::of("/v1/serversx"), None);
+        assert_eq!(Family::of("/v1/users"), None);
+        assert_eq!(
+            Family::parse_list(" fleet, logs,fleet ,").unwrap(),
+            vec![Family::Fleet, Family::Logs]
+        );
+        assert_eq!(Family::parse_list("").unwrap(), vec![]);
+        let e = Family::parse_list("fleet,secrets").unwrap_err();
+        assert!(e.contains("'secrets'") && e.contains("environments"), "{e}");
+        for (name, f) in Family::ALL {
+            assert_eq!(f.to_string(), name);
+        }
         assert!(validate_user_name("ada.lovelace_1").is_ok());
         assert!(validate_user_name("").is_err());
         assert!(validate_user_name("a b").is_err());

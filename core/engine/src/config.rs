@@ -26,6 +26,8 @@ enum Kind {
     Count,
     Address,
     Choice(&'static [&'static str]),
+    /// A comma-separated list of endpoint families.
+    Families,
 }
 
 /// One setting.
@@ -224,6 +226,14 @@ const SETTINGS: &[Spec] = &[
         kind: Kind::Choice(&["none", "read", "full"]),
     },
     Spec {
+        key: "auth.anonymous_read",
+        env: "CLOUD48_ANONYMOUS_READ",
+        flag: "--anonymous-read",
+        default: "fleet,environments",
+        secret: false,
+        kind: Kind::Families,
+    },
+    Spec {
         key: "auth.realm",
         env: "CLOUD48_REALM",
         flag: "--realm",
@@ -234,7 +244,8 @@ const SETTINGS: &[Spec] = &[
     Spec {
         key: "agents.token",
         env: "CLOUD48_AGENT_TOKEN",
-        flag: "--agent-token",
+        // A secret: no flag, so that it never shows in the process list.
+        flag: "",
         default: "",
         secret: true,
         kind: Kind::Text,
@@ -444,6 +455,12 @@ fn resolve(
     Ok(out)
 }
 
+/// Every declared setting: its key, its flag of `cloud48 serve` ("" for secrets, which only
+/// come from the environment or the file) and its default.
+pub fn declared() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    SETTINGS.iter().map(|s| (s.key, s.flag, s.default))
+}
+
 fn check(spec: &Spec, value: &str) -> Result<(), String> {
     match spec.kind {
         Kind::Text => Ok(()),
@@ -455,6 +472,7 @@ fn check(spec: &Spec, value: &str) -> Result<(), String> {
             .parse::<std::net::SocketAddr>()
             .map(|_| ())
             .map_err(|_| format!("'{value}' is not an address like 127.0.0.1:4848")),
+        Kind::Families => crate::auth::Family::parse_list(value).map(|_| ()),
         Kind::Choice(options) => {
             if options.contains(&value) {
                 Ok(())
@@ -644,6 +662,8 @@ impl Settings {
                 .get("auth.anonymous")
                 .parse()
                 .unwrap_or(Anonymous::Read),
+            anonymous_read: crate::auth::Family::parse_list(self.get("auth.anonymous_read"))
+                .expect("checked when loaded"),
             nonce_ttl: Duration::from_secs(self.count("auth.nonce_ttl_secs").max(1)),
             users: self.users.iter().map(|u| u.record.clone()).collect(),
         }

@@ -132,12 +132,46 @@ pub struct CoreArgs {
     /// What anonymous requests may do: none, read or full (full: local development only) [default read].
     #[arg(long)]
     pub anonymous: Option<String>,
+    /// Endpoint families anonymous requests may read when --anonymous is read: some of fleet,
+    /// environments, containers, logs, commands, plugins; empty for none [default fleet,environments].
+    #[arg(long)]
+    pub anonymous_read: Option<String>,
     /// HTTP Digest realm; part of stored password hashes [default cloud48].
     #[arg(long)]
     pub realm: Option<String>,
     /// Lifetime of a Digest nonce, seconds [default 300].
     #[arg(long)]
     pub nonce_ttl_secs: Option<u64>,
+    /// Interval of the simulated servers' heartbeats, ms [default 500].
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Silence after which a server is marked down, ms [default 2000].
+    #[arg(long)]
+    pub grace_ms: Option<u64>,
+    /// Interval of the health monitor's checks, ms [default 250].
+    #[arg(long)]
+    pub health_check_ms: Option<u64>,
+    /// Interval of the collector (and rebalancer), seconds [default 30].
+    #[arg(long)]
+    pub collector_secs: Option<u64>,
+    /// Memory-utilisation spread (percentage points) above which the rebalancer migrates; 0 off [default 0].
+    #[arg(long)]
+    pub rebalance_spread: Option<u64>,
+    /// Most migrations the rebalancer has in flight [default 2].
+    #[arg(long)]
+    pub rebalance_batch: Option<u64>,
+    /// Placement weight of free cpu [default 100].
+    #[arg(long)]
+    pub weight_cpu: Option<u64>,
+    /// Placement weight of free memory [default 100].
+    #[arg(long)]
+    pub weight_memory: Option<u64>,
+    /// Placement weight of free disk [default 50].
+    #[arg(long)]
+    pub weight_disk: Option<u64>,
+    /// Lifetime of a capacity reservation whose command did not finish, seconds [default 600].
+    #[arg(long)]
+    pub dummy_ttl_secs: Option<u64>,
 }
 
 impl CoreArgs {
@@ -182,11 +216,26 @@ impl CoreArgs {
             self.plugin_memory_mb.map(|v| v.to_string()),
         );
         put("auth.anonymous", self.anonymous.clone());
+        put("auth.anonymous_read", self.anonymous_read.clone());
         put("auth.realm", self.realm.clone());
         put(
             "auth.nonce_ttl_secs",
             self.nonce_ttl_secs.map(|v| v.to_string()),
         );
+        for (key, value) in [
+            ("health.heartbeat_ms", self.heartbeat_ms),
+            ("health.grace_ms", self.grace_ms),
+            ("health.check_ms", self.health_check_ms),
+            ("collector.interval_secs", self.collector_secs),
+            ("rebalancer.spread_percent", self.rebalance_spread),
+            ("rebalancer.batch", self.rebalance_batch),
+            ("placement.weight_cpu", self.weight_cpu),
+            ("placement.weight_memory", self.weight_memory),
+            ("placement.weight_disk", self.weight_disk),
+            ("placement.dummy_ttl_secs", self.dummy_ttl_secs),
+        ] {
+            put(key, value.map(|v| v.to_string()));
+        }
         m
     }
 
@@ -1399,5 +1448,46 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Top};
+    use crate::config::{Source, declared};
+
+    /// Every declared setting has a flag that `serve` accepts and that sets that setting.
+    #[test]
+    fn every_declared_setting_has_a_serve_flag_that_sets_it() {
+        for (key, flag, default) in declared() {
+            if flag.is_empty() {
+                // A secret: environment or file only.
+                continue;
+            }
+            let value = match key {
+                "auth.anonymous_read" => "fleet,logs",
+                _ if default.is_empty() => "x",
+                _ => default,
+            };
+            let cli = Cli::try_parse_from(["cloud48", "serve", flag, value])
+                .unwrap_or_else(|e| panic!("serve refuses {flag} (setting {key}): {e}"));
+            let Top::Serve(args) = cli.command else {
+                panic!("not serve")
+            };
+            let settings = args.settings().unwrap();
+            assert_eq!(settings.get(key), value, "{flag} does not set {key}");
+            let source = &settings
+                .entries()
+                .find(|(k, _)| *k == key)
+                .unwrap()
+                .1
+                .source;
+            assert!(
+                matches!(source, Source::Flag(f) if f == flag),
+                "{key}: {source:?}"
+            );
+        }
     }
 }
