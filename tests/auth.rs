@@ -255,7 +255,7 @@ async fn an_expired_nonce_with_right_credentials_is_answered_stale() {
     let challenge = auth.challenges(false)[0].clone();
     let (mut prompt, header) = answer(&challenge, "otto", PASSWORD, "GET", "/v1/servers");
     assert_eq!(
-        auth.authenticate("GET", "/v1/servers", &header).await,
+        auth.authenticate("GET", "/v1/servers", &header, None).await,
         Ok(Principal::User {
             name: "otto".into(),
             role: Role::Operator
@@ -270,13 +270,13 @@ async fn an_expired_nonce_with_right_credentials_is_answered_stale() {
         digest_auth::HttpMethod::GET,
     );
     let later = prompt.respond(&ctx).unwrap().to_string();
-    match auth.authenticate("GET", "/v1/servers", &later).await {
+    match auth.authenticate("GET", "/v1/servers", &later, None).await {
         Err(AuthError::Unauthorized { stale: true, .. }) => {}
         other => panic!("expected a stale nonce, got {other:?}"),
     }
     assert!(auth.challenges(true)[0].contains("stale=true"));
     let wrong = answer(&challenge, "otto", "bad password", "GET", "/v1/servers").1;
-    match auth.authenticate("GET", "/v1/servers", &wrong).await {
+    match auth.authenticate("GET", "/v1/servers", &wrong, None).await {
         Err(AuthError::Unauthorized { stale: false, .. }) => {}
         other => panic!("a wrong password is not merely stale: {other:?}"),
     }
@@ -496,4 +496,90 @@ async fn each_role_against_each_endpoint_family() {
             assert_eq!(status, expected[i], "{method} {path} as {who:?}");
         }
     }
+}
+
+/// One signed-in attempt at `GET /v1/containers` as `user` from loopback address `from`:
+/// status, `Retry-After` and body.
+async fn attempt(
+    t: &TestCore,
+    from: &str,
+    user: &str,
+    password: &str,
+) -> (u16, Option<u64>, String) {
+    let path = "/v1/containers";
+    let (_, challenges, _) = send(t, "GET", path, None).await;
+    let sha = challenges.iter().find(|c| c.contains("SHA-256")).unwrap();
+    let (_, header) = answer(sha, user, password, "GET", path);
+    let resp = reqwest::Client::builder()
+        .local_address(from.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+        .get(format!("{}{path}", t.url))
+        .header("authorization", header)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    (status, retry, resp.text().await.unwrap())
+}
+
+/// Regression (hardening): 200 wrong passwords went through at about 2,550 guesses/s with no
+/// delay, no 429 and no lockout. Past five free failures each one blocks its user name and its
+/// address for twice as long (429 with `Retry-After`, credentials unchecked); a user's block
+/// stops growing at 30 s, so the real user, from another address, gets in soon after an
+/// attack, while the attacker's address stays blocked longer and longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_sign_ins_back_off_exponentially_then_429_without_a_long_lockout() {
+    let clock = crate::common::ManualClock::at(1_000_000);
+    let t = TestCore::start(Opts {
+        auth: users_config(Anonymous::Read),
+        clock: Some(clock.clone()),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let (attacker, owner) = ("127.0.0.2", "127.0.0.3");
+    for i in 0..6 {
+        let (status, retry, body) = attempt(&t, attacker, "vera", "guess").await;
+        assert_eq!((status, retry), (401, None), "attempt {i}: {body}");
+        assert!(body.contains("wrong user name or password"), "{body}");
+    }
+    // Blocked for 500 ms: even the right password is not checked now, from any address.
+    let (status, retry, body) = attempt(&t, owner, "vera", PASSWORD).await;
+    assert_eq!((status, retry), (429, Some(1)), "{body}");
+    assert!(
+        body.contains("too many failed sign-ins for user 'vera'"),
+        "{body}"
+    );
+    clock.advance(500);
+    // Each further failure doubles the block: 1 s, 2 s, 4 s, ...
+    for expected in [1, 2, 4, 8, 16, 32] {
+        let (status, _, body) = attempt(&t, attacker, "vera", "guess").await;
+        assert_eq!(status, 401, "{body}");
+        let (status, retry, body) = attempt(&t, attacker, "vera", "guess").await;
+        assert_eq!((status, retry), (429, Some(expected)), "{body}");
+        clock.advance(expected as i64 * 1000);
+    }
+    // The user's block stopped at 30 s: the owner gets in and starts afresh; the attacker's
+    // address (64 s now) stays blocked, under any name.
+    let (status, _, body) = attempt(&t, attacker, "vera", "guess").await;
+    assert_eq!(status, 401, "{body}");
+    clock.advance(30_000);
+    let (status, _, body) = attempt(&t, owner, "vera", PASSWORD).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = attempt(&t, owner, "vera", "typo").await;
+    assert_eq!(
+        status, 401,
+        "one typo after a success is not blocked: {body}"
+    );
+    let (status, retry, body) = attempt(&t, attacker, "otto", PASSWORD).await;
+    assert_eq!((status, retry), (429, Some(34)), "{body}");
+    assert!(body.contains("for this address"), "{body}");
+    // Another user, from a clean address, is never blocked by failures on vera's name.
+    let (status, _, body) = attempt(&t, owner, "otto", PASSWORD).await;
+    assert_eq!(status, 200, "{body}");
 }

@@ -170,7 +170,11 @@ impl TestCore {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let app = cloud48_core::api::router(core.clone());
         let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await;
         });
         Some(TestCore {
             core,

@@ -722,7 +722,11 @@ pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
     let url = format!("http://{}", listener.local_addr()?);
     let app = crate::api::router(core.clone());
     let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await;
     });
     let wait_for = |what: &'static str, secs: u64| {
         let deadline = Instant::now() + Duration::from_secs(secs);

@@ -52,7 +52,14 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
     let who = match req.headers().get(header::AUTHORIZATION) {
         None => Ok(Principal::Anonymous),
         Some(h) => match h.to_str() {
-            Ok(h) => auth.authenticate(req.method().as_str(), &uri, h).await,
+            Ok(h) => {
+                let addr = req
+                    .extensions()
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                    .map(|c| c.0.ip());
+                auth.authenticate(req.method().as_str(), &uri, h, addr)
+                    .await
+            }
             Err(_) => Err(AuthError::Unauthorized {
                 message: "malformed Authorization header".into(),
                 stale: false,
@@ -87,6 +94,21 @@ fn refuse(core: &Core, e: AuthError) -> Response {
         }
         AuthError::Forbidden(message) => {
             ApiError::new(StatusCode::FORBIDDEN, "forbidden", message, None).into_response()
+        }
+        AuthError::Throttled {
+            message,
+            retry_after_secs,
+        } => {
+            let mut resp = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                message,
+                None,
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            resp
         }
     }
 }

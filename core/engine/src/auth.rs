@@ -277,6 +277,15 @@ pub enum AuthError {
     /// Authenticated (or anonymous) but not allowed: answer 403.
     #[error("{0}")]
     Forbidden(String),
+    /// Too many failed sign-ins for this user or from this address: answer 429 with
+    /// `Retry-After`.
+    #[error("{message}")]
+    Throttled {
+        /// What is blocked and until when.
+        message: String,
+        /// Seconds until the client may try again.
+        retry_after_secs: u64,
+    },
 }
 
 fn unauthorized(message: impl Into<String>) -> AuthError {
@@ -297,6 +306,8 @@ pub struct Authenticator {
     opaque: String,
     /// Highest nonce count seen per nonce.
     counts: Mutex<HashMap<String, u32>>,
+    /// Failed sign-ins per user and per address.
+    throttle: crate::throttle::Throttle,
 }
 
 impl Authenticator {
@@ -309,6 +320,7 @@ impl Authenticator {
             key: rand::random(),
             opaque: hex::encode(rand::random::<[u8; 16]>()),
             counts: Mutex::new(HashMap::new()),
+            throttle: crate::throttle::Throttle::new(Default::default()),
         }
     }
 
@@ -385,18 +397,32 @@ impl Authenticator {
         Ok(user::Entity::find().one(&self.db).await?.is_some())
     }
 
-    /// Checks the `Authorization` header of a request for `method` and `uri` (path and query).
+    /// Checks the `Authorization` header of a request for `method` and `uri` (path and query)
+    /// from client address `addr`. A user or address with too many failed sign-ins is refused
+    /// (`Throttled`) before its credentials are checked.
     pub async fn authenticate(
         &self,
         method: &str,
         uri: &str,
         header: &str,
+        addr: Option<std::net::IpAddr>,
     ) -> Result<Principal, AuthError> {
         if !header.trim_start().starts_with("Digest") {
             return Err(unauthorized("only HTTP Digest authentication is accepted"));
         }
         let auth = AuthorizationHeader::parse(header)
             .map_err(|e| unauthorized(format!("malformed Digest credentials: {e}")))?;
+        let now = self.clock.now_ms();
+        if let Some(b) = self.throttle.check(&auth.username, addr, now) {
+            let secs = (b.wait_ms as u64).div_ceil(1000).max(1);
+            return Err(AuthError::Throttled {
+                message: format!(
+                    "too many failed sign-ins for {}; try again in {secs} s",
+                    b.what
+                ),
+                retry_after_secs: secs,
+            });
+        }
         if auth.realm != self.config.realm {
             return Err(unauthorized(format!(
                 "wrong realm '{}' (expected '{}')",
@@ -421,7 +447,10 @@ impl Authenticator {
         let Some(issued) = self.nonce_time(&auth.nonce) else {
             return Err(unauthorized("unknown nonce; authenticate again"));
         };
-        let bad = || unauthorized("wrong user name or password");
+        let bad = || {
+            self.throttle.failed(&auth.username, addr, now);
+            unauthorized("wrong user name or password")
+        };
         let record = self
             .user(&auth.username)
             .await
@@ -456,11 +485,11 @@ impl Authenticator {
             }
             *seen = auth.nc;
             let ttl = self.config.nonce_ttl.as_millis() as i64;
-            let now = self.clock.now_ms();
             if counts.len() > 10_000 {
                 counts.retain(|n, _| self.nonce_time(n).is_some_and(|t| now - t <= ttl));
             }
         }
+        self.throttle.succeeded(&record.name, addr);
         Ok(Principal::User {
             name: record.name,
             role: record.role,

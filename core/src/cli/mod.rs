@@ -1430,10 +1430,13 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(%listen, data_dir = %data_dir.display(), platform = core.platform_name(), "cloud48 core serving");
     let app = crate::api::router(core.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("HTTP server failed")?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("HTTP server failed")?;
     tracing::info!("stopping: before-cc-stop hooks, then letting running steps finish");
     if let Err(e) = core.shutdown(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "before-cc-stop did not finish");
