@@ -392,3 +392,50 @@ async fn an_unknown_container_status_is_an_error_that_names_the_container() {
         "{guests:?}"
     );
 }
+
+/// Regression (hardening): addresses repeated across the platform (a simulated server's pool
+/// wrapped; a container that migrated away kept an address its old server handed out again),
+/// and nothing checked. A create whose server gives it an address another live container
+/// holds fails, saying so, and leaves no guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_another_live_container_holds_is_never_given_twice() {
+    use sea_orm::ConnectionTrait;
+    let t = TestCore::start(Opts {
+        sim_servers: 1,
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let first = create(&t, None).await;
+    assert_eq!(show(&t, first).await.ip.as_deref(), Some("10.0.4.2"));
+    // Another live container holds the address sim-1 hands out next (as one that migrated
+    // away from sim-1 would).
+    let sql = format!("UPDATE containers SET ip = '10.0.4.3' WHERE id = {first}");
+    t.core.db().execute_unprepared(&sql).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/containers", &serde_json::json!({ "type": "plain" }))
+        .await
+        .unwrap();
+    let c = t.wait(a.command_id).await;
+    assert_eq!(c.status, cloud48_core::model::CommandStatus::Failed);
+    assert!(
+        c.error.as_deref().unwrap().contains(&format!(
+            "address 10.0.4.3, which container {first} already holds"
+        )),
+        "{c:?}"
+    );
+    let second = a.object_id.unwrap();
+    assert_eq!(show(&t, second).await.status, ContainerStatus::Failed);
+    // Its guest is gone; the next create gets a free address.
+    let guests: Vec<_> = t
+        .core
+        .fleet()
+        .sims()
+        .into_iter()
+        .flat_map(|(_, s)| s.guests())
+        .collect();
+    assert_eq!(guests.len(), 1, "{guests:?}");
+    let third = create(&t, None).await;
+    assert_eq!(show(&t, third).await.ip.as_deref(), Some("10.0.4.4"));
+}

@@ -13,6 +13,7 @@ mod m0004_command_targets;
 mod m0005_placement;
 mod m0006_container_locks;
 mod m0007_dummy_commands;
+mod m0008_container_ips;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0005_placement::Migration),
             Box::new(m0006_container_locks::Migration),
             Box::new(m0007_dummy_commands::Migration),
+            Box::new(m0008_container_ips::Migration),
         ]
     }
 }

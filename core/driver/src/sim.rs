@@ -287,12 +287,33 @@ impl SimServer {
         Ok(())
     }
 
-    fn next_ip(&self, state: &mut SimState) -> String {
-        state.next_ip += 1;
-        let host = state.next_ip % 1022 + 1;
-        let net = (self.index & 0x3fff) << 10;
-        let addr = (10u32 << 24) | net | host;
-        std::net::Ipv4Addr::from(addr).to_string()
+    /// The next free address of this server's /22 (10.0.0.0/8 holds 16,384 of them, one per
+    /// server index; .1 is the gateway's), after the last one handed out; an address one of its
+    /// guests holds is skipped, and a pool whose 1,021 addresses are all held is an error,
+    /// never a wrap.
+    fn next_ip(&self, state: &mut SimState) -> Result<String, DriverError> {
+        const HOSTS: u32 = 1021;
+        let net = (10u32 << 24) | ((self.index & 0x3fff) << 10);
+        let used: std::collections::HashSet<&str> = state
+            .guests
+            .values()
+            .filter_map(|g| g.info.ip.as_deref())
+            .collect();
+        for _ in 0..HOSTS {
+            state.next_ip = state.next_ip.wrapping_add(1);
+            let host = (state.next_ip.wrapping_sub(1)) % HOSTS + 2;
+            let ip = std::net::Ipv4Addr::from(net | host).to_string();
+            if !used.contains(ip.as_str()) {
+                return Ok(ip);
+            }
+        }
+        Err(DriverError::Capacity {
+            server: self.name.clone(),
+            message: format!(
+                "no free address left in {}/22: its guests hold all {HOSTS}",
+                std::net::Ipv4Addr::from(net)
+            ),
+        })
     }
 
     fn insert(
@@ -311,7 +332,7 @@ impl SimServer {
             state: GuestState::Stopped,
             ip: Some(match &spec.ip {
                 Some(ip) => ip.clone(),
-                None => self.next_ip(&mut state),
+                None => self.next_ip(&mut state)?,
             }),
             resources: spec.resources,
         };
@@ -567,5 +588,53 @@ impl Driver for SimServer {
             guests: state.guests.len() as u64,
             used: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Driver, GuestSpec};
+
+    fn spec(n: u32) -> GuestSpec {
+        GuestSpec {
+            guest_id: format!("g{n}"),
+            type_id: "plain".into(),
+            resources: Resources {
+                cpu_millis: 1,
+                memory_mb: 1,
+                disk_mb: 1,
+            },
+            ip: None,
+        }
+    }
+
+    /// Regression (hardening): a simulated server's /22 wrapped after 1,022 guests and handed
+    /// out addresses its guests still held.
+    #[tokio::test]
+    async fn addresses_never_repeat_and_an_exhausted_pool_says_so() {
+        let capacity = Resources {
+            cpu_millis: 1_000_000,
+            memory_mb: 1_000_000,
+            disk_mb: 1_000_000,
+        };
+        let sim = SimServer::new("sim-1", 1, capacity, SimLatency::default());
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..1021 {
+            let ip = sim.create(&spec(n)).await.unwrap().ip.unwrap();
+            assert!(ip.starts_with("10.0.") && ip != "10.0.4.1", "{ip}");
+            assert!(seen.insert(ip.clone()), "{ip} handed out twice");
+        }
+        assert!(seen.contains("10.0.4.2") && seen.contains("10.0.7.254"));
+        let e = sim.create(&spec(5000)).await.unwrap_err().to_string();
+        assert!(
+            e.contains("no free address left in 10.0.4.0/22: its guests hold all 1021"),
+            "{e}"
+        );
+        // A freed address is handed out again, and only that one.
+        let freed = sim.guest("g7").unwrap().info.ip.unwrap();
+        sim.destroy("g7").await.unwrap();
+        let again = sim.create(&spec(5001)).await.unwrap().ip.unwrap();
+        assert_eq!(again, freed);
     }
 }

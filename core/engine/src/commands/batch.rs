@@ -173,6 +173,26 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
             }
         }
     }
+    // An address another live container holds fails its container; its guest goes at once.
+    let addresses: Vec<(i64, Option<&str>)> = made.iter().map(|m| (m.0, m.2.as_deref())).collect();
+    let mut taken = super::taken_addresses(svc.db(), &addresses).await?;
+    if !taken.is_empty() {
+        let mut kept = Vec::with_capacity(made.len());
+        for m in made {
+            let Some(message) = taken.remove(&m.0) else {
+                kept.push(m);
+                continue;
+            };
+            let (driver, name) = driver_of(svc, m.1)?;
+            let guest = guest_id_for(svc.platform_name(), m.0);
+            if let Err(e) = driver.destroy(&guest).await {
+                tracing::warn!(server = %name, %guest, error = %e, "could not destroy a guest whose address was taken; the collector will");
+            }
+            failed.push((m.0, message));
+            refused.push(m.0);
+        }
+        made = kept;
+    }
     let txn = svc.db().begin().await?;
     // The made take their dummies' places, the refused give their reservations back. In the
     // common case every dummy is there and nothing was refused: one delete does it all.

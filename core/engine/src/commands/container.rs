@@ -227,6 +227,18 @@ async fn update(
     Ok(Transition::with(done(id), txn))
 }
 
+/// Fails the step when another live container holds the address `id`'s server gave it (the
+/// command's compensation then destroys the new guest).
+async fn unique_address(svc: &Services, id: i64, ip: Option<&str>) -> Result<(), StepError> {
+    match super::taken_addresses(svc.db(), &[(id, ip)])
+        .await?
+        .remove(&id)
+    {
+        Some(message) => Err(StepError::Permanent(message)),
+        None => Ok(()),
+    }
+}
+
 /// Undoes a failed `container.update`: its growth dummy (if any) goes, giving back what it
 /// reserved. The guest keeps the size the driver reports; the core's requirements are unchanged.
 pub(super) async fn compensate_update(
@@ -374,6 +386,7 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
     let info = make_guest(driver.as_ref(), &spec(&row), image.as_ref(), start)
         .await
         .map_err(|e| driver_err(&server, e))?;
+    unique_address(svc, id, info.ip.as_deref()).await?;
     let txn = svc.db().begin().await?;
     fill(&txn, r, &req.resources, &server).await?;
     let status = if start {
@@ -663,6 +676,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
                 .map_err(|e| driver_err(&src_name, e))?;
             let (dst, dst_name) = driver_of(svc, r.server_id)?;
             let info = import_on(svc, dst.as_ref(), &dst_name, &spec(&copy), image).await?;
+            unique_address(svc, copy.id, info.ip.as_deref()).await?;
             let txn = svc.db().begin().await?;
             fill(&txn, r, &requirements_of(&copy).resources, &dst_name).await?;
             write_in(&txn, &copy, |am| {
@@ -774,6 +788,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                     import_on(svc, dst.as_ref(), &dst_name, &keep, image).await?
                 }
             };
+            unique_address(svc, row.id, info.ip.as_deref()).await?;
             let mut progress = ctx.progress.clone();
             progress["ip"] = json!(info.ip);
             Ok(Transition::bare(next(MigrateStep::Switch, progress)))

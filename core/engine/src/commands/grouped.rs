@@ -310,7 +310,8 @@ async fn make_placed(
         while let Some(Some(more)) = pending.next().now_or_never() {
             wave.push(more);
         }
-        // A transient driver error is retried alone; a permanent one fails its command.
+        // A transient driver error is retried alone; a permanent one fails its command, and so
+        // does an address another live container holds (compensation destroys the guest).
         let mut made = Vec::with_capacity(wave.len());
         for (i, id, r, start, server, outcome) in wave {
             match outcome {
@@ -319,6 +320,16 @@ async fn make_placed(
                 Err(e) => sink.fail(i, driver_err(&server, e).to_string()),
             }
         }
+        let addresses: Vec<(i64, Option<&str>)> =
+            made.iter().map(|m| (m.1, m.4.as_deref())).collect();
+        let mut taken = super::taken_addresses(svc.db(), &addresses).await?;
+        made.retain(|m| match taken.remove(&m.1) {
+            Some(message) => {
+                sink.fail(m.0, message);
+                false
+            }
+            None => true,
+        });
         if made.is_empty() {
             continue;
         }

@@ -24,7 +24,7 @@ use crate::core::CoreError;
 use crate::driver::{Driver, DriverError, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::command;
 use crate::model::CommandKind;
-use crate::model::Resources;
+use crate::model::{ContainerStatus, Resources};
 use crate::queue::{GroupSink, Next, Runner, StepError, Transition};
 use crate::services::Services;
 
@@ -173,6 +173,56 @@ pub(crate) async fn make_guest(
         driver.start(&spec.guest_id).await?;
     }
     Ok(info)
+}
+
+/// Addresses are unique on the platform: of `made` (a container and the address its server
+/// gave it), the containers whose address another live container already holds (or another
+/// container of `made` took first), each with a message naming both. Simulated and real
+/// servers alike: a server's own allocation cannot see the others' containers.
+pub(crate) async fn taken_addresses<C: sea_orm::ConnectionTrait>(
+    conn: &C,
+    made: &[(i64, Option<&str>)],
+) -> Result<std::collections::HashMap<i64, String>, DbErr> {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+    let mut taken = std::collections::HashMap::new();
+    let mut first: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for (id, ip) in made {
+        if let Some(ip) = ip
+            && let Some(other) = first.insert(ip, *id)
+        {
+            first.insert(ip, other);
+            taken.insert(*id, clash(*id, ip, other));
+        }
+    }
+    let gone = [ContainerStatus::Destroyed, ContainerStatus::Failed].map(|s| s.as_str());
+    let ips: Vec<&str> = first.keys().copied().collect();
+    for chunk in ips.chunks(500) {
+        let holders: Vec<(i64, Option<String>)> = crate::entities::container::Entity::find()
+            .select_only()
+            .column(crate::entities::container::Column::Id)
+            .column(crate::entities::container::Column::Ip)
+            .filter(crate::entities::container::Column::Ip.is_in(chunk.iter().copied()))
+            .filter(crate::entities::container::Column::Status.is_not_in(gone))
+            .into_tuple()
+            .all(conn)
+            .await?;
+        for (holder, ip) in holders {
+            let Some(ip) = ip else { continue };
+            if let Some(&id) = first.get(ip.as_str())
+                && id != holder
+            {
+                taken.insert(id, clash(id, &ip, holder));
+            }
+        }
+    }
+    Ok(taken)
+}
+
+fn clash(id: i64, ip: &str, holder: i64) -> String {
+    format!(
+        "its server gave container {id} address {ip}, which container {holder} already holds; \
+         addresses must be unique on the platform: give each agent its own --subnet"
+    )
 }
 
 /// Maps driver errors: transient ones are retried by the queue, the others fail the command
