@@ -542,3 +542,54 @@ async fn submission_order(pg: bool) {
         "updates finished in the order they were submitted"
     );
 }
+
+/// Regression (hardening): 300 idle anonymous `?wait=` long-polls cost 38-61 % of a core, each
+/// re-reading its command every 100 ms, with no cap. Waits are capped per client (429 past 64)
+/// and woken by their command's end; each gives its place back when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_are_capped_per_client_and_woken_by_their_commands_end() {
+    let t = TestCore::start(Opts {
+        paused: true,
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    // Queued and never run: the core's queue is not started.
+    let a: cloud48_core::model::Accepted = t
+        .client
+        .post("/v1/environments", &serde_json::json!({ "name": "idle" }))
+        .await
+        .unwrap();
+    let id = a.command_id;
+    let url = format!("{}/v1/commands/{id}?wait=300", t.url);
+    let http = reqwest::Client::new();
+    let waits: Vec<_> = (0..64)
+        .map(|_| {
+            let req = http.get(&url).send();
+            tokio::spawn(async move { req.await.unwrap().json::<Value>().await.unwrap() })
+        })
+        .collect();
+    crate::common::eventually("64 requests waiting", || async {
+        (t.core.queue().waiting() == 64).then_some(())
+    })
+    .await;
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    let body = resp.text().await.unwrap();
+    assert!(
+        body.contains("address 127.0.0.1 already has 64 requests waiting on commands (at most 64)"),
+        "{body}"
+    );
+    // The command ends: every wait returns with it, and gives its place back.
+    t.core.queue().cancel(id).await.unwrap();
+    for w in waits {
+        assert_eq!(w.await.unwrap()["status"], "cancelled");
+    }
+    assert_eq!(t.core.queue().waiting(), 0);
+    let resp = http.get(&url).send().await.unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        200,
+        "a terminal command answers at once"
+    );
+}

@@ -101,6 +101,12 @@ impl From<QueueError> for ApiError {
             QueueError::NotCancellable { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string(), None)
             }
+            QueueError::TooManyWaits(_) => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                e.to_string(),
+                None,
+            ),
             QueueError::Db(_) | QueueError::Unreadable(_) => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

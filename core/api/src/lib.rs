@@ -569,14 +569,22 @@ pub struct WaitQuery {
     responses((status = 200, body = Command), (status = 404, body = ErrorBody)))]
 async fn show_command(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
+    addr: Option<Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Json<Command>, ApiError> {
     let id = parse_id("id", &id)?;
     let cmd = match q.wait {
         Some(secs) if secs > 0 => {
+            // Long-polls are capped per client: a user by name, anonymous ones by address.
+            let client = match (&who, addr) {
+                (Principal::User { name, .. }, _) => format!("user '{name}'"),
+                (Principal::Anonymous, Some(a)) => format!("address {}", a.0.0.ip()),
+                (Principal::Anonymous, None) => "anonymous".to_string(),
+            };
             core.queue()
-                .wait(id, Duration::from_secs(secs.min(300)))
+                .wait_as(id, Duration::from_secs(secs.min(300)), Some(&client))
                 .await?
         }
         _ => core.queue().get(id).await?,

@@ -18,6 +18,7 @@
 
 #[doc(hidden)]
 pub mod store;
+mod waiters;
 mod worker;
 
 use std::sync::Arc;
@@ -30,6 +31,11 @@ use serde_json::Value;
 use tokio::sync::Notify;
 
 pub use store::CommandFilter;
+pub use waiters::WaitLimits;
+
+/// How often a waiting request re-reads its command besides being woken by its end: a safety
+/// net for commands another core ends.
+pub const WAIT_SAFETY_NET: Duration = Duration::from_secs(2);
 
 use crate::entities::command;
 use crate::model::{Command, CommandId, CommandStatus};
@@ -53,6 +59,8 @@ pub struct QueueConfig {
     pub claim_batch: usize,
     /// Poll interval when idle (for work from other cores and for due retries).
     pub poll: Duration,
+    /// Caps of long-polls on commands.
+    pub waits: WaitLimits,
 }
 
 impl Default for QueueConfig {
@@ -66,6 +74,7 @@ impl Default for QueueConfig {
             max_attempts: 5,
             claim_batch: 256,
             poll: Duration::from_millis(50),
+            waits: WaitLimits::default(),
         }
     }
 }
@@ -311,6 +320,9 @@ pub enum QueueError {
     /// message names it and what was wrong.
     #[error("{0}")]
     Unreadable(String),
+    /// Too many requests wait on commands (for this client or in all).
+    #[error("{0}")]
+    TooManyWaits(String),
     /// The database failed.
     #[error("database error: {0}")]
     Db(#[from] DbErr),
@@ -322,7 +334,8 @@ pub(crate) struct Inner {
     config: QueueConfig,
     clock: Arc<dyn Clock>,
     work: Notify,
-    finished: Notify,
+    /// Long-polls, woken by their command's end.
+    waiters: waiters::Waiters,
     stopping: AtomicBool,
     /// Command steps committed by group steps.
     grouped: std::sync::atomic::AtomicU64,
@@ -353,7 +366,7 @@ impl Queue {
                 config: config.clone(),
                 clock,
                 work: Notify::new(),
-                finished: Notify::new(),
+                waiters: Default::default(),
                 stopping: AtomicBool::new(false),
                 grouped: Default::default(),
                 slots: Arc::new(tokio::sync::Semaphore::new(config.workers.max(1))),
@@ -449,29 +462,50 @@ impl Queue {
     /// Cancels a command that has not started.
     pub async fn cancel(&self, id: CommandId) -> Result<Command, QueueError> {
         let cmd = store::cancel(&self.inner.db, id, self.now_ms()).await?;
-        self.inner.finished.notify_waiters();
+        self.inner.waiters.wake([id]);
         self.wake();
         Ok(cmd)
     }
 
     /// Waits until the command reaches a terminal status or `timeout` passes; returns its
-    /// latest state either way.
+    /// latest state either way (the core's own waits: not capped).
     pub async fn wait(&self, id: CommandId, timeout: Duration) -> Result<Command, QueueError> {
+        self.wait_as(id, timeout, None).await
+    }
+
+    /// `wait` for a client (user name or address), counted against the caps of long-polls.
+    /// The wait is woken by the command's end; it re-reads the command every
+    /// `WAIT_SAFETY_NET` besides, for commands another core ends.
+    pub async fn wait_as(
+        &self,
+        id: CommandId,
+        timeout: Duration,
+        client: Option<&str>,
+    ) -> Result<Command, QueueError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let me = self
+            .inner
+            .waiters
+            .register(id, client, self.inner.config.waits)?;
         loop {
-            let finished = self.inner.finished.notified();
-            tokio::pin!(finished);
-            finished.as_mut().enable();
+            let ended = me.notify.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
             let cmd = self.get(id).await?;
             if cmd.status.is_terminal() || tokio::time::Instant::now() >= deadline {
                 return Ok(cmd);
             }
             tokio::select! {
-                _ = finished => {}
-                _ = tokio::time::sleep(self.inner.config.poll.max(Duration::from_millis(100))) => {}
+                _ = ended => {}
+                _ = tokio::time::sleep(WAIT_SAFETY_NET) => {}
                 _ = tokio::time::sleep_until(deadline) => {}
             }
         }
+    }
+
+    /// Long-polls waiting now.
+    pub fn waiting(&self) -> usize {
+        self.inner.waiters.count()
     }
 
     /// Starts the dispatcher and its helpers with `runner` executing steps.

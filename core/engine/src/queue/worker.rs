@@ -204,7 +204,9 @@ impl GroupSink for Sink<'_> {
         }
         if !finishes.is_empty() {
             tracing::debug!(commands = finishes.len(), "commands of a group finished");
-            self.inner.finished.notify_waiters();
+            self.inner
+                .waiters
+                .wake(finishes.iter().map(|(id, _, _)| *id));
             self.inner.work.notify_one();
         }
         Ok(true)
@@ -552,7 +554,7 @@ async fn commit_finish(
     }
     txn.commit().await?;
     tracing::info!(status = %f.status, "command finished");
-    inner.finished.notify_waiters();
+    inner.waiters.wake([row.id]);
     inner.work.notify_one();
     Ok(())
 }
@@ -583,13 +585,15 @@ async fn completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<PlainDone>
                 txn.commit().await
             }
             .await;
-            if let Err(e) = res {
-                tracing::warn!(error = %e, commands = ids.len(), "finishing commands failed; they will run again after their lease expires");
+            match res {
+                Ok(()) => inner.waiters.wake(ids),
+                Err(e) => {
+                    tracing::warn!(error = %e, commands = ids.len(), "finishing commands failed; they will run again after their lease expires")
+                }
             }
             i = j;
         }
         batch.clear();
-        inner.finished.notify_waiters();
     }
 }
 
