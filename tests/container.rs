@@ -439,3 +439,61 @@ async fn an_address_another_live_container_holds_is_never_given_twice() {
     let third = create(&t, None).await;
     assert_eq!(show(&t, third).await.ip.as_deref(), Some("10.0.4.4"));
 }
+
+/// Regression (hardening): `GET /v1/containers` had no pagination (3.6 MB at 10,000
+/// containers). Every list is read in pages of at most 1,000, linked by `Link: rel="next"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_are_read_in_bounded_pages_linked_by_their_link_header() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(create(&t, None).await);
+    }
+    let http = reqwest::Client::new();
+    let mut path = "/v1/containers?limit=2&all=true".to_string();
+    let mut pages = Vec::new();
+    loop {
+        let resp = http.get(format!("{}{path}", t.url)).send().await.unwrap();
+        let link = resp
+            .headers()
+            .get("link")
+            .map(|v| v.to_str().unwrap().to_string());
+        let page: Vec<Container> = resp.json().await.unwrap();
+        pages.push(page.iter().map(|c| c.id).collect::<Vec<_>>());
+        let Some(link) = link else { break };
+        let next = link.split_once('<').unwrap().1.split_once('>').unwrap().0;
+        assert!(
+            next.contains("all=true") && next.contains("limit=2"),
+            "{link}"
+        );
+        path = next.to_string();
+    }
+    assert_eq!(
+        pages,
+        vec![ids[0..2].to_vec(), ids[2..4].to_vec(), ids[4..].to_vec()]
+    );
+    // The server caps a page however large the ask; the CLI's client follows every page.
+    let all: Vec<Container> = t.client.get_all("/v1/containers?limit=2").await.unwrap();
+    assert_eq!(all.iter().map(|c| c.id).collect::<Vec<_>>(), ids);
+    let one: Vec<Container> = t.client.get("/v1/containers?limit=0").await.unwrap();
+    assert_eq!(one.len(), 1, "a page holds at least one item");
+    // Commands page newest first, with `before`.
+    let resp = http
+        .get(format!("{}/v1/commands?limit=3", t.url))
+        .send()
+        .await
+        .unwrap();
+    let link = resp
+        .headers()
+        .get("link")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let newest: Vec<cloud48_core::model::Command> = resp.json().await.unwrap();
+    assert_eq!(newest.len(), 3);
+    assert!(link.contains(&format!("before={}", newest[2].id)), "{link}");
+    let servers: Vec<cloud48_core::model::Server> =
+        t.client.get_all("/v1/servers?limit=1").await.unwrap();
+    assert_eq!(servers.len(), 3);
+}

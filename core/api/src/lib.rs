@@ -24,7 +24,7 @@ use cloud48_engine::auth::Principal;
 use cloud48_engine::core::Core;
 use cloud48_engine::managers::{
     AddContainer, ContainerCommand, ContainerExport, ContainerQuery, CreateContainer, DrainReport,
-    EnvironmentOp, PurgeReport,
+    EnvironmentOp, MAX_PAGE, PurgeReport,
 };
 use cloud48_engine::model::*;
 use cloud48_engine::queue::CommandFilter;
@@ -117,15 +117,58 @@ pub struct ListAll {
     /// Include destroyed objects.
     #[serde(default)]
     pub all: bool,
+    /// At most this many, by ascending id (default and most: 1000).
+    pub limit: Option<u64>,
+    /// Only objects with a greater id (the next page; see the `Link` header).
+    pub after: Option<i64>,
+}
+
+/// A page of a list: the items as a JSON array and, when the page is full (more may follow),
+/// a `Link: <URI>; rel="next"` header whose URI is `uri` with `cursor` set to `next`.
+fn page<T: Serialize>(
+    items: Vec<T>,
+    limit: Option<u64>,
+    uri: &axum::http::Uri,
+    cursor: &str,
+    next: impl Fn(&T) -> i64,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let full = items.len() as u64 >= limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let link = items.last().filter(|_| full).map(|last| {
+        let kept: Vec<&str> = uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty() && !p.starts_with(&format!("{cursor}=")))
+            .collect();
+        let mut query = kept.join("&");
+        if !query.is_empty() {
+            query.push('&');
+        }
+        format!(
+            "<{}?{query}{cursor}={}>; rel=\"next\"",
+            uri.path(),
+            next(last)
+        )
+    });
+    let mut resp = Json(items).into_response();
+    if let Some(link) = link
+        && let Ok(v) = axum::http::HeaderValue::from_str(&link)
+    {
+        resp.headers_mut().insert(axum::http::header::LINK, v);
+    }
+    resp
 }
 
 #[utoipa::path(get, path = "/v1/environments", tag = "environments", params(ListAll),
-    responses((status = 200, body = Vec<Environment>)))]
+    responses((status = 200, body = Vec<Environment>, description = "One page; a `Link` header with rel=\"next\" points to the next one")))]
 async fn list_environments(
     State(core): State<Core>,
+    uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<ListAll>,
-) -> Result<Json<Vec<Environment>>, ApiError> {
-    Ok(Json(core.environments().find(q.all).await?))
+) -> Result<axum::response::Response, ApiError> {
+    let items = core.environments().find(q.all, q.after, q.limit).await?;
+    Ok(page(items, q.limit, &uri, "after", |e| e.id))
 }
 
 #[utoipa::path(post, path = "/v1/environments", tag = "environments", request_body = CreateEnvironment,
@@ -228,12 +271,14 @@ async fn remove_container(
 }
 
 #[utoipa::path(get, path = "/v1/containers", tag = "containers", params(ContainerQuery),
-    responses((status = 200, body = Vec<Container>), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = Vec<Container>, description = "One page; a `Link` header with rel=\"next\" points to the next one"), (status = 422, body = ErrorBody)))]
 async fn list_containers(
     State(core): State<Core>,
+    uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<ContainerQuery>,
-) -> Result<Json<Vec<Container>>, ApiError> {
-    Ok(Json(core.containers().find(&q).await?))
+) -> Result<axum::response::Response, ApiError> {
+    let items = core.containers().find(&q).await?;
+    Ok(page(items, q.limit, &uri, "after", |c| c.id))
 }
 
 #[utoipa::path(post, path = "/v1/containers", tag = "containers", request_body = CreateContainer,
@@ -500,9 +545,31 @@ async fn container_exec(
     ))
 }
 
-#[utoipa::path(get, path = "/v1/servers", tag = "servers", responses((status = 200, body = Vec<Server>)))]
-async fn list_servers(State(core): State<Core>) -> Result<Json<Vec<Server>>, ApiError> {
-    Ok(Json(core.servers().list().await?))
+#[utoipa::path(get, path = "/v1/servers", tag = "servers", params(Page),
+    responses((status = 200, body = Vec<Server>, description = "One page; a `Link` header with rel=\"next\" points to the next one")))]
+async fn list_servers(
+    State(core): State<Core>,
+    uri: axum::http::Uri,
+    ApiQuery(q): ApiQuery<Page>,
+) -> Result<axum::response::Response, ApiError> {
+    let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE) as usize;
+    let mut all = core.servers().list().await?;
+    all.sort_by_key(|s| s.id);
+    let items: Vec<Server> = all
+        .into_iter()
+        .filter(|s| q.after.is_none_or(|a| s.id > a))
+        .take(limit)
+        .collect();
+    Ok(page(items, q.limit, &uri, "after", |s| s.id))
+}
+
+/// Paging of a list by ascending id.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct Page {
+    /// At most this many (default and most: 1000).
+    pub limit: Option<u64>,
+    /// Only objects with a greater id (the next page; see the `Link` header).
+    pub after: Option<i64>,
 }
 
 #[utoipa::path(get, path = "/v1/servers/{server}", tag = "servers",
@@ -526,16 +593,19 @@ pub struct CommandQuery {
     pub target_type: Option<String>,
     /// ... with this id.
     pub target_id: Option<i64>,
-    /// At most this many, newest first (default 100, at most 10000).
+    /// At most this many, newest first (default 100, at most 1000).
     pub limit: Option<u64>,
+    /// Only commands older than this one (the next page; see the `Link` header).
+    pub before: Option<i64>,
 }
 
 #[utoipa::path(get, path = "/v1/commands", tag = "commands", params(CommandQuery),
-    responses((status = 200, body = Vec<Command>), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = Vec<Command>, description = "One page; a `Link` header with rel=\"next\" points to the next one"), (status = 422, body = ErrorBody)))]
 async fn list_commands(
     State(core): State<Core>,
+    uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<CommandQuery>,
-) -> Result<Json<Vec<Command>>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     if let Some(t) = &q.target_type
         && t != "container"
         && t != "environment"
@@ -552,9 +622,11 @@ async fn list_commands(
         parent: q.parent,
         target_type: q.target_type,
         target_id: q.target_id,
-        limit: Some(q.limit.unwrap_or(100).min(10_000)),
+        limit: Some(q.limit.unwrap_or(100).clamp(1, MAX_PAGE)),
+        before: q.before,
     };
-    Ok(Json(core.queue().list(&filter).await?))
+    let items = core.queue().list(&filter).await?;
+    Ok(page(items, filter.limit, &uri, "before", |c| c.id))
 }
 
 /// Options of showing a command.

@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Set,
-    TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -123,7 +123,14 @@ pub struct ContainerQuery {
     /// Include destroyed and failed containers (default false).
     #[serde(default)]
     pub all: bool,
+    /// At most this many, by ascending id (default and most: `MAX_PAGE`).
+    pub limit: Option<u64>,
+    /// Only containers with a greater id (the next page).
+    pub after: Option<ContainerId>,
 }
+
+/// The most items one page of a list holds; lists are read page by page (`after`/`before`).
+pub const MAX_PAGE: u64 = 1000;
 
 /// Request to create a standalone container.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -707,7 +714,15 @@ impl<'a> ContainerManager<'a> {
                 )
             };
         }
-        let rows = q.order_by_asc(container::Column::Id).all(db).await?;
+        if let Some(after) = query.after {
+            q = q.filter(container::Column::Id.gt(after));
+        }
+        let limit = query.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+        let rows = q
+            .order_by_asc(container::Column::Id)
+            .limit(limit)
+            .all(db)
+            .await?;
         to_views(self.svc, rows).await
     }
 
@@ -1220,13 +1235,23 @@ impl<'a> EnvironmentManager<'a> {
     }
 
     /// Environments, by id (destroyed ones only with `all`).
-    pub async fn find(&self, all: bool) -> Result<Vec<Environment>, CoreError> {
+    /// Environments by ascending id: at most `limit` (at most `MAX_PAGE`) after id `after`.
+    pub async fn find(
+        &self,
+        all: bool,
+        after: Option<EnvironmentId>,
+        limit: Option<u64>,
+    ) -> Result<Vec<Environment>, CoreError> {
         let mut q = environment::Entity::find();
         if !all {
             q = q.filter(environment::Column::Status.ne(EnvironmentStatus::Destroyed.as_str()));
         }
+        if let Some(after) = after {
+            q = q.filter(environment::Column::Id.gt(after));
+        }
         let envs = q
             .order_by_asc(environment::Column::Id)
+            .limit(limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE))
             .all(self.svc.db())
             .await?;
         let mut out = Vec::with_capacity(envs.len());

@@ -193,6 +193,29 @@ impl Client {
             .context("the core sent JSON this client does not understand")
     }
 
+    /// GET every page of a list, following each page's `Link: <…>; rel="next"` header.
+    pub async fn get_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>> {
+        let mut all = Vec::new();
+        let mut next = Some(path.to_string());
+        while let Some(path) = next.take() {
+            let resp = self.send::<()>(Method::GET, &path, None).await?;
+            next = resp
+                .headers()
+                .get(reqwest::header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            let page: Vec<T> = resp
+                .json()
+                .await
+                .context("the core sent JSON this client does not understand")?;
+            if page.is_empty() {
+                break;
+            }
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
     /// POST a JSON body, expecting JSON back.
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let resp = self.send(Method::POST, path, Some(body)).await?;
@@ -237,4 +260,37 @@ impl Client {
 
 fn status_word(s: StatusCode) -> String {
     format!("HTTP {}", s.as_u16())
+}
+
+/// The target of the `rel="next"` entry of a `Link` header (a path on the core).
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|entry| {
+        let (target, params) = entry.trim().split_once(';')?;
+        params
+            .split(';')
+            .any(|p| p.trim() == "rel=\"next\"")
+            .then(|| {
+                target
+                    .trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_next_page_is_read_from_the_link_header() {
+        assert_eq!(
+            super::next_link("</v1/containers?all=true&after=1000>; rel=\"next\""),
+            Some("/v1/containers?all=true&after=1000".into())
+        );
+        assert_eq!(
+            super::next_link("</a>; rel=\"prev\", </b>; rel=\"next\""),
+            Some("/b".into())
+        );
+        assert_eq!(super::next_link("</a>; rel=\"prev\""), None);
+    }
 }

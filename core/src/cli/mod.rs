@@ -776,7 +776,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Container(cmd) => container(&client, out, cmd).await,
         Top::Server(cmd) => match cmd {
             ServerCmd::List => {
-                let list: Vec<Server> = client.get("/v1/servers").await?;
+                let list: Vec<Server> = client.get_all("/v1/servers").await?;
                 out.show(&list, || output::servers(&list));
                 Ok(())
             }
@@ -953,7 +953,9 @@ async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
         EnvCmd::Resume { env, wait } => env_op(client, out, "resume", &env, wait).await,
         EnvCmd::Destroy { env, wait } => env_op(client, out, "destroy", &env, wait).await,
         EnvCmd::List { all } => {
-            let list: Vec<Environment> = client.get(&format!("/v1/environments?all={all}")).await?;
+            let list: Vec<Environment> = client
+                .get_all(&format!("/v1/environments?all={all}"))
+                .await?;
             out.show(&list, || output::environments(&list));
             Ok(())
         }
@@ -1058,7 +1060,7 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
                 }
             }
             let list: Vec<Container> = client
-                .get(&format!("/v1/containers?{}", q.join("&")))
+                .get_all(&format!("/v1/containers?{}", q.join("&")))
                 .await?;
             out.show(&list, || output::containers(&list));
             return Ok(());

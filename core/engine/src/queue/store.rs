@@ -200,6 +200,8 @@ pub struct CommandFilter {
     pub target_id: Option<i64>,
     /// At most this many (default 100).
     pub limit: Option<u64>,
+    /// Only commands older than this one (the next page of a newest-first listing).
+    pub before: Option<CommandId>,
 }
 
 pub(crate) async fn list<C: ConnectionTrait>(
@@ -218,6 +220,9 @@ pub(crate) async fn list<C: ConnectionTrait>(
     }
     if let Some(t) = filter.target_id {
         q = q.filter(command::Column::TargetId.eq(t));
+    }
+    if let Some(b) = filter.before {
+        q = q.filter(command::Column::Id.lt(b));
     }
     q.order_by_desc(command::Column::Id)
         .limit(filter.limit.unwrap_or(100))
