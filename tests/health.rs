@@ -485,3 +485,60 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
             .is_empty()
     );
 }
+
+/// Regression (hardening): while one big batch starved the runtime, heartbeats were not
+/// processed and the monitor, running late, took its own stall for the servers' silence and
+/// marked a healthy server down. A pass that runs a quarter of the grace period late or more
+/// counts nobody's silence from before it; a server silent for the grace period while the
+/// monitor runs on time is still marked down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_never_marks_a_server_down_on_silence_gathered_while_it_was_stalled() {
+    let clock = ManualClock::at(1_000_000);
+    let t = TestCore::start(Opts {
+        clock: Some(clock.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let grace = t.core.config().health.grace.as_millis() as i64;
+    let servers = t.core.servers().list().await.unwrap();
+    let beat_all_but = |skip: Option<i64>| {
+        for s in &servers {
+            if Some(s.id) != skip {
+                t.core.health().heartbeat(s.id, None);
+            }
+        }
+    };
+    beat_all_but(None);
+    // The monitor's runtime is paused for five grace periods: nothing ran, no heartbeat was
+    // processed. Its next pass runs that late.
+    clock.advance(5 * grace);
+    let late = Duration::from_millis(5 * grace as u64);
+    assert_eq!(
+        t.core.monitor().tick(late).await.unwrap(),
+        Default::default(),
+        "no server is down on the monitor's own stall"
+    );
+    assert_eq!(t.core.monitor().stalls(), 1);
+    assert!(
+        t.core
+            .servers()
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.status == ServerStatus::Up)
+    );
+    // Running on time again: sim-1 stays silent for the grace period, the others beat.
+    clock.advance(grace - 100);
+    beat_all_but(Some(servers[0].id));
+    assert_eq!(
+        t.core.monitor().tick(Duration::ZERO).await.unwrap(),
+        Default::default()
+    );
+    clock.advance(200);
+    beat_all_but(Some(servers[0].id));
+    let report = t.core.monitor().tick(Duration::ZERO).await.unwrap();
+    assert_eq!(report.down, vec![servers[0].id]);
+    assert_eq!(t.core.monitor().stalls(), 1);
+}

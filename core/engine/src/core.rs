@@ -448,12 +448,19 @@ impl Core {
         tasks.push(every(h.heartbeat, self.monitor().clone(), |m| {
             Box::pin(async move { m.beat_sims().await })
         }));
-        tasks.push(every(h.check, self.monitor().clone(), |m| {
-            Box::pin(async move {
-                if let Err(e) = m.check().await {
+        // The monitor measures how late each of its passes runs (its own scheduling delay).
+        let monitor = self.monitor().clone();
+        let check = h.check;
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(check);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let due = tick.tick().await;
+                let delay = tokio::time::Instant::now().saturating_duration_since(due);
+                if let Err(e) = monitor.tick(delay).await {
                     tracing::warn!(error = %e, "health check failed");
                 }
-            })
+            }
         }));
         let periodic = (
             self.db().clone(),

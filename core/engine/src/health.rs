@@ -85,7 +85,8 @@ impl Health {
         self.beats.lock().unwrap().get(&server).cloned()
     }
 
-    /// Milliseconds since the last heartbeat of `server` (or since this core started).
+    /// Milliseconds of silence of `server` that count: since its last heartbeat, or since the
+    /// monitor began (or resumed after a stall of its own), whichever is later.
     fn silence(&self, server: ServerId, now: i64) -> i64 {
         let started = self.started.load(std::sync::atomic::Ordering::SeqCst);
         let at = self
@@ -93,7 +94,7 @@ impl Health {
             .lock()
             .unwrap()
             .get(&server)
-            .map_or(started, |b| b.at);
+            .map_or(started, |b| b.at.max(started));
         now - at
     }
 }
@@ -110,6 +111,8 @@ pub struct Monitor {
     health: Arc<Health>,
     collector: Collector,
     grace: std::time::Duration,
+    /// Stalls of its own the monitor noticed.
+    stalls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Monitor {
@@ -131,7 +134,31 @@ impl Monitor {
             health,
             collector,
             grace,
+            stalls: Default::default(),
         }
+    }
+
+    /// One scheduled pass of the monitor, `delay` after it was due. A delay of a quarter of the
+    /// grace period or more means the monitor itself did not run (the process was starved or
+    /// paused): heartbeats that arrived meanwhile may not have been processed either, so the
+    /// silence gathered while it was not running is not evidence; every server's silence counts
+    /// afresh from now, and no server is marked down on it.
+    pub async fn tick(&self, delay: std::time::Duration) -> Result<HealthReport, CoreError> {
+        if delay >= self.grace / 4 {
+            self.health.begin();
+            self.stalls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                delay_ms = delay.as_millis() as u64,
+                "the health monitor itself did not run on time; servers' silence counts afresh"
+            );
+        }
+        self.check().await
+    }
+
+    /// Stalls of its own the monitor noticed.
+    pub fn stalls(&self) -> u64 {
+        self.stalls.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sends a heartbeat for every simulated server that is not crashed (what their agents
