@@ -11,20 +11,21 @@ use crate::common::{ServeProcess, eventually};
 
 pub(crate) fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
     let mut out = Vec::new();
+    // A server's state file, or only its journal before the first compaction.
+    let mut servers = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(data.join("sim")).unwrap() {
         let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("json" | "journal")
+        ) {
+            servers.insert(path.with_extension("json"));
         }
-        let state: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        for (id, guest) in state["guests"].as_object().unwrap() {
-            let ops = guest["operations"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|o| o.as_str().unwrap().to_string())
-                .collect();
-            out.push((id.clone(), ops));
+    }
+    for path in servers {
+        // Read as the simulated server reads it (its state file and its journal), unchanged.
+        for guest in cloud48_core::driver::sim::SimServer::guests_in(&path).unwrap() {
+            out.push((guest.info.guest_id, guest.operations));
         }
     }
     out
