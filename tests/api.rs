@@ -364,3 +364,39 @@ async fn a_mutation_answers_202_at_once_and_the_wait_option_blocks_until_done() 
     assert_eq!(done["kind"], "container.create");
     assert!(done.get("parent").is_some() && done.get("error").is_some());
 }
+
+/// Regression (hardening): the core listened only after resuming its commands and reconciling
+/// every server. It answers at once; `GET /v1/health` (public) says `starting` until it is
+/// ready, then `ready`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_readiness_and_needs_no_credentials() {
+    let t = TestCore::start(Opts {
+        paused: true,
+        auth: cloud48_core::auth::AuthConfig {
+            anonymous: cloud48_core::auth::Anonymous::None,
+            ..Default::default()
+        },
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let health = || async {
+        let resp = reqwest::get(format!("{}/v1/health", t.url)).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<serde_json::Value>().await.unwrap())
+    };
+    assert_eq!(
+        health().await,
+        (503, serde_json::json!({ "status": "starting" }))
+    );
+    let (status, _) = {
+        let resp = reqwest::get(format!("{}/v1/servers", t.url)).await.unwrap();
+        (resp.status().as_u16(), ())
+    };
+    assert_eq!(status, 403, "everything else still needs credentials");
+    t.core.start().await.unwrap();
+    assert_eq!(
+        health().await,
+        (200, serde_json::json!({ "status": "ready" }))
+    );
+}

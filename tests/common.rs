@@ -351,8 +351,9 @@ impl ServeProcess {
             .expect("cloud48 serve starts");
         let url = format!("http://{listen}");
         let client = Client::new(&url);
+        // Listening comes first; ready (commands resumed, servers reconciled) follows.
         for _ in 0..300 {
-            if client.get::<serde_json::Value>("/v1/servers").await.is_ok() {
+            if client.get::<serde_json::Value>("/v1/health").await.is_ok() {
                 return ServeProcess { child, url };
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -40,7 +40,8 @@ pub fn needed_role(method: &Method, path: &str) -> Role {
 
 pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next) -> Response {
     // Agents authenticate their heartbeats with the agent token, checked by the handler.
-    if req.uri().path() == "/v1/agents/heartbeat" {
+    // Readiness is public: load balancers and supervisors ask it without credentials.
+    if req.uri().path() == "/v1/agents/heartbeat" || req.uri().path() == "/v1/health" {
         return next.run(req).await;
     }
     let needed = needed_role(req.method(), req.uri().path());

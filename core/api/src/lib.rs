@@ -72,6 +72,10 @@ pub fn router(core: Core) -> Router {
     let doc = api.clone();
     router
         .route("/v1/openapi.json", get(move || async move { Json(doc) }))
+        .route("/v1/health", {
+            let core = core.clone();
+            get(move || health(core))
+        })
         .route(
             "/v1/agents/heartbeat",
             axum::routing::post({
@@ -158,6 +162,21 @@ fn page<T: Serialize>(
         resp.headers_mut().insert(axum::http::header::LINK, v);
     }
     resp
+}
+
+/// Readiness: 200 `{"status": "ready"}` once the core runs commands and has reconciled its
+/// servers, 503 `{"status": "starting"}` before (the API already accepts requests then).
+async fn health(core: Core) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if core.is_ready() {
+        Json(serde_json::json!({ "status": "ready" })).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "starting" })),
+        )
+            .into_response()
+    }
 }
 
 #[utoipa::path(get, path = "/v1/environments", tag = "environments", params(ListAll),

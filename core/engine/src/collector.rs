@@ -22,6 +22,9 @@ use crate::model::{CommandStatus, ContainerStatus, ServerId};
 use crate::placement::{PlacementCache, drop_dummy, release, requirements_of};
 use crate::queue::Clock;
 
+/// How long the collector works on one server in one pass.
+pub const SERVER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// What one collection removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CollectReport {
@@ -72,8 +75,23 @@ impl Collector {
             .filter(|c| c.up && only.is_none_or(|o| o == c.id))
             .map(|c| c.id)
             .collect();
-        for server_id in servers {
-            let (illegal, leftovers) = self.collect_server(server_id).await?;
+        // Every server at once, each within a deadline: one that does not answer delays
+        // nobody (the next pass tries it again).
+        let passes = servers.into_iter().map(|server_id| async move {
+            match tokio::time::timeout(SERVER_DEADLINE, self.collect_server(server_id)).await {
+                Ok(done) => done,
+                Err(_) => {
+                    tracing::warn!(
+                        server = server_id,
+                        "collector gave up on a server that did not answer within {} s",
+                        SERVER_DEADLINE.as_secs()
+                    );
+                    Ok((0, 0))
+                }
+            }
+        });
+        for done in futures::future::join_all(passes).await {
+            let (illegal, leftovers) = done?;
             report.illegal += illegal;
             report.leftovers += leftovers;
         }

@@ -196,6 +196,8 @@ pub(crate) struct CoreInner {
     pub rebalancer: Rebalancer,
     pub agents: Agents,
     pub services: Services,
+    /// `start` has finished: commands run, servers were reconciled once.
+    pub ready: std::sync::atomic::AtomicBool,
     pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -356,6 +358,7 @@ impl Core {
                 rebalancer,
                 agents,
                 services,
+                ready: std::sync::atomic::AtomicBool::new(false),
                 background: std::sync::Mutex::new(Vec::new()),
             }),
         };
@@ -425,7 +428,15 @@ impl Core {
         if self.inner.config.health.background {
             self.spawn_background();
         }
+        self.inner
+            .ready
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Whether `start` has finished (what `GET /v1/health` reports).
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn spawn_background(&self) {

@@ -1426,19 +1426,28 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
         }
     }
     let core = Core::open(config).await?;
-    core.start().await?;
+    // Listen at once; resume commands and reconcile servers meanwhile (`GET /v1/health` says
+    // `starting` until then; requests are accepted and their commands wait their turn).
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(%listen, data_dir = %data_dir.display(), platform = core.platform_name(), "cloud48 core serving");
     let app = crate::api::router(core.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
-    axum::serve(
+    let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("HTTP server failed")?;
+    .with_graceful_shutdown(shutdown_signal());
+    let starting = core.clone();
+    let started = async move {
+        starting.start().await?;
+        tracing::info!("cloud48 core ready");
+        std::future::pending::<Result<(), crate::core::CoreError>>().await
+    };
+    tokio::select! {
+        served = served => served.context("HTTP server failed")?,
+        failed = started => failed.context("the core could not start")?,
+    }
     tracing::info!("stopping: before-cc-stop hooks, then letting running steps finish");
     if let Err(e) = core.shutdown(Duration::from_secs(10)).await {
         tracing::warn!(error = %e, "before-cc-stop did not finish");
