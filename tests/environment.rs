@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use cloud48_core::managers::AddContainer;
+use cloud48_core::managers::{AddContainer, ContainerCommand};
 use cloud48_core::model::{
     Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources,
 };
@@ -367,4 +367,101 @@ async fn a_failing_member_fails_the_environment_operation_with_its_message() {
     let err = cmd.error.unwrap();
     assert!(err.contains("stop of environment 'frail' stopped"), "{err}");
     assert!(err.contains("stuck in D state"), "{err}");
+}
+
+/// The sorted arguments of every nginx rewrite exec'd in container `id`, in order.
+async fn rewrites(t: &TestCore, id: i64) -> Vec<Vec<String>> {
+    let c: cloud48_core::model::Container =
+        t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
+    let guest = t
+        .sim(c.server.as_deref().unwrap())
+        .await
+        .guest(&c.guest_id)
+        .unwrap();
+    guest
+        .execs
+        .into_iter()
+        .map(|e| {
+            let mut args = e.args;
+            args.sort();
+            args
+        })
+        .collect()
+}
+
+/// Regression (hardening): `env add` and `env remove` half-applied when the balancer was
+/// stopped: the command failed ("container.exec … is stopped") after the tomcat was made or
+/// destroyed, and starting the balancer again re-applied nothing, so nginx kept routing to a
+/// destroyed tomcat. A script for a stopped or suspended container now waits for it: the
+/// change succeeds, and the balancer's nginx catches up when it runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_made_while_the_balancer_is_stopped_converge_when_it_runs_again() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    env(&t, "web").await;
+    let t1 = added(&add(&t, "web", "tomcat").await);
+    let t2 = added(&add(&t, "web", "tomcat").await);
+    let members = show(&t, "web").await.members;
+    let lb = members
+        .iter()
+        .find(|m| m.type_id.starts_with("balancer"))
+        .unwrap()
+        .id;
+    let ip = |id: i64, members: &[Container]| {
+        format!(
+            "{}:8080",
+            members
+                .iter()
+                .find(|m| m.id == id)
+                .unwrap()
+                .ip
+                .clone()
+                .unwrap()
+        )
+    };
+    let (ip1, ip2) = (ip(t1, &members), ip(t2, &members));
+    t.ok(crate::container::act(&t, lb, ContainerCommand::Stop {}).await)
+        .await;
+    let before = rewrites(&t, lb).await;
+
+    // While it is stopped: a tomcat added, another removed; both succeed.
+    let c = add(&t, "web", "tomcat").await;
+    assert_eq!(
+        c.status,
+        cloud48_core::model::CommandStatus::Succeeded,
+        "{c:?}"
+    );
+    let t3 = added(&c);
+    let a: Accepted = t
+        .client
+        .delete(&format!("/v1/environments/web/containers/{t1}"))
+        .await
+        .unwrap();
+    let c = t.wait(a.command_id).await;
+    assert_eq!(
+        c.status,
+        cloud48_core::model::CommandStatus::Succeeded,
+        "{c:?}"
+    );
+    assert_eq!(
+        rewrites(&t, lb).await,
+        before,
+        "nothing ran in the stopped balancer"
+    );
+    let ip3 = ip(t3, &show(&t, "web").await.members);
+
+    // Running again: the rewrites it missed run in order; nginx routes to t2 and t3 only.
+    t.ok(crate::container::act(&t, lb, ContainerCommand::Start {}).await)
+        .await;
+    let after = rewrites(&t, lb).await;
+    assert_eq!(after.len(), before.len() + 2, "{after:?}");
+    let mut expected = vec![ip2.clone(), ip3.clone()];
+    expected.sort();
+    assert_eq!(after.last().unwrap(), &expected);
+    assert!(!after.last().unwrap().contains(&ip1));
+    // Nothing waits any more: a later start runs nothing again.
+    t.ok(crate::container::act(&t, lb, ContainerCommand::Stop {}).await)
+        .await;
+    t.ok(crate::container::act(&t, lb, ContainerCommand::Start {}).await)
+        .await;
+    assert_eq!(rewrites(&t, lb).await.len(), after.len());
 }

@@ -14,6 +14,7 @@ mod m0005_placement;
 mod m0006_container_locks;
 mod m0007_dummy_commands;
 mod m0008_container_ips;
+mod m0009_pending_scripts;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -30,6 +31,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0006_container_locks::Migration),
             Box::new(m0007_dummy_commands::Migration),
             Box::new(m0008_container_ips::Migration),
+            Box::new(m0009_pending_scripts::Migration),
         ]
     }
 }

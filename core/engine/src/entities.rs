@@ -86,6 +86,24 @@ pub mod dummy {
     no_relations!();
 }
 
+/// Scripts waiting for their stopped or suspended container to run again.
+pub mod pending_script {
+    use sea_orm::entity::prelude::*;
+    /// A pending script, run in id order.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "pending_scripts")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub container_id: i64,
+        pub script: String,
+        /// JSON array of strings.
+        pub args: String,
+        pub created_at: i64,
+    }
+    no_relations!();
+}
+
 /// Environments.
 pub mod environment {
     use sea_orm::entity::prelude::*;

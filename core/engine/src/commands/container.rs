@@ -3,15 +3,15 @@
 use std::collections::HashSet;
 
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, Set,
-    TransactionTrait,
+    ActiveModelTrait, ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, Set, TransactionTrait,
 };
 use serde_json::{Value, json};
 
 use super::steps::{CloneStep, CreateStep, MigrateStep, UpdateStep};
 use super::{StepCtx, core_err, driver_err, driver_of, guest_spec, make_guest, params};
 use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec};
-use crate::entities::{command, container};
+use crate::entities::{command, container, pending_script};
 use crate::managers::{ContainerCommand, check_status, guest_id_for, load_container, parse_status};
 use crate::model::{CommandKind, ContainerStatus, Requirements, Resources, now_ms};
 use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirements_of};
@@ -156,6 +156,10 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
                 am.status = status_of(ContainerStatus::Destroyed)
             })
             .await?;
+            pending_script::Entity::delete_many()
+                .filter(pending_script::Column::ContainerId.eq(id))
+                .exec(&txn)
+                .await?;
             placement::release(&txn, server_id, &need, 1).await?;
             svc.placement().apply(server_id, &need, 1, -1);
             return Ok(Transition::with(done(id), txn));
@@ -165,8 +169,75 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
         }
         ContainerCommand::Clone { .. } | ContainerCommand::Migrate { .. } => unreachable!(),
     };
+    // Running again: the scripts hooks asked for while it was stopped or suspended run now,
+    // in order, before the transaction (no I/O inside it).
+    let (applied, failure) = if new_status == ContainerStatus::Running {
+        run_pending(svc, id, driver.as_ref(), guest, &server).await?
+    } else {
+        (Vec::new(), None)
+    };
     let txn = write(svc, &row, |am| am.status = status_of(new_status)).await?;
-    Ok(Transition::with(done(id), txn))
+    if !applied.is_empty() {
+        pending_script::Entity::delete_many()
+            .filter(pending_script::Column::Id.is_in(applied))
+            .exec(&txn)
+            .await?;
+    }
+    match failure {
+        None => Ok(Transition::with(done(id), txn)),
+        Some(error) => Ok(Transition::with(
+            Next::Partial {
+                result: json!({ "container_id": id }),
+                error,
+            },
+            txn,
+        )),
+    }
+}
+
+/// Runs the scripts waiting for container `id` in order; returns the ids of those that ran and,
+/// if one failed, why (it and those after it stay pending for its next start).
+async fn run_pending(
+    svc: &Services,
+    id: i64,
+    driver: &dyn crate::driver::Driver,
+    guest: &str,
+    server: &str,
+) -> Result<(Vec<i64>, Option<String>), StepError> {
+    let waiting = pending_script::Entity::find()
+        .filter(pending_script::Column::ContainerId.eq(id))
+        .order_by_asc(pending_script::Column::Id)
+        .all(svc.db())
+        .await?;
+    let mut applied = Vec::new();
+    for p in waiting {
+        let args: Vec<String> = serde_json::from_str(&p.args).map_err(|e| {
+            StepError::Permanent(format!(
+                "container {id}: unreadable arguments of pending script {}: {e}",
+                p.id
+            ))
+        })?;
+        let outcome = match driver.exec(guest, &p.script, &args).await {
+            Ok(out) if out.exit_code == 0 => None,
+            Ok(out) => Some(format!(
+                "exited with code {}: {}",
+                out.exit_code,
+                out.stderr.trim()
+            )),
+            Err(e) if e.is_transient() => return Err(driver_err(server, e)),
+            Err(e) => Some(format!("server {server}: {e}")),
+        };
+        if let Some(why) = outcome {
+            return Ok((
+                applied,
+                Some(format!(
+                    "container {id} runs, but a script a hook asked for while it was stopped {why}; it stays pending for its next start"
+                )),
+            ));
+        }
+        applied.push(p.id);
+    }
+    Ok((applied, None))
 }
 
 /// Steps of `container.update`: 0 reserve the growth on the container's server (a dummy,
@@ -836,6 +907,28 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
 /// idempotent: after a crash of the core the step may run again.
 async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
     let status = parse_status(row.id, &row.status)?;
+    if matches!(
+        status,
+        ContainerStatus::Stopped | ContainerStatus::Suspended
+    ) {
+        // It cannot run now: kept, and run when the container runs again (start or resume),
+        // so the environment change that asked for it converges instead of half-applying.
+        let params::Exec { script, args } = ctx.params()?;
+        let txn = ctx.svc.db().begin().await?;
+        pending_script::ActiveModel {
+            container_id: Set(row.id),
+            script: Set(script),
+            args: Set(serde_json::to_string(&args).expect("strings serialize")),
+            created_at: Set(crate::model::now_ms()),
+            ..Default::default()
+        }
+        .insert(&txn)
+        .await?;
+        return Ok(Transition::with(
+            Next::Done(json!({ "pending": true, "container_id": row.id })),
+            txn,
+        ));
+    }
     check_status(
         row.id,
         status,
