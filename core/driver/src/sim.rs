@@ -97,6 +97,19 @@ fn journal_of(path: &std::path::Path) -> PathBuf {
     path.with_extension("journal")
 }
 
+/// Writes the whole state to `path`, then empties the journal. The state file comes first (it
+/// holds its last change's number): a crash between the two leaves journal lines the state
+/// file already holds, which loading skips.
+fn compact(path: &std::path::Path, state: &SimState) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(state).expect("sim state serializes"),
+    )?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::write(journal_of(path), b"")
+}
+
 /// The state kept in `path` and its journal, the journal's lines, and whether its last line was
 /// cut short (dropped).
 fn load(path: &std::path::Path) -> Result<(SimState, usize, bool), DriverError> {
@@ -220,14 +233,9 @@ impl SimServer {
         let (state, mut lines, cut_short) = load(&path)?;
         if cut_short {
             // Start the journal afresh, so the next line does not follow the cut one.
-            let tmp = path.with_extension("tmp");
-            let text = serde_json::to_vec(&state).expect("sim state serializes");
-            std::fs::write(&tmp, text)
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .and_then(|_| std::fs::write(journal_of(&path), b""))
-                .map_err(|e| {
-                    DriverError::Permanent(format!("cannot write {}: {e}", path.display()))
-                })?;
+            compact(&path, &state).map_err(|e| {
+                DriverError::Permanent(format!("cannot write {}: {e}", path.display()))
+            })?;
             lines = 0;
         }
         *self.state.lock().unwrap() = state;
@@ -365,14 +373,7 @@ impl SimServer {
         state.seq += 1;
         let mut lines = self.journal_lines.lock().unwrap();
         if *lines >= (2 * state.guests.len()).max(1000) {
-            // The state file first (it holds this change's number), then the journal emptied:
-            // a crash between the two leaves lines the state file already holds, skipped.
-            let tmp = path.with_extension("tmp");
-            let text = serde_json::to_vec(state).expect("sim state serializes");
-            std::fs::write(&tmp, text)
-                .and_then(|_| std::fs::rename(&tmp, path))
-                .and_then(|_| std::fs::write(journal_of(path), b""))
-                .map_err(failed)?;
+            compact(path, state).map_err(failed)?;
             *lines = 0;
             return Ok(());
         }
