@@ -400,3 +400,23 @@ async fn health_reports_readiness_and_needs_no_credentials() {
         (200, serde_json::json!({ "status": "ready" }))
     );
 }
+
+/// `bench api` end to end, small: signed creates over real HTTP all succeed, and the report's
+/// figures come from the commands' own times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_api_submits_signed_creates_that_all_succeed() {
+    let report = cloud48_core::bench::api::run(&cloud48_core::bench::ApiBenchArgs {
+        count: 300,
+        clients: 4,
+        rate: 0,
+        servers: 4,
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.succeeded, 300);
+    assert!(report.accepted_per_sec > 0.0);
+    assert!(
+        report.p50_ms >= 0 && report.p99_ms >= report.p50_ms,
+        "{report:?}"
+    );
+}

@@ -739,6 +739,9 @@ pub enum BenchCmd {
     Linux(crate::bench::LinuxBenchArgs),
     /// Failover on real agents in network namespaces with real nginx (root).
     FailoverReal(crate::bench::FailoverRealBenchArgs),
+    /// Single creates through the REST API over real HTTP with Digest sign-in: accepted/s and
+    /// enqueue->start latency.
+    Api(crate::bench::ApiBenchArgs),
 }
 
 #[cfg(feature = "dev")]
@@ -749,6 +752,7 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Failover(args) => crate::bench::failover(args).await,
         BenchCmd::Linux(args) => crate::bench::linux(args).await,
         BenchCmd::FailoverReal(args) => crate::bench::failover_real(args).await,
+        BenchCmd::Api(args) => crate::bench::api::api(args).await,
         // Outside the async runtime, to measure the dispatch itself.
         BenchCmd::Hooks(args) => std::thread::spawn(move || crate::bench::hooks(args))
             .join()

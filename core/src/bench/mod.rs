@@ -10,6 +10,9 @@ use serde_json::Value;
 use crate::core::{Core, CoreConfig};
 use crate::queue::NewCommand;
 
+pub mod api;
+pub use api::ApiBenchArgs;
+
 /// Options of `bench queue`.
 #[derive(Debug, Args)]
 pub struct QueueBenchArgs {
