@@ -464,4 +464,50 @@ async fn changes_made_while_the_balancer_is_stopped_converge_when_it_runs_again(
     t.ok(crate::container::act(&t, lb, ContainerCommand::Start {}).await)
         .await;
     assert_eq!(rewrites(&t, lb).await.len(), after.len());
+
+    // A waiting script that fails at the start stays waiting, and runs before any later one:
+    // scripts run in the order the hooks asked for them.
+    t.ok(crate::container::act(&t, lb, ContainerCommand::Stop {}).await)
+        .await;
+    let t4 = added(&add(&t, "web", "tomcat").await);
+    let lb_server = show(&t, "web")
+        .await
+        .members
+        .iter()
+        .find(|m| m.id == lb)
+        .unwrap()
+        .server
+        .clone()
+        .unwrap();
+    t.sim(&lb_server).await.fail_next(
+        "exec",
+        1,
+        cloud48_core::driver::DriverError::Permanent("disk full".into()),
+    );
+    let start = t
+        .wait(crate::container::act(&t, lb, ContainerCommand::Start {}).await)
+        .await;
+    assert_eq!(start.status, cloud48_core::model::CommandStatus::Failed);
+    let error = start.error.unwrap();
+    assert!(
+        error.contains("disk full") && error.contains("stays pending"),
+        "{error}"
+    );
+    assert_eq!(
+        rewrites(&t, lb).await.len(),
+        after.len(),
+        "the failed one did not run"
+    );
+    let t5 = added(&add(&t, "web", "tomcat").await);
+    let last = rewrites(&t, lb).await;
+    assert_eq!(
+        last.len(),
+        after.len() + 2,
+        "the waiting rewrite, then the new one"
+    );
+    let members = show(&t, "web").await.members;
+    let mut expected = vec![ip2, ip3, ip(t4, &members), ip(t5, &members)];
+    expected.sort();
+    assert_eq!(last.last().unwrap(), &expected);
+    assert_eq!(last[last.len() - 2].len(), 3, "the older rewrite ran first");
 }

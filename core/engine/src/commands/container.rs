@@ -177,12 +177,7 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
         (Vec::new(), None)
     };
     let txn = write(svc, &row, |am| am.status = status_of(new_status)).await?;
-    if !applied.is_empty() {
-        pending_script::Entity::delete_many()
-            .filter(pending_script::Column::Id.is_in(applied))
-            .exec(&txn)
-            .await?;
-    }
+    forget_pending(&txn, applied).await?;
     match failure {
         None => Ok(Transition::with(done(id), txn)),
         Some(error) => Ok(Transition::with(
@@ -195,8 +190,20 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     }
 }
 
+/// Forgets the pending scripts that ran.
+async fn forget_pending(txn: &DatabaseTransaction, applied: Vec<i64>) -> Result<(), DbErr> {
+    if !applied.is_empty() {
+        pending_script::Entity::delete_many()
+            .filter(pending_script::Column::Id.is_in(applied))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Runs the scripts waiting for container `id` in order; returns the ids of those that ran and,
-/// if one failed, why (it and those after it stay pending for its next start).
+/// if one failed, why (it and those after it stay pending, and run before any later script:
+/// scripts run in the order hooks asked for them).
 async fn run_pending(
     svc: &Services,
     id: i64,
@@ -941,21 +948,43 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
         .server_id
         .ok_or_else(|| StepError::Permanent(format!("container {} has no server", row.id)))?;
     let (driver, server) = driver_of(ctx.svc, server_id)?;
-    let out = driver
-        .exec(&row.guest_id, &script, &args)
-        .await
-        .map_err(|e| driver_err(&server, e))?;
-    if out.exit_code != 0 {
-        return Err(StepError::Permanent(format!(
-            "script in container {} exited with code {}: {}",
-            row.id,
-            out.exit_code,
-            out.stderr.trim()
-        )));
+    // Scripts still waiting for this container (one failed at its start) run first, in order.
+    let (applied, failure) =
+        run_pending(ctx.svc, row.id, driver.as_ref(), &row.guest_id, &server).await?;
+    let outcome = match failure {
+        Some(error) => Err(error),
+        None => {
+            let out = driver
+                .exec(&row.guest_id, &script, &args)
+                .await
+                .map_err(|e| driver_err(&server, e))?;
+            if out.exit_code == 0 {
+                Ok(out)
+            } else {
+                Err(format!(
+                    "script in container {} exited with code {}: {}",
+                    row.id,
+                    out.exit_code,
+                    out.stderr.trim()
+                ))
+            }
+        }
+    };
+    let next = match outcome {
+        Ok(out) => Next::Done(json!({
+            "exit_code": out.exit_code,
+            "stdout": out.stdout,
+            "stderr": out.stderr,
+        })),
+        Err(error) => Next::Partial {
+            result: json!({ "container_id": row.id }),
+            error,
+        },
+    };
+    if applied.is_empty() {
+        return Ok(Transition::bare(next));
     }
-    Ok(Transition::bare(Next::Done(json!({
-        "exit_code": out.exit_code,
-        "stdout": out.stdout,
-        "stderr": out.stderr,
-    }))))
+    let txn = ctx.svc.db().begin().await?;
+    forget_pending(&txn, applied).await?;
+    Ok(Transition::with(next, txn))
 }
