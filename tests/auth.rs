@@ -366,11 +366,11 @@ async fn anonymous_users_cannot_export_or_read_logs_and_read_only_the_configured
     let (status, _, _) = send(&t, "GET", "/v1/environments", None).await;
     assert_eq!(status, 200);
 
-    // Families are configurable: containers and logs opened, the fleet closed; exports stay
-    // closed whatever the list says.
+    // Families are configurable: containers and commands opened, the fleet closed; exports and
+    // logs (which the core pulls from an agent) stay closed whatever the list says.
     let t2 = TestCore::start(Opts {
         auth: AuthConfig {
-            anonymous_read: vec![Family::Containers, Family::Logs],
+            anonymous_read: vec![Family::Containers, Family::Commands],
             ..AuthConfig::default()
         },
         ..Opts::default()
@@ -381,9 +381,14 @@ async fn anonymous_users_cannot_export_or_read_logs_and_read_only_the_configured
     assert_eq!(status, 200, "{body}");
     let (status, _, body) = send(&t2, "GET", "/v1/servers", None).await;
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains("may read only containers, logs"), "{body}");
-    let (status, _, _) = send(&t2, "GET", "/v1/containers/1/export", None).await;
-    assert_eq!(status, 403);
+    assert!(
+        body.contains("may read only containers, commands"),
+        "{body}"
+    );
+    for path in ["/v1/containers/1/export", "/v1/containers/1/logs"] {
+        let (status, _, _) = send(&t2, "GET", path, None).await;
+        assert_eq!(status, 403, "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -94,8 +94,6 @@ pub enum Family {
     Environments,
     /// Containers (`/v1/containers`, without logs and export).
     Containers,
-    /// Containers' logs (`/v1/containers/{id}/logs`): what runs inside may print secrets.
-    Logs,
     /// Commands, with their parameters and results (exec output among them).
     Commands,
     /// Installed plugins.
@@ -104,11 +102,10 @@ pub enum Family {
 
 impl Family {
     /// Every family, by its name in the configuration.
-    pub const ALL: [(&'static str, Family); 6] = [
+    pub const ALL: [(&'static str, Family); 5] = [
         ("fleet", Family::Fleet),
         ("environments", Family::Environments),
         ("containers", Family::Containers),
-        ("logs", Family::Logs),
         ("commands", Family::Commands),
         ("plugins", Family::Plugins),
     ];
@@ -116,8 +113,9 @@ impl Family {
     /// What anonymous requests may read by default: fleet and environment summaries.
     pub const DEFAULT_ANONYMOUS: [Family; 2] = [Family::Fleet, Family::Environments];
 
-    /// The family of a read of `path`; `None` for what anonymous requests never read
-    /// (exports, users, anything else).
+    /// The family of a read of `path`; `None` for what anonymous requests never read: exports
+    /// and logs (the core would pull them from an agent; what runs inside may print secrets),
+    /// users, anything else.
     pub fn of(path: &str) -> Option<Family> {
         let under = |area: &str| path == area || path.starts_with(&format!("{area}/"));
         if under("/v1/servers") {
@@ -125,9 +123,7 @@ impl Family {
         } else if under("/v1/environments") {
             Some(Family::Environments)
         } else if under("/v1/containers") {
-            if path.ends_with("/logs") {
-                Some(Family::Logs)
-            } else if path.ends_with("/export") {
+            if path.ends_with("/logs") || path.ends_with("/export") {
                 None
             } else {
                 Some(Family::Containers)
@@ -766,15 +762,19 @@ mod tests {
         );
         assert_eq!(Family::of("/v1/containers"), Some(Family::Containers));
         assert_eq!(Family::of("/v1/containers/3"), Some(Family::Containers));
-        assert_eq!(Family::of("/v1/containers/3/logs"), Some(Family::Logs));
+        assert_eq!(Family::of("/v1/containers/3/logs"), None);
         assert_eq!(Family::of("/v1/containers/3/export"), None);
         assert_eq!(Family::of("/v1/commands/7"), Some(Family::Commands));
         assert_eq!(Family::of("/v1/plugins"), Some(Family::Plugins));
         assert_eq!(Family::of("/v1/serversx"), None);
         assert_eq!(Family::of("/v1/users"), None);
         assert_eq!(
-            Family::parse_list(" fleet, logs,fleet ,").unwrap(),
-            vec![Family::Fleet, Family::Logs]
+            Family::parse_list(" fleet, commands,fleet ,").unwrap(),
+            vec![Family::Fleet, Family::Commands]
+        );
+        assert!(
+            Family::parse_list("logs").is_err(),
+            "logs are never anonymous"
         );
         assert_eq!(Family::parse_list("").unwrap(), vec![]);
         let e = Family::parse_list("fleet,secrets").unwrap_err();

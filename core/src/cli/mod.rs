@@ -133,7 +133,7 @@ pub struct CoreArgs {
     #[arg(long)]
     pub anonymous: Option<String>,
     /// Endpoint families anonymous requests may read when --anonymous is read: some of fleet,
-    /// environments, containers, logs, commands, plugins; empty for none [default fleet,environments].
+    /// environments, containers, commands, plugins; empty for none [default fleet,environments].
     #[arg(long)]
     pub anonymous_read: Option<String>,
     /// HTTP Digest realm; part of stored password hashes [default cloud48].
@@ -1485,7 +1485,7 @@ mod tests {
                 continue;
             }
             let value = match key {
-                "auth.anonymous_read" => "fleet,logs",
+                "auth.anonymous_read" => "fleet,commands",
                 _ if default.is_empty() => "x",
                 _ => default,
             };
