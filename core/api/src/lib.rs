@@ -24,7 +24,7 @@ use cloud48_engine::auth::Principal;
 use cloud48_engine::core::Core;
 use cloud48_engine::managers::{
     AddContainer, ContainerCommand, ContainerExport, ContainerQuery, CreateContainer, DrainReport,
-    EnvironmentOp, MAX_PAGE, PurgeReport,
+    EnvironmentOp, PurgeReport, page_size,
 };
 use cloud48_engine::model::*;
 use cloud48_engine::queue::CommandFilter;
@@ -137,7 +137,7 @@ fn page<T: Serialize>(
     next: impl Fn(&T) -> i64,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let full = items.len() as u64 >= limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
+    let full = items.len() as u64 >= page_size(limit);
     let link = items.last().filter(|_| full).map(|last| {
         let kept: Vec<&str> = uri
             .query()
@@ -571,7 +571,7 @@ async fn list_servers(
     uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<Page>,
 ) -> Result<axum::response::Response, ApiError> {
-    let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE) as usize;
+    let limit = page_size(q.limit) as usize;
     let mut all = core.servers().list().await?;
     all.sort_by_key(|s| s.id);
     let items: Vec<Server> = all
@@ -641,7 +641,7 @@ async fn list_commands(
         parent: q.parent,
         target_type: q.target_type,
         target_id: q.target_id,
-        limit: Some(q.limit.unwrap_or(100).clamp(1, MAX_PAGE)),
+        limit: Some(page_size(Some(q.limit.unwrap_or(100)))),
         before: q.before,
     };
     let items = core.queue().list(&filter).await?;

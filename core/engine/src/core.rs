@@ -181,20 +181,16 @@ impl CoreConfig {
 }
 
 pub(crate) struct CoreInner {
-    pub db: DatabaseConnection,
     pub plugin_host: Arc<crate::plugins::PluginHost>,
     pub auth: crate::auth::Authenticator,
-    pub queue: Queue,
-    pub fleet: Arc<Fleet>,
-    pub types: TypeRegistry,
     pub platform: platform::Model,
     pub config: CoreConfig,
-    pub health: Arc<crate::health::Health>,
-    pub placement: Arc<crate::placement::PlacementCache>,
     pub collector: Collector,
     pub monitor: Monitor,
     pub rebalancer: Rebalancer,
     pub agents: Agents,
+    /// The database, queue, fleet, types, heartbeats and placement's view, shared with the
+    /// commands and managers.
     pub services: Services,
     /// `start` has finished: commands run, servers were reconciled once.
     pub ready: std::sync::atomic::AtomicBool,
@@ -345,14 +341,8 @@ impl Core {
             inner: Arc::new(CoreInner {
                 plugin_host,
                 auth,
-                db,
-                queue,
-                fleet,
-                types: services.types().clone(),
                 platform,
                 config,
-                health,
-                placement,
                 collector,
                 monitor,
                 rebalancer,
@@ -379,7 +369,7 @@ impl Core {
 
     async fn load_servers(&self) -> Result<(), CoreError> {
         let c = &self.inner.config;
-        let mut rows = server::Entity::find().all(&self.inner.db).await?;
+        let mut rows = server::Entity::find().all(self.db()).await?;
         if rows.is_empty() && c.sim_servers > 0 {
             for i in 1..=c.sim_servers {
                 let row = server::ActiveModel {
@@ -396,7 +386,7 @@ impl Core {
                     created_at: Set(now_ms()),
                     ..Default::default()
                 };
-                rows.push(row.insert(&self.inner.db).await?);
+                rows.push(row.insert(self.db()).await?);
             }
             tracing::info!(servers = c.sim_servers, "created a simulated platform");
         }
@@ -410,7 +400,7 @@ impl Core {
             if row.driver == RemoteFactory::KIND && c.agent_token.is_none() {
                 tracing::warn!(server = %row.name, "agents.token is not set: requests to this server's agent will be refused");
             }
-            self.inner.fleet.attach(&row)?;
+            self.fleet().attach(&row)?;
         }
         Ok(())
     }
@@ -420,11 +410,11 @@ impl Core {
     /// the background monitor, heartbeats, collector and rebalancer.
     pub async fn start(&self) -> Result<(), CoreError> {
         let runner = Arc::new(crate::commands::Handlers::new(self.services().clone()));
-        let single_core = self.inner.db.get_database_backend() == DatabaseBackend::Sqlite;
-        self.inner.queue.start(runner, single_core).await?;
+        let single_core = self.db().get_database_backend() == DatabaseBackend::Sqlite;
+        self.queue().start(runner, single_core).await?;
         self.collector().collect(None).await?;
         self.notify_environments("after-cc-start").await?;
-        self.inner.health.begin();
+        self.health().begin();
         if self.inner.config.health.background {
             self.spawn_background();
         }
@@ -474,17 +464,16 @@ impl Core {
             }
         }));
         let periodic = (
-            self.db().clone(),
-            self.inner.placement.clone(),
+            self.services().clone(),
             self.collector().clone(),
             self.rebalancer().clone(),
         );
         tasks.push(every(
             h.collector,
             periodic,
-            |(db, placement, collector, rebalancer)| {
+            |(svc, collector, rebalancer)| {
                 Box::pin(async move {
-                    if let Err(e) = placement.refresh_all(&db).await {
+                    if let Err(e) = svc.placement().refresh_all(svc.db()).await {
                         tracing::warn!(error = %e, "placement refresh failed");
                     }
                     if let Err(e) = collector.collect(None).await {
@@ -504,7 +493,7 @@ impl Core {
         for t in self.inner.background.lock().unwrap().drain(..) {
             t.abort();
         }
-        self.inner.queue.stop(grace).await;
+        self.queue().stop(grace).await;
     }
 
     /// A graceful stop: `before-cc-stop` runs in every environment (waiting up to `grace`
@@ -571,7 +560,7 @@ impl Core {
 
     /// Placement's view of the servers.
     pub fn placement(&self) -> &crate::placement::PlacementCache {
-        &self.inner.placement
+        self.services().placement()
     }
 
     /// The configuration the core runs with.
@@ -581,11 +570,7 @@ impl Core {
 
     /// Installed plugins.
     pub fn plugins(&self) -> crate::plugins::PluginManager<'_> {
-        crate::plugins::PluginManager::new(
-            &self.inner.db,
-            &self.inner.plugin_host,
-            &self.inner.types,
-        )
+        crate::plugins::PluginManager::new(self.db(), &self.inner.plugin_host, self.types())
     }
 
     /// Access control.
@@ -595,27 +580,27 @@ impl Core {
 
     /// The command queue.
     pub fn queue(&self) -> &Queue {
-        &self.inner.queue
+        self.services().queue()
     }
 
     /// The database connection.
     pub fn db(&self) -> &DatabaseConnection {
-        &self.inner.db
+        self.services().db()
     }
 
     /// The drivers of the servers.
     pub fn fleet(&self) -> &Fleet {
-        &self.inner.fleet
+        self.services().fleet()
     }
 
     /// The container types.
     pub fn types(&self) -> &TypeRegistry {
-        &self.inner.types
+        self.services().types()
     }
 
     /// Heartbeats received by this core.
     pub fn health(&self) -> &Health {
-        &self.inner.health
+        self.services().health()
     }
 
     /// The health monitor.

@@ -132,6 +132,11 @@ pub struct ContainerQuery {
 /// The most items one page of a list holds; lists are read page by page (`after`/`before`).
 pub const MAX_PAGE: u64 = 1000;
 
+/// The items a page holds when `limit` are asked for (none: a full page).
+pub fn page_size(limit: Option<u64>) -> u64 {
+    limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE)
+}
+
 /// Request to create a standalone container.
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -717,10 +722,9 @@ impl<'a> ContainerManager<'a> {
         if let Some(after) = query.after {
             q = q.filter(container::Column::Id.gt(after));
         }
-        let limit = query.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
         let rows = q
             .order_by_asc(container::Column::Id)
-            .limit(limit)
+            .limit(page_size(query.limit))
             .all(db)
             .await?;
         to_views(self.svc, rows).await
@@ -1251,7 +1255,7 @@ impl<'a> EnvironmentManager<'a> {
         }
         let envs = q
             .order_by_asc(environment::Column::Id)
-            .limit(limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE))
+            .limit(page_size(limit))
             .all(self.svc.db())
             .await?;
         let mut out = Vec::with_capacity(envs.len());

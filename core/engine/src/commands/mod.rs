@@ -187,11 +187,14 @@ pub(crate) async fn taken_addresses<C: sea_orm::ConnectionTrait>(
     let mut taken = std::collections::HashMap::new();
     let mut first: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
     for (id, ip) in made {
-        if let Some(ip) = ip
-            && let Some(other) = first.insert(ip, *id)
-        {
-            first.insert(ip, other);
-            taken.insert(*id, clash(*id, ip, other));
+        let Some(ip) = ip else { continue };
+        match first.entry(ip) {
+            std::collections::hash_map::Entry::Occupied(o) => {
+                taken.insert(*id, clash(*id, ip, *o.get()));
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(*id);
+            }
         }
     }
     let gone = [ContainerStatus::Destroyed, ContainerStatus::Failed].map(|s| s.as_str());
