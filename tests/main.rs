@@ -8,6 +8,7 @@ mod auth;
 mod cli;
 mod config;
 mod container;
+mod convergence;
 mod crash;
 mod driver;
 mod environment;
