@@ -236,4 +236,39 @@ async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
     assert!(ok && out.contains("guest-http: answering"), "{out} {err}");
     let (ok, out, _) = crate::common::cli(&t.url, &["server", "list"]);
     assert!(ok && out.contains("h4") && out.contains("remote"), "{out}");
+
+    // Changes made while the balancer is stopped converge on real nginx when it runs again:
+    // a tomcat added and another removed meanwhile; afterwards nginx routes to exactly the
+    // tomcats that are there.
+    t.ok(crate::container::act(
+        &t,
+        lb3.id,
+        cloud48_core::managers::ContainerCommand::Stop {},
+    )
+    .await)
+        .await;
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/shop/containers",
+            &json!({ "type": "tomcat" }),
+        )
+        .await
+        .unwrap();
+    let third = t.created(a.command_id).await;
+    let a: Accepted = t
+        .client
+        .delete(&format!("/v1/environments/shop/containers/{}", tomcats[0]))
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    t.ok(crate::container::act(
+        &t,
+        lb3.id,
+        cloud48_core::managers::ContainerCommand::Start {},
+    )
+    .await)
+        .await;
+    let now = vec![guests[1].clone(), container(&t, third).await.guest_id];
+    serves_all(lb3.ip.as_deref().unwrap(), &now).await;
 }
