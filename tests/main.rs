@@ -5,6 +5,7 @@ mod common;
 mod agent;
 mod api;
 mod auth;
+mod chaos;
 mod cli;
 mod config;
 mod container;
