@@ -11,6 +11,7 @@ use crate::core::{Core, CoreConfig};
 use crate::queue::NewCommand;
 
 pub mod api;
+pub mod load;
 pub use api::ApiBenchArgs;
 
 /// Options of `bench queue`.

@@ -742,6 +742,12 @@ pub enum BenchCmd {
     /// Single creates through the REST API over real HTTP with Digest sign-in: accepted/s and
     /// enqueue->start latency.
     Api(crate::bench::ApiBenchArgs),
+    /// API reads while one batch creates 10,000 containers, on `cloud48 serve` with its
+    /// defaults: read latency, and whether a healthy server was ever seen down.
+    Reads(crate::bench::load::ReadsBenchArgs),
+    /// `kill -9` of `cloud48 serve` with 10,000 commands in flight: time to listen and to be
+    /// ready again.
+    Restart(crate::bench::load::RestartBenchArgs),
 }
 
 #[cfg(feature = "dev")]
@@ -753,6 +759,8 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Linux(args) => crate::bench::linux(args).await,
         BenchCmd::FailoverReal(args) => crate::bench::failover_real(args).await,
         BenchCmd::Api(args) => crate::bench::api::api(args).await,
+        BenchCmd::Reads(args) => crate::bench::load::reads(args).await,
+        BenchCmd::Restart(args) => crate::bench::load::restart(args).await,
         // Outside the async runtime, to measure the dispatch itself.
         BenchCmd::Hooks(args) => std::thread::spawn(move || crate::bench::hooks(args))
             .join()
