@@ -440,6 +440,65 @@ async fn an_address_another_live_container_holds_is_never_given_twice() {
     assert_eq!(show(&t, third).await.ip.as_deref(), Some("10.0.4.4"));
 }
 
+/// The same, for creates claimed together and recorded in one statement per wave: the one
+/// given an address a live container outside the group holds fails, the others are recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_run_as_a_group_never_take_an_address_a_live_container_holds() {
+    use sea_orm::ConnectionTrait;
+    let t = TestCore::start(Opts {
+        sim_servers: 1,
+        paused: true,
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let mut submitted = Vec::new();
+    for _ in 0..4 {
+        let a: Accepted = t
+            .client
+            .post("/v1/containers", &serde_json::json!({ "type": "plain" }))
+            .await
+            .unwrap();
+        submitted.push((a.command_id, a.object_id.unwrap()));
+    }
+    // The last becomes a stopped container holding the address sim-1 hands out second.
+    let (cmd, holder) = submitted.pop().unwrap();
+    t.core.queue().cancel(cmd).await.unwrap();
+    let sql = format!(
+        "UPDATE containers SET status = 'stopped', ip = '10.0.4.3', locked_by = NULL WHERE id = {holder}"
+    );
+    t.core.db().execute_unprepared(&sql).await.unwrap();
+    t.core.start().await.unwrap();
+
+    let mut failed = Vec::new();
+    for (cmd, id) in &submitted {
+        let c = t.wait(*cmd).await;
+        if c.status == cloud48_core::model::CommandStatus::Failed {
+            failed.push((*id, c.error.unwrap()));
+        } else {
+            assert_eq!(c.status, cloud48_core::model::CommandStatus::Succeeded);
+            let ip = show(&t, *id).await.ip.unwrap();
+            assert!(ip == "10.0.4.2" || ip == "10.0.4.4", "{ip}");
+        }
+    }
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let (id, error) = &failed[0];
+    assert!(
+        error.contains(&format!(
+            "address 10.0.4.3, which container {holder} already holds"
+        )),
+        "{error}"
+    );
+    assert_eq!(show(&t, *id).await.status, ContainerStatus::Failed);
+    assert!(
+        t.core.queue().grouped_steps() > 0,
+        "the creates ran as a group"
+    );
+    assert_eq!(show(&t, holder).await.ip.as_deref(), Some("10.0.4.3"));
+    let guests = t.sim("sim-1").await.guests();
+    assert_eq!(guests.len(), 2, "the refused guest is gone: {guests:?}");
+}
+
 /// Regression (hardening): `GET /v1/containers` had no pagination (3.6 MB at 10,000
 /// containers). Every list is read in pages of at most 1,000, linked by `Link: rel="next"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

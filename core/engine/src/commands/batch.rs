@@ -258,7 +258,7 @@ async fn finish(
     let ok: Vec<&(i64, ServerId, Option<String>)> =
         made.iter().filter(|m| !lost.contains(&m.0)).collect();
     for chunk in ok.chunks(CHUNK) {
-        fill_many(&txn, chunk, status).await?;
+        fill_many(&txn, chunk, status, false).await?;
     }
     for id in &lost {
         failed.push((
@@ -316,11 +316,15 @@ fn shortfall(created: usize, failed: &[(i64, String)]) -> Option<String> {
 }
 
 /// One statement: each container gets its server, address and status, and is unlocked.
+/// Records made containers (id, server, address) with `status`, releasing their locks; returns
+/// how many rows it changed. `guarded`: a container whose address another live container holds
+/// is left unchanged (the caller compares the count and finds which, the slow way).
 pub(super) async fn fill_many(
     txn: &DatabaseTransaction,
     made: &[&(i64, ServerId, Option<String>)],
     status: ContainerStatus,
-) -> Result<(), DbErr> {
+    guarded: bool,
+) -> Result<u64, DbErr> {
     let rows: Vec<_> = made
         .iter()
         .map(|(id, server, ip)| vec![(*id).into(), (*server).into(), ip.clone().into()])
@@ -329,13 +333,20 @@ pub(super) async fn fill_many(
         crate::queue::store::rows_source(txn, &["BIGINT", "BIGINT", "TEXT"], rows, 3);
     params.insert(0, DbValue::String(Some(status.as_str().to_string())));
     params.insert(1, DbValue::BigInt(Some(now_ms())));
+    let guard = if guarded {
+        " AND (v.column3 IS NULL OR NOT EXISTS (SELECT 1 FROM containers o WHERE o.ip = v.column3 \
+         AND o.id <> v.column1 AND o.status NOT IN ('destroyed', 'failed')))"
+    } else {
+        ""
+    };
     let text = format!(
         "UPDATE containers SET server_id = v.column2, ip = v.column3, status = $1, locked_by = NULL, updated_at = $2 \
-         FROM {v} WHERE containers.id = v.column1"
+         FROM {v} WHERE containers.id = v.column1{guard}"
     );
-    txn.execute_raw(crate::queue::store::sql(txn, &text, params))
-        .await?;
-    Ok(())
+    Ok(txn
+        .execute_raw(crate::queue::store::sql(txn, &text, params))
+        .await?
+        .rows_affected())
 }
 
 /// A failing `container.create_many` gives back every reservation it holds and marks its

@@ -320,56 +320,83 @@ async fn make_placed(
                 Err(e) => sink.fail(i, driver_err(&server, e).to_string()),
             }
         }
+        // Two of the wave given one address: the later fails. An address another live
+        // container holds is caught by the guarded fill, which then changes fewer rows: the
+        // wave is rolled back, checked against the database, and committed without them.
         let addresses: Vec<(i64, Option<&str>)> =
             made.iter().map(|m| (m.1, m.4.as_deref())).collect();
-        let mut taken = super::taken_addresses(svc.db(), &addresses).await?;
-        made.retain(|m| match taken.remove(&m.1) {
-            Some(message) => {
-                sink.fail(m.0, message);
-                false
+        let (mut taken, _) = super::clashes_within(&addresses);
+        refuse(&mut made, &mut taken, sink);
+        while !made.is_empty() {
+            let txn = svc.db().begin().await?;
+            let ids: Vec<i64> = made.iter().map(|m| m.2.dummy_id).collect();
+            let deleted = placement::fill_dummies(&txn, &ids).await?;
+            if deleted != made.len() as u64 {
+                // Some dummy expired and was collected: each container takes its place alone.
+                txn.rollback().await?;
+                break;
             }
-            None => true,
-        });
-        if made.is_empty() {
-            continue;
-        }
-        let txn = svc.db().begin().await?;
-        let ids: Vec<i64> = made.iter().map(|m| m.2.dummy_id).collect();
-        let deleted = placement::fill_dummies(&txn, &ids).await?;
-        if deleted != made.len() as u64 {
-            // Some dummy expired and was collected: each container takes its place alone.
-            txn.rollback().await?;
-            continue;
-        }
-        for start in [true, false] {
-            let rows: Vec<(i64, ServerId, Option<String>)> = made
+            let mut filled = 0;
+            for start in [true, false] {
+                let rows: Vec<(i64, ServerId, Option<String>)> = made
+                    .iter()
+                    .filter(|m| m.3 == start)
+                    .map(|m| (m.1, m.2.server_id, m.4.clone()))
+                    .collect();
+                let status = if start {
+                    ContainerStatus::Running
+                } else {
+                    ContainerStatus::Stopped
+                };
+                for chunk in rows.chunks(CHUNK) {
+                    let chunk: Vec<_> = chunk.iter().collect();
+                    filled += fill_many(&txn, &chunk, status, true).await?;
+                }
+            }
+            if filled != made.len() as u64 {
+                txn.rollback().await?;
+                let addresses: Vec<(i64, Option<&str>)> =
+                    made.iter().map(|m| (m.1, m.4.as_deref())).collect();
+                let mut taken = super::taken_addresses(svc.db(), &addresses).await?;
+                if taken.is_empty() {
+                    return Err(StepError::Transient(
+                        "a container changed while its creation was being recorded".into(),
+                    ));
+                }
+                refuse(&mut made, &mut taken, sink);
+                continue;
+            }
+            // The fill released each container with its command's success.
+            let decisions = made
                 .iter()
-                .filter(|m| m.3 == start)
-                .map(|m| (m.1, m.2.server_id, m.4.clone()))
+                .map(|m| {
+                    (
+                        m.0,
+                        GroupNext::Done {
+                            result: json!({ "container_id": m.1 }),
+                            released: true,
+                        },
+                    )
+                })
                 .collect();
-            let status = if start {
-                ContainerStatus::Running
-            } else {
-                ContainerStatus::Stopped
-            };
-            for chunk in rows.chunks(CHUNK) {
-                fill_many(&txn, &chunk.iter().collect::<Vec<_>>(), status).await?;
-            }
+            sink.commit(Some(txn), decisions).await?;
+            break;
         }
-        // The fill released each container with its command's success.
-        let decisions = made
-            .iter()
-            .map(|m| {
-                (
-                    m.0,
-                    GroupNext::Done {
-                        result: json!({ "container_id": m.1 }),
-                        released: true,
-                    },
-                )
-            })
-            .collect();
-        sink.commit(Some(txn), decisions).await?;
     }
     Ok(())
+}
+
+/// Fails the commands of `made` whose container is in `taken`, with its message.
+fn refuse<T, U, V>(
+    made: &mut Vec<(usize, i64, T, U, V)>,
+    taken: &mut HashMap<i64, String>,
+    sink: &mut dyn GroupSink,
+) {
+    made.retain(|m| match taken.remove(&m.1) {
+        Some(message) => {
+            sink.fail(m.0, message);
+            false
+        }
+        None => true,
+    });
 }

@@ -184,19 +184,7 @@ pub(crate) async fn taken_addresses<C: sea_orm::ConnectionTrait>(
     made: &[(i64, Option<&str>)],
 ) -> Result<std::collections::HashMap<i64, String>, DbErr> {
     use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
-    let mut taken = std::collections::HashMap::new();
-    let mut first: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
-    for (id, ip) in made {
-        let Some(ip) = ip else { continue };
-        match first.entry(ip) {
-            std::collections::hash_map::Entry::Occupied(o) => {
-                taken.insert(*id, clash(*id, ip, *o.get()));
-            }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(*id);
-            }
-        }
-    }
+    let (mut taken, first) = clashes_within(made);
     let gone = [ContainerStatus::Destroyed, ContainerStatus::Failed].map(|s| s.as_str());
     let ips: Vec<&str> = first.keys().copied().collect();
     for chunk in ips.chunks(500) {
@@ -219,6 +207,30 @@ pub(crate) async fn taken_addresses<C: sea_orm::ConnectionTrait>(
         }
     }
     Ok(taken)
+}
+
+/// Of `made`, the containers given an address an earlier one of `made` took (with a message),
+/// and the first holder of each address.
+pub(crate) fn clashes_within<'a>(
+    made: &[(i64, Option<&'a str>)],
+) -> (
+    std::collections::HashMap<i64, String>,
+    std::collections::HashMap<&'a str, i64>,
+) {
+    let mut taken = std::collections::HashMap::new();
+    let mut first: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for (id, ip) in made {
+        let Some(ip) = ip else { continue };
+        match first.entry(ip) {
+            std::collections::hash_map::Entry::Occupied(o) => {
+                taken.insert(*id, clash(*id, ip, *o.get()));
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(*id);
+            }
+        }
+    }
+    (taken, first)
 }
 
 fn clash(id: i64, ip: &str, holder: i64) -> String {
