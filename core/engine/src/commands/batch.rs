@@ -334,10 +334,18 @@ pub(super) async fn fill_many(
     params.insert(0, DbValue::String(Some(status.as_str().to_string())));
     params.insert(1, DbValue::BigInt(Some(now_ms())));
     let guard = if guarded {
-        " AND (v.column3 IS NULL OR NOT EXISTS (SELECT 1 FROM containers o WHERE o.ip = v.column3 \
-         AND o.id <> v.column1 AND o.status NOT IN ('destroyed', 'failed')))"
+        // Probe the index by address: SQLite's planner has no statistics to go on.
+        let by_ip = if txn.get_database_backend() == sea_orm::DatabaseBackend::Sqlite {
+            " INDEXED BY containers_by_ip"
+        } else {
+            ""
+        };
+        format!(
+            " AND (v.column3 IS NULL OR NOT EXISTS (SELECT 1 FROM containers o{by_ip} \
+             WHERE o.ip = v.column3 AND o.id <> v.column1 AND o.status NOT IN ('destroyed', 'failed')))"
+        )
     } else {
-        ""
+        String::new()
     };
     let text = format!(
         "UPDATE containers SET server_id = v.column2, ip = v.column3, status = $1, locked_by = NULL, updated_at = $2 \
