@@ -1,5 +1,6 @@
 //! Benchmarks of the core under load, on the real `cloud48 serve` process with its default
-//! settings (SQLite, four simulated servers that keep their state on disk):
+//! settings (SQLite, simulated servers that keep their state on disk), but enough servers for
+//! the containers' addresses (each simulated server has 1,021):
 //! - `bench reads`: API reads while one batch creates 10,000 containers — read latency, and
 //!   whether a healthy server was ever seen down;
 //! - `bench restart`: `kill -9` with 10,000 commands in flight, then how long the new process
@@ -104,6 +105,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
         .unwrap_or_default()
 }
 
+/// Simulated servers enough for `count` containers' addresses.
+fn servers_for(count: usize) -> String {
+    count.div_ceil(1000).max(4).to_string()
+}
+
 /// Options of `bench reads`.
 #[derive(Debug, Clone, Args)]
 pub struct ReadsBenchArgs {
@@ -121,7 +127,8 @@ pub async fn reads(args: ReadsBenchArgs) -> Result<()> {
     for _ in 0..args.runs {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
-        let mut serve = Serve::spawn(&data, &[])?;
+        let servers = servers_for(args.count as usize);
+        let mut serve = Serve::spawn(&data, &["--sim-servers", &servers])?;
         serve.health(true).await?;
         let client = Client::new(&serve.url);
         let a: Accepted = client
@@ -157,7 +164,10 @@ pub async fn reads(args: ReadsBenchArgs) -> Result<()> {
         let elapsed = began.elapsed();
         let created = batch.result.as_ref().and_then(|r| r["created"].as_u64());
         if created != Some(args.count as u64) {
-            bail!("the batch did not create every container: {batch:?}");
+            bail!(
+                "the batch did not create every container: {}",
+                batch.error.as_deref().unwrap_or("no error")
+            );
         }
         took.sort();
         println!(
@@ -190,7 +200,8 @@ pub struct RestartBenchArgs {
 /// in flight), `kill -9`, a new process on the same data: time to listen, time to be ready.
 pub async fn restart(args: RestartBenchArgs) -> Result<()> {
     // Slow servers keep the commands in flight; the same flags after the restart.
-    let flags = ["--sim-latency-ms", "500"];
+    let servers = servers_for(args.count);
+    let flags = ["--sim-latency-ms", "500", "--sim-servers", &servers];
     for _ in 0..args.runs {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
