@@ -125,24 +125,6 @@ async fn submit_round(client: &Client, rng: &mut Rng, out: &mut Submitted) -> Ve
     round
 }
 
-/// Every guest on the simulated servers, read from their files as the servers read them.
-fn guests(data: &std::path::Path) -> Vec<cloud48_core::driver::sim::SimGuest> {
-    let mut files = BTreeSet::new();
-    for entry in std::fs::read_dir(data.join("sim")).unwrap() {
-        let path = entry.unwrap().path();
-        if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("json" | "journal")
-        ) {
-            files.insert(path.with_extension("json"));
-        }
-    }
-    files
-        .iter()
-        .flat_map(|f| cloud48_core::driver::sim::SimServer::guests_in(f).unwrap())
-        .collect()
-}
-
 async fn active(client: &Client) -> usize {
     let mut n = 0;
     for status in ["queued", "running", "waiting"] {
@@ -271,7 +253,7 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
     );
 
     // Nothing duplicated: one guest per live container, created once; no guest without one.
-    let on_servers = guests(&data);
+    let on_servers = crate::crash::sim_state(&data);
     let mut by_id: BTreeMap<&str, usize> = BTreeMap::new();
     for g in &on_servers {
         *by_id.entry(g.info.guest_id.as_str()).or_default() += 1;

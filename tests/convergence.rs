@@ -11,7 +11,7 @@ use cloud48_core::managers::{AddContainer, ContainerCommand};
 use cloud48_core::model::{Accepted, CommandStatus, Container, ContainerStatus, Environment};
 use cloud48_core::queue::CommandFilter;
 use proptest::prelude::*;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::common::{Opts, TestCore, eventually};
 
@@ -220,12 +220,7 @@ async fn run(history: Vec<Op>) {
         ..Default::default()
     };
     let t = TestCore::start(opts).await.unwrap();
-    let a: Accepted = t
-        .client
-        .post("/v1/environments", &json!({ "name": "web" }))
-        .await
-        .unwrap();
-    t.ok(a.command_id).await;
+    crate::environment::env(&t, "web").await;
     // Two tomcats to begin with: the second brings the balancer.
     let history: Vec<Op> = [Op::AddTomcat, Op::AddTomcat]
         .into_iter()

@@ -9,26 +9,31 @@ use serde_json::{Value, json};
 
 use crate::common::{ServeProcess, eventually};
 
-pub(crate) fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
-    let mut out = Vec::new();
-    // A server's state file, or only its journal before the first compaction.
-    let mut servers = std::collections::BTreeSet::new();
+/// Every guest on the simulated servers of a data directory, read from their files as the
+/// servers read them (a state file, or only its journal before the first compaction).
+pub(crate) fn sim_state(data: &std::path::Path) -> Vec<cloud48_core::driver::sim::SimGuest> {
+    let mut files = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(data.join("sim")).unwrap() {
         let path = entry.unwrap().path();
         if matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("json" | "journal")
         ) {
-            servers.insert(path.with_extension("json"));
+            files.insert(path.with_extension("json"));
         }
     }
-    for path in servers {
-        // Read as the simulated server reads it (its state file and its journal), unchanged.
-        for guest in cloud48_core::driver::sim::SimServer::guests_in(&path).unwrap() {
-            out.push((guest.info.guest_id, guest.operations));
-        }
-    }
-    out
+    files
+        .iter()
+        .flat_map(|f| cloud48_core::driver::sim::SimServer::guests_in(f).unwrap())
+        .collect()
+}
+
+/// Each guest's id and the operations it saw.
+pub(crate) fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
+    sim_state(data)
+        .into_iter()
+        .map(|g| (g.info.guest_id, g.operations))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

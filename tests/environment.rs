@@ -91,7 +91,7 @@ fn recording(log: &Arc<Mutex<Vec<String>>>) -> Vec<Arc<dyn ContainerType>> {
     .collect()
 }
 
-async fn env(t: &TestCore, name: &str) {
+pub(crate) async fn env(t: &TestCore, name: &str) {
     let a: Accepted = t
         .client
         .post("/v1/environments", &json!({ "name": name }))
