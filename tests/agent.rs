@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloud48_core::agent::AgentService;
-use cloud48_core::agent::protocol::{AgentInfo, Op, OpRequest, OpResponse};
-use cloud48_core::driver::conformance::{self, DriverFactory};
-use cloud48_core::driver::remote::{RemoteDriver, RemoteTimeouts};
-use cloud48_core::driver::sim::{SimLatency, SimServer};
-use cloud48_core::driver::{Driver, DriverError, GuestSpec};
-use cloud48_core::model::{Resources, ServerStatus};
+use cloud48_engine::agent::AgentService;
+use cloud48_engine::agent::protocol::{AgentInfo, Op, OpRequest, OpResponse};
+use cloud48_engine::driver::conformance::{self, DriverFactory};
+use cloud48_engine::driver::remote::{RemoteDriver, RemoteTimeouts};
+use cloud48_engine::driver::sim::{SimLatency, SimServer};
+use cloud48_engine::driver::{Driver, DriverError, GuestSpec};
+use cloud48_engine::model::{Resources, ServerStatus};
 use serde_json::json;
 
 use crate::common::{Opts, TestCore, eventually};
@@ -100,7 +100,7 @@ async fn cold_migration_pulls_the_disk_from_agent_to_agent() {
         disk,
         "b holds a's disk"
     );
-    let bogus = cloud48_core::driver::GuestImage {
+    let bogus = cloud48_engine::driver::GuestImage {
         type_id: String::new(),
         data: format!("cloud48-agent-image:[\"{url_a}\",\"no-such-export\"]").into_bytes(),
     };
@@ -292,7 +292,7 @@ async fn agents_register_by_heartbeat_and_by_server_add() {
     let tc = TestCore::start(agent_opts()).await.unwrap();
     let s1 = sim("node-1", Duration::ZERO);
     let (agent1, _) = serve_agent("node-1", s1.clone()).await;
-    let beats = tokio::spawn(cloud48_core::agent::heartbeats(
+    let beats = tokio::spawn(cloud48_engine::agent::heartbeats(
         agent1,
         tc.url.clone(),
         TOKEN.into(),
@@ -394,7 +394,7 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
         capabilities: sim("x", Duration::ZERO).capabilities(),
         labels: vec![],
     };
-    let stats = cloud48_core::driver::ServerStats {
+    let stats = cloud48_engine::driver::ServerStats {
         capacity: Resources {
             cpu_millis: 4000,
             memory_mb: 4096,
@@ -498,7 +498,9 @@ async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
         "the update still waits for the agent: {waiting:?}"
     );
     // The growth is held by a dummy while the guest is resized, so the ledger stays exact.
-    let audit = cloud48_core::placement::audit(tc.core.db()).await.unwrap();
+    let audit = cloud48_engine::placement::audit(tc.core.db())
+        .await
+        .unwrap();
     assert!(audit.is_empty(), "{audit:?}");
 }
 
@@ -512,7 +514,7 @@ impl DriverFactory for RemoteLinuxFactory {
     async fn make(&self, n: u32) -> RemoteDriver {
         let cfg = crate::linux::config(self.dir.path(), &self.prefix, 40, n);
         let name = cfg.name.clone();
-        let linux = cloud48_core::driver::linux::LinuxDriver::open(cfg)
+        let linux = cloud48_engine::driver::linux::LinuxDriver::open(cfg)
             .await
             .expect("the linux driver opens (run the tests as root)");
         let (_, url) = serve_agent(&name, Arc::new(linux)).await;

@@ -1,11 +1,11 @@
 //! The REST API: OpenAPI document, JSON errors naming the field, nothing half-applied.
 
-use cloud48_core::model::{Accepted, Command, CommandStatus, ContainerStatus};
+use cloud48_engine::model::{Accepted, Command, CommandStatus, ContainerStatus};
 use serde_json::{Value, json};
 
 use crate::common::{Opts, TestCore};
 use crate::container::act;
-use cloud48_core::managers::ContainerCommand;
+use cloud48_engine::managers::ContainerCommand;
 
 async fn raw(t: &TestCore, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
     let http = reqwest::Client::new();
@@ -372,8 +372,8 @@ async fn a_mutation_answers_202_at_once_and_the_wait_option_blocks_until_done() 
 async fn health_reports_readiness_and_needs_no_credentials() {
     let t = TestCore::start(Opts {
         paused: true,
-        auth: cloud48_core::auth::AuthConfig {
-            anonymous: cloud48_core::auth::Anonymous::None,
+        auth: cloud48_engine::auth::AuthConfig {
+            anonymous: cloud48_engine::auth::Anonymous::None,
             ..Default::default()
         },
         ..Opts::default()

@@ -4,12 +4,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use cloud48_core::auth::{
+use cloud48_core::cli::{Client, Credentials};
+use cloud48_engine::auth::{
     Anonymous, AuthConfig, AuthError, Authenticator, Family, Principal, Role, UserRecord,
 };
-use cloud48_core::cli::{Client, Credentials};
-use cloud48_core::model::{Accepted, Command};
-use cloud48_core::queue::Clock;
+use cloud48_engine::model::{Accepted, Command};
+use cloud48_engine::queue::Clock;
 use serde_json::json;
 
 use crate::common::{Opts, TestCore};
@@ -245,7 +245,7 @@ impl Clock for ManualClock {
 #[tokio::test]
 async fn an_expired_nonce_with_right_credentials_is_answered_stale() {
     let dir = tempfile::tempdir().unwrap();
-    let db = cloud48_core::core::connect(&cloud48_core::CoreConfig::new(dir.path()))
+    let db = cloud48_engine::core::connect(&cloud48_engine::CoreConfig::new(dir.path()))
         .await
         .unwrap();
     let clock = Arc::new(ManualClock(AtomicI64::new(1_000_000)));
@@ -332,7 +332,7 @@ async fn anonymous_users_cannot_export_or_read_logs_and_read_only_the_configured
         .core
         .containers()
         .create(
-            &cloud48_core::managers::CreateContainer {
+            &cloud48_engine::managers::CreateContainer {
                 type_id: "plain".into(),
                 server: None,
                 requirements: None,
@@ -347,7 +347,7 @@ async fn anonymous_users_cannot_export_or_read_logs_and_read_only_the_configured
         .core
         .containers()
         .run(
-            cloud48_core::managers::ContainerCommand::Stop {},
+            cloud48_engine::managers::ContainerCommand::Stop {},
             container,
             "test",
         )

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cloud48_core::cli::Client;
-use cloud48_core::model::{
+use cloud48_engine::model::{
     Accepted, Command, CommandStatus, Container, ContainerStatus, Resources,
 };
 use serde_json::{Value, json};

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud48_core::cli::Client;
-use cloud48_core::model::{Command, CommandStatus};
-use cloud48_core::types::ContainerType;
-use cloud48_core::{Core, CoreConfig};
+use cloud48_engine::model::{Command, CommandStatus};
+use cloud48_engine::types::ContainerType;
+use cloud48_engine::{Core, CoreConfig};
 use sea_orm::{ConnectionTrait, Database};
 
 /// How to build a test core.
@@ -20,13 +20,13 @@ pub struct Opts {
     pub workers: usize,
     pub types: Vec<Arc<dyn ContainerType>>,
     /// Access control; tests of other areas run with anonymous full access.
-    pub auth: cloud48_core::auth::AuthConfig,
+    pub auth: cloud48_engine::auth::AuthConfig,
     /// Health monitoring; off in the background unless a test turns it on.
-    pub health: cloud48_core::core::HealthConfig,
+    pub health: cloud48_engine::core::HealthConfig,
     /// Capacity of each simulated server (default: the core's).
-    pub capacity: Option<cloud48_core::model::Resources>,
+    pub capacity: Option<cloud48_engine::model::Resources>,
     /// The core's clock (default: the system clock).
-    pub clock: Option<Arc<dyn cloud48_core::queue::Clock>>,
+    pub clock: Option<Arc<dyn cloud48_engine::queue::Clock>>,
     /// The token node agents present (`agents.token`).
     pub agent_token: Option<String>,
     /// Address the API listens on (default 127.0.0.1, any port).
@@ -47,11 +47,11 @@ impl Default for Opts {
             max_attempts: 4,
             workers: 8,
             types: Vec::new(),
-            auth: cloud48_core::auth::AuthConfig {
-                anonymous: cloud48_core::auth::Anonymous::Full,
+            auth: cloud48_engine::auth::AuthConfig {
+                anonymous: cloud48_engine::auth::Anonymous::Full,
                 ..Default::default()
             },
-            health: cloud48_core::core::HealthConfig {
+            health: cloud48_engine::core::HealthConfig {
                 background: false,
                 ..Default::default()
             },
@@ -80,7 +80,7 @@ impl ManualClock {
     }
 }
 
-impl cloud48_core::queue::Clock for ManualClock {
+impl cloud48_engine::queue::Clock for ManualClock {
     fn now_ms(&self) -> i64 {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
@@ -168,7 +168,7 @@ impl TestCore {
                 .await
                 .unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = cloud48_core::api::router(core.clone());
+        let app = cloud48_api::router(core.clone());
         let server = tokio::spawn(async move {
             let _ = axum::serve(
                 listener,
@@ -223,7 +223,7 @@ impl TestCore {
     pub async fn addresses(&self, ids: &[i64]) -> Vec<String> {
         let mut out = Vec::new();
         for id in ids {
-            let c: cloud48_core::model::Container = self
+            let c: cloud48_engine::model::Container = self
                 .client
                 .get(&format!("/v1/containers/{id}"))
                 .await
@@ -235,7 +235,7 @@ impl TestCore {
     }
 
     /// The simulated server of a server name.
-    pub async fn sim(&self, name: &str) -> Arc<cloud48_core::driver::sim::SimServer> {
+    pub async fn sim(&self, name: &str) -> Arc<cloud48_engine::driver::sim::SimServer> {
         let s = self.core.servers().get(name).await.unwrap();
         self.core.fleet().sim(s.id).unwrap()
     }

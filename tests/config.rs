@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use cloud48_core::config::{Settings, Source};
+use cloud48_engine::config::{Settings, Source};
 
 use crate::common::{ServeProcess, binary};
 

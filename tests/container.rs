@@ -1,8 +1,8 @@
 //! Every container command on the sim driver, retries and failures.
 
-use cloud48_core::driver::{DriverError, GuestState};
-use cloud48_core::managers::{ContainerCommand, CreateContainer};
-use cloud48_core::model::{Accepted, Container, ContainerStatus, Requirements, Resources};
+use cloud48_engine::driver::{DriverError, GuestState};
+use cloud48_engine::managers::{ContainerCommand, CreateContainer};
+use cloud48_engine::model::{Accepted, Container, ContainerStatus, Requirements, Resources};
 use serde_json::json;
 
 use crate::common::{Opts, TestCore};
@@ -47,7 +47,7 @@ async fn every_container_command_works_on_the_sim_driver() {
     assert!(c.ip.is_some());
     let sim1 = t.sim("sim-1").await;
     let guest_state =
-        |sim: &cloud48_core::driver::sim::SimServer| sim.guest(&c.guest_id).map(|g| g.info.state);
+        |sim: &cloud48_engine::driver::sim::SimServer| sim.guest(&c.guest_id).map(|g| g.info.state);
     assert_eq!(guest_state(&sim1), Some(GuestState::Running));
 
     for (op, status, guest) in [
@@ -375,7 +375,7 @@ async fn an_unknown_container_status_is_an_error_that_names_the_container() {
     t.core.db().execute_unprepared(&sql).await.unwrap();
     t.core.queue().wake();
     let c = t.wait(900).await;
-    assert_eq!(c.status, cloud48_core::model::CommandStatus::Failed);
+    assert_eq!(c.status, cloud48_engine::model::CommandStatus::Failed);
     assert!(c.error.as_deref().unwrap().contains(&expected), "{c:?}");
     // Nothing was done to the guest.
     let guests: Vec<_> = t
@@ -418,7 +418,7 @@ async fn an_address_another_live_container_holds_is_never_given_twice() {
         .await
         .unwrap();
     let c = t.wait(a.command_id).await;
-    assert_eq!(c.status, cloud48_core::model::CommandStatus::Failed);
+    assert_eq!(c.status, cloud48_engine::model::CommandStatus::Failed);
     assert!(
         c.error.as_deref().unwrap().contains(&format!(
             "address 10.0.4.3, which container {first} already holds"
@@ -473,10 +473,10 @@ async fn creates_run_as_a_group_never_take_an_address_a_live_container_holds() {
     let mut failed = Vec::new();
     for (cmd, id) in &submitted {
         let c = t.wait(*cmd).await;
-        if c.status == cloud48_core::model::CommandStatus::Failed {
+        if c.status == cloud48_engine::model::CommandStatus::Failed {
             failed.push((*id, c.error.unwrap()));
         } else {
-            assert_eq!(c.status, cloud48_core::model::CommandStatus::Succeeded);
+            assert_eq!(c.status, cloud48_engine::model::CommandStatus::Succeeded);
             let ip = show(&t, *id).await.ip.unwrap();
             assert!(ip == "10.0.4.2" || ip == "10.0.4.4", "{ip}");
         }
@@ -549,10 +549,10 @@ async fn lists_are_read_in_bounded_pages_linked_by_their_link_header() {
         .to_str()
         .unwrap()
         .to_string();
-    let newest: Vec<cloud48_core::model::Command> = resp.json().await.unwrap();
+    let newest: Vec<cloud48_engine::model::Command> = resp.json().await.unwrap();
     assert_eq!(newest.len(), 3);
     assert!(link.contains(&format!("before={}", newest[2].id)), "{link}");
-    let servers: Vec<cloud48_core::model::Server> =
+    let servers: Vec<cloud48_engine::model::Server> =
         t.client.get_all("/v1/servers?limit=1").await.unwrap();
     assert_eq!(servers.len(), 3);
 }

@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use cloud48_core::core::HealthConfig;
-use cloud48_core::managers::{AddContainer, ContainerCommand};
-use cloud48_core::model::{Accepted, CommandStatus, Container, ContainerStatus, Environment};
-use cloud48_core::queue::CommandFilter;
+use cloud48_engine::core::HealthConfig;
+use cloud48_engine::managers::{AddContainer, ContainerCommand};
+use cloud48_engine::model::{Accepted, CommandStatus, Container, ContainerStatus, Environment};
+use cloud48_engine::queue::CommandFilter;
 use proptest::prelude::*;
 use serde_json::Value;
 

@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use cloud48_core::cli::Client;
-use cloud48_core::model::{Accepted, Command, CommandStatus, Container, Environment};
+use cloud48_engine::model::{Accepted, Command, CommandStatus, Container, Environment};
 use serde_json::{Value, json};
 
 use crate::common::{ServeProcess, eventually};
 
 /// Every guest on the simulated servers of a data directory, read from their files as the
 /// servers read them (a state file, or only its journal before the first compaction).
-pub(crate) fn sim_state(data: &std::path::Path) -> Vec<cloud48_core::driver::sim::SimGuest> {
+pub(crate) fn sim_state(data: &std::path::Path) -> Vec<cloud48_engine::driver::sim::SimGuest> {
     let mut files = std::collections::BTreeSet::new();
     for entry in std::fs::read_dir(data.join("sim")).unwrap() {
         let path = entry.unwrap().path();
@@ -24,7 +24,7 @@ pub(crate) fn sim_state(data: &std::path::Path) -> Vec<cloud48_core::driver::sim
     }
     files
         .iter()
-        .flat_map(|f| cloud48_core::driver::sim::SimServer::guests_in(f).unwrap())
+        .flat_map(|f| cloud48_engine::driver::sim::SimServer::guests_in(f).unwrap())
         .collect()
 }
 

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use cloud48_core::driver::conformance::{self, DriverFactory};
-use cloud48_core::driver::sim::{SimLatency, SimServer};
-use cloud48_core::driver::{Driver, DriverError, GuestSpec, GuestState};
-use cloud48_core::model::Resources;
+use cloud48_engine::driver::conformance::{self, DriverFactory};
+use cloud48_engine::driver::sim::{SimLatency, SimServer};
+use cloud48_engine::driver::{Driver, DriverError, GuestSpec, GuestState};
+use cloud48_engine::model::Resources;
 
 struct SimFactory;
 
@@ -57,13 +57,13 @@ async fn conformance_suite_catches_a_driver_that_is_not_idempotent() {
         fn kind(&self) -> &'static str {
             "strict"
         }
-        fn capabilities(&self) -> cloud48_core::driver::Capabilities {
+        fn capabilities(&self) -> cloud48_engine::driver::Capabilities {
             self.0.capabilities()
         }
         async fn create(
             &self,
             s: &GuestSpec,
-        ) -> Result<cloud48_core::driver::GuestInfo, DriverError> {
+        ) -> Result<cloud48_engine::driver::GuestInfo, DriverError> {
             if self.0.status(&s.guest_id).await?.is_some() {
                 return Err(DriverError::Permanent("exists".into()));
             }
@@ -90,14 +90,14 @@ async fn conformance_suite_catches_a_driver_that_is_not_idempotent() {
         async fn update(&self, g: &str, r: &Resources) -> Result<(), DriverError> {
             self.0.update(g, r).await
         }
-        async fn export(&self, g: &str) -> Result<cloud48_core::driver::GuestImage, DriverError> {
+        async fn export(&self, g: &str) -> Result<cloud48_engine::driver::GuestImage, DriverError> {
             self.0.export(g).await
         }
         async fn import(
             &self,
             s: &GuestSpec,
-            i: &cloud48_core::driver::GuestImage,
-        ) -> Result<cloud48_core::driver::GuestInfo, DriverError> {
+            i: &cloud48_engine::driver::GuestImage,
+        ) -> Result<cloud48_engine::driver::GuestInfo, DriverError> {
             self.0.import(s, i).await
         }
         async fn exec(
@@ -105,19 +105,19 @@ async fn conformance_suite_catches_a_driver_that_is_not_idempotent() {
             g: &str,
             s: &str,
             a: &[String],
-        ) -> Result<cloud48_core::driver::ExecOutput, DriverError> {
+        ) -> Result<cloud48_engine::driver::ExecOutput, DriverError> {
             self.0.exec(g, s, a).await
         }
         async fn status(
             &self,
             g: &str,
-        ) -> Result<Option<cloud48_core::driver::GuestInfo>, DriverError> {
+        ) -> Result<Option<cloud48_engine::driver::GuestInfo>, DriverError> {
             self.0.status(g).await
         }
-        async fn list(&self) -> Result<Vec<cloud48_core::driver::GuestInfo>, DriverError> {
+        async fn list(&self) -> Result<Vec<cloud48_engine::driver::GuestInfo>, DriverError> {
             self.0.list().await
         }
-        async fn stats(&self) -> Result<cloud48_core::driver::ServerStats, DriverError> {
+        async fn stats(&self) -> Result<cloud48_engine::driver::ServerStats, DriverError> {
             self.0.stats().await
         }
     }

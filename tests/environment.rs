@@ -2,12 +2,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use cloud48_core::managers::{AddContainer, ContainerCommand};
-use cloud48_core::model::{
+use cloud48_engine::managers::{AddContainer, ContainerCommand};
+use cloud48_engine::model::{
     Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources,
 };
-use cloud48_core::queue::CommandFilter;
-use cloud48_core::types::{ContainerType, Hook, HookContext, HookOutcome, TypeError, Verdict};
+use cloud48_engine::queue::CommandFilter;
+use cloud48_engine::types::{ContainerType, Hook, HookContext, HookOutcome, TypeError, Verdict};
 use serde_json::json;
 
 use crate::common::{Opts, TestCore};
@@ -255,7 +255,7 @@ async fn state_blobs_returned_by_hooks_are_persisted() {
         .unwrap();
     assert_eq!(c.state_bytes, 1);
     use sea_orm::EntityTrait;
-    let row = cloud48_core::entities::container::Entity::find_by_id(counter)
+    let row = cloud48_engine::entities::container::Entity::find_by_id(counter)
         .one(t.core.db())
         .await
         .unwrap()
@@ -356,7 +356,7 @@ async fn a_failing_member_fails_the_environment_operation_with_its_message() {
     t.sim(&server).await.fail_next(
         "stop",
         1,
-        cloud48_core::driver::DriverError::Permanent("stuck in D state".into()),
+        cloud48_engine::driver::DriverError::Permanent("stuck in D state".into()),
     );
     let a: Accepted = t
         .client
@@ -371,7 +371,7 @@ async fn a_failing_member_fails_the_environment_operation_with_its_message() {
 
 /// The sorted arguments of every nginx rewrite exec'd in container `id`, in order.
 async fn rewrites(t: &TestCore, id: i64) -> Vec<Vec<String>> {
-    let c: cloud48_core::model::Container =
+    let c: cloud48_engine::model::Container =
         t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
     let guest = t
         .sim(c.server.as_deref().unwrap())
@@ -427,7 +427,7 @@ async fn changes_made_while_the_balancer_is_stopped_converge_when_it_runs_again(
     let c = add(&t, "web", "tomcat").await;
     assert_eq!(
         c.status,
-        cloud48_core::model::CommandStatus::Succeeded,
+        cloud48_engine::model::CommandStatus::Succeeded,
         "{c:?}"
     );
     let t3 = added(&c);
@@ -439,7 +439,7 @@ async fn changes_made_while_the_balancer_is_stopped_converge_when_it_runs_again(
     let c = t.wait(a.command_id).await;
     assert_eq!(
         c.status,
-        cloud48_core::model::CommandStatus::Succeeded,
+        cloud48_engine::model::CommandStatus::Succeeded,
         "{c:?}"
     );
     assert_eq!(
@@ -482,12 +482,12 @@ async fn changes_made_while_the_balancer_is_stopped_converge_when_it_runs_again(
     t.sim(&lb_server).await.fail_next(
         "exec",
         1,
-        cloud48_core::driver::DriverError::Permanent("disk full".into()),
+        cloud48_engine::driver::DriverError::Permanent("disk full".into()),
     );
     let start = t
         .wait(crate::container::act(&t, lb, ContainerCommand::Start {}).await)
         .await;
-    assert_eq!(start.status, cloud48_core::model::CommandStatus::Failed);
+    assert_eq!(start.status, cloud48_engine::model::CommandStatus::Failed);
     let error = start.error.unwrap();
     assert!(
         error.contains("disk full") && error.contains("stays pending"),

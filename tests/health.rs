@@ -4,13 +4,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cloud48_core::core::HealthConfig;
-use cloud48_core::model::{
+use cloud48_engine::core::HealthConfig;
+use cloud48_engine::model::{
     Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources,
     ServerStatus,
 };
-use cloud48_core::queue::CommandFilter;
-use cloud48_core::types::{ContainerType, Hook, HookContext, HookOutcome, TypeError};
+use cloud48_engine::queue::CommandFilter;
+use cloud48_engine::types::{ContainerType, Hook, HookContext, HookOutcome, TypeError};
 use serde_json::{Value, json};
 
 use crate::common::{ManualClock, Opts, TestCore, eventually};
@@ -42,7 +42,7 @@ impl ContainerType for Phoenix {
         let mut out = HookOutcome::allow();
         if matches!(hook, Hook::IsDown(_)) {
             out.actions
-                .push(cloud48_core::types::HookAction::ReplaceContainer(
+                .push(cloud48_engine::types::HookAction::ReplaceContainer(
                     ctx.container.id,
                 ));
         }
@@ -327,7 +327,7 @@ async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_t
     })
     .await;
     assert!(
-        cloud48_core::placement::audit(t.core.db())
+        cloud48_engine::placement::audit(t.core.db())
             .await
             .unwrap()
             .is_empty()
@@ -368,11 +368,11 @@ async fn every_member_hears_after_cc_start_and_before_cc_stop() {
     );
 
     // A new core on the same data: every member hears that the core started.
-    let mut config = cloud48_core::CoreConfig::new(t._dir.path());
+    let mut config = cloud48_engine::CoreConfig::new(t._dir.path());
     config.sim_servers = 3;
     config.health.background = false;
     config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
-    let again = cloud48_core::Core::open(config).await.unwrap();
+    let again = cloud48_engine::Core::open(config).await.unwrap();
     again.types().register(Arc::new(Watched(log.clone())));
     log.lock().unwrap().clear();
     again.start().await.unwrap();
@@ -479,7 +479,7 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
         "the other member is untouched"
     );
     assert!(
-        cloud48_core::placement::audit(t.core.db())
+        cloud48_engine::placement::audit(t.core.db())
             .await
             .unwrap()
             .is_empty()

@@ -5,10 +5,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cloud48_core::driver::conformance::{self, DriverFactory};
-use cloud48_core::driver::linux::{self, LinuxConfig, LinuxDriver};
-use cloud48_core::driver::{Driver, DriverError, GuestSpec, GuestState};
-use cloud48_core::model::Resources;
+use cloud48_engine::driver::conformance::{self, DriverFactory};
+use cloud48_engine::driver::linux::{self, LinuxConfig, LinuxDriver};
+use cloud48_engine::driver::{Driver, DriverError, GuestSpec, GuestState};
+use cloud48_engine::model::Resources;
 
 /// Removes every process, cgroup, namespace and bridge of the drivers `{prefix}{n}` (n < 10)
 /// when dropped.
@@ -309,7 +309,7 @@ fn procs(group: &str, guest: &str) -> String {
 
 #[tokio::test]
 async fn stop_is_graceful_then_forced() {
-    use cloud48_core::driver::linux::templates::Template;
+    use cloud48_engine::driver::linux::templates::Template;
     let prefix = unique_prefix('s');
     let _sweep = Sweep {
         prefix: prefix.clone(),
@@ -358,7 +358,7 @@ async fn stop_is_graceful_then_forced() {
 
 #[test]
 fn templates_come_from_toml_and_bad_ones_are_refused() {
-    use cloud48_core::driver::linux::templates::parse_templates;
+    use cloud48_engine::driver::linux::templates::parse_templates;
     let t = parse_templates("[redis]\ncommand = [\"redis-server\"]\nprivate_dirs = [\"/var/lib/redis\"]\nready_port = 6379\nfiles = { \"/var/lib/redis/x\" = \"y\" }\n").unwrap();
     assert_eq!(t["redis"].ready_port, Some(6379));
     for (bad, why) in [
@@ -387,7 +387,7 @@ async fn linux_driver_refuses_what_it_cannot_do() {
     };
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), &prefix, 30, 0);
-    let missing = cloud48_core::driver::linux::templates::Template {
+    let missing = cloud48_engine::driver::linux::templates::Template {
         command: vec!["c48-missing-program".into()],
         private_dirs: vec![],
         files: Default::default(),

@@ -5,12 +5,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use cloud48_core::managers::{ContainerCommand, CreateContainer};
-use cloud48_core::model::{
+use cloud48_engine::managers::{ContainerCommand, CreateContainer};
+use cloud48_engine::model::{
     Accepted, CommandStatus, Container, ContainerStatus, Environment, Requirements, Resources,
     Server,
 };
-use cloud48_core::placement::{self, Candidate, PlaceRequest, Weights, decide, score};
+use cloud48_engine::placement::{self, Candidate, PlaceRequest, Weights, decide, score};
 use proptest::prelude::*;
 use sea_orm::TransactionTrait;
 use serde_json::{Value, json};
@@ -372,7 +372,7 @@ async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alo
     t.sim("sim-3").await.fail_next(
         "create",
         1,
-        cloud48_core::driver::DriverError::Permanent("disk broken".into()),
+        cloud48_engine::driver::DriverError::Permanent("disk broken".into()),
     );
     t.core.start().await.unwrap();
 
@@ -473,7 +473,7 @@ async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_ba
         t.sim(name).await.fail_next(
             "create",
             1,
-            cloud48_core::driver::DriverError::Permanent("disk broken".into()),
+            cloud48_engine::driver::DriverError::Permanent("disk broken".into()),
         );
     }
     let batch = create(
@@ -577,16 +577,16 @@ async fn spread_keeps_members_of_a_type_on_different_servers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_dummies_and_those_of_finished_commands_are_collected() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = cloud48_core::CoreConfig::new(dir.path());
+    let mut config = cloud48_engine::CoreConfig::new(dir.path());
     config.sim_servers = 2;
     config.health.background = false;
     config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
     // Opened, not started: commands stay queued until `start`.
-    let core = cloud48_core::Core::open(config).await.unwrap();
+    let core = cloud48_engine::Core::open(config).await.unwrap();
     let live = core
         .queue()
-        .enqueue(cloud48_core::queue::NewCommand {
-            kind: cloud48_core::model::CommandKind::Noop,
+        .enqueue(cloud48_engine::queue::NewCommand {
+            kind: cloud48_engine::model::CommandKind::Noop,
             target: None,
             params: Value::Null,
             requested_by: "test".into(),
@@ -1058,7 +1058,7 @@ async fn export_and_import_move_a_container_between_platforms_with_its_origin() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rebalancer_moves_a_bounded_number_of_containers_off_the_fullest_server() {
-    let health = cloud48_core::core::HealthConfig {
+    let health = cloud48_engine::core::HealthConfig {
         background: false,
         rebalance_spread: 20,
         rebalance_batch: 2,

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use cloud48_core::cli::Client;
-use cloud48_core::model::{Accepted, Command, CommandStatus, Container, Environment};
-use cloud48_core::plugins::PluginInfo;
+use cloud48_engine::model::{Accepted, Command, CommandStatus, Container, Environment};
+use cloud48_engine::plugins::PluginInfo;
 use serde_json::{Value, json};
 
 use crate::common::{Opts, ServeProcess, TestCore, cli};
@@ -16,7 +16,7 @@ fn test_plugin(dir: &str, name: &str) -> Vec<u8> {
 }
 
 fn hostile() -> Vec<u8> {
-    test_plugin(cloud48_core::plugins::TEST_PLUGINS, "hostile")
+    test_plugin(cloud48_engine::plugins::TEST_PLUGINS, "hostile")
 }
 
 async fn install(t: &TestCore, wasm: Vec<u8>) -> anyhow::Result<PluginInfo> {
@@ -243,7 +243,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let err = install(
         &t,
-        test_plugin(cloud48_core::plugins::TEST_PLUGINS_FUTURE, "hostile"),
+        test_plugin(cloud48_engine::plugins::TEST_PLUGINS_FUTURE, "hostile"),
     )
     .await
     .unwrap_err()
@@ -256,7 +256,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     );
     let err = install(
         &t,
-        test_plugin(cloud48_core::plugins::TEST_PLUGINS, "hostile_import"),
+        test_plugin(cloud48_engine::plugins::TEST_PLUGINS, "hostile_import"),
     )
     .await
     .unwrap_err()
@@ -273,7 +273,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     assert!(err.contains("not a valid WASM component"), "{err}");
     let err = install(
         &t,
-        test_plugin(cloud48_core::plugins::TEST_PLUGINS, "tomcat"),
+        test_plugin(cloud48_engine::plugins::TEST_PLUGINS, "tomcat"),
     )
     .await
     .unwrap_err()
@@ -301,7 +301,7 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
         .await
         .unwrap();
     let id = t.created(a.command_id).await;
-    let newer = test_plugin(cloud48_core::plugins::TEST_PLUGINS_NEWER, "hostile");
+    let newer = test_plugin(cloud48_engine::plugins::TEST_PLUGINS_NEWER, "hostile");
     let err = t
         .client
         .send_wasm::<PluginInfo>(reqwest::Method::PUT, "/v1/plugins/tomcat", newer.clone())
@@ -322,7 +322,7 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
     let c: Container = t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
     assert_eq!(c.type_id, "hostile@0.1.1");
     use sea_orm::EntityTrait;
-    let row = cloud48_core::entities::container::Entity::find_by_id(id)
+    let row = cloud48_engine::entities::container::Entity::find_by_id(id)
         .one(t.core.db())
         .await
         .unwrap()
@@ -438,13 +438,13 @@ async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_dupli
 
 #[test]
 fn the_sdk_harness_runs_the_seed_scenario_against_the_compiled_plugins() {
-    use cloud48_core::plugins::harness::WasmHooks;
+    use cloud48_engine::plugins::harness::WasmHooks;
     use cloud48_sdk::testing::Platform;
-    let host = cloud48_core::plugins::PluginHost::new(None, Default::default()).unwrap();
+    let host = cloud48_engine::plugins::PluginHost::new(None, Default::default()).unwrap();
     let mut hooks = WasmHooks::default();
     for name in ["tomcat", "balancer", "mysql"] {
         hooks = hooks.with(
-            host.load(&test_plugin(cloud48_core::plugins::TEST_PLUGINS, name))
+            host.load(&test_plugin(cloud48_engine::plugins::TEST_PLUGINS, name))
                 .unwrap(),
         );
     }
@@ -518,7 +518,7 @@ fn plugin_test_runs_scenario_files_and_fails_on_a_broken_expectation() {
     let dir = tempfile::tempdir().unwrap();
     let balancer = format!(
         "{}/cloud48_plugin_balancer.wasm",
-        cloud48_core::plugins::TEST_PLUGINS
+        cloud48_engine::plugins::TEST_PLUGINS
     );
     std::fs::write(
         dir.path().join("seed.toml"),
@@ -599,8 +599,8 @@ async fn compiled_plugins_are_cached_and_a_corrupt_cache_entry_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     let host =
-        cloud48_core::plugins::PluginHost::new(Some(cache.clone()), Default::default()).unwrap();
-    let wasm = test_plugin(cloud48_core::plugins::TEST_PLUGINS, "mysql");
+        cloud48_engine::plugins::PluginHost::new(Some(cache.clone()), Default::default()).unwrap();
+    let wasm = test_plugin(cloud48_engine::plugins::TEST_PLUGINS, "mysql");
     host.load(&wasm).unwrap();
     let entries: Vec<_> = std::fs::read_dir(&cache)
         .unwrap()
@@ -645,9 +645,9 @@ fn hex_sha256(bytes: &[u8]) -> String {
 async fn bundled_plugins_are_installed_on_the_first_start_only() {
     let dir = tempfile::tempdir().unwrap();
     let open = || {
-        let mut c = cloud48_core::CoreConfig::new(dir.path());
+        let mut c = cloud48_engine::CoreConfig::new(dir.path());
         c.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
-        cloud48_core::Core::open(c)
+        cloud48_engine::Core::open(c)
     };
     let core = open().await.unwrap();
     assert_eq!(core.plugins().list().await.unwrap().len(), 3);

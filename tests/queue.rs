@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cloud48_core::entities::command;
-use cloud48_core::managers::{ContainerCommand, CreateContainer};
-use cloud48_core::model::{CommandStatus, ContainerStatus};
-use cloud48_core::queue::{
+use cloud48_engine::entities::command;
+use cloud48_engine::managers::{ContainerCommand, CreateContainer};
+use cloud48_engine::model::{CommandStatus, ContainerStatus};
+use cloud48_engine::queue::{
     NewCommand, Next, Queue, QueueConfig, Runner, StepError, SystemClock, Transition,
 };
 use serde_json::Value;
@@ -106,7 +106,7 @@ async fn parent_child(pg: bool) {
             .environments()
             .add(
                 "fam",
-                &cloud48_core::managers::AddContainer {
+                &cloud48_engine::managers::AddContainer {
                     type_id: "plain".into(),
                     requirements: None,
                     server: None,
@@ -120,14 +120,14 @@ async fn parent_child(pg: bool) {
     let stop = t
         .core
         .environments()
-        .run(cloud48_core::managers::EnvironmentOp::Stop, "fam", "test")
+        .run(cloud48_engine::managers::EnvironmentOp::Stop, "fam", "test")
         .await
         .unwrap();
     let parent = t.ok(stop).await;
     let children = t
         .core
         .queue()
-        .list(&cloud48_core::queue::CommandFilter {
+        .list(&cloud48_engine::queue::CommandFilter {
             parent: Some(stop),
             ..Default::default()
         })
@@ -207,9 +207,9 @@ async fn cancellation(pg: bool) {
 /// A scratch PostgreSQL database with the schema, for several queues to share.
 async fn shared_postgres() -> Option<(PgDb, sea_orm::DatabaseConnection)> {
     let pg = PgDb::create().await?;
-    let mut config = cloud48_core::CoreConfig::new(tempfile::tempdir().unwrap().path());
+    let mut config = cloud48_engine::CoreConfig::new(tempfile::tempdir().unwrap().path());
     config.database_url = Some(pg.url.clone());
-    let db = cloud48_core::core::connect(&config).await.unwrap();
+    let db = cloud48_engine::core::connect(&config).await.unwrap();
     Some((pg, db))
 }
 
@@ -269,7 +269,7 @@ async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
         let q = &queues[i % 3];
         ids.push(
             q.enqueue(NewCommand {
-                kind: cloud48_core::model::CommandKind::Noop,
+                kind: cloud48_engine::model::CommandKind::Noop,
                 target: None,
                 params: Value::Null,
                 requested_by: "test".into(),
@@ -305,7 +305,7 @@ async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
 async fn an_unreadable_command_fails_with_an_error_that_names_it() {
     use sea_orm::ConnectionTrait;
     let t = TestCore::start(Opts::default()).await.unwrap();
-    let a: cloud48_core::model::Accepted = t
+    let a: cloud48_engine::model::Accepted = t
         .client
         .post("/v1/containers", &serde_json::json!({ "type": "plain" }))
         .await
@@ -417,7 +417,7 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
 
     // The container was not touched.
     let c = t.core.containers().get_by_id(container).await.unwrap();
-    assert_eq!(c.status, cloud48_core::model::ContainerStatus::Running);
+    assert_eq!(c.status, cloud48_engine::model::ContainerStatus::Running);
 }
 
 /// A runner whose steps never finish: a core that hangs or died mid-command.
@@ -449,7 +449,7 @@ async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core()
     dead.start(Arc::new(Hang), false).await.unwrap();
     let id = dead
         .enqueue(NewCommand {
-            kind: cloud48_core::model::CommandKind::Noop,
+            kind: cloud48_engine::model::CommandKind::Noop,
             target: None,
             params: Value::Null,
             requested_by: "test".into(),
@@ -500,7 +500,7 @@ async fn submission_order(pg: bool) {
     let (id, _) = running_container(&t).await;
     let mut last = 0;
     for mem in 300..308 {
-        let resources = cloud48_core::model::Resources {
+        let resources = cloud48_engine::model::Resources {
             cpu_millis: 500,
             memory_mb: mem,
             disk_mb: 1024,
@@ -521,7 +521,7 @@ async fn submission_order(pg: bool) {
     let cmds = t
         .core
         .queue()
-        .list(&cloud48_core::queue::CommandFilter {
+        .list(&cloud48_engine::queue::CommandFilter {
             target_id: Some(id),
             target_type: Some("container".into()),
             ..Default::default()
@@ -555,7 +555,7 @@ async fn long_polls_are_capped_per_client_and_woken_by_their_commands_end() {
     .await
     .unwrap();
     // Queued and never run: the core's queue is not started.
-    let a: cloud48_core::model::Accepted = t
+    let a: cloud48_engine::model::Accepted = t
         .client
         .post("/v1/environments", &serde_json::json!({ "name": "idle" }))
         .await

@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use cloud48_core::core::HealthConfig;
-use cloud48_core::model::Accepted;
-use cloud48_core::model::{Container, ContainerStatus, Environment};
+use cloud48_engine::core::HealthConfig;
+use cloud48_engine::model::Accepted;
+use cloud48_engine::model::{Container, ContainerStatus, Environment};
 use serde_json::json;
 
 use crate::agent::TOKEN;
@@ -243,7 +243,7 @@ async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
     t.ok(crate::container::act(
         &t,
         lb3.id,
-        cloud48_core::managers::ContainerCommand::Stop {},
+        cloud48_engine::managers::ContainerCommand::Stop {},
     )
     .await)
         .await;
@@ -265,7 +265,7 @@ async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
     t.ok(crate::container::act(
         &t,
         lb3.id,
-        cloud48_core::managers::ContainerCommand::Start {},
+        cloud48_engine::managers::ContainerCommand::Start {},
     )
     .await)
         .await;

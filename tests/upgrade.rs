@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use cloud48_core::cli::Client;
-use cloud48_core::model::{Command, CommandStatus, Container, ContainerStatus, Environment};
+use cloud48_engine::model::{Command, CommandStatus, Container, ContainerStatus, Environment};
 
 use crate::common::{ServeProcess, eventually};
 use crate::crash::sim_guests;

@@ -6,9 +6,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::cli::output;
-use crate::core::{Core, CoreConfig};
-use crate::managers::AddContainer;
-use crate::model::CommandStatus;
+use cloud48_engine::core::{Core, CoreConfig};
+use cloud48_engine::managers::AddContainer;
+use cloud48_engine::model::CommandStatus;
 
 async fn finish(core: &Core, id: i64, what: &str) -> Result<serde_json::Value> {
     let cmd = core.queue().wait(id, Duration::from_secs(60)).await?;

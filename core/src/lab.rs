@@ -65,7 +65,7 @@ impl Lab {
         let lan = format!("{prefix}lan");
         // Leftovers of a run that was killed before it could clean up.
         for i in 1..=hosts {
-            crate::driver::linux::sweep(&format!("{prefix}{i}"), &[]);
+            cloud48_engine::driver::linux::sweep(&format!("{prefix}{i}"), &[]);
             let _ = ip(&["netns", "del", &lab.netns(i)]);
         }
         let _ = ip(&["link", "del", &lan]);
@@ -157,7 +157,7 @@ impl Lab {
     /// host of its own.
     pub async fn start_agents_for_the_seed(
         &mut self,
-        core: &crate::Core,
+        core: &cloud48_engine::Core,
         core_url: &str,
     ) -> Result<(), String> {
         for (hosts, total) in [([3, 4], 2), ([1, 2], 4)] {
@@ -169,7 +169,7 @@ impl Lab {
                 let servers = core.servers().list().await.map_err(|e| e.to_string())?;
                 if servers
                     .iter()
-                    .filter(|s| s.status == crate::model::ServerStatus::Up)
+                    .filter(|s| s.status == cloud48_engine::model::ServerStatus::Up)
                     .count()
                     >= total
                 {
@@ -217,7 +217,7 @@ impl Drop for Lab {
             }
         }
         for i in 1..=self.hosts {
-            crate::driver::linux::sweep(&format!("{}{i}", self.prefix), &[]);
+            cloud48_engine::driver::linux::sweep(&format!("{}{i}", self.prefix), &[]);
             let _ = ip(&["route", "del", &subnet(i)]);
             let _ = ip(&["netns", "del", &self.netns(i)]);
         }

@@ -1,8 +1,7 @@
 //! Cloud48's command line (`cloud48`): the CLI and its HTTP client, `serve`, and the developer
 //! tools (benchmarks, the demo, the lab of real servers) behind the `dev` feature.
-//!
-//! For the tests and tools its root re-exports the engine's modules and the API under the paths
-//! they had before the engine had a crate of its own. See `ARCHITECTURE.md`.
+//! The engine, the API and the crates below them are used by their own names
+//! (`cloud48_engine`, `cloud48_api`, ...). See `ARCHITECTURE.md`.
 
 #[cfg(feature = "dev")]
 pub mod bench;
@@ -12,9 +11,3 @@ pub mod demo;
 #[cfg(feature = "dev")]
 pub mod lab;
 pub mod scaffold;
-
-pub use cloud48_api as api;
-pub use cloud48_engine::{
-    Core, CoreConfig, CoreError, agent, agents, auth, collector, commands, config, core, driver,
-    entities, fleet, health, managers, model, placement, plugins, queue, rebalance, types,
-};

@@ -120,7 +120,7 @@ expect_state = { id = 1, pointer = "/seen", value = [2] }
 
 /// Creates the crate; prints the next steps.
 pub fn new_plugin(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Result<()> {
-    crate::model::validate_name(name).map_err(anyhow::Error::msg)?;
+    cloud48_engine::model::validate_name(name).map_err(anyhow::Error::msg)?;
     let dir = dir.unwrap_or_else(|| PathBuf::from(name));
     if dir.exists() {
         bail!("{} exists already; choose another --dir", dir.display());

@@ -10,10 +10,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use sea_orm::{ConnectionTrait, Statement};
 
-use crate::auth::{Anonymous, AuthConfig, Role, UserRecord};
 use crate::cli::{Client, Credentials};
-use crate::core::{Core, CoreConfig};
-use crate::model::{Accepted, Resources};
+use cloud48_engine::auth::{Anonymous, AuthConfig, Role, UserRecord};
+use cloud48_engine::core::{Core, CoreConfig};
+use cloud48_engine::model::{Accepted, Resources};
 
 /// Options of `bench api`.
 #[derive(Debug, Clone, Args)]
@@ -92,7 +92,7 @@ pub async fn run(args: &ApiBenchArgs) -> Result<ApiBenchReport> {
     core.start().await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let app = crate::api::router(core.clone());
+    let app = cloud48_api::router(core.clone());
     let server = tokio::spawn(async move {
         let _ = axum::serve(
             listener,

@@ -15,7 +15,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::cli::Client;
-use crate::model::{Accepted, Command};
+use cloud48_engine::model::{Accepted, Command};
 
 /// Requirements small enough that every container of a large run fits the default servers.
 fn tiny() -> Value {

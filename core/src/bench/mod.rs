@@ -7,8 +7,8 @@ use clap::Args;
 use sea_orm::{ConnectionTrait, Database, Statement, TransactionTrait};
 use serde_json::Value;
 
-use crate::core::{Core, CoreConfig};
-use crate::queue::NewCommand;
+use cloud48_engine::core::{Core, CoreConfig};
+use cloud48_engine::queue::NewCommand;
 
 pub mod api;
 pub mod load;
@@ -93,7 +93,7 @@ async fn queue_case(
     core.start().await?;
     let started = Instant::now();
     let noop = NewCommand {
-        kind: crate::model::CommandKind::Noop,
+        kind: cloud48_engine::model::CommandKind::Noop,
         target: None,
         params: Value::Null,
         requested_by: "bench".into(),
@@ -143,12 +143,12 @@ pub struct HooksBenchArgs {
 /// Runs the hook dispatch benchmark: the bundled balancer's `after-other-is-added` (fresh
 /// instance + call + state in and out, as the core does for every hook).
 pub fn hooks(args: HooksBenchArgs) -> Result<()> {
-    use crate::model::ContainerStatus;
-    use crate::plugins::{Limits, PluginHost};
-    use crate::types::{ContainerType, EnvironmentView, Hook, HookContext, MemberView};
+    use cloud48_engine::model::ContainerStatus;
+    use cloud48_engine::plugins::{Limits, PluginHost};
+    use cloud48_engine::types::{ContainerType, EnvironmentView, Hook, HookContext, MemberView};
 
     let host = PluginHost::new(None, Limits::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let wasm = crate::plugins::BUNDLED
+    let wasm = cloud48_engine::plugins::BUNDLED
         .iter()
         .find(|(n, _)| *n == "balancer")
         .context("balancer is bundled")?
@@ -298,7 +298,7 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
 }
 
 async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
-    use crate::model::{Requirements, Resources};
+    use cloud48_engine::model::{Requirements, Resources};
 
     let database = if config.database_url.is_some() {
         "postgresql"
@@ -332,7 +332,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     let requirements = serde_json::to_string(&req)?;
     let mut left = if args.batch > 1 { 0 } else { args.creates };
     if args.batch > 1 {
-        let create = crate::managers::CreateContainer {
+        let create = cloud48_engine::managers::CreateContainer {
             type_id: "tomcat".into(),
             server: None,
             requirements: Some(req.clone()),
@@ -357,7 +357,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
         // holds SQLite's only connection.
         let rows: Vec<_> = (0..n)
             .map(|_| {
-                crate::managers::creating_row(
+                cloud48_engine::managers::creating_row(
                     core.services(),
                     ty.type_id(),
                     ty.as_ref(),
@@ -402,7 +402,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     let (min, max) = spread.iter().fold((u64::MAX, 0), |(lo, hi), c| {
         (lo.min(c.containers), hi.max(c.containers))
     });
-    let audit = crate::placement::audit(db).await?;
+    let audit = cloud48_engine::placement::audit(db).await?;
     let grouped = core.queue().grouped_steps();
     println!(
         "{database}: {} placements/s: {} creates ({}) on {} servers in {:.2} s (submission {:.2} s), {} not running; decision p50 {:.1} µs, p99 {:.1} µs; containers per server {}..{}; {} steps ran in groups; ledger {}",
@@ -442,24 +442,30 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
 /// transaction: the bench's bulk submitter.
 async fn submit_creates(
     core: Core,
-    rows: Vec<crate::entities::container::ActiveModel>,
+    rows: Vec<cloud48_engine::entities::container::ActiveModel>,
 ) -> Result<()> {
-    use crate::queue::Target;
+    use cloud48_engine::queue::Target;
     use sea_orm::EntityTrait;
     let txn = core.db().begin().await?;
     // Without RETURNING: the ids are read back as one row below.
-    crate::entities::container::Entity::insert_many(rows)
+    cloud48_engine::entities::container::Entity::insert_many(rows)
         .exec_without_returning(&txn)
         .await?;
-    let ids: Vec<(i64,)> =
-        crate::queue::store::json_rows(&txn, "id", "containers WHERE guest_id = ''", vec![])
-            .await?;
+    let ids: Vec<(i64,)> = cloud48_engine::queue::store::json_rows(
+        &txn,
+        "id",
+        "containers WHERE guest_id = ''",
+        vec![],
+    )
+    .await?;
     let commands = ids
         .iter()
         .map(|(id,)| NewCommand {
-            kind: crate::model::CommandKind::ContainerCreate,
+            kind: cloud48_engine::model::CommandKind::ContainerCreate,
             target: Some(Target::Container(*id)),
-            params: crate::commands::params::to_value(crate::commands::params::Create::on(None)),
+            params: cloud48_engine::commands::params::to_value(
+                cloud48_engine::commands::params::Create::on(None),
+            ),
             requested_by: "bench".into(),
         })
         .collect();
@@ -467,7 +473,7 @@ async fn submit_creates(
     // Each container gets its guest id and is locked by its create from the start, in one
     // statement (a create made by the manager takes its lock when it first runs).
     let pairs: Vec<(i64, i64)> = ids.iter().map(|(id,)| *id).zip(command_ids).collect();
-    crate::managers::name_and_lock(&txn, core.platform_name(), &pairs).await?;
+    cloud48_engine::managers::name_and_lock(&txn, core.platform_name(), &pairs).await?;
     txn.commit().await?;
     core.queue().wake();
     Ok(())
@@ -488,8 +494,8 @@ pub struct FailoverBenchArgs {
 /// balancer's server to a replacement balancer that is running with every tomcat registered
 /// (its nginx rewrite exec'd).
 pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
-    use crate::managers::AddContainer;
-    use crate::model::ContainerStatus;
+    use cloud48_engine::managers::AddContainer;
+    use cloud48_engine::model::ContainerStatus;
 
     let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
     let mut config = CoreConfig::new(dir.path());
@@ -596,8 +602,8 @@ pub struct LinuxBenchArgs {
 /// containers per second with several in flight, and a cold migration of a container with a
 /// large directory to a second driver (export, transfer as one archive, import, start).
 pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
-    use crate::driver::Driver;
-    use crate::driver::linux::{LinuxConfig, LinuxDriver, sweep};
+    use cloud48_engine::driver::Driver;
+    use cloud48_engine::driver::linux::{LinuxConfig, LinuxDriver, sweep};
     let dir = tempfile::tempdir()?;
     let prefix = "b48";
     let config = |n: u32| LinuxConfig {
@@ -608,7 +614,7 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
             .parse()
             .expect("valid subnet"),
         prefix: format!("{prefix}{n}"),
-        capacity: Some(crate::model::Resources {
+        capacity: Some(cloud48_engine::model::Resources {
             cpu_millis: 1_000_000,
             memory_mb: 1_000_000,
             disk_mb: 1_000_000,
@@ -619,10 +625,10 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
     };
     let result = async {
         let d = std::sync::Arc::new(LinuxDriver::open(config(0)).await.map_err(anyhow::Error::msg)?);
-        let spec = |id: String| crate::driver::GuestSpec {
+        let spec = |id: String| cloud48_engine::driver::GuestSpec {
             guest_id: id,
             type_id: "tomcat".into(),
-            resources: crate::model::Resources { cpu_millis: 100, memory_mb: 64, disk_mb: 64 },
+            resources: cloud48_engine::model::Resources { cpu_millis: 100, memory_mb: 64, disk_mb: 64 },
             ip: None,
         };
         let mut times = Vec::new();
@@ -660,10 +666,10 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         for (n, driver) in [(0, d.clone() as std::sync::Arc<dyn Driver>), (1, target.clone() as std::sync::Arc<dyn Driver>)] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
-            let info = crate::agent::protocol::AgentInfo { name: format!("bench-{n}"), url: url.clone(), driver: "linux".into(), capabilities: driver.capabilities(), labels: vec![] };
-            let router = crate::agent::AgentService::new(driver, token.clone(), info).router();
+            let info = cloud48_engine::agent::protocol::AgentInfo { name: format!("bench-{n}"), url: url.clone(), driver: "linux".into(), capabilities: driver.capabilities(), labels: vec![] };
+            let router = cloud48_engine::agent::AgentService::new(driver, token.clone(), info).router();
             tokio::spawn(async move { axum::serve(listener, router).await });
-            remotes.push(crate::driver::remote::RemoteDriver::new(&format!("bench-{n}"), &url, &token, Default::default()));
+            remotes.push(cloud48_engine::driver::remote::RemoteDriver::new(&format!("bench-{n}"), &url, &token, Default::default()));
         }
         let (source, dest) = (&remotes[0], &remotes[1]);
         source.create(&spec("big".into())).await?;
@@ -711,8 +717,8 @@ pub struct FailoverRealBenchArgs {
 /// to a replacement balancer that answers HTTP from both tomcats. Default health settings.
 pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
     use crate::lab::{CORE_IP, Lab, serves_all};
-    use crate::managers::AddContainer;
-    use crate::model::{Container, ContainerStatus};
+    use cloud48_engine::managers::AddContainer;
+    use cloud48_engine::model::{Container, ContainerStatus};
     let token = hex::encode(rand::random::<[u8; 24]>());
     let mut lab =
         Lab::new("bfov", 4, std::env::current_exe()?, &token).map_err(anyhow::Error::msg)?;
@@ -724,7 +730,7 @@ pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
     core.start().await?;
     let listener = tokio::net::TcpListener::bind(std::net::SocketAddr::from((CORE_IP, 0))).await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let app = crate::api::router(core.clone());
+    let app = cloud48_api::router(core.clone());
     let server = tokio::spawn(async move {
         let _ = axum::serve(
             listener,

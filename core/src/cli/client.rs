@@ -7,8 +7,8 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::ErrorBody;
-use crate::model::{Accepted, Command};
+use cloud48_api::ErrorBody;
+use cloud48_engine::model::{Accepted, Command};
 
 /// A request body.
 enum Body {

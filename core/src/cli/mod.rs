@@ -11,13 +11,13 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::config::Settings;
-use crate::core::Core;
-use crate::managers::{AddContainer, ContainerCommand, CreateContainer};
-use crate::model::{
+pub use client::{Client, Credentials};
+use cloud48_engine::config::Settings;
+use cloud48_engine::core::Core;
+use cloud48_engine::managers::{AddContainer, ContainerCommand, CreateContainer};
+use cloud48_engine::model::{
     Accepted, Command, CommandStatus, Container, Environment, Requirements, Resources, Server,
 };
-pub use client::{Client, Credentials};
 
 /// Cloud48: a control plane for fleets of virtualization servers.
 #[derive(Debug, Parser)]
@@ -248,7 +248,7 @@ impl CoreArgs {
             .or_else(|| default_file.exists().then_some(default_file));
         Ok(Settings::load(
             file.as_deref(),
-            &crate::config::process_env,
+            &cloud48_engine::config::process_env,
             &self.flags(),
         )?)
     }
@@ -803,7 +803,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Ok(())
             }
             ServerCmd::Drain { name: server } => {
-                let r: crate::managers::DrainReport = client.post(&format!("/v1/servers/{}/drain", enc(&server)), &json!({})).await?;
+                let r: cloud48_engine::managers::DrainReport = client.post(&format!("/v1/servers/{}/drain", enc(&server)), &json!({})).await?;
                 out.show(&r, || {
                     let mut text = format!("server {} is draining: {} migrations submitted (commands {:?})", r.server, r.commands.len(), r.commands);
                     for s in &r.skipped {
@@ -997,7 +997,7 @@ async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
 }
 
 async fn server_op(client: &Client, out: Out, server: &str, op: &str, done: &str) -> Result<()> {
-    let r: crate::managers::DrainReport = client
+    let r: cloud48_engine::managers::DrainReport = client
         .post(&format!("/v1/servers/{}/{op}", enc(server)), &json!({}))
         .await?;
     out.show(&r, || format!("server {} {done}", r.server));
@@ -1078,7 +1078,7 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             return Ok(());
         }
         ContainerCmd::Purge => {
-            let r: crate::managers::PurgeReport = client
+            let r: cloud48_engine::managers::PurgeReport = client
                 .post("/v1/containers/purge", &serde_json::json!({}))
                 .await?;
             out.show(&r, || {
@@ -1094,13 +1094,13 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             return Ok(());
         }
         ContainerCmd::Logs { id } => {
-            let l: crate::api::ContainerLogs =
+            let l: cloud48_api::ContainerLogs =
                 client.get(&format!("/v1/containers/{id}/logs")).await?;
             out.show(&l, || l.logs.clone());
             return Ok(());
         }
         ContainerCmd::Exec { id, command } => {
-            let r: crate::driver::ExecOutput = client
+            let r: cloud48_engine::driver::ExecOutput = client
                 .post(
                     &format!("/v1/containers/{id}/exec"),
                     &json!({ "command": command }),
@@ -1118,7 +1118,7 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             return Ok(());
         }
         ContainerCmd::Export { id, output } => {
-            let e: crate::managers::ContainerExport =
+            let e: cloud48_engine::managers::ContainerExport =
                 client.get(&format!("/v1/containers/{id}/export")).await?;
             let text = serde_json::to_string_pretty(&e)?;
             if output == "-" {
@@ -1134,7 +1134,7 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
         ContainerCmd::Import { file, wait } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            let export: crate::managers::ContainerExport = serde_json::from_str(&text)
+            let export: cloud48_engine::managers::ContainerExport = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a container export (write one with `cloud48 container export ID -o FILE`)", file.display()))?;
             let a = client
                 .submit("/v1/containers/import", Some(&export))
@@ -1166,7 +1166,7 @@ fn read_wasm(file: &std::path::Path) -> Result<Vec<u8>> {
 }
 
 async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
-    use crate::plugins::PluginInfo;
+    use cloud48_engine::plugins::PluginInfo;
     match cmd {
         PluginCmd::Install { file } => {
             let info: PluginInfo = client
@@ -1242,16 +1242,24 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
             }
             let text = std::fs::read_to_string(&scenario)
                 .with_context(|| format!("cannot read {}", scenario.display()))?;
-            let sc: crate::plugins::harness::Scenario = toml_edit::de::from_str(&text)
+            let sc: cloud48_engine::plugins::harness::Scenario = toml_edit::de::from_str(&text)
                 .with_context(|| format!("{} is not a valid scenario", scenario.display()))?;
             let wasm = files
                 .iter()
                 .map(|f| read_wasm(f))
                 .collect::<Result<Vec<_>>>()?;
             let report = std::thread::spawn(move || {
-                let host = crate::plugins::PluginHost::new(None, crate::plugins::Limits::default())
-                    .map_err(|e| e.to_string())?;
-                crate::plugins::harness::run_scenario(&host, crate::plugins::BUNDLED, &wasm, &sc)
+                let host = cloud48_engine::plugins::PluginHost::new(
+                    None,
+                    cloud48_engine::plugins::Limits::default(),
+                )
+                .map_err(|e| e.to_string())?;
+                cloud48_engine::plugins::harness::run_scenario(
+                    &host,
+                    cloud48_engine::plugins::BUNDLED,
+                    &wasm,
+                    &sc,
+                )
             })
             .join()
             .map_err(|_| anyhow::anyhow!("the scenario thread panicked"))?;
@@ -1379,12 +1387,12 @@ async fn users(out: Out, cmd: UserCmd) -> Result<()> {
     };
     let settings = core_args.settings()?;
     let config = settings.core();
-    let db = crate::core::connect(&config).await?;
-    let store = crate::auth::UserStore::new(&db, &config.auth.realm);
+    let db = cloud48_engine::core::connect(&config).await?;
+    let store = cloud48_engine::auth::UserStore::new(&db, &config.auth.realm);
     match cmd {
         UserCmd::Add { name, role, .. } => {
-            let role: crate::auth::Role = role.parse().map_err(anyhow::Error::msg)?;
-            crate::auth::validate_user_name(&name).map_err(anyhow::Error::msg)?;
+            let role: cloud48_engine::auth::Role = role.parse().map_err(anyhow::Error::msg)?;
+            cloud48_engine::auth::validate_user_name(&name).map_err(anyhow::Error::msg)?;
             let password = new_password(&name)?;
             store
                 .add(&name, role, &password)
@@ -1429,7 +1437,7 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
     let config = settings.core();
     let listen = settings.listen();
     let data_dir = config.data_dir.clone();
-    if config.auth.anonymous == crate::auth::Anonymous::Full {
+    if config.auth.anonymous == cloud48_engine::auth::Anonymous::Full {
         tracing::warn!(
             "anonymous requests have FULL access (auth.anonymous = full): for local development only"
         );
@@ -1444,7 +1452,8 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(%listen, data_dir = %data_dir.display(), platform = core.platform_name(), "cloud48 core serving");
-    let app = crate::api::router(core.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+    let app =
+        cloud48_api::router(core.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
     let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
@@ -1454,7 +1463,7 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
     let started = async move {
         starting.start().await?;
         tracing::info!("cloud48 core ready");
-        std::future::pending::<Result<(), crate::core::CoreError>>().await
+        std::future::pending::<Result<(), cloud48_engine::core::CoreError>>().await
     };
     tokio::select! {
         served = served => served.context("HTTP server failed")?,
@@ -1482,7 +1491,7 @@ mod tests {
     use clap::Parser;
 
     use super::{Cli, Top};
-    use crate::config::{Source, declared};
+    use cloud48_engine::config::{Source, declared};
 
     /// Every declared setting has a flag that `serve` accepts and that sets that setting.
     #[test]

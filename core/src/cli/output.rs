@@ -3,7 +3,7 @@
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
 
-use crate::model::{Command, Container, ContainerStatus, Environment, Server};
+use cloud48_engine::model::{Command, Container, ContainerStatus, Environment, Server};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -164,7 +164,7 @@ pub fn servers(list: &[Server]) -> String {
         "MEASURED USE",
         "LAST HEARTBEAT",
     ]);
-    let now = crate::model::now_ms();
+    let now = cloud48_engine::model::now_ms();
     for s in list {
         let status = if s.draining {
             format!("{} (draining)", s.status)
