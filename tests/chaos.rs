@@ -14,7 +14,7 @@ use cloud48_engine::model::{
 };
 use serde_json::{Value, json};
 
-use crate::common::{ServeProcess, eventually};
+use crate::common::eventually;
 
 const FLAGS: [&str; 6] = [
     "--sim-latency-ms",
@@ -152,7 +152,7 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut serve = ServeProcess::spawn(&data, &FLAGS).await;
+    let mut serve = crate::common::serve(&data, &FLAGS).await;
     let mut client = Client::new(&serve.url);
     for env in ENVIRONMENTS {
         let a: Accepted = client
@@ -197,7 +197,7 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
         .await;
         serve.kill9();
         kills += killed_early as usize;
-        serve = ServeProcess::spawn(&data, &FLAGS).await;
+        serve = crate::common::serve(&data, &FLAGS).await;
         client = Client::new(&serve.url);
     }
     assert!(kills > 0, "seed {seed}: no kill landed while commands ran");

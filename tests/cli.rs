@@ -2,12 +2,12 @@
 
 use serde_json::Value;
 
-use crate::common::{ServeProcess, cli};
+use crate::common::cli;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_tour_through_the_real_binary() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = ServeProcess::spawn(
+    let serve = crate::common::serve(
         &dir.path().join("data"),
         &["--sim-servers", "2", "--anonymous", "full"],
     )

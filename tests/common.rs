@@ -326,53 +326,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A `cloud48 serve` process, killed when dropped.
-pub struct ServeProcess {
-    pub child: std::process::Child,
-    pub url: String,
-}
+pub use cloud48_core::serving::ServeProcess;
 
-impl ServeProcess {
-    pub async fn spawn(data_dir: &std::path::Path, extra: &[&str]) -> ServeProcess {
-        let port = free_port();
-        let listen = format!("127.0.0.1:{port}");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.with_extension("log"))
-            .unwrap();
-        let mut child = std::process::Command::new(binary())
-            .args(["serve", "--listen", &listen, "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("cloud48 serve starts");
-        let url = format!("http://{listen}");
-        let client = Client::new(&url);
-        // Listening comes first; ready (commands resumed, servers reconciled) follows.
-        for _ in 0..300 {
-            if client.get::<serde_json::Value>("/v1/health").await.is_ok() {
-                return ServeProcess { child, url };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("cloud48 serve did not answer on {url}");
-    }
-
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// The real `cloud48 serve` on `data_dir` with `extra` flags, once it is ready.
+pub async fn serve(data_dir: &std::path::Path, extra: &[&str]) -> ServeProcess {
+    let mut serve = ServeProcess::spawn(std::path::Path::new(binary()), data_dir, extra)
+        .expect("cloud48 serve starts");
+    serve.health(true).await.expect("cloud48 serve gets ready");
+    serve
 }
 
 /// Runs the CLI against `url`; returns (exit ok, stdout, stderr).

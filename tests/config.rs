@@ -5,7 +5,7 @@ use std::path::Path;
 
 use cloud48_engine::config::{Settings, Source};
 
-use crate::common::{ServeProcess, binary};
+use crate::common::binary;
 
 fn load(
     file: Option<&str>,
@@ -264,7 +264,7 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
         "{out}"
     );
 
-    let serve = ServeProcess::spawn(&data, &[]).await;
+    let serve = crate::common::serve(&data, &[]).await;
     let url = serve.url.clone();
     let cwd = dir.path().to_path_buf();
     let call = move |args: Vec<String>, env: Vec<(&'static str, String)>| {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use cloud48_engine::core::HealthConfig;
-use cloud48_engine::managers::{AddContainer, ContainerCommand};
+use cloud48_engine::managers::ContainerCommand;
 use cloud48_engine::model::{Accepted, CommandStatus, Container, ContainerStatus, Environment};
 use cloud48_engine::queue::CommandFilter;
 use proptest::prelude::*;
@@ -139,19 +139,7 @@ async fn check(t: &TestCore, history: &[Op]) {
 async fn apply(t: &TestCore, op: &Op) {
     match op {
         Op::AddTomcat => {
-            let a: Accepted = t
-                .client
-                .post(
-                    "/v1/environments/web/containers",
-                    &AddContainer {
-                        type_id: "tomcat".into(),
-                        requirements: None,
-                        server: None,
-                    },
-                )
-                .await
-                .unwrap();
-            let c = t.wait(a.command_id).await;
+            let c = crate::environment::add(t, "web", "tomcat").await;
             assert_eq!(c.status, CommandStatus::Succeeded, "{c:?}");
         }
         Op::RemoveTomcat(n) => {

@@ -7,7 +7,7 @@ use cloud48_core::cli::Client;
 use cloud48_engine::model::{Accepted, Command, CommandStatus, Container, Environment};
 use serde_json::{Value, json};
 
-use crate::common::{ServeProcess, eventually};
+use crate::common::eventually;
 
 /// Every guest on the simulated servers of a data directory, read from their files as the
 /// servers read them (a state file, or only its journal before the first compaction).
@@ -48,7 +48,7 @@ async fn commands_resume_after_kill_9_and_finish_exactly_once() {
         "--anonymous",
         "full",
     ];
-    let mut serve = ServeProcess::spawn(&data, &latency).await;
+    let mut serve = crate::common::serve(&data, &latency).await;
     let client = Client::new(&serve.url);
     let a: Accepted = client
         .post("/v1/environments", &json!({ "name": "web" }))
@@ -89,7 +89,7 @@ async fn commands_resume_after_kill_9_and_finish_exactly_once() {
     serve.kill9();
     drop(serve);
 
-    let serve = ServeProcess::spawn(&data, &latency).await;
+    let serve = crate::common::serve(&data, &latency).await;
     let client = Client::new(&serve.url);
     let mut unfinished_at_restart = 0;
     for id in &top {
@@ -152,7 +152,7 @@ async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leakin
         "--anonymous",
         "full",
     ];
-    let mut serve = ServeProcess::spawn(&data, &flags).await;
+    let mut serve = crate::common::serve(&data, &flags).await;
     let client = Client::new(&serve.url);
     let a: Accepted = client
         .post(
@@ -203,7 +203,7 @@ async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leakin
     serve.kill9();
     drop(serve);
 
-    let serve = ServeProcess::spawn(&data, &flags).await;
+    let serve = crate::common::serve(&data, &flags).await;
     let client = Client::new(&serve.url);
     let done = client.command(a.command_id, 120).await.unwrap();
     assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
@@ -247,7 +247,7 @@ async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_onc
         "--anonymous",
         "full",
     ];
-    let mut serve = ServeProcess::spawn(&data, &flags).await;
+    let mut serve = crate::common::serve(&data, &flags).await;
     let client = Client::new(&serve.url);
     let a: Accepted = client
         .post("/v1/containers", &json!({ "type": "plain", "count": 40 }))
@@ -271,7 +271,7 @@ async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_onc
     serve.kill9();
     drop(serve);
 
-    let serve = ServeProcess::spawn(&data, &flags).await;
+    let serve = crate::common::serve(&data, &flags).await;
     let client = Client::new(&serve.url);
     let done = client.command(a.command_id, 120).await.unwrap();
     assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
@@ -330,7 +330,7 @@ async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_re
         "--anonymous",
         "full",
     ];
-    let mut serve = ServeProcess::spawn(&data, &flags).await;
+    let mut serve = crate::common::serve(&data, &flags).await;
     let client = Client::new(&serve.url);
     let mut ids = Vec::new();
     for _ in 0..60 {
@@ -358,7 +358,7 @@ async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_re
     serve.kill9();
     drop(serve);
 
-    let serve = ServeProcess::spawn(&data, &flags).await;
+    let serve = crate::common::serve(&data, &flags).await;
     let client = Client::new(&serve.url);
     for id in &ids {
         let c = client.command(*id, 120).await.unwrap();

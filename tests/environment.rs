@@ -100,7 +100,7 @@ pub(crate) async fn env(t: &TestCore, name: &str) {
     t.ok(a.command_id).await;
 }
 
-async fn add(t: &TestCore, env: &str, type_id: &str) -> Command {
+pub(crate) async fn add(t: &TestCore, env: &str, type_id: &str) -> Command {
     let a: Accepted = t
         .client
         .post(

@@ -8,7 +8,7 @@ use cloud48_engine::model::{Accepted, Command, CommandStatus, Container, Environ
 use cloud48_engine::plugins::PluginInfo;
 use serde_json::{Value, json};
 
-use crate::common::{Opts, ServeProcess, TestCore, cli};
+use crate::common::{Opts, TestCore, cli};
 
 fn test_plugin(dir: &str, name: &str) -> Vec<u8> {
     std::fs::read(std::path::Path::new(dir).join(format!("cloud48_plugin_{name}.wasm")))
@@ -28,7 +28,7 @@ async fn install(t: &TestCore, wasm: Vec<u8>) -> anyhow::Result<PluginInfo> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = ServeProcess::spawn(
+    let serve = crate::common::serve(
         &dir.path().join("data"),
         &["--sim-servers", "3", "--anonymous", "full"],
     )
@@ -369,7 +369,7 @@ async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_dupli
         "--anonymous",
         "full",
     ];
-    let mut serve = ServeProcess::spawn(&data, &flags).await;
+    let mut serve = crate::common::serve(&data, &flags).await;
     let client = Client::new(&serve.url);
     let a: Accepted = client
         .post("/v1/environments", &json!({ "name": "shop" }))
@@ -408,7 +408,7 @@ async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_dupli
     }
     serve.kill9();
     drop(serve);
-    let serve = ServeProcess::spawn(&data, &flags).await;
+    let serve = crate::common::serve(&data, &flags).await;
     let client = Client::new(&serve.url);
     let done = client.command(second.command_id, 120).await.unwrap();
     assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");

@@ -9,7 +9,7 @@ use std::path::Path;
 use cloud48_core::cli::Client;
 use cloud48_engine::model::{Command, CommandStatus, Container, ContainerStatus, Environment};
 
-use crate::common::{ServeProcess, eventually};
+use crate::common::eventually;
 use crate::crash::sim_guests;
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -34,7 +34,7 @@ async fn commands_in_flight_in_a_database_of_the_previous_release_resume_and_fin
         &data,
     );
     let before: HashMap<String, Vec<String>> = sim_guests(&data).into_iter().collect();
-    let serve = ServeProcess::spawn(&data, &["--sim-servers", "2", "--anonymous", "full"]).await;
+    let serve = crate::common::serve(&data, &["--sim-servers", "2", "--anonymous", "full"]).await;
     let client = Client::new(&serve.url);
 
     let commands: Vec<Command> = eventually("every command of the old core finishes", || async {

@@ -11,3 +11,5 @@ pub mod demo;
 #[cfg(feature = "dev")]
 pub mod lab;
 pub mod scaffold;
+#[cfg(feature = "dev")]
+pub mod serving;

@@ -7,7 +7,6 @@
 //!   takes to listen and to be ready.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -15,6 +14,7 @@ use clap::Args;
 use serde_json::{Value, json};
 
 use crate::cli::Client;
+use crate::serving::ServeProcess;
 use cloud48_engine::model::{Accepted, Command};
 
 /// Requirements small enough that every container of a large run fits the default servers.
@@ -22,80 +22,17 @@ fn tiny() -> Value {
     json!({ "cpu_millis": 1, "memory_mb": 1, "disk_mb": 1 })
 }
 
-/// A `cloud48 serve` child process, killed with SIGKILL when dropped.
-struct Serve {
-    child: Child,
-    url: String,
-}
-
-impl Serve {
-    fn spawn(data: &Path, extra: &[&str]) -> Result<Serve> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let listen = format!("127.0.0.1:{port}");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data.with_extension("log"))?;
-        let child = std::process::Command::new(exe()?)
-            .args([
-                "serve",
-                "--listen",
-                &listen,
-                "--anonymous",
-                "full",
-                "--data-dir",
-            ])
-            .arg(data)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("cannot start `cloud48 serve`")?;
-        Ok(Serve {
-            child,
-            url: format!("http://{listen}"),
-        })
-    }
-
-    /// Waits until `GET /v1/health` answers at all (`ready`: until it answers 200).
-    async fn health(&mut self, ready: bool) -> Result<()> {
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(r) = http.get(format!("{}/v1/health", self.url)).send().await
-                && (!ready || r.status().is_success())
-            {
-                return Ok(());
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("`cloud48 serve` exited ({status}); see its log next to the data directory");
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "`cloud48 serve` did not answer on {} within 120 s",
-                    self.url
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 fn exe() -> Result<PathBuf> {
     std::env::current_exe().context("cannot find the cloud48 binary")
+}
+
+/// A `cloud48 serve` of this binary, local development access (`--anonymous full`).
+fn spawn_serve(data: &Path, extra: &[&str]) -> Result<ServeProcess> {
+    let args: Vec<&str> = ["--anonymous", "full"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    ServeProcess::spawn(&exe()?, data, &args)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -128,7 +65,7 @@ pub async fn reads(args: ReadsBenchArgs) -> Result<()> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
         let servers = servers_for(args.count as usize);
-        let mut serve = Serve::spawn(&data, &["--sim-servers", &servers])?;
+        let mut serve = spawn_serve(&data, &["--sim-servers", &servers])?;
         serve.health(true).await?;
         let client = Client::new(&serve.url);
         let a: Accepted = client
@@ -205,7 +142,7 @@ pub async fn restart(args: RestartBenchArgs) -> Result<()> {
     for _ in 0..args.runs {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("data");
-        let mut serve = Serve::spawn(&data, &flags)?;
+        let mut serve = spawn_serve(&data, &flags)?;
         serve.health(true).await?;
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut tasks = Vec::new();
@@ -226,7 +163,7 @@ pub async fn restart(args: RestartBenchArgs) -> Result<()> {
         serve.kill9();
 
         let began = Instant::now();
-        let mut serve = Serve::spawn(&data, &flags)?;
+        let mut serve = spawn_serve(&data, &flags)?;
         serve.health(false).await?;
         let listening = began.elapsed();
         serve.health(true).await?;
