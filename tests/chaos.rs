@@ -12,6 +12,8 @@ use cloud48_core::cli::Client;
 use cloud48_engine::model::{
     Accepted, Command, CommandStatus, Container, ContainerStatus, Resources,
 };
+use proptest::prelude::RngExt;
+use proptest::test_runner::{RngAlgorithm, TestRng};
 use serde_json::{Value, json};
 
 use crate::common::eventually;
@@ -29,16 +31,9 @@ const ROUNDS: usize = 5;
 const PER_ROUND: usize = 60;
 const BATCH: u32 = 1000;
 
-/// xorshift64*: a small, seeded, reproducible generator.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
-    }
+/// A uniform draw from `0..n` (0 when `n` is 0).
+fn below(rng: &mut TestRng, n: usize) -> usize {
+    rng.random_range(0..n.max(1))
 }
 
 fn small() -> Value {
@@ -53,7 +48,7 @@ struct Submitted {
     must_succeed: Vec<i64>,
 }
 
-async fn submit_round(client: &Client, rng: &mut Rng, out: &mut Submitted) -> Vec<i64> {
+async fn submit_round(client: &Client, rng: &mut TestRng, out: &mut Submitted) -> Vec<i64> {
     let live: Vec<Container> = client.get_all("/v1/containers").await.unwrap();
     let of = |pred: &dyn Fn(&Container) -> bool| -> Vec<i64> {
         live.iter().filter(|c| pred(c)).map(|c| c.id).collect()
@@ -61,11 +56,11 @@ async fn submit_round(client: &Client, rng: &mut Rng, out: &mut Submitted) -> Ve
     let tomcats = of(&|c| c.type_id.starts_with("tomcat"));
     let balancers = of(&|c| c.type_id.starts_with("balancer"));
     let plain = of(&|c| c.type_id.starts_with("plain") && c.environment.is_none());
-    let pick = |rng: &mut Rng, ids: &[i64]| ids.get(rng.below(ids.len())).copied();
+    let pick = |rng: &mut TestRng, ids: &[i64]| ids.get(below(rng, ids.len())).copied();
     let mut round = Vec::new();
     for _ in 0..PER_ROUND {
-        let env = ENVIRONMENTS[rng.below(ENVIRONMENTS.len())];
-        let (path, body, certain): (String, Value, bool) = match rng.below(10) {
+        let env = ENVIRONMENTS[below(rng, ENVIRONMENTS.len())];
+        let (path, body, certain): (String, Value, bool) = match below(rng, 10) {
             0..=2 => (
                 format!("/v1/environments/{env}/containers"),
                 json!({ "type": "tomcat", "requirements": small() }),
@@ -89,7 +84,7 @@ async fn submit_round(client: &Client, rng: &mut Rng, out: &mut Submitted) -> Ve
             4 | 5 => match pick(rng, &balancers) {
                 Some(id) => (
                     format!("/v1/containers/{id}/actions"),
-                    json!({ "op": if rng.below(2) == 0 { "stop" } else { "start" } }),
+                    json!({ "op": if below(rng, 2) == 0 { "stop" } else { "start" } }),
                     false,
                 ),
                 None => continue,
@@ -102,7 +97,7 @@ async fn submit_round(client: &Client, rng: &mut Rng, out: &mut Submitted) -> Ve
             _ => match pick(rng, &plain) {
                 Some(id) => (
                     format!("/v1/containers/{id}/actions"),
-                    json!({ "op": (["stop", "start", "destroy"][rng.below(3)]) }),
+                    json!({ "op": (["stop", "start", "destroy"][below(rng, 3)]) }),
                     false,
                 ),
                 None => continue,
@@ -147,9 +142,8 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos() as u64
-                | 1
         });
-    let mut rng = Rng(seed);
+    let mut rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed.to_le_bytes(); 4].concat());
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut serve = crate::common::serve(&data, &FLAGS).await;
@@ -185,7 +179,7 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
             break;
         }
         // Kill once a random share of this round has finished, while the rest is in flight.
-        let finished_before_kill = 1 + rng.below(ids.len() / 2);
+        let finished_before_kill = 1 + below(&mut rng, ids.len() / 2);
         let killed_early = eventually("a random point in the round", || async {
             let mut done = 0;
             for id in &ids {
