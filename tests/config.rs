@@ -64,9 +64,9 @@ fn precedence_is_flag_then_env_then_file_then_default() {
     let s = load(None, &[], &[]).unwrap();
     assert_eq!(
         (s.get("queue.workers"), source(&s, "queue.workers").as_str()),
-        ("8", "default")
+        ("256", "default")
     );
-    assert_eq!(s.core().queue.workers, 8);
+    assert_eq!(s.core().queue.workers, 256);
     assert_eq!(
         s.get("auth.anonymous"),
         "read",

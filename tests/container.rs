@@ -556,3 +556,84 @@ async fn lists_are_read_in_bounded_pages_linked_by_their_link_header() {
         t.client.get_all("/v1/servers?limit=1").await.unwrap();
     assert_eq!(servers.len(), 3);
 }
+
+/// Concurrent single creates are written together (a group commit): each request still gets
+/// its own container, with its own requirements and server, its own guest id and its own
+/// `container.create` command acting on it.
+async fn concurrent_single_creates_share_transactions_and_keep_their_own_rows(postgres: bool) {
+    use cloud48_engine::model::CommandKind;
+    let Some(t) = TestCore::start(Opts {
+        sim_servers: 2,
+        paused: true,
+        postgres,
+        ..Opts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let requests: Vec<CreateContainer> = (0..60)
+        .map(|i| CreateContainer {
+            type_id: "plain".into(),
+            server: (i % 3 == 0).then(|| format!("sim-{}", 1 + i % 2)),
+            requirements: Some(Requirements {
+                resources: Resources {
+                    cpu_millis: 100,
+                    memory_mb: 64 + i,
+                    disk_mb: 100,
+                },
+                ..Requirements::default()
+            }),
+            count: None,
+        })
+        .collect();
+    let handles: Vec<_> = requests
+        .iter()
+        .map(|r| {
+            let (core, r) = (t.core.clone(), r.clone());
+            tokio::spawn(async move { core.containers().create(&r, "tester").await.unwrap() })
+        })
+        .collect();
+    let mut submitted = Vec::new();
+    for h in handles {
+        submitted.push(h.await.unwrap());
+    }
+    let (creates, transactions) = t.core.services().creates_written();
+    assert_eq!(creates, 60);
+    assert!(
+        transactions < 60,
+        "{transactions} transactions for 60 creates"
+    );
+
+    t.core.start().await.unwrap();
+    let platform = t.core.platform_name().to_string();
+    for (req, (cmd, id)) in requests.iter().zip(&submitted) {
+        let c = t.ok(*cmd).await;
+        assert_eq!(c.kind, CommandKind::ContainerCreate.as_str());
+        assert_eq!(
+            c.target_id,
+            Some(*id),
+            "command {cmd} acts on its own container"
+        );
+        let view = show(&t, *id).await;
+        assert_eq!(view.status, ContainerStatus::Running);
+        assert_eq!(view.guest_id, format!("{platform}-c{id}"));
+        assert_eq!(
+            view.requirements.resources,
+            req.requirements.as_ref().unwrap().resources
+        );
+        if let Some(server) = &req.server {
+            assert_eq!(view.server.as_ref(), Some(server));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_creates_share_transactions_on_sqlite() {
+    concurrent_single_creates_share_transactions_and_keep_their_own_rows(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_single_creates_share_transactions_on_postgres() {
+    concurrent_single_creates_share_transactions_and_keep_their_own_rows(true).await;
+}

@@ -77,7 +77,7 @@ const SETTINGS: &[Spec] = &[
         key: "queue.workers",
         env: "CLOUD48_WORKERS",
         flag: "--workers",
-        default: "8",
+        default: "256",
         secret: false,
         kind: Kind::Count,
     },

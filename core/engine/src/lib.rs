@@ -19,6 +19,7 @@ pub mod plugins;
 pub mod queue;
 pub mod rebalance;
 pub mod services;
+mod submitter;
 pub mod throttle;
 
 pub use crate::core::{Core, CoreConfig, CoreError};

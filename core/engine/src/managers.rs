@@ -410,15 +410,11 @@ impl<'a> ContainerManager<'a> {
             None,
         )
         .await?;
-        let txn = self.svc.db().begin().await?;
-        let (id, server_id) = insert_container(self.svc, &txn, new).await?;
-        self.submit_create(
-            txn,
-            id,
-            crate::commands::params::Create::on(server_id),
-            requested_by,
-        )
-        .await
+        Ok(self
+            .svc
+            .creates()
+            .submit(new.row, new.server_id, requested_by)
+            .await?)
     }
 
     /// Creates `count` containers of one type with one `container.create_many` command (the

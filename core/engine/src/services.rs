@@ -13,6 +13,7 @@ use crate::fleet::Fleet;
 use crate::health::Health;
 use crate::placement::PlacementCache;
 use crate::queue::Queue;
+use crate::submitter::CreateSubmitter;
 use crate::types::TypeRegistry;
 
 /// The parts commands and managers act through; cheap to clone.
@@ -28,6 +29,7 @@ pub struct Services {
     platform_id: i64,
     dummy_ttl: Duration,
     agent_token: Option<Arc<str>>,
+    creates: CreateSubmitter,
 }
 
 /// The settings commands read.
@@ -43,7 +45,8 @@ pub struct Settings {
 }
 
 impl Services {
-    /// Services over these parts.
+    /// Services over these parts (inside a tokio runtime: single creates are written by a
+    /// task of their own, see `submitter`).
     pub fn new(
         db: DatabaseConnection,
         queue: Queue,
@@ -53,6 +56,7 @@ impl Services {
         health: Arc<Health>,
         settings: Settings,
     ) -> Self {
+        let creates = CreateSubmitter::start(db.clone(), queue.clone(), settings.platform.clone());
         Services {
             db,
             queue,
@@ -64,6 +68,7 @@ impl Services {
             platform_id: settings.platform_id,
             dummy_ttl: settings.dummy_ttl,
             agent_token: settings.agent_token.map(Into::into),
+            creates,
         }
     }
 
@@ -110,6 +115,17 @@ impl Services {
     /// Lifetime of a capacity reservation in milliseconds.
     pub fn dummy_ttl_ms(&self) -> i64 {
         self.dummy_ttl.as_millis() as i64
+    }
+
+    /// Where single container creates are written, grouped with concurrent ones.
+    pub(crate) fn creates(&self) -> &CreateSubmitter {
+        &self.creates
+    }
+
+    /// Single container creates written since the core started, and the transactions that
+    /// wrote them (concurrent creates share one).
+    pub fn creates_written(&self) -> (u64, u64) {
+        self.creates.written()
     }
 
     /// The agents' token ("" when none is set: agents then refuse the request, saying why).

@@ -66,7 +66,7 @@ pub struct QueueConfig {
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
-            workers: 8,
+            workers: 256,
             lease: Duration::from_secs(30),
             lock_retry: Duration::from_millis(20),
             backoff_base: Duration::from_millis(200),

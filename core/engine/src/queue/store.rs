@@ -158,8 +158,21 @@ pub(crate) async fn insert_ids<C: ConnectionTrait>(
     values: Vec<Value>,
     n: usize,
 ) -> Result<Vec<i64>, DbErr> {
+    if conn.get_database_backend() != DatabaseBackend::Sqlite {
+        text.push_str(" RETURNING id");
+    }
+    inserted_ids(conn, sql(conn, &text, values), n).await
+}
+
+/// Like `insert_ids`, for a statement built for the connection's backend (on PostgreSQL it
+/// ends with `RETURNING id`).
+pub(crate) async fn inserted_ids<C: ConnectionTrait>(
+    conn: &C,
+    statement: Statement,
+    n: usize,
+) -> Result<Vec<i64>, DbErr> {
     if conn.get_database_backend() == DatabaseBackend::Sqlite {
-        let done = conn.execute_raw(sql(conn, &text, values)).await?;
+        let done = conn.execute_raw(statement).await?;
         if done.rows_affected() != n as u64 {
             return Err(DbErr::Custom(format!(
                 "inserted {} of {n} rows",
@@ -169,8 +182,7 @@ pub(crate) async fn insert_ids<C: ConnectionTrait>(
         let last = done.last_insert_id() as i64;
         return Ok((last - n as i64 + 1..=last).collect());
     }
-    text.push_str(" RETURNING id");
-    let rows = conn.query_all_raw(sql(conn, &text, values)).await?;
+    let rows = conn.query_all_raw(statement).await?;
     let mut ids = rows
         .iter()
         .map(|r| r.try_get::<i64>("", "id"))

@@ -1,0 +1,167 @@
+//! Group commit of single container creates. Concurrent `container create` requests are
+//! written together: one transaction of five statements (begin, insert the containers, give
+//! them their guest ids, insert their commands, commit) for every request waiting when the
+//! previous write ended, instead of one such transaction each. Under light load a request is
+//! written alone, at once; under heavy load the requests that arrive during one write share the
+//! next, so the database connection (SQLite has one, which the dispatcher also needs) is held
+//! a few times per second instead of thousands.
+//!
+//! The writes run on the submitter's own task: a client that goes away while its request
+//! waits does not cancel the others' write.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryTrait,
+};
+use sea_orm::{TransactionTrait, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::entities::container;
+use crate::model::{CommandId, CommandKind, ContainerId, ServerId};
+use crate::queue::{NewCommand, Queue, Target, store};
+
+/// Most requests written in one transaction.
+const MAX_GROUP: usize = 500;
+
+/// A container create waiting to be written.
+struct Pending {
+    row: container::ActiveModel,
+    server_id: Option<ServerId>,
+    requested_by: String,
+    reply: oneshot::Sender<Result<(CommandId, ContainerId), DbErr>>,
+}
+
+/// Writes single container creates, grouping those submitted at the same time.
+#[derive(Clone)]
+pub(crate) struct CreateSubmitter {
+    tx: mpsc::UnboundedSender<Pending>,
+    stats: Arc<Stats>,
+}
+
+/// What the submitter has written since it started.
+#[derive(Default)]
+struct Stats {
+    creates: AtomicU64,
+    transactions: AtomicU64,
+}
+
+impl CreateSubmitter {
+    /// A submitter writing through `db` and `queue`; its task ends when the last clone is
+    /// dropped. Must be called inside a tokio runtime.
+    pub(crate) fn start(db: DatabaseConnection, queue: Queue, platform: String) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(Stats::default());
+        tokio::spawn(run(rx, db, queue, platform, stats.clone()));
+        CreateSubmitter { tx, stats }
+    }
+
+    /// (creates, transactions) committed so far.
+    pub(crate) fn written(&self) -> (u64, u64) {
+        (
+            self.stats.creates.load(Ordering::Relaxed),
+            self.stats.transactions.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Persists a new container (`row`, in status `creating`) and its `container.create`
+    /// command; returns (command, container) once committed.
+    pub(crate) async fn submit(
+        &self,
+        row: container::ActiveModel,
+        server_id: Option<ServerId>,
+        requested_by: &str,
+    ) -> Result<(CommandId, ContainerId), DbErr> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            row,
+            server_id,
+            requested_by: requested_by.to_string(),
+            reply,
+        };
+        let stopped = || DbErr::Custom("the core is stopping; submit the request again".into());
+        self.tx.send(pending).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn run(
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    db: DatabaseConnection,
+    queue: Queue,
+    platform: String,
+    stats: Arc<Stats>,
+) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let (rows, waiting): (Vec<_>, Vec<_>) = group
+            .drain(..)
+            .map(|p| ((p.row, p.server_id, p.requested_by), p.reply))
+            .unzip();
+        match write(&db, &queue, &platform, rows).await {
+            Ok(ids) => {
+                queue.wake();
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                stats.creates.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                for (reply, ids) in waiting.into_iter().zip(ids) {
+                    let _ = reply.send(Ok(ids));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for reply in waiting {
+                    let _ = reply.send(Err(DbErr::Custom(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+/// Writes the containers and their creates in one transaction; returns (command, container)
+/// per row, in order.
+async fn write(
+    db: &DatabaseConnection,
+    queue: &Queue,
+    platform: &str,
+    rows: Vec<(container::ActiveModel, Option<ServerId>, String)>,
+) -> Result<Vec<(CommandId, ContainerId)>, DbErr> {
+    let n = rows.len();
+    let mut containers = Vec::with_capacity(n);
+    let mut commands = Vec::with_capacity(n);
+    for (row, server_id, requested_by) in rows {
+        containers.push(row);
+        commands.push((server_id, requested_by));
+    }
+    let backend = db.get_database_backend();
+    let mut insert = container::Entity::insert_many(containers).build(backend);
+    if backend != DatabaseBackend::Sqlite {
+        insert.sql.push_str(" RETURNING id");
+    }
+    let txn = db.begin().await?;
+    let ids = store::inserted_ids(&txn, insert, n).await?;
+    // Guest ids in the format of `managers::guest_id_for`, in one statement.
+    let (set, mut values) = store::ids_source(&txn, ids.iter().copied(), 2);
+    values.insert(0, Value::from(format!("{platform}-c")));
+    txn.execute_raw(store::sql(
+        &txn,
+        &format!("UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE id IN {set}"),
+        values,
+    ))
+    .await?;
+    let commands = ids
+        .iter()
+        .zip(commands)
+        .map(|(id, (server_id, requested_by))| NewCommand {
+            kind: CommandKind::ContainerCreate,
+            target: Some(Target::Container(*id)),
+            params: crate::commands::params::to_value(crate::commands::params::Create::on(
+                server_id,
+            )),
+            requested_by,
+        })
+        .collect();
+    let command_ids = queue.enqueue_in(&txn, commands, None).await?;
+    txn.commit().await?;
+    Ok(command_ids.into_iter().zip(ids).collect())
+}
