@@ -438,15 +438,40 @@ async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_dupli
 
 #[test]
 fn the_sdk_harness_runs_the_seed_scenario_against_the_compiled_plugins() {
+    seed_scenario_on(|name| test_plugin(cloud48_engine::plugins::TEST_PLUGINS, name));
+}
+
+/// The reference plugins as released for WIT 0.1.0 (checked in, never rebuilt: see
+/// `tests/fixtures/README.md`) keep running the seed scenario unchanged in this core.
+#[test]
+fn the_released_wit_0_1_0_plugins_still_run_the_seed_scenario() {
+    let host = cloud48_engine::plugins::PluginHost::new(None, Default::default()).unwrap();
+    for name in ["tomcat", "balancer", "mysql"] {
+        let meta = host.load(&wit_0_1_0_fixture(name)).unwrap().meta().clone();
+        assert_eq!(
+            (meta.name.as_str(), meta.wit_version.as_str()),
+            (name, "0.1.0")
+        );
+    }
+    seed_scenario_on(wit_0_1_0_fixture);
+}
+
+fn wit_0_1_0_fixture(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/wit-0.1.0")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The seed scenario (two tomcats, a balancer, a database, a crash of the balancer's server)
+/// through the SDK's testing platform, over the plugins `wasm` gives by type name.
+fn seed_scenario_on(wasm: impl Fn(&str) -> Vec<u8>) {
     use cloud48_engine::plugins::harness::WasmHooks;
     use cloud48_sdk::testing::Platform;
     let host = cloud48_engine::plugins::PluginHost::new(None, Default::default()).unwrap();
     let mut hooks = WasmHooks::default();
     for name in ["tomcat", "balancer", "mysql"] {
-        hooks = hooks.with(
-            host.load(&test_plugin(cloud48_engine::plugins::TEST_PLUGINS, name))
-                .unwrap(),
-        );
+        hooks = hooks.with(host.load(&wasm(name)).unwrap());
     }
     let mut p = Platform::new(hooks);
     let t1 = p.add("tomcat").unwrap();
