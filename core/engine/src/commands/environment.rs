@@ -437,11 +437,13 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 ))));
             }
             let all = members(svc, svc.db(), env.id).await?;
+            // The new container has joined: every after-hook sees it among the members (each
+            // hook's own container is left out by `dispatch`), as the SDK's Platform does.
+            let view = env_view(env, &all);
             let (new, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|(r, _)| r.id == id);
             let (new_row, new_view) = new.into_iter().next().ok_or_else(|| {
                 StepError::Permanent(format!("container {id} vanished while being added"))
             })?;
-            let view = env_view(env, &others);
             let mut calls = vec![Call {
                 view: &new_view,
                 state: &new_row.state,
