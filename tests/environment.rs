@@ -12,7 +12,8 @@ use serde_json::json;
 
 use crate::common::{Opts, TestCore};
 
-/// A container type that records every hook call as `type#id:hook`.
+/// A container type that records every hook call as `type#id:hook` (and, for `seeing`, the
+/// members each `after-other-is-added` sees, as `seeing sees [ids]`).
 struct Recording {
     name: &'static str,
     priority: i32,
@@ -57,6 +58,14 @@ impl ContainerType for Recording {
                 new_state: None,
             });
         }
+        if self.name == "seeing" && matches!(hook, Hook::AfterOtherIsAdded(_)) {
+            let mut ids: Vec<i64> = ctx.environment.members.iter().map(|m| m.id).collect();
+            ids.sort_unstable();
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("seeing sees {ids:?}"));
+        }
         if self.name == "counter" && matches!(hook, Hook::AfterOtherIsAdded(_)) {
             let n: u32 = std::str::from_utf8(ctx.state)
                 .ok()
@@ -79,6 +88,7 @@ fn recording(log: &Arc<Mutex<Vec<String>>>) -> Vec<Arc<dyn ContainerType>> {
         ("web", 50),
         ("singleton", 60),
         ("counter", 70),
+        ("seeing", 40),
     ]
     .into_iter()
     .map(|(name, priority)| {
@@ -512,49 +522,14 @@ async fn changes_made_while_the_balancer_is_stopped_converge_when_it_runs_again(
     assert_eq!(last[last.len() - 2].len(), 3, "the older rewrite ran first");
 }
 
-/// A type that records the members each of its `after-other-is-added` calls sees.
-struct Seeing {
-    seen: Arc<Mutex<Vec<Vec<i64>>>>,
-}
-
-impl ContainerType for Seeing {
-    fn type_id(&self) -> &str {
-        "seeing"
-    }
-    fn priority(&self) -> i32 {
-        40
-    }
-    fn default_requirements(&self) -> Requirements {
-        Requirements {
-            resources: Resources {
-                cpu_millis: 100,
-                memory_mb: 64,
-                disk_mb: 64,
-            },
-            ..Default::default()
-        }
-    }
-    fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
-        if matches!(hook, Hook::AfterOtherIsAdded(_)) {
-            let mut ids: Vec<i64> = ctx.environment.members.iter().map(|m| m.id).collect();
-            ids.sort_unstable();
-            self.seen.lock().unwrap().push(ids);
-        }
-        Ok(HookOutcome::allow())
-    }
-}
-
 /// Regression (WIT 0.2.0 issue, harness/core agreement): in `after-other-is-added` the core left
 /// the new container out of `ctx.environment.members`, while the SDK's testing `Platform` (and
 /// so `cloud48 plugin test`) includes it. The new member has joined: every member sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_other_is_added_sees_the_new_member_among_the_members() {
     let log = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let mut types = recording(&log);
-    types.push(Arc::new(Seeing { seen: seen.clone() }));
     let t = TestCore::start(Opts {
-        types,
+        types: recording(&log),
         ..Opts::default()
     })
     .await
@@ -566,5 +541,18 @@ async fn after_other_is_added_sees_the_new_member_among_the_members() {
     let mut web_and_db = vec![web, db];
     web_and_db.sort_unstable();
     assert_ne!(watcher, web);
-    assert_eq!(*seen.lock().unwrap(), vec![vec![web], web_and_db]);
+    let seen: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("seeing sees"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            format!("seeing sees {:?}", vec![web]),
+            format!("seeing sees {web_and_db:?}"),
+        ]
+    );
 }

@@ -294,7 +294,13 @@ pub const MAX_BATCH: u32 = 10_000;
 /// Guest id of a container: unique on the platform and fixed at creation, so that creating it
 /// twice on a server is detectable.
 pub(crate) fn guest_id_for(platform: &str, id: ContainerId) -> String {
-    format!("{platform}-c{id}")
+    format!("{}{id}", guest_id_prefix(platform))
+}
+
+/// What a guest id is before the container's id (statements that name many containers at
+/// once append `CAST(id AS TEXT)` to it).
+pub(crate) fn guest_id_prefix(platform: &str) -> String {
+    format!("{platform}-c")
 }
 
 /// Gives new containers their guest ids and locks each for the command that creates it
@@ -475,7 +481,7 @@ impl<'a> ContainerManager<'a> {
                 .await?;
         }
         // Guest ids in the format of `guest_id_for`, in one statement.
-        let prefix = format!("{}-c", self.svc.platform_name());
+        let prefix = guest_id_prefix(self.svc.platform_name());
         txn.execute_raw(crate::queue::store::sql(
             &txn,
             "UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE locked_by = $2 AND guest_id = ''",

@@ -97,7 +97,7 @@ async fn run(
     while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
         let (rows, waiting): (Vec<_>, Vec<_>) = group
             .drain(..)
-            .map(|p| ((p.row, p.server_id, p.requested_by), p.reply))
+            .map(|p| ((p.row, (p.server_id, p.requested_by)), p.reply))
             .unzip();
         match write(&db, &queue, &platform, rows).await {
             Ok(ids) => {
@@ -124,15 +124,10 @@ async fn write(
     db: &DatabaseConnection,
     queue: &Queue,
     platform: &str,
-    rows: Vec<(container::ActiveModel, Option<ServerId>, String)>,
+    rows: Vec<(container::ActiveModel, (Option<ServerId>, String))>,
 ) -> Result<Vec<(CommandId, ContainerId)>, DbErr> {
     let n = rows.len();
-    let mut containers = Vec::with_capacity(n);
-    let mut commands = Vec::with_capacity(n);
-    for (row, server_id, requested_by) in rows {
-        containers.push(row);
-        commands.push((server_id, requested_by));
-    }
+    let (containers, commands): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
     let backend = db.get_database_backend();
     let mut insert = container::Entity::insert_many(containers).build(backend);
     if backend != DatabaseBackend::Sqlite {
@@ -142,7 +137,7 @@ async fn write(
     let ids = store::inserted_ids(&txn, insert, n).await?;
     // Guest ids in the format of `managers::guest_id_for`, in one statement.
     let (set, mut values) = store::ids_source(&txn, ids.iter().copied(), 2);
-    values.insert(0, Value::from(format!("{platform}-c")));
+    values.insert(0, Value::from(crate::managers::guest_id_prefix(platform)));
     txn.execute_raw(store::sql(
         &txn,
         &format!("UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE id IN {set}"),
