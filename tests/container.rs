@@ -164,6 +164,103 @@ async fn transient_driver_errors_are_retried_with_backoff() {
     assert_eq!(cmd.attempts, 2, "two failed attempts were retried");
 }
 
+/// A resize whose reserved growth went (its deadline passed and the collector took it) while
+/// the guest was being resized, on a server that has no room left: the guest gets its old size
+/// back and the command fails saying so; the core's record and the ledger are unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_whose_growth_expired_on_a_full_server_gives_the_guest_its_old_size_back() {
+    let clock = crate::common::ManualClock::at(1_000_000);
+    let t = TestCore::start(Opts {
+        sim_servers: 1,
+        clock: Some(clock.clone()),
+        capacity: Some(Resources {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            disk_mb: 100_000,
+        }),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let id = create(&t, Some("sim-1")).await;
+    let before = show(&t, id).await;
+    let old = before.requirements.resources;
+    let bigger = Resources {
+        memory_mb: old.memory_mb + 1024,
+        ..old
+    };
+    // The resize fails once, transiently: the command waits for its retry, which the manual
+    // clock holds back, with its growth reserved.
+    let sim = t.sim("sim-1").await;
+    sim.fail_next(
+        "update",
+        1,
+        DriverError::Transient("connection reset".into()),
+    );
+    let update = act(&t, id, ContainerCommand::Update { resources: bigger }).await;
+    crate::common::eventually("the resize waits for its retry", || async {
+        let c = t.core.queue().get(update).await.unwrap();
+        (c.attempts == 1 && c.status == cloud48_engine::model::CommandStatus::Queued).then_some(())
+    })
+    .await;
+    let dummies = cloud48_engine::placement::dummies_of(t.core.db(), update)
+        .await
+        .unwrap();
+    assert_eq!(dummies.len(), 1, "the growth is reserved: {dummies:?}");
+    let dummy = dummies[0].id;
+    // The growth goes, as the collector takes an expired dummy, and another reservation takes
+    // every MB of memory left.
+    assert!(
+        cloud48_engine::placement::drop_dummy(t.core.db(), dummy)
+            .await
+            .unwrap()
+    );
+    let free = t.core.servers().get("sim-1").await.unwrap();
+    let rest = Requirements {
+        resources: Resources {
+            cpu_millis: 1,
+            memory_mb: free.capacity.memory_mb - free.allocated.memory_mb,
+            disk_mb: 1,
+        },
+        ..Default::default()
+    };
+    {
+        use sea_orm::TransactionTrait;
+        let txn = t.core.db().begin().await.unwrap();
+        let request = cloud48_engine::placement::PlaceRequest {
+            requirements: &rest,
+            container_id: 0,
+            command_id: None,
+            avoid: Default::default(),
+            server: Some(free.id),
+            deadline: t.core.queue().now_ms() + 3_600_000,
+        };
+        cloud48_engine::placement::place(&txn, t.core.placement(), request)
+            .await
+            .unwrap();
+        txn.commit().await.unwrap();
+    }
+    clock.advance(60_000);
+    let cmd = t.wait(update).await;
+    assert_eq!(cmd.status, cloud48_engine::model::CommandStatus::Failed);
+    let err = cmd.error.unwrap();
+    assert!(
+        err.contains("expired and the server has no room any more; its size is unchanged"),
+        "{err}"
+    );
+    assert_eq!(show(&t, id).await.requirements.resources, old);
+    let guest = sim.guest(&before.guest_id).unwrap();
+    assert_eq!(guest.info.resources, old, "the guest has its old size back");
+    assert_eq!(
+        guest.operations.iter().filter(|o| *o == "update").count(),
+        2,
+        "resized, then given its old size back: {:?}",
+        guest.operations
+    );
+    let audit = cloud48_engine::placement::audit(t.core.db()).await.unwrap();
+    assert!(audit.is_empty(), "{audit:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_errors_past_the_attempt_limit_fail_the_command() {
     let t = TestCore::start(Opts {

@@ -593,3 +593,87 @@ async fn long_polls_are_capped_per_client_and_woken_by_their_commands_end() {
         "a terminal command answers at once"
     );
 }
+
+/// A runner whose step hands the queue writes to a scratch table: they fail with a permanent
+/// error when the command's parameters say so, after writing.
+struct Writer;
+
+#[async_trait::async_trait]
+impl Runner for Writer {
+    async fn step(&self, cmd: &command::Model) -> Result<Transition, StepError> {
+        let fail = cmd.params.contains("fail");
+        let id = cmd.id;
+        Ok(Transition::commit(move |txn| {
+            Box::pin(async move {
+                use sea_orm::ConnectionTrait;
+                txn.execute_unprepared(&format!("INSERT INTO probe (n) VALUES ({id})"))
+                    .await?;
+                if fail {
+                    return Err(StepError::Permanent("the writes refused".into()));
+                }
+                Ok(Next::Done(Value::Null))
+            })
+        }))
+    }
+}
+
+on_both_databases!(
+    a_steps_writes_commit_with_its_decision_and_failed_writes_leave_nothing,
+    writes_commit_with_the_step
+);
+async fn writes_commit_with_the_step(pg: bool) {
+    use sea_orm::ConnectionTrait;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = cloud48_engine::CoreConfig::new(dir.path());
+    let _pg = match pg {
+        true => {
+            let Some(pg) = PgDb::create().await else {
+                return;
+            };
+            config.database_url = Some(pg.url.clone());
+            Some(pg)
+        }
+        false => None,
+    };
+    let db = cloud48_engine::core::connect(&config).await.unwrap();
+    db.execute_unprepared("CREATE TABLE probe (n BIGINT NOT NULL)")
+        .await
+        .unwrap();
+    let q = Queue::new(
+        db.clone(),
+        "core".into(),
+        QueueConfig::default(),
+        Arc::new(SystemClock),
+    );
+    q.start(Arc::new(Writer), false).await.unwrap();
+    let mut ids = Vec::new();
+    for params in [Value::Null, serde_json::json!("fail")] {
+        let id = q
+            .enqueue(NewCommand {
+                kind: cloud48_engine::model::CommandKind::Noop,
+                target: None,
+                params,
+                requested_by: "test".into(),
+            })
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let ok = q.wait(ids[0], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(ok.status, CommandStatus::Succeeded);
+    let failed = q.wait(ids[1], Duration::from_secs(60)).await.unwrap();
+    assert_eq!(failed.status, CommandStatus::Failed);
+    assert_eq!(failed.error.as_deref(), Some("the writes refused"));
+    let rows: Vec<i64> = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT n FROM probe ORDER BY n",
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get_by_index(0).unwrap())
+        .collect();
+    assert_eq!(rows, vec![ids[0]], "only the succeeding step's writes stay");
+    q.stop(Duration::from_secs(5)).await;
+}

@@ -101,6 +101,10 @@ impl Collector {
         Ok(report)
     }
 
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "database work only: every driver or plugin call happens before it"
+    )]
     async fn collect_dummies(&self, only: Option<ServerId>) -> Result<usize, CoreError> {
         let now = self.clock.now_ms();
         let dummies = crate::placement::dummies(&self.db, only).await?;
@@ -142,6 +146,10 @@ impl Collector {
     }
 
     /// Destroys the illegal containers and leftover guests of one server.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "database work only: every driver or plugin call happens before it"
+    )]
     async fn collect_server(&self, server_id: ServerId) -> Result<(usize, usize), CoreError> {
         let Some((driver, name)) = self.fleet.named_driver(server_id) else {
             return Ok((0, 0));

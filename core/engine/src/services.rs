@@ -92,6 +92,11 @@ impl Services {
         &self.placement
     }
 
+    /// Placement's view, to keep (a step's writes update it as they commit).
+    pub fn placement_shared(&self) -> Arc<PlacementCache> {
+        self.placement.clone()
+    }
+
     /// The container types.
     pub fn types(&self) -> &TypeRegistry {
         &self.types

@@ -120,6 +120,10 @@ async fn run(
 
 /// Writes the containers and their creates in one transaction; returns (command, container)
 /// per row, in order.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "database work only: every driver or plugin call happens before it"
+)]
 async fn write(
     db: &DatabaseConnection,
     queue: &Queue,

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    TransactionTrait, Value as DbValue,
+    Value as DbValue,
 };
 use serde_json::json;
 
@@ -27,8 +27,8 @@ use super::{StepCtx, driver_of, guest_spec, make_guest, params};
 use crate::entities::{command, container, dummy};
 use crate::managers::guest_id_for;
 use crate::model::{ContainerStatus, Resources, ServerId, now_ms};
-use crate::placement::{self, PlaceRequest};
-use crate::queue::{Next, StepError, Transition};
+use crate::placement::{self, PlaceRequest, PlacementCache};
+use crate::queue::{Next, StepError, Transition, UndoWrites};
 use crate::services::Services;
 
 /// Rows per multi-row statement.
@@ -81,51 +81,55 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
         }
     }
     let deadline = svc.queue().now_ms() + svc.dummy_ttl_ms();
-    let txn = svc.db().begin().await?;
-    let mut placed: Vec<(i64, ServerId)> = Vec::new();
-    let mut dummies = Vec::new();
-    let claims: Vec<(ServerId, Resources, i64)> = per_server
-        .iter()
-        .map(|(s, ids)| (*s, need.times(ids.len() as u64), ids.len() as i64))
-        .collect();
-    let held = placement::claim_many(&txn, &claims).await?;
-    for (server, ids) in per_server {
-        if held.contains(&server) {
-            for id in ids {
-                dummies.push(placement::NewDummy {
-                    server_id: server,
-                    container_id: id,
-                    command_id: ctx.cmd.id,
-                    need,
-                });
-                placed.push((id, server));
+    let (cache, command) = (svc.placement_shared(), ctx.cmd.id);
+    Ok(Transition::commit(move |txn| {
+        Box::pin(async move {
+            let mut placed: Vec<(i64, ServerId)> = Vec::new();
+            let mut dummies = Vec::new();
+            let claims: Vec<(ServerId, Resources, i64)> = per_server
+                .iter()
+                .map(|(s, ids)| (*s, need.times(ids.len() as u64), ids.len() as i64))
+                .collect();
+            let held = placement::claim_many(txn, &claims).await?;
+            for (server, ids) in per_server {
+                if held.contains(&server) {
+                    for id in ids {
+                        dummies.push(placement::NewDummy {
+                            server_id: server,
+                            container_id: id,
+                            command_id: command,
+                            need,
+                        });
+                        placed.push((id, server));
+                    }
+                    continue;
+                }
+                // The server filled up meanwhile: place these one by one.
+                cache.apply(server, &need.times(ids.len() as u64), ids.len() as i64, -1);
+                cache.refresh(txn, server).await?;
+                for id in ids {
+                    let request = PlaceRequest {
+                        requirements: &req,
+                        container_id: id,
+                        command_id: Some(command),
+                        avoid: HashSet::new(),
+                        server: fixed,
+                        deadline,
+                    };
+                    match placement::place(txn, &cache, request).await {
+                        Ok(r) => placed.push((id, r.server_id)),
+                        Err(placement::PlacementError::NoFit(reason)) => failed.push((id, reason)),
+                        Err(placement::PlacementError::Db(e)) => return Err(e.into()),
+                    }
+                }
             }
-            continue;
-        }
-        // The server filled up meanwhile: place these one by one.
-        cache.apply(server, &need.times(ids.len() as u64), ids.len() as i64, -1);
-        cache.refresh(&txn, server).await?;
-        for id in ids {
-            let request = PlaceRequest {
-                requirements: &req,
-                container_id: id,
-                command_id: Some(ctx.cmd.id),
-                avoid: HashSet::new(),
-                server: fixed,
-                deadline,
-            };
-            match placement::place(&txn, cache, request).await {
-                Ok(r) => placed.push((id, r.server_id)),
-                Err(placement::PlacementError::NoFit(reason)) => failed.push((id, reason)),
-                Err(placement::PlacementError::Db(e)) => return Err(e.into()),
-            }
-        }
-    }
-    placement::insert_dummies(&txn, &dummies, deadline).await?;
-    give_up(&txn, &failed.iter().map(|(id, _)| *id).collect::<Vec<_>>()).await?;
-    let progress = json!({ "placed": placed, "failed": failed });
-    let step = CreateManyStep::Make.number();
-    Ok(Transition::with(Next::Continue { step, progress }, txn))
+            placement::insert_dummies(txn, &dummies, deadline).await?;
+            give_up(txn, &failed.iter().map(|(id, _)| *id).collect::<Vec<_>>()).await?;
+            let progress = json!({ "placed": placed, "failed": failed });
+            let step = CreateManyStep::Make.number();
+            Ok(Next::Continue { step, progress })
+        })
+    }))
 }
 
 /// Marks containers failed and unlocks them.
@@ -193,63 +197,71 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
         }
         made = kept;
     }
-    let txn = svc.db().begin().await?;
-    // The made take their dummies' places, the refused give their reservations back. In the
-    // common case every dummy is there and nothing was refused: one delete does it all.
-    let removed = placement::fill_dummies_of(&txn, ctx.cmd.id).await?;
-    if removed != (made.len() + refused.len()) as u64 || !refused.is_empty() {
-        txn.rollback().await?;
-        return settle_slowly(ctx, made, refused, failed, need, start).await;
-    }
-    finish(txn, made, Vec::new(), refused, failed, start).await
+    // The made take their dummies' places, the refused give their reservations back.
+    let dummies = placement::dummies_of(svc.db(), ctx.cmd.id).await?;
+    let (cache, command) = (svc.placement_shared(), ctx.cmd.id);
+    Ok(Transition::commit(move |txn| {
+        Box::pin(async move {
+            // In the common case every dummy is there and nothing was refused: one delete does
+            // it all.
+            if refused.is_empty() && dummies.len() == made.len() {
+                let removed = placement::fill_dummies_of(txn, command).await?;
+                if removed != made.len() as u64 {
+                    return Err(StepError::Transient(
+                        "a reservation of this command went while its containers were recorded"
+                            .into(),
+                    ));
+                }
+                return finish(txn, made, Vec::new(), refused, failed, start).await;
+            }
+            let lost = settle_slowly(txn, &cache, &dummies, &made, &refused, need).await?;
+            finish(txn, made, lost, refused, failed, start).await
+        })
+    }))
 }
 
 /// The uncommon end of step 1: some dummies were collected (their deadline passed) or some
-/// containers were refused by their server.
+/// containers were refused by their server. Returns the made containers that lost their
+/// capacity.
 async fn settle_slowly(
-    ctx: &StepCtx<'_>,
-    made: Vec<(i64, ServerId, Option<String>)>,
-    refused: Vec<i64>,
-    failed: Vec<(i64, String)>,
+    txn: &DatabaseTransaction,
+    cache: &PlacementCache,
+    dummies: &[dummy::Model],
+    made: &[(i64, ServerId, Option<String>)],
+    refused: &[i64],
     need: Resources,
-    start: bool,
-) -> Result<Transition, StepError> {
-    let svc = ctx.svc;
-    // Read before the transaction (SQLite has one connection).
-    let dummies = placement::dummies_of(svc.db(), ctx.cmd.id).await?;
+) -> Result<Vec<i64>, DbErr> {
     let by_container: HashMap<i64, &dummy::Model> =
         dummies.iter().map(|d| (d.container_id, d)).collect();
-    let txn = svc.db().begin().await?;
-    for id in &refused {
+    for id in refused {
         if let Some(d) = by_container.get(id) {
-            placement::release(&txn, d.server_id, &placement::dummy_resources(d), 1).await?;
-            svc.placement()
-                .apply(d.server_id, &placement::dummy_resources(d), 1, -1);
+            placement::release(txn, d.server_id, &placement::dummy_resources(d), 1).await?;
+            cache.apply(d.server_id, &placement::dummy_resources(d), 1, -1);
         }
     }
     let mut lost = Vec::new();
-    for (id, server, _) in &made {
+    for (id, server, _) in made {
         // A dummy the collector took (deadline passed): reserve again if it still fits.
         if !by_container.contains_key(id)
-            && !placement::claim(&txn, *server, &need, 1, false).await?
+            && !placement::claim(txn, *server, &need, 1, false).await?
         {
             lost.push(*id);
         }
     }
     let ids: Vec<i64> = dummies.iter().map(|d| d.id).collect();
-    placement::fill_dummies(&txn, &ids).await?;
-    finish(txn, made, lost, refused, failed, start).await
+    placement::fill_dummies(txn, &ids).await?;
+    Ok(lost)
 }
 
-/// Commits the made containers and fails the others.
+/// Records the made containers and fails the others.
 async fn finish(
-    txn: DatabaseTransaction,
+    txn: &DatabaseTransaction,
     made: Vec<(i64, ServerId, Option<String>)>,
     lost: Vec<i64>,
     refused: Vec<i64>,
     mut failed: Vec<(i64, String)>,
     start: bool,
-) -> Result<Transition, StepError> {
+) -> Result<Next, StepError> {
     let status = if start {
         ContainerStatus::Running
     } else {
@@ -258,7 +270,7 @@ async fn finish(
     let ok: Vec<&(i64, ServerId, Option<String>)> =
         made.iter().filter(|m| !lost.contains(&m.0)).collect();
     for chunk in ok.chunks(CHUNK) {
-        fill_many(&txn, chunk, status, false).await?;
+        fill_many(txn, chunk, status, false).await?;
     }
     for id in &lost {
         failed.push((
@@ -267,7 +279,7 @@ async fn finish(
         ));
     }
     give_up(
-        &txn,
+        txn,
         &refused
             .iter()
             .chain(lost.iter())
@@ -278,13 +290,10 @@ async fn finish(
     let created = ok.len();
     let summary = shortfall(created, &failed);
     let result = json!({ "created": created, "failed": failed });
-    Ok(Transition::with(
-        match summary {
-            None => Next::Done(result),
-            Some(error) => Next::Partial { result, error },
-        },
-        txn,
-    ))
+    Ok(match summary {
+        None => Next::Done(result),
+        Some(error) => Next::Partial { result, error },
+    })
 }
 
 /// One line when a batch made fewer containers than asked: how many, and the most common
@@ -362,19 +371,22 @@ pub(super) async fn fill_many(
 pub(crate) async fn compensate(
     svc: &Services,
     cmd: &command::Model,
-) -> Result<Option<DatabaseTransaction>, DbErr> {
+) -> Result<Option<UndoWrites>, DbErr> {
     let dummies = placement::dummies_of(svc.db(), cmd.id).await?;
     let unfinished = creating(svc, cmd.id).await?;
-    let txn = svc.db().begin().await?;
-    for d in &dummies {
-        placement::drop_dummy(&txn, d.id).await?;
-    }
-    give_up(&txn, &unfinished).await?;
-    for d in &dummies {
-        svc.placement()
-            .apply(d.server_id, &placement::dummy_resources(d), 1, -1);
-    }
-    Ok(Some(txn))
+    let cache = svc.placement_shared();
+    Ok(Some(Box::new(move |txn| {
+        Box::pin(async move {
+            for d in &dummies {
+                placement::drop_dummy(txn, d.id).await?;
+            }
+            give_up(txn, &unfinished).await?;
+            for d in &dummies {
+                cache.apply(d.server_id, &placement::dummy_resources(d), 1, -1);
+            }
+            Ok(())
+        })
+    })))
 }
 
 #[cfg(test)]

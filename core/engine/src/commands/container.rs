@@ -1,10 +1,11 @@
 //! Steps of container commands.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, Set, TransactionTrait,
+    QueryOrder, Set,
 };
 use serde_json::{Value, json};
 
@@ -14,29 +15,34 @@ use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::{command, container, pending_script};
 use crate::managers::{ContainerCommand, check_status, guest_id_for, load_container, parse_status};
 use crate::model::{CommandKind, ContainerStatus, Requirements, Resources, now_ms};
+use crate::placement::PlacementCache;
 use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirements_of};
-use crate::queue::{Next, StepError, Transition};
+use crate::queue::{Next, StepError, Transition, UndoWrites};
 use crate::services::Services;
 
 fn spec(row: &container::Model) -> GuestSpec {
     guest_spec(&row.guest_id, &row.type_id, requirements_of(row).resources)
 }
 
-/// Begins a transaction and applies `change` to container `row`.
-async fn write(
-    svc: &Services,
-    row: &container::Model,
-    change: impl FnOnce(&mut container::ActiveModel),
-) -> Result<DatabaseTransaction, DbErr> {
-    let txn = svc.db().begin().await?;
-    write_in(&txn, row, change).await?;
-    Ok(txn)
+/// The step's decision `next`, committed with `change` applied to container `row`.
+fn write(
+    row: container::Model,
+    change: impl FnOnce(&mut container::ActiveModel) + Send + 'static,
+    next: Next,
+) -> Transition {
+    Transition::commit(move |txn| {
+        Box::pin(async move {
+            write_in(txn, &row, change).await?;
+            Ok(next)
+        })
+    })
 }
 
+/// Applies `change` to container `row` in `txn`.
 async fn write_in(
     txn: &DatabaseTransaction,
     row: &container::Model,
-    change: impl FnOnce(&mut container::ActiveModel),
+    change: impl FnOnce(&mut container::ActiveModel) + Send,
 ) -> Result<(), DbErr> {
     let mut am: container::ActiveModel = row.clone().into();
     change(&mut am);
@@ -94,19 +100,15 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     if matches!(cmd, ContainerCommand::Destroy {}) && status == ContainerStatus::Down {
         // Its server does not answer: the container is given up now and its guest destroyed
         // by the collector when the server is back.
-        let txn = write(svc, &row, |am| {
-            am.status = status_of(ContainerStatus::Illegal)
-        })
-        .await?;
-        return Ok(Transition::with(done(id), txn));
+        let illegal =
+            |am: &mut container::ActiveModel| am.status = status_of(ContainerStatus::Illegal);
+        return Ok(write(row, illegal, done(id)));
     }
     let Some(server_id) = row.server_id else {
         // Destroying a container that never reached a server (its create gives back its dummy).
-        let txn = write(svc, &row, |am| {
-            am.status = status_of(ContainerStatus::Destroyed)
-        })
-        .await?;
-        return Ok(Transition::with(done(id), txn));
+        let gone =
+            |am: &mut container::ActiveModel| am.status = status_of(ContainerStatus::Destroyed);
+        return Ok(write(row, gone, done(id)));
     };
     let (driver, server) = driver_of(svc, server_id)?;
     let guest = row.guest_id.as_str();
@@ -152,17 +154,22 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
                 .await
                 .map_err(|e| driver_err(&server, e))?;
             let need = requirements_of(&row).resources;
-            let txn = write(svc, &row, |am| {
-                am.status = status_of(ContainerStatus::Destroyed)
-            })
-            .await?;
-            pending_script::Entity::delete_many()
-                .filter(pending_script::Column::ContainerId.eq(id))
-                .exec(&txn)
-                .await?;
-            placement::release(&txn, server_id, &need, 1).await?;
-            svc.placement().apply(server_id, &need, 1, -1);
-            return Ok(Transition::with(done(id), txn));
+            let cache = svc.placement_shared();
+            return Ok(Transition::commit(move |txn| {
+                Box::pin(async move {
+                    write_in(txn, &row, |am| {
+                        am.status = status_of(ContainerStatus::Destroyed)
+                    })
+                    .await?;
+                    pending_script::Entity::delete_many()
+                        .filter(pending_script::Column::ContainerId.eq(id))
+                        .exec(txn)
+                        .await?;
+                    placement::release(txn, server_id, &need, 1).await?;
+                    cache.apply(server_id, &need, 1, -1);
+                    Ok(done(id))
+                })
+            }));
         }
         ContainerCommand::Update { resources } => {
             return update(ctx, &row, (driver.as_ref(), &server), server_id, resources).await;
@@ -176,18 +183,20 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     } else {
         (Vec::new(), None)
     };
-    let txn = write(svc, &row, |am| am.status = status_of(new_status)).await?;
-    forget_pending(&txn, applied).await?;
-    match failure {
-        None => Ok(Transition::with(done(id), txn)),
-        Some(error) => Ok(Transition::with(
-            Next::Partial {
-                result: json!({ "container_id": id }),
-                error,
-            },
-            txn,
-        )),
-    }
+    let next = match failure {
+        None => done(id),
+        Some(error) => Next::Partial {
+            result: json!({ "container_id": id }),
+            error,
+        },
+    };
+    Ok(Transition::commit(move |txn| {
+        Box::pin(async move {
+            write_in(txn, &row, |am| am.status = status_of(new_status)).await?;
+            forget_pending(txn, applied).await?;
+            Ok(next)
+        })
+    }))
 }
 
 /// Forgets the pending scripts that ran.
@@ -269,40 +278,53 @@ async fn update(
     if UpdateStep::of(ctx.cmd)? == UpdateStep::Reserve && grow != Resources::default() {
         let ttl = svc.dummy_ttl_ms();
         let deadline = svc.queue().now_ms() + ttl;
-        let txn = svc.db().begin().await?;
-        let Some(r) =
-            placement::reserve_growth(&txn, server_id, id, ctx.cmd.id, &grow, deadline).await?
-        else {
-            return Err(StepError::Permanent(format!(
-                "server {server} lacks room to grow container {id} by {} cpu_millis, {} memory_mb and {} disk_mb; migrate it first",
-                grow.cpu_millis, grow.memory_mb, grow.disk_mb
-            )));
-        };
-        svc.placement().apply(server_id, &grow, 1, 1);
-        let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
-        let step = UpdateStep::Resize.number();
-        return Ok(Transition::with(Next::Continue { step, progress }, txn));
+        let (cache, command, server) = (svc.placement_shared(), ctx.cmd.id, server.to_string());
+        return Ok(Transition::commit(move |txn| {
+            Box::pin(async move {
+                let Some(r) =
+                    placement::reserve_growth(txn, server_id, id, command, &grow, deadline).await?
+                else {
+                    return Err(StepError::Permanent(format!(
+                        "server {server} lacks room to grow container {id} by {} cpu_millis, {} memory_mb and {} disk_mb; migrate it first",
+                        grow.cpu_millis, grow.memory_mb, grow.disk_mb
+                    )));
+                };
+                cache.apply(server_id, &grow, 1, 1);
+                let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
+                let step = UpdateStep::Resize.number();
+                Ok(Next::Continue { step, progress })
+            })
+        }));
+    }
+    if UpdateStep::of(ctx.cmd)? == UpdateStep::Undo {
+        // Give the guest its old size back (best effort) so it uses what the ledger holds.
+        if let Err(e) = driver.update(&row.guest_id, &req.resources).await {
+            tracing::warn!(container = id, error = %e, "could not undo a resize whose growth expired");
+        }
+        return Ok(Transition::bare(Next::Fail(format!(
+            "the capacity reserved on server {server} to grow container {id} expired and the server has no room any more; its size is unchanged"
+        ))));
     }
     driver
         .update(&row.guest_id, resources)
         .await
         .map_err(|e| driver_err(server, e))?;
-    let txn = svc.db().begin().await?;
-    if !placement::settle_resize(&txn, server_id, growth, &grow, &shrink).await? {
-        txn.rollback().await?;
-        // Give the guest its old size back (best effort) so it uses what the ledger holds.
-        if let Err(e) = driver.update(&row.guest_id, &req.resources).await {
-            tracing::warn!(container = id, error = %e, "could not undo a resize whose growth expired");
-        }
-        return Err(StepError::Permanent(format!(
-            "the capacity reserved on server {server} to grow container {id} expired and the server has no room any more; its size is unchanged"
-        )));
-    }
-    req.resources = *resources;
-    let text = serde_json::to_string(&req).expect("serializable");
-    write_in(&txn, row, |am| am.requirements = Set(text)).await?;
-    svc.placement().refresh(&txn, server_id).await?;
-    Ok(Transition::with(done(id), txn))
+    let (row, resources, cache) = (row.clone(), *resources, svc.placement_shared());
+    let progress = ctx.progress.clone();
+    Ok(Transition::commit(move |txn| {
+        Box::pin(async move {
+            if !placement::settle_resize(txn, server_id, growth, &grow, &shrink).await? {
+                // Nothing was written: the guest is given its old size back.
+                let step = UpdateStep::Undo.number();
+                return Ok(Next::Continue { step, progress });
+            }
+            req.resources = resources;
+            let text = serde_json::to_string(&req).expect("serializable");
+            write_in(txn, &row, |am| am.requirements = Set(text)).await?;
+            cache.refresh(txn, server_id).await?;
+            Ok(done(id))
+        })
+    }))
 }
 
 /// Fails the step when another live container holds the address `id`'s server gave it (the
@@ -322,7 +344,7 @@ async fn unique_address(svc: &Services, id: i64, ip: Option<&str>) -> Result<(),
 pub(super) async fn compensate_update(
     svc: &Services,
     cmd: &command::Model,
-) -> Result<Option<DatabaseTransaction>, DbErr> {
+) -> Result<Option<UndoWrites>, DbErr> {
     let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
     let Some(r) = reservation(&progress) else {
         return Ok(None);
@@ -330,12 +352,15 @@ pub(super) async fn compensate_update(
     let Some(d) = placement::dummy(svc.db(), r.dummy_id).await? else {
         return Ok(None);
     };
-    let txn = svc.db().begin().await?;
-    if placement::drop_dummy(&txn, d.id).await? {
-        svc.placement()
-            .apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
-    }
-    Ok(Some(txn))
+    let cache = svc.placement_shared();
+    Ok(Some(Box::new(move |txn| {
+        Box::pin(async move {
+            if placement::drop_dummy(txn, d.id).await? {
+                cache.apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
+            }
+            Ok(())
+        })
+    })))
 }
 
 fn place_err(e: PlacementError) -> StepError {
@@ -370,27 +395,43 @@ async fn spread_avoid(
     Ok(servers)
 }
 
-/// Places `container_id` in `txn` with a dummy that dies with this command.
-async fn reserve(
-    ctx: &StepCtx<'_>,
-    txn: &DatabaseTransaction,
-    container_id: i64,
-    req: &Requirements,
-    avoid: HashSet<i64>,
-    server: Option<i64>,
-) -> Result<Reservation, StepError> {
-    let ttl = ctx.svc.dummy_ttl_ms();
-    let request = PlaceRequest {
-        requirements: req,
-        container_id,
-        command_id: Some(ctx.cmd.id),
-        avoid,
-        server,
-        deadline: ctx.svc.queue().now_ms() + ttl,
-    };
-    placement::place(txn, ctx.svc.placement(), request)
-        .await
-        .map_err(place_err)
+/// What a step's writes need to place a container with a dummy that dies with its command.
+struct Placing {
+    cache: Arc<PlacementCache>,
+    command: i64,
+    deadline: i64,
+}
+
+impl Placing {
+    fn of(ctx: &StepCtx<'_>) -> Self {
+        Placing {
+            cache: ctx.svc.placement_shared(),
+            command: ctx.cmd.id,
+            deadline: ctx.svc.queue().now_ms() + ctx.svc.dummy_ttl_ms(),
+        }
+    }
+
+    /// Places `container_id` in `txn`.
+    async fn reserve(
+        &self,
+        txn: &DatabaseTransaction,
+        container_id: i64,
+        req: &Requirements,
+        avoid: HashSet<i64>,
+        server: Option<i64>,
+    ) -> Result<Reservation, StepError> {
+        let request = PlaceRequest {
+            requirements: req,
+            container_id,
+            command_id: Some(self.command),
+            avoid,
+            server,
+            deadline: self.deadline,
+        };
+        placement::place(txn, &self.cache, request)
+            .await
+            .map_err(place_err)
+    }
 }
 
 /// The reservation a placing step recorded in the progress.
@@ -434,11 +475,17 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         let params: params::Create = ctx.params()?;
         let mut avoid = spread_avoid(svc, &row, &req).await?;
         avoid.extend(params.avoid);
-        let txn = svc.db().begin().await?;
-        let r = reserve(ctx, &txn, id, &req, avoid, params.server_id).await?;
-        let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
-        let step = CreateStep::Make.number();
-        return Ok(Transition::with(Next::Continue { step, progress }, txn));
+        let placing = Placing::of(ctx);
+        return Ok(Transition::commit(move |txn| {
+            Box::pin(async move {
+                let r = placing
+                    .reserve(txn, id, &req, avoid, params.server_id)
+                    .await?;
+                let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
+                let step = CreateStep::Make.number();
+                Ok(Next::Continue { step, progress })
+            })
+        }));
     }
     let params: params::Create = ctx.params()?;
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
@@ -465,20 +512,23 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         .await
         .map_err(|e| driver_err(&server, e))?;
     unique_address(svc, id, info.ip.as_deref()).await?;
-    let txn = svc.db().begin().await?;
-    fill(&txn, r, &req.resources, &server).await?;
     let status = if start {
         ContainerStatus::Running
     } else {
         ContainerStatus::Stopped
     };
-    write_in(&txn, &row, |am| {
-        am.server_id = Set(Some(r.server_id));
-        am.ip = Set(info.ip.clone());
-        am.status = status_of(status);
-    })
-    .await?;
-    Ok(Transition::with(done(id), txn))
+    Ok(Transition::commit(move |txn| {
+        Box::pin(async move {
+            fill(txn, r, &req.resources, &server).await?;
+            write_in(txn, &row, |am| {
+                am.server_id = Set(Some(r.server_id));
+                am.ip = Set(info.ip);
+                am.status = status_of(status);
+            })
+            .await?;
+            Ok(done(id))
+        })
+    }))
 }
 
 /// Imports `image` on `target`, first pulling it from an agent if it refers to an agent's
@@ -543,7 +593,7 @@ pub(super) async fn compensate(
     svc: &Services,
     cmd: &command::Model,
     _error: &str,
-) -> Result<Option<DatabaseTransaction>, DbErr> {
+) -> Result<Option<UndoWrites>, DbErr> {
     let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
     let reserved = reservation(&progress);
     let new_id = match cmd.kind.as_str() {
@@ -567,25 +617,28 @@ pub(super) async fn compensate(
         (Some(row), _) => undo_create(svc, cmd, row, reserved).await,
         (None, _) => None,
     };
-    let txn = svc.db().begin().await?;
-    if let Some(d) = dummy
-        && placement::drop_dummy(&txn, d.id).await?
-    {
-        svc.placement()
-            .apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
-    }
-    if let (Some(row), Some(change)) = (row, change) {
-        write_in(&txn, &row, |am| {
-            if let Some(status) = change.status {
-                am.status = status_of(status);
+    let cache = svc.placement_shared();
+    Ok(Some(Box::new(move |txn| {
+        Box::pin(async move {
+            if let Some(d) = dummy
+                && placement::drop_dummy(txn, d.id).await?
+            {
+                cache.apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
             }
-            if change.unlock {
-                am.locked_by = Set(None);
+            if let (Some(row), Some(change)) = (row, change) {
+                write_in(txn, &row, |am| {
+                    if let Some(status) = change.status {
+                        am.status = status_of(status);
+                    }
+                    if change.unlock {
+                        am.locked_by = Set(None);
+                    }
+                })
+                .await?;
             }
+            Ok(())
         })
-        .await?;
-    }
-    Ok(Some(txn))
+    })))
 }
 
 /// What undoing a command changes on its container row.
@@ -684,48 +737,51 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             ContainerCommand::Clone { server: None }.allowed_from(),
         )
         .map_err(StepError::Permanent)?;
-        let txn = svc.db().begin().await?;
-        let now = now_ms();
-        let copy = container::ActiveModel {
-            platform_id: Set(row.platform_id),
-            type_id: Set(row.type_id.clone()),
-            state: Set(row.state.clone()),
-            status: status_of(ContainerStatus::Creating),
-            server_id: Set(None),
-            environment_id: Set(None),
-            guest_id: Set(String::new()),
-            ip: Set(None),
-            requirements: Set(row.requirements.clone()),
-            locked_by: Set(Some(ctx.cmd.id)),
-            created_at: Set(now),
-            updated_at: Set(now),
-            ..Default::default()
-        }
-        .insert(&txn)
-        .await?;
-        let guest = guest_id_for(svc.platform_name(), copy.id);
-        let copy_id = copy.id;
-        let mut am: container::ActiveModel = copy.into();
-        am.guest_id = Set(guest);
-        am.update(&txn).await?;
-        let req = requirements_of(&row);
-        let r = reserve(
-            ctx,
-            &txn,
-            copy_id,
-            &req,
-            HashSet::new(),
-            ctx.params::<params::Clone>()?.server_id,
-        )
-        .await?;
-        let progress = json!({
-            "clone_id": copy_id,
-            "server_id": r.server_id,
-            "dummy_id": r.dummy_id,
-            "was_running": status == ContainerStatus::Running,
-        });
-        let step = CloneStep::StopSource.number();
-        return Ok(Transition::with(Next::Continue { step, progress }, txn));
+        let server = ctx.params::<params::Clone>()?.server_id;
+        let (placing, command, platform) = (
+            Placing::of(ctx),
+            ctx.cmd.id,
+            svc.platform_name().to_string(),
+        );
+        return Ok(Transition::commit(move |txn| {
+            Box::pin(async move {
+                let now = now_ms();
+                let copy = container::ActiveModel {
+                    platform_id: Set(row.platform_id),
+                    type_id: Set(row.type_id.clone()),
+                    state: Set(row.state.clone()),
+                    status: status_of(ContainerStatus::Creating),
+                    server_id: Set(None),
+                    environment_id: Set(None),
+                    guest_id: Set(String::new()),
+                    ip: Set(None),
+                    requirements: Set(row.requirements.clone()),
+                    locked_by: Set(Some(command)),
+                    created_at: Set(now),
+                    updated_at: Set(now),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                let guest = guest_id_for(&platform, copy.id);
+                let copy_id = copy.id;
+                let mut am: container::ActiveModel = copy.into();
+                am.guest_id = Set(guest);
+                am.update(txn).await?;
+                let req = requirements_of(&row);
+                let r = placing
+                    .reserve(txn, copy_id, &req, HashSet::new(), server)
+                    .await?;
+                let progress = json!({
+                    "clone_id": copy_id,
+                    "server_id": r.server_id,
+                    "dummy_id": r.dummy_id,
+                    "was_running": status == ContainerStatus::Running,
+                });
+                let step = CloneStep::StopSource.number();
+                Ok(Next::Continue { step, progress })
+            })
+        }));
     }
     let clone_id: i64 = ctx.progress_field("clone_id")?;
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
@@ -755,15 +811,19 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             let (dst, dst_name) = driver_of(svc, r.server_id)?;
             let info = import_on(svc, dst.as_ref(), &dst_name, &spec(&copy), image).await?;
             unique_address(svc, copy.id, info.ip.as_deref()).await?;
-            let txn = svc.db().begin().await?;
-            fill(&txn, r, &requirements_of(&copy).resources, &dst_name).await?;
-            write_in(&txn, &copy, |am| {
-                am.server_id = Set(Some(r.server_id));
-                am.ip = Set(info.ip.clone());
-                am.status = status_of(ContainerStatus::Stopped);
-            })
-            .await?;
-            Ok(Transition::with(next(CloneStep::Finish), txn))
+            let next = next(CloneStep::Finish);
+            Ok(Transition::commit(move |txn| {
+                Box::pin(async move {
+                    fill(txn, r, &requirements_of(&copy).resources, &dst_name).await?;
+                    write_in(txn, &copy, |am| {
+                        am.server_id = Set(Some(r.server_id));
+                        am.ip = Set(info.ip);
+                        am.status = status_of(ContainerStatus::Stopped);
+                    })
+                    .await?;
+                    Ok(next)
+                })
+            }))
         }
         CloneStep::Finish => {
             let copy = load_container(svc.db(), clone_id).await.map_err(core_err)?;
@@ -781,12 +841,11 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
             } else {
                 ContainerStatus::Stopped
             };
-            let txn = write(svc, &copy, |am| {
+            let finish = move |am: &mut container::ActiveModel| {
                 am.status = status_of(status);
                 am.locked_by = Set(None);
-            })
-            .await?;
-            Ok(Transition::with(done(clone_id), txn))
+            };
+            Ok(write(copy, finish, done(clone_id)))
         }
     }
 }
@@ -816,15 +875,19 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         let req = requirements_of(&row);
         let mut avoid = spread_avoid(svc, &row, &req).await?;
         avoid.extend(row.server_id);
-        let txn = svc.db().begin().await?;
-        let r = reserve(ctx, &txn, row.id, &req, avoid, to).await?;
-        let progress = json!({
-            "source": row.server_id,
-            "server_id": r.server_id,
-            "dummy_id": r.dummy_id,
-            "was_running": status == ContainerStatus::Running,
-        });
-        return Ok(Transition::with(next(MigrateStep::Stop, progress), txn));
+        let placing = Placing::of(ctx);
+        return Ok(Transition::commit(move |txn| {
+            Box::pin(async move {
+                let r = placing.reserve(txn, row.id, &req, avoid, to).await?;
+                let progress = json!({
+                    "source": row.server_id,
+                    "server_id": r.server_id,
+                    "dummy_id": r.dummy_id,
+                    "was_running": status == ContainerStatus::Running,
+                });
+                Ok(next(MigrateStep::Stop, progress))
+            })
+        }));
     }
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
     let source: i64 = ctx.progress_field("source")?;
@@ -835,13 +898,12 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             src.stop(&row.guest_id)
                 .await
                 .map_err(|e| driver_err(&src_name, e))?;
-            let txn = write(svc, &row, |am| {
-                am.status = status_of(ContainerStatus::Stopped)
-            })
-            .await?;
-            Ok(Transition::with(
+            let stopped =
+                |am: &mut container::ActiveModel| am.status = status_of(ContainerStatus::Stopped);
+            Ok(write(
+                row,
+                stopped,
                 next(MigrateStep::Copy, ctx.progress.clone()),
-                txn,
             ))
         }
         MigrateStep::Copy => {
@@ -878,20 +940,24 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                 .await
                 .map_err(|e| driver_err(&src_name, e))?;
             let need = requirements_of(&row).resources;
-            let ip = ctx.progress["ip"].as_str().map(str::to_string);
-            let txn = svc.db().begin().await?;
-            fill(&txn, r, &need, &dst_name).await?;
-            placement::release(&txn, source, &need, 1).await?;
-            svc.placement().apply(source, &need, 1, -1);
-            write_in(&txn, &row, |am| {
-                am.server_id = Set(Some(r.server_id));
-                am.ip = Set(ip);
-            })
-            .await?;
-            Ok(Transition::with(
+            let ip: Option<String> = ctx.progress_field("ip")?;
+            let (cache, next) = (
+                svc.placement_shared(),
                 next(MigrateStep::Start, ctx.progress.clone()),
-                txn,
-            ))
+            );
+            Ok(Transition::commit(move |txn| {
+                Box::pin(async move {
+                    fill(txn, r, &need, &dst_name).await?;
+                    placement::release(txn, source, &need, 1).await?;
+                    cache.apply(source, &need, 1, -1);
+                    write_in(txn, &row, |am| {
+                        am.server_id = Set(Some(r.server_id));
+                        am.ip = Set(ip);
+                    })
+                    .await?;
+                    Ok(next)
+                })
+            }))
         }
         MigrateStep::Start => {
             if ctx.progress_field::<bool>("was_running")? {
@@ -899,11 +965,11 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                 dst.start(&row.guest_id)
                     .await
                     .map_err(|e| driver_err(&dst_name, e))?;
-                let txn = write(svc, &row, |am| {
+                let id = row.id;
+                let running = |am: &mut container::ActiveModel| {
                     am.status = status_of(ContainerStatus::Running)
-                })
-                .await?;
-                return Ok(Transition::with(done(row.id), txn));
+                };
+                return Ok(write(row, running, done(id)));
             }
             Ok(Transition::bare(done(row.id)))
         }
@@ -921,20 +987,21 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
         // It cannot run now: kept, and run when the container runs again (start or resume),
         // so the environment change that asked for it converges instead of half-applying.
         let params::Exec { script, args } = ctx.params()?;
-        let txn = ctx.svc.db().begin().await?;
-        pending_script::ActiveModel {
-            container_id: Set(row.id),
-            script: Set(script),
-            args: Set(serde_json::to_string(&args).expect("strings serialize")),
-            created_at: Set(crate::model::now_ms()),
-            ..Default::default()
-        }
-        .insert(&txn)
-        .await?;
-        return Ok(Transition::with(
-            Next::Done(json!({ "pending": true, "container_id": row.id })),
-            txn,
-        ));
+        let id = row.id;
+        return Ok(Transition::commit(move |txn| {
+            Box::pin(async move {
+                pending_script::ActiveModel {
+                    container_id: Set(id),
+                    script: Set(script),
+                    args: Set(serde_json::to_string(&args).expect("strings serialize")),
+                    created_at: Set(crate::model::now_ms()),
+                    ..Default::default()
+                }
+                .insert(txn)
+                .await?;
+                Ok(Next::Done(json!({ "pending": true, "container_id": id })))
+            })
+        }));
     }
     check_status(
         row.id,
@@ -984,7 +1051,10 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
     if applied.is_empty() {
         return Ok(Transition::bare(next));
     }
-    let txn = ctx.svc.db().begin().await?;
-    forget_pending(&txn, applied).await?;
-    Ok(Transition::with(next, txn))
+    Ok(Transition::commit(move |txn| {
+        Box::pin(async move {
+            forget_pending(txn, applied).await?;
+            Ok(next)
+        })
+    }))
 }

@@ -3,10 +3,7 @@
 //! Hook order (the design notes' rule): the hooks of the container being added or removed run
 //! first, then those of the environment's members by ascending priority value (ties by id).
 
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait, QueryFilter,
-    Set, TransactionTrait,
-};
+use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter};
 use serde_json::{Value, json};
 
 use super::steps::{AddStep, NotifyStep, PlanStep, RemoveStep, ReplaceStep};
@@ -34,17 +31,11 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     }
     use CommandKind::*;
     match kind {
-        EnvironmentCreate => {
-            let txn = ctx.svc.db().begin().await?;
-            let mut am: environment::ActiveModel = env.clone().into();
-            am.status = Set(EnvironmentStatus::Active.as_str().into());
-            am.updated_at = Set(now_ms());
-            am.update(&txn).await?;
-            Ok(Transition::with(
-                Next::Done(json!({ "environment_id": env.id })),
-                txn,
-            ))
-        }
+        EnvironmentCreate => Ok(with_env_status(
+            env.id,
+            EnvironmentStatus::Active,
+            Next::Done(json!({ "environment_id": env.id })),
+        )),
         EnvironmentAdd => add(ctx, &env).await,
         EnvironmentRemove => remove(ctx, &env).await,
         EnvironmentReplace => replace(ctx, &env).await,
@@ -167,6 +158,37 @@ fn dispatch(
         actions.extend(outcome.actions);
     }
     Ok((states, actions))
+}
+
+/// The decision `next`, committed with the new states the hooks returned.
+fn with_states(states: Vec<(i64, Vec<u8>)>, next: Next) -> Transition {
+    Transition::commit(move |txn| {
+        Box::pin(async move {
+            save_states(txn, states).await?;
+            Ok(next)
+        })
+    })
+}
+
+/// The decision `next`, committed with environment `id` in `status`.
+fn with_env_status(id: i64, status: EnvironmentStatus, next: Next) -> Transition {
+    Transition::commit(move |txn| {
+        Box::pin(async move {
+            environment::Entity::update_many()
+                .col_expr(
+                    environment::Column::Status,
+                    sea_orm::sea_query::Expr::val(status.as_str()),
+                )
+                .col_expr(
+                    environment::Column::UpdatedAt,
+                    sea_orm::sea_query::Expr::val(now_ms()),
+                )
+                .filter(environment::Column::Id.eq(id))
+                .exec(txn)
+                .await?;
+            Ok(next)
+        })
+    })
 }
 
 async fn save_states(
@@ -377,16 +399,9 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let (states, actions) = dispatch(svc, &view, calls, true)?;
             let (own, others): (Vec<_>, Vec<_>) = states.into_iter().partition(|(i, _)| *i == 0);
             let new_state = own.into_iter().last().map_or(initial.clone(), |(_, s)| s);
-            let txn = svc.db().begin().await?;
-            save_states(&txn, others).await?;
             let progress = json!({ "new_state": new_state, "actions": actions });
-            Ok(Transition::with(
-                Next::Continue {
-                    step: AddStep::BeforeActions.number(),
-                    progress,
-                },
-                txn,
-            ))
+            let step = AddStep::BeforeActions.number();
+            Ok(with_states(others, Next::Continue { step, progress }))
         }
         AddStep::BeforeActions => {
             drain_actions(ctx, env, |progress| Next::Continue {
@@ -408,25 +423,33 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 prepare_container(svc, ty.type_id(), server, params.requirements, Some(env.id))
                     .await
                     .map_err(core_err)?;
-            let txn = svc.db().begin().await?;
-            let (id, server_id) = insert_container(svc, &txn, new).await.map_err(core_err)?;
-            save_states(&txn, vec![(id, new_state)]).await?;
-            let child = NewCommand {
-                kind: crate::model::CommandKind::ContainerCreate,
-                target: Some(Target::Container(id)),
-                params: params::to_value(params::Create {
-                    avoid: params.avoid,
-                    clone_of: params.clone_of,
-                    ..params::Create::on(server_id)
-                }),
-                requested_by: ctx.cmd.requested_by.clone(),
-            };
-            let next = Next::Spawn {
-                step: AddStep::AfterHooks.number(),
-                progress: json!({ "container_id": id }),
-                children: vec![child],
-            };
-            Ok(Transition::with(next, txn))
+            let (platform, requested_by) = (
+                svc.platform_name().to_string(),
+                ctx.cmd.requested_by.clone(),
+            );
+            Ok(Transition::commit(move |txn| {
+                Box::pin(async move {
+                    let (id, server_id) = insert_container(&platform, txn, new)
+                        .await
+                        .map_err(core_err)?;
+                    save_states(txn, vec![(id, new_state)]).await?;
+                    let child = NewCommand {
+                        kind: crate::model::CommandKind::ContainerCreate,
+                        target: Some(Target::Container(id)),
+                        params: params::to_value(params::Create {
+                            avoid: params.avoid,
+                            clone_of: params.clone_of,
+                            ..params::Create::on(server_id)
+                        }),
+                        requested_by,
+                    };
+                    Ok(Next::Spawn {
+                        step: AddStep::AfterHooks.number(),
+                        progress: json!({ "container_id": id }),
+                        children: vec![child],
+                    })
+                })
+            }))
         }
         AddStep::AfterHooks => {
             let id: i64 = ctx.progress_field("container_id")?;
@@ -455,16 +478,9 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 hook: Hook::AfterOtherIsAdded(new_view.clone()),
             }));
             let (states, actions) = dispatch(svc, &view, calls, false)?;
-            let txn = svc.db().begin().await?;
-            save_states(&txn, states).await?;
             let progress = json!({ "container_id": id, "actions": actions });
-            Ok(Transition::with(
-                Next::Continue {
-                    step: AddStep::AfterActions.number(),
-                    progress,
-                },
-                txn,
-            ))
+            let step = AddStep::AfterActions.number();
+            Ok(with_states(states, Next::Continue { step, progress }))
         }
         AddStep::AfterActions => {
             drain_actions(ctx, env, |p| {
@@ -510,16 +526,9 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
                 }],
                 true,
             )?;
-            let txn = svc.db().begin().await?;
-            save_states(&txn, states).await?;
             let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable"), "actions": actions });
-            Ok(Transition::with(
-                Next::Continue {
-                    step: RemoveStep::BeforeActions.number(),
-                    progress,
-                },
-                txn,
-            ))
+            let step = RemoveStep::BeforeActions.number();
+            Ok(with_states(states, Next::Continue { step, progress }))
         }
         RemoveStep::BeforeActions => {
             drain_actions(ctx, env, |progress| Next::Continue {
@@ -560,17 +569,10 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
                 })
                 .collect();
             let (states, actions) = dispatch(svc, &view, calls, false)?;
-            let txn = svc.db().begin().await?;
-            save_states(&txn, states).await?;
             let mut progress = ctx.progress.clone();
             progress["actions"] = serde_json::to_value(&actions).expect("serializable");
-            Ok(Transition::with(
-                Next::Continue {
-                    step: RemoveStep::AfterActions.number(),
-                    progress,
-                },
-                txn,
-            ))
+            let step = RemoveStep::AfterActions.number();
+            Ok(with_states(states, Next::Continue { step, progress }))
         }
         RemoveStep::AfterActions => {
             drain_actions(ctx, env, |_| Next::Done(json!({ "container_id": id }))).await
@@ -653,12 +655,11 @@ async fn fan_out(
     let count: usize = groups.iter().map(Vec::len).sum();
     let result: Value = json!({ "environment_id": env.id, "containers": count });
     if op == "destroy" {
-        let txn = svc.db().begin().await?;
-        let mut am: environment::ActiveModel = env.clone().into();
-        am.status = Set(EnvironmentStatus::Destroyed.as_str().into());
-        am.updated_at = Set(now_ms());
-        am.update(&txn).await?;
-        return Ok(Transition::with(Next::Done(result), txn));
+        return Ok(with_env_status(
+            env.id,
+            EnvironmentStatus::Destroyed,
+            Next::Done(result),
+        ));
     }
     Ok(Transition::bare(Next::Done(result)))
 }
@@ -711,15 +712,9 @@ async fn notify(
         })
         .collect();
     let (states, actions) = dispatch(svc, &view, calls, false)?;
-    let txn = svc.db().begin().await?;
-    save_states(&txn, states).await?;
-    Ok(Transition::with(
-        Next::Continue {
-            step: NotifyStep::Actions.number(),
-            progress: json!({ "actions": actions }),
-        },
-        txn,
-    ))
+    let step = NotifyStep::Actions.number();
+    let progress = json!({ "actions": actions });
+    Ok(with_states(states, Next::Continue { step, progress }))
 }
 
 /// Replaces a member that is down: it becomes illegal (the collector destroys it when its
@@ -744,19 +739,6 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                     "reason": format!("container {id} is {}, not down", old.status),
                 }))));
             }
-            let txn = svc.db().begin().await?;
-            container::Entity::update_many()
-                .col_expr(
-                    container::Column::Status,
-                    sea_orm::sea_query::Expr::val(ContainerStatus::Illegal.as_str()),
-                )
-                .col_expr(
-                    container::Column::UpdatedAt,
-                    sea_orm::sea_query::Expr::val(now_ms()),
-                )
-                .filter(container::Column::Id.eq(id))
-                .exec(&txn)
-                .await?;
             let others: Vec<_> = all.into_iter().filter(|(r, _)| r.id != id).collect();
             let view = env_view(env, &others);
             let calls = others
@@ -767,21 +749,22 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                     hook: Hook::AfterOtherIsRemoved(old.clone()),
                 })
                 .collect();
+            // The hooks run before the transaction; the member retires with their new states.
             let (states, actions) = dispatch(svc, &view, calls, false)?;
-            save_states(&txn, states).await?;
             let progress = json!({
                 "type": row.type_id,
                 "requirements": serde_json::from_str::<Value>(&row.requirements).unwrap_or(Value::Null),
                 "avoid": row.server_id,
                 "actions": actions,
             });
-            Ok(Transition::with(
-                Next::Continue {
-                    step: ReplaceStep::Actions.number(),
-                    progress,
-                },
-                txn,
-            ))
+            let step = ReplaceStep::Actions.number();
+            Ok(Transition::commit(move |txn| {
+                Box::pin(async move {
+                    set_member_status(txn, id, ContainerStatus::Illegal, None).await?;
+                    save_states(txn, states).await?;
+                    Ok(Next::Continue { step, progress })
+                })
+            }))
         }
         ReplaceStep::Actions => {
             drain_actions(ctx, env, |progress| Next::Continue {
@@ -824,22 +807,16 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
             if let Some(failure) = child_failures(ctx).await? {
                 // No replacement: the old container is down again rather than illegal, so the
                 // collector does not destroy the only copy when its server comes back.
-                let txn = svc.db().begin().await?;
-                container::Entity::update_many()
-                    .col_expr(
-                        container::Column::Status,
-                        sea_orm::sea_query::Expr::val(ContainerStatus::Down.as_str()),
-                    )
-                    .filter(container::Column::Id.eq(id))
-                    .filter(container::Column::Status.eq(ContainerStatus::Illegal.as_str()))
-                    .exec(&txn)
-                    .await?;
-                return Ok(Transition::with(
-                    Next::Fail(format!(
-                        "replacing container {id} failed, it stays down: {failure}"
-                    )),
-                    txn,
+                let fail = Next::Fail(format!(
+                    "replacing container {id} failed, it stays down: {failure}"
                 ));
+                return Ok(Transition::commit(move |txn| {
+                    Box::pin(async move {
+                        let illegal = Some(ContainerStatus::Illegal);
+                        set_member_status(txn, id, ContainerStatus::Down, illegal).await?;
+                        Ok(fail)
+                    })
+                }));
             }
             let replacement = children
                 .iter()
@@ -906,21 +883,33 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
             children: vec![child],
         }));
     }
-    let txn = svc.db().begin().await?;
-    environment::Entity::update_many()
+    Ok(with_env_status(
+        dst,
+        EnvironmentStatus::Active,
+        Next::Done(json!({ "environment_id": dst, "containers": plan.len() })),
+    ))
+}
+
+/// Puts member `id` in `status` (only from `from`, when given).
+async fn set_member_status(
+    txn: &DatabaseTransaction,
+    id: i64,
+    status: ContainerStatus,
+    from: Option<ContainerStatus>,
+) -> Result<(), DbErr> {
+    let mut update = container::Entity::update_many()
         .col_expr(
-            environment::Column::Status,
-            sea_orm::sea_query::Expr::val(EnvironmentStatus::Active.as_str()),
+            container::Column::Status,
+            sea_orm::sea_query::Expr::val(status.as_str()),
         )
         .col_expr(
-            environment::Column::UpdatedAt,
+            container::Column::UpdatedAt,
             sea_orm::sea_query::Expr::val(now_ms()),
         )
-        .filter(environment::Column::Id.eq(dst))
-        .exec(&txn)
-        .await?;
-    Ok(Transition::with(
-        Next::Done(json!({ "environment_id": dst, "containers": plan.len() })),
-        txn,
-    ))
+        .filter(container::Column::Id.eq(id));
+    if let Some(from) = from {
+        update = update.filter(container::Column::Status.eq(from.as_str()));
+    }
+    update.exec(txn).await?;
+    Ok(())
 }

@@ -16,11 +16,12 @@
 //! queue runs it alone through `container::create`, which knows how to wait, retry, fail and
 //! compensate.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use futures::stream::{FuturesUnordered, StreamExt};
-use sea_orm::{DbErr, TransactionTrait};
+use sea_orm::DbErr;
 use serde_json::{Value, json};
 
 use super::batch::fill_many;
@@ -31,7 +32,7 @@ use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources, ServerId};
 use crate::placement::{self, Reservation};
 use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_source, json_rows};
-use crate::queue::{GroupNext, GroupSink, StepError};
+use crate::queue::{GroupCommit, GroupNext, GroupSink, GroupWrite, GroupWrites, StepError};
 use crate::services::Services;
 
 /// The key under which create commands at `cmd`'s step run together, if they may.
@@ -130,6 +131,12 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
     Ok(rows)
 }
 
+/// A decision of step 0: command index, container, server, need.
+type Decided = (usize, i64, ServerId, Resources);
+
+/// What step 0's writes kept, with the dummy of each container.
+type Placed = (Vec<Decided>, HashMap<i64, i64>);
+
 /// Step 0: decide, claim and reserve with dummies.
 async fn place(
     svc: &Services,
@@ -155,8 +162,8 @@ async fn place(
             .or_default()
             .push(p);
     }
-    // (command index, container, server, need), counted in the cache.
-    let mut decided: Vec<(usize, i64, ServerId, Resources)> = Vec::new();
+    // Counted in the cache.
+    let mut decided: Vec<Decided> = Vec::new();
     for ((_, fixed, _), members) in by_need {
         let req = members[0].row.requirements();
         let need = req.resources;
@@ -178,13 +185,12 @@ async fn place(
     if decided.is_empty() {
         return Ok(());
     }
-    let undo = |list: &[(usize, i64, ServerId, Resources)]| {
+    let undo = |list: &[Decided]| {
         for (_, _, server, need) in list {
             cache.apply(*server, need, 1, -1);
         }
     };
     let deadline = svc.queue().now_ms() + svc.dummy_ttl_ms();
-    let txn = svc.db().begin().await?;
     let mut per_server: BTreeMap<ServerId, (Resources, i64)> = BTreeMap::new();
     for (_, _, server, need) in &decided {
         let e = per_server.entry(*server).or_default();
@@ -193,74 +199,82 @@ async fn place(
     }
     let claims: Vec<(ServerId, Resources, i64)> =
         per_server.iter().map(|(s, (r, n))| (*s, *r, *n)).collect();
-    let held = match placement::claim_many(&txn, &claims).await {
-        Ok(held) => held,
-        Err(e) => {
-            undo(&decided);
-            return Err(e.into());
-        }
-    };
-    // A server that filled up meanwhile: its containers are placed alone.
-    let (kept, lost): (Vec<_>, Vec<_>) = decided.into_iter().partition(|d| held.contains(&d.2));
-    undo(&lost);
-    for server in lost
-        .iter()
-        .map(|d| d.2)
-        .collect::<std::collections::BTreeSet<_>>()
-    {
-        cache.refresh(&txn, server).await?;
-    }
-    let commands: HashMap<usize, i64> = kept.iter().map(|d| (d.0, cmds[d.0].id)).collect();
-    let new: Vec<placement::NewDummy> = kept
-        .iter()
-        .map(|(i, container, server, need)| placement::NewDummy {
-            server_id: *server,
-            container_id: *container,
-            command_id: commands[i],
-            need: *need,
-        })
-        .collect();
-    let dummies: HashMap<i64, i64> = match placement::insert_dummies(&txn, &new, deadline).await {
-        Ok(ids) => kept.iter().map(|d| d.1).zip(ids).collect(),
-        Err(e) => {
-            undo(&kept);
-            return Err(e.into());
-        }
-    };
-    let decisions = kept
-        .iter()
-        .map(|(i, container, server, _)| {
-            let progress = json!({ "server_id": server, "dummy_id": dummies[container] });
-            (*i, GroupNext::Continue { step: 1, progress })
-        })
-        .collect();
-    match sink.commit(Some(txn), decisions).await {
-        Ok(true) => {
-            let placed = kept
+    let commands: HashMap<usize, i64> = decided.iter().map(|d| (d.0, cmds[d.0].id)).collect();
+    // What the writes kept (and the dummies they made), for step 1 after the commit.
+    let slot: Arc<Mutex<Option<Placed>>> = Arc::default();
+    let (shared, kept_slot) = (svc.placement_shared(), slot.clone());
+    let writes: GroupWrites = Box::new(move |txn| {
+        Box::pin(async move {
+            let undo = |list: &[Decided]| {
+                for (_, _, server, need) in list {
+                    shared.apply(*server, need, 1, -1);
+                }
+            };
+            let held = match placement::claim_many(txn, &claims).await {
+                Ok(held) => held,
+                Err(e) => {
+                    undo(&decided);
+                    return Err(e.into());
+                }
+            };
+            // A server that filled up meanwhile: its containers are placed alone.
+            let (kept, lost): (Vec<_>, Vec<_>) =
+                decided.into_iter().partition(|d| held.contains(&d.2));
+            undo(&lost);
+            for server in lost.iter().map(|d| d.2).collect::<BTreeSet<_>>() {
+                if let Err(e) = shared.refresh(txn, server).await {
+                    undo(&kept);
+                    return Err(e.into());
+                }
+            }
+            let new: Vec<placement::NewDummy> = kept
                 .iter()
-                .map(|(i, container, server, _)| {
-                    (
-                        *i,
-                        &rows[container],
-                        Reservation {
-                            server_id: *server,
-                            dummy_id: dummies[container],
-                        },
-                        starts[i],
-                    )
+                .map(|(i, container, server, need)| placement::NewDummy {
+                    server_id: *server,
+                    container_id: *container,
+                    command_id: commands[i],
+                    need: *need,
                 })
                 .collect();
-            make_placed(svc, placed, sink).await
-        }
-        Ok(false) => {
-            undo(&kept);
-            Ok(())
-        }
-        Err(e) => {
-            undo(&kept);
-            Err(e.into())
-        }
+            let dummies: HashMap<i64, i64> =
+                match placement::insert_dummies(txn, &new, deadline).await {
+                    Ok(ids) => kept.iter().map(|d| d.1).zip(ids).collect(),
+                    Err(e) => {
+                        undo(&kept);
+                        return Err(e.into());
+                    }
+                };
+            let decisions = kept
+                .iter()
+                .map(|(i, container, server, _)| {
+                    let progress = json!({ "server_id": server, "dummy_id": dummies[container] });
+                    (*i, GroupNext::Continue { step: 1, progress })
+                })
+                .collect();
+            *kept_slot.lock().expect("not poisoned") = Some((kept, dummies));
+            Ok(GroupWrite::Commit(decisions))
+        })
+    });
+    let outcome = sink.commit(writes).await;
+    let Some((kept, dummies)) = slot.lock().expect("not poisoned").take() else {
+        // The writes failed, and gave back what they had counted.
+        return outcome.map(|_| ());
+    };
+    if outcome? != GroupCommit::Committed {
+        undo(&kept);
+        return Ok(());
     }
+    let placed = kept
+        .iter()
+        .map(|(i, container, server, _)| {
+            let r = Reservation {
+                server_id: *server,
+                dummy_id: dummies[container],
+            };
+            (*i, &rows[container], r, starts[i])
+        })
+        .collect();
+    make_placed(svc, placed, sink).await
 }
 
 /// Step 1: create and start the guests, committing them in waves as they finish.
@@ -320,67 +334,70 @@ async fn make_placed(
                 Err(e) => sink.fail(i, driver_err(&server, e).to_string()),
             }
         }
-        // Two of the wave given one address: the later fails. An address another live
-        // container holds is caught by the guarded fill, which then changes fewer rows: the
-        // wave is rolled back, checked against the database, and committed without them.
+        // Two of the wave given one address: the later fails.
         let addresses: Vec<(i64, Option<&str>)> =
             made.iter().map(|m| (m.1, m.4.as_deref())).collect();
         let (mut taken, _) = super::clashes_within(&addresses);
         refuse(&mut made, &mut taken, sink);
         while !made.is_empty() {
-            let txn = svc.db().begin().await?;
-            let ids: Vec<i64> = made.iter().map(|m| m.2.dummy_id).collect();
-            let deleted = placement::fill_dummies(&txn, &ids).await?;
-            if deleted != made.len() as u64 {
-                // Some dummy expired and was collected: each container takes its place alone.
-                txn.rollback().await?;
+            let batch = made.clone();
+            let writes: GroupWrites = Box::new(move |txn| {
+                Box::pin(async move {
+                    let ids: Vec<i64> = batch.iter().map(|m| m.2.dummy_id).collect();
+                    if placement::fill_dummies(txn, &ids).await? != batch.len() as u64 {
+                        // Some dummy expired and was collected.
+                        return Ok(GroupWrite::Rollback);
+                    }
+                    let mut filled = 0;
+                    for start in [true, false] {
+                        let rows: Vec<(i64, ServerId, Option<String>)> = batch
+                            .iter()
+                            .filter(|m| m.3 == start)
+                            .map(|m| (m.1, m.2.server_id, m.4.clone()))
+                            .collect();
+                        let status = if start {
+                            ContainerStatus::Running
+                        } else {
+                            ContainerStatus::Stopped
+                        };
+                        for chunk in rows.chunks(CHUNK) {
+                            let chunk: Vec<_> = chunk.iter().collect();
+                            filled += fill_many(txn, &chunk, status, true).await?;
+                        }
+                    }
+                    if filled != batch.len() as u64 {
+                        return Ok(GroupWrite::Rollback);
+                    }
+                    // The fill released each container with its command's success.
+                    let decisions = batch
+                        .iter()
+                        .map(|m| {
+                            let result = json!({ "container_id": m.1 });
+                            (
+                                m.0,
+                                GroupNext::Done {
+                                    result,
+                                    released: true,
+                                },
+                            )
+                        })
+                        .collect();
+                    Ok(GroupWrite::Commit(decisions))
+                })
+            });
+            if sink.commit(writes).await? != GroupCommit::RolledBack {
                 break;
             }
-            let mut filled = 0;
-            for start in [true, false] {
-                let rows: Vec<(i64, ServerId, Option<String>)> = made
-                    .iter()
-                    .filter(|m| m.3 == start)
-                    .map(|m| (m.1, m.2.server_id, m.4.clone()))
-                    .collect();
-                let status = if start {
-                    ContainerStatus::Running
-                } else {
-                    ContainerStatus::Stopped
-                };
-                for chunk in rows.chunks(CHUNK) {
-                    let chunk: Vec<_> = chunk.iter().collect();
-                    filled += fill_many(&txn, &chunk, status, true).await?;
-                }
+            // An address another live container holds was caught by the guarded fill: those
+            // fail, and the wave is committed without them. Otherwise a dummy expired or a
+            // container changed: each runs alone.
+            let addresses: Vec<(i64, Option<&str>)> =
+                made.iter().map(|m| (m.1, m.4.as_deref())).collect();
+            let mut taken = super::taken_addresses(svc.db(), &addresses).await?;
+            if taken.is_empty() {
+                break;
             }
-            if filled != made.len() as u64 {
-                txn.rollback().await?;
-                let addresses: Vec<(i64, Option<&str>)> =
-                    made.iter().map(|m| (m.1, m.4.as_deref())).collect();
-                let mut taken = super::taken_addresses(svc.db(), &addresses).await?;
-                if taken.is_empty() {
-                    return Err(StepError::Transient(
-                        "a container changed while its creation was being recorded".into(),
-                    ));
-                }
-                refuse(&mut made, &mut taken, sink);
-                continue;
-            }
-            // The fill released each container with its command's success.
-            let decisions = made
-                .iter()
-                .map(|m| {
-                    (
-                        m.0,
-                        GroupNext::Done {
-                            result: json!({ "container_id": m.1 }),
-                            released: true,
-                        },
-                    )
-                })
-                .collect();
-            sink.commit(Some(txn), decisions).await?;
-            break;
+            refuse(&mut made, &mut taken, sink);
         }
     }
     Ok(())

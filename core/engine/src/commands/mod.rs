@@ -3,7 +3,10 @@
 //! Invariants:
 //! - A step either finishes before its side effect or repeats it idempotently: driver
 //!   operations are idempotent by guest id, and each step's database writes commit together
-//!   with the step number (`queue::Transition`).
+//!   with the step number.
+//! - No step opens a transaction (`clippy.toml` denies it): a step makes its driver and plugin
+//!   calls, then returns its writes (`queue::Transition::commit`), which the queue runs in the
+//!   transaction it commits with the step.
 //! - A step re-checks the object's status; a command queued behind another one fails with a
 //!   clear message when the object is no longer in a status it can act on.
 
@@ -17,7 +20,7 @@ mod steps;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sea_orm::{DatabaseTransaction, DbErr};
+use sea_orm::DbErr;
 use serde_json::Value;
 
 use crate::core::CoreError;
@@ -25,7 +28,7 @@ use crate::driver::{Driver, DriverError, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::command;
 use crate::model::CommandKind;
 use crate::model::{ContainerStatus, Resources};
-use crate::queue::{GroupSink, Next, Runner, StepError, Transition};
+use crate::queue::{GroupSink, Next, Runner, StepError, Transition, UndoWrites};
 use crate::services::Services;
 
 /// The `queue::Runner` of the core.
@@ -74,7 +77,7 @@ impl Runner for Handlers {
         &self,
         cmd: &command::Model,
         error: &str,
-    ) -> Result<Option<DatabaseTransaction>, DbErr> {
+    ) -> Result<Option<UndoWrites>, DbErr> {
         // A command whose kind this core does not know did nothing it could undo.
         match cmd.kind.parse::<CommandKind>() {
             Ok(CommandKind::ContainerCreateMany) => batch::compensate(&self.svc, cmd).await,

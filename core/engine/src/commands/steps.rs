@@ -60,6 +60,9 @@ steps!(
         Reserve = 0,
         /// Resize the guest, then settle the ledger.
         Resize = 1,
+        /// The growth expired meanwhile and the server has no room: give the guest its old
+        /// size back and fail.
+        Undo = 2,
     }
 );
 
@@ -218,7 +221,7 @@ mod tests {
             e,
             "command 42 (container.migrate): step 9 is not a step of container.migrate this core knows"
         );
-        cmd.step = 2;
+        cmd.step = 3;
         assert!(UpdateStep::of(&cmd).is_err());
     }
 

@@ -56,6 +56,10 @@ pub async fn claim<C: ConnectionTrait>(
 
 /// `claim` for many servers with few statements; returns the servers whose claim held (the
 /// others changed nothing).
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a savepoint inside the caller's transaction"
+)]
 pub async fn claim_many(
     txn: &DatabaseTransaction,
     claims: &[(ServerId, Resources, i64)],
@@ -380,6 +384,10 @@ pub async fn audit<C: ConnectionTrait>(conn: &C) -> Result<Vec<String>, DbErr> {
 
 /// Recomputes every server's counters (at start-up, before commands run). Returns how many
 /// servers were corrected.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "database work only: every driver or plugin call happens before it"
+)]
 pub async fn reconcile(db: &DatabaseConnection) -> Result<usize, DbErr> {
     let txn = db.begin().await?;
     let used = recompute(&txn).await?;

@@ -244,6 +244,10 @@ impl<'a> PluginManager<'a> {
 
     /// Installs a newer, semver-compatible version of plugin `name` and moves every container
     /// of the old one to it, converting states with the new version's `migrate-state`.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "database work only: every driver or plugin call happens before it"
+    )]
     pub async fn upgrade(&self, name: &str, wasm: &[u8]) -> Result<PluginInfo, CoreError> {
         let loaded = self.host.load(wasm).map_err(|e| invalid(e.to_string()))?;
         let meta = loaded.meta().clone();

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use sea_orm::{DatabaseConnection, DatabaseTransaction, DbErr};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -182,27 +183,69 @@ pub enum Next {
     },
 }
 
-/// A step's decision plus the writes it made, committed with it.
-pub struct Transition {
-    /// The decision.
-    pub next: Next,
-    /// Writes of the step, committed together with the decision (if any).
-    pub txn: Option<DatabaseTransaction>,
+/// The writes of a step, run by the queue inside the one transaction it opens for the step and
+/// commits with the step's decision; they return that decision. A step makes its driver and
+/// plugin calls first, then hands over its writes: no transaction is open during I/O, and the
+/// writes themselves only reach the database through the transaction they are given.
+pub type StepWrites = Box<
+    dyn for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<Next, StepError>> + Send,
+>;
+
+/// A step's decision, or the writes that make it, committed together.
+pub enum Transition {
+    /// A decision without writes.
+    Bare(Next),
+    /// Writes that end in the decision, committed with it. When they fail, nothing of them is
+    /// committed and their error is the step's.
+    Commit(StepWrites),
 }
 
 impl Transition {
     /// A decision without writes.
     pub fn bare(next: Next) -> Self {
-        Transition { next, txn: None }
+        Transition::Bare(next)
     }
-    /// A decision committed with `txn`.
-    pub fn with(next: Next, txn: DatabaseTransaction) -> Self {
-        Transition {
-            next,
-            txn: Some(txn),
-        }
+
+    /// A decision made by `writes`, run in the step's transaction.
+    pub fn commit<F>(writes: F) -> Self
+    where
+        F: for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<Next, StepError>>
+            + Send
+            + 'static,
+    {
+        Transition::Commit(Box::new(writes))
     }
 }
+
+/// What the writes of a group step decided (see `GroupSink::commit`).
+pub enum GroupWrite {
+    /// Commit the writes with these decisions (command index in the group, decision).
+    Commit(Vec<(usize, GroupNext)>),
+    /// Commit nothing: the writes found the database not as the step expected.
+    Rollback,
+}
+
+/// The writes of a group step, run in a transaction the queue opens (see `StepWrites`).
+pub type GroupWrites = Box<
+    dyn for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<GroupWrite, StepError>>
+        + Send,
+>;
+
+/// What became of a group step's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupCommit {
+    /// Committed with their decisions.
+    Committed,
+    /// The writes asked to commit nothing.
+    RolledBack,
+    /// The queue could not commit them (a lease was lost): nothing of the call is committed
+    /// and those commands run alone instead.
+    LeaseLost,
+}
+
+/// The writes that undo a failed command, committed with its failure (see `Runner::on_failure`).
+pub type UndoWrites =
+    Box<dyn for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<(), DbErr>> + Send>;
 
 /// What a command decided in a group step (see `Runner::step_group`).
 pub enum GroupNext {
@@ -228,15 +271,10 @@ pub enum GroupNext {
 /// committed at a new step may be committed again (its next step); one that ended may not.
 #[async_trait]
 pub trait GroupSink: Send {
-    /// Commits `txn` (the writes the step made for the commands at these indexes of the group)
-    /// together with their decisions; true when committed. When the queue cannot commit them (a
-    /// lease was lost), nothing of the call is committed, those commands run alone instead and
-    /// the answer is false.
-    async fn commit(
-        &mut self,
-        txn: Option<DatabaseTransaction>,
-        decisions: Vec<(usize, GroupNext)>,
-    ) -> Result<bool, DbErr>;
+    /// Runs `writes` in one transaction and commits it together with the decisions they return
+    /// for the commands at those indexes of the group. When the queue cannot commit them (a
+    /// lease was lost), nothing of the call is committed and those commands run alone instead.
+    async fn commit(&mut self, writes: GroupWrites) -> Result<GroupCommit, StepError>;
     /// Fails the command at `index` of the group with `message`, as a step failing alone would
     /// (the runner's `on_failure` undoes what it can); for errors a retry would only repeat.
     fn fail(&mut self, index: usize, message: String);
@@ -274,8 +312,7 @@ pub trait Runner: Send + Sync + 'static {
     }
     /// Runs the current step of commands sharing a group key (their targets already locked),
     /// committing through `sink`; it may carry a command it committed at a new step on through
-    /// that step, committing it again. A command must not have writes in a transaction it does
-    /// not commit; the commands not committed when this returns run alone (default: all of
+    /// that step, committing it again. The commands not committed when this returns run alone (default: all of
     /// them), those committed at a new step go on from it.
     async fn step_group(
         &self,
@@ -284,13 +321,13 @@ pub trait Runner: Send + Sync + 'static {
     ) -> Result<(), StepError> {
         Ok(())
     }
-    /// Undoes what it can of a failing command; its writes commit with the failure
-    /// (default: nothing to undo).
+    /// Undoes what it can of a failing command (its driver calls first); the writes it returns
+    /// commit with the failure (default: nothing to undo).
     async fn on_failure(
         &self,
         _cmd: &command::Model,
         _error: &str,
-    ) -> Result<Option<DatabaseTransaction>, DbErr> {
+    ) -> Result<Option<UndoWrites>, DbErr> {
         Ok(None)
     }
 }

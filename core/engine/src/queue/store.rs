@@ -805,6 +805,10 @@ pub(crate) async fn finish_plain_batch<C: ConnectionTrait>(
 }
 
 /// Cancels a command that has not started.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "database work only: every driver or plugin call happens before it"
+)]
 pub(crate) async fn cancel(
     conn: &sea_orm::DatabaseConnection,
     id: CommandId,

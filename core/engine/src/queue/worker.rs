@@ -1,5 +1,11 @@
 //! The dispatcher, the command executor, the group executor, the batching completer and the
 //! lease keeper.
+// The queue opens the step transactions: it runs a step's writes (`Transition::commit`) after
+// the step returned, and commits them with its decision.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "the queue owns the step transactions"
+)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -12,7 +18,10 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::Instrument;
 
 use super::store::{self, Finish, LockOutcome};
-use super::{GroupNext, GroupSink, Inner, Next, StepError, Target, Transition};
+use super::{
+    GroupCommit, GroupNext, GroupSink, GroupWrite, GroupWrites, Inner, Next, StepError, Target,
+    Transition,
+};
 use crate::entities::command;
 use crate::model::CommandStatus;
 
@@ -140,19 +149,27 @@ struct Sink<'a> {
 
 #[async_trait]
 impl GroupSink for Sink<'_> {
-    async fn commit(
-        &mut self,
-        txn: Option<DatabaseTransaction>,
-        decisions: Vec<(usize, GroupNext)>,
-    ) -> Result<bool, sea_orm::DbErr> {
+    async fn commit(&mut self, writes: GroupWrites) -> Result<GroupCommit, StepError> {
+        let txn = self.inner.db.begin().await?;
+        let decisions = match writes(&txn).await {
+            Ok(GroupWrite::Commit(decisions)) => decisions,
+            Ok(GroupWrite::Rollback) => {
+                txn.rollback().await?;
+                return Ok(GroupCommit::RolledBack);
+            }
+            Err(e) => {
+                txn.rollback().await?;
+                return Err(e);
+            }
+        };
         // A command committed at a new step may be committed again, at its next step.
         let open = |s: Option<&Option<Settled>>| matches!(s, Some(None | Some(Settled::Continued)));
         if let Some((i, _)) = decisions.iter().find(|(i, _)| !open(self.settled.get(*i))) {
-            return Err(sea_orm::DbErr::Custom(format!(
+            txn.rollback().await?;
+            return Err(StepError::Permanent(format!(
                 "group step committed command #{i} of the group after it ended, or out of range"
             )));
         }
-        let txn = begin(self.inner, txn).await?;
         let now = self.inner.clock.now_ms();
         let lease_until = now + self.inner.config.lease.as_millis() as i64;
         let mut advances = Vec::new();
@@ -179,7 +196,7 @@ impl GroupSink for Sink<'_> {
             for (i, _) in decisions {
                 self.settled[i] = Some(Settled::Alone);
             }
-            return Ok(false);
+            return Ok(GroupCommit::LeaseLost);
         }
         let parents: BTreeSet<i64> = decisions
             .iter()
@@ -209,7 +226,7 @@ impl GroupSink for Sink<'_> {
                 .wake(finishes.iter().map(|(id, _, _)| *id));
             self.inner.work.notify_one();
         }
-        Ok(true)
+        Ok(GroupCommit::Committed)
     }
 
     fn fail(&mut self, index: usize, message: String) {
@@ -412,8 +429,22 @@ async fn run(
         }
     }
     loop {
-        let outcome = runner.step(row).await;
-        let Transition { next, txn } = match outcome {
+        let outcome = match runner.step(row).await {
+            Ok(Transition::Bare(next)) => Ok((next, None)),
+            // The step's driver and plugin calls are done: only now is a transaction opened.
+            Ok(Transition::Commit(writes)) => {
+                let txn = inner.db.begin().await?;
+                match writes(&txn).await {
+                    Ok(next) => Ok((next, Some(txn))),
+                    Err(e) => {
+                        txn.rollback().await?;
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let (next, txn) = match outcome {
             Ok(t) => t,
             Err(StepError::Permanent(msg)) => return fail(inner, row, msg, None, None).await,
             Err(e @ (StepError::Transient(_) | StepError::Db(_))) => {
@@ -526,10 +557,15 @@ async fn fail(
         Some(t) => t,
         None => {
             let runner = inner.runner.get().expect("runner set").clone();
-            match runner.on_failure(row, &msg).await? {
-                Some(t) => t,
-                None => inner.db.begin().await?,
+            let undo = runner.on_failure(row, &msg).await?;
+            let txn = inner.db.begin().await?;
+            if let Some(undo) = undo
+                && let Err(e) = undo(&txn).await
+            {
+                txn.rollback().await?;
+                return Err(e);
             }
+            txn
         }
     };
     let f = Finish {
