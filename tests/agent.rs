@@ -426,7 +426,9 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
     let stuck = tc
         .core
         .queue()
-        .get(slow["command_id"].as_i64().unwrap())
+        .get(cloud48_engine::model::CommandId(
+            slow["command_id"].as_i64().unwrap(),
+        ))
         .await
         .unwrap();
     assert!(
@@ -471,7 +473,7 @@ async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
         .post(&format!("/v1/containers/{first}/actions"), &body)
         .await
         .unwrap();
-    let update = update["command_id"].as_i64().unwrap();
+    let update = cloud48_engine::model::CommandId(update["command_id"].as_i64().unwrap());
     eventually("the update reaches the agent", || async {
         let c = tc.core.queue().get(update).await.unwrap();
         (c.step == 1).then_some(())

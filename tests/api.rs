@@ -66,6 +66,15 @@ async fn openapi_document_is_generated_from_the_handlers() {
             .get("ContainerCommand")
             .is_some()
     );
+    // Typed ids stay bare integers for clients.
+    for (schema, field) in [("Command", "id"), ("Environment", "id")] {
+        let mut prop = &doc["components"]["schemas"][schema]["properties"][field];
+        if let Some(target) = prop["$ref"].as_str() {
+            let name = target.rsplit('/').next().unwrap();
+            prop = &doc["components"]["schemas"][name];
+        }
+        assert_eq!(prop["type"], "integer", "{schema}.{field}: {prop}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use cloud48_core::cli::Client;
 use cloud48_engine::model::{
-    Accepted, Command, CommandStatus, Container, ContainerStatus, Resources,
+    Accepted, Command, CommandId, CommandStatus, Container, ContainerStatus, Resources,
 };
 use proptest::prelude::RngExt;
 use proptest::test_runner::{RngAlgorithm, TestRng};
@@ -44,11 +44,11 @@ fn small() -> Value {
 /// the history gives them (creates with room to spare).
 #[derive(Default)]
 struct Submitted {
-    all: Vec<i64>,
-    must_succeed: Vec<i64>,
+    all: Vec<CommandId>,
+    must_succeed: Vec<CommandId>,
 }
 
-async fn submit_round(client: &Client, rng: &mut TestRng, out: &mut Submitted) -> Vec<i64> {
+async fn submit_round(client: &Client, rng: &mut TestRng, out: &mut Submitted) -> Vec<CommandId> {
     let live: Vec<Container> = client.get_all("/v1/containers").await.unwrap();
     let of = |pred: &dyn Fn(&Container) -> bool| -> Vec<i64> {
         live.iter().filter(|c| pred(c)).map(|c| c.id).collect()

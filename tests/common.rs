@@ -65,6 +65,24 @@ impl Default for Opts {
     }
 }
 
+/// A command id as a test holds it: from a view (`CommandId`) or read from JSON (`i64`).
+pub trait IntoCommandId {
+    /// The id.
+    fn command_id(self) -> cloud48_engine::model::CommandId;
+}
+
+impl IntoCommandId for cloud48_engine::model::CommandId {
+    fn command_id(self) -> cloud48_engine::model::CommandId {
+        self
+    }
+}
+
+impl IntoCommandId for i64 {
+    fn command_id(self) -> cloud48_engine::model::CommandId {
+        cloud48_engine::model::CommandId(self)
+    }
+}
+
 /// A clock the test moves by hand.
 pub struct ManualClock(pub std::sync::atomic::AtomicI64);
 
@@ -187,7 +205,8 @@ impl TestCore {
     }
 
     /// Waits for a command to finish (at most 60 s) and returns it.
-    pub async fn wait(&self, id: i64) -> Command {
+    pub async fn wait(&self, id: impl IntoCommandId) -> Command {
+        let id = id.command_id();
         let cmd = self
             .core
             .queue()
@@ -202,7 +221,8 @@ impl TestCore {
     }
 
     /// Waits for a command and asserts it succeeded.
-    pub async fn ok(&self, id: i64) -> Command {
+    pub async fn ok(&self, id: impl IntoCommandId) -> Command {
+        let id = id.command_id();
         let cmd = self.wait(id).await;
         assert_eq!(
             cmd.status,
@@ -213,7 +233,7 @@ impl TestCore {
     }
 
     /// Id of the container created by a finished command.
-    pub async fn created(&self, id: i64) -> i64 {
+    pub async fn created(&self, id: impl IntoCommandId) -> i64 {
         self.ok(id).await.result.unwrap()["container_id"]
             .as_i64()
             .unwrap()

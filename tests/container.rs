@@ -2,7 +2,9 @@
 
 use cloud48_engine::driver::{DriverError, GuestState};
 use cloud48_engine::managers::{ContainerCommand, CreateContainer};
-use cloud48_engine::model::{Accepted, Container, ContainerStatus, Requirements, Resources};
+use cloud48_engine::model::{
+    Accepted, CommandId, Container, ContainerStatus, Requirements, Resources,
+};
 use serde_json::json;
 
 use crate::common::{Opts, TestCore};
@@ -24,7 +26,7 @@ async fn create(t: &TestCore, server: Option<&str>) -> i64 {
     t.created(a.command_id).await
 }
 
-pub(crate) async fn act(t: &TestCore, id: i64, op: ContainerCommand) -> i64 {
+pub(crate) async fn act(t: &TestCore, id: i64, op: ContainerCommand) -> CommandId {
     let a: Accepted = t
         .client
         .post(&format!("/v1/containers/{id}/actions"), &op)
@@ -203,7 +205,7 @@ async fn a_resize_whose_growth_expired_on_a_full_server_gives_the_guest_its_old_
         (c.attempts == 1 && c.status == cloud48_engine::model::CommandStatus::Queued).then_some(())
     })
     .await;
-    let dummies = cloud48_engine::placement::dummies_of(t.core.db(), update)
+    let dummies = cloud48_engine::placement::dummies_of(t.core.db(), update.0)
         .await
         .unwrap();
     assert_eq!(dummies.len(), 1, "the growth is reserved: {dummies:?}");

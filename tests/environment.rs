@@ -237,7 +237,7 @@ async fn a_denial_fails_the_add_with_the_reason_and_creates_nothing() {
         .core
         .queue()
         .list(&CommandFilter {
-            parent: Some(cmd.id),
+            parent: Some(cmd.id.0),
             ..Default::default()
         })
         .await
@@ -294,7 +294,7 @@ async fn environment_operations_act_on_members_in_priority_order() {
                 .core
                 .queue()
                 .list(&CommandFilter {
-                    parent: Some(cmd.id),
+                    parent: Some(cmd.id.0),
                     ..Default::default()
                 })
                 .await

@@ -602,7 +602,7 @@ async fn expired_dummies_and_those_of_finished_commands_are_collected() {
         ..Default::default()
     };
     let now = core.queue().now_ms();
-    for (command_id, deadline) in [(None, now - 1), (Some(live), now + 3_600_000)] {
+    for (command_id, deadline) in [(None, now - 1), (Some(live.0), now + 3_600_000)] {
         let txn = core.db().begin().await.unwrap();
         let request = PlaceRequest {
             requirements: &req,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cloud48_engine::entities::command;
 use cloud48_engine::managers::{ContainerCommand, CreateContainer};
-use cloud48_engine::model::{CommandStatus, ContainerStatus};
+use cloud48_engine::model::{CommandId, CommandStatus, ContainerStatus};
 use cloud48_engine::queue::{
     NewCommand, Next, Queue, QueueConfig, Runner, StepError, SystemClock, Transition,
 };
@@ -128,7 +128,7 @@ async fn parent_child(pg: bool) {
         .core
         .queue()
         .list(&cloud48_engine::queue::CommandFilter {
-            parent: Some(stop),
+            parent: Some(stop.0),
             ..Default::default()
         })
         .await
@@ -200,7 +200,7 @@ async fn cancellation(pg: bool) {
     );
     let err = t.core.queue().cancel(slow).await.unwrap_err();
     assert!(err.to_string().contains("only queued commands"), "{err}");
-    let err = t.core.queue().cancel(999_999).await.unwrap_err();
+    let err = t.core.queue().cancel(CommandId(999_999)).await.unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
 
@@ -285,11 +285,11 @@ async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
     let seen = seen.lock().unwrap();
     for id in &ids {
         assert_eq!(
-            seen[id].len(),
+            seen[&id.0].len(),
             1,
             "command {id} ran {} times: {:?}",
-            seen[id].len(),
-            seen[id]
+            seen[&id.0].len(),
+            seen[&id.0]
         );
     }
     let mut per_node: HashMap<&str, usize> = HashMap::new();
@@ -348,7 +348,7 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
             sql
         };
         t.core.db().execute_unprepared(&sql).await.unwrap();
-        let id: i64 = t
+        let id: CommandId = t
             .core
             .queue()
             .list(&Default::default())
@@ -397,7 +397,13 @@ async fn an_unreadable_command_fails_with_an_error_that_names_it() {
             .starts_with(&format!("command {id} (noop)")),
         "{listed}"
     );
-    let e = t.core.queue().get(id).await.unwrap_err().to_string();
+    let e = t
+        .core
+        .queue()
+        .get(CommandId(id))
+        .await
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         e,
         format!(
@@ -480,7 +486,7 @@ async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core()
         .unwrap();
     let done = alive.wait(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(done.status, CommandStatus::Succeeded);
-    assert_eq!(seen.lock().unwrap()[&id], vec!["core-alive".to_string()]);
+    assert_eq!(seen.lock().unwrap()[&id.0], vec!["core-alive".to_string()]);
 }
 
 on_both_databases!(
@@ -498,7 +504,7 @@ async fn submission_order(pg: bool) {
         return;
     };
     let (id, _) = running_container(&t).await;
-    let mut last = 0;
+    let mut last = CommandId(0);
     for mem in 300..308 {
         let resources = cloud48_engine::model::Resources {
             cpu_millis: 500,
@@ -528,13 +534,13 @@ async fn submission_order(pg: bool) {
         })
         .await
         .unwrap();
-    let mut finished: Vec<(i64, i64)> = cmds
+    let mut finished: Vec<(i64, CommandId)> = cmds
         .iter()
         .filter(|c| c.kind == "container.update")
         .map(|c| (c.finished_at.unwrap(), c.id))
         .collect();
     finished.sort();
-    let ids: Vec<i64> = finished.iter().map(|(_, id)| *id).collect();
+    let ids: Vec<CommandId> = finished.iter().map(|(_, id)| *id).collect();
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(
@@ -674,6 +680,10 @@ async fn writes_commit_with_the_step(pg: bool) {
         .iter()
         .map(|r| r.try_get_by_index(0).unwrap())
         .collect();
-    assert_eq!(rows, vec![ids[0]], "only the succeeding step's writes stay");
+    assert_eq!(
+        rows,
+        vec![ids[0].0],
+        "only the succeeding step's writes stay"
+    );
     q.stop(Duration::from_secs(5)).await;
 }

@@ -8,9 +8,9 @@ use anyhow::{Context, Result, bail};
 use crate::cli::output;
 use cloud48_engine::core::{Core, CoreConfig};
 use cloud48_engine::managers::AddContainer;
-use cloud48_engine::model::CommandStatus;
+use cloud48_engine::model::{CommandId, CommandStatus};
 
-async fn finish(core: &Core, id: i64, what: &str) -> Result<serde_json::Value> {
+async fn finish(core: &Core, id: CommandId, what: &str) -> Result<serde_json::Value> {
     let cmd = core.queue().wait(id, Duration::from_secs(60)).await?;
     if cmd.status != CommandStatus::Succeeded {
         bail!("{what} failed: {}", cmd.error.unwrap_or_default());

@@ -186,8 +186,9 @@ async fn list_environments(
     uri: axum::http::Uri,
     ApiQuery(q): ApiQuery<ListAll>,
 ) -> Result<axum::response::Response, ApiError> {
-    let items = core.environments().find(q.all, q.after, q.limit).await?;
-    Ok(page(items, q.limit, &uri, "after", |e| e.id))
+    let after = q.after.map(cloud48_engine::model::EnvironmentId);
+    let items = core.environments().find(q.all, after, q.limit).await?;
+    Ok(page(items, q.limit, &uri, "after", |e| e.id.0))
 }
 
 #[utoipa::path(post, path = "/v1/environments", tag = "environments", request_body = CreateEnvironment,
@@ -201,7 +202,7 @@ async fn create_environment(
         .environments()
         .create(&req.name, who.audit_name())
         .await?;
-    Ok(accepted(cmd, Some(id)))
+    Ok(accepted(cmd, Some(id.0)))
 }
 
 #[utoipa::path(get, path = "/v1/environments/{env}", tag = "environments",
@@ -389,7 +390,7 @@ async fn clone_environment(
         .environments()
         .clone(&env, &req.name, who.audit_name())
         .await?;
-    Ok(accepted(cmd, Some(id)))
+    Ok(accepted(cmd, Some(id.0)))
 }
 
 #[utoipa::path(post, path = "/v1/containers/purge", tag = "containers",
@@ -645,7 +646,7 @@ async fn list_commands(
         before: q.before,
     };
     let items = core.queue().list(&filter).await?;
-    Ok(page(items, filter.limit, &uri, "before", |c| c.id))
+    Ok(page(items, filter.limit, &uri, "before", |c| c.id.0))
 }
 
 /// Options of showing a command.
@@ -665,7 +666,7 @@ async fn show_command(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Json<Command>, ApiError> {
-    let id = parse_id("id", &id)?;
+    let id = CommandId(parse_id("id", &id)?);
     let cmd = match q.wait {
         Some(secs) if secs > 0 => {
             // Long-polls are capped per client: a user by name, anonymous ones by address.
@@ -691,7 +692,8 @@ async fn cancel_command(
     State(core): State<Core>,
     Path(id): Path<String>,
 ) -> Result<Json<Command>, ApiError> {
-    Ok(Json(core.queue().cancel(parse_id("id", &id)?).await?))
+    let id = CommandId(parse_id("id", &id)?);
+    Ok(Json(core.queue().cancel(id).await?))
 }
 
 fn wasm_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<(), ApiError> {

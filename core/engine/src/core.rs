@@ -20,7 +20,7 @@ pub use crate::fleet::Fleet;
 use crate::fleet::{RemoteFactory, SimFactory};
 use crate::health::{Health, Monitor};
 use crate::managers::{ContainerManager, EnvironmentManager, ServerManager};
-use crate::model::{Resources, now_ms};
+use crate::model::{CommandId, Resources, now_ms};
 use crate::queue::{Clock, Queue, QueueConfig, SystemClock};
 use crate::rebalance::Rebalancer;
 use crate::services::{Services, Settings};
@@ -503,7 +503,7 @@ impl Core {
             let deadline = tokio::time::Instant::now() + grace;
             for id in self.notify_environments("before-cc-stop").await? {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                self.queue().wait(id, left).await?;
+                self.queue().wait(CommandId(id), left).await?;
             }
             Ok(())
         }

@@ -268,7 +268,7 @@ pub fn creating_row(
     type_id: &str,
     ty: &dyn crate::types::ContainerType,
     requirements: &str,
-    environment: Option<EnvironmentId>,
+    environment: Option<i64>,
 ) -> container::ActiveModel {
     let now = now_ms();
     container::ActiveModel {
@@ -308,7 +308,7 @@ pub(crate) fn guest_id_prefix(platform: &str) -> String {
 pub async fn name_and_lock<C: sea_orm::ConnectionTrait>(
     conn: &C,
     platform: &str,
-    pairs: &[(ContainerId, CommandId)],
+    pairs: &[(ContainerId, i64)],
 ) -> Result<(), sea_orm::DbErr> {
     for chunk in pairs.chunks(crate::queue::store::GROUP_CHUNK) {
         let rows: Vec<_> = chunk
@@ -494,7 +494,7 @@ impl<'a> ContainerManager<'a> {
         .await?;
         txn.commit().await?;
         self.svc.queue().wake();
-        Ok(cmd)
+        Ok(CommandId(cmd))
     }
 
     /// Persists the `container.create` of a new container `id` in `txn` and commits;
@@ -519,7 +519,7 @@ impl<'a> ContainerManager<'a> {
             .await?;
         txn.commit().await?;
         self.svc.queue().wake();
-        Ok((ids[0], id))
+        Ok((CommandId(ids[0]), id))
     }
 
     /// Exports a stopped container for another platform (`import` there): its type, state,
@@ -896,7 +896,7 @@ pub(crate) async fn prepare_container(
     type_id: &str,
     server: Option<&str>,
     requirements: Option<Requirements>,
-    environment: Option<EnvironmentId>,
+    environment: Option<i64>,
 ) -> Result<NewContainer, CoreError> {
     let (ty, requirements, server_id) = checked_new(svc, type_id, server, requirements).await?;
     let requirements = serde_json::to_string(&requirements).expect("serializable");
@@ -986,12 +986,12 @@ pub(crate) async fn to_views(
                 server_id: r.server_id,
                 ip: r.ip,
                 environment: r.environment_id.and_then(|e| envs.get(&e).cloned()),
-                environment_id: r.environment_id,
+                environment_id: r.environment_id.map(EnvironmentId),
                 guest_id: r.guest_id,
                 requirements: serde_json::from_str(&r.requirements).map_err(|e| {
                     CoreError::Corrupt(format!("container {}: unreadable requirements: {e}", r.id))
                 })?,
-                locked_by: r.locked_by,
+                locked_by: r.locked_by.map(CommandId),
                 state_bytes: r.state.len(),
                 origin: None,
                 inspect: None,
@@ -1116,7 +1116,7 @@ impl<'a> EnvironmentManager<'a> {
             kind: crate::model::CommandKind::EnvironmentClone,
             target: Some(Target::Environment(src.id)),
             params: crate::commands::params::to_value(crate::commands::params::CloneEnvironment {
-                destination: env,
+                destination: EnvironmentId(env),
             }),
             requested_by: requested_by.to_string(),
         })
@@ -1132,7 +1132,7 @@ impl<'a> EnvironmentManager<'a> {
     async fn submit_new(
         &self,
         name: &str,
-        make: impl FnOnce(EnvironmentId) -> NewCommand,
+        make: impl FnOnce(i64) -> NewCommand,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
         validate_name(name).map_err(|m| CoreError::invalid("name", m))?;
         let txn = self.svc.db().begin().await?;
@@ -1165,7 +1165,7 @@ impl<'a> EnvironmentManager<'a> {
             .await?;
         txn.commit().await?;
         self.svc.queue().wake();
-        Ok((ids[0], env.id))
+        Ok((CommandId(ids[0]), EnvironmentId(env.id)))
     }
 
     async fn active(&self, key: &str) -> Result<environment::Model, CoreError> {
@@ -1269,7 +1269,7 @@ impl<'a> EnvironmentManager<'a> {
             q = q.filter(environment::Column::Status.ne(EnvironmentStatus::Destroyed.as_str()));
         }
         if let Some(after) = after {
-            q = q.filter(environment::Column::Id.gt(after));
+            q = q.filter(environment::Column::Id.gt(after.0));
         }
         let envs = q
             .order_by_asc(environment::Column::Id)
@@ -1302,10 +1302,10 @@ impl<'a> EnvironmentManager<'a> {
         let mut members = to_views(self.svc, rows).await?;
         members.sort_by_key(|m| (m.priority, m.id));
         Ok(Environment {
-            id: env.id,
+            id: EnvironmentId(env.id),
             name: env.name,
             status: env.status.parse().unwrap_or(EnvironmentStatus::Active),
-            locked_by: env.locked_by,
+            locked_by: env.locked_by.map(CommandId),
             members,
             created_at: env.created_at,
         })
@@ -1313,7 +1313,11 @@ impl<'a> EnvironmentManager<'a> {
 
     /// Locks environment `id` for command `cmd`; false when another command holds it.
     pub async fn get(&self, id: EnvironmentId, cmd: CommandId) -> Result<bool, CoreError> {
-        Ok(self.svc.queue().lock(Target::Environment(id), cmd).await?)
+        Ok(self
+            .svc
+            .queue()
+            .lock(Target::Environment(id.0), cmd)
+            .await?)
     }
 
     /// Unlocks environment `id` if `cmd` holds it.
@@ -1321,7 +1325,7 @@ impl<'a> EnvironmentManager<'a> {
         Ok(self
             .svc
             .queue()
-            .unlock(Target::Environment(id), cmd)
+            .unlock(Target::Environment(id.0), cmd)
             .await?)
     }
 }
@@ -1420,7 +1424,7 @@ impl<'a> ServerManager<'a> {
         self.svc.queue().wake();
         Ok(DrainReport {
             server: s.name,
-            commands: ids,
+            commands: ids.into_iter().map(CommandId).collect(),
             skipped,
         })
     }

@@ -120,6 +120,6 @@ impl Rebalancer {
         tracing::info!(server = full.id, migrations = commands.len(), "rebalancing");
         let ids = self.queue.enqueue_in(&self.db, commands, None).await?;
         self.queue.wake();
-        Ok(ids)
+        Ok(ids.into_iter().map(CommandId).collect())
     }
 }

@@ -162,5 +162,5 @@ async fn write(
         .collect();
     let command_ids = queue.enqueue_in(&txn, commands, None).await?;
     txn.commit().await?;
-    Ok(command_ids.into_iter().zip(ids).collect())
+    Ok(command_ids.into_iter().map(CommandId).zip(ids).collect())
 }

@@ -21,14 +21,47 @@ pub struct ServerStats {
     pub used: Option<Resources>,
 }
 
+/// An identifier of one kind of object: a number on the wire and in the database, a type of
+/// its own in the code, so that one kind of id cannot be passed where another is meant.
+macro_rules! id_type {
+    ($(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+        )]
+        #[serde(transparent)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+        pub struct $name(pub i64);
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = std::num::ParseIntError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                s.parse().map($name)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// Identifier of an environment.
+    EnvironmentId
+);
+id_type!(
+    /// Identifier of a persisted command.
+    CommandId
+);
+
+// Being converted to `id_type!`, one kind at a time: still plain numbers.
 /// Identifier of a container, unique within a platform.
 pub type ContainerId = i64;
-/// Identifier of an environment.
-pub type EnvironmentId = i64;
 /// Identifier of a server (virtualization server, VS).
 pub type ServerId = i64;
-/// Identifier of a persisted command.
-pub type CommandId = i64;
 
 /// Compute resources: what a container needs or what a server offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -529,6 +562,17 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_is_a_bare_number_on_the_wire_and_in_text() {
+        let id = CommandId(42);
+        assert_eq!(serde_json::to_value(id).unwrap(), serde_json::json!(42));
+        assert_eq!(serde_json::from_str::<CommandId>("42").unwrap(), id);
+        assert!(serde_json::from_str::<CommandId>("\"42\"").is_err());
+        assert_eq!(id.to_string(), "42");
+        assert_eq!("42".parse::<CommandId>(), Ok(id));
+        assert!("forty-two".parse::<EnvironmentId>().is_err());
+    }
 
     #[test]
     fn every_command_kind_reads_back_from_its_text() {

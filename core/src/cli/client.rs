@@ -241,13 +241,21 @@ impl Client {
     }
 
     /// A command, waiting up to `wait_secs` for it to finish.
-    pub async fn command(&self, id: i64, wait_secs: u64) -> Result<Command> {
+    pub async fn command(
+        &self,
+        id: cloud48_engine::model::CommandId,
+        wait_secs: u64,
+    ) -> Result<Command> {
         self.get(&format!("/v1/commands/{id}?wait={wait_secs}"))
             .await
     }
 
     /// Waits until a command is terminal, calling `progress` with each state seen.
-    pub async fn wait(&self, id: i64, mut progress: impl FnMut(&Command)) -> Result<Command> {
+    pub async fn wait(
+        &self,
+        id: cloud48_engine::model::CommandId,
+        mut progress: impl FnMut(&Command),
+    ) -> Result<Command> {
         loop {
             let cmd = self.command(id, 1).await?;
             progress(&cmd);

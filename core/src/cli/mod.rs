@@ -880,7 +880,11 @@ fn finished_ok(cmd: &Command) -> Result<()> {
 }
 
 /// Follows a command to its end with a spinner on stderr.
-async fn follow(client: &Client, id: i64, spinner: bool) -> Result<Command> {
+async fn follow(
+    client: &Client,
+    id: cloud48_engine::model::CommandId,
+    spinner: bool,
+) -> Result<Command> {
     let bar = if spinner {
         ProgressBar::new_spinner()
     } else {
@@ -1310,10 +1314,12 @@ async fn command(client: &Client, out: Out, cmd: CommandCmd) -> Result<()> {
             Ok(())
         }
         CommandCmd::Wait { id, timeout } => {
-            let c =
-                tokio::time::timeout(Duration::from_secs(timeout), follow(client, id, !out.json))
-                    .await
-                    .with_context(|| format!("command {id} did not finish within {timeout} s"))??;
+            let c = tokio::time::timeout(
+                Duration::from_secs(timeout),
+                follow(client, cloud48_engine::model::CommandId(id), !out.json),
+            )
+            .await
+            .with_context(|| format!("command {id} did not finish within {timeout} s"))??;
             out.show(&c, || output::command(&c));
             finished_ok(&c)
         }

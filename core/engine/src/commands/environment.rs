@@ -867,7 +867,7 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
     if let Some((source, type_id, requirements)) = PlanStep::item(ctx.cmd, index, &plan)? {
         let child = NewCommand {
             kind: crate::model::CommandKind::EnvironmentAdd,
-            target: Some(Target::Environment(dst)),
+            target: Some(Target::Environment(dst.0)),
             params: params::to_value(params::Add {
                 requirements: serde_json::from_value(requirements.clone()).map_err(|e| {
                     StepError::Permanent(format!("command {}: unreadable plan: {e}", ctx.cmd.id))
@@ -884,7 +884,7 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
         }));
     }
     Ok(with_env_status(
-        dst,
+        dst.0,
         EnvironmentStatus::Active,
         Next::Done(json!({ "environment_id": dst, "containers": plan.len() })),
     ))

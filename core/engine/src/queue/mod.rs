@@ -378,7 +378,7 @@ pub(crate) struct Inner {
     grouped: std::sync::atomic::AtomicU64,
     slots: Arc<tokio::sync::Semaphore>,
     /// Commands this process is executing right now: the only ones whose leases it renews.
-    in_flight: std::sync::Mutex<std::collections::HashSet<CommandId>>,
+    in_flight: std::sync::Mutex<std::collections::HashSet<i64>>,
     runner: std::sync::OnceLock<Arc<dyn Runner>>,
 }
 
@@ -434,8 +434,8 @@ impl Queue {
         &self,
         conn: &C,
         commands: Vec<NewCommand>,
-        parent: Option<CommandId>,
-    ) -> Result<Vec<CommandId>, DbErr> {
+        parent: Option<i64>,
+    ) -> Result<Vec<i64>, DbErr> {
         store::insert(conn, &commands, parent, self.now_ms()).await
     }
 
@@ -443,7 +443,7 @@ impl Queue {
     pub async fn enqueue(&self, command: NewCommand) -> Result<CommandId, DbErr> {
         let ids = store::insert(&self.inner.db, &[command], None, self.now_ms()).await?;
         self.wake();
-        Ok(ids[0])
+        Ok(CommandId(ids[0]))
     }
 
     /// Command steps committed by group steps since the queue was made (see
@@ -459,9 +459,10 @@ impl Queue {
 
     /// One command.
     pub async fn get(&self, id: CommandId) -> Result<Command, QueueError> {
+        let id = id.0;
         let row = store::get(&self.inner.db, id)
             .await?
-            .ok_or(QueueError::NotFound(id))?;
+            .ok_or(QueueError::NotFound(CommandId(id)))?;
         store::to_api(&row)
     }
 
@@ -477,6 +478,7 @@ impl Queue {
     /// Locks `target` for command `cmd` (the manager's `get`); true when acquired or already
     /// held by `cmd`, false when another command holds it.
     pub async fn lock(&self, target: Target, cmd: CommandId) -> Result<bool, QueueError> {
+        let cmd = cmd.0;
         match store::lock(&self.inner.db, target, cmd).await? {
             store::LockOutcome::Acquired => Ok(true),
             store::LockOutcome::Busy(_) | store::LockOutcome::TooDeep => Ok(false),
@@ -486,18 +488,20 @@ impl Queue {
 
     /// Releases `target` if `cmd` holds it (the manager's `put`).
     pub async fn unlock(&self, target: Target, cmd: CommandId) -> Result<(), QueueError> {
+        let cmd = cmd.0;
         store::unlock(&self.inner.db, target, cmd).await?;
         self.wake();
         Ok(())
     }
 
     /// Child commands of `parent`, oldest first.
-    pub async fn children(&self, parent: CommandId) -> Result<Vec<command::Model>, DbErr> {
+    pub async fn children(&self, parent: i64) -> Result<Vec<command::Model>, DbErr> {
         store::children(&self.inner.db, parent).await
     }
 
     /// Cancels a command that has not started.
     pub async fn cancel(&self, id: CommandId) -> Result<Command, QueueError> {
+        let id = id.0;
         let cmd = store::cancel(&self.inner.db, id, self.now_ms()).await?;
         self.inner.waiters.wake([id]);
         self.wake();
@@ -519,6 +523,7 @@ impl Queue {
         timeout: Duration,
         client: Option<&str>,
     ) -> Result<Command, QueueError> {
+        let id = id.0;
         let deadline = tokio::time::Instant::now() + timeout;
         let me = self
             .inner
@@ -528,7 +533,7 @@ impl Queue {
             let ended = me.notify.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            let cmd = self.get(id).await?;
+            let cmd = self.get(CommandId(id)).await?;
             if cmd.status.is_terminal() || tokio::time::Instant::now() >= deadline {
                 return Ok(cmd);
             }

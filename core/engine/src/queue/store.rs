@@ -107,9 +107,9 @@ async fn json_agg<C: ConnectionTrait, T: serde::de::DeserializeOwned>(
 pub(crate) async fn insert<C: ConnectionTrait>(
     conn: &C,
     commands: &[NewCommand],
-    parent: Option<CommandId>,
+    parent: Option<i64>,
     now: i64,
-) -> Result<Vec<CommandId>, DbErr> {
+) -> Result<Vec<i64>, DbErr> {
     let mut ids = Vec::with_capacity(commands.len());
     for chunk in commands.chunks(1000) {
         let mut text = String::from(
@@ -194,7 +194,7 @@ pub(crate) async fn inserted_ids<C: ConnectionTrait>(
 /// One command row.
 pub(crate) async fn get<C: ConnectionTrait>(
     conn: &C,
-    id: CommandId,
+    id: i64,
 ) -> Result<Option<command::Model>, DbErr> {
     command::Entity::find_by_id(id).one(conn).await
 }
@@ -205,7 +205,7 @@ pub struct CommandFilter {
     /// Only this status.
     pub status: Option<CommandStatus>,
     /// Only children of this command.
-    pub parent: Option<CommandId>,
+    pub parent: Option<i64>,
     /// Only commands on this target type (`container`, `environment`) ...
     pub target_type: Option<String>,
     /// ... and id.
@@ -213,7 +213,7 @@ pub struct CommandFilter {
     /// At most this many (default 100).
     pub limit: Option<u64>,
     /// Only commands older than this one (the next page of a newest-first listing).
-    pub before: Option<CommandId>,
+    pub before: Option<i64>,
 }
 
 pub(crate) async fn list<C: ConnectionTrait>(
@@ -244,7 +244,7 @@ pub(crate) async fn list<C: ConnectionTrait>(
 
 pub(crate) async fn children<C: ConnectionTrait>(
     conn: &C,
-    parent: CommandId,
+    parent: i64,
 ) -> Result<Vec<command::Model>, DbErr> {
     command::Entity::find()
         .filter(command::Column::ParentId.eq(parent))
@@ -261,7 +261,7 @@ pub(crate) fn to_api(row: &command::Model) -> Result<Command, QueueError> {
         serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_string()))
     };
     Ok(Command {
-        id: row.id,
+        id: CommandId(row.id),
         kind: row.kind.clone(),
         status: row.status.parse().map_err(|e: String| {
             QueueError::Unreadable(format!(
@@ -271,7 +271,7 @@ pub(crate) fn to_api(row: &command::Model) -> Result<Command, QueueError> {
         })?,
         target_type: row.target_type.clone(),
         target_id: row.target_id,
-        parent: row.parent_id,
+        parent: row.parent_id.map(CommandId),
         params: json(&row.params),
         step: row.step,
         result: row.result.as_deref().map(json),
@@ -291,7 +291,7 @@ pub(crate) struct Claimed {
     pub rows: Vec<command::Model>,
     /// Those whose target they held already when claimed (a bulk submission locks each new
     /// container for its create), so they need not lock it. Only SQLite's claim reports them.
-    pub holding: std::collections::HashSet<CommandId>,
+    pub holding: std::collections::HashSet<i64>,
 }
 
 /// Claims up to `limit` due commands for `owner`, oldest first. A top-level command waits in
@@ -351,7 +351,7 @@ pub(crate) async fn claim<C: ConnectionTrait>(
 struct Candidate {
     #[serde(flatten)]
     row: command::Model,
-    holder: Option<CommandId>,
+    holder: Option<i64>,
 }
 
 /// `claim` on SQLite, where this core is the only claimer: the candidates come as one
@@ -465,7 +465,7 @@ pub(crate) async fn requeue_claimed<C: ConnectionTrait>(
 pub(crate) async fn renew_leases<C: ConnectionTrait>(
     conn: &C,
     owner: &str,
-    ids: &[CommandId],
+    ids: &[i64],
     lease_until: i64,
 ) -> Result<u64, DbErr> {
     let mut n = 0;
@@ -519,7 +519,7 @@ pub(crate) enum LockOutcome {
 pub(crate) async fn lock<C: ConnectionTrait>(
     conn: &C,
     target: Target,
-    cmd: CommandId,
+    cmd: i64,
 ) -> Result<LockOutcome, DbErr> {
     let table = target.table();
     let stmt = sql(
@@ -586,7 +586,7 @@ pub(crate) async fn lock<C: ConnectionTrait>(
 pub(crate) async fn unlock<C: ConnectionTrait>(
     conn: &C,
     target: Target,
-    cmd: CommandId,
+    cmd: i64,
 ) -> Result<(), DbErr> {
     let stmt = sql(
         conn,
@@ -603,7 +603,7 @@ pub(crate) async fn unlock<C: ConnectionTrait>(
 /// Persists a step (fenced); false when the lease was lost.
 pub(crate) async fn advance<C: ConnectionTrait>(
     conn: &C,
-    id: CommandId,
+    id: i64,
     owner: &str,
     step: i32,
     progress: &serde_json::Value,
@@ -627,7 +627,7 @@ pub(crate) async fn advance<C: ConnectionTrait>(
 /// Puts a parent to sleep until its children finish (fenced); false when the lease was lost.
 pub(crate) async fn wait_for_children<C: ConnectionTrait>(
     conn: &C,
-    id: CommandId,
+    id: i64,
     owner: &str,
     step: i32,
     progress: &serde_json::Value,
@@ -682,7 +682,7 @@ pub(crate) async fn requeue_unstarted<C: ConnectionTrait>(
 /// Queues a claimed command again (lock busy, retry after backoff); fenced.
 pub(crate) async fn requeue<C: ConnectionTrait>(
     conn: &C,
-    id: CommandId,
+    id: i64,
     owner: &str,
     run_after: i64,
     attempts: i32,
@@ -706,12 +706,12 @@ pub(crate) async fn requeue<C: ConnectionTrait>(
 
 /// The end of a command.
 pub(crate) struct Finish {
-    pub id: CommandId,
+    pub id: i64,
     pub status: CommandStatus,
     pub result: Option<String>,
     pub error: Option<String>,
     pub target: Option<Target>,
-    pub parent: Option<CommandId>,
+    pub parent: Option<i64>,
 }
 
 /// Writes a terminal status, releases the target lock and wakes the parent, in `conn` (a
@@ -760,7 +760,7 @@ pub(crate) async fn finish<C: ConnectionTrait>(
 /// Queues `parent` again if it waits and all its children are terminal.
 pub(crate) async fn wake_parent<C: ConnectionTrait>(
     conn: &C,
-    parent: CommandId,
+    parent: i64,
     now: i64,
 ) -> Result<(), DbErr> {
     if conn.get_database_backend() == DatabaseBackend::Postgres {
@@ -786,7 +786,7 @@ pub(crate) async fn wake_parent<C: ConnectionTrait>(
 /// Marks many commands without target or parent succeeded in one statement.
 pub(crate) async fn finish_plain_batch<C: ConnectionTrait>(
     conn: &C,
-    ids: &[CommandId],
+    ids: &[i64],
     owner: &str,
     result: &str,
     now: i64,
@@ -811,11 +811,13 @@ pub(crate) async fn finish_plain_batch<C: ConnectionTrait>(
 )]
 pub(crate) async fn cancel(
     conn: &sea_orm::DatabaseConnection,
-    id: CommandId,
+    id: i64,
     now: i64,
 ) -> Result<Command, QueueError> {
     let txn = conn.begin().await?;
-    let row = get(&txn, id).await?.ok_or(QueueError::NotFound(id))?;
+    let row = get(&txn, id)
+        .await?
+        .ok_or(QueueError::NotFound(CommandId(id)))?;
     let status: CommandStatus = row
         .status
         .parse()
@@ -823,7 +825,7 @@ pub(crate) async fn cancel(
     let started = row.step > 0 || row.attempts > 0 || row.started_at.is_some();
     if status != CommandStatus::Queued || started {
         return Err(QueueError::NotCancellable {
-            id,
+            id: CommandId(id),
             status,
             detail: if started && status == CommandStatus::Queued {
                 format!(
@@ -845,13 +847,17 @@ pub(crate) async fn cancel(
     };
     if !finish(&txn, &f, None, now).await? {
         return Err(QueueError::NotCancellable {
-            id,
+            id: CommandId(id),
             status: CommandStatus::Running,
             detail: String::new(),
         });
     }
     txn.commit().await?;
-    to_api(&get(conn, id).await?.ok_or(QueueError::NotFound(id))?)
+    to_api(
+        &get(conn, id)
+            .await?
+            .ok_or(QueueError::NotFound(CommandId(id)))?,
+    )
 }
 
 /// Rows of values for one statement, as a row source `v` with columns `column1…`, to follow
@@ -944,7 +950,7 @@ pub(crate) fn ids_source<C: ConnectionTrait>(
 pub(crate) async fn lock_many<C: ConnectionTrait>(
     conn: &C,
     table: &str,
-    pairs: &[(i64, CommandId)],
+    pairs: &[(i64, i64)],
 ) -> Result<std::collections::HashSet<i64>, DbErr> {
     let mut locked = 0;
     for chunk in pairs.chunks(GROUP_CHUNK) {
@@ -965,7 +971,7 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
         return Ok(pairs.iter().map(|p| p.0).collect());
     }
     // Some were held already (by their command, or busy) or are missing: read who holds what.
-    let wanted: std::collections::HashMap<i64, CommandId> = pairs.iter().copied().collect();
+    let wanted: std::collections::HashMap<i64, i64> = pairs.iter().copied().collect();
     let mut held = std::collections::HashSet::new();
     for chunk in pairs.chunks(GROUP_CHUNK) {
         let (ids, values) = ids_source(conn, chunk.iter().map(|p| p.0), 1);
@@ -992,7 +998,7 @@ pub(crate) async fn advance_many<C: ConnectionTrait>(
     conn: &C,
     owner: &str,
     lease_until: i64,
-    items: &[(CommandId, i32, String)],
+    items: &[(i64, i32, String)],
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in items.chunks(GROUP_CHUNK) {
@@ -1023,7 +1029,7 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
     conn: &C,
     owner: &str,
     now: i64,
-    items: &[(CommandId, String, Option<Target>)],
+    items: &[(i64, String, Option<Target>)],
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in items.chunks(GROUP_CHUNK) {
@@ -1045,7 +1051,7 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
             .rows_affected();
     }
     for table in ["containers", "environments"] {
-        let pairs: Vec<(i64, CommandId)> = items
+        let pairs: Vec<(i64, i64)> = items
             .iter()
             .filter_map(|(id, _, t)| t.filter(|t| t.table() == table).map(|t| (t.id(), *id)))
             .collect();

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-use super::{CommandId, QueueError};
+use super::QueueError;
 
 /// Caps of long-polls.
 #[derive(Debug, Clone, Copy)]
@@ -33,7 +33,7 @@ impl Default for WaitLimits {
 
 #[derive(Default)]
 struct State {
-    by_command: HashMap<CommandId, Arc<Notify>>,
+    by_command: HashMap<i64, Arc<Notify>>,
     by_client: HashMap<String, usize>,
     total: usize,
 }
@@ -47,7 +47,7 @@ pub(crate) struct Waiters {
 /// One waiter; leaving (dropping it) gives its place back.
 pub(crate) struct Registration<'a> {
     waiters: &'a Waiters,
-    id: CommandId,
+    id: i64,
     client: Option<String>,
     /// Rung when the command ends.
     pub notify: Arc<Notify>,
@@ -58,7 +58,7 @@ impl Waiters {
     /// core's own waits, not capped).
     pub fn register(
         &self,
-        id: CommandId,
+        id: i64,
         client: Option<&str>,
         limits: WaitLimits,
     ) -> Result<Registration<'_>, QueueError> {
@@ -92,7 +92,7 @@ impl Waiters {
     }
 
     /// Wakes the waiters of the commands `ids` (they ended).
-    pub fn wake(&self, ids: impl IntoIterator<Item = CommandId>) {
+    pub fn wake(&self, ids: impl IntoIterator<Item = i64>) {
         let s = self.state.lock().unwrap();
         if s.by_command.is_empty() {
             return;
