@@ -257,7 +257,7 @@ impl TestCore {
     /// The simulated server of a server name.
     pub async fn sim(&self, name: &str) -> Arc<cloud48_engine::driver::sim::SimServer> {
         let s = self.core.servers().get(name).await.unwrap();
-        self.core.fleet().sim(s.id).unwrap()
+        self.core.fleet().sim(s.id.0).unwrap()
     }
 }
 

@@ -234,7 +234,7 @@ async fn a_resize_whose_growth_expired_on_a_full_server_gives_the_guest_its_old_
             container_id: 0,
             command_id: None,
             avoid: Default::default(),
-            server: Some(free.id),
+            server: Some(free.id.0),
             deadline: t.core.queue().now_ms() + 3_600_000,
         };
         cloud48_engine::placement::place(&txn, t.core.placement(), request)

@@ -126,8 +126,8 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
     let servers = t.core.servers().list().await.unwrap();
     let beat_all_but = |skip: Option<i64>| {
         for s in &servers {
-            if Some(s.id) != skip {
-                t.core.health().heartbeat(s.id, None);
+            if Some(s.id.0) != skip {
+                t.core.health().heartbeat(s.id.0, None);
             }
         }
     };
@@ -140,7 +140,7 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
     );
     beat_all_but(None);
     clock.advance(grace - 100);
-    beat_all_but(Some(servers[0].id));
+    beat_all_but(Some(servers[0].id.0));
     assert_eq!(
         t.core.monitor().check().await.unwrap(),
         Default::default(),
@@ -152,7 +152,7 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
     // Past the grace period: down, the member is down and its environment hears it.
     clock.advance(200);
     let report = t.core.monitor().check().await.unwrap();
-    assert_eq!(report.down, vec![servers[0].id]);
+    assert_eq!(report.down, vec![servers[0].id.0]);
     assert_eq!(show(&t, id).await.status, ContainerStatus::Down);
     let failover = commands_of(&t, "environment.failover").await;
     assert_eq!(failover.len(), 1);
@@ -170,9 +170,9 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
     assert_eq!(s1.status, ServerStatus::Down);
 
     // Heartbeats resume: up again, the member takes the status its server reports, is-up runs.
-    t.core.health().heartbeat(servers[0].id, None);
+    t.core.health().heartbeat(servers[0].id.0, None);
     let report = t.core.monitor().check().await.unwrap();
-    assert_eq!(report.up, vec![servers[0].id]);
+    assert_eq!(report.up, vec![servers[0].id.0]);
     assert_eq!(show(&t, id).await.status, ContainerStatus::Running);
     let recover = commands_of(&t, "environment.recover").await;
     assert_eq!(recover.len(), 1);
@@ -430,7 +430,7 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
         ids.push(t.created(a.command_id).await);
     }
     let sim1 = t.core.servers().get("sim-1").await.unwrap();
-    assert!(t.core.monitor().mark_down(sim1.id, "test").await.unwrap());
+    assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
     let failover = commands_of(&t, "environment.failover").await;
     let failed = t.wait(failover[0].id).await;
     assert!(
@@ -448,7 +448,7 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Down);
 
     // Back up: the only copy is kept, not collected.
-    assert!(t.core.monitor().mark_up(sim1.id).await.unwrap());
+    assert!(t.core.monitor().mark_up(sim1.id.0).await.unwrap());
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Running);
     assert!(
         t.sim("sim-1")
@@ -458,7 +458,7 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
     );
 
     // Destroying a down container gives it up at once; the collector removes its guest later.
-    assert!(t.core.monitor().mark_down(sim1.id, "test").await.unwrap());
+    assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
     let a: Accepted = t
         .client
         .post(
@@ -469,7 +469,7 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
         .unwrap();
     t.ok(a.command_id).await;
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Illegal);
-    assert!(t.core.monitor().mark_up(sim1.id).await.unwrap());
+    assert!(t.core.monitor().mark_up(sim1.id.0).await.unwrap());
     let gone = show(&t, ids[0]).await;
     assert_eq!(gone.status, ContainerStatus::Destroyed);
     assert!(t.sim("sim-1").await.guest(&gone.guest_id).is_none());
@@ -504,8 +504,8 @@ async fn the_monitor_never_marks_a_server_down_on_silence_gathered_while_it_was_
     let servers = t.core.servers().list().await.unwrap();
     let beat_all_but = |skip: Option<i64>| {
         for s in &servers {
-            if Some(s.id) != skip {
-                t.core.health().heartbeat(s.id, None);
+            if Some(s.id.0) != skip {
+                t.core.health().heartbeat(s.id.0, None);
             }
         }
     };
@@ -531,14 +531,14 @@ async fn the_monitor_never_marks_a_server_down_on_silence_gathered_while_it_was_
     );
     // Running on time again: sim-1 stays silent for the grace period, the others beat.
     clock.advance(grace - 100);
-    beat_all_but(Some(servers[0].id));
+    beat_all_but(Some(servers[0].id.0));
     assert_eq!(
         t.core.monitor().tick(Duration::ZERO).await.unwrap(),
         Default::default()
     );
     clock.advance(200);
-    beat_all_but(Some(servers[0].id));
+    beat_all_but(Some(servers[0].id.0));
     let report = t.core.monitor().tick(Duration::ZERO).await.unwrap();
-    assert_eq!(report.down, vec![servers[0].id]);
+    assert_eq!(report.down, vec![servers[0].id.0]);
     assert_eq!(t.core.monitor().stalls(), 1);
 }

@@ -577,10 +577,10 @@ async fn list_servers(
     all.sort_by_key(|s| s.id);
     let items: Vec<Server> = all
         .into_iter()
-        .filter(|s| q.after.is_none_or(|a| s.id > a))
+        .filter(|s| q.after.is_none_or(|a| s.id.0 > a))
         .take(limit)
         .collect();
-    Ok(page(items, q.limit, &uri, "after", |s| s.id))
+    Ok(page(items, q.limit, &uri, "after", |s| s.id.0))
 }
 
 /// Paging of a list by ascending id.

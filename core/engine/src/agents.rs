@@ -109,7 +109,7 @@ impl Agents {
         &self,
         info: &AgentInfo,
         stats: &ServerStats,
-    ) -> Result<ServerId, CoreError> {
+    ) -> Result<i64, CoreError> {
         self.token()?;
         // Every heartbeat comes here: an agent already known at its address costs no database read.
         if let Some((id, remote)) = self.fleet.remote_named(&info.name)
@@ -179,14 +179,14 @@ impl Agents {
     }
 
     /// A heartbeat from an agent (registers its server on first contact).
-    pub async fn heartbeat(&self, beat: Heartbeat) -> Result<ServerId, CoreError> {
+    pub async fn heartbeat(&self, beat: Heartbeat) -> Result<i64, CoreError> {
         let id = self.register(&beat.agent, &beat.stats).await?;
         self.health.heartbeat(id, Some(beat.stats));
         Ok(id)
     }
 
     /// Registers the agent at `url` by asking it who it is (`cloud48 server add URL`).
-    pub async fn add(&self, url: &str) -> Result<ServerId, CoreError> {
+    pub async fn add(&self, url: &str) -> Result<i64, CoreError> {
         valid_url(url)?;
         let token = self.token()?.to_string();
         let client = reqwest::Client::builder()

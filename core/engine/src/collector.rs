@@ -63,12 +63,12 @@ impl Collector {
     }
 
     /// Collects on one server, or on every server that is up.
-    pub async fn collect(&self, only: Option<ServerId>) -> Result<CollectReport, CoreError> {
+    pub async fn collect(&self, only: Option<i64>) -> Result<CollectReport, CoreError> {
         let mut report = CollectReport {
             dummies: self.collect_dummies(only).await?,
             ..Default::default()
         };
-        let servers: Vec<ServerId> = self
+        let servers: Vec<i64> = self
             .placement
             .snapshot()
             .into_iter()
@@ -105,7 +105,7 @@ impl Collector {
         clippy::disallowed_methods,
         reason = "database work only: every driver or plugin call happens before it"
     )]
-    async fn collect_dummies(&self, only: Option<ServerId>) -> Result<usize, CoreError> {
+    async fn collect_dummies(&self, only: Option<i64>) -> Result<usize, CoreError> {
         let now = self.clock.now_ms();
         let dummies = crate::placement::dummies(&self.db, only).await?;
         if dummies.is_empty() {
@@ -150,7 +150,7 @@ impl Collector {
         clippy::disallowed_methods,
         reason = "database work only: every driver or plugin call happens before it"
     )]
-    async fn collect_server(&self, server_id: ServerId) -> Result<(usize, usize), CoreError> {
+    async fn collect_server(&self, server_id: i64) -> Result<(usize, usize), CoreError> {
         let Some((driver, name)) = self.fleet.named_driver(server_id) else {
             return Ok((0, 0));
         };

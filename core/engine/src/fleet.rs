@@ -105,9 +105,9 @@ pub struct Fleet {
     /// One factory per driver kind.
     factories: BTreeMap<&'static str, Arc<dyn DriverFactory>>,
     /// Driver and server name by server id.
-    drivers: RwLock<HashMap<ServerId, NamedDriver>>,
-    sims: RwLock<HashMap<ServerId, Arc<SimServer>>>,
-    remotes: RwLock<HashMap<ServerId, Arc<RemoteDriver>>>,
+    drivers: RwLock<HashMap<i64, NamedDriver>>,
+    sims: RwLock<HashMap<i64, Arc<SimServer>>>,
+    remotes: RwLock<HashMap<i64, Arc<RemoteDriver>>>,
 }
 
 impl Fleet {
@@ -136,7 +136,7 @@ impl Fleet {
     }
 
     /// The driver of a server.
-    pub fn driver(&self, id: ServerId) -> Option<Arc<dyn Driver>> {
+    pub fn driver(&self, id: i64) -> Option<Arc<dyn Driver>> {
         self.drivers
             .read()
             .unwrap()
@@ -145,17 +145,17 @@ impl Fleet {
     }
 
     /// The driver of a server with the server's name (for messages).
-    pub fn named_driver(&self, id: ServerId) -> Option<(Arc<dyn Driver>, String)> {
+    pub fn named_driver(&self, id: i64) -> Option<(Arc<dyn Driver>, String)> {
         self.drivers.read().unwrap().get(&id).cloned()
     }
 
     /// The simulated server behind a server id, for fault injection and inspection.
-    pub fn sim(&self, id: ServerId) -> Option<Arc<SimServer>> {
+    pub fn sim(&self, id: i64) -> Option<Arc<SimServer>> {
         self.sims.read().unwrap().get(&id).cloned()
     }
 
     /// Every simulated server with its id.
-    pub fn sims(&self) -> Vec<(ServerId, Arc<SimServer>)> {
+    pub fn sims(&self) -> Vec<(i64, Arc<SimServer>)> {
         self.sims
             .read()
             .unwrap()
@@ -165,12 +165,12 @@ impl Fleet {
     }
 
     /// The remote driver of a server run by an agent.
-    pub fn remote(&self, id: ServerId) -> Option<Arc<RemoteDriver>> {
+    pub fn remote(&self, id: i64) -> Option<Arc<RemoteDriver>> {
         self.remotes.read().unwrap().get(&id).cloned()
     }
 
     /// The remote server with this name, with its id.
-    pub fn remote_named(&self, name: &str) -> Option<(ServerId, Arc<RemoteDriver>)> {
+    pub fn remote_named(&self, name: &str) -> Option<(i64, Arc<RemoteDriver>)> {
         let drivers = self.drivers.read().unwrap();
         let remotes = self.remotes.read().unwrap();
         remotes
@@ -180,7 +180,7 @@ impl Fleet {
     }
 
     /// Registers (or replaces) a server run by an agent.
-    pub fn add_remote(&self, id: ServerId, name: &str, remote: Arc<RemoteDriver>) {
+    pub fn add_remote(&self, id: i64, name: &str, remote: Arc<RemoteDriver>) {
         self.drivers
             .write()
             .unwrap()
@@ -189,7 +189,7 @@ impl Fleet {
     }
 
     /// Registers a simulated server.
-    pub fn add_sim(&self, id: ServerId, sim: Arc<SimServer>) {
+    pub fn add_sim(&self, id: i64, sim: Arc<SimServer>) {
         self.drivers
             .write()
             .unwrap()
@@ -202,7 +202,7 @@ impl Fleet {
 mod tests {
     use super::*;
 
-    fn row(id: ServerId, name: &str, driver: &str) -> server::Model {
+    fn row(id: i64, name: &str, driver: &str) -> server::Model {
         server::Model {
             id,
             platform_id: 1,

@@ -40,7 +40,7 @@ pub struct Beat {
 
 /// Heartbeats received by this core.
 pub struct Health {
-    beats: Mutex<HashMap<ServerId, Beat>>,
+    beats: Mutex<HashMap<i64, Beat>>,
     clock: Arc<dyn Clock>,
     /// When monitoring began: the grace period of a server that never sent a heartbeat
     /// counts from here.
@@ -51,9 +51,9 @@ pub struct Health {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HealthReport {
     /// Servers marked down.
-    pub down: Vec<ServerId>,
+    pub down: Vec<i64>,
     /// Servers marked up again.
-    pub up: Vec<ServerId>,
+    pub up: Vec<i64>,
 }
 
 impl Health {
@@ -75,19 +75,19 @@ impl Health {
     }
 
     /// Records a heartbeat of `server` now.
-    pub fn heartbeat(&self, server: ServerId, load: Option<ServerStats>) {
+    pub fn heartbeat(&self, server: i64, load: Option<ServerStats>) {
         let at = self.clock.now_ms();
         self.beats.lock().unwrap().insert(server, Beat { at, load });
     }
 
     /// The last heartbeat of `server`.
-    pub fn last(&self, server: ServerId) -> Option<Beat> {
+    pub fn last(&self, server: i64) -> Option<Beat> {
         self.beats.lock().unwrap().get(&server).cloned()
     }
 
     /// Milliseconds of silence of `server` that count: since its last heartbeat, or since the
     /// monitor began (or resumed after a stall of its own), whichever is later.
-    fn silence(&self, server: ServerId, now: i64) -> i64 {
+    fn silence(&self, server: i64, now: i64) -> i64 {
         let started = self.started.load(std::sync::atomic::Ordering::SeqCst);
         let at = self
             .beats
@@ -200,7 +200,7 @@ impl Monitor {
         clippy::disallowed_methods,
         reason = "database work only: every driver or plugin call happens before it"
     )]
-    pub async fn mark_down(&self, server_id: ServerId, cause: &str) -> Result<bool, CoreError> {
+    pub async fn mark_down(&self, server_id: i64, cause: &str) -> Result<bool, CoreError> {
         let txn = self.db.begin().await?;
         let changed = server::Entity::update_many()
             .col_expr(server::Column::Status, Expr::val("down"))
@@ -272,7 +272,7 @@ impl Monitor {
         clippy::disallowed_methods,
         reason = "database work only: every driver or plugin call happens before it"
     )]
-    pub async fn mark_up(&self, server_id: ServerId) -> Result<bool, CoreError> {
+    pub async fn mark_up(&self, server_id: i64) -> Result<bool, CoreError> {
         let changed = server::Entity::update_many()
             .col_expr(server::Column::Status, Expr::val("up"))
             .filter(server::Column::Id.eq(server_id))

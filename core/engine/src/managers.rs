@@ -887,7 +887,7 @@ fn script_title(script: &str) -> String {
 /// for a plugin is a call into a fresh WASM instance: it is made here, before any transaction.
 pub(crate) struct NewContainer {
     row: container::ActiveModel,
-    server_id: Option<ServerId>,
+    server_id: Option<i64>,
 }
 
 /// Checks a new container's type, requirements and named server, and makes its row.
@@ -915,7 +915,7 @@ async fn checked_new(
     (
         std::sync::Arc<dyn crate::types::ContainerType>,
         Requirements,
-        Option<ServerId>,
+        Option<i64>,
     ),
     CoreError,
 > {
@@ -940,7 +940,7 @@ pub(crate) async fn insert_container<C: ConnectionTrait>(
     platform: &str,
     conn: &C,
     new: NewContainer,
-) -> Result<(ContainerId, Option<ServerId>), CoreError> {
+) -> Result<(ContainerId, Option<i64>), CoreError> {
     let row = new.row.insert(conn).await?;
     let guest = guest_id_for(platform, row.id);
     let mut active: container::ActiveModel = row.into();
@@ -983,7 +983,7 @@ pub(crate) async fn to_views(
                 type_id: r.type_id,
                 status: parse_status(r.id, &r.status)?,
                 server: r.server_id.and_then(|s| servers.get(&s).cloned()),
-                server_id: r.server_id,
+                server_id: r.server_id.map(ServerId),
                 ip: r.ip,
                 environment: r.environment_id.and_then(|e| envs.get(&e).cloned()),
                 environment_id: r.environment_id.map(EnvironmentId),
@@ -1364,7 +1364,7 @@ impl<'a> ServerManager<'a> {
             .map(|s| {
                 let beat = self.svc.health().last(s.id);
                 Server {
-                    id: s.id,
+                    id: ServerId(s.id),
                     status: s.status.parse().unwrap_or(ServerStatus::Down),
                     labels: serde_json::from_str(&s.labels).unwrap_or_default(),
                     last_heartbeat: beat.as_ref().map(|b| b.at).or(s.last_heartbeat),

@@ -28,7 +28,7 @@ const MAX_GROUP: usize = 500;
 /// A container create waiting to be written.
 struct Pending {
     row: container::ActiveModel,
-    server_id: Option<ServerId>,
+    server_id: Option<i64>,
     requested_by: String,
     reply: oneshot::Sender<Result<(CommandId, ContainerId), DbErr>>,
 }
@@ -70,7 +70,7 @@ impl CreateSubmitter {
     pub(crate) async fn submit(
         &self,
         row: container::ActiveModel,
-        server_id: Option<ServerId>,
+        server_id: Option<i64>,
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), DbErr> {
         let (reply, answer) = oneshot::channel();
@@ -128,7 +128,7 @@ async fn write(
     db: &DatabaseConnection,
     queue: &Queue,
     platform: &str,
-    rows: Vec<(container::ActiveModel, (Option<ServerId>, String))>,
+    rows: Vec<(container::ActiveModel, (Option<i64>, String))>,
 ) -> Result<Vec<(CommandId, ContainerId)>, DbErr> {
     let n = rows.len();
     let (containers, commands): (Vec<_>, Vec<_>) = rows.into_iter().unzip();

@@ -56,12 +56,14 @@ id_type!(
     /// Identifier of a persisted command.
     CommandId
 );
+id_type!(
+    /// Identifier of a server (virtualization server, VS).
+    ServerId
+);
 
 // Being converted to `id_type!`, one kind at a time: still plain numbers.
 /// Identifier of a container, unique within a platform.
 pub type ContainerId = i64;
-/// Identifier of a server (virtualization server, VS).
-pub type ServerId = i64;
 
 /// Compute resources: what a container needs or what a server offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

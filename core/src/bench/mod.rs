@@ -530,7 +530,7 @@ pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
             .clone();
         let sim = core
             .fleet()
-            .sim(balancer.server_id.context("placed")?)
+            .sim(balancer.server_id.context("placed")?.0)
             .context("simulated")?;
         let crashed = Instant::now();
         sim.crash();
@@ -548,7 +548,7 @@ pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
                     && m.id != balancer.id
             });
             if let Some(r) = replacement
-                && let Some(s) = r.server_id.and_then(|s| core.fleet().sim(s))
+                && let Some(s) = r.server_id.and_then(|s| core.fleet().sim(s.0))
                 && let Some(g) = s.guest(&r.guest_id)
                 && g.execs.last().is_some_and(|e| {
                     let mut have = e.args.clone();

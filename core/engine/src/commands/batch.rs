@@ -72,7 +72,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
         }
         None => cache.decide_many(&req, rows.len()),
     };
-    let mut per_server: BTreeMap<ServerId, Vec<i64>> = BTreeMap::new();
+    let mut per_server: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     let mut failed: Vec<(i64, String)> = Vec::new();
     for (id, decided) in rows.into_iter().zip(decisions) {
         match decided {
@@ -84,9 +84,9 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let (cache, command) = (svc.placement_shared(), ctx.cmd.id);
     Ok(Transition::commit(move |txn| {
         Box::pin(async move {
-            let mut placed: Vec<(i64, ServerId)> = Vec::new();
+            let mut placed: Vec<(i64, i64)> = Vec::new();
             let mut dummies = Vec::new();
-            let claims: Vec<(ServerId, Resources, i64)> = per_server
+            let claims: Vec<(i64, Resources, i64)> = per_server
                 .iter()
                 .map(|(s, ids)| (*s, need.times(ids.len() as u64), ids.len() as i64))
                 .collect();
@@ -154,13 +154,13 @@ async fn give_up<C: ConnectionTrait>(conn: &C, ids: &[i64]) -> Result<(), DbErr>
 
 async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let svc = ctx.svc;
-    let placed: Vec<(i64, ServerId)> = serde_json::from_value(ctx.progress["placed"].clone())
+    let placed: Vec<(i64, i64)> = serde_json::from_value(ctx.progress["placed"].clone())
         .map_err(|_| StepError::Permanent("lost the placements of this command".into()))?;
     let mut failed: Vec<(i64, String)> = ctx.progress_field("failed")?;
     let params: params::CreateMany = ctx.params()?;
     let need = params.requirements.resources;
     let (type_id, start) = (params.type_id, params.start);
-    let mut made: Vec<(i64, ServerId, Option<String>)> = Vec::new();
+    let mut made: Vec<(i64, i64, Option<String>)> = Vec::new();
     let mut refused: Vec<i64> = Vec::new();
     // The containers are locked by this command: no other command changed them meanwhile.
     for (id, server) in placed {
@@ -227,7 +227,7 @@ async fn settle_slowly(
     txn: &DatabaseTransaction,
     cache: &PlacementCache,
     dummies: &[dummy::Model],
-    made: &[(i64, ServerId, Option<String>)],
+    made: &[(i64, i64, Option<String>)],
     refused: &[i64],
     need: Resources,
 ) -> Result<Vec<i64>, DbErr> {
@@ -256,7 +256,7 @@ async fn settle_slowly(
 /// Records the made containers and fails the others.
 async fn finish(
     txn: &DatabaseTransaction,
-    made: Vec<(i64, ServerId, Option<String>)>,
+    made: Vec<(i64, i64, Option<String>)>,
     lost: Vec<i64>,
     refused: Vec<i64>,
     mut failed: Vec<(i64, String)>,
@@ -267,7 +267,7 @@ async fn finish(
     } else {
         ContainerStatus::Stopped
     };
-    let ok: Vec<&(i64, ServerId, Option<String>)> =
+    let ok: Vec<&(i64, i64, Option<String>)> =
         made.iter().filter(|m| !lost.contains(&m.0)).collect();
     for chunk in ok.chunks(CHUNK) {
         fill_many(txn, chunk, status, false).await?;
@@ -330,7 +330,7 @@ fn shortfall(created: usize, failed: &[(i64, String)]) -> Option<String> {
 /// is left unchanged (the caller compares the count and finds which, the slow way).
 pub(super) async fn fill_many(
     txn: &DatabaseTransaction,
-    made: &[&(i64, ServerId, Option<String>)],
+    made: &[&(i64, i64, Option<String>)],
     status: ContainerStatus,
     guarded: bool,
 ) -> Result<u64, DbErr> {

@@ -132,7 +132,7 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
 }
 
 /// A decision of step 0: command index, container, server, need.
-type Decided = (usize, i64, ServerId, Resources);
+type Decided = (usize, i64, i64, Resources);
 
 /// What step 0's writes kept, with the dummy of each container.
 type Placed = (Vec<Decided>, HashMap<i64, i64>);
@@ -147,7 +147,7 @@ async fn place(
     let cache = svc.placement();
     // Equal requirements (and named server) share one decision heap.
     // Those that named a server come first, so the others' decisions see what they take.
-    let mut by_need: BTreeMap<(bool, Option<ServerId>, String), Vec<Plain<'_>>> = BTreeMap::new();
+    let mut by_need: BTreeMap<(bool, Option<i64>, String), Vec<Plain<'_>>> = BTreeMap::new();
     // Whether each command starts its container, read once from its parameters.
     let mut starts: HashMap<usize, bool> = HashMap::new();
     for p in plain(cmds, &rows) {
@@ -191,13 +191,13 @@ async fn place(
         }
     };
     let deadline = svc.queue().now_ms() + svc.dummy_ttl_ms();
-    let mut per_server: BTreeMap<ServerId, (Resources, i64)> = BTreeMap::new();
+    let mut per_server: BTreeMap<i64, (Resources, i64)> = BTreeMap::new();
     for (_, _, server, need) in &decided {
         let e = per_server.entry(*server).or_default();
         e.0 = e.0.plus(need);
         e.1 += 1;
     }
-    let claims: Vec<(ServerId, Resources, i64)> =
+    let claims: Vec<(i64, Resources, i64)> =
         per_server.iter().map(|(s, (r, n))| (*s, *r, *n)).collect();
     let commands: HashMap<usize, i64> = decided.iter().map(|d| (d.0, cmds[d.0].id)).collect();
     // What the writes kept (and the dummies they made), for step 1 after the commit.
@@ -350,7 +350,7 @@ async fn make_placed(
                     }
                     let mut filled = 0;
                     for start in [true, false] {
-                        let rows: Vec<(i64, ServerId, Option<String>)> = batch
+                        let rows: Vec<(i64, i64, Option<String>)> = batch
                             .iter()
                             .filter(|m| m.3 == start)
                             .map(|m| (m.1, m.2.server_id, m.4.clone()))

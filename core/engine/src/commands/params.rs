@@ -61,10 +61,10 @@ pub fn read<T: DeserializeOwned>(cmd: &command::Model, value: &Value) -> Result<
 pub struct Create {
     /// The server the user named; placement chooses otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_id: Option<ServerId>,
+    pub server_id: Option<i64>,
     /// A server to avoid (a replacement avoids its down original's server).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub avoid: Option<ServerId>,
+    pub avoid: Option<i64>,
     /// The container whose disk the new one copies (an environment clone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<ContainerId>,
@@ -78,7 +78,7 @@ pub struct Create {
 
 impl Create {
     /// A plain create, on `server_id` if given.
-    pub fn on(server_id: Option<ServerId>) -> Self {
+    pub fn on(server_id: Option<i64>) -> Self {
         Create {
             server_id,
             avoid: None,
@@ -104,7 +104,7 @@ pub struct CreateMany {
     pub count: u32,
     /// The server the user named; placement chooses otherwise.
     #[serde(default)]
-    pub server_id: Option<ServerId>,
+    pub server_id: Option<i64>,
     /// What each container needs.
     pub requirements: Requirements,
     /// Start the containers once created.
@@ -124,7 +124,7 @@ pub struct Update {
 pub struct Clone {
     /// The server of the copy; the source's by default.
     #[serde(default)]
-    pub server_id: Option<ServerId>,
+    pub server_id: Option<i64>,
 }
 
 /// `container.migrate`.
@@ -132,7 +132,7 @@ pub struct Clone {
 pub struct Migrate {
     /// The target server; placement chooses otherwise.
     #[serde(default)]
-    pub to: Option<ServerId>,
+    pub to: Option<i64>,
 }
 
 /// `container.exec`.
@@ -159,7 +159,7 @@ pub struct Add {
     pub server: Option<String>,
     /// A server to avoid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub avoid: Option<ServerId>,
+    pub avoid: Option<i64>,
     /// The member this one copies (an environment clone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<ContainerId>,

@@ -19,7 +19,7 @@ use crate::model::{ContainerId, ContainerStatus, Requirements, Resources, Server
 /// server must also be up and not draining. True when reserved.
 pub async fn claim<C: ConnectionTrait>(
     conn: &C,
-    server_id: ServerId,
+    server_id: i64,
     r: &Resources,
     count: i64,
     placeable: bool,
@@ -62,8 +62,8 @@ pub async fn claim<C: ConnectionTrait>(
 )]
 pub async fn claim_many(
     txn: &DatabaseTransaction,
-    claims: &[(ServerId, Resources, i64)],
-) -> Result<HashSet<ServerId>, DbErr> {
+    claims: &[(i64, Resources, i64)],
+) -> Result<HashSet<i64>, DbErr> {
     let mut held = HashSet::new();
     for chunk in claims.chunks(crate::queue::store::GROUP_CHUNK) {
         let rows: Vec<_> = chunk
@@ -115,7 +115,7 @@ pub async fn claim_many(
 /// Gives back `r` (and `count` containers) on `server`.
 pub async fn release<C: ConnectionTrait>(
     conn: &C,
-    server_id: ServerId,
+    server_id: i64,
     r: &Resources,
     count: i64,
 ) -> Result<(), DbErr> {
@@ -139,7 +139,7 @@ pub async fn release<C: ConnectionTrait>(
 /// the container is already there.
 pub async fn reserve_growth(
     txn: &DatabaseTransaction,
-    server_id: ServerId,
+    server_id: i64,
     container_id: ContainerId,
     command_id: i64,
     grow: &Resources,
@@ -163,7 +163,7 @@ pub async fn reserve_growth(
 /// claimed again; false when it no longer fits (nothing is changed then).
 pub async fn settle_resize(
     txn: &DatabaseTransaction,
-    server_id: ServerId,
+    server_id: i64,
     growth: Option<Reservation>,
     grow: &Resources,
     shrink: &Resources,
@@ -189,7 +189,7 @@ pub async fn settle_resize(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
     /// The chosen server.
-    pub server_id: ServerId,
+    pub server_id: i64,
     /// The dummy holding the capacity.
     pub dummy_id: i64,
 }
@@ -203,9 +203,9 @@ pub struct PlaceRequest<'a> {
     /// The command placing it.
     pub command_id: Option<i64>,
     /// Servers it must not go to (its current server, spread).
-    pub avoid: HashSet<ServerId>,
+    pub avoid: HashSet<i64>,
     /// A server the user named instead of letting placement choose.
-    pub server: Option<ServerId>,
+    pub server: Option<i64>,
     /// Deadline of the dummy, milliseconds since the Unix epoch.
     pub deadline: i64,
 }
@@ -252,7 +252,7 @@ pub async fn place(
 
 async fn insert_dummy(
     txn: &DatabaseTransaction,
-    server_id: ServerId,
+    server_id: i64,
     req: &PlaceRequest<'_>,
     need: &Resources,
 ) -> Result<i64, DbErr> {
@@ -270,7 +270,7 @@ async fn insert_dummy(
 
 /// A dummy reserving `need` on `server_id` for `container_id` until `deadline`.
 pub fn dummy_row(
-    server_id: ServerId,
+    server_id: i64,
     container_id: ContainerId,
     command_id: Option<i64>,
     need: &Resources,
@@ -337,8 +337,8 @@ pub fn requirements_of(row: &container::Model) -> Requirements {
 /// What the counters of every server should be, recomputed from containers and dummies.
 async fn recompute<C: ConnectionTrait>(
     conn: &C,
-) -> Result<HashMap<ServerId, (Resources, u64)>, DbErr> {
-    let mut used: HashMap<ServerId, (Resources, u64)> = HashMap::new();
+) -> Result<HashMap<i64, (Resources, u64)>, DbErr> {
+    let mut used: HashMap<i64, (Resources, u64)> = HashMap::new();
     let live = container::Entity::find()
         .filter(container::Column::ServerId.is_not_null())
         .filter(container::Column::Status.is_not_in([
@@ -414,7 +414,7 @@ pub async fn reconcile(db: &DatabaseConnection) -> Result<usize, DbErr> {
 #[derive(Debug, Clone, Copy)]
 pub struct NewDummy {
     /// The server.
-    pub server_id: ServerId,
+    pub server_id: i64,
     /// The container it stands for.
     pub container_id: ContainerId,
     /// The command that placed it.
@@ -512,7 +512,7 @@ pub async fn dummies_of<C: ConnectionTrait>(
 /// Every dummy, or those of one server.
 pub async fn dummies<C: ConnectionTrait>(
     conn: &C,
-    server: Option<ServerId>,
+    server: Option<i64>,
 ) -> Result<Vec<dummy::Model>, DbErr> {
     let mut q = dummy::Entity::find();
     if let Some(s) = server {
@@ -522,7 +522,7 @@ pub async fn dummies<C: ConnectionTrait>(
 }
 
 /// How many dummies each server holds.
-pub async fn dummy_counts<C: ConnectionTrait>(conn: &C) -> Result<HashMap<ServerId, i64>, DbErr> {
+pub async fn dummy_counts<C: ConnectionTrait>(conn: &C) -> Result<HashMap<i64, i64>, DbErr> {
     use sea_orm::QuerySelect;
     Ok(dummy::Entity::find()
         .select_only()

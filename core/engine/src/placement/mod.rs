@@ -75,7 +75,7 @@ impl Default for Weights {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     /// Server id.
-    pub id: ServerId,
+    pub id: i64,
     /// True when up.
     pub up: bool,
     /// True while drained.
@@ -164,11 +164,11 @@ fn has_labels(c: &Candidate, req: &Requirements) -> bool {
 pub fn decide(
     servers: &[Candidate],
     req: &Requirements,
-    avoid: &HashSet<ServerId>,
+    avoid: &HashSet<i64>,
     w: &Weights,
-) -> Result<ServerId, String> {
+) -> Result<i64, String> {
     let need = &req.resources;
-    let mut best: Option<(f64, ServerId)> = None;
+    let mut best: Option<(f64, i64)> = None;
     for c in servers {
         if !c.placeable()
             || avoid.contains(&c.id)
@@ -187,7 +187,7 @@ pub fn decide(
 }
 
 /// Names the first requirement that eliminated every server.
-fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<ServerId>) -> String {
+fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<i64>) -> String {
     let placeable: Vec<_> = servers.iter().filter(|c| c.placeable()).collect();
     if placeable.is_empty() {
         return "no server is up and accepting containers (not draining)".into();
@@ -243,7 +243,7 @@ fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<Serv
 /// database (fully at start and by the collector, per server after a failed claim).
 #[derive(Default)]
 pub struct PlacementCache {
-    servers: RwLock<(Vec<Candidate>, HashMap<ServerId, usize>)>,
+    servers: RwLock<(Vec<Candidate>, HashMap<i64, usize>)>,
     weights: RwLock<Weights>,
     timing: AtomicBool,
     samples: std::sync::Mutex<Vec<u32>>,
@@ -279,7 +279,7 @@ impl PlacementCache {
     }
 
     /// Reloads one server.
-    pub async fn refresh<C: ConnectionTrait>(&self, conn: &C, id: ServerId) -> Result<(), DbErr> {
+    pub async fn refresh<C: ConnectionTrait>(&self, conn: &C, id: i64) -> Result<(), DbErr> {
         let Some(row) = server::Entity::find_by_id(id).one(conn).await? else {
             return Ok(());
         };
@@ -297,7 +297,7 @@ impl PlacementCache {
     }
 
     /// Records a reservation (`sign` 1) or a release (`sign` -1) made in this core.
-    pub(crate) fn apply(&self, id: ServerId, r: &Resources, count: i64, sign: i64) {
+    pub(crate) fn apply(&self, id: i64, r: &Resources, count: i64, sign: i64) {
         let mut guard = self.servers.write().unwrap();
         let (list, index) = &mut *guard;
         if let Some(&i) = index.get(&id) {
@@ -313,7 +313,7 @@ impl PlacementCache {
     }
 
     /// Marks a server up or down and draining or not.
-    pub fn set_status(&self, id: ServerId, up: bool, draining: bool) {
+    pub fn set_status(&self, id: i64, up: bool, draining: bool) {
         let mut guard = self.servers.write().unwrap();
         let (list, index) = &mut *guard;
         if let Some(&i) = index.get(&id) {
@@ -326,8 +326,8 @@ impl PlacementCache {
     pub fn decide(
         &self,
         req: &Requirements,
-        avoid: &HashSet<ServerId>,
-    ) -> Result<ServerId, String> {
+        avoid: &HashSet<i64>,
+    ) -> Result<i64, String> {
         let started = self.timing.load(Ordering::Relaxed).then(Instant::now);
         let w = *self.weights.read().unwrap();
         let out = decide(&self.servers.read().unwrap().0, req, avoid, &w);
@@ -343,11 +343,11 @@ impl PlacementCache {
     /// servers go into a heap by score once; each decision takes the best, counts the container
     /// there and puts the server back with its new score, so a decision costs O(log servers)
     /// instead of a scan. The decisions that find no server carry the reason.
-    pub fn decide_many(&self, req: &Requirements, count: usize) -> Vec<Result<ServerId, String>> {
+    pub fn decide_many(&self, req: &Requirements, count: usize) -> Vec<Result<i64, String>> {
         use std::cmp::{Ordering as O, Reverse};
         use std::collections::BinaryHeap;
         #[derive(PartialEq)]
-        struct Best(f64, Reverse<ServerId>, usize);
+        struct Best(f64, Reverse<i64>, usize);
         impl Eq for Best {}
         impl PartialOrd for Best {
             fn partial_cmp(&self, other: &Self) -> Option<O> {
@@ -418,7 +418,7 @@ impl PlacementCache {
 mod tests {
     use super::*;
 
-    fn server(id: ServerId, free_cpu: u64, free_mem: u64, labels: &[&str]) -> Candidate {
+    fn server(id: i64, free_cpu: u64, free_mem: u64, labels: &[&str]) -> Candidate {
         let capacity = Resources {
             cpu_millis: 8000,
             memory_mb: 8192,
