@@ -25,7 +25,7 @@ async fn raw(t: &TestCore, method: &str, path: &str, body: Option<&str>) -> (u16
 }
 
 /// `POST /v1/containers/{id}/actions` with `body`, raw.
-async fn action(t: &TestCore, id: i64, body: &str) -> (u16, Value) {
+async fn action(t: &TestCore, id: cloud48_engine::model::ContainerId, body: &str) -> (u16, Value) {
     raw(
         t,
         "POST",

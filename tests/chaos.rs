@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cloud48_core::cli::Client;
+use cloud48_engine::model::ContainerId;
 use cloud48_engine::model::{
     Accepted, Command, CommandId, CommandStatus, Container, ContainerStatus, Resources,
 };
@@ -50,13 +51,13 @@ struct Submitted {
 
 async fn submit_round(client: &Client, rng: &mut TestRng, out: &mut Submitted) -> Vec<CommandId> {
     let live: Vec<Container> = client.get_all("/v1/containers").await.unwrap();
-    let of = |pred: &dyn Fn(&Container) -> bool| -> Vec<i64> {
+    let of = |pred: &dyn Fn(&Container) -> bool| -> Vec<ContainerId> {
         live.iter().filter(|c| pred(c)).map(|c| c.id).collect()
     };
     let tomcats = of(&|c| c.type_id.starts_with("tomcat"));
     let balancers = of(&|c| c.type_id.starts_with("balancer"));
     let plain = of(&|c| c.type_id.starts_with("plain") && c.environment.is_none());
-    let pick = |rng: &mut TestRng, ids: &[i64]| ids.get(below(rng, ids.len())).copied();
+    let pick = |rng: &mut TestRng, ids: &[ContainerId]| ids.get(below(rng, ids.len())).copied();
     let mut round = Vec::new();
     for _ in 0..PER_ROUND {
         let env = ENVIRONMENTS[below(rng, ENVIRONMENTS.len())];

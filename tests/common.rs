@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cloud48_core::cli::Client;
-use cloud48_engine::model::{Command, CommandStatus};
+use cloud48_engine::model::{Command, CommandStatus, ContainerId};
 use cloud48_engine::types::ContainerType;
 use cloud48_engine::{Core, CoreConfig};
 use sea_orm::{ConnectionTrait, Database};
@@ -233,14 +233,16 @@ impl TestCore {
     }
 
     /// Id of the container created by a finished command.
-    pub async fn created(&self, id: impl IntoCommandId) -> i64 {
-        self.ok(id).await.result.unwrap()["container_id"]
-            .as_i64()
-            .unwrap()
+    pub async fn created(&self, id: impl IntoCommandId) -> ContainerId {
+        ContainerId(
+            self.ok(id).await.result.unwrap()["container_id"]
+                .as_i64()
+                .unwrap(),
+        )
     }
 
     /// The `ip:8080` of the given containers (as balancer upstreams), sorted.
-    pub async fn addresses(&self, ids: &[i64]) -> Vec<String> {
+    pub async fn addresses(&self, ids: &[ContainerId]) -> Vec<String> {
         let mut out = Vec::new();
         for id in ids {
             let c: cloud48_engine::model::Container = self

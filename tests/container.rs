@@ -3,13 +3,13 @@
 use cloud48_engine::driver::{DriverError, GuestState};
 use cloud48_engine::managers::{ContainerCommand, CreateContainer};
 use cloud48_engine::model::{
-    Accepted, CommandId, Container, ContainerStatus, Requirements, Resources,
+    Accepted, CommandId, Container, ContainerId, ContainerStatus, Requirements, Resources,
 };
 use serde_json::json;
 
 use crate::common::{Opts, TestCore};
 
-async fn create(t: &TestCore, server: Option<&str>) -> i64 {
+async fn create(t: &TestCore, server: Option<&str>) -> ContainerId {
     let a: Accepted = t
         .client
         .post(
@@ -26,7 +26,7 @@ async fn create(t: &TestCore, server: Option<&str>) -> i64 {
     t.created(a.command_id).await
 }
 
-pub(crate) async fn act(t: &TestCore, id: i64, op: ContainerCommand) -> CommandId {
+pub(crate) async fn act(t: &TestCore, id: ContainerId, op: ContainerCommand) -> CommandId {
     let a: Accepted = t
         .client
         .post(&format!("/v1/containers/{id}/actions"), &op)
@@ -35,7 +35,7 @@ pub(crate) async fn act(t: &TestCore, id: i64, op: ContainerCommand) -> CommandI
     a.command_id
 }
 
-async fn show(t: &TestCore, id: i64) -> Container {
+async fn show(t: &TestCore, id: ContainerId) -> Container {
     t.client.get(&format!("/v1/containers/{id}")).await.unwrap()
 }
 
@@ -111,7 +111,7 @@ async fn every_container_command_works_on_the_sim_driver() {
         )
         .await)
         .await;
-    let copy_id = cmd.result.unwrap()["container_id"].as_i64().unwrap();
+    let copy_id = ContainerId(cmd.result.unwrap()["container_id"].as_i64().unwrap());
     let copy = show(&t, copy_id).await;
     assert_ne!(copy_id, id);
     assert_eq!(copy.status, ContainerStatus::Running);
@@ -322,7 +322,7 @@ async fn a_failed_create_leaves_a_failed_container_and_no_guest() {
         .unwrap();
     let cmd = t.wait(a.command_id).await;
     assert!(cmd.error.unwrap().contains("image broken"));
-    let c = show(&t, a.object_id.unwrap()).await;
+    let c = show(&t, ContainerId(a.object_id.unwrap())).await;
     assert_eq!(c.status, ContainerStatus::Failed);
     assert!(
         t.sim("sim-2").await.guests().is_empty(),
@@ -524,7 +524,7 @@ async fn an_address_another_live_container_holds_is_never_given_twice() {
         )),
         "{c:?}"
     );
-    let second = a.object_id.unwrap();
+    let second = ContainerId(a.object_id.unwrap());
     assert_eq!(show(&t, second).await.status, ContainerStatus::Failed);
     // Its guest is gone; the next create gets a free address.
     let guests: Vec<_> = t
@@ -558,7 +558,7 @@ async fn creates_run_as_a_group_never_take_an_address_a_live_container_holds() {
             .post("/v1/containers", &serde_json::json!({ "type": "plain" }))
             .await
             .unwrap();
-        submitted.push((a.command_id, a.object_id.unwrap()));
+        submitted.push((a.command_id, ContainerId(a.object_id.unwrap())));
     }
     // The last becomes a stopped container holding the address sim-1 hands out second.
     let (cmd, holder) = submitted.pop().unwrap();
@@ -711,7 +711,7 @@ async fn concurrent_single_creates_share_transactions_and_keep_their_own_rows(po
         assert_eq!(c.kind, CommandKind::ContainerCreate.as_str());
         assert_eq!(
             c.target_id,
-            Some(*id),
+            Some(id.0),
             "command {cmd} acts on its own container"
         );
         let view = show(&t, *id).await;

@@ -3,6 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use cloud48_engine::managers::{AddContainer, ContainerCommand};
+use cloud48_engine::model::ContainerId;
 use cloud48_engine::model::{
     Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources,
 };
@@ -59,7 +60,7 @@ impl ContainerType for Recording {
             });
         }
         if self.name == "seeing" && matches!(hook, Hook::AfterOtherIsAdded(_)) {
-            let mut ids: Vec<i64> = ctx.environment.members.iter().map(|m| m.id).collect();
+            let mut ids: Vec<i64> = ctx.environment.members.iter().map(|m| m.id.0).collect();
             ids.sort_unstable();
             self.log
                 .lock()
@@ -126,10 +127,12 @@ pub(crate) async fn add(t: &TestCore, env: &str, type_id: &str) -> Command {
     t.wait(a.command_id).await
 }
 
-fn added(cmd: &Command) -> i64 {
-    cmd.result.as_ref().expect("succeeded")["container_id"]
-        .as_i64()
-        .unwrap()
+fn added(cmd: &Command) -> ContainerId {
+    ContainerId(
+        cmd.result.as_ref().expect("succeeded")["container_id"]
+            .as_i64()
+            .unwrap(),
+    )
 }
 
 async fn op(t: &TestCore, env: &str, op: &str) -> Command {
@@ -194,7 +197,7 @@ async fn hooks_run_for_the_new_container_first_then_members_by_ascending_priorit
             format!("web#{web2}:after-other-is-removed"),
         ]
     );
-    let members: Vec<i64> = show(&t, "shop")
+    let members: Vec<ContainerId> = show(&t, "shop")
         .await
         .members
         .iter()
@@ -265,7 +268,7 @@ async fn state_blobs_returned_by_hooks_are_persisted() {
         .unwrap();
     assert_eq!(c.state_bytes, 1);
     use sea_orm::EntityTrait;
-    let row = cloud48_engine::entities::container::Entity::find_by_id(counter)
+    let row = cloud48_engine::entities::container::Entity::find_by_id(counter.0)
         .one(t.core.db())
         .await
         .unwrap()
@@ -302,7 +305,7 @@ async fn environment_operations_act_on_members_in_priority_order() {
             children.sort_by_key(|c| c.id);
             children
                 .iter()
-                .map(|c| c.target_id.unwrap())
+                .map(|c| ContainerId(c.target_id.unwrap()))
                 .collect::<Vec<_>>()
         }
     };
@@ -380,7 +383,7 @@ async fn a_failing_member_fails_the_environment_operation_with_its_message() {
 }
 
 /// The sorted arguments of every nginx rewrite exec'd in container `id`, in order.
-async fn rewrites(t: &TestCore, id: i64) -> Vec<Vec<String>> {
+async fn rewrites(t: &TestCore, id: ContainerId) -> Vec<Vec<String>> {
     let c: cloud48_engine::model::Container =
         t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
     let guest = t
@@ -416,7 +419,7 @@ async fn changes_made_while_the_balancer_is_stopped_converge_when_it_runs_again(
         .find(|m| m.type_id.starts_with("balancer"))
         .unwrap()
         .id;
-    let ip = |id: i64, members: &[Container]| {
+    let ip = |id: ContainerId, members: &[Container]| {
         format!(
             "{}:8080",
             members
@@ -538,7 +541,7 @@ async fn after_other_is_added_sees_the_new_member_among_the_members() {
     let watcher = added(&add(&t, "shop", "seeing").await);
     let web = added(&add(&t, "shop", "web").await);
     let db = added(&add(&t, "shop", "db").await);
-    let mut web_and_db = vec![web, db];
+    let mut web_and_db = vec![web.0, db.0];
     web_and_db.sort_unstable();
     assert_ne!(watcher, web);
     let seen: Vec<String> = log
@@ -551,7 +554,7 @@ async fn after_other_is_added_sees_the_new_member_among_the_members() {
     assert_eq!(
         seen,
         vec![
-            format!("seeing sees {:?}", vec![web]),
+            format!("seeing sees {:?}", vec![web.0]),
             format!("seeing sees {web_and_db:?}"),
         ]
     );

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cloud48_engine::core::HealthConfig;
+use cloud48_engine::model::ContainerId;
 use cloud48_engine::model::{
     Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources,
     ServerStatus,
@@ -76,11 +77,11 @@ impl ContainerType for Watched {
     }
 }
 
-async fn show(t: &TestCore, id: i64) -> Container {
+async fn show(t: &TestCore, id: ContainerId) -> Container {
     t.client.get(&format!("/v1/containers/{id}")).await.unwrap()
 }
 
-async fn env_with_watched(t: &TestCore, server: &str) -> i64 {
+async fn env_with_watched(t: &TestCore, server: &str) -> cloud48_engine::model::ContainerId {
     let a: Accepted = t
         .client
         .post("/v1/environments", &json!({ "name": "watch" }))
@@ -200,7 +201,7 @@ async fn last_rewrite(t: &TestCore, c: &Container) -> Option<Vec<String>> {
 }
 
 /// The running member of a type other than `not`, once there is one.
-async fn running_other(t: &TestCore, type_name: &str, not: &[i64]) -> Option<Container> {
+async fn running_other(t: &TestCore, type_name: &str, not: &[ContainerId]) -> Option<Container> {
     let env: Environment = t.client.get("/v1/environments/shop").await.ok()?;
     env.members.into_iter().find(|m| {
         m.type_id.starts_with(type_name)

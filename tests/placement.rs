@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use cloud48_engine::managers::{ContainerCommand, CreateContainer};
+use cloud48_engine::model::ContainerId;
 use cloud48_engine::model::{
     Accepted, CommandStatus, Container, ContainerStatus, Environment, Requirements, Resources,
     Server,
@@ -147,7 +148,7 @@ async fn create(t: &TestCore, req: &CreateContainer) -> Accepted {
     t.client.post("/v1/containers", req).await.unwrap()
 }
 
-async fn show(t: &TestCore, id: i64) -> Container {
+async fn show(t: &TestCore, id: ContainerId) -> Container {
     t.client.get(&format!("/v1/containers/{id}")).await.unwrap()
 }
 
@@ -380,7 +381,7 @@ async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alo
     for a in pinned.iter().chain(&free) {
         let cmd = t.wait(a.command_id).await;
         if cmd.status == CommandStatus::Succeeded {
-            let c = show(&t, a.object_id.unwrap()).await;
+            let c = show(&t, ContainerId(a.object_id.unwrap())).await;
             assert_eq!(c.status, ContainerStatus::Running);
             assert!(c.ip.is_some() && c.locked_by.is_none(), "{c:?}");
         } else {
@@ -397,7 +398,10 @@ async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alo
     assert_eq!(refused, 1, "only the refused guest's create failed");
     for a in &pinned {
         assert_eq!(
-            show(&t, a.object_id.unwrap()).await.server.as_deref(),
+            show(&t, ContainerId(a.object_id.unwrap()))
+                .await
+                .server
+                .as_deref(),
             Some("sim-2"),
             "a create that named its server went elsewhere"
         );
@@ -661,7 +665,7 @@ async fn expired_dummies_and_those_of_finished_commands_are_collected() {
 }
 
 /// The seed environment: two tomcats on sim-1 and sim-2 and the balancer the second asks for.
-async fn seed(t: &TestCore, name: &str) -> (Vec<i64>, i64) {
+async fn seed(t: &TestCore, name: &str) -> (Vec<ContainerId>, ContainerId) {
     let a: Accepted = t
         .client
         .post("/v1/environments", &json!({ "name": name }))
@@ -694,7 +698,7 @@ async fn seed(t: &TestCore, name: &str) -> (Vec<i64>, i64) {
     (tomcats, balancer)
 }
 
-async fn upstreams(t: &TestCore, balancer: i64) -> Vec<String> {
+async fn upstreams(t: &TestCore, balancer: ContainerId) -> Vec<String> {
     let mut list: Vec<String> =
         serde_json::from_value(show(t, balancer).await.inspect.unwrap()["upstreams"].clone())
             .unwrap();
@@ -830,7 +834,7 @@ async fn an_environment_clone_is_wired_to_itself() {
         ["balancer", "tomcat", "tomcat"],
         "every member cloned once, no extra balancer"
     );
-    let copy_tomcats: Vec<i64> = copy
+    let copy_tomcats: Vec<ContainerId> = copy
         .members
         .iter()
         .filter(|m| m.type_id.starts_with("tomcat"))
@@ -991,11 +995,11 @@ async fn export_and_import_move_a_container_between_platforms_with_its_origin() 
     );
     assert!(ok, "{err}");
     let imported: Value = serde_json::from_str(&out).unwrap();
-    let new_id = imported["result"]["container_id"].as_i64().unwrap();
+    let new_id = ContainerId(imported["result"]["container_id"].as_i64().unwrap());
     let c = show(&b, new_id).await;
     assert_eq!(c.status, ContainerStatus::Stopped);
     let origin = c.origin.expect("the import records its origin");
-    assert_eq!(origin.origin_container_id, id);
+    assert_eq!(origin.origin_container_id, id.0);
     assert_eq!(origin.guest_id, source.guest_id);
     assert_eq!(origin.origin_platform, a.core.platform_name());
     let (ok, out, _) = crate::common::cli(&b.url, &["container", "show", &new_id.to_string()]);

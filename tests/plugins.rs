@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use cloud48_core::cli::Client;
+use cloud48_engine::model::ContainerId;
 use cloud48_engine::model::{Accepted, Command, CommandStatus, Container, Environment};
 use cloud48_engine::plugins::PluginInfo;
 use serde_json::{Value, json};
@@ -69,7 +70,7 @@ async fn seed_scenario_through_the_cli() {
     ]))
     .await;
     assert!(ok, "{err}");
-    let t1 = json(&out)["result"]["container_id"].as_i64().unwrap();
+    let t1 = ContainerId(json(&out)["result"]["container_id"].as_i64().unwrap());
     let (_, out, _) = run(s(&["--json", "env", "show", "shop"])).await;
     assert_eq!(
         json(&out)["members"].as_array().unwrap().len(),
@@ -82,14 +83,14 @@ async fn seed_scenario_through_the_cli() {
     ]))
     .await;
     assert!(ok, "{err}");
-    let t2 = json(&out)["result"]["container_id"].as_i64().unwrap();
+    let t2 = ContainerId(json(&out)["result"]["container_id"].as_i64().unwrap());
     let (_, out, _) = run(s(&["--json", "env", "show", "shop"])).await;
     let env: Environment = serde_json::from_str(&out).unwrap();
     let kinds: Vec<&str> = env.members.iter().map(|m| m.type_id.as_str()).collect();
     assert_eq!(kinds, ["balancer@0.1.0", "tomcat@0.2.0", "tomcat@0.2.0"]);
     let lb = env.members[0].id;
     assert!(lb < t2, "the balancer was created before the second tomcat");
-    let ip = |id: i64| {
+    let ip = |id: ContainerId| {
         env.members
             .iter()
             .find(|m| m.id == id)
@@ -322,7 +323,7 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
     let c: Container = t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
     assert_eq!(c.type_id, "hostile@0.1.1");
     use sea_orm::EntityTrait;
-    let row = cloud48_engine::entities::container::Entity::find_by_id(id)
+    let row = cloud48_engine::entities::container::Entity::find_by_id(id.0)
         .one(t.core.db())
         .await
         .unwrap()

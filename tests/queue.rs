@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::common::{Opts, PgDb, TestCore};
 use crate::on_both_databases;
 
-async fn running_container(t: &TestCore) -> (i64, String) {
+async fn running_container(t: &TestCore) -> (cloud48_engine::model::ContainerId, String) {
     let (cmd, id) = t
         .core
         .containers()
@@ -528,7 +528,7 @@ async fn submission_order(pg: bool) {
         .core
         .queue()
         .list(&cloud48_engine::queue::CommandFilter {
-            target_id: Some(id),
+            target_id: Some(id.0),
             target_type: Some("container".into()),
             ..Default::default()
         })

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use cloud48_engine::core::HealthConfig;
 use cloud48_engine::model::Accepted;
+use cloud48_engine::model::ContainerId;
 use cloud48_engine::model::{Container, ContainerStatus, Environment};
 use serde_json::json;
 
@@ -21,7 +22,7 @@ async fn members(t: &TestCore) -> Vec<Container> {
     env.members
 }
 
-async fn running(t: &TestCore, type_name: &str, not: &[i64]) -> Option<Container> {
+async fn running(t: &TestCore, type_name: &str, not: &[ContainerId]) -> Option<Container> {
     members(t).await.into_iter().find(|m| {
         m.type_id.starts_with(type_name)
             && m.status == ContainerStatus::Running
@@ -29,7 +30,7 @@ async fn running(t: &TestCore, type_name: &str, not: &[i64]) -> Option<Container
     })
 }
 
-async fn container(t: &TestCore, id: i64) -> Container {
+async fn container(t: &TestCore, id: ContainerId) -> Container {
     t.client.get(&format!("/v1/containers/{id}")).await.unwrap()
 }
 
@@ -46,7 +47,7 @@ async fn serves_all(ip: &str, guests: &[String]) {
 /// both tomcats; returns it and the time it took.
 async fn replacement(
     t: &TestCore,
-    old: &[i64],
+    old: &[ContainerId],
     not_on: &str,
     tomcats: &[String],
     since: Instant,
@@ -64,7 +65,7 @@ async fn replacement(
     (lb, since.elapsed())
 }
 
-async fn collected(t: &TestCore, id: i64) {
+async fn collected(t: &TestCore, id: ContainerId) {
     eventually(
         &format!("the illegal balancer {id} is collected"),
         || async { (container(t, id).await.status == ContainerStatus::Destroyed).then_some(()) },

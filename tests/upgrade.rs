@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use cloud48_core::cli::Client;
+use cloud48_engine::model::ContainerId;
 use cloud48_engine::model::{Command, CommandStatus, Container, ContainerStatus, Environment};
 
 use crate::common::eventually;
@@ -91,7 +92,7 @@ async fn commands_in_flight_in_a_database_of_the_previous_release_resume_and_fin
             c.id
         );
     }
-    let migrated = containers.iter().find(|c| c.id == 3).unwrap();
+    let migrated = containers.iter().find(|c| c.id == ContainerId(3)).unwrap();
     let ops = &after
         .iter()
         .find(|(g, _)| *g == migrated.guest_id)

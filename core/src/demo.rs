@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use crate::cli::output;
 use cloud48_engine::core::{Core, CoreConfig};
 use cloud48_engine::managers::AddContainer;
-use cloud48_engine::model::{CommandId, CommandStatus};
+use cloud48_engine::model::{CommandId, CommandStatus, ContainerId};
 
 async fn finish(core: &Core, id: CommandId, what: &str) -> Result<serde_json::Value> {
     let cmd = core.queue().wait(id, Duration::from_secs(60)).await?;
@@ -57,7 +57,7 @@ pub async fn run() -> Result<()> {
         .context("no balancer was added")?;
     let shown = core.containers().get_by_id(balancer.id).await?;
     println!("{}\n", output::container(&shown));
-    let first_id = first["container_id"].as_i64().context("no container id")?;
+    let first_id = ContainerId(first["container_id"].as_i64().context("no container id")?);
     finish(
         &core,
         envs.remove("shop", first_id, by).await?,

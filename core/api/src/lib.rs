@@ -298,7 +298,7 @@ async fn list_containers(
     ApiQuery(q): ApiQuery<ContainerQuery>,
 ) -> Result<axum::response::Response, ApiError> {
     let items = core.containers().find(&q).await?;
-    Ok(page(items, q.limit, &uri, "after", |c| c.id))
+    Ok(page(items, q.limit, &uri, "after", |c| c.id.0))
 }
 
 #[utoipa::path(post, path = "/v1/containers", tag = "containers", request_body = CreateContainer,
@@ -316,7 +316,7 @@ async fn create_container(
         return Ok(accepted(cmd, None));
     }
     let (cmd, id) = core.containers().create(&req, who.audit_name()).await?;
-    Ok(accepted(cmd, Some(id)))
+    Ok(accepted(cmd, Some(id.0)))
 }
 
 #[utoipa::path(get, path = "/v1/containers/{id}", tag = "containers",
@@ -410,7 +410,7 @@ async fn export_container(
     let id = parse_id("id", &id)?;
     let export = core.containers().export(id).await?;
     // The audit record: who took a copy of which container's disk.
-    tracing::info!(target: "cloud48::audit", user = who.audit_name(), container = id, disk_bytes = export.disk_hex.len() / 2, "container exported");
+    tracing::info!(target: "cloud48::audit", user = who.audit_name(), container = %id, disk_bytes = export.disk_hex.len() / 2, "container exported");
     Ok(Json(export))
 }
 
@@ -422,7 +422,7 @@ async fn import_container(
     ApiJson(req): ApiJson<ContainerExport>,
 ) -> Result<Accept, ApiError> {
     let (cmd, id) = core.containers().import(&req, who.audit_name()).await?;
-    Ok(accepted(cmd, Some(id)))
+    Ok(accepted(cmd, Some(id.0)))
 }
 
 /// An operation on a server.
@@ -666,7 +666,7 @@ async fn show_command(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<WaitQuery>,
 ) -> Result<Json<Command>, ApiError> {
-    let id = CommandId(parse_id("id", &id)?);
+    let id: CommandId = parse_id("id", &id)?;
     let cmd = match q.wait {
         Some(secs) if secs > 0 => {
             // Long-polls are capped per client: a user by name, anonymous ones by address.
@@ -692,8 +692,7 @@ async fn cancel_command(
     State(core): State<Core>,
     Path(id): Path<String>,
 ) -> Result<Json<Command>, ApiError> {
-    let id = CommandId(parse_id("id", &id)?);
-    Ok(Json(core.queue().cancel(id).await?))
+    Ok(Json(core.queue().cancel(parse_id("id", &id)?).await?))
 }
 
 fn wasm_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<(), ApiError> {

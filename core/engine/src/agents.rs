@@ -15,7 +15,6 @@ use crate::driver::remote::RemoteDriver;
 use crate::entities::server;
 use crate::fleet::{Fleet, RemoteFactory};
 use crate::health::Health;
-use crate::model::ServerId;
 use crate::placement::PlacementCache;
 
 /// Checks a server name an agent gives.
@@ -105,11 +104,7 @@ impl Agents {
     }
 
     /// Registers the server an agent runs, or updates its address and capabilities.
-    pub async fn register(
-        &self,
-        info: &AgentInfo,
-        stats: &ServerStats,
-    ) -> Result<i64, CoreError> {
+    pub async fn register(&self, info: &AgentInfo, stats: &ServerStats) -> Result<i64, CoreError> {
         self.token()?;
         // Every heartbeat comes here: an agent already known at its address costs no database read.
         if let Some((id, remote)) = self.fleet.remote_named(&info.name)

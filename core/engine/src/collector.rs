@@ -18,7 +18,7 @@ use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Transac
 use crate::core::CoreError;
 use crate::entities::{command, container};
 use crate::fleet::Fleet;
-use crate::model::{CommandStatus, ContainerStatus, ServerId};
+use crate::model::{CommandStatus, ContainerStatus};
 use crate::placement::{PlacementCache, drop_dummy, release, requirements_of};
 use crate::queue::Clock;
 

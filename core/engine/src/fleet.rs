@@ -13,7 +13,6 @@ use crate::driver::Driver;
 use crate::driver::remote::{RemoteDriver, RemoteTimeouts};
 use crate::driver::sim::{SimLatency, SimServer};
 use crate::entities::server;
-use crate::model::ServerId;
 
 /// Makes the driver of a registered server from its row and attaches it to the fleet.
 pub trait DriverFactory: Send + Sync + 'static {

@@ -25,7 +25,7 @@ use crate::core::CoreError;
 use crate::driver::{GuestState, ServerStats};
 use crate::entities::{container, server};
 use crate::fleet::Fleet;
-use crate::model::{ContainerStatus, ServerId};
+use crate::model::ContainerStatus;
 use crate::placement::PlacementCache;
 use crate::queue::{Clock, NewCommand, Queue, Target};
 

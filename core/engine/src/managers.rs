@@ -90,7 +90,7 @@ impl ContainerCommand {
 
 /// Checks that `status` allows `op`; the message says what the container must be.
 pub fn check_status(
-    id: ContainerId,
+    id: i64,
     status: ContainerStatus,
     op: &str,
     allowed: &[ContainerStatus],
@@ -198,7 +198,7 @@ pub struct ContainerManager<'a> {
 
 pub(crate) async fn load_container<C: ConnectionTrait>(
     conn: &C,
-    id: ContainerId,
+    id: i64,
 ) -> Result<container::Model, CoreError> {
     container::Entity::find_by_id(id)
         .one(conn)
@@ -208,10 +208,7 @@ pub(crate) async fn load_container<C: ConnectionTrait>(
 
 /// A container's stored status. One this core does not know (written by a newer core, or
 /// damaged) is an error that names the container, never `failed`.
-pub(crate) fn parse_status(
-    container: ContainerId,
-    status: &str,
-) -> Result<ContainerStatus, UnknownStatus> {
+pub(crate) fn parse_status(container: i64, status: &str) -> Result<ContainerStatus, UnknownStatus> {
     status.parse().map_err(|_| UnknownStatus {
         container,
         status: status.to_string(),
@@ -226,7 +223,7 @@ pub(crate) fn parse_status(
 )]
 pub struct UnknownStatus {
     /// The container.
-    pub container: ContainerId,
+    pub container: i64,
     /// The stored text.
     pub status: String,
 }
@@ -293,7 +290,7 @@ pub const MAX_BATCH: u32 = 10_000;
 
 /// Guest id of a container: unique on the platform and fixed at creation, so that creating it
 /// twice on a server is detectable.
-pub(crate) fn guest_id_for(platform: &str, id: ContainerId) -> String {
+pub(crate) fn guest_id_for(platform: &str, id: i64) -> String {
     format!("{}{id}", guest_id_prefix(platform))
 }
 
@@ -308,7 +305,7 @@ pub(crate) fn guest_id_prefix(platform: &str) -> String {
 pub async fn name_and_lock<C: sea_orm::ConnectionTrait>(
     conn: &C,
     platform: &str,
-    pairs: &[(ContainerId, i64)],
+    pairs: &[(i64, i64)],
 ) -> Result<(), sea_orm::DbErr> {
     for chunk in pairs.chunks(crate::queue::store::GROUP_CHUNK) {
         let rows: Vec<_> = chunk
@@ -344,6 +341,7 @@ impl<'a> ContainerManager<'a> {
         id: ContainerId,
         requested_by: &str,
     ) -> Result<CommandId, CoreError> {
+        let id = id.0;
         let db = self.svc.db();
         let row = load_container(db, id).await?;
         // The status is checked when the command runs, after the commands queued before it on
@@ -416,11 +414,12 @@ impl<'a> ContainerManager<'a> {
             None,
         )
         .await?;
-        Ok(self
+        let (cmd, id) = self
             .svc
             .creates()
             .submit(new.row, new.server_id, requested_by)
-            .await?)
+            .await?;
+        Ok((cmd, ContainerId(id)))
     }
 
     /// Creates `count` containers of one type with one `container.create_many` command (the
@@ -502,7 +501,7 @@ impl<'a> ContainerManager<'a> {
     async fn submit_create(
         &self,
         txn: sea_orm::DatabaseTransaction,
-        id: ContainerId,
+        id: i64,
         params: crate::commands::params::Create,
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
@@ -519,12 +518,13 @@ impl<'a> ContainerManager<'a> {
             .await?;
         txn.commit().await?;
         self.svc.queue().wake();
-        Ok((CommandId(ids[0]), id))
+        Ok((CommandId(ids[0]), ContainerId(id)))
     }
 
     /// Exports a stopped container for another platform (`import` there): its type, state,
     /// requirements and disk, with its identity here.
     pub async fn export(&self, id: ContainerId) -> Result<ContainerExport, CoreError> {
+        let id = id.0;
         let (driver, server, row) = self.guest(id).await?;
         check_status(
             id,
@@ -548,7 +548,7 @@ impl<'a> ContainerManager<'a> {
         Ok(ContainerExport {
             format: ContainerExport::FORMAT,
             platform: self.svc.platform_name().to_string(),
-            container_id: row.id,
+            container_id: ContainerId(row.id),
             guest_id: row.guest_id,
             type_id: row.type_id,
             requirements: serde_json::from_str(&row.requirements).unwrap_or_default(),
@@ -560,7 +560,7 @@ impl<'a> ContainerManager<'a> {
     /// The driver and server name of a container that is on a server, with its row.
     async fn guest(
         &self,
-        id: ContainerId,
+        id: i64,
     ) -> Result<
         (
             std::sync::Arc<dyn crate::driver::Driver>,
@@ -581,6 +581,7 @@ impl<'a> ContainerManager<'a> {
 
     /// The recent output (stdout and stderr) of a container's main process.
     pub async fn logs(&self, id: ContainerId) -> Result<String, CoreError> {
+        let id = id.0;
         let (driver, server, row) = self.guest(id).await?;
         driver
             .logs(&row.guest_id)
@@ -595,6 +596,7 @@ impl<'a> ContainerManager<'a> {
         id: ContainerId,
         command: &[String],
     ) -> Result<crate::driver::ExecOutput, CoreError> {
+        let id = id.0;
         if command.is_empty() || command[0].is_empty() {
             return Err(CoreError::invalid(
                 "command",
@@ -673,7 +675,7 @@ impl<'a> ContainerManager<'a> {
         origin_identity::ActiveModel {
             container_id: Set(id),
             origin_platform: Set(export.platform.clone()),
-            origin_container_id: Set(export.container_id),
+            origin_container_id: Set(export.container_id.0),
             guest_id: Set(export.guest_id.clone()),
             imported_at: Set(now_ms()),
             ..Default::default()
@@ -730,7 +732,7 @@ impl<'a> ContainerManager<'a> {
             };
         }
         if let Some(after) = query.after {
-            q = q.filter(container::Column::Id.gt(after));
+            q = q.filter(container::Column::Id.gt(after.0));
         }
         let rows = q
             .order_by_asc(container::Column::Id)
@@ -780,13 +782,13 @@ impl<'a> ContainerManager<'a> {
             // Still failed and unlocked now, and no reservation names them.
             let held = crate::placement::reserved_for(&txn, chunk).await?;
             use sea_orm::QuerySelect;
-            let ids: Vec<ContainerId> = container::Entity::find()
+            let ids: Vec<i64> = container::Entity::find()
                 .select_only()
                 .column(container::Column::Id)
                 .filter(container::Column::Id.is_in(chunk.iter().copied()))
                 .filter(container::Column::Status.eq(ContainerStatus::Failed.as_str()))
                 .filter(container::Column::LockedBy.is_null())
-                .into_tuple::<ContainerId>()
+                .into_tuple::<i64>()
                 .all(&txn)
                 .await?
                 .into_iter()
@@ -808,6 +810,7 @@ impl<'a> ContainerManager<'a> {
 
     /// One container.
     pub async fn get_by_id(&self, id: ContainerId) -> Result<Container, CoreError> {
+        let id = id.0;
         let row = load_container(self.svc.db(), id).await?;
         let state = row.state.clone();
         let mut views = to_views(self.svc, vec![row]).await?;
@@ -855,11 +858,13 @@ impl<'a> ContainerManager<'a> {
 
     /// Locks container `id` for command `cmd`; false when another command holds it.
     pub async fn get(&self, id: ContainerId, cmd: CommandId) -> Result<bool, CoreError> {
+        let id = id.0;
         Ok(self.svc.queue().lock(Target::Container(id), cmd).await?)
     }
 
     /// Unlocks container `id` if `cmd` holds it.
     pub async fn put(&self, id: ContainerId, cmd: CommandId) -> Result<(), CoreError> {
+        let id = id.0;
         Ok(self.svc.queue().unlock(Target::Container(id), cmd).await?)
     }
 }
@@ -940,7 +945,7 @@ pub(crate) async fn insert_container<C: ConnectionTrait>(
     platform: &str,
     conn: &C,
     new: NewContainer,
-) -> Result<(ContainerId, Option<i64>), CoreError> {
+) -> Result<(i64, Option<i64>), CoreError> {
     let row = new.row.insert(conn).await?;
     let guest = guest_id_for(platform, row.id);
     let mut active: container::ActiveModel = row.into();
@@ -978,7 +983,7 @@ pub(crate) async fn to_views(
     rows.into_iter()
         .map(|r| {
             Ok(Container {
-                id: r.id,
+                id: ContainerId(r.id),
                 priority: svc.types().get(&r.type_id).map_or(0, |t| t.priority()),
                 type_id: r.type_id,
                 status: parse_status(r.id, &r.status)?,
@@ -1220,6 +1225,7 @@ impl<'a> EnvironmentManager<'a> {
         container: ContainerId,
         requested_by: &str,
     ) -> Result<CommandId, CoreError> {
+        let container = container.0;
         let env = self.active(env).await?;
         let row = load_container(self.svc.db(), container).await?;
         if row.environment_id != Some(env.id) || parse_status(row.id, &row.status)?.is_gone() {
@@ -1313,19 +1319,17 @@ impl<'a> EnvironmentManager<'a> {
 
     /// Locks environment `id` for command `cmd`; false when another command holds it.
     pub async fn get(&self, id: EnvironmentId, cmd: CommandId) -> Result<bool, CoreError> {
-        Ok(self
-            .svc
-            .queue()
-            .lock(Target::Environment(id.0), cmd)
-            .await?)
+        let id = id.0;
+        Ok(self.svc.queue().lock(Target::Environment(id), cmd).await?)
     }
 
     /// Unlocks environment `id` if `cmd` holds it.
     pub async fn put(&self, id: EnvironmentId, cmd: CommandId) -> Result<(), CoreError> {
+        let id = id.0;
         Ok(self
             .svc
             .queue()
-            .unlock(Target::Environment(id.0), cmd)
+            .unlock(Target::Environment(id), cmd)
             .await?)
     }
 }

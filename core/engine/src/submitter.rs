@@ -19,7 +19,7 @@ use sea_orm::{TransactionTrait, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::entities::container;
-use crate::model::{CommandId, CommandKind, ContainerId, ServerId};
+use crate::model::{CommandId, CommandKind};
 use crate::queue::{NewCommand, Queue, Target, store};
 
 /// Most requests written in one transaction.
@@ -30,7 +30,7 @@ struct Pending {
     row: container::ActiveModel,
     server_id: Option<i64>,
     requested_by: String,
-    reply: oneshot::Sender<Result<(CommandId, ContainerId), DbErr>>,
+    reply: oneshot::Sender<Result<(CommandId, i64), DbErr>>,
 }
 
 /// Writes single container creates, grouping those submitted at the same time.
@@ -72,7 +72,7 @@ impl CreateSubmitter {
         row: container::ActiveModel,
         server_id: Option<i64>,
         requested_by: &str,
-    ) -> Result<(CommandId, ContainerId), DbErr> {
+    ) -> Result<(CommandId, i64), DbErr> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             row,
@@ -129,7 +129,7 @@ async fn write(
     queue: &Queue,
     platform: &str,
     rows: Vec<(container::ActiveModel, (Option<i64>, String))>,
-) -> Result<Vec<(CommandId, ContainerId)>, DbErr> {
+) -> Result<Vec<(CommandId, i64)>, DbErr> {
     let n = rows.len();
     let (containers, commands): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
     let backend = db.get_database_backend();

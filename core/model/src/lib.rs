@@ -57,13 +57,13 @@ id_type!(
     CommandId
 );
 id_type!(
+    /// Identifier of a container, unique within a platform.
+    ContainerId
+);
+id_type!(
     /// Identifier of a server (virtualization server, VS).
     ServerId
 );
-
-// Being converted to `id_type!`, one kind at a time: still plain numbers.
-/// Identifier of a container, unique within a platform.
-pub type ContainerId = i64;
 
 /// Compute resources: what a container needs or what a server offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -15,7 +15,7 @@ use crate::types::{
     ContainerType, DownCause, EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict,
 };
 use crate::{PluginHost, WasmPlugin};
-use cloud48_model::ContainerStatus;
+use cloud48_model::{ContainerId, ContainerStatus};
 
 /// Compiled plugins by type name, for the SDK harness.
 #[derive(Default)]
@@ -51,7 +51,7 @@ fn status(s: Status) -> ContainerStatus {
 
 fn view(m: &Member) -> MemberView {
     MemberView {
-        id: m.id,
+        id: ContainerId(m.id),
         type_id: m.type_id.clone(),
         priority: m.priority,
         status: status(m.status),
@@ -123,14 +123,14 @@ impl Hooks for WasmHooks {
                 .into_iter()
                 .map(|a| match a {
                     HookAction::AddContainer(t) => Action::AddContainer(t),
-                    HookAction::RemoveContainer(id) => Action::RemoveContainer(id),
-                    HookAction::ReplaceContainer(id) => Action::ReplaceContainer(id),
+                    HookAction::RemoveContainer(id) => Action::RemoveContainer(id.0),
+                    HookAction::ReplaceContainer(id) => Action::ReplaceContainer(id.0),
                     HookAction::Exec {
                         container,
                         script,
                         args,
                     } => Action::Exec(cloud48_sdk::ExecRequest {
-                        container,
+                        container: container.0,
                         script,
                         args,
                     }),

@@ -24,7 +24,7 @@ use crate::types::{
     ContainerType, DownCause, Hook, HookAction, HookContext, HookOutcome, MemberView, TypeError,
     Verdict,
 };
-use cloud48_model::{ContainerStatus, Requirements, Resources};
+use cloud48_model::{ContainerId, ContainerStatus, Requirements, Resources};
 
 /// Bindings of the frozen WIT version 0.1.0.
 mod v0_1_0 {
@@ -484,7 +484,7 @@ fn status(s: ContainerStatus) -> wit::Status {
 
 fn member(m: &MemberView) -> wit::Member {
     wit::Member {
-        id: m.id,
+        id: m.id.0,
         type_id: m.type_id.clone(),
         priority: m.priority,
         status: status(m.status),
@@ -583,15 +583,15 @@ impl ContainerType for WasmPlugin {
         for a in out.actions {
             actions.push(match a {
                 wit::Action::AddContainer(t) => HookAction::AddContainer(t),
-                wit::Action::RemoveContainer(id) => HookAction::RemoveContainer(id),
-                wit::Action::ReplaceContainer(id) => HookAction::ReplaceContainer(id),
+                wit::Action::RemoveContainer(id) => HookAction::RemoveContainer(ContainerId(id)),
+                wit::Action::ReplaceContainer(id) => HookAction::ReplaceContainer(ContainerId(id)),
                 wit::Action::Exec(e) => {
                     let size = e.script.len() + e.args.iter().map(String::len).sum::<usize>();
                     if size > limits.max_output {
                         return Err(too_big("an exec request", size));
                     }
                     HookAction::Exec {
-                        container: e.container,
+                        container: ContainerId(e.container),
                         script: e.script,
                         args: e.args,
                     }

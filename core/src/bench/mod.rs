@@ -8,6 +8,7 @@ use sea_orm::{ConnectionTrait, Database, Statement, TransactionTrait};
 use serde_json::Value;
 
 use cloud48_engine::core::{Core, CoreConfig};
+use cloud48_engine::model::ContainerId;
 use cloud48_engine::queue::NewCommand;
 
 pub mod api;
@@ -155,7 +156,7 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
         .1;
     let plugin = std::sync::Arc::new(host.load(wasm).map_err(|e| anyhow::anyhow!("{e}"))?);
     let member = |id: i64, type_id: &str| MemberView {
-        id,
+        id: ContainerId(id),
         type_id: type_id.into(),
         priority: 50,
         status: ContainerStatus::Running,
@@ -765,7 +766,7 @@ pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
         );
     }
     let members = || async { anyhow::Ok(core.environments().get_by_id("bench").await?.members) };
-    let running = |m: &Vec<Container>, kind: &str, not: &[i64]| {
+    let running = |m: &Vec<Container>, kind: &str, not: &[ContainerId]| {
         m.iter()
             .find(|c| {
                 c.type_id.starts_with(kind)

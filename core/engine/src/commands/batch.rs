@@ -26,7 +26,7 @@ use super::steps::CreateManyStep;
 use super::{StepCtx, driver_of, guest_spec, make_guest, params};
 use crate::entities::{command, container, dummy};
 use crate::managers::guest_id_for;
-use crate::model::{ContainerStatus, Resources, ServerId, now_ms};
+use crate::model::{ContainerStatus, Resources, now_ms};
 use crate::placement::{self, PlaceRequest, PlacementCache};
 use crate::queue::{Next, StepError, Transition, UndoWrites};
 use crate::services::Services;

@@ -11,7 +11,8 @@ use super::{StepCtx, core_err, params};
 use crate::entities::{container, environment, server};
 use crate::managers::{insert_container, parse_status, prepare_container};
 use crate::model::{
-    CommandKind, CommandStatus, ContainerStatus, EnvironmentStatus, Requirements, now_ms,
+    CommandKind, CommandStatus, ContainerId, ContainerStatus, EnvironmentStatus, Requirements,
+    now_ms,
 };
 use crate::queue::{NewCommand, Next, StepError, Target, Transition};
 use crate::services::Services;
@@ -77,7 +78,7 @@ async fn members<C: ConnectionTrait>(
         .into_iter()
         .map(|r| {
             let view = MemberView {
-                id: r.id,
+                id: ContainerId(r.id),
                 type_id: r.type_id.clone(),
                 priority: svc.types().get(&r.type_id).map_or(0, |t| t.priority()),
                 status: parse_status(r.id, &r.status)?,
@@ -137,10 +138,10 @@ fn dispatch(
         let outcome = ty
             .handle(&call.hook, &ctx)
             .map_err(|e| StepError::Permanent(e.to_string()))?;
-        tracing::debug!(container = call.view.id, hook = call.hook.name(), ?outcome.verdict, "hook ran");
+        tracing::debug!(container = call.view.id.0, hook = call.hook.name(), ?outcome.verdict, "hook ran");
         if let Verdict::Deny(reason) = outcome.verdict {
             if may_deny {
-                let who = if call.view.id == 0 {
+                let who = if call.view.id.0 == 0 {
                     format!("the new {} container", call.view.type_id)
                 } else {
                     format!("container {} ({})", call.view.id, call.view.type_id)
@@ -150,10 +151,10 @@ fn dispatch(
                     call.hook.name()
                 )));
             }
-            tracing::warn!(container = call.view.id, hook = call.hook.name(), %reason, "a hook denied after the fact; ignored");
+            tracing::warn!(container = call.view.id.0, hook = call.hook.name(), %reason, "a hook denied after the fact; ignored");
         }
         if let Some(s) = outcome.new_state {
-            states.push((call.view.id, s));
+            states.push((call.view.id.0, s));
         }
         actions.extend(outcome.actions);
     }
@@ -266,7 +267,7 @@ fn action_command(
             params::to_value(params::Add::of_type(t.clone())),
         ),
         HookAction::RemoveContainer(id) => {
-            if !member(*id) {
+            if !member(id.0) {
                 return Err(format!(
                     "a hook asked to remove container {id}, which is not a member"
                 ));
@@ -274,7 +275,7 @@ fn action_command(
             (
                 CommandKind::EnvironmentRemove,
                 Target::Environment(env.id),
-                params::to_value(params::Member { container_id: *id }),
+                params::to_value(params::Member { container_id: id.0 }),
             )
         }
         HookAction::Exec {
@@ -282,22 +283,22 @@ fn action_command(
             script,
             args,
         } => {
-            if !member(*container) {
+            if !member(container.0) {
                 return Err(format!(
                     "a hook asked to exec in container {container}, which is not a member of '{}'",
                     env.name
                 ));
             }
-            if status(*container) == Some(ContainerStatus::Down) {
+            if status(container.0) == Some(ContainerStatus::Down) {
                 tracing::warn!(
-                    container,
+                    container = container.0,
                     "a hook asked to run a script in a container that is down; skipped"
                 );
                 return Ok(None);
             }
             (
                 CommandKind::ContainerExec,
-                Target::Container(*container),
+                Target::Container(container.0),
                 params::to_value(params::Exec {
                     script: script.clone(),
                     args: args.clone(),
@@ -305,7 +306,7 @@ fn action_command(
             )
         }
         HookAction::ReplaceContainer(id) => {
-            if !member(*id) {
+            if !member(id.0) {
                 return Err(format!(
                     "a hook asked to replace container {id}, which is not a member of '{}'",
                     env.name
@@ -314,7 +315,7 @@ fn action_command(
             (
                 CommandKind::EnvironmentReplace,
                 Target::Environment(env.id),
-                params::to_value(params::Member { container_id: *id }),
+                params::to_value(params::Member { container_id: id.0 }),
             )
         }
     };
@@ -379,7 +380,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 None => ty.initial_state(),
             };
             let new_view = MemberView {
-                id: 0,
+                id: ContainerId(0),
                 type_id: ty.type_id().to_string(),
                 priority: ty.priority(),
                 status: ContainerStatus::Creating,
@@ -697,8 +698,8 @@ async fn notify(
     };
     let members = members(svc, svc.db(), env.id).await?;
     let chosen = |v: &MemberView| match op {
-        "failover" => listed.contains(&v.id) && v.status == ContainerStatus::Down,
-        "recover" => listed.contains(&v.id) && v.status != ContainerStatus::Down,
+        "failover" => listed.contains(&v.id.0) && v.status == ContainerStatus::Down,
+        "recover" => listed.contains(&v.id.0) && v.status != ContainerStatus::Down,
         _ => v.status != ContainerStatus::Down && v.status != ContainerStatus::Creating,
     };
     let view = env_view(env, &members);

@@ -29,7 +29,7 @@ use super::container::reservation;
 use super::{driver_err, driver_of, guest_spec, make_guest, params};
 use crate::entities::command;
 use crate::managers::parse_status;
-use crate::model::{ContainerStatus, Requirements, Resources, ServerId};
+use crate::model::{ContainerStatus, Requirements, Resources};
 use crate::placement::{self, Reservation};
 use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_source, json_rows};
 use crate::queue::{GroupCommit, GroupNext, GroupSink, GroupWrite, GroupWrites, StepError};

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::driver::GuestImage;
 use crate::entities::command;
-use crate::model::{ContainerId, EnvironmentId, Requirements, Resources, ServerId};
+use crate::model::{EnvironmentId, Requirements, Resources};
 
 /// The version of the parameter documents this core writes and the newest it reads.
 pub const VERSION: u32 = 1;
@@ -67,7 +67,7 @@ pub struct Create {
     pub avoid: Option<i64>,
     /// The container whose disk the new one copies (an environment clone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clone_of: Option<ContainerId>,
+    pub clone_of: Option<i64>,
     /// The disk to import (a container imported from another platform).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<GuestImage>,
@@ -162,7 +162,7 @@ pub struct Add {
     pub avoid: Option<i64>,
     /// The member this one copies (an environment clone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clone_of: Option<ContainerId>,
+    pub clone_of: Option<i64>,
 }
 
 impl Add {
@@ -182,7 +182,7 @@ impl Add {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Member {
     /// The member removed or replaced.
-    pub container_id: ContainerId,
+    pub container_id: i64,
 }
 
 /// `environment.failover`, `environment.recover` and `environment.notify`.
@@ -190,7 +190,7 @@ pub struct Member {
 pub struct Notify {
     /// The members the event is about (down or back).
     #[serde(default)]
-    pub containers: Vec<ContainerId>,
+    pub containers: Vec<i64>,
     /// Why they are down.
     #[serde(default)]
     pub cause: Option<String>,

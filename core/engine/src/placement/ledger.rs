@@ -13,7 +13,7 @@ use sea_orm::{
 
 use super::{PlacementCache, PlacementError, allocated_of, resources};
 use crate::entities::{container, dummy, server};
-use crate::model::{ContainerId, ContainerStatus, Requirements, Resources, ServerId, now_ms};
+use crate::model::{ContainerStatus, Requirements, Resources, now_ms};
 
 /// Reserves `r` (and `count` containers) on `server` if it still fits; with `placeable` the
 /// server must also be up and not draining. True when reserved.
@@ -140,7 +140,7 @@ pub async fn release<C: ConnectionTrait>(
 pub async fn reserve_growth(
     txn: &DatabaseTransaction,
     server_id: i64,
-    container_id: ContainerId,
+    container_id: i64,
     command_id: i64,
     grow: &Resources,
     deadline: i64,
@@ -199,7 +199,7 @@ pub struct PlaceRequest<'a> {
     /// The container's requirements.
     pub requirements: &'a Requirements,
     /// The container the dummy stands for.
-    pub container_id: ContainerId,
+    pub container_id: i64,
     /// The command placing it.
     pub command_id: Option<i64>,
     /// Servers it must not go to (its current server, spread).
@@ -271,7 +271,7 @@ async fn insert_dummy(
 /// A dummy reserving `need` on `server_id` for `container_id` until `deadline`.
 pub fn dummy_row(
     server_id: i64,
-    container_id: ContainerId,
+    container_id: i64,
     command_id: Option<i64>,
     need: &Resources,
     deadline: i64,
@@ -335,9 +335,7 @@ pub fn requirements_of(row: &container::Model) -> Requirements {
 }
 
 /// What the counters of every server should be, recomputed from containers and dummies.
-async fn recompute<C: ConnectionTrait>(
-    conn: &C,
-) -> Result<HashMap<i64, (Resources, u64)>, DbErr> {
+async fn recompute<C: ConnectionTrait>(conn: &C) -> Result<HashMap<i64, (Resources, u64)>, DbErr> {
     let mut used: HashMap<i64, (Resources, u64)> = HashMap::new();
     let live = container::Entity::find()
         .filter(container::Column::ServerId.is_not_null())
@@ -416,7 +414,7 @@ pub struct NewDummy {
     /// The server.
     pub server_id: i64,
     /// The container it stands for.
-    pub container_id: ContainerId,
+    pub container_id: i64,
     /// The command that placed it.
     pub command_id: i64,
     /// What it holds.
@@ -539,8 +537,8 @@ pub async fn dummy_counts<C: ConnectionTrait>(conn: &C) -> Result<HashMap<i64, i
 /// Which of `containers` a dummy holds capacity for.
 pub async fn reserved_for<C: ConnectionTrait>(
     conn: &C,
-    containers: &[ContainerId],
-) -> Result<HashSet<ContainerId>, DbErr> {
+    containers: &[i64],
+) -> Result<HashSet<i64>, DbErr> {
     let mut held = HashSet::new();
     for chunk in containers.chunks(500) {
         let rows = dummy::Entity::find()

@@ -37,7 +37,7 @@ mod ledger;
 pub use ledger::*;
 
 use crate::entities::server;
-use crate::model::{Requirements, Resources, ServerId};
+use crate::model::{Requirements, Resources};
 
 /// Why no server fits.
 #[derive(Debug, thiserror::Error)]
@@ -323,11 +323,7 @@ impl PlacementCache {
     }
 
     /// Chooses a server (see `decide`).
-    pub fn decide(
-        &self,
-        req: &Requirements,
-        avoid: &HashSet<i64>,
-    ) -> Result<i64, String> {
+    pub fn decide(&self, req: &Requirements, avoid: &HashSet<i64>) -> Result<i64, String> {
         let started = self.timing.load(Ordering::Relaxed).then(Instant::now);
         let w = *self.weights.read().unwrap();
         let out = decide(&self.servers.read().unwrap().0, req, avoid, &w);
