@@ -7,6 +7,7 @@ use sea_orm::{
     ActiveModelTrait, ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
     QueryOrder, Set,
 };
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::steps::{CloneStep, CreateStep, MigrateStep, UpdateStep};
@@ -345,8 +346,7 @@ pub(super) async fn compensate_update(
     svc: &Services,
     cmd: &command::Model,
 ) -> Result<Option<UndoWrites>, DbErr> {
-    let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
-    let Some(r) = reservation(&progress) else {
+    let Some(r) = Recorded::of(cmd).reservation() else {
         return Ok(None);
     };
     let Some(d) = placement::dummy(svc.db(), r.dummy_id).await? else {
@@ -436,10 +436,45 @@ impl Placing {
 
 /// The reservation a placing step recorded in the progress.
 pub(super) fn reservation(progress: &Value) -> Option<Reservation> {
-    Some(Reservation {
-        server_id: progress.get("server_id")?.as_i64()?,
-        dummy_id: progress.get("dummy_id")?.as_i64()?,
-    })
+    Recorded::deserialize(progress).ok()?.reservation()
+}
+
+/// What the steps of a create, clone, migration or resize recorded in its progress, as the
+/// group steps and the compensation of a failed command read it. A field a step has not
+/// written yet is absent (the command did not get that far).
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct Recorded {
+    /// The server of the reservation.
+    server_id: Option<i64>,
+    /// The dummy holding it.
+    dummy_id: Option<i64>,
+    /// The copy a clone made.
+    clone_id: Option<i64>,
+    /// Whether the container ran before a clone or migration stopped it.
+    #[serde(default)]
+    was_running: bool,
+}
+
+impl Recorded {
+    /// The progress of `cmd`. One that does not read (damaged) is logged with the command and
+    /// read as recording nothing: compensation then undoes only what the database shows.
+    pub(super) fn of(cmd: &command::Model) -> Recorded {
+        match serde_json::from_str::<Option<Recorded>>(&cmd.progress) {
+            Ok(recorded) => recorded.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(command = cmd.id, kind = %cmd.kind, error = %e, "unreadable progress; undoing only what the database shows");
+                Recorded::default()
+            }
+        }
+    }
+
+    /// The reservation, once the placing step made it.
+    pub(super) fn reservation(&self) -> Option<Reservation> {
+        Some(Reservation {
+            server_id: self.server_id?,
+            dummy_id: self.dummy_id?,
+        })
+    }
 }
 
 fn lost_reservation() -> StepError {
@@ -594,10 +629,10 @@ pub(super) async fn compensate(
     cmd: &command::Model,
     _error: &str,
 ) -> Result<Option<UndoWrites>, DbErr> {
-    let progress: Value = serde_json::from_str(&cmd.progress).unwrap_or(Value::Null);
-    let reserved = reservation(&progress);
+    let progress = Recorded::of(cmd);
+    let reserved = progress.reservation();
     let new_id = match cmd.kind.as_str() {
-        "container.clone" => progress.get("clone_id").and_then(Value::as_i64),
+        "container.clone" => progress.clone_id,
         _ => cmd.target_id,
     };
     let row = match new_id {
@@ -679,10 +714,10 @@ async fn undo_create(
 async fn undo_migrate(
     svc: &Services,
     cmd: &command::Model,
-    progress: &Value,
+    progress: &Recorded,
     row: &container::Model,
 ) -> Option<Undo> {
-    let target = progress.get("server_id").and_then(Value::as_i64);
+    let target = progress.server_id;
     if target.is_none() || row.server_id == target || cmd.step < MigrateStep::Copy.number() {
         return None;
     }
@@ -691,7 +726,7 @@ async fn undo_migrate(
     {
         tracing::warn!(error = %e, guest = %row.guest_id, "could not destroy the copy of a failed migration");
     }
-    if !progress["was_running"].as_bool().unwrap_or(false) {
+    if !progress.was_running {
         return None;
     }
     let driver = row.server_id.and_then(|s| svc.fleet().driver(s))?;
@@ -708,8 +743,8 @@ async fn undo_migrate(
 }
 
 /// After a failed clone, starts the source again if the clone had stopped it (best effort).
-async fn restart_clone_source(svc: &Services, cmd: &command::Model, progress: &Value) {
-    if cmd.step < CloneStep::Copy.number() || !progress["was_running"].as_bool().unwrap_or(false) {
+async fn restart_clone_source(svc: &Services, cmd: &command::Model, progress: &Recorded) {
+    if cmd.step < CloneStep::Copy.number() || !progress.was_running {
         return;
     }
     let Some(source) = cmd.target_id else { return };
@@ -1057,4 +1092,38 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
             Ok(next)
         })
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_step_recorded_reads_back_and_damage_reads_as_nothing() {
+        let mut cmd = super::params::tests_support::command("container.clone", 2);
+        cmd.progress =
+            r#"{"clone_id": 7, "server_id": 3, "dummy_id": 9, "was_running": true}"#.into();
+        let r = Recorded::of(&cmd);
+        assert_eq!((r.clone_id, r.was_running), (Some(7), true));
+        assert_eq!(
+            r.reservation(),
+            Some(Reservation {
+                server_id: 3,
+                dummy_id: 9
+            })
+        );
+        // Before the placing step: nothing recorded, nothing to undo.
+        for progress in ["{}", "null"] {
+            cmd.progress = progress.into();
+            let r = Recorded::of(&cmd);
+            assert_eq!((r.reservation(), r.was_running), (None, false));
+        }
+        // Damaged: read as nothing recorded, never as a default reservation.
+        cmd.progress = r#"{"server_id": "three", "was_running": 1}"#.into();
+        let r = Recorded::of(&cmd);
+        assert_eq!(
+            (r.reservation(), r.clone_id, r.was_running),
+            (None, None, false)
+        );
+    }
 }

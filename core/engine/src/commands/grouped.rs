@@ -25,7 +25,7 @@ use sea_orm::DbErr;
 use serde_json::{Value, json};
 
 use super::batch::fill_many;
-use super::container::reservation;
+use super::container::Recorded;
 use super::{driver_err, driver_of, guest_spec, make_guest, params};
 use crate::entities::command;
 use crate::managers::parse_status;
@@ -290,7 +290,7 @@ async fn make(
             Some((
                 p.index,
                 p.row,
-                reservation(&serde_json::from_str(&cmds[p.index].progress).unwrap_or(Value::Null))?,
+                Recorded::of(&cmds[p.index]).reservation()?,
                 p.params.start,
             ))
         })
