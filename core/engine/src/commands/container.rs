@@ -259,8 +259,9 @@ async fn run_pending(
 
 /// Steps of `container.update`: 0 reserve the growth on the container's server (a dummy,
 /// committed before the server is touched), 1 resize the guest, then give the growth dummy's
-/// reservation to the container and release what shrank, with the new requirements. No
-/// transaction is open while the driver works.
+/// reservation to the container and release what shrank, with the new requirements; 2 (only
+/// when the growth expired meanwhile and the server has no room) give the guest its old size
+/// back and fail. No transaction is open while the driver works.
 async fn update(
     ctx: &StepCtx<'_>,
     row: &container::Model,
