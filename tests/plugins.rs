@@ -584,6 +584,22 @@ expect_deny = "already has a balancer"
         !ok && err.contains("step 1 (add tomcat): 0 scripts were exec'd, expected 5"),
         "{err}"
     );
+    // For tools: the same failure as JSON on stdout, and still a non-zero exit.
+    let (ok, out, _) = run_bin(
+        &["--json", "plugin", "test", &balancer, "bad.toml"],
+        dir.path(),
+        &[],
+    );
+    assert!(!ok);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["passed"], false, "{report}");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("0 scripts were exec'd, expected 5"),
+        "{report}"
+    );
     std::fs::write(
         dir.path().join("typo.toml"),
         "[[step]]\nadd = \"tomcat\"\nexpect_exec = 5\n",
@@ -601,6 +617,13 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
     assert!(ok, "{err}");
     assert!(out.contains("cargo test"), "{out}");
     let krate = dir.path().join("cache");
+    // The crate names the SDK relative to itself, never by a path of this machine.
+    let manifest = std::fs::read_to_string(krate.join("Cargo.toml")).unwrap();
+    let sdk_line = manifest
+        .lines()
+        .find(|l| l.starts_with("cloud48-sdk"))
+        .unwrap();
+    assert!(sdk_line.contains("path = \"../"), "{sdk_line}");
     let target = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/scaffold-test");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let run = |args: &[&str]| {
@@ -622,6 +645,15 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
     let (ok, out, err) = run_bin(&["plugin", "test", &wasm, "scenario.toml"], &krate, &[]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("scenario passed: 3 steps"), "{out}");
+    let (ok, out, err) = run_bin(
+        &["--json", "plugin", "test", &wasm, "scenario.toml"],
+        &krate,
+        &[],
+    );
+    assert!(ok, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["steps"].as_array().unwrap().len(), 3, "{report}");
     let (ok, _, err) = run_bin(&["plugin", "new", "cache", "--sdk", sdk], dir.path(), &[]);
     assert!(!ok && err.contains("exists already"), "{err}");
 }

@@ -1,6 +1,6 @@
 //! `cloud48 plugin new NAME`: a new container-type crate that builds and passes its own tests.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
@@ -118,6 +118,21 @@ add = "tomcat"
 expect_state = { id = 1, pointer = "/seen", value = [2] }
 "#;
 
+/// `to` as a path relative to the directory `from` (both absolute).
+fn relative(to: &Path, from: &Path) -> PathBuf {
+    let (to, from): (Vec<_>, Vec<_>) = (to.components().collect(), from.components().collect());
+    let common = to.iter().zip(&from).take_while(|(a, b)| a == b).count();
+    let mut path: PathBuf = from[common..]
+        .iter()
+        .map(|_| Component::ParentDir)
+        .collect();
+    path.extend(&to[common..]);
+    if path.as_os_str().is_empty() {
+        path.push(".");
+    }
+    path
+}
+
 /// Creates the crate; prints the next steps.
 pub fn new_plugin(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Result<()> {
     cloud48_engine::model::validate_name(name).map_err(anyhow::Error::msg)?;
@@ -139,9 +154,20 @@ pub fn new_plugin(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Res
     };
     let sdk = std::fs::canonicalize(&sdk)
         .with_context(|| format!("cannot find the SDK at {}", sdk.display()))?;
-    let sdk_text = sdk.to_str().context("the SDK path is not UTF-8")?;
+    if !sdk.join("Cargo.toml").exists() {
+        bail!(
+            "{} is not the cloud48-sdk crate (no Cargo.toml)",
+            sdk.display()
+        );
+    }
     std::fs::create_dir_all(dir.join("src"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
+    // The new crate names the SDK relative to itself, so it can move with the SDK's checkout
+    // and holds no path of this machine.
+    let krate =
+        std::fs::canonicalize(&dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let sdk = relative(&sdk, &krate);
+    let sdk_text = sdk.to_str().context("the SDK path is not UTF-8")?;
     for (file, template) in [
         ("Cargo.toml", CARGO),
         ("rust-toolchain.toml", TOOLCHAIN),
@@ -164,4 +190,24 @@ pub fn new_plugin(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Res
         name.replace('-', "_")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_relative_to_a_directory_climbs_to_the_common_part() {
+        let rel = |to: &str, from: &str| relative(Path::new(to), Path::new(from));
+        assert_eq!(
+            rel("/w/repo/sdk", "/tmp/x/cache"),
+            Path::new("../../../w/repo/sdk")
+        );
+        assert_eq!(
+            rel("/w/repo/sdk", "/w/repo/plugins/cache"),
+            Path::new("../../sdk")
+        );
+        assert_eq!(rel("/w/repo/sdk", "/w/repo"), Path::new("sdk"));
+        assert_eq!(rel("/w/repo", "/w/repo"), Path::new("."));
+    }
 }

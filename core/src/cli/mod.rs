@@ -703,7 +703,9 @@ pub enum PluginCmd {
         name: String,
     },
     /// Run a scenario file against compiled plugins through the real plugin host (no core
-    /// needed): `cloud48 plugin test FILE.wasm [FILE.wasm ...] SCENARIO.toml`.
+    /// needed): `cloud48 plugin test FILE.wasm [FILE.wasm ...] SCENARIO.toml`. With `--json`:
+    /// `{"passed": true, "steps": [...]}`, or `{"passed": false, "error": "..."}` and a non-zero
+    /// exit.
     Test {
         /// The `.wasm` files to test (bundled plugins are available too), then the scenario
         /// file (TOML; see sdk/README.md).
@@ -1269,12 +1271,24 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("the scenario thread panicked"))?;
             match report {
                 Ok(lines) => {
-                    for l in &lines {
-                        println!("{l}");
-                    }
-                    println!("scenario passed: {} steps", lines.len());
+                    let passed = serde_json::json!({ "passed": true, "steps": lines });
+                    out.show(&passed, || {
+                        let mut text = lines.join("\n");
+                        if !text.is_empty() {
+                            text.push('\n');
+                        }
+                        text + &format!("scenario passed: {} steps", lines.len())
+                    });
                 }
-                Err(e) => bail!("scenario failed: {e}"),
+                Err(e) => {
+                    if out.json {
+                        out.show(
+                            &serde_json::json!({ "passed": false, "error": e }),
+                            String::new,
+                        );
+                    }
+                    bail!("scenario failed: {e}")
+                }
             }
         }
         PluginCmd::New { name, dir, sdk } => crate::scaffold::new_plugin(&name, dir, sdk)?,
