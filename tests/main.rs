@@ -13,6 +13,7 @@ mod convergence;
 mod crash;
 mod driver;
 mod environment;
+mod harness;
 mod health;
 mod layout;
 mod linux;

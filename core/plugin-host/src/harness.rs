@@ -14,26 +14,35 @@ use serde::Deserialize;
 use crate::types::{
     ContainerType, DownCause, EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict,
 };
-use crate::{PluginHost, WasmPlugin};
+use crate::{PluginHost, PluginMeta, WasmPlugin};
 use cloud48_model::{ContainerId, ContainerStatus};
 
-/// Compiled plugins by type name, for the SDK harness.
+/// Compiled plugins by type name, for the SDK harness: the SDK's `Platform` calls them through
+/// the host's `ContainerType`, as the core does.
 #[derive(Default)]
 pub struct WasmHooks {
-    plugins: BTreeMap<String, Arc<WasmPlugin>>,
+    plugins: BTreeMap<String, (PluginMeta, Arc<dyn ContainerType>)>,
 }
 
 impl WasmHooks {
     /// Adds a compiled plugin (replacing one of the same name).
-    pub fn with(mut self, plugin: WasmPlugin) -> Self {
-        self.plugins
-            .insert(plugin.meta().name.clone(), Arc::new(plugin));
+    pub fn with(self, plugin: WasmPlugin) -> Self {
+        let meta = plugin.meta().clone();
+        self.with_type(meta, Arc::new(plugin))
+    }
+
+    /// Adds a container type described by `meta` (replacing one of the same name): a compiled
+    /// plugin wrapped, e.g. by a test that records every hook call on both the core and the
+    /// harness.
+    pub fn with_type(mut self, meta: PluginMeta, t: Arc<dyn ContainerType>) -> Self {
+        self.plugins.insert(meta.name.clone(), (meta, t));
         self
     }
 
-    fn get(&self, name: &str) -> Result<&Arc<WasmPlugin>, String> {
+    fn get(&self, name: &str) -> Result<&Arc<dyn ContainerType>, String> {
         self.plugins
             .get(name)
+            .map(|(_, t)| t)
             .ok_or_else(|| format!("no plugin named {name} is loaded"))
     }
 }
@@ -62,7 +71,7 @@ fn view(m: &Member) -> MemberView {
 
 impl Hooks for WasmHooks {
     fn metadata(&self, type_name: &str) -> Option<Metadata> {
-        let m = self.plugins.get(type_name)?.meta().clone();
+        let m = self.plugins.get(type_name)?.0.clone();
         let r = m.requirements.resources;
         Some(Metadata {
             name: m.name,
