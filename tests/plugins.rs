@@ -574,6 +574,45 @@ expect_deny = "already has a balancer"
     let (ok, out, err) = run_bin(&["plugin", "test", &balancer, "seed.toml"], dir.path(), &[]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("scenario passed: 4 steps"), "{out}");
+    // A crash and a recovery, and the exec a step made: its container and arguments.
+    std::fs::write(
+        dir.path().join("outage.toml"),
+        r#"
+[[step]]
+add = "mysql"
+[[step]]
+add = "tomcat"
+expect_last_exec = { container = 2, args = ["10.0.0.2"], script_contains = "database" }
+[[step]]
+crash = "s1"
+expect_members = ["mysql", "tomcat"]
+[[step]]
+recover = "s1"
+expect_members = ["mysql", "tomcat"]
+"#,
+    )
+    .unwrap();
+    let (ok, out, err) = run_bin(
+        &["plugin", "test", &balancer, "outage.toml"],
+        dir.path(),
+        &[],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("✓ step 4: recover s1 back"), "{out}");
+    std::fs::write(
+        dir.path().join("wrong-exec.toml"),
+        "[[step]]\nadd = \"mysql\"\n[[step]]\nadd = \"tomcat\"\nexpect_last_exec = { container = 1, args = [] }\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run_bin(
+        &["plugin", "test", &balancer, "wrong-exec.toml"],
+        dir.path(),
+        &[],
+    );
+    assert!(
+        !ok && err.contains("the last script ran in container 2"),
+        "{err}"
+    );
     std::fs::write(
         dir.path().join("bad.toml"),
         "[[step]]\nadd = \"tomcat\"\nexpect_execs = 5\n",

@@ -401,4 +401,27 @@ impl<H: Hooks> Platform<H> {
         }
         self.act(actions)
     }
+
+    /// A crashed server is back: its members that are still members (not replaced meanwhile)
+    /// run again and get `is-up`, in priority order, as the core's `environment.recover` does.
+    pub fn recover_server(&mut self, server: &str) -> Result<(), String> {
+        let back: Vec<i64> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.server.as_deref() == Some(server) && m.status == Status::Stopped)
+            .map(|m| m.id)
+            .collect();
+        for slot in self
+            .members
+            .iter_mut()
+            .filter(|s| back.contains(&s.member.id))
+        {
+            slot.member.status = Status::Running;
+        }
+        let mut actions = Vec::new();
+        for m in self.members().into_iter().filter(|m| back.contains(&m.id)) {
+            actions.extend(self.run(&m, Call::IsUp, None)?.actions);
+        }
+        self.act(actions)
+    }
 }

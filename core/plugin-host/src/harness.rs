@@ -177,8 +177,11 @@ pub struct Step {
     pub add: Option<String>,
     /// Remove the container with this id.
     pub remove: Option<i64>,
-    /// Crash this fake server (`s1`..`s3`).
+    /// Crash this fake server (`s1`..`s3`): its members go down and get `is-down`.
     pub crash: Option<String>,
+    /// Bring this crashed server back: its members that were not replaced run again and get
+    /// `is-up`.
+    pub recover: Option<String>,
     /// The operation must be denied with a reason containing this text.
     pub expect_deny: Option<String>,
     /// Type names of the members afterwards, in priority order.
@@ -187,6 +190,21 @@ pub struct Step {
     pub expect_execs: Option<usize>,
     /// A value of a member's inspected state.
     pub expect_state: Option<StateExpectation>,
+    /// The last script exec'd: its target container and arguments (and, optionally, a text
+    /// its script contains).
+    pub expect_last_exec: Option<ExecExpectation>,
+}
+
+/// The expected last exec of a step.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecExpectation {
+    /// Container the script ran in.
+    pub container: i64,
+    /// Its arguments, in order.
+    pub args: Vec<String>,
+    /// A text the script contains.
+    pub script_contains: Option<String>,
 }
 
 /// An expected value in a member's inspected state.
@@ -241,6 +259,11 @@ pub fn run_scenario(
                 format!("crash {s}"),
                 p.crash_server(s).map(|_| "crashed".to_string()),
             )
+        } else if let Some(s) = &step.recover {
+            (
+                format!("recover {s}"),
+                p.recover_server(s).map(|_| "back".to_string()),
+            )
         } else {
             ("check".to_string(), Ok(String::new()))
         };
@@ -279,6 +302,22 @@ pub fn run_scenario(
                 "{} scripts were exec'd, expected {want}",
                 p.execs.len()
             )));
+        }
+        if let Some(want) = &step.expect_last_exec {
+            let Some(got) = p.execs.last() else {
+                return Err(fail("no script was exec'd".into()));
+            };
+            if got.container != want.container || got.args != want.args {
+                return Err(fail(format!(
+                    "the last script ran in container {} with {:?}, expected container {} with {:?}",
+                    got.container, got.args, want.container, want.args
+                )));
+            }
+            if let Some(text) = &want.script_contains
+                && !got.script.contains(text.as_str())
+            {
+                return Err(fail(format!("the last script does not contain '{text}'")));
+            }
         }
         if let Some(e) = &step.expect_state {
             if !p.members().iter().any(|m| m.id == e.id) {

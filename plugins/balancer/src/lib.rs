@@ -243,6 +243,32 @@ mod tests {
     }
 
     #[test]
+    fn a_member_its_type_keeps_through_a_crash_gets_is_up_when_its_server_is_back() {
+        let mut p = platform();
+        let db = p.add("mysql").unwrap();
+        let server = p.members()[0].server.clone().unwrap();
+        p.crash_server(&server).unwrap();
+        // mysql asks for no replacement: it stays, not running, until its server is back.
+        assert_eq!(p.ids_of("mysql"), vec![db]);
+        assert_eq!(p.members()[0].status, Status::Stopped);
+        p.recover_server(&server).unwrap();
+        assert_eq!(p.members()[0].status, Status::Running);
+        let calls: Vec<&String> = p.log.iter().filter(|l| l.starts_with("mysql#")).collect();
+        assert_eq!(
+            calls,
+            [
+                &"mysql#0:before-it-is-added".to_string(),
+                &format!("mysql#{db}:after-it-is-added"),
+                &format!("mysql#{db}:is-down"),
+                &format!("mysql#{db}:is-up"),
+            ]
+        );
+        // Nothing to bring back on a server that did not crash.
+        p.recover_server("s3").unwrap();
+        assert_eq!(p.log.iter().filter(|l| l.ends_with(":is-up")).count(), 1);
+    }
+
+    #[test]
     fn hooks_run_in_the_documented_order() {
         let mut p = platform();
         let db = p.add("mysql").unwrap();
