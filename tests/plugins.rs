@@ -589,6 +589,11 @@ expect_members = ["mysql", "tomcat"]
 [[step]]
 recover = "s1"
 expect_members = ["mysql", "tomcat"]
+[[step]]
+core = "stop"
+[[step]]
+core = "start"
+expect_execs = 1
 "#,
     )
     .unwrap();
@@ -599,6 +604,7 @@ expect_members = ["mysql", "tomcat"]
     );
     assert!(ok, "{out}{err}");
     assert!(out.contains("✓ step 4: recover s1 back"), "{out}");
+    assert!(out.contains("✓ step 6: core start notified"), "{out}");
     std::fs::write(
         dir.path().join("wrong-exec.toml"),
         "[[step]]\nadd = \"mysql\"\n[[step]]\nadd = \"tomcat\"\nexpect_last_exec = { container = 1, args = [] }\n",

@@ -32,6 +32,10 @@ pub enum Call<'a> {
     IsDown(&'a DownCause),
     /// `is-up`.
     IsUp,
+    /// `after-cc-start`: the core started.
+    AfterCcStart,
+    /// `before-cc-stop`: the core is stopping.
+    BeforeCcStop,
 }
 
 /// Something that can run the hooks of container types by name: Rust implementations here,
@@ -71,6 +75,8 @@ impl<T: ContainerType> ErasedType for T {
             Call::AfterOtherIsRemoved(o) => self.after_other_is_removed(ctx, o),
             Call::IsDown(c) => self.is_down(ctx, c),
             Call::IsUp => self.is_up(ctx),
+            Call::AfterCcStart => self.after_cc_start(ctx),
+            Call::BeforeCcStop => self.before_cc_stop(ctx),
         }
     }
     fn inspect(&self, state: &[u8]) -> String {
@@ -141,6 +147,8 @@ pub struct Platform<H: Hooks> {
     next_id: i64,
     servers: Vec<String>,
     avoid: Option<String>,
+    /// Members whose server crashed and is not back.
+    down: Vec<i64>,
     /// Every exec'd script, in order.
     pub execs: Vec<Exec>,
     /// Containers replaced after going down: no longer members, left for the collector.
@@ -166,6 +174,8 @@ fn hook_name(call: &Call<'_>) -> &'static str {
         Call::AfterOtherIsRemoved(_) => "after-other-is-removed",
         Call::IsDown(_) => "is-down",
         Call::IsUp => "is-up",
+        Call::AfterCcStart => "after-cc-start",
+        Call::BeforeCcStop => "before-cc-stop",
     }
 }
 
@@ -178,6 +188,7 @@ impl<H: Hooks> Platform<H> {
             next_id: 1,
             servers: vec!["s1".into(), "s2".into(), "s3".into()],
             avoid: None,
+            down: Vec::new(),
             execs: Vec::new(),
             illegal: Vec::new(),
             log: Vec::new(),
@@ -394,6 +405,7 @@ impl<H: Hooks> Platform<H> {
             .filter(|s| s.member.server.as_deref() == Some(server))
         {
             slot.member.status = Status::Stopped;
+            self.down.push(slot.member.id);
         }
         let mut actions = Vec::new();
         for m in down {
@@ -408,9 +420,10 @@ impl<H: Hooks> Platform<H> {
         let back: Vec<i64> = self
             .members()
             .into_iter()
-            .filter(|m| m.server.as_deref() == Some(server) && m.status == Status::Stopped)
+            .filter(|m| m.server.as_deref() == Some(server) && self.down.contains(&m.id))
             .map(|m| m.id)
             .collect();
+        self.down.retain(|id| !back.contains(id));
         for slot in self
             .members
             .iter_mut()
@@ -421,6 +434,33 @@ impl<H: Hooks> Platform<H> {
         let mut actions = Vec::new();
         for m in self.members().into_iter().filter(|m| back.contains(&m.id)) {
             actions.extend(self.run(&m, Call::IsUp, None)?.actions);
+        }
+        self.act(actions)
+    }
+
+    /// The core started: every member that is not down gets `after-cc-start`, in priority
+    /// order, then the actions they asked for run (as the core's start-up notification).
+    pub fn start_core(&mut self) -> Result<(), String> {
+        self.notify(true)
+    }
+
+    /// The core is stopping: every member that is not down gets `before-cc-stop`, in priority
+    /// order, then the actions they asked for run before it stops.
+    pub fn stop_core(&mut self) -> Result<(), String> {
+        self.notify(false)
+    }
+
+    fn notify(&mut self, start: bool) -> Result<(), String> {
+        let mut actions = Vec::new();
+        for m in self.members() {
+            if !self.down.contains(&m.id) {
+                let call = if start {
+                    Call::AfterCcStart
+                } else {
+                    Call::BeforeCcStop
+                };
+                actions.extend(self.run(&m, call, None)?.actions);
+            }
         }
         self.act(actions)
     }

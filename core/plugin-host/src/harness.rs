@@ -105,6 +105,8 @@ impl Hooks for WasmHooks {
             }
             Call::IsDown(SdkCause::Crashed(s)) => Hook::IsDown(DownCause::Crashed(s.clone())),
             Call::IsUp => Hook::IsUp,
+            Call::AfterCcStart => Hook::AfterCcStart,
+            Call::BeforeCcStop => Hook::BeforeCcStop,
         };
         let me = view(&ctx.container);
         let env = EnvironmentView {
@@ -182,6 +184,9 @@ pub struct Step {
     /// Bring this crashed server back: its members that were not replaced run again and get
     /// `is-up`.
     pub recover: Option<String>,
+    /// `start` or `stop` the core: every member that is not down gets `after-cc-start` or
+    /// `before-cc-stop`.
+    pub core: Option<CoreEvent>,
     /// The operation must be denied with a reason containing this text.
     pub expect_deny: Option<String>,
     /// Type names of the members afterwards, in priority order.
@@ -193,6 +198,16 @@ pub struct Step {
     /// The last script exec'd: its target container and arguments (and, optionally, a text
     /// its script contains).
     pub expect_last_exec: Option<ExecExpectation>,
+}
+
+/// What happens to the core in a step.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CoreEvent {
+    /// It started.
+    Start,
+    /// It is stopping.
+    Stop,
 }
 
 /// The expected last exec of a step.
@@ -264,6 +279,17 @@ pub fn run_scenario(
                 format!("recover {s}"),
                 p.recover_server(s).map(|_| "back".to_string()),
             )
+        } else if let Some(event) = step.core {
+            match event {
+                CoreEvent::Start => (
+                    "core start".to_string(),
+                    p.start_core().map(|_| "notified".to_string()),
+                ),
+                CoreEvent::Stop => (
+                    "core stop".to_string(),
+                    p.stop_core().map(|_| "notified".to_string()),
+                ),
+            }
         } else {
             ("check".to_string(), Ok(String::new()))
         };

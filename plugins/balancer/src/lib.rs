@@ -269,6 +269,30 @@ mod tests {
     }
 
     #[test]
+    fn core_start_and_stop_notify_every_member_that_is_not_down_in_priority_order() {
+        let mut p = platform();
+        let db = p.add("mysql").unwrap();
+        let web = p.add("tomcat").unwrap();
+        p.start_core().unwrap();
+        p.stop_core().unwrap();
+        let db_server = p.members()[0].server.clone().unwrap();
+        p.crash_server(&db_server).unwrap();
+        p.start_core().unwrap();
+        let cc: Vec<&String> = p.log.iter().filter(|l| l.contains("-cc-")).collect();
+        assert_eq!(
+            cc,
+            [
+                &format!("mysql#{db}:after-cc-start"),
+                &format!("tomcat#{web}:after-cc-start"),
+                &format!("mysql#{db}:before-cc-stop"),
+                &format!("tomcat#{web}:before-cc-stop"),
+                &format!("tomcat#{web}:after-cc-start"),
+            ],
+            "the down database is left out"
+        );
+    }
+
+    #[test]
     fn hooks_run_in_the_documented_order() {
         let mut p = platform();
         let db = p.add("mysql").unwrap();
