@@ -323,19 +323,24 @@ async fn stop_is_graceful_then_forced() {
         files: Default::default(),
         ready_port: None,
     };
-    // One main process leaves a mark when SIGTERM reaches it; the other ignores SIGTERM.
+    // One main process leaves a mark when SIGTERM reaches it; the other ignores SIGTERM. Each
+    // says when its trap is set, so the test does not stop it before.
     cfg.templates.insert(
         "polite".into(),
-        template("trap 'echo got-term; exit 0' TERM; while :; do sleep 0.1; done"),
+        template("trap 'echo got-term; exit 0' TERM; echo trapped; while :; do sleep 0.1; done"),
     );
     cfg.templates.insert(
         "stubborn".into(),
-        template("trap '' TERM; while :; do sleep 0.1; done"),
+        template("trap '' TERM; echo trapped; while :; do sleep 0.1; done"),
     );
     let d = LinuxDriver::open(cfg).await.unwrap();
     for id in ["polite", "stubborn"] {
         d.create(&spec(id, id)).await.unwrap();
         d.start(id).await.unwrap();
+        crate::common::eventually("the trap is set", || async {
+            d.logs(id).await.unwrap().contains("trapped").then_some(())
+        })
+        .await;
     }
     d.stop("polite").await.unwrap();
     assert!(

@@ -48,11 +48,15 @@ pub mod testing;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-pub use bindings::cloud48::container::types::{
+mod export;
+mod types;
+
+#[doc(hidden)]
+pub use export::Export;
+pub use types::{
     Action, Context, DownCause, Environment, ExecRequest, Member, Metadata, Outcome, Resources,
     Status, Verdict,
 };
-use bindings::exports::cloud48::container::hooks::Guest;
 
 /// The version of the WIT contract this SDK builds plugins for.
 pub const WIT_VERSION: &str = "0.1.0";
@@ -213,55 +217,6 @@ impl Context {
 /// The name part of a type id (`balancer@0.1.0` -> `balancer`).
 pub fn type_name(type_id: &str) -> &str {
     type_id.split('@').next().unwrap_or(type_id)
-}
-
-/// Adapts a [`ContainerType`] to the generated WIT exports.
-#[doc(hidden)]
-pub struct Export<T>(std::marker::PhantomData<T>);
-
-impl<T: ContainerType> Guest for Export<T> {
-    fn describe() -> Metadata {
-        T::default().metadata()
-    }
-    fn initial_state() -> Vec<u8> {
-        T::default().initial_state()
-    }
-    fn before_it_is_added(ctx: Context) -> Outcome {
-        T::default().before_it_is_added(&ctx)
-    }
-    fn after_it_is_added(ctx: Context) -> Outcome {
-        T::default().after_it_is_added(&ctx)
-    }
-    fn before_other_is_added(ctx: Context, other: Member) -> Outcome {
-        T::default().before_other_is_added(&ctx, &other)
-    }
-    fn after_other_is_added(ctx: Context, other: Member) -> Outcome {
-        T::default().after_other_is_added(&ctx, &other)
-    }
-    fn before_it_is_removed(ctx: Context) -> Outcome {
-        T::default().before_it_is_removed(&ctx)
-    }
-    fn after_other_is_removed(ctx: Context, other: Member) -> Outcome {
-        T::default().after_other_is_removed(&ctx, &other)
-    }
-    fn is_down(ctx: Context, cause: DownCause) -> Outcome {
-        T::default().is_down(&ctx, &cause)
-    }
-    fn is_up(ctx: Context) -> Outcome {
-        T::default().is_up(&ctx)
-    }
-    fn after_cc_start(ctx: Context) -> Outcome {
-        T::default().after_cc_start(&ctx)
-    }
-    fn before_cc_stop(ctx: Context) -> Outcome {
-        T::default().before_cc_stop(&ctx)
-    }
-    fn inspect(state: Vec<u8>) -> String {
-        T::default().inspect(&state)
-    }
-    fn migrate_state(from_version: String, state: Vec<u8>) -> Result<Vec<u8>, String> {
-        T::default().migrate_state(&from_version, state)
-    }
 }
 
 /// Exports a [`ContainerType`] as the plugin's WIT implementation.
