@@ -20,21 +20,10 @@ use wasmtime::{
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::types::{
-    ContainerType, DownCause, Hook, HookAction, HookContext, HookOutcome, MemberView, TypeError,
-    Verdict,
-};
-use cloud48_model::{ContainerId, ContainerStatus, Requirements, Resources};
+use crate::types::{ContainerType, Hook, HookAction, HookContext, HookOutcome, TypeError, Verdict};
+use cloud48_model::Requirements;
 
-/// Bindings of the frozen WIT version 0.1.0.
-mod v0_1_0 {
-    wasmtime::component::bindgen!({
-        path: "../../wit/0.1.0",
-        world: "container-type",
-    });
-}
-
-use v0_1_0::cloud48::container::types as wit;
+mod v0_1_0;
 
 /// The WIT versions this host runs, newest first.
 pub const SUPPORTED_WIT: &[&str] = &["0.1.0"];
@@ -304,22 +293,7 @@ impl PluginHost {
                 b.cloud48_container_hooks().call_describe(s)
             })
             .map_err(|e| LoadError::Invalid(e.to_string()))?;
-        plugin.meta = PluginMeta {
-            name: m.name,
-            version: m.version,
-            wit_version: m.wit_version,
-            priority: m.priority,
-            description: m.description,
-            requirements: Requirements {
-                resources: Resources {
-                    cpu_millis: m.requirements.cpu_millis,
-                    memory_mb: m.requirements.memory_mb,
-                    disk_mb: m.requirements.disk_mb,
-                },
-                labels: Vec::new(),
-                spread: false,
-            },
-        };
+        plugin.meta = v0_1_0::meta(m);
         plugin.meta.validate().map_err(LoadError::Invalid)?;
         plugin.type_id = format!("{}@{}", plugin.meta.name, plugin.meta.version);
         Ok(plugin)
@@ -467,44 +441,6 @@ fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> S
     }
 }
 
-fn status(s: ContainerStatus) -> wit::Status {
-    match s {
-        ContainerStatus::Creating => wit::Status::Creating,
-        ContainerStatus::Running => wit::Status::Running,
-        ContainerStatus::Stopped => wit::Status::Stopped,
-        ContainerStatus::Suspended => wit::Status::Suspended,
-        ContainerStatus::Destroyed => wit::Status::Destroyed,
-        ContainerStatus::Failed => wit::Status::Failed,
-        // WIT 0.1.0 has no `down` or `illegal`: a down container is not running (its cause
-        // comes with `is-down`), and illegal containers are never shown to hooks.
-        ContainerStatus::Down => wit::Status::Stopped,
-        ContainerStatus::Illegal => wit::Status::Destroyed,
-    }
-}
-
-fn member(m: &MemberView) -> wit::Member {
-    wit::Member {
-        id: m.id.0,
-        type_id: m.type_id.clone(),
-        priority: m.priority,
-        status: status(m.status),
-        server: m.server.clone(),
-        ip: m.ip.clone(),
-    }
-}
-
-fn context(ctx: &HookContext<'_>) -> wit::Context {
-    wit::Context {
-        container: member(ctx.container),
-        environment: wit::Environment {
-            id: ctx.environment.id,
-            name: ctx.environment.name.clone(),
-            members: ctx.environment.members.iter().map(member).collect(),
-        },
-        state: ctx.state.to_vec(),
-    }
-}
-
 impl ContainerType for WasmPlugin {
     fn type_id(&self) -> &str {
         &self.type_id
@@ -529,31 +465,9 @@ impl ContainerType for WasmPlugin {
     }
 
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
-        let c = context(ctx);
+        let c = v0_1_0::context(ctx);
         let name = hook.name();
-        let out = self.call(name, |b, s| {
-            let h = b.cloud48_container_hooks();
-            match hook {
-                Hook::BeforeItIsAdded => h.call_before_it_is_added(s, &c),
-                Hook::AfterItIsAdded => h.call_after_it_is_added(s, &c),
-                Hook::BeforeOtherIsAdded(o) => h.call_before_other_is_added(s, &c, &member(o)),
-                Hook::AfterOtherIsAdded(o) => h.call_after_other_is_added(s, &c, &member(o)),
-                Hook::BeforeItIsRemoved => h.call_before_it_is_removed(s, &c),
-                Hook::AfterOtherIsRemoved(o) => h.call_after_other_is_removed(s, &c, &member(o)),
-                Hook::IsDown(cause) => {
-                    let cause = match cause {
-                        DownCause::ServerUnreachable(m) => {
-                            wit::DownCause::ServerUnreachable(m.clone())
-                        }
-                        DownCause::Crashed(m) => wit::DownCause::Crashed(m.clone()),
-                    };
-                    h.call_is_down(s, &c, &cause)
-                }
-                Hook::IsUp => h.call_is_up(s, &c),
-                Hook::AfterCcStart => h.call_after_cc_start(s, &c),
-                Hook::BeforeCcStop => h.call_before_cc_stop(s, &c),
-            }
-        })?;
+        let out = self.call(name, |b, s| v0_1_0::call_hook(b, s, hook, &c))?;
         let limits = &self.host.limits;
         let too_big = |what: &str, n: usize| TypeError {
             type_id: self.type_id.clone(),
@@ -579,33 +493,23 @@ impl ContainerType for WasmPlugin {
                 ),
             });
         }
-        let mut actions = Vec::with_capacity(out.actions.len());
-        for a in out.actions {
-            actions.push(match a {
-                wit::Action::AddContainer(t) => HookAction::AddContainer(t),
-                wit::Action::RemoveContainer(id) => HookAction::RemoveContainer(ContainerId(id)),
-                wit::Action::ReplaceContainer(id) => HookAction::ReplaceContainer(ContainerId(id)),
-                wit::Action::Exec(e) => {
-                    let size = e.script.len() + e.args.iter().map(String::len).sum::<usize>();
-                    if size > limits.max_output {
-                        return Err(too_big("an exec request", size));
-                    }
-                    HookAction::Exec {
-                        container: ContainerId(e.container),
-                        script: e.script,
-                        args: e.args,
-                    }
+        let (verdict, actions, new_state) = v0_1_0::outcome(out);
+        for a in &actions {
+            if let HookAction::Exec { script, args, .. } = a {
+                let size = script.len() + args.iter().map(String::len).sum::<usize>();
+                if size > limits.max_output {
+                    return Err(too_big("an exec request", size));
                 }
-            });
+            }
         }
-        let verdict = match out.verdict {
-            wit::Verdict::Allow => Verdict::Allow,
-            wit::Verdict::Deny(r) => Verdict::Deny(r.chars().take(1000).collect()),
+        let verdict = match verdict {
+            Verdict::Deny(r) => Verdict::Deny(r.chars().take(1000).collect()),
+            allow => allow,
         };
         Ok(HookOutcome {
             verdict,
             actions,
-            new_state: out.new_state,
+            new_state,
         })
     }
 
