@@ -605,6 +605,27 @@ expect_execs = 1
     assert!(ok, "{out}{err}");
     assert!(out.contains("✓ step 4: recover s1 back"), "{out}");
     assert!(out.contains("✓ step 6: core start notified"), "{out}");
+    // Two environments: each sees only its own members.
+    std::fs::write(
+        dir.path().join("two.toml"),
+        r#"
+[[step]]
+add = "tomcat"
+[[step]]
+environment = "shop"
+add = "tomcat"
+expect_members = ["tomcat"]
+[[step]]
+add = "tomcat"
+expect_members = ["balancer", "tomcat", "tomcat"]
+[[step]]
+environment = "test"
+expect_members = ["tomcat"]
+"#,
+    )
+    .unwrap();
+    let (ok, out, err) = run_bin(&["plugin", "test", &balancer, "two.toml"], dir.path(), &[]);
+    assert!(ok, "{out}{err}");
     std::fs::write(
         dir.path().join("wrong-exec.toml"),
         "[[step]]\nadd = \"mysql\"\n[[step]]\nadd = \"tomcat\"\nexpect_last_exec = { container = 1, args = [] }\n",

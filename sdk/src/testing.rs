@@ -140,10 +140,15 @@ struct Slot {
     state: Vec<u8>,
 }
 
-/// A fake platform with one environment.
+/// A fake platform: environments (`test` to begin with) on three fake servers.
 pub struct Platform<H: Hooks> {
     hooks: H,
+    /// The members of the current environment.
     members: Vec<Slot>,
+    /// The current environment's id and name.
+    env: (i64, String),
+    /// The other environments: id, name, members.
+    parked: Vec<(i64, String, Vec<Slot>)>,
     next_id: i64,
     servers: Vec<String>,
     avoid: Option<String>,
@@ -185,6 +190,8 @@ impl<H: Hooks> Platform<H> {
         Platform {
             hooks,
             members: Vec::new(),
+            env: (1, "test".into()),
+            parked: Vec::new(),
             next_id: 1,
             servers: vec!["s1".into(), "s2".into(), "s3".into()],
             avoid: None,
@@ -240,8 +247,8 @@ impl<H: Hooks> Platform<H> {
         Context {
             container,
             environment: Environment {
-                id: 1,
-                name: "test".into(),
+                id: self.env.0,
+                name: self.env.1.clone(),
                 members: self.members().into_iter().filter(|m| m.id != id).collect(),
             },
             state,
@@ -393,6 +400,11 @@ impl<H: Hooks> Platform<H> {
 
     /// Crashes a server: its members go down and get `is-down`, in priority order.
     pub fn crash_server(&mut self, server: &str) -> Result<(), String> {
+        let server = server.to_string();
+        self.in_every_environment(|p| p.crash_here(&server))
+    }
+
+    fn crash_here(&mut self, server: &str) -> Result<(), String> {
         let cause = DownCause::ServerUnreachable(server.to_string());
         let down: Vec<Member> = self
             .members()
@@ -417,6 +429,11 @@ impl<H: Hooks> Platform<H> {
     /// A crashed server is back: its members that are still members (not replaced meanwhile)
     /// run again and get `is-up`, in priority order, as the core's `environment.recover` does.
     pub fn recover_server(&mut self, server: &str) -> Result<(), String> {
+        let server = server.to_string();
+        self.in_every_environment(|p| p.recover_here(&server))
+    }
+
+    fn recover_here(&mut self, server: &str) -> Result<(), String> {
         let back: Vec<i64> = self
             .members()
             .into_iter()
@@ -441,13 +458,69 @@ impl<H: Hooks> Platform<H> {
     /// The core started: every member that is not down gets `after-cc-start`, in priority
     /// order, then the actions they asked for run (as the core's start-up notification).
     pub fn start_core(&mut self) -> Result<(), String> {
-        self.notify(true)
+        self.in_every_environment(|p| p.notify(true))
     }
 
     /// The core is stopping: every member that is not down gets `before-cc-stop`, in priority
     /// order, then the actions they asked for run before it stops.
     pub fn stop_core(&mut self) -> Result<(), String> {
-        self.notify(false)
+        self.in_every_environment(|p| p.notify(false))
+    }
+
+    /// Makes `name` the environment later calls act on, creating it (empty) the first time.
+    /// Hooks only ever see their own environment's members; ids are unique on the platform.
+    pub fn use_environment(&mut self, name: &str) {
+        if self.env.1 == name {
+            return;
+        }
+        let next = match self.parked.iter().position(|(_, n, _)| n == name) {
+            Some(i) => self.parked.remove(i),
+            None => {
+                let id = self
+                    .parked
+                    .iter()
+                    .map(|e| e.0)
+                    .max()
+                    .unwrap_or(0)
+                    .max(self.env.0)
+                    + 1;
+                (id, name.to_string(), Vec::new())
+            }
+        };
+        let members = std::mem::replace(&mut self.members, next.2);
+        let (id, name) = std::mem::replace(&mut self.env, (next.0, next.1));
+        self.parked.push((id, name, members));
+    }
+
+    /// The current environment's name.
+    pub fn environment(&self) -> &str {
+        &self.env.1
+    }
+
+    /// Runs `f` in each environment in turn (by id), then comes back to the current one: for
+    /// events of the whole platform (a server crash, the core starting).
+    fn in_every_environment(
+        &mut self,
+        mut f: impl FnMut(&mut Self) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let current = self.env.1.clone();
+        let mut all: Vec<(i64, String)> = self
+            .parked
+            .iter()
+            .map(|(id, n, _)| (*id, n.clone()))
+            .chain([self.env.clone()])
+            .collect();
+        all.sort();
+        let mut result = Ok(());
+        for (_, name) in all {
+            self.use_environment(&name);
+            result = f(self);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.use_environment(&current);
+        result
     }
 
     fn notify(&mut self, start: bool) -> Result<(), String> {

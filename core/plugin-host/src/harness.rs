@@ -175,6 +175,9 @@ pub struct Scenario {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
+    /// The environment this step and the next act in (created empty the first time; the first
+    /// is `test`). Crashes, recoveries and the core's start and stop reach every environment.
+    pub environment: Option<String>,
     /// Add a container of this type.
     pub add: Option<String>,
     /// Remove the container with this id.
@@ -259,6 +262,9 @@ pub fn run_scenario(
     let mut report = Vec::new();
     for (i, step) in scenario.steps.iter().enumerate() {
         let n = i + 1;
+        if let Some(env) = &step.environment {
+            p.use_environment(env);
+        }
         let (what, result) = if let Some(t) = &step.add {
             (
                 format!("add {t}"),

@@ -293,6 +293,49 @@ mod tests {
     }
 
     #[test]
+    fn environments_are_apart_and_a_crash_reaches_every_one() {
+        let mut p = platform();
+        p.add("tomcat").unwrap();
+        p.use_environment("shop");
+        assert_eq!(p.environment(), "shop");
+        assert!(p.members().is_empty(), "a new environment starts empty");
+        let first = p.add("tomcat").unwrap();
+        assert!(
+            p.ids_of("balancer").is_empty(),
+            "the tomcat of the other environment is not a member here"
+        );
+        p.add("tomcat").unwrap();
+        let lb = p.ids_of("balancer")[0];
+        p.use_environment("test");
+        assert_eq!(
+            p.ids_of("tomcat"),
+            vec![1],
+            "ids are unique on the platform"
+        );
+        assert!(p.ids_of("balancer").is_empty());
+        // The balancer's server crashes: only the environment that has one hears of it.
+        p.use_environment("shop");
+        let server = p
+            .members()
+            .into_iter()
+            .find(|m| m.id == lb)
+            .unwrap()
+            .server
+            .unwrap();
+        p.use_environment("test");
+        p.crash_server(&server).unwrap();
+        assert_eq!(p.environment(), "test", "back in the current environment");
+        assert!(p.log.iter().any(|l| l == &format!("balancer#{lb}:is-down")));
+        p.use_environment("shop");
+        assert_ne!(
+            p.ids_of("balancer"),
+            vec![lb],
+            "replaced in its own environment"
+        );
+        assert!(p.ids_of("tomcat").contains(&first));
+    }
+
+    #[test]
     fn hooks_run_in_the_documented_order() {
         let mut p = platform();
         let db = p.add("mysql").unwrap();
