@@ -30,7 +30,7 @@ use super::{driver_err, driver_of, guest_spec, make_guest, params};
 use crate::entities::command;
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources};
-use crate::placement::{self, Reservation};
+use crate::placement::{self, PlacementCache, Reservation};
 use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_source, json_rows};
 use crate::queue::{GroupCommit, GroupNext, GroupSink, GroupWrite, GroupWrites, StepError};
 use crate::services::Services;
@@ -137,6 +137,13 @@ type Decided = (usize, i64, i64, Resources);
 /// What step 0's writes kept, with the dummy of each container.
 type Placed = (Vec<Decided>, HashMap<i64, i64>);
 
+/// Gives back to the placement cache what `list`'s decisions counted.
+fn uncount(cache: &PlacementCache, list: &[Decided]) {
+    for (_, _, server, need) in list {
+        cache.apply(*server, need, 1, -1);
+    }
+}
+
 /// Step 0: decide, claim and reserve with dummies.
 async fn place(
     svc: &Services,
@@ -185,11 +192,6 @@ async fn place(
     if decided.is_empty() {
         return Ok(());
     }
-    let undo = |list: &[Decided]| {
-        for (_, _, server, need) in list {
-            cache.apply(*server, need, 1, -1);
-        }
-    };
     let deadline = svc.queue().now_ms() + svc.dummy_ttl_ms();
     let mut per_server: BTreeMap<i64, (Resources, i64)> = BTreeMap::new();
     for (_, _, server, need) in &decided {
@@ -205,11 +207,7 @@ async fn place(
     let (shared, kept_slot) = (svc.placement_shared(), slot.clone());
     let writes: GroupWrites = Box::new(move |txn| {
         Box::pin(async move {
-            let undo = |list: &[Decided]| {
-                for (_, _, server, need) in list {
-                    shared.apply(*server, need, 1, -1);
-                }
-            };
+            let undo = |list: &[Decided]| uncount(&shared, list);
             let held = match placement::claim_many(txn, &claims).await {
                 Ok(held) => held,
                 Err(e) => {
@@ -260,9 +258,13 @@ async fn place(
         // The writes failed, and gave back what they had counted.
         return outcome.map(|_| ());
     };
-    if outcome? != GroupCommit::Committed {
-        undo(&kept);
-        return Ok(());
+    match outcome {
+        Ok(GroupCommit::Committed) => {}
+        other => {
+            // Nothing of it was committed: the cache gives back what the decisions counted.
+            uncount(cache, &kept);
+            return other.map(|_| ());
+        }
     }
     let placed = kept
         .iter()
