@@ -13,6 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use sea_orm::{DatabaseTransaction, TransactionTrait};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tracing::Instrument;
@@ -150,16 +151,11 @@ struct Sink<'a> {
 #[async_trait]
 impl GroupSink for Sink<'_> {
     async fn commit(&mut self, writes: GroupWrites) -> Result<GroupCommit, StepError> {
-        let txn = self.inner.db.begin().await?;
-        let decisions = match writes(&txn).await {
-            Ok(GroupWrite::Commit(decisions)) => decisions,
-            Ok(GroupWrite::Rollback) => {
+        let (decisions, txn) = match written(self.inner, writes).await?? {
+            (GroupWrite::Commit(decisions), txn) => (decisions, txn),
+            (GroupWrite::Rollback, txn) => {
                 txn.rollback().await?;
                 return Ok(GroupCommit::RolledBack);
-            }
-            Err(e) => {
-                txn.rollback().await?;
-                return Err(e);
             }
         };
         // A command committed at a new step may be committed again, at its next step.
@@ -432,16 +428,9 @@ async fn run(
         let outcome = match runner.step(row).await {
             Ok(Transition::Bare(next)) => Ok((next, None)),
             // The step's driver and plugin calls are done: only now is a transaction opened.
-            Ok(Transition::Commit(writes)) => {
-                let txn = inner.db.begin().await?;
-                match writes(&txn).await {
-                    Ok(next) => Ok((next, Some(txn))),
-                    Err(e) => {
-                        txn.rollback().await?;
-                        Err(e)
-                    }
-                }
-            }
+            Ok(Transition::Commit(writes)) => written(inner, writes)
+                .await?
+                .map(|(next, txn)| (next, Some(txn))),
             Err(e) => Err(e),
         };
         let (next, txn) = match outcome {
@@ -535,6 +524,22 @@ async fn begin(
     }
 }
 
+/// Opens a transaction and runs `writes` in it (a step's, a group step's or a compensation's);
+/// returns their result with the open transaction, or rolls back and returns their error.
+async fn written<T, E>(
+    inner: &Inner,
+    writes: impl for<'t> FnOnce(&'t DatabaseTransaction) -> BoxFuture<'t, Result<T, E>>,
+) -> Result<Result<(T, DatabaseTransaction), E>, sea_orm::DbErr> {
+    let txn = inner.db.begin().await?;
+    match writes(&txn).await {
+        Ok(v) => Ok(Ok((v, txn))),
+        Err(e) => {
+            txn.rollback().await?;
+            Ok(Err(e))
+        }
+    }
+}
+
 async fn lost_lease(row: &command::Model, txn: DatabaseTransaction) -> Result<(), sea_orm::DbErr> {
     tracing::warn!(
         id = row.id,
@@ -557,15 +562,10 @@ async fn fail(
         Some(t) => t,
         None => {
             let runner = inner.runner.get().expect("runner set").clone();
-            let undo = runner.on_failure(row, &msg).await?;
-            let txn = inner.db.begin().await?;
-            if let Some(undo) = undo
-                && let Err(e) = undo(&txn).await
-            {
-                txn.rollback().await?;
-                return Err(e);
+            match runner.on_failure(row, &msg).await? {
+                Some(undo) => written(inner, undo).await??.1,
+                None => inner.db.begin().await?,
             }
-            txn
         }
     };
     let f = Finish {
