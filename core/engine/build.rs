@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PLUGINS: &[&str] = &["tomcat", "balancer", "mysql"];
+const PLUGINS: &[&str] = &["tomcat", "balancer", "mysql", "redis"];
 
 fn build(
     root: &std::path::Path,

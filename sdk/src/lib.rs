@@ -15,12 +15,18 @@
 //!     fn metadata(&self) -> Metadata {
 //!         Metadata::new("memcached", "0.1.0", 30, Resources::new(250, 128, 256))
 //!             .described("in-memory cache")
+//!             .with_workload(
+//!                 Workload::command(["memcached", "-m", "${memory-mb}"])
+//!                     .with_endpoint("cache", 11211, Protocol::Tcp)
+//!                     .ready_when(Check::Tcp("cache".into())),
+//!             )
+//!             .with_param(ParamSpec::integer("memory-mb", 64, "cache size in MiB"))
 //!     }
-//!     fn before_it_is_added(&self, ctx: &Context) -> Outcome {
+//!     fn before_it_is_added(&self, ctx: &Context) -> HookResult {
 //!         if ctx.members_of_type("memcached").count() > 0 {
-//!             return Outcome::deny("one cache per environment");
+//!             return Ok(Outcome::deny("one cache per environment"));
 //!         }
-//!         Outcome::allow()
+//!         Ok(Outcome::allow())
 //!     }
 //! }
 //!
@@ -34,7 +40,7 @@
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit/0.1.0",
+        path: "../wit/0.2.0",
         world: "container-type",
         pub_export_macro: true,
         default_bindings_module: "cloud48_sdk::bindings",
@@ -48,66 +54,93 @@ pub mod testing;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+mod builders;
 mod export;
 mod types;
 
 #[doc(hidden)]
 pub use export::Export;
 pub use types::{
-    Action, Context, DownCause, Environment, ExecRequest, Member, Metadata, Outcome, Resources,
-    Status, Verdict,
+    Action, AddRequest, Check, Context, DownCause, Endpoint, Environment, ExecRequest, ExecResult,
+    HookError, HookResult, Image, Level, Member, Metadata, Outcome, ParamKind, ParamSpec,
+    Placement, Protocol, Readiness, Resources, Status, Verdict, Volume, Workload,
 };
 
 /// The version of the WIT contract this SDK builds plugins for.
-pub const WIT_VERSION: &str = "0.1.0";
+pub const WIT_VERSION: &str = "0.2.0";
 
 /// Behaviour of a container type. Every hook defaults to "allow, do nothing".
 pub trait ContainerType: Default {
-    /// Name, version, priority and default resources.
+    /// Name, version, priority, default resources, workload and parameters.
     fn metadata(&self) -> Metadata;
     /// State blob of a new container (default: empty).
     fn initial_state(&self) -> Vec<u8> {
         Vec::new()
     }
     /// This container is about to join `ctx.environment` (its id is 0).
-    fn before_it_is_added(&self, _ctx: &Context) -> Outcome {
-        Outcome::allow()
+    fn before_it_is_added(&self, _ctx: &Context) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// This container joined the environment.
-    fn after_it_is_added(&self, _ctx: &Context) -> Outcome {
-        Outcome::allow()
+    fn after_it_is_added(&self, _ctx: &Context) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// `other` is about to join.
-    fn before_other_is_added(&self, _ctx: &Context, _other: &Member) -> Outcome {
-        Outcome::allow()
+    fn before_other_is_added(&self, _ctx: &Context, _other: &Member) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// `other` joined.
-    fn after_other_is_added(&self, _ctx: &Context, _other: &Member) -> Outcome {
-        Outcome::allow()
+    fn after_other_is_added(&self, _ctx: &Context, _other: &Member) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// This container is about to leave.
-    fn before_it_is_removed(&self, _ctx: &Context) -> Outcome {
-        Outcome::allow()
+    fn before_it_is_removed(&self, _ctx: &Context) -> HookResult {
+        Ok(Outcome::allow())
+    }
+    /// This container left (it is destroyed; a denial is ignored).
+    fn after_it_is_removed(&self, _ctx: &Context) -> HookResult {
+        Ok(Outcome::allow())
+    }
+    /// `other` is about to leave.
+    fn before_other_is_removed(&self, _ctx: &Context, _other: &Member) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// `other` left.
-    fn after_other_is_removed(&self, _ctx: &Context, _other: &Member) -> Outcome {
-        Outcome::allow()
+    fn after_other_is_removed(&self, _ctx: &Context, _other: &Member) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// This container became unavailable.
-    fn is_down(&self, _ctx: &Context, _cause: &DownCause) -> Outcome {
-        Outcome::allow()
+    fn is_down(&self, _ctx: &Context, _cause: &DownCause) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// This container is available again.
-    fn is_up(&self, _ctx: &Context) -> Outcome {
-        Outcome::allow()
+    fn is_up(&self, _ctx: &Context) -> HookResult {
+        Ok(Outcome::allow())
+    }
+    /// `other` became unavailable (after its own `is_down`).
+    fn after_other_is_down(
+        &self,
+        _ctx: &Context,
+        _other: &Member,
+        _cause: &DownCause,
+    ) -> HookResult {
+        Ok(Outcome::allow())
+    }
+    /// `other` is available again (after its own `is_up`).
+    fn after_other_is_up(&self, _ctx: &Context, _other: &Member) -> HookResult {
+        Ok(Outcome::allow())
+    }
+    /// A script this container's hook asked for with a tag ended.
+    fn after_exec(&self, _ctx: &Context, _result: &ExecResult) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// The core started.
-    fn after_cc_start(&self, _ctx: &Context) -> Outcome {
-        Outcome::allow()
+    fn after_cc_start(&self, _ctx: &Context) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// The core is stopping.
-    fn before_cc_stop(&self, _ctx: &Context) -> Outcome {
-        Outcome::allow()
+    fn before_cc_stop(&self, _ctx: &Context) -> HookResult {
+        Ok(Outcome::allow())
     }
     /// The state as JSON for users (default: the state if it is JSON, else its length).
     fn inspect(&self, state: &[u8]) -> String {
@@ -116,102 +149,21 @@ pub trait ContainerType: Default {
             Err(_) => serde_json::json!({ "bytes": state.len() }).to_string(),
         }
     }
-    /// Converts state written by an older version (default: unchanged).
-    fn migrate_state(&self, _from_version: &str, state: Vec<u8>) -> Result<Vec<u8>, String> {
-        Ok(state)
+    /// Converts the state of a container written by version `from_version` of this type
+    /// (`ctx.state`) to this version; `ctx` shows the container and its environment. An error
+    /// refuses the upgrade of that container (default: the state unchanged).
+    fn migrate_state(&self, _from_version: &str, ctx: &Context) -> Result<Vec<u8>, String> {
+        Ok(ctx.state.clone())
     }
 }
 
-impl Metadata {
-    /// Metadata for the current WIT version.
-    pub fn new(name: &str, version: &str, priority: i32, requirements: Resources) -> Self {
-        Metadata {
-            name: name.into(),
-            version: version.into(),
-            wit_version: WIT_VERSION.into(),
-            priority,
-            requirements,
-            description: String::new(),
-        }
-    }
-    /// With a one-line description.
-    pub fn described(mut self, description: &str) -> Self {
-        self.description = description.into();
-        self
-    }
-}
-
-impl Resources {
-    /// CPU in thousandths of a core, memory and disk in MiB.
-    pub fn new(cpu_millis: u64, memory_mb: u64, disk_mb: u64) -> Self {
-        Resources {
-            cpu_millis,
-            memory_mb,
-            disk_mb,
-        }
-    }
-}
-
-impl Outcome {
-    /// Allow, no actions, state unchanged.
-    pub fn allow() -> Self {
-        Outcome {
-            verdict: Verdict::Allow,
-            actions: Vec::new(),
-            new_state: None,
-        }
-    }
-    /// Deny with a reason the user sees.
-    pub fn deny(reason: impl Into<String>) -> Self {
-        Outcome {
-            verdict: Verdict::Deny(reason.into()),
-            actions: Vec::new(),
-            new_state: None,
-        }
-    }
-    /// Adds an action.
-    pub fn with_action(mut self, action: Action) -> Self {
-        self.actions.push(action);
-        self
-    }
-    /// Sets a new state blob.
-    pub fn with_state(mut self, state: Vec<u8>) -> Self {
-        self.new_state = Some(state);
-        self
-    }
-    /// Sets a new state serialized as JSON.
-    pub fn with_json_state<T: serde::Serialize>(self, state: &T) -> Self {
-        self.with_state(serde_json::to_vec(state).expect("state serializes"))
-    }
-}
-
-impl Action {
-    /// Run `script` with `args` in container `container`.
-    pub fn exec(container: i64, script: &str, args: &[&str]) -> Action {
-        Action::Exec(ExecRequest {
-            container,
-            script: script.into(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-        })
-    }
-    /// Add a container of `type_name` to the environment before going on.
-    pub fn add(type_name: &str) -> Action {
-        Action::AddContainer(type_name.into())
-    }
-}
-
-impl Context {
-    /// Members whose type name (before `@`) is `name`.
-    pub fn members_of_type<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Member> + 'a {
-        self.environment
-            .members
-            .iter()
-            .filter(move |m| type_name(&m.type_id) == name)
-    }
-    /// The state parsed as JSON, or `T::default()` when empty or unreadable.
-    pub fn json_state<T: serde::de::DeserializeOwned + Default>(&self) -> T {
-        serde_json::from_slice(&self.state).unwrap_or_default()
-    }
+/// Writes a line to the core's log and to the record of the command running the hook (in
+/// native tests, to [`testing::Platform::logs`]).
+pub fn log(level: Level, message: impl AsRef<str>) {
+    #[cfg(target_arch = "wasm32")]
+    export::log(level, message.as_ref());
+    #[cfg(not(target_arch = "wasm32"))]
+    testing::record_log(level, message.as_ref());
 }
 
 /// The name part of a type id (`balancer@0.1.0` -> `balancer`).

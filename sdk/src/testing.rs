@@ -3,15 +3,32 @@
 //! The fake platform follows the core's rules: the hooks of the container being added or removed
 //! run first, then the members' by ascending priority; a denial stops the operation and changes
 //! nothing; requested actions run in order (an added container joins before the requester goes
-//! on; exec'd scripts are recorded). Run scenarios natively against Rust implementations with
-//! [`Platform::with`]; `cloud48 plugin test` runs the same against compiled `.wasm` files.
+//! on; exec'd scripts are recorded, and a tagged one's result goes to the requester's
+//! `after-exec`). Run scenarios natively against Rust implementations with
+//! [`Platform::with_native`]; `cloud48 plugin test` runs the same against compiled `.wasm` files,
+//! and a test of the core checks that the core makes the same hook calls as this platform.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use crate::{
-    Action, ContainerType, Context, DownCause, Environment, Member, Metadata, Outcome, Status,
-    Verdict,
+    Action, AddRequest, ContainerType, Context, DownCause, Environment, ExecResult, HookResult,
+    Level, Member, Metadata, Outcome, Status, Verdict,
 };
+
+thread_local! {
+    static LOGS: RefCell<Vec<(Level, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Where [`crate::log`] writes outside WASM: the platform collects it after each hook call.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) fn record_log(level: Level, message: &str) {
+    LOGS.with(|l| l.borrow_mut().push((level, message.to_string())));
+}
+
+fn take_logs() -> Vec<(Level, String)> {
+    LOGS.with(|l| std::mem::take(&mut *l.borrow_mut()))
+}
 
 /// One hook call, as the platform sees it.
 #[derive(Debug, Clone)]
@@ -26,12 +43,22 @@ pub enum Call<'a> {
     AfterOtherIsAdded(&'a Member),
     /// `before-it-is-removed`.
     BeforeItIsRemoved,
+    /// `after-it-is-removed`.
+    AfterItIsRemoved,
+    /// `before-other-is-removed`.
+    BeforeOtherIsRemoved(&'a Member),
     /// `after-other-is-removed`.
     AfterOtherIsRemoved(&'a Member),
     /// `is-down`.
     IsDown(&'a DownCause),
     /// `is-up`.
     IsUp,
+    /// `after-other-is-down`.
+    AfterOtherIsDown(&'a Member, &'a DownCause),
+    /// `after-other-is-up`.
+    AfterOtherIsUp(&'a Member),
+    /// `after-exec`.
+    AfterExec(&'a ExecResult),
     /// `after-cc-start`: the core started.
     AfterCcStart,
     /// `before-cc-stop`: the core is stopping.
@@ -45,8 +72,9 @@ pub trait Hooks {
     fn metadata(&self, type_name: &str) -> Option<Metadata>;
     /// Initial state of a new container of the type.
     fn initial_state(&self, type_name: &str) -> Result<Vec<u8>, String>;
-    /// Runs a hook.
-    fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<Outcome, String>;
+    /// Runs a hook: the outer error is the platform's (unknown type, a trap), the inner one
+    /// the hook's own `HookError`.
+    fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<HookResult, String>;
     /// The state as JSON.
     fn inspect(&self, type_name: &str, state: &[u8]) -> Result<String, String>;
 }
@@ -54,7 +82,7 @@ pub trait Hooks {
 trait ErasedType {
     fn metadata(&self) -> Metadata;
     fn initial_state(&self) -> Vec<u8>;
-    fn call(&self, call: &Call<'_>, ctx: &Context) -> Outcome;
+    fn call(&self, call: &Call<'_>, ctx: &Context) -> HookResult;
     fn inspect(&self, state: &[u8]) -> String;
 }
 
@@ -65,16 +93,21 @@ impl<T: ContainerType> ErasedType for T {
     fn initial_state(&self) -> Vec<u8> {
         ContainerType::initial_state(self)
     }
-    fn call(&self, call: &Call<'_>, ctx: &Context) -> Outcome {
+    fn call(&self, call: &Call<'_>, ctx: &Context) -> HookResult {
         match call {
             Call::BeforeItIsAdded => self.before_it_is_added(ctx),
             Call::AfterItIsAdded => self.after_it_is_added(ctx),
             Call::BeforeOtherIsAdded(o) => self.before_other_is_added(ctx, o),
             Call::AfterOtherIsAdded(o) => self.after_other_is_added(ctx, o),
             Call::BeforeItIsRemoved => self.before_it_is_removed(ctx),
+            Call::AfterItIsRemoved => self.after_it_is_removed(ctx),
+            Call::BeforeOtherIsRemoved(o) => self.before_other_is_removed(ctx, o),
             Call::AfterOtherIsRemoved(o) => self.after_other_is_removed(ctx, o),
             Call::IsDown(c) => self.is_down(ctx, c),
             Call::IsUp => self.is_up(ctx),
+            Call::AfterOtherIsDown(o, c) => self.after_other_is_down(ctx, o, c),
+            Call::AfterOtherIsUp(o) => self.after_other_is_up(ctx, o),
+            Call::AfterExec(r) => self.after_exec(ctx, r),
             Call::AfterCcStart => self.after_cc_start(ctx),
             Call::BeforeCcStop => self.before_cc_stop(ctx),
         }
@@ -110,7 +143,7 @@ impl Hooks for NativeHooks {
             .map(|t| t.initial_state())
             .ok_or_else(|| format!("unknown type {type_name}"))
     }
-    fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<Outcome, String> {
+    fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<HookResult, String> {
         self.types
             .get(type_name)
             .map(|t| t.call(call, ctx))
@@ -133,12 +166,20 @@ pub struct Exec {
     pub script: String,
     /// Its arguments.
     pub args: Vec<String>,
+    /// Its tag, when the requester wants the result.
+    pub tag: Option<String>,
 }
 
 struct Slot {
     member: Member,
     state: Vec<u8>,
 }
+
+/// An environment that is not the current one: id, name, parameters, members.
+type Parked = (i64, String, BTreeMap<String, String>, Vec<Slot>);
+
+/// What a script exec'd by the platform returns: exit code, stdout, stderr.
+pub type ExecResponder = Box<dyn FnMut(&Exec) -> (i32, String, String)>;
 
 /// A fake platform: environments (`test` to begin with) on three fake servers.
 pub struct Platform<H: Hooks> {
@@ -147,19 +188,24 @@ pub struct Platform<H: Hooks> {
     members: Vec<Slot>,
     /// The current environment's id and name.
     env: (i64, String),
-    /// The other environments: id, name, members.
-    parked: Vec<(i64, String, Vec<Slot>)>,
+    /// The current environment's parameters.
+    env_params: BTreeMap<String, String>,
+    /// The other environments.
+    parked: Vec<Parked>,
     next_id: i64,
     servers: Vec<String>,
     avoid: Option<String>,
     /// Members whose server crashed and is not back.
     down: Vec<i64>,
+    responder: ExecResponder,
     /// Every exec'd script, in order.
     pub execs: Vec<Exec>,
     /// Containers replaced after going down: no longer members, left for the collector.
     pub illegal: Vec<Member>,
     /// Every hook call as `type#id:hook`, in order.
     pub log: Vec<String>,
+    /// What hooks logged, as `type#id: message`, in order.
+    pub logs: Vec<(Level, String)>,
 }
 
 impl Platform<NativeHooks> {
@@ -176,9 +222,14 @@ fn hook_name(call: &Call<'_>) -> &'static str {
         Call::BeforeOtherIsAdded(_) => "before-other-is-added",
         Call::AfterOtherIsAdded(_) => "after-other-is-added",
         Call::BeforeItIsRemoved => "before-it-is-removed",
+        Call::AfterItIsRemoved => "after-it-is-removed",
+        Call::BeforeOtherIsRemoved(_) => "before-other-is-removed",
         Call::AfterOtherIsRemoved(_) => "after-other-is-removed",
         Call::IsDown(_) => "is-down",
         Call::IsUp => "is-up",
+        Call::AfterOtherIsDown(..) => "after-other-is-down",
+        Call::AfterOtherIsUp(_) => "after-other-is-up",
+        Call::AfterExec(_) => "after-exec",
         Call::AfterCcStart => "after-cc-start",
         Call::BeforeCcStop => "before-cc-stop",
     }
@@ -191,15 +242,39 @@ impl<H: Hooks> Platform<H> {
             hooks,
             members: Vec::new(),
             env: (1, "test".into()),
+            env_params: BTreeMap::new(),
             parked: Vec::new(),
             next_id: 1,
             servers: vec!["s1".into(), "s2".into(), "s3".into()],
             avoid: None,
             down: Vec::new(),
+            responder: Box::new(|_| (0, String::new(), String::new())),
             execs: Vec::new(),
             illegal: Vec::new(),
             log: Vec::new(),
+            logs: Vec::new(),
         }
+    }
+
+    /// Decides what exec'd scripts return (default: exit 0, no output); a tagged exec's result
+    /// goes to its requester's `after-exec`.
+    pub fn on_exec(&mut self, responder: impl FnMut(&Exec) -> (i32, String, String) + 'static) {
+        self.responder = Box::new(responder);
+    }
+
+    /// Sets a parameter of the current environment (hooks read it with
+    /// `ctx.environment_param`).
+    pub fn set_environment_param(&mut self, name: &str, value: &str) {
+        self.env_params.insert(name.into(), value.into());
+    }
+
+    /// A member's parameters.
+    pub fn params_of(&self, id: i64) -> BTreeMap<String, String> {
+        self.slot(id).map(|s| s.member.params.clone()).unwrap_or_default()
+    }
+
+    fn slot(&self, id: i64) -> Option<&Slot> {
+        self.members.iter().find(|s| s.member.id == id)
     }
 
     /// The members, ascending priority then id.
@@ -250,6 +325,7 @@ impl<H: Hooks> Platform<H> {
                 id: self.env.0,
                 name: self.env.1.clone(),
                 members: self.members().into_iter().filter(|m| m.id != id).collect(),
+                params: self.env_params.clone(),
             },
             state,
         }
@@ -262,15 +338,22 @@ impl<H: Hooks> Platform<H> {
         new: Option<&[u8]>,
     ) -> Result<Outcome, String> {
         let ctx = self.context(member.id, new.map(|s| (member, s)));
-        self.log.push(format!(
-            "{}#{}:{}",
-            crate::type_name(&member.type_id),
-            member.id,
-            hook_name(&call)
-        ));
-        let outcome = self
+        let who = format!("{}#{}", crate::type_name(&member.type_id), member.id);
+        self.log.push(format!("{who}:{}", hook_name(&call)));
+        take_logs();
+        let returned = self
             .hooks
-            .call(crate::type_name(&member.type_id), &call, &ctx)?;
+            .call(crate::type_name(&member.type_id), &call, &ctx);
+        self.logs
+            .extend(take_logs().into_iter().map(|(l, m)| (l, format!("{who}: {m}"))));
+        let outcome = returned?.map_err(|e| {
+            format!(
+                "{who} failed in {}: {}{}",
+                hook_name(&call),
+                e.message,
+                if e.retryable { " (retryable)" } else { "" }
+            )
+        })?;
         if let Some(s) = &outcome.new_state
             && let Some(slot) = self.members.iter_mut().find(|s| s.member.id == member.id)
         {
@@ -279,25 +362,64 @@ impl<H: Hooks> Platform<H> {
         Ok(outcome)
     }
 
-    fn act(&mut self, actions: Vec<Action>) -> Result<(), String> {
-        for a in actions {
+    /// Runs `call` for `member` and adds its actions, tagged with the requester, to `actions`.
+    fn collect(
+        &mut self,
+        actions: &mut Vec<(i64, Action)>,
+        member: &Member,
+        call: Call<'_>,
+    ) -> Result<Outcome, String> {
+        let mut outcome = self.run(member, call, None)?;
+        actions.extend(outcome.actions.drain(..).map(|a| (member.id, a)));
+        Ok(outcome)
+    }
+
+    fn act(&mut self, actions: Vec<(i64, Action)>) -> Result<(), String> {
+        for (requester, a) in actions {
             match a {
-                Action::AddContainer(t) => {
-                    self.add(&t)?;
+                Action::AddContainer(r) => {
+                    self.add_request(r)?;
                 }
                 Action::RemoveContainer(id) => self.remove(id)?,
                 Action::Exec(e) => {
-                    if !self.members.iter().any(|s| s.member.id == e.container) {
+                    let Some(target) = self.slot(e.container).map(|s| s.member.clone()) else {
                         return Err(format!(
                             "exec in container {} that is not a member",
                             e.container
                         ));
+                    };
+                    // A script cannot run in a container that is down (as in the core).
+                    if target.status == Status::Down {
+                        continue;
                     }
-                    self.execs.push(Exec {
+                    let exec = Exec {
                         container: e.container,
                         script: e.script,
                         args: e.args,
-                    });
+                        tag: e.tag,
+                    };
+                    let (exit_code, stdout, stderr) = (self.responder)(&exec);
+                    let tag = exec.tag.clone();
+                    self.execs.push(exec);
+                    if let Some(tag) = tag
+                        && let Some(req) = self.slot(requester).map(|s| s.member.clone())
+                    {
+                        let result = ExecResult {
+                            tag,
+                            container: e.container,
+                            exit_code,
+                            stdout,
+                            stderr,
+                        };
+                        let mut more = Vec::new();
+                        self.collect(&mut more, &req, Call::AfterExec(&result))?;
+                        self.act(more)?;
+                    } else if exit_code != 0 {
+                        return Err(format!(
+                            "a script in container {} exited with {exit_code}",
+                            e.container
+                        ));
+                    }
                 }
                 Action::ReplaceContainer(id) => {
                     let pos = self
@@ -306,26 +428,101 @@ impl<H: Hooks> Platform<H> {
                         .position(|s| s.member.id == id)
                         .ok_or_else(|| format!("replace of unknown container {id}"))?;
                     let old = self.members.remove(pos).member;
+                    let others = self.members();
+                    let mut actions = Vec::new();
+                    for m in others {
+                        self.collect(&mut actions, &m, Call::AfterOtherIsRemoved(&old))?;
+                    }
                     let avoid = old.server.clone();
                     let t = crate::type_name(&old.type_id).to_string();
-                    self.illegal.push(old);
+                    let params = old.params.clone();
+                    self.illegal.push(Member {
+                        status: Status::Illegal,
+                        ..old
+                    });
+                    self.act(actions)?;
                     self.avoid = avoid;
-                    let added = self.add(&t);
+                    let added = self.add_request(AddRequest {
+                        params,
+                        ..AddRequest::of(&t)
+                    });
                     self.avoid = None;
                     added?;
+                }
+                Action::SetParams { container, params } => {
+                    let slot = self
+                        .members
+                        .iter()
+                        .find(|s| s.member.id == container)
+                        .ok_or_else(|| format!("set-params on {container}, not a member"))?;
+                    let meta = self
+                        .hooks
+                        .metadata(crate::type_name(&slot.member.type_id))
+                        .ok_or("unknown type")?;
+                    for (k, v) in &params {
+                        let spec = meta
+                            .params
+                            .iter()
+                            .find(|p| &p.name == k)
+                            .ok_or_else(|| format!("{} has no parameter '{k}'", meta.name))?;
+                        if !spec.settable {
+                            return Err(format!(
+                                "parameter '{k}' of {} is not settable by other members",
+                                meta.name
+                            ));
+                        }
+                        check_kind(spec, v)?;
+                    }
+                    let slot = self
+                        .members
+                        .iter_mut()
+                        .find(|s| s.member.id == container)
+                        .expect("found above");
+                    slot.member.params.extend(params);
                 }
             }
         }
         Ok(())
     }
 
-    /// Adds a container of `type_name`; returns its id or the denial.
+    /// Adds a container of `type_name` with its defaults; returns its id or the denial.
     pub fn add(&mut self, type_name: &str) -> Result<i64, String> {
+        self.add_request(AddRequest::of(type_name))
+    }
+
+    /// Picks a server for a new container of `type_id`, round robin from its id, honouring
+    /// spread and avoided servers (as the core's placement would refuse, this fails when no
+    /// server fits).
+    fn place(&self, id: i64, type_id: &str, r: &AddRequest) -> Result<String, String> {
+        let n = self.servers.len();
+        let taken: Vec<String> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.type_id == type_id)
+            .filter_map(|m| m.server)
+            .collect();
+        (0..n)
+            .map(|k| self.servers[(id as usize - 1 + k) % n].clone())
+            .find(|s| {
+                Some(s) != self.avoid.as_ref()
+                    && !r.placement.avoid_servers.contains(s)
+                    && !(r.placement.spread && taken.contains(s))
+            })
+            .ok_or_else(|| {
+                format!("no server fits a new {type_id} (spread or avoided servers exclude all)")
+            })
+    }
+
+    /// Adds a container as a hook's `add-container` does (parameters, resources, placement);
+    /// returns its id or the denial.
+    pub fn add_request(&mut self, r: AddRequest) -> Result<i64, String> {
+        let type_name = crate::type_name(&r.type_id).to_string();
         let meta = self
             .hooks
-            .metadata(type_name)
+            .metadata(&type_name)
             .ok_or_else(|| format!("unknown type {type_name}"))?;
-        let initial = self.hooks.initial_state(type_name)?;
+        let params = resolve(&meta, &r.params)?;
+        let initial = self.hooks.initial_state(&type_name)?;
         let mut new = Member {
             id: 0,
             type_id: format!("{}@{}", meta.name, meta.version),
@@ -333,68 +530,76 @@ impl<H: Hooks> Platform<H> {
             status: Status::Creating,
             server: None,
             ip: None,
+            resources: r.resources.unwrap_or(meta.requirements),
+            endpoints: meta.workload.endpoints.clone(),
+            params,
         };
         let mut actions = Vec::new();
         let mut new_state = initial;
-        let outcome = self.run(&new, Call::BeforeItIsAdded, Some(&new_state))?;
+        let mut outcome = self.run(&new, Call::BeforeItIsAdded, Some(&new_state))?;
         if let Verdict::Deny(r) = outcome.verdict {
             return Err(r);
         }
-        if let Some(s) = outcome.new_state {
+        if let Some(s) = outcome.new_state.take() {
             new_state = s;
         }
-        actions.extend(outcome.actions);
+        // The new container's actions run in the name of the requester it does not yet have:
+        // a tagged exec's result has nowhere to go.
+        actions.extend(outcome.actions.into_iter().map(|a| (0, a)));
         for m in self.members() {
-            let outcome = self.run(&m, Call::BeforeOtherIsAdded(&new), None)?;
+            let outcome = self.collect(&mut actions, &m, Call::BeforeOtherIsAdded(&new))?;
             if let Verdict::Deny(r) = outcome.verdict {
                 return Err(r);
             }
-            actions.extend(outcome.actions);
         }
         self.act(actions)?;
         let id = self.next_id;
+        new.server = Some(self.place(id, &new.type_id, &r)?);
         self.next_id += 1;
         new.id = id;
         new.status = Status::Running;
-        let mut server = self.servers[(id as usize - 1) % self.servers.len()].clone();
-        if Some(&server) == self.avoid.as_ref() {
-            server = self.servers[id as usize % self.servers.len()].clone();
-        }
-        new.server = Some(server);
         new.ip = Some(format!("10.0.0.{}", id + 1));
         self.members.push(Slot {
             member: new.clone(),
             state: new_state,
         });
-        let mut actions = self.run(&new, Call::AfterItIsAdded, None)?.actions;
+        let mut actions = Vec::new();
+        self.collect(&mut actions, &new, Call::AfterItIsAdded)?;
         for m in self.members().into_iter().filter(|m| m.id != id) {
-            actions.extend(self.run(&m, Call::AfterOtherIsAdded(&new), None)?.actions);
+            self.collect(&mut actions, &m, Call::AfterOtherIsAdded(&new))?;
         }
         self.act(actions)?;
         Ok(id)
     }
 
-    /// Removes a member.
+    /// Removes a member: `before-it-is-removed`, then `before-other-is-removed` for the others
+    /// (any may deny), the actions, then (it is gone) its `after-it-is-removed` and the others'
+    /// `after-other-is-removed`, then those actions.
     pub fn remove(&mut self, id: i64) -> Result<(), String> {
         let member = self
-            .members
-            .iter()
-            .find(|s| s.member.id == id)
+            .slot(id)
             .map(|s| s.member.clone())
             .ok_or_else(|| format!("container {id} is not a member"))?;
-        let outcome = self.run(&member, Call::BeforeItIsRemoved, None)?;
+        let mut actions = Vec::new();
+        let outcome = self.collect(&mut actions, &member, Call::BeforeItIsRemoved)?;
         if let Verdict::Deny(r) = outcome.verdict {
             return Err(r);
         }
-        self.act(outcome.actions)?;
-        self.members.retain(|s| s.member.id != id);
-        let mut actions = Vec::new();
-        for m in self.members() {
-            actions.extend(
-                self.run(&m, Call::AfterOtherIsRemoved(&member), None)?
-                    .actions,
-            );
+        for m in self.members().into_iter().filter(|m| m.id != id) {
+            let outcome = self.collect(&mut actions, &m, Call::BeforeOtherIsRemoved(&member))?;
+            if let Verdict::Deny(r) = outcome.verdict {
+                return Err(r);
+            }
         }
+        self.act(actions)?;
+        let mut actions = Vec::new();
+        self.collect(&mut actions, &member, Call::AfterItIsRemoved)?;
+        self.members.retain(|s| s.member.id != id);
+        for m in self.members() {
+            self.collect(&mut actions, &m, Call::AfterOtherIsRemoved(&member))?;
+        }
+        // The removed container is gone: nothing can run in it any more.
+        actions.retain(|(_, a)| !matches!(a, Action::Exec(e) if e.container == id));
         self.act(actions)
     }
 
@@ -406,22 +611,51 @@ impl<H: Hooks> Platform<H> {
 
     fn crash_here(&mut self, server: &str) -> Result<(), String> {
         let cause = DownCause::ServerUnreachable(server.to_string());
-        let down: Vec<Member> = self
-            .members()
-            .into_iter()
-            .filter(|m| m.server.as_deref() == Some(server))
-            .collect();
+        let mut down = Vec::new();
         for slot in self
             .members
             .iter_mut()
-            .filter(|s| s.member.server.as_deref() == Some(server))
+            .filter(|s| s.member.server.as_deref() == Some(server) && s.member.status != Status::Down)
         {
-            slot.member.status = Status::Stopped;
+            slot.member.status = Status::Down;
             self.down.push(slot.member.id);
+            down.push(slot.member.id);
         }
+        self.after_status_change(&down, Some(&cause))
+    }
+
+    /// For each changed member (priority order) its own `is-down` (with `cause`) or `is-up`,
+    /// then for each of them `after-other-is-down`/`-up` for every member that is not down;
+    /// then the actions, in that order (as the core's failover and recover commands).
+    fn after_status_change(
+        &mut self,
+        changed: &[i64],
+        cause: Option<&DownCause>,
+    ) -> Result<(), String> {
+        let changed: Vec<Member> = self
+            .members()
+            .into_iter()
+            .filter(|m| changed.contains(&m.id))
+            .collect();
         let mut actions = Vec::new();
-        for m in down {
-            actions.extend(self.run(&m, Call::IsDown(&cause), None)?.actions);
+        for m in &changed {
+            let call = match cause {
+                Some(c) => Call::IsDown(c),
+                None => Call::IsUp,
+            };
+            self.collect(&mut actions, m, call)?;
+        }
+        for c in &changed {
+            for m in self.members() {
+                if m.id == c.id || m.status == Status::Down {
+                    continue;
+                }
+                let call = match cause {
+                    Some(cause) => Call::AfterOtherIsDown(c, cause),
+                    None => Call::AfterOtherIsUp(c),
+                };
+                self.collect(&mut actions, &m, call)?;
+            }
         }
         self.act(actions)
     }
@@ -448,11 +682,7 @@ impl<H: Hooks> Platform<H> {
         {
             slot.member.status = Status::Running;
         }
-        let mut actions = Vec::new();
-        for m in self.members().into_iter().filter(|m| back.contains(&m.id)) {
-            actions.extend(self.run(&m, Call::IsUp, None)?.actions);
-        }
-        self.act(actions)
+        self.after_status_change(&back, None)
     }
 
     /// The core started: every member that is not down gets `after-cc-start`, in priority
@@ -473,7 +703,7 @@ impl<H: Hooks> Platform<H> {
         if self.env.1 == name {
             return;
         }
-        let next = match self.parked.iter().position(|(_, n, _)| n == name) {
+        let next = match self.parked.iter().position(|(_, n, _, _)| n == name) {
             Some(i) => self.parked.remove(i),
             None => {
                 let id = self
@@ -484,12 +714,13 @@ impl<H: Hooks> Platform<H> {
                     .unwrap_or(0)
                     .max(self.env.0)
                     + 1;
-                (id, name.to_string(), Vec::new())
+                (id, name.to_string(), BTreeMap::new(), Vec::new())
             }
         };
-        let members = std::mem::replace(&mut self.members, next.2);
+        let members = std::mem::replace(&mut self.members, next.3);
+        let params = std::mem::replace(&mut self.env_params, next.2);
         let (id, name) = std::mem::replace(&mut self.env, (next.0, next.1));
-        self.parked.push((id, name, members));
+        self.parked.push((id, name, params, members));
     }
 
     /// The current environment's name.
@@ -507,7 +738,7 @@ impl<H: Hooks> Platform<H> {
         let mut all: Vec<(i64, String)> = self
             .parked
             .iter()
-            .map(|(id, n, _)| (*id, n.clone()))
+            .map(|(id, n, _, _)| (*id, n.clone()))
             .chain([self.env.clone()])
             .collect();
         all.sort();
@@ -532,9 +763,42 @@ impl<H: Hooks> Platform<H> {
                 } else {
                     Call::BeforeCcStop
                 };
-                actions.extend(self.run(&m, call, None)?.actions);
+                self.collect(&mut actions, &m, call)?;
             }
         }
         self.act(actions)
+    }
+}
+
+/// The parameters of a new container of `meta`: `given` checked, defaults filled in.
+fn resolve(
+    meta: &Metadata,
+    given: &BTreeMap<String, String>,
+) -> Result<BTreeMap<String, String>, String> {
+    if let Some(unknown) = given.keys().find(|k| !meta.params.iter().any(|p| &&p.name == k)) {
+        return Err(format!("{} has no parameter '{unknown}'", meta.name));
+    }
+    let mut out = BTreeMap::new();
+    for p in &meta.params {
+        let v = given
+            .get(&p.name)
+            .or(p.default.as_ref())
+            .ok_or_else(|| format!("parameter '{}' of {} is required", p.name, meta.name))?;
+        check_kind(p, v)?;
+        out.insert(p.name.clone(), v.clone());
+    }
+    Ok(out)
+}
+
+fn check_kind(p: &crate::ParamSpec, v: &str) -> Result<(), String> {
+    let ok = match p.kind {
+        crate::ParamKind::Text => true,
+        crate::ParamKind::Integer => v.parse::<i64>().is_ok(),
+        crate::ParamKind::Boolean => v == "true" || v == "false",
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("parameter '{}' has a value of the wrong kind: '{v}'", p.name))
     }
 }

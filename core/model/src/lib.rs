@@ -5,6 +5,12 @@
 
 use serde::{Deserialize, Serialize};
 
+mod workload;
+pub use workload::{
+    Check, Endpoint, ImageRef, ParamKind, ParamSpec, Params, Protocol, Readiness, Volume, Workload,
+    apply_settable, resolve_params, validate_schema,
+};
+
 /// Load figures of a server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use cloud48_sdk::testing::{Call, Hooks, Platform};
 use cloud48_sdk::{
-    Action, Context, DownCause as SdkCause, Member, Metadata, Outcome, Resources, Status,
-    Verdict as SdkVerdict,
+    Action, Context, DownCause as SdkCause, HookError, HookResult, Member, Metadata, Outcome,
+    Resources, Status, Verdict as SdkVerdict,
 };
 use serde::Deserialize;
 
 use crate::types::{
-    ContainerType, DownCause, EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict,
+    ContainerType, DownCause, EnvironmentView, ExecResult, Hook, HookAction, HookContext,
+    MemberView, Verdict,
 };
 use crate::{PluginHost, PluginMeta, WasmPlugin};
 use cloud48_model::{ContainerId, ContainerStatus};
@@ -53,9 +54,39 @@ fn status(s: Status) -> ContainerStatus {
         Status::Running => ContainerStatus::Running,
         Status::Stopped => ContainerStatus::Stopped,
         Status::Suspended => ContainerStatus::Suspended,
+        Status::Down => ContainerStatus::Down,
+        Status::Illegal => ContainerStatus::Illegal,
         Status::Destroyed => ContainerStatus::Destroyed,
         Status::Failed => ContainerStatus::Failed,
     }
+}
+
+fn protocol(p: cloud48_sdk::Protocol) -> cloud48_model::Protocol {
+    match p {
+        cloud48_sdk::Protocol::Tcp => cloud48_model::Protocol::Tcp,
+        cloud48_sdk::Protocol::Udp => cloud48_model::Protocol::Udp,
+        cloud48_sdk::Protocol::Http => cloud48_model::Protocol::Http,
+    }
+}
+
+fn sdk_protocol(p: cloud48_model::Protocol) -> cloud48_sdk::Protocol {
+    match p {
+        cloud48_model::Protocol::Tcp => cloud48_sdk::Protocol::Tcp,
+        cloud48_model::Protocol::Udp => cloud48_sdk::Protocol::Udp,
+        cloud48_model::Protocol::Http => cloud48_sdk::Protocol::Http,
+    }
+}
+
+fn resources(r: Resources) -> cloud48_model::Resources {
+    cloud48_model::Resources {
+        cpu_millis: r.cpu_millis,
+        memory_mb: r.memory_mb,
+        disk_mb: r.disk_mb,
+    }
+}
+
+fn sdk_resources(r: cloud48_model::Resources) -> Resources {
+    Resources::new(r.cpu_millis, r.memory_mb, r.disk_mb)
 }
 
 fn view(m: &Member) -> MemberView {
@@ -66,24 +97,149 @@ fn view(m: &Member) -> MemberView {
         status: status(m.status),
         server: m.server.clone(),
         ip: m.ip.clone(),
+        resources: resources(m.resources),
+        endpoints: m
+            .endpoints
+            .iter()
+            .map(|e| cloud48_model::Endpoint {
+                name: e.name.clone(),
+                port: e.port,
+                protocol: protocol(e.protocol),
+            })
+            .collect(),
+        params: m.params.clone(),
+    }
+}
+
+/// The SDK's view of a workload the host read from a plugin.
+fn sdk_workload(w: cloud48_model::Workload) -> cloud48_sdk::Workload {
+    use cloud48_model::Check as C;
+    cloud48_sdk::Workload {
+        image: w.image.map(|i| cloud48_sdk::Image {
+            reference: i.reference,
+            digest: i.digest,
+        }),
+        command: w.command,
+        env: w.env,
+        workdir: w.workdir,
+        endpoints: w
+            .endpoints
+            .into_iter()
+            .map(|e| cloud48_sdk::Endpoint {
+                name: e.name,
+                port: e.port,
+                protocol: sdk_protocol(e.protocol),
+            })
+            .collect(),
+        readiness: w.readiness.map(|r| cloud48_sdk::Readiness {
+            check: match r.check {
+                C::None => cloud48_sdk::Check::None,
+                C::Tcp { endpoint } => cloud48_sdk::Check::Tcp(endpoint),
+                C::Http { endpoint, path } => cloud48_sdk::Check::Http(endpoint, path),
+                C::Exec { command } => cloud48_sdk::Check::Exec(command),
+            },
+            interval_ms: r.interval_ms,
+            retries: r.retries,
+        }),
+        volumes: w
+            .volumes
+            .into_iter()
+            .map(|v| cloud48_sdk::Volume {
+                name: v.name,
+                path: v.path,
+            })
+            .collect(),
+    }
+}
+
+fn hook_of(call: &Call<'_>) -> Hook {
+    let cause = |c: &SdkCause| match c {
+        SdkCause::ServerUnreachable(s) => DownCause::ServerUnreachable(s.clone()),
+        SdkCause::Crashed(s) => DownCause::Crashed(s.clone()),
+    };
+    match call {
+        Call::BeforeItIsAdded => Hook::BeforeItIsAdded,
+        Call::AfterItIsAdded => Hook::AfterItIsAdded,
+        Call::BeforeOtherIsAdded(o) => Hook::BeforeOtherIsAdded(view(o)),
+        Call::AfterOtherIsAdded(o) => Hook::AfterOtherIsAdded(view(o)),
+        Call::BeforeItIsRemoved => Hook::BeforeItIsRemoved,
+        Call::AfterItIsRemoved => Hook::AfterItIsRemoved,
+        Call::BeforeOtherIsRemoved(o) => Hook::BeforeOtherIsRemoved(view(o)),
+        Call::AfterOtherIsRemoved(o) => Hook::AfterOtherIsRemoved(view(o)),
+        Call::IsDown(c) => Hook::IsDown(cause(c)),
+        Call::IsUp => Hook::IsUp,
+        Call::AfterOtherIsDown(o, c) => Hook::AfterOtherIsDown(view(o), cause(c)),
+        Call::AfterOtherIsUp(o) => Hook::AfterOtherIsUp(view(o)),
+        Call::AfterExec(r) => Hook::AfterExec(ExecResult {
+            tag: r.tag.clone(),
+            container: ContainerId(r.container),
+            exit_code: r.exit_code,
+            stdout: r.stdout.clone(),
+            stderr: r.stderr.clone(),
+        }),
+        Call::AfterCcStart => Hook::AfterCcStart,
+        Call::BeforeCcStop => Hook::BeforeCcStop,
+    }
+}
+
+fn action(a: HookAction) -> Action {
+    match a {
+        HookAction::AddContainer(r) => Action::AddContainer(cloud48_sdk::AddRequest {
+            type_id: r.type_id,
+            params: r.params,
+            resources: r.resources.map(sdk_resources),
+            placement: cloud48_sdk::Placement {
+                spread: r.spread,
+                avoid_servers: r.avoid_servers,
+                labels: r.labels,
+            },
+        }),
+        HookAction::RemoveContainer(id) => Action::RemoveContainer(id.0),
+        HookAction::ReplaceContainer(id) => Action::ReplaceContainer(id.0),
+        HookAction::Exec {
+            container,
+            script,
+            args,
+            tag,
+        } => Action::Exec(cloud48_sdk::ExecRequest {
+            container: container.0,
+            script,
+            args,
+            tag,
+        }),
+        HookAction::SetParams { container, params } => Action::SetParams {
+            container: container.0,
+            params,
+        },
     }
 }
 
 impl Hooks for WasmHooks {
     fn metadata(&self, type_name: &str) -> Option<Metadata> {
         let m = self.plugins.get(type_name)?.0.clone();
-        let r = m.requirements.resources;
         Some(Metadata {
             name: m.name,
             version: m.version,
             wit_version: m.wit_version,
             priority: m.priority,
-            requirements: Resources {
-                cpu_millis: r.cpu_millis,
-                memory_mb: r.memory_mb,
-                disk_mb: r.disk_mb,
-            },
+            requirements: sdk_resources(m.requirements.resources),
             description: m.description,
+            workload: sdk_workload(m.workload),
+            params: m
+                .params
+                .into_iter()
+                .map(|p| cloud48_sdk::ParamSpec {
+                    name: p.name,
+                    kind: match p.kind {
+                        cloud48_model::ParamKind::Text => cloud48_sdk::ParamKind::Text,
+                        cloud48_model::ParamKind::Integer => cloud48_sdk::ParamKind::Integer,
+                        cloud48_model::ParamKind::Boolean => cloud48_sdk::ParamKind::Boolean,
+                    },
+                    default: p.default,
+                    description: p.description,
+                    settable: p.settable,
+                })
+                .collect(),
         })
     }
 
@@ -91,64 +247,48 @@ impl Hooks for WasmHooks {
         Ok(self.get(type_name)?.initial_state())
     }
 
-    fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<Outcome, String> {
+    fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<HookResult, String> {
         let plugin = self.get(type_name)?;
-        let hook = match call {
-            Call::BeforeItIsAdded => Hook::BeforeItIsAdded,
-            Call::AfterItIsAdded => Hook::AfterItIsAdded,
-            Call::BeforeOtherIsAdded(o) => Hook::BeforeOtherIsAdded(view(o)),
-            Call::AfterOtherIsAdded(o) => Hook::AfterOtherIsAdded(view(o)),
-            Call::BeforeItIsRemoved => Hook::BeforeItIsRemoved,
-            Call::AfterOtherIsRemoved(o) => Hook::AfterOtherIsRemoved(view(o)),
-            Call::IsDown(SdkCause::ServerUnreachable(s)) => {
-                Hook::IsDown(DownCause::ServerUnreachable(s.clone()))
-            }
-            Call::IsDown(SdkCause::Crashed(s)) => Hook::IsDown(DownCause::Crashed(s.clone())),
-            Call::IsUp => Hook::IsUp,
-            Call::AfterCcStart => Hook::AfterCcStart,
-            Call::BeforeCcStop => Hook::BeforeCcStop,
-        };
         let me = view(&ctx.container);
         let env = EnvironmentView {
             id: ctx.environment.id,
             name: ctx.environment.name.clone(),
             members: ctx.environment.members.iter().map(view).collect(),
+            params: ctx.environment.params.clone(),
         };
-        let out = plugin
-            .handle(
-                &hook,
-                &HookContext {
-                    container: &me,
-                    environment: &env,
-                    state: &ctx.state,
+        let hctx = HookContext {
+            container: &me,
+            environment: &env,
+            state: &ctx.state,
+        };
+        let out = match plugin.handle(&hook_of(call), &hctx) {
+            Ok(out) => out,
+            Err(e) => {
+                return Ok(Err(HookError {
+                    message: e.to_string(),
+                    retryable: e.retryable,
+                }));
+            }
+        };
+        for l in out.logs {
+            cloud48_sdk::log(
+                match l.level {
+                    crate::types::LogLevel::Debug => cloud48_sdk::Level::Debug,
+                    crate::types::LogLevel::Info => cloud48_sdk::Level::Info,
+                    crate::types::LogLevel::Warn => cloud48_sdk::Level::Warn,
+                    crate::types::LogLevel::Error => cloud48_sdk::Level::Error,
                 },
-            )
-            .map_err(|e| e.to_string())?;
-        Ok(Outcome {
+                l.message,
+            );
+        }
+        Ok(Ok(Outcome {
             verdict: match out.verdict {
                 Verdict::Allow => SdkVerdict::Allow,
                 Verdict::Deny(r) => SdkVerdict::Deny(r),
             },
-            actions: out
-                .actions
-                .into_iter()
-                .map(|a| match a {
-                    HookAction::AddContainer(t) => Action::AddContainer(t),
-                    HookAction::RemoveContainer(id) => Action::RemoveContainer(id.0),
-                    HookAction::ReplaceContainer(id) => Action::ReplaceContainer(id.0),
-                    HookAction::Exec {
-                        container,
-                        script,
-                        args,
-                    } => Action::Exec(cloud48_sdk::ExecRequest {
-                        container: container.0,
-                        script,
-                        args,
-                    }),
-                })
-                .collect(),
+            actions: out.actions.into_iter().map(action).collect(),
             new_state: out.new_state,
-        })
+        }))
     }
 
     fn inspect(&self, type_name: &str, state: &[u8]) -> Result<String, String> {

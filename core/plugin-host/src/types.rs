@@ -8,7 +8,9 @@ use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use cloud48_model::{ContainerId, ContainerStatus, Requirements, Resources};
+use cloud48_model::{
+    ContainerId, ContainerStatus, Endpoint, ParamSpec, Params, Requirements, Resources, Workload,
+};
 
 /// A read-only view of one container for hooks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +27,15 @@ pub struct MemberView {
     pub server: Option<String>,
     /// IP address.
     pub ip: Option<String>,
+    /// What it reserves.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Its type's endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+    /// Its parameters (defaults filled in).
+    #[serde(default)]
+    pub params: Params,
 }
 
 /// A read-only view of an environment for hooks.
@@ -34,8 +45,11 @@ pub struct EnvironmentView {
     pub id: i64,
     /// Environment name.
     pub name: String,
-    /// Existing members (not the one being added), ascending priority.
+    /// Members other than the container whose hook runs, ascending priority then id.
     pub members: Vec<MemberView>,
+    /// The environment's parameters (read by plugins through the `host` import).
+    #[serde(default)]
+    pub params: Params,
 }
 
 /// Why a container went down.
@@ -60,12 +74,22 @@ pub enum Hook {
     AfterOtherIsAdded(MemberView),
     /// This container is about to leave the environment.
     BeforeItIsRemoved,
+    /// This container left the environment.
+    AfterItIsRemoved,
+    /// Another container is about to leave.
+    BeforeOtherIsRemoved(MemberView),
     /// Another container left.
     AfterOtherIsRemoved(MemberView),
     /// This container became unavailable.
     IsDown(DownCause),
     /// This container is available again.
     IsUp,
+    /// Another container became unavailable.
+    AfterOtherIsDown(MemberView, DownCause),
+    /// Another container is available again.
+    AfterOtherIsUp(MemberView),
+    /// A script this container's hook asked for with a tag ended.
+    AfterExec(ExecResult),
     /// The core started.
     AfterCcStart,
     /// The core is stopping.
@@ -81,13 +105,33 @@ impl Hook {
             Hook::BeforeOtherIsAdded(_) => "before-other-is-added",
             Hook::AfterOtherIsAdded(_) => "after-other-is-added",
             Hook::BeforeItIsRemoved => "before-it-is-removed",
+            Hook::AfterItIsRemoved => "after-it-is-removed",
+            Hook::BeforeOtherIsRemoved(_) => "before-other-is-removed",
             Hook::AfterOtherIsRemoved(_) => "after-other-is-removed",
             Hook::IsDown(_) => "is-down",
             Hook::IsUp => "is-up",
+            Hook::AfterOtherIsDown(..) => "after-other-is-down",
+            Hook::AfterOtherIsUp(_) => "after-other-is-up",
+            Hook::AfterExec(_) => "after-exec",
             Hook::AfterCcStart => "after-cc-start",
             Hook::BeforeCcStop => "before-cc-stop",
         }
     }
+}
+
+/// The result of a tagged exec, delivered to the requesting container's `after-exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// The request's tag.
+    pub tag: String,
+    /// The container the script ran in.
+    pub container: ContainerId,
+    /// Exit code (-1: it could not run).
+    pub exit_code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
 }
 
 /// Everything a hook sees.
@@ -110,11 +154,83 @@ pub enum Verdict {
     Deny(String),
 }
 
+/// A container a hook asks to add: its type, parameters, resources and where it may go.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(from = "AddRepr")]
+pub struct AddRequest {
+    /// Type id.
+    pub type_id: String,
+    /// Parameters (the rest take their defaults).
+    pub params: Params,
+    /// Resources (none: the type's defaults).
+    pub resources: Option<Resources>,
+    /// Not on a server that runs a member of the same type in the environment.
+    pub spread: bool,
+    /// Not on these servers (names).
+    pub avoid_servers: Vec<String>,
+    /// Only on servers with all these labels.
+    pub labels: Vec<String>,
+}
+
+impl AddRequest {
+    /// A container of `type_id` with defaults everywhere.
+    pub fn of_type(type_id: impl Into<String>) -> Self {
+        AddRequest {
+            type_id: type_id.into(),
+            ..AddRequest::default()
+        }
+    }
+}
+
+/// How an `AddRequest` was persisted: a bare type id before WIT 0.2.0 (in the progress of
+/// commands written by older cores), the full request since.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AddRepr {
+    TypeId(String),
+    Full {
+        type_id: String,
+        #[serde(default)]
+        params: Params,
+        #[serde(default)]
+        resources: Option<Resources>,
+        #[serde(default)]
+        spread: bool,
+        #[serde(default)]
+        avoid_servers: Vec<String>,
+        #[serde(default)]
+        labels: Vec<String>,
+    },
+}
+
+impl From<AddRepr> for AddRequest {
+    fn from(r: AddRepr) -> Self {
+        match r {
+            AddRepr::TypeId(t) => AddRequest::of_type(t),
+            AddRepr::Full {
+                type_id,
+                params,
+                resources,
+                spread,
+                avoid_servers,
+                labels,
+            } => AddRequest {
+                type_id,
+                params,
+                resources,
+                spread,
+                avoid_servers,
+                labels,
+            },
+        }
+    }
+}
+
 /// Work a hook asks the core to do; each becomes a child command of the running command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum HookAction {
-    /// Add a container of this type to the environment first.
-    AddContainer(String),
+    /// Add a container to the environment first.
+    AddContainer(AddRequest),
     /// Remove (and destroy) this member.
     RemoveContainer(ContainerId),
     /// Run a script in a container (the CIS layer).
@@ -125,9 +241,42 @@ pub enum HookAction {
         script: String,
         /// Its arguments.
         args: Vec<String>,
+        /// When given, the result goes to the requester's `after-exec` under this tag.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
     },
     /// Create a replacement of this container on another server.
     ReplaceContainer(ContainerId),
+    /// Change parameters of a member (only those its type declares settable).
+    SetParams {
+        /// The member.
+        container: ContainerId,
+        /// New values.
+        params: Params,
+    },
+}
+
+/// Severity of a plugin's log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Detail.
+    Debug,
+    /// Information.
+    Info,
+    /// Something looks wrong.
+    Warn,
+    /// Something failed.
+    Error,
+}
+
+/// A line a plugin logged during a hook call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Severity.
+    pub level: LogLevel,
+    /// The text.
+    pub message: String,
 }
 
 /// What a hook returned.
@@ -139,6 +288,8 @@ pub struct HookOutcome {
     pub actions: Vec<HookAction>,
     /// A new state blob, committed with the step that ran the hook.
     pub new_state: Option<Vec<u8>>,
+    /// Lines the hook logged.
+    pub logs: Vec<LogLine>,
 }
 
 impl HookOutcome {
@@ -148,11 +299,13 @@ impl HookOutcome {
             verdict: Verdict::Allow,
             actions: Vec::new(),
             new_state: None,
+            logs: Vec::new(),
         }
     }
 }
 
-/// A failure of a hook (a trap, a timeout, bad output): fails the command.
+/// A failure of a hook (a trap, a timeout, bad output, or the hook's own `hook-error`): fails
+/// the command, or retries its step when `retryable`.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("container type {type_id}, hook {hook}: {cause}")]
 pub struct TypeError {
@@ -162,6 +315,20 @@ pub struct TypeError {
     pub hook: String,
     /// What went wrong.
     pub cause: String,
+    /// The hook said that trying again later may succeed.
+    pub retryable: bool,
+}
+
+impl TypeError {
+    /// A failure of `hook` of `type_id` that retrying does not cure.
+    pub fn new(type_id: impl Into<String>, hook: impl Into<String>, cause: impl Into<String>) -> Self {
+        TypeError {
+            type_id: type_id.into(),
+            hook: hook.into(),
+            cause: cause.into(),
+            retryable: false,
+        }
+    }
 }
 
 /// Behaviour of one container type.
@@ -174,6 +341,14 @@ pub trait ContainerType: Send + Sync + 'static {
     fn default_requirements(&self) -> Requirements;
     /// Initial state blob of a new container.
     fn initial_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// What runs in its containers (default: nothing declared).
+    fn workload(&self) -> Workload {
+        Workload::default()
+    }
+    /// The parameters its containers take (default: none).
+    fn param_specs(&self) -> Vec<ParamSpec> {
         Vec::new()
     }
     /// Handles one event.

@@ -1,6 +1,8 @@
-//! `balancer`: nginx in front of the environment's tomcats. It keeps the upstream list in its
-//! state and, on every change, exec's a script in its container that rewrites the nginx config
-//! and reloads nginx.
+//! `balancer`: nginx in front of the environment's tomcats. It keeps the upstream list (each
+//! tomcat's `http` endpoint) in its state and, on every change, exec's a script in its container
+//! that rewrites the nginx upstreams with the balancing algorithm of its `algorithm` parameter
+//! and reloads nginx. Its workload runs nginx in the foreground on a configuration it writes
+//! itself at start.
 
 use cloud48_sdk::*;
 use serde::{Deserialize, Serialize};
@@ -18,15 +20,56 @@ pub struct State {
 #[derive(Default)]
 pub struct Balancer;
 
-/// Port the tomcats serve on.
-pub const TOMCAT_PORT: u16 = 8080;
+/// The endpoint of the application servers it balances.
+pub const UPSTREAM_ENDPOINT: &str = "http";
 
-/// Rewrites the upstream block from its arguments and reloads nginx (CIS layer).
+/// Writes nginx's main configuration (unless the container already has one) and runs nginx in
+/// the foreground: the balancer's workload.
+pub const START_NGINX: &str = r#"set -e
+mkdir -p /etc/nginx/conf.d /var/lib/nginx /var/log/nginx /run
+if ! grep -qs '^# cloud48 balancer' /etc/nginx/nginx.conf; then
+cat > /etc/nginx/nginx.conf <<'EOF'
+# cloud48 balancer
+worker_processes 1;
+pid /run/nginx.pid;
+error_log /var/log/nginx/error.log warn;
+events { worker_connections 512; }
+http {
+  access_log off;
+  client_body_temp_path /var/lib/nginx/body;
+  proxy_temp_path /var/lib/nginx/proxy;
+  fastcgi_temp_path /var/lib/nginx/fastcgi;
+  uwsgi_temp_path /var/lib/nginx/uwsgi;
+  scgi_temp_path /var/lib/nginx/scgi;
+  include /etc/nginx/conf.d/*.conf;
+  server {
+    listen 80;
+    location / {
+      proxy_pass http://cloud48_app;
+      proxy_connect_timeout 1s;
+      proxy_next_upstream error timeout http_502 http_503 http_504;
+    }
+  }
+}
+EOF
+fi
+conf=/etc/nginx/conf.d/cloud48-upstreams.conf
+[ -f "$conf" ] || printf 'upstream cloud48_app {\n  server 127.0.0.1:9 down;\n}\n' > "$conf"
+exec nginx -g 'daemon off;'
+"#;
+
+/// Rewrites the upstream block from its arguments (the algorithm, then `ip:port` of every
+/// upstream) and reloads nginx (CIS layer).
 pub const WRITE_UPSTREAMS: &str = r#"# cloud48: rewrite the nginx upstreams and reload nginx
 set -e
 conf=/etc/nginx/conf.d/cloud48-upstreams.conf
+algorithm="$1"; shift
 {
   echo "upstream cloud48_app {"
+  case "$algorithm" in
+    least-conn) echo "  least_conn;" ;;
+    ip-hash) echo "  ip_hash;" ;;
+  esac
   if [ "$#" -eq 0 ]; then echo "  server 127.0.0.1:9 down;"; fi
   for u in "$@"; do echo "  server $u;"; done
   echo "}"
@@ -35,37 +78,64 @@ mv "$conf.tmp" "$conf"
 nginx -s reload
 "#;
 
-fn rewrite(ctx: &Context, mut state: State) -> Outcome {
+/// The balancing algorithms the `algorithm` parameter takes.
+pub const ALGORITHMS: &[&str] = &["round-robin", "least-conn", "ip-hash"];
+
+fn rewrite(ctx: &Context, mut state: State) -> HookResult {
+    let algorithm: String = ctx.param("algorithm")?;
     state.reloads += 1;
-    let args: Vec<&str> = state.upstreams.iter().map(String::as_str).collect();
-    Outcome::allow()
+    let mut args = vec![algorithm.as_str()];
+    args.extend(state.upstreams.iter().map(String::as_str));
+    Ok(Outcome::allow()
         .with_action(Action::exec(ctx.container.id, WRITE_UPSTREAMS, &args))
-        .with_json_state(&state)
+        .with_json_state(&state))
 }
 
+/// The `ip:port` a tomcat serves on, from its `http` endpoint.
 fn upstream(m: &Member) -> Option<String> {
-    (type_name(&m.type_id) == "tomcat")
-        .then(|| m.ip.as_ref().map(|ip| format!("{ip}:{TOMCAT_PORT}")))?
+    (type_name(&m.type_id) == "tomcat").then(|| m.address(UPSTREAM_ENDPOINT))?
 }
 
 impl ContainerType for Balancer {
     fn metadata(&self) -> Metadata {
-        Metadata::new("balancer", "0.1.0", 20, Resources::new(500, 256, 512))
+        Metadata::new("balancer", "1.0.0", 20, Resources::new(500, 256, 512))
             .described("nginx load balancer for the environment's tomcats")
+            .with_workload(
+                Workload::command(["/bin/sh", "-c", START_NGINX])
+                    .from_image("cloud48/nginx", None)
+                    .with_endpoint("http", 80, Protocol::Http)
+                    .ready_when(Check::Tcp("http".into()))
+                    .with_volume("config", "/etc/nginx")
+                    .with_volume("cache", "/var/lib/nginx")
+                    .with_volume("logs", "/var/log/nginx")
+                    .with_volume("run", "/run"),
+            )
+            .with_param(ParamSpec::text(
+                "algorithm",
+                "round-robin",
+                "how requests are spread: round-robin, least-conn or ip-hash",
+            ))
     }
 
     fn initial_state(&self) -> Vec<u8> {
         serde_json::to_vec(&State::default()).expect("serializes")
     }
 
-    fn before_it_is_added(&self, ctx: &Context) -> Outcome {
-        if ctx.members_of_type("balancer").count() > 0 {
-            return Outcome::deny("this environment already has a balancer");
+    fn before_it_is_added(&self, ctx: &Context) -> HookResult {
+        let algorithm: String = ctx.param("algorithm")?;
+        if !ALGORITHMS.contains(&algorithm.as_str()) {
+            return Ok(Outcome::deny(format!(
+                "algorithm '{algorithm}' is not one of {}",
+                ALGORITHMS.join(", ")
+            )));
         }
-        Outcome::allow()
+        if ctx.members_of_type("balancer").count() > 0 {
+            return Ok(Outcome::deny("this environment already has a balancer"));
+        }
+        Ok(Outcome::allow())
     }
 
-    fn after_it_is_added(&self, ctx: &Context) -> Outcome {
+    fn after_it_is_added(&self, ctx: &Context) -> HookResult {
         let upstreams = ctx
             .environment
             .members
@@ -81,32 +151,39 @@ impl ContainerType for Balancer {
         )
     }
 
-    fn after_other_is_added(&self, ctx: &Context, other: &Member) -> Outcome {
+    fn after_other_is_added(&self, ctx: &Context, other: &Member) -> HookResult {
         let Some(u) = upstream(other) else {
-            return Outcome::allow();
+            return Ok(Outcome::allow());
         };
         let mut state: State = ctx.json_state();
         if state.upstreams.contains(&u) {
-            return Outcome::allow();
+            return Ok(Outcome::allow());
         }
         state.upstreams.push(u);
         rewrite(ctx, state)
     }
 
-    fn after_other_is_removed(&self, ctx: &Context, other: &Member) -> Outcome {
+    fn after_other_is_removed(&self, ctx: &Context, other: &Member) -> HookResult {
         let Some(u) = upstream(other) else {
-            return Outcome::allow();
+            return Ok(Outcome::allow());
         };
         let mut state: State = ctx.json_state();
         if !state.upstreams.contains(&u) {
-            return Outcome::allow();
+            return Ok(Outcome::allow());
         }
         state.upstreams.retain(|x| *x != u);
         rewrite(ctx, state)
     }
 
-    fn is_down(&self, ctx: &Context, _cause: &DownCause) -> Outcome {
-        Outcome::allow().with_action(Action::ReplaceContainer(ctx.container.id))
+    fn is_down(&self, ctx: &Context, _cause: &DownCause) -> HookResult {
+        Ok(Outcome::allow().with_action(Action::ReplaceContainer(ctx.container.id)))
+    }
+
+    /// States of 0.x balancers are this version's (the upstream list and reload count).
+    fn migrate_state(&self, _from_version: &str, ctx: &Context) -> Result<Vec<u8>, String> {
+        serde_json::from_slice::<State>(&ctx.state)
+            .map_err(|e| format!("unreadable balancer state: {e}"))?;
+        Ok(ctx.state.clone())
     }
 }
 
@@ -154,7 +231,10 @@ mod tests {
         );
         assert_eq!(state["reloads"], 2);
         assert_eq!(p.execs.len(), 2);
-        assert_eq!(p.execs[0].args, vec![format!("{}:8080", ip(t1))]);
+        assert_eq!(
+            p.execs[0].args,
+            vec!["round-robin".to_string(), format!("{}:8080", ip(t1))]
+        );
         assert!(
             p.execs
                 .iter()
@@ -169,8 +249,31 @@ mod tests {
         );
         assert_eq!(
             p.execs.last().unwrap().args,
-            vec![format!("{}:8080", ip(t2))]
+            vec!["round-robin".to_string(), format!("{}:8080", ip(t2))]
         );
+    }
+
+    #[test]
+    fn the_algorithm_parameter_reaches_the_script_and_a_bad_one_is_denied() {
+        let mut p = platform();
+        let t = p.add("tomcat").unwrap();
+        let lb = p
+            .add_request(AddRequest::of("balancer").param("algorithm", "least-conn"))
+            .unwrap();
+        let last = p.execs.last().unwrap();
+        assert_eq!(last.container, lb);
+        assert_eq!(last.args[0], "least-conn");
+        assert_eq!(p.params_of(lb)["algorithm"], "least-conn");
+        assert!(last.args[1].ends_with(":8080"), "{t}: {:?}", last.args);
+        let mut q = platform();
+        let e = q
+            .add_request(AddRequest::of("balancer").param("algorithm", "random"))
+            .unwrap_err();
+        assert!(e.contains("not one of"), "{e}");
+        let e = q
+            .add_request(AddRequest::of("balancer").param("weight", "1"))
+            .unwrap_err();
+        assert!(e.contains("no parameter 'weight'"), "{e}");
     }
 
     #[test]
@@ -201,11 +304,12 @@ mod tests {
             .ip
             .clone()
             .unwrap();
-        assert_eq!(p.inspect(t)["database"], db_ip);
+        let url = format!("jdbc:mysql://{db_ip}:3306/app");
+        assert_eq!(p.inspect(t)["database"], url);
         assert!(
             p.execs
                 .iter()
-                .any(|e| e.container == t && e.args == vec![db_ip.clone()])
+                .any(|e| e.container == t && e.args == vec![url.clone()])
         );
         assert!(p.remove(db).unwrap_err().contains("use this database"));
     }
@@ -250,7 +354,7 @@ mod tests {
         p.crash_server(&server).unwrap();
         // mysql asks for no replacement: it stays, not running, until its server is back.
         assert_eq!(p.ids_of("mysql"), vec![db]);
-        assert_eq!(p.members()[0].status, Status::Stopped);
+        assert_eq!(p.members()[0].status, Status::Down);
         p.recover_server(&server).unwrap();
         assert_eq!(p.members()[0].status, Status::Running);
         let calls: Vec<&String> = p.log.iter().filter(|l| l.starts_with("mysql#")).collect();

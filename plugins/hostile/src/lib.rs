@@ -1,7 +1,8 @@
 //! A container type that misbehaves on purpose, for the plugin host's sandbox tests. What it does
 //! in `before-it-is-added` depends on the environment's name:
 //! `loop` spins forever, `bomb` allocates until memory runs out, `trap` panics, `huge` returns a
-//! 2 MiB state, `spam` asks for 10,000 actions; anything else is allowed.
+//! 2 MiB state, `spam` asks for 10,000 actions, `fail` and `retry` return a hook error, `chatty`
+//! logs 1,000 lines; anything else is allowed.
 //! Built with `HOSTILE_WIT=x.y.z` it claims that WIT version (to test install refusals); built with
 //! `HOSTILE_VERSION=x.y.z` it is that version and migrates states by prefixing `from->to:`.
 
@@ -25,14 +26,14 @@ impl ContainerType for Hostile {
         b"v0".to_vec()
     }
 
-    fn migrate_state(&self, from_version: &str, state: Vec<u8>) -> Result<Vec<u8>, String> {
+    fn migrate_state(&self, from_version: &str, ctx: &Context) -> Result<Vec<u8>, String> {
         let to = option_env!("HOSTILE_VERSION").unwrap_or("0.1.0");
         let mut out = format!("{from_version}->{to}:").into_bytes();
-        out.extend(state);
+        out.extend(&ctx.state);
         Ok(out)
     }
 
-    fn before_it_is_added(&self, ctx: &Context) -> Outcome {
+    fn before_it_is_added(&self, ctx: &Context) -> HookResult {
         match ctx.environment.name.as_str() {
             "loop" => {
                 let mut n: u64 = 0;
@@ -48,15 +49,23 @@ impl ContainerType for Hostile {
                 }
             }
             "trap" => panic!("hostile plugin panics on purpose"),
-            "huge" => Outcome::allow().with_state(vec![7u8; 2 << 20]),
+            "huge" => Ok(Outcome::allow().with_state(vec![7u8; 2 << 20])),
+            "fail" => Err(HookError::fail("hostile plugin refuses to work")),
+            "retry" => Err(HookError::retry("hostile plugin asks to be retried")),
+            "chatty" => {
+                for i in 0..1000 {
+                    log(Level::Info, format!("line {i}"));
+                }
+                Ok(Outcome::allow())
+            }
             "spam" => {
                 let mut o = Outcome::allow();
                 for _ in 0..10_000 {
                     o = o.with_action(Action::add("hostile"));
                 }
-                o
+                Ok(o)
             }
-            _ => Outcome::allow(),
+            _ => Ok(Outcome::allow()),
         }
     }
 }

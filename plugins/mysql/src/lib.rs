@@ -1,4 +1,5 @@
-//! `mysql`: the environment's database. One per environment; tomcats pick up its address.
+//! `mysql`: the environment's database (MariaDB). One per environment; tomcats pick up its
+//! `mysql` endpoint and the database named by its `database` parameter.
 
 use cloud48_sdk::*;
 
@@ -6,27 +7,51 @@ use cloud48_sdk::*;
 #[derive(Default)]
 pub struct Mysql;
 
+/// The endpoint clients connect to.
+pub const ENDPOINT: &str = "mysql";
+
 impl ContainerType for Mysql {
     fn metadata(&self) -> Metadata {
-        Metadata::new("mysql", "0.1.0", 10, Resources::new(1000, 2048, 10240))
+        Metadata::new("mysql", "1.0.0", 10, Resources::new(1000, 2048, 10240))
             .described("database; tomcats of its environment receive its address")
+            .with_workload(
+                Workload::command(["mariadbd", "--user=mysql", "--bind-address=0.0.0.0"])
+                    .from_image("cloud48/mariadb", None)
+                    .with_env("MARIADB_DATABASE", "${database}")
+                    .with_env("MARIADB_USER", "${user}")
+                    .with_endpoint(ENDPOINT, 3306, Protocol::Tcp)
+                    .ready_when(Check::Tcp(ENDPOINT.into()))
+                    .with_volume("data", "/var/lib/mysql"),
+            )
+            .with_param(ParamSpec::text(
+                "database",
+                "app",
+                "name of the application database",
+            ))
+            .with_param(ParamSpec::text(
+                "user",
+                "app",
+                "user the application connects as",
+            ))
     }
 
-    fn before_it_is_added(&self, ctx: &Context) -> Outcome {
+    fn before_it_is_added(&self, ctx: &Context) -> HookResult {
         if ctx.members_of_type("mysql").count() > 0 {
-            return Outcome::deny("this environment already has a mysql database");
-        }
-        Outcome::allow()
-    }
-
-    fn before_it_is_removed(&self, ctx: &Context) -> Outcome {
-        let users = ctx.members_of_type("tomcat").count();
-        if users > 0 {
-            return Outcome::deny(format!(
-                "{users} tomcat container(s) use this database; remove them first"
+            return Ok(Outcome::deny(
+                "this environment already has a mysql database",
             ));
         }
-        Outcome::allow()
+        Ok(Outcome::allow())
+    }
+
+    fn before_it_is_removed(&self, ctx: &Context) -> HookResult {
+        let users = ctx.members_of_type("tomcat").count();
+        if users > 0 {
+            return Ok(Outcome::deny(format!(
+                "{users} tomcat container(s) use this database; remove them first"
+            )));
+        }
+        Ok(Outcome::allow())
     }
 }
 

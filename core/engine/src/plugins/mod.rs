@@ -47,6 +47,10 @@ pub const BUNDLED: &[(&str, &[u8])] = &[
         "mysql",
         include_bytes!(concat!(env!("OUT_DIR"), "/mysql.wasm")),
     ),
+    (
+        "redis",
+        include_bytes!(concat!(env!("OUT_DIR"), "/redis.wasm")),
+    ),
 ];
 
 /// An installed plugin version as the API shows it.

@@ -20,13 +20,16 @@ use wasmtime::{
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::types::{ContainerType, Hook, HookAction, HookContext, HookOutcome, TypeError, Verdict};
-use cloud48_model::Requirements;
+use crate::types::{
+    ContainerType, Hook, HookAction, HookContext, HookOutcome, LogLine, TypeError, Verdict,
+};
+use cloud48_model::{ParamSpec, Params, Requirements, Workload};
 
 mod v0_1_0;
+mod v0_2_0;
 
 /// The WIT versions this host runs, newest first.
-pub const SUPPORTED_WIT: &[&str] = &["0.1.0"];
+pub const SUPPORTED_WIT: &[&str] = &["0.2.0", "0.1.0"];
 
 /// Sandbox limits of every hook call.
 #[derive(Debug, Clone)]
@@ -65,6 +68,12 @@ struct HostState {
     table: ResourceTable,
     memory_cap: usize,
     memory_exceeded: bool,
+    /// The environment's parameters, for the `host` import of this call.
+    env_params: Params,
+    /// What the plugin logged during this call.
+    logs: Vec<LogLine>,
+    /// Lines dropped past the limit.
+    logs_dropped: usize,
 }
 
 impl WasiView for HostState {
@@ -153,6 +162,8 @@ impl PluginHost {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
             .map_err(|e| LoadError::Invalid(format!("cannot link WASI: {e}")))?;
+        v0_2_0::link(&mut linker)
+            .map_err(|e| LoadError::Invalid(format!("cannot link the host imports: {e}")))?;
         if let Some(dir) = &cache_dir {
             let _ = std::fs::create_dir_all(dir);
         }
@@ -244,7 +255,7 @@ impl PluginHost {
             .map_err(|e| LoadError::Invalid(format!("not a valid WASM component: {e:#}")))
     }
 
-    fn store(&self) -> Store<HostState> {
+    fn store(&self, env_params: Params) -> Store<HostState> {
         let wasi = WasiCtxBuilder::new()
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
@@ -259,6 +270,9 @@ impl PluginHost {
                 table: ResourceTable::new(),
                 memory_cap: self.limits.memory,
                 memory_exceeded: false,
+                env_params,
+                logs: Vec::new(),
+                logs_dropped: 0,
             },
         );
         store.limiter(|s| s as &mut dyn ResourceLimiter);
@@ -276,24 +290,33 @@ impl PluginHost {
                 "the plugin needs something the host does not give plugins (only the cloud48:container contract and a locked-down WASI are available): {e:#}"
             ))
         })?;
-        let pre = v0_1_0::ContainerTypePre::new(pre).map_err(|e| {
-            LoadError::Invalid(format!(
-                "the plugin does not implement cloud48:container/hooks@0.1.0 (supported WIT versions: {}): {e:#}",
-                SUPPORTED_WIT.join(", ")
-            ))
-        })?;
+        let pre = match v0_2_0::ContainerTypePre::new(pre.clone()) {
+            Ok(p) => Pre::V0_2_0(p),
+            Err(newest) => Pre::V0_1_0(v0_1_0::ContainerTypePre::new(pre).map_err(|_| {
+                LoadError::Invalid(format!(
+                    "the plugin implements none of the WIT versions this core supports ({}); for the newest: {newest:#}",
+                    SUPPORTED_WIT.join(", ")
+                ))
+            })?),
+        };
         let mut plugin = WasmPlugin {
             host: self.clone(),
             pre,
             type_id: String::new(),
             meta: PluginMeta::default(),
         };
-        let m = plugin
-            .call("describe", |b, s| {
-                b.cloud48_container_hooks().call_describe(s)
+        plugin.meta = plugin
+            .call("describe", Params::new(), |b, s| match b {
+                Bindings::V0_1_0(b) => b
+                    .cloud48_container_hooks()
+                    .call_describe(s)
+                    .map(v0_1_0::meta),
+                Bindings::V0_2_0(b) => b
+                    .cloud48_container_hooks()
+                    .call_describe(s)
+                    .map(v0_2_0::meta),
             })
             .map_err(|e| LoadError::Invalid(e.to_string()))?;
-        plugin.meta = v0_1_0::meta(m);
         plugin.meta.validate().map_err(LoadError::Invalid)?;
         plugin.type_id = format!("{}@{}", plugin.meta.name, plugin.meta.version);
         Ok(plugin)
@@ -316,6 +339,12 @@ pub struct PluginMeta {
     pub description: String,
     /// Default requirements of new containers.
     pub requirements: Requirements,
+    /// What runs in its containers (empty for WIT 0.1.0 plugins).
+    #[serde(default)]
+    pub workload: Workload,
+    /// The parameters its containers take.
+    #[serde(default)]
+    pub params: Vec<ParamSpec>,
 }
 
 impl PluginMeta {
@@ -352,14 +381,39 @@ impl PluginMeta {
         self.requirements
             .resources
             .validate()
-            .map_err(|m| format!("default requirements: {m}"))
+            .map_err(|m| format!("default requirements: {m}"))?;
+        self.workload
+            .validate()
+            .map_err(|m| format!("workload: {m}"))?;
+        cloud48_model::validate_schema(&self.params).map_err(|m| format!("parameters: {m}"))
     }
+}
+
+/// A pre-instantiated component, by the WIT version it implements.
+enum Pre {
+    V0_1_0(v0_1_0::ContainerTypePre<HostState>),
+    V0_2_0(v0_2_0::ContainerTypePre<HostState>),
+}
+
+impl Pre {
+    fn wit_version(&self) -> &'static str {
+        match self {
+            Pre::V0_1_0(_) => "0.1.0",
+            Pre::V0_2_0(_) => "0.2.0",
+        }
+    }
+}
+
+/// An instance of a component, by WIT version.
+enum Bindings {
+    V0_1_0(v0_1_0::ContainerType),
+    V0_2_0(v0_2_0::ContainerType),
 }
 
 /// A loaded plugin version: a `ContainerType` whose hooks run in the sandbox.
 pub struct WasmPlugin {
     host: Arc<PluginHost>,
-    pre: v0_1_0::ContainerTypePre<HostState>,
+    pre: Pre,
     type_id: String,
     meta: PluginMeta,
 }
@@ -370,61 +424,108 @@ impl WasmPlugin {
         &self.meta
     }
 
-    /// Runs one export in a fresh instance, off the async runtime's scheduling (WASI's blocking
-    /// shims may block on the runtime); classifies failures.
+    /// The WIT version the component implements.
+    pub fn wit_version(&self) -> &'static str {
+        self.pre.wit_version()
+    }
+
+    /// `call_logged` without the log lines.
     fn call<R: Send>(
         &self,
         hook: &str,
-        f: impl FnOnce(&v0_1_0::ContainerType, &mut Store<HostState>) -> wasmtime::Result<R> + Send,
+        env_params: Params,
+        f: impl FnOnce(&Bindings, &mut Store<HostState>) -> wasmtime::Result<R> + Send,
     ) -> Result<R, TypeError> {
+        self.call_logged(hook, env_params, f).map(|(r, _)| r)
+    }
+
+    /// Runs one export in a fresh instance, off the async runtime's scheduling (WASI's blocking
+    /// shims may block on the runtime); classifies failures; returns what the plugin logged.
+    fn call_logged<R: Send>(
+        &self,
+        hook: &str,
+        env_params: Params,
+        f: impl FnOnce(&Bindings, &mut Store<HostState>) -> wasmtime::Result<R> + Send,
+    ) -> Result<(R, Vec<LogLine>), TypeError> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         match Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(RuntimeFlavor::MultiThread) => {
-                tokio::task::block_in_place(|| self.call_here(hook, f))
+                tokio::task::block_in_place(|| self.call_here(hook, env_params, f))
             }
             Ok(_) => std::thread::scope(|s| {
-                s.spawn(|| self.call_here(hook, f))
+                s.spawn(|| self.call_here(hook, env_params, f))
                     .join()
                     .expect("hook thread")
             }),
-            Err(_) => self.call_here(hook, f),
+            Err(_) => self.call_here(hook, env_params, f),
         }
+    }
+
+    fn error(&self, hook: &str, cause: String) -> TypeError {
+        let type_id = if self.type_id.is_empty() {
+            "plugin"
+        } else {
+            &self.type_id
+        };
+        TypeError::new(type_id, hook, cause)
     }
 
     fn call_here<R>(
         &self,
         hook: &str,
-        f: impl FnOnce(&v0_1_0::ContainerType, &mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, TypeError> {
-        let mut store = self.host.store();
-        let err = |cause: String| TypeError {
-            type_id: if self.type_id.is_empty() {
-                "plugin".into()
-            } else {
-                self.type_id.clone()
-            },
-            hook: hook.to_string(),
-            cause,
-        };
-        let instance = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| err(classify(&e, &store, &self.host.limits)))?;
-        f(&instance, &mut store).map_err(|e| err(classify(&e, &store, &self.host.limits)))
+        env_params: Params,
+        f: impl FnOnce(&Bindings, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<(R, Vec<LogLine>), TypeError> {
+        let mut store = self.host.store(env_params);
+        let limits = &self.host.limits;
+        let instance = match &self.pre {
+            Pre::V0_1_0(p) => p.instantiate(&mut store).map(Bindings::V0_1_0),
+            Pre::V0_2_0(p) => p.instantiate(&mut store).map(Bindings::V0_2_0),
+        }
+        .map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
+        let out = f(&instance, &mut store)
+            .map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
+        let data = store.data_mut();
+        let mut logs = std::mem::take(&mut data.logs);
+        if data.logs_dropped > 0 {
+            logs.push(LogLine {
+                level: crate::types::LogLevel::Warn,
+                message: format!(
+                    "{} more lines dropped (a hook call keeps at most {})",
+                    data.logs_dropped,
+                    logs.len()
+                ),
+            });
+        }
+        Ok((out, logs))
     }
 
-    /// Converts a state blob of version `from` to this version.
-    pub fn migrate_state(&self, from: &str, state: Vec<u8>) -> Result<Vec<u8>, TypeError> {
-        let out = self.call("migrate-state", |b, s| {
-            b.cloud48_container_hooks()
-                .call_migrate_state(s, from, &state)
-        })?;
-        out.map_err(|m| TypeError {
-            type_id: self.type_id.clone(),
-            hook: "migrate-state".into(),
-            cause: format!("refused: {m}"),
-        })
+    /// Converts the state of a container of version `from` of this plugin to this version;
+    /// `ctx` is the container's context with its old state. A refusal names the reason.
+    pub fn migrate_state(&self, from: &str, ctx: &HookContext<'_>) -> Result<Vec<u8>, TypeError> {
+        let env_params = ctx.environment.params.clone();
+        let out = match &self.pre {
+            Pre::V0_1_0(_) => self.call("migrate-state", env_params, |b, s| match b {
+                Bindings::V0_1_0(b) => b
+                    .cloud48_container_hooks()
+                    .call_migrate_state(s, from, ctx.state),
+                Bindings::V0_2_0(_) => unreachable!("instantiated from its own Pre"),
+            })?,
+            Pre::V0_2_0(_) => {
+                let c = v0_2_0::context(ctx);
+                self.call("migrate-state", env_params, |b, s| match b {
+                    Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_migrate_state(s, from, &c),
+                    Bindings::V0_1_0(_) => unreachable!("instantiated from its own Pre"),
+                })?
+            }
+        };
+        out.map_err(|m| self.error("migrate-state", format!("refused: {m}")))
     }
+}
+
+/// At most `n` characters of `s`.
+fn clip(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
 }
 
 fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> String {
@@ -455,8 +556,9 @@ impl ContainerType for WasmPlugin {
     }
 
     fn initial_state(&self) -> Vec<u8> {
-        self.call("initial-state", |b, s| {
-            b.cloud48_container_hooks().call_initial_state(s)
+        self.call("initial-state", Params::new(), |b, s| match b {
+            Bindings::V0_1_0(b) => b.cloud48_container_hooks().call_initial_state(s),
+            Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_initial_state(s),
         })
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "initial-state failed; starting with an empty state");
@@ -464,36 +566,77 @@ impl ContainerType for WasmPlugin {
         })
     }
 
+    fn workload(&self) -> Workload {
+        self.meta.workload.clone()
+    }
+
+    fn param_specs(&self) -> Vec<ParamSpec> {
+        self.meta.params.clone()
+    }
+
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
-        let c = v0_1_0::context(ctx);
         let name = hook.name();
-        let out = self.call(name, |b, s| v0_1_0::call_hook(b, s, hook, &c))?;
-        let limits = &self.host.limits;
-        let too_big = |what: &str, n: usize| TypeError {
-            type_id: self.type_id.clone(),
-            hook: name.to_string(),
-            cause: format!(
-                "returned oversized output: {what} of {n} bytes (limit {} bytes)",
-                limits.max_output
-            ),
+        let env_params = ctx.environment.params.clone();
+        let (returned, logs) = match &self.pre {
+            Pre::V0_1_0(_) => {
+                let c = v0_1_0::context(ctx);
+                self.call_logged(name, env_params, |b, s| match b {
+                    Bindings::V0_1_0(b) => Ok(v0_1_0::call_hook(b, s, hook, &c)?
+                        .map(v0_1_0::outcome)
+                        .map(Ok)),
+                    Bindings::V0_2_0(_) => unreachable!("instantiated from its own Pre"),
+                })?
+            }
+            Pre::V0_2_0(_) => {
+                let c = v0_2_0::context(ctx);
+                self.call_logged(name, env_params, |b, s| match b {
+                    Bindings::V0_2_0(b) => Ok(Some(
+                        v0_2_0::call_hook(b, s, hook, &c)?
+                            .map(v0_2_0::outcome)
+                            .map_err(v0_2_0::hook_error),
+                    )),
+                    Bindings::V0_1_0(_) => unreachable!("instantiated from its own Pre"),
+                })?
+            }
         };
-        if let Some(s) = &out.new_state
+        for l in &logs {
+            tracing::info!(plugin = %self.type_id, hook = name, level = ?l.level, "{}", l.message);
+        }
+        let Some(returned) = returned else {
+            return Ok(HookOutcome {
+                logs,
+                ..HookOutcome::allow()
+            });
+        };
+        let (verdict, actions, new_state) = returned.map_err(|(message, retryable)| TypeError {
+            retryable,
+            ..self.error(name, format!("failed: {}", clip(&message, 1000)))
+        })?;
+        let limits = &self.host.limits;
+        let too_big = |what: &str, n: usize| {
+            self.error(
+                name,
+                format!(
+                    "returned oversized output: {what} of {n} bytes (limit {} bytes)",
+                    limits.max_output
+                ),
+            )
+        };
+        if let Some(s) = &new_state
             && s.len() > limits.max_output
         {
             return Err(too_big("a state blob", s.len()));
         }
-        if out.actions.len() > limits.max_actions {
-            return Err(TypeError {
-                type_id: self.type_id.clone(),
-                hook: name.to_string(),
-                cause: format!(
+        if actions.len() > limits.max_actions {
+            return Err(self.error(
+                name,
+                format!(
                     "returned {} actions (limit {})",
-                    out.actions.len(),
+                    actions.len(),
                     limits.max_actions
                 ),
-            });
+            ));
         }
-        let (verdict, actions, new_state) = v0_1_0::outcome(out);
         for a in &actions {
             if let HookAction::Exec { script, args, .. } = a {
                 let size = script.len() + args.iter().map(String::len).sum::<usize>();
@@ -503,35 +646,33 @@ impl ContainerType for WasmPlugin {
             }
         }
         let verdict = match verdict {
-            Verdict::Deny(r) => Verdict::Deny(r.chars().take(1000).collect()),
+            Verdict::Deny(r) => Verdict::Deny(clip(&r, 1000)),
             allow => allow,
         };
         Ok(HookOutcome {
             verdict,
             actions,
             new_state,
+            logs,
         })
     }
 
     fn inspect(&self, state: &[u8]) -> Result<serde_json::Value, TypeError> {
-        let text = self.call("inspect", |b, s| {
-            b.cloud48_container_hooks().call_inspect(s, state)
+        let text = self.call("inspect", Params::new(), |b, s| match b {
+            Bindings::V0_1_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
+            Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
         })?;
         if text.len() > self.host.limits.max_output {
-            return Err(TypeError {
-                type_id: self.type_id.clone(),
-                hook: "inspect".into(),
-                cause: format!(
+            return Err(self.error(
+                "inspect",
+                format!(
                     "returned {} bytes (limit {})",
                     text.len(),
                     self.host.limits.max_output
                 ),
-            });
+            ));
         }
-        serde_json::from_str(&text).map_err(|e| TypeError {
-            type_id: self.type_id.clone(),
-            hook: "inspect".into(),
-            cause: format!("returned invalid JSON: {e}"),
-        })
+        serde_json::from_str(&text)
+            .map_err(|e| self.error("inspect", format!("returned invalid JSON: {e}")))
     }
 }

@@ -1,11 +1,13 @@
 //! WIT 0.1.0 (frozen): its bindings and the conversions between its types and the host's.
-//! A plugin built for 0.1.0 sees `down` members as `stopped` and never sees `illegal` ones.
+//! A plugin built for 0.1.0 sees `down` members as `stopped` and never sees `illegal` ones; the
+//! hooks 0.2.0 added are not called on it (they allow and do nothing); it declares no workload
+//! and no parameters; its `add-container` adds with defaults and its `exec` has no tag.
 
 use wasmtime::Store;
 
 use super::{HostState, PluginMeta};
-use crate::types::{DownCause, Hook, HookAction, HookContext, MemberView, Verdict};
-use cloud48_model::{ContainerId, ContainerStatus, Requirements, Resources};
+use crate::types::{AddRequest, DownCause, Hook, HookAction, HookContext, MemberView, Verdict};
+use cloud48_model::{ContainerId, ContainerStatus, Requirements, Resources, Workload};
 
 wasmtime::component::bindgen!({
     path: "../../wit/0.1.0",
@@ -53,15 +55,15 @@ pub(super) fn context(ctx: &HookContext<'_>) -> wit::Context {
     }
 }
 
-/// Calls the export of `hook`.
+/// Calls the export of `hook`; none for a hook this version does not have.
 pub(super) fn call_hook(
     b: &ContainerType,
     s: &mut Store<HostState>,
     hook: &Hook,
     c: &wit::Context,
-) -> wasmtime::Result<wit::Outcome> {
+) -> wasmtime::Result<Option<wit::Outcome>> {
     let h = b.cloud48_container_hooks();
-    match hook {
+    let out = match hook {
         Hook::BeforeItIsAdded => h.call_before_it_is_added(s, c),
         Hook::AfterItIsAdded => h.call_after_it_is_added(s, c),
         Hook::BeforeOtherIsAdded(o) => h.call_before_other_is_added(s, c, &member(o)),
@@ -78,7 +80,13 @@ pub(super) fn call_hook(
         Hook::IsUp => h.call_is_up(s, c),
         Hook::AfterCcStart => h.call_after_cc_start(s, c),
         Hook::BeforeCcStop => h.call_before_cc_stop(s, c),
-    }
+        Hook::AfterItIsRemoved
+        | Hook::BeforeOtherIsRemoved(_)
+        | Hook::AfterOtherIsDown(..)
+        | Hook::AfterOtherIsUp(_)
+        | Hook::AfterExec(_) => return Ok(None),
+    };
+    out.map(Some)
 }
 
 /// A hook's outcome in the host's types: verdict, actions, new state.
@@ -87,13 +95,14 @@ pub(super) fn outcome(out: wit::Outcome) -> (Verdict, Vec<HookAction>, Option<Ve
         .actions
         .into_iter()
         .map(|a| match a {
-            wit::Action::AddContainer(t) => HookAction::AddContainer(t),
+            wit::Action::AddContainer(t) => HookAction::AddContainer(AddRequest::of_type(t)),
             wit::Action::RemoveContainer(id) => HookAction::RemoveContainer(ContainerId(id)),
             wit::Action::ReplaceContainer(id) => HookAction::ReplaceContainer(ContainerId(id)),
             wit::Action::Exec(e) => HookAction::Exec {
                 container: ContainerId(e.container),
                 script: e.script,
                 args: e.args,
+                tag: None,
             },
         })
         .collect();
@@ -121,5 +130,7 @@ pub(super) fn meta(m: wit::Metadata) -> PluginMeta {
             labels: Vec::new(),
             spread: false,
         },
+        workload: Workload::default(),
+        params: Vec::new(),
     }
 }

@@ -1,0 +1,322 @@
+//! WIT 0.2.0: its bindings, the `host` imports and the conversions between its types and the
+//! host's.
+
+use wasmtime::Store;
+
+use super::{HostState, PluginMeta};
+use crate::types::{
+    AddRequest, DownCause, Hook, HookAction, HookContext, LogLevel, LogLine,
+    MemberView, Verdict,
+};
+use cloud48_model::{
+    Check, ContainerId, ContainerStatus, Endpoint, ImageRef, ParamKind, ParamSpec, Params,
+    Protocol, Readiness, Requirements, Resources, Volume, Workload,
+};
+
+wasmtime::component::bindgen!({
+    path: "../../wit/0.2.0",
+    world: "container-type",
+});
+
+use cloud48::container::host as imports;
+use cloud48::container::types as wit;
+
+/// Most log lines one hook call keeps, and the longest line.
+const MAX_LOG_LINES: usize = 100;
+const MAX_LOG_LINE: usize = 4096;
+
+impl wit::Host for HostState {}
+
+impl imports::Host for HostState {
+    fn log(&mut self, level: imports::Level, message: String) {
+        if self.logs.len() >= MAX_LOG_LINES {
+            self.logs_dropped += 1;
+            return;
+        }
+        let level = match level {
+            imports::Level::Debug => LogLevel::Debug,
+            imports::Level::Info => LogLevel::Info,
+            imports::Level::Warn => LogLevel::Warn,
+            imports::Level::Error => LogLevel::Error,
+        };
+        let mut message = message;
+        if message.len() > MAX_LOG_LINE {
+            let mut end = MAX_LOG_LINE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str(" [truncated]");
+        }
+        self.logs.push(LogLine { level, message });
+    }
+
+    fn environment_param(&mut self, name: String) -> Option<String> {
+        self.env_params.get(&name).cloned()
+    }
+
+    fn environment_params(&mut self) -> Vec<(String, String)> {
+        self.env_params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Adds the `host` imports to the linker.
+pub(super) fn link(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
+    ContainerType::add_to_linker::<_, wasmtime::component::HasSelf<_>>(linker, |s| s)
+}
+
+fn status(s: ContainerStatus) -> wit::Status {
+    match s {
+        ContainerStatus::Creating => wit::Status::Creating,
+        ContainerStatus::Running => wit::Status::Running,
+        ContainerStatus::Stopped => wit::Status::Stopped,
+        ContainerStatus::Suspended => wit::Status::Suspended,
+        ContainerStatus::Down => wit::Status::Down,
+        ContainerStatus::Illegal => wit::Status::Illegal,
+        ContainerStatus::Destroyed => wit::Status::Destroyed,
+        ContainerStatus::Failed => wit::Status::Failed,
+    }
+}
+
+fn resources(r: &Resources) -> wit::Resources {
+    wit::Resources {
+        cpu_millis: r.cpu_millis,
+        memory_mb: r.memory_mb,
+        disk_mb: r.disk_mb,
+    }
+}
+
+fn resources_from(r: wit::Resources) -> Resources {
+    Resources {
+        cpu_millis: r.cpu_millis,
+        memory_mb: r.memory_mb,
+        disk_mb: r.disk_mb,
+    }
+}
+
+fn protocol(p: Protocol) -> wit::Protocol {
+    match p {
+        Protocol::Tcp => wit::Protocol::Tcp,
+        Protocol::Udp => wit::Protocol::Udp,
+        Protocol::Http => wit::Protocol::Http,
+    }
+}
+
+fn endpoint(e: &Endpoint) -> wit::Endpoint {
+    wit::Endpoint {
+        name: e.name.clone(),
+        port: e.port,
+        protocol: protocol(e.protocol),
+    }
+}
+
+fn params(p: &Params) -> Vec<wit::Param> {
+    p.iter()
+        .map(|(name, value)| wit::Param {
+            name: name.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
+fn params_from(p: Vec<wit::Param>) -> Params {
+    p.into_iter().map(|p| (p.name, p.value)).collect()
+}
+
+fn member(m: &MemberView) -> wit::Member {
+    wit::Member {
+        id: m.id.0,
+        type_id: m.type_id.clone(),
+        priority: m.priority,
+        status: status(m.status),
+        server: m.server.clone(),
+        ip: m.ip.clone(),
+        resources: resources(&m.resources),
+        endpoints: m.endpoints.iter().map(endpoint).collect(),
+        params: params(&m.params),
+    }
+}
+
+/// The context of a hook call.
+pub(super) fn context(ctx: &HookContext<'_>) -> wit::Context {
+    wit::Context {
+        container: member(ctx.container),
+        environment: wit::Environment {
+            id: ctx.environment.id,
+            name: ctx.environment.name.clone(),
+            members: ctx.environment.members.iter().map(member).collect(),
+        },
+        state: ctx.state.to_vec(),
+    }
+}
+
+fn cause(c: &DownCause) -> wit::DownCause {
+    match c {
+        DownCause::ServerUnreachable(m) => wit::DownCause::ServerUnreachable(m.clone()),
+        DownCause::Crashed(m) => wit::DownCause::Crashed(m.clone()),
+    }
+}
+
+/// What a hook returned: its outcome or its own error.
+pub(super) type Returned = Result<wit::Outcome, wit::HookError>;
+
+/// Calls the export of `hook`.
+pub(super) fn call_hook(
+    b: &ContainerType,
+    s: &mut Store<HostState>,
+    hook: &Hook,
+    c: &wit::Context,
+) -> wasmtime::Result<Returned> {
+    let h = b.cloud48_container_hooks();
+    match hook {
+        Hook::BeforeItIsAdded => h.call_before_it_is_added(s, c),
+        Hook::AfterItIsAdded => h.call_after_it_is_added(s, c),
+        Hook::BeforeOtherIsAdded(o) => h.call_before_other_is_added(s, c, &member(o)),
+        Hook::AfterOtherIsAdded(o) => h.call_after_other_is_added(s, c, &member(o)),
+        Hook::BeforeItIsRemoved => h.call_before_it_is_removed(s, c),
+        Hook::AfterItIsRemoved => h.call_after_it_is_removed(s, c),
+        Hook::BeforeOtherIsRemoved(o) => h.call_before_other_is_removed(s, c, &member(o)),
+        Hook::AfterOtherIsRemoved(o) => h.call_after_other_is_removed(s, c, &member(o)),
+        Hook::IsDown(why) => h.call_is_down(s, c, &cause(why)),
+        Hook::IsUp => h.call_is_up(s, c),
+        Hook::AfterOtherIsDown(o, why) => h.call_after_other_is_down(s, c, &member(o), &cause(why)),
+        Hook::AfterOtherIsUp(o) => h.call_after_other_is_up(s, c, &member(o)),
+        Hook::AfterExec(r) => {
+            let r = wit::ExecResult {
+                tag: r.tag.clone(),
+                container: r.container.0,
+                exit_code: r.exit_code,
+                stdout: r.stdout.clone(),
+                stderr: r.stderr.clone(),
+            };
+            h.call_after_exec(s, c, &r)
+        }
+        Hook::AfterCcStart => h.call_after_cc_start(s, c),
+        Hook::BeforeCcStop => h.call_before_cc_stop(s, c),
+    }
+}
+
+/// A hook's outcome in the host's types: verdict, actions, new state.
+pub(super) fn outcome(out: wit::Outcome) -> (Verdict, Vec<HookAction>, Option<Vec<u8>>) {
+    let actions = out
+        .actions
+        .into_iter()
+        .map(|a| match a {
+            wit::Action::AddContainer(r) => HookAction::AddContainer(AddRequest {
+                type_id: r.type_id,
+                params: params_from(r.params),
+                resources: r.resources.map(resources_from),
+                spread: r.placement.spread,
+                avoid_servers: r.placement.avoid_servers,
+                labels: r.placement.labels,
+            }),
+            wit::Action::RemoveContainer(id) => HookAction::RemoveContainer(ContainerId(id)),
+            wit::Action::ReplaceContainer(id) => HookAction::ReplaceContainer(ContainerId(id)),
+            wit::Action::Exec(e) => HookAction::Exec {
+                container: ContainerId(e.container),
+                script: e.script,
+                args: e.args,
+                tag: e.tag,
+            },
+            wit::Action::SetParams(p) => HookAction::SetParams {
+                container: ContainerId(p.container),
+                params: params_from(p.params),
+            },
+        })
+        .collect();
+    let verdict = match out.verdict {
+        wit::Verdict::Allow => Verdict::Allow,
+        wit::Verdict::Deny(r) => Verdict::Deny(r),
+    };
+    (verdict, actions, out.new_state)
+}
+
+/// The error a hook returned: its message and whether retrying may help.
+pub(super) fn hook_error(e: wit::HookError) -> (String, bool) {
+    (e.message, e.retryable)
+}
+
+fn check(c: wit::Check) -> Check {
+    match c {
+        wit::Check::None => Check::None,
+        wit::Check::Tcp(endpoint) => Check::Tcp { endpoint },
+        wit::Check::Http(h) => Check::Http {
+            endpoint: h.endpoint,
+            path: h.path,
+        },
+        wit::Check::Exec(command) => Check::Exec { command },
+    }
+}
+
+fn workload(w: wit::Workload) -> Workload {
+    Workload {
+        image: w.image.map(|i| ImageRef {
+            reference: i.reference,
+            digest: i.digest,
+        }),
+        command: w.command,
+        env: w.env,
+        workdir: w.workdir,
+        endpoints: w
+            .endpoints
+            .into_iter()
+            .map(|e| Endpoint {
+                name: e.name,
+                port: e.port,
+                protocol: match e.protocol {
+                    wit::Protocol::Tcp => Protocol::Tcp,
+                    wit::Protocol::Udp => Protocol::Udp,
+                    wit::Protocol::Http => Protocol::Http,
+                },
+            })
+            .collect(),
+        readiness: w.readiness.map(|r| Readiness {
+            check: check(r.check),
+            interval_ms: r.interval_ms,
+            retries: r.retries,
+        }),
+        volumes: w
+            .volumes
+            .into_iter()
+            .map(|v| Volume {
+                name: v.name,
+                path: v.path,
+            })
+            .collect(),
+    }
+}
+
+/// What `describe` returned, in the host's terms.
+pub(super) fn meta(m: wit::Metadata) -> PluginMeta {
+    PluginMeta {
+        name: m.name,
+        version: m.version,
+        wit_version: m.wit_version,
+        priority: m.priority,
+        description: m.description,
+        requirements: Requirements {
+            resources: resources_from(m.requirements),
+            labels: Vec::new(),
+            spread: false,
+        },
+        workload: workload(m.workload),
+        params: m
+            .params
+            .into_iter()
+            .map(|p| ParamSpec {
+                name: p.name,
+                kind: match p.kind {
+                    wit::ParamKind::Text => ParamKind::Text,
+                    wit::ParamKind::Integer => ParamKind::Integer,
+                    wit::ParamKind::Boolean => ParamKind::Boolean,
+                },
+                default: p.default,
+                description: p.description,
+                settable: p.settable,
+            })
+            .collect(),
+    }
+}
