@@ -55,8 +55,7 @@ impl ContainerType for Recording {
         {
             return Ok(HookOutcome {
                 verdict: Verdict::Deny("only one singleton per environment".into()),
-                actions: vec![],
-                new_state: None,
+                ..HookOutcome::allow()
             });
         }
         if self.name == "seeing" && matches!(hook, Hook::AfterOtherIsAdded(_)) {
@@ -73,9 +72,8 @@ impl ContainerType for Recording {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
             return Ok(HookOutcome {
-                verdict: Verdict::Allow,
-                actions: vec![],
                 new_state: Some((n + 1).to_string().into_bytes()),
+                ..HookOutcome::allow()
             });
         }
         Ok(HookOutcome::allow())

@@ -15,6 +15,7 @@ mod m0006_container_locks;
 mod m0007_dummy_commands;
 mod m0008_container_ips;
 mod m0009_pending_scripts;
+mod m0010_params;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -32,6 +33,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0007_dummy_commands::Migration),
             Box::new(m0008_container_ips::Migration),
             Box::new(m0009_pending_scripts::Migration),
+            Box::new(m0010_params::Migration),
         ]
     }
 }

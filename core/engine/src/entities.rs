@@ -119,6 +119,8 @@ pub mod environment {
         pub locked_by: Option<i64>,
         pub created_at: i64,
         pub updated_at: i64,
+        /// JSON object of its parameters (strings), read by plugins.
+        pub params: String,
     }
     no_relations!();
 }
@@ -147,6 +149,8 @@ pub mod container {
         pub locked_by: Option<i64>,
         pub created_at: i64,
         pub updated_at: i64,
+        /// JSON object of its parameters (its type's schema, defaults filled in).
+        pub params: String,
     }
     no_relations!();
 }

@@ -139,7 +139,14 @@ pub struct HooksBenchArgs {
     /// Tomcats in the environment the balancer sees.
     #[arg(long, default_value_t = 10)]
     pub members: usize,
+    /// WIT version of the balancer: `0.2.0` (the bundled one) or `0.1.0` (the released 0.1.0
+    /// component, run through the host's conversion).
+    #[arg(long, default_value = "0.2.0", value_parser = ["0.2.0", "0.1.0"])]
+    pub wit: String,
 }
+
+/// The balancer as released for WIT 0.1.0 (`tests/fixtures/wit-0.1.0`), for `bench hooks`.
+const BALANCER_0_1_0: &[u8] = include_bytes!("../../../tests/fixtures/wit-0.1.0/balancer.wasm");
 
 /// Runs the hook dispatch benchmark: the bundled balancer's `after-other-is-added` (fresh
 /// instance + call + state in and out, as the core does for every hook).
@@ -149,11 +156,16 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
     use cloud48_engine::types::{ContainerType, EnvironmentView, Hook, HookContext, MemberView};
 
     let host = PluginHost::new(None, Limits::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let wasm = cloud48_engine::plugins::BUNDLED
-        .iter()
-        .find(|(n, _)| *n == "balancer")
-        .context("balancer is bundled")?
-        .1;
+    let wasm = match args.wit.as_str() {
+        "0.1.0" => BALANCER_0_1_0,
+        _ => {
+            cloud48_engine::plugins::BUNDLED
+                .iter()
+                .find(|(n, _)| *n == "balancer")
+                .context("balancer is bundled")?
+                .1
+        }
+    };
     let plugin = std::sync::Arc::new(host.load(wasm).map_err(|e| anyhow::anyhow!("{e}"))?);
     let member = |id: i64, type_id: &str| MemberView {
         id: ContainerId(id),
@@ -162,9 +174,20 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
         status: ContainerStatus::Running,
         server: Some(format!("sim-{}", id % 4 + 1)),
         ip: Some(format!("10.0.0.{id}")),
+        resources: cloud48_engine::model::Resources {
+            cpu_millis: 1000,
+            memory_mb: 1024,
+            disk_mb: 2048,
+        },
+        endpoints: vec![cloud48_engine::model::Endpoint {
+            name: "http".into(),
+            port: 8080,
+            protocol: cloud48_engine::model::Protocol::Http,
+        }],
+        params: [("algorithm".to_string(), "round-robin".to_string())].into(),
     };
     let members: Vec<MemberView> = (1..=args.members as i64)
-        .map(|i| member(i, "tomcat@0.2.0"))
+        .map(|i| member(i, "tomcat@1.0.0"))
         .collect();
     let state = serde_json::to_vec(&serde_json::json!({
         "upstreams": members.iter().map(|m| format!("{}:8080", m.ip.as_ref().unwrap())).collect::<Vec<_>>(),
@@ -174,9 +197,10 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
         id: 1,
         name: "bench".into(),
         members,
+        params: Default::default(),
     };
-    let me = member(1000, "balancer@0.1.0");
-    let other = member(2000, "tomcat@0.2.0");
+    let me = member(1000, "balancer@1.0.0");
+    let other = member(2000, "tomcat@1.0.0");
     let run = |calls: usize, timings: bool| -> Result<Vec<u64>> {
         let mut samples = Vec::with_capacity(if timings { calls } else { 0 });
         let hook = Hook::AfterOtherIsAdded(other.clone());
@@ -220,7 +244,8 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
     let total = args.calls * args.threads.max(1);
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "balancer after-other-is-added ({} members): one thread median {:.1} µs, p99 {:.1} µs; {} threads: {} hooks in {:.2} s: {:.0} hooks/s",
+        "balancer (WIT {}) after-other-is-added ({} members): one thread median {:.1} µs, p99 {:.1} µs; {} threads: {} hooks in {:.2} s: {:.0} hooks/s",
+        args.wit,
         args.members,
         pct(0.5),
         pct(0.99),

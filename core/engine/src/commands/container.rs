@@ -792,6 +792,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
                     guest_id: Set(String::new()),
                     ip: Set(None),
                     requirements: Set(row.requirements.clone()),
+                    params: Set(row.params.clone()),
                     locked_by: Set(Some(command)),
                     created_at: Set(now),
                     updated_at: Set(now),
@@ -1022,7 +1023,7 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
     ) {
         // It cannot run now: kept, and run when the container runs again (start or resume),
         // so the environment change that asked for it converges instead of half-applying.
-        let params::Exec { script, args } = ctx.params()?;
+        let params::Exec { script, args, .. } = ctx.params()?;
         let id = row.id;
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
@@ -1046,7 +1047,7 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
         &[ContainerStatus::Running],
     )
     .map_err(StepError::Permanent)?;
-    let params::Exec { script, args } = ctx.params()?;
+    let params::Exec { script, args, .. } = ctx.params()?;
     let server_id = row
         .server_id
         .ok_or_else(|| StepError::Permanent(format!("container {} has no server", row.id)))?;
@@ -1055,7 +1056,7 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
     let (applied, failure) =
         run_pending(ctx.svc, row.id, driver.as_ref(), &row.guest_id, &server).await?;
     let outcome = match failure {
-        Some(error) => Err(error),
+        Some(error) => Err((error, None)),
         None => {
             let out = driver
                 .exec(&row.guest_id, &script, &args)
@@ -1064,12 +1065,13 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
             if out.exit_code == 0 {
                 Ok(out)
             } else {
-                Err(format!(
+                let error = format!(
                     "script in container {} exited with code {}: {}",
                     row.id,
                     out.exit_code,
                     out.stderr.trim()
-                ))
+                );
+                Err((error, Some(out)))
             }
         }
     };
@@ -1079,8 +1081,16 @@ async fn exec(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, St
             "stdout": out.stdout,
             "stderr": out.stderr,
         })),
-        Err(error) => Next::Partial {
-            result: json!({ "container_id": row.id }),
+        Err((error, ran)) => Next::Partial {
+            result: match ran {
+                Some(out) => json!({
+                    "container_id": row.id,
+                    "exit_code": out.exit_code,
+                    "stdout": out.stdout,
+                    "stderr": out.stderr,
+                }),
+                None => json!({ "container_id": row.id }),
+            },
             error,
         },
     };

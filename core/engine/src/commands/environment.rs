@@ -11,12 +11,14 @@ use super::{StepCtx, core_err, params};
 use crate::entities::{container, environment, server};
 use crate::managers::{insert_container, parse_status, prepare_container};
 use crate::model::{
-    CommandKind, CommandStatus, ContainerId, ContainerStatus, EnvironmentStatus, Requirements,
-    now_ms,
+    CommandKind, CommandStatus, ContainerId, ContainerStatus, EnvironmentStatus, Params,
+    Requirements, now_ms,
 };
 use crate::queue::{NewCommand, Next, StepError, Target, Transition};
 use crate::services::Services;
-use crate::types::{EnvironmentView, Hook, HookAction, HookContext, MemberView, Verdict};
+use crate::types::{
+    EnvironmentView, ExecResult, Hook, HookAction, HookContext, MemberView, TypeRegistry, Verdict,
+};
 
 pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transition, StepError> {
     let env_id = ctx.target_id()?;
@@ -53,9 +55,30 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     }
 }
 
+/// The view hooks get of a container row.
+pub(crate) fn member_view(
+    types: &TypeRegistry,
+    row: &container::Model,
+    server: Option<String>,
+) -> Result<MemberView, crate::managers::UnknownStatus> {
+    let ty = types.get(&row.type_id);
+    let requirements: Option<Requirements> = serde_json::from_str(&row.requirements).ok();
+    Ok(MemberView {
+        id: ContainerId(row.id),
+        type_id: row.type_id.clone(),
+        priority: ty.as_ref().map_or(0, |t| t.priority()),
+        status: parse_status(row.id, &row.status)?,
+        server,
+        ip: row.ip.clone(),
+        resources: requirements.map(|r| r.resources).unwrap_or_default(),
+        endpoints: ty.map(|t| t.workload().endpoints).unwrap_or_default(),
+        params: serde_json::from_str(&row.params).unwrap_or_default(),
+    })
+}
+
 /// Live members of an environment, ascending priority then id.
-async fn members<C: ConnectionTrait>(
-    svc: &Services,
+pub(crate) async fn members<C: ConnectionTrait>(
+    types: &TypeRegistry,
     conn: &C,
     env_id: i64,
 ) -> Result<Vec<(container::Model, MemberView)>, StepError> {
@@ -77,14 +100,8 @@ async fn members<C: ConnectionTrait>(
     let mut out: Vec<_> = rows
         .into_iter()
         .map(|r| {
-            let view = MemberView {
-                id: ContainerId(r.id),
-                type_id: r.type_id.clone(),
-                priority: svc.types().get(&r.type_id).map_or(0, |t| t.priority()),
-                status: parse_status(r.id, &r.status)?,
-                server: r.server_id.and_then(|s| servers.get(&s).cloned()),
-                ip: r.ip.clone(),
-            };
+            let server = r.server_id.and_then(|s| servers.get(&s).cloned());
+            let view = member_view(types, &r, server)?;
             Ok((r, view))
         })
         .collect::<Result<Vec<_>, crate::managers::UnknownStatus>>()?;
@@ -99,8 +116,26 @@ struct Call<'a> {
     hook: Hook,
 }
 
+/// An action a hook asked for, with the container whose hook asked (for `after-exec`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum Queued {
+    By { by: i64, action: HookAction },
+    /// As commands written before WIT 0.2.0 stored them.
+    Bare(HookAction),
+}
+
+impl Queued {
+    fn parts(self) -> (i64, HookAction) {
+        match self {
+            Queued::By { by, action } => (by, action),
+            Queued::Bare(action) => (0, action),
+        }
+    }
+}
+
 /// New state blobs by container id, and the requested actions in order.
-type Dispatched = (Vec<(i64, Vec<u8>)>, Vec<HookAction>);
+type Dispatched = (Vec<(i64, Vec<u8>)>, Vec<Queued>);
 
 /// Runs hooks in the given order; returns what they changed and asked for, or the first denial
 /// (with who denied) as a permanent error when `may_deny`.
@@ -123,6 +158,7 @@ fn dispatch(
         let own_env = EnvironmentView {
             id: env.id,
             name: env.name.clone(),
+            params: env.params.clone(),
             members: env
                 .members
                 .iter()
@@ -135,9 +171,13 @@ fn dispatch(
             environment: &own_env,
             state: call.state,
         };
-        let outcome = ty
-            .handle(&call.hook, &ctx)
-            .map_err(|e| StepError::Permanent(e.to_string()))?;
+        let outcome = ty.handle(&call.hook, &ctx).map_err(|e| {
+            if e.retryable {
+                StepError::Transient(e.to_string())
+            } else {
+                StepError::Permanent(e.to_string())
+            }
+        })?;
         tracing::debug!(container = call.view.id.0, hook = call.hook.name(), ?outcome.verdict, "hook ran");
         if let Verdict::Deny(reason) = outcome.verdict {
             if may_deny {
@@ -156,7 +196,13 @@ fn dispatch(
         if let Some(s) = outcome.new_state {
             states.push((call.view.id.0, s));
         }
-        actions.extend(outcome.actions);
+        let by = call.view.id.0;
+        actions.extend(
+            outcome
+                .actions
+                .into_iter()
+                .map(|action| Queued::By { by, action }),
+        );
     }
     Ok((states, actions))
 }
@@ -221,15 +267,21 @@ fn env_view(
         id: env.id,
         name: env.name.clone(),
         members: members.iter().map(|(_, v)| v.clone()).collect(),
+        params: serde_json::from_str(&env.params).unwrap_or_default(),
     }
 }
 
-/// The failure of any child, as one message.
+/// The failure of any child, as one message. A tagged script's failure is not one: its result
+/// goes to the requester's `after-exec`.
 async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, StepError> {
     let children = ctx.svc.queue().children(ctx.cmd.id).await?;
     let failed: Vec<String> = children
         .iter()
         .filter(|c| c.status != CommandStatus::Succeeded.as_str())
+        .filter(|c| {
+            serde_json::from_str::<params::Exec>(&c.params).map_or(true, |e| e.tag.is_none())
+                || c.kind != CommandKind::ContainerExec.as_str()
+        })
         .map(|c| {
             format!(
                 "command {} ({} of {} {}) {}: {}",
@@ -245,9 +297,20 @@ async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, StepError> 
     Ok((!failed.is_empty()).then(|| failed.join("; ")))
 }
 
+/// A server's id by name, for a hook's placement hints.
+async fn server_id(ctx: &StepCtx<'_>, name: &str) -> Result<i64, String> {
+    server::Entity::find()
+        .filter(server::Column::Name.eq(name))
+        .one(ctx.svc.db())
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|s| s.id)
+        .ok_or_else(|| format!("a hook asked to avoid server '{name}', which does not exist"))
+}
+
 /// The command that carries out a hook's action; `None` for a script aimed at a container that
 /// is down (it cannot run there; the replacement or `is-up` rewires it).
-fn action_command(
+async fn action_command(
     ctx: &StepCtx<'_>,
     env: &environment::Model,
     action: &HookAction,
@@ -261,11 +324,36 @@ fn action_command(
             .map(|(_, v)| v.status)
     };
     let (kind, target, params) = match action {
-        HookAction::AddContainer(t) => (
-            CommandKind::EnvironmentAdd,
-            Target::Environment(env.id),
-            params::to_value(params::Add::of_type(t.clone())),
-        ),
+        HookAction::AddContainer(r) => {
+            let ty = ctx.svc.types().require(&r.type_id)?;
+            let mut requirements = ty.default_requirements();
+            if let Some(res) = r.resources {
+                requirements.resources = res;
+            }
+            requirements.spread |= r.spread;
+            requirements.labels.extend(r.labels.iter().cloned());
+            let avoid = match r.avoid_servers.as_slice() {
+                [] => None,
+                [one] => Some(server_id(ctx, one).await?),
+                more => {
+                    return Err(format!(
+                        "a hook asked to avoid {} servers; this core avoids at most one per added container (use spread to keep members of a type apart)",
+                        more.len()
+                    ));
+                }
+            };
+            let add = params::Add {
+                requirements: Some(requirements),
+                avoid,
+                params: r.params.clone(),
+                ..params::Add::of_type(r.type_id.clone())
+            };
+            (
+                CommandKind::EnvironmentAdd,
+                Target::Environment(env.id),
+                params::to_value(add),
+            )
+        }
         HookAction::RemoveContainer(id) => {
             if !member(id.0) {
                 return Err(format!(
@@ -282,6 +370,7 @@ fn action_command(
             container,
             script,
             args,
+            tag,
         } => {
             if !member(container.0) {
                 return Err(format!(
@@ -302,6 +391,7 @@ fn action_command(
                 params::to_value(params::Exec {
                     script: script.clone(),
                     args: args.clone(),
+                    tag: tag.clone(),
                 }),
             )
         }
@@ -318,6 +408,7 @@ fn action_command(
                 params::to_value(params::Member { container_id: id.0 }),
             )
         }
+        HookAction::SetParams { .. } => unreachable!("set-params is applied by drain_actions"),
     };
     Ok(Some(NewCommand {
         kind,
@@ -327,8 +418,53 @@ fn action_command(
     }))
 }
 
-/// Runs the actions stored in the progress one at a time, in order, each as a child command;
-/// when none is left, goes on with `then(progress)`. A failed action fails the command.
+/// A tagged script the last step spawned, waiting for its result to reach the requester.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct PendingExec {
+    by: i64,
+    tag: String,
+    container: i64,
+}
+
+/// What the newest `container.exec` child returned, as the requester's `after-exec` sees it.
+async fn exec_result(ctx: &StepCtx<'_>, p: &PendingExec) -> Result<ExecResult, StepError> {
+    let children = ctx.svc.queue().children(ctx.cmd.id).await?;
+    let child = children
+        .iter()
+        .filter(|c| {
+            c.kind == CommandKind::ContainerExec.as_str() && c.target_id == Some(p.container)
+        })
+        .max_by_key(|c| c.id);
+    let result: Value = child
+        .and_then(|c| c.result.as_deref())
+        .and_then(|r| serde_json::from_str(r).ok())
+        .unwrap_or(Value::Null);
+    let text = |k: &str| result[k].as_str().unwrap_or_default().to_string();
+    let clip = |s: String| s.chars().take(64 << 10).collect::<String>();
+    Ok(match result["exit_code"].as_i64() {
+        Some(code) => ExecResult {
+            tag: p.tag.clone(),
+            container: ContainerId(p.container),
+            exit_code: code as i32,
+            stdout: clip(text("stdout")),
+            stderr: clip(text("stderr")),
+        },
+        None => ExecResult {
+            tag: p.tag.clone(),
+            container: ContainerId(p.container),
+            exit_code: -1,
+            stdout: String::new(),
+            stderr: child
+                .and_then(|c| c.error.clone())
+                .unwrap_or_else(|| "the script did not run".into()),
+        },
+    })
+}
+
+/// Runs the actions stored in the progress one at a time, in order, each as a child command
+/// (a `set-params` is written at once); when none is left, goes on with `then(progress)`. A
+/// failed action fails the command, except a tagged script: its result goes to the requester's
+/// `after-exec`, whose actions run next.
 async fn drain_actions(
     ctx: &StepCtx<'_>,
     env: &environment::Model,
@@ -340,18 +476,92 @@ async fn drain_actions(
         ))));
     }
     let mut progress = ctx.progress.clone();
-    let mut actions: Vec<HookAction> = ctx.progress_field("actions")?;
+    let mut actions: Vec<Queued> = ctx.progress_field("actions")?;
+    let step = ctx.cmd.step;
+    if let Some(pending) = progress.get("pending_exec").filter(|v| !v.is_null()) {
+        let pending: PendingExec = serde_json::from_value(pending.clone()).map_err(|e| {
+            StepError::Permanent(format!("command {}: unreadable progress: {e}", ctx.cmd.id))
+        })?;
+        progress["pending_exec"] = Value::Null;
+        let result = exec_result(ctx, &pending).await?;
+        let all = members(ctx.svc.types(), ctx.svc.db(), env.id).await?;
+        let view = env_view(env, &all);
+        let Some((row, requester)) = all.iter().find(|(r, _)| r.id == pending.by) else {
+            // The requester left meanwhile: nobody to tell.
+            return Ok(Transition::bare(Next::Continue { step, progress }));
+        };
+        let calls = vec![Call {
+            view: requester,
+            state: &row.state,
+            hook: Hook::AfterExec(result),
+        }];
+        let (states, more) = dispatch(ctx.svc, &view, calls, false)?;
+        actions.splice(0..0, more);
+        progress["actions"] = serde_json::to_value(&actions).expect("serializable");
+        return Ok(with_states(states, Next::Continue { step, progress }));
+    }
     if actions.is_empty() {
         return Ok(Transition::bare(then(progress)));
     }
-    let action = actions.remove(0);
-    let members = members(ctx.svc, ctx.svc.db(), env.id).await?;
-    let child = action_command(ctx, env, &action, &members).map_err(StepError::Permanent)?;
+    let (by, action) = actions.remove(0).parts();
     progress["actions"] = serde_json::to_value(&actions).expect("serializable");
+    let members = members(ctx.svc.types(), ctx.svc.db(), env.id).await?;
+    if let HookAction::SetParams { container, params } = &action {
+        let (row, _) = members
+            .iter()
+            .find(|(r, _)| r.id == container.0)
+            .ok_or_else(|| {
+                StepError::Permanent(format!(
+                    "a hook asked to set parameters of container {container}, which is not a member of '{}'",
+                    env.name
+                ))
+            })?;
+        let ty = ctx
+            .svc
+            .types()
+            .require(&row.type_id)
+            .map_err(StepError::Permanent)?;
+        let current: Params = serde_json::from_str(&row.params).unwrap_or_default();
+        let next = cloud48_model::apply_settable(&ty.param_specs(), &current, params)
+            .map_err(|m| {
+                StepError::Permanent(format!(
+                    "a hook asked to set parameters of container {container} ({}): {m}",
+                    row.type_id
+                ))
+            })?;
+        let (id, text) = (row.id, serde_json::to_string(&next).expect("serializable"));
+        return Ok(Transition::commit(move |txn| {
+            Box::pin(async move {
+                container::Entity::update_many()
+                    .col_expr(container::Column::Params, sea_orm::sea_query::Expr::val(text))
+                    .col_expr(
+                        container::Column::UpdatedAt,
+                        sea_orm::sea_query::Expr::val(now_ms()),
+                    )
+                    .filter(container::Column::Id.eq(id))
+                    .exec(txn)
+                    .await?;
+                Ok(Next::Continue { step, progress })
+            })
+        }));
+    }
+    let child = action_command(ctx, env, &action, &members)
+        .await
+        .map_err(StepError::Permanent)?;
+    if let (HookAction::Exec { container, tag: Some(tag), .. }, Some(_)) = (&action, &child)
+        && by != 0
+    {
+        progress["pending_exec"] = serde_json::to_value(PendingExec {
+            by,
+            tag: tag.clone(),
+            container: container.0,
+        })
+        .expect("serializable");
+    }
     // A skipped action spawns nothing, which the queue treats as going on at once.
     let children = child.into_iter().collect();
     Ok(Transition::bare(Next::Spawn {
-        step: ctx.cmd.step,
+        step,
         progress,
         children,
     }))
@@ -367,18 +577,21 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
         .map_err(StepError::Permanent)?;
     match AddStep::of(ctx.cmd)? {
         AddStep::BeforeHooks => {
-            let members = members(svc, svc.db(), env.id).await?;
+            let members = members(svc.types(), svc.db(), env.id).await?;
             let view = env_view(env, &members);
             // A clone starts from a copy of its source's state; the add hooks then rewire it.
-            let initial = match params.clone_of {
+            let (initial, given) = match params.clone_of {
                 Some(src) => {
-                    crate::managers::load_container(svc.db(), src)
+                    let src = crate::managers::load_container(svc.db(), src)
                         .await
-                        .map_err(core_err)?
-                        .state
+                        .map_err(core_err)?;
+                    let given: Params = serde_json::from_str(&src.params).unwrap_or_default();
+                    (src.state, given)
                 }
-                None => ty.initial_state(),
+                None => (ty.initial_state(), params.params.clone()),
             };
+            let resolved = cloud48_model::resolve_params(&ty.param_specs(), &given)
+                .map_err(|m| StepError::Permanent(format!("a new {}: {m}", ty.type_id())))?;
             let new_view = MemberView {
                 id: ContainerId(0),
                 type_id: ty.type_id().to_string(),
@@ -386,6 +599,12 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 status: ContainerStatus::Creating,
                 server: None,
                 ip: None,
+                resources: params
+                    .requirements
+                    .as_ref()
+                    .map_or(ty.default_requirements().resources, |r| r.resources),
+                endpoints: ty.workload().endpoints,
+                params: resolved.clone(),
             };
             let mut calls = vec![Call {
                 view: &new_view,
@@ -400,7 +619,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let (states, actions) = dispatch(svc, &view, calls, true)?;
             let (own, others): (Vec<_>, Vec<_>) = states.into_iter().partition(|(i, _)| *i == 0);
             let new_state = own.into_iter().last().map_or(initial.clone(), |(_, s)| s);
-            let progress = json!({ "new_state": new_state, "actions": actions });
+            let progress = json!({ "new_state": new_state, "actions": actions, "params": resolved });
             let step = AddStep::BeforeActions.number();
             Ok(with_states(others, Next::Continue { step, progress }))
         }
@@ -419,6 +638,13 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                         ctx.cmd.id
                     ))
                 })?;
+            // Commands written before parameters existed have none: the type's defaults.
+            let own: Params = match ctx.progress.get("params") {
+                Some(p) if !p.is_null() => ctx.progress_field("params")?,
+                _ => cloud48_model::resolve_params(&ty.param_specs(), &params.params)
+                    .map_err(StepError::Permanent)?,
+            };
+            let own_params = serde_json::to_string(&own).expect("serializable");
             let server = params.server.as_deref();
             let new =
                 prepare_container(svc, ty.type_id(), server, params.requirements, Some(env.id))
@@ -434,6 +660,14 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                         .await
                         .map_err(core_err)?;
                     save_states(txn, vec![(id, new_state)]).await?;
+                    container::Entity::update_many()
+                        .col_expr(
+                            container::Column::Params,
+                            sea_orm::sea_query::Expr::val(own_params),
+                        )
+                        .filter(container::Column::Id.eq(id))
+                        .exec(txn)
+                        .await?;
                     let child = NewCommand {
                         kind: crate::model::CommandKind::ContainerCreate,
                         target: Some(Target::Container(id)),
@@ -460,7 +694,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                     params.type_id
                 ))));
             }
-            let all = members(svc, svc.db(), env.id).await?;
+            let all = members(svc.types(), svc.db(), env.id).await?;
             // The new container has joined: every after-hook sees it among the members (each
             // hook's own container is left out by `dispatch`), as the SDK's Platform does.
             let view = env_view(env, &all);
@@ -504,29 +738,26 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
     let id = container_param(ctx)?;
     match RemoveStep::of(ctx.cmd)? {
         RemoveStep::BeforeHooks => {
-            let members = members(svc, svc.db(), env.id).await?;
+            let members = members(svc.types(), svc.db(), env.id).await?;
             let Some((row, removed)) = members.iter().find(|(r, _)| r.id == id) else {
                 return Err(StepError::Permanent(format!(
                     "container {id} is not a member of environment '{}'",
                     env.name
                 )));
             };
-            let others: Vec<_> = members
-                .iter()
-                .filter(|(r, _)| r.id != id)
-                .cloned()
-                .collect();
-            let view = env_view(env, &others);
-            let (states, actions) = dispatch(
-                svc,
-                &view,
-                vec![Call {
-                    view: removed,
-                    state: &row.state,
-                    hook: Hook::BeforeItIsRemoved,
-                }],
-                true,
-            )?;
+            // Its own hook first, then the others', in priority order; any may deny.
+            let view = env_view(env, &members);
+            let mut calls = vec![Call {
+                view: removed,
+                state: &row.state,
+                hook: Hook::BeforeItIsRemoved,
+            }];
+            calls.extend(members.iter().filter(|(r, _)| r.id != id).map(|(r, v)| Call {
+                view: v,
+                state: &r.state,
+                hook: Hook::BeforeOtherIsRemoved(removed.clone()),
+            }));
+            let (states, actions) = dispatch(svc, &view, calls, true)?;
             let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable"), "actions": actions });
             let step = RemoveStep::BeforeActions.number();
             Ok(with_states(states, Next::Continue { step, progress }))
@@ -559,17 +790,39 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             }
             let removed: MemberView = serde_json::from_value(ctx.progress["removed"].clone())
                 .map_err(|e| StepError::Permanent(format!("lost the removed member: {e}")))?;
-            let others = members(svc, svc.db(), env.id).await?;
+            let others = members(svc.types(), svc.db(), env.id).await?;
             let view = env_view(env, &others);
-            let calls = others
-                .iter()
-                .map(|(row, v)| Call {
-                    view: v,
-                    state: &row.state,
-                    hook: Hook::AfterOtherIsRemoved(removed.clone()),
-                })
-                .collect();
-            let (states, actions) = dispatch(svc, &view, calls, false)?;
+            // The removed container's own hook sees its last state and the members left.
+            let last_state = container::Entity::find_by_id(id)
+                .one(svc.db())
+                .await?
+                .map(|r| r.state)
+                .unwrap_or_default();
+            let gone = MemberView {
+                status: ContainerStatus::Destroyed,
+                ..removed.clone()
+            };
+            let mut calls = vec![Call {
+                view: &gone,
+                state: &last_state,
+                hook: Hook::AfterItIsRemoved,
+            }];
+            calls.extend(others.iter().map(|(row, v)| Call {
+                view: v,
+                state: &row.state,
+                hook: Hook::AfterOtherIsRemoved(removed.clone()),
+            }));
+            let (mut states, mut actions) = dispatch(svc, &view, calls, false)?;
+            // Nothing runs in or changes a destroyed container any more.
+            states.retain(|(c, _)| *c != id);
+            actions.retain(|q| {
+                !matches!(
+                    q,
+                    Queued::By { action: HookAction::Exec { container, .. }, .. }
+                        | Queued::Bare(HookAction::Exec { container, .. })
+                        if container.0 == id
+                )
+            });
             let mut progress = ctx.progress.clone();
             progress["actions"] = serde_json::to_value(&actions).expect("serializable");
             let step = RemoveStep::AfterActions.number();
@@ -603,7 +856,7 @@ async fn fan_out(
             _ => (&[Creating, Running, Stopped, Suspended, Down], false),
         };
         let mut groups: Vec<(i32, Vec<i64>)> = Vec::new();
-        let mut members = members(svc, svc.db(), env.id).await?;
+        let mut members = members(svc.types(), svc.db(), env.id).await?;
         if !ascending {
             members.reverse();
         }
@@ -696,22 +949,41 @@ async fn notify(
             )));
         }
     };
-    let members = members(svc, svc.db(), env.id).await?;
+    let members = members(svc.types(), svc.db(), env.id).await?;
     let chosen = |v: &MemberView| match op {
         "failover" => listed.contains(&v.id.0) && v.status == ContainerStatus::Down,
         "recover" => listed.contains(&v.id.0) && v.status != ContainerStatus::Down,
         _ => v.status != ContainerStatus::Down && v.status != ContainerStatus::Creating,
     };
     let view = env_view(env, &members);
-    let calls = members
+    let changed: Vec<&(container::Model, MemberView)> =
+        members.iter().filter(|(_, v)| chosen(v)).collect();
+    let mut calls: Vec<Call<'_>> = changed
         .iter()
-        .filter(|(_, v)| chosen(v))
         .map(|(row, v)| Call {
             view: v,
             state: &row.state,
             hook: hook.clone(),
         })
         .collect();
+    // Then every member that is not down hears of each one that went down or came back.
+    for (_, c) in &changed {
+        let about = match &hook {
+            Hook::IsDown(cause) => Hook::AfterOtherIsDown(c.clone(), cause.clone()),
+            Hook::IsUp => Hook::AfterOtherIsUp(c.clone()),
+            _ => continue,
+        };
+        calls.extend(
+            members
+                .iter()
+                .filter(|(_, v)| v.id != c.id && v.status != ContainerStatus::Down)
+                .map(|(row, v)| Call {
+                    view: v,
+                    state: &row.state,
+                    hook: about.clone(),
+                }),
+        );
+    }
     let (states, actions) = dispatch(svc, &view, calls, false)?;
     let step = NotifyStep::Actions.number();
     let progress = json!({ "actions": actions });
@@ -726,7 +998,7 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
     let id = container_param(ctx)?;
     match ReplaceStep::of(ctx.cmd)? {
         ReplaceStep::Retire => {
-            let all = members(svc, svc.db(), env.id).await?;
+            let all = members(svc.types(), svc.db(), env.id).await?;
             let Some((row, old)) = all.iter().find(|(r, _)| r.id == id).cloned() else {
                 return Err(StepError::Permanent(format!(
                     "container {id} is not a member of environment '{}'",
@@ -756,6 +1028,7 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                 "type": row.type_id,
                 "requirements": serde_json::from_str::<Value>(&row.requirements).unwrap_or(Value::Null),
                 "avoid": row.server_id,
+                "params": serde_json::from_str::<Value>(&row.params).unwrap_or(Value::Null),
                 "actions": actions,
             });
             let step = ReplaceStep::Actions.number();
@@ -782,6 +1055,8 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                 type_id: String,
                 requirements: Option<Requirements>,
                 avoid: Option<i64>,
+                #[serde(default)]
+                params: Option<Params>,
             }
             let p: Replaced = serde_json::from_value(ctx.progress.clone()).map_err(|e| {
                 StepError::Permanent(format!("command {}: unreadable progress: {e}", ctx.cmd.id))
@@ -789,6 +1064,7 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
             let add = params::Add {
                 requirements: p.requirements,
                 avoid: p.avoid,
+                params: p.params.unwrap_or_default(),
                 ..params::Add::of_type(p.type_id)
             };
             let child = NewCommand {
@@ -841,7 +1117,7 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
     let dst = ctx.params::<params::CloneEnvironment>()?.destination;
     let PlanStep::Item(index) = PlanStep::of(ctx.cmd)? else {
         let mut plan: Vec<(i64, String, Value)> = Vec::new();
-        for (r, v) in members(svc, svc.db(), env.id).await? {
+        for (r, v) in members(svc.types(), svc.db(), env.id).await? {
             if !matches!(
                 v.status,
                 ContainerStatus::Running | ContainerStatus::Stopped

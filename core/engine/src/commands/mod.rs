@@ -269,3 +269,24 @@ pub(crate) fn driver_of(
         StepError::Permanent(format!("server #{server_id} has no driver in this core"))
     })
 }
+
+/// The members of environment `env_id` as hooks see them, ascending priority then id.
+pub(crate) async fn environment_members<C: sea_orm::ConnectionTrait>(
+    types: &crate::types::TypeRegistry,
+    conn: &C,
+    env_id: i64,
+) -> Result<Vec<crate::types::MemberView>, crate::queue::StepError> {
+    Ok(environment::members(types, conn, env_id)
+        .await?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect())
+}
+
+/// The view hooks get of one container row (no server name).
+pub(crate) fn container_view(
+    types: &crate::types::TypeRegistry,
+    row: &crate::entities::container::Model,
+) -> Result<crate::types::MemberView, crate::managers::UnknownStatus> {
+    environment::member_view(types, row, None)
+}

@@ -143,6 +143,10 @@ pub struct Exec {
     /// Its arguments.
     #[serde(default)]
     pub args: Vec<String>,
+    /// Set when a hook wants the result in its `after-exec` (the script's failure then does
+    /// not fail the hook's command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
 }
 
 /// `environment.add`.
@@ -163,6 +167,9 @@ pub struct Add {
     /// The member this one copies (an environment clone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clone_of: Option<i64>,
+    /// Its parameters (the rest take the type's defaults).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub params: crate::model::Params,
 }
 
 impl Add {
@@ -174,6 +181,7 @@ impl Add {
             server: None,
             avoid: None,
             clone_of: None,
+            params: Default::default(),
         }
     }
 }

@@ -171,6 +171,7 @@ impl<'a> PluginManager<'a> {
 
     async fn info(&self, row: plugin::Model) -> Result<PluginInfo, CoreError> {
         let type_id = format!("{}@{}", row.name, row.version);
+        let ty = self.types.get(&type_id);
         let containers = self.live_containers(&type_id).await?.len() as u64;
         Ok(PluginInfo {
             type_id,
@@ -181,6 +182,8 @@ impl<'a> PluginManager<'a> {
                 priority: row.priority,
                 description: row.description,
                 requirements: serde_json::from_str(&row.requirements).unwrap_or_default(),
+                workload: ty.as_ref().map(|t| t.workload()).unwrap_or_default(),
+                params: ty.as_ref().map(|t| t.param_specs()).unwrap_or_default(),
             },
             sha256: row.sha256,
             size: row.wasm.len(),
@@ -246,8 +249,65 @@ impl<'a> PluginManager<'a> {
         Ok(())
     }
 
-    /// Installs a newer, semver-compatible version of plugin `name` and moves every container
-    /// of the old one to it, converting states with the new version's `migrate-state`.
+    /// Converts the state of container `c` for `new` with its `migrate-state`, giving it the
+    /// container's context (its environment's members and parameters); a refusal names the
+    /// container.
+    async fn migrate_one(
+        &self,
+        new: &WasmPlugin,
+        from: &str,
+        c: &container::Model,
+    ) -> Result<Vec<u8>, CoreError> {
+        use crate::types::{EnvironmentView, HookContext};
+        let refused = |m: String| {
+            CoreError::Conflict(format!(
+                "container {} ({}@{from}) cannot move to {}: {m}; nothing was changed",
+                c.id,
+                new.meta().name,
+                new.meta().version
+            ))
+        };
+        let env = match c.environment_id {
+            Some(id) => crate::entities::environment::Entity::find_by_id(id)
+                .one(self.db)
+                .await?,
+            None => None,
+        };
+        let (members, env_params) = match &env {
+            Some(e) => (
+                crate::commands::environment_members(&self.types, self.db, e.id)
+                    .await
+                    .map_err(|e| refused(e.to_string()))?,
+                serde_json::from_str(&e.params).unwrap_or_default(),
+            ),
+            None => (Vec::new(), Default::default()),
+        };
+        let me = members
+            .iter()
+            .find(|m| m.id.0 == c.id)
+            .cloned()
+            .map_or_else(
+                || crate::commands::container_view(&self.types, c),
+                Ok,
+            )
+            .map_err(|e| refused(e.to_string()))?;
+        let environment = EnvironmentView {
+            id: env.as_ref().map_or(0, |e| e.id),
+            name: env.as_ref().map_or(String::new(), |e| e.name.clone()),
+            members: members.into_iter().filter(|m| m.id.0 != c.id).collect(),
+            params: env_params,
+        };
+        let ctx = HookContext {
+            container: &me,
+            environment: &environment,
+            state: &c.state,
+        };
+        new.migrate_state(from, &ctx)
+            .map_err(|e| refused(e.cause))
+    }
+
+    /// Installs a newer version of plugin `name` and moves every container of the old one to
+    /// it, converting states with the new version's `migrate-state`.
     #[expect(
         clippy::disallowed_methods,
         reason = "database work only: every driver or plugin call happens before it"
@@ -280,24 +340,14 @@ impl<'a> PluginManager<'a> {
                 meta.name, meta.version, old.version
             )));
         }
-        let compatible = if from.major == 0 {
-            to.major == 0 && to.minor == from.minor
-        } else {
-            to.major == from.major
-        };
-        if !compatible {
-            return Err(CoreError::Conflict(format!(
-                "{} {} is not semver-compatible with the installed {}; install it under a new name or destroy the containers first",
-                meta.name, meta.version, old.version
-            )));
-        }
+        // Any newer version may take over, major bumps included, when its `migrate-state`
+        // accepts the state of every container (seeing each one's environment); the first
+        // refusal stops the upgrade and changes nothing.
         let old_type = format!("{}@{}", old.name, old.version);
         let containers = self.live_containers(&old_type).await?;
         let mut migrated = Vec::with_capacity(containers.len());
         for c in containers {
-            let state = loaded
-                .migrate_state(&old.version, c.state.clone())
-                .map_err(|e| invalid(e.to_string()))?;
+            let state = self.migrate_one(&loaded, &old.version, &c).await?;
             migrated.push((c, state));
         }
         let txn = self.db.begin().await?;
