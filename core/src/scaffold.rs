@@ -65,23 +65,25 @@ impl ContainerType for {{Type}} {
     fn metadata(&self) -> Metadata {
         Metadata::new("{{name}}", "0.1.0", 40, Resources::new(500, 256, 1024))
             .described("describe {{name}} here")
+            // What runs inside: the command (or an image), its endpoints and readiness.
+            .with_workload(Workload::command(["sleep", "infinity"]))
     }
 
     fn initial_state(&self) -> Vec<u8> {
         serde_json::to_vec(&State::default()).expect("serializes")
     }
 
-    fn before_it_is_added(&self, ctx: &Context) -> Outcome {
+    fn before_it_is_added(&self, ctx: &Context) -> HookResult {
         if ctx.members_of_type("{{name}}").count() > 0 {
-            return Outcome::deny("one {{name}} per environment");
+            return Ok(Outcome::deny("one {{name}} per environment"));
         }
-        Outcome::allow()
+        Ok(Outcome::allow())
     }
 
-    fn after_other_is_added(&self, ctx: &Context, other: &Member) -> Outcome {
+    fn after_other_is_added(&self, ctx: &Context, other: &Member) -> HookResult {
         let mut state: State = ctx.json_state();
         state.seen.push(other.id);
-        Outcome::allow().with_json_state(&state)
+        Ok(Outcome::allow().with_json_state(&state))
     }
 }
 

@@ -110,11 +110,21 @@ impl ParamSpec {
     }
     /// An integer parameter with a default.
     pub fn integer(name: &str, default: i64, description: &str) -> Self {
-        Self::new(name, ParamKind::Integer, Some(default.to_string()), description)
+        Self::new(
+            name,
+            ParamKind::Integer,
+            Some(default.to_string()),
+            description,
+        )
     }
     /// A boolean parameter with a default.
     pub fn boolean(name: &str, default: bool, description: &str) -> Self {
-        Self::new(name, ParamKind::Boolean, Some(default.to_string()), description)
+        Self::new(
+            name,
+            ParamKind::Boolean,
+            Some(default.to_string()),
+            description,
+        )
     }
     /// A parameter of `kind` that must be given.
     pub fn required(name: &str, kind: ParamKind, description: &str) -> Self {
@@ -268,7 +278,10 @@ impl From<AddRequest> for Action {
 impl Member {
     /// The port of endpoint `name`, if its type declares it.
     pub fn port(&self, name: &str) -> Option<u16> {
-        self.endpoints.iter().find(|e| e.name == name).map(|e| e.port)
+        self.endpoints
+            .iter()
+            .find(|e| e.name == name)
+            .map(|e| e.port)
     }
     /// `ip:port` of endpoint `name`, once the member has an address.
     pub fn address(&self, endpoint: &str) -> Option<String> {

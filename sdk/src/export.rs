@@ -6,8 +6,8 @@ use crate::bindings::cloud48::container::types as wit;
 use crate::bindings::exports::cloud48::container::hooks::Guest;
 use crate::{
     Action, AddRequest, Check, ContainerType, Context, DownCause, Endpoint, Environment,
-    ExecRequest, ExecResult, HookError, HookResult, Member, Metadata, Outcome, ParamKind,
-    Protocol, Resources, Status, Verdict, Workload,
+    ExecRequest, ExecResult, HookError, HookResult, Member, Metadata, Outcome, ParamKind, Protocol,
+    Resources, Status, Verdict, Workload,
 };
 
 impl From<wit::Status> for Status {

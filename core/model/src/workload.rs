@@ -332,7 +332,9 @@ pub fn apply_settable(
             .find(|s| &s.name == name)
             .ok_or_else(|| format!("the type has no parameter '{name}'"))?;
         if !spec.settable {
-            return Err(format!("parameter '{name}' is not settable by other members"));
+            return Err(format!(
+                "parameter '{name}' is not settable by other members"
+            ));
         }
         spec.check(value)?;
         out.insert(name.clone(), value.clone());
@@ -355,7 +357,9 @@ mod tests {
     }
 
     fn params(kv: &[(&str, &str)]) -> Params {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -366,15 +370,27 @@ mod tests {
             spec("primary", ParamKind::Text, Some("")),
         ];
         let got = resolve_params(&specs, &params(&[("db", "shop")])).unwrap();
-        assert_eq!(got, params(&[("heap-mb", "256"), ("db", "shop"), ("primary", "")]));
+        assert_eq!(
+            got,
+            params(&[("heap-mb", "256"), ("db", "shop"), ("primary", "")])
+        );
         let e = resolve_params(&specs, &params(&[])).unwrap_err();
-        assert!(e.contains("'db' is required") && e.contains("db=VALUE"), "{e}");
+        assert!(
+            e.contains("'db' is required") && e.contains("db=VALUE"),
+            "{e}"
+        );
         let e = resolve_params(&specs, &params(&[("db", "x"), ("heap", "1")])).unwrap_err();
-        assert!(e.contains("unknown parameter 'heap'") && e.contains("heap-mb"), "{e}");
+        assert!(
+            e.contains("unknown parameter 'heap'") && e.contains("heap-mb"),
+            "{e}"
+        );
         let e = resolve_params(&specs, &params(&[("db", "x"), ("heap-mb", "big")])).unwrap_err();
         assert!(e.contains("decimal integer") && e.contains("big"), "{e}");
         assert!(validate_schema(&[spec("on", ParamKind::Boolean, Some("yes"))]).is_err());
-        let twice = [spec("a", ParamKind::Text, None), spec("a", ParamKind::Text, None)];
+        let twice = [
+            spec("a", ParamKind::Text, None),
+            spec("a", ParamKind::Text, None),
+        ];
         assert!(validate_schema(&twice).unwrap_err().contains("twice"));
     }
 

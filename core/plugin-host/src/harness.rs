@@ -320,6 +320,9 @@ pub struct Step {
     pub environment: Option<String>,
     /// Add a container of this type.
     pub add: Option<String>,
+    /// The parameters of the container `add` adds.
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
     /// Remove the container with this id.
     pub remove: Option<i64>,
     /// Crash this fake server (`s1`..`s3`): its members go down and get `is-down`.
@@ -338,6 +341,8 @@ pub struct Step {
     pub expect_execs: Option<usize>,
     /// A value of a member's inspected state.
     pub expect_state: Option<StateExpectation>,
+    /// A member's parameter.
+    pub expect_params: Option<ParamExpectation>,
     /// The last script exec'd: its target container and arguments (and, optionally, a text
     /// its script contains).
     pub expect_last_exec: Option<ExecExpectation>,
@@ -363,6 +368,18 @@ pub struct ExecExpectation {
     pub args: Vec<String>,
     /// A text the script contains.
     pub script_contains: Option<String>,
+}
+
+/// An expected parameter of a member.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamExpectation {
+    /// Container id.
+    pub id: i64,
+    /// Parameter name.
+    pub name: String,
+    /// Expected value.
+    pub value: String,
 }
 
 /// An expected value in a member's inspected state.
@@ -408,7 +425,11 @@ pub fn run_scenario(
         let (what, result) = if let Some(t) = &step.add {
             (
                 format!("add {t}"),
-                p.add(t).map(|id| format!("container {id}")),
+                p.add_request(cloud48_sdk::AddRequest {
+                    params: step.params.clone(),
+                    ..cloud48_sdk::AddRequest::of(t)
+                })
+                .map(|id| format!("container {id}")),
             )
         } else if let Some(id) = step.remove {
             (
@@ -489,6 +510,18 @@ pub fn run_scenario(
                 && !got.script.contains(text.as_str())
             {
                 return Err(fail(format!("the last script does not contain '{text}'")));
+            }
+        }
+        if let Some(e) = &step.expect_params {
+            let got = p.params_of(e.id);
+            if got.get(&e.name) != Some(&e.value) {
+                return Err(fail(format!(
+                    "parameter '{}' of container {} is {:?}, expected '{}'",
+                    e.name,
+                    e.id,
+                    got.get(&e.name),
+                    e.value
+                )));
             }
         }
         if let Some(e) = &step.expect_state {

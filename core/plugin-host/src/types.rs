@@ -321,7 +321,11 @@ pub struct TypeError {
 
 impl TypeError {
     /// A failure of `hook` of `type_id` that retrying does not cure.
-    pub fn new(type_id: impl Into<String>, hook: impl Into<String>, cause: impl Into<String>) -> Self {
+    pub fn new(
+        type_id: impl Into<String>,
+        hook: impl Into<String>,
+        cause: impl Into<String>,
+    ) -> Self {
         TypeError {
             type_id: type_id.into(),
             hook: hook.into(),

@@ -19,7 +19,8 @@ pub const ATTACH: &str =
     "# cloud48: follow a redis primary\nset -e\nredis-cli -p 6379 replicaof \"$1\" \"$2\"\n";
 
 /// Makes this redis the primary.
-pub const PROMOTE: &str = "# cloud48: become the redis primary\nset -e\nredis-cli -p 6379 replicaof no one\n";
+pub const PROMOTE: &str =
+    "# cloud48: become the redis primary\nset -e\nredis-cli -p 6379 replicaof no one\n";
 
 /// Tag of the attach script's result.
 const ATTACHED: &str = "attached";
@@ -104,7 +105,8 @@ impl ContainerType for Redis {
         }
         let p = primary(ctx).ok_or_else(|| HookError::retry("the redis primary is not running"))?;
         Ok(Outcome::allow().with_action(
-            attach(ctx.container.id, p).ok_or_else(|| HookError::fail("the primary has no address"))?,
+            attach(ctx.container.id, p)
+                .ok_or_else(|| HookError::fail("the primary has no address"))?,
         ))
     }
 

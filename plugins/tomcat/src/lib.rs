@@ -78,7 +78,11 @@ pub fn redis_primary<'a>(ctx: &'a Context, gone: Option<&Member>) -> Option<&'a 
         .members_of_type("redis")
         .filter(live)
         .find(|m| m.params.get("role").map(String::as_str) == Some("primary"));
-    primary.or_else(|| ctx.members_of_type("redis").filter(live).min_by_key(|m| m.id))
+    primary.or_else(|| {
+        ctx.members_of_type("redis")
+            .filter(live)
+            .min_by_key(|m| m.id)
+    })
 }
 
 impl ContainerType for Tomcat {
@@ -94,11 +98,7 @@ impl ContainerType for Tomcat {
                     .ready_when(Check::Http("http".into(), "${context-path}".into()))
                     .with_volume("config", "/etc/cloud48"),
             )
-            .with_param(ParamSpec::integer(
-                "heap-mb",
-                512,
-                "Java heap size in MiB",
-            ))
+            .with_param(ParamSpec::integer("heap-mb", 512, "Java heap size in MiB"))
             .with_param(ParamSpec::text(
                 "context-path",
                 "/",

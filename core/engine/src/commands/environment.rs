@@ -120,7 +120,10 @@ struct Call<'a> {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 enum Queued {
-    By { by: i64, action: HookAction },
+    By {
+        by: i64,
+        action: HookAction,
+    },
     /// As commands written before WIT 0.2.0 stored them.
     Bare(HookAction),
 }
@@ -522,8 +525,8 @@ async fn drain_actions(
             .require(&row.type_id)
             .map_err(StepError::Permanent)?;
         let current: Params = serde_json::from_str(&row.params).unwrap_or_default();
-        let next = cloud48_model::apply_settable(&ty.param_specs(), &current, params)
-            .map_err(|m| {
+        let next =
+            cloud48_model::apply_settable(&ty.param_specs(), &current, params).map_err(|m| {
                 StepError::Permanent(format!(
                     "a hook asked to set parameters of container {container} ({}): {m}",
                     row.type_id
@@ -533,7 +536,10 @@ async fn drain_actions(
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
                 container::Entity::update_many()
-                    .col_expr(container::Column::Params, sea_orm::sea_query::Expr::val(text))
+                    .col_expr(
+                        container::Column::Params,
+                        sea_orm::sea_query::Expr::val(text),
+                    )
                     .col_expr(
                         container::Column::UpdatedAt,
                         sea_orm::sea_query::Expr::val(now_ms()),
@@ -548,7 +554,14 @@ async fn drain_actions(
     let child = action_command(ctx, env, &action, &members)
         .await
         .map_err(StepError::Permanent)?;
-    if let (HookAction::Exec { container, tag: Some(tag), .. }, Some(_)) = (&action, &child)
+    if let (
+        HookAction::Exec {
+            container,
+            tag: Some(tag),
+            ..
+        },
+        Some(_),
+    ) = (&action, &child)
         && by != 0
     {
         progress["pending_exec"] = serde_json::to_value(PendingExec {
@@ -619,7 +632,8 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let (states, actions) = dispatch(svc, &view, calls, true)?;
             let (own, others): (Vec<_>, Vec<_>) = states.into_iter().partition(|(i, _)| *i == 0);
             let new_state = own.into_iter().last().map_or(initial.clone(), |(_, s)| s);
-            let progress = json!({ "new_state": new_state, "actions": actions, "params": resolved });
+            let progress =
+                json!({ "new_state": new_state, "actions": actions, "params": resolved });
             let step = AddStep::BeforeActions.number();
             Ok(with_states(others, Next::Continue { step, progress }))
         }
@@ -752,11 +766,16 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
                 state: &row.state,
                 hook: Hook::BeforeItIsRemoved,
             }];
-            calls.extend(members.iter().filter(|(r, _)| r.id != id).map(|(r, v)| Call {
-                view: v,
-                state: &r.state,
-                hook: Hook::BeforeOtherIsRemoved(removed.clone()),
-            }));
+            calls.extend(
+                members
+                    .iter()
+                    .filter(|(r, _)| r.id != id)
+                    .map(|(r, v)| Call {
+                        view: v,
+                        state: &r.state,
+                        hook: Hook::BeforeOtherIsRemoved(removed.clone()),
+                    }),
+            );
             let (states, actions) = dispatch(svc, &view, calls, true)?;
             let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable"), "actions": actions });
             let step = RemoveStep::BeforeActions.number();

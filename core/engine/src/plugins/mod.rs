@@ -268,9 +268,11 @@ impl<'a> PluginManager<'a> {
             ))
         };
         let env = match c.environment_id {
-            Some(id) => crate::entities::environment::Entity::find_by_id(id)
-                .one(self.db)
-                .await?,
+            Some(id) => {
+                crate::entities::environment::Entity::find_by_id(id)
+                    .one(self.db)
+                    .await?
+            }
             None => None,
         };
         let (members, env_params) = match &env {
@@ -286,10 +288,7 @@ impl<'a> PluginManager<'a> {
             .iter()
             .find(|m| m.id.0 == c.id)
             .cloned()
-            .map_or_else(
-                || crate::commands::container_view(&self.types, c),
-                Ok,
-            )
+            .map_or_else(|| crate::commands::container_view(&self.types, c), Ok)
             .map_err(|e| refused(e.to_string()))?;
         let environment = EnvironmentView {
             id: env.as_ref().map_or(0, |e| e.id),
@@ -302,8 +301,7 @@ impl<'a> PluginManager<'a> {
             environment: &environment,
             state: &c.state,
         };
-        new.migrate_state(from, &ctx)
-            .map_err(|e| refused(e.cause))
+        new.migrate_state(from, &ctx).map_err(|e| refused(e.cause))
     }
 
     /// Installs a newer version of plugin `name` and moves every container of the old one to

@@ -483,8 +483,8 @@ impl WasmPlugin {
             Pre::V0_2_0(p) => p.instantiate(&mut store).map(Bindings::V0_2_0),
         }
         .map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
-        let out = f(&instance, &mut store)
-            .map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
+        let out =
+            f(&instance, &mut store).map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
         let data = store.data_mut();
         let mut logs = std::mem::take(&mut data.logs);
         if data.logs_dropped > 0 {
@@ -514,7 +514,9 @@ impl WasmPlugin {
             Pre::V0_2_0(_) => {
                 let c = v0_2_0::context(ctx);
                 self.call("migrate-state", env_params, |b, s| match b {
-                    Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_migrate_state(s, from, &c),
+                    Bindings::V0_2_0(b) => {
+                        b.cloud48_container_hooks().call_migrate_state(s, from, &c)
+                    }
                     Bindings::V0_1_0(_) => unreachable!("instantiated from its own Pre"),
                 })?
             }

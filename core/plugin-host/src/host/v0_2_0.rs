@@ -5,8 +5,7 @@ use wasmtime::Store;
 
 use super::{HostState, PluginMeta};
 use crate::types::{
-    AddRequest, DownCause, Hook, HookAction, HookContext, LogLevel, LogLine,
-    MemberView, Verdict,
+    AddRequest, DownCause, Hook, HookAction, HookContext, LogLevel, LogLine, MemberView, Verdict,
 };
 use cloud48_model::{
     Check, ContainerId, ContainerStatus, Endpoint, ImageRef, ParamKind, ParamSpec, Params,

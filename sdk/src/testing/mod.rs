@@ -12,9 +12,17 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use crate::{
-    Action, AddRequest, ContainerType, Context, DownCause, Environment, ExecResult, HookResult,
-    Level, Member, Metadata, Outcome, Status, Verdict,
+    Action, AddRequest, Context, DownCause, Environment, ExecResult, Level, Member, Outcome,
+    Status, Verdict,
 };
+
+mod hooks;
+mod params;
+
+use params::{check_settable, resolve};
+
+use hooks::hook_name;
+pub use hooks::{Call, Hooks, NativeHooks};
 
 thread_local! {
     static LOGS: RefCell<Vec<(Level, String)>> = const { RefCell::new(Vec::new()) };
@@ -28,133 +36,6 @@ pub(crate) fn record_log(level: Level, message: &str) {
 
 fn take_logs() -> Vec<(Level, String)> {
     LOGS.with(|l| std::mem::take(&mut *l.borrow_mut()))
-}
-
-/// One hook call, as the platform sees it.
-#[derive(Debug, Clone)]
-pub enum Call<'a> {
-    /// `before-it-is-added`.
-    BeforeItIsAdded,
-    /// `after-it-is-added`.
-    AfterItIsAdded,
-    /// `before-other-is-added`.
-    BeforeOtherIsAdded(&'a Member),
-    /// `after-other-is-added`.
-    AfterOtherIsAdded(&'a Member),
-    /// `before-it-is-removed`.
-    BeforeItIsRemoved,
-    /// `after-it-is-removed`.
-    AfterItIsRemoved,
-    /// `before-other-is-removed`.
-    BeforeOtherIsRemoved(&'a Member),
-    /// `after-other-is-removed`.
-    AfterOtherIsRemoved(&'a Member),
-    /// `is-down`.
-    IsDown(&'a DownCause),
-    /// `is-up`.
-    IsUp,
-    /// `after-other-is-down`.
-    AfterOtherIsDown(&'a Member, &'a DownCause),
-    /// `after-other-is-up`.
-    AfterOtherIsUp(&'a Member),
-    /// `after-exec`.
-    AfterExec(&'a ExecResult),
-    /// `after-cc-start`: the core started.
-    AfterCcStart,
-    /// `before-cc-stop`: the core is stopping.
-    BeforeCcStop,
-}
-
-/// Something that can run the hooks of container types by name: Rust implementations here,
-/// WASM components in the core.
-pub trait Hooks {
-    /// Metadata of a type, or `None` if unknown.
-    fn metadata(&self, type_name: &str) -> Option<Metadata>;
-    /// Initial state of a new container of the type.
-    fn initial_state(&self, type_name: &str) -> Result<Vec<u8>, String>;
-    /// Runs a hook: the outer error is the platform's (unknown type, a trap), the inner one
-    /// the hook's own `HookError`.
-    fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<HookResult, String>;
-    /// The state as JSON.
-    fn inspect(&self, type_name: &str, state: &[u8]) -> Result<String, String>;
-}
-
-trait ErasedType {
-    fn metadata(&self) -> Metadata;
-    fn initial_state(&self) -> Vec<u8>;
-    fn call(&self, call: &Call<'_>, ctx: &Context) -> HookResult;
-    fn inspect(&self, state: &[u8]) -> String;
-}
-
-impl<T: ContainerType> ErasedType for T {
-    fn metadata(&self) -> Metadata {
-        ContainerType::metadata(self)
-    }
-    fn initial_state(&self) -> Vec<u8> {
-        ContainerType::initial_state(self)
-    }
-    fn call(&self, call: &Call<'_>, ctx: &Context) -> HookResult {
-        match call {
-            Call::BeforeItIsAdded => self.before_it_is_added(ctx),
-            Call::AfterItIsAdded => self.after_it_is_added(ctx),
-            Call::BeforeOtherIsAdded(o) => self.before_other_is_added(ctx, o),
-            Call::AfterOtherIsAdded(o) => self.after_other_is_added(ctx, o),
-            Call::BeforeItIsRemoved => self.before_it_is_removed(ctx),
-            Call::AfterItIsRemoved => self.after_it_is_removed(ctx),
-            Call::BeforeOtherIsRemoved(o) => self.before_other_is_removed(ctx, o),
-            Call::AfterOtherIsRemoved(o) => self.after_other_is_removed(ctx, o),
-            Call::IsDown(c) => self.is_down(ctx, c),
-            Call::IsUp => self.is_up(ctx),
-            Call::AfterOtherIsDown(o, c) => self.after_other_is_down(ctx, o, c),
-            Call::AfterOtherIsUp(o) => self.after_other_is_up(ctx, o),
-            Call::AfterExec(r) => self.after_exec(ctx, r),
-            Call::AfterCcStart => self.after_cc_start(ctx),
-            Call::BeforeCcStop => self.before_cc_stop(ctx),
-        }
-    }
-    fn inspect(&self, state: &[u8]) -> String {
-        ContainerType::inspect(self, state)
-    }
-}
-
-/// Rust implementations of container types, run natively.
-#[derive(Default)]
-pub struct NativeHooks {
-    types: BTreeMap<String, Box<dyn ErasedType>>,
-}
-
-impl NativeHooks {
-    /// Adds a type.
-    pub fn with<T: ContainerType + 'static>(mut self) -> Self {
-        let t = T::default();
-        let name = ContainerType::metadata(&t).name;
-        self.types.insert(name, Box::new(t));
-        self
-    }
-}
-
-impl Hooks for NativeHooks {
-    fn metadata(&self, type_name: &str) -> Option<Metadata> {
-        self.types.get(type_name).map(|t| t.metadata())
-    }
-    fn initial_state(&self, type_name: &str) -> Result<Vec<u8>, String> {
-        self.types
-            .get(type_name)
-            .map(|t| t.initial_state())
-            .ok_or_else(|| format!("unknown type {type_name}"))
-    }
-    fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<HookResult, String> {
-        self.types
-            .get(type_name)
-            .map(|t| t.call(call, ctx))
-            .ok_or_else(|| format!("unknown type {type_name}"))
-    }
-    fn inspect(&self, type_name: &str, state: &[u8]) -> Result<String, String> {
-        self.types
-            .get(type_name)
-            .map(|t| t.inspect(state))
-            .ok_or_else(|| format!("unknown type {type_name}"))
-    }
 }
 
 /// A script exec'd in a container.
@@ -215,26 +96,6 @@ impl Platform<NativeHooks> {
     }
 }
 
-fn hook_name(call: &Call<'_>) -> &'static str {
-    match call {
-        Call::BeforeItIsAdded => "before-it-is-added",
-        Call::AfterItIsAdded => "after-it-is-added",
-        Call::BeforeOtherIsAdded(_) => "before-other-is-added",
-        Call::AfterOtherIsAdded(_) => "after-other-is-added",
-        Call::BeforeItIsRemoved => "before-it-is-removed",
-        Call::AfterItIsRemoved => "after-it-is-removed",
-        Call::BeforeOtherIsRemoved(_) => "before-other-is-removed",
-        Call::AfterOtherIsRemoved(_) => "after-other-is-removed",
-        Call::IsDown(_) => "is-down",
-        Call::IsUp => "is-up",
-        Call::AfterOtherIsDown(..) => "after-other-is-down",
-        Call::AfterOtherIsUp(_) => "after-other-is-up",
-        Call::AfterExec(_) => "after-exec",
-        Call::AfterCcStart => "after-cc-start",
-        Call::BeforeCcStop => "before-cc-stop",
-    }
-}
-
 impl<H: Hooks> Platform<H> {
     /// An empty environment on three fake servers, `s1` to `s3`.
     pub fn new(hooks: H) -> Self {
@@ -270,7 +131,9 @@ impl<H: Hooks> Platform<H> {
 
     /// A member's parameters.
     pub fn params_of(&self, id: i64) -> BTreeMap<String, String> {
-        self.slot(id).map(|s| s.member.params.clone()).unwrap_or_default()
+        self.slot(id)
+            .map(|s| s.member.params.clone())
+            .unwrap_or_default()
     }
 
     fn slot(&self, id: i64) -> Option<&Slot> {
@@ -344,8 +207,11 @@ impl<H: Hooks> Platform<H> {
         let returned = self
             .hooks
             .call(crate::type_name(&member.type_id), &call, &ctx);
-        self.logs
-            .extend(take_logs().into_iter().map(|(l, m)| (l, format!("{who}: {m}"))));
+        self.logs.extend(
+            take_logs()
+                .into_iter()
+                .map(|(l, m)| (l, format!("{who}: {m}"))),
+        );
         let outcome = returned?.map_err(|e| {
             format!(
                 "{who} failed in {}: {}{}",
@@ -459,20 +325,7 @@ impl<H: Hooks> Platform<H> {
                         .hooks
                         .metadata(crate::type_name(&slot.member.type_id))
                         .ok_or("unknown type")?;
-                    for (k, v) in &params {
-                        let spec = meta
-                            .params
-                            .iter()
-                            .find(|p| &p.name == k)
-                            .ok_or_else(|| format!("{} has no parameter '{k}'", meta.name))?;
-                        if !spec.settable {
-                            return Err(format!(
-                                "parameter '{k}' of {} is not settable by other members",
-                                meta.name
-                            ));
-                        }
-                        check_kind(spec, v)?;
-                    }
+                    check_settable(&meta, &params)?;
                     let slot = self
                         .members
                         .iter_mut()
@@ -612,11 +465,9 @@ impl<H: Hooks> Platform<H> {
     fn crash_here(&mut self, server: &str) -> Result<(), String> {
         let cause = DownCause::ServerUnreachable(server.to_string());
         let mut down = Vec::new();
-        for slot in self
-            .members
-            .iter_mut()
-            .filter(|s| s.member.server.as_deref() == Some(server) && s.member.status != Status::Down)
-        {
+        for slot in self.members.iter_mut().filter(|s| {
+            s.member.server.as_deref() == Some(server) && s.member.status != Status::Down
+        }) {
             slot.member.status = Status::Down;
             self.down.push(slot.member.id);
             down.push(slot.member.id);
@@ -767,38 +618,5 @@ impl<H: Hooks> Platform<H> {
             }
         }
         self.act(actions)
-    }
-}
-
-/// The parameters of a new container of `meta`: `given` checked, defaults filled in.
-fn resolve(
-    meta: &Metadata,
-    given: &BTreeMap<String, String>,
-) -> Result<BTreeMap<String, String>, String> {
-    if let Some(unknown) = given.keys().find(|k| !meta.params.iter().any(|p| &&p.name == k)) {
-        return Err(format!("{} has no parameter '{unknown}'", meta.name));
-    }
-    let mut out = BTreeMap::new();
-    for p in &meta.params {
-        let v = given
-            .get(&p.name)
-            .or(p.default.as_ref())
-            .ok_or_else(|| format!("parameter '{}' of {} is required", p.name, meta.name))?;
-        check_kind(p, v)?;
-        out.insert(p.name.clone(), v.clone());
-    }
-    Ok(out)
-}
-
-fn check_kind(p: &crate::ParamSpec, v: &str) -> Result<(), String> {
-    let ok = match p.kind {
-        crate::ParamKind::Text => true,
-        crate::ParamKind::Integer => v.parse::<i64>().is_ok(),
-        crate::ParamKind::Boolean => v == "true" || v == "false",
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("parameter '{}' has a value of the wrong kind: '{v}'", p.name))
     }
 }
