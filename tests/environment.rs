@@ -118,6 +118,7 @@ pub(crate) async fn add(t: &TestCore, env: &str, type_id: &str) -> Command {
                 type_id: type_id.into(),
                 requirements: None,
                 server: None,
+                params: Default::default(),
             },
         )
         .await

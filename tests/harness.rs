@@ -100,6 +100,7 @@ async fn the_sdk_harness_makes_the_same_hook_calls_as_the_core() {
         type_id: "tomcat".into(),
         requirements: None,
         server: None,
+        params: Default::default(),
     };
     let mut tomcats = Vec::new();
     for _ in 0..3 {

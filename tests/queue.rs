@@ -110,6 +110,7 @@ async fn parent_child(pg: bool) {
                     type_id: "plain".into(),
                     requirements: None,
                     server: None,
+                    params: Default::default(),
                 },
                 "test",
             )

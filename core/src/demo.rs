@@ -35,6 +35,7 @@ pub async fn run() -> Result<()> {
         type_id: "tomcat".into(),
         requirements: None,
         server: None,
+        params: Default::default(),
     };
     let first = finish(
         &core,

@@ -18,6 +18,7 @@ impl Metadata {
             wit_version: WIT_VERSION.into(),
             priority,
             requirements,
+            placement: Placement::default(),
             description: String::new(),
             workload: Workload::default(),
             params: Vec::new(),
@@ -31,6 +32,17 @@ impl Metadata {
     /// With what runs inside.
     pub fn with_workload(mut self, workload: Workload) -> Self {
         self.workload = workload;
+        self
+    }
+    /// New containers of this type avoid servers that run a member of the same type in their
+    /// environment (anti-affinity), unless the user asks otherwise.
+    pub fn spread(mut self) -> Self {
+        self.placement.spread = true;
+        self
+    }
+    /// New containers of this type go only to servers with this label.
+    pub fn on_label(mut self, label: &str) -> Self {
+        self.placement.labels.push(label.into());
         self
     }
     /// With one more parameter.

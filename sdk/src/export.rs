@@ -244,6 +244,11 @@ impl From<Metadata> for wit::Metadata {
             wit_version: m.wit_version,
             priority: m.priority,
             requirements: m.requirements.into(),
+            placement: wit::Placement {
+                spread: m.placement.spread,
+                avoid_servers: Vec::new(),
+                labels: m.placement.labels,
+            },
             description: m.description,
             workload: m.workload.into(),
             params: m

@@ -334,6 +334,8 @@ pub struct Metadata {
     pub priority: i32,
     /// Default resources of a new container.
     pub requirements: Resources,
+    /// Default placement of a new container (`avoid_servers` is ignored).
+    pub placement: Placement,
     /// One line for users.
     pub description: String,
     /// What runs inside.

@@ -998,6 +998,7 @@ pub(crate) async fn to_views(
                 })?,
                 locked_by: r.locked_by.map(CommandId),
                 state_bytes: r.state.len(),
+                params: serde_json::from_str(&r.params).unwrap_or_default(),
                 origin: None,
                 inspect: None,
                 execs: Vec::new(),
@@ -1078,6 +1079,10 @@ pub struct AddContainer {
     pub requirements: Option<Requirements>,
     /// Server name; default: chosen by placement.
     pub server: Option<String>,
+    /// Parameters of the container (its type's schema; the rest take their defaults).
+    #[serde(default)]
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    pub params: crate::model::Params,
 }
 
 /// The EnvironmentManager of the design notes: `run`, `find`, `get_by_id`, `get`, `put`.
@@ -1205,12 +1210,16 @@ impl<'a> EnvironmentManager<'a> {
         if let Some(s) = &req.server {
             server_by_name(self.svc.db(), "server", s).await?;
         }
+        cloud48_model::resolve_params(&ty.param_specs(), &req.params).map_err(|m| {
+            CoreError::invalid("params", format!("container type {}: {m}", ty.type_id()))
+        })?;
         let cmd = NewCommand {
             kind: crate::model::CommandKind::EnvironmentAdd,
             target: Some(Target::Environment(env.id)),
             params: crate::commands::params::to_value(crate::commands::params::Add {
                 requirements: req.requirements.clone(),
                 server: req.server.clone(),
+                params: req.params.clone(),
                 ..crate::commands::params::Add::of_type(ty.type_id())
             }),
             requested_by: requested_by.to_string(),

@@ -395,6 +395,9 @@ pub struct Container {
     pub locked_by: Option<CommandId>,
     /// Size of its opaque state blob in bytes.
     pub state_bytes: usize,
+    /// Its parameters (its type's schema, defaults filled in).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub params: Params,
     /// Where it came from if it was imported from another platform.
     pub origin: Option<OriginIdentity>,
     /// Its state as its container type shows it (JSON), in single-container views.

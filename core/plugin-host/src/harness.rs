@@ -223,6 +223,11 @@ impl Hooks for WasmHooks {
             wit_version: m.wit_version,
             priority: m.priority,
             requirements: sdk_resources(m.requirements.resources),
+            placement: cloud48_sdk::Placement {
+                spread: m.requirements.spread,
+                avoid_servers: Vec::new(),
+                labels: m.requirements.labels.clone(),
+            },
             description: m.description,
             workload: sdk_workload(m.workload),
             params: m

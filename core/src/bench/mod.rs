@@ -536,6 +536,7 @@ pub async fn failover(args: FailoverBenchArgs) -> Result<()> {
             type_id: "tomcat".into(),
             requirements: None,
             server: None,
+            params: Default::default(),
         };
         let cmd = core.environments().add("bench", &add, "bench").await?;
         let done = core.queue().wait(cmd, Duration::from_secs(60)).await?;
@@ -781,6 +782,7 @@ pub async fn failover_real(args: FailoverRealBenchArgs) -> Result<()> {
             type_id: "tomcat".into(),
             requirements: None,
             server: Some(host.into()),
+            params: Default::default(),
         };
         let cmd = core.environments().add("bench", &add, "bench").await?;
         let done = core.queue().wait(cmd, Duration::from_secs(60)).await?;

@@ -346,6 +346,10 @@ pub enum EnvCmd {
         env: String,
         #[command(flatten)]
         new: NewContainerArgs,
+        /// A parameter of the new container, NAME=VALUE (repeat for several; `plugin show TYPE`
+        /// lists them and their defaults).
+        #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+        params: Vec<(String, String)>,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -926,11 +930,17 @@ async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
             out.accepted(client, a, wait, &format!("creating environment {name}"))
                 .await
         }
-        EnvCmd::Add { env, new, wait } => {
+        EnvCmd::Add {
+            env,
+            new,
+            params,
+            wait,
+        } => {
             let req = AddContainer {
                 type_id: new.type_id.clone(),
                 requirements: new.requirements()?,
                 server: new.on.clone(),
+                params: params.into_iter().collect(),
             };
             let a = client
                 .submit(
@@ -1544,5 +1554,15 @@ mod tests {
                 "{key}: {source:?}"
             );
         }
+    }
+}
+
+/// A `--param NAME=VALUE`.
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!(
+            "'{s}' is not NAME=VALUE (e.g. --param heap-mb=1024)"
+        )),
     }
 }

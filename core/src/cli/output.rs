@@ -75,6 +75,10 @@ pub fn container(c: &Container) -> String {
             c.requirements.labels.join(", ")
         ));
     }
+    if !c.params.is_empty() {
+        let params: Vec<String> = c.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        lines.push(format!("  params:      {}", params.join(", ")));
+    }
     if let Some(l) = c.locked_by {
         lines.push(format!("  locked by:   command {l}"));
     }

@@ -195,6 +195,7 @@ mod tests {
 
     use super::*;
     use cloud48_plugin_mysql::Mysql;
+    use cloud48_plugin_redis::Redis;
     use cloud48_plugin_tomcat::Tomcat;
     use cloud48_sdk::testing::{NativeHooks, Platform};
 
@@ -203,8 +204,103 @@ mod tests {
             NativeHooks::default()
                 .with::<Tomcat>()
                 .with::<Balancer>()
-                .with::<Mysql>(),
+                .with::<Mysql>()
+                .with::<Redis>(),
         )
+    }
+
+    fn member(p: &Platform<NativeHooks>, id: i64) -> Member {
+        p.members().into_iter().find(|m| m.id == id).unwrap()
+    }
+
+    #[test]
+    fn redis_replicas_spread_attach_and_take_over_when_the_primary_fails() {
+        let mut p = platform();
+        let primary = p
+            .add_request(AddRequest::of("redis").param("replicas", 1))
+            .unwrap();
+        let replica = p
+            .ids_of("redis")
+            .into_iter()
+            .find(|&id| id != primary)
+            .unwrap();
+        let (pm, rm) = (member(&p, primary), member(&p, replica));
+        assert_ne!(pm.server, rm.server, "the replica is spread");
+        assert_eq!(rm.params["role"], "replica");
+        let primary_addr = pm.address("redis").unwrap();
+        assert_eq!(
+            p.inspect(replica)["follows"],
+            primary_addr,
+            "after-exec saw it attach"
+        );
+        let web = p.add("tomcat").unwrap();
+        assert_eq!(p.inspect(web)["sessions"], primary_addr);
+
+        p.execs.clear();
+        p.crash_server(pm.server.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            p.params_of(replica)["role"],
+            "primary",
+            "the replica took over"
+        );
+        let promotions: Vec<_> = p
+            .execs
+            .iter()
+            .filter(|e| e.script == cloud48_plugin_redis::PROMOTE)
+            .collect();
+        assert_eq!(promotions.len(), 1);
+        assert_eq!(promotions[0].container, replica);
+        let new_addr = member(&p, replica).address("redis").unwrap();
+        assert_eq!(
+            p.inspect(web)["sessions"],
+            new_addr,
+            "the tomcat follows the new primary"
+        );
+        let sessions = p
+            .execs
+            .iter()
+            .filter(|e| e.container == web && e.script == cloud48_plugin_tomcat::CONFIGURE_SESSIONS)
+            .count();
+        assert_eq!(sessions, 1, "re-pointed once");
+        // The old primary is replaced by a replica of the new one, on the third server.
+        assert_eq!(
+            p.illegal.iter().map(|m| m.id).collect::<Vec<_>>(),
+            vec![primary]
+        );
+        let new = p
+            .ids_of("redis")
+            .into_iter()
+            .find(|&id| id != replica)
+            .unwrap();
+        assert_eq!(p.params_of(new)["role"], "replica");
+        assert_eq!(p.inspect(new)["follows"], new_addr);
+        let servers: std::collections::BTreeSet<_> = p
+            .members()
+            .into_iter()
+            .filter(|m| m.type_id.starts_with("redis"))
+            .map(|m| m.server)
+            .collect();
+        assert_eq!(servers.len(), 2);
+        assert!(
+            p.log
+                .iter()
+                .any(|l| l == &format!("tomcat#{web}:after-other-is-down")),
+            "{:?}",
+            p.log
+        );
+    }
+
+    #[test]
+    fn a_second_redis_primary_is_denied_and_a_replica_needs_one() {
+        let mut p = platform();
+        let e = p
+            .add_request(AddRequest::of("redis").param("role", "replica"))
+            .unwrap_err();
+        assert!(e.contains("needs a running redis primary"), "{e}");
+        p.add_request(AddRequest::of("redis").param("replicas", 0))
+            .unwrap();
+        let e = p.add("redis").unwrap_err();
+        assert!(e.contains("already the redis primary"), "{e}");
     }
 
     #[test]

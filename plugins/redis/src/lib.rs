@@ -22,8 +22,15 @@ pub const ATTACH: &str =
 pub const PROMOTE: &str =
     "# cloud48: become the redis primary\nset -e\nredis-cli -p 6379 replicaof no one\n";
 
-/// Tag of the attach script's result.
-const ATTACHED: &str = "attached";
+/// Tag of the attach script's result: `attach IP:PORT`.
+const ATTACH_TAG: &str = "attach ";
+
+/// State of a redis container.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct State {
+    /// `ip:port` of the primary it follows, once attached (none for the primary).
+    pub follows: Option<String>,
+}
 
 fn role(m: &Member) -> &str {
     m.params.get("role").map_or("", String::as_str)
@@ -37,13 +44,15 @@ fn primary(ctx: &Context) -> Option<&Member> {
 fn attach(replica: i64, primary: &Member) -> Option<Action> {
     let ip = primary.ip.as_deref()?;
     let port = primary.port("redis")?.to_string();
-    Some(Action::exec_tagged(replica, ATTACH, &[ip, &port], ATTACHED))
+    let tag = format!("{ATTACH_TAG}{ip}:{port}");
+    Some(Action::exec_tagged(replica, ATTACH, &[ip, &port], &tag))
 }
 
 impl ContainerType for Redis {
     fn metadata(&self) -> Metadata {
         Metadata::new("redis", "1.0.0", 40, Resources::new(500, 512, 1024))
             .described("redis primary with spread replicas and automatic failover")
+            .spread()
             .with_workload(
                 Workload::command([
                     "redis-server",
@@ -98,7 +107,7 @@ impl ContainerType for Redis {
             let n: i64 = ctx.param("replicas")?;
             let mut out = Outcome::allow();
             for _ in 0..n {
-                let replica = AddRequest::of("redis").param("role", "replica").spread();
+                let replica = AddRequest::of("redis").param("role", "replica");
                 out = out.with_action(replica.action());
             }
             return Ok(out);
@@ -110,23 +119,33 @@ impl ContainerType for Redis {
         ))
     }
 
+    fn initial_state(&self) -> Vec<u8> {
+        serde_json::to_vec(&State::default()).expect("serializes")
+    }
+
     fn after_exec(&self, ctx: &Context, result: &ExecResult) -> HookResult {
-        if result.tag != ATTACHED {
+        let Some(primary) = result.tag.strip_prefix(ATTACH_TAG) else {
             return Ok(Outcome::allow());
-        }
+        };
         if result.exit_code != 0 {
             return Err(HookError::fail(format!(
                 "replica {} could not follow its primary (exit {}): {}",
-                ctx.container.id,
+                result.container,
                 result.exit_code,
                 result.stderr.trim()
             )));
         }
         log(
             Level::Info,
-            format!("replica {} follows its primary", ctx.container.id),
+            format!("replica {} follows {primary}", result.container),
         );
-        Ok(Outcome::allow())
+        if result.container != ctx.container.id {
+            // A replica this (new) primary re-attached: its own state is not ours to write.
+            return Ok(Outcome::allow());
+        }
+        Ok(Outcome::allow().with_json_state(&State {
+            follows: Some(primary.to_string()),
+        }))
     }
 
     fn after_other_is_down(&self, ctx: &Context, other: &Member, _: &DownCause) -> HookResult {
@@ -157,14 +176,15 @@ impl ContainerType for Redis {
             format!("primary {} is down; replica {me} takes over", other.id),
         );
         let mut out = Outcome::allow()
+            .with_json_state(&State::default())
             .with_action(Action::exec(me, PROMOTE, &[]))
             .with_action(Action::set_params(me, &[("role", "primary")]))
             .with_action(Action::set_params(other.id, &[("role", "replica")]));
-        let ip = ctx.container.ip.clone().unwrap_or_default();
-        let port = PORT.to_string();
         for r in ctx.members_of_type("redis") {
             if r.id != other.id && r.status == Status::Running {
-                out = out.with_action(Action::exec(r.id, ATTACH, &[&ip, &port]));
+                if let Some(a) = attach(r.id, &ctx.container) {
+                    out = out.with_action(a);
+                }
             }
         }
         Ok(out.with_action(Action::ReplaceContainer(other.id)))

@@ -27,12 +27,18 @@ pub const CONFIGURE_DATASOURCE: &str = "# cloud48: point the application at the 
 /// Script that points the session store at a redis primary: `$1` is `ip:port`.
 pub const CONFIGURE_SESSIONS: &str = "# cloud48: keep sessions in redis\nset -e\nmkdir -p /etc/cloud48\necho \"$1\" > /etc/cloud48/sessions\n";
 
+/// The JDBC URL of a database member: its `mysql` endpoint and `database` parameter (a mysql
+/// built for WIT 0.1.0 declares neither: port 3306 and database `app`, what it ran).
 fn jdbc(db: &Member) -> Result<Option<String>, HookError> {
-    let Some(addr) = db.address(MYSQL_ENDPOINT) else {
+    let Some(ip) = &db.ip else {
         return Ok(None);
     };
-    let name: String = db.param("database")?;
-    Ok(Some(format!("jdbc:mysql://{addr}/{name}")))
+    let port = db.port(MYSQL_ENDPOINT).unwrap_or(3306);
+    let name = match db.params.get("database") {
+        Some(_) => db.param::<String>("database")?,
+        None => "app".to_string(),
+    };
+    Ok(Some(format!("jdbc:mysql://{ip}:{port}/{name}")))
 }
 
 /// The endpoint the mysql type declares (named here so that tomcat does not link mysql).

@@ -54,6 +54,8 @@ pub struct Exec {
 struct Slot {
     member: Member,
     state: Vec<u8>,
+    /// How it was added (a replacement is placed and sized the same way).
+    placement: crate::Placement,
 }
 
 /// An environment that is not the current one: id, name, parameters, members.
@@ -293,7 +295,8 @@ impl<H: Hooks> Platform<H> {
                         .iter()
                         .position(|s| s.member.id == id)
                         .ok_or_else(|| format!("replace of unknown container {id}"))?;
-                    let old = self.members.remove(pos).member;
+                    let removed = self.members.remove(pos);
+                    let (old, placement) = (removed.member, removed.placement);
                     let others = self.members();
                     let mut actions = Vec::new();
                     for m in others {
@@ -302,6 +305,7 @@ impl<H: Hooks> Platform<H> {
                     let avoid = old.server.clone();
                     let t = crate::type_name(&old.type_id).to_string();
                     let params = old.params.clone();
+                    let old_resources = old.resources;
                     self.illegal.push(Member {
                         status: Status::Illegal,
                         ..old
@@ -310,6 +314,8 @@ impl<H: Hooks> Platform<H> {
                     self.avoid = avoid;
                     let added = self.add_request(AddRequest {
                         params,
+                        resources: Some(old_resources),
+                        placement,
                         ..AddRequest::of(&t)
                     });
                     self.avoid = None;
@@ -375,6 +381,12 @@ impl<H: Hooks> Platform<H> {
             .metadata(&type_name)
             .ok_or_else(|| format!("unknown type {type_name}"))?;
         let params = resolve(&meta, &r.params)?;
+        // The type's default placement, as the core applies its default requirements.
+        let mut r = r;
+        r.placement.spread |= meta.placement.spread;
+        r.placement
+            .labels
+            .extend(meta.placement.labels.iter().cloned());
         let initial = self.hooks.initial_state(&type_name)?;
         let mut new = Member {
             id: 0,
@@ -415,6 +427,7 @@ impl<H: Hooks> Platform<H> {
         self.members.push(Slot {
             member: new.clone(),
             state: new_state,
+            placement: r.placement.clone(),
         });
         let mut actions = Vec::new();
         self.collect(&mut actions, &new, Call::AfterItIsAdded)?;

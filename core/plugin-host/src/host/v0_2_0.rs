@@ -298,8 +298,8 @@ pub(super) fn meta(m: wit::Metadata) -> PluginMeta {
         description: m.description,
         requirements: Requirements {
             resources: resources_from(m.requirements),
-            labels: Vec::new(),
-            spread: false,
+            labels: m.placement.labels,
+            spread: m.placement.spread,
         },
         workload: workload(m.workload),
         params: m
