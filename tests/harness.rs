@@ -38,8 +38,11 @@ impl ContainerType for Recorded {
         let other = match hook {
             Hook::BeforeOtherIsAdded(o)
             | Hook::AfterOtherIsAdded(o)
-            | Hook::AfterOtherIsRemoved(o) => {
-                format!("({}#{})", o.type_id, o.id)
+            | Hook::BeforeOtherIsRemoved(o)
+            | Hook::AfterOtherIsRemoved(o)
+            | Hook::AfterOtherIsDown(o, _)
+            | Hook::AfterOtherIsUp(o) => {
+                format!("({}#{} {:?})", o.type_id, o.id, o.params)
             }
             _ => String::new(),
         };
@@ -62,6 +65,12 @@ impl ContainerType for Recorded {
     fn inspect(&self, state: &[u8]) -> Result<serde_json::Value, TypeError> {
         self.plugin.inspect(state)
     }
+    fn workload(&self) -> cloud48_engine::model::Workload {
+        self.plugin.workload()
+    }
+    fn param_specs(&self) -> Vec<cloud48_engine::model::ParamSpec> {
+        self.plugin.param_specs()
+    }
 }
 
 /// The bundled tomcat and balancer, each wrapped to record into `log`.
@@ -81,7 +90,9 @@ fn recorded(log: &Arc<Mutex<Vec<String>>>) -> Vec<(Arc<WasmPlugin>, Arc<dyn Cont
         .collect()
 }
 
-/// The scenario: three tomcats (the second brings a balancer), then the first one leaves.
+/// The scenario: three tomcats with their own heap sizes (the second brings a balancer), then
+/// the first one leaves (before-it-is-removed, before-other-is-removed, after-it-is-removed,
+/// after-other-is-removed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_harness_makes_the_same_hook_calls_as_the_core() {
     // Through the core.
@@ -103,7 +114,11 @@ async fn the_sdk_harness_makes_the_same_hook_calls_as_the_core() {
         params: Default::default(),
     };
     let mut tomcats = Vec::new();
-    for _ in 0..3 {
+    for heap in ["256", "512", "768"] {
+        let tomcat = AddContainer {
+            params: [("heap-mb".to_string(), heap.to_string())].into(),
+            ..tomcat.clone()
+        };
         tomcats.push(
             t.created(envs.add("shop", &tomcat, "test").await.unwrap())
                 .await,
@@ -121,8 +136,11 @@ async fn the_sdk_harness_makes_the_same_hook_calls_as_the_core() {
         });
     let mut p = Platform::new(hooks);
     let mut ids = Vec::new();
-    for _ in 0..3 {
-        ids.push(p.add("tomcat").unwrap());
+    for heap in [256, 512, 768] {
+        ids.push(
+            p.add_request(cloud48_sdk::AddRequest::of("tomcat").param("heap-mb", heap))
+                .unwrap(),
+        );
     }
     p.remove(ids[0]).unwrap();
 
@@ -135,6 +153,12 @@ async fn the_sdk_harness_makes_the_same_hook_calls_as_the_core() {
     let core_log = core_log.lock().unwrap().clone();
     let sdk_log = sdk_log.lock().unwrap().clone();
     assert!(core_log.len() > 10, "{core_log:#?}");
+    for hook in ["before-other-is-removed", "after-it-is-removed"] {
+        assert!(
+            core_log.iter().any(|l| l.contains(hook)),
+            "{hook} ran: {core_log:#?}"
+        );
+    }
     assert_eq!(
         sdk_log, core_log,
         "the SDK harness (left) and the core (right) disagree"

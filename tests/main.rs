@@ -22,3 +22,4 @@ mod plugins;
 mod queue;
 mod real;
 mod upgrade;
+mod wit;

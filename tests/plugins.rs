@@ -60,7 +60,12 @@ async fn seed_scenario_through_the_cli() {
         .collect();
     assert_eq!(
         types,
-        ["balancer@0.1.0", "mysql@0.1.0", "tomcat@0.2.0"],
+        [
+            "balancer@1.0.0",
+            "mysql@1.0.0",
+            "redis@1.0.0",
+            "tomcat@1.0.0"
+        ],
         "bundled plugins are installed on first start"
     );
 
@@ -87,7 +92,7 @@ async fn seed_scenario_through_the_cli() {
     let (_, out, _) = run(s(&["--json", "env", "show", "shop"])).await;
     let env: Environment = serde_json::from_str(&out).unwrap();
     let kinds: Vec<&str> = env.members.iter().map(|m| m.type_id.as_str()).collect();
-    assert_eq!(kinds, ["balancer@0.1.0", "tomcat@0.2.0", "tomcat@0.2.0"]);
+    assert_eq!(kinds, ["balancer@1.0.0", "tomcat@1.0.0", "tomcat@1.0.0"]);
     let lb = env.members[0].id;
     assert!(lb < t2, "the balancer was created before the second tomcat");
     let ip = |id: ContainerId| {
@@ -251,7 +256,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     .to_string();
     assert!(
         err.contains("targets WIT version 9.0.0")
-            && err.contains("supported: 0.1.0")
+            && err.contains("supported: 0.2.0, 0.1.0")
             && err.contains("HTTP 422"),
         "{err}"
     );
@@ -280,7 +285,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("tomcat@0.2.0 is already installed") && err.contains("HTTP 409"),
+        err.contains("tomcat@1.0.0 is already installed") && err.contains("HTTP 409"),
         "{err}"
     );
     let list: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
@@ -417,7 +422,7 @@ async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_dupli
     let kinds: Vec<&str> = env.members.iter().map(|m| m.type_id.as_str()).collect();
     assert_eq!(
         kinds,
-        ["balancer@0.1.0", "tomcat@0.2.0", "tomcat@0.2.0"],
+        ["balancer@1.0.0", "tomcat@1.0.0", "tomcat@1.0.0"],
         "exactly one balancer"
     );
     let lb: Container = client

@@ -113,6 +113,10 @@ fn accepted(command_id: CommandId, object_id: Option<i64>) -> Accept {
 pub struct CreateEnvironment {
     /// Unique name: 1-63 of a-z, 0-9, '-'.
     pub name: String,
+    /// Parameters its members' container types may read (name: 1-63 of a-z, 0-9, '-').
+    #[serde(default)]
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    pub params: cloud48_engine::model::Params,
 }
 
 /// Listing options.
@@ -200,7 +204,7 @@ async fn create_environment(
 ) -> Result<Accept, ApiError> {
     let (cmd, id) = core
         .environments()
-        .create(&req.name, who.audit_name())
+        .create_with(&req.name, &req.params, who.audit_name())
         .await?;
     Ok(accepted(cmd, Some(id.0)))
 }

@@ -1101,7 +1101,30 @@ impl<'a> EnvironmentManager<'a> {
         name: &str,
         requested_by: &str,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
-        self.submit_new(name, |env| NewCommand {
+        self.create_with(name, &Default::default(), requested_by)
+            .await
+    }
+
+    /// Creates an empty environment with parameters its members' types may read; returns
+    /// (command, environment id).
+    pub async fn create_with(
+        &self,
+        name: &str,
+        params: &crate::model::Params,
+        requested_by: &str,
+    ) -> Result<(CommandId, EnvironmentId), CoreError> {
+        for (k, v) in params {
+            validate_name(k)
+                .map_err(|m| CoreError::invalid("params", format!("parameter name: {m}")))?;
+            if v.contains('\0') || v.len() > 4096 {
+                return Err(CoreError::invalid(
+                    "params",
+                    format!("parameter '{k}': a value is at most 4096 bytes of text without NUL"),
+                ));
+            }
+        }
+        let params = serde_json::to_string(params).expect("serializable");
+        self.submit_new_with(name, params, |env| NewCommand {
             kind: crate::model::CommandKind::EnvironmentCreate,
             target: Some(Target::Environment(env)),
             params: crate::commands::params::to_value(crate::commands::params::CreateEnvironment {
@@ -1135,13 +1158,23 @@ impl<'a> EnvironmentManager<'a> {
 
     /// Inserts a new environment `name` (status creating) and the command `make` returns for
     /// it, in one transaction.
+    async fn submit_new(
+        &self,
+        name: &str,
+        make: impl FnOnce(i64) -> NewCommand,
+    ) -> Result<(CommandId, EnvironmentId), CoreError> {
+        self.submit_new_with(name, "{}".into(), make).await
+    }
+
+    /// `submit_new` for an environment with parameters (JSON object).
     #[expect(
         clippy::disallowed_methods,
         reason = "database work only: every driver or plugin call happens before it"
     )]
-    async fn submit_new(
+    async fn submit_new_with(
         &self,
         name: &str,
+        params: String,
         make: impl FnOnce(i64) -> NewCommand,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
         validate_name(name).map_err(|m| CoreError::invalid("name", m))?;
@@ -1164,6 +1197,7 @@ impl<'a> EnvironmentManager<'a> {
             locked_by: Set(None),
             created_at: Set(now),
             updated_at: Set(now),
+            params: Set(params),
             ..Default::default()
         }
         .insert(&txn)
@@ -1322,6 +1356,7 @@ impl<'a> EnvironmentManager<'a> {
             status: env.status.parse().unwrap_or(EnvironmentStatus::Active),
             locked_by: env.locked_by.map(CommandId),
             members,
+            params: serde_json::from_str(&env.params).unwrap_or_default(),
             created_at: env.created_at,
         })
     }

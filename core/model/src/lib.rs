@@ -452,6 +452,9 @@ pub struct Environment {
     pub locked_by: Option<CommandId>,
     /// Members in ascending priority order (existing containers only).
     pub members: Vec<Container>,
+    /// Parameters its members' container types may read.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub params: Params,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_at: i64,
 }

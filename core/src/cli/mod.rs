@@ -337,6 +337,10 @@ pub enum EnvCmd {
     Create {
         /// Name: 1-63 of a-z, 0-9, '-'.
         name: String,
+        /// A parameter of the environment, NAME=VALUE, that its members' container types may
+        /// read (repeat for several).
+        #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+        params: Vec<(String, String)>,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -923,9 +927,13 @@ fn enc(s: &str) -> String {
 
 async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
     match cmd {
-        EnvCmd::Create { name, wait } => {
+        EnvCmd::Create { name, params, wait } => {
+            let params: std::collections::BTreeMap<String, String> = params.into_iter().collect();
             let a = client
-                .submit("/v1/environments", Some(&json!({ "name": name })))
+                .submit(
+                    "/v1/environments",
+                    Some(&json!({ "name": name, "params": params })),
+                )
                 .await?;
             out.accepted(client, a, wait, &format!("creating environment {name}"))
                 .await
