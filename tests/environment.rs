@@ -191,6 +191,10 @@ async fn hooks_run_for_the_new_container_first_then_members_by_ascending_priorit
         log.lock().unwrap().clone(),
         vec![
             format!("lb#{lb}:before-it-is-removed"),
+            format!("db#{db}:before-other-is-removed"),
+            format!("web#{web1}:before-other-is-removed"),
+            format!("web#{web2}:before-other-is-removed"),
+            format!("lb#{lb}:after-it-is-removed"),
             format!("db#{db}:after-other-is-removed"),
             format!("web#{web1}:after-other-is-removed"),
             format!("web#{web2}:after-other-is-removed"),

@@ -289,7 +289,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
         "{err}"
     );
     let list: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
-    assert_eq!(list.len(), 3, "nothing was installed");
+    assert_eq!(list.len(), 4, "nothing was installed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -587,7 +587,7 @@ expect_deny = "already has a balancer"
 add = "mysql"
 [[step]]
 add = "tomcat"
-expect_last_exec = { container = 2, args = ["10.0.0.2"], script_contains = "database" }
+expect_last_exec = { container = 2, args = ["jdbc:mysql://10.0.0.2:3306/app"], script_contains = "database" }
 [[step]]
 crash = "s1"
 expect_members = ["mysql", "tomcat"]
@@ -645,6 +645,18 @@ expect_members = ["tomcat"]
         !ok && err.contains("the last script ran in container 2"),
         "{err}"
     );
+    // Parameters: given at add, checked by the type, visible to expectations.
+    std::fs::write(
+        dir.path().join("params.toml"),
+        "[[step]]\nadd = \"balancer\"\nparams = { algorithm = \"least-conn\" }\nexpect_params = { id = 1, name = \"algorithm\", value = \"least-conn\" }\n[[step]]\nenvironment = \"other\"\nadd = \"balancer\"\nparams = { algorithm = \"random\" }\nexpect_deny = \"not one of\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = run_bin(
+        &["plugin", "test", &balancer, "params.toml"],
+        dir.path(),
+        &[],
+    );
+    assert!(ok && out.contains("scenario passed: 2 steps"), "{out}{err}");
     std::fs::write(
         dir.path().join("bad.toml"),
         "[[step]]\nadd = \"tomcat\"\nexpect_execs = 5\n",
@@ -785,7 +797,7 @@ async fn bundled_plugins_are_installed_on_the_first_start_only() {
         cloud48_engine::Core::open(c)
     };
     let core = open().await.unwrap();
-    assert_eq!(core.plugins().list().await.unwrap().len(), 3);
+    assert_eq!(core.plugins().list().await.unwrap().len(), 4);
     core.plugins().remove("mysql").await.unwrap();
     drop(core);
     let core = open().await.unwrap();

@@ -58,12 +58,12 @@ conf=/etc/nginx/conf.d/cloud48-upstreams.conf
 exec nginx -g 'daemon off;'
 "#;
 
-/// Rewrites the upstream block from its arguments (the algorithm, then `ip:port` of every
-/// upstream) and reloads nginx (CIS layer).
+/// Rewrites the upstream block from its arguments (`ip:port` of every upstream) and reloads
+/// nginx (CIS layer); `@ALGORITHM@` is the balancing algorithm (see [`write_upstreams`]).
 pub const WRITE_UPSTREAMS: &str = r#"# cloud48: rewrite the nginx upstreams and reload nginx
 set -e
 conf=/etc/nginx/conf.d/cloud48-upstreams.conf
-algorithm="$1"; shift
+algorithm=@ALGORITHM@
 {
   echo "upstream cloud48_app {"
   case "$algorithm" in
@@ -81,13 +81,23 @@ nginx -s reload
 /// The balancing algorithms the `algorithm` parameter takes.
 pub const ALGORITHMS: &[&str] = &["round-robin", "least-conn", "ip-hash"];
 
+/// The upstream script for `algorithm` (one of [`ALGORITHMS`]; anything else is refused).
+pub fn write_upstreams(algorithm: &str) -> Result<String, HookError> {
+    if !ALGORITHMS.contains(&algorithm) {
+        return Err(HookError::fail(format!(
+            "algorithm '{algorithm}' is not one of {}",
+            ALGORITHMS.join(", ")
+        )));
+    }
+    Ok(WRITE_UPSTREAMS.replace("@ALGORITHM@", algorithm))
+}
+
 fn rewrite(ctx: &Context, mut state: State) -> HookResult {
-    let algorithm: String = ctx.param("algorithm")?;
+    let script = write_upstreams(&ctx.param::<String>("algorithm")?)?;
     state.reloads += 1;
-    let mut args = vec![algorithm.as_str()];
-    args.extend(state.upstreams.iter().map(String::as_str));
+    let args: Vec<&str> = state.upstreams.iter().map(String::as_str).collect();
     Ok(Outcome::allow()
-        .with_action(Action::exec(ctx.container.id, WRITE_UPSTREAMS, &args))
+        .with_action(Action::exec(ctx.container.id, &script, &args))
         .with_json_state(&state))
 }
 
@@ -327,14 +337,12 @@ mod tests {
         );
         assert_eq!(state["reloads"], 2);
         assert_eq!(p.execs.len(), 2);
-        assert_eq!(
-            p.execs[0].args,
-            vec!["round-robin".to_string(), format!("{}:8080", ip(t1))]
-        );
+        assert_eq!(p.execs[0].args, vec![format!("{}:8080", ip(t1))]);
+        let script = write_upstreams("round-robin").unwrap();
         assert!(
             p.execs
                 .iter()
-                .all(|e| e.container == lb && e.script == WRITE_UPSTREAMS)
+                .all(|e| e.container == lb && e.script == script)
         );
 
         p.remove(t1).unwrap();
@@ -345,7 +353,7 @@ mod tests {
         );
         assert_eq!(
             p.execs.last().unwrap().args,
-            vec!["round-robin".to_string(), format!("{}:8080", ip(t2))]
+            vec![format!("{}:8080", ip(t2))]
         );
     }
 
@@ -358,9 +366,13 @@ mod tests {
             .unwrap();
         let last = p.execs.last().unwrap();
         assert_eq!(last.container, lb);
-        assert_eq!(last.args[0], "least-conn");
+        assert!(
+            last.script.contains("algorithm=least-conn"),
+            "{}",
+            last.script
+        );
         assert_eq!(p.params_of(lb)["algorithm"], "least-conn");
-        assert!(last.args[1].ends_with(":8080"), "{t}: {:?}", last.args);
+        assert!(last.args[0].ends_with(":8080"), "{t}: {:?}", last.args);
         let mut q = platform();
         let e = q
             .add_request(AddRequest::of("balancer").param("algorithm", "random"))

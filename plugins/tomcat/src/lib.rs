@@ -118,10 +118,9 @@ impl ContainerType for Tomcat {
 
     fn before_it_is_added(&self, ctx: &Context) -> HookResult {
         let heap: i64 = ctx.param("heap-mb")?;
-        if heap < 64 || heap as u64 >= ctx.container.resources.memory_mb {
+        if !(64..=65536).contains(&heap) {
             return Ok(Outcome::deny(format!(
-                "heap-mb {heap} must be at least 64 and below the container's {} MiB of memory",
-                ctx.container.resources.memory_mb
+                "heap-mb {heap} must be between 64 and 65536"
             )));
         }
         let tomcats = ctx.members_of_type("tomcat").count();
