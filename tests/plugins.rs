@@ -811,7 +811,7 @@ async fn bundled_plugins_are_installed_on_the_first_start_only() {
         .collect();
     assert_eq!(
         names,
-        ["balancer", "tomcat"],
+        ["balancer", "redis", "tomcat"],
         "a removed bundled plugin stays removed after a restart"
     );
     assert!(core.types().get("balancer").is_some() && core.types().get("mysql").is_none());

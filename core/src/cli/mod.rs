@@ -1524,6 +1524,16 @@ async fn shutdown_signal() {
     }
 }
 
+/// A `--param NAME=VALUE`.
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!(
+            "'{s}' is not NAME=VALUE (e.g. --param heap-mb=1024)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -1565,12 +1575,3 @@ mod tests {
     }
 }
 
-/// A `--param NAME=VALUE`.
-fn parse_param(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!(
-            "'{s}' is not NAME=VALUE (e.g. --param heap-mb=1024)"
-        )),
-    }
-}

@@ -181,10 +181,11 @@ impl ContainerType for Redis {
             .with_action(Action::set_params(me, &[("role", "primary")]))
             .with_action(Action::set_params(other.id, &[("role", "replica")]));
         for r in ctx.members_of_type("redis") {
-            if r.id != other.id && r.status == Status::Running {
-                if let Some(a) = attach(r.id, &ctx.container) {
-                    out = out.with_action(a);
-                }
+            if r.id != other.id
+                && r.status == Status::Running
+                && let Some(a) = attach(r.id, &ctx.container)
+            {
+                out = out.with_action(a);
             }
         }
         Ok(out.with_action(Action::ReplaceContainer(other.id)))

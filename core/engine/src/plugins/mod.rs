@@ -277,7 +277,7 @@ impl<'a> PluginManager<'a> {
         };
         let (members, env_params) = match &env {
             Some(e) => (
-                crate::commands::environment_members(&self.types, self.db, e.id)
+                crate::commands::environment_members(self.types, self.db, e.id)
                     .await
                     .map_err(|e| refused(e.to_string()))?,
                 serde_json::from_str(&e.params).unwrap_or_default(),
@@ -288,7 +288,7 @@ impl<'a> PluginManager<'a> {
             .iter()
             .find(|m| m.id.0 == c.id)
             .cloned()
-            .map_or_else(|| crate::commands::container_view(&self.types, c), Ok)
+            .map_or_else(|| crate::commands::container_view(self.types, c), Ok)
             .map_err(|e| refused(e.to_string()))?;
         let environment = EnvironmentView {
             id: env.as_ref().map_or(0, |e| e.id),
