@@ -84,6 +84,7 @@ async fn cold_migration_pulls_the_disk_from_agent_to_agent() {
             disk_mb: 64,
         },
         ip: None,
+        workload: Default::default(),
     };
     ra.create(&spec).await.unwrap();
     let disk = a.guest("m1").unwrap().disk;
@@ -244,6 +245,7 @@ async fn a_retried_operation_runs_once() {
             disk_mb: 1,
         },
         ip: None,
+        workload: Default::default(),
     };
     agent.driver().create(&spec).await.unwrap();
     agent.driver().start("g").await.unwrap();

@@ -39,6 +39,7 @@ fn spec(id: &str) -> GuestSpec {
             disk_mb: 100,
         },
         ip: None,
+        workload: Default::default(),
     }
 }
 

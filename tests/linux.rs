@@ -8,7 +8,9 @@ use std::time::Duration;
 use cloud48_engine::driver::conformance::{self, DriverFactory};
 use cloud48_engine::driver::linux::{self, LinuxConfig, LinuxDriver};
 use cloud48_engine::driver::{Driver, DriverError, GuestSpec, GuestState};
-use cloud48_engine::model::Resources;
+use cloud48_engine::model::{
+    Check, Endpoint, ImageRef, Protocol, Readiness, Resources, Volume, Workload,
+};
 
 /// Removes every process, cgroup, namespace and bridge of the drivers `{prefix}{n}` (n < 10)
 /// when dropped.
@@ -53,7 +55,6 @@ pub fn config(dir: &Path, prefix: &str, net: u32, n: u32) -> LinuxConfig {
         }),
         stop_grace: Duration::from_secs(3),
         exe: env!("CARGO_BIN_EXE_cloud48").into(),
-        templates: Default::default(),
     }
 }
 
@@ -71,6 +72,47 @@ impl DriverFactory for LinuxFactory {
     }
 }
 
+/// What the bundled tomcat declares, in short: an image this driver cannot run and a program
+/// the server does not have, an `http` endpoint on 8080, its config volume.
+fn tomcat() -> Workload {
+    Workload {
+        image: Some(ImageRef {
+            reference: "cloud48/tomcat".into(),
+            digest: None,
+        }),
+        command: vec!["catalina.sh".into(), "run".into()],
+        endpoints: vec![Endpoint {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Http,
+        }],
+        readiness: Some(Readiness {
+            check: Check::Tcp {
+                endpoint: "http".into(),
+            },
+            interval_ms: 100,
+            retries: 50,
+        }),
+        volumes: vec![Volume {
+            name: "config".into(),
+            path: "/etc/cloud48".into(),
+        }],
+        ..Workload::default()
+    }
+}
+
+/// A workload that runs `script` with `sh` on the server's files.
+fn shell(script: &str) -> Workload {
+    Workload {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        ..Workload::default()
+    }
+}
+
+fn with(spec: GuestSpec, workload: Workload) -> GuestSpec {
+    GuestSpec { workload, ..spec }
+}
+
 fn spec(id: &str, type_id: &str) -> GuestSpec {
     GuestSpec {
         guest_id: id.into(),
@@ -81,6 +123,7 @@ fn spec(id: &str, type_id: &str) -> GuestSpec {
             disk_mb: 64,
         },
         ip: None,
+        workload: Default::default(),
     }
 }
 
@@ -116,7 +159,10 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
     let d = LinuxDriver::open(config(dir.path(), &prefix, 20, 0))
         .await
         .unwrap();
-    let info = d.create(&spec("web-1", "tomcat@0.2.0")).await.unwrap();
+    let info = d
+        .create(&with(spec("web-1", "tomcat@1.0.0"), tomcat()))
+        .await
+        .unwrap();
     let ip = info.ip.clone().unwrap();
     assert!(
         ip.starts_with("10.241.20."),
@@ -134,7 +180,7 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
     assert_eq!(
         body.trim(),
         "web-1",
-        "the tomcat template answers with its container id"
+        "the stand-in for the tomcat image answers with its container id"
     );
 
     // Namespaces: own hostname, own PID 1, only its own eth0 address, private /tmp.
@@ -274,7 +320,7 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
         .await
         .unwrap();
     let moved = target
-        .import(&spec("web-1", "tomcat@0.2.0"), &image)
+        .import(&with(spec("web-1", "tomcat@1.0.0"), tomcat()), &image)
         .await
         .unwrap();
     target.start("web-1").await.unwrap();
@@ -309,33 +355,28 @@ fn procs(group: &str, guest: &str) -> String {
 
 #[tokio::test]
 async fn stop_is_graceful_then_forced() {
-    use cloud48_engine::driver::linux::templates::Template;
     let prefix = unique_prefix('s');
     let _sweep = Sweep {
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0")],
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), &prefix, 50, 0);
-    let template = |script: &str| Template {
-        command: vec!["sh".into(), "-c".into(), script.into()],
-        private_dirs: vec![],
-        files: Default::default(),
-        ready_port: None,
-    };
+    let cfg = config(dir.path(), &prefix, 50, 0);
     // One main process leaves a mark when SIGTERM reaches it; the other ignores SIGTERM. Each
     // says when its trap is set, so the test does not stop it before.
-    cfg.templates.insert(
-        "polite".into(),
-        template("trap 'echo got-term; exit 0' TERM; echo trapped; while :; do sleep 0.1; done"),
-    );
-    cfg.templates.insert(
-        "stubborn".into(),
-        template("trap '' TERM; echo trapped; while :; do sleep 0.1; done"),
-    );
+    let workloads = [
+        (
+            "polite",
+            shell("trap 'echo got-term; exit 0' TERM; echo trapped; while :; do sleep 0.1; done"),
+        ),
+        (
+            "stubborn",
+            shell("trap '' TERM; echo trapped; while :; do sleep 0.1; done"),
+        ),
+    ];
     let d = LinuxDriver::open(cfg).await.unwrap();
-    for id in ["polite", "stubborn"] {
-        d.create(&spec(id, id)).await.unwrap();
+    for (id, workload) in workloads {
+        d.create(&with(spec(id, id), workload)).await.unwrap();
         d.start(id).await.unwrap();
         crate::common::eventually("the trap is set", || async {
             d.logs(id).await.unwrap().contains("trapped").then_some(())
@@ -361,28 +402,6 @@ async fn stop_is_graceful_then_forced() {
     d.teardown().await;
 }
 
-#[test]
-fn templates_come_from_toml_and_bad_ones_are_refused() {
-    use cloud48_engine::driver::linux::templates::parse_templates;
-    let t = parse_templates("[redis]\ncommand = [\"redis-server\"]\nprivate_dirs = [\"/var/lib/redis\"]\nready_port = 6379\nfiles = { \"/var/lib/redis/x\" = \"y\" }\n").unwrap();
-    assert_eq!(t["redis"].ready_port, Some(6379));
-    for (bad, why) in [
-        ("[a]\ncommand = []\n", "must name a program"),
-        (
-            "[a]\ncommand = [\"x\"]\nprivate_dirs = [\"etc\"]\n",
-            "absolute path",
-        ),
-        (
-            "[a]\ncommand = [\"x\"]\nfiles = { \"/etc/x\" = \"y\" }\n",
-            "must lie in one of its private_dirs",
-        ),
-        ("[a]\ncommand = [\"x\"]\ncolour = 1\n", "unknown field"),
-    ] {
-        let err = parse_templates(bad).unwrap_err();
-        assert!(err.contains(why), "{bad}: {err}");
-    }
-}
-
 #[tokio::test]
 async fn linux_driver_refuses_what_it_cannot_do() {
     let prefix = unique_prefix('r');
@@ -391,16 +410,16 @@ async fn linux_driver_refuses_what_it_cannot_do() {
         bridges: vec![format!("{prefix}br0")],
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path(), &prefix, 30, 0);
-    let missing = cloud48_engine::driver::linux::templates::Template {
-        command: vec!["c48-missing-program".into()],
-        private_dirs: vec![],
-        files: Default::default(),
-        ready_port: None,
-    };
-    cfg.templates.insert("ghost".into(), missing);
+    let cfg = config(dir.path(), &prefix, 30, 0);
     let d = LinuxDriver::open(cfg).await.unwrap();
-    d.create(&spec("ghost-1", "ghost")).await.unwrap();
+    // A workload with no image whose program the server lacks does not start.
+    let missing = Workload {
+        command: vec!["c48-missing-program".into()],
+        ..Workload::default()
+    };
+    d.create(&with(spec("ghost-1", "ghost"), missing))
+        .await
+        .unwrap();
     let err = d.start("ghost-1").await.unwrap_err().to_string();
     assert!(
         err.contains("c48-missing-program is not installed on server"),

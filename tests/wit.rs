@@ -116,6 +116,18 @@ async fn redis_fails_over_to_a_replica_and_the_tomcats_follow_when_the_primary_s
     let w = show(&t, web).await;
     assert_eq!(w.params["heap-mb"], "256");
     assert_eq!(w.params["context-path"], "/", "defaults are filled in");
+    // The server got the workload the type declares, with the parameters put in.
+    let guest = t.sim("sim-4").await.guest(&w.guest_id).unwrap();
+    assert_eq!(guest.workload.command, ["catalina.sh", "run"]);
+    assert!(
+        guest
+            .workload
+            .env
+            .contains(&("CATALINA_OPTS".to_string(), "-Xmx256m".to_string())),
+        "{:?}",
+        guest.workload.env
+    );
+    assert_eq!(guest.workload.endpoints[0].port, 8080);
     assert_eq!(
         w.inspect.as_ref().unwrap()["sessions"],
         format!("{primary_ip}:6379")

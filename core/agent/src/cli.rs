@@ -1,5 +1,5 @@
 //! `cloud48-agent` (alias `cloud48 agent`: the node agent of one server) and `guest-http` (the small HTTP
-//! server the reference container templates run).
+//! server that stands in for workloads whose image a server cannot run).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,10 +71,6 @@ pub struct AgentArgs {
     /// Period of heartbeats to the core, ms.
     #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
-    /// Linux driver: TOML file of container templates (what runs inside each type), adding to
-    /// or replacing the built-in balancer (nginx), tomcat and mysql templates.
-    #[arg(long)]
-    pub templates: Option<PathBuf>,
     /// Sim driver: latency of every operation, ms (to rehearse slow servers).
     #[arg(long, default_value_t = 0)]
     pub sim_latency_ms: u64,
@@ -143,15 +139,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms),
                 exe: std::env::current_exe().context("cannot find this program's path")?,
-                templates: match &args.templates {
-                    None => Default::default(),
-                    Some(path) => {
-                        let text = std::fs::read_to_string(path)
-                            .with_context(|| format!("cannot read {}", path.display()))?;
-                        cloud48_linux::templates::parse_templates(&text)
-                            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
-                    }
-                },
             };
             Arc::new(
                 LinuxDriver::open(cfg)

@@ -21,8 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Helper {
-    /// A small HTTP server that answers every request with one line (the reference container
-    /// templates run it inside containers).
+    /// A small HTTP server that answers every request with one line (the stand-in for a
+    /// workload whose image a server cannot run).
     GuestHttp(GuestHttpArgs),
 }
 

@@ -166,6 +166,7 @@ impl RemoteDriver {
                 exec: true,
                 migrate: true,
                 update: true,
+                images: false,
             }),
         }
     }

@@ -27,6 +27,7 @@ fn spec(guest: &str) -> GuestSpec {
             disk_mb: 64,
         },
         ip: None,
+        workload: Default::default(),
     }
 }
 

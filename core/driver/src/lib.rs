@@ -114,6 +114,10 @@ pub struct GuestSpec {
     /// Address to keep (a migrating container keeps its IP); `None` lets the server assign one.
     #[serde(default)]
     pub ip: Option<String>,
+    /// What runs inside, as the container's type declares it, parameters filled in (empty for
+    /// types that declare nothing: the driver runs an idle process).
+    #[serde(default)]
+    pub workload: cloud48_model::Workload,
 }
 
 /// A guest as its server reports it.
@@ -162,6 +166,11 @@ pub struct Capabilities {
     pub migrate: bool,
     /// `update` of resources of an existing guest.
     pub update: bool,
+    /// Runs a workload from its image. Without it, a workload runs on the server's own files:
+    /// its declared command when the server has the program, else a stand-in listening on its
+    /// endpoints (the linux driver), or nothing at all (sim).
+    #[serde(default)]
+    pub images: bool,
 }
 
 /// Operations on the containers of one server.

@@ -61,6 +61,9 @@ pub struct SimGuest {
     pub info: GuestInfo,
     /// Type id it was created with.
     pub type_id: String,
+    /// The workload it was created with (a simulated server runs nothing).
+    #[serde(default)]
+    pub workload: cloud48_model::Workload,
     /// Opaque disk content (travels with export/import).
     pub disk: Vec<u8>,
     /// Operations that changed the guest, in order (`create`, `start`, ...).
@@ -479,6 +482,7 @@ impl SimServer {
             SimGuest {
                 info: info.clone(),
                 type_id: spec.type_id.clone(),
+                workload: spec.workload.clone(),
                 disk,
                 operations: vec![operation.to_string()],
                 execs: Vec::new(),
@@ -529,6 +533,7 @@ impl Driver for SimServer {
             exec: true,
             migrate: true,
             update: true,
+            images: false,
         }
     }
 
@@ -744,6 +749,7 @@ mod tests {
                 disk_mb: 1,
             },
             ip: None,
+            workload: Default::default(),
         }
     }
 

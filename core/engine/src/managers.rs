@@ -1394,6 +1394,22 @@ pub struct ServerManager<'a> {
     svc: &'a Services,
 }
 
+/// The names `server list` shows for what a driver can do.
+fn capability_names(c: &crate::driver::Capabilities) -> Vec<String> {
+    [
+        ("suspend", c.suspend),
+        ("exec", c.exec),
+        ("migrate", c.migrate),
+        ("update", c.update),
+        ("images", c.images),
+        ("host-files", !c.images),
+    ]
+    .into_iter()
+    .filter(|(_, on)| *on)
+    .map(|(name, _)| name.to_string())
+    .collect()
+}
+
 impl<'a> ServerManager<'a> {
     pub(crate) fn new(svc: &'a Services) -> Self {
         ServerManager { svc }
@@ -1411,7 +1427,14 @@ impl<'a> ServerManager<'a> {
             .into_iter()
             .map(|s| {
                 let beat = self.svc.health().last(s.id);
+                let capabilities = self
+                    .svc
+                    .fleet()
+                    .driver(s.id)
+                    .map(|d| capability_names(&d.capabilities()))
+                    .unwrap_or_default();
                 Server {
+                    capabilities,
                     id: ServerId(s.id),
                     status: s.status.parse().unwrap_or(ServerStatus::Down),
                     labels: serde_json::from_str(&s.labels).unwrap_or_default(),

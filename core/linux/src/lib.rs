@@ -5,7 +5,7 @@
 //! driver's subnet; cgroups limit its memory, cpu and processes, and the freezer suspends it.
 //! Its private directories live in `DATA/guests/ID/fs` and are bind-mounted over the same paths
 //! inside its mount namespace, so clone and cold migration copy exactly them. What runs inside
-//! comes from the type's [`templates::Template`].
+//! is the workload the container's type declares ([`templates::from_workload`]).
 //!
 //! Invariants:
 //! - The on-disk record (`guest.json`) is the list of guests; the state (running, stopped,
@@ -67,10 +67,8 @@ pub struct LinuxConfig {
     pub capacity: Option<Resources>,
     /// How long a stop waits after SIGTERM before SIGKILL.
     pub stop_grace: Duration,
-    /// This program, which templates run as small servers (`guest-http`).
+    /// This program, whose `guest-http` stands in for workloads whose image it cannot run.
     pub exe: PathBuf,
-    /// Templates by type name that replace or add to the built-in ones.
-    pub templates: BTreeMap<String, templates::Template>,
 }
 
 /// A guest as the driver keeps it on disk.
@@ -106,6 +104,7 @@ prog=$(command -v "$1")
 shift
 case "$prog" in /tmp/*) exec 9<"$prog"; prog=/proc/self/fd/9;; esac
 mount -t tmpfs -o size=64m tmpfs /tmp
+cd "$C48_WORKDIR" || { echo "cloud48: working directory $C48_WORKDIR does not exist" >&2; exit 112; }
 set +e
 "$prog" "$@" &
 child=$!
@@ -202,14 +201,11 @@ impl LinuxDriver {
         self.cgroups.remove_parent();
     }
 
-    /// The template of a type id: configured, else built in.
-    fn template(&self, type_id: &str) -> Template {
-        let name = cloud48_model::type_name(type_id);
-        self.cfg
-            .templates
-            .get(name)
-            .cloned()
-            .unwrap_or_else(|| templates::template_for(name))
+    /// How a guest is launched: the workload of its spec on this server's files.
+    fn template(&self, spec: &GuestSpec) -> Template {
+        templates::from_workload(&spec.workload, &self.cfg.exe.to_string_lossy(), |p| {
+            find_program(p).is_some()
+        })
     }
 
     /// Holds the guest's lock: operations on one guest run one at a time.
@@ -405,14 +401,16 @@ impl LinuxDriver {
 
     async fn launch(&self, r: &Record) -> Result<(), DriverError> {
         let guest = &r.spec.guest_id;
-        let t = self.template(&r.spec.type_id);
-        let exe = self.cfg.exe.to_string_lossy().into_owned();
-        let fill = |s: &str| {
-            s.replace("{id}", guest)
-                .replace("{ip}", &r.ip.to_string())
-                .replace("{exe}", &exe)
-        };
-        let command: Vec<String> = t.command.iter().map(|s| fill(s)).collect();
+        let t = self.template(&r.spec);
+        let vars = BTreeMap::from([("id", guest.to_string()), ("ip", r.ip.to_string())]);
+        let command: Vec<String> = t
+            .command
+            .iter()
+            .map(|s| templates::fill(s, &vars))
+            .collect();
+        if t.stand_in {
+            tracing::info!(guest = %guest, image = ?r.spec.workload.image.as_ref().map(|i| &i.reference), "this server runs no images: a stand-in listens on the workload's endpoint");
+        }
         if find_program(&command[0]).is_none() {
             return Err(DriverError::Permanent(format!(
                 "{} is not installed on server {}; containers of type {} need it (Debian: apt-get install {})",
@@ -450,6 +448,8 @@ impl LinuxDriver {
             .arg(LAUNCH)
             .arg("c48-launch")
             .args(&command)
+            .envs(t.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("C48_WORKDIR", t.workdir.as_deref().unwrap_or("/"))
             .env("C48_PROCS", procs.join(" "))
             .env("C48_NETNS", &net.netns)
             .env("C48_INIT", GUEST_INIT)
@@ -662,22 +662,16 @@ impl Driver for LinuxDriver {
             exec: true,
             migrate: true,
             update: true,
+            images: false,
         }
     }
 
     async fn create(&self, spec: &GuestSpec) -> Result<GuestInfo, DriverError> {
         let _held = self.hold(&spec.guest_id).await;
-        let t = self.template(&spec.type_id);
+        let t = self.template(spec);
         self.make_guest(spec, move |fs| {
             for d in &t.private_dirs {
                 std::fs::create_dir_all(fs.join(d.trim_start_matches('/'))).map_err(permanent)?;
-            }
-            for (path, content) in &t.files {
-                let p = fs.join(path.trim_start_matches('/'));
-                if let Some(parent) = p.parent() {
-                    std::fs::create_dir_all(parent).map_err(permanent)?;
-                }
-                std::fs::write(&p, content).map_err(permanent)?;
             }
             Ok(())
         })

@@ -1,137 +1,170 @@
-//! Container templates: what runs inside a container of each type.
+//! What runs inside a container: the workload its type declares, made into a launch plan.
 //!
-//! A template names the main command, the private directories (paths inside the container that
-//! are the container's own, kept in its directory on the server, so clone and migration carry
-//! them), files seeded into them, and a TCP port that answers once the software is ready.
-//! In commands and files, `{id}`, `{ip}` and `{exe}` (this program) are replaced.
+//! The linux driver runs no images yet (its capabilities say so): a workload runs on the
+//! server's own files. Its declared command runs when the server has the program; a workload
+//! that names an image whose program the server lacks runs a stand-in instead, this program's
+//! `guest-http` answering on its first endpoint (so that environments wire up and can be
+//! tested before images land); a workload without an image whose program is missing fails to
+//! start with the package to install. A type that declares nothing runs an idle process.
+//! The volumes are the private directories (paths inside the container that are its own, kept
+//! in its directory on the server, so clone and migration carry them). In the command,
+//! `{id}` and `{ip}` are replaced by the container's id and address.
 
 use std::collections::BTreeMap;
 
-/// What runs inside containers of one type.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+use cloud48_model::{Check, Workload};
+
+/// How a container is launched.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     /// Main command and arguments.
     pub command: Vec<String>,
+    /// Environment variables of the main process.
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the container (`/` when none).
+    pub workdir: Option<String>,
     /// Absolute paths inside the container that are private to it.
-    #[serde(default)]
     pub private_dirs: Vec<String>,
-    /// Files written into the private directories when the container is created.
-    #[serde(default)]
-    pub files: BTreeMap<String, String>,
-    /// TCP port that accepts connections once the container is ready (its health check).
-    #[serde(default)]
+    /// TCP port that accepts connections once the container is ready.
     pub ready_port: Option<u16>,
+    /// True when this is the stand-in for an image the driver cannot run.
+    pub stand_in: bool,
 }
 
-/// Reads templates from TOML, one table per type name:
-///
-/// ```toml
-/// [redis]
-/// command = ["redis-server", "--port", "6379", "--dir", "/var/lib/redis"]
-/// private_dirs = ["/var/lib/redis"]
-/// ready_port = 6379
-/// ```
-pub fn parse_templates(text: &str) -> Result<BTreeMap<String, Template>, String> {
-    let templates: BTreeMap<String, Template> =
-        toml_edit::de::from_str(text).map_err(|e| e.to_string())?;
-    for (name, t) in &templates {
-        if t.command.is_empty() || t.command[0].is_empty() {
-            return Err(format!("template {name}: command must name a program"));
-        }
-        for d in t.private_dirs.iter().chain(t.files.keys()) {
-            if !d.starts_with('/') || d.contains("..") || d.contains(char::is_whitespace) {
-                return Err(format!(
-                    "template {name}: '{d}' must be an absolute path without '..' or spaces"
-                ));
-            }
-        }
-        for f in t.files.keys() {
-            if !t
-                .private_dirs
-                .iter()
-                .any(|d| f.starts_with(&format!("{}/", d.trim_end_matches('/'))))
-            {
-                return Err(format!(
-                    "template {name}: file '{f}' must lie in one of its private_dirs, or it would not be visible inside"
-                ));
-            }
-        }
+/// Where scripts of the CIS layer keep their files when the type declares no volume.
+const DEFAULT_PRIVATE: &str = "/etc/cloud48";
+
+/// The launch plan of `w`; `exe` is this program (for the stand-in) and `installed` says
+/// whether the server has a program.
+pub fn from_workload(w: &Workload, exe: &str, installed: impl Fn(&str) -> bool) -> Template {
+    let mut private_dirs: Vec<String> = w.volumes.iter().map(|v| v.path.clone()).collect();
+    if private_dirs.is_empty() {
+        private_dirs.push(DEFAULT_PRIVATE.into());
     }
-    Ok(templates)
-}
-
-const NGINX_CONF: &str = "# cloud48 balancer
-worker_processes 1;
-pid /run/nginx.pid;
-error_log /var/log/nginx/error.log warn;
-events { worker_connections 512; }
-http {
-  access_log off;
-  client_body_temp_path /var/lib/nginx/body;
-  proxy_temp_path /var/lib/nginx/proxy;
-  fastcgi_temp_path /var/lib/nginx/fastcgi;
-  uwsgi_temp_path /var/lib/nginx/uwsgi;
-  scgi_temp_path /var/lib/nginx/scgi;
-  include /etc/nginx/conf.d/*.conf;
-  server {
-    listen 80;
-    location / {
-      proxy_pass http://cloud48_app;
-      proxy_connect_timeout 1s;
-      proxy_next_upstream error timeout http_502 http_503 http_504;
-    }
-  }
-}
-";
-
-const NO_UPSTREAMS: &str = "upstream cloud48_app {\n  server 127.0.0.1:9 down;\n}\n";
-
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-/// A small HTTP server (this program's `guest-http`) that answers every request with the
-/// container id.
-fn echo_server(port: u16) -> Template {
-    Template {
-        command: strings(&[
-            "{exe}",
-            "guest-http",
-            "--listen",
-            &format!("0.0.0.0:{port}"),
-            "--answer",
-            "{id}",
-        ]),
-        private_dirs: strings(&["/etc/cloud48"]),
-        files: BTreeMap::new(),
-        ready_port: Some(port),
-    }
-}
-
-/// The template of a container type (by type name, without version); types without their own
-/// template run an idle process.
-pub fn template_for(type_name: &str) -> Template {
-    match type_name {
-        "balancer" => Template {
-            command: strings(&["nginx", "-g", "daemon off;"]),
-            private_dirs: strings(&["/etc/nginx", "/var/lib/nginx", "/var/log/nginx", "/run"]),
-            files: BTreeMap::from([
-                ("/etc/nginx/nginx.conf".to_string(), NGINX_CONF.to_string()),
-                (
-                    "/etc/nginx/conf.d/cloud48-upstreams.conf".to_string(),
-                    NO_UPSTREAMS.to_string(),
-                ),
-            ]),
-            ready_port: Some(80),
-        },
-        "tomcat" => echo_server(8080),
-        "mysql" => echo_server(3306),
-        _ => Template {
-            command: strings(&["sleep", "infinity"]),
-            private_dirs: strings(&["/etc/cloud48"]),
-            files: BTreeMap::new(),
+    if w.is_empty() {
+        return Template {
+            command: vec!["sleep".into(), "infinity".into()],
+            env: Vec::new(),
+            workdir: None,
+            private_dirs,
             ready_port: None,
-        },
+            stand_in: false,
+        };
+    }
+    let port_of = |name: &str| w.endpoints.iter().find(|e| e.name == name).map(|e| e.port);
+    let ready_port = match w.readiness.as_ref().map(|r| &r.check) {
+        Some(Check::Tcp { endpoint } | Check::Http { endpoint, .. }) => port_of(endpoint),
+        _ => None,
+    };
+    let runnable = w.command.first().is_some_and(|p| installed(p));
+    if w.image.is_some() && !runnable {
+        let port = w.endpoints.first().map(|e| e.port);
+        let mut command = vec![exe.to_string(), "guest-http".into()];
+        match port {
+            Some(p) => command.extend([
+                "--listen".into(),
+                format!("0.0.0.0:{p}"),
+                "--answer".into(),
+                "{id}".into(),
+            ]),
+            None => command = vec!["sleep".into(), "infinity".into()],
+        }
+        return Template {
+            command,
+            env: w.env.clone(),
+            workdir: None,
+            private_dirs,
+            ready_port: port,
+            stand_in: true,
+        };
+    }
+    Template {
+        command: w.command.clone(),
+        env: w.env.clone(),
+        workdir: w.workdir.clone(),
+        private_dirs,
+        ready_port,
+        stand_in: false,
+    }
+}
+
+/// `{id}` and `{ip}` in `s` replaced.
+pub fn fill(s: &str, vars: &BTreeMap<&str, String>) -> String {
+    vars.iter()
+        .fold(s.to_string(), |s, (k, v)| s.replace(&format!("{{{k}}}"), v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud48_model::{Endpoint, ImageRef, Protocol, Readiness, Volume};
+
+    fn workload(program: &str, image: bool) -> Workload {
+        Workload {
+            image: image.then(|| ImageRef {
+                reference: "cloud48/tomcat".into(),
+                digest: None,
+            }),
+            command: vec![program.into(), "run".into()],
+            env: vec![("CATALINA_OPTS".into(), "-Xmx512m".into())],
+            workdir: Some("/srv".into()),
+            endpoints: vec![Endpoint {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Http,
+            }],
+            readiness: Some(Readiness {
+                check: Check::Http {
+                    endpoint: "http".into(),
+                    path: "/".into(),
+                },
+                interval_ms: 100,
+                retries: 10,
+            }),
+            volumes: vec![Volume {
+                name: "config".into(),
+                path: "/etc/cloud48".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_declared_command_the_server_has_runs_as_declared() {
+        let t = from_workload(&workload("catalina.sh", true), "/c48", |_| true);
+        assert_eq!(t.command, ["catalina.sh", "run"]);
+        assert_eq!(t.ready_port, Some(8080));
+        assert_eq!(t.private_dirs, ["/etc/cloud48"]);
+        assert_eq!(t.workdir.as_deref(), Some("/srv"));
+        assert!(!t.stand_in);
+    }
+
+    #[test]
+    fn an_image_whose_program_is_missing_runs_a_stand_in_on_its_first_endpoint() {
+        let t = from_workload(&workload("catalina.sh", true), "/c48", |_| false);
+        assert_eq!(
+            t.command,
+            [
+                "/c48",
+                "guest-http",
+                "--listen",
+                "0.0.0.0:8080",
+                "--answer",
+                "{id}"
+            ]
+        );
+        assert!(t.stand_in);
+        assert_eq!(t.ready_port, Some(8080));
+        // Without an image, the declared command is what runs (and fails if it is missing).
+        let t = from_workload(&workload("catalina.sh", false), "/c48", |_| false);
+        assert_eq!(t.command[0], "catalina.sh");
+    }
+
+    #[test]
+    fn a_type_that_declares_nothing_idles_with_a_private_directory_for_its_scripts() {
+        let t = from_workload(&Workload::default(), "/c48", |_| true);
+        assert_eq!(t.command, ["sleep", "infinity"]);
+        assert_eq!(t.private_dirs, [DEFAULT_PRIVATE]);
+        let vars = BTreeMap::from([("id", "g1".to_string()), ("ip", "10.0.0.2".into())]);
+        assert_eq!(fill("{id}@{ip}:{port}", &vars), "g1@10.0.0.2:{port}");
     }
 }

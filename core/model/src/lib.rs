@@ -490,6 +490,11 @@ pub struct Server {
     pub last_heartbeat: Option<i64>,
     /// Load figures of the last heartbeat.
     pub load: Option<ServerStats>,
+    /// What its driver can do: `suspend`, `exec`, `migrate`, `update`, and `images` (runs
+    /// workloads from images) or `host-files` (runs them on the server's own files); empty
+    /// when the core has no driver for it (a remote server not connected).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
 }
 
 /// A persisted command as the API shows it.

@@ -648,15 +648,23 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         }),
         stop_grace: Duration::from_secs(2),
         exe: std::env::current_exe().expect("own path"),
-        templates: Default::default(),
     };
     let result = async {
         let d = std::sync::Arc::new(LinuxDriver::open(config(0)).await.map_err(anyhow::Error::msg)?);
+        // A workload whose image this server cannot fetch: the driver runs its stand-in on the
+        // declared endpoint, as for the bundled tomcat.
+        let workload = cloud48_engine::model::Workload {
+            image: Some(cloud48_engine::model::ImageRef { reference: "cloud48/tomcat".into(), digest: None }),
+            command: vec!["catalina.sh".into(), "run".into()],
+            endpoints: vec![cloud48_engine::model::Endpoint { name: "http".into(), port: 8080, protocol: cloud48_engine::model::Protocol::Http }],
+            ..Default::default()
+        };
         let spec = |id: String| cloud48_engine::driver::GuestSpec {
             guest_id: id,
             type_id: "tomcat".into(),
             resources: cloud48_engine::model::Resources { cpu_millis: 100, memory_mb: 64, disk_mb: 64 },
             ip: None,
+            workload: workload.clone(),
         };
         let mut times = Vec::new();
         for i in 0..args.containers {

@@ -167,6 +167,7 @@ pub fn servers(list: &[Server]) -> String {
         "DISK MB RESERVED/TOTAL",
         "MEASURED USE",
         "LAST HEARTBEAT",
+        "CAPABILITIES",
     ]);
     let now = cloud48_engine::model::now_ms();
     for s in list {
@@ -212,6 +213,7 @@ pub fn servers(list: &[Server]) -> String {
                     )
                 }),
             beat,
+            s.capabilities.join(" "),
         ]);
     }
     t.to_string()

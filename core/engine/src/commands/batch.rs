@@ -165,7 +165,13 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     // The containers are locked by this command: no other command changed them meanwhile.
     for (id, server) in placed {
         let (driver, name) = driver_of(svc, server)?;
-        let spec = guest_spec(&guest_id_for(svc.platform_name(), id), &type_id, need);
+        let spec = guest_spec(
+            svc,
+            &guest_id_for(svc.platform_name(), id),
+            &type_id,
+            need,
+            "{}",
+        );
         match make_guest(driver.as_ref(), &spec, None, start).await {
             Ok(info) => made.push((id, server, info.ip)),
             Err(e) if e.is_transient() => {

@@ -21,8 +21,14 @@ use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirem
 use crate::queue::{Next, StepError, Transition, UndoWrites};
 use crate::services::Services;
 
-fn spec(row: &container::Model) -> GuestSpec {
-    guest_spec(&row.guest_id, &row.type_id, requirements_of(row).resources)
+fn spec(svc: &Services, row: &container::Model) -> GuestSpec {
+    guest_spec(
+        svc,
+        &row.guest_id,
+        &row.type_id,
+        requirements_of(row).resources,
+        &row.params,
+    )
 }
 
 /// The step's decision `next`, committed with `change` applied to container `row`.
@@ -544,7 +550,7 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         None => None,
     };
     let start = params.start;
-    let info = make_guest(driver.as_ref(), &spec(&row), image.as_ref(), start)
+    let info = make_guest(driver.as_ref(), &spec(ctx.svc, &row), image.as_ref(), start)
         .await
         .map_err(|e| driver_err(&server, e))?;
     unique_address(svc, id, info.ip.as_deref()).await?;
@@ -846,7 +852,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
                 .await
                 .map_err(|e| driver_err(&src_name, e))?;
             let (dst, dst_name) = driver_of(svc, r.server_id)?;
-            let info = import_on(svc, dst.as_ref(), &dst_name, &spec(&copy), image).await?;
+            let info = import_on(svc, dst.as_ref(), &dst_name, &spec(svc, &copy), image).await?;
             unique_address(svc, copy.id, info.ip.as_deref()).await?;
             let next = next(CloneStep::Finish);
             Ok(Transition::commit(move |txn| {
@@ -960,7 +966,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                     // The container keeps its address: its environment stays wired.
                     let keep = GuestSpec {
                         ip: row.ip.clone(),
-                        ..spec(&row)
+                        ..spec(svc, &row)
                     };
                     import_on(svc, dst.as_ref(), &dst_name, &keep, image).await?
                 }

@@ -63,6 +63,8 @@ struct Row {
     /// Requirements as stored (text).
     requirements: String,
     environment_id: Option<i64>,
+    /// Parameters as stored (JSON).
+    params: String,
 }
 
 impl Row {
@@ -107,14 +109,15 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
     for chunk in ids.chunks(CHUNK) {
         let (ids, values) = ids_source(svc.db(), chunk.iter().copied(), 1);
         let from = format!("containers WHERE id IN {ids}");
-        let found: Vec<(i64, String, String, String, String, Option<i64>)> = json_rows(
+        type Found = (i64, String, String, String, String, Option<i64>, String);
+        let found: Vec<Found> = json_rows(
             svc.db(),
-            "id, status, guest_id, type_id, requirements, environment_id",
+            "id, status, guest_id, type_id, requirements, environment_id, params",
             &from,
             values,
         )
         .await?;
-        for (id, status, guest_id, type_id, requirements, environment_id) in found {
+        for (id, status, guest_id, type_id, requirements, environment_id, params) in found {
             rows.insert(
                 id,
                 Row {
@@ -124,6 +127,7 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
                     type_id,
                     requirements,
                     environment_id,
+                    params,
                 },
             );
         }
@@ -312,7 +316,13 @@ async fn make_placed(
         let Ok((driver, server)) = driver_of(svc, r.server_id) else {
             continue;
         };
-        let spec = guest_spec(&row.guest_id, &row.type_id, row.requirements().resources);
+        let spec = guest_spec(
+            svc,
+            &row.guest_id,
+            &row.type_id,
+            row.requirements().resources,
+            &row.params,
+        );
         let id = row.id;
         pending.push(async move {
             let made = make_guest(driver.as_ref(), &spec, None, start)

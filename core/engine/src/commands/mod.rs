@@ -148,14 +148,27 @@ impl StepCtx<'_> {
     }
 }
 
-/// What a new container's guest is: its id, type and reserved resources (its server gives it an
-/// address).
-pub(crate) fn guest_spec(guest_id: &str, type_id: &str, resources: Resources) -> GuestSpec {
+/// What a new container's guest is: its id, type, reserved resources and the workload its type
+/// declares, with its parameters (`params`, stored JSON; the type's defaults fill the rest)
+/// put in (its server gives it an address).
+pub(crate) fn guest_spec(
+    svc: &Services,
+    guest_id: &str,
+    type_id: &str,
+    resources: Resources,
+    params: &str,
+) -> GuestSpec {
+    let workload = svc.types().get(type_id).map_or_else(Default::default, |t| {
+        let given: crate::model::Params = serde_json::from_str(params).unwrap_or_default();
+        let params = cloud48_model::resolve_params(&t.param_specs(), &given).unwrap_or(given);
+        t.workload().with_params(&params)
+    });
     GuestSpec {
         guest_id: guest_id.to_string(),
         type_id: type_id.to_string(),
         resources,
         ip: None,
+        workload,
     }
 }
 
