@@ -88,7 +88,7 @@ enum Entry {
     /// A guest as it is after change `seq`.
     Put {
         seq: u64,
-        guest: SimGuest,
+        guest: Box<SimGuest>,
         next_ip: u32,
     },
     /// A guest destroyed by change `seq`.
@@ -156,7 +156,7 @@ fn load(path: &std::path::Path) -> Result<(SimState, usize, bool), DriverError> 
                 } if seq > state.seq => {
                     state.seq = seq;
                     state.next_ip = next_ip;
-                    state.guests.insert(guest.info.guest_id.clone(), guest);
+                    state.guests.insert(guest.info.guest_id.clone(), *guest);
                 }
                 Entry::Remove { seq, guest_id } if seq > state.seq => {
                     state.seq = seq;
@@ -383,7 +383,7 @@ impl SimServer {
         let entry = match state.guests.get(guest_id) {
             Some(g) => Entry::Put {
                 seq: state.seq,
-                guest: g.clone(),
+                guest: Box::new(g.clone()),
                 next_ip: state.next_ip,
             },
             None => Entry::Remove {
