@@ -310,7 +310,7 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
     let newer = test_plugin(cloud48_engine::plugins::TEST_PLUGINS_NEWER, "hostile");
     let err = t
         .client
-        .send_wasm::<PluginInfo>(reqwest::Method::PUT, "/v1/plugins/tomcat", newer.clone())
+        .send_wasm::<Accepted>(reqwest::Method::PUT, "/v1/plugins/tomcat", newer.clone())
         .await
         .unwrap_err()
         .to_string();
@@ -318,11 +318,14 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
         err.contains("the component is plugin 'hostile', not 'tomcat'"),
         "{err}"
     );
-    let info: PluginInfo = t
+    let a: Accepted = t
         .client
         .send_wasm(reqwest::Method::PUT, "/v1/plugins/hostile", newer)
         .await
         .unwrap();
+    let done = t.ok(a.command_id).await;
+    assert_eq!(done.kind, "plugin.upgrade");
+    let info: PluginInfo = t.client.get("/v1/plugins/hostile").await.unwrap();
     assert_eq!(info.type_id, "hostile@0.1.1");
     assert_eq!(info.containers, 1);
     let c: Container = t.client.get(&format!("/v1/containers/{id}")).await.unwrap();

@@ -16,6 +16,7 @@ mod m0007_dummy_commands;
 mod m0008_container_ips;
 mod m0009_pending_scripts;
 mod m0010_params;
+mod m0011_plugin_uploads;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -34,6 +35,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0008_container_ips::Migration),
             Box::new(m0009_pending_scripts::Migration),
             Box::new(m0010_params::Migration),
+            Box::new(m0011_plugin_uploads::Migration),
         ]
     }
 }

@@ -761,15 +761,20 @@ async fn show_plugin(
 #[utoipa::path(put, path = "/v1/plugins/{name}", tag = "plugins",
     params(("name" = String, Path, description = "Plugin name")),
     request_body(content = Vec<u8>, content_type = "application/wasm", description = "The newer WASM component"),
-    responses((status = 200, body = cloud48_engine::plugins::PluginInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 202, body = Accepted, description = "A plugin.upgrade command moves the containers; it fails, naming the container, when the new version's migrate-state refuses one"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn upgrade_plugin(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     Path(name): Path<String>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<cloud48_engine::plugins::PluginInfo>, ApiError> {
+) -> Result<Accept, ApiError> {
     wasm_body(&headers, &body)?;
-    Ok(Json(core.plugins().upgrade(&name, &body).await?))
+    let cmd = core
+        .plugins()
+        .submit_upgrade(core.queue(), &name, &body, who.audit_name())
+        .await?;
+    Ok(accepted(cmd, None))
 }
 
 #[utoipa::path(delete, path = "/v1/plugins/{name}", tag = "plugins",

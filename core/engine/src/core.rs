@@ -312,6 +312,16 @@ impl Core {
             config.agent_token.clone(),
             h.grace,
         );
+        let plugin_host = crate::plugins::PluginHost::shared(
+            Some(
+                config
+                    .plugin_cache
+                    .clone()
+                    .unwrap_or_else(|| config.data_dir.join("plugin-cache")),
+            ),
+            config.plugin_limits.clone(),
+        )
+        .map_err(|e| CoreError::Setup(e.to_string()))?;
         let services = Services::new(
             db.clone(),
             queue.clone(),
@@ -324,19 +334,11 @@ impl Core {
                 platform_id: platform.id,
                 dummy_ttl: config.placement.dummy_ttl(),
                 agent_token: config.agent_token.clone(),
+                plugin_host: plugin_host.clone(),
             },
         );
         let auth = crate::auth::Authenticator::new(config.auth.clone(), db.clone(), clock);
-        let plugin_host = crate::plugins::PluginHost::shared(
-            Some(
-                config
-                    .plugin_cache
-                    .clone()
-                    .unwrap_or_else(|| config.data_dir.join("plugin-cache")),
-            ),
-            config.plugin_limits.clone(),
-        )
-        .map_err(|e| CoreError::Setup(e.to_string()))?;
+
         let core = Core {
             inner: Arc::new(CoreInner {
                 plugin_host,

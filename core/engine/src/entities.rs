@@ -248,3 +248,18 @@ pub mod plugin {
     }
     no_relations!();
 }
+
+/// Components waiting for their `plugin.upgrade` command, by content hash.
+pub mod plugin_upload {
+    use sea_orm::entity::prelude::*;
+    /// An uploaded component.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "plugin_uploads")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub sha256: String,
+        pub wasm: Vec<u8>,
+        pub created_at: i64,
+    }
+    no_relations!();
+}

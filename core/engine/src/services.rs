@@ -30,6 +30,7 @@ pub struct Services {
     dummy_ttl: Duration,
     agent_token: Option<Arc<str>>,
     creates: CreateSubmitter,
+    plugin_host: Arc<crate::plugins::PluginHost>,
 }
 
 /// The settings commands read.
@@ -42,6 +43,8 @@ pub struct Settings {
     pub dummy_ttl: Duration,
     /// The token of the node agents (migrations between agents present it).
     pub agent_token: Option<String>,
+    /// The WASM host of the container types.
+    pub plugin_host: Arc<crate::plugins::PluginHost>,
 }
 
 impl Services {
@@ -69,7 +72,13 @@ impl Services {
             dummy_ttl: settings.dummy_ttl,
             agent_token: settings.agent_token.map(Into::into),
             creates,
+            plugin_host: settings.plugin_host,
         }
+    }
+
+    /// The WASM host of the container types.
+    pub fn plugin_host(&self) -> &Arc<crate::plugins::PluginHost> {
+        &self.plugin_host
     }
 
     /// The database.

@@ -297,6 +297,8 @@ string_enum!(
         ContainerMigrate = "container.migrate",
         /// Run a script inside a container (asked by a container type).
         ContainerExec = "container.exec",
+        /// Move every container of a plugin to a newer version of it.
+        PluginUpgrade = "plugin.upgrade",
         /// Make an environment usable.
         EnvironmentCreate = "environment.create",
         /// Add a container to an environment.

@@ -704,6 +704,8 @@ pub enum PluginCmd {
         name: String,
         /// The `.wasm` file of the new version.
         file: PathBuf,
+        #[command(flatten)]
+        wait: WaitArg,
     },
     /// Remove a plugin no container uses (admin).
     Remove {
@@ -1203,21 +1205,17 @@ async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<()> {
                 )
             });
         }
-        PluginCmd::Upgrade { name, file } => {
+        PluginCmd::Upgrade { name, file, wait } => {
             let wasm = read_wasm(&file)?;
-            let info: PluginInfo = client
+            let a: Accepted = client
                 .send_wasm(
                     reqwest::Method::PUT,
                     &format!("/v1/plugins/{}", enc(&name)),
                     wasm,
                 )
                 .await?;
-            out.show(&info, || {
-                format!(
-                    "upgraded to {}; {} container(s) moved",
-                    info.type_id, info.containers
-                )
-            });
+            out.accepted(client, a, wait, &format!("upgrading plugin {name}"))
+                .await?;
         }
         PluginCmd::List => {
             let list: Vec<PluginInfo> = client.get("/v1/plugins").await?;

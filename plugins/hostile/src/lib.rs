@@ -4,7 +4,8 @@
 //! 2 MiB state, `spam` asks for 10,000 actions, `fail` and `retry` return a hook error, `chatty`
 //! logs 1,000 lines; anything else is allowed.
 //! Built with `HOSTILE_WIT=x.y.z` it claims that WIT version (to test install refusals); built with
-//! `HOSTILE_VERSION=x.y.z` it is that version and migrates states by prefixing `from->to:`.
+//! `HOSTILE_VERSION=x.y.z` it is that version and migrates states by prefixing `from->to:`,
+//! except in an environment named `keep`, whose containers it refuses to migrate.
 
 use cloud48_sdk::*;
 
@@ -27,6 +28,12 @@ impl ContainerType for Hostile {
     }
 
     fn migrate_state(&self, from_version: &str, ctx: &Context) -> Result<Vec<u8>, String> {
+        if ctx.environment.name == "keep" {
+            return Err(format!(
+                "containers of environment '{}' keep their version",
+                ctx.environment.name
+            ));
+        }
         let to = option_env!("HOSTILE_VERSION").unwrap_or("0.1.0");
         let mut out = format!("{from_version}->{to}:").into_bytes();
         out.extend(&ctx.state);

@@ -15,6 +15,7 @@ mod container;
 mod environment;
 mod grouped;
 pub mod params;
+mod plugin;
 mod steps;
 
 use std::sync::Arc;
@@ -56,6 +57,7 @@ impl Runner for Handlers {
         match kind {
             CommandKind::Noop => Ok(Transition::bare(Next::Done(Value::Null))),
             CommandKind::ContainerCreateMany => batch::create_many(&ctx).await,
+            CommandKind::PluginUpgrade => plugin::upgrade(&ctx).await,
             k if k.on_container() => container::step(&ctx, k).await,
             k => environment::step(&ctx, k).await,
         }

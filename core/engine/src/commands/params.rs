@@ -318,3 +318,14 @@ mod tests {
         );
     }
 }
+
+/// `plugin.upgrade`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginUpgrade {
+    /// The plugin's name.
+    pub name: String,
+    /// The installed version the containers move from.
+    pub from: String,
+    /// Content hash of the new component (kept in `plugin_uploads` until installed).
+    pub sha256: String,
+}

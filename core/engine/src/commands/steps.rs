@@ -143,6 +143,16 @@ steps!(
 );
 
 steps!(
+    /// `plugin.upgrade`.
+    UpgradeStep of "plugin.upgrade" {
+        /// Convert every container's state and install the new version, in one transaction.
+        Migrate = 0,
+        /// Make this core's registry match (the new version in, the old one out).
+        Activate = 1,
+    }
+);
+
+steps!(
     /// `environment.failover`, `environment.recover` and `environment.notify`.
     NotifyStep of "environment.notify" {
         /// Run the hook for the chosen members.

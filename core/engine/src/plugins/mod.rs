@@ -20,9 +20,9 @@ use utoipa::ToSchema;
 pub use cloud48_plugin_host::{Limits, PluginHost, PluginMeta, WasmPlugin};
 
 use crate::core::CoreError;
-use crate::entities::{container, plugin};
+use crate::entities::{container, plugin, plugin_upload};
 use crate::model::{ContainerStatus, now_ms};
-use cloud48_plugin_host::types::{ContainerType, TypeRegistry};
+use cloud48_plugin_host::types::TypeRegistry;
 
 /// Where this build put the test plugins (the integration tests install them): the hostile
 /// plugins, then the same claiming a WIT version the host does not support, and a newer version.
@@ -134,7 +134,16 @@ impl<'a> PluginManager<'a> {
         wasm: &[u8],
         meta: &PluginMeta,
     ) -> Result<plugin::Model, CoreError> {
-        Ok(plugin::ActiveModel {
+        Ok(Self::insert_row(conn, wasm, meta).await?)
+    }
+
+    /// Writes the row of an installed plugin version.
+    pub(crate) async fn insert_row<C: sea_orm::ConnectionTrait>(
+        conn: &C,
+        wasm: &[u8],
+        meta: &PluginMeta,
+    ) -> Result<plugin::Model, sea_orm::DbErr> {
+        plugin::ActiveModel {
             name: Set(meta.name.clone()),
             version: Set(meta.version.clone()),
             wit_version: Set(meta.wit_version.clone()),
@@ -147,7 +156,7 @@ impl<'a> PluginManager<'a> {
             ..Default::default()
         }
         .insert(conn)
-        .await?)
+        .await
     }
 
     async fn rows(&self, name: &str) -> Result<Vec<plugin::Model>, CoreError> {
@@ -252,7 +261,7 @@ impl<'a> PluginManager<'a> {
     /// Converts the state of container `c` for `new` with its `migrate-state`, giving it the
     /// container's context (its environment's members and parameters); a refusal names the
     /// container.
-    async fn migrate_one(
+    pub(crate) async fn migrate_one(
         &self,
         new: &WasmPlugin,
         from: &str,
@@ -304,13 +313,22 @@ impl<'a> PluginManager<'a> {
         new.migrate_state(from, &ctx).map_err(|e| refused(e.cause))
     }
 
-    /// Installs a newer version of plugin `name` and moves every container of the old one to
-    /// it, converting states with the new version's `migrate-state`.
+    /// Checks that `wasm` is a newer version of installed plugin `name` and queues its
+    /// upgrade, a `plugin.upgrade` command that moves every container of the installed version
+    /// to it (see `commands::plugin`). Any newer version may take over, a major version bump
+    /// included, when its `migrate-state` accepts the state of every container; the command
+    /// fails, naming the container and the reason, and changes nothing when one is refused.
     #[expect(
         clippy::disallowed_methods,
-        reason = "database work only: every driver or plugin call happens before it"
+        reason = "database work only: the component was loaded before it"
     )]
-    pub async fn upgrade(&self, name: &str, wasm: &[u8]) -> Result<PluginInfo, CoreError> {
+    pub async fn submit_upgrade(
+        &self,
+        queue: &crate::queue::Queue,
+        name: &str,
+        wasm: &[u8],
+        requested_by: &str,
+    ) -> Result<crate::model::CommandId, CoreError> {
         let loaded = self.host.load(wasm).map_err(|e| invalid(e.to_string()))?;
         let meta = loaded.meta().clone();
         if meta.name != name {
@@ -338,31 +356,35 @@ impl<'a> PluginManager<'a> {
                 meta.name, meta.version, old.version
             )));
         }
-        // Any newer version may take over, major bumps included, when its `migrate-state`
-        // accepts the state of every container (seeing each one's environment); the first
-        // refusal stops the upgrade and changes nothing.
-        let old_type = format!("{}@{}", old.name, old.version);
-        let containers = self.live_containers(&old_type).await?;
-        let mut migrated = Vec::with_capacity(containers.len());
-        for c in containers {
-            let state = self.migrate_one(&loaded, &old.version, &c).await?;
-            migrated.push((c, state));
-        }
+        let sha256 = hex::encode(sha2::Sha256::digest(wasm));
         let txn = self.db.begin().await?;
-        let new_type = loaded.type_id().to_string();
-        for (c, state) in migrated {
-            let mut am: container::ActiveModel = c.into();
-            am.type_id = Set(new_type.clone());
-            am.state = Set(state);
-            am.updated_at = Set(now_ms());
-            am.update(&txn).await?;
+        if plugin_upload::Entity::find_by_id(sha256.clone())
+            .one(&txn)
+            .await?
+            .is_none()
+        {
+            plugin_upload::ActiveModel {
+                sha256: Set(sha256.clone()),
+                wasm: Set(wasm.to_vec()),
+                created_at: Set(now_ms()),
+            }
+            .insert(&txn)
+            .await?;
         }
-        plugin::Entity::delete_by_id(old.id).exec(&txn).await?;
-        self.insert(&txn, wasm, &meta).await?;
+        let cmd = crate::queue::NewCommand {
+            kind: crate::model::CommandKind::PluginUpgrade,
+            target: None,
+            params: crate::commands::params::to_value(crate::commands::params::PluginUpgrade {
+                name: meta.name.clone(),
+                from: old.version.clone(),
+                sha256,
+            }),
+            requested_by: requested_by.to_string(),
+        };
+        let ids = queue.enqueue_in(&txn, vec![cmd], None).await?;
         txn.commit().await?;
-        self.types.register(Arc::new(loaded));
-        self.types.unregister(&old_type);
-        self.show(&new_type).await
+        queue.wake();
+        Ok(crate::model::CommandId(ids[0]))
     }
 
     /// Installs the bundled plugins once, on the first start of a platform.
