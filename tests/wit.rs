@@ -84,6 +84,7 @@ async fn redis_fails_over_to_a_replica_and_the_tomcats_follow_when_the_primary_s
     .unwrap();
     new_env(&t, "cache").await;
     let a = add(&t, "cache", json!({ "type": "redis", "server": "sim-1" })).await;
+    let primary_add = a.command_id;
     let primary = t.created(a.command_id).await;
     let redis = members(&t, "cache").await;
     let replicas: Vec<&Container> = redis.iter().filter(|c| c.id != primary).collect();
@@ -136,6 +137,32 @@ async fn redis_fails_over_to_a_replica_and_the_tomcats_follow_when_the_primary_s
     // The primary's server fails: the replica with the lowest id takes over.
     let (ok, _, err) = crate::common::cli(&t.url, &["server", "fail", "sim-1"]);
     assert!(ok, "{err}");
+    // Each replica's after-exec logged that it follows the primary, into the record of the
+    // command that added it.
+    let children: Vec<cloud48_engine::model::Command> = t
+        .client
+        .get(&format!("/v1/commands?parent={primary_add}"))
+        .await
+        .unwrap();
+    let mut logged = Vec::new();
+    for c in children.iter().filter(|c| c.kind == "environment.add") {
+        let c: cloud48_engine::model::Command = t
+            .client
+            .get(&format!("/v1/commands/{}", c.id))
+            .await
+            .unwrap();
+        logged.extend(c.log.into_iter().map(|l| (l.container, l.level, l.message)));
+    }
+    for r in &replicas {
+        assert!(
+            logged.contains(&(
+                Some(r.id),
+                "info".to_string(),
+                format!("replica {} follows {primary_ip}:6379", r.id)
+            )),
+            "{logged:?}"
+        );
+    }
     let heir = replicas.iter().map(|r| r.id).min().unwrap();
     let new_primary = eventually("a replica promoted and a new replica attached", || async {
         let all = members(&t, "cache").await;
@@ -662,4 +689,40 @@ async fn an_upgrade_waits_for_commands_on_its_containers_and_survives_kill_9() {
         .unwrap();
     let started = client.command(a.command_id, 60).await.unwrap();
     assert_eq!(started.status, CommandStatus::Succeeded, "{started:?}");
+}
+
+/// What a plugin logs lands in its command's record, bounded per hook call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_s_log_is_kept_with_its_command_and_bounded() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let _: cloud48_engine::plugins::PluginInfo = t
+        .client
+        .send_wasm(
+            reqwest::Method::POST,
+            "/v1/plugins",
+            hostile(cloud48_engine::plugins::TEST_PLUGINS),
+        )
+        .await
+        .unwrap();
+    new_env(&t, "chatty").await;
+    let a = add(&t, "chatty", json!({ "type": "hostile" })).await;
+    t.created(a.command_id).await;
+    let cmd: cloud48_engine::model::Command = t
+        .client
+        .get(&format!("/v1/commands/{}", a.command_id))
+        .await
+        .unwrap();
+    assert_eq!(cmd.log.len(), 101, "100 lines and a note of the rest");
+    assert_eq!(cmd.log[0].message, "line 0");
+    assert_eq!(
+        cmd.log[0].container, None,
+        "the new container had no id yet"
+    );
+    assert!(
+        cmd.log[100].message.contains("900 more lines dropped"),
+        "{:?}",
+        cmd.log[100]
+    );
+    let (_, out, _) = crate::common::cli(&t.url, &["command", "show", &a.command_id.to_string()]);
+    assert!(out.contains("new container info: line 99"), "{out}");
 }

@@ -17,6 +17,7 @@ mod m0008_container_ips;
 mod m0009_pending_scripts;
 mod m0010_params;
 mod m0011_plugin_uploads;
+mod m0012_command_logs;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0009_pending_scripts::Migration),
             Box::new(m0010_params::Migration),
             Box::new(m0011_plugin_uploads::Migration),
+            Box::new(m0012_command_logs::Migration),
         ]
     }
 }

@@ -263,3 +263,21 @@ pub mod plugin_upload {
     }
     no_relations!();
 }
+
+/// Lines container-type plugins logged while a command ran their hooks.
+pub mod command_log {
+    use sea_orm::entity::prelude::*;
+    /// A log line.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "command_logs")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub command_id: i64,
+        pub container_id: Option<i64>,
+        pub level: String,
+        pub message: String,
+        pub at: i64,
+    }
+    no_relations!();
+}

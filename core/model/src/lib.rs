@@ -535,6 +535,24 @@ pub struct Command {
     pub started_at: Option<i64>,
     /// End, milliseconds since the Unix epoch.
     pub finished_at: Option<i64>,
+    /// Lines the container types logged while the command ran their hooks (single-command
+    /// views only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<LogEntry>,
+}
+
+/// A line a container type logged during a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LogEntry {
+    /// When, milliseconds since the Unix epoch.
+    pub at: i64,
+    /// The container whose hook logged it.
+    pub container: Option<ContainerId>,
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: String,
+    /// The line.
+    pub message: String,
 }
 
 /// Answer to a mutation: the command that will carry it out.

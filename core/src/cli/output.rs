@@ -280,6 +280,15 @@ pub fn command(c: &Command) -> String {
     if let Some(e) = &c.error {
         lines.push(format!("  error:        {e}"));
     }
+    if !c.log.is_empty() {
+        lines.push("  plugin log:".into());
+        for l in &c.log {
+            let who = l
+                .container
+                .map_or("new container".to_string(), |c| format!("container {c}"));
+            lines.push(format!("    {who} {}: {}", l.level, l.message));
+        }
+    }
     lines.join("\n")
 }
 

@@ -137,8 +137,42 @@ impl Queued {
     }
 }
 
-/// New state blobs by container id, and the requested actions in order.
-type Dispatched = (Vec<(i64, Vec<u8>)>, Vec<Queued>);
+/// What hooks changed: new state blobs and the lines they logged, by container id; committed
+/// with the step that ran them.
+#[derive(Default)]
+struct Written {
+    states: Vec<(i64, Vec<u8>)>,
+    logs: Vec<(i64, crate::types::LogLine)>,
+}
+
+impl Written {
+    /// Writes the states, and the log lines as command `cmd`'s record.
+    async fn write(self, txn: &DatabaseTransaction, cmd: i64) -> Result<(), StepError> {
+        save_states(txn, self.states).await?;
+        if self.logs.is_empty() {
+            return Ok(());
+        }
+        let at = now_ms();
+        let rows =
+            self.logs
+                .into_iter()
+                .map(|(container, l)| crate::entities::command_log::ActiveModel {
+                    command_id: sea_orm::Set(cmd),
+                    container_id: sea_orm::Set((container != 0).then_some(container)),
+                    level: sea_orm::Set(format!("{:?}", l.level).to_lowercase()),
+                    message: sea_orm::Set(l.message),
+                    at: sea_orm::Set(at),
+                    ..Default::default()
+                });
+        crate::entities::command_log::Entity::insert_many(rows)
+            .exec(txn)
+            .await?;
+        Ok(())
+    }
+}
+
+/// What hooks changed, and the actions they asked for in order.
+type Dispatched = (Written, Vec<Queued>);
 
 /// Runs hooks in the given order; returns what they changed and asked for, or the first denial
 /// (with who denied) as a permanent error when `may_deny`.
@@ -148,7 +182,7 @@ fn dispatch(
     calls: Vec<Call<'_>>,
     may_deny: bool,
 ) -> Result<Dispatched, StepError> {
-    let mut states = Vec::new();
+    let mut written = Written::default();
     let mut actions = Vec::new();
     for call in calls {
         let ty = svc.types().get(&call.view.type_id).ok_or_else(|| {
@@ -196,10 +230,13 @@ fn dispatch(
             }
             tracing::warn!(container = call.view.id.0, hook = call.hook.name(), %reason, "a hook denied after the fact; ignored");
         }
-        if let Some(s) = outcome.new_state {
-            states.push((call.view.id.0, s));
-        }
         let by = call.view.id.0;
+        if let Some(s) = outcome.new_state {
+            written.states.push((by, s));
+        }
+        written
+            .logs
+            .extend(outcome.logs.into_iter().map(|l| (by, l)));
         actions.extend(
             outcome
                 .actions
@@ -207,14 +244,14 @@ fn dispatch(
                 .map(|action| Queued::By { by, action }),
         );
     }
-    Ok((states, actions))
+    Ok((written, actions))
 }
 
-/// The decision `next`, committed with the new states the hooks returned.
-fn with_states(states: Vec<(i64, Vec<u8>)>, next: Next) -> Transition {
+/// The decision `next` of command `cmd`, committed with what its hooks wrote.
+fn with_states(cmd: i64, written: Written, next: Next) -> Transition {
     Transition::commit(move |txn| {
         Box::pin(async move {
-            save_states(txn, states).await?;
+            written.write(txn, cmd).await?;
             Ok(next)
         })
     })
@@ -501,7 +538,11 @@ async fn drain_actions(
         let (states, more) = dispatch(ctx.svc, &view, calls, false)?;
         actions.splice(0..0, more);
         progress["actions"] = serde_json::to_value(&actions).expect("serializable");
-        return Ok(with_states(states, Next::Continue { step, progress }));
+        return Ok(with_states(
+            ctx.cmd.id,
+            states,
+            Next::Continue { step, progress },
+        ));
     }
     if actions.is_empty() {
         return Ok(Transition::bare(then(progress)));
@@ -630,12 +671,21 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 hook: Hook::BeforeOtherIsAdded(new_view.clone()),
             }));
             let (states, actions) = dispatch(svc, &view, calls, true)?;
-            let (own, others): (Vec<_>, Vec<_>) = states.into_iter().partition(|(i, _)| *i == 0);
+            let (own, others): (Vec<_>, Vec<_>) =
+                states.states.into_iter().partition(|(i, _)| *i == 0);
             let new_state = own.into_iter().last().map_or(initial.clone(), |(_, s)| s);
+            let others = Written {
+                states: others,
+                logs: states.logs,
+            };
             let progress =
                 json!({ "new_state": new_state, "actions": actions, "params": resolved });
             let step = AddStep::BeforeActions.number();
-            Ok(with_states(others, Next::Continue { step, progress }))
+            Ok(with_states(
+                ctx.cmd.id,
+                others,
+                Next::Continue { step, progress },
+            ))
         }
         AddStep::BeforeActions => {
             drain_actions(ctx, env, |progress| Next::Continue {
@@ -729,7 +779,11 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             let (states, actions) = dispatch(svc, &view, calls, false)?;
             let progress = json!({ "container_id": id, "actions": actions });
             let step = AddStep::AfterActions.number();
-            Ok(with_states(states, Next::Continue { step, progress }))
+            Ok(with_states(
+                ctx.cmd.id,
+                states,
+                Next::Continue { step, progress },
+            ))
         }
         AddStep::AfterActions => {
             drain_actions(ctx, env, |p| {
@@ -779,7 +833,11 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             let (states, actions) = dispatch(svc, &view, calls, true)?;
             let progress = json!({ "removed": serde_json::to_value(removed).expect("serializable"), "actions": actions });
             let step = RemoveStep::BeforeActions.number();
-            Ok(with_states(states, Next::Continue { step, progress }))
+            Ok(with_states(
+                ctx.cmd.id,
+                states,
+                Next::Continue { step, progress },
+            ))
         }
         RemoveStep::BeforeActions => {
             drain_actions(ctx, env, |progress| Next::Continue {
@@ -833,7 +891,7 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             }));
             let (mut states, mut actions) = dispatch(svc, &view, calls, false)?;
             // Nothing runs in or changes a destroyed container any more.
-            states.retain(|(c, _)| *c != id);
+            states.states.retain(|(c, _)| *c != id);
             actions.retain(|q| {
                 !matches!(
                     q,
@@ -845,7 +903,11 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
             let mut progress = ctx.progress.clone();
             progress["actions"] = serde_json::to_value(&actions).expect("serializable");
             let step = RemoveStep::AfterActions.number();
-            Ok(with_states(states, Next::Continue { step, progress }))
+            Ok(with_states(
+                ctx.cmd.id,
+                states,
+                Next::Continue { step, progress },
+            ))
         }
         RemoveStep::AfterActions => {
             drain_actions(ctx, env, |_| Next::Done(json!({ "container_id": id }))).await
@@ -1006,7 +1068,11 @@ async fn notify(
     let (states, actions) = dispatch(svc, &view, calls, false)?;
     let step = NotifyStep::Actions.number();
     let progress = json!({ "actions": actions });
-    Ok(with_states(states, Next::Continue { step, progress }))
+    Ok(with_states(
+        ctx.cmd.id,
+        states,
+        Next::Continue { step, progress },
+    ))
 }
 
 /// Replaces a member that is down: it becomes illegal (the collector destroys it when its
@@ -1051,10 +1117,11 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                 "actions": actions,
             });
             let step = ReplaceStep::Actions.number();
+            let cmd = ctx.cmd.id;
             Ok(Transition::commit(move |txn| {
                 Box::pin(async move {
                     set_member_status(txn, id, ContainerStatus::Illegal, None).await?;
-                    save_states(txn, states).await?;
+                    states.write(txn, cmd).await?;
                     Ok(Next::Continue { step, progress })
                 })
             }))

@@ -463,7 +463,9 @@ impl Queue {
         let row = store::get(&self.inner.db, id)
             .await?
             .ok_or(QueueError::NotFound(CommandId(id)))?;
-        store::to_api(&row)
+        let mut view = store::to_api(&row)?;
+        view.log = store::logs(&self.inner.db, id).await?;
+        Ok(view)
     }
 
     /// Commands matching `filter`, newest first.

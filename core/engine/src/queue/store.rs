@@ -282,7 +282,29 @@ pub(crate) fn to_api(row: &command::Model) -> Result<Command, QueueError> {
         created_at: row.created_at,
         started_at: row.started_at,
         finished_at: row.finished_at,
+        log: Vec::new(),
     })
+}
+
+/// The lines plugins logged during command `id`, oldest first.
+pub(crate) async fn logs<C: ConnectionTrait>(
+    db: &C,
+    id: i64,
+) -> Result<Vec<crate::model::LogEntry>, DbErr> {
+    use crate::entities::command_log;
+    Ok(command_log::Entity::find()
+        .filter(command_log::Column::CommandId.eq(id))
+        .order_by_asc(command_log::Column::Id)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|l| crate::model::LogEntry {
+            at: l.at,
+            container: l.container_id.map(crate::model::ContainerId),
+            level: l.level,
+            message: l.message,
+        })
+        .collect())
 }
 
 /// Commands taken by `claim`, oldest first.
