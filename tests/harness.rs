@@ -73,12 +73,12 @@ impl ContainerType for Recorded {
     }
 }
 
-/// The bundled tomcat and balancer, each wrapped to record into `log`.
+/// The bundled tomcat, balancer and redis, each wrapped to record into `log`.
 fn recorded(log: &Arc<Mutex<Vec<String>>>) -> Vec<(Arc<WasmPlugin>, Arc<dyn ContainerType>)> {
     let host = PluginHost::new(None, Default::default()).unwrap();
     BUNDLED
         .iter()
-        .filter(|(name, _)| ["tomcat", "balancer"].contains(name))
+        .filter(|(name, _)| ["tomcat", "balancer", "redis"].contains(name))
         .map(|(_, wasm)| {
             let plugin = Arc::new(host.load(wasm).unwrap());
             let t: Arc<dyn ContainerType> = Arc::new(Recorded {
@@ -159,6 +159,93 @@ async fn the_sdk_harness_makes_the_same_hook_calls_as_the_core() {
             "{hook} ran: {core_log:#?}"
         );
     }
+    assert_eq!(
+        sdk_log, core_log,
+        "the SDK harness (left) and the core (right) disagree"
+    );
+}
+
+/// A failover: a redis primary with one replica and a tomcat; the primary's server fails. The
+/// core (health monitor, `environment.failover`, the replacement) and the SDK's `Platform`
+/// make the same hook calls: `is-down`, every `after-other-is-down`, the promotion's actions,
+/// the replacement's add hooks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_harness_and_the_core_agree_on_a_failover() {
+    use cloud48_engine::core::HealthConfig;
+    use std::time::Duration;
+    let core_log = Arc::new(Mutex::new(Vec::new()));
+    let types = recorded(&core_log).into_iter().map(|(_, t)| t).collect();
+    let t = TestCore::start(Opts {
+        types,
+        health: HealthConfig {
+            background: true,
+            heartbeat: Duration::from_millis(50),
+            grace: Duration::from_millis(500),
+            check: Duration::from_millis(50),
+            collector: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let envs = t.core.environments();
+    let (cmd, _) = envs.create("shop", "test").await.unwrap();
+    t.ok(cmd).await;
+    let add = |type_id: &str, server: &str, params: &[(&str, &str)]| AddContainer {
+        type_id: type_id.into(),
+        requirements: None,
+        server: Some(server.into()),
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    // The Platform places round robin by id: the primary (1) on s1, its replica (2) on s2, the
+    // tomcat (3) on s3; the core is told the same servers (the replica by spread: not sim-1).
+    let primary = t
+        .created(
+            envs.add("shop", &add("redis", "sim-1", &[("replicas", "1")]), "test")
+                .await
+                .unwrap(),
+        )
+        .await;
+    t.created(
+        envs.add("shop", &add("tomcat", "sim-3", &[]), "test")
+            .await
+            .unwrap(),
+    )
+    .await;
+    let (ok, _, err) = crate::common::cli(&t.url, &["server", "fail", "sim-1"]);
+    assert!(ok, "{err}");
+    crate::common::eventually("the failover and the replacement end", || async {
+        let cmds: Vec<cloud48_engine::model::Command> =
+            t.client.get("/v1/commands?limit=100").await.ok()?;
+        let failover = cmds.iter().any(|c| c.kind == "environment.failover");
+        (failover && cmds.iter().all(|c| c.status.is_terminal())).then_some(())
+    })
+    .await;
+
+    let sdk_log = Arc::new(Mutex::new(Vec::new()));
+    let hooks = recorded(&sdk_log)
+        .into_iter()
+        .fold(WasmHooks::default(), |h, (plugin, t)| {
+            h.with_type(plugin.meta().clone(), t)
+        });
+    let mut p = Platform::new(hooks);
+    let first = p
+        .add_request(cloud48_sdk::AddRequest::of("redis").param("replicas", 1))
+        .unwrap();
+    assert_eq!(ContainerId(first), primary);
+    p.add("tomcat").unwrap();
+    p.crash_server("s1").unwrap();
+
+    let core_log = core_log.lock().unwrap().clone();
+    let sdk_log = sdk_log.lock().unwrap().clone();
+    assert!(
+        core_log.iter().any(|l| l.contains("after-other-is-down")),
+        "{core_log:#?}"
+    );
     assert_eq!(
         sdk_log, core_log,
         "the SDK harness (left) and the core (right) disagree"
