@@ -372,3 +372,16 @@ pub fn cli(url: &str, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Health monitoring in the background with short periods: a silent server is down within a
+/// second.
+pub fn fast_health() -> cloud48_engine::core::HealthConfig {
+    cloud48_engine::core::HealthConfig {
+        background: true,
+        heartbeat: Duration::from_millis(50),
+        grace: Duration::from_millis(500),
+        check: Duration::from_millis(50),
+        collector: Duration::from_secs(3600),
+        ..Default::default()
+    }
+}

@@ -171,20 +171,11 @@ async fn the_sdk_harness_makes_the_same_hook_calls_as_the_core() {
 /// the replacement's add hooks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_harness_and_the_core_agree_on_a_failover() {
-    use cloud48_engine::core::HealthConfig;
-    use std::time::Duration;
     let core_log = Arc::new(Mutex::new(Vec::new()));
     let types = recorded(&core_log).into_iter().map(|(_, t)| t).collect();
     let t = TestCore::start(Opts {
         types,
-        health: HealthConfig {
-            background: true,
-            heartbeat: Duration::from_millis(50),
-            grace: Duration::from_millis(500),
-            check: Duration::from_millis(50),
-            collector: Duration::from_secs(3600),
-            ..Default::default()
-        },
+        health: crate::common::fast_health(),
         ..Opts::default()
     })
     .await

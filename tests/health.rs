@@ -4,7 +4,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cloud48_engine::core::HealthConfig;
 use cloud48_engine::model::ContainerId;
 use cloud48_engine::model::{
     Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources,
@@ -181,17 +180,6 @@ async fn a_heartbeat_gap_shorter_than_the_grace_period_changes_nothing() {
     assert!(log.lock().unwrap().contains(&format!("{id}:is-up")));
 }
 
-fn fast_health() -> HealthConfig {
-    HealthConfig {
-        background: true,
-        heartbeat: Duration::from_millis(50),
-        grace: Duration::from_millis(500),
-        check: Duration::from_millis(50),
-        collector: Duration::from_secs(3600),
-        ..Default::default()
-    }
-}
-
 /// The arguments of the last nginx rewrite exec'd in a container, sorted.
 async fn last_rewrite(t: &TestCore, c: &Container) -> Option<Vec<String>> {
     let guest = t.sim(c.server.as_deref()?).await.guest(&c.guest_id)?;
@@ -214,7 +202,7 @@ async fn running_other(t: &TestCore, type_name: &str, not: &[ContainerId]) -> Op
 async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_the_old_ones() {
     let opts = Opts {
         sim_servers: 4,
-        health: fast_health(),
+        health: crate::common::fast_health(),
         ..Default::default()
     };
     let t = TestCore::start(opts).await.unwrap();

@@ -3,9 +3,7 @@
 //! servers, and a component released for WIT 0.1.0 beside 0.2.0 ones in one environment.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use cloud48_engine::core::HealthConfig;
 use cloud48_engine::model::{
     Accepted, Container, ContainerId, ContainerStatus, Environment, ParamKind, ParamSpec, Params,
     Requirements, Resources,
@@ -58,17 +56,6 @@ async fn execs(t: &TestCore, c: &Container) -> Vec<(String, Vec<String>)> {
         .unwrap_or_default()
 }
 
-fn fast_health() -> HealthConfig {
-    HealthConfig {
-        background: true,
-        heartbeat: Duration::from_millis(50),
-        grace: Duration::from_millis(500),
-        check: Duration::from_millis(50),
-        collector: Duration::from_secs(3600),
-        ..Default::default()
-    }
-}
-
 fn role(c: &Container) -> &str {
     c.params.get("role").map_or("", String::as_str)
 }
@@ -77,7 +64,7 @@ fn role(c: &Container) -> &str {
 async fn redis_fails_over_to_a_replica_and_the_tomcats_follow_when_the_primary_s_server_fails() {
     let t = TestCore::start(Opts {
         sim_servers: 4,
-        health: fast_health(),
+        health: crate::common::fast_health(),
         ..Default::default()
     })
     .await

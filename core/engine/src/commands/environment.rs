@@ -283,19 +283,27 @@ async fn save_states(
     states: Vec<(i64, Vec<u8>)>,
 ) -> Result<(), StepError> {
     for (id, state) in states {
-        container::Entity::update_many()
-            .col_expr(
-                container::Column::State,
-                sea_orm::sea_query::Expr::val(state),
-            )
-            .col_expr(
-                container::Column::UpdatedAt,
-                sea_orm::sea_query::Expr::val(now_ms()),
-            )
-            .filter(container::Column::Id.eq(id))
-            .exec(txn)
-            .await?;
+        set_container(txn, id, container::Column::State, state).await?;
     }
+    Ok(())
+}
+
+/// Sets one column of container `id` (and its change time).
+async fn set_container(
+    txn: &DatabaseTransaction,
+    id: i64,
+    column: container::Column,
+    value: impl Into<sea_orm::Value>,
+) -> Result<(), DbErr> {
+    container::Entity::update_many()
+        .col_expr(column, sea_orm::sea_query::Expr::val(value.into()))
+        .col_expr(
+            container::Column::UpdatedAt,
+            sea_orm::sea_query::Expr::val(now_ms()),
+        )
+        .filter(container::Column::Id.eq(id))
+        .exec(txn)
+        .await?;
     Ok(())
 }
 
@@ -576,18 +584,7 @@ async fn drain_actions(
         let (id, text) = (row.id, serde_json::to_string(&next).expect("serializable"));
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
-                container::Entity::update_many()
-                    .col_expr(
-                        container::Column::Params,
-                        sea_orm::sea_query::Expr::val(text),
-                    )
-                    .col_expr(
-                        container::Column::UpdatedAt,
-                        sea_orm::sea_query::Expr::val(now_ms()),
-                    )
-                    .filter(container::Column::Id.eq(id))
-                    .exec(txn)
-                    .await?;
+                set_container(txn, id, container::Column::Params, text).await?;
                 Ok(Next::Continue { step, progress })
             })
         }));
@@ -724,14 +721,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                         .await
                         .map_err(core_err)?;
                     save_states(txn, vec![(id, new_state)]).await?;
-                    container::Entity::update_many()
-                        .col_expr(
-                            container::Column::Params,
-                            sea_orm::sea_query::Expr::val(own_params),
-                        )
-                        .filter(container::Column::Id.eq(id))
-                        .exec(txn)
-                        .await?;
+                    set_container(txn, id, container::Column::Params, own_params).await?;
                     let child = NewCommand {
                         kind: crate::model::CommandKind::ContainerCreate,
                         target: Some(Target::Container(id)),
