@@ -563,4 +563,60 @@ mod tests {
             ]
         );
     }
+
+    /// The tomcat as released before WIT 0.2.0: it kept the database's bare address (here,
+    /// the environment's `legacy-db` parameter stands for a database that is gone).
+    #[derive(Default)]
+    struct TomcatV0;
+
+    impl ContainerType for TomcatV0 {
+        fn metadata(&self) -> Metadata {
+            Metadata::new("tomcat", "0.2.0", 50, Resources::new(1000, 1024, 2048))
+        }
+        fn after_it_is_added(&self, ctx: &Context) -> HookResult {
+            let db = ctx
+                .members_of_type("mysql")
+                .find_map(|m| m.ip.clone())
+                .or_else(|| ctx.environment_param("legacy-db").map(String::from));
+            Ok(Outcome::allow().with_json_state(&serde_json::json!({ "database": db })))
+        }
+    }
+
+    fn old_platform() -> Platform<NativeHooks> {
+        Platform::with_native(NativeHooks::default().with::<TomcatV0>().with::<Mysql>())
+    }
+
+    #[test]
+    fn an_upgrade_to_tomcat_1_converts_every_state_or_none() {
+        let mut p = old_platform();
+        let db = p.add("mysql").unwrap();
+        let web = p.add("tomcat").unwrap();
+        let ip = member(&p, db).ip.unwrap();
+        assert_eq!(p.inspect(web)["database"], ip.as_str());
+        assert_eq!(p.upgrade::<Tomcat>(), Ok(1));
+        assert_eq!(member(&p, web).type_id, "tomcat@1.0.0");
+        assert_eq!(
+            p.inspect(web)["database"],
+            format!("jdbc:mysql://{ip}:3306/app")
+        );
+
+        // One 0.x state names a database that is not a member: nothing moves.
+        let mut q = old_platform();
+        q.add("mysql").unwrap();
+        let fine = q.add("tomcat").unwrap();
+        q.use_environment("old");
+        q.set_environment_param("legacy-db", "10.9.9.9");
+        let stale = q.add("tomcat").unwrap();
+        let err = q.upgrade::<Tomcat>().unwrap_err();
+        assert!(
+            err.contains(&format!("container {stale}")) && err.contains("10.9.9.9"),
+            "{err}"
+        );
+        assert_eq!(member(&q, stale).type_id, "tomcat@0.2.0");
+        q.use_environment("test");
+        assert_eq!(member(&q, fine).type_id, "tomcat@0.2.0", "none moved");
+        // The old version is still the one that runs.
+        let again = q.add("tomcat").unwrap();
+        assert_eq!(member(&q, again).type_id, "tomcat@0.2.0");
+    }
 }

@@ -54,8 +54,9 @@ pub trait Hooks {
     fn inspect(&self, type_name: &str, state: &[u8]) -> Result<String, String>;
 }
 
-trait ErasedType {
+pub(super) trait ErasedType {
     fn metadata(&self) -> Metadata;
+    fn migrate_state(&self, from_version: &str, ctx: &Context) -> Result<Vec<u8>, String>;
     fn initial_state(&self) -> Vec<u8>;
     fn call(&self, call: &Call<'_>, ctx: &Context) -> HookResult;
     fn inspect(&self, state: &[u8]) -> String;
@@ -64,6 +65,9 @@ trait ErasedType {
 impl<T: ContainerType> ErasedType for T {
     fn metadata(&self) -> Metadata {
         ContainerType::metadata(self)
+    }
+    fn migrate_state(&self, from_version: &str, ctx: &Context) -> Result<Vec<u8>, String> {
+        ContainerType::migrate_state(self, from_version, ctx)
     }
     fn initial_state(&self) -> Vec<u8> {
         ContainerType::initial_state(self)
@@ -101,10 +105,36 @@ pub struct NativeHooks {
 impl NativeHooks {
     /// Adds a type.
     pub fn with<T: ContainerType + 'static>(mut self) -> Self {
+        self.insert::<T>();
+        self
+    }
+
+    /// Adds or replaces a type; returns the one it replaced.
+    pub(super) fn insert<T: ContainerType + 'static>(&mut self) -> Option<Box<dyn ErasedType>> {
         let t = T::default();
         let name = ContainerType::metadata(&t).name;
-        self.types.insert(name, Box::new(t));
-        self
+        self.types.insert(name, Box::new(t))
+    }
+
+    /// Puts back the type `insert` replaced (or removes `name` when it replaced none).
+    pub(super) fn put_back(&mut self, name: &str, previous: Option<Box<dyn ErasedType>>) {
+        match previous {
+            Some(t) => self.types.insert(name.to_string(), t),
+            None => self.types.remove(name),
+        };
+    }
+
+    /// `migrate-state` of the type named `type_name`.
+    pub(super) fn migrate(
+        &self,
+        type_name: &str,
+        from_version: &str,
+        ctx: &Context,
+    ) -> Result<Vec<u8>, String> {
+        self.types
+            .get(type_name)
+            .ok_or_else(|| format!("unknown type {type_name}"))?
+            .migrate_state(from_version, ctx)
     }
 }
 
