@@ -660,6 +660,31 @@ expect_members = ["tomcat"]
         &[],
     );
     assert!(ok && out.contains("scenario passed: 2 steps"), "{out}{err}");
+    // Upgrades: every container of the type moves with its state converted, or none.
+    let hostile = format!(
+        "{}/cloud48_plugin_hostile.wasm",
+        cloud48_engine::plugins::TEST_PLUGINS
+    );
+    let newer = format!(
+        "{}/cloud48_plugin_hostile.wasm",
+        cloud48_engine::plugins::TEST_PLUGINS_NEWER
+    );
+    std::fs::write(
+        dir.path().join("upgrade.toml"),
+        format!(
+            "bundled = []\n[[step]]\nadd = \"hostile\"\n[[step]]\nenvironment = \"keep\"\nadd = \"hostile\"\n[[step]]\nupgrade = \"{newer}\"\nexpect_deny = \"keep their version\"\n[[step]]\nremove = 2\n[[step]]\nenvironment = \"test\"\nupgrade = \"{newer}\"\nexpect_state = {{ id = 1, pointer = \"/bytes\", value = 15 }}\n"
+        ),
+    )
+    .unwrap();
+    let (ok, out, err) = run_bin(
+        &["plugin", "test", &hostile, "upgrade.toml"],
+        dir.path(),
+        &[],
+    );
+    assert!(
+        ok && out.contains("step 3: upgrade to") && out.contains("to hostile@0.1.1"),
+        "{out}{err}"
+    );
     std::fs::write(
         dir.path().join("bad.toml"),
         "[[step]]\nadd = \"tomcat\"\nexpect_execs = 5\n",

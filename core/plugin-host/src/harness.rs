@@ -40,6 +40,11 @@ impl WasmHooks {
         self
     }
 
+    /// The version of the type named `name`, if loaded.
+    pub fn version_of(&self, name: &str) -> Option<&str> {
+        self.plugins.get(name).map(|(m, _)| m.version.as_str())
+    }
+
     fn get(&self, name: &str) -> Result<&Arc<dyn ContainerType>, String> {
         self.plugins
             .get(name)
@@ -214,38 +219,42 @@ fn action(a: HookAction) -> Action {
     }
 }
 
+/// The SDK's view of what a plugin says about itself.
+fn sdk_meta(m: PluginMeta) -> Metadata {
+    Metadata {
+        name: m.name,
+        version: m.version,
+        wit_version: m.wit_version,
+        priority: m.priority,
+        requirements: sdk_resources(m.requirements.resources),
+        placement: cloud48_sdk::Placement {
+            spread: m.requirements.spread,
+            avoid_servers: Vec::new(),
+            labels: m.requirements.labels.clone(),
+        },
+        description: m.description,
+        workload: sdk_workload(m.workload),
+        params: m
+            .params
+            .into_iter()
+            .map(|p| cloud48_sdk::ParamSpec {
+                name: p.name,
+                kind: match p.kind {
+                    cloud48_model::ParamKind::Text => cloud48_sdk::ParamKind::Text,
+                    cloud48_model::ParamKind::Integer => cloud48_sdk::ParamKind::Integer,
+                    cloud48_model::ParamKind::Boolean => cloud48_sdk::ParamKind::Boolean,
+                },
+                default: p.default,
+                description: p.description,
+                settable: p.settable,
+            })
+            .collect(),
+    }
+}
+
 impl Hooks for WasmHooks {
     fn metadata(&self, type_name: &str) -> Option<Metadata> {
-        let m = self.plugins.get(type_name)?.0.clone();
-        Some(Metadata {
-            name: m.name,
-            version: m.version,
-            wit_version: m.wit_version,
-            priority: m.priority,
-            requirements: sdk_resources(m.requirements.resources),
-            placement: cloud48_sdk::Placement {
-                spread: m.requirements.spread,
-                avoid_servers: Vec::new(),
-                labels: m.requirements.labels.clone(),
-            },
-            description: m.description,
-            workload: sdk_workload(m.workload),
-            params: m
-                .params
-                .into_iter()
-                .map(|p| cloud48_sdk::ParamSpec {
-                    name: p.name,
-                    kind: match p.kind {
-                        cloud48_model::ParamKind::Text => cloud48_sdk::ParamKind::Text,
-                        cloud48_model::ParamKind::Integer => cloud48_sdk::ParamKind::Integer,
-                        cloud48_model::ParamKind::Boolean => cloud48_sdk::ParamKind::Boolean,
-                    },
-                    default: p.default,
-                    description: p.description,
-                    settable: p.settable,
-                })
-                .collect(),
-        })
+        Some(sdk_meta(self.plugins.get(type_name)?.0.clone()))
     }
 
     fn initial_state(&self, type_name: &str) -> Result<Vec<u8>, String> {
@@ -305,6 +314,56 @@ impl Hooks for WasmHooks {
     }
 }
 
+/// Upgrades the type of component `wasm` on the platform as `plugin.upgrade` does: its
+/// `migrate-state` converts every container of the loaded version (each seeing its
+/// environment), all or none; then the new version runs. Returns the new type id.
+pub fn upgrade_on(
+    p: &mut Platform<WasmHooks>,
+    host: &Arc<PluginHost>,
+    wasm: &[u8],
+) -> Result<String, String> {
+    let new = host.load(wasm).map_err(|e| e.to_string())?;
+    let meta = new.meta().clone();
+    let from = p
+        .hooks()
+        .version_of(&meta.name)
+        .ok_or_else(|| format!("no version of {} is loaded to upgrade from", meta.name))?
+        .to_string();
+    let newer = match (
+        semver::Version::parse(&from),
+        semver::Version::parse(&meta.version),
+    ) {
+        (Ok(a), Ok(b)) => b > a,
+        _ => false,
+    };
+    if !newer {
+        return Err(format!(
+            "{}@{} is not newer than the loaded {from}",
+            meta.name, meta.version
+        ));
+    }
+    let sdk = sdk_meta(meta.clone());
+    p.migrate_members(&sdk, |_, ctx| {
+        let me = view(&ctx.container);
+        let env = EnvironmentView {
+            id: ctx.environment.id,
+            name: ctx.environment.name.clone(),
+            members: ctx.environment.members.iter().map(view).collect(),
+            params: ctx.environment.params.clone(),
+        };
+        let hctx = HookContext {
+            container: &me,
+            environment: &env,
+            state: &ctx.state,
+        };
+        new.migrate_state(&from, &hctx).map_err(|e| e.cause)
+    })?;
+    let type_id = format!("{}@{}", meta.name, meta.version);
+    let hooks = std::mem::take(p.hooks_mut());
+    *p.hooks_mut() = hooks.with(new);
+    Ok(type_id)
+}
+
 /// A scenario file for `cloud48 plugin test`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -338,6 +397,9 @@ pub struct Step {
     /// `start` or `stop` the core: every member that is not down gets `after-cc-start` or
     /// `before-cc-stop`.
     pub core: Option<CoreEvent>,
+    /// Upgrade to the component in this `.wasm` file (a path from the current directory), as
+    /// `cloud48 plugin upgrade` does: all containers of its type or none.
+    pub upgrade: Option<std::path::PathBuf>,
     /// The operation must be denied with a reason containing this text.
     pub expect_deny: Option<String>,
     /// Type names of the members afterwards, in priority order.
@@ -450,6 +512,13 @@ pub fn run_scenario(
             (
                 format!("recover {s}"),
                 p.recover_server(s).map(|_| "back".to_string()),
+            )
+        } else if let Some(path) = &step.upgrade {
+            let wasm = std::fs::read(path)
+                .map_err(|e| format!("step {n}: cannot read {}: {e}", path.display()))?;
+            (
+                format!("upgrade to {}", path.display()),
+                upgrade_on(&mut p, host, &wasm).map(|t| format!("to {t}")),
             )
         } else if let Some(event) = step.core {
             match event {

@@ -121,6 +121,16 @@ impl<H: Hooks> Platform<H> {
         }
     }
 
+    /// The hooks the platform calls.
+    pub fn hooks(&self) -> &H {
+        &self.hooks
+    }
+
+    /// The hooks the platform calls, to change (e.g. to install a newer version of a type).
+    pub fn hooks_mut(&mut self) -> &mut H {
+        &mut self.hooks
+    }
+
     /// Decides what exec'd scripts return (default: exit 0, no output); a tagged exec's result
     /// goes to its requester's `after-exec`.
     pub fn on_exec(&mut self, responder: impl FnMut(&Exec) -> (i32, String, String) + 'static) {
