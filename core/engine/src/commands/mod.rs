@@ -14,6 +14,7 @@ mod batch;
 mod container;
 mod environment;
 mod grouped;
+mod hooks;
 pub mod params;
 mod plugin;
 mod steps;
@@ -291,7 +292,7 @@ pub(crate) async fn environment_members<C: sea_orm::ConnectionTrait>(
     conn: &C,
     env_id: i64,
 ) -> Result<Vec<crate::types::MemberView>, crate::queue::StepError> {
-    Ok(environment::members(types, conn, env_id)
+    Ok(hooks::members(types, conn, env_id)
         .await?
         .into_iter()
         .map(|(_, v)| v)
@@ -303,5 +304,5 @@ pub(crate) fn container_view(
     types: &crate::types::TypeRegistry,
     row: &crate::entities::container::Model,
 ) -> Result<crate::types::MemberView, crate::managers::UnknownStatus> {
-    environment::member_view(types, row, None)
+    hooks::member_view(types, row, None)
 }
