@@ -290,6 +290,7 @@ impl PluginHost {
                 "the plugin needs something the host does not give plugins (only the cloud48:container contract and a locked-down WASI are available): {e:#}"
             ))
         })?;
+        let hooks = v0_2_0::HookExports::of(&component);
         let pre = match v0_2_0::ContainerTypePre::new(pre.clone()) {
             Ok(p) => Pre::V0_2_0(p),
             Err(newest) => Pre::V0_1_0(v0_1_0::ContainerTypePre::new(pre).map_err(|_| {
@@ -304,6 +305,7 @@ impl PluginHost {
             pre,
             type_id: String::new(),
             meta: PluginMeta::default(),
+            hooks: None,
         };
         plugin.meta = plugin
             .call("describe", Params::new(), |b, s| match b {
@@ -315,8 +317,14 @@ impl PluginHost {
                     .cloud48_container_hooks()
                     .call_describe(s)
                     .map(v0_2_0::meta),
+                Bindings::Raw(_) => unreachable!("raw instances only run hooks"),
             })
             .map_err(|e| LoadError::Invalid(e.to_string()))?;
+        // `describe` instantiated the component through the generated bindings, which checked
+        // every export's signature: hook calls may now look up only their own export.
+        if matches!(plugin.pre, Pre::V0_2_0(_)) {
+            plugin.hooks = hooks;
+        }
         plugin.meta.validate().map_err(LoadError::Invalid)?;
         plugin.type_id = format!("{}@{}", plugin.meta.name, plugin.meta.version);
         Ok(plugin)
@@ -408,12 +416,16 @@ impl Pre {
 enum Bindings {
     V0_1_0(v0_1_0::ContainerType),
     V0_2_0(v0_2_0::ContainerType),
+    /// A 0.2.0 instance whose hooks are called one by one (`v0_2_0::call_hook_fast`).
+    Raw(wasmtime::component::Instance),
 }
 
 /// A loaded plugin version: a `ContainerType` whose hooks run in the sandbox.
 pub struct WasmPlugin {
     host: Arc<PluginHost>,
     pre: Pre,
+    /// The hook exports of a 0.2.0 component, for `Bindings::Raw`.
+    hooks: Option<v0_2_0::HookExports>,
     type_id: String,
     meta: PluginMeta,
 }
@@ -436,7 +448,7 @@ impl WasmPlugin {
         env_params: Params,
         f: impl FnOnce(&Bindings, &mut Store<HostState>) -> wasmtime::Result<R> + Send,
     ) -> Result<R, TypeError> {
-        self.call_logged(hook, env_params, f).map(|(r, _)| r)
+        self.call_logged(hook, env_params, false, f).map(|(r, _)| r)
     }
 
     /// Runs one export in a fresh instance, off the async runtime's scheduling (WASI's blocking
@@ -445,19 +457,20 @@ impl WasmPlugin {
         &self,
         hook: &str,
         env_params: Params,
+        raw: bool,
         f: impl FnOnce(&Bindings, &mut Store<HostState>) -> wasmtime::Result<R> + Send,
     ) -> Result<(R, Vec<LogLine>), TypeError> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         match Handle::try_current().map(|h| h.runtime_flavor()) {
             Ok(RuntimeFlavor::MultiThread) => {
-                tokio::task::block_in_place(|| self.call_here(hook, env_params, f))
+                tokio::task::block_in_place(|| self.call_here(hook, env_params, raw, f))
             }
             Ok(_) => std::thread::scope(|s| {
-                s.spawn(|| self.call_here(hook, env_params, f))
+                s.spawn(|| self.call_here(hook, env_params, raw, f))
                     .join()
                     .expect("hook thread")
             }),
-            Err(_) => self.call_here(hook, env_params, f),
+            Err(_) => self.call_here(hook, env_params, raw, f),
         }
     }
 
@@ -474,12 +487,14 @@ impl WasmPlugin {
         &self,
         hook: &str,
         env_params: Params,
+        raw: bool,
         f: impl FnOnce(&Bindings, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<(R, Vec<LogLine>), TypeError> {
         let mut store = self.host.store(env_params);
         let limits = &self.host.limits;
         let instance = match &self.pre {
             Pre::V0_1_0(p) => p.instantiate(&mut store).map(Bindings::V0_1_0),
+            Pre::V0_2_0(p) if raw => p.instance_pre().instantiate(&mut store).map(Bindings::Raw),
             Pre::V0_2_0(p) => p.instantiate(&mut store).map(Bindings::V0_2_0),
         }
         .map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
@@ -509,7 +524,7 @@ impl WasmPlugin {
                 Bindings::V0_1_0(b) => b
                     .cloud48_container_hooks()
                     .call_migrate_state(s, from, ctx.state),
-                Bindings::V0_2_0(_) => unreachable!("instantiated from its own Pre"),
+                _ => unreachable!("instantiated from its own Pre"),
             })?,
             Pre::V0_2_0(_) => {
                 let c = v0_2_0::context(ctx);
@@ -517,7 +532,7 @@ impl WasmPlugin {
                     Bindings::V0_2_0(b) => {
                         b.cloud48_container_hooks().call_migrate_state(s, from, &c)
                     }
-                    Bindings::V0_1_0(_) => unreachable!("instantiated from its own Pre"),
+                    _ => unreachable!("instantiated from its own Pre"),
                 })?
             }
         };
@@ -561,6 +576,7 @@ impl ContainerType for WasmPlugin {
         self.call("initial-state", Params::new(), |b, s| match b {
             Bindings::V0_1_0(b) => b.cloud48_container_hooks().call_initial_state(s),
             Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_initial_state(s),
+            Bindings::Raw(_) => unreachable!("raw instances only run hooks"),
         })
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "initial-state failed; starting with an empty state");
@@ -582,22 +598,29 @@ impl ContainerType for WasmPlugin {
         let (returned, logs) = match &self.pre {
             Pre::V0_1_0(_) => {
                 let c = v0_1_0::context(ctx);
-                self.call_logged(name, env_params, |b, s| match b {
+                self.call_logged(name, env_params, false, |b, s| match b {
                     Bindings::V0_1_0(b) => Ok(v0_1_0::call_hook(b, s, hook, &c)?
                         .map(v0_1_0::outcome)
                         .map(Ok)),
-                    Bindings::V0_2_0(_) => unreachable!("instantiated from its own Pre"),
+                    _ => unreachable!("instantiated from its own Pre"),
                 })?
             }
             Pre::V0_2_0(_) => {
                 let c = v0_2_0::context(ctx);
-                self.call_logged(name, env_params, |b, s| match b {
-                    Bindings::V0_2_0(b) => Ok(Some(
-                        v0_2_0::call_hook(b, s, hook, &c)?
-                            .map(v0_2_0::outcome)
-                            .map_err(v0_2_0::hook_error),
-                    )),
-                    Bindings::V0_1_0(_) => unreachable!("instantiated from its own Pre"),
+                let hooks = self.hooks.as_ref();
+                self.call_logged(name, env_params, hooks.is_some(), |b, s| {
+                    let returned = match (b, hooks) {
+                        // SAFETY: `hooks` were found in this plugin's component, whose export
+                        // signatures `describe` checked at load (see `load`).
+                        (Bindings::Raw(i), Some(h)) => unsafe {
+                            v0_2_0::call_hook_fast(i, s, h, hook, &c)?
+                        },
+                        (Bindings::V0_2_0(b), _) => v0_2_0::call_hook(b, s, hook, &c)?,
+                        _ => unreachable!("instantiated from its own Pre"),
+                    };
+                    Ok(Some(
+                        returned.map(v0_2_0::outcome).map_err(v0_2_0::hook_error),
+                    ))
                 })?
             }
         };
@@ -663,6 +686,7 @@ impl ContainerType for WasmPlugin {
         let text = self.call("inspect", Params::new(), |b, s| match b {
             Bindings::V0_1_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
             Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
+            Bindings::Raw(_) => unreachable!("raw instances only run hooks"),
         })?;
         if text.len() > self.host.limits.max_output {
             return Err(self.error(

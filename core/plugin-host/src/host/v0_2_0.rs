@@ -2,6 +2,7 @@
 //! host's.
 
 use wasmtime::Store;
+use wasmtime::component::{Component, ComponentExportIndex, Instance, TypedFunc};
 
 use super::{HostState, PluginMeta};
 use crate::types::{
@@ -317,5 +318,112 @@ pub(super) fn meta(m: wit::Metadata) -> PluginMeta {
                 settable: p.settable,
             })
             .collect(),
+    }
+}
+
+/// Every hook export, by name.
+const HOOKS: &[&str] = &[
+    "before-it-is-added",
+    "after-it-is-added",
+    "before-other-is-added",
+    "after-other-is-added",
+    "before-it-is-removed",
+    "after-it-is-removed",
+    "before-other-is-removed",
+    "after-other-is-removed",
+    "is-down",
+    "is-up",
+    "after-other-is-down",
+    "after-other-is-up",
+    "after-exec",
+    "after-cc-start",
+    "before-cc-stop",
+];
+
+/// Where each hook is among a component's exports, found once per component. A hook call then
+/// instantiates the component and looks up only its own function: the generated bindings would
+/// look up and type-check every export on each instantiation, which with 0.2.0's records cost
+/// more than the hook itself.
+pub(super) struct HookExports(std::collections::HashMap<&'static str, ComponentExportIndex>);
+
+impl HookExports {
+    /// The hooks of `component`, if it exports all of them.
+    pub(super) fn of(component: &Component) -> Option<HookExports> {
+        let hooks = component.get_export_index(None, "cloud48:container/hooks@0.2.0")?;
+        let mut by_name = std::collections::HashMap::new();
+        for name in HOOKS {
+            by_name.insert(*name, component.get_export_index(Some(&hooks), *name)?);
+        }
+        Some(HookExports(by_name))
+    }
+}
+
+/// Calls the export of `hook` on `instance`.
+///
+/// # Safety
+/// `instance` is an instance of the component `exports` were found in, and that component's
+/// export signatures were checked against these bindings (`ContainerTypePre::instantiate`, run
+/// by `describe` when the plugin was loaded, checks every one).
+pub(super) unsafe fn call_hook_fast(
+    instance: &Instance,
+    s: &mut Store<HostState>,
+    exports: &HookExports,
+    hook: &Hook,
+    c: &wit::Context,
+) -> wasmtime::Result<Returned> {
+    let index = exports
+        .0
+        .get(hook.name())
+        .ok_or_else(|| wasmtime::format_err!("the plugin lacks hook {}", hook.name()))?;
+    let func = instance
+        .get_func(&mut *s, index)
+        .ok_or_else(|| wasmtime::format_err!("the plugin lacks hook {}", hook.name()))?;
+    // SAFETY: see the function's contract: the signatures match the types named here.
+    unsafe {
+        match hook {
+            Hook::BeforeItIsAdded
+            | Hook::AfterItIsAdded
+            | Hook::BeforeItIsRemoved
+            | Hook::AfterItIsRemoved
+            | Hook::IsUp
+            | Hook::AfterCcStart
+            | Hook::BeforeCcStop => TypedFunc::<(&wit::Context,), (Returned,)>::new_unchecked(func)
+                .call(&mut *s, (c,))
+                .map(|(r,)| r),
+            Hook::BeforeOtherIsAdded(o)
+            | Hook::AfterOtherIsAdded(o)
+            | Hook::BeforeOtherIsRemoved(o)
+            | Hook::AfterOtherIsRemoved(o)
+            | Hook::AfterOtherIsUp(o) => {
+                let o = member(o);
+                TypedFunc::<(&wit::Context, &wit::Member), (Returned,)>::new_unchecked(func)
+                    .call(&mut *s, (c, &o))
+                    .map(|(r,)| r)
+            }
+            Hook::IsDown(why) => {
+                let why = cause(why);
+                TypedFunc::<(&wit::Context, &wit::DownCause), (Returned,)>::new_unchecked(func)
+                    .call(&mut *s, (c, &why))
+                    .map(|(r,)| r)
+            }
+            Hook::AfterOtherIsDown(o, why) => {
+                let (o, why) = (member(o), cause(why));
+                TypedFunc::<(&wit::Context, &wit::Member, &wit::DownCause), (Returned,)>::new_unchecked(func)
+                    .call(&mut *s, (c, &o, &why))
+                    .map(|(r,)| r)
+            }
+            Hook::AfterExec(r) => {
+                let r = wit::ExecResult {
+                    tag: r.tag.clone(),
+                    container: r.container.0,
+                    exit_code: r.exit_code,
+                    stdout: r.stdout.clone(),
+                    stderr: r.stderr.clone(),
+                };
+                TypedFunc::<(&wit::Context, &wit::ExecResult), (Returned,)>::new_unchecked(func)
+                    .call(&mut *s, (c, &r))
+                    .map(|(r,)| r)
+            }
+        }
     }
 }
