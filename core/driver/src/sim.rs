@@ -61,8 +61,9 @@ pub struct SimGuest {
     pub info: GuestInfo,
     /// Type id it was created with.
     pub type_id: String,
-    /// The workload it was created with (a simulated server runs nothing).
-    #[serde(default)]
+    /// The workload it was created with (a simulated server runs nothing); not written to the
+    /// journal when empty.
+    #[serde(default, skip_serializing_if = "cloud48_model::Workload::is_default")]
     pub workload: cloud48_model::Workload,
     /// Opaque disk content (travels with export/import).
     pub disk: Vec<u8>,

@@ -114,6 +114,11 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// True when nothing at all is declared (no image, command, endpoint, volume, ...).
+    pub fn is_default(&self) -> bool {
+        *self == Workload::default()
+    }
+
     /// True when the type declares nothing to run.
     pub fn is_empty(&self) -> bool {
         self.image.is_none() && self.command.is_empty()

@@ -162,9 +162,13 @@ pub(crate) fn guest_spec(
     params: &str,
 ) -> GuestSpec {
     let workload = svc.types().get(type_id).map_or_else(Default::default, |t| {
+        let workload = t.workload();
+        if workload.is_default() {
+            return workload;
+        }
         let given: crate::model::Params = serde_json::from_str(params).unwrap_or_default();
         let params = cloud48_model::resolve_params(&t.param_specs(), &given).unwrap_or(given);
-        t.workload().with_params(&params)
+        workload.with_params(&params)
     });
     GuestSpec {
         guest_id: guest_id.to_string(),
