@@ -68,6 +68,9 @@ impl ContainerType for Recorded {
     fn workload(&self) -> cloud48_engine::model::Workload {
         self.plugin.workload()
     }
+    fn endpoints(&self) -> Vec<cloud48_engine::model::Endpoint> {
+        self.plugin.endpoints()
+    }
     fn param_specs(&self) -> Vec<cloud48_engine::model::ParamSpec> {
         self.plugin.param_specs()
     }

@@ -252,6 +252,17 @@ fn sdk_meta(m: PluginMeta) -> Metadata {
     }
 }
 
+/// The host's views of the container and environment of an SDK context.
+fn views(ctx: &Context) -> (MemberView, EnvironmentView) {
+    let env = EnvironmentView {
+        id: ctx.environment.id,
+        name: ctx.environment.name.clone(),
+        members: ctx.environment.members.iter().map(view).collect(),
+        params: ctx.environment.params.clone(),
+    };
+    (view(&ctx.container), env)
+}
+
 impl Hooks for WasmHooks {
     fn metadata(&self, type_name: &str) -> Option<Metadata> {
         Some(sdk_meta(self.plugins.get(type_name)?.0.clone()))
@@ -263,13 +274,7 @@ impl Hooks for WasmHooks {
 
     fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<HookResult, String> {
         let plugin = self.get(type_name)?;
-        let me = view(&ctx.container);
-        let env = EnvironmentView {
-            id: ctx.environment.id,
-            name: ctx.environment.name.clone(),
-            members: ctx.environment.members.iter().map(view).collect(),
-            params: ctx.environment.params.clone(),
-        };
+        let (me, env) = views(ctx);
         let hctx = HookContext {
             container: &me,
             environment: &env,
@@ -344,13 +349,7 @@ pub fn upgrade_on(
     }
     let sdk = sdk_meta(meta.clone());
     p.migrate_members(&sdk, |_, ctx| {
-        let me = view(&ctx.container);
-        let env = EnvironmentView {
-            id: ctx.environment.id,
-            name: ctx.environment.name.clone(),
-            members: ctx.environment.members.iter().map(view).collect(),
-            params: ctx.environment.params.clone(),
-        };
+        let (me, env) = views(ctx);
         let hctx = HookContext {
             container: &me,
             environment: &env,

@@ -270,6 +270,18 @@ pub enum LogLevel {
     Error,
 }
 
+impl LogLevel {
+    /// Its name: `debug`, `info`, `warn` or `error`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
 /// A line a plugin logged during a hook call.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogLine {
@@ -350,6 +362,10 @@ pub trait ContainerType: Send + Sync + 'static {
     /// What runs in its containers (default: nothing declared).
     fn workload(&self) -> Workload {
         Workload::default()
+    }
+    /// The endpoints of its workload (what members show of it; default: the workload's).
+    fn endpoints(&self) -> Vec<Endpoint> {
+        self.workload().endpoints
     }
     /// The parameters its containers take (default: none).
     fn param_specs(&self) -> Vec<ParamSpec> {

@@ -113,7 +113,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                     .requirements
                     .as_ref()
                     .map_or(ty.default_requirements().resources, |r| r.resources),
-                endpoints: ty.workload().endpoints,
+                endpoints: ty.endpoints(),
                 params: resolved.clone(),
             };
             let mut calls = vec![Call {

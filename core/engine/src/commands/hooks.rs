@@ -35,7 +35,7 @@ pub(crate) fn member_view(
         server,
         ip: row.ip.clone(),
         resources: requirements.map(|r| r.resources).unwrap_or_default(),
-        endpoints: ty.map(|t| t.workload().endpoints).unwrap_or_default(),
+        endpoints: ty.map(|t| t.endpoints()).unwrap_or_default(),
         params: serde_json::from_str(&row.params).unwrap_or_default(),
     })
 }
@@ -123,7 +123,7 @@ impl Written {
                 .map(|(container, l)| crate::entities::command_log::ActiveModel {
                     command_id: sea_orm::Set(cmd),
                     container_id: sea_orm::Set((container != 0).then_some(container)),
-                    level: sea_orm::Set(format!("{:?}", l.level).to_lowercase()),
+                    level: sea_orm::Set(l.level.as_str().to_string()),
                     message: sea_orm::Set(l.message),
                     at: sea_orm::Set(at),
                     ..Default::default()

@@ -290,9 +290,14 @@ impl PluginHost {
                 "the plugin needs something the host does not give plugins (only the cloud48:container contract and a locked-down WASI are available): {e:#}"
             ))
         })?;
-        let hooks = v0_2_0::HookExports::of(&component);
         let pre = match v0_2_0::ContainerTypePre::new(pre.clone()) {
-            Ok(p) => Pre::V0_2_0(p),
+            // `new` found every export, so every hook export is there to index.
+            Ok(p) => Pre::V0_2_0(
+                p,
+                v0_2_0::HookExports::of(&component).ok_or_else(|| {
+                    LoadError::Invalid("the plugin lacks a hook of WIT 0.2.0".into())
+                })?,
+            ),
             Err(newest) => Pre::V0_1_0(v0_1_0::ContainerTypePre::new(pre).map_err(|_| {
                 LoadError::Invalid(format!(
                     "the plugin implements none of the WIT versions this core supports ({}); for the newest: {newest:#}",
@@ -305,7 +310,6 @@ impl PluginHost {
             pre,
             type_id: String::new(),
             meta: PluginMeta::default(),
-            hooks: None,
         };
         plugin.meta = plugin
             .call("describe", Params::new(), |b, s| match b {
@@ -320,11 +324,6 @@ impl PluginHost {
                 Bindings::Raw(_) => unreachable!("raw instances only run hooks"),
             })
             .map_err(|e| LoadError::Invalid(e.to_string()))?;
-        // `describe` instantiated the component through the generated bindings, which checked
-        // every export's signature: hook calls may now look up only their own export.
-        if matches!(plugin.pre, Pre::V0_2_0(_)) {
-            plugin.hooks = hooks;
-        }
         plugin.meta.validate().map_err(LoadError::Invalid)?;
         plugin.type_id = format!("{}@{}", plugin.meta.name, plugin.meta.version);
         Ok(plugin)
@@ -400,14 +399,15 @@ impl PluginMeta {
 /// A pre-instantiated component, by the WIT version it implements.
 enum Pre {
     V0_1_0(v0_1_0::ContainerTypePre<HostState>),
-    V0_2_0(v0_2_0::ContainerTypePre<HostState>),
+    /// With where each hook is among its exports (hooks are called through `Bindings::Raw`).
+    V0_2_0(v0_2_0::ContainerTypePre<HostState>, v0_2_0::HookExports),
 }
 
 impl Pre {
     fn wit_version(&self) -> &'static str {
         match self {
             Pre::V0_1_0(_) => "0.1.0",
-            Pre::V0_2_0(_) => "0.2.0",
+            Pre::V0_2_0(..) => "0.2.0",
         }
     }
 }
@@ -416,7 +416,7 @@ impl Pre {
 enum Bindings {
     V0_1_0(v0_1_0::ContainerType),
     V0_2_0(v0_2_0::ContainerType),
-    /// A 0.2.0 instance whose hooks are called one by one (`v0_2_0::call_hook_fast`).
+    /// A 0.2.0 instance whose hooks are called one by one (`v0_2_0::call_hook`).
     Raw(wasmtime::component::Instance),
 }
 
@@ -424,8 +424,6 @@ enum Bindings {
 pub struct WasmPlugin {
     host: Arc<PluginHost>,
     pre: Pre,
-    /// The hook exports of a 0.2.0 component, for `Bindings::Raw`.
-    hooks: Option<v0_2_0::HookExports>,
     type_id: String,
     meta: PluginMeta,
 }
@@ -494,8 +492,8 @@ impl WasmPlugin {
         let limits = &self.host.limits;
         let instance = match &self.pre {
             Pre::V0_1_0(p) => p.instantiate(&mut store).map(Bindings::V0_1_0),
-            Pre::V0_2_0(p) if raw => p.instance_pre().instantiate(&mut store).map(Bindings::Raw),
-            Pre::V0_2_0(p) => p.instantiate(&mut store).map(Bindings::V0_2_0),
+            Pre::V0_2_0(p, _) if raw => p.instance_pre().instantiate(&mut store).map(Bindings::Raw),
+            Pre::V0_2_0(p, _) => p.instantiate(&mut store).map(Bindings::V0_2_0),
         }
         .map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
         let out =
@@ -526,7 +524,7 @@ impl WasmPlugin {
                     .call_migrate_state(s, from, ctx.state),
                 _ => unreachable!("instantiated from its own Pre"),
             })?,
-            Pre::V0_2_0(_) => {
+            Pre::V0_2_0(..) => {
                 let c = v0_2_0::context(ctx);
                 self.call("migrate-state", env_params, |b, s| match b {
                     Bindings::V0_2_0(b) => {
@@ -588,6 +586,10 @@ impl ContainerType for WasmPlugin {
         self.meta.workload.clone()
     }
 
+    fn endpoints(&self) -> Vec<cloud48_model::Endpoint> {
+        self.meta.workload.endpoints.clone()
+    }
+
     fn param_specs(&self) -> Vec<ParamSpec> {
         self.meta.params.clone()
     }
@@ -605,19 +607,16 @@ impl ContainerType for WasmPlugin {
                     _ => unreachable!("instantiated from its own Pre"),
                 })?
             }
-            Pre::V0_2_0(_) => {
+            Pre::V0_2_0(_, hooks) => {
                 let c = v0_2_0::context(ctx);
-                let hooks = self.hooks.as_ref();
-                self.call_logged(name, env_params, hooks.is_some(), |b, s| {
-                    let returned = match (b, hooks) {
-                        // SAFETY: `hooks` were found in this plugin's component, whose export
-                        // signatures `describe` checked at load (see `load`).
-                        (Bindings::Raw(i), Some(h)) => unsafe {
-                            v0_2_0::call_hook_fast(i, s, h, hook, &c)?
-                        },
-                        (Bindings::V0_2_0(b), _) => v0_2_0::call_hook(b, s, hook, &c)?,
-                        _ => unreachable!("instantiated from its own Pre"),
+                self.call_logged(name, env_params, true, |b, s| {
+                    let Bindings::Raw(instance) = b else {
+                        unreachable!("hooks of 0.2.0 run on raw instances")
                     };
+                    // SAFETY: `hooks` were found in this plugin's component, and `load` ran
+                    // `describe` through the generated bindings, which checked every export's
+                    // signature against them, before this plugin could be called.
+                    let returned = unsafe { v0_2_0::call_hook(instance, s, hooks, hook, &c)? };
                     Ok(Some(
                         returned.map(v0_2_0::outcome).map_err(v0_2_0::hook_error),
                     ))

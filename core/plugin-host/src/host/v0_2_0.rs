@@ -163,42 +163,6 @@ fn cause(c: &DownCause) -> wit::DownCause {
 /// What a hook returned: its outcome or its own error.
 pub(super) type Returned = Result<wit::Outcome, wit::HookError>;
 
-/// Calls the export of `hook`.
-pub(super) fn call_hook(
-    b: &ContainerType,
-    s: &mut Store<HostState>,
-    hook: &Hook,
-    c: &wit::Context,
-) -> wasmtime::Result<Returned> {
-    let h = b.cloud48_container_hooks();
-    match hook {
-        Hook::BeforeItIsAdded => h.call_before_it_is_added(s, c),
-        Hook::AfterItIsAdded => h.call_after_it_is_added(s, c),
-        Hook::BeforeOtherIsAdded(o) => h.call_before_other_is_added(s, c, &member(o)),
-        Hook::AfterOtherIsAdded(o) => h.call_after_other_is_added(s, c, &member(o)),
-        Hook::BeforeItIsRemoved => h.call_before_it_is_removed(s, c),
-        Hook::AfterItIsRemoved => h.call_after_it_is_removed(s, c),
-        Hook::BeforeOtherIsRemoved(o) => h.call_before_other_is_removed(s, c, &member(o)),
-        Hook::AfterOtherIsRemoved(o) => h.call_after_other_is_removed(s, c, &member(o)),
-        Hook::IsDown(why) => h.call_is_down(s, c, &cause(why)),
-        Hook::IsUp => h.call_is_up(s, c),
-        Hook::AfterOtherIsDown(o, why) => h.call_after_other_is_down(s, c, &member(o), &cause(why)),
-        Hook::AfterOtherIsUp(o) => h.call_after_other_is_up(s, c, &member(o)),
-        Hook::AfterExec(r) => {
-            let r = wit::ExecResult {
-                tag: r.tag.clone(),
-                container: r.container.0,
-                exit_code: r.exit_code,
-                stdout: r.stdout.clone(),
-                stderr: r.stderr.clone(),
-            };
-            h.call_after_exec(s, c, &r)
-        }
-        Hook::AfterCcStart => h.call_after_cc_start(s, c),
-        Hook::BeforeCcStop => h.call_before_cc_stop(s, c),
-    }
-}
-
 /// A hook's outcome in the host's types: verdict, actions, new state.
 pub(super) fn outcome(out: wit::Outcome) -> (Verdict, Vec<HookAction>, Option<Vec<u8>>) {
     let actions = out
@@ -343,7 +307,8 @@ const HOOKS: &[&str] = &[
 /// Where each hook is among a component's exports, found once per component. A hook call then
 /// instantiates the component and looks up only its own function: the generated bindings would
 /// look up and type-check every export on each instantiation, which with 0.2.0's records cost
-/// more than the hook itself.
+/// more than the hook itself (they still serve `describe`, `initial-state`, `inspect` and
+/// `migrate-state`).
 pub(super) struct HookExports(std::collections::HashMap<&'static str, ComponentExportIndex>);
 
 impl HookExports {
@@ -364,7 +329,7 @@ impl HookExports {
 /// `instance` is an instance of the component `exports` were found in, and that component's
 /// export signatures were checked against these bindings (`ContainerTypePre::instantiate`, run
 /// by `describe` when the plugin was loaded, checks every one).
-pub(super) unsafe fn call_hook_fast(
+pub(super) unsafe fn call_hook(
     instance: &Instance,
     s: &mut Store<HostState>,
     exports: &HookExports,
