@@ -9,12 +9,14 @@
 //! name, `repository:tag`.
 
 mod import;
+mod recipe;
 mod reference;
 mod store;
 #[cfg(test)]
 mod tests;
 mod write;
 
+pub use recipe::{Builder, DEFAULT_MIRROR, FileSpec, Recipe};
 pub use reference::{DEFAULT_TAG, Digest, Name};
 pub use store::{ImageDetails, ImageSummary, LayerInfo, Removed, Store};
 pub use write::{NewImage, NewLayer};
@@ -38,6 +40,13 @@ pub enum ImageError {
     /// A well-formed input this store does not take (a docker archive, another architecture).
     #[error("{0}")]
     Unsupported(String),
+    /// A recipe that cannot be built as written.
+    #[error("{0}")]
+    Recipe(String),
+    /// A build step (debootstrap, apt-get, a `run` command) failed; the message ends with its
+    /// output.
+    #[error("{0}")]
+    Build(String),
     /// The file system failed (a full disk, a missing permission).
     #[error("{context}: {source}")]
     Io {

@@ -141,12 +141,16 @@ impl Store {
     }
 
     pub(crate) fn lock(&self) -> Result<Lock, ImageError> {
-        let path = self.root.join(".lock");
+        Store::lock_file(&self.root.join(".lock"))
+    }
+
+    /// An exclusive lock on the file `path` (created if needed), until dropped.
+    pub(crate) fn lock_file(path: &Path) -> Result<Lock, ImageError> {
         let f = File::options()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
+            .open(path)
             .map_err(ImageError::io(format!("opening {}", path.display())))?;
         f.lock()
             .map_err(ImageError::io(format!("locking {}", path.display())))?;

@@ -247,3 +247,99 @@ fn removing_an_image_frees_only_the_blobs_no_other_image_uses() {
     let err = store.remove("cloud48/a").unwrap_err().to_string();
     assert!(err.contains("no image 'cloud48/a'"), "{err}");
 }
+
+/// The build cache the README and `.ci/run` use, so that a machine builds a base only once.
+fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("CLOUD48_CACHE_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| "/var/cache/cloud48".into())
+}
+
+/// The paths a layer's tar holds.
+fn layer_paths(store: &Store, layer: &Digest) -> Vec<String> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(
+        store.open_blob(layer).unwrap(),
+    ));
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect()
+}
+
+#[test]
+fn a_recipe_builds_a_debian_image_with_debootstrap_once_then_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("page.html"), "<h1>hello</h1>").unwrap();
+    let recipe = dir.path().join("hello.toml");
+    fs::write(
+        &recipe,
+        r#"
+name = "test/hello:1"
+command = ["/bin/cat", "/srv/page.html"]
+env = { GREETING = "hi" }
+ports = ["8080/tcp"]
+run = ["echo built > /srv/built", "test -x /bin/cat"]
+[files."/srv/page.html"]
+source = "page.html"
+[files."/etc/hello.conf"]
+content = "x = 1\n"
+mode = "0600"
+"#,
+    )
+    .unwrap();
+    let store = Store::open(dir.path().join("store")).unwrap();
+    let builder = Builder::new(cache_dir(), DEFAULT_MIRROR);
+    let mut steps = Vec::new();
+    let (image, _) = builder
+        .build(&recipe, &store, &mut |s| steps.push(s.to_string()))
+        .unwrap();
+    assert_eq!(image.name.as_ref().unwrap().to_string(), "test/hello:1");
+    let details = store.show("test/hello:1").unwrap();
+    assert_eq!(details.cmd, ["/bin/cat", "/srv/page.html"]);
+    assert!(
+        details.env.contains(&"GREETING=hi".to_string()),
+        "{:?}",
+        details.env
+    );
+    assert_eq!(details.exposed_ports, ["8080/tcp"]);
+    let paths = layer_paths(&store, &details.layers[0].digest);
+    for want in [
+        "etc/debian_version",
+        "srv/page.html",
+        "srv/built",
+        "etc/hello.conf",
+        "usr/bin/cat",
+    ] {
+        assert!(
+            paths.iter().any(|p| p.trim_start_matches("./") == want),
+            "{want} missing"
+        );
+    }
+
+    // The same recipe again comes from the cache, with the same digest, into another store.
+    let other = Store::open(dir.path().join("other")).unwrap();
+    let (again, cached) = builder.build(&recipe, &other, &mut |_| {}).unwrap();
+    assert!(cached);
+    assert_eq!(again.digest, image.digest);
+
+    // A failing step names itself and leaves no image, in the store or the cache.
+    fs::write(
+        &recipe,
+        "name = \"test/broken\"\ncommand = [\"/bin/true\"]\nrun = [\"echo step-output; exit 3\"]\n",
+    )
+    .unwrap();
+    let err = builder
+        .build(&recipe, &store, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("run step 1") && err.contains("step-output"),
+        "{err}"
+    );
+    assert!(store.show("test/broken").is_err());
+    let key = builder
+        .key(&Recipe::load(&recipe).unwrap(), &recipe)
+        .unwrap();
+    assert!(!cache_dir().join("images").join(key).exists());
+}
