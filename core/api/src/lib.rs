@@ -6,6 +6,7 @@
 
 mod access;
 mod error;
+mod images;
 
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ use cloud48_engine::queue::CommandFilter;
         (name = "servers", description = "Virtualization servers"),
         (name = "commands", description = "The persisted command queue"),
         (name = "plugins", description = "Container types as WASM components"),
+        (name = "images", description = "The core's image store (OCI images by digest)"),
     )
 )]
 struct ApiDoc;
@@ -67,6 +69,9 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(cancel_command))
         .routes(routes!(list_plugins, install_plugin))
         .routes(routes!(show_plugin, upgrade_plugin, remove_plugin))
+        .routes(routes!(images::list_images, images::import_image))
+        .routes(routes!(images::show_image, images::remove_image))
+        .routes(routes!(images::get_blob))
         .with_state(core.clone())
         .split_for_parts();
     let doc = api.clone();

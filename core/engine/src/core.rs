@@ -92,6 +92,8 @@ pub struct CoreConfig {
     pub plugin_limits: crate::plugins::Limits,
     /// Where compiled plugins are cached; default `<data_dir>/plugin-cache`.
     pub plugin_cache: Option<PathBuf>,
+    /// The image store (an OCI image layout); default `<data_dir>/images`.
+    pub images_dir: Option<PathBuf>,
     /// Heartbeats, failure detection and the collector.
     pub health: HealthConfig,
     /// Placement.
@@ -172,6 +174,7 @@ impl CoreConfig {
             auth: crate::auth::AuthConfig::default(),
             plugin_limits: crate::plugins::Limits::default(),
             plugin_cache: None,
+            images_dir: None,
             health: HealthConfig::default(),
             placement: PlacementConfig::default(),
             agent_token: None,
@@ -182,6 +185,7 @@ impl CoreConfig {
 
 pub(crate) struct CoreInner {
     pub plugin_host: Arc<crate::plugins::PluginHost>,
+    pub images: Arc<cloud48_image::Store>,
     pub auth: crate::auth::Authenticator,
     pub platform: platform::Model,
     pub config: CoreConfig,
@@ -338,10 +342,19 @@ impl Core {
             },
         );
         let auth = crate::auth::Authenticator::new(config.auth.clone(), db.clone(), clock);
+        let images_dir = config
+            .images_dir
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("images"));
+        let images = Arc::new(
+            cloud48_image::Store::open(&images_dir)
+                .map_err(|e| CoreError::Setup(format!("cannot open the image store: {e}")))?,
+        );
 
         let core = Core {
             inner: Arc::new(CoreInner {
                 plugin_host,
+                images,
                 auth,
                 platform,
                 config,
@@ -568,6 +581,11 @@ impl Core {
     /// The configuration the core runs with.
     pub fn config(&self) -> &CoreConfig {
         &self.inner.config
+    }
+
+    /// The image store.
+    pub fn images(&self) -> &Arc<cloud48_image::Store> {
+        &self.inner.images
     }
 
     /// Installed plugins.

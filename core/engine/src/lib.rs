@@ -27,6 +27,11 @@ pub use cloud48_agent as agent;
 pub use cloud48_model as model;
 pub use cloud48_plugin_host::types;
 
+/// The image store (OCI image layouts by digest) and `image build`.
+pub mod images {
+    pub use cloud48_image::*;
+}
+
 /// The drivers: the trait and the simulated driver, the linux driver, and the remote driver over a
 /// node agent.
 pub mod driver {

@@ -19,7 +19,7 @@ mod write;
 pub use recipe::{Builder, DEFAULT_MIRROR, FileSpec, Recipe};
 pub use reference::{DEFAULT_TAG, Digest, Name};
 pub use store::{ImageDetails, ImageSummary, LayerInfo, Removed, Store};
-pub use write::{NewImage, NewLayer};
+pub use write::{NewImage, NewLayer, archive_layout};
 
 /// Why an image operation failed. Each message names the image, blob or file and says what to
 /// do.

@@ -250,14 +250,13 @@ impl Builder {
         Ok(hex::encode(hash.finalize()))
     }
 
-    /// Builds the recipe at `path` (or takes it from the cache) and puts the image into
-    /// `store`. Returns the image and whether it came from the cache.
-    pub fn build(
+    /// Builds the recipe at `path` into the cache, unless it is there already. Returns the
+    /// recipe, the OCI layout holding its image and whether it was cached.
+    pub fn prepare(
         &self,
         path: &Path,
-        store: &Store,
         progress: &mut dyn FnMut(&str),
-    ) -> Result<(ImageSummary, bool), ImageError> {
+    ) -> Result<(Recipe, PathBuf, bool), ImageError> {
         let recipe = Recipe::load(path)?;
         let key = self.key(&recipe, path)?;
         for d in ["debs", "rootfs", "images", "work"] {
@@ -273,6 +272,18 @@ impl Builder {
             progress(&format!("building {} (recipe {})", recipe.name, &key[..12]));
             self.build_uncached(&recipe, path, &key, &done, progress)?;
         }
+        Ok((recipe, done, cached))
+    }
+
+    /// Builds the recipe at `path` (or takes it from the cache) and puts the image into
+    /// `store`. Returns the image and whether it came from the cache.
+    pub fn build(
+        &self,
+        path: &Path,
+        store: &Store,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<(ImageSummary, bool), ImageError> {
+        let (recipe, done, cached) = self.prepare(path, progress)?;
         let imported = store.import_path(&done, Some(&recipe.name))?;
         let image = imported.into_iter().next().ok_or_else(|| {
             ImageError::Build(format!(

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use oci_spec::image::{
     Descriptor, ImageConfiguration, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::{Digest, ImageError, Name};
@@ -28,7 +28,7 @@ pub struct Store {
 }
 
 /// One image, as `image list` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageSummary {
     /// Its name, if it has one (an image imported without a name is known by digest).
     pub name: Option<Name>,
@@ -47,7 +47,7 @@ pub struct ImageSummary {
 }
 
 /// One layer of an image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerInfo {
     /// Digest of the layer as stored (compressed).
     pub digest: Digest,
@@ -60,7 +60,7 @@ pub struct LayerInfo {
 }
 
 /// Everything `image show` tells about one image.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageDetails {
     /// What `image list` shows.
     #[serde(flatten)]
@@ -82,7 +82,7 @@ pub struct ImageDetails {
 }
 
 /// What `image rm` freed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Removed {
     /// The names removed.
     pub names: Vec<String>,

@@ -40,12 +40,9 @@ fn blob_count(store: &Store) -> usize {
 
 /// The store's directory as a tar archive, as `podman save --format oci-archive` writes one.
 fn archive_of(dir: &Path) -> Vec<u8> {
-    let mut tar = tar::Builder::new(Vec::new());
-    for entry in ["oci-layout", "index.json"] {
-        tar.append_path_with_name(dir.join(entry), entry).unwrap();
-    }
-    tar.append_dir_all("blobs", dir.join("blobs")).unwrap();
-    tar.into_inner().unwrap()
+    let mut out = Vec::new();
+    archive_layout(dir, &mut out).unwrap();
+    out
 }
 
 #[test]

@@ -9,13 +9,13 @@ use oci_spec::image::{
     ConfigBuilder, DescriptorBuilder, ImageConfigurationBuilder, ImageManifestBuilder, MediaType,
     RootFsBuilder,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::{Digest, ImageError, ImageSummary, Name, Store, host_architecture};
 
 /// A layer written into the store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewLayer {
     /// Digest of the compressed blob.
     pub digest: Digest,
@@ -224,4 +224,24 @@ impl Store {
         let (digest, size, _) = self.write_blob(&mut &bytes[..], Some(&expected), None, what)?;
         Ok((digest, size))
     }
+}
+
+/// Writes the OCI layout directory `dir` as an OCI archive (an uncompressed tar of its
+/// `oci-layout`, `index.json` and `blobs/`) to `out`, streamed.
+pub fn archive_layout(dir: &Path, out: impl Write) -> Result<(), ImageError> {
+    if !dir.join("oci-layout").is_file() {
+        return Err(ImageError::Unsupported(format!(
+            "{} is not an OCI image layout (it has no oci-layout file)",
+            dir.display()
+        )));
+    }
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    let result = (|| -> io::Result<()> {
+        tar.append_path_with_name(dir.join("oci-layout"), "oci-layout")?;
+        tar.append_path_with_name(dir.join("index.json"), "index.json")?;
+        tar.append_dir_all("blobs", dir.join("blobs"))?;
+        tar.into_inner()?.flush()
+    })();
+    result.map_err(ImageError::io(format!("archiving {}", dir.display())))
 }

@@ -14,6 +14,8 @@ use cloud48_engine::model::{Accepted, Command};
 enum Body {
     Json(serde_json::Value),
     Wasm(Vec<u8>),
+    /// A file streamed from disk (opened again for each attempt), with its content type.
+    File(std::path::PathBuf, &'static str),
 }
 
 /// A user name and password for HTTP Digest authentication.
@@ -115,6 +117,31 @@ impl Client {
             .context("the core sent JSON this client does not understand")
     }
 
+    /// POSTs the file at `file` as the body, streamed, expecting JSON back. With credentials,
+    /// a first small request learns the Digest challenge, so that the upload is not answered
+    /// 401 halfway through.
+    pub async fn post_file<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: &std::path::Path,
+        content_type: &'static str,
+    ) -> Result<T> {
+        let known = self.prompt.lock().unwrap().is_some();
+        if self.credentials.is_some() && !known {
+            self.send::<()>(Method::GET, "/v1/images", None).await?;
+        }
+        let resp = self
+            .send_raw(
+                Method::POST,
+                path,
+                Some(Body::File(file.to_path_buf(), content_type)),
+            )
+            .await?;
+        resp.json()
+            .await
+            .context("the core sent JSON this client does not understand")
+    }
+
     /// DELETE expecting no content.
     pub async fn delete_empty(&self, path: &str) -> Result<()> {
         self.send_raw(Method::DELETE, path, None).await.map(|_| ())
@@ -137,6 +164,16 @@ impl Client {
                     req = req
                         .header(reqwest::header::CONTENT_TYPE, "application/wasm")
                         .body(w.clone())
+                }
+                Some(Body::File(path, content_type)) => {
+                    let file = tokio::fs::File::open(path)
+                        .await
+                        .with_context(|| format!("opening {}", path.display()))?;
+                    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+                    req = req
+                        .header(reqwest::header::CONTENT_TYPE, *content_type)
+                        .header(reqwest::header::CONTENT_LENGTH, len)
+                        .body(reqwest::Body::from(file))
                 }
                 None => {}
             }

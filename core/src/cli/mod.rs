@@ -1,6 +1,7 @@
 //! The `cloud48` command line: `serve` runs a core; the other commands talk to one over HTTP.
 
 pub mod client;
+mod image;
 pub mod output;
 
 use std::path::PathBuf;
@@ -72,6 +73,9 @@ pub enum Top {
     /// Container types (WASM plugins).
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// Images: the core's store of OCI images, and `image build` from a recipe.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
     /// Run the seed scenario (tomcats, a balancer) on an embedded core and print what happened.
     #[cfg(feature = "dev")]
     Demo,
@@ -835,6 +839,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         },
         Top::Command(cmd) => command(&client, out, cmd).await,
         Top::Plugin(cmd) => plugin(&client, out, cmd).await,
+        Top::Image(cmd) => image::image(&client, out, cmd).await,
         #[cfg(feature = "dev")]
         Top::Demo => crate::demo::run().await,
         Top::Agent(args) => cloud48_agent::cli::run(args).await,

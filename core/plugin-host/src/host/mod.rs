@@ -325,6 +325,15 @@ impl PluginHost {
             })
             .map_err(|e| LoadError::Invalid(e.to_string()))?;
         plugin.meta.validate().map_err(LoadError::Invalid)?;
+        if let Pre::V0_2_0(_, hooks) = &plugin.pre {
+            // Type-check every hook against the records `call_hook` lowers, once per load.
+            plugin
+                .call_here("hooks", Params::new(), true, |b, s| match b {
+                    Bindings::Raw(instance) => v0_2_0::check_hooks(instance, s, hooks),
+                    _ => unreachable!("raw instances were asked for"),
+                })
+                .map_err(|e| LoadError::Invalid(e.to_string()))?;
+        }
         plugin.type_id = format!("{}@{}", plugin.meta.name, plugin.meta.version);
         Ok(plugin)
     }
@@ -525,7 +534,7 @@ impl WasmPlugin {
                 _ => unreachable!("instantiated from its own Pre"),
             })?,
             Pre::V0_2_0(..) => {
-                let c = v0_2_0::context(ctx);
+                let c = v0_2_0::owned_context(ctx);
                 self.call("migrate-state", env_params, |b, s| match b {
                     Bindings::V0_2_0(b) => {
                         b.cloud48_container_hooks().call_migrate_state(s, from, &c)
@@ -613,9 +622,9 @@ impl ContainerType for WasmPlugin {
                     let Bindings::Raw(instance) = b else {
                         unreachable!("hooks of 0.2.0 run on raw instances")
                     };
-                    // SAFETY: `hooks` were found in this plugin's component, and `load` ran
-                    // `describe` through the generated bindings, which checked every export's
-                    // signature against them, before this plugin could be called.
+                    // SAFETY: `hooks` were found in this plugin's component, and `load`
+                    // type-checked each of them against the types `call_hook` uses
+                    // (`check_hooks`) before this plugin could be called.
                     let returned = unsafe { v0_2_0::call_hook(instance, s, hooks, hook, &c)? };
                     Ok(Some(
                         returned.map(v0_2_0::outcome).map_err(v0_2_0::hook_error),

@@ -2,7 +2,9 @@
 //! host's.
 
 use wasmtime::Store;
-use wasmtime::component::{Component, ComponentExportIndex, Instance, TypedFunc};
+use wasmtime::component::{
+    Component, ComponentExportIndex, ComponentType, Instance, Lower, TypedFunc,
+};
 
 use super::{HostState, PluginMeta};
 use crate::types::{
@@ -126,8 +128,102 @@ fn params_from(p: Vec<wit::Param>) -> Params {
     p.into_iter().map(|p| (p.name, p.value)).collect()
 }
 
-fn member(m: &MemberView) -> wit::Member {
-    wit::Member {
+/// The 0.2.0 records a hook receives, borrowing the host's views instead of copying every
+/// string into the generated types first: with ten members that copy was a third of the
+/// lowering's cost. Field order and types are those of `wit/0.2.0` (the canonical ABI lays
+/// records out by order); `call_hook`'s contract covers the match.
+pub(super) mod borrowed {
+    use super::*;
+
+    #[derive(ComponentType, Lower)]
+    #[component(record)]
+    pub(in crate::host) struct Endpoint<'a> {
+        pub name: &'a str,
+        pub port: u16,
+        pub protocol: wit::Protocol,
+    }
+
+    #[derive(ComponentType, Lower)]
+    #[component(record)]
+    pub(in crate::host) struct Param<'a> {
+        pub name: &'a str,
+        pub value: &'a str,
+    }
+
+    #[derive(ComponentType, Lower)]
+    #[component(record)]
+    pub(in crate::host) struct Member<'a> {
+        pub id: i64,
+        #[component(name = "type-id")]
+        pub type_id: &'a str,
+        pub priority: i32,
+        pub status: wit::Status,
+        pub server: Option<&'a str>,
+        pub ip: Option<&'a str>,
+        pub resources: wit::Resources,
+        pub endpoints: Vec<Endpoint<'a>>,
+        pub params: Vec<Param<'a>>,
+    }
+
+    #[derive(ComponentType, Lower)]
+    #[component(record)]
+    pub(in crate::host) struct Environment<'a> {
+        pub id: i64,
+        pub name: &'a str,
+        pub members: Vec<Member<'a>>,
+    }
+
+    #[derive(ComponentType, Lower)]
+    #[component(record)]
+    pub(in crate::host) struct Context<'a> {
+        pub container: Member<'a>,
+        pub environment: Environment<'a>,
+        pub state: &'a [u8],
+    }
+}
+
+fn member(m: &MemberView) -> borrowed::Member<'_> {
+    borrowed::Member {
+        id: m.id.0,
+        type_id: &m.type_id,
+        priority: m.priority,
+        status: status(m.status),
+        server: m.server.as_deref(),
+        ip: m.ip.as_deref(),
+        resources: resources(&m.resources),
+        endpoints: m
+            .endpoints
+            .iter()
+            .map(|e| borrowed::Endpoint {
+                name: &e.name,
+                port: e.port,
+                protocol: protocol(e.protocol),
+            })
+            .collect(),
+        params: m
+            .params
+            .iter()
+            .map(|(name, value)| borrowed::Param { name, value })
+            .collect(),
+    }
+}
+
+/// The context of a hook call, borrowing from `ctx`.
+pub(super) fn context<'a>(ctx: &'a HookContext<'_>) -> borrowed::Context<'a> {
+    borrowed::Context {
+        container: member(ctx.container),
+        environment: borrowed::Environment {
+            id: ctx.environment.id,
+            name: &ctx.environment.name,
+            members: ctx.environment.members.iter().map(member).collect(),
+        },
+        state: ctx.state,
+    }
+}
+
+/// The context of a call through the generated bindings (`migrate-state`).
+pub(super) fn owned_context(ctx: &HookContext<'_>) -> wit::Context {
+    let member = |m: &MemberView| wit::Member {
         id: m.id.0,
         type_id: m.type_id.clone(),
         priority: m.priority,
@@ -137,11 +233,7 @@ fn member(m: &MemberView) -> wit::Member {
         resources: resources(&m.resources),
         endpoints: m.endpoints.iter().map(endpoint).collect(),
         params: params(&m.params),
-    }
-}
-
-/// The context of a hook call.
-pub(super) fn context(ctx: &HookContext<'_>) -> wit::Context {
+    };
     wit::Context {
         container: member(ctx.container),
         environment: wit::Environment {
@@ -323,18 +415,54 @@ impl HookExports {
     }
 }
 
+/// Type-checks every hook export of `instance` against the types `call_hook` calls it with.
+pub(super) fn check_hooks(
+    instance: &Instance,
+    s: &mut Store<HostState>,
+    exports: &HookExports,
+) -> wasmtime::Result<()> {
+    for (name, index) in &exports.0 {
+        let func = instance
+            .get_func(&mut *s, index)
+            .ok_or_else(|| wasmtime::format_err!("the plugin lacks hook {name}"))?;
+        let checked = match *name {
+            "after-exec" => func
+                .typed::<(&borrowed::Context<'_>, &wit::ExecResult), (Returned,)>(&*s)
+                .map(drop),
+            "is-down" => func
+                .typed::<(&borrowed::Context<'_>, &wit::DownCause), (Returned,)>(&*s)
+                .map(drop),
+            "after-other-is-down" => func
+                .typed::<(
+                    &borrowed::Context<'_>,
+                    &borrowed::Member<'_>,
+                    &wit::DownCause,
+                ), (Returned,)>(&*s)
+                .map(drop),
+            n if n.contains("-other-") => func
+                .typed::<(&borrowed::Context<'_>, &borrowed::Member<'_>), (Returned,)>(&*s)
+                .map(drop),
+            _ => func
+                .typed::<(&borrowed::Context<'_>,), (Returned,)>(&*s)
+                .map(drop),
+        };
+        checked
+            .map_err(|e| wasmtime::format_err!("hook {name} has an unexpected signature: {e:#}"))?;
+    }
+    Ok(())
+}
+
 /// Calls the export of `hook` on `instance`.
 ///
 /// # Safety
-/// `instance` is an instance of the component `exports` were found in, and that component's
-/// export signatures were checked against these bindings (`ContainerTypePre::instantiate`, run
-/// by `describe` when the plugin was loaded, checks every one).
+/// `instance` is an instance of the component `exports` were found in, and `check_hooks`
+/// type-checked that component's hooks against the types used here (`load` does, once).
 pub(super) unsafe fn call_hook(
     instance: &Instance,
     s: &mut Store<HostState>,
     exports: &HookExports,
     hook: &Hook,
-    c: &wit::Context,
+    c: &borrowed::Context<'_>,
 ) -> wasmtime::Result<Returned> {
     let index = exports
         .0
@@ -352,30 +480,41 @@ pub(super) unsafe fn call_hook(
             | Hook::AfterItIsRemoved
             | Hook::IsUp
             | Hook::AfterCcStart
-            | Hook::BeforeCcStop => TypedFunc::<(&wit::Context,), (Returned,)>::new_unchecked(func)
-                .call(&mut *s, (c,))
-                .map(|(r,)| r),
+            | Hook::BeforeCcStop => {
+                TypedFunc::<(&borrowed::Context<'_>,), (Returned,)>::new_unchecked(func)
+                    .call(&mut *s, (c,))
+                    .map(|(r,)| r)
+            }
             Hook::BeforeOtherIsAdded(o)
             | Hook::AfterOtherIsAdded(o)
             | Hook::BeforeOtherIsRemoved(o)
             | Hook::AfterOtherIsRemoved(o)
             | Hook::AfterOtherIsUp(o) => {
                 let o = member(o);
-                TypedFunc::<(&wit::Context, &wit::Member), (Returned,)>::new_unchecked(func)
+                TypedFunc::<(&borrowed::Context<'_>, &borrowed::Member<'_>), (Returned,)>::new_unchecked(func)
                     .call(&mut *s, (c, &o))
                     .map(|(r,)| r)
             }
             Hook::IsDown(why) => {
                 let why = cause(why);
-                TypedFunc::<(&wit::Context, &wit::DownCause), (Returned,)>::new_unchecked(func)
-                    .call(&mut *s, (c, &why))
-                    .map(|(r,)| r)
+                TypedFunc::<(&borrowed::Context<'_>, &wit::DownCause), (Returned,)>::new_unchecked(
+                    func,
+                )
+                .call(&mut *s, (c, &why))
+                .map(|(r,)| r)
             }
             Hook::AfterOtherIsDown(o, why) => {
                 let (o, why) = (member(o), cause(why));
-                TypedFunc::<(&wit::Context, &wit::Member, &wit::DownCause), (Returned,)>::new_unchecked(func)
-                    .call(&mut *s, (c, &o, &why))
-                    .map(|(r,)| r)
+                TypedFunc::<
+                    (
+                        &borrowed::Context<'_>,
+                        &borrowed::Member<'_>,
+                        &wit::DownCause,
+                    ),
+                    (Returned,),
+                >::new_unchecked(func)
+                .call(&mut *s, (c, &o, &why))
+                .map(|(r,)| r)
             }
             Hook::AfterExec(r) => {
                 let r = wit::ExecResult {
@@ -385,9 +524,11 @@ pub(super) unsafe fn call_hook(
                     stdout: r.stdout.clone(),
                     stderr: r.stderr.clone(),
                 };
-                TypedFunc::<(&wit::Context, &wit::ExecResult), (Returned,)>::new_unchecked(func)
-                    .call(&mut *s, (c, &r))
-                    .map(|(r,)| r)
+                TypedFunc::<(&borrowed::Context<'_>, &wit::ExecResult), (Returned,)>::new_unchecked(
+                    func,
+                )
+                .call(&mut *s, (c, &r))
+                .map(|(r,)| r)
             }
         }
     }
