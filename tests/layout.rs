@@ -90,6 +90,7 @@ fn the_agent_and_the_model_link_neither_wasmtime_nor_a_database() {
         "cloud48-model",
         "cloud48-driver",
         "cloud48-linux",
+        "cloud48-image",
     ] {
         assert!(graph.contains_key(krate), "{krate} is not in the workspace");
         let linked = closure(graph, krate);
@@ -102,6 +103,11 @@ fn the_agent_and_the_model_link_neither_wasmtime_nor_a_database() {
     let engine = closure(graph, "cloud48-engine");
     for banned in ["cloud48-api", "cloud48", "utoipa-axum"] {
         assert!(!engine.contains(banned), "cloud48-engine links {banned}");
+    }
+    // The image store is plain files: no async runtime, no HTTP (agents and the core wrap it).
+    let image = closure(graph, "cloud48-image");
+    for banned in ["tokio", "hyper", "reqwest"] {
+        assert!(!image.contains(banned), "cloud48-image links {banned}");
     }
     // The test can fail: the core does link both.
     let core = closure(graph, "cloud48");

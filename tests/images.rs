@@ -1,0 +1,179 @@
+//! Images: the core's store through the CLI and the REST API (import from a layout and from an
+//! archive, corrupt uploads refused, blobs served with ranges, removal) and `image build`.
+
+use std::path::Path;
+
+use cloud48_engine::images::{ImageDetails, ImageSummary, NewImage, Store, archive_layout};
+use serde_json::Value;
+
+use crate::common::cli;
+
+/// A one-layer image `name` in a new OCI layout under `dir`, its layer big enough to be cut.
+fn layout(dir: &Path, name: &str) -> (Store, ImageSummary) {
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("srv")).unwrap();
+    let noise: String = (0..50_000u32)
+        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .collect();
+    std::fs::write(rootfs.join("srv/data"), noise).unwrap();
+    let store = Store::open(dir.join("layout")).unwrap();
+    let layer = store.write_layer_from_dir(&rootfs).unwrap();
+    let image = NewImage {
+        cmd: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    let summary = store
+        .commit(&name.parse().unwrap(), &[layer], &image)
+        .unwrap();
+    (store, summary)
+}
+
+fn run(url: &str, args: &[&str]) -> (bool, String, String) {
+    tokio::task::block_in_place(|| cli(url, args))
+}
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = crate::common::serve(&dir.path().join("data"), &["--anonymous", "full"]).await;
+    let url = serve.url.clone();
+    let (source, summary) = layout(dir.path(), "test/app:1");
+
+    // From a layout directory, under another name.
+    let dir_arg = source.root().display().to_string();
+    let (ok, out, err) = run(
+        &url,
+        &[
+            "--json",
+            "image",
+            "import",
+            &dir_arg,
+            "--name",
+            "test/renamed",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)[0]["digest"], summary.digest.as_str());
+    assert_eq!(json(&out)[0]["name"], "test/renamed:latest");
+
+    // From an archive, keeping the name it carries.
+    let archive = dir.path().join("app.tar");
+    archive_layout(source.root(), std::fs::File::create(&archive).unwrap()).unwrap();
+    let (ok, _, err) = run(&url, &["image", "import", archive.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = run(&url, &["--json", "image", "list"]);
+    assert!(ok);
+    let names: Vec<&str> = json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["test/app:1", "test/renamed:latest"]);
+    let (ok, out, _) = run(&url, &["image", "show", "test/app:1"]);
+    assert!(
+        ok && out.contains(summary.digest.as_str()) && out.contains("/bin/true"),
+        "{out}"
+    );
+
+    // A corrupt archive (a byte of the layer flipped) is refused and changes nothing.
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let details: ImageDetails =
+        serde_json::from_str(&run(&url, &["--json", "image", "show", "test/app:1"]).1).unwrap();
+    let layer = std::fs::read(source.blob_path(&details.layers[0].digest)).unwrap();
+    let at = bytes
+        .windows(64)
+        .position(|w| w == &layer[layer.len() / 2..layer.len() / 2 + 64])
+        .expect("the layer is in the archive");
+    bytes[at] ^= 0xff;
+    let corrupt = dir.path().join("corrupt.tar");
+    std::fs::write(&corrupt, bytes).unwrap();
+    let (ok, _, err) = run(
+        &url,
+        &[
+            "image",
+            "import",
+            corrupt.to_str().unwrap(),
+            "--name",
+            "test/corrupt",
+        ],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("does not match its digest") && err.contains("HTTP 422"),
+        "{err}"
+    );
+    let (_, out, _) = run(&url, &["--json", "image", "list"]);
+    assert_eq!(json(&out).as_array().unwrap().len(), 2);
+
+    // Agents pull blobs by digest, resuming with a range.
+    let http = reqwest::Client::new();
+    let layer_digest = details.layers[0].digest.as_str();
+    let whole = http
+        .get(format!("{url}/v1/images/blobs/{layer_digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.status(), 200);
+    assert_eq!(whole.bytes().await.unwrap(), layer);
+    let tail = http
+        .get(format!("{url}/v1/images/blobs/{layer_digest}"))
+        .header("Range", "bytes=100-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tail.status(), 206);
+    assert_eq!(tail.bytes().await.unwrap(), layer[100..]);
+    let bad = http
+        .get(format!("{url}/v1/images/blobs/sha256:nothex"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad.text().await.unwrap().contains("not a sha256 digest"));
+
+    // Removing one name keeps the blobs the other still uses; removing both frees them.
+    let (ok, out, _) = run(&url, &["image", "rm", "test/renamed"]);
+    assert!(ok && out.contains("freed 0 blobs"), "{out}");
+    let (ok, out, _) = run(&url, &["image", "rm", "test/app:1"]);
+    assert!(ok && out.contains("freed 3 blobs"), "{out}");
+    let (ok, _, err) = run(&url, &["image", "show", "test/app:1"]);
+    assert!(
+        !ok && err.contains("no image 'test/app:1'") && err.contains("HTTP 404"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_build_makes_a_debian_image_and_uploads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = crate::common::serve(&dir.path().join("data"), &["--anonymous", "full"]).await;
+    let recipe = dir.path().join("hello.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"test/hello\"\ncommand = [\"/bin/cat\", \"/srv/hello\"]\n[files.\"/srv/hello\"]\ncontent = \"hello\\n\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = run(&serve.url, &["image", "build", recipe.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("test/hello:latest"), "{out}");
+    let (ok, out, _) = run(&serve.url, &["--json", "image", "show", "test/hello"]);
+    assert!(ok);
+    let details = json(&out);
+    assert_eq!(details["cmd"][1], "/srv/hello");
+    assert_eq!(details["os"], "linux");
+
+    let (ok, _, err) = run(
+        &serve.url,
+        &[
+            "image",
+            "build",
+            dir.path().join("missing.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(!ok && err.contains("no recipe at"), "{err}");
+}
