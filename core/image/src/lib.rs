@@ -9,6 +9,7 @@
 //! name, `repository:tag`.
 
 mod import;
+mod pull;
 mod recipe;
 mod reference;
 mod store;
@@ -16,6 +17,7 @@ mod store;
 mod tests;
 mod write;
 
+pub use pull::{PullProgress, Source};
 pub use recipe::{Builder, DEFAULT_MIRROR, FileSpec, Recipe};
 pub use reference::{DEFAULT_TAG, Digest, Name};
 pub use store::{ImageDetails, ImageSummary, LayerInfo, Removed, Store};

@@ -340,3 +340,139 @@ mode = "0600"
         .unwrap();
     assert!(!cache_dir().join("images").join(key).exists());
 }
+
+/// A source over a store that records the offsets asked for, and can break off or corrupt.
+struct Remote<'a> {
+    store: &'a Store,
+    offsets: std::cell::RefCell<Vec<u64>>,
+    break_after: Option<u64>,
+    flip: bool,
+}
+
+/// A reader that fails after `left` bytes, or flips the first byte it returns.
+struct Faulty<R> {
+    inner: R,
+    left: Option<u64>,
+    flip: bool,
+}
+
+impl<R: std::io::Read> std::io::Read for Faulty<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == Some(0) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "connection reset",
+            ));
+        }
+        let max = self.left.map_or(buf.len(), |l| buf.len().min(l as usize));
+        let n = self.inner.read(&mut buf[..max])?;
+        if let Some(l) = &mut self.left {
+            *l -= n as u64;
+        }
+        if self.flip && n > 0 {
+            buf[0] ^= 0xff;
+            self.flip = false;
+        }
+        Ok(n)
+    }
+}
+
+impl Source for Remote<'_> {
+    fn resolve(&self, image: &str) -> Result<Digest, ImageError> {
+        self.store.resolve(image)
+    }
+
+    fn blob(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Box<dyn std::io::Read + '_>, ImageError> {
+        self.offsets.borrow_mut().push(offset);
+        let big = self.store.open_blob(digest)?.metadata().unwrap().len() > 10_000;
+        Ok(Box::new(Faulty {
+            inner: Source::blob(self.store, digest, offset)?,
+            left: self.break_after.filter(|_| big),
+            flip: self.flip && big,
+        }))
+    }
+}
+
+#[test]
+fn a_pull_verifies_every_blob_and_resumes_where_it_broke_off() {
+    let dir = tempfile::tempdir().unwrap();
+    // Content gzip cannot shrink much, so the layer is well over the 10,000 bytes that mark it.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: String = (0..100_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 90) as u8)
+        })
+        .collect();
+    let (source, summary) = store_with(dir.path(), "cloud48/app", &[("big", &noise)]);
+    let remote = |break_after, flip| Remote {
+        store: &source,
+        offsets: Default::default(),
+        break_after,
+        flip,
+    };
+    let target = Store::open(dir.path().join("agent")).unwrap();
+
+    // Corrupt in transit: refused, nothing kept, not even a partial blob.
+    let err = target
+        .pull(&remote(None, true), "cloud48/app", None, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("does not match its digest"), "{err}");
+    assert!(target.list().unwrap().is_empty());
+    assert_eq!(
+        fs::read_dir(target.root().join("partial")).unwrap().count(),
+        0
+    );
+
+    // Broken off after 1,000 bytes of the layer: an error, no image, the part kept.
+    let err = target
+        .pull(
+            &remote(Some(1_000), false),
+            "cloud48/app",
+            None,
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("broke off") && err.contains("resumes"),
+        "{err}"
+    );
+    assert!(target.list().unwrap().is_empty());
+
+    // Pulled again: the layer resumes at byte 1,000; the image arrives whole and named.
+    let again = remote(None, false);
+    let mut seen = Vec::new();
+    let pulled = target
+        .pull(
+            &again,
+            "cloud48/app",
+            Some(&"agent/app:1".parse().unwrap()),
+            &mut |p| seen.push(p.clone()),
+        )
+        .unwrap();
+    assert_eq!(pulled.digest, summary.digest);
+    assert_eq!(pulled.name.unwrap().to_string(), "agent/app:1");
+    assert!(
+        again.offsets.borrow().contains(&1_000),
+        "{:?}",
+        again.offsets.borrow()
+    );
+    let last = seen.last().unwrap();
+    assert_eq!(last.done, last.total);
+    assert!(last.total > 0);
+
+    // Everything is here now: a third pull fetches nothing.
+    let third = remote(None, false);
+    target
+        .pull(&third, summary.digest.as_str(), None, &mut |_| {})
+        .unwrap();
+    assert!(third.offsets.borrow().is_empty());
+}
