@@ -9,11 +9,11 @@ use serde_json::Value;
 use crate::common::cli;
 
 /// A one-layer image `name` in a new OCI layout under `dir`, its layer big enough to be cut.
-fn layout(dir: &Path, name: &str) -> (Store, ImageSummary) {
+fn layout(dir: &Path, name: &str, seed: u32) -> (Store, ImageSummary) {
     let rootfs = dir.join("rootfs");
     std::fs::create_dir_all(rootfs.join("srv")).unwrap();
     let noise: String = (0..50_000u32)
-        .map(|i| char::from(b'a' + (i * 7 % 26) as u8))
+        .map(|i| char::from(b'a' + ((i * 7 + seed) % 26) as u8))
         .collect();
     std::fs::write(rootfs.join("srv/data"), noise).unwrap();
     let store = Store::open(dir.join("layout")).unwrap();
@@ -41,7 +41,7 @@ async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api()
     let dir = tempfile::tempdir().unwrap();
     let serve = crate::common::serve(&dir.path().join("data"), &["--anonymous", "full"]).await;
     let url = serve.url.clone();
-    let (source, summary) = layout(dir.path(), "test/app:1");
+    let (source, summary) = layout(dir.path(), "test/app:1", 0);
 
     // From a layout directory, under another name.
     let dir_arg = source.root().display().to_string();
@@ -67,7 +67,8 @@ async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api()
     assert!(ok, "{err}");
     let (ok, out, _) = run(&url, &["--json", "image", "list"]);
     assert!(ok);
-    let names: Vec<&str> = json(&out)
+    let listed = json(&out);
+    let names: Vec<&str> = listed
         .as_array()
         .unwrap()
         .iter()
@@ -80,11 +81,14 @@ async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api()
         "{out}"
     );
 
-    // A corrupt archive (a byte of the layer flipped) is refused and changes nothing.
-    let mut bytes = std::fs::read(&archive).unwrap();
-    let details: ImageDetails =
-        serde_json::from_str(&run(&url, &["--json", "image", "show", "test/app:1"]).1).unwrap();
-    let layer = std::fs::read(source.blob_path(&details.layers[0].digest)).unwrap();
+    // A corrupt archive (a byte of a layer the core does not have flipped) is refused and
+    // changes nothing.
+    let (other, _) = layout(&dir.path().join("other"), "test/other", 1);
+    let other_archive = dir.path().join("other.tar");
+    archive_layout(other.root(), std::fs::File::create(&other_archive).unwrap()).unwrap();
+    let mut bytes = std::fs::read(&other_archive).unwrap();
+    let other_layer = other.show("test/other").unwrap().layers[0].digest.clone();
+    let layer = std::fs::read(other.blob_path(&other_layer)).unwrap();
     let at = bytes
         .windows(64)
         .position(|w| w == &layer[layer.len() / 2..layer.len() / 2 + 64])
@@ -92,7 +96,7 @@ async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api()
     bytes[at] ^= 0xff;
     let corrupt = dir.path().join("corrupt.tar");
     std::fs::write(&corrupt, bytes).unwrap();
-    let (ok, _, err) = run(
+    let (ok, out, err) = run(
         &url,
         &[
             "image",
@@ -102,7 +106,7 @@ async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api()
             "test/corrupt",
         ],
     );
-    assert!(!ok);
+    assert!(!ok, "{out}\n{err}");
     assert!(
         err.contains("does not match its digest") && err.contains("HTTP 422"),
         "{err}"
@@ -111,6 +115,9 @@ async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api()
     assert_eq!(json(&out).as_array().unwrap().len(), 2);
 
     // Agents pull blobs by digest, resuming with a range.
+    let details: ImageDetails =
+        serde_json::from_str(&run(&url, &["--json", "image", "show", "test/app:1"]).1).unwrap();
+    let layer = std::fs::read(source.blob_path(&details.layers[0].digest)).unwrap();
     let http = reqwest::Client::new();
     let layer_digest = details.layers[0].digest.as_str();
     let whole = http
@@ -176,4 +183,47 @@ async fn image_build_makes_a_debian_image_and_uploads_it() {
         ],
     );
     assert!(!ok && err.contains("no recipe at"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_read_images_with_the_agent_token_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cloud48.toml");
+    std::fs::write(&config, "[agents]\ntoken = \"agent-secret-0123456789\"\n").unwrap();
+    let serve = crate::common::serve(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let blob = format!("{}/v1/images/blobs/sha256:{}", serve.url, "0".repeat(64));
+    let with = |token: &str| {
+        http.get(&blob)
+            .header("Authorization", format!("Bearer {token}"))
+            .send()
+    };
+    // The token gets through to the store (which has no such blob) ...
+    let ok = with("agent-secret-0123456789").await.unwrap();
+    assert_eq!(ok.status(), 404);
+    assert!(ok.text().await.unwrap().contains("no blob"));
+    // ... a wrong one, none, or the token on a write, does not.
+    assert_eq!(with("wrong").await.unwrap().status(), 401);
+    // (No users exist, so an anonymous read is refused with how to add one.)
+    let anonymous = http.get(&blob).send().await.unwrap();
+    assert_eq!(anonymous.status(), 403);
+    assert!(
+        anonymous
+            .text()
+            .await
+            .unwrap()
+            .contains("anonymous access is limited")
+    );
+    let write = http
+        .post(format!("{}/v1/images", serve.url))
+        .header("Authorization", "Bearer agent-secret-0123456789")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(write.status(), 401);
 }

@@ -23,7 +23,7 @@ pub fn needed_role(method: &Method, path: &str) -> Role {
         }
         return Role::Viewer;
     }
-    let admin_areas = ["/v1/servers", "/v1/plugins", "/v1/users"];
+    let admin_areas = ["/v1/servers", "/v1/plugins", "/v1/users", "/v1/images"];
     // exec runs as root inside a container, which shares the host's files outside its
     // private directories: an admin's tool.
     let exec = path.starts_with("/v1/containers/") && path.ends_with("/exec");
@@ -38,10 +38,29 @@ pub fn needed_role(method: &Method, path: &str) -> Role {
     }
 }
 
+/// Whether the request carries `Authorization: Bearer TOKEN` with the core's agent token.
+fn agent_token_given(core: &Core, headers: &axum::http::HeaderMap) -> bool {
+    let Ok(expected) = core.agents().token() else {
+        return false;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|g| cloud48_engine::auth::constant_eq(g.as_bytes(), expected.as_bytes()))
+}
+
 pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next) -> Response {
     // Agents authenticate their heartbeats with the agent token, checked by the handler.
     // Readiness is public: load balancers and supervisors ask it without credentials.
     if req.uri().path() == "/v1/agents/heartbeat" || req.uri().path() == "/v1/health" {
+        return next.run(req).await;
+    }
+    // Agents pull images with the agent token (reading only).
+    if (req.method() == Method::GET || req.method() == Method::HEAD)
+        && req.uri().path().starts_with("/v1/images")
+        && agent_token_given(&core, req.headers())
+    {
         return next.run(req).await;
     }
     let needed = needed_role(req.method(), req.uri().path());

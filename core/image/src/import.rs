@@ -183,8 +183,11 @@ impl Store {
                 return Err(e);
             }
         };
-        let digests: BTreeSet<String> =
-            images.iter().map(|(d, _)| d.digest().to_string()).collect();
+        // What was imported: each digest with the name it took (or none).
+        let imported: BTreeSet<(String, Option<String>)> = images
+            .iter()
+            .map(|(d, n)| (d.digest().to_string(), n.as_ref().map(Name::to_string)))
+            .collect();
         for (descriptor, name) in images {
             self.tag_locked(&mut store_index, descriptor, name.as_ref());
         }
@@ -192,7 +195,9 @@ impl Store {
         let list = self.list()?;
         Ok(list
             .into_iter()
-            .filter(|s| digests.contains(s.digest.as_str()))
+            .filter(|s| {
+                imported.contains(&(s.digest.to_string(), s.name.as_ref().map(Name::to_string)))
+            })
             .collect())
     }
 

@@ -43,7 +43,7 @@ pub struct ImageSummary {
     /// When it was built, as the image says (RFC 3339), if it says.
     pub created: Option<String>,
     /// How many layers it has.
-    pub layers: usize,
+    pub layer_count: usize,
 }
 
 /// One layer of an image.
@@ -376,7 +376,7 @@ impl Store {
                 architecture: config.architecture().to_string(),
                 os: config.os().to_string(),
                 created: config.created().clone(),
-                layers: layers.len(),
+                layer_count: layers.len(),
             },
             config: config_digest,
             entrypoint: c.entrypoint().clone().unwrap_or_default(),

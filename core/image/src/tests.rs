@@ -59,6 +59,12 @@ fn a_written_image_is_listed_shown_and_reads_back_its_layer() {
     assert_eq!(details.cmd, ["/bin/app"]);
     assert_eq!(details.exposed_ports, ["80/tcp"]);
     assert_eq!(store.show(summary.digest.as_str()).unwrap(), details);
+    // What the API sends reads back (the summary is flattened into the details).
+    let json = serde_json::to_string(&details).unwrap();
+    assert_eq!(
+        serde_json::from_str::<ImageDetails>(&json).unwrap(),
+        details
+    );
     assert_eq!(store.show(summary.digest.short()).unwrap(), details);
     // The layer is a gzip'd tar holding the file; its diff_id is the tar's digest.
     let layer = &details.layers[0];

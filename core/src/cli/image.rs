@@ -91,7 +91,7 @@ fn table(list: &[ImageSummary]) -> String {
                 .map_or("<none>".to_string(), |n| n.to_string()),
             i.digest.short().to_string(),
             format!("{}/{}", i.os, i.architecture),
-            i.layers.to_string(),
+            i.layer_count.to_string(),
             size(i.size),
         ]);
     }
