@@ -429,3 +429,37 @@ async fn bench_api_submits_signed_creates_that_all_succeed() {
         "{report:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_axum_answers_itself_are_json_too() {
+    let t = TestCore::start(Opts {
+        paused: true,
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    // A method an endpoint does not take: 405 in JSON, naming it.
+    let (status, body) = raw(&t, "PATCH", "/v1/environments", Some("{}")).await;
+    assert_eq!(status, 405);
+    assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("PATCH is not allowed"), "{message}");
+    // A body over the limit: 413 in JSON, saying what to do.
+    let big = vec![0u8; (64 << 20) + 1];
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/plugins", t.url))
+        .header("content-type", "application/wasm")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_large", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("64 MiB")
+    );
+}

@@ -133,3 +133,63 @@ async fn the_cli_says_clearly_when_no_core_answers() {
         "{err}"
     );
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The reading end is gone before the command writes: like `cloud48 … | head -0`.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(crate::common::binary())
+        .args(["config", "show"])
+        .current_dir(dir.path())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_flags_fill_in_the_types_defaults_and_refuse_what_is_not_positive() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = crate::common::serve(
+        &dir.path().join("data"),
+        &["--sim-servers", "2", "--anonymous", "full"],
+    )
+    .await;
+    let run = |args: &[&str]| tokio::task::block_in_place(|| cli(&serve.url, args));
+    // One resource flag with --spread: the others come from the type (tomcat: 1000 / 2048).
+    let (ok, out, err) = run(&[
+        "--json",
+        "container",
+        "create",
+        "--type",
+        "tomcat",
+        "--spread",
+        "--memory-mb",
+        "512",
+    ]);
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["object_id"].clone();
+    let (ok, out, _) = run(&["--json", "container", "show", &id.to_string()]);
+    assert!(ok);
+    let r = &serde_json::from_str::<Value>(&out).unwrap()["requirements"];
+    assert_eq!(
+        (&r["cpu_millis"], &r["memory_mb"], &r["disk_mb"]),
+        (&Value::from(1000), &Value::from(512), &Value::from(2048)),
+        "{r}"
+    );
+    assert_eq!(r["spread"], true);
+    for (flag, value, says) in [
+        ("--cpu-millis", "-5", "not above zero"),
+        ("--memory-mb", "0", "not above zero"),
+        ("--disk-mb", "lots", "not a whole number"),
+    ] {
+        let (ok, _, err) = run(&["container", "create", "--type", "tomcat", flag, value]);
+        assert!(!ok && err.contains(says) && err.contains(flag), "{err}");
+    }
+}

@@ -13,6 +13,15 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = cloud48_core::cli::Cli::parse();
+    if !cli.is_server() {
+        // A command's output piped into `head` ends it quietly, as for any Unix tool, instead
+        // of a panic on the broken pipe. Servers keep ignoring SIGPIPE: a client that goes
+        // away must not stop them.
+        // SAFETY: setting a signal's disposition to its default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let built = runtime_threads().and_then(|n| {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)

@@ -205,3 +205,56 @@ pub fn parse_id<T: std::str::FromStr>(field: &str, raw: &str) -> Result<T, ApiEr
         )
     })
 }
+
+/// Turns an error answer that is not JSON (what axum itself sends: an empty 405, a plain-text
+/// 413 from a body limit, a 400 from a path it cannot parse) into the API's JSON error, keeping
+/// its status and headers (`Allow` on a 405).
+pub(crate) async fn json_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let method = req.method().clone();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let (code, message) = match status {
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            format!(
+                "{method} is not allowed here{}; see /v1/openapi.json",
+                parts
+                    .headers
+                    .get(axum::http::header::ALLOW)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|a| format!(" (allowed: {a})"))
+                    .unwrap_or_default()
+            ),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "too_large",
+            "the request body is larger than this endpoint takes (64 MiB; images are uploaded to /v1/images, which streams)".to_string(),
+        ),
+        s if text.is_empty() || text.contains('\n') => (
+            if s.is_server_error() { "internal" } else { "bad_request" },
+            s.canonical_reason().unwrap_or("error").to_string(),
+        ),
+        s => (if s.is_server_error() { "internal" } else { "bad_request" }, text),
+    };
+    let mut json = ApiError::new(status, code, message, None).into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
+}

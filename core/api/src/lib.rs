@@ -98,6 +98,7 @@ pub fn router(core: Core) -> Router {
         })
         .layer(axum::middleware::from_fn_with_state(core, access::check))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .layer(axum::middleware::from_fn(error::json_errors))
 }
 
 type Accept = (StatusCode, Json<Accepted>);

@@ -47,6 +47,17 @@ pub struct Cli {
     pub command: Top,
 }
 
+impl Cli {
+    /// Whether this runs a long-lived server (core, agent, guest-http) rather than one command
+    /// whose output may go into a pipe that closes early.
+    pub fn is_server(&self) -> bool {
+        matches!(
+            self.command,
+            Top::Serve(_) | Top::Agent(_) | Top::GuestHttp(_)
+        )
+    }
+}
+
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Top {
@@ -270,14 +281,25 @@ pub struct WaitArg {
 #[derive(Debug, Args, Clone, Default)]
 pub struct ResourceArgs {
     /// CPU in thousandths of a core (1000 = one core).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive)]
     pub cpu_millis: Option<u64>,
     /// Memory in MiB.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive)]
     pub memory_mb: Option<u64>,
     /// Disk in MiB.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive)]
     pub disk_mb: Option<u64>,
+}
+
+/// A resource amount: a whole number above zero.
+fn positive(s: &str) -> Result<u64, String> {
+    match s.parse::<i128>() {
+        Ok(n) if n > 0 && n <= u64::MAX as i128 => Ok(n as u64),
+        Ok(_) => Err(format!(
+            "{s} is not above zero; give a whole number such as 500"
+        )),
+        Err(_) => Err(format!("{s} is not a whole number; give one such as 500")),
+    }
 }
 
 impl ResourceArgs {
@@ -314,20 +336,29 @@ pub struct NewContainerArgs {
 }
 
 impl NewContainerArgs {
-    fn requirements(&self) -> Result<Option<Requirements>> {
+    /// The requirements to send: none when no flag asks for any, else the flags over the
+    /// type's default resources (asked from the core for the ones not given).
+    async fn requirements(&self, client: &Client) -> Result<Option<Requirements>> {
         if !self.resources.any() && self.labels.is_empty() && !self.spread {
             return Ok(None);
         }
-        if !(self.resources.cpu_millis.is_some()
-            && self.resources.memory_mb.is_some()
-            && self.resources.disk_mb.is_some())
-        {
-            bail!(
-                "give all of --cpu-millis, --memory-mb and --disk-mb with --label or --spread, or none of them to use the type's defaults"
-            );
-        }
+        let r = &self.resources;
+        let base = if r.cpu_millis.is_some() && r.memory_mb.is_some() && r.disk_mb.is_some() {
+            Resources::default()
+        } else {
+            let info: cloud48_engine::plugins::PluginInfo = client
+                .get(&format!("/v1/plugins/{}", enc(&self.type_id)))
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "the default resources of type '{}' are unknown ({e}); give all of --cpu-millis, --memory-mb and --disk-mb",
+                        self.type_id
+                    )
+                })?;
+            info.meta.requirements.resources
+        };
         Ok(Some(Requirements {
-            resources: self.resources.over(Resources::default()),
+            resources: self.resources.over(base),
             labels: self.labels.clone(),
             spread: self.spread,
         }))
@@ -953,7 +984,7 @@ async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
         } => {
             let req = AddContainer {
                 type_id: new.type_id.clone(),
-                requirements: new.requirements()?,
+                requirements: new.requirements(client).await?,
                 server: new.on.clone(),
                 params: params.into_iter().collect(),
             };
@@ -1054,7 +1085,7 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             let req = CreateContainer {
                 type_id: new.type_id.clone(),
                 server: new.on.clone(),
-                requirements: new.requirements()?,
+                requirements: new.requirements(client).await?,
                 count,
             };
             let a = client.submit("/v1/containers", Some(&req)).await?;
