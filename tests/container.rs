@@ -736,3 +736,22 @@ async fn concurrent_single_creates_share_transactions_on_sqlite() {
 async fn concurrent_single_creates_share_transactions_on_postgres() {
     concurrent_single_creates_share_transactions_and_keep_their_own_rows(true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_on_a_simulated_server_says_nothing_runs_there() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let id = create(&t, Some("sim-1")).await;
+    let err = t
+        .client
+        .post::<_, serde_json::Value>(
+            &format!("/v1/containers/{id}/exec"),
+            &json!({ "command": ["cat", "/etc/hostname"] }),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("simulated server sim-1") && err.contains("HTTP 409"),
+        "{err}"
+    );
+}

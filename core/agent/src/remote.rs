@@ -167,6 +167,7 @@ impl RemoteDriver {
                 migrate: true,
                 update: true,
                 images: false,
+                simulated: false,
             }),
         }
     }

@@ -171,6 +171,10 @@ pub struct Capabilities {
     /// endpoints (the linux driver), or nothing at all (sim).
     #[serde(default)]
     pub images: bool,
+    /// A simulation: no process runs in its containers (an operator's `exec` has nothing to
+    /// run in; a hook's scripts are recorded, not run).
+    #[serde(default)]
+    pub simulated: bool,
 }
 
 /// Operations on the containers of one server.

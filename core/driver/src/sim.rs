@@ -535,6 +535,7 @@ impl Driver for SimServer {
             migrate: true,
             update: true,
             images: false,
+            simulated: true,
         }
     }
 

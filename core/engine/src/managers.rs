@@ -604,6 +604,11 @@ impl<'a> ContainerManager<'a> {
             ));
         }
         let (driver, server, row) = self.guest(id).await?;
+        if driver.capabilities().simulated {
+            return Err(CoreError::Conflict(format!(
+                "container {id} is on simulated server {server}, where no process runs: exec needs a real server (a node agent with --driver linux)"
+            )));
+        }
         driver
             .exec(&row.guest_id, "exec \"$@\"", command)
             .await

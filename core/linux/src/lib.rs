@@ -663,6 +663,7 @@ impl Driver for LinuxDriver {
             migrate: true,
             update: true,
             images: false,
+            simulated: false,
         }
     }
 
