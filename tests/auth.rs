@@ -588,3 +588,28 @@ async fn failed_sign_ins_back_off_exponentially_then_429_without_a_long_lockout(
     let (status, _, body) = attempt(&t, owner, "otto", PASSWORD).await;
     assert_eq!(status, 200, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_admin_cannot_be_removed_while_other_users_remain() {
+    let t = TestCore::start(Opts {
+        paused: true,
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let db = t.core.db().clone();
+    let users = cloud48_engine::auth::UserStore::new(&db, "cloud48");
+    users.add("ada", Role::Admin, "password-ada").await.unwrap();
+    users
+        .add("vera", Role::Viewer, "password-vera")
+        .await
+        .unwrap();
+    let err = users.remove("ada").await.unwrap_err();
+    assert!(err.contains("last admin"), "{err}");
+    users.add("bob", Role::Admin, "password-bob").await.unwrap();
+    users.remove("ada").await.unwrap();
+    // With no other user left, the last one may go (the core is back to its first-run state).
+    users.remove("vera").await.unwrap();
+    users.remove("bob").await.unwrap();
+    assert!(users.list().await.unwrap().is_empty());
+}

@@ -651,12 +651,29 @@ impl<'a> UserStore<'a> {
         Ok(())
     }
 
-    /// Removes a user.
+    /// Removes a user; refuses to remove the last admin while other users remain (nobody could
+    /// manage servers, plugins or users any more).
     pub async fn remove(&self, name: &str) -> Result<(), String> {
         let row = self
             .find(name)
             .await?
             .ok_or_else(|| format!("user '{name}' does not exist"))?;
+        if row.role == Role::Admin.to_string() {
+            let others = user::Entity::find()
+                .filter(user::Column::Name.ne(name))
+                .all(self.db)
+                .await
+                .map_err(|e| e.to_string())?;
+            let admins = others
+                .iter()
+                .filter(|u| u.role == Role::Admin.to_string())
+                .count();
+            if admins == 0 && !others.is_empty() {
+                return Err(format!(
+                    "user '{name}' is the last admin; add another first (`cloud48 user add NAME --role admin`), or remove the other users before this one"
+                ));
+            }
+        }
         user::Entity::delete_by_id(row.id)
             .exec(self.db)
             .await
