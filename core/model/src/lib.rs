@@ -573,8 +573,13 @@ pub fn type_name(type_id: &str) -> &str {
 }
 
 /// Checks a name for environments and servers: 1-63 characters of `a-z`, `0-9` and `-`,
-/// starting with a letter or digit.
+/// starting with a letter or digit, not all digits (which would read as an id: `env show 1`).
 pub fn validate_name(name: &str) -> Result<(), String> {
+    if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "'{name}' is only digits, which reads as an id; give a name with a letter (e.g. env-{name})"
+        ));
+    }
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -601,6 +606,24 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_cannot_be_mistaken_for_ids_or_break_the_rules() {
+        for ok in ["shop", "env-1", "1a", "a"] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        let err = validate_name("1").unwrap_err();
+        assert!(
+            err.contains("reads as an id") && err.contains("env-1"),
+            "{err}"
+        );
+        for bad in ["", "-a", "Shop", "a_b", &"a".repeat(64)] {
+            assert!(
+                validate_name(bad).unwrap_err().contains("not a valid name"),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn an_id_is_a_bare_number_on_the_wire_and_in_text() {
