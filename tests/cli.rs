@@ -193,3 +193,21 @@ async fn resource_flags_fill_in_the_types_defaults_and_refuse_what_is_not_positi
         assert!(!ok && err.contains(says) && err.contains(flag), "{err}");
     }
 }
+
+#[test]
+fn user_commands_outside_a_core_directory_say_where_they_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(crate::common::binary())
+        .args(["user", "list"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no core database at") && err.contains("--data-dir"),
+        "{err}"
+    );
+    // Nothing was created by looking.
+    assert!(!dir.path().join("cloud48-data").join("cloud48.db").exists());
+}

@@ -1459,6 +1459,18 @@ async fn users(out: Out, cmd: UserCmd) -> Result<()> {
     };
     let settings = core_args.settings()?;
     let config = settings.core();
+    let sqlite = config.data_dir.join("cloud48.db");
+    if config.database_url.is_none() && !sqlite.exists() {
+        let hint = "run this in the directory where `cloud48 serve` runs, or give its --data-dir or --database-url";
+        if matches!(cmd, UserCmd::Add { .. }) {
+            eprintln!(
+                "note: there is no core database at {} yet; creating it ({hint})",
+                sqlite.display()
+            );
+        } else {
+            bail!("there is no core database at {}: {hint}", sqlite.display());
+        }
+    }
     let db = cloud48_engine::core::connect(&config).await?;
     let store = cloud48_engine::auth::UserStore::new(&db, &config.auth.realm);
     match cmd {
