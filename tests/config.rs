@@ -408,10 +408,51 @@ fn config_show_through_the_binary_reports_the_file_line() {
         .find(|l| l.contains("drivers.sim.servers"))
         .unwrap();
     assert!(line.contains("flag --sim-servers"), "{line}");
+    // --json gives the same facts as JSON.
+    let (ok, out, err) = run_env(&["--json", "config", "show"], &[], dir.path());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let workers = v["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == "queue.workers")
+        .unwrap();
+    assert_eq!(workers["value"], "12");
+    assert!(
+        workers["source"]
+            .as_str()
+            .unwrap()
+            .contains("cloud48.toml:3"),
+        "{workers}"
+    );
     std::fs::write(dir.path().join("cloud48.toml"), "[queue]\nworker = 12\n").unwrap();
     let (ok, _, err) = run_env(&["serve"], &[], dir.path());
     assert!(
         !ok && err.contains("cloud48.toml:2: unknown key 'queue.worker'"),
         "{err}"
     );
+}
+
+#[test]
+fn placement_weights_are_decimals_from_the_file_the_environment_or_a_flag() {
+    let s = load(None, &[], &[]).unwrap();
+    let w = s.core().placement.weights;
+    assert_eq!((w.cpu, w.memory, w.disk), (1.0, 1.0, 0.5));
+    assert_eq!(s.get("placement.weight_disk"), "0.5");
+    let s = load(
+        Some("[placement]\nweight_disk = 0.25\nweight_cpu = 2\n"),
+        &[("CLOUD48_WEIGHT_MEMORY", "0")],
+        &[],
+    )
+    .unwrap();
+    let w = s.core().placement.weights;
+    assert_eq!((w.cpu, w.memory, w.disk), (2.0, 0.0, 0.25));
+    for bad in ["-1", "lots", "1001", "NaN"] {
+        let err = load(None, &[("CLOUD48_WEIGHT_CPU", bad)], &[]).unwrap_err();
+        assert!(
+            err.contains("placement.weight_cpu") && err.contains("not a weight"),
+            "{bad}: {err}"
+        );
+    }
 }

@@ -24,6 +24,8 @@ pub struct ConfigError(pub String);
 enum Kind {
     Text,
     Count,
+    /// A decimal number from 0 to 1000 (placement weights).
+    Weight,
     Address,
     Choice(&'static [&'static str]),
     /// A comma-separated list of endpoint families.
@@ -173,25 +175,25 @@ const SETTINGS: &[Spec] = &[
         key: "placement.weight_cpu",
         env: "CLOUD48_WEIGHT_CPU",
         flag: "--weight-cpu",
-        default: "100",
+        default: "1",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Weight,
     },
     Spec {
         key: "placement.weight_memory",
         env: "CLOUD48_WEIGHT_MEMORY",
         flag: "--weight-memory",
-        default: "100",
+        default: "1",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Weight,
     },
     Spec {
         key: "placement.weight_disk",
         env: "CLOUD48_WEIGHT_DISK",
         flag: "--weight-disk",
-        default: "50",
+        default: "0.5",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Weight,
     },
     Spec {
         key: "placement.dummy_ttl_secs",
@@ -386,6 +388,7 @@ fn walk(
         let value = match item.as_value() {
             Some(toml_edit::Value::String(s)) => s.value().clone(),
             Some(toml_edit::Value::Integer(i)) => i.value().to_string(),
+            Some(toml_edit::Value::Float(f)) => f.value().to_string(),
             Some(toml_edit::Value::Boolean(b)) => b.value().to_string(),
             _ => {
                 return Err(ConfigError(format!(
@@ -468,6 +471,12 @@ fn check(spec: &Spec, value: &str) -> Result<(), String> {
             .parse::<u64>()
             .map(|_| ())
             .map_err(|_| format!("'{value}' is not a whole number")),
+        Kind::Weight => match value.parse::<f64>() {
+            Ok(w) if w.is_finite() && (0.0..=1000.0).contains(&w) => Ok(()),
+            _ => Err(format!(
+                "'{value}' is not a weight: give a decimal number from 0 to 1000, such as 0.5"
+            )),
+        },
         Kind::Address => value
             .parse::<std::net::SocketAddr>()
             .map(|_| ())
@@ -610,6 +619,10 @@ impl Settings {
         self.get(key).parse().expect("checked at load")
     }
 
+    fn weight(&self, key: &str) -> f64 {
+        self.get(key).parse().expect("checked at load")
+    }
+
     /// Every setting in key order.
     pub fn entries(&self) -> impl Iterator<Item = (&'static str, &Entry)> {
         self.entries.iter().map(|(k, v)| (*k, v))
@@ -639,9 +652,9 @@ impl Settings {
         c.health.rebalance_spread = self.count("rebalancer.spread_percent").min(100);
         c.health.rebalance_batch = self.count("rebalancer.batch").max(1) as usize;
         c.placement.weights = crate::placement::Weights {
-            cpu: self.count("placement.weight_cpu") as f64 / 100.0,
-            memory: self.count("placement.weight_memory") as f64 / 100.0,
-            disk: self.count("placement.weight_disk") as f64 / 100.0,
+            cpu: self.weight("placement.weight_cpu"),
+            memory: self.weight("placement.weight_memory"),
+            disk: self.weight("placement.weight_disk"),
         };
         c.placement.dummy_ttl = Some(Duration::from_secs(
             self.count("placement.dummy_ttl_secs").max(1),
@@ -667,6 +680,34 @@ impl Settings {
             nonce_ttl: Duration::from_secs(self.count("auth.nonce_ttl_secs").max(1)),
             users: self.users.iter().map(|u| u.record.clone()).collect(),
         }
+    }
+
+    /// What `config show --json` prints: every setting (secrets masked) with its source, and
+    /// the users of the file (without passwords).
+    pub fn show_json(&self) -> serde_json::Value {
+        let settings: Vec<serde_json::Value> = self
+            .entries()
+            .map(|(key, e)| {
+                let value = if e.secret && !e.value.is_empty() {
+                    mask(&e.value)
+                } else {
+                    e.value.clone()
+                };
+                serde_json::json!({ "key": key, "value": value, "source": e.source.to_string() })
+            })
+            .collect();
+        let users: Vec<serde_json::Value> = self
+            .users
+            .iter()
+            .map(|u| {
+                serde_json::json!({
+                    "name": u.record.name,
+                    "role": u.record.role.to_string(),
+                    "source": u.source.to_string(),
+                })
+            })
+            .collect();
+        serde_json::json!({ "settings": settings, "users": users })
     }
 
     /// The effective configuration as text, secrets masked, with the source of each value.

@@ -175,15 +175,15 @@ pub struct CoreArgs {
     /// Most migrations the rebalancer has in flight [default 2].
     #[arg(long)]
     pub rebalance_batch: Option<u64>,
-    /// Placement weight of free cpu [default 100].
+    /// Placement weight of free cpu, a decimal such as 0.5 [default 1].
     #[arg(long)]
-    pub weight_cpu: Option<u64>,
-    /// Placement weight of free memory [default 100].
+    pub weight_cpu: Option<f64>,
+    /// Placement weight of free memory [default 1].
     #[arg(long)]
-    pub weight_memory: Option<u64>,
-    /// Placement weight of free disk [default 50].
+    pub weight_memory: Option<f64>,
+    /// Placement weight of free disk [default 0.5].
     #[arg(long)]
-    pub weight_disk: Option<u64>,
+    pub weight_disk: Option<f64>,
     /// Lifetime of a capacity reservation whose command did not finish, seconds [default 600].
     #[arg(long)]
     pub dummy_ttl_secs: Option<u64>,
@@ -244,10 +244,14 @@ impl CoreArgs {
             ("collector.interval_secs", self.collector_secs),
             ("rebalancer.spread_percent", self.rebalance_spread),
             ("rebalancer.batch", self.rebalance_batch),
+            ("placement.dummy_ttl_secs", self.dummy_ttl_secs),
+        ] {
+            put(key, value.map(|v| v.to_string()));
+        }
+        for (key, value) in [
             ("placement.weight_cpu", self.weight_cpu),
             ("placement.weight_memory", self.weight_memory),
             ("placement.weight_disk", self.weight_disk),
-            ("placement.dummy_ttl_secs", self.dummy_ttl_secs),
         ] {
             put(key, value.map(|v| v.to_string()));
         }
@@ -825,7 +829,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Top::Serve(args) => serve(args).await,
         Top::Config(ConfigCmd::Show(args)) => {
-            println!("{}", args.settings()?.show());
+            let settings = args.settings()?;
+            out.show(&settings.show_json(), || settings.show());
             Ok(())
         }
         Top::User(cmd) => users(out, cmd).await,
