@@ -357,6 +357,19 @@ impl CommandKind {
 }
 
 impl CommandStatus {
+    /// The status as a sentence's predicate: "is running", "has already succeeded", "was
+    /// cancelled" (for messages such as "command 13 has already succeeded").
+    pub fn predicate(&self) -> &'static str {
+        match self {
+            CommandStatus::Queued => "is queued",
+            CommandStatus::Running => "is running",
+            CommandStatus::Waiting => "is waiting for its child commands",
+            CommandStatus::Succeeded => "has already succeeded",
+            CommandStatus::Failed => "has already failed",
+            CommandStatus::Cancelled => "was cancelled",
+        }
+    }
+
     /// True for succeeded, failed and cancelled.
     pub fn is_terminal(&self) -> bool {
         matches!(
@@ -606,6 +619,15 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_reads_as_a_sentence() {
+        assert_eq!(
+            format!("command 13 {}", CommandStatus::Succeeded.predicate()),
+            "command 13 has already succeeded"
+        );
+        assert_eq!(CommandStatus::Cancelled.predicate(), "was cancelled");
+    }
 
     #[test]
     fn names_cannot_be_mistaken_for_ids_or_break_the_rules() {

@@ -340,7 +340,7 @@ pub enum QueueError {
     NotFound(CommandId),
     /// The command is past the point where it could be cancelled.
     #[error(
-        "command {id} is {status}{detail}; only queued commands that have not started can be cancelled"
+        "command {id} {}{detail}; only queued commands that have not started can be cancelled", status.predicate()
     )]
     NotCancellable {
         /// The command.
