@@ -272,11 +272,21 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
             && err.contains("cloud48-test:evil/net"),
         "{err}"
     );
-    let err = install(&t, b"\0asm\x01\0\0\0garbage".to_vec())
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("not a valid WASM component"), "{err}");
+    // Each kind of wrong upload gets one line saying what it is and how to make a component.
+    for (bytes, says) in [
+        (b"hello, world".to_vec(), "not WebAssembly"),
+        (
+            b"\0asm\x01\0\0\0garbage".to_vec(),
+            "core WebAssembly module, not a component",
+        ),
+        (
+            b"\0asm\x0d\0\x01\0garbage".to_vec(),
+            "not a valid WASM component",
+        ),
+    ] {
+        let err = install(&t, bytes).await.unwrap_err().to_string();
+        assert!(err.contains(says) && !err.contains('\n'), "{err}");
+    }
     let err = install(
         &t,
         test_plugin(cloud48_engine::plugins::TEST_PLUGINS, "tomcat"),

@@ -238,7 +238,7 @@ impl PluginHost {
             let artefact = self
                 .engine
                 .precompile_component(bytes)
-                .map_err(|e| LoadError::Invalid(format!("not a valid WASM component: {e:#}")))?;
+                .map_err(|e| invalid_component(bytes, &e))?;
             let tmp = path.with_extension(format!("{:08x}.tmp", rand::random::<u32>()));
             if std::fs::write(&tmp, &artefact)
                 .and_then(|_| std::fs::rename(&tmp, &path))
@@ -251,8 +251,7 @@ impl PluginHost {
                 LoadError::Invalid(format!("cannot load the compiled plugin: {e:#}"))
             });
         }
-        Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::Invalid(format!("not a valid WASM component: {e:#}")))
+        Component::new(&self.engine, bytes).map_err(|e| invalid_component(bytes, &e))
     }
 
     fn store(&self, env_params: Params) -> Store<HostState> {
@@ -550,6 +549,24 @@ impl WasmPlugin {
 /// At most `n` characters of `s`.
 fn clip(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
+}
+
+/// One line saying why `bytes` is not a component this host can load, and how to make one.
+fn invalid_component(bytes: &[u8], e: &wasmtime::Error) -> LoadError {
+    const HOW: &str =
+        "build the plugin with `cargo build --release --target wasm32-wasip2` and upload its .wasm";
+    let message = if !bytes.starts_with(b"\0asm") {
+        format!("the upload is not WebAssembly (it lacks the \\0asm header); {HOW}")
+    } else if bytes.get(4..8) == Some(&[1, 0, 0, 0]) {
+        format!("the upload is a core WebAssembly module, not a component; {HOW}")
+    } else {
+        let detail = format!("{e:#}")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        format!("not a valid WASM component: {detail}")
+    };
+    LoadError::Invalid(message)
 }
 
 fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> String {
