@@ -164,9 +164,9 @@ impl TestCore {
         if let Some(c) = opts.capacity {
             config.sim_capacity = c;
         }
-        if let Some(d) = opts.plugin_deadline {
-            config.plugin_limits.deadline = d;
-        }
+        // The production deadline (100 ms) is for release builds; a debug build on a loaded
+        // 2-core machine can take longer for a well-behaved hook. Tests of deadlines set their own.
+        config.plugin_limits.deadline = opts.plugin_deadline.unwrap_or(Duration::from_secs(2));
         // Compiled plugins are shared by all tests: compiling them is the slow part of a start.
         config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
         let core = match &opts.clock {
@@ -352,7 +352,12 @@ pub use cloud48_core::serving::ServeProcess;
 
 /// The real `cloud48 serve` on `data_dir` with `extra` flags, once it is ready.
 pub async fn serve(data_dir: &std::path::Path, extra: &[&str]) -> ServeProcess {
-    let mut serve = ServeProcess::spawn(std::path::Path::new(binary()), data_dir, extra)
+    // As in `TestCore::start`: a debug build's hooks get more than the production 100 ms.
+    let mut args = extra.to_vec();
+    if !args.contains(&"--plugin-deadline-ms") {
+        args.extend(["--plugin-deadline-ms", "2000"]);
+    }
+    let mut serve = ServeProcess::spawn(std::path::Path::new(binary()), data_dir, &args)
         .expect("cloud48 serve starts");
     serve.health(true).await.expect("cloud48 serve gets ready");
     serve
