@@ -52,7 +52,8 @@ pub struct AgentArgs {
     /// Directory for the containers' directories and records.
     #[arg(long, default_value = "./cloud48-agent")]
     pub data_dir: PathBuf,
-    /// Linux driver: subnet of the containers; the bridge takes its first address.
+    /// Subnet of the containers (linux: the bridge takes its first address; sim: the addresses
+    /// its simulated guests get).
     #[arg(long, default_value = "10.48.0.0/24")]
     pub subnet: String,
     /// Linux driver: bridge the containers join.
@@ -160,7 +161,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             )
             .with_state_file(args.data_dir.join("sim.json"))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-            Arc::new(sim)
+            // Its guests take addresses of its own subnet, as a linux agent's do.
+            let subnet: cloud48_linux::network::Subnet = args
+                .subnet
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?;
+            Arc::new(sim.with_subnet(subnet.network, subnet.prefix))
         }
     };
     let info = AgentInfo {

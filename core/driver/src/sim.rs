@@ -190,6 +190,8 @@ pub struct SimServer {
     faults: Mutex<Vec<Fault>>,
     busy: Mutex<HashMap<String, u32>>,
     overlaps: std::sync::atomic::AtomicU64,
+    /// The guests' addresses: network and prefix length (default: the /22 of `index`).
+    pool: Option<(std::net::Ipv4Addr, u8)>,
 }
 
 /// Marks a guest busy for the duration of one operation.
@@ -227,7 +229,15 @@ impl SimServer {
             faults: Mutex::new(Vec::new()),
             busy: Mutex::new(HashMap::new()),
             overlaps: std::sync::atomic::AtomicU64::new(0),
+            pool: None,
         }
+    }
+
+    /// Hands out its guests' addresses from `network/prefix` (8-30; `.1` is the gateway's)
+    /// instead of the /22 its index picks: an agent's `--subnet`.
+    pub fn with_subnet(mut self, network: std::net::Ipv4Addr, prefix: u8) -> Self {
+        self.pool = Some((network, prefix.clamp(8, 30)));
+        self
     }
 
     /// Keeps the guests in `path` (JSON) and the journal of their changes beside it, loading
@@ -434,16 +444,20 @@ impl SimServer {
     /// guests holds is skipped, and a pool whose 1,021 addresses are all held is an error,
     /// never a wrap.
     fn next_ip(&self, state: &mut SimState) -> Result<String, DriverError> {
-        const HOSTS: u32 = 1021;
-        let net = (10u32 << 24) | ((self.index & 0x3fff) << 10);
+        let (net, prefix) = match self.pool {
+            Some((network, prefix)) => (u32::from(network) & (u32::MAX << (32 - prefix)), prefix),
+            None => ((10u32 << 24) | ((self.index & 0x3fff) << 10), 22),
+        };
+        // Every address but the network's, the gateway's (.1) and the broadcast.
+        let hosts: u32 = (1u32 << (32 - prefix)) - 3;
         let used: std::collections::HashSet<&str> = state
             .guests
             .values()
             .filter_map(|g| g.info.ip.as_deref())
             .collect();
-        for _ in 0..HOSTS {
+        for _ in 0..hosts {
             state.next_ip = state.next_ip.wrapping_add(1);
-            let host = (state.next_ip.wrapping_sub(1)) % HOSTS + 2;
+            let host = (state.next_ip.wrapping_sub(1)) % hosts + 2;
             let ip = std::net::Ipv4Addr::from(net | host).to_string();
             if !used.contains(ip.as_str()) {
                 return Ok(ip);
@@ -452,7 +466,7 @@ impl SimServer {
         Err(DriverError::Capacity {
             server: self.name.clone(),
             message: format!(
-                "no free address left in {}/22: its guests hold all {HOSTS}",
+                "no free address left in {}/{prefix}: its guests hold all {hosts}",
                 std::net::Ipv4Addr::from(net)
             ),
         })
@@ -782,6 +796,32 @@ mod tests {
         sim.destroy("g7").await.unwrap();
         let again = sim.create(&spec(5001)).await.unwrap().ip.unwrap();
         assert_eq!(again, freed);
+    }
+
+    /// A simulated server behind an agent takes its addresses from the agent's `--subnet`.
+    #[tokio::test]
+    async fn a_given_subnet_is_the_pool() {
+        let capacity = Resources {
+            cpu_millis: 1_000_000,
+            memory_mb: 1_000_000,
+            disk_mb: 1_000_000,
+        };
+        let sim = SimServer::new("sim-1", 1, capacity, SimLatency::default())
+            .with_subnet("10.48.7.0".parse().unwrap(), 24);
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..253 {
+            let ip = sim.create(&spec(n)).await.unwrap().ip.unwrap();
+            assert!(
+                ip.starts_with("10.48.7.") && ip != "10.48.7.1" && ip != "10.48.7.255",
+                "{ip}"
+            );
+            assert!(seen.insert(ip));
+        }
+        let e = sim.create(&spec(999)).await.unwrap_err().to_string();
+        assert!(
+            e.contains("no free address left in 10.48.7.0/24: its guests hold all 253"),
+            "{e}"
+        );
     }
 
     /// Regression (hardening): every operation rewrote the whole state file (600 KB at 2,500
