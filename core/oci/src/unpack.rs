@@ -94,23 +94,15 @@ fn unpack_layer(
     image: &str,
 ) -> Result<(), OciError> {
     let what = format!("layer {} of image {image}", digest.short());
-    let blob = store.open_blob(digest)?;
-    let mut head = [0u8; 2];
-    let gzip = {
-        let mut f = &blob;
-        f.read_exact(&mut head).is_ok() && head == [0x1f, 0x8b]
-    };
-    let blob = {
-        use std::io::Seek;
-        let mut b = blob;
-        b.seek(io::SeekFrom::Start(0))
-            .map_err(OciError::io(format!("reading {what}")))?;
-        b
-    };
+    // Sniff gzip from the buffer (as an import does), without reading the blob twice.
+    let mut blob = io::BufReader::new(store.open_blob(digest)?);
+    let gzip = io::BufRead::fill_buf(&mut blob)
+        .map_err(OciError::io(format!("reading {what}")))?
+        .starts_with(&[0x1f, 0x8b]);
     let reader: Box<dyn Read> = if gzip {
-        Box::new(flate2::read::GzDecoder::new(io::BufReader::new(blob)))
+        Box::new(flate2::read::GzDecoder::new(blob))
     } else {
-        Box::new(io::BufReader::new(blob))
+        Box::new(blob)
     };
     let mut hashing = Hashing {
         inner: reader,
