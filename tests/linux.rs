@@ -55,6 +55,7 @@ pub fn config(dir: &Path, prefix: &str, net: u32, n: u32) -> LinuxConfig {
         }),
         stop_grace: Duration::from_secs(3),
         exe: env!("CARGO_BIN_EXE_cloud48").into(),
+        images: None,
     }
 }
 

@@ -15,6 +15,7 @@ mod driver;
 mod environment;
 mod harness;
 mod health;
+mod image_guests;
 mod images;
 mod layout;
 mod linux;

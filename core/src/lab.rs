@@ -112,7 +112,7 @@ impl Lab {
             .arg(format!("--net=/run/netns/{}", self.netns(i)))
             .arg("--")
             .arg(&self.exe)
-            .args(["agent", "--driver", "linux"])
+            .args(["agent", "--driver", "linux", "--images", "off"])
             .args([
                 "--listen",
                 &format!("{}:7048", lan_ip(i)),

@@ -10,10 +10,11 @@ use clap::{Args, ValueEnum};
 
 use cloud48_driver::Driver;
 use cloud48_driver::sim::{SimLatency, SimServer};
-use cloud48_linux::{LinuxConfig, LinuxDriver};
+use cloud48_linux::{ImagesConfig, LinuxConfig, LinuxDriver};
 use cloud48_model::Resources;
 
 use crate::AgentService;
+use crate::images::CoreImages;
 use crate::protocol::AgentInfo;
 
 /// Which driver the agent runs.
@@ -23,6 +24,17 @@ pub enum AgentDriver {
     Linux,
     /// Simulated containers (no privileges needed).
     Sim,
+}
+
+/// Whether a linux agent runs its containers' images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImagesMode {
+    /// When runc is installed.
+    Auto,
+    /// Always (refuses to start without runc).
+    On,
+    /// Never: every workload runs on the server's own files.
+    Off,
 }
 
 /// Options of `cloud48 agent`.
@@ -72,6 +84,10 @@ pub struct AgentArgs {
     /// Period of heartbeats to the core, ms.
     #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
+    /// Linux driver: whether containers run their type's image on their own root (under
+    /// runc, pulled from the core) or on this server's files.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub images: ImagesMode,
     /// Sim driver: latency of every operation, ms (to rehearse slow servers).
     #[arg(long, default_value_t = 0)]
     pub sim_latency_ms: u64,
@@ -128,6 +144,30 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let driver: Arc<dyn Driver> = match args.driver {
         AgentDriver::Linux => {
+            let runc = ["/usr/sbin/runc", "/usr/bin/runc", "/sbin/runc"]
+                .iter()
+                .any(|p| std::path::Path::new(p).exists());
+            let images = match (args.images, runc) {
+                (ImagesMode::Off, _) => None,
+                (ImagesMode::On, false) => bail!(
+                    "--images on needs runc (Debian: apt-get install runc), or run with --images off"
+                ),
+                (ImagesMode::Auto, false) => {
+                    eprintln!(
+                        "cloud48 agent: runc is not installed: containers run on this server's files (apt-get install runc to run their images)"
+                    );
+                    None
+                }
+                (_, true) => Some(ImagesConfig {
+                    source: args.core.as_deref().map(|core| {
+                        Arc::new(CoreImages::new(
+                            core,
+                            &args.token,
+                            tokio::runtime::Handle::current(),
+                        )) as cloud48_linux::images::ImageSource
+                    }),
+                }),
+            };
             let cfg = LinuxConfig {
                 name: name.clone(),
                 data_dir: std::fs::canonicalize(&args.data_dir)?,
@@ -140,6 +180,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms),
                 exe: std::env::current_exe().context("cannot find this program's path")?,
+                images,
             };
             Arc::new(
                 LinuxDriver::open(cfg)

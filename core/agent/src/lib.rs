@@ -3,6 +3,7 @@
 //! of which registers the server.
 
 pub mod cli;
+pub mod images;
 pub mod protocol;
 pub mod remote;
 pub mod server;

@@ -7,7 +7,7 @@
 use std::future::Future;
 
 use super::{Driver, DriverError, GuestSpec, GuestState};
-use cloud48_model::Resources;
+use cloud48_model::{Resources, Workload};
 
 /// Makes fresh, empty driver instances with enough capacity for a few small guests.
 pub trait DriverFactory {
@@ -15,9 +15,13 @@ pub trait DriverFactory {
     type Driver: Driver;
     /// A fresh driver (a new empty server); `n` distinguishes instances of one run.
     fn make(&self, n: u32) -> impl Future<Output = Self::Driver>;
+    /// What the suite's guests run (by default nothing declared: the driver's idle default).
+    fn workload(&self) -> Workload {
+        Workload::default()
+    }
 }
 
-fn spec(guest: &str) -> GuestSpec {
+fn spec(w: &Workload, guest: &str) -> GuestSpec {
     GuestSpec {
         guest_id: guest.to_string(),
         type_id: "plain".into(),
@@ -27,7 +31,7 @@ fn spec(guest: &str) -> GuestSpec {
             disk_mb: 64,
         },
         ip: None,
-        workload: Default::default(),
+        workload: w.clone(),
     }
 }
 
@@ -46,9 +50,9 @@ async fn state_of(d: &dyn Driver, guest: &str) -> Result<Option<GuestState>, Str
         .map(|i| i.state))
 }
 
-async fn lifecycle(d: &dyn Driver) -> Result<(), String> {
+async fn lifecycle(d: &dyn Driver, w: &Workload) -> Result<(), String> {
     let info = d
-        .create(&spec("conf-a"))
+        .create(&spec(w, "conf-a"))
         .await
         .map_err(|e| format!("create: {e}"))?;
     ensure!(
@@ -58,7 +62,7 @@ async fn lifecycle(d: &dyn Driver) -> Result<(), String> {
     );
     ensure!(info.ip.is_some(), "a created guest must have an IP");
     let again = d
-        .create(&spec("conf-a"))
+        .create(&spec(w, "conf-a"))
         .await
         .map_err(|e| format!("second create: {e}"))?;
     ensure!(
@@ -106,8 +110,8 @@ async fn lifecycle(d: &dyn Driver) -> Result<(), String> {
     Ok(())
 }
 
-async fn suspend_resume(d: &dyn Driver) -> Result<(), String> {
-    d.create(&spec("conf-s"))
+async fn suspend_resume(d: &dyn Driver, w: &Workload) -> Result<(), String> {
+    d.create(&spec(w, "conf-s"))
         .await
         .map_err(|e| format!("create: {e}"))?;
     if !d.capabilities().suspend {
@@ -144,8 +148,8 @@ async fn suspend_resume(d: &dyn Driver) -> Result<(), String> {
     Ok(())
 }
 
-async fn exec_and_update(d: &dyn Driver) -> Result<(), String> {
-    d.create(&spec("conf-e"))
+async fn exec_and_update(d: &dyn Driver, w: &Workload) -> Result<(), String> {
+    d.create(&spec(w, "conf-e"))
         .await
         .map_err(|e| format!("create: {e}"))?;
     d.start("conf-e").await.map_err(|e| format!("start: {e}"))?;
@@ -225,9 +229,9 @@ async fn unknown_guest(d: &dyn Driver) -> Result<(), String> {
     Ok(())
 }
 
-async fn capacity(d: &dyn Driver) -> Result<(), String> {
+async fn capacity(d: &dyn Driver, w: &Workload) -> Result<(), String> {
     let stats = d.stats().await.map_err(|e| format!("stats: {e}"))?;
-    let mut too_big = spec("conf-big");
+    let mut too_big = spec(w, "conf-big");
     too_big.resources.memory_mb = stats.capacity.memory_mb + 1;
     let err = d.create(&too_big).await;
     ensure!(
@@ -241,7 +245,7 @@ async fn capacity(d: &dyn Driver) -> Result<(), String> {
     Ok(())
 }
 
-async fn migrate(source: &dyn Driver, target: &dyn Driver) -> Result<(), String> {
+async fn migrate(source: &dyn Driver, target: &dyn Driver, w: &Workload) -> Result<(), String> {
     if !source.capabilities().migrate {
         let err = source.export("conf-m").await;
         ensure!(
@@ -251,7 +255,7 @@ async fn migrate(source: &dyn Driver, target: &dyn Driver) -> Result<(), String>
         return Ok(());
     }
     source
-        .create(&spec("conf-m"))
+        .create(&spec(w, "conf-m"))
         .await
         .map_err(|e| format!("create: {e}"))?;
     source
@@ -272,7 +276,7 @@ async fn migrate(source: &dyn Driver, target: &dyn Driver) -> Result<(), String>
         .await
         .map_err(|e| format!("export: {e}"))?;
     let imported = target
-        .import(&spec("conf-m"), &image)
+        .import(&spec(w, "conf-m"), &image)
         .await
         .map_err(|e| format!("import: {e}"))?;
     ensure!(
@@ -280,7 +284,7 @@ async fn migrate(source: &dyn Driver, target: &dyn Driver) -> Result<(), String>
         "an imported guest must be stopped"
     );
     let again = target
-        .import(&spec("conf-m"), &image)
+        .import(&spec(w, "conf-m"), &image)
         .await
         .map_err(|e| format!("second import: {e}"))?;
     ensure!(
@@ -309,20 +313,21 @@ async fn migrate(source: &dyn Driver, target: &dyn Driver) -> Result<(), String>
 /// Runs the whole suite; returns one message per failed check (empty when the driver conforms).
 pub async fn run<F: DriverFactory>(factory: &F) -> Vec<String> {
     let mut failures = Vec::new();
+    let w = factory.workload();
     let d = factory.make(0).await;
     for (name, result) in [
-        ("lifecycle", lifecycle(&d).await),
-        ("suspend_resume", suspend_resume(&d).await),
-        ("exec_and_update", exec_and_update(&d).await),
+        ("lifecycle", lifecycle(&d, &w).await),
+        ("suspend_resume", suspend_resume(&d, &w).await),
+        ("exec_and_update", exec_and_update(&d, &w).await),
         ("unknown_guest", unknown_guest(&d).await),
-        ("capacity", capacity(&d).await),
+        ("capacity", capacity(&d, &w).await),
     ] {
         if let Err(e) = result {
             failures.push(format!("{name}: {e}"));
         }
     }
     let target = factory.make(1).await;
-    if let Err(e) = migrate(&d, &target).await {
+    if let Err(e) = migrate(&d, &target, &w).await {
         failures.push(format!("migrate: {e}"));
     }
     failures

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use cloud48_model::Resources;
 
 /// Processes one guest may run at most.
-const PIDS_MAX: u32 = 1024;
+pub(crate) const PIDS_MAX: u32 = 1024;
 /// Period of the cpu bandwidth limit, microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
 

@@ -16,6 +16,7 @@
 //!   namespace or veth behind; destroy also removes the cgroups and the directory.
 
 pub mod cgroups;
+pub mod images;
 pub mod network;
 pub mod templates;
 
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
 use self::cgroups::Cgroups;
+use self::images::{ImageSource, Images};
 use self::network::{GuestNet, Subnet};
 use self::templates::Template;
 use cloud48_driver::{
@@ -49,6 +51,9 @@ const EXEC_OUTPUT_MAX: usize = 1 << 20;
 const DISK_WALK_EVERY: Duration = Duration::from_secs(10);
 /// How much of the log `logs` returns.
 const LOG_TAIL: u64 = 64 << 10;
+/// Where runc keeps the state of each driver's containers (under the driver's prefix); in
+/// `/run`, so a rebooted server starts with none.
+const RUNC_ROOT: &str = "/run/cloud48-runc";
 
 /// Configuration of a Linux driver.
 #[derive(Debug, Clone)]
@@ -69,6 +74,25 @@ pub struct LinuxConfig {
     pub stop_grace: Duration,
     /// This program, whose `guest-http` stands in for workloads whose image it cannot run.
     pub exe: PathBuf,
+    /// Whether workloads run their images (under runc, on their own root) and where missing
+    /// images come from; `None` runs every workload on the server's own files.
+    pub images: Option<ImagesConfig>,
+}
+
+/// Image support of a linux driver.
+#[derive(Clone, Default)]
+pub struct ImagesConfig {
+    /// Where an image this server lacks is pulled from (the core); `None`: only images
+    /// imported on the server run.
+    pub source: Option<ImageSource>,
+}
+
+impl std::fmt::Debug for ImagesConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImagesConfig")
+            .field("source", &self.source.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 /// A guest as the driver keeps it on disk.
@@ -76,12 +100,17 @@ pub struct LinuxConfig {
 struct Record {
     spec: GuestSpec,
     ip: Ipv4Addr,
+    /// The digest of the image it runs on its own root (under runc); `None`: it runs on the
+    /// server's files.
+    #[serde(default)]
+    image: Option<String>,
 }
 
 /// Drives OS containers on this machine.
 pub struct LinuxDriver {
     cfg: LinuxConfig,
     cgroups: Cgroups,
+    images: Option<Arc<Images>>,
     capacity: Resources,
     guests: Mutex<BTreeMap<String, Record>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -180,9 +209,19 @@ impl LinuxDriver {
         let capacity = cfg
             .capacity
             .unwrap_or_else(|| machine_capacity(&cfg.data_dir));
+        let images = match &cfg.images {
+            Some(i) => Some(Arc::new(Images::open(
+                &cfg.name,
+                &cfg.data_dir,
+                &Path::new(RUNC_ROOT).join(&cfg.prefix),
+                i.source.clone(),
+            )?)),
+            None => None,
+        };
         Ok(LinuxDriver {
             cfg,
             cgroups,
+            images,
             capacity,
             guests: Mutex::new(guests),
             locks: Mutex::new(HashMap::new()),
@@ -279,7 +318,11 @@ impl LinuxDriver {
     /// Reserves capacity and an address for a new guest by recording it in memory, under one
     /// lock, so concurrent creates never share an address or over-commit. `Err(info)` when the
     /// guest exists.
-    fn reserve(&self, spec: &GuestSpec) -> Result<Result<Record, GuestInfo>, DriverError> {
+    fn reserve(
+        &self,
+        spec: &GuestSpec,
+        image: Option<String>,
+    ) -> Result<Result<Record, GuestInfo>, DriverError> {
         let mut guests = self.guests.lock().unwrap();
         if let Some(existing) = guests.get(&spec.guest_id).cloned() {
             drop(guests);
@@ -303,7 +346,7 @@ impl LinuxDriver {
             })?;
         let mut spec = spec.clone();
         spec.ip = Some(ip.to_string());
-        let record = Record { spec, ip };
+        let record = Record { spec, ip, image };
         guests.insert(record.spec.guest_id.clone(), record.clone());
         Ok(Ok(record))
     }
@@ -313,10 +356,10 @@ impl LinuxDriver {
     async fn make_guest(
         &self,
         spec: &GuestSpec,
+        image: Option<String>,
         fill: impl FnOnce(&Path) -> Result<(), DriverError> + Send + 'static,
     ) -> Result<GuestInfo, DriverError> {
-        validate_id(&spec.guest_id)?;
-        let record = match self.reserve(spec)? {
+        let record = match self.reserve(spec, image)? {
             Ok(r) => r,
             Err(existing) => return Ok(existing),
         };
@@ -396,10 +439,138 @@ impl LinuxDriver {
             }
         }
         network::detach(&GuestNet::new(&self.cfg.prefix, guest)).await;
+        let record = self.guests.lock().unwrap().get(guest).cloned();
+        if let (Some(images), Some(r)) = (&self.images, record)
+            && r.image.is_some()
+        {
+            // runc's record of it and its overlay go; runc removed its cgroups with it, which
+            // the driver keeps for every guest it has.
+            let (runc, merged, id) = (
+                images.runc.clone(),
+                self.dir(guest).join("merged"),
+                guest.to_string(),
+            );
+            tokio::task::spawn_blocking(move || {
+                runc.delete(&id, true)?;
+                cloud48_oci::unmount(&merged)
+            })
+            .await
+            .map_err(permanent)?
+            .map_err(|e| DriverError::Transient(format!("cannot clean up after {guest}: {e}")))?;
+            self.cgroups
+                .create(guest, &r.spec.resources)
+                .map_err(permanent)?;
+        }
         Ok(())
     }
 
+    /// The image a new guest of `spec` runs, made ready here (pulled, unpacked), when this
+    /// server runs images and the workload names one.
+    async fn image_for(&self, spec: &GuestSpec) -> Result<Option<String>, DriverError> {
+        match (&self.images, &spec.workload.image) {
+            (Some(images), Some(image)) => Ok(Some(
+                images.prepare(image).await?.summary.digest.to_string(),
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// Starts a guest that runs its image: its overlay mounted, its bundle written, runc
+    /// creates it, its network namespace gets the veth, runc starts it.
+    async fn launch_image(&self, r: &Record, digest: &str) -> Result<(), DriverError> {
+        let guest = &r.spec.guest_id;
+        let images = self.images.clone().ok_or_else(|| {
+            permanent(format!(
+                "container {guest} runs image {digest}, but this agent runs no images; start it with --images on (runc installed)"
+            ))
+        })?;
+        let reference = cloud48_model::ImageRef {
+            reference: r
+                .spec
+                .workload
+                .image
+                .as_ref()
+                .map(|i| i.reference.clone())
+                .unwrap_or_else(|| digest.to_string()),
+            digest: Some(digest.to_string()),
+        };
+        // Pulled and unpacked again if the server's cache lost it since the guest was made.
+        let details = images.prepare(&reference).await?;
+        let dir = self.dir(guest);
+        let w = &r.spec.workload;
+        let vars = BTreeMap::from([("id", guest.to_string()), ("ip", r.ip.to_string())]);
+        let command: Vec<String> = w
+            .command
+            .iter()
+            .map(|s| templates::fill(s, &vars))
+            .collect();
+        let bundle = cloud48_oci::Bundle {
+            rootfs: dir.join("merged"),
+            args: images::process_args(&command, &details),
+            env: images::process_env(&details, &w.env, guest),
+            cwd: w
+                .workdir
+                .clone()
+                .or_else(|| details.workdir.clone())
+                .unwrap_or_else(|| "/".into()),
+            hostname: guest.chars().take(63).collect(),
+            netns: None,
+            id_map: cloud48_oci::DEFAULT_ID_MAP,
+            memory_mb: r.spec.resources.memory_mb,
+            cpu_millis: r.spec.resources.cpu_millis,
+            pids: i64::from(cgroups::PIDS_MAX),
+            binds: Vec::new(),
+            cgroup: format!("/{}/{guest}", self.cfg.prefix),
+        };
+        if bundle.args.is_empty() {
+            return Err(permanent(format!(
+                "neither the type of {guest} nor its image {} says what to run",
+                reference.reference
+            )));
+        }
+        let (runc, id) = (images.runc.clone(), guest.to_string());
+        let lower = images.rootfs(&details.summary.digest);
+        let created = tokio::task::spawn_blocking(move || {
+            runc.delete(&id, true)?;
+            let merged = dir.join("merged");
+            if !cloud48_oci::is_mounted(&merged) {
+                cloud48_oci::mount_overlay(&lower, &dir.join("fs"), &dir.join("work"), &merged)?;
+            }
+            bundle.write(&dir.join("bundle"))?;
+            runc.create(&id, &dir.join("bundle"), &dir.join("console.log"))
+        })
+        .await
+        .map_err(permanent)?;
+        let pid = match created {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = self.halt(guest).await;
+                return Err(permanent(format!("cannot create container {guest}: {e}")));
+            }
+        };
+        let net = GuestNet::new(&self.cfg.prefix, guest);
+        let started = async {
+            network::attach_pid(&net, &self.cfg.bridge, &self.cfg.subnet, r.ip, pid)
+                .await
+                .map_err(permanent)?;
+            let (runc, id) = (images.runc.clone(), guest.to_string());
+            tokio::task::spawn_blocking(move || runc.start(&id))
+                .await
+                .map_err(permanent)?
+                .map_err(|e| permanent(format!("cannot start container {guest}: {e}")))
+        }
+        .await;
+        if let Err(e) = started {
+            let _ = self.halt(guest).await;
+            return Err(e);
+        }
+        self.wait_ready(r, templates::ready_port(w), None).await
+    }
+
     async fn launch(&self, r: &Record) -> Result<(), DriverError> {
+        if let Some(digest) = &r.image {
+            return self.launch_image(r, digest).await;
+        }
         let guest = &r.spec.guest_id;
         let t = self.template(&r.spec);
         let vars = BTreeMap::from([("id", guest.to_string()), ("ip", r.ip.to_string())]);
@@ -475,12 +646,33 @@ impl LinuxDriver {
             let _ = child.wait().await;
             tracing::debug!(?pid, "a guest launcher ended");
         });
-        let deadline = Instant::now() + READY_TIMEOUT;
+        self.wait_ready(r, t.ready_port, pid).await
+    }
+
+    /// Waits until the guest runs and, with a ready port, answers on it; stops it and says
+    /// why when it does not in time or when its processes are gone (and its `launcher`, if
+    /// any, ended).
+    async fn wait_ready(
+        &self,
+        r: &Record,
+        ready_port: Option<u16>,
+        launcher: Option<u32>,
+    ) -> Result<(), DriverError> {
+        let guest = &r.spec.guest_id;
+        let dir = self.dir(guest);
+        let declared = r
+            .spec
+            .workload
+            .readiness
+            .as_ref()
+            .map(|x| Duration::from_millis(u64::from(x.interval_ms) * u64::from(x.retries)))
+            .unwrap_or_default();
+        let deadline = Instant::now() + READY_TIMEOUT.max(declared);
         loop {
             let inner = self.inner_pids(guest);
             let launched = !inner.is_empty();
             if launched {
-                match t.ready_port {
+                match ready_port {
                     None => return Ok(()),
                     Some(port) => {
                         let probe = tokio::time::timeout(
@@ -494,12 +686,12 @@ impl LinuxDriver {
                     }
                 }
             }
-            let launcher_gone = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+            let launcher_gone = launcher.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists());
             if Instant::now() > deadline || (launcher_gone && self.cgroups.pids(guest).is_empty()) {
                 let _ = self.halt(guest).await;
                 return Err(DriverError::Permanent(format!(
                     "container {guest} did not become ready{}; its output ends with:\n{}",
-                    t.ready_port
+                    ready_port
                         .map(|p| format!(" (nothing answered on port {p})"))
                         .unwrap_or_default(),
                     tail(&dir.join("console.log"), 2048)
@@ -533,6 +725,17 @@ impl LinuxDriver {
         *self.disk_sample.lock().unwrap() = Some((Instant::now(), bytes));
         bytes
     }
+}
+
+/// Gives a guest's upper directory to its root (the first id of its user namespace's range).
+fn own_root(fs: &Path) -> Result<(), DriverError> {
+    let id = cloud48_oci::DEFAULT_ID_MAP.host;
+    std::os::unix::fs::chown(fs, Some(id), Some(id)).map_err(|e| {
+        permanent(format!(
+            "cannot give {} to the container's root: {e}",
+            fs.display()
+        ))
+    })
 }
 
 fn signal_all(pids: Vec<i32>, signal: i32) {
@@ -617,39 +820,6 @@ fn machine_capacity(data_dir: &Path) -> Resources {
     }
 }
 
-/// A tar archive of a guest's directory: directories, files and symlinks; sockets, pipes and
-/// devices are skipped (they mean nothing on another server).
-fn archive(fs: &Path) -> std::io::Result<Vec<u8>> {
-    fn add(b: &mut tar::Builder<Vec<u8>>, root: &Path, dir: &Path) -> std::io::Result<()> {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let path = e.path();
-            let name = path.strip_prefix(root).expect("inside the root");
-            let kind = e.file_type()?;
-            if kind.is_dir() {
-                b.append_dir(name, &path)?;
-                add(b, root, &path)?;
-            } else if kind.is_file() || kind.is_symlink() {
-                b.append_path_with_name(&path, name)?;
-            }
-        }
-        Ok(())
-    }
-    let mut b = tar::Builder::new(Vec::new());
-    b.follow_symlinks(false);
-    add(&mut b, fs, fs)?;
-    b.into_inner()
-}
-
-fn unpack(image: &GuestImage, fs: &Path) -> Result<(), DriverError> {
-    let mut archive = tar::Archive::new(image.data.as_slice());
-    archive.set_preserve_permissions(true);
-    archive
-        .unpack(fs)
-        .map_err(|e| DriverError::Permanent(format!("the guest image is not a valid archive: {e}")))
-}
-
 #[async_trait]
 impl Driver for LinuxDriver {
     fn kind(&self) -> &'static str {
@@ -662,15 +832,24 @@ impl Driver for LinuxDriver {
             exec: true,
             migrate: true,
             update: true,
-            images: false,
+            images: self.images.is_some(),
             simulated: false,
         }
     }
 
     async fn create(&self, spec: &GuestSpec) -> Result<GuestInfo, DriverError> {
+        validate_id(&spec.guest_id)?;
         let _held = self.hold(&spec.guest_id).await;
+        if let Ok(r) = self.record(&spec.guest_id) {
+            return Ok(self.info(&r));
+        }
+        let image = self.image_for(spec).await?;
+        if image.is_some() {
+            // Its own files are its overlay's upper directory, owned by its root.
+            return self.make_guest(spec, image, own_root).await;
+        }
         let t = self.template(spec);
-        self.make_guest(spec, move |fs| {
+        self.make_guest(spec, None, move |fs| {
             for d in &t.private_dirs {
                 std::fs::create_dir_all(fs.join(d.trim_start_matches('/'))).map_err(permanent)?;
             }
@@ -792,7 +971,7 @@ impl Driver for LinuxDriver {
             });
         }
         let fs = self.dir(guest_id).join("fs");
-        let data = tokio::task::spawn_blocking(move || archive(&fs))
+        let data = tokio::task::spawn_blocking(move || images::archive_upper(&fs))
             .await
             .map_err(permanent)?
             .map_err(|e| permanent(format!("cannot archive the directory of {guest_id}: {e}")))?;
@@ -803,9 +982,19 @@ impl Driver for LinuxDriver {
     }
 
     async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
+        validate_id(&spec.guest_id)?;
         let _held = self.hold(&spec.guest_id).await;
+        if let Ok(r) = self.record(&spec.guest_id) {
+            return Ok(self.info(&r));
+        }
+        let runs = self.image_for(spec).await?;
+        let own = runs.is_some();
         let image = image.clone();
-        self.make_guest(spec, move |fs| unpack(&image, fs)).await
+        self.make_guest(spec, runs, move |fs| {
+            images::unpack_upper(&image.data, fs)?;
+            if own { own_root(fs) } else { Ok(()) }
+        })
+        .await
     }
 
     async fn exec(
@@ -824,21 +1013,40 @@ impl Driver for LinuxDriver {
                 operation: "exec".into(),
             });
         };
-        let procs: Vec<String> = self
-            .cgroups
-            .procs_files(guest_id)
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect();
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(JOIN)
-            .arg("c48-join")
-            .args(args)
-            .env("C48_PROCS", procs.join(" "))
-            .env("C48_PID", pid.to_string())
-            .env("C48_SCRIPT", script)
-            .env("CLOUD48_CONTAINER", guest_id)
+        let runs_image = self.record(guest_id)?.image.is_some();
+        let mut command = match (&self.images, runs_image) {
+            (Some(images), true) => {
+                let argv: Vec<String> = ["sh", "-c", script, "c48-exec"]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(args.iter().cloned())
+                    .collect();
+                Command::from(images.runc.exec_command(
+                    guest_id,
+                    &argv,
+                    &[format!("CLOUD48_CONTAINER={guest_id}")],
+                ))
+            }
+            _ => {
+                let procs: Vec<String> = self
+                    .cgroups
+                    .procs_files(guest_id)
+                    .iter()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .collect();
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(JOIN)
+                    .arg("c48-join")
+                    .args(args)
+                    .env("C48_PROCS", procs.join(" "))
+                    .env("C48_PID", pid.to_string())
+                    .env("C48_SCRIPT", script)
+                    .env("CLOUD48_CONTAINER", guest_id);
+                c
+            }
+        };
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -923,7 +1131,8 @@ impl Driver for LinuxDriver {
 }
 
 /// Removes, without a running driver, everything drivers with `prefix` left on this machine:
-/// processes in their cgroups, the cgroups, their network namespaces and `bridges`.
+/// processes in their cgroups, the cgroups, runc's records, their network namespaces and
+/// `bridges`.
 /// For tests and for cleaning up after a crashed agent.
 pub fn sweep(prefix: &str, bridges: &[&str]) {
     if let Ok(cg) = Cgroups::detect(prefix) {
@@ -957,6 +1166,7 @@ pub fn sweep(prefix: &str, bridges: &[&str]) {
             .args(["netns", "del", ns])
             .output();
     }
+    let _ = std::fs::remove_dir_all(Path::new(RUNC_ROOT).join(prefix));
     for b in bridges {
         let _ = std::process::Command::new("ip")
             .args(["link", "del", b])

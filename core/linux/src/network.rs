@@ -197,6 +197,26 @@ pub async fn attach(
         detach(net).await;
     }
     run("ip", &["netns", "add", &net.netns]).await?;
+    wire(net, bridge, subnet, ip).await
+}
+
+/// Names the network namespace of process `pid` (a container runc created with a new, empty
+/// one) as the guest's, and joins it to the bridge like `attach` does.
+pub async fn attach_pid(
+    net: &GuestNet,
+    bridge: &str,
+    subnet: &Subnet,
+    ip: Ipv4Addr,
+    pid: i32,
+) -> Result<(), String> {
+    detach(net).await;
+    run("ip", &["netns", "attach", &net.netns, &pid.to_string()]).await?;
+    wire(net, bridge, subnet, ip).await
+}
+
+/// The veth pair between the bridge and the guest's named namespace, with its address and
+/// default route; removes both on failure.
+async fn wire(net: &GuestNet, bridge: &str, subnet: &Subnet, ip: Ipv4Addr) -> Result<(), String> {
     let host = [
         format!(
             "link add {} type veth peer name {}",

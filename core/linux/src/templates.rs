@@ -51,11 +51,7 @@ pub fn from_workload(w: &Workload, exe: &str, installed: impl Fn(&str) -> bool) 
             stand_in: false,
         };
     }
-    let port_of = |name: &str| w.endpoints.iter().find(|e| e.name == name).map(|e| e.port);
-    let ready_port = match w.readiness.as_ref().map(|r| &r.check) {
-        Some(Check::Tcp { endpoint } | Check::Http { endpoint, .. }) => port_of(endpoint),
-        _ => None,
-    };
+    let ready_port = ready_port(w);
     let runnable = w.command.first().is_some_and(|p| installed(p));
     if w.image.is_some() && !runnable {
         let port = w.endpoints.first().map(|e| e.port);
@@ -85,6 +81,15 @@ pub fn from_workload(w: &Workload, exe: &str, installed: impl Fn(&str) -> bool) 
         private_dirs,
         ready_port,
         stand_in: false,
+    }
+}
+
+/// The port whose answer tells the workload is ready (its readiness check's endpoint).
+pub fn ready_port(w: &Workload) -> Option<u16> {
+    let port_of = |name: &str| w.endpoints.iter().find(|e| e.name == name).map(|e| e.port);
+    match w.readiness.as_ref().map(|r| &r.check) {
+        Some(Check::Tcp { endpoint } | Check::Http { endpoint, .. }) => port_of(endpoint),
+        _ => None,
     }
 }
 

@@ -203,13 +203,8 @@ impl Runc {
 
     /// Runs `args` inside the running container, as its root, and waits for it.
     pub fn exec(&self, id: &str, args: &[String], env: &[String]) -> Result<ExecOutput, OciError> {
-        let mut c = self.command();
-        c.arg("exec");
-        for e in env {
-            c.arg("--env").arg(e);
-        }
-        c.arg(id).args(args);
-        let out = c
+        let out = self
+            .exec_command(id, args, env)
             .stdin(Stdio::null())
             .output()
             .map_err(|e| OciError::Runtime(format!("exec in {id}: cannot run runc: {e}")))?;
@@ -223,6 +218,18 @@ impl Runc {
             stdout: out.stdout,
             stderr: out.stderr,
         })
+    }
+
+    /// The `runc exec` command that runs `args` inside container `id`, for a caller that runs
+    /// it itself (with a timeout, say).
+    pub fn exec_command(&self, id: &str, args: &[String], env: &[String]) -> Command {
+        let mut c = self.command();
+        c.arg("exec");
+        for e in env {
+            c.arg("--env").arg(e);
+        }
+        c.arg(id).args(args);
+        c
     }
 
     /// Removes container `id` (killing it first with `force`); an unknown id is not an error.

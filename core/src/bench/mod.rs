@@ -648,6 +648,7 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         }),
         stop_grace: Duration::from_secs(2),
         exe: std::env::current_exe().expect("own path"),
+        images: None,
     };
     let result = async {
         let d = std::sync::Arc::new(LinuxDriver::open(config(0)).await.map_err(anyhow::Error::msg)?);

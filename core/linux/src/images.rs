@@ -1,0 +1,334 @@
+//! Guests that run their type's image: the image pulled into the server's store (from the core,
+//! or found there), unpacked once into a root file system its guests share read-only, and each
+//! guest an overlay of it with the guest's own upper directory, run by runc (`cloud48-oci`) in
+//! its own user, PID, mount, UTS, IPC and network namespaces, in the same cgroups the driver
+//! reads state, usage and freezing from.
+//!
+//! Layout under the data directory: `images/` (an OCI image layout), `rootfs/<hex>` (an image
+//! unpacked, owners shifted into the user namespace's range), `guests/ID/{upper,work,merged,
+//! bundle}`.
+//!
+//! Invariants:
+//! - A root file system directory exists only whole (it is unpacked beside it and renamed).
+//! - A guest's `upper` is everything that is its own: export archives exactly it, import
+//!   restores exactly it (overlay whiteouts included).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cloud48_driver::DriverError;
+use cloud48_image::{Digest, ImageDetails, Name, Source, Store};
+use cloud48_model::ImageRef;
+use cloud48_oci::{DEFAULT_ID_MAP, Runc};
+
+/// Where a server's images come from when it lacks one (the core over HTTP, or another store).
+pub type ImageSource = Arc<dyn Source + Send + Sync>;
+
+/// A server's images and the runtime that runs them.
+pub struct Images {
+    name: String,
+    store: Store,
+    source: Option<ImageSource>,
+    pub(crate) runc: Runc,
+    rootfs: PathBuf,
+    /// One unpack or pull at a time: two guests of a new image wait for one unpack.
+    preparing: tokio::sync::Mutex<()>,
+}
+
+fn permanent(e: impl std::fmt::Display) -> DriverError {
+    DriverError::Permanent(e.to_string())
+}
+
+impl Images {
+    /// Opens the store in `data_dir/images` and finds runc; `runc_root` keeps runc's state.
+    pub fn open(
+        name: &str,
+        data_dir: &Path,
+        runc_root: &Path,
+        source: Option<ImageSource>,
+    ) -> Result<Images, String> {
+        let store = Store::open(data_dir.join("images"))
+            .map_err(|e| format!("cannot open the server's image store: {e}"))?;
+        let runc = Runc::new(runc_root).map_err(|e| e.to_string())?;
+        let rootfs = data_dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs)
+            .map_err(|e| format!("cannot create {}: {e}", rootfs.display()))?;
+        Ok(Images {
+            name: name.to_string(),
+            store,
+            source,
+            runc,
+            rootfs,
+            preparing: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The server's image store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The unpacked root file system of image `digest`.
+    pub fn rootfs(&self, digest: &Digest) -> PathBuf {
+        self.rootfs.join(digest.hex())
+    }
+
+    /// Makes the image `image` ready to run here: pulled from the source unless the store has
+    /// it (by digest when the reference pins one, else the newest the source has under the
+    /// name), then unpacked unless it already is. Returns what the image says of itself.
+    pub async fn prepare(self: &Arc<Self>, image: &ImageRef) -> Result<ImageDetails, DriverError> {
+        let _one = self.preparing.lock().await;
+        let this = self.clone();
+        let image = image.clone();
+        tokio::task::spawn_blocking(move || this.prepare_blocking(&image))
+            .await
+            .map_err(permanent)?
+    }
+
+    fn prepare_blocking(&self, image: &ImageRef) -> Result<ImageDetails, DriverError> {
+        let name: Option<Name> = image.reference.parse().ok();
+        let wanted = image.digest.as_deref().unwrap_or(&image.reference);
+        let here = self.store.show(wanted);
+        let details = match (here, &self.source) {
+            // Pinned and here: nothing to fetch.
+            (Ok(d), _) if image.digest.is_some() => Ok(d),
+            // A source answers for the newest of a name, and has what is not here.
+            (_, Some(source)) => {
+                let mut last = 0u64;
+                let summary = self
+                    .store
+                    .pull(source.as_ref(), wanted, name.as_ref(), &mut |p| {
+                        if p.total > 0 && p.done * 10 / p.total > last {
+                            last = p.done * 10 / p.total;
+                            tracing::info!(image = %wanted, done = p.done, total = p.total, "pulling an image");
+                        }
+                    })
+                    .map_err(|e| {
+                        permanent(format!(
+                            "server {} cannot pull image {wanted}: {e}",
+                            self.name
+                        ))
+                    })?;
+                self.store.show(summary.digest.as_str())
+            }
+            (here, None) => here,
+        }
+        .map_err(|e| match e {
+            cloud48_image::ImageError::NotFound(_) => permanent(format!(
+                "image {wanted} is not on server {} and its agent has no core to pull it from; import it there with `cloud48 image import` or start the agent with --core",
+                self.name
+            )),
+            e => permanent(format!("image {wanted} on server {}: {e}", self.name)),
+        })?;
+        let dest = self.rootfs(&details.summary.digest);
+        if !dest.is_dir() {
+            cloud48_oci::unpack(&self.store, &details, &dest, DEFAULT_ID_MAP.host).map_err(
+                |e| {
+                    permanent(format!(
+                        "cannot unpack image {wanted} on server {}: {e}",
+                        self.name
+                    ))
+                },
+            )?;
+        }
+        Ok(details)
+    }
+}
+
+/// The process a guest of `image` runs: the workload's command when the type declares one,
+/// else the image's entrypoint and command.
+pub fn process_args(command: &[String], image: &ImageDetails) -> Vec<String> {
+    if command.is_empty() {
+        image.entrypoint.iter().chain(&image.cmd).cloned().collect()
+    } else {
+        command.to_vec()
+    }
+}
+
+/// The environment of a guest's process: the image's, overridden by the workload's, with a
+/// `PATH` if neither gives one, and `CLOUD48_CONTAINER`.
+pub fn process_env(
+    image: &ImageDetails,
+    workload: &[(String, String)],
+    guest: &str,
+) -> Vec<String> {
+    let mut env: Vec<(String, String)> = image
+        .env
+        .iter()
+        .filter_map(|e| e.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut set = |k: &str, v: &str| match env.iter_mut().find(|(key, _)| key == k) {
+        Some(e) => e.1 = v.to_string(),
+        None => env.push((k.to_string(), v.to_string())),
+    };
+    for (k, v) in workload {
+        set(k, v);
+    }
+    set("CLOUD48_CONTAINER", guest);
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push((
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// A tar archive of a guest's upper directory: directories, files, symlinks and overlay
+/// whiteouts (character devices 0:0), owners kept; anything else is skipped.
+pub fn archive_upper(upper: &Path) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    fn add(b: &mut tar::Builder<Vec<u8>>, root: &Path, dir: &Path) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let name = path.strip_prefix(root).expect("inside the root");
+            let kind = e.file_type()?;
+            let whiteout = kind.is_char_device() && e.metadata()?.rdev() == 0;
+            if kind.is_dir() {
+                b.append_dir(name, &path)?;
+                add(b, root, &path)?;
+            } else if whiteout {
+                // Built by hand: tar's own special-file path would store the absolute path.
+                let mut h = tar::Header::new_gnu();
+                h.set_metadata(&e.metadata()?);
+                h.set_entry_type(tar::EntryType::Char);
+                h.set_device_major(0)?;
+                h.set_device_minor(0)?;
+                h.set_size(0);
+                b.append_data(&mut h, name, std::io::empty())?;
+            } else if kind.is_file() || kind.is_symlink() {
+                b.append_path_with_name(&path, name)?;
+            }
+        }
+        Ok(())
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    b.follow_symlinks(false);
+    add(&mut b, upper, upper)?;
+    b.into_inner()
+}
+
+/// Restores an upper directory from `archive_upper`'s archive: owners and modes kept,
+/// whiteouts made again.
+pub fn unpack_upper(data: &[u8], upper: &Path) -> Result<(), DriverError> {
+    let bad = |e: std::io::Error| permanent(format!("the guest image is not a valid archive: {e}"));
+    let mut archive = tar::Archive::new(data);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        if entry.header().entry_type() == tar::EntryType::Char {
+            let path = entry.path().map_err(bad)?.into_owned();
+            if path
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(permanent(format!(
+                    "the guest image names {} outside its directory",
+                    path.display()
+                )));
+            }
+            let target = upper.join(&path);
+            let uid = entry.header().uid().map_err(bad)? as u32;
+            let gid = entry.header().gid().map_err(bad)? as u32;
+            whiteout(&target, uid, gid).map_err(bad)?;
+            continue;
+        }
+        entry.unpack_in(upper).map_err(bad)?;
+    }
+    Ok(())
+}
+
+/// Makes an overlay whiteout (character device 0:0) at `path`.
+fn whiteout(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::other("a path with a NUL byte"))?;
+    // SAFETY: `c` is a valid NUL-terminated path that outlives both calls.
+    if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn details(entrypoint: &[&str], cmd: &[&str], env: &[&str]) -> ImageDetails {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        serde_json::from_value(serde_json::json!({
+            "name": null, "digest": format!("sha256:{}", "0".repeat(64)), "size": 0,
+            "architecture": "amd64", "os": "linux", "created": null, "layer_count": 0,
+            "config": format!("sha256:{}", "1".repeat(64)),
+            "entrypoint": v(entrypoint), "cmd": v(cmd), "env": v(env),
+            "workdir": null, "exposed_ports": [], "layers": [],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_workload_command_wins_over_the_image_entrypoint() {
+        let image = details(&["/entry"], &["arg"], &[]);
+        assert_eq!(process_args(&[], &image), ["/entry", "arg"]);
+        assert_eq!(process_args(&["nginx".into()], &image), ["nginx"]);
+    }
+
+    #[test]
+    fn the_workload_environment_overrides_the_image_and_path_is_always_set() {
+        let image = details(&[], &[], &["A=image", "B=kept"]);
+        let env = process_env(&image, &[("A".into(), "workload".into())], "g1");
+        assert!(env.contains(&"A=workload".to_string()), "{env:?}");
+        assert!(env.contains(&"B=kept".to_string()));
+        assert!(env.contains(&"CLOUD48_CONTAINER=g1".to_string()));
+        assert!(env.iter().any(|e| e.starts_with("PATH=/usr/local/sbin")));
+        let with_path = details(&[], &[], &["PATH=/opt/bin"]);
+        let env = process_env(&with_path, &[], "g1");
+        assert_eq!(env.iter().filter(|e| e.starts_with("PATH=")).count(), 1);
+        assert!(env.contains(&"PATH=/opt/bin".to_string()));
+    }
+
+    #[test]
+    fn an_upper_directory_survives_archive_and_unpack_with_owners_and_whiteouts() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir_all(upper.join("etc/app")).unwrap();
+        std::fs::write(upper.join("etc/app/conf"), "x=1\n").unwrap();
+        std::os::unix::fs::lchown(upper.join("etc/app/conf"), Some(100_033), Some(100_033))
+            .unwrap();
+        whiteout(&upper.join("etc/removed"), 100_000, 100_000).unwrap();
+        let data = archive_upper(&upper).unwrap();
+
+        let restored = dir.path().join("restored");
+        std::fs::create_dir_all(&restored).unwrap();
+        unpack_upper(&data, &restored).unwrap();
+        let conf = restored.join("etc/app/conf");
+        assert_eq!(std::fs::read_to_string(&conf).unwrap(), "x=1\n");
+        assert_eq!(std::fs::metadata(&conf).unwrap().uid(), 100_033);
+        let w = std::fs::symlink_metadata(restored.join("etc/removed")).unwrap();
+        assert!(w.file_type().is_char_device());
+        assert_eq!(w.rdev(), 0);
+        assert_eq!(w.uid(), 100_000);
+    }
+
+    #[test]
+    fn an_archive_naming_a_path_outside_is_refused() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Char);
+        h.set_size(0);
+        h.set_mode(0o600);
+        // `append_data` refuses `..`; write the name into the header directly.
+        h.as_gnu_mut().unwrap().name[..8].copy_from_slice(b"../evil\0");
+        h.set_cksum();
+        b.append(&h, std::io::empty()).unwrap();
+        let data = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = unpack_upper(&data, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+        assert!(!dir.path().parent().unwrap().join("evil").exists());
+    }
+}

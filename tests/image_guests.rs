@@ -1,0 +1,297 @@
+//! Containers that run their image on their own root (the linux driver with images: runc, an
+//! overlay per container, a user namespace): the driver conformance suite on them, and what
+//! such a container is, seen from the host — its files, its user, what it writes, what moves
+//! with it to another server, and the error when its image cannot be had. Needs root, runc and
+//! debootstrap (the test image is built by recipe, cached in /var/cache/cloud48).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cloud48_engine::driver::conformance::{self, DriverFactory};
+use cloud48_engine::driver::linux::{ImagesConfig, LinuxDriver};
+use cloud48_engine::driver::{Driver, DriverError, GuestSpec, GuestState};
+use cloud48_engine::images::{Builder, DEFAULT_MIRROR, Store};
+use cloud48_engine::model::{Check, Endpoint, ImageRef, Protocol, Readiness, Workload};
+use tokio::io::AsyncReadExt;
+
+use crate::linux::{Sweep, config, unique_prefix};
+
+/// Answers every connection on 8080 with the page the image holds, the host name and the uid.
+const SERVER: &str = r#"use IO::Socket::INET;
+my $s = IO::Socket::INET->new(LocalPort => 8080, Listen => 5, ReuseAddr => 1) or die "listen: $!";
+while (my $c = $s->accept) {
+    my $p = 'none';
+    if (open(my $f, '<', '/srv/page')) { $p = <$f>; close $f; chomp $p; }
+    open(my $h, '<', '/proc/sys/kernel/hostname'); my $n = <$h>; close $h; chomp $n;
+    print $c "page=$p uid=$< host=$n\n";
+    close $c;
+}"#;
+
+static IMAGE: tokio::sync::OnceCell<(PathBuf, Arc<Store>)> = tokio::sync::OnceCell::const_new();
+
+/// The "core's" store with `test/web` built in it (once per test run).
+async fn source() -> Arc<Store> {
+    IMAGE
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(|| {
+                let dir = tempfile::tempdir().unwrap().keep();
+                let recipe = dir.join("web.toml");
+                std::fs::write(
+                    &recipe,
+                    format!(
+                        "name = \"test/web\"\ncommand = [\"perl\", \"-e\", {}]\nports = [\"8080/tcp\"]\n[files.\"/srv/page\"]\ncontent = \"from-the-image\\n\"\n",
+                        serde_json::to_string(SERVER).unwrap()
+                    ),
+                )
+                .unwrap();
+                let store = Store::open(dir.join("store")).unwrap();
+                let cache = std::env::var_os("CLOUD48_CACHE_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| "/var/cache/cloud48".into());
+                Builder::new(cache, DEFAULT_MIRROR)
+                    .build(&recipe, &store, &mut |_| {})
+                    .expect("the test image builds (debootstrap installed, Debian's mirror reachable)");
+                (dir, Arc::new(store))
+            })
+            .await
+            .unwrap()
+        })
+        .await
+        .1
+        .clone()
+}
+
+/// The image's own program (no command declared), its `http` endpoint, ready when it answers.
+fn web() -> Workload {
+    Workload {
+        image: Some(ImageRef {
+            reference: "test/web".into(),
+            digest: None,
+        }),
+        endpoints: vec![Endpoint {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }],
+        readiness: Some(Readiness {
+            check: Check::Tcp {
+                endpoint: "http".into(),
+            },
+            interval_ms: 100,
+            retries: 100,
+        }),
+        ..Workload::default()
+    }
+}
+
+async fn open(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> LinuxDriver {
+    let mut cfg = config(dir, prefix, net, n);
+    cfg.images = Some(ImagesConfig {
+        source: Some(source),
+    });
+    LinuxDriver::open(cfg)
+        .await
+        .expect("the linux driver opens (run the tests as root)")
+}
+
+struct ImageFactory {
+    dir: tempfile::TempDir,
+    prefix: String,
+    source: Arc<Store>,
+}
+
+impl DriverFactory for ImageFactory {
+    type Driver = LinuxDriver;
+    async fn make(&self, n: u32) -> LinuxDriver {
+        open(self.dir.path(), &self.prefix, 60, n, self.source.clone()).await
+    }
+    fn workload(&self) -> Workload {
+        web()
+    }
+}
+
+#[tokio::test]
+async fn linux_driver_running_images_passes_the_conformance_suite() {
+    let source = source().await;
+    let prefix = unique_prefix('i');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
+    };
+    let factory = ImageFactory {
+        dir: tempfile::tempdir().unwrap(),
+        prefix,
+        source,
+    };
+    let failures = conformance::run(&factory).await;
+    assert!(failures.is_empty(), "conformance failures: {failures:#?}");
+}
+
+fn spec(id: &str, workload: Workload) -> GuestSpec {
+    GuestSpec {
+        guest_id: id.into(),
+        type_id: "web".into(),
+        resources: cloud48_engine::model::Resources {
+            cpu_millis: 500,
+            memory_mb: 128,
+            disk_mb: 64,
+        },
+        ip: None,
+        workload,
+    }
+}
+
+async fn answer(ip: &str) -> String {
+    let addr = (ip.parse::<Ipv4Addr>().unwrap(), 8080);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.trim().to_string()
+}
+
+async fn sh(d: &LinuxDriver, guest: &str, script: &str) -> (i32, String) {
+    let out = d.exec(guest, script, &[]).await.unwrap();
+    (
+        out.exit_code,
+        format!("{}{}", out.stdout, out.stderr).trim().to_string(),
+    )
+}
+
+fn mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = path.to_string_lossy();
+    mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*path))
+}
+
+fn runc_knows(prefix: &str, guest: &str) -> bool {
+    std::process::Command::new("runc")
+        .args([
+            "--root",
+            &format!("/run/cloud48-runc/{prefix}"),
+            "state",
+            guest,
+        ])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn a_container_runs_its_image_on_its_own_root_and_takes_its_files_along() {
+    let source = source().await;
+    let prefix = unique_prefix('j');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = open(dir.path(), &prefix, 70, 0, source.clone()).await;
+    assert!(d.capabilities().images);
+
+    // Made: the image was pulled into the server's own store and nothing runs yet.
+    let info = d.create(&spec("web-a", web())).await.unwrap();
+    assert_eq!(info.state, GuestState::Stopped);
+    let pulled = Store::open(dir.path().join("server-0/images"))
+        .unwrap()
+        .list()
+        .unwrap();
+    assert_eq!(pulled.len(), 1);
+    assert_eq!(
+        pulled[0].name.as_ref().map(|n| n.to_string()).as_deref(),
+        Some("test/web:latest")
+    );
+
+    // It serves from the image's files, under its own host name, as root in its namespace —
+    // which is an unprivileged id on the server.
+    d.start("web-a").await.unwrap();
+    let ip = info.ip.unwrap();
+    assert_eq!(answer(&ip).await, "page=from-the-image uid=0 host=web-a");
+    let (code, map) = sh(&d, "web-a", "cat /proc/self/uid_map").await;
+    assert_eq!(code, 0, "{map}");
+    assert_eq!(
+        map.split_whitespace().collect::<Vec<_>>(),
+        ["0", "100000", "65536"]
+    );
+    // The server's files are not its files.
+    let marker = dir.path().join("host-marker");
+    std::fs::write(&marker, "host").unwrap();
+    let (code, _) = sh(&d, "web-a", &format!("test ! -e {}", marker.display())).await;
+    assert_eq!(code, 0, "the container sees the server's files");
+
+    // What it writes and removes lands in its own upper directory, not in the image.
+    let (code, out) = sh(&d, "web-a", "echo mine > /srv/written && rm /srv/page").await;
+    assert_eq!(code, 0, "{out}");
+    let upper = dir.path().join("server-0/guests/web-a/fs");
+    assert_eq!(
+        std::fs::read_to_string(upper.join("srv/written")).unwrap(),
+        "mine\n"
+    );
+    assert_eq!(answer(&ip).await, "page=none uid=0 host=web-a");
+
+    // Frozen and thawed by its cgroup.
+    d.suspend("web-a").await.unwrap();
+    assert_eq!(
+        d.status("web-a").await.unwrap().unwrap().state,
+        GuestState::Suspended
+    );
+    d.resume("web-a").await.unwrap();
+
+    // Stopped: no process, no overlay, no runc container; started again, its files are kept.
+    d.stop("web-a").await.unwrap();
+    assert_eq!(
+        d.status("web-a").await.unwrap().unwrap().state,
+        GuestState::Stopped
+    );
+    assert!(!mounted(&dir.path().join("server-0/guests/web-a/merged")));
+    assert!(!runc_knows(&format!("{prefix}0"), "web-a"));
+    d.start("web-a").await.unwrap();
+    let (_, written) = sh(&d, "web-a", "cat /srv/written").await;
+    assert_eq!(written, "mine");
+    d.stop("web-a").await.unwrap();
+
+    // Exported and imported on another server (whose store pulls the image itself): the
+    // file it wrote and the one it removed travel with it.
+    let image = d.export("web-a").await.unwrap();
+    let target = open(dir.path(), &prefix, 70, 1, source.clone()).await;
+    let moved = target.import(&spec("web-a", web()), &image).await.unwrap();
+    target.start("web-a").await.unwrap();
+    let moved_ip = moved.ip.unwrap();
+    assert_eq!(answer(&moved_ip).await, "page=none uid=0 host=web-a");
+    let (_, written) = sh(&target, "web-a", "cat /srv/written").await;
+    assert_eq!(written, "mine");
+
+    // Destroyed: nothing of it is left on either server.
+    for (n, server) in [(0, &d), (1, &target)] {
+        server.destroy("web-a").await.unwrap();
+        assert!(server.status("web-a").await.unwrap().is_none());
+        assert!(!dir.path().join(format!("server-{n}/guests/web-a")).exists());
+        assert!(!runc_knows(&format!("{prefix}{n}"), "web-a"));
+    }
+}
+
+#[tokio::test]
+async fn an_image_the_server_cannot_get_is_a_clear_error_and_leaves_no_container() {
+    let source = source().await;
+    let prefix = unique_prefix('k');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0")],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = open(dir.path(), &prefix, 80, 0, source).await;
+    let mut w = web();
+    w.image = Some(ImageRef {
+        reference: "test/absent".into(),
+        digest: None,
+    });
+    let err = d.create(&spec("web-x", w)).await.unwrap_err();
+    assert!(matches!(err, DriverError::Permanent(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("test/absent") && text.contains("cannot pull"),
+        "{text}"
+    );
+    assert!(d.status("web-x").await.unwrap().is_none());
+    assert!(!dir.path().join("server-0/guests/web-x").exists());
+}
