@@ -227,3 +227,90 @@ async fn agents_read_images_with_the_agent_token_and_nothing_else() {
         .unwrap();
     assert_eq!(write.status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_pulls_an_image_from_the_core_resuming_a_broken_off_blob() {
+    use cloud48_engine::agent::images::CoreImages;
+    use cloud48_engine::images::Source;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cloud48.toml");
+    std::fs::write(&config, "[agents]\ntoken = \"agent-secret-0123456789\"\n").unwrap();
+    let serve = crate::common::serve(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap(), "--anonymous", "full"],
+    )
+    .await;
+    let (source, summary) = layout(dir.path(), "test/pulled:1", 3);
+    let layout_dir = source.root().display().to_string();
+    let (ok, _, err) = run(&serve.url, &["image", "import", &layout_dir]);
+    assert!(ok, "{err}");
+    let layer = source.show(summary.digest.as_str()).unwrap().layers[0].clone();
+    let blob = std::fs::read(source.blob_path(&layer.digest)).unwrap();
+
+    // A pull that broke off halfway through the layer left its first half in `partial/`.
+    let half = blob.len() / 2;
+    let agent = Store::open(dir.path().join("agent")).unwrap();
+    std::fs::create_dir_all(agent.root().join("partial")).unwrap();
+    std::fs::write(
+        agent.root().join("partial").join(layer.digest.hex()),
+        &blob[..half],
+    )
+    .unwrap();
+    let core = CoreImages::new(
+        &serve.url,
+        "agent-secret-0123456789",
+        tokio::runtime::Handle::current(),
+    );
+    let (pulled, progress, agent, core) = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        let pulled = agent.pull(&core, "test/pulled:1", None, &mut |p| seen.push(p.clone()));
+        (pulled, seen, agent, core)
+    })
+    .await
+    .unwrap();
+    let pulled = pulled.unwrap();
+    assert_eq!(pulled.digest, summary.digest);
+    assert_eq!(std::fs::read(agent.blob_path(&layer.digest)).unwrap(), blob);
+    assert!(
+        !agent
+            .root()
+            .join("partial")
+            .join(layer.digest.hex())
+            .exists()
+    );
+    let last = progress.last().unwrap();
+    assert_eq!(last.done, last.total);
+
+    // A blob read from an offset is the rest of it; an unknown image is a clear error.
+    let tail = tokio::task::spawn_blocking(move || {
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(
+            &mut core.blob(&layer.digest, half as u64).unwrap(),
+            &mut rest,
+        )
+        .unwrap();
+        let missing = core.resolve("test/absent").unwrap_err().to_string();
+        (rest, missing)
+    })
+    .await
+    .unwrap();
+    assert_eq!(tail.0, blob[half..]);
+    assert!(
+        tail.1.contains("test/absent") && tail.1.contains("404"),
+        "{}",
+        tail.1
+    );
+
+    // The wrong token gets nothing.
+    let wrong = CoreImages::new(
+        &serve.url,
+        "wrong-token-0123456789",
+        tokio::runtime::Handle::current(),
+    );
+    let err = tokio::task::spawn_blocking(move || {
+        wrong.resolve("test/pulled:1").unwrap_err().to_string()
+    })
+    .await
+    .unwrap();
+    assert!(err.contains("401"), "{err}");
+}

@@ -273,3 +273,141 @@ async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
     let now = vec![guests[1].clone(), container(&t, third).await.guest_id];
     serves_all(lb3.ip.as_deref().unwrap(), &now).await;
 }
+
+/// Builds the image of `recipe` (under `images/`) into the core's store.
+async fn build_into_core(t: &TestCore, recipe: &str) {
+    let store = t.core.images().clone();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../images")
+        .join(recipe);
+    tokio::task::spawn_blocking(move || {
+        let cache = std::env::var_os("CLOUD48_CACHE_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "/var/cache/cloud48".into());
+        cloud48_engine::images::Builder::new(cache, cloud48_engine::images::DEFAULT_MIRROR)
+            .build(&path, &store, &mut |_| {})
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    })
+    .await
+    .unwrap();
+}
+
+/// True when 8 requests through the balancer at `ip` are all answered by the application of
+/// one of `guests` with the database's row, and each of them answers.
+async fn apps_serve_the_row(ip: &str, guests: &[String]) -> bool {
+    let want: Vec<String> = guests
+        .iter()
+        .map(|g| format!("tomcat {g}: hello from mariadb"))
+        .collect();
+    let got = lab::answers(ip, 8).await;
+    got.iter()
+        .all(|g| g.as_ref().is_some_and(|g| want.contains(g)))
+        && want
+            .iter()
+            .all(|w| got.iter().any(|a| a.as_ref() == Some(w)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
+    let prefix = unique_prefix('s');
+    let mut lab = Lab::new(&prefix, 2, env!("CARGO_BIN_EXE_cloud48").into(), TOKEN)
+        .expect("the lab builds (run as root)");
+    lab.images = true;
+    let opts = Opts {
+        sim_servers: 0,
+        agent_token: Some(TOKEN.into()),
+        listen: Some((CORE_IP, 0).into()),
+        ..Default::default()
+    };
+    let t = TestCore::start(opts).await.unwrap();
+    for recipe in ["nginx.toml", "tomcat.toml", "mariadb.toml"] {
+        build_into_core(&t, recipe).await;
+    }
+    for i in [1, 2] {
+        lab.start_agent(i, &t.url).unwrap();
+    }
+    eventually("both agents up", || async {
+        let servers = t.core.servers().list().await.unwrap();
+        (servers
+            .iter()
+            .filter(|s| s.status == cloud48_engine::model::ServerStatus::Up)
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+
+    // The database first, then two tomcats (the second asks for a balancer); each agent pulls
+    // the images it needs from the core.
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "shop" }))
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let mut tomcats = Vec::new();
+    for (kind, host) in [("mysql", "h1"), ("tomcat", "h1"), ("tomcat", "h2")] {
+        let a: Accepted = t
+            .client
+            .post(
+                "/v1/environments/shop/containers",
+                &json!({ "type": kind, "server": host }),
+            )
+            .await
+            .unwrap();
+        let id = t.created(a.command_id).await;
+        if kind == "tomcat" {
+            tomcats.push(id);
+        }
+    }
+    let mut guests = Vec::new();
+    for id in &tomcats {
+        guests.push(container(&t, *id).await.guest_id);
+    }
+    let lb = eventually("a running balancer", || async {
+        running(&t, "balancer", &[]).await
+    })
+    .await;
+    let lb_ip = lb.ip.clone().unwrap();
+    eventually(
+        "nginx balances both tomcats, each reading MariaDB",
+        || async { apps_serve_the_row(&lb_ip, &guests).await.then_some(()) },
+    )
+    .await;
+
+    // Inside, it is the image's software on the container's own root, as an unprivileged user
+    // of the server.
+    let out: cloud48_engine::driver::ExecOutput = t
+        .client
+        .post(
+            &format!("/v1/containers/{}/exec", tomcats[0]),
+            &json!({ "command": ["sh", "-c", "cat /proc/self/uid_map; test -x /usr/share/tomcat10/bin/catalina.sh && echo tomcat-here"] }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    assert!(
+        out.stdout.contains("100000") && out.stdout.contains("tomcat-here"),
+        "{out:?}"
+    );
+
+    // A tomcat moves cold to the other host with its own files (the datasource its hook
+    // wrote): the balancer serves it there, reading the same row.
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{}/actions", tomcats[1]),
+            &json!({ "op": "migrate", "to": "h1" }),
+        )
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    assert_eq!(
+        container(&t, tomcats[1]).await.server.as_deref(),
+        Some("h1")
+    );
+    eventually("both tomcats serve the row after the migration", || async {
+        apps_serve_the_row(&lb_ip, &guests).await.then_some(())
+    })
+    .await;
+}

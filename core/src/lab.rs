@@ -21,6 +21,9 @@ pub struct Lab {
     agents: Vec<Option<tokio::process::Child>>,
     /// Heartbeat period of the agents, ms.
     pub heartbeat_ms: u64,
+    /// Whether the agents run their containers' images (pulled from the core) rather than
+    /// stand-ins on the host's files.
+    pub images: bool,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -61,6 +64,7 @@ impl Lab {
             token: token.into(),
             agents: (0..hosts).map(|_| None).collect(),
             heartbeat_ms: 500,
+            images: false,
         };
         let lan = format!("{prefix}lan");
         // Leftovers of a run that was killed before it could clean up.
@@ -112,7 +116,8 @@ impl Lab {
             .arg(format!("--net=/run/netns/{}", self.netns(i)))
             .arg("--")
             .arg(&self.exe)
-            .args(["agent", "--driver", "linux", "--images", "off"])
+            .args(["agent", "--driver", "linux"])
+            .args(["--images", if self.images { "on" } else { "off" }])
             .args([
                 "--listen",
                 &format!("{}:7048", lan_ip(i)),

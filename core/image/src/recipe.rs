@@ -354,12 +354,15 @@ impl Builder {
                 &NewImage {
                     entrypoint: recipe.entrypoint.clone(),
                     cmd: recipe.command.clone(),
-                    env: std::iter::once(
-                        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-                            .to_string(),
-                    )
-                    .chain(recipe.env.iter().map(|(k, v)| format!("{k}={v}")))
-                    .collect(),
+                    // Debian's PATH unless the recipe gives its own.
+                    env: (!recipe.env.contains_key("PATH"))
+                        .then(|| {
+                            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+                                .to_string()
+                        })
+                        .into_iter()
+                        .chain(recipe.env.iter().map(|(k, v)| format!("{k}={v}")))
+                        .collect(),
                     workdir: recipe.workdir.clone(),
                     exposed_ports: recipe.ports.clone(),
                     created: None,

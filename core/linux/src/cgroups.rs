@@ -99,10 +99,26 @@ impl Cgroups {
                 write(&d.join("pids.max"), &PIDS_MAX.to_string())
             }
             Cgroups::V1 { .. } => {
-                write(
-                    &self.dir("memory", guest).join("memory.limit_in_bytes"),
-                    &memory,
-                )?;
+                // With swap accounting, memory+swap is held at the memory limit (no swap, as
+                // runc sets it for image containers); the kernel refuses a memory limit above
+                // memory+swap, so the one that grows is written first.
+                let mem = self.dir("memory", guest);
+                let (limit, memsw) = (
+                    mem.join("memory.limit_in_bytes"),
+                    mem.join("memory.memsw.limit_in_bytes"),
+                );
+                let current: u64 = std::fs::read_to_string(&limit)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(u64::MAX);
+                let swap_accounted = memsw.exists();
+                if swap_accounted && r.memory_mb << 20 > current {
+                    write(&memsw, &memory)?;
+                }
+                write(&limit, &memory)?;
+                if swap_accounted {
+                    write(&memsw, &memory)?;
+                }
                 write(
                     &self.dir("cpu", guest).join("cpu.cfs_period_us"),
                     &CPU_PERIOD_US.to_string(),

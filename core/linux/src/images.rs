@@ -152,16 +152,14 @@ pub fn process_env(
     workload: &[(String, String)],
     guest: &str,
 ) -> Vec<String> {
-    let mut env: Vec<(String, String)> = image
-        .env
-        .iter()
-        .filter_map(|e| e.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let mut env: Vec<(String, String)> = Vec::new();
     let mut set = |k: &str, v: &str| match env.iter_mut().find(|(key, _)| key == k) {
         Some(e) => e.1 = v.to_string(),
         None => env.push((k.to_string(), v.to_string())),
     };
+    for (k, v) in image.env.iter().filter_map(|e| e.split_once('=')) {
+        set(k, v);
+    }
     for (k, v) in workload {
         set(k, v);
     }
@@ -284,7 +282,7 @@ mod tests {
         assert!(env.contains(&"B=kept".to_string()));
         assert!(env.contains(&"CLOUD48_CONTAINER=g1".to_string()));
         assert!(env.iter().any(|e| e.starts_with("PATH=/usr/local/sbin")));
-        let with_path = details(&[], &[], &["PATH=/opt/bin"]);
+        let with_path = details(&[], &[], &["PATH=/usr/bin", "PATH=/opt/bin"]);
         let env = process_env(&with_path, &[], "g1");
         assert_eq!(env.iter().filter(|e| e.starts_with("PATH=")).count(), 1);
         assert!(env.contains(&"PATH=/opt/bin".to_string()));

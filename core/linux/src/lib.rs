@@ -519,9 +519,14 @@ impl LinuxDriver {
             memory_mb: r.spec.resources.memory_mb,
             cpu_millis: r.spec.resources.cpu_millis,
             pids: i64::from(cgroups::PIDS_MAX),
-            binds: Vec::new(),
+            // Its name resolves to its address (Java and MariaDB look their own host up).
+            binds: vec![(dir.join("hosts"), "/etc/hosts".into())],
             cgroup: format!("/{}/{guest}", self.cfg.prefix),
         };
+        let hosts = format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",
+            r.ip, bundle.hostname
+        );
         if bundle.args.is_empty() {
             return Err(permanent(format!(
                 "neither the type of {guest} nor its image {} says what to run",
@@ -536,6 +541,9 @@ impl LinuxDriver {
             if !cloud48_oci::is_mounted(&merged) {
                 cloud48_oci::mount_overlay(&lower, &dir.join("fs"), &dir.join("work"), &merged)?;
             }
+            std::fs::write(dir.join("hosts"), hosts).map_err(cloud48_oci::OciError::io(
+                "writing the container's /etc/hosts",
+            ))?;
             bundle.write(&dir.join("bundle"))?;
             runc.create(&id, &dir.join("bundle"), &dir.join("console.log"))
         })

@@ -36,7 +36,8 @@ pub enum OciError {
 }
 
 impl OciError {
-    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> OciError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> OciError {
         let context = context.into();
         move |source| OciError::Io { context, source }
     }
