@@ -561,6 +561,7 @@ impl Core {
                     containers: Vec::new(),
                     cause: None,
                     hook: Some(hook.to_string()),
+                    previous_ip: None,
                 }),
                 requested_by: "core".into(),
             })

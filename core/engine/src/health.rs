@@ -248,6 +248,7 @@ impl Monitor {
                 containers: ids,
                 cause: Some(cause.clone()),
                 hook: None,
+                previous_ip: None,
             }),
             requested_by: "health-monitor".into(),
         });
@@ -337,6 +338,7 @@ impl Monitor {
                 containers: ids,
                 cause: None,
                 hook: None,
+                previous_ip: None,
             }),
             requested_by: "health-monitor".into(),
         });

@@ -544,6 +544,16 @@ impl LinuxDriver {
             std::fs::write(dir.join("hosts"), hosts).map_err(cloud48_oci::OciError::io(
                 "writing the container's /etc/hosts",
             ))?;
+            // Its output is its own: a program that reopens /dev/stdout (nginx's logs) must be
+            // allowed to.
+            let log = dir.join("console.log");
+            let owner = cloud48_oci::DEFAULT_ID_MAP.host;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .and_then(|_| std::os::unix::fs::chown(&log, Some(owner), Some(owner)))
+                .map_err(cloud48_oci::OciError::io("giving the container its log"))?;
             bundle.write(&dir.join("bundle"))?;
             runc.create(&id, &dir.join("bundle"), &dir.join("console.log"))
         })

@@ -46,6 +46,8 @@ http {
     listen 80;
     location / {
       proxy_pass http://cloud48_app;
+      # The client's Host, not the upstream's name (Tomcat refuses `cloud48_app`: no '_').
+      proxy_set_header Host $host;
       proxy_connect_timeout 1s;
       proxy_next_upstream error timeout http_502 http_503 http_504;
     }

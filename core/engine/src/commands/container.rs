@@ -18,7 +18,7 @@ use crate::managers::{ContainerCommand, check_status, guest_id_for, load_contain
 use crate::model::{CommandKind, ContainerStatus, Requirements, Resources, now_ms};
 use crate::placement::PlacementCache;
 use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirements_of};
-use crate::queue::{Next, StepError, Transition, UndoWrites};
+use crate::queue::{NewCommand, Next, StepError, Target, Transition, UndoWrites};
 use crate::services::Services;
 
 fn spec(svc: &Services, row: &container::Model) -> GuestSpec {
@@ -927,6 +927,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                     "server_id": r.server_id,
                     "dummy_id": r.dummy_id,
                     "was_running": status == ContainerStatus::Running,
+                    "previous_ip": row.ip,
                 });
                 Ok(next(MigrateStep::Stop, progress))
             })
@@ -1003,18 +1004,51 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             }))
         }
         MigrateStep::Start => {
+            // A server of another subnet gave it another address: its environment is told, so
+            // that what points at it (a balancer's upstreams, a datasource) follows.
+            let previous: Option<String> = ctx
+                .progress
+                .get("previous_ip")
+                .and_then(|v| v.as_str())
+                .map(String::from);
+            let then = match row.environment_id {
+                Some(env) if previous.is_some() && previous != row.ip => Next::Spawn {
+                    step: MigrateStep::Rewired.number(),
+                    progress: ctx.progress.clone(),
+                    children: vec![NewCommand {
+                        kind: CommandKind::EnvironmentNotify,
+                        target: Some(Target::Environment(env)),
+                        params: params::to_value(params::Notify {
+                            containers: vec![row.id],
+                            cause: None,
+                            hook: Some("moved".into()),
+                            previous_ip: previous,
+                        }),
+                        requested_by: ctx.cmd.requested_by.clone(),
+                    }],
+                },
+                _ => done(row.id),
+            };
             if ctx.progress_field::<bool>("was_running")? {
                 let (dst, dst_name) = driver_of(svc, r.server_id)?;
                 dst.start(&row.guest_id)
                     .await
                     .map_err(|e| driver_err(&dst_name, e))?;
-                let id = row.id;
                 let running = |am: &mut container::ActiveModel| {
                     am.status = status_of(ContainerStatus::Running)
                 };
-                return Ok(write(row, running, done(id)));
+                return Ok(write(row, running, then));
             }
-            Ok(Transition::bare(done(row.id)))
+            Ok(Transition::bare(then))
+        }
+        MigrateStep::Rewired => {
+            // The move itself succeeded; a hook that failed to follow it is said, not undone.
+            let mut result = json!({ "container_id": row.id });
+            if let Some(failure) = super::hooks::child_failures(ctx).await? {
+                tracing::warn!(container = row.id, %failure, "the environment did not follow a migrated container's new address");
+                result["rewire_failed"] = json!(failure);
+            }
+            Ok(Transition::bare(Next::Done(result)))
         }
     }
 }

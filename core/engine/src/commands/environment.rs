@@ -468,6 +468,9 @@ async fn notify(
     let cause = params
         .cause
         .unwrap_or_else(|| "server unreachable".to_string());
+    if op == "notify" && params.hook.as_deref() == Some("moved") {
+        return moved(ctx, env, &listed, params.previous_ip).await;
+    }
     let hook = match (op, params.hook.as_deref()) {
         ("failover", _) => Hook::IsDown(crate::types::DownCause::ServerUnreachable(cause)),
         ("recover", _) => Hook::IsUp,
@@ -521,6 +524,51 @@ async fn notify(
         ctx.cmd.id,
         states,
         Next::Continue { step, progress },
+    ))
+}
+
+/// Members that changed address (migrated to a server of another subnet): every other member
+/// that is not down hears that the old one left (`after-other-is-removed`, with its previous
+/// address) and that it joined at its new one (`after-other-is-added`), in that order, each
+/// call seeing the state the one before left — the same two events a replacement makes.
+async fn moved(
+    ctx: &StepCtx<'_>,
+    env: &environment::Model,
+    listed: &[i64],
+    previous_ip: Option<String>,
+) -> Result<Transition, StepError> {
+    let svc = ctx.svc;
+    let members = members(svc.types(), svc.db(), env.id).await?;
+    let view = env_view(env, &members);
+    let mut calls = Vec::new();
+    for (_, now) in members.iter().filter(|(r, _)| listed.contains(&r.id)) {
+        let mut before = now.clone();
+        before.ip = previous_ip.clone();
+        let others = members
+            .iter()
+            .filter(|(_, v)| v.id != now.id && v.status != ContainerStatus::Down);
+        for (row, v) in others {
+            for hook in [
+                Hook::AfterOtherIsRemoved(before.clone()),
+                Hook::AfterOtherIsAdded(now.clone()),
+            ] {
+                calls.push(Call {
+                    view: v,
+                    state: &row.state,
+                    hook,
+                });
+            }
+        }
+    }
+    let (states, actions) = dispatch(svc, &view, calls, false)?;
+    let step = NotifyStep::Actions.number();
+    Ok(with_states(
+        ctx.cmd.id,
+        states,
+        Next::Continue {
+            step,
+            progress: json!({ "actions": actions }),
+        },
     ))
 }
 

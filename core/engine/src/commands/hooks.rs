@@ -148,6 +148,8 @@ pub(super) fn dispatch(
 ) -> Result<Dispatched, StepError> {
     let mut written = Written::default();
     let mut actions = Vec::new();
+    // A container called twice in one dispatch sees the state its first call left.
+    let mut latest: std::collections::HashMap<i64, Vec<u8>> = std::collections::HashMap::new();
     for call in calls {
         let ty = svc.types().get(&call.view.type_id).ok_or_else(|| {
             StepError::Permanent(format!(
@@ -170,7 +172,9 @@ pub(super) fn dispatch(
         let ctx = HookContext {
             container: call.view,
             environment: &own_env,
-            state: call.state,
+            state: latest
+                .get(&call.view.id.0)
+                .map_or(call.state, Vec::as_slice),
         };
         let outcome = ty.handle(&call.hook, &ctx).map_err(|e| {
             if e.retryable {
@@ -196,6 +200,7 @@ pub(super) fn dispatch(
         }
         let by = call.view.id.0;
         if let Some(s) = outcome.new_state {
+            latest.insert(by, s.clone());
             written.states.push((by, s));
         }
         written

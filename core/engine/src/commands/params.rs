@@ -202,9 +202,13 @@ pub struct Notify {
     /// Why they are down.
     #[serde(default)]
     pub cause: Option<String>,
-    /// The hook of a `notify` (`after-cc-start`, `before-cc-stop`).
+    /// The hook of a `notify` (`after-cc-start`, `before-cc-stop`), or `moved`: the members
+    /// listed changed address (a migration to a server of another subnet).
     #[serde(default)]
     pub hook: Option<String>,
+    /// `moved`: the address the members had before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_ip: Option<String>,
 }
 
 /// `environment.create`.

@@ -93,6 +93,8 @@ steps!(
         Switch = 3,
         /// Start on the target if it ran.
         Start = 4,
+        /// Its environment has heard of its new address (a child `environment.notify`).
+        Rewired = 5,
     }
 );
 
