@@ -293,11 +293,11 @@ async fn build_into_core(t: &TestCore, recipe: &str) {
 }
 
 /// True when 8 requests through the balancer at `ip` are all answered by the application of
-/// one of `guests` with the database's row, and each of them answers.
-async fn apps_serve_the_row(ip: &str, guests: &[String]) -> bool {
+/// one of `guests` with `row` (the database's greeting), and each of them answers.
+async fn apps_serve_the_row(ip: &str, guests: &[String], row: &str) -> bool {
     let want: Vec<String> = guests
         .iter()
-        .map(|g| format!("tomcat {g}: hello from mariadb"))
+        .map(|g| format!("tomcat {g}: {row}"))
         .collect();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
@@ -368,6 +368,7 @@ async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
         .unwrap();
     t.ok(a.command_id).await;
     let mut tomcats = Vec::new();
+    let mut db = None;
     for (kind, host) in [("mysql", "h1"), ("tomcat", "h1"), ("tomcat", "h2")] {
         let a: Accepted = t
             .client
@@ -380,6 +381,8 @@ async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
         let id = t.created(a.command_id).await;
         if kind == "tomcat" {
             tomcats.push(id);
+        } else {
+            db = Some(id);
         }
     }
     let mut guests = Vec::new();
@@ -393,7 +396,11 @@ async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
     let lb_ip = lb.ip.clone().unwrap();
     eventually(
         "nginx balances both tomcats, each reading MariaDB",
-        || async { apps_serve_the_row(&lb_ip, &guests).await.then_some(()) },
+        || async {
+            apps_serve_the_row(&lb_ip, &guests, "hello from mariadb")
+                .await
+                .then_some(())
+        },
     )
     .await;
 
@@ -429,7 +436,65 @@ async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
         Some("h1")
     );
     eventually("both tomcats serve the row after the migration", || async {
-        apps_serve_the_row(&lb_ip, &guests).await.then_some(())
+        apps_serve_the_row(&lb_ip, &guests, "hello from mariadb")
+            .await
+            .then_some(())
+    })
+    .await;
+
+    // One tomcat stops: every request goes to the other.
+    let stop = |id: ContainerId, op: &'static str| {
+        let t = &t;
+        async move {
+            let a: Accepted = t
+                .client
+                .post(
+                    &format!("/v1/containers/{id}/actions"),
+                    &json!({ "op": op }),
+                )
+                .await
+                .unwrap();
+            t.ok(a.command_id).await;
+        }
+    };
+    stop(tomcats[0], "stop").await;
+    eventually("only the running tomcat answers", || async {
+        apps_serve_the_row(&lb_ip, &guests[1..], "hello from mariadb")
+            .await
+            .then_some(())
+    })
+    .await;
+    stop(tomcats[0], "start").await;
+
+    // The database changes its row, then moves cold to the other host: its data goes with it,
+    // and the tomcats follow it to its new address.
+    let db = db.unwrap();
+    let out: cloud48_engine::driver::ExecOutput = t
+        .client
+        .post(
+            &format!("/v1/containers/{db}/exec"),
+            &json!({ "command": ["mariadb", "-e", "UPDATE app.greetings SET text = 'kept across the move' WHERE id = 1"] }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{out:?}");
+    let before = container(&t, db).await.ip;
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{db}/actions"),
+            &json!({ "op": "migrate", "to": "h2" }),
+        )
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let moved = container(&t, db).await;
+    assert_eq!(moved.server.as_deref(), Some("h2"));
+    assert_ne!(moved.ip, before, "another host's subnet, another address");
+    eventually("both tomcats read the moved database", || async {
+        apps_serve_the_row(&lb_ip, &guests, "kept across the move")
+            .await
+            .then_some(())
     })
     .await;
 }
