@@ -405,6 +405,7 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
         allocated: Resources::default(),
         guests: 0,
         used: None,
+        images: Vec::new(),
     };
     tc.core.agents().register(&info, &stats).await.unwrap();
 

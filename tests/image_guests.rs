@@ -1,6 +1,6 @@
 //! Containers that run their image on their own root (the linux driver with images: runc, an
-//! overlay per container, a user namespace): the driver conformance suite on them, and what
-//! such a container is, seen from the host — its files, its user, what it writes, what moves
+//! overlay per container, a user namespace): the driver conformance suite on them, locally and
+//! behind agents, and what such a container is, seen from the host — its files, its user, what it writes, what moves
 //! with it to another server, and the error when its image cannot be had. Needs root, runc and
 //! debootstrap (the test image is built by recipe, cached in /var/cache/cloud48).
 
@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use cloud48_engine::driver::conformance::{self, DriverFactory};
 use cloud48_engine::driver::linux::{ImagesConfig, LinuxDriver};
+use cloud48_engine::driver::remote::{RemoteDriver, RemoteTimeouts};
 use cloud48_engine::driver::{Driver, DriverError, GuestSpec, GuestState};
 use cloud48_engine::images::{Builder, DEFAULT_MIRROR, Store};
 use cloud48_engine::model::{Check, Endpoint, ImageRef, Protocol, Readiness, Workload};
@@ -86,9 +87,21 @@ fn web() -> Workload {
 }
 
 async fn open(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> LinuxDriver {
+    open_with(dir, prefix, net, n, source, None).await
+}
+
+async fn open_with(
+    dir: &Path,
+    prefix: &str,
+    net: u32,
+    n: u32,
+    source: Arc<Store>,
+    cache_bytes: Option<u64>,
+) -> LinuxDriver {
     let mut cfg = config(dir, prefix, net, n);
     cfg.images = Some(ImagesConfig {
         source: Some(source),
+        cache_bytes,
     });
     LinuxDriver::open(cfg)
         .await
@@ -124,6 +137,40 @@ async fn linux_driver_running_images_passes_the_conformance_suite() {
         prefix,
         source,
     };
+    let failures = conformance::run(&factory).await;
+    assert!(failures.is_empty(), "conformance failures: {failures:#?}");
+}
+
+/// The same servers behind their agents, reached through the remote driver.
+struct RemoteImageFactory(ImageFactory);
+
+impl DriverFactory for RemoteImageFactory {
+    type Driver = RemoteDriver;
+    async fn make(&self, n: u32) -> RemoteDriver {
+        let f = &self.0;
+        let d = open(f.dir.path(), &f.prefix, 62, n, f.source.clone()).await;
+        let name = format!("{}-{n}", f.prefix);
+        let (_, url) = crate::agent::serve_agent(&name, Arc::new(d)).await;
+        RemoteDriver::new(&name, &url, crate::agent::TOKEN, RemoteTimeouts::default())
+    }
+    fn workload(&self) -> Workload {
+        web()
+    }
+}
+
+#[tokio::test]
+async fn image_containers_behind_agents_pass_the_conformance_suite() {
+    let source = source().await;
+    let prefix = unique_prefix('r');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
+    };
+    let factory = RemoteImageFactory(ImageFactory {
+        dir: tempfile::tempdir().unwrap(),
+        prefix,
+        source,
+    });
     let failures = conformance::run(&factory).await;
     assert!(failures.is_empty(), "conformance failures: {failures:#?}");
 }
@@ -229,6 +276,20 @@ async fn a_container_runs_its_image_on_its_own_root_and_takes_its_files_along() 
     );
     assert_eq!(answer(&ip).await, "page=none uid=0 host=web-a");
 
+    // Another container of the same image sees the image's files, not the first one's; and
+    // root inside cannot write what the server's root owns.
+    let other = d.create(&spec("web-b", web())).await.unwrap();
+    d.start("web-b").await.unwrap();
+    assert_eq!(
+        answer(other.ip.as_deref().unwrap()).await,
+        "page=from-the-image uid=0 host=web-b"
+    );
+    let (code, _) = sh(&d, "web-b", "test ! -e /srv/written").await;
+    assert_eq!(code, 0, "web-b sees what web-a wrote");
+    let (code, _) = sh(&d, "web-b", "echo x > /proc/sys/kernel/hostname").await;
+    assert_ne!(code, 0, "root inside wrote the server's kernel settings");
+    d.destroy("web-b").await.unwrap();
+
     // Frozen and thawed by its cgroup.
     d.suspend("web-a").await.unwrap();
     assert_eq!(
@@ -294,4 +355,65 @@ async fn an_image_the_server_cannot_get_is_a_clear_error_and_leaves_no_container
     );
     assert!(d.status("web-x").await.unwrap().is_none());
     assert!(!dir.path().join("server-0/guests/web-x").exists());
+}
+
+#[tokio::test]
+async fn a_full_image_cache_drops_the_least_recently_used_image_no_container_runs() {
+    let source = source().await;
+    // A second, tiny image beside test/web (never run: creating a container prepares it).
+    let tiny = {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("srv")).unwrap();
+        std::fs::write(dir.path().join("srv/tiny"), "tiny").unwrap();
+        let layer = source.write_layer_from_dir(dir.path()).unwrap();
+        source
+            .commit(
+                &"test/tiny".parse().unwrap(),
+                &[layer],
+                &cloud48_engine::images::NewImage {
+                    cmd: vec!["/bin/true".into()],
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+    };
+    let prefix = unique_prefix('m');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0")],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // One byte: every image not in use is over the bound.
+    let d = open_with(dir.path(), &prefix, 90, 0, source, Some(1)).await;
+    d.create(&spec("web-1", web())).await.unwrap();
+    let held = d.stats().await.unwrap().images;
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert!(held[0].starts_with("test/web:latest@sha256:"), "{held:?}");
+    // In use, it stays although the cache is over its bound.
+    assert!(
+        Store::open(dir.path().join("server-0/images"))
+            .unwrap()
+            .show("test/web")
+            .is_ok()
+    );
+
+    d.destroy("web-1").await.unwrap();
+    let mut w = web();
+    w.image = Some(ImageRef {
+        reference: "test/tiny".into(),
+        digest: None,
+    });
+    d.create(&spec("tiny-1", w)).await.unwrap();
+    // No container runs test/web any more: it went, store and unpacked root alike.
+    let held = d.stats().await.unwrap().images;
+    assert_eq!(held, [format!("test/tiny:latest@{}", tiny.digest)]);
+    let store = Store::open(dir.path().join("server-0/images")).unwrap();
+    assert!(store.show("test/web").is_err());
+    let roots: Vec<_> = std::fs::read_dir(dir.path().join("server-0/rootfs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(roots, [tiny.digest.hex().to_string()]);
+    d.destroy("tiny-1").await.unwrap();
 }

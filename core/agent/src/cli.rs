@@ -88,6 +88,10 @@ pub struct AgentArgs {
     /// runc, pulled from the core) or on this server's files.
     #[arg(long, value_enum, default_value = "auto")]
     pub images: ImagesMode,
+    /// Linux driver: most MiB the server's images may take (as stored plus unpacked); the
+    /// least recently used ones no container runs are removed beyond it (0: no bound).
+    #[arg(long, default_value_t = 20480)]
+    pub image_cache_mb: u64,
     /// Sim driver: latency of every operation, ms (to rehearse slow servers).
     #[arg(long, default_value_t = 0)]
     pub sim_latency_ms: u64,
@@ -159,6 +163,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                     None
                 }
                 (_, true) => Some(ImagesConfig {
+                    cache_bytes: (args.image_cache_mb > 0).then_some(args.image_cache_mb << 20),
                     source: args.core.as_deref().map(|core| {
                         Arc::new(CoreImages::new(
                             core,

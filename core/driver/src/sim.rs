@@ -292,6 +292,7 @@ impl SimServer {
             allocated: Self::allocated(&state),
             guests: state.guests.len() as u64,
             used: None,
+            images: Vec::new(),
         })
     }
 
@@ -746,6 +747,7 @@ impl Driver for SimServer {
             allocated: Self::allocated(&state),
             guests: state.guests.len() as u64,
             used: None,
+            images: Vec::new(),
         })
     }
 }

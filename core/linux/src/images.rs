@@ -31,8 +31,13 @@ pub struct Images {
     source: Option<ImageSource>,
     pub(crate) runc: Runc,
     rootfs: PathBuf,
-    /// One unpack or pull at a time: two guests of a new image wait for one unpack.
+    /// One unpack, pull or eviction at a time: two guests of a new image wait for one unpack.
     preparing: tokio::sync::Mutex<()>,
+    /// Most bytes the images may take (stored plus unpacked).
+    limit: Option<u64>,
+    /// What `held` reports (`name@digest`, most recently used first), kept current by
+    /// `prepare` and `evict` so that heartbeats do not read the disk.
+    held: std::sync::Mutex<Vec<String>>,
 }
 
 fn permanent(e: impl std::fmt::Display) -> DriverError {
@@ -46,6 +51,7 @@ impl Images {
         data_dir: &Path,
         runc_root: &Path,
         source: Option<ImageSource>,
+        limit: Option<u64>,
     ) -> Result<Images, String> {
         let store = Store::open(data_dir.join("images"))
             .map_err(|e| format!("cannot open the server's image store: {e}"))?;
@@ -53,14 +59,91 @@ impl Images {
         let rootfs = data_dir.join("rootfs");
         std::fs::create_dir_all(&rootfs)
             .map_err(|e| format!("cannot create {}: {e}", rootfs.display()))?;
-        Ok(Images {
+        let images = Images {
             name: name.to_string(),
             store,
             source,
             runc,
             rootfs,
             preparing: tokio::sync::Mutex::new(()),
+            limit,
+            held: std::sync::Mutex::new(Vec::new()),
+        };
+        images.refresh_held();
+        Ok(images)
+    }
+
+    /// The images this server holds (`name@digest`), most recently used first.
+    pub fn held(&self) -> Vec<String> {
+        self.held.lock().unwrap().clone()
+    }
+
+    /// The store's images with when each was last used (its root file system's time), most
+    /// recent first.
+    fn by_use(&self) -> Vec<(cloud48_image::ImageSummary, std::time::SystemTime)> {
+        let mut all: Vec<_> = self
+            .store
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| {
+                let used = std::fs::metadata(self.rootfs(&s.digest))
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                (s, used)
+            })
+            .collect();
+        all.sort_by_key(|(_, used)| std::cmp::Reverse(*used));
+        all
+    }
+
+    fn refresh_held(&self) {
+        let held = self
+            .by_use()
+            .into_iter()
+            .map(|(s, _)| match &s.name {
+                Some(n) => format!("{n}@{}", s.digest),
+                None => s.digest.to_string(),
+            })
+            .collect();
+        *self.held.lock().unwrap() = held;
+    }
+
+    /// Removes the least recently used images that no container runs (not in `in_use`, by
+    /// digest) while the images take more than the limit; says what it removed.
+    pub async fn evict(self: &Arc<Self>, in_use: std::collections::HashSet<String>) {
+        let Some(limit) = self.limit else {
+            return;
+        };
+        let _one = self.preparing.lock().await;
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let all = this.by_use();
+            let size = |s: &cloud48_image::ImageSummary| s.size + dir_size(&this.rootfs(&s.digest));
+            let mut total: u64 = all.iter().map(|(s, _)| size(s)).sum();
+            for (s, _) in all.iter().rev() {
+                if total <= limit {
+                    break;
+                }
+                if in_use.contains(s.digest.as_str()) {
+                    continue;
+                }
+                let freed = size(s);
+                let _ = std::fs::remove_dir_all(this.rootfs(&s.digest));
+                match this.store.remove(s.digest.as_str()) {
+                    Ok(_) => {
+                        total = total.saturating_sub(freed);
+                        tracing::info!(image = %s.digest, bytes = freed, "removed an unused image: the server's image cache is full");
+                    }
+                    Err(e) => tracing::warn!(image = %s.digest, error = %e, "cannot remove an unused image"),
+                }
+            }
+            if total > limit {
+                tracing::warn!(bytes = total, limit, "the images containers run take more than the image cache's limit");
+            }
+            this.refresh_held();
         })
+        .await;
     }
 
     /// The server's image store.
@@ -121,7 +204,11 @@ impl Images {
             e => permanent(format!("image {wanted} on server {}: {e}", self.name)),
         })?;
         let dest = self.rootfs(&details.summary.digest);
-        if !dest.is_dir() {
+        if dest.is_dir() {
+            // Its time is when it was last used (what eviction goes by).
+            let _ = std::fs::File::open(&dest)
+                .and_then(|d| d.set_modified(std::time::SystemTime::now()));
+        } else {
             cloud48_oci::unpack(&self.store, &details, &dest, DEFAULT_ID_MAP.host).map_err(
                 |e| {
                     permanent(format!(
@@ -131,7 +218,19 @@ impl Images {
                 },
             )?;
         }
+        self.refresh_held();
         Ok(details)
+    }
+}
+
+/// Bytes of the files under `dir` (not following links).
+fn dir_size(dir: &Path) -> u64 {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(dir)
+            .map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
     }
 }
 

@@ -85,6 +85,9 @@ pub struct ImagesConfig {
     /// Where an image this server lacks is pulled from (the core); `None`: only images
     /// imported on the server run.
     pub source: Option<ImageSource>,
+    /// Most bytes the server's images may take (as stored, plus unpacked); the least recently
+    /// used images no container runs are removed beyond it. `None`: no bound.
+    pub cache_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for ImagesConfig {
@@ -215,6 +218,7 @@ impl LinuxDriver {
                 &cfg.data_dir,
                 &Path::new(RUNC_ROOT).join(&cfg.prefix),
                 i.source.clone(),
+                i.cache_bytes,
             )?)),
             None => None,
         };
@@ -467,12 +471,21 @@ impl LinuxDriver {
     /// The image a new guest of `spec` runs, made ready here (pulled, unpacked), when this
     /// server runs images and the workload names one.
     async fn image_for(&self, spec: &GuestSpec) -> Result<Option<String>, DriverError> {
-        match (&self.images, &spec.workload.image) {
-            (Some(images), Some(image)) => Ok(Some(
-                images.prepare(image).await?.summary.digest.to_string(),
-            )),
-            _ => Ok(None),
-        }
+        let (Some(images), Some(image)) = (&self.images, &spec.workload.image) else {
+            return Ok(None);
+        };
+        let digest = images.prepare(image).await?.summary.digest.to_string();
+        // Room for it: images no container runs go, least recently used first.
+        let mut in_use: std::collections::HashSet<String> = self
+            .guests
+            .lock()
+            .unwrap()
+            .values()
+            .filter_map(|r| r.image.clone())
+            .collect();
+        in_use.insert(digest.clone());
+        images.evict(in_use).await;
+        Ok(Some(digest))
     }
 
     /// Starts a guest that runs its image: its overlay mounted, its bundle written, runc
@@ -1139,6 +1152,7 @@ impl Driver for LinuxDriver {
                 memory_mb: memory >> 20,
                 disk_mb: self.disk_used().await >> 20,
             }),
+            images: self.images.as_ref().map(|i| i.held()).unwrap_or_default(),
         })
     }
 

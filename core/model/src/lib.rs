@@ -25,6 +25,10 @@ pub struct ServerStats {
     /// cpu as millicores averaged since the previous report); `None` when not measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used: Option<Resources>,
+    /// Images the server holds, ready to run (`name@digest`), newest use first; empty for
+    /// servers that run no images.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<String>,
 }
 
 /// An identifier of one kind of object: a number on the wire and in the database, a type of

@@ -790,6 +790,9 @@ pub enum BenchCmd {
     Linux(crate::bench::LinuxBenchArgs),
     /// Failover on real agents in network namespaces with real nginx (root).
     FailoverReal(crate::bench::FailoverRealBenchArgs),
+    /// Containers of images (root, runc): pull rate from the core, create+start to ready of
+    /// nginx and Tomcat, cold migration of a large upper directory.
+    Images(crate::bench::images::ImagesBenchArgs),
     /// Single creates through the REST API over real HTTP with Digest sign-in: accepted/s and
     /// enqueue->start latency.
     Api(crate::bench::ApiBenchArgs),
@@ -809,6 +812,7 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Failover(args) => crate::bench::failover(args).await,
         BenchCmd::Linux(args) => crate::bench::linux(args).await,
         BenchCmd::FailoverReal(args) => crate::bench::failover_real(args).await,
+        BenchCmd::Images(args) => crate::bench::images::images(args).await,
         BenchCmd::Api(args) => crate::bench::api::api(args).await,
         BenchCmd::Reads(args) => crate::bench::load::reads(args).await,
         BenchCmd::Restart(args) => crate::bench::load::restart(args).await,

@@ -1,0 +1,231 @@
+//! `bench images` (needs root, runc, debootstrap): containers that run their image.
+//!
+//! The reference nginx and Tomcat images are built by their recipes (cached), served by a real
+//! `cloud48 serve`; a linux driver pulls them over HTTP as an agent does (pull rate), then
+//! creates and starts containers of each one at a time until they answer on their port
+//! (median and p95, the first one — unpack included — apart), and moves a container with a large
+//! upper directory to a second driver (export, import, start).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use clap::Args;
+
+use cloud48_engine::driver::linux::{ImagesConfig, LinuxConfig, LinuxDriver, sweep};
+use cloud48_engine::driver::{Driver, GuestSpec};
+use cloud48_engine::images::{Builder, DEFAULT_MIRROR, Store};
+use cloud48_engine::model::{Check, Endpoint, ImageRef, Protocol, Readiness, Resources, Workload};
+
+/// Options of `bench images`.
+#[derive(Debug, Args)]
+pub struct ImagesBenchArgs {
+    /// Containers of each image to create and start one at a time.
+    #[arg(long, default_value_t = 10)]
+    pub containers: usize,
+    /// Directory of the recipes (`nginx.toml`, `tomcat.toml`).
+    #[arg(long, default_value = "images")]
+    pub recipes: PathBuf,
+    /// Build cache.
+    #[arg(long, env = "CLOUD48_CACHE_DIR", default_value = "/var/cache/cloud48")]
+    pub cache_dir: PathBuf,
+    /// Size of the upper directory moved by the cold-migration case, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub migrate_mb: u64,
+}
+
+/// A workload of `image` listening on `port`, ready when it accepts connections.
+fn workload(image: &str, port: u16) -> Workload {
+    Workload {
+        image: Some(ImageRef {
+            reference: image.into(),
+            digest: None,
+        }),
+        endpoints: vec![Endpoint {
+            name: "main".into(),
+            port,
+            protocol: Protocol::Tcp,
+        }],
+        readiness: Some(Readiness {
+            check: Check::Tcp {
+                endpoint: "main".into(),
+            },
+            interval_ms: 200,
+            retries: 300,
+        }),
+        ..Workload::default()
+    }
+}
+
+fn spec(id: String, workload: &Workload) -> GuestSpec {
+    GuestSpec {
+        guest_id: id,
+        type_id: "bench".into(),
+        resources: Resources {
+            cpu_millis: 1000,
+            memory_mb: 1024,
+            disk_mb: 4096,
+        },
+        ip: None,
+        workload: workload.clone(),
+    }
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// Runs the benchmark; prints one line per figure.
+pub async fn images(args: ImagesBenchArgs) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = hex::encode(rand::random::<[u8; 24]>());
+    // The core's store, filled by the recipes before the core starts.
+    let data = dir.path().join("core");
+    let store = Store::open(data.join("images"))?;
+    for recipe in ["nginx.toml", "tomcat.toml"] {
+        let path = args.recipes.join(recipe);
+        let t = Instant::now();
+        let (summary, cached) = tokio::task::block_in_place(|| {
+            Builder::new(&args.cache_dir, DEFAULT_MIRROR).build(&path, &store, &mut |_| {})
+        })
+        .with_context(|| format!("building {}", path.display()))?;
+        println!(
+            "image {}: {:.1} MB, {} in {:.1} s",
+            summary.name.map(|n| n.to_string()).unwrap_or_default(),
+            summary.size as f64 / 1e6,
+            if cached {
+                "from the build cache"
+            } else {
+                "built"
+            },
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let config = data.with_extension("toml");
+    std::fs::write(&config, format!("[agents]\ntoken = \"{token}\"\n"))?;
+    let mut serve = crate::serving::ServeProcess::spawn(
+        &std::env::current_exe()?,
+        &data,
+        &["--config", config.to_str().context("a UTF-8 path")?],
+    )?;
+    serve.health(true).await?;
+    let source = Arc::new(cloud48_engine::agent::images::CoreImages::new(
+        &serve.url,
+        &token,
+        tokio::runtime::Handle::current(),
+    ));
+
+    // Pull rate: the agent's store from the core over HTTP, blobs verified as they arrive.
+    let pulled = Store::open(dir.path().join("pull-test"))?;
+    let t = Instant::now();
+    let (bytes, source) = tokio::task::spawn_blocking(move || {
+        let mut bytes = 0;
+        for image in ["cloud48/nginx", "cloud48/tomcat"] {
+            bytes += pulled.pull(source.as_ref(), image, None, &mut |_| {})?.size;
+        }
+        anyhow::Ok((bytes, source))
+    })
+    .await??;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "pull from the core over HTTP (streamed, verified): {:.1} MB in {:.2} s: {:.0} MB/s",
+        bytes as f64 / 1e6,
+        secs,
+        bytes as f64 / 1e6 / secs
+    );
+
+    let prefix = "b48i";
+    let cfg = |n: u32| LinuxConfig {
+        name: format!("bench-{n}"),
+        data_dir: dir.path().join(format!("s{n}")),
+        bridge: format!("{prefix}br{n}"),
+        subnet: format!("10.249.{}.0/22", 16 + n * 4)
+            .parse()
+            .expect("a valid subnet"),
+        prefix: format!("{prefix}{n}"),
+        capacity: Some(Resources {
+            cpu_millis: 1_000_000,
+            memory_mb: 1_000_000,
+            disk_mb: 1_000_000,
+        }),
+        stop_grace: Duration::from_secs(2),
+        exe: std::env::current_exe().expect("own path"),
+        images: Some(ImagesConfig {
+            source: Some(source.clone()),
+            cache_bytes: None,
+        }),
+    };
+    let result = async {
+        let d = LinuxDriver::open(cfg(0)).await.map_err(anyhow::Error::msg)?;
+        for (image, port) in [("cloud48/nginx", 80), ("cloud48/tomcat", 8080)] {
+            let w = workload(image, port);
+            let name = image.trim_start_matches("cloud48/");
+            let t = Instant::now();
+            d.create(&spec(format!("{name}-first"), &w)).await?;
+            d.start(&format!("{name}-first")).await?;
+            println!(
+                "{image}: first container on a server without the image (pull + unpack + create + start + ready): {:.2} s",
+                t.elapsed().as_secs_f64()
+            );
+            let mut times = Vec::new();
+            for i in 0..args.containers {
+                let id = format!("{name}-{i}");
+                let t = Instant::now();
+                d.create(&spec(id.clone(), &w)).await?;
+                d.start(&id).await?;
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                // One at a time: what runs does not slow the next.
+                d.destroy(&id).await?;
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{image}: create + start until it accepts connections on {port}, one at a time, image cached: {} containers: median {:.0} ms, p95 {:.0} ms",
+                times.len(),
+                quantile(&times, 0.5),
+                quantile(&times, 0.95)
+            );
+        }
+
+        // Cold migration of a container with a large upper directory to another server.
+        let target = LinuxDriver::open(cfg(1)).await.map_err(anyhow::Error::msg)?;
+        let w = workload("cloud48/nginx", 80);
+        d.create(&spec("big".into(), &w)).await?;
+        let blob = dir.path().join("s0/guests/big/fs/srv");
+        std::fs::create_dir_all(&blob)?;
+        let chunk = vec![7u8; 1 << 20];
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(blob.join("data"))?;
+            for _ in 0..args.migrate_mb {
+                f.write_all(&chunk)?;
+            }
+        }
+        let t = Instant::now();
+        let image = d.export("big").await?;
+        let exported = t.elapsed();
+        target.import(&spec("big".into(), &w), &image).await?;
+        drop(image);
+        target.start("big").await?;
+        let total = t.elapsed();
+        ensure!(
+            std::fs::metadata(dir.path().join("s1/guests/big/fs/srv/data"))?.len()
+                == args.migrate_mb << 20,
+            "the upper directory did not arrive whole"
+        );
+        println!(
+            "cold migration of a container with a {} MiB upper directory (in-process, archive in memory): {:.2} s (export {:.2} s, import + start {:.2} s)",
+            args.migrate_mb,
+            total.as_secs_f64(),
+            exported.as_secs_f64(),
+            (total - exported).as_secs_f64()
+        );
+        d.teardown().await;
+        target.teardown().await;
+        anyhow::Ok(())
+    }
+    .await;
+    sweep(&format!("{prefix}0"), &[&format!("{prefix}br0")]);
+    sweep(&format!("{prefix}1"), &[&format!("{prefix}br1")]);
+    result
+}
