@@ -224,7 +224,7 @@ impl Images {
 }
 
 /// Bytes of the files under `dir` (not following links).
-fn dir_size(dir: &Path) -> u64 {
+pub(crate) fn dir_size(dir: &Path) -> u64 {
     match std::fs::symlink_metadata(dir) {
         Ok(m) if m.is_dir() => std::fs::read_dir(dir)
             .map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum())

@@ -740,17 +740,8 @@ impl LinuxDriver {
         {
             return bytes;
         }
-        fn walk(p: &Path) -> u64 {
-            match std::fs::symlink_metadata(p) {
-                Ok(m) if m.is_dir() => std::fs::read_dir(p)
-                    .map(|rd| rd.flatten().map(|e| walk(&e.path())).sum())
-                    .unwrap_or(0),
-                Ok(m) => m.len(),
-                Err(_) => 0,
-            }
-        }
         let root = self.cfg.data_dir.join("guests");
-        let bytes = tokio::task::spawn_blocking(move || walk(&root))
+        let bytes = tokio::task::spawn_blocking(move || images::dir_size(&root))
             .await
             .unwrap_or(0);
         *self.disk_sample.lock().unwrap() = Some((Instant::now(), bytes));
