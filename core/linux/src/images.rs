@@ -38,6 +38,9 @@ pub struct Images {
     /// What `held` reports (`name@digest`, most recently used first), kept current by
     /// `prepare` and `evict` so that heartbeats do not read the disk.
     held: std::sync::Mutex<Vec<String>>,
+    /// Set when an image was unpacked since the last `evict`: only then can the cache have
+    /// outgrown its bound, so creates of cached images walk no directories.
+    grew: std::sync::atomic::AtomicBool,
 }
 
 fn permanent(e: impl std::fmt::Display) -> DriverError {
@@ -68,6 +71,7 @@ impl Images {
             preparing: tokio::sync::Mutex::new(()),
             limit,
             held: std::sync::Mutex::new(Vec::new()),
+            grew: std::sync::atomic::AtomicBool::new(false),
         };
         images.refresh_held();
         Ok(images)
@@ -115,6 +119,9 @@ impl Images {
         let Some(limit) = self.limit else {
             return;
         };
+        if !self.grew.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
         let _one = self.preparing.lock().await;
         let this = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -209,6 +216,7 @@ impl Images {
             let _ = std::fs::File::open(&dest)
                 .and_then(|d| d.set_modified(std::time::SystemTime::now()));
         } else {
+            self.grew.store(true, std::sync::atomic::Ordering::Release);
             cloud48_oci::unpack(&self.store, &details, &dest, DEFAULT_ID_MAP.host).map_err(
                 |e| {
                     permanent(format!(

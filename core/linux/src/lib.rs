@@ -1026,7 +1026,7 @@ impl Driver for LinuxDriver {
         args: &[String],
     ) -> Result<ExecOutput, DriverError> {
         let _held = self.hold(guest_id).await;
-        self.record(guest_id)?;
+        let runs_image = self.record(guest_id)?.image.is_some();
         let state = self.state(guest_id);
         let (GuestState::Running, Some(pid)) = (state, self.init_pid(guest_id)) else {
             return Err(DriverError::InvalidState {
@@ -1035,7 +1035,6 @@ impl Driver for LinuxDriver {
                 operation: "exec".into(),
             });
         };
-        let runs_image = self.record(guest_id)?.image.is_some();
         let mut command = match (&self.images, runs_image) {
             (Some(images), true) => {
                 let argv: Vec<String> = ["sh", "-c", script, "c48-exec"]
