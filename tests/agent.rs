@@ -28,7 +28,11 @@ pub async fn serve_agent(name: &str, driver: Arc<dyn Driver>) -> (Arc<AgentServi
         capabilities: driver.capabilities(),
         labels: vec![],
     };
-    let agent = AgentService::new(driver, TOKEN, info);
+    let spool = std::env::temp_dir().join(format!(
+        "cloud48-test-spool-{name}-{}",
+        hex::encode(rand::random::<[u8; 6]>())
+    ));
+    let agent = AgentService::new(driver, TOKEN, info, &spool).unwrap();
     let router = agent.router();
     tokio::spawn(async move {
         let _ = axum::serve(listener, router).await;

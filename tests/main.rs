@@ -23,5 +23,6 @@ mod placement;
 mod plugins;
 mod queue;
 mod real;
+mod transfer;
 mod upgrade;
 mod wit;

@@ -110,7 +110,7 @@ impl Lab {
 
     /// Starts (or restarts) the agent of host `i`, named `h{i}`, reporting to `core_url`.
     pub fn start_agent(&mut self, i: u32, core_url: &str) -> Result<(), String> {
-        let data = self.dir.path().join(format!("h{i}"));
+        let data = self.agent_dir(i);
         // nsenter, not `ip netns exec`, which would remount /sys without the cgroup trees.
         let child = tokio::process::Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns(i)))
@@ -189,6 +189,17 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// The process id of host `i`'s agent, while it runs (nsenter executes the agent in its
+    /// own process).
+    pub fn agent_pid(&self, i: u32) -> Option<u32> {
+        self.agents[(i - 1) as usize].as_ref()?.id()
+    }
+
+    /// The data directory of host `i`'s agent.
+    pub fn agent_dir(&self, i: u32) -> PathBuf {
+        self.dir.path().join(format!("h{i}"))
     }
 
     /// kill -9 of host `i`'s agent (its containers keep running, as on a real server).

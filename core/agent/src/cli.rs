@@ -222,7 +222,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         capabilities: driver.capabilities(),
         labels: args.labels.clone(),
     };
-    let agent = AgentService::new(driver, args.token.clone(), info);
+    let spool = args.data_dir.join("spool");
+    let agent = AgentService::new(driver, args.token.clone(), info, &spool)
+        .with_context(|| format!("cannot prepare {}", spool.display()))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -10,10 +10,12 @@
 //!   export; the importing agent pulls the bytes from the exporting one, so cold migration and
 //!   cloning stream agent to agent, not via the core.
 
+use std::path::Path;
 use std::sync::RwLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::io::AsyncSeekExt;
 
 use crate::protocol::{ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
 use cloud48_driver::{
@@ -77,44 +79,99 @@ fn reference(image: &GuestImage) -> Result<Option<(String, String)>, DriverError
         .map_err(|e| DriverError::Permanent(format!("corrupt agent image reference: {e}")))
 }
 
-/// Pulls export `export` from the agent at `url`; `progress` hears the bytes received so far
-/// and the total when known.
+/// How many times a pull cut off is resumed before it fails.
+const PULL_ATTEMPTS: u32 = 5;
+
+/// Pulls export `export` from the agent at `url` into the file `to`, streamed; a transfer cut
+/// off resumes where it stopped (`Range`), up to `PULL_ATTEMPTS` times. `progress` hears the
+/// bytes received so far and the total when known. Returns the size.
 pub async fn pull_export(
     client: &reqwest::Client,
     url: &str,
     export: &str,
     token: &str,
-    mut progress: impl FnMut(usize, Option<u64>),
-) -> Result<Vec<u8>, DriverError> {
+    to: &Path,
+    mut progress: impl FnMut(u64, Option<u64>),
+) -> Result<u64, DriverError> {
+    use tokio::io::AsyncWriteExt;
     let from = format!("{}/v1/exports/{export}", url.trim_end_matches('/'));
-    let mut resp = client
-        .get(&from)
-        .bearer_auth(token)
-        .send()
-        .await
-        .map_err(|e| DriverError::Unreachable {
-            server: url.to_string(),
-            message: format!("cannot pull export {export}: {e}"),
-        })?;
-    if !resp.status().is_success() {
+    let local = |e: std::io::Error| {
+        DriverError::Permanent(format!("cannot write {} while pulling: {e}", to.display()))
+    };
+    let mut file = tokio::fs::File::create(to).await.map_err(local)?;
+    let mut got: u64 = 0;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut request = client.get(&from).bearer_auth(token);
+        if got > 0 {
+            request = request.header(reqwest::header::RANGE, format!("bytes={got}-"));
+        }
+        let cut = |message: String, got: u64| -> Result<(), DriverError> {
+            if attempt >= PULL_ATTEMPTS {
+                Err(DriverError::Transient(format!(
+                    "export {export} from {url} was cut off {attempt} times, last: {message}"
+                )))
+            } else {
+                tracing::warn!(%url, export, got, "a pull was cut off, resuming: {message}");
+                Ok(())
+            }
+        };
+        let mut resp = match request.send().await {
+            Ok(r) => r,
+            Err(e) if got > 0 => {
+                cut(e.to_string(), got)?;
+                continue;
+            }
+            Err(e) => {
+                return Err(DriverError::Unreachable {
+                    server: url.to_string(),
+                    message: format!("cannot pull export {export}: {e}"),
+                });
+            }
+        };
         let status = resp.status();
-        let body = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ProtocolError>(&body)
-            .map(|p| p.error)
-            .unwrap_or_else(|_| format!("{status}: {body}"));
-        return Err(DriverError::Permanent(format!(
-            "the source agent {url} could not give export {export}: {message}"
-        )));
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<ProtocolError>(&body)
+                .map(|p| p.error)
+                .unwrap_or_else(|_| format!("{status}: {body}"));
+            return Err(DriverError::Permanent(format!(
+                "the source agent {url} could not give export {export}: {message}"
+            )));
+        }
+        if got > 0 && status != reqwest::StatusCode::PARTIAL_CONTENT {
+            // The source sends the whole export again: start over.
+            file.set_len(0).await.map_err(local)?;
+            file.rewind().await.map_err(local)?;
+            got = 0;
+        }
+        let total = resp.content_length().map(|n| n + got);
+        let finished = loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    file.write_all(&chunk).await.map_err(local)?;
+                    got += chunk.len() as u64;
+                    progress(got, total);
+                }
+                Ok(None) => break total.is_none_or(|t| got == t),
+                Err(e) => {
+                    cut(e.to_string(), got)?;
+                    break false;
+                }
+            }
+        };
+        if finished {
+            file.flush().await.map_err(local)?;
+            return Ok(got);
+        }
+        if total.is_some_and(|t| got != t) && attempt >= PULL_ATTEMPTS {
+            return Err(DriverError::Transient(format!(
+                "export {export} from {url} ended after {got} of {} bytes",
+                total.unwrap_or_default()
+            )));
+        }
     }
-    let total = resp.content_length();
-    let mut data = Vec::with_capacity(total.unwrap_or(0).min(1 << 30) as usize);
-    while let Some(chunk) = resp.chunk().await.map_err(|e| {
-        DriverError::Transient(format!("export {export} from {url} was cut off: {e}"))
-    })? {
-        data.extend_from_slice(&chunk);
-        progress(data.len(), total);
-    }
-    Ok(data)
 }
 
 /// An image `target` can import: a reference to an agent's export stays a reference for a
@@ -131,7 +188,8 @@ pub async fn for_target(
     }
 }
 
-/// The image with its bytes, pulled from the agent it refers to if needed.
+/// The image with its bytes, pulled from the agent it refers to if needed (for a driver in
+/// the core's own process, which tests use; agents pull into files).
 pub async fn materialize(image: GuestImage, token: &str) -> Result<GuestImage, DriverError> {
     let Some((url, export)) = reference(&image)? else {
         return Ok(image);
@@ -141,10 +199,21 @@ pub async fn materialize(image: GuestImage, token: &str) -> Result<GuestImage, D
         .read_timeout(Duration::from_secs(30))
         .build()
         .expect("an HTTP client without TLS builds");
-    let data = pull_export(&client, &url, &export, token, |_, _| {}).await?;
+    let path = std::env::temp_dir().join(format!(
+        "cloud48-pull-{}",
+        hex::encode(rand::random::<[u8; 8]>())
+    ));
+    let pulled = pull_export(&client, &url, &export, token, &path, |_, _| {}).await;
+    let data = match pulled {
+        Ok(_) => tokio::fs::read(&path)
+            .await
+            .map_err(|e| DriverError::Permanent(format!("cannot read {}: {e}", path.display()))),
+        Err(e) => Err(e),
+    };
+    let _ = tokio::fs::remove_file(&path).await;
     Ok(GuestImage {
         type_id: image.type_id,
-        data,
+        data: data?,
     })
 }
 
@@ -256,12 +325,17 @@ impl RemoteDriver {
         tokio::pin!(send);
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let mut last = String::new();
         loop {
             tokio::select! {
                 sent = &mut send => return sent,
                 _ = tick.tick() => {
                     if let Ok(Some(s)) = self.progress(&request.id).await {
                         tracing::info!(server = %self.name, op = %request.id, elapsed_ms = s.elapsed_ms, progress = %s.progress, "agent operation in progress");
+                        if s.progress != last {
+                            cloud48_driver::activity::report(&format!("server {}: {}", self.name, s.progress));
+                            last = s.progress;
+                        }
                     }
                 }
             }

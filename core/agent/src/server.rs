@@ -6,11 +6,14 @@
 //!   disconnects mid-operation neither cancels it nor, on retry, starts it again.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+
+use tokio::io::AsyncSeekExt;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,8 +30,8 @@ use cloud48_driver::{Driver, DriverError, GuestImage};
 const REMEMBERED_OPS: usize = 10_000;
 /// How long an export is kept for pulling.
 const EXPORT_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
-/// How many bytes of exports the agent keeps at most (the oldest go first).
-const EXPORTS_MAX_BYTES: usize = 8 << 30;
+/// How many bytes of exports the agent keeps at most on disk (the oldest go first).
+const EXPORTS_MAX_BYTES: u64 = 8 << 30;
 /// Deadline of connecting to a source agent, and of each read while pulling.
 const PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -51,31 +54,42 @@ pub struct AgentService {
     info: AgentInfo,
     ops: Mutex<(HashMap<String, Slot>, VecDeque<String>)>,
     exports: Mutex<Vec<Export>>,
+    spool: Spool,
     client: reqwest::Client,
 }
 
-/// An image kept for pulling.
+/// An export kept for pulling: a file in the spool.
 struct Export {
     id: String,
     made: std::time::Instant,
-    data: Bytes,
+    path: PathBuf,
+    bytes: u64,
 }
 
 impl AgentService {
-    /// An agent serving `driver`, accepting requests that carry `token`.
-    pub fn new(driver: Arc<dyn Driver>, token: impl Into<String>, info: AgentInfo) -> Arc<Self> {
-        Arc::new(AgentService {
+    /// An agent serving `driver`, accepting requests that carry `token`, keeping guests in
+    /// transit (exports it serves, imports it pulls) as files under `spool`, whose leftovers
+    /// from an earlier run it removes.
+    pub fn new(
+        driver: Arc<dyn Driver>,
+        token: impl Into<String>,
+        info: AgentInfo,
+        spool: &std::path::Path,
+    ) -> std::io::Result<Arc<Self>> {
+        let spool = Spool::open(spool)?;
+        Ok(Arc::new(AgentService {
             driver,
             token: token.into(),
             info,
             ops: Mutex::new((HashMap::new(), VecDeque::new())),
             exports: Mutex::new(Vec::new()),
+            spool,
             client: reqwest::Client::builder()
                 .connect_timeout(PULL_TIMEOUT)
                 .read_timeout(PULL_TIMEOUT)
                 .build()
                 .expect("an HTTP client without TLS builds"),
-        })
+        }))
     }
 
     /// What the agent says about itself.
@@ -207,14 +221,8 @@ impl AgentService {
                 .exec(&guest, &script, &args)
                 .await
                 .map(|output| OpOutput::Exec { output }),
-            Op::Export { guest } => d.export(&guest).await.map(|image| self.keep_export(image)),
-            Op::Import { spec, source } => match self.fetch_image(source, progress).await {
-                Ok(image) => d
-                    .import(&spec, &image)
-                    .await
-                    .map(|guest| OpOutput::Guest { guest }),
-                Err(e) => Err(e),
-            },
+            Op::Export { guest } => self.export_guest(&guest, progress).await,
+            Op::Import { spec, source } => self.import_guest(&spec, source, progress).await,
         };
         *progress.lock().unwrap() = if result.is_ok() {
             "done".into()
@@ -224,47 +232,89 @@ impl AgentService {
         result.into()
     }
 
-    /// Keeps an image for pulling; drops expired ones and the oldest beyond the size cap.
-    fn keep_export(&self, image: GuestImage) -> OpOutput {
+    /// Exports a stopped guest into the spool, kept for pulling under a new export id;
+    /// `progress` hears how much is written.
+    async fn export_guest(
+        &self,
+        guest: &str,
+        progress: &Progress,
+    ) -> Result<OpOutput, DriverError> {
         let id = hex::encode(rand::random::<[u8; 12]>());
-        let bytes = image.data.len() as u64;
-        let mut exports = self.exports.lock().unwrap();
-        exports.retain(|e| e.made.elapsed() < EXPORT_TTL);
-        exports.push(Export {
-            id: id.clone(),
-            made: std::time::Instant::now(),
-            data: image.data.into(),
-        });
-        while exports.iter().map(|e| e.data.len()).sum::<usize>() > EXPORTS_MAX_BYTES
-            && exports.len() > 1
-        {
-            exports.remove(0);
+        let path = self.spool.export(&id);
+        let exported = {
+            let export = self.driver.export_to(guest, &path);
+            tokio::pin!(export);
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    done = &mut export => break done,
+                    _ = tick.tick() => {
+                        if let Ok(m) = tokio::fs::metadata(&path).await {
+                            *progress.lock().unwrap() = format!("archived {} MiB of {guest}", m.len() >> 20);
+                        }
+                    }
+                }
+            }
+        };
+        let bytes = match exported {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                return Err(e);
+            }
+        };
+        let gone = {
+            let mut exports = self.exports.lock().unwrap();
+            exports.push(Export {
+                id: id.clone(),
+                made: std::time::Instant::now(),
+                path,
+                bytes,
+            });
+            // Expired exports go, then the oldest beyond the size cap (never the new one).
+            let mut gone: Vec<Export> = Vec::new();
+            let (keep, old): (Vec<_>, Vec<_>) = std::mem::take(&mut *exports)
+                .into_iter()
+                .partition(|e| e.made.elapsed() < EXPORT_TTL);
+            gone.extend(old);
+            *exports = keep;
+            while exports.iter().map(|e| e.bytes).sum::<u64>() > EXPORTS_MAX_BYTES
+                && exports.len() > 1
+            {
+                gone.push(exports.remove(0));
+            }
+            gone
+        };
+        for e in gone {
+            let _ = tokio::fs::remove_file(&e.path).await;
         }
-        OpOutput::Export { export: id, bytes }
+        Ok(OpOutput::Export { export: id, bytes })
     }
 
-    async fn fetch_image(
+    /// Imports a guest from bytes in the request or, streamed to a spool file with resumption,
+    /// from another agent's export.
+    async fn import_guest(
         &self,
+        spec: &cloud48_driver::GuestSpec,
         source: ImageSource,
         progress: &Progress,
-    ) -> Result<GuestImage, DriverError> {
-        match source {
+    ) -> Result<OpOutput, DriverError> {
+        let d = &self.driver;
+        let guest = match source {
             ImageSource::Inline { type_id, data_hex } => {
                 let data = hex::decode(&data_hex).map_err(|e| {
                     DriverError::Permanent(format!("inline image is not valid hex: {e}"))
                 })?;
-                Ok(GuestImage { type_id, data })
+                d.import(spec, &GuestImage { type_id, data }).await?
             }
-            ImageSource::Agent {
-                url,
-                export,
-                type_id,
-            } => {
-                let data = crate::remote::pull_export(
+            ImageSource::Agent { url, export, .. } => {
+                let path = self.spool.import(&export);
+                let pulled = crate::remote::pull_export(
                     &self.client,
                     &url,
                     &export,
                     &self.token,
+                    &path,
                     |got, total| {
                         *progress.lock().unwrap() = match total {
                             Some(t) => {
@@ -274,11 +324,59 @@ impl AgentService {
                         };
                     },
                 )
-                .await?;
-                *progress.lock().unwrap() = "importing".into();
-                Ok(GuestImage { type_id, data })
+                .await;
+                let imported = match pulled {
+                    Ok(_) => {
+                        *progress.lock().unwrap() = "importing".into();
+                        d.import_from(spec, &path).await
+                    }
+                    Err(e) => Err(e),
+                };
+                let _ = tokio::fs::remove_file(&path).await;
+                imported?
             }
+        };
+        Ok(OpOutput::Guest { guest })
+    }
+}
+
+/// Where guests in transit are kept: `exports/ID` served to other agents, `imports/ID`
+/// pulled from them.
+struct Spool {
+    dir: PathBuf,
+}
+
+impl Spool {
+    fn open(dir: &std::path::Path) -> std::io::Result<Spool> {
+        for sub in ["exports", "imports"] {
+            let d = dir.join(sub);
+            // Exports of an earlier run are no longer known; imports were not finished.
+            match std::fs::remove_dir_all(&d) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::fs::create_dir_all(&d)?;
         }
+        Ok(Spool {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn export(&self, id: &str) -> PathBuf {
+        self.dir.join("exports").join(format!("{id}.tar.gz"))
+    }
+
+    fn import(&self, export: &str) -> PathBuf {
+        // The export id is another agent's: keep only what is safe in a file name.
+        let safe: String = export
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(64)
+            .collect();
+        let nonce = hex::encode(rand::random::<[u8; 6]>());
+        self.dir
+            .join("imports")
+            .join(format!("{safe}-{nonce}.part"))
     }
 }
 
@@ -350,28 +448,85 @@ async fn logs(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) ->
     driver_result(agent.driver.logs(&id).await)
 }
 
-async fn export(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
+/// Serves an export from its file, from the offset a `Range: bytes=N-` header asks for (a
+/// pull cut off resumes where it stopped).
+async fn export(
+    State(agent): State<Arc<AgentService>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let found = agent
         .exports
         .lock()
         .unwrap()
         .iter()
         .find(|e| e.id == id && e.made.elapsed() < EXPORT_TTL)
-        .map(|e| e.data.clone());
-    match found {
-        Some(data) => (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            Body::from(data),
-        )
-            .into_response(),
-        None => refuse(
+        .map(|e| (e.path.clone(), e.bytes));
+    let Some((path, size)) = found else {
+        return refuse(
             StatusCode::NOT_FOUND,
             format!(
                 "no export {id} on this agent (exports are kept {} minutes)",
                 EXPORT_TTL.as_secs() / 60
             ),
-        ),
+        );
+    };
+    let from = match headers
+        .get(header::RANGE)
+        .map(|r| range_start(r.as_bytes()))
+    {
+        None => 0,
+        Some(Some(from)) if from <= size => from,
+        Some(_) => {
+            return (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+                Json(ProtocolError {
+                    error: format!(
+                        "export {id} has {size} bytes; ask for a range `bytes=N-` with N at most that"
+                    ),
+                }),
+            )
+                .into_response();
+        }
+    };
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("export {id} cannot be read: {e}"),
+            );
+        }
+    };
+    if let Err(e) = file.seek(std::io::SeekFrom::Start(from)).await {
+        return refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("export {id} cannot be read: {e}"),
+        );
     }
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 16));
+    let length = (header::CONTENT_LENGTH, (size - from).to_string());
+    let kind = (header::CONTENT_TYPE, "application/gzip".to_string());
+    if headers.contains_key(header::RANGE) {
+        let range = (
+            header::CONTENT_RANGE,
+            format!("bytes {from}-{}/{size}", size.saturating_sub(1)),
+        );
+        (StatusCode::PARTIAL_CONTENT, [kind, length, range], body).into_response()
+    } else {
+        ([kind, length], body).into_response()
+    }
+}
+
+/// The start of a `bytes=N-` range (the only form pulls send).
+fn range_start(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value)
+        .ok()?
+        .strip_prefix("bytes=")?
+        .strip_suffix('-')?
+        .parse()
+        .ok()
 }
 
 async fn op_status(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
@@ -407,5 +562,173 @@ async fn op(State(agent): State<Arc<AgentService>>, body: Bytes) -> Response {
     match agent.run_once(request).await {
         Ok(r) => Json(r).into_response(),
         Err((status, message)) => refuse(status, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloud48_driver::GuestSpec;
+    use cloud48_driver::sim::{SimLatency, SimServer};
+    use cloud48_model::Resources;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    const TOKEN: &str = "a-token-of-at-least-some-length";
+
+    fn scratch(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "cloud48-agent-{tag}-{}",
+            hex::encode(rand::random::<[u8; 6]>())
+        ))
+    }
+
+    /// An agent over a sim server holding a stopped guest `g` whose disk is `disk`, exported;
+    /// returns its URL, the export id and the agent.
+    async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>) {
+        let sim = SimServer::new(
+            "s1",
+            1,
+            Resources {
+                cpu_millis: 1000,
+                memory_mb: 1024,
+                disk_mb: 1024,
+            },
+            SimLatency::uniform(std::time::Duration::ZERO),
+        );
+        let spec = GuestSpec {
+            guest_id: "g".into(),
+            type_id: "plain".into(),
+            resources: Resources {
+                cpu_millis: 100,
+                memory_mb: 64,
+                disk_mb: 64,
+            },
+            ip: None,
+            workload: Default::default(),
+        };
+        let image = GuestImage {
+            type_id: "plain".into(),
+            data: disk.to_vec(),
+        };
+        sim.import(&spec, &image).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let info = AgentInfo {
+            name: "s1".into(),
+            url: url.clone(),
+            driver: "sim".into(),
+            capabilities: sim.capabilities(),
+            labels: vec![],
+        };
+        let agent = AgentService::new(Arc::new(sim), TOKEN, info, &scratch("spool")).unwrap();
+        let progress: Progress = Arc::default();
+        let OpOutput::Export { export, bytes } = agent.export_guest("g", &progress).await.unwrap()
+        else {
+            panic!("an export was expected");
+        };
+        assert_eq!(bytes, disk.len() as u64);
+        let router = agent.router();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (url, export, agent)
+    }
+
+    /// A proxy to `upstream` that cuts its first connection after `cut` bytes of the answer;
+    /// returns its URL and the count of connections.
+    async fn cutting_proxy(upstream: &str, cut: usize) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let mut server = TcpStream::connect(&upstream).await.unwrap();
+                tokio::spawn(async move {
+                    if n > 0 {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        return;
+                    }
+                    let (mut cr, mut cw) = client.split();
+                    let (mut sr, mut sw) = server.split();
+                    let up = tokio::io::copy(&mut cr, &mut sw);
+                    let down = async {
+                        let mut sent = 0;
+                        let mut buf = vec![0u8; 8192];
+                        while sent < cut {
+                            let n = sr.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                break;
+                            }
+                            let n = n.min(cut - sent);
+                            cw.write_all(&buf[..n]).await.unwrap();
+                            sent += n;
+                        }
+                    };
+                    tokio::select! { _ = up => {}, _ = down => {} }
+                });
+            }
+        });
+        (url, count)
+    }
+
+    #[tokio::test]
+    async fn a_pull_cut_off_resumes_where_it_stopped_and_gets_every_byte() {
+        let disk: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let (url, export, _agent) = exported(&disk).await;
+        let (proxy, connections) = cutting_proxy(&url, 1 << 20).await;
+        let to = scratch("pulled");
+        let mut heard = 0;
+        let size = crate::remote::pull_export(
+            &reqwest::Client::new(),
+            &proxy,
+            &export,
+            TOKEN,
+            &to,
+            |got, _| heard = got,
+        )
+        .await
+        .unwrap();
+        assert_eq!(size, disk.len() as u64);
+        assert_eq!(heard, size, "progress heard the last byte");
+        assert!(std::fs::read(&to).unwrap() == disk, "every byte, in order");
+        assert_eq!(
+            connections.load(Ordering::SeqCst),
+            2,
+            "one cut connection, one resumed"
+        );
+        let _ = std::fs::remove_file(&to);
+    }
+
+    #[tokio::test]
+    async fn an_export_answers_ranges_and_refuses_one_past_its_end() {
+        let disk = b"0123456789".repeat(100);
+        let (url, export, _agent) = exported(&disk).await;
+        let client = reqwest::Client::new();
+        let get = |range: &str| {
+            client
+                .get(format!("{url}/v1/exports/{export}"))
+                .bearer_auth(TOKEN)
+                .header(header::RANGE, range)
+                .send()
+        };
+        let tail = get("bytes=990-").await.unwrap();
+        assert_eq!(tail.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(tail.headers()[header::CONTENT_RANGE], "bytes 990-999/1000");
+        assert_eq!(&tail.bytes().await.unwrap()[..], b"0123456789");
+        let past = get("bytes=1001-").await.unwrap();
+        assert_eq!(past.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert!(past.text().await.unwrap().contains("has 1000 bytes"));
+        let missing = client
+            .get(format!("{url}/v1/exports/nope"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     }
 }

@@ -254,60 +254,106 @@ async fn migrate(source: &dyn Driver, target: &dyn Driver, w: &Workload) -> Resu
         );
         return Ok(());
     }
-    source
-        .create(&spec(w, "conf-m"))
-        .await
-        .map_err(|e| format!("create: {e}"))?;
-    source
-        .start("conf-m")
-        .await
-        .map_err(|e| format!("start: {e}"))?;
-    let err = source.export("conf-m").await;
-    ensure!(
-        matches!(err, Err(DriverError::InvalidState { .. })),
-        "export of a running guest must answer InvalidState, got {err:?}"
-    );
-    source
-        .stop("conf-m")
-        .await
-        .map_err(|e| format!("stop: {e}"))?;
-    let image = source
-        .export("conf-m")
-        .await
-        .map_err(|e| format!("export: {e}"))?;
-    let imported = target
-        .import(&spec(w, "conf-m"), &image)
-        .await
-        .map_err(|e| format!("import: {e}"))?;
-    ensure!(
-        imported.state == GuestState::Stopped,
-        "an imported guest must be stopped"
-    );
-    let again = target
-        .import(&spec(w, "conf-m"), &image)
-        .await
-        .map_err(|e| format!("second import: {e}"))?;
-    ensure!(
-        again.ip == imported.ip,
-        "import of an existing guest id must return the existing guest"
-    );
-    target
-        .start("conf-m")
-        .await
-        .map_err(|e| format!("start after import: {e}"))?;
-    source
-        .destroy("conf-m")
-        .await
-        .map_err(|e| format!("destroy on source: {e}"))?;
-    ensure!(
-        state_of(target, "conf-m").await? == Some(GuestState::Running),
-        "the imported guest must run on the target"
-    );
-    target
-        .destroy("conf-m")
-        .await
-        .map_err(|e| format!("destroy on target: {e}"))?;
-    Ok(())
+    move_guest(source, target, w, "conf-m", Transfer::Memory).await?;
+    move_guest(source, target, w, "conf-s", Transfer::File).await
+}
+
+/// How a guest travels in `move_guest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    /// `export` and `import`.
+    Memory,
+    /// `export_to` a file and `import_from` it.
+    File,
+}
+
+/// Moves a running guest from `source` to `target`: stop, export, import (twice: the second
+/// must return the first), start there, destroy on the source.
+async fn move_guest(
+    source: &dyn Driver,
+    target: &dyn Driver,
+    w: &Workload,
+    guest: &str,
+    how: Transfer,
+) -> Result<(), String> {
+    let file = std::env::temp_dir().join(format!(
+        "cloud48-conformance-{}-{guest}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    ));
+    let export = async |g: &str| match how {
+        Transfer::Memory => source.export(g).await.map(Some),
+        Transfer::File => {
+            let size = source.export_to(g, &file).await?;
+            let on_disk = std::fs::metadata(&file).map(|m| m.len()).ok();
+            if on_disk != Some(size) {
+                return Err(DriverError::Permanent(format!(
+                    "export_to said {size} bytes, the file has {on_disk:?}"
+                )));
+            }
+            Ok(None)
+        }
+    };
+    let import = async |image: &Option<super::GuestImage>| match image {
+        Some(image) => target.import(&spec(w, guest), image).await,
+        None => target.import_from(&spec(w, guest), &file).await,
+    };
+    let result = async {
+        source
+            .create(&spec(w, guest))
+            .await
+            .map_err(|e| format!("create: {e}"))?;
+        source
+            .start(guest)
+            .await
+            .map_err(|e| format!("start: {e}"))?;
+        let err = export(guest).await;
+        ensure!(
+            matches!(err, Err(DriverError::InvalidState { .. })),
+            "{how:?} export of a running guest must answer InvalidState, got {err:?}"
+        );
+        source.stop(guest).await.map_err(|e| format!("stop: {e}"))?;
+        let image = export(guest)
+            .await
+            .map_err(|e| format!("{how:?} export: {e}"))?;
+        let imported = import(&image)
+            .await
+            .map_err(|e| format!("{how:?} import: {e}"))?;
+        ensure!(
+            imported.state == GuestState::Stopped,
+            "an imported guest must be stopped"
+        );
+        let again = import(&image)
+            .await
+            .map_err(|e| format!("second {how:?} import: {e}"))?;
+        ensure!(
+            again.ip == imported.ip,
+            "import of an existing guest id must return the existing guest"
+        );
+        target
+            .start(guest)
+            .await
+            .map_err(|e| format!("start after import: {e}"))?;
+        source
+            .destroy(guest)
+            .await
+            .map_err(|e| format!("destroy on source: {e}"))?;
+        ensure!(
+            state_of(target, guest).await? == Some(GuestState::Running),
+            "the imported guest must run on the target"
+        );
+        target
+            .destroy(guest)
+            .await
+            .map_err(|e| format!("destroy on target: {e}"))?;
+        Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_file(&file);
+    result
 }
 
 /// Runs the whole suite; returns one message per failed check (empty when the driver conforms).

@@ -10,9 +10,12 @@
 //! - Optional operations are announced by `capabilities`; unsupported ones answer
 //!   `DriverError::Unsupported`.
 
+pub mod activity;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod sim;
+
+use std::path::Path;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -204,6 +207,29 @@ pub trait Driver: Send + Sync + 'static {
     async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError>;
     /// Creates a stopped guest from an image; returns the existing one if the id exists.
     async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError>;
+    /// Exports a stopped guest's disk into the new file `to`, streamed (how guests travel
+    /// between servers: never whole in memory); returns the file's size. The default writes
+    /// `export`'s bytes, for drivers whose disks are small.
+    async fn export_to(&self, guest_id: &str, to: &Path) -> Result<u64, DriverError> {
+        let image = self.export(guest_id).await?;
+        tokio::fs::write(to, &image.data)
+            .await
+            .map_err(|e| DriverError::Permanent(format!("cannot write {}: {e}", to.display())))?;
+        Ok(image.data.len() as u64)
+    }
+    /// Creates a stopped guest from a file `export_to` wrote, streamed; returns the existing
+    /// one if the id exists. A guest is either imported whole or not at all. The default reads
+    /// the file and calls `import`.
+    async fn import_from(&self, spec: &GuestSpec, from: &Path) -> Result<GuestInfo, DriverError> {
+        let data = tokio::fs::read(from)
+            .await
+            .map_err(|e| DriverError::Permanent(format!("cannot read {}: {e}", from.display())))?;
+        let image = GuestImage {
+            type_id: spec.type_id.clone(),
+            data,
+        };
+        self.import(spec, &image).await
+    }
     /// Runs a script with arguments inside a running guest.
     async fn exec(
         &self,

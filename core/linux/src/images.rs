@@ -13,6 +13,7 @@
 //! - A guest's `upper` is everything that is its own: export archives exactly it, import
 //!   restores exactly it (overlay whiteouts included).
 
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -280,11 +281,12 @@ pub fn process_env(
     env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-/// A tar archive of a guest's upper directory: directories, files, symlinks and overlay
-/// whiteouts (character devices 0:0), owners kept; anything else is skipped.
-pub fn archive_upper(upper: &Path) -> std::io::Result<Vec<u8>> {
+/// Writes a tar archive of a guest's upper directory to `out`, as it is walked (never whole
+/// in memory): directories, files, symlinks and overlay whiteouts (character devices 0:0),
+/// owners kept; anything else is skipped. Returns `out`.
+pub fn archive_upper<W: Write>(upper: &Path, out: W) -> std::io::Result<W> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    fn add(b: &mut tar::Builder<Vec<u8>>, root: &Path, dir: &Path) -> std::io::Result<()> {
+    fn add<W: Write>(b: &mut tar::Builder<W>, root: &Path, dir: &Path) -> std::io::Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
@@ -310,15 +312,39 @@ pub fn archive_upper(upper: &Path) -> std::io::Result<Vec<u8>> {
         }
         Ok(())
     }
-    let mut b = tar::Builder::new(Vec::new());
+    let mut b = tar::Builder::new(out);
     b.follow_symlinks(false);
     add(&mut b, upper, upper)?;
     b.into_inner()
 }
 
-/// Restores an upper directory from `archive_upper`'s archive: owners and modes kept,
-/// whiteouts made again.
-pub fn unpack_upper(data: &[u8], upper: &Path) -> Result<(), DriverError> {
+/// Writes `archive_upper`'s archive of `upper`, gzip-compressed, to the file `to` (how guests
+/// travel between servers); returns its size.
+pub fn archive_upper_to_file(upper: &Path, to: &Path) -> std::io::Result<u64> {
+    let file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(to)?);
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let file = archive_upper(upper, gz)?.finish()?;
+    let file = file.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
+}
+
+/// Restores an upper directory from `archive_upper`'s archive read from `input`, plain or
+/// gzip-compressed (told by its first bytes): owners and modes kept, whiteouts made again.
+pub fn unpack_upper<R: Read>(input: R, upper: &Path) -> Result<(), DriverError> {
+    let mut input = std::io::BufReader::with_capacity(1 << 20, input);
+    let gzip = input
+        .fill_buf()
+        .map_err(|e| permanent(format!("cannot read the guest image: {e}")))?
+        .starts_with(&[0x1f, 0x8b]);
+    if gzip {
+        unpack_tar(flate2::bufread::GzDecoder::new(input), upper)
+    } else {
+        unpack_tar(input, upper)
+    }
+}
+
+fn unpack_tar<R: Read>(data: R, upper: &Path) -> Result<(), DriverError> {
     let bad = |e: std::io::Error| permanent(format!("the guest image is not a valid archive: {e}"));
     let mut archive = tar::Archive::new(data);
     archive.set_preserve_permissions(true);
@@ -344,6 +370,9 @@ pub fn unpack_upper(data: &[u8], upper: &Path) -> Result<(), DriverError> {
         }
         entry.unpack_in(upper).map_err(bad)?;
     }
+    // The archive ends with two empty blocks; read what follows too, so that a compressed
+    // stream's trailer (its length and checksum) is checked and a cut one refused.
+    std::io::copy(&mut archive.into_inner(), &mut std::io::sink()).map_err(bad)?;
     Ok(())
 }
 
@@ -405,18 +434,49 @@ mod tests {
         std::os::unix::fs::lchown(upper.join("etc/app/conf"), Some(100_033), Some(100_033))
             .unwrap();
         whiteout(&upper.join("etc/removed"), 100_000, 100_000).unwrap();
-        let data = archive_upper(&upper).unwrap();
+        // In memory (plain tar) and as a compressed file (how guests travel).
+        let data = archive_upper(&upper, Vec::new()).unwrap();
+        let file = dir.path().join("guest.tar.gz");
+        let size = archive_upper_to_file(&upper, &file).unwrap();
+        assert_eq!(size, std::fs::metadata(&file).unwrap().len());
+        assert!(std::fs::read(&file).unwrap().starts_with(&[0x1f, 0x8b]));
 
+        for (i, input) in [
+            Box::new(&data[..]) as Box<dyn Read>,
+            Box::new(std::fs::File::open(&file).unwrap()),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let restored = dir.path().join(format!("restored{i}"));
+            std::fs::create_dir_all(&restored).unwrap();
+            unpack_upper(input, &restored).unwrap();
+            let conf = restored.join("etc/app/conf");
+            assert_eq!(std::fs::read_to_string(&conf).unwrap(), "x=1\n");
+            assert_eq!(std::fs::metadata(&conf).unwrap().uid(), 100_033);
+            let w = std::fs::symlink_metadata(restored.join("etc/removed")).unwrap();
+            assert!(w.file_type().is_char_device());
+            assert_eq!(w.rdev(), 0);
+            assert_eq!(w.uid(), 100_000);
+        }
+    }
+
+    #[test]
+    fn a_truncated_compressed_archive_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir_all(&upper).unwrap();
+        let noise: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(upper.join("data"), &noise).unwrap();
+        let file = dir.path().join("guest.tar.gz");
+        archive_upper_to_file(&upper, &file).unwrap();
+        let whole = std::fs::read(&file).unwrap();
         let restored = dir.path().join("restored");
         std::fs::create_dir_all(&restored).unwrap();
-        unpack_upper(&data, &restored).unwrap();
-        let conf = restored.join("etc/app/conf");
-        assert_eq!(std::fs::read_to_string(&conf).unwrap(), "x=1\n");
-        assert_eq!(std::fs::metadata(&conf).unwrap().uid(), 100_033);
-        let w = std::fs::symlink_metadata(restored.join("etc/removed")).unwrap();
-        assert!(w.file_type().is_char_device());
-        assert_eq!(w.rdev(), 0);
-        assert_eq!(w.uid(), 100_000);
+        let err = unpack_upper(&whole[..whole.len() / 2], &restored).unwrap_err();
+        assert!(err.to_string().contains("not a valid archive"), "{err}");
     }
 
     #[test]
@@ -432,7 +492,7 @@ mod tests {
         b.append(&h, std::io::empty()).unwrap();
         let data = b.into_inner().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let err = unpack_upper(&data, dir.path()).unwrap_err();
+        let err = unpack_upper(&data[..], dir.path()).unwrap_err();
         assert!(err.to_string().contains("outside"), "{err}");
         assert!(!dir.path().parent().unwrap().join("evil").exists());
     }

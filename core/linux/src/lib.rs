@@ -18,6 +18,7 @@
 pub mod cgroups;
 pub mod images;
 pub mod network;
+pub mod ready;
 pub mod templates;
 
 use std::collections::{BTreeMap, HashMap};
@@ -357,6 +358,41 @@ impl LinuxDriver {
 
     /// Makes the guest's directory, cgroups and record; `fill` writes its private files (off
     /// the async runtime). The record on disk is written last: a guest without one does not exist.
+    /// A stopped guest's record and upper directory, for export.
+    fn exportable(&self, guest_id: &str) -> Result<(Record, PathBuf), DriverError> {
+        let r = self.record(guest_id)?;
+        let state = self.state(guest_id);
+        if state != GuestState::Stopped {
+            return Err(DriverError::InvalidState {
+                guest: guest_id.into(),
+                state,
+                operation: "export".into(),
+            });
+        }
+        Ok((r, self.dir(guest_id).join("fs")))
+    }
+
+    /// Creates a stopped guest whose upper directory `unpack` fills from an export (or returns
+    /// the existing one); the guest exists only once it is filled whole.
+    async fn import_with(
+        &self,
+        spec: &GuestSpec,
+        unpack: impl FnOnce(&Path) -> Result<(), DriverError> + Send + 'static,
+    ) -> Result<GuestInfo, DriverError> {
+        validate_id(&spec.guest_id)?;
+        let _held = self.hold(&spec.guest_id).await;
+        if let Ok(r) = self.record(&spec.guest_id) {
+            return Ok(self.info(&r));
+        }
+        let runs = self.image_for(spec).await?;
+        let own = runs.is_some();
+        self.make_guest(spec, runs, move |fs| {
+            unpack(fs)?;
+            if own { own_root(fs) } else { Ok(()) }
+        })
+        .await
+    }
+
     async fn make_guest(
         &self,
         spec: &GuestSpec,
@@ -595,7 +631,7 @@ impl LinuxDriver {
             let _ = self.halt(guest).await;
             return Err(e);
         }
-        self.wait_ready(r, templates::ready_port(w), None).await
+        self.wait_ready(r, &ready::Probe::of(w), None).await
     }
 
     async fn launch(&self, r: &Record) -> Result<(), DriverError> {
@@ -677,16 +713,16 @@ impl LinuxDriver {
             let _ = child.wait().await;
             tracing::debug!(?pid, "a guest launcher ended");
         });
-        self.wait_ready(r, t.ready_port, pid).await
+        self.wait_ready(r, &t.probe, pid).await
     }
 
-    /// Waits until the guest runs and, with a ready port, answers on it; stops it and says
-    /// why when it does not in time or when its processes are gone (and its `launcher`, if
-    /// any, ended).
+    /// Waits until the guest runs and passes its readiness `probe`; stops it and says why
+    /// when it does not in time or when its processes are gone (and its `launcher`, if any,
+    /// ended).
     async fn wait_ready(
         &self,
         r: &Record,
-        ready_port: Option<u16>,
+        probe: &ready::Probe,
         launcher: Option<u32>,
     ) -> Result<(), DriverError> {
         let guest = &r.spec.guest_id;
@@ -699,36 +735,25 @@ impl LinuxDriver {
             .map(|x| Duration::from_millis(u64::from(x.interval_ms) * u64::from(x.retries)))
             .unwrap_or_default();
         let deadline = Instant::now() + READY_TIMEOUT.max(declared);
+        let mut last = String::from("its processes did not start");
         loop {
-            let inner = self.inner_pids(guest);
-            let launched = !inner.is_empty();
-            if launched {
-                match ready_port {
-                    None => return Ok(()),
-                    Some(port) => {
-                        let probe = tokio::time::timeout(
-                            Duration::from_millis(200),
-                            tokio::net::TcpStream::connect((r.ip, port)),
-                        )
-                        .await;
-                        if matches!(probe, Ok(Ok(_))) {
-                            return Ok(());
-                        }
-                    }
+            if !self.inner_pids(guest).is_empty() {
+                match probe.check(r.ip).await {
+                    Ok(()) => return Ok(()),
+                    Err(why) => last = why,
                 }
             }
             let launcher_gone = launcher.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists());
-            if Instant::now() > deadline || (launcher_gone && self.cgroups.pids(guest).is_empty()) {
+            let ended = launcher_gone && self.cgroups.pids(guest).is_empty();
+            if Instant::now() > deadline || ended {
                 let _ = self.halt(guest).await;
+                let why = if ended { "its processes ended" } else { &last };
                 return Err(DriverError::Permanent(format!(
-                    "container {guest} did not become ready{}; its output ends with:\n{}",
-                    ready_port
-                        .map(|p| format!(" (nothing answered on port {p})"))
-                        .unwrap_or_default(),
+                    "container {guest} did not become ready ({why}); its output ends with:\n{}",
                     tail(&dir.join("console.log"), 2048)
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(probe.pause()).await;
         }
     }
 
@@ -983,17 +1008,8 @@ impl Driver for LinuxDriver {
 
     async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError> {
         let _held = self.hold(guest_id).await;
-        let r = self.record(guest_id)?;
-        let state = self.state(guest_id);
-        if state != GuestState::Stopped {
-            return Err(DriverError::InvalidState {
-                guest: guest_id.into(),
-                state,
-                operation: "export".into(),
-            });
-        }
-        let fs = self.dir(guest_id).join("fs");
-        let data = tokio::task::spawn_blocking(move || images::archive_upper(&fs))
+        let (r, fs) = self.exportable(guest_id)?;
+        let data = tokio::task::spawn_blocking(move || images::archive_upper(&fs, Vec::new()))
             .await
             .map_err(permanent)?
             .map_err(|e| permanent(format!("cannot archive the directory of {guest_id}: {e}")))?;
@@ -1003,18 +1019,28 @@ impl Driver for LinuxDriver {
         })
     }
 
+    async fn export_to(&self, guest_id: &str, to: &Path) -> Result<u64, DriverError> {
+        let _held = self.hold(guest_id).await;
+        let (_, fs) = self.exportable(guest_id)?;
+        let to = to.to_path_buf();
+        tokio::task::spawn_blocking(move || images::archive_upper_to_file(&fs, &to))
+            .await
+            .map_err(permanent)?
+            .map_err(|e| permanent(format!("cannot archive the directory of {guest_id}: {e}")))
+    }
+
     async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
-        validate_id(&spec.guest_id)?;
-        let _held = self.hold(&spec.guest_id).await;
-        if let Ok(r) = self.record(&spec.guest_id) {
-            return Ok(self.info(&r));
-        }
-        let runs = self.image_for(spec).await?;
-        let own = runs.is_some();
-        let image = image.clone();
-        self.make_guest(spec, runs, move |fs| {
-            images::unpack_upper(&image.data, fs)?;
-            if own { own_root(fs) } else { Ok(()) }
+        let data = image.data.clone();
+        self.import_with(spec, move |fs| images::unpack_upper(&data[..], fs))
+            .await
+    }
+
+    async fn import_from(&self, spec: &GuestSpec, from: &Path) -> Result<GuestInfo, DriverError> {
+        let from = from.to_path_buf();
+        self.import_with(spec, move |fs| {
+            let file = std::fs::File::open(&from)
+                .map_err(|e| permanent(format!("cannot read {}: {e}", from.display())))?;
+            images::unpack_upper(file, fs)
         })
         .await
     }

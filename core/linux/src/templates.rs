@@ -1,18 +1,21 @@
 //! What runs inside a container: the workload its type declares, made into a launch plan.
 //!
-//! The linux driver runs no images yet (its capabilities say so): a workload runs on the
-//! server's own files. Its declared command runs when the server has the program; a workload
-//! that names an image whose program the server lacks runs a stand-in instead, this program's
-//! `guest-http` answering on its first endpoint (so that environments wire up and can be
-//! tested before images land); a workload without an image whose program is missing fails to
-//! start with the package to install. A type that declares nothing runs an idle process.
+//! A workload whose image the server can run runs on its own root (see `images`); this module
+//! plans the others, which run on the server's own files. Its declared command runs when the
+//! server has the program; a workload that names an image whose program the server lacks, on a
+//! server that runs no images, runs a stand-in instead, this program's `guest-http` answering on
+//! its first endpoint (so that environments wire up and can be tested without images); a
+//! workload without an image whose program is missing fails to start with the package to
+//! install. A type that declares nothing runs an idle process.
 //! The volumes are the private directories (paths inside the container that are its own, kept
 //! in its directory on the server, so clone and migration carry them). In the command,
 //! `{id}` and `{ip}` are replaced by the container's id and address.
 
 use std::collections::BTreeMap;
 
-use cloud48_model::{Check, Workload};
+use cloud48_model::Workload;
+
+use crate::ready::Probe;
 
 /// How a container is launched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +28,8 @@ pub struct Template {
     pub workdir: Option<String>,
     /// Absolute paths inside the container that are private to it.
     pub private_dirs: Vec<String>,
-    /// TCP port that accepts connections once the container is ready.
-    pub ready_port: Option<u16>,
+    /// What tells the container is ready.
+    pub probe: Probe,
     /// True when this is the stand-in for an image the driver cannot run.
     pub stand_in: bool,
 }
@@ -47,11 +50,10 @@ pub fn from_workload(w: &Workload, exe: &str, installed: impl Fn(&str) -> bool) 
             env: Vec::new(),
             workdir: None,
             private_dirs,
-            ready_port: None,
+            probe: Probe::Running,
             stand_in: false,
         };
     }
-    let ready_port = ready_port(w);
     let runnable = w.command.first().is_some_and(|p| installed(p));
     if w.image.is_some() && !runnable {
         let port = w.endpoints.first().map(|e| e.port);
@@ -70,7 +72,7 @@ pub fn from_workload(w: &Workload, exe: &str, installed: impl Fn(&str) -> bool) 
             env: w.env.clone(),
             workdir: None,
             private_dirs,
-            ready_port: port,
+            probe: port.map_or(Probe::Running, Probe::Tcp),
             stand_in: true,
         };
     }
@@ -79,17 +81,8 @@ pub fn from_workload(w: &Workload, exe: &str, installed: impl Fn(&str) -> bool) 
         env: w.env.clone(),
         workdir: w.workdir.clone(),
         private_dirs,
-        ready_port,
+        probe: Probe::of(w),
         stand_in: false,
-    }
-}
-
-/// The port whose answer tells the workload is ready (its readiness check's endpoint).
-pub fn ready_port(w: &Workload) -> Option<u16> {
-    let port_of = |name: &str| w.endpoints.iter().find(|e| e.name == name).map(|e| e.port);
-    match w.readiness.as_ref().map(|r| &r.check) {
-        Some(Check::Tcp { endpoint } | Check::Http { endpoint, .. }) => port_of(endpoint),
-        _ => None,
     }
 }
 
@@ -102,7 +95,7 @@ pub fn fill(s: &str, vars: &BTreeMap<&str, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cloud48_model::{Endpoint, ImageRef, Protocol, Readiness, Volume};
+    use cloud48_model::{Check, Endpoint, ImageRef, Protocol, Readiness, Volume};
 
     fn workload(program: &str, image: bool) -> Workload {
         Workload {
@@ -137,7 +130,7 @@ mod tests {
     fn a_declared_command_the_server_has_runs_as_declared() {
         let t = from_workload(&workload("catalina.sh", true), "/c48", |_| true);
         assert_eq!(t.command, ["catalina.sh", "run"]);
-        assert_eq!(t.ready_port, Some(8080));
+        assert_eq!(t.probe.port(), Some(8080));
         assert_eq!(t.private_dirs, ["/etc/cloud48"]);
         assert_eq!(t.workdir.as_deref(), Some("/srv"));
         assert!(!t.stand_in);
@@ -158,7 +151,7 @@ mod tests {
             ]
         );
         assert!(t.stand_in);
-        assert_eq!(t.ready_port, Some(8080));
+        assert_eq!(t.probe.port(), Some(8080));
         // Without an image, the declared command is what runs (and fails if it is missing).
         let t = from_workload(&workload("catalina.sh", false), "/c48", |_| false);
         assert_eq!(t.command[0], "catalina.sh");

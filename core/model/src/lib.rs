@@ -552,19 +552,20 @@ pub struct Command {
     pub started_at: Option<i64>,
     /// End, milliseconds since the Unix epoch.
     pub finished_at: Option<i64>,
-    /// Lines the container types logged while the command ran their hooks (single-command
-    /// views only).
+    /// Lines the container types logged while the command ran their hooks, and what its long
+    /// driver operations reported (a migration's bytes archived and pulled), oldest first
+    /// (single-command views only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub log: Vec<LogEntry>,
 }
 
-/// A line a container type logged during a command.
+/// A line a container type logged, or a driver reported, during a command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogEntry {
     /// When, milliseconds since the Unix epoch.
     pub at: i64,
-    /// The container whose hook logged it.
+    /// The container whose hook logged it, or whose operation it reports.
     pub container: Option<ContainerId>,
     /// `debug`, `info`, `warn` or `error`.
     pub level: String,

@@ -189,13 +189,28 @@ impl Workload {
         Ok(())
     }
 
-    /// This workload with `${name}` in the command and environment values replaced by the
-    /// parameters (an unknown placeholder stays as written).
+    /// This workload with `${name}` in the command, environment values and readiness check
+    /// (HTTP path, exec command) replaced by the parameters (an unknown placeholder stays as
+    /// written).
     pub fn with_params(&self, params: &Params) -> Workload {
         let fill = |s: &String| substitute(s, params);
+        let readiness = self.readiness.as_ref().map(|r| Readiness {
+            check: match &r.check {
+                Check::Http { endpoint, path } => Check::Http {
+                    endpoint: endpoint.clone(),
+                    path: fill(path),
+                },
+                Check::Exec { command } => Check::Exec {
+                    command: command.iter().map(fill).collect(),
+                },
+                other => other.clone(),
+            },
+            ..r.clone()
+        });
         Workload {
             command: self.command.iter().map(fill).collect(),
             env: self.env.iter().map(|(k, v)| (k.clone(), fill(v))).collect(),
+            readiness,
             ..self.clone()
         }
     }
@@ -418,12 +433,23 @@ mod tests {
         let w = Workload {
             command: vec!["java".into(), "-Xmx${heap-mb}m".into(), "${nope}".into()],
             env: vec![("CTX".into(), "/${path}/${path}".into())],
+            readiness: Some(Readiness {
+                check: Check::Http {
+                    endpoint: "http".into(),
+                    path: "/${path}/health".into(),
+                },
+                interval_ms: 100,
+                retries: 10,
+            }),
             ..Workload::default()
         };
         let p = params(&[("heap-mb", "512"), ("path", "app")]);
         let w = w.with_params(&p);
         assert_eq!(w.command, ["java", "-Xmx512m", "${nope}"]);
         assert_eq!(w.env[0].1, "/app/app");
+        assert!(
+            matches!(&w.readiness.as_ref().unwrap().check, Check::Http { path, .. } if path == "/app/health")
+        );
         assert_eq!(substitute("a${b", &p), "a${b");
     }
 

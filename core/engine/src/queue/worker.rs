@@ -395,6 +395,40 @@ async fn execute(
     }
 }
 
+/// Records what a step's driver calls report (`driver::activity`) as lines of command `id`'s
+/// log: each its own small write, outside any transaction, never waited for.
+fn activity_reporter(
+    inner: &Arc<Inner>,
+    id: i64,
+    target: Option<Target>,
+) -> crate::driver::activity::Reporter {
+    let (db, clock) = (inner.db.clone(), inner.clock.clone());
+    let container = match target {
+        Some(Target::Container(c)) => Some(c),
+        _ => None,
+    };
+    Arc::new(move |what: &str| {
+        let line = crate::entities::command_log::ActiveModel {
+            command_id: sea_orm::Set(id),
+            container_id: sea_orm::Set(container),
+            level: sea_orm::Set("info".into()),
+            message: sea_orm::Set(what.to_string()),
+            at: sea_orm::Set(clock.now_ms()),
+            ..Default::default()
+        };
+        let db = db.clone();
+        tokio::spawn(async move {
+            use sea_orm::EntityTrait;
+            if let Err(e) = crate::entities::command_log::Entity::insert(line)
+                .exec(&db)
+                .await
+            {
+                tracing::debug!(command = id, error = %e, "an activity line was not recorded");
+            }
+        });
+    })
+}
+
 async fn run(
     inner: &Arc<Inner>,
     row: &mut command::Model,
@@ -424,8 +458,10 @@ async fn run(
             }
         }
     }
+    let reporter = activity_reporter(inner, row.id, target);
     loop {
-        let outcome = match runner.step(row).await {
+        let step = crate::driver::activity::scope(reporter.clone(), runner.step(row));
+        let outcome = match step.await {
             Ok(Transition::Bare(next)) => Ok((next, None)),
             // The step's driver and plugin calls are done: only now is a transaction opened.
             Ok(Transition::Commit(writes)) => written(inner, writes)

@@ -1,0 +1,171 @@
+//! Guests travel between agents as streams: a container with 1 GiB of its own files migrates
+//! from one real agent to another (each in its own network namespace) with every byte intact,
+//! while neither agent's memory grows by more than 64 MiB, and nothing stays in transit.
+//! Needs root.
+
+use std::time::Duration;
+
+use cloud48_engine::model::{CommandId, CommandStatus, ContainerId};
+use serde_json::json;
+
+use crate::agent::TOKEN;
+use crate::common::{Opts, TestCore, eventually};
+use crate::linux::unique_prefix;
+use cloud48_core::lab::{CORE_IP, Lab};
+
+/// Resident and peak resident memory of a process, bytes.
+fn memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+async fn sh(t: &TestCore, id: ContainerId, script: &str) -> String {
+    let out: cloud48_engine::driver::ExecOutput = t
+        .client
+        .post(
+            &format!("/v1/containers/{id}/exec"),
+            &json!({ "command": ["sh", "-c", script] }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{script}: {out:?}");
+    out.stdout
+}
+
+/// Files in a directory tree (not directories).
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() { files_under(&p) } else { vec![p] }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_memory() {
+    let prefix = unique_prefix('t');
+    let mut lab = Lab::new(&prefix, 2, env!("CARGO_BIN_EXE_cloud48").into(), TOKEN)
+        .expect("the lab builds (run as root)");
+    let opts = Opts {
+        sim_servers: 0,
+        agent_token: Some(TOKEN.into()),
+        listen: Some((CORE_IP, 0).into()),
+        ..Default::default()
+    };
+    let t = TestCore::start(opts).await.unwrap();
+    for i in [1, 2] {
+        lab.start_agent(i, &t.url).unwrap();
+    }
+    eventually("both agents up", || async {
+        let servers = t.core.servers().list().await.unwrap();
+        (servers
+            .iter()
+            .filter(|s| s.status == cloud48_engine::model::ServerStatus::Up)
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    let a: serde_json::Value = t
+        .client
+        .post(
+            "/v1/containers",
+            &json!({
+                "type": "plain",
+                "server": "h1",
+                "requirements": { "cpu_millis": 500, "memory_mb": 256, "disk_mb": 2048 },
+            }),
+        )
+        .await
+        .unwrap();
+    let id = t.created(a["command_id"].as_i64().unwrap()).await;
+    // 1 GiB that does not compress, in the container's own directory.
+    let sum = sh(
+        &t,
+        id,
+        "head -c 1073741824 /dev/urandom > /etc/cloud48/bulk && sha256sum /etc/cloud48/bulk",
+    )
+    .await;
+
+    let c0: cloud48_engine::model::Container =
+        t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
+    let pids = [lab.agent_pid(1).unwrap(), lab.agent_pid(2).unwrap()];
+    let before = pids.map(|p| memory(p).0);
+    let a: serde_json::Value = t
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "migrate", "to": "h2" }),
+        )
+        .await
+        .unwrap();
+    let cmd = t
+        .core
+        .queue()
+        .wait(
+            CommandId(a["command_id"].as_i64().unwrap()),
+            Duration::from_secs(300),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cmd.status, CommandStatus::Succeeded, "{cmd:?}");
+    for (i, pid) in pids.iter().enumerate() {
+        let (_, peak) = memory(*pid);
+        let grew = peak.saturating_sub(before[i]);
+        eprintln!(
+            "agent h{}: {} MiB before, peak {} MiB",
+            i + 1,
+            before[i] >> 20,
+            peak >> 20
+        );
+        assert!(
+            grew <= 64 << 20,
+            "agent h{} grew by {} MiB moving 1 GiB (peak {} MiB)",
+            i + 1,
+            grew >> 20,
+            peak >> 20
+        );
+    }
+    // The command told how the transfer went while it ran.
+    let shown: cloud48_engine::model::Command = t
+        .client
+        .get(&format!("/v1/commands/{}", cmd.id))
+        .await
+        .unwrap();
+    let said: Vec<&str> = shown.log.iter().map(|l| l.message.as_str()).collect();
+    assert!(
+        said.iter().any(|m| m.starts_with("server h1: archived ")
+            && m.ends_with(&format!(" MiB of {}", c0.guest_id))),
+        "the command's log reports the export: {said:?}"
+    );
+    assert!(
+        said.iter().any(|m| m.starts_with("server h2: ")),
+        "the command's log reports the import: {said:?}"
+    );
+    let c: cloud48_engine::model::Container =
+        t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
+    assert_eq!(c.server.as_deref(), Some("h2"));
+    assert_eq!(
+        sh(&t, id, "sha256sum /etc/cloud48/bulk").await,
+        sum,
+        "every byte came along"
+    );
+    // The target pulled into its spool and removed the file once imported.
+    assert_eq!(
+        files_under(&lab.agent_dir(2).join("spool/imports")),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
