@@ -616,3 +616,70 @@ async fn a_container_moves_between_an_agent_and_a_local_server() {
     );
     assert!(remote.guest(&guest).is_none(), "the agent's copy is gone");
 }
+
+/// Placement prefers a server whose agent reports it holds the container's image (heartbeats
+/// carry the images each agent holds), and goes by free capacity otherwise.
+#[tokio::test]
+async fn placement_prefers_a_server_that_holds_the_image() {
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let mut agents = Vec::new();
+    for (index, name) in [(1, "node-1"), (2, "node-2")] {
+        // Each its own address pool, as agents with their own --subnet.
+        let driver = Arc::new(SimServer::new(
+            name,
+            index,
+            Resources {
+                cpu_millis: 4000,
+                memory_mb: 4096,
+                disk_mb: 10_000,
+            },
+            SimLatency::uniform(Duration::ZERO),
+        ));
+        let (agent, url) = serve_agent(name, driver).await;
+        tc.core.agents().add(&url).await.unwrap();
+        agents.push(agent);
+    }
+    let create = |body: serde_json::Value| {
+        let tc = &tc;
+        async move {
+            let cmd: serde_json::Value = tc.client.post("/v1/containers", &body).await.unwrap();
+            let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+            tc.core.containers().get_by_id(id).await.unwrap().server
+        }
+    };
+    // node-2 is a little fuller: the first tomcat goes to node-1.
+    create(json!({ "type": "plain", "server": "node-2" })).await;
+    let image = tc
+        .core
+        .types()
+        .get("tomcat")
+        .unwrap()
+        .workload()
+        .image
+        .expect("the tomcat type declares its image");
+    assert_eq!(
+        create(json!({ "type": "tomcat" })).await.as_deref(),
+        Some("node-1"),
+        "no server holds the image: the emptier one"
+    );
+    // Now node-2 is emptier, but node-1's agent reports it holds tomcat's image (as it does
+    // once it has pulled it).
+    let digest = format!("sha256:{}", "c".repeat(64));
+    let mut stats = agents[0].driver().stats().await.unwrap();
+    stats.images = vec![format!("{}@{digest}", image.reference)];
+    let beat = cloud48_engine::agent::protocol::Heartbeat {
+        agent: agents[0].info().clone(),
+        stats,
+    };
+    tc.core.agents().heartbeat(beat).await.unwrap();
+    assert_eq!(
+        create(json!({ "type": "tomcat" })).await.as_deref(),
+        Some("node-1"),
+        "the server holding the image wins over a somewhat emptier one"
+    );
+    // A type without an image goes by free capacity.
+    assert_eq!(
+        create(json!({ "type": "plain" })).await.as_deref(),
+        Some("node-2")
+    );
+}

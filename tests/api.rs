@@ -313,6 +313,15 @@ async fn an_operation_the_status_does_not_allow_fails_when_it_runs() {
     assert_eq!(status, 422);
     assert_eq!(err["error"]["field"], "to");
     assert_eq!(command_count(&t).await, before);
+    // No server can move a running container: live migration is refused, never faked.
+    let (status, err) = action(&t, id, "{\"op\": \"migrate\", \"live\": true}").await;
+    assert_eq!(status, 409, "{err}");
+    let m = err["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains("cannot migrate live") && m.contains("migrate without --live"),
+        "{m}"
+    );
+    assert_eq!(command_count(&t).await, before);
 
     let (_, body) = action(&t, id, "{\"op\": \"destroy\"}").await;
     t.ok(body["command_id"].as_i64().unwrap()).await;

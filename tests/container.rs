@@ -128,6 +128,7 @@ async fn every_container_command_works_on_the_sim_driver() {
         id,
         ContainerCommand::Migrate {
             to: Some("sim-3".into()),
+            live: false,
         },
     )
     .await)
@@ -231,6 +232,7 @@ async fn a_resize_whose_growth_expired_on_a_full_server_gives_the_guest_its_old_
         let txn = t.core.db().begin().await.unwrap();
         let request = cloud48_engine::placement::PlaceRequest {
             requirements: &rest,
+            image: None,
             container_id: 0,
             command_id: None,
             avoid: Default::default(),

@@ -75,7 +75,7 @@ proptest! {
             labels: labels.into_iter().map(String::from).collect(),
             spread: false,
         };
-        let w = Weights { cpu: weights.0 as f64 / 100.0, memory: weights.1 as f64 / 100.0, disk: weights.2 as f64 / 100.0 };
+        let w = Weights { cpu: weights.0 as f64 / 100.0, memory: weights.1 as f64 / 100.0, disk: weights.2 as f64 / 100.0, ..Weights::default() };
         match decide(&servers, &req, &avoid, &w) {
             Ok(id) => {
                 let chosen = servers.iter().find(|c| c.id == id).unwrap();
@@ -111,7 +111,7 @@ proptest! {
         };
         let w = Weights::default();
         let cache = placement::PlacementCache::with_servers(w, servers.clone());
-        let batch = cache.decide_many(&req, count);
+        let batch = cache.decide_many(&req, None, count);
         for (i, got) in batch.iter().enumerate() {
             let want = decide(&servers, &req, &HashSet::new(), &w);
             prop_assert_eq!(got.is_ok(), want.is_ok(), "decision {} differs", i);
@@ -610,6 +610,7 @@ async fn expired_dummies_and_those_of_finished_commands_are_collected() {
         let txn = core.db().begin().await.unwrap();
         let request = PlaceRequest {
             requirements: &req,
+            image: None,
             container_id: 0,
             command_id,
             avoid: HashSet::new(),
@@ -755,7 +756,10 @@ async fn migrate_without_a_target_lets_placement_choose_and_keeps_the_environmen
         .client
         .post::<_, Accepted>(
             &format!("/v1/containers/{}/actions", tomcats[0]),
-            &ContainerCommand::Migrate { to: Some(here) },
+            &ContainerCommand::Migrate {
+                to: Some(here),
+                live: false,
+            },
         )
         .await
         .unwrap_err()

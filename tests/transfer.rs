@@ -163,9 +163,13 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
         sum,
         "every byte came along"
     );
-    // The target pulled into its spool and removed the file once imported.
-    assert_eq!(
-        files_under(&lab.agent_dir(2).join("spool/imports")),
-        Vec::<std::path::PathBuf>::new()
-    );
+    // Nothing stays in transit: the target removed what it pulled once imported, and had the
+    // source drop its export.
+    for (host, dir) in [(2, "imports"), (1, "exports")] {
+        assert_eq!(
+            files_under(&lab.agent_dir(host).join("spool").join(dir)),
+            Vec::<std::path::PathBuf>::new(),
+            "h{host}'s spool/{dir}"
+        );
+    }
 }

@@ -2,8 +2,10 @@
 //! LAN bridge in the current network namespace and one namespace per host, each running a node
 //! agent with the linux driver and its own container subnet, routed through its LAN address.
 //!
-//! Invariant: dropping the lab kills its agents and removes every process, cgroup, namespace,
-//! interface and route it made, even after a failure.
+//! Invariants: dropping the lab kills its agents and removes every process, cgroup, namespace,
+//! interface and route it made, even after a failure; one lab exists on a machine at a time
+//! (they share the LAN's addresses and routes): `Lab::new` waits for an exclusive lock on a
+//! file that the lab holds until it is gone.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -19,6 +21,8 @@ pub struct Lab {
     exe: PathBuf,
     token: String,
     agents: Vec<Option<tokio::process::Child>>,
+    /// Held (locked) while the lab exists; released after `drop` cleaned up.
+    _exclusive: std::fs::File,
     /// Heartbeat period of the agents, ms.
     pub heartbeat_ms: u64,
     /// Whether the agents run their containers' images (pulled from the core) rather than
@@ -56,7 +60,12 @@ impl Lab {
     /// Builds the network of `hosts` hosts; `prefix` (4 characters of a-z0-9) names everything
     /// the lab makes; agents run `exe` and present `token`.
     pub fn new(prefix: &str, hosts: u32, exe: PathBuf, token: &str) -> Result<Lab, String> {
+        let path = std::env::temp_dir().join("cloud48-lab.lock");
+        let exclusive = std::fs::File::create(&path)
+            .and_then(|f| f.lock().map(|()| f))
+            .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
         let lab = Lab {
+            _exclusive: exclusive,
             prefix: prefix.into(),
             hosts,
             dir: tempfile::tempdir().map_err(|e| e.to_string())?,

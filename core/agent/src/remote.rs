@@ -236,6 +236,7 @@ impl RemoteDriver {
                 migrate: true,
                 update: true,
                 images: false,
+                live_migrate: false,
                 simulated: false,
             }),
         }

@@ -110,7 +110,7 @@ impl AgentService {
             .route("/v1/guests", get(list))
             .route("/v1/guests/{id}", get(status))
             .route("/v1/guests/{id}/logs", get(logs))
-            .route("/v1/exports/{id}", get(export))
+            .route("/v1/exports/{id}", get(export).delete(drop_export))
             .route("/v1/ops", post(op))
             .route("/v1/ops/{id}", get(op_status))
             .fallback(|| async {
@@ -308,6 +308,11 @@ impl AgentService {
                 d.import(spec, &GuestImage { type_id, data }).await?
             }
             ImageSource::Agent { url, export, .. } => {
+                // Imported already (a step repeated after the export was dropped): as `import`
+                // of an existing guest id, answer it.
+                if let Ok(Some(guest)) = d.status(&spec.guest_id).await {
+                    return Ok(OpOutput::Guest { guest });
+                }
                 let path = self.spool.import(&export);
                 let pulled = crate::remote::pull_export(
                     &self.client,
@@ -333,7 +338,18 @@ impl AgentService {
                     Err(e) => Err(e),
                 };
                 let _ = tokio::fs::remove_file(&path).await;
-                imported?
+                let imported = imported?;
+                // The source needs its copy no more (one export serves one import).
+                let gone = self
+                    .client
+                    .delete(format!("{}/v1/exports/{export}", url.trim_end_matches('/')))
+                    .bearer_auth(&self.token)
+                    .send()
+                    .await;
+                if let Err(e) = gone {
+                    tracing::info!(%url, export, "the source keeps its export until it expires: {e}");
+                }
+                imported
             }
         };
         Ok(OpOutput::Guest { guest })
@@ -517,6 +533,22 @@ async fn export(
     } else {
         ([kind, length], body).into_response()
     }
+}
+
+/// Removes an export once its importer has it (`DELETE /v1/exports/{id}`); an unknown one is
+/// already gone.
+async fn drop_export(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {
+    let found = {
+        let mut exports = agent.exports.lock().unwrap();
+        exports
+            .iter()
+            .position(|e| e.id == id)
+            .map(|i| exports.remove(i))
+    };
+    if let Some(e) = found {
+        let _ = tokio::fs::remove_file(&e.path).await;
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 /// The start of a `bytes=N-` range (the only form pulls send).

@@ -174,6 +174,10 @@ pub struct Capabilities {
     /// endpoints (the linux driver), or nothing at all (sim).
     #[serde(default)]
     pub images: bool,
+    /// Moves a running guest to another server without stopping it (live migration). No
+    /// driver does yet: the linux driver's OS containers would need CRIU checkpoint/restore.
+    #[serde(default)]
+    pub live_migrate: bool,
     /// A simulation: no process runs in its containers (an operator's `exec` has nothing to
     /// run in; a hook's scripts are recorded, not run).
     #[serde(default)]

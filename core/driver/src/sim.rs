@@ -550,6 +550,7 @@ impl Driver for SimServer {
             migrate: true,
             update: true,
             images: false,
+            live_migrate: false,
             simulated: true,
         }
     }

@@ -176,6 +176,7 @@ impl Agents {
     /// A heartbeat from an agent (registers its server on first contact).
     pub async fn heartbeat(&self, beat: Heartbeat) -> Result<i64, CoreError> {
         let id = self.register(&beat.agent, &beat.stats).await?;
+        self.placement.set_images(id, &beat.stats.images);
         self.health.heartbeat(id, Some(beat.stats));
         Ok(id)
     }

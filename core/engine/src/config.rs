@@ -196,6 +196,14 @@ const SETTINGS: &[Spec] = &[
         kind: Kind::Weight,
     },
     Spec {
+        key: "placement.weight_image",
+        env: "CLOUD48_WEIGHT_IMAGE",
+        flag: "--weight-image",
+        default: "0.25",
+        secret: false,
+        kind: Kind::Weight,
+    },
+    Spec {
         key: "placement.dummy_ttl_secs",
         env: "CLOUD48_DUMMY_TTL_SECS",
         flag: "--dummy-ttl-secs",
@@ -655,6 +663,7 @@ impl Settings {
             cpu: self.weight("placement.weight_cpu"),
             memory: self.weight("placement.weight_memory"),
             disk: self.weight("placement.weight_disk"),
+            image: self.weight("placement.weight_image"),
         };
         c.placement.dummy_ttl = Some(Duration::from_secs(
             self.count("placement.dummy_ttl_secs").max(1),

@@ -51,6 +51,9 @@ pub enum ContainerCommand {
         /// Name of the target server; default: placement chooses (never the current server).
         #[serde(default)]
         to: Option<String>,
+        /// Without stopping it (live). Refused with the reason while no driver can.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        live: bool,
     },
 }
 
@@ -334,6 +337,19 @@ impl<'a> ContainerManager<'a> {
         ContainerManager { svc }
     }
 
+    /// Why `row` cannot migrate live: its server's driver does not move running guests (no
+    /// driver does yet), said with what to do instead.
+    fn live_refusal(&self, row: &container::Model) -> CoreError {
+        let which = row
+            .server_id
+            .and_then(|s| self.svc.fleet().named_driver(s))
+            .map_or_else(|| "its server".into(), |(_, name)| format!("server {name}"));
+        CoreError::Conflict(format!(
+            "container {} cannot migrate live: {which} reports no live migration (its OS containers would need CRIU checkpoint and restore, which Cloud48 does not do yet); migrate without --live: the container stops while its files are copied and starts on the target with the same address where the network allows",
+            row.id
+        ))
+    }
+
     /// Submits `cmd` for container `id`; returns the command id.
     pub async fn run(
         &self,
@@ -368,10 +384,13 @@ impl<'a> ContainerManager<'a> {
                 };
                 crate::commands::params::to_value(crate::commands::params::Clone { server_id })
             }
-            ContainerCommand::Migrate { to: None } => {
+            ContainerCommand::Migrate { live: true, .. } => {
+                return Err(self.live_refusal(&row));
+            }
+            ContainerCommand::Migrate { to: None, .. } => {
                 crate::commands::params::to_value(crate::commands::params::Migrate { to: None })
             }
-            ContainerCommand::Migrate { to: Some(to) } => {
+            ContainerCommand::Migrate { to: Some(to), .. } => {
                 let target = server_by_name(db, "to", to).await?;
                 if Some(target.id) == row.server_id {
                     return Err(CoreError::invalid(
@@ -1408,6 +1427,7 @@ fn capability_names(c: &crate::driver::Capabilities) -> Vec<String> {
         ("update", c.update),
         ("images", c.images),
         ("host-files", !c.images),
+        ("live-migrate", c.live_migrate),
     ]
     .into_iter()
     .filter(|(_, on)| *on)
@@ -1583,7 +1603,16 @@ mod tests {
             serde_json::from_value(serde_json::to_value(&cmd).unwrap()).unwrap();
         assert_eq!(back, cmd);
         let migrate: ContainerCommand = serde_json::from_str(r#"{"op": "migrate"}"#).unwrap();
-        assert_eq!(migrate, ContainerCommand::Migrate { to: None });
+        assert_eq!(
+            migrate,
+            ContainerCommand::Migrate {
+                to: None,
+                live: false
+            }
+        );
+        let live: ContainerCommand =
+            serde_json::from_str(r#"{"op": "migrate", "live": true}"#).unwrap();
+        assert!(matches!(live, ContainerCommand::Migrate { live: true, .. }));
         assert_eq!(migrate.kind().as_str(), "container.migrate");
     }
 

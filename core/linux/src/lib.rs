@@ -880,6 +880,7 @@ impl Driver for LinuxDriver {
             migrate: true,
             update: true,
             images: self.images.is_some(),
+            live_migrate: false,
             simulated: false,
         }
     }

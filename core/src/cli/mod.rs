@@ -184,6 +184,10 @@ pub struct CoreArgs {
     /// Placement weight of free disk [default 0.5].
     #[arg(long)]
     pub weight_disk: Option<f64>,
+    /// Placement score added for a server that already holds the container's image, so it
+    /// need not pull it [default 0.25].
+    #[arg(long)]
+    pub weight_image: Option<f64>,
     /// Lifetime of a capacity reservation whose command did not finish, seconds [default 600].
     #[arg(long)]
     pub dummy_ttl_secs: Option<u64>,
@@ -252,6 +256,7 @@ impl CoreArgs {
             ("placement.weight_cpu", self.weight_cpu),
             ("placement.weight_memory", self.weight_memory),
             ("placement.weight_disk", self.weight_disk),
+            ("placement.weight_image", self.weight_image),
         ] {
             put(key, value.map(|v| v.to_string()));
         }
@@ -544,6 +549,9 @@ pub enum ContainerCmd {
         /// Target server (default: placement chooses, never the current server).
         #[arg(long)]
         to: Option<String>,
+        /// Without stopping the container (refused with the reason where its server cannot).
+        #[arg(long)]
+        live: bool,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -1123,7 +1131,9 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             (id, ContainerCommand::Update { resources }, wait)
         }
         ContainerCmd::Clone { id, on, wait } => (id, ContainerCommand::Clone { server: on }, wait),
-        ContainerCmd::Migrate { id, to, wait } => (id, ContainerCommand::Migrate { to }, wait),
+        ContainerCmd::Migrate { id, to, live, wait } => {
+            (id, ContainerCommand::Migrate { to, live }, wait)
+        }
         ContainerCmd::List {
             env,
             status,

@@ -63,6 +63,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let params: params::CreateMany = ctx.params()?;
     let fixed = params.server_id;
     let req = params.requirements;
+    let image = super::image_of(svc, &params.type_id);
     let need = req.resources;
     // Decide in memory; the cache counts each decision so the next one sees it.
     let decisions = match fixed {
@@ -70,7 +71,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
             cache.apply(s, &need.times(rows.len() as u64), rows.len() as i64, 1);
             vec![Ok(s); rows.len()]
         }
-        None => cache.decide_many(&req, rows.len()),
+        None => cache.decide_many(&req, image.as_ref(), rows.len()),
     };
     let mut per_server: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     let mut failed: Vec<(i64, String)> = Vec::new();
@@ -110,6 +111,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
                 for id in ids {
                     let request = PlaceRequest {
                         requirements: &req,
+                        image: image.as_ref(),
                         container_id: id,
                         command_id: Some(command),
                         avoid: HashSet::new(),

@@ -407,14 +407,18 @@ struct Placing {
     cache: Arc<PlacementCache>,
     command: i64,
     deadline: i64,
+    /// The image of the container's type.
+    image: Option<crate::model::ImageRef>,
 }
 
 impl Placing {
-    fn of(ctx: &StepCtx<'_>) -> Self {
+    /// For a container of type `type_id`.
+    fn of(ctx: &StepCtx<'_>, type_id: &str) -> Self {
         Placing {
             cache: ctx.svc.placement_shared(),
             command: ctx.cmd.id,
             deadline: ctx.svc.queue().now_ms() + ctx.svc.dummy_ttl_ms(),
+            image: super::image_of(ctx.svc, type_id),
         }
     }
 
@@ -429,6 +433,7 @@ impl Placing {
     ) -> Result<Reservation, StepError> {
         let request = PlaceRequest {
             requirements: req,
+            image: self.image.as_ref(),
             container_id,
             command_id: Some(self.command),
             avoid,
@@ -517,7 +522,7 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         let params: params::Create = ctx.params()?;
         let mut avoid = spread_avoid(svc, &row, &req).await?;
         avoid.extend(params.avoid);
-        let placing = Placing::of(ctx);
+        let placing = Placing::of(ctx, &row.type_id);
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
                 let r = placing
@@ -781,7 +786,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         .map_err(StepError::Permanent)?;
         let server = ctx.params::<params::Clone>()?.server_id;
         let (placing, command, platform) = (
-            Placing::of(ctx),
+            Placing::of(ctx, &row.type_id),
             ctx.cmd.id,
             svc.platform_name().to_string(),
         );
@@ -908,7 +913,11 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             row.id,
             status,
             "container.migrate",
-            ContainerCommand::Migrate { to: None }.allowed_from(),
+            ContainerCommand::Migrate {
+                to: None,
+                live: false,
+            }
+            .allowed_from(),
         )
         .map_err(StepError::Permanent)?;
         let to = ctx.params::<params::Migrate>()?.to;
@@ -918,7 +927,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         let req = requirements_of(&row);
         let mut avoid = spread_avoid(svc, &row, &req).await?;
         avoid.extend(row.server_id);
-        let placing = Placing::of(ctx);
+        let placing = Placing::of(ctx, &row.type_id);
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
                 let r = placing.reserve(txn, row.id, &req, avoid, to).await?;

@@ -156,9 +156,10 @@ async fn place(
 ) -> Result<(), StepError> {
     let rows = load(svc, cmds).await?;
     let cache = svc.placement();
-    // Equal requirements (and named server) share one decision heap.
+    // Equal requirements, named server and type (its image) share one decision heap.
     // Those that named a server come first, so the others' decisions see what they take.
-    let mut by_need: BTreeMap<(bool, Option<i64>, String), Vec<Plain<'_>>> = BTreeMap::new();
+    let mut by_need: BTreeMap<(bool, Option<i64>, String, String), Vec<Plain<'_>>> =
+        BTreeMap::new();
     // Whether each command starts its container, read once from its parameters.
     let mut starts: HashMap<usize, bool> = HashMap::new();
     for p in plain(cmds, &rows) {
@@ -169,14 +170,20 @@ async fn place(
         }
         let fixed = p.params.server_id;
         by_need
-            .entry((fixed.is_none(), fixed, p.row.requirements.clone()))
+            .entry((
+                fixed.is_none(),
+                fixed,
+                p.row.requirements.clone(),
+                p.row.type_id.clone(),
+            ))
             .or_default()
             .push(p);
     }
     // Counted in the cache.
     let mut decided: Vec<Decided> = Vec::new();
-    for ((_, fixed, _), members) in by_need {
+    for ((_, fixed, _, type_id), members) in by_need {
         let req = members[0].row.requirements();
+        let image = super::image_of(svc, &type_id);
         let need = req.resources;
         let n = members.len();
         let decisions = match fixed {
@@ -184,7 +191,7 @@ async fn place(
                 cache.apply(s, &need.times(n as u64), n as i64, 1);
                 vec![Ok(s); n]
             }
-            None => cache.decide_many(&req, n),
+            None => cache.decide_many(&req, image.as_ref(), n),
         };
         for (p, d) in members.into_iter().zip(decisions) {
             // No server fits: it fails alone, with the reason.

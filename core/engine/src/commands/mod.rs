@@ -179,6 +179,12 @@ pub(crate) fn guest_spec(
     }
 }
 
+/// The image containers of type `type_id` run, if their type declares one (placement prefers
+/// servers that hold it).
+pub(crate) fn image_of(svc: &Services, type_id: &str) -> Option<crate::model::ImageRef> {
+    svc.types().get(type_id).and_then(|t| t.workload().image)
+}
+
 /// The one way a container's guest is made on its server, for single, grouped and batch creates
 /// and for copies: imported from `image` when given (already usable by this driver), created
 /// otherwise, then started when asked. Idempotent like the driver calls it makes.

@@ -13,7 +13,7 @@ use sea_orm::{
 
 use super::{PlacementCache, PlacementError, allocated_of, resources};
 use crate::entities::{container, dummy, server};
-use crate::model::{ContainerStatus, Requirements, Resources, now_ms};
+use crate::model::{ContainerStatus, ImageRef, Requirements, Resources, now_ms};
 
 /// Reserves `r` (and `count` containers) on `server` if it still fits; with `placeable` the
 /// server must also be up and not draining. True when reserved.
@@ -198,6 +198,8 @@ pub struct Reservation {
 pub struct PlaceRequest<'a> {
     /// The container's requirements.
     pub requirements: &'a Requirements,
+    /// The image it runs (servers holding it are preferred).
+    pub image: Option<&'a ImageRef>,
     /// The container the dummy stands for.
     pub container_id: i64,
     /// The command placing it.
@@ -224,7 +226,7 @@ pub async fn place(
         let server_id = match req.server {
             Some(s) => s,
             None => cache
-                .decide(req.requirements, &avoid)
+                .decide(req.requirements, req.image, &avoid)
                 .map_err(PlacementError::NoFit)?,
         };
         // A failed conditional update changes nothing, so no savepoint is needed.

@@ -10,8 +10,11 @@
 //!         / (w_cpu + w_mem + w_disk)        where free = capacity − allocated − need
 //! ```
 //!
-//! and takes the highest score (ties: lowest server id), which spreads load. The weights are
-//! configurable (`placement.weight_cpu`, `placement.weight_memory`, `placement.weight_disk`).
+//! and takes the highest score (ties: lowest server id), which spreads load. A server that
+//! already holds the container's image (its agent says so in heartbeats) gets `w_image` more,
+//! so it wins unless another has that much more of its capacity free. The weights are
+//! configurable (`placement.weight_cpu`, `placement.weight_memory`, `placement.weight_disk`,
+//! `placement.weight_image`).
 //!
 //! Invariants:
 //! - The decision reads an in-memory `PlacementCache`; it may be stale. The database is the
@@ -37,7 +40,7 @@ mod ledger;
 pub use ledger::*;
 
 use crate::entities::server;
-use crate::model::{Requirements, Resources};
+use crate::model::{ImageRef, Requirements, Resources};
 
 /// Why no server fits.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,8 @@ pub struct Weights {
     pub memory: f64,
     /// Weight of the free disk share.
     pub disk: f64,
+    /// Added to the score of a server that holds the container's image.
+    pub image: f64,
 }
 
 impl Default for Weights {
@@ -67,6 +72,7 @@ impl Default for Weights {
             cpu: 1.0,
             memory: 1.0,
             disk: 0.5,
+            image: 0.25,
         }
     }
 }
@@ -155,6 +161,16 @@ pub fn score(c: &Candidate, need: &Resources, w: &Weights) -> f64 {
     if total > 0.0 { sum / total } else { 0.0 }
 }
 
+/// Whether a held image (`name@digest`) is `image`: the same digest when it names one, else
+/// the same name.
+fn holds(held: &str, image: &ImageRef) -> bool {
+    let (name, digest) = held.split_once('@').unwrap_or((held, ""));
+    match &image.digest {
+        Some(d) => d == digest,
+        None => name == image.reference,
+    }
+}
+
 fn has_labels(c: &Candidate, req: &Requirements) -> bool {
     req.labels.iter().all(|l| c.labels.contains(l))
 }
@@ -167,6 +183,17 @@ pub fn decide(
     avoid: &HashSet<i64>,
     w: &Weights,
 ) -> Result<i64, String> {
+    decide_preferring(servers, req, avoid, w, |_| false)
+}
+
+/// `decide`, scoring `w.image` more for the servers `holds` says hold the container's image.
+pub fn decide_preferring(
+    servers: &[Candidate],
+    req: &Requirements,
+    avoid: &HashSet<i64>,
+    w: &Weights,
+    holds: impl Fn(i64) -> bool,
+) -> Result<i64, String> {
     let need = &req.resources;
     let mut best: Option<(f64, i64)> = None;
     for c in servers {
@@ -177,7 +204,7 @@ pub fn decide(
         {
             continue;
         }
-        let s = score(c, need, w);
+        let s = score(c, need, w) + if holds(c.id) { w.image } else { 0.0 };
         if best.is_none_or(|(b, id)| s > b || (s == b && c.id < id)) {
             best = Some((s, c.id));
         }
@@ -244,6 +271,8 @@ fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<i64>
 #[derive(Default)]
 pub struct PlacementCache {
     servers: RwLock<(Vec<Candidate>, HashMap<i64, usize>)>,
+    /// The images each server holds (`name@digest`, as its agent reports them).
+    held: RwLock<HashMap<i64, Vec<String>>>,
     weights: RwLock<Weights>,
     timing: AtomicBool,
     samples: std::sync::Mutex<Vec<u32>>,
@@ -322,11 +351,34 @@ impl PlacementCache {
         }
     }
 
-    /// Chooses a server (see `decide`).
-    pub fn decide(&self, req: &Requirements, avoid: &HashSet<i64>) -> Result<i64, String> {
+    /// Records the images server `id` holds (`name@digest`), from its heartbeat.
+    pub fn set_images(&self, id: i64, images: &[String]) {
+        let mut held = self.held.write().unwrap();
+        if held.get(&id).map(Vec::as_slice) != Some(images) {
+            held.insert(id, images.to_vec());
+        }
+    }
+
+    /// Chooses a server (see `decide`), preferring those that hold `image`.
+    pub fn decide(
+        &self,
+        req: &Requirements,
+        image: Option<&ImageRef>,
+        avoid: &HashSet<i64>,
+    ) -> Result<i64, String> {
         let started = self.timing.load(Ordering::Relaxed).then(Instant::now);
         let w = *self.weights.read().unwrap();
-        let out = decide(&self.servers.read().unwrap().0, req, avoid, &w);
+        let servers = &self.servers.read().unwrap().0;
+        let out = match image {
+            None => decide(servers, req, avoid, &w),
+            Some(image) => {
+                let held = self.held.read().unwrap();
+                decide_preferring(servers, req, avoid, &w, |id| {
+                    held.get(&id)
+                        .is_some_and(|names| names.iter().any(|n| holds(n, image)))
+                })
+            }
+        };
         if let Some(t) = started {
             let ns = t.elapsed().as_nanos().min(u32::MAX as u128) as u32;
             self.samples.lock().unwrap().push(ns);
@@ -339,7 +391,12 @@ impl PlacementCache {
     /// servers go into a heap by score once; each decision takes the best, counts the container
     /// there and puts the server back with its new score, so a decision costs O(log servers)
     /// instead of a scan. The decisions that find no server carry the reason.
-    pub fn decide_many(&self, req: &Requirements, count: usize) -> Vec<Result<i64, String>> {
+    pub fn decide_many(
+        &self,
+        req: &Requirements,
+        image: Option<&ImageRef>,
+        count: usize,
+    ) -> Vec<Result<i64, String>> {
         use std::cmp::{Ordering as O, Reverse};
         use std::collections::BinaryHeap;
         #[derive(PartialEq)]
@@ -357,6 +414,17 @@ impl PlacementCache {
         }
         let w = *self.weights.read().unwrap();
         let need = &req.resources;
+        let held = self.held.read().unwrap();
+        let bonus = |id: i64| match image {
+            Some(image)
+                if held
+                    .get(&id)
+                    .is_some_and(|n| n.iter().any(|n| holds(n, image))) =>
+            {
+                w.image
+            }
+            _ => 0.0,
+        };
         let timing = self.timing.load(Ordering::Relaxed);
         let mut guard = self.servers.write().unwrap();
         let list = &mut guard.0;
@@ -365,7 +433,7 @@ impl PlacementCache {
             .iter()
             .enumerate()
             .filter(|(_, c)| c.placeable() && has_labels(c, req) && need.fits_in(&c.free()))
-            .map(|(i, c)| Best(score(c, need, &w), Reverse(c.id), i))
+            .map(|(i, c)| Best(score(c, need, &w) + bonus(c.id), Reverse(c.id), i))
             .collect();
         let build = started.elapsed().as_nanos() as u64 / count.max(1) as u64;
         let mut out = Vec::with_capacity(count);
@@ -381,7 +449,7 @@ impl PlacementCache {
             c.allocated = c.allocated.plus(need);
             c.containers += 1;
             if need.fits_in(&c.free()) {
-                heap.push(Best(score(c, need, &w), Reverse(id), at));
+                heap.push(Best(score(c, need, &w) + bonus(id), Reverse(id), at));
             }
             out.push(Ok(id));
             if timing {
@@ -491,6 +559,63 @@ mod tests {
         assert_eq!(
             decide(&[plain], &need(100, 100), &HashSet::new(), &w),
             Ok(3)
+        );
+    }
+
+    #[test]
+    fn a_server_holding_the_image_wins_unless_another_is_much_emptier() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let tomcat = |digest: Option<&str>| ImageRef {
+            reference: "cloud48/tomcat".into(),
+            digest: digest.map(String::from),
+        };
+        // Server 2 is a little emptier; server 1 holds the image.
+        let cache = PlacementCache::with_servers(
+            Weights::default(),
+            vec![server(1, 5000, 5000, &[]), server(2, 5600, 5600, &[])],
+        );
+        cache.set_images(1, &[format!("cloud48/tomcat@{digest}")]);
+        let none = HashSet::new();
+        assert_eq!(cache.decide(&need(100, 100), None, &none), Ok(2));
+        assert_eq!(
+            cache.decide(&need(100, 100), Some(&tomcat(None)), &none),
+            Ok(1)
+        );
+        assert_eq!(
+            cache.decide(&need(100, 100), Some(&tomcat(Some(&digest))), &none),
+            Ok(1)
+        );
+        // Another digest of the same name is another image.
+        let other = format!("sha256:{}", "b".repeat(64));
+        assert_eq!(
+            cache.decide(&need(100, 100), Some(&tomcat(Some(&other))), &none),
+            Ok(2)
+        );
+        // Much more room elsewhere outweighs the image.
+        let roomy = PlacementCache::with_servers(
+            Weights::default(),
+            vec![server(1, 1000, 1000, &[]), server(2, 8000, 8192, &[])],
+        );
+        roomy.set_images(1, &[format!("cloud48/tomcat@{digest}")]);
+        assert_eq!(
+            roomy.decide(&need(100, 100), Some(&tomcat(None)), &none),
+            Ok(2)
+        );
+        // Batches prefer it too, until it is no longer the best.
+        let many = cache.decide_many(&need(100, 100), Some(&tomcat(None)), 2);
+        assert_eq!(many[0], Ok(1));
+        // With the weight at 0 the image counts for nothing.
+        let indifferent = PlacementCache::with_servers(
+            Weights {
+                image: 0.0,
+                ..Weights::default()
+            },
+            vec![server(1, 5000, 5000, &[]), server(2, 5600, 5600, &[])],
+        );
+        indifferent.set_images(1, &[format!("cloud48/tomcat@{digest}")]);
+        assert_eq!(
+            indifferent.decide(&need(100, 100), Some(&tomcat(None)), &none),
+            Ok(2)
         );
     }
 }
