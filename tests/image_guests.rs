@@ -417,3 +417,61 @@ async fn a_full_image_cache_drops_the_least_recently_used_image_no_container_run
     assert_eq!(roots, [tiny.digest.hex().to_string()]);
     d.destroy("tiny-1").await.unwrap();
 }
+
+/// A tmpfs of `mb` MiB mounted at `at` until dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, mb: u32) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount a tmpfs at {} (run as root)", at.display());
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_is_a_clear_error_naming_the_image_and_leaves_nothing_half_made() {
+    let source = source().await;
+    let prefix = unique_prefix('f');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0")],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The server's whole data directory has room for less than the image.
+    let _disk = Tmpfs::mount(&dir.path().join("server-0"), 8);
+    let d = open(dir.path(), &prefix, 84, 0, source).await;
+    let err = d.create(&spec("web-f", web())).await.unwrap_err();
+    assert!(matches!(err, DriverError::Permanent(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("test/web") && text.contains("No space left on device"),
+        "{text}"
+    );
+    assert!(d.status("web-f").await.unwrap().is_none());
+    assert!(!dir.path().join("server-0/guests/web-f").exists());
+    // The store names no image and keeps no partial blob.
+    let store = Store::open(dir.path().join("server-0/images")).unwrap();
+    assert!(store.list().unwrap().is_empty());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("server-0/images/tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
