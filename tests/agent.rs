@@ -666,7 +666,8 @@ async fn placement_prefers_a_server_that_holds_the_image() {
     // once it has pulled it).
     let digest = format!("sha256:{}", "c".repeat(64));
     let mut stats = agents[0].driver().stats().await.unwrap();
-    stats.images = vec![format!("{}@{digest}", image.reference)];
+    // As agents report them: name:tag@digest.
+    stats.images = vec![format!("{}:latest@{digest}", image.reference)];
     let beat = cloud48_engine::agent::protocol::Heartbeat {
         agent: agents[0].info().clone(),
         stats,

@@ -314,3 +314,121 @@ async fn an_agent_pulls_an_image_from_the_core_resuming_a_broken_off_blob() {
     .unwrap();
     assert!(err.contains("401"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_pulls_an_image_from_a_peer_that_holds_it() {
+    use cloud48_engine::agent::images::CoreImages;
+    use cloud48_engine::agent::protocol::Heartbeat;
+    use cloud48_engine::driver::Driver;
+    // The fleet's one token: the core's agents token, which peers accept too.
+    const TOKEN: &str = crate::agent::TOKEN;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cloud48.toml");
+    std::fs::write(&config, format!("[agents]\ntoken = \"{TOKEN}\"\n")).unwrap();
+    let serve = crate::common::serve(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap(), "--anonymous", "full"],
+    )
+    .await;
+    let (source, summary) = layout(dir.path(), "test/shared:1", 5);
+    let (ok, _, err) = run(
+        &serve.url,
+        &["image", "import", &source.root().display().to_string()],
+    );
+    assert!(ok, "{err}");
+    let layer = source.show(summary.digest.as_str()).unwrap().layers[0].clone();
+
+    // A peer agent pulled the image from the core, serves its store, and says so in its
+    // heartbeats.
+    let peer_store = std::sync::Arc::new(Store::open(dir.path().join("peer")).unwrap());
+    let pulling = (peer_store.clone(), serve.url.clone());
+    tokio::task::spawn_blocking(move || {
+        let core = CoreImages::new(&pulling.1, TOKEN, tokio::runtime::Handle::current());
+        pulling
+            .0
+            .pull(
+                &core,
+                "test/shared:1",
+                Some(&"test/shared:1".parse().unwrap()),
+                &mut |_| {},
+            )
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let sim = std::sync::Arc::new(cloud48_engine::driver::sim::SimServer::new(
+        "peer",
+        7,
+        cloud48_engine::model::Resources {
+            cpu_millis: 1000,
+            memory_mb: 1024,
+            disk_mb: 1024,
+        },
+        cloud48_engine::driver::sim::SimLatency::uniform(std::time::Duration::ZERO),
+    ));
+    let (agent, peer_url) = crate::agent::serve_agent("peer", sim.clone()).await;
+    agent.serve_images(peer_store);
+    let mut stats = sim.stats().await.unwrap();
+    stats.images = vec![format!("test/shared:1@{}", summary.digest)];
+    let beat = Heartbeat {
+        agent: agent.info().clone(),
+        stats,
+    };
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/agents/heartbeat", serve.url))
+        .bearer_auth(TOKEN)
+        .json(&beat)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let holders: Value = reqwest::Client::new()
+        .get(format!("{}/v1/images/test%2Fshared:1/holders", serve.url))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(holders["holders"], serde_json::json!([peer_url]));
+
+    // The core no longer has it: a new agent still gets it, whole and verified, from the peer.
+    let (ok, _, err) = run(&serve.url, &["image", "rm", "test/shared:1"]);
+    assert!(ok, "{err}");
+    let fresh = Store::open(dir.path().join("fresh")).unwrap();
+    let url = serve.url.clone();
+    let (pulled, fresh) = tokio::task::spawn_blocking(move || {
+        let source = CoreImages::new(&url, TOKEN, tokio::runtime::Handle::current())
+            .for_agent("http://127.0.0.1:1");
+        (
+            fresh.pull(&source, "test/shared:1", None, &mut |_| {}),
+            fresh,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(pulled.unwrap().digest, summary.digest);
+    assert_eq!(
+        std::fs::read(fresh.blob_path(&layer.digest)).unwrap(),
+        std::fs::read(source.blob_path(&layer.digest)).unwrap()
+    );
+    // An agent never pulls from itself: as the peer, it finds no holder and the core has none.
+    let url = serve.url.clone();
+    let own = agent.info().url.clone();
+    let err = tokio::task::spawn_blocking(move || {
+        let lonely = Store::open(tempfile::tempdir().unwrap().keep()).unwrap();
+        let source =
+            CoreImages::new(&url, TOKEN, tokio::runtime::Handle::current()).for_agent(&own);
+        lonely
+            .pull(&source, "test/shared:1", None, &mut |_| {})
+            .unwrap_err()
+            .to_string()
+    })
+    .await
+    .unwrap();
+    assert!(
+        err.contains("test/shared:1") && err.contains("404"),
+        "{err}"
+    );
+}

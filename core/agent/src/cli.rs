@@ -146,6 +146,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let capacity = args.capacity.as_deref().map(parse_capacity).transpose()?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    // The images this server holds, served to peer agents.
+    let mut image_store = None;
     let driver: Arc<dyn Driver> = match args.driver {
         AgentDriver::Linux => {
             let runc = ["/usr/sbin/runc", "/usr/bin/runc", "/sbin/runc"]
@@ -165,11 +167,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 (_, true) => Some(ImagesConfig {
                     cache_bytes: (args.image_cache_mb > 0).then_some(args.image_cache_mb << 20),
                     source: args.core.as_deref().map(|core| {
-                        Arc::new(CoreImages::new(
-                            core,
-                            &args.token,
-                            tokio::runtime::Handle::current(),
-                        )) as cloud48_linux::images::ImageSource
+                        Arc::new(
+                            CoreImages::new(core, &args.token, tokio::runtime::Handle::current())
+                                .for_agent(&url),
+                        ) as cloud48_linux::images::ImageSource
                     }),
                 }),
             };
@@ -187,11 +188,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 exe: std::env::current_exe().context("cannot find this program's path")?,
                 images,
             };
-            Arc::new(
-                LinuxDriver::open(cfg)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("the linux driver cannot start: {e}"))?,
-            )
+            let linux = LinuxDriver::open(cfg)
+                .await
+                .map_err(|e| anyhow::anyhow!("the linux driver cannot start: {e}"))?;
+            image_store = linux.image_store();
+            Arc::new(linux)
         }
         AgentDriver::Sim => {
             let capacity = capacity.unwrap_or(Resources {
@@ -225,6 +226,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let spool = args.data_dir.join("spool");
     let agent = AgentService::new(driver, args.token.clone(), info, &spool)
         .with_context(|| format!("cannot prepare {}", spool.display()))?;
+    if let Some(store) = image_store {
+        agent.serve_images(store);
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -1,7 +1,13 @@
-//! Where an agent pulls the images its containers run: the core's image store over HTTP
-//! (`GET /v1/images/{name}` to resolve a name, `GET /v1/images/blobs/{digest}` with
-//! `Range: bytes=OFFSET-` for the bytes), streamed into the agent's store, which verifies each
-//! blob and resumes one a broken connection left half-written.
+//! Where an agent pulls the images its containers run: peer agents that hold the image, and
+//! the core's image store, over HTTP (`GET /v1/images/{name}` to resolve a name,
+//! `GET /v1/images/blobs/{digest}` with `Range: bytes=OFFSET-` for the bytes; agents serve
+//! their own stores the same way), streamed into the agent's store, which verifies each blob
+//! and resumes one a broken connection left half-written.
+//!
+//! The core names the holders (`GET /v1/images/{name}/holders`, from the agents' heartbeats).
+//! A name is resolved at the core, or at a holder when the core no longer has it; blobs come
+//! from a holder when one answers, else from the core. A peer cannot slip in other bytes: the
+//! store checks every blob against its digest.
 
 use std::io::{self, Read};
 
@@ -16,6 +22,10 @@ pub struct CoreImages {
     base: String,
     token: String,
     runtime: Handle,
+    /// This agent's own address (never its own peer).
+    me: Option<String>,
+    /// The `/v1/images` bases of the peers that hold the image being pulled.
+    peers: std::sync::Mutex<Vec<String>>,
 }
 
 impl CoreImages {
@@ -32,23 +42,37 @@ impl CoreImages {
             base: format!("{}/v1/images", core_url.trim_end_matches('/')),
             token: token.to_string(),
             runtime,
+            me: None,
+            peers: Default::default(),
         }
     }
 
-    fn unreachable(&self, what: &str, e: impl std::fmt::Display) -> ImageError {
+    /// The same, for the agent at `url`, which never pulls from itself.
+    pub fn for_agent(mut self, url: &str) -> CoreImages {
+        self.me = Some(url.trim_end_matches('/').to_string());
+        self
+    }
+
+    fn unreachable(base: &str, what: &str, e: impl std::fmt::Display) -> ImageError {
         ImageError::Io {
-            context: format!("{what} from the core at {}", self.base),
+            context: format!("{what} from {base}"),
             source: io::Error::other(e.to_string()),
         }
     }
 
     /// An answer that is not a success, as the error the store reports.
-    fn refused(&self, what: &str, status: reqwest::StatusCode, body: &str) -> ImageError {
+    fn refused(base: &str, what: &str, status: reqwest::StatusCode, body: &str) -> ImageError {
         let message = serde_json::from_str::<serde_json::Value>(body)
             .ok()
-            .and_then(|v| v["message"].as_str().map(String::from))
+            .and_then(|v| {
+                v["error"]["message"]
+                    .as_str()
+                    .or(v["error"].as_str())
+                    .or(v["message"].as_str())
+                    .map(String::from)
+            })
             .unwrap_or_else(|| body.trim().to_string());
-        let message = format!("{what}: the core answered {status}: {message}");
+        let message = format!("{what}: {base} answered {status}: {message}");
         if status == reqwest::StatusCode::NOT_FOUND {
             ImageError::NotFound(message)
         } else {
@@ -60,52 +84,124 @@ impl CoreImages {
     }
 }
 
-impl Source for CoreImages {
-    fn resolve(&self, image: &str) -> Result<Digest, ImageError> {
-        let what = format!("image {image}");
-        let url = format!("{}/{}", self.base, image.replace('/', "%2F"));
-        self.runtime.block_on(async {
+impl CoreImages {
+    /// The `/v1/images` bases of the agents the core says hold `image` (none when it cannot
+    /// say).
+    async fn holders(&self, image: &str) -> Vec<String> {
+        #[derive(serde::Deserialize)]
+        struct Holders {
+            holders: Vec<String>,
+        }
+        let url = format!("{}/{}/holders", self.base, image.replace('/', "%2F"));
+        let answer = async {
             let r = self
                 .client
                 .get(&url)
                 .bearer_auth(&self.token)
                 .send()
                 .await
-                .map_err(|e| self.unreachable(&what, e))?;
-            let status = r.status();
-            let body = r.text().await.map_err(|e| self.unreachable(&what, e))?;
-            if !status.is_success() {
-                return Err(self.refused(&what, status, &body));
+                .ok()?;
+            r.status().is_success().then_some(())?;
+            r.json::<Holders>().await.ok()
+        };
+        answer
+            .await
+            .map(|h| h.holders)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .filter(|u| Some(u) != self.me.as_ref())
+            .map(|u| format!("{u}/v1/images"))
+            .collect()
+    }
+
+    /// The manifest digest of `image` at the store whose API is at `base`.
+    async fn resolve_at(&self, base: &str, image: &str) -> Result<Digest, ImageError> {
+        let what = format!("image {image}");
+        let url = format!("{base}/{}", image.replace('/', "%2F"));
+        let r = self
+            .client
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| Self::unreachable(base, &what, e))?;
+        let status = r.status();
+        let body = r
+            .text()
+            .await
+            .map_err(|e| Self::unreachable(base, &what, e))?;
+        if !status.is_success() {
+            return Err(Self::refused(base, &what, status, &body));
+        }
+        let details: ImageDetails = serde_json::from_str(&body).map_err(|e| {
+            ImageError::Corrupt(format!("{base}'s description of {what} is not valid: {e}"))
+        })?;
+        Ok(details.summary.digest)
+    }
+
+    /// The answer of the store at `base` to a request for blob `digest` from `offset`.
+    async fn blob_at(
+        &self,
+        base: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<reqwest::Response, ImageError> {
+        let what = format!("blob {digest}");
+        let url = format!("{base}/blobs/{digest}");
+        let mut req = self.client.get(&url).bearer_auth(&self.token);
+        if offset > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let r = req
+            .send()
+            .await
+            .map_err(|e| Self::unreachable(base, &what, e))?;
+        let status = r.status();
+        let expected = if offset > 0 {
+            reqwest::StatusCode::PARTIAL_CONTENT
+        } else {
+            reqwest::StatusCode::OK
+        };
+        if status != expected {
+            let body = r.text().await.unwrap_or_default();
+            return Err(Self::refused(base, &what, status, &body));
+        }
+        Ok(r)
+    }
+}
+
+impl Source for CoreImages {
+    fn resolve(&self, image: &str) -> Result<Digest, ImageError> {
+        self.runtime.block_on(async {
+            let peers = self.holders(image).await;
+            *self.peers.lock().unwrap() = peers.clone();
+            let at_core = self.resolve_at(&self.base, image).await;
+            if at_core.is_ok() {
+                return at_core;
             }
-            let details: ImageDetails = serde_json::from_str(&body).map_err(|e| {
-                ImageError::Corrupt(format!(
-                    "the core's description of {what} is not valid: {e}"
-                ))
-            })?;
-            Ok(details.summary.digest)
+            for peer in &peers {
+                match self.resolve_at(peer, image).await {
+                    Ok(digest) => return Ok(digest),
+                    Err(e) => {
+                        tracing::info!(%peer, image, "a holder could not resolve the image: {e}")
+                    }
+                }
+            }
+            at_core
         })
     }
 
     fn blob(&self, digest: &Digest, offset: u64) -> Result<Box<dyn Read + '_>, ImageError> {
-        let what = format!("blob {digest}");
-        let url = format!("{}/blobs/{digest}", self.base);
+        let peers = self.peers.lock().unwrap().clone();
         let response = self.runtime.block_on(async {
-            let mut req = self.client.get(&url).bearer_auth(&self.token);
-            if offset > 0 {
-                req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+            for peer in &peers {
+                match self.blob_at(peer, digest, offset).await {
+                    Ok(r) => return Ok(r),
+                    Err(e) => tracing::info!(%peer, %digest, "pulling from the core instead: {e}"),
+                }
             }
-            let r = req.send().await.map_err(|e| self.unreachable(&what, e))?;
-            let status = r.status();
-            let expected = if offset > 0 {
-                reqwest::StatusCode::PARTIAL_CONTENT
-            } else {
-                reqwest::StatusCode::OK
-            };
-            if status != expected {
-                let body = r.text().await.unwrap_or_default();
-                return Err(self.refused(&what, status, &body));
-            }
-            Ok(r)
+            self.blob_at(&self.base, digest, offset).await
         })?;
         let stream = response.bytes_stream().map_err(io::Error::other);
         let reader = tokio_util::io::StreamReader::new(stream);

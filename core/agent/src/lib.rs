@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod images;
 pub mod protocol;
+pub mod ranged;
 pub mod remote;
 pub mod server;
 

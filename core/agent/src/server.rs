@@ -9,9 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::AsyncSeekExt;
-
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
@@ -55,6 +53,8 @@ pub struct AgentService {
     ops: Mutex<(HashMap<String, Slot>, VecDeque<String>)>,
     exports: Mutex<Vec<Export>>,
     spool: Spool,
+    /// The server's image store, served to peer agents (`GET /v1/images/...`).
+    images: std::sync::OnceLock<Arc<cloud48_image::Store>>,
     client: reqwest::Client,
 }
 
@@ -84,12 +84,19 @@ impl AgentService {
             ops: Mutex::new((HashMap::new(), VecDeque::new())),
             exports: Mutex::new(Vec::new()),
             spool,
+            images: std::sync::OnceLock::new(),
             client: reqwest::Client::builder()
                 .connect_timeout(PULL_TIMEOUT)
                 .read_timeout(PULL_TIMEOUT)
                 .build()
                 .expect("an HTTP client without TLS builds"),
         }))
+    }
+
+    /// Serves `store` to peer agents, which pull the images this server holds from it rather
+    /// than from the core (read-only, with the fleet's token, as the core serves its own).
+    pub fn serve_images(&self, store: Arc<cloud48_image::Store>) {
+        let _ = self.images.set(store);
     }
 
     /// What the agent says about itself.
@@ -111,6 +118,8 @@ impl AgentService {
             .route("/v1/guests/{id}", get(status))
             .route("/v1/guests/{id}/logs", get(logs))
             .route("/v1/exports/{id}", get(export).delete(drop_export))
+            .route("/v1/images/{image}", get(show_image))
+            .route("/v1/images/blobs/{digest}", get(image_blob))
             .route("/v1/ops", post(op))
             .route("/v1/ops/{id}", get(op_status))
             .fallback(|| async {
@@ -487,51 +496,76 @@ async fn export(
             ),
         );
     };
-    let from = match headers
-        .get(header::RANGE)
-        .map(|r| range_start(r.as_bytes()))
-    {
-        None => 0,
-        Some(Some(from)) if from <= size => from,
-        Some(_) => {
-            return (
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                [(header::CONTENT_RANGE, format!("bytes */{size}"))],
-                Json(ProtocolError {
-                    error: format!(
-                        "export {id} has {size} bytes; ask for a range `bytes=N-` with N at most that"
-                    ),
-                }),
-            )
-                .into_response();
-        }
-    };
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            return refuse(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("export {id} cannot be read: {e}"),
-            );
-        }
-    };
-    if let Err(e) = file.seek(std::io::SeekFrom::Start(from)).await {
-        return refuse(
+    match tokio::fs::File::open(&path).await {
+        Ok(file) => crate::ranged::serve(file, size, &headers, "application/gzip").await,
+        Err(e) => refuse(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("export {id} cannot be read: {e}"),
-        );
+        ),
     }
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 16));
-    let length = (header::CONTENT_LENGTH, (size - from).to_string());
-    let kind = (header::CONTENT_TYPE, "application/gzip".to_string());
-    if headers.contains_key(header::RANGE) {
-        let range = (
-            header::CONTENT_RANGE,
-            format!("bytes {from}-{}/{size}", size.saturating_sub(1)),
-        );
-        (StatusCode::PARTIAL_CONTENT, [kind, length, range], body).into_response()
-    } else {
-        ([kind, length], body).into_response()
+}
+
+/// The answer when this agent serves no images.
+fn no_images() -> Response {
+    refuse(
+        StatusCode::NOT_FOUND,
+        "this agent keeps no images (its server runs none)",
+    )
+}
+
+/// An image error as an answer: 404 for what the store lacks.
+fn image_refusal(e: cloud48_image::ImageError) -> Response {
+    let status = match e {
+        cloud48_image::ImageError::NotFound(_) => StatusCode::NOT_FOUND,
+        cloud48_image::ImageError::BadDigest(_) | cloud48_image::ImageError::BadName(_) => {
+            StatusCode::BAD_REQUEST
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    refuse(status, e.to_string())
+}
+
+/// An image this server holds, described as the core describes its own.
+async fn show_image(State(agent): State<Arc<AgentService>>, Path(image): Path<String>) -> Response {
+    let Some(store) = agent.images.get().cloned() else {
+        return no_images();
+    };
+    match tokio::task::spawn_blocking(move || store.show(&image)).await {
+        Ok(Ok(details)) => Json(details).into_response(),
+        Ok(Err(e)) => image_refusal(e),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// A blob of this server's store, from the offset a `Range: bytes=N-` header asks for.
+async fn image_blob(
+    State(agent): State<Arc<AgentService>>,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(store) = agent.images.get().cloned() else {
+        return no_images();
+    };
+    let digest: cloud48_image::Digest = match digest.parse() {
+        Ok(d) => d,
+        Err(e) => return image_refusal(e),
+    };
+    let opened = tokio::task::spawn_blocking(move || {
+        let file = store.open_blob(&digest)?;
+        let len = file.metadata().map_err(|e| cloud48_image::ImageError::Io {
+            context: format!("reading blob {digest}"),
+            source: e,
+        })?;
+        Ok::<_, cloud48_image::ImageError>((file, len.len()))
+    })
+    .await;
+    match opened {
+        Ok(Ok((file, len))) => {
+            let file = tokio::fs::File::from_std(file);
+            crate::ranged::serve(file, len, &headers, "application/octet-stream").await
+        }
+        Ok(Err(e)) => image_refusal(e),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 
@@ -549,16 +583,6 @@ async fn drop_export(State(agent): State<Arc<AgentService>>, Path(id): Path<Stri
         let _ = tokio::fs::remove_file(&e.path).await;
     }
     StatusCode::NO_CONTENT.into_response()
-}
-
-/// The start of a `bytes=N-` range (the only form pulls send).
-fn range_start(value: &[u8]) -> Option<u64> {
-    std::str::from_utf8(value)
-        .ok()?
-        .strip_prefix("bytes=")?
-        .strip_suffix('-')?
-        .parse()
-        .ok()
 }
 
 async fn op_status(State(agent): State<Arc<AgentService>>, Path(id): Path<String>) -> Response {

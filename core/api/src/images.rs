@@ -4,8 +4,8 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use futures::TryStreamExt;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -69,6 +69,45 @@ pub(crate) async fn show_image(
 ) -> Result<Json<ImageDetails>, ApiError> {
     let store = core.images().clone();
     Ok(Json(blocking(move || store.show(&image)).await?))
+}
+
+/// The agents that hold an image.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct Holders {
+    /// Addresses of the agents of servers that are up and last reported holding it, for an
+    /// agent to pull the image's blobs from a peer rather than from the core.
+    pub holders: Vec<String>,
+}
+
+#[utoipa::path(get, path = "/v1/images/{image}/holders", tag = "images",
+    params(("image" = String, Path, description = "Name (`cloud48/nginx:latest`, '/' written %2F) or manifest digest (`sha256:...`)")),
+    responses((status = 200, body = Holders), (status = 400, body = ErrorBody)))]
+pub(crate) async fn image_holders(
+    State(core): State<Core>,
+    Path(image): Path<String>,
+) -> Result<Json<Holders>, ApiError> {
+    let wanted = if image.starts_with("sha256:") {
+        let digest: Digest = image.parse().map_err(image_error)?;
+        cloud48_engine::model::ImageRef {
+            reference: String::new(),
+            digest: Some(digest.to_string()),
+        }
+    } else {
+        image.parse::<Name>().map_err(image_error)?;
+        cloud48_engine::model::ImageRef {
+            reference: image,
+            digest: None,
+        }
+    };
+    let ids = core.placement().holders(&wanted);
+    let servers = core.servers().list().await?;
+    let holders = ids
+        .iter()
+        .filter_map(|id| servers.iter().find(|s| s.id.0 == *id))
+        .filter(|s| s.status == cloud48_engine::model::ServerStatus::Up)
+        .filter_map(|s| s.address.clone())
+        .collect();
+    Ok(Json(Holders { holders }))
 }
 
 #[utoipa::path(delete, path = "/v1/images/{image}", tag = "images",
@@ -142,57 +181,6 @@ pub(crate) async fn get_blob(
             )
         })?
         .len();
-    // Only `bytes=START-` is needed to resume a pull; other ranges get the whole blob.
-    let start = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("bytes="))
-        .and_then(|v| v.strip_suffix('-'))
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut file = tokio::fs::File::from_std(file);
-    if let Some(start) = start {
-        if start > len {
-            return Ok((
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                [(header::CONTENT_RANGE, format!("bytes */{len}"))],
-            )
-                .into_response());
-        }
-        use tokio::io::AsyncSeekExt;
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    e.to_string(),
-                    None,
-                )
-            })?;
-        let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-        return Ok((
-            StatusCode::PARTIAL_CONTENT,
-            [
-                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                (header::CONTENT_LENGTH, (len - start).to_string()),
-                (
-                    header::CONTENT_RANGE,
-                    format!("bytes {start}-{}/{len}", len.saturating_sub(1)),
-                ),
-            ],
-            body,
-        )
-            .into_response());
-    }
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
-    Ok((
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::CONTENT_LENGTH, len.to_string()),
-            (header::ACCEPT_RANGES, "bytes".to_string()),
-        ],
-        body,
-    )
-        .into_response())
+    let file = tokio::fs::File::from_std(file);
+    Ok(cloud48_engine::agent::ranged::serve(file, len, &headers, "application/octet-stream").await)
 }

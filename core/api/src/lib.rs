@@ -72,6 +72,7 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(images::list_images, images::import_image))
         .routes(routes!(images::show_image, images::remove_image))
         .routes(routes!(images::get_blob))
+        .routes(routes!(images::image_holders))
         .with_state(core.clone())
         .split_for_parts();
     let doc = api.clone();

@@ -28,7 +28,7 @@ pub type ImageSource = Arc<dyn Source + Send + Sync>;
 /// A server's images and the runtime that runs them.
 pub struct Images {
     name: String,
-    store: Store,
+    store: Arc<Store>,
     source: Option<ImageSource>,
     pub(crate) runc: Runc,
     rootfs: PathBuf,
@@ -65,7 +65,7 @@ impl Images {
             .map_err(|e| format!("cannot create {}: {e}", rootfs.display()))?;
         let images = Images {
             name: name.to_string(),
-            store,
+            store: Arc::new(store),
             source,
             runc,
             rootfs,
@@ -154,8 +154,8 @@ impl Images {
         .await;
     }
 
-    /// The server's image store.
-    pub fn store(&self) -> &Store {
+    /// The server's image store (which its agent also serves to peer agents).
+    pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
 

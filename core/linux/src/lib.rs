@@ -155,6 +155,11 @@ const JOIN: &str = r#"for f in $C48_PROCS; do echo $$ > "$f" || exit 111; done
 exec nsenter -t "$C48_PID" -m -u -n -p -- sh -c "$C48_SCRIPT" c48-exec "$@""#;
 
 impl LinuxDriver {
+    /// The server's image store, when it runs images (its agent serves it to peer agents).
+    pub fn image_store(&self) -> Option<Arc<cloud48_image::Store>> {
+        self.images.as_ref().map(|i| i.store().clone())
+    }
+
     /// Checks privileges and tools, prepares cgroups and the bridge, and loads the guests
     /// recorded in the data directory.
     pub async fn open(cfg: LinuxConfig) -> Result<LinuxDriver, String> {

@@ -161,13 +161,16 @@ pub fn score(c: &Candidate, need: &Resources, w: &Weights) -> f64 {
     if total > 0.0 { sum / total } else { 0.0 }
 }
 
-/// Whether a held image (`name@digest`) is `image`: the same digest when it names one, else
-/// the same name.
+/// Whether a held image (`name:tag@digest`) is `image`: the same digest when it names one,
+/// else the same name (a name without a tag means `latest`).
 fn holds(held: &str, image: &ImageRef) -> bool {
     let (name, digest) = held.split_once('@').unwrap_or((held, ""));
     match &image.digest {
         Some(d) => d == digest,
-        None => name == image.reference,
+        None => {
+            let parse = |n: &str| n.parse::<cloud48_image::Name>().ok();
+            parse(name).is_some_and(|held| Some(held) == parse(&image.reference))
+        }
     }
 }
 
@@ -357,6 +360,20 @@ impl PlacementCache {
         if held.get(&id).map(Vec::as_slice) != Some(images) {
             held.insert(id, images.to_vec());
         }
+    }
+
+    /// The servers whose agents last said they hold `image`, lowest id first.
+    pub fn holders(&self, image: &ImageRef) -> Vec<i64> {
+        let mut ids: Vec<i64> = self
+            .held
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|(_, names)| names.iter().any(|n| holds(n, image)))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Chooses a server (see `decide`), preferring those that hold `image`.
@@ -574,7 +591,7 @@ mod tests {
             Weights::default(),
             vec![server(1, 5000, 5000, &[]), server(2, 5600, 5600, &[])],
         );
-        cache.set_images(1, &[format!("cloud48/tomcat@{digest}")]);
+        cache.set_images(1, &[format!("cloud48/tomcat:latest@{digest}")]);
         let none = HashSet::new();
         assert_eq!(cache.decide(&need(100, 100), None, &none), Ok(2));
         assert_eq!(
@@ -585,7 +602,12 @@ mod tests {
             cache.decide(&need(100, 100), Some(&tomcat(Some(&digest))), &none),
             Ok(1)
         );
-        // Another digest of the same name is another image.
+        // Another tag, or another digest of the same name, is another image.
+        let tagged = ImageRef {
+            reference: "cloud48/tomcat:9".into(),
+            digest: None,
+        };
+        assert_eq!(cache.decide(&need(100, 100), Some(&tagged), &none), Ok(2));
         let other = format!("sha256:{}", "b".repeat(64));
         assert_eq!(
             cache.decide(&need(100, 100), Some(&tomcat(Some(&other))), &none),
@@ -596,7 +618,7 @@ mod tests {
             Weights::default(),
             vec![server(1, 1000, 1000, &[]), server(2, 8000, 8192, &[])],
         );
-        roomy.set_images(1, &[format!("cloud48/tomcat@{digest}")]);
+        roomy.set_images(1, &[format!("cloud48/tomcat:latest@{digest}")]);
         assert_eq!(
             roomy.decide(&need(100, 100), Some(&tomcat(None)), &none),
             Ok(2)
@@ -612,7 +634,7 @@ mod tests {
             },
             vec![server(1, 5000, 5000, &[]), server(2, 5600, 5600, &[])],
         );
-        indifferent.set_images(1, &[format!("cloud48/tomcat@{digest}")]);
+        indifferent.set_images(1, &[format!("cloud48/tomcat:latest@{digest}")]);
         assert_eq!(
             indifferent.decide(&need(100, 100), Some(&tomcat(None)), &none),
             Ok(2)
