@@ -65,6 +65,20 @@ async fn replacement(
     (lb, since.elapsed())
 }
 
+/// Waits until `n` servers are up (the lab's agents have registered).
+pub async fn all_up(t: &TestCore, n: usize) {
+    eventually(&format!("{n} agents up"), || async {
+        let servers = t.core.servers().list().await.unwrap();
+        (servers
+            .iter()
+            .filter(|s| s.status == cloud48_engine::model::ServerStatus::Up)
+            .count()
+            == n)
+            .then_some(())
+    })
+    .await;
+}
+
 async fn collected(t: &TestCore, id: ContainerId) {
     eventually(
         &format!("the illegal balancer {id} is collected"),
@@ -348,16 +362,7 @@ async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
     for i in [1, 2] {
         lab.start_agent(i, &t.url).unwrap();
     }
-    eventually("both agents up", || async {
-        let servers = t.core.servers().list().await.unwrap();
-        (servers
-            .iter()
-            .filter(|s| s.status == cloud48_engine::model::ServerStatus::Up)
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .await;
+    all_up(&t, 2).await;
 
     // The database first, then two tomcats (the second asks for a balancer); each agent pulls
     // the images it needs from the core.

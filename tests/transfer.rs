@@ -9,7 +9,7 @@ use cloud48_engine::model::{CommandId, CommandStatus, ContainerId};
 use serde_json::json;
 
 use crate::agent::TOKEN;
-use crate::common::{Opts, TestCore, eventually};
+use crate::common::{Opts, TestCore};
 use crate::linux::unique_prefix;
 use cloud48_core::lab::{CORE_IP, Lab};
 
@@ -69,16 +69,7 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
     for i in [1, 2] {
         lab.start_agent(i, &t.url).unwrap();
     }
-    eventually("both agents up", || async {
-        let servers = t.core.servers().list().await.unwrap();
-        (servers
-            .iter()
-            .filter(|s| s.status == cloud48_engine::model::ServerStatus::Up)
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .await;
+    crate::real::all_up(&t, 2).await;
     let a: serde_json::Value = t
         .client
         .post(

@@ -85,6 +85,11 @@ impl CoreImages {
 }
 
 impl CoreImages {
+    /// A GET of `url` with the fleet's token.
+    fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        self.client.get(url).bearer_auth(&self.token)
+    }
+
     /// The `/v1/images` bases of the agents the core says hold `image` (none when it cannot
     /// say).
     async fn holders(&self, image: &str) -> Vec<String> {
@@ -94,13 +99,7 @@ impl CoreImages {
         }
         let url = format!("{}/{}/holders", self.base, image.replace('/', "%2F"));
         let answer = async {
-            let r = self
-                .client
-                .get(&url)
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .ok()?;
+            let r = self.get(&url).send().await.ok()?;
             r.status().is_success().then_some(())?;
             r.json::<Holders>().await.ok()
         };
@@ -120,9 +119,7 @@ impl CoreImages {
         let what = format!("image {image}");
         let url = format!("{base}/{}", image.replace('/', "%2F"));
         let r = self
-            .client
             .get(&url)
-            .bearer_auth(&self.token)
             .send()
             .await
             .map_err(|e| Self::unreachable(base, &what, e))?;
@@ -149,7 +146,7 @@ impl CoreImages {
     ) -> Result<reqwest::Response, ImageError> {
         let what = format!("blob {digest}");
         let url = format!("{base}/blobs/{digest}");
-        let mut req = self.client.get(&url).bearer_auth(&self.token);
+        let mut req = self.get(&url);
         if offset > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
         }
