@@ -298,6 +298,18 @@ async fn a_container_runs_its_image_on_its_own_root_and_takes_its_files_along() 
     );
     d.resume("web-a").await.unwrap();
 
+    // A restarted agent finds it running, from its record and the kernel, and drives it (exec
+    // through runc here, stop and start below).
+    drop(d);
+    let d = open(dir.path(), &prefix, 70, 0, source.clone()).await;
+    assert_eq!(
+        d.status("web-a").await.unwrap().unwrap().state,
+        GuestState::Running
+    );
+    assert_eq!(answer(&ip).await, "page=none uid=0 host=web-a");
+    let (code, written) = sh(&d, "web-a", "cat /srv/written").await;
+    assert_eq!((code, written.as_str()), (0, "mine"));
+
     // Stopped: no process, no overlay, no runc container; started again, its files are kept.
     d.stop("web-a").await.unwrap();
     assert_eq!(
