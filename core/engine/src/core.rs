@@ -428,7 +428,8 @@ impl Core {
         let single_core = self.db().get_database_backend() == DatabaseBackend::Sqlite;
         self.queue().start(runner, single_core).await?;
         self.collector().collect(None).await?;
-        self.notify_environments("after-cc-start").await?;
+        self.notify_environments(crate::commands::params::NotifyHook::AfterCcStart)
+            .await?;
         self.health().begin();
         if self.inner.config.health.background {
             self.spawn_background();
@@ -516,7 +517,10 @@ impl Core {
     pub async fn shutdown(&self, grace: Duration) -> Result<(), CoreError> {
         let result = async {
             let deadline = tokio::time::Instant::now() + grace;
-            for id in self.notify_environments("before-cc-stop").await? {
+            for id in self
+                .notify_environments(crate::commands::params::NotifyHook::BeforeCcStop)
+                .await?
+            {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 self.queue().wait(CommandId(id), left).await?;
             }
@@ -529,7 +533,10 @@ impl Core {
 
     /// Submits an `environment.notify` command running `hook` for the members of every
     /// active environment that has members; returns the command ids.
-    pub async fn notify_environments(&self, hook: &str) -> Result<Vec<i64>, CoreError> {
+    pub async fn notify_environments(
+        &self,
+        hook: crate::commands::params::NotifyHook,
+    ) -> Result<Vec<i64>, CoreError> {
         use sea_orm::QuerySelect;
         let envs: Vec<i64> = crate::entities::container::Entity::find()
             .select_only()
@@ -560,7 +567,7 @@ impl Core {
                 params: crate::commands::params::to_value(crate::commands::params::Notify {
                     containers: Vec::new(),
                     cause: None,
-                    hook: Some(hook.to_string()),
+                    hook: Some(hook),
                     previous_ip: None,
                 }),
                 requested_by: "core".into(),

@@ -1030,7 +1030,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                         params: params::to_value(params::Notify {
                             containers: vec![row.id],
                             cause: None,
-                            hook: Some("moved".into()),
+                            hook: Some(params::NotifyHook::Moved),
                             previous_ip: previous,
                         }),
                         requested_by: ctx.cmd.requested_by.clone(),

@@ -468,18 +468,18 @@ async fn notify(
     let cause = params
         .cause
         .unwrap_or_else(|| "server unreachable".to_string());
-    if op == "notify" && params.hook.as_deref() == Some("moved") {
-        return moved(ctx, env, &listed, params.previous_ip).await;
-    }
-    let hook = match (op, params.hook.as_deref()) {
+    let hook = match (op, params.hook) {
         ("failover", _) => Hook::IsDown(crate::types::DownCause::ServerUnreachable(cause)),
         ("recover", _) => Hook::IsUp,
-        (_, Some("after-cc-start")) => Hook::AfterCcStart,
-        (_, Some("before-cc-stop")) => Hook::BeforeCcStop,
-        (_, other) => {
-            return Err(StepError::Permanent(format!(
-                "environment.notify cannot run hook {other:?}"
-            )));
+        (_, Some(params::NotifyHook::Moved)) => {
+            return moved(ctx, env, &listed, params.previous_ip).await;
+        }
+        (_, Some(params::NotifyHook::AfterCcStart)) => Hook::AfterCcStart,
+        (_, Some(params::NotifyHook::BeforeCcStop)) => Hook::BeforeCcStop,
+        (_, None) => {
+            return Err(StepError::Permanent(
+                "environment.notify names no hook to run".into(),
+            ));
         }
     };
     let members = members(svc.types(), svc.db(), env.id).await?;

@@ -202,13 +202,26 @@ pub struct Notify {
     /// Why they are down.
     #[serde(default)]
     pub cause: Option<String>,
-    /// The hook of a `notify` (`after-cc-start`, `before-cc-stop`), or `moved`: the members
-    /// listed changed address (a migration to a server of another subnet).
+    /// What a `notify` tells (absent for `failover` and `recover`).
     #[serde(default)]
-    pub hook: Option<String>,
+    pub hook: Option<NotifyHook>,
     /// `moved`: the address the members had before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_ip: Option<String>,
+}
+
+/// What an `environment.notify` tells every member (stored as `after-cc-start`,
+/// `before-cc-stop`, `moved`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotifyHook {
+    /// The core started (`after-cc-start`).
+    AfterCcStart,
+    /// The core is stopping (`before-cc-stop`).
+    BeforeCcStop,
+    /// The members listed changed address (a migration to a server of another subnet); the
+    /// others hear them leave with `previous_ip` and join with the new one.
+    Moved,
 }
 
 /// `environment.create`.
@@ -275,6 +288,23 @@ mod tests {
     fn read_str<T: DeserializeOwned>(text: &str) -> Result<T, String> {
         let c = cmd(text);
         read(&c, &serde_json::from_str(text).unwrap())
+    }
+
+    #[test]
+    fn notify_hooks_read_as_the_strings_earlier_releases_stored() {
+        for (text, hook) in [
+            ("after-cc-start", NotifyHook::AfterCcStart),
+            ("before-cc-stop", NotifyHook::BeforeCcStop),
+            ("moved", NotifyHook::Moved),
+        ] {
+            let n: Notify = read_str(&format!(
+                r#"{{"hook": "{text}", "previous_ip": "10.0.0.9"}}"#
+            ))
+            .unwrap();
+            assert_eq!(n.hook, Some(hook));
+            assert_eq!(serde_json::to_value(hook).unwrap(), text);
+        }
+        assert!(read_str::<Notify>(r#"{"hook": "reboot-everything"}"#).is_err());
     }
 
     #[test]
