@@ -119,17 +119,73 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
     // Pull rate: the agent's store from the core over HTTP, blobs verified as they arrive.
     let pulled = Store::open(dir.path().join("pull-test"))?;
     let t = Instant::now();
-    let (bytes, source) = tokio::task::spawn_blocking(move || {
+    let (bytes, source, pulled, digests) = tokio::task::spawn_blocking(move || {
         let mut bytes = 0;
+        let mut digests = Vec::new();
         for image in ["cloud48/nginx", "cloud48/tomcat"] {
-            bytes += pulled.pull(source.as_ref(), image, None, &mut |_| {})?.size;
+            let summary = pulled.pull(source.as_ref(), image, None, &mut |_| {})?;
+            bytes += summary.size;
+            digests.push(summary.digest.to_string());
         }
-        anyhow::Ok((bytes, source))
+        anyhow::Ok((bytes, source, pulled, digests))
     })
     .await??;
     let secs = t.elapsed().as_secs_f64();
     println!(
         "pull from the core over HTTP (streamed, verified): {:.1} MB in {:.2} s: {:.0} MB/s",
+        bytes as f64 / 1e6,
+        secs,
+        bytes as f64 / 1e6 / secs
+    );
+
+    // The same images from a peer agent that holds them (agents serve their stores as the
+    // core serves its own).
+    let peer = Arc::new(cloud48_engine::driver::sim::SimServer::new(
+        "bench-peer",
+        1,
+        Resources {
+            cpu_millis: 1000,
+            memory_mb: 1024,
+            disk_mb: 1024,
+        },
+        cloud48_engine::driver::sim::SimLatency::uniform(std::time::Duration::ZERO),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let peer_url = format!("http://{}", listener.local_addr()?);
+    let info = cloud48_engine::agent::protocol::AgentInfo {
+        name: "bench-peer".into(),
+        url: peer_url.clone(),
+        driver: "sim".into(),
+        capabilities: peer.capabilities(),
+        labels: vec![],
+    };
+    let agent = cloud48_engine::agent::AgentService::new(
+        peer,
+        token.clone(),
+        info,
+        &dir.path().join("peer-spool"),
+    )?;
+    agent.serve_images(Arc::new(pulled));
+    let router = agent.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let from_peer = cloud48_engine::agent::images::CoreImages::new(
+        &peer_url,
+        &token,
+        tokio::runtime::Handle::current(),
+    );
+    let fresh = Store::open(dir.path().join("peer-pull-test"))?;
+    let t = Instant::now();
+    let bytes = tokio::task::spawn_blocking(move || {
+        let mut bytes = 0;
+        for digest in &digests {
+            bytes += fresh.pull(&from_peer, digest, None, &mut |_| {})?.size;
+        }
+        anyhow::Ok(bytes)
+    })
+    .await??;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "pull from a peer agent over HTTP (streamed, verified): {:.1} MB in {:.2} s: {:.0} MB/s",
         bytes as f64 / 1e6,
         secs,
         bytes as f64 / 1e6 / secs
