@@ -24,8 +24,9 @@ pub struct CoreImages {
     runtime: Handle,
     /// This agent's own address (never its own peer).
     me: Option<String>,
-    /// The `/v1/images` bases of the peers that hold the image being pulled.
-    peers: std::sync::Mutex<Vec<String>>,
+    /// The image being pulled, and the `/v1/images` bases of the peers that hold it once
+    /// asked (only when a blob must be fetched: a cached image costs no such request).
+    peers: std::sync::Mutex<(String, Option<Vec<String>>)>,
 }
 
 impl CoreImages {
@@ -171,12 +172,13 @@ impl CoreImages {
 impl Source for CoreImages {
     fn resolve(&self, image: &str) -> Result<Digest, ImageError> {
         self.runtime.block_on(async {
-            let peers = self.holders(image).await;
-            *self.peers.lock().unwrap() = peers.clone();
+            *self.peers.lock().unwrap() = (image.to_string(), None);
             let at_core = self.resolve_at(&self.base, image).await;
             if at_core.is_ok() {
                 return at_core;
             }
+            let peers = self.holders(image).await;
+            self.peers.lock().unwrap().1 = Some(peers.clone());
             for peer in &peers {
                 match self.resolve_at(peer, image).await {
                     Ok(digest) => return Ok(digest),
@@ -190,8 +192,16 @@ impl Source for CoreImages {
     }
 
     fn blob(&self, digest: &Digest, offset: u64) -> Result<Box<dyn Read + '_>, ImageError> {
-        let peers = self.peers.lock().unwrap().clone();
         let response = self.runtime.block_on(async {
+            let (image, known) = self.peers.lock().unwrap().clone();
+            let peers = match known {
+                Some(peers) => peers,
+                None => {
+                    let peers = self.holders(&image).await;
+                    self.peers.lock().unwrap().1 = Some(peers.clone());
+                    peers
+                }
+            };
             for peer in &peers {
                 match self.blob_at(peer, digest, offset).await {
                     Ok(r) => return Ok(r),
