@@ -65,6 +65,17 @@ async fn replacement(
     (lb, since.elapsed())
 }
 
+/// A core for a lab: on the lab's LAN address, no simulated servers, the lab's agent token.
+pub async fn lab_core() -> TestCore {
+    let opts = Opts {
+        sim_servers: 0,
+        agent_token: Some(TOKEN.into()),
+        listen: Some((CORE_IP, 0).into()),
+        ..Default::default()
+    };
+    TestCore::start(opts).await.unwrap()
+}
+
 /// Waits until `n` servers are up (the lab's agents have registered).
 pub async fn all_up(t: &TestCore, n: usize) {
     eventually(&format!("{n} agents up"), || async {
@@ -349,13 +360,7 @@ async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
     let mut lab = Lab::new(&prefix, 2, env!("CARGO_BIN_EXE_cloud48").into(), TOKEN)
         .expect("the lab builds (run as root)");
     lab.images = true;
-    let opts = Opts {
-        sim_servers: 0,
-        agent_token: Some(TOKEN.into()),
-        listen: Some((CORE_IP, 0).into()),
-        ..Default::default()
-    };
-    let t = TestCore::start(opts).await.unwrap();
+    let t = lab_core().await;
     for recipe in ["nginx.toml", "tomcat.toml", "mariadb.toml"] {
         build_into_core(&t, recipe).await;
     }

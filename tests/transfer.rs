@@ -9,9 +9,9 @@ use cloud48_engine::model::{CommandId, CommandStatus, ContainerId};
 use serde_json::json;
 
 use crate::agent::TOKEN;
-use crate::common::{Opts, TestCore};
+use crate::common::TestCore;
 use crate::linux::unique_prefix;
-use cloud48_core::lab::{CORE_IP, Lab};
+use cloud48_core::lab::Lab;
 
 /// Resident and peak resident memory of a process, bytes.
 fn memory(pid: u32) -> (u64, u64) {
@@ -59,13 +59,7 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
     let prefix = unique_prefix('t');
     let mut lab = Lab::new(&prefix, 2, env!("CARGO_BIN_EXE_cloud48").into(), TOKEN)
         .expect("the lab builds (run as root)");
-    let opts = Opts {
-        sim_servers: 0,
-        agent_token: Some(TOKEN.into()),
-        listen: Some((CORE_IP, 0).into()),
-        ..Default::default()
-    };
-    let t = TestCore::start(opts).await.unwrap();
+    let t = crate::real::lab_core().await;
     for i in [1, 2] {
         lab.start_agent(i, &t.url).unwrap();
     }
@@ -77,7 +71,7 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
             &json!({
                 "type": "plain",
                 "server": "h1",
-                "requirements": { "cpu_millis": 500, "memory_mb": 256, "disk_mb": 2048 },
+                "requirements": { "cpu_millis": 500, "memory_mb": 2048, "disk_mb": 2048 },
             }),
         )
         .await
