@@ -403,6 +403,41 @@ async fn stop_is_graceful_then_forced() {
     d.teardown().await;
 }
 
+/// A started guest has its private directories mounted: nothing run in it right after start
+/// writes to the server's own `/etc` (an exec that joined before the init's mounts wrote to the
+/// server's /etc/cloud48, then found its file hidden by the guest's directory).
+#[tokio::test]
+async fn exec_right_after_start_sees_the_guest_s_own_directories() {
+    let prefix = unique_prefix('m');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0")],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = LinuxDriver::open(config(dir.path(), &prefix, 60, 0))
+        .await
+        .unwrap();
+    for i in 0..6 {
+        let id = format!("m-{i}");
+        d.create(&with(spec(&id, "plain"), shell("exec sleep 1000")))
+            .await
+            .unwrap();
+        d.start(&id).await.unwrap();
+        let mounted = exec(
+            &d,
+            &id,
+            "grep -c ' /etc/cloud48 ' /proc/self/mountinfo; echo mine > /etc/cloud48/whose",
+        )
+        .await;
+        assert_eq!(mounted, "1", "{id}: its /etc/cloud48 is its own at once");
+        let own = dir
+            .path()
+            .join(format!("server-0/guests/{id}/fs/etc/cloud48/whose"));
+        assert_eq!(std::fs::read_to_string(own).unwrap(), "mine\n", "{id}");
+    }
+    d.teardown().await;
+}
+
 #[tokio::test]
 async fn linux_driver_refuses_what_it_cannot_do() {
     let prefix = unique_prefix('r');

@@ -138,6 +138,10 @@ shift
 case "$prog" in /tmp/*) exec 9<"$prog"; prog=/proc/self/fd/9;; esac
 mount -t tmpfs -o size=64m tmpfs /tmp
 cd "$C48_WORKDIR" || { echo "cloud48: working directory $C48_WORKDIR does not exist" >&2; exit 112; }
+# Set up: the driver counts the guest as started (and lets exec in) only from here, so that
+# nothing joins its mount namespace before its private directories are mounted.
+echo up >&3
+exec 3>&-
 set +e
 "$prog" "$@" &
 child=$!
@@ -146,8 +150,12 @@ wait $child
 wait $child
 "#;
 
+/// The file, in a guest's directory, its init writes once its mounts are made.
+const SET_UP: &str = "set-up";
+
 /// Joins the guest's cgroups, then its namespaces are made and `GUEST_INIT` runs inside.
 const LAUNCH: &str = r#"for f in $C48_PROCS; do echo $$ > "$f" || exit 111; done
+exec 3>"$C48_UP"
 exec ip netns exec "$C48_NETNS" unshare --pid --fork --kill-child --mount --uts --mount-proc --propagation private sh -c "$C48_INIT" c48-init "$@""#;
 
 /// Joins the guest's cgroups, then its namespaces, and runs a script there.
@@ -636,7 +644,7 @@ impl LinuxDriver {
             let _ = self.halt(guest).await;
             return Err(e);
         }
-        self.wait_ready(r, &ready::Probe::of(w), None).await
+        self.wait_ready(r, &ready::Probe::of(w), None, None).await
     }
 
     async fn launch(&self, r: &Record) -> Result<(), DriverError> {
@@ -686,6 +694,13 @@ impl LinuxDriver {
             .iter()
             .map(|p| p.to_string_lossy().into_owned())
             .collect();
+        let up = dir.join(SET_UP);
+        if let Err(e) = std::fs::remove_file(&up)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            network::detach(&net).await;
+            return Err(permanent(format!("cannot reset {}: {e}", up.display())));
+        }
         let spawned = Command::new("sh")
             .arg("-c")
             .arg(LAUNCH)
@@ -699,6 +714,7 @@ impl LinuxDriver {
             .env("C48_HOSTNAME", guest.chars().take(63).collect::<String>())
             .env("C48_PRIVATE", t.private_dirs.join(" "))
             .env("C48_FS", dir.join("fs"))
+            .env("C48_UP", &up)
             .env("CLOUD48_CONTAINER", guest)
             .current_dir(dir.join("fs"))
             .stdin(Stdio::null())
@@ -718,17 +734,18 @@ impl LinuxDriver {
             let _ = child.wait().await;
             tracing::debug!(?pid, "a guest launcher ended");
         });
-        self.wait_ready(r, &t.probe, pid).await
+        self.wait_ready(r, &t.probe, pid, Some(&up)).await
     }
 
-    /// Waits until the guest runs and passes its readiness `probe`; stops it and says why
-    /// when it does not in time or when its processes are gone (and its `launcher`, if any,
-    /// ended).
+    /// Waits until the guest runs, has said it is set up (in `set_up`, when given) and passes
+    /// its readiness `probe`; stops it and says why when it does not in time or when its
+    /// processes are gone (and its `launcher`, if any, ended).
     async fn wait_ready(
         &self,
         r: &Record,
         probe: &ready::Probe,
         launcher: Option<u32>,
+        set_up: Option<&Path>,
     ) -> Result<(), DriverError> {
         let guest = &r.spec.guest_id;
         let dir = self.dir(guest);
@@ -742,7 +759,10 @@ impl LinuxDriver {
         let deadline = Instant::now() + READY_TIMEOUT.max(declared);
         let mut last = String::from("its processes did not start");
         loop {
-            if !self.inner_pids(guest).is_empty() {
+            let said_up = set_up.is_none_or(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0));
+            if !said_up {
+                last = "its init did not finish mounting its private directories".into();
+            } else if !self.inner_pids(guest).is_empty() {
                 match probe.check(r.ip).await {
                     Ok(()) => return Ok(()),
                     Err(why) => last = why,
