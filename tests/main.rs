@@ -13,6 +13,7 @@ mod convergence;
 mod crash;
 mod driver;
 mod environment;
+mod events;
 mod harness;
 mod health;
 mod image_guests;

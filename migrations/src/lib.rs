@@ -18,6 +18,7 @@ mod m0009_pending_scripts;
 mod m0010_params;
 mod m0011_plugin_uploads;
 mod m0012_command_logs;
+mod m0013_events;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -38,6 +39,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0010_params::Migration),
             Box::new(m0011_plugin_uploads::Migration),
             Box::new(m0012_command_logs::Migration),
+            Box::new(m0013_events::Migration),
         ]
     }
 }

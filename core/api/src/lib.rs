@@ -6,6 +6,7 @@
 
 mod access;
 mod error;
+mod events;
 mod images;
 
 use std::time::Duration;
@@ -40,6 +41,7 @@ use cloud48_engine::queue::CommandFilter;
         (name = "commands", description = "The persisted command queue"),
         (name = "plugins", description = "Container types as WASM components"),
         (name = "images", description = "The core's image store (OCI images by digest)"),
+        (name = "events", description = "Status changes as a stream of Server-Sent Events"),
     )
 )]
 struct ApiDoc;
@@ -73,6 +75,7 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(images::show_image, images::remove_image))
         .routes(routes!(images::get_blob))
         .routes(routes!(images::image_holders))
+        .routes(routes!(events::stream_events))
         .with_state(core.clone())
         .split_for_parts();
     let doc = api.clone();

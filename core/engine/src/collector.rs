@@ -3,7 +3,8 @@
 //! - dummies whose command finished or whose deadline passed (their capacity is given back);
 //! - illegal containers (replaced while their server was down), once their server is up;
 //! - guests a server still runs although the database says their container was destroyed or
-//!   failed (a create or destroy that could not reach the server).
+//!   failed (a create or destroy that could not reach the server);
+//! - events older than the retention window (`events.retention_secs`).
 //!
 //! It runs when a server comes back, periodically, and at start-up.
 //! Invariant: it never destroys a guest whose container the database holds as legal
@@ -34,6 +35,8 @@ pub struct CollectReport {
     pub illegal: usize,
     /// Leftover guests of destroyed or failed containers destroyed.
     pub leftovers: usize,
+    /// Events past the retention window forgotten.
+    pub events: u64,
 }
 
 /// The collector, with what it uses: the database, the servers' drivers, placement's view of
@@ -44,6 +47,7 @@ pub struct Collector {
     fleet: Arc<Fleet>,
     placement: Arc<PlacementCache>,
     clock: Arc<dyn Clock>,
+    events_retention: std::time::Duration,
 }
 
 impl Collector {
@@ -53,8 +57,10 @@ impl Collector {
         fleet: Arc<Fleet>,
         placement: Arc<PlacementCache>,
         clock: Arc<dyn Clock>,
+        events_retention: std::time::Duration,
     ) -> Self {
         Collector {
+            events_retention,
             db,
             fleet,
             placement,
@@ -94,6 +100,10 @@ impl Collector {
             let (illegal, leftovers) = done?;
             report.illegal += illegal;
             report.leftovers += leftovers;
+        }
+        if only.is_none() {
+            let before = self.clock.now_ms() - self.events_retention.as_millis() as i64;
+            report.events = crate::events::forget(&self.db, before).await?;
         }
         if report != CollectReport::default() {
             tracing::info!(?report, "collector removed what must not exist");

@@ -156,6 +156,14 @@ const SETTINGS: &[Spec] = &[
         kind: Kind::Count,
     },
     Spec {
+        key: "events.retention_secs",
+        env: "CLOUD48_EVENTS_RETENTION_SECS",
+        flag: "--events-retention-secs",
+        default: "86400",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
         key: "rebalancer.spread_percent",
         env: "CLOUD48_REBALANCE_SPREAD",
         flag: "--rebalance-spread",
@@ -657,6 +665,7 @@ impl Settings {
         c.health.grace = Duration::from_millis(self.count("health.grace_ms").max(10));
         c.health.check = Duration::from_millis(self.count("health.check_ms").max(10));
         c.health.collector = Duration::from_secs(self.count("collector.interval_secs").max(1));
+        c.events_retention = Duration::from_secs(self.count("events.retention_secs").max(1));
         c.health.rebalance_spread = self.count("rebalancer.spread_percent").min(100);
         c.health.rebalance_batch = self.count("rebalancer.batch").max(1) as usize;
         c.placement.weights = crate::placement::Weights {

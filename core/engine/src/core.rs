@@ -102,6 +102,8 @@ pub struct CoreConfig {
     pub agent_token: Option<String>,
     /// Deadlines and retries of requests to agents.
     pub remote: crate::driver::remote::RemoteTimeouts,
+    /// How long the event log keeps an event (the collector forgets older ones).
+    pub events_retention: Duration,
 }
 
 /// Settings of failure detection, the collector and the rebalancer.
@@ -179,6 +181,7 @@ impl CoreConfig {
             placement: PlacementConfig::default(),
             agent_token: None,
             remote: Default::default(),
+            events_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -193,6 +196,7 @@ pub(crate) struct CoreInner {
     pub monitor: Monitor,
     pub rebalancer: Rebalancer,
     pub agents: Agents,
+    pub events: crate::events::Events,
     /// The database, queue, fleet, types, heartbeats and placement's view, shared with the
     /// commands and managers.
     pub services: Services,
@@ -289,7 +293,13 @@ impl Core {
             Arc::new(SimFactory::new(&config)),
             Arc::new(RemoteFactory::new(&config)),
         ]));
-        let collector = Collector::new(db.clone(), fleet.clone(), placement.clone(), clock.clone());
+        let collector = Collector::new(
+            db.clone(),
+            fleet.clone(),
+            placement.clone(),
+            clock.clone(),
+            config.events_retention,
+        );
         let h = &config.health;
         let monitor = Monitor::new(
             db.clone(),
@@ -362,6 +372,7 @@ impl Core {
                 monitor,
                 rebalancer,
                 agents,
+                events: crate::events::Events::new(db.clone()),
                 services,
                 ready: std::sync::atomic::AtomicBool::new(false),
                 background: std::sync::Mutex::new(Vec::new()),
@@ -431,6 +442,8 @@ impl Core {
         self.notify_environments(crate::commands::params::NotifyHook::AfterCcStart)
             .await?;
         self.health().begin();
+        let publisher = tokio::spawn(self.events().clone().publish());
+        self.inner.background.lock().unwrap().push(publisher);
         if self.inner.config.health.background {
             self.spawn_background();
         }
@@ -644,6 +657,11 @@ impl Core {
     /// The rebalancer.
     pub fn rebalancer(&self) -> &Rebalancer {
         &self.inner.rebalancer
+    }
+
+    /// The event stream.
+    pub fn events(&self) -> &crate::events::Events {
+        &self.inner.events
     }
 
     /// The registry of node agents.

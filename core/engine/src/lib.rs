@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod core;
 pub mod entities;
+pub mod events;
 pub mod fleet;
 pub mod health;
 pub mod managers;

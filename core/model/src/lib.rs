@@ -573,6 +573,49 @@ pub struct LogEntry {
     pub message: String,
 }
 
+string_enum!(
+    /// What an event is about.
+    Topic {
+        /// A command changed status (`action` is the new status).
+        Command = "command",
+        /// A container changed status or server.
+        Container = "container",
+        /// A server went up or down, or was added.
+        Server = "server",
+        /// An environment changed status.
+        Environment = "environment",
+    }
+);
+
+/// One entry of the event log (`GET /v1/events`): a change of an object's status, in the order
+/// the database committed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Event {
+    /// Increases with every event; resume a stream after it (`Last-Event-ID`).
+    pub id: i64,
+    /// When, milliseconds since the Unix epoch (the database's clock).
+    pub at: i64,
+    /// What kind of object changed.
+    pub topic: Topic,
+    /// The object's id.
+    pub object_id: i64,
+    /// Its new status (`running`, `down`, `succeeded`, ...).
+    pub action: String,
+    /// A command's kind, a container's type, a server's driver or an environment's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// A command's target, or the environment of a container: `environment:4`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub related: Option<String>,
+    /// The server of a container (or the server itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<i64>,
+    /// Who asked, for commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
 /// Answer to a mutation: the command that will carry it out.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use cloud48_api::ErrorBody;
+use cloud48_engine::events::Delivery;
 use cloud48_engine::model::{Accepted, Command};
 
 /// A request body.
@@ -126,10 +127,7 @@ impl Client {
         file: &std::path::Path,
         content_type: &'static str,
     ) -> Result<T> {
-        let known = self.prompt.lock().unwrap().is_some();
-        if self.credentials.is_some() && !known {
-            self.send::<()>(Method::GET, "/v1/images", None).await?;
-        }
+        self.sign_in_first().await?;
         let resp = self
             .send_raw(
                 Method::POST,
@@ -140,6 +138,17 @@ impl Client {
         resp.json()
             .await
             .context("the core sent JSON this client does not understand")
+    }
+
+    /// With credentials but no Digest challenge yet, learns one with a small request that
+    /// anonymous callers may not make, so that the next request is signed: an upload is then
+    /// not answered 401 halfway through, and a stream is not served as to an anonymous caller.
+    async fn sign_in_first(&self) -> Result<()> {
+        let known = self.prompt.lock().unwrap().is_some();
+        if self.credentials.is_some() && !known {
+            self.send::<()>(Method::GET, "/v1/images", None).await?;
+        }
+        Ok(())
     }
 
     /// DELETE expecting no content.
@@ -285,6 +294,37 @@ impl Client {
     ) -> Result<Command> {
         self.get(&format!("/v1/commands/{id}?wait={wait_secs}"))
             .await
+    }
+
+    /// Opens the event stream at `path` (`/v1/events?...`): its `ready` message, then events,
+    /// until the connection ends (the client's timeout ends it after 330 s: reconnect after
+    /// the last id seen).
+    pub async fn events(
+        &self,
+        path: &str,
+    ) -> Result<impl futures::Stream<Item = Result<Delivery>> + use<>> {
+        use eventsource_stream::Eventsource;
+        use futures::StreamExt;
+        self.sign_in_first().await?;
+        let resp = self.send::<()>(Method::GET, path, None).await?;
+        Ok(resp.bytes_stream().eventsource().map(|r| {
+            let m = r.map_err(|e| anyhow!("the event stream broke: {e}"))?;
+            match m.event.as_str() {
+                "ready" => Ok(Delivery::Ready(m.data.trim().parse().with_context(
+                    || {
+                        format!(
+                            "the core sent a ready message this client does not understand: {}",
+                            m.data
+                        )
+                    },
+                )?)),
+                "error" => Err(anyhow!("{}", m.data)),
+                _ => Ok(Delivery::Event(std::sync::Arc::new(
+                    serde_json::from_str(&m.data)
+                        .context("the core sent an event this client does not understand")?,
+                ))),
+            }
+        }))
     }
 
     /// Waits until a command is terminal, calling `progress` with each state seen.

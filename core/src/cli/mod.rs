@@ -1,6 +1,7 @@
 //! The `cloud48` command line: `serve` runs a core; the other commands talk to one over HTTP.
 
 pub mod client;
+mod events;
 mod image;
 pub mod output;
 
@@ -87,6 +88,8 @@ pub enum Top {
     /// Images: the core's store of OCI images, and `image build` from a recipe.
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Follow status changes of commands, containers, servers and environments as they happen.
+    Events(events::EventsArgs),
     /// Run the seed scenario (tomcats, a balancer) on an embedded core and print what happened.
     #[cfg(feature = "dev")]
     Demo,
@@ -169,6 +172,9 @@ pub struct CoreArgs {
     /// Interval of the collector (and rebalancer), seconds [default 30].
     #[arg(long)]
     pub collector_secs: Option<u64>,
+    /// How long the event log keeps events, seconds [default 86400].
+    #[arg(long)]
+    pub events_retention_secs: Option<u64>,
     /// Memory-utilisation spread (percentage points) above which the rebalancer migrates; 0 off [default 0].
     #[arg(long)]
     pub rebalance_spread: Option<u64>,
@@ -246,6 +252,7 @@ impl CoreArgs {
             ("health.grace_ms", self.grace_ms),
             ("health.check_ms", self.health_check_ms),
             ("collector.interval_secs", self.collector_secs),
+            ("events.retention_secs", self.events_retention_secs),
             ("rebalancer.spread_percent", self.rebalance_spread),
             ("rebalancer.batch", self.rebalance_batch),
             ("placement.dummy_ttl_secs", self.dummy_ttl_secs),
@@ -888,6 +895,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Command(cmd) => command(&client, out, cmd).await,
         Top::Plugin(cmd) => plugin(&client, out, cmd).await,
         Top::Image(cmd) => image::image(&client, out, cmd).await,
+        Top::Events(args) => events::follow(&client, out, args).await,
         #[cfg(feature = "dev")]
         Top::Demo => crate::demo::run().await,
         Top::Agent(args) => cloud48_agent::cli::run(args).await,

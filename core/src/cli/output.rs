@@ -3,7 +3,9 @@
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
 
-use cloud48_engine::model::{Command, Container, ContainerStatus, Environment, Server};
+use cloud48_engine::model::{
+    Command, Container, ContainerStatus, Environment, Event, Server, Topic,
+};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -310,6 +312,41 @@ fn result_line(r: &serde_json::Value) -> String {
     }
 }
 
+/// One event on one line: `#41 16:20:01.114 command 12 succeeded container.create on
+/// container:5 by admin`.
+pub fn event(e: &Event) -> String {
+    let ms = e.at.rem_euclid(86_400_000);
+    let mut line = format!(
+        "#{} {:02}:{:02}:{:02}.{:03} {} {} {}",
+        e.id,
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000,
+        e.topic,
+        e.object_id,
+        e.action
+    );
+    if let Some(k) = &e.kind {
+        line.push_str(&format!(" {k}"));
+    }
+    if let Some(r) = &e.related {
+        let word = if e.topic == Topic::Command {
+            "on"
+        } else {
+            "in"
+        };
+        line.push_str(&format!(" {word} {r}"));
+    }
+    if let (Some(s), Topic::Container) = (e.server_id, e.topic) {
+        line.push_str(&format!(" on server {s}"));
+    }
+    if let Some(by) = &e.by {
+        line.push_str(&format!(" by {by}"));
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -324,5 +361,24 @@ mod tests {
         );
         let short = json!({ "created": 3, "failed": [[4, "no room"]] });
         assert_eq!(super::result_line(&short), short.to_string());
+    }
+
+    #[test]
+    fn an_event_reads_as_one_line() {
+        let e = cloud48_engine::model::Event {
+            id: 41,
+            at: 1_764_000_001_114,
+            topic: cloud48_engine::model::Topic::Command,
+            object_id: 12,
+            action: "succeeded".into(),
+            kind: Some("container.create".into()),
+            related: Some("container:5".into()),
+            server_id: None,
+            by: Some("admin".into()),
+        };
+        assert_eq!(
+            super::event(&e),
+            "#41 16:00:01.114 command 12 succeeded container.create on container:5 by admin"
+        );
     }
 }

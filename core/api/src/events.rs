@@ -1,0 +1,148 @@
+//! `GET /v1/events`: the event log as Server-Sent Events, resumable with `Last-Event-ID`.
+//!
+//! A caller sees the topics whose objects it may read (an anonymous caller, those of the
+//! families in `auth.anonymous_read`): a command's event tells no more than the command does.
+
+use std::convert::Infallible;
+
+use axum::Extension;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use crate::{ApiError, ApiQuery, ErrorBody};
+use cloud48_engine::auth::{Family, Principal, Role};
+use cloud48_engine::core::Core;
+use cloud48_engine::events::{Delivery, EventFilter};
+use cloud48_engine::model::{Event, Topic};
+
+/// Which events to stream.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventQuery {
+    /// Only these topics, comma-separated: `command`, `container`, `server`, `environment`.
+    pub topic: Option<String>,
+    /// Only the events of one object, and of commands on it: `container:5`, `server:2`.
+    pub object: Option<String>,
+    /// Only the events of one environment (id or name), of its containers and of commands on it.
+    pub environment: Option<String>,
+    /// Start after this event id (as the `Last-Event-ID` header does); without either, the
+    /// stream starts now.
+    pub after: Option<i64>,
+}
+
+/// The family whose readers may see a topic's events.
+pub(crate) fn family(topic: Topic) -> Family {
+    match topic {
+        Topic::Command => Family::Commands,
+        Topic::Container => Family::Containers,
+        Topic::Server => Family::Fleet,
+        Topic::Environment => Family::Environments,
+    }
+}
+
+fn invalid(field: &str, message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid",
+        message,
+        Some(field),
+    )
+}
+
+#[utoipa::path(get, path = "/v1/events", tag = "events", params(EventQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id")),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = Event,
+            description = "Server-Sent Events. First `event: ready` whose `id` (and `data`) is the id the stream starts after; then one per event: `id` the event id, `event` its topic, `data` the event as JSON; `event: error` if the log cannot be read (the stream ends). A comment every 15 s keeps the connection open."),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(crate) async fn stream_events(
+    State(core): State<Core>,
+    Extension(who): Extension<Principal>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<EventQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let asked: Vec<Topic> = match &q.topic {
+        None => Topic::ALL.to_vec(),
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|t| t.parse::<Topic>().map_err(|e| invalid("topic", e)))
+            .collect::<Result<_, _>>()?,
+    };
+    let mut topics = Vec::new();
+    let mut refused = None;
+    for t in asked {
+        match core
+            .auth()
+            .authorize(&who, Role::Viewer, Some(family(t)))
+            .await
+        {
+            Ok(()) => topics.push(t),
+            Err(e) => refused = refused.or(Some(e)),
+        }
+    }
+    if topics.is_empty() {
+        return Err(match refused {
+            Some(e) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string(), None),
+            None => invalid(
+                "topic",
+                "no topic named; name some of command, container, server, environment".into(),
+            ),
+        });
+    }
+    let object = q
+        .object
+        .as_deref()
+        .map(EventFilter::parse_object)
+        .transpose()
+        .map_err(|e| invalid("object", e))?;
+    let environment = match &q.environment {
+        Some(env) => Some(core.environments().get_by_id(env).await?.id.0),
+        None => None,
+    };
+    let resume = match headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .ok_or_else(|| {
+                    invalid(
+                        "Last-Event-ID",
+                        "the Last-Event-ID header must be an event id (a number)".into(),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let filter = EventFilter {
+        topics,
+        object,
+        environment,
+    };
+    let stream = core
+        .events()
+        .subscribe(resume.or(q.after), filter)
+        .map(|r| {
+            Ok(match r {
+                Ok(Delivery::Ready(after)) => SseEvent::default()
+                    .id(after.to_string())
+                    .event("ready")
+                    .data(after.to_string()),
+                Ok(Delivery::Event(e)) => SseEvent::default()
+                    .id(e.id.to_string())
+                    .event(e.topic.as_str())
+                    .json_data(&*e)
+                    .unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string())),
+                Err(e) => SseEvent::default()
+                    .event("error")
+                    .data(format!("the event log could not be read: {e}")),
+            })
+        });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,264 @@
+//! The event stream (`GET /v1/events`, `cloud48 events`): every status change, in order, on
+//! SQLite and PostgreSQL; resumable after the last id; filtered by topic and object; shown
+//! only to those who may read what it describes; forgotten after the retention window.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use cloud48_core::cli::{Client, Credentials};
+use cloud48_engine::auth::{Anonymous, AuthConfig, Role, UserRecord};
+use cloud48_engine::events::Delivery;
+use cloud48_engine::model::{CommandId, Event, Topic};
+use futures::{Stream, StreamExt};
+use serde_json::json;
+
+use crate::common::{ManualClock, Opts, TestCore};
+
+type Events = Pin<Box<dyn Stream<Item = anyhow::Result<Delivery>> + Send>>;
+
+/// Opens a stream at `path`; returns it with the id it starts after.
+async fn open(client: &Client, path: &str) -> (Events, i64) {
+    let mut s: Events = Box::pin(client.events(path).await.unwrap());
+    match next(&mut s).await {
+        Delivery::Ready(after) => (s, after),
+        other => panic!("a stream starts with its ready message, not {other:?}"),
+    }
+}
+
+async fn next(s: &mut Events) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(30), s.next())
+        .await
+        .expect("an event within 30 s")
+        .expect("the stream goes on")
+        .unwrap()
+}
+
+/// Events from `s` up to and including the first that `last` accepts.
+async fn until(s: &mut Events, last: impl Fn(&Event) -> bool) -> Vec<Event> {
+    let mut seen = Vec::new();
+    loop {
+        if let Delivery::Event(e) = next(s).await {
+            let done = last(&e);
+            seen.push((*e).clone());
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+fn of(seen: &[Event], topic: Topic, id: i64) -> Vec<String> {
+    seen.iter()
+        .filter(|e| e.topic == topic && e.object_id == id)
+        .map(|e| e.action.clone())
+        .collect()
+}
+
+async fn a_container_s_life_is_told_in_order_and_a_stream_resumes(t: &TestCore) {
+    let (mut all, start) = open(&t.client, "/v1/events").await;
+    let (mut containers, _) = open(&t.client, "/v1/events?topic=container").await;
+    let a: serde_json::Value = t
+        .client
+        .post("/v1/containers", &json!({ "type": "plain" }))
+        .await
+        .unwrap();
+    let cmd = a["command_id"].as_i64().unwrap();
+    let id = t.created(cmd).await.0;
+    let seen = until(&mut all, |e| {
+        e.topic == Topic::Command && e.object_id == cmd && e.action == "succeeded"
+    })
+    .await;
+    assert!(seen.windows(2).all(|w| w[0].id < w[1].id), "{seen:?}");
+    assert!(seen[0].id > start);
+    let told = of(&seen, Topic::Command, cmd);
+    assert_eq!(told.first().map(String::as_str), Some("queued"), "{told:?}");
+    assert!(told.contains(&"running".to_string()), "{told:?}");
+    let queued = seen
+        .iter()
+        .find(|e| e.topic == Topic::Command && e.object_id == cmd)
+        .unwrap();
+    assert_eq!(queued.kind.as_deref(), Some("container.create"));
+    assert_eq!(queued.by.as_deref(), Some("anonymous"));
+    // The container: created, then running on a server.
+    let life = until(&mut containers, |e| {
+        e.object_id == id && e.action == "running"
+    })
+    .await;
+    assert!(life.iter().all(|e| e.topic == Topic::Container), "{life:?}");
+    assert_eq!(of(&life, Topic::Container, id)[0], "creating");
+    assert!(life.last().unwrap().server_id.is_some());
+    assert_eq!(life.last().unwrap().kind.as_deref(), Some("plain"));
+
+    // A stream opened after the first event replays the rest exactly.
+    let (mut again, after) = open(&t.client, &format!("/v1/events?after={}", seen[0].id)).await;
+    assert_eq!(after, seen[0].id);
+    let last = seen.last().unwrap().id;
+    let replayed = until(&mut again, |e| e.id >= last).await;
+    assert_eq!(replayed, seen[1..]);
+
+    // One object, and the commands on it: a stop of the container.
+    let (mut one, _) = open(&t.client, &format!("/v1/events?object=container:{id}")).await;
+    let stop: serde_json::Value = t
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
+    let stop = stop["command_id"].as_i64().unwrap();
+    t.ok(stop).await;
+    let told = until(&mut one, |e| {
+        e.topic == Topic::Container && e.action == "stopped"
+    })
+    .await;
+    assert!(
+        told.iter()
+            .all(|e| e.object_id == id || e.related.as_deref() == Some(&format!("container:{id}"))),
+        "{told:?}"
+    );
+    assert!(of(&told, Topic::Command, stop).contains(&"running".to_string()));
+}
+
+#[tokio::test]
+async fn a_container_s_life_is_told_in_order_and_a_stream_resumes_on_sqlite() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    a_container_s_life_is_told_in_order_and_a_stream_resumes(&t).await;
+}
+
+#[tokio::test]
+async fn a_container_s_life_is_told_in_order_and_a_stream_resumes_on_postgres() {
+    let Some(t) = TestCore::start(Opts {
+        postgres: true,
+        ..Opts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    a_container_s_life_is_told_in_order_and_a_stream_resumes(&t).await;
+}
+
+#[tokio::test]
+async fn a_caller_sees_only_the_topics_it_may_read() {
+    let realm = "cloud48";
+    let t = TestCore::start(Opts {
+        auth: AuthConfig {
+            realm: realm.into(),
+            anonymous: Anonymous::Read,
+            users: vec![UserRecord::with_password(
+                "otto",
+                Role::Operator,
+                realm,
+                "secret",
+            )],
+            ..AuthConfig::default()
+        },
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let otto = Client::new(&t.url).with_credentials(Credentials {
+        user: "otto".into(),
+        password: "secret".into(),
+    });
+    let anonymous = Client::new(&t.url);
+    // Anonymous callers read fleet and environments by default: not commands.
+    let refused = anonymous
+        .events("/v1/events?topic=command")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(refused.contains("HTTP 403"), "{refused}");
+    assert!(refused.contains("anonymous_read"), "{refused}");
+    let (mut anon, _) = open(&anonymous, "/v1/events").await;
+    let (mut full, _) = open(&otto, "/v1/events").await;
+    let a: cloud48_engine::model::Accepted = otto
+        .post("/v1/environments", &json!({ "name": "shop" }))
+        .await
+        .unwrap();
+    let env = a.object_id.unwrap();
+    t.ok(a.command_id).await;
+    let active = |e: &Event| e.topic == Topic::Environment && e.action == "active";
+    let everything = until(&mut full, active).await;
+    assert!(
+        everything.iter().any(|e| e.topic == Topic::Command),
+        "otto sees the command: {everything:?} of {:?}",
+        cloud48_engine::events::read(t.core.db(), 0, i64::MAX)
+            .await
+            .unwrap()
+    );
+    let shown = until(&mut anon, active).await;
+    assert!(
+        shown.iter().all(|e| e.topic == Topic::Environment),
+        "anonymous sees only the environment: {shown:?}"
+    );
+    assert_eq!(
+        of(&shown, Topic::Environment, env).last().unwrap(),
+        "active"
+    );
+    assert_eq!(shown.last().unwrap().kind.as_deref(), Some("shop"));
+}
+
+#[tokio::test]
+async fn bad_filters_are_refused_with_what_to_write() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    for (query, says) in [
+        ("topic=vm", "unknown Topic 'vm'"),
+        ("object=container", "TOPIC:ID"),
+        ("environment=nowhere", "nowhere"),
+        ("since=3", "unknown field `since`"),
+    ] {
+        let e = t
+            .client
+            .events(&format!("/v1/events?{query}"))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{query} is refused"))
+            .to_string();
+        assert!(e.contains(says), "{query}: {e}");
+    }
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/events", t.url))
+        .header("Last-Event-ID", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    assert!(resp.text().await.unwrap().contains("Last-Event-ID"));
+}
+
+#[tokio::test]
+async fn the_collector_forgets_events_older_than_the_window() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let clock = ManualClock::at(now);
+    let t = TestCore::start(Opts {
+        clock: Some(clock.clone()),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let a: serde_json::Value = t
+        .client
+        .post("/v1/containers", &json!({ "type": "plain" }))
+        .await
+        .unwrap();
+    t.created(CommandId(a["command_id"].as_i64().unwrap()))
+        .await;
+    let db = t.core.db();
+    let kept = cloud48_engine::events::read(db, 0, i64::MAX).await.unwrap();
+    assert!(!kept.is_empty());
+    let report = t.core.collector().collect(None).await.unwrap();
+    assert_eq!(report.events, 0, "a fresh event stays");
+    clock.advance(24 * 3600 * 1000 + 60_000);
+    let report = t.core.collector().collect(None).await.unwrap();
+    assert!(report.events >= kept.len() as u64, "{report:?}");
+    assert_eq!(
+        cloud48_engine::events::read(db, 0, i64::MAX).await.unwrap(),
+        Vec::<Event>::new()
+    );
+}
