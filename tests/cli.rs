@@ -1,6 +1,6 @@
 //! The CLI through the real binary against a real `cloud48 serve`.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::common::cli;
 
@@ -51,6 +51,38 @@ async fn cli_tour_through_the_real_binary() {
     assert!(
         out.contains("environment web") && out.contains("running"),
         "{out}"
+    );
+
+    // The event log, replayed from its start: the servers came up, then the environment's story.
+    let (ok, out, err) = run(vec![
+        "events",
+        "--after",
+        "0",
+        "--topic",
+        "server,environment",
+        "--count",
+        "4",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(
+        lines[0].starts_with("#1 ") && lines[0].contains(" server 1 up sim"),
+        "{out}"
+    );
+    assert!(lines[2].contains(" environment 1 creating web"), "{out}");
+    assert!(lines[3].contains(" environment 1 active web"), "{out}");
+    let object: &'static str = format!("container:{id}").leak();
+    let (ok, out, err) = run(vec![
+        "--json", "events", "--after", "0", "--object", object, "--count", "1",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let first: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (&first["topic"], &first["object_id"], &first["action"]),
+        (&json!("container"), &json!(id), &json!("creating"))
     );
 
     let (ok, out, _) = run(vec!["--json", "command", "list"]).await;

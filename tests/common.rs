@@ -36,6 +36,8 @@ pub struct Opts {
     pub paused: bool,
     /// How long a plugin call may run (default: the product's default).
     pub plugin_deadline: Option<Duration>,
+    /// The token scrapers read `/metrics` with (`metrics.token`).
+    pub metrics_token: Option<String>,
 }
 
 impl Default for Opts {
@@ -61,6 +63,7 @@ impl Default for Opts {
             listen: None,
             paused: false,
             plugin_deadline: None,
+            metrics_token: None,
         }
     }
 }
@@ -161,6 +164,7 @@ impl TestCore {
         config.auth = opts.auth.clone();
         config.health = opts.health.clone();
         config.agent_token = opts.agent_token.clone();
+        config.metrics_token = opts.metrics_token.clone();
         if let Some(c) = opts.capacity {
             config.sim_capacity = c;
         }

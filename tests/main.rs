@@ -20,6 +20,7 @@ mod image_guests;
 mod images;
 mod layout;
 mod linux;
+mod metrics;
 mod placement;
 mod plugins;
 mod queue;

@@ -40,9 +40,13 @@ pub fn needed_role(method: &Method, path: &str) -> Role {
 
 /// Whether the request carries `Authorization: Bearer TOKEN` with the core's agent token.
 fn agent_token_given(core: &Core, headers: &axum::http::HeaderMap) -> bool {
-    let Ok(expected) = core.agents().token() else {
-        return false;
-    };
+    core.agents()
+        .token()
+        .is_ok_and(|expected| bearer_is(headers, expected))
+}
+
+/// Whether the request carries `Authorization: Bearer EXPECTED`.
+fn bearer_is(headers: &axum::http::HeaderMap, expected: &str) -> bool {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -60,6 +64,17 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
     if (req.method() == Method::GET || req.method() == Method::HEAD)
         && req.uri().path().starts_with("/v1/images")
         && agent_token_given(&core, req.headers())
+    {
+        return next.run(req).await;
+    }
+    // Scrapers that cannot do Digest read the metrics with the metrics token.
+    if req.method() == Method::GET
+        && req.uri().path() == "/metrics"
+        && core
+            .config()
+            .metrics_token
+            .as_deref()
+            .is_some_and(|t| bearer_is(req.headers(), t))
     {
         return next.run(req).await;
     }

@@ -85,6 +85,10 @@ pub fn router(core: Core) -> Router {
             let core = core.clone();
             get(move || health(core))
         })
+        .route("/metrics", {
+            let core = core.clone();
+            get(move || metrics(core))
+        })
         .route(
             "/v1/agents/heartbeat",
             axum::routing::post({
@@ -176,6 +180,21 @@ fn page<T: Serialize>(
         resp.headers_mut().insert(axum::http::header::LINK, v);
     }
     resp
+}
+
+/// The core's metrics in the Prometheus text format (viewers; anonymous callers when
+/// `auth.anonymous_read` names `metrics`; or with the `metrics.token` bearer token).
+async fn metrics(core: Core) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let text = cloud48_engine::metrics::render(&core).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            cloud48_engine::metrics::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// Readiness: 200 `{"status": "ready"}` once the core runs commands and has reconciled its

@@ -98,16 +98,19 @@ pub enum Family {
     Commands,
     /// Installed plugins.
     Plugins,
+    /// The core's metrics (`/metrics`).
+    Metrics,
 }
 
 impl Family {
     /// Every family, by its name in the configuration.
-    pub const ALL: [(&'static str, Family); 5] = [
+    pub const ALL: [(&'static str, Family); 6] = [
         ("fleet", Family::Fleet),
         ("environments", Family::Environments),
         ("containers", Family::Containers),
         ("commands", Family::Commands),
         ("plugins", Family::Plugins),
+        ("metrics", Family::Metrics),
     ];
 
     /// What anonymous requests may read by default: fleet and environment summaries.
@@ -132,6 +135,8 @@ impl Family {
             Some(Family::Commands)
         } else if under("/v1/plugins") {
             Some(Family::Plugins)
+        } else if path == "/metrics" {
+            Some(Family::Metrics)
         } else {
             None
         }

@@ -260,6 +260,15 @@ const SETTINGS: &[Spec] = &[
         kind: Kind::Text,
     },
     Spec {
+        key: "metrics.token",
+        env: "CLOUD48_METRICS_TOKEN",
+        // A secret: no flag, so that it never shows in the process list.
+        flag: "",
+        default: "",
+        secret: true,
+        kind: Kind::Text,
+    },
+    Spec {
         key: "agents.token",
         env: "CLOUD48_AGENT_TOKEN",
         // A secret: no flag, so that it never shows in the process list.
@@ -679,6 +688,8 @@ impl Settings {
         ));
         let token = self.get("agents.token");
         c.agent_token = (!token.is_empty()).then(|| token.to_string());
+        let token = self.get("metrics.token");
+        c.metrics_token = (!token.is_empty()).then(|| token.to_string());
         c.auth = self.auth();
         c.plugin_limits.deadline = Duration::from_millis(self.count("plugins.deadline_ms").max(1));
         c.plugin_limits.memory = (self.count("plugins.memory_mb").clamp(1, 4096) as usize) << 20;

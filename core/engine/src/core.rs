@@ -104,6 +104,9 @@ pub struct CoreConfig {
     pub remote: crate::driver::remote::RemoteTimeouts,
     /// How long the event log keeps an event (the collector forgets older ones).
     pub events_retention: Duration,
+    /// A token that reads `/metrics` as `Authorization: Bearer TOKEN` (`metrics.token`), for
+    /// scrapers that cannot do Digest.
+    pub metrics_token: Option<String>,
 }
 
 /// Settings of failure detection, the collector and the rebalancer.
@@ -182,6 +185,7 @@ impl CoreConfig {
             agent_token: None,
             remote: Default::default(),
             events_retention: Duration::from_secs(24 * 3600),
+            metrics_token: None,
         }
     }
 }
@@ -281,10 +285,19 @@ impl Core {
         config: CoreConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Core, CoreError> {
-        let db = connect(&config).await?;
+        let mut db = connect(&config).await?;
+        let recorder = Arc::new(crate::metrics::Recorder::default());
+        let statements = recorder.clone();
+        db.set_metric_callback(move |info| statements.statement(info.elapsed, info.failed));
         let node = node_id(&config.data_dir)?;
         let platform = local_platform(&db).await?;
-        let queue = Queue::new(db.clone(), node, config.queue.clone(), clock.clone());
+        let queue = Queue::with_recorder(
+            db.clone(),
+            node,
+            config.queue.clone(),
+            clock.clone(),
+            recorder,
+        );
         let health = Arc::new(Health::new(clock.clone()));
         let placement = Arc::new(crate::placement::PlacementCache::new(
             config.placement.weights,

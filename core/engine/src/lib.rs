@@ -15,6 +15,7 @@ pub mod events;
 pub mod fleet;
 pub mod health;
 pub mod managers;
+pub mod metrics;
 pub mod placement;
 pub mod plugins;
 pub mod queue;

@@ -239,6 +239,14 @@ impl Client {
             .context("the core sent JSON this client does not understand")
     }
 
+    /// GET a text document (such as `/metrics`).
+    pub async fn get_text(&self, path: &str) -> Result<String> {
+        let resp = self.send::<()>(Method::GET, path, None).await?;
+        resp.text()
+            .await
+            .context("the core's answer ended before it was whole")
+    }
+
     /// GET every page of a list, following each page's `Link: <…>; rel="next"` header.
     pub async fn get_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>> {
         let mut all = Vec::new();
@@ -327,18 +335,40 @@ impl Client {
         }))
     }
 
-    /// Waits until a command is terminal, calling `progress` with each state seen.
+    /// Waits until a command is terminal, calling `progress` with each state seen: reads it
+    /// again at each of its events (`/v1/events?object=command:ID`), never on a timer.
     pub async fn wait(
         &self,
         id: cloud48_engine::model::CommandId,
         mut progress: impl FnMut(&Command),
     ) -> Result<Command> {
+        use futures::StreamExt;
+        let mut after: Option<i64> = None;
         loop {
-            let cmd = self.command(id, 1).await?;
-            progress(&cmd);
-            if cmd.status.is_terminal() {
-                return Ok(cmd);
+            let path = match after {
+                Some(a) => format!("/v1/events?object=command:{id}&after={a}"),
+                None => format!("/v1/events?object=command:{id}"),
+            };
+            let mut events = std::pin::pin!(self.events(&path).await?);
+            // Read the command once the stream is live, then again at each of its changes.
+            let mut live = false;
+            while let Some(item) = events.next().await {
+                match item? {
+                    Delivery::Ready(from) => {
+                        after = Some(from);
+                        live = true;
+                    }
+                    Delivery::Event(e) => after = Some(e.id),
+                }
+                if live {
+                    let cmd = self.command(id, 0).await?;
+                    progress(&cmd);
+                    if cmd.status.is_terminal() {
+                        return Ok(cmd);
+                    }
+                }
             }
+            // The connection ended (the client's deadline): go on after the last event.
         }
     }
 }

@@ -86,6 +86,56 @@ pub async fn follow(client: &Client, out: Out, args: EventsArgs) -> Result<()> {
     }
 }
 
+/// `cloud48 watch ...`: a live view redrawn at each event of what it shows.
+#[derive(Debug, clap::Subcommand)]
+pub enum WatchCmd {
+    /// An environment and its members, redrawn whenever one of them changes.
+    Env {
+        /// Environment name or id.
+        name: String,
+    },
+}
+
+/// Redraws the view at each event until interrupted (or, with `--json`, prints the object
+/// once per change, one JSON document per line).
+pub async fn watch(client: &Client, out: Out, cmd: WatchCmd) -> Result<()> {
+    use std::io::IsTerminal;
+    let WatchCmd::Env { name } = cmd;
+    let path = format!(
+        "/v1/environments/{}",
+        form_urlencoded::byte_serialize(name.as_bytes()).collect::<String>()
+    );
+    // The environment by id, so that the stream follows it even if it is renamed or its
+    // name is taken again after it is destroyed.
+    let env: cloud48_engine::model::Environment = client.get(&path).await?;
+    let terminal = std::io::stdout().is_terminal();
+    let mut after: Option<i64> = None;
+    loop {
+        let query = match after {
+            Some(a) => format!("/v1/events?environment={}&after={a}", env.id),
+            None => format!("/v1/events?environment={}", env.id),
+        };
+        let mut stream = std::pin::pin!(client.events(&query).await?);
+        while let Some(item) = stream.next().await {
+            after = Some(match item? {
+                Delivery::Ready(from) => from,
+                Delivery::Event(e) => e.id,
+            });
+            let now: cloud48_engine::model::Environment =
+                client.get(&format!("/v1/environments/{}", env.id)).await?;
+            if out.json {
+                println!("{}", serde_json::to_string(&now)?);
+            } else {
+                if terminal {
+                    // Clear the screen and go home, as `watch` does.
+                    print!("\x1b[2J\x1b[H");
+                }
+                println!("{}\n", output::environment(&now));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

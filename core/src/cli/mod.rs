@@ -90,6 +90,9 @@ pub enum Top {
     Image(image::ImageCmd),
     /// Follow status changes of commands, containers, servers and environments as they happen.
     Events(events::EventsArgs),
+    /// Live views, redrawn as what they show changes.
+    #[command(subcommand)]
+    Watch(events::WatchCmd),
     /// Run the seed scenario (tomcats, a balancer) on an embedded core and print what happened.
     #[cfg(feature = "dev")]
     Demo,
@@ -896,6 +899,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Plugin(cmd) => plugin(&client, out, cmd).await,
         Top::Image(cmd) => image::image(&client, out, cmd).await,
         Top::Events(args) => events::follow(&client, out, args).await,
+        Top::Watch(cmd) => events::watch(&client, out, cmd).await,
         #[cfg(feature = "dev")]
         Top::Demo => crate::demo::run().await,
         Top::Agent(args) => cloud48_agent::cli::run(args).await,

@@ -176,7 +176,12 @@ pub(super) fn dispatch(
                 .get(&call.view.id.0)
                 .map_or(call.state, Vec::as_slice),
         };
-        let outcome = ty.handle(&call.hook, &ctx).map_err(|e| {
+        let started = std::time::Instant::now();
+        let outcome = ty.handle(&call.hook, &ctx);
+        svc.queue()
+            .recorder()
+            .hook(&call.view.type_id, call.hook.name(), started.elapsed());
+        let outcome = outcome.map_err(|e| {
             if e.retryable {
                 StepError::Transient(e.to_string())
             } else {

@@ -279,6 +279,9 @@ pub struct PlacementCache {
     weights: RwLock<Weights>,
     timing: AtomicBool,
     samples: std::sync::Mutex<Vec<u32>>,
+    /// Decisions that found a server, and that found none.
+    placed: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl PlacementCache {
@@ -400,7 +403,29 @@ impl PlacementCache {
             let ns = t.elapsed().as_nanos().min(u32::MAX as u128) as u32;
             self.samples.lock().unwrap().push(ns);
         }
+        self.count(std::iter::once(&out));
         out
+    }
+
+    fn count<'a>(&self, decisions: impl IntoIterator<Item = &'a Result<i64, String>>) {
+        let (mut placed, mut refused) = (0, 0);
+        for d in decisions {
+            if d.is_ok() {
+                placed += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        self.placed.fetch_add(placed, Ordering::Relaxed);
+        self.refused.fetch_add(refused, Ordering::Relaxed);
+    }
+
+    /// Decisions made since the cache was made: (placed, found no server).
+    pub fn decisions(&self) -> (u64, u64) {
+        (
+            self.placed.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+        )
     }
 
     /// Decides servers for `count` containers with the same requirements, as `decide` would
@@ -476,6 +501,7 @@ impl PlacementCache {
         if timing {
             self.samples.lock().unwrap().extend(samples);
         }
+        self.count(&out);
         out
     }
 

@@ -380,6 +380,7 @@ pub(crate) struct Inner {
     /// Commands this process is executing right now: the only ones whose leases it renews.
     in_flight: std::sync::Mutex<std::collections::HashSet<i64>>,
     runner: std::sync::OnceLock<Arc<dyn Runner>>,
+    recorder: Arc<crate::metrics::Recorder>,
 }
 
 /// Handle to the queue; cheap to clone.
@@ -396,6 +397,17 @@ impl Queue {
         config: QueueConfig,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        Self::with_recorder(db, node_id, config, clock, Default::default())
+    }
+
+    /// `new`, recording its measurements (and those of the core around it) in `recorder`.
+    pub fn with_recorder(
+        db: DatabaseConnection,
+        node_id: String,
+        config: QueueConfig,
+        clock: Arc<dyn Clock>,
+        recorder: Arc<crate::metrics::Recorder>,
+    ) -> Self {
         Queue {
             inner: Arc::new(Inner {
                 db,
@@ -409,8 +421,14 @@ impl Queue {
                 slots: Arc::new(tokio::sync::Semaphore::new(config.workers.max(1))),
                 in_flight: Default::default(),
                 runner: std::sync::OnceLock::new(),
+                recorder,
             }),
         }
+    }
+
+    /// Where the core's measurements go (`GET /metrics`).
+    pub fn recorder(&self) -> &Arc<crate::metrics::Recorder> {
+        &self.inner.recorder
     }
 
     /// The name this core claims commands under.

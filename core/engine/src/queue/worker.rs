@@ -57,7 +57,14 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
         let claimed =
             store::claim(&inner.db, &inner.node_id, now, lease_until, permits.len()).await;
         let (rows, holding) = match claimed {
-            Ok(c) => (c.rows, c.holding),
+            Ok(c) => {
+                for r in &c.rows {
+                    inner
+                        .recorder
+                        .queue_wait(&r.kind, now - r.run_after.max(r.created_at));
+                }
+                (c.rows, c.holding)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "claiming commands failed; retrying");
                 (Vec::new(), HashSet::new())
