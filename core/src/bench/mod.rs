@@ -12,6 +12,7 @@ use cloud48_engine::model::ContainerId;
 use cloud48_engine::queue::NewCommand;
 
 pub mod api;
+pub mod console;
 pub mod images;
 pub mod load;
 pub use api::ApiBenchArgs;

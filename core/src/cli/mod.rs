@@ -814,6 +814,10 @@ pub enum BenchCmd {
     /// Single creates through the REST API over real HTTP with Digest sign-in: accepted/s and
     /// enqueue->start latency.
     Api(crate::bench::ApiBenchArgs),
+    /// Event fan-out: subscribers of /v1/events receiving every event of a burst of commands.
+    Events(crate::bench::console::EventsBenchArgs),
+    /// /metrics and a first page of containers with a million containers.
+    Scrape(crate::bench::console::ScrapeBenchArgs),
     /// API reads while one batch creates 10,000 containers, on `cloud48 serve` with its
     /// defaults: read latency, and whether a healthy server was ever seen down.
     Reads(crate::bench::load::ReadsBenchArgs),
@@ -832,6 +836,8 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::FailoverReal(args) => crate::bench::failover_real(args).await,
         BenchCmd::Images(args) => crate::bench::images::images(args).await,
         BenchCmd::Api(args) => crate::bench::api::api(args).await,
+        BenchCmd::Events(args) => crate::bench::console::events(args).await,
+        BenchCmd::Scrape(args) => crate::bench::console::scrape(args).await,
         BenchCmd::Reads(args) => crate::bench::load::reads(args).await,
         BenchCmd::Restart(args) => crate::bench::load::restart(args).await,
         // Outside the async runtime, to measure the dispatch itself.

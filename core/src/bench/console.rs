@@ -1,0 +1,216 @@
+//! Benchmarks of the operator's tools against an embedded core served on loopback:
+//!
+//! - `bench events`: subscribers of `GET /v1/events` receiving every event of a burst of no-op
+//!   commands; delivery latency is the time from the event's row being written (its `at`,
+//!   the database's clock) to its arrival at a subscriber.
+//! - `bench scrape`: `GET /metrics` and `GET /v1/containers?limit=100` with a million containers.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use futures::StreamExt;
+use serde_json::json;
+
+use crate::cli::Client;
+use cloud48_engine::auth::{Anonymous, AuthConfig};
+use cloud48_engine::core::{Core, CoreConfig};
+use cloud48_engine::events::Delivery;
+use cloud48_engine::model::Resources;
+use cloud48_engine::queue::NewCommand;
+
+/// Options of `bench events`.
+#[derive(Debug, Clone, Args)]
+pub struct EventsBenchArgs {
+    /// Clients following the stream, each on its own connection.
+    #[arg(long, default_value_t = 1000)]
+    pub subscribers: usize,
+    /// No-op commands submitted (three events each: queued, running, succeeded).
+    #[arg(long, default_value_t = 10_000)]
+    pub commands: usize,
+}
+
+/// Options of `bench scrape`.
+#[derive(Debug, Clone, Args)]
+pub struct ScrapeBenchArgs {
+    /// Containers in the database.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub containers: u32,
+    /// Requests of each kind timed.
+    #[arg(long, default_value_t = 50)]
+    pub requests: usize,
+}
+
+/// An embedded core on the default settings, anonymous access, its API on a loopback port.
+async fn serve(dir: &std::path::Path, servers: u32) -> Result<(Core, String)> {
+    let mut config = CoreConfig::new(dir);
+    config.sim_servers = servers;
+    config.sim_persist = false;
+    config.sim_capacity = Resources {
+        cpu_millis: 1 << 40,
+        memory_mb: 1 << 40,
+        disk_mb: 1 << 40,
+    };
+    config.auth = AuthConfig {
+        anonymous: Anonymous::Full,
+        ..AuthConfig::default()
+    };
+    let core = Core::open(config).await?;
+    core.start().await?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let app = cloud48_api::router(core.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await;
+    });
+    Ok((core, url))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// `bench events`.
+pub async fn events(args: EventsBenchArgs) -> Result<()> {
+    let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let (core, url) = serve(dir.path(), 4).await?;
+    let expected = args.commands;
+    let mut subscribers = Vec::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(args.subscribers.max(1));
+    for _ in 0..args.subscribers {
+        let client = Client::new(&url);
+        let ready = ready_tx.clone();
+        subscribers.push(tokio::spawn(async move {
+            let mut stream = std::pin::pin!(client.events("/v1/events?topic=command").await?);
+            let mut latencies = Vec::with_capacity(expected * 3);
+            let mut finished = 0;
+            while let Some(item) = stream.next().await {
+                match item? {
+                    Delivery::Ready(_) => ready.send(()).await?,
+                    Delivery::Event(e) => {
+                        latencies.push(now_ms() - e.at);
+                        if e.action == "succeeded" {
+                            finished += 1;
+                            if finished == expected {
+                                return anyhow::Ok(latencies);
+                            }
+                        }
+                    }
+                }
+            }
+            anyhow::bail!("the stream ended after {finished} of {expected} commands")
+        }));
+    }
+    drop(ready_tx);
+    for _ in 0..args.subscribers {
+        ready_rx
+            .recv()
+            .await
+            .context("a subscriber failed before it was ready")?;
+    }
+    let began = Instant::now();
+    let noop = NewCommand {
+        kind: cloud48_engine::model::CommandKind::Noop,
+        target: None,
+        params: serde_json::Value::Null,
+        requested_by: "bench".into(),
+    };
+    for chunk in (0..args.commands).collect::<Vec<_>>().chunks(500) {
+        core.queue()
+            .enqueue_in(core.db(), vec![noop.clone(); chunk.len()], None)
+            .await?;
+        core.queue().wake();
+    }
+    let mut all = Vec::new();
+    for s in subscribers {
+        all.extend(s.await.context("a subscriber panicked")??);
+    }
+    let took = began.elapsed();
+    all.sort_unstable();
+    println!(
+        "bench events: {} subscribers, {} commands ({} events each): delivered in {:.1} s; latency p50 {} ms, p99 {} ms, max {} ms",
+        args.subscribers,
+        args.commands,
+        all.len() / args.subscribers.max(1),
+        took.as_secs_f64(),
+        percentile(&all, 0.50),
+        percentile(&all, 0.99),
+        all.last().copied().unwrap_or(0)
+    );
+    core.stop(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// `bench scrape`.
+pub async fn scrape(args: ScrapeBenchArgs) -> Result<()> {
+    let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let (core, url) = serve(dir.path(), 100).await?;
+    let client = Client::new(&url);
+    let filled = Instant::now();
+    let mut left = args.containers;
+    while left > 0 {
+        let n = left.min(10_000);
+        let a: cloud48_engine::model::Accepted = client
+            .post(
+                "/v1/containers",
+                &json!({ "type": "plain", "count": n, "requirements":
+                    { "cpu_millis": 1, "memory_mb": 1, "disk_mb": 1 } }),
+            )
+            .await?;
+        let c = client.wait(a.command_id, |_| {}).await?;
+        anyhow::ensure!(
+            c.status == cloud48_engine::model::CommandStatus::Succeeded,
+            "creating containers failed: {:?}",
+            c.error
+        );
+        left -= n;
+    }
+    let fill = filled.elapsed();
+    let time = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let t = Instant::now();
+            let body = client.get_text(path).await?;
+            anyhow::Ok((t.elapsed(), body.len()))
+        }
+    };
+    let (first, _) = time("/metrics").await?;
+    let mut scrapes = Vec::new();
+    let mut lists = Vec::new();
+    let mut size = 0;
+    for _ in 0..args.requests {
+        let (t, n) = time("/metrics").await?;
+        scrapes.push(t);
+        size = n;
+        lists.push(time("/v1/containers?limit=100").await?.0);
+    }
+    scrapes.sort_unstable();
+    lists.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "bench scrape: {} containers (made in {:.0} s); /metrics first (census) {:.1} ms, then p50 {:.1} ms, p99 {:.1} ms ({} bytes); container list --limit 100 p50 {:.1} ms, p99 {:.1} ms",
+        args.containers,
+        fill.as_secs_f64(),
+        ms(first),
+        ms(percentile(&scrapes, 0.5)),
+        ms(percentile(&scrapes, 0.99)),
+        size,
+        ms(percentile(&lists, 0.5)),
+        ms(percentile(&lists, 0.99)),
+    );
+    core.stop(Duration::from_secs(5)).await;
+    Ok(())
+}
