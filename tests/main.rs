@@ -4,6 +4,7 @@ mod common;
 
 mod agent;
 mod api;
+mod audit;
 mod auth;
 mod chaos;
 mod cli;

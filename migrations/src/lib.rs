@@ -19,6 +19,7 @@ mod m0010_params;
 mod m0011_plugin_uploads;
 mod m0012_command_logs;
 mod m0013_events;
+mod m0014_audit;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -40,6 +41,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0011_plugin_uploads::Migration),
             Box::new(m0012_command_logs::Migration),
             Box::new(m0013_events::Migration),
+            Box::new(m0014_audit::Migration),
         ]
     }
 }

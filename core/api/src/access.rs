@@ -21,6 +21,10 @@ pub fn needed_role(method: &Method, path: &str) -> Role {
         if path.starts_with("/v1/containers/") && path.ends_with("/export") {
             return Role::Operator;
         }
+        // The audit trail tells what every user did: an admin's tool.
+        if path == "/v1/audit" {
+            return Role::Admin;
+        }
         return Role::Viewer;
     }
     let admin_areas = ["/v1/servers", "/v1/plugins", "/v1/users", "/v1/images"];
@@ -103,7 +107,7 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
     };
     let who = match who {
         Ok(w) => w,
-        Err(e) => return refuse(&core, e),
+        Err(e) => return with_caller(refuse(&core, e), claimed_user(req.headers())),
     };
     let family = (needed == Role::Viewer)
         .then(|| Family::of(req.uri().path()))
@@ -126,11 +130,33 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
     } else {
         auth.authorize(&who, needed, family).await
     };
+    let name = who.audit_name().to_string();
     if let Err(e) = allowed {
-        return refuse(&core, e);
+        return with_caller(refuse(&core, e), name);
     }
     req.extensions_mut().insert(who);
-    next.run(req).await
+    with_caller(next.run(req).await, name)
+}
+
+/// Tells the audit layer who made the request.
+fn with_caller(mut resp: Response, name: String) -> Response {
+    resp.extensions_mut().insert(super::audit::Caller(name));
+    resp
+}
+
+/// The user name a Digest `Authorization` header claims (`anonymous` without one).
+fn claimed_user(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let at = v.find("username=")? + "username=".len();
+            let rest = v[at..].trim_start_matches('"');
+            let end = rest.find(['"', ',']).unwrap_or(rest.len());
+            Some(rest[..end].to_string())
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "anonymous".into())
 }
 
 fn refuse(core: &Core, e: AuthError) -> Response {

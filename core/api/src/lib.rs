@@ -5,6 +5,7 @@
 //! core. A mutation answers `202 Accepted` with the id of the command that carries it out.
 
 mod access;
+mod audit;
 mod error;
 mod events;
 mod images;
@@ -42,6 +43,7 @@ use cloud48_engine::queue::CommandFilter;
         (name = "plugins", description = "Container types as WASM components"),
         (name = "images", description = "The core's image store (OCI images by digest)"),
         (name = "events", description = "Status changes as a stream of Server-Sent Events"),
+        (name = "audit", description = "Who changed what, when, and how it went (admins)"),
     )
 )]
 struct ApiDoc;
@@ -76,6 +78,7 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(images::get_blob))
         .routes(routes!(images::image_holders))
         .routes(routes!(events::stream_events))
+        .routes(routes!(audit::list_audit))
         .with_state(core.clone())
         .split_for_parts();
     let doc = api.clone();
@@ -104,7 +107,11 @@ pub fn router(core: Core) -> Router {
                 None,
             )
         })
-        .layer(axum::middleware::from_fn_with_state(core, access::check))
+        .layer(axum::middleware::from_fn_with_state(
+            core.clone(),
+            access::check,
+        ))
+        .layer(axum::middleware::from_fn_with_state(core, audit::trail))
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .layer(axum::middleware::from_fn(error::json_errors))
 }

@@ -5,6 +5,7 @@
 //! See `ARCHITECTURE.md` at the repository root for the map of the workspace.
 
 pub mod agents;
+pub mod audit;
 pub mod auth;
 pub mod collector;
 pub mod commands;

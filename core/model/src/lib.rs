@@ -616,6 +616,34 @@ pub struct Event {
     pub by: Option<String>,
 }
 
+/// One entry of the audit trail (`GET /v1/audit`, `cloud48 audit`): a request that changed
+/// something or tried to, or an administrator's change made on the core's machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct AuditEntry {
+    /// Increases with every entry.
+    pub id: i64,
+    /// When, milliseconds since the Unix epoch.
+    pub at: i64,
+    /// The user (`anonymous` when none signed in; the name tried when sign-in failed).
+    pub who: String,
+    /// The client's address, for requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The HTTP method, or `cli` for a change made with the command line on the core's machine.
+    pub action: String,
+    /// The path asked for, or what the command line changed (`user add vera`).
+    pub object: String,
+    /// The answer's HTTP status (0 for the command line's changes).
+    pub status: u16,
+    /// The command that carries the change out, when one was accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command_id: Option<i64>,
+    /// What went wrong, when the change was refused or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
 /// Answer to a mutation: the command that will carry it out.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

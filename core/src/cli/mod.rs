@@ -1,5 +1,6 @@
 //! The `cloud48` command line: `serve` runs a core; the other commands talk to one over HTTP.
 
+mod audit;
 pub mod client;
 mod events;
 mod image;
@@ -90,6 +91,8 @@ pub enum Top {
     Image(image::ImageCmd),
     /// Follow status changes of commands, containers, servers and environments as they happen.
     Events(events::EventsArgs),
+    /// The audit trail: who changed what, when, and how it went (admins).
+    Audit(audit::AuditArgs),
     /// Live views, redrawn as what they show changes.
     #[command(subcommand)]
     Watch(events::WatchCmd),
@@ -847,6 +850,34 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
     }
 }
 
+/// Records a change made with the command line on the core's machine in the audit trail, as
+/// the operating-system user who ran it.
+async fn local_audit<T, E: std::fmt::Display>(
+    db: &sea_orm::DatabaseConnection,
+    what: String,
+    outcome: &std::result::Result<T, E>,
+) -> Result<()> {
+    let who = ["SUDO_USER", "USER", "LOGNAME"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+        // SAFETY: getuid has no preconditions.
+        .unwrap_or_else(|| format!("uid {}", unsafe { libc::getuid() }));
+    let entry = cloud48_engine::model::AuditEntry {
+        id: 0,
+        at: 0,
+        who: format!("{who} (local)"),
+        address: None,
+        action: "cli".into(),
+        object: what,
+        status: 0,
+        command_id: None,
+        message: outcome.as_ref().err().map(ToString::to_string),
+    };
+    cloud48_engine::audit::record(db, &entry)
+        .await
+        .context("the change was made, but recording it in the audit trail failed")
+}
+
 /// Runs the CLI.
 pub async fn run(cli: Cli) -> Result<()> {
     let mut client = Client::new(&cli.server);
@@ -906,6 +937,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Image(cmd) => image::image(&client, out, cmd).await,
         Top::Events(args) => events::follow(&client, out, args).await,
         Top::Watch(cmd) => events::watch(&client, out, cmd).await,
+        Top::Audit(args) => audit::list(&client, out, args).await,
         #[cfg(feature = "dev")]
         Top::Demo => crate::demo::run().await,
         Top::Agent(args) => cloud48_agent::cli::run(args).await,
@@ -1515,22 +1547,22 @@ async fn users(out: Out, cmd: UserCmd) -> Result<()> {
             let role: cloud48_engine::auth::Role = role.parse().map_err(anyhow::Error::msg)?;
             cloud48_engine::auth::validate_user_name(&name).map_err(anyhow::Error::msg)?;
             let password = new_password(&name)?;
-            store
-                .add(&name, role, &password)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let done = store.add(&name, role, &password).await;
+            local_audit(&db, format!("user add {name} {role}"), &done).await?;
+            done.map_err(anyhow::Error::msg)?;
             println!("user {name} added with role {role}");
         }
         UserCmd::Passwd { name, .. } => {
             let password = new_password(&name)?;
-            store
-                .passwd(&name, &password)
-                .await
-                .map_err(anyhow::Error::msg)?;
+            let done = store.passwd(&name, &password).await;
+            local_audit(&db, format!("user passwd {name}"), &done).await?;
+            done.map_err(anyhow::Error::msg)?;
             println!("password of {name} changed");
         }
         UserCmd::Remove { name, .. } => {
-            store.remove(&name).await.map_err(anyhow::Error::msg)?;
+            let done = store.remove(&name).await;
+            local_audit(&db, format!("user remove {name}"), &done).await?;
+            done.map_err(anyhow::Error::msg)?;
             println!("user {name} removed");
         }
         UserCmd::List { .. } => {

@@ -1,0 +1,128 @@
+//! The audit layer: records every request that changes something, or tries to, once it is
+//! answered (`cloud48_engine::audit`), and `GET /v1/audit` lists the trail (admins).
+
+use axum::extract::{Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::Response;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use crate::{ApiError, ApiQuery, ErrorBody, page, page_size};
+use cloud48_engine::audit::AuditFilter;
+use cloud48_engine::core::Core;
+use cloud48_engine::model::AuditEntry;
+
+/// Who made a request, as the access layer found out (the name tried, when sign-in failed).
+#[derive(Debug, Clone)]
+pub(crate) struct Caller(pub String);
+
+/// Bodies read for the command id or the error message (answers to mutations are small JSON).
+const READ_AT_MOST: u64 = 64 << 10;
+
+/// What an answer says: the command accepted, or what went wrong.
+fn outcome(body: &[u8]) -> (Option<i64>, Option<String>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (None, None);
+    };
+    (
+        v.get("command_id").and_then(serde_json::Value::as_i64),
+        v.pointer("/error/message")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string),
+    )
+}
+
+pub(crate) async fn trail(State(core): State<Core>, req: Request, next: Next) -> Response {
+    use axum::body::{Body, HttpBody};
+    let reads = [Method::GET, Method::HEAD, Method::OPTIONS];
+    // Heartbeats are the agents' reports, not changes anyone asked for.
+    if reads.contains(req.method()) || req.uri().path() == "/v1/agents/heartbeat" {
+        return next.run(req).await;
+    }
+    // A request without credentials answered with a challenge is the start of Digest's
+    // exchange, not an attempt as anyone: the signed request that follows is recorded.
+    let signed = req
+        .headers()
+        .contains_key(axum::http::header::AUTHORIZATION);
+    let action = req.method().to_string();
+    let object = req.uri().path().to_string();
+    let address = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string());
+    let resp = next.run(req).await;
+    let who = resp
+        .extensions()
+        .get::<Caller>()
+        .map_or_else(|| "anonymous".to_string(), |c| c.0.clone());
+    let status = resp.status().as_u16();
+    if status == 401 && !signed {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let small = body.size_hint().exact().is_some_and(|n| n <= READ_AT_MOST);
+    let (body, (command_id, message)) = if small {
+        match axum::body::to_bytes(body, READ_AT_MOST as usize).await {
+            Ok(bytes) => {
+                let said = outcome(&bytes);
+                (Body::from(bytes), said)
+            }
+            Err(e) => (
+                Body::empty(),
+                (None, Some(format!("the answer broke: {e}"))),
+            ),
+        }
+    } else {
+        (body, (None, None))
+    };
+    let entry = AuditEntry {
+        id: 0,
+        at: 0,
+        who,
+        address,
+        action,
+        object,
+        status,
+        command_id,
+        message,
+    };
+    if let Err(e) = cloud48_engine::audit::record(core.db(), &entry).await {
+        tracing::error!(target: "cloud48::audit", error = %e, ?entry, "could not record an audit entry");
+    }
+    Response::from_parts(parts, body)
+}
+
+/// Which audit entries to list.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Only this user's.
+    pub who: Option<String>,
+    /// Only changes of paths starting with this (`/v1/servers`).
+    pub object: Option<String>,
+    /// At most this many, newest first (default 100, at most 1000).
+    pub limit: Option<u64>,
+    /// Only entries older than this one (the next page; see the `Link` header).
+    pub before: Option<i64>,
+}
+
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", params(AuditQuery),
+    responses((status = 200, body = Vec<AuditEntry>, description = "One page, newest first; a `Link` header with rel=\"next\" points to the next one"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub(crate) async fn list_audit(
+    State(core): State<Core>,
+    uri: axum::http::Uri,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    let filter = AuditFilter {
+        who: q.who,
+        object: q.object,
+        before: q.before,
+        limit: page_size(Some(q.limit.unwrap_or(100))),
+    };
+    let items = cloud48_engine::audit::list(core.db(), &filter)
+        .await
+        .map_err(cloud48_engine::core::CoreError::from)?;
+    Ok(page(items, Some(filter.limit), &uri, "before", |e| e.id))
+}

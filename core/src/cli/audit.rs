@@ -1,0 +1,66 @@
+//! `cloud48 audit`: lists the audit trail, newest first.
+
+use anyhow::Result;
+use clap::Args;
+
+use super::Out;
+use super::client::Client;
+use cloud48_engine::model::AuditEntry;
+
+/// Options of `cloud48 audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only this user's changes.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Only changes of paths starting with this (e.g. /v1/servers).
+    #[arg(long)]
+    pub object: Option<String>,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 50)]
+    pub limit: u64,
+}
+
+/// Prints the trail as a table (or JSON).
+pub async fn list(client: &Client, out: Out, args: AuditArgs) -> Result<()> {
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let mut q = vec![format!("limit={}", args.limit)];
+    if let Some(u) = &args.user {
+        q.push(format!("who={}", enc(u)));
+    }
+    if let Some(o) = &args.object {
+        q.push(format!("object={}", enc(o)));
+    }
+    let list: Vec<AuditEntry> = client.get(&format!("/v1/audit?{}", q.join("&"))).await?;
+    out.show(&list, || table(&list));
+    Ok(())
+}
+
+fn table(list: &[AuditEntry]) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_header(vec!["ID", "AT (UTC)", "WHO", "WHAT", "OUTCOME"]);
+    for e in list {
+        let outcome = match (&e.command_id, &e.message, e.status) {
+            (Some(c), _, s) => format!("{s}: command {c}"),
+            (None, Some(m), 0) => format!("failed: {m}"),
+            (None, Some(m), s) => format!("{s}: {m}"),
+            (None, None, 0) => "done".into(),
+            (None, None, s) => s.to_string(),
+        };
+        t.add_row(vec![
+            e.id.to_string(),
+            chrono::DateTime::from_timestamp_millis(e.at).map_or_else(
+                || e.at.to_string(),
+                |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+            ),
+            match &e.address {
+                Some(a) => format!("{} from {a}", e.who),
+                None => e.who.clone(),
+            },
+            format!("{} {}", e.action, e.object),
+            outcome,
+        ]);
+    }
+    t.to_string()
+}
