@@ -27,6 +27,7 @@ pub async fn serve_agent(name: &str, driver: Arc<dyn Driver>) -> (Arc<AgentServi
         driver: driver.kind().into(),
         capabilities: driver.capabilities(),
         labels: vec![],
+        subnet: None,
     };
     let spool = std::env::temp_dir().join(format!(
         "cloud48-test-spool-{name}-{}",
@@ -399,6 +400,7 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
         driver: "sim".into(),
         capabilities: sim("x", Duration::ZERO).capabilities(),
         labels: vec![],
+        subnet: None,
     };
     let stats = cloud48_engine::driver::ServerStats {
         capacity: Resources {
@@ -683,4 +685,67 @@ async fn placement_prefers_a_server_that_holds_the_image() {
         create(json!({ "type": "plain" })).await.as_deref(),
         Some("node-2")
     );
+}
+
+/// Issue 19: two agents handing addresses from overlapping subnets could give two containers
+/// one address; the core refuses the second with what to do, and says which server it clashes
+/// with. An agent keeps its own subnet across heartbeats and restarts.
+#[tokio::test]
+async fn an_agent_whose_subnet_overlaps_another_s_is_refused() {
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let stats = cloud48_engine::driver::ServerStats {
+        capacity: Resources {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            disk_mb: 10_000,
+        },
+        allocated: Resources::default(),
+        guests: 0,
+        used: None,
+        images: Vec::new(),
+    };
+    let info = |name: &str, port: u16, subnet: &str| AgentInfo {
+        name: name.into(),
+        url: format!("http://127.0.0.1:{port}"),
+        driver: "sim".into(),
+        capabilities: sim("x", Duration::ZERO).capabilities(),
+        labels: vec![],
+        subnet: Some(subnet.into()),
+    };
+    let agents = tc.core.agents();
+    agents
+        .register(&info("h1", 1, "10.9.4.0/24"), &stats)
+        .await
+        .unwrap();
+    let e = agents
+        .register(&info("h2", 2, "10.9.0.0/16"), &stats)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("10.9.0.0/16 of agent h2 overlaps server h1's 10.9.4.0/24")
+            && e.contains("--subnet"),
+        "{e}"
+    );
+    agents
+        .register(&info("h2", 2, "10.9.5.0/24"), &stats)
+        .await
+        .unwrap();
+    // h1 again, and h1 back at another address: its own subnet is no clash.
+    agents
+        .register(&info("h1", 1, "10.9.4.0/24"), &stats)
+        .await
+        .unwrap();
+    agents
+        .register(&info("h1", 3, "10.9.4.0/24"), &stats)
+        .await
+        .unwrap();
+    let e = agents
+        .register(&info("h3", 4, "banana"), &stats)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("'banana' is not an IPv4 subnet"), "{e}");
+    let servers: Vec<cloud48_engine::model::Server> = tc.client.get("/v1/servers").await.unwrap();
+    assert!(!servers.iter().any(|s| s.name == "h3"));
 }

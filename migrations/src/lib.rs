@@ -20,6 +20,7 @@ mod m0011_plugin_uploads;
 mod m0012_command_logs;
 mod m0013_events;
 mod m0014_audit;
+mod m0015_server_subnets;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -42,6 +43,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0012_command_logs::Migration),
             Box::new(m0013_events::Migration),
             Box::new(m0014_audit::Migration),
+            Box::new(m0015_server_subnets::Migration),
         ]
     }
 }

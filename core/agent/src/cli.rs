@@ -148,6 +148,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     // The images this server holds, served to peer agents.
     let mut image_store = None;
+    let subnet: cloud48_linux::network::Subnet = args
+        .subnet
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?;
     let driver: Arc<dyn Driver> = match args.driver {
         AgentDriver::Linux => {
             let runc = ["/usr/sbin/runc", "/usr/bin/runc", "/sbin/runc"]
@@ -178,10 +182,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 name: name.clone(),
                 data_dir: std::fs::canonicalize(&args.data_dir)?,
                 bridge: args.bridge.clone(),
-                subnet: args
-                    .subnet
-                    .parse()
-                    .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?,
+                subnet,
                 prefix: args.prefix.clone(),
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms),
@@ -209,10 +210,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             .with_state_file(args.data_dir.join("sim.json"))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             // Its guests take addresses of its own subnet, as a linux agent's do.
-            let subnet: cloud48_linux::network::Subnet = args
-                .subnet
-                .parse()
-                .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?;
             Arc::new(sim.with_subnet(subnet.network, subnet.prefix))
         }
     };
@@ -222,6 +219,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         driver: driver.kind().to_string(),
         capabilities: driver.capabilities(),
         labels: args.labels.clone(),
+        subnet: Some(subnet.to_string()),
     };
     let spool = args.data_dir.join("spool");
     let agent = AgentService::new(driver, args.token.clone(), info, &spool)

@@ -158,6 +158,10 @@ pub struct AgentInfo {
     /// Labels of the server, for placement.
     #[serde(default)]
     pub labels: Vec<String>,
+    /// The subnet its containers' addresses come from (`10.48.1.0/24`); the core refuses an
+    /// agent whose subnet overlaps another server's. Older agents do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
 }
 
 /// A heartbeat from an agent to the core.

@@ -63,6 +63,8 @@ pub struct Agents {
     platform: i64,
     token: Option<String>,
     grace: std::time::Duration,
+    /// The subnet each registered agent last said it hands addresses from.
+    subnets: Arc<std::sync::Mutex<std::collections::HashMap<i64, Option<String>>>>,
 }
 
 impl Agents {
@@ -84,6 +86,7 @@ impl Agents {
             platform,
             token,
             grace,
+            subnets: Default::default(),
         }
     }
 
@@ -109,6 +112,7 @@ impl Agents {
         // Every heartbeat comes here: an agent already known at its address costs no database read.
         if let Some((id, remote)) = self.fleet.remote_named(&info.name)
             && remote.url() == info.url
+            && self.subnets.lock().unwrap().get(&id) == Some(&info.subnet)
         {
             remote.set_capabilities(info.capabilities);
             return Ok(id);
@@ -119,6 +123,8 @@ impl Agents {
         let existing = server::Entity::find()
             .filter(server::Column::Name.eq(&info.name))
             .one(db)
+            .await?;
+        self.check_subnet(info, existing.as_ref().map(|r| r.id))
             .await?;
         let (id, remote) = match existing {
             Some(row) if row.driver != RemoteFactory::KIND => {
@@ -143,6 +149,7 @@ impl Agents {
                 }
                 let mut am: server::ActiveModel = row.into();
                 am.address = Set(Some(info.url.clone()));
+                am.subnet = Set(info.subnet.clone());
                 let row = am.update(db).await?;
                 (id, self.attach_agent(&row)?)
             }
@@ -159,6 +166,7 @@ impl Agents {
                     labels: Set(serde_json::to_string(&info.labels).expect("serializes")),
                     last_heartbeat: Set(Some(crate::model::now_ms())),
                     created_at: Set(crate::model::now_ms()),
+                    subnet: Set(info.subnet.clone()),
                     ..Default::default()
                 }
                 .insert(db)
@@ -170,7 +178,41 @@ impl Agents {
             }
         };
         remote.set_capabilities(info.capabilities);
+        self.subnets.lock().unwrap().insert(id, info.subnet.clone());
         Ok(id)
+    }
+
+    /// Refuses an agent whose subnet is not one, or overlaps another server's (two containers
+    /// could get one address); `own` is its server's id, when it has one.
+    async fn check_subnet(&self, info: &AgentInfo, own: Option<i64>) -> Result<(), CoreError> {
+        use cloud48_linux::network::Subnet;
+        let Some(text) = &info.subnet else {
+            return Ok(());
+        };
+        let mine: Subnet = text
+            .parse()
+            .map_err(|e: String| CoreError::invalid("agent.subnet", e))?;
+        let others = server::Entity::find()
+            .filter(server::Column::Subnet.is_not_null())
+            .all(&self.db)
+            .await?;
+        for other in others.iter().filter(|o| Some(o.id) != own) {
+            let Some(theirs) = other
+                .subnet
+                .as_deref()
+                .and_then(|t| t.parse::<Subnet>().ok())
+            else {
+                continue;
+            };
+            if mine.overlaps(&theirs) {
+                return Err(CoreError::Conflict(format!(
+                    "the subnet {mine} of agent {} overlaps server {}'s {theirs}: two containers \
+                     could get one address; start the agent with a --subnet of its own",
+                    info.name, other.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// A heartbeat from an agent (registers its server on first contact).

@@ -57,6 +57,8 @@ pub mod server {
         pub alloc_containers: i64,
         /// Placement puts nothing new on a draining server.
         pub draining: bool,
+        /// The subnet its agent hands addresses from (`10.48.1.0/24`), when it said.
+        pub subnet: Option<String>,
     }
     no_relations!();
 }

@@ -220,6 +220,7 @@ mod tests {
             alloc_disk_mb: 0,
             alloc_containers: 0,
             draining: false,
+            subnet: None,
         }
     }
 

@@ -52,6 +52,13 @@ impl Subnet {
         (2..size - 1).map(move |i| Ipv4Addr::from(base + i))
     }
 
+    /// True when the two subnets share an address.
+    pub fn overlaps(&self, other: &Subnet) -> bool {
+        let prefix = self.prefix.min(other.prefix);
+        let mask = u32::MAX << (32 - prefix);
+        u32::from(self.network) & mask == u32::from(other.network) & mask
+    }
+
     /// True when `ip` is a guest address of this subnet.
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         self.hosts()
@@ -246,4 +253,18 @@ async fn wire(net: &GuestNet, bridge: &str, subnet: &Subnet, ip: Ipv4Addr) -> Re
 pub async fn detach(net: &GuestNet) {
     let _ = run("ip", &["link", "del", &net.host_if]).await;
     let _ = run("ip", &["netns", "del", &net.netns]).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn subnets_overlap_when_they_share_an_address() {
+        let s = |t: &str| t.parse::<super::Subnet>().unwrap();
+        assert!(s("10.0.4.0/24").overlaps(&s("10.0.4.0/24")));
+        assert!(s("10.0.0.0/16").overlaps(&s("10.0.4.0/24")));
+        assert!(s("10.0.4.0/24").overlaps(&s("10.0.0.0/16")));
+        assert!(!s("10.0.4.0/24").overlaps(&s("10.0.5.0/24")));
+        assert!(!s("10.0.4.0/23").overlaps(&s("10.0.6.0/24")));
+        assert!(s("10.0.4.0/23").overlaps(&s("10.0.5.0/24")));
+    }
 }

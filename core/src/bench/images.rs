@@ -158,6 +158,7 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
         driver: "sim".into(),
         capabilities: peer.capabilities(),
         labels: vec![],
+        subnet: None,
     };
     let agent = cloud48_engine::agent::AgentService::new(
         peer,

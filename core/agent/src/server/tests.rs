@@ -54,6 +54,7 @@ async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>) {
         driver: "sim".into(),
         capabilities: sim.capabilities(),
         labels: vec![],
+        subnet: None,
     };
     let agent = AgentService::new(Arc::new(sim), TOKEN, info, &scratch("spool")).unwrap();
     let progress: Progress = Arc::default();
