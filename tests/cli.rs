@@ -243,3 +243,30 @@ fn user_commands_outside_a_core_directory_say_where_they_looked() {
     // Nothing was created by looking.
     assert!(!dir.path().join("cloud48-data").join("cloud48.db").exists());
 }
+
+/// Shell completions name every subcommand, for each shell.
+#[test]
+fn completion_scripts_know_the_subcommands() {
+    for (shell, marker) in [
+        ("bash", "_cloud48()"),
+        ("zsh", "#compdef cloud48"),
+        ("fish", "complete -c cloud48"),
+    ] {
+        let out = std::process::Command::new(crate::common::binary())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains(marker), "{shell}: {script}");
+        for sub in ["container", "events", "audit", "watch"] {
+            assert!(script.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    let out = std::process::Command::new(crate::common::binary())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("possible values"));
+}

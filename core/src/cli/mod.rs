@@ -93,6 +93,13 @@ pub enum Top {
     Events(events::EventsArgs),
     /// The audit trail: who changed what, when, and how it went (admins).
     Audit(audit::AuditArgs),
+    /// Print a shell completion script: `source <(cloud48 completions bash)`, or save it where
+    /// your shell loads completions (zsh: a directory on $fpath as `_cloud48`; fish:
+    /// ~/.config/fish/completions/cloud48.fish).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// Live views, redrawn as what they show changes.
     #[command(subcommand)]
     Watch(events::WatchCmd),
@@ -938,6 +945,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Events(args) => events::follow(&client, out, args).await,
         Top::Watch(cmd) => events::watch(&client, out, cmd).await,
         Top::Audit(args) => audit::list(&client, out, args).await,
+        Top::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "cloud48", &mut std::io::stdout());
+            Ok(())
+        }
         #[cfg(feature = "dev")]
         Top::Demo => crate::demo::run().await,
         Top::Agent(args) => cloud48_agent::cli::run(args).await,
