@@ -95,6 +95,7 @@ pub(crate) async fn trail(State(core): State<Core>, req: Request, next: Next) ->
 
 /// Which audit entries to list.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Only this user's.

@@ -21,6 +21,7 @@ use cloud48_engine::model::{Event, Topic};
 
 /// Which events to stream.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventQuery {
     /// Only these topics, comma-separated: `command`, `container`, `server`, `environment`.

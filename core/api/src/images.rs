@@ -123,6 +123,7 @@ pub(crate) async fn remove_image(
 
 /// Options of an import.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ImportQuery {
     /// Name the imported image takes (`repository[:tag]`); without it each image keeps the

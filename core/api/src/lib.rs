@@ -35,6 +35,9 @@ use cloud48_engine::queue::CommandFilter;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Cloud48 API", description = "Control plane for fleets of virtualization servers. Every mutation is a persisted command: the answer is 202 with the command id; watch it at /v1/commands/{id}."),
+    components(schemas(ServerOp, EnvironmentOp)),
+    modifiers(&DigestScheme),
+    security((), ("digest" = [])),
     tags(
         (name = "environments", description = "Groups of related containers"),
         (name = "containers", description = "Containers and their lifecycle"),
@@ -47,6 +50,57 @@ use cloud48_engine::queue::CommandFilter;
     )
 )]
 struct ApiDoc;
+
+/// Gives every response without a description its status's reason phrase (OpenAPI requires
+/// one; an error's body is always an `ErrorBody` that says what was wrong).
+struct Described;
+
+impl utoipa::Modify for Described {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+                &mut item.head,
+            ];
+            for op in ops.into_iter().flatten() {
+                for (code, resp) in op.responses.responses.iter_mut() {
+                    if let utoipa::openapi::RefOr::T(r) = resp
+                        && r.description.is_empty()
+                    {
+                        r.description = code
+                            .parse::<u16>()
+                            .ok()
+                            .and_then(|c| StatusCode::from_u16(c).ok())
+                            .and_then(|c| c.canonical_reason())
+                            .unwrap_or("Answer")
+                            .to_string();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// HTTP Digest (RFC 7616), the API's sign-in; anonymous requests may read what
+/// `auth.anonymous_read` allows.
+struct DigestScheme;
+
+impl utoipa::Modify for DigestScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let mut digest = Http::new(HttpAuthScheme::Digest);
+        digest.description = Some(
+            "HTTP Digest (RFC 7616), SHA-256 or MD5, qop=auth; users are managed with `cloud48 user`"
+                .into(),
+        );
+        components.add_security_scheme("digest", SecurityScheme::Http(digest));
+    }
+}
 
 /// The API router for `core`.
 pub fn router(core: Core) -> Router {
@@ -81,6 +135,9 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(audit::list_audit))
         .with_state(core.clone())
         .split_for_parts();
+    let mut api = api;
+    // After the routes joined: every response gets a description.
+    utoipa::Modify::modify(&Described, &mut api);
     let doc = api.clone();
     router
         .route("/v1/openapi.json", get(move || async move { Json(doc) }))
@@ -142,6 +199,7 @@ pub struct CreateEnvironment {
 
 /// Listing options.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListAll {
     /// Include destroyed objects.
     #[serde(default)]
@@ -625,6 +683,7 @@ async fn list_servers(
 
 /// Paging of a list by ascending id.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Page {
     /// At most this many (default and most: 1000).
     pub limit: Option<u64>,
@@ -644,6 +703,7 @@ async fn show_server(
 
 /// Which commands to list.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct CommandQuery {
     /// Only this status.
     pub status: Option<CommandStatus>,
@@ -691,6 +751,7 @@ async fn list_commands(
 
 /// Options of showing a command.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Block up to this many seconds (at most 300) until the command finishes.
     pub wait: Option<u64>,
