@@ -150,12 +150,16 @@ pub async fn latest<C: ConnectionTrait>(db: &C) -> Result<i64, DbErr> {
     })
 }
 
-/// Deletes events older than `before` (milliseconds since the epoch); returns how many.
+/// Deletes events older than `before` (milliseconds since the epoch); returns how many. Ids
+/// follow time (the clock of one database), so the cut is the first id, from the oldest, whose
+/// event is recent: found by walking the primary key over just the events to delete.
 pub async fn forget<C: ConnectionTrait>(db: &C, before: i64) -> Result<u64, DbErr> {
     Ok(db
         .execute_raw(store::sql(
             db,
-            "DELETE FROM events WHERE at < $1",
+            "DELETE FROM events WHERE id < COALESCE( \
+               (SELECT id FROM events WHERE at >= $1 ORDER BY id LIMIT 1), \
+               (SELECT MAX(id) + 1 FROM events))",
             vec![before.into()],
         ))
         .await?
@@ -363,12 +367,42 @@ mod tests {
     }
 
     async fn insert(db: &DatabaseConnection, id: i64) {
+        insert_at(db, id, 0).await
+    }
+
+    async fn insert_at(db: &DatabaseConnection, id: i64, at: i64) {
         db.execute_unprepared(&format!(
             "INSERT INTO events (id, at, topic, object_id, action) \
-             VALUES ({id}, 0, 'server', {id}, 'up')"
+             VALUES ({id}, {at}, 'server', {id}, 'up')"
         ))
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn retention_forgets_the_oldest_events_up_to_the_first_recent_one() {
+        let db = memory_db().await;
+        assert_eq!(forget(&db, 100).await.unwrap(), 0, "an empty log");
+        for (id, at) in [(1, 10), (2, 20), (3, 30), (4, 40)] {
+            insert_at(&db, id, at).await;
+        }
+        assert_eq!(forget(&db, 25).await.unwrap(), 2);
+        let left: Vec<i64> = read(&db, 0, i64::MAX)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(left, [3, 4]);
+        assert_eq!(forget(&db, 1000).await.unwrap(), 2, "all of them");
+        // Ids never go back, even once every event is gone (AUTOINCREMENT): a client resuming
+        // after id 4 must not miss the next event.
+        db.execute_unprepared(
+            "INSERT INTO events (at, topic, object_id, action) VALUES (50, 'server', 1, 'up')",
+        )
+        .await
+        .unwrap();
+        assert_eq!(latest(&db).await.unwrap(), 5);
     }
 
     fn received(rx: &mut broadcast::Receiver<Arc<Event>>) -> Vec<i64> {
