@@ -157,7 +157,8 @@ pub async fn events(args: EventsBenchArgs) -> Result<()> {
 /// `bench scrape`.
 pub async fn scrape(args: ScrapeBenchArgs) -> Result<()> {
     let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
-    let (core, url) = serve(dir.path(), 100).await?;
+    // A simulated server hands out at most 1,021 addresses (a /22).
+    let (core, url) = serve(dir.path(), args.containers / 1000 + 10).await?;
     let client = Client::new(&url);
     let filled = Instant::now();
     let mut left = args.containers;
