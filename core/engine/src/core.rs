@@ -201,6 +201,8 @@ pub(crate) struct CoreInner {
     pub rebalancer: Rebalancer,
     pub agents: Agents,
     pub events: crate::events::Events,
+    /// Long reads (see `reader`).
+    pub reader: DatabaseConnection,
     /// The database, queue, fleet, types, heartbeats and placement's view, shared with the
     /// commands and managers.
     pub services: Services,
@@ -216,6 +218,28 @@ pub struct Core {
 }
 
 /// Connects to the database, SQLite in WAL mode by default, and runs the migrations.
+/// A connection for long reads that must not hold up the core's own work (the metrics'
+/// census): on SQLite a second, read-only connection (WAL lets it read while the core's one
+/// connection writes); on PostgreSQL the pool itself.
+pub async fn reader(
+    config: &CoreConfig,
+    db: &DatabaseConnection,
+) -> Result<DatabaseConnection, CoreError> {
+    if config.database_url.is_some() {
+        return Ok(db.clone());
+    }
+    let path = config.data_dir.join("cloud48.db");
+    let mut opt = ConnectOptions::new(format!("sqlite://{}", path.display()));
+    opt.sqlx_logging(true)
+        .max_connections(1)
+        .min_connections(0)
+        .test_before_acquire(false)
+        .map_sqlx_sqlite_opts(|o| o.read_only(true).busy_timeout(Duration::from_secs(10)));
+    Database::connect(opt)
+        .await
+        .map_err(|e| CoreError::Setup(format!("cannot open {} to read: {e}", path.display())))
+}
+
 pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         CoreError::Setup(format!(
@@ -374,6 +398,7 @@ impl Core {
                 .map_err(|e| CoreError::Setup(format!("cannot open the image store: {e}")))?,
         );
 
+        let reader = reader(&config, &db).await?;
         let core = Core {
             inner: Arc::new(CoreInner {
                 plugin_host,
@@ -386,6 +411,7 @@ impl Core {
                 rebalancer,
                 agents,
                 events: crate::events::Events::new(db.clone()),
+                reader,
                 services,
                 ready: std::sync::atomic::AtomicBool::new(false),
                 background: std::sync::Mutex::new(Vec::new()),
@@ -670,6 +696,11 @@ impl Core {
     /// The rebalancer.
     pub fn rebalancer(&self) -> &Rebalancer {
         &self.inner.rebalancer
+    }
+
+    /// The connection for long reads that must not hold up the core's work.
+    pub fn reader(&self) -> &DatabaseConnection {
+        &self.inner.reader
     }
 
     /// The event stream.

@@ -198,7 +198,8 @@ struct ServerRow(i64, String);
 pub async fn render(core: &Core) -> Result<String, CoreError> {
     let rec = core.queue().recorder();
     let db = core.db();
-    let census = rec.census(db).await;
+    // The census reads whole tables: on its own connection, never in the core's way.
+    let census = rec.census(core.reader()).await;
     let active = active_commands(db).await?;
     let names: Vec<ServerRow> = store::json_rows(db, "id, name", "servers", vec![]).await?;
     let name_of = |id: i64| {
