@@ -286,6 +286,21 @@ async fn a_retried_operation_runs_once() {
     );
 }
 
+/// What an idle agent with 4 cores, 4 GiB and 10 GB reports.
+fn idle_stats() -> cloud48_engine::driver::ServerStats {
+    cloud48_engine::driver::ServerStats {
+        capacity: Resources {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            disk_mb: 10_000,
+        },
+        allocated: Resources::default(),
+        guests: 0,
+        used: None,
+        images: Vec::new(),
+    }
+}
+
 fn agent_opts() -> Opts {
     Opts {
         sim_servers: 0,
@@ -402,17 +417,7 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
         labels: vec![],
         subnet: None,
     };
-    let stats = cloud48_engine::driver::ServerStats {
-        capacity: Resources {
-            cpu_millis: 4000,
-            memory_mb: 4096,
-            disk_mb: 10_000,
-        },
-        allocated: Resources::default(),
-        guests: 0,
-        used: None,
-        images: Vec::new(),
-    };
+    let stats = idle_stats();
     tc.core.agents().register(&info, &stats).await.unwrap();
 
     let slow: serde_json::Value = tc
@@ -693,17 +698,7 @@ async fn placement_prefers_a_server_that_holds_the_image() {
 #[tokio::test]
 async fn an_agent_whose_subnet_overlaps_another_s_is_refused() {
     let tc = TestCore::start(agent_opts()).await.unwrap();
-    let stats = cloud48_engine::driver::ServerStats {
-        capacity: Resources {
-            cpu_millis: 4000,
-            memory_mb: 4096,
-            disk_mb: 10_000,
-        },
-        allocated: Resources::default(),
-        guests: 0,
-        used: None,
-        images: Vec::new(),
-    };
+    let stats = idle_stats();
     let info = |name: &str, port: u16, subnet: &str| AgentInfo {
         name: name.into(),
         url: format!("http://127.0.0.1:{port}"),

@@ -1,9 +1,10 @@
 //! The access layer: authenticates every request and checks the role its endpoint needs.
 //!
 //! Reads need `viewer` (anonymous requests read only the endpoint families of
-//! `auth.anonymous_read`: fleet and environments by default); exports need `operator`; changes
-//! to servers, plugins and users, and exec in containers, need `admin`; every other change
-//! needs `operator`.
+//! `auth.anonymous_read`: fleet and environments by default; the event stream, those topics whose
+//! families they may read); exports need `operator`; changes to servers, plugins and users, exec
+//! in containers and reading the audit trail need `admin`; every other change needs `operator`.
+//! `/metrics` may also be read with the `metrics.token` bearer token.
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
