@@ -227,8 +227,10 @@ impl Events {
         let inner = &self.inner;
         let mut cursor = *inner.published.borrow();
         if cursor < 0 || inner.tx.receiver_count() == 0 {
-            // No one listens: nothing to send, and nothing to hold back for.
-            inner.published.send_replace(latest(&inner.db).await?);
+            // No one listens: nothing to send, and nothing to hold back for. Never backwards:
+            // once retention has emptied the table, its highest id reads 0.
+            let now = latest(&inner.db).await?;
+            inner.published.send_replace(cursor.max(now));
             *gap = None;
             return Ok(());
         }
@@ -433,6 +435,13 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(received(&mut rx), [3, 4]);
+
+        // With no one listening, an emptied table does not take the cursor back.
+        drop(rx);
+        db.execute_unprepared("DELETE FROM events").await.unwrap();
+        events.publish_once(&mut gap, t0).await.unwrap();
+        assert_eq!(*events.inner.published.borrow(), 4);
+        let mut rx = events.inner.tx.subscribe();
 
         // 5 never comes (its transaction rolled back): 6 goes out once the gap is old enough.
         insert(&db, 6).await;
