@@ -335,41 +335,49 @@ impl Client {
         }))
     }
 
+    /// Follows the event stream for good: `path(after)` is the stream to open after an event
+    /// id (first `after`); when a connection ends (the client's deadline) it opens the stream
+    /// again after the last id seen, so nothing is missed. `on` sees every delivery (a `Ready`
+    /// at each connection) until it returns a value.
+    pub async fn follow<T>(
+        &self,
+        mut after: Option<i64>,
+        path: impl Fn(Option<i64>) -> String,
+        mut on: impl AsyncFnMut(Delivery) -> Result<Option<T>>,
+    ) -> Result<T> {
+        use futures::StreamExt;
+        loop {
+            let mut events = std::pin::pin!(self.events(&path(after)).await?);
+            while let Some(item) = events.next().await {
+                let delivery = item?;
+                after = Some(match &delivery {
+                    Delivery::Ready(from) => *from,
+                    Delivery::Event(e) => e.id,
+                });
+                if let Some(done) = on(delivery).await? {
+                    return Ok(done);
+                }
+            }
+        }
+    }
+
     /// Waits until a command is terminal, calling `progress` with each state seen: reads it
-    /// again at each of its events (`/v1/events?object=command:ID`), never on a timer.
+    /// once the stream of its events is live, then again at each of them, never on a timer.
     pub async fn wait(
         &self,
         id: cloud48_engine::model::CommandId,
         mut progress: impl FnMut(&Command),
     ) -> Result<Command> {
-        use futures::StreamExt;
-        let mut after: Option<i64> = None;
-        loop {
-            let path = match after {
-                Some(a) => format!("/v1/events?object=command:{id}&after={a}"),
-                None => format!("/v1/events?object=command:{id}"),
-            };
-            let mut events = std::pin::pin!(self.events(&path).await?);
-            // Read the command once the stream is live, then again at each of its changes.
-            let mut live = false;
-            while let Some(item) = events.next().await {
-                match item? {
-                    Delivery::Ready(from) => {
-                        after = Some(from);
-                        live = true;
-                    }
-                    Delivery::Event(e) => after = Some(e.id),
-                }
-                if live {
-                    let cmd = self.command(id, 0).await?;
-                    progress(&cmd);
-                    if cmd.status.is_terminal() {
-                        return Ok(cmd);
-                    }
-                }
-            }
-            // The connection ended (the client's deadline): go on after the last event.
-        }
+        let path = |after: Option<i64>| match after {
+            Some(a) => format!("/v1/events?object=command:{id}&after={a}"),
+            None => format!("/v1/events?object=command:{id}"),
+        };
+        self.follow(None, path, async |_| {
+            let cmd = self.command(id, 0).await?;
+            progress(&cmd);
+            Ok(cmd.status.is_terminal().then_some(cmd))
+        })
+        .await
     }
 }
 

@@ -3,7 +3,6 @@
 
 use anyhow::Result;
 use clap::Args;
-use futures::StreamExt;
 
 use super::Out;
 use super::client::Client;
@@ -57,33 +56,28 @@ impl EventsArgs {
 
 /// Prints events as they come (one JSON object per line with `--json`).
 pub async fn follow(client: &Client, out: Out, args: EventsArgs) -> Result<()> {
-    let mut after = args.after;
-    let mut shown = 0u64;
     if args.count == Some(0) {
         return Ok(());
     }
-    loop {
-        let mut stream = std::pin::pin!(client.events(&args.path(after)).await?);
-        while let Some(item) = stream.next().await {
-            match item? {
-                Delivery::Ready(from) => after = Some(from),
-                Delivery::Event(e) => {
-                    after = Some(e.id);
-                    if out.json {
-                        println!("{}", serde_json::to_string(&*e)?);
-                    } else {
-                        println!("{}", output::event(&e));
-                    }
-                    shown += 1;
-                    if args.count.is_some_and(|c| shown >= c) {
-                        return Ok(());
-                    }
+    let mut shown = 0u64;
+    client
+        .follow(
+            args.after,
+            |after| args.path(after),
+            async |delivery| {
+                let Delivery::Event(e) = delivery else {
+                    return Ok(None);
+                };
+                if out.json {
+                    println!("{}", serde_json::to_string(&*e)?);
+                } else {
+                    println!("{}", output::event(&e));
                 }
-            }
-        }
-        // The connection ended (the client's deadline, or the core restarting): reconnect
-        // after the last event seen.
-    }
+                shown += 1;
+                Ok(args.count.is_some_and(|c| shown >= c).then_some(()))
+            },
+        )
+        .await
 }
 
 /// `cloud48 watch ...`: a live view redrawn at each event of what it shows.
@@ -109,18 +103,12 @@ pub async fn watch(client: &Client, out: Out, cmd: WatchCmd) -> Result<()> {
     // name is taken again after it is destroyed.
     let env: cloud48_engine::model::Environment = client.get(&path).await?;
     let terminal = std::io::stdout().is_terminal();
-    let mut after: Option<i64> = None;
-    loop {
-        let query = match after {
-            Some(a) => format!("/v1/events?environment={}&after={a}", env.id),
-            None => format!("/v1/events?environment={}", env.id),
-        };
-        let mut stream = std::pin::pin!(client.events(&query).await?);
-        while let Some(item) = stream.next().await {
-            after = Some(match item? {
-                Delivery::Ready(from) => from,
-                Delivery::Event(e) => e.id,
-            });
+    let path = |after: Option<i64>| match after {
+        Some(a) => format!("/v1/events?environment={}&after={a}", env.id),
+        None => format!("/v1/events?environment={}", env.id),
+    };
+    client
+        .follow(None, path, async |_| {
             let now: cloud48_engine::model::Environment =
                 client.get(&format!("/v1/environments/{}", env.id)).await?;
             if out.json {
@@ -132,8 +120,9 @@ pub async fn watch(client: &Client, out: Out, cmd: WatchCmd) -> Result<()> {
                 }
                 println!("{}\n", output::environment(&now));
             }
-        }
-    }
+            Ok(None::<()>)
+        })
+        .await
 }
 
 #[cfg(test)]
