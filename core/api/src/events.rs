@@ -14,7 +14,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::{ApiError, ApiQuery, ErrorBody};
-use cloud48_engine::auth::{Family, Principal, Role};
+use cloud48_engine::auth::{AuthError, Authenticator, Family, Principal, Role};
 use cloud48_engine::core::Core;
 use cloud48_engine::events::{Delivery, EventFilter};
 use cloud48_engine::model::{Event, Topic};
@@ -36,12 +36,45 @@ pub struct EventQuery {
 }
 
 /// The family whose readers may see a topic's events.
-pub(crate) fn family(topic: Topic) -> Family {
+fn family(topic: Topic) -> Family {
     match topic {
         Topic::Command => Family::Commands,
         Topic::Container => Family::Containers,
         Topic::Server => Family::Fleet,
         Topic::Environment => Family::Environments,
+    }
+}
+
+/// The topics a caller may follow, decided once by the access layer (`readable`), with why the
+/// others are refused.
+#[derive(Debug, Clone)]
+pub(crate) struct Readable {
+    topics: Vec<Topic>,
+    refusal: Option<String>,
+}
+
+/// The topics `who` may follow; the first refusal when it may follow none.
+pub(crate) async fn readable(auth: &Authenticator, who: &Principal) -> Result<Readable, AuthError> {
+    let mut out = Readable {
+        topics: Vec::new(),
+        refusal: None,
+    };
+    let mut first = None;
+    for topic in Topic::ALL {
+        match auth
+            .authorize(who, Role::Viewer, Some(family(*topic)))
+            .await
+        {
+            Ok(()) => out.topics.push(*topic),
+            Err(e) => {
+                out.refusal.get_or_insert_with(|| e.to_string());
+                first.get_or_insert(e);
+            }
+        }
+    }
+    match first {
+        Some(e) if out.topics.is_empty() => Err(e),
+        _ => Ok(out),
     }
 }
 
@@ -63,7 +96,7 @@ fn invalid(field: &str, message: String) -> ApiError {
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(crate) async fn stream_events(
     State(core): State<Core>,
-    Extension(who): Extension<Principal>,
+    Extension(readable): Extension<Readable>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
@@ -76,25 +109,20 @@ pub(crate) async fn stream_events(
             .map(|t| t.parse::<Topic>().map_err(|e| invalid("topic", e)))
             .collect::<Result<_, _>>()?,
     };
-    let mut topics = Vec::new();
-    let mut refused = None;
-    for t in asked {
-        match core
-            .auth()
-            .authorize(&who, Role::Viewer, Some(family(t)))
-            .await
-        {
-            Ok(()) => topics.push(t),
-            Err(e) => refused = refused.or(Some(e)),
-        }
-    }
+    let topics: Vec<Topic> = asked
+        .iter()
+        .copied()
+        .filter(|t| readable.topics.contains(t))
+        .collect();
     if topics.is_empty() {
-        return Err(match refused {
-            Some(e) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string(), None),
-            None => invalid(
+        return Err(match (&readable.refusal, asked.is_empty()) {
+            (_, true) | (None, false) => invalid(
                 "topic",
                 "no topic named; name some of command, container, server, environment".into(),
             ),
+            (Some(why), false) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", why.clone(), None)
+            }
         });
     }
     let object = q
