@@ -39,7 +39,7 @@ async fn until(s: &mut Events, last: impl Fn(&Event) -> bool) -> Vec<Event> {
     loop {
         if let Delivery::Event(e) = next(s).await {
             let done = last(&e);
-            seen.push((*e).clone());
+            seen.push(Event::clone(&e));
             if done {
                 return seen;
             }

@@ -9,6 +9,7 @@ mod auth;
 mod chaos;
 mod cli;
 mod config;
+mod console;
 mod container;
 mod convergence;
 mod crash;

@@ -4,7 +4,8 @@
 //! `auth.anonymous_read`: fleet and environments by default; the event stream, those topics whose
 //! families they may read); exports need `operator`; changes to servers, plugins and users, exec
 //! in containers and reading the audit trail need `admin`; every other change needs `operator`.
-//! `/metrics` may also be read with the `metrics.token` bearer token.
+//! `/metrics` may also be read with the `metrics.token` bearer token. The console's files and
+//! `/v1/whoami` need no role; `/v1/sign-in` needs a user.
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
@@ -62,7 +63,11 @@ fn bearer_is(headers: &axum::http::HeaderMap, expected: &str) -> bool {
 pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next) -> Response {
     // Agents authenticate their heartbeats with the agent token, checked by the handler.
     // Readiness is public: load balancers and supervisors ask it without credentials.
-    if req.uri().path() == "/v1/agents/heartbeat" || req.uri().path() == "/v1/health" {
+    // The console's files carry no data: its pages sign in through the API.
+    if req.uri().path() == "/v1/agents/heartbeat"
+        || req.uri().path() == "/v1/health"
+        || super::console::is_console(req.uri().path())
+    {
         return next.run(req).await;
     }
     // Agents pull images with the agent token (reading only).
@@ -108,12 +113,18 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
     };
     let who = match who {
         Ok(w) => w,
-        Err(e) => return with_caller(refuse(&core, e), claimed_user(req.headers())),
+        Err(e) => {
+            let resp = refuse(&core, e, quiet(req.headers()));
+            return with_caller(resp, claimed_user(req.headers()));
+        }
     };
     let family = (needed == Role::Viewer)
         .then(|| Family::of(req.uri().path()))
         .flatten();
-    let allowed = if req.uri().path() == "/v1/events" {
+    let allowed = if req.uri().path() == "/v1/whoami" {
+        // Anyone may ask who they are.
+        Ok(())
+    } else if req.uri().path() == "/v1/events" {
         // The stream shows each caller the topics it may read: it needs one.
         super::events::readable(auth, &who).await.map(|r| {
             req.extensions_mut().insert(r);
@@ -123,7 +134,7 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
     };
     let name = who.audit_name().to_string();
     if let Err(e) = allowed {
-        return with_caller(refuse(&core, e), name);
+        return with_caller(refuse(&core, e, quiet(req.headers())), name);
     }
     req.extensions_mut().insert(who);
     with_caller(next.run(req).await, name)
@@ -150,12 +161,26 @@ fn claimed_user(headers: &axum::http::HeaderMap) -> String {
         .unwrap_or_else(|| "anonymous".into())
 }
 
-fn refuse(core: &Core, e: AuthError) -> Response {
+/// Whether the request asks for a 401 without a challenge (`X-Cloud48-No-Challenge: 1`): the
+/// web console before its user signs in, so that a browser does not ask for a password on its
+/// own.
+fn quiet(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get("x-cloud48-no-challenge")
+        .is_some_and(|v| v.as_bytes() == b"1")
+}
+
+fn refuse(core: &Core, e: AuthError, quiet: bool) -> Response {
     match e {
         AuthError::Unauthorized { message, stale } => {
             let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message, None)
                 .into_response();
-            for c in core.auth().challenges(stale) {
+            let challenges = if quiet {
+                Vec::new()
+            } else {
+                core.auth().challenges(stale)
+            };
+            for c in challenges {
                 if let Ok(v) = HeaderValue::from_str(&c) {
                     resp.headers_mut().append(header::WWW_AUTHENTICATE, v);
                 }

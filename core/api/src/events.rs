@@ -166,8 +166,7 @@ pub(crate) async fn stream_events(
                 Ok(Delivery::Event(e)) => SseEvent::default()
                     .id(e.id.to_string())
                     .event(e.topic.as_str())
-                    .json_data(&*e)
-                    .unwrap_or_else(|e| SseEvent::default().event("error").data(e.to_string())),
+                    .data(e.json()),
                 Err(e) => SseEvent::default()
                     .event("error")
                     .data(format!("the event log could not be read: {e}")),

@@ -6,6 +6,7 @@
 
 mod access;
 mod audit;
+mod console;
 mod error;
 mod events;
 mod images;
@@ -47,6 +48,7 @@ use cloud48_engine::queue::CommandFilter;
         (name = "images", description = "The core's image store (OCI images by digest)"),
         (name = "events", description = "Status changes as a stream of Server-Sent Events"),
         (name = "audit", description = "Who changed what, when, and how it went (admins)"),
+        (name = "access", description = "Who the caller is, and signing in (the web console's)"),
     )
 )]
 struct ApiDoc;
@@ -133,6 +135,8 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(images::image_holders))
         .routes(routes!(events::stream_events))
         .routes(routes!(audit::list_audit))
+        .routes(routes!(console::whoami))
+        .routes(routes!(console::sign_in))
         .with_state(core.clone())
         .split_for_parts();
     let mut api = api;
@@ -141,6 +145,8 @@ pub fn router(core: Core) -> Router {
     let doc = api.clone();
     router
         .route("/v1/openapi.json", get(move || async move { Json(doc) }))
+        .route("/", get(console::index))
+        .route("/console/{file}", get(console::asset))
         .route("/v1/health", {
             let core = core.clone();
             get(move || health(core))

@@ -254,6 +254,39 @@ pub enum Principal {
     },
 }
 
+/// The nonce counts a client used with one nonce. A browser sends requests in parallel with
+/// counts 5, 6, 7 that may arrive 7, 5, 6: each count is accepted once, in any order, within a
+/// window of the last 64 below the highest seen; older ones are refused as replays.
+#[derive(Debug, Default, Clone, Copy)]
+struct NonceCounts {
+    /// Highest count accepted (0: none yet).
+    highest: u32,
+    /// Bit `i` set: count `highest - i` was accepted.
+    seen: u64,
+}
+
+impl NonceCounts {
+    /// Records `nc`; false when it was used already or is too old to tell.
+    fn accept(&mut self, nc: u32) -> bool {
+        if nc == 0 {
+            return false;
+        }
+        if nc > self.highest {
+            let shift = nc - self.highest;
+            self.seen = if shift >= 64 { 0 } else { self.seen << shift };
+            self.seen |= 1;
+            self.highest = nc;
+            return true;
+        }
+        let back = self.highest - nc;
+        if back >= 64 || self.seen & (1 << back) != 0 {
+            return false;
+        }
+        self.seen |= 1 << back;
+        true
+    }
+}
+
 impl Principal {
     /// The name recorded in the audit trail (`anonymous` or the user).
     pub fn audit_name(&self) -> &str {
@@ -306,7 +339,7 @@ pub struct Authenticator {
     key: [u8; 32],
     opaque: String,
     /// Highest nonce count seen per nonce.
-    counts: Mutex<HashMap<String, u32>>,
+    counts: Mutex<HashMap<String, NonceCounts>>,
     /// Failed sign-ins per user and per address.
     throttle: crate::throttle::Throttle,
 }
@@ -477,14 +510,13 @@ impl Authenticator {
         }
         {
             let mut counts = self.counts.lock().unwrap();
-            let seen = counts.entry(auth.nonce.clone()).or_insert(0);
-            if auth.nc <= *seen {
+            let seen = counts.entry(auth.nonce.clone()).or_default();
+            if !seen.accept(auth.nc) {
                 return Err(unauthorized(format!(
                     "replayed request: nonce count {} was already used",
                     auth.nc
                 )));
             }
-            *seen = auth.nc;
             let ttl = self.config.nonce_ttl.as_millis() as i64;
             if counts.len() > 10_000 {
                 counts.retain(|n, _| self.nonce_time(n).is_some_and(|t| now - t <= ttl));
@@ -715,6 +747,24 @@ mod tests {
              cnonce=\"f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ\", qop=auth, response=\"{response}\", \
              opaque=\"FQhe/qaU925kfnzjCev0ciny7QMkPqMAFRtzCUYo5tdS\""
         )
+    }
+
+    #[test]
+    fn nonce_counts_are_accepted_once_in_any_order_within_a_window() {
+        let mut c = NonceCounts::default();
+        assert!(!c.accept(0), "counts start at 1");
+        assert!(c.accept(1));
+        assert!(!c.accept(1), "a replay");
+        assert!(c.accept(4), "a gap: 2 and 3 are still in flight");
+        assert!(c.accept(3));
+        assert!(c.accept(2));
+        assert!(!c.accept(3) && !c.accept(2) && !c.accept(4));
+        assert!(c.accept(100));
+        assert!(c.accept(40), "within the 64 below the highest");
+        assert!(!c.accept(36), "too old to tell: refused");
+        assert!(!c.accept(40));
+        assert!(c.accept(200), "a jump past the window forgets it");
+        assert!(!c.accept(100) && c.accept(199));
     }
 
     #[test]

@@ -173,7 +173,42 @@ pub enum Delivery {
     /// reconnects with it misses nothing).
     Ready(i64),
     /// An event that passed the filter.
-    Event(Arc<Event>),
+    Event(Arc<Shared>),
+}
+
+/// An event as it is handed to every subscriber: its JSON is encoded once, by the publisher,
+/// not once per subscriber (a thousand subscribers share one encoding).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Shared {
+    event: Event,
+    json: String,
+}
+
+impl Shared {
+    /// `event`, encoded.
+    pub fn new(event: Event) -> Arc<Shared> {
+        // An `Event` has only strings and numbers: encoding cannot fail.
+        let json = serde_json::to_string(&event).unwrap_or_default();
+        Arc::new(Shared { event, json })
+    }
+
+    /// An event received as JSON (a client of the stream), keeping the text.
+    pub fn decode(json: String) -> Result<Arc<Shared>, serde_json::Error> {
+        let event = serde_json::from_str(&json)?;
+        Ok(Arc::new(Shared { event, json }))
+    }
+
+    /// The event as JSON.
+    pub fn json(&self) -> &str {
+        &self.json
+    }
+}
+
+impl std::ops::Deref for Shared {
+    type Target = Event;
+    fn deref(&self) -> &Event {
+        &self.event
+    }
 }
 
 /// The event stream of a core; cheap to clone.
@@ -184,7 +219,7 @@ pub struct Events {
 
 struct Inner {
     db: DatabaseConnection,
-    tx: broadcast::Sender<Arc<Event>>,
+    tx: broadcast::Sender<Arc<Shared>>,
     /// Every event up to this id was broadcast (or passed over, with no one listening); -1
     /// until the publisher first ran.
     published: watch::Sender<i64>,
@@ -247,7 +282,7 @@ impl Events {
                 }
                 *gap = None;
                 cursor = e.id;
-                let _ = inner.tx.send(Arc::new(e));
+                let _ = inner.tx.send(Shared::new(e));
             }
             inner.published.send_replace(cursor);
             if !full {
@@ -280,7 +315,7 @@ impl Events {
                     let Some(last) = page.last().map(|e| e.id) else { break };
                     for e in page {
                         if filter.matches(&e) {
-                            yield Delivery::Event(Arc::new(e));
+                            yield Delivery::Event(Shared::new(e));
                         }
                     }
                     sent = last;
@@ -407,7 +442,7 @@ mod tests {
         assert_eq!(latest(&db).await.unwrap(), 5);
     }
 
-    fn received(rx: &mut broadcast::Receiver<Arc<Event>>) -> Vec<i64> {
+    fn received(rx: &mut broadcast::Receiver<Arc<Shared>>) -> Vec<i64> {
         std::iter::from_fn(|| rx.try_recv().ok().map(|e| e.id)).collect()
     }
 

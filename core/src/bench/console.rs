@@ -1,7 +1,7 @@
 //! Benchmarks of the operator's tools against an embedded core served on loopback:
 //!
-//! - `bench events`: subscribers of `GET /v1/events` receiving every event of a burst of no-op
-//!   commands; delivery latency is the time from the event's row being written (its `at`,
+//! - `bench events`: subscribers of `GET /v1/events` receiving every event of no-op commands
+//!   submitted at once or at a steady rate (`--rate`); delivery latency is the time from the event's row being written (its `at`,
 //!   the database's clock) to its arrival at a subscriber.
 //! - `bench scrape`: `GET /metrics` and `GET /v1/containers?limit=100` with a million containers.
 
@@ -28,6 +28,10 @@ pub struct EventsBenchArgs {
     /// No-op commands submitted (three events each: queued, running, succeeded).
     #[arg(long, default_value_t = 10_000)]
     pub commands: usize,
+    /// Commands submitted per second, steadily (0: all at once, as fast as the queue takes
+    /// them).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u32,
 }
 
 /// Options of `bench scrape`.
@@ -128,11 +132,26 @@ pub async fn events(args: EventsBenchArgs) -> Result<()> {
         params: serde_json::Value::Null,
         requested_by: "bench".into(),
     };
-    for chunk in (0..args.commands).collect::<Vec<_>>().chunks(500) {
+    // A burst in chunks of 500, or a steady rate in chunks of a hundredth of it.
+    let (chunk, mut tick) = match args.rate {
+        0 => (500, None),
+        r => {
+            let chunk = (r as usize / 100).max(1);
+            let period = Duration::from_secs_f64(chunk as f64 / f64::from(r));
+            (chunk, Some(tokio::time::interval(period)))
+        }
+    };
+    let mut left = args.commands;
+    while left > 0 {
+        if let Some(t) = &mut tick {
+            t.tick().await;
+        }
+        let n = left.min(chunk);
         core.queue()
-            .enqueue_in(core.db(), vec![noop.clone(); chunk.len()], None)
+            .enqueue_in(core.db(), vec![noop.clone(); n], None)
             .await?;
         core.queue().wake();
+        left -= n;
     }
     let mut all = Vec::new();
     for s in subscribers {
@@ -141,9 +160,13 @@ pub async fn events(args: EventsBenchArgs) -> Result<()> {
     let took = began.elapsed();
     all.sort_unstable();
     println!(
-        "bench events: {} subscribers, {} commands ({} events each): delivered in {:.1} s; latency p50 {} ms, p99 {} ms, max {} ms",
+        "bench events: {} subscribers, {} commands ({}; {} events each): delivered in {:.1} s; latency p50 {} ms, p99 {} ms, max {} ms",
         args.subscribers,
         args.commands,
+        match args.rate {
+            0 => "at once".to_string(),
+            r => format!("{r}/s"),
+        },
         all.len() / args.subscribers.max(1),
         took.as_secs_f64(),
         percentile(&all, 0.50),

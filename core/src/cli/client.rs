@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use cloud48_api::ErrorBody;
-use cloud48_engine::events::Delivery;
+use cloud48_engine::events::{Delivery, Shared};
 use cloud48_engine::model::{Accepted, Command};
 
 /// A request body.
@@ -327,10 +327,9 @@ impl Client {
                     },
                 )?)),
                 "error" => Err(anyhow!("{}", m.data)),
-                _ => Ok(Delivery::Event(std::sync::Arc::new(
-                    serde_json::from_str(&m.data)
-                        .context("the core sent an event this client does not understand")?,
-                ))),
+                _ => Ok(Delivery::Event(Shared::decode(m.data).context(
+                    "the core sent an event this client does not understand",
+                )?)),
             }
         }))
     }

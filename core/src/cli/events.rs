@@ -69,7 +69,7 @@ pub async fn follow(client: &Client, out: Out, args: EventsArgs) -> Result<()> {
                     return Ok(None);
                 };
                 if out.json {
-                    println!("{}", serde_json::to_string(&*e)?);
+                    println!("{}", e.json());
                 } else {
                     println!("{}", output::event(&e));
                 }
