@@ -27,6 +27,7 @@ mod placement;
 mod plugins;
 mod queue;
 mod real;
+mod tour;
 mod transfer;
 mod upgrade;
 mod wit;
