@@ -10,6 +10,9 @@ mod console;
 mod error;
 mod events;
 mod images;
+mod openapi;
+
+use openapi::DigestScheme;
 
 use std::time::Duration;
 
@@ -53,57 +56,6 @@ use cloud48_engine::queue::CommandFilter;
 )]
 struct ApiDoc;
 
-/// Gives every response without a description its status's reason phrase (OpenAPI requires
-/// one; an error's body is always an `ErrorBody` that says what was wrong).
-struct Described;
-
-impl utoipa::Modify for Described {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        for item in openapi.paths.paths.values_mut() {
-            let ops = [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.patch,
-                &mut item.head,
-            ];
-            for op in ops.into_iter().flatten() {
-                for (code, resp) in op.responses.responses.iter_mut() {
-                    if let utoipa::openapi::RefOr::T(r) = resp
-                        && r.description.is_empty()
-                    {
-                        r.description = code
-                            .parse::<u16>()
-                            .ok()
-                            .and_then(|c| StatusCode::from_u16(c).ok())
-                            .and_then(|c| c.canonical_reason())
-                            .unwrap_or("Answer")
-                            .to_string();
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// HTTP Digest (RFC 7616), the API's sign-in; anonymous requests may read what
-/// `auth.anonymous_read` allows.
-struct DigestScheme;
-
-impl utoipa::Modify for DigestScheme {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        let mut digest = Http::new(HttpAuthScheme::Digest);
-        digest.description = Some(
-            "HTTP Digest (RFC 7616), SHA-256 or MD5, qop=auth; users are managed with `cloud48 user`"
-                .into(),
-        );
-        components.add_security_scheme("digest", SecurityScheme::Http(digest));
-    }
-}
-
 /// The API router for `core`.
 pub fn router(core: Core) -> Router {
     let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -141,7 +93,7 @@ pub fn router(core: Core) -> Router {
         .split_for_parts();
     let mut api = api;
     // After the routes joined: every response gets a description.
-    utoipa::Modify::modify(&Described, &mut api);
+    utoipa::Modify::modify(&openapi::Described, &mut api);
     let doc = api.clone();
     router
         .route("/v1/openapi.json", get(move || async move { Json(doc) }))
