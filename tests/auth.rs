@@ -333,6 +333,7 @@ async fn anonymous_users_cannot_export_or_read_logs_and_read_only_the_configured
         .containers()
         .create(
             &cloud48_engine::managers::CreateContainer {
+                project: None,
                 type_id: "plain".into(),
                 server: None,
                 requirements: None,

@@ -15,6 +15,7 @@ async fn create(t: &TestCore, server: Option<&str>) -> ContainerId {
         .post(
             "/v1/containers",
             &CreateContainer {
+                project: None,
                 type_id: "plain".into(),
                 server: server.map(Into::into),
                 requirements: None,
@@ -314,6 +315,7 @@ async fn a_failed_create_leaves_a_failed_container_and_no_guest() {
         .post(
             "/v1/containers",
             &CreateContainer {
+                project: None,
                 type_id: "plain".into(),
                 server: Some("sim-2".into()),
                 requirements: None,
@@ -448,7 +450,7 @@ async fn an_unknown_container_status_is_an_error_that_names_the_container() {
     assert_eq!(resp.status().as_u16(), 500);
     let body = resp.text().await.unwrap();
     assert!(body.contains(&expected), "{body}");
-    let listed = t.core.containers().find(&Default::default()).await;
+    let listed = t.core.containers().find(&Default::default(), None).await;
     assert!(
         listed
             .as_ref()
@@ -675,6 +677,7 @@ async fn concurrent_single_creates_share_transactions_and_keep_their_own_rows(po
     };
     let requests: Vec<CreateContainer> = (0..60)
         .map(|i| CreateContainer {
+            project: None,
             type_id: "plain".into(),
             server: (i % 3 == 0).then(|| format!("sim-{}", 1 + i % 2)),
             requirements: Some(Requirements {

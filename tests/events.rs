@@ -17,7 +17,7 @@ use crate::common::{ManualClock, Opts, TestCore};
 type Events = Pin<Box<dyn Stream<Item = anyhow::Result<Delivery>> + Send>>;
 
 /// Opens a stream at `path`; returns it with the id it starts after.
-async fn open(client: &Client, path: &str) -> (Events, i64) {
+pub(crate) async fn open(client: &Client, path: &str) -> (Events, i64) {
     let mut s: Events = Box::pin(client.events(path).await.unwrap());
     match next(&mut s).await {
         Delivery::Ready(after) => (s, after),
@@ -34,7 +34,7 @@ async fn next(s: &mut Events) -> Delivery {
 }
 
 /// Events from `s` up to and including the first that `last` accepts.
-async fn until(s: &mut Events, last: impl Fn(&Event) -> bool) -> Vec<Event> {
+pub(crate) async fn until(s: &mut Events, last: impl Fn(&Event) -> bool) -> Vec<Event> {
     let mut seen = Vec::new();
     loop {
         if let Delivery::Event(e) = next(s).await {

@@ -25,6 +25,7 @@ mod linux;
 mod metrics;
 mod placement;
 mod plugins;
+mod projects;
 mod queue;
 mod real;
 mod tour;

@@ -167,6 +167,7 @@ async fn assert_ledger_clean(t: &TestCore) {
 
 fn plain(server: Option<&str>) -> CreateContainer {
     CreateContainer {
+        project: None,
         type_id: "plain".into(),
         server: server.map(Into::into),
         requirements: None,
@@ -240,6 +241,7 @@ async fn a_batch_onto_a_nearly_full_platform_never_overcommits(postgres: bool) {
     let batch = create(
         &t,
         &CreateContainer {
+            project: None,
             count: Some(160),
             ..plain(None)
         },
@@ -362,6 +364,7 @@ async fn single_creates_claimed_together_run_in_groups_and_end_as_they_would_alo
             create(
                 &t,
                 &CreateContainer {
+                    project: None,
                     requirements: Some(huge.clone()),
                     ..plain(None)
                 },
@@ -483,6 +486,7 @@ async fn a_container_its_server_refuses_fails_alone_and_gives_its_reservation_ba
     let batch = create(
         &t,
         &CreateContainer {
+            project: None,
             count: Some(30),
             ..plain(None)
         },
@@ -590,6 +594,7 @@ async fn expired_dummies_and_those_of_finished_commands_are_collected() {
     let live = core
         .queue()
         .enqueue(cloud48_engine::queue::NewCommand {
+            project: None,
             kind: cloud48_engine::model::CommandKind::Noop,
             target: None,
             params: Value::Null,

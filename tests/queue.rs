@@ -22,6 +22,7 @@ async fn running_container(t: &TestCore) -> (cloud48_engine::model::ContainerId,
         .containers()
         .create(
             &CreateContainer {
+                project: None,
                 type_id: "plain".into(),
                 server: Some("sim-1".into()),
                 requirements: None,
@@ -270,6 +271,7 @@ async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
         let q = &queues[i % 3];
         ids.push(
             q.enqueue(NewCommand {
+                project: None,
                 kind: cloud48_engine::model::CommandKind::Noop,
                 target: None,
                 params: Value::Null,
@@ -456,6 +458,7 @@ async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core()
     dead.start(Arc::new(Hang), false).await.unwrap();
     let id = dead
         .enqueue(NewCommand {
+            project: None,
             kind: cloud48_engine::model::CommandKind::Noop,
             target: None,
             params: Value::Null,
@@ -657,6 +660,7 @@ async fn writes_commit_with_the_step(pg: bool) {
     for params in [Value::Null, serde_json::json!("fail")] {
         let id = q
             .enqueue(NewCommand {
+                project: None,
                 kind: cloud48_engine::model::CommandKind::Noop,
                 target: None,
                 params,

@@ -59,6 +59,17 @@ async fn commands_in_flight_in_a_database_of_the_previous_release_resume_and_fin
     // flight: all made, none twice.
     assert_eq!(containers.len(), 9, "{containers:?}");
     let web: Environment = client.get("/v1/environments/web").await.unwrap();
+    // What the old release made belongs to the project `default`, commands included.
+    assert_eq!(web.project, "default");
+    assert!(
+        containers.iter().all(|c| c.project == "default"),
+        "{containers:?}"
+    );
+    let in_default: Vec<Command> = client
+        .get("/v1/commands?limit=1000&project=default")
+        .await
+        .unwrap();
+    assert_eq!(in_default.len(), commands.len());
     let types: Vec<&str> = web
         .members
         .iter()

@@ -6,6 +6,7 @@
 pub use sea_orm_migration;
 use sea_orm_migration::prelude::*;
 
+mod event_triggers;
 mod m0001_initial;
 mod m0002_users;
 mod m0003_plugins;
@@ -21,6 +22,7 @@ mod m0012_command_logs;
 mod m0013_events;
 mod m0014_audit;
 mod m0015_server_subnets;
+mod m0016_projects;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -44,6 +46,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0013_events::Migration),
             Box::new(m0014_audit::Migration),
             Box::new(m0015_server_subnets::Migration),
+            Box::new(m0016_projects::Migration),
         ]
     }
 }

@@ -13,8 +13,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
-use cloud48_engine::auth::{AuthError, Family, Principal, Role};
+use cloud48_engine::auth::{AuthError, Family, Principal, Role, Scope, ScopeRefusal};
 use cloud48_engine::core::Core;
+use cloud48_engine::projects::Owned;
 
 /// The role a request needs.
 pub fn needed_role(method: &Method, path: &str) -> Role {
@@ -29,7 +30,13 @@ pub fn needed_role(method: &Method, path: &str) -> Role {
         }
         return Role::Viewer;
     }
-    let admin_areas = ["/v1/servers", "/v1/plugins", "/v1/users", "/v1/images"];
+    let admin_areas = [
+        "/v1/servers",
+        "/v1/plugins",
+        "/v1/users",
+        "/v1/images",
+        "/v1/projects",
+    ];
     // exec runs as root inside a container, which shares the host's files outside its
     // private directories: an admin's tool.
     let exec = path.starts_with("/v1/containers/") && path.ends_with("/exec");
@@ -123,21 +130,117 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
         .flatten();
     let allowed = if req.uri().path() == "/v1/whoami" {
         // Anyone may ask who they are.
-        Ok(())
+        Ok(Scope::All)
     } else if req.uri().path() == "/v1/events" {
         // The stream shows each caller the topics it may read: it needs one.
         super::events::readable(auth, &who).await.map(|r| {
+            let scope = r.scope.clone();
             req.extensions_mut().insert(r);
+            scope
         })
     } else {
-        auth.authorize(&who, needed, family).await
+        auth.scope(&who, needed, family).await
     };
     let name = who.audit_name().to_string();
-    if let Err(e) = allowed {
-        return with_caller(refuse(&core, e, quiet(req.headers())), name);
+    let scope = match allowed {
+        Ok(s) => s,
+        Err(e) => return with_caller(refuse(&core, e, quiet(req.headers())), name),
+    };
+    if let Err(resp) = within(&core, &scope, req.method(), req.uri().path()).await {
+        return with_caller(resp, name);
     }
+    req.extensions_mut().insert(scope);
     req.extensions_mut().insert(who);
     with_caller(next.run(req).await, name)
+}
+
+/// What a path names, for callers limited to some projects.
+enum Named {
+    /// A list or a submission whose handler applies the caller's projects.
+    Scoped,
+    /// One object of a project.
+    Object(Owned),
+    /// Something outside projects (the fleet, plugins, types, images, the core itself).
+    Fleet,
+}
+
+fn named(method: &Method, path: &str) -> Named {
+    let segments: Vec<&str> = path.strip_prefix("/v1/").unwrap_or("").split('/').collect();
+    match segments.as_slice() {
+        ["environments"] | ["containers"] | ["commands"] | ["projects"] => Named::Scoped,
+        ["containers", "import"] if method == Method::POST => Named::Scoped,
+        ["containers", "purge"] => Named::Fleet,
+        ["environments", key, ..] => Named::Object(Owned::Environment((*key).to_string())),
+        ["containers", id, ..] => match id.parse() {
+            Ok(id) => Named::Object(Owned::Container(id)),
+            Err(_) => Named::Scoped,
+        },
+        ["commands", id, ..] => match id.parse() {
+            Ok(id) => Named::Object(Owned::Command(id)),
+            Err(_) => Named::Scoped,
+        },
+        ["projects", key, ..] => Named::Object(Owned::Project((*key).to_string())),
+        _ => Named::Fleet,
+    }
+}
+
+/// For a caller limited to some projects: whether the request stays within them. An object of
+/// a project it may not read answers as missing (404); one it may read without the needed role
+/// is forbidden (403); what lies outside projects may be read, not changed.
+async fn within(core: &Core, scope: &Scope, method: &Method, path: &str) -> Result<(), Response> {
+    let Scope::Projects {
+        user,
+        grants,
+        needed,
+        ..
+    } = scope
+    else {
+        return Ok(());
+    };
+    let forbidden = |message: String| {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message, None).into_response()
+    };
+    match named(method, path) {
+        Named::Scoped => Ok(()),
+        Named::Fleet if method == Method::GET || method == Method::HEAD => {
+            if path == "/metrics" {
+                return Err(forbidden(format!(
+                    "the metrics cover the whole fleet: they need a global role viewer; user                      '{user}' has roles only in projects (read them with `cloud48 project show`)"
+                )));
+            }
+            Ok(())
+        }
+        Named::Fleet => {
+            let held: Vec<String> = grants
+                .values()
+                .map(|(p, r)| format!("{r} in '{p}'"))
+                .collect();
+            Err(forbidden(format!(
+                "this acts outside projects and needs the global role {needed}; user '{user}'                  has roles only in projects ({})",
+                held.join(", ")
+            )))
+        }
+        Named::Object(object) => {
+            let project = cloud48_engine::projects::project_of(core.db(), &object)
+                .await
+                .map_err(|e| ApiError::from(e).into_response())?;
+            let refusal = match project {
+                Some(p) => scope.check(p),
+                None => Err(ScopeRefusal::Hidden),
+            };
+            match refusal {
+                Ok(()) => Ok(()),
+                Err(ScopeRefusal::Forbidden(m)) => Err(forbidden(m)),
+                Err(ScopeRefusal::Hidden) => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("{object} does not exist in the projects user '{user}' may read"),
+                    None,
+                )
+                .into_response()),
+            }
+        }
+    }
 }
 
 /// Tells the audit layer who made the request.

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::{ApiError, ApiQuery, ErrorBody};
-use cloud48_engine::auth::{AuthError, Authenticator, Family, Principal, Role};
+use cloud48_engine::auth::{AuthError, Authenticator, Family, Principal, Role, Scope};
 use cloud48_engine::core::Core;
 use cloud48_engine::events::{Delivery, EventFilter};
 use cloud48_engine::model::{Event, Topic};
@@ -30,6 +30,8 @@ pub struct EventQuery {
     pub object: Option<String>,
     /// Only the events of one environment (id or name), of its containers and of commands on it.
     pub environment: Option<String>,
+    /// Only the events of one project (name or id): its environments, containers and commands.
+    pub project: Option<String>,
     /// Start after this event id (as the `Last-Event-ID` header does); without either, the
     /// stream starts now.
     pub after: Option<i64>,
@@ -51,6 +53,9 @@ fn family(topic: Topic) -> Family {
 pub(crate) struct Readable {
     topics: Vec<Topic>,
     refusal: Option<String>,
+    /// Where the caller may read (a caller limited to some projects sees their events and the
+    /// servers').
+    pub(crate) scope: Scope,
 }
 
 /// The topics `who` may follow; the first refusal when it may follow none.
@@ -58,14 +63,17 @@ pub(crate) async fn readable(auth: &Authenticator, who: &Principal) -> Result<Re
     let mut out = Readable {
         topics: Vec::new(),
         refusal: None,
+        scope: Scope::All,
     };
     let mut first = None;
     for topic in Topic::ALL {
-        match auth
-            .authorize(who, Role::Viewer, Some(family(*topic)))
-            .await
-        {
-            Ok(()) => out.topics.push(*topic),
+        match auth.scope(who, Role::Viewer, Some(family(*topic))).await {
+            Ok(scope) => {
+                out.topics.push(*topic);
+                if scope != Scope::All {
+                    out.scope = scope;
+                }
+            }
             Err(e) => {
                 out.refusal.get_or_insert_with(|| e.to_string());
                 first.get_or_insert(e);
@@ -135,6 +143,22 @@ pub(crate) async fn stream_events(
         Some(env) => Some(core.environments().get_by_id(env).await?.id.0),
         None => None,
     };
+    // A caller limited to some projects sees theirs (and the servers'); `project` narrows.
+    let projects = match &q.project {
+        Some(p) => {
+            let id = core.projects().get(p).await?.id;
+            if readable.scope.readable().is_some_and(|r| !r.contains(&id)) {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("project '{p}' does not exist in the projects you may read"),
+                    Some("project"),
+                ));
+            }
+            Some(vec![id])
+        }
+        None => readable.scope.readable(),
+    };
     let resume = match headers.get("last-event-id") {
         Some(v) => Some(
             v.to_str()
@@ -153,6 +177,8 @@ pub(crate) async fn stream_events(
         topics,
         object,
         environment,
+        fleet: q.project.is_none(),
+        projects,
     };
     let stream = core
         .events()

@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod images;
 mod openapi;
+mod projects;
 
 use openapi::DigestScheme;
 
@@ -27,7 +28,7 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiJson, ApiQuery, ErrorBody, ErrorDetail, parse_id};
 
-use cloud48_engine::auth::Principal;
+use cloud48_engine::auth::{Principal, Scope};
 use cloud48_engine::core::Core;
 use cloud48_engine::managers::{
     AddContainer, ContainerCommand, ContainerExport, ContainerQuery, CreateContainer, DrainReport,
@@ -52,6 +53,7 @@ use cloud48_engine::queue::CommandFilter;
         (name = "events", description = "Status changes as a stream of Server-Sent Events"),
         (name = "audit", description = "Who changed what, when, and how it went (admins)"),
         (name = "access", description = "Who the caller is, and signing in (the web console's)"),
+        (name = "projects", description = "Projects: who may act on which environments and containers, and their quotas"),
     )
 )]
 struct ApiDoc;
@@ -89,6 +91,10 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(audit::list_audit))
         .routes(routes!(console::whoami))
         .routes(routes!(console::sign_in))
+        .routes(routes!(projects::list_projects, projects::create_project))
+        .routes(routes!(projects::show_project, projects::remove_project))
+        .routes(routes!(projects::set_quota))
+        .routes(routes!(projects::grant, projects::revoke))
         .with_state(core.clone())
         .split_for_parts();
     let mut api = api;
@@ -153,6 +159,9 @@ pub struct CreateEnvironment {
     #[serde(default)]
     #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub params: cloud48_engine::model::Params,
+    /// Project (name or id) it belongs to, with its members; default: `default`.
+    #[serde(default)]
+    pub project: Option<String>,
 }
 
 /// Listing options.
@@ -166,6 +175,8 @@ pub struct ListAll {
     pub limit: Option<u64>,
     /// Only objects with a greater id (the next page; see the `Link` header).
     pub after: Option<i64>,
+    /// Only in this project (name or id).
+    pub project: Option<String>,
 }
 
 /// A page of a list: the items as a JSON array and, when the page is full (more may follow),
@@ -240,10 +251,15 @@ async fn health(core: Core) -> axum::response::Response {
 async fn list_environments(
     State(core): State<Core>,
     uri: axum::http::Uri,
+    Extension(scope): Extension<Scope>,
     ApiQuery(q): ApiQuery<ListAll>,
 ) -> Result<axum::response::Response, ApiError> {
     let after = q.after.map(cloud48_engine::model::EnvironmentId);
-    let items = core.environments().find(q.all, after, q.limit).await?;
+    let only = scope.readable();
+    let items = core
+        .environments()
+        .find(q.all, after, q.limit, q.project.as_deref(), only.as_deref())
+        .await?;
     Ok(page(items, q.limit, &uri, "after", |e| e.id.0))
 }
 
@@ -252,11 +268,18 @@ async fn list_environments(
 async fn create_environment(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
+    Extension(scope): Extension<Scope>,
     ApiJson(req): ApiJson<CreateEnvironment>,
 ) -> Result<Accept, ApiError> {
+    projects::act_in(&core, &scope, req.project.as_deref()).await?;
     let (cmd, id) = core
         .environments()
-        .create_with(&req.name, &req.params, who.audit_name())
+        .create_with(
+            &req.name,
+            &req.params,
+            req.project.as_deref(),
+            who.audit_name(),
+        )
         .await?;
     Ok(accepted(cmd, Some(id.0)))
 }
@@ -351,9 +374,11 @@ async fn remove_container(
 async fn list_containers(
     State(core): State<Core>,
     uri: axum::http::Uri,
+    Extension(scope): Extension<Scope>,
     ApiQuery(q): ApiQuery<ContainerQuery>,
 ) -> Result<axum::response::Response, ApiError> {
-    let items = core.containers().find(&q).await?;
+    let only = scope.readable();
+    let items = core.containers().find(&q, only.as_deref()).await?;
     Ok(page(items, q.limit, &uri, "after", |c| c.id.0))
 }
 
@@ -362,8 +387,10 @@ async fn list_containers(
 async fn create_container(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
+    Extension(scope): Extension<Scope>,
     ApiJson(req): ApiJson<CreateContainer>,
 ) -> Result<Accept, ApiError> {
+    projects::act_in(&core, &scope, req.project.as_deref()).await?;
     if let Some(n) = req.count.filter(|n| *n != 1) {
         let cmd = core
             .containers()
@@ -470,14 +497,30 @@ async fn export_container(
     Ok(Json(export))
 }
 
+/// Where an imported container goes.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ImportQuery {
+    /// Project (name or id); default: `default`.
+    pub project: Option<String>,
+}
+
 #[utoipa::path(post, path = "/v1/containers/import", tag = "containers", request_body = ContainerExport,
+    params(ImportQuery),
     responses((status = 202, body = Accepted, description = "object_id is the new container"), (status = 422, body = ErrorBody)))]
 async fn import_container(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
+    Extension(scope): Extension<Scope>,
+    ApiQuery(q): ApiQuery<ImportQuery>,
     ApiJson(req): ApiJson<ContainerExport>,
 ) -> Result<Accept, ApiError> {
-    let (cmd, id) = core.containers().import(&req, who.audit_name()).await?;
+    projects::act_in(&core, &scope, q.project.as_deref()).await?;
+    let (cmd, id) = core
+        .containers()
+        .import(&req, q.project.as_deref(), who.audit_name())
+        .await?;
     Ok(accepted(cmd, Some(id.0)))
 }
 
@@ -675,6 +718,8 @@ pub struct CommandQuery {
     pub limit: Option<u64>,
     /// Only commands older than this one (the next page; see the `Link` header).
     pub before: Option<i64>,
+    /// Only commands in this project (name or id).
+    pub project: Option<String>,
 }
 
 #[utoipa::path(get, path = "/v1/commands", tag = "commands", params(CommandQuery),
@@ -682,6 +727,7 @@ pub struct CommandQuery {
 async fn list_commands(
     State(core): State<Core>,
     uri: axum::http::Uri,
+    Extension(scope): Extension<Scope>,
     ApiQuery(q): ApiQuery<CommandQuery>,
 ) -> Result<axum::response::Response, ApiError> {
     if let Some(t) = &q.target_type
@@ -702,6 +748,16 @@ async fn list_commands(
         target_id: q.target_id,
         limit: Some(page_size(Some(q.limit.unwrap_or(100)))),
         before: q.before,
+        projects: match &q.project {
+            Some(p) => {
+                let id = core.projects().get(p).await?.id;
+                Some(match scope.readable() {
+                    Some(r) if !r.contains(&id) => Vec::new(),
+                    _ => vec![id],
+                })
+            }
+            None => scope.readable(),
+        },
     };
     let items = core.queue().list(&filter).await?;
     Ok(page(items, filter.limit, &uri, "before", |c| c.id.0))

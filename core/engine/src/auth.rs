@@ -5,7 +5,7 @@
 //! replayed or tampered request is refused; anonymous requests get exactly what
 //! `auth.anonymous` allows (read-only by default).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,8 @@ use crate::queue::Clock;
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Nothing of its own: reads and acts only in the projects where it is granted a role.
+    Member,
     /// Read everything.
     Viewer,
     /// Also operate environments, containers and commands.
@@ -39,6 +41,7 @@ pub enum Role {
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Role::Member => "member",
             Role::Viewer => "viewer",
             Role::Operator => "operator",
             Role::Admin => "admin",
@@ -50,11 +53,12 @@ impl std::str::FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "member" => Ok(Role::Member),
             "viewer" => Ok(Role::Viewer),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
             _ => Err(format!(
-                "unknown role '{s}' (expected admin, operator or viewer)"
+                "unknown role '{s}' (expected admin, operator, viewer or member)"
             )),
         }
     }
@@ -423,6 +427,18 @@ impl Authenticator {
             }))
     }
 
+    /// Whether a user of this name exists (in the configuration or the database).
+    pub async fn knows(&self, name: &str) -> Result<bool, DbErr> {
+        if self.config.users.iter().any(|u| u.name == name) {
+            return Ok(true);
+        }
+        Ok(user::Entity::find()
+            .filter(user::Column::Name.eq(name))
+            .one(&self.db)
+            .await?
+            .is_some())
+    }
+
     /// True when any user exists (in the file or the database).
     pub async fn has_users(&self) -> Result<bool, DbErr> {
         if !self.config.users.is_empty() {
@@ -596,6 +612,115 @@ impl Authenticator {
     }
 }
 
+/// Where a caller may act: everywhere (a global role that suffices, or anonymous access), or
+/// only in the projects where its grants give it the role a request needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every project.
+    All,
+    /// Only by project grants.
+    Projects {
+        /// The user.
+        user: String,
+        /// Its global role reads every project (`viewer` or more).
+        reads_all: bool,
+        /// Its roles by project: id → (name, role).
+        grants: BTreeMap<i64, (String, Role)>,
+        /// The role the request needs.
+        needed: Role,
+    },
+}
+
+/// Why a scoped caller may not touch an object of a project.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeRefusal {
+    /// It may not even read the project: the object is answered as missing.
+    Hidden,
+    /// It may read the project but lacks the needed role there.
+    Forbidden(String),
+}
+
+impl Scope {
+    /// The projects the caller may read; `None`: all.
+    pub fn readable(&self) -> Option<Vec<i64>> {
+        match self {
+            Scope::All
+            | Scope::Projects {
+                reads_all: true, ..
+            } => None,
+            Scope::Projects { grants, .. } => Some(grants.keys().copied().collect()),
+        }
+    }
+
+    /// Whether the caller may act in `project` with the role its request needs.
+    pub fn check(&self, project: i64) -> Result<(), ScopeRefusal> {
+        let Scope::Projects {
+            user,
+            reads_all,
+            grants,
+            needed,
+        } = self
+        else {
+            return Ok(());
+        };
+        match grants.get(&project) {
+            Some((_, role)) if role >= needed => Ok(()),
+            Some((name, role)) => Err(ScopeRefusal::Forbidden(format!(
+                "this needs role {needed} in project '{name}'; user '{user}' has role {role} there"
+            ))),
+            None if *reads_all => Err(ScopeRefusal::Forbidden(format!(
+                "this needs role {needed} in this object's project; user '{user}' has none there"
+            ))),
+            None => Err(ScopeRefusal::Hidden),
+        }
+    }
+}
+
+impl Authenticator {
+    /// Where `who` may make a request that needs `needed` (reading `family`): everywhere when
+    /// `authorize` allows it, else in the projects where the user's grants give that role;
+    /// refused when there are none.
+    pub async fn scope(
+        &self,
+        who: &Principal,
+        needed: Role,
+        family: Option<Family>,
+    ) -> Result<Scope, AuthError> {
+        let refusal = match self.authorize(who, needed, family).await {
+            Ok(()) => return Ok(Scope::All),
+            Err(e) => e,
+        };
+        let (Principal::User { name, role }, AuthError::Forbidden(message)) = (who, &refusal)
+        else {
+            return Err(refusal);
+        };
+        let grants = crate::projects::grants_of(&self.db, name)
+            .await
+            .map_err(|e| {
+                AuthError::Forbidden(format!(
+                    "{message} (its project roles could not be read: {e})"
+                ))
+            })?;
+        if grants.values().any(|(_, r)| *r >= needed) {
+            return Ok(Scope::Projects {
+                user: name.clone(),
+                reads_all: *role >= Role::Viewer,
+                grants,
+                needed,
+            });
+        }
+        let held: Vec<String> = grants
+            .values()
+            .map(|(p, r)| format!("{r} in project '{p}'"))
+            .collect();
+        Err(AuthError::Forbidden(if held.is_empty() {
+            message.clone()
+        } else {
+            format!("{message} (and only {})", held.join(", "))
+        }))
+    }
+}
+
 /// The response a client knowing `ha1` sends for `auth` (RFC 7616, qop=auth): hex of
 /// `H(HA1:nonce:nc:cnonce:auth:H(method:uri))`.
 fn expected_response(auth: &AuthorizationHeader, ha1: &str, method: &str, cnonce: &str) -> String {
@@ -715,6 +840,12 @@ impl<'a> UserStore<'a> {
             .exec(self.db)
             .await
             .map_err(|e| e.to_string())?;
+        // A user added later under the same name starts with no project roles.
+        crate::entities::project_grant::Entity::delete_many()
+            .filter(crate::entities::project_grant::Column::UserName.eq(name))
+            .exec(self.db)
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -817,7 +948,7 @@ mod tests {
 
     #[test]
     fn roles_and_user_names_read_and_refuse_clearly() {
-        for role in [Role::Viewer, Role::Operator, Role::Admin] {
+        for role in [Role::Member, Role::Viewer, Role::Operator, Role::Admin] {
             assert_eq!(role.to_string().parse::<Role>(), Ok(role));
         }
         assert!(Role::Admin >= Role::Operator && Role::Operator >= Role::Viewer);

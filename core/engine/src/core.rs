@@ -614,6 +614,7 @@ impl Core {
         let commands: Vec<_> = envs
             .into_iter()
             .map(|env| crate::queue::NewCommand {
+                project: None,
                 kind: crate::model::CommandKind::EnvironmentNotify,
                 target: Some(crate::queue::Target::Environment(env)),
                 params: crate::commands::params::to_value(crate::commands::params::Notify {
@@ -731,6 +732,11 @@ impl Core {
     /// The EnvironmentManager.
     pub fn environments(&self) -> EnvironmentManager<'_> {
         EnvironmentManager::new(self.services())
+    }
+
+    /// Projects and their grants.
+    pub fn projects(&self) -> crate::projects::ProjectManager<'_> {
+        crate::projects::ProjectManager::new(self.services(), &self.inner.auth)
     }
 
     /// Servers.

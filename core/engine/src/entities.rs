@@ -123,6 +123,8 @@ pub mod environment {
         pub updated_at: i64,
         /// JSON object of its parameters (strings), read by plugins.
         pub params: String,
+        /// The project it belongs to.
+        pub project_id: i64,
     }
     no_relations!();
 }
@@ -153,6 +155,8 @@ pub mod container {
         pub updated_at: i64,
         /// JSON object of its parameters (its type's schema, defaults filled in).
         pub params: String,
+        /// The project it belongs to (its environment's, for a member).
+        pub project_id: i64,
     }
     no_relations!();
 }
@@ -187,6 +191,44 @@ pub mod command {
         pub created_at: i64,
         pub started_at: Option<i64>,
         pub finished_at: Option<i64>,
+        /// The project of its target (or its parent's); none for fleet-wide commands.
+        #[serde(default)]
+        pub project_id: Option<i64>,
+    }
+    no_relations!();
+}
+
+/// Projects: environments and containers belong to one; each may limit what they use.
+pub mod project {
+    use sea_orm::entity::prelude::*;
+    /// A project row (a `None` limit: unlimited).
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "projects")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub name: String,
+        pub max_containers: Option<i64>,
+        pub max_cpu_millis: Option<i64>,
+        pub max_memory_mb: Option<i64>,
+        pub max_disk_mb: Option<i64>,
+        pub created_at: i64,
+    }
+    no_relations!();
+}
+
+/// A user's role in a project.
+pub mod project_grant {
+    use sea_orm::entity::prelude::*;
+    /// A grant row.
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "project_grants")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub project_id: i64,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub user_name: String,
+        pub role: String,
     }
     no_relations!();
 }

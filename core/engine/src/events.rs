@@ -41,6 +41,10 @@ pub struct EventFilter {
     /// Only events of this environment: the environment itself, its containers and commands
     /// on the environment.
     pub environment: Option<i64>,
+    /// Only events of these projects (`None`: all) ...
+    pub projects: Option<Vec<i64>>,
+    /// ... and, with `projects`, the servers' events too (which belong to no project).
+    pub fleet: bool,
 }
 
 impl EventFilter {
@@ -60,6 +64,12 @@ impl EventFilter {
             if !own && e.related != Some(format!("environment:{env}")) {
                 return false;
             }
+        }
+        if let Some(projects) = &self.projects {
+            return match e.project_id {
+                Some(p) => projects.contains(&p),
+                None => self.fleet && e.topic == Topic::Server,
+            };
         }
         true
     }
@@ -89,6 +99,8 @@ struct Row {
     related_id: Option<i64>,
     server_id: Option<i64>,
     requested_by: Option<String>,
+    #[serde(default)]
+    project_id: Option<i64>,
 }
 
 impl Row {
@@ -106,6 +118,7 @@ impl Row {
             },
             server_id: self.server_id,
             by: self.requested_by,
+            project_id: self.project_id,
         })
     }
 }
@@ -125,6 +138,7 @@ pub async fn read<C: ConnectionTrait>(db: &C, after: i64, upto: i64) -> Result<V
             "related_id",
             "server_id",
             "requested_by",
+            "project_id",
         ],
         &format!("(SELECT * FROM events WHERE id > $1 AND id <= $2 ORDER BY id LIMIT {PAGE}) AS e"),
         vec![after.into(), upto.into()],
@@ -360,6 +374,7 @@ mod tests {
             related: related.map(str::to_string),
             server_id: None,
             by: None,
+            project_id: (topic != Topic::Server).then_some(1),
         }
     }
 
@@ -392,6 +407,33 @@ mod tests {
         };
         assert!(env.matches(&env2) && env.matches(&c5));
         assert!(!env.matches(&s1) && !env.matches(&cmd));
+
+        // A caller limited to projects sees theirs and the servers'; naming a project drops
+        // the servers' events, which belong to none.
+        let other = Event {
+            project_id: Some(2),
+            ..c5.clone()
+        };
+        let mine = EventFilter {
+            projects: Some(vec![1]),
+            fleet: true,
+            ..Default::default()
+        };
+        assert!(mine.matches(&c5) && mine.matches(&cmd) && mine.matches(&s1));
+        assert!(!mine.matches(&other));
+        let fleetless = Event {
+            project_id: None,
+            ..cmd.clone()
+        };
+        assert!(
+            !mine.matches(&fleetless),
+            "a fleet-wide command is not a project's"
+        );
+        let named = EventFilter {
+            fleet: false,
+            ..mine
+        };
+        assert!(named.matches(&c5) && !named.matches(&s1));
     }
 
     async fn memory_db() -> DatabaseConnection {

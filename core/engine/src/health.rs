@@ -242,6 +242,7 @@ impl Monitor {
             .map_or(format!("#{server_id}"), |(_, n)| n);
         let cause = format!("server {name} is unreachable: {cause}");
         let commands = per_environment(&hit, |env, ids| NewCommand {
+            project: None,
             kind: crate::model::CommandKind::EnvironmentFailover,
             target: Some(Target::Environment(env)),
             params: crate::commands::params::to_value(crate::commands::params::Notify {
@@ -332,6 +333,7 @@ impl Monitor {
             }
         }
         let commands = per_environment(&back, |env, ids| NewCommand {
+            project: None,
             kind: crate::model::CommandKind::EnvironmentRecover,
             target: Some(Target::Environment(env)),
             params: crate::commands::params::to_value(crate::commands::params::Notify {

@@ -19,6 +19,7 @@ pub mod managers;
 pub mod metrics;
 pub mod placement;
 pub mod plugins;
+pub mod projects;
 pub mod queue;
 pub mod rebalance;
 pub mod services;

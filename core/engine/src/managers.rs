@@ -121,6 +121,8 @@ pub struct ContainerQuery {
     pub status: Option<ContainerStatus>,
     /// Only on this server (name).
     pub server: Option<String>,
+    /// Only in this project (name or id).
+    pub project: Option<String>,
     /// Only this type.
     #[serde(rename = "type")]
     pub type_id: Option<String>,
@@ -156,6 +158,9 @@ pub struct CreateContainer {
     /// `container.create_many` command; its result lists those that failed.
     #[serde(default)]
     pub count: Option<u32>,
+    /// Project (name or id) it belongs to; default: `default`.
+    #[serde(default)]
+    pub project: Option<String>,
 }
 
 /// A container exported from one platform for import into another.
@@ -208,6 +213,16 @@ pub(crate) async fn load_container<C: ConnectionTrait>(
         .one(conn)
         .await?
         .ok_or_else(|| CoreError::NotFound(format!("container {id} does not exist")))
+}
+
+/// A container's stored requirements.
+fn requirements_of_row(row: &container::Model) -> Result<Requirements, CoreError> {
+    serde_json::from_str(&row.requirements).map_err(|e| {
+        CoreError::Corrupt(format!(
+            "container {}: unreadable requirements: {e}",
+            row.id
+        ))
+    })
 }
 
 /// A container's stored status. One this core does not know (written by a newer core, or
@@ -270,6 +285,7 @@ pub fn creating_row(
     ty: &dyn crate::types::ContainerType,
     requirements: &str,
     environment: Option<i64>,
+    project: i64,
 ) -> container::ActiveModel {
     let now = now_ms();
     container::ActiveModel {
@@ -279,6 +295,7 @@ pub fn creating_row(
         status: Set(ContainerStatus::Creating.as_str().into()),
         server_id: Set(None),
         environment_id: Set(environment),
+        project_id: Set(project),
         guest_id: Set(String::new()),
         ip: Set(None),
         requirements: Set(requirements.to_string()),
@@ -374,11 +391,24 @@ impl<'a> ContainerManager<'a> {
                 resources
                     .validate()
                     .map_err(|m| CoreError::invalid("resources", m))?;
+                // What it asks beyond what it has counts against its project's quota.
+                let had = requirements_of_row(&row)?.resources;
+                let more = Usage {
+                    containers: 0,
+                    resources: Resources {
+                        cpu_millis: resources.cpu_millis.saturating_sub(had.cpu_millis),
+                        memory_mb: resources.memory_mb.saturating_sub(had.memory_mb),
+                        disk_mb: resources.disk_mb.saturating_sub(had.disk_mb),
+                    },
+                };
+                crate::projects::check(db, row.project_id, &more, None).await?;
                 crate::commands::params::to_value(crate::commands::params::Update {
                     resources: *resources,
                 })
             }
             ContainerCommand::Clone { server } => {
+                let each = requirements_of_row(&row)?.resources;
+                crate::projects::check(db, row.project_id, &Usage::of(1, &each), None).await?;
                 let server_id = match server {
                     Some(name) => Some(server_by_name(db, "server", name).await?.id),
                     None => None,
@@ -412,6 +442,7 @@ impl<'a> ContainerManager<'a> {
             _ => crate::commands::params::to_value(crate::commands::params::NoParams {}),
         };
         let command = NewCommand {
+            project: None,
             kind: cmd.kind(),
             target: Some(Target::Container(id)),
             params,
@@ -426,12 +457,14 @@ impl<'a> ContainerManager<'a> {
         req: &CreateContainer,
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
+        let project = crate::projects::named(self.svc.db(), req.project.as_deref()).await?;
         let new = prepare_container(
             self.svc,
             &req.type_id,
             req.server.as_deref(),
             req.requirements.clone(),
             None,
+            project.id,
         )
         .await?;
         let (cmd, id) = self
@@ -469,14 +502,18 @@ impl<'a> ContainerManager<'a> {
             req.requirements.clone(),
         )
         .await?;
+        let project = crate::projects::named(self.svc.db(), req.project.as_deref()).await?;
+        let more = Usage::of(u64::from(count), &requirements.resources);
+        crate::projects::check(self.svc.db(), project.id, &more, None).await?;
         let text = serde_json::to_string(&requirements).expect("serializable");
         // The rows (and their plugin's initial states) are made before the transaction holds
         // the database connection.
         let mut rows: Vec<container::ActiveModel> = (0..count)
-            .map(|_| creating_row(self.svc, &req.type_id, ty.as_ref(), &text, None))
+            .map(|_| creating_row(self.svc, &req.type_id, ty.as_ref(), &text, None, project.id))
             .collect();
         let txn = self.svc.db().begin().await?;
         let command = NewCommand {
+            project: Some(project.id),
             kind: crate::model::CommandKind::ContainerCreateMany,
             target: None,
             params: crate::commands::params::to_value(crate::commands::params::CreateMany {
@@ -526,6 +563,7 @@ impl<'a> ContainerManager<'a> {
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
         let command = NewCommand {
+            project: None,
             kind: crate::model::CommandKind::ContainerCreate,
             target: Some(Target::Container(id)),
             params: crate::commands::params::to_value(params),
@@ -645,8 +683,10 @@ impl<'a> ContainerManager<'a> {
     pub async fn import(
         &self,
         export: &ContainerExport,
+        project: Option<&str>,
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
+        let project = crate::projects::named(self.svc.db(), project).await?;
         if export.format != ContainerExport::FORMAT {
             return Err(CoreError::invalid(
                 "format",
@@ -685,6 +725,7 @@ impl<'a> ContainerManager<'a> {
             None,
             Some(export.requirements.clone()),
             None,
+            project.id,
         )
         .await?;
         let txn = self.svc.db().begin().await?;
@@ -725,9 +766,21 @@ impl<'a> ContainerManager<'a> {
     }
 
     /// Containers matching `query`, by id.
-    pub async fn find(&self, query: &ContainerQuery) -> Result<Vec<Container>, CoreError> {
+    /// `only`: just in these projects (what a caller limited to some projects may read).
+    pub async fn find(
+        &self,
+        query: &ContainerQuery,
+        only: Option<&[i64]>,
+    ) -> Result<Vec<Container>, CoreError> {
         let db = self.svc.db();
         let mut q = container::Entity::find();
+        if let Some(p) = &query.project {
+            let p = crate::projects::find(db, p).await?;
+            q = q.filter(container::Column::ProjectId.eq(p.id));
+        }
+        if let Some(ids) = only {
+            q = q.filter(container::Column::ProjectId.is_in(ids.to_vec()));
+        }
         if let Some(env) = &query.environment {
             let env = find_environment(db, env).await?;
             q = q.filter(container::Column::EnvironmentId.eq(env.id));
@@ -920,17 +973,33 @@ pub(crate) struct NewContainer {
     server_id: Option<i64>,
 }
 
-/// Checks a new container's type, requirements and named server, and makes its row.
+/// Checks a new container's type, requirements, named server and its project's quota, and
+/// makes its row.
 pub(crate) async fn prepare_container(
     svc: &Services,
     type_id: &str,
     server: Option<&str>,
     requirements: Option<Requirements>,
     environment: Option<i64>,
+    project: i64,
 ) -> Result<NewContainer, CoreError> {
     let (ty, requirements, server_id) = checked_new(svc, type_id, server, requirements).await?;
+    crate::projects::check(
+        svc.db(),
+        project,
+        &Usage::of(1, &requirements.resources),
+        None,
+    )
+    .await?;
     let requirements = serde_json::to_string(&requirements).expect("serializable");
-    let row = creating_row(svc, type_id, ty.as_ref(), &requirements, environment);
+    let row = creating_row(
+        svc,
+        type_id,
+        ty.as_ref(),
+        &requirements,
+        environment,
+        project,
+    );
     Ok(NewContainer { row, server_id })
 }
 
@@ -1005,6 +1074,7 @@ pub(crate) async fn to_views(
             .map(|e| (e.id, e.name))
             .collect()
     };
+    let projects = crate::projects::names(db).await?;
     rows.into_iter()
         .map(|r| {
             Ok(Container {
@@ -1017,6 +1087,7 @@ pub(crate) async fn to_views(
                 ip: r.ip,
                 environment: r.environment_id.and_then(|e| envs.get(&e).cloned()),
                 environment_id: r.environment_id.map(EnvironmentId),
+                project: projects.get(&r.project_id).cloned().unwrap_or_default(),
                 guest_id: r.guest_id,
                 requirements: serde_json::from_str(&r.requirements).map_err(|e| {
                     CoreError::Corrupt(format!("container {}: unreadable requirements: {e}", r.id))
@@ -1126,18 +1197,21 @@ impl<'a> EnvironmentManager<'a> {
         name: &str,
         requested_by: &str,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
-        self.create_with(name, &Default::default(), requested_by)
+        self.create_with(name, &Default::default(), None, requested_by)
             .await
     }
 
     /// Creates an empty environment with parameters its members' types may read; returns
     /// (command, environment id).
+    /// In `project` (name or id; default: `default`).
     pub async fn create_with(
         &self,
         name: &str,
         params: &crate::model::Params,
+        project: Option<&str>,
         requested_by: &str,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
+        let project = crate::projects::named(self.svc.db(), project).await?.id;
         for (k, v) in params {
             validate_name(k)
                 .map_err(|m| CoreError::invalid("params", format!("parameter name: {m}")))?;
@@ -1149,7 +1223,8 @@ impl<'a> EnvironmentManager<'a> {
             }
         }
         let params = serde_json::to_string(params).expect("serializable");
-        self.submit_new_with(name, params, |env| NewCommand {
+        self.submit_new_with(name, params, project, |env| NewCommand {
+            project: None,
             kind: crate::model::CommandKind::EnvironmentCreate,
             target: Some(Target::Environment(env)),
             params: crate::commands::params::to_value(crate::commands::params::CreateEnvironment {
@@ -1170,7 +1245,22 @@ impl<'a> EnvironmentManager<'a> {
         requested_by: &str,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
         let src = self.active(source).await?;
-        self.submit_new(name, |env| NewCommand {
+        // The copy is in the source's project, whose quota must hold the copied members.
+        let mut more = Usage::default();
+        let members = container::Entity::find()
+            .filter(container::Column::EnvironmentId.eq(src.id))
+            .filter(container::Column::Status.is_not_in([
+                ContainerStatus::Destroyed.as_str(),
+                ContainerStatus::Failed.as_str(),
+            ]))
+            .all(self.svc.db())
+            .await?;
+        for m in &members {
+            more = more.plus(&Usage::of(1, &requirements_of_row(m)?.resources));
+        }
+        crate::projects::check(self.svc.db(), src.project_id, &more, None).await?;
+        self.submit_new_with(name, "{}".into(), src.project_id, |env| NewCommand {
+            project: None,
             kind: crate::model::CommandKind::EnvironmentClone,
             target: Some(Target::Environment(src.id)),
             params: crate::commands::params::to_value(crate::commands::params::CloneEnvironment {
@@ -1181,17 +1271,8 @@ impl<'a> EnvironmentManager<'a> {
         .await
     }
 
-    /// Inserts a new environment `name` (status creating) and the command `make` returns for
-    /// it, in one transaction.
-    async fn submit_new(
-        &self,
-        name: &str,
-        make: impl FnOnce(i64) -> NewCommand,
-    ) -> Result<(CommandId, EnvironmentId), CoreError> {
-        self.submit_new_with(name, "{}".into(), make).await
-    }
-
-    /// `submit_new` for an environment with parameters (JSON object).
+    /// Inserts a new environment `name` with parameters (JSON object) in `project` (status
+    /// creating) and the command `make` returns for it, in one transaction.
     #[expect(
         clippy::disallowed_methods,
         reason = "database work only: every driver or plugin call happens before it"
@@ -1200,6 +1281,7 @@ impl<'a> EnvironmentManager<'a> {
         &self,
         name: &str,
         params: String,
+        project: i64,
         make: impl FnOnce(i64) -> NewCommand,
     ) -> Result<(CommandId, EnvironmentId), CoreError> {
         validate_name(name).map_err(|m| CoreError::invalid("name", m))?;
@@ -1223,6 +1305,7 @@ impl<'a> EnvironmentManager<'a> {
             created_at: Set(now),
             updated_at: Set(now),
             params: Set(params),
+            project_id: Set(project),
             ..Default::default()
         }
         .insert(&txn)
@@ -1272,7 +1355,13 @@ impl<'a> EnvironmentManager<'a> {
         cloud48_model::resolve_params(&ty.param_specs(), &req.params).map_err(|m| {
             CoreError::invalid("params", format!("container type {}: {m}", ty.type_id()))
         })?;
+        let need = req
+            .requirements
+            .as_ref()
+            .map_or_else(|| ty.default_requirements().resources, |r| r.resources);
+        crate::projects::check(self.svc.db(), env.project_id, &Usage::of(1, &need), None).await?;
         let cmd = NewCommand {
+            project: None,
             kind: crate::model::CommandKind::EnvironmentAdd,
             target: Some(Target::Environment(env.id)),
             params: crate::commands::params::to_value(crate::commands::params::Add {
@@ -1303,6 +1392,7 @@ impl<'a> EnvironmentManager<'a> {
             )));
         }
         let cmd = NewCommand {
+            project: None,
             kind: crate::model::CommandKind::EnvironmentRemove,
             target: Some(Target::Environment(env.id)),
             params: crate::commands::params::to_value(crate::commands::params::Member {
@@ -1322,6 +1412,7 @@ impl<'a> EnvironmentManager<'a> {
     ) -> Result<CommandId, CoreError> {
         let env = self.active(env).await?;
         let cmd = NewCommand {
+            project: None,
             kind: op.kind(),
             target: Some(Target::Environment(env.id)),
             params: crate::commands::params::to_value(crate::commands::params::NoParams {}),
@@ -1332,13 +1423,24 @@ impl<'a> EnvironmentManager<'a> {
 
     /// Environments, by id (destroyed ones only with `all`).
     /// Environments by ascending id: at most `limit` (at most `MAX_PAGE`) after id `after`.
+    /// `project`: only in this one (name or id); `only`: just in these (what a caller limited to
+    /// some projects may read).
     pub async fn find(
         &self,
         all: bool,
         after: Option<EnvironmentId>,
         limit: Option<u64>,
+        project: Option<&str>,
+        only: Option<&[i64]>,
     ) -> Result<Vec<Environment>, CoreError> {
         let mut q = environment::Entity::find();
+        if let Some(p) = project {
+            let p = crate::projects::find(self.svc.db(), p).await?;
+            q = q.filter(environment::Column::ProjectId.eq(p.id));
+        }
+        if let Some(ids) = only {
+            q = q.filter(environment::Column::ProjectId.is_in(ids.to_vec()));
+        }
         if !all {
             q = q.filter(environment::Column::Status.ne(EnvironmentStatus::Destroyed.as_str()));
         }
@@ -1375,8 +1477,13 @@ impl<'a> EnvironmentManager<'a> {
             .await?;
         let mut members = to_views(self.svc, rows).await?;
         members.sort_by_key(|m| (m.priority, m.id));
+        let project = crate::projects::names(self.svc.db())
+            .await?
+            .remove(&env.project_id)
+            .unwrap_or_default();
         Ok(Environment {
             id: EnvironmentId(env.id),
+            project,
             name: env.name,
             status: env.status.parse().unwrap_or(EnvironmentStatus::Active),
             locked_by: env.locked_by.map(CommandId),
@@ -1502,6 +1609,7 @@ impl<'a> ServerManager<'a> {
         for r in rows {
             match parse_status(r.id, &r.status)? {
                 ContainerStatus::Running | ContainerStatus::Stopped => commands.push(NewCommand {
+                    project: None,
                     kind: crate::model::CommandKind::ContainerMigrate,
                     target: Some(Target::Container(r.id)),
                     params: crate::commands::params::to_value(crate::commands::params::Migrate {

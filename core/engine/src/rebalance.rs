@@ -106,6 +106,7 @@ impl Rebalancer {
             .into_iter()
             .take(self.batch.max(1))
             .map(|c| NewCommand {
+                project: None,
                 kind: crate::model::CommandKind::ContainerMigrate,
                 target: Some(Target::Container(c.id)),
                 params: crate::commands::params::to_value(crate::commands::params::Migrate {

@@ -152,6 +152,7 @@ async fn write(
         .iter()
         .zip(commands)
         .map(|(id, (server_id, requested_by))| NewCommand {
+            project: None,
             kind: CommandKind::ContainerCreate,
             target: Some(Target::Container(*id)),
             params: crate::commands::params::to_value(crate::commands::params::Create::on(

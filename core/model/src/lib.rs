@@ -5,7 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod project;
 mod workload;
+pub use project::{Project, ProjectMember, Quota, Usage};
 pub use workload::{
     Check, Endpoint, ImageRef, ParamKind, ParamSpec, Params, Protocol, Readiness, Volume, Workload,
     apply_settable, resolve_params, validate_schema,
@@ -418,6 +420,9 @@ pub struct Container {
     pub environment: Option<String>,
     /// Id of its environment, if any.
     pub environment_id: Option<EnvironmentId>,
+    /// Name of its project.
+    #[serde(default)]
+    pub project: String,
     /// Identifier of the guest on its server.
     pub guest_id: String,
     /// What it needs from its server.
@@ -483,6 +488,9 @@ pub struct Environment {
     pub status: EnvironmentStatus,
     /// Command currently holding its lock.
     pub locked_by: Option<CommandId>,
+    /// Name of its project.
+    #[serde(default)]
+    pub project: String,
     /// Members in ascending priority order (existing containers only).
     pub members: Vec<Container>,
     /// Parameters its members' container types may read.
@@ -628,6 +636,9 @@ pub struct Event {
     /// Who asked, for commands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+    /// The project of the object (none for servers and fleet-wide commands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<i64>,
 }
 
 /// One entry of the audit trail (`GET /v1/audit`, `cloud48 audit`): a request that changed

@@ -127,6 +127,7 @@ pub async fn events(args: EventsBenchArgs) -> Result<()> {
     }
     let began = Instant::now();
     let noop = NewCommand {
+        project: None,
         kind: cloud48_engine::model::CommandKind::Noop,
         target: None,
         params: serde_json::Value::Null,

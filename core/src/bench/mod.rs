@@ -96,6 +96,7 @@ async fn queue_case(
     core.start().await?;
     let started = Instant::now();
     let noop = NewCommand {
+        project: None,
         kind: cloud48_engine::model::CommandKind::Noop,
         target: None,
         params: Value::Null,
@@ -361,6 +362,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
     let mut left = if args.batch > 1 { 0 } else { args.creates };
     if args.batch > 1 {
         let create = cloud48_engine::managers::CreateContainer {
+            project: None,
             type_id: "tomcat".into(),
             server: None,
             requirements: Some(req.clone()),
@@ -391,6 +393,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
                     ty.as_ref(),
                     &requirements,
                     None,
+                    cloud48_engine::projects::DEFAULT,
                 )
             })
             .collect();
@@ -489,6 +492,7 @@ async fn submit_creates(
     let commands = ids
         .iter()
         .map(|(id,)| NewCommand {
+            project: None,
             kind: cloud48_engine::model::CommandKind::ContainerCreate,
             target: Some(Target::Container(*id)),
             params: cloud48_engine::commands::params::to_value(

@@ -278,6 +278,14 @@ impl Client {
             .context("the core sent JSON this client does not understand")
     }
 
+    /// PUT a JSON body, expecting JSON back.
+    pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        let resp = self.send(Method::PUT, path, Some(body)).await?;
+        resp.json()
+            .await
+            .context("the core sent JSON this client does not understand")
+    }
+
     /// DELETE, expecting JSON back.
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         let resp = self.send::<()>(Method::DELETE, path, None).await?;

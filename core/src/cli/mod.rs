@@ -5,6 +5,7 @@ pub mod client;
 mod events;
 mod image;
 pub mod output;
+mod project;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -86,6 +87,9 @@ pub enum Top {
     /// Container types (WASM plugins).
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// Projects: who may act on which environments and containers, and their quotas.
+    #[command(subcommand)]
+    Project(project::ProjectCmd),
     /// Images: the core's store of OCI images, and `image build` from a recipe.
     #[command(subcommand)]
     Image(image::ImageCmd),
@@ -405,6 +409,9 @@ pub enum EnvCmd {
         /// read (repeat for several).
         #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
         params: Vec<(String, String)>,
+        /// Project (name or id) it and its members belong to; default: `default`.
+        #[arg(long)]
+        project: Option<String>,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -480,6 +487,9 @@ pub enum EnvCmd {
         /// Include destroyed ones.
         #[arg(long)]
         all: bool,
+        /// Only in this project (name or id).
+        #[arg(long)]
+        project: Option<String>,
     },
     /// Show an environment and its members.
     Show {
@@ -498,6 +508,9 @@ pub enum ContainerCmd {
         /// How many such containers (1-10,000), made by one batched command.
         #[arg(long)]
         count: Option<u32>,
+        /// Project (name or id) it belongs to; default: `default`.
+        #[arg(long)]
+        project: Option<String>,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -588,6 +601,9 @@ pub enum ContainerCmd {
     Import {
         /// File written by `container export`.
         file: std::path::PathBuf,
+        /// Project (name or id) it belongs to; default: `default`.
+        #[arg(long)]
+        project: Option<String>,
         #[command(flatten)]
         wait: WaitArg,
     },
@@ -608,6 +624,9 @@ pub enum ContainerCmd {
         /// Only this type.
         #[arg(long = "type")]
         type_id: Option<String>,
+        /// Only in this project (name or id).
+        #[arg(long)]
+        project: Option<String>,
         /// Include destroyed and failed containers.
         #[arg(long)]
         all: bool,
@@ -685,6 +704,9 @@ pub enum CommandCmd {
         /// Only children of this command.
         #[arg(long)]
         parent: Option<i64>,
+        /// Only commands in this project (name or id).
+        #[arg(long)]
+        project: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 50)]
         limit: u64,
@@ -723,7 +745,8 @@ pub enum UserCmd {
     Add {
         /// User name.
         name: String,
-        /// admin, operator or viewer.
+        /// admin, operator or viewer (each over every project), or member (only the roles
+        /// `cloud48 project grant` gives it).
         #[arg(long)]
         role: String,
         #[command(flatten)]
@@ -942,6 +965,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Command(cmd) => command(&client, out, cmd).await,
         Top::Plugin(cmd) => plugin(&client, out, cmd).await,
         Top::Image(cmd) => image::image(&client, out, cmd).await,
+        Top::Project(cmd) => project::project(&client, out, cmd).await,
         Top::Events(args) => events::follow(&client, out, args).await,
         Top::Watch(cmd) => events::watch(&client, out, cmd).await,
         Top::Audit(args) => audit::list(&client, out, args).await,
@@ -1044,12 +1068,17 @@ fn enc(s: &str) -> String {
 
 async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
     match cmd {
-        EnvCmd::Create { name, params, wait } => {
+        EnvCmd::Create {
+            name,
+            params,
+            project,
+            wait,
+        } => {
             let params: std::collections::BTreeMap<String, String> = params.into_iter().collect();
             let a = client
                 .submit(
                     "/v1/environments",
-                    Some(&json!({ "name": name, "params": params })),
+                    Some(&json!({ "name": name, "params": params, "project": project })),
                 )
                 .await?;
             out.accepted(client, a, wait, &format!("creating environment {name}"))
@@ -1105,9 +1134,10 @@ async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
         EnvCmd::Suspend { env, wait } => env_op(client, out, "suspend", &env, wait).await,
         EnvCmd::Resume { env, wait } => env_op(client, out, "resume", &env, wait).await,
         EnvCmd::Destroy { env, wait } => env_op(client, out, "destroy", &env, wait).await,
-        EnvCmd::List { all } => {
+        EnvCmd::List { all, project } => {
+            let only = project.map_or_else(String::new, |p| format!("&project={}", enc(&p)));
             let list: Vec<Environment> = client
-                .get_all(&format!("/v1/environments?all={all}"))
+                .get_all(&format!("/v1/environments?all={all}{only}"))
                 .await?;
             out.show(&list, || output::environments(&list));
             Ok(())
@@ -1160,12 +1190,18 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
         (path, body)
     };
     let (id, op, wait) = match cmd {
-        ContainerCmd::Create { new, count, wait } => {
+        ContainerCmd::Create {
+            new,
+            count,
+            project,
+            wait,
+        } => {
             let req = CreateContainer {
                 type_id: new.type_id.clone(),
                 server: new.on.clone(),
                 requirements: new.requirements(client).await?,
                 count,
+                project,
             };
             let a = client.submit("/v1/containers", Some(&req)).await?;
             let what = match a.object_id {
@@ -1201,6 +1237,7 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             status,
             on,
             type_id,
+            project,
             all,
         } => {
             let mut q = vec![format!("all={all}")];
@@ -1209,6 +1246,7 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
                 ("status", status),
                 ("server", on),
                 ("type", type_id),
+                ("project", project),
             ] {
                 if let Some(v) = v {
                     q.push(format!("{k}={}", enc(&v)));
@@ -1274,13 +1312,23 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             }
             return Ok(());
         }
-        ContainerCmd::Import { file, wait } => {
+        ContainerCmd::Import {
+            file,
+            project,
+            wait,
+        } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let export: cloud48_engine::managers::ContainerExport = serde_json::from_str(&text)
                 .with_context(|| format!("{} is not a container export (write one with `cloud48 container export ID -o FILE`)", file.display()))?;
             let a = client
-                .submit("/v1/containers/import", Some(&export))
+                .submit(
+                    &match project {
+                        Some(p) => format!("/v1/containers/import?project={}", enc(&p)),
+                        None => "/v1/containers/import".into(),
+                    },
+                    Some(&export),
+                )
                 .await?;
             let what = format!(
                 "importing container {} from {} as container {}",
@@ -1442,9 +1490,13 @@ async fn command(client: &Client, out: Out, cmd: CommandCmd) -> Result<()> {
         CommandCmd::List {
             status,
             parent,
+            project,
             limit,
         } => {
             let mut q = vec![format!("limit={limit}")];
+            if let Some(p) = project {
+                q.push(format!("project={}", enc(&p)));
+            }
             if let Some(s) = status {
                 q.push(format!("status={}", enc(&s)));
             }

@@ -110,11 +110,12 @@ pub fn container(c: &Container) -> String {
 
 /// A table of environments.
 pub fn environments(list: &[Environment]) -> String {
-    let mut t = table(&["ID", "NAME", "STATUS", "MEMBERS", "LOCKED BY"]);
+    let mut t = table(&["ID", "NAME", "PROJECT", "STATUS", "MEMBERS", "LOCKED BY"]);
     for e in list {
         t.add_row(vec![
             e.id.to_string(),
             e.name.clone(),
+            e.project.clone(),
             e.status.to_string(),
             e.members.len().to_string(),
             opt(&e.locked_by),
@@ -126,9 +127,10 @@ pub fn environments(list: &[Environment]) -> String {
 /// Details of one environment with its members.
 pub fn environment(e: &Environment) -> String {
     let mut out = format!(
-        "environment {}  (id {}, {}, {} members)\n",
+        "environment {}  (id {}, project {}, {}, {} members)\n",
         e.name,
         e.id,
+        e.project,
         e.status,
         e.members.len()
     );
@@ -375,6 +377,7 @@ mod tests {
             related: Some("container:5".into()),
             server_id: None,
             by: Some("admin".into()),
+            project_id: Some(1),
         };
         assert_eq!(
             super::event(&e),

@@ -63,6 +63,13 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let params: params::CreateMany = ctx.params()?;
     let fixed = params.server_id;
     let req = params.requirements;
+    // The quota again, now that it runs: containers asked for before these come first.
+    if let (Some(project), Some(first)) = (ctx.cmd.project_id, rows.iter().min()) {
+        let more = crate::model::Usage::of(rows.len() as u64, &req.resources);
+        crate::projects::check(svc.db(), project, &more, Some(*first))
+            .await
+            .map_err(super::core_err)?;
+    }
     let image = super::image_of(svc, &params.type_id);
     let need = req.resources;
     // Decide in memory; the cache counts each decision so the next one sees it.

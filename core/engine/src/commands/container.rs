@@ -15,7 +15,7 @@ use super::{StepCtx, core_err, driver_err, driver_of, guest_spec, make_guest, pa
 use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec};
 use crate::entities::{command, container, pending_script};
 use crate::managers::{ContainerCommand, check_status, guest_id_for, load_container, parse_status};
-use crate::model::{CommandKind, ContainerStatus, Requirements, Resources, now_ms};
+use crate::model::{CommandKind, ContainerStatus, Requirements, Resources, Usage, now_ms};
 use crate::placement::PlacementCache;
 use crate::placement::{self, PlaceRequest, PlacementError, Reservation, requirements_of};
 use crate::queue::{NewCommand, Next, StepError, Target, Transition, UndoWrites};
@@ -523,8 +523,14 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         let mut avoid = spread_avoid(svc, &row, &req).await?;
         avoid.extend(params.avoid);
         let placing = Placing::of(ctx, &row.type_id);
+        let project = row.project_id;
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
+                // The quota again, now that it runs: of racing creates, the first asked wins.
+                let more = Usage::of(1, &req.resources);
+                crate::projects::check(txn, project, &more, Some(id))
+                    .await
+                    .map_err(super::core_err)?;
                 let r = placing
                     .reserve(txn, id, &req, avoid, params.server_id)
                     .await?;
@@ -792,6 +798,10 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
         );
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
+                let req = requirements_of(&row);
+                crate::projects::check(txn, row.project_id, &Usage::of(1, &req.resources), None)
+                    .await
+                    .map_err(super::core_err)?;
                 let now = now_ms();
                 let copy = container::ActiveModel {
                     platform_id: Set(row.platform_id),
@@ -800,6 +810,7 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
                     status: status_of(ContainerStatus::Creating),
                     server_id: Set(None),
                     environment_id: Set(None),
+                    project_id: Set(row.project_id),
                     guest_id: Set(String::new()),
                     ip: Set(None),
                     requirements: Set(row.requirements.clone()),
@@ -816,7 +827,6 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
                 let mut am: container::ActiveModel = copy.into();
                 am.guest_id = Set(guest);
                 am.update(txn).await?;
-                let req = requirements_of(&row);
                 let r = placing
                     .reserve(txn, copy_id, &req, HashSet::new(), server)
                     .await?;
@@ -1025,6 +1035,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                     step: MigrateStep::Rewired.number(),
                     progress: ctx.progress.clone(),
                     children: vec![NewCommand {
+                        project: None,
                         kind: CommandKind::EnvironmentNotify,
                         target: Some(Target::Environment(env)),
                         params: params::to_value(params::Notify {

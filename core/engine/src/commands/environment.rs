@@ -166,10 +166,16 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
             };
             let own_params = serde_json::to_string(&own).expect("serializable");
             let server = params.server.as_deref();
-            let new =
-                prepare_container(svc, ty.type_id(), server, params.requirements, Some(env.id))
-                    .await
-                    .map_err(core_err)?;
+            let new = prepare_container(
+                svc,
+                ty.type_id(),
+                server,
+                params.requirements,
+                Some(env.id),
+                env.project_id,
+            )
+            .await
+            .map_err(core_err)?;
             let (platform, requested_by) = (
                 svc.platform_name().to_string(),
                 ctx.cmd.requested_by.clone(),
@@ -182,6 +188,7 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                     save_states(txn, vec![(id, new_state)]).await?;
                     set_container(txn, id, container::Column::Params, own_params).await?;
                     let child = NewCommand {
+                        project: None,
                         kind: crate::model::CommandKind::ContainerCreate,
                         target: Some(Target::Container(id)),
                         params: params::to_value(params::Create {
@@ -297,6 +304,7 @@ async fn remove(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transitio
         }
         RemoveStep::Destroy => {
             let child = NewCommand {
+                project: None,
                 kind: crate::model::CommandKind::ContainerDestroy,
                 target: Some(Target::Container(id)),
                 params: json!({}),
@@ -424,6 +432,7 @@ async fn fan_out(
         let children = group
             .iter()
             .map(|id| NewCommand {
+                project: None,
                 kind,
                 target: Some(Target::Container(*id)),
                 params: json!({}),
@@ -651,6 +660,7 @@ async fn replace(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transiti
                 ..params::Add::of_type(p.type_id)
             };
             let child = NewCommand {
+                project: None,
                 kind: crate::model::CommandKind::EnvironmentAdd,
                 target: Some(Target::Environment(env.id)),
                 params: params::to_value(add),
@@ -726,6 +736,7 @@ async fn clone(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition
     let plan: Vec<(i64, String, Value)> = ctx.progress_field("plan")?;
     if let Some((source, type_id, requirements)) = PlanStep::item(ctx.cmd, index, &plan)? {
         let child = NewCommand {
+            project: None,
             kind: crate::model::CommandKind::EnvironmentAdd,
             target: Some(Target::Environment(dst.0)),
             params: params::to_value(params::Add {

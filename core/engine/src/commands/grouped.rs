@@ -11,7 +11,7 @@
 //!
 //! Invariants: each command's writes are exactly those of `container::create`'s same step, so
 //! a command can continue alone at any point. Only the common case is grouped; a command with
-//! an image, a source to clone, spread or servers to avoid, a decision that finds no server, a
+//! an image, a source to clone, spread or servers to avoid, a project with a quota, a decision that finds no server, a
 //! claim that loses a race, a driver error or an expired dummy is left uncommitted, and the
 //! queue runs it alone through `container::create`, which knows how to wait, retry, fail and
 //! compensate.
@@ -65,6 +65,7 @@ struct Row {
     environment_id: Option<i64>,
     /// Parameters as stored (JSON).
     params: String,
+    project_id: i64,
 }
 
 impl Row {
@@ -109,15 +110,26 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
     for chunk in ids.chunks(CHUNK) {
         let (ids, values) = ids_source(svc.db(), chunk.iter().copied(), 1);
         let from = format!("containers WHERE id IN {ids}");
-        type Found = (i64, String, String, String, String, Option<i64>, String);
+        type Found = (
+            i64,
+            String,
+            String,
+            String,
+            String,
+            Option<i64>,
+            String,
+            i64,
+        );
         let found: Vec<Found> = json_rows(
             svc.db(),
-            "id, status, guest_id, type_id, requirements, environment_id, params",
+            "id, status, guest_id, type_id, requirements, environment_id, params, project_id",
             &from,
             values,
         )
         .await?;
-        for (id, status, guest_id, type_id, requirements, environment_id, params) in found {
+        for (id, status, guest_id, type_id, requirements, environment_id, params, project_id) in
+            found
+        {
             rows.insert(
                 id,
                 Row {
@@ -128,6 +140,7 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
                     requirements,
                     environment_id,
                     params,
+                    project_id,
                 },
             );
         }
@@ -155,6 +168,10 @@ async fn place(
     sink: &mut dyn GroupSink,
 ) -> Result<(), StepError> {
     let rows = load(svc, cmds).await?;
+    // A project with a quota checks it command by command (`container::create`).
+    let limited = crate::projects::limited(svc.db())
+        .await
+        .map_err(super::core_err)?;
     let cache = svc.placement();
     // Equal requirements, named server and type (its image) share one decision heap.
     // Those that named a server come first, so the others' decisions see what they take.
@@ -165,7 +182,7 @@ async fn place(
     for p in plain(cmds, &rows) {
         starts.insert(p.index, p.params.start);
         let req = p.row.requirements();
-        if req.spread && p.row.environment_id.is_some() {
+        if req.spread && p.row.environment_id.is_some() || limited.contains(&p.row.project_id) {
             continue;
         }
         let fixed = p.params.server_id;

@@ -412,6 +412,7 @@ async fn action_command(
         HookAction::SetParams { .. } => unreachable!("set-params is applied by drain_actions"),
     };
     Ok(Some(NewCommand {
+        project: None,
         kind,
         target: Some(target),
         params,

@@ -270,6 +270,7 @@ pub(crate) mod tests_support {
             created_at: 0,
             started_at: None,
             finished_at: None,
+            project_id: None,
         }
     }
 }

@@ -372,6 +372,7 @@ impl<'a> PluginManager<'a> {
             .await?;
         }
         let cmd = crate::queue::NewCommand {
+            project: None,
             kind: crate::model::CommandKind::PluginUpgrade,
             target: None,
             params: crate::commands::params::to_value(crate::commands::params::PluginUpgrade {

@@ -98,6 +98,9 @@ impl Clock for SystemClock {
 /// A command to persist.
 #[derive(Debug, Clone)]
 pub struct NewCommand {
+    /// The project it belongs to; `None`: its target's, or else its parent's, or else none
+    /// (a fleet-wide command).
+    pub project: Option<i64>,
     /// What it does.
     pub kind: crate::model::CommandKind,
     /// Target whose lock the command holds while it runs.

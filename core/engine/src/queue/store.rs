@@ -114,7 +114,7 @@ pub(crate) async fn insert<C: ConnectionTrait>(
     for chunk in commands.chunks(1000) {
         let mut text = String::from(
             "INSERT INTO commands (kind, status, target_type, target_id, parent_id, params, \
-             progress, step, attempts, run_after, requested_by, created_at) VALUES ",
+             progress, step, attempts, run_after, requested_by, created_at, project_id) VALUES ",
         );
         let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
         for (i, c) in chunk.iter().enumerate() {
@@ -122,8 +122,21 @@ pub(crate) async fn insert<C: ConnectionTrait>(
                 text.push(',');
             }
             let b = values.len();
+            // The project: given, or its target's, or its parent's (read in the statement).
+            let project = match (c.project, c.target, parent) {
+                (Some(_), _, _) => format!("${}", b + 9),
+                (None, Some(t), _) => format!(
+                    "(SELECT project_id FROM {} WHERE id = ${})",
+                    t.table(),
+                    b + 3
+                ),
+                (None, None, Some(_)) => {
+                    format!("(SELECT project_id FROM commands WHERE id = ${})", b + 4)
+                }
+                (None, None, None) => "NULL".into(),
+            };
             text.push_str(&format!(
-                "(${}, 'queued', ${}, ${}, ${}, ${}, '{{}}', 0, 0, ${}, ${}, ${})",
+                "(${}, 'queued', ${}, ${}, ${}, ${}, '{{}}', 0, 0, ${}, ${}, ${}, {project})",
                 b + 1,
                 b + 2,
                 b + 3,
@@ -141,6 +154,9 @@ pub(crate) async fn insert<C: ConnectionTrait>(
             values.push(now.into());
             values.push(c.requested_by.clone().into());
             values.push(now.into());
+            if let Some(p) = c.project {
+                values.push(p.into());
+            }
         }
         ids.extend(insert_ids(conn, text, values, chunk.len()).await?);
     }
@@ -214,6 +230,8 @@ pub struct CommandFilter {
     pub limit: Option<u64>,
     /// Only commands older than this one (the next page of a newest-first listing).
     pub before: Option<i64>,
+    /// Only commands of these projects (`None`: every command, fleet-wide ones included).
+    pub projects: Option<Vec<i64>>,
 }
 
 pub(crate) async fn list<C: ConnectionTrait>(
@@ -235,6 +253,9 @@ pub(crate) async fn list<C: ConnectionTrait>(
     }
     if let Some(b) = filter.before {
         q = q.filter(command::Column::Id.lt(b));
+    }
+    if let Some(p) = &filter.projects {
+        q = q.filter(command::Column::ProjectId.is_in(p.clone()));
     }
     q.order_by_desc(command::Column::Id)
         .limit(filter.limit.unwrap_or(100))
@@ -462,6 +483,7 @@ const COMMAND_COLUMNS: &[&str] = &[
     "created_at",
     "started_at",
     "finished_at",
+    "project_id",
 ];
 
 /// Queues again the commands left `running` by a previous process (all of them when `owner`

@@ -1,0 +1,170 @@
+//! The triggers that append a row to `events` for every status change of a command,
+//! container, server or environment (`m0013_events` made them; `m0016_projects` made them
+//! again to fill each event's project). Shared so that both make them from one description.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::DatabaseBackend;
+
+/// (table, topic, the `kind` column, related type and id, the server column, the `by` column,
+/// the project column, the columns whose change is an event).
+struct Source {
+    table: &'static str,
+    topic: &'static str,
+    kind: &'static str,
+    related_type: &'static str,
+    related_id: &'static str,
+    server_id: &'static str,
+    by: &'static str,
+    /// The row's project (`NULL`: none, as for servers).
+    project: &'static str,
+    watched: &'static [&'static str],
+}
+
+const SOURCES: [Source; 4] = [
+    Source {
+        table: "commands",
+        topic: "command",
+        kind: "NEW.kind",
+        related_type: "NEW.target_type",
+        related_id: "NEW.target_id",
+        server_id: "NULL",
+        by: "NEW.requested_by",
+        project: "NEW.project_id",
+        watched: &["status"],
+    },
+    Source {
+        table: "containers",
+        topic: "container",
+        kind: "NEW.type_id",
+        related_type: "CASE WHEN NEW.environment_id IS NULL THEN NULL ELSE 'environment' END",
+        related_id: "NEW.environment_id",
+        server_id: "NEW.server_id",
+        by: "NULL",
+        project: "NEW.project_id",
+        watched: &["status", "server_id"],
+    },
+    Source {
+        table: "servers",
+        topic: "server",
+        kind: "NEW.driver",
+        related_type: "NULL",
+        related_id: "NULL",
+        server_id: "NEW.id",
+        by: "NULL",
+        project: "NULL",
+        watched: &["status"],
+    },
+    Source {
+        table: "environments",
+        topic: "environment",
+        kind: "NEW.name",
+        related_type: "NULL",
+        related_id: "NULL",
+        server_id: "NULL",
+        by: "NULL",
+        project: "NEW.project_id",
+        watched: &["status"],
+    },
+];
+
+impl Source {
+    /// The statement a trigger runs; with `project`, it also fills `events.project_id`.
+    fn insert(&self, now: &str, project: bool) -> String {
+        let (column, value) = if project {
+            (", project_id", format!(", {}", self.project))
+        } else {
+            (Default::default(), String::new())
+        };
+        format!(
+            "INSERT INTO events (at, topic, object_id, action, kind, related_type, related_id, \
+             server_id, requested_by{column}) VALUES ({now}, '{}', NEW.id, NEW.status, {}, {}, {}, \
+             {}, {}{value})",
+            self.topic, self.kind, self.related_type, self.related_id, self.server_id, self.by
+        )
+    }
+
+    fn changed(&self, distinct: &str) -> String {
+        self.watched
+            .iter()
+            .map(|c| format!("OLD.{c} {distinct} NEW.{c}"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    }
+}
+
+/// Creates the triggers (and on PostgreSQL their functions); with `project`, each event also
+/// gets its row's project.
+pub(crate) async fn create(manager: &SchemaManager<'_>, project: bool) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    for s in &SOURCES {
+        let columns = s.watched.join(", ");
+        let statements = match manager.get_database_backend() {
+            DatabaseBackend::Sqlite => {
+                let now = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+                vec![
+                    format!(
+                        "CREATE TRIGGER events_{t}_insert AFTER INSERT ON {t} BEGIN {}; END",
+                        s.insert(now, project),
+                        t = s.table
+                    ),
+                    format!(
+                        "CREATE TRIGGER events_{t}_update AFTER UPDATE OF {columns} ON {t} \
+                         WHEN {} BEGIN {}; END",
+                        s.changed("IS NOT"),
+                        s.insert(now, project),
+                        t = s.table
+                    ),
+                ]
+            }
+            _ => {
+                let now = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+                vec![
+                    format!(
+                        "CREATE FUNCTION events_of_{t}() RETURNS trigger LANGUAGE plpgsql \
+                         AS $$ BEGIN {}; RETURN NULL; END $$",
+                        s.insert(now, project),
+                        t = s.table
+                    ),
+                    format!(
+                        "CREATE TRIGGER events_{t}_insert AFTER INSERT ON {t} FOR EACH ROW \
+                         EXECUTE FUNCTION events_of_{t}()",
+                        t = s.table
+                    ),
+                    format!(
+                        "CREATE TRIGGER events_{t}_update AFTER UPDATE OF {columns} ON {t} \
+                         FOR EACH ROW WHEN ({}) EXECUTE FUNCTION events_of_{t}()",
+                        s.changed("IS DISTINCT FROM"),
+                        t = s.table
+                    ),
+                ]
+            }
+        };
+        for sql in statements {
+            db.execute_unprepared(&sql).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the triggers (and on PostgreSQL their functions).
+pub(crate) async fn drop(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    for s in &SOURCES {
+        for when in ["insert", "update"] {
+            let on = match manager.get_database_backend() {
+                DatabaseBackend::Sqlite => String::new(),
+                _ => format!(" ON {}", s.table),
+            };
+            db.execute_unprepared(&format!(
+                "DROP TRIGGER IF EXISTS events_{}_{when}{on}",
+                s.table
+            ))
+            .await?;
+        }
+        if manager.get_database_backend() != DatabaseBackend::Sqlite {
+            db.execute_unprepared(&format!("DROP FUNCTION IF EXISTS events_of_{}()", s.table))
+                .await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! Projects and quotas: a user with roles only in some projects reads and acts only there
+//! (lists, objects, commands, events); a quota refuses what would pass it when a command is
+//! submitted and again when it runs; what existed before belongs to `default`.
+
+use cloud48_core::cli::{Client, Credentials};
+use cloud48_engine::auth::{Anonymous, AuthConfig, Role, UserRecord};
+use cloud48_engine::model::{Accepted, CommandStatus, Container, Environment, Project, Topic};
+use serde_json::json;
+
+use crate::common::{Opts, TestCore};
+use crate::events::{open, until};
+
+const REALM: &str = "cloud48";
+
+fn user(t: &TestCore, name: &str) -> Client {
+    Client::new(&t.url).with_credentials(Credentials {
+        user: name.into(),
+        password: format!("{name}-password"),
+    })
+}
+
+async fn core(paused: bool) -> TestCore {
+    let record = |name: &str, role| {
+        UserRecord::with_password(name, role, REALM, &format!("{name}-password"))
+    };
+    TestCore::start(Opts {
+        auth: AuthConfig {
+            realm: REALM.into(),
+            anonymous: Anonymous::None,
+            users: vec![
+                record("ada", Role::Admin),
+                record("mo", Role::Member),
+                record("vic", Role::Member),
+                record("vera", Role::Viewer),
+            ],
+            ..AuthConfig::default()
+        },
+        paused,
+        ..Opts::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// The error text of a request that must fail.
+fn refused<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
+    format!("{:#}", r.expect_err("refused"))
+}
+
+#[tokio::test]
+async fn a_member_reads_and_acts_only_in_its_projects() {
+    let t = core(false).await;
+    let (ada, mo, vic, vera) = (
+        user(&t, "ada"),
+        user(&t, "mo"),
+        user(&t, "vic"),
+        user(&t, "vera"),
+    );
+    for name in ["shop", "lab"] {
+        let p: Project = ada
+            .post("/v1/projects", &json!({ "name": name }))
+            .await
+            .unwrap();
+        assert_eq!(p.name, name);
+    }
+    let _: Project = ada
+        .put(
+            "/v1/projects/shop/members/mo",
+            &json!({ "role": "operator" }),
+        )
+        .await
+        .unwrap();
+    let shop: Project = ada
+        .put(
+            "/v1/projects/shop/members/vic",
+            &json!({ "role": "viewer" }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(shop.members.len(), 2);
+    // Project roles stop at operator: admins are global.
+    let why = refused(
+        ada.put::<_, Project>("/v1/projects/shop/members/vic", &json!({ "role": "admin" }))
+            .await,
+    );
+    assert!(
+        why.contains("HTTP 422") && why.contains("viewer or operator"),
+        "{why}"
+    );
+    let why = refused(
+        ada.put::<_, Project>(
+            "/v1/projects/shop/members/nobody",
+            &json!({ "role": "viewer" }),
+        )
+        .await,
+    );
+    assert!(why.contains("user 'nobody' does not exist"), "{why}");
+    // Projects are made by admins only.
+    let why = refused(
+        mo.post::<_, Project>("/v1/projects", &json!({ "name": "mine" }))
+            .await,
+    );
+    assert!(why.contains("HTTP 403"), "{why}");
+
+    let (mut mo_events, _) = open(&mo, "/v1/events").await;
+    let lab: Accepted = ada
+        .post(
+            "/v1/environments",
+            &json!({ "name": "lab-env", "project": "lab" }),
+        )
+        .await
+        .unwrap();
+    t.ok(lab.command_id).await;
+    let a: Accepted = mo
+        .post(
+            "/v1/environments",
+            &json!({ "name": "shop-env", "project": "shop" }),
+        )
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    // Not in a project it has no role in, nor in `default` by leaving the project out.
+    for body in [
+        json!({ "name": "sneaky", "project": "lab" }),
+        json!({ "name": "sneaky" }),
+    ] {
+        let why = refused(mo.post::<_, Accepted>("/v1/environments", &body).await);
+        assert!(
+            why.contains("HTTP 422") && why.contains("not one of the projects"),
+            "{why}"
+        );
+    }
+    let why = refused(
+        vic.post::<_, Accepted>(
+            "/v1/environments",
+            &json!({ "name": "v", "project": "shop" }),
+        )
+        .await,
+    );
+    assert!(
+        why.contains("HTTP 403") && why.contains("only viewer in project 'shop'"),
+        "{why}"
+    );
+
+    // An operator elsewhere is still only a viewer in shop.
+    let _: Project = ada
+        .put(
+            "/v1/projects/lab/members/vic",
+            &json!({ "role": "operator" }),
+        )
+        .await
+        .unwrap();
+    let add: Accepted = mo
+        .post(
+            "/v1/environments/shop-env/containers",
+            &json!({ "type": "tomcat" }),
+        )
+        .await
+        .unwrap();
+    t.ok(add.command_id).await;
+    let lab_add: Accepted = ada
+        .post(
+            "/v1/environments/lab-env/containers",
+            &json!({ "type": "tomcat" }),
+        )
+        .await
+        .unwrap();
+    t.ok(lab_add.command_id).await;
+
+    // Lists hold only the member's projects; a global viewer sees every project.
+    let envs: Vec<Environment> = mo.get("/v1/environments").await.unwrap();
+    assert_eq!(
+        envs.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        ["shop-env"]
+    );
+    assert_eq!(envs[0].project, "shop");
+    let all: Vec<Environment> = vera.get("/v1/environments").await.unwrap();
+    assert_eq!(all.len(), 2);
+    let mine: Vec<Container> = mo.get("/v1/containers").await.unwrap();
+    assert!(
+        !mine.is_empty() && mine.iter().all(|c| c.project == "shop"),
+        "{mine:?}"
+    );
+    let lab_only: Vec<Container> = ada.get("/v1/containers?project=lab").await.unwrap();
+    assert!(!lab_only.is_empty() && lab_only.iter().all(|c| c.project == "lab"));
+    let commands: Vec<cloud48_engine::model::Command> = mo.get("/v1/commands").await.unwrap();
+    assert!(!commands.is_empty());
+    assert!(
+        commands
+            .iter()
+            .all(|c| c.id != lab.command_id && c.id != lab_add.command_id),
+        "mo sees no command of lab: {commands:?}"
+    );
+    let projects: Vec<Project> = mo.get("/v1/projects").await.unwrap();
+    assert_eq!(
+        projects.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+        ["shop"]
+    );
+
+    // Another project's objects answer as missing; a viewer may read but not act.
+    let why = refused(mo.get::<Environment>("/v1/environments/lab-env").await);
+    assert!(
+        why.contains("HTTP 404") && why.contains("may read"),
+        "{why}"
+    );
+    let lab_container = lab_only[0].id;
+    let why = refused(
+        mo.get::<Container>(&format!("/v1/containers/{lab_container}"))
+            .await,
+    );
+    assert!(why.contains("HTTP 404"), "{why}");
+    let why = refused(
+        mo.get::<cloud48_engine::model::Command>(&format!("/v1/commands/{}", lab.command_id))
+            .await,
+    );
+    assert!(why.contains("HTTP 404"), "{why}");
+    let shop_container = mine[0].id;
+    let _: Container = vic
+        .get(&format!("/v1/containers/{shop_container}"))
+        .await
+        .unwrap();
+    let why = refused(
+        vic.post::<_, Accepted>(
+            &format!("/v1/containers/{shop_container}/actions"),
+            &json!({ "op": "stop" }),
+        )
+        .await,
+    );
+    assert!(
+        why.contains("HTTP 403") && why.contains("has role viewer there"),
+        "{why}"
+    );
+    let stop: Accepted = mo
+        .post(
+            &format!("/v1/containers/{shop_container}/actions"),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
+    t.ok(stop.command_id).await;
+    // The fleet may be read, not changed; fleet-wide actions need a global role.
+    let servers: Vec<serde_json::Value> = mo.get("/v1/servers").await.unwrap();
+    assert!(!servers.is_empty());
+    let why = refused(
+        mo.post::<_, serde_json::Value>("/v1/containers/purge", &json!({}))
+            .await,
+    );
+    assert!(
+        why.contains("HTTP 403") && why.contains("outside projects"),
+        "{why}"
+    );
+    let why = refused(mo.get_text("/metrics").await);
+    assert!(
+        why.contains("HTTP 403") && why.contains("whole fleet"),
+        "{why}"
+    );
+
+    // The member's stream told of its project's objects, never of lab's.
+    let stopped = |e: &cloud48_engine::model::Event| {
+        e.topic == Topic::Container && e.object_id == shop_container.0 && e.action == "stopped"
+    };
+    let seen = until(&mut mo_events, stopped).await;
+    assert!(
+        seen.iter().any(|e| e.topic == Topic::Environment),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|e| e.topic == Topic::Server || e.project_id == Some(shop.id)),
+        "only shop's events: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e.object_id == lab_container.0 && e.topic == Topic::Container)
+    );
+
+    // A project with objects cannot be removed; `default` never.
+    let why = refused(ada.delete_empty("/v1/projects/shop").await);
+    assert!(
+        why.contains("HTTP 409") && why.contains("destroy them first"),
+        "{why}"
+    );
+    let why = refused(ada.delete_empty("/v1/projects/default").await);
+    assert!(why.contains("HTTP 409"), "{why}");
+}
+
+#[tokio::test]
+async fn a_quota_refuses_at_submission_and_again_when_the_command_runs() {
+    // Paused: what is submitted runs only once the test starts the core.
+    let t = core(true).await;
+    let ada = user(&t, "ada");
+    let p: Project = ada
+        .post(
+            "/v1/projects",
+            &json!({ "name": "small", "quota": { "containers": 2, "memory_mb": 1024 } }),
+        )
+        .await
+        .unwrap();
+    assert_eq!((p.quota.containers, p.quota.cpu_millis), (Some(2), None));
+    let create = |count: u32, memory: u64| {
+        json!({
+            "type": "tomcat", "project": "small", "count": count,
+            "requirements": { "cpu_millis": 100, "memory_mb": memory, "disk_mb": 100 }
+        })
+    };
+    let why = refused(
+        ada.post::<_, Accepted>("/v1/containers", &create(3, 100))
+            .await,
+    );
+    assert!(why.contains("HTTP 409"), "{why}");
+    assert!(
+        why.contains("containers: 0 used + 3 asked > 2 allowed"),
+        "{why}"
+    );
+    let why = refused(
+        ada.post::<_, Accepted>("/v1/containers", &create(1, 2048))
+            .await,
+    );
+    assert!(
+        why.contains("memory_mb: 0 used + 2048 asked > 1024 allowed"),
+        "{why}"
+    );
+    // Two that fit, submitted before either runs; then the quota shrinks to one.
+    let first: Accepted = ada.post("/v1/containers", &create(1, 256)).await.unwrap();
+    let second: Accepted = ada.post("/v1/containers", &create(1, 256)).await.unwrap();
+    let why = refused(
+        ada.post::<_, Accepted>("/v1/containers", &create(1, 256))
+            .await,
+    );
+    assert!(
+        why.contains("containers: 2 used + 1 asked > 2 allowed"),
+        "{why}"
+    );
+    let small: Project = ada
+        .put("/v1/projects/small/quota", &json!({ "containers": 1 }))
+        .await
+        .unwrap();
+    assert_eq!(small.usage.containers, 2, "both are counted while creating");
+    t.core.start().await.unwrap();
+    // The first asked keeps its place; the second fails when it runs.
+    t.ok(first.command_id).await;
+    let failed = t.wait(second.command_id).await;
+    assert_eq!(failed.status, CommandStatus::Failed);
+    let error = failed.error.unwrap_or_default();
+    assert!(
+        error.contains("project 'small' is over its quota"),
+        "{error}"
+    );
+    let small: Project = ada.get("/v1/projects/small").await.unwrap();
+    assert_eq!(small.usage.containers, 1, "the failed one no longer counts");
+    // A member's update beyond the quota is refused too.
+    let id = first.object_id.unwrap();
+    let _: Project = ada
+        .put(
+            "/v1/projects/small/quota",
+            &json!({ "containers": 1, "memory_mb": 512 }),
+        )
+        .await
+        .unwrap();
+    let why = refused(
+        ada.post::<_, Accepted>(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "update", "resources": { "cpu_millis": 100, "memory_mb": 1024, "disk_mb": 100 } }),
+        )
+        .await,
+    );
+    assert!(
+        why.contains("memory_mb: 256 used + 768 asked > 512 allowed"),
+        "{why}"
+    );
+    // Objects made without naming a project are in `default`, which has no quota.
+    let d: Accepted = ada
+        .post("/v1/containers", &json!({ "type": "tomcat" }))
+        .await
+        .unwrap();
+    t.ok(d.command_id).await;
+    let c: Container = ada
+        .get(&format!("/v1/containers/{}", d.object_id.unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(c.project, "default");
+}
