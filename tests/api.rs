@@ -324,7 +324,7 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             None,
             422,
             Some("target_type"),
-            "not container or environment",
+            "unknown variant `server`, expected `container` or `environment`",
         ),
         (
             "POST",

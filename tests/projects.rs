@@ -344,7 +344,7 @@ async fn a_quota_refuses_at_submission_and_again_when_the_command_runs() {
     assert_eq!(failed.status, CommandStatus::Failed);
     let error = failed.error.unwrap_or_default();
     assert!(
-        error.contains("project 'small' is over its quota"),
+        error.contains("would take project 'small' over its quota"),
         "{error}"
     );
     let small: Project = ada.get("/v1/projects/small").await.unwrap();

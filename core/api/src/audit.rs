@@ -103,7 +103,7 @@ pub struct AuditQuery {
     /// Only changes of paths starting with this (`/v1/servers`).
     pub object: Option<String>,
     /// At most this many, newest first (default 100, at most 1000).
-    pub limit: Option<u64>,
+    pub limit: Option<u32>,
     /// Only entries older than this one (the next page; see the `Link` header).
     pub before: Option<i64>,
 }
@@ -125,5 +125,5 @@ pub(crate) async fn list_audit(
     let items = cloud48_engine::audit::list(core.db(), &filter)
         .await
         .map_err(cloud48_engine::core::CoreError::from)?;
-    Ok(page(items, Some(filter.limit), &uri, "before", |e| e.id))
+    Ok(page(items, q.limit.or(Some(100)), &uri, "before", |e| e.id))
 }

@@ -146,7 +146,7 @@ pub(crate) async fn stream_events(
     // A caller limited to some projects sees theirs (and the servers'); `project` narrows.
     let projects = match &q.project {
         Some(p) => {
-            let id = core.projects().get(p).await?.id;
+            let id = cloud48_engine::projects::filter(core.db(), p).await?;
             if readable.scope.readable().is_some_and(|r| !r.contains(&id)) {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,

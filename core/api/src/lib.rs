@@ -40,7 +40,7 @@ use cloud48_engine::queue::CommandFilter;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Cloud48 API", description = "Control plane for fleets of virtualization servers. Every mutation is a persisted command: the answer is 202 with the command id; watch it at /v1/commands/{id}."),
-    components(schemas(ServerOp, EnvironmentOp)),
+    components(schemas(ServerOp, EnvironmentOp, TargetKind)),
     modifiers(&DigestScheme),
     security((), ("digest" = [])),
     tags(
@@ -172,7 +172,7 @@ pub struct ListAll {
     #[serde(default)]
     pub all: bool,
     /// At most this many, by ascending id (default and most: 1000).
-    pub limit: Option<u64>,
+    pub limit: Option<u32>,
     /// Only objects with a greater id (the next page; see the `Link` header).
     pub after: Option<i64>,
     /// Only in this project (name or id).
@@ -183,7 +183,7 @@ pub struct ListAll {
 /// a `Link: <URI>; rel="next"` header whose URI is `uri` with `cursor` set to `next`.
 fn page<T: Serialize>(
     items: Vec<T>,
-    limit: Option<u64>,
+    limit: Option<u32>,
     uri: &axum::http::Uri,
     cursor: &str,
     next: impl Fn(&T) -> i64,
@@ -687,7 +687,7 @@ async fn list_servers(
 #[into_params(parameter_in = Query)]
 pub struct Page {
     /// At most this many (default and most: 1000).
-    pub limit: Option<u64>,
+    pub limit: Option<u32>,
     /// Only objects with a greater id (the next page; see the `Link` header).
     pub after: Option<i64>,
 }
@@ -711,11 +711,11 @@ pub struct CommandQuery {
     /// Only children of this command.
     pub parent: Option<i64>,
     /// Only commands on `container` or `environment` ...
-    pub target_type: Option<String>,
+    pub target_type: Option<TargetKind>,
     /// ... with this id.
     pub target_id: Option<i64>,
     /// At most this many, newest first (default 100, at most 1000).
-    pub limit: Option<u64>,
+    pub limit: Option<u32>,
     /// Only commands older than this one (the next page; see the `Link` header).
     pub before: Option<i64>,
     /// Only commands in this project (name or id).
@@ -730,27 +730,22 @@ async fn list_commands(
     Extension(scope): Extension<Scope>,
     ApiQuery(q): ApiQuery<CommandQuery>,
 ) -> Result<axum::response::Response, ApiError> {
-    if let Some(t) = &q.target_type
-        && t != "container"
-        && t != "environment"
-    {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid",
-            format!("target_type: '{t}' is not container or environment"),
-            Some("target_type"),
-        ));
-    }
     let filter = CommandFilter {
         status: q.status,
         parent: q.parent,
-        target_type: q.target_type,
+        target_type: q.target_type.map(|t| {
+            match t {
+                TargetKind::Container => "container",
+                TargetKind::Environment => "environment",
+            }
+            .to_string()
+        }),
         target_id: q.target_id,
         limit: Some(page_size(Some(q.limit.unwrap_or(100)))),
         before: q.before,
         projects: match &q.project {
             Some(p) => {
-                let id = core.projects().get(p).await?.id;
+                let id = cloud48_engine::projects::filter(core.db(), p).await?;
                 Some(match scope.readable() {
                     Some(r) if !r.contains(&id) => Vec::new(),
                     _ => vec![id],
@@ -760,7 +755,19 @@ async fn list_commands(
         },
     };
     let items = core.queue().list(&filter).await?;
-    Ok(page(items, filter.limit, &uri, "before", |c| c.id.0))
+    Ok(page(items, q.limit.or(Some(100)), &uri, "before", |c| {
+        c.id.0
+    }))
+}
+
+/// The kinds of objects commands act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// A container.
+    Container,
+    /// An environment.
+    Environment,
 }
 
 /// Options of showing a command.
@@ -768,7 +775,7 @@ async fn list_commands(
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Block up to this many seconds (at most 300) until the command finishes.
-    pub wait: Option<u64>,
+    pub wait: Option<u32>,
 }
 
 #[utoipa::path(get, path = "/v1/commands/{id}", tag = "commands",
@@ -791,7 +798,7 @@ async fn show_command(
                 (Principal::Anonymous, None) => "anonymous".to_string(),
             };
             core.queue()
-                .wait_as(id, Duration::from_secs(secs.min(300)), Some(&client))
+                .wait_as(id, Duration::from_secs(secs.min(300).into()), Some(&client))
                 .await?
         }
         _ => core.queue().get(id).await?,

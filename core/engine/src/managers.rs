@@ -130,7 +130,7 @@ pub struct ContainerQuery {
     #[serde(default)]
     pub all: bool,
     /// At most this many, by ascending id (default and most: `MAX_PAGE`).
-    pub limit: Option<u64>,
+    pub limit: Option<u32>,
     /// Only containers with a greater id (the next page).
     pub after: Option<ContainerId>,
 }
@@ -139,8 +139,8 @@ pub struct ContainerQuery {
 pub const MAX_PAGE: u64 = 1000;
 
 /// The items a page holds when `limit` are asked for (none: a full page).
-pub fn page_size(limit: Option<u64>) -> u64 {
-    limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE)
+pub fn page_size(limit: Option<u32>) -> u64 {
+    limit.map_or(MAX_PAGE, u64::from).clamp(1, MAX_PAGE)
 }
 
 /// Request to create a standalone container.
@@ -775,8 +775,8 @@ impl<'a> ContainerManager<'a> {
         let db = self.svc.db();
         let mut q = container::Entity::find();
         if let Some(p) = &query.project {
-            let p = crate::projects::find(db, p).await?;
-            q = q.filter(container::Column::ProjectId.eq(p.id));
+            let p = crate::projects::filter(db, p).await?;
+            q = q.filter(container::Column::ProjectId.eq(p));
         }
         if let Some(ids) = only {
             q = q.filter(container::Column::ProjectId.is_in(ids.to_vec()));
@@ -1429,14 +1429,14 @@ impl<'a> EnvironmentManager<'a> {
         &self,
         all: bool,
         after: Option<EnvironmentId>,
-        limit: Option<u64>,
+        limit: Option<u32>,
         project: Option<&str>,
         only: Option<&[i64]>,
     ) -> Result<Vec<Environment>, CoreError> {
         let mut q = environment::Entity::find();
         if let Some(p) = project {
-            let p = crate::projects::find(self.svc.db(), p).await?;
-            q = q.filter(environment::Column::ProjectId.eq(p.id));
+            let p = crate::projects::filter(self.svc.db(), p).await?;
+            q = q.filter(environment::Column::ProjectId.eq(p));
         }
         if let Some(ids) = only {
             q = q.filter(environment::Column::ProjectId.is_in(ids.to_vec()));

@@ -86,6 +86,14 @@ pub async fn limited<C: ConnectionTrait>(conn: &C) -> Result<Vec<i64>, CoreError
         .collect())
 }
 
+/// The project a list is filtered by (a field error when it does not exist).
+pub async fn filter<C: ConnectionTrait>(conn: &C, key: &str) -> Result<i64, CoreError> {
+    find(conn, key)
+        .await
+        .map(|p| p.id)
+        .map_err(|e| CoreError::invalid("project", e.to_string()))
+}
+
 /// Names of all projects by id (few: read whole).
 pub async fn names<C: ConnectionTrait>(conn: &C) -> Result<HashMap<i64, String>, CoreError> {
     Ok(project::Entity::find()
@@ -150,8 +158,8 @@ pub async fn check<C: ConnectionTrait>(
     match used.refuse(more, &quota) {
         None => Ok(()),
         Some(why) => Err(CoreError::Conflict(format!(
-            "project '{}' is over its quota ({why}); raise it (`cloud48 project quota {} ...`) \
-             or destroy containers in it",
+            "this would take project '{}' over its quota ({why}); raise it (`cloud48 project \
+             quota {} ...`) or destroy containers in it",
             row.name, row.name
         ))),
     }

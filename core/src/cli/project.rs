@@ -38,7 +38,8 @@ pub enum ProjectCmd {
         project: String,
         /// User name (`cloud48 user add NAME --role member` makes a user with no rights of
         /// its own).
-        user: String,
+        #[arg(value_name = "USER")]
+        member: String,
         /// viewer or operator.
         role: String,
     },
@@ -47,7 +48,8 @@ pub enum ProjectCmd {
         /// Project name or id.
         project: String,
         /// User name.
-        user: String,
+        #[arg(value_name = "USER")]
+        member: String,
     },
     /// Remove an empty project (admins).
     Rm {
@@ -61,24 +63,28 @@ pub enum ProjectCmd {
 pub struct QuotaArgs {
     /// Most containers (not destroyed or failed), or `none`.
     #[arg(long, value_name = "N|none", value_parser = limit)]
-    containers: Option<Option<u64>>,
+    containers: Option<Limit>,
     /// Most CPU in thousandths of a core, or `none`.
     #[arg(long, value_name = "N|none", value_parser = limit)]
-    cpu_millis: Option<Option<u64>>,
+    cpu_millis: Option<Limit>,
     /// Most memory in MiB, or `none`.
     #[arg(long, value_name = "N|none", value_parser = limit)]
-    memory_mb: Option<Option<u64>>,
+    memory_mb: Option<Limit>,
     /// Most disk in MiB, or `none`.
     #[arg(long, value_name = "N|none", value_parser = limit)]
-    disk_mb: Option<Option<u64>>,
+    disk_mb: Option<Limit>,
 }
 
-fn limit(text: &str) -> Result<Option<u64>, String> {
+/// One figure of a quota as given: a number, or none (unlimited).
+#[derive(Debug, Clone, Copy)]
+struct Limit(Option<u64>);
+
+fn limit(text: &str) -> Result<Limit, String> {
     if text == "none" {
-        return Ok(None);
+        return Ok(Limit(None));
     }
     text.parse()
-        .map(Some)
+        .map(|n| Limit(Some(n)))
         .map_err(|_| format!("'{text}' is not a number (or `none` for unlimited)"))
 }
 
@@ -93,10 +99,10 @@ impl QuotaArgs {
     /// `base` with the figures named here replaced.
     fn over(&self, base: Quota) -> Quota {
         Quota {
-            containers: self.containers.unwrap_or(base.containers),
-            cpu_millis: self.cpu_millis.unwrap_or(base.cpu_millis),
-            memory_mb: self.memory_mb.unwrap_or(base.memory_mb),
-            disk_mb: self.disk_mb.unwrap_or(base.disk_mb),
+            containers: self.containers.map_or(base.containers, |l| l.0),
+            cpu_millis: self.cpu_millis.map_or(base.cpu_millis, |l| l.0),
+            memory_mb: self.memory_mb.map_or(base.memory_mb, |l| l.0),
+            disk_mb: self.disk_mb.map_or(base.disk_mb, |l| l.0),
         }
     }
 }
@@ -137,14 +143,14 @@ pub async fn project(client: &Client, out: Out, cmd: ProjectCmd) -> Result<()> {
         }
         ProjectCmd::Grant {
             project,
-            user,
+            member,
             role,
         } => {
-            let path = format!("/v1/projects/{}/members/{}", enc(&project), enc(&user));
+            let path = format!("/v1/projects/{}/members/{}", enc(&project), enc(&member));
             one(client.put(&path, &json!({ "role": role })).await?)
         }
-        ProjectCmd::Revoke { project, user } => {
-            let path = format!("/v1/projects/{}/members/{}", enc(&project), enc(&user));
+        ProjectCmd::Revoke { project, member } => {
+            let path = format!("/v1/projects/{}/members/{}", enc(&project), enc(&member));
             one(client.delete(&path).await?)
         }
         ProjectCmd::Rm { project } => {
