@@ -36,7 +36,7 @@ async fn action(t: &TestCore, id: cloud48_engine::model::ContainerId, body: &str
 }
 
 async fn command_count(t: &TestCore) -> usize {
-    let list: Vec<Command> = t.client.get("/v1/commands?limit=10000").await.unwrap();
+    let list: Vec<Command> = t.client.get("/v1/commands?limit=1000").await.unwrap();
     list.len()
 }
 
@@ -195,6 +195,23 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             422,
             None,
             "missing field `name`",
+        ),
+        // serde would read a struct from an array of its fields; the schema says object.
+        (
+            "PUT",
+            "/v1/projects/default/quota",
+            Some("[]"),
+            422,
+            None,
+            "the body must be a JSON object, not an array",
+        ),
+        (
+            "POST",
+            "/v1/projects",
+            Some("{\"name\": \"p\", \"quota\": [5]}"),
+            422,
+            Some("quota"),
+            "quota: must be a JSON object, not an array",
         ),
         (
             "POST",

@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod console;
 mod container;
+mod contract;
 mod convergence;
 mod crash;
 mod driver;

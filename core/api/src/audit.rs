@@ -102,7 +102,9 @@ pub struct AuditQuery {
     pub who: Option<String>,
     /// Only changes of paths starting with this (`/v1/servers`).
     pub object: Option<String>,
-    /// At most this many, newest first (default 100, at most 1000).
+    /// At most this many, newest first (1-1000; default 100).
+    #[serde(default, deserialize_with = "cloud48_engine::managers::page_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only entries older than this one (the next page; see the `Link` header).
     pub before: Option<i64>,

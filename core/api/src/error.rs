@@ -126,7 +126,43 @@ impl From<sea_orm::DbErr> for ApiError {
 /// A JSON body whose errors name the offending field.
 pub struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+/// The first place (a JSON path) where `input` has an array and `read`, what was made of it
+/// written back, an object: serde reads a struct from an array of its fields in order, which
+/// the API's schema does not allow (`[]` is not a quota).
+fn array_for_object(
+    input: &serde_json::Value,
+    read: &serde_json::Value,
+    path: &str,
+) -> Option<String> {
+    use serde_json::Value;
+    match (input, read) {
+        (Value::Array(_), Value::Object(_)) => Some(if path.is_empty() {
+            ".".into()
+        } else {
+            path.to_string()
+        }),
+        (Value::Object(a), Value::Object(b)) => a.iter().find_map(|(k, v)| {
+            let here = if path.is_empty() {
+                k.clone()
+            } else {
+                format!("{path}.{k}")
+            };
+            b.get(k).and_then(|w| array_for_object(v, w, &here))
+        }),
+        (Value::Array(a), Value::Array(b)) => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (v, w))| array_for_object(v, w, &format!("{path}[{i}]"))),
+        _ => None,
+    }
+}
+
+/// Bodies up to this size are checked for arrays given for objects (larger ones are exports,
+/// whose size is in one hex string).
+const SHAPE_CHECKED: usize = 1 << 20;
+
+impl<T: DeserializeOwned + Serialize, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
@@ -147,25 +183,47 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             .await
             .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}"), None))?;
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(de)
-            .map(ApiJson)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                let (status, field) = if inner.is_data() {
-                    (
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        (path != ".").then_some(path),
-                    )
-                } else {
-                    (StatusCode::BAD_REQUEST, None)
-                };
-                let message = match &field {
-                    Some(f) => format!("{f}: {inner}"),
-                    None => format!("invalid JSON body: {inner}"),
-                };
-                ApiError::new(status, "invalid", message, field.as_deref())
-            })
+        let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let (status, field) = if inner.is_data() {
+                (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    (path != ".").then_some(path),
+                )
+            } else {
+                (StatusCode::BAD_REQUEST, None)
+            };
+            let message = match &field {
+                Some(f) => format!("{f}: {inner}"),
+                None => format!("invalid JSON body: {inner}"),
+            };
+            ApiError::new(status, "invalid", message, field.as_deref())
+        })?;
+        if bytes.len() <= SHAPE_CHECKED
+            && let Ok(input) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && let Ok(read) = serde_json::to_value(&value)
+            && let Some(at) = array_for_object(&input, &read, "")
+        {
+            let (message, field) = if at == "." {
+                (
+                    "the body must be a JSON object, not an array".to_string(),
+                    None,
+                )
+            } else {
+                (
+                    format!("{at}: must be a JSON object, not an array"),
+                    Some(at.as_str()),
+                )
+            };
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                message,
+                field,
+            ));
+        }
+        Ok(ApiJson(value))
     }
 }
 

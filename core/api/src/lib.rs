@@ -171,7 +171,9 @@ pub struct ListAll {
     /// Include destroyed objects.
     #[serde(default)]
     pub all: bool,
-    /// At most this many, by ascending id (default and most: 1000).
+    /// At most this many, by ascending id (1-1000; default 1000).
+    #[serde(default, deserialize_with = "cloud48_engine::managers::page_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only objects with a greater id (the next page; see the `Link` header).
     pub after: Option<i64>,
@@ -296,7 +298,8 @@ async fn show_environment(
 
 #[utoipa::path(delete, path = "/v1/environments/{env}", tag = "environments",
     params(("env" = String, Path, description = "Environment id or name")),
-    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The environment is destroyed")))]
 async fn destroy_environment(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
@@ -313,7 +316,9 @@ async fn destroy_environment(
 #[utoipa::path(post, path = "/v1/environments/{env}/{op}", tag = "environments",
     params(("env" = String, Path, description = "Environment id or name"),
            ("op" = EnvironmentOp, Path, description = "start, stop, suspend, resume or destroy")),
-    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "The environment is destroyed"),
+              (status = 422, body = ErrorBody)))]
 async fn environment_action(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
@@ -686,7 +691,9 @@ async fn list_servers(
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct Page {
-    /// At most this many (default and most: 1000).
+    /// At most this many (1-1000; default 1000).
+    #[serde(default, deserialize_with = "cloud48_engine::managers::page_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only objects with a greater id (the next page; see the `Link` header).
     pub after: Option<i64>,
@@ -714,7 +721,9 @@ pub struct CommandQuery {
     pub target_type: Option<TargetKind>,
     /// ... with this id.
     pub target_id: Option<i64>,
-    /// At most this many, newest first (default 100, at most 1000).
+    /// At most this many, newest first (1-1000; default 100).
+    #[serde(default, deserialize_with = "cloud48_engine::managers::page_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only commands older than this one (the next page; see the `Link` header).
     pub before: Option<i64>,
@@ -770,11 +779,24 @@ pub enum TargetKind {
     Environment,
 }
 
+/// Reads `wait`: 0 to 300 seconds, as its schema says.
+fn wait_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    match Option::<u64>::deserialize(d)? {
+        Some(n) if n > 300 => Err(D::Error::custom(format!(
+            "wait {n} is more than 300 seconds; wait again after it answers"
+        ))),
+        n => Ok(n.map(|n| n as u32)),
+    }
+}
+
 /// Options of showing a command.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct WaitQuery {
     /// Block up to this many seconds (at most 300) until the command finishes.
+    #[param(minimum = 0, maximum = 300)]
+    #[serde(default, deserialize_with = "wait_secs")]
     pub wait: Option<u32>,
 }
 

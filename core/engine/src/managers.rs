@@ -129,7 +129,9 @@ pub struct ContainerQuery {
     /// Include destroyed and failed containers (default false).
     #[serde(default)]
     pub all: bool,
-    /// At most this many, by ascending id (default and most: `MAX_PAGE`).
+    /// At most this many, by ascending id (1-1000; default 1000).
+    #[serde(default, deserialize_with = "page_limit")]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only containers with a greater id (the next page).
     pub after: Option<ContainerId>,
@@ -137,6 +139,18 @@ pub struct ContainerQuery {
 
 /// The most items one page of a list holds; lists are read page by page (`after`/`before`).
 pub const MAX_PAGE: u64 = 1000;
+
+/// Reads a list's `limit` (serde `deserialize_with`): 1 to `MAX_PAGE`, as its schema says.
+pub fn page_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    match Option::<u64>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(Some(n as u32)),
+        Some(n) => Err(D::Error::custom(format!(
+            "limit {n} is not 1-{MAX_PAGE}; read further pages with the `Link` header's cursor"
+        ))),
+    }
+}
 
 /// The items a page holds when `limit` are asked for (none: a full page).
 pub fn page_size(limit: Option<u32>) -> u64 {
@@ -782,7 +796,10 @@ impl<'a> ContainerManager<'a> {
             q = q.filter(container::Column::ProjectId.is_in(ids.to_vec()));
         }
         if let Some(env) = &query.environment {
-            let env = find_environment(db, env).await?;
+            let env = find_environment(db, env).await.map_err(|e| match e {
+                CoreError::NotFound(m) => CoreError::invalid("environment", m),
+                e => e,
+            })?;
             q = q.filter(container::Column::EnvironmentId.eq(env.id));
         }
         if let Some(s) = query.status {

@@ -34,6 +34,25 @@ fn limit(v: Option<u64>) -> Option<i64> {
     v.map(|n| i64::try_from(n).unwrap_or(i64::MAX))
 }
 
+/// Refuses figures the database cannot hold (more than `i64::MAX`, as the schema's int64 says).
+fn validate(quota: &Quota) -> Result<(), CoreError> {
+    let figures = [
+        ("containers", quota.containers),
+        ("cpu_millis", quota.cpu_millis),
+        ("memory_mb", quota.memory_mb),
+        ("disk_mb", quota.disk_mb),
+    ];
+    for (name, v) in figures {
+        if v.is_some_and(|n| i64::try_from(n).is_err()) {
+            return Err(CoreError::invalid(
+                "quota",
+                format!("{name}: at most {} (leave it out for no limit)", i64::MAX),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn quota_of(row: &project::Model) -> Quota {
     let get = |v: Option<i64>| v.map(|n| n.max(0) as u64);
     Quota {
@@ -173,6 +192,7 @@ impl<'a> ProjectManager<'a> {
     /// Creates a project.
     pub async fn create(&self, name: &str, quota: &Quota) -> Result<Project, CoreError> {
         validate_name(name).map_err(|m| CoreError::invalid("name", m))?;
+        validate(quota)?;
         let db = self.svc.db();
         if let Ok(p) = find(db, name).await {
             return Err(CoreError::Conflict(format!(
@@ -216,6 +236,7 @@ impl<'a> ProjectManager<'a> {
     /// Replaces the quota of a project (a project already over a lowered quota keeps its
     /// containers; it may only shrink until it fits).
     pub async fn set_quota(&self, key: &str, quota: &Quota) -> Result<Project, CoreError> {
+        validate(quota)?;
         let row = find(self.svc.db(), key).await?;
         let mut active: project::ActiveModel = row.into();
         active.max_containers = Set(limit(quota.containers));

@@ -101,7 +101,9 @@ pub struct Workload {
     pub image: Option<ImageRef>,
     /// Program and arguments; `${name}` is replaced by parameter `name`.
     pub command: Vec<String>,
-    /// Environment variables; `${name}` in values is replaced by parameter `name`.
+    /// Environment variables as `[name, value]` pairs; `${name}` in values is replaced by
+    /// parameter `name`.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Vec<String>>))]
     pub env: Vec<(String, String)>,
     /// Working directory.
     pub workdir: Option<String>,

@@ -16,8 +16,8 @@ pub struct AuditArgs {
     /// Only changes of paths starting with this (e.g. /v1/servers).
     #[arg(long)]
     pub object: Option<String>,
-    /// At most this many, newest first.
-    #[arg(long, default_value_t = 50)]
+    /// At most this many, newest first (1-1000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub limit: u64,
 }
 

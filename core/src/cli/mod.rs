@@ -707,8 +707,8 @@ pub enum CommandCmd {
         /// Only commands in this project (name or id).
         #[arg(long)]
         project: Option<String>,
-        /// At most this many.
-        #[arg(long, default_value_t = 50)]
+        /// At most this many (1-1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
         limit: u64,
     },
     /// Show a command.
