@@ -65,12 +65,10 @@ async fn metrics_tell_what_the_core_did_and_holds() {
         assert_eq!(value(&text, series), Some(expected), "{series} in:\n{text}");
     }
     assert!(
-        value(
-            &text,
-            "cloud48_containers{status=\"running\",type=\"tomcat\"}"
-        )
-        .is_some()
-            || text.contains("cloud48_containers{status=\"running\",type=\"tomcat@"),
+        text.lines().any(
+            |l| l.starts_with("cloud48_containers{status=\"running\",type=\"tomcat")
+                && l.contains(",project=\"default\"} 1")
+        ),
         "{text}"
     );
     assert!(

@@ -249,11 +249,14 @@ async fn a_member_reads_and_acts_only_in_its_projects() {
         why.contains("HTTP 403") && why.contains("outside projects"),
         "{why}"
     );
-    let why = refused(mo.get_text("/metrics").await);
-    assert!(
-        why.contains("HTTP 403") && why.contains("whole fleet"),
-        "{why}"
-    );
+    // The metrics a member reads are its projects' containers (and quotas), nothing of the
+    // fleet or of other projects.
+    let metrics = mo.get_text("/metrics").await.unwrap();
+    assert!(metrics.contains("project=\"shop\""), "{metrics}");
+    assert!(!metrics.contains("project=\"lab\""), "{metrics}");
+    assert!(!metrics.contains("cloud48_servers"), "{metrics}");
+    let all = ada.get_text("/metrics").await.unwrap();
+    assert!(all.contains("project=\"lab\"") && all.contains("cloud48_servers"));
 
     // The member's stream told of its project's objects, never of lab's.
     let stopped = |e: &cloud48_engine::model::Event| {
@@ -349,6 +352,16 @@ async fn a_quota_refuses_at_submission_and_again_when_the_command_runs() {
     );
     let small: Project = ada.get("/v1/projects/small").await.unwrap();
     assert_eq!(small.usage.containers, 1, "the failed one no longer counts");
+    // A project with a quota shows it, and what it uses, in the metrics.
+    let metrics = ada.get_text("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("cloud48_project_quota{project=\"small\",resource=\"containers\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cloud48_project_usage{project=\"small\",resource=\"memory_mb\"} 256"),
+        "{metrics}"
+    );
     // A member's update beyond the quota is refused too.
     let id = first.object_id.unwrap();
     let _: Project = ada

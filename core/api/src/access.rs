@@ -202,21 +202,14 @@ async fn within(core: &Core, scope: &Scope, method: &Method, path: &str) -> Resu
     };
     match named(method, path) {
         Named::Scoped => Ok(()),
-        Named::Fleet if method == Method::GET || method == Method::HEAD => {
-            if path == "/metrics" {
-                return Err(forbidden(format!(
-                    "the metrics cover the whole fleet: they need a global role viewer; user                      '{user}' has roles only in projects (read them with `cloud48 project show`)"
-                )));
-            }
-            Ok(())
-        }
+        Named::Fleet if method == Method::GET || method == Method::HEAD => Ok(()),
         Named::Fleet => {
             let held: Vec<String> = grants
                 .values()
                 .map(|(p, r)| format!("{r} in '{p}'"))
                 .collect();
             Err(forbidden(format!(
-                "this acts outside projects and needs the global role {needed}; user '{user}'                  has roles only in projects ({})",
+                "this acts outside projects and needs the global role {needed}; user '{user}' has roles only in projects ({})",
                 held.join(", ")
             )))
         }

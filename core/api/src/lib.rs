@@ -111,7 +111,7 @@ pub fn router(core: Core) -> Router {
         })
         .route("/metrics", {
             let core = core.clone();
-            get(move || metrics(core))
+            get(move |scope: Option<Extension<Scope>>| metrics(core, scope.map(|s| s.0)))
         })
         .route(
             "/v1/agents/heartbeat",
@@ -219,10 +219,12 @@ fn page<T: Serialize>(
 }
 
 /// The core's metrics in the Prometheus text format (viewers; anonymous callers when
-/// `auth.anonymous_read` names `metrics`; or with the `metrics.token` bearer token).
-async fn metrics(core: Core) -> Result<axum::response::Response, ApiError> {
+/// `auth.anonymous_read` names `metrics`; or with the `metrics.token` bearer token). A caller
+/// limited to some projects gets their containers and quotas only.
+async fn metrics(core: Core, scope: Option<Scope>) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
-    let text = cloud48_engine::metrics::render(&core).await?;
+    let only = scope.and_then(|s| s.readable());
+    let text = cloud48_engine::metrics::render(&core, only.as_deref()).await?;
     Ok((
         [(
             axum::http::header::CONTENT_TYPE,

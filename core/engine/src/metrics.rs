@@ -53,9 +53,16 @@ struct Status {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StatusAndType {
+struct ContainerLabels {
     status: String,
     r#type: String,
+    project: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProjectFigure {
+    project: String,
+    resource: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -71,8 +78,10 @@ struct Outcome {
 /// Counts of the big tables.
 #[derive(Debug, Clone, Default)]
 struct Census {
-    /// (status, type, count).
-    containers: Vec<(String, String, i64)>,
+    /// (status, type, project, count).
+    containers: Vec<(String, String, i64, i64)>,
+    /// Projects with a quota: (project, quota, usage).
+    quotas: Vec<(i64, crate::model::Quota, crate::model::Usage)>,
     /// Finished commands: (status, count).
     finished: Vec<(String, i64)>,
     taken: Option<Instant>,
@@ -156,14 +165,22 @@ impl Recorder {
     }
 }
 
-async fn take_census(db: &DatabaseConnection) -> Result<Census, DbErr> {
-    let containers: Vec<(String, String, i64)> = store::json_rows(
+async fn take_census(db: &DatabaseConnection) -> Result<Census, CoreError> {
+    let containers: Vec<(String, String, i64, i64)> = store::json_rows(
         db,
-        "status, type_id, n",
-        "(SELECT status, type_id, COUNT(*) AS n FROM containers GROUP BY status, type_id) AS c",
+        "status, type_id, project_id, n",
+        "(SELECT status, type_id, project_id, COUNT(*) AS n FROM containers \
+          GROUP BY status, type_id, project_id) AS c",
         vec![],
     )
     .await?;
+    // Usage sums requirements container by container: only for projects with a quota, whose
+    // containers it bounds.
+    let mut quotas = Vec::new();
+    for p in crate::projects::limited_quotas(db).await? {
+        let used = crate::projects::usage(db, p.0, None).await?;
+        quotas.push((p.0, p.1, used));
+    }
     let finished: Vec<(String, i64)> = store::json_rows(
         db,
         "status, n",
@@ -174,6 +191,7 @@ async fn take_census(db: &DatabaseConnection) -> Result<Census, DbErr> {
     .await?;
     Ok(Census {
         containers,
+        quotas,
         finished,
         taken: Some(Instant::now()),
     })
@@ -194,12 +212,80 @@ async fn active_commands<C: ConnectionTrait>(db: &C) -> Result<Vec<(String, i64)
 #[derive(Deserialize)]
 struct ServerRow(i64, String);
 
-/// The metrics of `core`, in the Prometheus text format.
-pub async fn render(core: &Core) -> Result<String, CoreError> {
+/// The containers of the census by status, type and project, and each limited project's quota
+/// and usage by resource; `only`: just these projects'.
+fn project_families(
+    reg: &mut Registry,
+    census: &Census,
+    names: &std::collections::HashMap<i64, String>,
+    only: Option<&[i64]>,
+) {
+    let shown = |p: i64| only.is_none_or(|o| o.contains(&p));
+    let name = |p: i64| names.get(&p).cloned().unwrap_or_else(|| p.to_string());
+    let containers = Family::<ContainerLabels, Gauge>::default();
+    for (status, ty, project, n) in &census.containers {
+        if shown(*project) {
+            containers
+                .get_or_create(&ContainerLabels {
+                    status: status.clone(),
+                    r#type: ty.clone(),
+                    project: name(*project),
+                })
+                .set(*n);
+        }
+    }
+    reg.register(
+        "containers",
+        "Containers by status, type and project, as of the census",
+        containers,
+    );
+    let (limits, used) = (
+        Family::<ProjectFigure, Gauge>::default(),
+        Family::<ProjectFigure, Gauge>::default(),
+    );
+    for (project, quota, usage) in census.quotas.iter().filter(|q| shown(q.0)) {
+        let figures = [
+            ("containers", quota.containers, usage.containers),
+            ("cpu_millis", quota.cpu_millis, usage.resources.cpu_millis),
+            ("memory_mb", quota.memory_mb, usage.resources.memory_mb),
+            ("disk_mb", quota.disk_mb, usage.resources.disk_mb),
+        ];
+        for (resource, limit, n) in figures {
+            let label = ProjectFigure {
+                project: name(*project),
+                resource: resource.into(),
+            };
+            if let Some(l) = limit {
+                limits.get_or_create(&label).set(l as i64);
+            }
+            used.get_or_create(&label).set(n as i64);
+        }
+    }
+    reg.register(
+        "project_quota",
+        "What a project with a quota may use, by resource (unlimited ones left out)",
+        limits,
+    );
+    reg.register(
+        "project_usage",
+        "What the live containers of a project with a quota use, by resource, as of the census",
+        used,
+    );
+}
+
+/// The metrics of `core`, in the Prometheus text format; `only`: a caller limited to these
+/// projects sees just their containers and quotas.
+pub async fn render(core: &Core, only: Option<&[i64]>) -> Result<String, CoreError> {
     let rec = core.queue().recorder();
     let db = core.db();
     // The census reads whole tables: on its own connection, never in the core's way.
     let census = rec.census(core.reader()).await;
+    let names = crate::projects::names(db).await?;
+    let mut reg = Registry::with_prefix("cloud48");
+    project_families(&mut reg, &census, &names, only);
+    if only.is_some() {
+        return encode(&reg);
+    }
     let active = active_commands(db).await?;
     let names: Vec<ServerRow> = store::json_rows(db, "id, name", "servers", vec![]).await?;
     let name_of = |id: i64| {
@@ -209,7 +295,6 @@ pub async fn render(core: &Core) -> Result<String, CoreError> {
             .map_or_else(|| id.to_string(), |r| r.1.clone())
     };
 
-    let mut reg = Registry::with_prefix("cloud48");
     reg.register(
         "queue_wait_seconds",
         "Time from a command being able to run to a worker claiming it, by command kind",
@@ -257,20 +342,6 @@ pub async fn render(core: &Core) -> Result<String, CoreError> {
         depth,
     );
 
-    let containers = Family::<StatusAndType, Gauge>::default();
-    for (status, ty, n) in &census.containers {
-        containers
-            .get_or_create(&StatusAndType {
-                status: status.clone(),
-                r#type: ty.clone(),
-            })
-            .set(*n);
-    }
-    reg.register(
-        "containers",
-        "Containers by status and type, as of the census",
-        containers,
-    );
     let age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
     age.set(census.taken.map_or(0.0, |t| t.elapsed().as_secs_f64()));
     reg.register(
@@ -341,8 +412,12 @@ pub async fn render(core: &Core) -> Result<String, CoreError> {
         waiters,
     );
 
+    encode(&reg)
+}
+
+fn encode(reg: &Registry) -> Result<String, CoreError> {
     let mut text = String::new();
-    prometheus_client::encoding::prometheus_text::encode(&mut text, &reg)
+    prometheus_client::encoding::prometheus_text::encode(&mut text, reg)
         .map_err(|e| CoreError::Setup(format!("encoding the metrics failed: {e}")))?;
     Ok(text)
 }

@@ -94,14 +94,23 @@ pub async fn named<C: ConnectionTrait>(
     }
 }
 
-/// The projects that limit something (their creates check the quota one by one).
-pub async fn limited<C: ConnectionTrait>(conn: &C) -> Result<Vec<i64>, CoreError> {
+/// The projects that limit something, with their quotas.
+pub async fn limited_quotas<C: ConnectionTrait>(conn: &C) -> Result<Vec<(i64, Quota)>, CoreError> {
     Ok(project::Entity::find()
         .all(conn)
         .await?
+        .iter()
+        .map(|p| (p.id, quota_of(p)))
+        .filter(|(_, q)| !q.is_unlimited())
+        .collect())
+}
+
+/// The projects that limit something (their creates check the quota one by one).
+pub async fn limited<C: ConnectionTrait>(conn: &C) -> Result<Vec<i64>, CoreError> {
+    Ok(limited_quotas(conn)
+        .await?
         .into_iter()
-        .filter(|p| !quota_of(p).is_unlimited())
-        .map(|p| p.id)
+        .map(|(p, _)| p)
         .collect())
 }
 
