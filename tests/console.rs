@@ -141,8 +141,12 @@ async fn the_console_works_in_chromium() {
     let dir = playwright_dir();
     let out = tempfile::tempdir().unwrap();
     let url = t.url.clone();
+    // CONSOLE_UPDATE_SCREENSHOTS=1 rewrites the reference screenshots (after a change to the
+    // pages: look at them before committing).
+    let update = std::env::var("CONSOLE_UPDATE_SCREENSHOTS").as_deref() == Ok("1");
     let run = tokio::process::Command::new("npx")
         .args(["playwright", "test"])
+        .args(update.then_some("--update-snapshots"))
         .current_dir(&dir)
         .env("CONSOLE_URL", &url)
         .env("CONSOLE_OUT", out.path())

@@ -172,11 +172,15 @@ async function fleetView() {
 async function environmentsView() {
   const name = h("input", { name: "name", placeholder: "name (a-z, 0-9, -)", required: true,
     pattern: "[a-z0-9][a-z0-9-]{0,62}" });
-  const form = h("form", { class: "inline", id: "create-environment" }, name,
+  const projects = await get("/v1/projects").catch(() => []);
+  const project = h("select", { name: "project", "aria-label": "Project" },
+    projects.map((p) => h("option", { value: p.name }, p.name)));
+  const form = h("form", { class: "inline", id: "create-environment" }, name, project,
     h("button", { type: "submit" }, "Create environment"));
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
-    if (await act(`create ${name.value}`, "POST", "/v1/environments", { name: name.value })) {
+    const body = { name: name.value, project: project.value || null };
+    if (await act(`create ${name.value}`, "POST", "/v1/environments", body)) {
       name.value = "";
     }
   });
@@ -188,12 +192,13 @@ async function environmentsView() {
       const envs = await get("/v1/environments");
       const rows = envs.map((e) => h("tr", { dataset: { environment: e.name } },
         h("td", {}, link(`#/environments/${e.name}`, e.name)),
+        h("td", {}, e.project),
         h("td", {}, status(e.status)),
         h("td", { class: "num" }, e.members.length),
         h("td", {}, [...new Set(e.members.map((m) => m.type))].join(", ")),
         h("td", {}, commandLink(e.locked_by)),
         h("td", {}, when(e.created_at))));
-      return table(["Name", "Status", "Members", "Types", "Locked by", "Created"], rows,
+      return table(["Name", "Project", "Status", "Members", "Types", "Locked by", "Created"], rows,
         "No environments yet.");
     },
   };
@@ -253,7 +258,8 @@ async function environmentView(name) {
           }
         }, "danger"))));
       return [
-        facts([["Id", e.id], ["Status", status(e.status)], ["Locked by", commandLink(e.locked_by)],
+        facts([["Id", e.id], ["Project", e.project], ["Status", status(e.status)],
+          ["Locked by", commandLink(e.locked_by)],
           ["Parameters", Object.entries(e.params ?? {}).map(([k, v]) => `${k}=${v}`).join(", ") || "–"],
           ["Created", when(e.created_at)]]),
         h("h2", {}, "Members by priority"),
@@ -287,7 +293,7 @@ async function containerView(id) {
       ]);
       const r = c.requirements;
       return [
-        facts([["Type", c.type], ["Status", status(c.status)],
+        facts([["Type", c.type], ["Project", c.project], ["Status", status(c.status)],
           ["Environment", c.environment ? link(`#/environments/${c.environment}`, c.environment) : "–"],
           ["Server", c.server ?? "–"], ["IP", c.ip ?? "–"], ["Guest", h("code", { class: "guest" }, c.guest_id)],
           ["Resources", `${cores(r.cpu_millis)}, ${mib(r.memory_mb)} memory, ${mib(r.disk_mb)} disk`],
