@@ -22,6 +22,9 @@ pub struct EventsArgs {
     /// Only the events of one environment (id or name), of its containers and of commands on it.
     #[arg(long = "env")]
     pub environment: Option<String>,
+    /// Only the events of one project (name or id): its environments, containers and commands.
+    #[arg(long)]
+    pub project: Option<String>,
     /// Start after this event id, replaying what the core still keeps (default: from now on).
     #[arg(long)]
     pub after: Option<i64>,
@@ -42,6 +45,9 @@ impl EventsArgs {
         }
         if let Some(e) = &self.environment {
             q.push(format!("environment={}", enc(e)));
+        }
+        if let Some(p) = &self.project {
+            q.push(format!("project={}", enc(p)));
         }
         if let Some(a) = after {
             q.push(format!("after={a}"));
@@ -135,17 +141,19 @@ mod tests {
             topic: vec!["command".into(), "server".into()],
             object: Some("container:5".into()),
             environment: Some("shop a".into()),
+            project: Some("lab".into()),
             after: None,
             count: None,
         };
         assert_eq!(
             args.path(Some(42)),
-            "/v1/events?topic=command%2Cserver&object=container%3A5&environment=shop+a&after=42"
+            "/v1/events?topic=command%2Cserver&object=container%3A5&environment=shop+a&project=lab&after=42"
         );
         let bare = EventsArgs {
             topic: vec![],
             object: None,
             environment: None,
+            project: None,
             after: None,
             count: None,
         };

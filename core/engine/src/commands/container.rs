@@ -287,8 +287,17 @@ async fn update(
         let ttl = svc.dummy_ttl_ms();
         let deadline = svc.queue().now_ms() + ttl;
         let (cache, command, server) = (svc.placement_shared(), ctx.cmd.id, server.to_string());
+        let project = row.project_id;
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
+                // The quota again, now that it runs (it was checked when submitted).
+                let more = Usage {
+                    containers: 0,
+                    resources: grow,
+                };
+                crate::projects::check(txn, project, &more, None)
+                    .await
+                    .map_err(super::core_err)?;
                 let Some(r) =
                     placement::reserve_growth(txn, server_id, id, command, &grow, deadline).await?
                 else {
