@@ -6,6 +6,11 @@
 //! in containers and reading the audit trail need `admin`; every other change needs `operator`.
 //! `/metrics` may also be read with the `metrics.token` bearer token. The console's files and
 //! `/v1/whoami` need no role; `/v1/sign-in` needs a user.
+//!
+//! A user whose global role does not suffice may still act through its project roles: the
+//! request then carries a `Scope` of those projects, the object a path names must be in one of
+//! them (else 404, or 403 where the user may only read it), lists and submissions apply it in
+//! their handlers, and nothing outside projects may be changed.
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
