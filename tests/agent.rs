@@ -41,7 +41,7 @@ pub async fn serve_agent(name: &str, driver: Arc<dyn Driver>) -> (Arc<AgentServi
     (agent, url)
 }
 
-fn sim(name: &str, latency: Duration) -> Arc<SimServer> {
+pub fn sim(name: &str, latency: Duration) -> Arc<SimServer> {
     Arc::new(SimServer::new(
         name,
         1,
@@ -316,7 +316,7 @@ async fn agents_register_by_heartbeat_and_by_server_add() {
     let (agent1, _) = serve_agent("node-1", s1.clone()).await;
     let beats = tokio::spawn(cloud48_engine::agent::heartbeats(
         agent1,
-        tc.url.clone(),
+        vec![tc.url.clone()],
         TOKEN.into(),
         Duration::from_millis(20),
     ));

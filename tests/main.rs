@@ -8,6 +8,7 @@ mod audit;
 mod auth;
 mod chaos;
 mod cli;
+mod cluster;
 mod config;
 mod console;
 mod container;

@@ -235,6 +235,63 @@ impl Runner for Recorder {
     }
 }
 
+/// On PostgreSQL a command submitted through one core wakes the others (`LISTEN/NOTIFY`): a
+/// core whose only poll is an hour away still runs it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_through_one_core_wakes_another_on_postgres() {
+    let Some((pg, db)) = shared_postgres().await else {
+        return;
+    };
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let config = QueueConfig {
+        poll: Duration::from_secs(3600),
+        ..QueueConfig::default()
+    };
+    let submitter = Queue::new(
+        db.clone(),
+        "core-a".into(),
+        config.clone(),
+        Arc::new(SystemClock),
+    );
+    let runner = Queue::new(db, "core-b".into(), config, Arc::new(SystemClock));
+    runner
+        .start(
+            Arc::new(Recorder {
+                node: "core-b".into(),
+                seen: seen.clone(),
+            }),
+            false,
+        )
+        .await
+        .unwrap();
+    let (woken, listening) = (runner.clone(), tokio::sync::mpsc::unbounded_channel::<()>());
+    let (ready, mut is_ready) = listening;
+    let listener = tokio::spawn(cloud48_engine::cluster::listen_for_work(
+        pg.url.clone(),
+        move || {
+            let _ = ready.send(());
+            woken.wake()
+        },
+    ));
+    // The listener wakes its core once when it starts listening.
+    is_ready.recv().await.unwrap();
+    let id = submitter
+        .enqueue(NewCommand {
+            project: None,
+            kind: cloud48_engine::model::CommandKind::Noop,
+            target: None,
+            params: Value::Null,
+            requested_by: "test".into(),
+        })
+        .await
+        .unwrap();
+    let c = runner.wait(id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(c.status, CommandStatus::Succeeded);
+    assert_eq!(seen.lock().unwrap()[&id.0], ["core-b"]);
+    listener.abort();
+    runner.stop(Duration::from_secs(1)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
     let Some((_pg, db)) = shared_postgres().await else {

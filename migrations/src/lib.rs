@@ -23,6 +23,7 @@ mod m0013_events;
 mod m0014_audit;
 mod m0015_server_subnets;
 mod m0016_projects;
+mod m0017_cluster;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -47,6 +48,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0014_audit::Migration),
             Box::new(m0015_server_subnets::Migration),
             Box::new(m0016_projects::Migration),
+            Box::new(m0017_cluster::Migration),
         ]
     }
 }

@@ -46,9 +46,11 @@ pub struct AgentArgs {
     /// Address to listen on for the core.
     #[arg(long, default_value = "127.0.0.1:7048")]
     pub listen: String,
-    /// URL of the core, for registration and heartbeats (e.g. http://10.0.0.1:4848).
-    #[arg(long)]
-    pub core: Option<String>,
+    /// URL of the core, for registration and heartbeats (e.g. http://10.0.0.1:4848); several
+    /// cores on one database: their URLs, comma-separated or the flag repeated. Heartbeats go
+    /// to the first that answers, and the agent learns the cluster's other cores from them.
+    #[arg(long, value_delimiter = ',')]
+    pub core: Vec<String>,
     /// Token shared with the core (the core's agents.token).
     #[arg(long, env = "CLOUD48_AGENT_TOKEN", hide_env_values = true)]
     pub token: String,
@@ -170,7 +172,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 }
                 (_, true) => Some(ImagesConfig {
                     cache_bytes: (args.image_cache_mb > 0).then_some(args.image_cache_mb << 20),
-                    source: args.core.as_deref().map(|core| {
+                    source: args.core.first().map(|core| {
                         Arc::new(
                             CoreImages::new(core, &args.token, tokio::runtime::Handle::current())
                                 .for_agent(&url),
@@ -234,10 +236,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         "cloud48 agent {name}: {} driver, listening on {url}",
         agent.info().driver
     );
-    let beats = args.core.clone().map(|core| {
+    let beats = (!args.core.is_empty()).then(|| {
         tokio::spawn(crate::heartbeats(
             agent.clone(),
-            core,
+            args.core.clone(),
             args.token.clone(),
             Duration::from_millis(args.heartbeat_ms.max(10)),
         ))

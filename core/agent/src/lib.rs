@@ -16,11 +16,74 @@ pub use server::AgentService;
 
 use self::protocol::Heartbeat;
 
-/// Sends a heartbeat to the core every `period` until the task is dropped. Failures are logged
-/// when they start and when they end, not on every beat.
+/// The cores an agent knows, in the order it tries them: those it was given, then those the
+/// cores told it about. Heartbeats go to the current one; when it fails, the next is tried.
+#[derive(Debug, Clone)]
+pub struct CoreList {
+    urls: Vec<String>,
+    current: usize,
+}
+
+impl CoreList {
+    /// The cores given on the command line (at least one).
+    pub fn new(urls: Vec<String>) -> Self {
+        let mut list = CoreList {
+            urls: Vec::new(),
+            current: 0,
+        };
+        list.learn(urls);
+        list
+    }
+
+    /// The URL heartbeats go to now.
+    pub fn current(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    /// Every core, the current one first, then the others in order.
+    pub fn rotation(&self) -> Vec<(usize, String)> {
+        (0..self.urls.len())
+            .map(|i| (self.current + i) % self.urls.len())
+            .map(|i| (i, self.urls[i].clone()))
+            .collect()
+    }
+
+    /// The core at `index` answered: it stays current.
+    pub fn answered(&mut self, index: usize) {
+        self.current = index;
+    }
+
+    /// Adds cores this agent did not know (a core's answer lists the cluster's cores).
+    pub fn learn(&mut self, urls: impl IntoIterator<Item = String>) {
+        for url in urls {
+            let url = url.trim_end_matches('/').to_string();
+            if !url.is_empty() && !self.urls.contains(&url) {
+                self.urls.push(url);
+            }
+        }
+    }
+
+    /// Every known core.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+}
+
+/// What a core answers a heartbeat.
+#[derive(Debug, serde::Deserialize)]
+struct BeatAnswer {
+    /// The cores of the cluster (older cores do not say).
+    #[serde(default)]
+    cores: Vec<String>,
+}
+
+/// Sends a heartbeat every `period` until the task is dropped, to the first core of `cores`
+/// that answers (the one that answered last is tried first), learning the cluster's other
+/// cores from the answers. Failures are logged when they start and when they end, not on every
+/// beat.
 pub async fn heartbeats(
     agent: Arc<AgentService>,
-    core_url: String,
+    cores: Vec<String>,
     token: String,
     period: Duration,
 ) {
@@ -29,7 +92,7 @@ pub async fn heartbeats(
         .timeout(Duration::from_secs(1))
         .build()
         .expect("an HTTP client without TLS builds");
-    let url = format!("{}/v1/agents/heartbeat", core_url.trim_end_matches('/'));
+    let mut cores = CoreList::new(cores);
     let mut failing = false;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -46,33 +109,70 @@ pub async fn heartbeats(
             agent: agent.info().clone(),
             stats,
         };
-        let sent = client
-            .post(&url)
-            .bearer_auth(&token)
-            .json(&beat)
-            .send()
-            .await;
-        let problem = match sent {
-            Ok(r) if r.status().is_success() => None,
-            Ok(r) => {
-                let status = r.status();
-                Some(format!(
-                    "core answered {status}: {}",
-                    r.text().await.unwrap_or_default()
-                ))
+        let before = cores.current().to_string();
+        let mut problems = Vec::new();
+        for (index, core) in cores.rotation() {
+            let sent = client
+                .post(format!("{core}/v1/agents/heartbeat"))
+                .bearer_auth(&token)
+                .json(&beat)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => {
+                    if let Ok(answer) = r.json::<BeatAnswer>().await {
+                        cores.learn(answer.cores);
+                    }
+                    cores.answered(index);
+                    problems.clear();
+                    break;
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.text().await.unwrap_or_default();
+                    problems.push(format!("{core} answered {status}: {body}"));
+                    // A refusal (a wrong token, a subnet taken) is the same on every core.
+                    if status.is_client_error() {
+                        break;
+                    }
+                }
+                Err(e) => problems.push(format!("{core}: {e}")),
             }
-            Err(e) => Some(e.to_string()),
-        };
-        match problem {
-            Some(p) if !failing => {
-                tracing::warn!(core = %core_url, problem = %p, "heartbeats are failing");
+        }
+        if problems.is_empty() && cores.current() != before {
+            tracing::warn!(from = %before, to = %cores.current(), "heartbeats go to another core");
+        }
+        match problems.is_empty() {
+            false if !failing => {
+                tracing::warn!(problem = %problems.join("; "), "heartbeats are failing");
                 failing = true;
             }
-            None if failing => {
-                tracing::info!(core = %core_url, "heartbeats reach the core again");
+            true if failing => {
+                tracing::info!(core = %cores.current(), "heartbeats reach a core again");
                 failing = false;
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CoreList;
+
+    #[test]
+    fn a_core_list_tries_the_last_core_that_answered_first_and_learns_new_ones() {
+        let mut list = CoreList::new(vec!["http://a:1/".into(), "http://b:1".into()]);
+        assert_eq!(list.current(), "http://a:1");
+        list.learn([
+            "http://b:1".to_string(),
+            "http://c:1".to_string(),
+            String::new(),
+        ]);
+        assert_eq!(list.urls(), ["http://a:1", "http://b:1", "http://c:1"]);
+        list.answered(1);
+        let order: Vec<String> = list.rotation().into_iter().map(|(_, u)| u).collect();
+        assert_eq!(order, ["http://b:1", "http://c:1", "http://a:1"]);
+        assert_eq!(list.rotation()[0].0, 1);
     }
 }

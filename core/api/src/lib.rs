@@ -6,6 +6,7 @@
 
 mod access;
 mod audit;
+pub mod cluster;
 mod console;
 mod error;
 mod events;
@@ -74,6 +75,7 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(import_container))
         .routes(routes!(purge_containers))
         .routes(routes!(list_servers, add_server))
+        .routes(routes!(cluster::show_cluster))
         .routes(routes!(container_logs))
         .routes(routes!(container_exec))
         .routes(routes!(show_server))
@@ -626,7 +628,10 @@ async fn agent_heartbeat(
             )
         })?;
     let id = core.agents().heartbeat(beat).await?;
-    Ok(Json(serde_json::json!({ "server_id": id })))
+    // The cluster's cores, so that the agent can fail over when this one dies.
+    Ok(Json(
+        serde_json::json!({ "server_id": id, "cores": core.cluster().urls() }),
+    ))
 }
 
 /// Output of a container's main process.

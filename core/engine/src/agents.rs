@@ -136,10 +136,7 @@ impl Agents {
             Some(row) => {
                 let id = row.id;
                 let grace = self.grace.as_millis() as i64;
-                let alive = self
-                    .health
-                    .last(id)
-                    .is_some_and(|b| crate::model::now_ms() - b.at < grace);
+                let alive = self.health.age(id).is_some_and(|age| age < grace);
                 if alive && self.fleet.remote(id).is_some() {
                     return Err(CoreError::Conflict(format!(
                         "server name {} is taken by the live agent at {}; give this agent another --name",

@@ -125,7 +125,7 @@ impl Family {
     /// users, anything else.
     pub fn of(path: &str) -> Option<Family> {
         let under = |area: &str| path == area || path.starts_with(&format!("{area}/"));
-        if under("/v1/servers") {
+        if under("/v1/servers") || under("/v1/cluster") {
             Some(Family::Fleet)
         } else if under("/v1/environments") {
             Some(Family::Environments)
@@ -878,6 +878,38 @@ mod tests {
              cnonce=\"f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ\", qop=auth, response=\"{response}\", \
              opaque=\"FQhe/qaU925kfnzjCev0ciny7QMkPqMAFRtzCUYo5tdS\""
         )
+    }
+
+    #[test]
+    fn a_scope_lets_a_user_act_where_its_grants_allow_and_hides_the_rest() {
+        let grants = BTreeMap::from([
+            (2, ("shop".to_string(), Role::Operator)),
+            (3, ("lab".to_string(), Role::Viewer)),
+        ]);
+        let member = Scope::Projects {
+            user: "mo".into(),
+            reads_all: false,
+            grants: grants.clone(),
+            needed: Role::Operator,
+        };
+        assert_eq!(member.check(2), Ok(()));
+        assert!(
+            matches!(member.check(3), Err(ScopeRefusal::Forbidden(m)) if m.contains("role operator in project 'lab'; user 'mo' has role viewer there"))
+        );
+        assert_eq!(member.check(4), Err(ScopeRefusal::Hidden));
+        assert_eq!(member.readable(), Some(vec![2, 3]));
+        // A global viewer reads every project, so another project's object is forbidden, not
+        // hidden.
+        let viewer = Scope::Projects {
+            user: "mo".into(),
+            reads_all: true,
+            grants,
+            needed: Role::Operator,
+        };
+        assert!(matches!(viewer.check(4), Err(ScopeRefusal::Forbidden(_))));
+        assert_eq!(viewer.readable(), None);
+        assert_eq!(Scope::All.check(4), Ok(()));
+        assert_eq!(Scope::All.readable(), None);
     }
 
     #[test]

@@ -108,6 +108,22 @@ const SETTINGS: &[Spec] = &[
         kind: Kind::Count,
     },
     Spec {
+        key: "cluster.duty_lease_ms",
+        env: "CLOUD48_DUTY_LEASE_MS",
+        flag: "--duty-lease-ms",
+        default: "3000",
+        secret: false,
+        kind: Kind::Count,
+    },
+    Spec {
+        key: "cluster.advertise_url",
+        env: "CLOUD48_ADVERTISE_URL",
+        flag: "--advertise-url",
+        default: "",
+        secret: false,
+        kind: Kind::Text,
+    },
+    Spec {
         key: "drivers.sim.servers",
         env: "CLOUD48_SIM_SERVERS",
         flag: "--sim-servers",
@@ -668,6 +684,15 @@ impl Settings {
         c.queue.backoff_base = Duration::from_millis(self.count("queue.retry_base_ms"));
         c.queue.max_attempts = (self.count("queue.max_attempts") as i32).max(1);
         c.queue.lease = Duration::from_millis(self.count("queue.lease_ms").max(300));
+        c.cluster.duty_lease = Duration::from_millis(self.count("cluster.duty_lease_ms").max(300));
+        // Default: the listen address, unless it is a wildcard that names no host.
+        let url = self.get("cluster.advertise_url");
+        let listen = self.listen();
+        c.cluster.advertise_url = if !url.is_empty() {
+            Some(url.to_string())
+        } else {
+            (!listen.ip().is_unspecified()).then(|| format!("http://{listen}"))
+        };
         c.sim_servers = self.count("drivers.sim.servers") as u32;
         c.sim_latency = Duration::from_millis(self.count("drivers.sim.latency_ms"));
         c.health.heartbeat = Duration::from_millis(self.count("health.heartbeat_ms").max(10));

@@ -96,6 +96,8 @@ pub struct CoreConfig {
     pub images_dir: Option<PathBuf>,
     /// Heartbeats, failure detection and the collector.
     pub health: HealthConfig,
+    /// Several cores on one PostgreSQL database.
+    pub cluster: ClusterConfig,
     /// Placement.
     pub placement: PlacementConfig,
     /// Token shared with the node agents (`agents.token`); without it no agent can register.
@@ -107,6 +109,24 @@ pub struct CoreConfig {
     /// A token that reads `/metrics` as `Authorization: Bearer TOKEN` (`metrics.token`), for
     /// scrapers that cannot do Digest.
     pub metrics_token: Option<String>,
+}
+
+/// Settings of a core among several on one PostgreSQL database.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// How long a duty (monitor, collector) stays with a core that stopped renewing it.
+    pub duty_lease: Duration,
+    /// The URL node agents reach this core at (told to agents for failover).
+    pub advertise_url: Option<String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            duty_lease: Duration::from_secs(3),
+            advertise_url: None,
+        }
+    }
 }
 
 /// Settings of failure detection, the collector and the rebalancer.
@@ -181,6 +201,7 @@ impl CoreConfig {
             plugin_cache: None,
             images_dir: None,
             health: HealthConfig::default(),
+            cluster: ClusterConfig::default(),
             placement: PlacementConfig::default(),
             agent_token: None,
             remote: Default::default(),
@@ -200,6 +221,7 @@ pub(crate) struct CoreInner {
     pub monitor: Monitor,
     pub rebalancer: Rebalancer,
     pub agents: Agents,
+    pub cluster: Arc<crate::cluster::Cluster>,
     pub events: crate::events::Events,
     /// Long reads (see `reader`).
     pub reader: DatabaseConnection,
@@ -315,6 +337,17 @@ impl Core {
         db.set_metric_callback(move |info| statements.statement(info.elapsed, info.failed));
         let node = node_id(&config.data_dir)?;
         let platform = local_platform(&db).await?;
+        let mut cluster =
+            crate::cluster::Cluster::new(db.clone(), node.clone(), config.cluster.duty_lease);
+        // Cores sharing a database share its clock.
+        let clock: Arc<dyn Clock> = if cluster.shared() {
+            let db_clock = Arc::new(crate::cluster::DbClock::new(clock, &db).await?);
+            cluster = cluster.with_clock(db_clock.clone());
+            db_clock
+        } else {
+            clock
+        };
+        let cluster = Arc::new(cluster);
         let queue = Queue::with_recorder(
             db.clone(),
             node,
@@ -410,6 +443,7 @@ impl Core {
                 monitor,
                 rebalancer,
                 agents,
+                cluster,
                 events: crate::events::Events::new(db.clone()),
                 reader,
                 services,
@@ -477,18 +511,73 @@ impl Core {
         let runner = Arc::new(crate::commands::Handlers::new(self.services().clone()));
         let single_core = self.db().get_database_backend() == DatabaseBackend::Sqlite;
         self.queue().start(runner, single_core).await?;
-        self.collector().collect(None).await?;
+        // The first core to start takes the duties at once; the others wait for a lapse.
+        for duty in crate::cluster::Duty::ALL {
+            self.cluster().claim(duty).await?;
+        }
+        self.sync_cluster().await?;
+        if self.cluster().holds(crate::cluster::Duty::Collector) {
+            self.collector().collect(None).await?;
+        }
         self.notify_environments(crate::commands::params::NotifyHook::AfterCcStart)
             .await?;
         self.health().begin();
         let publisher = tokio::spawn(self.events().clone().publish());
         self.inner.background.lock().unwrap().push(publisher);
+        if let (true, Some(url)) = (self.cluster().shared(), &self.inner.config.database_url) {
+            let queue = self.queue().clone();
+            let listener = tokio::spawn(crate::cluster::listen_for_work(url.clone(), move || {
+                queue.wake()
+            }));
+            self.inner.background.lock().unwrap().push(listener);
+        }
         if self.inner.config.health.background {
             self.spawn_background();
         }
         self.inner
             .ready
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Shares this core's heartbeats with the other cores, takes in theirs, and records that
+    /// it is alive (nothing on SQLite).
+    pub async fn sync_cluster(&self) -> Result<(), CoreError> {
+        let cluster = self.cluster();
+        if !cluster.shared() {
+            return Ok(());
+        }
+        let health = self.health();
+        let mine = health.take_unwritten();
+        cluster.write_beats(&mine).await?;
+        for (server, age, load) in cluster.read_beats().await? {
+            health.merge(server, age, load.as_deref());
+        }
+        // A core silent for ten leases is gone; agents need not try it first.
+        let within = self.inner.config.cluster.duty_lease * 10;
+        cluster
+            .sync_cores(self.inner.config.cluster.advertise_url.as_deref(), within)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes or renews every duty this core can hold; a monitor taking over counts every
+    /// server's silence afresh (it may not have seen the last beats of the previous holder).
+    pub async fn claim_duties(&self) -> Result<(), CoreError> {
+        for duty in crate::cluster::Duty::ALL {
+            let claim = self.cluster().claim(duty).await?;
+            if claim == crate::cluster::Claim::Taken {
+                tracing::info!(
+                    duty = duty.name(),
+                    node = self.cluster().node(),
+                    "this core took a duty"
+                );
+                if duty == crate::cluster::Duty::Monitor {
+                    self.sync_cluster().await?;
+                    self.health().begin();
+                }
+            }
+        }
         Ok(())
     }
 
@@ -517,8 +606,25 @@ impl Core {
         tasks.push(every(h.heartbeat, self.monitor().clone(), |m| {
             Box::pin(async move { m.beat_sims().await })
         }));
+        if self.cluster().shared() {
+            tasks.push(every(h.heartbeat, self.clone(), |core| {
+                Box::pin(async move {
+                    if let Err(e) = core.sync_cluster().await {
+                        tracing::warn!(error = %e, "sharing heartbeats with the other cores failed");
+                    }
+                })
+            }));
+            tasks.push(every(self.cluster().lease() / 3, self.clone(), |core| {
+                Box::pin(async move {
+                    if let Err(e) = core.claim_duties().await {
+                        tracing::warn!(error = %e, "renewing this core's duties failed");
+                    }
+                })
+            }));
+        }
         // The monitor measures how late each of its passes runs (its own scheduling delay).
         let monitor = self.monitor().clone();
+        let cluster = self.inner.cluster.clone();
         let check = h.check;
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(check);
@@ -526,6 +632,9 @@ impl Core {
             loop {
                 let due = tick.tick().await;
                 let delay = tokio::time::Instant::now().saturating_duration_since(due);
+                if !cluster.holds(crate::cluster::Duty::Monitor) {
+                    continue;
+                }
                 if let Err(e) = monitor.tick(delay).await {
                     tracing::warn!(error = %e, "health check failed");
                 }
@@ -535,14 +644,18 @@ impl Core {
             self.services().clone(),
             self.collector().clone(),
             self.rebalancer().clone(),
+            self.inner.cluster.clone(),
         );
         tasks.push(every(
             h.collector,
             periodic,
-            |(svc, collector, rebalancer)| {
+            |(svc, collector, rebalancer, cluster)| {
                 Box::pin(async move {
                     if let Err(e) = svc.placement().refresh_all(svc.db()).await {
                         tracing::warn!(error = %e, "placement refresh failed");
+                    }
+                    if !cluster.holds(crate::cluster::Duty::Collector) {
+                        return;
                     }
                     if let Err(e) = collector.collect(None).await {
                         tracing::warn!(error = %e, "collector failed");
@@ -560,6 +673,9 @@ impl Core {
     pub async fn stop(&self, grace: Duration) {
         for t in self.inner.background.lock().unwrap().drain(..) {
             t.abort();
+        }
+        if let Err(e) = self.cluster().release().await {
+            tracing::warn!(error = %e, "could not hand this core's duties over");
         }
         self.queue().stop(grace).await;
     }
@@ -712,6 +828,11 @@ impl Core {
     /// The registry of node agents.
     pub fn agents(&self) -> &Agents {
         &self.inner.agents
+    }
+
+    /// This core's view of the cluster of cores (duties, shared heartbeats).
+    pub fn cluster(&self) -> &crate::cluster::Cluster {
+        &self.inner.cluster
     }
 
     /// The local platform.

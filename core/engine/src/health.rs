@@ -38,9 +38,12 @@ pub struct Beat {
     pub load: Option<ServerStats>,
 }
 
-/// Heartbeats received by this core.
+/// Heartbeats received by this core, and those other cores received (merged from the
+/// database, see `cluster`).
 pub struct Health {
     beats: Mutex<HashMap<i64, Beat>>,
+    /// Servers whose heartbeat arrived here since the last write to the database.
+    unwritten: Mutex<std::collections::HashSet<i64>>,
     clock: Arc<dyn Clock>,
     /// When monitoring began: the grace period of a server that never sent a heartbeat
     /// counts from here.
@@ -62,6 +65,7 @@ impl Health {
         let started = std::sync::atomic::AtomicI64::new(clock.now_ms());
         Health {
             beats: Mutex::new(HashMap::new()),
+            unwritten: Mutex::new(Default::default()),
             clock,
             started,
         }
@@ -78,6 +82,42 @@ impl Health {
     pub fn heartbeat(&self, server: i64, load: Option<ServerStats>) {
         let at = self.clock.now_ms();
         self.beats.lock().unwrap().insert(server, Beat { at, load });
+        self.unwritten.lock().unwrap().insert(server);
+    }
+
+    /// The heartbeats that arrived here since the last call, for other cores: `(server, age in
+    /// ms, load as JSON)`.
+    pub fn take_unwritten(&self) -> Vec<(i64, i64, Option<String>)> {
+        let servers = std::mem::take(&mut *self.unwritten.lock().unwrap());
+        let now = self.clock.now_ms();
+        let beats = self.beats.lock().unwrap();
+        servers
+            .into_iter()
+            .filter_map(|s| beats.get(&s).map(|b| (s, b)))
+            .map(|(s, b)| {
+                let load = b.load.as_ref().and_then(|l| serde_json::to_string(l).ok());
+                (s, (now - b.at).max(0), load)
+            })
+            .collect()
+    }
+
+    /// Takes in a heartbeat another core received, `age` ms ago; an older one than this core
+    /// knows changes nothing.
+    pub fn merge(&self, server: i64, age: i64, load: Option<&str>) {
+        let at = self.clock.now_ms() - age.max(0);
+        let mut beats = self.beats.lock().unwrap();
+        if beats.get(&server).is_some_and(|b| b.at >= at) {
+            return;
+        }
+        let load = load.and_then(|l| serde_json::from_str(l).ok());
+        beats.insert(server, Beat { at, load });
+    }
+
+    /// Milliseconds since the last heartbeat of `server` (by this core's clock, the one beats
+    /// are stamped with).
+    pub fn age(&self, server: i64) -> Option<i64> {
+        let now = self.clock.now_ms();
+        self.last(server).map(|b| now - b.at)
     }
 
     /// The last heartbeat of `server`.

@@ -7,6 +7,7 @@
 pub mod agents;
 pub mod audit;
 pub mod auth;
+pub mod cluster;
 pub mod collector;
 pub mod commands;
 pub mod config;

@@ -2,6 +2,7 @@
 
 mod audit;
 pub mod client;
+mod cluster;
 mod events;
 mod image;
 pub mod output;
@@ -97,6 +98,9 @@ pub enum Top {
     Events(events::EventsArgs),
     /// The audit trail: who changed what, when, and how it went (admins).
     Audit(audit::AuditArgs),
+    /// The cores sharing this database (several cores on PostgreSQL) and which one holds each
+    /// duty: the health monitor and the collector.
+    Cluster,
     /// Print a shell completion script: `source <(cloud48 completions bash)`, or save it where
     /// your shell loads completions (zsh: a directory on $fpath as `_cloud48`; fish:
     /// ~/.config/fish/completions/cloud48.fish).
@@ -152,6 +156,15 @@ pub struct CoreArgs {
     /// Lease of a claimed command, ms [default 30000].
     #[arg(long)]
     pub lease_ms: Option<u64>,
+    /// Lease of a cluster duty (health monitor, collector) held by one core of several on one
+    /// PostgreSQL database, ms; another core takes it over this long after its holder dies
+    /// [default 3000].
+    #[arg(long)]
+    pub duty_lease_ms: Option<u64>,
+    /// URL node agents reach this core at, told to agents so that they can fail over to it
+    /// when the core they talk to dies (several cores on one PostgreSQL database).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
     /// Simulated servers created when none is registered [default 4].
     #[arg(long)]
     pub sim_servers: Option<u64>,
@@ -241,6 +254,11 @@ impl CoreArgs {
             self.max_attempts.map(|v| v.to_string()),
         );
         put("queue.lease_ms", self.lease_ms.map(|v| v.to_string()));
+        put(
+            "cluster.duty_lease_ms",
+            self.duty_lease_ms.map(|v| v.to_string()),
+        );
+        put("cluster.advertise_url", self.advertise_url.clone());
         put(
             "drivers.sim.servers",
             self.sim_servers.map(|v| v.to_string()),
@@ -969,6 +987,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Events(args) => events::follow(&client, out, args).await,
         Top::Watch(cmd) => events::watch(&client, out, cmd).await,
         Top::Audit(args) => audit::list(&client, out, args).await,
+        Top::Cluster => cluster::show(&client, out).await,
         Top::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "cloud48", &mut std::io::stdout());

@@ -1,0 +1,425 @@
+//! Several cores on one PostgreSQL database: the duties exactly one core performs at a time,
+//! the heartbeats every core shares, and the cores agents can reach.
+//!
+//! - **Duties** (`Duty`): the health monitor's decisions, the collector and the rebalancer run
+//!   on the one core holding the duty's lease (a row of `duties`), renewed every third of its
+//!   length and taken over by another core once it expires. Leases are computed from the
+//!   database's clock, so a core whose clock is skewed neither steals nor loses one.
+//! - **Shared heartbeats**: every core writes the heartbeats it received since its last write
+//!   in one statement (`server_beats`, age-corrected to the database's clock) and reads the
+//!   others', so the core holding the monitor judges every server from the same facts whichever
+//!   core its agent talks to.
+//! - **Cores**: every core records itself (`cores`) with the URL agents reach it at; agents
+//!   learn the list from their heartbeats' answers and fail over to the next core.
+//!
+//! On SQLite there is one core: it holds every duty and shares nothing.
+//!
+//! Invariants: a core acts on a duty only before the local deadline of its last successful
+//! claim, and that deadline (measured from before the claim was sent) never outlasts the lease
+//! the database recorded; at most one core's claim succeeds while a lease is unexpired.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, Statement, Value};
+use tokio::time::Instant;
+
+use crate::queue::Clock;
+
+/// The database's clock in milliseconds since the Unix epoch (PostgreSQL).
+pub(crate) const PG_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// The database's clock, read through this core's: the core's clock plus the offset last
+/// measured against the database (`calibrate`, every heartbeat period). On PostgreSQL every
+/// time a core writes or compares with other cores' (command leases, retry times, dummies'
+/// deadlines) comes from it, so a core whose clock is skewed neither steals nor loses leases.
+pub struct DbClock {
+    inner: std::sync::Arc<dyn Clock>,
+    offset: AtomicI64,
+}
+
+impl DbClock {
+    /// `inner` corrected by the offset measured now against `db`.
+    pub async fn new(
+        inner: std::sync::Arc<dyn Clock>,
+        db: &DatabaseConnection,
+    ) -> Result<Self, DbErr> {
+        let clock = DbClock {
+            inner,
+            offset: AtomicI64::new(0),
+        };
+        clock.calibrate(db).await?;
+        Ok(clock)
+    }
+
+    /// Measures the offset of the database's clock from this core's (taking the middle of the
+    /// round trip); returns it in milliseconds.
+    pub async fn calibrate(&self, db: &DatabaseConnection) -> Result<i64, DbErr> {
+        let before = self.inner.now_ms();
+        let row = db
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                format!("SELECT {PG_NOW_MS} AS now"),
+            ))
+            .await?
+            .ok_or_else(|| DbErr::RecordNotFound("the database's time".into()))?;
+        let now: i64 = row.try_get("", "now")?;
+        let after = self.inner.now_ms();
+        let offset = now - (before + after) / 2;
+        self.offset.store(offset, Ordering::Relaxed);
+        Ok(offset)
+    }
+}
+
+impl Clock for DbClock {
+    fn now_ms(&self) -> i64 {
+        self.inner.now_ms() + self.offset.load(Ordering::Relaxed)
+    }
+}
+
+/// Work exactly one core does at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Duty {
+    /// Marking servers down and up, and the failovers that follow.
+    Monitor,
+    /// Collecting leftovers and rebalancing servers.
+    Collector,
+}
+
+impl Duty {
+    /// Every duty.
+    pub const ALL: [Duty; 2] = [Duty::Monitor, Duty::Collector];
+
+    /// Its name in `duties`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Duty::Monitor => "monitor",
+            Duty::Collector => "collector",
+        }
+    }
+}
+
+/// What a claim of a duty found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This core took the duty (it was free, expired, or held by it before a lapse).
+    Taken,
+    /// This core held it and renewed it.
+    Kept,
+    /// Another core holds it.
+    Elsewhere,
+}
+
+/// One core's view of the cluster.
+pub struct Cluster {
+    db: DatabaseConnection,
+    node: String,
+    lease: Duration,
+    /// Local deadlines of the duties this core holds.
+    held: Mutex<HashMap<Duty, Instant>>,
+    /// The URLs of the cores seen lately (told to agents).
+    urls: Mutex<Vec<String>>,
+    /// The database's clock (PostgreSQL), recalibrated by `sync_cores`.
+    clock: Option<std::sync::Arc<DbClock>>,
+}
+
+/// A core of the cluster, as the database last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CoreSeen {
+    /// Its node id.
+    pub node: String,
+    /// The URL agents reach it at, if it has one.
+    pub url: Option<String>,
+    /// Milliseconds since it last wrote (by the database's clock).
+    pub silent_ms: i64,
+}
+
+impl Cluster {
+    /// The cluster as seen by core `node`; duties are held for `lease` between renewals.
+    pub fn new(db: DatabaseConnection, node: String, lease: Duration) -> Self {
+        Cluster {
+            db,
+            node,
+            lease,
+            held: Mutex::new(HashMap::new()),
+            urls: Mutex::new(Vec::new()),
+            clock: None,
+        }
+    }
+
+    /// The same, keeping `clock` calibrated against the database.
+    pub fn with_clock(mut self, clock: std::sync::Arc<DbClock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Whether several cores can share this database (PostgreSQL).
+    pub fn shared(&self) -> bool {
+        self.db.get_database_backend() == DatabaseBackend::Postgres
+    }
+
+    /// This core's node id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// How long a claimed duty stays this core's without renewal.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Takes or renews `duty` for this core. On SQLite the only core always holds it.
+    pub async fn claim(&self, duty: Duty) -> Result<Claim, DbErr> {
+        if !self.shared() {
+            let mut held = self.held.lock().unwrap();
+            let before = held.insert(duty, Instant::now() + Duration::from_secs(1 << 30));
+            return Ok(if before.is_some() {
+                Claim::Kept
+            } else {
+                Claim::Taken
+            });
+        }
+        let sent = Instant::now();
+        let row = self
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                format!(
+                    "INSERT INTO duties (name, owner, expires_at) VALUES ($1, $2, {PG_NOW_MS} + $3) \
+                     ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
+                     WHERE duties.owner = excluded.owner OR duties.expires_at < {PG_NOW_MS} \
+                     RETURNING owner"
+                ),
+                [
+                    duty.name().into(),
+                    self.node.clone().into(),
+                    Value::BigInt(Some(self.lease.as_millis() as i64)),
+                ],
+            ))
+            .await;
+        let mut held = self.held.lock().unwrap();
+        let was = held.get(&duty).is_some_and(|d| *d > sent);
+        match row {
+            Ok(Some(_)) => {
+                held.insert(duty, sent + self.lease);
+                Ok(if was { Claim::Kept } else { Claim::Taken })
+            }
+            Ok(None) => {
+                held.remove(&duty);
+                Ok(Claim::Elsewhere)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether this core holds `duty` now (its last claim's lease has not run out).
+    pub fn holds(&self, duty: Duty) -> bool {
+        self.held
+            .lock()
+            .unwrap()
+            .get(&duty)
+            .is_some_and(|d| *d > Instant::now())
+    }
+
+    /// Gives up every duty this core holds, so that another core takes them at once (a graceful
+    /// stop).
+    pub async fn release(&self) -> Result<(), DbErr> {
+        self.held.lock().unwrap().clear();
+        if !self.shared() {
+            return Ok(());
+        }
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "UPDATE duties SET expires_at = 0 WHERE owner = $1",
+                [self.node.clone().into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// The holders of every duty whose lease has not expired (node ids by duty name).
+    pub async fn holders(&self) -> Result<Vec<(String, String)>, DbErr> {
+        if !self.shared() {
+            return Ok(Duty::ALL
+                .iter()
+                .map(|d| (d.name().to_string(), self.node.clone()))
+                .collect());
+        }
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                format!(
+                    "SELECT name, owner FROM duties WHERE expires_at >= {PG_NOW_MS} ORDER BY name"
+                ),
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("", "name")?, r.try_get("", "owner")?)))
+            .collect()
+    }
+
+    /// Writes heartbeats this core received: `(server, age in ms, load as JSON)`, the age
+    /// counted by this core's clock up to now. A beat older than the stored one changes nothing.
+    pub async fn write_beats(&self, beats: &[(i64, i64, Option<String>)]) -> Result<(), DbErr> {
+        if !self.shared() || beats.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<serde_json::Value> = beats
+            .iter()
+            .map(|(s, age, load)| serde_json::json!([s, age, load]))
+            .collect();
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                format!(
+                    "INSERT INTO server_beats (server_id, at, load) \
+                     SELECT (b->>0)::bigint, {PG_NOW_MS} - (b->>1)::bigint, b->>2 \
+                     FROM jsonb_array_elements($1::jsonb) AS b \
+                     ON CONFLICT (server_id) DO UPDATE SET at = excluded.at, load = excluded.load \
+                     WHERE server_beats.at < excluded.at"
+                ),
+                [serde_json::Value::Array(rows).to_string().into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Every server's last heartbeat received by any core: `(server, age in ms by the
+    /// database's clock, load as JSON)`.
+    pub async fn read_beats(&self) -> Result<Vec<(i64, i64, Option<String>)>, DbErr> {
+        if !self.shared() {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                format!("SELECT server_id, {PG_NOW_MS} - at AS age, load FROM server_beats"),
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("", "server_id")?,
+                    r.try_get("", "age")?,
+                    r.try_get("", "load")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Records that this core is alive, reachable at `url`.
+    pub async fn announce(&self, url: Option<&str>) -> Result<(), DbErr> {
+        if !self.shared() {
+            return Ok(());
+        }
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                format!(
+                    "INSERT INTO cores (node, url, seen_at) VALUES ($1, $2, {PG_NOW_MS}) \
+                     ON CONFLICT (node) DO UPDATE SET url = excluded.url, seen_at = excluded.seen_at"
+                ),
+                [self.node.clone().into(), url.map(str::to_string).into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
+    /// Records that this core is alive at `url`, and reads the URLs of the cores seen within
+    /// `within` (what `urls` answers until the next call).
+    pub async fn sync_cores(&self, url: Option<&str>, within: Duration) -> Result<(), DbErr> {
+        if !self.shared() {
+            return Ok(());
+        }
+        self.announce(url).await?;
+        if let Some(clock) = &self.clock {
+            clock.calibrate(&self.db).await?;
+        }
+        let urls = self
+            .cores(within)
+            .await?
+            .into_iter()
+            .filter_map(|c| c.url)
+            .collect();
+        *self.urls.lock().unwrap() = urls;
+        Ok(())
+    }
+
+    /// The URLs of the cores seen lately (as of the last `sync_cores`).
+    pub fn urls(&self) -> Vec<String> {
+        self.urls.lock().unwrap().clone()
+    }
+
+    /// The cores that wrote within `within`, most recently seen first.
+    pub async fn cores(&self, within: Duration) -> Result<Vec<CoreSeen>, DbErr> {
+        if !self.shared() {
+            return Ok(vec![CoreSeen {
+                node: self.node.clone(),
+                url: None,
+                silent_ms: 0,
+            }]);
+        }
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                format!(
+                    "SELECT node, url, {PG_NOW_MS} - seen_at AS silent FROM cores \
+                     WHERE seen_at >= {PG_NOW_MS} - $1 ORDER BY seen_at DESC, node"
+                ),
+                [Value::BigInt(Some(within.as_millis() as i64))],
+            ))
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CoreSeen {
+                    node: r.try_get("", "node")?,
+                    url: r.try_get("", "url")?,
+                    silent_ms: r.try_get("", "silent")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Calls `wake` whenever commands are inserted into the database at `url`, by any core
+/// (PostgreSQL `LISTEN cloud48_work`; the trigger of migration 17 notifies once per inserting
+/// statement), and once after every (re)connection for what may have been missed. Runs until
+/// the task is dropped; a lost connection is retried with a growing delay.
+pub async fn listen_for_work(url: String, wake: impl Fn() + Send + 'static) {
+    use sea_orm::sqlx::postgres::PgListener;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect(&url).await?;
+            l.listen("cloud48_work").await?;
+            Ok::<_, sea_orm::sqlx::Error>(l)
+        }
+        .await;
+        match listener {
+            Ok(mut l) => {
+                delay = Duration::from_millis(100);
+                wake();
+                loop {
+                    match l.recv().await {
+                        Ok(_) => wake(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "lost the wake-ups of other cores; polling until they are back");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for other cores' commands; polling meanwhile");
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}

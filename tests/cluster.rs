@@ -1,0 +1,324 @@
+//! Several cores on one PostgreSQL database: duties held under a lease by one core at a time,
+//! heartbeats shared through the database, agents that fail over between cores.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cloud48_api::cluster::Cluster as ClusterView;
+use cloud48_core::cli::Client;
+use cloud48_engine::cluster::{Claim, Cluster, DbClock, Duty};
+use cloud48_engine::entities::command;
+use cloud48_engine::model::{Server, ServerStatus};
+use cloud48_engine::queue::{
+    Clock, NewCommand, Next, Queue, QueueConfig, Runner, StepError, Transition,
+};
+
+use crate::agent::{TOKEN, serve_agent, sim};
+use crate::common::{PgDb, ServeProcess, eventually, serve};
+
+/// `cloud48 serve` on `pg` with short health periods and duty leases (1 s).
+async fn start_core(pg: &PgDb, dir: &std::path::Path, name: &str) -> ServeProcess {
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(&config, format!("[agents]\ntoken = \"{TOKEN}\"\n")).unwrap();
+    let data = dir.join(name);
+    std::fs::create_dir_all(&data).unwrap();
+    serve(
+        &data,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--database-url",
+            &pg.url,
+            "--sim-servers",
+            "0",
+            "--heartbeat-ms",
+            "100",
+            "--grace-ms",
+            "1500",
+            "--health-check-ms",
+            "100",
+            "--duty-lease-ms",
+            "1000",
+        ],
+    )
+    .await
+}
+
+fn node_id(dir: &std::path::Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name).join("node-id"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The cores and the holder of every duty, as `core` sees them.
+async fn cluster(core: &Client) -> ClusterView {
+    core.get("/v1/cluster").await.unwrap()
+}
+
+fn holders(view: &ClusterView) -> Vec<(String, String)> {
+    view.duties
+        .iter()
+        .map(|d| (d.duty.clone(), d.core.clone()))
+        .collect()
+}
+
+async fn status(core: &Client, server: &str) -> Option<ServerStatus> {
+    let servers: Vec<Server> = core.get_all("/v1/servers").await.ok()?;
+    servers
+        .into_iter()
+        .find(|s| s.name == server)
+        .map(|s| s.status)
+}
+
+/// Two real cores on one database and an agent told of the first only: the agent learns the
+/// second from the first's answers; when the first is killed (-9) its duties move to the second
+/// within a lease and the agent's heartbeats with them, so the server stays up; when the agent
+/// falls silent, the second core marks it down; the first, restarted, takes nothing back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_core_hands_its_duties_and_its_agents_to_another() {
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = start_core(&pg, dir.path(), "a").await;
+    let b = start_core(&pg, dir.path(), "b").await;
+    let (node_a, node_b) = (node_id(dir.path(), "a"), node_id(dir.path(), "b"));
+    let (api_a, api_b) = (Client::new(&a.url), Client::new(&b.url));
+    let everything_on = |node: &str| {
+        vec![
+            ("collector".to_string(), node.to_string()),
+            ("monitor".to_string(), node.to_string()),
+        ]
+    };
+    // The first core took every duty; both see both cores, with the URLs agents use.
+    let view = cluster(&api_b).await;
+    assert_eq!(holders(&view), everything_on(&node_a));
+    let urls: Vec<_> = eventually("both cores are announced", || async {
+        let view = cluster(&api_a).await;
+        (view.cores.len() == 2).then_some(view.cores)
+    })
+    .await
+    .into_iter()
+    .map(|c| c.url.unwrap())
+    .collect();
+    assert!(urls.contains(&a.url) && urls.contains(&b.url), "{urls:?}");
+
+    let (agent, _) = serve_agent("node-1", sim("node-1", Duration::ZERO)).await;
+    let beats = tokio::spawn(cloud48_engine::agent::heartbeats(
+        agent,
+        vec![a.url.clone()],
+        TOKEN.into(),
+        Duration::from_millis(100),
+    ));
+    eventually(
+        "node-1 registers through the first core and is up",
+        || async { (status(&api_b, "node-1").await == Some(ServerStatus::Up)).then_some(()) },
+    )
+    .await;
+    // The second core knows its heartbeats although the agent never talked to it.
+    eventually("the second core shares node-1's heartbeats", || async {
+        let servers: Vec<Server> = api_b.get_all("/v1/servers").await.ok()?;
+        servers
+            .into_iter()
+            .find(|s| s.name == "node-1")
+            .and_then(|s| s.load)
+    })
+    .await;
+
+    a.kill9();
+    eventually("the second core takes every duty", || async {
+        (holders(&cluster(&api_b).await) == everything_on(&node_b)).then_some(())
+    })
+    .await;
+    // Beyond the grace period (1.5 s) after the takeover, node-1 has not been marked down:
+    // its agent moved its heartbeats to the second core, which it learned from the first.
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(
+            status(&api_b, "node-1").await,
+            Some(ServerStatus::Up),
+            "node-1 stays up while its agent beats to the surviving core"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    beats.abort();
+    eventually(
+        "the surviving core marks the silent server down",
+        || async { (status(&api_b, "node-1").await == Some(ServerStatus::Down)).then_some(()) },
+    )
+    .await;
+
+    // The first core comes back: it serves the API, and the duties stay where they are.
+    let a = start_core(&pg, dir.path(), "a").await;
+    let api_a = Client::new(&a.url);
+    assert_eq!(status(&api_a, "node-1").await, Some(ServerStatus::Down));
+    let view = cluster(&api_a).await;
+    assert_eq!(holders(&view), everything_on(&node_b));
+    assert!(view.cores.iter().any(|c| c.this && c.node == node_a));
+}
+
+/// A duty's lease: one holder at a time, renewed by it, taken by another only once it lapsed;
+/// a holder that could not renew stops acting when its own deadline passes; a graceful
+/// release hands the duty over at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duty_has_one_holder_until_its_lease_lapses_or_is_released() {
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    // The migrations create the tables.
+    let mut config = cloud48_engine::CoreConfig::new(tempfile::tempdir().unwrap().path());
+    config.database_url = Some(pg.url.clone());
+    let db = cloud48_engine::core::connect(&config).await.unwrap();
+    let lease = Duration::from_millis(600);
+    let a = Cluster::new(db.clone(), "core-a".into(), lease);
+    let b = Cluster::new(db.clone(), "core-b".into(), lease);
+    assert!(a.shared());
+    assert_eq!(a.claim(Duty::Monitor).await.unwrap(), Claim::Taken);
+    assert_eq!(b.claim(Duty::Monitor).await.unwrap(), Claim::Elsewhere);
+    assert_eq!(a.claim(Duty::Monitor).await.unwrap(), Claim::Kept);
+    assert!(a.holds(Duty::Monitor) && !b.holds(Duty::Monitor));
+    // Duties are independent.
+    assert_eq!(b.claim(Duty::Collector).await.unwrap(), Claim::Taken);
+    assert_eq!(
+        b.holders().await.unwrap(),
+        vec![
+            ("collector".to_string(), "core-b".to_string()),
+            ("monitor".to_string(), "core-a".to_string())
+        ]
+    );
+
+    // `a` stops renewing: it stops acting at its own deadline, and `b` takes over once the
+    // lease lapsed in the database, not before.
+    eventually("core-b takes the lapsed monitor duty", || async {
+        (b.claim(Duty::Monitor).await.unwrap() == Claim::Taken).then_some(())
+    })
+    .await;
+    assert!(
+        !a.holds(Duty::Monitor),
+        "core-a acts no more once its lease ran out"
+    );
+    assert_eq!(a.claim(Duty::Monitor).await.unwrap(), Claim::Elsewhere);
+
+    // A graceful stop hands over at once.
+    b.release().await.unwrap();
+    assert!(!b.holds(Duty::Monitor) && !b.holds(Duty::Collector));
+    assert_eq!(a.claim(Duty::Monitor).await.unwrap(), Claim::Taken);
+    assert_eq!(a.claim(Duty::Collector).await.unwrap(), Claim::Taken);
+}
+
+/// A clock this many ms off the system's.
+struct Skewed(i64);
+
+impl Clock for Skewed {
+    fn now_ms(&self) -> i64 {
+        cloud48_engine::model::now_ms() + self.0
+    }
+}
+
+/// A runner whose step waits for the gate to open, recording which core ran it.
+struct Gated {
+    node: &'static str,
+    seen: Arc<Mutex<Vec<String>>>,
+    gate: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl Runner for Gated {
+    async fn step(&self, _: &command::Model) -> Result<Transition, StepError> {
+        self.seen.lock().unwrap().push(self.node.into());
+        let _ = self.gate.clone().wait_for(|open| *open).await;
+        Ok(Transition::bare(Next::Done(serde_json::Value::Null)))
+    }
+}
+
+/// Core a claims a command whose step waits; core b, with its clock `skew_b` ms off (and a's
+/// `skew_a`), starts meanwhile and sweeps the queue for twice the lease; then the step ends.
+/// Returns the cores that ran the step. `corrected`: the clocks are `DbClock`s, as `Core`
+/// makes them on PostgreSQL.
+async fn who_runs_it(skew_a: i64, skew_b: i64, corrected: bool) -> Vec<String> {
+    let pg = PgDb::create().await.unwrap();
+    let mut config = cloud48_engine::CoreConfig::new(tempfile::tempdir().unwrap().path());
+    config.database_url = Some(pg.url.clone());
+    let db = cloud48_engine::core::connect(&config).await.unwrap();
+    let lease = Duration::from_millis(1500);
+    let queue_config = QueueConfig {
+        lease,
+        poll: Duration::from_millis(20),
+        ..QueueConfig::default()
+    };
+    let clock = |skew: i64| {
+        let db = db.clone();
+        async move {
+            let raw: Arc<dyn Clock> = Arc::new(Skewed(skew));
+            if corrected {
+                Arc::new(DbClock::new(raw, &db).await.unwrap()) as Arc<dyn Clock>
+            } else {
+                raw
+            }
+        }
+    };
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let a = Queue::new(
+        db.clone(),
+        "core-a".into(),
+        queue_config.clone(),
+        clock(skew_a).await,
+    );
+    let runner = |node| {
+        Arc::new(Gated {
+            node,
+            seen: seen.clone(),
+            gate: gate.clone(),
+        })
+    };
+    a.start(runner("core-a"), false).await.unwrap();
+    let id = a
+        .enqueue(NewCommand {
+            project: None,
+            kind: cloud48_engine::model::CommandKind::Noop,
+            target: None,
+            params: serde_json::Value::Null,
+            requested_by: "test".into(),
+        })
+        .await
+        .unwrap();
+    eventually("core a runs the step", || async {
+        (!seen.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    let b = Queue::new(
+        db.clone(),
+        "core-b".into(),
+        queue_config,
+        clock(skew_b).await,
+    );
+    b.start(runner("core-b"), false).await.unwrap();
+    // Core b sweeps the queue every third of a lease: give it six sweeps.
+    tokio::time::sleep(lease * 2).await;
+    open.send(true).unwrap();
+    let done = a.wait(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done.status, cloud48_engine::model::CommandStatus::Succeeded);
+    a.stop(Duration::from_secs(1)).await;
+    b.stop(Duration::from_secs(1)).await;
+    seen.lock().unwrap().clone()
+}
+
+/// Leases are judged by the database's clock: a core whose clock runs 10 s ahead does not take
+/// a running command from another core, and a core whose clock runs 10 s behind does not lose
+/// its own; without the correction the one ahead steals it (the test can fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_with_a_skewed_clock_neither_steals_nor_loses_leases() {
+    if PgDb::create().await.is_none() {
+        return;
+    }
+    assert_eq!(who_runs_it(0, 10_000, true).await, ["core-a"], "ahead");
+    assert_eq!(who_runs_it(-10_000, 0, true).await, ["core-a"], "behind");
+    assert_eq!(
+        who_runs_it(0, 10_000, false).await,
+        ["core-a", "core-b"],
+        "uncorrected, the core ahead takes the command while it runs"
+    );
+}
