@@ -28,12 +28,12 @@ const FLAGS: [&str; 6] = [
     "full",
 ];
 const ENVIRONMENTS: [&str; 3] = ["e1", "e2", "e3"];
-const ROUNDS: usize = 5;
+pub(crate) const ROUNDS: usize = 5;
 const PER_ROUND: usize = 60;
-const BATCH: u32 = 1000;
+pub(crate) const BATCH: u32 = 1000;
 
 /// A uniform draw from `0..n` (0 when `n` is 0).
-fn below(rng: &mut TestRng, n: usize) -> usize {
+pub(crate) fn below(rng: &mut TestRng, n: usize) -> usize {
     rng.random_range(0..n.max(1))
 }
 
@@ -44,13 +44,30 @@ fn small() -> Value {
 /// What one round submits; `must_succeed` are the commands that cannot fail for any reason
 /// the history gives them (creates with room to spare).
 #[derive(Default)]
-struct Submitted {
-    all: Vec<CommandId>,
-    must_succeed: Vec<CommandId>,
+pub(crate) struct Submitted {
+    pub all: Vec<CommandId>,
+    pub must_succeed: Vec<CommandId>,
 }
 
-async fn submit_round(client: &Client, rng: &mut TestRng, out: &mut Submitted) -> Vec<CommandId> {
-    let live: Vec<Container> = client.get_all("/v1/containers").await.unwrap();
+/// Creates the environments the rounds work in, through `client`.
+pub(crate) async fn create_environments(client: &Client) {
+    for env in ENVIRONMENTS {
+        let a: Accepted = client
+            .post("/v1/environments", &json!({ "name": env }))
+            .await
+            .unwrap();
+        let c = client.command(a.command_id, 60).await.unwrap();
+        assert_eq!(c.status, CommandStatus::Succeeded, "{c:?}");
+    }
+}
+
+/// Submits one round of mixed commands, each through the next of `clients` in turn.
+pub(crate) async fn submit_round(
+    clients: &[Client],
+    rng: &mut TestRng,
+    out: &mut Submitted,
+) -> Vec<CommandId> {
+    let live: Vec<Container> = clients[0].get_all("/v1/containers").await.unwrap();
     let of = |pred: &dyn Fn(&Container) -> bool| -> Vec<ContainerId> {
         live.iter().filter(|c| pred(c)).map(|c| c.id).collect()
     };
@@ -59,7 +76,8 @@ async fn submit_round(client: &Client, rng: &mut TestRng, out: &mut Submitted) -
     let plain = of(&|c| c.type_id.starts_with("plain") && c.environment.is_none());
     let pick = |rng: &mut TestRng, ids: &[ContainerId]| ids.get(below(rng, ids.len())).copied();
     let mut round = Vec::new();
-    for _ in 0..PER_ROUND {
+    for n in 0..PER_ROUND {
+        let client = &clients[n % clients.len()];
         let env = ENVIRONMENTS[below(rng, ENVIRONMENTS.len())];
         let (path, body, certain): (String, Value, bool) = match below(rng, 10) {
             0..=2 => (
@@ -121,7 +139,7 @@ async fn submit_round(client: &Client, rng: &mut TestRng, out: &mut Submitted) -
     round
 }
 
-async fn active(client: &Client) -> usize {
+pub(crate) async fn active(client: &Client) -> usize {
     let mut n = 0;
     for status in ["queued", "running", "waiting"] {
         let cmds: Vec<Command> = client
@@ -149,32 +167,17 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
     let data = dir.path().join("data");
     let mut serve = crate::common::serve(&data, &FLAGS).await;
     let mut client = Client::new(&serve.url);
-    for env in ENVIRONMENTS {
-        let a: Accepted = client
-            .post("/v1/environments", &json!({ "name": env }))
-            .await
-            .unwrap();
-        let c = client.command(a.command_id, 60).await.unwrap();
-        assert_eq!(c.status, CommandStatus::Succeeded, "{c:?}");
-    }
+    create_environments(&client).await;
 
     let mut submitted = Submitted::default();
     let mut kills = 0;
     let mut batch = None;
     for round in 0..ROUNDS {
-        let mut ids = submit_round(&client, &mut rng, &mut submitted).await;
+        let mut ids = submit_round(std::slice::from_ref(&client), &mut rng, &mut submitted).await;
         if round == 1 {
-            let a: Accepted = client
-                .post(
-                    "/v1/containers",
-                    &json!({ "type": "plain", "count": BATCH, "requirements": small() }),
-                )
-                .await
-                .unwrap();
-            submitted.all.push(a.command_id);
-            submitted.must_succeed.push(a.command_id);
-            ids.push(a.command_id);
-            batch = Some(a.command_id);
+            let id = submit_batch(&client, &mut submitted).await;
+            ids.push(id);
+            batch = Some(id);
         }
         if round + 1 == ROUNDS {
             break;
@@ -202,6 +205,41 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
         ROUNDS - 1
     );
 
+    let batch = batch.expect("the batch was submitted");
+    verify(
+        &client,
+        &submitted,
+        batch,
+        &|| crate::crash::sim_state(&data),
+        seed,
+    )
+    .await;
+}
+
+/// Submits a create of `BATCH` plain containers through `client`.
+pub(crate) async fn submit_batch(client: &Client, submitted: &mut Submitted) -> CommandId {
+    let a: Accepted = client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "count": BATCH, "requirements": small() }),
+        )
+        .await
+        .unwrap();
+    submitted.all.push(a.command_id);
+    submitted.must_succeed.push(a.command_id);
+    a.command_id
+}
+
+/// Once everything submitted has finished, through `client`: nothing lost, nothing duplicated
+/// (`guests` reads every server's guests), no leaked dummy or lock, counters consistent, and
+/// every balancer's nginx configuration equal to its running tomcats.
+pub(crate) async fn verify(
+    client: &Client,
+    submitted: &Submitted,
+    batch: CommandId,
+    guests: &dyn Fn() -> Vec<cloud48_engine::driver::sim::SimGuest>,
+    seed: u64,
+) {
     // Nothing lost: every accepted command finishes; creates with room to spare succeed.
     let mut outcome = BTreeMap::new();
     for id in &submitted.all {
@@ -213,7 +251,7 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
         let c = &outcome[id];
         assert_eq!(c.status, CommandStatus::Succeeded, "seed {seed}: {c:?}");
     }
-    let batch = &outcome[&batch.expect("the batch was submitted")];
+    let batch = &outcome[&batch];
     assert_eq!(
         batch.result.as_ref().map(|r| r["created"].clone()),
         Some(json!(BATCH)),
@@ -236,7 +274,7 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
         }
     }
     eventually("nothing in flight", || async {
-        (active(&client).await == 0).then_some(())
+        (active(client).await == 0).then_some(())
     })
     .await;
 
@@ -248,7 +286,7 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
     );
 
     // Nothing duplicated: one guest per live container, created once; no guest without one.
-    let on_servers = crate::crash::sim_state(&data);
+    let on_servers = guests();
     let mut by_id: BTreeMap<&str, usize> = BTreeMap::new();
     for g in &on_servers {
         *by_id.entry(g.info.guest_id.as_str()).or_default() += 1;

@@ -137,7 +137,10 @@ impl Agents {
                 let id = row.id;
                 let grace = self.grace.as_millis() as i64;
                 let alive = self.health.age(id).is_some_and(|age| age < grace);
-                if alive && self.fleet.remote(id).is_some() {
+                // The same agent at its address (first heartbeat to this core, with several
+                // cores) is no conflict.
+                let same = row.address.as_deref() == Some(info.url.as_str());
+                if alive && !same && self.fleet.remote(id).is_some() {
                     return Err(CoreError::Conflict(format!(
                         "server name {} is taken by the live agent at {}; give this agent another --name",
                         info.name,

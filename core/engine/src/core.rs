@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, Database, DatabaseBackend, DatabaseConnection,
-    DbErr, EntityTrait, QueryFilter, Set,
+    DbErr, EntityTrait, QueryFilter, QueryOrder, Set,
 };
 
 mod futures_job {
@@ -519,8 +519,12 @@ impl Core {
         if self.cluster().holds(crate::cluster::Duty::Collector) {
             self.collector().collect(None).await?;
         }
-        self.notify_environments(crate::commands::params::NotifyHook::AfterCcStart)
-            .await?;
+        // A core joining running ones does not start the control plane: the hook is for its
+        // first core.
+        if !self.other_cores_alive().await? {
+            self.notify_environments(crate::commands::params::NotifyHook::AfterCcStart)
+                .await?;
+        }
         self.health().begin();
         let publisher = tokio::spawn(self.events().clone().publish());
         self.inner.background.lock().unwrap().push(publisher);
@@ -540,8 +544,8 @@ impl Core {
         Ok(())
     }
 
-    /// Shares this core's heartbeats with the other cores, takes in theirs, and records that
-    /// it is alive (nothing on SQLite).
+    /// Shares this core's heartbeats with the other cores, takes in theirs, takes in the
+    /// servers they changed, and records that it is alive (nothing on SQLite).
     pub async fn sync_cluster(&self) -> Result<(), CoreError> {
         let cluster = self.cluster();
         if !cluster.shared() {
@@ -553,6 +557,17 @@ impl Core {
         for (server, age, load) in cluster.read_beats().await? {
             health.merge(server, age, load.as_deref());
         }
+        // Servers other cores registered, marked down or up, or drained: attach their drivers
+        // and refresh placement's view (the allocation counters in it are checked again by
+        // the database when a reservation is written).
+        let rows = server::Entity::find()
+            .order_by_asc(server::Column::Id)
+            .all(self.db())
+            .await?;
+        for row in rows.iter().filter(|r| self.fleet().driver(r.id).is_none()) {
+            self.fleet().attach(row)?;
+        }
+        self.placement().load(&rows);
         // A core silent for ten leases is gone; agents need not try it first.
         let within = self.inner.config.cluster.duty_lease * 10;
         cluster
@@ -579,6 +594,17 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// Whether another core wrote to the database within three duty leases.
+    async fn other_cores_alive(&self) -> Result<bool, CoreError> {
+        let cluster = self.cluster();
+        let within = self.inner.config.cluster.duty_lease * 3;
+        Ok(cluster
+            .cores(within)
+            .await?
+            .iter()
+            .any(|c| c.node != cluster.node()))
     }
 
     /// Whether `start` has finished (what `GET /v1/health` reports).
@@ -684,6 +710,11 @@ impl Core {
     /// for it and the actions its hooks ask for), then `stop`.
     pub async fn shutdown(&self, grace: Duration) -> Result<(), CoreError> {
         let result = async {
+            // The control plane does not stop while other cores run on.
+            if self.other_cores_alive().await? {
+                tracing::info!("other cores run on: before-cc-stop is not run");
+                return Ok(());
+            }
             let deadline = tokio::time::Instant::now() + grace;
             for id in self
                 .notify_environments(crate::commands::params::NotifyHook::BeforeCcStop)

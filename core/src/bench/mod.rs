@@ -12,6 +12,7 @@ use cloud48_engine::model::ContainerId;
 use cloud48_engine::queue::NewCommand;
 
 pub mod api;
+pub mod cluster;
 pub mod console;
 pub mod images;
 pub mod load;

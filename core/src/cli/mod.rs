@@ -875,6 +875,9 @@ pub enum BenchCmd {
     /// `kill -9` of `cloud48 serve` with 10,000 commands in flight: time to listen and to be
     /// ready again.
     Restart(crate::bench::load::RestartBenchArgs),
+    /// Several cores on one PostgreSQL database: time from `kill -9` of a core to all its
+    /// in-flight commands running on another, and create throughput of 1, 2 and 3 cores.
+    Cluster(crate::bench::cluster::ClusterBenchArgs),
 }
 
 #[cfg(feature = "dev")]
@@ -887,6 +890,7 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::FailoverReal(args) => crate::bench::failover_real(args).await,
         BenchCmd::Images(args) => crate::bench::images::images(args).await,
         BenchCmd::Api(args) => crate::bench::api::api(args).await,
+        BenchCmd::Cluster(args) => crate::bench::cluster::cluster(args).await,
         BenchCmd::Events(args) => crate::bench::console::events(args).await,
         BenchCmd::Scrape(args) => crate::bench::console::scrape(args).await,
         BenchCmd::Reads(args) => crate::bench::load::reads(args).await,

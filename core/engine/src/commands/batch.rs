@@ -78,7 +78,10 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
             cache.apply(s, &need.times(rows.len() as u64), rows.len() as i64, 1);
             vec![Ok(s); rows.len()]
         }
-        None => cache.decide_many(&req, image.as_ref(), rows.len()),
+        None => cache
+            .decide_many_fresh(svc.db(), &req, image.as_ref(), rows.len())
+            .await
+            .map_err(StepError::Db)?,
     };
     let mut per_server: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
     let mut failed: Vec<(i64, String)> = Vec::new();

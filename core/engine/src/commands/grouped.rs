@@ -208,7 +208,10 @@ async fn place(
                 cache.apply(s, &need.times(n as u64), n as i64, 1);
                 vec![Ok(s); n]
             }
-            None => cache.decide_many(&req, image.as_ref(), n),
+            None => cache
+                .decide_many_fresh(svc.db(), &req, image.as_ref(), n)
+                .await
+                .map_err(StepError::Db)?,
         };
         for (p, d) in members.into_iter().zip(decisions) {
             // No server fits: it fails alone, with the reason.

@@ -222,12 +222,21 @@ pub async fn place(
 ) -> Result<Reservation, PlacementError> {
     let need = req.requirements.resources;
     let mut avoid = req.avoid.clone();
+    // Other cores may have changed servers since this core's view was read: on a shared
+    // database, a decision that finds no server is made once more on a fresh view.
+    let mut fresh = txn.get_database_backend() != sea_orm::DatabaseBackend::Postgres;
     for _ in 0..32 {
         let server_id = match req.server {
             Some(s) => s,
-            None => cache
-                .decide(req.requirements, req.image, &avoid)
-                .map_err(PlacementError::NoFit)?,
+            None => match cache.decide(req.requirements, req.image, &avoid) {
+                Ok(s) => s,
+                Err(_) if !fresh => {
+                    fresh = true;
+                    cache.refresh_all(txn).await?;
+                    continue;
+                }
+                Err(reason) => return Err(PlacementError::NoFit(reason)),
+            },
         };
         // A failed conditional update changes nothing, so no savepoint is needed.
         if claim(txn, server_id, &need, 1, true).await? {

@@ -307,10 +307,15 @@ impl PlacementCache {
             .order_by_asc(server::Column::Id)
             .all(conn)
             .await?;
+        self.load(&rows);
+        Ok(())
+    }
+
+    /// Replaces the view with these rows of `servers` (all of them).
+    pub fn load(&self, rows: &[server::Model]) {
         let list: Vec<Candidate> = rows.iter().map(Candidate::from_row).collect();
         let index = list.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
         *self.servers.write().unwrap() = (list, index);
-        Ok(())
     }
 
     /// Reloads one server.
@@ -426,6 +431,26 @@ impl PlacementCache {
             self.placed.load(Ordering::Relaxed),
             self.refused.load(Ordering::Relaxed),
         )
+    }
+
+    /// `decide_many`, and on a database other cores share once more on a fresh view when a
+    /// decision found no server: another core may have registered servers, or seen them come
+    /// back, since this view was read.
+    pub async fn decide_many_fresh<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        req: &Requirements,
+        image: Option<&ImageRef>,
+        count: usize,
+    ) -> Result<Vec<Result<i64, String>>, DbErr> {
+        let decisions = self.decide_many(req, image, count);
+        if decisions.iter().all(Result::is_ok)
+            || conn.get_database_backend() != sea_orm::DatabaseBackend::Postgres
+        {
+            return Ok(decisions);
+        }
+        self.refresh_all(conn).await?;
+        Ok(self.decide_many(req, image, count))
     }
 
     /// Decides servers for `count` containers with the same requirements, as `decide` would

@@ -1,0 +1,230 @@
+//! `bench cluster`: several `cloud48 serve` processes on one PostgreSQL database.
+//! - takeover: `count` single creates in flight on core a (slow simulated servers keep them
+//!   there), then `kill -9` of core a: the time until every one of them runs again on core b;
+//! - throughput: single creates submitted round-robin through 1, 2 and 3 cores, until every
+//!   one has succeeded. Each core simulates the servers in its own process (what one core
+//!   created another does not see), which is enough for creates.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use serde_json::json;
+
+use crate::cli::Client;
+use crate::serving::ServeProcess;
+use cloud48_engine::model::Accepted;
+
+/// Options of `bench cluster`.
+#[derive(Debug, Args)]
+pub struct ClusterBenchArgs {
+    /// Commands in flight on the core that is killed.
+    #[arg(long, default_value_t = 10_000)]
+    pub count: usize,
+    /// Lease of a claimed command, ms (`queue.lease_ms` of every core).
+    #[arg(long, default_value_t = 2000)]
+    pub lease_ms: u64,
+    /// Single creates per throughput run.
+    #[arg(long, default_value_t = 6000)]
+    pub creates: usize,
+    /// Runs of each measurement.
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+    /// An existing PostgreSQL database; a scratch database is made next to it for each run.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub postgres: String,
+}
+
+/// A scratch database, dropped with `drop_scratch`.
+async fn scratch(admin: &DatabaseConnection, base: &str) -> Result<(String, String)> {
+    let name = format!("cloud48_bench_{:08x}", rand::random::<u32>());
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let (prefix, _) = base
+        .rsplit_once('/')
+        .context("--postgres must end with /DATABASE")?;
+    Ok((name.clone(), format!("{prefix}/{name}")))
+}
+
+async fn drop_scratch(admin: &DatabaseConnection, name: &str) -> Result<()> {
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    Ok(())
+}
+
+fn spawn(data: &Path, url: &str, extra: &[&str]) -> Result<ServeProcess> {
+    std::fs::create_dir_all(data)?;
+    let exe = std::env::current_exe().context("cannot find the cloud48 binary")?;
+    let mut args = vec!["--anonymous", "full", "--database-url", url];
+    args.extend(extra);
+    ServeProcess::spawn(&exe, data, &args)
+}
+
+async fn count(db: &DatabaseConnection, sql: &str) -> Result<i64> {
+    let row = db
+        .query_one_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await?
+        .context("a count answers one row")?;
+    Ok(row.try_get_by_index(0)?)
+}
+
+/// Submits `n` single creates through `urls`, round-robin, from 16 clients.
+async fn submit(urls: &[String], n: usize) -> Result<()> {
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let client = Client::new(&urls[c % urls.len()]);
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({ "type": "plain", "requirements": { "cpu_millis": 1, "memory_mb": 1, "disk_mb": 1 } });
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
+                let _: Accepted = client.post("/v1/containers", &body).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await.context("a client panicked")??;
+    }
+    Ok(())
+}
+
+async fn until(
+    what: &str,
+    limit: Duration,
+    mut done: impl AsyncFnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !done().await? {
+        if Instant::now() > deadline {
+            bail!("{what}: not within {} s", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// `bench cluster`.
+pub async fn cluster(args: ClusterBenchArgs) -> Result<()> {
+    let admin = Database::connect(&args.postgres)
+        .await
+        .with_context(|| format!("cannot connect to {}", args.postgres))?;
+    for _ in 0..args.runs {
+        let (name, url) = scratch(&admin, &args.postgres).await?;
+        let result = takeover(&args, &url).await;
+        drop_scratch(&admin, &name).await?;
+        result?;
+    }
+    for cores in 1..=3 {
+        for _ in 0..args.runs {
+            let (name, url) = scratch(&admin, &args.postgres).await?;
+            let result = throughput(&args, &url, cores).await;
+            drop_scratch(&admin, &name).await?;
+            result?;
+        }
+    }
+    Ok(())
+}
+
+async fn takeover(args: &ClusterBenchArgs, url: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let servers = args.count.div_ceil(1000).max(4).to_string();
+    let (workers, lease) = (args.count.to_string(), args.lease_ms.to_string());
+    // Creates take ten minutes on these servers: they stay in flight.
+    let flags = [
+        "--sim-servers",
+        servers.as_str(),
+        "--sim-latency-ms",
+        "600000",
+        "--workers",
+        workers.as_str(),
+        "--lease-ms",
+        lease.as_str(),
+    ];
+    let mut a = spawn(&dir.path().join("a"), url, &flags)?;
+    a.health(true).await?;
+    let mut b = spawn(&dir.path().join("b"), url, &flags)?;
+    b.health(true).await?;
+    let node = |n: &str| std::fs::read_to_string(dir.path().join(n).join("node-id"));
+    let (node_a, node_b) = (node("a")?, node("b")?);
+    submit(std::slice::from_ref(&a.url), args.count).await?;
+    let db = Database::connect(url).await?;
+    let n = args.count as i64;
+    let running_on = |node: String| {
+        format!(
+            "SELECT count(*) FROM commands WHERE status = 'running' AND lease_owner = '{}'",
+            node.trim()
+        )
+    };
+    let (on_a, on_b) = (running_on(node_a), running_on(node_b));
+    until(
+        "every create running on core a",
+        Duration::from_secs(600),
+        async || Ok(count(&db, &on_a).await? + count(&db, &on_b).await? == n),
+    )
+    .await?;
+    let before_kill = count(&db, &on_a).await?;
+    a.kill9();
+    let killed = Instant::now();
+    until(
+        "core b runs what core a held",
+        Duration::from_secs(600),
+        async || Ok(count(&db, &on_b).await? == n),
+    )
+    .await?;
+    let taken = killed.elapsed();
+    println!(
+        "bench cluster takeover: kill -9 of a core running {before_kill} commands (lease {} ms): all {n} running on the other core after {:.0} ms",
+        args.lease_ms,
+        taken.as_secs_f64() * 1e3
+    );
+    b.kill9();
+    Ok(())
+}
+
+async fn throughput(args: &ClusterBenchArgs, url: &str, cores: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let servers = (args.creates * cores).div_ceil(1000).max(4).to_string();
+    let flags = ["--sim-servers", servers.as_str()];
+    let mut procs = Vec::new();
+    for i in 0..cores {
+        let mut p = spawn(&dir.path().join(format!("core-{i}")), url, &flags)?;
+        p.health(true).await?;
+        procs.push(p);
+    }
+    let urls: Vec<String> = procs.iter().map(|p| p.url.clone()).collect();
+    let db = Database::connect(url).await?;
+    let n = args.creates as i64;
+    let began = Instant::now();
+    submit(&urls, args.creates).await?;
+    let submitted = began.elapsed();
+    until("every create finished", Duration::from_secs(600), async || {
+        Ok(count(
+            &db,
+            "SELECT count(*) FROM commands WHERE kind = 'container.create' AND status IN ('succeeded', 'failed')",
+        )
+        .await?
+            >= n)
+    })
+    .await?;
+    let finished = began.elapsed();
+    let failed = count(
+        &db,
+        "SELECT count(*) FROM commands WHERE kind = 'container.create' AND status = 'failed'",
+    )
+    .await?;
+    println!(
+        "bench cluster throughput: {cores} core(s), {n} single creates round-robin: submitted in {:.2} s, finished in {:.2} s: {:.0} creates/s ({failed} failed)",
+        submitted.as_secs_f64(),
+        finished.as_secs_f64(),
+        n as f64 / finished.as_secs_f64()
+    );
+    for mut p in procs {
+        p.kill9();
+    }
+    Ok(())
+}
