@@ -9,9 +9,7 @@ use cloud48_core::cli::Client;
 use cloud48_engine::cluster::{Claim, Cluster, DbClock, Duty};
 use cloud48_engine::entities::command;
 use cloud48_engine::model::{Server, ServerStatus};
-use cloud48_engine::queue::{
-    Clock, NewCommand, Next, Queue, QueueConfig, Runner, StepError, Transition,
-};
+use cloud48_engine::queue::{Clock, Next, Queue, QueueConfig, Runner, StepError, Transition};
 
 use crate::agent::{TOKEN, serve_agent, sim};
 use crate::common::{PgDb, ServeProcess, eventually, serve};
@@ -273,16 +271,7 @@ async fn who_runs_it(skew_a: i64, skew_b: i64, corrected: bool) -> Vec<String> {
         })
     };
     a.start(runner("core-a"), false).await.unwrap();
-    let id = a
-        .enqueue(NewCommand {
-            project: None,
-            kind: cloud48_engine::model::CommandKind::Noop,
-            target: None,
-            params: serde_json::Value::Null,
-            requested_by: "test".into(),
-        })
-        .await
-        .unwrap();
+    let id = a.enqueue(crate::common::noop()).await.unwrap();
     eventually("core a runs the step", || async {
         (!seen.lock().unwrap().is_empty()).then_some(())
     })

@@ -394,3 +394,14 @@ pub fn fast_health() -> cloud48_engine::core::HealthConfig {
         ..Default::default()
     }
 }
+
+/// A no-op command with no target, as a test submits it.
+pub fn noop() -> cloud48_engine::queue::NewCommand {
+    cloud48_engine::queue::NewCommand {
+        project: None,
+        kind: cloud48_engine::model::CommandKind::Noop,
+        target: None,
+        params: serde_json::Value::Null,
+        requested_by: "test".into(),
+    }
+}

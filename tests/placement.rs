@@ -591,17 +591,7 @@ async fn expired_dummies_and_those_of_finished_commands_are_collected() {
     config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
     // Opened, not started: commands stay queued until `start`.
     let core = cloud48_engine::Core::open(config).await.unwrap();
-    let live = core
-        .queue()
-        .enqueue(cloud48_engine::queue::NewCommand {
-            project: None,
-            kind: cloud48_engine::model::CommandKind::Noop,
-            target: None,
-            params: Value::Null,
-            requested_by: "test".into(),
-        })
-        .await
-        .unwrap();
+    let live = core.queue().enqueue(crate::common::noop()).await.unwrap();
     let req = Requirements {
         resources: Resources {
             cpu_millis: 100,

@@ -275,16 +275,7 @@ async fn a_submission_through_one_core_wakes_another_on_postgres() {
     ));
     // The listener wakes its core once when it starts listening.
     is_ready.recv().await.unwrap();
-    let id = submitter
-        .enqueue(NewCommand {
-            project: None,
-            kind: cloud48_engine::model::CommandKind::Noop,
-            target: None,
-            params: Value::Null,
-            requested_by: "test".into(),
-        })
-        .await
-        .unwrap();
+    let id = submitter.enqueue(crate::common::noop()).await.unwrap();
     let c = runner.wait(id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(c.status, CommandStatus::Succeeded);
     assert_eq!(seen.lock().unwrap()[&id.0], ["core-b"]);
@@ -326,17 +317,7 @@ async fn several_cores_share_one_postgres_queue_and_run_each_command_once() {
     let mut ids = Vec::new();
     for i in 0..600 {
         let q = &queues[i % 3];
-        ids.push(
-            q.enqueue(NewCommand {
-                project: None,
-                kind: cloud48_engine::model::CommandKind::Noop,
-                target: None,
-                params: Value::Null,
-                requested_by: "test".into(),
-            })
-            .await
-            .unwrap(),
-        );
+        ids.push(q.enqueue(crate::common::noop()).await.unwrap());
     }
     for id in &ids {
         let c = queues[0].wait(*id, Duration::from_secs(60)).await.unwrap();
@@ -513,16 +494,7 @@ async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core()
         Arc::new(SystemClock),
     );
     dead.start(Arc::new(Hang), false).await.unwrap();
-    let id = dead
-        .enqueue(NewCommand {
-            project: None,
-            kind: cloud48_engine::model::CommandKind::Noop,
-            target: None,
-            params: Value::Null,
-            requested_by: "test".into(),
-        })
-        .await
-        .unwrap();
+    let id = dead.enqueue(crate::common::noop()).await.unwrap();
     while dead.get(id).await.unwrap().status != CommandStatus::Running {
         tokio::task::yield_now().await;
     }

@@ -103,7 +103,7 @@ const SETTINGS: &[Spec] = &[
         key: "queue.lease_ms",
         env: "CLOUD48_LEASE_MS",
         flag: "--lease-ms",
-        default: "30000",
+        default: "2000",
         secret: false,
         kind: Kind::Count,
     },

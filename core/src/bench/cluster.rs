@@ -2,8 +2,8 @@
 //! - takeover: `count` single creates in flight on core a (slow simulated servers keep them
 //!   there), then `kill -9` of core a: the time until every one of them runs again on core b;
 //! - throughput: single creates submitted round-robin through 1, 2 and 3 cores, until every
-//!   one has succeeded. Each core simulates the servers in its own process (what one core
-//!   created another does not see), which is enough for creates.
+//!   one has succeeded, on simulated servers behind agents (`cloud48 agent --driver sim`)
+//!   that every core reaches.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -147,26 +147,27 @@ async fn takeover(args: &ClusterBenchArgs, url: &str) -> Result<()> {
     ];
     let mut a = spawn(&dir.path().join("a"), url, &flags)?;
     a.health(true).await?;
-    let mut b = spawn(&dir.path().join("b"), url, &flags)?;
-    b.health(true).await?;
-    let node = |n: &str| std::fs::read_to_string(dir.path().join(n).join("node-id"));
-    let (node_a, node_b) = (node("a")?, node("b")?);
     submit(std::slice::from_ref(&a.url), args.count).await?;
     let db = Database::connect(url).await?;
     let n = args.count as i64;
+    let node = |n: &str| std::fs::read_to_string(dir.path().join(n).join("node-id"));
     let running_on = |node: String| {
         format!(
             "SELECT count(*) FROM commands WHERE status = 'running' AND lease_owner = '{}'",
             node.trim()
         )
     };
-    let (on_a, on_b) = (running_on(node_a), running_on(node_b));
+    let on_a = running_on(node("a")?);
     until(
         "every create running on core a",
         Duration::from_secs(600),
-        async || Ok(count(&db, &on_a).await? + count(&db, &on_b).await? == n),
+        async || Ok(count(&db, &on_a).await? == n),
     )
     .await?;
+    // The other core joins once core a runs them all.
+    let mut b = spawn(&dir.path().join("b"), url, &flags)?;
+    b.health(true).await?;
+    let on_b = running_on(node("b")?);
     let before_kill = count(&db, &on_a).await?;
     a.kill9();
     let killed = Instant::now();
@@ -188,8 +189,12 @@ async fn takeover(args: &ClusterBenchArgs, url: &str) -> Result<()> {
 
 async fn throughput(args: &ClusterBenchArgs, url: &str, cores: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let servers = (args.creates * cores).div_ceil(1000).max(4).to_string();
-    let flags = ["--sim-servers", servers.as_str()];
+    // The servers are simulated behind agents every core reaches, as real servers are.
+    let token = format!("bench-{:016x}", rand::random::<u64>());
+    let config = dir.path().join("cloud48.toml");
+    std::fs::write(&config, format!("[agents]\ntoken = \"{token}\"\n"))?;
+    let config = config.to_str().context("a temporary path is UTF-8")?;
+    let flags = ["--sim-servers", "0", "--config", config];
     let mut procs = Vec::new();
     for i in 0..cores {
         let mut p = spawn(&dir.path().join(format!("core-{i}")), url, &flags)?;
@@ -197,8 +202,16 @@ async fn throughput(args: &ClusterBenchArgs, url: &str, cores: usize) -> Result<
         procs.push(p);
     }
     let urls: Vec<String> = procs.iter().map(|p| p.url.clone()).collect();
+    let agents = sim_agents(dir.path(), &urls, &token, args.creates.div_ceil(1000) + 1)?;
     let db = Database::connect(url).await?;
     let n = args.creates as i64;
+    let up = format!("SELECT count(*) FROM servers WHERE status = 'up' AND driver = 'remote'");
+    until(
+        "every agent's server up",
+        Duration::from_secs(60),
+        async || Ok(count(&db, &up).await? == agents.len() as i64),
+    )
+    .await?;
     let began = Instant::now();
     submit(&urls, args.creates).await?;
     let submitted = began.elapsed();
@@ -217,6 +230,21 @@ async fn throughput(args: &ClusterBenchArgs, url: &str, cores: usize) -> Result<
         "SELECT count(*) FROM commands WHERE kind = 'container.create' AND status = 'failed'",
     )
     .await?;
+    if failed > 0 {
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT error, count(*) AS n FROM commands WHERE status = 'failed' GROUP BY error ORDER BY n DESC LIMIT 1",
+            ))
+            .await?
+            .context("a failed command has an error")?;
+        let (error, times): (Option<String>, i64) =
+            (row.try_get("", "error")?, row.try_get("", "n")?);
+        println!(
+            "  most common error ({times} times): {}",
+            error.unwrap_or_default()
+        );
+    }
     println!(
         "bench cluster throughput: {cores} core(s), {n} single creates round-robin: submitted in {:.2} s, finished in {:.2} s: {:.0} creates/s ({failed} failed)",
         submitted.as_secs_f64(),
@@ -226,5 +254,44 @@ async fn throughput(args: &ClusterBenchArgs, url: &str, cores: usize) -> Result<
     for mut p in procs {
         p.kill9();
     }
+    for mut agent in agents {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
     Ok(())
+}
+
+/// `count` sim agents (`cloud48 agent --driver sim`) beating to `cores`, each with a /22 of
+/// its own (1,021 addresses) and room for thousands of small containers.
+fn sim_agents(
+    dir: &Path,
+    cores: &[String],
+    token: &str,
+    count: usize,
+) -> Result<Vec<std::process::Child>> {
+    let exe = std::env::current_exe().context("cannot find the cloud48 binary")?;
+    let mut agents = Vec::new();
+    for i in 0..count {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let data = dir.join(format!("agent-{i}"));
+        std::fs::create_dir_all(&data)?;
+        let subnet = format!("10.{}.{}.0/22", 64 + i * 4 / 256, (i * 4) % 256);
+        let child = std::process::Command::new(&exe)
+            .args(["agent", "--driver", "sim", "--heartbeat-ms", "500"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--core", &cores.join(",")])
+            .args(["--name", &format!("sim-agent-{i}"), "--subnet", &subnet])
+            .args(["--capacity", "64000,1048576,10485760"])
+            .arg("--data-dir")
+            .arg(&data)
+            .env("CLOUD48_AGENT_TOKEN", token)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("cannot start a sim agent")?;
+        agents.push(child);
+    }
+    Ok(agents)
 }

@@ -153,7 +153,8 @@ pub struct CoreArgs {
     /// Attempts before a transient driver error fails a command [default 5].
     #[arg(long)]
     pub max_attempts: Option<u64>,
-    /// Lease of a claimed command, ms [default 30000].
+    /// Lease of a claimed command, ms: another core resumes the commands of a core that died
+    /// this long after its last renewal [default 2000].
     #[arg(long)]
     pub lease_ms: Option<u64>,
     /// Lease of a cluster duty (health monitor, collector) held by one core of several on one

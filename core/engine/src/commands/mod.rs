@@ -286,13 +286,17 @@ pub(crate) fn core_err(e: CoreError) -> StepError {
     }
 }
 
-/// The driver of a server, with its name for messages.
+/// The driver of a server, with its name for messages. A server another core registered a
+/// moment ago may not be attached here yet (cores take in new servers every heartbeat
+/// period): that is retried.
 pub(crate) fn driver_of(
     svc: &Services,
     server_id: i64,
 ) -> Result<(Arc<dyn Driver>, String), StepError> {
     svc.fleet().named_driver(server_id).ok_or_else(|| {
-        StepError::Permanent(format!("server #{server_id} has no driver in this core"))
+        StepError::Transient(format!(
+            "server #{server_id} has no driver in this core yet (registered through another core?)"
+        ))
     })
 }
 

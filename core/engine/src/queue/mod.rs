@@ -68,7 +68,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             workers: 256,
-            lease: Duration::from_secs(30),
+            lease: Duration::from_secs(2),
             lock_retry: Duration::from_millis(20),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
