@@ -205,11 +205,11 @@ async fn throughput(args: &ClusterBenchArgs, url: &str, cores: usize) -> Result<
     let agents = sim_agents(dir.path(), &urls, &token, args.creates.div_ceil(1000) + 1)?;
     let db = Database::connect(url).await?;
     let n = args.creates as i64;
-    let up = format!("SELECT count(*) FROM servers WHERE status = 'up' AND driver = 'remote'");
+    let up = "SELECT count(*) FROM servers WHERE status = 'up' AND driver = 'remote'";
     until(
         "every agent's server up",
         Duration::from_secs(60),
-        async || Ok(count(&db, &up).await? == agents.len() as i64),
+        async || Ok(count(&db, up).await? == agents.len() as i64),
     )
     .await?;
     let began = Instant::now();
