@@ -527,6 +527,7 @@ async fn bench_api_submits_signed_creates_that_all_succeed() {
         clients: 4,
         rate: 0,
         servers: 4,
+        postgres: None,
     })
     .await
     .unwrap();

@@ -88,8 +88,16 @@ test("an operator's daily actions, and the page follows them live", async ({ bro
   await expect(page.locator("#notice")).toContainText("submitted");
   await expect(page.locator('tr[data-environment="blog"] .status')).toHaveText("active");
 
-  // Add a container to it: it shows up, then runs.
-  await page.getByRole("link", { name: "blog" }).click();
+  // Open it (retried: on a loaded machine a live update may re-render the list under the
+  // pointer), add a container: it shows up, then runs.
+  await expect(async () => {
+    const row = page.locator('tr[data-environment="blog"]');
+    if ((await row.count()) === 0) {
+      await page.getByRole("link", { name: "Environments" }).click();
+    }
+    await row.getByRole("link", { name: "blog", exact: true }).click({ timeout: 5000 });
+    await expect(page.getByLabel("Container type")).toBeVisible({ timeout: 10000 });
+  }).toPass({ timeout: 60000 });
   await page.getByLabel("Container type").selectOption("tomcat");
   await page.getByRole("button", { name: "Add container" }).click();
   const member = page.locator("tr[data-container]");

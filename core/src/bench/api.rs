@@ -31,6 +31,10 @@ pub struct ApiBenchArgs {
     /// Simulated servers.
     #[arg(long, default_value_t = 200)]
     pub servers: u32,
+    /// Run on PostgreSQL: an existing database URL, next to which a scratch database is made
+    /// for the run (default: SQLite).
+    #[arg(long)]
+    pub postgres: Option<String>,
 }
 
 /// What one run measured.
@@ -52,7 +56,12 @@ pub struct ApiBenchReport {
 pub async fn api(args: ApiBenchArgs) -> Result<()> {
     let r = run(&args).await?;
     println!(
-        "bench api: {} creates by {} clients{}: {:.0} accepted/s, {:.0} finished/s; enqueue->start p50 {} ms, p99 {} ms; {} succeeded",
+        "bench api ({}): {} creates by {} clients{}: {:.0} accepted/s, {:.0} finished/s; enqueue->start p50 {} ms, p99 {} ms; {} succeeded",
+        if args.postgres.is_some() {
+            "postgresql"
+        } else {
+            "sqlite"
+        },
         args.count,
         args.clients,
         if args.rate > 0 {
@@ -71,9 +80,31 @@ pub async fn api(args: ApiBenchArgs) -> Result<()> {
 
 /// Runs the API benchmark; fails if a create does not succeed.
 pub async fn run(args: &ApiBenchArgs) -> Result<ApiBenchReport> {
+    let Some(admin_url) = &args.postgres else {
+        return run_on(args, None).await;
+    };
+    let admin = sea_orm::Database::connect(admin_url)
+        .await
+        .with_context(|| format!("cannot connect to {admin_url}"))?;
+    let name = format!("cloud48_bench_{:08x}", rand::random::<u32>());
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let (prefix, _) = admin_url
+        .rsplit_once('/')
+        .context("--postgres must end with /DATABASE")?;
+    let report = run_on(args, Some(format!("{prefix}/{name}"))).await;
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    report
+}
+
+async fn run_on(args: &ApiBenchArgs, database_url: Option<String>) -> Result<ApiBenchReport> {
     let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
     let mut config = CoreConfig::new(dir.path());
     config.sim_servers = args.servers;
+    config.database_url = database_url;
     config.sim_capacity = Resources {
         cpu_millis: 1 << 40,
         memory_mb: 1 << 40,
