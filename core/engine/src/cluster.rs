@@ -123,6 +123,8 @@ pub struct Cluster {
     urls: Mutex<Vec<String>>,
     /// The database's clock (PostgreSQL), recalibrated by `sync_cores`.
     clock: Option<std::sync::Arc<DbClock>>,
+    /// The servers' fingerprint when this core last read them.
+    pub(crate) servers_seen: Mutex<Option<String>>,
 }
 
 /// A core of the cluster, as the database last saw it.
@@ -146,6 +148,7 @@ impl Cluster {
             held: Mutex::new(HashMap::new()),
             urls: Mutex::new(Vec::new()),
             clock: None,
+            servers_seen: Mutex::new(None),
         }
     }
 
@@ -328,6 +331,24 @@ impl Cluster {
             ))
             .await?;
         Ok(())
+    }
+
+    /// A fingerprint of what other cores may change in `servers` that this core's view holds
+    /// apart from allocations (which the database checks again on every reservation): the
+    /// servers, their status, draining and address. `None` on SQLite.
+    pub async fn servers_fingerprint(&self) -> Result<Option<String>, DbErr> {
+        if !self.shared() {
+            return Ok(None);
+        }
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                "SELECT md5(coalesce(string_agg(id || ':' || status || ':' || draining || ':' || \
+                 coalesce(address, ''), ',' ORDER BY id), '')) AS f FROM servers",
+            ))
+            .await?;
+        row.map(|r| r.try_get("", "f")).transpose()
     }
 
     /// Records that this core is alive at `url`, and reads the URLs of the cores seen within

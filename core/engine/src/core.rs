@@ -559,15 +559,19 @@ impl Core {
         }
         // Servers other cores registered, marked down or up, or drained: attach their drivers
         // and refresh placement's view (the allocation counters in it are checked again by
-        // the database when a reservation is written).
-        let rows = server::Entity::find()
-            .order_by_asc(server::Column::Id)
-            .all(self.db())
-            .await?;
-        for row in rows.iter().filter(|r| self.fleet().driver(r.id).is_none()) {
-            self.fleet().attach(row)?;
+        // the database when a reservation is written). Read only when they changed.
+        let fingerprint = cluster.servers_fingerprint().await?;
+        if *cluster.servers_seen.lock().unwrap() != fingerprint {
+            let rows = server::Entity::find()
+                .order_by_asc(server::Column::Id)
+                .all(self.db())
+                .await?;
+            for row in rows.iter().filter(|r| self.fleet().driver(r.id).is_none()) {
+                self.fleet().attach(row)?;
+            }
+            self.placement().load(&rows);
+            *cluster.servers_seen.lock().unwrap() = fingerprint;
         }
-        self.placement().load(&rows);
         // A core silent for ten leases is gone; agents need not try it first.
         let within = self.inner.config.cluster.duty_lease * 10;
         cluster

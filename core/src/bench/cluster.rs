@@ -29,6 +29,9 @@ pub struct ClusterBenchArgs {
     /// Single creates per throughput run.
     #[arg(long, default_value_t = 6000)]
     pub creates: usize,
+    /// Servers whose heartbeats one core shares per heartbeat period in the sharing run.
+    #[arg(long, default_value_t = 10_000)]
+    pub servers: u32,
     /// Runs of each measurement.
     #[arg(long, default_value_t = 1)]
     pub runs: u32,
@@ -115,6 +118,12 @@ pub async fn cluster(args: ClusterBenchArgs) -> Result<()> {
         .with_context(|| format!("cannot connect to {}", args.postgres))?;
     for _ in 0..args.runs {
         let (name, url) = scratch(&admin, &args.postgres).await?;
+        let result = sharing(&args, &url).await;
+        drop_scratch(&admin, &name).await?;
+        result?;
+    }
+    for _ in 0..args.runs {
+        let (name, url) = scratch(&admin, &args.postgres).await?;
         let result = takeover(&args, &url).await;
         drop_scratch(&admin, &name).await?;
         result?;
@@ -127,6 +136,54 @@ pub async fn cluster(args: ClusterBenchArgs) -> Result<()> {
             result?;
         }
     }
+    Ok(())
+}
+
+/// One core with `servers` servers, every one of which beat since the last sync: the time of
+/// one heartbeat sync (`Core::sync_cluster`: write this core's beats in one statement, read
+/// everyone's, read the servers, record the core), what a core spends per heartbeat period.
+async fn sharing(args: &ClusterBenchArgs, url: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = cloud48_engine::CoreConfig::new(dir.path());
+    config.database_url = Some(url.to_string());
+    config.sim_servers = args.servers;
+    config.sim_persist = false;
+    config.health.background = false;
+    let core = cloud48_engine::Core::open(config).await?;
+    let sims = core.fleet().sims();
+    let beat_all = || {
+        for (id, sim) in &sims {
+            core.health().heartbeat(*id, sim.heartbeat());
+        }
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let p50 = |mut t: Vec<Duration>| {
+        t.sort();
+        ms(t[t.len() / 2])
+    };
+    // The parts, then the whole.
+    let (mut write, mut read, mut whole) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..20 {
+        beat_all();
+        let mine = core.health().take_unwritten();
+        let began = Instant::now();
+        core.cluster().write_beats(&mine).await?;
+        write.push(began.elapsed());
+        let began = Instant::now();
+        core.cluster().read_beats().await?;
+        read.push(began.elapsed());
+        beat_all();
+        let began = Instant::now();
+        core.sync_cluster().await?;
+        whole.push(began.elapsed());
+    }
+    println!(
+        "bench cluster sharing: {} servers, every one beat since the last sync: p50 of 20: write the beats {:.1} ms, read everyone's {:.1} ms, one whole sync {:.1} ms",
+        sims.len(),
+        p50(write),
+        p50(read),
+        p50(whole),
+    );
     Ok(())
 }
 
