@@ -83,20 +83,9 @@ pub async fn run(args: &ApiBenchArgs) -> Result<ApiBenchReport> {
     let Some(admin_url) = &args.postgres else {
         return run_on(args, None).await;
     };
-    let admin = sea_orm::Database::connect(admin_url)
-        .await
-        .with_context(|| format!("cannot connect to {admin_url}"))?;
-    let name = format!("cloud48_bench_{:08x}", rand::random::<u32>());
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let (prefix, _) = admin_url
-        .rsplit_once('/')
-        .context("--postgres must end with /DATABASE")?;
-    let report = run_on(args, Some(format!("{prefix}/{name}"))).await;
-    admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
+    let scratch = super::Scratch::create(admin_url).await?;
+    let report = run_on(args, Some(scratch.url.clone())).await;
+    scratch.drop().await?;
     report
 }
 

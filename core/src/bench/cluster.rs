@@ -13,6 +13,7 @@ use clap::Args;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
 use serde_json::json;
 
+use super::Scratch;
 use crate::cli::Client;
 use crate::serving::ServeProcess;
 use cloud48_engine::model::Accepted;
@@ -38,25 +39,6 @@ pub struct ClusterBenchArgs {
     /// An existing PostgreSQL database; a scratch database is made next to it for each run.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pub postgres: String,
-}
-
-/// A scratch database, dropped with `drop_scratch`.
-async fn scratch(admin: &DatabaseConnection, base: &str) -> Result<(String, String)> {
-    let name = format!("cloud48_bench_{:08x}", rand::random::<u32>());
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let (prefix, _) = base
-        .rsplit_once('/')
-        .context("--postgres must end with /DATABASE")?;
-    Ok((name.clone(), format!("{prefix}/{name}")))
-}
-
-async fn drop_scratch(admin: &DatabaseConnection, name: &str) -> Result<()> {
-    admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
-    Ok(())
 }
 
 fn spawn(data: &Path, url: &str, extra: &[&str]) -> Result<ServeProcess> {
@@ -113,26 +95,23 @@ async fn until(
 
 /// `bench cluster`.
 pub async fn cluster(args: ClusterBenchArgs) -> Result<()> {
-    let admin = Database::connect(&args.postgres)
-        .await
-        .with_context(|| format!("cannot connect to {}", args.postgres))?;
     for _ in 0..args.runs {
-        let (name, url) = scratch(&admin, &args.postgres).await?;
-        let result = sharing(&args, &url).await;
-        drop_scratch(&admin, &name).await?;
+        let scratch = Scratch::create(&args.postgres).await?;
+        let result = sharing(&args, &scratch.url).await;
+        scratch.drop().await?;
         result?;
     }
     for _ in 0..args.runs {
-        let (name, url) = scratch(&admin, &args.postgres).await?;
-        let result = takeover(&args, &url).await;
-        drop_scratch(&admin, &name).await?;
+        let scratch = Scratch::create(&args.postgres).await?;
+        let result = takeover(&args, &scratch.url).await;
+        scratch.drop().await?;
         result?;
     }
     for cores in 1..=3 {
         for _ in 0..args.runs {
-            let (name, url) = scratch(&admin, &args.postgres).await?;
-            let result = throughput(&args, &url, cores).await;
-            drop_scratch(&admin, &name).await?;
+            let scratch = Scratch::create(&args.postgres).await?;
+            let result = throughput(&args, &scratch.url, cores).await;
+            scratch.drop().await?;
             result?;
         }
     }

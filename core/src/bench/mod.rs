@@ -18,6 +18,46 @@ pub mod images;
 pub mod load;
 pub use api::ApiBenchArgs;
 
+/// A scratch PostgreSQL database next to the one an admin URL names, for one run.
+pub(crate) struct Scratch {
+    admin: sea_orm::DatabaseConnection,
+    name: String,
+    /// Its URL.
+    pub url: String,
+}
+
+impl Scratch {
+    /// Connects to `admin_url` (ending in `/DATABASE`) and creates the scratch database.
+    pub(crate) async fn create(admin_url: &str) -> Result<Scratch> {
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .context("--postgres must end with /DATABASE")?;
+        let admin = Database::connect(admin_url)
+            .await
+            .with_context(|| format!("cannot connect to {admin_url}"))?;
+        let name = format!("cloud48_bench_{:08x}", rand::random::<u32>());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await?;
+        Ok(Scratch {
+            url: format!("{base}/{name}"),
+            admin,
+            name,
+        })
+    }
+
+    /// Drops it.
+    pub(crate) async fn drop(self) -> Result<()> {
+        self.admin
+            .execute_unprepared(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await?;
+        Ok(())
+    }
+}
+
 /// Options of `bench queue`.
 #[derive(Debug, Args)]
 pub struct QueueBenchArgs {
@@ -46,28 +86,15 @@ pub async fn queue(args: QueueBenchArgs) -> Result<()> {
     if args.sqlite_only {
         return Ok(());
     }
-    let admin = match Database::connect(&args.postgres).await {
-        Ok(db) => db,
+    let scratch = match Scratch::create(&args.postgres).await {
+        Ok(s) => s,
         Err(e) => {
-            println!(
-                "postgresql: skipped, cannot connect to {}: {e}",
-                args.postgres
-            );
+            println!("postgresql: skipped: {e:#}");
             return Ok(());
         }
     };
-    let name = format!("cloud48_bench_{:08x}", rand::random::<u32>());
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let url = match args.postgres.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{name}"),
-        None => anyhow::bail!("--postgres must end with /DATABASE"),
-    };
-    let result = queue_case(dir.path(), Some(url), &args).await;
-    admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
+    let result = queue_case(dir.path(), Some(scratch.url.clone()), &args).await;
+    scratch.drop().await?;
     let rate = result?;
     println!(
         "postgresql (synchronous_commit=on): {} commands in {:.2} s: {:.0} commands/s",
@@ -302,27 +329,13 @@ pub async fn place(args: PlaceBenchArgs) -> Result<()> {
     config.health.background = false;
     config.db_connections = args.connections;
     let scratch = match &args.postgres {
-        Some(admin_url) => {
-            let admin = Database::connect(admin_url)
-                .await
-                .with_context(|| format!("cannot connect to {admin_url}"))?;
-            let name = format!("cloud48_bench_{:08x}", rand::random::<u32>());
-            admin
-                .execute_unprepared(&format!("CREATE DATABASE {name}"))
-                .await?;
-            let (base, _) = admin_url
-                .rsplit_once('/')
-                .context("--postgres must end with /DATABASE")?;
-            config.database_url = Some(format!("{base}/{name}"));
-            Some((admin, name))
-        }
+        Some(admin_url) => Some(Scratch::create(admin_url).await?),
         None => None,
     };
+    config.database_url = scratch.as_ref().map(|s| s.url.clone());
     let result = place_case(config, &args).await;
-    if let Some((admin, name)) = scratch {
-        admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await?;
+    if let Some(scratch) = scratch {
+        scratch.drop().await?;
     }
     result
 }
