@@ -124,7 +124,7 @@ pub struct Cluster {
     /// The database's clock (PostgreSQL), recalibrated by `sync_cores`.
     clock: Option<std::sync::Arc<DbClock>>,
     /// The servers' fingerprint when this core last read them.
-    pub(crate) servers_seen: Mutex<Option<String>>,
+    servers_seen: Mutex<Option<String>>,
 }
 
 /// A core of the cluster, as the database last saw it.
@@ -333,22 +333,36 @@ impl Cluster {
         Ok(())
     }
 
-    /// A fingerprint of what other cores may change in `servers` that this core's view holds
-    /// apart from allocations (which the database checks again on every reservation): the
-    /// servers, their status, draining and address. `None` on SQLite.
-    pub async fn servers_fingerprint(&self) -> Result<Option<String>, DbErr> {
+    /// Every row of `servers`, when what other cores may change there has changed since this
+    /// core last read them (`None` otherwise, and always on SQLite): servers added or removed,
+    /// their status, draining and address, by a fingerprint computed in the database. The
+    /// allocation counters are not part of it: the database checks them on every reservation.
+    pub async fn changed_servers(
+        &self,
+    ) -> Result<Option<Vec<crate::entities::server::Model>>, DbErr> {
+        use sea_orm::{EntityTrait, QueryOrder};
         if !self.shared() {
             return Ok(None);
         }
-        let row = self
+        let fingerprint: Option<String> = self
             .db
             .query_one_raw(Statement::from_string(
                 DatabaseBackend::Postgres,
                 "SELECT md5(coalesce(string_agg(id || ':' || status || ':' || draining || ':' || \
                  coalesce(address, ''), ',' ORDER BY id), '')) AS f FROM servers",
             ))
+            .await?
+            .map(|r| r.try_get("", "f"))
+            .transpose()?;
+        if *self.servers_seen.lock().unwrap() == fingerprint {
+            return Ok(None);
+        }
+        let rows = crate::entities::server::Entity::find()
+            .order_by_asc(crate::entities::server::Column::Id)
+            .all(&self.db)
             .await?;
-        row.map(|r| r.try_get("", "f")).transpose()
+        *self.servers_seen.lock().unwrap() = fingerprint;
+        Ok(Some(rows))
     }
 
     /// Records that this core is alive at `url`, and reads the URLs of the cores seen within

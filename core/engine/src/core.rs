@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, Database, DatabaseBackend, DatabaseConnection,
-    DbErr, EntityTrait, QueryFilter, QueryOrder, Set,
+    DbErr, EntityTrait, QueryFilter, Set,
 };
 
 mod futures_job {
@@ -355,7 +355,12 @@ impl Core {
             clock.clone(),
             recorder,
         );
-        let health = Arc::new(Health::new(clock.clone()));
+        let health = Health::new(clock.clone());
+        let health = Arc::new(if cluster.shared() {
+            health.shared()
+        } else {
+            health
+        });
         let placement = Arc::new(crate::placement::PlacementCache::new(
             config.placement.weights,
         ));
@@ -560,17 +565,11 @@ impl Core {
         // Servers other cores registered, marked down or up, or drained: attach their drivers
         // and refresh placement's view (the allocation counters in it are checked again by
         // the database when a reservation is written). Read only when they changed.
-        let fingerprint = cluster.servers_fingerprint().await?;
-        if *cluster.servers_seen.lock().unwrap() != fingerprint {
-            let rows = server::Entity::find()
-                .order_by_asc(server::Column::Id)
-                .all(self.db())
-                .await?;
+        if let Some(rows) = cluster.changed_servers().await? {
             for row in rows.iter().filter(|r| self.fleet().driver(r.id).is_none()) {
                 self.fleet().attach(row)?;
             }
             self.placement().load(&rows);
-            *cluster.servers_seen.lock().unwrap() = fingerprint;
         }
         // A core silent for ten leases is gone; agents need not try it first.
         let within = self.inner.config.cluster.duty_lease * 10;

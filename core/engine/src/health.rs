@@ -42,8 +42,9 @@ pub struct Beat {
 /// database, see `cluster`).
 pub struct Health {
     beats: Mutex<HashMap<i64, Beat>>,
-    /// Servers whose heartbeat arrived here since the last write to the database.
-    unwritten: Mutex<std::collections::HashSet<i64>>,
+    /// Servers whose heartbeat arrived here since the last write to the database; `None`
+    /// when no other core reads them (SQLite).
+    unwritten: Option<Mutex<std::collections::HashSet<i64>>>,
     clock: Arc<dyn Clock>,
     /// When monitoring began: the grace period of a server that never sent a heartbeat
     /// counts from here.
@@ -65,7 +66,7 @@ impl Health {
         let started = std::sync::atomic::AtomicI64::new(clock.now_ms());
         Health {
             beats: Mutex::new(HashMap::new()),
-            unwritten: Mutex::new(Default::default()),
+            unwritten: None,
             clock,
             started,
         }
@@ -82,13 +83,24 @@ impl Health {
     pub fn heartbeat(&self, server: i64, load: Option<ServerStats>) {
         let at = self.clock.now_ms();
         self.beats.lock().unwrap().insert(server, Beat { at, load });
-        self.unwritten.lock().unwrap().insert(server);
+        if let Some(unwritten) = &self.unwritten {
+            unwritten.lock().unwrap().insert(server);
+        }
+    }
+
+    /// The same, keeping the heartbeats received here for other cores (`take_unwritten`).
+    pub fn shared(mut self) -> Self {
+        self.unwritten = Some(Mutex::new(Default::default()));
+        self
     }
 
     /// The heartbeats that arrived here since the last call, for other cores: `(server, age in
     /// ms, load as JSON)`.
     pub fn take_unwritten(&self) -> Vec<(i64, i64, Option<String>)> {
-        let servers = std::mem::take(&mut *self.unwritten.lock().unwrap());
+        let Some(unwritten) = &self.unwritten else {
+            return Vec::new();
+        };
+        let servers = std::mem::take(&mut *unwritten.lock().unwrap());
         let now = self.clock.now_ms();
         let beats = self.beats.lock().unwrap();
         servers
