@@ -24,6 +24,7 @@ mod m0014_audit;
 mod m0015_server_subnets;
 mod m0016_projects;
 mod m0017_cluster;
+mod m0018_illegal_index;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -49,6 +50,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0015_server_subnets::Migration),
             Box::new(m0016_projects::Migration),
             Box::new(m0017_cluster::Migration),
+            Box::new(m0018_illegal_index::Migration),
         ]
     }
 }

@@ -81,18 +81,38 @@ impl Collector {
             .filter(|c| c.up && only.is_none_or(|o| o == c.id))
             .map(|c| c.id)
             .collect();
+        // The illegal containers of every server in one statement (the partial index of
+        // migration 18 holds only them): a pass costs the same with a million legal ones.
+        let mut illegal: HashMap<i64, Vec<container::Model>> = HashMap::new();
+        let mut query = container::Entity::find().filter(Expr::cust(format!(
+            "status = '{}'",
+            ContainerStatus::Illegal.as_str()
+        )));
+        if let Some(o) = only {
+            query = query.filter(container::Column::ServerId.eq(o));
+        }
+        for row in query.all(&self.db).await? {
+            if let Some(server) = row.server_id {
+                illegal.entry(server).or_default().push(row);
+            }
+        }
         // Every server at once, each within a deadline: one that does not answer delays
         // nobody (the next pass tries it again).
-        let passes = servers.into_iter().map(|server_id| async move {
-            match tokio::time::timeout(SERVER_DEADLINE, self.collect_server(server_id)).await {
-                Ok(done) => done,
-                Err(_) => {
-                    tracing::warn!(
-                        server = server_id,
-                        "collector gave up on a server that did not answer within {} s",
-                        SERVER_DEADLINE.as_secs()
-                    );
-                    Ok((0, 0))
+        let passes = servers.into_iter().map(|server_id| {
+            let illegal = illegal.remove(&server_id).unwrap_or_default();
+            async move {
+                match tokio::time::timeout(SERVER_DEADLINE, self.collect_server(server_id, illegal))
+                    .await
+                {
+                    Ok(done) => done,
+                    Err(_) => {
+                        tracing::warn!(
+                            server = server_id,
+                            "collector gave up on a server that did not answer within {} s",
+                            SERVER_DEADLINE.as_secs()
+                        );
+                        Ok((0, 0))
+                    }
                 }
             }
         });
@@ -155,21 +175,21 @@ impl Collector {
         Ok(removed)
     }
 
-    /// Destroys the illegal containers and leftover guests of one server.
+    /// Destroys the illegal containers (`rows`, read by the caller) and leftover guests of one
+    /// server.
     #[expect(
         clippy::disallowed_methods,
         reason = "database work only: every driver or plugin call happens before it"
     )]
-    async fn collect_server(&self, server_id: i64) -> Result<(usize, usize), CoreError> {
+    async fn collect_server(
+        &self,
+        server_id: i64,
+        rows: Vec<container::Model>,
+    ) -> Result<(usize, usize), CoreError> {
         let Some((driver, name)) = self.fleet.named_driver(server_id) else {
             return Ok((0, 0));
         };
         let mut illegal = 0;
-        let rows = container::Entity::find()
-            .filter(container::Column::ServerId.eq(server_id))
-            .filter(container::Column::Status.eq(ContainerStatus::Illegal.as_str()))
-            .all(&self.db)
-            .await?;
         for row in rows {
             if let Err(e) = driver.destroy(&row.guest_id).await {
                 tracing::warn!(server = %name, guest = %row.guest_id, error = %e, "collector could not destroy an illegal container; will retry");

@@ -457,7 +457,13 @@ impl Core {
             }),
         };
         core.load_servers().await?;
-        let fixed = crate::placement::reconcile(core.db()).await?;
+        // The counters are kept by the transactions that change them; recomputing them is a
+        // safety net for a core alone (it would race with other cores' commands).
+        let fixed = if core.other_cores_alive().await? {
+            0
+        } else {
+            crate::placement::reconcile(core.db()).await?
+        };
         if fixed > 0 {
             tracing::warn!(
                 servers = fixed,
@@ -740,27 +746,24 @@ impl Core {
         hook: crate::commands::params::NotifyHook,
     ) -> Result<Vec<i64>, CoreError> {
         use sea_orm::QuerySelect;
-        let envs: Vec<i64> = crate::entities::container::Entity::find()
+        // Environment by environment (an index probe each), never a pass over every container.
+        let live = [
+            crate::model::ContainerStatus::Running,
+            crate::model::ContainerStatus::Stopped,
+            crate::model::ContainerStatus::Suspended,
+        ]
+        .map(|s| format!("'{}'", s.as_str()))
+        .join(", ");
+        let envs: Vec<i64> = crate::entities::environment::Entity::find()
             .select_only()
-            .column(crate::entities::container::Column::EnvironmentId)
-            .distinct()
-            .filter(crate::entities::container::Column::EnvironmentId.is_not_null())
-            .filter(
-                crate::entities::container::Column::Status.is_in(
-                    [
-                        crate::model::ContainerStatus::Running,
-                        crate::model::ContainerStatus::Stopped,
-                        crate::model::ContainerStatus::Suspended,
-                    ]
-                    .map(|s| s.as_str()),
-                ),
-            )
-            .into_tuple::<Option<i64>>()
+            .column(crate::entities::environment::Column::Id)
+            .filter(sea_orm::sea_query::Expr::cust(format!(
+                "EXISTS (SELECT 1 FROM containers c WHERE c.environment_id = environments.id \
+                 AND c.status IN ({live}))"
+            )))
+            .into_tuple::<i64>()
             .all(self.db())
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
+            .await?;
         let commands: Vec<_> = envs
             .into_iter()
             .map(|env| crate::queue::NewCommand {

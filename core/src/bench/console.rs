@@ -43,6 +43,12 @@ pub struct ScrapeBenchArgs {
     /// Requests of each kind timed.
     #[arg(long, default_value_t = 50)]
     pub requests: usize,
+    /// Fill this data directory (kept afterwards, for further checks) instead of a scratch one.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Seconds the restarted `cloud48 serve` is left idle before its memory is read.
+    #[arg(long, default_value_t = 10)]
+    pub idle_secs: u64,
 }
 
 /// An embedded core on the default settings, anonymous access, its API on a loopback port.
@@ -183,9 +189,17 @@ pub async fn events(args: EventsBenchArgs) -> Result<()> {
 
 /// `bench scrape`.
 pub async fn scrape(args: ScrapeBenchArgs) -> Result<()> {
-    let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+    let dir = match &args.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            d.clone()
+        }
+        None => scratch.path().to_path_buf(),
+    };
+    let dir = dir.as_path();
     // A simulated server hands out at most 1,021 addresses (a /22).
-    let (core, url) = serve(dir.path(), args.containers / 1000 + 10).await?;
+    let (core, url) = serve(dir, args.containers / 1000 + 10).await?;
     let client = Client::new(&url);
     let filled = Instant::now();
     let mut left = args.containers;
@@ -243,5 +257,69 @@ pub async fn scrape(args: ScrapeBenchArgs) -> Result<()> {
         ms(percentile(&lists, 0.99)),
     );
     core.stop(Duration::from_secs(5)).await;
+    drop(core);
+    restart(dir, &args).await
+}
+
+/// The second half of `bench scrape`: the real `cloud48 serve` started on the database the
+/// first half filled: time until it is ready, its memory when idle, and a whole list read
+/// page by page (as `container list` streams it) with the memory that took. The simulated
+/// servers start empty (their guests lived in the first process): this measures the core.
+async fn restart(dir: &std::path::Path, args: &ScrapeBenchArgs) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    let started = Instant::now();
+    let mut serve = crate::serving::ServeProcess::spawn(
+        &exe,
+        dir,
+        &["--anonymous", "full", "--sim-servers", "0"],
+    )?;
+    serve.health(true).await?;
+    let ready = started.elapsed();
+    let pid = serve.child.id();
+    let at_ready = memory(pid)?;
+    tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+    let idle = memory(pid)?;
+    let client = Client::new(&serve.url);
+    let listed = Instant::now();
+    let mut count = 0usize;
+    client
+        .pages::<serde_json::Value>("/v1/containers?limit=1000", |page| {
+            count += page.len();
+            Ok(())
+        })
+        .await?;
+    let list = listed.elapsed();
+    let after = memory(pid)?;
+    anyhow::ensure!(
+        count == args.containers as usize,
+        "the list had {count} containers, not {}",
+        args.containers
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "bench scrape, restart: `cloud48 serve` ready in {:.2} s with {} containers (RSS {:.0} MiB); idle {} s: RSS {:.0} MiB; whole list in pages of 1,000: {:.1} s, RSS {:.0} MiB, peak {:.0} MiB",
+        ready.as_secs_f64(),
+        args.containers,
+        mib(at_ready.0),
+        args.idle_secs,
+        mib(idle.0),
+        list.as_secs_f64(),
+        mib(after.0),
+        mib(after.1),
+    );
     Ok(())
+}
+
+/// A process's resident memory now and at its peak (KiB), from `/proc/PID/status`.
+fn memory(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read the memory of process {pid}"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }

@@ -250,6 +250,21 @@ impl Client {
     /// GET every page of a list, following each page's `Link: <…>; rel="next"` header.
     pub async fn get_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>> {
         let mut all = Vec::new();
+        self.pages(path, |page| {
+            all.extend(page);
+            Ok(())
+        })
+        .await?;
+        Ok(all)
+    }
+
+    /// GET a list page by page, following each page's `Link: <…>; rel="next"` header, handing
+    /// each page to `on` as it arrives (a list of any length in the memory of one page).
+    pub async fn pages<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        mut on: impl FnMut(Vec<T>) -> Result<()>,
+    ) -> Result<()> {
         let mut next = Some(path.to_string());
         while let Some(path) = next.take() {
             let resp = self.send::<()>(Method::GET, &path, None).await?;
@@ -265,9 +280,9 @@ impl Client {
             if page.is_empty() {
                 break;
             }
-            all.extend(page);
+            on(page)?;
         }
-        Ok(all)
+        Ok(())
     }
 
     /// POST a JSON body, expecting JSON back.

@@ -1011,6 +1011,42 @@ struct Out {
 }
 
 impl Out {
+    /// Prints a list as it arrives, page by page, so that a list of any length takes the
+    /// memory of one page: JSON as one array, written item by item; for people, a table per
+    /// page.
+    async fn list<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        client: &Client,
+        path: &str,
+        table: fn(&[T]) -> String,
+    ) -> Result<()> {
+        use std::io::Write;
+        let mut first = true;
+        client
+            .pages::<T>(path, |page| {
+                let mut out = std::io::stdout().lock();
+                if self.json {
+                    for item in &page {
+                        let text = serde_json::to_string_pretty(item)?;
+                        let sep = if first { "[\n" } else { ",\n" };
+                        first = false;
+                        write!(out, "{sep}{text}")?;
+                    }
+                } else {
+                    writeln!(out, "{}", table(&page))?;
+                    first = false;
+                }
+                Ok(())
+            })
+            .await?;
+        if self.json {
+            println!("{}", if first { "[]" } else { "\n]" });
+        } else if first {
+            println!("{}", table(&[]));
+        }
+        Ok(())
+    }
+
     fn show<T: serde::Serialize>(&self, v: &T, human: impl FnOnce() -> String) {
         if self.json {
             output::json(v);
@@ -1276,11 +1312,8 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
                     q.push(format!("{k}={}", enc(&v)));
                 }
             }
-            let list: Vec<Container> = client
-                .get_all(&format!("/v1/containers?{}", q.join("&")))
-                .await?;
-            out.show(&list, || output::containers(&list));
-            return Ok(());
+            let path = format!("/v1/containers?{}", q.join("&"));
+            return out.list(client, &path, output::containers).await;
         }
         ContainerCmd::Purge => {
             let r: cloud48_engine::managers::PurgeReport = client

@@ -7,8 +7,9 @@ use std::collections::{HashMap, HashSet};
 
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection,
+    DatabaseTransaction, DbErr, EntityTrait, QueryFilter, QueryOrder, Set, Statement,
+    TransactionTrait,
 };
 
 use super::{PlacementCache, PlacementError, allocated_of, resources};
@@ -345,28 +346,44 @@ pub fn requirements_of(row: &container::Model) -> Requirements {
     serde_json::from_str(&row.requirements).unwrap_or_default()
 }
 
-/// What the counters of every server should be, recomputed from containers and dummies.
+/// What the counters of every server should be, recomputed from containers and dummies by
+/// one aggregate in the database (a million containers never enter the core's memory).
 async fn recompute<C: ConnectionTrait>(conn: &C) -> Result<HashMap<i64, (Resources, u64)>, DbErr> {
-    let mut used: HashMap<i64, (Resources, u64)> = HashMap::new();
-    let live = container::Entity::find()
-        .filter(container::Column::ServerId.is_not_null())
-        .filter(container::Column::Status.is_not_in([
-            ContainerStatus::Destroyed.as_str(),
-            ContainerStatus::Failed.as_str(),
-        ]))
-        .all(conn)
+    let backend = conn.get_database_backend();
+    let field = |f: &str| match backend {
+        DatabaseBackend::Postgres => {
+            format!("COALESCE((requirements::jsonb ->> '{f}')::bigint, 0)")
+        }
+        _ => format!("COALESCE(json_extract(requirements, '$.{f}'), 0)"),
+    };
+    let sql = format!(
+        "SELECT server_id, CAST(SUM(cpu) AS BIGINT) AS cpu, CAST(SUM(memory) AS BIGINT) AS memory, \
+         CAST(SUM(disk) AS BIGINT) AS disk, COUNT(*) AS n FROM ( \
+         SELECT server_id, {} AS cpu, {} AS memory, {} AS disk FROM containers \
+         WHERE server_id IS NOT NULL AND status NOT IN ('{}', '{}') \
+         UNION ALL SELECT server_id, cpu_millis, memory_mb, disk_mb FROM dummies) AS used \
+         GROUP BY server_id",
+        field("cpu_millis"),
+        field("memory_mb"),
+        field("disk_mb"),
+        ContainerStatus::Destroyed.as_str(),
+        ContainerStatus::Failed.as_str(),
+    );
+    let rows = conn
+        .query_all_raw(Statement::from_string(backend, sql))
         .await?;
-    for c in live {
-        let e = used.entry(c.server_id.expect("filtered")).or_default();
-        e.0 = e.0.plus(&requirements_of(&c).resources);
-        e.1 += 1;
-    }
-    for d in dummy::Entity::find().all(conn).await? {
-        let e = used.entry(d.server_id).or_default();
-        e.0 = e.0.plus(&dummy_resources(&d));
-        e.1 += 1;
-    }
-    Ok(used)
+    rows.iter()
+        .map(|r| {
+            let n = |c: &str| r.try_get::<i64>("", c);
+            Ok((
+                n("server_id")?,
+                (
+                    resources(n("cpu")?, n("memory")?, n("disk")?),
+                    n("n")?.max(0) as u64,
+                ),
+            ))
+        })
+        .collect()
 }
 
 /// Servers whose counters differ from their containers and dummies, as messages (empty when
