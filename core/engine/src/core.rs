@@ -545,6 +545,8 @@ impl Core {
                 queue.wake()
             }));
             self.inner.background.lock().unwrap().push(listener);
+            let statistics = tokio::spawn(crate::statistics::keep_fresh(self.db().clone()));
+            self.inner.background.lock().unwrap().push(statistics);
         }
         if self.inner.config.health.background {
             self.spawn_background();

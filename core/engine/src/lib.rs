@@ -24,6 +24,7 @@ pub mod projects;
 pub mod queue;
 pub mod rebalance;
 pub mod services;
+pub mod statistics;
 mod submitter;
 pub mod throttle;
 

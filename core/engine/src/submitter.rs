@@ -140,11 +140,11 @@ async fn write(
     let txn = db.begin().await?;
     let ids = store::inserted_ids(&txn, insert, n).await?;
     // Guest ids in the format of `managers::guest_id_for`, in one statement.
-    let (set, mut values) = store::ids_source(&txn, ids.iter().copied(), 2);
+    let (set, mut values) = store::ids_source(&txn, "id", ids.iter().copied(), 2);
     values.insert(0, Value::from(crate::managers::guest_id_prefix(platform)));
     txn.execute_raw(store::sql(
         &txn,
-        &format!("UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE id IN {set}"),
+        &format!("UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE {set}"),
         values,
     ))
     .await?;

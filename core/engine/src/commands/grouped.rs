@@ -108,8 +108,8 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
     let ids: Vec<i64> = cmds.iter().filter_map(|c| c.target_id).collect();
     let mut rows = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(CHUNK) {
-        let (ids, values) = ids_source(svc.db(), chunk.iter().copied(), 1);
-        let from = format!("containers WHERE id IN {ids}");
+        let (ids, values) = ids_source(svc.db(), "id", chunk.iter().copied(), 1);
+        let from = format!("containers WHERE {ids}");
         type Found = (
             i64,
             String,

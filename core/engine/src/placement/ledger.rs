@@ -494,11 +494,11 @@ pub async fn fill_dummies(txn: &DatabaseTransaction, dummy_ids: &[i64]) -> Resul
     use crate::queue::store::{GROUP_CHUNK, ids_source, sql};
     let mut deleted = 0;
     for chunk in dummy_ids.chunks(GROUP_CHUNK) {
-        let (ids, values) = ids_source(txn, chunk.iter().copied(), 1);
+        let (ids, values) = ids_source(txn, "id", chunk.iter().copied(), 1);
         deleted += txn
             .execute_raw(sql(
                 txn,
-                &format!("DELETE FROM dummies WHERE id IN {ids}"),
+                &format!("DELETE FROM dummies WHERE {ids}"),
                 values,
             ))
             .await?

@@ -12,10 +12,13 @@ use crate::model::{Command, CommandId, CommandStatus};
 /// Statement in `$N` placeholder style. For SQLite every `$N` becomes an anonymous `?` with
 /// its value repeated in order of appearance: sqlx looks numbered parameters up by name, which
 /// costs time quadratic in their number.
+///
+/// The hints that keep SQLite's planner off an index (`column || ''`, `+column`) are removed for
+/// PostgreSQL, whose planner would take them for expressions it cannot estimate.
 pub(crate) fn sql<C: ConnectionTrait>(conn: &C, text: &str, values: Vec<Value>) -> Statement {
     let backend = conn.get_database_backend();
     if backend != DatabaseBackend::Sqlite {
-        return Statement::from_sql_and_values(backend, text, values);
+        return Statement::from_sql_and_values(backend, without_sqlite_hints(text), values);
     }
     let mut out = String::with_capacity(text.len());
     let mut ordered = Vec::with_capacity(values.len());
@@ -44,6 +47,25 @@ pub(crate) fn sql<C: ConnectionTrait>(conn: &C, text: &str, values: Vec<Value>) 
         );
     }
     Statement::from_sql_and_values(backend, out, ordered)
+}
+
+/// `text` without SQLite's planner hints: `|| ''` after a column, and a unary `+` before one
+/// (a `+` after a space or `(` and before a letter; binary plus is written with spaces).
+fn without_sqlite_hints(text: &str) -> String {
+    let text = text.replace(" || ''", "");
+    let mut out = String::with_capacity(text.len());
+    let mut prev = ' ';
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let unary = c == '+'
+            && (prev == ' ' || prev == '(')
+            && chars.peek().is_some_and(|n| n.is_ascii_alphabetic());
+        if !unary {
+            out.push(c);
+        }
+        prev = c;
+    }
+    out
 }
 
 /// Runs `SELECT columns FROM rest` and returns its rows as one: the database aggregates them
@@ -431,10 +453,10 @@ async fn claim_sqlite<C: ConnectionTrait>(
     if rows.is_empty() {
         return Ok(Claimed { rows, holding });
     }
-    let (ids, mut values) = ids_source(conn, rows.iter().map(|r| r.id), 4);
+    let (ids, mut values) = ids_source(conn, "id", rows.iter().map(|r| r.id), 4);
     let text = format!(
         "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
-         started_at = COALESCE(started_at, $3) WHERE id IN {ids} AND status || '' = 'queued'"
+         started_at = COALESCE(started_at, $3) WHERE {ids} AND status || '' = 'queued'"
     );
     values.splice(0..0, [owner.into(), lease_until.into(), now.into()]);
     let taken = conn
@@ -443,9 +465,9 @@ async fn claim_sqlite<C: ConnectionTrait>(
         .rows_affected();
     if taken != rows.len() as u64 {
         // Not expected with one claimer; read back what this call took.
-        let (ids, mut values) = ids_source(conn, rows.iter().map(|r| r.id), 3);
+        let (ids, mut values) = ids_source(conn, "id", rows.iter().map(|r| r.id), 3);
         let from = format!(
-            "commands WHERE id IN {ids} AND status = 'running' AND lease_owner = $1 AND lease_until = $2"
+            "commands WHERE {ids} AND status = 'running' AND lease_owner = $1 AND lease_until = $2"
         );
         values.splice(0..0, [owner.into(), lease_until.into()]);
         rows = json_objects(conn, COMMAND_COLUMNS, &from, values).await?;
@@ -514,9 +536,9 @@ pub(crate) async fn renew_leases<C: ConnectionTrait>(
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in ids.chunks(GROUP_CHUNK) {
-        let (ids, mut values) = ids_source(conn, chunk.iter().copied(), 3);
+        let (ids, mut values) = ids_source(conn, "id", chunk.iter().copied(), 3);
         let text = format!(
-            "UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running' AND id IN {ids}"
+            "UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running' AND {ids}"
         );
         values.splice(0..0, [lease_until.into(), owner.into()]);
         n += conn
@@ -836,11 +858,11 @@ pub(crate) async fn finish_plain_batch<C: ConnectionTrait>(
     now: i64,
 ) -> Result<(), DbErr> {
     for chunk in ids.chunks(GROUP_CHUNK) {
-        let (ids, mut values) = ids_source(conn, chunk.iter().copied(), 4);
+        let (ids, mut values) = ids_source(conn, "id", chunk.iter().copied(), 4);
         let text = format!(
             "UPDATE commands SET status = 'succeeded', result = $1, finished_at = $2, \
              lease_owner = NULL, lease_until = NULL, waiting_on = NULL \
-             WHERE id IN {ids} AND lease_owner = $3 AND status = 'running'"
+             WHERE {ids} AND lease_owner = $3 AND status = 'running'"
         );
         values.splice(0..0, [result.into(), now.into(), owner.into()]);
         conn.execute_raw(sql(conn, &text, values)).await?;
@@ -914,8 +936,8 @@ pub(crate) async fn cancel(
 /// few hundred rows took longer to prepare than to run), and SQLite drives the join from the
 /// rows, looking each target up by id. The caller must keep SQLite from using another index of
 /// the target instead (`+column` or `column || ''` in its other conditions): with `VALUES`,
-/// SQLite 3.51 scanned the whole target table once per statement. On PostgreSQL the rows are a
-/// typed `VALUES` list.
+/// SQLite 3.51 scanned the whole target table once per statement. On PostgreSQL the rows are
+/// one JSON parameter as well (`jsonb_array_elements`), each column cast to its type.
 pub(crate) fn rows_source<C: ConnectionTrait>(
     conn: &C,
     types: &[&str],
@@ -934,58 +956,55 @@ pub(crate) fn rows_source<C: ConnectionTrait>(
             vec![json.to_string().into()],
         );
     }
-    let mut text = String::from("(VALUES ");
-    let mut values = Vec::with_capacity(rows.len() * types.len());
-    for (r, row) in rows.into_iter().enumerate() {
-        text.push_str(if r == 0 { "(" } else { ", (" });
-        for (i, (t, v)) in types.iter().zip(row).enumerate() {
-            if i > 0 {
-                text.push_str(", ");
-            }
-            text.push_str(&format!("CAST(${} AS {t})", first + values.len()));
-            values.push(match (*t, v) {
-                ("INTEGER", v) => Value::Int(v.as_i64().map(|n| n as i32)),
-                ("BIGINT", v) => Value::BigInt(v.as_i64()),
-                (_, serde_json::Value::String(s)) => Value::String(Some(s)),
-                (_, serde_json::Value::Null) => Value::String(None),
-                (_, other) => Value::String(Some(other.to_string())),
-            });
-        }
-        text.push(')');
-    }
-    text.push_str(") AS v");
-    (text, values)
+    // PostgreSQL: the rows as one JSON parameter too, so that the statement's text is the
+    // same for any number of rows (prepared once per connection, planned without thousands of
+    // parameters).
+    let columns = types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("CAST(value ->> {i} AS {t}) AS column{}", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let json = serde_json::Value::Array(rows.into_iter().map(serde_json::Value::Array).collect());
+    (
+        format!(
+            "(SELECT {columns} FROM jsonb_array_elements(CAST(${first} AS JSONB)) AS value) AS v"
+        ),
+        vec![json.to_string().into()],
+    )
 }
 
 /// Rows per multi-row statement (a claim of the default batch is one chunk; PostgreSQL's limit
 /// of 65,535 parameters allows 64 columns).
 pub(crate) const GROUP_CHUNK: usize = 1024;
 
-/// Ids as a list for `IN (…)` (integers, so safe in the statement text).
-fn id_list(ids: impl IntoIterator<Item = i64>) -> String {
-    ids.into_iter()
-        .map(|id| id.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Ids as a set to follow `IN`, with its values; `$first` is the number of its placeholder. On
-/// SQLite the ids travel as one JSON parameter (`(SELECT value FROM json_each($first))`), so the
-/// statement's text is the same for any ids and is prepared once; elsewhere they are a literal
-/// list.
+/// The condition `column IN (ids)`, with its values; `$first` is the number of its placeholder.
+/// The ids travel as one parameter, so the statement's text is the same for any ids and is
+/// prepared once: on SQLite a JSON array read by `json_each`; on PostgreSQL an array
+/// (`column = ANY($first)`), which the planner looks up by index one id at a time whatever it
+/// believes of the table.
 pub(crate) fn ids_source<C: ConnectionTrait>(
     conn: &C,
+    column: &str,
     ids: impl IntoIterator<Item = i64>,
     first: usize,
 ) -> (String, Vec<Value>) {
     if conn.get_database_backend() == DatabaseBackend::Sqlite {
         let json = serde_json::Value::Array(ids.into_iter().map(serde_json::Value::from).collect());
         return (
-            format!("(SELECT value FROM json_each(${first}))"),
+            format!("{column} IN (SELECT value FROM json_each(${first}))"),
             vec![json.to_string().into()],
         );
     }
-    (format!("({})", id_list(ids)), Vec::new())
+    let list = ids
+        .into_iter()
+        .map(|id| id.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    (
+        format!("{column} = ANY(CAST(${first} AS BIGINT[]))"),
+        vec![format!("{{{list}}}").into()],
+    )
 }
 
 /// Locks many targets of one table, each for its command (`(target id, command id)`), like
@@ -1018,11 +1037,11 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
     let wanted: std::collections::HashMap<i64, i64> = pairs.iter().copied().collect();
     let mut held = std::collections::HashSet::new();
     for chunk in pairs.chunks(GROUP_CHUNK) {
-        let (ids, values) = ids_source(conn, chunk.iter().map(|p| p.0), 1);
+        let (ids, values) = ids_source(conn, "id", chunk.iter().map(|p| p.0), 1);
         let holders: Vec<(i64, Option<i64>)> = json_rows(
             conn,
             "id, locked_by",
-            &format!("{table} WHERE id IN {ids}"),
+            &format!("{table} WHERE {ids}"),
             values,
         )
         .await?;
@@ -1112,4 +1131,19 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sqlite_hints_are_removed_for_postgresql_and_arithmetic_is_kept() {
+        assert_eq!(
+            super::without_sqlite_hints(
+                "WHERE c.owner || '' = $1 AND +o.parent_id IS NULL AND (+t.locked_by = 2) \
+                 AND a = a + v.column2 AND b = +3 AND s = 'x || '''"
+            ),
+            "WHERE c.owner = $1 AND o.parent_id IS NULL AND (t.locked_by = 2) \
+             AND a = a + v.column2 AND b = +3 AND s = 'x || '''"
+        );
+    }
 }
