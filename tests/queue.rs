@@ -721,3 +721,60 @@ async fn writes_commit_with_the_step(pg: bool) {
     );
     q.stop(Duration::from_secs(5)).await;
 }
+
+/// A queue that grows from empty faster than autovacuum looks (once a minute) gets its planner
+/// statistics from the core: once `commands` changed by more rows than it held, `refresh`
+/// analyzes it (and then not again until it changes as much once more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planner_statistics_follow_a_growing_queue_on_postgres() {
+    use sea_orm::ConnectionTrait;
+    let Some((_pg, db)) = shared_postgres().await else {
+        return;
+    };
+    let queue = Queue::new(
+        db.clone(),
+        "core-a".into(),
+        QueueConfig::default(),
+        Arc::new(SystemClock),
+    );
+    let analyzed = || async {
+        db.query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COALESCE(analyze_count, 0) AS n FROM pg_stat_user_tables WHERE relname = 'commands'",
+        ))
+        .await
+        .unwrap()
+        .map(|r| r.try_get::<i64>("", "n").unwrap())
+        .unwrap_or(0)
+    };
+    assert!(
+        !cloud48_engine::statistics::refresh(&db)
+            .await
+            .unwrap()
+            .contains(&"commands".to_string()),
+        "an unchanged table is not analyzed"
+    );
+    let before = analyzed().await;
+    queue
+        .enqueue_in(
+            &db,
+            (0..3000).map(|_| crate::common::noop()).collect(),
+            None,
+        )
+        .await
+        .unwrap();
+    // The server counts the inserts once the inserting backend reports them (within a second).
+    crate::common::eventually("commands is analyzed after growing from empty", || async {
+        let done = cloud48_engine::statistics::refresh(&db).await.unwrap();
+        done.contains(&"commands".to_string()).then_some(())
+    })
+    .await;
+    assert_eq!(analyzed().await, before + 1);
+    assert!(
+        !cloud48_engine::statistics::refresh(&db)
+            .await
+            .unwrap()
+            .contains(&"commands".to_string()),
+        "analyzed tables are not analyzed again until they change as much once more"
+    );
+}

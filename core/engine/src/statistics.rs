@@ -4,9 +4,9 @@
 //! a queue that grows from empty to a hundred thousand commands in seconds is planned all that
 //! time as if its tables were nearly empty (nested loops over sequential scans, every queued
 //! command filtered and sorted before a claim takes a thousand). The core checks every second
-//! how much each of its tables changed since it was last analyzed and analyzes those that
-//! changed by more rows than they hold (and at least 1,000): a doubling, or every row rewritten
-//! once, which is when the planner's picture of a table's statuses has gone stale. One core at a time does it (an advisory
+//! how each of its tables changed since it was last analyzed and analyzes those that more than
+//! doubled (by at least 1,000 rows) or changed by more rows than they hold: then the planner's
+//! picture of a table's size and statuses has gone stale. One core at a time does it (an advisory
 //! lock): the statistics belong to the database, not to a core.
 //!
 //! On SQLite nothing is done: its planner needs no statistics for these statements.
@@ -27,8 +27,8 @@ const LOCK: i64 = 0x0c10_0d48_57a7;
 /// whose statuses the queue's and placement's statements filter on.
 const TABLES: [&str; 3] = ["commands", "containers", "dummies"];
 
-/// Analyzes the tables that changed by more rows than they hold (and 1,000) since their last
-/// analysis; returns their names. Does nothing on SQLite or while another core analyzes.
+/// Analyzes the tables that more than doubled, or changed by more rows than they hold (in
+/// either case by at least 1,000 rows), since their last analysis; returns their names. Does nothing on SQLite or while another core analyzes.
 #[expect(
     clippy::disallowed_methods,
     reason = "database work only: the transaction holds the advisory lock while analyzing"
@@ -42,9 +42,11 @@ pub async fn refresh(db: &DatabaseConnection) -> Result<Vec<String>, DbErr> {
         .query_all_raw(Statement::from_string(
             DatabaseBackend::Postgres,
             format!(
-                "SELECT relname::text AS name FROM pg_stat_user_tables \
-                 WHERE schemaname = current_schema() AND relname IN ({list}) \
-                 AND n_mod_since_analyze > 1000 + n_live_tup"
+                "SELECT s.relname::text AS name FROM pg_stat_user_tables s \
+                 JOIN pg_class c ON c.oid = s.relid \
+                 WHERE s.schemaname = current_schema() AND s.relname IN ({list}) \
+                 AND (s.n_live_tup > 1000 + 2 * GREATEST(c.reltuples, 0) \
+                 OR s.n_mod_since_analyze > 1000 + s.n_live_tup)"
             ),
         ))
         .await?
