@@ -270,3 +270,54 @@ fn completion_scripts_know_the_subcommands() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("possible values"));
 }
+
+/// `container list` streams a list longer than a page (1,000): JSON stays one array holding
+/// every container once, in id order; for people, a table per page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_list_streams_a_list_longer_than_a_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = crate::common::serve(
+        &dir.path().join("data"),
+        &["--sim-servers", "2", "--anonymous", "full"],
+    )
+    .await;
+    let url = serve.url.clone();
+    let run = move |args: Vec<&'static str>| {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || cli(&url, &args))
+                .await
+                .unwrap()
+        }
+    };
+    let (ok, _, err) = run(vec![
+        "container",
+        "create",
+        "--type",
+        "plain",
+        "--count",
+        "1500",
+        "--cpu-millis",
+        "1",
+        "--memory-mb",
+        "1",
+        "--disk-mb",
+        "1",
+        "--wait",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(vec!["--json", "container", "list"]).await;
+    assert!(ok, "{err}");
+    let list: Vec<Value> = serde_json::from_str(&out).expect("one JSON array");
+    let ids: Vec<i64> = list.iter().map(|c| c["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids.len(), 1500);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids in order, none twice"
+    );
+    let (ok, out, err) = run(vec!["container", "list"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("ENVIRONMENT").count(), 2, "a table per page");
+    assert_eq!(out.matches(" plain ").count(), 1500);
+}
