@@ -28,7 +28,8 @@ const LOCK: i64 = 0x0c10_0d48_57a7;
 const TABLES: [&str; 3] = ["commands", "containers", "dummies"];
 
 /// Analyzes the tables that more than doubled, or changed by more rows than they hold (in
-/// either case by at least 1,000 rows), since their last analysis; returns their names. Does nothing on SQLite or while another core analyzes.
+/// either case by at least 1,000 rows), since their last analysis; returns their names. Does
+/// nothing on SQLite or while another core analyzes.
 #[expect(
     clippy::disallowed_methods,
     reason = "database work only: the transaction holds the advisory lock while analyzing"

@@ -140,7 +140,7 @@ async fn write(
     let txn = db.begin().await?;
     let ids = store::inserted_ids(&txn, insert, n).await?;
     // Guest ids in the format of `managers::guest_id_for`, in one statement.
-    let (set, mut values) = store::ids_source(&txn, "id", ids.iter().copied(), 2);
+    let (set, mut values) = store::ids_in(&txn, "id", ids.iter().copied(), 2);
     values.insert(0, Value::from(crate::managers::guest_id_prefix(platform)));
     txn.execute_raw(store::sql(
         &txn,

@@ -31,7 +31,7 @@ use crate::entities::command;
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources};
 use crate::placement::{self, PlacementCache, Reservation};
-use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_source, json_rows};
+use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_in, json_rows};
 use crate::queue::{GroupCommit, GroupNext, GroupSink, GroupWrite, GroupWrites, StepError};
 use crate::services::Services;
 
@@ -108,7 +108,7 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
     let ids: Vec<i64> = cmds.iter().filter_map(|c| c.target_id).collect();
     let mut rows = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(CHUNK) {
-        let (ids, values) = ids_source(svc.db(), "id", chunk.iter().copied(), 1);
+        let (ids, values) = ids_in(svc.db(), "id", chunk.iter().copied(), 1);
         let from = format!("containers WHERE {ids}");
         type Found = (
             i64,

@@ -491,10 +491,10 @@ pub async fn insert_dummies(
 /// (now held by the containers). Returns how many were still there; fewer than asked means the
 /// collector took some (deadline passed), and the caller settles those one by one.
 pub async fn fill_dummies(txn: &DatabaseTransaction, dummy_ids: &[i64]) -> Result<u64, DbErr> {
-    use crate::queue::store::{GROUP_CHUNK, ids_source, sql};
+    use crate::queue::store::{GROUP_CHUNK, ids_in, sql};
     let mut deleted = 0;
     for chunk in dummy_ids.chunks(GROUP_CHUNK) {
-        let (ids, values) = ids_source(txn, "id", chunk.iter().copied(), 1);
+        let (ids, values) = ids_in(txn, "id", chunk.iter().copied(), 1);
         deleted += txn
             .execute_raw(sql(
                 txn,

@@ -454,7 +454,7 @@ async fn claim_sqlite<C: ConnectionTrait>(
     if rows.is_empty() {
         return Ok(Claimed { rows, holding });
     }
-    let (ids, mut values) = ids_source(conn, "id", rows.iter().map(|r| r.id), 4);
+    let (ids, mut values) = ids_in(conn, "id", rows.iter().map(|r| r.id), 4);
     let text = format!(
         "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
          started_at = COALESCE(started_at, $3) WHERE {ids} AND status || '' = 'queued'"
@@ -466,7 +466,7 @@ async fn claim_sqlite<C: ConnectionTrait>(
         .rows_affected();
     if taken != rows.len() as u64 {
         // Not expected with one claimer; read back what this call took.
-        let (ids, mut values) = ids_source(conn, "id", rows.iter().map(|r| r.id), 3);
+        let (ids, mut values) = ids_in(conn, "id", rows.iter().map(|r| r.id), 3);
         let from = format!(
             "commands WHERE {ids} AND status = 'running' AND lease_owner = $1 AND lease_until = $2"
         );
@@ -537,7 +537,7 @@ pub(crate) async fn renew_leases<C: ConnectionTrait>(
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in ids.chunks(GROUP_CHUNK) {
-        let (ids, mut values) = ids_source(conn, "id", chunk.iter().copied(), 3);
+        let (ids, mut values) = ids_in(conn, "id", chunk.iter().copied(), 3);
         let text = format!(
             "UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running' AND {ids}"
         );
@@ -859,7 +859,7 @@ pub(crate) async fn finish_plain_batch<C: ConnectionTrait>(
     now: i64,
 ) -> Result<(), DbErr> {
     for chunk in ids.chunks(GROUP_CHUNK) {
-        let (ids, mut values) = ids_source(conn, "id", chunk.iter().copied(), 4);
+        let (ids, mut values) = ids_in(conn, "id", chunk.iter().copied(), 4);
         let text = format!(
             "UPDATE commands SET status = 'succeeded', result = $1, finished_at = $2, \
              lease_owner = NULL, lease_until = NULL, waiting_on = NULL \
@@ -975,8 +975,7 @@ pub(crate) fn rows_source<C: ConnectionTrait>(
     )
 }
 
-/// Rows per multi-row statement (a claim of the default batch is one chunk; PostgreSQL's limit
-/// of 65,535 parameters allows 64 columns).
+/// Rows per multi-row statement (a claim of the default batch is one chunk).
 pub(crate) const GROUP_CHUNK: usize = 1024;
 
 /// The condition `column IN (ids)`, with its values; `$first` is the number of its placeholder.
@@ -984,7 +983,7 @@ pub(crate) const GROUP_CHUNK: usize = 1024;
 /// prepared once: on SQLite a JSON array read by `json_each`; on PostgreSQL an array
 /// (`column = ANY($first)`), which the planner looks up by index one id at a time whatever it
 /// believes of the table.
-pub(crate) fn ids_source<C: ConnectionTrait>(
+pub(crate) fn ids_in<C: ConnectionTrait>(
     conn: &C,
     column: &str,
     ids: impl IntoIterator<Item = i64>,
@@ -1038,7 +1037,7 @@ pub(crate) async fn lock_many<C: ConnectionTrait>(
     let wanted: std::collections::HashMap<i64, i64> = pairs.iter().copied().collect();
     let mut held = std::collections::HashSet::new();
     for chunk in pairs.chunks(GROUP_CHUNK) {
-        let (ids, values) = ids_source(conn, "id", chunk.iter().map(|p| p.0), 1);
+        let (ids, values) = ids_in(conn, "id", chunk.iter().map(|p| p.0), 1);
         let holders: Vec<(i64, Option<i64>)> = json_rows(
             conn,
             "id, locked_by",
