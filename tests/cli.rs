@@ -4,23 +4,28 @@ use serde_json::{Value, json};
 
 use crate::common::cli;
 
+/// `cloud48 serve` with two simulated servers and anonymous access, as these tests use it.
+async fn serve_two_sims(dir: &std::path::Path) -> crate::common::ServeProcess {
+    crate::common::serve(
+        &dir.join("data"),
+        &["--sim-servers", "2", "--anonymous", "full"],
+    )
+    .await
+}
+
+/// Runs the CLI against `url` off the async runtime: (exit ok, stdout, stderr).
+async fn run_cli(url: String, args: Vec<&'static str>) -> (bool, String, String) {
+    tokio::task::spawn_blocking(move || cli(&url, &args))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_tour_through_the_real_binary() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = crate::common::serve(
-        &dir.path().join("data"),
-        &["--sim-servers", "2", "--anonymous", "full"],
-    )
-    .await;
+    let serve = serve_two_sims(dir.path()).await;
     let url = serve.url.clone();
-    let run = move |args: Vec<&'static str>| {
-        let url = url.clone();
-        async move {
-            tokio::task::spawn_blocking(move || cli(&url, &args))
-                .await
-                .unwrap()
-        }
-    };
+    let run = |args: Vec<&'static str>| run_cli(url.clone(), args);
 
     let (ok, out, err) = run(vec!["--json", "env", "create", "web", "--wait"]).await;
     assert!(ok, "{err}");
@@ -156,9 +161,7 @@ async fn cli_tour_through_the_real_binary() {
 async fn the_cli_says_clearly_when_no_core_answers() {
     let port = crate::common::free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let (ok, _, err) = tokio::task::spawn_blocking(move || cli(&url, &["env", "list"]))
-        .await
-        .unwrap();
+    let (ok, _, err) = run_cli(url, vec!["env", "list"]).await;
     assert!(!ok);
     assert!(
         err.contains("cannot reach the core") && err.contains("cloud48 serve"),
@@ -276,20 +279,9 @@ fn completion_scripts_know_the_subcommands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_list_streams_a_list_longer_than_a_page() {
     let dir = tempfile::tempdir().unwrap();
-    let serve = crate::common::serve(
-        &dir.path().join("data"),
-        &["--sim-servers", "2", "--anonymous", "full"],
-    )
-    .await;
+    let serve = serve_two_sims(dir.path()).await;
     let url = serve.url.clone();
-    let run = move |args: Vec<&'static str>| {
-        let url = url.clone();
-        async move {
-            tokio::task::spawn_blocking(move || cli(&url, &args))
-                .await
-                .unwrap()
-        }
-    };
+    let run = |args: Vec<&'static str>| run_cli(url.clone(), args);
     let (ok, _, err) = run(vec![
         "container",
         "create",

@@ -189,13 +189,17 @@ pub async fn events(args: EventsBenchArgs) -> Result<()> {
 
 /// `bench scrape`.
 pub async fn scrape(args: ScrapeBenchArgs) -> Result<()> {
-    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
-    let dir = match &args.data_dir {
+    // A scratch directory unless one to keep is named (removed when dropped).
+    let (_scratch, dir) = match &args.data_dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-            d.clone()
+            (None, d.clone())
         }
-        None => scratch.path().to_path_buf(),
+        None => {
+            let t = tempfile::tempdir().context("cannot create a scratch directory")?;
+            let path = t.path().to_path_buf();
+            (Some(t), path)
+        }
     };
     let dir = dir.as_path();
     // A simulated server hands out at most 1,021 addresses (a /22).
