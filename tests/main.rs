@@ -33,4 +33,5 @@ mod real;
 mod tour;
 mod transfer;
 mod upgrade;
+mod vm;
 mod wit;

@@ -22,6 +22,8 @@ use crate::protocol::AgentInfo;
 pub enum AgentDriver {
     /// OS containers: namespaces, cgroups, a veth on the agent's bridge (needs root).
     Linux,
+    /// Virtual machines: QEMU with KVM or TCG, a tap on the agent's bridge (needs root).
+    Qemu,
     /// Simulated containers (no privileges needed).
     Sim,
 }
@@ -80,7 +82,8 @@ pub struct AgentArgs {
     /// Capacity offered, as CPU_MILLIS,MEMORY_MB,DISK_MB [default: the machine's].
     #[arg(long, value_name = "CPU,MEM,DISK")]
     pub capacity: Option<String>,
-    /// Linux driver: how long a stop waits after SIGTERM before SIGKILL, ms.
+    /// Linux driver: how long a stop waits after SIGTERM before SIGKILL, ms (qemu driver: how
+    /// long a VM may take to power off before QEMU is ended; at least 15 s).
     #[arg(long, default_value_t = 5000)]
     pub stop_grace_ms: u64,
     /// Period of heartbeats to the core, ms.
@@ -94,6 +97,17 @@ pub struct AgentArgs {
     /// least recently used ones no container runs are removed beyond it (0: no bound).
     #[arg(long, default_value_t = 20480)]
     pub image_cache_mb: u64,
+    /// Qemu driver: the accelerator (auto: KVM where the CPU has hardware virtualization,
+    /// else TCG; kvm: refuse to start without it).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
+    pub accel: String,
+    /// Qemu driver: the address other servers reach this one at for live migrations
+    /// [default: the host of --url].
+    #[arg(long)]
+    pub migration_address: Option<String>,
+    /// Qemu driver: how long a VM may take to boot until its guest agent answers, seconds.
+    #[arg(long, default_value_t = 180)]
+    pub boot_timeout_secs: u64,
     /// Sim driver: latency of every operation, ms (to rehearse slow servers).
     #[arg(long, default_value_t = 0)]
     pub sim_latency_ms: u64,
@@ -154,7 +168,42 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .subnet
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?;
+    let core_images = || {
+        args.core.first().map(|core| {
+            Arc::new(
+                CoreImages::new(core, &args.token, tokio::runtime::Handle::current())
+                    .for_agent(&url),
+            ) as cloud48_linux::images::ImageSource
+        })
+    };
     let driver: Arc<dyn Driver> = match args.driver {
+        AgentDriver::Qemu => {
+            let cfg = cloud48_qemu::QemuConfig {
+                name: name.clone(),
+                data_dir: std::fs::canonicalize(&args.data_dir)?,
+                bridge: args.bridge.clone(),
+                subnet,
+                prefix: args.prefix.clone(),
+                capacity,
+                stop_grace: Duration::from_millis(args.stop_grace_ms.max(15_000)),
+                boot_timeout: Duration::from_secs(args.boot_timeout_secs),
+                accel: args.accel.parse().map_err(|e: String| anyhow::anyhow!("--accel: {e}"))?,
+                source: core_images(),
+                migration_host: match &args.migration_address {
+                    Some(a) => a.clone(),
+                    None => reqwest::Url::parse(&url)
+                        .ok()
+                        .and_then(|u| u.host_str().map(String::from))
+                        .unwrap_or_else(|| "127.0.0.1".into()),
+                },
+            };
+            let qemu = cloud48_qemu::QemuDriver::open(cfg)
+                .await
+                .map_err(|e| anyhow::anyhow!("the qemu driver cannot start: {e}"))?;
+            eprintln!("cloud48 agent: virtual machines run under {}", qemu.accel());
+            image_store = Some(qemu.image_store());
+            Arc::new(qemu)
+        }
         AgentDriver::Linux => {
             let runc = ["/usr/sbin/runc", "/usr/bin/runc", "/sbin/runc"]
                 .iter()
@@ -172,12 +221,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 }
                 (_, true) => Some(ImagesConfig {
                     cache_bytes: (args.image_cache_mb > 0).then_some(args.image_cache_mb << 20),
-                    source: args.core.first().map(|core| {
-                        Arc::new(
-                            CoreImages::new(core, &args.token, tokio::runtime::Handle::current())
-                                .for_agent(&url),
-                        ) as cloud48_linux::images::ImageSource
-                    }),
+                    source: core_images(),
                 }),
             };
             let cfg = LinuxConfig {

@@ -19,7 +19,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use cloud48_driver::{Capabilities, DriverError, ExecOutput, GuestInfo, GuestSpec, ServerStats};
+use cloud48_driver::{
+    Capabilities, DriverError, ExecOutput, GuestInfo, GuestSpec, LiveOffer, LiveReport, LiveTarget,
+    ServerStats,
+};
 use cloud48_model::Resources;
 
 /// A mutation of guests on the agent's server.
@@ -56,6 +59,14 @@ pub enum Op {
         script: String,
         args: Vec<String>,
     },
+    /// `Driver::live_offer`.
+    LiveOffer { guest: String },
+    /// `Driver::live_receive`.
+    LiveReceive { spec: GuestSpec, offer: LiveOffer },
+    /// `Driver::live_send`.
+    LiveSend { guest: String, target: LiveTarget },
+    /// `Driver::live_finish`.
+    LiveFinish { guest: String },
 }
 
 /// Where an imported guest's image comes from.
@@ -94,6 +105,12 @@ pub enum OpOutput {
     Exec { output: ExecOutput },
     /// An export kept by the agent.
     Export { export: String, bytes: u64 },
+    /// What a live migration's target needs.
+    LiveOffer { offer: LiveOffer },
+    /// Where a live migration goes.
+    LiveTarget { target: LiveTarget },
+    /// How a live migration went.
+    LiveReport { report: LiveReport },
 }
 
 /// The answer to an [`OpRequest`]: the driver's result.

@@ -19,7 +19,8 @@ use tokio::io::AsyncSeekExt;
 
 use crate::protocol::{ImageSource, Op, OpOutput, OpRequest, OpResponse, OpStatus, ProtocolError};
 use cloud48_driver::{
-    Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, ServerStats,
+    Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, LiveOffer,
+    LiveReport, LiveTarget, ServerStats,
 };
 use cloud48_model::Resources;
 
@@ -238,6 +239,7 @@ impl RemoteDriver {
                 images: false,
                 live_migrate: false,
                 simulated: false,
+                vm: None,
             }),
         }
     }
@@ -382,6 +384,13 @@ impl RemoteDriver {
         self.op(op).await.map(|_| ())
     }
 
+    fn unexpected(&self, answer: &OpOutput, wanted: &str) -> DriverError {
+        DriverError::Permanent(format!(
+            "agent {} answered {answer:?} where {wanted} was expected",
+            self.name
+        ))
+    }
+
     async fn guest(&self, op: Op) -> Result<GuestInfo, DriverError> {
         match self.op(op).await? {
             OpOutput::Guest { guest } => Ok(guest),
@@ -502,6 +511,59 @@ impl Driver for RemoteDriver {
         self.guest(Op::Import {
             spec: spec.clone(),
             source,
+        })
+        .await
+    }
+
+    async fn live_offer(&self, guest_id: &str) -> Result<LiveOffer, DriverError> {
+        match self
+            .op(Op::LiveOffer {
+                guest: guest_id.into(),
+            })
+            .await?
+        {
+            OpOutput::LiveOffer { offer } => Ok(offer),
+            other => Err(self.unexpected(&other, "a live migration offer")),
+        }
+    }
+
+    async fn live_receive(
+        &self,
+        spec: &GuestSpec,
+        offer: &LiveOffer,
+    ) -> Result<LiveTarget, DriverError> {
+        match self
+            .op(Op::LiveReceive {
+                spec: spec.clone(),
+                offer: offer.clone(),
+            })
+            .await?
+        {
+            OpOutput::LiveTarget { target } => Ok(target),
+            other => Err(self.unexpected(&other, "a live migration target")),
+        }
+    }
+
+    async fn live_send(
+        &self,
+        guest_id: &str,
+        target: &LiveTarget,
+    ) -> Result<LiveReport, DriverError> {
+        match self
+            .op(Op::LiveSend {
+                guest: guest_id.into(),
+                target: target.clone(),
+            })
+            .await?
+        {
+            OpOutput::LiveReport { report } => Ok(report),
+            other => Err(self.unexpected(&other, "a live migration report")),
+        }
+    }
+
+    async fn live_finish(&self, guest_id: &str) -> Result<(), DriverError> {
+        self.done(Op::LiveFinish {
+            guest: guest_id.into(),
         })
         .await
     }

@@ -234,6 +234,19 @@ impl AgentService {
                 .map(|output| OpOutput::Exec { output }),
             Op::Export { guest } => self.export_guest(&guest, progress).await,
             Op::Import { spec, source } => self.import_guest(&spec, source, progress).await,
+            Op::LiveOffer { guest } => d
+                .live_offer(&guest)
+                .await
+                .map(|offer| OpOutput::LiveOffer { offer }),
+            Op::LiveReceive { spec, offer } => d
+                .live_receive(&spec, &offer)
+                .await
+                .map(|target| OpOutput::LiveTarget { target }),
+            Op::LiveSend { guest, target } => d
+                .live_send(&guest, &target)
+                .await
+                .map(|report| OpOutput::LiveReport { report }),
+            Op::LiveFinish { guest } => d.live_finish(&guest).await.map(|_| OpOutput::Done),
         };
         *progress.lock().unwrap() = if result.is_ok() {
             "done".into()

@@ -146,6 +146,39 @@ pub struct GuestImage {
     pub data: Vec<u8>,
 }
 
+/// Live migration, from the source: what the target needs to receive a running guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveOffer {
+    /// The digest of the image the guest's disk is an overlay of (the target boots the same).
+    pub image: String,
+    /// The size of the guest's disk, MiB.
+    pub disk_mb: u64,
+}
+
+/// Live migration, from the target: where the source sends the guest's disk and memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveTarget {
+    /// The target's address for migration streams.
+    pub host: String,
+    /// Port of the disk's mirror (an NBD export of the target's disk).
+    pub disk_port: u16,
+    /// Port of the memory's stream.
+    pub memory_port: u16,
+}
+
+/// How a live migration went, from the source.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveReport {
+    /// From the first byte sent to the guest paused on the source, ms.
+    pub total_ms: u64,
+    /// How long the guest was paused for the last pass, as the hypervisor reports it, ms.
+    pub downtime_ms: u64,
+    /// Memory sent, bytes.
+    pub memory_bytes: u64,
+    /// Disk sent, bytes.
+    pub disk_bytes: u64,
+}
+
 /// Result of running a script inside a container (the CIS layer).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -174,14 +207,37 @@ pub struct Capabilities {
     /// endpoints (the linux driver), or nothing at all (sim).
     #[serde(default)]
     pub images: bool,
-    /// Moves a running guest to another server without stopping it (live migration). No
-    /// driver does yet: the linux driver's OS containers would need CRIU checkpoint/restore.
+    /// Moves a running guest to another server without stopping it (live migration: the
+    /// `live_*` operations). The qemu driver does; the linux driver's OS containers would need
+    /// CRIU checkpoint/restore.
     #[serde(default)]
     pub live_migrate: bool,
     /// A simulation: no process runs in its containers (an operator's `exec` has nothing to
     /// run in; a hook's scripts are recorded, not run).
     #[serde(default)]
     pub simulated: bool,
+    /// Its containers are virtual machines, run with this accelerator (the qemu driver).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<Accel>,
+}
+
+/// What executes a virtual machine's instructions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualization through `/dev/kvm`.
+    Kvm,
+    /// QEMU's own translator: any machine, far slower.
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
 }
 
 /// Operations on the containers of one server.
@@ -247,6 +303,47 @@ pub trait Driver: Send + Sync + 'static {
     async fn list(&self) -> Result<Vec<GuestInfo>, DriverError>;
     /// Reports load figures.
     async fn stats(&self) -> Result<ServerStats, DriverError>;
+    /// Live migration, source side, first: what the target needs to receive the running
+    /// guest `guest_id`. Drivers without `live_migrate` answer `Unsupported`.
+    async fn live_offer(&self, guest_id: &str) -> Result<LiveOffer, DriverError> {
+        let _ = guest_id;
+        Err(self.no_live())
+    }
+    /// Live migration, target side: creates the guest of `spec` waiting to receive a running
+    /// guest as `offer` describes (a leftover of an earlier attempt is replaced) and says where
+    /// the source sends it. The guest exists here, not running, until `live_finish`.
+    async fn live_receive(
+        &self,
+        spec: &GuestSpec,
+        offer: &LiveOffer,
+    ) -> Result<LiveTarget, DriverError> {
+        let _ = (spec, offer);
+        Err(self.no_live())
+    }
+    /// Live migration, source side: sends the running guest to `target` (disk, then memory,
+    /// while it runs), pauses it for the last pass, and ends it here once the target holds it
+    /// all (its record stays, stopped, until destroyed). On failure the guest keeps running
+    /// here. Progress goes to `activity`.
+    async fn live_send(
+        &self,
+        guest_id: &str,
+        target: &LiveTarget,
+    ) -> Result<LiveReport, DriverError> {
+        let _ = (guest_id, target);
+        Err(self.no_live())
+    }
+    /// Live migration, target side, last: runs the received guest; succeeds if it runs.
+    async fn live_finish(&self, guest_id: &str) -> Result<(), DriverError> {
+        let _ = guest_id;
+        Err(self.no_live())
+    }
+    /// The error of a live migration step this driver cannot do.
+    fn no_live(&self) -> DriverError {
+        DriverError::Unsupported {
+            driver: self.kind().into(),
+            operation: "live migration".into(),
+        }
+    }
     /// The recent standard output and error of a guest's main process.
     async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
         let _ = guest_id;

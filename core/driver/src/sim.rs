@@ -552,6 +552,7 @@ impl Driver for SimServer {
             images: false,
             live_migrate: false,
             simulated: true,
+            vm: None,
         }
     }
 

@@ -369,17 +369,21 @@ impl<'a> ContainerManager<'a> {
         ContainerManager { svc }
     }
 
-    /// Why `row` cannot migrate live: its server's driver does not move running guests (no
-    /// driver does yet), said with what to do instead.
-    fn live_refusal(&self, row: &container::Model) -> CoreError {
-        let which = row
-            .server_id
-            .and_then(|s| self.svc.fleet().named_driver(s))
-            .map_or_else(|| "its server".into(), |(_, name)| format!("server {name}"));
-        CoreError::Conflict(format!(
-            "container {} cannot migrate live: {which} reports no live migration (its OS containers would need CRIU checkpoint and restore, which Cloud48 does not do yet); migrate without --live: the container stops while its files are copied and starts on the target with the same address where the network allows",
+    /// Why `row` cannot migrate live to `to` (a server id, or any when `None`): a server
+    /// whose driver does not move running guests (OS containers would need CRIU checkpoint
+    /// and restore; VMs on qemu servers move), said with what to do instead.
+    fn live_refusal(&self, row: &container::Model, to: Option<i64>) -> Option<CoreError> {
+        let fleet = self.svc.fleet();
+        let cannot = |server: Option<i64>| match server.and_then(|s| fleet.named_driver(s)) {
+            Some((d, _)) if d.capabilities().live_migrate => None,
+            Some((_, name)) => Some(format!("server {name}")),
+            None => Some("its server".to_string()),
+        };
+        let which = cannot(row.server_id).or_else(|| to.and_then(|t| cannot(Some(t))))?;
+        Some(CoreError::Conflict(format!(
+            "container {} cannot migrate live: {which} reports no live migration (only virtual machines on qemu servers move while they run; OS containers would need CRIU checkpoint and restore, which Cloud48 does not do yet); migrate without --live: the container stops while its files are copied and starts on the target with the same address where the network allows",
             row.id
-        ))
+        )))
     }
 
     /// Submits `cmd` for container `id`; returns the command id.
@@ -429,13 +433,16 @@ impl<'a> ContainerManager<'a> {
                 };
                 crate::commands::params::to_value(crate::commands::params::Clone { server_id })
             }
-            ContainerCommand::Migrate { live: true, .. } => {
-                return Err(self.live_refusal(&row));
+            ContainerCommand::Migrate { to: None, live } => {
+                if *live && let Some(refused) = self.live_refusal(&row, None) {
+                    return Err(refused);
+                }
+                crate::commands::params::to_value(crate::commands::params::Migrate {
+                    to: None,
+                    live: *live,
+                })
             }
-            ContainerCommand::Migrate { to: None, .. } => {
-                crate::commands::params::to_value(crate::commands::params::Migrate { to: None })
-            }
-            ContainerCommand::Migrate { to: Some(to), .. } => {
+            ContainerCommand::Migrate { to: Some(to), live } => {
                 let target = server_by_name(db, "to", to).await?;
                 if Some(target.id) == row.server_id {
                     return Err(CoreError::invalid(
@@ -449,8 +456,12 @@ impl<'a> ContainerManager<'a> {
                         target.status
                     )));
                 }
+                if *live && let Some(refused) = self.live_refusal(&row, Some(target.id)) {
+                    return Err(refused);
+                }
                 crate::commands::params::to_value(crate::commands::params::Migrate {
                     to: Some(target.id),
+                    live: *live,
                 })
             }
             _ => crate::commands::params::to_value(crate::commands::params::NoParams {}),
@@ -1557,6 +1568,7 @@ fn capability_names(c: &crate::driver::Capabilities) -> Vec<String> {
     .into_iter()
     .filter(|(_, on)| *on)
     .map(|(name, _)| name.to_string())
+    .chain(c.vm.map(|accel| format!("vm-{accel}")))
     .collect()
 }
 
@@ -1631,6 +1643,7 @@ impl<'a> ServerManager<'a> {
                     target: Some(Target::Container(r.id)),
                     params: crate::commands::params::to_value(crate::commands::params::Migrate {
                         to: None,
+                        live: false,
                     }),
                     requested_by: requested_by.to_string(),
                 }),

@@ -111,6 +111,7 @@ impl Rebalancer {
                 target: Some(Target::Container(c.id)),
                 params: crate::commands::params::to_value(crate::commands::params::Migrate {
                     to: None,
+                    live: false,
                 }),
                 requested_by: REBALANCER.into(),
             })

@@ -56,7 +56,30 @@ pub struct Recipe {
     /// Ports the image serves on (`80/tcp`).
     #[serde(default)]
     pub ports: Vec<String>,
+    /// Builds a virtual machine's image: the recipe's root file system plus Debian's kernel and
+    /// initramfs, QEMU's guest agent and Cloud48's guest init (`image build --vm` sets it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vm: bool,
 }
+
+/// The label a VM image carries (its value: the version of the guest init inside).
+pub const VM_LABEL: &str = "org.cloud48.vm";
+
+/// PID 1 of a VM (`/sbin/cloud48-init`): file systems, network from the kernel's command
+/// line, the guest agent, then the workload handed in through fw_cfg.
+const VM_INIT: &str = include_str!("vm/init.sh");
+/// `/sbin/shutdown` of a VM, which the guest agent's `guest-shutdown` runs.
+const VM_SHUTDOWN: &str = include_str!("vm/shutdown.sh");
+/// Drops the kernel's drivers for hardware a VM never has (a third of its size), then
+/// rebuilds the module index.
+const VM_PRUNE_MODULES: &str = "for k in /lib/modules/*; do \
+  (cd \"$k/kernel\" && rm -rf sound drivers/gpu drivers/media drivers/infiniband drivers/usb \
+  drivers/scsi drivers/iio drivers/net/wireless drivers/net/ethernet drivers/staging drivers/hid \
+  drivers/input drivers/bluetooth drivers/isdn drivers/mmc drivers/nfc drivers/platform \
+  drivers/hwmon drivers/mtd drivers/video drivers/net/can drivers/net/usb); \
+  depmod -a \"${k##*/}\"; done";
+/// Modules the initramfs holds: enough to mount a virtio disk's ext4 root.
+const VM_INITRAMFS_MODULES: &str = "virtio_pci\nvirtio_blk\next4\n";
 
 /// One file of a recipe: its content inline, or a file or directory next to the recipe.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -96,6 +119,36 @@ fn image_path(recipe: &Path, p: &str) -> Result<PathBuf, ImageError> {
 }
 
 impl Recipe {
+    /// The virtual machine variant of this recipe: named `NAME-vm`, with a kernel, the guest
+    /// agent and the guest init added.
+    pub fn into_vm(mut self) -> Result<Recipe, ImageError> {
+        if !self.vm {
+            self.name = format!("{}-vm:{}", self.name.repository(), self.name.tag())
+                .parse()
+                .map_err(|e| ImageError::Recipe(format!("{e}")))?;
+            self.vm = true;
+        }
+        Ok(self)
+    }
+
+    /// The packages installed: the recipe's, and for a VM what it boots with.
+    fn all_packages(&self) -> Vec<String> {
+        let mut all = self.packages.clone();
+        if self.vm {
+            all.extend(
+                [
+                    &format!("linux-image-{}", host_architecture()),
+                    "qemu-guest-agent",
+                    "iproute2",
+                    "e2fsprogs",
+                    "kmod",
+                ]
+                .map(|p| p.to_string()),
+            );
+        }
+        all
+    }
+
     /// Reads and checks the recipe at `path`.
     pub fn load(path: &Path) -> Result<Recipe, ImageError> {
         let text = fs::read_to_string(path)
@@ -173,6 +226,7 @@ impl Recipe {
 pub struct Builder {
     cache: PathBuf,
     mirror: String,
+    vm: bool,
 }
 
 /// Unmounts what it mounted, even when the build fails.
@@ -230,7 +284,14 @@ impl Builder {
         Builder {
             cache: cache.into(),
             mirror: mirror.into(),
+            vm: false,
         }
+    }
+
+    /// Builds the virtual machine variant of recipes (`Recipe::into_vm`) when `vm` is set.
+    pub fn vm(mut self, vm: bool) -> Builder {
+        self.vm = vm;
+        self
     }
 
     /// The cache key of `recipe` (read from `path`): its content, every file it copies, the
@@ -241,6 +302,12 @@ impl Builder {
         hash.update(&self.mirror);
         hash.update(host_architecture());
         hash.update(serde_json::to_vec(recipe).unwrap_or_default());
+        if recipe.vm {
+            hash.update(VM_INIT);
+            hash.update(VM_SHUTDOWN);
+            hash.update(VM_INITRAMFS_MODULES);
+            hash.update(VM_PRUNE_MODULES);
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         for spec in recipe.files.values() {
             if let Some(s) = &spec.source {
@@ -257,7 +324,10 @@ impl Builder {
         path: &Path,
         progress: &mut dyn FnMut(&str),
     ) -> Result<(Recipe, PathBuf, bool), ImageError> {
-        let recipe = Recipe::load(path)?;
+        let mut recipe = Recipe::load(path)?;
+        if self.vm {
+            recipe = recipe.into_vm()?;
+        }
         let key = self.key(&recipe, path)?;
         for d in ["debs", "rootfs", "images", "work"] {
             fs::create_dir_all(self.cache.join(d)).map_err(ImageError::io(format!(
@@ -366,7 +436,9 @@ impl Builder {
                     workdir: recipe.workdir.clone(),
                     exposed_ports: recipe.ports.clone(),
                     created: None,
-                    labels: vec![("org.cloud48.recipe".into(), key.to_string())],
+                    labels: std::iter::once(("org.cloud48.recipe".into(), key.to_string()))
+                        .chain(recipe.vm.then(|| (VM_LABEL.into(), "1".into())))
+                        .collect(),
                 },
             )?;
             fs::rename(&partial, done)
@@ -385,7 +457,8 @@ impl Builder {
         progress: &mut dyn FnMut(&str),
     ) -> Result<(), ImageError> {
         let mut mounts = Mounts(Vec::new());
-        if !recipe.packages.is_empty() || !recipe.run.is_empty() {
+        let packages = recipe.all_packages();
+        if !packages.is_empty() || !recipe.run.is_empty() {
             let proc = root.join("proc");
             run(
                 Command::new("mount")
@@ -395,7 +468,16 @@ impl Builder {
             )?;
             mounts.0.push(proc);
         }
-        if !recipe.packages.is_empty() {
+        if recipe.vm {
+            // A small initramfs: the modules that mount the root, not every driver there is.
+            let conf = root.join("etc/initramfs-tools");
+            fs::create_dir_all(conf.join("conf.d"))
+                .map_err(ImageError::io("creating /etc/initramfs-tools"))?;
+            fs::write(conf.join("conf.d/cloud48"), "MODULES=list\n")
+                .and_then(|()| fs::write(conf.join("modules"), VM_INITRAMFS_MODULES))
+                .map_err(ImageError::io("writing the initramfs configuration"))?;
+        }
+        if !packages.is_empty() {
             // Services must not start inside the build.
             let policy = root.join("usr/sbin/policy-rc.d");
             fs::write(&policy, "#!/bin/sh\nexit 101\n")
@@ -410,7 +492,7 @@ impl Builder {
                 "mounting the package cache",
             )?;
             mounts.0.push(archives);
-            progress(&format!("installing {}", recipe.packages.join(", ")));
+            progress(&format!("installing {}", packages.join(", ")));
             let apt = |args: &[&str]| {
                 let mut c = Command::new("chroot");
                 c.arg(root)
@@ -428,11 +510,8 @@ impl Builder {
             };
             run(&mut apt(&["update", "-q"]), "apt-get update")?;
             let mut install = apt(&["install", "-y", "-q"]);
-            install.args(&recipe.packages);
-            run(
-                &mut install,
-                &format!("installing {}", recipe.packages.join(", ")),
-            )?;
+            install.args(&packages);
+            run(&mut install, &format!("installing {}", packages.join(", ")))?;
             fs::remove_file(&policy).map_err(ImageError::io("removing policy-rc.d"))?;
         }
         let dir = path.parent().unwrap_or(Path::new("."));
@@ -455,6 +534,25 @@ impl Builder {
                     &format!("copying {source} to {p}"),
                 )?,
                 (None, None) => {}
+            }
+        }
+        if recipe.vm {
+            // A VM has virtio devices only: drivers for hardware it cannot have go.
+            run(
+                Command::new("chroot")
+                    .arg(root)
+                    .args(["/bin/sh", "-ec", VM_PRUNE_MODULES])
+                    .env("LC_ALL", "C"),
+                "removing kernel modules a VM does not use",
+            )?;
+            for (p, content) in [
+                ("sbin/cloud48-init", VM_INIT),
+                ("sbin/shutdown", VM_SHUTDOWN),
+            ] {
+                let target = root.join(p);
+                let _ = fs::remove_file(&target);
+                fs::write(&target, content).map_err(ImageError::io(format!("writing /{p}")))?;
+                set_mode(&target, 0o755)?;
             }
         }
         for (i, cmd) in recipe.run.iter().enumerate() {

@@ -177,40 +177,8 @@ impl Images {
     }
 
     fn prepare_blocking(&self, image: &ImageRef) -> Result<ImageDetails, DriverError> {
-        let name: Option<Name> = image.reference.parse().ok();
+        let details = fetch(&self.store, self.source.as_deref(), image, &self.name)?;
         let wanted = image.digest.as_deref().unwrap_or(&image.reference);
-        let here = self.store.show(wanted);
-        let details = match (here, &self.source) {
-            // Pinned and here: nothing to fetch.
-            (Ok(d), _) if image.digest.is_some() => Ok(d),
-            // A source answers for the newest of a name, and has what is not here.
-            (_, Some(source)) => {
-                let mut last = 0u64;
-                let summary = self
-                    .store
-                    .pull(source.as_ref(), wanted, name.as_ref(), &mut |p| {
-                        if p.total > 0 && p.done * 10 / p.total > last {
-                            last = p.done * 10 / p.total;
-                            tracing::info!(image = %wanted, done = p.done, total = p.total, "pulling an image");
-                        }
-                    })
-                    .map_err(|e| {
-                        permanent(format!(
-                            "server {} cannot pull image {wanted}: {e}",
-                            self.name
-                        ))
-                    })?;
-                self.store.show(summary.digest.as_str())
-            }
-            (here, None) => here,
-        }
-        .map_err(|e| match e {
-            cloud48_image::ImageError::NotFound(_) => permanent(format!(
-                "image {wanted} is not on server {} and its agent has no core to pull it from; import it there with `cloud48 image import` or start the agent with --core",
-                self.name
-            )),
-            e => permanent(format!("image {wanted} on server {}: {e}", self.name)),
-        })?;
         let dest = self.rootfs(&details.summary.digest);
         if dest.is_dir() {
             // Its time is when it was last used (what eviction goes by).
@@ -232,8 +200,46 @@ impl Images {
     }
 }
 
+/// Makes the image `image` present in `store`: pulled from `source` unless the store has it (by
+/// digest when the reference pins one, else the newest the source has under the name). Returns
+/// what the image says of itself. Blocking; `server` names this server in errors.
+pub fn fetch(
+    store: &Store,
+    source: Option<&(dyn Source + Send + Sync)>,
+    image: &ImageRef,
+    server: &str,
+) -> Result<ImageDetails, DriverError> {
+    let name: Option<Name> = image.reference.parse().ok();
+    let wanted = image.digest.as_deref().unwrap_or(&image.reference);
+    let here = store.show(wanted);
+    match (here, source) {
+        // Pinned and here: nothing to fetch.
+        (Ok(d), _) if image.digest.is_some() => Ok(d),
+        // A source answers for the newest of a name, and has what is not here.
+        (_, Some(source)) => {
+            let mut last = 0u64;
+            let summary = store
+                .pull(source, wanted, name.as_ref(), &mut |p| {
+                    if p.total > 0 && p.done * 10 / p.total > last {
+                        last = p.done * 10 / p.total;
+                        tracing::info!(image = %wanted, done = p.done, total = p.total, "pulling an image");
+                    }
+                })
+                .map_err(|e| permanent(format!("server {server} cannot pull image {wanted}: {e}")))?;
+            store.show(summary.digest.as_str())
+        }
+        (here, None) => here,
+    }
+    .map_err(|e| match e {
+        cloud48_image::ImageError::NotFound(_) => permanent(format!(
+            "image {wanted} is not on server {server} and its agent has no core to pull it from; import it there with `cloud48 image import` or start the agent with --core"
+        )),
+        e => permanent(format!("image {wanted} on server {server}: {e}")),
+    })
+}
+
 /// Bytes of the files under `dir` (not following links).
-pub(crate) fn dir_size(dir: &Path) -> u64 {
+pub fn dir_size(dir: &Path) -> u64 {
     match std::fs::symlink_metadata(dir) {
         Ok(m) if m.is_dir() => std::fs::read_dir(dir)
             .map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum())

@@ -840,7 +840,8 @@ fn validate_id(id: &str) -> Result<(), DriverError> {
 }
 
 /// The full path of a program, looked up in PATH unless it has a slash.
-fn find_program(program: &str) -> Option<PathBuf> {
+/// Where `program` is: itself when it is a path, else the first match on `PATH`.
+pub fn find_program(program: &str) -> Option<PathBuf> {
     if program.contains('/') {
         return Path::new(program).exists().then(|| PathBuf::from(program));
     }
@@ -850,7 +851,8 @@ fn find_program(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn tail(path: &Path, max: u64) -> String {
+/// The last `max` bytes of the file at `path` (empty when it cannot be read).
+pub fn tail(path: &Path, max: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else {
         return String::new();
@@ -863,7 +865,7 @@ fn tail(path: &Path, max: u64) -> String {
 }
 
 /// Cpu, memory and disk of this machine.
-fn machine_capacity(data_dir: &Path) -> Resources {
+pub fn machine_capacity(data_dir: &Path) -> Resources {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u64)
         .unwrap_or(1);
@@ -907,6 +909,7 @@ impl Driver for LinuxDriver {
             images: self.images.is_some(),
             live_migrate: false,
             simulated: false,
+            vm: None,
         }
     }
 

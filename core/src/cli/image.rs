@@ -50,6 +50,11 @@ pub enum ImageCmd {
         /// Debian mirror for debootstrap and apt.
         #[arg(long, env = "CLOUD48_DEBIAN_MIRROR", default_value = DEFAULT_MIRROR)]
         mirror: String,
+        /// Build the virtual machine variant, named NAME-vm: the recipe's root file system
+        /// with Debian's kernel and initramfs, QEMU's guest agent and Cloud48's guest init,
+        /// for servers whose agent runs the qemu driver.
+        #[arg(long)]
+        vm: bool,
     },
 }
 
@@ -169,6 +174,7 @@ pub(super) async fn image(client: &Client, out: Out, cmd: ImageCmd) -> Result<()
             recipe,
             cache_dir,
             mirror,
+            vm,
         } => {
             if !recipe.is_file() {
                 bail!(
@@ -176,7 +182,7 @@ pub(super) async fn image(client: &Client, out: Out, cmd: ImageCmd) -> Result<()
                     recipe.display()
                 );
             }
-            let builder = Builder::new(cache_dir, mirror);
+            let builder = Builder::new(cache_dir, mirror).vm(vm);
             let json = out.json;
             let (recipe_read, layout, cached) = tokio::task::spawn_blocking(move || {
                 builder.prepare(&recipe, &mut |step| {

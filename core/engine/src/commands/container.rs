@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::steps::{CloneStep, CreateStep, MigrateStep, UpdateStep};
 use super::{StepCtx, core_err, driver_err, driver_of, guest_spec, make_guest, params};
-use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec};
+use crate::driver::{Driver, GuestImage, GuestInfo, GuestSpec, GuestState};
 use crate::entities::{command, container, pending_script};
 use crate::managers::{ContainerCommand, check_status, guest_id_for, load_container, parse_status};
 use crate::model::{CommandKind, ContainerStatus, Requirements, Resources, Usage, now_ms};
@@ -918,7 +918,8 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
 }
 
 /// Steps: 0 check and place on the target (dummy), 1 stop, 2 copy to the target, 3 destroy on
-/// the source and switch, 4 start.
+/// the source and switch, 4 start. Live (a running VM): nothing stops; step 2 sends the running
+/// guest to the target (`live_migrate`), and start finds it running.
 async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, StepError> {
     let svc = ctx.svc;
     let next = |step: MigrateStep, progress: Value| Next::Continue {
@@ -939,7 +940,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             .allowed_from(),
         )
         .map_err(StepError::Permanent)?;
-        let to = ctx.params::<params::Migrate>()?.to;
+        let params::Migrate { to, live } = ctx.params::<params::Migrate>()?;
         if to.is_some() && row.server_id == to {
             return Ok(Transition::bare(done(row.id)));
         }
@@ -956,6 +957,8 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                     "dummy_id": r.dummy_id,
                     "was_running": status == ContainerStatus::Running,
                     "previous_ip": row.ip,
+                    // A stopped container has nothing to keep running: it moves cold.
+                    "live": live && status == ContainerStatus::Running,
                 });
                 Ok(next(MigrateStep::Stop, progress))
             })
@@ -963,8 +966,29 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
     }
     let r = reservation(&ctx.progress).ok_or_else(lost_reservation)?;
     let source: i64 = ctx.progress_field("source")?;
+    let live = ctx
+        .progress
+        .get("live")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     match step {
         MigrateStep::Place => unreachable!("placing returned above"),
+        MigrateStep::Stop if live => {
+            let (dst, dst_name) = driver_of(svc, r.server_id)?;
+            if !dst.capabilities().live_migrate {
+                return Err(StepError::Permanent(format!(
+                    "placement chose server {dst_name}, which cannot receive a running container (no live migration there); name a qemu server with --to, or migrate without --live"
+                )));
+            }
+            Ok(Transition::bare(next(MigrateStep::Copy, ctx.progress.clone())))
+        }
+        MigrateStep::Copy if live => {
+            let report = migrate_live(svc, &row, source, r.server_id).await?;
+            let mut progress = ctx.progress.clone();
+            progress["ip"] = json!(row.ip);
+            progress["moved"] = report;
+            Ok(Transition::bare(next(MigrateStep::Switch, progress)))
+        }
         MigrateStep::Stop => {
             let (src, src_name) = driver_of(svc, source)?;
             src.stop(&row.guest_id)
@@ -1056,6 +1080,10 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                         requested_by: ctx.cmd.requested_by.clone(),
                     }],
                 },
+                _ if live => Next::Done(json!({
+                    "container_id": row.id,
+                    "live": ctx.progress.get("moved").cloned().unwrap_or(Value::Null),
+                })),
                 _ => done(row.id),
             };
             if ctx.progress_field::<bool>("was_running")? {
@@ -1080,6 +1108,62 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             Ok(Transition::bare(Next::Done(result)))
         }
     }
+}
+
+/// Sends running container `row` from server `source` to `target` (both live-capable): the
+/// target prepares to receive it, the source sends disk and memory while it runs, the target
+/// runs it. Resumed after a crash, a source that no longer runs it while the target holds it
+/// means it was sent: only the target's last step remains. On failure the container runs on
+/// the source and nothing is left on the target.
+async fn migrate_live(
+    svc: &Services,
+    row: &container::Model,
+    source: i64,
+    target: i64,
+) -> Result<Value, StepError> {
+    let (src, src_name) = driver_of(svc, source)?;
+    let (dst, dst_name) = driver_of(svc, target)?;
+    let guest = &row.guest_id;
+    let on_source = src
+        .status(guest)
+        .await
+        .map_err(|e| driver_err(&src_name, e))?
+        .map(|g| g.state);
+    let sent = on_source != Some(GuestState::Running)
+        && dst
+            .status(guest)
+            .await
+            .map_err(|e| driver_err(&dst_name, e))?
+            .is_some();
+    let mut report = json!({ "resumed": sent });
+    if !sent {
+        let offer = src
+            .live_offer(guest)
+            .await
+            .map_err(|e| driver_err(&src_name, e))?;
+        // It keeps its address: its environment stays wired, its neighbours' ARP entries right.
+        let keep = GuestSpec {
+            ip: row.ip.clone(),
+            ..spec(svc, row)
+        };
+        let to = dst
+            .live_receive(&keep, &offer)
+            .await
+            .map_err(|e| driver_err(&dst_name, e))?;
+        match src.live_send(guest, &to).await {
+            Ok(r) => report = serde_json::to_value(r).unwrap_or(Value::Null),
+            Err(e) => {
+                if let Err(d) = dst.destroy(guest).await {
+                    tracing::warn!(error = %d, %guest, "could not remove the target's copy of a failed live migration");
+                }
+                return Err(driver_err(&src_name, e));
+            }
+        }
+    }
+    dst.live_finish(guest)
+        .await
+        .map_err(|e| driver_err(&dst_name, e))?;
+    Ok(report)
 }
 
 /// Runs a script inside a running container (the CIS layer). Scripts run by hooks must be

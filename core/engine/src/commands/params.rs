@@ -133,6 +133,9 @@ pub struct Migrate {
     /// The target server; placement chooses otherwise.
     #[serde(default)]
     pub to: Option<i64>,
+    /// Without stopping it (a VM's memory and disk are sent while it runs).
+    #[serde(default)]
+    pub live: bool,
 }
 
 /// `container.exec`.

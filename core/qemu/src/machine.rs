@@ -1,0 +1,306 @@
+//! The pure parts of a virtual machine: which accelerator runs it, its MAC address, QEMU's
+//! command line and the script its guest init runs as the workload.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+pub use cloud48_driver::Accel;
+
+/// What the operator asks for (`--accel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    /// KVM when this machine can run guests with it, else TCG (said at start).
+    #[default]
+    Auto,
+    /// KVM or nothing: the driver refuses to start where KVM cannot run guests.
+    Kvm,
+    /// TCG even where KVM works.
+    Tcg,
+}
+
+impl std::str::FromStr for AccelChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AccelChoice::Auto),
+            "kvm" => Ok(AccelChoice::Kvm),
+            "tcg" => Ok(AccelChoice::Tcg),
+            _ => Err(format!("'{s}' is not an accelerator: use auto, kvm or tcg")),
+        }
+    }
+}
+
+/// Why KVM cannot run stock guests here, or `None` when it can: `/dev/kvm` must open for
+/// reading and writing, and the CPU must show hardware virtualization (`vmx` or `svm`; a
+/// paravirtual `/dev/kvm` without them cannot boot stock kernels).
+pub fn kvm_unusable(cpuinfo: &str, dev_kvm: Result<(), String>) -> Option<String> {
+    if let Err(e) = dev_kvm {
+        return Some(format!("/dev/kvm cannot be opened: {e}"));
+    }
+    let hardware = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    (!hardware).then(|| {
+        "the CPU shows no hardware virtualization (no vmx or svm flag): this /dev/kvm is \
+         paravirtual and cannot boot stock guest kernels"
+            .to_string()
+    })
+}
+
+/// The accelerator for `choice`, given why KVM is unusable (if it is).
+pub fn choose(choice: AccelChoice, kvm_unusable: Option<String>) -> Result<Accel, String> {
+    match (choice, kvm_unusable) {
+        (AccelChoice::Tcg, _) => Ok(Accel::Tcg),
+        (_, None) => Ok(Accel::Kvm),
+        (AccelChoice::Auto, Some(_)) => Ok(Accel::Tcg),
+        (AccelChoice::Kvm, Some(why)) => Err(format!(
+            "--accel kvm was asked for, but KVM cannot run guests on this server: {why}; \
+             use --accel tcg (far slower) or a server with hardware virtualization"
+        )),
+    }
+}
+
+/// The MAC address of the VM at `ip`: derived from the address, so that a VM that moves or
+/// is replaced at the same address keeps the neighbours' ARP entries right.
+pub fn mac_of(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
+/// Everything QEMU's command line says about one VM.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    /// Guest id (QEMU's `-name`, the guest's host name).
+    pub guest: String,
+    /// The guest's directory: sockets, console log, pid file (absolute).
+    pub dir: PathBuf,
+    /// Kernel and initramfs of its image.
+    pub kernel: PathBuf,
+    /// Initramfs of its image.
+    pub initrd: PathBuf,
+    /// Its own disk (a qcow2 overlay of its image's disk; absolute).
+    pub disk: PathBuf,
+    /// Host tap device on the bridge.
+    pub tap: String,
+    /// Address, prefix length and gateway.
+    pub ip: Ipv4Addr,
+    /// Prefix length of its subnet.
+    pub prefix: u8,
+    /// The bridge's address.
+    pub gateway: Ipv4Addr,
+    /// Memory, MiB.
+    pub memory_mb: u64,
+    /// Virtual CPUs.
+    pub vcpus: u64,
+    /// Accelerator.
+    pub accel: Accel,
+    /// The workload script handed to the guest init.
+    pub run_script: PathBuf,
+    /// Waits for an incoming migration instead of booting (`-incoming defer`).
+    pub incoming: bool,
+}
+
+/// Files of a guest's directory.
+pub mod files {
+    /// QMP socket.
+    pub const QMP: &str = "qmp.sock";
+    /// Guest agent socket.
+    pub const QGA: &str = "qga.sock";
+    /// Serial console (the guest's and its workload's output).
+    pub const CONSOLE: &str = "console.log";
+    /// QEMU's pid.
+    pub const PID: &str = "qemu.pid";
+    /// The workload script.
+    pub const RUN: &str = "run.sh";
+    /// Its disk.
+    pub const DISK: &str = "disk.qcow2";
+}
+
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// QEMU's arguments for `l`. Paths are absolute (a daemonized QEMU's relative paths break
+/// migration); every device has a fixed id, so a migration target built from the same launch
+/// matches its source.
+pub fn args(l: &Launch) -> Vec<String> {
+    let file = |name: &str| path(&l.dir.join(name));
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        format!("guest={},debug-threads=on", l.guest),
+        "-machine".into(),
+        format!("q35,accel={}", l.accel),
+        "-cpu".into(),
+        match l.accel {
+            Accel::Kvm => "host".into(),
+            Accel::Tcg => "max".into(),
+        },
+        "-m".into(),
+        format!("{}M", l.memory_mb),
+        "-smp".into(),
+        l.vcpus.max(1).to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-kernel".into(),
+        path(&l.kernel),
+        "-initrd".into(),
+        path(&l.initrd),
+        "-append".into(),
+        format!(
+            "root=/dev/vda rootfstype=ext4 rw console=ttyS0 quiet net.ifnames=0 panic=-1 \
+             init=/sbin/cloud48-init cloud48.ip={}/{} cloud48.gw={} cloud48.name={}",
+            l.ip, l.prefix, l.gateway, l.guest
+        ),
+        "-blockdev".into(),
+        format!(
+            "driver=file,filename={},node-name=file0,cache.direct=off",
+            path(&l.disk)
+        ),
+        "-blockdev".into(),
+        "driver=qcow2,file=file0,node-name=disk0".into(),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0,id=vda".into(),
+        "-netdev".into(),
+        format!("tap,id=net0,ifname={},script=no,downscript=no", l.tap),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=net0,id=nic0,mac={}", mac_of(l.ip)),
+        "-device".into(),
+        "virtio-balloon-pci,id=balloon0".into(),
+        "-chardev".into(),
+        format!("socket,id=qga0,path={},server=on,wait=off", file(files::QGA)),
+        "-device".into(),
+        "virtio-serial-pci,id=serial0".into(),
+        "-device".into(),
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
+        "-chardev".into(),
+        format!("socket,id=qmp0,path={},server=on,wait=off", file(files::QMP)),
+        "-mon".into(),
+        "chardev=qmp0,mode=control".into(),
+        "-chardev".into(),
+        format!("file,id=con0,path={}", file(files::CONSOLE)),
+        "-serial".into(),
+        "chardev:con0".into(),
+        "-fw_cfg".into(),
+        format!("name=opt/cloud48/run,file={}", path(&l.run_script)),
+        "-pidfile".into(),
+        file(files::PID),
+        "-daemonize".into(),
+    ];
+    if l.incoming {
+        // Paused once the migration is in, until the source has let go of the disk.
+        a.extend(["-S".into(), "-incoming".into(), "defer".into()]);
+    }
+    a
+}
+
+/// Quotes `s` for a POSIX shell.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The workload script the guest init runs: the environment, the working directory, then the
+/// process (`exec`, so that a stop's SIGTERM reaches it). An empty process idles.
+pub fn run_script(process: &[String], env: &[String], workdir: Option<&str>) -> String {
+    let mut s = String::from("#!/bin/sh\n# Written by the qemu driver: the container's workload.\n");
+    for e in env {
+        if let Some((k, v)) = e.split_once('=')
+            && !k.is_empty()
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            s.push_str(&format!("export {k}={}\n", quote(v)));
+        }
+    }
+    if let Some(dir) = workdir {
+        s.push_str(&format!(
+            "cd {} || {{ echo \"cloud48: working directory {} does not exist\" >&2; exit 112; }}\n",
+            quote(dir),
+            dir.replace(['"', '`', '$', '\\'], "")
+        ));
+    }
+    if process.is_empty() {
+        s.push_str("exec sleep infinity\n");
+    } else {
+        let words: Vec<String> = process.iter().map(|w| quote(w)).collect();
+        s.push_str(&format!("exec {}\n", words.join(" ")));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_is_used_only_where_it_can_run_guests() {
+        let hw = "processor\t: 0\nflags\t\t: fpu vme vmx sse\n";
+        let pv = "processor\t: 0\nflags\t\t: fpu vme sse hypervisor\n";
+        assert_eq!(kvm_unusable(hw, Ok(())), None);
+        assert!(kvm_unusable(pv, Ok(())).unwrap().contains("paravirtual"));
+        assert!(
+            kvm_unusable(hw, Err("Permission denied".into()))
+                .unwrap()
+                .contains("Permission denied")
+        );
+        assert_eq!(choose(AccelChoice::Auto, None), Ok(Accel::Kvm));
+        assert_eq!(choose(AccelChoice::Auto, Some("x".into())), Ok(Accel::Tcg));
+        assert_eq!(choose(AccelChoice::Tcg, None), Ok(Accel::Tcg));
+        let refused = choose(AccelChoice::Kvm, Some("no vmx".into())).unwrap_err();
+        assert!(refused.contains("no vmx") && refused.contains("--accel tcg"));
+        assert!("fast".parse::<AccelChoice>().unwrap_err().contains("auto, kvm or tcg"));
+    }
+
+    #[test]
+    fn the_mac_follows_the_address() {
+        assert_eq!(mac_of(Ipv4Addr::new(10, 48, 1, 5)), "52:54:0a:30:01:05");
+        assert_ne!(
+            mac_of(Ipv4Addr::new(10, 48, 1, 5)),
+            mac_of(Ipv4Addr::new(10, 48, 2, 5))
+        );
+    }
+
+    #[test]
+    fn the_workload_script_quotes_what_it_is_given() {
+        let s = run_script(
+            &["nginx".into(), "-g".into(), "daemon off;".into(), "it's".into()],
+            &["A=1 2".into(), "BAD KEY=x".into(), "PATH=/bin".into()],
+            Some("/srv/x"),
+        );
+        assert!(s.contains("export A='1 2'\n"));
+        assert!(!s.contains("BAD"));
+        assert!(s.contains("cd '/srv/x' ||"));
+        assert!(s.contains(r#"exec 'nginx' '-g' 'daemon off;' 'it'\''s'"#));
+        assert!(run_script(&[], &[], None).ends_with("exec sleep infinity\n"));
+    }
+
+    #[test]
+    fn the_command_line_names_absolute_files_and_fixed_devices() {
+        let l = Launch {
+            guest: "c7".into(),
+            dir: "/d/guests/c7".into(),
+            kernel: "/d/vm/k".into(),
+            initrd: "/d/vm/i".into(),
+            disk: "/d/guests/c7/disk.qcow2".into(),
+            tap: "c48ab12cd34h".into(),
+            ip: Ipv4Addr::new(10, 48, 1, 5),
+            prefix: 24,
+            gateway: Ipv4Addr::new(10, 48, 1, 1),
+            memory_mb: 256,
+            vcpus: 2,
+            accel: Accel::Tcg,
+            run_script: "/d/guests/c7/run.sh".into(),
+            incoming: false,
+        };
+        let a = args(&l).join(" ");
+        assert!(a.contains("-machine q35,accel=tcg -cpu max -m 256M -smp 2"));
+        assert!(a.contains("cloud48.ip=10.48.1.5/24 cloud48.gw=10.48.1.1 cloud48.name=c7"));
+        assert!(a.contains("filename=/d/guests/c7/disk.qcow2"));
+        assert!(a.contains("mac=52:54:0a:30:01:05"));
+        assert!(a.contains("path=/d/guests/c7/qmp.sock"));
+        assert!(!a.contains("-incoming"));
+        let target = args(&Launch { incoming: true, ..l });
+        assert_eq!(target[target.len() - 2..], ["-incoming", "defer"]);
+    }
+}

@@ -1,0 +1,461 @@
+//! Virtual machines (the qemu driver): the conformance suite on it, locally and behind agents,
+//! and what a VM is seen from the host — it boots its image's kernel, serves at its address,
+//! runs scripts through its guest agent, outlives a restarted driver, and a VM that cannot be
+//! had says why. Needs root, QEMU and debootstrap; the test image (`test/web-vm`) is built by
+//! recipe with `--vm`, cached in /var/cache/cloud48. VMs run under TCG where KVM cannot run
+//! guests (as on the project's machines).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cloud48_engine::driver::conformance::{self, DriverFactory};
+use cloud48_engine::driver::remote::{RemoteDriver, RemoteTimeouts};
+use cloud48_engine::driver::{Driver, GuestSpec, GuestState};
+use cloud48_engine::images::{Builder, DEFAULT_MIRROR, Store};
+use cloud48_engine::model::{Check, Endpoint, ImageRef, Protocol, Readiness, Resources, Workload};
+use cloud48_qemu::machine::AccelChoice;
+use cloud48_qemu::{QemuConfig, QemuDriver};
+use tokio::io::AsyncReadExt;
+
+use crate::linux::unique_prefix;
+
+/// Answers every connection on 8080 with the page the image holds and the host name.
+const SERVER: &str = r#"use IO::Socket::INET;
+my $s = IO::Socket::INET->new(LocalPort => 8080, Listen => 5, ReuseAddr => 1) or die "listen: $!";
+while (my $c = $s->accept) {
+    my $p = 'none';
+    if (open(my $f, '<', '/srv/page')) { $p = <$f>; close $f; chomp $p; }
+    open(my $h, '<', '/proc/sys/kernel/hostname'); my $n = <$h>; close $h; chomp $n;
+    print $c "page=$p host=$n\n";
+    close $c;
+}"#;
+
+static IMAGE: tokio::sync::OnceCell<(PathBuf, Arc<Store>)> = tokio::sync::OnceCell::const_new();
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("CLOUD48_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/cloud48".into())
+}
+
+/// The "core's" store with `test/web` and `test/web-vm` built in it (once per test run).
+async fn source() -> Arc<Store> {
+    IMAGE
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(|| {
+                let dir = tempfile::tempdir().unwrap().keep();
+                let recipe = dir.join("web.toml");
+                std::fs::write(
+                    &recipe,
+                    format!(
+                        "name = \"test/web\"\ncommand = [\"perl\", \"-e\", {}]\nports = [\"8080/tcp\"]\n[files.\"/srv/page\"]\ncontent = \"from-the-image\\n\"\n",
+                        serde_json::to_string(SERVER).unwrap()
+                    ),
+                )
+                .unwrap();
+                let store = Store::open(dir.join("store")).unwrap();
+                for vm in [false, true] {
+                    Builder::new(cache_dir(), DEFAULT_MIRROR)
+                        .vm(vm)
+                        .build(&recipe, &store, &mut |_| {})
+                        .expect("the test images build (debootstrap installed, Debian's mirror reachable)");
+                }
+                (dir, Arc::new(store))
+            })
+            .await
+            .unwrap()
+        })
+        .await
+        .1
+        .clone()
+}
+
+/// The VM image's own program, its `http` endpoint, ready when it answers.
+fn web_vm() -> Workload {
+    Workload {
+        image: Some(ImageRef {
+            reference: "test/web-vm".into(),
+            digest: None,
+        }),
+        endpoints: vec![Endpoint {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }],
+        readiness: Some(Readiness {
+            check: Check::Tcp {
+                endpoint: "http".into(),
+            },
+            interval_ms: 100,
+            retries: 600,
+        }),
+        ..Workload::default()
+    }
+}
+
+/// Ends what a test's VMs left behind: QEMU processes under its directory, its tap devices
+/// and bridges.
+struct VmSweep {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl Drop for VmSweep {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill")
+            .args(["-9", "-f"])
+            .arg(self.dir.to_string_lossy().as_ref())
+            .status();
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for name in links
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n))
+            .filter(|n| n.starts_with(&self.prefix))
+        {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", name])
+                .status();
+        }
+    }
+}
+
+fn config(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> QemuConfig {
+    QemuConfig {
+        name: format!("{prefix}-{n}"),
+        data_dir: dir.join(format!("server-{n}")),
+        bridge: format!("{prefix}br{n}"),
+        subnet: format!("10.242.{}.0/24", net + n).parse().unwrap(),
+        prefix: format!("{prefix}{n}"),
+        capacity: Some(Resources {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            disk_mb: 20_000,
+        }),
+        stop_grace: Duration::from_secs(30),
+        boot_timeout: Duration::from_secs(240),
+        accel: AccelChoice::Auto,
+        source: Some(source),
+        migration_host: "127.0.0.1".into(),
+    }
+}
+
+async fn open(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> QemuDriver {
+    QemuDriver::open(config(dir, prefix, net, n, source))
+        .await
+        .expect("the qemu driver opens (root, QEMU installed)")
+}
+
+struct VmFactory {
+    dir: tempfile::TempDir,
+    prefix: String,
+    net: u32,
+    source: Arc<Store>,
+}
+
+impl DriverFactory for VmFactory {
+    type Driver = QemuDriver;
+    async fn make(&self, n: u32) -> QemuDriver {
+        open(self.dir.path(), &self.prefix, self.net, n, self.source.clone()).await
+    }
+    fn workload(&self) -> Workload {
+        web_vm()
+    }
+}
+
+fn factory(tag: char, net: u32, source: Arc<Store>) -> (VmFactory, VmSweep) {
+    let prefix = unique_prefix(tag);
+    let dir = tempfile::tempdir().unwrap();
+    let sweep = VmSweep {
+        dir: dir.path().to_path_buf(),
+        prefix: prefix.clone(),
+    };
+    (
+        VmFactory {
+            dir,
+            prefix,
+            net,
+            source,
+        },
+        sweep,
+    )
+}
+
+#[tokio::test]
+async fn qemu_driver_passes_the_conformance_suite() {
+    let (factory, _sweep) = factory('q', 10, source().await);
+    let failures = conformance::run(&factory).await;
+    assert!(failures.is_empty(), "conformance failures: {failures:#?}");
+}
+
+/// The same servers behind their agents, reached through the remote driver.
+struct RemoteVmFactory(VmFactory);
+
+impl DriverFactory for RemoteVmFactory {
+    type Driver = RemoteDriver;
+    async fn make(&self, n: u32) -> RemoteDriver {
+        let d = self.0.make(n).await;
+        remote(&self.0, Arc::new(d), n).await
+    }
+    fn workload(&self) -> Workload {
+        web_vm()
+    }
+}
+
+#[tokio::test]
+async fn vms_behind_agents_pass_the_conformance_suite() {
+    let (factory, _sweep) = factory('w', 20, source().await);
+    let failures = conformance::run(&RemoteVmFactory(factory)).await;
+    assert!(failures.is_empty(), "conformance failures: {failures:#?}");
+}
+
+fn spec(id: &str, workload: Workload) -> GuestSpec {
+    GuestSpec {
+        guest_id: id.into(),
+        type_id: "web".into(),
+        resources: Resources {
+            cpu_millis: 1000,
+            memory_mb: 256,
+            disk_mb: 2048,
+        },
+        ip: None,
+        workload,
+    }
+}
+
+async fn answer(ip: &str) -> String {
+    let addr = (ip.parse::<Ipv4Addr>().unwrap(), 8080);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.trim().to_string()
+}
+
+#[tokio::test]
+async fn a_vm_boots_its_image_serves_runs_scripts_and_outlives_its_driver() {
+    let (f, _sweep) = factory('b', 30, source().await);
+    let d = f.make(0).await;
+    let caps = d.capabilities();
+    assert!(caps.vm.is_some() && caps.exec && caps.images);
+
+    let info = d.create(&spec("vm-a", web_vm())).await.unwrap();
+    assert_eq!(info.state, GuestState::Stopped);
+    d.start("vm-a").await.unwrap();
+    let ip = info.ip.unwrap();
+    // Its own kernel and file system: the page from its image, its own host name.
+    assert_eq!(answer(&ip).await, "page=from-the-image host=vm-a");
+    let out = d
+        .exec(
+            "vm-a",
+            "uname -r; test \"$1\" = two && echo args-ok; echo to-err >&2; exit 3",
+            &["two".into()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 3, "{out:?}");
+    assert!(out.stdout.contains("amd64") && out.stdout.contains("args-ok"), "{out:?}");
+    assert_eq!(out.stderr.trim(), "to-err");
+    // Its disk is its own and grew to the size it was given.
+    let out = d
+        .exec("vm-a", "echo kept > /srv/mine; df -m / | tail -1", &[])
+        .await
+        .unwrap();
+    let size_mb: u64 = out.stdout.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(size_mb > 1500, "the root file system did not grow: {out:?}");
+    assert!(d.logs("vm-a").await.unwrap().contains("cloud48: up"));
+
+    // A restarted driver finds the VM running and controls it again.
+    drop(d);
+    let d = f.make(0).await;
+    assert_eq!(
+        d.status("vm-a").await.unwrap().map(|g| g.state),
+        Some(GuestState::Running)
+    );
+    let out = d.exec("vm-a", "cat /srv/mine", &[]).await.unwrap();
+    assert_eq!(out.stdout.trim(), "kept");
+
+    // Suspended, it does not answer; resumed, it does.
+    d.suspend("vm-a").await.unwrap();
+    let paused = tokio::time::timeout(Duration::from_millis(500), answer(&ip)).await;
+    assert!(paused.is_err(), "a suspended VM answered: {paused:?}");
+    d.resume("vm-a").await.unwrap();
+    assert_eq!(answer(&ip).await, "page=from-the-image host=vm-a");
+
+    // Stopped and started again, its files are still there.
+    d.stop("vm-a").await.unwrap();
+    assert_eq!(
+        d.status("vm-a").await.unwrap().map(|g| g.state),
+        Some(GuestState::Stopped)
+    );
+    d.start("vm-a").await.unwrap();
+    let out = d.exec("vm-a", "cat /srv/mine", &[]).await.unwrap();
+    assert_eq!(out.stdout.trim(), "kept");
+    d.destroy("vm-a").await.unwrap();
+    assert!(!f.dir.path().join("server-0/guests/vm-a").exists());
+}
+
+#[tokio::test]
+async fn a_vm_that_cannot_be_had_says_why_and_leaves_nothing() {
+    let source = source().await;
+    let (f, _sweep) = factory('n', 40, source.clone());
+    let d = f.make(0).await;
+
+    // An OS container's image has no kernel to boot.
+    let mut plain = web_vm();
+    plain.image = Some(ImageRef {
+        reference: "test/web".into(),
+        digest: None,
+    });
+    let err = d.create(&spec("vm-x", plain)).await.unwrap_err().to_string();
+    assert!(err.contains("not a VM image") && err.contains("--vm"), "{err}");
+    // A type that declares no image.
+    let err = d
+        .create(&spec("vm-y", Workload::default()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("declares no image"), "{err}");
+    assert!(d.list().await.unwrap().is_empty());
+
+    // A VM whose workload never becomes ready is stopped, and the error shows its console.
+    let mut never = web_vm();
+    never.command = vec!["sh".into(), "-c".into(), "echo waiting-forever; sleep 1000".into()];
+    never.readiness.as_mut().unwrap().retries = 50;
+    d.create(&spec("vm-z", never)).await.unwrap();
+    let err = d.start("vm-z").await.unwrap_err().to_string();
+    assert!(err.contains("did not become ready"), "{err}");
+    assert!(err.contains("waiting-forever"), "the console is not in the error: {err}");
+    assert_eq!(
+        d.status("vm-z").await.unwrap().map(|g| g.state),
+        Some(GuestState::Stopped)
+    );
+    d.destroy("vm-z").await.unwrap();
+
+    // A boot that does not finish in time is ended, with what its console showed.
+    let mut cfg = config(f.dir.path(), &f.prefix, 40, 1, source);
+    cfg.boot_timeout = Duration::from_secs(1);
+    let d = QemuDriver::open(cfg).await.unwrap();
+    d.create(&spec("vm-slow", web_vm())).await.unwrap();
+    let err = d.start("vm-slow").await.unwrap_err().to_string();
+    assert!(err.contains("did not boot within 1s"), "{err}");
+    assert_eq!(
+        d.status("vm-slow").await.unwrap().map(|g| g.state),
+        Some(GuestState::Stopped)
+    );
+}
+
+/// Requests `http://ip:8080/` back to back until told to stop; counts answers and failures.
+fn load(ip: String, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
+    tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let attempt = tokio::time::timeout(Duration::from_secs(10), answer(&ip)).await;
+            match attempt {
+                Ok(a) if a.starts_with("page=") => ok += 1,
+                other => failed.push(format!("{other:?}")),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (ok, failed)
+    })
+}
+
+/// Moves running `guest` from `src` to `dst` live while a client keeps asking it.
+async fn move_live(src: &dyn Driver, dst: &dyn Driver, guest: &str, ip: &str) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = load(ip.to_string(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let offer = src.live_offer(guest).await.unwrap();
+    let target = dst
+        .live_receive(
+            &GuestSpec {
+                ip: Some(ip.to_string()),
+                ..spec(guest, web_vm())
+            },
+            &offer,
+        )
+        .await
+        .unwrap();
+    let report = src.live_send(guest, &target).await.unwrap();
+    dst.live_finish(guest).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.await.unwrap();
+    assert!(failed.is_empty(), "requests failed during the migration: {failed:?}");
+    assert!(ok > 10, "too few answers to judge: {ok}");
+    assert!(report.memory_bytes > 0 && report.total_ms > 0, "{report:?}");
+    assert_eq!(
+        src.status(guest).await.unwrap().map(|g| g.state),
+        Some(GuestState::Stopped)
+    );
+    assert_eq!(
+        dst.status(guest).await.unwrap().map(|g| g.state),
+        Some(GuestState::Running)
+    );
+}
+
+#[tokio::test]
+async fn a_running_vm_moves_live_with_its_disk_and_address_and_no_failed_request() {
+    let (f, _sweep) = factory('l', 50, source().await);
+    // Two servers on one network (the VM keeps its address): one bridge, one subnet.
+    let same_net = |n: u32| {
+        let mut c = config(f.dir.path(), &f.prefix, 50, n, f.source.clone());
+        c.bridge = format!("{}br0", f.prefix);
+        c.subnet = "10.242.50.0/24".parse().unwrap();
+        c
+    };
+    let d0 = QemuDriver::open(same_net(0)).await.unwrap();
+    let d1 = QemuDriver::open(same_net(1)).await.unwrap();
+    let info = d0.create(&spec("vm-m", web_vm())).await.unwrap();
+    let ip = info.ip.unwrap();
+    d0.start("vm-m").await.unwrap();
+    d0.exec("vm-m", "echo before > /srv/mine; sync", &[]).await.unwrap();
+
+    move_live(&d0, &d1, "vm-m", &ip).await;
+    // Its disk came along, and it goes on writing there.
+    let out = d1.exec("vm-m", "cat /srv/mine; echo after >> /srv/mine", &[]).await.unwrap();
+    assert_eq!(out.stdout.trim(), "before");
+    d0.destroy("vm-m").await.unwrap();
+
+    // And back, through the servers' agents.
+    let r0 = remote(&f, Arc::new(d0), 0).await;
+    let r1 = remote(&f, Arc::new(d1), 1).await;
+    assert!(r0.capabilities().live_migrate);
+    move_live(&r1, &r0, "vm-m", &ip).await;
+    let out = r0.exec("vm-m", "cat /srv/mine", &[]).await.unwrap();
+    assert_eq!(out.stdout.split_whitespace().collect::<Vec<_>>(), ["before", "after"]);
+
+    // A server on another network cannot take it live, and says why; the VM runs on.
+    let other = f.make(2).await;
+    let offer = r0.live_offer("vm-m").await.unwrap();
+    let err = other
+        .live_receive(
+            &GuestSpec {
+                ip: Some(ip.clone()),
+                ..spec("vm-m", web_vm())
+            },
+            &offer,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("without --live"), "{err}");
+    assert!(other.status("vm-m").await.unwrap().is_none());
+    assert_eq!(answer(&ip).await, "page=from-the-image host=vm-m");
+}
+
+async fn remote(f: &VmFactory, d: Arc<QemuDriver>, n: u32) -> RemoteDriver {
+    let name = format!("{}-{n}", f.prefix);
+    let caps = d.capabilities();
+    let (_, url) = crate::agent::serve_agent(&name, d).await;
+    let r = RemoteDriver::new(&name, &url, crate::agent::TOKEN, RemoteTimeouts::default());
+    // What the agent tells the core when it registers.
+    r.set_capabilities(caps);
+    r
+}
