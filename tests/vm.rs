@@ -314,6 +314,10 @@ async fn a_vm_that_cannot_be_had_says_why_and_leaves_nothing() {
     });
     let err = d.create(&spec("vm-x", plain)).await.unwrap_err().to_string();
     assert!(err.contains("not a VM image") && err.contains("--vm"), "{err}");
+    assert!(
+        std::fs::read_dir(f.dir.path().join("server-0/vm-images")).unwrap().next().is_none(),
+        "a refused image left a base behind"
+    );
     // A type that declares no image.
     let err = d
         .create(&spec("vm-y", Workload::default()))
@@ -382,8 +386,11 @@ async fn move_live(src: &dyn Driver, dst: &dyn Driver, guest: &str, ip: &str) {
         )
         .await
         .unwrap();
+    let t = std::time::Instant::now();
     let report = src.live_send(guest, &target).await.unwrap();
+    let sent = t.elapsed();
     dst.live_finish(guest).await.unwrap();
+    eprintln!("DEBUG sent {sent:?} finished {:?} {report:?}", t.elapsed());
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = client.await.unwrap();

@@ -307,6 +307,8 @@ impl Builder {
             hash.update(VM_SHUTDOWN);
             hash.update(VM_INITRAMFS_MODULES);
             hash.update(VM_PRUNE_MODULES);
+            // The image holds the boot files (disk, kernel, initramfs), not the root's files.
+            hash.update("vm-layout-2");
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         for spec in recipe.files.values() {
@@ -417,7 +419,18 @@ impl Builder {
             let partial = done.with_extension("partial");
             let _ = fs::remove_dir_all(&partial);
             let staging = Store::open(&partial)?;
-            let layer = staging.write_layer_from_dir(&work)?;
+            let layer = if recipe.vm {
+                // A VM's image is its boot files: one disk made here, so that every server
+                // boots (and overlays) the very same bytes.
+                let boot = self.cache.join("work").join(format!("{key}.vm"));
+                let _ = fs::remove_dir_all(&boot);
+                let made = vm_boot_files(&work, &boot, progress)
+                    .and_then(|()| staging.write_layer_from_dir(&boot));
+                let _ = fs::remove_dir_all(&boot);
+                made?
+            } else {
+                staging.write_layer_from_dir(&work)?
+            };
             staging.commit(
                 &recipe.name,
                 &[layer],
@@ -582,6 +595,68 @@ impl Builder {
         }
         Ok(())
     }
+}
+
+/// Room a VM's disk has beyond its files (a VM's own disk may be larger: its init grows the
+/// file system to the disk it is given).
+const VM_DISK_HEADROOM_MB: u64 = 256;
+
+/// Bytes of the files under `dir` (not following links).
+fn dir_size(dir: &Path) -> u64 {
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => fs::read_dir(dir)
+            .map(|rd| rd.flatten().map(|e| dir_size(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+/// Writes what a VM boots from the root file system `root` into the new directory `boot`:
+/// `disk.qcow2` (the root as ext4), `vmlinuz` and `initrd.img` (its newest kernel), and
+/// `size-mb` (the disk's size).
+fn vm_boot_files(
+    root: &Path,
+    boot: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    fs::create_dir_all(boot).map_err(ImageError::io(format!("creating {}", boot.display())))?;
+    for (prefix, name) in [("vmlinuz-", "vmlinuz"), ("initrd.img-", "initrd.img")] {
+        let mut found: Vec<PathBuf> = fs::read_dir(root.join("boot"))
+            .map_err(ImageError::io("reading /boot"))?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            .map(|e| e.path())
+            .collect();
+        found.sort();
+        let newest = found.pop().ok_or_else(|| {
+            ImageError::Build(format!("the VM image has no /boot/{prefix}*: its kernel did not install"))
+        })?;
+        fs::copy(&newest, boot.join(name))
+            .map_err(ImageError::io(format!("copying {}", newest.display())))?;
+    }
+    let used_mb = dir_size(root) >> 20;
+    let size_mb = used_mb + used_mb / 4 + VM_DISK_HEADROOM_MB;
+    progress(&format!("making the VM's disk ({size_mb} MiB, ext4 in qcow2)"));
+    let raw = boot.join("disk.raw");
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "root", "-d"])
+            .arg(root)
+            .arg(&raw)
+            .arg(format!("{size_mb}M")),
+        "making the VM's disk (mkfs.ext4 -d; Debian: apt-get install e2fsprogs)",
+    )?;
+    let converted = run(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(boot.join("disk.qcow2")),
+        "converting the VM's disk (qemu-img; Debian: apt-get install qemu-utils)",
+    );
+    let _ = fs::remove_file(&raw);
+    converted?;
+    fs::write(boot.join("size-mb"), size_mb.to_string()).map_err(ImageError::io("writing size-mb"))
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {

@@ -1,24 +1,20 @@
 //! VM images on a server: pulled into the server's store like any image (from the core, or
-//! found there), then made once per image into a bootable base: its root file system as an
-//! ext4 disk in qcow2 (`mkfs.ext4 -d`, `qemu-img convert`), its kernel and initramfs beside it.
-//! A VM's own disk is a qcow2 overlay of that base: created in milliseconds, holding only what
-//! the VM writes.
+//! found there) and unpacked once into a bootable base. A VM image's one layer holds its boot
+//! files, made when the image was built (`image build --vm`): `disk.qcow2` (its root file
+//! system as ext4), `vmlinuz`, `initrd.img` and `size-mb`; so every server boots the very same
+//! disk bytes, verified by digest, and a VM's disk — a qcow2 overlay of that base, created in
+//! milliseconds, holding only what the VM writes — means the same on any server.
 //!
-//! Layout: `vm-images/<hex>/{disk.qcow2, vmlinuz, initrd.img}`; a base directory exists only
-//! whole (built beside it and renamed).
+//! Layout: `vm-images/<hex>/{disk.qcow2, vmlinuz, initrd.img, size-mb}`; a base directory
+//! exists only whole (unpacked beside it and renamed).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use cloud48_driver::DriverError;
 use cloud48_image::{Digest, ImageDetails, Store};
 use cloud48_linux::images::{ImageSource, fetch};
 use cloud48_model::ImageRef;
-
-/// Extra room a base disk has beyond its files (the VM's disk may be larger still: its init
-/// grows the file system to the disk).
-const HEADROOM_MB: u64 = 256;
 
 /// A VM image made ready to boot.
 #[derive(Debug, Clone)]
@@ -47,20 +43,6 @@ pub struct VmImages {
 
 fn permanent(e: impl std::fmt::Display) -> DriverError {
     DriverError::Permanent(e.to_string())
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<(), DriverError> {
-    let out = cmd
-        .output()
-        .map_err(|e| permanent(format!("{what}: cannot run {:?}: {e}", cmd.get_program())))?;
-    if !out.status.success() {
-        return Err(permanent(format!(
-            "{what} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(())
 }
 
 impl VmImages {
@@ -144,63 +126,20 @@ impl VmImages {
 
     fn make(&self, details: &ImageDetails, name: &str) -> Result<(), DriverError> {
         let dest = self.base_dir(&details.summary.digest);
-        let partial = dest.with_extension("partial");
+        let partial = dest.with_extension("unpacking");
         let _ = std::fs::remove_dir_all(&partial);
-        std::fs::create_dir_all(&partial).map_err(permanent)?;
-        let root = partial.join("root");
-        let made = (|| {
-            cloud48_oci::unpack(&self.store, details, &root, 0)
-                .map_err(|e| permanent(format!("cannot unpack image {name}: {e}")))?;
-            if !root.join("sbin/cloud48-init").is_file() {
-                return Err(permanent(format!(
-                    "image {name} is not a VM image (it has no /sbin/cloud48-init): build its \
-                     VM variant with `cloud48 image build --vm RECIPE`"
-                )));
-            }
-            let newest = |prefix: &str| {
-                let mut found: Vec<PathBuf> = std::fs::read_dir(root.join("boot"))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-                    .map(|e| e.path())
-                    .collect();
-                found.sort();
-                found.pop().ok_or_else(|| {
-                    permanent(format!(
-                        "image {name} has no /boot/{prefix}*: a VM image needs Debian's kernel \
-                         and initramfs (`cloud48 image build --vm` installs them)"
-                    ))
-                })
-            };
-            std::fs::copy(newest("vmlinuz-")?, partial.join("vmlinuz")).map_err(permanent)?;
-            std::fs::copy(newest("initrd.img-")?, partial.join("initrd.img"))
-                .map_err(permanent)?;
-            let used_mb = cloud48_linux::images::dir_size(&root) >> 20;
-            let size_mb = used_mb + used_mb / 4 + HEADROOM_MB;
-            let raw = partial.join("disk.raw");
-            run(
-                Command::new("mkfs.ext4")
-                    .args(["-q", "-F", "-L", "root", "-d"])
-                    .arg(&root)
-                    .arg(&raw)
-                    .arg(format!("{size_mb}M")),
-                &format!("making the disk of image {name} (mkfs.ext4 -d)"),
-            )?;
-            run(
-                Command::new("qemu-img")
-                    .args(["convert", "-O", "qcow2"])
-                    .arg(&raw)
-                    .arg(partial.join("disk.qcow2")),
-                &format!("converting the disk of image {name} (qemu-img convert)"),
-            )?;
-            let _ = std::fs::remove_file(&raw);
-            std::fs::write(partial.join("size-mb"), size_mb.to_string()).map_err(permanent)
-        })();
-        let _ = std::fs::remove_dir_all(&root);
-        if made.is_err() {
+        cloud48_oci::unpack(&self.store, details, &partial, 0)
+            .map_err(|e| permanent(format!("cannot unpack image {name}: {e}")))?;
+        // `unpack` renamed its work to `partial` whole; what it holds decides.
+        let whole = ["disk.qcow2", "vmlinuz", "initrd.img", "size-mb"]
+            .iter()
+            .all(|f| partial.join(f).is_file());
+        if !whole {
             let _ = std::fs::remove_dir_all(&partial);
-            return made;
+            return Err(permanent(format!(
+                "image {name} is not a VM image (it holds no disk.qcow2, vmlinuz and initrd.img): \
+                 build its VM variant with `cloud48 image build --vm RECIPE`"
+            )));
         }
         std::fs::rename(&partial, &dest).map_err(permanent)
     }

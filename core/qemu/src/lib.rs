@@ -421,12 +421,18 @@ impl QemuDriver {
             .then_some(pid)
     }
 
+    /// The guest's state: from its QEMU's run state when one runs. A QEMU that sent its VM
+    /// away (`postmigrate`) or waits to receive one (`inmigrate`) runs no VM: stopped.
     async fn state(&self, guest: &str) -> GuestState {
         if self.pid(guest).is_none() {
             return GuestState::Stopped;
         }
-        match control::paused(&self.file(guest, files::QMP)).await {
-            Ok(true) => GuestState::Suspended,
+        match control::run_state(&self.file(guest, files::QMP))
+            .await
+            .as_deref()
+        {
+            Ok("paused") | Ok("suspended") => GuestState::Suspended,
+            Ok("postmigrate") | Ok("inmigrate") | Ok("prelaunch") => GuestState::Stopped,
             _ => GuestState::Running,
         }
     }
@@ -575,8 +581,10 @@ impl QemuDriver {
     async fn halt(&self, guest: &str, graceful: bool) -> Result<(), DriverError> {
         let qmp = self.file(guest, files::QMP);
         if let Some(pid) = self.pid(guest) {
-            if graceful {
-                if control::paused(&qmp).await.unwrap_or(false) {
+            let state = control::run_state(&qmp).await.unwrap_or_default();
+            // Only a VM that runs (or is merely paused) can power itself off.
+            if graceful && (state == "running" || state == "paused") {
+                if state == "paused" {
                     let _ = control::qmp(&qmp, qapi::qmp::cont {}).await;
                 }
                 match control::ga_shutdown(&self.file(guest, files::QGA), false).await {
@@ -785,7 +793,22 @@ impl Driver for QemuDriver {
                 state: GuestState::Suspended,
                 operation: "start".into(),
             }),
-            GuestState::Stopped => self.launch(&r).await,
+            GuestState::Stopped => {
+                let qmp = self.file(guest_id, files::QMP);
+                if self.pid(guest_id).is_some() {
+                    if control::run_state(&qmp).await.as_deref() == Ok("postmigrate") {
+                        // It sent itself away and the target did not take over: it goes on
+                        // here, from its memory, as if it had never left.
+                        return control::qmp(&qmp, qapi::qmp::cont {})
+                            .await
+                            .map(|_| ())
+                            .map_err(permanent);
+                    }
+                    // A QEMU that never ran this VM (an incoming migration that did not come).
+                    self.halt(guest_id, false).await?;
+                }
+                self.launch(&r).await
+            }
         }
     }
 
@@ -1110,24 +1133,16 @@ impl Driver for QemuDriver {
     ) -> Result<LiveReport, DriverError> {
         let _held = self.hold(guest_id).await;
         self.running(guest_id, "live migration").await?;
-        let pid = self.pid(guest_id);
         let qmp = self.file(guest_id, files::QMP);
         let report = live::send(&qmp, guest_id, target)
             .await
             .map_err(|e| permanent(format!("live migration of VM {guest_id}: {e}")))?;
         activity::report(&format!(
-            "VM {guest_id} moved in {} ms, paused {} ms",
+            "VM {guest_id} sent in {} ms, paused {} ms for the last pass",
             report.total_ms, report.downtime_ms
         ));
-        // The target holds it all: this copy ends (its record stays until destroyed).
-        let _ = control::qmp(&qmp, qapi::qmp::quit {}).await;
-        if let Some(pid) = pid
-            && !self.exited(pid, Duration::from_secs(5)).await
-        {
-            // SAFETY: kill has no memory preconditions; pid is this guest's QEMU.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = network::run("ip", &["link", "del", &self.tap(guest_id)]).await;
+        // The target holds it all; this QEMU stays, paused (`postmigrate`: stopped), until the
+        // guest is destroyed here, or goes on if the target does not take over (`start`).
         Ok(report)
     }
 

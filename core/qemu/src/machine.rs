@@ -141,6 +141,8 @@ pub fn args(l: &Launch) -> Vec<String> {
         "-smp".into(),
         l.vcpus.max(1).to_string(),
         "-nodefaults".into(),
+        // A guest that reboots on its own (a kernel panic) ends: the driver sees it stopped.
+        "-no-reboot".into(),
         "-no-user-config".into(),
         "-display".into(),
         "none".into(),
