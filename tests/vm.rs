@@ -466,3 +466,124 @@ async fn remote(f: &VmFactory, d: Arc<QemuDriver>, n: u32) -> RemoteDriver {
     r.set_capabilities(caps);
     r
 }
+
+/// A container type whose containers are the test VM image's web server.
+struct VmWeb;
+
+impl cloud48_engine::types::ContainerType for VmWeb {
+    fn type_id(&self) -> &str {
+        "vmweb"
+    }
+    fn priority(&self) -> i32 {
+        10
+    }
+    fn default_requirements(&self) -> cloud48_engine::model::Requirements {
+        cloud48_engine::model::Requirements {
+            resources: Resources {
+                cpu_millis: 1000,
+                memory_mb: 256,
+                disk_mb: 2048,
+            },
+            labels: Vec::new(),
+            spread: false,
+        }
+    }
+    fn workload(&self) -> Workload {
+        web_vm()
+    }
+    fn handle(
+        &self,
+        _hook: &cloud48_engine::types::Hook,
+        _ctx: &cloud48_engine::types::HookContext<'_>,
+    ) -> Result<cloud48_engine::types::HookOutcome, cloud48_engine::types::TypeError> {
+        Ok(cloud48_engine::types::HookOutcome::allow())
+    }
+}
+
+#[tokio::test]
+async fn container_migrate_live_moves_a_vm_through_the_core_with_no_failed_request() {
+    use crate::common::{Opts, TestCore};
+    use serde_json::json;
+
+    let (f, _sweep) = factory('c', 60, source().await);
+    let same_net = |n: u32| {
+        let mut c = config(f.dir.path(), &f.prefix, 60, n, f.source.clone());
+        c.bridge = format!("{}br0", f.prefix);
+        c.subnet = "10.242.60.0/24".parse().unwrap();
+        c
+    };
+    let tc = TestCore::start(Opts {
+        sim_servers: 1,
+        agent_token: Some(crate::agent::TOKEN.into()),
+        types: vec![Arc::new(VmWeb)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut names = Vec::new();
+    for n in 0..2 {
+        let d = QemuDriver::open(same_net(n)).await.unwrap();
+        let name = format!("{}-{n}", f.prefix);
+        let (_, url) = crate::agent::serve_agent(&name, Arc::new(d)).await;
+        tc.core.agents().add(&url).await.unwrap();
+        names.push(name);
+    }
+    let cmd: serde_json::Value = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "vmweb", "server": names[0] }),
+        )
+        .await
+        .unwrap();
+    let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+    let c = tc.core.containers().get_by_id(id).await.unwrap();
+    let ip = c.ip.clone().unwrap();
+    assert_eq!(answer(&ip).await, format!("page=from-the-image host={}", c.guest_id));
+
+    // A simulated server cannot take a running container; the refusal says why.
+    let err = tc
+        .client
+        .post::<_, serde_json::Value>(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "migrate", "live": true, "to": "sim-1" }),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("server sim-1 reports no live migration"), "{err}");
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = load(ip.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a: serde_json::Value = tc
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "migrate", "live": true, "to": names[1] }),
+        )
+        .await
+        .unwrap();
+    let done = tc.ok(a["command_id"].as_i64().unwrap()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.await.unwrap();
+    assert!(failed.is_empty(), "requests failed during the migration: {failed:?}");
+    assert!(ok > 10, "too few answers to judge: {ok}");
+
+    // Same address, new server, running all along; the command tells how the move went.
+    let moved = tc.core.containers().get_by_id(id).await.unwrap();
+    assert_eq!(moved.server.as_deref(), Some(names[1].as_str()));
+    assert_eq!(moved.ip.as_deref(), Some(ip.as_str()));
+    assert_eq!(moved.status, cloud48_engine::model::ContainerStatus::Running);
+    let result = done.result.expect("the command's result");
+    assert!(result["live"]["downtime_ms"].as_u64().is_some(), "{result}");
+    assert!(result["live"]["memory_bytes"].as_u64().unwrap() > 0, "{result}");
+    // Nothing is left on the source, and the dummy that held the target's room is gone.
+    let servers = tc.core.servers().list().await.unwrap();
+    let source = servers.iter().find(|s| s.name == names[0]).unwrap();
+    assert_eq!((source.containers, source.dummies), (0, 0));
+    let target = servers.iter().find(|s| s.name == names[1]).unwrap();
+    assert_eq!((target.containers, target.dummies), (1, 0));
+    assert!(!f.dir.path().join(format!("server-0/guests/{}", c.guest_id)).exists());
+}
