@@ -62,6 +62,13 @@ async fn source() -> Arc<Store> {
                         .build(&recipe, &store, &mut |_| {})
                         .expect("the test images build (debootstrap installed, Debian's mirror reachable)");
                 }
+                // An OS container's image under a VM's name.
+                let (_, layout, _) = Builder::new(cache_dir(), DEFAULT_MIRROR)
+                    .prepare(&recipe, &mut |_| {})
+                    .unwrap();
+                store
+                    .import_path(&layout, Some(&"test/fake-vm".parse().unwrap()))
+                    .unwrap();
                 (dir, Arc::new(store))
             })
             .await
@@ -72,11 +79,12 @@ async fn source() -> Arc<Store> {
         .clone()
 }
 
-/// The VM image's own program, its `http` endpoint, ready when it answers.
+/// The image's own program, its `http` endpoint, ready when it answers (a qemu server runs
+/// the image's VM variant, `test/web-vm`).
 fn web_vm() -> Workload {
     Workload {
         image: Some(ImageRef {
-            reference: "test/web-vm".into(),
+            reference: "test/web".into(),
             digest: None,
         }),
         endpoints: vec![Endpoint {
@@ -162,7 +170,14 @@ struct VmFactory {
 impl DriverFactory for VmFactory {
     type Driver = QemuDriver;
     async fn make(&self, n: u32) -> QemuDriver {
-        open(self.dir.path(), &self.prefix, self.net, n, self.source.clone()).await
+        open(
+            self.dir.path(),
+            &self.prefix,
+            self.net,
+            n,
+            self.source.clone(),
+        )
+        .await
     }
     fn workload(&self) -> Workload {
         web_vm()
@@ -259,14 +274,23 @@ async fn a_vm_boots_its_image_serves_runs_scripts_and_outlives_its_driver() {
         .await
         .unwrap();
     assert_eq!(out.exit_code, 3, "{out:?}");
-    assert!(out.stdout.contains("amd64") && out.stdout.contains("args-ok"), "{out:?}");
+    assert!(
+        out.stdout.contains("amd64") && out.stdout.contains("args-ok"),
+        "{out:?}"
+    );
     assert_eq!(out.stderr.trim(), "to-err");
     // Its disk is its own and grew to the size it was given.
     let out = d
         .exec("vm-a", "echo kept > /srv/mine; df -m / | tail -1", &[])
         .await
         .unwrap();
-    let size_mb: u64 = out.stdout.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let size_mb: u64 = out
+        .stdout
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(size_mb > 1500, "the root file system did not grow: {out:?}");
     assert!(d.logs("vm-a").await.unwrap().contains("cloud48: up"));
 
@@ -306,16 +330,41 @@ async fn a_vm_that_cannot_be_had_says_why_and_leaves_nothing() {
     let (f, _sweep) = factory('n', 40, source.clone());
     let d = f.make(0).await;
 
-    // An OS container's image has no kernel to boot.
+    // An image whose VM variant was never built.
     let mut plain = web_vm();
     plain.image = Some(ImageRef {
-        reference: "test/web".into(),
+        reference: "test/absent".into(),
         digest: None,
     });
-    let err = d.create(&spec("vm-x", plain)).await.unwrap_err().to_string();
-    assert!(err.contains("not a VM image") && err.contains("--vm"), "{err}");
+    let err = d
+        .create(&spec("vm-x", plain))
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(
-        std::fs::read_dir(f.dir.path().join("server-0/vm-images")).unwrap().next().is_none(),
+        err.contains("test/absent-vm:latest") && err.contains("image build --vm"),
+        "{err}"
+    );
+    // An image under a VM name that is no VM image: nothing to boot.
+    let mut not_vm = web_vm();
+    not_vm.image = Some(ImageRef {
+        reference: "test/fake-vm".into(),
+        digest: None,
+    });
+    let err = d
+        .create(&spec("vm-w", not_vm))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not a VM image") && err.contains("--vm"),
+        "{err}"
+    );
+    assert!(
+        std::fs::read_dir(f.dir.path().join("server-0/vm-images"))
+            .unwrap()
+            .next()
+            .is_none(),
         "a refused image left a base behind"
     );
     // A type that declares no image.
@@ -329,12 +378,19 @@ async fn a_vm_that_cannot_be_had_says_why_and_leaves_nothing() {
 
     // A VM whose workload never becomes ready is stopped, and the error shows its console.
     let mut never = web_vm();
-    never.command = vec!["sh".into(), "-c".into(), "echo waiting-forever; sleep 1000".into()];
+    never.command = vec![
+        "sh".into(),
+        "-c".into(),
+        "echo waiting-forever; sleep 1000".into(),
+    ];
     never.readiness.as_mut().unwrap().retries = 50;
     d.create(&spec("vm-z", never)).await.unwrap();
     let err = d.start("vm-z").await.unwrap_err().to_string();
     assert!(err.contains("did not become ready"), "{err}");
-    assert!(err.contains("waiting-forever"), "the console is not in the error: {err}");
+    assert!(
+        err.contains("waiting-forever"),
+        "the console is not in the error: {err}"
+    );
     assert_eq!(
         d.status("vm-z").await.unwrap().map(|g| g.state),
         Some(GuestState::Stopped)
@@ -355,11 +411,16 @@ async fn a_vm_that_cannot_be_had_says_why_and_leaves_nothing() {
 }
 
 /// Requests `http://ip:8080/` back to back until told to stop; counts answers and failures.
-fn load(ip: String, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
+fn load(
+    ip: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
     tokio::spawn(async move {
         let (mut ok, mut failed) = (0, Vec::new());
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let attempt = tokio::time::timeout(Duration::from_secs(10), answer(&ip)).await;
+            // A request may wait out TCP's retransmissions while the VM switches over; one
+            // that gets no answer at all fails.
+            let attempt = tokio::time::timeout(Duration::from_secs(30), answer(&ip)).await;
             match attempt {
                 Ok(a) if a.starts_with("page=") => ok += 1,
                 other => failed.push(format!("{other:?}")),
@@ -386,15 +447,15 @@ async fn move_live(src: &dyn Driver, dst: &dyn Driver, guest: &str, ip: &str) {
         )
         .await
         .unwrap();
-    let t = std::time::Instant::now();
     let report = src.live_send(guest, &target).await.unwrap();
-    let sent = t.elapsed();
     dst.live_finish(guest).await.unwrap();
-    eprintln!("DEBUG sent {sent:?} finished {:?} {report:?}", t.elapsed());
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = client.await.unwrap();
-    assert!(failed.is_empty(), "requests failed during the migration: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the migration: {failed:?}"
+    );
     assert!(ok > 10, "too few answers to judge: {ok}");
     assert!(report.memory_bytes > 0 && report.total_ms > 0, "{report:?}");
     assert_eq!(
@@ -422,11 +483,16 @@ async fn a_running_vm_moves_live_with_its_disk_and_address_and_no_failed_request
     let info = d0.create(&spec("vm-m", web_vm())).await.unwrap();
     let ip = info.ip.unwrap();
     d0.start("vm-m").await.unwrap();
-    d0.exec("vm-m", "echo before > /srv/mine; sync", &[]).await.unwrap();
+    d0.exec("vm-m", "echo before > /srv/mine; sync", &[])
+        .await
+        .unwrap();
 
     move_live(&d0, &d1, "vm-m", &ip).await;
     // Its disk came along, and it goes on writing there.
-    let out = d1.exec("vm-m", "cat /srv/mine; echo after >> /srv/mine", &[]).await.unwrap();
+    let out = d1
+        .exec("vm-m", "cat /srv/mine; echo after >> /srv/mine", &[])
+        .await
+        .unwrap();
     assert_eq!(out.stdout.trim(), "before");
     d0.destroy("vm-m").await.unwrap();
 
@@ -436,7 +502,37 @@ async fn a_running_vm_moves_live_with_its_disk_and_address_and_no_failed_request
     assert!(r0.capabilities().live_migrate);
     move_live(&r1, &r0, "vm-m", &ip).await;
     let out = r0.exec("vm-m", "cat /srv/mine", &[]).await.unwrap();
-    assert_eq!(out.stdout.split_whitespace().collect::<Vec<_>>(), ["before", "after"]);
+    assert_eq!(
+        out.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["before", "after"]
+    );
+
+    // A target that is lost after the send: the source goes on from its memory (not a new
+    // boot: what only its memory held is there), so exactly one VM runs.
+    r0.exec("vm-m", "echo in-memory > /run/mark", &[])
+        .await
+        .unwrap();
+    let offer = r0.live_offer("vm-m").await.unwrap();
+    let to = r1
+        .live_receive(
+            &GuestSpec {
+                ip: Some(ip.clone()),
+                ..spec("vm-m", web_vm())
+            },
+            &offer,
+        )
+        .await
+        .unwrap();
+    r0.live_send("vm-m", &to).await.unwrap();
+    assert_eq!(
+        r0.status("vm-m").await.unwrap().map(|g| g.state),
+        Some(GuestState::Stopped)
+    );
+    r1.destroy("vm-m").await.unwrap();
+    r0.start("vm-m").await.unwrap();
+    let out = r0.exec("vm-m", "cat /run/mark", &[]).await.unwrap();
+    assert_eq!(out.stdout.trim(), "in-memory");
+    assert_eq!(answer(&ip).await, "page=from-the-image host=vm-m");
 
     // A server on another network cannot take it live, and says why; the VM runs on.
     let other = f.make(2).await;
@@ -539,7 +635,10 @@ async fn container_migrate_live_moves_a_vm_through_the_core_with_no_failed_reque
     let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
     let c = tc.core.containers().get_by_id(id).await.unwrap();
     let ip = c.ip.clone().unwrap();
-    assert_eq!(answer(&ip).await, format!("page=from-the-image host={}", c.guest_id));
+    assert_eq!(
+        answer(&ip).await,
+        format!("page=from-the-image host={}", c.guest_id)
+    );
 
     // A simulated server cannot take a running container; the refusal says why.
     let err = tc
@@ -551,7 +650,10 @@ async fn container_migrate_live_moves_a_vm_through_the_core_with_no_failed_reque
         .await
         .unwrap_err()
         .to_string();
-    assert!(err.contains("server sim-1 reports no live migration"), "{err}");
+    assert!(
+        err.contains("server sim-1 reports no live migration"),
+        "{err}"
+    );
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = load(ip.clone(), stop.clone());
@@ -568,22 +670,36 @@ async fn container_migrate_live_moves_a_vm_through_the_core_with_no_failed_reque
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = client.await.unwrap();
-    assert!(failed.is_empty(), "requests failed during the migration: {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "requests failed during the migration: {failed:?}"
+    );
     assert!(ok > 10, "too few answers to judge: {ok}");
 
     // Same address, new server, running all along; the command tells how the move went.
     let moved = tc.core.containers().get_by_id(id).await.unwrap();
     assert_eq!(moved.server.as_deref(), Some(names[1].as_str()));
     assert_eq!(moved.ip.as_deref(), Some(ip.as_str()));
-    assert_eq!(moved.status, cloud48_engine::model::ContainerStatus::Running);
+    assert_eq!(
+        moved.status,
+        cloud48_engine::model::ContainerStatus::Running
+    );
     let result = done.result.expect("the command's result");
     assert!(result["live"]["downtime_ms"].as_u64().is_some(), "{result}");
-    assert!(result["live"]["memory_bytes"].as_u64().unwrap() > 0, "{result}");
+    assert!(
+        result["live"]["memory_bytes"].as_u64().unwrap() > 0,
+        "{result}"
+    );
     // Nothing is left on the source, and the dummy that held the target's room is gone.
     let servers = tc.core.servers().list().await.unwrap();
     let source = servers.iter().find(|s| s.name == names[0]).unwrap();
     assert_eq!((source.containers, source.dummies), (0, 0));
     let target = servers.iter().find(|s| s.name == names[1]).unwrap();
     assert_eq!((target.containers, target.dummies), (1, 0));
-    assert!(!f.dir.path().join(format!("server-0/guests/{}", c.guest_id)).exists());
+    assert!(
+        !f.dir
+            .path()
+            .join(format!("server-0/guests/{}", c.guest_id))
+            .exists()
+    );
 }

@@ -187,7 +187,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms.max(15_000)),
                 boot_timeout: Duration::from_secs(args.boot_timeout_secs),
-                accel: args.accel.parse().map_err(|e: String| anyhow::anyhow!("--accel: {e}"))?,
+                accel: args
+                    .accel
+                    .parse()
+                    .map_err(|e: String| anyhow::anyhow!("--accel: {e}"))?,
                 source: core_images(),
                 migration_host: match &args.migration_address {
                     Some(a) => a.clone(),

@@ -630,14 +630,18 @@ fn vm_boot_files(
             .collect();
         found.sort();
         let newest = found.pop().ok_or_else(|| {
-            ImageError::Build(format!("the VM image has no /boot/{prefix}*: its kernel did not install"))
+            ImageError::Build(format!(
+                "the VM image has no /boot/{prefix}*: its kernel did not install"
+            ))
         })?;
         fs::copy(&newest, boot.join(name))
             .map_err(ImageError::io(format!("copying {}", newest.display())))?;
     }
     let used_mb = dir_size(root) >> 20;
     let size_mb = used_mb + used_mb / 4 + VM_DISK_HEADROOM_MB;
-    progress(&format!("making the VM's disk ({size_mb} MiB, ext4 in qcow2)"));
+    progress(&format!(
+        "making the VM's disk ({size_mb} MiB, ext4 in qcow2)"
+    ));
     let raw = boot.join("disk.raw");
     run(
         Command::new("mkfs.ext4")

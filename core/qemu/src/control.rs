@@ -57,9 +57,12 @@ where
     C: qga::QgaCommand + qapi::Command + Send + 'static,
 {
     let exchange = async {
-        let mut stream = QgaStreamTokio::open_uds(sock)
-            .await
-            .map_err(|e| format!("cannot reach the guest agent's socket {}: {e}", sock.display()))?;
+        let mut stream = QgaStreamTokio::open_uds(sock).await.map_err(|e| {
+            format!(
+                "cannot reach the guest agent's socket {}: {e}",
+                sock.display()
+            )
+        })?;
         stream
             .execute(command)
             .await
@@ -129,7 +132,8 @@ pub async fn ga_exec(
         )
         .await?;
         if status.exited {
-            let text = |b: Option<Vec<u8>>| String::from_utf8_lossy(&b.unwrap_or_default()).into_owned();
+            let text =
+                |b: Option<Vec<u8>>| String::from_utf8_lossy(&b.unwrap_or_default()).into_owned();
             return Ok(ExecOutput {
                 exit_code: status
                     .exitcode

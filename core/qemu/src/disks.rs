@@ -117,7 +117,10 @@ impl VmImages {
             }
             this.make(&details, &image.reference)?;
             this.made(digest.as_str()).ok_or_else(|| {
-                permanent(format!("the base disk of image {} vanished", image.reference))
+                permanent(format!(
+                    "the base disk of image {} vanished",
+                    image.reference
+                ))
             })
         })
         .await
@@ -142,6 +145,21 @@ impl VmImages {
             )));
         }
         std::fs::rename(&partial, &dest).map_err(permanent)
+    }
+}
+
+/// The VM variant of `image`: `NAME-vm` with the same tag (a digest pins the container
+/// image, not its variant, so it is dropped); a reference to a VM image already is itself.
+pub fn vm_variant(image: &ImageRef) -> ImageRef {
+    let Ok(name) = image.reference.parse::<cloud48_image::Name>() else {
+        return image.clone();
+    };
+    if name.repository().ends_with("-vm") {
+        return image.clone();
+    }
+    ImageRef {
+        reference: format!("{}-vm:{}", name.repository(), name.tag()),
+        digest: None,
     }
 }
 
@@ -187,4 +205,29 @@ pub async fn rebase(base: &Base, disk: &Path) -> Result<(), DriverError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_type_runs_the_vm_variant_of_its_image() {
+        let r = |reference: &str, digest: Option<&str>| ImageRef {
+            reference: reference.into(),
+            digest: digest.map(String::from),
+        };
+        assert_eq!(
+            vm_variant(&r("cloud48/nginx", None)),
+            r("cloud48/nginx-vm:latest", None)
+        );
+        assert_eq!(
+            vm_variant(&r("cloud48/tomcat:10", Some("sha256:ab"))),
+            r("cloud48/tomcat-vm:10", None)
+        );
+        assert_eq!(
+            vm_variant(&r("cloud48/nginx-vm:1", Some("sha256:cd"))),
+            r("cloud48/nginx-vm:1", Some("sha256:cd"))
+        );
+    }
 }

@@ -22,13 +22,15 @@
 //!   over the same image's base (fetched by digest), and a guest is recorded only once its disk
 //!   is whole.
 
+mod boot;
 pub mod control;
 pub mod disks;
 pub mod live;
 pub mod machine;
+mod migrate;
+mod transfer;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -41,14 +43,13 @@ use cloud48_driver::{
     Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState,
     LiveOffer, LiveReport, LiveTarget, ServerStats, activity,
 };
-use cloud48_linux::images::{ImageSource, process_args, process_env};
+use cloud48_linux::images::ImageSource;
 use cloud48_linux::network::{self, GuestNet, Subnet};
-use cloud48_linux::ready::Probe;
 use cloud48_linux::{find_program, machine_capacity, tail};
 use cloud48_model::{ImageRef, Resources};
 
 use disks::{Base, VmImages};
-use machine::{Accel, AccelChoice, Launch, files};
+use machine::{Accel, AccelChoice, files};
 
 /// How much of a console `logs` and errors show.
 const LOG_TAIL: u64 = 64 << 10;
@@ -91,13 +92,6 @@ struct Record {
     spec: GuestSpec,
     ip: Ipv4Addr,
     /// The digest of the VM image it boots.
-    image: String,
-}
-
-/// What an export holds beside the disk.
-#[derive(Debug, Serialize, Deserialize)]
-struct ExportMeta {
-    /// The digest of the VM image the disk is an overlay of.
     image: String,
 }
 
@@ -159,7 +153,10 @@ impl QemuDriver {
             return Err("the qemu driver needs root (tap devices on the bridge); run the agent as root or use --driver sim".into());
         }
         for (program, package) in [
-            (qemu_binary(), "qemu-system-x86 (on Debian bookworm from bookworm-backports, to match qemu-utils)"),
+            (
+                qemu_binary(),
+                "qemu-system-x86 (on Debian bookworm from bookworm-backports, to match qemu-utils)",
+            ),
             ("qemu-img", "qemu-utils"),
             ("mkfs.ext4", "e2fsprogs"),
             ("ip", "iproute2"),
@@ -279,7 +276,12 @@ impl QemuDriver {
         let tmp = dir.join("guest.json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(r).expect("serializes"))
             .and_then(|()| std::fs::rename(&tmp, dir.join("guest.json")))
-            .map_err(|e| permanent(format!("cannot write the record of {}: {e}", r.spec.guest_id)))
+            .map_err(|e| {
+                permanent(format!(
+                    "cannot write the record of {}: {e}",
+                    r.spec.guest_id
+                ))
+            })
     }
 
     fn allocated(&self) -> Resources {
@@ -347,16 +349,29 @@ impl QemuDriver {
         }
     }
 
-    /// The VM image a spec boots, made ready here.
+    /// The VM image a spec boots, made ready here: the VM variant of the image its type
+    /// declares (`NAME-vm`, which `image build --vm` makes), so that one type runs as OS
+    /// containers on linux servers and as VMs here.
     async fn base_for(&self, spec: &GuestSpec) -> Result<Base, DriverError> {
         let image = spec.workload.image.as_ref().ok_or_else(|| {
             permanent(format!(
                 "server {} runs virtual machines, which boot a VM image, but container type \
-                 '{}' declares no image; declare one built with `cloud48 image build --vm`",
+                 '{}' declares no image; declare one and build its VM variant with \
+                 `cloud48 image build --vm`",
                 self.cfg.name, spec.type_id
             ))
         })?;
-        self.images.prepare(image).await
+        let variant = disks::vm_variant(image);
+        self.images.prepare(&variant).await.map_err(|e| {
+            if variant.reference == image.reference {
+                return e;
+            }
+            permanent(format!(
+                "server {} runs virtual machines: container type '{}' runs there as {}, the \
+                 VM variant of its image {} (build it with `cloud48 image build --vm RECIPE`): {e}",
+                self.cfg.name, spec.type_id, variant.reference, image.reference
+            ))
+        })
     }
 
     /// The base of the image a recorded guest boots (fetched again by digest if it went).
@@ -404,223 +419,6 @@ impl QemuDriver {
             return Err(e);
         }
         Ok(self.info(&record, GuestState::Stopped))
-    }
-
-    /// QEMU's pid for `guest` when its process runs (the pid file's process must be the QEMU
-    /// of this guest's directory).
-    fn pid(&self, guest: &str) -> Option<i32> {
-        let pid: i32 = std::fs::read_to_string(self.file(guest, files::PID))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let mine = self.file(guest, files::QMP);
-        String::from_utf8_lossy(&cmdline)
-            .contains(&*mine.to_string_lossy())
-            .then_some(pid)
-    }
-
-    /// The guest's state: from its QEMU's run state when one runs. A QEMU that sent its VM
-    /// away (`postmigrate`) or waits to receive one (`inmigrate`) runs no VM: stopped.
-    async fn state(&self, guest: &str) -> GuestState {
-        if self.pid(guest).is_none() {
-            return GuestState::Stopped;
-        }
-        match control::run_state(&self.file(guest, files::QMP))
-            .await
-            .as_deref()
-        {
-            Ok("paused") | Ok("suspended") => GuestState::Suspended,
-            Ok("postmigrate") | Ok("inmigrate") | Ok("prelaunch") => GuestState::Stopped,
-            _ => GuestState::Running,
-        }
-    }
-
-    /// Boots the guest of `r` and waits until it is up and ready.
-    async fn launch(&self, r: &Record) -> Result<(), DriverError> {
-        self.spawn(r, false).await?;
-        activity::report(&format!("booting VM {} under {}", r.spec.guest_id, self.accel));
-        self.wait_booted(r).await
-    }
-
-    /// Starts QEMU for the guest of `r`: booting, or (`incoming`) paused, waiting for a live
-    /// migration.
-    async fn spawn(&self, r: &Record, incoming: bool) -> Result<(), DriverError> {
-        let guest = &r.spec.guest_id;
-        let base = self.base_of(r).await?;
-        let dir = self.dir(guest);
-        let w = &r.spec.workload;
-        let script = machine::run_script(
-            &process_args(&w.command, &base.details),
-            &process_env(&base.details, &w.env, guest),
-            w.workdir.as_deref().or(base.details.workdir.as_deref()),
-        );
-        tokio::fs::write(dir.join(files::RUN), script)
-            .await
-            .map_err(permanent)?;
-        for f in [files::CONSOLE, files::QMP, files::QGA, files::PID] {
-            let _ = tokio::fs::remove_file(dir.join(f)).await;
-        }
-        let tap = self.tap(guest);
-        self.make_tap(&tap).await?;
-        let launch = Launch {
-            guest: guest.clone(),
-            dir: dir.clone(),
-            kernel: base.kernel.clone(),
-            initrd: base.initrd.clone(),
-            disk: dir.join(files::DISK),
-            tap: tap.clone(),
-            ip: r.ip,
-            prefix: self.cfg.subnet.prefix,
-            gateway: self.cfg.subnet.gateway(),
-            memory_mb: r.spec.resources.memory_mb.max(128),
-            vcpus: r.spec.resources.cpu_millis.div_ceil(1000).max(1),
-            accel: self.accel,
-            run_script: dir.join(files::RUN),
-            incoming,
-        };
-        let out = tokio::process::Command::new(qemu_binary())
-            .args(machine::args(&launch))
-            .stdin(std::process::Stdio::null())
-            .output()
-            .await
-            .map_err(|e| permanent(format!("cannot run {}: {e}", qemu_binary())))?;
-        if !out.status.success() {
-            let _ = network::run("ip", &["link", "del", &tap]).await;
-            return Err(permanent(format!(
-                "QEMU did not start guest {guest} ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
-    }
-
-    async fn make_tap(&self, tap: &str) -> Result<(), DriverError> {
-        let _ = network::run("ip", &["link", "del", tap]).await;
-        network::run("ip", &["tuntap", "add", "dev", tap, "mode", "tap"])
-            .await
-            .map_err(permanent)?;
-        if let Err(e) = network::run(
-            "ip",
-            &["link", "set", tap, "master", &self.cfg.bridge, "up"],
-        )
-        .await
-        {
-            let _ = network::run("ip", &["link", "del", tap]).await;
-            return Err(permanent(e));
-        }
-        Ok(())
-    }
-
-    /// Waits until the guest init says it is up and the guest agent answers, then until the
-    /// workload passes its readiness check; stops the VM and says why when it does not.
-    async fn wait_booted(&self, r: &Record) -> Result<(), DriverError> {
-        let guest = &r.spec.guest_id;
-        let console = self.file(guest, files::CONSOLE);
-        let qga = self.file(guest, files::QGA);
-        let started = Instant::now();
-        let deadline = started + self.cfg.boot_timeout;
-        let failed = async |why: String| {
-            let _ = self.halt(guest, false).await;
-            Err(permanent(format!(
-                "VM {guest} {why}; its console ends with:\n{}",
-                tail(&console, 2048).trim_end()
-            )))
-        };
-        loop {
-            if self.pid(guest).is_none() {
-                return failed("stopped while booting".into()).await;
-            }
-            let up = tail(&console, LOG_TAIL).contains(UP_MARKER);
-            if up && control::ga_ping(&qga, Duration::from_secs(10)).await.is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let hint = match self.accel {
-                    Accel::Kvm => " under KVM: the boot made no progress (a /dev/kvm that cannot run this guest's kernel stalls it; start the agent with --accel tcg)",
-                    Accel::Tcg => " under TCG",
-                };
-                return failed(format!(
-                    "did not boot within {:?}{hint}",
-                    self.cfg.boot_timeout
-                ))
-                .await;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        tracing::debug!(%guest, elapsed = ?started.elapsed(), "a VM booted");
-        let probe = Probe::of(&r.spec.workload);
-        if probe == Probe::Running {
-            return Ok(());
-        }
-        let declared = r
-            .spec
-            .workload
-            .readiness
-            .as_ref()
-            .map(|x| Duration::from_millis(u64::from(x.interval_ms) * u64::from(x.retries)))
-            .filter(|d| !d.is_zero())
-            .unwrap_or(Duration::from_secs(60));
-        let deadline = Instant::now() + declared;
-        loop {
-            let last = match probe.check(r.ip).await {
-                Ok(()) => return Ok(()),
-                Err(why) => why,
-            };
-            if self.pid(guest).is_none() || Instant::now() > deadline {
-                return failed(format!("did not become ready ({last})")).await;
-            }
-            tokio::time::sleep(probe.pause().max(Duration::from_millis(50))).await;
-        }
-    }
-
-    /// Ends the guest's QEMU: gracefully (the guest powers off, its workload told first) when
-    /// `graceful`, then by QMP `quit`, then by SIGKILL. Removes its tap device.
-    async fn halt(&self, guest: &str, graceful: bool) -> Result<(), DriverError> {
-        let qmp = self.file(guest, files::QMP);
-        if let Some(pid) = self.pid(guest) {
-            let state = control::run_state(&qmp).await.unwrap_or_default();
-            // Only a VM that runs (or is merely paused) can power itself off.
-            if graceful && (state == "running" || state == "paused") {
-                if state == "paused" {
-                    let _ = control::qmp(&qmp, qapi::qmp::cont {}).await;
-                }
-                match control::ga_shutdown(&self.file(guest, files::QGA), false).await {
-                    Ok(()) => {
-                        let _ = self.exited(pid, self.cfg.stop_grace).await;
-                    }
-                    Err(e) => tracing::warn!(%guest, error = %e, "the guest agent did not take the shutdown; ending QEMU"),
-                }
-            }
-            if self.pid(guest).is_some() {
-                let _ = control::qmp(&qmp, qapi::qmp::quit {}).await;
-                if !self.exited(pid, Duration::from_secs(5)).await {
-                    // SAFETY: kill has no memory preconditions; pid is QEMU's (checked above).
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    if !self.exited(pid, Duration::from_secs(5)).await {
-                        return Err(DriverError::Transient(format!(
-                            "QEMU of guest {guest} (pid {pid}) does not end"
-                        )));
-                    }
-                }
-            }
-        }
-        let _ = network::run("ip", &["link", "del", &self.tap(guest)]).await;
-        Ok(())
-    }
-
-    /// Whether process `pid` ends within `limit`.
-    async fn exited(&self, pid: i32, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Path::new(&format!("/proc/{pid}")).exists() {
-            if Instant::now() > deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        true
     }
 
     /// Removes a guest: its QEMU ended, its directory and record gone.
@@ -695,59 +493,6 @@ impl QemuDriver {
     }
 }
 
-/// Writes the export of a guest (its image's digest, then its disk) to `to` as tar+gzip.
-fn write_export(meta: &ExportMeta, disk: &Path, to: &Path) -> std::io::Result<u64> {
-    let file = std::fs::File::create(to)?;
-    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
-    let mut tar = tar::Builder::new(gz);
-    let meta = serde_json::to_vec(meta).expect("serializes");
-    let mut header = tar::Header::new_gnu();
-    header.set_size(meta.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    tar.append_data(&mut header, "vm.json", meta.as_slice())?;
-    tar.append_path_with_name(disk, files::DISK)?;
-    let mut file = tar.into_inner()?.finish()?;
-    file.flush()?;
-    file.sync_all()?;
-    Ok(file.metadata()?.len())
-}
-
-/// Reads an export into `dir` (its disk) and returns its metadata; a cut or foreign archive
-/// is refused.
-fn read_export(from: &Path, dir: &Path) -> Result<ExportMeta, String> {
-    let file = std::fs::File::open(from).map_err(|e| format!("cannot open {}: {e}", from.display()))?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
-    let mut meta = None;
-    let mut disk = false;
-    for entry in tar.entries().map_err(|e| e.to_string())? {
-        let mut entry = entry.map_err(|e| format!("the export is damaged: {e}"))?;
-        let name = entry.path().map_err(|e| e.to_string())?.to_string_lossy().into_owned();
-        match name.as_str() {
-            "vm.json" => {
-                let mut text = Vec::new();
-                entry.read_to_end(&mut text).map_err(|e| e.to_string())?;
-                meta = Some(
-                    serde_json::from_slice::<ExportMeta>(&text)
-                        .map_err(|e| format!("the export's vm.json is not valid: {e}"))?,
-                );
-            }
-            n if n == files::DISK => {
-                let mut out = std::fs::File::create(dir.join(files::DISK)).map_err(|e| e.to_string())?;
-                std::io::copy(&mut entry, &mut out)
-                    .map_err(|e| format!("the export is damaged or cut: {e}"))?;
-                out.sync_all().map_err(|e| e.to_string())?;
-                disk = true;
-            }
-            other => return Err(format!("the export holds an unexpected file '{other}': it is not a VM's export")),
-        }
-    }
-    match (meta, disk) {
-        (Some(meta), true) => Ok(meta),
-        _ => Err("the export lacks vm.json or disk.qcow2: it is not a whole VM export".into()),
-    }
-}
-
 #[async_trait]
 impl Driver for QemuDriver {
     fn kind(&self) -> &'static str {
@@ -799,6 +544,10 @@ impl Driver for QemuDriver {
                     if control::run_state(&qmp).await.as_deref() == Ok("postmigrate") {
                         // It sent itself away and the target did not take over: it goes on
                         // here, from its memory, as if it had never left.
+                        let tap = self.tap(guest_id);
+                        network::run("ip", &["link", "set", &tap, "master", &self.cfg.bridge])
+                            .await
+                            .map_err(permanent)?;
                         return control::qmp(&qmp, qapi::qmp::cont {})
                             .await
                             .map(|_| ())
@@ -823,10 +572,12 @@ impl Driver for QemuDriver {
         self.record(guest_id)?;
         match self.state(guest_id).await {
             GuestState::Suspended => Ok(()),
-            GuestState::Running => control::qmp(&self.file(guest_id, files::QMP), qapi::qmp::stop {})
-                .await
-                .map(|_| ())
-                .map_err(permanent),
+            GuestState::Running => {
+                control::qmp(&self.file(guest_id, files::QMP), qapi::qmp::stop {})
+                    .await
+                    .map(|_| ())
+                    .map_err(permanent)
+            }
             state => Err(DriverError::InvalidState {
                 guest: guest_id.into(),
                 state,
@@ -840,10 +591,12 @@ impl Driver for QemuDriver {
         self.record(guest_id)?;
         match self.state(guest_id).await {
             GuestState::Running => Ok(()),
-            GuestState::Suspended => control::qmp(&self.file(guest_id, files::QMP), qapi::qmp::cont {})
-                .await
-                .map(|_| ())
-                .map_err(permanent),
+            GuestState::Suspended => {
+                control::qmp(&self.file(guest_id, files::QMP), qapi::qmp::cont {})
+                    .await
+                    .map(|_| ())
+                    .map_err(permanent)
+            }
             state => Err(DriverError::InvalidState {
                 guest: guest_id.into(),
                 state,
@@ -870,10 +623,7 @@ impl Driver for QemuDriver {
     async fn update(&self, guest_id: &str, resources: &Resources) -> Result<(), DriverError> {
         let _held = self.hold(guest_id).await;
         let mut r = self.record(guest_id)?;
-        let wanted = self
-            .allocated()
-            .minus(&r.spec.resources)
-            .plus(resources);
+        let wanted = self.allocated().minus(&r.spec.resources).plus(resources);
         if !wanted.fits_in(&self.capacity) {
             return Err(self.over_capacity(wanted));
         }
@@ -927,51 +677,11 @@ impl Driver for QemuDriver {
     }
 
     async fn export_to(&self, guest_id: &str, to: &Path) -> Result<u64, DriverError> {
-        let _held = self.hold(guest_id).await;
-        let r = self.exportable(guest_id).await?;
-        let disk = self.file(guest_id, files::DISK);
-        let to = to.to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            write_export(&ExportMeta { image: r.image }, &disk, &to)
-                .map_err(|e| permanent(format!("cannot export guest {}: {e}", r.spec.guest_id)))
-        })
-        .await
-        .map_err(permanent)?
+        self.export_file(guest_id, to).await
     }
 
     async fn import_from(&self, spec: &GuestSpec, from: &Path) -> Result<GuestInfo, DriverError> {
-        validate_id(&spec.guest_id)?;
-        let _held = self.hold(&spec.guest_id).await;
-        if let Ok(r) = self.record(&spec.guest_id) {
-            let state = self.state(&r.spec.guest_id).await;
-            return Ok(self.info(&r, state));
-        }
-        // Read the archive beside the guests first: nothing is reserved for a bad one.
-        let staging = self.scratch();
-        std::fs::create_dir_all(&staging).map_err(permanent)?;
-        let (from, into) = (from.to_path_buf(), staging.clone());
-        let meta = tokio::task::spawn_blocking(move || read_export(&from, &into))
-            .await
-            .map_err(permanent)?;
-        let result = async {
-            let meta = meta.map_err(|e| permanent(format!("cannot import guest {}: {e}", spec.guest_id)))?;
-            let base = self
-                .images
-                .prepare(&ImageRef {
-                    reference: meta.image.clone(),
-                    digest: Some(meta.image.clone()),
-                })
-                .await?;
-            let staged = staging.join(files::DISK);
-            self.make_guest(spec, &meta.image, async move |disk: PathBuf| {
-                tokio::fs::rename(&staged, &disk).await.map_err(permanent)?;
-                disks::rebase(&base, &disk).await
-            })
-            .await
-        }
-        .await;
-        let _ = tokio::fs::remove_dir_all(&staging).await;
-        result
+        self.import_file(spec, from).await
     }
 
     async fn exec(
@@ -1006,49 +716,7 @@ impl Driver for QemuDriver {
     }
 
     async fn stats(&self) -> Result<ServerStats, DriverError> {
-        let ids: Vec<String> = self.guests.lock().unwrap().keys().cloned().collect();
-        let (mut memory, mut ticks, mut disk) = (0u64, 0u64, 0u64);
-        for id in &ids {
-            if let Some(pid) = self.pid(id) {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                // Fields after the command's closing parenthesis: utime and stime are 12th and
-                // 13th there, rss the 22nd (pages).
-                let fields: Vec<u64> = stat
-                    .rsplit_once(')')
-                    .map(|(_, rest)| rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
-                    .unwrap_or_default();
-                ticks += fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-                memory += fields.get(21).copied().unwrap_or(0) * 4096;
-            }
-            disk += std::fs::metadata(self.file(id, files::DISK))
-                .map(|m| m.len())
-                .unwrap_or(0);
-        }
-        // Clock ticks are 1/100 s on Linux.
-        let cpu_ns = ticks * 10_000_000;
-        let now = Instant::now();
-        let cpu_millis = {
-            let mut last = self.cpu_sample.lock().unwrap();
-            let millis = match *last {
-                Some((at, before)) if now > at => {
-                    cpu_ns.saturating_sub(before) * 1000 / (now - at).as_nanos().max(1) as u64
-                }
-                _ => 0,
-            };
-            *last = Some((now, cpu_ns));
-            millis
-        };
-        Ok(ServerStats {
-            capacity: self.capacity,
-            allocated: self.allocated(),
-            guests: ids.len() as u64,
-            used: Some(Resources {
-                cpu_millis,
-                memory_mb: memory >> 20,
-                disk_mb: disk >> 20,
-            }),
-            images: self.images.held(),
-        })
+        self.server_stats().await
     }
 
     async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
@@ -1070,60 +738,7 @@ impl Driver for QemuDriver {
         spec: &GuestSpec,
         offer: &LiveOffer,
     ) -> Result<LiveTarget, DriverError> {
-        validate_id(&spec.guest_id)?;
-        let guest = &spec.guest_id;
-        let _held = self.hold(guest).await;
-        // The VM keeps its address (configured inside it): this server must be on its network.
-        let ip = spec.ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
-        if !ip.is_some_and(|ip| self.cfg.subnet.contains(ip)) {
-            return Err(permanent(format!(
-                "server {} cannot receive VM {guest} live: the VM keeps its address {} and this                  server's network is {}; migrate it without --live, or to a server on its network",
-                self.cfg.name,
-                spec.ip.as_deref().unwrap_or("(none)"),
-                self.cfg.subnet
-            )));
-        }
-        let taken = self
-            .guests
-            .lock()
-            .unwrap()
-            .values()
-            .any(|r| Some(r.ip) == ip && r.spec.guest_id != *guest);
-        if taken {
-            return Err(permanent(format!(
-                "server {} cannot receive VM {guest} live: another guest here has its address {}",
-                self.cfg.name,
-                spec.ip.as_deref().unwrap_or_default()
-            )));
-        }
-        if self.record(guest).is_ok() {
-            // What an interrupted attempt left: the source still has the VM.
-            self.remove(guest).await?;
-        }
-        let base = self
-            .images
-            .prepare(&ImageRef {
-                reference: offer.image.clone(),
-                digest: Some(offer.image.clone()),
-            })
-            .await?;
-        let size = offer.disk_mb;
-        self.make_guest(spec, &offer.image, async move |disk: PathBuf| {
-            disks::overlay(&base, &disk, size).await
-        })
-        .await?;
-        let received = async {
-            let r = self.record(guest)?;
-            self.spawn(&r, true).await?;
-            live::receive(&self.file(guest, files::QMP), &self.cfg.migration_host)
-                .await
-                .map_err(|e| permanent(format!("VM {guest} cannot wait for its migration: {e}")))
-        }
-        .await;
-        if received.is_err() {
-            let _ = self.remove(guest).await;
-        }
-        received
+        self.receive_live(spec, offer).await
     }
 
     async fn live_send(
@@ -1131,46 +746,10 @@ impl Driver for QemuDriver {
         guest_id: &str,
         target: &LiveTarget,
     ) -> Result<LiveReport, DriverError> {
-        let _held = self.hold(guest_id).await;
-        self.running(guest_id, "live migration").await?;
-        let qmp = self.file(guest_id, files::QMP);
-        let report = live::send(&qmp, guest_id, target)
-            .await
-            .map_err(|e| permanent(format!("live migration of VM {guest_id}: {e}")))?;
-        activity::report(&format!(
-            "VM {guest_id} sent in {} ms, paused {} ms for the last pass",
-            report.total_ms, report.downtime_ms
-        ));
-        // The target holds it all; this QEMU stays, paused (`postmigrate`: stopped), until the
-        // guest is destroyed here, or goes on if the target does not take over (`start`).
-        Ok(report)
+        self.send_live(guest_id, target).await
     }
 
     async fn live_finish(&self, guest_id: &str) -> Result<(), DriverError> {
-        let _held = self.hold(guest_id).await;
-        self.record(guest_id)?;
-        if self.pid(guest_id).is_none() {
-            return Err(permanent(format!(
-                "VM {guest_id} is not running here: its live migration did not reach this server"
-            )));
-        }
-        let qmp = self.file(guest_id, files::QMP);
-        // The source is done; this side may still be taking in the last bytes.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while control::run_state(&qmp).await.map_err(permanent)? == "inmigrate" {
-            if Instant::now() > deadline {
-                return Err(permanent(format!(
-                    "VM {guest_id} is still receiving its migration after 30 s"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        live::received(&qmp).await.map_err(permanent)?;
-        if control::paused(&qmp).await.map_err(permanent)? {
-            control::qmp(&qmp, qapi::qmp::cont {})
-                .await
-                .map_err(permanent)?;
-        }
-        Ok(())
+        self.finish_live(guest_id).await
     }
 }

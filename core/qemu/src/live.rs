@@ -314,7 +314,11 @@ pub async fn send(qmp_sock: &Path, guest: &str, target: &LiveTarget) -> Result<L
     Ok(report)
 }
 
-async fn send_steps(qmp_sock: &Path, guest: &str, target: &LiveTarget) -> Result<LiveReport, String> {
+async fn send_steps(
+    qmp_sock: &Path,
+    guest: &str,
+    target: &LiveTarget,
+) -> Result<LiveReport, String> {
     qmp(
         qmp_sock,
         BlockdevAddNbd {
@@ -351,7 +355,9 @@ async fn send_steps(qmp_sock: &Path, guest: &str, target: &LiveTarget) -> Result
             break job.len;
         }
         if Instant::now() > deadline {
-            return Err(format!("the disk's mirror is not in sync after {MIGRATION_LIMIT:?}"));
+            return Err(format!(
+                "the disk's mirror is not in sync after {MIGRATION_LIMIT:?}"
+            ));
         }
         activity::report(&format!(
             "VM {guest}: disk {} of {} MiB sent",
@@ -382,13 +388,16 @@ async fn send_steps(qmp_sock: &Path, guest: &str, target: &LiveTarget) -> Result
             Some("failed") | Some("cancelled") => {
                 return Err(format!(
                     "the memory's migration failed: {}",
-                    info.error_desc.unwrap_or_else(|| "QEMU gave no reason".into())
+                    info.error_desc
+                        .unwrap_or_else(|| "QEMU gave no reason".into())
                 ));
             }
             _ => {}
         }
         if Instant::now() > deadline {
-            return Err(format!("the migration did not complete within {MIGRATION_LIMIT:?}"));
+            return Err(format!(
+                "the migration did not complete within {MIGRATION_LIMIT:?}"
+            ));
         }
         if last_report.elapsed() > Duration::from_millis(500)
             && let Some(ram) = &info.ram

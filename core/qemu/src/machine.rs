@@ -172,13 +172,19 @@ pub fn args(l: &Launch) -> Vec<String> {
         "-device".into(),
         "virtio-balloon-pci,id=balloon0".into(),
         "-chardev".into(),
-        format!("socket,id=qga0,path={},server=on,wait=off", file(files::QGA)),
+        format!(
+            "socket,id=qga0,path={},server=on,wait=off",
+            file(files::QGA)
+        ),
         "-device".into(),
         "virtio-serial-pci,id=serial0".into(),
         "-device".into(),
         "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
         "-chardev".into(),
-        format!("socket,id=qmp0,path={},server=on,wait=off", file(files::QMP)),
+        format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            file(files::QMP)
+        ),
         "-mon".into(),
         "chardev=qmp0,mode=control".into(),
         "-chardev".into(),
@@ -206,7 +212,8 @@ pub fn quote(s: &str) -> String {
 /// The workload script the guest init runs: the environment, the working directory, then the
 /// process (`exec`, so that a stop's SIGTERM reaches it). An empty process idles.
 pub fn run_script(process: &[String], env: &[String], workdir: Option<&str>) -> String {
-    let mut s = String::from("#!/bin/sh\n# Written by the qemu driver: the container's workload.\n");
+    let mut s =
+        String::from("#!/bin/sh\n# Written by the qemu driver: the container's workload.\n");
     for e in env {
         if let Some((k, v)) = e.split_once('=')
             && !k.is_empty()
@@ -251,7 +258,12 @@ mod tests {
         assert_eq!(choose(AccelChoice::Tcg, None), Ok(Accel::Tcg));
         let refused = choose(AccelChoice::Kvm, Some("no vmx".into())).unwrap_err();
         assert!(refused.contains("no vmx") && refused.contains("--accel tcg"));
-        assert!("fast".parse::<AccelChoice>().unwrap_err().contains("auto, kvm or tcg"));
+        assert!(
+            "fast"
+                .parse::<AccelChoice>()
+                .unwrap_err()
+                .contains("auto, kvm or tcg")
+        );
     }
 
     #[test]
@@ -266,7 +278,12 @@ mod tests {
     #[test]
     fn the_workload_script_quotes_what_it_is_given() {
         let s = run_script(
-            &["nginx".into(), "-g".into(), "daemon off;".into(), "it's".into()],
+            &[
+                "nginx".into(),
+                "-g".into(),
+                "daemon off;".into(),
+                "it's".into(),
+            ],
             &["A=1 2".into(), "BAD KEY=x".into(), "PATH=/bin".into()],
             Some("/srv/x"),
         );
@@ -302,7 +319,10 @@ mod tests {
         assert!(a.contains("mac=52:54:0a:30:01:05"));
         assert!(a.contains("path=/d/guests/c7/qmp.sock"));
         assert!(!a.contains("-incoming"));
-        let target = args(&Launch { incoming: true, ..l });
+        let target = args(&Launch {
+            incoming: true,
+            ..l
+        });
         assert_eq!(target[target.len() - 2..], ["-incoming", "defer"]);
     }
 }

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod console;
 pub mod images;
 pub mod load;
+pub mod vm;
 pub use api::ApiBenchArgs;
 
 /// A scratch PostgreSQL database next to the one an admin URL names, for one run.

@@ -863,6 +863,9 @@ pub enum BenchCmd {
     /// Containers of images (root, runc): pull rate from the core, create+start to ready of
     /// nginx and Tomcat, cold migration of a large upper directory.
     Images(crate::bench::images::ImagesBenchArgs),
+    /// Virtual machines (root, QEMU): create and start to ready, live migration of a VM
+    /// serving HTTP under load (downtime, failed requests), cold migration of a large disk.
+    Vm(crate::bench::vm::VmBenchArgs),
     /// Single creates through the REST API over real HTTP with Digest sign-in: accepted/s and
     /// enqueue->start latency.
     Api(crate::bench::ApiBenchArgs),
@@ -890,6 +893,7 @@ async fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Linux(args) => crate::bench::linux(args).await,
         BenchCmd::FailoverReal(args) => crate::bench::failover_real(args).await,
         BenchCmd::Images(args) => crate::bench::images::images(args).await,
+        BenchCmd::Vm(args) => crate::bench::vm::vm(args).await,
         BenchCmd::Api(args) => crate::bench::api::api(args).await,
         BenchCmd::Cluster(args) => crate::bench::cluster::cluster(args).await,
         BenchCmd::Events(args) => crate::bench::console::events(args).await,

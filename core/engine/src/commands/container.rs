@@ -980,7 +980,10 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                     "placement chose server {dst_name}, which cannot receive a running container (no live migration there); name a qemu server with --to, or migrate without --live"
                 )));
             }
-            Ok(Transition::bare(next(MigrateStep::Copy, ctx.progress.clone())))
+            Ok(Transition::bare(next(
+                MigrateStep::Copy,
+                ctx.progress.clone(),
+            )))
         }
         MigrateStep::Copy if live => {
             let report = migrate_live(svc, &row, source, r.server_id).await?;
