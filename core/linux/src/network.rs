@@ -137,10 +137,25 @@ impl GuestNet {
     }
 }
 
-/// Creates the bridge with the gateway address (if missing) and turns on forwarding.
+/// The bridge's own MAC address: fixed, derived from its gateway address. A bridge without
+/// one takes the lowest of its ports' addresses and changes it as ports come and go, and a
+/// guest whose ARP entry still names the old one loses its traffic to the host until the entry
+/// expires (seen when a VM's tap left the bridge after a live migration).
+pub fn bridge_mac(subnet: &Subnet) -> String {
+    let [a, b, c, d] = subnet.gateway().octets();
+    format!("02:48:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
+/// Creates the bridge with the gateway address and a fixed MAC address (if missing) and turns
+/// on forwarding.
 pub async fn ensure_bridge(bridge: &str, subnet: &Subnet) -> Result<(), String> {
     if run("ip", &["link", "show", bridge]).await.is_err() {
         run("ip", &["link", "add", bridge, "type", "bridge"]).await?;
+    }
+    let mac = bridge_mac(subnet);
+    let shown = run("ip", &["link", "show", bridge]).await?;
+    if !shown.contains(&mac) {
+        run("ip", &["link", "set", bridge, "address", &mac]).await?;
     }
     let addrs = run("ip", &["-4", "addr", "show", "dev", bridge]).await?;
     let gw = format!("{}/{}", subnet.gateway(), subnet.prefix);
@@ -257,6 +272,12 @@ pub async fn detach(net: &GuestNet) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_bridge_has_a_fixed_mac_of_its_gateway() {
+        let s: super::Subnet = "10.48.7.0/24".parse().unwrap();
+        assert_eq!(super::bridge_mac(&s), "02:48:0a:30:07:01");
+    }
+
     #[test]
     fn subnets_overlap_when_they_share_an_address() {
         let s = |t: &str| t.parse::<super::Subnet>().unwrap();

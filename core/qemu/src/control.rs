@@ -20,13 +20,29 @@ where
     C: qmp::QmpCommand + qapi::Command + Send + 'static,
 {
     let exchange = async {
-        let stream = QmpStreamTokio::open_uds(sock)
-            .await
-            .map_err(|e| format!("cannot reach QEMU's control socket {}: {e}", sock.display()))?;
-        let mut stream = stream
-            .negotiate()
-            .await
-            .map_err(|e| format!("QMP negotiation failed: {e}"))?;
+        // An event QEMU emitted as the previous client left may still be queued for the
+        // socket, ahead of the greeting: such a connection is dropped and opened again (the
+        // command is sent only on a connection that greeted properly).
+        let mut attempt = 0;
+        let mut stream = loop {
+            attempt += 1;
+            let opened = match QmpStreamTokio::open_uds(sock).await {
+                Ok(stream) => stream.negotiate().await,
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok(stream) => break stream,
+                Err(e) if attempt < 5 && e.kind() != std::io::ErrorKind::NotFound => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot reach QEMU's control socket {}: {e}",
+                        sock.display()
+                    ));
+                }
+            }
+        };
         stream
             .execute(command)
             .await
