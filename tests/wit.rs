@@ -585,9 +585,11 @@ async fn an_upgrade_waits_for_commands_on_its_containers_and_survives_kill_9() {
     use cloud48_engine::model::{Command, CommandStatus};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    // Slow enough that the upgrade is seen waiting even when the machine is busy (the
+    // window is the stop's time after the upgrade is claimed).
     let flags = [
         "--sim-latency-ms",
-        "400",
+        "1500",
         "--sim-servers",
         "2",
         "--anonymous",
@@ -621,7 +623,7 @@ async fn an_upgrade_waits_for_commands_on_its_containers_and_survives_kill_9() {
         assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
         ids.push(done.result.unwrap()["container_id"].as_i64().unwrap());
     }
-    // A stop holds the first container (each simulated operation takes 400 ms) while the
+    // A stop holds the first container (each simulated operation takes 1.5 s) while the
     // upgrade is submitted: the upgrade waits for it.
     let stop: Accepted = client
         .post(

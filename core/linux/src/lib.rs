@@ -196,27 +196,10 @@ impl LinuxDriver {
         }
         let cgroups = Cgroups::detect(&cfg.prefix)?;
         network::ensure_bridge(&cfg.bridge, &cfg.subnet).await?;
-        let guests_dir = cfg.data_dir.join("guests");
-        std::fs::create_dir_all(&guests_dir)
-            .map_err(|e| format!("cannot create {}: {e}", guests_dir.display()))?;
-        let mut guests = BTreeMap::new();
-        for entry in std::fs::read_dir(&guests_dir)
-            .map_err(|e| e.to_string())?
-            .flatten()
-        {
-            let file = entry.path().join("guest.json");
-            match std::fs::read(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(r) => {
-                    guests.insert(r.spec.guest_id.clone(), r);
-                }
-                Err(e) => {
-                    tracing::warn!(file = %file.display(), error = %e, "skipping an unreadable guest record")
-                }
-            }
-        }
+        let guests: BTreeMap<String, Record> = read_records(&cfg.data_dir.join("guests"))?
+            .into_iter()
+            .map(|r: Record| (r.spec.guest_id.clone(), r))
+            .collect();
         // After a reboot of the host the kernel has no cgroups for the recorded guests.
         for r in guests.values() {
             if let Err(e) = cgroups.create(&r.spec.guest_id, &r.spec.resources) {
@@ -851,6 +834,41 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The guest records (`DIR/ID/guest.json`) under `dir`, which is created if missing; an
+/// unreadable record is skipped with a warning.
+pub fn read_records<R: serde::de::DeserializeOwned>(dir: &Path) -> Result<Vec<R>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
+        let file = entry.path().join("guest.json");
+        match std::fs::read(&file)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<R>(&b).map_err(|e| e.to_string()))
+        {
+            Ok(r) => records.push(r),
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "skipping an unreadable guest record")
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Millicores used since the previous sample in `last`, from a running total of CPU time
+/// (`cpu_ns`); 0 on the first sample.
+pub fn cpu_rate(last: &Mutex<Option<(Instant, u64)>>, cpu_ns: u64) -> u64 {
+    let now = Instant::now();
+    let mut last = last.lock().unwrap();
+    let millis = match *last {
+        Some((at, before)) if now > at => {
+            cpu_ns.saturating_sub(before) * 1000 / (now - at).as_nanos().max(1) as u64
+        }
+        _ => 0,
+    };
+    *last = Some((now, cpu_ns));
+    millis
+}
+
 /// The last `max` bytes of the file at `path` (empty when it cannot be read).
 pub fn tail(path: &Path, max: u64) -> String {
     use std::io::{Read, Seek, SeekFrom};
@@ -1176,18 +1194,7 @@ impl Driver for LinuxDriver {
             memory += m;
             cpu_ns += c;
         }
-        let now = Instant::now();
-        let cpu_millis = {
-            let mut last = self.cpu_sample.lock().unwrap();
-            let millis = match *last {
-                Some((at, before)) if now > at => {
-                    cpu_ns.saturating_sub(before) * 1000 / (now - at).as_nanos().max(1) as u64
-                }
-                _ => 0,
-            };
-            *last = Some((now, cpu_ns));
-            millis
-        };
+        let cpu_millis = cpu_rate(&self.cpu_sample, cpu_ns);
         Ok(ServerStats {
             capacity: self.capacity,
             allocated: self.allocated(),

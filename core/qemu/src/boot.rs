@@ -270,18 +270,7 @@ impl QemuDriver {
         }
         // Clock ticks are 1/100 s on Linux.
         let cpu_ns = ticks * 10_000_000;
-        let now = Instant::now();
-        let cpu_millis = {
-            let mut last = self.cpu_sample.lock().unwrap();
-            let millis = match *last {
-                Some((at, before)) if now > at => {
-                    cpu_ns.saturating_sub(before) * 1000 / (now - at).as_nanos().max(1) as u64
-                }
-                _ => 0,
-            };
-            *last = Some((now, cpu_ns));
-            millis
-        };
+        let cpu_millis = cloud48_linux::cpu_rate(&self.cpu_sample, cpu_ns);
         Ok(ServerStats {
             capacity: self.capacity,
             allocated: self.allocated(),

@@ -45,7 +45,7 @@ use cloud48_driver::{
 };
 use cloud48_linux::images::ImageSource;
 use cloud48_linux::network::{self, GuestNet, Subnet};
-use cloud48_linux::{find_program, machine_capacity, tail};
+use cloud48_linux::{find_program, machine_capacity, read_records, tail};
 use cloud48_model::{ImageRef, Resources};
 
 use disks::{Base, VmImages};
@@ -180,27 +180,10 @@ impl QemuDriver {
             tracing::warn!(server = %cfg.name, reason = %why, "virtual machines run under TCG (emulation, far slower than KVM)");
         }
         network::ensure_bridge(&cfg.bridge, &cfg.subnet).await?;
-        let guests_dir = cfg.data_dir.join("guests");
-        std::fs::create_dir_all(&guests_dir)
-            .map_err(|e| format!("cannot create {}: {e}", guests_dir.display()))?;
-        let mut guests = BTreeMap::new();
-        for entry in std::fs::read_dir(&guests_dir)
-            .map_err(|e| e.to_string())?
-            .flatten()
-        {
-            let file = entry.path().join("guest.json");
-            match std::fs::read(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))
-            {
-                Ok(r) => {
-                    guests.insert(r.spec.guest_id.clone(), r);
-                }
-                Err(e) => {
-                    tracing::warn!(file = %file.display(), error = %e, "skipping an unreadable guest record")
-                }
-            }
-        }
+        let guests: BTreeMap<String, Record> = read_records(&cfg.data_dir.join("guests"))?
+            .into_iter()
+            .map(|r: Record| (r.spec.guest_id.clone(), r))
+            .collect();
         let capacity = cfg
             .capacity
             .unwrap_or_else(|| machine_capacity(&cfg.data_dir));
