@@ -418,32 +418,64 @@ async fn a_vm_that_cannot_be_had_says_why_and_leaves_nothing() {
     );
 }
 
-/// Requests `http://ip:8080/` back to back until told to stop; counts answers and failures.
-fn load(
-    ip: String,
+/// A client requesting `http://ip:8080/` back to back until stopped.
+struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<(u32, Vec<String>)> {
-    tokio::spawn(async move {
-        let (mut ok, mut failed) = (0, Vec::new());
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            // A request may wait out TCP's retransmissions while the VM switches over; one
-            // that gets no answer at all fails.
-            let attempt = tokio::time::timeout(Duration::from_secs(30), answer(&ip)).await;
-            match attempt {
-                Ok(a) if a.starts_with("page=") => ok += 1,
-                other => failed.push(format!("{other:?}")),
+    answered: Arc<std::sync::atomic::AtomicU32>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Load {
+    fn start(ip: String) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let answered = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (s, a) = (stop.clone(), answered.clone());
+        let task = tokio::spawn(async move {
+            let mut failed = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                // A request may wait out TCP's retransmissions while the VM switches over;
+                // one that gets no answer at all fails.
+                let attempt = tokio::time::timeout(Duration::from_secs(30), answer(&ip)).await;
+                match attempt {
+                    Ok(text) if text.starts_with("page=") => {
+                        a.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    other => failed.push(format!("{other:?}")),
+                }
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            failed
+        });
+        Load {
+            stop,
+            answered,
+            task,
         }
-        (ok, failed)
-    })
+    }
+
+    /// Waits until `more` requests beyond those answered so far are answered.
+    async fn answers(&self, more: u32) {
+        let goal = self.answered.load(std::sync::atomic::Ordering::Relaxed) + more;
+        crate::common::eventually("the client's requests are answered", || async {
+            (self.answered.load(std::sync::atomic::Ordering::Relaxed) >= goal).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops the client: (answers, failures).
+    async fn finish(self) -> (u32, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let failed = self.task.await.unwrap();
+        (
+            self.answered.load(std::sync::atomic::Ordering::Relaxed),
+            failed,
+        )
+    }
 }
 
 /// Moves running `guest` from `src` to `dst` live while a client keeps asking it.
 async fn move_live(src: &dyn Driver, dst: &dyn Driver, guest: &str, ip: &str) {
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = load(ip.to_string(), stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = Load::start(ip.to_string());
+    client.answers(5).await;
     let offer = src.live_offer(guest).await.unwrap();
     let target = dst
         .live_receive(
@@ -457,9 +489,9 @@ async fn move_live(src: &dyn Driver, dst: &dyn Driver, guest: &str, ip: &str) {
         .unwrap();
     let report = src.live_send(guest, &target).await.unwrap();
     dst.live_finish(guest).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = client.await.unwrap();
+    // It answers from its new place too.
+    client.answers(5).await;
+    let (ok, failed) = client.finish().await;
     assert!(
         failed.is_empty(),
         "requests failed during the migration: {failed:?}"
@@ -665,9 +697,8 @@ async fn container_migrate_live_moves_a_vm_through_the_core_with_no_failed_reque
         "{err}"
     );
 
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = load(ip.clone(), stop.clone());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = Load::start(ip.clone());
+    client.answers(5).await;
     let a: serde_json::Value = tc
         .client
         .post(
@@ -677,9 +708,9 @@ async fn container_migrate_live_moves_a_vm_through_the_core_with_no_failed_reque
         .await
         .unwrap();
     let done = tc.ok(a["command_id"].as_i64().unwrap()).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (ok, failed) = client.await.unwrap();
+    // It answers from its new place too.
+    client.answers(5).await;
+    let (ok, failed) = client.finish().await;
     assert!(
         failed.is_empty(),
         "requests failed during the migration: {failed:?}"
