@@ -238,7 +238,9 @@ async fn who_runs_it(skew_a: i64, skew_b: i64, corrected: bool) -> Vec<String> {
     let mut config = cloud48_engine::CoreConfig::new(tempfile::tempdir().unwrap().path());
     config.database_url = Some(pg.url.clone());
     let db = cloud48_engine::core::connect(&config).await.unwrap();
-    let lease = Duration::from_millis(1500);
+    // Long enough that a renewal delayed by a busy machine (renewals come every third of it)
+    // does not lose the lease; the skews are far longer.
+    let lease = Duration::from_millis(3000);
     let queue_config = QueueConfig {
         lease,
         poll: Duration::from_millis(20),
