@@ -890,11 +890,23 @@ async fn a_drained_server_empties_and_takes_nothing_new() {
         let a = create(&t, &plain(Some("sim-1"))).await;
         ids.push(t.created(a.command_id).await);
     }
-    let report: Value = t
+    // A live drain needs a server that migrates live; the refusal changes nothing.
+    let err = t
         .client
-        .post("/v1/servers/sim-1/drain", &json!({}))
+        .post::<_, Value>("/v1/servers/sim-1/drain", &json!({ "live": true }))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reports no live migration"), "{err}");
+    assert!(!servers(&t).await.iter().any(|s| s.draining));
+    // The body may be left out.
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/servers/sim-1/drain", t.url))
+        .send()
         .await
         .unwrap();
+    assert_eq!(resp.status(), 200);
+    let report: Value = resp.json().await.unwrap();
     let commands: Vec<i64> = serde_json::from_value(report["commands"].clone()).unwrap();
     assert_eq!(commands.len(), 4);
     for c in commands {
@@ -928,6 +940,13 @@ async fn a_drained_server_empties_and_takes_nothing_new() {
         refused.error.unwrap().contains("draining"),
         "a named draining server is refused with a reason"
     );
+    let err = t
+        .client
+        .post::<_, Value>("/v1/servers/sim-1/undrain", &json!({ "live": true }))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("live: only drain takes it"), "{err}");
     let _: Value = t
         .client
         .post("/v1/servers/sim-1/undrain", &json!({}))

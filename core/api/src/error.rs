@@ -227,6 +227,31 @@ impl<T: DeserializeOwned + Serialize, S: Send + Sync> FromRequest<S> for ApiJson
     }
 }
 
+/// A JSON body that may be left out: an empty body reads as `T::default()`; any other body is
+/// read as `ApiJson` reads it.
+pub struct OptionalApiJson<T>(pub T);
+
+impl<T: DeserializeOwned + Serialize + Default, S: Send + Sync> FromRequest<S>
+    for OptionalApiJson<T>
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let headers = req.headers();
+        let empty = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0")
+            || (headers.get(axum::http::header::CONTENT_LENGTH).is_none()
+                && headers.get(axum::http::header::TRANSFER_ENCODING).is_none());
+        if empty {
+            return Ok(OptionalApiJson(T::default()));
+        }
+        ApiJson::from_request(req, state)
+            .await
+            .map(|ApiJson(v)| OptionalApiJson(v))
+    }
+}
+
 /// Query parameters whose errors come back as JSON.
 pub struct ApiQuery<T>(pub T);
 

@@ -27,7 +27,7 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use error::{ApiError, ApiJson, ApiQuery, ErrorBody, ErrorDetail, parse_id};
+pub use error::{ApiError, ApiJson, ApiQuery, ErrorBody, ErrorDetail, OptionalApiJson, parse_id};
 
 use cloud48_engine::auth::{Principal, Scope};
 use cloud48_engine::core::Core;
@@ -547,15 +547,28 @@ pub enum ServerOp {
     Recover,
 }
 
+/// Options of a server operation (the body may be left out).
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerAction {
+    /// drain only: running containers move while they run (virtual machines, to servers that
+    /// can receive them live); stopped ones move cold. Refused when the server cannot migrate
+    /// live.
+    #[serde(default)]
+    pub live: bool,
+}
+
 #[utoipa::path(post, path = "/v1/servers/{server}/{op}", tag = "servers",
     params(("server" = String, Path, description = "Server name"),
            ("op" = ServerOp, Path, description = "drain, undrain, fail or recover")),
+    request_body = Option<ServerAction>,
     responses((status = 200, body = DrainReport, description = "For drain: the migrations submitted"),
               (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn server_action(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
     Path((server, op)): Path<(String, String)>,
+    OptionalApiJson(body): OptionalApiJson<ServerAction>,
 ) -> Result<Json<DrainReport>, ApiError> {
     let op: ServerOp =
         serde_json::from_value(serde_json::Value::String(op.clone())).map_err(|_| {
@@ -566,6 +579,14 @@ async fn server_action(
                 Some("op"),
             )
         })?;
+    if body.live && op != ServerOp::Drain {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "live: only drain takes it (it moves running virtual machines while they run)",
+            Some("live"),
+        ));
+    }
     let servers = core.servers();
     let empty = |server: String| DrainReport {
         server,
@@ -573,7 +594,7 @@ async fn server_action(
         skipped: Vec::new(),
     };
     Ok(Json(match op {
-        ServerOp::Drain => servers.drain(&server, who.audit_name()).await?,
+        ServerOp::Drain => servers.drain(&server, body.live, who.audit_name()).await?,
         ServerOp::Undrain => servers.undrain(&server).await.map(|()| empty(server))?,
         ServerOp::Fail => servers.fail(&server).await.map(|()| empty(server))?,
         ServerOp::Recover => servers.recover(&server).await.map(|()| empty(server))?,

@@ -148,6 +148,17 @@ impl Fleet {
         self.drivers.read().unwrap().get(&id).cloned()
     }
 
+    /// The servers whose drivers lack what `has` asks of their capabilities.
+    pub fn lacking(&self, has: impl Fn(&crate::driver::Capabilities) -> bool) -> Vec<i64> {
+        self.drivers
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|(_, (d, _))| !has(&d.capabilities()))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// The simulated server behind a server id, for fault injection and inspection.
     pub fn sim(&self, id: i64) -> Option<Arc<SimServer>> {
         self.sims.read().unwrap().get(&id).cloned()

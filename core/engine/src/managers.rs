@@ -1616,14 +1616,34 @@ impl<'a> ServerManager<'a> {
     }
 
     /// Drains a server: placement puts nothing new there and every running or stopped
-    /// container on it is migrated away (placement chooses where).
+    /// container on it is migrated away (placement chooses where). `live`: running containers
+    /// move while they run (virtual machines, to servers that can receive them); refused
+    /// before anything changes when the server cannot send them so.
     #[expect(
         clippy::disallowed_methods,
         reason = "database work only: every driver or plugin call happens before it"
     )]
-    pub async fn drain(&self, key: &str, requested_by: &str) -> Result<DrainReport, CoreError> {
+    pub async fn drain(
+        &self,
+        key: &str,
+        live: bool,
+        requested_by: &str,
+    ) -> Result<DrainReport, CoreError> {
         let db = self.svc.db();
         let s = server_by_name(db, "server", key).await?;
+        if live {
+            let can = self
+                .svc
+                .fleet()
+                .driver(s.id)
+                .is_some_and(|d| d.capabilities().live_migrate);
+            if !can {
+                return Err(CoreError::Conflict(format!(
+                    "server {} cannot drain live: it reports no live migration (only qemu servers move their virtual machines while they run); drain without --live: running containers stop while their files are copied and start again on their new servers",
+                    s.name
+                )));
+            }
+        }
         let txn = db.begin().await?;
         let mut am: server::ActiveModel = s.clone().into();
         am.draining = Set(true);
@@ -1643,7 +1663,7 @@ impl<'a> ServerManager<'a> {
                     target: Some(Target::Container(r.id)),
                     params: crate::commands::params::to_value(crate::commands::params::Migrate {
                         to: None,
-                        live: false,
+                        live,
                     }),
                     requested_by: requested_by.to_string(),
                 }),

@@ -691,6 +691,10 @@ pub enum ServerCmd {
         /// Server name.
         #[arg(value_name = "SERVER")]
         name: String,
+        /// Move running virtual machines while they run, to servers that can receive them
+        /// live (stopped containers move cold). Refused when the server cannot migrate live.
+        #[arg(long)]
+        live: bool,
     },
     /// Take new containers again after a drain.
     Undrain {
@@ -970,8 +974,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                 out.show(&s, || output::servers(std::slice::from_ref(&s)));
                 Ok(())
             }
-            ServerCmd::Drain { name: server } => {
-                let r: cloud48_engine::managers::DrainReport = client.post(&format!("/v1/servers/{}/drain", enc(&server)), &json!({})).await?;
+            ServerCmd::Drain { name: server, live } => {
+                let r: cloud48_engine::managers::DrainReport = client.post(&format!("/v1/servers/{}/drain", enc(&server)), &json!({ "live": live })).await?;
                 out.show(&r, || {
                     let mut text = format!("server {} is draining: {} migrations submitted (commands {:?})", r.server, r.commands.len(), r.commands);
                     for s in &r.skipped {

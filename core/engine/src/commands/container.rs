@@ -947,6 +947,11 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         let req = requirements_of(&row);
         let mut avoid = spread_avoid(svc, &row, &req).await?;
         avoid.extend(row.server_id);
+        // A running container moving live can only go where it can be received running.
+        let live = live && status == ContainerStatus::Running;
+        if live && to.is_none() {
+            avoid.extend(svc.fleet().lacking(|c| c.live_migrate));
+        }
         let placing = Placing::of(ctx, &row.type_id);
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
@@ -958,7 +963,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                     "was_running": status == ContainerStatus::Running,
                     "previous_ip": row.ip,
                     // A stopped container has nothing to keep running: it moves cold.
-                    "live": live && status == ContainerStatus::Running,
+                    "live": live,
                 });
                 Ok(next(MigrateStep::Stop, progress))
             })
