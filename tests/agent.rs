@@ -28,6 +28,7 @@ pub async fn serve_agent(name: &str, driver: Arc<dyn Driver>) -> (Arc<AgentServi
         capabilities: driver.capabilities(),
         labels: vec![],
         subnet: None,
+        addresses: None,
     };
     let spool = std::env::temp_dir().join(format!(
         "cloud48-test-spool-{name}-{}",
@@ -81,6 +82,7 @@ async fn cold_migration_pulls_the_disk_from_agent_to_agent() {
         RemoteDriver::new("b", &url_b, TOKEN, RemoteTimeouts::default()),
     );
     let spec = GuestSpec {
+        avoid: Vec::new(),
         guest_id: "m1".into(),
         type_id: "plain".into(),
         resources: Resources {
@@ -242,6 +244,7 @@ async fn a_retried_operation_runs_once() {
     let s = sim("once", Duration::from_millis(200));
     let (agent, url) = serve_agent("once", s.clone()).await;
     let spec = GuestSpec {
+        avoid: Vec::new(),
         guest_id: "g".into(),
         type_id: "plain".into(),
         resources: Resources {
@@ -416,6 +419,7 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
         capabilities: sim("x", Duration::ZERO).capabilities(),
         labels: vec![],
         subnet: None,
+        addresses: None,
     };
     let stats = idle_stats();
     tc.core.agents().register(&info, &stats).await.unwrap();
@@ -706,6 +710,7 @@ async fn an_agent_whose_subnet_overlaps_another_s_is_refused() {
         capabilities: sim("x", Duration::ZERO).capabilities(),
         labels: vec![],
         subnet: Some(subnet.into()),
+        addresses: None,
     };
     let agents = tc.core.agents();
     agents
@@ -718,7 +723,7 @@ async fn an_agent_whose_subnet_overlaps_another_s_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("10.9.0.0/16 of agent h2 overlaps server h1's 10.9.4.0/24")
+        e.contains("agent h2 clashes with server h1: the subnet 10.9.0.0/16 overlaps 10.9.4.0/24")
             && e.contains("--subnet"),
         "{e}"
     );
@@ -735,6 +740,35 @@ async fn an_agent_whose_subnet_overlaps_another_s_is_refused() {
         .register(&info("h1", 3, "10.9.4.0/24"), &stats)
         .await
         .unwrap();
+    // Servers sharing one network (VMs move live between them keeping their address) each
+    // hand out a range of it of their own.
+    let shared = |name: &str, port: u16, range: Option<&str>| AgentInfo {
+        addresses: range.map(String::from),
+        ..info(name, port, "10.9.6.0/24")
+    };
+    agents
+        .register(&shared("v1", 5, Some("10.9.6.10-10.9.6.99")), &stats)
+        .await
+        .unwrap();
+    agents
+        .register(&shared("v2", 6, Some("10.9.6.100-10.9.6.199")), &stats)
+        .await
+        .unwrap();
+    for (range, why) in [
+        (
+            Some("10.9.6.150-10.9.6.160"),
+            "10.9.6.150-10.9.6.160 overlaps",
+        ),
+        (None, "--addresses"),
+        (Some("10.9.6.1-10.9.6.5"), "not within the guest addresses"),
+    ] {
+        let e = agents
+            .register(&shared("v3", 7, range), &stats)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{e}");
+    }
     let e = agents
         .register(&info("h3", 4, "banana"), &stats)
         .await

@@ -38,6 +38,8 @@ pub struct Opts {
     pub plugin_deadline: Option<Duration>,
     /// The token scrapers read `/metrics` with (`metrics.token`).
     pub metrics_token: Option<String>,
+    /// The core's image store (default: `images` in its directory).
+    pub images_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Opts {
@@ -64,6 +66,7 @@ impl Default for Opts {
             paused: false,
             plugin_deadline: None,
             metrics_token: None,
+            images_dir: None,
         }
     }
 }
@@ -109,12 +112,21 @@ impl cloud48_engine::queue::Clock for ManualClock {
 
 /// Polls `check` until it returns `Some` (at most 30 s): for conditions that only show in
 /// the database or on simulated servers.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    eventually_within(what, Duration::from_secs(30), check).await
+}
+
+/// `eventually`, waiting at most `limit`.
+pub async fn eventually_within<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if let Some(v) = check().await {
             return v;
@@ -165,6 +177,7 @@ impl TestCore {
         config.health = opts.health.clone();
         config.agent_token = opts.agent_token.clone();
         config.metrics_token = opts.metrics_token.clone();
+        config.images_dir = opts.images_dir.clone();
         if let Some(c) = opts.capacity {
             config.sim_capacity = c;
         }

@@ -31,6 +31,7 @@ impl DriverFactory for SimFactory {
 
 fn spec(id: &str) -> GuestSpec {
     GuestSpec {
+        avoid: Vec::new(),
         guest_id: id.into(),
         type_id: "plain".into(),
         resources: Resources {

@@ -177,6 +177,7 @@ async fn image_containers_behind_agents_pass_the_conformance_suite() {
 
 fn spec(id: &str, workload: Workload) -> GuestSpec {
     GuestSpec {
+        avoid: Vec::new(),
         guest_id: id.into(),
         type_id: "web".into(),
         resources: cloud48_engine::model::Resources {

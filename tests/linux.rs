@@ -116,6 +116,7 @@ fn with(spec: GuestSpec, workload: Workload) -> GuestSpec {
 
 fn spec(id: &str, type_id: &str) -> GuestSpec {
     GuestSpec {
+        avoid: Vec::new(),
         guest_id: id.into(),
         type_id: type_id.into(),
         resources: Resources {

@@ -34,4 +34,6 @@ mod tour;
 mod transfer;
 mod upgrade;
 mod vm;
+mod vm_agents;
+mod vm_seed;
 mod wit;

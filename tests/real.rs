@@ -22,7 +22,11 @@ async fn members(t: &TestCore) -> Vec<Container> {
     env.members
 }
 
-async fn running(t: &TestCore, type_name: &str, not: &[ContainerId]) -> Option<Container> {
+pub(crate) async fn running(
+    t: &TestCore,
+    type_name: &str,
+    not: &[ContainerId],
+) -> Option<Container> {
     members(t).await.into_iter().find(|m| {
         m.type_id.starts_with(type_name)
             && m.status == ContainerStatus::Running
@@ -30,7 +34,7 @@ async fn running(t: &TestCore, type_name: &str, not: &[ContainerId]) -> Option<C
     })
 }
 
-async fn container(t: &TestCore, id: ContainerId) -> Container {
+pub(crate) async fn container(t: &TestCore, id: ContainerId) -> Container {
     t.client.get(&format!("/v1/containers/{id}")).await.unwrap()
 }
 
@@ -319,7 +323,7 @@ async fn build_into_core(t: &TestCore, recipe: &str) {
 
 /// True when 8 requests through the balancer at `ip` are all answered by the application of
 /// one of `guests` with `row` (the database's greeting), and each of them answers.
-async fn apps_serve_the_row(ip: &str, guests: &[String], row: &str) -> bool {
+pub(crate) async fn apps_serve_the_row(ip: &str, guests: &[String], row: &str) -> bool {
     let want: Vec<String> = guests
         .iter()
         .map(|g| format!("tomcat {g}: {row}"))

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use cloud48_engine::driver::conformance::{self, DriverFactory};
 use cloud48_engine::driver::remote::{RemoteDriver, RemoteTimeouts};
-use cloud48_engine::driver::{Driver, GuestSpec, GuestState};
+use cloud48_engine::driver::{Driver, GuestSpec, GuestState, LiveOffer, MachineModel};
 use cloud48_engine::images::{Builder, DEFAULT_MIRROR, Store};
 use cloud48_engine::model::{Check, Endpoint, ImageRef, Protocol, Readiness, Resources, Workload};
 use cloud48_qemu::machine::AccelChoice;
@@ -36,16 +36,16 @@ static IMAGE: tokio::sync::OnceCell<(PathBuf, Arc<Store>)> = tokio::sync::OnceCe
 
 /// One VM test at a time: VMs run under TCG here and take whole CPUs, which would starve the
 /// other areas' tests that run beside them.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn cache_dir() -> PathBuf {
+pub fn cache_dir() -> PathBuf {
     std::env::var_os("CLOUD48_CACHE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/cache/cloud48".into())
 }
 
 /// The "core's" store with `test/web` and `test/web-vm` built in it (once per test run).
-async fn source() -> Arc<Store> {
+pub async fn source() -> Arc<Store> {
     IMAGE
         .get_or_init(|| async {
             tokio::task::spawn_blocking(|| {
@@ -109,9 +109,19 @@ fn web_vm() -> Workload {
 
 /// Ends what a test's VMs left behind: QEMU processes under its directory, its tap devices
 /// and bridges.
-struct VmSweep {
+pub struct VmSweep {
     dir: PathBuf,
     prefix: String,
+}
+
+impl VmSweep {
+    /// Ends, when dropped, what VMs under `dir` and interfaces starting with `prefix` left.
+    pub fn new(dir: &Path, prefix: &str) -> VmSweep {
+        VmSweep {
+            dir: dir.to_path_buf(),
+            prefix: prefix.to_string(),
+        }
+    }
 }
 
 impl Drop for VmSweep {
@@ -138,12 +148,13 @@ impl Drop for VmSweep {
     }
 }
 
-fn config(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> QemuConfig {
+pub fn config(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> QemuConfig {
     QemuConfig {
         name: format!("{prefix}-{n}"),
         data_dir: dir.join(format!("server-{n}")),
         bridge: format!("{prefix}br{n}"),
         subnet: format!("10.242.{}.0/24", net + n).parse().unwrap(),
+        addresses: None,
         prefix: format!("{prefix}{n}"),
         capacity: Some(Resources {
             cpu_millis: 4000,
@@ -164,9 +175,9 @@ async fn open(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) ->
         .expect("the qemu driver opens (root, QEMU installed)")
 }
 
-struct VmFactory {
-    dir: tempfile::TempDir,
-    prefix: String,
+pub struct VmFactory {
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
     net: u32,
     source: Arc<Store>,
 }
@@ -188,7 +199,7 @@ impl DriverFactory for VmFactory {
     }
 }
 
-fn factory(tag: char, net: u32, source: Arc<Store>) -> (VmFactory, VmSweep) {
+pub fn factory(tag: char, net: u32, source: Arc<Store>) -> (VmFactory, VmSweep) {
     let prefix = unique_prefix(tag);
     let dir = tempfile::tempdir().unwrap();
     let sweep = VmSweep {
@@ -238,6 +249,7 @@ async fn vms_behind_agents_pass_the_conformance_suite() {
 
 fn spec(id: &str, workload: Workload) -> GuestSpec {
     GuestSpec {
+        avoid: Vec::new(),
         guest_id: id.into(),
         type_id: "web".into(),
         resources: Resources {
@@ -250,7 +262,7 @@ fn spec(id: &str, workload: Workload) -> GuestSpec {
     }
 }
 
-async fn answer(ip: &str) -> String {
+pub async fn answer(ip: &str) -> String {
     let addr = (ip.parse::<Ipv4Addr>().unwrap(), 8080);
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut text = String::new();
@@ -419,14 +431,14 @@ async fn a_vm_that_cannot_be_had_says_why_and_leaves_nothing() {
 }
 
 /// A client requesting `http://ip:8080/` back to back until stopped.
-struct Load {
+pub struct Load {
     stop: Arc<std::sync::atomic::AtomicBool>,
     answered: Arc<std::sync::atomic::AtomicU32>,
     task: tokio::task::JoinHandle<Vec<String>>,
 }
 
 impl Load {
-    fn start(ip: String) -> Load {
+    pub fn start(ip: String) -> Load {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let answered = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let (s, a) = (stop.clone(), answered.clone());
@@ -453,7 +465,7 @@ impl Load {
     }
 
     /// Waits until `more` requests beyond those answered so far are answered.
-    async fn answers(&self, more: u32) {
+    pub async fn answers(&self, more: u32) {
         let goal = self.answered.load(std::sync::atomic::Ordering::Relaxed) + more;
         crate::common::eventually("the client's requests are answered", || async {
             (self.answered.load(std::sync::atomic::Ordering::Relaxed) >= goal).then_some(())
@@ -462,7 +474,7 @@ impl Load {
     }
 
     /// Stops the client: (answers, failures).
-    async fn finish(self) -> (u32, Vec<String>) {
+    pub async fn finish(self) -> (u32, Vec<String>) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let failed = self.task.await.unwrap();
         (
@@ -578,6 +590,47 @@ async fn a_running_vm_moves_live_with_its_disk_and_address_and_no_failed_request
     // A server on another network cannot take it live, and says why; the VM runs on.
     let other = f.make(2).await;
     let offer = r0.live_offer("vm-m").await.unwrap();
+    // Nor can one whose QEMU lacks the VM's machine type, or whose CPU differs; the offer
+    // names the versioned machine type the VM was started on.
+    let machine = offer
+        .machine
+        .clone()
+        .expect("the offer says the VM's machine");
+    assert!(machine.machine_type.starts_with("pc-q35-"), "{machine:?}");
+    for (changed, why) in [
+        (
+            MachineModel {
+                machine_type: "pc-q35-99.0".into(),
+                ..machine.clone()
+            },
+            "machine type pc-q35-99.0 is unknown",
+        ),
+        (
+            MachineModel {
+                accel: cloud48_engine::driver::Accel::Kvm,
+                cpu: "host (another CPU)".into(),
+                ..machine.clone()
+            },
+            "runs under kvm",
+        ),
+    ] {
+        let err = r1
+            .live_receive(
+                &GuestSpec {
+                    ip: Some(ip.clone()),
+                    ..spec("vm-m", web_vm())
+                },
+                &LiveOffer {
+                    machine: Some(changed),
+                    ..offer.clone()
+                },
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why) && err.contains("without --live"), "{err}");
+        assert!(r1.status("vm-m").await.unwrap().is_none());
+    }
     let err = other
         .live_receive(
             &GuestSpec {
@@ -605,7 +658,7 @@ async fn remote(f: &VmFactory, d: Arc<QemuDriver>, n: u32) -> RemoteDriver {
 }
 
 /// A container type whose containers are the test VM image's web server.
-struct VmWeb;
+pub struct VmWeb;
 
 impl cloud48_engine::types::ContainerType for VmWeb {
     fn type_id(&self) -> &str {
@@ -638,7 +691,8 @@ impl cloud48_engine::types::ContainerType for VmWeb {
 }
 
 #[tokio::test]
-async fn container_migrate_live_moves_a_vm_through_the_core_with_no_failed_request() {
+async fn container_migrate_live_and_a_live_drain_move_a_vm_through_the_core_with_no_failed_request()
+{
     let _one = ONE_AT_A_TIME.lock().await;
     use crate::common::{Opts, TestCore};
     use serde_json::json;
@@ -743,4 +797,44 @@ async fn container_migrate_live_moves_a_vm_through_the_core_with_no_failed_reque
             .join(format!("server-0/guests/{}", c.guest_id))
             .exists()
     );
+
+    // A server that cannot migrate live refuses a live drain, and stays as it was.
+    let err = tc
+        .client
+        .post::<_, serde_json::Value>("/v1/servers/sim-1/drain", &json!({ "live": true }))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("server sim-1 cannot drain live"), "{err}");
+    let sim = tc.core.servers().get("sim-1").await.unwrap();
+    assert!(!sim.draining);
+
+    // Draining the VM's server live sends it back while it serves: placement passes over the
+    // simulated server (roomier, but it cannot receive a running VM).
+    let client = Load::start(ip.clone());
+    client.answers(5).await;
+    let report: serde_json::Value = tc
+        .client
+        .post(
+            &format!("/v1/servers/{}/drain", names[1]),
+            &json!({ "live": true }),
+        )
+        .await
+        .unwrap();
+    let drained = report["commands"].as_array().unwrap();
+    assert_eq!(drained.len(), 1, "{report}");
+    let done = tc.ok(drained[0].as_i64().unwrap()).await;
+    assert!(done.result.unwrap()["live"]["downtime_ms"].is_u64());
+    client.answers(5).await;
+    let (_, failed) = client.finish().await;
+    assert!(
+        failed.is_empty(),
+        "requests failed during the drain: {failed:?}"
+    );
+    let back = tc.core.containers().get_by_id(id).await.unwrap();
+    assert_eq!(back.server.as_deref(), Some(names[0].as_str()));
+    assert_eq!(back.ip.as_deref(), Some(ip.as_str()));
+    let drained = tc.core.servers().get(&names[1]).await.unwrap();
+    assert!(drained.draining);
+    assert_eq!((drained.containers, drained.dummies), (0, 0));
 }

@@ -22,14 +22,19 @@ impl ServeProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let listen = format!("127.0.0.1:{port}");
+        Self::spawn_at(exe, data, &format!("127.0.0.1:{port}"), extra)
+    }
+
+    /// Starts `exe serve` listening on `listen` (e.g. again where a killed one listened, so
+    /// that its agents find it).
+    pub fn spawn_at(exe: &Path, data: &Path, listen: &str, extra: &[&str]) -> Result<ServeProcess> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(data.with_extension("log"))
             .with_context(|| format!("cannot open the log next to {}", data.display()))?;
         let child = std::process::Command::new(exe)
-            .args(["serve", "--listen", &listen, "--data-dir"])
+            .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data)
             .args(extra)
             .stdout(Stdio::null())

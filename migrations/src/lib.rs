@@ -25,6 +25,7 @@ mod m0015_server_subnets;
 mod m0016_projects;
 mod m0017_cluster;
 mod m0018_illegal_index;
+mod m0019_server_addresses;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -51,6 +52,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0016_projects::Migration),
             Box::new(m0017_cluster::Migration),
             Box::new(m0018_illegal_index::Migration),
+            Box::new(m0019_server_addresses::Migration),
         ]
     }
 }

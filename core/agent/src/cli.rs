@@ -72,6 +72,12 @@ pub struct AgentArgs {
     /// its simulated guests get).
     #[arg(long, default_value = "10.48.0.0/24")]
     pub subnet: String,
+    /// Qemu driver: the range of --subnet this server gives its VMs, as FIRST-LAST (e.g.
+    /// 10.48.0.10-10.48.0.99) [default: all of it]. Servers sharing a network (one --subnet
+    /// and bridge on one layer-2 segment, so that a VM moving live between them keeps its
+    /// address) each give a range no other gives; the core refuses overlapping ones.
+    #[arg(long, value_name = "FIRST-LAST")]
+    pub addresses: Option<String>,
     /// Linux driver: bridge the containers join.
     #[arg(long, default_value = "c48br0")]
     pub bridge: String,
@@ -168,6 +174,22 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .subnet
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?;
+    let addresses: Option<cloud48_linux::network::AddressRange> = args
+        .addresses
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: String| anyhow::anyhow!("--addresses: {e}"))?;
+    if let Some(range) = &addresses {
+        range
+            .check_within(&subnet)
+            .map_err(|e| anyhow::anyhow!("--addresses: {e}"))?;
+        if !matches!(args.driver, AgentDriver::Qemu) {
+            bail!(
+                "--addresses is for qemu servers sharing a network (their VMs move live); give this server a --subnet of its own"
+            );
+        }
+    }
     let core_images = || {
         args.core.first().map(|core| {
             Arc::new(
@@ -183,6 +205,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 data_dir: std::fs::canonicalize(&args.data_dir)?,
                 bridge: args.bridge.clone(),
                 subnet,
+                addresses,
                 prefix: args.prefix.clone(),
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms.max(15_000)),
@@ -269,6 +292,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         capabilities: driver.capabilities(),
         labels: args.labels.clone(),
         subnet: Some(subnet.to_string()),
+        addresses: addresses.map(|r| r.to_string()),
     };
     let spool = args.data_dir.join("spool");
     let agent = AgentService::new(driver, args.token.clone(), info, &spool)

@@ -179,6 +179,10 @@ pub struct AgentInfo {
     /// agent whose subnet overlaps another server's. Older agents do not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet: Option<String>,
+    /// The range of the subnet it hands out (`10.48.1.10-10.48.1.99`) when it shares its
+    /// network with other servers, each with a range of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<String>,
 }
 
 /// A heartbeat from an agent to the core.

@@ -23,6 +23,7 @@ pub trait DriverFactory {
 
 fn spec(w: &Workload, guest: &str) -> GuestSpec {
     GuestSpec {
+        avoid: Vec::new(),
         guest_id: guest.to_string(),
         type_id: "plain".into(),
         resources: Resources {

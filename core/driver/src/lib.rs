@@ -121,6 +121,10 @@ pub struct GuestSpec {
     /// types that declare nothing: the driver runs an idle process).
     #[serde(default)]
     pub workload: cloud48_model::Workload,
+    /// Addresses the server must not give it: containers on other servers of its network
+    /// hold them (a server sharing its network, whose VMs moved away live, cannot see them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid: Vec<String>,
 }
 
 /// A guest as its server reports it.
@@ -153,6 +157,22 @@ pub struct LiveOffer {
     pub image: String,
     /// The size of the guest's disk, MiB.
     pub disk_mb: u64,
+    /// The machine the guest runs on, which the target must give it unchanged (absent from
+    /// drivers that do not say).
+    #[serde(default)]
+    pub machine: Option<MachineModel>,
+}
+
+/// What a running VM's machine is, as a live migration's target must reproduce it: the guest
+/// keeps its devices and CPU features across the move.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineModel {
+    /// The hypervisor's versioned machine type, e.g. QEMU's `pc-q35-10.0`.
+    pub machine_type: String,
+    /// What executes its instructions.
+    pub accel: Accel,
+    /// Its CPU: `max` when emulated, the host's CPU model under KVM (`-cpu host`).
+    pub cpu: String,
 }
 
 /// Live migration, from the target: where the source sends the guest's disk and memory.

@@ -761,6 +761,7 @@ mod tests {
 
     fn spec(n: u32) -> GuestSpec {
         GuestSpec {
+            avoid: Vec::new(),
             guest_id: format!("g{n}"),
             type_id: "plain".into(),
             resources: Resources {

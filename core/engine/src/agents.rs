@@ -17,6 +17,8 @@ use crate::fleet::{Fleet, RemoteFactory};
 use crate::health::Health;
 use crate::placement::PlacementCache;
 
+/// What an agent says of its network: the subnet and the range of it it hands out.
+type Network = (Option<String>, Option<String>);
 /// Checks a server name an agent gives.
 fn valid_name(name: &str) -> Result<(), CoreError> {
     if name.is_empty()
@@ -63,8 +65,8 @@ pub struct Agents {
     platform: i64,
     token: Option<String>,
     grace: std::time::Duration,
-    /// The subnet each registered agent last said it hands addresses from.
-    subnets: Arc<std::sync::Mutex<std::collections::HashMap<i64, Option<String>>>>,
+    /// What each registered agent last said of its network: subnet and address range.
+    subnets: Arc<std::sync::Mutex<std::collections::HashMap<i64, Network>>>,
 }
 
 impl Agents {
@@ -112,7 +114,8 @@ impl Agents {
         // Every heartbeat comes here: an agent already known at its address costs no database read.
         if let Some((id, remote)) = self.fleet.remote_named(&info.name)
             && remote.url() == info.url
-            && self.subnets.lock().unwrap().get(&id) == Some(&info.subnet)
+            && self.subnets.lock().unwrap().get(&id)
+                == Some(&(info.subnet.clone(), info.addresses.clone()))
         {
             remote.set_capabilities(info.capabilities);
             return Ok(id);
@@ -150,6 +153,7 @@ impl Agents {
                 let mut am: server::ActiveModel = row.into();
                 am.address = Set(Some(info.url.clone()));
                 am.subnet = Set(info.subnet.clone());
+                am.addresses = Set(info.addresses.clone());
                 let row = am.update(db).await?;
                 (id, self.attach_agent(&row)?)
             }
@@ -167,6 +171,7 @@ impl Agents {
                     last_heartbeat: Set(Some(crate::model::now_ms())),
                     created_at: Set(crate::model::now_ms()),
                     subnet: Set(info.subnet.clone()),
+                    addresses: Set(info.addresses.clone()),
                     ..Default::default()
                 }
                 .insert(db)
@@ -178,20 +183,34 @@ impl Agents {
             }
         };
         remote.set_capabilities(info.capabilities);
-        self.subnets.lock().unwrap().insert(id, info.subnet.clone());
+        self.subnets
+            .lock()
+            .unwrap()
+            .insert(id, (info.subnet.clone(), info.addresses.clone()));
         Ok(id)
     }
 
-    /// Refuses an agent whose subnet is not one, or overlaps another server's (two containers
-    /// could get one address); `own` is its server's id, when it has one.
+    /// Refuses an agent whose subnet or address range is not one, or that could give one of
+    /// its containers an address another server may give (overlapping subnets, unless one
+    /// shared network with disjoint ranges); `own` is its server's id, when it has one.
     async fn check_subnet(&self, info: &AgentInfo, own: Option<i64>) -> Result<(), CoreError> {
-        use cloud48_linux::network::Subnet;
+        use cloud48_linux::network::{AddressRange, Subnet, address_clash};
         let Some(text) = &info.subnet else {
             return Ok(());
         };
         let mine: Subnet = text
             .parse()
             .map_err(|e: String| CoreError::invalid("agent.subnet", e))?;
+        let range: Option<AddressRange> = info
+            .addresses
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e: String| CoreError::invalid("agent.addresses", e))?;
+        if let Some(r) = &range {
+            r.check_within(&mine)
+                .map_err(|e| CoreError::invalid("agent.addresses", e))?;
+        }
         let others = server::Entity::find()
             .filter(server::Column::Subnet.is_not_null())
             .all(&self.db)
@@ -204,10 +223,17 @@ impl Agents {
             else {
                 continue;
             };
-            if mine.overlaps(&theirs) {
+            let their_range = other
+                .addresses
+                .as_deref()
+                .and_then(|t| t.parse::<AddressRange>().ok());
+            if let Some(why) =
+                address_clash((&mine, range.as_ref()), (&theirs, their_range.as_ref()))
+            {
                 return Err(CoreError::Conflict(format!(
-                    "the subnet {mine} of agent {} overlaps server {}'s {theirs}: two containers \
-                     could get one address; start the agent with a --subnet of its own",
+                    "agent {} clashes with server {}: {why}; two containers could get one \
+                     address: start the agent with a --subnet of its own, or, to share the \
+                     network, with --addresses ranges of it that no other server gives",
                     info.name, other.name
                 )));
             }

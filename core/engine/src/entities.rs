@@ -59,6 +59,8 @@ pub mod server {
         pub draining: bool,
         /// The subnet its agent hands addresses from (`10.48.1.0/24`), when it said.
         pub subnet: Option<String>,
+        /// The range of the subnet it hands out (`FIRST-LAST`), when it shares the network.
+        pub addresses: Option<String>,
     }
     no_relations!();
 }

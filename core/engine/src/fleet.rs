@@ -107,6 +107,9 @@ pub struct Fleet {
     drivers: RwLock<HashMap<i64, NamedDriver>>,
     sims: RwLock<HashMap<i64, Arc<SimServer>>>,
     remotes: RwLock<HashMap<i64, Arc<RemoteDriver>>>,
+    /// The subnet of each server that shares its network with others (it hands out a range
+    /// of it).
+    shared_networks: RwLock<HashMap<i64, String>>,
 }
 
 impl Fleet {
@@ -117,6 +120,7 @@ impl Fleet {
             drivers: RwLock::default(),
             sims: RwLock::default(),
             remotes: RwLock::default(),
+            shared_networks: RwLock::default(),
         }
     }
 
@@ -131,7 +135,27 @@ impl Fleet {
                 known.join(", ")
             ))
         })?;
-        factory.attach(self, row)
+        factory.attach(self, row)?;
+        let mut shared = self.shared_networks.write().unwrap();
+        match (&row.subnet, &row.addresses) {
+            (Some(subnet), Some(_)) => shared.insert(row.id, subnet.clone()),
+            _ => shared.remove(&row.id),
+        };
+        Ok(())
+    }
+
+    /// The other servers on the network server `id` shares (same subnet, each with a range
+    /// of it), or `None` when it has a network of its own.
+    pub fn network_peers(&self, id: i64) -> Option<Vec<i64>> {
+        let shared = self.shared_networks.read().unwrap();
+        let mine = shared.get(&id)?;
+        Some(
+            shared
+                .iter()
+                .filter(|(other, subnet)| **other != id && *subnet == mine)
+                .map(|(other, _)| *other)
+                .collect(),
+        )
     }
 
     /// The driver of a server.
@@ -232,6 +256,7 @@ mod tests {
             alloc_containers: 0,
             draining: false,
             subnet: None,
+            addresses: None,
         }
     }
 
@@ -259,5 +284,32 @@ mod tests {
             "{e}"
         );
         assert!(fleet.driver(3).is_none());
+    }
+
+    #[test]
+    fn servers_sharing_a_network_know_their_peers() {
+        let config = CoreConfig::new(std::path::Path::new("/nonexistent"));
+        let fleet = Fleet::new(vec![Arc::new(RemoteFactory::new(&config))]);
+        let on = |id: i64, subnet: &str, range: Option<&str>| server::Model {
+            subnet: Some(subnet.into()),
+            addresses: range.map(String::from),
+            ..row(id, &format!("q{id}"), "remote")
+        };
+        fleet
+            .attach(&on(1, "10.9.0.0/24", Some("10.9.0.10-10.9.0.99")))
+            .unwrap();
+        fleet
+            .attach(&on(2, "10.9.0.0/24", Some("10.9.0.100-10.9.0.199")))
+            .unwrap();
+        fleet
+            .attach(&on(3, "10.9.1.0/24", Some("10.9.1.10-10.9.1.99")))
+            .unwrap();
+        fleet.attach(&on(4, "10.9.2.0/24", None)).unwrap();
+        assert_eq!(fleet.network_peers(1), Some(vec![2]));
+        assert_eq!(fleet.network_peers(3), Some(vec![]));
+        assert_eq!(fleet.network_peers(4), None);
+        // An agent that leaves the shared network (a subnet of its own now) is no peer.
+        fleet.attach(&on(2, "10.9.5.0/24", None)).unwrap();
+        assert_eq!(fleet.network_peers(1), Some(vec![]));
     }
 }

@@ -39,6 +39,86 @@ impl std::fmt::Display for Subnet {
     }
 }
 
+/// The part of a subnet one server hands out (`FIRST-LAST`, both included): servers that
+/// share a network (one bridge and subnet, so that a VM moving live keeps its address) each
+/// give disjoint ranges of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressRange {
+    /// First address handed out.
+    pub first: Ipv4Addr,
+    /// Last address handed out.
+    pub last: Ipv4Addr,
+}
+
+impl std::str::FromStr for AddressRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not an address range like 10.48.1.10-10.48.1.99");
+        let (first, last) = s.split_once('-').ok_or_else(bad)?;
+        let first: Ipv4Addr = first.trim().parse().map_err(|_| bad())?;
+        let last: Ipv4Addr = last.trim().parse().map_err(|_| bad())?;
+        if u32::from(first) > u32::from(last) {
+            return Err(format!("{s}: the first address comes after the last"));
+        }
+        Ok(AddressRange { first, last })
+    }
+}
+
+impl std::fmt::Display for AddressRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl AddressRange {
+    /// True when `ip` is in the range.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        (u32::from(self.first)..=u32::from(self.last)).contains(&u32::from(ip))
+    }
+
+    /// True when the two ranges share an address.
+    pub fn overlaps(&self, other: &AddressRange) -> bool {
+        u32::from(self.first) <= u32::from(other.last)
+            && u32::from(other.first) <= u32::from(self.last)
+    }
+
+    /// Why the range cannot be handed out in `subnet`, if it cannot: it must hold only guest
+    /// addresses of it (not the network, gateway or broadcast address).
+    pub fn check_within(&self, subnet: &Subnet) -> Result<(), String> {
+        if subnet.contains(self.first) && subnet.contains(self.last) {
+            Ok(())
+        } else {
+            Err(format!(
+                "the address range {self} is not within the guest addresses of {subnet} (from {} on, the gateway is {})",
+                Ipv4Addr::from(u32::from(subnet.gateway()) + 1),
+                subnet.gateway()
+            ))
+        }
+    }
+}
+
+/// Why servers handing addresses from `mine` (in its range, if any) and `theirs` could give
+/// two containers one address, or `None`: their subnets do not overlap, or they are one
+/// network whose ranges are disjoint.
+pub fn address_clash(
+    mine: (&Subnet, Option<&AddressRange>),
+    theirs: (&Subnet, Option<&AddressRange>),
+) -> Option<String> {
+    if !mine.0.overlaps(theirs.0) {
+        return None;
+    }
+    match (mine, theirs) {
+        ((a, Some(x)), (b, Some(y))) if a == b && !x.overlaps(y) => None,
+        ((a, Some(x)), (b, Some(y))) if a == b => Some(format!(
+            "the address range {x} overlaps {y} on the shared network {a}"
+        )),
+        ((a, _), (b, _)) if a == b => Some(format!(
+            "both hand out addresses of {a}; servers sharing a network each give a range of their own (--addresses)"
+        )),
+        ((a, _), (b, _)) => Some(format!("the subnet {a} overlaps {b}")),
+    }
+}
+
 impl Subnet {
     /// The bridge's address: the first host address.
     pub fn gateway(&self) -> Ipv4Addr {
@@ -149,8 +229,13 @@ pub fn bridge_mac(subnet: &Subnet) -> String {
 /// Creates the bridge with the gateway address and a fixed MAC address (if missing) and turns
 /// on forwarding.
 pub async fn ensure_bridge(bridge: &str, subnet: &Subnet) -> Result<(), String> {
+    // Agents sharing a bridge may start at once: what another made meanwhile is no error.
+    let made_meanwhile = |r: Result<String, String>| match r {
+        Err(e) if e.contains("File exists") || e.contains("already assigned") => Ok(String::new()),
+        other => other,
+    };
     if run("ip", &["link", "show", bridge]).await.is_err() {
-        run("ip", &["link", "add", bridge, "type", "bridge"]).await?;
+        made_meanwhile(run("ip", &["link", "add", bridge, "type", "bridge"]).await)?;
     }
     let mac = bridge_mac(subnet);
     let shown = run("ip", &["link", "show", bridge]).await?;
@@ -160,7 +245,7 @@ pub async fn ensure_bridge(bridge: &str, subnet: &Subnet) -> Result<(), String> 
     let addrs = run("ip", &["-4", "addr", "show", "dev", bridge]).await?;
     let gw = format!("{}/{}", subnet.gateway(), subnet.prefix);
     if !addrs.contains(&format!("inet {gw}")) {
-        run("ip", &["addr", "add", &gw, "dev", bridge]).await?;
+        made_meanwhile(run("ip", &["addr", "add", &gw, "dev", bridge]).await)?;
     }
     run("ip", &["link", "set", bridge, "up"]).await?;
     let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1");
@@ -272,6 +357,8 @@ pub async fn detach(net: &GuestNet) {
 
 #[cfg(test)]
 mod tests {
+    use super::{AddressRange, address_clash};
+
     #[test]
     fn a_bridge_has_a_fixed_mac_of_its_gateway() {
         let s: super::Subnet = "10.48.7.0/24".parse().unwrap();
@@ -279,12 +366,58 @@ mod tests {
     }
 
     #[test]
-    fn subnets_overlap_when_they_share_an_address() {
+    fn subnets_and_ranges_clash_when_they_share_an_address() {
         let s = |t: &str| t.parse::<super::Subnet>().unwrap();
         assert!(s("10.0.4.0/24").overlaps(&s("10.0.4.0/24")));
         assert!(s("10.0.0.0/16").overlaps(&s("10.0.4.0/24")));
         assert!(s("10.0.4.0/24").overlaps(&s("10.0.0.0/16")));
         assert!(!s("10.0.4.0/24").overlaps(&s("10.0.5.0/24")));
+        let r = |t: &str| t.parse::<AddressRange>().unwrap();
+        assert!(r("10.0.4.10-10.0.4.20").overlaps(&r("10.0.4.20-10.0.4.30")));
+        assert!(!r("10.0.4.10-10.0.4.19").overlaps(&r("10.0.4.20-10.0.4.30")));
+        assert!(
+            "10.0.4.9-10.0.4.2"
+                .parse::<AddressRange>()
+                .unwrap_err()
+                .contains("comes after")
+        );
+        assert!(
+            "10.0.4.9"
+                .parse::<AddressRange>()
+                .unwrap_err()
+                .contains("like")
+        );
+        assert!(
+            r("10.0.4.2-10.0.4.254")
+                .check_within(&s("10.0.4.0/24"))
+                .is_ok()
+        );
+        assert!(
+            r("10.0.4.1-10.0.4.9")
+                .check_within(&s("10.0.4.0/24"))
+                .unwrap_err()
+                .contains("gateway")
+        );
+        let net = s("10.0.4.0/24");
+        let (a, b) = (r("10.0.4.10-10.0.4.99"), r("10.0.4.100-10.0.4.199"));
+        // One network, disjoint ranges: no clash; anything else over shared addresses clashes.
+        assert_eq!(address_clash((&net, Some(&a)), (&net, Some(&b))), None);
+        assert!(
+            address_clash((&net, Some(&a)), (&net, Some(&a)))
+                .unwrap()
+                .contains("overlaps")
+        );
+        assert!(
+            address_clash((&net, Some(&a)), (&net, None))
+                .unwrap()
+                .contains("--addresses")
+        );
+        assert!(
+            address_clash((&s("10.0.0.0/16"), None), (&net, Some(&a)))
+                .unwrap()
+                .contains("10.0.0.0/16 overlaps 10.0.4.0/24")
+        );
+        assert_eq!(address_clash((&s("10.0.5.0/24"), None), (&net, None)), None);
         assert!(!s("10.0.4.0/23").overlaps(&s("10.0.6.0/24")));
         assert!(s("10.0.4.0/23").overlaps(&s("10.0.5.0/24")));
     }

@@ -15,6 +15,9 @@ use cloud48_model::Resources;
 use crate::machine::{self, Accel, Launch, files};
 use crate::{LOG_TAIL, QemuDriver, Record, UP_MARKER, control, permanent, qemu_binary};
 
+/// How much longer than its type declares a workload may take to become ready under TCG.
+const TCG_SLOWDOWN: u32 = 10;
+
 impl QemuDriver {
     /// QEMU's pid for `guest` when its process runs (the pid file's process must be the QEMU
     /// of this guest's directory).
@@ -90,6 +93,7 @@ impl QemuDriver {
             memory_mb: r.spec.resources.memory_mb.max(128),
             vcpus: r.spec.resources.cpu_millis.div_ceil(1000).max(1),
             accel: self.accel,
+            machine_type: r.machine_type.clone().unwrap_or_else(|| "q35".into()),
             run_script: dir.join(files::RUN),
             incoming,
         };
@@ -182,14 +186,24 @@ impl QemuDriver {
             .map(|x| Duration::from_millis(u64::from(x.interval_ms) * u64::from(x.retries)))
             .filter(|d| !d.is_zero())
             .unwrap_or(Duration::from_secs(60));
-        let deadline = Instant::now() + declared;
+        // A type's window is for software at native speed; emulated, it runs about ten times
+        // slower (a JVM's start, a first page compiled).
+        let window = match self.accel {
+            Accel::Kvm => declared,
+            Accel::Tcg => declared * TCG_SLOWDOWN,
+        };
+        let deadline = Instant::now() + window;
         loop {
             let last = match probe.check(r.ip).await {
                 Ok(()) => return Ok(()),
                 Err(why) => why,
             };
             if self.pid(guest).is_none() || Instant::now() > deadline {
-                return failed(format!("did not become ready ({last})")).await;
+                return failed(format!(
+                    "did not become ready within {window:?} under {} ({last})",
+                    self.accel
+                ))
+                .await;
             }
             tokio::time::sleep(probe.pause().max(Duration::from_millis(50))).await;
         }

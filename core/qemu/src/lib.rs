@@ -44,12 +44,12 @@ use cloud48_driver::{
     LiveOffer, LiveReport, LiveTarget, ServerStats, activity,
 };
 use cloud48_linux::images::ImageSource;
-use cloud48_linux::network::{self, GuestNet, Subnet};
+use cloud48_linux::network::{self, AddressRange, GuestNet, Subnet};
 use cloud48_linux::{find_program, machine_capacity, read_records, tail};
 use cloud48_model::{ImageRef, Resources};
 
 use disks::{Base, VmImages};
-use machine::{Accel, AccelChoice, files};
+use machine::{Accel, AccelChoice, MachineModel, files};
 
 /// How much of a console `logs` and errors show.
 const LOG_TAIL: u64 = 64 << 10;
@@ -69,6 +69,10 @@ pub struct QemuConfig {
     pub bridge: String,
     /// Subnet of the guests; the bridge takes its first address.
     pub subnet: Subnet,
+    /// The range of the subnet new guests get addresses from (all of it when `None`): servers
+    /// sharing a network each hand out their own. A guest received live keeps its address,
+    /// which may be in another server's range.
+    pub addresses: Option<AddressRange>,
     /// Prefix (1-5 characters of a-z0-9) of the tap devices' names.
     pub prefix: String,
     /// Capacity offered; `None` measures the machine.
@@ -93,12 +97,20 @@ struct Record {
     ip: Ipv4Addr,
     /// The digest of the VM image it boots.
     image: String,
+    /// QEMU's machine type it runs on (kept across live migrations; absent from records
+    /// written before machine types were kept: the newest `q35`).
+    #[serde(default)]
+    machine_type: Option<String>,
 }
 
 /// Drives virtual machines on this machine with QEMU.
 pub struct QemuDriver {
     cfg: QemuConfig,
     accel: Accel,
+    /// The machine new VMs get here.
+    machine: MachineModel,
+    /// The machine types this server's QEMU knows.
+    machine_types: Vec<String>,
     images: Arc<VmImages>,
     capacity: Resources,
     guests: Mutex<BTreeMap<String, Record>>,
@@ -179,6 +191,9 @@ impl QemuDriver {
         if let (Accel::Tcg, Some(why), AccelChoice::Auto) = (accel, &unusable, cfg.accel) {
             tracing::warn!(server = %cfg.name, reason = %why, "virtual machines run under TCG (emulation, far slower than KVM)");
         }
+        if let Some(range) = &cfg.addresses {
+            range.check_within(&cfg.subnet)?;
+        }
         network::ensure_bridge(&cfg.bridge, &cfg.subnet).await?;
         let guests: BTreeMap<String, Record> = read_records(&cfg.data_dir.join("guests"))?
             .into_iter()
@@ -192,9 +207,32 @@ impl QemuDriver {
             &cfg.data_dir,
             cfg.source.clone(),
         )?);
+        let (machine_types, q35) = match std::process::Command::new(qemu_binary())
+            .args(["-machine", "help"])
+            .output()
+        {
+            Ok(out) if out.status.success() => {
+                machine::machine_types(&String::from_utf8_lossy(&out.stdout))
+            }
+            Ok(out) => {
+                return Err(format!(
+                    "{} -machine help failed: {}",
+                    qemu_binary(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Err(e) => return Err(format!("cannot run {}: {e}", qemu_binary())),
+        };
+        let machine = MachineModel {
+            machine_type: q35.unwrap_or_else(|| "q35".into()),
+            accel,
+            cpu: machine::cpu_of(accel, &cpuinfo),
+        };
         Ok(QemuDriver {
             cfg,
             accel,
+            machine,
+            machine_types,
             images,
             capacity,
             guests: Mutex::new(guests),
@@ -288,6 +326,7 @@ impl QemuDriver {
         &self,
         spec: &GuestSpec,
         image: &str,
+        machine_type: &str,
     ) -> Result<Result<Record, GuestInfo>, DriverError> {
         let mut guests = self.guests.lock().unwrap();
         if let Some(existing) = guests.get(&spec.guest_id).cloned() {
@@ -306,11 +345,23 @@ impl QemuDriver {
             .as_deref()
             .and_then(|w| w.parse::<Ipv4Addr>().ok())
             .filter(|ip| self.cfg.subnet.contains(*ip) && !used.contains(ip));
+        let range = self.cfg.addresses;
+        // Held by containers on the other servers of a shared network.
+        let avoided: Vec<Ipv4Addr> = spec.avoid.iter().filter_map(|a| a.parse().ok()).collect();
         let ip = asked
-            .or_else(|| self.cfg.subnet.hosts().find(|ip| !used.contains(ip)))
+            .or_else(|| {
+                self.cfg
+                    .subnet
+                    .hosts()
+                    .filter(|ip| range.is_none_or(|r| r.contains(*ip)))
+                    .find(|ip| !used.contains(ip) && !avoided.contains(ip))
+            })
             .ok_or_else(|| DriverError::Capacity {
                 server: self.cfg.name.clone(),
-                message: format!("no free address left in {}", self.cfg.subnet),
+                message: match range {
+                    Some(r) => format!("no free address left in {r}"),
+                    None => format!("no free address left in {}", self.cfg.subnet),
+                },
             })?;
         let mut spec = spec.clone();
         spec.ip = Some(ip.to_string());
@@ -318,6 +369,7 @@ impl QemuDriver {
             spec,
             ip,
             image: image.to_string(),
+            machine_type: Some(machine_type.to_string()),
         };
         guests.insert(record.spec.guest_id.clone(), record.clone());
         Ok(Ok(record))
@@ -378,13 +430,14 @@ impl QemuDriver {
         &self,
         spec: &GuestSpec,
         image: &str,
+        machine_type: &str,
         fill: F,
     ) -> Result<GuestInfo, DriverError>
     where
         F: FnOnce(PathBuf) -> Fut,
         Fut: Future<Output = Result<(), DriverError>>,
     {
-        let record = match self.reserve(spec, image)? {
+        let record = match self.reserve(spec, image, machine_type)? {
             Ok(r) => r,
             Err(existing) => return Ok(existing),
         };
@@ -505,7 +558,8 @@ impl Driver for QemuDriver {
         let base = self.base_for(spec).await?;
         let size = spec.resources.disk_mb;
         let digest = base.details.summary.digest.to_string();
-        self.make_guest(spec, &digest, async move |disk: PathBuf| {
+        let machine_type = self.machine.machine_type.clone();
+        self.make_guest(spec, &digest, &machine_type, async move |disk: PathBuf| {
             disks::overlay(&base, &disk, size).await
         })
         .await
@@ -711,6 +765,13 @@ impl Driver for QemuDriver {
         let _held = self.hold(guest_id).await;
         let r = self.running(guest_id, "live migration").await?;
         Ok(LiveOffer {
+            machine: Some(MachineModel {
+                machine_type: r
+                    .machine_type
+                    .clone()
+                    .unwrap_or_else(|| self.machine.machine_type.clone()),
+                ..self.machine.clone()
+            }),
             image: r.image,
             disk_mb: self.disk_size_mb(guest_id).await?,
         })

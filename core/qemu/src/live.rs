@@ -278,40 +278,48 @@ fn free_port(host: &str) -> Result<u16, String> {
 /// before and the mirror is gone.
 pub async fn send(qmp_sock: &Path, guest: &str, target: &LiveTarget) -> Result<LiveReport, String> {
     let started = Instant::now();
+    // What an interrupted send left (its agent killed while it ran): a migration, a mirror, a
+    // connection to a target that may be gone.
+    reset(qmp_sock).await;
     let result = send_steps(qmp_sock, guest, target).await;
     if result.is_err() {
-        // Leave the source as it was: no migration, no mirror, no remote node, running.
-        let _ = qmp(qmp_sock, MigrateCancel {}).await;
-        let _ = qmp(
-            qmp_sock,
-            BlockJobCancel {
-                device: MIRROR_JOB.into(),
-                force: true,
-            },
-        )
-        .await;
-        for _ in 0..100 {
-            match qmp(qmp_sock, QueryBlockJobs {}).await {
-                Ok(jobs) if jobs.iter().any(|j| j.device == MIRROR_JOB) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                _ => break,
-            }
-        }
-        let _ = qmp(
-            qmp_sock,
-            BlockdevDel {
-                node_name: TARGET_NODE.into(),
-            },
-        )
-        .await;
-        if crate::control::paused(qmp_sock).await.unwrap_or(false) {
-            let _ = qmp(qmp_sock, qapi::qmp::cont {}).await;
-        }
+        reset(qmp_sock).await;
     }
     let mut report = result?;
     report.total_ms = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// Leaves the source as it was before a send: no migration, no mirror, no remote node, and
+/// running if a migration had paused it.
+async fn reset(qmp_sock: &Path) {
+    let _ = qmp(qmp_sock, MigrateCancel {}).await;
+    let _ = qmp(
+        qmp_sock,
+        BlockJobCancel {
+            device: MIRROR_JOB.into(),
+            force: true,
+        },
+    )
+    .await;
+    for _ in 0..100 {
+        match qmp(qmp_sock, QueryBlockJobs {}).await {
+            Ok(jobs) if jobs.iter().any(|j| j.device == MIRROR_JOB) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            _ => break,
+        }
+    }
+    let _ = qmp(
+        qmp_sock,
+        BlockdevDel {
+            node_name: TARGET_NODE.into(),
+        },
+    )
+    .await;
+    if crate::control::paused(qmp_sock).await.unwrap_or(false) {
+        let _ = qmp(qmp_sock, qapi::qmp::cont {}).await;
+    }
 }
 
 async fn send_steps(

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-pub use cloud48_driver::Accel;
+pub use cloud48_driver::{Accel, MachineModel};
 
 /// What the operator asks for (`--accel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,6 +61,72 @@ pub fn choose(choice: AccelChoice, kvm_unusable: Option<String>) -> Result<Accel
     }
 }
 
+/// The machine types QEMU's `-machine help` lists, and the versioned type its `q35` alias
+/// stands for (what a new VM is given, so that its machine stays the same wherever it moves).
+pub fn machine_types(help: &str) -> (Vec<String>, Option<String>) {
+    let mut types = Vec::new();
+    let mut q35 = None;
+    for line in help.lines().skip_while(|l| l.starts_with("Supported")) {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if name == "q35" {
+            q35 = line
+                .split("(alias of ")
+                .nth(1)
+                .and_then(|rest| rest.split(')').next())
+                .map(str::to_string);
+        }
+        types.push(name.to_string());
+    }
+    (types, q35)
+}
+
+/// The CPU a VM gets under `accel`: `max` when emulated, under KVM the host's CPU model (from
+/// `/proc/cpuinfo`), which a live migration's target must share.
+pub fn cpu_of(accel: Accel, cpuinfo: &str) -> String {
+    match accel {
+        Accel::Tcg => "max".into(),
+        Accel::Kvm => {
+            let model = cpuinfo
+                .lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(str::trim)
+                .unwrap_or("unknown");
+            format!("host ({model})")
+        }
+    }
+}
+
+/// Why a server whose machine is `here` and whose QEMU knows `types` cannot take a VM whose
+/// machine is `offered` live, or `Ok` when it can.
+pub fn compatible(
+    offered: &MachineModel,
+    here: &MachineModel,
+    types: &[String],
+) -> Result<(), String> {
+    if offered.accel != here.accel {
+        return Err(format!(
+            "the VM runs under {} with CPU {} and this server runs VMs under {} with CPU {}:              its CPU cannot stay the same across the move; migrate it without --live (it              restarts on this server's CPU)",
+            offered.accel, offered.cpu, here.accel, here.cpu
+        ));
+    }
+    if offered.cpu != here.cpu {
+        return Err(format!(
+            "the VM's CPU is {} and this server's is {}: a VM given its host's CPU moves live              only between servers with the same CPU model; migrate it without --live",
+            offered.cpu, here.cpu
+        ));
+    }
+    if !types.iter().any(|t| *t == offered.machine_type) {
+        return Err(format!(
+            "the VM's machine type {} is unknown to this server's QEMU (its newest is {}):              upgrade QEMU here to the source's version or newer, or migrate without --live",
+            offered.machine_type, here.machine_type
+        ));
+    }
+    Ok(())
+}
+
 /// The MAC address of the VM at `ip`: derived from the address, so that a VM that moves or
 /// is replaced at the same address keeps the neighbours' ARP entries right.
 pub fn mac_of(ip: Ipv4Addr) -> String {
@@ -95,6 +161,8 @@ pub struct Launch {
     pub vcpus: u64,
     /// Accelerator.
     pub accel: Accel,
+    /// QEMU's machine type (versioned, e.g. `pc-q35-10.0`; `q35`: this QEMU's newest).
+    pub machine_type: String,
     /// The workload script handed to the guest init.
     pub run_script: PathBuf,
     /// Waits for an incoming migration instead of booting (`-incoming defer`).
@@ -130,7 +198,7 @@ pub fn args(l: &Launch) -> Vec<String> {
         "-name".into(),
         format!("guest={},debug-threads=on", l.guest),
         "-machine".into(),
-        format!("q35,accel={}", l.accel),
+        format!("{},accel={}", l.machine_type, l.accel),
         "-cpu".into(),
         match l.accel {
             Accel::Kvm => "host".into(),
@@ -309,11 +377,12 @@ mod tests {
             memory_mb: 256,
             vcpus: 2,
             accel: Accel::Tcg,
+            machine_type: "pc-q35-10.0".into(),
             run_script: "/d/guests/c7/run.sh".into(),
             incoming: false,
         };
         let a = args(&l).join(" ");
-        assert!(a.contains("-machine q35,accel=tcg -cpu max -m 256M -smp 2"));
+        assert!(a.contains("-machine pc-q35-10.0,accel=tcg -cpu max -m 256M -smp 2"));
         assert!(a.contains("cloud48.ip=10.48.1.5/24 cloud48.gw=10.48.1.1 cloud48.name=c7"));
         assert!(a.contains("filename=/d/guests/c7/disk.qcow2"));
         assert!(a.contains("mac=52:54:0a:30:01:05"));
@@ -324,5 +393,46 @@ mod tests {
             ..l
         });
         assert_eq!(target[target.len() - 2..], ["-incoming", "defer"]);
+    }
+
+    #[test]
+    fn a_target_takes_a_vm_live_only_on_the_same_machine() {
+        let help = "Supported machines are:\nmicrovm              microvm (i386)\n\
+                    pc-q35-9.2           Standard PC (Q35 + ICH9, 2009)\n\
+                    q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)\n\
+                    pc-q35-10.0          Standard PC (Q35 + ICH9, 2009)\n\
+                    none                 empty machine\n";
+        let (types, q35) = machine_types(help);
+        assert_eq!(q35.as_deref(), Some("pc-q35-10.0"));
+        assert!(types.iter().any(|t| t == "pc-q35-9.2"));
+        assert!(!types.iter().any(|t| t == "Supported"));
+        let cpuinfo = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Gold 6338\n";
+        assert_eq!(cpu_of(Accel::Tcg, cpuinfo), "max");
+        assert_eq!(
+            cpu_of(Accel::Kvm, cpuinfo),
+            "host (Intel(R) Xeon(R) Gold 6338)"
+        );
+        let model = |t: &str, accel: Accel, cpu: &str| MachineModel {
+            machine_type: t.into(),
+            accel,
+            cpu: cpu.into(),
+        };
+        let here = model("pc-q35-10.0", Accel::Tcg, "max");
+        // An older machine type this QEMU still knows: the same machine.
+        assert_eq!(
+            compatible(&model("pc-q35-9.2", Accel::Tcg, "max"), &here, &types),
+            Ok(())
+        );
+        let newer = compatible(&model("pc-q35-11.0", Accel::Tcg, "max"), &here, &types);
+        assert!(newer.unwrap_err().contains("pc-q35-11.0 is unknown"));
+        let kvm = compatible(&model("pc-q35-9.2", Accel::Kvm, "host (x)"), &here, &types);
+        assert!(kvm.unwrap_err().contains("under kvm"));
+        let kvm_here = model("pc-q35-10.0", Accel::Kvm, "host (a)");
+        let other_cpu = compatible(
+            &model("pc-q35-9.2", Accel::Kvm, "host (b)"),
+            &kvm_here,
+            &types,
+        );
+        assert!(other_cpu.unwrap_err().contains("same CPU model"));
     }
 }

@@ -10,7 +10,7 @@ use cloud48_model::ImageRef;
 
 use cloud48_linux::network;
 
-use crate::machine::files;
+use crate::machine::{self, files};
 use crate::{QemuDriver, control, disks, live, permanent, validate_id};
 
 impl QemuDriver {
@@ -34,6 +34,14 @@ impl QemuDriver {
                 spec.ip.as_deref().unwrap_or("(none)"),
                 self.cfg.subnet
             )));
+        }
+        if let Some(offered) = &offer.machine {
+            machine::compatible(offered, &self.machine, &self.machine_types).map_err(|why| {
+                permanent(format!(
+                    "server {} cannot receive VM {guest} live: {why}",
+                    self.cfg.name
+                ))
+            })?;
         }
         let taken = self
             .guests
@@ -60,9 +68,16 @@ impl QemuDriver {
             })
             .await?;
         let size = offer.disk_mb;
-        self.make_guest(spec, &offer.image, async move |disk: PathBuf| {
-            disks::overlay(&base, &disk, size).await
-        })
+        let machine_type = offer.machine.as_ref().map_or_else(
+            || self.machine.machine_type.clone(),
+            |m| m.machine_type.clone(),
+        );
+        self.make_guest(
+            spec,
+            &offer.image,
+            &machine_type,
+            async move |disk: PathBuf| disks::overlay(&base, &disk, size).await,
+        )
         .await?;
         let received = async {
             let r = self.record(guest)?;

@@ -126,10 +126,16 @@ impl QemuDriver {
                 })
                 .await?;
             let staged = staging.join(files::DISK);
-            self.make_guest(spec, &meta.image, async move |disk: PathBuf| {
-                tokio::fs::rename(&staged, &disk).await.map_err(permanent)?;
-                disks::rebase(&base, &disk).await
-            })
+            let machine_type = self.machine.machine_type.clone();
+            self.make_guest(
+                spec,
+                &meta.image,
+                &machine_type,
+                async move |disk: PathBuf| {
+                    tokio::fs::rename(&staged, &disk).await.map_err(permanent)?;
+                    disks::rebase(&base, &disk).await
+                },
+            )
             .await
         }
         .await;

@@ -60,6 +60,7 @@ fn workload(image: &str, port: u16) -> Workload {
 
 fn spec(id: String, workload: &Workload) -> GuestSpec {
     GuestSpec {
+        avoid: Vec::new(),
         guest_id: id,
         type_id: "bench".into(),
         resources: Resources {
@@ -159,6 +160,7 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
         capabilities: peer.capabilities(),
         labels: vec![],
         subnet: None,
+        addresses: None,
     };
     let agent = cloud48_engine::agent::AgentService::new(
         peer,

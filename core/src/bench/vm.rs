@@ -72,6 +72,7 @@ fn nginx() -> Workload {
 
 fn spec(id: &str, memory_mb: u64, disk_mb: u64) -> GuestSpec {
     GuestSpec {
+        avoid: Vec::new(),
         guest_id: id.into(),
         type_id: "bench".into(),
         resources: Resources {
@@ -165,6 +166,12 @@ pub async fn vm(args: VmBenchArgs) -> Result<()> {
         data_dir: dir.path().join(format!("s{n}")),
         bridge: format!("{prefix}br"),
         subnet: "10.250.0.0/24".parse().expect("a subnet"),
+        // One network (a VM moving live keeps its address), a range of it each.
+        addresses: Some(
+            [("10.250.0.2-10.250.0.127"), ("10.250.0.128-10.250.0.254")][n as usize]
+                .parse()
+                .expect("a range"),
+        ),
         prefix: format!("{prefix}{n}"),
         capacity: None,
         stop_grace: Duration::from_secs(30),

@@ -31,6 +31,7 @@ async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>) {
         SimLatency::uniform(std::time::Duration::ZERO),
     );
     let spec = GuestSpec {
+        avoid: Vec::new(),
         guest_id: "g".into(),
         type_id: "plain".into(),
         resources: Resources {
@@ -55,6 +56,7 @@ async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>) {
         capabilities: sim.capabilities(),
         labels: vec![],
         subnet: None,
+        addresses: None,
     };
     let agent = AgentService::new(Arc::new(sim), TOKEN, info, &scratch("spool")).unwrap();
     let progress: Progress = Arc::default();

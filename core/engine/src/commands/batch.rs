@@ -175,15 +175,22 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let mut made: Vec<(i64, i64, Option<String>)> = Vec::new();
     let mut refused: Vec<i64> = Vec::new();
     // The containers are locked by this command: no other command changed them meanwhile.
+    let mut avoid: std::collections::HashMap<i64, Vec<String>> = Default::default();
     for (id, server) in placed {
         let (driver, name) = driver_of(svc, server)?;
-        let spec = guest_spec(
-            svc,
-            &guest_id_for(svc.platform_name(), id),
-            &type_id,
-            need,
-            "{}",
-        );
+        if !avoid.contains_key(&server) {
+            avoid.insert(server, super::network_avoid(svc, server).await?);
+        }
+        let spec = crate::driver::GuestSpec {
+            avoid: avoid[&server].clone(),
+            ..guest_spec(
+                svc,
+                &guest_id_for(svc.platform_name(), id),
+                &type_id,
+                need,
+                "{}",
+            )
+        };
         match make_guest(driver.as_ref(), &spec, None, start).await {
             Ok(info) => made.push((id, server, info.ip)),
             Err(e) if e.is_transient() => {

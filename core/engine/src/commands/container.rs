@@ -570,7 +570,11 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         None => None,
     };
     let start = params.start;
-    let info = make_guest(driver.as_ref(), &spec(ctx.svc, &row), image.as_ref(), start)
+    let spec = GuestSpec {
+        avoid: super::network_avoid(svc, r.server_id).await?,
+        ..spec(ctx.svc, &row)
+    };
+    let info = make_guest(driver.as_ref(), &spec, image.as_ref(), start)
         .await
         .map_err(|e| driver_err(&server, e))?;
     unique_address(svc, id, info.ip.as_deref()).await?;
@@ -876,7 +880,11 @@ async fn clone(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, S
                 .await
                 .map_err(|e| driver_err(&src_name, e))?;
             let (dst, dst_name) = driver_of(svc, r.server_id)?;
-            let info = import_on(svc, dst.as_ref(), &dst_name, &spec(svc, &copy), image).await?;
+            let spec = GuestSpec {
+                avoid: super::network_avoid(svc, r.server_id).await?,
+                ..spec(svc, &copy)
+            };
+            let info = import_on(svc, dst.as_ref(), &dst_name, &spec, image).await?;
             unique_address(svc, copy.id, info.ip.as_deref()).await?;
             let next = next(CloneStep::Finish);
             Ok(Transition::commit(move |txn| {
@@ -1027,6 +1035,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
                     // The container keeps its address: its environment stays wired.
                     let keep = GuestSpec {
                         ip: row.ip.clone(),
+                        avoid: super::network_avoid(svc, r.server_id).await?,
                         ..spec(svc, &row)
                     };
                     import_on(svc, dst.as_ref(), &dst_name, &keep, image).await?

@@ -339,17 +339,24 @@ async fn make_placed(
     sink: &mut dyn GroupSink,
 ) -> Result<(), StepError> {
     let mut pending = FuturesUnordered::new();
+    let mut avoid: HashMap<i64, Vec<String>> = HashMap::new();
     for (index, row, r, start) in placed {
         let Ok((driver, server)) = driver_of(svc, r.server_id) else {
             continue;
         };
-        let spec = guest_spec(
-            svc,
-            &row.guest_id,
-            &row.type_id,
-            row.requirements().resources,
-            &row.params,
-        );
+        if !avoid.contains_key(&r.server_id) {
+            avoid.insert(r.server_id, super::network_avoid(svc, r.server_id).await?);
+        }
+        let spec = crate::driver::GuestSpec {
+            avoid: avoid[&r.server_id].clone(),
+            ..guest_spec(
+                svc,
+                &row.guest_id,
+                &row.type_id,
+                row.requirements().resources,
+                &row.params,
+            )
+        };
         let id = row.id;
         pending.push(async move {
             let made = make_guest(driver.as_ref(), &spec, None, start)

@@ -171,6 +171,7 @@ pub(crate) fn guest_spec(
         workload.with_params(&params)
     });
     GuestSpec {
+        avoid: Vec::new(),
         guest_id: guest_id.to_string(),
         type_id: type_id.to_string(),
         resources,
@@ -183,6 +184,27 @@ pub(crate) fn guest_spec(
 /// servers that hold it).
 pub(crate) fn image_of(svc: &Services, type_id: &str) -> Option<crate::model::ImageRef> {
     svc.types().get(type_id).and_then(|t| t.workload().image)
+}
+
+/// The addresses containers on the other servers of `server`'s network hold, when it shares
+/// its network (a VM that moved away live keeps an address this server handed out, and it
+/// must not hand it out again); empty otherwise, without reading the database.
+pub(crate) async fn network_avoid(svc: &Services, server: i64) -> Result<Vec<String>, DbErr> {
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect};
+    let Some(peers) = svc.fleet().network_peers(server).filter(|p| !p.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let gone = [ContainerStatus::Destroyed, ContainerStatus::Failed].map(|s| s.as_str());
+    let ips: Vec<Option<String>> = crate::entities::container::Entity::find()
+        .select_only()
+        .column(crate::entities::container::Column::Ip)
+        .filter(crate::entities::container::Column::ServerId.is_in(peers))
+        .filter(crate::entities::container::Column::Status.is_not_in(gone))
+        .filter(crate::entities::container::Column::Ip.is_not_null())
+        .into_tuple()
+        .all(svc.db())
+        .await?;
+    Ok(ips.into_iter().flatten().collect())
 }
 
 /// The one way a container's guest is made on its server, for single, grouped and batch creates
