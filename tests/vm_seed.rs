@@ -131,7 +131,12 @@ async fn the_seed_runs_its_tomcats_in_vms_and_one_moves_live_under_load() {
 
     // A linux server running images, and two qemu servers on one network (a VM moving live
     // keeps its address); each pulls the images it needs from the core's store.
-    let mut linux = crate::linux::config(dir.path(), &lp, 72, 0);
+    let mut linux = crate::linux::config(&dir.path().join("linux"), &lp, 72, 0);
+    linux.capacity = Some(Resources {
+        cpu_millis: 8000,
+        memory_mb: 8192,
+        disk_mb: 40_000,
+    });
     linux.images = Some(ImagesConfig {
         source: Some(t.core.images().clone()),
         cache_bytes: None,
@@ -146,6 +151,12 @@ async fn the_seed_runs_its_tomcats_in_vms_and_one_moves_live_under_load() {
         let mut c = crate::vm::config(dir.path(), &vp, 73, n, t.core.images().clone());
         c.bridge = format!("{vp}br0");
         c.subnet = "10.242.73.0/24".parse().unwrap();
+        // One network, a range of it each.
+        c.addresses = Some(
+            format!("10.242.73.{}-10.242.73.{}", 10 + 100 * n, 99 + 100 * n)
+                .parse()
+                .unwrap(),
+        );
         c.capacity = Some(Resources {
             cpu_millis: 8000,
             memory_mb: 8192,

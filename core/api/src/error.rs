@@ -227,8 +227,8 @@ impl<T: DeserializeOwned + Serialize, S: Send + Sync> FromRequest<S> for ApiJson
     }
 }
 
-/// A JSON body that may be left out: an empty body reads as `T::default()`; any other body is
-/// read as `ApiJson` reads it.
+/// A JSON body that may be left out: an empty body or `null` reads as `T::default()`; any
+/// other body is read as `ApiJson` reads it.
 pub struct OptionalApiJson<T>(pub T);
 
 impl<T: DeserializeOwned + Serialize + Default, S: Send + Sync> FromRequest<S>
@@ -246,9 +246,10 @@ impl<T: DeserializeOwned + Serialize + Default, S: Send + Sync> FromRequest<S>
         if empty {
             return Ok(OptionalApiJson(T::default()));
         }
-        ApiJson::from_request(req, state)
+        // `null` is no options too.
+        ApiJson::<Option<T>>::from_request(req, state)
             .await
-            .map(|ApiJson(v)| OptionalApiJson(v))
+            .map(|ApiJson(v)| OptionalApiJson(v.unwrap_or_default()))
     }
 }
 
