@@ -118,7 +118,7 @@ pub fn compatible(
             offered.cpu, here.cpu
         ));
     }
-    if !types.iter().any(|t| *t == offered.machine_type) {
+    if !types.contains(&offered.machine_type) {
         return Err(format!(
             "the VM's machine type {} is unknown to this server's QEMU (its newest is {}):              upgrade QEMU here to the source's version or newer, or migrate without --live",
             offered.machine_type, here.machine_type

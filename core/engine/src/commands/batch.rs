@@ -175,14 +175,11 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     let mut made: Vec<(i64, i64, Option<String>)> = Vec::new();
     let mut refused: Vec<i64> = Vec::new();
     // The containers are locked by this command: no other command changed them meanwhile.
-    let mut avoid: std::collections::HashMap<i64, Vec<String>> = Default::default();
+    let mut avoided = super::Avoided::default();
     for (id, server) in placed {
         let (driver, name) = driver_of(svc, server)?;
-        if !avoid.contains_key(&server) {
-            avoid.insert(server, super::network_avoid(svc, server).await?);
-        }
         let spec = crate::driver::GuestSpec {
-            avoid: avoid[&server].clone(),
+            avoid: avoided.of(svc, server).await?,
             ..guest_spec(
                 svc,
                 &guest_id_for(svc.platform_name(), id),

@@ -339,16 +339,13 @@ async fn make_placed(
     sink: &mut dyn GroupSink,
 ) -> Result<(), StepError> {
     let mut pending = FuturesUnordered::new();
-    let mut avoid: HashMap<i64, Vec<String>> = HashMap::new();
+    let mut avoided = super::Avoided::default();
     for (index, row, r, start) in placed {
         let Ok((driver, server)) = driver_of(svc, r.server_id) else {
             continue;
         };
-        if !avoid.contains_key(&r.server_id) {
-            avoid.insert(r.server_id, super::network_avoid(svc, r.server_id).await?);
-        }
         let spec = crate::driver::GuestSpec {
-            avoid: avoid[&r.server_id].clone(),
+            avoid: avoided.of(svc, r.server_id).await?,
             ..guest_spec(
                 svc,
                 &row.guest_id,

@@ -207,6 +207,19 @@ pub(crate) async fn network_avoid(svc: &Services, server: i64) -> Result<Vec<Str
     Ok(ips.into_iter().flatten().collect())
 }
 
+/// `network_avoid` of each server, read once per step however many containers it makes there.
+#[derive(Default)]
+pub(crate) struct Avoided(std::collections::HashMap<i64, Vec<String>>);
+
+impl Avoided {
+    pub(crate) async fn of(&mut self, svc: &Services, server: i64) -> Result<Vec<String>, DbErr> {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.0.entry(server) {
+            e.insert(network_avoid(svc, server).await?);
+        }
+        Ok(self.0[&server].clone())
+    }
+}
+
 /// The one way a container's guest is made on its server, for single, grouped and batch creates
 /// and for copies: imported from `image` when given (already usable by this driver), created
 /// otherwise, then started when asked. Idempotent like the driver calls it makes.
