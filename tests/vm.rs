@@ -66,6 +66,10 @@ pub async fn source() -> Arc<Store> {
                         .build(&recipe, &store, &mut |_| {})
                         .expect("the test images build (debootstrap installed, Debian's mirror reachable)");
                 }
+                // Two VM images that do not boot but make VMs (for the image cache's bound).
+                for name in ["test/blank-vm", "test/other-vm"] {
+                    blank_vm_image(&store, name);
+                }
                 // An OS container's image under a VM's name.
                 let (_, layout, _) = Builder::new(cache_dir(), DEFAULT_MIRROR)
                     .prepare(&recipe, &mut |_| {})
@@ -81,6 +85,31 @@ pub async fn source() -> Arc<Store> {
         .await
         .1
         .clone()
+}
+
+/// Writes into `store` a VM image `name` whose disk is empty (VMs can be made of it, not
+/// booted): its layer holds what a VM image's does, and its name (so each is its own image).
+fn blank_vm_image(store: &Store, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(dir.path().join("disk.qcow2"))
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for (file, content) in [
+        ("vmlinuz", ""),
+        ("initrd.img", ""),
+        ("size-mb", "16"),
+        ("name", name),
+    ] {
+        std::fs::write(dir.path().join(file), content).unwrap();
+    }
+    let layer = store.write_layer_from_dir(dir.path()).unwrap();
+    store
+        .commit(&name.parse().unwrap(), &[layer], &Default::default())
+        .unwrap();
 }
 
 /// The image's own program, its `http` endpoint, ready when it answers (a qemu server runs
@@ -155,6 +184,7 @@ pub fn config(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) ->
         bridge: format!("{prefix}br{n}"),
         subnet: format!("10.242.{}.0/24", net + n).parse().unwrap(),
         addresses: None,
+        image_cache_bytes: None,
         prefix: format!("{prefix}{n}"),
         capacity: Some(Resources {
             cpu_millis: 4000,
@@ -645,6 +675,51 @@ async fn a_running_vm_moves_live_with_its_disk_and_address_and_no_failed_request
     assert!(err.contains("without --live"), "{err}");
     assert!(other.status("vm-m").await.unwrap().is_none());
     assert_eq!(answer(&ip).await, "page=from-the-image host=vm-m");
+}
+
+/// A server's VM images take at most its bound: making a VM of a new image removes the least
+/// recently used images no VM is made of, with their bases; an image a VM is made of stays
+/// (its disk is an overlay of the image's), over the bound if need be.
+#[tokio::test]
+async fn a_full_vm_image_cache_drops_the_least_recently_used_image_no_vm_is_made_of() {
+    let (f, _sweep) = factory('i', 80, source().await);
+    let mut c = config(f.dir.path(), &f.prefix, 80, 0, f.source.clone());
+    c.image_cache_bytes = Some(1);
+    let base_dir = c.data_dir.join("vm-images");
+    let d = QemuDriver::open(c).await.unwrap();
+    let of = |name: &str| Workload {
+        image: Some(ImageRef {
+            reference: name.into(),
+            digest: None,
+        }),
+        ..Workload::default()
+    };
+    let held = || {
+        d.image_store()
+            .list()
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| Some((s.name?.repository().to_string(), s.digest)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    d.create(&spec("x", of("test/blank"))).await.unwrap();
+    d.create(&spec("a", web_vm())).await.unwrap();
+    let both = held();
+    assert!(
+        both.contains_key("test/blank-vm") && both.contains_key("test/web-vm"),
+        "{both:?}"
+    );
+    d.destroy("x").await.unwrap();
+    d.create(&spec("y", of("test/other"))).await.unwrap();
+    let now = held();
+    assert!(!now.contains_key("test/blank-vm"), "{now:?}");
+    assert!(!base_dir.join(both["test/blank-vm"].hex()).exists());
+    assert!(
+        now.contains_key("test/web-vm") && now.contains_key("test/other-vm"),
+        "{now:?}"
+    );
+    assert!(base_dir.join(both["test/web-vm"].hex()).is_dir());
+    d.teardown().await;
 }
 
 async fn remote(f: &VmFactory, d: Arc<QemuDriver>, n: u32) -> RemoteDriver {

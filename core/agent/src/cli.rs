@@ -99,8 +99,9 @@ pub struct AgentArgs {
     /// runc, pulled from the core) or on this server's files.
     #[arg(long, value_enum, default_value = "auto")]
     pub images: ImagesMode,
-    /// Linux driver: most MiB the server's images may take (as stored plus unpacked); the
-    /// least recently used ones no container runs are removed beyond it (0: no bound).
+    /// Most MiB the server's images may take (as stored plus unpacked); the least recently
+    /// used ones no container runs (qemu: no VM is made of) are removed beyond it (0: no
+    /// bound).
     #[arg(long, default_value_t = 20480)]
     pub image_cache_mb: u64,
     /// Qemu driver: the accelerator (auto: KVM where the CPU has hardware virtualization,
@@ -206,6 +207,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 bridge: args.bridge.clone(),
                 subnet,
                 addresses,
+                image_cache_bytes: (args.image_cache_mb > 0).then_some(args.image_cache_mb << 20),
                 prefix: args.prefix.clone(),
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms.max(15_000)),

@@ -22,6 +22,67 @@ use cloud48_image::{Digest, ImageDetails, Name, Source, Store};
 use cloud48_model::ImageRef;
 use cloud48_oci::{DEFAULT_ID_MAP, Runc};
 
+/// A store's images with when each was last used (the time of its unpacked directory, which
+/// `unpacked` names), most recent first.
+pub fn by_use(
+    store: &Store,
+    unpacked: &dyn Fn(&Digest) -> PathBuf,
+) -> Vec<(cloud48_image::ImageSummary, std::time::SystemTime)> {
+    let mut all: Vec<_> = store
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| {
+            let used = std::fs::metadata(unpacked(&s.digest))
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (s, used)
+        })
+        .collect();
+    all.sort_by_key(|(_, used)| std::cmp::Reverse(*used));
+    all
+}
+
+/// Removes from `store` (with their unpacked directories) the least recently used images no
+/// guest uses (not in `in_use`, by digest) while the images, as stored plus unpacked, take
+/// more than `limit` bytes; logs what it removed (blocking).
+pub fn evict_unused(
+    store: &Store,
+    unpacked: &dyn Fn(&Digest) -> PathBuf,
+    limit: u64,
+    in_use: &std::collections::HashSet<String>,
+) {
+    let all = by_use(store, unpacked);
+    let size = |s: &cloud48_image::ImageSummary| s.size + dir_size(&unpacked(&s.digest));
+    let mut total: u64 = all.iter().map(|(s, _)| size(s)).sum();
+    for (s, _) in all.iter().rev() {
+        if total <= limit {
+            break;
+        }
+        if in_use.contains(s.digest.as_str()) {
+            continue;
+        }
+        let freed = size(s);
+        let _ = std::fs::remove_dir_all(unpacked(&s.digest));
+        match store.remove(s.digest.as_str()) {
+            Ok(_) => {
+                total = total.saturating_sub(freed);
+                tracing::info!(image = %s.digest, bytes = freed, "removed an unused image: the server's image cache is full");
+            }
+            Err(e) => {
+                tracing::warn!(image = %s.digest, error = %e, "cannot remove an unused image")
+            }
+        }
+    }
+    if total > limit {
+        tracing::warn!(
+            bytes = total,
+            limit,
+            "the images guests use take more than the image cache's limit"
+        );
+    }
+}
+
 /// Where a server's images come from when it lacks one (the core over HTTP, or another store).
 pub type ImageSource = Arc<dyn Source + Send + Sync>;
 
@@ -83,23 +144,8 @@ impl Images {
         self.held.lock().unwrap().clone()
     }
 
-    /// The store's images with when each was last used (its root file system's time), most
-    /// recent first.
     fn by_use(&self) -> Vec<(cloud48_image::ImageSummary, std::time::SystemTime)> {
-        let mut all: Vec<_> = self
-            .store
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|s| {
-                let used = std::fs::metadata(self.rootfs(&s.digest))
-                    .and_then(|m| m.modified())
-                    .unwrap_or(std::time::UNIX_EPOCH);
-                (s, used)
-            })
-            .collect();
-        all.sort_by_key(|(_, used)| std::cmp::Reverse(*used));
-        all
+        by_use(&self.store, &|d| self.rootfs(d))
     }
 
     fn refresh_held(&self) {
@@ -126,29 +172,7 @@ impl Images {
         let _one = self.preparing.lock().await;
         let this = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            let all = this.by_use();
-            let size = |s: &cloud48_image::ImageSummary| s.size + dir_size(&this.rootfs(&s.digest));
-            let mut total: u64 = all.iter().map(|(s, _)| size(s)).sum();
-            for (s, _) in all.iter().rev() {
-                if total <= limit {
-                    break;
-                }
-                if in_use.contains(s.digest.as_str()) {
-                    continue;
-                }
-                let freed = size(s);
-                let _ = std::fs::remove_dir_all(this.rootfs(&s.digest));
-                match this.store.remove(s.digest.as_str()) {
-                    Ok(_) => {
-                        total = total.saturating_sub(freed);
-                        tracing::info!(image = %s.digest, bytes = freed, "removed an unused image: the server's image cache is full");
-                    }
-                    Err(e) => tracing::warn!(image = %s.digest, error = %e, "cannot remove an unused image"),
-                }
-            }
-            if total > limit {
-                tracing::warn!(bytes = total, limit, "the images containers run take more than the image cache's limit");
-            }
+            evict_unused(&this.store, &|d| this.rootfs(d), limit, &in_use);
             this.refresh_held();
         })
         .await;

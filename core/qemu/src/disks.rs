@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cloud48_driver::DriverError;
 use cloud48_image::{Digest, ImageDetails, Store};
-use cloud48_linux::images::{ImageSource, fetch};
+use cloud48_linux::images::{ImageSource, evict_unused, fetch};
 use cloud48_model::ImageRef;
 
 /// A VM image made ready to boot.
@@ -37,8 +37,13 @@ pub struct VmImages {
     store: Arc<Store>,
     source: Option<ImageSource>,
     dir: PathBuf,
-    /// One base is made at a time: two VMs of a new image wait for one.
+    /// One base is made (or evicted) at a time: two VMs of a new image wait for one.
     preparing: tokio::sync::Mutex<()>,
+    /// Most bytes the images may take (stored plus their bases).
+    limit: Option<u64>,
+    /// Set when a base was made since the last `evict`: only then can the cache have outgrown
+    /// its bound.
+    grew: std::sync::atomic::AtomicBool,
 }
 
 fn permanent(e: impl std::fmt::Display) -> DriverError {
@@ -46,11 +51,13 @@ fn permanent(e: impl std::fmt::Display) -> DriverError {
 }
 
 impl VmImages {
-    /// Opens the store in `data_dir/images`; bases go to `data_dir/vm-images`.
+    /// Opens the store in `data_dir/images`; bases go to `data_dir/vm-images`; the images
+    /// take at most `limit` bytes beyond those VMs use.
     pub fn open(
         name: &str,
         data_dir: &Path,
         source: Option<ImageSource>,
+        limit: Option<u64>,
     ) -> Result<VmImages, String> {
         let store = Store::open(data_dir.join("images"))
             .map_err(|e| format!("cannot open the server's image store: {e}"))?;
@@ -63,7 +70,27 @@ impl VmImages {
             source,
             dir,
             preparing: tokio::sync::Mutex::new(()),
+            limit,
+            grew: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Removes the least recently used images no VM here is made of (not in `in_use`, by
+    /// digest) while the images take more than the limit: a VM's disk is an overlay of its
+    /// image's base, so a stopped VM's image stays too.
+    pub async fn evict(self: &Arc<Self>, in_use: std::collections::HashSet<String>) {
+        let Some(limit) = self.limit else {
+            return;
+        };
+        if !self.grew.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let _one = self.preparing.lock().await;
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            evict_unused(&this.store, &|d| this.base_dir(d), limit, &in_use);
+        })
+        .await;
     }
 
     /// The server's image store (its agent serves it to peers).
@@ -113,8 +140,12 @@ impl VmImages {
             let details = fetch(&this.store, this.source.as_deref(), &image, &this.name)?;
             let digest = details.summary.digest.clone();
             if let Some(base) = this.made(digest.as_str()) {
+                // Its time is when it was last used (what eviction goes by).
+                let _ = std::fs::File::open(this.base_dir(&digest))
+                    .and_then(|d| d.set_modified(std::time::SystemTime::now()));
                 return Ok(base);
             }
+            this.grew.store(true, std::sync::atomic::Ordering::Release);
             this.make(&details, &image.reference)?;
             this.made(digest.as_str()).ok_or_else(|| {
                 permanent(format!(

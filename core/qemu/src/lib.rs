@@ -73,6 +73,9 @@ pub struct QemuConfig {
     /// sharing a network each hand out their own. A guest received live keeps its address,
     /// which may be in another server's range.
     pub addresses: Option<AddressRange>,
+    /// Most bytes the server's VM images may take (as stored plus their bases); the least
+    /// recently used ones no VM is made of go beyond it (`None`: no bound).
+    pub image_cache_bytes: Option<u64>,
     /// Prefix (1-5 characters of a-z0-9) of the tap devices' names.
     pub prefix: String,
     /// Capacity offered; `None` measures the machine.
@@ -206,6 +209,7 @@ impl QemuDriver {
             &cfg.name,
             &cfg.data_dir,
             cfg.source.clone(),
+            cfg.image_cache_bytes,
         )?);
         let (machine_types, q35) = match std::process::Command::new(qemu_binary())
             .args(["-machine", "help"])
@@ -454,6 +458,15 @@ impl QemuDriver {
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(e);
         }
+        // Room for what it brought: images no VM here is made of go, least recently used first.
+        let in_use = self
+            .guests
+            .lock()
+            .unwrap()
+            .values()
+            .map(|r| r.image.clone())
+            .collect();
+        self.images.evict(in_use).await;
         Ok(self.info(&record, GuestState::Stopped))
     }
 

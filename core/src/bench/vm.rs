@@ -173,6 +173,7 @@ pub async fn vm(args: VmBenchArgs) -> Result<()> {
                 .expect("a range"),
         ),
         prefix: format!("{prefix}{n}"),
+        image_cache_bytes: None,
         capacity: None,
         stop_grace: Duration::from_secs(30),
         boot_timeout: Duration::from_secs(300),
