@@ -234,21 +234,9 @@ async fn a_live_migration_whose_source_or_target_agent_is_killed_leaves_one_runn
     })
     .await;
 
-    let cmd: serde_json::Value = tc
-        .client
-        .post(
-            "/v1/containers",
-            &json!({ "type": "vmweb", "server": agents[0].name }),
-        )
-        .await
-        .unwrap();
-    // The first VM pulls its image from the core and boots under TCG: give it time.
-    let done = finished(&tc, cmd["command_id"].as_i64().unwrap()).await;
-    assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
-    let id =
-        cloud48_engine::model::ContainerId(done.result.unwrap()["container_id"].as_i64().unwrap());
-    let c = tc.core.containers().get_by_id(id).await.unwrap();
-    let (guest, ip) = (c.guest_id.clone(), c.ip.clone().unwrap());
+    // The first VM pulls its image from the core and boots under TCG.
+    let c = vm_on(&tc, &agents[0]).await;
+    let (id, guest, ip) = (c.id, c.guest_id.clone(), c.ip.clone().unwrap());
     let client = Load::start(ip.clone());
     client.answers(3).await;
 
@@ -295,19 +283,7 @@ async fn a_live_migration_whose_source_or_target_agent_is_killed_leaves_one_runn
         let done = finished(&tc, a["command_id"].as_i64().unwrap()).await;
         assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
     }
-    let cmd: serde_json::Value = tc
-        .client
-        .post(
-            "/v1/containers",
-            &json!({ "type": "vmweb", "server": agents[0].name }),
-        )
-        .await
-        .unwrap();
-    let done = finished(&tc, cmd["command_id"].as_i64().unwrap()).await;
-    assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
-    let other =
-        cloud48_engine::model::ContainerId(done.result.unwrap()["container_id"].as_i64().unwrap());
-    let other = tc.core.containers().get_by_id(other).await.unwrap();
+    let other = vm_on(&tc, &agents[0]).await;
     assert_ne!(other.ip.as_deref(), Some(ip.as_str()));
     assert_eq!(
         answer(other.ip.as_deref().unwrap()).await,
@@ -317,6 +293,26 @@ async fn a_live_migration_whose_source_or_target_agent_is_killed_leaves_one_runn
         answer(&ip).await,
         format!("page=from-the-image host={guest}")
     );
+}
+
+/// A new container of the test VM type on `agent`'s server, once it runs.
+async fn vm_on(tc: &TestCore, agent: &Agent) -> Container {
+    let cmd: serde_json::Value = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "vmweb", "server": agent.name }),
+        )
+        .await
+        .unwrap();
+    let done = finished(tc, cmd["command_id"].as_i64().unwrap()).await;
+    assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
+    let id = done.result.unwrap()["container_id"].as_i64().unwrap();
+    tc.core
+        .containers()
+        .get_by_id(cloud48_engine::model::ContainerId(id))
+        .await
+        .unwrap()
 }
 
 /// Waits (up to 4 minutes) for a command to end.

@@ -83,6 +83,37 @@ pub fn evict_unused(
     }
 }
 
+/// The bound on a server's images (bytes as stored plus unpacked), and whether they grew past
+/// it since they were last evicted: only an unpack can make them outgrow it, so creates of
+/// cached images walk no directories.
+pub struct CacheBound {
+    limit: Option<u64>,
+    grew: std::sync::atomic::AtomicBool,
+}
+
+impl CacheBound {
+    /// At most `limit` bytes (`None`: no bound).
+    pub fn new(limit: Option<u64>) -> CacheBound {
+        CacheBound {
+            limit,
+            grew: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// An image was unpacked.
+    pub fn grew(&self) {
+        self.grew.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The limit, when an eviction is due (once per growth).
+    pub fn due(&self) -> Option<u64> {
+        let limit = self.limit?;
+        self.grew
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+            .then_some(limit)
+    }
+}
+
 /// Where a server's images come from when it lacks one (the core over HTTP, or another store).
 pub type ImageSource = Arc<dyn Source + Send + Sync>;
 
@@ -96,13 +127,10 @@ pub struct Images {
     /// One unpack, pull or eviction at a time: two guests of a new image wait for one unpack.
     preparing: tokio::sync::Mutex<()>,
     /// Most bytes the images may take (stored plus unpacked).
-    limit: Option<u64>,
+    bound: CacheBound,
     /// What `held` reports (`name@digest`, most recently used first), kept current by
     /// `prepare` and `evict` so that heartbeats do not read the disk.
     held: std::sync::Mutex<Vec<String>>,
-    /// Set when an image was unpacked since the last `evict`: only then can the cache have
-    /// outgrown its bound, so creates of cached images walk no directories.
-    grew: std::sync::atomic::AtomicBool,
 }
 
 fn permanent(e: impl std::fmt::Display) -> DriverError {
@@ -131,9 +159,8 @@ impl Images {
             runc,
             rootfs,
             preparing: tokio::sync::Mutex::new(()),
-            limit,
+            bound: CacheBound::new(limit),
             held: std::sync::Mutex::new(Vec::new()),
-            grew: std::sync::atomic::AtomicBool::new(false),
         };
         images.refresh_held();
         Ok(images)
@@ -163,12 +190,9 @@ impl Images {
     /// Removes the least recently used images that no container runs (not in `in_use`, by
     /// digest) while the images take more than the limit; says what it removed.
     pub async fn evict(self: &Arc<Self>, in_use: std::collections::HashSet<String>) {
-        let Some(limit) = self.limit else {
+        let Some(limit) = self.bound.due() else {
             return;
         };
-        if !self.grew.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            return;
-        }
         let _one = self.preparing.lock().await;
         let this = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -209,7 +233,7 @@ impl Images {
             let _ = std::fs::File::open(&dest)
                 .and_then(|d| d.set_modified(std::time::SystemTime::now()));
         } else {
-            self.grew.store(true, std::sync::atomic::Ordering::Release);
+            self.bound.grew();
             cloud48_oci::unpack(&self.store, &details, &dest, DEFAULT_ID_MAP.host).map_err(
                 |e| {
                     permanent(format!(

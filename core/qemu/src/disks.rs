@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cloud48_driver::DriverError;
 use cloud48_image::{Digest, ImageDetails, Store};
-use cloud48_linux::images::{ImageSource, evict_unused, fetch};
+use cloud48_linux::images::{CacheBound, ImageSource, evict_unused, fetch};
 use cloud48_model::ImageRef;
 
 /// A VM image made ready to boot.
@@ -40,10 +40,7 @@ pub struct VmImages {
     /// One base is made (or evicted) at a time: two VMs of a new image wait for one.
     preparing: tokio::sync::Mutex<()>,
     /// Most bytes the images may take (stored plus their bases).
-    limit: Option<u64>,
-    /// Set when a base was made since the last `evict`: only then can the cache have outgrown
-    /// its bound.
-    grew: std::sync::atomic::AtomicBool,
+    bound: CacheBound,
 }
 
 fn permanent(e: impl std::fmt::Display) -> DriverError {
@@ -70,8 +67,7 @@ impl VmImages {
             source,
             dir,
             preparing: tokio::sync::Mutex::new(()),
-            limit,
-            grew: std::sync::atomic::AtomicBool::new(false),
+            bound: CacheBound::new(limit),
         })
     }
 
@@ -79,12 +75,9 @@ impl VmImages {
     /// digest) while the images take more than the limit: a VM's disk is an overlay of its
     /// image's base, so a stopped VM's image stays too.
     pub async fn evict(self: &Arc<Self>, in_use: std::collections::HashSet<String>) {
-        let Some(limit) = self.limit else {
+        let Some(limit) = self.bound.due() else {
             return;
         };
-        if !self.grew.swap(false, std::sync::atomic::Ordering::AcqRel) {
-            return;
-        }
         let _one = self.preparing.lock().await;
         let this = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -145,7 +138,7 @@ impl VmImages {
                     .and_then(|d| d.set_modified(std::time::SystemTime::now()));
                 return Ok(base);
             }
-            this.grew.store(true, std::sync::atomic::Ordering::Release);
+            this.bound.grew();
             this.make(&details, &image.reference)?;
             this.made(digest.as_str()).ok_or_else(|| {
                 permanent(format!(
