@@ -10,6 +10,11 @@ use cloud48_engine::types::ContainerType;
 use cloud48_engine::{Core, CoreConfig};
 use sea_orm::{ConnectionTrait, Database};
 
+/// One CPU-heavy test at a time: VMs run under TCG here and real Tomcats start JVMs; each
+/// takes whole CPUs, and two at once would starve each other's readiness windows (and the
+/// other areas' tests beside them).
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How to build a test core.
 #[derive(Clone)]
 pub struct Opts {

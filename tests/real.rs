@@ -104,6 +104,7 @@ async fn collected(t: &TestCore, id: ContainerId) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_nginx_balances_real_traffic_and_fails_over_between_hosts() {
+    let _heavy = crate::common::HEAVY.lock().await;
     let prefix = unique_prefix('e');
     let mut lab = Lab::new(&prefix, 4, env!("CARGO_BIN_EXE_cloud48").into(), TOKEN)
         .expect("the lab builds (run as root)");
@@ -360,6 +361,7 @@ pub(crate) async fn apps_serve_the_row(ip: &str, guests: &[String], row: &str) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
+    let _heavy = crate::common::HEAVY.lock().await;
     let prefix = unique_prefix('s');
     let mut lab = Lab::new(&prefix, 2, env!("CARGO_BIN_EXE_cloud48").into(), TOKEN)
         .expect("the lab builds (run as root)");

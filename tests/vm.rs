@@ -34,10 +34,6 @@ while (my $c = $s->accept) {
 
 static IMAGE: tokio::sync::OnceCell<(PathBuf, Arc<Store>)> = tokio::sync::OnceCell::const_new();
 
-/// One VM test at a time: VMs run under TCG here and take whole CPUs, which would starve the
-/// other areas' tests that run beside them.
-pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 pub fn cache_dir() -> PathBuf {
     std::env::var_os("CLOUD48_CACHE_DIR")
         .map(PathBuf::from)
@@ -249,7 +245,7 @@ pub fn factory(tag: char, net: u32, source: Arc<Store>) -> (VmFactory, VmSweep) 
 
 #[tokio::test]
 async fn qemu_driver_passes_the_conformance_suite() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = crate::common::HEAVY.lock().await;
     let (factory, _sweep) = factory('q', 10, source().await);
     let failures = conformance::run(&factory).await;
     assert!(failures.is_empty(), "conformance failures: {failures:#?}");
@@ -271,7 +267,7 @@ impl DriverFactory for RemoteVmFactory {
 
 #[tokio::test]
 async fn vms_behind_agents_pass_the_conformance_suite() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = crate::common::HEAVY.lock().await;
     let (factory, _sweep) = factory('w', 20, source().await);
     let failures = conformance::run(&RemoteVmFactory(factory)).await;
     assert!(failures.is_empty(), "conformance failures: {failures:#?}");
@@ -302,7 +298,7 @@ pub async fn answer(ip: &str) -> String {
 
 #[tokio::test]
 async fn a_vm_boots_its_image_serves_runs_scripts_and_outlives_its_driver() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = crate::common::HEAVY.lock().await;
     let (f, _sweep) = factory('b', 30, source().await);
     let d = f.make(0).await;
     let caps = d.capabilities();
@@ -375,7 +371,7 @@ async fn a_vm_boots_its_image_serves_runs_scripts_and_outlives_its_driver() {
 
 #[tokio::test]
 async fn a_vm_that_cannot_be_had_says_why_and_leaves_nothing() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = crate::common::HEAVY.lock().await;
     let source = source().await;
     let (f, _sweep) = factory('n', 40, source.clone());
     let d = f.make(0).await;
@@ -552,7 +548,7 @@ async fn move_live(src: &dyn Driver, dst: &dyn Driver, guest: &str, ip: &str) {
 
 #[tokio::test]
 async fn a_running_vm_moves_live_with_its_disk_and_address_and_no_failed_request() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = crate::common::HEAVY.lock().await;
     let (f, _sweep) = factory('l', 50, source().await);
     // Two servers on one network (the VM keeps its address): one bridge, one subnet.
     let same_net = |n: u32| {
@@ -768,7 +764,7 @@ impl cloud48_engine::types::ContainerType for VmWeb {
 #[tokio::test]
 async fn container_migrate_live_and_a_live_drain_move_a_vm_through_the_core_with_no_failed_request()
 {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = crate::common::HEAVY.lock().await;
     use crate::common::{Opts, TestCore};
     use serde_json::json;
 

@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::agent::TOKEN;
 use crate::common::ServeProcess;
 use crate::common::{Opts, TestCore, eventually};
-use crate::vm::{Load, ONE_AT_A_TIME, VmSweep, VmWeb, answer, factory, source};
+use crate::vm::{Load, VmSweep, VmWeb, answer, factory, source};
 use cloud48_engine::model::Accepted;
 
 /// One agent process; `restart` kills it with SIGKILL and starts it again with the same
@@ -211,7 +211,7 @@ fn no_dummy(servers: &[Server]) {
 
 #[tokio::test]
 async fn a_live_migration_whose_source_or_target_agent_is_killed_leaves_one_running_vm() {
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = crate::common::HEAVY.lock().await;
     let images = source().await;
     let (f, _sweep) = factory('k', 62, images.clone());
     let tc = TestCore::start(Opts {
@@ -342,7 +342,7 @@ async fn finished(tc: &TestCore, id: i64) -> Command {
 async fn a_live_migration_whose_core_is_killed_resumes_and_leaves_one_running_vm() {
     use cloud48_core::cli::Client;
     use cloud48_engine::images::{Builder, DEFAULT_MIRROR, Store};
-    let _one = ONE_AT_A_TIME.lock().await;
+    let _one = crate::common::HEAVY.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = crate::linux::unique_prefix('q');
     let _sweep = VmSweep::new(dir.path(), &prefix);

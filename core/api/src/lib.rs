@@ -346,7 +346,7 @@ async fn environment_action(
     params(("env" = String, Path, description = "Environment id or name")),
     request_body = AddContainer,
     responses((status = 202, body = Accepted, description = "The command's result holds the new container id"),
-              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Over the project's quota"), (status = 422, body = ErrorBody)))]
 async fn add_container(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
@@ -392,7 +392,7 @@ async fn list_containers(
 }
 
 #[utoipa::path(post, path = "/v1/containers", tag = "containers", request_body = CreateContainer,
-    responses((status = 202, body = Accepted), (status = 422, body = ErrorBody)))]
+    responses((status = 202, body = Accepted), (status = 409, body = ErrorBody, description = "Over the project's quota"), (status = 422, body = ErrorBody)))]
 async fn create_container(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
@@ -517,7 +517,7 @@ pub struct ImportQuery {
 
 #[utoipa::path(post, path = "/v1/containers/import", tag = "containers", request_body = ContainerExport,
     params(ImportQuery),
-    responses((status = 202, body = Accepted, description = "object_id is the new container"), (status = 422, body = ErrorBody)))]
+    responses((status = 202, body = Accepted, description = "object_id is the new container"), (status = 409, body = ErrorBody, description = "Over the project's quota"), (status = 422, body = ErrorBody)))]
 async fn import_container(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
