@@ -119,6 +119,14 @@ pub fn address_clash(
     }
 }
 
+/// The MAC address of the guest at `ip`: derived from the address, so that a guest restarted,
+/// replaced or moved at the same address keeps its neighbours' ARP entries right (a new
+/// random one left them pointing at the old interface for up to a minute).
+pub fn guest_mac(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
 impl Subnet {
     /// The bridge's address: the first host address.
     pub fn gateway(&self) -> Ipv4Addr {
@@ -334,6 +342,7 @@ async fn wire(net: &GuestNet, bridge: &str, subnet: &Subnet, ip: Ipv4Addr) -> Re
     ];
     let inside = [
         format!("link set {} name eth0", net.peer_if),
+        format!("link set eth0 address {}", guest_mac(ip)),
         format!("addr add {ip}/{} dev eth0", subnet.prefix),
         "link set eth0 up".to_string(),
         "link set lo up".to_string(),

@@ -127,12 +127,8 @@ pub fn compatible(
     Ok(())
 }
 
-/// The MAC address of the VM at `ip`: derived from the address, so that a VM that moves or
-/// is replaced at the same address keeps the neighbours' ARP entries right.
-pub fn mac_of(ip: Ipv4Addr) -> String {
-    let [a, b, c, d] = ip.octets();
-    format!("52:54:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
-}
+/// The MAC address of the VM at `ip` (derived from the address, as every guest's is).
+pub use cloud48_linux::network::guest_mac as mac_of;
 
 /// Everything QEMU's command line says about one VM.
 #[derive(Debug, Clone)]
