@@ -17,8 +17,6 @@ use crate::fleet::{Fleet, RemoteFactory};
 use crate::health::Health;
 use crate::placement::PlacementCache;
 
-/// What an agent says of its network: the subnet and the range of it it hands out.
-type Network = (Option<String>, Option<String>);
 /// Checks a server name an agent gives.
 fn valid_name(name: &str) -> Result<(), CoreError> {
     if name.is_empty()
@@ -65,8 +63,6 @@ pub struct Agents {
     platform: i64,
     token: Option<String>,
     grace: std::time::Duration,
-    /// What each registered agent last said of its network: subnet and address range.
-    subnets: Arc<std::sync::Mutex<std::collections::HashMap<i64, Network>>>,
 }
 
 impl Agents {
@@ -88,7 +84,6 @@ impl Agents {
             platform,
             token,
             grace,
-            subnets: Default::default(),
         }
     }
 
@@ -114,8 +109,7 @@ impl Agents {
         // Every heartbeat comes here: an agent already known at its address costs no database read.
         if let Some((id, remote)) = self.fleet.remote_named(&info.name)
             && remote.url() == info.url
-            && self.subnets.lock().unwrap().get(&id)
-                == Some(&(info.subnet.clone(), info.addresses.clone()))
+            && self.fleet.network(id) == Some((info.subnet.clone(), info.addresses.clone()))
         {
             remote.set_capabilities(info.capabilities);
             return Ok(id);
@@ -183,10 +177,6 @@ impl Agents {
             }
         };
         remote.set_capabilities(info.capabilities);
-        self.subnets
-            .lock()
-            .unwrap()
-            .insert(id, (info.subnet.clone(), info.addresses.clone()));
         Ok(id)
     }
 

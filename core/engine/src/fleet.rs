@@ -99,6 +99,9 @@ impl DriverFactory for RemoteFactory {
 /// A server's driver and the server's name.
 type NamedDriver = (Arc<dyn Driver>, String);
 
+/// What an agent says of its network: its subnet and the range of it it hands out.
+pub type Network = (Option<String>, Option<String>);
+
 /// Drivers of the registered servers.
 pub struct Fleet {
     /// One factory per driver kind.
@@ -107,9 +110,9 @@ pub struct Fleet {
     drivers: RwLock<HashMap<i64, NamedDriver>>,
     sims: RwLock<HashMap<i64, Arc<SimServer>>>,
     remotes: RwLock<HashMap<i64, Arc<RemoteDriver>>>,
-    /// The subnet of each server that shares its network with others (it hands out a range
-    /// of it).
-    shared_networks: RwLock<HashMap<i64, String>>,
+    /// What each server's agent said of its network: its subnet and the range of it it hands
+    /// out (when it shares the network with others).
+    networks: RwLock<HashMap<i64, Network>>,
 }
 
 impl Fleet {
@@ -120,7 +123,7 @@ impl Fleet {
             drivers: RwLock::default(),
             sims: RwLock::default(),
             remotes: RwLock::default(),
-            shared_networks: RwLock::default(),
+            networks: RwLock::default(),
         }
     }
 
@@ -136,23 +139,31 @@ impl Fleet {
             ))
         })?;
         factory.attach(self, row)?;
-        let mut shared = self.shared_networks.write().unwrap();
-        match (&row.subnet, &row.addresses) {
-            (Some(subnet), Some(_)) => shared.insert(row.id, subnet.clone()),
-            _ => shared.remove(&row.id),
-        };
+        self.networks
+            .write()
+            .unwrap()
+            .insert(row.id, (row.subnet.clone(), row.addresses.clone()));
         Ok(())
+    }
+
+    /// What server `id`'s agent said of its network when it was last attached.
+    pub fn network(&self, id: i64) -> Option<Network> {
+        self.networks.read().unwrap().get(&id).cloned()
     }
 
     /// The other servers on the network server `id` shares (same subnet, each with a range
     /// of it), or `None` when it has a network of its own.
     pub fn network_peers(&self, id: i64) -> Option<Vec<i64>> {
-        let shared = self.shared_networks.read().unwrap();
-        let mine = shared.get(&id)?;
+        let networks = self.networks.read().unwrap();
+        let shared = |n: &Network| match n {
+            (Some(subnet), Some(_)) => Some(subnet.clone()),
+            _ => None,
+        };
+        let mine = networks.get(&id).and_then(shared)?;
         Some(
-            shared
+            networks
                 .iter()
-                .filter(|(other, subnet)| **other != id && *subnet == mine)
+                .filter(|(other, n)| **other != id && shared(n).as_ref() == Some(&mine))
                 .map(|(other, _)| *other)
                 .collect(),
         )
