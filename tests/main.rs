@@ -35,5 +35,6 @@ mod transfer;
 mod upgrade;
 mod vm;
 mod vm_agents;
+mod vm_resize;
 mod vm_seed;
 mod wit;

@@ -110,7 +110,7 @@ fn blank_vm_image(store: &Store, name: &str) {
 
 /// The image's own program, its `http` endpoint, ready when it answers (a qemu server runs
 /// the image's VM variant, `test/web-vm`).
-fn web_vm() -> Workload {
+pub fn web_vm() -> Workload {
     Workload {
         image: Some(ImageRef {
             reference: "test/web".into(),
@@ -171,6 +171,15 @@ impl Drop for VmSweep {
                 .status();
         }
     }
+}
+
+/// The config of server `n` of `f` on one network shared by all its servers (a VM moving live
+/// keeps its address): one bridge, one subnet `10.242.NET.0/24`.
+pub fn same_network(f: &VmFactory, net: u32, n: u32) -> QemuConfig {
+    let mut c = config(f.dir.path(), &f.prefix, net, n, f.source.clone());
+    c.bridge = format!("{}br0", f.prefix);
+    c.subnet = format!("10.242.{net}.0/24").parse().unwrap();
+    c
 }
 
 pub fn config(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> QemuConfig {
@@ -273,7 +282,7 @@ async fn vms_behind_agents_pass_the_conformance_suite() {
     assert!(failures.is_empty(), "conformance failures: {failures:#?}");
 }
 
-fn spec(id: &str, workload: Workload) -> GuestSpec {
+pub fn spec(id: &str, workload: Workload) -> GuestSpec {
     GuestSpec {
         avoid: Vec::new(),
         guest_id: id.into(),
@@ -511,7 +520,7 @@ impl Load {
 }
 
 /// Moves running `guest` from `src` to `dst` live while a client keeps asking it.
-async fn move_live(src: &dyn Driver, dst: &dyn Driver, guest: &str, ip: &str) {
+pub async fn move_live(src: &dyn Driver, dst: &dyn Driver, guest: &str, ip: &str) {
     let client = Load::start(ip.to_string());
     client.answers(5).await;
     let offer = src.live_offer(guest).await.unwrap();
@@ -551,12 +560,7 @@ async fn a_running_vm_moves_live_with_its_disk_and_address_and_no_failed_request
     let _one = crate::common::HEAVY.lock().await;
     let (f, _sweep) = factory('l', 50, source().await);
     // Two servers on one network (the VM keeps its address): one bridge, one subnet.
-    let same_net = |n: u32| {
-        let mut c = config(f.dir.path(), &f.prefix, 50, n, f.source.clone());
-        c.bridge = format!("{}br0", f.prefix);
-        c.subnet = "10.242.50.0/24".parse().unwrap();
-        c
-    };
+    let same_net = |n: u32| same_network(&f, 50, n);
     let d0 = QemuDriver::open(same_net(0)).await.unwrap();
     let d1 = QemuDriver::open(same_net(1)).await.unwrap();
     let info = d0.create(&spec("vm-m", web_vm())).await.unwrap();
@@ -769,12 +773,7 @@ async fn container_migrate_live_and_a_live_drain_move_a_vm_through_the_core_with
     use serde_json::json;
 
     let (f, _sweep) = factory('c', 60, source().await);
-    let same_net = |n: u32| {
-        let mut c = config(f.dir.path(), &f.prefix, 60, n, f.source.clone());
-        c.bridge = format!("{}br0", f.prefix);
-        c.subnet = "10.242.60.0/24".parse().unwrap();
-        c
-    };
+    let same_net = |n: u32| same_network(&f, 60, n);
     let tc = TestCore::start(Opts {
         sim_servers: 1,
         agent_token: Some(crate::agent::TOKEN.into()),

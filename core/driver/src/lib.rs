@@ -161,6 +161,44 @@ pub struct LiveOffer {
     /// drivers that do not say).
     #[serde(default)]
     pub machine: Option<MachineModel>,
+    /// How the guest's memory and CPUs are laid out now, which the target must give it
+    /// unchanged (absent from drivers that do not say: the target boots the guest's resources).
+    #[serde(default)]
+    pub shape: Option<MachineShape>,
+}
+
+/// How a running VM's memory and CPUs are laid out: what it booted with, how far it may grow
+/// while it runs, and what was plugged in since. A live migration's target starts with the
+/// same devices, or the guest's state would not fit its new machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineShape {
+    /// Memory it booted with, MiB.
+    pub boot_memory_mb: u64,
+    /// The most memory it may have while it runs, MiB: what it booted with and a region that
+    /// memory is plugged into (none when equal).
+    pub max_memory_mb: u64,
+    /// Virtual CPUs it booted with.
+    pub boot_vcpus: u64,
+    /// The most virtual CPUs it may have while it runs.
+    pub max_vcpus: u64,
+    /// Memory plugged in since it booted, MiB.
+    #[serde(default)]
+    pub plugged_memory_mb: u64,
+    /// Virtual CPUs plugged in since it booted, in the order plugged.
+    #[serde(default)]
+    pub cpus: Vec<PluggedCpu>,
+}
+
+/// A virtual CPU plugged into a running VM: the hypervisor's device type and the CPU's place
+/// in the machine's topology.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluggedCpu {
+    /// The device's id.
+    pub id: String,
+    /// The hypervisor's CPU device type, e.g. QEMU's `max-x86_64-cpu`.
+    pub driver: String,
+    /// Where it sits: (property, index), e.g. `("socket-id", 2)`.
+    pub place: Vec<(String, i64)>,
 }
 
 /// What a running VM's machine is, as a live migration's target must reproduce it: the guest

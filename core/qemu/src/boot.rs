@@ -13,7 +13,7 @@ use cloud48_linux::tail;
 use cloud48_model::Resources;
 
 use crate::machine::{self, Accel, Launch, files};
-use crate::{LOG_TAIL, QemuDriver, Record, UP_MARKER, control, permanent, qemu_binary};
+use crate::{LOG_TAIL, QemuDriver, Record, UP_MARKER, control, permanent, qemu_binary, shape};
 
 /// How much longer than its type declares a workload may take to become ready under TCG.
 const TCG_SLOWDOWN: u32 = 10;
@@ -52,6 +52,11 @@ impl QemuDriver {
 
     /// Boots the guest of `r` and waits until it is up and ready.
     pub(crate) async fn launch(&self, r: &Record) -> Result<(), DriverError> {
+        // It boots with its resources, and room to grow to this server's size while it runs.
+        let mut r = r.clone();
+        r.shape = Some(shape::boot(&r.spec.resources, &self.capacity));
+        self.keep(&r)?;
+        let r = &r;
         self.spawn(r, false).await?;
         activity::report(&format!(
             "booting VM {} under {}",
@@ -90,8 +95,10 @@ impl QemuDriver {
             ip: r.ip,
             prefix: self.cfg.subnet.prefix,
             gateway: self.cfg.subnet.gateway(),
-            memory_mb: r.spec.resources.memory_mb.max(128),
-            vcpus: r.spec.resources.cpu_millis.div_ceil(1000).max(1),
+            shape: r
+                .shape
+                .clone()
+                .unwrap_or_else(|| shape::fixed(&r.spec.resources)),
             accel: self.accel,
             machine_type: r.machine_type.clone().unwrap_or_else(|| "q35".into()),
             run_script: dir.join(files::RUN),

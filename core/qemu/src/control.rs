@@ -9,7 +9,7 @@ use std::time::Duration;
 use qapi::futures::{QgaStreamTokio, QmpStreamTokio};
 use qapi::{qga, qmp};
 
-use cloud48_driver::ExecOutput;
+use cloud48_driver::{ExecOutput, PluggedCpu};
 
 /// How long one QMP command may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -169,4 +169,129 @@ pub async fn ga_exec(
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(200));
     }
+}
+
+/// The guest's virtual CPUs as its agent sees them: (logical id, online, may be taken off line).
+pub async fn ga_vcpus(sock: &Path) -> Result<Vec<(i64, bool, bool)>, String> {
+    let cpus = ga(sock, qga::guest_get_vcpus {}, Duration::from_secs(10)).await?;
+    Ok(cpus
+        .into_iter()
+        .map(|c| (c.logical_id, c.online, c.can_offline.unwrap_or(false)))
+        .collect())
+}
+
+/// Takes the guest's CPUs `(logical id, online)` on or off line through its agent.
+pub async fn ga_set_vcpus(sock: &Path, cpus: &[(i64, bool)]) -> Result<(), String> {
+    let vcpus = cpus
+        .iter()
+        .map(|&(logical_id, online)| qga::GuestLogicalProcessor {
+            logical_id,
+            online,
+            can_offline: None,
+        })
+        .collect::<Vec<_>>();
+    let wanted = vcpus.len() as i64;
+    let done = ga(
+        sock,
+        qga::guest_set_vcpus { vcpus },
+        Duration::from_secs(30),
+    )
+    .await?;
+    if done < wanted {
+        return Err(format!(
+            "the guest changed {done} of the {wanted} CPUs asked (its kernel refused the rest)"
+        ));
+    }
+    Ok(())
+}
+
+/// The VM's virtio-mem device `id`: (memory asked to be plugged in, memory plugged in), MiB;
+/// nothing without one.
+async fn virtio_mem(sock: &Path, id: &str) -> Result<(u64, u64), String> {
+    let devices = qmp(sock, qmp::query_memory_devices {}).await?;
+    Ok(devices
+        .into_iter()
+        .find_map(|d| match d {
+            qmp::MemoryDeviceInfo::virtio_mem(m) if m.data.id.as_deref() == Some(id) => {
+                Some((m.data.requested_size >> 20, m.data.size >> 20))
+            }
+            _ => None,
+        })
+        .unwrap_or((0, 0)))
+}
+
+/// Memory the VM's virtio-mem device `id` is asked to have plugged in, MiB (0 without one).
+pub async fn plugged_memory(sock: &Path, id: &str) -> Result<u64, String> {
+    Ok(virtio_mem(sock, id).await?.0)
+}
+
+/// Memory the guest has plugged in through the VM's virtio-mem device `id`, MiB.
+pub async fn memory_present(sock: &Path, id: &str) -> Result<u64, String> {
+    Ok(virtio_mem(sock, id).await?.1)
+}
+
+/// Asks the VM's virtio-mem device `id` to have `mb` MiB plugged in (the guest plugs memory in
+/// or out to match, at its pace).
+pub async fn plug_memory(sock: &Path, id: &str, mb: u64) -> Result<(), String> {
+    qmp(
+        sock,
+        qmp::qom_set {
+            path: format!("/machine/peripheral/{id}"),
+            property: "requested-size".into(),
+            value: serde_json::Value::from(mb << 20),
+        },
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The VM's CPU places as QEMU lists them: the CPUs plugged in with an id (not those it booted
+/// with), and the places still free, each as (QEMU's CPU type, place).
+pub async fn cpu_places(sock: &Path) -> Result<CpuPlaces, String> {
+    let cpus = qmp(sock, qmp::query_hotpluggable_cpus {}).await?;
+    let mut places = CpuPlaces::default();
+    for c in cpus {
+        let p = &c.props;
+        let place: Vec<(String, i64)> = [
+            ("node-id", p.node_id),
+            ("drawer-id", p.drawer_id),
+            ("book-id", p.book_id),
+            ("socket-id", p.socket_id),
+            ("die-id", p.die_id),
+            ("cluster-id", p.cluster_id),
+            ("module-id", p.module_id),
+            ("core-id", p.core_id),
+            ("thread-id", p.thread_id),
+        ]
+        .into_iter()
+        .filter_map(|(name, index)| Some((name.to_string(), index?)))
+        .collect();
+        match c.qom_path.as_deref() {
+            None => places.free.push((c.type_, place)),
+            Some(path) => {
+                if let Some(id) = path.strip_prefix("/machine/peripheral/") {
+                    places.plugged.push(PluggedCpu {
+                        id: id.to_string(),
+                        driver: c.type_,
+                        place,
+                    });
+                }
+            }
+        }
+    }
+    // QEMU lists the last place first.
+    places
+        .free
+        .sort_by(|a, b| a.1.iter().map(|p| p.1).cmp(b.1.iter().map(|p| p.1)));
+    places.plugged.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(places)
+}
+
+/// CPU places of a running VM.
+#[derive(Debug, Default)]
+pub struct CpuPlaces {
+    /// CPUs plugged in with an id since it booted.
+    pub plugged: Vec<PluggedCpu>,
+    /// Free places, first first: (QEMU's CPU type, place).
+    pub free: Vec<(String, Vec<(String, i64)>)>,
 }

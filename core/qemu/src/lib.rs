@@ -28,6 +28,8 @@ pub mod disks;
 pub mod live;
 pub mod machine;
 mod migrate;
+mod resize;
+pub mod shape;
 mod transfer;
 
 use std::collections::{BTreeMap, HashMap};
@@ -41,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use cloud48_driver::{
     Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState,
-    LiveOffer, LiveReport, LiveTarget, ServerStats, activity,
+    LiveOffer, LiveReport, LiveTarget, ServerStats,
 };
 use cloud48_linux::images::ImageSource;
 use cloud48_linux::network::{self, AddressRange, GuestNet, Subnet};
@@ -49,7 +51,7 @@ use cloud48_linux::{find_program, machine_capacity, read_records, tail};
 use cloud48_model::{ImageRef, Resources};
 
 use disks::{Base, VmImages};
-use machine::{Accel, AccelChoice, MachineModel, files};
+use machine::{Accel, AccelChoice, MachineModel, MachineShape, files};
 
 /// How much of a console `logs` and errors show.
 const LOG_TAIL: u64 = 64 << 10;
@@ -104,6 +106,10 @@ struct Record {
     /// written before machine types were kept: the newest `q35`).
     #[serde(default)]
     machine_type: Option<String>,
+    /// The memory and CPUs its QEMU was started with (absent from records written before VMs
+    /// could grow while they run: booted with their resources, no room to grow).
+    #[serde(default)]
+    shape: Option<MachineShape>,
 }
 
 /// Drives virtual machines on this machine with QEMU.
@@ -296,6 +302,16 @@ impl QemuDriver {
             .ok_or_else(|| DriverError::NotFound(guest.into()))
     }
 
+    /// Writes `r` and makes it the guest's record.
+    fn keep(&self, r: &Record) -> Result<(), DriverError> {
+        self.save(r)?;
+        self.guests
+            .lock()
+            .unwrap()
+            .insert(r.spec.guest_id.clone(), r.clone());
+        Ok(())
+    }
+
     fn save(&self, r: &Record) -> Result<(), DriverError> {
         let dir = self.dir(&r.spec.guest_id);
         let tmp = dir.join("guest.json.tmp");
@@ -374,6 +390,7 @@ impl QemuDriver {
             ip,
             image: image.to_string(),
             machine_type: Some(machine_type.to_string()),
+            shape: None,
         };
         guests.insert(record.spec.guest_id.clone(), record.clone());
         Ok(Ok(record))
@@ -677,28 +694,19 @@ impl Driver for QemuDriver {
         if !wanted.fits_in(&self.capacity) {
             return Err(self.over_capacity(wanted));
         }
-        if self.state(guest_id).await != GuestState::Stopped {
-            // The balloon gives memory back now (up to what the VM booted with); more memory
-            // or CPUs than it booted with take effect at its next start.
-            let bytes = (resources.memory_mb.max(128) << 20) as i64;
-            control::qmp(
-                &self.file(guest_id, files::QMP),
-                qapi::qmp::balloon { value: bytes },
-            )
-            .await
-            .map_err(permanent)?;
-            if resources.memory_mb > r.spec.resources.memory_mb
-                || resources.cpu_millis.div_ceil(1000) > r.spec.resources.cpu_millis.div_ceil(1000)
-            {
-                activity::report(&format!(
-                    "VM {guest_id}: memory or CPUs beyond what it booted with take effect at its next start"
-                ));
+        match self.state(guest_id).await {
+            GuestState::Stopped => {}
+            GuestState::Running => self.resize(&r, resources).await?,
+            state => {
+                return Err(DriverError::InvalidState {
+                    guest: guest_id.into(),
+                    state,
+                    operation: "update (resume it first, or stop it)".into(),
+                });
             }
         }
         r.spec.resources = *resources;
-        self.save(&r)?;
-        self.guests.lock().unwrap().insert(guest_id.to_string(), r);
-        Ok(())
+        self.keep(&r)
     }
 
     async fn export(&self, guest_id: &str) -> Result<GuestImage, DriverError> {
@@ -785,6 +793,7 @@ impl Driver for QemuDriver {
                     .unwrap_or_else(|| self.machine.machine_type.clone()),
                 ..self.machine.clone()
             }),
+            shape: Some(self.shape_now(&r).await?),
             image: r.image,
             disk_mb: self.disk_size_mb(guest_id).await?,
         })

@@ -4,7 +4,9 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-pub use cloud48_driver::{Accel, MachineModel};
+pub use cloud48_driver::{Accel, MachineModel, MachineShape};
+
+use crate::shape;
 
 /// What the operator asks for (`--accel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -151,10 +153,8 @@ pub struct Launch {
     pub prefix: u8,
     /// The bridge's address.
     pub gateway: Ipv4Addr,
-    /// Memory, MiB.
-    pub memory_mb: u64,
-    /// Virtual CPUs.
-    pub vcpus: u64,
+    /// Its memory and CPUs.
+    pub shape: MachineShape,
     /// Accelerator.
     pub accel: Accel,
     /// QEMU's machine type (versioned, e.g. `pc-q35-10.0`; `q35`: this QEMU's newest).
@@ -200,10 +200,6 @@ pub fn args(l: &Launch) -> Vec<String> {
             Accel::Kvm => "host".into(),
             Accel::Tcg => "max".into(),
         },
-        "-m".into(),
-        format!("{}M", l.memory_mb),
-        "-smp".into(),
-        l.vcpus.max(1).to_string(),
         "-nodefaults".into(),
         // A guest that reboots on its own (a kernel panic) ends: the driver sees it stopped.
         "-no-reboot".into(),
@@ -217,7 +213,9 @@ pub fn args(l: &Launch) -> Vec<String> {
         "-append".into(),
         format!(
             "root=/dev/vda rootfstype=ext4 rw console=ttyS0 quiet net.ifnames=0 panic=-1 \
-             init=/sbin/cloud48-init cloud48.ip={}/{} cloud48.gw={} cloud48.name={}",
+             memhp_default_state=online memory_hotplug.online_policy=auto-movable \
+             init=/sbin/cloud48-init cloud48.ip={}/{} cloud48.gw={} \
+             cloud48.name={}",
             l.ip, l.prefix, l.gateway, l.guest
         ),
         "-blockdev".into(),
@@ -261,6 +259,7 @@ pub fn args(l: &Launch) -> Vec<String> {
         file(files::PID),
         "-daemonize".into(),
     ];
+    a.extend(shape::args(&l.shape));
     if l.incoming {
         // Paused once the migration is in, until the source has let go of the disk.
         a.extend(["-S".into(), "-incoming".into(), "defer".into()]);
@@ -370,15 +369,26 @@ mod tests {
             ip: Ipv4Addr::new(10, 48, 1, 5),
             prefix: 24,
             gateway: Ipv4Addr::new(10, 48, 1, 1),
-            memory_mb: 256,
-            vcpus: 2,
+            shape: shape::boot(
+                &cloud48_model::Resources {
+                    cpu_millis: 2000,
+                    memory_mb: 256,
+                    disk_mb: 1,
+                },
+                &cloud48_model::Resources {
+                    cpu_millis: 2000,
+                    memory_mb: 256,
+                    disk_mb: 1,
+                },
+            ),
             accel: Accel::Tcg,
             machine_type: "pc-q35-10.0".into(),
             run_script: "/d/guests/c7/run.sh".into(),
             incoming: false,
         };
         let a = args(&l).join(" ");
-        assert!(a.contains("-machine pc-q35-10.0,accel=tcg -cpu max -m 256M -smp 2"));
+        assert!(a.contains("-machine pc-q35-10.0,accel=tcg -cpu max -nodefaults"));
+        assert!(a.contains("-m 256M -smp 2"));
         assert!(a.contains("cloud48.ip=10.48.1.5/24 cloud48.gw=10.48.1.1 cloud48.name=c7"));
         assert!(a.contains("filename=/d/guests/c7/disk.qcow2"));
         assert!(a.contains("mac=52:54:0a:30:01:05"));

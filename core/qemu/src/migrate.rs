@@ -11,7 +11,7 @@ use cloud48_model::ImageRef;
 use cloud48_linux::network;
 
 use crate::machine::{self, files};
-use crate::{QemuDriver, control, disks, live, permanent, validate_id};
+use crate::{QemuDriver, control, disks, live, permanent, shape, validate_id};
 
 impl QemuDriver {
     pub(crate) async fn receive_live(
@@ -80,7 +80,15 @@ impl QemuDriver {
         )
         .await?;
         let received = async {
-            let r = self.record(guest)?;
+            // Started with the devices the VM has on its source.
+            let mut r = self.record(guest)?;
+            r.shape = Some(
+                offer
+                    .shape
+                    .clone()
+                    .unwrap_or_else(|| shape::fixed(&spec.resources)),
+            );
+            self.keep(&r)?;
             self.spawn(&r, true).await?;
             live::receive(&self.file(guest, files::QMP), &self.cfg.migration_host)
                 .await

@@ -5,7 +5,8 @@
 //! overlay disk, and start to ready: median and p95), move a VM serving HTTP live between them
 //! while a client keeps asking it (total time, QEMU's downtime, the longest gap between two
 //! answers the client saw, failed requests), and move a VM whose disk holds `--disk-mb` of
-//! its own data cold (stop, export, import, start). Says which accelerator ran the VMs.
+//! its own data cold (stop, export, import, start); clones of a stopped VM are timed too. Says
+//! which accelerator ran the VMs.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -136,6 +137,57 @@ fn client(ip: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, u6
     })
 }
 
+/// Clones of a stopped VM with data of its own, as `container clone` makes them on one server:
+/// its overlay exported, then imported as a new VM (the overlay rebased on the image's disk the
+/// server already holds). The first clone is started and must hold the original's data.
+async fn clones(args: &VmBenchArgs, d: &QemuDriver) -> Result<()> {
+    const OWN_MB: u64 = 64;
+    d.create(&spec("bench-orig", 256, 2048)).await?;
+    d.start("bench-orig").await?;
+    let out = d
+        .exec(
+            "bench-orig",
+            &format!("head -c {OWN_MB}M /dev/urandom > /srv/data && md5sum /srv/data && sync"),
+            &[],
+        )
+        .await?;
+    ensure!(
+        out.exit_code == 0,
+        "writing the data failed: {}",
+        out.stderr
+    );
+    d.stop("bench-orig").await?;
+    let (mut times, mut size) = (Vec::new(), 0);
+    for i in 0..args.vms {
+        let id = format!("bench-clone-{i}");
+        let file = tempfile::NamedTempFile::new()?;
+        let t = Instant::now();
+        size = d.export_to("bench-orig", file.path()).await?;
+        d.import_from(&spec(&id, 256, 2048), file.path()).await?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    summary(
+        &format!(
+            "clone of a stopped VM with {OWN_MB} MiB of its own data ({:.0} MB moved)",
+            size as f64 / 1e6
+        ),
+        times,
+    );
+    d.start("bench-clone-0").await?;
+    let copy = d.exec("bench-clone-0", "md5sum /srv/data", &[]).await?;
+    ensure!(
+        copy.stdout == out.stdout,
+        "the clone does not hold the original's data: {} against {}",
+        copy.stdout.trim(),
+        out.stdout.trim()
+    );
+    d.destroy("bench-orig").await?;
+    for i in 0..args.vms {
+        d.destroy(&format!("bench-clone-{i}")).await?;
+    }
+    Ok(())
+}
+
 /// Runs the benchmark; prints one line per figure.
 pub async fn vm(args: VmBenchArgs) -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -220,6 +272,7 @@ async fn run(args: &VmBenchArgs, d0: &QemuDriver, d1: &QemuDriver) -> Result<()>
     }
     summary("create (a qcow2 overlay of the image's disk)", creates);
     summary("start to ready (boot, guest agent, nginx answers)", readies);
+    clones(args, d0).await?;
 
     // Live migration of a VM serving HTTP under a client's load.
     let info = d0.create(&spec("bench-live", args.memory_mb, 2048)).await?;

@@ -16,7 +16,9 @@ mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mount -o remount,rw /
 exec </dev/null >/dev/console 2>&1
-modprobe -a qemu_fw_cfg virtio_console virtio_net 2>/dev/null
+# No udev to load modules as devices appear: memory plugged in (virtio-mem) or given back
+# (the balloon) on `update`.
+modprobe -a qemu_fw_cfg virtio_console virtio_net virtio_balloon virtio_mem 2>/dev/null
 ip= gw= name=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
