@@ -211,9 +211,12 @@ pub fn args(l: &Launch) -> Vec<String> {
         "-initrd".into(),
         path(&l.initrd),
         "-append".into(),
+        // Memory plugged in while it runs goes on line at once, partly movable so that it can
+        // be given back; a small bounce buffer (the memory region beyond 4 GiB would otherwise
+        // make the kernel set 64 MiB aside, the whole of a small VM's memory).
         format!(
             "root=/dev/vda rootfstype=ext4 rw console=ttyS0 quiet net.ifnames=0 panic=-1 \
-             memhp_default_state=online memory_hotplug.online_policy=auto-movable \
+             memhp_default_state=online memory_hotplug.online_policy=auto-movable swiotlb=2048 \
              init=/sbin/cloud48-init cloud48.ip={}/{} cloud48.gw={} \
              cloud48.name={}",
             l.ip, l.prefix, l.gateway, l.guest
