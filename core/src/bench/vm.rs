@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use clap::Args;
 
-use cloud48_engine::driver::{Driver, GuestSpec, GuestState};
+use cloud48_engine::driver::{Driver, ExecOutput, GuestSpec, GuestState};
 use cloud48_engine::images::{Builder, DEFAULT_MIRROR, Store};
 use cloud48_engine::model::{Check, Endpoint, ImageRef, Protocol, Readiness, Resources, Workload};
 use cloud48_qemu::machine::AccelChoice;
@@ -137,17 +137,12 @@ fn client(ip: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, u6
     })
 }
 
-/// Clones of a stopped VM with data of its own, as `container clone` makes them on one server:
-/// its overlay exported, then imported as a new VM (the overlay rebased on the image's disk the
-/// server already holds). The first clone is started and must hold the original's data.
-async fn clones(args: &VmBenchArgs, d: &QemuDriver) -> Result<()> {
-    const OWN_MB: u64 = 64;
-    d.create(&spec("bench-orig", 256, 2048)).await?;
-    d.start("bench-orig").await?;
+/// Writes `mb` MiB of random data to `/srv/data` in `guest`: its checksum, as `md5sum` prints it.
+async fn write_data(d: &QemuDriver, guest: &str, mb: u64) -> Result<ExecOutput> {
     let out = d
         .exec(
-            "bench-orig",
-            &format!("head -c {OWN_MB}M /dev/urandom > /srv/data && md5sum /srv/data && sync"),
+            guest,
+            &format!("head -c {mb}M /dev/urandom > /srv/data && md5sum /srv/data && sync"),
             &[],
         )
         .await?;
@@ -156,6 +151,17 @@ async fn clones(args: &VmBenchArgs, d: &QemuDriver) -> Result<()> {
         "writing the data failed: {}",
         out.stderr
     );
+    Ok(out)
+}
+
+/// Clones of a stopped VM with data of its own, as `container clone` makes them on one server:
+/// its overlay exported, then imported as a new VM (the overlay rebased on the image's disk the
+/// server already holds). The first clone is started and must hold the original's data.
+async fn clones(args: &VmBenchArgs, d: &QemuDriver) -> Result<()> {
+    const OWN_MB: u64 = 64;
+    d.create(&spec("bench-orig", 256, 2048)).await?;
+    d.start("bench-orig").await?;
+    let out = write_data(d, "bench-orig", OWN_MB).await?;
     d.stop("bench-orig").await?;
     let (mut times, mut size) = (Vec::new(), 0);
     for i in 0..args.vms {
@@ -321,18 +327,7 @@ async fn run(args: &VmBenchArgs, d0: &QemuDriver, d1: &QemuDriver) -> Result<()>
         .await?;
     d0.start("bench-cold").await?;
     let t = Instant::now();
-    let out = d0
-        .exec(
-            "bench-cold",
-            &format!("head -c {}M /dev/urandom > /srv/data && sync", args.disk_mb),
-            &[],
-        )
-        .await?;
-    ensure!(
-        out.exit_code == 0,
-        "writing the data failed: {}",
-        out.stderr
-    );
+    write_data(d0, "bench-cold", args.disk_mb).await?;
     println!(
         "wrote {} MiB of random data inside the VM in {:.1} s",
         args.disk_mb,
