@@ -805,6 +805,29 @@ async fn container_migrate_live_and_a_live_drain_move_a_vm_through_the_core_with
         answer(&ip).await,
         format!("page=from-the-image host={}", c.guest_id)
     );
+    // Another vCPU for the running VM: plugged in at once, as the guest itself says.
+    let nproc = async || {
+        let out: serde_json::Value = tc
+            .client
+            .post(
+                &format!("/v1/containers/{id}/exec"),
+                &json!({ "command": ["nproc"] }),
+            )
+            .await
+            .unwrap();
+        out["stdout"].as_str().unwrap().trim().to_string()
+    };
+    let u: serde_json::Value = tc
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "update",
+                     "resources": { "cpu_millis": 2000, "memory_mb": 256, "disk_mb": 2048 } }),
+        )
+        .await
+        .unwrap();
+    tc.ok(u["command_id"].as_i64().unwrap()).await;
+    assert_eq!(nproc().await, "2");
 
     // A simulated server cannot take a running container; the refusal says why.
     let err = tc
@@ -855,6 +878,8 @@ async fn container_migrate_live_and_a_live_drain_move_a_vm_through_the_core_with
         result["live"]["memory_bytes"].as_u64().unwrap() > 0,
         "{result}"
     );
+    // It kept the vCPU plugged into it.
+    assert_eq!(nproc().await, "2");
     // Nothing is left on the source, and the dummy that held the target's room is gone.
     let servers = tc.core.servers().list().await.unwrap();
     let source = servers.iter().find(|s| s.name == names[0]).unwrap();

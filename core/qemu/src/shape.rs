@@ -8,7 +8,7 @@
 //! that grew moves live with the same command line; QEMU 10.0 under TCG aborts in its dirty
 //! tracking (`tlb_reset_dirty_range_all`) migrating a VM with a DIMM plugged in while it ran.
 
-use cloud48_driver::{MachineShape, PluggedCpu};
+use cloud48_driver::MachineShape;
 use cloud48_model::Resources;
 
 /// The least memory a VM gets, MiB.
@@ -152,6 +152,7 @@ pub fn cpu_id(n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cloud48_driver::PluggedCpu;
 
     fn res(cpu_millis: u64, memory_mb: u64) -> Resources {
         Resources {
