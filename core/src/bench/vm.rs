@@ -299,14 +299,39 @@ async fn run(args: &VmBenchArgs, d0: &QemuDriver, d1: &QemuDriver) -> Result<()>
         let (src, dst) = (drivers[i % 2], drivers[(i + 1) % 2]);
         tokio::time::sleep(Duration::from_millis(500)).await;
         let t = Instant::now();
-        let offer = src.live_offer("bench-live").await?;
-        let keep = GuestSpec {
-            ip: Some(ip.clone()),
-            ..spec("bench-live", args.memory_mb, 2048)
+        let moved = async {
+            let offer = src.live_offer("bench-live").await?;
+            let keep = GuestSpec {
+                ip: Some(ip.clone()),
+                ..spec("bench-live", args.memory_mb, 2048)
+            };
+            let target = dst.live_receive(&keep, &offer).await?;
+            let report = src.live_send("bench-live", &target).await?;
+            dst.live_finish("bench-live").await?;
+            Ok::<_, cloud48_engine::driver::DriverError>(report)
+        }
+        .await;
+        let report = match moved {
+            Ok(report) => report,
+            Err(e) => {
+                // What the guest's console said last, on both sides.
+                let tail = |log: String| {
+                    let lines: Vec<&str> = log.lines().collect();
+                    lines[lines.len().saturating_sub(15)..].join("\n")
+                };
+                let (from, to) = (
+                    src.logs("bench-live").await.unwrap_or_default(),
+                    dst.logs("bench-live").await.unwrap_or_default(),
+                );
+                anyhow::bail!(
+                    "live migration {} of {}: {e}\nsource console:\n{}\ntarget console:\n{}",
+                    i + 1,
+                    args.migrations,
+                    tail(from),
+                    tail(to)
+                );
+            }
         };
-        let target = dst.live_receive(&keep, &offer).await?;
-        let report = src.live_send("bench-live", &target).await?;
-        dst.live_finish("bench-live").await?;
         totals.push(t.elapsed().as_secs_f64() * 1e3);
         downtimes.push(report.downtime_ms as f64);
         src.destroy("bench-live").await?;
