@@ -108,6 +108,12 @@ pub struct AgentArgs {
     /// else TCG; kvm: refuse to start without it).
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
     pub accel: String,
+    /// Qemu driver: VMs boot with room to grow while they run (memory and vCPUs up to the
+    /// server's), so that `container update` gives a running VM more at once. Experimental:
+    /// under TCG with QEMU 10.0 about one live migration in fifty of such a VM corrupted its
+    /// memory. Without it, more for a running VM is refused; less is always given back.
+    #[arg(long)]
+    pub vm_grow_live: bool,
     /// Qemu driver: the address other servers reach this one at for live migrations
     /// [default: the host of --url].
     #[arg(long)]
@@ -208,6 +214,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 subnet,
                 addresses,
                 image_cache_bytes: (args.image_cache_mb > 0).then_some(args.image_cache_mb << 20),
+                grow_live: args.vm_grow_live,
                 prefix: args.prefix.clone(),
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms.max(15_000)),

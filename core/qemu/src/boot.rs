@@ -52,9 +52,14 @@ impl QemuDriver {
 
     /// Boots the guest of `r` and waits until it is up and ready.
     pub(crate) async fn launch(&self, r: &Record) -> Result<(), DriverError> {
-        // It boots with its resources, and room to grow to this server's size while it runs.
+        // It boots with its resources, and room to grow to this server's size while it runs
+        // where the server allows it.
         let mut r = r.clone();
-        r.shape = Some(shape::boot(&r.spec.resources, &self.capacity));
+        r.shape = Some(if self.cfg.grow_live {
+            shape::boot(&r.spec.resources, &self.capacity)
+        } else {
+            shape::fixed(&r.spec.resources)
+        });
         self.keep(&r)?;
         let r = &r;
         self.spawn(r, false).await?;

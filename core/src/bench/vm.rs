@@ -44,6 +44,9 @@ pub struct VmBenchArgs {
     /// default: this machine's.
     #[arg(long)]
     pub server_memory_mb: Option<u64>,
+    /// VMs boot with room to grow while they run (the agent's `--vm-grow-live`).
+    #[arg(long)]
+    pub grow_live: bool,
     /// Directory of the recipes (`nginx.toml`).
     #[arg(long, default_value = "images")]
     pub recipes: PathBuf,
@@ -245,6 +248,7 @@ pub async fn vm(args: VmBenchArgs) -> Result<()> {
         accel,
         source: Some(store.clone() as cloud48_engine::driver::linux::images::ImageSource),
         migration_host: "127.0.0.1".into(),
+        grow_live: args.grow_live,
     };
     let d0 = QemuDriver::open(cfg(0))
         .await
