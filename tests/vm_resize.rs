@@ -54,6 +54,17 @@ async fn memory_until(d: &dyn Driver, guest: &str, what: &str, ok: impl Fn(u64) 
     }
 }
 
+/// Creates and starts `guest` with one vCPU and 256 MiB.
+async fn boot_small(d: &dyn Driver, guest: &str) {
+    d.create(&GuestSpec {
+        resources: res(1000, 256),
+        ..spec(guest, web_vm())
+    })
+    .await
+    .unwrap();
+    d.start(guest).await.unwrap();
+}
+
 async fn resources(d: &dyn Driver, guest: &str) -> Resources {
     d.status(guest).await.unwrap().unwrap().resources
 }
@@ -65,13 +76,7 @@ async fn a_running_vm_grows_and_shrinks_in_place_where_its_server_lets_it() {
     let mut growing = same_network(&f, 90, 0);
     growing.grow_live = true;
     let d0 = QemuDriver::open(growing).await.unwrap();
-    d0.create(&GuestSpec {
-        resources: res(1000, 256),
-        ..spec("vm-r", web_vm())
-    })
-    .await
-    .unwrap();
-    d0.start("vm-r").await.unwrap();
+    boot_small(&d0, "vm-r").await;
     let (cpus, booted) = seen(&d0, "vm-r").await;
     assert_eq!(cpus, 1);
 
@@ -107,13 +112,7 @@ async fn a_running_vm_grows_and_shrinks_in_place_where_its_server_lets_it() {
     // A server that does not let VMs grow while they run (the default): more is refused with
     // the reason and nothing changes; less is given back.
     let d1 = QemuDriver::open(same_network(&f, 90, 1)).await.unwrap();
-    d1.create(&GuestSpec {
-        resources: res(1000, 256),
-        ..spec("vm-f", web_vm())
-    })
-    .await
-    .unwrap();
-    d1.start("vm-f").await.unwrap();
+    boot_small(&d1, "vm-f").await;
     for (ask, why) in [
         (res(1000, 512), "booted without room to grow"),
         (res(2000, 256), "it may have 1 at most"),

@@ -46,17 +46,9 @@ pub fn boot(r: &Resources, capacity: &Resources) -> MachineShape {
     }
 }
 
-/// The shape of a VM that booted with `r` and no room to grow (started before VMs had one).
+/// The shape of a VM that booted with `r` and no room to grow: as if its server were its size.
 pub fn fixed(r: &Resources) -> MachineShape {
-    let (memory, vcpus) = (memory_of(r), vcpus_of(r));
-    MachineShape {
-        boot_memory_mb: memory,
-        max_memory_mb: memory,
-        boot_vcpus: vcpus,
-        max_vcpus: vcpus,
-        plugged_memory_mb: 0,
-        cpus: Vec::new(),
-    }
+    boot(r, r)
 }
 
 /// QEMU's memory and CPU arguments for `s`, its plugged devices among them.
