@@ -201,6 +201,48 @@ async fn a_caller_sees_only_the_topics_it_may_read() {
     assert_eq!(shown.last().unwrap().kind.as_deref(), Some("shop"));
 }
 
+/// Events ready together leave in one chunk, not in one write each (with a thousand
+/// subscribers, a burst is otherwise a thousand writes per event): a stream opened after id 0
+/// replays what the table holds at once. The body is plain Server-Sent Events.
+#[tokio::test]
+async fn events_ready_together_leave_in_one_chunk() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let queue = t.core.queue();
+    let ids = queue
+        .enqueue_in(t.core.db(), vec![crate::common::noop(); 20], None)
+        .await
+        .unwrap();
+    queue.wake();
+    for id in ids {
+        let done = queue.wait(CommandId(id), Duration::from_secs(30)).await;
+        assert!(done.unwrap().status.is_terminal());
+    }
+    let mut resp = reqwest::get(format!("{}/v1/events?topic=command&after=0", t.url))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    assert_eq!(resp.headers()["cache-control"], "no-cache");
+    let (mut seen, mut most, mut text) = (0, 0, String::new());
+    while seen < 60 {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), resp.chunk())
+            .await
+            .expect("a chunk within 30 s")
+            .unwrap()
+            .expect("the stream goes on");
+        let chunk = String::from_utf8(chunk.to_vec()).unwrap();
+        let n = chunk.matches("event: command\n").count();
+        (seen, most) = (seen + n, most.max(n));
+        text.push_str(&chunk);
+    }
+    assert!(most > 1, "every event came alone: {text}");
+    assert!(
+        text.starts_with("id: 0\nevent: ready\ndata: 0\n\nid: "),
+        "{text}"
+    );
+    assert!(text.contains("\nevent: command\ndata: {\"id\":"), "{text}");
+}
+
 #[tokio::test]
 async fn bad_filters_are_refused_with_what_to_write() {
     let t = TestCore::start(Opts::default()).await.unwrap();

@@ -5,10 +5,14 @@
 
 use std::convert::Infallible;
 
+use std::time::Duration;
+
 use axum::Extension;
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -16,7 +20,7 @@ use utoipa::IntoParams;
 use crate::{ApiError, ApiQuery, ErrorBody};
 use cloud48_engine::auth::{AuthError, Authenticator, Family, Principal, Role, Scope};
 use cloud48_engine::core::Core;
-use cloud48_engine::events::{Delivery, EventFilter};
+use cloud48_engine::events::{Delivery, EventFilter, sse_message};
 use cloud48_engine::model::{Event, Topic};
 
 /// Which events to stream.
@@ -99,7 +103,7 @@ fn invalid(field: &str, message: String) -> ApiError {
         ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id")),
     responses(
         (status = 200, content_type = "text/event-stream", body = Event,
-            description = "Server-Sent Events. First `event: ready` whose `id` (and `data`) is the id the stream starts after; then one per event: `id` the event id, `event` its topic, `data` the event as JSON; `event: error` if the log cannot be read (the stream ends). A comment every 15 s keeps the connection open."),
+            description = "Server-Sent Events. First `event: ready` whose `id` (and `data`) is the id the stream starts after; then one per event: `id` the event id, `event` its topic, `data` the event as JSON; `event: error` if the log cannot be read (the stream ends). A comment after 15 s without a message keeps the connection open; events ready together come in one chunk."),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(crate) async fn stream_events(
@@ -107,7 +111,7 @@ pub(crate) async fn stream_events(
     Extension(readable): Extension<Readable>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventQuery>,
-) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+) -> Result<Response, ApiError> {
     let asked: Vec<Topic> = match &q.topic {
         None => Topic::ALL.to_vec(),
         Some(list) => list
@@ -180,23 +184,52 @@ pub(crate) async fn stream_events(
         fleet: q.project.is_none(),
         projects,
     };
-    let stream = core
+    let messages = core
         .events()
         .subscribe(resume.or(q.after), filter)
-        .map(|r| {
-            Ok(match r {
-                Ok(Delivery::Ready(after)) => SseEvent::default()
-                    .id(after.to_string())
-                    .event("ready")
-                    .data(after.to_string()),
-                Ok(Delivery::Event(e)) => SseEvent::default()
-                    .id(e.id.to_string())
-                    .event(e.topic.as_str())
-                    .data(e.json()),
-                Err(e) => SseEvent::default()
-                    .event("error")
-                    .data(format!("the event log could not be read: {e}")),
-            })
+        .map(|r| match r {
+            Ok(Delivery::Ready(after)) => sse_message(Some(after), "ready", &after.to_string()),
+            Ok(Delivery::Event(e)) => e.sse(),
+            Err(e) => sse_message(
+                None,
+                "error",
+                &format!("the event log could not be read: {e}"),
+            ),
         });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(batched(messages)),
+    )
+        .into_response())
+}
+
+/// Messages sent in one chunk at most.
+const BATCH: usize = 1024;
+/// A comment is sent after this long without a message, to keep the connection open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The messages of `messages` in chunks of those ready at once (a burst is one write per
+/// subscriber, not one per event), and a comment after `KEEP_ALIVE` of silence.
+fn batched(
+    messages: impl Stream<Item = Bytes> + Send + 'static,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
+    let chunks = Box::pin(messages.ready_chunks(BATCH));
+    futures::stream::unfold(chunks, |mut chunks| async move {
+        let chunk = match tokio::time::timeout(KEEP_ALIVE, chunks.next()).await {
+            Err(_) => Bytes::from_static(b":\n\n"),
+            Ok(None) => return None,
+            Ok(Some(mut one)) if one.len() == 1 => one.pop().unwrap_or_default(),
+            Ok(Some(many)) => {
+                let mut out = BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
+                for m in many {
+                    out.extend_from_slice(&m);
+                }
+                out.freeze()
+            }
+        };
+        Some((Ok(chunk), chunks))
+    })
 }

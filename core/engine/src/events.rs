@@ -11,9 +11,10 @@
 //! before commit, so a lower id may commit later; an id of a rolled-back transaction never
 //! does); a subscriber sees each event that matches its filter once, in id order.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::Stream;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 use serde::Deserialize;
@@ -190,12 +191,14 @@ pub enum Delivery {
     Event(Arc<Shared>),
 }
 
-/// An event as it is handed to every subscriber: its JSON is encoded once, by the publisher,
-/// not once per subscriber (a thousand subscribers share one encoding).
+/// An event as it is handed to every subscriber: its JSON, and its Server-Sent Events message,
+/// are encoded once, not once per subscriber (a thousand subscribers share one encoding).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Shared {
     event: Event,
     json: String,
+    /// The SSE message, made by the first subscriber that sends it.
+    sse: OnceLock<Bytes>,
 }
 
 impl Shared {
@@ -203,19 +206,52 @@ impl Shared {
     pub fn new(event: Event) -> Arc<Shared> {
         // An `Event` has only strings and numbers: encoding cannot fail.
         let json = serde_json::to_string(&event).unwrap_or_default();
-        Arc::new(Shared { event, json })
+        Arc::new(Shared {
+            event,
+            json,
+            sse: OnceLock::new(),
+        })
     }
 
     /// An event received as JSON (a client of the stream), keeping the text.
     pub fn decode(json: String) -> Result<Arc<Shared>, serde_json::Error> {
         let event = serde_json::from_str(&json)?;
-        Ok(Arc::new(Shared { event, json }))
+        Ok(Arc::new(Shared {
+            event,
+            json,
+            sse: OnceLock::new(),
+        }))
     }
 
     /// The event as JSON.
     pub fn json(&self) -> &str {
         &self.json
     }
+
+    /// The event as one Server-Sent Events message (`id`, `event` its topic, `data` its JSON),
+    /// shared by every subscriber that sends it.
+    pub fn sse(&self) -> Bytes {
+        self.sse
+            .get_or_init(|| sse_message(Some(self.event.id), self.event.topic.as_str(), &self.json))
+            .clone()
+    }
+}
+
+/// One Server-Sent Events message: `id` (if any), `event`, and `data` on as many `data:` lines
+/// as it has lines, ended by a blank line.
+pub fn sse_message(id: Option<i64>, event: &str, data: &str) -> Bytes {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(data.len() + event.len() + 40);
+    if let Some(id) = id {
+        let _ = writeln!(out, "id: {id}");
+    }
+    let _ = writeln!(out, "event: {event}");
+    // A line ends at "\r\n", "\r" or "\n", as the SSE parser reads it.
+    for line in data.replace("\r\n", "\n").split(['\r', '\n']) {
+        let _ = writeln!(out, "data: {line}");
+    }
+    out.push('\n');
+    Bytes::from(out)
 }
 
 impl std::ops::Deref for Shared {
@@ -482,6 +518,27 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(latest(&db).await.unwrap(), 5);
+    }
+
+    #[test]
+    fn an_sse_message_puts_each_line_of_its_data_on_a_data_line() {
+        assert_eq!(
+            &sse_message(Some(7), "command", "{}")[..],
+            b"id: 7\nevent: command\ndata: {}\n\n"
+        );
+        assert_eq!(
+            &sse_message(None, "error", "one\r\ntwo\rthree\n")[..],
+            b"event: error\ndata: one\ndata: two\ndata: three\ndata: \n\n"
+        );
+        let e = Shared::new(Event {
+            id: 9,
+            ..event(Topic::Server, 1, None)
+        });
+        let text = String::from_utf8(e.sse().to_vec()).unwrap();
+        assert_eq!(
+            text,
+            format!("id: 9\nevent: server\ndata: {}\n\n", e.json())
+        );
     }
 
     fn received(rx: &mut broadcast::Receiver<Arc<Shared>>) -> Vec<i64> {
