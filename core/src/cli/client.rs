@@ -334,11 +334,10 @@ impl Client {
         &self,
         path: &str,
     ) -> Result<impl futures::Stream<Item = Result<Delivery>> + use<>> {
-        use eventsource_stream::Eventsource;
         use futures::StreamExt;
         self.sign_in_first().await?;
         let resp = self.send::<()>(Method::GET, path, None).await?;
-        Ok(resp.bytes_stream().eventsource().map(|r| {
+        Ok(sse_parse::EventStream::new(resp.bytes_stream()).map(|r| {
             let m = r.map_err(|e| anyhow!("the event stream broke: {e}"))?;
             match m.event.as_str() {
                 "ready" => Ok(Delivery::Ready(m.data.trim().parse().with_context(
