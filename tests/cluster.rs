@@ -286,7 +286,10 @@ async fn who_runs_it(skew_a: i64, skew_b: i64, corrected: bool) -> Vec<String> {
     );
     b.start(runner("core-b"), false).await.unwrap();
     // Core b sweeps the queue every third of a lease: give it six sweeps.
-    tokio::time::sleep(lease * 2).await;
+    eventually("core b sweeps the queue six times", || async {
+        (b.sweeps() >= 6).then_some(())
+    })
+    .await;
     open.send(true).unwrap();
     let done = a.wait(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(done.status, cloud48_engine::model::CommandStatus::Succeeded);

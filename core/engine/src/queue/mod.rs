@@ -379,6 +379,8 @@ pub(crate) struct Inner {
     stopping: AtomicBool,
     /// Command steps committed by group steps.
     grouped: std::sync::atomic::AtomicU64,
+    /// Sweeps of expired leases done (each third of a lease).
+    sweeps: std::sync::atomic::AtomicU64,
     slots: Arc<tokio::sync::Semaphore>,
     /// Commands this process is executing right now: the only ones whose leases it renews.
     in_flight: std::sync::Mutex<std::collections::HashSet<i64>>,
@@ -421,6 +423,7 @@ impl Queue {
                 waiters: Default::default(),
                 stopping: AtomicBool::new(false),
                 grouped: Default::default(),
+                sweeps: Default::default(),
                 slots: Arc::new(tokio::sync::Semaphore::new(config.workers.max(1))),
                 in_flight: Default::default(),
                 runner: std::sync::OnceLock::new(),
@@ -471,6 +474,12 @@ impl Queue {
     /// `Runner::step_group`).
     pub fn grouped_steps(&self) -> u64 {
         self.inner.grouped.load(Ordering::Relaxed)
+    }
+
+    /// Sweeps of expired leases this queue has done since it started (one every third of a
+    /// lease): a test waits for some to know another core had its chance to take a command.
+    pub fn sweeps(&self) -> u64 {
+        self.inner.sweeps.load(Ordering::Relaxed)
     }
 
     /// Tells the dispatcher that work may be waiting.

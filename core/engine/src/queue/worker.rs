@@ -687,8 +687,12 @@ async fn lease_keeper(inner: Arc<Inner>) {
             tracing::warn!(error = %e, "renewing leases failed");
         }
         match store::sweep(&inner.db, now).await {
-            Ok(n) if n > 0 => inner.work.notify_one(),
-            Ok(_) => {}
+            Ok(n) => {
+                inner.sweeps.fetch_add(1, Ordering::Relaxed);
+                if n > 0 {
+                    inner.work.notify_one();
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "sweeping the queue failed"),
         }
         if inner.stopping.load(Ordering::SeqCst) {
