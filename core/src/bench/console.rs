@@ -1,8 +1,9 @@
 //! Benchmarks of the operator's tools against an embedded core served on loopback:
 //!
-//! - `bench events`: subscribers of `GET /v1/events` receiving every event of no-op commands
-//!   submitted at once or at a steady rate (`--rate`); delivery latency is the time from the event's row being written (its `at`,
-//!   the database's clock) to its arrival at a subscriber.
+//! - `bench events`: subscribers of `GET /v1/events` (on a runtime of their own) receiving
+//!   every event of no-op commands submitted at once or at a steady rate (`--rate`); delivery
+//!   latency is the time from the event's row being written (its `at`, the database's clock)
+//!   to its arrival at a subscriber.
 //! - `bench scrape`: `GET /metrics` and `GET /v1/containers?limit=100` with a million containers.
 
 use std::time::{Duration, Instant};
@@ -93,17 +94,48 @@ fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
         .unwrap_or_default()
 }
 
+/// The subscribers' runtime, shut down without waiting when dropped (it is dropped inside the
+/// bench's own runtime, where waiting is not allowed).
+struct Subscribers(Option<tokio::runtime::Runtime>);
+
+impl Subscribers {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0
+            .as_ref()
+            .expect("the runtime lives until dropped")
+            .handle()
+    }
+}
+
+impl Drop for Subscribers {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// `bench events`.
 pub async fn events(args: EventsBenchArgs) -> Result<()> {
     let dir = tempfile::tempdir().context("cannot create a scratch directory")?;
     let (core, url) = serve(dir.path(), 4).await?;
     let expected = args.commands;
+    // The subscribers stand for clients elsewhere: they run on a runtime of their own, so that
+    // their parsing competes with the core for the CPUs, not for the core's own threads.
+    let clients = Subscribers(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-subscriber")
+            .enable_all()
+            .build()
+            .context("cannot start the subscribers' runtime")?,
+    ));
     let mut subscribers = Vec::new();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(args.subscribers.max(1));
     for _ in 0..args.subscribers {
         let client = Client::new(&url);
         let ready = ready_tx.clone();
-        subscribers.push(tokio::spawn(async move {
+        subscribers.push(clients.handle().spawn(async move {
             let mut stream = std::pin::pin!(client.events("/v1/events?topic=command").await?);
             let mut latencies = Vec::with_capacity(expected * 3);
             let mut finished = 0;
@@ -184,6 +216,7 @@ pub async fn events(args: EventsBenchArgs) -> Result<()> {
         all.last().copied().unwrap_or(0)
     );
     core.stop(Duration::from_secs(5)).await;
+    drop(clients);
     Ok(())
 }
 
