@@ -247,6 +247,34 @@ fn user_commands_outside_a_core_directory_say_where_they_looked() {
     assert!(!dir.path().join("cloud48-data").join("cloud48.db").exists());
 }
 
+/// `agent --import-image` on a server that runs no images is refused with why, before the
+/// agent starts.
+#[test]
+fn an_agent_that_runs_no_images_refuses_to_import_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(crate::common::binary())
+        .args([
+            "agent",
+            "--driver",
+            "sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("agent"))
+        .arg("--import-image")
+        .arg(dir.path().join("web.tar"))
+        .env("CLOUD48_AGENT_TOKEN", "a-token-of-sixteen-chars")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--import-image: this server runs no images (the sim driver runs no images)"),
+        "{err}"
+    );
+}
+
 /// Shell completions name every subcommand, for each shell.
 #[test]
 fn completion_scripts_know_the_subcommands() {

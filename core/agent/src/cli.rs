@@ -104,6 +104,13 @@ pub struct AgentArgs {
     /// bound).
     #[arg(long, default_value_t = 20480)]
     pub image_cache_mb: u64,
+    /// An OCI archive (`podman save`, `skopeo copy … oci-archive:FILE`) or OCI layout
+    /// directory whose images this server holds from the start, without pulling them from the
+    /// core or a peer (repeatable). The heartbeats say so, placement prefers this server for
+    /// them, and peers may pull them from it. Kept like pulled images: beyond
+    /// --image-cache-mb the least recently used that nothing runs may be removed.
+    #[arg(long = "import-image", value_name = "PATH")]
+    pub import_images: Vec<PathBuf>,
     /// Qemu driver: the accelerator (auto: KVM where the CPU has hardware virtualization,
     /// else TCG; kvm: refuse to start without it).
     #[arg(long, default_value = "auto", value_parser = ["auto", "kvm", "tcg"])]
@@ -175,6 +182,30 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let capacity = args.capacity.as_deref().map(parse_capacity).transpose()?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
+    let runc = ["/usr/sbin/runc", "/usr/bin/runc", "/sbin/runc"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    if !args.import_images.is_empty() {
+        let no_images = match (args.driver, args.images, runc) {
+            (AgentDriver::Qemu, ..) => None,
+            (AgentDriver::Sim, ..) => Some("the sim driver runs no images"),
+            (AgentDriver::Linux, ImagesMode::Off, _) => Some("it runs with --images off"),
+            (AgentDriver::Linux, _, false) => Some("runc is not installed"),
+            (AgentDriver::Linux, _, true) => None,
+        };
+        if let Some(why) = no_images {
+            bail!("--import-image: this server runs no images ({why}); leave the option out");
+        }
+        // Before the driver opens the store, so that it finds them there.
+        let store = args.data_dir.join("images");
+        let paths = args.import_images.clone();
+        let imported = tokio::task::spawn_blocking(move || import_images(&store, &paths))
+            .await
+            .context("importing images stopped")??;
+        for line in imported {
+            eprintln!("cloud48 agent: {line}");
+        }
+    }
     // The images this server holds, served to peer agents.
     let mut image_store = None;
     let subnet: cloud48_linux::network::Subnet = args
@@ -240,9 +271,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             Arc::new(qemu)
         }
         AgentDriver::Linux => {
-            let runc = ["/usr/sbin/runc", "/usr/bin/runc", "/sbin/runc"]
-                .iter()
-                .any(|p| std::path::Path::new(p).exists());
             let images = match (args.images, runc) {
                 (ImagesMode::Off, _) => None,
                 (ImagesMode::On, false) => bail!(
@@ -334,6 +362,30 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     result
 }
 
+/// Imports the images of each OCI archive or layout at `paths` into the store at `store`
+/// (`--import-image`); says what each held.
+fn import_images(store: &std::path::Path, paths: &[PathBuf]) -> Result<Vec<String>> {
+    let store = cloud48_image::Store::open(store.to_path_buf())
+        .with_context(|| format!("cannot open the image store {}", store.display()))?;
+    let mut said = Vec::new();
+    for path in paths {
+        let images = store
+            .import_path(path, None)
+            .with_context(|| format!("--import-image {}", path.display()))?;
+        for image in images {
+            said.push(format!(
+                "imported {} from {}",
+                match &image.name {
+                    Some(n) => format!("{n}@{}", image.digest),
+                    None => image.digest.to_string(),
+                },
+                path.display()
+            ));
+        }
+    }
+    Ok(said)
+}
+
 /// Options of `cloud48 guest-http`.
 #[derive(Debug, Args, Clone)]
 pub struct GuestHttpArgs {
@@ -365,4 +417,54 @@ pub async fn guest_http(args: GuestHttpArgs) -> Result<()> {
         })
         .await
         .context("guest-http failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image named `name` in a new OCI layout under `dir`.
+    fn layout(dir: &std::path::Path, name: &str) -> cloud48_image::ImageSummary {
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::write(rootfs.join("hello"), name).unwrap();
+        let store = cloud48_image::Store::open(dir.join("layout")).unwrap();
+        let layer = store.write_layer_from_dir(&rootfs).unwrap();
+        let image = cloud48_image::NewImage {
+            cmd: vec!["/bin/true".into()],
+            ..Default::default()
+        };
+        store
+            .commit(&name.parse().unwrap(), &[layer], &image)
+            .unwrap()
+    }
+
+    #[test]
+    fn imported_images_are_in_the_store_and_a_bad_path_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = layout(dir.path(), "local/web:1");
+        let store = dir.path().join("images");
+        let said = import_images(&store, &[dir.path().join("layout")]).unwrap();
+        assert_eq!(
+            said,
+            [format!(
+                "imported local/web:1@{} from {}",
+                made.digest,
+                dir.path().join("layout").display()
+            )]
+        );
+        let held = cloud48_image::Store::open(store.clone()).unwrap();
+        assert_eq!(
+            held.show("local/web:1").unwrap().summary.digest,
+            made.digest
+        );
+
+        let missing = dir.path().join("nowhere.tar");
+        let err = import_images(&store, &[missing.clone()]).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains(&format!("--import-image {}", missing.display())),
+            "{err}"
+        );
+    }
 }
