@@ -460,7 +460,7 @@ mod tests {
         );
 
         let missing = dir.path().join("nowhere.tar");
-        let err = import_images(&store, &[missing.clone()]).unwrap_err();
+        let err = import_images(&store, std::slice::from_ref(&missing)).unwrap_err();
         let err = format!("{err:#}");
         assert!(
             err.contains(&format!("--import-image {}", missing.display())),
