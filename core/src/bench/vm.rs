@@ -44,6 +44,10 @@ pub struct VmBenchArgs {
     /// default: this machine's.
     #[arg(long)]
     pub server_memory_mb: Option<u64>,
+    /// CPU each of the two servers offers, millis (how many vCPUs a VM may grow to while it
+    /// runs); default: this machine's.
+    #[arg(long)]
+    pub server_cpu_millis: Option<u64>,
     /// VMs boot with room to grow while they run (the agent's `--vm-grow-live`).
     #[arg(long)]
     pub grow_live: bool,
@@ -78,13 +82,15 @@ fn nginx() -> Workload {
     }
 }
 
+/// A VM of one vCPU (half a CPU, so that two fit a server offering one: `--server-cpu-millis
+/// 1000` boots VMs without room for more vCPUs).
 fn spec(id: &str, memory_mb: u64, disk_mb: u64) -> GuestSpec {
     GuestSpec {
         avoid: Vec::new(),
         guest_id: id.into(),
         type_id: "bench".into(),
         resources: Resources {
-            cpu_millis: 1000,
+            cpu_millis: 500,
             memory_mb,
             disk_mb,
         },
@@ -239,10 +245,16 @@ pub async fn vm(args: VmBenchArgs) -> Result<()> {
         ),
         prefix: format!("{prefix}{n}"),
         image_cache_bytes: None,
-        capacity: args.server_memory_mb.map(|memory_mb| Resources {
-            memory_mb,
-            ..cloud48_engine::driver::linux::machine_capacity(dir.path())
-        }),
+        capacity: (args.server_memory_mb.is_some() || args.server_cpu_millis.is_some()).then(
+            || {
+                let machine = cloud48_engine::driver::linux::machine_capacity(dir.path());
+                Resources {
+                    memory_mb: args.server_memory_mb.unwrap_or(machine.memory_mb),
+                    cpu_millis: args.server_cpu_millis.unwrap_or(machine.cpu_millis),
+                    ..machine
+                }
+            },
+        ),
         stop_grace: Duration::from_secs(30),
         boot_timeout: Duration::from_secs(300),
         accel,
