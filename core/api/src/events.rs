@@ -4,7 +4,6 @@
 //! families in `auth.anonymous_read`): a command's event tells no more than the command does.
 
 use std::convert::Infallible;
-
 use std::time::Duration;
 
 use axum::Extension;
