@@ -197,9 +197,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             bail!("--import-image: this server runs no images ({why}); leave the option out");
         }
         // Before the driver opens the store, so that it finds them there.
-        let store = args.data_dir.join("images");
+        let data_dir = args.data_dir.clone();
         let paths = args.import_images.clone();
-        let imported = tokio::task::spawn_blocking(move || import_images(&store, &paths))
+        let imported = tokio::task::spawn_blocking(move || import_images(&data_dir, &paths))
             .await
             .context("importing images stopped")??;
         for line in imported {
@@ -364,9 +364,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
 
 /// Imports the images of each OCI archive or layout at `paths` into the store at `store`
 /// (`--import-image`); says what each held.
-fn import_images(store: &std::path::Path, paths: &[PathBuf]) -> Result<Vec<String>> {
-    let store = cloud48_image::Store::open(store.to_path_buf())
-        .with_context(|| format!("cannot open the image store {}", store.display()))?;
+fn import_images(data_dir: &std::path::Path, paths: &[PathBuf]) -> Result<Vec<String>> {
+    let store = cloud48_image::Store::open_server(data_dir)
+        .with_context(|| format!("cannot open the image store in {}", data_dir.display()))?;
     let mut said = Vec::new();
     for path in paths {
         let images = store
@@ -443,8 +443,7 @@ mod tests {
     fn imported_images_are_in_the_store_and_a_bad_path_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let made = layout(dir.path(), "local/web:1");
-        let store = dir.path().join("images");
-        let said = import_images(&store, &[dir.path().join("layout")]).unwrap();
+        let said = import_images(dir.path(), &[dir.path().join("layout")]).unwrap();
         assert_eq!(
             said,
             [format!(
@@ -453,14 +452,14 @@ mod tests {
                 dir.path().join("layout").display()
             )]
         );
-        let held = cloud48_image::Store::open(store.clone()).unwrap();
+        let held = cloud48_image::Store::open_server(dir.path()).unwrap();
         assert_eq!(
             held.show("local/web:1").unwrap().summary.digest,
             made.digest
         );
 
         let missing = dir.path().join("nowhere.tar");
-        let err = import_images(&store, std::slice::from_ref(&missing)).unwrap_err();
+        let err = import_images(dir.path(), std::slice::from_ref(&missing)).unwrap_err();
         let err = format!("{err:#}");
         assert!(
             err.contains(&format!("--import-image {}", missing.display())),

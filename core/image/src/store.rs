@@ -108,6 +108,12 @@ fn json_error(what: &str, e: impl std::fmt::Display) -> ImageError {
 }
 
 impl Store {
+    /// Opens the store a server keeps in its data directory (`DATA/images`): the one its driver
+    /// runs images from, and that `cloud48 agent --import-image` fills.
+    pub fn open_server(data_dir: &Path) -> Result<Store, ImageError> {
+        Store::open(data_dir.join("images"))
+    }
+
     /// Opens the store in `root`, creating it if needed, and removes temporary files an
     /// interrupted import left.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, ImageError> {

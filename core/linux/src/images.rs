@@ -146,7 +146,7 @@ impl Images {
         source: Option<ImageSource>,
         limit: Option<u64>,
     ) -> Result<Images, String> {
-        let store = Store::open(data_dir.join("images"))
+        let store = Store::open_server(data_dir)
             .map_err(|e| format!("cannot open the server's image store: {e}"))?;
         let runc = Runc::new(runc_root).map_err(|e| e.to_string())?;
         let rootfs = data_dir.join("rootfs");

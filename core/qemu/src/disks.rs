@@ -56,7 +56,7 @@ impl VmImages {
         source: Option<ImageSource>,
         limit: Option<u64>,
     ) -> Result<VmImages, String> {
-        let store = Store::open(data_dir.join("images"))
+        let store = Store::open_server(data_dir)
             .map_err(|e| format!("cannot open the server's image store: {e}"))?;
         let dir = data_dir.join("vm-images");
         std::fs::create_dir_all(&dir)
