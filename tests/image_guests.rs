@@ -32,7 +32,7 @@ while (my $c = $s->accept) {
 static IMAGE: tokio::sync::OnceCell<(PathBuf, Arc<Store>)> = tokio::sync::OnceCell::const_new();
 
 /// The "core's" store with `test/web` built in it (once per test run).
-async fn source() -> Arc<Store> {
+pub async fn source() -> Arc<Store> {
     IMAGE
         .get_or_init(|| async {
             tokio::task::spawn_blocking(|| {
@@ -64,7 +64,7 @@ async fn source() -> Arc<Store> {
 }
 
 /// The image's own program (no command declared), its `http` endpoint, ready when it answers.
-fn web() -> Workload {
+pub fn web() -> Workload {
     Workload {
         image: Some(ImageRef {
             reference: "test/web".into(),
@@ -102,6 +102,7 @@ async fn open_with(
     cfg.images = Some(ImagesConfig {
         source: Some(source),
         cache_bytes,
+        migration_host: Some("127.0.0.1".into()),
     });
     LinuxDriver::open(cfg)
         .await
@@ -175,7 +176,7 @@ async fn image_containers_behind_agents_pass_the_conformance_suite() {
     assert!(failures.is_empty(), "conformance failures: {failures:#?}");
 }
 
-fn spec(id: &str, workload: Workload) -> GuestSpec {
+pub fn spec(id: &str, workload: Workload) -> GuestSpec {
     GuestSpec {
         avoid: Vec::new(),
         guest_id: id.into(),
@@ -190,7 +191,7 @@ fn spec(id: &str, workload: Workload) -> GuestSpec {
     }
 }
 
-async fn answer(ip: &str) -> String {
+pub async fn answer(ip: &str) -> String {
     let addr = (ip.parse::<Ipv4Addr>().unwrap(), 8080);
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut text = String::new();
@@ -198,7 +199,7 @@ async fn answer(ip: &str) -> String {
     text.trim().to_string()
 }
 
-async fn sh(d: &LinuxDriver, guest: &str, script: &str) -> (i32, String) {
+pub async fn sh(d: &LinuxDriver, guest: &str, script: &str) -> (i32, String) {
     let out = d.exec(guest, script, &[]).await.unwrap();
     (
         out.exit_code,
@@ -206,13 +207,13 @@ async fn sh(d: &LinuxDriver, guest: &str, script: &str) -> (i32, String) {
     )
 }
 
-fn mounted(path: &Path) -> bool {
+pub fn mounted(path: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let path = path.to_string_lossy();
     mounts.lines().any(|l| l.split(' ').nth(4) == Some(&*path))
 }
 
-fn runc_knows(prefix: &str, guest: &str) -> bool {
+pub fn runc_knows(prefix: &str, guest: &str) -> bool {
     std::process::Command::new("runc")
         .args([
             "--root",

@@ -21,6 +21,7 @@ mod events;
 mod harness;
 mod health;
 mod image_guests;
+mod image_live;
 mod images;
 mod layout;
 mod linux;

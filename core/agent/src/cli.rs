@@ -121,8 +121,8 @@ pub struct AgentArgs {
     /// memory. Without it, more for a running VM is refused; less is always given back.
     #[arg(long)]
     pub vm_grow_live: bool,
-    /// Qemu driver: the address other servers reach this one at for live migrations
-    /// [default: the host of --url].
+    /// The address other servers reach this one at for live migrations (qemu: VMs; linux:
+    /// containers that run their image, where CRIU works) [default: the host of --url].
     #[arg(long)]
     pub migration_address: Option<String>,
     /// Qemu driver: how long a VM may take to boot until its guest agent answers, seconds.
@@ -236,6 +236,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             ) as cloud48_linux::images::ImageSource
         })
     };
+    let migration_host = match &args.migration_address {
+        Some(a) => a.clone(),
+        None => reqwest::Url::parse(&url)
+            .ok()
+            .and_then(|u| u.host_str().map(String::from))
+            .unwrap_or_else(|| "127.0.0.1".into()),
+    };
     let driver: Arc<dyn Driver> = match args.driver {
         AgentDriver::Qemu => {
             let cfg = cloud48_qemu::QemuConfig {
@@ -255,13 +262,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                     .parse()
                     .map_err(|e: String| anyhow::anyhow!("--accel: {e}"))?,
                 source: core_images(),
-                migration_host: match &args.migration_address {
-                    Some(a) => a.clone(),
-                    None => reqwest::Url::parse(&url)
-                        .ok()
-                        .and_then(|u| u.host_str().map(String::from))
-                        .unwrap_or_else(|| "127.0.0.1".into()),
-                },
+                migration_host: migration_host.clone(),
             };
             let qemu = cloud48_qemu::QemuDriver::open(cfg)
                 .await
@@ -285,6 +286,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 (_, true) => Some(ImagesConfig {
                     cache_bytes: (args.image_cache_mb > 0).then_some(args.image_cache_mb << 20),
                     source: core_images(),
+                    migration_host: Some(migration_host.clone()),
                 }),
             };
             let cfg = LinuxConfig {

@@ -222,6 +222,10 @@ pub struct LiveTarget {
     pub disk_port: u16,
     /// Port of the memory's stream.
     pub memory_port: u16,
+    /// A secret the source presents first on each connection, so that nothing else can
+    /// hand the target a guest (empty: the transport asks for none, as QEMU's does not).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
 }
 
 /// How a live migration went, from the source.
@@ -266,8 +270,8 @@ pub struct Capabilities {
     #[serde(default)]
     pub images: bool,
     /// Moves a running guest to another server without stopping it (live migration: the
-    /// `live_*` operations). The qemu driver does; the linux driver's OS containers would need
-    /// CRIU checkpoint/restore.
+    /// `live_*` operations). The qemu driver does; the linux driver does for containers that
+    /// run their image, where CRIU works (checkpoint, stream, restore).
     #[serde(default)]
     pub live_migrate: bool,
     /// A simulation: no process runs in its containers (an operator's `exec` has nothing to

@@ -370,8 +370,9 @@ impl<'a> ContainerManager<'a> {
     }
 
     /// Why `row` cannot migrate live to `to` (a server id, or any when `None`): a server
-    /// whose driver does not move running guests (OS containers would need CRIU checkpoint
-    /// and restore; VMs on qemu servers move), said with what to do instead.
+    /// whose driver does not move running guests (VMs on qemu servers move; OS containers
+    /// that run their image move between linux servers where CRIU works), said with what to
+    /// do instead.
     fn live_refusal(&self, row: &container::Model, to: Option<i64>) -> Option<CoreError> {
         let fleet = self.svc.fleet();
         let cannot = |server: Option<i64>| match server.and_then(|s| fleet.named_driver(s)) {
@@ -381,7 +382,7 @@ impl<'a> ContainerManager<'a> {
         };
         let which = cannot(row.server_id).or_else(|| to.and_then(|t| cannot(Some(t))))?;
         Some(CoreError::Conflict(format!(
-            "container {} cannot migrate live: {which} reports no live migration (only virtual machines on qemu servers move while they run; OS containers would need CRIU checkpoint and restore, which Cloud48 does not do yet); migrate without --live: the container stops while its files are copied and starts on the target with the same address where the network allows",
+            "container {} cannot migrate live: {which} reports no live migration (virtual machines on qemu servers move while they run, and containers that run their image on linux servers where CRIU works; the server's agent log says why not); migrate without --live: the container stops while its files are copied and starts on the target with the same address where the network allows",
             row.id
         )))
     }

@@ -17,6 +17,7 @@
 
 pub mod cgroups;
 pub mod images;
+mod live;
 pub mod network;
 pub mod ready;
 pub mod templates;
@@ -38,7 +39,7 @@ use self::network::{GuestNet, Subnet};
 use self::templates::Template;
 use cloud48_driver::{
     Capabilities, Driver, DriverError, ExecOutput, GuestImage, GuestInfo, GuestSpec, GuestState,
-    ServerStats,
+    LiveOffer, LiveReport, LiveTarget, ServerStats,
 };
 use cloud48_model::Resources;
 
@@ -89,12 +90,17 @@ pub struct ImagesConfig {
     /// Most bytes the server's images may take (as stored, plus unpacked); the least recently
     /// used images no container runs are removed beyond it. `None`: no bound.
     pub cache_bytes: Option<u64>,
+    /// The address other servers send containers moving live to (where CRIU works); `None`:
+    /// containers do not move live to or from this server.
+    pub migration_host: Option<String>,
 }
 
 impl std::fmt::Debug for ImagesConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ImagesConfig")
             .field("source", &self.source.as_ref().map(|_| "…"))
+            .field("cache_bytes", &self.cache_bytes)
+            .field("migration_host", &self.migration_host)
             .finish()
     }
 }
@@ -120,6 +126,10 @@ pub struct LinuxDriver {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cpu_sample: Mutex<Option<(Instant, u64)>>,
     disk_sample: Mutex<Option<(Instant, u64)>>,
+    /// Whether CRIU works here (its version), or why not.
+    live: Result<String, String>,
+    /// Guests this server is receiving live.
+    receiving: Mutex<HashMap<String, live::Receiving>>,
 }
 
 fn permanent(e: impl std::fmt::Display) -> DriverError {
@@ -219,6 +229,20 @@ impl LinuxDriver {
             )?)),
             None => None,
         };
+        let live = match cfg.images.as_ref().and_then(|i| i.migration_host.as_ref()) {
+            Some(_) => {
+                let scratch = cfg.data_dir.join("criu-probe");
+                let works = tokio::task::spawn_blocking(move || cloud48_oci::criu_works(&scratch))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                match &works {
+                    Ok(v) => tracing::info!(criu = %v, "containers move live (CRIU works)"),
+                    Err(why) => tracing::warn!(%why, "containers cannot move live"),
+                }
+                works
+            }
+            None => Err("live migration is off".into()),
+        };
         Ok(LinuxDriver {
             cfg,
             cgroups,
@@ -228,6 +252,8 @@ impl LinuxDriver {
             locks: Mutex::new(HashMap::new()),
             cpu_sample: Mutex::new(None),
             disk_sample: Mutex::new(None),
+            live,
+            receiving: Mutex::new(HashMap::new()),
         })
     }
 
@@ -334,13 +360,20 @@ impl LinuxDriver {
             return Err(self.over_capacity(wanted));
         }
         let used: Vec<Ipv4Addr> = guests.values().map(|r| r.ip).collect();
+        // A new address is none the core says others on its network hold either.
+        let avoided: Vec<Ipv4Addr> = spec.avoid.iter().filter_map(|a| a.parse().ok()).collect();
         let asked = spec
             .ip
             .as_deref()
             .and_then(|w| w.parse::<Ipv4Addr>().ok())
             .filter(|ip| self.cfg.subnet.contains(*ip) && !used.contains(ip));
         let ip = asked
-            .or_else(|| self.cfg.subnet.hosts().find(|ip| !used.contains(ip)))
+            .or_else(|| {
+                self.cfg
+                    .subnet
+                    .hosts()
+                    .find(|ip| !used.contains(ip) && !avoided.contains(ip))
+            })
             .ok_or_else(|| DriverError::Capacity {
                 server: self.cfg.name.clone(),
                 message: format!("no free address left in {}", self.cfg.subnet),
@@ -520,9 +553,14 @@ impl LinuxDriver {
         Ok(Some(digest))
     }
 
-    /// Starts a guest that runs its image: its overlay mounted, its bundle written, runc
-    /// creates it, its network namespace gets the veth, runc starts it.
-    async fn launch_image(&self, r: &Record, digest: &str) -> Result<(), DriverError> {
+    /// What runs guest `r` on image `digest` (pulled and unpacked again if the server's cache
+    /// lost it since the guest was made): its bundle, the `/etc/hosts` it gets, its image's
+    /// unpacked root (its overlay's lower directory), and runc.
+    async fn image_bundle(
+        &self,
+        r: &Record,
+        digest: &str,
+    ) -> Result<(cloud48_oci::Bundle, String, PathBuf, cloud48_oci::Runc), DriverError> {
         let guest = &r.spec.guest_id;
         let images = self.images.clone().ok_or_else(|| {
             permanent(format!(
@@ -539,7 +577,6 @@ impl LinuxDriver {
                 .unwrap_or_else(|| digest.to_string()),
             digest: Some(digest.to_string()),
         };
-        // Pulled and unpacked again if the server's cache lost it since the guest was made.
         let details = images.prepare(&reference).await?;
         let dir = self.dir(guest);
         let w = &r.spec.workload;
@@ -578,28 +615,20 @@ impl LinuxDriver {
                 reference.reference
             )));
         }
-        let (runc, id) = (images.runc.clone(), guest.to_string());
         let lower = images.rootfs(&details.summary.digest);
+        Ok((bundle, hosts, lower, images.runc.clone()))
+    }
+
+    /// Starts a guest that runs its image: its overlay mounted, its bundle written, runc
+    /// creates it, its network namespace gets the veth, runc starts it.
+    async fn launch_image(&self, r: &Record, digest: &str) -> Result<(), DriverError> {
+        let guest = &r.spec.guest_id;
+        let (bundle, hosts, lower, runc) = self.image_bundle(r, digest).await?;
+        let (dir, started_with) = (self.dir(guest), runc.clone());
+        let id = guest.to_string();
         let created = tokio::task::spawn_blocking(move || {
             runc.delete(&id, true)?;
-            let merged = dir.join("merged");
-            if !cloud48_oci::is_mounted(&merged) {
-                cloud48_oci::mount_overlay(&lower, &dir.join("fs"), &dir.join("work"), &merged)?;
-            }
-            std::fs::write(dir.join("hosts"), hosts).map_err(cloud48_oci::OciError::io(
-                "writing the container's /etc/hosts",
-            ))?;
-            // Its output is its own: a program that reopens /dev/stdout (nginx's logs) must be
-            // allowed to.
-            let log = dir.join("console.log");
-            let owner = cloud48_oci::DEFAULT_ID_MAP.host;
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .and_then(|_| std::os::unix::fs::chown(&log, Some(owner), Some(owner)))
-                .map_err(cloud48_oci::OciError::io("giving the container its log"))?;
-            bundle.write(&dir.join("bundle"))?;
+            ready_root(&dir, &lower, &hosts, &bundle)?;
             runc.create(&id, &dir.join("bundle"), &dir.join("console.log"))
         })
         .await
@@ -616,8 +645,8 @@ impl LinuxDriver {
             network::attach_pid(&net, &self.cfg.bridge, &self.cfg.subnet, r.ip, pid)
                 .await
                 .map_err(permanent)?;
-            let (runc, id) = (images.runc.clone(), guest.to_string());
-            tokio::task::spawn_blocking(move || runc.start(&id))
+            let id = guest.to_string();
+            tokio::task::spawn_blocking(move || started_with.start(&id))
                 .await
                 .map_err(permanent)?
                 .map_err(|e| permanent(format!("cannot start container {guest}: {e}")))
@@ -627,7 +656,8 @@ impl LinuxDriver {
             let _ = self.halt(guest).await;
             return Err(e);
         }
-        self.wait_ready(r, &ready::Probe::of(w), None, None).await
+        self.wait_ready(r, &ready::Probe::of(&r.spec.workload), None, None)
+            .await
     }
 
     async fn launch(&self, r: &Record) -> Result<(), DriverError> {
@@ -782,6 +812,34 @@ impl LinuxDriver {
     }
 }
 
+/// Makes what runc needs to run (or restore) a guest in its directory `dir`: its overlay of
+/// `lower` mounted (unless it is), its `/etc/hosts`, a log its root may reopen, its bundle.
+fn ready_root(
+    dir: &Path,
+    lower: &Path,
+    hosts: &str,
+    bundle: &cloud48_oci::Bundle,
+) -> Result<(), cloud48_oci::OciError> {
+    let merged = dir.join("merged");
+    if !cloud48_oci::is_mounted(&merged) {
+        cloud48_oci::mount_overlay(lower, &dir.join("fs"), &dir.join("work"), &merged)?;
+    }
+    std::fs::write(dir.join("hosts"), hosts).map_err(cloud48_oci::OciError::io(
+        "writing the container's /etc/hosts",
+    ))?;
+    // Its output is its own: a program that reopens /dev/stdout (nginx's logs) must be
+    // allowed to.
+    let log = dir.join("console.log");
+    let owner = cloud48_oci::DEFAULT_ID_MAP.host;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .and_then(|_| std::os::unix::fs::chown(&log, Some(owner), Some(owner)))
+        .map_err(cloud48_oci::OciError::io("giving the container its log"))?;
+    bundle.write(&dir.join("bundle"))
+}
+
 /// Gives a guest's upper directory to its root (the first id of its user namespace's range).
 fn own_root(fs: &Path) -> Result<(), DriverError> {
     let id = cloud48_oci::DEFAULT_ID_MAP.host;
@@ -925,7 +983,7 @@ impl Driver for LinuxDriver {
             migrate: true,
             update: true,
             images: self.images.is_some(),
-            live_migrate: false,
+            live_migrate: self.live_host().is_some(),
             simulated: false,
             vm: None,
         }
@@ -1021,6 +1079,8 @@ impl Driver for LinuxDriver {
     }
 
     async fn destroy(&self, guest_id: &str) -> Result<(), DriverError> {
+        // A copy being received live stops being received.
+        self.receiving.lock().unwrap().remove(guest_id);
         let _held = self.hold(guest_id).await;
         if self.record(guest_id).is_err() {
             return Ok(());
@@ -1206,6 +1266,30 @@ impl Driver for LinuxDriver {
             }),
             images: self.images.as_ref().map(|i| i.held()).unwrap_or_default(),
         })
+    }
+
+    async fn live_offer(&self, guest_id: &str) -> Result<LiveOffer, DriverError> {
+        self.offer(guest_id).await
+    }
+
+    async fn live_receive(
+        &self,
+        spec: &GuestSpec,
+        offer: &LiveOffer,
+    ) -> Result<LiveTarget, DriverError> {
+        self.receive(spec, offer).await
+    }
+
+    async fn live_send(
+        &self,
+        guest_id: &str,
+        target: &LiveTarget,
+    ) -> Result<LiveReport, DriverError> {
+        self.send(guest_id, target).await
+    }
+
+    async fn live_finish(&self, guest_id: &str) -> Result<(), DriverError> {
+        self.finish(guest_id).await
     }
 
     async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {

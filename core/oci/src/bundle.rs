@@ -197,9 +197,27 @@ impl Bundle {
             )
             .build()
             .map_err(spec_error)?;
-        // The rootless set: /sys bound read-only (a user namespace cannot mount a sysfs of a
-        // network namespace it does not own), no cgroup file system.
+        // The rootless set, no cgroup file system. /sys: a sysfs of the container's own network
+        // namespace (CRIU cannot restore a bind of the host's), or with a namespace the user
+        // namespace does not own, which cannot mount one, the host's bound read-only.
         let mut mounts = get_rootless_mounts();
+        if self.netns.is_none() {
+            for m in &mut mounts {
+                if m.destination() == Path::new("/sys") {
+                    *m = MountBuilder::default()
+                        .destination("/sys")
+                        .typ("sysfs")
+                        .source("sysfs")
+                        .options(
+                            ["nosuid", "noexec", "nodev", "ro"]
+                                .map(String::from)
+                                .to_vec(),
+                        )
+                        .build()
+                        .map_err(spec_error)?;
+                }
+            }
+        }
         for (host, container) in &self.binds {
             mounts.push(
                 MountBuilder::default()
@@ -307,4 +325,47 @@ pub fn unmount(path: &Path) -> Result<(), OciError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    fn bundle(netns: Option<PathBuf>) -> Bundle {
+        Bundle {
+            rootfs: "/r".into(),
+            args: vec!["sh".into()],
+            env: vec![],
+            cwd: "/".into(),
+            hostname: "h".into(),
+            netns,
+            id_map: DEFAULT_ID_MAP,
+            memory_mb: 0,
+            cpu_millis: 0,
+            pids: 0,
+            binds: vec![],
+            cgroup: "/c/h".into(),
+        }
+    }
+
+    fn sys_type(b: &Bundle) -> Option<String> {
+        let spec = b.spec().unwrap();
+        spec.mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/sys"))
+            .and_then(|m| m.typ().clone())
+    }
+
+    #[test]
+    fn a_container_with_its_own_network_gets_its_own_sysfs_else_the_hosts_read_only() {
+        // Its own: what CRIU can restore.
+        assert_eq!(sys_type(&bundle(None)).as_deref(), Some("sysfs"));
+        // Another's network namespace: its user namespace could not mount a sysfs of it.
+        assert_ne!(
+            sys_type(&bundle(Some("/run/netns/x".into()))).as_deref(),
+            Some("sysfs")
+        );
+    }
 }

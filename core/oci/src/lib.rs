@@ -2,13 +2,16 @@
 //! system shared read-only by its containers (`unpack.rs`), each container's root an overlay of
 //! it and the container's own upper directory, an OCI runtime bundle generated with `oci-spec`
 //! (`bundle.rs`: user, PID, mount, UTS, IPC and network namespaces, cgroup limits, Docker's
-//! default capabilities), and Debian's runc running it (`runc.rs`).
+//! default capabilities), and Debian's runc running it (`runc.rs`), checkpointing and
+//! restoring it through CRIU where CRIU works (`criu.rs`).
 
 mod bundle;
+mod criu;
 mod runc;
 mod unpack;
 
 pub use bundle::{Bundle, DEFAULT_ID_MAP, IdMap, is_mounted, mount_overlay, unmount};
+pub use criu::criu_works;
 pub use runc::{ExecOutput, Runc, RuncState, RuncStatus};
 pub use unpack::unpack;
 

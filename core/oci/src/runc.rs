@@ -1,5 +1,5 @@
 //! runc, driven through its command line (Debian's `runc` package): run detached, state,
-//! signals, pause and resume, exec, delete.
+//! signals, pause and resume, exec, delete, and checkpoint and restore through CRIU.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -100,38 +100,90 @@ impl Runc {
 
     /// Creates container `id` from the bundle in `bundle` without starting its process (its
     /// namespaces exist: the caller can set up its network through the returned pid); its
-    /// process will write its output to `log` (appended).
+    /// process's output is appended to `log` (see [`piped_stdio`]).
     pub fn create(&self, id: &str, bundle: &Path, log: &Path) -> Result<i32, OciError> {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(OciError::io(format!("opening {}", log.display())))?;
+        let mut c = self.logged(log);
+        c.args(["create", "--bundle"]).arg(bundle).arg(id);
+        self.run_piped(c, id, log, "creating")
+    }
+
+    /// Checkpoints running container `id` with CRIU into `images` (`work` takes CRIU's log):
+    /// its processes stop once their state is written; on failure they run on.
+    pub fn checkpoint(&self, id: &str, images: &Path, work: &Path) -> Result<(), OciError> {
+        let mut c = self.command();
+        c.args(["checkpoint", "--image-path"])
+            .arg(images)
+            .arg("--work-path")
+            .arg(work)
+            .arg(id);
+        self.run(c, &format!("checkpointing {id}"))
+            .map(drop)
+            .map_err(|e| with_criu_log(e, work, "dump.log"))
+    }
+
+    /// Restores container `id` from CRIU's `images` with the bundle in `bundle` (its root
+    /// mounted where the bundle says) and leaves it running in a new, empty network namespace
+    /// for the caller to wire; returns its first process's pid. Its output goes on to `log`.
+    pub fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        images: &Path,
+        work: &Path,
+        log: &Path,
+    ) -> Result<i32, OciError> {
+        let mut c = self.logged(log);
+        c.args(["restore", "--detach", "--image-path"])
+            .arg(images)
+            .arg("--work-path")
+            .arg(work)
+            .arg("--bundle")
+            .arg(bundle)
+            .arg(id);
+        self.run_piped(c, id, log, "restoring")
+            .map_err(|e| with_criu_log(e, work, "restore.log"))
+    }
+
+    /// runc writing its own complaints to `runc.log` beside the container's `log`.
+    fn logged(&self, log: &Path) -> Command {
+        let mut c = self.command();
+        c.arg("--log").arg(log.with_file_name("runc.log"));
+        c
+    }
+
+    /// Runs runc command `c` (from `logged`) that makes container `id`, its process's streams
+    /// pipes to a relay appending to `log`; returns the container's pid.
+    fn run_piped(&self, mut c: Command, id: &str, log: &Path, what: &str) -> Result<i32, OciError> {
+        let runc_log = log.with_file_name("runc.log");
+        std::fs::write(&runc_log, "")
+            .map_err(OciError::io(format!("emptying {}", runc_log.display())))?;
+        let (stdin, out) = piped_stdio(log)?;
         let err = out
             .try_clone()
-            .map_err(OciError::io(format!("opening {}", log.display())))?;
-        let mut c = self.command();
-        c.args(["create", "--bundle"])
-            .arg(bundle)
-            .arg(id)
-            .stdin(Stdio::null())
+            .map_err(OciError::io("duplicating the container's output pipe"))?;
+        let outcome = c
+            .stdin(stdin)
             .stdout(out)
-            .stderr(err);
-        let status = c
+            .stderr(err)
             .status()
-            .map_err(|e| OciError::Runtime(format!("creating {id}: cannot run runc: {e}")))?;
-        if !status.success() {
-            let tail = std::fs::read_to_string(log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            .map_err(|e| OciError::Runtime(format!("{what} {id}: cannot run runc: {e}")))?;
+        if !outcome.success() {
+            let tail = std::fs::read_to_string(&runc_log).unwrap_or_default();
+            let tail: Vec<&str> = tail
+                .lines()
+                .rev()
+                .filter(|l| !l.contains("level=warning"))
+                .take(5)
+                .collect();
             return Err(OciError::Runtime(format!(
-                "creating {id}: runc failed ({status}): {}",
+                "{what} {id}: runc failed ({outcome}): {}",
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             )));
         }
         match self.state(id)? {
             Some(s) if s.pid > 0 => Ok(s.pid),
             _ => Err(OciError::Runtime(format!(
-                "creating {id}: runc reports no process for it"
+                "{what} {id}: runc reports no process for it"
             ))),
         }
     }
@@ -245,4 +297,50 @@ impl Runc {
         c.arg(id);
         self.run(c, &format!("deleting {id}")).map(drop)
     }
+}
+
+/// The standard streams of a container's first process: input an empty pipe, output (both
+/// streams) a pipe whose other end a relay process appends to `log`. Pipes, not files: CRIU
+/// can checkpoint a process whose streams are pipes (runc hands the restored one new ones),
+/// not one holding a file of the host. The relay (`cat`, in a session of its own) outlives
+/// the agent and ends when the container's last process does.
+fn piped_stdio(log: &Path) -> Result<(std::io::PipeReader, std::io::PipeWriter), OciError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(OciError::io(format!("opening {}", log.display())))?;
+    let (stdin, _closed) = std::io::pipe().map_err(OciError::io("making a pipe"))?;
+    let (relay_in, out) = std::io::pipe().map_err(OciError::io("making a pipe"))?;
+    let status = Command::new("setsid")
+        .args(["--fork", "cat"])
+        .stdin(relay_in)
+        .stdout(file)
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| {
+            OciError::Runtime(format!(
+                "cannot start the relay of the container's output (setsid, Debian: util-linux): {e}"
+            ))
+        })?;
+    if !status.success() {
+        return Err(OciError::Runtime(format!(
+            "the relay of the container's output did not start ({status})"
+        )));
+    }
+    Ok((stdin, out))
+}
+
+/// `e` with the last lines of CRIU's log `name` in `work`, where CRIU says why it failed.
+fn with_criu_log(e: OciError, work: &Path, name: &str) -> OciError {
+    let log = std::fs::read_to_string(work.join(name)).unwrap_or_default();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error") && !l.contains("RLIMIT_NOFILE"))
+        .take(5)
+        .collect();
+    if errors.is_empty() {
+        return e;
+    }
+    OciError::Runtime(format!("{e}; CRIU says: {}", errors.join(" | ")))
 }

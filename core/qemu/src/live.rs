@@ -244,6 +244,7 @@ pub async fn receive(qmp_sock: &Path, host: &str) -> Result<LiveTarget, String> 
         host: host.into(),
         disk_port,
         memory_port,
+        token: String::new(),
     })
 }
 

@@ -213,6 +213,7 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
         images: Some(ImagesConfig {
             source: Some(source.clone()),
             cache_bytes: None,
+            migration_host: None,
         }),
     };
     let result = async {

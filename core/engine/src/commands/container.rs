@@ -990,7 +990,7 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
             let (dst, dst_name) = driver_of(svc, r.server_id)?;
             if !dst.capabilities().live_migrate {
                 return Err(StepError::Permanent(format!(
-                    "placement chose server {dst_name}, which cannot receive a running container (no live migration there); name a qemu server with --to, or migrate without --live"
+                    "placement chose server {dst_name}, which cannot receive a running container (no live migration there); name a server that can with --to (server list shows live-migrate), or migrate without --live"
                 )));
             }
             Ok(Transition::bare(next(

@@ -1,0 +1,572 @@
+//! Live migration of containers that run their image, through CRIU (`runc checkpoint` and
+//! `runc restore`): the source checkpoints the container (its processes stop once their state
+//! is written), sends its upper directory and then the checkpoint to the target over two
+//! connections, each opened with the target's secret; the target unpacks both, restores the
+//! container on the same image, wires its network with the same address and says so. On any
+//! failure the source restores the container where it was, so exactly one runs.
+//!
+//! Invariants:
+//! - A target's copy runs only once everything arrived whole; until then it is a stopped
+//!   guest that destroy removes (the core does, for a failed move).
+//! - The source's checkpoint stays until the move succeeded: a failed one restores from it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cloud48_driver::{DriverError, GuestSpec, GuestState, LiveOffer, LiveReport, LiveTarget};
+use tokio::sync::watch;
+
+use crate::network::{self, GuestNet, Subnet};
+use crate::{LinuxDriver, images, permanent, ready_root};
+
+/// How long a target waits for the source to connect.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one side waits for the other once connected (a stalled peer is a failed move).
+const IO_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A guest a target is receiving: how it ends, and the task receiving it.
+pub(crate) struct Receiving {
+    outcome: watch::Receiver<Option<Result<(), String>>>,
+    task: tokio::task::AbortHandle,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the target's receiving task needs of its driver.
+struct Restore {
+    guest: String,
+    dir: PathBuf,
+    lower: PathBuf,
+    hosts: String,
+    bundle: cloud48_oci::Bundle,
+    runc: cloud48_oci::Runc,
+    net: GuestNet,
+    bridge: String,
+    subnet: Subnet,
+    ip: Ipv4Addr,
+}
+
+/// Where a guest's checkpoint lives: `live/` (root's only) holding `images/` (which the
+/// restored processes read before their user namespace maps them, so world-readable inside
+/// a directory nobody else can enter) and `work/` (CRIU's logs).
+fn checkpoint_dirs(dir: &Path) -> std::io::Result<(PathBuf, PathBuf)> {
+    use std::os::unix::fs::PermissionsExt;
+    let live = dir.join("live");
+    let _ = std::fs::remove_dir_all(&live);
+    std::fs::create_dir_all(&live)?;
+    std::fs::set_permissions(&live, std::fs::Permissions::from_mode(0o700))?;
+    let (images, work) = (live.join("images"), live.join("work"));
+    std::fs::create_dir_all(&images)?;
+    std::fs::create_dir_all(&work)?;
+    Ok((images, work))
+}
+
+/// Opens the checkpoint in `images` to the restored processes: their root owns it, all may
+/// read it.
+fn open_checkpoint(images: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let owner = cloud48_oci::DEFAULT_ID_MAP.host;
+    std::fs::set_permissions(images, std::fs::Permissions::from_mode(0o755))?;
+    std::os::unix::fs::chown(images, Some(owner), Some(owner))?;
+    for e in std::fs::read_dir(images)? {
+        let p = e?.path();
+        std::os::unix::fs::chown(&p, Some(owner), Some(owner))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(())
+}
+
+/// A tar of the plain files of `dir` (a CRIU checkpoint), written to `out`; returns its bytes.
+fn archive_flat<W: Write>(dir: &Path, out: W) -> std::io::Result<u64> {
+    let mut b = tar::Builder::new(Counting(out, 0));
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            b.append_path_with_name(e.path(), e.file_name())?;
+        }
+    }
+    Ok(b.into_inner()?.1)
+}
+
+/// A writer that counts what passes.
+struct Counting<W>(W, u64);
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A random secret, hex.
+fn secret() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
+/// Source side of one connection: the secret, then `send` writes the stream; returns what the
+/// target answers once it has it all (`ok`, else why not) and the bytes sent.
+fn send_stream(
+    target: &LiveTarget,
+    port: u16,
+    what: &str,
+    send: impl FnOnce(&mut TcpStream) -> std::io::Result<u64>,
+) -> Result<u64, String> {
+    let failed =
+        |e: std::io::Error| format!("sending the {what} to {}:{port} failed: {e}", target.host);
+    let mut conn = TcpStream::connect((target.host.as_str(), port)).map_err(failed)?;
+    conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(failed)?;
+    conn.write_all(format!("{}\n", target.token).as_bytes())
+        .map_err(failed)?;
+    let sent = send(&mut conn).map_err(failed)?;
+    conn.shutdown(std::net::Shutdown::Write).map_err(failed)?;
+    let mut answer = String::new();
+    BufReader::new(conn)
+        .read_line(&mut answer)
+        .map_err(failed)?;
+    match answer.trim() {
+        "ok" => Ok(sent),
+        "" => Err(format!(
+            "the target closed the connection for the {what} without an answer"
+        )),
+        why => Err(format!("the target refused the {what}: {why}")),
+    }
+}
+
+/// Target side of one connection: checks the secret, then `receive` reads the rest; a failure
+/// is answered to the source.
+fn receive_stream(
+    conn: TcpStream,
+    token: &str,
+    receive: impl FnOnce(&mut BufReader<&TcpStream>) -> Result<(), String>,
+) -> Result<TcpStream, String> {
+    let got = (|| {
+        conn.set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(&conn);
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("reading the source's secret: {e}"))?;
+        if line.trim_end() != token {
+            return Err("a connection without the migration's secret".to_string());
+        }
+        receive(&mut reader)
+    })();
+    if let Err(e) = &got {
+        answer(&conn, &Err(e.clone()));
+    }
+    got.map(|()| conn)
+}
+
+/// Answers on `conn` how the stream it carried went.
+fn answer(mut conn: &TcpStream, outcome: &Result<(), String>) {
+    let line = match outcome {
+        Ok(()) => "ok\n".to_string(),
+        Err(e) => format!("{}\n", e.replace('\n', " ")),
+    };
+    let _ = conn.write_all(line.as_bytes());
+}
+
+/// Accepts one connection on `listener` within `ACCEPT_TIMEOUT`, as a blocking stream.
+async fn accept(listener: &tokio::net::TcpListener, what: &str) -> Result<TcpStream, String> {
+    let (conn, _) = tokio::time::timeout(ACCEPT_TIMEOUT, listener.accept())
+        .await
+        .map_err(|_| format!("the source did not send the {what} within {ACCEPT_TIMEOUT:?}"))?
+        .map_err(|e| format!("accepting the {what}: {e}"))?;
+    let conn = conn.into_std().map_err(|e| e.to_string())?;
+    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+impl Restore {
+    /// Receives the upper directory, then the checkpoint, restores the guest and wires it.
+    async fn run(
+        self,
+        disk: tokio::net::TcpListener,
+        memory: tokio::net::TcpListener,
+        token: String,
+    ) -> Result<(), String> {
+        let conn = accept(&disk, "container's files").await?;
+        let (fs, t) = (self.dir.join("fs"), token.clone());
+        tokio::task::spawn_blocking(move || {
+            let conn = receive_stream(conn, &t, |r| {
+                images::unpack_upper(r, &fs).map_err(|e| e.to_string())
+            })?;
+            answer(&conn, &Ok(()));
+            Ok::<_, String>(())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let conn = accept(&memory, "checkpoint").await?;
+        let restore = std::sync::Arc::new(self);
+        let r = restore.clone();
+        let restored = tokio::task::spawn_blocking(move || {
+            let conn = receive_stream(conn, &token, |reader| {
+                let (images, _) = checkpoint_dirs(&r.dir).map_err(|e| e.to_string())?;
+                let mut archive = tar::Archive::new(reader);
+                archive
+                    .unpack(&images)
+                    .map_err(|e| format!("the checkpoint is not a valid archive: {e}"))?;
+                open_checkpoint(&images).map_err(|e| e.to_string())
+            })?;
+            let pid = r
+                .restore_process()
+                .inspect_err(|e| answer(&conn, &Err(e.clone())))?;
+            Ok::<_, String>((conn, pid))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let (conn, pid) = restored;
+        let wired = network::attach_pid(
+            &restore.net,
+            &restore.bridge,
+            &restore.subnet,
+            restore.ip,
+            pid,
+        )
+        .await
+        .map_err(|e| format!("cannot wire the restored container: {e}"));
+        let (runc, id, live) = (
+            restore.runc.clone(),
+            restore.guest.clone(),
+            restore.dir.join("live"),
+        );
+        let failed = wired.is_err();
+        let _ = tokio::task::spawn_blocking(move || {
+            if failed {
+                let _ = runc.delete(&id, true);
+            }
+            std::fs::remove_dir_all(live)
+        })
+        .await;
+        answer(&conn, &wired);
+        wired
+    }
+
+    /// Mounts the guest's root and restores its processes from the received checkpoint.
+    fn restore_process(&self) -> Result<i32, String> {
+        let live = self.dir.join("live");
+        let _ = self.runc.delete(&self.guest, true);
+        ready_root(&self.dir, &self.lower, &self.hosts, &self.bundle)
+            .and_then(|()| {
+                self.runc.restore(
+                    &self.guest,
+                    &self.dir.join("bundle"),
+                    &live.join("images"),
+                    &live.join("work"),
+                    &self.dir.join("console.log"),
+                )
+            })
+            .map_err(|e| format!("cannot restore {} here: {e}", self.guest))
+    }
+}
+
+impl LinuxDriver {
+    /// The address peers send live migrations to, when this server can take and send them.
+    pub(crate) fn live_host(&self) -> Option<&str> {
+        match (&self.live, &self.cfg.images) {
+            (Ok(_), Some(i)) => i.migration_host.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn no_live_here(&self) -> DriverError {
+        DriverError::Permanent(match (&self.live, self.images.is_some()) {
+            (_, false) => format!(
+                "server {} runs no images: only containers that run their image move live",
+                self.cfg.name
+            ),
+            (Err(why), _) => format!(
+                "server {} cannot move containers live: {why}",
+                self.cfg.name
+            ),
+            (Ok(_), _) => format!(
+                "server {} has no address for live migrations (the agent's --migration-address)",
+                self.cfg.name
+            ),
+        })
+    }
+
+    pub(crate) async fn offer(&self, guest_id: &str) -> Result<LiveOffer, DriverError> {
+        if self.live_host().is_none() {
+            return Err(self.no_live_here());
+        }
+        let r = self.record(guest_id)?;
+        let Some(image) = r.image.clone() else {
+            return Err(permanent(format!(
+                "container {guest_id} runs on the server's files, not an image of its own: it cannot move live"
+            )));
+        };
+        match self.state(guest_id) {
+            GuestState::Running => Ok(LiveOffer {
+                image,
+                disk_mb: r.spec.resources.disk_mb,
+                machine: None,
+                shape: None,
+            }),
+            state => Err(DriverError::InvalidState {
+                guest: guest_id.into(),
+                state,
+                operation: "live migration".into(),
+            }),
+        }
+    }
+
+    pub(crate) async fn receive(
+        &self,
+        spec: &GuestSpec,
+        offer: &LiveOffer,
+    ) -> Result<LiveTarget, DriverError> {
+        let Some(host) = self.live_host().map(str::to_string) else {
+            return Err(self.no_live_here());
+        };
+        let guest = spec.guest_id.clone();
+        let ip: Ipv4Addr = spec
+            .ip
+            .as_deref()
+            .and_then(|ip| ip.parse().ok())
+            .ok_or_else(|| permanent(format!("moving {guest} live needs its address")))?;
+        if !self.cfg.subnet.contains(ip) {
+            return Err(permanent(format!(
+                "server {} is on another network ({}): {guest} could not keep its address {ip}; move it to a server on its network, or without --live",
+                self.cfg.name, self.cfg.subnet
+            )));
+        }
+        // A leftover of an earlier attempt goes (a running copy is no leftover).
+        self.receiving.lock().unwrap().remove(&guest);
+        if self.record(&guest).is_ok() {
+            if self.state(&guest) != GuestState::Stopped {
+                return Err(permanent(format!(
+                    "{guest} already runs on server {}",
+                    self.cfg.name
+                )));
+            }
+            cloud48_driver::Driver::destroy(self, &guest).await?;
+        }
+        cloud48_driver::Driver::create(self, spec).await?;
+        let r = self.record(&guest)?;
+        if r.image.as_deref() != Some(offer.image.as_str()) {
+            let _ = cloud48_driver::Driver::destroy(self, &guest).await;
+            return Err(permanent(format!(
+                "{guest} runs image {} on its server, but its image here is {}: both servers must resolve its image alike",
+                offer.image,
+                r.image.as_deref().unwrap_or("none")
+            )));
+        }
+        let (bundle, hosts, lower, runc) = self.image_bundle(&r, &offer.image).await?;
+        let bind = |what: &str| {
+            let host = host.clone();
+            let what = what.to_string();
+            async move {
+                tokio::net::TcpListener::bind((host.as_str(), 0))
+                    .await
+                    .map_err(|e| permanent(format!("no port on {host} for the {what}: {e}")))
+            }
+        };
+        let (disk, memory) = (bind("files").await?, bind("checkpoint").await?);
+        let port =
+            |l: &tokio::net::TcpListener| l.local_addr().map(|a| a.port()).map_err(permanent);
+        let target = LiveTarget {
+            host,
+            disk_port: port(&disk)?,
+            memory_port: port(&memory)?,
+            token: secret().map_err(permanent)?,
+        };
+        let restore = Restore {
+            guest: guest.clone(),
+            dir: self.dir(&guest),
+            lower,
+            hosts,
+            bundle,
+            runc,
+            net: GuestNet::new(&self.cfg.prefix, &guest),
+            bridge: self.cfg.bridge.clone(),
+            subnet: self.cfg.subnet,
+            ip,
+        };
+        let (tx, outcome) = watch::channel(None);
+        let token = target.token.clone();
+        let name = guest.clone();
+        let task = tokio::spawn(async move {
+            let result = restore.run(disk, memory, token).await;
+            if let Err(e) = &result {
+                tracing::warn!(guest = %name, error = %e, "receiving a container live failed");
+            }
+            let _ = tx.send(Some(result));
+        });
+        self.receiving.lock().unwrap().insert(
+            guest,
+            Receiving {
+                outcome,
+                task: task.abort_handle(),
+            },
+        );
+        Ok(target)
+    }
+
+    pub(crate) async fn send(
+        &self,
+        guest_id: &str,
+        target: &LiveTarget,
+    ) -> Result<LiveReport, DriverError> {
+        let _held = self.hold(guest_id).await;
+        self.offer(guest_id).await?;
+        let started = Instant::now();
+        let dir = self.dir(guest_id);
+        let runc = self
+            .images
+            .as_ref()
+            .map(|i| i.runc.clone())
+            .ok_or_else(|| self.no_live_here())?;
+        let (id, d) = (guest_id.to_string(), dir.clone());
+        let checkpointed = tokio::task::spawn_blocking(move || {
+            let (images, work) = checkpoint_dirs(&d).map_err(|e| e.to_string())?;
+            runc.checkpoint(&id, &images, &work)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(permanent)?;
+        if let Err(e) = checkpointed {
+            // CRIU stops nothing before its checkpoint is whole.
+            let state = self.state(guest_id);
+            return Err(permanent(format!(
+                "cannot checkpoint {guest_id} (it is {state} here): {e}"
+            )));
+        }
+        let net = GuestNet::new(&self.cfg.prefix, guest_id);
+        // Its address leaves this server with it.
+        network::detach(&net).await;
+        let (t, d) = (target.clone(), dir.clone());
+        let sent = tokio::task::spawn_blocking(move || {
+            let disk = send_stream(&t, t.disk_port, "container's files", |conn| {
+                let mut counted = Counting(conn, 0);
+                images::archive_upper(&d.join("fs"), &mut counted)?;
+                Ok(counted.1)
+            })?;
+            let memory = send_stream(&t, t.memory_port, "checkpoint", |conn| {
+                archive_flat(&d.join("live").join("images"), conn)
+            })?;
+            Ok::<_, String>((disk, memory))
+        })
+        .await
+        .map_err(permanent)?;
+        match sent {
+            Ok((disk_bytes, memory_bytes)) => {
+                let ms = started.elapsed().as_millis() as u64;
+                self.left(guest_id).await;
+                Ok(LiveReport {
+                    total_ms: ms,
+                    downtime_ms: ms,
+                    memory_bytes,
+                    disk_bytes,
+                })
+            }
+            Err(e) => match self.restore_here(guest_id).await {
+                Ok(()) => Err(permanent(format!("{e}; {guest_id} runs on here"))),
+                Err(again) => Err(permanent(format!(
+                    "{e}; restoring {guest_id} here failed too ({again}): its checkpoint is kept in its directory"
+                ))),
+            },
+        }
+    }
+
+    /// After a move: runc's record of the guest and its overlay go; its record and files stay
+    /// (stopped) until destroyed.
+    async fn left(&self, guest_id: &str) {
+        let (runc, merged, id) = match &self.images {
+            Some(i) => (
+                i.runc.clone(),
+                self.dir(guest_id).join("merged"),
+                guest_id.to_string(),
+            ),
+            None => return,
+        };
+        let live = merged.with_file_name("live");
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = runc.delete(&id, true);
+            let _ = std::fs::remove_dir_all(live);
+            cloud48_oci::unmount(&merged)
+        })
+        .await;
+        if let Ok(r) = self.record(guest_id) {
+            let _ = self.cgroups.create(guest_id, &r.spec.resources);
+        }
+    }
+
+    /// Restores the guest here from its own checkpoint (a move that failed after it stopped).
+    async fn restore_here(&self, guest_id: &str) -> Result<(), String> {
+        let r = self.record(guest_id).map_err(|e| e.to_string())?;
+        let digest = r.image.clone().unwrap_or_default();
+        let (bundle, hosts, lower, runc) = self
+            .image_bundle(&r, &digest)
+            .await
+            .map_err(|e| e.to_string())?;
+        let restore = Restore {
+            guest: guest_id.to_string(),
+            dir: self.dir(guest_id),
+            lower,
+            hosts,
+            bundle,
+            runc,
+            net: GuestNet::new(&self.cfg.prefix, guest_id),
+            bridge: self.cfg.bridge.clone(),
+            subnet: self.cfg.subnet,
+            ip: r.ip,
+        };
+        let pid = tokio::task::spawn_blocking(move || {
+            open_checkpoint(&restore.dir.join("live").join("images")).map_err(|e| e.to_string())?;
+            restore.restore_process().map(|pid| (restore, pid))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let (restore, pid) = pid;
+        network::attach_pid(
+            &restore.net,
+            &restore.bridge,
+            &restore.subnet,
+            restore.ip,
+            pid,
+        )
+        .await
+    }
+
+    pub(crate) async fn finish(&self, guest_id: &str) -> Result<(), DriverError> {
+        let outcome = self
+            .receiving
+            .lock()
+            .unwrap()
+            .get(guest_id)
+            .map(|r| r.outcome.clone());
+        let Some(mut outcome) = outcome else {
+            // Finished before (a repeated step), or nothing was received.
+            return match self.state(guest_id) {
+                GuestState::Running => Ok(()),
+                _ => Err(permanent(format!(
+                    "nothing was received for {guest_id} on server {}: move it again",
+                    self.cfg.name
+                ))),
+            };
+        };
+        let ended = outcome
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| permanent(format!("receiving {guest_id} was abandoned")))?
+            .clone()
+            .expect("waited for it");
+        self.receiving.lock().unwrap().remove(guest_id);
+        ended.map_err(permanent)
+    }
+}

@@ -1,0 +1,147 @@
+//! Containers that run their image moving live between linux servers through CRIU: what only
+//! their memory held comes along with their files and address, a move that cannot finish
+//! leaves the container running where it was, and a server on another network says why it
+//! cannot take one. Needs root, runc and CRIU 4.2.1 or later (`.ci/run` builds it).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cloud48_engine::driver::linux::{ImagesConfig, LinuxDriver};
+use cloud48_engine::driver::{Driver, GuestSpec, GuestState};
+use cloud48_engine::images::Store;
+
+use crate::image_guests::{answer, mounted, runc_knows, sh, source, spec, web};
+use crate::linux::{Sweep, config, unique_prefix};
+
+/// Server `n` of a test, on network `net`: servers given the same `net` share one bridge and
+/// subnet, so a container moving live between them keeps its address.
+async fn server(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> LinuxDriver {
+    let mut cfg = config(dir, prefix, net, 0);
+    cfg.name = format!("{prefix}-{n}");
+    cfg.data_dir = dir.join(format!("server-{n}"));
+    cfg.prefix = format!("{prefix}{n}");
+    cfg.bridge = format!("{prefix}br{net}");
+    cfg.images = Some(ImagesConfig {
+        source: Some(source),
+        cache_bytes: None,
+        migration_host: Some("127.0.0.1".into()),
+    });
+    LinuxDriver::open(cfg)
+        .await
+        .expect("the linux driver opens (run the tests as root)")
+}
+
+fn keeping(guest: &str, ip: &str) -> GuestSpec {
+    GuestSpec {
+        ip: Some(ip.to_string()),
+        ..spec(guest, web())
+    }
+}
+
+#[tokio::test]
+async fn a_running_container_moves_live_with_its_memory_files_and_address() {
+    let source = source().await;
+    let prefix = unique_prefix('v');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br90"), format!("{prefix}br91")],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d0 = server(dir.path(), &prefix, 90, 0, source.clone()).await;
+    let d1 = server(dir.path(), &prefix, 90, 1, source.clone()).await;
+    assert!(
+        d0.capabilities().live_migrate,
+        "this server cannot move containers live: CRIU 4.2.1 or later must be installed (.ci/run builds it)"
+    );
+    let ip = d0.create(&spec("web-l", web())).await.unwrap().ip.unwrap();
+    d0.start("web-l").await.unwrap();
+    // What only its memory holds: a file on a tmpfs and a process started after it.
+    let (code, pid) = sh(
+        &d0,
+        "web-l",
+        "echo in-memory > /dev/shm/mark; echo on-disk > /srv/disk; sleep 4321 >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    assert_eq!(code, 0, "{pid}");
+
+    let offer = d0.live_offer("web-l").await.unwrap();
+    let target = d1
+        .live_receive(&keeping("web-l", &ip), &offer)
+        .await
+        .unwrap();
+    assert_eq!(
+        d1.status("web-l").await.unwrap().map(|g| g.state),
+        Some(GuestState::Stopped),
+        "the target's copy runs before it arrived"
+    );
+    let report = d0.live_send("web-l", &target).await.unwrap();
+    d1.live_finish("web-l").await.unwrap();
+    assert!(
+        report.memory_bytes > 0 && report.disk_bytes > 0,
+        "{report:?}"
+    );
+    assert_eq!(
+        d0.status("web-l").await.unwrap().map(|g| g.state),
+        Some(GuestState::Stopped)
+    );
+    assert!(!runc_knows(&format!("{prefix}0"), "web-l"));
+    assert!(!mounted(&dir.path().join("server-0/guests/web-l/merged")));
+    assert_eq!(
+        d1.status("web-l").await.unwrap().map(|g| g.state),
+        Some(GuestState::Running)
+    );
+    // Same address, same processes, same memory: not a new start.
+    assert_eq!(answer(&ip).await, "page=from-the-image uid=0 host=web-l");
+    let (code, out) = sh(
+        &d1,
+        "web-l",
+        &format!("cat /dev/shm/mark /srv/disk; tr '\\0' ' ' < /proc/{pid}/cmdline"),
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["in-memory", "on-disk", "sleep", "4321"]
+    );
+    d0.destroy("web-l").await.unwrap();
+
+    // A target lost before the send: the move fails and the container runs on where it was,
+    // from its memory (restored, not started again).
+    let offer = d1.live_offer("web-l").await.unwrap();
+    let to = d0
+        .live_receive(&keeping("web-l", &ip), &offer)
+        .await
+        .unwrap();
+    d0.destroy("web-l").await.unwrap();
+    let failed = d1.live_send("web-l", &to).await.unwrap_err().to_string();
+    assert!(failed.contains("runs on here"), "{failed}");
+    assert_eq!(
+        d1.status("web-l").await.unwrap().map(|g| g.state),
+        Some(GuestState::Running)
+    );
+    let (_, out) = sh(&d1, "web-l", "cat /dev/shm/mark").await;
+    assert_eq!(out, "in-memory");
+    assert_eq!(answer(&ip).await, "page=from-the-image uid=0 host=web-l");
+
+    // A restored container is an ordinary one: it stops and starts (its files kept).
+    d1.stop("web-l").await.unwrap();
+    assert!(!runc_knows(&format!("{prefix}1"), "web-l"));
+    d1.start("web-l").await.unwrap();
+    let (_, out) = sh(&d1, "web-l", "cat /srv/disk").await;
+    assert_eq!(out, "on-disk");
+
+    // A server on another network cannot take it and says why; nothing is left there.
+    let far = server(dir.path(), &prefix, 91, 2, source.clone()).await;
+    let offer = d1.live_offer("web-l").await.unwrap();
+    let refused = far
+        .live_receive(&keeping("web-l", &ip), &offer)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("another network"), "{refused}");
+    assert!(far.status("web-l").await.unwrap().is_none());
+    // Nor can a stopped container move live.
+    d1.stop("web-l").await.unwrap();
+    assert!(d1.live_offer("web-l").await.is_err());
+    d1.destroy("web-l").await.unwrap();
+}
