@@ -145,3 +145,140 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
     assert!(d1.live_offer("web-l").await.is_err());
     d1.destroy("web-l").await.unwrap();
 }
+
+/// A container type whose containers run the test image's web server.
+struct ImageWeb;
+
+impl cloud48_engine::types::ContainerType for ImageWeb {
+    fn type_id(&self) -> &str {
+        "imgweb"
+    }
+    fn priority(&self) -> i32 {
+        10
+    }
+    fn default_requirements(&self) -> cloud48_engine::model::Requirements {
+        cloud48_engine::model::Requirements {
+            resources: spec("x", web()).resources,
+            labels: Vec::new(),
+            spread: false,
+        }
+    }
+    fn workload(&self) -> cloud48_engine::model::Workload {
+        web()
+    }
+    fn handle(
+        &self,
+        _hook: &cloud48_engine::types::Hook,
+        _ctx: &cloud48_engine::types::HookContext<'_>,
+    ) -> Result<cloud48_engine::types::HookOutcome, cloud48_engine::types::TypeError> {
+        Ok(cloud48_engine::types::HookOutcome::allow())
+    }
+}
+
+#[tokio::test]
+async fn container_migrate_live_and_a_live_drain_move_an_image_container_through_the_core() {
+    use crate::common::{Opts, TestCore};
+    use serde_json::json;
+
+    let source = source().await;
+    let prefix = unique_prefix('w');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br92")],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tc = TestCore::start(Opts {
+        sim_servers: 1,
+        agent_token: Some(crate::agent::TOKEN.into()),
+        types: vec![Arc::new(ImageWeb)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut names = Vec::new();
+    for n in 0..2 {
+        let d = server(dir.path(), &prefix, 92, n, source.clone()).await;
+        let name = format!("{prefix}-{n}");
+        let (_, url) = crate::agent::serve_agent(&name, Arc::new(d)).await;
+        tc.core.agents().add(&url).await.unwrap();
+        names.push(name);
+    }
+    let cmd: serde_json::Value = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "imgweb", "server": names[0] }),
+        )
+        .await
+        .unwrap();
+    let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+    let c = tc.core.containers().get_by_id(id).await.unwrap();
+    let ip = c.ip.clone().unwrap();
+    let exec = async |script: &str| {
+        let out: serde_json::Value = tc
+            .client
+            .post(
+                &format!("/v1/containers/{id}/exec"),
+                &json!({ "command": ["sh", "-c", script] }),
+            )
+            .await
+            .unwrap();
+        out["stdout"].as_str().unwrap().trim().to_string()
+    };
+    exec("echo in-memory > /dev/shm/mark").await;
+
+    let a: serde_json::Value = tc
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "migrate", "live": true, "to": names[1] }),
+        )
+        .await
+        .unwrap();
+    let done = tc.ok(a["command_id"].as_i64().unwrap()).await;
+    let result = done.result.expect("the command's result");
+    assert!(result["live"]["downtime_ms"].as_u64().is_some(), "{result}");
+    assert!(
+        result["live"]["memory_bytes"].as_u64().unwrap() > 0,
+        "{result}"
+    );
+    // Same address, new server, running, its memory along; nothing left on the source.
+    let moved = tc.core.containers().get_by_id(id).await.unwrap();
+    assert_eq!(moved.server.as_deref(), Some(names[1].as_str()));
+    assert_eq!(moved.ip.as_deref(), Some(ip.as_str()));
+    assert_eq!(
+        moved.status,
+        cloud48_engine::model::ContainerStatus::Running
+    );
+    assert_eq!(exec("cat /dev/shm/mark").await, "in-memory");
+    assert_eq!(
+        answer(&ip).await,
+        format!("page=from-the-image uid=0 host={}", c.guest_id)
+    );
+    let servers = tc.core.servers().list().await.unwrap();
+    let from = servers.iter().find(|s| s.name == names[0]).unwrap();
+    assert_eq!((from.containers, from.dummies), (0, 0));
+    assert!(
+        !dir.path()
+            .join(format!("server-0/guests/{}", c.guest_id))
+            .exists()
+    );
+
+    // Draining its server live sends it back, past the simulated server (which cannot take a
+    // running container).
+    let report: serde_json::Value = tc
+        .client
+        .post(
+            &format!("/v1/servers/{}/drain", names[1]),
+            &json!({ "live": true }),
+        )
+        .await
+        .unwrap();
+    let drained = report["commands"].as_array().unwrap();
+    assert_eq!(drained.len(), 1, "{report}");
+    tc.ok(drained[0].as_i64().unwrap()).await;
+    let back = tc.core.containers().get_by_id(id).await.unwrap();
+    assert_eq!(back.server.as_deref(), Some(names[0].as_str()));
+    assert_eq!(back.ip.as_deref(), Some(ip.as_str()));
+    assert_eq!(exec("cat /dev/shm/mark").await, "in-memory");
+}

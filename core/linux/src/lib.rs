@@ -629,7 +629,8 @@ impl LinuxDriver {
         let created = tokio::task::spawn_blocking(move || {
             runc.delete(&id, true)?;
             ready_root(&dir, &lower, &hosts, &bundle)?;
-            runc.create(&id, &dir.join("bundle"), &dir.join("console.log"))
+            let owner = bundle.id_map.host;
+            runc.create(&id, &dir.join("bundle"), &dir.join("console.log"), owner)
         })
         .await
         .map_err(permanent)?;

@@ -267,7 +267,7 @@ impl Restore {
                     &self.dir.join("bundle"),
                     &live.join("images"),
                     &live.join("work"),
-                    &self.dir.join("console.log"),
+                    (&self.dir.join("console.log"), self.bundle.id_map.host),
                 )
             })
             .map_err(|e| format!("cannot restore {} here: {e}", self.guest))

@@ -100,11 +100,12 @@ impl Runc {
 
     /// Creates container `id` from the bundle in `bundle` without starting its process (its
     /// namespaces exist: the caller can set up its network through the returned pid); its
-    /// process's output is appended to `log` (see [`piped_stdio`]).
-    pub fn create(&self, id: &str, bundle: &Path, log: &Path) -> Result<i32, OciError> {
+    /// process's output is appended to `log` (see [`piped_stdio`]) and its streams belong to
+    /// `owner` (its root's host uid), who may open them again (nginx logs to `/dev/stdout`).
+    pub fn create(&self, id: &str, bundle: &Path, log: &Path, owner: u32) -> Result<i32, OciError> {
         let mut c = self.logged(log);
         c.args(["create", "--bundle"]).arg(bundle).arg(id);
-        self.run_piped(c, id, log, "creating")
+        self.run_piped(c, id, (log, owner), "creating")
     }
 
     /// Checkpoints running container `id` with CRIU into `images` (`work` takes CRIU's log):
@@ -123,14 +124,15 @@ impl Runc {
 
     /// Restores container `id` from CRIU's `images` with the bundle in `bundle` (its root
     /// mounted where the bundle says) and leaves it running in a new, empty network namespace
-    /// for the caller to wire; returns its first process's pid. Its output goes on to `log`.
+    /// for the caller to wire; returns its first process's pid. Its output goes on to `log`,
+    /// its streams belong to `owner` (as at `create`).
     pub fn restore(
         &self,
         id: &str,
         bundle: &Path,
         images: &Path,
         work: &Path,
-        log: &Path,
+        (log, owner): (&Path, u32),
     ) -> Result<i32, OciError> {
         let mut c = self.logged(log);
         c.args(["restore", "--detach", "--image-path"])
@@ -140,7 +142,7 @@ impl Runc {
             .arg("--bundle")
             .arg(bundle)
             .arg(id);
-        self.run_piped(c, id, log, "restoring")
+        self.run_piped(c, id, (log, owner), "restoring")
             .map_err(|e| with_criu_log(e, work, "restore.log"))
     }
 
@@ -152,12 +154,18 @@ impl Runc {
     }
 
     /// Runs runc command `c` (from `logged`) that makes container `id`, its process's streams
-    /// pipes to a relay appending to `log`; returns the container's pid.
-    fn run_piped(&self, mut c: Command, id: &str, log: &Path, what: &str) -> Result<i32, OciError> {
+    /// pipes owned by `owner` to a relay appending to `log`; returns the container's pid.
+    fn run_piped(
+        &self,
+        mut c: Command,
+        id: &str,
+        (log, owner): (&Path, u32),
+        what: &str,
+    ) -> Result<i32, OciError> {
         let runc_log = log.with_file_name("runc.log");
         std::fs::write(&runc_log, "")
             .map_err(OciError::io(format!("emptying {}", runc_log.display())))?;
-        let (stdin, out) = piped_stdio(log)?;
+        let (stdin, out) = piped_stdio(log, owner)?;
         let err = out
             .try_clone()
             .map_err(OciError::io("duplicating the container's output pipe"))?;
@@ -304,7 +312,10 @@ impl Runc {
 /// can checkpoint a process whose streams are pipes (runc hands the restored one new ones),
 /// not one holding a file of the host. The relay (`cat`, in a session of its own) outlives
 /// the agent and ends when the container's last process does.
-fn piped_stdio(log: &Path) -> Result<(std::io::PipeReader, std::io::PipeWriter), OciError> {
+fn piped_stdio(
+    log: &Path,
+    owner: u32,
+) -> Result<(std::io::PipeReader, std::io::PipeWriter), OciError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -312,6 +323,13 @@ fn piped_stdio(log: &Path) -> Result<(std::io::PipeReader, std::io::PipeWriter),
         .map_err(OciError::io(format!("opening {}", log.display())))?;
     let (stdin, _closed) = std::io::pipe().map_err(OciError::io("making a pipe"))?;
     let (relay_in, out) = std::io::pipe().map_err(OciError::io("making a pipe"))?;
+    for pipe in [
+        std::os::fd::AsFd::as_fd(&stdin),
+        std::os::fd::AsFd::as_fd(&out),
+    ] {
+        std::os::unix::fs::fchown(pipe, Some(owner), Some(owner))
+            .map_err(OciError::io("giving the container its streams"))?;
+    }
     let status = Command::new("setsid")
         .args(["--fork", "cat"])
         .stdin(relay_in)

@@ -198,7 +198,9 @@ fn an_image_runs_under_runc_on_its_own_root_in_its_own_namespaces() {
         cgroup: format!("/cloud48-test/{id}"),
     };
     bundle.write(&c.join("bundle")).unwrap();
-    let pid = runc.create(&id, &c.join("bundle"), &c.join("log")).unwrap();
+    let pid = runc
+        .create(&id, &c.join("bundle"), &c.join("log"), DEFAULT_ID_MAP.host)
+        .unwrap();
     let running = Running {
         runc: runc.clone(),
         id: id.clone(),

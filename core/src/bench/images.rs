@@ -3,8 +3,9 @@
 //! The reference nginx and Tomcat images are built by their recipes (cached), served by a real
 //! `cloud48 serve`; a linux driver pulls them over HTTP as an agent does (pull rate), then
 //! creates and starts containers of each one at a time until they answer on their port
-//! (median and p95, the first one — unpack included — apart), and moves a container with a large
-//! upper directory to a second driver (export, import, start).
+//! (median and p95, the first one — unpack included — apart), moves a container with a large
+//! upper directory to a second driver (export, import, start), and moves running nginx and
+//! Tomcat containers live through CRIU (downtime).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +34,10 @@ pub struct ImagesBenchArgs {
     /// Size of the upper directory moved by the cold-migration case, MiB.
     #[arg(long, default_value_t = 1024)]
     pub migrate_mb: u64,
+    /// Live migrations (through CRIU) of a running container of each image, back and forth
+    /// between two servers on one network (0: none; needs CRIU 4.2.1 or later).
+    #[arg(long, default_value_t = 10)]
+    pub live_moves: usize,
 }
 
 /// A workload of `image` listening on `port`, ready when it accepts connections.
@@ -213,7 +218,7 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
         images: Some(ImagesConfig {
             source: Some(source.clone()),
             cache_bytes: None,
-            migration_host: None,
+            migration_host: Some("127.0.0.1".into()),
         }),
     };
     let result = async {
@@ -286,14 +291,82 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
             (total - exported).as_secs_f64(),
             peak_rss().saturating_sub(rss_before) >> 20
         );
-        d.teardown().await;
         target.teardown().await;
+        if args.live_moves > 0 {
+            // A second server on the first one's network: what moves live keeps its address.
+            let peer = LinuxDriver::open(LinuxConfig {
+                bridge: format!("{prefix}br0"),
+                subnet: cfg(0).subnet,
+                ..cfg(2)
+            })
+            .await
+            .map_err(anyhow::Error::msg)?;
+            ensure!(
+                d.capabilities().live_migrate,
+                "containers cannot move live on this machine (CRIU 4.2.1 or later is needed; the log says why), or run with --live-moves 0"
+            );
+            for (image, port) in [("cloud48/nginx", 80), ("cloud48/tomcat", 8080)] {
+                live_moves(&d, &peer, image, port, args.live_moves).await?;
+            }
+            peer.teardown().await;
+        }
+        d.teardown().await;
         anyhow::Ok(())
     }
     .await;
     sweep(&format!("{prefix}0"), &[&format!("{prefix}br0")]);
     sweep(&format!("{prefix}1"), &[&format!("{prefix}br1")]);
+    sweep(&format!("{prefix}2"), &[]);
     result
+}
+
+/// Moves a running container of `image` live `moves` times between `a` and `b`; prints the
+/// downtime (checkpoint, transfer, restore and network) and what was sent.
+async fn live_moves(
+    a: &LinuxDriver,
+    b: &LinuxDriver,
+    image: &str,
+    port: u16,
+    moves: usize,
+) -> Result<()> {
+    let w = workload(image, port);
+    let id = format!("live-{}", image.trim_start_matches("cloud48/"));
+    let ip = a
+        .create(&spec(id.clone(), &w))
+        .await?
+        .ip
+        .context("an address")?;
+    a.start(&id).await?;
+    let (mut down, mut sent) = (Vec::new(), Vec::new());
+    let mut from = (a, b);
+    for _ in 0..moves {
+        let (src, dst) = from;
+        let offer = src.live_offer(&id).await?;
+        let keep = GuestSpec {
+            ip: Some(ip.clone()),
+            ..spec(id.clone(), &w)
+        };
+        let target = dst.live_receive(&keep, &offer).await?;
+        let report = src.live_send(&id, &target).await?;
+        dst.live_finish(&id).await?;
+        tokio::net::TcpStream::connect((ip.as_str(), port))
+            .await
+            .with_context(|| format!("{image} does not answer after a live move"))?;
+        src.destroy(&id).await?;
+        down.push(report.downtime_ms as f64);
+        sent.push((report.memory_bytes + report.disk_bytes) as f64);
+        from = (dst, src);
+    }
+    from.0.destroy(&id).await?;
+    down.sort_by(f64::total_cmp);
+    sent.sort_by(f64::total_cmp);
+    println!(
+        "{image}: live migration through CRIU, {moves} moves between two servers on one network: downtime (checkpoint + transfer + restore + network) median {:.0} ms, p95 {:.0} ms; median {:.1} MB sent",
+        quantile(&down, 0.5),
+        quantile(&down, 0.95),
+        quantile(&sent, 0.5) / 1e6
+    );
+    Ok(())
 }
 
 /// The peak resident memory of this process so far, bytes (`VmHWM`).
