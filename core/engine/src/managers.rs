@@ -1640,7 +1640,7 @@ impl<'a> ServerManager<'a> {
                 .is_some_and(|d| d.capabilities().live_migrate);
             if !can {
                 return Err(CoreError::Conflict(format!(
-                    "server {} cannot drain live: it reports no live migration (only qemu servers move their virtual machines while they run); drain without --live: running containers stop while their files are copied and start again on their new servers",
+                    "server {} cannot drain live: it reports no live migration (qemu servers move their virtual machines while they run, linux servers where CRIU works their image containers); drain without --live: running containers stop while their files are copied and start again on their new servers",
                     s.name
                 )));
             }

@@ -865,7 +865,7 @@ pub enum BenchCmd {
     /// Failover on real agents in network namespaces with real nginx (root).
     FailoverReal(crate::bench::FailoverRealBenchArgs),
     /// Containers of images (root, runc): pull rate from the core, create+start to ready of
-    /// nginx and Tomcat, cold migration of a large upper directory.
+    /// nginx and Tomcat, cold migration of a large upper directory, live moves through CRIU.
     Images(crate::bench::images::ImagesBenchArgs),
     /// Virtual machines (root, QEMU): create and start to ready, live migration of a VM
     /// serving HTTP under load (downtime, failed requests), cold migration of a large disk.
