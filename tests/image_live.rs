@@ -1,13 +1,13 @@
 //! Containers that run their image moving live between linux servers through CRIU: what only
 //! their memory held comes along with their files and address, a move that cannot finish
-//! leaves the container running where it was, and a server on another network says why it
-//! cannot take one. Needs root, runc and CRIU 4.2.1 or later (`.ci/run` builds it).
+//! leaves the container running where it was (also when its agent stopped in the middle), and
+//! a server on another network says why it cannot take one. Needs root, runc and CRIU 4.2.1 or later (`.ci/run` builds it).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use cloud48_engine::driver::linux::{ImagesConfig, LinuxDriver};
-use cloud48_engine::driver::{Driver, GuestSpec, GuestState};
+use cloud48_engine::driver::{Driver, GuestSpec, GuestState, LiveTarget};
 use cloud48_engine::images::Store;
 
 use crate::image_guests::{answer, mounted, runc_knows, sh, source, spec, web};
@@ -115,6 +115,34 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
     d0.destroy("web-l").await.unwrap();
     let failed = d1.live_send("web-l", &to).await.unwrap_err().to_string();
     assert!(failed.contains("runs on here"), "{failed}");
+    assert_eq!(
+        d1.status("web-l").await.unwrap().map(|g| g.state),
+        Some(GuestState::Running)
+    );
+    let (_, out) = sh(&d1, "web-l", "cat /dev/shm/mark").await;
+    assert_eq!(out, "in-memory");
+    assert_eq!(answer(&ip).await, "page=from-the-image uid=0 host=web-l");
+
+    // A send cut short (its agent stopped once the container was checkpointed and the
+    // transfer began): the driver, opened again, restores it from its checkpoint.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let nowhere = LiveTarget {
+        host: "127.0.0.1".into(),
+        disk_port: port,
+        memory_port: port,
+        token: "t".into(),
+    };
+    let _stalled = tokio::select! {
+        sent = d1.live_send("web-l", &nowhere) => panic!("a send to a silent target ended: {sent:?}"),
+        conn = listener.accept() => conn.unwrap(),
+    };
+    assert_eq!(
+        d1.status("web-l").await.unwrap().map(|g| g.state),
+        Some(GuestState::Stopped)
+    );
+    drop(d1);
+    let d1 = server(dir.path(), &prefix, 90, 1, source.clone()).await;
     assert_eq!(
         d1.status("web-l").await.unwrap().map(|g| g.state),
         Some(GuestState::Running)

@@ -243,7 +243,7 @@ impl LinuxDriver {
             }
             None => Err("live migration is off".into()),
         };
-        Ok(LinuxDriver {
+        let driver = LinuxDriver {
             cfg,
             cgroups,
             images,
@@ -254,7 +254,9 @@ impl LinuxDriver {
             disk_sample: Mutex::new(None),
             live,
             receiving: Mutex::new(HashMap::new()),
-        })
+        };
+        driver.recover_sends().await;
+        Ok(driver)
     }
 
     /// Destroys every guest, then removes the bridge and the parent cgroups.
@@ -508,6 +510,8 @@ impl LinuxDriver {
             }
         }
         network::detach(&GuestNet::new(&self.cfg.prefix, guest)).await;
+        // A checkpoint of it is stale once it stopped.
+        let _ = tokio::fs::remove_dir_all(self.dir(guest).join("live")).await;
         let record = self.guests.lock().unwrap().get(guest).cloned();
         if let (Some(images), Some(r)) = (&self.images, record)
             && r.image.is_some()

@@ -8,7 +8,8 @@
 //! Invariants:
 //! - A target's copy runs only once everything arrived whole; until then it is a stopped
 //!   guest that destroy removes (the core does, for a failed move).
-//! - The source's checkpoint stays until the move succeeded: a failed one restores from it.
+//! - The source's checkpoint stays until the move succeeded: a failed one restores from it,
+//!   and so does the driver when it opens (its agent stopped in the middle of a send).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -51,6 +52,10 @@ struct Restore {
     subnet: Subnet,
     ip: Ipv4Addr,
 }
+
+/// The file that marks a checkpoint as this server's own guest's, taken to send it: one the
+/// driver finds when it opens is restored (a target's received checkpoints have none).
+const SENDING: &str = "sending";
 
 /// Where a guest's checkpoint lives: `live/` (root's only) holding `images/` (which the
 /// restored processes read before their user namespace maps them, so world-readable inside
@@ -434,6 +439,7 @@ impl LinuxDriver {
         let (id, d) = (guest_id.to_string(), dir.clone());
         let checkpointed = tokio::task::spawn_blocking(move || {
             let (images, work) = checkpoint_dirs(&d).map_err(|e| e.to_string())?;
+            std::fs::write(d.join("live").join(SENDING), b"").map_err(|e| e.to_string())?;
             runc.checkpoint(&id, &images, &work)
                 .map_err(|e| e.to_string())
         })
@@ -540,7 +546,38 @@ impl LinuxDriver {
             restore.ip,
             pid,
         )
-        .await
+        .await?;
+        // Its checkpoint is spent: it must never be restored again.
+        let _ = tokio::fs::remove_dir_all(restore.dir.join("live")).await;
+        Ok(())
+    }
+
+    /// Restores the guests this server was sending live when its agent stopped (checkpointed,
+    /// so not running, their checkpoint kept): a move either finished, and the core removes
+    /// the copy it no longer wants, or it did not, and the guest runs on here.
+    pub(crate) async fn recover_sends(&self) {
+        let sending: Vec<String> = self
+            .guests
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| r.image.is_some())
+            .map(|r| r.spec.guest_id.clone())
+            .filter(|g| self.dir(g).join("live").join(SENDING).exists())
+            .collect();
+        for guest in sending {
+            if self.state(&guest) != GuestState::Stopped {
+                continue;
+            }
+            match self.restore_here(&guest).await {
+                Ok(()) => {
+                    tracing::info!(%guest, "restored a container whose live move was cut short")
+                }
+                Err(e) => {
+                    tracing::warn!(%guest, error = %e, "cannot restore a container whose live move was cut short; start it again")
+                }
+            }
+        }
     }
 
     pub(crate) async fn finish(&self, guest_id: &str) -> Result<(), DriverError> {
