@@ -64,6 +64,15 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
     .await;
     assert_eq!(code, 0, "{pid}");
 
+    // A connection open when it moves (a client inside holds one its server has answered and
+    // closed): the move does not fail on it (CRIU restores it closed).
+    let (code, out) = sh(
+        &d0,
+        "web-l",
+        "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(q(127.0.0.1:8080)) or die; sleep 4000' >/dev/null 2>&1 & until grep -q ' 08 ' /proc/net/tcp /proc/net/tcp6; do sleep 0.05; done",
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
     let offer = d0.live_offer("web-l").await.unwrap();
     let target = d1
         .live_receive(&keeping("web-l", &ip), &offer)

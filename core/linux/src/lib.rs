@@ -235,6 +235,7 @@ impl LinuxDriver {
                 let works = tokio::task::spawn_blocking(move || cloud48_oci::criu_works(&scratch))
                     .await
                     .unwrap_or_else(|e| Err(e.to_string()));
+                let works = works.and_then(|v| live::write_criu_config(&cfg.data_dir).map(|()| v));
                 match &works {
                     Ok(v) => tracing::info!(criu = %v, "containers move live (CRIU works)"),
                     Err(why) => tracing::warn!(%why, "containers cannot move live"),
@@ -608,6 +609,10 @@ impl LinuxDriver {
             // Its name resolves to its address (Java and MariaDB look their own host up).
             binds: vec![(dir.join("hosts"), "/etc/hosts".into())],
             cgroup: format!("/{}/{guest}", self.cfg.prefix),
+            criu_config: self
+                .live
+                .is_ok()
+                .then(|| self.cfg.data_dir.join(live::CRIU_CONFIG)),
         };
         let hosts = format!(
             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{}\t{}\n",

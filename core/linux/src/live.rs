@@ -53,6 +53,25 @@ struct Restore {
     ip: Ipv4Addr,
 }
 
+/// CRIU's options for this driver's containers, in the data directory (every container's
+/// bundle names it, so runc hands it to CRIU at checkpoint and at restore).
+pub(crate) const CRIU_CONFIG: &str = "criu.conf";
+
+/// Writes `CRIU_CONFIG` into `data_dir`: connections open at the checkpoint are restored
+/// closed (clients reconnect; without it one a peer had half-closed fails the restore), and
+/// connections still waiting to be accepted are left behind (they would fail the checkpoint).
+pub(crate) fn write_criu_config(data_dir: &Path) -> Result<(), String> {
+    let path = data_dir.join(CRIU_CONFIG);
+    std::fs::create_dir_all(data_dir)
+        .and_then(|()| {
+            std::fs::write(
+                &path,
+                "# Written by Cloud48's linux driver: TCP connections open at a live move's\n# checkpoint are restored closed; those not yet accepted are left behind.\ntcp-close\nskip-in-flight\n",
+            )
+        })
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
 /// The file that marks a checkpoint as this server's own guest's, taken to send it: one the
 /// driver finds when it opens is restored (a target's received checkpoints have none).
 const SENDING: &str = "sending";

@@ -58,6 +58,9 @@ pub struct Bundle {
     pub binds: Vec<(PathBuf, String)>,
     /// The cgroup path (`/cloud48/ID`).
     pub cgroup: String,
+    /// A CRIU configuration file runc hands CRIU when it checkpoints or restores the
+    /// container (the `org.criu.config` annotation); `None`: CRIU's defaults.
+    pub criu_config: Option<PathBuf>,
 }
 
 /// Capabilities of a container's processes: Docker's default set, which nginx, Tomcat and
@@ -239,6 +242,15 @@ impl Bundle {
                 .map_err(spec_error)?,
         ));
         spec.set_hostname(Some(self.hostname.clone()));
+        if let Some(conf) = &self.criu_config {
+            spec.set_annotations(Some(
+                [(
+                    "org.criu.config".to_string(),
+                    conf.to_string_lossy().into_owned(),
+                )]
+                .into(),
+            ));
+        }
         spec.set_mounts(Some(mounts));
         spec.set_linux(Some(linux));
         Ok(spec)
@@ -345,6 +357,7 @@ mod unit {
             pids: 0,
             binds: vec![],
             cgroup: "/c/h".into(),
+            criu_config: None,
         }
     }
 

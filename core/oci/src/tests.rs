@@ -196,6 +196,7 @@ fn an_image_runs_under_runc_on_its_own_root_in_its_own_namespaces() {
         pids: 64,
         binds: vec![],
         cgroup: format!("/cloud48-test/{id}"),
+        criu_config: None,
     };
     bundle.write(&c.join("bundle")).unwrap();
     let pid = runc
