@@ -181,7 +181,10 @@ fn receive_stream(
             .map_err(|e| e.to_string())?;
         let mut reader = BufReader::new(&conn);
         let mut line = String::new();
+        // A secret is one short line: nothing longer is read.
         reader
+            .by_ref()
+            .take(256)
             .read_line(&mut line)
             .map_err(|e| format!("reading the source's secret: {e}"))?;
         if line.trim_end() != token {
