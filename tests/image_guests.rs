@@ -109,19 +109,70 @@ async fn open_with(
         .expect("the linux driver opens (run the tests as root)")
 }
 
+/// Server `n` of a test on network `net`: servers given the same `net` share one bridge and
+/// subnet (server 0's of `open`), so a container moving live between them keeps its address.
+pub async fn on_network(
+    dir: &Path,
+    prefix: &str,
+    net: u32,
+    n: u32,
+    source: Arc<Store>,
+) -> LinuxDriver {
+    let mut cfg = config(dir, prefix, net, 0);
+    cfg.name = format!("{prefix}-{n}");
+    cfg.data_dir = dir.join(format!("server-{n}"));
+    cfg.prefix = format!("{prefix}{n}");
+    cfg.bridge = format!("{prefix}br{net}");
+    cfg.images = Some(ImagesConfig {
+        source: Some(source),
+        cache_bytes: None,
+        migration_host: Some("127.0.0.1".into()),
+    });
+    LinuxDriver::open(cfg)
+        .await
+        .expect("the linux driver opens (run the tests as root)")
+}
+
 struct ImageFactory {
     dir: tempfile::TempDir,
     prefix: String,
     source: Arc<Store>,
+    net: u32,
+}
+
+impl ImageFactory {
+    /// Servers on network `net` (the first, where a container moves live, shared with `peer`).
+    async fn server(&self, n: u32) -> LinuxDriver {
+        on_network(
+            self.dir.path(),
+            &self.prefix,
+            self.net + n,
+            n,
+            self.source.clone(),
+        )
+        .await
+    }
 }
 
 impl DriverFactory for ImageFactory {
     type Driver = LinuxDriver;
     async fn make(&self, n: u32) -> LinuxDriver {
-        open(self.dir.path(), &self.prefix, 60, n, self.source.clone()).await
+        self.server(n).await
     }
     fn workload(&self) -> Workload {
         web()
+    }
+    async fn peer(&self) -> Option<LinuxDriver> {
+        Some(
+            on_network(
+                self.dir.path(),
+                &self.prefix,
+                self.net,
+                9,
+                self.source.clone(),
+            )
+            .await,
+        )
     }
 }
 
@@ -131,12 +182,13 @@ async fn linux_driver_running_images_passes_the_conformance_suite() {
     let prefix = unique_prefix('i');
     let _sweep = Sweep {
         prefix: prefix.clone(),
-        bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
+        bridges: vec![format!("{prefix}br60"), format!("{prefix}br61")],
     };
     let factory = ImageFactory {
         dir: tempfile::tempdir().unwrap(),
         prefix,
         source,
+        net: 60,
     };
     let failures = conformance::run(&factory).await;
     assert!(failures.is_empty(), "conformance failures: {failures:#?}");
@@ -145,17 +197,30 @@ async fn linux_driver_running_images_passes_the_conformance_suite() {
 /// The same servers behind their agents, reached through the remote driver.
 struct RemoteImageFactory(ImageFactory);
 
+impl RemoteImageFactory {
+    async fn behind_agent(&self, d: LinuxDriver, n: u32) -> RemoteDriver {
+        let name = format!("{}-{n}", self.0.prefix);
+        let caps = d.capabilities();
+        let (_, url) = crate::agent::serve_agent(&name, Arc::new(d)).await;
+        let r = RemoteDriver::new(&name, &url, crate::agent::TOKEN, RemoteTimeouts::default());
+        // What the agent tells the core when it registers.
+        r.set_capabilities(caps);
+        r
+    }
+}
+
 impl DriverFactory for RemoteImageFactory {
     type Driver = RemoteDriver;
     async fn make(&self, n: u32) -> RemoteDriver {
-        let f = &self.0;
-        let d = open(f.dir.path(), &f.prefix, 62, n, f.source.clone()).await;
-        let name = format!("{}-{n}", f.prefix);
-        let (_, url) = crate::agent::serve_agent(&name, Arc::new(d)).await;
-        RemoteDriver::new(&name, &url, crate::agent::TOKEN, RemoteTimeouts::default())
+        let d = self.0.make(n).await;
+        self.behind_agent(d, n).await
     }
     fn workload(&self) -> Workload {
         web()
+    }
+    async fn peer(&self) -> Option<RemoteDriver> {
+        let d = self.0.peer().await?;
+        Some(self.behind_agent(d, 9).await)
     }
 }
 
@@ -165,12 +230,13 @@ async fn image_containers_behind_agents_pass_the_conformance_suite() {
     let prefix = unique_prefix('r');
     let _sweep = Sweep {
         prefix: prefix.clone(),
-        bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
+        bridges: vec![format!("{prefix}br62"), format!("{prefix}br63")],
     };
     let factory = RemoteImageFactory(ImageFactory {
         dir: tempfile::tempdir().unwrap(),
         prefix,
         source,
+        net: 62,
     });
     let failures = conformance::run(&factory).await;
     assert!(failures.is_empty(), "conformance failures: {failures:#?}");

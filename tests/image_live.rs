@@ -3,33 +3,12 @@
 //! leaves the container running where it was (also when its agent stopped in the middle), and
 //! a server on another network says why it cannot take one. Needs root, runc and CRIU 4.2.1 or later (`.ci/run` builds it).
 
-use std::path::Path;
 use std::sync::Arc;
 
-use cloud48_engine::driver::linux::{ImagesConfig, LinuxDriver};
 use cloud48_engine::driver::{Driver, GuestSpec, GuestState, LiveTarget};
-use cloud48_engine::images::Store;
 
-use crate::image_guests::{answer, mounted, runc_knows, sh, source, spec, web};
-use crate::linux::{Sweep, config, unique_prefix};
-
-/// Server `n` of a test, on network `net`: servers given the same `net` share one bridge and
-/// subnet, so a container moving live between them keeps its address.
-async fn server(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> LinuxDriver {
-    let mut cfg = config(dir, prefix, net, 0);
-    cfg.name = format!("{prefix}-{n}");
-    cfg.data_dir = dir.join(format!("server-{n}"));
-    cfg.prefix = format!("{prefix}{n}");
-    cfg.bridge = format!("{prefix}br{net}");
-    cfg.images = Some(ImagesConfig {
-        source: Some(source),
-        cache_bytes: None,
-        migration_host: Some("127.0.0.1".into()),
-    });
-    LinuxDriver::open(cfg)
-        .await
-        .expect("the linux driver opens (run the tests as root)")
-}
+use crate::image_guests::{answer, mounted, on_network, runc_knows, sh, source, spec, web};
+use crate::linux::{Sweep, unique_prefix};
 
 fn keeping(guest: &str, ip: &str) -> GuestSpec {
     GuestSpec {
@@ -47,8 +26,8 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
         bridges: vec![format!("{prefix}br90"), format!("{prefix}br91")],
     };
     let dir = tempfile::tempdir().unwrap();
-    let d0 = server(dir.path(), &prefix, 90, 0, source.clone()).await;
-    let d1 = server(dir.path(), &prefix, 90, 1, source.clone()).await;
+    let d0 = on_network(dir.path(), &prefix, 90, 0, source.clone()).await;
+    let d1 = on_network(dir.path(), &prefix, 90, 1, source.clone()).await;
     assert!(
         d0.capabilities().live_migrate,
         "this server cannot move containers live: CRIU 4.2.1 or later must be installed (.ci/run builds it)"
@@ -151,7 +130,7 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
         Some(GuestState::Stopped)
     );
     drop(d1);
-    let d1 = server(dir.path(), &prefix, 90, 1, source.clone()).await;
+    let d1 = on_network(dir.path(), &prefix, 90, 1, source.clone()).await;
     assert_eq!(
         d1.status("web-l").await.unwrap().map(|g| g.state),
         Some(GuestState::Running)
@@ -168,7 +147,7 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
     assert_eq!(out, "on-disk");
 
     // A server on another network cannot take it and says why; nothing is left there.
-    let far = server(dir.path(), &prefix, 91, 2, source.clone()).await;
+    let far = on_network(dir.path(), &prefix, 91, 2, source.clone()).await;
     let offer = d1.live_offer("web-l").await.unwrap();
     let refused = far
         .live_receive(&keeping("web-l", &ip), &offer)
@@ -234,7 +213,7 @@ async fn container_migrate_live_and_a_live_drain_move_an_image_container_through
     .unwrap();
     let mut names = Vec::new();
     for n in 0..2 {
-        let d = server(dir.path(), &prefix, 92, n, source.clone()).await;
+        let d = on_network(dir.path(), &prefix, 92, n, source.clone()).await;
         let name = format!("{prefix}-{n}");
         let (_, url) = crate::agent::serve_agent(&name, Arc::new(d)).await;
         tc.core.agents().add(&url).await.unwrap();

@@ -233,6 +233,13 @@ impl DriverFactory for VmFactory {
     fn workload(&self) -> Workload {
         web_vm()
     }
+    async fn peer(&self) -> Option<QemuDriver> {
+        Some(
+            QemuDriver::open(same_network(self, self.net, 9))
+                .await
+                .expect("the qemu driver opens (root, QEMU installed)"),
+        )
+    }
 }
 
 pub fn factory(tag: char, net: u32, source: Arc<Store>) -> (VmFactory, VmSweep) {
@@ -272,6 +279,10 @@ impl DriverFactory for RemoteVmFactory {
     }
     fn workload(&self) -> Workload {
         web_vm()
+    }
+    async fn peer(&self) -> Option<RemoteDriver> {
+        let d = self.0.peer().await?;
+        Some(remote(&self.0, Arc::new(d), 9).await)
     }
 }
 

@@ -1,8 +1,9 @@
 //! The conformance suite every driver must pass.
 //!
 //! `run` exercises the whole `Driver` contract (lifecycle, idempotency, errors, optional
-//! capabilities, export/import between two servers) against fresh driver instances and returns
-//! every violation found. A driver's test calls it and asserts the list is empty.
+//! capabilities, export/import between two servers, a live move between two servers of one
+//! network where the driver says it moves guests live) against fresh driver instances and
+//! returns every violation found. A driver's test calls it and asserts the list is empty.
 
 use std::future::Future;
 
@@ -18,6 +19,11 @@ pub trait DriverFactory {
     /// What the suite's guests run (by default nothing declared: the driver's idle default).
     fn workload(&self) -> Workload {
         Workload::default()
+    }
+    /// A fresh server on the network of server 0 (a guest moving live between them keeps its
+    /// address); drivers that move guests live must have one, the others need not.
+    fn peer(&self) -> impl Future<Output = Option<Self::Driver>> {
+        async { None }
     }
 }
 
@@ -357,6 +363,85 @@ async fn move_guest(
     result
 }
 
+/// Moves a running guest live from `source` to `peer` (a server of its network): the target
+/// holds it stopped until `live_finish`, then it runs there with its address and is stopped
+/// on the source. A driver without the capability must refuse to offer one.
+async fn live(source: &dyn Driver, peer: Option<&dyn Driver>, w: &Workload) -> Result<(), String> {
+    let guest = "conf-l";
+    let result = async {
+        let info = source
+            .create(&spec(w, guest))
+            .await
+            .map_err(|e| format!("create: {e}"))?;
+        source
+            .start(guest)
+            .await
+            .map_err(|e| format!("start: {e}"))?;
+        if !source.capabilities().live_migrate {
+            ensure!(
+                source.live_offer(guest).await.is_err(),
+                "live_offer without the live_migrate capability must fail"
+            );
+            return Ok(());
+        }
+        let Some(peer) = peer else {
+            return Err(
+                "the driver moves guests live, but its factory gives no server on its network (DriverFactory::peer)"
+                    .to_string(),
+            );
+        };
+        let offer = source
+            .live_offer(guest)
+            .await
+            .map_err(|e| format!("live_offer: {e}"))?;
+        let keep = GuestSpec {
+            ip: info.ip.clone(),
+            ..spec(w, guest)
+        };
+        let target = peer
+            .live_receive(&keep, &offer)
+            .await
+            .map_err(|e| format!("live_receive: {e}"))?;
+        ensure!(
+            state_of(peer, guest).await? == Some(GuestState::Stopped),
+            "a guest being received must exist, not running, until live_finish"
+        );
+        source
+            .live_send(guest, &target)
+            .await
+            .map_err(|e| format!("live_send: {e}"))?;
+        peer.live_finish(guest)
+            .await
+            .map_err(|e| format!("live_finish: {e}"))?;
+        peer.live_finish(guest)
+            .await
+            .map_err(|e| format!("a repeated live_finish must succeed: {e}"))?;
+        ensure!(
+            state_of(source, guest).await? == Some(GuestState::Stopped),
+            "after live_send the source's guest must be stopped"
+        );
+        let moved = peer
+            .status(guest)
+            .await
+            .map_err(|e| format!("status on the target: {e}"))?;
+        ensure!(
+            moved.as_ref().map(|g| g.state) == Some(GuestState::Running),
+            "after live_finish the guest must run on the target"
+        );
+        ensure!(
+            moved.and_then(|g| g.ip) == info.ip,
+            "a guest moved live must keep its address"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = source.destroy(guest).await;
+    if let Some(peer) = peer {
+        let _ = peer.destroy(guest).await;
+    }
+    result
+}
+
 /// Runs the whole suite; returns one message per failed check (empty when the driver conforms).
 pub async fn run<F: DriverFactory>(factory: &F) -> Vec<String> {
     let mut failures = Vec::new();
@@ -376,6 +461,10 @@ pub async fn run<F: DriverFactory>(factory: &F) -> Vec<String> {
     let target = factory.make(1).await;
     if let Err(e) = migrate(&d, &target, &w).await {
         failures.push(format!("migrate: {e}"));
+    }
+    let peer = factory.peer().await;
+    if let Err(e) = live(&d, peer.as_ref().map(|p| p as &dyn Driver), &w).await {
+        failures.push(format!("live: {e}"));
     }
     failures
 }
