@@ -9,6 +9,7 @@ use cloud48_engine::driver::{Driver, GuestSpec, GuestState, LiveTarget};
 
 use crate::image_guests::{answer, mounted, on_network, runc_knows, sh, source, spec, web};
 use crate::linux::{Sweep, unique_prefix};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn keeping(guest: &str, ip: &str) -> GuestSpec {
     GuestSpec {
@@ -111,8 +112,9 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
     assert_eq!(out, "in-memory");
     assert_eq!(answer(&ip).await, "page=from-the-image uid=0 host=web-l");
 
-    // A send cut short (its agent stopped once the container was checkpointed and the
-    // transfer began): the driver, opened again, restores it from its checkpoint.
+    // A send cut short (its agent stopped once the container was checkpointed, sending what
+    // changed since its files went): the driver, opened again, restores it from its
+    // checkpoint.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let nowhere = LiveTarget {
@@ -121,9 +123,17 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
         memory_port: port,
         token: "t".into(),
     };
+    let stall = async {
+        // Its files, whole, while it runs: taken and answered.
+        let (mut files, _) = listener.accept().await.unwrap();
+        files.read_to_end(&mut Vec::new()).await.unwrap();
+        files.write_all(b"ok\n").await.unwrap();
+        // What changed since, after the checkpoint: never answered.
+        listener.accept().await.unwrap()
+    };
     let _stalled = tokio::select! {
         sent = d1.live_send("web-l", &nowhere) => panic!("a send to a silent target ended: {sent:?}"),
-        conn = listener.accept() => conn.unwrap(),
+        conn = stall => conn,
     };
     assert_eq!(
         d1.status("web-l").await.unwrap().map(|g| g.state),

@@ -339,29 +339,14 @@ pub fn process_env(
 /// in memory): directories, files, symlinks and overlay whiteouts (character devices 0:0),
 /// owners kept; anything else is skipped. Returns `out`.
 pub fn archive_upper<W: Write>(upper: &Path, out: W) -> std::io::Result<W> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     fn add<W: Write>(b: &mut tar::Builder<W>, root: &Path, dir: &Path) -> std::io::Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let path = e.path();
-            let name = path.strip_prefix(root).expect("inside the root");
-            let kind = e.file_type()?;
-            let whiteout = kind.is_char_device() && e.metadata()?.rdev() == 0;
-            if kind.is_dir() {
-                b.append_dir(name, &path)?;
+            append_entry(b, root, &path)?;
+            if e.file_type()?.is_dir() {
                 add(b, root, &path)?;
-            } else if whiteout {
-                // Built by hand: tar's own special-file path would store the absolute path.
-                let mut h = tar::Header::new_gnu();
-                h.set_metadata(&e.metadata()?);
-                h.set_entry_type(tar::EntryType::Char);
-                h.set_device_major(0)?;
-                h.set_device_minor(0)?;
-                h.set_size(0);
-                b.append_data(&mut h, name, std::io::empty())?;
-            } else if kind.is_file() || kind.is_symlink() {
-                b.append_path_with_name(&path, name)?;
             }
         }
         Ok(())
@@ -370,6 +355,47 @@ pub fn archive_upper<W: Write>(upper: &Path, out: W) -> std::io::Result<W> {
     b.follow_symlinks(false);
     add(&mut b, upper, upper)?;
     b.into_inner()
+}
+
+/// Writes a tar archive of just `entries` of `upper` (paths relative to it, parents first; a
+/// directory without what it holds) to `out`, as `archive_upper` writes each: what a live
+/// move's delta sends. Returns `out`.
+pub fn archive_entries<W: Write>(upper: &Path, entries: &[PathBuf], out: W) -> std::io::Result<W> {
+    let mut b = tar::Builder::new(out);
+    b.follow_symlinks(false);
+    for e in entries {
+        append_entry(&mut b, upper, &upper.join(e))?;
+    }
+    b.into_inner()
+}
+
+/// Appends `path` (under `root`, named relative to it) to `b`: a directory (its entry alone),
+/// a file or symlink, an overlay whiteout; anything else is skipped.
+fn append_entry<W: Write>(
+    b: &mut tar::Builder<W>,
+    root: &Path,
+    path: &Path,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let name = path.strip_prefix(root).expect("inside the root");
+    let meta = std::fs::symlink_metadata(path)?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        b.append_dir(name, path)
+    } else if kind.is_char_device() && meta.rdev() == 0 {
+        // Built by hand: tar's own special-file path would store the absolute path.
+        let mut h = tar::Header::new_gnu();
+        h.set_metadata(&meta);
+        h.set_entry_type(tar::EntryType::Char);
+        h.set_device_major(0)?;
+        h.set_device_minor(0)?;
+        h.set_size(0);
+        b.append_data(&mut h, name, std::io::empty())
+    } else if kind.is_file() || kind.is_symlink() {
+        b.append_path_with_name(path, name)
+    } else {
+        Ok(())
+    }
 }
 
 /// Writes `archive_upper`'s archive of `upper`, gzip-compressed, to the file `to` (how guests
@@ -417,6 +443,10 @@ fn unpack_tar<R: Read>(data: R, upper: &Path) -> Result<(), DriverError> {
                 )));
             }
             let target = upper.join(&path);
+            // A delta may bring one where an entry was.
+            if std::fs::symlink_metadata(&target).is_ok() {
+                std::fs::remove_file(&target).map_err(bad)?;
+            }
             let uid = entry.header().uid().map_err(bad)? as u32;
             let gid = entry.header().gid().map_err(bad)? as u32;
             whiteout(&target, uid, gid).map_err(bad)?;

@@ -16,6 +16,7 @@
 //!   namespace or veth behind; destroy also removes the cgroups and the directory.
 
 pub mod cgroups;
+mod delta;
 pub mod images;
 mod live;
 pub mod network;

@@ -1,9 +1,10 @@
 //! Live migration of containers that run their image, through CRIU (`runc checkpoint` and
-//! `runc restore`): the source checkpoints the container (its processes stop once their state
-//! is written), sends its upper directory and then the checkpoint to the target over two
-//! connections, each opened with the target's secret; the target unpacks both, restores the
-//! container on the same image, wires its network with the same address and says so. On any
-//! failure the source restores the container where it was, so exactly one runs.
+//! `runc restore`): the source sends the container's upper directory whole while it runs,
+//! checkpoints it (its processes stop once their state is written), sends what changed in the
+//! directory since (`delta.rs`) and then the checkpoint, each stream on a connection opened
+//! with the target's secret; the target unpacks them, restores the container on the same
+//! image, wires its network with the same address and says so. On any failure the source
+//! restores the container where it was (or it never stopped), so exactly one runs.
 //!
 //! Invariants:
 //! - A target's copy runs only once everything arrived whole; until then it is a stopped
@@ -20,7 +21,7 @@ use cloud48_driver::{DriverError, GuestSpec, GuestState, LiveOffer, LiveReport, 
 use tokio::sync::watch;
 
 use crate::network::{self, GuestNet, Subnet};
-use crate::{LinuxDriver, images, permanent, ready_root};
+use crate::{LinuxDriver, delta, images, permanent, ready_root};
 
 /// How long a target waits for the source to connect.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -219,7 +220,8 @@ async fn accept(listener: &tokio::net::TcpListener, what: &str) -> Result<TcpStr
 }
 
 impl Restore {
-    /// Receives the upper directory, then the checkpoint, restores the guest and wires it.
+    /// Receives the upper directory, then what changed in it since, then the checkpoint,
+    /// restores the guest and wires it.
     async fn run(
         self,
         disk: tokio::net::TcpListener,
@@ -230,6 +232,23 @@ impl Restore {
         let (fs, t) = (self.dir.join("fs"), token.clone());
         tokio::task::spawn_blocking(move || {
             let conn = receive_stream(conn, &t, |r| {
+                images::unpack_upper(r, &fs).map_err(|e| e.to_string())
+            })?;
+            answer(&conn, &Ok(()));
+            Ok::<_, String>(())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let conn = accept(&disk, "changes to the container's files").await?;
+        let (fs, t) = (self.dir.join("fs"), token.clone());
+        tokio::task::spawn_blocking(move || {
+            let conn = receive_stream(conn, &t, |r| {
+                let mut line = String::new();
+                r.read_line(&mut line)
+                    .map_err(|e| format!("reading what went: {e}"))?;
+                let gone: Vec<PathBuf> = serde_json::from_str(&line)
+                    .map_err(|e| format!("what went is not a list of paths: {e}"))?;
+                delta::remove_gone(&fs, &gone)?;
                 images::unpack_upper(r, &fs).map_err(|e| e.to_string())
             })?;
             answer(&conn, &Ok(()));
@@ -453,6 +472,23 @@ impl LinuxDriver {
         self.offer(guest_id).await?;
         let started = Instant::now();
         let dir = self.dir(guest_id);
+        // Its files, whole, while it runs (stamped first: what changes after is sent again).
+        let (t, fs) = (target.clone(), dir.join("fs"));
+        let first = tokio::task::spawn_blocking(move || {
+            let before = delta::manifest(&fs)
+                .map_err(|e| format!("cannot list the container's files: {e}"))?;
+            let sent = send_stream(&t, t.disk_port, "container's files", |conn| {
+                let mut counted = Counting(conn, 0);
+                images::archive_upper(&fs, &mut counted)?;
+                Ok(counted.1)
+            })?;
+            Ok::<_, String>((before, sent))
+        })
+        .await
+        .map_err(permanent)?;
+        let (before, first_bytes) = first
+            .map_err(|e| permanent(format!("{e}; {guest_id} runs on here (it was not stopped)")))?;
+        let stopped = Instant::now();
         let runc = self
             .images
             .as_ref()
@@ -479,11 +515,23 @@ impl LinuxDriver {
         network::detach(&net).await;
         let (t, d) = (target.clone(), dir.clone());
         let sent = tokio::task::spawn_blocking(move || {
-            let disk = send_stream(&t, t.disk_port, "container's files", |conn| {
-                let mut counted = Counting(conn, 0);
-                images::archive_upper(&d.join("fs"), &mut counted)?;
-                Ok(counted.1)
-            })?;
+            let fs = d.join("fs");
+            let changes = delta::delta(&fs, &before)
+                .map_err(|e| format!("cannot list the container's files: {e}"))?;
+            let disk = send_stream(
+                &t,
+                t.disk_port,
+                "changes to the container's files",
+                |conn| {
+                    let mut gone =
+                        serde_json::to_vec(&changes.gone).map_err(std::io::Error::other)?;
+                    gone.push(b'\n');
+                    let mut counted = Counting(conn, 0);
+                    counted.write_all(&gone)?;
+                    images::archive_entries(&fs, &changes.changed, &mut counted)?;
+                    Ok(counted.1)
+                },
+            )?;
             let memory = send_stream(&t, t.memory_port, "checkpoint", |conn| {
                 archive_flat(&d.join("live").join("images"), conn)
             })?;
@@ -492,15 +540,15 @@ impl LinuxDriver {
         .await
         .map_err(permanent)?;
         match sent {
-            Ok((disk_bytes, memory_bytes)) => {
-                let ms = started.elapsed().as_millis() as u64;
-                self.left(guest_id).await;
-                Ok(LiveReport {
-                    total_ms: ms,
-                    downtime_ms: ms,
+            Ok((delta_bytes, memory_bytes)) => {
+                let report = LiveReport {
+                    total_ms: started.elapsed().as_millis() as u64,
+                    downtime_ms: stopped.elapsed().as_millis() as u64,
                     memory_bytes,
-                    disk_bytes,
-                })
+                    disk_bytes: first_bytes + delta_bytes,
+                };
+                self.left(guest_id).await;
+                Ok(report)
             }
             Err(e) => match self.restore_here(guest_id).await {
                 Ok(()) => Err(permanent(format!("{e}; {guest_id} runs on here"))),
