@@ -219,6 +219,25 @@ async fn accept(listener: &tokio::net::TcpListener, what: &str) -> Result<TcpStr
     Ok(conn)
 }
 
+/// Accepts the next connection on `listener`, has `apply` read what it carries (after the
+/// secret), and answers that it arrived.
+async fn receive_into(
+    listener: &tokio::net::TcpListener,
+    token: &str,
+    what: &str,
+    apply: impl FnOnce(&mut BufReader<&TcpStream>) -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    let conn = accept(listener, what).await?;
+    let token = token.to_string();
+    tokio::task::spawn_blocking(move || {
+        let conn = receive_stream(conn, &token, apply)?;
+        answer(&conn, &Ok(()));
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 impl Restore {
     /// Receives the upper directory, then what changed in it since, then the checkpoint,
     /// restores the guest and wires it.
@@ -228,21 +247,17 @@ impl Restore {
         memory: tokio::net::TcpListener,
         token: String,
     ) -> Result<(), String> {
-        let conn = accept(&disk, "container's files").await?;
-        let (fs, t) = (self.dir.join("fs"), token.clone());
-        tokio::task::spawn_blocking(move || {
-            let conn = receive_stream(conn, &t, |r| {
-                images::unpack_upper(r, &fs).map_err(|e| e.to_string())
-            })?;
-            answer(&conn, &Ok(()));
-            Ok::<_, String>(())
+        let fs = self.dir.join("fs");
+        let into = fs.clone();
+        receive_into(&disk, &token, "container's files", move |r| {
+            images::unpack_upper(r, &into).map_err(|e| e.to_string())
         })
-        .await
-        .map_err(|e| e.to_string())??;
-        let conn = accept(&disk, "changes to the container's files").await?;
-        let (fs, t) = (self.dir.join("fs"), token.clone());
-        tokio::task::spawn_blocking(move || {
-            let conn = receive_stream(conn, &t, |r| {
+        .await?;
+        receive_into(
+            &disk,
+            &token,
+            "changes to the container's files",
+            move |r| {
                 let mut line = String::new();
                 r.read_line(&mut line)
                     .map_err(|e| format!("reading what went: {e}"))?;
@@ -250,12 +265,9 @@ impl Restore {
                     .map_err(|e| format!("what went is not a list of paths: {e}"))?;
                 delta::remove_gone(&fs, &gone)?;
                 images::unpack_upper(r, &fs).map_err(|e| e.to_string())
-            })?;
-            answer(&conn, &Ok(()));
-            Ok::<_, String>(())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+            },
+        )
+        .await?;
         let conn = accept(&memory, "checkpoint").await?;
         let restore = std::sync::Arc::new(self);
         let r = restore.clone();
