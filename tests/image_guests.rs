@@ -110,7 +110,8 @@ async fn open_with(
 }
 
 /// Server `n` of a test on network `net`: servers given the same `net` share one bridge and
-/// subnet (server 0's of `open`), so a container moving live between them keeps its address.
+/// subnet (server 0's of `open`), each handing out a range of it of its own, so a container
+/// moving live between them keeps its address.
 pub async fn on_network(
     dir: &Path,
     prefix: &str,
@@ -123,6 +124,13 @@ pub async fn on_network(
     cfg.data_dir = dir.join(format!("server-{n}"));
     cfg.prefix = format!("{prefix}{n}");
     cfg.bridge = format!("{prefix}br{net}");
+    // Each gives addresses of a range of its own, as agents sharing a network must.
+    let first = 10 + n * 20;
+    cfg.addresses = Some(
+        format!("10.241.{net}.{first}-10.241.{net}.{}", first + 19)
+            .parse()
+            .unwrap(),
+    );
     cfg.images = Some(ImagesConfig {
         source: Some(source),
         cache_bytes: None,

@@ -34,6 +34,9 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
         "this server cannot move containers live: CRIU 4.2.1 or later must be installed (.ci/run builds it)"
     );
     let ip = d0.create(&spec("web-l", web())).await.unwrap().ip.unwrap();
+    // From server 0's range of the shared subnet (server 1 gives another).
+    let last: u8 = ip.rsplit('.').next().unwrap().parse().unwrap();
+    assert!((10..=29).contains(&last), "{ip}");
     d0.start("web-l").await.unwrap();
     // What only its memory holds: a file on a tmpfs and a process started after it.
     let (code, pid) = sh(

@@ -47,6 +47,7 @@ pub fn config(dir: &Path, prefix: &str, net: u32, n: u32) -> LinuxConfig {
         data_dir: dir.join(format!("server-{n}")),
         bridge: format!("{prefix}br{n}"),
         subnet: format!("10.241.{}.0/24", net + n).parse().unwrap(),
+        addresses: None,
         prefix: format!("{prefix}{n}"),
         capacity: Some(Resources {
             cpu_millis: 4000,

@@ -72,10 +72,11 @@ pub struct AgentArgs {
     /// its simulated guests get).
     #[arg(long, default_value = "10.48.0.0/24")]
     pub subnet: String,
-    /// Qemu driver: the range of --subnet this server gives its VMs, as FIRST-LAST (e.g.
-    /// 10.48.0.10-10.48.0.99) [default: all of it]. Servers sharing a network (one --subnet
-    /// and bridge on one layer-2 segment, so that a VM moving live between them keeps its
-    /// address) each give a range no other gives; the core refuses overlapping ones.
+    /// Qemu and linux drivers: the range of --subnet this server gives its guests, as
+    /// FIRST-LAST (e.g. 10.48.0.10-10.48.0.99) [default: all of it]. Servers sharing a network
+    /// (one --subnet and bridge on one layer-2 segment, so that a VM or container moving live
+    /// between them keeps its address) each give a range no other gives; the core refuses
+    /// overlapping ones.
     #[arg(long, value_name = "FIRST-LAST")]
     pub addresses: Option<String>,
     /// Linux driver: bridge the containers join.
@@ -222,9 +223,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         range
             .check_within(&subnet)
             .map_err(|e| anyhow::anyhow!("--addresses: {e}"))?;
-        if !matches!(args.driver, AgentDriver::Qemu) {
+        if matches!(args.driver, AgentDriver::Sim) {
             bail!(
-                "--addresses is for qemu servers sharing a network (their VMs move live); give this server a --subnet of its own"
+                "--addresses is for qemu and linux servers sharing a network (their guests move live); give this simulated server a --subnet of its own"
             );
         }
     }
@@ -294,6 +295,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 data_dir: std::fs::canonicalize(&args.data_dir)?,
                 bridge: args.bridge.clone(),
                 subnet,
+                addresses,
                 prefix: args.prefix.clone(),
                 capacity,
                 stop_grace: Duration::from_millis(args.stop_grace_ms),

@@ -72,6 +72,10 @@ pub struct LinuxConfig {
     pub bridge: String,
     /// Subnet of the guests; the bridge takes its first address.
     pub subnet: Subnet,
+    /// The range of the subnet new guests get addresses from (all of it when `None`): servers
+    /// sharing one network (so that a container moving live keeps its address) each give a
+    /// range of their own. A guest moving in keeps its address from anywhere in the subnet.
+    pub addresses: Option<network::AddressRange>,
     /// Prefix (1-5 characters of a-z0-9) of namespaces, interfaces and the parent cgroup.
     pub prefix: String,
     /// Capacity offered; `None` measures the machine.
@@ -207,6 +211,9 @@ impl LinuxDriver {
                     network::package_of(program)
                 ));
             }
+        }
+        if let Some(range) = &cfg.addresses {
+            range.check_within(&cfg.subnet)?;
         }
         let cgroups = Cgroups::detect(&cfg.prefix)?;
         network::ensure_bridge(&cfg.bridge, &cfg.subnet).await?;
@@ -374,16 +381,21 @@ impl LinuxDriver {
             .as_deref()
             .and_then(|w| w.parse::<Ipv4Addr>().ok())
             .filter(|ip| self.cfg.subnet.contains(*ip) && !used.contains(ip));
+        let range = self.cfg.addresses;
         let ip = asked
             .or_else(|| {
                 self.cfg
                     .subnet
                     .hosts()
+                    .filter(|ip| range.is_none_or(|r| r.contains(*ip)))
                     .find(|ip| !used.contains(ip) && !avoided.contains(ip))
             })
             .ok_or_else(|| DriverError::Capacity {
                 server: self.cfg.name.clone(),
-                message: format!("no free address left in {}", self.cfg.subnet),
+                message: match range {
+                    Some(r) => format!("no free address left in {r}"),
+                    None => format!("no free address left in {}", self.cfg.subnet),
+                },
             })?;
         let mut spec = spec.clone();
         spec.ip = Some(ip.to_string());

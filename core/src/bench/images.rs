@@ -211,6 +211,7 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
         subnet: format!("10.249.{}.0/22", 16 + n * 4)
             .parse()
             .expect("a valid subnet"),
+        addresses: None,
         prefix: format!("{prefix}{n}"),
         capacity: Some(Resources {
             cpu_millis: 1_000_000,

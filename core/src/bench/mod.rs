@@ -661,6 +661,7 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         subnet: format!("10.249.{}.0/22", n * 4)
             .parse()
             .expect("valid subnet"),
+        addresses: None,
         prefix: format!("{prefix}{n}"),
         capacity: Some(cloud48_engine::model::Resources {
             cpu_millis: 1_000_000,
