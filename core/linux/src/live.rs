@@ -25,7 +25,7 @@ use crate::run_image::ready_root;
 use crate::wire::{
     Counting, accept, answer, archive_flat, receive_into, receive_stream, secret, send_stream,
 };
-use crate::{LinuxDriver, delta, images, permanent};
+use crate::{LinuxDriver, Record, delta, images, permanent};
 
 /// A guest a target is receiving: how it ends, and the task receiving it.
 pub(crate) struct Receiving {
@@ -292,7 +292,7 @@ impl LinuxDriver {
                 r.image.as_deref().unwrap_or("none")
             )));
         }
-        let (bundle, hosts, lower, runc) = self.image_bundle(&r, &offer.image).await?;
+        let restore = self.restore_of(&r, &offer.image).await?;
         let bind = |what: &str| {
             let host = host.clone();
             let what = what.to_string();
@@ -310,18 +310,6 @@ impl LinuxDriver {
             disk_port: port(&disk)?,
             memory_port: port(&memory)?,
             token: secret().map_err(permanent)?,
-        };
-        let restore = Restore {
-            guest: guest.clone(),
-            dir: self.dir(&guest),
-            lower,
-            hosts,
-            bundle,
-            runc,
-            net: GuestNet::new(&self.cfg.prefix, &guest),
-            bridge: self.cfg.bridge.clone(),
-            subnet: self.cfg.subnet,
-            ip,
         };
         let (tx, outcome) = watch::channel(None);
         let token = target.token.clone();
@@ -427,7 +415,9 @@ impl LinuxDriver {
                     memory_bytes,
                     disk_bytes: first_bytes + delta_bytes,
                 };
-                self.left(guest_id).await;
+                // Its runc record and overlay go, its record and files stay (stopped) until
+                // destroyed: what a stop leaves.
+                let _ = self.halt(guest_id).await;
                 Ok(report)
             }
             Err(e) => match self.restore_here(guest_id).await {
@@ -439,49 +429,32 @@ impl LinuxDriver {
         }
     }
 
-    /// After a move: runc's record of the guest and its overlay go; its record and files stay
-    /// (stopped) until destroyed.
-    async fn left(&self, guest_id: &str) {
-        let (runc, merged, id) = match &self.images {
-            Some(i) => (
-                i.runc.clone(),
-                self.dir(guest_id).join("merged"),
-                guest_id.to_string(),
-            ),
-            None => return,
-        };
-        let live = merged.with_file_name("live");
-        let _ = tokio::task::spawn_blocking(move || {
-            let _ = runc.delete(&id, true);
-            let _ = std::fs::remove_dir_all(live);
-            cloud48_oci::unmount(&merged)
+    /// What restoring guest `r` on image `digest` here takes.
+    async fn restore_of(&self, r: &Record, digest: &str) -> Result<Restore, DriverError> {
+        let guest = &r.spec.guest_id;
+        let (bundle, hosts, lower, runc) = self.image_bundle(r, digest).await?;
+        Ok(Restore {
+            guest: guest.clone(),
+            dir: self.dir(guest),
+            lower,
+            hosts,
+            bundle,
+            runc,
+            net: GuestNet::new(&self.cfg.prefix, guest),
+            bridge: self.cfg.bridge.clone(),
+            subnet: self.cfg.subnet,
+            ip: r.ip,
         })
-        .await;
-        if let Ok(r) = self.record(guest_id) {
-            let _ = self.cgroups.create(guest_id, &r.spec.resources);
-        }
     }
 
     /// Restores the guest here from its own checkpoint (a move that failed after it stopped).
     async fn restore_here(&self, guest_id: &str) -> Result<(), String> {
         let r = self.record(guest_id).map_err(|e| e.to_string())?;
         let digest = r.image.clone().unwrap_or_default();
-        let (bundle, hosts, lower, runc) = self
-            .image_bundle(&r, &digest)
+        let restore = self
+            .restore_of(&r, &digest)
             .await
             .map_err(|e| e.to_string())?;
-        let restore = Restore {
-            guest: guest_id.to_string(),
-            dir: self.dir(guest_id),
-            lower,
-            hosts,
-            bundle,
-            runc,
-            net: GuestNet::new(&self.cfg.prefix, guest_id),
-            bridge: self.cfg.bridge.clone(),
-            subnet: self.cfg.subnet,
-            ip: r.ip,
-        };
         let pid = tokio::task::spawn_blocking(move || {
             open_checkpoint(&restore.dir.join("live").join("images")).map_err(|e| e.to_string())?;
             restore.restore_process().map(|pid| (restore, pid))
