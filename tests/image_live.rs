@@ -213,7 +213,7 @@ async fn container_migrate_live_and_a_live_drain_move_an_image_container_through
     let prefix = unique_prefix('w');
     let _sweep = Sweep {
         prefix: prefix.clone(),
-        bridges: vec![format!("{prefix}br92")],
+        bridges: vec![format!("{prefix}br92"), format!("{prefix}br93")],
     };
     let dir = tempfile::tempdir().unwrap();
     let tc = TestCore::start(Opts {
@@ -291,6 +291,42 @@ async fn container_migrate_live_and_a_live_drain_move_an_image_container_through
         !dir.path()
             .join(format!("server-0/guests/{}", c.guest_id))
             .exists()
+    );
+
+    // A live-capable server on another network cannot take it (it keeps its address): the
+    // refusal names both servers, and placement passes over that server in the drain below.
+    let d = on_network(dir.path(), &prefix, 93, 2, source.clone()).await;
+    let other = format!("{prefix}-2");
+    let (_, url) = crate::agent::serve_agent(&other, Arc::new(d)).await;
+    tc.core.agents().add(&url).await.unwrap();
+    let err = tc
+        .client
+        .post::<_, serde_json::Value>(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "migrate", "live": true, "to": other }),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "server {other} is not on the network of server {}",
+            names[1]
+        )) && err.contains("without --live"),
+        "{err}"
+    );
+    let err = tc
+        .client
+        .post::<_, serde_json::Value>(
+            &format!("/v1/servers/{other}/drain"),
+            &json!({ "live": true }),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("shares its network with no other server"),
+        "{err}"
     );
 
     // Draining its server live sends it back, past the simulated server (which cannot take a

@@ -600,7 +600,7 @@ expect_deny = "already has a balancer"
 add = "mysql"
 [[step]]
 add = "tomcat"
-expect_last_exec = { container = 2, args = ["jdbc:mysql://10.0.0.2:3306/app"], script_contains = "database" }
+expect_last_exec = { container = 2, args = ["jdbc:mysql://10.0.0.2:3306/app?user=app"], script_contains = "database" }
 [[step]]
 crash = "s1"
 expect_members = ["mysql", "tomcat"]

@@ -436,6 +436,72 @@ async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
         "{out:?}"
     );
 
+    // The database's user needs the environment's secret `mysql`, which the tomcats were given
+    // too: the operator reads it (a read on the audit trail), and it shows nowhere else.
+    let db_id = db.unwrap();
+    let secret = |id: ContainerId, name: &'static str| {
+        let t = &t;
+        async move {
+            t.client
+                .get::<cloud48_api::ContainerSecret>(&format!("/v1/containers/{id}/secrets/{name}"))
+                .await
+        }
+    };
+    let password = secret(db_id, "mysql").await.unwrap().value;
+    assert_eq!(password.len(), 32, "{password}");
+    assert_eq!(secret(tomcats[1], "mysql").await.unwrap().value, password);
+    let e = secret(db_id, "redis").await.unwrap_err().to_string();
+    assert!(
+        e.contains("receives no secret 'redis'") && e.contains("mysql"),
+        "{e}"
+    );
+    let login = |password: Option<String>| {
+        let t = &t;
+        let mut command = vec!["mariadb", "-h", "127.0.0.1", "-u", "app", "app"]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        command.extend(password.map(|p| format!("--password={p}")));
+        command.extend(["-e".into(), "SELECT text FROM greetings".into()]);
+        async move {
+            t.client
+                .post::<_, cloud48_engine::driver::ExecOutput>(
+                    &format!("/v1/containers/{db_id}/exec"),
+                    &json!({ "command": command }),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let refused = login(None).await;
+    assert!(
+        refused.exit_code != 0 && refused.stderr.contains("Access denied"),
+        "{refused:?}"
+    );
+    let admitted = login(Some(password.clone())).await;
+    assert!(
+        admitted.exit_code == 0 && admitted.stdout.contains("hello from mariadb"),
+        "{admitted:?}"
+    );
+    let shown: serde_json::Value = t
+        .client
+        .get(&format!("/v1/containers/{db_id}"))
+        .await
+        .unwrap();
+    assert!(!shown.to_string().contains(&password), "{shown}");
+    let trail: serde_json::Value = t
+        .client
+        .get(&format!("/v1/audit?object=/v1/containers/{db_id}/secrets"))
+        .await
+        .unwrap();
+    assert!(!trail.to_string().contains(&password), "{trail}");
+    assert!(
+        trail
+            .to_string()
+            .contains(&format!("/v1/containers/{db_id}/secrets/mysql")),
+        "{trail}"
+    );
+
     // A tomcat moves cold to the other host with its own files (the datasource its hook
     // wrote): the balancer serves it there, reading the same row.
     let a: Accepted = t
@@ -484,7 +550,7 @@ async fn the_seed_runs_real_nginx_tomcat_and_mariadb_from_images() {
 
     // The database changes its row, then moves cold to the other host: its data goes with it,
     // and the tomcats follow it to its new address.
-    let db = db.unwrap();
+    let db = db_id;
     let out: cloud48_engine::driver::ExecOutput = t
         .client
         .post(

@@ -26,6 +26,7 @@ mod m0016_projects;
 mod m0017_cluster;
 mod m0018_illegal_index;
 mod m0019_server_addresses;
+mod m0020_platform_secret;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -53,6 +54,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0017_cluster::Migration),
             Box::new(m0018_illegal_index::Migration),
             Box::new(m0019_server_addresses::Migration),
+            Box::new(m0020_platform_secret::Migration),
         ]
     }
 }

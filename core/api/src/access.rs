@@ -2,7 +2,7 @@
 //!
 //! Reads need `viewer` (anonymous requests read only the endpoint families of
 //! `auth.anonymous_read`: fleet and environments by default; the event stream, those topics whose
-//! families they may read); exports need `operator`; changes to servers, plugins and users, exec
+//! families they may read); exports and secrets need `operator`; changes to servers, plugins and users, exec
 //! in containers and reading the audit trail need `admin`; every other change needs `operator`.
 //! `/metrics` may also be read with the `metrics.token` bearer token. The console's files and
 //! `/v1/whoami` need no role; `/v1/sign-in` needs a user.
@@ -25,8 +25,11 @@ use cloud48_engine::projects::Owned;
 /// The role a request needs.
 pub fn needed_role(method: &Method, path: &str) -> Role {
     if method == Method::GET || method == Method::HEAD {
-        // An export carries a container's whole disk: an operator's tool, like import.
-        if path.starts_with("/v1/containers/") && path.ends_with("/export") {
+        // An export carries a container's whole disk: an operator's tool, like import; so
+        // does a secret.
+        if path.starts_with("/v1/containers/")
+            && (path.ends_with("/export") || path.contains("/secrets/"))
+        {
             return Role::Operator;
         }
         // The audit trail tells what every user did: an admin's tool.

@@ -1,5 +1,5 @@
-//! The audit layer: records every request that changes something, or tries to, once it is
-//! answered (`cloud48_engine::audit`), and `GET /v1/audit` lists the trail (admins).
+//! The audit layer: records every request that changes something, or tries to, and every read
+//! of a container's secret, once it is answered (`cloud48_engine::audit`), and `GET /v1/audit` lists the trail (admins).
 
 use axum::extract::{Request, State};
 use axum::http::Method;
@@ -37,7 +37,9 @@ pub(crate) async fn trail(State(core): State<Core>, req: Request, next: Next) ->
     use axum::body::{Body, HttpBody};
     let reads = [Method::GET, Method::HEAD, Method::OPTIONS];
     // Heartbeats are the agents' reports, not changes anyone asked for.
-    if reads.contains(req.method()) || req.uri().path() == "/v1/agents/heartbeat" {
+    // Reads change nothing, but who read a secret is on record.
+    let secret = req.uri().path().contains("/secrets/");
+    if reads.contains(req.method()) && !secret || req.uri().path() == "/v1/agents/heartbeat" {
         return next.run(req).await;
     }
     // A request without credentials answered with a challenge is the start of Digest's

@@ -77,6 +77,7 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(list_servers, add_server))
         .routes(routes!(cluster::show_cluster))
         .routes(routes!(container_logs))
+        .routes(routes!(container_secret))
         .routes(routes!(container_exec))
         .routes(routes!(show_server))
         .routes(routes!(server_action))
@@ -672,6 +673,30 @@ async fn container_logs(
     Ok(Json(ContainerLogs {
         logs: core.containers().logs(parse_id("id", &id)?).await?,
     }))
+}
+
+/// A secret a container receives (its type's workload names `${secret:NAME}`).
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct ContainerSecret {
+    /// The secret's name.
+    pub name: String,
+    /// Its value: shared by the members of the container's environment.
+    pub value: String,
+}
+
+#[utoipa::path(get, path = "/v1/containers/{id}/secrets/{name}", tag = "containers",
+    description = "A secret the container receives, e.g. the password of the mysql type's database user (`mysql`). Needs the operator role; every read is in the audit trail.",
+    params(("id" = i64, Path, description = "Container id"), ("name" = String, Path, description = "Secret name, as in `${secret:NAME}` in its type's workload")),
+    responses((status = 200, body = ContainerSecret), (status = 404, body = ErrorBody)))]
+async fn container_secret(
+    State(core): State<Core>,
+    Path((id, name)): Path<(String, String)>,
+) -> Result<Json<ContainerSecret>, ApiError> {
+    let value = core
+        .containers()
+        .secret(parse_id("id", &id)?, &name)
+        .await?;
+    Ok(Json(ContainerSecret { name, value }))
 }
 
 /// A command to run inside a container.

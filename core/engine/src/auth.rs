@@ -120,8 +120,8 @@ impl Family {
     /// What anonymous requests may read by default: fleet and environment summaries.
     pub const DEFAULT_ANONYMOUS: [Family; 2] = [Family::Fleet, Family::Environments];
 
-    /// The family of a read of `path`; `None` for what anonymous requests never read: exports
-    /// and logs (the core would pull them from an agent; what runs inside may print secrets),
+    /// The family of a read of `path`; `None` for what anonymous requests never read: exports,
+    /// secrets and logs (the core would pull them from an agent; what runs inside may print secrets),
     /// users, anything else.
     pub fn of(path: &str) -> Option<Family> {
         let under = |area: &str| path == area || path.starts_with(&format!("{area}/"));
@@ -130,7 +130,7 @@ impl Family {
         } else if under("/v1/environments") {
             Some(Family::Environments)
         } else if under("/v1/containers") {
-            if path.ends_with("/logs") || path.ends_with("/export") {
+            if path.ends_with("/logs") || path.ends_with("/export") || path.contains("/secrets/") {
                 None
             } else {
                 Some(Family::Containers)

@@ -337,6 +337,7 @@ impl Core {
         db.set_metric_callback(move |info| statements.statement(info.elapsed, info.failed));
         let node = node_id(&config.data_dir)?;
         let platform = local_platform(&db).await?;
+        let secret_key = crate::secrets::platform_key(&db, &platform).await?;
         let mut cluster =
             crate::cluster::Cluster::new(db.clone(), node.clone(), config.cluster.duty_lease);
         // Cores sharing a database share its clock.
@@ -423,6 +424,7 @@ impl Core {
                 platform_id: platform.id,
                 dummy_ttl: config.placement.dummy_ttl(),
                 agent_token: config.agent_token.clone(),
+                secret_key,
                 plugin_host: plugin_host.clone(),
             },
         );

@@ -25,6 +25,9 @@ pub mod platform {
         pub created_at: i64,
         /// True once the bundled plugins were installed (first start).
         pub plugins_bootstrapped: bool,
+        /// Hex of the key containers' secrets derive from (`crate::secrets`); set on the
+        /// first start.
+        pub secret: Option<String>,
     }
     no_relations!();
 }

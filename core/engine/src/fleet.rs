@@ -169,6 +169,19 @@ impl Fleet {
         )
     }
 
+    /// The servers (with a driver) outside `id`'s network: every other one when it shares
+    /// none (a guest moving live keeps its address, so it can only go to a network peer).
+    pub fn outside_network(&self, id: i64) -> Vec<i64> {
+        let peers = self.network_peers(id).unwrap_or_default();
+        self.drivers
+            .read()
+            .unwrap()
+            .keys()
+            .filter(|s| **s != id && !peers.contains(s))
+            .copied()
+            .collect()
+    }
+
     /// The driver of a server.
     pub fn driver(&self, id: i64) -> Option<Arc<dyn Driver>> {
         self.drivers

@@ -23,6 +23,7 @@ pub mod plugins;
 pub mod projects;
 pub mod queue;
 pub mod rebalance;
+pub mod secrets;
 pub mod services;
 pub mod statistics;
 mod submitter;

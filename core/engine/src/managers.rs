@@ -380,10 +380,38 @@ impl<'a> ContainerManager<'a> {
             Some((_, name)) => Some(format!("server {name}")),
             None => Some("its server".to_string()),
         };
-        let which = cannot(row.server_id).or_else(|| to.and_then(|t| cannot(Some(t))))?;
+        let Some(which) = cannot(row.server_id).or_else(|| to.and_then(|t| cannot(Some(t)))) else {
+            return self.network_refusal(row.id, row.server_id?, to);
+        };
         Some(CoreError::Conflict(format!(
             "container {} cannot migrate live: {which} reports no live migration (virtual machines on qemu servers move while they run, and containers that run their image on linux servers where CRIU works; the server's agent log says why not); migrate without --live: the container stops while its files are copied and starts on the target with the same address where the network allows",
             row.id
+        )))
+    }
+
+    /// Why a guest on server `from` cannot move live to `to` (any when `None`) for want of a
+    /// shared network: it keeps its address, so the target must be on the source's bridge
+    /// and subnet.
+    fn network_refusal(&self, id: i64, from: i64, to: Option<i64>) -> Option<CoreError> {
+        let fleet = self.svc.fleet();
+        let peers = fleet.network_peers(from).unwrap_or_default();
+        let name = |s: i64| fleet.named_driver(s).map_or(format!("#{s}"), |(_, n)| n);
+        let why = match to {
+            Some(t) if !peers.contains(&t) => format!(
+                "server {} is not on the network of server {}",
+                name(t),
+                name(from)
+            ),
+            None if peers.is_empty() => {
+                format!(
+                    "server {} shares its network with no other server",
+                    name(from)
+                )
+            }
+            _ => return None,
+        };
+        Some(CoreError::Conflict(format!(
+            "container {id} cannot migrate live: {why}; a live move keeps the container's address, so source and target must share one bridge and subnet (agents started with the same --subnet and their own --addresses range); migrate without --live to move it cold (it gets an address on the target's network)"
         )))
     }
 
@@ -671,6 +699,36 @@ impl<'a> ContainerManager<'a> {
             .logs(&row.guest_id)
             .await
             .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))
+    }
+
+    /// The value of secret `name` as container `id` receives it (see `crate::secrets`): only
+    /// a secret its type's workload names, so that a mistyped name is an error, not a value.
+    pub async fn secret(&self, id: ContainerId, name: &str) -> Result<String, CoreError> {
+        let row = load_container(self.svc.db(), id.0).await?;
+        let named = self
+            .svc
+            .types()
+            .get(&row.type_id)
+            .map(|t| t.workload().secrets())
+            .unwrap_or_default();
+        if !named.contains(name) {
+            let known = if named.is_empty() {
+                "it receives none".to_string()
+            } else {
+                format!(
+                    "it receives: {}",
+                    named.into_iter().collect::<Vec<_>>().join(", ")
+                )
+            };
+            return Err(CoreError::NotFound(format!(
+                "container {id} ({}) receives no secret '{name}'; {known}",
+                row.type_id
+            )));
+        }
+        Ok(self.svc.secret(
+            crate::secrets::SecretScope::of(row.environment_id, row.id),
+            name,
+        ))
     }
 
     /// Runs a command inside a running container (an operator's shell; not a persisted command:
@@ -1641,6 +1699,18 @@ impl<'a> ServerManager<'a> {
             if !can {
                 return Err(CoreError::Conflict(format!(
                     "server {} cannot drain live: it reports no live migration (qemu servers move their virtual machines while they run, linux servers where CRIU works their image containers); drain without --live: running containers stop while their files are copied and start again on their new servers",
+                    s.name
+                )));
+            }
+            if self
+                .svc
+                .fleet()
+                .network_peers(s.id)
+                .unwrap_or_default()
+                .is_empty()
+            {
+                return Err(CoreError::Conflict(format!(
+                    "server {} cannot drain live: it shares its network with no other server, and a container moving live keeps its address (agents sharing a network start with the same --subnet and their own --addresses range); drain without --live: running containers stop while their files are copied and start again on their new servers with addresses of theirs",
                     s.name
                 )));
             }

@@ -29,6 +29,7 @@ pub struct Services {
     platform_id: i64,
     dummy_ttl: Duration,
     agent_token: Option<Arc<str>>,
+    secret_key: crate::secrets::SecretKey,
     creates: CreateSubmitter,
     plugin_host: Arc<crate::plugins::PluginHost>,
 }
@@ -43,6 +44,8 @@ pub struct Settings {
     pub dummy_ttl: Duration,
     /// The token of the node agents (migrations between agents present it).
     pub agent_token: Option<String>,
+    /// The key containers' secrets derive from.
+    pub secret_key: crate::secrets::SecretKey,
     /// The WASM host of the container types.
     pub plugin_host: Arc<crate::plugins::PluginHost>,
 }
@@ -71,6 +74,7 @@ impl Services {
             platform_id: settings.platform_id,
             dummy_ttl: settings.dummy_ttl,
             agent_token: settings.agent_token.map(Into::into),
+            secret_key: settings.secret_key,
             creates,
             plugin_host: settings.plugin_host,
         }
@@ -124,6 +128,11 @@ impl Services {
     /// This platform's id.
     pub fn platform_id(&self) -> i64 {
         self.platform_id
+    }
+
+    /// The value of secret `name` in `scope` (see `crate::secrets`).
+    pub fn secret(&self, scope: crate::secrets::SecretScope, name: &str) -> String {
+        self.secret_key.derive(scope, name)
     }
 
     /// Lifetime of a capacity reservation in milliseconds.

@@ -119,6 +119,34 @@ pub fn address_clash(
     }
 }
 
+/// The address of a new guest of a server handing out `subnet` (in `range`, if any), whose
+/// guests hold `used`: the one `asked` (a guest moving in keeps its address) when it is in the
+/// subnet and free, else the first free host address in range that `avoid` (held on the other
+/// servers of a shared network) does not name; `Err` says the pool is exhausted.
+pub fn pick_address(
+    subnet: &Subnet,
+    range: Option<AddressRange>,
+    used: &[Ipv4Addr],
+    asked: Option<&str>,
+    avoid: &[String],
+) -> Result<Ipv4Addr, String> {
+    let asked = asked
+        .and_then(|w| w.parse::<Ipv4Addr>().ok())
+        .filter(|ip| subnet.contains(*ip) && !used.contains(ip));
+    let avoided: Vec<Ipv4Addr> = avoid.iter().filter_map(|a| a.parse().ok()).collect();
+    asked
+        .or_else(|| {
+            subnet
+                .hosts()
+                .filter(|ip| range.is_none_or(|r| r.contains(*ip)))
+                .find(|ip| !used.contains(ip) && !avoided.contains(ip))
+        })
+        .ok_or_else(|| match range {
+            Some(r) => format!("no free address left in {r}"),
+            None => format!("no free address left in {subnet}"),
+        })
+}
+
 /// The MAC address of the guest at `ip`: derived from the address, so that a guest restarted,
 /// replaced or moved at the same address keeps its neighbours' ARP entries right (a new
 /// random one left them pointing at the old interface for up to a minute).
@@ -366,7 +394,37 @@ pub async fn detach(net: &GuestNet) {
 
 #[cfg(test)]
 mod tests {
-    use super::{AddressRange, address_clash};
+    use super::{AddressRange, Subnet, address_clash, pick_address};
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn a_new_address_is_the_one_asked_or_the_first_free_in_range_nobody_holds() {
+        let subnet: Subnet = "10.9.0.0/29".parse().unwrap();
+        let range: AddressRange = "10.9.0.3-10.9.0.5".parse().unwrap();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let used = [ip("10.9.0.3")];
+        let avoid = ["10.9.0.4".to_string()];
+        let pick = |asked| pick_address(&subnet, Some(range), &used, asked, &avoid);
+        assert_eq!(pick(None), Ok(ip("10.9.0.5")));
+        assert_eq!(
+            pick(Some("10.9.0.6")),
+            Ok(ip("10.9.0.6")),
+            "a mover keeps its own"
+        );
+        assert_eq!(pick(Some("10.9.0.3")), Ok(ip("10.9.0.5")), "not a used one");
+        assert_eq!(
+            pick(Some("10.1.0.3")),
+            Ok(ip("10.9.0.5")),
+            "not another subnet's"
+        );
+        assert_eq!(
+            pick_address(&subnet, None, &used, None, &[]),
+            Ok(ip("10.9.0.2"))
+        );
+        let full = [ip("10.9.0.3"), ip("10.9.0.5")];
+        let e = pick_address(&subnet, Some(range), &full, None, &avoid).unwrap_err();
+        assert_eq!(e, "no free address left in 10.9.0.3-10.9.0.5");
+    }
 
     #[test]
     fn a_bridge_has_a_fixed_mac_of_its_gateway() {

@@ -9,8 +9,9 @@ mod project;
 mod workload;
 pub use project::{Project, ProjectMember, Quota, Usage};
 pub use workload::{
-    Check, Endpoint, ImageRef, ParamKind, ParamSpec, Params, Protocol, Readiness, Volume, Workload,
-    apply_settable, resolve_params, validate_schema,
+    Check, Endpoint, ImageRef, ParamKind, ParamSpec, Params, Protocol, Readiness,
+    SECRET_PLACEHOLDER, Volume, Workload, apply_settable, resolve_params, secret_param,
+    validate_schema,
 };
 
 /// Load figures of a server.

@@ -126,8 +126,47 @@ impl Workload {
         self.image.is_none() && self.command.is_empty()
     }
 
+    /// The texts placeholders are filled in: command, environment values, readiness check
+    /// (HTTP path, exec command).
+    fn texts(&self) -> impl Iterator<Item = &String> {
+        let check = self.readiness.as_ref().map(|r| &r.check);
+        let path = match check {
+            Some(Check::Http { path, .. }) => Some(path),
+            _ => None,
+        };
+        let exec = match check {
+            Some(Check::Exec { command }) => command.as_slice(),
+            _ => &[],
+        };
+        (self.command.iter())
+            .chain(self.env.iter().map(|(_, v)| v))
+            .chain(path)
+            .chain(exec)
+    }
+
+    /// Names of the secrets the workload receives: `${secret:NAME}` placeholders (their
+    /// values come from the core, per environment; see the engine's `secrets`).
+    pub fn secrets(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for text in self.texts() {
+            let mut rest = text.as_str();
+            while let Some(start) = rest.find(SECRET_PLACEHOLDER) {
+                rest = &rest[start + SECRET_PLACEHOLDER.len()..];
+                if let Some(end) = rest.find('}') {
+                    out.insert(rest[..end].to_string());
+                    rest = &rest[end + 1..];
+                }
+            }
+        }
+        out
+    }
+
     /// Checks names, paths and references; says which entry is wrong.
     pub fn validate(&self) -> Result<(), String> {
+        for name in self.secrets() {
+            crate::validate_name(&name)
+                .map_err(|m| format!("secret placeholder '${{secret:{name}}}': {m}"))?;
+        }
         let mut names = std::collections::BTreeSet::new();
         for e in &self.endpoints {
             crate::validate_name(&e.name).map_err(|m| format!("endpoint name: {m}"))?;
@@ -216,6 +255,15 @@ impl Workload {
             ..self.clone()
         }
     }
+}
+
+/// How a workload names a secret it receives: `${secret:NAME}`.
+pub const SECRET_PLACEHOLDER: &str = "${secret:";
+
+/// The key of secret `name` in the values `Workload::with_params` fills in (no parameter name
+/// has a colon, so the two never meet).
+pub fn secret_param(name: &str) -> String {
+    format!("secret:{name}")
 }
 
 fn substitute(s: &str, params: &Params) -> String {
@@ -453,6 +501,35 @@ mod tests {
             matches!(&w.readiness.as_ref().unwrap().check, Check::Http { path, .. } if path == "/app/health")
         );
         assert_eq!(substitute("a${b", &p), "a${b");
+    }
+
+    #[test]
+    fn secrets_are_named_by_placeholders_and_filled_like_parameters() {
+        let w = Workload {
+            command: vec!["db".into(), "--key=${secret:api}".into()],
+            env: vec![("PW".into(), "${secret:db}${secret:db}".into())],
+            readiness: Some(Readiness {
+                check: Check::Exec {
+                    command: vec!["ping".into(), "${secret:check}".into(), "${secret:".into()],
+                },
+                interval_ms: 100,
+                retries: 10,
+            }),
+            ..Workload::default()
+        };
+        let names: Vec<String> = w.secrets().into_iter().collect();
+        assert_eq!(names, ["api", "check", "db"]);
+        w.validate().unwrap();
+        let p = params(&[(&secret_param("db"), "s3"), ("heap-mb", "1")]);
+        let filled = w.with_params(&p);
+        assert_eq!(filled.env[0].1, "s3s3");
+        assert_eq!(filled.command[1], "--key=${secret:api}");
+        let bad = Workload {
+            env: vec![("PW".into(), "${secret:Bad Name}".into())],
+            ..Workload::default()
+        };
+        let e = bad.validate().unwrap_err();
+        assert!(e.contains("${secret:Bad Name}"), "{e}");
     }
 
     #[test]

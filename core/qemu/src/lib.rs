@@ -366,29 +366,17 @@ impl QemuDriver {
             return Err(self.over_capacity(wanted));
         }
         let used: Vec<Ipv4Addr> = guests.values().map(|r| r.ip).collect();
-        let asked = spec
-            .ip
-            .as_deref()
-            .and_then(|w| w.parse::<Ipv4Addr>().ok())
-            .filter(|ip| self.cfg.subnet.contains(*ip) && !used.contains(ip));
-        let range = self.cfg.addresses;
-        // Held by containers on the other servers of a shared network.
-        let avoided: Vec<Ipv4Addr> = spec.avoid.iter().filter_map(|a| a.parse().ok()).collect();
-        let ip = asked
-            .or_else(|| {
-                self.cfg
-                    .subnet
-                    .hosts()
-                    .filter(|ip| range.is_none_or(|r| r.contains(*ip)))
-                    .find(|ip| !used.contains(ip) && !avoided.contains(ip))
-            })
-            .ok_or_else(|| DriverError::Capacity {
-                server: self.cfg.name.clone(),
-                message: match range {
-                    Some(r) => format!("no free address left in {r}"),
-                    None => format!("no free address left in {}", self.cfg.subnet),
-                },
-            })?;
+        let ip = network::pick_address(
+            &self.cfg.subnet,
+            self.cfg.addresses,
+            &used,
+            spec.ip.as_deref(),
+            &spec.avoid,
+        )
+        .map_err(|message| DriverError::Capacity {
+            server: self.cfg.name.clone(),
+            message,
+        })?;
         let mut spec = spec.clone();
         spec.ip = Some(ip.to_string());
         let record = Record {

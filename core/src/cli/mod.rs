@@ -660,6 +660,15 @@ pub enum ContainerCmd {
         /// Container id.
         id: i64,
     },
+    /// Print a secret the container receives, e.g. `secret 7 mysql`: the password of the
+    /// mysql type's database user (shared by the members of its environment). Needs the
+    /// operator role; the read is in the audit trail.
+    Secret {
+        /// Container id.
+        id: i64,
+        /// Secret name, as `${secret:NAME}` in its type's workload (`plugin show TYPE`).
+        name: String,
+    },
     /// Run a command inside a running container and print its output; exits with its code.
     Exec {
         /// Container id.
@@ -1343,6 +1352,15 @@ async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> Result<()> {
             let l: cloud48_api::ContainerLogs =
                 client.get(&format!("/v1/containers/{id}/logs")).await?;
             out.show(&l, || l.logs.clone());
+            return Ok(());
+        }
+        ContainerCmd::Secret { id, name } => {
+            cloud48_engine::model::validate_name(&name)
+                .map_err(|m| anyhow::anyhow!("secret name '{name}': {m}"))?;
+            let s: cloud48_api::ContainerSecret = client
+                .get(&format!("/v1/containers/{id}/secrets/{name}"))
+                .await?;
+            out.show(&s, || s.value.clone());
             return Ok(());
         }
         ContainerCmd::Exec { id, command } => {

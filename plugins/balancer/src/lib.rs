@@ -414,7 +414,7 @@ mod tests {
             .ip
             .clone()
             .unwrap();
-        let url = format!("jdbc:mysql://{db_ip}:3306/app");
+        let url = format!("jdbc:mysql://{db_ip}:3306/app?user=app");
         assert_eq!(p.inspect(t)["database"], url);
         assert!(
             p.execs
@@ -599,7 +599,7 @@ mod tests {
         assert_eq!(member(&p, web).type_id, "tomcat@1.0.0");
         assert_eq!(
             p.inspect(web)["database"],
-            format!("jdbc:mysql://{ip}:3306/app")
+            format!("jdbc:mysql://{ip}:3306/app?user=app")
         );
 
         // One 0.x state names a database that is not a member: nothing moves.

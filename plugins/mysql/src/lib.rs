@@ -1,5 +1,8 @@
 //! `mysql`: the environment's database (MariaDB). One per environment; tomcats pick up its
-//! `mysql` endpoint and the database named by its `database` parameter.
+//! `mysql` endpoint and the database and user named by its parameters. The user's password is
+//! the environment's secret `mysql` (`${secret:mysql}`): the core gives the same value to the
+//! tomcats of the environment, and an operator reads it with `cloud48 container secret ID
+//! mysql`.
 
 use cloud48_sdk::*;
 
@@ -10,6 +13,9 @@ pub struct Mysql;
 /// The endpoint clients connect to.
 pub const ENDPOINT: &str = "mysql";
 
+/// The password of the database user: the environment's secret `mysql`.
+pub const SECRET: &str = "${secret:mysql}";
+
 impl ContainerType for Mysql {
     fn metadata(&self) -> Metadata {
         Metadata::new("mysql", "1.0.0", 10, Resources::new(1000, 2048, 10240))
@@ -19,6 +25,7 @@ impl ContainerType for Mysql {
                     .from_image("cloud48/mariadb", None)
                     .with_env("MARIADB_DATABASE", "${database}")
                     .with_env("MARIADB_USER", "${user}")
+                    .with_env("MARIADB_PASSWORD", SECRET)
                     .with_endpoint(ENDPOINT, 3306, Protocol::Tcp)
                     .ready_when(Check::Tcp(ENDPOINT.into()))
                     .with_volume("data", "/var/lib/mysql"),

@@ -1,6 +1,7 @@
 //! `tomcat`: an application server. The second tomcat of an environment asks for a balancer
 //! first; a tomcat in an environment with a database is configured with the database's `mysql`
-//! endpoint and database name; a tomcat in an environment with redis keeps its sessions on the
+//! endpoint, database name and user (its password is the environment's secret `mysql`, which
+//! the core gives the database and the tomcats alike); a tomcat in an environment with redis keeps its sessions on the
 //! redis primary and follows a failover; a tomcat whose server goes down asks for a replacement
 //! on another server.
 
@@ -27,8 +28,9 @@ pub const CONFIGURE_DATASOURCE: &str = "# cloud48: point the application at the 
 /// Script that points the session store at a redis primary: `$1` is `ip:port`.
 pub const CONFIGURE_SESSIONS: &str = "# cloud48: keep sessions in redis\nset -e\nmkdir -p /etc/cloud48\necho \"$1\" > /etc/cloud48/sessions\n";
 
-/// The JDBC URL of a database member: its `mysql` endpoint and `database` parameter (a mysql
-/// built for WIT 0.1.0 declares neither: port 3306 and database `app`, what it ran).
+/// The JDBC URL of a database member: its `mysql` endpoint, `database` and `user` parameters (a
+/// mysql built for WIT 0.1.0 declares none: port 3306 and database `app`, what it ran; the
+/// application's user is then `app`).
 fn jdbc(db: &Member) -> Result<Option<String>, HookError> {
     let Some(ip) = &db.ip else {
         return Ok(None);
@@ -38,7 +40,11 @@ fn jdbc(db: &Member) -> Result<Option<String>, HookError> {
         Some(_) => db.param::<String>("database")?,
         None => "app".to_string(),
     };
-    Ok(Some(format!("jdbc:mysql://{ip}:{port}/{name}")))
+    let user = match db.params.get("user") {
+        Some(_) => format!("?user={}", db.param::<String>("user")?),
+        None => String::new(),
+    };
+    Ok(Some(format!("jdbc:mysql://{ip}:{port}/{name}{user}")))
 }
 
 /// The endpoint the mysql type declares (named here so that tomcat does not link mysql).
@@ -100,6 +106,7 @@ impl ContainerType for Tomcat {
                     .from_image("cloud48/tomcat", None)
                     .with_env("CATALINA_OPTS", "-Xmx${heap-mb}m")
                     .with_env("CLOUD48_CONTEXT_PATH", "${context-path}")
+                    .with_env("CLOUD48_DB_PASSWORD", "${secret:mysql}")
                     .with_endpoint("http", 8080, Protocol::Http)
                     .ready_when(Check::Http("http".into(), "${context-path}".into()))
                     .with_volume("config", "/etc/cloud48"),
@@ -205,7 +212,11 @@ impl ContainerType for Tomcat {
                         format!("its database {ip} is not a member of the environment any more")
                     })?;
                 let name = db.params.get("database").map_or("app", String::as_str);
-                Some(format!("jdbc:mysql://{ip}:3306/{name}"))
+                let user = db
+                    .params
+                    .get("user")
+                    .map_or(String::new(), |u| format!("?user={u}"));
+                Some(format!("jdbc:mysql://{ip}:3306/{name}{user}"))
             }
         };
         serde_json::to_vec(&State {

@@ -186,6 +186,7 @@ async fn make_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
                 &type_id,
                 need,
                 "{}",
+                crate::secrets::SecretScope::Container(id),
             )
         };
         match make_guest(driver.as_ref(), &spec, None, start).await {

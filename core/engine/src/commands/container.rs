@@ -28,6 +28,7 @@ fn spec(svc: &Services, row: &container::Model) -> GuestSpec {
         &row.type_id,
         requirements_of(row).resources,
         &row.params,
+        crate::secrets::SecretScope::of(row.environment_id, row.id),
     )
 }
 
@@ -959,6 +960,9 @@ async fn migrate(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition,
         let live = live && status == ContainerStatus::Running;
         if live && to.is_none() {
             avoid.extend(svc.fleet().lacking(|c| c.live_migrate));
+            if let Some(source) = row.server_id {
+                avoid.extend(svc.fleet().outside_network(source));
+            }
         }
         let placing = Placing::of(ctx, &row.type_id);
         return Ok(Transition::commit(move |txn| {

@@ -352,6 +352,7 @@ async fn make_placed(
                 &row.type_id,
                 row.requirements().resources,
                 &row.params,
+                crate::secrets::SecretScope::of(row.environment_id, row.id),
             )
         };
         let id = row.id;

@@ -152,14 +152,15 @@ impl StepCtx<'_> {
 }
 
 /// What a new container's guest is: its id, type, reserved resources and the workload its type
-/// declares, with its parameters (`params`, stored JSON; the type's defaults fill the rest)
-/// put in (its server gives it an address).
+/// declares, with its parameters (`params`, stored JSON; the type's defaults fill the rest) and
+/// the secrets it names in `scope` put in (its server gives it an address).
 pub(crate) fn guest_spec(
     svc: &Services,
     guest_id: &str,
     type_id: &str,
     resources: Resources,
     params: &str,
+    scope: crate::secrets::SecretScope,
 ) -> GuestSpec {
     let workload = svc.types().get(type_id).map_or_else(Default::default, |t| {
         let workload = t.workload();
@@ -167,7 +168,11 @@ pub(crate) fn guest_spec(
             return workload;
         }
         let given: crate::model::Params = serde_json::from_str(params).unwrap_or_default();
-        let params = cloud48_model::resolve_params(&t.param_specs(), &given).unwrap_or(given);
+        let mut params = cloud48_model::resolve_params(&t.param_specs(), &given).unwrap_or(given);
+        for name in workload.secrets() {
+            let value = svc.secret(scope, &name);
+            params.insert(cloud48_model::secret_param(&name), value);
+        }
         workload.with_params(&params)
     });
     GuestSpec {
