@@ -19,16 +19,34 @@ pub const TOKEN: &str = "test-agent-token-0123456789";
 
 /// An agent on a loopback port serving `driver`; the task ends with the test.
 pub async fn serve_agent(name: &str, driver: Arc<dyn Driver>) -> (Arc<AgentService>, String) {
+    serve_agent_on(name, driver, None).await
+}
+
+/// `serve_agent` for a server that reports its network (subnet, and its range of a shared
+/// one), as `cloud48-agent --subnet --addresses` does: the core moves guests live only between
+/// servers of one network.
+pub async fn serve_agent_on(
+    name: &str,
+    driver: Arc<dyn Driver>,
+    network: Option<(
+        cloud48_engine::driver::linux::network::Subnet,
+        Option<cloud48_engine::driver::linux::network::AddressRange>,
+    )>,
+) -> (Arc<AgentService>, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
+    let (subnet, addresses) = match network {
+        Some((s, r)) => (Some(s.to_string()), r.map(|r| r.to_string())),
+        None => (None, None),
+    };
     let info = AgentInfo {
         name: name.into(),
         url: url.clone(),
         driver: driver.kind().into(),
         capabilities: driver.capabilities(),
         labels: vec![],
-        subnet: None,
-        addresses: None,
+        subnet,
+        addresses,
     };
     let spool = std::env::temp_dir().join(format!(
         "cloud48-test-spool-{name}-{}",

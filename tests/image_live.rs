@@ -228,7 +228,8 @@ async fn container_migrate_live_and_a_live_drain_move_an_image_container_through
     for n in 0..2 {
         let d = on_network(dir.path(), &prefix, 92, n, source.clone()).await;
         let name = format!("{prefix}-{n}");
-        let (_, url) = crate::agent::serve_agent(&name, Arc::new(d)).await;
+        let net = Some(d.network());
+        let (_, url) = crate::agent::serve_agent_on(&name, Arc::new(d), net).await;
         tc.core.agents().add(&url).await.unwrap();
         names.push(name);
     }
@@ -297,7 +298,8 @@ async fn container_migrate_live_and_a_live_drain_move_an_image_container_through
     // refusal names both servers, and placement passes over that server in the drain below.
     let d = on_network(dir.path(), &prefix, 93, 2, source.clone()).await;
     let other = format!("{prefix}-2");
-    let (_, url) = crate::agent::serve_agent(&other, Arc::new(d)).await;
+    let net = Some(d.network());
+    let (_, url) = crate::agent::serve_agent_on(&other, Arc::new(d), net).await;
     tc.core.agents().add(&url).await.unwrap();
     let err = tc
         .client

@@ -179,6 +179,13 @@ pub fn same_network(f: &VmFactory, net: u32, n: u32) -> QemuConfig {
     let mut c = config(f.dir.path(), &f.prefix, net, n, f.source.clone());
     c.bridge = format!("{}br0", f.prefix);
     c.subnet = format!("10.242.{net}.0/24").parse().unwrap();
+    // A range of it each, as agents sharing a network give.
+    let first = 10 + n * 20;
+    c.addresses = Some(
+        format!("10.242.{net}.{first}-10.242.{net}.{}", first + 19)
+            .parse()
+            .unwrap(),
+    );
     c
 }
 
@@ -798,7 +805,8 @@ async fn container_migrate_live_and_a_live_drain_move_a_vm_through_the_core_with
     for n in 0..2 {
         let d = QemuDriver::open(same_net(n)).await.unwrap();
         let name = format!("{}-{n}", f.prefix);
-        let (_, url) = crate::agent::serve_agent(&name, Arc::new(d)).await;
+        let net = Some(d.network());
+        let (_, url) = crate::agent::serve_agent_on(&name, Arc::new(d), net).await;
         tc.core.agents().add(&url).await.unwrap();
         names.push(name);
     }

@@ -15,7 +15,7 @@ use cloud48_engine::model::{Accepted, ContainerId, ContainerStatus, Resources};
 use cloud48_qemu::QemuDriver;
 use serde_json::json;
 
-use crate::agent::{TOKEN, serve_agent};
+use crate::agent::{TOKEN, serve_agent, serve_agent_on};
 use crate::common::{Opts, TestCore, eventually_within};
 use crate::real::{apps_serve_the_row, container, running};
 use crate::vm::VmSweep;
@@ -165,7 +165,8 @@ async fn the_seed_runs_its_tomcats_in_vms_and_one_moves_live_under_load() {
         });
         let d = QemuDriver::open(c).await.expect("the qemu driver opens");
         let name = format!("{vp}-{n}");
-        let (_, url) = serve_agent(&name, Arc::new(d)).await;
+        let net = Some(d.network());
+        let (_, url) = serve_agent_on(&name, Arc::new(d), net).await;
         t.core.agents().add(&url).await.unwrap();
         vms.push(name);
     }

@@ -11,10 +11,16 @@
         out.print("tomcat " + id + ": no database\n");
         return;
     }
-    String user = System.getenv().getOrDefault("CLOUD48_DB_USER", "app");
+    // The URL names the user (`?user=`, from the database's parameters); the password is the
+    // environment's secret `mysql`, which the core gave this container.
+    java.util.Properties login = new java.util.Properties();
+    if (!url.contains("user=")) {
+        login.setProperty("user", "app");
+    }
+    login.setProperty("password", System.getenv().getOrDefault("CLOUD48_DB_PASSWORD", ""));
     try {
         Class.forName("org.mariadb.jdbc.Driver");
-        try (Connection c = DriverManager.getConnection(url.replace("jdbc:mysql:", "jdbc:mariadb:"), user, "");
+        try (Connection c = DriverManager.getConnection(url.replace("jdbc:mysql:", "jdbc:mariadb:"), login);
              Statement s = c.createStatement();
              ResultSet r = s.executeQuery("SELECT text FROM greetings WHERE id = 1")) {
             out.print("tomcat " + id + ": " + (r.next() ? r.getString(1) : "no greeting") + "\n");

@@ -181,6 +181,12 @@ const JOIN: &str = r#"for f in $C48_PROCS; do echo $$ > "$f" || exit 111; done
 exec nsenter -t "$C48_PID" -m -u -n -p -- sh -c "$C48_SCRIPT" c48-exec "$@""#;
 
 impl LinuxDriver {
+    /// The subnet the server's guests get addresses of, and its range of it when it shares
+    /// the network (what its agent reports to the core).
+    pub fn network(&self) -> (Subnet, Option<network::AddressRange>) {
+        (self.cfg.subnet.clone(), self.cfg.addresses)
+    }
+
     /// The server's image store, when it runs images (its agent serves it to peer agents).
     pub fn image_store(&self) -> Option<Arc<cloud48_image::Store>> {
         self.images.as_ref().map(|i| i.store().clone())

@@ -161,6 +161,12 @@ fn validate_id(id: &str) -> Result<(), DriverError> {
 }
 
 impl QemuDriver {
+    /// The subnet the server's VMs get addresses of, and its range of it when it shares the
+    /// network (what its agent reports to the core).
+    pub fn network(&self) -> (Subnet, Option<AddressRange>) {
+        (self.cfg.subnet.clone(), self.cfg.addresses)
+    }
+
     /// Checks privileges, QEMU and its tools, chooses the accelerator, prepares the bridge and
     /// loads the guests recorded in the data directory.
     pub async fn open(cfg: QemuConfig) -> Result<QemuDriver, String> {
