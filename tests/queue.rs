@@ -522,6 +522,81 @@ async fn commands_of_a_core_that_stops_renewing_its_lease_move_to_another_core()
     assert_eq!(seen.lock().unwrap()[&id.0], vec!["core-alive".to_string()]);
 }
 
+/// A runner whose steps wait for a permit, counting how many started.
+struct Gated {
+    started: Arc<std::sync::atomic::AtomicUsize>,
+    entered: Arc<tokio::sync::Notify>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl Runner for Gated {
+    async fn step(&self, _: &command::Model) -> Result<Transition, StepError> {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.entered.notify_one();
+        let _pass = self.gate.acquire().await.unwrap();
+        Ok(Transition::bare(Next::Done(Value::Null)))
+    }
+}
+
+/// A core whose lease renewal came too late (a saturated machine) sees its command put back by
+/// a sweep and claims it again while its own task still runs it: it leaves the command to that
+/// task, which finishes it; the step ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_that_claims_a_command_it_is_still_running_leaves_it_to_that_task() {
+    use sea_orm::ConnectionTrait;
+    let dir = tempfile::tempdir().unwrap();
+    let db = cloud48_engine::core::connect(&cloud48_engine::CoreConfig::new(dir.path()))
+        .await
+        .unwrap();
+    let queue = Queue::new(
+        db.clone(),
+        "core-late".into(),
+        QueueConfig {
+            poll: Duration::from_millis(10),
+            ..QueueConfig::default()
+        },
+        Arc::new(SystemClock),
+    );
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    queue
+        .start(
+            Arc::new(Gated {
+                started: started.clone(),
+                entered: entered.clone(),
+                gate: gate.clone(),
+            }),
+            false,
+        )
+        .await
+        .unwrap();
+    let id = queue.enqueue(crate::common::noop()).await.unwrap();
+    entered.notified().await;
+    // What another core's sweep does to a lease that ran out.
+    db.execute_unprepared(&format!(
+        "UPDATE commands SET status = 'queued', lease_owner = NULL, lease_until = NULL WHERE id = {}",
+        id.0
+    ))
+    .await
+    .unwrap();
+    queue.wake();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while queue.kept_in_flight() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the core claims the command again and leaves it to the task running it");
+    gate.add_permits(1);
+    let done = queue.wait(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done.status, CommandStatus::Succeeded);
+    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1);
+    queue.stop(Duration::ZERO).await;
+}
+
 on_both_databases!(
     commands_on_one_container_run_in_submission_order,
     submission_order

@@ -381,6 +381,8 @@ pub(crate) struct Inner {
     grouped: std::sync::atomic::AtomicU64,
     /// Sweeps of expired leases done (each third of a lease).
     sweeps: std::sync::atomic::AtomicU64,
+    /// Claimed commands left to the task of this process still executing them.
+    kept: std::sync::atomic::AtomicU64,
     slots: Arc<tokio::sync::Semaphore>,
     /// Commands this process is executing right now: the only ones whose leases it renews.
     in_flight: std::sync::Mutex<std::collections::HashSet<i64>>,
@@ -424,6 +426,7 @@ impl Queue {
                 stopping: AtomicBool::new(false),
                 grouped: Default::default(),
                 sweeps: Default::default(),
+                kept: Default::default(),
                 slots: Arc::new(tokio::sync::Semaphore::new(config.workers.max(1))),
                 in_flight: Default::default(),
                 runner: std::sync::OnceLock::new(),
@@ -480,6 +483,13 @@ impl Queue {
     /// lease): a test waits for some to know another core had its chance to take a command.
     pub fn sweeps(&self) -> u64 {
         self.inner.sweeps.load(Ordering::Relaxed)
+    }
+
+    /// Commands this queue claimed while one of its own tasks was still executing them (their
+    /// lease was renewed late, e.g. on a saturated machine, and a sweep put them back): left to
+    /// that task instead of run a second time.
+    pub fn kept_in_flight(&self) -> u64 {
+        self.inner.kept.load(Ordering::Relaxed)
     }
 
     /// Tells the dispatcher that work may be waiting.

@@ -56,7 +56,7 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
         let lease_until = now + inner.config.lease.as_millis() as i64;
         let claimed =
             store::claim(&inner.db, &inner.node_id, now, lease_until, permits.len()).await;
-        let (rows, holding) = match claimed {
+        let (mut rows, holding) = match claimed {
             Ok(c) => {
                 for r in &c.rows {
                     inner
@@ -70,6 +70,21 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
                 (Vec::new(), HashSet::new())
             }
         };
+        // A command a task of this process still executes came back (its lease was renewed too
+        // late and a sweep put it back): the claim made this process its owner again, so that
+        // task's writes still pass their fence; it is left to it, not run twice. Its permit
+        // goes back with the unused ones.
+        {
+            let in_flight = inner.in_flight.lock().unwrap();
+            rows.retain(|r| {
+                let mine = in_flight.contains(&r.id);
+                if mine {
+                    inner.kept.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(command = r.id, "claimed a command this core is still executing (its lease was renewed late); the running task goes on with it");
+                }
+                !mine
+            });
+        }
         if rows.is_empty() {
             drop(permits);
             tokio::select! {
