@@ -184,7 +184,7 @@ impl LinuxDriver {
     /// The subnet the server's guests get addresses of, and its range of it when it shares
     /// the network (what its agent reports to the core).
     pub fn network(&self) -> (Subnet, Option<network::AddressRange>) {
-        (self.cfg.subnet.clone(), self.cfg.addresses)
+        (self.cfg.subnet, self.cfg.addresses)
     }
 
     /// The server's image store, when it runs images (its agent serves it to peer agents).

@@ -164,7 +164,7 @@ impl QemuDriver {
     /// The subnet the server's VMs get addresses of, and its range of it when it shares the
     /// network (what its agent reports to the core).
     pub fn network(&self) -> (Subnet, Option<AddressRange>) {
-        (self.cfg.subnet.clone(), self.cfg.addresses)
+        (self.cfg.subnet, self.cfg.addresses)
     }
 
     /// Checks privileges, QEMU and its tools, chooses the accelerator, prepares the bridge and
