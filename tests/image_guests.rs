@@ -101,6 +101,7 @@ async fn open_with(
     let mut cfg = config(dir, prefix, net, n);
     cfg.images = Some(ImagesConfig {
         source: Some(source),
+        peers: None,
         cache_bytes,
         migration_host: Some("127.0.0.1".into()),
     });
@@ -133,6 +134,7 @@ pub async fn on_network(
     );
     cfg.images = Some(ImagesConfig {
         source: Some(source),
+        peers: None,
         cache_bytes: None,
         migration_host: Some("127.0.0.1".into()),
     });

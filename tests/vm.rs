@@ -207,6 +207,7 @@ pub fn config(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) ->
         boot_timeout: Duration::from_secs(240),
         accel: AccelChoice::Auto,
         source: Some(source),
+        peers: None,
         migration_host: "127.0.0.1".into(),
         grow_live: false,
     }

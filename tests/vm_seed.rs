@@ -139,6 +139,7 @@ async fn the_seed_runs_its_tomcats_in_vms_and_one_moves_live_under_load() {
     });
     linux.images = Some(ImagesConfig {
         source: Some(t.core.images().clone()),
+        peers: None,
         cache_bytes: None,
         migration_host: None,
     });

@@ -197,15 +197,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         if let Some(why) = no_images {
             bail!("--import-image: this server runs no images ({why}); leave the option out");
         }
-        // Before the driver opens the store, so that it finds them there.
-        let data_dir = args.data_dir.clone();
-        let paths = args.import_images.clone();
-        let imported = tokio::task::spawn_blocking(move || import_images(&data_dir, &paths))
-            .await
-            .context("importing images stopped")??;
-        for line in imported {
-            eprintln!("cloud48 agent: {line}");
-        }
     }
     // The images this server holds, served to peer agents.
     let mut image_store = None;
@@ -237,6 +228,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             ) as cloud48_linux::images::ImageSource
         })
     };
+    // The store of a peer agent (`fetch_image` from it): the same HTTP API as the core's.
+    let peer_images: cloud48_linux::images::PeerSources = {
+        let (token, me, runtime) = (
+            args.token.clone(),
+            url.clone(),
+            tokio::runtime::Handle::current(),
+        );
+        Arc::new(move |peer: &str| {
+            Arc::new(CoreImages::new(peer, &token, runtime.clone()).for_agent(&me))
+                as cloud48_linux::images::ImageSource
+        })
+    };
     let migration_host = match &args.migration_address {
         Some(a) => a.clone(),
         None => reqwest::Url::parse(&url)
@@ -263,6 +266,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                     .parse()
                     .map_err(|e: String| anyhow::anyhow!("--accel: {e}"))?,
                 source: core_images(),
+                peers: Some(peer_images.clone()),
                 migration_host: migration_host.clone(),
             };
             let qemu = cloud48_qemu::QemuDriver::open(cfg)
@@ -287,6 +291,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 (_, true) => Some(ImagesConfig {
                     cache_bytes: (args.image_cache_mb > 0).then_some(args.image_cache_mb << 20),
                     source: core_images(),
+                    peers: Some(peer_images.clone()),
                     migration_host: Some(migration_host.clone()),
                 }),
             };
@@ -326,6 +331,17 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             Arc::new(sim.with_subnet(subnet.network, subnet.prefix))
         }
     };
+    // Images from files on this server (`--import-image`), through the driver as any fetch.
+    for path in &args.import_images {
+        let from = cloud48_driver::ImageOrigin::File { path: path.clone() };
+        let held = driver
+            .fetch_image(&from, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("--import-image {}: {e}", path.display()))?;
+        for image in held {
+            eprintln!("cloud48 agent: imported {image} from {}", path.display());
+        }
+    }
     let info = AgentInfo {
         name: name.clone(),
         url: url.clone(),
@@ -366,30 +382,6 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     result
 }
 
-/// Imports the images of each OCI archive or layout at `paths` into the store at `store`
-/// (`--import-image`); says what each held.
-fn import_images(data_dir: &std::path::Path, paths: &[PathBuf]) -> Result<Vec<String>> {
-    let store = cloud48_image::Store::open_server(data_dir)
-        .with_context(|| format!("cannot open the image store in {}", data_dir.display()))?;
-    let mut said = Vec::new();
-    for path in paths {
-        let images = store
-            .import_path(path, None)
-            .with_context(|| format!("--import-image {}", path.display()))?;
-        for image in images {
-            said.push(format!(
-                "imported {} from {}",
-                match &image.name {
-                    Some(n) => format!("{n}@{}", image.digest),
-                    None => image.digest.to_string(),
-                },
-                path.display()
-            ));
-        }
-    }
-    Ok(said)
-}
-
 /// Options of `cloud48 guest-http`.
 #[derive(Debug, Args, Clone)]
 pub struct GuestHttpArgs {
@@ -421,53 +413,4 @@ pub async fn guest_http(args: GuestHttpArgs) -> Result<()> {
         })
         .await
         .context("guest-http failed")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An image named `name` in a new OCI layout under `dir`.
-    fn layout(dir: &std::path::Path, name: &str) -> cloud48_image::ImageSummary {
-        let rootfs = dir.join("rootfs");
-        std::fs::create_dir_all(&rootfs).unwrap();
-        std::fs::write(rootfs.join("hello"), name).unwrap();
-        let store = cloud48_image::Store::open(dir.join("layout")).unwrap();
-        let layer = store.write_layer_from_dir(&rootfs).unwrap();
-        let image = cloud48_image::NewImage {
-            cmd: vec!["/bin/true".into()],
-            ..Default::default()
-        };
-        store
-            .commit(&name.parse().unwrap(), &[layer], &image)
-            .unwrap()
-    }
-
-    #[test]
-    fn imported_images_are_in_the_store_and_a_bad_path_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let made = layout(dir.path(), "local/web:1");
-        let said = import_images(dir.path(), &[dir.path().join("layout")]).unwrap();
-        assert_eq!(
-            said,
-            [format!(
-                "imported local/web:1@{} from {}",
-                made.digest,
-                dir.path().join("layout").display()
-            )]
-        );
-        let held = cloud48_image::Store::open_server(dir.path()).unwrap();
-        assert_eq!(
-            held.show("local/web:1").unwrap().summary.digest,
-            made.digest
-        );
-
-        let missing = dir.path().join("nowhere.tar");
-        let err = import_images(dir.path(), std::slice::from_ref(&missing)).unwrap_err();
-        let err = format!("{err:#}");
-        assert!(
-            err.contains(&format!("--import-image {}", missing.display())),
-            "{err}"
-        );
-    }
 }

@@ -67,6 +67,11 @@ pub enum Op {
     LiveSend { guest: String, target: LiveTarget },
     /// `Driver::live_finish`.
     LiveFinish { guest: String },
+    /// `Driver::fetch_image`.
+    FetchImage {
+        from: cloud48_driver::ImageOrigin,
+        image: Option<String>,
+    },
 }
 
 /// Where an imported guest's image comes from.
@@ -111,6 +116,8 @@ pub enum OpOutput {
     LiveTarget { target: LiveTarget },
     /// How a live migration went.
     LiveReport { report: LiveReport },
+    /// The images a fetch made present (`name@digest`).
+    Images { images: Vec<String> },
 }
 
 /// The answer to an [`OpRequest`]: the driver's result.

@@ -590,6 +590,23 @@ impl Driver for RemoteDriver {
         }
     }
 
+    async fn fetch_image(
+        &self,
+        from: &cloud48_driver::ImageOrigin,
+        image: Option<&str>,
+    ) -> Result<Vec<String>, DriverError> {
+        match self
+            .op(Op::FetchImage {
+                from: from.clone(),
+                image: image.map(String::from),
+            })
+            .await?
+        {
+            OpOutput::Images { images } => Ok(images),
+            other => Err(self.unexpected(&other, "images")),
+        }
+    }
+
     async fn status(&self, guest_id: &str) -> Result<Option<GuestInfo>, DriverError> {
         self.query(&format!("/v1/guests/{guest_id}")).await
     }

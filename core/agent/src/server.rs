@@ -247,6 +247,10 @@ impl AgentService {
                 .await
                 .map(|report| OpOutput::LiveReport { report }),
             Op::LiveFinish { guest } => d.live_finish(&guest).await.map(|_| OpOutput::Done),
+            Op::FetchImage { from, image } => d
+                .fetch_image(&from, image.as_deref())
+                .await
+                .map(|images| OpOutput::Images { images }),
         };
         *progress.lock().unwrap() = if result.is_ok() {
             "done".into()

@@ -414,4 +414,51 @@ pub trait Driver: Send + Sync + 'static {
             operation: "logs".into(),
         })
     }
+    /// Makes images present on this server from `from` before any guest needs them (an
+    /// operator loading a server ahead of a rollout; an agent importing files at start):
+    /// `image` (a name or `sha256:` digest) from the core or a peer, or every image of a
+    /// file (`image`, if given, must be among them). Says what the server then holds of them
+    /// (`name@digest`). Drivers that run no images answer `Unsupported`.
+    async fn fetch_image(
+        &self,
+        from: &ImageOrigin,
+        image: Option<&str>,
+    ) -> Result<Vec<String>, DriverError> {
+        let _ = (from, image);
+        Err(DriverError::Unsupported {
+            driver: self.kind().into(),
+            operation: "images".into(),
+        })
+    }
+}
+
+/// Where a server gets an image it lacks. Guests are created with `Core` (the server's usual
+/// source); `Driver::fetch_image` takes any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "lowercase")]
+pub enum ImageOrigin {
+    /// The core's image store, or the peers that hold the image when the core does not.
+    Core,
+    /// The image store of the agent at `url` (a peer that holds it: the core's own store and
+    /// link are spared).
+    Peer {
+        /// The peer agent's base URL.
+        url: String,
+    },
+    /// An OCI archive or OCI layout directory on the server itself (what `podman save` or
+    /// `skopeo copy` write).
+    File {
+        /// Its path on the server.
+        path: std::path::PathBuf,
+    },
+}
+
+impl std::fmt::Display for ImageOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ImageOrigin::Core => f.write_str("the core"),
+            ImageOrigin::Peer { url } => write!(f, "the agent at {url}"),
+            ImageOrigin::File { path } => write!(f, "{}", path.display()),
+        }
+    }
 }

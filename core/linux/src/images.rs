@@ -17,7 +17,7 @@ use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cloud48_driver::DriverError;
+use cloud48_driver::{DriverError, ImageOrigin};
 use cloud48_image::{Digest, ImageDetails, Name, Source, Store};
 use cloud48_model::ImageRef;
 use cloud48_oci::{DEFAULT_ID_MAP, Runc};
@@ -117,11 +117,90 @@ impl CacheBound {
 /// Where a server's images come from when it lacks one (the core over HTTP, or another store).
 pub type ImageSource = Arc<dyn Source + Send + Sync>;
 
+/// Makes the source of a peer agent's store from its URL (the agent gives one: it knows the
+/// fleet's token).
+pub type PeerSources = Arc<dyn Fn(&str) -> ImageSource + Send + Sync>;
+
+/// `name@digest` (or the digest of an image without a name), as servers report what they hold.
+pub fn label(summary: &cloud48_image::ImageSummary) -> String {
+    match &summary.name {
+        Some(n) => format!("{n}@{}", summary.digest),
+        None => summary.digest.to_string(),
+    }
+}
+
+/// Makes images present in `store` from `from` (`Driver::fetch_image`): `source` is the
+/// server's usual one (the core), `peers` makes a peer's. Blocking; `server` names this server
+/// in errors. Says what the server holds of them (`name@digest`).
+pub fn fetch_from(
+    store: &Store,
+    from: &ImageOrigin,
+    image: Option<&str>,
+    source: Option<&(dyn Source + Send + Sync)>,
+    peers: Option<&PeerSources>,
+    server: &str,
+) -> Result<Vec<String>, DriverError> {
+    let pull = |source: Option<&(dyn Source + Send + Sync)>| {
+        let image = image.ok_or_else(|| {
+            permanent(format!(
+                "name the image to fetch from {from} (a name or a sha256: digest)"
+            ))
+        })?;
+        let reference = ImageRef {
+            reference: image.to_string(),
+            digest: image.starts_with("sha256:").then(|| image.to_string()),
+        };
+        fetch(store, source, &reference, server).map(|d| vec![label(&d.summary)])
+    };
+    match from {
+        ImageOrigin::Core => pull(source),
+        ImageOrigin::Peer { url } => {
+            let peers = peers.ok_or_else(|| {
+                permanent(format!(
+                    "server {server} cannot pull from other agents (it runs without an agent that gives it their address and token)"
+                ))
+            })?;
+            let peer = peers(url);
+            pull(Some(peer.as_ref()))
+        }
+        ImageOrigin::File { path } => {
+            let held: Vec<String> = store
+                .import_path(path, None)
+                .map_err(|e| {
+                    permanent(format!(
+                        "server {server} cannot import {}: {e}",
+                        path.display()
+                    ))
+                })?
+                .iter()
+                .map(label)
+                .collect();
+            match image {
+                Some(wanted)
+                    if !held.iter().any(|h| {
+                        h == wanted
+                            || h.split_once('@')
+                                .is_some_and(|(n, d)| n == wanted || d == wanted)
+                    }) =>
+                {
+                    Err(permanent(format!(
+                        "{} holds no image {wanted} (it holds: {}); what it holds was imported",
+                        path.display(),
+                        held.join(", ")
+                    )))
+                }
+                _ => Ok(held),
+            }
+        }
+    }
+}
+
 /// A server's images and the runtime that runs them.
 pub struct Images {
     name: String,
     store: Arc<Store>,
     source: Option<ImageSource>,
+    peers: Option<PeerSources>,
     pub(crate) runc: Runc,
     rootfs: PathBuf,
     /// One unpack, pull or eviction at a time: two guests of a new image wait for one unpack.
@@ -143,7 +222,7 @@ impl Images {
         name: &str,
         data_dir: &Path,
         runc_root: &Path,
-        source: Option<ImageSource>,
+        (source, peers): (Option<ImageSource>, Option<PeerSources>),
         limit: Option<u64>,
     ) -> Result<Images, String> {
         let store = Store::open_server(data_dir)
@@ -156,6 +235,7 @@ impl Images {
             name: name.to_string(),
             store: Arc::new(store),
             source,
+            peers,
             runc,
             rootfs,
             preparing: tokio::sync::Mutex::new(()),
@@ -176,15 +256,33 @@ impl Images {
     }
 
     fn refresh_held(&self) {
-        let held = self
-            .by_use()
-            .into_iter()
-            .map(|(s, _)| match &s.name {
-                Some(n) => format!("{n}@{}", s.digest),
-                None => s.digest.to_string(),
-            })
-            .collect();
+        let held = self.by_use().into_iter().map(|(s, _)| label(&s)).collect();
         *self.held.lock().unwrap() = held;
+    }
+
+    /// `Driver::fetch_image` for this server's store.
+    pub async fn fetch_from(
+        self: &Arc<Self>,
+        from: &ImageOrigin,
+        image: Option<&str>,
+    ) -> Result<Vec<String>, DriverError> {
+        let _one = self.preparing.lock().await;
+        let (this, from, image) = (self.clone(), from.clone(), image.map(String::from));
+        tokio::task::spawn_blocking(move || {
+            let held = fetch_from(
+                &this.store,
+                &from,
+                image.as_deref(),
+                this.source.as_deref(),
+                this.peers.as_ref(),
+                &this.name,
+            )?;
+            this.bound.grew();
+            this.refresh_held();
+            Ok(held)
+        })
+        .await
+        .map_err(permanent)?
     }
 
     /// Removes the least recently used images that no container runs (not in `in_use`, by
@@ -485,6 +583,91 @@ mod tests {
             "workdir": null, "exposed_ports": [], "layers": [],
         }))
         .unwrap()
+    }
+
+    /// An image named `name` in a new OCI layout at `dir/layout`.
+    fn layout(dir: &Path, name: &str) -> cloud48_image::ImageSummary {
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::write(rootfs.join("hello"), name).unwrap();
+        let store = Store::open(dir.join("layout")).unwrap();
+        let layer = store.write_layer_from_dir(&rootfs).unwrap();
+        let image = cloud48_image::NewImage {
+            cmd: vec!["/bin/true".into()],
+            ..Default::default()
+        };
+        store
+            .commit(&name.parse().unwrap(), &[layer], &image)
+            .unwrap()
+    }
+
+    #[test]
+    fn images_come_from_files_and_peers_and_a_wrong_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = layout(dir.path(), "local/web:1");
+        let server = Store::open_server(&dir.path().join("server")).unwrap();
+        let file = ImageOrigin::File {
+            path: dir.path().join("layout"),
+        };
+        // A file: everything in it, or an error naming what it holds instead.
+        let held = fetch_from(&server, &file, None, None, None, "s1").unwrap();
+        assert_eq!(held, [format!("local/web:1@{}", made.digest)]);
+        assert_eq!(
+            server.show("local/web:1").unwrap().summary.digest,
+            made.digest
+        );
+        let e = fetch_from(&server, &file, Some("local/db:1"), None, None, "s1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("holds no image local/db:1") && e.contains("local/web:1@"),
+            "{e}"
+        );
+        let missing = ImageOrigin::File {
+            path: dir.path().join("nowhere.tar"),
+        };
+        let e = fetch_from(&server, &missing, None, None, None, "s1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server s1 cannot import") && e.contains("nowhere.tar"),
+            "{e}"
+        );
+
+        // A peer: pulled from its store by name, verified; a server with no way to reach
+        // peers, or a pull without a name, says so.
+        let other = Store::open_server(&dir.path().join("other")).unwrap();
+        let peer_store: ImageSource =
+            Arc::new(Store::open_server(&dir.path().join("server")).unwrap());
+        let peers: PeerSources = Arc::new(move |_url: &str| peer_store.clone());
+        let peer = ImageOrigin::Peer {
+            url: "http://peer".into(),
+        };
+        let held =
+            fetch_from(&other, &peer, Some("local/web:1"), None, Some(&peers), "s2").unwrap();
+        assert_eq!(held, [format!("local/web:1@{}", made.digest)]);
+        let e = fetch_from(&other, &peer, Some("local/web:1"), None, None, "s2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot pull from other agents"), "{e}");
+        let e = fetch_from(&other, &peer, None, None, Some(&peers), "s2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("name the image to fetch from the agent at http://peer"),
+            "{e}"
+        );
+        let e = fetch_from(
+            &other,
+            &ImageOrigin::Core,
+            Some("local/none:1"),
+            None,
+            None,
+            "s2",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("no core to pull it from"), "{e}");
     }
 
     #[test]

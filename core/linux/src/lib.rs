@@ -95,6 +95,9 @@ pub struct ImagesConfig {
     /// Where an image this server lacks is pulled from (the core); `None`: only images
     /// imported on the server run.
     pub source: Option<ImageSource>,
+    /// Makes the source of a peer agent's store from its URL (`fetch_image` from a peer);
+    /// `None`: this server pulls only from `source`.
+    pub peers: Option<images::PeerSources>,
     /// Most bytes the server's images may take (as stored, plus unpacked); the least recently
     /// used images no container runs are removed beyond it. `None`: no bound.
     pub cache_bytes: Option<u64>,
@@ -241,7 +244,7 @@ impl LinuxDriver {
                 &cfg.name,
                 &cfg.data_dir,
                 &Path::new(RUNC_ROOT).join(&cfg.prefix),
-                i.source.clone(),
+                (i.source.clone(), i.peers.clone()),
                 i.cache_bytes,
             )?)),
             None => None,
@@ -1144,6 +1147,21 @@ impl Driver for LinuxDriver {
     async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
         self.record(guest_id)?;
         Ok(tail(&self.dir(guest_id).join("console.log"), LOG_TAIL))
+    }
+
+    async fn fetch_image(
+        &self,
+        from: &cloud48_driver::ImageOrigin,
+        image: Option<&str>,
+    ) -> Result<Vec<String>, DriverError> {
+        let images = self
+            .images
+            .as_ref()
+            .ok_or_else(|| DriverError::Unsupported {
+                driver: self.kind().into(),
+                operation: "images (this agent runs with --images off or without runc)".into(),
+            })?;
+        images.fetch_from(from, image).await
     }
 }
 

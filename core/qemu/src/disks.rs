@@ -11,9 +11,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cloud48_driver::DriverError;
+use cloud48_driver::{DriverError, ImageOrigin};
 use cloud48_image::{Digest, ImageDetails, Store};
-use cloud48_linux::images::{CacheBound, ImageSource, evict_unused, fetch};
+use cloud48_linux::images::{
+    CacheBound, ImageSource, PeerSources, evict_unused, fetch, fetch_from, label,
+};
 use cloud48_model::ImageRef;
 
 /// A VM image made ready to boot.
@@ -36,6 +38,7 @@ pub struct VmImages {
     name: String,
     store: Arc<Store>,
     source: Option<ImageSource>,
+    peers: Option<PeerSources>,
     dir: PathBuf,
     /// One base is made (or evicted) at a time: two VMs of a new image wait for one.
     preparing: tokio::sync::Mutex<()>,
@@ -53,7 +56,7 @@ impl VmImages {
     pub fn open(
         name: &str,
         data_dir: &Path,
-        source: Option<ImageSource>,
+        (source, peers): (Option<ImageSource>, Option<PeerSources>),
         limit: Option<u64>,
     ) -> Result<VmImages, String> {
         let store = Store::open_server(data_dir)
@@ -65,6 +68,7 @@ impl VmImages {
             name: name.into(),
             store: Arc::new(store),
             source,
+            peers,
             dir,
             preparing: tokio::sync::Mutex::new(()),
             bound: CacheBound::new(limit),
@@ -96,12 +100,33 @@ impl VmImages {
         self.store
             .list()
             .unwrap_or_default()
-            .into_iter()
-            .map(|s| match &s.name {
-                Some(n) => format!("{n}@{}", s.digest),
-                None => s.digest.to_string(),
-            })
+            .iter()
+            .map(label)
             .collect()
+    }
+
+    /// `Driver::fetch_image` for this server's store (bases are made when a VM needs one).
+    pub async fn fetch_from(
+        self: &Arc<Self>,
+        from: &ImageOrigin,
+        image: Option<&str>,
+    ) -> Result<Vec<String>, DriverError> {
+        let _one = self.preparing.lock().await;
+        let (this, from, image) = (self.clone(), from.clone(), image.map(String::from));
+        tokio::task::spawn_blocking(move || {
+            let held = fetch_from(
+                &this.store,
+                &from,
+                image.as_deref(),
+                this.source.as_deref(),
+                this.peers.as_ref(),
+                &this.name,
+            )?;
+            this.bound.grew();
+            Ok(held)
+        })
+        .await
+        .map_err(permanent)?
     }
 
     fn base_dir(&self, digest: &Digest) -> PathBuf {

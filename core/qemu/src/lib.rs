@@ -90,6 +90,8 @@ pub struct QemuConfig {
     pub accel: AccelChoice,
     /// Where an image this server lacks is pulled from (the core).
     pub source: Option<ImageSource>,
+    /// Makes the source of a peer agent's store from its URL (`fetch_image` from a peer).
+    pub peers: Option<cloud48_linux::images::PeerSources>,
     /// The address other servers reach this one at for live migrations (the disk's NBD
     /// export and the memory stream listen there).
     pub migration_host: String,
@@ -226,7 +228,7 @@ impl QemuDriver {
         let images = Arc::new(VmImages::open(
             &cfg.name,
             &cfg.data_dir,
-            cfg.source.clone(),
+            (cfg.source.clone(), cfg.peers.clone()),
             cfg.image_cache_bytes,
         )?);
         let (machine_types, q35) = match std::process::Command::new(qemu_binary())
@@ -780,6 +782,14 @@ impl Driver for QemuDriver {
     async fn logs(&self, guest_id: &str) -> Result<String, DriverError> {
         self.record(guest_id)?;
         Ok(tail(&self.file(guest_id, files::CONSOLE), LOG_TAIL))
+    }
+
+    async fn fetch_image(
+        &self,
+        from: &cloud48_driver::ImageOrigin,
+        image: Option<&str>,
+    ) -> Result<Vec<String>, DriverError> {
+        self.images.fetch_from(from, image).await
     }
 
     async fn live_offer(&self, guest_id: &str) -> Result<LiveOffer, DriverError> {

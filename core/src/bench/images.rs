@@ -222,6 +222,7 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
         exe: std::env::current_exe().expect("own path"),
         images: Some(ImagesConfig {
             source: Some(source.clone()),
+            peers: None,
             cache_bytes: None,
             migration_host: Some("127.0.0.1".into()),
         }),

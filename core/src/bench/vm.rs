@@ -259,6 +259,7 @@ pub async fn vm(args: VmBenchArgs) -> Result<()> {
         boot_timeout: Duration::from_secs(300),
         accel,
         source: Some(store.clone() as cloud48_engine::driver::linux::images::ImageSource),
+        peers: None,
         migration_host: "127.0.0.1".into(),
         grow_live: args.grow_live,
     };
