@@ -275,6 +275,82 @@ fn an_agent_that_runs_no_images_refuses_to_import_one() {
     );
 }
 
+/// `agent --import-image` takes every image of an OCI layout into the server's store through
+/// its driver, and says so; a file that is not there stops the agent with the path.
+#[tokio::test]
+async fn an_agent_imports_images_from_files_at_start() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = crate::linux::unique_prefix('m');
+    let _sweep = crate::linux::Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0")],
+    };
+    let layout = dir.path().join("layout");
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    std::fs::write(rootfs.join("hello"), "hello").unwrap();
+    let store = cloud48_engine::images::Store::open(&layout).unwrap();
+    let layer = store.write_layer_from_dir(&rootfs).unwrap();
+    let image = store
+        .commit(
+            &"test/boot:1".parse().unwrap(),
+            &[layer],
+            &cloud48_engine::images::NewImage::default(),
+        )
+        .unwrap();
+    let agent = |file: &std::path::Path| {
+        let mut c = tokio::process::Command::new(crate::common::binary());
+        c.args(["agent", "--driver", "qemu", "--listen", "127.0.0.1:0"])
+            .args(["--subnet", "10.242.97.0/24", "--prefix", &prefix])
+            .args(["--bridge", &format!("{prefix}br0"), "--data-dir"])
+            .arg(dir.path().join("agent"))
+            .arg("--import-image")
+            .arg(file)
+            .env("CLOUD48_AGENT_TOKEN", "a-token-of-sixteen-chars")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+    let mut child = agent(&layout).spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let said = format!(
+        "imported test/boot:1@{} from {}",
+        image.digest,
+        layout.display()
+    );
+    let mut seen = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        let done = line.contains(&said);
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        seen.last().is_some_and(|l| l.contains(&said)),
+        "the agent never said it imported: {seen:?}"
+    );
+    child.kill().await.unwrap();
+    let held = cloud48_engine::images::Store::open_server(&dir.path().join("agent")).unwrap();
+    assert_eq!(
+        held.show("test/boot:1").unwrap().summary.digest,
+        image.digest
+    );
+
+    let missing = dir.path().join("missing.tar");
+    let out = agent(&missing).output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("--import-image {}", missing.display()))
+            && err.contains("cannot import"),
+        "{err}"
+    );
+}
+
 /// Shell completions name every subcommand, for each shell.
 #[test]
 fn completion_scripts_know_the_subcommands() {

@@ -86,7 +86,7 @@ pub fn web() -> Workload {
     }
 }
 
-async fn open(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> LinuxDriver {
+pub async fn open(dir: &Path, prefix: &str, net: u32, n: u32, source: Arc<Store>) -> LinuxDriver {
     open_with(dir, prefix, net, n, source, None).await
 }
 

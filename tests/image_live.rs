@@ -349,3 +349,166 @@ async fn container_migrate_live_and_a_live_drain_move_an_image_container_through
     assert_eq!(back.ip.as_deref(), Some(ip.as_str()));
     assert_eq!(exec("cat /dev/shm/mark").await, "in-memory");
 }
+
+/// An operator loads a server with images before containers need them: from another server's
+/// agent (this server has no core to pull from), or from an OCI layout on the server; a
+/// container of the image then starts there. A wrong request says what is wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_fetches_images_ahead_of_need_from_a_peer_or_a_file() {
+    use crate::common::{Opts, TestCore};
+    use cloud48_engine::agent::images::CoreImages;
+    use cloud48_engine::driver::linux::images::ImageSource;
+    use cloud48_engine::driver::linux::{ImagesConfig, LinuxDriver};
+    use serde_json::json;
+
+    let source = source().await;
+    let prefix = unique_prefix('f');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tc = TestCore::start(Opts {
+        sim_servers: 1,
+        agent_token: Some(crate::agent::TOKEN.into()),
+        types: vec![Arc::new(ImageWeb)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // The holder pulls from the test's store; the other has no core, only its peers.
+    let holder = crate::image_guests::open(dir.path(), &prefix, 94, 0, source.clone()).await;
+    let held = holder.image_store().unwrap();
+    held.pull(
+        &*source,
+        "test/web",
+        Some(&"test/web".parse().unwrap()),
+        &mut |_| {},
+    )
+    .unwrap();
+    let (agent, url) = crate::agent::serve_agent(&format!("{prefix}-0"), Arc::new(holder)).await;
+    agent.serve_images(held);
+    tc.core.agents().add(&url).await.unwrap();
+    let mut cfg = crate::linux::config(dir.path(), &prefix, 94, 1);
+    let runtime = tokio::runtime::Handle::current();
+    cfg.images = Some(ImagesConfig {
+        source: None,
+        peers: Some(Arc::new(move |peer: &str| {
+            Arc::new(CoreImages::new(peer, crate::agent::TOKEN, runtime.clone())) as ImageSource
+        })),
+        cache_bytes: None,
+        migration_host: None,
+    });
+    let bare = Arc::new(LinuxDriver::open(cfg).await.unwrap());
+    let store = bare.image_store().unwrap();
+    let (_, url) = crate::agent::serve_agent(&format!("{prefix}-1"), bare.clone()).await;
+    tc.core.agents().add(&url).await.unwrap();
+    let (from, to) = (format!("{prefix}-0"), format!("{prefix}-1"));
+    let fetch = |server: String, body: serde_json::Value| {
+        let tc = &tc;
+        async move {
+            tc.client
+                .post::<_, serde_json::Value>(&format!("/v1/servers/{server}/images"), &body)
+                .await
+        }
+    };
+
+    // From the peer, by name: whole and verified; a container of it then runs there.
+    let got = fetch(
+        to.clone(),
+        json!({ "image": "test/web", "from_server": from }),
+    )
+    .await
+    .unwrap();
+    let digest = store.show("test/web").unwrap().summary.digest;
+    assert_eq!(
+        got["images"],
+        json!([format!("test/web:latest@{digest}")]),
+        "{got}"
+    );
+    let cmd: serde_json::Value = tc
+        .client
+        .post("/v1/containers", &json!({ "type": "imgweb", "server": to }))
+        .await
+        .unwrap();
+    let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+    let c = tc.core.containers().get_by_id(id).await.unwrap();
+    assert_eq!(c.server.as_deref(), Some(to.as_str()));
+    assert!(
+        answer(c.ip.as_deref().unwrap())
+            .await
+            .contains("from-the-image")
+    );
+
+    // From an OCI layout on the server: every image in it.
+    let layout = dir.path().join("layout");
+    let rootfs = dir.path().join("small");
+    std::fs::create_dir_all(&rootfs).unwrap();
+    std::fs::write(rootfs.join("hello"), "small").unwrap();
+    let oci = cloud48_engine::images::Store::open(&layout).unwrap();
+    let layer = oci.write_layer_from_dir(&rootfs).unwrap();
+    let small = oci
+        .commit(
+            &"test/small:1".parse().unwrap(),
+            &[layer],
+            &cloud48_engine::images::NewImage::default(),
+        )
+        .unwrap();
+    let got = fetch(to.clone(), json!({ "file": layout })).await.unwrap();
+    assert_eq!(
+        got["images"],
+        json!([format!("test/small:1@{}", small.digest)])
+    );
+    assert_eq!(
+        store.show("test/small:1").unwrap().summary.digest,
+        small.digest
+    );
+
+    // Wrong requests, each with what is wrong.
+    for (server, body, says) in [
+        (
+            to.clone(),
+            json!({ "image": "test/web", "from_server": from, "file": "/x" }),
+            "not both",
+        ),
+        (
+            to.clone(),
+            json!({ "from_server": from }),
+            "name the image to fetch",
+        ),
+        (
+            to.clone(),
+            json!({ "image": "test/web", "from_server": "sim-1" }),
+            "not run by a node agent",
+        ),
+        (
+            to.clone(),
+            json!({ "image": "test/web", "from_server": to }),
+            "from itself",
+        ),
+        (
+            to.clone(),
+            json!({ "file": "layout" }),
+            "not an absolute path",
+        ),
+        (
+            to.clone(),
+            json!({ "file": "/nowhere/at-all.tar" }),
+            "cannot import /nowhere/at-all.tar",
+        ),
+        (
+            to.clone(),
+            json!({ "image": "test/none:1" }),
+            "no core to pull it from",
+        ),
+        (
+            "sim-1".to_string(),
+            json!({ "image": "test/web" }),
+            "runs no images",
+        ),
+    ] {
+        let e = fetch(server, body.clone()).await.unwrap_err().to_string();
+        assert!(e.contains(says), "{body}: {e}");
+    }
+    bare.destroy(&c.guest_id).await.unwrap();
+}

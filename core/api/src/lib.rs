@@ -81,6 +81,7 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(container_exec))
         .routes(routes!(show_server))
         .routes(routes!(server_action))
+        .routes(routes!(server_fetch_image))
         .routes(routes!(list_commands))
         .routes(routes!(show_command))
         .routes(routes!(cancel_command))
@@ -600,6 +601,54 @@ async fn server_action(
         ServerOp::Fail => servers.fail(&server).await.map(|()| empty(server))?,
         ServerOp::Recover => servers.recover(&server).await.map(|()| empty(server))?,
     }))
+}
+
+/// Images to make present on a server before containers need them.
+#[derive(Debug, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FetchImage {
+    /// The image: a name (`cloud48/nginx`) or a `sha256:` digest. Required unless `file` is
+    /// given (then every image of the file is taken, and this one must be among them).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Pull it from this server's agent instead of the core (a server that already holds it).
+    #[serde(default)]
+    pub from_server: Option<String>,
+    /// Import it from this OCI archive or layout directory on the server itself.
+    #[serde(default)]
+    pub file: Option<String>,
+}
+
+/// What a server holds of the images fetched.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+pub struct FetchedImages {
+    /// The server.
+    pub server: String,
+    /// The images, as `name@digest`.
+    pub images: Vec<String>,
+}
+
+#[utoipa::path(post, path = "/v1/servers/{server}/images", tag = "servers",
+    description = "Makes images present on a server ahead of need (placement prefers servers that hold a container's image): from the core, from another server's agent, or from a file on the server. Admins.",
+    params(("server" = String, Path, description = "Server name")),
+    request_body = FetchImage,
+    responses((status = 200, body = FetchedImages), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn server_fetch_image(
+    State(core): State<Core>,
+    Path(server): Path<String>,
+    ApiJson(req): ApiJson<FetchImage>,
+) -> Result<Json<FetchedImages>, ApiError> {
+    let images = core
+        .servers()
+        .fetch_image(
+            &server,
+            req.image.as_deref(),
+            req.from_server.as_deref(),
+            req.file.as_deref(),
+        )
+        .await?;
+    Ok(Json(FetchedImages { server, images }))
 }
 
 /// Request to register a server run by a node agent.

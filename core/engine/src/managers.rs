@@ -1768,6 +1768,71 @@ impl<'a> ServerManager<'a> {
         Ok(())
     }
 
+    /// Makes images present on server `key` ahead of need (placement then prefers it for
+    /// containers of those images): `image` from the core, from server `peer`'s agent, or
+    /// every image of `file` on the server. Says what the server holds of them.
+    pub async fn fetch_image(
+        &self,
+        key: &str,
+        image: Option<&str>,
+        peer: Option<&str>,
+        file: Option<&str>,
+    ) -> Result<Vec<String>, CoreError> {
+        let s = server_by_name(self.svc.db(), "server", key).await?;
+        let from = match (peer, file) {
+            (Some(_), Some(_)) => {
+                return Err(CoreError::invalid(
+                    "from_server",
+                    "give an image's server or a file on the server, not both",
+                ));
+            }
+            (None, Some(path)) if !path.starts_with('/') => {
+                return Err(CoreError::invalid(
+                    "file",
+                    format!("'{path}' is not an absolute path on server {}", s.name),
+                ));
+            }
+            (None, Some(path)) => crate::driver::ImageOrigin::File { path: path.into() },
+            (Some(peer), None) => {
+                let p = server_by_name(self.svc.db(), "from_server", peer).await?;
+                match (p.driver == crate::fleet::RemoteFactory::KIND, p.address) {
+                    (true, Some(url)) if p.id != s.id => crate::driver::ImageOrigin::Peer { url },
+                    (true, Some(_)) => {
+                        return Err(CoreError::invalid(
+                            "from_server",
+                            format!("server {} cannot fetch images from itself", s.name),
+                        ));
+                    }
+                    _ => {
+                        return Err(CoreError::invalid(
+                            "from_server",
+                            format!(
+                                "server {} is not run by a node agent, so it serves no images",
+                                p.name
+                            ),
+                        ));
+                    }
+                }
+            }
+            (None, None) => crate::driver::ImageOrigin::Core,
+        };
+        if image.is_none() && !matches!(from, crate::driver::ImageOrigin::File { .. }) {
+            return Err(CoreError::invalid(
+                "image",
+                "name the image to fetch (a name such as cloud48/nginx, or a sha256: digest)",
+            ));
+        }
+        let (driver, name) = self.svc.fleet().named_driver(s.id).ok_or_else(|| {
+            CoreError::Conflict(format!("server {} has no driver in this core", s.name))
+        })?;
+        driver.fetch_image(&from, image).await.map_err(|e| match e {
+            crate::driver::DriverError::Unsupported { .. } => CoreError::Conflict(format!(
+                "server {name} runs no images (server show lists its capabilities): {e}"
+            )),
+            e => CoreError::Conflict(format!("server {name}: {e}")),
+        })
+    }
+
     /// Injects a crash into a simulated server (it stops answering and sending heartbeats);
     /// the health monitor marks it down after the grace period.
     pub async fn fail(&self, key: &str) -> Result<(), CoreError> {

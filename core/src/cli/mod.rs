@@ -705,6 +705,21 @@ pub enum ServerCmd {
         #[arg(long)]
         live: bool,
     },
+    /// Make images present on a server before containers need them (placement prefers servers
+    /// that hold a container's image): IMAGE from the core, from another server's agent
+    /// (--from-server), or every image of an OCI archive or layout on the server (--file).
+    FetchImage {
+        /// Server name.
+        name: String,
+        /// Image name (cloud48/nginx) or sha256: digest; optional with --file.
+        image: Option<String>,
+        /// Pull it from this server's agent (one that holds it) instead of the core.
+        #[arg(long, conflicts_with = "file")]
+        from_server: Option<String>,
+        /// Import from this OCI archive or layout directory on the server itself.
+        #[arg(long, value_name = "PATH")]
+        file: Option<String>,
+    },
     /// Take new containers again after a drain.
     Undrain {
         /// Server name.
@@ -992,6 +1007,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                     }
                     text
                 });
+                Ok(())
+            }
+            ServerCmd::FetchImage { name, image, from_server, file } => {
+                let r: cloud48_api::FetchedImages = client
+                    .post(
+                        &format!("/v1/servers/{}/images", enc(&name)),
+                        &json!({ "image": image, "from_server": from_server, "file": file }),
+                    )
+                    .await?;
+                out.show(&r, || format!("server {} holds {}", r.server, r.images.join(", ")));
                 Ok(())
             }
             ServerCmd::Undrain { name: server } => server_op(&client, out, &server, "undrain", "takes containers again").await,
