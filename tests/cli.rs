@@ -286,19 +286,8 @@ async fn an_agent_imports_images_from_files_at_start() {
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0")],
     };
+    let (_, image) = crate::images::layout(dir.path(), "test/boot:1", 1);
     let layout = dir.path().join("layout");
-    let rootfs = dir.path().join("rootfs");
-    std::fs::create_dir_all(&rootfs).unwrap();
-    std::fs::write(rootfs.join("hello"), "hello").unwrap();
-    let store = cloud48_engine::images::Store::open(&layout).unwrap();
-    let layer = store.write_layer_from_dir(&rootfs).unwrap();
-    let image = store
-        .commit(
-            &"test/boot:1".parse().unwrap(),
-            &[layer],
-            &cloud48_engine::images::NewImage::default(),
-        )
-        .unwrap();
     let agent = |file: &std::path::Path| {
         let mut c = tokio::process::Command::new(crate::common::binary());
         c.args(["agent", "--driver", "qemu", "--listen", "127.0.0.1:0"])

@@ -441,19 +441,8 @@ async fn a_server_fetches_images_ahead_of_need_from_a_peer_or_a_file() {
     );
 
     // From an OCI layout on the server: every image in it.
+    let (_, small) = crate::images::layout(dir.path(), "test/small:1", 2);
     let layout = dir.path().join("layout");
-    let rootfs = dir.path().join("small");
-    std::fs::create_dir_all(&rootfs).unwrap();
-    std::fs::write(rootfs.join("hello"), "small").unwrap();
-    let oci = cloud48_engine::images::Store::open(&layout).unwrap();
-    let layer = oci.write_layer_from_dir(&rootfs).unwrap();
-    let small = oci
-        .commit(
-            &"test/small:1".parse().unwrap(),
-            &[layer],
-            &cloud48_engine::images::NewImage::default(),
-        )
-        .unwrap();
     let got = fetch(to.clone(), json!({ "file": layout })).await.unwrap();
     assert_eq!(
         got["images"],

@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::common::cli;
 
 /// A one-layer image `name` in a new OCI layout under `dir`, its layer big enough to be cut.
-fn layout(dir: &Path, name: &str, seed: u32) -> (Store, ImageSummary) {
+pub fn layout(dir: &Path, name: &str, seed: u32) -> (Store, ImageSummary) {
     let rootfs = dir.join("rootfs");
     std::fs::create_dir_all(rootfs.join("srv")).unwrap();
     let noise: String = (0..50_000u32)

@@ -311,3 +311,23 @@ fn refuse(core: &Core, e: AuthError, quiet: bool) -> Response {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_and_exports_need_an_operator_and_exec_or_images_an_admin() {
+        let get = |p| needed_role(&Method::GET, p);
+        let post = |p| needed_role(&Method::POST, p);
+        assert_eq!(get("/v1/containers/3/secrets/mysql"), Role::Operator);
+        assert_eq!(get("/v1/containers/3/export"), Role::Operator);
+        assert_eq!(get("/v1/containers/3"), Role::Viewer);
+        assert_eq!(post("/v1/containers/3/exec"), Role::Admin);
+        assert_eq!(post("/v1/servers/h1/images"), Role::Admin);
+        assert_eq!(post("/v1/containers/3/actions"), Role::Operator);
+        // Anonymous readers never read a secret, whatever families they may read.
+        assert_eq!(Family::of("/v1/containers/3/secrets/mysql"), None);
+        assert_eq!(Family::of("/v1/containers/3"), Some(Family::Containers));
+    }
+}
