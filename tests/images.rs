@@ -432,3 +432,46 @@ async fn an_agent_pulls_an_image_from_a_peer_that_holds_it() {
         "{err}"
     );
 }
+
+/// An agent that knows several cores (its heartbeats learned them) pulls an image from the next
+/// one when the first is down; with none reachable, the error names the core it tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_pulls_an_image_from_the_next_core_when_one_is_down() {
+    use cloud48_engine::agent::CoreList;
+    use cloud48_engine::agent::images::CoreImages;
+    const TOKEN: &str = crate::agent::TOKEN;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cloud48.toml");
+    std::fs::write(&config, format!("[agents]\ntoken = \"{TOKEN}\"\n")).unwrap();
+    let serve = crate::common::serve(
+        &dir.path().join("data"),
+        &["--config", config.to_str().unwrap(), "--anonymous", "full"],
+    )
+    .await;
+    let (source, summary) = layout(dir.path(), "test/failover:1", 9);
+    let (ok, _, err) = run(
+        &serve.url,
+        &["image", "import", &source.root().display().to_string()],
+    );
+    assert!(ok, "{err}");
+    // Nothing listens at the first core; the agent learned the second from a heartbeat answer.
+    let dead = format!("http://127.0.0.1:{}", crate::common::free_port());
+    let cores = std::sync::Arc::new(std::sync::Mutex::new(CoreList::new(vec![dead.clone()])));
+    cores.lock().unwrap().learn([serve.url.clone()]);
+    let pull = |cores, at: &str| {
+        let store = Store::open(dir.path().join(at)).unwrap();
+        tokio::task::spawn_blocking(move || {
+            let source = CoreImages::over_cores(cores, TOKEN, tokio::runtime::Handle::current());
+            store.pull(&source, "test/failover:1", None, &mut |_| {})
+        })
+    };
+    let pulled = pull(cores, "agent").await.unwrap().unwrap();
+    assert_eq!(pulled.digest, summary.digest);
+    let alone = std::sync::Arc::new(std::sync::Mutex::new(CoreList::new(vec![dead.clone()])));
+    let err = pull(alone, "lonely")
+        .await
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&dead), "{err}");
+}

@@ -220,10 +220,17 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             );
         }
     }
+    // The cores this agent knows: its heartbeats learn the cluster's others, and its image
+    // pulls ask them in the same order.
+    let cores: Option<crate::SharedCores> = (!args.core.is_empty()).then(|| {
+        Arc::new(std::sync::Mutex::new(crate::CoreList::new(
+            args.core.clone(),
+        )))
+    });
     let core_images = || {
-        args.core.first().map(|core| {
+        cores.clone().map(|cores| {
             Arc::new(
-                CoreImages::new(core, &args.token, tokio::runtime::Handle::current())
+                CoreImages::over_cores(cores, &args.token, tokio::runtime::Handle::current())
                     .for_agent(&url),
             ) as cloud48_linux::images::ImageSource
         })
@@ -364,10 +371,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         "cloud48 agent {name}: {} driver, listening on {url}",
         agent.info().driver
     );
-    let beats = (!args.core.is_empty()).then(|| {
-        tokio::spawn(crate::heartbeats(
+    let beats = cores.map(|cores| {
+        tokio::spawn(crate::heartbeats_over(
             agent.clone(),
-            args.core.clone(),
+            cores,
             args.token.clone(),
             Duration::from_millis(args.heartbeat_ms.max(10)),
         ))

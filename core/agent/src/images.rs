@@ -7,7 +7,8 @@
 //! The core names the holders (`GET /v1/images/{name}/holders`, from the agents' heartbeats).
 //! A name is resolved at the core, or at a holder when the core no longer has it; blobs come
 //! from a holder when one answers, else from the core. A peer cannot slip in other bytes: the
-//! store checks every blob against its digest.
+//! store checks every blob against its digest. An agent that knows several cores (a cluster)
+//! asks them in the order its heartbeats do, so a pull goes on when a core is down.
 
 use std::io::{self, Read};
 
@@ -20,6 +21,11 @@ use cloud48_image::{Digest, ImageDetails, ImageError, Source};
 pub struct CoreImages {
     client: reqwest::Client,
     base: String,
+    /// The agent's cores, when it pulls from whichever of them answers (`base` is then the
+    /// one that resolved the image being pulled).
+    cores: Option<crate::SharedCores>,
+    /// The `/v1/images` base of the core that resolved the image being pulled.
+    resolved_at: std::sync::Mutex<Option<String>>,
     token: String,
     runtime: Handle,
     /// This agent's own address (never its own peer).
@@ -41,11 +47,46 @@ impl CoreImages {
         CoreImages {
             client,
             base: format!("{}/v1/images", core_url.trim_end_matches('/')),
+            cores: None,
+            resolved_at: Default::default(),
             token: token.to_string(),
             runtime,
             me: None,
             peers: Default::default(),
         }
+    }
+
+    /// The stores of the cores in `cores` (an agent's, shared with its heartbeats), asked in
+    /// the order heartbeats go: the one that answered last first.
+    pub fn over_cores(cores: crate::SharedCores, token: &str, runtime: Handle) -> CoreImages {
+        let first = cores.lock().unwrap().current().to_string();
+        CoreImages {
+            cores: Some(cores),
+            ..CoreImages::new(&first, token, runtime)
+        }
+    }
+
+    /// The `/v1/images` bases of the cores to ask, in order.
+    fn core_bases(&self) -> Vec<String> {
+        match &self.cores {
+            Some(cores) => cores
+                .lock()
+                .unwrap()
+                .rotation()
+                .into_iter()
+                .map(|(_, url)| format!("{url}/v1/images"))
+                .collect(),
+            None => vec![self.base.clone()],
+        }
+    }
+
+    /// The core to read blobs from: the one that resolved the image, else the first.
+    fn core_base(&self) -> String {
+        self.resolved_at
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or_else(|| self.core_bases().swap_remove(0))
     }
 
     /// The same, for the agent at `url`, which never pulls from itself.
@@ -98,14 +139,26 @@ impl CoreImages {
         struct Holders {
             holders: Vec<String>,
         }
-        let url = format!("{}/{}/holders", self.base, image.replace('/', "%2F"));
-        let answer = async {
-            let r = self.get(&url).send().await.ok()?;
-            r.status().is_success().then_some(())?;
-            r.json::<Holders>().await.ok()
-        };
+        // The core that resolved the image first, then the others: the first that answers.
+        let mut bases = self.core_bases();
+        if let Some(resolved) = self.resolved_at.lock().unwrap().clone() {
+            bases.retain(|b| *b != resolved);
+            bases.insert(0, resolved);
+        }
+        let mut answer = None;
+        for base in bases {
+            let url = format!("{base}/{}/holders", image.replace('/', "%2F"));
+            let asked = async {
+                let r = self.get(&url).send().await.ok()?;
+                r.status().is_success().then_some(())?;
+                r.json::<Holders>().await.ok()
+            };
+            if let Some(h) = asked.await {
+                answer = Some(h);
+                break;
+            }
+        }
         answer
-            .await
             .map(|h| h.holders)
             .unwrap_or_default()
             .into_iter()
@@ -173,10 +226,22 @@ impl Source for CoreImages {
     fn resolve(&self, image: &str) -> Result<Digest, ImageError> {
         self.runtime.block_on(async {
             *self.peers.lock().unwrap() = (image.to_string(), None);
-            let at_core = self.resolve_at(&self.base, image).await;
-            if at_core.is_ok() {
-                return at_core;
+            *self.resolved_at.lock().unwrap() = None;
+            // The cores in turn: one that is down (or lacks the image) passes to the next.
+            let mut at_core = None;
+            for base in self.core_bases() {
+                match self.resolve_at(&base, image).await {
+                    Ok(digest) => {
+                        *self.resolved_at.lock().unwrap() = Some(base);
+                        return Ok(digest);
+                    }
+                    Err(e) => {
+                        tracing::info!(core = %base, image, "a core could not resolve the image: {e}");
+                        at_core.get_or_insert(Err(e));
+                    }
+                }
             }
+            let at_core = at_core.expect("an agent knows at least one core");
             let peers = self.holders(image).await;
             self.peers.lock().unwrap().1 = Some(peers.clone());
             for peer in &peers {
@@ -208,7 +273,7 @@ impl Source for CoreImages {
                     Err(e) => tracing::info!(%peer, %digest, "pulling from the core instead: {e}"),
                 }
             }
-            self.blob_at(&self.base, digest, offset).await
+            self.blob_at(&self.core_base(), digest, offset).await
         })?;
         let stream = response.bytes_stream().map_err(io::Error::other);
         let reader = tokio_util::io::StreamReader::new(stream);

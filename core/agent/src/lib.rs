@@ -87,12 +87,26 @@ pub async fn heartbeats(
     token: String,
     period: Duration,
 ) {
+    let cores = Arc::new(std::sync::Mutex::new(CoreList::new(cores)));
+    heartbeats_over(agent, cores, token, period).await
+}
+
+/// The cores an agent knows, shared by its heartbeats (which learn new ones from the answers)
+/// and its image pulls (which fail over to the next core as heartbeats do).
+pub type SharedCores = Arc<std::sync::Mutex<CoreList>>;
+
+/// `heartbeats` over a list of cores others read too.
+pub async fn heartbeats_over(
+    agent: Arc<AgentService>,
+    cores: SharedCores,
+    token: String,
+    period: Duration,
+) {
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(1))
         .build()
         .expect("an HTTP client without TLS builds");
-    let mut cores = CoreList::new(cores);
     let mut failing = false;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -109,9 +123,12 @@ pub async fn heartbeats(
             agent: agent.info().clone(),
             stats,
         };
-        let before = cores.current().to_string();
+        let (before, rotation) = {
+            let cores = cores.lock().unwrap();
+            (cores.current().to_string(), cores.rotation())
+        };
         let mut problems = Vec::new();
-        for (index, core) in cores.rotation() {
+        for (index, core) in rotation {
             let sent = client
                 .post(format!("{core}/v1/agents/heartbeat"))
                 .bearer_auth(&token)
@@ -120,7 +137,9 @@ pub async fn heartbeats(
                 .await;
             match sent {
                 Ok(r) if r.status().is_success() => {
-                    if let Ok(answer) = r.json::<BeatAnswer>().await {
+                    let answer = r.json::<BeatAnswer>().await;
+                    let mut cores = cores.lock().unwrap();
+                    if let Ok(answer) = answer {
                         cores.learn(answer.cores);
                     }
                     cores.answered(index);
@@ -139,8 +158,9 @@ pub async fn heartbeats(
                 Err(e) => problems.push(format!("{core}: {e}")),
             }
         }
-        if problems.is_empty() && cores.current() != before {
-            tracing::warn!(from = %before, to = %cores.current(), "heartbeats go to another core");
+        let now = cores.lock().unwrap().current().to_string();
+        if problems.is_empty() && now != before {
+            tracing::warn!(from = %before, to = %now, "heartbeats go to another core");
         }
         match problems.is_empty() {
             false if !failing => {
@@ -148,7 +168,7 @@ pub async fn heartbeats(
                 failing = true;
             }
             true if failing => {
-                tracing::info!(core = %cores.current(), "heartbeats reach a core again");
+                tracing::info!(core = %now, "heartbeats reach a core again");
                 failing = false;
             }
             _ => {}
