@@ -646,6 +646,91 @@ async fn a_container_moves_between_an_agent_and_a_local_server() {
     assert!(remote.guest(&guest).is_none(), "the agent's copy is gone");
 }
 
+/// A container moves between platforms whose servers are agents, as a stream: the export comes
+/// from the source agent through core A as an archive, the import's disk waits in core B's
+/// uploads, and the target agent pulls it from core B; the upload is gone once imported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_streams_from_an_agent_and_the_target_agent_pulls_the_import_from_its_core() {
+    let a = TestCore::start(Opts {
+        sim_servers: 0,
+        ..agent_opts()
+    })
+    .await
+    .unwrap();
+    let b = TestCore::start(Opts {
+        sim_servers: 0,
+        ..agent_opts()
+    })
+    .await
+    .unwrap();
+    let source = sim("ex-a", Duration::ZERO);
+    let (_, url) = serve_agent("ex-a", source.clone()).await;
+    a.core.agents().add(&url).await.unwrap();
+    let target = sim("ex-b", Duration::ZERO);
+    let (agent, url) = serve_agent("ex-b", target.clone()).await;
+    agent.know_cores(Arc::new(std::sync::Mutex::new(
+        cloud48_engine::agent::CoreList::new(vec![b.url.clone()]),
+    )));
+    b.core.agents().add(&url).await.unwrap();
+    let cmd: serde_json::Value = a
+        .client
+        .post("/v1/containers", &json!({ "type": "plain" }))
+        .await
+        .unwrap();
+    let id = a.created(cmd["command_id"].as_i64().unwrap()).await;
+    let stop: serde_json::Value = a
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
+    a.ok(stop["command_id"].as_i64().unwrap()).await;
+    let guest = a.core.containers().get_by_id(id).await.unwrap().guest_id;
+    let disk = source.guest(&guest).unwrap().disk;
+
+    let file = a._dir.path().join("moving.tar");
+    let (ok, _, err) = crate::common::cli(
+        &a.url,
+        &[
+            "container",
+            "export",
+            &id.to_string(),
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, out, err) = crate::common::cli(
+        &b.url,
+        &[
+            "--json",
+            "container",
+            "import",
+            file.to_str().unwrap(),
+            "--wait",
+        ],
+    );
+    assert!(ok, "{err}");
+    let imported: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let new_id = imported["result"]["container_id"].as_i64().unwrap();
+    let c = b
+        .core
+        .containers()
+        .get_by_id(cloud48_engine::model::ContainerId(new_id))
+        .await
+        .unwrap();
+    assert_eq!(c.server.as_deref(), Some("ex-b"));
+    assert_eq!(target.guest(&c.guest_id).expect("on the agent").disk, disk);
+    assert_eq!(
+        std::fs::read_dir(b._dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
 /// Placement prefers a server whose agent reports it holds the container's image (heartbeats
 /// carry the images each agent holds), and goes by free capacity otherwise.
 #[tokio::test]

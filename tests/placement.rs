@@ -988,8 +988,8 @@ async fn export_and_import_move_a_container_between_platforms_with_its_origin() 
         .unwrap();
     a.ok(stop.command_id).await;
 
-    // Through the CLI, as an operator would.
-    let file = a._dir.path().join("export.json");
+    // Through the CLI, as an operator would: a tar archive, streamed from the server.
+    let file = a._dir.path().join("export.tar");
     let (ok, _, err) = crate::common::cli(
         &a.url,
         &[
@@ -1041,9 +1041,58 @@ async fn export_and_import_move_a_container_between_platforms_with_its_origin() 
         .unwrap()
         .disk;
     assert_eq!(src_disk, dst_disk);
+    // The upload is gone once imported.
+    let uploads = |t: &TestCore| {
+        std::fs::read_dir(t._dir.path().join("uploads"))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(uploads(&b), 0);
+    let names: Vec<String> = tar::Archive::new(std::fs::File::open(&file).unwrap())
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["cloud48-export.json", "disk"]);
 
-    // Bad input: its own export, an unknown format, a missing type.
-    let export: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    // An archive cut short, or one of another kind, is refused and leaves nothing behind.
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = a._dir.path().join("cut.tar");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1100]).unwrap();
+    let other = a._dir.path().join("other.tar");
+    let mut foreign = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(2);
+    h.set_cksum();
+    foreign.append_data(&mut h, "etc/motd", &b"hi"[..]).unwrap();
+    std::fs::write(&other, foreign.into_inner().unwrap()).unwrap();
+    let file_json = a._dir.path().join("export.json");
+    std::fs::write(&file_json, "{\"format\": 1}").unwrap();
+    for (archive, says) in [
+        (&cut, "cut short"),
+        (&other, "'etc/motd'"),
+        (&file_json, "format 1"),
+    ] {
+        let err = b
+            .client
+            .post_file::<Accepted>("/v1/containers/import", archive, "application/x-tar")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a container export archive") && err.contains(says),
+            "{err}"
+        );
+    }
+    assert_eq!(uploads(&b), 0);
+
+    // Bad input in the JSON format (1): its own export, an unknown format, a missing type.
+    let export: Value = a
+        .client
+        .get(&format!("/v1/containers/{id}/export?format=1"))
+        .await
+        .unwrap();
+    assert_eq!(export["format"], 1);
     let err = a
         .client
         .post::<_, Accepted>("/v1/containers/import", &export)

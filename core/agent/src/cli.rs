@@ -371,6 +371,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         "cloud48 agent {name}: {} driver, listening on {url}",
         agent.info().driver
     );
+    if let Some(cores) = &cores {
+        agent.know_cores(cores.clone());
+    }
     let beats = cores.map(|cores| {
         tokio::spawn(crate::heartbeats_over(
             agent.clone(),

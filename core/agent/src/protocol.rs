@@ -86,6 +86,9 @@ pub enum ImageSource {
         export: String,
         type_id: String,
     },
+    /// The importing agent pulls `GET {core}/v1/exports/{export}` from the first of its cores
+    /// that holds it (a container another platform exported, uploaded to a core).
+    Core { export: String, type_id: String },
 }
 
 /// A mutation with the id that makes its retries safe.

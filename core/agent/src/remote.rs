@@ -68,7 +68,72 @@ pub struct RemoteDriver {
 /// come from users (a platform import) must never be references: a forged one would make an
 /// agent present the fleet's token to any address.
 pub fn is_reference(image: &[u8]) -> bool {
-    image.starts_with(AGENT_IMAGE)
+    image.starts_with(AGENT_IMAGE) || image.starts_with(CORE_UPLOAD)
+}
+
+/// What stands for the disk of a container uploaded to a core (`container import` of a
+/// streamed export): the upload's id, which agents pull from their cores.
+const CORE_UPLOAD: &[u8] = b"cloud48-core-upload:";
+
+/// The image that stands for upload `id` on a core.
+pub fn core_upload(type_id: &str, id: &str) -> GuestImage {
+    let mut data = CORE_UPLOAD.to_vec();
+    data.extend_from_slice(id.as_bytes());
+    GuestImage {
+        type_id: type_id.to_string(),
+        data,
+    }
+}
+
+/// The core upload an image stands for, if it does.
+pub fn upload_of(image: &GuestImage) -> Option<&str> {
+    std::str::from_utf8(image.data.strip_prefix(CORE_UPLOAD)?).ok()
+}
+
+/// The image that refers to export `export` of the agent at `url`.
+pub fn agent_image(type_id: &str, url: &str, export: &str) -> GuestImage {
+    let mut data = AGENT_IMAGE.to_vec();
+    data.extend(serde_json::to_vec(&(url, export)).expect("serializes"));
+    GuestImage {
+        type_id: type_id.to_string(),
+        data,
+    }
+}
+
+/// The agent and export an image refers to, if it is such a reference.
+pub fn reference_of(image: &GuestImage) -> Result<Option<(String, String)>, DriverError> {
+    reference(image)
+}
+
+/// The bytes of export `export` on the agent at `url`, streamed, with their length.
+pub async fn open_export(
+    url: &str,
+    export: &str,
+    token: &str,
+) -> Result<(u64, reqwest::Response), DriverError> {
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .expect("an HTTP client without TLS builds");
+    let from = format!("{}/v1/exports/{export}", url.trim_end_matches('/'));
+    let resp = client
+        .get(&from)
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| DriverError::Unreachable {
+            server: url.to_string(),
+            message: format!("cannot read export {export}: {e}"),
+        })?;
+    let status = resp.status();
+    match resp.content_length() {
+        Some(len) if status.is_success() => Ok((len, resp)),
+        _ => Err(DriverError::Permanent(format!(
+            "the agent {url} could not give export {export} ({status}, {:?} bytes)",
+            resp.content_length()
+        ))),
+    }
 }
 
 fn reference(image: &GuestImage) -> Result<Option<(String, String)>, DriverError> {
@@ -488,15 +553,21 @@ impl Driver for RemoteDriver {
                 )));
             }
         };
-        let mut data = AGENT_IMAGE.to_vec();
-        data.extend(serde_json::to_vec(&(&self.url, export)).expect("serializes"));
-        Ok(GuestImage {
-            type_id: String::new(),
-            data,
-        })
+        Ok(agent_image("", &self.url, &export))
     }
 
     async fn import(&self, spec: &GuestSpec, image: &GuestImage) -> Result<GuestInfo, DriverError> {
+        if let Some(upload) = upload_of(image) {
+            return self
+                .guest(Op::Import {
+                    spec: spec.clone(),
+                    source: ImageSource::Core {
+                        export: upload.to_string(),
+                        type_id: spec.type_id.clone(),
+                    },
+                })
+                .await;
+        }
         let source = match reference(image)? {
             Some((url, export)) => ImageSource::Agent {
                 url,

@@ -57,6 +57,8 @@ pub struct AgentService {
     spool: Spool,
     /// The server's image store, served to peer agents (`GET /v1/images/...`).
     images: std::sync::OnceLock<Arc<cloud48_image::Store>>,
+    /// The cores this agent knows (heartbeats learn them): where `ImageSource::Core` is pulled.
+    cores: std::sync::OnceLock<crate::SharedCores>,
     client: reqwest::Client,
 }
 
@@ -87,6 +89,7 @@ impl AgentService {
             exports: Mutex::new(Vec::new()),
             spool,
             images: std::sync::OnceLock::new(),
+            cores: std::sync::OnceLock::new(),
             client: reqwest::Client::builder()
                 .connect_timeout(PULL_TIMEOUT)
                 .read_timeout(PULL_TIMEOUT)
@@ -99,6 +102,11 @@ impl AgentService {
     /// than from the core (read-only, with the fleet's token, as the core serves its own).
     pub fn serve_images(&self, store: Arc<cloud48_image::Store>) {
         let _ = self.images.set(store);
+    }
+
+    /// The cores this agent knows, where it pulls guests uploaded to a core.
+    pub fn know_cores(&self, cores: crate::SharedCores) {
+        let _ = self.cores.set(cores);
     }
 
     /// What the agent says about itself.

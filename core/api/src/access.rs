@@ -32,8 +32,9 @@ pub fn needed_role(method: &Method, path: &str) -> Role {
         {
             return Role::Operator;
         }
-        // The audit trail tells what every user did: an admin's tool.
-        if path == "/v1/audit" {
+        // The audit trail tells what every user did, an upload is a container's whole disk
+        // on its way to an agent: an admin's tools.
+        if path == "/v1/audit" || path.starts_with("/v1/exports/") {
             return Role::Admin;
         }
         return Role::Viewer;
@@ -85,9 +86,11 @@ pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next
     {
         return next.run(req).await;
     }
-    // Agents pull images with the agent token (reading only).
+    // Agents pull images, and containers uploaded for import, with the agent token (reading
+    // only).
     if (req.method() == Method::GET || req.method() == Method::HEAD)
-        && req.uri().path().starts_with("/v1/images")
+        && (req.uri().path().starts_with("/v1/images")
+            || req.uri().path().starts_with("/v1/exports/"))
         && agent_token_given(&core, req.headers())
     {
         return next.run(req).await;
@@ -325,6 +328,8 @@ mod tests {
         assert_eq!(get("/v1/containers/3"), Role::Viewer);
         assert_eq!(post("/v1/containers/3/exec"), Role::Admin);
         assert_eq!(post("/v1/servers/h1/images"), Role::Admin);
+        assert_eq!(get("/v1/exports/0123"), Role::Admin);
+        assert_eq!(Family::of("/v1/exports/0123"), None);
         assert_eq!(post("/v1/containers/3/actions"), Role::Operator);
         // Anonymous readers never read a secret, whatever families they may read.
         assert_eq!(Family::of("/v1/containers/3/secrets/mysql"), None);

@@ -13,6 +13,7 @@ mod events;
 mod images;
 mod openapi;
 mod projects;
+mod transfer;
 
 use openapi::DigestScheme;
 
@@ -32,8 +33,8 @@ pub use error::{ApiError, ApiJson, ApiQuery, ErrorBody, ErrorDetail, OptionalApi
 use cloud48_engine::auth::{Principal, Scope};
 use cloud48_engine::core::Core;
 use cloud48_engine::managers::{
-    AddContainer, ContainerCommand, ContainerExport, ContainerQuery, CreateContainer, DrainReport,
-    EnvironmentOp, PurgeReport, page_size,
+    AddContainer, ContainerCommand, ContainerQuery, CreateContainer, DrainReport, EnvironmentOp,
+    PurgeReport, page_size,
 };
 use cloud48_engine::model::*;
 use cloud48_engine::queue::CommandFilter;
@@ -71,8 +72,9 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(show_container, destroy_container))
         .routes(routes!(container_action))
         .routes(routes!(clone_environment))
-        .routes(routes!(export_container))
-        .routes(routes!(import_container))
+        .routes(routes!(transfer::export_container))
+        .routes(routes!(transfer::import_container))
+        .routes(routes!(transfer::get_upload))
         .routes(routes!(purge_containers))
         .routes(routes!(list_servers, add_server))
         .routes(routes!(cluster::show_cluster))
@@ -491,48 +493,6 @@ async fn clone_environment(
     responses((status = 200, body = PurgeReport, description = "Failed containers deleted, and those kept with the reason")))]
 async fn purge_containers(State(core): State<Core>) -> Result<Json<PurgeReport>, ApiError> {
     Ok(Json(core.containers().purge().await?))
-}
-
-#[utoipa::path(get, path = "/v1/containers/{id}/export", tag = "containers",
-    params(("id" = i64, Path, description = "Container id (stopped)")),
-    responses((status = 200, body = ContainerExport), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn export_container(
-    State(core): State<Core>,
-    Extension(who): Extension<Principal>,
-    Path(id): Path<String>,
-) -> Result<Json<ContainerExport>, ApiError> {
-    let id = parse_id("id", &id)?;
-    let export = core.containers().export(id).await?;
-    // The audit record: who took a copy of which container's disk.
-    tracing::info!(target: "cloud48::audit", user = who.audit_name(), container = %id, disk_bytes = export.disk_hex.len() / 2, "container exported");
-    Ok(Json(export))
-}
-
-/// Where an imported container goes.
-#[derive(Debug, Default, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ImportQuery {
-    /// Project (name or id); default: `default`.
-    pub project: Option<String>,
-}
-
-#[utoipa::path(post, path = "/v1/containers/import", tag = "containers", request_body = ContainerExport,
-    params(ImportQuery),
-    responses((status = 202, body = Accepted, description = "object_id is the new container"), (status = 409, body = ErrorBody, description = "Over the project's quota"), (status = 422, body = ErrorBody)))]
-async fn import_container(
-    State(core): State<Core>,
-    Extension(who): Extension<Principal>,
-    Extension(scope): Extension<Scope>,
-    ApiQuery(q): ApiQuery<ImportQuery>,
-    ApiJson(req): ApiJson<ContainerExport>,
-) -> Result<Accept, ApiError> {
-    projects::act_in(&core, &scope, q.project.as_deref()).await?;
-    let (cmd, id) = core
-        .containers()
-        .import(&req, q.project.as_deref(), who.audit_name())
-        .await?;
-    Ok(accepted(cmd, Some(id.0)))
 }
 
 /// An operation on a server.

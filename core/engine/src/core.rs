@@ -425,6 +425,7 @@ impl Core {
                 dummy_ttl: config.placement.dummy_ttl(),
                 agent_token: config.agent_token.clone(),
                 secret_key,
+                uploads: uploads_dir(&config.data_dir)?,
                 plugin_host: plugin_host.clone(),
             },
         );
@@ -801,6 +802,22 @@ impl Core {
         &self.inner.config
     }
 
+    /// A new upload: its id and its directory, made (`container import` of an archive).
+    pub fn new_upload(&self) -> Result<(String, PathBuf), CoreError> {
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let dir = self.services().upload(&id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| CoreError::Setup(format!("cannot create {}: {e}", dir.display())))?;
+        Ok((id, dir))
+    }
+
+    /// The disk of upload `id`, if `id` is an upload id (32 hex digits) and it is here.
+    pub fn upload_disk(&self, id: &str) -> Option<PathBuf> {
+        let valid = id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
+        let disk = self.services().upload(id).join(crate::export_archive::DISK);
+        (valid && disk.is_file()).then_some(disk)
+    }
+
     /// The image store.
     pub fn images(&self) -> &Arc<cloud48_image::Store> {
         &self.inner.images
@@ -924,4 +941,25 @@ async fn local_platform(db: &DatabaseConnection) -> Result<platform::Model, DbEr
     }
     .insert(db)
     .await
+}
+
+/// Where containers uploaded for import wait (`DATA/uploads/ID/disk`), made if missing;
+/// uploads left over for more than a day (an import that failed or never ran) are removed.
+fn uploads_dir(data_dir: &std::path::Path) -> Result<PathBuf, CoreError> {
+    let dir = data_dir.join("uploads");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| CoreError::Setup(format!("cannot create {}: {e}", dir.display())))?;
+    let day = std::time::Duration::from_secs(24 * 3600);
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > day);
+        if old {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(dir)
 }

@@ -14,6 +14,7 @@ pub mod config;
 pub mod core;
 pub mod entities;
 pub mod events;
+pub mod export_archive;
 pub mod fleet;
 pub mod health;
 pub mod managers;

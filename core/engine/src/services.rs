@@ -30,6 +30,7 @@ pub struct Services {
     dummy_ttl: Duration,
     agent_token: Option<Arc<str>>,
     secret_key: crate::secrets::SecretKey,
+    uploads: std::path::PathBuf,
     creates: CreateSubmitter,
     plugin_host: Arc<crate::plugins::PluginHost>,
 }
@@ -46,6 +47,8 @@ pub struct Settings {
     pub agent_token: Option<String>,
     /// The key containers' secrets derive from.
     pub secret_key: crate::secrets::SecretKey,
+    /// Where containers uploaded to this core wait for their import (`ID/disk`).
+    pub uploads: std::path::PathBuf,
     /// The WASM host of the container types.
     pub plugin_host: Arc<crate::plugins::PluginHost>,
 }
@@ -75,6 +78,7 @@ impl Services {
             dummy_ttl: settings.dummy_ttl,
             agent_token: settings.agent_token.map(Into::into),
             secret_key: settings.secret_key,
+            uploads: settings.uploads,
             creates,
             plugin_host: settings.plugin_host,
         }
@@ -133,6 +137,11 @@ impl Services {
     /// The value of secret `name` in `scope` (see `crate::secrets`).
     pub fn secret(&self, scope: crate::secrets::SecretScope, name: &str) -> String {
         self.secret_key.derive(scope, name)
+    }
+
+    /// The directory of upload `id` (a container uploaded for import: `disk` in it).
+    pub fn upload(&self, id: &str) -> std::path::PathBuf {
+        self.uploads.join(id)
     }
 
     /// Lifetime of a capacity reservation in milliseconds.

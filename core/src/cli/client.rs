@@ -151,6 +151,38 @@ impl Client {
         Ok(())
     }
 
+    /// GETs `path` and writes the body, streamed, to `to` (standard output when `None`);
+    /// returns its length.
+    pub async fn download(&self, path: &str, to: Option<&std::path::Path>) -> Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        let mut resp = self.send_raw(Method::GET, path, None).await?;
+        let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = match to {
+            Some(p) => Box::new(
+                tokio::fs::File::create(p)
+                    .await
+                    .with_context(|| format!("cannot write {}", p.display()))?,
+            ),
+            None => Box::new(tokio::io::stdout()),
+        };
+        let expected = resp.content_length();
+        let mut got = 0u64;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .with_context(|| format!("the download of {path} broke off after {got} bytes"))?
+        {
+            out.write_all(&chunk)
+                .await
+                .context("cannot write the download")?;
+            got += chunk.len() as u64;
+        }
+        out.flush().await.context("cannot write the download")?;
+        if expected.is_some_and(|n| n != got) {
+            bail!("the download of {path} broke off after {got} bytes");
+        }
+        Ok(got)
+    }
+
     /// DELETE expecting no content.
     pub async fn delete_empty(&self, path: &str) -> Result<()> {
         self.send_raw(Method::DELETE, path, None).await.map(|_| ())

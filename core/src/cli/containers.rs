@@ -286,15 +286,20 @@ pub(super) async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> R
             return Ok(());
         }
         ContainerCmd::Export { id, output } => {
-            let e: cloud48_engine::managers::ContainerExport =
-                client.get(&format!("/v1/containers/{id}/export")).await?;
-            let text = serde_json::to_string_pretty(&e)?;
+            // A tar archive, streamed from the container's server to the file.
+            let path = format!("/v1/containers/{id}/export");
             if output == "-" {
-                println!("{text}");
+                client.download(&path, None).await?;
             } else {
-                std::fs::write(&output, text).with_context(|| format!("cannot write {output}"))?;
+                let bytes = client
+                    .download(&path, Some(std::path::Path::new(&output)))
+                    .await
+                    .inspect_err(|_| {
+                        let _ = std::fs::remove_file(&output);
+                    })?;
                 eprintln!(
-                    "container {id} exported to {output}; import it on the other platform with `cloud48 container import {output}`"
+                    "container {id} exported to {output} ({} MiB); import it on the other platform with `cloud48 container import {output}`",
+                    bytes >> 20
                 );
             }
             return Ok(());
@@ -304,19 +309,41 @@ pub(super) async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> R
             project,
             wait,
         } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let export: cloud48_engine::managers::ContainerExport = serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a container export (write one with `cloud48 container export ID -o FILE`)", file.display()))?;
-            let a = client
-                .submit(
-                    &match project {
-                        Some(p) => format!("/v1/containers/import?project={}", enc(&p)),
-                        None => "/v1/containers/import".into(),
-                    },
-                    Some(&export),
+            let not_export = || {
+                format!(
+                    "{} is not a container export (write one with `cloud48 container export ID -o FILE`)",
+                    file.display()
                 )
-                .await?;
+            };
+            let mut first = [0u8; 1];
+            std::io::Read::read_exact(
+                &mut std::fs::File::open(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?,
+                &mut first,
+            )
+            .with_context(not_export)?;
+            let path = match project {
+                Some(p) => format!("/v1/containers/import?project={}", enc(&p)),
+                None => "/v1/containers/import".into(),
+            };
+            let (export, a) = if first[0] == b'{' {
+                // A format 1 export: one JSON document.
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let export: cloud48_engine::managers::ContainerExport =
+                    serde_json::from_str(&text).with_context(not_export)?;
+                let a = client.submit(&path, Some(&export)).await?;
+                (export, a)
+            } else {
+                // An archive: streamed to the core as it is.
+                let export = cloud48_engine::export_archive::describe(
+                    std::fs::File::open(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?,
+                )
+                .map_err(|e| anyhow::anyhow!("{}: {e}", not_export()))?;
+                let a: Accepted = client.post_file(&path, &file, "application/x-tar").await?;
+                (export, a)
+            };
             let what = format!(
                 "importing container {} from {} as container {}",
                 export.container_id,

@@ -87,6 +87,12 @@ impl AgentService {
                 })?;
                 d.import(spec, &GuestImage { type_id, data }).await?
             }
+            ImageSource::Core { export, .. } => {
+                if let Ok(Some(guest)) = d.status(&spec.guest_id).await {
+                    return Ok(OpOutput::Guest { guest });
+                }
+                self.import_from_cores(spec, &export, progress).await?
+            }
             ImageSource::Agent { url, export, .. } => {
                 // Imported already (a step repeated after the export was dropped): as `import`
                 // of an existing guest id, answer it.
@@ -133,6 +139,68 @@ impl AgentService {
             }
         };
         Ok(OpOutput::Guest { guest })
+    }
+
+    /// Pulls `export` from the first of this agent's cores that holds it (streamed, resumed),
+    /// then imports it.
+    async fn import_from_cores(
+        &self,
+        spec: &cloud48_driver::GuestSpec,
+        export: &str,
+        progress: &Progress,
+    ) -> Result<cloud48_driver::GuestInfo, DriverError> {
+        let cores: Vec<String> = match self.cores.get() {
+            Some(c) => c
+                .lock()
+                .unwrap()
+                .rotation()
+                .into_iter()
+                .map(|(_, u)| u)
+                .collect(),
+            None => Vec::new(),
+        };
+        if cores.is_empty() {
+            return Err(DriverError::Permanent(
+                "this agent knows no core to pull the container from (start it with --core)".into(),
+            ));
+        }
+        let path = self.spool.import(export);
+        let mut problems = Vec::new();
+        let mut pulled = false;
+        for core in &cores {
+            let got = crate::remote::pull_export(
+                &self.client,
+                core,
+                export,
+                &self.token,
+                &path,
+                |got, total| {
+                    *progress.lock().unwrap() = match total {
+                        Some(t) => format!("pulled {} of {} MiB from {core}", got >> 20, t >> 20),
+                        None => format!("pulled {} MiB from {core}", got >> 20),
+                    };
+                },
+            )
+            .await;
+            match got {
+                Ok(_) => {
+                    pulled = true;
+                    break;
+                }
+                Err(e) => problems.push(format!("{core}: {e}")),
+            }
+        }
+        let imported = if pulled {
+            *progress.lock().unwrap() = "importing".into();
+            self.driver.import_from(spec, &path).await
+        } else {
+            Err(DriverError::Permanent(format!(
+                "no core this agent knows holds upload {export}: {}",
+                problems.join("; ")
+            )))
+        };
+        let _ = tokio::fs::remove_file(&path).await;
+        imported
     }
 }
 

@@ -566,18 +566,33 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
         }
         _ => None,
     };
+    let upload = image
+        .as_ref()
+        .and_then(|i| crate::driver::remote::upload_of(i).map(String::from));
     let image = match image {
-        Some(image) => Some(usable_image(svc, driver.as_ref(), &server, image).await?),
-        None => None,
+        Some(image) if upload.is_none() => {
+            Some(usable_image(svc, driver.as_ref(), &server, image).await?)
+        }
+        other => other,
     };
     let start = params.start;
     let spec = GuestSpec {
         avoid: super::network_avoid(svc, r.server_id).await?,
         ..spec(ctx.svc, &row)
     };
-    let info = make_guest(driver.as_ref(), &spec, image.as_ref(), start)
-        .await
-        .map_err(|e| driver_err(&server, e))?;
+    let info = match &upload {
+        // A container uploaded to this core: agents pull it from their cores; a server in
+        // this process reads the file.
+        Some(id) if driver.kind() != crate::fleet::RemoteFactory::KIND => {
+            import_upload(svc, driver.as_ref(), &spec, id, start).await
+        }
+        _ => make_guest(driver.as_ref(), &spec, image.as_ref(), start).await,
+    }
+    .map_err(|e| driver_err(&server, e))?;
+    if let Some(id) = &upload {
+        // Imported: the upload is needed no more (a repeated step finds the guest made).
+        let _ = tokio::fs::remove_dir_all(svc.upload(id)).await;
+    }
     unique_address(svc, id, info.ip.as_deref()).await?;
     let status = if start {
         ContainerStatus::Running
@@ -596,6 +611,30 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
             Ok(done(id))
         })
     }))
+}
+
+/// Creates the guest of `spec` on `driver` (a server in this process) from upload `id`'s file,
+/// streamed; a guest made by an earlier run of the step, whose upload is gone, is answered.
+async fn import_upload(
+    svc: &Services,
+    driver: &dyn Driver,
+    spec: &GuestSpec,
+    id: &str,
+    start: bool,
+) -> Result<GuestInfo, crate::driver::DriverError> {
+    let disk = svc.upload(id).join("disk");
+    let info = match tokio::fs::try_exists(&disk).await {
+        Ok(true) => driver.import_from(spec, &disk).await?,
+        _ => driver.status(&spec.guest_id).await?.ok_or_else(|| {
+            crate::driver::DriverError::Permanent(format!(
+                "the uploaded container {id} is no longer on this core (uploads are kept a day); import it again"
+            ))
+        })?,
+    };
+    if start {
+        driver.start(&spec.guest_id).await?;
+    }
+    Ok(info)
 }
 
 /// Imports `image` on `target`, first pulling it from an agent if it refers to an agent's

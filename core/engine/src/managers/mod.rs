@@ -208,8 +208,24 @@ pub struct ContainerExport {
 }
 
 impl ContainerExport {
-    /// The format this core writes and reads.
+    /// The format of a whole export in JSON (`disk_hex` holds the disk).
     pub const FORMAT: u32 = 1;
+    /// The format of an export's description in an archive, its disk beside it
+    /// (`crate::export_archive`).
+    pub const STREAMED: u32 = 2;
+}
+
+/// Where an exported container's disk is.
+pub enum ExportDisk {
+    /// In hand (a server in this core's process).
+    Bytes(Vec<u8>),
+    /// An export kept by the server's agent at `url`, pulled from it as it streams on.
+    Agent {
+        /// The agent.
+        url: String,
+        /// Its export id.
+        export: String,
+    },
 }
 
 /// What `container purge` did.
