@@ -691,36 +691,8 @@ async fn an_export_streams_from_an_agent_and_the_target_agent_pulls_the_import_f
     let disk = source.guest(&guest).unwrap().disk;
 
     let file = a._dir.path().join("moving.tar");
-    let (ok, _, err) = crate::common::cli(
-        &a.url,
-        &[
-            "container",
-            "export",
-            &id.to_string(),
-            "-o",
-            file.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "{err}");
-    let (ok, out, err) = crate::common::cli(
-        &b.url,
-        &[
-            "--json",
-            "container",
-            "import",
-            file.to_str().unwrap(),
-            "--wait",
-        ],
-    );
-    assert!(ok, "{err}");
-    let imported: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let new_id = imported["result"]["container_id"].as_i64().unwrap();
-    let c = b
-        .core
-        .containers()
-        .get_by_id(cloud48_engine::model::ContainerId(new_id))
-        .await
-        .unwrap();
+    let new_id = crate::common::export_then_import(&a.url, &b.url, id, &file);
+    let c = b.core.containers().get_by_id(new_id).await.unwrap();
     assert_eq!(c.server.as_deref(), Some("ex-b"));
     assert_eq!(target.guest(&c.guest_id).expect("on the agent").disk, disk);
     assert_eq!(

@@ -423,3 +423,20 @@ pub fn noop() -> cloud48_engine::queue::NewCommand {
         requested_by: "test".into(),
     }
 }
+
+/// Moves stopped container `id` from core `from` to core `to` as an operator would: `container
+/// export ID -o FILE` there, `container import FILE --wait` here. Returns the new container.
+pub fn export_then_import(
+    from: &str,
+    to: &str,
+    id: cloud48_engine::model::ContainerId,
+    file: &std::path::Path,
+) -> cloud48_engine::model::ContainerId {
+    let file = file.to_str().unwrap();
+    let (ok, _, err) = cli(from, &["container", "export", &id.to_string(), "-o", file]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = cli(to, &["--json", "container", "import", file, "--wait"]);
+    assert!(ok, "{err}");
+    let imported: serde_json::Value = serde_json::from_str(&out).unwrap();
+    cloud48_engine::model::ContainerId(imported["result"]["container_id"].as_i64().unwrap())
+}

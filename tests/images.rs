@@ -28,6 +28,33 @@ pub fn layout(dir: &Path, name: &str, seed: u32) -> (Store, ImageSummary) {
     (store, summary)
 }
 
+/// A core that accepts the fleet's agent token, holding a one-layer image `name` imported
+/// through the CLI (the layout it came from, and its summary).
+async fn core_holding(
+    dir: &Path,
+    name: &str,
+    seed: u32,
+) -> (crate::common::ServeProcess, Store, ImageSummary) {
+    let config = dir.join("cloud48.toml");
+    std::fs::write(
+        &config,
+        format!("[agents]\ntoken = \"{}\"\n", crate::agent::TOKEN),
+    )
+    .unwrap();
+    let serve = crate::common::serve(
+        &dir.join("data"),
+        &["--config", config.to_str().unwrap(), "--anonymous", "full"],
+    )
+    .await;
+    let (source, summary) = layout(dir, name, seed);
+    let (ok, _, err) = run(
+        &serve.url,
+        &["image", "import", &source.root().display().to_string()],
+    );
+    assert!(ok, "{err}");
+    (serve, source, summary)
+}
+
 fn run(url: &str, args: &[&str]) -> (bool, String, String) {
     tokio::task::block_in_place(|| cli(url, args))
 }
@@ -323,19 +350,7 @@ async fn an_agent_pulls_an_image_from_a_peer_that_holds_it() {
     // The fleet's one token: the core's agents token, which peers accept too.
     const TOKEN: &str = crate::agent::TOKEN;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("cloud48.toml");
-    std::fs::write(&config, format!("[agents]\ntoken = \"{TOKEN}\"\n")).unwrap();
-    let serve = crate::common::serve(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap(), "--anonymous", "full"],
-    )
-    .await;
-    let (source, summary) = layout(dir.path(), "test/shared:1", 5);
-    let (ok, _, err) = run(
-        &serve.url,
-        &["image", "import", &source.root().display().to_string()],
-    );
-    assert!(ok, "{err}");
+    let (serve, source, summary) = core_holding(dir.path(), "test/shared:1", 5).await;
     let layer = source.show(summary.digest.as_str()).unwrap().layers[0].clone();
 
     // A peer agent pulled the image from the core, serves its store, and says so in its
@@ -441,19 +456,7 @@ async fn an_agent_pulls_an_image_from_the_next_core_when_one_is_down() {
     use cloud48_engine::agent::images::CoreImages;
     const TOKEN: &str = crate::agent::TOKEN;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("cloud48.toml");
-    std::fs::write(&config, format!("[agents]\ntoken = \"{TOKEN}\"\n")).unwrap();
-    let serve = crate::common::serve(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap(), "--anonymous", "full"],
-    )
-    .await;
-    let (source, summary) = layout(dir.path(), "test/failover:1", 9);
-    let (ok, _, err) = run(
-        &serve.url,
-        &["image", "import", &source.root().display().to_string()],
-    );
-    assert!(ok, "{err}");
+    let (serve, _, summary) = core_holding(dir.path(), "test/failover:1", 9).await;
     // Nothing listens at the first core; the agent learned the second from a heartbeat answer.
     let dead = format!("http://127.0.0.1:{}", crate::common::free_port());
     let cores = std::sync::Arc::new(std::sync::Mutex::new(CoreList::new(vec![dead.clone()])));

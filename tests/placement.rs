@@ -990,30 +990,7 @@ async fn export_and_import_move_a_container_between_platforms_with_its_origin() 
 
     // Through the CLI, as an operator would: a tar archive, streamed from the server.
     let file = a._dir.path().join("export.tar");
-    let (ok, _, err) = crate::common::cli(
-        &a.url,
-        &[
-            "container",
-            "export",
-            &id.to_string(),
-            "-o",
-            file.to_str().unwrap(),
-        ],
-    );
-    assert!(ok, "{err}");
-    let (ok, out, err) = crate::common::cli(
-        &b.url,
-        &[
-            "--json",
-            "container",
-            "import",
-            file.to_str().unwrap(),
-            "--wait",
-        ],
-    );
-    assert!(ok, "{err}");
-    let imported: Value = serde_json::from_str(&out).unwrap();
-    let new_id = ContainerId(imported["result"]["container_id"].as_i64().unwrap());
+    let new_id = crate::common::export_then_import(&a.url, &b.url, id, &file);
     let c = show(&b, new_id).await;
     assert_eq!(c.status, ContainerStatus::Stopped);
     let origin = c.origin.expect("the import records its origin");
