@@ -1,6 +1,8 @@
 //! Guests travel between agents as streams: a container with 1 GiB of its own files migrates
 //! from one real agent to another (each in its own network namespace) with every byte intact,
-//! while neither agent's memory grows by more than 64 MiB, and nothing stays in transit.
+//! while neither agent's memory grows by more than 64 MiB, and nothing stays in transit; then
+//! it is exported through the core as an archive and uploaded back (refused: its own
+//! platform's), leaving nothing on the core.
 //! Needs root.
 
 use std::time::Duration;
@@ -157,4 +159,48 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
             "h{host}'s spool/{dir}"
         );
     }
+
+    // Exported for another platform, the same gibibyte streams through the core into an
+    // archive (a JSON export would have held it twice over in the core's memory); uploaded
+    // back here it is read whole to the core's disk, refused (this platform's own export:
+    // clone instead) and nothing of it stays.
+    let stop: serde_json::Value = t
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
+    t.ok(stop["command_id"].as_i64().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bulk.tar");
+    let (ok, _, err) = crate::common::cli(
+        &t.url,
+        &[
+            "container",
+            "export",
+            &id.to_string(),
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    let mut archive = tar::Archive::new(std::fs::File::open(&file).unwrap());
+    let sizes: Vec<(String, u64)> = archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.path().unwrap().to_string_lossy().into_owned(), e.size())
+        })
+        .collect();
+    assert_eq!(sizes[0].0, "cloud48-export.json");
+    assert!(sizes[1].0 == "disk" && sizes[1].1 > 1 << 30, "{sizes:?}");
+    let (ok, _, err) = crate::common::cli(&t.url, &["container", "import", file.to_str().unwrap()]);
+    assert!(!ok && err.contains("container clone"), "{err}");
+    assert_eq!(
+        files_under(&t._dir.path().join("uploads")),
+        Vec::<std::path::PathBuf>::new()
+    );
 }
