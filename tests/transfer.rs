@@ -175,6 +175,7 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
     t.ok(stop["command_id"].as_i64().unwrap()).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bulk.tar");
+    let started = std::time::Instant::now();
     let (ok, _, err) = crate::common::cli(
         &t.url,
         &[
@@ -195,9 +196,17 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
             (e.path().unwrap().to_string_lossy().into_owned(), e.size())
         })
         .collect();
+    let exported = started.elapsed();
     assert_eq!(sizes[0].0, "cloud48-export.json");
     assert!(sizes[1].0 == "disk" && sizes[1].1 > 1 << 30, "{sizes:?}");
+    let started = std::time::Instant::now();
     let (ok, _, err) = crate::common::cli(&t.url, &["container", "import", file.to_str().unwrap()]);
+    eprintln!(
+        "export of {} MiB through the core: {} ms; upload back (read to disk, then refused): {} ms",
+        sizes[1].1 >> 20,
+        exported.as_millis(),
+        started.elapsed().as_millis()
+    );
     assert!(!ok && err.contains("container clone"), "{err}");
     assert_eq!(
         files_under(&t._dir.path().join("uploads")),
