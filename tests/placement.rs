@@ -1061,6 +1061,13 @@ async fn export_and_import_move_a_container_between_platforms_with_its_origin() 
             "{err}"
         );
     }
+    let err = b
+        .client
+        .post_file::<Accepted>("/v1/containers/import", &file, "text/plain")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("application/x-tar"), "{err}");
     assert_eq!(uploads(&b), 0);
 
     // Bad input in the JSON format (1): its own export, an unknown format, a missing type.

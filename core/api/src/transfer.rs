@@ -129,11 +129,20 @@ pub(crate) async fn import_container(
     req: Request,
 ) -> Result<Accept, ApiError> {
     projects::act_in(&core, &scope, q.project.as_deref()).await?;
-    let archive = req
+    let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-tar"));
+        .unwrap_or_default();
+    let archive = content_type.starts_with("application/x-tar");
+    if !archive && !content_type.starts_with("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_request",
+            "send the archive `cloud48 container export` wrote with 'Content-Type: application/x-tar' (or a format 1 JSON export with 'Content-Type: application/json')",
+            None,
+        ));
+    }
     if !archive {
         let ApiJson(export) = ApiJson::<ContainerExport>::from_request(req, &()).await?;
         let (cmd, id) = core
