@@ -210,6 +210,21 @@ async fn image_build_makes_a_debian_image_and_uploads_it() {
         ],
     );
     assert!(!ok && err.contains("no recipe at"), "{err}");
+
+    // A recipe whose step fails says which step and what it printed; no image is made.
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "name = \"test/broken\"\ncommand = [\"/bin/true\"]\nrun = [\"echo cannot go on >&2; exit 3\"]\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(&serve.url, &["image", "build", broken.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("failed") && err.contains("cannot go on"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&serve.url, &["image", "show", "test/broken"]);
+    assert!(!ok && err.contains("HTTP 404"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
