@@ -197,6 +197,11 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
         })
         .collect();
     let exported = started.elapsed();
+    // The agent's copy went once the core had sent it all.
+    assert_eq!(
+        files_under(&lab.agent_dir(2).join("spool").join("exports")),
+        Vec::<std::path::PathBuf>::new()
+    );
     assert_eq!(sizes[0].0, "cloud48-export.json");
     assert!(sizes[1].0 == "disk" && sizes[1].1 > 1 << 30, "{sizes:?}");
     let started = std::time::Instant::now();

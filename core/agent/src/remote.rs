@@ -105,6 +105,18 @@ pub fn reference_of(image: &GuestImage) -> Result<Option<(String, String)>, Driv
     reference(image)
 }
 
+/// Asks the agent at `url` to drop export `export` (read whole); one it cannot drop expires.
+pub async fn drop_export(url: &str, export: &str, token: &str) {
+    let gone = reqwest::Client::new()
+        .delete(format!("{}/v1/exports/{export}", url.trim_end_matches('/')))
+        .bearer_auth(token)
+        .send()
+        .await;
+    if let Err(e) = gone {
+        tracing::info!(%url, export, "the agent keeps its export until it expires: {e}");
+    }
+}
+
 /// The bytes of export `export` on the agent at `url`, streamed, with their length.
 pub async fn open_export(
     url: &str,

@@ -71,17 +71,20 @@ pub(crate) async fn export_container(
             futures::stream::once(async move { Ok(bytes::Bytes::from(data)) }).boxed(),
         ),
         ExportDisk::Agent { url, export } => {
-            let (size, resp) = cloud48_engine::driver::remote::open_export(
-                &url,
-                &export,
-                core.services().agent_token(),
-            )
-            .await
-            .map_err(|e| ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string(), None))?;
-            (
-                size,
-                resp.bytes_stream().map_err(std::io::Error::other).boxed(),
-            )
+            let token = core.services().agent_token().to_string();
+            let (size, resp) = cloud48_engine::driver::remote::open_export(&url, &export, &token)
+                .await
+                .map_err(|e| {
+                    ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string(), None)
+                })?;
+            // Once all of it went out, the agent's copy is needed no more (one export serves
+            // one copy; cut off, it expires on the agent).
+            let dropped = futures::stream::once(async move {
+                cloud48_engine::driver::remote::drop_export(&url, &export, &token).await;
+                Ok(bytes::Bytes::new())
+            });
+            let chunks = resp.bytes_stream().map_err(std::io::Error::other);
+            (size, chunks.chain(dropped).boxed())
         }
     };
     tracing::info!(target: "cloud48::audit", user = who.audit_name(), container = %id, disk_bytes = size, "container exported");
