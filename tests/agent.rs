@@ -48,10 +48,7 @@ pub async fn serve_agent_on(
         subnet,
         addresses,
     };
-    let spool = std::env::temp_dir().join(format!(
-        "cloud48-test-spool-{name}-{}",
-        hex::encode(rand::random::<[u8; 6]>())
-    ));
+    let spool = crate::common::scratch_dir(&format!("spool-{name}"));
     let agent = AgentService::new(driver, TOKEN, info, &spool).unwrap();
     let router = agent.router();
     tokio::spawn(async move {
@@ -568,7 +565,7 @@ async fn remote_driver_over_linux_agents_passes_the_conformance_suite() {
         bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
     };
     let failures = conformance::run(&RemoteLinuxFactory {
-        dir: tempfile::tempdir().unwrap(),
+        dir: crate::common::tempdir(),
         prefix,
     })
     .await;

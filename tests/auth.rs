@@ -244,7 +244,7 @@ impl Clock for ManualClock {
 
 #[tokio::test]
 async fn an_expired_nonce_with_right_credentials_is_answered_stale() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let db = cloud48_engine::core::connect(&cloud48_engine::CoreConfig::new(dir.path()))
         .await
         .unwrap();

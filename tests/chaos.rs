@@ -163,7 +163,7 @@ async fn kill_9_at_random_points_loses_nothing_duplicates_nothing_and_balancers_
                 .as_nanos() as u64
         });
     let mut rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed.to_le_bytes(); 4].concat());
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let data = dir.path().join("data");
     let mut serve = crate::common::serve(&data, &FLAGS).await;
     let mut client = Client::new(&serve.url);

@@ -22,7 +22,7 @@ async fn run_cli(url: String, args: Vec<&'static str>) -> (bool, String, String)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_tour_through_the_real_binary() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let serve = serve_two_sims(dir.path()).await;
     let url = serve.url.clone();
     let run = |args: Vec<&'static str>| run_cli(url.clone(), args);
@@ -172,7 +172,7 @@ async fn the_cli_says_clearly_when_no_core_answers() {
 #[test]
 fn output_into_a_closed_pipe_ends_the_command_quietly() {
     use std::os::unix::process::ExitStatusExt;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     // The reading end is gone before the command writes: like `cloud48 … | head -0`.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
@@ -190,7 +190,7 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resource_flags_fill_in_the_types_defaults_and_refuse_what_is_not_positive() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let serve = crate::common::serve(
         &dir.path().join("data"),
         &["--sim-servers", "2", "--anonymous", "full"],
@@ -231,7 +231,7 @@ async fn resource_flags_fill_in_the_types_defaults_and_refuse_what_is_not_positi
 
 #[test]
 fn user_commands_outside_a_core_directory_say_where_they_looked() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let out = std::process::Command::new(crate::common::binary())
         .args(["user", "list"])
         .current_dir(dir.path())
@@ -251,7 +251,7 @@ fn user_commands_outside_a_core_directory_say_where_they_looked() {
 /// agent starts.
 #[test]
 fn an_agent_that_runs_no_images_refuses_to_import_one() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let out = std::process::Command::new(crate::common::binary())
         .args([
             "agent",
@@ -280,7 +280,7 @@ fn an_agent_that_runs_no_images_refuses_to_import_one() {
 #[tokio::test]
 async fn an_agent_imports_images_from_files_at_start() {
     use tokio::io::AsyncBufReadExt;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let prefix = crate::linux::unique_prefix('m');
     let _sweep = crate::linux::Sweep {
         prefix: prefix.clone(),
@@ -371,7 +371,7 @@ fn completion_scripts_know_the_subcommands() {
 /// every container once, in id order; for people, a table per page.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn container_list_streams_a_list_longer_than_a_page() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let serve = serve_two_sims(dir.path()).await;
     let url = serve.url.clone();
     let run = |args: Vec<&'static str>| run_cli(url.clone(), args);

@@ -76,7 +76,7 @@ async fn a_killed_core_hands_its_duties_and_its_agents_to_another() {
     let Some(pg) = PgDb::create().await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let mut a = start_core(&pg, dir.path(), "a", &[]).await;
     let b = start_core(&pg, dir.path(), "b", &[]).await;
     let (node_a, node_b) = (node_id(dir.path(), "a"), node_id(dir.path(), "b"));
@@ -164,7 +164,7 @@ async fn a_duty_has_one_holder_until_its_lease_lapses_or_is_released() {
         return;
     };
     // The migrations create the tables.
-    let mut config = cloud48_engine::CoreConfig::new(tempfile::tempdir().unwrap().path());
+    let mut config = cloud48_engine::CoreConfig::new(crate::common::tempdir().path());
     config.database_url = Some(pg.url.clone());
     let db = cloud48_engine::core::connect(&config).await.unwrap();
     let lease = Duration::from_millis(600);
@@ -237,7 +237,7 @@ impl Runner for Gated {
 /// `Core` makes them on PostgreSQL.
 async fn who_runs_it(skew_a: i64, skew_b: i64, corrected: bool) -> Vec<String> {
     let pg = PgDb::create().await.unwrap();
-    let mut config = cloud48_engine::CoreConfig::new(tempfile::tempdir().unwrap().path());
+    let mut config = cloud48_engine::CoreConfig::new(crate::common::tempdir().path());
     config.database_url = Some(pg.url.clone());
     let db = cloud48_engine::core::connect(&config).await.unwrap();
     // Long enough that a renewal delayed by a busy machine (renewals come every third of it)
@@ -338,7 +338,7 @@ async fn three_cores_lose_nothing_when_two_are_killed_in_turn() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     let mut rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed.to_le_bytes(); 4].concat());
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let flags = ["--lease-ms", "2000", "--anonymous", "full"];
     let mut cores = Vec::new();
     for name in ["a", "b", "c"] {
@@ -447,7 +447,7 @@ async fn a_rolling_restart_of_every_core_fails_no_command() {
     let Some(pg) = PgDb::create().await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let flags = ["--lease-ms", "2000", "--anonymous", "full"];
     let mut cores = Vec::new();
     for name in ["a", "b", "c"] {

@@ -15,6 +15,55 @@ use sea_orm::{ConnectionTrait, Database};
 /// other areas' tests beside them).
 pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// This test process's own scratch directory, under which every test's files go: its
+/// temporary directories and what outlives one test (the image stores built once per run,
+/// in-process agents' spools). A test's servers may leave their guests' roots mounted (a
+/// temporary directory with a mount in it is not removed when dropped), so when the process
+/// exits everything under it is unmounted and removed; what a killed earlier run left (its
+/// process gone) is removed at the first call.
+pub fn scratch() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    fn remove(dir: &std::path::Path) {
+        let _ = cloud48_engine::driver::linux::unmount_under(dir);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    extern "C" fn remove_at_exit() {
+        if let Some(dir) = DIR.get() {
+            remove(dir);
+        }
+    }
+    DIR.get_or_init(|| {
+        const PREFIX: &str = "cloud48-it-";
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix(PREFIX)
+                && !std::path::Path::new("/proc").join(pid).exists()
+            {
+                remove(&entry.path());
+            }
+        }
+        let dir = tmp.join(format!("{PREFIX}{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // SAFETY: registers a plain function that only reads a set OnceLock.
+        unsafe { libc::atexit(remove_at_exit) };
+        dir
+    })
+}
+
+/// A temporary directory under [`scratch`], removed when dropped (or, if a mount keeps it, when
+/// the process exits).
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(scratch()).unwrap()
+}
+
+/// A new directory under [`scratch`].
+pub fn scratch_dir(tag: &str) -> std::path::PathBuf {
+    let dir = scratch().join(format!("{tag}-{}", hex::encode(rand::random::<[u8; 6]>())));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// How to build a test core.
 #[derive(Clone)]
 pub struct Opts {
@@ -163,7 +212,7 @@ impl Drop for TestCore {
 
 impl TestCore {
     pub async fn start(opts: Opts) -> Option<TestCore> {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::common::tempdir();
         let pg = if opts.postgres {
             Some(PgDb::create().await?)
         } else {

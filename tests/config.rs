@@ -12,7 +12,7 @@ fn load(
     env: &[(&str, &str)],
     flags: &[(&'static str, &str)],
 ) -> Result<Settings, String> {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let path = dir.path().join("cloud48.toml");
     if let Some(text) = file {
         std::fs::write(&path, text).unwrap();
@@ -213,7 +213,7 @@ fn run_env(args: &[&str], env: &[(&str, &str)], cwd: &Path) -> (bool, String, St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_added_with_the_cli_sign_in_with_their_role() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let data = dir.path().join("data");
     let data_s = data.to_str().unwrap().to_string();
     let (ok, _, err) = run_env(
@@ -390,7 +390,7 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
 
 #[test]
 fn config_show_through_the_binary_reports_the_file_line() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     std::fs::write(
         dir.path().join("cloud48.toml"),
         "# cloud48\n[queue]\nworkers = 12\n",

@@ -139,7 +139,7 @@ async fn the_console_works_in_chromium() {
     }
 
     let dir = playwright_dir();
-    let out = tempfile::tempdir().unwrap();
+    let out = crate::common::tempdir();
     let url = t.url.clone();
     // CONSOLE_UPDATE_SCREENSHOTS=1 rewrites the reference screenshots (after a change to the
     // pages: look at them before committing).

@@ -45,7 +45,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
         .await
         .unwrap();
     t.ok(a.command_id).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let url = t.url.clone();
     let out = tokio::task::spawn_blocking(move || {
         tool("schemathesis", "schemathesis==4.32.5")
@@ -97,7 +97,7 @@ async fn a_client_generated_from_the_document_drives_the_api_with_types() {
     })
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let ada =
         cloud48_core::cli::Client::new(&t.url).with_credentials(cloud48_core::cli::Credentials {
             user: "ada".into(),

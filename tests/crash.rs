@@ -38,7 +38,7 @@ pub(crate) fn sim_guests(data: &std::path::Path) -> Vec<(String, Vec<String>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_resume_after_kill_9_and_finish_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let data = dir.path().join("data");
     let latency = [
         "--sim-latency-ms",
@@ -142,7 +142,7 @@ async fn commands_resume_after_kill_9_and_finish_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leaking_a_dummy() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let data = dir.path().join("data");
     let flags = [
         "--sim-latency-ms",
@@ -237,7 +237,7 @@ async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leakin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let data = dir.path().join("data");
     let flags = [
         "--sim-latency-ms",
@@ -317,7 +317,7 @@ async fn assert_created_once(client: &Client, data: &std::path::Path, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_restart_exactly_once()
 {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let data = dir.path().join("data");
     // Enough workers that the creates are claimed, and run, together.
     let flags = [

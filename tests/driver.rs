@@ -206,7 +206,7 @@ async fn sim_latency_is_applied_per_operation() {
 
 #[tokio::test]
 async fn sim_state_file_survives_a_restart_and_corruption_is_an_error() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let path = dir.path().join("s.json");
     {
         let sim = SimServer::new("s", 1, capacity(), SimLatency::default())

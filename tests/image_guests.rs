@@ -36,7 +36,7 @@ pub async fn source() -> Arc<Store> {
     IMAGE
         .get_or_init(|| async {
             tokio::task::spawn_blocking(|| {
-                let dir = tempfile::tempdir().unwrap().keep();
+                let dir = crate::common::scratch_dir("images");
                 let recipe = dir.join("web.toml");
                 std::fs::write(
                     &recipe,
@@ -195,7 +195,7 @@ async fn linux_driver_running_images_passes_the_conformance_suite() {
         bridges: vec![format!("{prefix}br60"), format!("{prefix}br61")],
     };
     let factory = ImageFactory {
-        dir: tempfile::tempdir().unwrap(),
+        dir: crate::common::tempdir(),
         prefix,
         source,
         net: 60,
@@ -243,7 +243,7 @@ async fn image_containers_behind_agents_pass_the_conformance_suite() {
         bridges: vec![format!("{prefix}br62"), format!("{prefix}br63")],
     };
     let factory = RemoteImageFactory(ImageFactory {
-        dir: tempfile::tempdir().unwrap(),
+        dir: crate::common::tempdir(),
         prefix,
         source,
         net: 62,
@@ -310,7 +310,7 @@ async fn a_container_runs_its_image_on_its_own_root_and_takes_its_files_along() 
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let d = open(dir.path(), &prefix, 70, 0, source.clone()).await;
     assert!(d.capabilities().images);
 
@@ -429,7 +429,7 @@ async fn an_image_the_server_cannot_get_is_a_clear_error_and_leaves_no_container
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let d = open(dir.path(), &prefix, 80, 0, source).await;
     let mut w = web();
     w.image = Some(ImageRef {
@@ -452,7 +452,7 @@ async fn a_full_image_cache_drops_the_least_recently_used_image_no_container_run
     let source = source().await;
     // A second, tiny image beside test/web (never run: creating a container prepares it).
     let tiny = {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::common::tempdir();
         std::fs::create_dir_all(dir.path().join("srv")).unwrap();
         std::fs::write(dir.path().join("srv/tiny"), "tiny").unwrap();
         let layer = source.write_layer_from_dir(dir.path()).unwrap();
@@ -472,7 +472,7 @@ async fn a_full_image_cache_drops_the_least_recently_used_image_no_container_run
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     // One byte: every image not in use is over the bound.
     let d = open_with(dir.path(), &prefix, 90, 0, source, Some(1)).await;
     d.create(&spec("web-1", web())).await.unwrap();
@@ -542,7 +542,7 @@ async fn a_full_disk_is_a_clear_error_naming_the_image_and_leaves_nothing_half_m
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     // The server's whole data directory has room for less than the image.
     let _disk = Tmpfs::mount(&dir.path().join("server-0"), 8);
     let d = open(dir.path(), &prefix, 84, 0, source).await;

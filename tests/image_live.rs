@@ -26,7 +26,7 @@ async fn a_running_container_moves_live_with_its_memory_files_and_address() {
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br90"), format!("{prefix}br91")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let d0 = on_network(dir.path(), &prefix, 90, 0, source.clone()).await;
     let d1 = on_network(dir.path(), &prefix, 90, 1, source.clone()).await;
     assert!(
@@ -215,7 +215,7 @@ async fn container_migrate_live_and_a_live_drain_move_an_image_container_through
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br92"), format!("{prefix}br93")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let tc = TestCore::start(Opts {
         sim_servers: 1,
         agent_token: Some(crate::agent::TOKEN.into()),
@@ -367,7 +367,7 @@ async fn a_server_fetches_images_ahead_of_need_from_a_peer_or_a_file() {
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let tc = TestCore::start(Opts {
         sim_servers: 1,
         agent_token: Some(crate::agent::TOKEN.into()),

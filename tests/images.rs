@@ -65,7 +65,7 @@ fn json(out: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let serve = crate::common::serve(&dir.path().join("data"), &["--anonymous", "full"]).await;
     let url = serve.url.clone();
     let (source, summary) = layout(dir.path(), "test/app:1", 0);
@@ -184,7 +184,7 @@ async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_build_makes_a_debian_image_and_uploads_it() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let serve = crate::common::serve(&dir.path().join("data"), &["--anonymous", "full"]).await;
     let recipe = dir.path().join("hello.toml");
     std::fs::write(
@@ -229,7 +229,7 @@ async fn image_build_makes_a_debian_image_and_uploads_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_read_images_with_the_agent_token_and_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let config = dir.path().join("cloud48.toml");
     std::fs::write(&config, "[agents]\ntoken = \"agent-secret-0123456789\"\n").unwrap();
     let serve = crate::common::serve(
@@ -274,7 +274,7 @@ async fn agents_read_images_with_the_agent_token_and_nothing_else() {
 async fn an_agent_pulls_an_image_from_the_core_resuming_a_broken_off_blob() {
     use cloud48_engine::agent::images::CoreImages;
     use cloud48_engine::images::Source;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let config = dir.path().join("cloud48.toml");
     std::fs::write(&config, "[agents]\ntoken = \"agent-secret-0123456789\"\n").unwrap();
     let serve = crate::common::serve(
@@ -364,7 +364,7 @@ async fn an_agent_pulls_an_image_from_a_peer_that_holds_it() {
     use cloud48_engine::driver::Driver;
     // The fleet's one token: the core's agents token, which peers accept too.
     const TOKEN: &str = crate::agent::TOKEN;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let (serve, source, summary) = core_holding(dir.path(), "test/shared:1", 5).await;
     let layer = source.show(summary.digest.as_str()).unwrap().layers[0].clone();
 
@@ -447,7 +447,7 @@ async fn an_agent_pulls_an_image_from_a_peer_that_holds_it() {
     let url = serve.url.clone();
     let own = agent.info().url.clone();
     let err = tokio::task::spawn_blocking(move || {
-        let lonely = Store::open(tempfile::tempdir().unwrap().keep()).unwrap();
+        let lonely = Store::open(crate::common::scratch_dir("lonely")).unwrap();
         let source =
             CoreImages::new(&url, TOKEN, tokio::runtime::Handle::current()).for_agent(&own);
         lonely
@@ -470,7 +470,7 @@ async fn an_agent_pulls_an_image_from_the_next_core_when_one_is_down() {
     use cloud48_engine::agent::CoreList;
     use cloud48_engine::agent::images::CoreImages;
     const TOKEN: &str = crate::agent::TOKEN;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let (serve, _, summary) = core_holding(dir.path(), "test/failover:1", 9).await;
     // Nothing listens at the first core; the agent learned the second from a heartbeat answer.
     let dead = format!("http://127.0.0.1:{}", crate::common::free_port());

@@ -138,7 +138,7 @@ async fn linux_driver_passes_the_conformance_suite() {
         bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
     };
     let factory = LinuxFactory {
-        dir: tempfile::tempdir().unwrap(),
+        dir: crate::common::tempdir(),
         prefix,
     };
     let failures = conformance::run(&factory).await;
@@ -158,7 +158,7 @@ async fn a_linux_container_is_isolated_limited_and_serves_http() {
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0"), format!("{prefix}br1")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let d = LinuxDriver::open(config(dir.path(), &prefix, 20, 0))
         .await
         .unwrap();
@@ -363,7 +363,7 @@ async fn stop_is_graceful_then_forced() {
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let cfg = config(dir.path(), &prefix, 50, 0);
     // One main process leaves a mark when SIGTERM reaches it; the other ignores SIGTERM. Each
     // says when its trap is set, so the test does not stop it before.
@@ -415,7 +415,7 @@ async fn exec_right_after_start_sees_the_guest_s_own_directories() {
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let d = LinuxDriver::open(config(dir.path(), &prefix, 60, 0))
         .await
         .unwrap();
@@ -447,7 +447,7 @@ async fn linux_driver_refuses_what_it_cannot_do() {
         prefix: prefix.clone(),
         bridges: vec![format!("{prefix}br0")],
     };
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let cfg = config(dir.path(), &prefix, 30, 0);
     let d = LinuxDriver::open(cfg).await.unwrap();
     // A workload with no image whose program the server lacks does not start.

@@ -584,7 +584,7 @@ async fn spread_keeps_members_of_a_type_on_different_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_dummies_and_those_of_finished_commands_are_collected() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let mut config = cloud48_engine::CoreConfig::new(dir.path());
     config.sim_servers = 2;
     config.health.background = false;

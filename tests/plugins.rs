@@ -28,7 +28,7 @@ async fn install(t: &TestCore, wasm: Vec<u8>) -> anyhow::Result<PluginInfo> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_scenario_through_the_cli() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let serve = crate::common::serve(
         &dir.path().join("data"),
         &["--sim-servers", "3", "--anonymous", "full"],
@@ -378,7 +378,7 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_duplicates() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let data = dir.path().join("data");
     let flags = [
         "--sim-latency-ms",
@@ -565,7 +565,7 @@ fn run_bin(args: &[&str], cwd: &std::path::Path, env: &[(&str, &str)]) -> (bool,
 
 #[test]
 fn plugin_test_runs_scenario_files_and_fails_on_a_broken_expectation() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let balancer = format!(
         "{}/cloud48_plugin_balancer.wasm",
         cloud48_engine::plugins::TEST_PLUGINS
@@ -732,7 +732,7 @@ expect_members = ["tomcat"]
 
 #[test]
 fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let sdk = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk");
     let (ok, out, err) = run_bin(&["plugin", "new", "cache", "--sdk", sdk], dir.path(), &[]);
     assert!(ok, "{err}");
@@ -781,7 +781,7 @@ fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_plugins_are_cached_and_a_corrupt_cache_entry_is_rebuilt() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let cache = dir.path().join("cache");
     let host =
         cloud48_engine::plugins::PluginHost::new(Some(cache.clone()), Default::default()).unwrap();
@@ -828,7 +828,7 @@ fn hex_sha256(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundled_plugins_are_installed_on_the_first_start_only() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let open = || {
         let mut c = cloud48_engine::CoreConfig::new(dir.path());
         c.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));

@@ -209,7 +209,7 @@ async fn cancellation(pg: bool) {
 /// A scratch PostgreSQL database with the schema, for several queues to share.
 async fn shared_postgres() -> Option<(PgDb, sea_orm::DatabaseConnection)> {
     let pg = PgDb::create().await?;
-    let mut config = cloud48_engine::CoreConfig::new(tempfile::tempdir().unwrap().path());
+    let mut config = cloud48_engine::CoreConfig::new(crate::common::tempdir().path());
     config.database_url = Some(pg.url.clone());
     let db = cloud48_engine::core::connect(&config).await.unwrap();
     Some((pg, db))
@@ -546,7 +546,7 @@ impl Runner for Gated {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_that_claims_a_command_it_is_still_running_leaves_it_to_that_task() {
     use sea_orm::ConnectionTrait;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let db = cloud48_engine::core::connect(&cloud48_engine::CoreConfig::new(dir.path()))
         .await
         .unwrap();
@@ -737,7 +737,7 @@ on_both_databases!(
 );
 async fn writes_commit_with_the_step(pg: bool) {
     use sea_orm::ConnectionTrait;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let mut config = cloud48_engine::CoreConfig::new(dir.path());
     let _pg = match pg {
         true => {

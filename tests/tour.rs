@@ -78,7 +78,7 @@ async fn every_line_of_the_readme_tour_works_as_written() {
     assert!(steps.len() > 30, "the tour has its lines: {steps:?}");
 
     // The core as the README's first command starts it: default fleet, `./cloud48-data`.
-    let home = tempfile::tempdir().unwrap();
+    let home = crate::common::tempdir();
     let data = home.path().join("cloud48-data");
     let mut serve = ServeProcess::spawn(
         Path::new(binary()),

@@ -173,7 +173,7 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
         .await
         .unwrap();
     t.ok(stop["command_id"].as_i64().unwrap()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let file = dir.path().join("bulk.tar");
     let started = std::time::Instant::now();
     let (ok, _, err) = crate::common::cli(

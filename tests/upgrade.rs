@@ -28,7 +28,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_in_flight_in_a_database_of_the_previous_release_resume_and_finish_once() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let data = dir.path().join("data");
     copy_dir(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/v0.1-killed/data"),

@@ -45,7 +45,7 @@ pub async fn source() -> Arc<Store> {
     IMAGE
         .get_or_init(|| async {
             tokio::task::spawn_blocking(|| {
-                let dir = tempfile::tempdir().unwrap().keep();
+                let dir = crate::common::scratch_dir("vm-images");
                 let recipe = dir.join("web.toml");
                 std::fs::write(
                     &recipe,
@@ -86,7 +86,7 @@ pub async fn source() -> Arc<Store> {
 /// Writes into `store` a VM image `name` whose disk is empty (VMs can be made of it, not
 /// booted): its layer holds what a VM image's does, and its name (so each is its own image).
 fn blank_vm_image(store: &Store, name: &str) {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let made = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(dir.path().join("disk.qcow2"))
@@ -252,7 +252,7 @@ impl DriverFactory for VmFactory {
 
 pub fn factory(tag: char, net: u32, source: Arc<Store>) -> (VmFactory, VmSweep) {
     let prefix = unique_prefix(tag);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let sweep = VmSweep {
         dir: dir.path().to_path_buf(),
         prefix: prefix.clone(),

@@ -343,7 +343,7 @@ async fn a_live_migration_whose_core_is_killed_resumes_and_leaves_one_running_vm
     use cloud48_core::cli::Client;
     use cloud48_engine::images::{Builder, DEFAULT_MIRROR, Store};
     let _one = crate::common::HEAVY.lock().await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let prefix = crate::linux::unique_prefix('q');
     let _sweep = VmSweep::new(dir.path(), &prefix);
     let data = dir.path().join("core");

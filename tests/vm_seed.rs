@@ -118,7 +118,7 @@ async fn the_seed_runs_its_tomcats_in_vms_and_one_moves_live_under_load() {
     ] {
         build(&t, recipe, vm).await;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let (lp, vp) = (
         crate::linux::unique_prefix('w'),
         crate::linux::unique_prefix('v'),

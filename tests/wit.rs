@@ -583,7 +583,7 @@ async fn an_upgrade_refused_for_one_container_changes_nothing() {
 async fn an_upgrade_waits_for_commands_on_its_containers_and_survives_kill_9() {
     use cloud48_core::cli::Client;
     use cloud48_engine::model::{Command, CommandStatus};
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::common::tempdir();
     let data = dir.path().join("data");
     // Slow enough that the upgrade is seen waiting even when the machine is busy (the
     // window is the stop's time after the upgrade is claimed).

@@ -3,7 +3,7 @@
 //! agent with the linux driver and its own container subnet, routed through its LAN address.
 //!
 //! Invariants: dropping the lab kills its agents and removes every process, cgroup, namespace,
-//! interface and route it made, even after a failure; one lab exists on a machine at a time
+//! interface, route, mount and file it made, even after a failure; one lab exists on a machine at a time
 //! (they share the LAN's addresses and routes): `Lab::new` waits for an exclusive lock on a
 //! file that the lab holds until it is gone.
 
@@ -247,6 +247,11 @@ impl Drop for Lab {
             let _ = ip(&["netns", "del", &self.netns(i)]);
         }
         let _ = ip(&["link", "del", &format!("{}lan", self.prefix)]);
+        // The agents' guests' roots stay mounted when the agents are killed; unmounted, the
+        // lab's directory can be removed as it drops.
+        if let Err(e) = cloud48_engine::driver::linux::unmount_under(self.dir.path()) {
+            eprintln!("lab: {e}");
+        }
     }
 }
 

@@ -25,6 +25,9 @@ mod run_image;
 pub mod templates;
 mod wire;
 
+/// What a test or a lab that is done with a server's data directory unmounts under it.
+pub use cloud48_oci::unmount_under;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

@@ -321,6 +321,39 @@ pub fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4).is_some_and(|m| m == want))
 }
 
+/// The mount points strictly below `dir`, deepest first (as `/proc/self/mountinfo` names
+/// them; mount points with spaces or other escaped characters are skipped).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| !m.contains('\\'))
+        .map(PathBuf::from)
+        .filter(|m| m != dir && m.starts_with(dir))
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    found.dedup();
+    found
+}
+
+/// Unmounts everything mounted below `dir` (a server's data directory a test or a lab is
+/// done with: its guests' overlays would keep the directory from being removed); tries every
+/// mount and returns the first failure.
+pub fn unmount_under(dir: &Path) -> Result<(), OciError> {
+    let mut first = Ok(());
+    for m in mounts_under(dir) {
+        if let Err(e) = unmount(&m)
+            && first.is_ok()
+        {
+            first = Err(e);
+        }
+    }
+    first
+}
+
 /// Unmounts `path` (lazily, so a process still inside does not block it); nothing mounted is
 /// not an error.
 pub fn unmount(path: &Path) -> Result<(), OciError> {
@@ -342,6 +375,33 @@ pub fn unmount(path: &Path) -> Result<(), OciError> {
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    #[test]
+    fn mounts_under_a_directory_are_found_deepest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outer, inner) = (dir.path().join("a"), dir.path().join("a/b"));
+        std::fs::create_dir_all(&outer).unwrap();
+        let tmpfs = |at: &Path| {
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+                .arg(at)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "mount a tmpfs at {} (run as root)", at.display());
+        };
+        tmpfs(&outer);
+        std::fs::create_dir_all(&inner).unwrap();
+        tmpfs(&inner);
+        assert_eq!(mounts_under(dir.path()), vec![inner.clone(), outer.clone()]);
+        assert_eq!(
+            mounts_under(&inner),
+            Vec::<PathBuf>::new(),
+            "strictly below"
+        );
+        unmount_under(dir.path()).unwrap();
+        assert!(!is_mounted(&outer) && !is_mounted(&inner));
+        assert_eq!(mounts_under(dir.path()), Vec::<PathBuf>::new());
+    }
 
     fn bundle(netns: Option<PathBuf>) -> Bundle {
         Bundle {

@@ -10,7 +10,9 @@ mod criu;
 mod runc;
 mod unpack;
 
-pub use bundle::{Bundle, DEFAULT_ID_MAP, IdMap, is_mounted, mount_overlay, unmount};
+pub use bundle::{
+    Bundle, DEFAULT_ID_MAP, IdMap, is_mounted, mount_overlay, mounts_under, unmount, unmount_under,
+};
 pub use criu::criu_works;
 pub use runc::{ExecOutput, Runc, RuncState, RuncStatus};
 pub use unpack::unpack;
