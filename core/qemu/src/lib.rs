@@ -57,6 +57,8 @@ use machine::{Accel, AccelChoice, MachineModel, MachineShape, files};
 const LOG_TAIL: u64 = 64 << 10;
 /// How long a script run by `exec` may take.
 const EXEC_LIMIT: Duration = Duration::from_secs(300);
+/// How many VMs a `list` asks for their run state at once.
+const LIST_FAN_OUT: usize = 16;
 /// The line the guest init writes once its guest agent runs.
 const UP_MARKER: &str = "cloud48: up";
 
@@ -766,13 +768,18 @@ impl Driver for QemuDriver {
     }
 
     async fn list(&self) -> Result<Vec<GuestInfo>, DriverError> {
+        use futures::StreamExt;
+        // Each running VM is asked over its own QMP socket; several at once, so a list takes
+        // about as long as the slowest answer, not the sum of them.
         let records: Vec<Record> = self.guests.lock().unwrap().values().cloned().collect();
-        let mut all = Vec::with_capacity(records.len());
-        for r in records {
-            let state = self.state(&r.spec.guest_id).await;
-            all.push(self.info(&r, state));
-        }
-        Ok(all)
+        Ok(futures::stream::iter(records)
+            .map(|r| async move {
+                let state = self.state(&r.spec.guest_id).await;
+                self.info(&r, state)
+            })
+            .buffered(LIST_FAN_OUT)
+            .collect()
+            .await)
     }
 
     async fn stats(&self) -> Result<ServerStats, DriverError> {
