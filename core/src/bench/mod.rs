@@ -175,6 +175,10 @@ pub struct HooksBenchArgs {
     /// component, run through the host's conversion).
     #[arg(long, default_value = "0.2.0", value_parser = ["0.2.0", "0.1.0"])]
     pub wit: String,
+    /// Another build of the balancer (a WASM component of either WIT version) instead of the
+    /// bundled one, to compare builds of a plugin.
+    #[arg(long, value_name = "FILE", conflicts_with = "wit")]
+    pub plugin: Option<std::path::PathBuf>,
 }
 
 /// The balancer as released for WIT 0.1.0 (`tests/fixtures/wit-0.1.0`), for `bench hooks`.
@@ -188,9 +192,16 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
     use cloud48_engine::types::{ContainerType, EnvironmentView, Hook, HookContext, MemberView};
 
     let host = PluginHost::new(None, Limits::default()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let wasm = match args.wit.as_str() {
-        "0.1.0" => BALANCER_0_1_0,
-        _ => {
+    let file = match &args.plugin {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
+        }
+        None => None,
+    };
+    let wasm = match (&file, args.wit.as_str()) {
+        (Some(bytes), _) => bytes.as_slice(),
+        (None, "0.1.0") => BALANCER_0_1_0,
+        (None, _) => {
             cloud48_engine::plugins::BUNDLED
                 .iter()
                 .find(|(n, _)| *n == "balancer")
@@ -199,6 +210,7 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
         }
     };
     let plugin = std::sync::Arc::new(host.load(wasm).map_err(|e| anyhow::anyhow!("{e}"))?);
+    let wit = plugin.wit_version();
     let member = |id: i64, type_id: &str| MemberView {
         id: ContainerId(id),
         type_id: type_id.into(),
@@ -277,7 +289,7 @@ pub fn hooks(args: HooksBenchArgs) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "balancer (WIT {}) after-other-is-added ({} members): one thread median {:.1} µs, p99 {:.1} µs; {} threads: {} hooks in {:.2} s: {:.0} hooks/s",
-        args.wit,
+        wit,
         args.members,
         pct(0.5),
         pct(0.99),
