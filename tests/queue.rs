@@ -583,13 +583,9 @@ async fn a_core_that_claims_a_command_it_is_still_running_leaves_it_to_that_task
     .await
     .unwrap();
     queue.wake();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while queue.kept_in_flight() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the core claims the command again and leaves it to the task running it");
+    tokio::time::timeout(Duration::from_secs(30), queue.kept_in_flight_reaches(1))
+        .await
+        .expect("the core claims the command again and leaves it to the task running it");
     gate.add_permits(1);
     let done = queue.wait(id, Duration::from_secs(30)).await.unwrap();
     assert_eq!(done.status, CommandStatus::Succeeded);

@@ -383,6 +383,8 @@ pub(crate) struct Inner {
     sweeps: std::sync::atomic::AtomicU64,
     /// Claimed commands left to the task of this process still executing them.
     kept: std::sync::atomic::AtomicU64,
+    /// Notified each time `kept` grows.
+    kept_more: tokio::sync::Notify,
     slots: Arc<tokio::sync::Semaphore>,
     /// Commands this process is executing right now: the only ones whose leases it renews.
     in_flight: std::sync::Mutex<std::collections::HashSet<i64>>,
@@ -427,6 +429,7 @@ impl Queue {
                 grouped: Default::default(),
                 sweeps: Default::default(),
                 kept: Default::default(),
+                kept_more: tokio::sync::Notify::new(),
                 slots: Arc::new(tokio::sync::Semaphore::new(config.workers.max(1))),
                 in_flight: Default::default(),
                 runner: std::sync::OnceLock::new(),
@@ -490,6 +493,20 @@ impl Queue {
     /// that task instead of run a second time.
     pub fn kept_in_flight(&self) -> u64 {
         self.inner.kept.load(Ordering::Relaxed)
+    }
+
+    /// Returns once [`Queue::kept_in_flight`] has reached `n`.
+    pub async fn kept_in_flight_reaches(&self, n: u64) {
+        loop {
+            let more = self.inner.kept_more.notified();
+            tokio::pin!(more);
+            // Registered before the check, so an increment between the two is not missed.
+            more.as_mut().enable();
+            if self.kept_in_flight() >= n {
+                return;
+            }
+            more.await;
+        }
     }
 
     /// Tells the dispatcher that work may be waiting.

@@ -80,6 +80,7 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
                 let mine = in_flight.contains(&r.id);
                 if mine {
                     inner.kept.fetch_add(1, Ordering::Relaxed);
+                    inner.kept_more.notify_waiters();
                     tracing::warn!(command = r.id, "claimed a command this core is still executing (its lease was renewed late); the running task goes on with it");
                 }
                 !mine
