@@ -10,16 +10,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 const TOKEN: &str = "a-token-of-at-least-some-length";
 
-fn scratch(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "cloud48-agent-{tag}-{}",
-        hex::encode(rand::random::<[u8; 6]>())
-    ))
-}
-
 /// An agent over a sim server holding a stopped guest `g` whose disk is `disk`, exported;
-/// returns its URL, the export id and the agent.
-async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>) {
+/// returns its URL, the export id, the agent and the directory of its spool (removed when
+/// dropped).
+async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>, tempfile::TempDir) {
     let sim = SimServer::new(
         "s1",
         1,
@@ -58,7 +52,8 @@ async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>) {
         subnet: None,
         addresses: None,
     };
-    let agent = AgentService::new(Arc::new(sim), TOKEN, info, &scratch("spool")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentService::new(Arc::new(sim), TOKEN, info, &dir.path().join("spool")).unwrap();
     let progress: Progress = Arc::default();
     let OpOutput::Export { export, bytes } = agent.export_guest("g", &progress).await.unwrap()
     else {
@@ -67,7 +62,7 @@ async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>) {
     assert_eq!(bytes, disk.len() as u64);
     let router = agent.router();
     tokio::spawn(async move { axum::serve(listener, router).await });
-    (url, export, agent)
+    (url, export, agent, dir)
 }
 
 /// A proxy to `upstream` that cuts its first connection after `cut` bytes of the answer;
@@ -115,9 +110,9 @@ async fn a_pull_cut_off_resumes_where_it_stopped_and_gets_every_byte() {
     let disk: Vec<u8> = (0..3_000_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
         .collect();
-    let (url, export, _agent) = exported(&disk).await;
+    let (url, export, _agent, dir) = exported(&disk).await;
     let (proxy, connections) = cutting_proxy(&url, 1 << 20).await;
-    let to = scratch("pulled");
+    let to = dir.path().join("pulled");
     let mut heard = 0;
     let size = crate::remote::pull_export(
         &reqwest::Client::new(),
@@ -143,7 +138,7 @@ async fn a_pull_cut_off_resumes_where_it_stopped_and_gets_every_byte() {
 #[tokio::test]
 async fn an_export_answers_ranges_and_refuses_one_past_its_end() {
     let disk = b"0123456789".repeat(100);
-    let (url, export, _agent) = exported(&disk).await;
+    let (url, export, _agent, _dir) = exported(&disk).await;
     let client = reqwest::Client::new();
     let get = |range: &str| {
         client
