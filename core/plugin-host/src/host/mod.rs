@@ -155,7 +155,10 @@ impl PluginHost {
             // Reset the first pages of a reused slot with memset instead of returning them to
             // the kernel: page faults and TLB shootdowns dominated instantiation otherwise.
             .linear_memory_keep_resident(512 << 10)
-            .table_keep_resident(64 << 10);
+            .table_keep_resident(64 << 10)
+            // Where the kernel can say which pages a call wrote (Linux 6.7+, PAGEMAP_SCAN), only
+            // those are reset: resetting the whole resident part was a sixth of a hook's time.
+            .pagemap_scan(wasmtime::Enabled::Auto);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)
             .map_err(|e| LoadError::Invalid(format!("cannot start the WASM engine: {e}")))?;
