@@ -514,15 +514,7 @@ async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
     .await;
 
     // Meanwhile another command on the same server runs to its end, and reads answer.
-    let stop: serde_json::Value = tc
-        .client
-        .post(
-            &format!("/v1/containers/{second}/actions"),
-            &json!({ "op": "stop" }),
-        )
-        .await
-        .unwrap();
-    tc.ok(stop["command_id"].as_i64().unwrap()).await;
+    tc.act(second, json!({ "op": "stop" })).await;
     let listed: serde_json::Value = tc.client.get("/v1/containers").await.unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
     let servers: serde_json::Value = tc.client.get("/v1/servers").await.unwrap();

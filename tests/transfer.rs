@@ -164,15 +164,7 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
     // archive (a JSON export would have held it twice over in the core's memory); uploaded
     // back here it is read whole to the core's disk, refused (this platform's own export:
     // clone instead) and nothing of it stays.
-    let stop: serde_json::Value = t
-        .client
-        .post(
-            &format!("/v1/containers/{id}/actions"),
-            &json!({ "op": "stop" }),
-        )
-        .await
-        .unwrap();
-    t.ok(stop["command_id"].as_i64().unwrap()).await;
+    t.act(id, json!({ "op": "stop" })).await;
     let dir = crate::common::tempdir();
     let file = dir.path().join("bulk.tar");
     let started = std::time::Instant::now();
