@@ -466,6 +466,17 @@ async fn a_vm_that_cannot_be_had_says_why_and_leaves_nothing() {
         err.contains("waiting-forever"),
         "the console is not in the error: {err}"
     );
+    // And what the guest itself saw: its address, its workload running, nothing on 8080.
+    let inside = err
+        .split("inside the guest:")
+        .nth(1)
+        .and_then(|s| s.split("; its console").next())
+        .unwrap_or_default();
+    assert!(
+        inside.contains("eth0 10.242.") && inside.contains("workload: runs"),
+        "the guest's view is not in the error: {err}"
+    );
+    assert!(!inside.contains("8080"), "{err}");
     assert_eq!(
         d.status("vm-z").await.unwrap().map(|g| g.state),
         Some(GuestState::Stopped)

@@ -18,6 +18,17 @@ use crate::{LOG_TAIL, QemuDriver, Record, UP_MARKER, control, permanent, qemu_bi
 /// How much longer than its type declares a workload may take to become ready under TCG.
 const TCG_SLOWDOWN: u32 = 10;
 
+/// What a VM whose workload never became ready is asked (through its guest agent), so that the
+/// error tells a workload that is not running from one that listens elsewhere or a network that
+/// is not up: its addresses, whether the workload runs, the TCP ports it listens on.
+const INSIDE: &str = r#"echo "addresses: $(ip -4 -o addr show 2>&1 | awk '{printf "%s %s ", $2, $4}')"
+pid=$(cat /run/cloud48-workload.pid 2>/dev/null)
+if [ -z "$pid" ]; then echo "workload: never started"
+elif kill -0 "$pid" 2>/dev/null; then echo "workload: runs (pid $pid)"
+else echo "workload: ended"; fi
+echo "listening on tcp: $(awk 'NR > 1 && $4 == "0A" { split($2, a, ":"); print a[2] }' /proc/net/tcp /proc/net/tcp6 2>/dev/null | while read -r p; do printf '%d ' "0x$p"; done)"
+"#;
+
 impl QemuDriver {
     /// QEMU's pid for `guest` when its process runs (the pid file's process must be the QEMU
     /// of this guest's directory).
@@ -211,8 +222,13 @@ impl QemuDriver {
                 Err(why) => why,
             };
             if self.pid(guest).is_none() || Instant::now() > deadline {
+                let inside =
+                    match control::ga_exec(&qga, INSIDE, &[], Duration::from_secs(10)).await {
+                        Ok(out) => out.stdout.trim_end().replace('\n', "; "),
+                        Err(e) => format!("the guest agent could not say ({e})"),
+                    };
                 return failed(format!(
-                    "did not become ready within {window:?} under {} ({last})",
+                    "did not become ready within {window:?} under {} ({last}); inside the guest: {inside}",
                     self.accel
                 ))
                 .await;

@@ -48,9 +48,11 @@ if [ -r "$run" ]; then
   cp "$run" /run/cloud48-run
   /bin/sh /run/cloud48-run &
   echo $! > /run/cloud48-workload.pid
+  echo "cloud48: the workload runs (pid $!)"
   # Reap every child (orphans included) until the workload ends.
   while kill -0 "$(cat /run/cloud48-workload.pid)" 2>/dev/null; do wait; done
   echo "cloud48: the workload ended"
   exec /sbin/shutdown -P now
 fi
+echo "cloud48: no workload was handed in ($run is missing); the machine idles"
 while :; do wait; sleep 3600 & wait; done
