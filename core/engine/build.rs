@@ -27,6 +27,10 @@ fn build(
         .env("CARGO_PROFILE_RELEASE_DEBUG", "0")
         .env("CARGO_PROFILE_RELEASE_STRIP", "true")
         .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "3")
+        // Whole-program optimisation: a hook's code runs in a fresh instance every time, and
+        // `bench hooks` measured a 0.2.0 hook about 4 % faster with it.
+        .env("CARGO_PROFILE_RELEASE_LTO", "true")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
         // A small shadow stack keeps a plugin's memory (reset between hook calls) small.
         .env(
             "CARGO_TARGET_WASM32_WASIP2_RUSTFLAGS",

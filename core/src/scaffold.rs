@@ -38,6 +38,12 @@ crate-type = ["cdylib", "rlib"]
 cloud48-sdk = { path = "{{sdk}}" }
 serde = { version = "1", features = ["derive"] }
 serde_json = "1"
+
+# Every hook runs in a fresh instance: whole-program-optimised code runs it faster.
+[profile.release]
+opt-level = 3
+lto = true
+codegen-units = 1
 "#;
 
 const TOOLCHAIN: &str = r#"[toolchain]

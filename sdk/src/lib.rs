@@ -54,6 +54,9 @@ pub mod testing;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+// Without the global allocator only its arithmetic is used (by its tests).
+#[cfg_attr(not(all(target_arch = "wasm32", feature = "arena")), allow(dead_code))]
+mod arena;
 mod builders;
 mod export;
 mod types;
