@@ -5,7 +5,7 @@ use crate::bindings::cloud48::container::host;
 use crate::bindings::cloud48::container::types as wit;
 use crate::bindings::exports::cloud48::container::hooks::Guest;
 use crate::{
-    Action, AddRequest, Check, ContainerType, Context, DownCause, Endpoint, Environment,
+    Action, AddRequest, Check, ContainerType, Context, DownCause, Endpoint, EnvParams, Environment,
     ExecRequest, ExecResult, HookError, HookResult, Member, Metadata, Outcome, ParamKind, Protocol,
     Resources, Status, Verdict, Workload,
 };
@@ -105,7 +105,7 @@ impl From<wit::Context> for Context {
                 id: c.environment.id,
                 name: c.environment.name,
                 members: c.environment.members.into_iter().map(Into::into).collect(),
-                params: host::environment_params().into_iter().collect(),
+                params: EnvParams::fetched_by(host::environment_params),
             },
             state: c.state,
         }

@@ -64,9 +64,9 @@ mod types;
 #[doc(hidden)]
 pub use export::Export;
 pub use types::{
-    Action, AddRequest, Check, Context, DownCause, Endpoint, Environment, ExecRequest, ExecResult,
-    HookError, HookResult, Image, Level, Member, Metadata, Outcome, ParamKind, ParamSpec,
-    Placement, Protocol, Readiness, Resources, Status, Verdict, Volume, Workload,
+    Action, AddRequest, Check, Context, DownCause, Endpoint, EnvParams, Environment, ExecRequest,
+    ExecResult, HookError, HookResult, Image, Level, Member, Metadata, Outcome, ParamKind,
+    ParamSpec, Placement, Protocol, Readiness, Resources, Status, Verdict, Volume, Workload,
 };
 
 /// The version of the WIT contract this SDK builds plugins for.

@@ -57,8 +57,62 @@ pub struct Environment {
     pub name: String,
     /// The members, without the container the hook runs for.
     pub members: Vec<Member>,
-    /// The environment's parameters (read-only).
-    pub params: BTreeMap<String, String>,
+    /// The environment's parameters (read-only), asked of the core when first read.
+    pub params: EnvParams,
+}
+
+/// An environment's parameters: a read-only map, fetched from the core only when a hook first
+/// reads it (most hooks do not, and every hook runs in a fresh instance).
+pub struct EnvParams {
+    map: std::cell::OnceCell<BTreeMap<String, String>>,
+    fetch: fn() -> Vec<(String, String)>,
+}
+
+impl EnvParams {
+    /// Parameters that `fetch` gives when first read.
+    pub(crate) fn fetched_by(fetch: fn() -> Vec<(String, String)>) -> EnvParams {
+        EnvParams {
+            map: std::cell::OnceCell::new(),
+            fetch,
+        }
+    }
+}
+
+impl std::ops::Deref for EnvParams {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &BTreeMap<String, String> {
+        self.map
+            .get_or_init(|| (self.fetch)().into_iter().collect())
+    }
+}
+
+impl From<BTreeMap<String, String>> for EnvParams {
+    fn from(map: BTreeMap<String, String>) -> EnvParams {
+        EnvParams {
+            map: map.into(),
+            fetch: Vec::new,
+        }
+    }
+}
+
+impl Clone for EnvParams {
+    fn clone(&self) -> EnvParams {
+        EnvParams::from((**self).clone())
+    }
+}
+
+impl PartialEq for EnvParams {
+    fn eq(&self, other: &EnvParams) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for EnvParams {}
+
+impl std::fmt::Debug for EnvParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
 }
 
 /// What a hook sees: its container, the environment and the container's state.
@@ -342,4 +396,30 @@ pub struct Metadata {
     pub workload: Workload,
     /// The parameters its containers take.
     pub params: Vec<ParamSpec>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static FETCHES: AtomicUsize = AtomicUsize::new(0);
+
+    fn fetch() -> Vec<(String, String)> {
+        FETCHES.fetch_add(1, Ordering::SeqCst);
+        vec![("zone".into(), "eu".into())]
+    }
+
+    #[test]
+    fn environment_params_are_asked_for_once_when_first_read() {
+        let params = EnvParams::fetched_by(fetch);
+        assert_eq!(FETCHES.load(Ordering::SeqCst), 0, "not before they are read");
+        assert_eq!(params.get("zone").map(String::as_str), Some("eu"));
+        assert_eq!(params.len(), 1);
+        assert_eq!(FETCHES.load(Ordering::SeqCst), 1, "once");
+        let copy = params.clone();
+        assert_eq!(copy, params);
+        assert_eq!(format!("{copy:?}"), r#"{"zone": "eu"}"#);
+        assert_eq!(FETCHES.load(Ordering::SeqCst), 1);
+    }
 }

@@ -202,7 +202,7 @@ impl<H: Hooks> Platform<H> {
                 id: self.env.0,
                 name: self.env.1.clone(),
                 members: self.members().into_iter().filter(|m| m.id != id).collect(),
-                params: self.env_params.clone(),
+                params: self.env_params.clone().into(),
             },
             state,
         }
