@@ -258,7 +258,7 @@ fn views(ctx: &Context) -> (MemberView, EnvironmentView) {
         id: ctx.environment.id,
         name: ctx.environment.name.clone(),
         members: ctx.environment.members.iter().map(view).collect(),
-        params: ctx.environment.params.clone(),
+        params: (*ctx.environment.params).clone(),
     };
     (view(&ctx.container), env)
 }
