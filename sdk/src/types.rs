@@ -413,7 +413,11 @@ mod tests {
     #[test]
     fn environment_params_are_asked_for_once_when_first_read() {
         let params = EnvParams::fetched_by(fetch);
-        assert_eq!(FETCHES.load(Ordering::SeqCst), 0, "not before they are read");
+        assert_eq!(
+            FETCHES.load(Ordering::SeqCst),
+            0,
+            "not before they are read"
+        );
         assert_eq!(params.get("zone").map(String::as_str), Some("eu"));
         assert_eq!(params.len(), 1);
         assert_eq!(FETCHES.load(Ordering::SeqCst), 1, "once");
