@@ -56,13 +56,30 @@ async fn memory_until(d: &dyn Driver, guest: &str, what: &str, ok: impl Fn(u64) 
 
 /// Creates and starts `guest` with one vCPU and 256 MiB.
 async fn boot_small(d: &dyn Driver, guest: &str) {
+    try_boot_small(d, guest).await.unwrap();
+}
+
+async fn try_boot_small(d: &dyn Driver, guest: &str) -> Result<(), DriverError> {
     d.create(&GuestSpec {
         resources: res(1000, 256),
         ..spec(guest, web_vm())
     })
-    .await
-    .unwrap();
-    d.start(guest).await.unwrap();
+    .await?;
+    d.start(guest).await
+}
+
+/// `boot_small` on a server that lets VMs grow. Under TCG such a boot has once, in CI, come up
+/// with its workload never answering (seen in about one run in thirty, not reproduced since;
+/// the error now says what the guest saw): it gets a second try, as this test is about growing
+/// a VM that runs. Both failures are reported when the second fails too.
+async fn boot_growable(d: &dyn Driver, guest: &str) {
+    if let Err(first) = try_boot_small(d, guest).await {
+        eprintln!("the first boot of {guest} failed, trying once more: {first}");
+        d.destroy(guest).await.unwrap();
+        if let Err(again) = try_boot_small(d, guest).await {
+            panic!("{guest} did not boot twice: {first}\nthen: {again}");
+        }
+    }
 }
 
 async fn resources(d: &dyn Driver, guest: &str) -> Resources {
@@ -76,7 +93,7 @@ async fn a_running_vm_grows_and_shrinks_in_place_where_its_server_lets_it() {
     let mut growing = same_network(&f, 90, 0);
     growing.grow_live = true;
     let d0 = QemuDriver::open(growing).await.unwrap();
-    boot_small(&d0, "vm-r").await;
+    boot_growable(&d0, "vm-r").await;
     let (cpus, booted) = seen(&d0, "vm-r").await;
     assert_eq!(cpus, 1);
 
