@@ -10,6 +10,7 @@ use cloud48_engine::driver::conformance::{self, DriverFactory};
 use cloud48_engine::driver::remote::{RemoteDriver, RemoteTimeouts};
 use cloud48_engine::driver::sim::{SimLatency, SimServer};
 use cloud48_engine::driver::{Driver, DriverError, GuestSpec};
+use cloud48_engine::managers::ContainerCommand;
 use cloud48_engine::model::{Resources, ServerStatus};
 use serde_json::json;
 
@@ -514,7 +515,8 @@ async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
     .await;
 
     // Meanwhile another command on the same server runs to its end, and reads answer.
-    tc.act(second, json!({ "op": "stop" })).await;
+    tc.ok(crate::container::act(&tc, second, ContainerCommand::Stop {}).await)
+        .await;
     let listed: serde_json::Value = tc.client.get("/v1/containers").await.unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
     let servers: serde_json::Value = tc.client.get("/v1/servers").await.unwrap();

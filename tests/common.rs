@@ -303,17 +303,6 @@ impl TestCore {
         cmd
     }
 
-    /// Runs action `op` (a JSON body of `POST /v1/containers/{id}/actions`) on container `id`
-    /// and waits for it to succeed.
-    pub async fn act(&self, id: ContainerId, op: serde_json::Value) -> Command {
-        let accepted: serde_json::Value = self
-            .client
-            .post(&format!("/v1/containers/{id}/actions"), &op)
-            .await
-            .unwrap();
-        self.ok(accepted["command_id"].as_i64().unwrap()).await
-    }
-
     /// Id of the container created by a finished command.
     pub async fn created(&self, id: impl IntoCommandId) -> ContainerId {
         ContainerId(

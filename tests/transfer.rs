@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use cloud48_engine::managers::ContainerCommand;
 use cloud48_engine::model::{CommandId, CommandStatus, ContainerId};
 use serde_json::json;
 
@@ -164,7 +165,8 @@ async fn a_container_with_a_gibibyte_of_files_migrates_as_a_stream_in_bounded_me
     // archive (a JSON export would have held it twice over in the core's memory); uploaded
     // back here it is read whole to the core's disk, refused (this platform's own export:
     // clone instead) and nothing of it stays.
-    t.act(id, json!({ "op": "stop" })).await;
+    t.ok(crate::container::act(&t, id, ContainerCommand::Stop {}).await)
+        .await;
     let dir = crate::common::tempdir();
     let file = dir.path().join("bulk.tar");
     let started = std::time::Instant::now();
