@@ -58,11 +58,16 @@ impl Bump {
         })
     }
 
-    /// Gives back `size` bytes at `addr`: only the last allocation can be taken back.
-    pub(crate) fn give_back(&mut self, addr: usize, size: usize) {
+    /// Gives back `size` bytes at `addr` if this region handed them out (only the last
+    /// allocation is taken back for reuse); false when `addr` is not the region's.
+    pub(crate) fn give_back(&mut self, addr: usize, size: usize) -> bool {
+        if !self.owns(addr) {
+            return false;
+        }
         if addr + size == self.next {
             self.next = addr;
         }
+        true
     }
 
     /// Grows or shrinks the allocation at `addr` from `old` to `new` bytes in place, which
@@ -129,10 +134,7 @@ mod global {
         }
 
         unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            let addr = ptr as usize;
-            if self.with(|b| b.owns(addr)) {
-                self.with(|b| b.give_back(addr, layout.size()));
-            } else {
+            if !self.with(|b| b.give_back(ptr as usize, layout.size())) {
                 // SAFETY: not the arena's, so the standard allocator's, with its layout.
                 unsafe { System.dealloc(ptr, layout) }
             }
@@ -140,12 +142,14 @@ mod global {
 
         unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
             let addr = ptr as usize;
-            if !self.with(|b| b.owns(addr)) {
+            match self.with(|b| {
+                b.owns(addr)
+                    .then(|| b.resize_in_place(addr, layout.size(), new_size))
+            }) {
                 // SAFETY: the standard allocator's block, with the caller's arguments.
-                return unsafe { System.realloc(ptr, layout, new_size) };
-            }
-            if self.with(|b| b.resize_in_place(addr, layout.size(), new_size)) {
-                return ptr;
+                None => return unsafe { System.realloc(ptr, layout, new_size) },
+                Some(true) => return ptr,
+                Some(false) => {}
             }
             // SAFETY: the new layout keeps the old alignment (GlobalAlloc::realloc's contract
             // makes it valid); both blocks are live for the copied length.
@@ -184,13 +188,17 @@ mod tests {
         let mut b = Bump::new(0x100, 64);
         let first = b.take(16, 8).unwrap();
         let second = b.take(16, 8).unwrap();
-        b.give_back(first, 16);
+        assert!(b.give_back(first, 16));
         assert_eq!(b.take(8, 8), Some(second + 16), "the first stays taken");
         let third = second + 16;
         assert!(b.resize_in_place(third, 8, 32), "the last grows in place");
         assert!(!b.resize_in_place(second, 16, 24), "not the last");
         assert!(!b.resize_in_place(third, 32, 64), "past the end");
-        b.give_back(third, 32);
+        assert!(b.give_back(third, 32));
         assert_eq!(b.take(32, 1), Some(third), "the last was given back");
+        assert!(
+            !b.give_back(0x40, 8),
+            "not the region's: the standard allocator's"
+        );
     }
 }
