@@ -68,10 +68,10 @@ async fn try_boot_small(d: &dyn Driver, guest: &str) -> Result<(), DriverError> 
     d.start(guest).await
 }
 
-/// `boot_small` on a server that lets VMs grow. Under TCG such a boot has once, in CI, come up
-/// with its workload never answering (seen in about one run in thirty, not reproduced since;
-/// the error now says what the guest saw): it gets a second try, as this test is about growing
-/// a VM that runs. Both failures are reported when the second fails too.
+/// `boot_small` on a server that lets VMs grow. Once, in CI, such a boot under TCG came up with
+/// its workload never answering; its cause is not known (not reproduced in 80 boots since; the
+/// error now says what the guest saw). A workaround, not a fix: it gets a second try, as this
+/// test is about growing a VM that runs, and both failures are reported if the second fails.
 async fn boot_growable(d: &dyn Driver, guest: &str) {
     if let Err(first) = try_boot_small(d, guest).await {
         eprintln!("the first boot of {guest} failed, trying once more: {first}");
