@@ -1,6 +1,7 @@
 //! The triggers that append a row to `events` for every status change of a command,
 //! container, server or environment (`m0013_events` made them; `m0016_projects` made them
-//! again to fill each event's project). Shared so that both make them from one description.
+//! again to fill each event's project; `m0021_postgres_writes` made them per statement on
+//! PostgreSQL). Shared so that all make them from one description.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
@@ -146,7 +147,69 @@ pub(crate) async fn create(manager: &SchemaManager<'_>, project: bool) -> Result
     Ok(())
 }
 
-/// Drops the triggers (and on PostgreSQL their functions).
+/// On PostgreSQL, makes the triggers again as statement triggers over transition tables (each
+/// with its row's project): one `INSERT … SELECT` per statement that inserts or updates rows,
+/// instead of a PL/pgSQL call per row. An update's events are the rows whose watched columns
+/// changed, in id order. The triggers must have been dropped (`drop`) before.
+pub(crate) async fn create_per_statement(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    let now = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+    for s in &SOURCES {
+        // The row expressions read `n`, the transition table's row, where the row triggers
+        // read `NEW`.
+        // Inside `EXECUTE '…'` (planned at each call, for the size of its transition
+        // tables: a plan cached for a one-row statement would join five hundred rows in a
+        // nested loop), quotes are doubled.
+        let insert = s
+            .insert(now, true)
+            .replace("NEW.", "n.")
+            .replace('\'', "''");
+        let (head, values) = insert
+            .split_once(" VALUES (")
+            .expect("an insert has VALUES");
+        let values = values.strip_suffix(')').expect("VALUES end with )");
+        let changed = s
+            .changed("IS DISTINCT FROM")
+            .replace("OLD.", "o.")
+            .replace("NEW.", "n.")
+            .replace('\'', "''");
+        let statements = [
+            format!(
+                "CREATE FUNCTION events_of_{t}_inserted() RETURNS trigger LANGUAGE plpgsql \
+                 AS $$ BEGIN EXECUTE '{head} SELECT {values} FROM new_rows n ORDER BY n.id'; \
+                 RETURN NULL; END $$",
+                t = s.table
+            ),
+            format!(
+                "CREATE FUNCTION events_of_{t}_updated() RETURNS trigger LANGUAGE plpgsql \
+                 AS $$ BEGIN EXECUTE '{head} SELECT {values} FROM new_rows n \
+                 JOIN old_rows o ON o.id = n.id WHERE {changed} ORDER BY n.id'; \
+                 RETURN NULL; END $$",
+                t = s.table
+            ),
+            format!(
+                "CREATE TRIGGER events_{t}_insert AFTER INSERT ON {t} \
+                 REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT \
+                 EXECUTE FUNCTION events_of_{t}_inserted()",
+                t = s.table
+            ),
+            // A statement trigger with transition tables cannot name columns (`UPDATE OF`):
+            // every update runs it, and the join keeps the rows whose watched columns changed.
+            format!(
+                "CREATE TRIGGER events_{t}_update AFTER UPDATE ON {t} \
+                 REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT \
+                 EXECUTE FUNCTION events_of_{t}_updated()",
+                t = s.table
+            ),
+        ];
+        for sql in statements {
+            db.execute_unprepared(&sql).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Drops the triggers (and on PostgreSQL their functions, row or statement).
 pub(crate) async fn drop(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     let db = manager.get_connection();
     for s in &SOURCES {
@@ -162,8 +225,13 @@ pub(crate) async fn drop(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
             .await?;
         }
         if manager.get_database_backend() != DatabaseBackend::Sqlite {
-            db.execute_unprepared(&format!("DROP FUNCTION IF EXISTS events_of_{}()", s.table))
+            for suffix in ["", "_inserted", "_updated"] {
+                db.execute_unprepared(&format!(
+                    "DROP FUNCTION IF EXISTS events_of_{}{suffix}()",
+                    s.table
+                ))
                 .await?;
+            }
         }
     }
     Ok(())

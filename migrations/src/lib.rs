@@ -27,6 +27,7 @@ mod m0017_cluster;
 mod m0018_illegal_index;
 mod m0019_server_addresses;
 mod m0020_platform_secret;
+mod m0021_postgres_writes;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -55,6 +56,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0018_illegal_index::Migration),
             Box::new(m0019_server_addresses::Migration),
             Box::new(m0020_platform_secret::Migration),
+            Box::new(m0021_postgres_writes::Migration),
         ]
     }
 }

@@ -1,6 +1,6 @@
 //! Group commit of single container creates. Concurrent `container create` requests are
-//! written together: one transaction of five statements (begin, insert the containers, give
-//! them their guest ids, insert their commands, commit) for every request waiting when the
+//! written together: one transaction of a few statements (`managers::insert_creates`: the
+//! containers and their commands, each row written once on PostgreSQL) for every request waiting when the
 //! previous write ended, instead of one such transaction each. Under light load a request is
 //! written alone, at once; under heavy load the requests that arrive during one write share the
 //! next, so the database connection (SQLite has one, which the dispatcher also needs) is held
@@ -12,15 +12,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use sea_orm::{
-    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryTrait,
-};
-use sea_orm::{TransactionTrait, Value};
+use sea_orm::{DatabaseConnection, DbErr, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::entities::container;
 use crate::model::{CommandId, CommandKind};
-use crate::queue::{NewCommand, Queue, Target, store};
+use crate::queue::{NewCommand, Queue, Target};
 
 /// Most requests written in one transaction.
 const MAX_GROUP: usize = 500;
@@ -130,38 +127,31 @@ async fn write(
     platform: &str,
     rows: Vec<(container::ActiveModel, (Option<i64>, String))>,
 ) -> Result<Vec<(CommandId, i64)>, DbErr> {
-    let n = rows.len();
     let (containers, commands): (Vec<_>, Vec<_>) = rows.into_iter().unzip();
-    let backend = db.get_database_backend();
-    let mut insert = container::Entity::insert_many(containers).build(backend);
-    if backend != DatabaseBackend::Sqlite {
-        insert.sql.push_str(" RETURNING id");
-    }
     let txn = db.begin().await?;
-    let ids = store::inserted_ids(&txn, insert, n).await?;
-    // Guest ids in the format of `managers::guest_id_for`, in one statement.
-    let (set, mut values) = store::ids_in(&txn, "id", ids.iter().copied(), 2);
-    values.insert(0, Value::from(crate::managers::guest_id_prefix(platform)));
-    txn.execute_raw(store::sql(
+    let pairs = crate::managers::insert_creates(
         &txn,
-        &format!("UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE {set}"),
-        values,
-    ))
+        queue,
+        platform,
+        containers,
+        |i, id| {
+            let (server_id, requested_by) = &commands[i];
+            NewCommand {
+                project: None,
+                kind: CommandKind::ContainerCreate,
+                target: Some(Target::Container(id)),
+                params: crate::commands::params::to_value(crate::commands::params::Create::on(
+                    *server_id,
+                )),
+                requested_by: requested_by.clone(),
+            }
+        },
+        false,
+    )
     .await?;
-    let commands = ids
-        .iter()
-        .zip(commands)
-        .map(|(id, (server_id, requested_by))| NewCommand {
-            project: None,
-            kind: CommandKind::ContainerCreate,
-            target: Some(Target::Container(*id)),
-            params: crate::commands::params::to_value(crate::commands::params::Create::on(
-                server_id,
-            )),
-            requested_by,
-        })
-        .collect();
-    let command_ids = queue.enqueue_in(&txn, commands, None).await?;
     txn.commit().await?;
-    Ok(command_ids.into_iter().map(CommandId).zip(ids).collect())
+    Ok(pairs
+        .into_iter()
+        .map(|(container, command)| (CommandId(command), container))
+        .collect())
 }

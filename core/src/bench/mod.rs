@@ -503,36 +503,26 @@ async fn submit_creates(
     rows: Vec<cloud48_engine::entities::container::ActiveModel>,
 ) -> Result<()> {
     use cloud48_engine::queue::Target;
-    use sea_orm::EntityTrait;
     let txn = core.db().begin().await?;
-    // Without RETURNING: the ids are read back as one row below.
-    cloud48_engine::entities::container::Entity::insert_many(rows)
-        .exec_without_returning(&txn)
-        .await?;
-    let ids: Vec<(i64,)> = cloud48_engine::queue::store::json_rows(
+    // Each container is named and locked by its create from the start (a create made by the
+    // manager takes its lock when it first runs).
+    cloud48_engine::managers::insert_creates(
         &txn,
-        "id",
-        "containers WHERE guest_id = ''",
-        vec![],
-    )
-    .await?;
-    let commands = ids
-        .iter()
-        .map(|(id,)| NewCommand {
+        core.queue(),
+        core.platform_name(),
+        rows,
+        |_, id| NewCommand {
             project: None,
             kind: cloud48_engine::model::CommandKind::ContainerCreate,
-            target: Some(Target::Container(*id)),
+            target: Some(Target::Container(id)),
             params: cloud48_engine::commands::params::to_value(
                 cloud48_engine::commands::params::Create::on(None),
             ),
             requested_by: "bench".into(),
-        })
-        .collect();
-    let command_ids = core.queue().enqueue_in(&txn, commands, None).await?;
-    // Each container gets its guest id and is locked by its create from the start, in one
-    // statement (a create made by the manager takes its lock when it first runs).
-    let pairs: Vec<(i64, i64)> = ids.iter().map(|(id,)| *id).zip(command_ids).collect();
-    cloud48_engine::managers::name_and_lock(&txn, core.platform_name(), &pairs).await?;
+        },
+        true,
+    )
+    .await?;
     txn.commit().await?;
     core.queue().wake();
     Ok(())

@@ -358,9 +358,82 @@ pub(crate) fn guest_id_prefix(platform: &str) -> String {
     format!("{platform}-c")
 }
 
+/// Persists new containers (`rows`, made by [`creating_row`]) and a create command for each
+/// (`command(index in rows, container id)`): every container named by its id ([`guest_id_for`]) and, with
+/// `lock`, locked by its create from the start. On PostgreSQL the ids are drawn from the
+/// sequences first, so every row is written once, whole; on SQLite the containers are named
+/// (and locked) by an update after the inserts. Returns (container, command) pairs in the order
+/// of `rows`. Database work only: run it in the submission's transaction.
+pub async fn insert_creates<C: ConnectionTrait>(
+    conn: &C,
+    queue: &crate::queue::Queue,
+    platform: &str,
+    mut rows: Vec<container::ActiveModel>,
+    command: impl Fn(usize, i64) -> NewCommand,
+    lock: bool,
+) -> Result<Vec<(i64, i64)>, sea_orm::DbErr> {
+    use crate::queue::store;
+    let n = rows.len();
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    // A create's project is its container's: given, so no statement looks it up per row.
+    let projects: Vec<Option<i64>> = rows.iter().map(|r| r.project_id.clone().take()).collect();
+    let command = |i: usize, id: i64| {
+        let mut c = command(i, id);
+        c.project = c.project.or(projects[i]);
+        c
+    };
+    if let Some(drawn) = store::next_ids(conn, &["containers", "commands"], n).await? {
+        let (ids, numbers) = (&drawn[0], &drawn[1]);
+        for ((row, id), number) in rows.iter_mut().zip(ids).zip(numbers) {
+            row.id = Set(*id);
+            row.guest_id = Set(guest_id_for(platform, *id));
+            row.locked_by = Set(lock.then_some(*number));
+        }
+        container::Entity::insert_many(rows)
+            .exec_without_returning(conn)
+            .await?;
+        let commands = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| command(i, *id))
+            .collect();
+        queue.enqueue_numbered(conn, commands, numbers).await?;
+        return Ok(ids.iter().copied().zip(numbers.iter().copied()).collect());
+    }
+    let backend = conn.get_database_backend();
+    let mut insert = sea_orm::QueryTrait::build(&container::Entity::insert_many(rows), backend);
+    if backend != sea_orm::DatabaseBackend::Sqlite {
+        insert.sql.push_str(" RETURNING id");
+    }
+    let ids = store::inserted_ids(conn, insert, n).await?;
+    let commands = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| command(i, *id))
+        .collect();
+    let numbers = queue.enqueue_in(conn, commands, None).await?;
+    let pairs: Vec<(i64, i64)> = ids.into_iter().zip(numbers).collect();
+    if lock {
+        name_and_lock(conn, platform, &pairs).await?;
+    } else {
+        // Guest ids in the format of `guest_id_for`, in one statement.
+        let (set, mut values) = store::ids_in(conn, "id", pairs.iter().map(|p| p.0), 2);
+        values.insert(0, sea_orm::Value::from(guest_id_prefix(platform)));
+        conn.execute_raw(store::sql(
+            conn,
+            &format!("UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE {set}"),
+            values,
+        ))
+        .await?;
+    }
+    Ok(pairs)
+}
+
 /// Gives new containers their guest ids and locks each for the command that creates it
 /// (`(container, command)` pairs of a bulk submission), one statement per 300 containers.
-pub async fn name_and_lock<C: sea_orm::ConnectionTrait>(
+pub(crate) async fn name_and_lock<C: sea_orm::ConnectionTrait>(
     conn: &C,
     platform: &str,
     pairs: &[(i64, i64)],

@@ -466,12 +466,23 @@ impl Queue {
         commands: Vec<NewCommand>,
         parent: Option<i64>,
     ) -> Result<Vec<i64>, DbErr> {
-        store::insert(conn, &commands, parent, self.now_ms()).await
+        store::insert(conn, &commands, parent, self.now_ms(), None).await
+    }
+
+    /// Like `enqueue_in`, with ids for the commands (one each, taken from the commands'
+    /// sequence by `store::next_ids`), so that rows written before them can name them.
+    pub(crate) async fn enqueue_numbered<C: sea_orm::ConnectionTrait>(
+        &self,
+        conn: &C,
+        commands: Vec<NewCommand>,
+        ids: &[i64],
+    ) -> Result<Vec<i64>, DbErr> {
+        store::insert(conn, &commands, None, self.now_ms(), Some(ids)).await
     }
 
     /// Persists one command and wakes the workers.
     pub async fn enqueue(&self, command: NewCommand) -> Result<CommandId, DbErr> {
-        let ids = store::insert(&self.inner.db, &[command], None, self.now_ms()).await?;
+        let ids = store::insert(&self.inner.db, &[command], None, self.now_ms(), None).await?;
         self.wake();
         Ok(CommandId(ids[0]))
     }

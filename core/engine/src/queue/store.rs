@@ -126,23 +126,39 @@ async fn json_agg<C: ConnectionTrait, T: serde::de::DeserializeOwned>(
         .map_err(|e| DbErr::Custom(format!("rows of {rest} did not decode: {e}")))
 }
 
-/// Inserts commands, returning their ids in order.
+/// Inserts commands, returning their ids in order; with `numbered`, the commands take those
+/// ids (one per command, from [`next_ids`]).
 pub(crate) async fn insert<C: ConnectionTrait>(
     conn: &C,
     commands: &[NewCommand],
     parent: Option<i64>,
     now: i64,
+    numbered: Option<&[i64]>,
 ) -> Result<Vec<i64>, DbErr> {
+    if numbered.is_some_and(|n| n.len() != commands.len()) {
+        return Err(DbErr::Custom(format!(
+            "{} commands were given {} ids",
+            commands.len(),
+            numbered.map_or(0, <[i64]>::len)
+        )));
+    }
     let mut ids = Vec::with_capacity(commands.len());
-    for chunk in commands.chunks(1000) {
-        let mut text = String::from(
-            "INSERT INTO commands (kind, status, target_type, target_id, parent_id, params, \
+    for (k, chunk) in commands.chunks(1000).enumerate() {
+        let numbers = numbered.map(|n| &n[k * 1000..k * 1000 + chunk.len()]);
+        let mut text = format!(
+            "INSERT INTO commands ({}kind, status, target_type, target_id, parent_id, params, \
              progress, step, attempts, run_after, requested_by, created_at, project_id) VALUES ",
+            if numbers.is_some() { "id, " } else { "" }
         );
-        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 8);
+        let mut values: Vec<Value> = Vec::with_capacity(chunk.len() * 9);
         for (i, c) in chunk.iter().enumerate() {
             if i > 0 {
                 text.push(',');
+            }
+            text.push('(');
+            if let Some(numbers) = numbers {
+                values.push(numbers[i].into());
+                text.push_str(&format!("${}, ", values.len()));
             }
             let b = values.len();
             // The project: given, or its target's, or its parent's (read in the statement).
@@ -159,7 +175,7 @@ pub(crate) async fn insert<C: ConnectionTrait>(
                 (None, None, None) => "NULL".into(),
             };
             text.push_str(&format!(
-                "(${}, 'queued', ${}, ${}, ${}, ${}, '{{}}', 0, 0, ${}, ${}, ${}, {project})",
+                "${}, 'queued', ${}, ${}, ${}, ${}, '{{}}', 0, 0, ${}, ${}, ${}, {project})",
                 b + 1,
                 b + 2,
                 b + 3,
@@ -181,7 +197,9 @@ pub(crate) async fn insert<C: ConnectionTrait>(
                 values.push(p.into());
             }
         }
-        ids.extend(insert_ids(conn, text, values, chunk.len()).await?);
+        let inserted = insert_ids(conn, text, values, chunk.len()).await?;
+        // Given ids are the commands' in their order; returned ones come sorted.
+        ids.extend(numbers.map_or(inserted, <[i64]>::to_vec));
     }
     Ok(ids)
 }
@@ -201,6 +219,50 @@ pub(crate) async fn insert_ids<C: ConnectionTrait>(
         text.push_str(" RETURNING id");
     }
     inserted_ids(conn, sql(conn, &text, values), n).await
+}
+
+/// On PostgreSQL, `n` ids taken from each of `tables`' id sequences at once (one round trip),
+/// for rows that are then written whole with their ids instead of inserted and updated;
+/// `None` on SQLite, whose ids come from the insert.
+pub(crate) async fn next_ids<C: ConnectionTrait>(
+    conn: &C,
+    tables: &[&str],
+    n: usize,
+) -> Result<Option<Vec<Vec<i64>>>, DbErr> {
+    if conn.get_database_backend() != DatabaseBackend::Postgres {
+        return Ok(None);
+    }
+    let columns: Vec<String> = (0..tables.len()).map(|i| format!("c{i}")).collect();
+    let draws: Vec<String> = tables
+        .iter()
+        .zip(&columns)
+        .map(|(t, c)| format!("nextval(pg_get_serial_sequence('{t}', 'id')) AS {c}"))
+        .collect();
+    let rows: Vec<Vec<i64>> = json_rows(
+        conn,
+        &columns.join(", "),
+        &format!(
+            "(SELECT {} FROM generate_series(1, $1)) AS drawn",
+            draws.join(", ")
+        ),
+        vec![(n as i64).into()],
+    )
+    .await?;
+    let mut ids = vec![Vec::with_capacity(n); tables.len()];
+    for row in rows {
+        for (column, id) in ids.iter_mut().zip(row) {
+            column.push(id);
+        }
+    }
+    if ids.iter().any(|c| c.len() != n) {
+        return Err(DbErr::Custom(format!(
+            "asked {n} ids of the sequences, got fewer"
+        )));
+    }
+    for column in &mut ids {
+        column.sort_unstable();
+    }
+    Ok(Some(ids))
 }
 
 /// Like `insert_ids`, for a statement built for the connection's backend (on PostgreSQL it
@@ -538,9 +600,19 @@ pub(crate) async fn renew_leases<C: ConnectionTrait>(
     let mut n = 0;
     for chunk in ids.chunks(GROUP_CHUNK) {
         let (ids, mut values) = ids_in(conn, "id", chunk.iter().copied(), 3);
-        let text = format!(
-            "UPDATE commands SET lease_until = $1 WHERE lease_owner = $2 AND status = 'running' AND {ids}"
-        );
+        let mine = format!("lease_owner = $2 AND status = 'running' AND {ids}");
+        // On PostgreSQL a row another transaction is writing is passed over: that is this
+        // core's own step committing (which renews the lease itself, or ends the command) or
+        // another core that took the command. Waiting for it instead, in another order than
+        // its writer's, deadlocked both for a second (`deadlock_timeout`) under load.
+        let text = if conn.get_database_backend() == DatabaseBackend::Postgres {
+            format!(
+                "UPDATE commands SET lease_until = $1 WHERE id IN \
+                 (SELECT id FROM commands WHERE {mine} FOR UPDATE SKIP LOCKED)"
+            )
+        } else {
+            format!("UPDATE commands SET lease_until = $1 WHERE {mine}")
+        };
         values.splice(0..0, [lease_until.into(), owner.into()]);
         n += conn
             .execute_raw(sql(conn, &text, values))

@@ -539,7 +539,7 @@ async fn run(
             } => {
                 let txn = begin(inner, txn).await?;
                 let now = inner.clock.now_ms();
-                let ids = store::insert(&txn, &children, Some(row.id), now).await?;
+                let ids = store::insert(&txn, &children, Some(row.id), now, None).await?;
                 if !store::wait_for_children(&txn, row.id, &inner.node_id, step, &progress).await? {
                     return lost_lease(row, txn).await;
                 }
