@@ -304,3 +304,75 @@ async fn the_collector_forgets_events_older_than_the_window() {
         Vec::<Event>::new()
     );
 }
+
+/// On PostgreSQL the events are written by statement triggers: rows inserted or changed
+/// together by one statement are each told, in id order, and an update that changes no
+/// status tells nothing.
+#[tokio::test]
+async fn rows_changed_together_are_each_told_in_order_on_postgres() {
+    use sea_orm::ConnectionTrait;
+    let Some(t) = TestCore::start(Opts {
+        postgres: true,
+        ..Opts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let db = t.core.db();
+    let before = cloud48_engine::events::latest(db).await.unwrap();
+    // Three commands due in the far future, so that no core claims them.
+    let row = "('noop', 'queued', NULL, NULL, NULL, '{}', '{}', 0, 0, 9000000000000000, 'events-test', 1, NULL)";
+    let ids: Vec<i64> = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!(
+                "INSERT INTO commands (kind, status, target_type, target_id, parent_id, params, \
+                 progress, step, attempts, run_after, requested_by, created_at, project_id) \
+                 VALUES {row}, {row}, {row} RETURNING id"
+            ),
+        ))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.try_get::<i64>("", "id").unwrap())
+        .collect();
+    let mut ids = ids;
+    ids.sort_unstable();
+    let [a, b, c] = ids[..] else {
+        panic!("three ids: {ids:?}")
+    };
+    for sql in [
+        // Two change status in one statement (listed out of order).
+        format!("UPDATE commands SET status = 'cancelled' WHERE id IN ({c}, {a})"),
+        // No status changes.
+        format!("UPDATE commands SET progress = '{{\"x\": 1}}' WHERE id = {b}"),
+        format!("UPDATE commands SET status = status WHERE id IN ({a}, {b}, {c})"),
+    ] {
+        db.execute_unprepared(&sql).await.unwrap();
+    }
+    let told: Vec<(i64, String)> = cloud48_engine::events::read(db, before, i64::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.topic == Topic::Command && ids.contains(&e.object_id))
+        .map(|e| (e.object_id, e.action))
+        .collect();
+    let want: Vec<(i64, String)> = [(a, "queued"), (b, "queued"), (c, "queued")]
+        .into_iter()
+        .chain([(a, "cancelled"), (c, "cancelled")])
+        .map(|(id, s)| (id, s.to_string()))
+        .collect();
+    assert_eq!(told, want);
+    let by: Vec<Option<String>> = cloud48_engine::events::read(db, before, i64::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| ids.contains(&e.object_id) && e.topic == Topic::Command)
+        .map(|e| e.by)
+        .collect();
+    assert!(
+        by.iter().all(|b| b.as_deref() == Some("events-test")),
+        "{by:?}"
+    );
+}

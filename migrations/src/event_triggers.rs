@@ -209,7 +209,7 @@ pub(crate) async fn create_per_statement(manager: &SchemaManager<'_>) -> Result<
     Ok(())
 }
 
-/// Drops the triggers (and on PostgreSQL their functions, row or statement).
+/// Drops the triggers (and on PostgreSQL their functions).
 pub(crate) async fn drop(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     let db = manager.get_connection();
     for s in &SOURCES {
@@ -225,13 +225,30 @@ pub(crate) async fn drop(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
             .await?;
         }
         if manager.get_database_backend() != DatabaseBackend::Sqlite {
-            for suffix in ["", "_inserted", "_updated"] {
-                db.execute_unprepared(&format!(
-                    "DROP FUNCTION IF EXISTS events_of_{}{suffix}()",
-                    s.table
-                ))
+            db.execute_unprepared(&format!("DROP FUNCTION IF EXISTS events_of_{}()", s.table))
                 .await?;
-            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops what `create_per_statement` made (PostgreSQL).
+pub(crate) async fn drop_per_statement(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    for s in &SOURCES {
+        for when in ["insert", "update"] {
+            db.execute_unprepared(&format!(
+                "DROP TRIGGER IF EXISTS events_{t}_{when} ON {t}",
+                t = s.table
+            ))
+            .await?;
+        }
+        for what in ["inserted", "updated"] {
+            db.execute_unprepared(&format!(
+                "DROP FUNCTION IF EXISTS events_of_{}_{what}()",
+                s.table
+            ))
+            .await?;
         }
     }
     Ok(())

@@ -53,7 +53,7 @@ impl MigrationTrait for Migration {
             return Ok(());
         }
         let db = manager.get_connection();
-        crate::event_triggers::drop(manager).await?;
+        crate::event_triggers::drop_per_statement(manager).await?;
         crate::event_triggers::create(manager, true).await?;
         db.execute_unprepared("ALTER TABLE commands RESET (fillfactor)")
             .await?;
