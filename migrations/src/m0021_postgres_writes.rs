@@ -7,7 +7,9 @@
 //!   implies `col IS NOT NULL`, so the planner still uses them);
 //! - commands leave a fifth of each page free, so that updates touching no indexed column (a
 //!   step's progress, a lease renewal) stay on their page without new index entries;
-//! - the event triggers run once per statement over its transition tables.
+//! - the event triggers run once per statement over its transition tables;
+//! - a command holds a lease only while it runs (a constraint), which the queue's group writes
+//!   rely on instead of naming the status.
 //!
 //! SQLite keeps its indexes: it meets its rate with them, and its planner hints are tuned to
 //! them.
@@ -44,6 +46,13 @@ impl MigrationTrait for Migration {
         }
         db.execute_unprepared("ALTER TABLE commands SET (fillfactor = 80)")
             .await?;
+        // A command holds a lease only while it runs (the queue's group writes rely on it;
+        // `NOT VALID`: rows of older releases are not checked).
+        db.execute_unprepared(
+            "ALTER TABLE commands ADD CONSTRAINT commands_leased_only_running \
+             CHECK (lease_owner IS NULL OR status = 'running') NOT VALID",
+        )
+        .await?;
         crate::event_triggers::drop(manager).await?;
         crate::event_triggers::create_per_statement(manager).await
     }
@@ -56,6 +65,8 @@ impl MigrationTrait for Migration {
         crate::event_triggers::drop_per_statement(manager).await?;
         crate::event_triggers::create(manager, true).await?;
         db.execute_unprepared("ALTER TABLE commands RESET (fillfactor)")
+            .await?;
+        db.execute_unprepared("ALTER TABLE commands DROP CONSTRAINT commands_leased_only_running")
             .await?;
         for (index, table, column) in SPARSE {
             db.execute_unprepared(&format!("DROP INDEX {index}"))

@@ -293,7 +293,10 @@ pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreErro
                     .busy_timeout(Duration::from_secs(10))
             });
     } else {
-        opt.max_connections(config.db_connections.max(2));
+        // No JIT: the core's statements are short, and a claim whose estimated cost passed
+        // `jit_above_cost` spent 50 of its 70 ms compiling itself (`auto_explain`).
+        opt.max_connections(config.db_connections.max(2))
+            .map_sqlx_postgres_opts(|o| o.options([("jit", "off")]));
     }
     let db = Database::connect(opt)
         .await
