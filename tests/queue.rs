@@ -848,3 +848,36 @@ async fn planner_statistics_follow_a_growing_queue_on_postgres() {
         "analyzed tables are not analyzed again until they change as much once more"
     );
 }
+
+/// On PostgreSQL a command holds a lease only while it runs (`commands_leased_only_running`),
+/// which lets the group writes fence on the lease owner alone: a write that ends a command but
+/// keeps its lease is refused.
+#[tokio::test]
+async fn a_lease_is_held_only_by_a_running_command_on_postgres() {
+    use sea_orm::ConnectionTrait;
+    let Some((_pg, db)) = shared_postgres().await else {
+        return;
+    };
+    let run = |sql: String| {
+        let db = db.clone();
+        async move { db.execute_unprepared(&sql).await }
+    };
+    run(
+        "INSERT INTO commands (id, kind, status, params, progress, step, attempts, run_after, \
+         requested_by, created_at, lease_owner, lease_until) VALUES (1, 'noop', 'running', '{}', \
+         '{}', 0, 0, 0, 'queue-test', 0, 'core-a', 9000000000000000)"
+            .into(),
+    )
+    .await
+    .unwrap();
+    let err = run("UPDATE commands SET status = 'succeeded' WHERE id = 1".into())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("commands_leased_only_running"),
+        "{err}"
+    );
+    run("UPDATE commands SET status = 'succeeded', lease_owner = NULL WHERE id = 1".into())
+        .await
+        .unwrap();
+}
