@@ -858,26 +858,24 @@ async fn a_lease_is_held_only_by_a_running_command_on_postgres() {
     let Some((_pg, db)) = shared_postgres().await else {
         return;
     };
-    let run = |sql: String| {
-        let db = db.clone();
-        async move { db.execute_unprepared(&sql).await }
-    };
-    run(
+    db.execute_unprepared(
         "INSERT INTO commands (id, kind, status, params, progress, step, attempts, run_after, \
          requested_by, created_at, lease_owner, lease_until) VALUES (1, 'noop', 'running', '{}', \
-         '{}', 0, 0, 0, 'queue-test', 0, 'core-a', 9000000000000000)"
-            .into(),
+         '{}', 0, 0, 0, 'queue-test', 0, 'core-a', 9000000000000000)",
     )
     .await
     .unwrap();
-    let err = run("UPDATE commands SET status = 'succeeded' WHERE id = 1".into())
+    let err = db
+        .execute_unprepared("UPDATE commands SET status = 'succeeded' WHERE id = 1")
         .await
         .unwrap_err();
     assert!(
         err.to_string().contains("commands_leased_only_running"),
         "{err}"
     );
-    run("UPDATE commands SET status = 'succeeded', lease_owner = NULL WHERE id = 1".into())
-        .await
-        .unwrap();
+    db.execute_unprepared(
+        "UPDATE commands SET status = 'succeeded', lease_owner = NULL WHERE id = 1",
+    )
+    .await
+    .unwrap();
 }

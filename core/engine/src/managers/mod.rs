@@ -384,59 +384,55 @@ pub async fn insert_creates<C: ConnectionTrait>(
         c.project = c.project.or(projects[i]);
         c
     };
-    if let Some(drawn) = store::next_ids(conn, &["containers", "commands"], n).await? {
-        let (ids, numbers) = (&drawn[0], &drawn[1]);
-        for ((row, id), number) in rows.iter_mut().zip(ids).zip(numbers) {
-            row.id = Set(*id);
-            row.guest_id = Set(guest_id_for(platform, *id));
-            row.locked_by = Set(lock.then_some(*number));
+    // On PostgreSQL the ids come first and each container is inserted whole; on SQLite the
+    // insert numbers them, and one update names (and locks) them after the commands exist.
+    let drawn = store::next_ids(conn, &["containers", "commands"], n).await?;
+    let ids = match &drawn {
+        Some(drawn) => {
+            for ((row, id), number) in rows.iter_mut().zip(&drawn[0]).zip(&drawn[1]) {
+                row.id = Set(*id);
+                row.guest_id = Set(guest_id_for(platform, *id));
+                row.locked_by = Set(lock.then_some(*number));
+            }
+            container::Entity::insert_many(rows)
+                .exec_without_returning(conn)
+                .await?;
+            drawn[0].clone()
         }
-        container::Entity::insert_many(rows)
-            .exec_without_returning(conn)
-            .await?;
-        let commands = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| command(i, *id))
-            .collect();
-        queue.enqueue_numbered(conn, commands, numbers).await?;
-        return Ok(ids.iter().copied().zip(numbers.iter().copied()).collect());
-    }
-    let backend = conn.get_database_backend();
-    let mut insert = sea_orm::QueryTrait::build(&container::Entity::insert_many(rows), backend);
-    if backend != sea_orm::DatabaseBackend::Sqlite {
-        insert.sql.push_str(" RETURNING id");
-    }
-    let ids = store::inserted_ids(conn, insert, n).await?;
+        None => {
+            let backend = conn.get_database_backend();
+            let mut insert =
+                sea_orm::QueryTrait::build(&container::Entity::insert_many(rows), backend);
+            if backend != sea_orm::DatabaseBackend::Sqlite {
+                insert.sql.push_str(" RETURNING id");
+            }
+            store::inserted_ids(conn, insert, n).await?
+        }
+    };
     let commands = ids
         .iter()
         .enumerate()
         .map(|(i, id)| command(i, *id))
         .collect();
-    let numbers = queue.enqueue_in(conn, commands, None).await?;
+    let numbers = match &drawn {
+        Some(drawn) => queue.enqueue_numbered(conn, commands, &drawn[1]).await?,
+        None => queue.enqueue_in(conn, commands, None).await?,
+    };
     let pairs: Vec<(i64, i64)> = ids.into_iter().zip(numbers).collect();
-    if lock {
-        name_and_lock(conn, platform, &pairs).await?;
-    } else {
-        // Guest ids in the format of `guest_id_for`, in one statement.
-        let (set, mut values) = store::ids_in(conn, "id", pairs.iter().map(|p| p.0), 2);
-        values.insert(0, sea_orm::Value::from(guest_id_prefix(platform)));
-        conn.execute_raw(store::sql(
-            conn,
-            &format!("UPDATE containers SET guest_id = $1 || CAST(id AS TEXT) WHERE {set}"),
-            values,
-        ))
-        .await?;
+    if drawn.is_none() {
+        name_and_lock(conn, platform, &pairs, lock).await?;
     }
     Ok(pairs)
 }
 
-/// Gives new containers their guest ids and locks each for the command that creates it
-/// (`(container, command)` pairs of a bulk submission), one statement per 300 containers.
-pub(crate) async fn name_and_lock<C: sea_orm::ConnectionTrait>(
+/// Gives new containers their guest ids and, with `lock`, locks each for the command that
+/// creates it (`(container, command)` pairs of a bulk submission), one statement per 300
+/// containers.
+async fn name_and_lock<C: sea_orm::ConnectionTrait>(
     conn: &C,
     platform: &str,
     pairs: &[(i64, i64)],
+    lock: bool,
 ) -> Result<(), sea_orm::DbErr> {
     for chunk in pairs.chunks(crate::queue::store::GROUP_CHUNK) {
         let rows: Vec<_> = chunk
@@ -445,7 +441,7 @@ pub(crate) async fn name_and_lock<C: sea_orm::ConnectionTrait>(
                 vec![
                     (*id).into(),
                     guest_id_for(platform, *id).into(),
-                    (*cmd).into(),
+                    lock.then_some(*cmd).into(),
                 ]
             })
             .collect();
