@@ -128,7 +128,7 @@ async fn run_on(args: &ApiBenchArgs, database_url: Option<String>) -> Result<Api
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let began = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..clients {
+    for client_no in 0..clients {
         let client = Client::new(&url).with_credentials(Credentials {
             user: "bench".into(),
             password: password.into(),
@@ -136,9 +136,12 @@ async fn run_on(args: &ApiBenchArgs, database_url: Option<String>) -> Result<Api
         let next = next.clone();
         let (count, rate) = (args.count, args.rate);
         tasks.push(tokio::spawn(async move {
+            // Client k sends at k/rate, then every clients/rate: together one request every
+            // 1/rate, a steady stream rather than all clients at once.
             let mut pace = (rate > 0).then(|| {
                 let every = Duration::from_secs_f64(clients as f64 / rate as f64);
-                let mut i = tokio::time::interval(every);
+                let first = Duration::from_secs_f64(client_no as f64 / rate as f64);
+                let mut i = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
                 i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
                 i
             });

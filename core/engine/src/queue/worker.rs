@@ -54,8 +54,8 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
         }
         let now = inner.clock.now_ms();
         let lease_until = now + inner.config.lease.as_millis() as i64;
-        let claimed =
-            store::claim(&inner.db, &inner.node_id, now, lease_until, permits.len()).await;
+        let asked = permits.len();
+        let claimed = store::claim(&inner.db, &inner.node_id, now, lease_until, asked).await;
         let (mut rows, holding) = match claimed {
             Ok(c) => {
                 for r in &c.rows {
@@ -70,6 +70,11 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
                 (Vec::new(), HashSet::new())
             }
         };
+        // Fewer than asked: nothing else was claimable when the claim ran, so the next claim
+        // waits for a wake-up (one that came meanwhile is kept by `work`) instead of running
+        // at once to find nothing (on PostgreSQL an empty claim still costs a statement and
+        // its triggers, and holds the dispatcher while a new command waits).
+        let mut idle = rows.len() < asked;
         // A command a task of this process still executes came back (its lease was renewed too
         // late and a sweep put it back): the claim made this process its owner again, so that
         // task's writes still pass their fence; it is left to it, not run twice. Its permit
@@ -86,14 +91,7 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
                 !mine
             });
         }
-        if rows.is_empty() {
-            drop(permits);
-            tokio::select! {
-                _ = inner.work.notified() => {}
-                _ = tokio::time::sleep(inner.config.poll) => {}
-            }
-            continue;
-        }
+        idle |= rows.is_empty();
         let runner = inner.runner.get().expect("runner set before start").clone();
         let (groups, singles) = by_group_key(runner.as_ref(), rows);
         for (key, rows) in groups {
@@ -111,6 +109,13 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
         for row in singles {
             let permit = permits.pop().expect("claimed at most one row per permit");
             spawn_alone(&inner, row, permit, &done);
+        }
+        drop(permits);
+        if idle {
+            tokio::select! {
+                _ = inner.work.notified() => {}
+                _ = tokio::time::sleep(inner.config.poll) => {}
+            }
         }
     }
 }
