@@ -1,7 +1,7 @@
 //! The triggers that append a row to `events` for every status change of a command,
 //! container, server or environment (`m0013_events` made them; `m0016_projects` made them
 //! again to fill each event's project; `m0021_postgres_writes` made them per statement on
-//! PostgreSQL). Shared so that all make them from one description.
+//! PostgreSQL; `m0022_events_planned_once` made their statements static). Shared so that all make them from one description.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
@@ -147,46 +147,71 @@ pub(crate) async fn create(manager: &SchemaManager<'_>, project: bool) -> Result
     Ok(())
 }
 
+/// How a statement trigger's function plans its `INSERT … SELECT`.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Planned {
+    /// `EXECUTE`d: planned at each call, for the size of its transition tables (`m0021`).
+    EachCall,
+    /// Static SQL, planned once per connection; the update's join never a nested loop, so the
+    /// one plan suits one row and five hundred alike (`m0022`).
+    Once,
+}
+
+/// The two functions (`_inserted`, `_updated`) of a table's statement triggers.
+fn statement_functions(s: &Source, planned: Planned) -> [String; 2] {
+    let now = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+    // The row expressions read `n`, the transition table's row, where the row triggers
+    // read `NEW`.
+    let insert = s.insert(now, true).replace("NEW.", "n.");
+    let (head, values) = insert
+        .split_once(" VALUES (")
+        .expect("an insert has VALUES");
+    let values = values.strip_suffix(')').expect("VALUES end with )");
+    let changed = s
+        .changed("IS DISTINCT FROM")
+        .replace("OLD.", "o.")
+        .replace("NEW.", "n.");
+    let inserted = format!("{head} SELECT {values} FROM new_rows n ORDER BY n.id");
+    let updated = format!(
+        "{head} SELECT {values} FROM new_rows n \
+         JOIN old_rows o ON o.id = n.id WHERE {changed} ORDER BY n.id"
+    );
+    let t = s.table;
+    match planned {
+        // Inside `EXECUTE '…'` quotes are doubled.
+        Planned::EachCall => [("inserted", inserted), ("updated", updated)].map(|(what, sql)| {
+            format!(
+                "CREATE FUNCTION events_of_{t}_{what}() RETURNS trigger LANGUAGE plpgsql \
+                 AS $$ BEGIN EXECUTE '{}'; RETURN NULL; END $$",
+                sql.replace('\'', "''")
+            )
+        }),
+        Planned::Once => [
+            format!(
+                "CREATE OR REPLACE FUNCTION events_of_{t}_inserted() RETURNS trigger \
+                 LANGUAGE plpgsql AS $$ BEGIN {inserted}; RETURN NULL; END $$"
+            ),
+            format!(
+                "CREATE OR REPLACE FUNCTION events_of_{t}_updated() RETURNS trigger \
+                 LANGUAGE plpgsql SET enable_nestloop = off \
+                 AS $$ BEGIN {updated}; RETURN NULL; END $$"
+            ),
+        ],
+    }
+}
+
 /// On PostgreSQL, makes the triggers again as statement triggers over transition tables (each
 /// with its row's project): one `INSERT … SELECT` per statement that inserts or updates rows,
-/// instead of a PL/pgSQL call per row. An update's events are the rows whose watched columns
-/// changed, in id order. The triggers must have been dropped (`drop`) before.
+/// instead of a PL/pgSQL call per row, planned at each call. An update's events are the rows
+/// whose watched columns changed, in id order. The triggers must have been dropped (`drop`)
+/// before.
 pub(crate) async fn create_per_statement(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     let db = manager.get_connection();
-    let now = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
     for s in &SOURCES {
-        // The row expressions read `n`, the transition table's row, where the row triggers
-        // read `NEW`.
-        // Inside `EXECUTE '…'` (planned at each call, for the size of its transition
-        // tables: a plan cached for a one-row statement would join five hundred rows in a
-        // nested loop), quotes are doubled.
-        let insert = s
-            .insert(now, true)
-            .replace("NEW.", "n.")
-            .replace('\'', "''");
-        let (head, values) = insert
-            .split_once(" VALUES (")
-            .expect("an insert has VALUES");
-        let values = values.strip_suffix(')').expect("VALUES end with )");
-        let changed = s
-            .changed("IS DISTINCT FROM")
-            .replace("OLD.", "o.")
-            .replace("NEW.", "n.")
-            .replace('\'', "''");
+        let [inserted, updated] = statement_functions(s, Planned::EachCall);
         let statements = [
-            format!(
-                "CREATE FUNCTION events_of_{t}_inserted() RETURNS trigger LANGUAGE plpgsql \
-                 AS $$ BEGIN EXECUTE '{head} SELECT {values} FROM new_rows n ORDER BY n.id'; \
-                 RETURN NULL; END $$",
-                t = s.table
-            ),
-            format!(
-                "CREATE FUNCTION events_of_{t}_updated() RETURNS trigger LANGUAGE plpgsql \
-                 AS $$ BEGIN EXECUTE '{head} SELECT {values} FROM new_rows n \
-                 JOIN old_rows o ON o.id = n.id WHERE {changed} ORDER BY n.id'; \
-                 RETURN NULL; END $$",
-                t = s.table
-            ),
+            inserted,
+            updated,
             format!(
                 "CREATE TRIGGER events_{t}_insert AFTER INSERT ON {t} \
                  REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT \
@@ -204,6 +229,26 @@ pub(crate) async fn create_per_statement(manager: &SchemaManager<'_>) -> Result<
         ];
         for sql in statements {
             db.execute_unprepared(&sql).await?;
+        }
+    }
+    Ok(())
+}
+
+/// On PostgreSQL, replaces the statement triggers' functions by ones planned as `planned`
+/// says (the triggers stay).
+pub(crate) async fn replan_per_statement(
+    manager: &SchemaManager<'_>,
+    planned: Planned,
+) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    for s in &SOURCES {
+        for sql in statement_functions(s, planned) {
+            db.execute_unprepared(&sql.replacen(
+                "CREATE FUNCTION",
+                "CREATE OR REPLACE FUNCTION",
+                1,
+            ))
+            .await?;
         }
     }
     Ok(())
@@ -252,4 +297,54 @@ pub(crate) async fn drop_per_statement(manager: &SchemaManager<'_>) -> Result<()
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `m0021` and `m0022` build their functions from the shared description: a change to it
+    /// must not change what those released migrations run.
+    #[test]
+    fn released_statement_functions_are_unchanged() {
+        let head = "INSERT INTO events (at, topic, object_id, action, kind, related_type, \
+            related_id, server_id, requested_by, project_id) SELECT (EXTRACT(EPOCH FROM \
+            clock_timestamp()) * 1000)::BIGINT, 'command', n.id, n.status, n.kind, \
+            n.target_type, n.target_id, NULL, n.requested_by, n.project_id FROM new_rows n";
+        let commands = &SOURCES[0];
+        assert_eq!(
+            statement_functions(commands, Planned::EachCall),
+            [
+                format!(
+                    "CREATE FUNCTION events_of_commands_inserted() RETURNS trigger LANGUAGE \
+                     plpgsql AS $$ BEGIN EXECUTE '{}'; RETURN NULL; END $$",
+                    format!("{head} ORDER BY n.id").replace('\'', "''")
+                ),
+                format!(
+                    "CREATE FUNCTION events_of_commands_updated() RETURNS trigger LANGUAGE \
+                     plpgsql AS $$ BEGIN EXECUTE '{}'; RETURN NULL; END $$",
+                    format!(
+                        "{head} JOIN old_rows o ON o.id = n.id \
+                         WHERE o.status IS DISTINCT FROM n.status ORDER BY n.id"
+                    )
+                    .replace('\'', "''")
+                ),
+            ]
+        );
+        assert_eq!(
+            statement_functions(commands, Planned::Once),
+            [
+                format!(
+                    "CREATE OR REPLACE FUNCTION events_of_commands_inserted() RETURNS trigger \
+                     LANGUAGE plpgsql AS $$ BEGIN {head} ORDER BY n.id; RETURN NULL; END $$"
+                ),
+                format!(
+                    "CREATE OR REPLACE FUNCTION events_of_commands_updated() RETURNS trigger \
+                     LANGUAGE plpgsql SET enable_nestloop = off AS $$ BEGIN {head} \
+                     JOIN old_rows o ON o.id = n.id WHERE o.status IS DISTINCT FROM n.status \
+                     ORDER BY n.id; RETURN NULL; END $$"
+                ),
+            ]
+        );
+    }
 }

@@ -28,6 +28,7 @@ mod m0018_illegal_index;
 mod m0019_server_addresses;
 mod m0020_platform_secret;
 mod m0021_postgres_writes;
+mod m0022_events_planned_once;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -57,6 +58,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0019_server_addresses::Migration),
             Box::new(m0020_platform_secret::Migration),
             Box::new(m0021_postgres_writes::Migration),
+            Box::new(m0022_events_planned_once::Migration),
         ]
     }
 }
