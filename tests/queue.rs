@@ -268,7 +268,7 @@ async fn a_submission_through_one_core_wakes_another_on_postgres() {
     let (ready, mut is_ready) = listening;
     let listener = tokio::spawn(cloud48_engine::cluster::listen_for_work(
         pg.url.clone(),
-        move || {
+        move |_| {
             let _ = ready.send(());
             woken.wake()
         },
@@ -281,6 +281,52 @@ async fn a_submission_through_one_core_wakes_another_on_postgres() {
     assert_eq!(seen.lock().unwrap()[&id.0], ["core-b"]);
     listener.abort();
     runner.stop(Duration::from_secs(1)).await;
+}
+
+/// Each work `NOTIFY` names the core whose connection inserted the commands (its
+/// `application_name`), in the order of the inserts, so that a core can pass over its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_names_the_core_that_inserted_on_postgres() {
+    let Some((pg, _db)) = shared_postgres().await else {
+        return;
+    };
+    let (told, mut heard) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+    let listener = tokio::spawn(cloud48_engine::cluster::listen_for_work(
+        pg.url.clone(),
+        move |by| {
+            let _ = told.send(by.map(str::to_string));
+        },
+    ));
+    assert_eq!(
+        heard.recv().await.unwrap(),
+        None,
+        "a wake-up once listening"
+    );
+    let sep = if pg.url.contains('?') { '&' } else { '?' };
+    for node in ["core-a", "core-b", "core-a"] {
+        let db = sea_orm::Database::connect(format!("{}{sep}application_name={node}", pg.url))
+            .await
+            .unwrap();
+        let queue = Queue::new(
+            db.clone(),
+            node.into(),
+            QueueConfig::default(),
+            Arc::new(SystemClock),
+        );
+        queue
+            .enqueue_in(&db, vec![crate::common::noop(); 2], None)
+            .await
+            .unwrap();
+    }
+    let mut names = Vec::new();
+    for _ in 0..3 {
+        names.push(heard.recv().await.unwrap());
+    }
+    assert_eq!(
+        names,
+        ["core-a", "core-b", "core-a"].map(|n| Some(n.to_string()))
+    );
+    listener.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,7 @@ mod m0019_server_addresses;
 mod m0020_platform_secret;
 mod m0021_postgres_writes;
 mod m0022_events_planned_once;
+mod m0023_work_notify_names_core;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -59,6 +60,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0020_platform_secret::Migration),
             Box::new(m0021_postgres_writes::Migration),
             Box::new(m0022_events_planned_once::Migration),
+            Box::new(m0023_work_notify_names_core::Migration),
         ]
     }
 }

@@ -441,11 +441,13 @@ impl Cluster {
     }
 }
 
-/// Calls `wake` whenever commands are inserted into the database at `url`, by any core
-/// (PostgreSQL `LISTEN cloud48_work`; the trigger of migration 17 notifies once per inserting
-/// statement), and once after every (re)connection for what may have been missed. Runs until
-/// the task is dropped; a lost connection is retried with a growing delay.
-pub async fn listen_for_work(url: String, wake: impl Fn() + Send + 'static) {
+/// Calls `wake(Some(by))` whenever commands are inserted into the database at `url` (PostgreSQL
+/// `LISTEN cloud48_work`; the trigger of migration 17 notifies once per inserting statement,
+/// since migration 23 with the inserting connection's `application_name` as `by`: a core's
+/// connections carry its name), and `wake(None)` after every (re)connection for what may have
+/// been missed. Runs until the task is dropped; a lost connection is retried with a growing
+/// delay.
+pub async fn listen_for_work(url: String, wake: impl Fn(Option<&str>) + Send + 'static) {
     use sea_orm::sqlx::postgres::PgListener;
     let mut delay = Duration::from_millis(100);
     loop {
@@ -458,10 +460,10 @@ pub async fn listen_for_work(url: String, wake: impl Fn() + Send + 'static) {
         match listener {
             Ok(mut l) => {
                 delay = Duration::from_millis(100);
-                wake();
+                wake(None);
                 loop {
                     match l.recv().await {
-                        Ok(_) => wake(),
+                        Ok(n) => wake(Some(n.payload())),
                         Err(e) => {
                             tracing::warn!(error = %e, "lost the wake-ups of other cores; polling until they are back");
                             break;

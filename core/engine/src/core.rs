@@ -262,13 +262,27 @@ pub async fn reader(
         .map_err(|e| CoreError::Setup(format!("cannot open {} to read: {e}", path.display())))
 }
 
+/// Opens the core's database (creating the data directory, running the migrations).
 pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreError> {
+    connect_as(config, None).await
+}
+
+fn create_data_dir(config: &CoreConfig) -> Result<(), CoreError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         CoreError::Setup(format!(
             "cannot create data directory {}: {e}",
             config.data_dir.display()
         ))
-    })?;
+    })
+}
+
+/// `connect`; on PostgreSQL the connections carry `node` as their `application_name`, which
+/// names this core in the work `NOTIFY`s of its inserts (`cluster::listen_for_work`).
+async fn connect_as(
+    config: &CoreConfig,
+    node: Option<&str>,
+) -> Result<DatabaseConnection, CoreError> {
+    create_data_dir(config)?;
     let url = config
         .database_url
         .clone()
@@ -295,8 +309,15 @@ pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreErro
     } else {
         // No JIT: the core's statements are short, and a claim whose estimated cost passed
         // `jit_above_cost` spent 50 of its 70 ms compiling itself (`auto_explain`).
+        let node = node.map(str::to_string);
         opt.max_connections(config.db_connections.max(2))
-            .map_sqlx_postgres_opts(|o| o.options([("jit", "off")]));
+            .map_sqlx_postgres_opts(move |o| {
+                let o = o.options([("jit", "off")]);
+                match &node {
+                    Some(node) => o.application_name(node),
+                    None => o,
+                }
+            });
     }
     let db = Database::connect(opt)
         .await
@@ -334,11 +355,12 @@ impl Core {
         config: CoreConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Core, CoreError> {
-        let mut db = connect(&config).await?;
+        create_data_dir(&config)?;
+        let node = node_id(&config.data_dir)?;
+        let mut db = connect_as(&config, Some(&node)).await?;
         let recorder = Arc::new(crate::metrics::Recorder::default());
         let statements = recorder.clone();
         db.set_metric_callback(move |info| statements.statement(info.elapsed, info.failed));
-        let node = node_id(&config.data_dir)?;
         let platform = local_platform(&db).await?;
         let secret_key = crate::secrets::platform_key(&db, &platform).await?;
         let mut cluster =
@@ -547,8 +569,13 @@ impl Core {
         self.inner.background.lock().unwrap().push(publisher);
         if let (true, Some(url)) = (self.cluster().shared(), &self.inner.config.database_url) {
             let queue = self.queue().clone();
-            let listener = tokio::spawn(crate::cluster::listen_for_work(url.clone(), move || {
-                queue.wake()
+            // This core's own inserts are skipped: it wakes its queue itself after them (as
+            // on SQLite), and a second wake-up would cost a claim that finds nothing.
+            let own = self.cluster().node().to_string();
+            let listener = tokio::spawn(crate::cluster::listen_for_work(url.clone(), move |by| {
+                if by != Some(own.as_str()) {
+                    queue.wake()
+                }
             }));
             self.inner.background.lock().unwrap().push(listener);
             let statistics = tokio::spawn(crate::statistics::keep_fresh(self.db().clone()));
