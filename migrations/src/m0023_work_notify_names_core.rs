@@ -8,35 +8,29 @@ use sea_orm_migration::sea_orm::DatabaseBackend;
 #[derive(DeriveMigrationName)]
 pub struct Migration;
 
-/// The notifying function with `payload` as the `NOTIFY`'s payload.
-fn notify_function(payload: &str) -> String {
-    format!(
-        "CREATE OR REPLACE FUNCTION cloud48_work_notify() RETURNS trigger AS $$ \
-         BEGIN PERFORM pg_notify('cloud48_work', {payload}); RETURN NULL; END $$ LANGUAGE plpgsql"
-    )
+/// Makes the notifying function send `payload` (PostgreSQL only).
+async fn notify_with(manager: &SchemaManager<'_>, payload: &str) -> Result<(), DbErr> {
+    if manager.get_database_backend() != DatabaseBackend::Postgres {
+        return Ok(());
+    }
+    manager
+        .get_connection()
+        .execute_unprepared(&format!(
+            "CREATE OR REPLACE FUNCTION cloud48_work_notify() RETURNS trigger AS $$ \
+             BEGIN PERFORM pg_notify('cloud48_work', {payload}); RETURN NULL; END $$ \
+             LANGUAGE plpgsql"
+        ))
+        .await
+        .map(drop)
 }
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DatabaseBackend::Postgres {
-            return Ok(());
-        }
-        manager
-            .get_connection()
-            .execute_unprepared(&notify_function("current_setting('application_name')"))
-            .await
-            .map(drop)
+        notify_with(manager, "current_setting('application_name')").await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        if manager.get_database_backend() != DatabaseBackend::Postgres {
-            return Ok(());
-        }
-        manager
-            .get_connection()
-            .execute_unprepared(&notify_function("''"))
-            .await
-            .map(drop)
+        notify_with(manager, "''").await
     }
 }

@@ -264,6 +264,7 @@ pub async fn reader(
 
 /// Opens the core's database (creating the data directory, running the migrations).
 pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreError> {
+    create_data_dir(config)?;
     connect_as(config, None).await
 }
 
@@ -276,13 +277,13 @@ fn create_data_dir(config: &CoreConfig) -> Result<(), CoreError> {
     })
 }
 
-/// `connect`; on PostgreSQL the connections carry `node` as their `application_name`, which
-/// names this core in the work `NOTIFY`s of its inserts (`cluster::listen_for_work`).
+/// `connect` into an existing data directory; on PostgreSQL the connections carry `node` as
+/// their `application_name`, which names this core in the work `NOTIFY`s of its inserts
+/// (`cluster::listen_for_work`).
 async fn connect_as(
     config: &CoreConfig,
     node: Option<&str>,
 ) -> Result<DatabaseConnection, CoreError> {
-    create_data_dir(config)?;
     let url = config
         .database_url
         .clone()
