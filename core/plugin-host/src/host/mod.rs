@@ -323,7 +323,7 @@ impl PluginHost {
                     .cloud48_container_hooks()
                     .call_describe(s)
                     .map(v0_2_0::meta),
-                Bindings::Raw(_) => unreachable!("raw instances only run hooks"),
+                Bindings::Raw(_) => unreachable!("raw instances only run hooks and initial-state"),
             })
             .map_err(|e| LoadError::Invalid(e.to_string()))?;
         plugin.meta.validate().map_err(LoadError::Invalid)?;
@@ -410,7 +410,8 @@ impl PluginMeta {
 /// A pre-instantiated component, by the WIT version it implements.
 enum Pre {
     V0_1_0(v0_1_0::ContainerTypePre<HostState>),
-    /// With where each hook is among its exports (hooks are called through `Bindings::Raw`).
+    /// With where each hook and `initial-state` is among its exports (they are called through
+    /// `Bindings::Raw`).
     V0_2_0(v0_2_0::ContainerTypePre<HostState>, v0_2_0::HookExports),
 }
 
@@ -600,11 +601,19 @@ impl ContainerType for WasmPlugin {
     }
 
     fn initial_state(&self) -> Vec<u8> {
-        self.call("initial-state", Params::new(), |b, s| match b {
-            Bindings::V0_1_0(b) => b.cloud48_container_hooks().call_initial_state(s),
-            Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_initial_state(s),
-            Bindings::Raw(_) => unreachable!("raw instances only run hooks"),
+        let raw = matches!(self.pre, Pre::V0_2_0(..));
+        self.call_logged("initial-state", Params::new(), raw, |b, s| {
+            match (b, &self.pre) {
+                (Bindings::V0_1_0(b), _) => b.cloud48_container_hooks().call_initial_state(s),
+                // SAFETY: `hooks` were found in this plugin's component, and `load` type-checked
+                // its `initial-state` (`check_hooks`) before this plugin could be called.
+                (Bindings::Raw(instance), Pre::V0_2_0(_, hooks)) => unsafe {
+                    v0_2_0::call_initial_state(instance, s, hooks)
+                },
+                _ => unreachable!("0.2.0 plugins run initial-state on raw instances"),
+            }
         })
+        .map(|(state, _)| state)
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "initial-state failed; starting with an empty state");
             Vec::new()
@@ -714,7 +723,7 @@ impl ContainerType for WasmPlugin {
         let text = self.call("inspect", Params::new(), |b, s| match b {
             Bindings::V0_1_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
             Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
-            Bindings::Raw(_) => unreachable!("raw instances only run hooks"),
+            Bindings::Raw(_) => unreachable!("raw instances only run hooks and initial-state"),
         })?;
         if text.len() > self.host.limits.max_output {
             return Err(self.error(

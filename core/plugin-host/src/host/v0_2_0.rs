@@ -396,12 +396,15 @@ const HOOKS: &[&str] = &[
     "before-cc-stop",
 ];
 
-/// Where each hook is among a component's exports, found once per component. A hook call then
-/// instantiates the component and looks up only its own function: the generated bindings would
-/// look up and type-check every export on each instantiation, which with 0.2.0's records cost
-/// more than the hook itself (they still serve `describe`, `initial-state`, `inspect` and
-/// `migrate-state`).
-pub(super) struct HookExports(std::collections::HashMap<&'static str, ComponentExportIndex>);
+/// Where each hook, and `initial-state`, is among a component's exports, found once per
+/// component. A call then instantiates the component and looks up only its own function: the
+/// generated bindings would look up and type-check every export on each instantiation, which
+/// with 0.2.0's records cost more than the hook itself (they still serve `describe`, `inspect`
+/// and `migrate-state`, which are rare; `initial-state` runs for every new container).
+pub(super) struct HookExports {
+    hooks: std::collections::HashMap<&'static str, ComponentExportIndex>,
+    initial_state: ComponentExportIndex,
+}
 
 impl HookExports {
     /// The hooks of `component`, if it exports all of them.
@@ -411,17 +414,26 @@ impl HookExports {
         for name in HOOKS {
             by_name.insert(*name, component.get_export_index(Some(&hooks), *name)?);
         }
-        Some(HookExports(by_name))
+        Some(HookExports {
+            hooks: by_name,
+            initial_state: component.get_export_index(Some(&hooks), "initial-state")?,
+        })
     }
 }
 
-/// Type-checks every hook export of `instance` against the types `call_hook` calls it with.
+/// Type-checks every hook export of `instance`, and `initial-state`, against the types
+/// `call_hook` and `call_initial_state` call them with.
 pub(super) fn check_hooks(
     instance: &Instance,
     s: &mut Store<HostState>,
     exports: &HookExports,
 ) -> wasmtime::Result<()> {
-    for (name, index) in &exports.0 {
+    instance
+        .get_func(&mut *s, exports.initial_state)
+        .ok_or_else(|| wasmtime::format_err!("the plugin lacks initial-state"))?
+        .typed::<(), (Vec<u8>,)>(&*s)
+        .map_err(|e| wasmtime::format_err!("initial-state has an unexpected signature: {e:#}"))?;
+    for (name, index) in &exports.hooks {
         let func = instance
             .get_func(&mut *s, index)
             .ok_or_else(|| wasmtime::format_err!("the plugin lacks hook {name}"))?;
@@ -452,6 +464,27 @@ pub(super) fn check_hooks(
     Ok(())
 }
 
+/// Calls `initial-state` on `instance`.
+///
+/// # Safety
+/// As for `call_hook`: `instance` is an instance of the component `exports` were found in, and
+/// `check_hooks` type-checked its `initial-state` against the type used here.
+pub(super) unsafe fn call_initial_state(
+    instance: &Instance,
+    s: &mut Store<HostState>,
+    exports: &HookExports,
+) -> wasmtime::Result<Vec<u8>> {
+    let func = instance
+        .get_func(&mut *s, exports.initial_state)
+        .ok_or_else(|| wasmtime::format_err!("the plugin lacks initial-state"))?;
+    // SAFETY: see the function's contract.
+    unsafe {
+        TypedFunc::<(), (Vec<u8>,)>::new_unchecked(func)
+            .call(&mut *s, ())
+            .map(|(state,)| state)
+    }
+}
+
 /// Calls the export of `hook` on `instance`.
 ///
 /// # Safety
@@ -465,7 +498,7 @@ pub(super) unsafe fn call_hook(
     c: &borrowed::Context<'_>,
 ) -> wasmtime::Result<Returned> {
     let index = exports
-        .0
+        .hooks
         .get(hook.name())
         .ok_or_else(|| wasmtime::format_err!("the plugin lacks hook {}", hook.name()))?;
     let func = instance
