@@ -3,6 +3,12 @@
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of the C library's allocator: a core allocates and frees many small,
+/// short-lived values per command (rows, statements, JSON), where glibc's malloc spent a fifth of
+/// the core's time in `bench place` (see ARCHITECTURE.md and BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
