@@ -30,6 +30,7 @@ mod m0020_platform_secret;
 mod m0021_postgres_writes;
 mod m0022_events_planned_once;
 mod m0023_work_notify_names_core;
+mod m0024_room_for_updates;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -61,6 +62,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0021_postgres_writes::Migration),
             Box::new(m0022_events_planned_once::Migration),
             Box::new(m0023_work_notify_names_core::Migration),
+            Box::new(m0024_room_for_updates::Migration),
         ]
     }
 }
