@@ -20,6 +20,10 @@ use sea_orm::{
 /// How often the tables' changes are checked.
 pub const CHECK: Duration = Duration::from_secs(1);
 
+/// The statistics target of the refreshes (PostgreSQL's default is 100; each unit samples 300
+/// rows).
+const SAMPLE_TARGET: u32 = 30;
+
 /// The advisory lock held while analyzing (any number; the same in every core).
 const LOCK: i64 = 0x0c10_0d48_57a7;
 
@@ -70,6 +74,13 @@ pub async fn refresh(db: &DatabaseConnection) -> Result<Vec<String>, DbErr> {
     if !locked {
         return Ok(Vec::new());
     }
+    // A sample of 9,000 rows instead of 30,000 (a third of the time): these refreshes need the
+    // tables' sizes and the mix of their statuses, which it gives as well; the database's own
+    // autovacuum, where it runs, still analyzes with its full target.
+    txn.execute_unprepared(&format!(
+        "SET LOCAL default_statistics_target = {SAMPLE_TARGET}"
+    ))
+    .await?;
     // The names come from the fixed list above, so they are safe in the statement's text.
     for table in &stale {
         txn.execute_unprepared(&format!("ANALYZE {table}")).await?;
