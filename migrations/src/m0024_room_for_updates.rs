@@ -15,7 +15,7 @@ pub struct Migration;
 /// The tables and the share of each new page that inserts fill.
 const TABLES: [(&str, u8); 2] = [("commands", 50), ("servers", 50)];
 
-/// Sets each table's `fillfactor` (`None`: back to the default).
+/// Sets each table's `fillfactor` (`up`), or sets it back to the default.
 async fn fill(manager: &SchemaManager<'_>, up: bool) -> Result<(), DbErr> {
     if manager.get_database_backend() != DatabaseBackend::Postgres {
         return Ok(());

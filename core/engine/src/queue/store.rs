@@ -224,9 +224,10 @@ pub(crate) async fn insert_ids<C: ConnectionTrait>(
 /// On PostgreSQL, `n` ids taken from each of `tables`' id sequences at once (one round trip),
 /// for rows that are then written whole with their ids instead of inserted and updated;
 /// `None` on SQLite, whose ids come from the insert. Each sequence is named in the statement
-/// (`{table}_id_seq`, the name PostgreSQL gives a `bigserial` column's; the migrations make
-/// every id so), so it is resolved once when planned: `pg_get_serial_sequence` in its place
-/// is called for every id, five times the cost of drawing it.
+/// (`{table}_id_seq`, the name PostgreSQL gives the sequence of an identity column `id`, as the
+/// migrations make every id; another name fails the statement, it draws nothing elsewhere), so
+/// it is resolved once when planned: `pg_get_serial_sequence` in its place is called for every
+/// id, five times the cost of drawing it.
 pub(crate) async fn next_ids<C: ConnectionTrait>(
     conn: &C,
     tables: &[&str],
