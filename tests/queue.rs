@@ -215,6 +215,18 @@ async fn shared_postgres() -> Option<(PgDb, sea_orm::DatabaseConnection)> {
     Some((pg, db))
 }
 
+/// `shared_postgres` with a queue of core `core-a` over it (not started).
+async fn shared_postgres_queue() -> Option<(PgDb, sea_orm::DatabaseConnection, Queue)> {
+    let (pg, db) = shared_postgres().await?;
+    let queue = Queue::new(
+        db.clone(),
+        "core-a".into(),
+        QueueConfig::default(),
+        Arc::new(SystemClock),
+    );
+    Some((pg, db, queue))
+}
+
 /// A runner that records which core ran each command.
 struct Recorder {
     node: String,
@@ -845,15 +857,9 @@ async fn writes_commit_with_the_step(pg: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planner_statistics_follow_a_growing_queue_on_postgres() {
     use sea_orm::ConnectionTrait;
-    let Some((_pg, db)) = shared_postgres().await else {
+    let Some((_pg, db, queue)) = shared_postgres_queue().await else {
         return;
     };
-    let queue = Queue::new(
-        db.clone(),
-        "core-a".into(),
-        QueueConfig::default(),
-        Arc::new(SystemClock),
-    );
     let analyzed = || async {
         db.query_one_raw(sea_orm::Statement::from_string(
             db.get_database_backend(),
@@ -901,15 +907,9 @@ async fn planner_statistics_follow_a_growing_queue_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_written_again_stay_on_their_page_on_postgres() {
     use sea_orm::ConnectionTrait;
-    let Some((_pg, db)) = shared_postgres().await else {
+    let Some((_pg, db, queue)) = shared_postgres_queue().await else {
         return;
     };
-    let queue = Queue::new(
-        db.clone(),
-        "core-a".into(),
-        QueueConfig::default(),
-        Arc::new(SystemClock),
-    );
     let ids = queue
         .enqueue_in(&db, (0..400).map(|_| crate::common::noop()).collect(), None)
         .await
