@@ -4,7 +4,9 @@
 //! renewed, finished) and a server's row at every placement on it; with full pages (the default
 //! `fillfactor` of 100) each new version goes to another page and every index gets an entry for
 //! it. With room on the page, an update that changes no indexed column (a step's progress, a
-//! lease, a server's allocations) is a heap-only tuple: no index is touched. SQLite: nothing.
+//! lease, a server's allocations) is a heap-only tuple: no index is touched. The price is
+//! space: a finished command's page may stay half empty, up to twice the pages for the history
+//! of commands (servers are few). SQLite: nothing.
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
