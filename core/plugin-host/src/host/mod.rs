@@ -605,8 +605,8 @@ impl ContainerType for WasmPlugin {
         self.call_logged("initial-state", Params::new(), raw, |b, s| {
             match (b, &self.pre) {
                 (Bindings::V0_1_0(b), _) => b.cloud48_container_hooks().call_initial_state(s),
-                // SAFETY: `hooks` were found in this plugin's component, and `load` type-checked
-                // its `initial-state` (`check_hooks`) before this plugin could be called.
+                // SAFETY: `hooks` were found in this plugin's component, whose
+                // `ContainerTypePre::new` in `load` type-checked its `initial-state`.
                 (Bindings::Raw(instance), Pre::V0_2_0(_, hooks)) => unsafe {
                     v0_2_0::call_initial_state(instance, s, hooks)
                 },

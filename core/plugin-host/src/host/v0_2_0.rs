@@ -421,18 +421,14 @@ impl HookExports {
     }
 }
 
-/// Type-checks every hook export of `instance`, and `initial-state`, against the types
-/// `call_hook` and `call_initial_state` call them with.
+/// Type-checks every hook export of `instance` against the types `call_hook` calls it with
+/// (`initial-state` needs no check here: `ContainerTypePre::new` checked it, with the very
+/// types `call_initial_state` uses).
 pub(super) fn check_hooks(
     instance: &Instance,
     s: &mut Store<HostState>,
     exports: &HookExports,
 ) -> wasmtime::Result<()> {
-    instance
-        .get_func(&mut *s, exports.initial_state)
-        .ok_or_else(|| wasmtime::format_err!("the plugin lacks initial-state"))?
-        .typed::<(), (Vec<u8>,)>(&*s)
-        .map_err(|e| wasmtime::format_err!("initial-state has an unexpected signature: {e:#}"))?;
     for (name, index) in &exports.hooks {
         let func = instance
             .get_func(&mut *s, index)
@@ -467,8 +463,9 @@ pub(super) fn check_hooks(
 /// Calls `initial-state` on `instance`.
 ///
 /// # Safety
-/// As for `call_hook`: `instance` is an instance of the component `exports` were found in, and
-/// `check_hooks` type-checked its `initial-state` against the type used here.
+/// `instance` is an instance of the component `exports` were found in, whose
+/// `ContainerTypePre::new` succeeded: the generated bindings type-checked its `initial-state`
+/// as `func() -> list<u8>`, the type used here.
 pub(super) unsafe fn call_initial_state(
     instance: &Instance,
     s: &mut Store<HostState>,
