@@ -1,8 +1,8 @@
 //! SQL of the queue. Every write of a claimed command is fenced on its lease owner.
 
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, Statement, TransactionTrait, Value,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DbErr, EntityTrait, FromQueryResult,
+    QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait, Value,
 };
 
 use super::{NewCommand, QueueError, Target};
@@ -422,7 +422,7 @@ pub(crate) struct Claimed {
     /// The commands, now `running` under the claimer's lease.
     pub rows: Vec<command::Model>,
     /// Those whose target they held already when claimed (a bulk submission locks each new
-    /// container for its create), so they need not lock it. Only SQLite's claim reports them.
+    /// container for its create), so they need not lock it.
     pub holding: std::collections::HashSet<i64>,
 }
 
@@ -457,10 +457,13 @@ pub(crate) async fn claim<C: ConnectionTrait>(
     }
     // The claimed ids are an array taken once (an init plan), which the update finds by its
     // primary key: with `id IN (…)` PostgreSQL joined them to a scan of the whole table.
+    // Each comes back with the holder of its target's lock, read by primary key, so that those
+    // already holding it (a bulk submission's creates) are not locked again.
     let text = format!(
         "UPDATE commands SET status = 'running', lease_owner = $1, lease_until = $2, \
          started_at = COALESCE(started_at, $3) \
-         WHERE id = ANY(ARRAY(SELECT id FROM commands WHERE {claimable} ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)) RETURNING *"
+         WHERE id = ANY(ARRAY(SELECT id FROM commands WHERE {claimable} ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)) \
+         RETURNING *, {HOLDER} AS holder"
     );
     let stmt = sql(
         conn,
@@ -472,13 +475,23 @@ pub(crate) async fn claim<C: ConnectionTrait>(
             (limit as i64).into(),
         ],
     );
-    let mut rows = command::Entity::find().from_raw_sql(stmt).all(conn).await?;
+    let mut holding = std::collections::HashSet::new();
+    let mut rows = Vec::new();
+    for r in conn.query_all_raw(stmt).await? {
+        let row = command::Model::from_query_result(&r, "")?;
+        if r.try_get::<Option<i64>>("", "holder")? == Some(row.id) {
+            holding.insert(row.id);
+        }
+        rows.push(row);
+    }
     rows.sort_by_key(|r| r.id);
-    Ok(Claimed {
-        rows,
-        holding: Default::default(),
-    })
+    Ok(Claimed { rows, holding })
 }
+
+/// The holder of the lock of a claimed command's target (`commands` is the command's row).
+const HOLDER: &str = "CASE commands.target_type \
+     WHEN 'container' THEN (SELECT locked_by FROM containers t WHERE t.id = commands.target_id) \
+     WHEN 'environment' THEN (SELECT locked_by FROM environments t WHERE t.id = commands.target_id) END";
 
 /// A candidate of `claim_sqlite`: the command and the holder of its target's lock.
 #[derive(serde::Deserialize)]
@@ -500,10 +513,7 @@ async fn claim_sqlite<C: ConnectionTrait>(
     limit: usize,
 ) -> Result<Claimed, DbErr> {
     let from = format!(
-        "(SELECT *, CASE target_type \
-           WHEN 'container' THEN (SELECT locked_by FROM containers t WHERE t.id = commands.target_id) \
-           WHEN 'environment' THEN (SELECT locked_by FROM environments t WHERE t.id = commands.target_id) END AS holder \
-         FROM commands WHERE {claimable} ORDER BY id LIMIT $4)"
+        "(SELECT *, {HOLDER} AS holder FROM commands WHERE {claimable} ORDER BY id LIMIT $4)"
     );
     let values = vec![
         owner.into(),
