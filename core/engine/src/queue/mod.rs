@@ -386,8 +386,9 @@ pub(crate) struct Inner {
     /// Notified each time `kept` grows.
     kept_more: tokio::sync::Notify,
     slots: Arc<tokio::sync::Semaphore>,
-    /// Commands this process is executing right now: the only ones whose leases it renews.
-    in_flight: std::sync::Mutex<std::collections::HashSet<i64>>,
+    /// Commands this process is executing right now, each with the end of the lease it was
+    /// claimed with: the only ones whose leases it renews.
+    in_flight: std::sync::Mutex<std::collections::HashMap<i64, i64>>,
     runner: std::sync::OnceLock<Arc<dyn Runner>>,
     recorder: Arc<crate::metrics::Recorder>,
 }

@@ -82,7 +82,7 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
         {
             let in_flight = inner.in_flight.lock().unwrap();
             rows.retain(|r| {
-                let mine = in_flight.contains(&r.id);
+                let mine = in_flight.contains_key(&r.id);
                 if mine {
                     inner.kept.fetch_add(1, Ordering::Relaxed);
                     inner.kept_more.notify_waiters();
@@ -274,7 +274,7 @@ async fn execute_group(
     let runner = inner.runner.get().expect("runner set before start").clone();
     let mut in_flight: HashMap<i64, InFlight<'_>> = rows
         .iter()
-        .map(|r| (r.id, InFlight::new(&inner, r.id)))
+        .map(|r| (r.id, InFlight::new(&inner, r)))
         .collect();
     let mut alone = Vec::new();
     let mut current = Vec::new();
@@ -385,9 +385,11 @@ struct InFlight<'a> {
 }
 
 impl<'a> InFlight<'a> {
-    fn new(inner: &'a Inner, id: i64) -> Self {
-        inner.in_flight.lock().unwrap().insert(id);
-        InFlight { inner, id }
+    /// For claimed command `row` (its lease as the claim set it).
+    fn new(inner: &'a Inner, row: &command::Model) -> Self {
+        let until = row.lease_until.unwrap_or(i64::MIN);
+        inner.in_flight.lock().unwrap().insert(row.id, until);
+        InFlight { inner, id: row.id }
     }
 }
 
@@ -405,7 +407,7 @@ async fn execute(
 ) {
     // Only commands a task is executing get their lease renewed: anything left `running` by a
     // failed write expires and is resumed by the sweep.
-    let _in_flight = InFlight::new(&inner, row.id);
+    let _in_flight = InFlight::new(&inner, &row);
     if let Err(e) = run(&inner, &mut row, &done).await {
         // A database error outside a step: leave the command to be retried.
         tracing::warn!(error = %e, "command interrupted by a database error; retrying");
@@ -703,7 +705,17 @@ async fn lease_keeper(inner: Arc<Inner>) {
         tokio::time::sleep(every).await;
         let now = inner.clock.now_ms();
         let until = now + inner.config.lease.as_millis() as i64;
-        let ids: Vec<i64> = inner.in_flight.lock().unwrap().iter().copied().collect();
+        // A command claimed since the last half tick is left for the next tick, when it
+        // still has more than a third of a lease (most commands end before it).
+        let fresh = until - (every / 2).as_millis() as i64;
+        let ids: Vec<i64> = inner
+            .in_flight
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, claimed_until)| **claimed_until < fresh)
+            .map(|(id, _)| *id)
+            .collect();
         if let Err(e) = store::renew_leases(&inner.db, &inner.node_id, &ids, until).await {
             tracing::warn!(error = %e, "renewing leases failed");
         }
