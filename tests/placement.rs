@@ -446,6 +446,72 @@ crate::on_both_databases!(
     single_creates_claimed_together_run_in_groups_and_end_as_they_would_alone
 );
 
+/// A create placed by an earlier run of its group, which committed the dummy but not the
+/// command's step (the group carries it; a crash or a retry then runs step 0 again), is made
+/// from that dummy: not placed a second time, nothing left reserved.
+async fn a_create_placed_before_its_step_was_written_is_made_from_its_dummy(postgres: bool) {
+    let opts = Opts {
+        paused: true,
+        ..room_for_150(postgres)
+    };
+    let Some(t) = TestCore::start(opts).await else {
+        return;
+    };
+    let mut accepted = Vec::new();
+    for _ in 0..8 {
+        accepted.push(create(&t, &plain(None)).await);
+    }
+    // Three of them already hold a dummy on sim-3, as a committed step 0 leaves it.
+    let sim3 = servers(&t)
+        .await
+        .into_iter()
+        .find(|s| s.name == "sim-3")
+        .unwrap();
+    let now = t.core.queue().now_ms();
+    for a in &accepted[..3] {
+        let c = show(&t, ContainerId(a.object_id.unwrap())).await;
+        let txn = t.core.db().begin().await.unwrap();
+        let request = PlaceRequest {
+            requirements: &c.requirements,
+            image: None,
+            container_id: c.id.0,
+            command_id: Some(a.command_id.0),
+            avoid: HashSet::new(),
+            server: Some(sim3.id.0),
+            deadline: now + 3_600_000,
+        };
+        placement::place(&txn, t.core.placement(), request)
+            .await
+            .unwrap();
+        txn.commit().await.unwrap();
+    }
+    t.core.start().await.unwrap();
+    for (i, a) in accepted.iter().enumerate() {
+        t.ok(a.command_id).await;
+        let c = show(&t, ContainerId(a.object_id.unwrap())).await;
+        assert_eq!(c.status, ContainerStatus::Running);
+        if i < 3 {
+            assert_eq!(
+                c.server.as_deref(),
+                Some("sim-3"),
+                "a create placed again instead of taking its dummy"
+            );
+        }
+    }
+    let mut guests = 0;
+    for s in servers(&t).await {
+        let n = t.sim(&s.name).await.guests().len();
+        assert_eq!(n as u64, s.containers, "server {}", s.name);
+        guests += n;
+    }
+    assert_eq!(guests, 8, "one guest per create");
+    assert_ledger_clean(&t).await;
+}
+crate::on_both_databases!(
+    placed_before,
+    a_create_placed_before_its_step_was_written_is_made_from_its_dummy
+);
+
 async fn the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger(postgres: bool) {
     // Its submitter locks each new container for its create, so the claim finds them held;
     // the bench fails if a container is not running or the ledger disagrees. On PostgreSQL it

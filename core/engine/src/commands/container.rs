@@ -499,6 +499,22 @@ impl Recorded {
     }
 }
 
+/// The reservation command `command` holds for container `container` in a dummy, if any.
+async fn placed_before(
+    svc: &Services,
+    command: i64,
+    container: i64,
+) -> Result<Option<Reservation>, DbErr> {
+    Ok(placement::dummies_of(svc.db(), command)
+        .await?
+        .into_iter()
+        .find(|d| d.container_id == container)
+        .map(|d| Reservation {
+            server_id: d.server_id,
+            dummy_id: d.id,
+        }))
+}
+
 fn lost_reservation() -> StepError {
     StepError::Permanent("lost the placement of this command".into())
 }
@@ -529,6 +545,13 @@ async fn create(ctx: &StepCtx<'_>, row: container::Model) -> Result<Transition, 
     }
     let req = requirements_of(&row);
     if CreateStep::of(ctx.cmd)? == CreateStep::Place {
+        // Placed by an earlier run whose group carried the step without writing it: its dummy
+        // is the placement.
+        if let Some(r) = placed_before(svc, ctx.cmd.id, id).await? {
+            let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
+            let step = CreateStep::Make.number();
+            return Ok(Transition::bare(Next::Continue { step, progress }));
+        }
         let params: params::Create = ctx.params()?;
         let mut avoid = spread_avoid(svc, &row, &req).await?;
         avoid.extend(params.avoid);
@@ -701,10 +724,14 @@ pub(super) async fn compensate(
     _error: &str,
 ) -> Result<Option<UndoWrites>, DbErr> {
     let progress = Recorded::of(cmd);
-    let reserved = progress.reservation();
     let new_id = match cmd.kind.as_str() {
         "container.clone" => progress.clone_id,
         _ => cmd.target_id,
+    };
+    // A create whose placement was carried, not written, holds it in a dummy only.
+    let reserved = match (progress.reservation(), cmd.kind.as_str(), new_id) {
+        (None, "container.create", Some(id)) => placed_before(svc, cmd.id, id).await?,
+        (r, _, _) => r,
     };
     let row = match new_id {
         Some(id) => container::Entity::find_by_id(id).one(svc.db()).await?,

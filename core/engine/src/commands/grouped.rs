@@ -4,13 +4,15 @@
 //!
 //! Step 0 decides a server for each container in the placement cache (one heap per set of
 //! equal requirements), claims capacity with one conditional update per server and inserts a
-//! dummy per container, committed with every command's step. Step 1 creates and starts the
+//! dummy per container; the commands are carried on to step 1 without a write (`GroupNext::
+//! Carry`): the dummy, which names its command, records the placement, and a command that runs
+//! step 0 again finds it (alone, through `container::create`). Step 1 creates and starts the
 //! guests concurrently and commits them in waves, as they finish: the dummies go, the
 //! containers get server, address and status, and the commands succeed. Commands placed by
 //! step 0 go on to step 1 in the same call, with the containers step 0 read.
 //!
-//! Invariants: each command's writes are exactly those of `container::create`'s same step, so
-//! a command can continue alone at any point. Only the common case is grouped; a command with
+//! Invariants: each command's writes are those of `container::create`'s same step (step 0
+//! leaves the command's step unwritten), so a command can continue alone at any point. Only the common case is grouped; a command with
 //! an image, a source to clone, spread or servers to avoid, a project with a quota, a decision that finds no server, a
 //! claim that loses a race, a driver error or an expired dummy is left uncommitted, and the
 //! queue runs it alone through `container::create`, which knows how to wait, retry, fail and
@@ -66,6 +68,9 @@ struct Row {
     /// Parameters as stored (JSON).
     params: String,
     project_id: i64,
+    /// Whether the command holding the container's lock holds a dummy for it: it placed the
+    /// container in an earlier run whose step 0 carried its progress without writing it.
+    reserved: bool,
 }
 
 impl Row {
@@ -103,7 +108,8 @@ fn plain<'a>(cmds: &[command::Model], rows: &'a HashMap<i64, Row>) -> Vec<Plain<
 }
 
 /// The containers of the group's commands, by id: only the columns the group needs, in one
-/// row per chunk.
+/// row per chunk. A container is read with whether its lock's holder (the group's command)
+/// has a dummy for it.
 async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Row>, DbErr> {
     let ids: Vec<i64> = cmds.iter().filter_map(|c| c.target_id).collect();
     let mut rows = HashMap::with_capacity(ids.len());
@@ -119,16 +125,28 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
             Option<i64>,
             String,
             i64,
+            i64,
         );
         let found: Vec<Found> = json_rows(
             svc.db(),
-            "id, status, guest_id, type_id, requirements, environment_id, params, project_id",
+            "id, status, guest_id, type_id, requirements, environment_id, params, project_id, \
+             CASE WHEN EXISTS (SELECT 1 FROM dummies d WHERE d.command_id = containers.locked_by \
+             AND d.container_id = containers.id) THEN 1 ELSE 0 END",
             &from,
             values,
         )
         .await?;
-        for (id, status, guest_id, type_id, requirements, environment_id, params, project_id) in
-            found
+        for (
+            id,
+            status,
+            guest_id,
+            type_id,
+            requirements,
+            environment_id,
+            params,
+            project_id,
+            reserved,
+        ) in found
         {
             rows.insert(
                 id,
@@ -141,6 +159,7 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
                     environment_id,
                     params,
                     project_id,
+                    reserved: reserved != 0,
                 },
             );
         }
@@ -182,7 +201,11 @@ async fn place(
     for p in plain(cmds, &rows) {
         starts.insert(p.index, p.params.start);
         let req = p.row.requirements();
-        if req.spread && p.row.environment_id.is_some() || limited.contains(&p.row.project_id) {
+        // One placed by an earlier run goes on alone from its dummy.
+        if req.spread && p.row.environment_id.is_some()
+            || limited.contains(&p.row.project_id)
+            || p.row.reserved
+        {
             continue;
         }
         let fixed = p.params.server_id;
@@ -277,7 +300,8 @@ async fn place(
                 .iter()
                 .map(|(i, container, server, _)| {
                     let progress = json!({ "server_id": server, "dummy_id": dummies[container] });
-                    (*i, GroupNext::Continue { step: 1, progress })
+                    // The dummy records the placement: a run of step 0 again finds it.
+                    (*i, GroupNext::Carry { step: 1, progress })
                 })
                 .collect();
             *kept_slot.lock().expect("not poisoned") = Some((kept, dummies));

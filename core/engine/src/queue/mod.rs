@@ -259,6 +259,17 @@ pub enum GroupNext {
         /// Progress to persist.
         progress: Value,
     },
+    /// Goes on to step `step` with `progress` in this run only: the command's row is held
+    /// under its lease until the commit (fenced like `Continue`) but not written, so it still
+    /// says the step before. For a step whose own writes record what it did, so that running
+    /// it again finds them instead of doing it twice; it spares a write of every command. The
+    /// command's final write records its last step and progress.
+    Carry {
+        /// The next step.
+        step: i32,
+        /// Progress of the next step, kept in memory.
+        progress: Value,
+    },
     /// Succeeded with a result.
     Done {
         /// The command's result.

@@ -1188,23 +1188,70 @@ pub(crate) async fn advance_many<C: ConnectionTrait>(
     Ok(n)
 }
 
-/// Marks many commands succeeded (`(id, result)`), fenced like `finish`, and releases their
-/// targets; returns how many commands it finished. Waking parents is the caller's.
+/// Holds many commands (`ids`) under `owner`'s lease until the transaction ends, without
+/// writing them: a fence like `advance_many`'s for a step that leaves the commands' rows as
+/// they are. Returns how many it holds. On PostgreSQL a row lock keeps a sweep or another
+/// core from taking them back before the commit; on SQLite the transaction already excludes
+/// every other writer.
+pub(crate) async fn hold_many<C: ConnectionTrait>(
+    conn: &C,
+    owner: &str,
+    ids: &[i64],
+) -> Result<u64, DbErr> {
+    let mut n = 0;
+    for chunk in ids.chunks(GROUP_CHUNK) {
+        let (ids, mut values) = ids_in(conn, "id", chunk.iter().copied(), 2);
+        let lock = match conn.get_database_backend() {
+            DatabaseBackend::Postgres => " FOR SHARE",
+            _ => "",
+        };
+        let text = format!(
+            "SELECT COUNT(*) AS n FROM (SELECT id FROM commands \
+             WHERE {ids} AND commands.lease_owner || '' = $1{}{lock}) AS held",
+            running_fence(conn)
+        );
+        values.insert(0, owner.into());
+        let row = conn.query_one_raw(sql(conn, &text, values)).await?;
+        n += row.map_or(Ok(0), |r| r.try_get::<i64>("", "n"))? as u64;
+    }
+    Ok(n)
+}
+
+/// A command a group step finished: its result, the last step and progress it went through
+/// and the target to release (none when the step's writes released it).
+pub(crate) struct Succeeded {
+    pub id: i64,
+    pub result: String,
+    pub step: i32,
+    pub progress: String,
+    pub target: Option<Target>,
+}
+
+/// Marks many commands succeeded, fenced like `finish`, and releases their targets; returns
+/// how many commands it finished. Waking parents is the caller's.
 pub(crate) async fn succeed_many<C: ConnectionTrait>(
     conn: &C,
     owner: &str,
     now: i64,
-    items: &[(i64, String, Option<Target>)],
+    items: &[Succeeded],
 ) -> Result<u64, DbErr> {
     let mut n = 0;
     for chunk in items.chunks(GROUP_CHUNK) {
         let rows: Vec<_> = chunk
             .iter()
-            .map(|(id, result, _)| vec![(*id).into(), result.as_str().into()])
+            .map(|s| {
+                vec![
+                    s.id.into(),
+                    s.result.as_str().into(),
+                    s.step.into(),
+                    s.progress.as_str().into(),
+                ]
+            })
             .collect();
-        let (v, rows) = rows_source(conn, &["BIGINT", "TEXT"], rows, 3);
+        let (v, rows) = rows_source(conn, &["BIGINT", "TEXT", "INTEGER", "TEXT"], rows, 3);
         let text = format!(
-            "UPDATE commands SET status = 'succeeded', result = v.column2, finished_at = $1, \
+            "UPDATE commands SET status = 'succeeded', result = v.column2, step = v.column3, \
+             progress = v.column4, finished_at = $1, \
              lease_owner = NULL, lease_until = NULL, waiting_on = NULL FROM {v} \
              WHERE commands.id = v.column1 AND commands.lease_owner || '' = $2{}",
             running_fence(conn)
@@ -1219,7 +1266,11 @@ pub(crate) async fn succeed_many<C: ConnectionTrait>(
     for table in ["containers", "environments"] {
         let pairs: Vec<(i64, i64)> = items
             .iter()
-            .filter_map(|(id, _, t)| t.filter(|t| t.table() == table).map(|t| (t.id(), *id)))
+            .filter_map(|s| {
+                s.target
+                    .filter(|t| t.table() == table)
+                    .map(|t| (t.id(), s.id))
+            })
             .collect();
         for chunk in pairs.chunks(GROUP_CHUNK) {
             let rows: Vec<_> = chunk

@@ -172,7 +172,7 @@ struct Sink<'a> {
     inner: &'a Inner,
     rows: &'a [command::Model],
     settled: Vec<Option<Settled>>,
-    /// The last step and progress committed for each command, if any.
+    /// The last step and progress committed (or carried) for each command, if any.
     committed: Vec<Option<(i32, String)>>,
 }
 
@@ -197,6 +197,7 @@ impl GroupSink for Sink<'_> {
         let now = self.inner.clock.now_ms();
         let lease_until = now + self.inner.config.lease.as_millis() as i64;
         let mut advances = Vec::new();
+        let mut carried = Vec::new();
         let mut finishes = Vec::new();
         for (i, next) in &decisions {
             let row = &self.rows[*i];
@@ -204,17 +205,30 @@ impl GroupSink for Sink<'_> {
                 GroupNext::Continue { step, progress } => {
                     advances.push((row.id, *step, progress.to_string()))
                 }
-                GroupNext::Done { result, released } => finishes.push((
-                    row.id,
-                    result.to_string(),
-                    Target::of(row).filter(|_| !*released),
-                )),
+                GroupNext::Carry { .. } => carried.push(row.id),
+                GroupNext::Done { result, released } => {
+                    // Its last step and progress, which a carry did not write.
+                    let (step, progress) = self.committed[*i]
+                        .clone()
+                        .unwrap_or_else(|| (row.step, row.progress.clone()));
+                    finishes.push(store::Succeeded {
+                        id: row.id,
+                        result: result.to_string(),
+                        step,
+                        progress,
+                        target: Target::of(row).filter(|_| !*released),
+                    })
+                }
             }
         }
         let owner = self.inner.node_id.as_str();
         let advanced = store::advance_many(&txn, owner, lease_until, &advances).await?;
+        let fenced = store::hold_many(&txn, owner, &carried).await?;
         let finished = store::succeed_many(&txn, owner, now, &finishes).await?;
-        if advanced != advances.len() as u64 || finished != finishes.len() as u64 {
+        if advanced != advances.len() as u64
+            || fenced != carried.len() as u64
+            || finished != finishes.len() as u64
+        {
             tracing::warn!("lost the lease of a command of a group; its members run alone");
             txn.rollback().await?;
             for (i, _) in decisions {
@@ -236,7 +250,7 @@ impl GroupSink for Sink<'_> {
             .fetch_add(decisions.len() as u64, Ordering::Relaxed);
         for (i, next) in decisions {
             self.settled[i] = Some(match next {
-                GroupNext::Continue { step, progress } => {
+                GroupNext::Continue { step, progress } | GroupNext::Carry { step, progress } => {
                     self.committed[i] = Some((step, progress.to_string()));
                     Settled::Continued
                 }
@@ -245,9 +259,7 @@ impl GroupSink for Sink<'_> {
         }
         if !finishes.is_empty() {
             tracing::debug!(commands = finishes.len(), "commands of a group finished");
-            self.inner
-                .waiters
-                .wake(finishes.iter().map(|(id, _, _)| *id));
+            self.inner.waiters.wake(finishes.iter().map(|f| f.id));
             self.inner.work.notify_one();
         }
         Ok(GroupCommit::Committed)
@@ -705,8 +717,8 @@ async fn lease_keeper(inner: Arc<Inner>) {
         tokio::time::sleep(every).await;
         let now = inner.clock.now_ms();
         let until = now + inner.config.lease.as_millis() as i64;
-        // A command claimed since the last half tick is left for the next tick, when it
-        // still has more than a third of a lease (most commands end before it).
+        // A command claimed in the last half interval is left for the next tick, when it
+        // still has at least half a lease (most commands end before it).
         let fresh = until - (every / 2).as_millis() as i64;
         let ids: Vec<i64> = inner
             .in_flight
