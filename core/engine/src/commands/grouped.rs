@@ -56,7 +56,9 @@ pub(super) async fn step(
     }
 }
 
-/// What the group reads of a container.
+/// What the group reads of a container (one row of `load`'s statement, its columns in this
+/// order).
+#[derive(serde::Deserialize)]
 struct Row {
     id: i64,
     status: String,
@@ -68,9 +70,9 @@ struct Row {
     /// Parameters as stored (JSON).
     params: String,
     project_id: i64,
-    /// Whether the command holding the container's lock holds a dummy for it: it placed the
+    /// 1 when the command holding the container's lock holds a dummy for it: it placed the
     /// container in an earlier run whose step 0 carried its progress without writing it.
-    reserved: bool,
+    reserved: u8,
 }
 
 impl Row {
@@ -116,18 +118,7 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
     for chunk in ids.chunks(CHUNK) {
         let (ids, values) = ids_in(svc.db(), "id", chunk.iter().copied(), 1);
         let from = format!("containers WHERE {ids}");
-        type Found = (
-            i64,
-            String,
-            String,
-            String,
-            String,
-            Option<i64>,
-            String,
-            i64,
-            i64,
-        );
-        let found: Vec<Found> = json_rows(
+        let found: Vec<Row> = json_rows(
             svc.db(),
             "id, status, guest_id, type_id, requirements, environment_id, params, project_id, \
              CASE WHEN EXISTS (SELECT 1 FROM dummies d WHERE d.command_id = containers.locked_by \
@@ -136,33 +127,7 @@ async fn load(svc: &Services, cmds: &[command::Model]) -> Result<HashMap<i64, Ro
             values,
         )
         .await?;
-        for (
-            id,
-            status,
-            guest_id,
-            type_id,
-            requirements,
-            environment_id,
-            params,
-            project_id,
-            reserved,
-        ) in found
-        {
-            rows.insert(
-                id,
-                Row {
-                    id,
-                    status,
-                    guest_id,
-                    type_id,
-                    requirements,
-                    environment_id,
-                    params,
-                    project_id,
-                    reserved: reserved != 0,
-                },
-            );
-        }
+        rows.extend(found.into_iter().map(|r| (r.id, r)));
     }
     Ok(rows)
 }
@@ -204,7 +169,7 @@ async fn place(
         // One placed by an earlier run goes on alone from its dummy.
         if req.spread && p.row.environment_id.is_some()
             || limited.contains(&p.row.project_id)
-            || p.row.reserved
+            || p.row.reserved != 0
         {
             continue;
         }
