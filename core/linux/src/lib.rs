@@ -362,10 +362,7 @@ impl LinuxDriver {
     }
 
     fn over_capacity(&self, wanted: Resources) -> DriverError {
-        DriverError::Capacity {
-            server: self.cfg.name.clone(),
-            message: format!("{wanted:?} would exceed the capacity {:?}", self.capacity),
-        }
+        over_capacity(&self.cfg.name, &self.capacity, wanted)
     }
 
     /// Reserves capacity and an address for a new guest by recording it in memory, under one
@@ -381,22 +378,13 @@ impl LinuxDriver {
             drop(guests);
             return Ok(Err(self.info(&existing)));
         }
-        let wanted = allocated_in(&guests).plus(&spec.resources);
-        if !wanted.fits_in(&self.capacity) {
-            return Err(self.over_capacity(wanted));
-        }
-        let used: Vec<Ipv4Addr> = guests.values().map(|r| r.ip).collect();
-        let ip = network::pick_address(
-            &self.cfg.subnet,
-            self.cfg.addresses,
-            &used,
-            spec.ip.as_deref(),
-            &spec.avoid,
-        )
-        .map_err(|message| DriverError::Capacity {
-            server: self.cfg.name.clone(),
-            message,
-        })?;
+        let ip = admit(
+            &self.cfg.name,
+            &self.capacity,
+            (&self.cfg.subnet, self.cfg.addresses),
+            guests.values().map(|r| (r.spec.resources, r.ip)),
+            spec,
+        )?;
         let mut spec = spec.clone();
         spec.ip = Some(ip.to_string());
         let record = Record { spec, ip, image };
@@ -710,6 +698,43 @@ fn signal_all(pids: Vec<i32>, signal: i32) {
     for p in pids {
         // SAFETY: kill has no memory preconditions; a stale pid only yields ESRCH.
         unsafe { libc::kill(p, signal) };
+    }
+}
+
+/// The address of a new guest of `spec` on server `server` of `capacity`, handing out
+/// `network`, beside the guests it holds (`held`: each one's resources and address), once it is
+/// known to fit. Both drivers decide under their guests' lock with it, so concurrent creates
+/// never share an address or over-commit.
+pub fn admit(
+    server: &str,
+    capacity: &Resources,
+    network: (&Subnet, Option<network::AddressRange>),
+    held: impl Iterator<Item = (Resources, Ipv4Addr)>,
+    spec: &GuestSpec,
+) -> Result<Ipv4Addr, DriverError> {
+    let mut wanted = spec.resources;
+    let mut used = Vec::new();
+    for (resources, ip) in held {
+        wanted = wanted.plus(&resources);
+        used.push(ip);
+    }
+    if !wanted.fits_in(capacity) {
+        return Err(over_capacity(server, capacity, wanted));
+    }
+    let (subnet, range) = network;
+    network::pick_address(subnet, range, &used, spec.ip.as_deref(), &spec.avoid).map_err(
+        |message| DriverError::Capacity {
+            server: server.to_string(),
+            message,
+        },
+    )
+}
+
+/// Server `server` of `capacity` refusing what would take `wanted` of it in all.
+pub fn over_capacity(server: &str, capacity: &Resources, wanted: Resources) -> DriverError {
+    DriverError::Capacity {
+        server: server.to_string(),
+        message: format!("{wanted:?} would exceed the capacity {capacity:?}"),
     }
 }
 

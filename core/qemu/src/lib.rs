@@ -47,7 +47,7 @@ use cloud48_driver::{
 };
 use cloud48_linux::images::ImageSource;
 use cloud48_linux::network::{self, AddressRange, GuestNet, Subnet};
-use cloud48_linux::{find_program, machine_capacity, read_records, tail};
+use cloud48_linux::{admit, find_program, machine_capacity, over_capacity, read_records, tail};
 use cloud48_model::{ImageRef, Resources};
 
 use disks::{Base, VmImages};
@@ -350,10 +350,7 @@ impl QemuDriver {
     }
 
     fn over_capacity(&self, wanted: Resources) -> DriverError {
-        DriverError::Capacity {
-            server: self.cfg.name.clone(),
-            message: format!("{wanted:?} would exceed the capacity {:?}", self.capacity),
-        }
+        over_capacity(&self.cfg.name, &self.capacity, wanted)
     }
 
     /// Reserves capacity and an address for a new guest under one lock; `Err(info)` when the
@@ -369,24 +366,13 @@ impl QemuDriver {
             drop(guests);
             return Ok(Err(self.info(&existing, GuestState::Stopped)));
         }
-        let wanted = guests
-            .values()
-            .fold(spec.resources, |acc, r| acc.plus(&r.spec.resources));
-        if !wanted.fits_in(&self.capacity) {
-            return Err(self.over_capacity(wanted));
-        }
-        let used: Vec<Ipv4Addr> = guests.values().map(|r| r.ip).collect();
-        let ip = network::pick_address(
-            &self.cfg.subnet,
-            self.cfg.addresses,
-            &used,
-            spec.ip.as_deref(),
-            &spec.avoid,
-        )
-        .map_err(|message| DriverError::Capacity {
-            server: self.cfg.name.clone(),
-            message,
-        })?;
+        let ip = admit(
+            &self.cfg.name,
+            &self.capacity,
+            (&self.cfg.subnet, self.cfg.addresses),
+            guests.values().map(|r| (r.spec.resources, r.ip)),
+            spec,
+        )?;
         let mut spec = spec.clone();
         spec.ip = Some(ip.to_string());
         let record = Record {
