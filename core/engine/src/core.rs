@@ -277,6 +277,10 @@ fn create_data_dir(config: &CoreConfig) -> Result<(), CoreError> {
     })
 }
 
+/// How long a PostgreSQL connection may have been idle before the pool pings it before
+/// handing it out.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// `connect` into an existing data directory; on PostgreSQL the connections carry `node` as
 /// their `application_name`, which names this core in the work `NOTIFY`s of its inserts
 /// (`cluster::listen_for_work`).
@@ -311,7 +315,12 @@ async fn connect_as(
         // No JIT: the core's statements are short, and a claim whose estimated cost passed
         // `jit_above_cost` spent 50 of its 70 ms compiling itself (`auto_explain`).
         let node = node.map(str::to_string);
+        // A connection in use a moment ago is handed out without a ping (a round trip before
+        // every statement or transaction; the pool pings each connection it takes back
+        // anyway); one idle for a second is pinged first, and a dead one replaced (the
+        // database restarted, a proxy dropped it).
         opt.max_connections(config.db_connections.max(2))
+            .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
             .map_sqlx_postgres_opts(move |o| {
                 let o = o.options([("jit", "off")]);
                 match &node {
