@@ -361,10 +361,6 @@ impl LinuxDriver {
         allocated_in(&self.guests.lock().unwrap())
     }
 
-    fn over_capacity(&self, wanted: Resources) -> DriverError {
-        over_capacity(&self.cfg.name, &self.capacity, wanted)
-    }
-
     /// Reserves capacity and an address for a new guest by recording it in memory, under one
     /// lock, so concurrent creates never share an address or over-commit. `Err(info)` when the
     /// guest exists.
@@ -986,7 +982,7 @@ impl Driver for LinuxDriver {
         let mut r = self.record(guest_id)?;
         let wanted = self.allocated().minus(&r.spec.resources).plus(resources);
         if !wanted.fits_in(&self.capacity) {
-            return Err(self.over_capacity(wanted));
+            return Err(over_capacity(&self.cfg.name, &self.capacity, wanted));
         }
         self.cgroups.limit(guest_id, resources).map_err(permanent)?;
         r.spec.resources = *resources;

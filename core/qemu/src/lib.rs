@@ -349,10 +349,6 @@ impl QemuDriver {
             .fold(Resources::default(), |acc, r| acc.plus(&r.spec.resources))
     }
 
-    fn over_capacity(&self, wanted: Resources) -> DriverError {
-        over_capacity(&self.cfg.name, &self.capacity, wanted)
-    }
-
     /// Reserves capacity and an address for a new guest under one lock; `Err(info)` when the
     /// guest exists.
     fn reserve(
@@ -682,7 +678,7 @@ impl Driver for QemuDriver {
         let mut r = self.record(guest_id)?;
         let wanted = self.allocated().minus(&r.spec.resources).plus(resources);
         if !wanted.fits_in(&self.capacity) {
-            return Err(self.over_capacity(wanted));
+            return Err(over_capacity(&self.cfg.name, &self.capacity, wanted));
         }
         match self.state(guest_id).await {
             GuestState::Stopped => {}

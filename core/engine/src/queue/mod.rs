@@ -262,8 +262,9 @@ pub enum GroupNext {
     /// Goes on to step `step` with `progress` in this run only: the command's row is held
     /// under its lease until the commit (fenced like `Continue`) but not written, so it still
     /// says the step before. For a step whose own writes record what it did, so that running
-    /// it again finds them instead of doing it twice; it spares a write of every command. The
-    /// command's final write records its last step and progress.
+    /// it again finds them instead of doing it twice; it spares a write of every command. A
+    /// command the group finishes is recorded with its last step and progress; one that goes
+    /// on alone ends with the step its row last recorded.
     Carry {
         /// The next step.
         step: i32,
