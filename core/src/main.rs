@@ -5,7 +5,9 @@ use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of the C library's allocator: a core allocates and frees many small,
 /// short-lived values per command (rows, statements, JSON), where glibc's malloc spent a fifth of
-/// the core's time in `bench place` (see ARCHITECTURE.md and BENCHMARKS.md).
+/// the core's time in `bench place`; without transparent huge pages (the `no_thp` feature), which
+/// made it zero 2 MiB for each page it took back from the kernel (see ARCHITECTURE.md and
+/// BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
