@@ -56,7 +56,7 @@ pub struct QueueConfig {
     pub backoff_max: Duration,
     /// Attempts before a transient error fails the command.
     pub max_attempts: i32,
-    /// Most commands claimed in one statement.
+    /// Most commands claimed in one statement (a claim takes at most half the workers).
     pub claim_batch: usize,
     /// Poll interval when idle (for work from other cores and for due retries).
     pub poll: Duration,
