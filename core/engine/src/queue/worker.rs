@@ -80,11 +80,11 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
                 (Vec::new(), HashSet::new())
             }
         };
+        tracing::debug!(asked, claimed = rows.len(), "claimed commands");
         // Fewer than asked: nothing else was claimable when the claim ran, so the next claim
         // waits for a wake-up (one that came meanwhile is kept by `work`) instead of running
         // at once to find nothing (on PostgreSQL an empty claim still costs a statement and
         // its triggers, and holds the dispatcher while a new command waits).
-        tracing::debug!(asked, claimed = rows.len(), "claimed commands");
         let mut idle = rows.len() < asked;
         // A command a task of this process still executes came back (its lease was renewed too
         // late and a sweep put it back): the claim made this process its owner again, so that
