@@ -726,8 +726,25 @@ pub fn admit(
     )
 }
 
+/// Whether server `server` of `capacity`, `allocated` to its guests, has room for one of them
+/// to go from `from` to `to`. Both drivers' `update` decide with it under the guest's hold.
+pub fn admit_resize(
+    server: &str,
+    capacity: &Resources,
+    allocated: Resources,
+    from: &Resources,
+    to: &Resources,
+) -> Result<(), DriverError> {
+    let wanted = allocated.minus(from).plus(to);
+    if wanted.fits_in(capacity) {
+        Ok(())
+    } else {
+        Err(over_capacity(server, capacity, wanted))
+    }
+}
+
 /// Server `server` of `capacity` refusing what would take `wanted` of it in all.
-pub fn over_capacity(server: &str, capacity: &Resources, wanted: Resources) -> DriverError {
+fn over_capacity(server: &str, capacity: &Resources, wanted: Resources) -> DriverError {
     DriverError::Capacity {
         server: server.to_string(),
         message: format!("{wanted:?} would exceed the capacity {capacity:?}"),
@@ -980,10 +997,13 @@ impl Driver for LinuxDriver {
     async fn update(&self, guest_id: &str, resources: &Resources) -> Result<(), DriverError> {
         let _held = self.hold(guest_id).await;
         let mut r = self.record(guest_id)?;
-        let wanted = self.allocated().minus(&r.spec.resources).plus(resources);
-        if !wanted.fits_in(&self.capacity) {
-            return Err(over_capacity(&self.cfg.name, &self.capacity, wanted));
-        }
+        admit_resize(
+            &self.cfg.name,
+            &self.capacity,
+            self.allocated(),
+            &r.spec.resources,
+            resources,
+        )?;
         self.cgroups.limit(guest_id, resources).map_err(permanent)?;
         r.spec.resources = *resources;
         self.save(&r)

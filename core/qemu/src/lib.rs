@@ -47,7 +47,7 @@ use cloud48_driver::{
 };
 use cloud48_linux::images::ImageSource;
 use cloud48_linux::network::{self, AddressRange, GuestNet, Subnet};
-use cloud48_linux::{admit, find_program, machine_capacity, over_capacity, read_records, tail};
+use cloud48_linux::{admit, admit_resize, find_program, machine_capacity, read_records, tail};
 use cloud48_model::{ImageRef, Resources};
 
 use disks::{Base, VmImages};
@@ -676,10 +676,13 @@ impl Driver for QemuDriver {
     async fn update(&self, guest_id: &str, resources: &Resources) -> Result<(), DriverError> {
         let _held = self.hold(guest_id).await;
         let mut r = self.record(guest_id)?;
-        let wanted = self.allocated().minus(&r.spec.resources).plus(resources);
-        if !wanted.fits_in(&self.capacity) {
-            return Err(over_capacity(&self.cfg.name, &self.capacity, wanted));
-        }
+        admit_resize(
+            &self.cfg.name,
+            &self.capacity,
+            self.allocated(),
+            &r.spec.resources,
+            resources,
+        )?;
         match self.state(guest_id).await {
             GuestState::Stopped => {}
             GuestState::Running => self.resize(&r, resources).await?,

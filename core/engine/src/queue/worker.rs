@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use sea_orm::{DatabaseTransaction, TransactionTrait};
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::Instrument;
 
 use super::store::{self, Finish, LockOutcome};
@@ -46,7 +46,7 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
             return;
         };
         let mut permits = vec![first];
-        take_free(&inner, &mut permits, batch);
+        take_free(&inner.slots, &mut permits, batch);
         // Few free workers while the others are busy: wait (at most a poll interval) for more
         // to finish, so that claims, and the groups they make, stay large.
         let short = short_of_floor(permits.len(), batch);
@@ -56,7 +56,7 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
                 while let Some(one) = more.split(1) {
                     permits.push(one);
                 }
-                take_free(&inner, &mut permits, batch);
+                take_free(&inner.slots, &mut permits, batch);
             }
             if inner.stopping.load(Ordering::SeqCst) {
                 return;
@@ -131,10 +131,10 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
     }
 }
 
-/// Adds free permits to `permits`, up to `batch`, without waiting.
-fn take_free(inner: &Arc<Inner>, permits: &mut Vec<OwnedSemaphorePermit>, batch: usize) {
+/// Adds free permits of `slots` to `permits`, up to `batch`, without waiting.
+fn take_free(slots: &Arc<Semaphore>, permits: &mut Vec<OwnedSemaphorePermit>, batch: usize) {
     while permits.len() < batch {
-        match inner.slots.clone().try_acquire_owned() {
+        match slots.clone().try_acquire_owned() {
             Ok(p) => permits.push(p),
             Err(_) => break,
         }
