@@ -484,7 +484,7 @@ async fn a_mutation_answers_202_at_once_and_the_wait_option_blocks_until_done() 
 
 /// Regression (hardening): the core listened only after resuming its commands and reconciling
 /// every server. It answers at once; `GET /v1/health` (public) says `starting` until it is
-/// ready, then `ready`.
+/// ready, then `ready`, and names the core.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_reports_readiness_and_needs_no_credentials() {
     let t = TestCore::start(Opts {
@@ -502,9 +502,14 @@ async fn health_reports_readiness_and_needs_no_credentials() {
         let status = resp.status().as_u16();
         (status, resp.json::<serde_json::Value>().await.unwrap())
     };
+    // It names the core that answered.
+    let node = t.core.queue().node_id().to_string();
     assert_eq!(
         health().await,
-        (503, serde_json::json!({ "status": "starting" }))
+        (
+            503,
+            serde_json::json!({ "status": "starting", "node": node })
+        )
     );
     let (status, _) = {
         let resp = reqwest::get(format!("{}/v1/servers", t.url)).await.unwrap();
@@ -514,7 +519,7 @@ async fn health_reports_readiness_and_needs_no_credentials() {
     t.core.start().await.unwrap();
     assert_eq!(
         health().await,
-        (200, serde_json::json!({ "status": "ready" }))
+        (200, serde_json::json!({ "status": "ready", "node": node }))
     );
 }
 

@@ -406,3 +406,26 @@ async fn container_list_streams_a_list_longer_than_a_page() {
     assert_eq!(out.matches("ENVIRONMENT").count(), 2, "a table per page");
     assert_eq!(out.matches(" plain ").count(), 1500);
 }
+
+/// A core started where another core already listens is told apart from it: waiting for it
+/// does not take the other's answers for its own (tests and benchmarks start cores on ports
+/// picked moments before, which another process can take meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_core_never_takes_another_core_s_answer_for_its_own() {
+    let dir = crate::common::tempdir();
+    let first = serve_two_sims(dir.path()).await;
+    let listen = first.url.trim_start_matches("http://").to_string();
+    let second = dir.path().join("second");
+    let mut late = cloud48_core::serving::ServeProcess::spawn_at(
+        std::path::Path::new(crate::common::binary()),
+        &second,
+        &listen,
+        &["--sim-servers", "2", "--anonymous", "full"],
+    )
+    .unwrap();
+    let err = late.health(true).await.unwrap_err().to_string();
+    assert!(
+        err.contains(&listen) && err.contains("another process holds the port"),
+        "{err}"
+    );
+}

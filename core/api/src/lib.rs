@@ -242,15 +242,18 @@ async fn metrics(core: Core, scope: Option<Scope>) -> Result<axum::response::Res
 }
 
 /// Readiness: 200 `{"status": "ready"}` once the core runs commands and has reconciled its
-/// servers, 503 `{"status": "starting"}` before (the API already accepts requests then).
+/// servers, 503 `{"status": "starting"}` before (the API already accepts requests then); with
+/// `node`, the name of the core that answered (behind a load balancer, or to tell that an
+/// address is this core's and not another's).
 async fn health(core: Core) -> axum::response::Response {
     use axum::response::IntoResponse;
+    let node = core.queue().node_id();
     if core.is_ready() {
-        Json(serde_json::json!({ "status": "ready" })).into_response()
+        Json(serde_json::json!({ "status": "ready", "node": node })).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "starting" })),
+            Json(serde_json::json!({ "status": "starting", "node": node })),
         )
             .into_response()
     }
