@@ -9,7 +9,9 @@ use cloud48_core::cli::Client;
 use cloud48_engine::cluster::{Claim, Cluster, DbClock, Duty};
 use cloud48_engine::entities::command;
 use cloud48_engine::model::{Server, ServerStatus};
-use cloud48_engine::queue::{Clock, Next, Queue, QueueConfig, Runner, StepError, Transition};
+use cloud48_engine::queue::{
+    Clock, Next, Queue, QueueConfig, Runner, StepError, SystemClock, Transition,
+};
 
 use crate::agent::{TOKEN, serve_agent, sim};
 use crate::common::{PgDb, ServeProcess, eventually, serve};
@@ -317,6 +319,110 @@ async fn a_core_with_a_skewed_clock_neither_steals_nor_loses_leases() {
         ["core-a", "core-b"],
         "uncorrected, the core ahead takes the command while it runs"
     );
+}
+
+/// A runner that records which core ran its step; on the core given `entered` it then holds
+/// its thread (the whole runtime, on a current-thread runtime) for `block`.
+struct Hogging {
+    node: &'static str,
+    seen: Arc<Mutex<Vec<String>>>,
+    entered: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    block: Duration,
+}
+
+#[async_trait::async_trait]
+impl Runner for Hogging {
+    async fn step(&self, _: &command::Model) -> Result<Transition, StepError> {
+        self.seen.lock().unwrap().push(self.node.into());
+        if let Some(entered) = self.entered.lock().unwrap().take() {
+            entered.send(()).unwrap();
+            std::thread::sleep(self.block);
+        }
+        Ok(Transition::bare(Next::Done(serde_json::Value::Null)))
+    }
+}
+
+/// A core whose runtime is saturated keeps its commands: its leases are renewed on a thread
+/// and a connection of their own (`Queue::renew_leases_apart`, as `Core` does on PostgreSQL).
+/// Core a's step holds a's only runtime thread for three and a half leases while core b, on a
+/// thread and runtime of its own, sweeps the queue every third of a lease: the step runs on
+/// core a alone. (Renewed by a task on a's runtime, the lease runs out and core b runs the
+/// step again: the test can fail.)
+#[tokio::test(flavor = "current_thread")]
+async fn a_core_whose_runtime_is_saturated_keeps_its_commands() {
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let lease = Duration::from_millis(1000);
+    let queue_config = QueueConfig {
+        lease,
+        poll: Duration::from_millis(20),
+        ..QueueConfig::default()
+    };
+    let connect = |url: String| async move {
+        let mut config = cloud48_engine::CoreConfig::new(crate::common::tempdir().path());
+        config.database_url = Some(url);
+        cloud48_engine::core::connect(&config).await.unwrap()
+    };
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (entered, a_entered) = std::sync::mpsc::channel();
+    let (stop_b, b_stops) = tokio::sync::oneshot::channel::<()>();
+    // Core b starts once core a runs the step, so that only a claims it at first.
+    let b = {
+        let (url, seen, config) = (pg.url.clone(), seen.clone(), queue_config.clone());
+        std::thread::spawn(move || {
+            a_entered.recv().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let b = Queue::new(
+                    connect(url).await,
+                    "core-b".into(),
+                    config,
+                    Arc::new(SystemClock),
+                );
+                let runner = Hogging {
+                    node: "core-b",
+                    seen,
+                    entered: Mutex::new(None),
+                    block: Duration::ZERO,
+                };
+                b.start(Arc::new(runner), false).await.unwrap();
+                let _ = b_stops.await;
+                b.stop(Duration::from_secs(1)).await;
+                b.sweeps()
+            })
+        })
+    };
+    let a = Queue::new(
+        connect(pg.url.clone()).await,
+        "core-a".into(),
+        queue_config,
+        Arc::new(SystemClock),
+    );
+    let mut leases = sea_orm::ConnectOptions::new(pg.url.clone());
+    leases.max_connections(1);
+    a.renew_leases_apart(leases);
+    let runner = Hogging {
+        node: "core-a",
+        seen: seen.clone(),
+        entered: Mutex::new(Some(entered)),
+        block: lease * 7 / 2,
+    };
+    a.start(Arc::new(runner), false).await.unwrap();
+    let id = a.enqueue(crate::common::noop()).await.unwrap();
+    let done = a.wait(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done.status, cloud48_engine::model::CommandStatus::Succeeded);
+    stop_b.send(()).unwrap();
+    let b_sweeps = tokio::task::spawn_blocking(move || b.join().unwrap())
+        .await
+        .unwrap();
+    a.stop(Duration::from_secs(1)).await;
+    // Core b swept the queue while core a's step held its runtime (every third of a lease).
+    assert!(b_sweeps >= 3, "core b swept {b_sweeps} times");
+    assert_eq!(*seen.lock().unwrap(), ["core-a"]);
 }
 
 /// Three cores on one database and four simulated servers behind agents that know every core:

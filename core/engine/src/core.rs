@@ -288,6 +288,20 @@ async fn connect_as(
     config: &CoreConfig,
     node: Option<&str>,
 ) -> Result<DatabaseConnection, CoreError> {
+    let opt = options(config, node);
+    let url = opt.get_url().to_string();
+    let db = Database::connect(opt)
+        .await
+        .map_err(|e| CoreError::Setup(format!("cannot open database {url}: {e}")))?;
+    use migrations::sea_orm_migration::MigratorTrait;
+    migrations::Migrator::up(&db, None)
+        .await
+        .map_err(|e| CoreError::Setup(format!("database migration failed: {e}")))?;
+    Ok(db)
+}
+
+/// How `connect_as` opens the database.
+fn options(config: &CoreConfig, node: Option<&str>) -> ConnectOptions {
     let url = config
         .database_url
         .clone()
@@ -329,14 +343,7 @@ async fn connect_as(
                 }
             });
     }
-    let db = Database::connect(opt)
-        .await
-        .map_err(|e| CoreError::Setup(format!("cannot open database {url}: {e}")))?;
-    use migrations::sea_orm_migration::MigratorTrait;
-    migrations::Migrator::up(&db, None)
-        .await
-        .map_err(|e| CoreError::Setup(format!("database migration failed: {e}")))?;
-    Ok(db)
+    opt
 }
 
 fn node_id(data_dir: &std::path::Path) -> Result<String, CoreError> {
@@ -386,11 +393,20 @@ impl Core {
         let cluster = Arc::new(cluster);
         let queue = Queue::with_recorder(
             db.clone(),
-            node,
+            node.clone(),
             config.queue.clone(),
             clock.clone(),
             recorder,
         );
+        // Another core takes over a command whose lease ran out: the leases of a core sharing
+        // its database are renewed on a thread and a connection of their own, so that a core
+        // whose runtime is saturated for a while (a burst of events, a large group) does not
+        // lose its commands to another core while it still runs them.
+        if cluster.shared() {
+            let mut opt = options(&config, Some(&node));
+            opt.max_connections(1).min_connections(0).connect_lazy(true);
+            queue.renew_leases_apart(opt);
+        }
         let health = Health::new(clock.clone());
         let health = Arc::new(if cluster.shared() {
             health.shared()

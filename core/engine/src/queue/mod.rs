@@ -403,6 +403,9 @@ pub(crate) struct Inner {
     in_flight: std::sync::Mutex<std::collections::HashMap<i64, i64>>,
     runner: std::sync::OnceLock<Arc<dyn Runner>>,
     recorder: Arc<crate::metrics::Recorder>,
+    /// Where the lease keeper connects when it runs on a thread of its own
+    /// (`Queue::renew_leases_apart`).
+    lease_db: std::sync::OnceLock<sea_orm::ConnectOptions>,
 }
 
 /// Handle to the queue; cheap to clone.
@@ -447,8 +450,17 @@ impl Queue {
                 in_flight: Default::default(),
                 runner: std::sync::OnceLock::new(),
                 recorder,
+                lease_db: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Renews leases (and sweeps expired ones) on a thread and a database connection of its
+    /// own, opened with `opt`, instead of a task beside the commands: the renewals then keep
+    /// time while this process's runtime is saturated. Call before `start`; a second call is
+    /// ignored.
+    pub fn renew_leases_apart(&self, opt: sea_orm::ConnectOptions) {
+        let _ = self.inner.lease_db.set(opt);
     }
 
     /// Where the core's measurements go (`GET /metrics`).

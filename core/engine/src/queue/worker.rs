@@ -35,7 +35,12 @@ struct PlainDone {
 pub(super) fn spawn(inner: Arc<Inner>) {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     tokio::spawn(completer(inner.clone(), done_rx));
-    tokio::spawn(lease_keeper(inner.clone()));
+    match inner.lease_db.get().cloned() {
+        Some(opt) => keeper_apart(inner.clone(), opt),
+        None => {
+            tokio::spawn(lease_keeper(inner.clone(), inner.db.clone()));
+        }
+    }
     tokio::spawn(dispatcher(inner, done_tx));
 }
 
@@ -748,7 +753,59 @@ async fn completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<PlainDone>
     }
 }
 
-async fn lease_keeper(inner: Arc<Inner>) {
+/// Runs the lease keeper on a thread of its own, on a runtime of its own and a connection
+/// opened with `opt`, so that its renewals keep time whatever this runtime's tasks do. It ends
+/// with the queue (`stop`) or with the runtime that called this; if its thread or runtime
+/// cannot be made, the keeper runs as a task here instead.
+fn keeper_apart(inner: Arc<Inner>, opt: sea_orm::ConnectOptions) {
+    let here = tokio::runtime::Handle::current();
+    let (alive, ended) = tokio::sync::oneshot::channel::<()>();
+    // This task's end, when its runtime shuts down, ends the keeper.
+    here.spawn(async move {
+        let _alive = alive;
+        std::future::pending::<()>().await
+    });
+    let fallback = here.clone();
+    let keeper = inner.clone();
+    let spawned = std::thread::Builder::new()
+        .name("cloud48-leases".into())
+        .spawn(move || {
+            let apart = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let apart = match apart {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot make the lease keeper's runtime; renewing leases beside the commands");
+                    fallback.spawn(lease_keeper(keeper.clone(), keeper.db.clone()));
+                    return;
+                }
+            };
+            apart.block_on(async move {
+                // A lazy pool: no connection yet, so only bad options fail here.
+                let db = match sea_orm::Database::connect(opt).await {
+                    Ok(db) => db,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot open the lease keeper's connection; renewing leases beside the commands");
+                        fallback.spawn(lease_keeper(keeper.clone(), keeper.db.clone()));
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = lease_keeper(keeper, db) => {}
+                    _ = ended => {}
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the lease keeper's thread; renewing leases beside the commands");
+        here.spawn(lease_keeper(inner.clone(), inner.db.clone()));
+    }
+}
+
+/// Every third of a lease: renews the leases of the commands this process executes, then
+/// queues again every command whose lease ran out, on `db`.
+async fn lease_keeper(inner: Arc<Inner>, db: sea_orm::DatabaseConnection) {
     let every = (inner.config.lease / 3).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
@@ -765,10 +822,10 @@ async fn lease_keeper(inner: Arc<Inner>) {
             .filter(|(_, claimed_until)| **claimed_until < fresh)
             .map(|(id, _)| *id)
             .collect();
-        if let Err(e) = store::renew_leases(&inner.db, &inner.node_id, &ids, until).await {
+        if let Err(e) = store::renew_leases(&db, &inner.node_id, &ids, until).await {
             tracing::warn!(error = %e, "renewing leases failed");
         }
-        match store::sweep(&inner.db, now).await {
+        match store::sweep(&db, now).await {
             Ok(n) => {
                 inner.sweeps.fetch_add(1, Ordering::Relaxed);
                 if n > 0 {
