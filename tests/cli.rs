@@ -429,3 +429,37 @@ async fn waiting_for_a_core_never_takes_another_core_s_answer_for_its_own() {
         "{err}"
     );
 }
+
+/// A core whose picked port another process takes before the core listens is started again
+/// on another port, and waiting for it ends with the core itself answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_whose_port_is_taken_meanwhile_starts_again_on_another() {
+    let dir = crate::common::tempdir();
+    let data = dir.path().join("data");
+    let mut serve = cloud48_core::serving::ServeProcess::spawn(
+        std::path::Path::new(crate::common::binary()),
+        &data,
+        &["--sim-servers", "1", "--anonymous", "full"],
+    )
+    .unwrap();
+    let taken = serve.url.clone();
+    // The core opens its database before it listens: the port is taken long before that.
+    let squatter = std::net::TcpListener::bind(taken.trim_start_matches("http://"))
+        .expect("the port is taken before the core listens on it");
+    std::thread::spawn(move || {
+        // Accept and hang up at once: no answer the core could be mistaken for.
+        for conn in squatter.incoming() {
+            drop(conn);
+        }
+    });
+    serve.health(true).await.unwrap();
+    assert_ne!(serve.url, taken);
+    let answer: Value = reqwest::get(format!("{}/v1/health", serve.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let node = std::fs::read_to_string(data.join("node-id")).unwrap();
+    assert_eq!(answer["node"], node.trim());
+}
