@@ -775,21 +775,13 @@ fn keeper_apart(inner: Arc<Inner>, opt: sea_orm::ConnectOptions) {
                 .build();
             let apart = match apart {
                 Ok(rt) => rt,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot make the lease keeper's runtime; renewing leases beside the commands");
-                    fallback.spawn(lease_keeper(keeper.clone(), keeper.db.clone()));
-                    return;
-                }
+                Err(e) => return keep_beside(&fallback, &keeper, "make its runtime", &e),
             };
             apart.block_on(async move {
                 // A lazy pool: no connection yet, so only bad options fail here.
                 let db = match sea_orm::Database::connect(opt).await {
                     Ok(db) => db,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot open the lease keeper's connection; renewing leases beside the commands");
-                        fallback.spawn(lease_keeper(keeper.clone(), keeper.db.clone()));
-                        return;
-                    }
+                    Err(e) => return keep_beside(&fallback, &keeper, "open its connection", &e),
                 };
                 tokio::select! {
                     _ = lease_keeper(keeper, db) => {}
@@ -798,9 +790,19 @@ fn keeper_apart(inner: Arc<Inner>, opt: sea_orm::ConnectOptions) {
             });
         });
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot start the lease keeper's thread; renewing leases beside the commands");
-        here.spawn(lease_keeper(inner.clone(), inner.db.clone()));
+        keep_beside(&here, &inner, "start its thread", &e);
     }
+}
+
+/// The lease keeper as a task of `here`, beside the commands, when it cannot `what` apart.
+fn keep_beside(
+    here: &tokio::runtime::Handle,
+    inner: &Arc<Inner>,
+    what: &str,
+    e: &dyn std::fmt::Display,
+) {
+    tracing::warn!(error = %e, "the lease keeper cannot {what}; renewing leases beside the commands");
+    here.spawn(lease_keeper(inner.clone(), inner.db.clone()));
 }
 
 /// Every third of a lease: renews the leases of the commands this process executes, then
