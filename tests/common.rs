@@ -47,8 +47,24 @@ pub fn scratch() -> &'static std::path::Path {
         std::fs::create_dir_all(&dir).unwrap();
         // SAFETY: registers a plain function that only reads a set OnceLock.
         unsafe { libc::atexit(remove_at_exit) };
+        say_failures_again();
         dir
     })
+}
+
+/// Installed with the scratch directory: after the usual report of a panic (its message, then
+/// a backtrace when `RUST_BACKTRACE` asks for one) the message is said again in one line, so
+/// that a long log cut down to its head and tail still shows what failed.
+fn say_failures_again() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        let what = info
+            .payload_as_str()
+            .unwrap_or("(a panic without a message)");
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        eprintln!("failed at {at}: {what}");
+    }));
 }
 
 /// A temporary directory under [`scratch`], removed when dropped (or, if a mount keeps it, when
