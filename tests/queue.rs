@@ -209,9 +209,7 @@ async fn cancellation(pg: bool) {
 /// A scratch PostgreSQL database with the schema, for several queues to share.
 async fn shared_postgres() -> Option<(PgDb, sea_orm::DatabaseConnection)> {
     let pg = PgDb::create().await?;
-    let mut config = cloud48_engine::CoreConfig::new(crate::common::tempdir().path());
-    config.database_url = Some(pg.url.clone());
-    let db = cloud48_engine::core::connect(&config).await.unwrap();
+    let db = pg.connect().await;
     Some((pg, db))
 }
 
@@ -984,4 +982,44 @@ async fn a_lease_is_held_only_by_a_running_command_on_postgres() {
     )
     .await
     .unwrap();
+}
+
+on_both_databases!(the_lease_keeper_ends_when_stop_returns, keeper_ends);
+/// `stop` returns once the lease keeper has ended (on SQLite a task beside the commands, on
+/// PostgreSQL a thread with its own connection): a stopped queue renews and sweeps nothing
+/// more, so its database may go at once (a benchmark drops its scratch database right after).
+async fn keeper_ends(pg: bool) {
+    let dir = crate::common::tempdir();
+    let mut config = cloud48_engine::CoreConfig::new(dir.path());
+    let pg = match pg {
+        true => {
+            let Some(pg) = PgDb::create().await else {
+                return;
+            };
+            config.database_url = Some(pg.url.clone());
+            Some(pg)
+        }
+        false => None,
+    };
+    let db = cloud48_engine::core::connect(&config).await.unwrap();
+    // A long lease: the keeper sleeps 20 s between its rounds, so only `stop` can end it soon.
+    let config = QueueConfig {
+        lease: Duration::from_secs(60),
+        ..QueueConfig::default()
+    };
+    let q = Queue::new(db, "core".into(), config, Arc::new(SystemClock));
+    if let Some(pg) = &pg {
+        q.renew_leases_apart(sea_orm::ConnectOptions::new(pg.url.clone()));
+    }
+    assert!(!q.keeper_running());
+    q.start(Arc::new(Writer), false).await.unwrap();
+    crate::common::eventually("the lease keeper runs", || async {
+        q.keeper_running().then_some(())
+    })
+    .await;
+    q.stop(Duration::ZERO).await;
+    assert!(
+        !q.keeper_running(),
+        "the lease keeper still runs after stop"
+    );
 }

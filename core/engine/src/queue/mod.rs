@@ -37,6 +37,9 @@ pub use waiters::WaitLimits;
 /// How often a waiting request re-reads its command besides being woken by its end: a safety
 /// net for commands another core ends.
 pub const WAIT_SAFETY_NET: Duration = Duration::from_secs(2);
+/// How long `stop` waits at least for the lease keeper to end the renewal or sweep it is
+/// doing (one statement each; a database that does not answer is given up on).
+const KEEPER_END: Duration = Duration::from_secs(5);
 
 use crate::entities::command;
 use crate::model::{Command, CommandId, CommandStatus};
@@ -406,6 +409,10 @@ pub(crate) struct Inner {
     /// Where the lease keeper connects when it runs on a thread of its own
     /// (`Queue::renew_leases_apart`).
     lease_db: std::sync::OnceLock<sea_orm::ConnectOptions>,
+    /// Set by `stop` once the commands ended (or its grace passed): the lease keeper ends.
+    halt: tokio::sync::watch::Sender<bool>,
+    /// Held by the lease keeper while it runs, so that `stop` can wait for its end.
+    keeper: tokio::sync::Mutex<()>,
 }
 
 /// Handle to the queue; cheap to clone.
@@ -451,6 +458,8 @@ impl Queue {
                 runner: std::sync::OnceLock::new(),
                 recorder,
                 lease_db: std::sync::OnceLock::new(),
+                halt: tokio::sync::watch::Sender::new(false),
+                keeper: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -676,5 +685,15 @@ impl Queue {
         self.inner.work.notify_waiters();
         let all = self.inner.config.workers.max(1) as u32;
         let _ = tokio::time::timeout(grace, self.inner.slots.acquire_many(all)).await;
+        // The leases of the commands still running were renewed until now; the keeper ends
+        // (after the renewal or sweep it may be doing), so that nothing of this queue touches
+        // the database once `stop` returned.
+        self.inner.halt.send_replace(true);
+        let _ = tokio::time::timeout(grace.max(KEEPER_END), self.inner.keeper.lock()).await;
+    }
+
+    /// Whether the lease keeper runs (it starts with `start` and ends with `stop`).
+    pub fn keeper_running(&self) -> bool {
+        self.inner.keeper.try_lock().is_err()
     }
 }

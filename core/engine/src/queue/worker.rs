@@ -808,9 +808,14 @@ fn keep_beside(
 /// Every third of a lease: renews the leases of the commands this process executes, then
 /// queues again every command whose lease ran out, on `db`.
 async fn lease_keeper(inner: Arc<Inner>, db: sea_orm::DatabaseConnection) {
+    let _running = inner.keeper.lock().await;
+    let mut halt = inner.halt.subscribe();
     let every = (inner.config.lease / 3).max(Duration::from_millis(100));
     loop {
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = halt.wait_for(|halted| *halted) => return,
+        }
         let now = inner.clock.now_ms();
         let until = now + inner.config.lease.as_millis() as i64;
         // A command claimed in the last half interval is left for the next tick, when it
@@ -835,9 +840,6 @@ async fn lease_keeper(inner: Arc<Inner>, db: sea_orm::DatabaseConnection) {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "sweeping the queue failed"),
-        }
-        if inner.stopping.load(Ordering::SeqCst) {
-            return;
         }
     }
 }
