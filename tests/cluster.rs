@@ -166,9 +166,7 @@ async fn a_duty_has_one_holder_until_its_lease_lapses_or_is_released() {
         return;
     };
     // The migrations create the tables.
-    let mut config = cloud48_engine::CoreConfig::new(crate::common::tempdir().path());
-    config.database_url = Some(pg.url.clone());
-    let db = cloud48_engine::core::connect(&config).await.unwrap();
+    let db = pg.connect().await;
     let lease = Duration::from_millis(600);
     let a = Cluster::new(db.clone(), "core-a".into(), lease);
     let b = Cluster::new(db.clone(), "core-b".into(), lease);
@@ -239,9 +237,7 @@ impl Runner for Gated {
 /// `Core` makes them on PostgreSQL.
 async fn who_runs_it(skew_a: i64, skew_b: i64, corrected: bool) -> Vec<String> {
     let pg = PgDb::create().await.unwrap();
-    let mut config = cloud48_engine::CoreConfig::new(crate::common::tempdir().path());
-    config.database_url = Some(pg.url.clone());
-    let db = cloud48_engine::core::connect(&config).await.unwrap();
+    let db = pg.connect().await;
     // Long enough that a renewal delayed by a busy machine (renewals come every third of it)
     // does not lose the lease; the skews are far longer.
     let lease = Duration::from_millis(3000);
@@ -359,11 +355,6 @@ async fn a_core_whose_runtime_is_saturated_keeps_its_commands() {
         poll: Duration::from_millis(20),
         ..QueueConfig::default()
     };
-    let connect = |url: String| async move {
-        let mut config = cloud48_engine::CoreConfig::new(crate::common::tempdir().path());
-        config.database_url = Some(url);
-        cloud48_engine::core::connect(&config).await.unwrap()
-    };
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (entered, a_entered) = std::sync::mpsc::channel();
     let (stop_b, b_stops) = tokio::sync::oneshot::channel::<()>();
@@ -378,7 +369,7 @@ async fn a_core_whose_runtime_is_saturated_keeps_its_commands() {
                 .unwrap();
             rt.block_on(async move {
                 let b = Queue::new(
-                    connect(url).await,
+                    crate::common::connect_to(&url).await,
                     "core-b".into(),
                     config,
                     Arc::new(SystemClock),
@@ -397,7 +388,7 @@ async fn a_core_whose_runtime_is_saturated_keeps_its_commands() {
         })
     };
     let a = Queue::new(
-        connect(pg.url.clone()).await,
+        pg.connect().await,
         "core-a".into(),
         queue_config,
         Arc::new(SystemClock),

@@ -382,6 +382,18 @@ impl PgDb {
             name,
         })
     }
+
+    /// A connection pool to this database, its schema migrated as a core would.
+    pub async fn connect(&self) -> sea_orm::DatabaseConnection {
+        connect_to(&self.url).await
+    }
+}
+
+/// A connection pool to the database at `url`, its schema migrated as a core would.
+pub async fn connect_to(url: &str) -> sea_orm::DatabaseConnection {
+    let mut config = cloud48_engine::CoreConfig::new(tempdir().path());
+    config.database_url = Some(url.to_owned());
+    cloud48_engine::core::connect(&config).await.unwrap()
 }
 
 impl Drop for PgDb {

@@ -1,8 +1,6 @@
 //! `kill -9` of the core in the middle of commands: after a restart every command finishes
 //! exactly once and no container is duplicated.
 
-use std::time::Duration;
-
 use cloud48_core::cli::Client;
 use cloud48_engine::model::{Accepted, Command, CommandStatus, Container, Environment};
 use serde_json::{Value, json};
@@ -77,18 +75,16 @@ async fn commands_resume_after_kill_9_and_finish_exactly_once() {
     }
     // Kill as soon as some creation is mid-way (its placement persisted: a create run alone
     // writes its step, one run in a group only its dummy).
-    loop {
+    eventually("a creation is mid-way", || async {
         let cmds: Vec<Command> = client.get("/v1/commands?limit=1000").await.unwrap();
         let creating = cmds
             .iter()
             .filter(|c| c.kind == "container.create" && !c.status.is_terminal());
-        if creating.clone().any(|c| c.step >= 1)
-            || creating.count() > 0 && reservations(&client).await > 0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (creating.clone().any(|c| c.step >= 1)
+            || creating.count() > 0 && reservations(&client).await > 0)
+            .then_some(())
+    })
+    .await;
     serve.kill9();
     drop(serve);
 
@@ -180,7 +176,7 @@ async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leakin
         .await
         .unwrap();
     // Kill once the target is reserved (step 1 persisted) and before the switch.
-    loop {
+    eventually("the target is reserved", || async {
         let c: Command = client
             .get(&format!("/v1/commands/{}", a.command_id))
             .await
@@ -189,11 +185,9 @@ async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leakin
             !c.status.is_terminal(),
             "the migration finished before the kill: {c:?}"
         );
-        if c.step >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        (c.step >= 1).then_some(())
+    })
+    .await;
     assert_eq!(
         reservations(&client).await,
         1,
@@ -250,20 +244,21 @@ async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_onc
         .await
         .unwrap();
     // Kill once the reservations are persisted (step 1) and some guests exist.
-    loop {
-        let c: Command = client
-            .get(&format!("/v1/commands/{}", a.command_id))
-            .await
-            .unwrap();
-        assert!(
-            !c.status.is_terminal(),
-            "the batch finished before the kill: {c:?}"
-        );
-        if c.step >= 1 && !sim_guests(&data).is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        "the reservations are persisted and some guests exist",
+        || async {
+            let c: Command = client
+                .get(&format!("/v1/commands/{}", a.command_id))
+                .await
+                .unwrap();
+            assert!(
+                !c.status.is_terminal(),
+                "the batch finished before the kill: {c:?}"
+            );
+            (c.step >= 1 && !sim_guests(&data).is_empty()).then_some(())
+        },
+    )
+    .await;
     serve.kill9();
     drop(serve);
 

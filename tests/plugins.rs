@@ -414,17 +414,17 @@ async fn a_crash_between_a_hooks_action_and_its_completion_resumes_without_dupli
         .await
         .unwrap();
     // Kill while the balancer the hook asked for is being created (a child of a child).
-    loop {
+    crate::common::eventually("the hook's balancer is being created", || async {
         let cmds: Vec<Command> = client.get("/v1/commands?limit=100").await.unwrap();
-        if cmds.iter().any(|c| {
-            c.kind == "container.create"
-                && c.parent.is_some_and(|p| p != second.command_id)
-                && !c.status.is_terminal()
-        }) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        cmds.iter()
+            .any(|c| {
+                c.kind == "container.create"
+                    && c.parent.is_some_and(|p| p != second.command_id)
+                    && !c.status.is_terminal()
+            })
+            .then_some(())
+    })
+    .await;
     serve.kill9();
     drop(serve);
     let serve = crate::common::serve(&data, &flags).await;

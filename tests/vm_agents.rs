@@ -120,15 +120,11 @@ impl Agent {
     /// exists): the source is about to send it. A first target pulls the image before.
     async fn waiting_for(&self, guest: &str) {
         let socket = self.data_dir.join(format!("guests/{guest}/qmp.sock"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
-        while !socket.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "server {} never got ready to receive the VM",
-                self.name
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        let what = format!("server {} gets ready to receive the VM", self.name);
+        crate::common::eventually_within(&what, std::time::Duration::from_secs(240), || async {
+            socket.exists().then_some(())
+        })
+        .await;
     }
 }
 
