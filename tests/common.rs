@@ -396,6 +396,32 @@ pub async fn connect_to(url: &str) -> sea_orm::DatabaseConnection {
     cloud48_engine::core::connect(&config).await.unwrap()
 }
 
+/// A migrated database for a test: SQLite in a scratch directory, or (`postgres`) a scratch
+/// PostgreSQL database; both go when it is dropped.
+pub struct ScratchDb {
+    pub db: sea_orm::DatabaseConnection,
+    pub pg: Option<PgDb>,
+    _dir: tempfile::TempDir,
+}
+
+impl ScratchDb {
+    /// `None` when PostgreSQL is asked for but unreachable (see `PgDb::create`).
+    pub async fn create(postgres: bool) -> Option<ScratchDb> {
+        let dir = tempdir();
+        let mut config = cloud48_engine::CoreConfig::new(dir.path());
+        let pg = match postgres {
+            true => {
+                let pg = PgDb::create().await?;
+                config.database_url = Some(pg.url.clone());
+                Some(pg)
+            }
+            false => None,
+        };
+        let db = cloud48_engine::core::connect(&config).await.unwrap();
+        Some(ScratchDb { db, pg, _dir: dir })
+    }
+}
+
 impl Drop for PgDb {
     fn drop(&mut self) {
         let name = self.name.clone();

@@ -177,15 +177,11 @@ async fn a_migration_interrupted_by_kill_9_finishes_after_restart_without_leakin
         .unwrap();
     // Kill once the target is reserved (step 1 persisted) and before the switch.
     eventually("the target is reserved", || async {
-        let c: Command = client
-            .get(&format!("/v1/commands/{}", a.command_id))
+        (unfinished(&client, a.command_id, "the migration")
             .await
-            .unwrap();
-        assert!(
-            !c.status.is_terminal(),
-            "the migration finished before the kill: {c:?}"
-        );
-        (c.step >= 1).then_some(())
+            .step
+            >= 1)
+            .then_some(())
     })
     .await;
     assert_eq!(
@@ -247,14 +243,7 @@ async fn a_batch_create_interrupted_by_kill_9_finishes_after_restart_exactly_onc
     eventually(
         "the reservations are persisted and some guests exist",
         || async {
-            let c: Command = client
-                .get(&format!("/v1/commands/{}", a.command_id))
-                .await
-                .unwrap();
-            assert!(
-                !c.status.is_terminal(),
-                "the batch finished before the kill: {c:?}"
-            );
+            let c = unfinished(&client, a.command_id, "the batch").await;
             (c.step >= 1 && !sim_guests(&data).is_empty()).then_some(())
         },
     )
@@ -369,4 +358,14 @@ async fn single_creates_running_as_a_group_interrupted_by_kill_9_finish_after_re
         "{all:#?}"
     );
     assert_created_once(&client, &data, 60).await;
+}
+
+/// Command `id`, which must not have ended yet (the test kills the core before `what` ends).
+async fn unfinished(client: &Client, id: cloud48_engine::model::CommandId, what: &str) -> Command {
+    let c: Command = client.get(&format!("/v1/commands/{id}")).await.unwrap();
+    assert!(
+        !c.status.is_terminal(),
+        "{what} finished before the kill: {c:?}"
+    );
+    c
 }

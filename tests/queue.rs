@@ -789,19 +789,10 @@ on_both_databases!(
 );
 async fn writes_commit_with_the_step(pg: bool) {
     use sea_orm::ConnectionTrait;
-    let dir = crate::common::tempdir();
-    let mut config = cloud48_engine::CoreConfig::new(dir.path());
-    let _pg = match pg {
-        true => {
-            let Some(pg) = PgDb::create().await else {
-                return;
-            };
-            config.database_url = Some(pg.url.clone());
-            Some(pg)
-        }
-        false => None,
+    let Some(scratch) = crate::common::ScratchDb::create(pg).await else {
+        return;
     };
-    let db = cloud48_engine::core::connect(&config).await.unwrap();
+    let db = scratch.db.clone();
     db.execute_unprepared("CREATE TABLE probe (n BIGINT NOT NULL)")
         .await
         .unwrap();
@@ -989,26 +980,21 @@ on_both_databases!(the_lease_keeper_ends_when_stop_returns, keeper_ends);
 /// PostgreSQL a thread with its own connection): a stopped queue renews and sweeps nothing
 /// more, so its database may go at once (a benchmark drops its scratch database right after).
 async fn keeper_ends(pg: bool) {
-    let dir = crate::common::tempdir();
-    let mut config = cloud48_engine::CoreConfig::new(dir.path());
-    let pg = match pg {
-        true => {
-            let Some(pg) = PgDb::create().await else {
-                return;
-            };
-            config.database_url = Some(pg.url.clone());
-            Some(pg)
-        }
-        false => None,
+    let Some(scratch) = crate::common::ScratchDb::create(pg).await else {
+        return;
     };
-    let db = cloud48_engine::core::connect(&config).await.unwrap();
     // A long lease: the keeper sleeps 20 s between its rounds, so only `stop` can end it soon.
     let config = QueueConfig {
         lease: Duration::from_secs(60),
         ..QueueConfig::default()
     };
-    let q = Queue::new(db, "core".into(), config, Arc::new(SystemClock));
-    if let Some(pg) = &pg {
+    let q = Queue::new(
+        scratch.db.clone(),
+        "core".into(),
+        config,
+        Arc::new(SystemClock),
+    );
+    if let Some(pg) = &scratch.pg {
         q.renew_leases_apart(sea_orm::ConnectOptions::new(pg.url.clone()));
     }
     assert!(!q.keeper_running());
