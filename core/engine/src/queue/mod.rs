@@ -686,8 +686,8 @@ impl Queue {
         let all = self.inner.config.workers.max(1) as u32;
         let _ = tokio::time::timeout(grace, self.inner.slots.acquire_many(all)).await;
         // The leases of the commands still running were renewed until now; the keeper ends
-        // (after the renewal or sweep it may be doing), so that nothing of this queue touches
-        // the database once `stop` returned.
+        // (after the renewal or sweep it may be doing), so that it renews and sweeps nothing
+        // once `stop` returned (a command that outlived the grace may still write).
         self.inner.halt.send_replace(true);
         let _ = tokio::time::timeout(grace.max(KEEPER_END), self.inner.keeper.lock()).await;
     }
