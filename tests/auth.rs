@@ -244,10 +244,8 @@ impl Clock for ManualClock {
 
 #[tokio::test]
 async fn an_expired_nonce_with_right_credentials_is_answered_stale() {
-    let dir = crate::common::tempdir();
-    let db = cloud48_engine::core::connect(&cloud48_engine::CoreConfig::new(dir.path()))
-        .await
-        .unwrap();
+    let scratch = crate::common::ScratchDb::create(false).await.unwrap();
+    let db = scratch.db.clone();
     let clock = Arc::new(ManualClock(AtomicI64::new(1_000_000)));
     let mut config = users_config(Anonymous::Read);
     config.nonce_ttl = Duration::from_secs(60);

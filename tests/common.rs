@@ -408,16 +408,16 @@ impl ScratchDb {
     /// `None` when PostgreSQL is asked for but unreachable (see `PgDb::create`).
     pub async fn create(postgres: bool) -> Option<ScratchDb> {
         let dir = tempdir();
-        let mut config = cloud48_engine::CoreConfig::new(dir.path());
         let pg = match postgres {
-            true => {
-                let pg = PgDb::create().await?;
-                config.database_url = Some(pg.url.clone());
-                Some(pg)
-            }
+            true => Some(PgDb::create().await?),
             false => None,
         };
-        let db = cloud48_engine::core::connect(&config).await.unwrap();
+        let db = match &pg {
+            Some(pg) => pg.connect().await,
+            None => cloud48_engine::core::connect(&cloud48_engine::CoreConfig::new(dir.path()))
+                .await
+                .unwrap(),
+        };
         Some(ScratchDb { db, pg, _dir: dir })
     }
 }

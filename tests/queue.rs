@@ -602,10 +602,8 @@ impl Runner for Gated {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_that_claims_a_command_it_is_still_running_leaves_it_to_that_task() {
     use sea_orm::ConnectionTrait;
-    let dir = crate::common::tempdir();
-    let db = cloud48_engine::core::connect(&cloud48_engine::CoreConfig::new(dir.path()))
-        .await
-        .unwrap();
+    let scratch = crate::common::ScratchDb::create(false).await.unwrap();
+    let db = scratch.db.clone();
     let queue = Queue::new(
         db.clone(),
         "core-late".into(),
