@@ -17,9 +17,11 @@
 
 pub mod cgroups;
 mod delta;
+mod host;
 pub mod images;
 mod live;
 pub mod network;
+mod process;
 pub mod ready;
 mod run_image;
 pub mod templates;
@@ -40,8 +42,13 @@ use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
 use self::cgroups::Cgroups;
+pub use self::host::{
+    admit, admit_resize, cpu_rate, find_program, machine_capacity, read_records, tail,
+};
+use self::host::{allocated_in, validate_id};
 use self::images::{ImageSource, Images};
 use self::network::{GuestNet, Subnet};
+use self::process::{JOIN, signal_all};
 use self::run_image::own_root;
 use self::templates::Template;
 use cloud48_driver::{
@@ -149,42 +156,6 @@ pub struct LinuxDriver {
 fn permanent(e: impl std::fmt::Display) -> DriverError {
     DriverError::Permanent(e.to_string())
 }
-
-/// The init of every guest (PID 1 of its PID namespace): mounts its private directories,
-/// runs the main command and forwards SIGTERM to it.
-const GUEST_INIT: &str = r#"set -e
-hostname "$C48_HOSTNAME"
-for d in $C48_PRIVATE; do mkdir -p "$d"; mount --bind "$C48_FS$d" "$d"; done
-# The program may live under /tmp, which the private /tmp hides: hold it open and run it
-# through its descriptor.
-prog=$(command -v "$1")
-shift
-case "$prog" in /tmp/*) exec 9<"$prog"; prog=/proc/self/fd/9;; esac
-mount -t tmpfs -o size=64m tmpfs /tmp
-cd "$C48_WORKDIR" || { echo "cloud48: working directory $C48_WORKDIR does not exist" >&2; exit 112; }
-# Set up: the driver counts the guest as started (and lets exec in) only from here, so that
-# nothing joins its mount namespace before its private directories are mounted.
-echo up >&3
-exec 3>&-
-set +e
-"$prog" "$@" &
-child=$!
-trap 'kill -TERM $child 2>/dev/null' TERM
-wait $child
-wait $child
-"#;
-
-/// The file, in a guest's directory, its init writes once its mounts are made.
-const SET_UP: &str = "set-up";
-
-/// Joins the guest's cgroups, then its namespaces are made and `GUEST_INIT` runs inside.
-const LAUNCH: &str = r#"for f in $C48_PROCS; do echo $$ > "$f" || exit 111; done
-exec 3>"$C48_UP"
-exec ip netns exec "$C48_NETNS" unshare --pid --fork --kill-child --mount --uts --mount-proc --propagation private sh -c "$C48_INIT" c48-init "$@""#;
-
-/// Joins the guest's cgroups, then its namespaces, and runs a script there.
-const JOIN: &str = r#"for f in $C48_PROCS; do echo $$ > "$f" || exit 111; done
-exec nsenter -t "$C48_PID" -m -u -n -p -- sh -c "$C48_SCRIPT" c48-exec "$@""#;
 
 impl LinuxDriver {
     /// The subnet the server's guests get addresses of, and its range of it when it shares
@@ -459,220 +430,6 @@ impl LinuxDriver {
         Ok(self.info(&record))
     }
 
-    /// Processes of the guest inside its PID namespace (not the launcher outside it).
-    fn inner_pids(&self, guest: &str) -> Vec<i32> {
-        let own = std::fs::read_link("/proc/self/ns/pid").ok();
-        self.cgroups
-            .pids(guest)
-            .into_iter()
-            .filter(|p| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok() != own)
-            .collect()
-    }
-
-    /// The guest's PID 1 (its init), as seen from the host.
-    fn init_pid(&self, guest: &str) -> Option<i32> {
-        self.cgroups.pids(guest).into_iter().find(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/status"))
-                .ok()
-                .and_then(|s| {
-                    s.lines().find(|l| l.starts_with("NSpid:")).map(|l| {
-                        l.split_whitespace().last() == Some("1") && l.split_whitespace().count() > 2
-                    })
-                })
-                .unwrap_or(false)
-        })
-    }
-
-    async fn wait_empty(&self, guest: &str, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if self.cgroups.pids(guest).is_empty() {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        self.cgroups.pids(guest).is_empty()
-    }
-
-    /// Stops every process of the guest (graceful, then forced) and removes its network.
-    async fn halt(&self, guest: &str) -> Result<(), DriverError> {
-        if self.cgroups.frozen(guest) {
-            self.cgroups.freeze(guest, false).await.map_err(permanent)?;
-        }
-        if !self.cgroups.pids(guest).is_empty() {
-            signal_all(self.inner_pids(guest), libc::SIGTERM);
-            if !self.wait_empty(guest, self.cfg.stop_grace).await {
-                signal_all(self.cgroups.pids(guest), libc::SIGKILL);
-                if !self.wait_empty(guest, Duration::from_secs(10)).await {
-                    return Err(DriverError::Transient(format!(
-                        "processes of {guest} survived SIGKILL; try again"
-                    )));
-                }
-            }
-        }
-        network::detach(&GuestNet::new(&self.cfg.prefix, guest)).await;
-        // A checkpoint of it is stale once it stopped.
-        let _ = tokio::fs::remove_dir_all(self.dir(guest).join("live")).await;
-        let record = self.guests.lock().unwrap().get(guest).cloned();
-        if let (Some(images), Some(r)) = (&self.images, record)
-            && r.image.is_some()
-        {
-            // runc's record of it and its overlay go; runc removed its cgroups with it, which
-            // the driver keeps for every guest it has.
-            let (runc, merged, id) = (
-                images.runc.clone(),
-                self.dir(guest).join("merged"),
-                guest.to_string(),
-            );
-            tokio::task::spawn_blocking(move || {
-                runc.delete(&id, true)?;
-                cloud48_oci::unmount(&merged)
-            })
-            .await
-            .map_err(permanent)?
-            .map_err(|e| DriverError::Transient(format!("cannot clean up after {guest}: {e}")))?;
-            self.cgroups
-                .create(guest, &r.spec.resources)
-                .map_err(permanent)?;
-        }
-        Ok(())
-    }
-
-    async fn launch(&self, r: &Record) -> Result<(), DriverError> {
-        if let Some(digest) = &r.image {
-            return self.launch_image(r, digest).await;
-        }
-        let guest = &r.spec.guest_id;
-        let t = self.template(&r.spec);
-        let vars = BTreeMap::from([("id", guest.to_string()), ("ip", r.ip.to_string())]);
-        let command: Vec<String> = t
-            .command
-            .iter()
-            .map(|s| templates::fill(s, &vars))
-            .collect();
-        if t.stand_in {
-            tracing::info!(guest = %guest, image = ?r.spec.workload.image.as_ref().map(|i| &i.reference), "this server runs no images: a stand-in listens on the workload's endpoint");
-        }
-        if find_program(&command[0]).is_none() {
-            return Err(DriverError::Permanent(format!(
-                "{} is not installed on server {}; containers of type {} need it (Debian: apt-get install {})",
-                command[0],
-                self.cfg.name,
-                r.spec.type_id,
-                network::package_of(&command[0])
-            )));
-        }
-        let net = GuestNet::new(&self.cfg.prefix, guest);
-        network::attach(&net, &self.cfg.bridge, &self.cfg.subnet, r.ip)
-            .await
-            .map_err(permanent)?;
-        let dir = self.dir(guest);
-        let log = match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("console.log"))
-            .and_then(|f| Ok((f.try_clone()?, f)))
-        {
-            Ok(files) => files,
-            Err(e) => {
-                network::detach(&net).await;
-                return Err(permanent(format!("cannot open the log of {guest}: {e}")));
-            }
-        };
-        let procs: Vec<String> = self
-            .cgroups
-            .procs_files(guest)
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect();
-        let up = dir.join(SET_UP);
-        if let Err(e) = std::fs::remove_file(&up)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            network::detach(&net).await;
-            return Err(permanent(format!("cannot reset {}: {e}", up.display())));
-        }
-        let spawned = Command::new("sh")
-            .arg("-c")
-            .arg(LAUNCH)
-            .arg("c48-launch")
-            .args(&command)
-            .envs(t.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("C48_WORKDIR", t.workdir.as_deref().unwrap_or("/"))
-            .env("C48_PROCS", procs.join(" "))
-            .env("C48_NETNS", &net.netns)
-            .env("C48_INIT", GUEST_INIT)
-            .env("C48_HOSTNAME", guest.chars().take(63).collect::<String>())
-            .env("C48_PRIVATE", t.private_dirs.join(" "))
-            .env("C48_FS", dir.join("fs"))
-            .env("C48_UP", &up)
-            .env("CLOUD48_CONTAINER", guest)
-            .current_dir(dir.join("fs"))
-            .stdin(Stdio::null())
-            .stdout(log.0)
-            .stderr(log.1)
-            .spawn();
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                network::detach(&net).await;
-                return Err(permanent(format!("cannot launch {guest}: {e}")));
-            }
-        };
-        // Reap the launcher whenever it ends.
-        let pid = child.id();
-        tokio::spawn(async move {
-            let _ = child.wait().await;
-            tracing::debug!(?pid, "a guest launcher ended");
-        });
-        self.wait_ready(r, &t.probe, pid, Some(&up)).await
-    }
-
-    /// Waits until the guest runs, has said it is set up (in `set_up`, when given) and passes
-    /// its readiness `probe`; stops it and says why when it does not in time or when its
-    /// processes are gone (and its `launcher`, if any, ended).
-    async fn wait_ready(
-        &self,
-        r: &Record,
-        probe: &ready::Probe,
-        launcher: Option<u32>,
-        set_up: Option<&Path>,
-    ) -> Result<(), DriverError> {
-        let guest = &r.spec.guest_id;
-        let dir = self.dir(guest);
-        let declared = r
-            .spec
-            .workload
-            .readiness
-            .as_ref()
-            .map(|x| Duration::from_millis(u64::from(x.interval_ms) * u64::from(x.retries)))
-            .unwrap_or_default();
-        let deadline = Instant::now() + READY_TIMEOUT.max(declared);
-        let mut last = String::from("its processes did not start");
-        loop {
-            let said_up = set_up.is_none_or(|f| std::fs::metadata(f).is_ok_and(|m| m.len() > 0));
-            if !said_up {
-                last = "its init did not finish mounting its private directories".into();
-            } else if !self.inner_pids(guest).is_empty() {
-                match probe.check(r.ip).await {
-                    Ok(()) => return Ok(()),
-                    Err(why) => last = why,
-                }
-            }
-            let launcher_gone = launcher.is_none_or(|p| !Path::new(&format!("/proc/{p}")).exists());
-            let ended = launcher_gone && self.cgroups.pids(guest).is_empty();
-            if Instant::now() > deadline || ended {
-                let _ = self.halt(guest).await;
-                let why = if ended { "its processes ended" } else { &last };
-                return Err(DriverError::Permanent(format!(
-                    "container {guest} did not become ready ({why}); its output ends with:\n{}",
-                    tail(&dir.join("console.log"), 2048)
-                )));
-            }
-            tokio::time::sleep(probe.pause()).await;
-        }
-    }
-
     /// Bytes in the guests' directories, walked off the async runtime at most every
     /// `DISK_WALK_EVERY` (heartbeats ask every half second).
     async fn disk_used(&self) -> u64 {
@@ -687,179 +444,6 @@ impl LinuxDriver {
             .unwrap_or(0);
         *self.disk_sample.lock().unwrap() = Some((Instant::now(), bytes));
         bytes
-    }
-}
-
-fn signal_all(pids: Vec<i32>, signal: i32) {
-    for p in pids {
-        // SAFETY: kill has no memory preconditions; a stale pid only yields ESRCH.
-        unsafe { libc::kill(p, signal) };
-    }
-}
-
-/// The address of a new guest of `spec` on server `server` of `capacity`, handing out
-/// `network`, beside the guests it holds (`held`: each one's resources and address), once it is
-/// known to fit. Both drivers decide under their guests' lock with it, so concurrent creates
-/// never share an address or over-commit.
-pub fn admit(
-    server: &str,
-    capacity: &Resources,
-    network: (&Subnet, Option<network::AddressRange>),
-    held: impl Iterator<Item = (Resources, Ipv4Addr)>,
-    spec: &GuestSpec,
-) -> Result<Ipv4Addr, DriverError> {
-    let mut wanted = spec.resources;
-    let mut used = Vec::new();
-    for (resources, ip) in held {
-        wanted = wanted.plus(&resources);
-        used.push(ip);
-    }
-    if !wanted.fits_in(capacity) {
-        return Err(over_capacity(server, capacity, wanted));
-    }
-    let (subnet, range) = network;
-    network::pick_address(subnet, range, &used, spec.ip.as_deref(), &spec.avoid).map_err(
-        |message| DriverError::Capacity {
-            server: server.to_string(),
-            message,
-        },
-    )
-}
-
-/// Whether server `server` of `capacity`, `allocated` to its guests, has room for one of them
-/// to go from `from` to `to`. Both drivers' `update` decide with it under the guest's hold.
-pub fn admit_resize(
-    server: &str,
-    capacity: &Resources,
-    allocated: Resources,
-    from: &Resources,
-    to: &Resources,
-) -> Result<(), DriverError> {
-    let wanted = allocated.minus(from).plus(to);
-    if wanted.fits_in(capacity) {
-        Ok(())
-    } else {
-        Err(over_capacity(server, capacity, wanted))
-    }
-}
-
-/// Server `server` of `capacity` refusing what would take `wanted` of it in all.
-fn over_capacity(server: &str, capacity: &Resources, wanted: Resources) -> DriverError {
-    DriverError::Capacity {
-        server: server.to_string(),
-        message: format!("{wanted:?} would exceed the capacity {capacity:?}"),
-    }
-}
-
-fn allocated_in(guests: &BTreeMap<String, Record>) -> Resources {
-    guests
-        .values()
-        .fold(Resources::default(), |acc, r| acc.plus(&r.spec.resources))
-}
-
-/// Guest ids become directory, cgroup and host names.
-fn validate_id(id: &str) -> Result<(), DriverError> {
-    if id.is_empty()
-        || id.len() > 128
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        || id.starts_with('.')
-    {
-        return Err(DriverError::Permanent(format!(
-            "guest id '{id}' must be 1-128 characters of A-Z, a-z, 0-9, '-', '_' and '.'"
-        )));
-    }
-    Ok(())
-}
-
-/// The full path of a program, looked up in PATH unless it has a slash.
-/// Where `program` is: itself when it is a path, else the first match on `PATH`.
-pub fn find_program(program: &str) -> Option<PathBuf> {
-    if program.contains('/') {
-        return Path::new(program).exists().then(|| PathBuf::from(program));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
-
-/// The guest records (`DIR/ID/guest.json`) under `dir`, which is created if missing; an
-/// unreadable record is skipped with a warning.
-pub fn read_records<R: serde::de::DeserializeOwned>(dir: &Path) -> Result<Vec<R>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let mut records = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())?.flatten() {
-        let file = entry.path().join("guest.json");
-        match std::fs::read(&file)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<R>(&b).map_err(|e| e.to_string()))
-        {
-            Ok(r) => records.push(r),
-            Err(e) => {
-                tracing::warn!(file = %file.display(), error = %e, "skipping an unreadable guest record")
-            }
-        }
-    }
-    Ok(records)
-}
-
-/// Millicores used since the previous sample in `last`, from a running total of CPU time
-/// (`cpu_ns`); 0 on the first sample.
-pub fn cpu_rate(last: &Mutex<Option<(Instant, u64)>>, cpu_ns: u64) -> u64 {
-    let now = Instant::now();
-    let mut last = last.lock().unwrap();
-    let millis = match *last {
-        Some((at, before)) if now > at => {
-            cpu_ns.saturating_sub(before) * 1000 / (now - at).as_nanos().max(1) as u64
-        }
-        _ => 0,
-    };
-    *last = Some((now, cpu_ns));
-    millis
-}
-
-/// The last `max` bytes of the file at `path` (empty when it cannot be read).
-pub fn tail(path: &Path, max: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-/// Cpu, memory and disk of this machine.
-pub fn machine_capacity(data_dir: &Path) -> Resources {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u64)
-        .unwrap_or(1);
-    let memory_kb: u64 = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("MemTotal:")
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
-    let disk_mb = {
-        let c = std::ffi::CString::new(data_dir.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-        if unsafe { libc::statvfs(c.as_ptr(), &mut s) } == 0 {
-            (s.f_blocks as u64 * s.f_frsize as u64) >> 20
-        } else {
-            0
-        }
-    };
-    Resources {
-        cpu_millis: cpus * 1000,
-        memory_mb: memory_kb / 1024,
-        disk_mb,
     }
 }
 
