@@ -1,0 +1,255 @@
+//! `cloud48 serve`: a core on this machine, and the settings it runs with (also read by
+//! `config show` and `user`).
+
+use super::*;
+
+/// Where the core's configuration comes from: a TOML file, the environment and these flags
+/// (flag > env > file > default; see `cloud48 config show`).
+#[derive(Debug, Args, Default, Clone)]
+pub struct CoreArgs {
+    /// Config file (TOML); default: ./cloud48.toml if it exists.
+    #[arg(long, env = "CLOUD48_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default 127.0.0.1:4848].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Directory for the SQLite database and local state [default ./cloud48-data].
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// Database URL (`postgres://...`) [default: SQLite in the data directory].
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Connections to PostgreSQL [default 5].
+    #[arg(long)]
+    pub db_connections: Option<u64>,
+    /// Commands executing at once [default 8].
+    #[arg(long)]
+    pub workers: Option<u64>,
+    /// First retry delay after a transient driver error, ms; doubles per attempt [default 200].
+    #[arg(long)]
+    pub retry_base_ms: Option<u64>,
+    /// Attempts before a transient driver error fails a command [default 5].
+    #[arg(long)]
+    pub max_attempts: Option<u64>,
+    /// Lease of a claimed command, ms: another core resumes the commands of a core that died
+    /// this long after its last renewal [default 2000].
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// Lease of a cluster duty (health monitor, collector) held by one core of several on one
+    /// PostgreSQL database, ms; another core takes it over this long after its holder dies
+    /// [default 3000].
+    #[arg(long)]
+    pub duty_lease_ms: Option<u64>,
+    /// URL node agents reach this core at, told to agents so that they can fail over to it
+    /// when the core they talk to dies (several cores on one PostgreSQL database).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+    /// Simulated servers created when none is registered [default 4].
+    #[arg(long)]
+    pub sim_servers: Option<u64>,
+    /// Latency of every simulated server operation, ms [default 0].
+    #[arg(long)]
+    pub sim_latency_ms: Option<u64>,
+    /// Deadline of one plugin hook call, ms [default 100].
+    #[arg(long)]
+    pub plugin_deadline_ms: Option<u64>,
+    /// Memory cap of one plugin instance, MiB [default 64].
+    #[arg(long)]
+    pub plugin_memory_mb: Option<u64>,
+    /// What anonymous requests may do: none, read or full (full: local development only) [default read].
+    #[arg(long)]
+    pub anonymous: Option<String>,
+    /// Endpoint families anonymous requests may read when --anonymous is read: some of fleet,
+    /// environments, containers, commands, plugins; empty for none [default fleet,environments].
+    #[arg(long)]
+    pub anonymous_read: Option<String>,
+    /// HTTP Digest realm; part of stored password hashes [default cloud48].
+    #[arg(long)]
+    pub realm: Option<String>,
+    /// Lifetime of a Digest nonce, seconds [default 300].
+    #[arg(long)]
+    pub nonce_ttl_secs: Option<u64>,
+    /// Interval of the simulated servers' heartbeats, ms [default 500].
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Silence after which a server is marked down, ms [default 2000].
+    #[arg(long)]
+    pub grace_ms: Option<u64>,
+    /// Interval of the health monitor's checks, ms [default 250].
+    #[arg(long)]
+    pub health_check_ms: Option<u64>,
+    /// Interval of the collector (and rebalancer), seconds [default 30].
+    #[arg(long)]
+    pub collector_secs: Option<u64>,
+    /// How long the event log keeps events, seconds [default 86400].
+    #[arg(long)]
+    pub events_retention_secs: Option<u64>,
+    /// Memory-utilisation spread (percentage points) above which the rebalancer migrates; 0 off [default 0].
+    #[arg(long)]
+    pub rebalance_spread: Option<u64>,
+    /// Most migrations the rebalancer has in flight [default 2].
+    #[arg(long)]
+    pub rebalance_batch: Option<u64>,
+    /// Placement weight of free cpu, a decimal such as 0.5 [default 1].
+    #[arg(long)]
+    pub weight_cpu: Option<f64>,
+    /// Placement weight of free memory [default 1].
+    #[arg(long)]
+    pub weight_memory: Option<f64>,
+    /// Placement weight of free disk [default 0.5].
+    #[arg(long)]
+    pub weight_disk: Option<f64>,
+    /// Placement score added for a server that already holds the container's image, so it
+    /// need not pull it [default 0.25].
+    #[arg(long)]
+    pub weight_image: Option<f64>,
+    /// Lifetime of a capacity reservation whose command did not finish, seconds [default 600].
+    #[arg(long)]
+    pub dummy_ttl_secs: Option<u64>,
+}
+
+impl CoreArgs {
+    fn flags(&self) -> std::collections::BTreeMap<&'static str, String> {
+        let mut m = std::collections::BTreeMap::new();
+        let mut put = |k: &'static str, v: Option<String>| {
+            if let Some(v) = v {
+                m.insert(k, v);
+            }
+        };
+        put("server.listen", self.listen.clone());
+        put("server.data_dir", self.data_dir.clone());
+        put("database.url", self.database_url.clone());
+        put(
+            "database.connections",
+            self.db_connections.map(|v| v.to_string()),
+        );
+        put("queue.workers", self.workers.map(|v| v.to_string()));
+        put(
+            "queue.retry_base_ms",
+            self.retry_base_ms.map(|v| v.to_string()),
+        );
+        put(
+            "queue.max_attempts",
+            self.max_attempts.map(|v| v.to_string()),
+        );
+        put("queue.lease_ms", self.lease_ms.map(|v| v.to_string()));
+        put(
+            "cluster.duty_lease_ms",
+            self.duty_lease_ms.map(|v| v.to_string()),
+        );
+        put("cluster.advertise_url", self.advertise_url.clone());
+        put(
+            "drivers.sim.servers",
+            self.sim_servers.map(|v| v.to_string()),
+        );
+        put(
+            "drivers.sim.latency_ms",
+            self.sim_latency_ms.map(|v| v.to_string()),
+        );
+        put(
+            "plugins.deadline_ms",
+            self.plugin_deadline_ms.map(|v| v.to_string()),
+        );
+        put(
+            "plugins.memory_mb",
+            self.plugin_memory_mb.map(|v| v.to_string()),
+        );
+        put("auth.anonymous", self.anonymous.clone());
+        put("auth.anonymous_read", self.anonymous_read.clone());
+        put("auth.realm", self.realm.clone());
+        put(
+            "auth.nonce_ttl_secs",
+            self.nonce_ttl_secs.map(|v| v.to_string()),
+        );
+        for (key, value) in [
+            ("health.heartbeat_ms", self.heartbeat_ms),
+            ("health.grace_ms", self.grace_ms),
+            ("health.check_ms", self.health_check_ms),
+            ("collector.interval_secs", self.collector_secs),
+            ("events.retention_secs", self.events_retention_secs),
+            ("rebalancer.spread_percent", self.rebalance_spread),
+            ("rebalancer.batch", self.rebalance_batch),
+            ("placement.dummy_ttl_secs", self.dummy_ttl_secs),
+        ] {
+            put(key, value.map(|v| v.to_string()));
+        }
+        for (key, value) in [
+            ("placement.weight_cpu", self.weight_cpu),
+            ("placement.weight_memory", self.weight_memory),
+            ("placement.weight_disk", self.weight_disk),
+            ("placement.weight_image", self.weight_image),
+        ] {
+            put(key, value.map(|v| v.to_string()));
+        }
+        m
+    }
+
+    /// The effective settings.
+    pub fn settings(&self) -> Result<Settings> {
+        let default_file = PathBuf::from("cloud48.toml");
+        let file = self
+            .config
+            .clone()
+            .or_else(|| default_file.exists().then_some(default_file));
+        Ok(Settings::load(
+            file.as_deref(),
+            &cloud48_engine::config::process_env,
+            &self.flags(),
+        )?)
+    }
+}
+
+/// Runs a core until Ctrl-C or SIGTERM.
+pub async fn serve(args: CoreArgs) -> Result<()> {
+    let settings = args.settings()?;
+    let config = settings.core();
+    let listen = settings.listen();
+    let data_dir = config.data_dir.clone();
+    if config.auth.anonymous == cloud48_engine::auth::Anonymous::Full {
+        tracing::warn!(
+            "anonymous requests have FULL access (auth.anonymous = full): for local development only"
+        );
+        if !listen.ip().is_loopback() {
+            tracing::warn!(%listen, "anonymous full access on a non-loopback address: anyone who can reach it controls the cloud");
+        }
+    }
+    let core = Core::open(config).await?;
+    // Listen at once; resume commands and reconcile servers meanwhile (`GET /v1/health` says
+    // `starting` until then; requests are accepted and their commands wait their turn).
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(%listen, data_dir = %data_dir.display(), platform = core.platform_name(), "cloud48 core serving");
+    let app =
+        cloud48_api::router(core.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal());
+    let starting = core.clone();
+    let started = async move {
+        starting.start().await?;
+        tracing::info!("cloud48 core ready");
+        std::future::pending::<Result<(), cloud48_engine::core::CoreError>>().await
+    };
+    tokio::select! {
+        served = served => served.context("HTTP server failed")?,
+        failed = started => failed.context("the core could not start")?,
+    }
+    tracing::info!("stopping: before-cc-stop hooks, then letting running steps finish");
+    if let Err(e) = core.shutdown(Duration::from_secs(10)).await {
+        tracing::warn!(error = %e, "before-cc-stop did not finish");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
