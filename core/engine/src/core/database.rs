@@ -1,0 +1,124 @@
+//! Opening the core's database: SQLite in WAL mode by default or PostgreSQL, migrated; a
+//! reader for long reads; the node id that names this core.
+
+use super::*;
+
+/// A connection for long reads that must not hold up the core's own work (the metrics'
+/// census): on SQLite a second, read-only connection (WAL lets it read while the core's one
+/// connection writes); on PostgreSQL the pool itself.
+pub async fn reader(
+    config: &CoreConfig,
+    db: &DatabaseConnection,
+) -> Result<DatabaseConnection, CoreError> {
+    if config.database_url.is_some() {
+        return Ok(db.clone());
+    }
+    let path = config.data_dir.join("cloud48.db");
+    let mut opt = ConnectOptions::new(format!("sqlite://{}", path.display()));
+    opt.sqlx_logging(true)
+        .max_connections(1)
+        .min_connections(0)
+        .test_before_acquire(false)
+        .map_sqlx_sqlite_opts(|o| o.read_only(true).busy_timeout(Duration::from_secs(10)));
+    Database::connect(opt)
+        .await
+        .map_err(|e| CoreError::Setup(format!("cannot open {} to read: {e}", path.display())))
+}
+
+/// Opens the core's database (creating the data directory, running the migrations).
+pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreError> {
+    create_data_dir(config)?;
+    connect_as(config, None).await
+}
+
+pub(super) fn create_data_dir(config: &CoreConfig) -> Result<(), CoreError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        CoreError::Setup(format!(
+            "cannot create data directory {}: {e}",
+            config.data_dir.display()
+        ))
+    })
+}
+
+/// How long a PostgreSQL connection may have been idle before the pool pings it before
+/// handing it out.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
+/// `connect` into an existing data directory; on PostgreSQL the connections carry `node` as
+/// their `application_name`, which names this core in the work `NOTIFY`s of its inserts
+/// (`cluster::listen_for_work`).
+pub(super) async fn connect_as(
+    config: &CoreConfig,
+    node: Option<&str>,
+) -> Result<DatabaseConnection, CoreError> {
+    let opt = options(config, node);
+    let url = opt.get_url().to_string();
+    let db = Database::connect(opt)
+        .await
+        .map_err(|e| CoreError::Setup(format!("cannot open database {url}: {e}")))?;
+    use migrations::sea_orm_migration::MigratorTrait;
+    migrations::Migrator::up(&db, None)
+        .await
+        .map_err(|e| CoreError::Setup(format!("database migration failed: {e}")))?;
+    Ok(db)
+}
+
+/// How `connect_as` opens the database.
+pub(super) fn options(config: &CoreConfig, node: Option<&str>) -> ConnectOptions {
+    let url = config
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", config.data_dir.join("cloud48.db").display()));
+    let mut opt = ConnectOptions::new(url.clone());
+    // Each statement is logged with its rows and time at `sqlx=info`, which `CLOUD48_LOG`
+    // filters out by default.
+    opt.sqlx_logging(true);
+    if url.starts_with("sqlite:") {
+        use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+        // One connection: SQLite has one writer anyway, and a single connection avoids
+        // SQLITE_BUSY between our own transactions.
+        // A local file cannot go stale, so the pool does not ping it before handing it out (a
+        // round trip to SQLite's thread per statement).
+        opt.max_connections(1)
+            .min_connections(1)
+            .test_before_acquire(false)
+            .map_sqlx_sqlite_opts(|o| {
+                o.create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(Duration::from_secs(10))
+            });
+    } else {
+        // No JIT: the core's statements are short, and a claim whose estimated cost passed
+        // `jit_above_cost` spent 50 of its 70 ms compiling itself (`auto_explain`).
+        let node = node.map(str::to_string);
+        // A connection in use a moment ago is handed out without a ping (a round trip before
+        // every statement or transaction; the pool pings each connection it takes back
+        // anyway); one idle for a second is pinged first, and a dead one replaced (the
+        // database restarted, a proxy dropped it).
+        opt.max_connections(config.db_connections.max(2))
+            .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
+            .map_sqlx_postgres_opts(move |o| {
+                let o = o.options([("jit", "off")]);
+                match &node {
+                    Some(node) => o.application_name(node),
+                    None => o,
+                }
+            });
+    }
+    opt
+}
+
+pub(super) fn node_id(data_dir: &std::path::Path) -> Result<String, CoreError> {
+    let path = data_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let id = format!("core-{:016x}", rand::random::<u64>());
+    std::fs::write(&path, &id)
+        .map_err(|e| CoreError::Setup(format!("cannot write {}: {e}", path.display())))?;
+    Ok(id)
+}
