@@ -22,6 +22,7 @@ use crate::services::Services;
 mod containers;
 mod environments;
 mod servers;
+mod transfer;
 
 pub use environments::{AddContainer, EnvironmentManager, EnvironmentOp};
 pub use servers::{DrainReport, ServerManager};
