@@ -25,8 +25,12 @@ use crate::types::{
 };
 use cloud48_model::{ParamSpec, Params, Requirements, Workload};
 
+mod container_type;
+mod sandbox;
 mod v0_1_0;
 mod v0_2_0;
+
+use sandbox::{FrozenClock, HostState};
 
 /// The WIT versions this host runs, newest first.
 pub const SUPPORTED_WIT: &[&str] = &["0.2.0", "0.1.0"];
@@ -61,72 +65,6 @@ pub enum LoadError {
     /// The file is not a valid component or was built for another contract.
     #[error("{0}")]
     Invalid(String),
-}
-
-struct HostState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    memory_cap: usize,
-    memory_exceeded: bool,
-    /// The environment's parameters, for the `host` import of this call.
-    env_params: Params,
-    /// What the plugin logged during this call.
-    logs: Vec<LogLine>,
-    /// Lines dropped past the limit.
-    logs_dropped: usize,
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl ResourceLimiter for HostState {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.memory_cap {
-            self.memory_exceeded = true;
-            return Ok(false);
-        }
-        Ok(true)
-    }
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
-    }
-}
-
-/// A clock that always reads zero: plugins get no time.
-struct FrozenClock;
-
-impl wasmtime_wasi::HostWallClock for FrozenClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-    fn now(&self) -> Duration {
-        Duration::ZERO
-    }
-}
-
-impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
-    fn resolution(&self) -> u64 {
-        1_000_000_000
-    }
-    fn now(&self) -> u64 {
-        0
-    }
 }
 
 /// Epoch ticks per second.
@@ -584,158 +522,5 @@ fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> S
         ),
         Some(trap) => format!("trapped: {trap}"),
         None => format!("{e:#}"),
-    }
-}
-
-impl ContainerType for WasmPlugin {
-    fn type_id(&self) -> &str {
-        &self.type_id
-    }
-
-    fn priority(&self) -> i32 {
-        self.meta.priority
-    }
-
-    fn default_requirements(&self) -> Requirements {
-        self.meta.requirements.clone()
-    }
-
-    fn initial_state(&self) -> Vec<u8> {
-        let raw = matches!(self.pre, Pre::V0_2_0(..));
-        self.call_logged("initial-state", Params::new(), raw, |b, s| {
-            match (b, &self.pre) {
-                (Bindings::V0_1_0(b), _) => b.cloud48_container_hooks().call_initial_state(s),
-                // SAFETY: `hooks` were found in this plugin's component, whose
-                // `ContainerTypePre::new` in `load` type-checked its `initial-state`.
-                (Bindings::Raw(instance), Pre::V0_2_0(_, hooks)) => unsafe {
-                    v0_2_0::call_initial_state(instance, s, hooks)
-                },
-                _ => unreachable!("0.2.0 plugins run initial-state on raw instances"),
-            }
-        })
-        .map(|(state, _)| state)
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "initial-state failed; starting with an empty state");
-            Vec::new()
-        })
-    }
-
-    fn workload(&self) -> Workload {
-        self.meta.workload.clone()
-    }
-
-    fn endpoints(&self) -> Vec<cloud48_model::Endpoint> {
-        self.meta.workload.endpoints.clone()
-    }
-
-    fn param_specs(&self) -> Vec<ParamSpec> {
-        self.meta.params.clone()
-    }
-
-    fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
-        let name = hook.name();
-        let env_params = ctx.environment.params.clone();
-        let (returned, logs) = match &self.pre {
-            Pre::V0_1_0(_) => {
-                let c = v0_1_0::context(ctx);
-                self.call_logged(name, env_params, false, |b, s| match b {
-                    Bindings::V0_1_0(b) => Ok(v0_1_0::call_hook(b, s, hook, &c)?
-                        .map(v0_1_0::outcome)
-                        .map(Ok)),
-                    _ => unreachable!("instantiated from its own Pre"),
-                })?
-            }
-            Pre::V0_2_0(_, hooks) => {
-                let c = v0_2_0::context(ctx);
-                self.call_logged(name, env_params, true, |b, s| {
-                    let Bindings::Raw(instance) = b else {
-                        unreachable!("hooks of 0.2.0 run on raw instances")
-                    };
-                    // SAFETY: `hooks` were found in this plugin's component, and `load`
-                    // type-checked each of them against the types `call_hook` uses
-                    // (`check_hooks`) before this plugin could be called.
-                    let returned = unsafe { v0_2_0::call_hook(instance, s, hooks, hook, &c)? };
-                    Ok(Some(
-                        returned.map(v0_2_0::outcome).map_err(v0_2_0::hook_error),
-                    ))
-                })?
-            }
-        };
-        for l in &logs {
-            tracing::info!(plugin = %self.type_id, hook = name, level = ?l.level, "{}", l.message);
-        }
-        let Some(returned) = returned else {
-            return Ok(HookOutcome {
-                logs,
-                ..HookOutcome::allow()
-            });
-        };
-        let (verdict, actions, new_state) = returned.map_err(|(message, retryable)| TypeError {
-            retryable,
-            ..self.error(name, format!("failed: {}", clip(&message, 1000)))
-        })?;
-        let limits = &self.host.limits;
-        let too_big = |what: &str, n: usize| {
-            self.error(
-                name,
-                format!(
-                    "returned oversized output: {what} of {n} bytes (limit {} bytes)",
-                    limits.max_output
-                ),
-            )
-        };
-        if let Some(s) = &new_state
-            && s.len() > limits.max_output
-        {
-            return Err(too_big("a state blob", s.len()));
-        }
-        if actions.len() > limits.max_actions {
-            return Err(self.error(
-                name,
-                format!(
-                    "returned {} actions (limit {})",
-                    actions.len(),
-                    limits.max_actions
-                ),
-            ));
-        }
-        for a in &actions {
-            if let HookAction::Exec { script, args, .. } = a {
-                let size = script.len() + args.iter().map(String::len).sum::<usize>();
-                if size > limits.max_output {
-                    return Err(too_big("an exec request", size));
-                }
-            }
-        }
-        let verdict = match verdict {
-            Verdict::Deny(r) => Verdict::Deny(clip(&r, 1000)),
-            allow => allow,
-        };
-        Ok(HookOutcome {
-            verdict,
-            actions,
-            new_state,
-            logs,
-        })
-    }
-
-    fn inspect(&self, state: &[u8]) -> Result<serde_json::Value, TypeError> {
-        let text = self.call("inspect", Params::new(), |b, s| match b {
-            Bindings::V0_1_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
-            Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
-            Bindings::Raw(_) => unreachable!("raw instances only run hooks and initial-state"),
-        })?;
-        if text.len() > self.host.limits.max_output {
-            return Err(self.error(
-                "inspect",
-                format!(
-                    "returned {} bytes (limit {})",
-                    text.len(),
-                    self.host.limits.max_output
-                ),
-            ));
-        }
-        serde_json::from_str(&text)
-            .map_err(|e| self.error("inspect", format!("returned invalid JSON: {e}")))
     }
 }
