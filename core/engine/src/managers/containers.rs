@@ -338,12 +338,6 @@ impl<'a> ContainerManager<'a> {
             .map_err(|e| CoreError::Conflict(format!("server {server}: {e}")))
     }
 
-    /// What both imports share, once the disk is known.
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "database work only: every driver or plugin call happens before it"
-    )]
-
     /// Containers matching `query`, by id.
     /// `only`: just in these projects (what a caller limited to some projects may read).
     pub async fn find(

@@ -155,6 +155,11 @@ impl ContainerManager<'_> {
         self.import_disk(export, image, project, requested_by).await
     }
 
+    /// What both imports share, once the disk is known.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "database work only: every driver or plugin call happens before it"
+    )]
     pub(super) async fn import_disk(
         &self,
         export: &ContainerExport,
