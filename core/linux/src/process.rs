@@ -1,5 +1,6 @@
 //! A guest's processes: launching its init into its namespaces and cgroups, waiting until its
-//! software is ready, and halting it (SIGTERM to its init, SIGKILL after the grace period).
+//! software is ready, and halting it (SIGTERM to its processes, SIGKILL to what is left after
+//! the grace period).
 
 use super::*;
 

@@ -22,7 +22,7 @@ use cloud48_model::Resources;
 mod driver;
 mod journal;
 
-use journal::*;
+use journal::{Entry, SimState, compact, journal_of, load};
 
 /// Latency of simulated operations.
 #[derive(Debug, Clone, Default)]

@@ -1,6 +1,7 @@
 //! Reading the settings file: walking its TOML tables into keys, resolving `${…}`
 //! placeholders, checking each value against its declaration.
 
+use super::declared::{Kind, SETTINGS, Spec};
 use super::*;
 
 pub(super) fn line_of(text: &str, offset: usize) -> usize {

@@ -17,8 +17,8 @@ use crate::core::CoreConfig;
 mod declared;
 mod file;
 
-use declared::*;
-use file::*;
+use declared::SETTINGS;
+use file::{check, line_of, resolve, walk};
 
 /// A configuration error with the place it comes from.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -24,8 +24,8 @@ use crate::types::{Hook, HookAction, MemberView};
 mod notify;
 mod replace;
 
-use notify::*;
-use replace::*;
+use notify::{fan_out, notify};
+use replace::{clone, replace};
 
 pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transition, StepError> {
     let env_id = ctx.target_id()?;

@@ -1,6 +1,7 @@
 //! The group executor: commands claimed together that share a group key run each step as one
 //! group (their targets locked together, their writes in multi-row statements).
 
+use super::execute::{InFlight, fail, written};
 use super::*;
 
 /// How a command of a group step ended up.

@@ -30,9 +30,9 @@ mod execute;
 mod group;
 mod keeper;
 
-use execute::*;
-use group::*;
-use keeper::*;
+use execute::execute;
+use group::execute_group;
+use keeper::{keeper_apart, lease_keeper};
 
 /// A command that succeeded without writes, target or parent: finished in batches.
 struct PlainDone {
