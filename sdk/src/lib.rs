@@ -76,7 +76,9 @@ pub const WIT_VERSION: &str = "0.2.0";
 pub trait ContainerType: Default {
     /// Name, version, priority, default resources, workload and parameters.
     fn metadata(&self) -> Metadata;
-    /// State blob of a new container (default: empty).
+    /// State blob of a new container (default: empty). The host calls it once and gives
+    /// every new container that answer, unless the plugin imports randomness (`wasi:random`,
+    /// e.g. through `std`'s `RandomState` or the `getrandom` crate): then it asks for each.
     fn initial_state(&self) -> Vec<u8> {
         Vec::new()
     }

@@ -2,7 +2,8 @@
 //! in `before-it-is-added` depends on the environment's name:
 //! `loop` spins forever, `bomb` allocates until memory runs out, `trap` panics, `huge` returns a
 //! 2 MiB state, `spam` asks for 10,000 actions, `fail` and `retry` return a hook error, `chatty`
-//! logs 1,000 lines; anything else is allowed.
+//! logs 1,000 lines, `random` keeps 8 random bytes as its state (so the plugin imports WASI's
+//! randomness, and the host runs each of its calls afresh); anything else is allowed.
 //! Built with `HOSTILE_WIT=x.y.z` it claims that WIT version (to test install refusals); built with
 //! `HOSTILE_VERSION=x.y.z` it is that version and migrates states by prefixing `from->to:`,
 //! except in an environment named `keep`, whose containers it refuses to migrate.
@@ -56,6 +57,13 @@ impl ContainerType for Hostile {
                 }
             }
             "trap" => panic!("hostile plugin panics on purpose"),
+            "random" => {
+                use std::hash::{BuildHasher, Hasher};
+                let seed = std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish();
+                Ok(Outcome::allow().with_state(seed.to_le_bytes().to_vec()))
+            }
             "huge" => Ok(Outcome::allow().with_state(vec![7u8; 2 << 20])),
             "fail" => Err(HookError::fail("hostile plugin refuses to work")),
             "retry" => Err(HookError::retry("hostile plugin asks to be retried")),

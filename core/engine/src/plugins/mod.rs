@@ -418,3 +418,32 @@ impl<'a> PluginManager<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ContainerType;
+
+    /// A plugin that imports no randomness gives every new container the same initial state,
+    /// so its `initial-state` runs once; one that imports randomness is asked every time.
+    #[test]
+    fn initial_state_runs_once_only_for_deterministic_plugins() {
+        let host = cloud48_plugin_host::PluginHost::new(None, Default::default()).unwrap();
+        let tomcat = host.load(BUNDLED[0].1).unwrap();
+        assert_eq!(tomcat.meta().name, "tomcat");
+        assert!(tomcat.is_deterministic());
+        let before = tomcat.instances();
+        let first = tomcat.initial_state();
+        assert!(!first.is_empty(), "tomcat's initial state is its JSON");
+        assert_eq!(tomcat.initial_state(), first);
+        assert_eq!(tomcat.instances() - before, 1, "asked once, then kept");
+
+        let wasm = std::fs::read(format!("{TEST_PLUGINS}/cloud48_plugin_hostile.wasm")).unwrap();
+        let hostile = host.load(&wasm).unwrap();
+        assert!(!hostile.is_deterministic(), "it imports wasi:random");
+        let before = hostile.instances();
+        assert_eq!(hostile.initial_state(), b"v0");
+        assert_eq!(hostile.initial_state(), b"v0");
+        assert_eq!(hostile.instances() - before, 2, "asked every time");
+    }
+}

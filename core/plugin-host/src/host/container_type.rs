@@ -16,6 +16,11 @@ impl ContainerType for WasmPlugin {
     }
 
     fn initial_state(&self) -> Vec<u8> {
+        // Called for every new container: a deterministic plugin's answer (it takes no input)
+        // is the same every time, so it is asked once.
+        if let Some(state) = self.initial.get() {
+            return state.clone();
+        }
         let raw = matches!(self.pre, Pre::V0_2_0(..));
         self.call_logged("initial-state", Params::new(), raw, |b, s| {
             match (b, &self.pre) {
@@ -28,7 +33,12 @@ impl ContainerType for WasmPlugin {
                 _ => unreachable!("0.2.0 plugins run initial-state on raw instances"),
             }
         })
-        .map(|(state, _)| state)
+        .map(|(state, _)| {
+            if self.deterministic {
+                let _ = self.initial.set(state.clone());
+            }
+            state
+        })
         .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "initial-state failed; starting with an empty state");
             Vec::new()

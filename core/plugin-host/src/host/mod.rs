@@ -225,6 +225,7 @@ impl PluginHost {
     /// Compiles and pre-instantiates a plugin, then asks it to describe itself.
     pub fn load(self: &Arc<Self>, bytes: &[u8]) -> Result<WasmPlugin, LoadError> {
         let component = self.compile(bytes)?;
+        let deterministic = deterministic(&self.engine, &component);
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             LoadError::Invalid(format!(
                 "the plugin needs something the host does not give plugins (only the cloud48:container contract and a locked-down WASI are available): {e:#}"
@@ -250,6 +251,9 @@ impl PluginHost {
             pre,
             type_id: String::new(),
             meta: PluginMeta::default(),
+            deterministic,
+            initial: std::sync::OnceLock::new(),
+            instances: std::sync::atomic::AtomicU64::new(0),
         };
         plugin.meta = plugin
             .call("describe", Params::new(), |b, s| match b {
@@ -376,6 +380,34 @@ pub struct WasmPlugin {
     pre: Pre,
     type_id: String,
     meta: PluginMeta,
+    /// Whether its exports answer the same for the same inputs ([`deterministic`]).
+    deterministic: bool,
+    /// `initial-state`'s answer, kept when the plugin is deterministic (it takes no input).
+    initial: std::sync::OnceLock<Vec<u8>>,
+    /// Instances made for its calls so far.
+    instances: std::sync::atomic::AtomicU64,
+}
+
+/// The interfaces whose every call answers the same for the same inputs in this host's
+/// sandbox: WASI's command-line and streams (no arguments, no environment, empty stdin, output
+/// discarded), clocks (frozen at zero), files (nothing preopened), sockets (all denied), and
+/// the `host` import (it answers from the call's environment). Not `wasi:random`.
+const DETERMINISTIC_IMPORTS: &[&str] = &[
+    "wasi:cli/",
+    "wasi:io/",
+    "wasi:clocks/",
+    "wasi:filesystem/",
+    "wasi:sockets/",
+    "cloud48:container/",
+];
+
+/// Whether `component` imports only interfaces of [`DETERMINISTIC_IMPORTS`]: then a fresh
+/// instance's export, given the same inputs, always returns the same (or fails).
+fn deterministic(engine: &Engine, component: &Component) -> bool {
+    component
+        .component_type()
+        .imports(engine)
+        .all(|(name, _)| DETERMINISTIC_IMPORTS.iter().any(|p| name.starts_with(p)))
 }
 
 impl WasmPlugin {
@@ -387,6 +419,17 @@ impl WasmPlugin {
     /// The WIT version the component implements.
     pub fn wit_version(&self) -> &'static str {
         self.pre.wit_version()
+    }
+
+    /// Whether the plugin imports nothing that makes a call's answer vary (randomness): its
+    /// `initial-state` then runs once and its answer is kept.
+    pub fn is_deterministic(&self) -> bool {
+        self.deterministic
+    }
+
+    /// How many instances its calls have made (one per call).
+    pub fn instances(&self) -> u64 {
+        self.instances.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `call_logged` without the log lines.
@@ -440,6 +483,8 @@ impl WasmPlugin {
     ) -> Result<(R, Vec<LogLine>), TypeError> {
         let mut store = self.host.store(env_params);
         let limits = &self.host.limits;
+        self.instances
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let instance = match &self.pre {
             Pre::V0_1_0(p) => p.instantiate(&mut store).map(Bindings::V0_1_0),
             Pre::V0_2_0(p, _) if raw => p.instance_pre().instantiate(&mut store).map(Bindings::Raw),
