@@ -219,6 +219,29 @@ async fn resource_flags_fill_in_the_types_defaults_and_refuse_what_is_not_positi
         "{r}"
     );
     assert_eq!(r["spread"], true);
+    // The built-in type has no plugin to ask: its defaults (500 / 1024) fill the rest.
+    let (ok, out, err) = run(&[
+        "--json",
+        "container",
+        "create",
+        "--type",
+        "plain",
+        "--label",
+        "pool=a",
+        "--memory-mb",
+        "512",
+    ]);
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["object_id"].clone();
+    let (ok, out, _) = run(&["--json", "container", "show", &id.to_string()]);
+    assert!(ok);
+    let r = &serde_json::from_str::<Value>(&out).unwrap()["requirements"];
+    assert_eq!(
+        (&r["cpu_millis"], &r["memory_mb"], &r["disk_mb"]),
+        (&Value::from(500), &Value::from(512), &Value::from(1024)),
+        "{r}"
+    );
+    assert_eq!(r["labels"], serde_json::json!(["pool=a"]));
     for (flag, value, says) in [
         ("--cpu-millis", "-5", "not above zero"),
         ("--memory-mb", "0", "not above zero"),

@@ -204,6 +204,69 @@ async fn a_duty_has_one_holder_until_its_lease_lapses_or_is_released() {
     assert_eq!(a.claim(Duty::Collector).await.unwrap(), Claim::Taken);
 }
 
+/// Cores started together on a new database: one sets it up (schema, platform, simulated
+/// servers, bundled plugins) while the others wait, and every one of them opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cores_started_together_on_a_new_database_all_open_and_set_it_up_once() {
+    use sea_orm::ConnectionTrait;
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| crate::common::tempdir()).collect();
+    let opens = dirs.iter().map(|d| {
+        let mut config = cloud48_engine::CoreConfig::new(d.path());
+        config.database_url = Some(pg.url.clone());
+        cloud48_engine::Core::open(config)
+    });
+    let cores: Vec<_> = futures::future::join_all(opens)
+        .await
+        .into_iter()
+        .map(|c| c.expect("every core opens"))
+        .collect();
+    let db = cores[0].db().clone();
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    sql,
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "n").unwrap()
+        }
+    };
+    assert_eq!(
+        count("SELECT COUNT(*) AS n FROM platforms WHERE is_local").await,
+        1
+    );
+    let sims = cores[0].config().sim_servers as i64;
+    assert_eq!(count("SELECT COUNT(*) AS n FROM servers").await, sims);
+    let bundled = cloud48_engine::plugins::BUNDLED.len() as i64;
+    assert_eq!(count("SELECT COUNT(*) AS n FROM plugins").await, bundled);
+    for core in &cores {
+        assert_eq!(core.servers().list().await.unwrap().len() as i64, sims);
+    }
+    // What one core places, the others' placement sees at their next sync.
+    let sim1 = cores[1].servers().list().await.unwrap();
+    let sim1 = sim1.iter().find(|s| s.name == "sim-1").unwrap().id.0;
+    let load = |core: &cloud48_engine::Core| {
+        let spread = core.placement().snapshot();
+        spread.iter().find(|c| c.id == sim1).unwrap().containers
+    };
+    cores[1].sync_cluster().await.unwrap();
+    assert_eq!(load(&cores[1]), 0);
+    db.execute_unprepared(
+        "UPDATE servers SET alloc_containers = 3, alloc_cpu_millis = 1500 WHERE name = 'sim-1'",
+    )
+    .await
+    .unwrap();
+    cores[1].sync_cluster().await.unwrap();
+    assert_eq!(load(&cores[1]), 3);
+}
+
 /// A clock this many ms off the system's.
 struct Skewed(i64);
 

@@ -389,9 +389,10 @@ async fn every_member_hears_after_cc_start_and_before_cc_stop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal() {
+    let log = Arc::new(Mutex::new(Vec::new()));
     let opts = Opts {
         sim_servers: 2,
-        types: vec![Arc::new(Phoenix)],
+        types: vec![Arc::new(Phoenix), Arc::new(Watched(log.clone()))],
         capacity: Some(Resources {
             cpu_millis: 10_000,
             memory_mb: 1500,
@@ -418,6 +419,17 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
             .unwrap();
         ids.push(t.created(a.command_id).await);
     }
+    // A member that hears the others come and go.
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/nest/containers",
+            &json!({ "type": "watched", "server": "sim-2" }),
+        )
+        .await
+        .unwrap();
+    let watcher = t.created(a.command_id).await;
+    log.lock().unwrap().clear();
     let sim1 = t.core.servers().get("sim-1").await.unwrap();
     assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
     let failover = commands_of(&t, "environment.failover").await;
@@ -435,6 +447,11 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
         "the reason names the missing memory"
     );
     assert_eq!(show(&t, ids[0]).await.status, ContainerStatus::Down);
+    // The others heard it leave, then, with no replacement, come back in: it is still theirs.
+    let heard: Vec<String> = log.lock().unwrap().clone();
+    let at = |hook: &str| heard.iter().position(|h| *h == format!("{watcher}:{hook}"));
+    let (left, back) = (at("after-other-is-removed"), at("after-other-is-added"));
+    assert!(left.is_some() && back > left, "{heard:?}");
 
     // Back up: the only copy is kept, not collected.
     assert!(t.core.monitor().mark_up(sim1.id.0).await.unwrap());
@@ -530,4 +547,18 @@ async fn the_monitor_never_marks_a_server_down_on_silence_gathered_while_it_was_
     let report = t.core.monitor().tick(Duration::ZERO).await.unwrap();
     assert_eq!(report.down, vec![servers[0].id.0]);
     assert_eq!(t.core.monitor().stalls(), 1);
+    // Another stall counts every silence afresh, which must not bring the dead server back:
+    // it is marked up only on a heartbeat of its own.
+    clock.advance(5 * grace);
+    beat_all_but(Some(servers[0].id.0));
+    let report = t.core.monitor().tick(late).await.unwrap();
+    assert_eq!(
+        report,
+        Default::default(),
+        "a stall brings no dead server back"
+    );
+    assert_eq!(t.core.monitor().stalls(), 2);
+    t.core.health().heartbeat(servers[0].id.0, None);
+    let report = t.core.monitor().tick(Duration::ZERO).await.unwrap();
+    assert_eq!(report.up, vec![servers[0].id.0]);
 }

@@ -252,8 +252,29 @@ async fn a_drained_server_empties_and_takes_nothing_new() {
     let report: Value = resp.json().await.unwrap();
     let commands: Vec<i64> = serde_json::from_value(report["commands"].clone()).unwrap();
     assert_eq!(commands.len(), 4);
+    // Drained again before those ran: its moves run after them (one object's commands run in
+    // order) and find the containers gone from sim-1, so they stay where they went.
+    let again: Value = t
+        .client
+        .post("/v1/servers/sim-1/drain", &json!({}))
+        .await
+        .unwrap();
+    let again: Vec<i64> = serde_json::from_value(again["commands"].clone()).unwrap();
+    assert_eq!(again.len(), 4);
     for c in commands {
         t.ok(c).await;
+    }
+    let placed: Vec<_> = futures::future::join_all(ids.iter().map(|id| show(&t, *id))).await;
+    for c in again {
+        let cmd = t.ok(c).await;
+        assert_eq!(cmd.step, 0, "command {c} moved nothing: {cmd:?}");
+    }
+    for (id, before) in ids.iter().zip(placed) {
+        assert_eq!(
+            show(&t, *id).await.server,
+            before.server,
+            "container {id} moved once"
+        );
     }
     for id in &ids {
         let c = show(&t, *id).await;

@@ -172,8 +172,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         )
     })?;
     let name = args.name.clone().unwrap_or_else(host_name);
+    let core_urls = args
+        .core
+        .iter()
+        .map(|c| cloud48_model::base_url(c).map_err(|e| anyhow::anyhow!("--core {e}")))
+        .collect::<Result<Vec<_>>>()?;
     let url = match &args.url {
-        Some(u) => u.trim_end_matches('/').to_string(),
+        Some(u) => cloud48_model::base_url(u).map_err(|e| anyhow::anyhow!("--url {e}"))?,
         None if listen.ip().is_unspecified() => bail!(
             "--listen {listen} does not say how the core reaches this agent; give --url http://ADDRESS:{}",
             listen.port()
@@ -222,11 +227,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
     // The cores this agent knows: its heartbeats learn the cluster's others, and its image
     // pulls ask them in the same order.
-    let cores: Option<crate::SharedCores> = (!args.core.is_empty()).then(|| {
-        Arc::new(std::sync::Mutex::new(crate::CoreList::new(
-            args.core.clone(),
-        )))
-    });
+    let cores: Option<crate::SharedCores> = (!core_urls.is_empty())
+        .then(|| Arc::new(std::sync::Mutex::new(crate::CoreList::new(core_urls))));
     let core_images = || {
         cores.clone().map(|cores| {
             Arc::new(

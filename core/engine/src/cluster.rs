@@ -354,8 +354,11 @@ impl Cluster {
 
     /// Every row of `servers`, when what other cores may change there has changed since this
     /// core last read them (`None` otherwise, and always on SQLite): servers added or removed,
-    /// their status, draining and address, by a fingerprint computed in the database. The
-    /// allocation counters are not part of it: the database checks them on every reservation.
+    /// their status, draining, address and allocations, by a fingerprint computed in the
+    /// database. The allocations are in it so that placement here sees what other cores placed
+    /// within a heartbeat period (the database checks capacity on every reservation anyway;
+    /// without them, cores placing at once each saw the same server emptiest and stacked
+    /// containers on it).
     pub async fn changed_servers(
         &self,
     ) -> Result<Option<Vec<crate::entities::server::Model>>, DbErr> {
@@ -368,7 +371,9 @@ impl Cluster {
             .query_one_raw(Statement::from_string(
                 DatabaseBackend::Postgres,
                 "SELECT md5(coalesce(string_agg(id || ':' || status || ':' || draining || ':' || \
-                 coalesce(address, ''), ',' ORDER BY id), '')) AS f FROM servers",
+                 coalesce(address, '') || ':' || alloc_cpu_millis || ':' || alloc_memory_mb || \
+                 ':' || alloc_disk_mb || ':' || alloc_containers, ',' ORDER BY id), '')) AS f \
+                 FROM servers",
             ))
             .await?
             .map(|r| r.try_get("", "f"))

@@ -236,8 +236,10 @@ impl Monitor {
                     report.down.push(c.id);
                 }
             } else if !c.up
-                && !silent
-                && self.health.last(c.id).is_some()
+                // Its own heartbeat within the grace period, not a silence counted afresh
+                // (after a stall of the monitor or a takeover of its duty): it was marked
+                // down on silence longer than that, so this beat came after.
+                && self.health.age(c.id).is_some_and(|age| age <= grace)
                 && self.mark_up(c.id).await?
             {
                 report.up.push(c.id);

@@ -112,6 +112,7 @@ impl Rebalancer {
                 params: crate::commands::params::to_value(crate::commands::params::Migrate {
                     to: None,
                     live: false,
+                    leave: Some(full.id),
                 }),
                 requested_by: REBALANCER.into(),
             })

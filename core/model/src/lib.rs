@@ -6,8 +6,10 @@
 use serde::{Deserialize, Serialize};
 
 mod project;
+mod url;
 mod workload;
 pub use project::{Project, ProjectMember, Quota, Usage};
+pub use url::base_url;
 pub use workload::{
     Check, Endpoint, ImageRef, ParamKind, ParamSpec, Params, Protocol, Readiness,
     SECRET_PLACEHOLDER, Volume, Workload, apply_settable, resolve_params, secret_param,

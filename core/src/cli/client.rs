@@ -31,7 +31,9 @@ pub struct Credentials {
 /// A client of one core.
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    /// The core's base URL, or why the one given is not one (said at the first request:
+    /// commands that talk to no core do not mind it).
+    base: std::result::Result<String, String>,
     http: reqwest::Client,
     credentials: Option<Credentials>,
     /// The last Digest challenge, reused (with increasing nonce counts) until refused.
@@ -42,7 +44,8 @@ impl Client {
     /// A client of the core at `base` (e.g. `http://127.0.0.1:4848`).
     pub fn new(base: &str) -> Self {
         Client {
-            base: base.trim_end_matches('/').to_string(),
+            base: cloud48_engine::model::base_url(base)
+                .map_err(|e| format!("--server (or CLOUD48_SERVER) {e}")),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(330))
                 .build()
@@ -194,7 +197,8 @@ impl Client {
         path: &str,
         body: Option<Body>,
     ) -> Result<reqwest::Response> {
-        let url = format!("{}{}", self.base, path);
+        let base = self.base.as_deref().map_err(|e| anyhow!("{e}"))?;
+        let url = format!("{base}{path}");
         let mut attempt = 0;
         let resp = loop {
             attempt += 1;
@@ -223,7 +227,7 @@ impl Client {
             }
             let resp = req.send().await.map_err(|e| {
                 if e.is_connect() {
-                    anyhow!("cannot reach the core at {}: is `cloud48 serve` running there? (use --server URL)", self.base)
+                    anyhow!("cannot reach the core at {base}: is `cloud48 serve` running there? (use --server URL)")
                 } else {
                     anyhow!("request to {url} failed: {e}")
                 }

@@ -222,6 +222,12 @@ impl NewContainerArgs {
         let r = &self.resources;
         let base = if r.cpu_millis.is_some() && r.memory_mb.is_some() && r.disk_mb.is_some() {
             Resources::default()
+        } else if self.type_id == "plain" {
+            // The built-in type: no plugin to ask.
+            use cloud48_engine::types::ContainerType;
+            cloud48_engine::types::PlainType
+                .default_requirements()
+                .resources
         } else {
             let info: cloud48_engine::plugins::PluginInfo = client
                 .get(&format!("/v1/plugins/{}", enc(&self.type_id)))

@@ -97,11 +97,16 @@ pub(super) async fn server(client: &Client, out: Out, cmd: ServerCmd) -> Result<
                 )
                 .await?;
             out.show(&r, || {
+                let ids: Vec<String> = r.commands.iter().map(|c| c.0.to_string()).collect();
                 let mut text = format!(
-                    "server {} is draining: {} migrations submitted (commands {:?})",
+                    "server {} is draining: {} migrations submitted (commands {})",
                     r.server,
                     r.commands.len(),
-                    r.commands
+                    if ids.is_empty() {
+                        "none".into()
+                    } else {
+                        ids.join(", ")
+                    }
                 );
                 for s in &r.skipped {
                     text.push_str(&format!("\nskipped: {s}"));

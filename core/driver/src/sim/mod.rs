@@ -494,6 +494,28 @@ mod tests {
         assert_eq!(again, freed);
     }
 
+    /// A slow server is slow to act, not to report its load: `stats` (what an agent's
+    /// heartbeats carry) takes none of the simulated latency; a crashed one answers nothing.
+    #[tokio::test(start_paused = true)]
+    async fn stats_take_no_simulated_latency() {
+        let capacity = Resources {
+            cpu_millis: 1000,
+            memory_mb: 1000,
+            disk_mb: 1000,
+        };
+        let latency = SimLatency::uniform(std::time::Duration::from_secs(10));
+        let sim = SimServer::new("sim-1", 1, capacity, latency);
+        let start = tokio::time::Instant::now();
+        sim.create(&spec(1)).await.unwrap();
+        let acted = start.elapsed();
+        assert!(acted >= std::time::Duration::from_secs(10), "{acted:?}");
+        let stats = sim.stats().await.unwrap();
+        assert_eq!((stats.guests, stats.allocated.cpu_millis), (1, 1));
+        assert_eq!(start.elapsed(), acted, "no latency to report the load");
+        sim.crash();
+        assert!(sim.stats().await.is_err());
+    }
+
     /// A simulated server behind an agent takes its addresses from the agent's `--subnet`.
     #[tokio::test]
     async fn a_given_subnet_is_the_pool() {

@@ -276,8 +276,11 @@ pub(super) fn env_view(
 /// goes to the requester's `after-exec`.
 pub(super) async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, StepError> {
     let children = ctx.svc.queue().children(ctx.cmd.id).await?;
+    // Children before this id were dealt with by an earlier step (a replacement that failed).
+    let from = ctx.progress.get("children_from").and_then(Value::as_i64);
     let failed: Vec<String> = children
         .iter()
+        .filter(|c| from.is_none_or(|from| c.id >= from))
         .filter(|c| c.status != CommandStatus::Succeeded.as_str())
         .filter(|c| {
             serde_json::from_str::<params::Exec>(&c.params).map_or(true, |e| e.tag.is_none())

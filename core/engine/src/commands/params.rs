@@ -136,6 +136,11 @@ pub struct Migrate {
     /// Without stopping it (a VM's memory and disk are sent while it runs).
     #[serde(default)]
     pub live: bool,
+    /// Only off this server: a container no longer on it when the command runs stays where it
+    /// is (a drain's and the rebalancer's moves, which a second drain or an earlier move would
+    /// otherwise repeat from the server it went to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leave: Option<i64>,
 }
 
 /// `container.exec`.

@@ -141,6 +141,10 @@ steps!(
         Add = 2,
         /// Finish (or put the member back to down when no replacement was made).
         Finish = 3,
+        /// No replacement: the others, who heard the member left, hear it is in again.
+        Rejoin = 4,
+        /// The actions they asked for; then the command fails, saying why.
+        RejoinActions = 5,
     }
 );
 

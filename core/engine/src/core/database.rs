@@ -2,6 +2,7 @@
 //! reader for long reads; the node id that names this core.
 
 use super::*;
+use sea_orm::ConnectionTrait;
 
 /// A connection for long reads that must not hold up the core's own work (the metrics'
 /// census): on SQLite a second, read-only connection (WAL lets it read while the core's one
@@ -28,7 +29,54 @@ pub async fn reader(
 /// Opens the core's database (creating the data directory, running the migrations).
 pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreError> {
     create_data_dir(config)?;
-    connect_as(config, None).await
+    let setup = SetupLock::take(config).await?;
+    let db = connect_as(config, None).await;
+    setup.release().await;
+    db
+}
+
+/// The key of the advisory lock of [`SetupLock`].
+const SETUP_LOCK: i64 = 0x0c10_0d48_5e70;
+
+/// On PostgreSQL, a session-level advisory lock that cores starting together on one database
+/// hold around their first-start work (the migrations, the local platform, the simulated
+/// servers, the bundled plugins), so that one does it and the others find it done instead of
+/// failing on each other's rows. It lives on a connection of its own: released by `release`,
+/// or by PostgreSQL when that connection closes (its holder failed or died). SQLite: nothing
+/// (one core per file).
+pub(super) struct SetupLock(Option<DatabaseConnection>);
+
+impl SetupLock {
+    /// Waits for the lock.
+    pub(super) async fn take(config: &CoreConfig) -> Result<SetupLock, CoreError> {
+        if config.database_url.is_none() {
+            return Ok(SetupLock(None));
+        }
+        let mut opt = options(config, None);
+        opt.max_connections(1).min_connections(1);
+        let url = opt.get_url().to_string();
+        let conn = Database::connect(opt)
+            .await
+            .map_err(|e| CoreError::Setup(format!("cannot open database {url}: {e}")))?;
+        conn.execute_unprepared(&format!("SELECT pg_advisory_lock({SETUP_LOCK})"))
+            .await
+            .map_err(|e| {
+                CoreError::Setup(format!(
+                    "cannot wait for other cores starting on {url} to finish setting it up: {e}"
+                ))
+            })?;
+        Ok(SetupLock(Some(conn)))
+    }
+
+    /// Lets the next starting core in.
+    pub(super) async fn release(self) {
+        if let Some(conn) = self.0 {
+            let _ = conn
+                .execute_unprepared(&format!("SELECT pg_advisory_unlock({SETUP_LOCK})"))
+                .await;
+            let _ = conn.close().await;
+        }
+    }
 }
 
 pub(super) fn create_data_dir(config: &CoreConfig) -> Result<(), CoreError> {

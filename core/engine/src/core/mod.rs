@@ -31,8 +31,8 @@ mod database;
 mod parts;
 
 pub use config::{ClusterConfig, CoreConfig, HealthConfig, PlacementConfig};
+use database::{SetupLock, connect_as, create_data_dir, node_id, options};
 pub use database::{connect, reader};
-use database::{connect_as, create_data_dir, node_id, options};
 
 /// Errors of core operations, each with a clear message for the user.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,9 @@ impl Core {
     ) -> Result<Core, CoreError> {
         create_data_dir(&config)?;
         let node = node_id(&config.data_dir)?;
+        // Released once the bundled plugins are in; dropped on an error (its connection
+        // closes, and PostgreSQL releases it).
+        let setup = SetupLock::take(&config).await?;
         let mut db = connect_as(&config, Some(&node)).await?;
         let recorder = Arc::new(crate::metrics::Recorder::default());
         let statements = recorder.clone();
@@ -271,6 +274,7 @@ impl Core {
         let plugins = core.plugins();
         plugins.load_all().await?;
         plugins.bootstrap(core.inner.platform.id).await?;
+        setup.release().await;
         Ok(core)
     }
 
@@ -372,9 +376,9 @@ impl Core {
         for (server, age, load) in cluster.read_beats().await? {
             health.merge(server, age, load.as_deref());
         }
-        // Servers other cores registered, marked down or up, or drained: attach their drivers
-        // and refresh placement's view (the allocation counters in it are checked again by
-        // the database when a reservation is written). Read only when they changed.
+        // Servers other cores registered, marked down or up, drained or placed on: attach their
+        // drivers and refresh placement's view (the allocation counters in it are checked
+        // again by the database when a reservation is written). Read only when they changed.
         if let Some(rows) = cluster.changed_servers().await? {
             for row in rows.iter().filter(|r| self.fleet().driver(r.id).is_none()) {
                 self.fleet().attach(row)?;

@@ -108,6 +108,7 @@ impl<'a> ContainerManager<'a> {
                 crate::commands::params::to_value(crate::commands::params::Migrate {
                     to: None,
                     live: *live,
+                    leave: None,
                 })
             }
             ContainerCommand::Migrate { to: Some(to), live } => {
@@ -130,6 +131,7 @@ impl<'a> ContainerManager<'a> {
                 crate::commands::params::to_value(crate::commands::params::Migrate {
                     to: Some(target.id),
                     live: *live,
+                    leave: None,
                 })
             }
             _ => crate::commands::params::to_value(crate::commands::params::NoParams {}),

@@ -140,6 +140,7 @@ impl<'a> ServerManager<'a> {
                     params: crate::commands::params::to_value(crate::commands::params::Migrate {
                         to: None,
                         live,
+                        leave: Some(s.id),
                     }),
                     requested_by: requested_by.to_string(),
                 }),

@@ -250,8 +250,12 @@ pub async fn place(
         }
         cache.refresh(txn, server_id).await?;
         if req.server.is_some() {
+            let name = server::Entity::find_by_id(server_id)
+                .one(txn)
+                .await?
+                .map_or(format!("#{server_id}"), |s| s.name);
             return Err(PlacementError::NoFit(format!(
-                "the requested server #{server_id} is not up, is draining or lacks {} cpu_millis, {} memory_mb and {} disk_mb free",
+                "the requested server {name} is not up, is draining or lacks {} cpu_millis, {} memory_mb and {} disk_mb free",
                 need.cpu_millis, need.memory_mb, need.disk_mb
             )));
         }

@@ -61,8 +61,8 @@ pub(super) async fn migrate(
             .allowed_from(),
         )
         .map_err(StepError::Permanent)?;
-        let params::Migrate { to, live } = ctx.params::<params::Migrate>()?;
-        if to.is_some() && row.server_id == to {
+        let params::Migrate { to, live, leave } = ctx.params::<params::Migrate>()?;
+        if (to.is_some() && row.server_id == to) || (leave.is_some() && row.server_id != leave) {
             return Ok(Transition::bare(done(row.id)));
         }
         let req = requirements_of(&row);

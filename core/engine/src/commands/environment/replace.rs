@@ -5,7 +5,9 @@ use super::*;
 
 /// Replaces a member that is down: it becomes illegal (the collector destroys it when its
 /// server is back), the others hear it left, and a new container of its type is added on
-/// another server. Steps: 0 retire; 1 the others' actions; 2 the child add; 3 finish.
+/// another server. Steps: 0 retire; 1 the others' actions; 2 the child add; 3 finish. When no
+/// replacement could be made, the member stays, down, and the others hear it is in again
+/// (4), their actions run (5), and the command fails saying why.
 pub(super) async fn replace(
     ctx: &StepCtx<'_>,
     env: &environment::Model,
@@ -101,15 +103,18 @@ pub(super) async fn replace(
             let children = svc.queue().children(ctx.cmd.id).await?;
             if let Some(failure) = child_failures(ctx).await? {
                 // No replacement: the old container is down again rather than illegal, so the
-                // collector does not destroy the only copy when its server comes back.
-                let fail = Next::Fail(format!(
-                    "replacing container {id} failed, it stays down: {failure}"
-                ));
+                // collector does not destroy the only copy when its server comes back; the
+                // others hear it is in again (they heard it left), so that it serves again
+                // once its server is back. Failures of the children so far are this one.
+                let mut progress = ctx.progress.clone();
+                progress["failure"] = json!(failure);
+                progress["children_from"] = json!(children.iter().map(|c| c.id + 1).max());
+                let step = ReplaceStep::Rejoin.number();
                 return Ok(Transition::commit(move |txn| {
                     Box::pin(async move {
                         let illegal = Some(ContainerStatus::Illegal);
                         set_member_status(txn, id, ContainerStatus::Down, illegal).await?;
-                        Ok(fail)
+                        Ok(Next::Continue { step, progress })
                     })
                 }));
             }
@@ -122,6 +127,42 @@ pub(super) async fn replace(
             Ok(Transition::bare(Next::Done(
                 json!({ "container_id": id, "replaced": true, "replacement": replacement }),
             )))
+        }
+        ReplaceStep::Rejoin => {
+            let all = members(svc.types(), svc.db(), env.id).await?;
+            let mut progress = ctx.progress.clone();
+            progress["actions"] = json!([]);
+            let step = ReplaceStep::RejoinActions.number();
+            // Gone meanwhile (destroyed): nobody to tell.
+            let Some((_, back)) = all.iter().find(|(r, _)| r.id == id).cloned() else {
+                return Ok(Transition::bare(Next::Continue { step, progress }));
+            };
+            let others: Vec<_> = all.into_iter().filter(|(r, _)| r.id != id).collect();
+            let view = env_view(env, &others);
+            let calls = others
+                .iter()
+                .map(|(r, v)| Call {
+                    view: v,
+                    state: &r.state,
+                    hook: Hook::AfterOtherIsAdded(back.clone()),
+                })
+                .collect();
+            let (states, actions) = dispatch(svc, &view, calls, false)?;
+            progress["actions"] = serde_json::to_value(&actions).expect("serializable");
+            Ok(with_states(
+                ctx.cmd.id,
+                states,
+                Next::Continue { step, progress },
+            ))
+        }
+        ReplaceStep::RejoinActions => {
+            let failure: String = ctx.progress_field("failure")?;
+            drain_actions(ctx, env, |_| {
+                Next::Fail(format!(
+                    "replacing container {id} failed, it stays down (still a member: the others were told it is in again): {failure}"
+                ))
+            })
+            .await
         }
     }
 }
