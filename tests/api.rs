@@ -263,6 +263,18 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             Some("requirements"),
             "cpu_millis must be greater than 0",
         ),
+        // Figures the ledger's signed counters would wrap on are refused, on a named server
+        // too (it skips placement's check).
+        (
+            "POST",
+            "/v1/containers",
+            Some(
+                "{\"type\": \"plain\", \"server\": \"sim-1\", \"requirements\": {\"cpu_millis\": 100, \"memory_mb\": 18446744073709551615, \"disk_mb\": 64}}",
+            ),
+            422,
+            Some("requirements"),
+            "memory_mb 18446744073709551615 is more than any server has (at most 1099511627776)",
+        ),
         (
             "POST",
             "/v1/environments/nosuch/containers",

@@ -519,6 +519,15 @@ async fn bundled_plugins_are_installed_on_the_first_start_only() {
         cloud48_engine::Core::open(c)
     };
     let core = open().await.unwrap();
+    // One core per data directory (SQLite): a second one is refused while the first runs.
+    let second = open()
+        .await
+        .err()
+        .expect("a second core on the same files is refused");
+    assert!(
+        second.to_string().contains("another core is running on"),
+        "{second}"
+    );
     assert_eq!(core.plugins().list().await.unwrap().len(), 4);
     core.plugins().remove("mysql").await.unwrap();
     drop(core);

@@ -116,6 +116,9 @@ impl Agents {
         }
         valid_name(&info.name)?;
         valid_url(&info.url)?;
+        stats.capacity.within_bounds().map_err(|m| {
+            CoreError::invalid("capacity", format!("agent {}: capacity {m}", info.name))
+        })?;
         let db = &self.db;
         let existing = server::Entity::find()
             .filter(server::Column::Name.eq(&info.name))

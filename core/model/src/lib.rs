@@ -128,18 +128,39 @@ impl Resources {
         }
     }
 
-    /// Checks that no figure is zero; names the first zero figure otherwise.
+    /// Checks that no figure is zero or above [`Resources::MAX`]; names the first such figure
+    /// otherwise.
     pub fn validate(&self) -> Result<(), String> {
-        for (name, value) in [
-            ("cpu_millis", self.cpu_millis),
-            ("memory_mb", self.memory_mb),
-            ("disk_mb", self.disk_mb),
-        ] {
+        for (name, value) in self.figures() {
             if value == 0 {
                 return Err(format!("{name} must be greater than 0"));
             }
         }
-        Ok(())
+        self.within_bounds()
+    }
+
+    /// The most any figure may be, of a container or a server: 2^40 (a million million
+    /// millicores, mebibytes), so that the sums the ledger keeps of millions of them stay far
+    /// inside its 64-bit signed counters.
+    pub const MAX: u64 = 1 << 40;
+
+    /// Checks that no figure is above [`Resources::MAX`].
+    pub fn within_bounds(&self) -> Result<(), String> {
+        match self.figures().into_iter().find(|(_, v)| *v > Self::MAX) {
+            Some((name, value)) => Err(format!(
+                "{name} {value} is more than any server has (at most {})",
+                Self::MAX
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn figures(&self) -> [(&'static str, u64); 3] {
+        [
+            ("cpu_millis", self.cpu_millis),
+            ("memory_mb", self.memory_mb),
+            ("disk_mb", self.disk_mb),
+        ]
     }
 }
 
@@ -723,6 +744,23 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_figures_are_above_zero_and_within_bounds() {
+        let r = |m| Resources {
+            cpu_millis: 1,
+            memory_mb: m,
+            disk_mb: 1,
+        };
+        assert!(r(Resources::MAX).validate().is_ok());
+        assert_eq!(
+            r(0).validate().unwrap_err(),
+            "memory_mb must be greater than 0"
+        );
+        let huge = r(u64::MAX).validate().unwrap_err();
+        assert!(huge.contains("memory_mb 18446744073709551615 is more than any server has"));
+        assert!(r(0).within_bounds().is_ok(), "a server may report no disk");
+    }
 
     #[test]
     fn a_status_reads_as_a_sentence() {

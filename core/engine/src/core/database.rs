@@ -35,6 +35,35 @@ pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreErro
     db
 }
 
+/// On SQLite, the data directory's lock (`DATA/core.lock`), which one core at a time holds
+/// until it stops: a second core on the same files would act on servers and containers the
+/// first one runs. Released by `Core::stop`, or by the system when the process ends. None on
+/// PostgreSQL, where cores share the database on purpose.
+pub(super) fn lock_data_dir(config: &CoreConfig) -> Result<Option<std::fs::File>, CoreError> {
+    if config.database_url.is_some() {
+        return Ok(None);
+    }
+    let path = config.data_dir.join("core.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| CoreError::Setup(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(CoreError::Setup(format!(
+            "another core is running on {} (it holds {}); stop it first, or give this one another --data-dir (several cores share a PostgreSQL database, not a data directory)",
+            config.data_dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(CoreError::Setup(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 /// The key of the advisory lock of [`SetupLock`].
 const SETUP_LOCK: i64 = 0x0c10_0d48_5e70;
 

@@ -31,7 +31,7 @@ mod database;
 mod parts;
 
 pub use config::{ClusterConfig, CoreConfig, HealthConfig, PlacementConfig};
-use database::{SetupLock, connect_as, create_data_dir, node_id, options};
+use database::{SetupLock, connect_as, create_data_dir, lock_data_dir, node_id, options};
 pub use database::{connect, reader};
 
 /// Errors of core operations, each with a clear message for the user.
@@ -95,6 +95,8 @@ pub(crate) struct CoreInner {
     /// `start` has finished: commands run, servers were reconciled once.
     pub ready: std::sync::atomic::AtomicBool,
     pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The data directory's lock on SQLite (`database::lock_data_dir`), until `stop`.
+    pub data_lock: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 /// A running cloud core; cheap to clone.
@@ -116,6 +118,7 @@ impl Core {
         clock: Arc<dyn Clock>,
     ) -> Result<Core, CoreError> {
         create_data_dir(&config)?;
+        let data_lock = lock_data_dir(&config)?;
         let node = node_id(&config.data_dir)?;
         // Released once the bundled plugins are in; dropped on an error (its connection
         // closes, and PostgreSQL releases it).
@@ -254,6 +257,7 @@ impl Core {
                 services,
                 ready: std::sync::atomic::AtomicBool::new(false),
                 background: std::sync::Mutex::new(Vec::new()),
+                data_lock: std::sync::Mutex::new(data_lock),
             }),
         };
         core.load_servers().await?;
@@ -521,6 +525,7 @@ impl Core {
             tracing::warn!(error = %e, "could not hand this core's duties over");
         }
         self.queue().stop(grace).await;
+        self.inner.data_lock.lock().unwrap().take();
     }
 
     /// A graceful stop: `before-cc-stop` runs in every environment (waiting up to `grace`
