@@ -181,4 +181,14 @@ async fn users_changed_on_the_core_s_machine_are_recorded_as_its_local_user() {
             ("opsmith (local)", "cli", "user add vera viewer", false),
         ]
     );
+    // The CLI's filter by who (`--user` is who signs in).
+    let url = t.url.clone();
+    let (ok, out, err) = tokio::task::spawn_blocking(move || {
+        crate::common::cli(&url, &["--json", "audit", "--who", "opsmith (local)"])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    let listed: Vec<AuditEntry> = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.len(), 2, "{out}");
 }

@@ -163,14 +163,25 @@ async fn a_caller_sees_only_the_topics_it_may_read() {
         password: "secret".into(),
     });
     let anonymous = Client::new(&t.url);
-    // Anonymous callers read fleet and environments by default: not commands.
+    // Anonymous callers read fleet and environments by default: not commands. The refusal is
+    // a 401 with a challenge, so that a client with credentials (`curl --digest`) signs in.
+    let resp = reqwest::get(format!("{}/v1/events?topic=command", t.url))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Digest ")
+    );
     let refused = anonymous
         .events("/v1/events?topic=command")
         .await
         .err()
         .unwrap()
         .to_string();
-    assert!(refused.contains("HTTP 403"), "{refused}");
+    assert!(refused.contains("HTTP 401"), "{refused}");
     assert!(refused.contains("anonymous_read"), "{refused}");
     let (mut anon, _) = open(&anonymous, "/v1/events").await;
     let (mut full, _) = open(&otto, "/v1/events").await;

@@ -271,13 +271,13 @@ fn claimed_user(headers: &axum::http::HeaderMap) -> String {
 /// Whether the request asks for a 401 without a challenge (`X-Cloud48-No-Challenge: 1`): the
 /// web console before its user signs in, so that a browser does not ask for a password on its
 /// own.
-fn quiet(headers: &axum::http::HeaderMap) -> bool {
+pub(crate) fn quiet(headers: &axum::http::HeaderMap) -> bool {
     headers
         .get("x-cloud48-no-challenge")
         .is_some_and(|v| v.as_bytes() == b"1")
 }
 
-fn refuse(core: &Core, e: AuthError, quiet: bool) -> Response {
+pub(crate) fn refuse(core: &Core, e: AuthError, quiet: bool) -> Response {
     match e {
         AuthError::Unauthorized { message, stale } => {
             let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message, None)

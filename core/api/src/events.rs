@@ -55,7 +55,8 @@ fn family(topic: Topic) -> Family {
 #[derive(Debug, Clone)]
 pub(crate) struct Readable {
     topics: Vec<Topic>,
-    refusal: Option<String>,
+    /// Why a topic the caller may not follow is refused (the first such).
+    refusal: Option<AuthError>,
     /// Where the caller may read (a caller limited to some projects sees their events and the
     /// servers').
     pub(crate) scope: Scope,
@@ -78,7 +79,7 @@ pub(crate) async fn readable(auth: &Authenticator, who: &Principal) -> Result<Re
                 }
             }
             Err(e) => {
-                out.refusal.get_or_insert_with(|| e.to_string());
+                out.refusal.get_or_insert_with(|| e.clone());
                 first.get_or_insert(e);
             }
         }
@@ -131,8 +132,13 @@ pub(crate) async fn stream_events(
                 "topic",
                 "no topic named; name some of command, container, server, environment".into(),
             ),
+            // Anonymous: a 401 with a challenge, so that a client with credentials signs in.
             (Some(why), false) => {
-                ApiError::new(StatusCode::FORBIDDEN, "forbidden", why.clone(), None)
+                return Ok(crate::access::refuse(
+                    &core,
+                    why.clone(),
+                    crate::access::quiet(&headers),
+                ));
             }
         });
     }

@@ -10,9 +10,9 @@ use cloud48_engine::model::AuditEntry;
 /// Options of `cloud48 audit`.
 #[derive(Debug, Args)]
 pub struct AuditArgs {
-    /// Only this user's changes.
-    #[arg(long)]
-    pub user: Option<String>,
+    /// Only the changes of this user (as the trail names them; `--user` is who signs in).
+    #[arg(long, value_name = "USER")]
+    pub who: Option<String>,
     /// Only changes of paths starting with this (e.g. /v1/servers).
     #[arg(long)]
     pub object: Option<String>,
@@ -25,7 +25,7 @@ pub struct AuditArgs {
 pub async fn list(client: &Client, out: Out, args: AuditArgs) -> Result<()> {
     let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
     let mut q = vec![format!("limit={}", args.limit)];
-    if let Some(u) = &args.user {
+    if let Some(u) = &args.who {
         q.push(format!("who={}", enc(u)));
     }
     if let Some(o) = &args.object {
