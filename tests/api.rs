@@ -277,6 +277,16 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
         ),
         (
             "POST",
+            "/v1/containers",
+            Some(
+                "{\"type\": \"plain\", \"requirements\": {\"cpu_millis\": 100, \"memory_mb\": 64, \"disk_mb\": 64, \"labels\": [\"\"]}}",
+            ),
+            422,
+            Some("requirements"),
+            "label '' is empty or has spaces",
+        ),
+        (
+            "POST",
             "/v1/environments/nosuch/containers",
             Some("{\"type\": \"plain\"}"),
             404,

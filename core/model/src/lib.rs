@@ -181,6 +181,25 @@ pub struct Requirements {
     pub spread: bool,
 }
 
+impl Requirements {
+    /// Checks the resources ([`Resources::validate`]) and that every label is a word (not
+    /// empty, no spaces): no server carries an empty label, so such a container would never
+    /// be placed.
+    pub fn validate(&self) -> Result<(), String> {
+        self.resources.validate()?;
+        match self
+            .labels
+            .iter()
+            .find(|l| l.is_empty() || l.contains(char::is_whitespace))
+        {
+            Some(l) => Err(format!(
+                "label '{l}' is empty or has spaces; servers carry labels like ssd or zone=a"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*

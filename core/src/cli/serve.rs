@@ -22,7 +22,7 @@ pub struct CoreArgs {
     /// Connections to PostgreSQL [default 5].
     #[arg(long)]
     pub db_connections: Option<u64>,
-    /// Commands executing at once [default 8].
+    /// Commands executing at once [default 256].
     #[arg(long)]
     pub workers: Option<u64>,
     /// First retry delay after a transient driver error, ms; doubles per attempt [default 200].

@@ -212,8 +212,7 @@ impl<'a> EnvironmentManager<'a> {
             .require(&req.type_id)
             .map_err(|m| CoreError::invalid("type", m))?;
         if let Some(r) = &req.requirements {
-            r.resources
-                .validate()
+            r.validate()
                 .map_err(|m| CoreError::invalid("requirements", m))?;
         }
         if let Some(s) = &req.server {

@@ -534,7 +534,6 @@ async fn checked_new(
         .map_err(|m| CoreError::invalid("type", m))?;
     let requirements = requirements.unwrap_or_else(|| ty.default_requirements());
     requirements
-        .resources
         .validate()
         .map_err(|m| CoreError::invalid("requirements", m))?;
     let server_id = match server {

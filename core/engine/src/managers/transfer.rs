@@ -32,13 +32,11 @@ impl ContainerManager<'_> {
     ) -> Result<(ContainerExport, ExportDisk), CoreError> {
         let id = id.0;
         let (driver, server, row) = self.guest(id).await?;
-        check_status(
-            id,
-            parse_status(row.id, &row.status)?,
-            "container export",
-            &[ContainerStatus::Stopped],
-        )
-        .map_err(|m| {
+        let status = parse_status(row.id, &row.status)?;
+        check_status(id, status, "container export", &[ContainerStatus::Stopped]).map_err(|m| {
+            if status.is_gone() {
+                return CoreError::Conflict(format!("{m}: it has nothing left to export"));
+            }
             CoreError::Conflict(format!(
                 "{m}; stop it first with `cloud48 container stop {id}`"
             ))
