@@ -20,13 +20,17 @@ fn user(t: &TestCore, name: &str) -> Client {
 }
 
 async fn core(paused: bool) -> TestCore {
+    core_with(paused, Anonymous::None).await
+}
+
+async fn core_with(paused: bool, anonymous: Anonymous) -> TestCore {
     let record = |name: &str, role| {
         UserRecord::with_password(name, role, REALM, &format!("{name}-password"))
     };
     TestCore::start(Opts {
         auth: AuthConfig {
             realm: REALM.into(),
-            anonymous: Anonymous::None,
+            anonymous,
             users: vec![
                 record("ada", Role::Admin),
                 record("mo", Role::Member),
@@ -45,6 +49,38 @@ async fn core(paused: bool) -> TestCore {
 /// The error text of a request that must fail.
 fn refused<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
     format!("{:#}", r.expect_err("refused"))
+}
+
+/// Where anonymous callers may read environments (the default), a signed-in member still sees
+/// only its projects: the client signs every request, not only those refused to anonymous.
+#[tokio::test]
+async fn a_signed_in_member_gets_its_own_view_where_anonymous_callers_may_read() {
+    let t = core_with(false, Anonymous::Read).await;
+    let (ada, mo) = (user(&t, "ada"), user(&t, "mo"));
+    let _: Project = ada
+        .post("/v1/projects", &json!({ "name": "shop" }))
+        .await
+        .unwrap();
+    let _: Project = ada
+        .put(
+            "/v1/projects/shop/members/mo",
+            &json!({ "role": "operator" }),
+        )
+        .await
+        .unwrap();
+    let a: Accepted = ada
+        .post("/v1/environments", &json!({ "name": "flap" }))
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let anonymous: Vec<Environment> = Client::new(&t.url).get("/v1/environments").await.unwrap();
+    assert_eq!(
+        anonymous.len(),
+        1,
+        "anonymous callers read environments here"
+    );
+    let seen: Vec<Environment> = mo.get("/v1/environments").await.unwrap();
+    assert!(seen.is_empty(), "mo sees only shop's: {seen:?}");
 }
 
 #[tokio::test]

@@ -130,7 +130,6 @@ impl Client {
         file: &std::path::Path,
         content_type: &'static str,
     ) -> Result<T> {
-        self.sign_in_first().await?;
         let resp = self
             .send_raw(
                 Method::POST,
@@ -144,12 +143,25 @@ impl Client {
     }
 
     /// With credentials but no Digest challenge yet, learns one with a small request that
-    /// anonymous callers may not make, so that the next request is signed: an upload is then
-    /// not answered 401 halfway through, and a stream is not served as to an anonymous caller.
+    /// anonymous callers may never make (the audit trail is for admins), so that every request
+    /// is signed: an upload is then not answered 401 halfway through, and a read that
+    /// anonymous callers may make is not answered as to one (they see every project).
     async fn sign_in_first(&self) -> Result<()> {
         let known = self.prompt.lock().unwrap().is_some();
+        let Ok(base) = self.base.as_deref() else {
+            return Ok(());
+        };
         if self.credentials.is_some() && !known {
-            self.send::<()>(Method::GET, "/v1/images", None).await?;
+            // A failure to connect is said by the request that follows.
+            if let Ok(resp) = self
+                .http
+                .get(format!("{base}/v1/audit?limit=1"))
+                .send()
+                .await
+                && resp.status() == StatusCode::UNAUTHORIZED
+            {
+                self.learn_challenge(&resp);
+            }
         }
         Ok(())
     }
@@ -198,6 +210,7 @@ impl Client {
         body: Option<Body>,
     ) -> Result<reqwest::Response> {
         let base = self.base.as_deref().map_err(|e| anyhow!("{e}"))?;
+        self.sign_in_first().await?;
         let url = format!("{base}{path}");
         let mut attempt = 0;
         let resp = loop {
@@ -371,7 +384,6 @@ impl Client {
         path: &str,
     ) -> Result<impl futures::Stream<Item = Result<Delivery>> + use<>> {
         use futures::StreamExt;
-        self.sign_in_first().await?;
         let resp = self.send::<()>(Method::GET, path, None).await?;
         Ok(sse_parse::EventStream::new(resp.bytes_stream()).map(|r| {
             let m = r.map_err(|e| anyhow!("the event stream broke: {e}"))?;

@@ -93,6 +93,16 @@ pub(super) fn activity_reporter(
     })
 }
 
+/// The longest pause of a command waiting for a lock before it looks again, ms.
+const MAX_LOCK_PAUSE_MS: i64 = 250;
+
+/// How long a command that has waited `waited` ms pauses before it tries a busy lock again:
+/// an eighth of its wait so far, at least `retry` (`queue.lock_retry`), at most
+/// [`MAX_LOCK_PAUSE_MS`] (or `retry` if that is longer).
+fn lock_pause(waited: i64, retry: i64) -> i64 {
+    (waited / 8).clamp(retry, MAX_LOCK_PAUSE_MS.max(retry))
+}
+
 pub(super) async fn run(
     inner: &Arc<Inner>,
     row: &mut command::Model,
@@ -104,7 +114,13 @@ pub(super) async fn run(
         match store::lock(&inner.db, target, row.id).await? {
             LockOutcome::Acquired => {}
             LockOutcome::Busy(holder) => {
-                let after = inner.clock.now_ms() + inner.config.lock_retry.as_millis() as i64;
+                // Mostly a child (top-level commands are not claimed while another holds their
+                // target): the longer it has waited, the longer it pauses before it looks
+                // again, up to `MAX_LOCK_PAUSE_MS`, so that a long wait is not a flip between
+                // queued and running (and two events) every few milliseconds.
+                let now = inner.clock.now_ms();
+                let retry = inner.config.lock_retry.as_millis() as i64;
+                let after = now + lock_pause(now - row.created_at, retry);
                 let why = format!("lock of {target} held by command {holder}");
                 tracing::debug!(%why, "waiting for lock");
                 store::requeue_unstarted(&inner.db, row, &inner.node_id, after, &why).await?;
@@ -296,4 +312,29 @@ pub(super) async fn commit_finish(
     inner.waiters.wake([row.id]);
     inner.work.notify_one();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short wait retries at `lock_retry`; a long one pauses longer, up to a quarter second,
+    /// so that it looks again a few dozen times over seconds, not hundreds.
+    #[test]
+    fn a_long_wait_for_a_lock_retries_less_often() {
+        assert_eq!(lock_pause(0, 20), 20);
+        assert_eq!(lock_pause(800, 20), 100);
+        assert_eq!(lock_pause(60_000, 20), MAX_LOCK_PAUSE_MS);
+        assert_eq!(
+            lock_pause(60_000, 1000),
+            1000,
+            "never shorter than configured"
+        );
+        let (mut t, mut looks) = (0, 0);
+        while t < 2_000 {
+            t += lock_pause(t, 5);
+            looks += 1;
+        }
+        assert!(looks < 60, "{looks} looks in two seconds");
+    }
 }
