@@ -197,50 +197,25 @@ async fn resource_flags_fill_in_the_types_defaults_and_refuse_what_is_not_positi
     )
     .await;
     let run = |args: &[&str]| tokio::task::block_in_place(|| cli(&serve.url, args));
+    // The requirements a container created with `flags` got.
+    let created = |flags: &[&str]| {
+        let create = [&["--json", "container", "create"], flags].concat();
+        let (ok, out, err) = run(&create);
+        assert!(ok, "{err}");
+        let id = serde_json::from_str::<Value>(&out).unwrap()["object_id"].clone();
+        let (ok, out, _) = run(&["--json", "container", "show", &id.to_string()]);
+        assert!(ok);
+        let r = serde_json::from_str::<Value>(&out).unwrap()["requirements"].clone();
+        let figures = [&r["cpu_millis"], &r["memory_mb"], &r["disk_mb"]].map(|v| v.as_u64());
+        (figures, r)
+    };
     // One resource flag with --spread: the others come from the type (tomcat: 1000 / 2048).
-    let (ok, out, err) = run(&[
-        "--json",
-        "container",
-        "create",
-        "--type",
-        "tomcat",
-        "--spread",
-        "--memory-mb",
-        "512",
-    ]);
-    assert!(ok, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["object_id"].clone();
-    let (ok, out, _) = run(&["--json", "container", "show", &id.to_string()]);
-    assert!(ok);
-    let r = &serde_json::from_str::<Value>(&out).unwrap()["requirements"];
-    assert_eq!(
-        (&r["cpu_millis"], &r["memory_mb"], &r["disk_mb"]),
-        (&Value::from(1000), &Value::from(512), &Value::from(2048)),
-        "{r}"
-    );
+    let (figures, r) = created(&["--type", "tomcat", "--spread", "--memory-mb", "512"]);
+    assert_eq!(figures, [Some(1000), Some(512), Some(2048)], "{r}");
     assert_eq!(r["spread"], true);
     // The built-in type has no plugin to ask: its defaults (500 / 1024) fill the rest.
-    let (ok, out, err) = run(&[
-        "--json",
-        "container",
-        "create",
-        "--type",
-        "plain",
-        "--label",
-        "pool=a",
-        "--memory-mb",
-        "512",
-    ]);
-    assert!(ok, "{err}");
-    let id = serde_json::from_str::<Value>(&out).unwrap()["object_id"].clone();
-    let (ok, out, _) = run(&["--json", "container", "show", &id.to_string()]);
-    assert!(ok);
-    let r = &serde_json::from_str::<Value>(&out).unwrap()["requirements"];
-    assert_eq!(
-        (&r["cpu_millis"], &r["memory_mb"], &r["disk_mb"]),
-        (&Value::from(500), &Value::from(512), &Value::from(1024)),
-        "{r}"
-    );
+    let (figures, r) = created(&["--type", "plain", "--label", "pool=a", "--memory-mb", "512"]);
+    assert_eq!(figures, [Some(500), Some(512), Some(1024)], "{r}");
     assert_eq!(r["labels"], serde_json::json!(["pool=a"]));
     for (flag, value, says) in [
         ("--cpu-millis", "-5", "not above zero"),

@@ -235,9 +235,13 @@ impl Client {
                 }
                 None => {}
             }
-            if let Some(h) = self.authorization(&method, path) {
-                req = req.header(reqwest::header::AUTHORIZATION, h);
-            }
+            let signed = match self.authorization(&method, path) {
+                Some(h) => {
+                    req = req.header(reqwest::header::AUTHORIZATION, h);
+                    true
+                }
+                None => false,
+            };
             let resp = req.send().await.map_err(|e| {
                 if e.is_connect() {
                     anyhow!("cannot reach the core at {base}: is `cloud48 serve` running there? (use --server URL)")
@@ -245,11 +249,20 @@ impl Client {
                     anyhow!("request to {url} failed: {e}")
                 }
             })?;
-            // Answer a challenge (a first one, or a stale nonce) once or twice, then give up.
+            // Answer a challenge (a first one, or a stale nonce) once or twice, then give up; a
+            // signed request refused with a fresh nonce had wrong credentials, and trying them
+            // again only counts another failed sign-in.
             if resp.status() == StatusCode::UNAUTHORIZED
                 && self.credentials.is_some()
                 && attempt < 3
                 && self.learn_challenge(&resp)
+                && (!signed
+                    || self
+                        .prompt
+                        .lock()
+                        .unwrap()
+                        .as_ref()
+                        .is_some_and(|p| p.stale))
             {
                 continue;
             }

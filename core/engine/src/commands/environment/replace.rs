@@ -30,18 +30,9 @@ pub(super) async fn replace(
                     "reason": format!("container {id} is {}, not down", old.status),
                 }))));
             }
-            let others: Vec<_> = all.into_iter().filter(|(r, _)| r.id != id).collect();
-            let view = env_view(env, &others);
-            let calls = others
-                .iter()
-                .map(|(r, v)| Call {
-                    view: v,
-                    state: &r.state,
-                    hook: Hook::AfterOtherIsRemoved(old.clone()),
-                })
-                .collect();
             // The hooks run before the transaction; the member retires with their new states.
-            let (states, actions) = dispatch(svc, &view, calls, false)?;
+            let (states, actions) =
+                tell_others(svc, env, all, id, Hook::AfterOtherIsRemoved(old.clone()))?;
             let progress = json!({
                 "type": row.type_id,
                 "requirements": serde_json::from_str::<Value>(&row.requirements).unwrap_or(Value::Null),
@@ -137,17 +128,7 @@ pub(super) async fn replace(
             let Some((_, back)) = all.iter().find(|(r, _)| r.id == id).cloned() else {
                 return Ok(Transition::bare(Next::Continue { step, progress }));
             };
-            let others: Vec<_> = all.into_iter().filter(|(r, _)| r.id != id).collect();
-            let view = env_view(env, &others);
-            let calls = others
-                .iter()
-                .map(|(r, v)| Call {
-                    view: v,
-                    state: &r.state,
-                    hook: Hook::AfterOtherIsAdded(back.clone()),
-                })
-                .collect();
-            let (states, actions) = dispatch(svc, &view, calls, false)?;
+            let (states, actions) = tell_others(svc, env, all, id, Hook::AfterOtherIsAdded(back))?;
             progress["actions"] = serde_json::to_value(&actions).expect("serializable");
             Ok(with_states(
                 ctx.cmd.id,
@@ -165,6 +146,28 @@ pub(super) async fn replace(
             .await
         }
     }
+}
+
+/// The members of `all` but `id` each answer `hook`: their new states and the actions they
+/// ask for.
+fn tell_others(
+    svc: &crate::services::Services,
+    env: &environment::Model,
+    all: Vec<(container::Model, MemberView)>,
+    id: i64,
+    hook: Hook,
+) -> Result<super::super::hooks::Dispatched, StepError> {
+    let others: Vec<_> = all.into_iter().filter(|(r, _)| r.id != id).collect();
+    let view = env_view(env, &others);
+    let calls = others
+        .iter()
+        .map(|(r, v)| Call {
+            view: v,
+            state: &r.state,
+            hook: hook.clone(),
+        })
+        .collect();
+    dispatch(svc, &view, calls, false)
 }
 
 /// Clones the source environment into the one named by `destination`: every member, in
