@@ -317,6 +317,23 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             Some("id"),
             "not a numeric id",
         ),
+        // A misspelt filter is refused, not ignored (which would list everything).
+        (
+            "GET",
+            "/v1/containers?enviroment=web",
+            None,
+            422,
+            None,
+            "unknown field `enviroment`",
+        ),
+        (
+            "GET",
+            "/v1/commands?stauts=failed",
+            None,
+            422,
+            None,
+            "unknown field `stauts`",
+        ),
         (
             "GET",
             "/v1/containers/424242",

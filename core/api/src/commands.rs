@@ -5,6 +5,7 @@ use super::*;
 /// Which commands to list.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct CommandQuery {
     /// Only this status.
     pub status: Option<CommandStatus>,
@@ -86,6 +87,7 @@ pub(super) fn wait_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option
 /// Options of showing a command.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct WaitQuery {
     /// Block up to this many seconds (at most 300) until the command finishes.
     #[param(minimum = 0, maximum = 300)]

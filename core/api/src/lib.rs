@@ -183,6 +183,7 @@ fn accepted(command_id: CommandId, object_id: Option<i64>) -> Accept {
 /// Listing options.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ListAll {
     /// Include destroyed objects.
     #[serde(default)]
@@ -272,6 +273,7 @@ async fn health(core: Core) -> axum::response::Response {
 /// Paging of a list by ascending id.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct Page {
     /// At most this many (1-1000; default 1000).
     #[serde(default, deserialize_with = "cloud48_engine::managers::page_limit")]

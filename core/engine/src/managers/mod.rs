@@ -122,6 +122,7 @@ pub fn check_status(
 /// Which containers to find.
 #[derive(Debug, Clone, Default, Deserialize, ToSchema, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct ContainerQuery {
     /// Only members of this environment (id or name).
     pub environment: Option<String>,
