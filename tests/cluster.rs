@@ -265,6 +265,14 @@ async fn cores_started_together_on_a_new_database_all_open_and_set_it_up_once() 
     .unwrap();
     cores[1].sync_cluster().await.unwrap();
     assert_eq!(load(&cores[1]), 3);
+    // A status another core changed: every row is read again.
+    db.execute_unprepared("UPDATE servers SET status = 'down' WHERE name = 'sim-1'")
+        .await
+        .unwrap();
+    cores[1].sync_cluster().await.unwrap();
+    let seen = cores[1].placement().snapshot();
+    let seen = seen.iter().find(|c| c.id == sim1).unwrap();
+    assert!(!seen.up && seen.containers == 3);
 }
 
 /// A clock this many ms off the system's.

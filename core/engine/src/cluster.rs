@@ -142,8 +142,21 @@ pub struct Cluster {
     urls: Mutex<Vec<String>>,
     /// The database's clock (PostgreSQL), recalibrated by `sync_cores`.
     clock: Option<std::sync::Arc<DbClock>>,
-    /// The servers' fingerprint when this core last read them.
-    servers_seen: Mutex<Option<String>>,
+    /// The servers' fingerprints (what they are, what is placed on them) when this core last
+    /// read them.
+    servers_seen: Mutex<Option<(String, String)>>,
+}
+
+/// What changed in `servers` since a core last read it.
+#[derive(Debug)]
+pub enum ServerChanges {
+    /// Nothing (and always so on SQLite).
+    None,
+    /// Servers added or removed, or their status, draining or address: every row.
+    All(Vec<crate::entities::server::Model>),
+    /// Only the allocation counters: `(id, cpu_millis, memory_mb, disk_mb, containers)` of
+    /// every server, a narrow read.
+    Allocations(Vec<(i64, i64, i64, i64, i64)>),
 }
 
 /// A core of the cluster, as the database last saw it.
@@ -352,41 +365,60 @@ impl Cluster {
         Ok(())
     }
 
-    /// Every row of `servers`, when what other cores may change there has changed since this
-    /// core last read them (`None` otherwise, and always on SQLite): servers added or removed,
-    /// their status, draining, address and allocations, by a fingerprint computed in the
-    /// database. The allocations are in it so that placement here sees what other cores placed
-    /// within a heartbeat period (the database checks capacity on every reservation anyway;
-    /// without them, cores placing at once each saw the same server emptiest and stacked
-    /// containers on it).
-    pub async fn changed_servers(
-        &self,
-    ) -> Result<Option<Vec<crate::entities::server::Model>>, DbErr> {
-        use sea_orm::{EntityTrait, QueryOrder};
+    /// What other cores changed in `servers` since this core last read it: servers added or
+    /// removed, their status, draining or address (every row is read again), or only the
+    /// allocations (only the counters are), by two fingerprints computed in the database. The
+    /// allocations are followed so that placement here sees what other cores placed within a
+    /// heartbeat period (the database checks capacity on every reservation anyway; without
+    /// them, cores placing at once each saw the same server emptiest and stacked containers on
+    /// it).
+    pub async fn changed_servers(&self) -> Result<ServerChanges, DbErr> {
+        use crate::entities::server;
+        use sea_orm::{EntityTrait, QueryOrder, QuerySelect};
         if !self.shared() {
-            return Ok(None);
+            return Ok(ServerChanges::None);
         }
-        let fingerprint: Option<String> = self
+        let row = self
             .db
             .query_one_raw(Statement::from_string(
                 DatabaseBackend::Postgres,
                 "SELECT md5(coalesce(string_agg(id || ':' || status || ':' || draining || ':' || \
-                 coalesce(address, '') || ':' || alloc_cpu_millis || ':' || alloc_memory_mb || \
-                 ':' || alloc_disk_mb || ':' || alloc_containers, ',' ORDER BY id), '')) AS f \
-                 FROM servers",
+                 coalesce(address, ''), ',' ORDER BY id), '')) AS what, \
+                 md5(coalesce(string_agg(id || ':' || alloc_cpu_millis || ':' || \
+                 alloc_memory_mb || ':' || alloc_disk_mb || ':' || alloc_containers, ',' \
+                 ORDER BY id), '')) AS placed FROM servers",
             ))
-            .await?
-            .map(|r| r.try_get("", "f"))
-            .transpose()?;
-        if *self.servers_seen.lock().unwrap() == fingerprint {
-            return Ok(None);
-        }
-        let rows = crate::entities::server::Entity::find()
-            .order_by_asc(crate::entities::server::Column::Id)
-            .all(&self.db)
             .await?;
-        *self.servers_seen.lock().unwrap() = fingerprint;
-        Ok(Some(rows))
+        let Some(row) = row else {
+            return Ok(ServerChanges::None);
+        };
+        let seen = (row.try_get("", "what")?, row.try_get("", "placed")?);
+        let before = self.servers_seen.lock().unwrap().clone();
+        let changes = match before {
+            Some(b) if b == seen => return Ok(ServerChanges::None),
+            Some((what, _)) if what == seen.0 => ServerChanges::Allocations(
+                server::Entity::find()
+                    .select_only()
+                    .columns([
+                        server::Column::Id,
+                        server::Column::AllocCpuMillis,
+                        server::Column::AllocMemoryMb,
+                        server::Column::AllocDiskMb,
+                        server::Column::AllocContainers,
+                    ])
+                    .into_tuple()
+                    .all(&self.db)
+                    .await?,
+            ),
+            _ => ServerChanges::All(
+                server::Entity::find()
+                    .order_by_asc(server::Column::Id)
+                    .all(&self.db)
+                    .await?,
+            ),
+        };
+        *self.servers_seen.lock().unwrap() = Some(seen);
+        Ok(changes)
     }
 
     /// Records that this core is alive at `url`, and reads the URLs of the cores seen within

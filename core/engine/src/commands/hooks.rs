@@ -272,12 +272,17 @@ pub(super) fn env_view(
     }
 }
 
-/// The failure of any child, as one message. A tagged script's failure is not one: its result
-/// goes to the requester's `after-exec`.
+/// The progress field naming the first child whose failure still counts: the children before
+/// it were dealt with by an earlier step (the add of a replacement that failed), and
+/// [`child_failures`] (so [`drain_actions`]) passes over them.
+pub(super) const CHILDREN_FROM: &str = "children_from";
+
+/// The failure of any child (from [`CHILDREN_FROM`] on, when the progress has it), as one
+/// message. A tagged script's failure is not one: its result goes to the requester's
+/// `after-exec`.
 pub(super) async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, StepError> {
     let children = ctx.svc.queue().children(ctx.cmd.id).await?;
-    // Children before this id were dealt with by an earlier step (a replacement that failed).
-    let from = ctx.progress.get("children_from").and_then(Value::as_i64);
+    let from = ctx.progress.get(CHILDREN_FROM).and_then(Value::as_i64);
     let failed: Vec<String> = children
         .iter()
         .filter(|c| from.is_none_or(|from| c.id >= from))

@@ -352,6 +352,19 @@ impl PlacementCache {
         }
     }
 
+    /// Replaces the allocation counters of the servers named, from `(id, cpu_millis,
+    /// memory_mb, disk_mb, containers)` as the database holds them.
+    pub fn set_allocations(&self, counters: &[(i64, i64, i64, i64, i64)]) {
+        let mut guard = self.servers.write().unwrap();
+        let (list, index) = &mut *guard;
+        for &(id, cpu, memory, disk, containers) in counters {
+            if let Some(&i) = index.get(&id) {
+                list[i].allocated = resources(cpu, memory, disk);
+                list[i].containers = containers.max(0) as u64;
+            }
+        }
+    }
+
     /// Marks a server up or down and draining or not.
     pub fn set_status(&self, id: i64, up: bool, draining: bool) {
         let mut guard = self.servers.write().unwrap();
@@ -628,6 +641,23 @@ mod tests {
             decide(&[plain], &need(100, 100), &HashSet::new(), &w),
             Ok(3)
         );
+    }
+
+    #[test]
+    fn allocations_read_from_the_database_replace_the_counters_and_steer_placement() {
+        let cache = PlacementCache::with_servers(
+            Weights::default(),
+            vec![server(1, 6000, 6000, &[]), server(2, 5000, 5000, &[])],
+        );
+        let none = HashSet::new();
+        assert_eq!(cache.decide(&need(100, 100), None, &none), Ok(1));
+        // Another core filled server 1; an unknown server (99) is passed over.
+        cache.set_allocations(&[(1, 7900, 8000, 10, 40), (99, 1, 1, 1, 1)]);
+        let one = cache.snapshot().into_iter().find(|c| c.id == 1).unwrap();
+        assert_eq!(one.free().cpu_millis, 100);
+        assert_eq!(one.containers, 40);
+        assert_eq!(cache.decide(&need(100, 100), None, &none), Ok(2));
+        assert_eq!(cache.snapshot().len(), 2);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! change.
 
 use super::*;
+use crate::commands::hooks::{CHILDREN_FROM, Dispatched};
 
 /// Replaces a member that is down: it becomes illegal (the collector destroys it when its
 /// server is back), the others hear it left, and a new container of its type is added on
@@ -99,7 +100,7 @@ pub(super) async fn replace(
                 // once its server is back. Failures of the children so far are this one.
                 let mut progress = ctx.progress.clone();
                 progress["failure"] = json!(failure);
-                progress["children_from"] = json!(children.iter().map(|c| c.id + 1).max());
+                progress[CHILDREN_FROM] = json!(children.iter().map(|c| c.id + 1).max());
                 let step = ReplaceStep::Rejoin.number();
                 return Ok(Transition::commit(move |txn| {
                     Box::pin(async move {
@@ -156,7 +157,7 @@ fn tell_others(
     all: Vec<(container::Model, MemberView)>,
     id: i64,
     hook: Hook,
-) -> Result<super::super::hooks::Dispatched, StepError> {
+) -> Result<Dispatched, StepError> {
     let others: Vec<_> = all.into_iter().filter(|(r, _)| r.id != id).collect();
     let view = env_view(env, &others);
     let calls = others
