@@ -336,6 +336,23 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
         ),
         (
             "GET",
+            "/v1/commands?limit=-1",
+            None,
+            422,
+            Some("limit"),
+            "limit='-1': expected a whole number, 0 or more",
+        ),
+        // An operation takes no options: one sent is refused, not ignored.
+        (
+            "POST",
+            "/v1/environments/web/stop",
+            Some("{\"force\": true}"),
+            422,
+            None,
+            "unknown field `force`",
+        ),
+        (
+            "GET",
             "/v1/containers/424242",
             None,
             404,

@@ -161,12 +161,16 @@ async fn cli_tour_through_the_real_binary() {
 async fn the_cli_says_clearly_when_no_core_answers() {
     let port = crate::common::free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let (ok, _, err) = run_cli(url, vec!["env", "list"]).await;
+    let (ok, _, err) = run_cli(url.clone(), vec!["env", "list"]).await;
     assert!(!ok);
     assert!(
         err.contains("cannot reach the core") && err.contains("cloud48 serve"),
         "{err}"
     );
+    // An empty name is said as such, before any request.
+    let (ok, _, err) = run_cli(url, vec!["env", "show", ""]).await;
+    assert!(!ok);
+    assert!(err.contains("a name or id given is empty"), "{err}");
 }
 
 #[test]
@@ -460,4 +464,23 @@ async fn a_core_whose_port_is_taken_meanwhile_starts_again_on_another() {
         .unwrap();
     let node = std::fs::read_to_string(data.join("node-id")).unwrap();
     assert_eq!(answer["node"], node.trim());
+}
+
+/// A core that cannot listen leaves no data directory of its own making behind.
+#[test]
+fn serve_on_a_busy_port_fails_without_creating_its_data_directory() {
+    let dir = crate::common::tempdir();
+    let data = dir.path().join("data");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = busy.local_addr().unwrap().to_string();
+    let out = std::process::Command::new(crate::common::binary())
+        .args(["serve", "--listen", &listen, "--data-dir"])
+        .arg(&data)
+        .args(["--sim-servers", "1", "--anonymous", "full"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("cannot listen on {listen}")), "{err}");
+    assert!(!data.exists(), "{} was left behind", data.display());
 }

@@ -50,8 +50,19 @@ pub async fn serve_agent_on(
         labels: vec![],
         subnet,
         addresses,
+        heartbeats: None,
     };
-    let spool = crate::common::scratch_dir(&format!("spool-{name}"));
+    serve_agent_as(info, driver, listener).await
+}
+
+/// An agent that says `info` of itself, on `listener`.
+async fn serve_agent_as(
+    info: AgentInfo,
+    driver: Arc<dyn Driver>,
+    listener: tokio::net::TcpListener,
+) -> (Arc<AgentService>, String) {
+    let url = info.url.clone();
+    let spool = crate::common::scratch_dir(&format!("spool-{}", info.name));
     let agent = AgentService::new(driver, TOKEN, info, &spool).unwrap();
     let router = agent.router();
     tokio::spawn(async move {
@@ -417,7 +428,45 @@ async fn agents_register_by_heartbeat_and_by_server_add() {
         .post::<_, serde_json::Value>("/v1/servers", &json!({ "url": "http://127.0.0.1:1" }))
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("cannot reach an agent"), "{err}");
+    assert!(
+        err.to_string().contains("cannot reach an agent") && err.to_string().contains("502"),
+        "{err}"
+    );
+    // An agent that sends no heartbeats (started without --core) would be judged down at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url3 = format!("http://{}", listener.local_addr().unwrap());
+    let driver = sim("node-3", Duration::ZERO);
+    let info = AgentInfo {
+        name: "node-3".into(),
+        url: url3.clone(),
+        driver: "sim".into(),
+        capabilities: driver.capabilities(),
+        labels: vec![],
+        subnet: None,
+        addresses: None,
+        heartbeats: Some(false),
+    };
+    serve_agent_as(info, driver, listener).await;
+    let err = tc
+        .client
+        .post::<_, serde_json::Value>("/v1/servers", &json!({ "url": url3 }))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sends no heartbeats") && err.contains("--core") && err.contains("422"),
+        "{err}"
+    );
+    assert!(
+        tc.core
+            .servers()
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .all(|s| s.name != "node-3"),
+        "nothing registered"
+    );
     beats.abort();
 }
 
@@ -438,6 +487,7 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
         labels: vec![],
         subnet: None,
         addresses: None,
+        heartbeats: None,
     };
     let stats = idle_stats();
     tc.core.agents().register(&info, &stats).await.unwrap();
@@ -550,6 +600,7 @@ async fn an_agent_whose_subnet_overlaps_another_s_is_refused() {
         labels: vec![],
         subnet: Some(subnet.into()),
         addresses: None,
+        heartbeats: None,
     };
     let agents = tc.core.agents();
     agents
@@ -616,4 +667,49 @@ async fn an_agent_whose_subnet_overlaps_another_s_is_refused() {
     assert!(e.contains("'banana' is not an IPv4 subnet"), "{e}");
     let servers: Vec<cloud48_engine::model::Server> = tc.client.get("/v1/servers").await.unwrap();
     assert!(!servers.iter().any(|s| s.name == "h3"));
+}
+
+/// A core opened without the agents' token over servers agents run refuses to start, naming
+/// a server and the setting: it would refuse their heartbeats and judge every one down.
+#[tokio::test]
+async fn a_core_without_the_agents_token_refuses_to_start_over_their_servers() {
+    use cloud48_engine::core::{Core, CoreConfig};
+    let dir = crate::common::tempdir();
+    let mut config = CoreConfig::new(dir.path());
+    config.sim_servers = 0;
+    config.agent_token = Some(TOKEN.into());
+    config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
+    let core = Core::open(config.clone()).await.unwrap();
+    let info = AgentInfo {
+        name: "h7".into(),
+        url: "http://127.0.0.1:9".into(),
+        driver: "sim".into(),
+        capabilities: sim("x", Duration::ZERO).capabilities(),
+        labels: vec![],
+        subnet: None,
+        addresses: None,
+        heartbeats: None,
+    };
+    core.agents().register(&info, &idle_stats()).await.unwrap();
+    core.stop(Duration::ZERO).await;
+    drop(core);
+    config.agent_token = None;
+    let err = Core::open(config.clone()).await.err().expect("refused");
+    let err = err.to_string();
+    assert!(
+        err.contains("server h7") && err.contains("CLOUD48_AGENT_TOKEN"),
+        "{err}"
+    );
+    // With the token it opens again, nothing lost.
+    config.agent_token = Some(TOKEN.into());
+    let core = Core::open(config).await.unwrap();
+    assert!(
+        core.servers()
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.name == "h7")
+    );
+    core.stop(Duration::ZERO).await;
 }

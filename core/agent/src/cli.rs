@@ -359,6 +359,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         labels: args.labels.clone(),
         subnet: Some(subnet.to_string()),
         addresses: addresses.map(|r| r.to_string()),
+        heartbeats: Some(cores.is_some()),
     };
     let spool = args.data_dir.join("spool");
     let agent = AgentService::new(driver, args.token.clone(), info, &spool)

@@ -193,6 +193,10 @@ pub struct AgentInfo {
     /// network with other servers, each with a range of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addresses: Option<String>,
+    /// Whether it sends heartbeats (it was started with `--core`): the core refuses to add a
+    /// server that never would, as it would be judged down. Older agents do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeats: Option<bool>,
 }
 
 /// A heartbeat from an agent to the core.

@@ -82,6 +82,11 @@ pub(super) async fn destroy_environment(
     ))
 }
 
+/// The body of an environment operation: none, `null` or `{}` (it takes no options).
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NoOptions {}
+
 #[utoipa::path(post, path = "/v1/environments/{env}/{op}", tag = "environments",
     params(("env" = String, Path, description = "Environment id or name"),
            ("op" = EnvironmentOp, Path, description = "start, stop, suspend, resume or destroy")),
@@ -92,6 +97,7 @@ pub(super) async fn environment_action(
     State(core): State<Core>,
     Extension(who): Extension<Principal>,
     Path((env, op)): Path<(String, String)>,
+    OptionalApiJson(NoOptions {}): OptionalApiJson<NoOptions>,
 ) -> Result<Accept, ApiError> {
     let op: EnvironmentOp = serde_json::from_value(serde_json::Value::String(op.clone())).map_err(|_| {
         ApiError::new(

@@ -79,6 +79,7 @@ impl From<CoreError> for ApiError {
                 Some(&field),
             ),
             CoreError::Queue(q) => q.into(),
+            CoreError::Unreachable(m) => Self::new(StatusCode::BAD_GATEWAY, "unreachable", m, None),
             other => {
                 tracing::error!(error = %other, "internal error");
                 Self::new(
@@ -267,7 +268,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             .map_err(|e| {
                 let path = e.path().to_string();
                 let field = (path != ".").then_some(path);
-                let message = format!("invalid query parameter: {}", e.into_inner());
+                let message = query_error_message(query, field.as_deref(), e.into_inner());
                 ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "invalid",
@@ -275,6 +276,32 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
                     field.as_deref(),
                 )
             })
+    }
+}
+
+/// What was wrong with a query: the parameter and its value as sent, and what it should be.
+fn query_error_message(
+    query: &str,
+    field: Option<&str>,
+    error: serde_urlencoded::de::Error,
+) -> String {
+    let raw = field.and_then(|f| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == f)
+            .map(|(_, v)| v.into_owned())
+    });
+    let error = error.to_string();
+    let why = if error.contains("invalid digit") || error.contains("number too large") {
+        "expected a whole number, 0 or more".to_string()
+    } else if error.contains("cannot parse integer from empty string") {
+        "expected a whole number, not nothing".to_string()
+    } else {
+        error
+    };
+    match (field, raw) {
+        (Some(f), Some(v)) => format!("invalid query parameter {f}='{v}': {why}"),
+        (Some(f), None) => format!("invalid query parameter {f}: {why}"),
+        _ => format!("invalid query parameter: {why}"),
     }
 }
 
@@ -341,4 +368,38 @@ pub(crate) async fn json_errors(
         }
     }
     json
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Page {
+        limit: Option<u32>,
+    }
+
+    fn refusal(query: &str) -> String {
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        let e = serde_path_to_error::deserialize::<_, Page>(de).unwrap_err();
+        let path = e.path().to_string();
+        query_error_message(query, Some(&path), e.into_inner())
+    }
+
+    #[test]
+    fn a_bad_number_in_a_query_names_the_parameter_its_value_and_what_it_should_be() {
+        assert_eq!(
+            refusal("limit=-1"),
+            "invalid query parameter limit='-1': expected a whole number, 0 or more"
+        );
+        assert_eq!(
+            refusal("limit=ten"),
+            "invalid query parameter limit='ten': expected a whole number, 0 or more"
+        );
+        assert_eq!(
+            refusal("limit="),
+            "invalid query parameter limit='': expected a whole number, not nothing"
+        );
+    }
 }

@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use futures::TryStreamExt;
@@ -13,7 +13,7 @@ use utoipa::IntoParams;
 use cloud48_engine::core::Core;
 use cloud48_engine::images::{Digest, ImageDetails, ImageError, ImageSummary, Name, Removed};
 
-use crate::{ApiError, ErrorBody};
+use crate::{ApiError, ApiQuery, ErrorBody};
 
 fn image_error(e: ImageError) -> ApiError {
     let (status, code) = match &e {
@@ -138,7 +138,7 @@ pub(crate) struct ImportQuery {
               (status = 507, body = ErrorBody, description = "The core's disk is full; nothing was kept")))]
 pub(crate) async fn import_image(
     State(core): State<Core>,
-    Query(q): Query<ImportQuery>,
+    ApiQuery(q): ApiQuery<ImportQuery>,
     body: Body,
 ) -> Result<(StatusCode, Json<Vec<ImageSummary>>), ApiError> {
     let name: Option<Name> = q

@@ -256,26 +256,36 @@ impl Agents {
             let req = client.get(format!("{base}{path}")).bearer_auth(&token);
             async move {
                 let resp = req.send().await.map_err(|e| {
-                    CoreError::Conflict(format!("cannot reach an agent at {base}: {e}"))
+                    CoreError::Unreachable(format!("cannot reach an agent at {base}: {e}"))
                 })?;
                 if !resp.status().is_success() {
                     let status = resp.status();
                     let body = resp.text().await.unwrap_or_default();
-                    return Err(CoreError::Conflict(format!(
+                    return Err(CoreError::Unreachable(format!(
                         "the agent at {base} refused {path} ({status}): {body}"
                     )));
                 }
-                resp.bytes()
-                    .await
-                    .map_err(|e| CoreError::Conflict(format!("the agent at {base} broke off: {e}")))
+                resp.bytes().await.map_err(|e| {
+                    CoreError::Unreachable(format!("the agent at {base} broke off: {e}"))
+                })
             }
         };
         let mut info: AgentInfo = serde_json::from_slice(&get("/v1/info").await?).map_err(|e| {
-            CoreError::Conflict(format!("{base} does not speak the agent protocol: {e}"))
+            CoreError::Unreachable(format!("{base} does not speak the agent protocol: {e}"))
         })?;
         let stats: ServerStats = serde_json::from_slice(&get("/v1/stats").await?).map_err(|e| {
-            CoreError::Conflict(format!("{base} does not speak the agent protocol: {e}"))
+            CoreError::Unreachable(format!("{base} does not speak the agent protocol: {e}"))
         })?;
+        if info.heartbeats == Some(false) {
+            return Err(CoreError::invalid(
+                "url",
+                format!(
+                    "the agent at {base} sends no heartbeats (it was started without --core), \
+                     so it would be judged down at once: start it again with --core and this \
+                     core's URL (it then registers itself; `server add` is not needed)"
+                ),
+            ));
+        }
         info.url = base.to_string();
         let id = self.register(&info, &stats).await?;
         self.health.heartbeat(id, Some(stats));

@@ -434,7 +434,9 @@ impl Store {
             .collect();
         if found.is_empty() {
             return Err(ImageError::NotFound(format!(
-                "no image '{what}' in the store; `cloud48 image list` shows the images there are"
+                "no image '{what}' in the store: build it (`cloud48 image build RECIPE`, e.g. \
+                 images/nginx.toml) or import it (`cloud48 image import FILE`); `cloud48 image \
+                 list` shows the images there are"
             )));
         }
         Ok(found)

@@ -170,6 +170,7 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
         labels: vec![],
         subnet: None,
         addresses: None,
+        heartbeats: None,
     };
     let agent = cloud48_engine::agent::AgentService::new(
         peer,

@@ -38,6 +38,8 @@ pub struct Client {
     credentials: Option<Credentials>,
     /// The last Digest challenge, reused (with increasing nonce counts) until refused.
     prompt: std::sync::Arc<std::sync::Mutex<Option<digest_auth::WwwAuthenticateHeader>>>,
+    /// Whether the challenge was asked for already (a core without users never sends one).
+    probed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Client {
@@ -52,6 +54,7 @@ impl Client {
                 .expect("HTTP client builds"),
             credentials: None,
             prompt: Default::default(),
+            probed: Default::default(),
         }
     }
 
@@ -143,23 +146,27 @@ impl Client {
     }
 
     /// With credentials but no Digest challenge yet, learns one with a small request that
-    /// anonymous callers may never make (the audit trail is for admins), so that every request
-    /// is signed: an upload is then not answered 401 halfway through, and a read that
-    /// anonymous callers may make is not answered as to one (they see every project).
+    /// anonymous callers may never make (the audit trail is for admins), once per client, so
+    /// that every request is signed: an upload is then not answered 401 halfway through, and a
+    /// read that anonymous callers may make is not answered as to one (they see every project).
     async fn sign_in_first(&self) -> Result<()> {
         let known = self.prompt.lock().unwrap().is_some();
         let Ok(base) = self.base.as_deref() else {
             return Ok(());
         };
-        if self.credentials.is_some() && !known {
-            // A failure to connect is said by the request that follows.
-            if let Ok(resp) = self
-                .http
-                .get(format!("{base}/v1/audit?limit=1"))
-                .send()
-                .await
-                && resp.status() == StatusCode::UNAUTHORIZED
-            {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.credentials.is_none() || known || self.probed.load(Relaxed) {
+            return Ok(());
+        }
+        // A failure to connect is said by the request that follows (and the next asks again).
+        if let Ok(resp) = self
+            .http
+            .get(format!("{base}/v1/audit?limit=1"))
+            .send()
+            .await
+        {
+            self.probed.store(true, Relaxed);
+            if resp.status() == StatusCode::UNAUTHORIZED {
                 self.learn_challenge(&resp);
             }
         }
@@ -210,6 +217,10 @@ impl Client {
         body: Option<Body>,
     ) -> Result<reqwest::Response> {
         let base = self.base.as_deref().map_err(|e| anyhow!("{e}"))?;
+        let route = path.split('?').next().unwrap_or(path);
+        if route.ends_with('/') || route.contains("//") {
+            bail!("a name or id given is empty: give the name or id of the object ({route})");
+        }
         self.sign_in_first().await?;
         let url = format!("{base}{path}");
         let mut attempt = 0;

@@ -213,12 +213,22 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
             tracing::warn!(%listen, "anonymous full access on a non-loopback address: anyone who can reach it controls the cloud");
         }
     }
+    let new_dir = !data_dir.exists();
     let core = Core::open(config).await?;
     // Listen at once; resume commands and reconcile servers meanwhile (`GET /v1/health` says
     // `starting` until then; requests are accepted and their commands wait their turn).
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            // A core that never served leaves no new data directory behind.
+            core.stop(Duration::ZERO).await;
+            drop(core);
+            if new_dir {
+                let _ = std::fs::remove_dir_all(&data_dir);
+            }
+            return Err(e).with_context(|| format!("cannot listen on {listen}"));
+        }
+    };
     tracing::info!(%listen, data_dir = %data_dir.display(), platform = core.platform_name(), "cloud48 core serving");
     let app =
         cloud48_api::router(core.clone()).layer(tower_http::trace::TraceLayer::new_for_http());

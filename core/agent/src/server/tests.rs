@@ -51,6 +51,7 @@ async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>, tempfile::
         labels: vec![],
         subnet: None,
         addresses: None,
+        heartbeats: None,
     };
     let dir = tempfile::tempdir().unwrap();
     let agent = AgentService::new(Arc::new(sim), TOKEN, info, &dir.path().join("spool")).unwrap();

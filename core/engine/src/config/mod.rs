@@ -153,6 +153,7 @@ impl Settings {
             entries,
             users: Vec::new(),
         };
+        settings.check_together()?;
         let realm = settings.get("auth.realm").to_string();
         for (fields, line) in raw_users {
             let source = Source::File {
@@ -203,6 +204,25 @@ impl Settings {
             settings.users.push(FileUser { record, source });
         }
         Ok(settings)
+    }
+
+    /// Settings that make sense only together: a server's grace period must outlast its
+    /// heartbeat period, or every server is judged down between two beats.
+    fn check_together(&self) -> Result<(), ConfigError> {
+        let (beat, grace) = (
+            self.count("health.heartbeat_ms"),
+            self.count("health.grace_ms"),
+        );
+        if grace <= beat {
+            let source = &self.entries["health.grace_ms"].source;
+            return Err(ConfigError(format!(
+                "{source}: bad value for health.grace_ms: {grace} ms is not longer than the \
+                 heartbeat period (health.heartbeat_ms = {beat} ms), so every server would be \
+                 judged down between two heartbeats; give at least two heartbeats (e.g. {})",
+                beat * 3
+            )));
+        }
+        Ok(())
     }
 
     /// The value of a declared key.
@@ -414,6 +434,29 @@ mod tests {
                 .unwrap_err()
                 .contains("unclosed")
         );
+    }
+
+    #[test]
+    fn a_grace_period_not_longer_than_the_heartbeat_is_refused_with_the_fix() {
+        let flags = |beat: &str, grace: &str| {
+            BTreeMap::from([
+                ("health.heartbeat_ms", beat.to_string()),
+                ("health.grace_ms", grace.to_string()),
+            ])
+        };
+        let none = |_: &str| None;
+        let e = Settings::load(None, &none, &flags("500", "400")).unwrap_err();
+        assert!(
+            e.0.contains("health.grace_ms")
+                && e.0.contains("--grace-ms")
+                && e.0.contains("e.g. 1500"),
+            "{}",
+            e.0
+        );
+        assert!(Settings::load(None, &none, &flags("500", "500")).is_err());
+        let ok = Settings::load(None, &none, &flags("500", "1200")).unwrap();
+        assert_eq!(ok.core().health.grace, Duration::from_millis(1200));
+        assert!(Settings::load(None, &none, &BTreeMap::new()).is_ok());
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub enum CoreError {
     /// Stored data this core cannot read (the message names the object).
     #[error("{0}")]
     Corrupt(String),
+    /// A server's agent could not be reached, or answered what it should not.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl CoreError {
@@ -311,10 +314,20 @@ impl Core {
                 CoreError::Setup(format!("cannot create {}: {e}", sim_dir.display()))
             })?;
         }
+        // Without the token the agents' heartbeats would be refused and every one of their
+        // servers judged down (and its containers replaced): refuse to start instead.
+        if c.agent_token.is_none()
+            && let Some(row) = rows.iter().find(|r| r.driver == RemoteFactory::KIND)
+        {
+            return Err(CoreError::Setup(format!(
+                "server {} is run by a node agent, but agents.token is not set: set \
+                 CLOUD48_AGENT_TOKEN (or agents.token in the config file) to the token the \
+                 agents were given, or this core would refuse their heartbeats and judge \
+                 their servers down",
+                row.name
+            )));
+        }
         for row in rows {
-            if row.driver == RemoteFactory::KIND && c.agent_token.is_none() {
-                tracing::warn!(server = %row.name, "agents.token is not set: requests to this server's agent will be refused");
-            }
             self.fleet().attach(&row)?;
         }
         Ok(())
@@ -383,11 +396,17 @@ impl Core {
         // Servers other cores registered, marked down or up, drained or placed on: attach their
         // drivers and refresh placement's view (the allocation counters in it are checked
         // again by the database when a reservation is written). Read only when they changed.
-        if let Some(rows) = cluster.changed_servers().await? {
-            for row in rows.iter().filter(|r| self.fleet().driver(r.id).is_none()) {
-                self.fleet().attach(row)?;
+        match cluster.changed_servers().await? {
+            crate::cluster::ServerChanges::None => {}
+            crate::cluster::ServerChanges::All(rows) => {
+                for row in rows.iter().filter(|r| self.fleet().driver(r.id).is_none()) {
+                    self.fleet().attach(row)?;
+                }
+                self.placement().load(&rows);
             }
-            self.placement().load(&rows);
+            crate::cluster::ServerChanges::Allocations(counters) => {
+                self.placement().set_allocations(&counters)
+            }
         }
         // A core silent for ten leases is gone; agents need not try it first.
         let within = self.inner.config.cluster.duty_lease * 10;
