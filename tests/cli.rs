@@ -484,3 +484,36 @@ fn serve_on_a_busy_port_fails_without_creating_its_data_directory() {
     assert!(err.contains(&format!("cannot listen on {listen}")), "{err}");
     assert!(!data.exists(), "{} was left behind", data.display());
 }
+
+/// An export that is refused (or breaks off) leaves the file it was to write as it was, and
+/// no partial file beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_export_keeps_the_file_it_was_to_replace() {
+    let dir = crate::common::tempdir();
+    let serve = serve_two_sims(dir.path()).await;
+    let run = |args: &[&str]| tokio::task::block_in_place(|| cli(&serve.url, args));
+    let (ok, out, err) = run(&["--json", "container", "create", "--type", "plain", "--wait"]);
+    assert!(ok, "{err}");
+    let id = serde_json::from_str::<Value>(&out).unwrap()["target_id"].to_string();
+    let keep = dir.path().join("keep.tar");
+    std::fs::write(&keep, b"an earlier export").unwrap();
+    let file = keep.to_str().unwrap();
+    // Running (409), then no such container (404).
+    for (what, says) in [(id.as_str(), "stop it first"), ("9999", "does not exist")] {
+        let (ok, _, err) = run(&["container", "export", what, "-o", file]);
+        assert!(!ok && err.contains(says), "{err}");
+        assert_eq!(std::fs::read(&keep).unwrap(), b"an earlier export");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // Stopped, it is exported over the old file.
+    let (ok, _, err) = run(&["container", "stop", &id, "--wait"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["container", "export", &id, "-o", file]);
+    assert!(ok, "{err}");
+    assert_ne!(std::fs::read(&keep).unwrap(), b"an earlier export");
+}

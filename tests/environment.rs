@@ -385,6 +385,40 @@ async fn a_failing_member_fails_the_environment_operation_with_its_message() {
     assert!(err.contains("stuck in D state"), "{err}");
 }
 
+/// A member that serves is not destroyed behind its peers' backs: the refusal names the
+/// command that tells them; once removed (or its environment destroyed) it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroying_a_serving_member_directly_is_refused_naming_env_remove() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    env(&t, "kept").await;
+    let id = added(&add(&t, "kept", "plain").await);
+    let err = t
+        .client
+        .post::<_, Accepted>(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "destroy" }),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("member of environment 'kept'")
+            && err.contains(&format!("cloud48 env remove kept {id}"))
+            && err.contains("HTTP 409"),
+        "{err}"
+    );
+    let c: Container = t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
+    assert_eq!(c.status.as_str(), "running", "nothing happened to it");
+    let a: Accepted = t
+        .client
+        .submit::<()>(&format!("/v1/environments/kept/containers/{id}"), None)
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let c: Container = t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
+    assert_eq!(c.status.as_str(), "destroyed");
+}
+
 /// The sorted arguments of every nginx rewrite exec'd in container `id`, in order.
 async fn rewrites(t: &TestCore, id: ContainerId) -> Vec<Vec<String>> {
     let c: cloud48_engine::model::Container =

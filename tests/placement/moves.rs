@@ -222,6 +222,36 @@ async fn an_environment_clone_is_wired_to_itself() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("already exists"), "{err}");
+    // A member that is neither running nor stopped: no partial copy wired to the source.
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{}/actions", tomcats[0]),
+            &json!({ "op": "suspend" }),
+        )
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let err = t
+        .client
+        .post::<_, Accepted>(
+            "/v1/environments/shop/clone",
+            &json!({ "name": "shop-partial" }),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("container {}", tomcats[0]))
+            && err.contains("is suspended")
+            && err.contains("HTTP 409"),
+        "{err}"
+    );
+    let nothing = t
+        .client
+        .get::<Environment>("/v1/environments/shop-partial")
+        .await;
+    assert!(nothing.is_err(), "no copy was made");
     assert_ledger_clean(&t).await;
 }
 

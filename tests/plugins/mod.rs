@@ -319,6 +319,19 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
         .await
         .unwrap();
     let id = t.created(a.command_id).await;
+    // A standalone container asked for by the type's bare name is of the installed version.
+    let a: Accepted = t
+        .client
+        .post("/v1/containers", &json!({ "type": "hostile" }))
+        .await
+        .unwrap();
+    let alone = t.created(a.command_id).await;
+    let c: Container = t
+        .client
+        .get(&format!("/v1/containers/{alone}"))
+        .await
+        .unwrap();
+    assert_eq!(c.type_id, "hostile@0.1.0");
     let newer = test_plugin(cloud48_engine::plugins::TEST_PLUGINS_NEWER, "hostile");
     let err = t
         .client
@@ -339,9 +352,14 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
     assert_eq!(done.kind, "plugin.upgrade");
     let info: PluginInfo = t.client.get("/v1/plugins/hostile").await.unwrap();
     assert_eq!(info.type_id, "hostile@0.1.1");
-    assert_eq!(info.containers, 1);
-    let c: Container = t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
-    assert_eq!(c.type_id, "hostile@0.1.1");
+    assert_eq!(
+        info.containers, 2,
+        "the member and the standalone one moved"
+    );
+    for c in [id, alone] {
+        let c: Container = t.client.get(&format!("/v1/containers/{c}")).await.unwrap();
+        assert_eq!(c.type_id, "hostile@0.1.1");
+    }
     use sea_orm::EntityTrait;
     let row = cloud48_engine::entities::container::Entity::find_by_id(id.0)
         .one(t.core.db())
@@ -359,9 +377,18 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("1 container(s) of type hostile@0.1.1 exist"),
+        err.contains("2 container(s) of type hostile@0.1.1 exist"),
         "{err}"
     );
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{alone}/actions"),
+            &json!({ "op": "destroy" }),
+        )
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
     let a: Accepted = t
         .client
         .submit::<()>(&format!("/v1/environments/calm/containers/{id}"), None)

@@ -118,7 +118,6 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
             .map(|_| {
                 cloud48_engine::managers::creating_row(
                     core.services(),
-                    ty.type_id(),
                     ty.as_ref(),
                     &requirements,
                     None,

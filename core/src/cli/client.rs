@@ -174,18 +174,45 @@ impl Client {
     }
 
     /// GETs `path` and writes the body, streamed, to `to` (standard output when `None`);
-    /// returns its length.
+    /// returns its length. A file is written beside `to` and renamed over it only once the
+    /// whole body arrived: a refusal or a broken download leaves an existing `to` as it was.
     pub async fn download(&self, path: &str, to: Option<&std::path::Path>) -> Result<u64> {
-        use tokio::io::AsyncWriteExt;
-        let mut resp = self.send_raw(Method::GET, path, None).await?;
-        let mut out: Box<dyn tokio::io::AsyncWrite + Unpin> = match to {
-            Some(p) => Box::new(
-                tokio::fs::File::create(p)
-                    .await
-                    .with_context(|| format!("cannot write {}", p.display()))?,
-            ),
-            None => Box::new(tokio::io::stdout()),
+        let resp = self.send_raw(Method::GET, path, None).await?;
+        let Some(to) = to else {
+            return Self::stream_to(resp, path, Box::new(tokio::io::stdout())).await;
         };
+        let name = to.file_name().map_or_else(
+            || std::ffi::OsString::from("download"),
+            std::ffi::OsStr::to_os_string,
+        );
+        let mut partial = std::ffi::OsString::from(".");
+        partial.push(&name);
+        partial.push(".partial");
+        let partial = to.with_file_name(partial);
+        let file = tokio::fs::File::create(&partial)
+            .await
+            .with_context(|| format!("cannot write {}", partial.display()))?;
+        let written = Self::stream_to(resp, path, Box::new(file)).await;
+        let renamed = match written {
+            Ok(n) => tokio::fs::rename(&partial, to)
+                .await
+                .with_context(|| format!("cannot write {}", to.display()))
+                .map(|()| n),
+            Err(e) => Err(e),
+        };
+        if renamed.is_err() {
+            let _ = tokio::fs::remove_file(&partial).await;
+        }
+        renamed
+    }
+
+    /// Writes the body of `resp` (the answer to `path`) to `out`; returns its length.
+    async fn stream_to(
+        mut resp: reqwest::Response,
+        path: &str,
+        mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+    ) -> Result<u64> {
+        use tokio::io::AsyncWriteExt;
         let expected = resp.content_length();
         let mut got = 0u64;
         while let Some(chunk) = resp

@@ -293,10 +293,7 @@ pub(super) async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> R
             } else {
                 let bytes = client
                     .download(&path, Some(std::path::Path::new(&output)))
-                    .await
-                    .inspect_err(|_| {
-                        let _ = std::fs::remove_file(&output);
-                    })?;
+                    .await?;
                 eprintln!(
                     "container {id} exported to {output} ({} MiB); import it on the other platform with `cloud48 container import {output}`",
                     bytes >> 20

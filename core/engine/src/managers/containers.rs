@@ -72,6 +72,23 @@ impl<'a> ContainerManager<'a> {
             check_status(id, status, cmd.kind().as_str(), cmd.allowed_from())
                 .map_err(CoreError::Conflict)?;
         }
+        // A member that serves leaves its environment through `environment.remove`: its peers
+        // are told (a balancer drops its upstream) and may refuse (a database still in use).
+        // One that is down can tell no one and is given up directly.
+        if matches!(cmd, ContainerCommand::Destroy {})
+            && status.is_member()
+            && status != ContainerStatus::Down
+            && let Some(env) = row.environment_id
+            && let Some(env) = environment::Entity::find_by_id(env).one(db).await?
+            && env.status != EnvironmentStatus::Destroyed.as_str()
+        {
+            return Err(CoreError::Conflict(format!(
+                "container {id} is a member of environment '{name}': remove it with \
+                 `cloud48 env remove {name} {id}` (DELETE /v1/environments/{name}/containers/{id}), \
+                 so that the other members are told and may refuse",
+                name = env.name
+            )));
+        }
         let params = match &cmd {
             ContainerCommand::Update { resources } => {
                 resources
@@ -204,7 +221,7 @@ impl<'a> ContainerManager<'a> {
         // The rows (and their plugin's initial states) are made before the transaction holds
         // the database connection.
         let mut rows: Vec<container::ActiveModel> = (0..count)
-            .map(|_| creating_row(self.svc, &req.type_id, ty.as_ref(), &text, None, project.id))
+            .map(|_| creating_row(self.svc, ty.as_ref(), &text, None, project.id))
             .collect();
         let txn = self.svc.db().begin().await?;
         let command = NewCommand {
@@ -212,7 +229,7 @@ impl<'a> ContainerManager<'a> {
             kind: crate::model::CommandKind::ContainerCreateMany,
             target: None,
             params: crate::commands::params::to_value(crate::commands::params::CreateMany {
-                type_id: req.type_id.clone(),
+                type_id: ty.type_id().to_string(),
                 count,
                 server_id,
                 requirements,

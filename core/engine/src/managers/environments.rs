@@ -125,6 +125,9 @@ impl<'a> EnvironmentManager<'a> {
         for m in &members {
             more = more.plus(&Usage::of(1, &requirements_of_row(m)?.resources));
         }
+        if let Some(why) = unclonable(&src.name, &members) {
+            return Err(CoreError::Conflict(why));
+        }
         crate::projects::check(self.svc.db(), src.project_id, &more, None).await?;
         self.submit_new_with(name, "{}".into(), src.project_id, |env| NewCommand {
             project: None,
@@ -374,4 +377,27 @@ impl<'a> EnvironmentManager<'a> {
             .unlock(Target::Environment(id), cmd)
             .await?)
     }
+}
+
+/// Why environment `name` cannot be cloned now, if it cannot: a member that is neither
+/// running nor stopped (down, suspended, still being made) would be left out of the copy,
+/// and the copy's members wired to it, in the source.
+pub(crate) fn unclonable(name: &str, members: &[container::Model]) -> Option<String> {
+    let odd: Vec<String> = members
+        .iter()
+        .filter_map(|m| {
+            let status: ContainerStatus = m.status.parse().ok()?;
+            (status.is_member()
+                && !matches!(status, ContainerStatus::Running | ContainerStatus::Stopped))
+            .then(|| format!("container {} ({}) is {status}", m.id, m.type_id))
+        })
+        .collect();
+    (!odd.is_empty()).then(|| {
+        format!(
+            "environment '{name}' cannot be cloned now: {}; a copy must hold every member, \
+             running or stopped (wait for a server to come back, start or resume the member, \
+             or remove it from the environment), then clone again",
+            odd.join(", ")
+        )
+    })
 }

@@ -24,6 +24,7 @@ mod environments;
 mod servers;
 mod transfer;
 
+pub(crate) use environments::unclonable;
 pub use environments::{AddContainer, EnvironmentManager, EnvironmentOp};
 pub use servers::{DrainReport, ServerManager};
 
@@ -320,7 +321,6 @@ pub(crate) async fn server_by_name<C: ConnectionTrait>(
 /// a fresh WASM instance: make rows before taking a transaction where that can be done.
 pub fn creating_row(
     svc: &Services,
-    type_id: &str,
     ty: &dyn crate::types::ContainerType,
     requirements: &str,
     environment: Option<i64>,
@@ -329,7 +329,9 @@ pub fn creating_row(
     let now = now_ms();
     container::ActiveModel {
         platform_id: Set(svc.platform_id()),
-        type_id: Set(type_id.to_string()),
+        // The type's own id (`tomcat@1.0.0`), not the name asked for: upgrades, removal and
+        // exports go by it.
+        type_id: Set(ty.type_id().to_string()),
         state: Set(ty.initial_state()),
         status: Set(ContainerStatus::Creating.as_str().into()),
         server_id: Set(None),
@@ -473,10 +475,6 @@ fn script_title(script: &str) -> String {
         .collect()
 }
 
-/// Inserts a container row in status `creating` (validating type, server and requirements);
-/// returns its id and the id of the server the caller named (placement reserves it there).
-/// The type, the requirements (the type's by default) and the named server of new
-/// containers, each checked.
 /// A new container, checked and ready to insert. Its initial state comes from its type, which
 /// for a plugin is a call into a fresh WASM instance: it is made here, before any transaction.
 pub(crate) struct NewContainer {
@@ -503,14 +501,7 @@ pub(crate) async fn prepare_container(
     )
     .await?;
     let requirements = serde_json::to_string(&requirements).expect("serializable");
-    let row = creating_row(
-        svc,
-        type_id,
-        ty.as_ref(),
-        &requirements,
-        environment,
-        project,
-    );
+    let row = creating_row(svc, ty.as_ref(), &requirements, environment, project);
     Ok(NewContainer { row, server_id })
 }
 

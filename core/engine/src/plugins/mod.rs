@@ -239,8 +239,9 @@ impl<'a> PluginManager<'a> {
                 "plugin '{name}' is not installed"
             )));
         }
-        for r in &rows {
-            let type_id = format!("{}@{}", r.name, r.version);
+        // Containers made before types were recorded with their version carry the bare name.
+        let versions = rows.iter().map(|r| format!("{}@{}", r.name, r.version));
+        for type_id in versions.chain([name.to_string()]) {
             let n = self.live_containers(&type_id).await?.len();
             if n > 0 {
                 return Err(CoreError::Conflict(format!(

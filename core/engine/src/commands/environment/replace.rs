@@ -183,7 +183,13 @@ pub(super) async fn clone(
     let dst = ctx.params::<params::CloneEnvironment>()?.destination;
     let PlanStep::Item(index) = PlanStep::of(ctx.cmd)? else {
         let mut plan: Vec<(i64, String, Value)> = Vec::new();
-        for (r, v) in members(svc.types(), svc.db(), env.id).await? {
+        let all = members(svc.types(), svc.db(), env.id).await?;
+        // A member that went down since the submission: no partial copy wired to the source.
+        let rows: Vec<_> = all.iter().map(|(r, _)| r.clone()).collect();
+        if let Some(why) = crate::managers::unclonable(&env.name, &rows) {
+            return Ok(Transition::bare(Next::Fail(why)));
+        }
+        for (r, v) in all {
             if !matches!(
                 v.status,
                 ContainerStatus::Running | ContainerStatus::Stopped
