@@ -245,7 +245,19 @@ fn user_commands_outside_a_core_directory_say_where_they_looked() {
         err.contains("no core database at") && err.contains("--data-dir"),
         "{err}"
     );
-    // Nothing was created by looking.
+    // Nothing was created by looking, nor by adding a user where no core runs.
+    let out = std::process::Command::new(crate::common::binary())
+        .args(["user", "add", "zed", "--role", "viewer"])
+        .env("CLOUD48_NEW_PASSWORD", "zeds-password")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no core database at") && err.contains("name its new data directory"),
+        "{err}"
+    );
     assert!(!dir.path().join("cloud48-data").join("cloud48.db").exists());
 }
 
@@ -516,4 +528,24 @@ async fn a_refused_export_keeps_the_file_it_was_to_replace() {
     let (ok, _, err) = run(&["container", "export", &id, "-o", file]);
     assert!(ok, "{err}");
     assert_ne!(std::fs::read(&keep).unwrap(), b"an earlier export");
+}
+
+/// The data directory holds the users' Digest hashes and the secrets' key: a core makes it
+/// readable by its owner only, and closes one that others could read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::common::tempdir();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for data in [open, dir.path().join("new").join("data")] {
+        let mut config = cloud48_engine::CoreConfig::new(&data);
+        config.sim_servers = 1;
+        config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
+        let core = cloud48_engine::Core::open(config).await.unwrap();
+        let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", data.display());
+        core.stop(std::time::Duration::ZERO).await;
+    }
 }

@@ -308,6 +308,8 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
     );
     let creds = dir.path().join("creds.toml");
     std::fs::write(&creds, "user = \"olga\"\npassword = \"olgas-password\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
     let (ok, _, err) = call(
         s(&[
             "--credentials",
@@ -321,6 +323,12 @@ async fn users_added_with_the_cli_sign_in_with_their_role() {
     )
     .await;
     assert!(ok, "{err}");
+    // A file others may read is used, with a warning saying the fix.
+    assert!(
+        err.contains("may be read by other users") && err.contains("chmod 600"),
+        "{err}"
+    );
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
     // Commands are not for anonymous eyes (auth.anonymous_read: fleet, environments).
     let (ok, _, err) = call(s(&["command", "show", "1"]), vec![]).await;
     assert!(

@@ -96,6 +96,10 @@ async fn a_container_s_life_is_told_in_order_and_a_stream_resumes(t: &TestCore) 
     let replayed = until(&mut again, |e| e.id >= last).await;
     assert_eq!(replayed, seen[1..]);
 
+    // A resume point past the newest event starts at the newest, and new events come.
+    let (mut ahead, after) = open(&t.client, "/v1/events?after=999999999").await;
+    assert!(after >= last && after < 999999999, "{after}");
+
     // One object, and the commands on it: a stop of the container.
     let (mut one, _) = open(&t.client, &format!("/v1/events?object=container:{id}")).await;
     let stop: serde_json::Value = t
@@ -118,6 +122,11 @@ async fn a_container_s_life_is_told_in_order_and_a_stream_resumes(t: &TestCore) 
         "{told:?}"
     );
     assert!(of(&told, Topic::Command, stop).contains(&"running".to_string()));
+    let heard = until(&mut ahead, |e| {
+        e.topic == Topic::Command && e.object_id == stop
+    })
+    .await;
+    assert!(heard.iter().all(|e| e.id > after), "{heard:?}");
 }
 
 #[tokio::test]

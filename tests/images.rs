@@ -170,6 +170,23 @@ async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api()
     assert_eq!(bad.status(), 400);
     assert!(bad.text().await.unwrap().contains("not a sha256 digest"));
 
+    // The image an installed type names (the balancer's) is kept unless forced.
+    let (ok, _, err) = run(
+        &url,
+        &["image", "import", &dir_arg, "--name", "cloud48/nginx"],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&url, &["image", "rm", "cloud48/nginx"]);
+    assert!(
+        !ok && err.contains("container type(s) balancer@") && err.contains("--force"),
+        "{err}"
+    );
+    let (ok, out, err) = run(&url, &["image", "rm", "cloud48/nginx", "--force"]);
+    assert!(
+        ok && out.contains("removed cloud48/nginx:latest"),
+        "{out}{err}"
+    );
+
     // Removing one name keeps the blobs the other still uses; removing both frees them.
     let (ok, out, _) = run(&url, &["image", "rm", "test/renamed"]);
     assert!(ok && out.contains("freed 0 blobs"), "{out}");

@@ -110,13 +110,75 @@ pub(crate) async fn image_holders(
     Ok(Json(Holders { holders }))
 }
 
-#[utoipa::path(delete, path = "/v1/images/{image}", tag = "images",
-    params(("image" = String, Path, description = "Name ('/' written %2F) or manifest digest")),
-    responses((status = 200, description = "The names removed and the blobs freed", body = serde_json::Value), (status = 404, body = ErrorBody)))]
+/// Options of an image's removal.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RemoveQuery {
+    /// Remove it even though installed container types name it (their new containers then
+    /// find no image here until it is imported again).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The installed types whose workload names one of `images`, by name or digest.
+fn types_naming(core: &Core, images: &[ImageSummary]) -> Vec<String> {
+    let types = core.types();
+    let mut ids: Vec<String> = types
+        .ids()
+        .into_iter()
+        .filter(|id| {
+            let Some(wanted) = types.get(id).and_then(|t| t.workload().image) else {
+                return false;
+            };
+            let name = wanted.reference.parse::<Name>().ok();
+            images.iter().any(|i| match &wanted.digest {
+                Some(d) => i.digest.as_str() == d,
+                None => name.is_some() && i.name == name,
+            })
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[utoipa::path(delete, path = "/v1/images/{image}", tag = "images", params(RemoveQuery,
+        ("image" = String, Path, description = "Name ('/' written %2F) or manifest digest")),
+    responses((status = 200, description = "The names removed and the blobs freed", body = serde_json::Value), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "Installed container types name it (give force=true to remove it all the same)")))]
 pub(crate) async fn remove_image(
     State(core): State<Core>,
     Path(image): Path<String>,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
 ) -> Result<Json<Removed>, ApiError> {
+    let store = core.images().clone();
+    if !q.force {
+        let what = image.clone();
+        let designated = blocking(move || {
+            let name = what.parse::<Name>().ok();
+            Ok(store
+                .list()?
+                .into_iter()
+                .filter(|i| i.digest.as_str() == what || (name.is_some() && i.name == name))
+                .collect::<Vec<_>>())
+        })
+        .await?;
+        let users = types_naming(&core, &designated);
+        if !users.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "image {image} is the image of container type(s) {}: their new containers, \
+                     replacements and moves to servers without it would find none; remove or \
+                     upgrade those plugins first, or remove it all the same with \
+                     `cloud48 image rm --force` (?force=true)",
+                    users.join(", ")
+                ),
+                None,
+            ));
+        }
+    }
     let store = core.images().clone();
     Ok(Json(blocking(move || store.remove(&image)).await?))
 }

@@ -355,7 +355,9 @@ impl Events {
             let mut published = inner.published.subscribe();
             let now = published.wait_for(|p| *p >= 0).await.map(|p| *p);
             let now = now.map_err(|_| DbErr::Custom("the event publisher stopped".into()))?;
-            let mut sent = after.unwrap_or(now);
+            // A resume point past the newest event (from another database, or mistyped)
+            // starts at the newest, as `Ready` says: it would otherwise skip every new event.
+            let mut sent = after.map_or(now, |a| a.clamp(0, now));
             yield Delivery::Ready(sent);
             loop {
                 // From the table, up to what the publisher has broadcast.

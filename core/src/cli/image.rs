@@ -33,10 +33,14 @@ pub enum ImageCmd {
         /// digits).
         image: String,
     },
-    /// Remove an image and every blob no other image uses (admin).
+    /// Remove an image and every blob no other image uses (admin). Refused while an
+    /// installed container type names it, unless --force.
     Rm {
         /// Name or manifest digest.
         image: String,
+        /// Remove it even though container types name it.
+        #[arg(long)]
+        force: bool,
     },
     /// Build a Debian-based image from a recipe on this machine (root, debootstrap), then
     /// upload it to the core. Builds are cached by the recipe's hash; a cold build of a base
@@ -157,9 +161,10 @@ pub(super) async fn image(client: &Client, out: Out, cmd: ImageCmd) -> Result<()
             let d: ImageDetails = client.get(&format!("/v1/images/{}", enc(&image))).await?;
             out.show(&d, || details(&d));
         }
-        ImageCmd::Rm { image } => {
+        ImageCmd::Rm { image, force } => {
+            let force = if force { "?force=true" } else { "" };
             let r: Removed = client
-                .delete(&format!("/v1/images/{}", enc(&image)))
+                .delete(&format!("/v1/images/{}{force}", enc(&image)))
                 .await?;
             out.show(&r, || {
                 format!(

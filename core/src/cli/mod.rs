@@ -498,6 +498,18 @@ fn credentials(cli: &Cli) -> Result<Option<Credentials>> {
     if let Some(path) = &cli.credentials {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read credentials file {}", path.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
+            if mode & 0o077 != 0 {
+                eprintln!(
+                    "warning: credentials file {} may be read by other users (mode {:o}); make it private: chmod 600 {}",
+                    path.display(),
+                    mode & 0o777,
+                    path.display()
+                );
+            }
+        }
         let file: File = toml_edit::de::from_str(&text).with_context(|| {
             format!(
                 "credentials file {} must hold `user = \"...\"` and `password = \"...\"`",

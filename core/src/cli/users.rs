@@ -90,8 +90,12 @@ pub(super) async fn users(out: Out, cmd: UserCmd) -> Result<()> {
     let config = settings.core();
     let sqlite = config.data_dir.join("cloud48.db");
     if config.database_url.is_none() && !sqlite.exists() {
-        let hint = "run this in the directory where `cloud48 serve` runs, or give its --data-dir or --database-url";
-        if matches!(cmd, UserCmd::Add { .. }) {
+        let hint = "run this in the directory where `cloud48 serve` runs, or give its --data-dir or --database-url (user commands work on the core's database, not through --server); to add users before a core's first start, name its new data directory with --data-dir";
+        // A new database only where one was asked for: not in whatever directory this runs.
+        let named = settings.entries().any(|(key, e)| {
+            key == "server.data_dir" && e.source != cloud48_engine::config::Source::Default
+        });
+        if matches!(cmd, UserCmd::Add { .. }) && named {
             eprintln!(
                 "note: there is no core database at {} yet; creating it ({hint})",
                 sqlite.display()

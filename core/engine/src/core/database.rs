@@ -108,13 +108,42 @@ impl SetupLock {
     }
 }
 
+/// Creates the data directory, readable by its owner only: the database in it holds the
+/// users' Digest hashes (as good as passwords) and the key of every environment's secrets. A
+/// directory others may read is closed, with a warning.
 pub(super) fn create_data_dir(config: &CoreConfig) -> Result<(), CoreError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        CoreError::Setup(format!(
-            "cannot create data directory {}: {e}",
-            config.data_dir.display()
-        ))
-    })
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = &config.data_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| {
+            CoreError::Setup(format!(
+                "cannot create data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| CoreError::Setup(format!("cannot read {}: {e}", dir.display())))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            CoreError::Setup(format!(
+                "data directory {} may be read by other users (mode {:o}) and cannot be \
+                 closed: {e}; make it readable by its owner only (chmod 700)",
+                dir.display(),
+                mode & 0o777
+            ))
+        })?;
+        tracing::warn!(
+            dir = %dir.display(),
+            was = format!("{:o}", mode & 0o777),
+            "the data directory could be read by other users (it holds password hashes and the secrets' key): made it readable by its owner only (700)"
+        );
+    }
+    Ok(())
 }
 
 /// How long a PostgreSQL connection may have been idle before the pool pings it before
