@@ -81,6 +81,32 @@ async fn a_signed_in_member_gets_its_own_view_where_anonymous_callers_may_read()
     );
     let seen: Vec<Environment> = mo.get("/v1/environments").await.unwrap();
     assert!(seen.is_empty(), "mo sees only shop's: {seen:?}");
+    // What a project holds is for its members: anonymous callers read `default` only.
+    let a: Accepted = mo
+        .post(
+            "/v1/environments",
+            &json!({ "name": "shop-db", "project": "shop", "params": { "dbpass": "hunter2" } }),
+        )
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let anonymous = Client::new(&t.url);
+    let listed: Vec<Environment> = anonymous.get("/v1/environments").await.unwrap();
+    assert_eq!(
+        listed.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        ["flap"]
+    );
+    let err = refused(
+        anonymous
+            .get::<Environment>("/v1/environments/shop-db")
+            .await,
+    );
+    assert!(
+        err.contains("project anonymous callers may read") && !err.contains("hunter2"),
+        "{err}"
+    );
+    let mine: Environment = mo.get("/v1/environments/shop-db").await.unwrap();
+    assert_eq!(mine.project, "shop");
 }
 
 #[tokio::test]

@@ -238,7 +238,14 @@ async fn within(core: &Core, scope: &Scope, method: &Method, path: &str) -> Resu
                 Err(ScopeRefusal::Hidden) => Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     "not_found",
-                    format!("{object} does not exist in the projects user '{user}' may read"),
+                    if matches!(scope, Scope::Projects { user, .. } if user == "anonymous") {
+                        format!(
+                            "{object} does not exist in the project anonymous callers may read \
+                             (default); sign in to read the others"
+                        )
+                    } else {
+                        format!("{object} does not exist in the projects user '{user}' may read")
+                    },
                     None,
                 )
                 .into_response()),

@@ -77,6 +77,19 @@ impl Authenticator {
         family: Option<Family>,
     ) -> Result<Scope, AuthError> {
         let refusal = match self.authorize(who, needed, family).await {
+            // Anonymous reads (`auth.anonymous = read`) see the project `default` and the
+            // fleet: what other projects hold is for their members.
+            Ok(()) if *who == Principal::Anonymous && self.config.anonymous == Anonymous::Read => {
+                return Ok(Scope::Projects {
+                    user: "anonymous".into(),
+                    reads_all: false,
+                    grants: BTreeMap::from([(
+                        crate::projects::DEFAULT,
+                        ("default".to_string(), Role::Viewer),
+                    )]),
+                    needed,
+                });
+            }
             Ok(()) => return Ok(Scope::All),
             Err(e) => e,
         };
