@@ -456,3 +456,48 @@ async fn a_quota_refuses_at_submission_and_again_when_the_command_runs() {
         .unwrap();
     assert_eq!(c.project, "default");
 }
+
+/// An open event stream stops once its reader's rights change: a member whose project role
+/// is revoked hears nothing more of the project, but an error saying to open it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_ends_when_its_reader_loses_the_project() {
+    use futures::StreamExt;
+    let t = core(false).await;
+    let (ada, mo) = (user(&t, "ada"), user(&t, "mo"));
+    let _: Project = ada
+        .post("/v1/projects", &json!({ "name": "shop" }))
+        .await
+        .unwrap();
+    let _: Project = ada
+        .put(
+            "/v1/projects/shop/members/mo",
+            &json!({ "role": "operator" }),
+        )
+        .await
+        .unwrap();
+    let (mut stream, _) = open(&mo, "/v1/events?project=shop&topic=environment").await;
+    let _: Project = ada.delete("/v1/projects/shop/members/mo").await.unwrap();
+    // Events of the project go on; the stream ends with the reason instead of telling them.
+    let mut made = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let ended = loop {
+        let a: Accepted = ada
+            .post(
+                "/v1/environments",
+                &json!({ "name": format!("e{made}"), "project": "shop" }),
+            )
+            .await
+            .unwrap();
+        t.ok(a.command_id).await;
+        made += 1;
+        match tokio::time::timeout(std::time::Duration::from_secs(1), stream.next()).await {
+            Ok(Some(Err(e))) => break e.to_string(),
+            Ok(None) => panic!("the stream ended without saying why"),
+            Ok(Some(Ok(_))) | Err(_) => assert!(
+                std::time::Instant::now() < deadline,
+                "the stream went on for a minute"
+            ),
+        }
+    };
+    assert!(ended.contains("changed; open the stream again"), "{ended}");
+}

@@ -109,6 +109,7 @@ fn invalid(field: &str, message: String) -> ApiError {
 pub(crate) async fn stream_events(
     State(core): State<Core>,
     Extension(readable): Extension<Readable>,
+    Extension(who): Extension<Principal>,
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<EventQuery>,
 ) -> Result<Response, ApiError> {
@@ -201,6 +202,7 @@ pub(crate) async fn stream_events(
                 &format!("the event log could not be read: {e}"),
             ),
         });
+    let messages = rechecked(core.clone(), who, readable, messages);
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -209,6 +211,53 @@ pub(crate) async fn stream_events(
         Body::from_stream(batched(messages)),
     )
         .into_response())
+}
+
+/// How long a stream goes on delivering before the caller's rights are read again.
+const RECHECK: Duration = Duration::from_secs(5);
+
+/// `messages`, ended with an `error` message once the caller may read other than what it
+/// could when the stream opened (a project role revoked or changed, the user removed):
+/// checked before a delivery at most every `RECHECK`, so a revocation stops the stream
+/// within that.
+fn rechecked(
+    core: Core,
+    who: Principal,
+    opened: Readable,
+    messages: impl Stream<Item = Bytes> + Send + 'static,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    let state = (Box::pin(messages), tokio::time::Instant::now(), false);
+    futures::stream::unfold(state, move |(mut messages, mut checked, ended)| {
+        let (core, who, opened) = (core.clone(), who.clone(), opened.clone());
+        async move {
+            if ended {
+                return None;
+            }
+            let message = messages.next().await?;
+            if checked.elapsed() >= RECHECK {
+                checked = tokio::time::Instant::now();
+                if let Some(why) = changed(&core, &who, &opened).await {
+                    let end = sse_message(None, "error", &why);
+                    return Some((end, (messages, checked, true)));
+                }
+            }
+            Some((message, (messages, checked, false)))
+        }
+    })
+}
+
+/// Why the caller may no longer read what the stream shows it, if so.
+async fn changed(core: &Core, who: &Principal, opened: &Readable) -> Option<String> {
+    let auth = core.auth();
+    let now = match auth.current(who).await {
+        Ok(Some(now)) => now,
+        Ok(None) => return Some(format!("user '{}' no longer exists", who.audit_name())),
+        Err(e) => return Some(format!("the caller's rights could not be read again: {e}")),
+    };
+    match readable(auth, &now).await {
+        Ok(r) if r.topics == opened.topics && r.scope == opened.scope => None,
+        _ => Some("what this caller may read changed; open the stream again".into()),
+    }
 }
 
 /// Messages sent in one chunk at most.

@@ -240,6 +240,18 @@ impl Authenticator {
             }))
     }
 
+    /// `who` as the users are now: a user with its current role, `None` once it was
+    /// removed (what a long-lived request such as the event stream checks again).
+    pub async fn current(&self, who: &Principal) -> Result<Option<Principal>, DbErr> {
+        match who {
+            Principal::Anonymous => Ok(Some(Principal::Anonymous)),
+            Principal::User { name, .. } => Ok(self.user(name).await?.map(|u| Principal::User {
+                name: u.name,
+                role: u.role,
+            })),
+        }
+    }
+
     /// Whether a user of this name exists (in the configuration or the database).
     pub async fn knows(&self, name: &str) -> Result<bool, DbErr> {
         if self.config.users.iter().any(|u| u.name == name) {
