@@ -110,6 +110,9 @@ async fn every_change_and_every_refusal_is_recorded_and_never_rewritten() {
         "{trail:?}"
     );
     assert_eq!(created.address.as_deref(), Some("127.0.0.1"));
+    // What was asked is on record, and the refused attempt's too.
+    assert_eq!(created.request.as_deref(), Some(r#"{"name":"shop"}"#));
+    assert_eq!(denied.request.as_deref(), Some(r#"{"name":"mine"}"#));
     assert!(
         trail
             .windows(2)

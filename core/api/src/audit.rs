@@ -33,6 +33,67 @@ fn outcome(body: &[u8]) -> (Option<i64>, Option<String>) {
     )
 }
 
+/// The request with its body, and what it asked for when the body is small JSON: the JSON
+/// with every value under a key naming a password, secret or token masked (all of it on a
+/// secret's path). A body that cannot be read whole is passed on untouched, unrecorded.
+async fn asked(req: Request, secret: bool) -> (Request, Option<String>) {
+    use axum::body::{Body, HttpBody};
+    let json = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let small = req
+        .body()
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n > 0 && n <= READ_AT_MOST);
+    if !json || !small {
+        return (req, None);
+    }
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, READ_AT_MOST as usize).await {
+        Ok(bytes) => {
+            let said = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .map(|mut v| {
+                    if secret {
+                        v = serde_json::Value::String(MASK.into());
+                    } else {
+                        mask_secrets(&mut v);
+                    }
+                    v.to_string()
+                });
+            (Request::from_parts(parts, Body::from(bytes)), said)
+        }
+        Err(_) => (Request::from_parts(parts, Body::empty()), None),
+    }
+}
+
+/// What a masked value reads as.
+const MASK: &str = "****";
+
+/// Masks every value under a key that names a password, a secret or a token.
+fn mask_secrets(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                let key = key.to_ascii_lowercase();
+                if ["password", "secret", "token", "ha1"]
+                    .iter()
+                    .any(|k| key.contains(k))
+                {
+                    *value = serde_json::Value::String(MASK.into());
+                } else {
+                    mask_secrets(value);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        _ => {}
+    }
+}
+
 pub(crate) async fn trail(State(core): State<Core>, req: Request, next: Next) -> Response {
     use axum::body::{Body, HttpBody};
     let reads = [Method::GET, Method::HEAD, Method::OPTIONS];
@@ -53,6 +114,7 @@ pub(crate) async fn trail(State(core): State<Core>, req: Request, next: Next) ->
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string());
+    let (req, request) = asked(req, secret).await;
     let resp = next.run(req).await;
     let who = resp
         .extensions()
@@ -88,6 +150,7 @@ pub(crate) async fn trail(State(core): State<Core>, req: Request, next: Next) ->
         status,
         command_id,
         message,
+        request,
     };
     if let Err(e) = cloud48_engine::audit::record(core.db(), &entry).await {
         tracing::error!(target: "cloud48::audit", error = %e, ?entry, "could not record an audit entry");
@@ -130,4 +193,31 @@ pub(crate) async fn list_audit(
         .await
         .map_err(cloud48_engine::core::CoreError::from)?;
     Ok(page(items, q.limit.or(Some(100)), &uri, "before", |e| e.id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_secrets_and_tokens_are_masked_at_any_depth() {
+        let mut v = serde_json::json!({
+            "name": "shop",
+            "password": "hunter2",
+            "quota": { "containers": 5 },
+            "users": [{ "name": "ada", "ha1_md5": "abc", "api_token": "t" }],
+            "params": { "db-secret": "s", "heap-mb": "512" },
+        });
+        mask_secrets(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "name": "shop",
+                "password": MASK,
+                "quota": { "containers": 5 },
+                "users": [{ "name": "ada", "ha1_md5": MASK, "api_token": MASK }],
+                "params": { "db-secret": MASK, "heap-mb": "512" },
+            })
+        );
+    }
 }

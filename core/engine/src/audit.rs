@@ -32,8 +32,8 @@ pub async fn record<C: ConnectionTrait>(db: &C, e: &AuditEntry) -> Result<(), Db
     };
     db.execute_raw(store::sql(
         db,
-        "INSERT INTO audit (at, who, address, action, object, status, command_id, message) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO audit (at, who, address, action, object, status, command_id, message, \
+         request) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         vec![
             at.into(),
             e.who.clone().into(),
@@ -43,6 +43,7 @@ pub async fn record<C: ConnectionTrait>(db: &C, e: &AuditEntry) -> Result<(), Db
             i32::from(e.status).into(),
             e.command_id.into(),
             e.message.clone().into(),
+            e.request.clone().into(),
         ],
     ))
     .await?;
@@ -60,6 +61,7 @@ struct Row {
     status: i64,
     command_id: Option<i64>,
     message: Option<String>,
+    request: Option<String>,
 }
 
 /// Entries passing `filter`, newest first.
@@ -96,6 +98,7 @@ pub async fn list<C: ConnectionTrait>(
             "status",
             "command_id",
             "message",
+            "request",
         ],
         &format!(
             "(SELECT * FROM audit WHERE {} ORDER BY id DESC LIMIT {}) AS a",
@@ -117,6 +120,7 @@ pub async fn list<C: ConnectionTrait>(
             status: r.status as u16,
             command_id: r.command_id,
             message: r.message,
+            request: r.request,
         })
         .collect();
     out.sort_by_key(|e| std::cmp::Reverse(e.id));

@@ -710,6 +710,10 @@ pub struct AuditEntry {
     /// What went wrong, when the change was refused or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What the request asked for: its JSON body, with passwords, secrets and tokens masked
+    /// (none for other bodies, and for entries older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// Answer to a mutation: the command that will carry it out.

@@ -58,7 +58,13 @@ fn table(list: &[AuditEntry]) -> String {
                 Some(a) => format!("{} from {a}", e.who),
                 None => e.who.clone(),
             },
-            format!("{} {}", e.action, e.object),
+            match &e.request {
+                Some(r) => {
+                    let r: String = r.chars().take(160).collect();
+                    format!("{} {} {r}", e.action, e.object)
+                }
+                None => format!("{} {}", e.action, e.object),
+            },
             outcome,
         ]);
     }

@@ -60,6 +60,7 @@ async fn local_audit<T, E: std::fmt::Display>(
         status: 0,
         command_id: None,
         message: outcome.as_ref().err().map(ToString::to_string),
+        request: None,
     };
     cloud48_engine::audit::record(db, &entry)
         .await
