@@ -549,3 +549,43 @@ async fn the_data_directory_is_readable_by_its_owner_only() {
         core.stop(std::time::Duration::ZERO).await;
     }
 }
+
+/// `watch env` follows an environment until it is destroyed, then ends with its last view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_env_ends_when_the_environment_is_destroyed() {
+    let dir = crate::common::tempdir();
+    let serve = serve_two_sims(dir.path()).await;
+    let run = |args: &[&str]| tokio::task::block_in_place(|| cli(&serve.url, args));
+    let (ok, _, err) = run(&["env", "create", "brief", "--wait"]);
+    assert!(ok, "{err}");
+    let mut watch = tokio::process::Command::new(crate::common::binary())
+        .args(["--server", &serve.url, "--json", "watch", "env", "brief"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    // Its first view: the stream is live.
+    let first = lines.next_line().await.unwrap().expect("a first view");
+    assert_eq!(
+        serde_json::from_str::<Value>(&first).unwrap()["status"],
+        "active"
+    );
+    let (ok, _, err) = run(&["env", "destroy", "brief", "--wait"]);
+    assert!(ok, "{err}");
+    let mut last = first;
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            last = line;
+        }
+        watch.wait().await.unwrap()
+    })
+    .await
+    .expect("watch ends once the environment is destroyed");
+    assert!(ended.success());
+    assert_eq!(
+        serde_json::from_str::<Value>(&last).unwrap()["status"],
+        "destroyed"
+    );
+}

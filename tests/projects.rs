@@ -157,6 +157,18 @@ async fn a_member_reads_and_acts_only_in_its_projects() {
         .await,
     );
     assert!(why.contains("user 'nobody' does not exist"), "{why}");
+    // A project role at or below a user's global role would change nothing.
+    let why = refused(
+        ada.put::<_, Project>(
+            "/v1/projects/shop/members/ada",
+            &json!({ "role": "viewer" }),
+        )
+        .await,
+    );
+    assert!(
+        why.contains("HTTP 422") && why.contains("has the global role admin"),
+        "{why}"
+    );
     // Projects are made by admins only.
     let why = refused(
         mo.post::<_, Project>("/v1/projects", &json!({ "name": "mine" }))

@@ -302,10 +302,24 @@ impl<'a> ProjectManager<'a> {
         }
         let db = self.svc.db();
         let row = find(db, key).await?;
-        if !self.auth.knows(user_name).await? {
+        let asked = crate::auth::Principal::User {
+            name: user_name.to_string(),
+            role: Role::Member,
+        };
+        let Some(crate::auth::Principal::User { role: global, .. }) =
+            self.auth.current(&asked).await?
+        else {
             return Err(CoreError::invalid(
                 "user",
                 format!("user '{user_name}' does not exist (see `cloud48 user list`)"),
+            ));
+        };
+        if global >= role {
+            return Err(CoreError::invalid(
+                "role",
+                format!(
+                    "user '{user_name}' has the global role {global}, which reaches every project: a project role of {role} would change nothing (give project roles to users of role member, or above their global role)"
+                ),
             ));
         }
         project_grant::Entity::delete_many()

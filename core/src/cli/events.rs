@@ -96,8 +96,8 @@ pub enum WatchCmd {
     },
 }
 
-/// Redraws the view at each event until interrupted (or, with `--json`, prints the object
-/// once per change, one JSON document per line).
+/// Redraws the view at each event until interrupted or the environment is destroyed (or,
+/// with `--json`, prints the object once per change, one JSON document per line).
 pub async fn watch(client: &Client, out: Out, cmd: WatchCmd) -> Result<()> {
     use std::io::IsTerminal;
     let WatchCmd::Env { name } = cmd;
@@ -126,9 +126,12 @@ pub async fn watch(client: &Client, out: Out, cmd: WatchCmd) -> Result<()> {
                 }
                 println!("{}\n", output::environment(&now));
             }
-            Ok(None::<()>)
+            // A destroyed environment changes no more: the watch ends with its last view.
+            let gone = now.status == cloud48_engine::model::EnvironmentStatus::Destroyed;
+            Ok(gone.then_some(()))
         })
         .await
+        .map(|_| ())
 }
 
 #[cfg(test)]
