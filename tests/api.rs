@@ -342,6 +342,22 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             Some("limit"),
             "limit='-1': expected a whole number, 0 or more",
         ),
+        (
+            "GET",
+            "/v1/containers?after=-5",
+            None,
+            422,
+            Some("after"),
+            "after -5 is not an id",
+        ),
+        (
+            "GET",
+            "/v1/projects?limit=1",
+            None,
+            422,
+            None,
+            "unknown field `limit`",
+        ),
         // An operation takes no options: one sent is refused, not ignored.
         (
             "POST",

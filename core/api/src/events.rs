@@ -37,6 +37,7 @@ pub struct EventQuery {
     pub project: Option<String>,
     /// Start after this event id (as the `Last-Event-ID` header does); without either, the
     /// stream starts now.
+    #[serde(default, deserialize_with = "cloud48_engine::managers::cursor")]
     pub after: Option<i64>,
 }
 

@@ -193,6 +193,7 @@ pub struct ListAll {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only objects with a greater id (the next page; see the `Link` header).
+    #[serde(default, deserialize_with = "cloud48_engine::managers::cursor")]
     pub after: Option<i64>,
     /// Only in this project (name or id).
     pub project: Option<String>,
@@ -280,5 +281,6 @@ pub struct Page {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only objects with a greater id (the next page; see the `Link` header).
+    #[serde(default, deserialize_with = "cloud48_engine::managers::cursor")]
     pub after: Option<i64>,
 }

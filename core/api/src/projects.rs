@@ -54,11 +54,17 @@ pub struct Grant {
     pub role: Role,
 }
 
+/// The list of projects takes no parameters (there are few): one sent is refused, not ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoQuery {}
+
 #[utoipa::path(get, path = "/v1/projects", tag = "projects",
     responses((status = 200, body = Vec<Project>, description = "The projects the caller may read")))]
 pub(crate) async fn list_projects(
     State(core): State<Core>,
     Extension(scope): Extension<Scope>,
+    crate::ApiQuery(NoQuery {}): crate::ApiQuery<NoQuery>,
 ) -> Result<Json<Vec<Project>>, ApiError> {
     let only = scope.readable();
     Ok(Json(core.projects().list(only.as_deref()).await?))

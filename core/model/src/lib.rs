@@ -60,6 +60,12 @@ macro_rules! id_type {
                 s.parse().map($name)
             }
         }
+
+        impl From<i64> for $name {
+            fn from(id: i64) -> Self {
+                $name(id)
+            }
+        }
     };
 }
 

@@ -144,6 +144,7 @@ pub struct ContainerQuery {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
     /// Only containers with a greater id (the next page).
+    #[serde(default, deserialize_with = "cursor")]
     pub after: Option<ContainerId>,
 }
 
@@ -157,7 +158,24 @@ pub fn page_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>,
         None => Ok(None),
         Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(Some(n as u32)),
         Some(n) => Err(D::Error::custom(format!(
-            "limit {n} is not 1-{MAX_PAGE}; read further pages with the `Link` header's cursor"
+            "limit {n} is not 1-{MAX_PAGE}: a page holds 1 to {MAX_PAGE} items (the `Link` \
+             header's cursor reads the next)"
+        ))),
+    }
+}
+
+/// A page's cursor (`after`): an id, so 0 or more.
+pub fn cursor<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: From<i64>,
+{
+    use serde::de::Error;
+    match Option::<i64>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) if n >= 0 => Ok(Some(T::from(n))),
+        Some(n) => Err(D::Error::custom(format!(
+            "after {n} is not an id: ids are 0 or more (the `Link` header gives the next page's)"
         ))),
     }
 }
