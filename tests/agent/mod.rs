@@ -432,6 +432,17 @@ async fn agents_register_by_heartbeat_and_by_server_add() {
         err.to_string().contains("cannot reach an agent") && err.to_string().contains("502"),
         "{err}"
     );
+    // A core's URL is not an agent's.
+    let err = tc
+        .client
+        .post::<_, serde_json::Value>("/v1/servers", &json!({ "url": tc.url }))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is a Cloud48 core, not a node agent") && err.contains("422"),
+        "{err}"
+    );
     // An agent that sends no heartbeats (started without --core) would be judged down at once.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url3 = format!("http://{}", listener.local_addr().unwrap());

@@ -254,12 +254,28 @@ impl Agents {
         let base = url.trim_end_matches('/');
         let get = |path: &'static str| {
             let req = client.get(format!("{base}{path}")).bearer_auth(&token);
+            let client = client.clone();
             async move {
                 let resp = req.send().await.map_err(|e| {
                     CoreError::Unreachable(format!("cannot reach an agent at {base}: {e}"))
                 })?;
                 if !resp.status().is_success() {
                     let status = resp.status();
+                    // Agents take the bearer token; a Digest challenge is a core's answer.
+                    let digest = resp
+                        .headers()
+                        .get(reqwest::header::WWW_AUTHENTICATE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.starts_with("Digest"));
+                    if digest || is_core(&client, base).await {
+                        return Err(CoreError::invalid(
+                            "url",
+                            format!(
+                                "{base} is a Cloud48 core, not a node agent: give the URL \
+                                 the agent listens on (its --listen or --url)"
+                            ),
+                        ));
+                    }
                     let body = resp.text().await.unwrap_or_default();
                     return Err(CoreError::Unreachable(format!(
                         "the agent at {base} refused {path} ({status}): {body}"
@@ -291,4 +307,14 @@ impl Agents {
         self.health.heartbeat(id, Some(stats));
         Ok(id)
     }
+}
+
+/// Whether `base` answers as a core does (`GET /v1/health` naming its node).
+async fn is_core(client: &reqwest::Client, base: &str) -> bool {
+    let Ok(resp) = client.get(format!("{base}/v1/health")).send().await else {
+        return false;
+    };
+    resp.json::<serde_json::Value>()
+        .await
+        .is_ok_and(|v| v.get("node").is_some())
 }

@@ -113,8 +113,8 @@ impl<'a> PluginManager<'a> {
         let existing = self.rows(&meta.name).await?;
         if existing.iter().any(|r| r.version == meta.version) {
             return Err(CoreError::Conflict(format!(
-                "plugin {}@{} is already installed",
-                meta.name, meta.version
+                "plugin {}@{} is already installed: nothing to do (a newer version goes in with `cloud48 plugin upgrade {} FILE`)",
+                meta.name, meta.version, meta.name
             )));
         }
         if let Some(r) = existing.first() {
