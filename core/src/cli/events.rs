@@ -26,7 +26,7 @@ pub struct EventsArgs {
     #[arg(long)]
     pub project: Option<String>,
     /// Start after this event id, replaying what the core still keeps (default: from now on).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = event_id)]
     pub after: Option<i64>,
     /// Stop after this many events (default: follow until interrupted).
     #[arg(long)]
@@ -134,6 +134,15 @@ pub async fn watch(client: &Client, out: Out, cmd: WatchCmd) -> Result<()> {
         .map(|_| ())
 }
 
+/// An event id: 0 or more.
+fn event_id(text: &str) -> Result<i64, String> {
+    match text.parse::<i64>() {
+        Ok(n) if n >= 0 => Ok(n),
+        Ok(_) => Err(format!("{text} is not an event id: ids are 0 or more")),
+        Err(_) => Err(format!("'{text}' is not a whole number")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +170,12 @@ mod tests {
             count: None,
         };
         assert_eq!(bare.path(None), "/v1/events");
+    }
+
+    #[test]
+    fn a_negative_event_id_is_refused_saying_what_ids_are() {
+        assert_eq!(event_id("7"), Ok(7));
+        assert!(event_id("-3").unwrap_err().contains("ids are 0 or more"));
+        assert!(event_id("x").unwrap_err().contains("not a whole number"));
     }
 }

@@ -62,16 +62,16 @@ pub enum ProjectCmd {
 #[derive(Debug, Args, Default)]
 pub struct QuotaArgs {
     /// Most containers (not destroyed or failed), or `none`.
-    #[arg(long, value_name = "N|none", value_parser = limit)]
+    #[arg(long, value_name = "N|none", allow_negative_numbers = true, value_parser = limit)]
     containers: Option<Limit>,
     /// Most CPU in thousandths of a core, or `none`.
-    #[arg(long, value_name = "N|none", value_parser = limit)]
+    #[arg(long, value_name = "N|none", allow_negative_numbers = true, value_parser = limit)]
     cpu_millis: Option<Limit>,
     /// Most memory in MiB, or `none`.
-    #[arg(long, value_name = "N|none", value_parser = limit)]
+    #[arg(long, value_name = "N|none", allow_negative_numbers = true, value_parser = limit)]
     memory_mb: Option<Limit>,
     /// Most disk in MiB, or `none`.
-    #[arg(long, value_name = "N|none", value_parser = limit)]
+    #[arg(long, value_name = "N|none", allow_negative_numbers = true, value_parser = limit)]
     disk_mb: Option<Limit>,
 }
 
@@ -83,9 +83,15 @@ fn limit(text: &str) -> Result<Limit, String> {
     if text == "none" {
         return Ok(Limit(None));
     }
-    text.parse()
-        .map(|n| Limit(Some(n)))
-        .map_err(|_| format!("'{text}' is not a number (or `none` for unlimited)"))
+    match text.parse::<i128>() {
+        Ok(n) if (0..=i128::from(u64::MAX)).contains(&n) => Ok(Limit(Some(n as u64))),
+        Ok(_) => Err(format!(
+            "'{text}' is below zero: give 0 or more (or `none` for unlimited)"
+        )),
+        Err(_) => Err(format!(
+            "'{text}' is not a whole number (or `none` for unlimited)"
+        )),
+    }
 }
 
 impl QuotaArgs {
@@ -209,4 +215,17 @@ fn detail(p: &Project) -> String {
         text.push_str(&format!("\n{}: {}", m.user, m.role));
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quota_figure_is_a_whole_number_of_0_or_more_or_none() {
+        assert_eq!(limit("5").unwrap().0, Some(5));
+        assert_eq!(limit("none").unwrap().0, None);
+        assert!(limit("-5").unwrap_err().contains("below zero"));
+        assert!(limit("lots").unwrap_err().contains("not a whole number"));
+    }
 }
