@@ -348,15 +348,33 @@ impl SimServer {
         Ok(())
     }
 
+    /// This server's pool of addresses: its network and prefix.
+    fn pool(&self) -> (u32, u8) {
+        match self.pool {
+            Some((network, prefix)) => (u32::from(network) & (u32::MAX << (32 - prefix)), prefix),
+            None => ((10u32 << 24) | ((self.index & 0x3fff) << 10), 22),
+        }
+    }
+
+    /// The address asked for, when it is a host of this server's pool that none of its
+    /// guests holds (a guest moved here from another network gets one of this one, as on a
+    /// real server).
+    fn asked_ip<'a>(&self, state: &SimState, asked: Option<&'a str>) -> Option<&'a str> {
+        let (net, prefix) = self.pool();
+        let ip: std::net::Ipv4Addr = asked?.parse().ok()?;
+        let host = u32::from(ip) & !(u32::MAX << (32 - prefix));
+        let broadcast = !(u32::MAX << (32 - prefix));
+        let inside = u32::from(ip) & (u32::MAX << (32 - prefix)) == net;
+        let held = state.guests.values().any(|g| g.info.ip.as_deref() == asked);
+        (inside && host >= 2 && host < broadcast && !held).then_some(asked?)
+    }
+
     /// The next free address of this server's /22 (10.0.0.0/8 holds 16,384 of them, one per
     /// server index; .1 is the gateway's), after the last one handed out; an address one of its
     /// guests holds is skipped, and a pool whose 1,021 addresses are all held is an error,
     /// never a wrap.
     fn next_ip(&self, state: &mut SimState) -> Result<String, DriverError> {
-        let (net, prefix) = match self.pool {
-            Some((network, prefix)) => (u32::from(network) & (u32::MAX << (32 - prefix)), prefix),
-            None => ((10u32 << 24) | ((self.index & 0x3fff) << 10), 22),
-        };
+        let (net, prefix) = self.pool();
         // Every address but the network's, the gateway's (.1) and the broadcast.
         let hosts: u32 = (1u32 << (32 - prefix)) - 3;
         let used: std::collections::HashSet<&str> = state
@@ -395,8 +413,8 @@ impl SimServer {
         let info = GuestInfo {
             guest_id: spec.guest_id.clone(),
             state: GuestState::Stopped,
-            ip: Some(match &spec.ip {
-                Some(ip) => ip.clone(),
+            ip: Some(match self.asked_ip(&state, spec.ip.as_deref()) {
+                Some(ip) => ip.to_string(),
                 None => self.next_ip(&mut state)?,
             }),
             resources: spec.resources,
@@ -514,6 +532,52 @@ mod tests {
         assert_eq!(start.elapsed(), acted, "no latency to report the load");
         sim.crash();
         assert!(sim.stats().await.is_err());
+    }
+
+    /// A guest moved here keeps its address only where this server could have given it: in
+    /// its pool and held by no other guest (as a linux server does); else it gets a new one.
+    #[tokio::test]
+    async fn an_address_of_another_network_or_held_here_is_replaced() {
+        let capacity = Resources {
+            cpu_millis: 1000,
+            memory_mb: 1000,
+            disk_mb: 1000,
+        };
+        let sim = SimServer::new("sim-1", 1, capacity, SimLatency::default())
+            .with_subnet("10.48.7.0".parse().unwrap(), 24);
+        let asking = |n: u32, ip: &str| GuestSpec {
+            ip: Some(ip.into()),
+            ..spec(n)
+        };
+        let elsewhere = sim
+            .create(&asking(1, "10.48.9.5"))
+            .await
+            .unwrap()
+            .ip
+            .unwrap();
+        assert!(elsewhere.starts_with("10.48.7."), "{elsewhere}");
+        let kept = sim
+            .create(&asking(2, "10.48.7.77"))
+            .await
+            .unwrap()
+            .ip
+            .unwrap();
+        assert_eq!(kept, "10.48.7.77");
+        let held = sim
+            .create(&asking(3, "10.48.7.77"))
+            .await
+            .unwrap()
+            .ip
+            .unwrap();
+        assert!(
+            held != "10.48.7.77" && held.starts_with("10.48.7."),
+            "{held}"
+        );
+        for reserved in ["10.48.7.0", "10.48.7.1", "10.48.7.255"] {
+            let ip = sim.create(&asking(4, reserved)).await.unwrap().ip.unwrap();
+            assert_ne!(ip, reserved);
+            sim.destroy("g4").await.unwrap();
+        }
     }
 
     /// A simulated server behind an agent takes its addresses from the agent's `--subnet`.
