@@ -271,6 +271,8 @@ async fn bad_filters_are_refused_with_what_to_write() {
         ("object=container", "TOPIC:ID"),
         ("environment=nowhere", "nowhere"),
         ("since=3", "unknown field `since`"),
+        ("object=container:99999", "container 99999 does not exist"),
+        ("object=server:99999", "does not exist"),
     ] {
         let e = t
             .client

@@ -81,6 +81,17 @@ async fn a_signed_in_member_gets_its_own_view_where_anonymous_callers_may_read()
     );
     let seen: Vec<Environment> = mo.get("/v1/environments").await.unwrap();
     assert!(seen.is_empty(), "mo sees only shop's: {seen:?}");
+    // Nor can it follow one it may not read: a stream that would never tell anything.
+    let err = mo
+        .events("/v1/events?environment=flap")
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("does not exist in the projects you may read"),
+        "{err}"
+    );
     // What a project holds is for its members: anonymous callers read `default` only.
     let a: Accepted = mo
         .post(

@@ -73,7 +73,10 @@ async fn migrate_without_a_target_lets_placement_choose_and_keeps_the_environmen
     // Each simulated server has a network of its own, as real ones do: moved cold, the
     // container takes an address of its new server's (its old one may be handed out again
     // there), and the environment is wired to it.
-    assert_ne!(after.ip, before.ip, "an address of the new server's network");
+    assert_ne!(
+        after.ip, before.ip,
+        "an address of the new server's network"
+    );
     assert_eq!(
         upstreams(&t, balancer).await,
         t.addresses(&tomcats).await,

@@ -21,6 +21,7 @@ use cloud48_engine::auth::{AuthError, Authenticator, Family, Principal, Role, Sc
 use cloud48_engine::core::Core;
 use cloud48_engine::events::{Delivery, EventFilter, sse_message};
 use cloud48_engine::model::{Event, Topic};
+use cloud48_engine::projects::Owned;
 
 /// Which events to stream.
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -151,9 +152,29 @@ pub(crate) async fn stream_events(
         .transpose()
         .map_err(|e| invalid("object", e))?;
     let environment = match &q.environment {
-        Some(env) => Some(core.environments().get_by_id(env).await?.id.0),
+        Some(env) => {
+            let id = core.environments().get_by_id(env).await?.id.0;
+            let owned = Owned::Environment(id.to_string());
+            visible(&core, &readable, &owned, "environment").await?;
+            Some(id)
+        }
         None => None,
     };
+    // An object that does not exist, or that the caller may not read, is said so: a stream
+    // for it would never tell anything.
+    match object {
+        Some((Topic::Container, id)) => {
+            visible(&core, &readable, &Owned::Container(id), "object").await?;
+        }
+        Some((Topic::Environment, id)) => {
+            let owned = Owned::Environment(id.to_string());
+            visible(&core, &readable, &owned, "object").await?;
+        }
+        Some((Topic::Server, id)) => {
+            core.servers().get(&id.to_string()).await?;
+        }
+        Some((Topic::Command, _)) | None => {}
+    }
     // A caller limited to some projects sees theirs (and the servers'); `project` narrows.
     let projects = match &q.project {
         Some(p) => {
@@ -212,6 +233,27 @@ pub(crate) async fn stream_events(
         Body::from_stream(batched(messages)),
     )
         .into_response())
+}
+
+/// Refuses (404) a filter on `object` when it does not exist or lies outside the projects
+/// the caller may read.
+async fn visible(
+    core: &Core,
+    readable: &Readable,
+    object: &Owned,
+    field: &str,
+) -> Result<(), ApiError> {
+    let project = cloud48_engine::projects::project_of(core.db(), object).await?;
+    let seen = project.is_some_and(|p| readable.scope.readable().is_none_or(|r| r.contains(&p)));
+    if seen {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("{object} does not exist in the projects you may read"),
+        Some(field),
+    ))
 }
 
 /// How long a stream goes on delivering before the caller's rights are read again.
