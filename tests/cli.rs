@@ -419,6 +419,32 @@ async fn container_list_streams_a_list_longer_than_a_page() {
     assert!(ok, "{err}");
     assert_eq!(out.matches("ENVIRONMENT").count(), 2, "a table per page");
     assert_eq!(out.matches(" plain ").count(), 1500);
+    // One page at a time, each telling where the next starts.
+    let (ok, out, err) = run(vec!["--json", "container", "list", "--limit", "2"]).await;
+    assert!(ok, "{err}");
+    let page: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let first: Vec<i64> = page.iter().map(|c| c["id"].as_i64().unwrap()).collect();
+    assert_eq!(first, ids[..2]);
+    let after = first[1].to_string();
+    assert!(
+        err.contains(&format!("list the next page with --after {after}")),
+        "{err}"
+    );
+    let after: &'static str = Box::leak(after.into_boxed_str());
+    let (ok, out, _) = run(vec![
+        "--json",
+        "container",
+        "list",
+        "--limit",
+        "2",
+        "--after",
+        after,
+    ])
+    .await;
+    assert!(ok);
+    let page: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let second: Vec<i64> = page.iter().map(|c| c["id"].as_i64().unwrap()).collect();
+    assert_eq!(second, ids[2..4]);
 }
 
 /// A core started where another core already listens is told apart from it: waiting for it

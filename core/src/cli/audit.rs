@@ -19,6 +19,10 @@ pub struct AuditArgs {
     /// At most this many, newest first (1-1000).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub limit: u64,
+    /// Only entries older than this one (the next page; its id is said on standard error
+    /// when there are more).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+    pub before: Option<i64>,
 }
 
 /// Prints the trail as a table (or JSON).
@@ -31,8 +35,14 @@ pub async fn list(client: &Client, out: Out, args: AuditArgs) -> Result<()> {
     if let Some(o) = &args.object {
         q.push(format!("object={}", enc(o)));
     }
-    let list: Vec<AuditEntry> = client.get(&format!("/v1/audit?{}", q.join("&"))).await?;
+    if let Some(b) = args.before {
+        q.push(format!("before={b}"));
+    }
+    let (list, next) = client
+        .page::<AuditEntry>(&format!("/v1/audit?{}", q.join("&")))
+        .await?;
     out.show(&list, || table(&list));
+    super::say_next_page(next.as_deref());
     Ok(())
 }
 

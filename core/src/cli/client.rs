@@ -385,6 +385,21 @@ impl Client {
         Ok(())
     }
 
+    /// GET one page of a list: its items and the path of the next page, if there is one.
+    pub async fn page<T: DeserializeOwned>(&self, path: &str) -> Result<(Vec<T>, Option<String>)> {
+        let resp = self.send::<()>(Method::GET, path, None).await?;
+        let next = resp
+            .headers()
+            .get(reqwest::header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_link);
+        let page = resp
+            .json()
+            .await
+            .context("the core sent JSON this client does not understand")?;
+        Ok((page, next))
+    }
+
     /// POST a JSON body, expecting JSON back.
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
         let resp = self.send(Method::POST, path, Some(body)).await?;

@@ -19,6 +19,10 @@ pub enum CommandCmd {
         /// At most this many (1-1000).
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=1000))]
         limit: u64,
+        /// Only commands older than this one (the next page; its id is said on standard
+        /// error when there are more).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        before: Option<i64>,
     },
     /// Show a command.
     Show {
@@ -47,8 +51,12 @@ pub(super) async fn command(client: &Client, out: Out, cmd: CommandCmd) -> Resul
             parent,
             project,
             limit,
+            before,
         } => {
             let mut q = vec![format!("limit={limit}")];
+            if let Some(b) = before {
+                q.push(format!("before={b}"));
+            }
             if let Some(p) = project {
                 q.push(format!("project={}", enc(&p)));
             }
@@ -58,8 +66,11 @@ pub(super) async fn command(client: &Client, out: Out, cmd: CommandCmd) -> Resul
             if let Some(p) = parent {
                 q.push(format!("parent={p}"));
             }
-            let list: Vec<Command> = client.get(&format!("/v1/commands?{}", q.join("&"))).await?;
+            let (list, next) = client
+                .page::<Command>(&format!("/v1/commands?{}", q.join("&")))
+                .await?;
             out.show(&list, || output::commands(&list));
+            say_next_page(next.as_deref());
             Ok(())
         }
         CommandCmd::Show { id } => {

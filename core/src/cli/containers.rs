@@ -134,6 +134,8 @@ pub enum ContainerCmd {
         /// Include destroyed and failed containers.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show a container.
     Show {
@@ -220,6 +222,7 @@ pub(super) async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> R
             type_id,
             project,
             all,
+            page,
         } => {
             let mut q = vec![format!("all={all}")];
             for (k, v) in [
@@ -234,7 +237,7 @@ pub(super) async fn container(client: &Client, out: Out, cmd: ContainerCmd) -> R
                 }
             }
             let path = format!("/v1/containers?{}", q.join("&"));
-            return out.list(client, &path, output::containers).await;
+            return out.list(client, &path, page, output::containers).await;
         }
         ContainerCmd::Purge => {
             let r: cloud48_engine::managers::PurgeReport = client

@@ -94,6 +94,8 @@ pub enum EnvCmd {
         /// Only in this project (name or id).
         #[arg(long)]
         project: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Show an environment and its members.
     Show {
@@ -170,13 +172,11 @@ pub(super) async fn env(client: &Client, out: Out, cmd: EnvCmd) -> Result<()> {
         EnvCmd::Suspend { env, wait } => env_op(client, out, "suspend", &env, wait).await,
         EnvCmd::Resume { env, wait } => env_op(client, out, "resume", &env, wait).await,
         EnvCmd::Destroy { env, wait } => env_op(client, out, "destroy", &env, wait).await,
-        EnvCmd::List { all, project } => {
+        EnvCmd::List { all, project, page } => {
             let only = project.map_or_else(String::new, |p| format!("&project={}", enc(&p)));
-            let list: Vec<Environment> = client
-                .get_all(&format!("/v1/environments?all={all}{only}"))
-                .await?;
-            out.show(&list, || output::environments(&list));
-            Ok(())
+            let path = format!("/v1/environments?all={all}{only}");
+            out.list::<Environment>(client, &path, page, output::environments)
+                .await
         }
         EnvCmd::Clone { source, name, wait } => {
             let a = client

@@ -363,6 +363,52 @@ struct Out {
     json: bool,
 }
 
+/// One page of a list instead of all of it.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct PageArgs {
+    /// List one page of at most this many (1-1000) instead of the whole list; the next
+    /// page's `--after` (or `--before`) is said on standard error.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub limit: Option<u64>,
+    /// List from after this id (ascending lists: containers, environments, servers).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+    pub after: Option<i64>,
+}
+
+impl PageArgs {
+    /// `path` with the page's parameters.
+    fn query(&self, path: &str) -> String {
+        let mut q = Vec::new();
+        if let Some(l) = self.limit {
+            q.push(format!("limit={l}"));
+        }
+        if let Some(a) = self.after {
+            q.push(format!("after={a}"));
+        }
+        if q.is_empty() {
+            return path.to_string();
+        }
+        let sep = if path.contains('?') { '&' } else { '?' };
+        format!("{path}{sep}{}", q.join("&"))
+    }
+
+    fn one_page(&self) -> bool {
+        self.limit.is_some() || self.after.is_some()
+    }
+}
+
+/// Tells on standard error how to ask for the page after this one, if there is one.
+fn say_next_page(next: Option<&str>) {
+    let Some(next) = next else { return };
+    let cursor = next.split(['?', '&']).find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        matches!(k, "after" | "before").then(|| format!("--{k} {v}"))
+    });
+    if let Some(cursor) = cursor {
+        eprintln!("more: list the next page with {cursor}");
+    }
+}
+
 impl Out {
     /// Prints a list as it arrives, page by page, so that a list of any length takes the
     /// memory of one page: JSON as one array, written item by item; for people, a table per
@@ -371,9 +417,16 @@ impl Out {
         &self,
         client: &Client,
         path: &str,
+        page: PageArgs,
         table: fn(&[T]) -> String,
     ) -> Result<()> {
         use std::io::Write;
+        if page.one_page() {
+            let (items, next) = client.page::<T>(&page.query(path)).await?;
+            self.show(&items, || table(&items));
+            say_next_page(next.as_deref());
+            return Ok(());
+        }
         let mut first = true;
         client
             .pages::<T>(path, |page| {

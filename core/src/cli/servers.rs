@@ -6,7 +6,10 @@ use super::*;
 #[derive(Debug, Subcommand)]
 pub enum ServerCmd {
     /// List servers with their load.
-    List,
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Register the server whose node agent listens at URL (the core must share its token).
     Add {
         /// The agent's address, e.g. http://10.0.0.7:7048.
@@ -74,10 +77,9 @@ async fn server_op(client: &Client, out: Out, server: &str, op: &str, done: &str
 /// Runs a `server` subcommand.
 pub(super) async fn server(client: &Client, out: Out, cmd: ServerCmd) -> Result<()> {
     match cmd {
-        ServerCmd::List => {
-            let list: Vec<Server> = client.get_all("/v1/servers").await?;
-            out.show(&list, || output::servers(&list));
-            Ok(())
+        ServerCmd::List { page } => {
+            out.list::<Server>(client, "/v1/servers", page, output::servers)
+                .await
         }
         ServerCmd::Add { url } => {
             let s: Server = client.post("/v1/servers", &json!({ "url": url })).await?;
