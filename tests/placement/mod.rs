@@ -48,6 +48,7 @@ fn candidate() -> impl Strategy<Value = Candidate> {
                     disk_mb: disk * pd / 100,
                 },
                 containers,
+                slots: None,
             },
         )
 }
@@ -131,7 +132,7 @@ proptest! {
     fn equal_containers_on_equal_servers_end_up_balanced(servers in 1..30usize, containers in 0..300usize) {
         let capacity = Resources { cpu_millis: 64_000, memory_mb: 262_144, disk_mb: 4_000_000 };
         let mut fleet: Vec<Candidate> = (1..=servers as i64)
-            .map(|id| Candidate { id, up: true, draining: false, labels: vec![], capacity, allocated: Resources::default(), containers: 0 })
+            .map(|id| Candidate { id, up: true, draining: false, labels: vec![], capacity, allocated: Resources::default(), containers: 0, slots: None })
             .collect();
         let req = Requirements { resources: Resources { cpu_millis: 100, memory_mb: 256, disk_mb: 1_000 }, ..Default::default() };
         for _ in 0..containers {

@@ -84,6 +84,10 @@ struct Fault {
     error: DriverError,
 }
 
+/// How many guests a simulated server without a given subnet can address: the hosts of its
+/// /22 but the gateway (.1).
+pub const POOL_HOSTS: u64 = (1 << 10) - 3;
+
 /// One simulated server.
 pub struct SimServer {
     name: String,
@@ -348,7 +352,8 @@ impl SimServer {
         Ok(())
     }
 
-    /// This server's pool of addresses: its network and prefix.
+    /// This server's pool of addresses: its network and prefix (a /22 of 10.0.0.0/8 by its
+    /// index unless given a subnet: [`POOL_HOSTS`] guests).
     fn pool(&self) -> (u32, u8) {
         match self.pool {
             Some((network, prefix)) => (u32::from(network) & (u32::MAX << (32 - prefix)), prefix),

@@ -94,6 +94,9 @@ pub struct Candidate {
     pub allocated: Resources,
     /// Containers and dummies on it.
     pub containers: u64,
+    /// How many guests it can give an address (its subnet's or range's hosts), when known: a
+    /// server whose addresses are all held takes no more, whatever room it has.
+    pub slots: Option<u64>,
 }
 
 impl Candidate {
@@ -107,7 +110,13 @@ impl Candidate {
             capacity: capacity_of(s),
             allocated: allocated_of(s),
             containers: s.alloc_containers.max(0) as u64,
+            slots: slots_of(s),
         }
+    }
+
+    /// Whether `need` fits in its free capacity and it has an address left.
+    fn fits(&self, need: &Resources) -> bool {
+        need.fits_in(&self.free()) && self.slots.is_none_or(|n| self.containers < n)
     }
 
     /// Capacity not reserved.
@@ -117,6 +126,25 @@ impl Candidate {
 
     fn placeable(&self) -> bool {
         self.up && !self.draining
+    }
+}
+
+/// How many guests server `s` can give an address: the hosts of its range, else of its
+/// subnet (but the network, gateway and broadcast addresses); a simulated server without a
+/// subnet hands out the hosts of its own /22.
+fn slots_of(s: &server::Model) -> Option<u64> {
+    use cloud48_linux::network::{AddressRange, Subnet};
+    if let Some(r) = s
+        .addresses
+        .as_deref()
+        .and_then(|r| r.parse::<AddressRange>().ok())
+    {
+        return Some(u64::from(u32::from(r.last) - u32::from(r.first)) + 1);
+    }
+    match s.subnet.as_deref().and_then(|n| n.parse::<Subnet>().ok()) {
+        Some(n) => Some((1u64 << (32 - n.prefix)) - 3),
+        None if s.driver == crate::fleet::SimFactory::KIND => Some(cloud48_driver::sim::POOL_HOSTS),
+        None => None,
     }
 }
 
@@ -200,11 +228,7 @@ pub fn decide_preferring(
     let need = &req.resources;
     let mut best: Option<(f64, i64)> = None;
     for c in servers {
-        if !c.placeable()
-            || avoid.contains(&c.id)
-            || !has_labels(c, req)
-            || !need.fits_in(&c.free())
-        {
+        if !c.placeable() || avoid.contains(&c.id) || !has_labels(c, req) || !c.fits(need) {
             continue;
         }
         let s = score(c, need, w) + if holds(c.id) { w.image } else { 0.0 };
@@ -240,6 +264,16 @@ fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<i64>
             req.labels.join(", ")
         );
     }
+    let addressed: Vec<_> = labelled
+        .iter()
+        .filter(|c| c.slots.is_none_or(|n| c.containers < n))
+        .copied()
+        .collect();
+    if addressed.is_empty() {
+        return "every eligible server has all its addresses in use (its subnet or range is full)"
+            .into();
+    }
+    let labelled = addressed;
     let r = &req.resources;
     for (figure, need, have) in [
         (
@@ -512,7 +546,7 @@ impl PlacementCache {
         let mut heap: BinaryHeap<Best> = list
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.placeable() && has_labels(c, req) && need.fits_in(&c.free()))
+            .filter(|(_, c)| c.placeable() && has_labels(c, req) && c.fits(need))
             .map(|(i, c)| Best(score(c, need, &w) + bonus(c.id), Reverse(c.id), i))
             .collect();
         let build = started.elapsed().as_nanos() as u64 / count.max(1) as u64;
@@ -528,7 +562,7 @@ impl PlacementCache {
             let c = &mut list[at];
             c.allocated = c.allocated.plus(need);
             c.containers += 1;
-            if need.fits_in(&c.free()) {
+            if c.fits(need) {
                 heap.push(Best(score(c, need, &w) + bonus(id), Reverse(id), at));
             }
             out.push(Ok(id));
@@ -581,6 +615,7 @@ mod tests {
                 disk_mb: 0,
             },
             containers: 0,
+            slots: None,
         }
     }
 
@@ -641,6 +676,28 @@ mod tests {
             decide(&[plain], &need(100, 100), &HashSet::new(), &w),
             Ok(3)
         );
+    }
+
+    #[test]
+    fn a_server_whose_addresses_are_all_held_takes_no_more_whatever_its_room() {
+        let mut full = server(1, 8000, 8192, &[]);
+        full.slots = Some(3);
+        full.containers = 3;
+        let mut roomy = server(2, 1000, 1024, &[]);
+        roomy.slots = Some(253);
+        let w = Weights::default();
+        let none = HashSet::new();
+        assert_eq!(
+            decide(&[full.clone(), roomy], &need(100, 100), &none, &w),
+            Ok(2)
+        );
+        let e = decide(&[full.clone()], &need(100, 100), &none, &w).unwrap_err();
+        assert!(e.contains("all its addresses in use"), "{e}");
+        // In a batch, a server stops taking containers once its addresses run out.
+        full.containers = 1;
+        let cache = PlacementCache::with_servers(w, vec![full]);
+        let placed = cache.decide_many(&need(100, 100), None, 3);
+        assert_eq!(placed.iter().filter(|p| p.is_ok()).count(), 2, "{placed:?}");
     }
 
     #[test]
