@@ -145,7 +145,15 @@ impl<'a> ServerManager<'a> {
                     requested_by: requested_by.to_string(),
                 }),
                 st if st.is_gone() => {}
-                st => skipped.push(format!("container {} is {st} and cannot be migrated", r.id)),
+                st => skipped.push(format!(
+                    "container {} is {st} and cannot be migrated: {}, then drain again",
+                    r.id,
+                    match st {
+                        ContainerStatus::Suspended => "resume or stop it",
+                        ContainerStatus::Down => "wait for its server, or replace it",
+                        _ => "wait until the command acting on it ends",
+                    }
+                )),
             }
         }
         let ids = self.svc.queue().enqueue_in(&txn, commands, None).await?;

@@ -139,7 +139,13 @@ impl ContainerManager<'_> {
         project: Option<&str>,
         requested_by: &str,
     ) -> Result<(CommandId, ContainerId), CoreError> {
-        if export.format != ContainerExport::STREAMED || !export.disk_hex.is_empty() {
+        if !export.disk_hex.is_empty() {
+            return Err(CoreError::invalid(
+                "disk_hex",
+                "the archive's description holds a disk inline as well as the disk file beside it: an archive's description names no disk (`disk_hex` empty); export the container again with `cloud48 container export`",
+            ));
+        }
+        if export.format != ContainerExport::STREAMED {
             return Err(CoreError::invalid(
                 "format",
                 format!(
