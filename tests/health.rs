@@ -562,3 +562,33 @@ async fn the_monitor_never_marks_a_server_down_on_silence_gathered_while_it_was_
     let report = t.core.monitor().tick(Duration::ZERO).await.unwrap();
     assert_eq!(report.up, vec![servers[0].id.0]);
 }
+
+/// A container whose guest is gone when its server comes back is failed, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_whose_guest_was_lost_in_an_outage_says_why_it_failed() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "sim-1" }),
+        )
+        .await
+        .unwrap();
+    let id = t.created(a.command_id).await;
+    let sim1 = t.core.servers().get("sim-1").await.unwrap();
+    assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
+    let guest = show(&t, id).await.guest_id;
+    use cloud48_engine::driver::Driver;
+    t.sim("sim-1").await.destroy(&guest).await.unwrap();
+    assert!(t.core.monitor().mark_up(sim1.id.0).await.unwrap());
+    let c = show(&t, id).await;
+    assert_eq!(c.status, ContainerStatus::Failed);
+    let why = c.status_reason.unwrap_or_default();
+    assert!(
+        why.contains(&guest) && why.contains("was gone from its server"),
+        "{why}"
+    );
+    let (ok, out, _) = crate::common::cli(&t.url, &["container", "show", &id.to_string()]);
+    assert!(ok && out.contains("failed (its guest"), "{out}");
+}

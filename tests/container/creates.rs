@@ -36,7 +36,15 @@ async fn an_address_another_live_container_holds_is_never_given_twice() {
         "{c:?}"
     );
     let second = ContainerId(a.object_id.unwrap());
-    assert_eq!(show(&t, second).await.status, ContainerStatus::Failed);
+    let failed = show(&t, second).await;
+    assert_eq!(failed.status, ContainerStatus::Failed);
+    // The container says why, naming the command that failed.
+    let why = failed.status_reason.unwrap_or_default();
+    assert!(
+        why.contains(&format!("container.create (command {}) failed", a.command_id))
+            && why.contains("already holds"),
+        "{why}"
+    );
     // Its guest is gone; the next create gets a free address.
     let guests: Vec<_> = t
         .core
@@ -99,7 +107,15 @@ async fn creates_run_as_a_group_never_take_an_address_a_live_container_holds() {
         )),
         "{error}"
     );
-    assert_eq!(show(&t, *id).await.status, ContainerStatus::Failed);
+    let failed = show(&t, *id).await;
+    assert_eq!(failed.status, ContainerStatus::Failed);
+    assert!(
+        failed
+            .status_reason
+            .as_deref()
+            .is_some_and(|why| why.contains("already holds")),
+        "{failed:?}"
+    );
     assert!(
         t.core.queue().grouped_steps() > 0,
         "the creates ran as a group"

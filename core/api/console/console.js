@@ -294,6 +294,7 @@ async function containerView(id) {
       const r = c.requirements;
       return [
         facts([["Type", c.type], ["Project", c.project], ["Status", status(c.status)],
+          ...(c.status_reason ? [["Why", c.status_reason]] : []),
           ["Environment", c.environment ? link(`#/environments/${c.environment}`, c.environment) : "–"],
           ["Server", c.server ?? "–"], ["IP", c.ip ?? "–"], ["Guest", h("code", { class: "guest" }, c.guest_id)],
           ["Resources", `${cores(r.cpu_millis)}, ${mib(r.memory_mb)} memory, ${mib(r.disk_mb)} disk`],

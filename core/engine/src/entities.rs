@@ -162,6 +162,8 @@ pub mod container {
         pub params: String,
         /// The project it belongs to (its environment's, for a member).
         pub project_id: i64,
+        /// Why it is in its status, where that does not say (why it failed).
+        pub status_reason: Option<String>,
     }
     no_relations!();
 }

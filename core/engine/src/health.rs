@@ -369,8 +369,16 @@ impl Monitor {
         let txn = self.db.begin().await?;
         let mut back = Vec::new();
         for (row, status) in seen {
+            let reason = (status == ContainerStatus::Failed).then(|| {
+                format!(
+                    "its guest ({}) was gone from its server when the server came back after an \
+                     outage",
+                    row.guest_id
+                )
+            });
             container::Entity::update_many()
                 .col_expr(container::Column::Status, Expr::val(status.as_str()))
+                .col_expr(container::Column::StatusReason, Expr::val(reason))
                 .filter(container::Column::Id.eq(row.id))
                 .filter(container::Column::Status.eq(ContainerStatus::Down.as_str()))
                 .exec(&txn)

@@ -459,6 +459,9 @@ pub struct Container {
     pub type_id: String,
     /// Lifecycle status.
     pub status: ContainerStatus,
+    /// Why it is in its status, where that does not say (why it failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
     /// Name of the server it is on.
     pub server: Option<String>,
     /// Id of the server it is on.

@@ -57,7 +57,10 @@ pub fn containers(list: &[Container]) -> String {
 pub fn container(c: &Container) -> String {
     let mut lines = vec![
         format!("container {}  ({})", c.id, c.type_id),
-        format!("  status:      {}", c.status),
+        match &c.status_reason {
+            Some(why) => format!("  status:      {} ({why})", c.status),
+            None => format!("  status:      {}", c.status),
+        },
         format!("  server:      {}", opt(&c.server)),
         format!("  ip:          {}", opt(&c.ip)),
         format!("  environment: {}", opt(&c.environment)),

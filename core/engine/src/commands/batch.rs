@@ -136,7 +136,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
                 }
             }
             placement::insert_dummies(txn, &dummies, deadline).await?;
-            give_up(txn, &failed.iter().map(|(id, _)| *id).collect::<Vec<_>>()).await?;
+            give_up(txn, &failed).await?;
             let progress = json!({ "placed": placed, "failed": failed });
             let step = CreateManyStep::Make.number();
             Ok(Next::Continue { step, progress })
@@ -144,22 +144,29 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     }))
 }
 
-/// Marks containers failed and unlocks them.
-async fn give_up<C: ConnectionTrait>(conn: &C, ids: &[i64]) -> Result<(), DbErr> {
-    for chunk in ids.chunks(CHUNK) {
-        container::Entity::update_many()
-            .col_expr(
-                container::Column::Status,
-                Expr::value(ContainerStatus::Failed.as_str()),
-            )
-            .col_expr(
-                container::Column::LockedBy,
-                Expr::value(DbValue::BigInt(None)),
-            )
-            .col_expr(container::Column::UpdatedAt, Expr::value(now_ms()))
-            .filter(container::Column::Id.is_in(chunk.iter().copied()))
-            .exec(conn)
-            .await?;
+/// Marks containers failed, each with why, and unlocks them.
+async fn give_up<C: ConnectionTrait>(conn: &C, failed: &[(i64, String)]) -> Result<(), DbErr> {
+    let mut by_reason: std::collections::BTreeMap<&str, Vec<i64>> = Default::default();
+    for (id, reason) in failed {
+        by_reason.entry(reason.as_str()).or_default().push(*id);
+    }
+    for (reason, ids) in by_reason {
+        for chunk in ids.chunks(CHUNK) {
+            container::Entity::update_many()
+                .col_expr(
+                    container::Column::Status,
+                    Expr::value(ContainerStatus::Failed.as_str()),
+                )
+                .col_expr(container::Column::StatusReason, Expr::value(reason))
+                .col_expr(
+                    container::Column::LockedBy,
+                    Expr::value(DbValue::BigInt(None)),
+                )
+                .col_expr(container::Column::UpdatedAt, Expr::value(now_ms()))
+                .filter(container::Column::Id.is_in(chunk.iter().copied()))
+                .exec(conn)
+                .await?;
+        }
     }
     Ok(())
 }
@@ -301,15 +308,12 @@ async fn finish(
             "the capacity reserved expired and the server has no room any more".into(),
         ));
     }
-    give_up(
-        txn,
-        &refused
-            .iter()
-            .chain(lost.iter())
-            .copied()
-            .collect::<Vec<_>>(),
-    )
-    .await?;
+    let given_up: Vec<(i64, String)> = failed
+        .iter()
+        .filter(|(id, _)| refused.contains(id) || lost.contains(id))
+        .cloned()
+        .collect();
+    give_up(txn, &given_up).await?;
     let created = ok.len();
     let summary = shortfall(created, &failed);
     let result = json!({ "created": created, "failed": failed });
@@ -396,7 +400,15 @@ pub(crate) async fn compensate(
     cmd: &command::Model,
 ) -> Result<Option<UndoWrites>, DbErr> {
     let dummies = placement::dummies_of(svc.db(), cmd.id).await?;
-    let unfinished = creating(svc, cmd.id).await?;
+    let why = format!(
+        "its batch create (command {}) failed before it was made: `cloud48 command show {}` says why",
+        cmd.id, cmd.id
+    );
+    let unfinished: Vec<(i64, String)> = creating(svc, cmd.id)
+        .await?
+        .into_iter()
+        .map(|id| (id, why.clone()))
+        .collect();
     let cache = svc.placement_shared();
     Ok(Some(Box::new(move |txn| {
         Box::pin(async move {

@@ -601,6 +601,7 @@ pub(crate) async fn to_views(
                 priority: svc.types().get(&r.type_id).map_or(0, |t| t.priority()),
                 type_id: r.type_id,
                 status: parse_status(r.id, &r.status)?,
+                status_reason: r.status_reason,
                 server: r.server_id.and_then(|s| servers.get(&s).cloned()),
                 server_id: r.server_id.map(ServerId),
                 ip: r.ip,

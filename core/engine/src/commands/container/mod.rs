@@ -441,8 +441,9 @@ async fn fill(
 pub(super) async fn compensate(
     svc: &Services,
     cmd: &command::Model,
-    _error: &str,
+    error: &str,
 ) -> Result<Option<UndoWrites>, DbErr> {
+    let reason = format!("{} (command {}) failed: {error}", cmd.kind, cmd.id);
     let progress = Recorded::of(cmd);
     let new_id = match cmd.kind.as_str() {
         "container.clone" => progress.clone_id,
@@ -482,6 +483,9 @@ pub(super) async fn compensate(
                 write_in(txn, &row, |am| {
                     if let Some(status) = change.status {
                         am.status = status_of(status);
+                        if status == ContainerStatus::Failed {
+                            am.status_reason = Set(Some(reason));
+                        }
                     }
                     if change.unlock {
                         am.locked_by = Set(None);
