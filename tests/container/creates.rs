@@ -41,8 +41,10 @@ async fn an_address_another_live_container_holds_is_never_given_twice() {
     // The container says why, naming the command that failed.
     let why = failed.status_reason.unwrap_or_default();
     assert!(
-        why.contains(&format!("container.create (command {}) failed", a.command_id))
-            && why.contains("already holds"),
+        why.contains(&format!(
+            "container.create (command {}) failed",
+            a.command_id
+        )) && why.contains("already holds"),
         "{why}"
     );
     // Its guest is gone; the next create gets a free address.
