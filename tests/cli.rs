@@ -556,22 +556,31 @@ async fn a_refused_export_keeps_the_file_it_was_to_replace() {
     assert_ne!(std::fs::read(&keep).unwrap(), b"an earlier export");
 }
 
-/// The data directory holds the users' Digest hashes and the secrets' key: a core makes it
-/// readable by its owner only, and closes one that others could read.
+/// The database holds the users' Digest hashes and the secrets' key: a core makes it, and a
+/// data directory it creates, readable by their owner only, and closes a database others
+/// could read; a directory that was there keeps its mode (it may be shared on purpose).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_data_directory_is_readable_by_its_owner_only() {
+async fn the_database_is_readable_by_its_owner_only() {
     use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     let dir = crate::common::tempdir();
-    let open = dir.path().join("open");
-    std::fs::create_dir(&open).unwrap();
-    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for data in [open, dir.path().join("new").join("data")] {
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(shared.join("cloud48.db"), b"").unwrap();
+    std::fs::set_permissions(
+        shared.join("cloud48.db"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let new = dir.path().join("new").join("data");
+    for (data, dir_mode) in [(shared, 0o755), (new, 0o700)] {
         let mut config = cloud48_engine::CoreConfig::new(&data);
         config.sim_servers = 1;
         config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
         let core = cloud48_engine::Core::open(config).await.unwrap();
-        let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700, "{}", data.display());
+        assert_eq!(mode(&data), dir_mode, "{}", data.display());
+        assert_eq!(mode(&data.join("cloud48.db")), 0o600, "{}", data.display());
         core.stop(std::time::Duration::ZERO).await;
     }
 }

@@ -176,11 +176,14 @@ async fn images_are_imported_listed_served_and_removed_through_the_cli_and_api()
         &["image", "import", &dir_arg, "--name", "cloud48/nginx"],
     );
     assert!(ok, "{err}");
-    let (ok, _, err) = run(&url, &["image", "rm", "cloud48/nginx"]);
-    assert!(
-        !ok && err.contains("container type(s) balancer@") && err.contains("--force"),
-        "{err}"
-    );
+    let short = summary.digest.as_str().trim_start_matches("sha256:")[..12].to_string();
+    for what in ["cloud48/nginx", short.as_str()] {
+        let (ok, _, err) = run(&url, &["image", "rm", what]);
+        assert!(
+            !ok && err.contains("container type(s) balancer@") && err.contains("--force"),
+            "{what}: {err}"
+        );
+    }
     let (ok, out, err) = run(&url, &["image", "rm", "cloud48/nginx", "--force"]);
     assert!(
         ok && out.contains("removed cloud48/nginx:latest"),

@@ -522,5 +522,8 @@ async fn an_event_stream_ends_when_its_reader_loses_the_project() {
             ),
         }
     };
-    assert!(ended.contains("changed; open the stream again"), "{ended}");
+    assert!(
+        ended.contains("may no longer read all this stream shows"),
+        "{ended}"
+    );
 }

@@ -33,10 +33,13 @@ fn outcome(body: &[u8]) -> (Option<i64>, Option<String>) {
     )
 }
 
+/// Most characters of a request's JSON an audit entry keeps.
+const KEEP_AT_MOST: usize = 4096;
+
 /// The request with its body, and what it asked for when the body is small JSON: the JSON
-/// with every value under a key naming a password, secret or token masked (all of it on a
-/// secret's path). A body that cannot be read whole is passed on untouched, unrecorded.
-async fn asked(req: Request, secret: bool) -> (Request, Option<String>) {
+/// with secrets masked (see `mask_secrets`; all of it on a secret's path), cut at
+/// `KEEP_AT_MOST` characters. A body that breaks off while read is answered 400 here.
+async fn asked(req: Request, secret: bool) -> Result<(Request, Option<String>), Response> {
     use axum::body::{Body, HttpBody};
     let json = req
         .headers()
@@ -49,47 +52,75 @@ async fn asked(req: Request, secret: bool) -> (Request, Option<String>) {
         .exact()
         .is_some_and(|n| n > 0 && n <= READ_AT_MOST);
     if !json || !small {
-        return (req, None);
+        return Ok((req, None));
     }
     let (parts, body) = req.into_parts();
-    match axum::body::to_bytes(body, READ_AT_MOST as usize).await {
-        Ok(bytes) => {
-            let said = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .map(|mut v| {
-                    if secret {
-                        v = serde_json::Value::String(MASK.into());
-                    } else {
-                        mask_secrets(&mut v);
-                    }
-                    v.to_string()
-                });
-            (Request::from_parts(parts, Body::from(bytes)), said)
-        }
-        Err(_) => (Request::from_parts(parts, Body::empty()), None),
-    }
+    let bytes = axum::body::to_bytes(body, READ_AT_MOST as usize)
+        .await
+        .map_err(|e| {
+            axum::response::IntoResponse::into_response(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the request body broke off: {e}"),
+                None,
+            ))
+        })?;
+    let said = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .map(|mut v| {
+            if secret {
+                v = serde_json::Value::String(MASK.into());
+            } else {
+                mask_secrets(&mut v);
+            }
+            let text = v.to_string();
+            match text.char_indices().nth(KEEP_AT_MOST) {
+                Some((at, _)) => format!("{}…", &text[..at]),
+                None => text,
+            }
+        });
+    Ok((Request::from_parts(parts, Body::from(bytes)), said))
 }
 
 /// What a masked value reads as.
 const MASK: &str = "****";
 
-/// Masks every value under a key that names a password, a secret or a token.
+/// Key parts naming something secret: its value is masked.
+const SECRET_KEYS: [&str; 9] = [
+    "pass", "pwd", "secret", "token", "key", "cred", "auth", "ha1", "private",
+];
+
+/// Masks what may be secret: every value under a key naming a password, secret, token, key
+/// or credentials; every environment or container parameter (`params`: a type's parameters
+/// may be passwords); a command run in a container (`command`: its arguments may be); and a
+/// state or disk carried inline (`state_hex`, `disk_hex`: kept as their length).
 fn mask_secrets(v: &mut serde_json::Value) {
+    use serde_json::Value;
     match v {
-        serde_json::Value::Object(map) => {
+        Value::Object(map) => {
             for (key, value) in map.iter_mut() {
                 let key = key.to_ascii_lowercase();
-                if ["password", "secret", "token", "ha1"]
-                    .iter()
-                    .any(|k| key.contains(k))
+                if key.ends_with("_hex") {
+                    let len = value.as_str().map_or(0, str::len);
+                    *value = Value::String(format!("({len} hex digits)"));
+                } else if key == "params" && value.is_object() {
+                    for p in value
+                        .as_object_mut()
+                        .into_iter()
+                        .flat_map(|m| m.values_mut())
+                    {
+                        *p = Value::String(MASK.into());
+                    }
+                } else if key == "command" && value.is_array()
+                    || SECRET_KEYS.iter().any(|k| key.contains(k))
                 {
-                    *value = serde_json::Value::String(MASK.into());
+                    *value = Value::String(MASK.into());
                 } else {
                     mask_secrets(value);
                 }
             }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(mask_secrets),
+        Value::Array(items) => items.iter_mut().for_each(mask_secrets),
         _ => {}
     }
 }
@@ -114,7 +145,10 @@ pub(crate) async fn trail(State(core): State<Core>, req: Request, next: Next) ->
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string());
-    let (req, request) = asked(req, secret).await;
+    let (req, request) = match asked(req, secret).await {
+        Ok(read) => read,
+        Err(refused) => return refused,
+    };
     let resp = next.run(req).await;
     let who = resp
         .extensions()
@@ -124,6 +158,9 @@ pub(crate) async fn trail(State(core): State<Core>, req: Request, next: Next) ->
     if status == 401 && !signed {
         return resp;
     }
+    // What a caller who could not sign in sent, or an anonymous one refused, is not kept:
+    // anyone who reaches the port could fill the append-only trail with it.
+    let request = request.filter(|_| status != 401 && (status < 400 || who != "anonymous"));
     let (parts, body) = resp.into_parts();
     let small = body.size_hint().exact().is_some_and(|n| n <= READ_AT_MOST);
     let (body, (command_id, message)) = if small {
@@ -200,13 +237,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords_secrets_and_tokens_are_masked_at_any_depth() {
+    fn passwords_secrets_tokens_parameters_and_commands_are_masked_at_any_depth() {
         let mut v = serde_json::json!({
             "name": "shop",
             "password": "hunter2",
             "quota": { "containers": 5 },
-            "users": [{ "name": "ada", "ha1_md5": "abc", "api_token": "t" }],
-            "params": { "db-secret": "s", "heap-mb": "512" },
+            "users": [{ "name": "ada", "ha1_md5": "abc", "api_token": "t", "api_key": "k" }],
+            "params": { "dbpass": "s", "heap-mb": "512" },
+            "command": ["mysql", "-phunter2"],
+            "state_hex": "00ff",
+            "op": "stop",
         });
         mask_secrets(&mut v);
         assert_eq!(
@@ -215,8 +255,11 @@ mod tests {
                 "name": "shop",
                 "password": MASK,
                 "quota": { "containers": 5 },
-                "users": [{ "name": "ada", "ha1_md5": MASK, "api_token": MASK }],
-                "params": { "db-secret": MASK, "heap-mb": "512" },
+                "users": [{ "name": "ada", "ha1_md5": MASK, "api_token": MASK, "api_key": MASK }],
+                "params": { "dbpass": MASK, "heap-mb": MASK },
+                "command": MASK,
+                "state_hex": "(4 hex digits)",
+                "op": "stop",
             })
         );
     }

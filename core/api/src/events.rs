@@ -289,18 +289,27 @@ fn rechecked(
     })
 }
 
-/// Why the caller may no longer read what the stream shows it, if so.
+/// Why the caller may no longer read all the stream shows it, if so: a topic or a project
+/// lost, the user removed. Gaining rights changes nothing here (the stream shows what it
+/// showed); a database that cannot be read now is asked again at the next check.
 async fn changed(core: &Core, who: &Principal, opened: &Readable) -> Option<String> {
     let auth = core.auth();
     let now = match auth.current(who).await {
         Ok(Some(now)) => now,
         Ok(None) => return Some(format!("user '{}' no longer exists", who.audit_name())),
-        Err(e) => return Some(format!("the caller's rights could not be read again: {e}")),
+        Err(_) => return None,
     };
-    match readable(auth, &now).await {
-        Ok(r) if r.topics == opened.topics && r.scope == opened.scope => None,
-        _ => Some("what this caller may read changed; open the stream again".into()),
-    }
+    let lost = "this caller may no longer read all this stream shows; open it again";
+    let Ok(r) = readable(auth, &now).await else {
+        return Some(lost.into());
+    };
+    let topics_kept = opened.topics.iter().all(|t| r.topics.contains(t));
+    let projects_kept = match (opened.scope.readable(), r.scope.readable()) {
+        (_, None) => true,
+        (None, Some(_)) => false,
+        (Some(before), Some(now)) => before.iter().all(|p| now.contains(p)),
+    };
+    (!(topics_kept && projects_kept)).then(|| lost.into())
 }
 
 /// Messages sent in one chunk at most.

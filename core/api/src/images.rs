@@ -154,15 +154,7 @@ pub(crate) async fn remove_image(
     let store = core.images().clone();
     if !q.force {
         let what = image.clone();
-        let designated = blocking(move || {
-            let name = what.parse::<Name>().ok();
-            Ok(store
-                .list()?
-                .into_iter()
-                .filter(|i| i.digest.as_str() == what || (name.is_some() && i.name == name))
-                .collect::<Vec<_>>())
-        })
-        .await?;
+        let designated = blocking(move || store.designated(&what)).await?;
         let users = types_naming(&core, &designated);
         if !users.is_empty() {
             return Err(ApiError::new(

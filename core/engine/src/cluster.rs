@@ -152,7 +152,8 @@ pub struct Cluster {
 pub enum ServerChanges {
     /// Nothing (and always so on SQLite).
     None,
-    /// Servers added or removed, or their status, draining or address: every row.
+    /// Servers added or removed, or their status, draining, address, network, capacity or
+    /// labels: every row.
     All(Vec<crate::entities::server::Model>),
     /// Only the allocation counters: `(id, cpu_millis, memory_mb, disk_mb, containers)` of
     /// every server, a narrow read.
@@ -366,7 +367,8 @@ impl Cluster {
     }
 
     /// What other cores changed in `servers` since this core last read it: servers added or
-    /// removed, their status, draining or address (every row is read again), or only the
+    /// removed, their status, draining, address, network, capacity or labels (every row is
+    /// read again), or only the
     /// allocations (only the counters are), by two fingerprints computed in the database. The
     /// allocations are followed so that placement here sees what other cores placed within a
     /// heartbeat period (the database checks capacity on every reservation anyway; without
@@ -383,7 +385,9 @@ impl Cluster {
             .query_one_raw(Statement::from_string(
                 DatabaseBackend::Postgres,
                 "SELECT md5(coalesce(string_agg(id || ':' || status || ':' || draining || ':' || \
-                 coalesce(address, ''), ',' ORDER BY id), '')) AS what, \
+                 coalesce(address, '') || ':' || coalesce(subnet, '') || ':' || \
+                 coalesce(addresses, '') || ':' || cpu_millis || ':' || memory_mb || ':' || \
+                 disk_mb || ':' || labels, ',' ORDER BY id), '')) AS what, \
                  md5(coalesce(string_agg(id || ':' || alloc_cpu_millis || ':' || \
                  alloc_memory_mb || ':' || alloc_disk_mb || ':' || alloc_containers, ',' \
                  ORDER BY id), '')) AS placed FROM servers",

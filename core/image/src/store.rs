@@ -408,6 +408,16 @@ impl Store {
         Ok(out)
     }
 
+    /// The images `what` (a name, or a manifest digest or its first 12 or more hex digits)
+    /// designates, as `remove` would find them.
+    pub fn designated(&self, what: &str) -> Result<Vec<ImageSummary>, ImageError> {
+        let index = self.read_index()?;
+        self.find(&index, what)?
+            .into_iter()
+            .map(|i| self.summarize(&index.manifests()[i]).map(|d| d.summary))
+            .collect()
+    }
+
     /// The descriptors in the index that `what` (a name, or a manifest digest or its first 12
     /// or more hex digits) designates.
     fn find(&self, index: &ImageIndex, what: &str) -> Result<Vec<usize>, ImageError> {

@@ -174,13 +174,28 @@ impl Client {
     }
 
     /// GETs `path` and writes the body, streamed, to `to` (standard output when `None`);
-    /// returns its length. A file is written beside `to` and renamed over it only once the
-    /// whole body arrived: a refusal or a broken download leaves an existing `to` as it was.
+    /// returns its length. A regular file is written beside `to` and renamed over it only once
+    /// the whole body arrived: a refusal or a broken download leaves an existing `to` as it
+    /// was (a device, pipe or link is written through).
     pub async fn download(&self, path: &str, to: Option<&std::path::Path>) -> Result<u64> {
         let resp = self.send_raw(Method::GET, path, None).await?;
         let Some(to) = to else {
             return Self::stream_to(resp, path, Box::new(tokio::io::stdout())).await;
         };
+        // A device, a pipe (`-o >(gzip > x)`) or a link is written through, as it is.
+        let plain = match std::fs::symlink_metadata(to) {
+            Ok(m) => m.file_type().is_file(),
+            Err(_) => true,
+        };
+        if !plain {
+            let file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(to)
+                .await
+                .with_context(|| format!("cannot write {}", to.display()))?;
+            return Self::stream_to(resp, path, Box::new(file)).await;
+        }
         let name = to.file_name().map_or_else(
             || std::ffi::OsString::from("download"),
             std::ffi::OsStr::to_os_string,

@@ -50,8 +50,11 @@ async fn migrate(ctx: &StepCtx<'_>, p: params::PluginUpgrade) -> Result<Transiti
     let old_type = format!("{}@{}", p.name, p.from);
     let new_type = new.type_id().to_string();
     let manager = PluginManager::new(svc.db(), svc.plugin_host(), svc.types());
+    // Containers made before types were recorded with their version carry the bare name:
+    // they are of the version installed, the one this upgrade leaves.
+    let of_old = [old_type.clone(), p.name.clone()];
     let containers = container::Entity::find()
-        .filter(container::Column::TypeId.eq(&old_type))
+        .filter(container::Column::TypeId.is_in(of_old.clone()))
         .filter(container::Column::Status.is_not_in([
             ContainerStatus::Destroyed.as_str(),
             ContainerStatus::Failed.as_str(),
@@ -115,7 +118,7 @@ async fn migrate(ctx: &StepCtx<'_>, p: params::PluginUpgrade) -> Result<Transiti
                         sea_orm::sea_query::Expr::val(now_ms()),
                     )
                     .filter(container::Column::Id.eq(c.id))
-                    .filter(container::Column::TypeId.eq(&old_type))
+                    .filter(container::Column::TypeId.is_in(of_old.clone()))
                     .filter(container::Column::State.eq(c.state.clone()))
                     .filter(container::Column::LockedBy.is_null())
                     .exec(txn)

@@ -206,23 +206,31 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Settings that make sense only together: a server's grace period must outlast its
-    /// heartbeat period, or every server is judged down between two beats.
+    /// Settings that make sense only together: a server's grace period must hold two
+    /// heartbeat periods, or a server is judged down when one beat comes late. The refusal
+    /// names the setting that was given (the grace period when both were).
     fn check_together(&self) -> Result<(), ConfigError> {
         let (beat, grace) = (
             self.count("health.heartbeat_ms"),
             self.count("health.grace_ms"),
         );
-        if grace <= beat {
-            let source = &self.entries["health.grace_ms"].source;
-            return Err(ConfigError(format!(
-                "{source}: bad value for health.grace_ms: {grace} ms is not longer than the \
-                 heartbeat period (health.heartbeat_ms = {beat} ms), so every server would be \
-                 judged down between two heartbeats; give at least two heartbeats (e.g. {})",
-                beat * 3
-            )));
+        if grace >= beat.saturating_mul(2) {
+            return Ok(());
         }
-        Ok(())
+        let grace_source = &self.entries["health.grace_ms"].source;
+        let beat_source = &self.entries["health.heartbeat_ms"].source;
+        let (source, key) = if *grace_source == Source::Default && *beat_source != Source::Default {
+            (beat_source, "health.heartbeat_ms")
+        } else {
+            (grace_source, "health.grace_ms")
+        };
+        Err(ConfigError(format!(
+            "{source}: bad value for {key}: the grace period (health.grace_ms = {grace} ms) must \
+             hold two heartbeat periods (health.heartbeat_ms = {beat} ms), or a server is judged \
+             down when one beat comes late; give a grace period of at least {} ms or a shorter \
+             heartbeat period",
+            beat.saturating_mul(2)
+        )))
     }
 
     /// The value of a declared key.
@@ -437,7 +445,7 @@ mod tests {
     }
 
     #[test]
-    fn a_grace_period_not_longer_than_the_heartbeat_is_refused_with_the_fix() {
+    fn a_grace_period_shorter_than_two_heartbeats_is_refused_naming_what_was_given() {
         let flags = |beat: &str, grace: &str| {
             BTreeMap::from([
                 ("health.heartbeat_ms", beat.to_string()),
@@ -447,16 +455,23 @@ mod tests {
         let none = |_: &str| None;
         let e = Settings::load(None, &none, &flags("500", "400")).unwrap_err();
         assert!(
-            e.0.contains("health.grace_ms")
-                && e.0.contains("--grace-ms")
-                && e.0.contains("e.g. 1500"),
+            e.0.starts_with("flag --grace-ms: bad value for health.grace_ms")
+                && e.0.contains("at least 1000 ms"),
             "{}",
             e.0
         );
-        assert!(Settings::load(None, &none, &flags("500", "500")).is_err());
-        let ok = Settings::load(None, &none, &flags("500", "1200")).unwrap();
-        assert_eq!(ok.core().health.grace, Duration::from_millis(1200));
+        assert!(Settings::load(None, &none, &flags("500", "999")).is_err());
+        let ok = Settings::load(None, &none, &flags("500", "1000")).unwrap();
+        assert_eq!(ok.core().health.grace, Duration::from_millis(1000));
         assert!(Settings::load(None, &none, &BTreeMap::new()).is_ok());
+        // Only the heartbeat given (the grace period is the default 2000 ms): it is named.
+        let beat = BTreeMap::from([("health.heartbeat_ms", "5000".to_string())]);
+        let e = Settings::load(None, &none, &beat).unwrap_err();
+        assert!(
+            e.0.starts_with("flag --heartbeat-ms: bad value for health.heartbeat_ms"),
+            "{}",
+            e.0
+        );
     }
 
     #[test]

@@ -108,11 +108,12 @@ impl SetupLock {
     }
 }
 
-/// Creates the data directory, readable by its owner only: the database in it holds the
-/// users' Digest hashes (as good as passwords) and the key of every environment's secrets. A
-/// directory others may read is closed, with a warning.
+/// Creates the data directory, readable by its owner only when this call makes it; the
+/// SQLite database in it (it holds the users' Digest hashes, as good as passwords, and the key
+/// of every environment's secrets) is made readable by its owner only too. An existing
+/// directory keeps its mode: it may be shared on purpose.
 pub(super) fn create_data_dir(config: &CoreConfig) -> Result<(), CoreError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let dir = &config.data_dir;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -124,24 +125,32 @@ pub(super) fn create_data_dir(config: &CoreConfig) -> Result<(), CoreError> {
                 dir.display()
             ))
         })?;
-    let mode = std::fs::metadata(dir)
-        .map_err(|e| CoreError::Setup(format!("cannot read {}: {e}", dir.display())))?
-        .permissions()
-        .mode();
+    if config.database_url.is_some() {
+        return Ok(());
+    }
+    let db = dir.join("cloud48.db");
+    let cannot = |e: std::io::Error| CoreError::Setup(format!("cannot open {}: {e}", db.display()));
+    // Made here with the mode it keeps (SQLite gives its journal files the same).
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&db)
+        .map_err(cannot)?;
+    let mode = std::fs::metadata(&db).map_err(cannot)?.permissions().mode();
     if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
-            CoreError::Setup(format!(
-                "data directory {} may be read by other users (mode {:o}) and cannot be \
-                 closed: {e}; make it readable by its owner only (chmod 700)",
-                dir.display(),
-                mode & 0o777
-            ))
-        })?;
-        tracing::warn!(
-            dir = %dir.display(),
-            was = format!("{:o}", mode & 0o777),
-            "the data directory could be read by other users (it holds password hashes and the secrets' key): made it readable by its owner only (700)"
-        );
+        match std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => tracing::warn!(
+                file = %db.display(),
+                was = format!("{:o}", mode & 0o777),
+                "the database could be read by other users (it holds password hashes and the secrets' key): made it readable by its owner only (600)"
+            ),
+            Err(e) => tracing::warn!(
+                file = %db.display(),
+                error = %e,
+                "the database can be read by other users (it holds password hashes and the secrets' key) and could not be closed: chmod 600 it"
+            ),
+        }
     }
     Ok(())
 }

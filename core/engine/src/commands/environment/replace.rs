@@ -184,10 +184,15 @@ pub(super) async fn clone(
     let PlanStep::Item(index) = PlanStep::of(ctx.cmd)? else {
         let mut plan: Vec<(i64, String, Value)> = Vec::new();
         let all = members(svc.types(), svc.db(), env.id).await?;
-        // A member that went down since the submission: no partial copy wired to the source.
+        // A member that went down since the submission: no partial copy wired to the source,
+        // and the empty copy goes (its name is free for the next try).
         let rows: Vec<_> = all.iter().map(|(r, _)| r.clone()).collect();
         if let Some(why) = crate::managers::unclonable(&env.name, &rows) {
-            return Ok(Transition::bare(Next::Fail(why)));
+            return Ok(with_env_status(
+                dst.0,
+                EnvironmentStatus::Destroyed,
+                Next::Fail(why),
+            ));
         }
         for (r, v) in all {
             if !matches!(
