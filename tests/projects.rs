@@ -46,17 +46,8 @@ async fn core_with(paused: bool, anonymous: Anonymous) -> TestCore {
     .unwrap()
 }
 
-/// The error text of a request that must fail.
-fn refused<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
-    format!("{:#}", r.expect_err("refused"))
-}
-
-/// Where anonymous callers may read environments (the default), a signed-in member still sees
-/// only its projects: the client signs every request, not only those refused to anonymous.
-#[tokio::test]
-async fn a_signed_in_member_gets_its_own_view_where_anonymous_callers_may_read() {
-    let t = core_with(false, Anonymous::Read).await;
-    let (ada, mo) = (user(&t, "ada"), user(&t, "mo"));
+/// Project `shop`, made by admin `ada`, where `mo` is an operator.
+async fn shop_with_operator_mo(ada: &Client) {
     let _: Project = ada
         .post("/v1/projects", &json!({ "name": "shop" }))
         .await
@@ -68,6 +59,20 @@ async fn a_signed_in_member_gets_its_own_view_where_anonymous_callers_may_read()
         )
         .await
         .unwrap();
+}
+
+/// The error text of a request that must fail.
+fn refused<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
+    format!("{:#}", r.expect_err("refused"))
+}
+
+/// Where anonymous callers may read environments (the default), a signed-in member still sees
+/// only its projects: the client signs every request, not only those refused to anonymous.
+#[tokio::test]
+async fn a_signed_in_member_gets_its_own_view_where_anonymous_callers_may_read() {
+    let t = core_with(false, Anonymous::Read).await;
+    let (ada, mo) = (user(&t, "ada"), user(&t, "mo"));
+    shop_with_operator_mo(&ada).await;
     let a: Accepted = ada
         .post("/v1/environments", &json!({ "name": "flap" }))
         .await
@@ -487,17 +492,7 @@ async fn an_event_stream_ends_when_its_reader_loses_the_project() {
     use futures::StreamExt;
     let t = core(false).await;
     let (ada, mo) = (user(&t, "ada"), user(&t, "mo"));
-    let _: Project = ada
-        .post("/v1/projects", &json!({ "name": "shop" }))
-        .await
-        .unwrap();
-    let _: Project = ada
-        .put(
-            "/v1/projects/shop/members/mo",
-            &json!({ "role": "operator" }),
-        )
-        .await
-        .unwrap();
+    shop_with_operator_mo(&ada).await;
     let (mut stream, _) = open(&mo, "/v1/events?project=shop&topic=environment").await;
     let _: Project = ada.delete("/v1/projects/shop/members/mo").await.unwrap();
     // Events of the project go on; the stream ends with the reason instead of telling them.

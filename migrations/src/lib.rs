@@ -31,8 +31,7 @@ mod m0021_postgres_writes;
 mod m0022_events_planned_once;
 mod m0023_work_notify_names_core;
 mod m0024_room_for_updates;
-mod m0025_audit_request;
-mod m0026_container_status_reason;
+mod m0025_what_and_why;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -65,8 +64,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0022_events_planned_once::Migration),
             Box::new(m0023_work_notify_names_core::Migration),
             Box::new(m0024_room_for_updates::Migration),
-            Box::new(m0025_audit_request::Migration),
-            Box::new(m0026_container_status_reason::Migration),
+            Box::new(m0025_what_and_why::Migration),
         ]
     }
 }

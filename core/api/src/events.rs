@@ -259,10 +259,10 @@ async fn visible(
 /// How long a stream goes on delivering before the caller's rights are read again.
 const RECHECK: Duration = Duration::from_secs(5);
 
-/// `messages`, ended with an `error` message once the caller may read other than what it
-/// could when the stream opened (a project role revoked or changed, the user removed):
-/// checked before a delivery at most every `RECHECK`, so a revocation stops the stream
-/// within that.
+/// `messages`, ended with an `error` message once the caller may no longer read all it could
+/// when the stream opened (a project role or topic lost, the user removed; see `changed`):
+/// checked before a delivery at most every `RECHECK`, so a revocation stops the stream within
+/// that.
 fn rechecked(
     core: Core,
     who: Principal,

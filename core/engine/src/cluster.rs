@@ -368,12 +368,11 @@ impl Cluster {
 
     /// What other cores changed in `servers` since this core last read it: servers added or
     /// removed, their status, draining, address, network, capacity or labels (every row is
-    /// read again), or only the
-    /// allocations (only the counters are), by two fingerprints computed in the database. The
-    /// allocations are followed so that placement here sees what other cores placed within a
-    /// heartbeat period (the database checks capacity on every reservation anyway; without
-    /// them, cores placing at once each saw the same server emptiest and stacked containers on
-    /// it).
+    /// read again), or only the allocations (only the counters are), by two fingerprints
+    /// computed in the database. The allocations are followed so that placement here sees
+    /// what other cores placed within a heartbeat period (the database checks capacity on
+    /// every reservation anyway; without them, cores placing at once each saw the same server
+    /// emptiest and stacked containers on it).
     pub async fn changed_servers(&self) -> Result<ServerChanges, DbErr> {
         use crate::entities::server;
         use sea_orm::{EntityTrait, QueryOrder, QuerySelect};

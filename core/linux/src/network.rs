@@ -76,6 +76,11 @@ impl AddressRange {
         (u32::from(self.first)..=u32::from(self.last)).contains(&u32::from(ip))
     }
 
+    /// How many addresses it holds.
+    pub fn address_count(&self) -> u64 {
+        u64::from(u32::from(self.last) - u32::from(self.first)) + 1
+    }
+
     /// True when the two ranges share an address.
     pub fn overlaps(&self, other: &AddressRange) -> bool {
         u32::from(self.first) <= u32::from(other.last)
@@ -166,6 +171,11 @@ impl Subnet {
         let base = u32::from(self.network);
         let size = 1u32 << (32 - self.prefix);
         (2..size - 1).map(move |i| Ipv4Addr::from(base + i))
+    }
+
+    /// How many guest addresses it has (what `hosts` yields).
+    pub fn host_count(&self) -> u64 {
+        (1u64 << (32 - self.prefix)) - 3
     }
 
     /// True when the two subnets share an address.

@@ -148,7 +148,8 @@ impl Client {
     /// With credentials but no Digest challenge yet, learns one with a small request that
     /// anonymous callers may never make (the audit trail is for admins), once per client, so
     /// that every request is signed: an upload is then not answered 401 halfway through, and a
-    /// read that anonymous callers may make is not answered as to one (they see every project).
+    /// read that anonymous callers may make is not answered as to one (they see the project
+    /// `default` only).
     async fn sign_in_first(&self) -> Result<()> {
         let known = self.prompt.lock().unwrap().is_some();
         let Ok(base) = self.base.as_deref() else {
@@ -382,16 +383,8 @@ impl Client {
     ) -> Result<()> {
         let mut next = Some(path.to_string());
         while let Some(path) = next.take() {
-            let resp = self.send::<()>(Method::GET, &path, None).await?;
-            next = resp
-                .headers()
-                .get(reqwest::header::LINK)
-                .and_then(|v| v.to_str().ok())
-                .and_then(next_link);
-            let page: Vec<T> = resp
-                .json()
-                .await
-                .context("the core sent JSON this client does not understand")?;
+            let page: Vec<T>;
+            (page, next) = self.page(&path).await?;
             if page.is_empty() {
                 break;
             }

@@ -608,5 +608,10 @@ mod tests {
         assert!(validate_user_name("ada.lovelace_1").is_ok());
         assert!(validate_user_name("").is_err());
         assert!(validate_user_name("a b").is_err());
+        assert!(
+            validate_user_name("Anonymous")
+                .unwrap_err()
+                .contains("without credentials")
+        );
     }
 }

@@ -77,6 +77,7 @@ impl Authenticator {
         family: Option<Family>,
     ) -> Result<Scope, AuthError> {
         let refusal = match self.authorize(who, needed, family).await {
+            // (No user may be named `anonymous`: `validate_user_name`.)
             // Anonymous reads (`auth.anonymous = read`) see the project `default` and the
             // fleet: what other projects hold is for their members.
             Ok(()) if *who == Principal::Anonymous && self.config.anonymous == Anonymous::Read => {

@@ -28,8 +28,15 @@ impl UserRecord {
     }
 }
 
-/// Checks a user name: 1-64 of letters, digits, `-`, `_`, `.`.
+/// Checks a user name: 1-64 of letters, digits, `-`, `_`, `.`; not `anonymous`, which names
+/// callers without credentials (in the audit trail, scopes and events).
 pub fn validate_user_name(name: &str) -> Result<(), String> {
+    if name.eq_ignore_ascii_case("anonymous") {
+        return Err(
+            "'anonymous' is how callers without credentials are named; choose another user name"
+                .into(),
+        );
+    }
     let ok = !name.is_empty()
         && name.len() <= 64
         && name

@@ -134,17 +134,18 @@ impl Candidate {
 /// subnet hands out the hosts of its own /22.
 fn slots_of(s: &server::Model) -> Option<u64> {
     use cloud48_linux::network::{AddressRange, Subnet};
-    if let Some(r) = s
+    let range = s
         .addresses
         .as_deref()
-        .and_then(|r| r.parse::<AddressRange>().ok())
-    {
-        return Some(u64::from(u32::from(r.last) - u32::from(r.first)) + 1);
-    }
-    match s.subnet.as_deref().and_then(|n| n.parse::<Subnet>().ok()) {
-        Some(n) => Some((1u64 << (32 - n.prefix)) - 3),
-        None if s.driver == crate::fleet::SimFactory::KIND => Some(cloud48_driver::sim::POOL_HOSTS),
-        None => None,
+        .and_then(|r| r.parse::<AddressRange>().ok());
+    let subnet = s.subnet.as_deref().and_then(|n| n.parse::<Subnet>().ok());
+    match (range, subnet) {
+        (Some(r), _) => Some(r.address_count()),
+        (None, Some(n)) => Some(n.host_count()),
+        (None, None) if s.driver == crate::fleet::SimFactory::KIND => {
+            Some(cloud48_driver::sim::POOL_HOSTS)
+        }
+        (None, None) => None,
     }
 }
 
