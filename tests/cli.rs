@@ -261,6 +261,149 @@ fn user_commands_outside_a_core_directory_say_where_they_looked() {
     assert!(!dir.path().join("cloud48-data").join("cloud48.db").exists());
 }
 
+/// `--wait` whose core dies says which command it waited for and how to follow it (the
+/// command goes on: another core resumes it, or this one when it restarts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_cut_off_by_its_core_names_the_command_to_follow() {
+    let dir = crate::common::tempdir();
+    let mut core = crate::common::serve(
+        &dir.path().join("core"),
+        &[
+            "--sim-servers",
+            "1",
+            "--sim-latency-ms",
+            "4000",
+            "--anonymous",
+            "full",
+        ],
+    )
+    .await;
+    let waiting = tokio::spawn(run_cli(
+        core.url.clone(),
+        vec!["container", "create", "--type", "plain", "--wait"],
+    ));
+    let client = cloud48_core::cli::Client::new(&core.url);
+    crate::common::eventually("the create runs", || async {
+        let list: Vec<cloud48_engine::model::Command> = client.get("/v1/commands").await.ok()?;
+        list.into_iter()
+            .find(|c| c.status == cloud48_engine::model::CommandStatus::Running)
+    })
+    .await;
+    core.kill9();
+    let (ok, _, err) = waiting.await.unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("stopped waiting for command 1, which goes on")
+            && err.contains("cloud48 command wait 1"),
+        "{err}"
+    );
+}
+
+/// The CLI pointed at a node agent's URL says so, instead of blaming the sign-in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_pointed_at_an_agent_says_it_is_not_a_core() {
+    let driver = std::sync::Arc::new(cloud48_engine::driver::sim::SimServer::new(
+        "a",
+        1,
+        Default::default(),
+        cloud48_engine::driver::sim::SimLatency::uniform(std::time::Duration::ZERO),
+    ));
+    let (_, url) = crate::agent::serve_agent("a", driver).await;
+    let (ok, _, err) =
+        tokio::task::spawn_blocking(move || crate::common::cli(&url, &["server", "list"]))
+            .await
+            .unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("is a node agent (`cloud48 agent`), not a core")
+            && !err.contains("authentication"),
+        "{err}"
+    );
+}
+
+/// `cloud48 agent` without `--core` sends no heartbeats but serves: a core that is asked to
+/// add it hears from it why it should not (it would be judged down at once).
+#[tokio::test]
+async fn an_agent_without_cores_serves_and_says_it_sends_no_heartbeats() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = crate::common::tempdir();
+    let tc = crate::common::TestCore::start(crate::common::Opts {
+        sim_servers: 0,
+        agent_token: Some(crate::agent::TOKEN.into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", crate::common::free_port());
+    let mut agent = tokio::process::Command::new(crate::common::binary())
+        .args([
+            "agent", "--driver", "sim", "--name", "added", "--listen", &listen,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("agent"))
+        .env("CLOUD48_AGENT_TOKEN", crate::agent::TOKEN)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(agent.stderr.take().unwrap()).lines();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    let refused = tc
+        .core
+        .agents()
+        .add(&format!("http://{listen}"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("sends no heartbeats (it was started without --core)"),
+        "the agent answered: {refused}"
+    );
+    assert!(agent.try_wait().unwrap().is_none(), "the agent serves on");
+}
+
+/// `cloud48 agent --core` pointed at a core that refuses it (here: one with no agents.token)
+/// stops with the core's reason instead of serving nothing while it retries.
+#[tokio::test]
+async fn an_agent_the_core_refuses_stops_with_the_reason() {
+    let dir = crate::common::tempdir();
+    let core = crate::common::serve(&dir.path().join("core"), &[]).await;
+    let listen = format!("127.0.0.1:{}", crate::common::free_port());
+    let mut agent = tokio::process::Command::new(crate::common::binary())
+        .args([
+            "agent", "--driver", "sim", "--name", "lonely", "--listen", &listen,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("agent"))
+        .args(["--core", &core.url])
+        .env("CLOUD48_AGENT_TOKEN", "a-token-of-sixteen-chars")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(60), agent.wait())
+        .await
+        .expect("the refused agent stops")
+        .unwrap();
+    let mut err = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut agent.stderr.take().unwrap(), &mut err)
+        .await
+        .unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the core at {} refused this agent (409)",
+            core.url
+        )) && err.contains("this core has no agents.token")
+            && err.contains("nothing was registered"),
+        "{err}"
+    );
+}
+
 /// `agent --import-image` on a server that runs no images is refused with why, before the
 /// agent starts.
 #[test]

@@ -101,6 +101,26 @@ async fn a_killed_core_hands_its_duties_and_its_agents_to_another() {
     .map(|c| c.url.unwrap())
     .collect();
     assert!(urls.contains(&a.url) && urls.contains(&b.url), "{urls:?}");
+    // Every connection of a core carries its node name, its wake-ups' too.
+    let db = sea_orm::Database::connect(&pg.url).await.unwrap();
+    let names: Vec<String> = eventually("both cores listen for wake-ups", || async {
+        use sea_orm::ConnectionTrait;
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                "SELECT application_name AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            ))
+            .await
+            .unwrap();
+        let names: Vec<String> = rows.iter().map(|r| r.try_get("", "n").unwrap()).collect();
+        (names.len() == 2).then_some(names)
+    })
+    .await;
+    for node in [&node_a, &node_b] {
+        assert!(names.contains(&format!("{node}-wake-ups")), "{names:?}");
+    }
+    drop(db);
 
     let (agent, _) = serve_agent("node-1", sim("node-1", Duration::ZERO)).await;
     let beats = tokio::spawn(cloud48_engine::agent::heartbeats(
@@ -249,6 +269,19 @@ async fn cores_started_together_on_a_new_database_all_open_and_set_it_up_once() 
     for core in &cores {
         assert_eq!(core.servers().list().await.unwrap().len() as i64, sims);
     }
+    // Cores share the database, not a data directory: a fourth on the first one's directory
+    // would run as the same node (and take that core's running commands for its own).
+    let mut twin = cloud48_engine::CoreConfig::new(dirs[0].path());
+    twin.database_url = Some(pg.url.clone());
+    let refused = cloud48_engine::Core::open(twin)
+        .await
+        .err()
+        .expect("a second core on one data directory is refused")
+        .to_string();
+    assert!(
+        refused.contains("another core is running on") && refused.contains("another --data-dir"),
+        "{refused}"
+    );
     // What one core places, the others' placement sees at their next sync.
     let sim1 = cores[1].servers().list().await.unwrap();
     let sim1 = sim1.iter().find(|s| s.name == "sim-1").unwrap().id.0;

@@ -291,13 +291,14 @@ impl TestCore {
         })
     }
 
-    /// Waits for a command to finish (at most 60 s) and returns it.
+    /// Waits for a command to finish (at most 180 s: a VM booting under TCG on a loaded machine
+    /// takes minutes) and returns it.
     pub async fn wait(&self, id: impl IntoCommandId) -> Command {
         let id = id.command_id();
         let cmd = self
             .core
             .queue()
-            .wait(id, Duration::from_secs(60))
+            .wait(id, Duration::from_secs(180))
             .await
             .expect("command exists");
         assert!(

@@ -127,6 +127,44 @@ async fn a_container_s_life_is_told_in_order_and_a_stream_resumes(t: &TestCore) 
     })
     .await;
     assert!(heard.iter().all(|e| e.id > after), "{heard:?}");
+
+    // A create that no server can take fails; the events of the command and of the container
+    // say why, without another request.
+    let (mut containers, _) = open(&t.client, "/v1/events?topic=container").await;
+    let big: serde_json::Value = t
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "requirements": {
+                "cpu_millis": 1, "memory_mb": 1u64 << 30, "disk_mb": 1 } }),
+        )
+        .await
+        .unwrap();
+    let (cmd, cid) = (
+        big["command_id"].as_i64().unwrap(),
+        big["object_id"].as_i64().unwrap(),
+    );
+    let failed = until(&mut all, |e| {
+        e.topic == Topic::Command && e.object_id == cmd && e.action == "failed"
+    })
+    .await;
+    let why = failed.last().unwrap().reason.clone().unwrap_or_default();
+    assert!(why.contains("no server fits"), "{failed:?}");
+    let gone = until(&mut containers, |e| {
+        e.object_id == cid && e.action == "failed"
+    })
+    .await;
+    let why = gone.last().unwrap().reason.clone().unwrap_or_default();
+    assert!(
+        why.contains(&format!("command {cmd}")) && why.contains("no server fits"),
+        "{gone:?}"
+    );
+    assert!(
+        of(&gone, Topic::Container, cid)
+            .iter()
+            .all(|a| a != "running"),
+        "{gone:?}"
+    );
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
 
 /// (table, topic, the `kind` column, related type and id, the server column, the `by` column,
-/// the project column, the columns whose change is an event).
+/// the project column, why (`m0026_event_reasons`), the columns whose change is an event).
 struct Source {
     table: &'static str,
     topic: &'static str,
@@ -18,6 +18,8 @@ struct Source {
     by: &'static str,
     /// The row's project (`NULL`: none, as for servers).
     project: &'static str,
+    /// Why it is in its new status, where the status alone does not say.
+    reason: &'static str,
     watched: &'static [&'static str],
 }
 
@@ -31,6 +33,7 @@ const SOURCES: [Source; 4] = [
         server_id: "NULL",
         by: "NEW.requested_by",
         project: "NEW.project_id",
+        reason: "NEW.error",
         watched: &["status"],
     },
     Source {
@@ -42,6 +45,7 @@ const SOURCES: [Source; 4] = [
         server_id: "NEW.server_id",
         by: "NULL",
         project: "NEW.project_id",
+        reason: "NEW.status_reason",
         watched: &["status", "server_id"],
     },
     Source {
@@ -53,6 +57,7 @@ const SOURCES: [Source; 4] = [
         server_id: "NEW.id",
         by: "NULL",
         project: "NULL",
+        reason: "NULL",
         watched: &["status"],
     },
     Source {
@@ -64,17 +69,39 @@ const SOURCES: [Source; 4] = [
         server_id: "NULL",
         by: "NULL",
         project: "NEW.project_id",
+        reason: "NULL",
         watched: &["status"],
     },
 ];
 
+/// The longest reason an event keeps, characters (a command's error can be long; the command
+/// keeps it whole).
+const REASON_CHARS: u32 = 1000;
+
+/// Which of the later columns of `events` a trigger fills.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Columns {
+    /// Those of `m0013_events`.
+    First,
+    /// And `project_id` (`m0016_projects`).
+    Project,
+    /// And `reason` (`m0026_event_reasons`).
+    Reason,
+}
+
 impl Source {
-    /// The statement a trigger runs; with `project`, it also fills `events.project_id`.
-    fn insert(&self, now: &str, project: bool) -> String {
-        let (column, value) = if project {
-            (", project_id", format!(", {}", self.project))
-        } else {
-            (Default::default(), String::new())
+    /// The statement a trigger runs, filling `columns`.
+    fn insert(&self, now: &str, columns: Columns) -> String {
+        let (column, value) = match columns {
+            Columns::First => (String::new(), String::new()),
+            Columns::Project => (", project_id".into(), format!(", {}", self.project)),
+            Columns::Reason => (
+                ", project_id, reason".into(),
+                format!(
+                    ", {}, substr({}, 1, {REASON_CHARS})",
+                    self.project, self.reason
+                ),
+            ),
         };
         format!(
             "INSERT INTO events (at, topic, object_id, action, kind, related_type, related_id, \
@@ -93,26 +120,25 @@ impl Source {
     }
 }
 
-/// Creates the triggers (and on PostgreSQL their functions); with `project`, each event also
-/// gets its row's project.
-pub(crate) async fn create(manager: &SchemaManager<'_>, project: bool) -> Result<(), DbErr> {
+/// Creates the triggers (and on PostgreSQL their functions), filling `columns`.
+pub(crate) async fn create(manager: &SchemaManager<'_>, columns: Columns) -> Result<(), DbErr> {
     let db = manager.get_connection();
     for s in &SOURCES {
-        let columns = s.watched.join(", ");
+        let watched = s.watched.join(", ");
         let statements = match manager.get_database_backend() {
             DatabaseBackend::Sqlite => {
                 let now = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
                 vec![
                     format!(
                         "CREATE TRIGGER events_{t}_insert AFTER INSERT ON {t} BEGIN {}; END",
-                        s.insert(now, project),
+                        s.insert(now, columns),
                         t = s.table
                     ),
                     format!(
-                        "CREATE TRIGGER events_{t}_update AFTER UPDATE OF {columns} ON {t} \
+                        "CREATE TRIGGER events_{t}_update AFTER UPDATE OF {watched} ON {t} \
                          WHEN {} BEGIN {}; END",
                         s.changed("IS NOT"),
-                        s.insert(now, project),
+                        s.insert(now, columns),
                         t = s.table
                     ),
                 ]
@@ -123,7 +149,7 @@ pub(crate) async fn create(manager: &SchemaManager<'_>, project: bool) -> Result
                     format!(
                         "CREATE FUNCTION events_of_{t}() RETURNS trigger LANGUAGE plpgsql \
                          AS $$ BEGIN {}; RETURN NULL; END $$",
-                        s.insert(now, project),
+                        s.insert(now, columns),
                         t = s.table
                     ),
                     format!(
@@ -132,7 +158,7 @@ pub(crate) async fn create(manager: &SchemaManager<'_>, project: bool) -> Result
                         t = s.table
                     ),
                     format!(
-                        "CREATE TRIGGER events_{t}_update AFTER UPDATE OF {columns} ON {t} \
+                        "CREATE TRIGGER events_{t}_update AFTER UPDATE OF {watched} ON {t} \
                          FOR EACH ROW WHEN ({}) EXECUTE FUNCTION events_of_{t}()",
                         s.changed("IS DISTINCT FROM"),
                         t = s.table
@@ -158,11 +184,11 @@ pub(crate) enum Planned {
 }
 
 /// The two functions (`_inserted`, `_updated`) of a table's statement triggers.
-fn statement_functions(s: &Source, planned: Planned) -> [String; 2] {
+fn statement_functions(s: &Source, planned: Planned, columns: Columns) -> [String; 2] {
     let now = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
     // The row expressions read `n`, the transition table's row, where the row triggers
     // read `NEW`.
-    let insert = s.insert(now, true).replace("NEW.", "n.");
+    let insert = s.insert(now, columns).replace("NEW.", "n.");
     let (head, values) = insert
         .split_once(" VALUES (")
         .expect("an insert has VALUES");
@@ -208,7 +234,7 @@ fn statement_functions(s: &Source, planned: Planned) -> [String; 2] {
 pub(crate) async fn create_per_statement(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     let db = manager.get_connection();
     for s in &SOURCES {
-        let [inserted, updated] = statement_functions(s, Planned::EachCall);
+        let [inserted, updated] = statement_functions(s, Planned::EachCall, Columns::Project);
         let statements = [
             inserted,
             updated,
@@ -235,14 +261,15 @@ pub(crate) async fn create_per_statement(manager: &SchemaManager<'_>) -> Result<
 }
 
 /// On PostgreSQL, replaces the statement triggers' functions by ones planned as `planned`
-/// says (the triggers stay).
+/// says, filling `columns` (the triggers stay).
 pub(crate) async fn replan_per_statement(
     manager: &SchemaManager<'_>,
     planned: Planned,
+    columns: Columns,
 ) -> Result<(), DbErr> {
     let db = manager.get_connection();
     for s in &SOURCES {
-        for sql in statement_functions(s, planned) {
+        for sql in statement_functions(s, planned, columns) {
             db.execute_unprepared(&sql.replacen(
                 "CREATE FUNCTION",
                 "CREATE OR REPLACE FUNCTION",
@@ -313,7 +340,7 @@ mod tests {
             n.target_type, n.target_id, NULL, n.requested_by, n.project_id FROM new_rows n";
         let commands = &SOURCES[0];
         assert_eq!(
-            statement_functions(commands, Planned::EachCall),
+            statement_functions(commands, Planned::EachCall, Columns::Project),
             [
                 format!(
                     "CREATE FUNCTION events_of_commands_inserted() RETURNS trigger LANGUAGE \
@@ -332,7 +359,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            statement_functions(commands, Planned::Once),
+            statement_functions(commands, Planned::Once, Columns::Project),
             [
                 format!(
                     "CREATE OR REPLACE FUNCTION events_of_commands_inserted() RETURNS trigger \
@@ -345,6 +372,28 @@ mod tests {
                      ORDER BY n.id; RETURN NULL; END $$"
                 ),
             ]
+        );
+    }
+
+    /// `m0026_event_reasons`: a command's event says its error and a container's its status
+    /// reason, cut to `REASON_CHARS`; a row trigger (SQLite) reads `NEW`, a statement's `n`.
+    #[test]
+    fn events_carry_a_reason() {
+        let [inserted, _] = statement_functions(&SOURCES[0], Planned::Once, Columns::Reason);
+        assert!(
+            inserted.contains("requested_by, project_id, reason) SELECT")
+                && inserted.contains("n.project_id, substr(n.error, 1, 1000) FROM new_rows n"),
+            "{inserted}"
+        );
+        let row = SOURCES[1].insert("now()", Columns::Reason);
+        assert!(
+            row.ends_with("NEW.project_id, substr(NEW.status_reason, 1, 1000))"),
+            "{row}"
+        );
+        assert!(
+            SOURCES[2]
+                .insert("now()", Columns::Reason)
+                .ends_with("NULL, substr(NULL, 1, 1000))")
         );
     }
 }

@@ -32,6 +32,8 @@ mod m0022_events_planned_once;
 mod m0023_work_notify_names_core;
 mod m0024_room_for_updates;
 mod m0025_what_and_why;
+mod m0026_event_reasons;
+mod m0027_agent_identity;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -65,6 +67,8 @@ impl MigratorTrait for Migrator {
             Box::new(m0023_work_notify_names_core::Migration),
             Box::new(m0024_room_for_updates::Migration),
             Box::new(m0025_what_and_why::Migration),
+            Box::new(m0026_event_reasons::Migration),
+            Box::new(m0027_agent_identity::Migration),
         ]
     }
 }

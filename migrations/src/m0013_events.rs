@@ -31,7 +31,7 @@ impl MigrationTrait for Migration {
             .await?;
         // No index on `at`: ids follow time, so retention finds its cut by walking ids from the
         // oldest (see `events::forget`), and every status change writes one B-tree entry less.
-        crate::event_triggers::create(manager, false).await
+        crate::event_triggers::create(manager, crate::event_triggers::Columns::First).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {

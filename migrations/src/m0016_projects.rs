@@ -90,7 +90,7 @@ impl MigrationTrait for Migration {
         db.execute_unprepared("UPDATE commands SET project_id = 1 WHERE kind <> 'plugin.upgrade'")
             .await?;
         crate::event_triggers::drop(manager).await?;
-        crate::event_triggers::create(manager, true).await
+        crate::event_triggers::create(manager, crate::event_triggers::Columns::Project).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -113,7 +113,7 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
-        crate::event_triggers::create(manager, false).await?;
+        crate::event_triggers::create(manager, crate::event_triggers::Columns::First).await?;
         for table in ["project_grants", "projects"] {
             manager
                 .drop_table(Table::drop().table(table).to_owned())

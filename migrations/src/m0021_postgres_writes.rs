@@ -63,7 +63,7 @@ impl MigrationTrait for Migration {
         }
         let db = manager.get_connection();
         crate::event_triggers::drop_per_statement(manager).await?;
-        crate::event_triggers::create(manager, true).await?;
+        crate::event_triggers::create(manager, crate::event_triggers::Columns::Project).await?;
         db.execute_unprepared("ALTER TABLE commands RESET (fillfactor)")
             .await?;
         db.execute_unprepared("ALTER TABLE commands DROP CONSTRAINT commands_leased_only_running")

@@ -8,7 +8,7 @@
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::sea_orm::DatabaseBackend;
 
-use crate::event_triggers::{Planned, replan_per_statement};
+use crate::event_triggers::{Columns, Planned, replan_per_statement};
 
 #[derive(DeriveMigrationName)]
 pub struct Migration;
@@ -19,13 +19,13 @@ impl MigrationTrait for Migration {
         if manager.get_database_backend() != DatabaseBackend::Postgres {
             return Ok(());
         }
-        replan_per_statement(manager, Planned::Once).await
+        replan_per_statement(manager, Planned::Once, Columns::Project).await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         if manager.get_database_backend() != DatabaseBackend::Postgres {
             return Ok(());
         }
-        replan_per_statement(manager, Planned::EachCall).await
+        replan_per_statement(manager, Planned::EachCall, Columns::Project).await
     }
 }

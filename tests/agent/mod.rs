@@ -32,8 +32,8 @@ pub async fn serve_agent_on(
     name: &str,
     driver: Arc<dyn Driver>,
     network: Option<(
-        cloud48_engine::driver::linux::network::Subnet,
-        Option<cloud48_engine::driver::linux::network::AddressRange>,
+        cloud48_engine::driver::address::Subnet,
+        Option<cloud48_engine::driver::address::AddressRange>,
     )>,
 ) -> (Arc<AgentService>, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -51,6 +51,8 @@ pub async fn serve_agent_on(
         subnet,
         addresses,
         heartbeats: None,
+        id: None,
+        take_over: false,
     };
     serve_agent_as(info, driver, listener).await
 }
@@ -341,6 +343,65 @@ fn agent_opts() -> Opts {
     }
 }
 
+/// An agent the core refuses before it was ever registered (a name a live agent elsewhere
+/// holds, a wrong token) stops trying and says why: retrying would not change the answer, and
+/// an operator who started it must learn at once that it serves nothing.
+#[tokio::test]
+async fn heartbeats_refused_before_registration_end_with_the_core_s_reason() {
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let (first, _) = serve_agent("twin", sim("twin", Duration::ZERO)).await;
+    let beats = tokio::spawn(cloud48_engine::agent::heartbeats(
+        first,
+        vec![tc.url.clone()],
+        TOKEN.into(),
+        Duration::from_millis(20),
+    ));
+    eventually("the first twin registers", || async {
+        tc.core
+            .servers()
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == "twin")
+    })
+    .await;
+    let (second, _) = serve_agent("twin", sim("twin", Duration::ZERO)).await;
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        cloud48_engine::agent::heartbeats(
+            second.clone(),
+            vec![tc.url.clone()],
+            TOKEN.into(),
+            Duration::from_millis(20),
+        ),
+    )
+    .await
+    .expect("the second agent stops trying");
+    assert_eq!(refused.status, 409, "{refused}");
+    assert!(
+        refused
+            .reason
+            .contains("server name twin is taken by the live agent")
+            && refused.reason.contains("give this agent another --name"),
+        "{refused}"
+    );
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        cloud48_engine::agent::heartbeats(
+            second,
+            vec![tc.url.clone()],
+            "not-the-token-of-the-core".into(),
+            Duration::from_millis(20),
+        ),
+    )
+    .await
+    .expect("an agent with a wrong token stops trying");
+    assert_eq!(refused.status, 401, "{refused}");
+    assert!(!beats.is_finished(), "the registered agent beats on");
+    beats.abort();
+}
+
 #[tokio::test]
 async fn agents_register_by_heartbeat_and_by_server_add() {
     let tc = TestCore::start(agent_opts()).await.unwrap();
@@ -456,6 +517,8 @@ async fn agents_register_by_heartbeat_and_by_server_add() {
         subnet: None,
         addresses: None,
         heartbeats: Some(false),
+        id: None,
+        take_over: false,
     };
     serve_agent_as(info, driver, listener).await;
     let err = tc
@@ -499,6 +562,8 @@ async fn a_hanging_agent_does_not_block_the_queue_for_other_servers() {
         subnet: None,
         addresses: None,
         heartbeats: None,
+        id: None,
+        take_over: false,
     };
     let stats = idle_stats();
     tc.core.agents().register(&info, &stats).await.unwrap();
@@ -596,6 +661,62 @@ async fn an_agent_hanging_in_update_blocks_neither_other_commands_nor_reads() {
     assert!(audit.is_empty(), "{audit:?}");
 }
 
+/// Another agent under a down server's name (another data directory, so none of its guests)
+/// was taken for that server: the core found every container gone, failed them and had their
+/// guests removed when the real agent came back. It is refused unless it takes the server over.
+#[tokio::test]
+async fn another_agent_under_a_server_s_name_is_refused_unless_it_takes_the_server_over() {
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let stats = idle_stats();
+    let info = |port: u16, id: &str, take_over: bool| AgentInfo {
+        name: "node-x".into(),
+        url: format!("http://127.0.0.1:{port}"),
+        driver: "sim".into(),
+        capabilities: sim("x", Duration::ZERO).capabilities(),
+        labels: vec![],
+        subnet: Some("10.9.8.0/24".into()),
+        addresses: None,
+        heartbeats: None,
+        id: Some(id.into()),
+        take_over,
+    };
+    let agents = tc.core.agents();
+    let server = agents
+        .register(&info(1, "agent-a", false), &stats)
+        .await
+        .unwrap();
+    let e = agents
+        .register(&info(2, "agent-b", false), &stats)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "server node-x is run by another agent (agent id agent-a, last at http://127.0.0.1:1)"
+        ) && e.contains("another --name")
+            && e.contains("--take-over"),
+        "{e}"
+    );
+    let row = tc.core.servers().get("node-x").await.unwrap();
+    assert_eq!(
+        row.address.as_deref(),
+        Some("http://127.0.0.1:1"),
+        "unchanged"
+    );
+    // The same agent at another address is the same server.
+    let moved = agents.register(&info(3, "agent-a", false), &stats).await;
+    assert_eq!(moved.unwrap(), server);
+    // Taken over, the server is the new agent's; the old one is now the stranger.
+    let taken = agents.register(&info(2, "agent-b", true), &stats).await;
+    assert_eq!(taken.unwrap(), server);
+    let e = agents
+        .register(&info(3, "agent-a", false), &stats)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("agent id agent-b"), "{e}");
+}
+
 /// Issue 19: two agents handing addresses from overlapping subnets could give two containers
 /// one address; the core refuses the second with what to do, and says which server it clashes
 /// with. An agent keeps its own subnet across heartbeats and restarts.
@@ -612,6 +733,8 @@ async fn an_agent_whose_subnet_overlaps_another_s_is_refused() {
         subnet: Some(subnet.into()),
         addresses: None,
         heartbeats: None,
+        id: None,
+        take_over: false,
     };
     let agents = tc.core.agents();
     agents
@@ -700,6 +823,8 @@ async fn a_core_without_the_agents_token_refuses_to_start_over_their_servers() {
         subnet: None,
         addresses: None,
         heartbeats: None,
+        id: None,
+        take_over: false,
     };
     core.agents().register(&info, &idle_stats()).await.unwrap();
     core.stop(Duration::ZERO).await;

@@ -192,6 +192,41 @@ async fn lists_are_read_in_bounded_pages_linked_by_their_link_header() {
     assert_eq!(servers.len(), 3);
 }
 
+/// A list filtered by a type nothing is installed as (a typo) is refused with the installed
+/// types, not answered with an empty page; an installed type with no containers lists none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_by_a_type_that_is_not_installed_says_which_are() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let id = create(&t, None).await;
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(format!("{}/v1/containers?type=plian", t.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let body = resp.text().await.unwrap();
+    assert!(
+        body.contains("unknown container type 'plian'") && body.contains("plain"),
+        "{body}"
+    );
+    let listed: Vec<Container> = t.client.get("/v1/containers?type=plain").await.unwrap();
+    assert_eq!(listed.iter().map(|c| c.id).collect::<Vec<_>>(), [id]);
+    let other = t
+        .core
+        .types()
+        .ids()
+        .into_iter()
+        .find(|ty| ty != "plain")
+        .expect("the bundled types are installed");
+    let none: Vec<Container> = t
+        .client
+        .get(&format!("/v1/containers?type={other}"))
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "{other}");
+}
+
 /// Concurrent single creates are written together (a group commit): each request still gets
 /// its own container, with its own requirements and server, its own guest id and its own
 /// `container.create` command acting on it.

@@ -103,6 +103,29 @@ async fn every_container_command_works_on_the_sim_driver() {
         .await;
     assert_eq!(show(&t, id).await.requirements.resources, bigger);
     assert_eq!(sim1.guest(&c.guest_id).unwrap().info.resources, bigger);
+    // More than its server has in all is refused at once, saying how much there is.
+    let server = t.core.servers().get("sim-1").await.unwrap();
+    let absurd = Resources {
+        memory_mb: 1 << 30,
+        ..bigger
+    };
+    let e = t
+        .client
+        .post::<_, Accepted>(
+            &format!("/v1/containers/{id}/actions"),
+            &ContainerCommand::Update { resources: absurd },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "cannot have memory_mb 1073741824: its server sim-1 has {} in all",
+            server.capacity.memory_mb
+        )) && e.contains("container migrate"),
+        "{e}"
+    );
+    assert_eq!(show(&t, id).await.requirements.resources, bigger);
 
     let cmd = t
         .ok(act(

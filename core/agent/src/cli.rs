@@ -59,6 +59,11 @@ pub struct AgentArgs {
     /// Server name [default: the host name].
     #[arg(long)]
     pub name: Option<String>,
+    /// This agent replaces the one the server of --name was run by (another data directory):
+    /// that agent's guests are gone, and the core fails and replaces the containers it held.
+    /// Without it, the core refuses an agent whose data directory is not the server's.
+    #[arg(long)]
+    pub take_over: bool,
     /// URL the core reaches this agent at [default: http://LISTEN].
     #[arg(long)]
     pub url: Option<String>,
@@ -205,11 +210,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     }
     // The images this server holds, served to peer agents.
     let mut image_store = None;
-    let subnet: cloud48_linux::network::Subnet = args
+    let subnet: cloud48_driver::address::Subnet = args
         .subnet
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?;
-    let addresses: Option<cloud48_linux::network::AddressRange> = args
+    let addresses: Option<cloud48_driver::address::AddressRange> = args
         .addresses
         .as_deref()
         .map(str::parse)
@@ -337,7 +342,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             .with_state_file(args.data_dir.join("sim.json"))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
             // Its guests take addresses of its own subnet, as a linux agent's do.
-            Arc::new(sim.with_subnet(subnet.network, subnet.prefix))
+            Arc::new(sim.with_subnet(subnet))
         }
     };
     // Images from files on this server (`--import-image`), through the driver as any fetch.
@@ -360,6 +365,8 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         subnet: Some(subnet.to_string()),
         addresses: addresses.map(|r| r.to_string()),
         heartbeats: Some(cores.is_some()),
+        id: Some(agent_id(&args.data_dir)?),
+        take_over: args.take_over,
     };
     let spool = args.data_dir.join("spool");
     let agent = AgentService::new(driver, args.token.clone(), info, &spool)
@@ -377,22 +384,49 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     if let Some(cores) = &cores {
         agent.know_cores(cores.clone());
     }
+    // A core that refuses the agent before registering it ends the agent with its reason.
+    let (refused_tx, refused) = tokio::sync::watch::channel::<Option<crate::Refused>>(None);
     let beats = cores.map(|cores| {
-        tokio::spawn(crate::heartbeats_over(
+        let beats = crate::heartbeats_over(
             agent.clone(),
             cores,
             args.token.clone(),
             Duration::from_millis(args.heartbeat_ms.max(10)),
-        ))
+        );
+        tokio::spawn(async move {
+            let _ = refused_tx.send(Some(beats.await));
+        })
     });
-    let served = axum::serve(listener, agent.router()).with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
+    let mut heard = refused.clone();
+    let served = axum::serve(listener, agent.router()).with_graceful_shutdown(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            // Without cores (`server add` reaches it) nothing sends: the agent serves on.
+            Ok(_) = heard.wait_for(Option::is_some) => {}
+        }
     });
     let result = served.await.context("the agent's HTTP server failed");
     if let Some(b) = beats {
         b.abort();
     }
+    if let Some(r) = refused.borrow().clone() {
+        anyhow::bail!("{r}; nothing was registered, the agent stops");
+    }
     result
+}
+
+/// The id of the agent of `data_dir` (`DATA/agent-id`), made at its first start: the core
+/// knows by it which agent, so which guests, a server's name stands for.
+fn agent_id(data_dir: &std::path::Path) -> Result<String> {
+    let path = data_dir.join("agent-id");
+    if let Ok(id) = std::fs::read_to_string(&path)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_string());
+    }
+    let id = format!("agent-{:016x}", rand::random::<u64>());
+    std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(id)
 }
 
 /// Options of `cloud48 guest-http`.

@@ -80,13 +80,16 @@ struct BeatAnswer {
 /// Sends a heartbeat every `period` until the task is dropped, to the first core of `cores`
 /// that answers (the one that answered last is tried first), learning the cluster's other
 /// cores from the answers. Failures are logged when they start and when they end, not on every
-/// beat.
+/// beat. Returns only when a core refuses the agent (a 4xx: a wrong token, a name or subnet
+/// another server has) before any core has accepted one of its heartbeats: the agent was never
+/// registered and retrying would not change the answer. Once registered, refusals are retried
+/// (a live agent keeps trying while an operator mends the core's settings).
 pub async fn heartbeats(
     agent: Arc<AgentService>,
     cores: Vec<String>,
     token: String,
     period: Duration,
-) {
+) -> Refused {
     let cores = Arc::new(std::sync::Mutex::new(CoreList::new(cores)));
     heartbeats_over(agent, cores, token, period).await
 }
@@ -95,13 +98,26 @@ pub async fn heartbeats(
 /// and its image pulls (which fail over to the next core as heartbeats do).
 pub type SharedCores = Arc<std::sync::Mutex<CoreList>>;
 
+/// Why no core would register an agent: the core and its answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the core at {core} refused this agent ({status}): {reason}")]
+pub struct Refused {
+    /// The core that refused.
+    pub core: String,
+    /// Its HTTP status.
+    pub status: u16,
+    /// What it said.
+    pub reason: String,
+}
+
 /// `heartbeats` over a list of cores others read too.
 pub async fn heartbeats_over(
     agent: Arc<AgentService>,
     cores: SharedCores,
     token: String,
     period: Duration,
-) {
+) -> Refused {
+    let mut registered = false;
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(500))
         .timeout(Duration::from_secs(1))
@@ -144,13 +160,21 @@ pub async fn heartbeats_over(
                     }
                     cores.answered(index);
                     problems.clear();
+                    registered = true;
                     break;
                 }
                 Ok(r) => {
                     let status = r.status();
                     let body = r.text().await.unwrap_or_default();
-                    problems.push(format!("{core} answered {status}: {body}"));
                     // A refusal (a wrong token, a subnet taken) is the same on every core.
+                    if status.is_client_error() && !registered {
+                        return Refused {
+                            core,
+                            status: status.as_u16(),
+                            reason: refusal_reason(&body),
+                        };
+                    }
+                    problems.push(format!("{core} answered {status}: {body}"));
                     if status.is_client_error() {
                         break;
                     }
@@ -176,9 +200,28 @@ pub async fn heartbeats_over(
     }
 }
 
+/// The message of a core's JSON error body (`{"error": {"message": "..."}}`), else the body
+/// as it came.
+fn refusal_reason(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| body.trim().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::CoreList;
+
+    #[test]
+    fn a_refusal_says_the_cores_message() {
+        let body = r#"{"error":{"code":"conflict","message":"server name a is taken by the live agent at http://x:1; give this agent another --name"}}"#;
+        assert_eq!(
+            super::refusal_reason(body),
+            "server name a is taken by the live agent at http://x:1; give this agent another --name"
+        );
+        assert_eq!(super::refusal_reason(" not found\n"), "not found");
+    }
 
     #[test]
     fn a_core_list_tries_the_last_core_that_answered_first_and_learns_new_ones() {

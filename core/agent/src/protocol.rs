@@ -197,6 +197,14 @@ pub struct AgentInfo {
     /// server that never would, as it would be judged down. Older agents do not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeats: Option<bool>,
+    /// The id the agent made in its data directory at its first start: which agent (so which
+    /// guests) a server's name stands for. Older agents do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Its operator said it replaces the agent the server was run by (`--take-over`), whose
+    /// guests are gone with it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub take_over: bool,
 }
 
 /// A heartbeat from an agent to the core.

@@ -11,6 +11,7 @@
 //!   `DriverError::Unsupported`.
 
 pub mod activity;
+pub mod address;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod sim;

@@ -2,7 +2,9 @@
 //! by `server add URL`) and receiving their heartbeats.
 //!
 //! Invariant: a server keeps its id and name for life; an agent that comes back under the same
-//! name at another address updates the address.
+//! name at another address updates the address; another agent (another data directory, so
+//! none of the server's guests) under the name is refused unless it says it takes the server
+//! over.
 
 use std::sync::Arc;
 
@@ -63,6 +65,8 @@ pub struct Agents {
     platform: i64,
     token: Option<String>,
     grace: std::time::Duration,
+    /// The agent id each server registered here was last accepted with.
+    accepted: Arc<std::sync::Mutex<std::collections::HashMap<i64, Option<String>>>>,
 }
 
 impl Agents {
@@ -84,6 +88,7 @@ impl Agents {
             platform,
             token,
             grace,
+            accepted: Default::default(),
         }
     }
 
@@ -110,6 +115,7 @@ impl Agents {
         if let Some((id, remote)) = self.fleet.remote_named(&info.name)
             && remote.url() == info.url
             && self.fleet.network(id) == Some((info.subnet.clone(), info.addresses.clone()))
+            && self.accepted.lock().unwrap().get(&id) == Some(&info.id)
         {
             remote.set_capabilities(info.capabilities);
             return Ok(id);
@@ -147,7 +153,27 @@ impl Agents {
                         row.address.as_deref().unwrap_or("?")
                     )));
                 }
+                if let (Some(theirs), Some(mine)) = (&row.agent_id, &info.id)
+                    && theirs != mine
+                    && !info.take_over
+                {
+                    return Err(CoreError::Conflict(format!(
+                        "server {} is run by another agent (agent id {theirs}, last at {}); this \
+                         one ({mine}, data directory without that server's guests) would make \
+                         the core fail its containers and remove their guests when that agent \
+                         comes back. Start that agent again, or give this one another --name; \
+                         if that server is gone for good and this agent replaces it, start this \
+                         one with --take-over",
+                        row.name,
+                        row.address.as_deref().unwrap_or("?")
+                    )));
+                }
+                if row.agent_id.is_some() && row.agent_id != info.id && info.take_over {
+                    tracing::warn!(server = %row.name, from = ?row.agent_id, to = ?info.id, "an agent takes a server over (--take-over): the containers the old one held are judged by what this one holds");
+                }
+                let agent_id = info.id.clone().or(row.agent_id.clone());
                 let mut am: server::ActiveModel = row.into();
+                am.agent_id = Set(agent_id);
                 am.address = Set(Some(info.url.clone()));
                 am.subnet = Set(info.subnet.clone());
                 am.addresses = Set(info.addresses.clone());
@@ -169,6 +195,7 @@ impl Agents {
                     created_at: Set(crate::model::now_ms()),
                     subnet: Set(info.subnet.clone()),
                     addresses: Set(info.addresses.clone()),
+                    agent_id: Set(info.id.clone()),
                     ..Default::default()
                 }
                 .insert(db)
@@ -180,6 +207,7 @@ impl Agents {
             }
         };
         remote.set_capabilities(info.capabilities);
+        self.accepted.lock().unwrap().insert(id, info.id.clone());
         Ok(id)
     }
 
@@ -187,7 +215,7 @@ impl Agents {
     /// its containers an address another server may give (overlapping subnets, unless one
     /// shared network with disjoint ranges); `own` is its server's id, when it has one.
     async fn check_subnet(&self, info: &AgentInfo, own: Option<i64>) -> Result<(), CoreError> {
-        use cloud48_linux::network::{AddressRange, Subnet, address_clash};
+        use cloud48_driver::address::{AddressRange, Subnet, address_clash};
         let Some(text) = &info.subnet else {
             return Ok(());
         };

@@ -64,6 +64,8 @@ pub mod server {
         pub subnet: Option<String>,
         /// The range of the subnet it hands out (`FIRST-LAST`), when it shares the network.
         pub addresses: Option<String>,
+        /// The id of the agent that runs it (made in the agent's data directory), once known.
+        pub agent_id: Option<String>,
     }
     no_relations!();
 }

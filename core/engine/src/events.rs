@@ -102,6 +102,8 @@ struct Row {
     requested_by: Option<String>,
     #[serde(default)]
     project_id: Option<i64>,
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 impl Row {
@@ -120,6 +122,7 @@ impl Row {
             server_id: self.server_id,
             by: self.requested_by,
             project_id: self.project_id,
+            reason: self.reason,
         })
     }
 }
@@ -140,6 +143,7 @@ pub async fn read<C: ConnectionTrait>(db: &C, after: i64, upto: i64) -> Result<V
             "server_id",
             "requested_by",
             "project_id",
+            "reason",
         ],
         &format!("(SELECT * FROM events WHERE id > $1 AND id <= $2 ORDER BY id LIMIT {PAGE}) AS e"),
         vec![after.into(), upto.into()],
@@ -413,6 +417,7 @@ mod tests {
             server_id: None,
             by: None,
             project_id: (topic != Topic::Server).then_some(1),
+            reason: None,
         }
     }
 

@@ -281,6 +281,7 @@ mod tests {
             draining: false,
             subnet: None,
             addresses: None,
+            agent_id: None,
         }
     }
 

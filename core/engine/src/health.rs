@@ -49,6 +49,9 @@ pub struct Health {
     /// When monitoring began: the grace period of a server that never sent a heartbeat
     /// counts from here.
     started: std::sync::atomic::AtomicI64,
+    /// When the monitor first looked at a server it has heard no heartbeat of: one another
+    /// core registered a moment ago counts its grace from then, not from `started`.
+    noticed: Mutex<HashMap<i64, i64>>,
 }
 
 /// Server transitions made by one pass of the monitor.
@@ -69,6 +72,7 @@ impl Health {
             unwritten: None,
             clock,
             started,
+            noticed: Mutex::new(HashMap::new()),
         }
     }
 
@@ -137,17 +141,14 @@ impl Health {
         self.beats.lock().unwrap().get(&server).cloned()
     }
 
-    /// Milliseconds of silence of `server` that count: since its last heartbeat, or since the
-    /// monitor began (or resumed after a stall of its own), whichever is later.
+    /// Milliseconds of silence of `server` that count: since its last heartbeat (or, when it
+    /// has sent none that this core knows of, since the monitor first looked at it), or since
+    /// the monitor began (or resumed after a stall of its own), whichever is later.
     fn silence(&self, server: i64, now: i64) -> i64 {
         let started = self.started.load(std::sync::atomic::Ordering::SeqCst);
-        let at = self
-            .beats
-            .lock()
-            .unwrap()
-            .get(&server)
-            .map_or(started, |b| b.at.max(started));
-        now - at
+        let beat = self.beats.lock().unwrap().get(&server).map(|b| b.at);
+        let at = beat.unwrap_or_else(|| *self.noticed.lock().unwrap().entry(server).or_insert(now));
+        now - at.max(started)
     }
 }
 
@@ -435,4 +436,44 @@ fn per_environment(
         .into_iter()
         .map(|(env, ids)| make(env, ids))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    struct ManualClock(AtomicI64);
+
+    impl ManualClock {
+        fn advance(&self, ms: i64) {
+            self.0.fetch_add(ms, Ordering::SeqCst);
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now_ms(&self) -> i64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// A server another core registered long after this monitor began (its heartbeats not yet
+    /// merged here) counts its grace from when the monitor first looked at it.
+    #[test]
+    fn a_server_first_seen_late_counts_its_silence_from_then() {
+        let clock = Arc::new(ManualClock(AtomicI64::new(1_000_000)));
+        let health = Health::new(clock.clone());
+        clock.advance(60_000);
+        let now = clock.now_ms();
+        assert_eq!(health.silence(7, now), 0, "new to the monitor");
+        clock.advance(2_500);
+        assert_eq!(health.silence(7, clock.now_ms()), 2_500);
+        health.heartbeat(7, None);
+        clock.advance(100);
+        assert_eq!(health.silence(7, clock.now_ms()), 100);
+        // A stall of the monitor counts every silence afresh.
+        clock.advance(10_000);
+        health.begin();
+        assert_eq!(health.silence(7, clock.now_ms()), 0);
+    }
 }

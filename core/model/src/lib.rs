@@ -691,6 +691,10 @@ pub struct Event {
     /// The project of the object (none for servers and fleet-wide commands).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project_id: Option<i64>,
+    /// Why, where the new status alone does not say: a failed command's error, a failed
+    /// container's reason (at most 1,000 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One entry of the audit trail (`GET /v1/audit`, `cloud48 audit`): a request that changed

@@ -171,6 +171,8 @@ pub async fn images(args: ImagesBenchArgs) -> Result<()> {
         subnet: None,
         addresses: None,
         heartbeats: None,
+        id: None,
+        take_over: false,
     };
     let agent = cloud48_engine::agent::AgentService::new(
         peer,

@@ -95,7 +95,7 @@ pub async fn linux(args: LinuxBenchArgs) -> Result<()> {
         for (n, driver) in [(0, d.clone() as std::sync::Arc<dyn Driver>), (1, target.clone() as std::sync::Arc<dyn Driver>)] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let url = format!("http://{}", listener.local_addr()?);
-            let info = cloud48_engine::agent::protocol::AgentInfo { name: format!("bench-{n}"), url: url.clone(), driver: "linux".into(), capabilities: driver.capabilities(), labels: vec![], subnet: None, addresses: None, heartbeats: None };
+            let info = cloud48_engine::agent::protocol::AgentInfo { name: format!("bench-{n}"), url: url.clone(), driver: "linux".into(), capabilities: driver.capabilities(), labels: vec![], subnet: None, addresses: None, heartbeats: None, id: None, take_over: false };
             let router = cloud48_engine::agent::AgentService::new(driver, token.clone(), info, &dir.path().join(format!("spool{n}")))?.router();
             tokio::spawn(async move { axum::serve(listener, router).await });
             remotes.push(cloud48_engine::driver::remote::RemoteDriver::new(&format!("bench-{n}"), &url, &token, Default::default()));

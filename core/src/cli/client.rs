@@ -327,6 +327,13 @@ impl Client {
         }
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
+        // A node agent answers every request without its token so.
+        if text.contains("this agent needs 'Authorization: Bearer TOKEN'") {
+            bail!(
+                "{base} is a node agent (`cloud48 agent`), not a core: give --server the URL of \
+                 `cloud48 serve` (agents are reached through their core)"
+            );
+        }
         let message = match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => body.error.message,
             Err(_) => format!("the core answered: {text}"),
@@ -521,6 +528,13 @@ impl Client {
             Ok(cmd.status.is_terminal().then_some(cmd))
         })
         .await
+        // The command is the core's: it goes on (another core of a cluster resumes it).
+        .with_context(|| {
+            format!(
+                "stopped waiting for command {id}, which goes on; follow it with `cloud48 \
+                 command wait {id}` (with several cores, --server naming another one)"
+            )
+        })
     }
 }
 

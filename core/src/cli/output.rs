@@ -349,6 +349,13 @@ pub fn event(e: &Event) -> String {
     if let Some(by) = &e.by {
         line.push_str(&format!(" by {by}"));
     }
+    if let Some(why) = &e.reason {
+        // One event, one line: a reason's own line breaks are spaces.
+        line.push_str(&format!(
+            ": {}",
+            why.split_whitespace().collect::<Vec<_>>().join(" ")
+        ));
+    }
     line
 }
 
@@ -381,10 +388,21 @@ mod tests {
             server_id: None,
             by: Some("admin".into()),
             project_id: Some(1),
+            reason: None,
         };
         assert_eq!(
             super::event(&e),
             "#41 16:00:01.114 command 12 succeeded container.create on container:5 by admin"
+        );
+        let failed = cloud48_engine::model::Event {
+            action: "failed".into(),
+            reason: Some("server sim-1 lacks room\nmigrate it first".into()),
+            ..e
+        };
+        assert!(
+            super::event(&failed).ends_with("by admin: server sim-1 lacks room migrate it first"),
+            "{}",
+            super::event(&failed)
         );
     }
 }

@@ -52,6 +52,8 @@ async fn exported(disk: &[u8]) -> (String, String, Arc<AgentService>, tempfile::
         subnet: None,
         addresses: None,
         heartbeats: None,
+        id: None,
+        take_over: false,
     };
     let dir = tempfile::tempdir().unwrap();
     let agent = AgentService::new(Arc::new(sim), TOKEN, info, &dir.path().join("spool")).unwrap();

@@ -19,6 +19,8 @@ use super::{
 };
 use cloud48_model::Resources;
 
+use crate::address::Subnet;
+
 mod driver;
 mod journal;
 
@@ -84,9 +86,11 @@ struct Fault {
     error: DriverError,
 }
 
+/// The prefix of a simulated server's own pool of addresses (without a given subnet).
+const POOL_PREFIX: u8 = 22;
 /// How many guests a simulated server without a given subnet can address: the hosts of its
-/// /22 but the gateway (.1).
-pub const POOL_HOSTS: u64 = (1 << 10) - 3;
+/// /22 but the gateway (.1) (`Subnet::host_count` of a /22).
+pub const POOL_HOSTS: u64 = (1 << (32 - POOL_PREFIX)) - 3;
 
 /// One simulated server.
 pub struct SimServer {
@@ -102,8 +106,8 @@ pub struct SimServer {
     faults: Mutex<Vec<Fault>>,
     busy: Mutex<HashMap<String, u32>>,
     overlaps: std::sync::atomic::AtomicU64,
-    /// The guests' addresses: network and prefix length (default: the /22 of `index`).
-    pool: Option<(std::net::Ipv4Addr, u8)>,
+    /// The guests' addresses (default: the /22 of `index`).
+    pool: Option<Subnet>,
 }
 
 /// Marks a guest busy for the duration of one operation.
@@ -145,10 +149,10 @@ impl SimServer {
         }
     }
 
-    /// Hands out its guests' addresses from `network/prefix` (8-30; `.1` is the gateway's)
-    /// instead of the /22 its index picks: an agent's `--subnet`.
-    pub fn with_subnet(mut self, network: std::net::Ipv4Addr, prefix: u8) -> Self {
-        self.pool = Some((network, prefix.clamp(8, 30)));
+    /// Hands out its guests' addresses from `subnet` (`.1` is the gateway's) instead of the
+    /// /22 its index picks: an agent's `--subnet`.
+    pub fn with_subnet(mut self, subnet: Subnet) -> Self {
+        self.pool = Some(subnet);
         self
     }
 
@@ -352,26 +356,22 @@ impl SimServer {
         Ok(())
     }
 
-    /// This server's pool of addresses: its network and prefix (a /22 of 10.0.0.0/8 by its
-    /// index unless given a subnet: [`POOL_HOSTS`] guests).
-    fn pool(&self) -> (u32, u8) {
-        match self.pool {
-            Some((network, prefix)) => (u32::from(network) & (u32::MAX << (32 - prefix)), prefix),
-            None => ((10u32 << 24) | ((self.index & 0x3fff) << 10), 22),
-        }
+    /// This server's pool of addresses: a /22 of 10.0.0.0/8 by its index ([`POOL_HOSTS`]
+    /// guests) unless given a subnet.
+    fn pool(&self) -> Subnet {
+        self.pool.unwrap_or(Subnet {
+            network: std::net::Ipv4Addr::from((10u32 << 24) | ((self.index & 0x3fff) << 10)),
+            prefix: POOL_PREFIX,
+        })
     }
 
     /// The address asked for, when it is a host of this server's pool that none of its
     /// guests holds (a guest moved here from another network gets one of this one, as on a
     /// real server).
     fn asked_ip<'a>(&self, state: &SimState, asked: Option<&'a str>) -> Option<&'a str> {
-        let (net, prefix) = self.pool();
         let ip: std::net::Ipv4Addr = asked?.parse().ok()?;
-        let host = u32::from(ip) & !(u32::MAX << (32 - prefix));
-        let broadcast = !(u32::MAX << (32 - prefix));
-        let inside = u32::from(ip) & (u32::MAX << (32 - prefix)) == net;
         let held = state.guests.values().any(|g| g.info.ip.as_deref() == asked);
-        (inside && host >= 2 && host < broadcast && !held).then_some(asked?)
+        (self.pool().contains(ip) && !held).then_some(asked?)
     }
 
     /// The next free address of this server's /22 (10.0.0.0/8 holds 16,384 of them, one per
@@ -379,9 +379,10 @@ impl SimServer {
     /// guests holds is skipped, and a pool whose 1,021 addresses are all held is an error,
     /// never a wrap.
     fn next_ip(&self, state: &mut SimState) -> Result<String, DriverError> {
-        let (net, prefix) = self.pool();
+        let pool = self.pool();
         // Every address but the network's, the gateway's (.1) and the broadcast.
-        let hosts: u32 = (1u32 << (32 - prefix)) - 3;
+        let hosts = pool.host_count() as u32;
+        let net = u32::from(pool.network);
         let used: std::collections::HashSet<&str> = state
             .guests
             .values()
@@ -397,10 +398,7 @@ impl SimServer {
         }
         Err(DriverError::Capacity {
             server: self.name.clone(),
-            message: format!(
-                "no free address left in {}/{prefix}: its guests hold all {hosts}",
-                std::net::Ipv4Addr::from(net)
-            ),
+            message: format!("no free address left in {pool}: its guests hold all {hosts}"),
         })
     }
 
@@ -549,7 +547,7 @@ mod tests {
             disk_mb: 1000,
         };
         let sim = SimServer::new("sim-1", 1, capacity, SimLatency::default())
-            .with_subnet("10.48.7.0".parse().unwrap(), 24);
+            .with_subnet("10.48.7.0/24".parse().unwrap());
         let asking = |n: u32, ip: &str| GuestSpec {
             ip: Some(ip.into()),
             ..spec(n)
@@ -594,7 +592,7 @@ mod tests {
             disk_mb: 1_000_000,
         };
         let sim = SimServer::new("sim-1", 1, capacity, SimLatency::default())
-            .with_subnet("10.48.7.0".parse().unwrap(), 24);
+            .with_subnet("10.48.7.0/24".parse().unwrap());
         let mut seen = std::collections::HashSet::new();
         for n in 0..253 {
             let ip = sim.create(&spec(n)).await.unwrap().ip.unwrap();

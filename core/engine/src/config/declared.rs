@@ -8,6 +8,8 @@ pub(super) enum Kind {
     /// A decimal number from 0 to 1000 (placement weights).
     Weight,
     Address,
+    /// An http:// base URL, or nothing.
+    Url,
     Choice(&'static [&'static str]),
     /// A comma-separated list of endpoint families.
     Families,
@@ -104,7 +106,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--advertise-url",
         default: "",
         secret: false,
-        kind: Kind::Text,
+        kind: Kind::Url,
     },
     Spec {
         key: "drivers.sim.servers",

@@ -157,6 +157,8 @@ pub(super) fn check(spec: &Spec, value: &str) -> Result<(), String> {
             .parse::<std::net::SocketAddr>()
             .map(|_| ())
             .map_err(|_| format!("'{value}' is not an address like 127.0.0.1:4848")),
+        Kind::Url if value.is_empty() => Ok(()),
+        Kind::Url => crate::model::base_url(value).map(|_| ()),
         Kind::Families => crate::auth::Family::parse_list(value).map(|_| ()),
         Kind::Choice(options) => {
             if options.contains(&value) {

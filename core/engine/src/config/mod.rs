@@ -275,7 +275,8 @@ impl Settings {
         let url = self.get("cluster.advertise_url");
         let listen = self.listen();
         c.cluster.advertise_url = if !url.is_empty() {
-            Some(url.to_string())
+            // Checked at load; without the slash agents would double.
+            Some(crate::model::base_url(url).unwrap_or_else(|_| url.to_string()))
         } else {
             (!listen.ip().is_unspecified()).then(|| format!("http://{listen}"))
         };
@@ -471,6 +472,25 @@ mod tests {
             e.0.starts_with("flag --heartbeat-ms: bad value for health.heartbeat_ms"),
             "{}",
             e.0
+        );
+    }
+
+    /// The URL a core tells agents it listens at must be one (it was shown as given, and
+    /// agents were told "not a url").
+    #[test]
+    fn an_advertised_url_that_is_not_one_is_refused() {
+        let none = |_: &str| None;
+        let flag = |url: &str| BTreeMap::from([("cluster.advertise_url", url.to_string())]);
+        let e = Settings::load(None, &none, &flag("not a url")).unwrap_err();
+        assert!(
+            e.0.contains("cluster.advertise_url") && e.0.contains("is not an http:// URL"),
+            "{}",
+            e.0
+        );
+        let ok = Settings::load(None, &none, &flag("http://10.0.0.1:4848/")).unwrap();
+        assert_eq!(
+            ok.core().cluster.advertise_url.as_deref(),
+            Some("http://10.0.0.1:4848")
         );
     }
 

@@ -35,14 +35,12 @@ pub async fn connect(config: &CoreConfig) -> Result<DatabaseConnection, CoreErro
     db
 }
 
-/// On SQLite, the data directory's lock (`DATA/core.lock`), which one core at a time holds
-/// until it stops: a second core on the same files would act on servers and containers the
-/// first one runs. Released by `Core::stop`, or by the system when the process ends. None on
-/// PostgreSQL, where cores share the database on purpose.
+/// The data directory's lock (`DATA/core.lock`), which one core at a time holds until it
+/// stops: a second core on the same files would act on servers and containers the first one
+/// runs (on SQLite), or run as the same node as the first (on PostgreSQL: the same `node-id`,
+/// so each would take the other's commands for its own, left over from a restart, and run them
+/// again). Released by `Core::stop`, or by the system when the process ends.
 pub(super) fn lock_data_dir(config: &CoreConfig) -> Result<Option<std::fs::File>, CoreError> {
-    if config.database_url.is_some() {
-        return Ok(None);
-    }
     let path = config.data_dir.join("core.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -174,8 +172,27 @@ pub(super) async fn connect_as(
     use migrations::sea_orm_migration::MigratorTrait;
     migrations::Migrator::up(&db, None)
         .await
-        .map_err(|e| CoreError::Setup(format!("database migration failed: {e}")))?;
+        .map_err(|e| CoreError::Setup(migration_failed(&e.to_string())))?;
     Ok(db)
+}
+
+/// What a failed migration means: a database a newer release has upgraded (its migration is
+/// unknown to this one) is said as such, with what to do.
+fn migration_failed(error: &str) -> String {
+    let newer = error
+        .split_once("Migration file of version '")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .filter(|_| error.contains("is missing"))
+        .map(|(version, _)| version);
+    match newer {
+        Some(version) => format!(
+            "the database was upgraded by a newer Cloud48 (its schema has migration {version}, \
+             which this release does not know); run that release or a newer one on it (a \
+             release never downgrades a database: restore a backup taken before the upgrade to \
+             go back)"
+        ),
+        None => format!("database migration failed: {error}"),
+    }
 }
 
 /// How `connect_as` opens the database.
@@ -236,4 +253,26 @@ pub(super) fn node_id(data_dir: &std::path::Path) -> Result<String, CoreError> {
     std::fs::write(&path, &id)
         .map_err(|e| CoreError::Setup(format!("cannot write {}: {e}", path.display())))?;
     Ok(id)
+}
+
+#[cfg(test)]
+mod migration_tests {
+    /// The message sea-orm gives for a database with a migration this build lacks.
+    #[test]
+    fn a_database_of_a_newer_release_is_said_as_such() {
+        let e = super::migration_failed(
+            "Custom Error: Migration file of version 'm0099_future' is missing, this migration \
+             has been applied but its file is missing",
+        );
+        assert!(
+            e.starts_with("the database was upgraded by a newer Cloud48")
+                && e.contains("migration m0099_future")
+                && e.contains("run that release or a newer one"),
+            "{e}"
+        );
+        assert_eq!(
+            super::migration_failed("disk full"),
+            "database migration failed: disk full"
+        );
+    }
 }

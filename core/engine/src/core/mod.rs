@@ -98,7 +98,7 @@ pub(crate) struct CoreInner {
     /// `start` has finished: commands run, servers were reconciled once.
     pub ready: std::sync::atomic::AtomicBool,
     pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// The data directory's lock on SQLite (`database::lock_data_dir`), until `stop`.
+    /// The data directory's lock (`database::lock_data_dir`), until `stop`.
     pub data_lock: std::sync::Mutex<Option<std::fs::File>>,
 }
 
@@ -362,7 +362,10 @@ impl Core {
             // This core's own inserts are skipped: it wakes its queue itself after them (as
             // on SQLite), and a second wake-up would cost a claim that finds nothing.
             let own = self.cluster().node().to_string();
-            let listener = tokio::spawn(crate::cluster::listen_for_work(url.clone(), move |by| {
+            // Its connection is named as the pool's are, for `pg_stat_activity`.
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let url = format!("{url}{sep}application_name={own}-wake-ups");
+            let listener = tokio::spawn(crate::cluster::listen_for_work(url, move |by| {
                 if by != Some(own.as_str()) {
                     queue.wake()
                 }

@@ -94,6 +94,21 @@ impl<'a> ContainerManager<'a> {
                 resources
                     .validate()
                     .map_err(|m| CoreError::invalid("resources", m))?;
+                // More than its server has at all can never be given where it is.
+                if let Some(sid) = row.server_id
+                    && let Some(s) = server::Entity::find_by_id(sid).one(db).await?
+                    && let Some((what, asked, has)) = beyond_server(resources, &s)
+                {
+                    return Err(CoreError::invalid(
+                        "resources",
+                        format!(
+                            "container {id} cannot have {what} {asked}: its server {} has \
+                             {has} in all; ask for {has} at most, or first move it to a larger \
+                             server (`cloud48 container migrate {id} --to SERVER`)",
+                            s.name
+                        ),
+                    ));
+                }
                 // What it asks beyond what it has counts against its project's quota.
                 let had = requirements_of_row(&row)?.resources;
                 let more = Usage {
@@ -412,6 +427,17 @@ impl<'a> ContainerManager<'a> {
             .limit(page_size(query.limit))
             .all(db)
             .await?;
+        // A type nothing is installed as and no container has is a mistyped name, not an
+        // empty answer (a removed type's containers still list).
+        if let Some(t) = &query.type_id
+            && rows.is_empty()
+            && query.after.is_none()
+        {
+            self.svc
+                .types()
+                .require(t)
+                .map_err(|m| CoreError::invalid("type", m))?;
+        }
         to_views(self.svc, rows).await
     }
 
@@ -540,4 +566,16 @@ impl<'a> ContainerManager<'a> {
         let id = id.0;
         Ok(self.svc.queue().unlock(Target::Container(id), cmd).await?)
     }
+}
+
+/// The first figure of `r` beyond what server `s` has in all: (name, asked, the server's).
+fn beyond_server(r: &Resources, s: &server::Model) -> Option<(&'static str, u64, u64)> {
+    [
+        ("cpu_millis", r.cpu_millis, s.cpu_millis),
+        ("memory_mb", r.memory_mb, s.memory_mb),
+        ("disk_mb", r.disk_mb, s.disk_mb),
+    ]
+    .into_iter()
+    .map(|(what, asked, has)| (what, asked, u64::try_from(has).unwrap_or(0)))
+    .find(|(_, asked, has)| asked > has)
 }

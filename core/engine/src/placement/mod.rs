@@ -133,7 +133,7 @@ impl Candidate {
 /// subnet (but the network, gateway and broadcast addresses); a simulated server without a
 /// subnet hands out the hosts of its own /22.
 fn slots_of(s: &server::Model) -> Option<u64> {
-    use cloud48_linux::network::{AddressRange, Subnet};
+    use cloud48_driver::address::{AddressRange, Subnet};
     let range = s
         .addresses
         .as_deref()

@@ -1,5 +1,5 @@
-//! `container.update`: new resources for a container, on its server if they fit there, else by a
-//! migration to a server where they do.
+//! `container.update`: new resources for a container, on its server if they fit there (else it
+//! fails, saying to migrate the container first).
 
 use super::*;
 
