@@ -592,3 +592,36 @@ async fn a_container_whose_guest_was_lost_in_an_outage_says_why_it_failed() {
     let (ok, out, _) = crate::common::cli(&t.url, &["container", "show", &id.to_string()]);
     assert!(ok && out.contains("failed (its guest"), "{out}");
 }
+
+/// A container whose status its server did not give when the server came back (it answered
+/// its heartbeats, not for the container: a core with another agents token) stayed down for
+/// good on a server that was up; the collector's pass reads it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_left_down_on_a_server_that_is_up_is_read_again() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "sim-1" }),
+        )
+        .await
+        .unwrap();
+    let id = t.created(a.command_id).await;
+    let sim1 = t.core.servers().get("sim-1").await.unwrap();
+    assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
+    let sim = t.sim("sim-1").await;
+    sim.fail_next(
+        "status",
+        1,
+        cloud48_engine::driver::DriverError::Unreachable {
+            server: "sim-1".into(),
+            message: "401 wrong agent token".into(),
+        },
+    );
+    assert!(t.core.monitor().mark_up(sim1.id.0).await.unwrap());
+    assert_eq!(show(&t, id).await.status, ContainerStatus::Down);
+    assert_eq!(t.core.monitor().recheck_down().await.unwrap(), 1);
+    assert_eq!(show(&t, id).await.status, ContainerStatus::Running);
+    assert_eq!(t.core.monitor().recheck_down().await.unwrap(), 0, "once");
+}

@@ -34,6 +34,7 @@ mod m0024_room_for_updates;
 mod m0025_what_and_why;
 mod m0026_event_reasons;
 mod m0027_agent_identity;
+mod m0028_down_index;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -69,6 +70,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0025_what_and_why::Migration),
             Box::new(m0026_event_reasons::Migration),
             Box::new(m0027_agent_identity::Migration),
+            Box::new(m0028_down_index::Migration),
         ]
     }
 }

@@ -18,7 +18,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, TransactionTrait};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect, TransactionTrait,
+};
 
 use crate::collector::Collector;
 use crate::core::CoreError;
@@ -325,10 +327,6 @@ impl Monitor {
     /// Marks a server up again: the collector cleans it, containers that were not replaced
     /// take the status their server reports, and their environments get `environment.recover`.
     /// False if it was not down.
-    #[expect(
-        clippy::disallowed_methods,
-        reason = "database work only: every driver or plugin call happens before it"
-    )]
     pub async fn mark_up(&self, server_id: i64) -> Result<bool, CoreError> {
         let changed = server::Entity::update_many()
             .col_expr(server::Column::Status, Expr::val("up"))
@@ -342,6 +340,62 @@ impl Monitor {
         }
         self.placement.refresh(&self.db, server_id).await?;
         let report = self.collector.collect(Some(server_id)).await?;
+        let (back, unread) = self.recover_down(server_id).await?;
+        tracing::info!(
+            server = server_id,
+            back,
+            unread,
+            ?report,
+            "server is up again"
+        );
+        Ok(true)
+    }
+
+    /// Reads the containers left `down` on servers that are up again and gives each the
+    /// status its server reports (`recover_down`): those whose status could not be read when
+    /// their server came back (it answered its heartbeats but not for them) would otherwise
+    /// stay down for good. Run with the collector; returns how many it settled.
+    pub async fn recheck_down(&self) -> Result<usize, CoreError> {
+        let up: std::collections::HashSet<i64> = self
+            .placement
+            .snapshot()
+            .iter()
+            .filter(|c| c.up)
+            .map(|c| c.id)
+            .collect();
+        let servers: Vec<Option<i64>> = container::Entity::find()
+            .select_only()
+            .column(container::Column::ServerId)
+            .distinct()
+            .filter(container::Column::Status.eq(ContainerStatus::Down.as_str()))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let mut settled = 0;
+        for server in servers.into_iter().flatten().filter(|s| up.contains(s)) {
+            let (back, unread) = self.recover_down(server).await?;
+            if back > 0 {
+                tracing::info!(
+                    server,
+                    back,
+                    unread,
+                    "containers left down on a server that is up were read again"
+                );
+            }
+            settled += back;
+        }
+        Ok(settled)
+    }
+
+    /// Gives each container `down` on `server_id` the status the server reports (running,
+    /// stopped, suspended; failed when its guest is gone) and their environments
+    /// `environment.recover`; a container the server does not answer for stays down.
+    /// Returns (settled, still down).
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "database work only: every driver or plugin call happens before it"
+    )]
+    async fn recover_down(&self, server_id: i64) -> Result<(usize, usize), CoreError> {
         let down = container::Entity::find()
             .filter(container::Column::ServerId.eq(server_id))
             .filter(container::Column::Status.eq(ContainerStatus::Down.as_str()))
@@ -350,6 +404,7 @@ impl Monitor {
         // Ask the server first, then write: no transaction is open across a driver call.
         let driver = self.fleet.driver(server_id);
         let mut seen = Vec::new();
+        let mut unread = 0;
         for row in down {
             let Some(d) = &driver else { continue };
             let status = match d.status(&row.guest_id).await {
@@ -360,8 +415,9 @@ impl Monitor {
                 },
                 Ok(None) => ContainerStatus::Failed,
                 Err(e) => {
-                    // Still not answering for this guest: it stays down until the next rejoin.
+                    // Still not answering for this guest: read again with the collector.
                     tracing::warn!(container = row.id, error = %e, "cannot read a container's status after its server came back");
+                    unread += 1;
                     continue;
                 }
             };
@@ -369,6 +425,7 @@ impl Monitor {
         }
         let txn = self.db.begin().await?;
         let mut back = Vec::new();
+        let mut settled = 0;
         for (row, status) in seen {
             let reason = (status == ContainerStatus::Failed).then(|| {
                 format!(
@@ -377,13 +434,19 @@ impl Monitor {
                     row.guest_id
                 )
             });
-            container::Entity::update_many()
+            let changed = container::Entity::update_many()
                 .col_expr(container::Column::Status, Expr::val(status.as_str()))
                 .col_expr(container::Column::StatusReason, Expr::val(reason))
                 .filter(container::Column::Id.eq(row.id))
                 .filter(container::Column::Status.eq(ContainerStatus::Down.as_str()))
                 .exec(&txn)
-                .await?;
+                .await?
+                .rows_affected;
+            if changed == 0 {
+                // Settled meanwhile (a failover replaced it, another pass read it).
+                continue;
+            }
+            settled += 1;
             if status == ContainerStatus::Failed {
                 let need = crate::placement::requirements_of(&row).resources;
                 crate::placement::release(&txn, server_id, &need, 1).await?;
@@ -409,15 +472,11 @@ impl Monitor {
         });
         self.queue.enqueue_in(&txn, commands, None).await?;
         txn.commit().await?;
-        self.placement.refresh(&self.db, server_id).await?;
-        self.queue.wake();
-        tracing::info!(
-            server = server_id,
-            back = back.len(),
-            ?report,
-            "server is up again"
-        );
-        Ok(true)
+        if settled > 0 {
+            self.placement.refresh(&self.db, server_id).await?;
+            self.queue.wake();
+        }
+        Ok((settled, unread))
     }
 }
 

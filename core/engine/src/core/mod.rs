@@ -514,11 +514,12 @@ impl Core {
             self.collector().clone(),
             self.rebalancer().clone(),
             self.inner.cluster.clone(),
+            self.monitor().clone(),
         );
         tasks.push(every(
             h.collector,
             periodic,
-            |(svc, collector, rebalancer, cluster)| {
+            |(svc, collector, rebalancer, cluster, monitor)| {
                 Box::pin(async move {
                     if let Err(e) = svc.placement().refresh_all(svc.db()).await {
                         tracing::warn!(error = %e, "placement refresh failed");
@@ -528,6 +529,9 @@ impl Core {
                     }
                     if let Err(e) = collector.collect(None).await {
                         tracing::warn!(error = %e, "collector failed");
+                    }
+                    if let Err(e) = monitor.recheck_down().await {
+                        tracing::warn!(error = %e, "reading containers left down failed");
                     }
                     if let Err(e) = rebalancer.rebalance().await {
                         tracing::warn!(error = %e, "rebalancer failed");
