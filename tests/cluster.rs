@@ -728,3 +728,39 @@ async fn a_rolling_restart_of_every_core_fails_no_command() {
     let guests: usize = sims.iter().map(|s| s.guests().len()).sum();
     assert_eq!(guests, accepted.len(), "one guest per accepted create");
 }
+
+/// A core given another agents token than the running cores' joined silently: agents that
+/// failed over to it were refused and their servers judged down. It is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_with_another_agents_token_is_refused_at_start() {
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| crate::common::tempdir()).collect();
+    let config = |i: usize, token: &str| {
+        let mut c = cloud48_engine::CoreConfig::new(dirs[i].path());
+        c.database_url = Some(pg.url.clone());
+        c.agent_token = Some(token.into());
+        c.sim_servers = 0;
+        c
+    };
+    let first = cloud48_engine::Core::open(config(0, TOKEN)).await.unwrap();
+    first.start().await.unwrap();
+    let other = cloud48_engine::Core::open(config(1, "another-token-of-the-wrong-kind"))
+        .await
+        .unwrap();
+    let e = other.start().await.unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "core {} runs on this database with another agents token",
+            first.cluster().node()
+        )) && e.contains("Give every core the same agents.token"),
+        "{e}"
+    );
+    // The same token joins.
+    let same = cloud48_engine::Core::open(config(2, TOKEN)).await.unwrap();
+    same.start().await.unwrap();
+    for core in [&first, &same] {
+        core.stop(Duration::from_secs(5)).await;
+    }
+}

@@ -145,6 +145,8 @@ pub struct Cluster {
     /// The servers' fingerprints (what they are, what is placed on them) when this core last
     /// read them.
     servers_seen: Mutex<Option<(String, String)>>,
+    /// A fingerprint of the agents token this core takes (never the token), announced with it.
+    agents_token: Option<String>,
 }
 
 /// What changed in `servers` since a core last read it.
@@ -182,7 +184,57 @@ impl Cluster {
             urls: Mutex::new(Vec::new()),
             clock: None,
             servers_seen: Mutex::new(None),
+            agents_token: None,
         }
+    }
+
+    /// The same, announcing a fingerprint of the agents token it takes (`None`: none).
+    pub fn with_agents_token(mut self, token: Option<&str>) -> Self {
+        self.agents_token = token.map(token_fingerprint);
+        self
+    }
+
+    /// Refuses to run beside a core seen within `within` that takes another agents token:
+    /// agents present one token to whichever core they reach, so the agents failing over to
+    /// this core would be refused, and their servers judged down.
+    pub async fn check_agents_token(&self, within: Duration) -> Result<(), String> {
+        if !self.shared() {
+            return Ok(());
+        }
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                format!(
+                    "SELECT node, url FROM cores WHERE seen_at >= {PG_NOW_MS} - $1 AND node <> $2 \
+                     AND agents_token IS NOT NULL AND agents_token IS DISTINCT FROM $3 \
+                     ORDER BY seen_at DESC LIMIT 1"
+                ),
+                [
+                    Value::BigInt(Some(within.as_millis() as i64)),
+                    self.node.clone().into(),
+                    self.agents_token.clone().into(),
+                ],
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(row) = rows.first() else {
+            return Ok(());
+        };
+        let node: String = row.try_get("", "node").map_err(|e| e.to_string())?;
+        let url: Option<String> = row.try_get("", "url").map_err(|e| e.to_string())?;
+        Err(format!(
+            "core {node}{} runs on this database with another agents token than this core's \
+             ({}): agents present one token to whichever core they reach, so the agents that \
+             came to this one would be refused and their servers judged down. Give every core \
+             the same agents.token (CLOUD48_AGENT_TOKEN); to change it, stop every core first",
+            url.map(|u| format!(" (at {u})")).unwrap_or_default(),
+            if self.agents_token.is_some() {
+                "set, and different"
+            } else {
+                "none set"
+            }
+        ))
     }
 
     /// The same, keeping `clock` calibrated against the database.
@@ -357,10 +409,16 @@ impl Cluster {
             .execute_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
                 format!(
-                    "INSERT INTO cores (node, url, seen_at) VALUES ($1, $2, {PG_NOW_MS}) \
-                     ON CONFLICT (node) DO UPDATE SET url = excluded.url, seen_at = excluded.seen_at"
+                    "INSERT INTO cores (node, url, seen_at, agents_token) \
+                     VALUES ($1, $2, {PG_NOW_MS}, $3) ON CONFLICT (node) DO UPDATE \
+                     SET url = excluded.url, seen_at = excluded.seen_at, \
+                     agents_token = excluded.agents_token"
                 ),
-                [self.node.clone().into(), url.map(str::to_string).into()],
+                [
+                    self.node.clone().into(),
+                    url.map(str::to_string).into(),
+                    self.agents_token.clone().into(),
+                ],
             ))
             .await?;
         Ok(())
@@ -520,9 +578,26 @@ pub async fn listen_for_work(url: String, wake: impl Fn(Option<&str>) + Send + '
     }
 }
 
+/// What a core announces of its agents token: enough to tell two tokens apart, nothing to
+/// find the token from.
+fn token_fingerprint(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("cloud48 agents token\n{token}").as_bytes());
+    hex::encode(&digest[..8])
+}
+
 #[cfg(test)]
 mod tests {
     use super::best_reading;
+
+    #[test]
+    fn a_token_fingerprint_tells_tokens_apart_and_is_not_the_token() {
+        let a = super::token_fingerprint("a-token-of-sixteen-chars");
+        assert_eq!(a.len(), 16);
+        assert_eq!(a, super::token_fingerprint("a-token-of-sixteen-chars"));
+        assert_ne!(a, super::token_fingerprint("a-token-of-sixteen-charz"));
+        assert!(!a.contains("token"));
+    }
 
     #[test]
     fn the_reading_with_the_shortest_round_trip_wins() {

@@ -133,7 +133,8 @@ impl Core {
         let platform = local_platform(&db).await?;
         let secret_key = crate::secrets::platform_key(&db, &platform).await?;
         let mut cluster =
-            crate::cluster::Cluster::new(db.clone(), node.clone(), config.cluster.duty_lease);
+            crate::cluster::Cluster::new(db.clone(), node.clone(), config.cluster.duty_lease)
+                .with_agents_token(config.agent_token.as_deref());
         // Cores sharing a database share its clock.
         let clock: Arc<dyn Clock> = if cluster.shared() {
             let db_clock = Arc::new(crate::cluster::DbClock::new(clock, &db).await?);
@@ -337,6 +338,12 @@ impl Core {
     /// collector once, tells every environment the core started (`after-cc-start`) and starts
     /// the background monitor, heartbeats, collector and rebalancer.
     pub async fn start(&self) -> Result<(), CoreError> {
+        // Before this core acts: it must take the token the other cores' agents present.
+        let within = self.inner.config.cluster.duty_lease * 10;
+        self.cluster()
+            .check_agents_token(within)
+            .await
+            .map_err(CoreError::Setup)?;
         let runner = Arc::new(crate::commands::Handlers::new(self.services().clone()));
         let single_core = self.db().get_database_backend() == DatabaseBackend::Sqlite;
         self.queue().start(runner, single_core).await?;
