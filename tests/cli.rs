@@ -399,7 +399,7 @@ async fn an_agent_the_core_refuses_stops_with_the_reason() {
             "the core at {} refused this agent (409)",
             core.url
         )) && err.contains("this core has no agents.token")
-            && err.contains("nothing was registered"),
+            && err.contains("this run of the agent was not accepted"),
         "{err}"
     );
 }

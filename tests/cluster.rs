@@ -763,4 +763,7 @@ async fn a_core_with_another_agents_token_is_refused_at_start() {
     for core in [&first, &same] {
         core.stop(Duration::from_secs(5)).await;
     }
+    // Every core stopped, a core with a new token starts at once.
+    other.start().await.unwrap();
+    other.stop(Duration::from_secs(5)).await;
 }

@@ -410,7 +410,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         b.abort();
     }
     if let Some(r) = refused.borrow().clone() {
-        anyhow::bail!("{r}; nothing was registered, the agent stops");
+        anyhow::bail!("{r}; this run of the agent was not accepted, so it stops");
     }
     result
 }

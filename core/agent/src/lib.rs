@@ -81,8 +81,8 @@ struct BeatAnswer {
 /// that answers (the one that answered last is tried first), learning the cluster's other
 /// cores from the answers. Failures are logged when they start and when they end, not on every
 /// beat. Returns only when a core refuses the agent (a 4xx: a wrong token, a name or subnet
-/// another server has) before any core has accepted one of its heartbeats: the agent was never
-/// registered and retrying would not change the answer. Once registered, refusals are retried
+/// another server has) before any core has accepted one of this run's heartbeats: retrying
+/// would not change the answer. Once registered, refusals are retried
 /// (a live agent keeps trying while an operator mends the core's settings).
 pub async fn heartbeats(
     agent: Arc<AgentService>,
@@ -166,8 +166,12 @@ pub async fn heartbeats_over(
                 Ok(r) => {
                     let status = r.status();
                     let body = r.text().await.unwrap_or_default();
-                    // A refusal (a wrong token, a subnet taken) is the same on every core.
-                    if status.is_client_error() && !registered {
+                    // A refusal (a wrong token, a subnet taken) is the same on every core; a
+                    // proxy's timeout or throttling is not one.
+                    let refusal = status.is_client_error()
+                        && status != reqwest::StatusCode::REQUEST_TIMEOUT
+                        && status != reqwest::StatusCode::TOO_MANY_REQUESTS;
+                    if refusal && !registered {
                         return Refused {
                             core,
                             status: status.as_u16(),
@@ -175,7 +179,7 @@ pub async fn heartbeats_over(
                         };
                     }
                     problems.push(format!("{core} answered {status}: {body}"));
-                    if status.is_client_error() {
+                    if refusal {
                         break;
                     }
                 }

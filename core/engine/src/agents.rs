@@ -92,6 +92,12 @@ impl Agents {
         }
     }
 
+    /// Forgets which agent each server was accepted with here: another core may have accepted
+    /// another (`--take-over`), so each next heartbeat is checked against the database.
+    pub fn forget_accepted(&self) {
+        self.accepted.lock().unwrap().clear();
+    }
+
     /// The token agents must present; an error when none is configured.
     pub fn token(&self) -> Result<&str, CoreError> {
         self.token
@@ -145,7 +151,9 @@ impl Agents {
                 let alive = self.health.age(id).is_some_and(|age| age < grace);
                 // The same agent at its address (first heartbeat to this core, with several
                 // cores) is no conflict.
-                let same = row.address.as_deref() == Some(info.url.as_str());
+                // Nor is the same agent (its id) come back at another address.
+                let same = row.address.as_deref() == Some(info.url.as_str())
+                    || (row.agent_id.is_some() && row.agent_id == info.id);
                 if alive && !same && self.fleet.remote(id).is_some() {
                     return Err(CoreError::Conflict(format!(
                         "server name {} is taken by the live agent at {}; give this agent another --name",
@@ -172,12 +180,22 @@ impl Agents {
                     tracing::warn!(server = %row.name, from = ?row.agent_id, to = ?info.id, "an agent takes a server over (--take-over): the containers the old one held are judged by what this one holds");
                 }
                 let agent_id = info.id.clone().or(row.agent_id.clone());
-                let mut am: server::ActiveModel = row.into();
-                am.agent_id = Set(agent_id);
-                am.address = Set(Some(info.url.clone()));
-                am.subnet = Set(info.subnet.clone());
-                am.addresses = Set(info.addresses.clone());
-                let row = am.update(db).await?;
+                // A core that restarted hears every agent again: no write when nothing changed
+                // (each write would make every other core read every server again).
+                let unchanged = row.agent_id == agent_id
+                    && row.address.as_deref() == Some(info.url.as_str())
+                    && row.subnet == info.subnet
+                    && row.addresses == info.addresses;
+                let row = if unchanged {
+                    row
+                } else {
+                    let mut am: server::ActiveModel = row.into();
+                    am.agent_id = Set(agent_id);
+                    am.address = Set(Some(info.url.clone()));
+                    am.subnet = Set(info.subnet.clone());
+                    am.addresses = Set(info.addresses.clone());
+                    am.update(db).await?
+                };
                 (id, self.attach_agent(&row)?)
             }
             None => {

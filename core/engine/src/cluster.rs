@@ -227,13 +227,15 @@ impl Cluster {
             "core {node}{} runs on this database with another agents token than this core's \
              ({}): agents present one token to whichever core they reach, so the agents that \
              came to this one would be refused and their servers judged down. Give every core \
-             the same agents.token (CLOUD48_AGENT_TOKEN); to change it, stop every core first",
+             the same agents.token (CLOUD48_AGENT_TOKEN); to change it, stop every core first \
+             (one ended by kill -9 counts as running for {} s after it was last seen)",
             url.map(|u| format!(" (at {u})")).unwrap_or_default(),
             if self.agents_token.is_some() {
                 "set, and different"
             } else {
                 "none set"
-            }
+            },
+            within.as_secs()
         ))
     }
 
@@ -322,6 +324,15 @@ impl Cluster {
             .execute_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
                 "UPDATE duties SET expires_at = 0 WHERE owner = $1",
+                [self.node.clone().into()],
+            ))
+            .await?;
+        // A core stopped takes no token any more: every core stopped, they may all start
+        // again with a new one at once.
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "UPDATE cores SET agents_token = NULL WHERE node = $1",
                 [self.node.clone().into()],
             ))
             .await?;

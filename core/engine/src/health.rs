@@ -405,7 +405,8 @@ impl Monitor {
         let driver = self.fleet.driver(server_id);
         let mut seen = Vec::new();
         let mut unread = 0;
-        for row in down {
+        let total = down.len();
+        for (n, row) in down.into_iter().enumerate() {
             let Some(d) = &driver else { continue };
             let status = match d.status(&row.guest_id).await {
                 Ok(Some(g)) => match g.state {
@@ -415,10 +416,11 @@ impl Monitor {
                 },
                 Ok(None) => ContainerStatus::Failed,
                 Err(e) => {
-                    // Still not answering for this guest: read again with the collector.
-                    tracing::warn!(container = row.id, error = %e, "cannot read a container's status after its server came back");
-                    unread += 1;
-                    continue;
+                    // The server does not answer for its guests: the rest are read again with
+                    // the collector's next pass, not each waited for now.
+                    unread = total - n;
+                    tracing::warn!(container = row.id, unread, error = %e, "cannot read a container's status after its server came back");
+                    break;
                 }
             };
             seen.push((row, status));
@@ -439,6 +441,16 @@ impl Monitor {
                 .col_expr(container::Column::StatusReason, Expr::val(reason))
                 .filter(container::Column::Id.eq(row.id))
                 .filter(container::Column::Status.eq(ContainerStatus::Down.as_str()))
+                // Not on a server marked down again meanwhile (its failover goes on).
+                .filter(
+                    container::Column::ServerId.in_subquery(
+                        sea_orm::sea_query::Query::select()
+                            .column(server::Column::Id)
+                            .from(server::Entity)
+                            .and_where(server::Column::Status.eq("up"))
+                            .to_owned(),
+                    ),
+                )
                 .exec(&txn)
                 .await?
                 .rows_affected;

@@ -297,10 +297,11 @@ impl Client {
                 None => false,
             };
             let resp = req.send().await.map_err(|e| {
+                // The transport's error stays in the chain (`wait` tells a cut-off by it).
                 if e.is_connect() {
-                    anyhow!("cannot reach the core at {base}: is `cloud48 serve` running there? (use --server URL)")
+                    anyhow::Error::new(e).context(format!("cannot reach the core at {base}: is `cloud48 serve` running there? (use --server URL)"))
                 } else {
-                    anyhow!("request to {url} failed: {e}")
+                    anyhow::Error::new(e).context(format!("request to {url} failed"))
                 }
             })?;
             // Answer a challenge (a first one, or a stale nonce) once or twice, then give up; a
@@ -528,12 +529,21 @@ impl Client {
             Ok(cmd.status.is_terminal().then_some(cmd))
         })
         .await
-        // The command is the core's: it goes on (another core of a cluster resumes it).
-        .with_context(|| {
-            format!(
-                "stopped waiting for command {id}, which goes on; follow it with `cloud48 \
-                 command wait {id}` (with several cores, --server naming another one)"
-            )
+        .map_err(|e| {
+            // Cut off from the core: the command is the core's and goes on (another core of
+            // a cluster resumes it).
+            let cut_off = e.chain().any(|c| {
+                c.downcast_ref::<reqwest::Error>().is_some()
+                    || c.to_string().starts_with("the event stream broke")
+            });
+            if cut_off {
+                e.context(format!(
+                    "stopped waiting for command {id}, which goes on; follow it with `cloud48 \
+                     command wait {id}` (with several cores, --server naming another one)"
+                ))
+            } else {
+                e
+            }
         })
     }
 }

@@ -617,6 +617,7 @@ mod tests {
             }
             let value = match key {
                 "auth.anonymous_read" => "fleet,commands",
+                "cluster.advertise_url" => "http://10.0.0.1:4848",
                 _ if default.is_empty() => "x",
                 _ => default,
             };

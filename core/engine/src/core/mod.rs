@@ -339,9 +339,8 @@ impl Core {
     /// the background monitor, heartbeats, collector and rebalancer.
     pub async fn start(&self) -> Result<(), CoreError> {
         // Before this core acts: it must take the token the other cores' agents present.
-        let within = self.inner.config.cluster.duty_lease * 10;
         self.cluster()
-            .check_agents_token(within)
+            .check_agents_token(self.seen_lately())
             .await
             .map_err(CoreError::Setup)?;
         let runner = Arc::new(crate::commands::Handlers::new(self.services().clone()));
@@ -409,21 +408,42 @@ impl Core {
         match cluster.changed_servers().await? {
             crate::cluster::ServerChanges::None => {}
             crate::cluster::ServerChanges::All(rows) => {
-                for row in rows.iter().filter(|r| self.fleet().driver(r.id).is_none()) {
-                    self.fleet().attach(row)?;
+                // New servers, and agents another core accepted at another address or network
+                // (or another agent taking a server over): this core's next heartbeat from
+                // each agent is checked against the database again.
+                let fleet = self.fleet();
+                let moved = |r: &crate::entities::server::Model| {
+                    fleet.remote(r.id).is_some_and(|d| {
+                        Some(d.url()) != r.address.as_deref()
+                            || fleet.network(r.id) != Some((r.subnet.clone(), r.addresses.clone()))
+                    })
+                };
+                for row in rows
+                    .iter()
+                    .filter(|r| fleet.driver(r.id).is_none() || moved(r))
+                {
+                    fleet.attach(row)?;
                 }
+                self.agents().forget_accepted();
                 self.placement().load(&rows);
             }
             crate::cluster::ServerChanges::Allocations(counters) => {
                 self.placement().set_allocations(&counters)
             }
         }
-        // A core silent for ten leases is gone; agents need not try it first.
-        let within = self.inner.config.cluster.duty_lease * 10;
         cluster
-            .sync_cores(self.inner.config.cluster.advertise_url.as_deref(), within)
+            .sync_cores(
+                self.inner.config.cluster.advertise_url.as_deref(),
+                self.seen_lately(),
+            )
             .await?;
         Ok(())
+    }
+
+    /// How lately a core must have been seen to count as running: one silent for ten duty
+    /// leases is gone (agents need not try it first, its token no longer counts).
+    fn seen_lately(&self) -> Duration {
+        self.inner.config.cluster.duty_lease * 10
     }
 
     /// Takes or renews every duty this core can hold; a monitor taking over counts every

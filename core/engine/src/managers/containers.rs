@@ -408,16 +408,7 @@ impl<'a> ContainerManager<'a> {
             q = q.filter(container::Column::ServerId.eq(s.id));
         }
         if let Some(t) = &query.type_id {
-            q = if t.contains('@') {
-                q.filter(container::Column::TypeId.eq(t.clone()))
-            } else {
-                // A bare name matches every installed version of the type.
-                q.filter(
-                    sea_orm::Condition::any()
-                        .add(container::Column::TypeId.eq(t.clone()))
-                        .add(container::Column::TypeId.starts_with(format!("{t}@"))),
-                )
-            };
+            q = q.filter(of_type(t));
         }
         if let Some(after) = query.after {
             q = q.filter(container::Column::Id.gt(after.0));
@@ -428,15 +419,16 @@ impl<'a> ContainerManager<'a> {
             .all(db)
             .await?;
         // A type nothing is installed as and no container has is a mistyped name, not an
-        // empty answer (a removed type's containers still list).
+        // empty answer (a removed type's containers still list, whatever their status).
         if let Some(t) = &query.type_id
             && rows.is_empty()
             && query.after.is_none()
+            && let Err(m) = self.svc.types().require(t)
         {
-            self.svc
-                .types()
-                .require(t)
-                .map_err(|m| CoreError::invalid("type", m))?;
+            let any = container::Entity::find().filter(of_type(t)).one(db).await?;
+            if any.is_none() {
+                return Err(CoreError::invalid("type", m));
+            }
         }
         to_views(self.svc, rows).await
     }
@@ -578,4 +570,16 @@ fn beyond_server(r: &Resources, s: &server::Model) -> Option<(&'static str, u64,
     .into_iter()
     .map(|(what, asked, has)| (what, asked, u64::try_from(has).unwrap_or(0)))
     .find(|(_, asked, has)| asked > has)
+}
+
+/// Containers of type `t`: a `name@version`, or every version of a bare name.
+fn of_type(t: &str) -> sea_orm::Condition {
+    let exact = container::Column::TypeId.eq(t);
+    if t.contains('@') {
+        sea_orm::Condition::all().add(exact)
+    } else {
+        sea_orm::Condition::any()
+            .add(exact)
+            .add(container::Column::TypeId.starts_with(format!("{t}@")))
+    }
 }

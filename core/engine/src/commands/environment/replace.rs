@@ -45,8 +45,22 @@ pub(super) async fn replace(
             let cmd = ctx.cmd.id;
             Ok(Transition::commit(move |txn| {
                 Box::pin(async move {
-                    set_member_status(txn, id, ContainerStatus::Illegal, None).await?;
+                    // Only while it is down: its server may have come back and given it its
+                    // status meanwhile (`environment.recover` then tells the others it is up).
+                    let retired = set_member_status(
+                        txn,
+                        id,
+                        ContainerStatus::Illegal,
+                        Some(ContainerStatus::Down),
+                    )
+                    .await?;
                     states.write(txn, cmd).await?;
+                    if retired == 0 {
+                        return Ok(Next::Done(json!({
+                            "replaced": false,
+                            "reason": format!("container {id} is no longer down: its server came back"),
+                        })));
+                    }
                     Ok(Next::Continue { step, progress })
                 })
             }))
@@ -251,7 +265,7 @@ pub(super) async fn set_member_status(
     id: i64,
     status: ContainerStatus,
     from: Option<ContainerStatus>,
-) -> Result<(), DbErr> {
+) -> Result<u64, DbErr> {
     let mut update = container::Entity::update_many()
         .col_expr(
             container::Column::Status,
@@ -265,6 +279,5 @@ pub(super) async fn set_member_status(
     if let Some(from) = from {
         update = update.filter(container::Column::Status.eq(from.as_str()));
     }
-    update.exec(txn).await?;
-    Ok(())
+    Ok(update.exec(txn).await?.rows_affected)
 }
