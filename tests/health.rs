@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use cloud48_engine::model::ContainerId;
 use cloud48_engine::model::{
-    Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources,
+    Accepted, Command, Container, ContainerStatus, Environment, Requirements, Resources, Server,
     ServerStatus,
 };
 use cloud48_engine::queue::CommandFilter;
@@ -563,9 +563,8 @@ async fn the_monitor_never_marks_a_server_down_on_silence_gathered_while_it_was_
     assert_eq!(report.up, vec![servers[0].id.0]);
 }
 
-/// A container whose guest is gone when its server comes back is failed, saying why.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_container_whose_guest_was_lost_in_an_outage_says_why_it_failed() {
+/// A core with a container on sim-1, and sim-1 marked down: (the core, the container, sim-1).
+async fn a_container_on_sim_1_marked_down() -> (TestCore, ContainerId, Server) {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let a: Accepted = t
         .client
@@ -578,6 +577,13 @@ async fn a_container_whose_guest_was_lost_in_an_outage_says_why_it_failed() {
     let id = t.created(a.command_id).await;
     let sim1 = t.core.servers().get("sim-1").await.unwrap();
     assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
+    (t, id, sim1)
+}
+
+/// A container whose guest is gone when its server comes back is failed, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_whose_guest_was_lost_in_an_outage_says_why_it_failed() {
+    let (t, id, sim1) = a_container_on_sim_1_marked_down().await;
     let guest = show(&t, id).await.guest_id;
     use cloud48_engine::driver::Driver;
     t.sim("sim-1").await.destroy(&guest).await.unwrap();
@@ -598,18 +604,7 @@ async fn a_container_whose_guest_was_lost_in_an_outage_says_why_it_failed() {
 /// good on a server that was up; the collector's pass reads it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_left_down_on_a_server_that_is_up_is_read_again() {
-    let t = TestCore::start(Opts::default()).await.unwrap();
-    let a: Accepted = t
-        .client
-        .post(
-            "/v1/containers",
-            &json!({ "type": "plain", "server": "sim-1" }),
-        )
-        .await
-        .unwrap();
-    let id = t.created(a.command_id).await;
-    let sim1 = t.core.servers().get("sim-1").await.unwrap();
-    assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
+    let (t, id, sim1) = a_container_on_sim_1_marked_down().await;
     let sim = t.sim("sim-1").await;
     sim.fail_next(
         "status",
