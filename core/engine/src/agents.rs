@@ -92,10 +92,16 @@ impl Agents {
         }
     }
 
-    /// Forgets which agent each server was accepted with here: another core may have accepted
-    /// another (`--take-over`), so each next heartbeat is checked against the database.
-    pub fn forget_accepted(&self) {
-        self.accepted.lock().unwrap().clear();
+    /// Forgets which agent a server of `rows` was accepted with here where its row now names
+    /// another (another core accepted one with `--take-over`): that server's next heartbeat is
+    /// checked against the database, every other agent's stays on the fast path.
+    pub fn forget_changed(&self, rows: &[server::Model]) {
+        let now: std::collections::HashMap<i64, &Option<String>> =
+            rows.iter().map(|r| (r.id, &r.agent_id)).collect();
+        self.accepted
+            .lock()
+            .unwrap()
+            .retain(|id, agent| now.get(id).is_some_and(|a| *a == agent));
     }
 
     /// The token agents must present; an error when none is configured.

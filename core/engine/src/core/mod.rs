@@ -424,7 +424,7 @@ impl Core {
                 {
                     fleet.attach(row)?;
                 }
-                self.agents().forget_accepted();
+                self.agents().forget_changed(&rows);
                 self.placement().load(&rows);
             }
             crate::cluster::ServerChanges::Allocations(counters) => {
