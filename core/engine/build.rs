@@ -104,27 +104,29 @@ fn main() {
         .unwrap_or_else(|| root.join("target"))
         .join("wasm-plugins");
     ensure_target(&root);
+    // The hostile test plugin in two more variants, built in the same target directory (their
+    // dependencies compiled once) and copied out: claiming a WIT version the host does not
+    // support, and as a newer compatible version (to test upgrades with state migration).
+    let future_dir = target_dir.join("future-wit");
+    let newer_dir = target_dir.join("newer");
+    for (dir, env) in [
+        (&future_dir, ("HOSTILE_WIT", "9.0.0")),
+        (&newer_dir, ("HOSTILE_VERSION", "0.1.1")),
+    ] {
+        build(&root, &target_dir, &["hostile"], &[env]);
+        let release = dir.join("wasm32-wasip2/release");
+        std::fs::create_dir_all(&release).expect("a directory for a plugin variant");
+        let file = "cloud48_plugin_hostile.wasm";
+        let from = target_dir.join("wasm32-wasip2/release").join(file);
+        std::fs::copy(&from, release.join(file))
+            .unwrap_or_else(|e| panic!("cannot copy {}: {e}", from.display()));
+    }
+    // Last, so that the plain variant is the one left in the target directory.
     build(
         &root,
         &target_dir,
         &[PLUGINS, &["hostile", "hostile-import"]].concat(),
         &[],
-    );
-    // The hostile test plugin once more, claiming a WIT version the host does not support.
-    let future_dir = target_dir.join("future-wit");
-    build(
-        &root,
-        &future_dir,
-        &["hostile"],
-        &[("HOSTILE_WIT", "9.0.0")],
-    );
-    // And as a newer compatible version, to test upgrades with state migration.
-    let newer_dir = target_dir.join("newer");
-    build(
-        &root,
-        &newer_dir,
-        &["hostile"],
-        &[("HOSTILE_VERSION", "0.1.1")],
     );
     println!(
         "cargo:rustc-env=CLOUD48_TEST_PLUGINS_NEWER={}",
