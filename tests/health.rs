@@ -620,3 +620,138 @@ async fn a_container_left_down_on_a_server_that_is_up_is_read_again() {
     assert_eq!(show(&t, id).await.status, ContainerStatus::Running);
     assert_eq!(t.core.monitor().recheck_down().await.unwrap(), 0, "once");
 }
+
+/// A member that keeps in its state that it heard another leave; at `after-other-is-removed`
+/// it first runs what the test set (something that happens between a step's hooks and its
+/// commit).
+struct Listener(Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>>);
+
+impl ContainerType for Listener {
+    fn type_id(&self) -> &str {
+        "listener"
+    }
+    fn priority(&self) -> i32 {
+        30
+    }
+    fn default_requirements(&self) -> Requirements {
+        Requirements {
+            resources: Resources {
+                cpu_millis: 10,
+                memory_mb: 16,
+                disk_mb: 16,
+            },
+            ..Default::default()
+        }
+    }
+    fn handle(&self, hook: &Hook, _: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
+        if !matches!(hook, Hook::AfterOtherIsRemoved(_)) {
+            return Ok(HookOutcome::allow());
+        }
+        if let Some(meanwhile) = self.0.get() {
+            meanwhile();
+        }
+        Ok(HookOutcome {
+            new_state: Some(b"heard it leave".to_vec()),
+            ..HookOutcome::allow()
+        })
+    }
+}
+
+/// Regression (review): a replacement whose member's server came back between its hooks and
+/// its commit retired nothing, yet saved the others' states of "it left": they kept believing
+/// a running member was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_whose_member_came_back_meanwhile_leaves_the_others_states_alone() {
+    let meanwhile = Arc::new(std::sync::OnceLock::new());
+    let t = TestCore::start(Opts {
+        sim_servers: 2,
+        types: vec![Arc::new(Phoenix), Arc::new(Listener(meanwhile.clone()))],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "nest" }))
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let mut ids = Vec::new();
+    for (ty, server) in [("phoenix", "sim-1"), ("listener", "sim-2")] {
+        let a: Accepted = t
+            .client
+            .post(
+                "/v1/environments/nest/containers",
+                &json!({ "type": ty, "server": server }),
+            )
+            .await
+            .unwrap();
+        ids.push(t.created(a.command_id).await);
+    }
+    let (phoenix, listener) = (ids[0], ids[1]);
+    let before = show(&t, listener).await.state_bytes;
+    let sim1 = t.core.servers().get("sim-1").await.unwrap().id.0;
+    let (core, runtime) = (t.core.clone(), tokio::runtime::Handle::current());
+    let set = meanwhile.set(Box::new(move || {
+        tokio::task::block_in_place(|| {
+            runtime.block_on(async { assert!(core.monitor().mark_up(sim1).await.unwrap()) })
+        })
+    }));
+    assert!(set.is_ok());
+    assert!(t.core.monitor().mark_down(sim1, "test").await.unwrap());
+    let replace = eventually("the replacement", || async {
+        commands_of(&t, "environment.replace").await.pop()
+    })
+    .await;
+    let done = t.ok(replace.id).await;
+    let result = done.result.unwrap_or_default();
+    assert_eq!(result["replaced"], json!(false), "{result}");
+    assert_eq!(result["container_id"], json!(phoenix.0), "{result}");
+    assert_eq!(show(&t, phoenix).await.status, ContainerStatus::Running);
+    assert_eq!(
+        show(&t, listener).await.state_bytes,
+        before,
+        "the listener's state says the member left"
+    );
+}
+
+/// Regression (review): one guest its server could not say anything of (an error about it
+/// alone, not the server's silence) left every container read after it down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_unreadable_guest_does_not_leave_the_others_of_its_server_down() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let a: Accepted = t
+            .client
+            .post(
+                "/v1/containers",
+                &json!({ "type": "plain", "server": "sim-1" }),
+            )
+            .await
+            .unwrap();
+        ids.push(t.created(a.command_id).await);
+    }
+    let sim1 = t.core.servers().get("sim-1").await.unwrap();
+    assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
+    t.sim("sim-1").await.fail_next(
+        "status",
+        1,
+        cloud48_engine::driver::DriverError::Permanent("its files cannot be read now".into()),
+    );
+    assert!(t.core.monitor().mark_up(sim1.id.0).await.unwrap());
+    let mut statuses = Vec::new();
+    for id in &ids {
+        statuses.push(show(&t, *id).await.status);
+    }
+    statuses.sort_by_key(|s| s.to_string());
+    assert_eq!(
+        statuses,
+        [ContainerStatus::Down, ContainerStatus::Running],
+        "the readable one is back"
+    );
+    assert_eq!(t.core.monitor().recheck_down().await.unwrap(), 1);
+    for id in &ids {
+        assert_eq!(show(&t, *id).await.status, ContainerStatus::Running);
+    }
+}

@@ -402,6 +402,41 @@ async fn heartbeats_refused_before_registration_end_with_the_core_s_reason() {
     beats.abort();
 }
 
+/// Regression (review): an agent stopped at the first core's refusal, though another core of
+/// its list took it (a core started with another token refuses what the others accept).
+#[tokio::test]
+async fn an_agent_refused_by_one_core_registers_with_another() {
+    let odd = TestCore::start(Opts {
+        agent_token: Some("another-token".into()),
+        ..agent_opts()
+    })
+    .await
+    .unwrap();
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let (agent, _) = serve_agent("node-r", sim("node-r", Duration::ZERO)).await;
+    let beats = tokio::spawn(cloud48_engine::agent::heartbeats(
+        agent,
+        vec![odd.url.clone(), tc.url.clone()],
+        TOKEN.into(),
+        Duration::from_millis(20),
+    ));
+    eventually(
+        "the agent registers with the core that takes it",
+        || async {
+            tc.core
+                .servers()
+                .list()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|s| s.name == "node-r")
+        },
+    )
+    .await;
+    assert!(!beats.is_finished(), "the agent beats on");
+    beats.abort();
+}
+
 #[tokio::test]
 async fn agents_register_by_heartbeat_and_by_server_add() {
     let tc = TestCore::start(agent_opts()).await.unwrap();
@@ -715,6 +750,82 @@ async fn another_agent_under_a_server_s_name_is_refused_unless_it_takes_the_serv
         .unwrap_err()
         .to_string();
     assert!(e.contains("agent id agent-b"), "{e}");
+}
+
+/// Regression (review): a server registered before agents sent their id (an older release)
+/// has none, so another agent at another address under its name was taken for it, and the
+/// server's containers judged by a data directory without their guests.
+#[tokio::test]
+async fn an_agent_elsewhere_is_not_taken_for_a_server_whose_agent_id_is_unknown() {
+    use sea_orm::ConnectionTrait;
+    let tc = TestCore::start(Opts {
+        sim_servers: 1,
+        ..agent_opts()
+    })
+    .await
+    .unwrap();
+    let stats = idle_stats();
+    let info = |port: u16, id: Option<&str>, take_over: bool| AgentInfo {
+        name: "node-y".into(),
+        url: format!("http://127.0.0.1:{port}"),
+        driver: "sim".into(),
+        capabilities: sim("y", Duration::ZERO).capabilities(),
+        labels: vec![],
+        subnet: Some("10.9.7.0/24".into()),
+        addresses: None,
+        heartbeats: None,
+        id: id.map(str::to_string),
+        take_over,
+    };
+    let agents = tc.core.agents();
+    // An agent of the older release: no id.
+    let server = agents
+        .register(&info(1, None, false), &stats)
+        .await
+        .unwrap();
+    let a: cloud48_engine::model::Accepted = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "sim-1" }),
+        )
+        .await
+        .unwrap();
+    let c = tc.created(a.command_id).await;
+    tc.core
+        .db()
+        .execute_unprepared(&format!(
+            "UPDATE containers SET server_id = {server} WHERE id = {c}"
+        ))
+        .await
+        .unwrap();
+    let e = agents
+        .register(&info(2, Some("agent-new"), false), &stats)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "server node-y has containers and was last run by the agent at http://127.0.0.1:1"
+        ) && e.contains("--take-over"),
+        "{e}"
+    );
+    let agent_id = || async {
+        use sea_orm::EntityTrait;
+        cloud48_engine::entities::server::Entity::find_by_id(server)
+            .one(tc.core.db())
+            .await
+            .unwrap()
+            .unwrap()
+            .agent_id
+    };
+    assert_eq!(agent_id().await, None, "unchanged");
+    // Its own agent, upgraded, at its address: its id is recorded.
+    agents
+        .register(&info(1, Some("agent-old"), false), &stats)
+        .await
+        .unwrap();
+    assert_eq!(agent_id().await.as_deref(), Some("agent-old"));
 }
 
 /// Issue 19: two agents handing addresses from overlapping subnets could give two containers

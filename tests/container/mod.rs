@@ -539,3 +539,44 @@ async fn exec_on_a_simulated_server_says_nothing_runs_there() {
         "{err}"
     );
 }
+
+/// Regression (review): an update submitted behind a migration (as the refusal of one too large
+/// for the container's server advises) was refused against the server the container was
+/// leaving; it is checked when it runs, where the container then is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_behind_a_queued_migration_is_judged_where_the_container_will_be() {
+    let t = TestCore::start(Opts {
+        latency: std::time::Duration::from_millis(100),
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let id = create(&t, Some("sim-1")).await;
+    let had = show(&t, id).await.requirements.resources;
+    let migrate = act(
+        &t,
+        id,
+        ContainerCommand::Migrate {
+            to: Some("sim-2".into()),
+            live: false,
+        },
+    )
+    .await;
+    let absurd = Resources {
+        memory_mb: 1 << 30,
+        ..had
+    };
+    let update = act(&t, id, ContainerCommand::Update { resources: absurd }).await;
+    t.ok(migrate).await;
+    let failed = t.wait(update).await;
+    assert!(
+        failed
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("memory_mb")),
+        "{failed:?}"
+    );
+    let c = show(&t, id).await;
+    assert_eq!(c.server.as_deref(), Some("sim-2"));
+    assert_eq!(c.requirements.resources, had, "unchanged");
+}

@@ -144,6 +144,10 @@ pub async fn heartbeats_over(
             (cores.current().to_string(), cores.rotation())
         };
         let mut problems = Vec::new();
+        // Refusals before this agent was ever accepted: it stops only when every core refused
+        // (one whose view differs, say a core started with another token, may be alone in it).
+        let mut refusals = Vec::new();
+        let tried = rotation.len();
         for (index, core) in rotation {
             let sent = client
                 .post(format!("{core}/v1/agents/heartbeat"))
@@ -166,25 +170,29 @@ pub async fn heartbeats_over(
                 Ok(r) => {
                     let status = r.status();
                     let body = r.text().await.unwrap_or_default();
-                    // A refusal (a wrong token, a subnet taken) is the same on every core; a
-                    // proxy's timeout or throttling is not one.
+                    // A refusal: a wrong token, a name or subnet taken (a proxy's timeout or
+                    // throttling is not one).
                     let refusal = status.is_client_error()
                         && status != reqwest::StatusCode::REQUEST_TIMEOUT
                         && status != reqwest::StatusCode::TOO_MANY_REQUESTS;
+                    problems.push(format!("{core} answered {status}: {body}"));
                     if refusal && !registered {
-                        return Refused {
+                        refusals.push(Refused {
                             core,
                             status: status.as_u16(),
                             reason: refusal_reason(&body),
-                        };
+                        });
+                        continue;
                     }
-                    problems.push(format!("{core} answered {status}: {body}"));
                     if refusal {
                         break;
                     }
                 }
                 Err(e) => problems.push(format!("{core}: {e}")),
             }
+        }
+        if !registered && !refusals.is_empty() && refusals.len() == tried {
+            return refusals.swap_remove(0);
         }
         let now = cores.lock().unwrap().current().to_string();
         if problems.is_empty() && now != before {

@@ -182,6 +182,24 @@ impl Agents {
                         row.address.as_deref().unwrap_or("?")
                     )));
                 }
+                // A server registered before agents sent their id (an older release) has
+                // none: an agent at another address could be another one, without its guests.
+                if row.agent_id.is_none()
+                    && !info.take_over
+                    && row.address.as_deref().is_some_and(|a| a != info.url)
+                    && holds_containers(db, id).await?
+                {
+                    return Err(CoreError::Conflict(format!(
+                        "server {} has containers and was last run by the agent at {}, whose id \
+                         the core does not know yet (it ran an older release); this agent at {} \
+                         may not hold their guests. Start that agent again at its address, or \
+                         give this one another --name; if this agent replaces that server (or \
+                         is that agent, moved), start it with --take-over",
+                        row.name,
+                        row.address.as_deref().unwrap_or("?"),
+                        info.url
+                    )));
+                }
                 if row.agent_id.is_some() && row.agent_id != info.id && info.take_over {
                     tracing::warn!(server = %row.name, from = ?row.agent_id, to = ?info.id, "an agent takes a server over (--take-over): the containers the old one held are judged by what this one holds");
                 }
@@ -369,4 +387,16 @@ async fn is_core(client: &reqwest::Client, base: &str) -> bool {
     resp.json::<serde_json::Value>()
         .await
         .is_ok_and(|v| v.get("node").is_some())
+}
+
+/// Whether server `id` has containers that are not destroyed.
+async fn holds_containers(db: &DatabaseConnection, id: i64) -> Result<bool, CoreError> {
+    use crate::entities::container;
+    use sea_orm::PaginatorTrait;
+    let n = container::Entity::find()
+        .filter(container::Column::ServerId.eq(id))
+        .filter(container::Column::Status.ne(crate::model::ContainerStatus::Destroyed.as_str()))
+        .count(db)
+        .await?;
+    Ok(n > 0)
 }

@@ -436,7 +436,7 @@ impl Cluster {
     }
 
     /// What other cores changed in `servers` since this core last read it: servers added or
-    /// removed, their status, draining, address, network, capacity or labels (every row is
+    /// removed, their status, draining, address, network, capacity, labels or agent (every row is
     /// read again), or only the allocations (only the counters are), by two fingerprints
     /// computed in the database. The allocations are followed so that placement here sees
     /// what other cores placed within a heartbeat period (the database checks capacity on
@@ -455,7 +455,8 @@ impl Cluster {
                 "SELECT md5(coalesce(string_agg(id || ':' || status || ':' || draining || ':' || \
                  coalesce(address, '') || ':' || coalesce(subnet, '') || ':' || \
                  coalesce(addresses, '') || ':' || cpu_millis || ':' || memory_mb || ':' || \
-                 disk_mb || ':' || labels, ',' ORDER BY id), '')) AS what, \
+                 disk_mb || ':' || labels || ':' || coalesce(agent_id, ''), ',' ORDER BY id), \
+                 '')) AS what, \
                  md5(coalesce(string_agg(id || ':' || alloc_cpu_millis || ':' || \
                  alloc_memory_mb || ':' || alloc_disk_mb || ':' || alloc_containers, ',' \
                  ORDER BY id), '')) AS placed FROM servers",

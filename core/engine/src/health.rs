@@ -415,12 +415,18 @@ impl Monitor {
                     GuestState::Suspended => ContainerStatus::Suspended,
                 },
                 Ok(None) => ContainerStatus::Failed,
-                Err(e) => {
+                Err(e) if e.is_transient() => {
                     // The server does not answer for its guests: the rest are read again with
                     // the collector's next pass, not each waited for now.
-                    unread = total - n;
+                    unread += total - n;
                     tracing::warn!(container = row.id, unread, error = %e, "cannot read a container's status after its server came back");
                     break;
+                }
+                Err(e) => {
+                    // This guest alone: the others are read on.
+                    unread += 1;
+                    tracing::warn!(container = row.id, error = %e, "cannot read a container's status after its server came back");
+                    continue;
                 }
             };
             seen.push((row, status));

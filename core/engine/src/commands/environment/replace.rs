@@ -54,13 +54,15 @@ pub(super) async fn replace(
                         Some(ContainerStatus::Down),
                     )
                     .await?;
-                    states.write(txn, cmd).await?;
                     if retired == 0 {
+                        // The others did not hear it leave: their states stay as they are.
                         return Ok(Next::Done(json!({
+                            "container_id": id,
                             "replaced": false,
                             "reason": format!("container {id} is no longer down: its server came back"),
                         })));
                     }
+                    states.write(txn, cmd).await?;
                     Ok(Next::Continue { step, progress })
                 })
             }))
