@@ -736,17 +736,19 @@ async fn a_core_with_another_agents_token_is_refused_at_start() {
     let Some(pg) = PgDb::create().await else {
         return;
     };
-    let dirs: Vec<_> = (0..3).map(|_| crate::common::tempdir()).collect();
-    let config = |i: usize, token: &str| {
+    let dirs: Vec<_> = (0..6).map(|_| crate::common::tempdir()).collect();
+    let config = |i: usize, token: Option<&str>| {
         let mut c = cloud48_engine::CoreConfig::new(dirs[i].path());
         c.database_url = Some(pg.url.clone());
-        c.agent_token = Some(token.into());
+        c.agent_token = token.map(Into::into);
         c.sim_servers = 0;
         c
     };
-    let first = cloud48_engine::Core::open(config(0, TOKEN)).await.unwrap();
+    let first = cloud48_engine::Core::open(config(0, Some(TOKEN)))
+        .await
+        .unwrap();
     first.start().await.unwrap();
-    let other = cloud48_engine::Core::open(config(1, "another-token-of-the-wrong-kind"))
+    let other = cloud48_engine::Core::open(config(1, Some("another-token-of-the-wrong-kind")))
         .await
         .unwrap();
     let e = other.start().await.unwrap_err().to_string();
@@ -757,8 +759,17 @@ async fn a_core_with_another_agents_token_is_refused_at_start() {
         )) && e.contains("Give every core the same agents.token"),
         "{e}"
     );
-    // The same token joins.
-    let same = cloud48_engine::Core::open(config(2, TOKEN)).await.unwrap();
+    // Nor does a core without a token (it would refuse every agent).
+    let none = cloud48_engine::Core::open(config(3, None)).await.unwrap();
+    let e = none.start().await.unwrap_err().to_string();
+    assert!(
+        e.contains("another agents token than this core's (none set)"),
+        "{e}"
+    );
+    // The same token joins (the refused cores took theirs back).
+    let same = cloud48_engine::Core::open(config(2, Some(TOKEN)))
+        .await
+        .unwrap();
     same.start().await.unwrap();
     for core in [&first, &same] {
         core.stop(Duration::from_secs(5)).await;
@@ -766,4 +777,20 @@ async fn a_core_with_another_agents_token_is_refused_at_start() {
     // Every core stopped, a core with a new token starts at once.
     other.start().await.unwrap();
     other.stop(Duration::from_secs(5)).await;
+    // Two cores started at once with different tokens: not both run.
+    let (a, b) = (
+        cloud48_engine::Core::open(config(4, Some("the-first-token-of-a-race")))
+            .await
+            .unwrap(),
+        cloud48_engine::Core::open(config(5, Some("the-other-token-of-a-race")))
+            .await
+            .unwrap(),
+    );
+    let (ra, rb) = tokio::join!(a.start(), b.start());
+    assert!(ra.is_err() || rb.is_err(), "both started");
+    for (core, started) in [(&a, ra.is_ok()), (&b, rb.is_ok())] {
+        if started {
+            core.stop(Duration::from_secs(5)).await;
+        }
+    }
 }

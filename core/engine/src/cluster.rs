@@ -145,8 +145,9 @@ pub struct Cluster {
     /// The servers' fingerprints (what they are, what is placed on them) when this core last
     /// read them.
     servers_seen: Mutex<Option<(String, String)>>,
-    /// A fingerprint of the agents token this core takes (never the token), announced with it.
-    agents_token: Option<String>,
+    /// A fingerprint of the agents token this core takes (never the token), announced with it
+    /// (`NO_TOKEN` when it takes none).
+    agents_token: String,
 }
 
 /// What changed in `servers` since a core last read it.
@@ -184,23 +185,38 @@ impl Cluster {
             urls: Mutex::new(Vec::new()),
             clock: None,
             servers_seen: Mutex::new(None),
-            agents_token: None,
+            agents_token: NO_TOKEN.into(),
         }
     }
 
     /// The same, announcing a fingerprint of the agents token it takes (`None`: none).
     pub fn with_agents_token(mut self, token: Option<&str>) -> Self {
-        self.agents_token = token.map(token_fingerprint);
+        self.agents_token = token.map_or_else(|| NO_TOKEN.into(), token_fingerprint);
         self
     }
 
-    /// Refuses to run beside a core seen within `within` that takes another agents token:
-    /// agents present one token to whichever core they reach, so the agents failing over to
-    /// this core would be refused, and their servers judged down.
+    /// Refuses to run beside a core seen within `within` that takes another agents token (or
+    /// none where this one takes one, or the reverse): agents present one token to whichever
+    /// core they reach, so the agents failing over to this core would be refused, and their
+    /// servers judged down. This core's token is announced before the others' are read, so of
+    /// two cores started at once with different tokens at least one sees the other; a refused
+    /// core takes its token back.
     pub async fn check_agents_token(&self, within: Duration) -> Result<(), String> {
         if !self.shared() {
             return Ok(());
         }
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                format!(
+                    "INSERT INTO cores (node, url, seen_at, agents_token) \
+                     VALUES ($1, NULL, {PG_NOW_MS}, $2) ON CONFLICT (node) DO UPDATE \
+                     SET seen_at = excluded.seen_at, agents_token = excluded.agents_token"
+                ),
+                [self.node.clone().into(), self.agents_token.clone().into()],
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
         let rows = self
             .db
             .query_all_raw(Statement::from_sql_and_values(
@@ -221,6 +237,15 @@ impl Cluster {
         let Some(row) = rows.first() else {
             return Ok(());
         };
+        // Refused: this core does not run, and is not seen as running.
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "UPDATE cores SET agents_token = NULL, seen_at = 0 WHERE node = $1",
+                [self.node.clone().into()],
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
         let node: String = row.try_get("", "node").map_err(|e| e.to_string())?;
         let url: Option<String> = row.try_get("", "url").map_err(|e| e.to_string())?;
         Err(format!(
@@ -230,7 +255,7 @@ impl Cluster {
              the same agents.token (CLOUD48_AGENT_TOKEN); to change it, stop every core first \
              (one ended by kill -9 counts as running for {} s after it was last seen)",
             url.map(|u| format!(" (at {u})")).unwrap_or_default(),
-            if self.agents_token.is_some() {
+            if self.agents_token != NO_TOKEN {
                 "set, and different"
             } else {
                 "none set"
@@ -589,6 +614,9 @@ pub async fn listen_for_work(url: String, wake: impl Fn(Option<&str>) + Send + '
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
+
+/// What a running core without an agents token announces (a fingerprint is 16 hex digits).
+const NO_TOKEN: &str = "none";
 
 /// What a core announces of its agents token: enough to tell two tokens apart, nothing to
 /// find the token from.
