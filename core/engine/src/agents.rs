@@ -213,12 +213,37 @@ impl Agents {
                 let row = if unchanged {
                     row
                 } else {
-                    let mut am: server::ActiveModel = row.into();
-                    am.agent_id = Set(agent_id);
-                    am.address = Set(Some(info.url.clone()));
-                    am.subnet = Set(info.subnet.clone());
-                    am.addresses = Set(info.addresses.clone());
-                    am.update(db).await?
+                    use sea_orm::sea_query::Expr;
+                    // Only while no other core gave the server to another agent since it was
+                    // read (a take-over there is not undone here); the agent's next heartbeat
+                    // is judged again.
+                    let read = match &row.agent_id {
+                        Some(a) => server::Column::AgentId.eq(a.clone()),
+                        None => server::Column::AgentId.is_null(),
+                    };
+                    let written = server::Entity::update_many()
+                        .col_expr(server::Column::AgentId, Expr::value(agent_id))
+                        .col_expr(server::Column::Address, Expr::value(Some(info.url.clone())))
+                        .col_expr(server::Column::Subnet, Expr::value(info.subnet.clone()))
+                        .col_expr(
+                            server::Column::Addresses,
+                            Expr::value(info.addresses.clone()),
+                        )
+                        .filter(server::Column::Id.eq(id))
+                        .filter(read)
+                        .exec(db)
+                        .await?;
+                    let again = server::Entity::find_by_id(id).one(db).await?;
+                    match again {
+                        Some(row) if written.rows_affected == 1 => row,
+                        _ => {
+                            return Err(CoreError::Db(sea_orm::DbErr::Custom(format!(
+                                "server {} was given to another agent by another core while \
+                                 this one registered; its next heartbeat is judged again",
+                                info.name
+                            ))));
+                        }
+                    }
                 };
                 (id, self.attach_agent(&row)?)
             }
