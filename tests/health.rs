@@ -755,3 +755,62 @@ async fn one_unreadable_guest_does_not_leave_the_others_of_its_server_down() {
         assert_eq!(show(&t, *id).await.status, ContainerStatus::Running);
     }
 }
+
+/// Regression (review): cores starting together after every core stopped each saw the other
+/// (announced while starting) or the one that stopped, and none told the environments that
+/// the control plane started; exactly one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_cores_started_together_after_all_stopped_one_tells_the_environments() {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let Some(t) = TestCore::start(Opts {
+        postgres: true,
+        types: vec![Arc::new(Watched(log.clone()))],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let id = env_with_watched(&t, "sim-2").await;
+    t.core.shutdown(Duration::from_secs(10)).await.unwrap();
+    let url = t._pg.as_ref().unwrap().url.clone();
+    let dirs = [crate::common::tempdir(), crate::common::tempdir()];
+    let mut cores = Vec::new();
+    for dir in &dirs {
+        let mut config = cloud48_engine::CoreConfig::new(dir.path());
+        config.database_url = Some(url.clone());
+        config.sim_servers = 3;
+        config.health.background = false;
+        config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
+        let core = cloud48_engine::Core::open(config).await.unwrap();
+        core.types().register(Arc::new(Watched(log.clone())));
+        cores.push(core);
+    }
+    log.lock().unwrap().clear();
+    let (a, b) = tokio::join!(cores[0].start(), cores[1].start());
+    a.unwrap();
+    b.unwrap();
+    let all = cores[0]
+        .queue()
+        .list(&CommandFilter {
+            limit: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let told: Vec<_> = all
+        .iter()
+        .filter(|c| c.kind == "environment.notify" && c.params["hook"] == "after-cc-start")
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    let done = cores[0]
+        .queue()
+        .wait(told[0].id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(done.error.is_none(), "{done:?}");
+    assert_eq!(*log.lock().unwrap(), vec![format!("{id}:after-cc-start")]);
+    for core in &cores {
+        core.stop(Duration::from_secs(5)).await;
+    }
+}

@@ -104,6 +104,11 @@ fn main() {
         .unwrap_or_else(|| root.join("target"))
         .join("wasm-plugins");
     ensure_target(&root);
+    // Held until the end: another run of this script (another build of the same target
+    // directory) would otherwise copy out a variant this one just built.
+    std::fs::create_dir_all(&target_dir).expect("the plugins' target directory");
+    let lock = std::fs::File::create(target_dir.join("variants.lock")).expect("a lock file");
+    lock.lock().expect("the plugins' build lock");
     // The hostile test plugin in two more variants, built in the same target directory (their
     // dependencies compiled once) and copied out: claiming a WIT version the host does not
     // support, and as a newer compatible version (to test upgrades with state migration).

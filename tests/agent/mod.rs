@@ -435,6 +435,20 @@ async fn an_agent_refused_by_one_core_registers_with_another() {
     .await;
     assert!(!beats.is_finished(), "the agent beats on");
     beats.abort();
+    // Refused by one core and the other unreachable: it stops, saying why.
+    let (lone, _) = serve_agent("node-s", sim("node-s", Duration::ZERO)).await;
+    let refused = tokio::time::timeout(
+        Duration::from_secs(60),
+        cloud48_engine::agent::heartbeats(
+            lone,
+            vec![odd.url.clone(), "http://127.0.0.1:1".into()],
+            TOKEN.into(),
+            Duration::from_millis(20),
+        ),
+    )
+    .await
+    .expect("an agent refused where it is heard stops");
+    assert_eq!(refused.status, 401, "{refused}");
 }
 
 #[tokio::test]
@@ -810,6 +824,13 @@ async fn an_agent_elsewhere_is_not_taken_for_a_server_whose_agent_id_is_unknown(
         ) && e.contains("--take-over"),
         "{e}"
     );
+    // Nor an agent of that release elsewhere (no id of its own).
+    let e = agents
+        .register(&info(2, None, false), &stats)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("upgrade it"), "{e}");
     let agent_id = || async {
         use sea_orm::EntityTrait;
         cloud48_engine::entities::server::Entity::find_by_id(server)

@@ -542,7 +542,8 @@ async fn exec_on_a_simulated_server_says_nothing_runs_there() {
 
 /// Regression (review): an update submitted behind a migration (as the refusal of one too large
 /// for the container's server advises) was refused against the server the container was
-/// leaving; it is checked when it runs, where the container then is.
+/// leaving; it is checked when it runs, where the container then is (here too large there as
+/// well: the simulated servers are alike).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_behind_a_queued_migration_is_judged_where_the_container_will_be() {
     let t = TestCore::start(Opts {
@@ -553,6 +554,23 @@ async fn an_update_behind_a_queued_migration_is_judged_where_the_container_will_
     .unwrap();
     let id = create(&t, Some("sim-1")).await;
     let had = show(&t, id).await.requirements.resources;
+    let absurd = Resources {
+        memory_mb: 1 << 30,
+        ..had
+    };
+    // Behind a command that does not move it, it is refused at once as ever.
+    let stop = act(&t, id, ContainerCommand::Stop {}).await;
+    let e = t
+        .client
+        .post::<_, Accepted>(
+            &format!("/v1/containers/{id}/actions"),
+            &ContainerCommand::Update { resources: absurd },
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("its server sim-1 has"), "{e}");
+    t.ok(stop).await;
     let migrate = act(
         &t,
         id,
@@ -562,10 +580,6 @@ async fn an_update_behind_a_queued_migration_is_judged_where_the_container_will_
         },
     )
     .await;
-    let absurd = Resources {
-        memory_mb: 1 << 30,
-        ..had
-    };
     let update = act(&t, id, ContainerCommand::Update { resources: absurd }).await;
     t.ok(migrate).await;
     let failed = t.wait(update).await;

@@ -94,6 +94,10 @@ pub async fn heartbeats(
     heartbeats_over(agent, cores, token, period).await
 }
 
+/// Beats in a row on which every core that answered refused an agent not yet accepted, after
+/// which it stops.
+const REFUSED_BEATS: u32 = 3;
+
 /// The cores an agent knows, shared by its heartbeats (which learn new ones from the answers)
 /// and its image pulls (which fail over to the next core as heartbeats do).
 pub type SharedCores = Arc<std::sync::Mutex<CoreList>>;
@@ -124,6 +128,7 @@ pub async fn heartbeats_over(
         .build()
         .expect("an HTTP client without TLS builds");
     let mut failing = false;
+    let mut refused_beats = 0;
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -144,10 +149,11 @@ pub async fn heartbeats_over(
             (cores.current().to_string(), cores.rotation())
         };
         let mut problems = Vec::new();
-        // Refusals before this agent was ever accepted: it stops only when every core refused
-        // (one whose view differs, say a core started with another token, may be alone in it).
+        // Refusals before this agent was ever accepted. It stops when no core accepted it and
+        // the cores that answered refused it, three beats in a row: a core whose view differs
+        // (say one started with another token) may be alone in refusing, and another core may
+        // be unreachable for a moment.
         let mut refusals = Vec::new();
-        let tried = rotation.len();
         for (index, core) in rotation {
             let sent = client
                 .post(format!("{core}/v1/agents/heartbeat"))
@@ -191,8 +197,13 @@ pub async fn heartbeats_over(
                 Err(e) => problems.push(format!("{core}: {e}")),
             }
         }
-        if !registered && !refusals.is_empty() && refusals.len() == tried {
-            return refusals.swap_remove(0);
+        if !registered && !refusals.is_empty() {
+            refused_beats += 1;
+            if refused_beats >= REFUSED_BEATS {
+                return refusals.swap_remove(0);
+            }
+        } else {
+            refused_beats = 0;
         }
         let now = cores.lock().unwrap().current().to_string();
         if problems.is_empty() && now != before {

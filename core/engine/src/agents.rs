@@ -182,19 +182,21 @@ impl Agents {
                         row.address.as_deref().unwrap_or("?")
                     )));
                 }
-                // A server registered before agents sent their id (an older release) has
-                // none: an agent at another address could be another one, without its guests.
-                if row.agent_id.is_none()
+                // Where either agent's id is unknown (a server registered before agents sent
+                // one, or an agent of that older release), an agent at another address could
+                // be another one, without the server's guests.
+                if (row.agent_id.is_none() || info.id.is_none())
                     && !info.take_over
                     && row.address.as_deref().is_some_and(|a| a != info.url)
                     && holds_containers(db, id).await?
                 {
                     return Err(CoreError::Conflict(format!(
-                        "server {} has containers and was last run by the agent at {}, whose id \
-                         the core does not know yet (it ran an older release); this agent at {} \
-                         may not hold their guests. Start that agent again at its address, or \
-                         give this one another --name; if this agent replaces that server (or \
-                         is that agent, moved), start it with --take-over",
+                        "server {} has containers and was last run by the agent at {}; this \
+                         agent at {} may not hold their guests, and the core cannot tell (an \
+                         agent of an older release sends no id: upgrade it). Start that agent \
+                         again at its address, or give this one another --name; if this agent \
+                         replaces that server (or is that agent, moved), start it with \
+                         --take-over",
                         row.name,
                         row.address.as_deref().unwrap_or("?"),
                         info.url

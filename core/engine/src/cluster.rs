@@ -338,6 +338,22 @@ impl Cluster {
             .is_some_and(|d| *d > Instant::now())
     }
 
+    /// Says this core no longer runs (after its last step ended): cores starting next find
+    /// themselves alone, and the one that takes the duties tells the environments.
+    pub async fn leave(&self) -> Result<(), DbErr> {
+        if !self.shared() {
+            return Ok(());
+        }
+        self.db
+            .execute_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "UPDATE cores SET seen_at = 0 WHERE node = $1",
+                [self.node.clone().into()],
+            ))
+            .await?;
+        Ok(())
+    }
+
     /// Gives up every duty this core holds, so that another core takes them at once (a graceful
     /// stop).
     pub async fn release(&self) -> Result<(), DbErr> {

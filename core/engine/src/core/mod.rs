@@ -338,6 +338,10 @@ impl Core {
     /// collector once, tells every environment the core started (`after-cc-start`) and starts
     /// the background monitor, heartbeats, collector and rebalancer.
     pub async fn start(&self) -> Result<(), CoreError> {
+        // Whether other cores run, read before this core announces itself (with its token,
+        // next): of cores starting together after an outage each finds itself alone, and the
+        // one that takes the duties tells the environments.
+        let alone = !self.other_cores_alive().await?;
         // Before this core acts: it must take the token the other cores' agents present.
         self.cluster()
             .check_agents_token(self.seen_lately())
@@ -356,7 +360,7 @@ impl Core {
         }
         // A core joining running ones does not start the control plane: the hook is for its
         // first core.
-        if !self.other_cores_alive().await? {
+        if alone && self.cluster().holds(crate::cluster::Duty::Monitor) {
             self.notify_environments(crate::commands::params::NotifyHook::AfterCcStart)
                 .await?;
         }
@@ -578,6 +582,9 @@ impl Core {
             tracing::warn!(error = %e, "could not hand this core's duties over");
         }
         self.queue().stop(grace).await;
+        if let Err(e) = self.cluster().leave().await {
+            tracing::warn!(error = %e, "could not record that this core stopped");
+        }
         self.inner.data_lock.lock().unwrap().take();
     }
 

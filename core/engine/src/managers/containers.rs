@@ -97,7 +97,7 @@ impl<'a> ContainerManager<'a> {
                 // More than its server has at all can never be given where it is (unless a
                 // command before this one, a migration, moves it: checked when it runs).
                 if let Some(sid) = row.server_id
-                    && !commands_pending(db, id).await?
+                    && !migration_pending(db, id).await?
                     && let Some(s) = server::Entity::find_by_id(sid).one(db).await?
                     && let Some((what, asked, has)) = beyond_server(resources, &s)
                 {
@@ -586,10 +586,11 @@ fn of_type(t: &str) -> sea_orm::Condition {
     }
 }
 
-/// Whether commands on container `id` are queued or under way.
-async fn commands_pending(db: &sea_orm::DatabaseConnection, id: i64) -> Result<bool, CoreError> {
+/// Whether a migration of container `id` is queued or under way.
+async fn migration_pending(db: &sea_orm::DatabaseConnection, id: i64) -> Result<bool, CoreError> {
     use sea_orm::PaginatorTrait;
     let n = crate::entities::command::Entity::find()
+        .filter(crate::entities::command::Column::Kind.eq(CommandKind::ContainerMigrate.as_str()))
         .filter(crate::entities::command::Column::TargetType.eq("container"))
         .filter(crate::entities::command::Column::TargetId.eq(id))
         .filter(crate::entities::command::Column::Status.is_in(["queued", "running", "waiting"]))
