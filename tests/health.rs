@@ -18,6 +18,18 @@ use crate::common::{ManualClock, Opts, TestCore, eventually};
 /// A type that records `id:hook` for every hook call.
 struct Watched(Arc<Mutex<Vec<String>>>);
 
+/// What the test types here ask for: a hundredth of a CPU, `memory_mb`, 16 MB of disk.
+fn small(memory_mb: u64) -> Requirements {
+    Requirements {
+        resources: Resources {
+            cpu_millis: 10,
+            memory_mb,
+            disk_mb: 16,
+        },
+        ..Default::default()
+    }
+}
+
 /// A type that asks for its own replacement when it goes down.
 struct Phoenix;
 
@@ -29,14 +41,7 @@ impl ContainerType for Phoenix {
         40
     }
     fn default_requirements(&self) -> Requirements {
-        Requirements {
-            resources: Resources {
-                cpu_millis: 10,
-                memory_mb: 1000,
-                disk_mb: 16,
-            },
-            ..Default::default()
-        }
+        small(1000)
     }
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
         let mut out = HookOutcome::allow();
@@ -58,14 +63,7 @@ impl ContainerType for Watched {
         30
     }
     fn default_requirements(&self) -> Requirements {
-        Requirements {
-            resources: Resources {
-                cpu_millis: 10,
-                memory_mb: 16,
-                disk_mb: 16,
-            },
-            ..Default::default()
-        }
+        small(16)
     }
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
         self.0
@@ -74,6 +72,17 @@ impl ContainerType for Watched {
             .push(format!("{}:{}", ctx.container.id, hook.name()));
         Ok(HookOutcome::allow())
     }
+}
+
+/// A core on `dir` (and on the PostgreSQL database at `url`) as the tests here start one again:
+/// three simulated servers, no health monitoring in the background.
+fn core_config(dir: &std::path::Path, url: Option<&str>) -> cloud48_engine::CoreConfig {
+    let mut config = cloud48_engine::CoreConfig::new(dir);
+    config.database_url = url.map(str::to_string);
+    config.sim_servers = 3;
+    config.health.background = false;
+    config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
+    config
 }
 
 async fn show(t: &TestCore, id: ContainerId) -> Container {
@@ -357,11 +366,9 @@ async fn every_member_hears_after_cc_start_and_before_cc_stop() {
     );
 
     // A new core on the same data: every member hears that the core started.
-    let mut config = cloud48_engine::CoreConfig::new(t._dir.path());
-    config.sim_servers = 3;
-    config.health.background = false;
-    config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
-    let again = cloud48_engine::Core::open(config).await.unwrap();
+    let again = cloud48_engine::Core::open(core_config(t._dir.path(), None))
+        .await
+        .unwrap();
     again.types().register(Arc::new(Watched(log.clone())));
     log.lock().unwrap().clear();
     again.start().await.unwrap();
@@ -622,8 +629,8 @@ async fn a_container_left_down_on_a_server_that_is_up_is_read_again() {
 }
 
 /// A member that keeps in its state that it heard another leave; at `after-other-is-removed`
-/// it first runs what the test set (something that happens between a step's hooks and its
-/// commit).
+/// and `before-other-is-added` it first runs what the test set (something that happens between
+/// a step's hooks and its commit, or while its command holds the environment).
 struct Listener(Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>>);
 
 impl ContainerType for Listener {
@@ -634,21 +641,20 @@ impl ContainerType for Listener {
         30
     }
     fn default_requirements(&self) -> Requirements {
-        Requirements {
-            resources: Resources {
-                cpu_millis: 10,
-                memory_mb: 16,
-                disk_mb: 16,
-            },
-            ..Default::default()
-        }
+        small(16)
     }
     fn handle(&self, hook: &Hook, _: &HookContext<'_>) -> Result<HookOutcome, TypeError> {
-        if !matches!(hook, Hook::AfterOtherIsRemoved(_)) {
+        if !matches!(
+            hook,
+            Hook::AfterOtherIsRemoved(_) | Hook::BeforeOtherIsAdded(_)
+        ) {
             return Ok(HookOutcome::allow());
         }
         if let Some(meanwhile) = self.0.get() {
             meanwhile();
+        }
+        if !matches!(hook, Hook::AfterOtherIsRemoved(_)) {
+            return Ok(HookOutcome::allow());
         }
         Ok(HookOutcome {
             new_state: Some(b"heard it leave".to_vec()),
@@ -777,12 +783,9 @@ async fn of_cores_started_together_after_all_stopped_one_tells_the_environments(
     let dirs = [crate::common::tempdir(), crate::common::tempdir()];
     let mut cores = Vec::new();
     for dir in &dirs {
-        let mut config = cloud48_engine::CoreConfig::new(dir.path());
-        config.database_url = Some(url.clone());
-        config.sim_servers = 3;
-        config.health.background = false;
-        config.plugin_cache = Some(std::env::temp_dir().join("cloud48-test-plugin-cache"));
-        let core = cloud48_engine::Core::open(config).await.unwrap();
+        let core = cloud48_engine::Core::open(core_config(dir.path(), Some(&url)))
+            .await
+            .unwrap();
         core.types().register(Arc::new(Watched(log.clone())));
         cores.push(core);
     }
@@ -813,4 +816,91 @@ async fn of_cores_started_together_after_all_stopped_one_tells_the_environments(
     for core in &cores {
         core.stop(Duration::from_secs(5)).await;
     }
+}
+
+/// An environment clone checks its members again when it runs: one that went down after the
+/// clone was accepted (while an earlier command held the environment) makes it refuse, with no
+/// partial copy wired to the source, and the copy's name is free for the next try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_whose_member_went_down_after_it_was_accepted_is_refused_when_it_runs() {
+    let meanwhile = Arc::new(std::sync::OnceLock::new());
+    let t = TestCore::start(Opts {
+        types: vec![
+            Arc::new(Listener(meanwhile.clone())),
+            Arc::new(Watched(Arc::new(Mutex::new(Vec::new())))),
+        ],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "nest" }))
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let add = |ty: &'static str, server: &'static str| {
+        let client = t.client.clone();
+        async move {
+            client
+                .post::<_, Accepted>(
+                    "/v1/environments/nest/containers",
+                    &json!({ "type": ty, "server": server }),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let listener = t.created(add("listener", "sim-1").await.command_id).await;
+    // The listener's hook of the next add holds that add (and so the environment) until the
+    // clone is accepted, then takes the listener's server down.
+    let sim1 = t.core.servers().get("sim-1").await.unwrap().id.0;
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let wait = Mutex::new(Some(wait));
+    let (core, runtime) = (t.core.clone(), tokio::runtime::Handle::current());
+    let set = meanwhile.set(Box::new(move || {
+        let Some(wait) = wait.lock().unwrap().take() else {
+            return;
+        };
+        tokio::task::block_in_place(|| {
+            wait.recv().unwrap();
+            runtime
+                .block_on(async { assert!(core.monitor().mark_down(sim1, "test").await.unwrap()) })
+        })
+    }));
+    assert!(set.is_ok());
+    let second = add("watched", "sim-2").await;
+    let clone: Accepted = t
+        .client
+        .post(
+            "/v1/environments/nest/clone",
+            &json!({ "name": "nest-copy" }),
+        )
+        .await
+        .unwrap();
+    go.send(()).unwrap();
+    t.wait(second.command_id).await;
+    let refused = t.wait(clone.command_id).await;
+    let why = refused.error.clone().unwrap_or_default();
+    assert!(
+        why.contains("environment 'nest' cannot be cloned now")
+            && why.contains(&format!("container {listener} (listener) is down")),
+        "{refused:?}"
+    );
+    let envs: Vec<Value> = t.client.get("/v1/environments").await.unwrap();
+    assert!(
+        envs.iter().all(|e| e["name"] != "nest-copy"),
+        "a copy is left: {envs:?}"
+    );
+    // Back up, the same name clones.
+    assert!(t.core.monitor().mark_up(sim1).await.unwrap());
+    let again: Accepted = t
+        .client
+        .post(
+            "/v1/environments/nest/clone",
+            &json!({ "name": "nest-copy" }),
+        )
+        .await
+        .unwrap();
+    t.ok(again.command_id).await;
 }

@@ -38,6 +38,15 @@ pub(crate) async fn act(t: &TestCore, id: ContainerId, op: ContainerCommand) -> 
     a.command_id
 }
 
+/// The error of `op` on container `id`, refused at submission.
+async fn refused(t: &TestCore, id: ContainerId, op: ContainerCommand) -> String {
+    t.client
+        .post::<_, Accepted>(&format!("/v1/containers/{id}/actions"), &op)
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
 async fn show(t: &TestCore, id: ContainerId) -> Container {
     t.client.get(&format!("/v1/containers/{id}")).await.unwrap()
 }
@@ -109,15 +118,7 @@ async fn every_container_command_works_on_the_sim_driver() {
         memory_mb: 1 << 30,
         ..bigger
     };
-    let e = t
-        .client
-        .post::<_, Accepted>(
-            &format!("/v1/containers/{id}/actions"),
-            &ContainerCommand::Update { resources: absurd },
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused(&t, id, ContainerCommand::Update { resources: absurd }).await;
     assert!(
         e.contains(&format!(
             "cannot have memory_mb 1073741824: its server sim-1 has {} in all",
@@ -560,15 +561,7 @@ async fn an_update_behind_a_queued_migration_is_judged_where_the_container_will_
     };
     // Behind a command that does not move it, it is refused at once as ever.
     let stop = act(&t, id, ContainerCommand::Stop {}).await;
-    let e = t
-        .client
-        .post::<_, Accepted>(
-            &format!("/v1/containers/{id}/actions"),
-            &ContainerCommand::Update { resources: absurd },
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = refused(&t, id, ContainerCommand::Update { resources: absurd }).await;
     assert!(e.contains("its server sim-1 has"), "{e}");
     t.ok(stop).await;
     let migrate = act(

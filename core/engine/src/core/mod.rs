@@ -575,8 +575,14 @@ impl Core {
     /// Stops the background tasks, stops claiming commands and waits up to `grace` for
     /// running steps.
     pub async fn stop(&self, grace: Duration) {
-        for t in self.inner.background.lock().unwrap().drain(..) {
+        let tasks: Vec<_> = self.inner.background.lock().unwrap().drain(..).collect();
+        for t in &tasks {
             t.abort();
+        }
+        // Each gone before this core takes back its token and liveness: a task midway through
+        // an announcement (another thread) would otherwise write them again afterwards.
+        for t in tasks {
+            let _ = t.await;
         }
         if let Err(e) = self.cluster().release().await {
             tracing::warn!(error = %e, "could not hand this core's duties over");
