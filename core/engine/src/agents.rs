@@ -240,8 +240,9 @@ impl Agents {
                         Some(row) if written.rows_affected == 1 => row,
                         _ => {
                             return Err(CoreError::Db(sea_orm::DbErr::Custom(format!(
-                                "server {} was given to another agent by another core while \
-                                 this one registered; its next heartbeat is judged again",
+                                "server {} was changed by another core (given to another \
+                                 agent, or removed) while this one registered; its next \
+                                 heartbeat is judged again",
                                 info.name
                             ))));
                         }
