@@ -233,20 +233,16 @@ impl Agents {
                         )
                         .filter(server::Column::Id.eq(id))
                         .filter(read)
-                        .exec(db)
+                        .exec_with_returning(db)
                         .await?;
-                    let again = server::Entity::find_by_id(id).one(db).await?;
-                    match again {
-                        Some(row) if written.rows_affected == 1 => row,
-                        _ => {
-                            return Err(CoreError::Db(sea_orm::DbErr::Custom(format!(
-                                "server {} was changed by another core (given to another \
-                                 agent, or removed) while this one registered; its next \
-                                 heartbeat is judged again",
-                                info.name
-                            ))));
-                        }
-                    }
+                    written.into_iter().next().ok_or_else(|| {
+                        CoreError::Db(sea_orm::DbErr::Custom(format!(
+                            "server {} was changed by another core (given to another agent, \
+                             or removed) while this one registered; its next heartbeat is \
+                             judged again",
+                            info.name
+                        )))
+                    })?
                 };
                 (id, self.attach_agent(&row)?)
             }

@@ -237,15 +237,8 @@ impl Cluster {
         let Some(row) = rows.first() else {
             return Ok(());
         };
-        // Refused: this core does not run, and is not seen as running.
-        self.db
-            .execute_raw(Statement::from_sql_and_values(
-                DatabaseBackend::Postgres,
-                "UPDATE cores SET agents_token = NULL, seen_at = 0 WHERE node = $1",
-                [self.node.clone().into()],
-            ))
-            .await
-            .map_err(|e| e.to_string())?;
+        // Refused: this core does not run.
+        self.leave().await.map_err(|e| e.to_string())?;
         let node: String = row.try_get("", "node").map_err(|e| e.to_string())?;
         let url: Option<String> = row.try_get("", "url").map_err(|e| e.to_string())?;
         Err(format!(
@@ -338,8 +331,10 @@ impl Cluster {
             .is_some_and(|d| *d > Instant::now())
     }
 
-    /// Says this core no longer runs (after its last step ended): cores starting next find
-    /// themselves alone, and the one that takes the duties tells the environments.
+    /// Says this core no longer runs (after its last step ended, or refused at start): it is
+    /// not seen as running, so cores starting next find themselves alone (and the one that
+    /// takes the duties tells the environments), and takes no token any more (every core
+    /// stopped, they may all start again with a new one at once).
     pub async fn leave(&self) -> Result<(), DbErr> {
         if !self.shared() {
             return Ok(());
@@ -347,7 +342,7 @@ impl Cluster {
         self.db
             .execute_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
-                "UPDATE cores SET seen_at = 0 WHERE node = $1",
+                "UPDATE cores SET agents_token = NULL, seen_at = 0 WHERE node = $1",
                 [self.node.clone().into()],
             ))
             .await?;
@@ -365,15 +360,6 @@ impl Cluster {
             .execute_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
                 "UPDATE duties SET expires_at = 0 WHERE owner = $1",
-                [self.node.clone().into()],
-            ))
-            .await?;
-        // A core stopped takes no token any more: every core stopped, they may all start
-        // again with a new one at once.
-        self.db
-            .execute_raw(Statement::from_sql_and_values(
-                DatabaseBackend::Postgres,
-                "UPDATE cores SET agents_token = NULL WHERE node = $1",
                 [self.node.clone().into()],
             ))
             .await?;

@@ -593,7 +593,16 @@ async fn migration_pending(db: &sea_orm::DatabaseConnection, id: i64) -> Result<
         .filter(crate::entities::command::Column::Kind.eq(CommandKind::ContainerMigrate.as_str()))
         .filter(crate::entities::command::Column::TargetType.eq("container"))
         .filter(crate::entities::command::Column::TargetId.eq(id))
-        .filter(crate::entities::command::Column::Status.is_in(["queued", "running", "waiting"]))
+        .filter(
+            crate::entities::command::Column::Status.is_in(
+                [
+                    CommandStatus::Queued,
+                    CommandStatus::Running,
+                    CommandStatus::Waiting,
+                ]
+                .map(|s| s.as_str()),
+            ),
+        )
         .count(db)
         .await?;
     Ok(n > 0)
