@@ -443,7 +443,7 @@ impl Runner for Hogging {
 }
 
 /// A core whose runtime is saturated keeps its commands: its leases are renewed on a thread
-/// and a connection of their own (`Queue::renew_leases_apart`, as `Core` does on PostgreSQL).
+/// and a connection of their own (`Queue::connect_apart`, as `Core` does on PostgreSQL).
 /// Core a's step holds a's only runtime thread for three and a half leases while core b, on a
 /// thread and runtime of its own, sweeps the queue every third of a lease: the step runs on
 /// core a alone. (Renewed by a task on a's runtime, the lease runs out and core b runs the
@@ -499,7 +499,7 @@ async fn a_core_whose_runtime_is_saturated_keeps_its_commands() {
     );
     let mut leases = sea_orm::ConnectOptions::new(pg.url.clone());
     leases.max_connections(1);
-    a.renew_leases_apart(leases);
+    a.connect_apart(leases);
     let runner = Hogging {
         node: "core-a",
         seen: seen.clone(),

@@ -818,6 +818,84 @@ async fn of_cores_started_together_after_all_stopped_one_tells_the_environments(
     }
 }
 
+/// Regression (review): a core that started finding no other core running, while another core
+/// (which had seen it, so not alone) held the monitor duty, told nobody that the control plane
+/// started. The notice it owes is sent by the core holding the monitor, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_notice_owed_by_a_core_without_the_monitor_is_sent_by_the_one_holding_it() {
+    use sea_orm::ConnectionTrait;
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let Some(t) = TestCore::start(Opts {
+        postgres: true,
+        types: vec![Arc::new(Watched(log.clone()))],
+        ..Default::default()
+    })
+    .await
+    else {
+        return;
+    };
+    let id = env_with_watched(&t, "sim-2").await;
+    let notices = async |core: &cloud48_engine::Core| -> Vec<Command> {
+        let all = core
+            .queue()
+            .list(&CommandFilter {
+                limit: Some(100),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        all.into_iter()
+            .filter(|c| c.kind == "environment.notify" && c.params["hook"] == "after-cc-start")
+            .collect()
+    };
+    // This core's own start found no environment to tell.
+    assert!(notices(&t.core).await.is_empty());
+    // The running core keeps the monitor, but looks silent to the next core's start.
+    t.core.claim_duties().await.unwrap();
+    t.core
+        .db()
+        .execute_unprepared(&format!(
+            "UPDATE cores SET seen_at = 0 WHERE node = '{}'",
+            t.core.cluster().node()
+        ))
+        .await
+        .unwrap();
+    let url = t._pg.as_ref().unwrap().url.clone();
+    let dir = crate::common::tempdir();
+    let other = cloud48_engine::Core::open(core_config(dir.path(), Some(&url)))
+        .await
+        .unwrap();
+    other.types().register(Arc::new(Watched(log.clone())));
+    log.lock().unwrap().clear();
+    other.start().await.unwrap();
+    assert!(
+        !other
+            .cluster()
+            .holds(cloud48_engine::cluster::Duty::Monitor),
+        "the test needs the monitor held by the first core"
+    );
+    assert!(
+        notices(&t.core).await.is_empty(),
+        "told before the monitor renewed"
+    );
+    // The monitor's holder sends what is owed at its next renewal; later renewals, of either
+    // core, send nothing more.
+    t.core.claim_duties().await.unwrap();
+    t.core.claim_duties().await.unwrap();
+    other.claim_duties().await.unwrap();
+    let told = notices(&t.core).await;
+    assert_eq!(told.len(), 1, "{told:?}");
+    let done = t
+        .core
+        .queue()
+        .wait(told[0].id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(done.error.is_none(), "{done:?}");
+    assert_eq!(*log.lock().unwrap(), vec![format!("{id}:after-cc-start")]);
+    other.stop(Duration::from_secs(5)).await;
+}
+
 /// An environment clone checks its members again when it runs: one that went down after the
 /// clone was accepted (while an earlier command held the environment) makes it refuse, with no
 /// partial copy wired to the source, and the copy's name is free for the next try.

@@ -35,6 +35,7 @@ mod m0025_what_and_why;
 mod m0026_event_reasons;
 mod m0027_agent_identity;
 mod m0028_down_index;
+mod m0029_owed_notices;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -71,6 +72,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0026_event_reasons::Migration),
             Box::new(m0027_agent_identity::Migration),
             Box::new(m0028_down_index::Migration),
+            Box::new(m0029_owed_notices::Migration),
         ]
     }
 }

@@ -546,7 +546,7 @@ async fn keeper_ends(pg: bool) {
         Arc::new(SystemClock),
     );
     if let Some(pg) = &scratch.pg {
-        q.renew_leases_apart(sea_orm::ConnectOptions::new(pg.url.clone()));
+        q.connect_apart(sea_orm::ConnectOptions::new(pg.url.clone()));
     }
     assert!(!q.keeper_running());
     q.start(Arc::new(Writer), false).await.unwrap();

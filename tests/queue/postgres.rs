@@ -90,6 +90,52 @@ pub(super) async fn a_submission_through_one_core_wakes_another_on_postgres() {
     runner.stop(Duration::from_secs(1)).await;
 }
 
+/// A core's claims do not queue for a connection behind its running commands' statements
+/// (after a takeover, 10,000 resumed commands did, and claiming them all took 7 s): with the
+/// only connection of its commands' pool held, a core that claims apart still claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+pub(super) async fn a_core_claims_while_its_commands_hold_every_connection_on_postgres() {
+    use sea_orm::{EntityTrait, TransactionTrait};
+    let Some((pg, db)) = shared_postgres().await else {
+        return;
+    };
+    let mut one = sea_orm::ConnectOptions::new(pg.url.clone());
+    one.max_connections(1);
+    let pool = sea_orm::Database::connect(one).await.unwrap();
+    let config = QueueConfig {
+        poll: Duration::from_millis(20),
+        ..QueueConfig::default()
+    };
+    let submitter = Queue::new(
+        db.clone(),
+        "core-b".into(),
+        config.clone(),
+        Arc::new(SystemClock),
+    );
+    let runner = Queue::new(pool.clone(), "core-a".into(), config, Arc::new(SystemClock));
+    runner.connect_apart(sea_orm::ConnectOptions::new(pg.url.clone()));
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let recorder = Recorder {
+        node: "core-a".into(),
+        seen: seen.clone(),
+    };
+    runner.start(Arc::new(recorder), false).await.unwrap();
+    let held = pool.begin().await.unwrap();
+    let id = submitter.enqueue(crate::common::noop()).await.unwrap();
+    let running = crate::common::eventually("the command claimed by core-a", || async {
+        let c = command::Entity::find_by_id(id.0).one(&db).await.unwrap()?;
+        (c.status == "running").then_some(c)
+    })
+    .await;
+    assert_eq!(running.lease_owner.as_deref(), Some("core-a"));
+    // Its step's commit waits for the connection; given back, the command ends.
+    held.rollback().await.unwrap();
+    let c = submitter.wait(id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(c.status, CommandStatus::Succeeded);
+    assert_eq!(seen.lock().unwrap()[&id.0], ["core-a"]);
+    runner.stop(Duration::from_secs(1)).await;
+}
+
 /// Each work `NOTIFY` names the core whose connection inserted the commands (its
 /// `application_name`), in the order of the inserts, so that a core can pass over its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -332,8 +332,8 @@ impl Cluster {
     }
 
     /// Says this core no longer runs (after its last step ended, or refused at start): it is
-    /// not seen as running, so cores starting next find themselves alone (and the one that
-    /// takes the duties tells the environments), and takes no token any more (every core
+    /// not seen as running, so cores starting next find themselves alone (and owe the
+    /// environments `after-cc-start`), and takes no token any more (every core
     /// stopped, they may all start again with a new one at once).
     pub async fn leave(&self) -> Result<(), DbErr> {
         if !self.shared() {
@@ -626,6 +626,68 @@ fn token_fingerprint(token: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(format!("cloud48 agents token\n{token}").as_bytes());
     hex::encode(&digest[..8])
+}
+
+/// Records that core `owed_by` (a node id) owes the environments `notice` since `now`; sent
+/// once however many cores owe it.
+pub async fn owe<C: ConnectionTrait>(
+    conn: &C,
+    notice: &str,
+    owed_by: &str,
+    now: i64,
+) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    conn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        "INSERT INTO owed_notices (name, owed_by, since) VALUES ($1, $2, $3) \
+         ON CONFLICT (name, owed_by) DO NOTHING",
+        [notice.into(), owed_by.into(), now.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Takes back what core `owed_by` owed of `notice` (a core refused at its start).
+pub async fn withdraw<C: ConnectionTrait>(
+    conn: &C,
+    notice: &str,
+    owed_by: &str,
+) -> Result<(), DbErr> {
+    let backend = conn.get_database_backend();
+    conn.execute_raw(Statement::from_sql_and_values(
+        backend,
+        "DELETE FROM owed_notices WHERE name = $1 AND owed_by = $2",
+        [notice.into(), owed_by.into()],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// Whether `notice` is owed (a read: the monitor's holder asks at every renewal).
+pub async fn owed<C: ConnectionTrait>(conn: &C, notice: &str) -> Result<bool, DbErr> {
+    let backend = conn.get_database_backend();
+    let row = conn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            "SELECT 1 AS owed FROM owed_notices WHERE name = $1",
+            [notice.into()],
+        ))
+        .await?;
+    Ok(row.is_some())
+}
+
+/// Takes `notice` if any core owes it (true): in the transaction that sends it, so that one
+/// core sends it, once.
+pub async fn take_owed<C: ConnectionTrait>(conn: &C, notice: &str) -> Result<bool, DbErr> {
+    let backend = conn.get_database_backend();
+    let taken = conn
+        .execute_raw(Statement::from_sql_and_values(
+            backend,
+            "DELETE FROM owed_notices WHERE name = $1",
+            [notice.into()],
+        ))
+        .await?;
+    Ok(taken.rows_affected() > 0)
 }
 
 #[cfg(test)]

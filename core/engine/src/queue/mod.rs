@@ -406,8 +406,8 @@ pub(crate) struct Inner {
     in_flight: std::sync::Mutex<std::collections::HashMap<i64, i64>>,
     runner: std::sync::OnceLock<Arc<dyn Runner>>,
     recorder: Arc<crate::metrics::Recorder>,
-    /// Where the lease keeper connects when it runs on a thread of its own
-    /// (`Queue::renew_leases_apart`).
+    /// Where the lease keeper connects when it runs on a thread of its own, and the dispatcher
+    /// claims (`Queue::connect_apart`).
     lease_db: std::sync::OnceLock<sea_orm::ConnectOptions>,
     /// Set by `stop` once the commands ended (or its grace passed): the lease keeper ends.
     halt: tokio::sync::watch::Sender<bool>,
@@ -466,9 +466,11 @@ impl Queue {
 
     /// Renews leases (and sweeps expired ones) on a thread and a database connection of its
     /// own, opened with `opt`, instead of a task beside the commands: the renewals then keep
-    /// time while this process's runtime is saturated. Call before `start`; a second call is
-    /// ignored.
-    pub fn renew_leases_apart(&self, opt: sea_orm::ConnectOptions) {
+    /// time while this process's runtime is saturated. The dispatcher claims on another
+    /// connection opened with `opt`, so that a claim does not queue for a connection behind
+    /// the statements of thousands of running commands. Call before `start`; a second call
+    /// is ignored.
+    pub fn connect_apart(&self, opt: sea_orm::ConnectOptions) {
         let _ = self.inner.lease_db.set(opt);
     }
 

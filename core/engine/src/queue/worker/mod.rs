@@ -43,16 +43,44 @@ struct PlainDone {
 pub(super) fn spawn(inner: Arc<Inner>) {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     tokio::spawn(completer(inner.clone(), done_rx));
-    match inner.lease_db.get().cloned() {
+    let apart = inner.lease_db.get().cloned();
+    match apart.clone() {
         Some(opt) => keeper_apart(inner.clone(), opt),
         None => {
             tokio::spawn(lease_keeper(inner.clone(), inner.db.clone()));
         }
     }
-    tokio::spawn(dispatcher(inner, done_tx));
+    tokio::spawn(async move {
+        let db = match apart {
+            Some(opt) => claims_apart(&inner, opt).await,
+            None => inner.db.clone(),
+        };
+        dispatcher(inner, db, done_tx).await
+    });
 }
 
-async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
+/// The connection the dispatcher claims on, opened with `opt` (lazily: only bad options fail
+/// here, and then it claims on the commands' pool).
+async fn claims_apart(inner: &Inner, opt: sea_orm::ConnectOptions) -> sea_orm::DatabaseConnection {
+    match sea_orm::Database::connect(opt).await {
+        Ok(mut db) => {
+            let recorder = inner.recorder.clone();
+            db.set_metric_callback(move |info| recorder.statement(info.elapsed, info.failed));
+            db
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the dispatcher cannot open a connection of its own; claiming on the commands' pool");
+            inner.db.clone()
+        }
+    }
+}
+
+/// Claims commands on `db` and starts them, as workers are free, until the queue stops.
+async fn dispatcher(
+    inner: Arc<Inner>,
+    db: sea_orm::DatabaseConnection,
+    done: mpsc::UnboundedSender<PlainDone>,
+) {
     let batch = claim_cap(inner.config.claim_batch, inner.config.workers);
     while !inner.stopping.load(Ordering::SeqCst) {
         let Ok(first) = inner.slots.clone().acquire_owned().await else {
@@ -78,7 +106,7 @@ async fn dispatcher(inner: Arc<Inner>, done: mpsc::UnboundedSender<PlainDone>) {
         let now = inner.clock.now_ms();
         let lease_until = now + inner.config.lease.as_millis() as i64;
         let asked = permits.len();
-        let claimed = store::claim(&inner.db, &inner.node_id, now, lease_until, asked).await;
+        let claimed = store::claim(&db, &inner.node_id, now, lease_until, asked).await;
         let (mut rows, holding) = match claimed {
             Ok(c) => {
                 for r in &c.rows {
