@@ -149,11 +149,11 @@ pub async fn heartbeats_over(
             (cores.current().to_string(), cores.rotation())
         };
         let mut problems = Vec::new();
-        // Refusals before this agent was ever accepted. It stops when no core accepted it and
-        // the cores that answered refused it, three beats in a row: a core whose view differs
-        // (say one started with another token) may be alone in refusing, and another core may
-        // be unreachable for a moment.
-        let mut refusals = Vec::new();
+        // The first refusal of this beat before this agent was ever accepted. It stops when no
+        // core accepted it and the cores that answered refused it, three beats in a row: a
+        // core whose view differs (say one started with another token) may be alone in
+        // refusing, and another core may be unreachable for a moment.
+        let mut refused = None;
         for (index, core) in rotation {
             let sent = client
                 .post(format!("{core}/v1/agents/heartbeat"))
@@ -183,7 +183,7 @@ pub async fn heartbeats_over(
                         && status != reqwest::StatusCode::TOO_MANY_REQUESTS;
                     problems.push(format!("{core} answered {status}: {body}"));
                     if refusal && !registered {
-                        refusals.push(Refused {
+                        refused.get_or_insert(Refused {
                             core,
                             status: status.as_u16(),
                             reason: refusal_reason(&body),
@@ -197,13 +197,14 @@ pub async fn heartbeats_over(
                 Err(e) => problems.push(format!("{core}: {e}")),
             }
         }
-        if !registered && !refusals.is_empty() {
-            refused_beats += 1;
-            if refused_beats >= REFUSED_BEATS {
-                return refusals.swap_remove(0);
+        match refused {
+            Some(first) if !registered => {
+                refused_beats += 1;
+                if refused_beats >= REFUSED_BEATS {
+                    return first;
+                }
             }
-        } else {
-            refused_beats = 0;
+            _ => refused_beats = 0,
         }
         let now = cores.lock().unwrap().current().to_string();
         if problems.is_empty() && now != before {
