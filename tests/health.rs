@@ -762,6 +762,21 @@ async fn one_unreadable_guest_does_not_leave_the_others_of_its_server_down() {
     }
 }
 
+/// The `after-cc-start` notices queued so far (of the first hundred commands).
+async fn start_notices(core: &cloud48_engine::Core) -> Vec<Command> {
+    let all = core
+        .queue()
+        .list(&CommandFilter {
+            limit: Some(100),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    all.into_iter()
+        .filter(|c| c.kind == "environment.notify" && c.params["hook"] == "after-cc-start")
+        .collect()
+}
+
 /// Regression (review): cores starting together after every core stopped each saw the other
 /// (announced while starting) or the one that stopped, and none told the environments that
 /// the control plane started; exactly one does.
@@ -793,18 +808,7 @@ async fn of_cores_started_together_after_all_stopped_one_tells_the_environments(
     let (a, b) = tokio::join!(cores[0].start(), cores[1].start());
     a.unwrap();
     b.unwrap();
-    let all = cores[0]
-        .queue()
-        .list(&CommandFilter {
-            limit: Some(100),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let told: Vec<_> = all
-        .iter()
-        .filter(|c| c.kind == "environment.notify" && c.params["hook"] == "after-cc-start")
-        .collect();
+    let told = start_notices(&cores[0]).await;
     assert_eq!(told.len(), 1, "{told:?}");
     let done = cores[0]
         .queue()
@@ -835,21 +839,8 @@ async fn a_start_notice_owed_by_a_core_without_the_monitor_is_sent_by_the_one_ho
         return;
     };
     let id = env_with_watched(&t, "sim-2").await;
-    let notices = async |core: &cloud48_engine::Core| -> Vec<Command> {
-        let all = core
-            .queue()
-            .list(&CommandFilter {
-                limit: Some(100),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        all.into_iter()
-            .filter(|c| c.kind == "environment.notify" && c.params["hook"] == "after-cc-start")
-            .collect()
-    };
     // This core's own start found no environment to tell.
-    assert!(notices(&t.core).await.is_empty());
+    assert!(start_notices(&t.core).await.is_empty());
     // The running core keeps the monitor, but looks silent to the next core's start.
     t.core.claim_duties().await.unwrap();
     t.core
@@ -875,7 +866,7 @@ async fn a_start_notice_owed_by_a_core_without_the_monitor_is_sent_by_the_one_ho
         "the test needs the monitor held by the first core"
     );
     assert!(
-        notices(&t.core).await.is_empty(),
+        start_notices(&t.core).await.is_empty(),
         "told before the monitor renewed"
     );
     // The monitor's holder sends what is owed at its next renewal; later renewals, of either
@@ -883,7 +874,7 @@ async fn a_start_notice_owed_by_a_core_without_the_monitor_is_sent_by_the_one_ho
     t.core.claim_duties().await.unwrap();
     t.core.claim_duties().await.unwrap();
     other.claim_duties().await.unwrap();
-    let told = notices(&t.core).await;
+    let told = start_notices(&t.core).await;
     assert_eq!(told.len(), 1, "{told:?}");
     let done = t
         .core
