@@ -841,6 +841,13 @@ async fn a_start_notice_owed_by_a_core_without_the_monitor_is_sent_by_the_one_ho
     let id = env_with_watched(&t, "sim-2").await;
     // This core's own start found no environment to tell.
     assert!(start_notices(&t.core).await.is_empty());
+    let url = t._pg.as_ref().unwrap().url.clone();
+    let dir = crate::common::tempdir();
+    let other = cloud48_engine::Core::open(core_config(dir.path(), Some(&url)))
+        .await
+        .unwrap();
+    other.types().register(Arc::new(Watched(log.clone())));
+    log.lock().unwrap().clear();
     // The running core keeps the monitor, but looks silent to the next core's start.
     t.core.claim_duties().await.unwrap();
     t.core
@@ -851,13 +858,6 @@ async fn a_start_notice_owed_by_a_core_without_the_monitor_is_sent_by_the_one_ho
         ))
         .await
         .unwrap();
-    let url = t._pg.as_ref().unwrap().url.clone();
-    let dir = crate::common::tempdir();
-    let other = cloud48_engine::Core::open(core_config(dir.path(), Some(&url)))
-        .await
-        .unwrap();
-    other.types().register(Arc::new(Watched(log.clone())));
-    log.lock().unwrap().clear();
     other.start().await.unwrap();
     assert!(
         !other

@@ -136,6 +136,30 @@ pub(super) async fn a_core_claims_while_its_commands_hold_every_connection_on_po
     runner.stop(Duration::from_secs(1)).await;
 }
 
+/// A core whose own connections cannot be opened (the database refuses one more) still claims,
+/// on its commands' pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+pub(super) async fn a_core_whose_claims_connection_is_refused_claims_on_its_pool_on_postgres() {
+    let Some((_pg, _db, queue)) = shared_postgres_queue().await else {
+        return;
+    };
+    // Nothing listens on port 1: each claim there fails at once.
+    let mut refused = sea_orm::ConnectOptions::new("postgres://postgres@127.0.0.1:1/none");
+    refused.max_connections(1).connect_lazy(true);
+    queue.connect_apart(refused);
+    let seen = Arc::new(Mutex::new(HashMap::new()));
+    let recorder = Recorder {
+        node: "core-a".into(),
+        seen: seen.clone(),
+    };
+    queue.start(Arc::new(recorder), false).await.unwrap();
+    let id = queue.enqueue(crate::common::noop()).await.unwrap();
+    let c = queue.wait(id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(c.status, CommandStatus::Succeeded);
+    assert_eq!(seen.lock().unwrap()[&id.0], ["core-a"]);
+    queue.stop(Duration::from_secs(1)).await;
+}
+
 /// Each work `NOTIFY` names the core whose connection inserted the commands (its
 /// `application_name`), in the order of the inserts, so that a core can pass over its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

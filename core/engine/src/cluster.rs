@@ -349,6 +349,44 @@ impl Cluster {
         Ok(())
     }
 
+    /// Records that this core owes the environments `notice` if no other core was seen within
+    /// `within`, i.e. it starts the control plane. The read and the write are one statement,
+    /// made before this core announces itself: a core that sees this one finds the notice owed,
+    /// and a core that reads after another sent the notice sees that one and owes nothing.
+    pub async fn owe_if_alone(&self, notice: &str, within: Duration) -> Result<(), DbErr> {
+        let backend = self.db.get_database_backend();
+        let (text, values): (String, Vec<Value>) = if self.shared() {
+            (
+                format!(
+                    "INSERT INTO owed_notices (name, owed_by, since) SELECT $1, $2, {PG_NOW_MS} \
+                     WHERE NOT EXISTS (SELECT 1 FROM cores WHERE node <> $2 \
+                       AND seen_at >= {PG_NOW_MS} - $3) \
+                     ON CONFLICT (name, owed_by) DO NOTHING"
+                ),
+                vec![
+                    notice.into(),
+                    self.node.clone().into(),
+                    Value::BigInt(Some(within.as_millis() as i64)),
+                ],
+            )
+        } else {
+            (
+                "INSERT INTO owed_notices (name, owed_by, since) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name, owed_by) DO NOTHING"
+                    .to_string(),
+                vec![
+                    notice.into(),
+                    self.node.clone().into(),
+                    crate::model::now_ms().into(),
+                ],
+            )
+        };
+        self.db
+            .execute_raw(Statement::from_sql_and_values(backend, text, values))
+            .await?;
+        Ok(())
+    }
+
     /// Gives up every duty this core holds, so that another core takes them at once (a graceful
     /// stop).
     pub async fn release(&self) -> Result<(), DbErr> {
@@ -626,41 +664,6 @@ fn token_fingerprint(token: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(format!("cloud48 agents token\n{token}").as_bytes());
     hex::encode(&digest[..8])
-}
-
-/// Records that core `owed_by` (a node id) owes the environments `notice` since `now`; sent
-/// once however many cores owe it.
-pub async fn owe<C: ConnectionTrait>(
-    conn: &C,
-    notice: &str,
-    owed_by: &str,
-    now: i64,
-) -> Result<(), DbErr> {
-    let backend = conn.get_database_backend();
-    conn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        "INSERT INTO owed_notices (name, owed_by, since) VALUES ($1, $2, $3) \
-         ON CONFLICT (name, owed_by) DO NOTHING",
-        [notice.into(), owed_by.into(), now.into()],
-    ))
-    .await?;
-    Ok(())
-}
-
-/// Takes back what core `owed_by` owed of `notice` (a core refused at its start).
-pub async fn withdraw<C: ConnectionTrait>(
-    conn: &C,
-    notice: &str,
-    owed_by: &str,
-) -> Result<(), DbErr> {
-    let backend = conn.get_database_backend();
-    conn.execute_raw(Statement::from_sql_and_values(
-        backend,
-        "DELETE FROM owed_notices WHERE name = $1 AND owed_by = $2",
-        [notice.into(), owed_by.into()],
-    ))
-    .await?;
-    Ok(())
 }
 
 /// Whether `notice` is owed (a read: the monitor's holder asks at every renewal).

@@ -340,22 +340,17 @@ impl Core {
     /// collector once, tells every environment the core started (`after-cc-start`) and starts
     /// the background monitor, heartbeats, collector and rebalancer.
     pub async fn start(&self) -> Result<(), CoreError> {
-        // Whether other cores run, read before this core announces itself (with its token,
-        // next): of cores starting together after an outage one at least finds itself alone.
-        let alone = !self.other_cores_alive().await?;
-        // Then the control plane starts: the environments are owed `after-cc-start`, told by
-        // the core holding the monitor duty (maybe another one started at the same time). Owed
-        // before this core announces itself: a core that sees it will find the notice owed.
-        let node = self.cluster().node().to_string();
-        if alone {
-            crate::cluster::owe(self.db(), START_NOTICE, &node, now_ms()).await?;
-        }
+        // If no other core runs, this one starts the control plane: the environments are owed
+        // `after-cc-start`, sent by the core holding the monitor duty (maybe another one,
+        // started at the same time).
+        self.cluster()
+            .owe_if_alone(START_NOTICE, self.alive_within())
+            .await?;
         // Before this core acts: it must take the token the other cores' agents present.
-        if let Err(refused) = self.cluster().check_agents_token(self.seen_lately()).await {
-            // It did not start the control plane.
-            crate::cluster::withdraw(self.db(), START_NOTICE, &node).await?;
-            return Err(CoreError::Setup(refused));
-        }
+        self.cluster()
+            .check_agents_token(self.seen_lately())
+            .await
+            .map_err(CoreError::Setup)?;
         let runner = Arc::new(crate::commands::Handlers::new(self.services().clone()));
         let single_core = self.db().get_database_backend() == DatabaseBackend::Sqlite;
         self.queue().start(runner, single_core).await?;
@@ -471,7 +466,11 @@ impl Core {
                 }
             }
         }
-        self.send_owed_notices().await
+        // Duties renewed first: a notice that cannot be sent now is sent at the next renewal.
+        if let Err(e) = self.send_owed_notices().await {
+            tracing::warn!(error = %e, "telling the environments the control plane started failed; trying again at the next renewal");
+        }
+        Ok(())
     }
 
     /// If this core holds the monitor duty, sends the environments the notice the control
@@ -507,12 +506,17 @@ impl Core {
         Ok(())
     }
 
+    /// How lately another core must have written to the database to count as running (when
+    /// this one starts or stops the control plane): three duty leases.
+    fn alive_within(&self) -> Duration {
+        self.inner.config.cluster.duty_lease * 3
+    }
+
     /// Whether another core wrote to the database within three duty leases.
     async fn other_cores_alive(&self) -> Result<bool, CoreError> {
         let cluster = self.cluster();
-        let within = self.inner.config.cluster.duty_lease * 3;
         Ok(cluster
-            .cores(within)
+            .cores(self.alive_within())
             .await?
             .iter()
             .any(|c| c.node != cluster.node()))

@@ -51,37 +51,43 @@ pub(super) fn spawn(inner: Arc<Inner>) {
         }
     }
     tokio::spawn(async move {
-        let db = match apart {
+        let own = match apart {
             Some(opt) => claims_apart(&inner, opt).await,
-            None => inner.db.clone(),
+            None => None,
         };
-        dispatcher(inner, db, done_tx).await
+        dispatcher(inner, own, done_tx).await
     });
 }
 
 /// The connection the dispatcher claims on, opened with `opt` (lazily: only bad options fail
 /// here, and then it claims on the commands' pool).
-async fn claims_apart(inner: &Inner, opt: sea_orm::ConnectOptions) -> sea_orm::DatabaseConnection {
+async fn claims_apart(
+    inner: &Inner,
+    opt: sea_orm::ConnectOptions,
+) -> Option<sea_orm::DatabaseConnection> {
     match sea_orm::Database::connect(opt).await {
         Ok(mut db) => {
             let recorder = inner.recorder.clone();
             db.set_metric_callback(move |info| recorder.statement(info.elapsed, info.failed));
-            db
+            Some(db)
         }
         Err(e) => {
             tracing::warn!(error = %e, "the dispatcher cannot open a connection of its own; claiming on the commands' pool");
-            inner.db.clone()
+            None
         }
     }
 }
 
-/// Claims commands on `db` and starts them, as workers are free, until the queue stops.
+/// Claims commands (on `own` connection if it has one, else or when that fails on the
+/// commands' pool) and starts them, as workers are free, until the queue stops.
 async fn dispatcher(
     inner: Arc<Inner>,
-    db: sea_orm::DatabaseConnection,
+    own: Option<sea_orm::DatabaseConnection>,
     done: mpsc::UnboundedSender<PlainDone>,
 ) {
     let batch = claim_cap(inner.config.claim_batch, inner.config.workers);
+    // Whether the last claim on its own connection failed (said once, not at every claim).
+    let mut own_failing = false;
     while !inner.stopping.load(Ordering::SeqCst) {
         let Ok(first) = inner.slots.clone().acquire_owned().await else {
             return;
@@ -106,7 +112,23 @@ async fn dispatcher(
         let now = inner.clock.now_ms();
         let lease_until = now + inner.config.lease.as_millis() as i64;
         let asked = permits.len();
-        let claimed = store::claim(&db, &inner.node_id, now, lease_until, asked).await;
+        let node = inner.node_id.as_str();
+        let mut claimed = match &own {
+            Some(db) => store::claim(db, node, now, lease_until, asked).await,
+            None => store::claim(&inner.db, node, now, lease_until, asked).await,
+        };
+        // Its own connection may be refused (the database's `max_connections` sized for one
+        // connection less per core) or lost: the commands' pool claims meanwhile.
+        if let (Err(e), Some(_)) = (&claimed, &own) {
+            if !own_failing {
+                tracing::warn!(error = %e, "claiming on the dispatcher's own connection failed; claiming on the commands' pool until it works again");
+                own_failing = true;
+            }
+            claimed = store::claim(&inner.db, node, now, lease_until, asked).await;
+        } else if own_failing && own.is_some() {
+            tracing::info!("the dispatcher claims on its own connection again");
+            own_failing = false;
+        }
         let (mut rows, holding) = match claimed {
             Ok(c) => {
                 for r in &c.rows {
