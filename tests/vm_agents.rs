@@ -289,6 +289,52 @@ async fn a_live_migration_whose_source_or_target_agent_is_killed_leaves_one_runn
         answer(&ip).await,
         format!("page=from-the-image host={guest}")
     );
+
+    // A VM that does not answer on the target (its guest agent gone; a kernel that died on
+    // arrival looks the same) is not taken over there: the move fails, the target's copy is
+    // destroyed and the VM goes on where it was, from its memory.
+    let exec = |command: serde_json::Value| {
+        let client = tc.client.clone();
+        async move {
+            client
+                .post::<_, serde_json::Value>(
+                    &format!("/v1/containers/{id}/exec"),
+                    &json!({ "command": command }),
+                )
+                .await
+        }
+    };
+    let gone = "(sleep 1; kill $(cat /run/qemu-ga.pid)) </dev/null >/dev/null 2>&1 &";
+    let out = exec(json!(["sh", "-c", gone])).await.unwrap();
+    assert_eq!(out["exit_code"], 0, "{out}");
+    crate::common::eventually_within(
+        "the guest agent gone",
+        std::time::Duration::from_secs(120),
+        || async { exec(json!(["true"])).await.is_err().then_some(()) },
+    )
+    .await;
+    let a: serde_json::Value = tc
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "migrate", "live": true, "to": agents[0].name }),
+        )
+        .await
+        .unwrap();
+    let done = finished(&tc, a["command_id"].as_i64().unwrap()).await;
+    assert_eq!(done.status, CommandStatus::Failed, "{done:?}");
+    let error = done.error.clone().unwrap_or_default();
+    assert!(error.contains("does not answer"), "{error}");
+    let row = tc.core.containers().get_by_id(id).await.unwrap();
+    assert_eq!(
+        one_running_vm(&agents, &guest, (1, 0), &row, &done).await,
+        1
+    );
+    assert_eq!(
+        answer(&ip).await,
+        format!("page=from-the-image host={guest}")
+    );
+    no_dummy(&tc.core.servers().list().await.unwrap());
 }
 
 /// A new container of the test VM type on `agent`'s server, once it runs.

@@ -149,6 +149,30 @@ impl QemuDriver {
                 .await
                 .map_err(permanent)?;
         }
-        Ok(())
+        // Taken over only if the guest answers here: one whose kernel died on arrival (one
+        // move in about fifty did under TCG with the growth shape) fails the move, so the
+        // command destroys this copy and the source, paused with its memory whole, goes on.
+        let qga = self.file(guest_id, files::QGA);
+        answers(&qga, ARRIVAL_WAIT).await.map_err(|e| {
+            permanent(format!(
+                "VM {guest_id} arrived but does not answer here ({e}); it goes on where it was"
+            ))
+        })
+    }
+}
+
+/// How long a VM that arrived by live migration has to answer its guest agent.
+const ARRIVAL_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits until the guest agent behind `qga` answers a ping, trying again for at most `wait`.
+async fn answers(qga: &std::path::Path, wait: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match control::ga_ping(qga, left.min(Duration::from_secs(2))).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
 }
