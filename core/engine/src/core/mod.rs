@@ -351,14 +351,17 @@ impl Core {
             .check_agents_token(self.seen_lately())
             .await
             .map_err(CoreError::Setup)?;
-        let runner = Arc::new(crate::commands::Handlers::new(self.services().clone()));
-        let single_core = self.db().get_database_backend() == DatabaseBackend::Sqlite;
-        self.queue().start(runner, single_core).await?;
         // The first core to start takes the duties at once; the others wait for a lapse.
         for duty in crate::cluster::Duty::ALL {
             self.cluster().claim(duty).await?;
         }
+        // Before any command runs: its first read of the servers replaces placement's view,
+        // which would drop the decisions of groups placing meanwhile (not yet committed), so
+        // that later ones crowd a server those had filled (a create that named it then failed).
         self.sync_cluster().await?;
+        let runner = Arc::new(crate::commands::Handlers::new(self.services().clone()));
+        let single_core = self.db().get_database_backend() == DatabaseBackend::Sqlite;
+        self.queue().start(runner, single_core).await?;
         if self.cluster().holds(crate::cluster::Duty::Collector) {
             self.collector().collect(None).await?;
         }
