@@ -762,6 +762,33 @@ async fn one_unreadable_guest_does_not_leave_the_others_of_its_server_down() {
     }
 }
 
+/// A core on a scratch PostgreSQL database with the `watched` type, its log, and the id of the
+/// member of the environment `watch` (on sim-2); `None` without PostgreSQL.
+async fn watched_on_postgres() -> Option<(TestCore, Arc<Mutex<Vec<String>>>, ContainerId)> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let t = TestCore::start(Opts {
+        postgres: true,
+        types: vec![Arc::new(Watched(log.clone()))],
+        ..Default::default()
+    })
+    .await?;
+    let id = env_with_watched(&t, "sim-2").await;
+    Some((t, log, id))
+}
+
+/// Another core (not started) on database `url`, with the `watched` type writing to `log`.
+async fn another_core(
+    dir: &std::path::Path,
+    url: &str,
+    log: &Arc<Mutex<Vec<String>>>,
+) -> cloud48_engine::Core {
+    let core = cloud48_engine::Core::open(core_config(dir, Some(url)))
+        .await
+        .unwrap();
+    core.types().register(Arc::new(Watched(log.clone())));
+    core
+}
+
 /// The `after-cc-start` notices queued so far (of the first hundred commands).
 async fn start_notices(core: &cloud48_engine::Core) -> Vec<Command> {
     let all = core
@@ -782,27 +809,15 @@ async fn start_notices(core: &cloud48_engine::Core) -> Vec<Command> {
 /// the control plane started; exactly one does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_cores_started_together_after_all_stopped_one_tells_the_environments() {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let Some(t) = TestCore::start(Opts {
-        postgres: true,
-        types: vec![Arc::new(Watched(log.clone()))],
-        ..Default::default()
-    })
-    .await
-    else {
+    let Some((t, log, id)) = watched_on_postgres().await else {
         return;
     };
-    let id = env_with_watched(&t, "sim-2").await;
     t.core.shutdown(Duration::from_secs(10)).await.unwrap();
     let url = t._pg.as_ref().unwrap().url.clone();
     let dirs = [crate::common::tempdir(), crate::common::tempdir()];
     let mut cores = Vec::new();
     for dir in &dirs {
-        let core = cloud48_engine::Core::open(core_config(dir.path(), Some(&url)))
-            .await
-            .unwrap();
-        core.types().register(Arc::new(Watched(log.clone())));
-        cores.push(core);
+        cores.push(another_core(dir.path(), &url, &log).await);
     }
     log.lock().unwrap().clear();
     let (a, b) = tokio::join!(cores[0].start(), cores[1].start());
@@ -828,25 +843,14 @@ async fn of_cores_started_together_after_all_stopped_one_tells_the_environments(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_notice_owed_by_a_core_without_the_monitor_is_sent_by_the_one_holding_it() {
     use sea_orm::ConnectionTrait;
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let Some(t) = TestCore::start(Opts {
-        postgres: true,
-        types: vec![Arc::new(Watched(log.clone()))],
-        ..Default::default()
-    })
-    .await
-    else {
+    let Some((t, log, id)) = watched_on_postgres().await else {
         return;
     };
-    let id = env_with_watched(&t, "sim-2").await;
     // This core's own start found no environment to tell.
     assert!(start_notices(&t.core).await.is_empty());
     let url = t._pg.as_ref().unwrap().url.clone();
     let dir = crate::common::tempdir();
-    let other = cloud48_engine::Core::open(core_config(dir.path(), Some(&url)))
-        .await
-        .unwrap();
-    other.types().register(Arc::new(Watched(log.clone())));
+    let other = another_core(dir.path(), &url, &log).await;
     log.lock().unwrap().clear();
     // The running core keeps the monitor, but looks silent to the next core's start.
     t.core.claim_duties().await.unwrap();
