@@ -13,7 +13,7 @@ use cloud48_engine::model::{
 };
 use cloud48_engine::placement::{self, Candidate, PlaceRequest, Weights, decide, score};
 use proptest::prelude::*;
-use sea_orm::TransactionTrait;
+use sea_orm::{EntityTrait, TransactionTrait};
 use serde_json::{Value, json};
 
 use crate::common::{Opts, TestCore};
@@ -114,7 +114,7 @@ proptest! {
         };
         let w = Weights::default();
         let cache = placement::PlacementCache::with_servers(w, servers.clone());
-        let batch = cache.decide_many(&req, None, count);
+        let batch = cache.decide_many(placement::Holder::Command(1), &req, None, count);
         for (i, got) in batch.iter().enumerate() {
             let want = decide(&servers, &req, &HashSet::new(), &w);
             prop_assert_eq!(got.is_ok(), want.is_ok(), "decision {} differs", i);
@@ -513,6 +513,73 @@ async fn a_create_placed_before_its_step_was_written_is_made_from_its_dummy(post
 crate::on_both_databases!(
     placed_before,
     a_create_placed_before_its_step_was_written_is_made_from_its_dummy
+);
+
+/// Placement's view equals the servers' rows: every server's counters and containers.
+async fn assert_view_is_the_database(t: &TestCore) {
+    let view: HashMap<i64, Candidate> = t
+        .core
+        .placement()
+        .snapshot()
+        .into_iter()
+        .map(|c| (c.id, c))
+        .collect();
+    for s in servers(t).await {
+        let c = &view[&s.id.0];
+        assert_eq!(
+            (c.allocated, c.containers),
+            (s.allocated, s.containers),
+            "placement's view of {} differs from the database",
+            s.name
+        );
+    }
+}
+
+/// A view of the servers read before creates committed (as a reload racing them reads it) is
+/// taken in with them still counted; and once every command has ended nothing this core
+/// counted is left unsettled, so a reload shows exactly what the database holds.
+async fn a_view_read_while_creates_commit_still_counts_them(postgres: bool) {
+    let opts = Opts {
+        workers: 64,
+        paused: true,
+        ..room_for_150(postgres)
+    };
+    let Some(t) = TestCore::start(opts).await else {
+        return;
+    };
+    // Creates in groups (some naming their server), alone in a batch, and one that fits nowhere.
+    let mut accepted = Vec::new();
+    for _ in 0..10 {
+        accepted.push(create(&t, &plain(Some("sim-2"))).await);
+    }
+    for _ in 0..60 {
+        accepted.push(create(&t, &plain(None)).await);
+    }
+    let batch = CreateContainer {
+        count: Some(40),
+        ..plain(None)
+    };
+    accepted.push(create(&t, &batch).await);
+    let placement = t.core.placement();
+    let read = placement.reading();
+    let before = cloud48_engine::entities::server::Entity::find()
+        .all(t.core.db())
+        .await
+        .unwrap();
+    assert!(before.iter().all(|s| s.alloc_containers == 0));
+    t.core.start().await.unwrap();
+    for a in &accepted {
+        t.ok(a.command_id).await;
+    }
+    placement.load(read, &before);
+    assert_view_is_the_database(&t).await;
+    placement.refresh_all(t.core.db()).await.unwrap();
+    assert_view_is_the_database(&t).await;
+    assert_ledger_clean(&t).await;
+}
+crate::on_both_databases!(
+    view_read_meanwhile,
+    a_view_read_while_creates_commit_still_counts_them
 );
 
 async fn the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger(postgres: bool) {

@@ -27,7 +27,7 @@ use super::{StepCtx, driver_of, guest_spec, make_guest, params};
 use crate::entities::{command, container, dummy};
 use crate::managers::guest_id_for;
 use crate::model::{ContainerStatus, Resources, now_ms};
-use crate::placement::{self, PlaceRequest, PlacementCache};
+use crate::placement::{self, Holder, PlaceRequest, PlacementCache};
 use crate::queue::{Next, StepError, Transition, UndoWrites};
 use crate::services::Services;
 
@@ -72,14 +72,16 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
     }
     let image = super::image_of(svc, &params.type_id);
     let need = req.resources;
-    // Decide in memory; the cache counts each decision so the next one sees it.
+    // Decide in memory; the cache counts each decision so the next one sees it (the queue
+    // settles the counts when this step's transaction ends).
+    let holder = Holder::Command(ctx.cmd.id);
     let decisions = match fixed {
         Some(s) => {
-            cache.apply(s, &need.times(rows.len() as u64), rows.len() as i64, 1);
+            cache.hold(holder, s, &need.times(rows.len() as u64), rows.len() as i64);
             vec![Ok(s); rows.len()]
         }
         None => cache
-            .decide_many_fresh(svc.db(), &req, image.as_ref(), rows.len())
+            .decide_many_fresh(svc.db(), holder, &req, image.as_ref(), rows.len())
             .await
             .map_err(StepError::Db)?,
     };
@@ -116,7 +118,12 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
                     continue;
                 }
                 // The server filled up meanwhile: place these one by one.
-                cache.apply(server, &need.times(ids.len() as u64), ids.len() as i64, -1);
+                cache.unhold(
+                    holder,
+                    server,
+                    &need.times(ids.len() as u64),
+                    ids.len() as i64,
+                );
                 cache.refresh(txn, server).await?;
                 for id in ids {
                     let request = PlaceRequest {

@@ -32,7 +32,7 @@ use super::{driver_err, driver_of, guest_spec, make_guest, params};
 use crate::entities::command;
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources};
-use crate::placement::{self, PlacementCache, Reservation};
+use crate::placement::{self, Holder, PlacementCache, Reservation, Settling};
 use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_in, json_rows};
 use crate::queue::{GroupCommit, GroupNext, GroupSink, GroupWrite, GroupWrites, StepError};
 use crate::services::Services;
@@ -138,10 +138,10 @@ type Decided = (usize, i64, i64, Resources);
 /// What step 0's writes kept, with the dummy of each container.
 type Placed = (Vec<Decided>, HashMap<i64, i64>);
 
-/// Gives back to the placement cache what `list`'s decisions counted.
-fn uncount(cache: &PlacementCache, list: &[Decided]) {
+/// Gives back to the placement cache what `list`'s decisions counted for `holder`.
+fn uncount(cache: &PlacementCache, holder: Holder, list: &[Decided]) {
     for (_, _, server, need) in list {
-        cache.apply(*server, need, 1, -1);
+        cache.unhold(holder, *server, need, 1);
     }
 }
 
@@ -157,6 +157,9 @@ async fn place(
         .await
         .map_err(super::core_err)?;
     let cache = svc.placement();
+    // What the decisions count is given back when the step ends, unless committed.
+    let hold = Settling::new(svc.placement_shared(), cache.group_holder());
+    let holder = hold.holder();
     // Equal requirements, named server and type (its image) share one decision heap.
     // Those that named a server come first, so the others' decisions see what they take.
     let mut by_need: BTreeMap<(bool, Option<i64>, String, String), Vec<Plain<'_>>> =
@@ -193,11 +196,11 @@ async fn place(
         let n = members.len();
         let decisions = match fixed {
             Some(s) => {
-                cache.apply(s, &need.times(n as u64), n as i64, 1);
+                cache.hold(holder, s, &need.times(n as u64), n as i64);
                 vec![Ok(s); n]
             }
             None => cache
-                .decide_many_fresh(svc.db(), &req, image.as_ref(), n)
+                .decide_many_fresh(svc.db(), holder, &req, image.as_ref(), n)
                 .await
                 .map_err(StepError::Db)?,
         };
@@ -226,7 +229,7 @@ async fn place(
     let (shared, kept_slot) = (svc.placement_shared(), slot.clone());
     let writes: GroupWrites = Box::new(move |txn| {
         Box::pin(async move {
-            let undo = |list: &[Decided]| uncount(&shared, list);
+            let undo = |list: &[Decided]| uncount(&shared, holder, list);
             let held = match placement::claim_many(txn, &claims).await {
                 Ok(held) => held,
                 Err(e) => {
@@ -279,10 +282,10 @@ async fn place(
         return outcome.map(|_| ());
     };
     match outcome {
-        Ok(GroupCommit::Committed) => {}
+        Ok(GroupCommit::Committed) => cache.settle(holder, true),
         other => {
             // Nothing of it was committed: the cache gives back what the decisions counted.
-            uncount(cache, &kept);
+            uncount(cache, holder, &kept);
             return other.map(|_| ());
         }
     }

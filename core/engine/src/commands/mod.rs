@@ -68,6 +68,13 @@ impl Runner for Handlers {
         grouped::key(cmd)
     }
 
+    fn settled(&self, id: i64, committed: bool) {
+        // What its placement decisions counted: in the database now, or given back.
+        self.svc
+            .placement()
+            .settle(crate::placement::Holder::Command(id), committed);
+    }
+
     async fn step_group(
         &self,
         cmds: &[command::Model],

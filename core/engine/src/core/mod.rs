@@ -411,8 +411,10 @@ impl Core {
         // Servers other cores registered, marked down or up, drained or placed on: attach their
         // drivers and refresh placement's view (the allocation counters in it are checked
         // again by the database when a reservation is written). Read only when they changed.
+        // Begun before the read: what this core commits meanwhile is not lost from the view.
+        let read = self.placement().reading();
         match cluster.changed_servers().await? {
-            crate::cluster::ServerChanges::None => {}
+            crate::cluster::ServerChanges::None => drop(read),
             crate::cluster::ServerChanges::All(rows) => {
                 // New servers, and agents another core accepted at another address or network
                 // (or another agent taking a server over): this core's next heartbeat from
@@ -431,10 +433,10 @@ impl Core {
                     fleet.attach(row)?;
                 }
                 self.agents().forget_changed(&rows);
-                self.placement().load(&rows);
+                self.placement().load(read, &rows);
             }
             crate::cluster::ServerChanges::Allocations(counters) => {
-                self.placement().set_allocations(&counters)
+                self.placement().set_allocations(read, &counters)
             }
         }
         cluster

@@ -12,7 +12,7 @@ use sea_orm::{
     TransactionTrait,
 };
 
-use super::{PlacementCache, PlacementError, allocated_of, resources};
+use super::{Holder, PlacementCache, PlacementError, allocated_of, resources};
 use crate::entities::{container, dummy, server};
 use crate::model::{ContainerStatus, ImageRef, Requirements, Resources, now_ms};
 
@@ -242,7 +242,10 @@ pub async fn place(
         // A failed conditional update changes nothing, so no savepoint is needed.
         if claim(txn, server_id, &need, 1, true).await? {
             let dummy_id = insert_dummy(txn, server_id, &req, &need).await?;
-            cache.apply(server_id, &need, 1, 1);
+            match req.command_id {
+                Some(c) => cache.hold(Holder::Command(c), server_id, &need, 1),
+                None => cache.apply(server_id, &need, 1, 1),
+            }
             return Ok(Reservation {
                 server_id,
                 dummy_id,

@@ -28,16 +28,17 @@
 //! - A dummy carries the id of the command that placed it and a deadline; the collector removes
 //!   dummies whose command finished or whose deadline passed.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::collections::HashSet;
 
-use sea_orm::{ConnectionTrait, DbErr, EntityTrait, QueryOrder};
+use sea_orm::DbErr;
 
+mod cache;
 mod ledger;
+mod pending;
 
+pub use cache::{PlacementCache, Reading, Settling};
 pub use ledger::*;
+pub use pending::Holder;
 
 use crate::entities::server;
 use crate::model::{ImageRef, Requirements, Resources};
@@ -304,296 +305,6 @@ fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<i64>
     )
 }
 
-/// Placement's in-memory view of the servers: read by every decision, refreshed from the
-/// database (fully at start and by the collector, per server after a failed claim).
-#[derive(Default)]
-pub struct PlacementCache {
-    servers: RwLock<(Vec<Candidate>, HashMap<i64, usize>)>,
-    /// The images each server holds (`name@digest`, as its agent reports them).
-    held: RwLock<HashMap<i64, Vec<String>>>,
-    weights: RwLock<Weights>,
-    timing: AtomicBool,
-    samples: std::sync::Mutex<Vec<u32>>,
-    /// Decisions that found a server, and that found none.
-    placed: std::sync::atomic::AtomicU64,
-    refused: std::sync::atomic::AtomicU64,
-}
-
-impl PlacementCache {
-    /// A cache scoring with `weights`.
-    pub fn new(weights: Weights) -> Self {
-        PlacementCache {
-            weights: RwLock::new(weights),
-            ..Default::default()
-        }
-    }
-
-    /// A cache of the given servers (for tools and tests that need no database).
-    pub fn with_servers(weights: Weights, servers: Vec<Candidate>) -> Self {
-        let index = servers.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
-        let cache = PlacementCache::new(weights);
-        *cache.servers.write().unwrap() = (servers, index);
-        cache
-    }
-
-    /// Reloads every server.
-    pub async fn refresh_all<C: ConnectionTrait>(&self, conn: &C) -> Result<(), DbErr> {
-        let rows = server::Entity::find()
-            .order_by_asc(server::Column::Id)
-            .all(conn)
-            .await?;
-        self.load(&rows);
-        Ok(())
-    }
-
-    /// Replaces the view with these rows of `servers` (all of them).
-    pub fn load(&self, rows: &[server::Model]) {
-        let list: Vec<Candidate> = rows.iter().map(Candidate::from_row).collect();
-        let index = list.iter().enumerate().map(|(i, c)| (c.id, i)).collect();
-        *self.servers.write().unwrap() = (list, index);
-    }
-
-    /// Reloads one server.
-    pub async fn refresh<C: ConnectionTrait>(&self, conn: &C, id: i64) -> Result<(), DbErr> {
-        let Some(row) = server::Entity::find_by_id(id).one(conn).await? else {
-            return Ok(());
-        };
-        let fresh = Candidate::from_row(&row);
-        let mut guard = self.servers.write().unwrap();
-        let (list, index) = &mut *guard;
-        match index.get(&id) {
-            Some(&i) => list[i] = fresh,
-            None => {
-                index.insert(id, list.len());
-                list.push(fresh);
-            }
-        }
-        Ok(())
-    }
-
-    /// Records a reservation (`sign` 1) or a release (`sign` -1) made in this core.
-    pub(crate) fn apply(&self, id: i64, r: &Resources, count: i64, sign: i64) {
-        let mut guard = self.servers.write().unwrap();
-        let (list, index) = &mut *guard;
-        if let Some(&i) = index.get(&id) {
-            let c = &mut list[i];
-            if sign > 0 {
-                c.allocated = c.allocated.plus(r);
-                c.containers += count as u64;
-            } else {
-                c.allocated = c.allocated.minus(r);
-                c.containers = c.containers.saturating_sub(count as u64);
-            }
-        }
-    }
-
-    /// Replaces the allocation counters of the servers named, from `(id, cpu_millis,
-    /// memory_mb, disk_mb, containers)` as the database holds them.
-    pub fn set_allocations(&self, counters: &[(i64, i64, i64, i64, i64)]) {
-        let mut guard = self.servers.write().unwrap();
-        let (list, index) = &mut *guard;
-        for &(id, cpu, memory, disk, containers) in counters {
-            if let Some(&i) = index.get(&id) {
-                list[i].allocated = resources(cpu, memory, disk);
-                list[i].containers = containers.max(0) as u64;
-            }
-        }
-    }
-
-    /// Marks a server up or down and draining or not.
-    pub fn set_status(&self, id: i64, up: bool, draining: bool) {
-        let mut guard = self.servers.write().unwrap();
-        let (list, index) = &mut *guard;
-        if let Some(&i) = index.get(&id) {
-            list[i].up = up;
-            list[i].draining = draining;
-        }
-    }
-
-    /// Records the images server `id` holds (`name@digest`), from its heartbeat.
-    pub fn set_images(&self, id: i64, images: &[String]) {
-        let mut held = self.held.write().unwrap();
-        if held.get(&id).map(Vec::as_slice) != Some(images) {
-            held.insert(id, images.to_vec());
-        }
-    }
-
-    /// The servers whose agents last said they hold `image`, lowest id first.
-    pub fn holders(&self, image: &ImageRef) -> Vec<i64> {
-        let mut ids: Vec<i64> = self
-            .held
-            .read()
-            .unwrap()
-            .iter()
-            .filter(|(_, names)| names.iter().any(|n| holds(n, image)))
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort_unstable();
-        ids
-    }
-
-    /// Chooses a server (see `decide`), preferring those that hold `image`.
-    pub fn decide(
-        &self,
-        req: &Requirements,
-        image: Option<&ImageRef>,
-        avoid: &HashSet<i64>,
-    ) -> Result<i64, String> {
-        let started = self.timing.load(Ordering::Relaxed).then(Instant::now);
-        let w = *self.weights.read().unwrap();
-        let servers = &self.servers.read().unwrap().0;
-        let out = match image {
-            None => decide(servers, req, avoid, &w),
-            Some(image) => {
-                let held = self.held.read().unwrap();
-                decide_preferring(servers, req, avoid, &w, |id| {
-                    held.get(&id)
-                        .is_some_and(|names| names.iter().any(|n| holds(n, image)))
-                })
-            }
-        };
-        if let Some(t) = started {
-            let ns = t.elapsed().as_nanos().min(u32::MAX as u128) as u32;
-            self.samples.lock().unwrap().push(ns);
-        }
-        self.count(std::iter::once(&out));
-        out
-    }
-
-    fn count<'a>(&self, decisions: impl IntoIterator<Item = &'a Result<i64, String>>) {
-        let (mut placed, mut refused) = (0, 0);
-        for d in decisions {
-            if d.is_ok() {
-                placed += 1;
-            } else {
-                refused += 1;
-            }
-        }
-        self.placed.fetch_add(placed, Ordering::Relaxed);
-        self.refused.fetch_add(refused, Ordering::Relaxed);
-    }
-
-    /// Decisions made since the cache was made: (placed, found no server).
-    pub fn decisions(&self) -> (u64, u64) {
-        (
-            self.placed.load(Ordering::Relaxed),
-            self.refused.load(Ordering::Relaxed),
-        )
-    }
-
-    /// `decide_many`, and on a database other cores share once more on a fresh view when a
-    /// decision found no server: another core may have registered servers, or seen them come
-    /// back, since this view was read.
-    pub async fn decide_many_fresh<C: ConnectionTrait>(
-        &self,
-        conn: &C,
-        req: &Requirements,
-        image: Option<&ImageRef>,
-        count: usize,
-    ) -> Result<Vec<Result<i64, String>>, DbErr> {
-        let decisions = self.decide_many(req, image, count);
-        if decisions.iter().all(Result::is_ok)
-            || conn.get_database_backend() != sea_orm::DatabaseBackend::Postgres
-        {
-            return Ok(decisions);
-        }
-        self.refresh_all(conn).await?;
-        Ok(self.decide_many(req, image, count))
-    }
-
-    /// Decides servers for `count` containers with the same requirements, as `decide` would
-    /// one after another, and counts each decision in the cache (like `apply`). The fitting
-    /// servers go into a heap by score once; each decision takes the best, counts the container
-    /// there and puts the server back with its new score, so a decision costs O(log servers)
-    /// instead of a scan. The decisions that find no server carry the reason.
-    pub fn decide_many(
-        &self,
-        req: &Requirements,
-        image: Option<&ImageRef>,
-        count: usize,
-    ) -> Vec<Result<i64, String>> {
-        use std::cmp::{Ordering as O, Reverse};
-        use std::collections::BinaryHeap;
-        #[derive(PartialEq)]
-        struct Best(f64, Reverse<i64>, usize);
-        impl Eq for Best {}
-        impl PartialOrd for Best {
-            fn partial_cmp(&self, other: &Self) -> Option<O> {
-                Some(self.cmp(other))
-            }
-        }
-        impl Ord for Best {
-            fn cmp(&self, other: &Self) -> O {
-                self.0.total_cmp(&other.0).then(self.1.cmp(&other.1))
-            }
-        }
-        let w = *self.weights.read().unwrap();
-        let need = &req.resources;
-        let held = self.held.read().unwrap();
-        let bonus = |id: i64| match image {
-            Some(image)
-                if held
-                    .get(&id)
-                    .is_some_and(|n| n.iter().any(|n| holds(n, image))) =>
-            {
-                w.image
-            }
-            _ => 0.0,
-        };
-        let timing = self.timing.load(Ordering::Relaxed);
-        let mut guard = self.servers.write().unwrap();
-        let list = &mut guard.0;
-        let started = Instant::now();
-        let mut heap: BinaryHeap<Best> = list
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.placeable() && has_labels(c, req) && c.fits(need))
-            .map(|(i, c)| Best(score(c, need, &w) + bonus(c.id), Reverse(c.id), i))
-            .collect();
-        let build = started.elapsed().as_nanos() as u64 / count.max(1) as u64;
-        let mut out = Vec::with_capacity(count);
-        let mut samples = Vec::new();
-        for _ in 0..count {
-            let one = Instant::now();
-            let Some(Best(_, Reverse(id), at)) = heap.pop() else {
-                let reason = no_fit_reason(list, req, &HashSet::new());
-                out.resize(count, Err(reason));
-                break;
-            };
-            let c = &mut list[at];
-            c.allocated = c.allocated.plus(need);
-            c.containers += 1;
-            if c.fits(need) {
-                heap.push(Best(score(c, need, &w) + bonus(id), Reverse(id), at));
-            }
-            out.push(Ok(id));
-            if timing {
-                samples.push((build + one.elapsed().as_nanos() as u64).min(u32::MAX as u64) as u32);
-            }
-        }
-        if timing {
-            self.samples.lock().unwrap().extend(samples);
-        }
-        self.count(&out);
-        out
-    }
-
-    /// Starts recording the duration of every decision (for `bench place`).
-    pub fn record_timings(&self, on: bool) {
-        self.timing.store(on, Ordering::Relaxed);
-    }
-
-    /// Takes the recorded decision durations in nanoseconds.
-    pub fn take_timings(&self) -> Vec<u32> {
-        std::mem::take(&mut *self.samples.lock().unwrap())
-    }
-
-    /// A copy of the cached servers.
-    pub fn snapshot(&self) -> Vec<Candidate> {
-        self.servers.read().unwrap().0.clone()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -697,7 +408,7 @@ mod tests {
         // In a batch, a server stops taking containers once its addresses run out.
         full.containers = 1;
         let cache = PlacementCache::with_servers(w, vec![full]);
-        let placed = cache.decide_many(&need(100, 100), None, 3);
+        let placed = cache.decide_many(Holder::Command(1), &need(100, 100), None, 3);
         assert_eq!(placed.iter().filter(|p| p.is_ok()).count(), 2, "{placed:?}");
     }
 
@@ -710,12 +421,42 @@ mod tests {
         let none = HashSet::new();
         assert_eq!(cache.decide(&need(100, 100), None, &none), Ok(1));
         // Another core filled server 1; an unknown server (99) is passed over.
-        cache.set_allocations(&[(1, 7900, 8000, 10, 40), (99, 1, 1, 1, 1)]);
+        cache.set_allocations(
+            cache.reading(),
+            &[(1, 7900, 8000, 10, 40), (99, 1, 1, 1, 1)],
+        );
         let one = cache.snapshot().into_iter().find(|c| c.id == 1).unwrap();
         assert_eq!(one.free().cpu_millis, 100);
         assert_eq!(one.containers, 40);
         assert_eq!(cache.decide(&need(100, 100), None, &none), Ok(2));
         assert_eq!(cache.snapshot().len(), 2);
+    }
+
+    #[test]
+    fn a_reload_keeps_what_decisions_counted_until_the_database_has_it() {
+        let cache =
+            PlacementCache::with_servers(Weights::default(), vec![server(1, 1000, 8192, &[])]);
+        let free = || cache.snapshot()[0].free().cpu_millis;
+        let group = cache.group_holder();
+        let placed = cache.decide_many(group, &need(100, 100), None, 5);
+        assert!(placed.iter().all(|p| *p == Ok(1)), "{placed:?}");
+        // A read that began before the group's writes committed does not have them.
+        let early = cache.reading();
+        cache.settle(group, true);
+        cache.set_allocations(early, &[(1, 7000, 0, 0, 0)]);
+        assert_eq!(free(), 500);
+        // A read that began after the commit has them: not counted twice.
+        cache.set_allocations(cache.reading(), &[(1, 7500, 500, 50, 5)]);
+        assert_eq!(free(), 500);
+        // A decision not settled survives a reload, and is given back when it fails.
+        let command = Holder::Command(9);
+        cache.decide_many(command, &need(100, 100), None, 2);
+        assert_eq!(free(), 300);
+        cache.set_allocations(cache.reading(), &[(1, 7500, 500, 50, 5)]);
+        assert_eq!(free(), 300);
+        cache.settle(command, false);
+        assert_eq!(free(), 500);
+        assert_eq!(cache.snapshot()[0].containers, 5);
     }
 
     #[test]
@@ -763,7 +504,7 @@ mod tests {
             Ok(2)
         );
         // Batches prefer it too, until it is no longer the best.
-        let many = cache.decide_many(&need(100, 100), Some(&tomcat(None)), 2);
+        let many = cache.decide_many(Holder::Command(1), &need(100, 100), Some(&tomcat(None)), 2);
         assert_eq!(many[0], Ok(1));
         // With the weight at 0 the image counts for nothing.
         let indifferent = PlacementCache::with_servers(

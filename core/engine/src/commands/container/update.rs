@@ -46,7 +46,7 @@ pub(super) async fn update(
                         grow.cpu_millis, grow.memory_mb, grow.disk_mb
                     )));
                 };
-                cache.apply(server_id, &grow, 1, 1);
+                cache.hold(placement::Holder::Command(command), server_id, &grow, 1);
                 let progress = json!({ "server_id": r.server_id, "dummy_id": r.dummy_id });
                 let step = UpdateStep::Resize.number();
                 Ok(Next::Continue { step, progress })

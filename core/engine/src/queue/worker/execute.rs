@@ -109,6 +109,11 @@ pub(super) async fn run(
     done: &mpsc::UnboundedSender<PlainDone>,
 ) -> Result<(), sea_orm::DbErr> {
     let runner = inner.runner.get().expect("runner set before start").clone();
+    // However the run ends, what its steps did not commit is settled as given back.
+    let _unsettled = Unsettled {
+        runner: runner.clone(),
+        id: row.id,
+    };
     let target = Target::of(row);
     if let Some(target) = target {
         match store::lock(&inner.db, target, row.id).await? {
@@ -186,6 +191,7 @@ pub(super) async fn run(
                     return lost_lease(row, txn).await;
                 }
                 txn.commit().await?;
+                runner.settled(row.id, true);
                 row.step = step;
                 row.progress = progress.to_string();
             }
@@ -201,6 +207,7 @@ pub(super) async fn run(
                     return lost_lease(row, txn).await;
                 }
                 txn.commit().await?;
+                runner.settled(row.id, true);
                 tracing::info!(children = ?ids, "waiting for child commands");
                 inner.work.notify_one();
                 return Ok(());
@@ -227,6 +234,18 @@ pub(super) async fn run(
                 return fail(inner, row, error, Some(result.to_string()), txn).await;
             }
         }
+    }
+}
+
+/// Settles a run's uncommitted work as given back when the run ends (see `Runner::settled`).
+struct Unsettled {
+    runner: Arc<dyn crate::queue::Runner>,
+    id: i64,
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        self.runner.settled(self.id, false);
     }
 }
 
@@ -308,6 +327,9 @@ pub(super) async fn commit_finish(
         return lost_lease(row, txn).await;
     }
     txn.commit().await?;
+    if let Some(runner) = inner.runner.get() {
+        runner.settled(row.id, true);
+    }
     tracing::info!(status = %f.status, "command finished");
     inner.waiters.wake([row.id]);
     inner.work.notify_one();
