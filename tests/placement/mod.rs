@@ -159,13 +159,15 @@ async fn servers(t: &TestCore) -> Vec<Server> {
     t.client.get("/v1/servers").await.unwrap()
 }
 
-/// The ledger matches the containers and dummies, and no dummy is left.
+/// The ledger matches the containers and dummies, no dummy is left, and placement's view
+/// counts exactly what the ledger holds (nothing counted twice, nothing left unsettled).
 async fn assert_ledger_clean(t: &TestCore) {
     let audit = placement::audit(t.core.db()).await.unwrap();
     assert!(audit.is_empty(), "allocation counters drifted: {audit:?}");
     for s in servers(t).await {
         assert_eq!(s.dummies, 0, "server {} keeps a dummy", s.name);
     }
+    assert_view_is_the_database(t).await;
 }
 
 fn plain(server: Option<&str>) -> CreateContainer {
@@ -487,6 +489,9 @@ async fn a_create_placed_before_its_step_was_written_is_made_from_its_dummy(post
             .await
             .unwrap();
         txn.commit().await.unwrap();
+        // Placed outside the command's run: its count in the view is settled here.
+        let holder = placement::Holder::Command(a.command_id.0);
+        t.core.placement().settle(holder, true);
     }
     t.core.start().await.unwrap();
     for (i, a) in accepted.iter().enumerate() {
@@ -572,14 +577,58 @@ async fn a_view_read_while_creates_commit_still_counts_them(postgres: bool) {
         t.ok(a.command_id).await;
     }
     placement.load(read, &before);
-    assert_view_is_the_database(&t).await;
+    assert_ledger_clean(&t).await;
     placement.refresh_all(t.core.db()).await.unwrap();
     assert_view_is_the_database(&t).await;
-    assert_ledger_clean(&t).await;
 }
 crate::on_both_databases!(
     view_read_meanwhile,
     a_view_read_while_creates_commit_still_counts_them
+);
+
+/// A server read again through the transaction that holds a command's claim on it (as a
+/// placement does after another claim there failed) counts that claim once, not twice.
+async fn a_server_read_in_the_transaction_holding_a_claim_counts_it_once(postgres: bool) {
+    let opts = Opts {
+        paused: true,
+        ..room_for_150(postgres)
+    };
+    let Some(t) = TestCore::start(opts).await else {
+        return;
+    };
+    let a = create(&t, &plain(Some("sim-1"))).await;
+    let c = show(&t, ContainerId(a.object_id.unwrap())).await;
+    let sim1 = servers(&t)
+        .await
+        .into_iter()
+        .find(|s| s.name == "sim-1")
+        .unwrap();
+    let cache = t.core.placement();
+    let txn = t.core.db().begin().await.unwrap();
+    let request = PlaceRequest {
+        requirements: &c.requirements,
+        image: None,
+        container_id: c.id.0,
+        command_id: Some(a.command_id.0),
+        avoid: HashSet::new(),
+        server: Some(sim1.id.0),
+        deadline: t.core.queue().now_ms() + 3_600_000,
+    };
+    placement::place(&txn, cache, request).await.unwrap();
+    let holder = placement::Holder::Command(a.command_id.0);
+    cache
+        .refresh_within(&txn, sim1.id.0, Some(holder))
+        .await
+        .unwrap();
+    let counted = |id| cache.snapshot().into_iter().find(|c| c.id == id).unwrap();
+    assert_eq!(counted(sim1.id.0).containers, 1, "the claim counted twice");
+    txn.commit().await.unwrap();
+    cache.settle(holder, true);
+    assert_view_is_the_database(&t).await;
+}
+crate::on_both_databases!(
+    read_within_claim,
+    a_server_read_in_the_transaction_holding_a_claim_counts_it_once
 );
 
 async fn the_placement_bench_runs_pre_locked_creates_to_a_consistent_ledger(postgres: bool) {

@@ -124,7 +124,7 @@ async fn place_all(ctx: &StepCtx<'_>) -> Result<Transition, StepError> {
                     &need.times(ids.len() as u64),
                     ids.len() as i64,
                 );
-                cache.refresh(txn, server).await?;
+                cache.refresh_within(txn, server, Some(holder)).await?;
                 for id in ids {
                     let request = PlaceRequest {
                         requirements: &req,

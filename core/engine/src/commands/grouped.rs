@@ -242,7 +242,7 @@ async fn place(
                 decided.into_iter().partition(|d| held.contains(&d.2));
             undo(&lost);
             for server in lost.iter().map(|d| d.2).collect::<BTreeSet<_>>() {
-                if let Err(e) = shared.refresh(txn, server).await {
+                if let Err(e) = shared.refresh_within(txn, server, Some(holder)).await {
                     undo(&kept);
                     return Err(e.into());
                 }

@@ -16,8 +16,10 @@ use crate::entities::server;
 use crate::model::{ImageRef, Requirements, Resources};
 
 /// Placement's in-memory view of the servers: read by every decision, refreshed from the
-/// database (fully at start and by the collector, per server after a failed claim), with what
-/// this core's decisions counted in it and the database does not have yet (`Pending`).
+/// database (fully at start, by the collector, by the cluster sync when other cores changed
+/// servers and when a decision on PostgreSQL finds no server; per server after a failed
+/// claim), with what this core's decisions counted in it and the database does not have yet
+/// (`Pending`).
 #[derive(Default)]
 pub struct PlacementCache {
     servers: RwLock<View>,
@@ -64,12 +66,12 @@ impl View {
         }
     }
 
-    /// Adds back to the servers `only` names (all when `None`), freshly read by `read`, what
-    /// that read could not hold.
-    fn add_back(&mut self, read: u64, only: Option<&HashSet<i64>>) {
+    /// Adds back to the servers `only` names (all when `None`), freshly read by `read` (in
+    /// the transaction of `within`, if named), what that read could not hold.
+    fn add_back(&mut self, read: u64, only: Option<&HashSet<i64>>, within: Option<Holder>) {
         let lacking: Vec<(i64, Held)> = self
             .pending
-            .since(read)
+            .since(read, within)
             .filter(|(s, _)| only.is_none_or(|o| o.contains(s)))
             .collect();
         for (server, held) in lacking {
@@ -120,26 +122,49 @@ impl PlacementCache {
 
     /// Reloads every server.
     pub async fn refresh_all<C: ConnectionTrait>(&self, conn: &C) -> Result<(), DbErr> {
+        self.refresh_all_within(conn, None).await
+    }
+
+    /// `refresh_all`, through the transaction (`conn`) that holds the claims `within` counted.
+    pub async fn refresh_all_within<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        within: Option<Holder>,
+    ) -> Result<(), DbErr> {
         let read = self.reading();
         let rows = server::Entity::find()
             .order_by_asc(server::Column::Id)
             .all(conn)
             .await?;
-        self.load(read, &rows);
+        self.take_in(read, &rows, within);
         Ok(())
     }
 
     /// Replaces the view with these rows of `servers` (all of them), read by `read`.
     pub fn load(&self, read: Reading<'_>, rows: &[server::Model]) {
+        self.take_in(read, rows, None)
+    }
+
+    fn take_in(&self, read: Reading<'_>, rows: &[server::Model], within: Option<Holder>) {
         let mut view = View::of(rows.iter().map(Candidate::from_row).collect());
         let mut guard = self.servers.write().unwrap();
         view.pending = std::mem::take(&mut guard.pending);
-        view.add_back(read.at, None);
+        view.add_back(read.at, None, within);
         *guard = view;
     }
 
     /// Reloads one server.
     pub async fn refresh<C: ConnectionTrait>(&self, conn: &C, id: i64) -> Result<(), DbErr> {
+        self.refresh_within(conn, id, None).await
+    }
+
+    /// `refresh`, through the transaction (`conn`) that holds the claims `within` counted.
+    pub async fn refresh_within<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        id: i64,
+        within: Option<Holder>,
+    ) -> Result<(), DbErr> {
         let read = self.reading();
         let Some(row) = server::Entity::find_by_id(id).one(conn).await? else {
             return Ok(());
@@ -154,7 +179,7 @@ impl PlacementCache {
                 view.list.push(fresh);
             }
         }
-        view.add_back(read.at, Some(&HashSet::from([id])));
+        view.add_back(read.at, Some(&HashSet::from([id])), within);
         Ok(())
     }
 
@@ -210,7 +235,7 @@ impl PlacementCache {
             }
         }
         let named: HashSet<i64> = counters.iter().map(|c| c.0).collect();
-        view.add_back(read.at, Some(&named));
+        view.add_back(read.at, Some(&named), None);
     }
 
     /// Marks a server up or down and draining or not.
@@ -348,6 +373,9 @@ impl PlacementCache {
         }
         let w = *self.weights.read().unwrap();
         let need = &req.resources;
+        // Locks taken in the order `decide` takes them (servers, then images): a writer
+        // waiting on either could otherwise leave the two deciders waiting on each other.
+        let mut guard = self.servers.write().unwrap();
         let held = self.held.read().unwrap();
         let bonus = |id: i64| match image {
             Some(image)
@@ -360,7 +388,6 @@ impl PlacementCache {
             _ => 0.0,
         };
         let timing = self.timing.load(Ordering::Relaxed);
-        let mut guard = self.servers.write().unwrap();
         let view = &mut *guard;
         let list = &mut view.list;
         let started = Instant::now();

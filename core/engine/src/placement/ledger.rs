@@ -203,7 +203,8 @@ pub struct PlaceRequest<'a> {
     pub image: Option<&'a ImageRef>,
     /// The container the dummy stands for.
     pub container_id: i64,
-    /// The command placing it.
+    /// The command placing it. Its count in the view is held for that command, whose run
+    /// settles it (`Runner::settled`): place within the command's step, or settle it yourself.
     pub command_id: Option<i64>,
     /// Servers it must not go to (its current server, spread).
     pub avoid: HashSet<i64>,
@@ -223,6 +224,8 @@ pub async fn place(
 ) -> Result<Reservation, PlacementError> {
     let need = req.requirements.resources;
     let mut avoid = req.avoid.clone();
+    // Its claims so far are in `txn`: a read through it has them already.
+    let holder = req.command_id.map(Holder::Command);
     // Other cores may have changed servers since this core's view was read: on a shared
     // database, a decision that finds no server is made once more on a fresh view.
     let mut fresh = txn.get_database_backend() != sea_orm::DatabaseBackend::Postgres;
@@ -233,7 +236,7 @@ pub async fn place(
                 Ok(s) => s,
                 Err(_) if !fresh => {
                     fresh = true;
-                    cache.refresh_all(txn).await?;
+                    cache.refresh_all_within(txn, holder).await?;
                     continue;
                 }
                 Err(reason) => return Err(PlacementError::NoFit(reason)),
@@ -242,8 +245,8 @@ pub async fn place(
         // A failed conditional update changes nothing, so no savepoint is needed.
         if claim(txn, server_id, &need, 1, true).await? {
             let dummy_id = insert_dummy(txn, server_id, &req, &need).await?;
-            match req.command_id {
-                Some(c) => cache.hold(Holder::Command(c), server_id, &need, 1),
+            match holder {
+                Some(h) => cache.hold(h, server_id, &need, 1),
                 None => cache.apply(server_id, &need, 1, 1),
             }
             return Ok(Reservation {
@@ -251,7 +254,7 @@ pub async fn place(
                 dummy_id,
             });
         }
-        cache.refresh(txn, server_id).await?;
+        cache.refresh_within(txn, server_id, holder).await?;
         if req.server.is_some() {
             let name = server::Entity::find_by_id(server_id)
                 .one(txn)

@@ -339,9 +339,11 @@ pub trait Runner: Send + Sync + 'static {
     ) -> Result<(), StepError> {
         Ok(())
     }
-    /// The transaction of a step of command `id` running alone ended: `committed`, or not
-    /// (rolled back, or the run ended before committing what the step decided). Called after
-    /// each commit, and once more with `false` when the run ends (default: nothing to do).
+    /// The transaction of a step of command `id` ended: `committed` (the step's writes, or a
+    /// failure committed with them), or not (rolled back, or the run ended before committing
+    /// what the step decided). Called after each commit of the command, after a step that
+    /// failed before committing, and once more with `false` when a run ends (default: nothing
+    /// to do).
     fn settled(&self, _id: i64, _committed: bool) {}
     /// Undoes what it can of a failing command (its driver calls first); the writes it returns
     /// commit with the failure (default: nothing to undo).

@@ -154,6 +154,10 @@ pub(super) async fn run(
                 .map(|(next, txn)| (next, Some(txn))),
             Err(e) => Err(e),
         };
+        if outcome.is_err() {
+            // Nothing of the step was committed (its writes, if any, rolled back).
+            runner.settled(row.id, false);
+        }
         let (next, txn) = match outcome {
             Ok(t) => t,
             Err(StepError::Permanent(msg)) => return fail(inner, row, msg, None, None).await,
