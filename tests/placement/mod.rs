@@ -159,6 +159,42 @@ async fn servers(t: &TestCore) -> Vec<Server> {
     t.client.get("/v1/servers").await.unwrap()
 }
 
+/// The id of server `name`.
+async fn server_named(t: &TestCore, name: &str) -> i64 {
+    let all = servers(t).await;
+    all.iter()
+        .find(|s| s.name == name)
+        .expect("a server of that name")
+        .id
+        .0
+}
+
+/// The container of create `a`.
+async fn created(t: &TestCore, a: &Accepted) -> Container {
+    show(t, ContainerId(a.object_id.unwrap())).await
+}
+
+/// Places container `c` of create `a` on server `server` in `txn`, as its placing step would.
+async fn place_on(
+    t: &TestCore,
+    txn: &sea_orm::DatabaseTransaction,
+    (a, c): (&Accepted, &Container),
+    server: i64,
+) {
+    let request = PlaceRequest {
+        requirements: &c.requirements,
+        image: None,
+        container_id: c.id.0,
+        command_id: Some(a.command_id.0),
+        avoid: HashSet::new(),
+        server: Some(server),
+        deadline: t.core.queue().now_ms() + 3_600_000,
+    };
+    placement::place(txn, t.core.placement(), request)
+        .await
+        .unwrap();
+}
+
 /// The ledger matches the containers and dummies, no dummy is left, and placement's view
 /// counts exactly what the ledger holds (nothing counted twice, nothing left unsettled).
 async fn assert_ledger_clean(t: &TestCore) {
@@ -467,27 +503,11 @@ async fn a_create_placed_before_its_step_was_written_is_made_from_its_dummy(post
         accepted.push(create(&t, &plain(None)).await);
     }
     // Three of them already hold a dummy on sim-3, as a committed step 0 leaves it.
-    let sim3 = servers(&t)
-        .await
-        .into_iter()
-        .find(|s| s.name == "sim-3")
-        .unwrap();
-    let now = t.core.queue().now_ms();
+    let sim3 = server_named(&t, "sim-3").await;
     for a in &accepted[..3] {
-        let c = show(&t, ContainerId(a.object_id.unwrap())).await;
+        let c = created(&t, a).await;
         let txn = t.core.db().begin().await.unwrap();
-        let request = PlaceRequest {
-            requirements: &c.requirements,
-            image: None,
-            container_id: c.id.0,
-            command_id: Some(a.command_id.0),
-            avoid: HashSet::new(),
-            server: Some(sim3.id.0),
-            deadline: now + 3_600_000,
-        };
-        placement::place(&txn, t.core.placement(), request)
-            .await
-            .unwrap();
+        place_on(&t, &txn, (a, &c), sim3).await;
         txn.commit().await.unwrap();
         // Placed outside the command's run: its count in the view is settled here.
         let holder = placement::Holder::Command(a.command_id.0);
@@ -597,31 +617,18 @@ async fn a_server_read_in_the_transaction_holding_a_claim_counts_it_once(postgre
         return;
     };
     let a = create(&t, &plain(Some("sim-1"))).await;
-    let c = show(&t, ContainerId(a.object_id.unwrap())).await;
-    let sim1 = servers(&t)
-        .await
-        .into_iter()
-        .find(|s| s.name == "sim-1")
-        .unwrap();
+    let sim1 = server_named(&t, "sim-1").await;
     let cache = t.core.placement();
+    let c = created(&t, &a).await;
     let txn = t.core.db().begin().await.unwrap();
-    let request = PlaceRequest {
-        requirements: &c.requirements,
-        image: None,
-        container_id: c.id.0,
-        command_id: Some(a.command_id.0),
-        avoid: HashSet::new(),
-        server: Some(sim1.id.0),
-        deadline: t.core.queue().now_ms() + 3_600_000,
-    };
-    placement::place(&txn, cache, request).await.unwrap();
+    place_on(&t, &txn, (&a, &c), sim1).await;
     let holder = placement::Holder::Command(a.command_id.0);
     cache
-        .refresh_within(&txn, sim1.id.0, Some(holder))
+        .refresh_within(&txn, sim1, Some(holder))
         .await
         .unwrap();
     let counted = |id| cache.snapshot().into_iter().find(|c| c.id == id).unwrap();
-    assert_eq!(counted(sim1.id.0).containers, 1, "the claim counted twice");
+    assert_eq!(counted(sim1).containers, 1, "the claim counted twice");
     txn.commit().await.unwrap();
     cache.settle(holder, true);
     assert_view_is_the_database(&t).await;
