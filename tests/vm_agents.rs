@@ -239,19 +239,12 @@ async fn a_live_migration_whose_source_or_target_agent_is_killed_leaves_one_runn
     let mut on = 0;
     for kill_source in [true, false] {
         let to = 1 - on;
-        let a: serde_json::Value = tc
-            .client
-            .post(
-                &format!("/v1/containers/{id}/actions"),
-                &json!({ "op": "migrate", "live": true, "to": agents[to].name }),
-            )
-            .await
-            .unwrap();
+        let command = move_live(&tc, id, &agents[to].name).await;
         // The moment the target's QEMU waits for the VM, the source is about to send it.
         agents[to].waiting_for(&guest).await;
         let victim = if kill_source { on } else { to };
         agents[victim].restart().await;
-        let done = finished(&tc, a["command_id"].as_i64().unwrap()).await;
+        let done = finished(&tc, command).await;
 
         let row = tc.core.containers().get_by_id(id).await.unwrap();
         let now = one_running_vm(&agents, &guest, (on, to), &row, &done).await;
@@ -268,15 +261,7 @@ async fn a_live_migration_whose_source_or_target_agent_is_killed_leaves_one_runn
     // The VM, with an address of the first server's range, runs on the second: the first
     // does not hand that address out again.
     if on == 0 {
-        let a: serde_json::Value = tc
-            .client
-            .post(
-                &format!("/v1/containers/{id}/actions"),
-                &json!({ "op": "migrate", "live": true, "to": agents[1].name }),
-            )
-            .await
-            .unwrap();
-        let done = finished(&tc, a["command_id"].as_i64().unwrap()).await;
+        let done = finished(&tc, move_live(&tc, id, &agents[1].name).await).await;
         assert_eq!(done.status, CommandStatus::Succeeded, "{done:?}");
     }
     let other = vm_on(&tc, &agents[0]).await;
@@ -313,15 +298,7 @@ async fn a_live_migration_whose_source_or_target_agent_is_killed_leaves_one_runn
         || async { exec(json!(["true"])).await.is_err().then_some(()) },
     )
     .await;
-    let a: serde_json::Value = tc
-        .client
-        .post(
-            &format!("/v1/containers/{id}/actions"),
-            &json!({ "op": "migrate", "live": true, "to": agents[0].name }),
-        )
-        .await
-        .unwrap();
-    let done = finished(&tc, a["command_id"].as_i64().unwrap()).await;
+    let done = finished(&tc, move_live(&tc, id, &agents[0].name).await).await;
     assert_eq!(done.status, CommandStatus::Failed, "{done:?}");
     let error = done.error.clone().unwrap_or_default();
     assert!(error.contains("does not answer"), "{error}");
@@ -355,6 +332,19 @@ async fn vm_on(tc: &TestCore, agent: &Agent) -> Container {
         .get_by_id(cloud48_engine::model::ContainerId(id))
         .await
         .unwrap()
+}
+
+/// Asks for a live move of container `id` to server `to`; returns the command's id.
+async fn move_live(tc: &TestCore, id: cloud48_engine::model::ContainerId, to: &str) -> i64 {
+    let a: serde_json::Value = tc
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "migrate", "live": true, "to": to }),
+        )
+        .await
+        .unwrap();
+    a["command_id"].as_i64().unwrap()
 }
 
 /// Waits (up to 4 minutes) for a command to end.

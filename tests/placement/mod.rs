@@ -217,6 +217,15 @@ fn plain(server: Option<&str>) -> CreateContainer {
 }
 
 /// Three servers with room for 50 plain containers (256 MB) each.
+/// A core with room for 150 plain containers whose queue waits for `start`.
+async fn paused_with_room_for_150(postgres: bool) -> Option<TestCore> {
+    let opts = Opts {
+        paused: true,
+        ..room_for_150(postgres)
+    };
+    TestCore::start(opts).await
+}
+
 fn room_for_150(postgres: bool) -> Opts {
     Opts {
         postgres,
@@ -491,11 +500,7 @@ crate::on_both_databases!(
 /// command's step (the group carries it; a crash or a retry then runs step 0 again), is made
 /// from that dummy: not placed a second time, nothing left reserved.
 async fn a_create_placed_before_its_step_was_written_is_made_from_its_dummy(postgres: bool) {
-    let opts = Opts {
-        paused: true,
-        ..room_for_150(postgres)
-    };
-    let Some(t) = TestCore::start(opts).await else {
+    let Some(t) = paused_with_room_for_150(postgres).await else {
         return;
     };
     let mut accepted = Vec::new();
@@ -609,11 +614,7 @@ crate::on_both_databases!(
 /// A server read again through the transaction that holds a command's claim on it (as a
 /// placement does after another claim there failed) counts that claim once, not twice.
 async fn a_server_read_in_the_transaction_holding_a_claim_counts_it_once(postgres: bool) {
-    let opts = Opts {
-        paused: true,
-        ..room_for_150(postgres)
-    };
-    let Some(t) = TestCore::start(opts).await else {
+    let Some(t) = paused_with_room_for_150(postgres).await else {
         return;
     };
     let a = create(&t, &plain(Some("sim-1"))).await;

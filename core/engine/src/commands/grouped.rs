@@ -32,7 +32,7 @@ use super::{driver_err, driver_of, guest_spec, make_guest, params};
 use crate::entities::command;
 use crate::managers::parse_status;
 use crate::model::{ContainerStatus, Requirements, Resources};
-use crate::placement::{self, Holder, PlacementCache, Reservation, Settling};
+use crate::placement::{self, Reservation, Settling};
 use crate::queue::store::{GROUP_CHUNK as CHUNK, ids_in, json_rows};
 use crate::queue::{GroupCommit, GroupNext, GroupSink, GroupWrite, GroupWrites, StepError};
 use crate::services::Services;
@@ -138,13 +138,6 @@ type Decided = (usize, i64, i64, Resources);
 /// What step 0's writes kept, with the dummy of each container.
 type Placed = (Vec<Decided>, HashMap<i64, i64>);
 
-/// Gives back to the placement cache what `list`'s decisions counted for `holder`.
-fn uncount(cache: &PlacementCache, holder: Holder, list: &[Decided]) {
-    for (_, _, server, need) in list {
-        cache.unhold(holder, *server, need, 1);
-    }
-}
-
 /// Step 0: decide, claim and reserve with dummies.
 async fn place(
     svc: &Services,
@@ -157,7 +150,8 @@ async fn place(
         .await
         .map_err(super::core_err)?;
     let cache = svc.placement();
-    // What the decisions count is given back when the step ends, unless committed.
+    // What the decisions count is given back when the step ends, unless committed: whatever
+    // fails below needs to give nothing back itself.
     let hold = Settling::new(svc.placement_shared(), cache.group_holder());
     let holder = hold.holder();
     // Equal requirements, named server and type (its image) share one decision heap.
@@ -229,23 +223,15 @@ async fn place(
     let (shared, kept_slot) = (svc.placement_shared(), slot.clone());
     let writes: GroupWrites = Box::new(move |txn| {
         Box::pin(async move {
-            let undo = |list: &[Decided]| uncount(&shared, holder, list);
-            let held = match placement::claim_many(txn, &claims).await {
-                Ok(held) => held,
-                Err(e) => {
-                    undo(&decided);
-                    return Err(e.into());
-                }
-            };
+            let held = placement::claim_many(txn, &claims).await?;
             // A server that filled up meanwhile: its containers are placed alone.
             let (kept, lost): (Vec<_>, Vec<_>) =
                 decided.into_iter().partition(|d| held.contains(&d.2));
-            undo(&lost);
+            for (_, _, server, need) in &lost {
+                shared.unhold(holder, *server, need, 1);
+            }
             for server in lost.iter().map(|d| d.2).collect::<BTreeSet<_>>() {
-                if let Err(e) = shared.refresh_within(txn, server, Some(holder)).await {
-                    undo(&kept);
-                    return Err(e.into());
-                }
+                shared.refresh_within(txn, server, Some(holder)).await?;
             }
             let new: Vec<placement::NewDummy> = kept
                 .iter()
@@ -256,14 +242,8 @@ async fn place(
                     need: *need,
                 })
                 .collect();
-            let dummies: HashMap<i64, i64> =
-                match placement::insert_dummies(txn, &new, deadline).await {
-                    Ok(ids) => kept.iter().map(|d| d.1).zip(ids).collect(),
-                    Err(e) => {
-                        undo(&kept);
-                        return Err(e.into());
-                    }
-                };
+            let ids = placement::insert_dummies(txn, &new, deadline).await?;
+            let dummies: HashMap<i64, i64> = kept.iter().map(|d| d.1).zip(ids).collect();
             let decisions = kept
                 .iter()
                 .map(|(i, container, server, _)| {
@@ -278,16 +258,13 @@ async fn place(
     });
     let outcome = sink.commit(writes).await;
     let Some((kept, dummies)) = slot.lock().expect("not poisoned").take() else {
-        // The writes failed, and gave back what they had counted.
+        // The writes failed: nothing of them was committed.
         return outcome.map(|_| ());
     };
     match outcome {
         Ok(GroupCommit::Committed) => cache.settle(holder, true),
-        other => {
-            // Nothing of it was committed: the cache gives back what the decisions counted.
-            uncount(cache, holder, &kept);
-            return other.map(|_| ());
-        }
+        // Nothing of it was committed.
+        other => return other.map(|_| ()),
     }
     let placed = kept
         .iter()

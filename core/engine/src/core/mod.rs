@@ -355,9 +355,7 @@ impl Core {
         for duty in crate::cluster::Duty::ALL {
             self.cluster().claim(duty).await?;
         }
-        // Before any command runs: its first read of the servers replaces placement's view,
-        // which would drop the decisions of groups placing meanwhile (not yet committed), so
-        // that later ones crowd a server those had filled (a create that named it then failed).
+        // The servers other cores changed, read before any command places on them.
         self.sync_cluster().await?;
         let runner = Arc::new(crate::commands::Handlers::new(self.services().clone()));
         let single_core = self.db().get_database_backend() == DatabaseBackend::Sqlite;

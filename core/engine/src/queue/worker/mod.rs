@@ -113,10 +113,8 @@ async fn dispatcher(
         let lease_until = now + inner.config.lease.as_millis() as i64;
         let asked = permits.len();
         let node = inner.node_id.as_str();
-        let mut claimed = match &own {
-            Some(db) => store::claim(db, node, now, lease_until, asked).await,
-            None => store::claim(&inner.db, node, now, lease_until, asked).await,
-        };
+        let db = own.as_ref().unwrap_or(&inner.db);
+        let mut claimed = store::claim(db, node, now, lease_until, asked).await;
         // Its own connection may be refused (the database's `max_connections` sized for one
         // connection less per core) or lost: the commands' pool claims meanwhile.
         if let (Err(e), Some(_)) = (&claimed, &own) {
