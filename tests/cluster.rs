@@ -6,14 +6,16 @@ use std::time::Duration;
 
 use cloud48_api::cluster::Cluster as ClusterView;
 use cloud48_core::cli::Client;
+use cloud48_engine::agent::protocol::AgentInfo;
 use cloud48_engine::cluster::{Claim, Cluster, DbClock, Duty};
+use cloud48_engine::driver::Driver;
 use cloud48_engine::entities::command;
 use cloud48_engine::model::{Server, ServerStatus};
 use cloud48_engine::queue::{
     Clock, Next, Queue, QueueConfig, Runner, StepError, SystemClock, Transition,
 };
 
-use crate::agent::{TOKEN, serve_agent, sim};
+use crate::agent::{TOKEN, idle_stats, serve_agent, sim};
 use crate::common::{PgDb, ServeProcess, eventually, serve};
 
 /// `cloud48 serve` on `pg` with short health periods and duty leases (1 s), and `extra` flags.
@@ -222,6 +224,57 @@ async fn a_duty_has_one_holder_until_its_lease_lapses_or_is_released() {
     assert!(!b.holds(Duty::Monitor) && !b.holds(Duty::Collector));
     assert_eq!(a.claim(Duty::Monitor).await.unwrap(), Claim::Taken);
     assert_eq!(a.claim(Duty::Collector).await.unwrap(), Claim::Taken);
+}
+
+/// Two cores that hear the same new agents at the same moment (an agent's heartbeats failing
+/// over, or `server add` racing its first beat) both accept each of them, as one server: the
+/// registration that loses the race reads the winner's row instead of failing with a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cores_registering_the_same_agents_at_once_both_accept_them() {
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let dirs: Vec<_> = (0..2).map(|_| crate::common::tempdir()).collect();
+    let mut cores = Vec::new();
+    for d in &dirs {
+        let mut config = cloud48_engine::CoreConfig::new(d.path());
+        config.database_url = Some(pg.url.clone());
+        config.agent_token = Some(TOKEN.into());
+        config.sim_servers = 0;
+        cores.push(
+            cloud48_engine::Core::open(config)
+                .await
+                .expect("core opens"),
+        );
+    }
+    let infos: Vec<AgentInfo> = (0..40)
+        .map(|i| AgentInfo {
+            name: format!("racer-{i}"),
+            url: format!("http://127.0.0.1:{}", 20_000 + i),
+            driver: "sim".into(),
+            capabilities: sim("racer", Duration::ZERO).capabilities(),
+            labels: vec![],
+            subnet: None,
+            addresses: None,
+            heartbeats: Some(true),
+            id: Some(format!("agent-{i}")),
+            take_over: false,
+        })
+        .collect();
+    let stats = idle_stats();
+    let registrations = infos.iter().flat_map(|info| {
+        let stats = &stats;
+        cores
+            .iter()
+            .map(move |core| core.agents().register(info, stats))
+    });
+    let ids = futures::future::join_all(registrations).await;
+    for (pair, info) in ids.chunks(2).zip(&infos) {
+        let first = pair[0].as_ref().expect("the first core accepts the agent");
+        let second = pair[1].as_ref().expect("the second core accepts the agent");
+        assert_eq!(first, second, "{} is one server", info.name);
+    }
+    assert_eq!(cores[0].servers().list().await.unwrap().len(), infos.len());
 }
 
 /// Cores started together on a new database: one sets it up (schema, platform, simulated

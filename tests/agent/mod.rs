@@ -321,7 +321,7 @@ async fn a_retried_operation_runs_once() {
 }
 
 /// What an idle agent with 4 cores, 4 GiB and 10 GB reports.
-fn idle_stats() -> cloud48_engine::driver::ServerStats {
+pub fn idle_stats() -> cloud48_engine::driver::ServerStats {
     cloud48_engine::driver::ServerStats {
         capacity: Resources {
             cpu_millis: 4000,

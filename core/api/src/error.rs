@@ -80,6 +80,7 @@ impl From<CoreError> for ApiError {
             ),
             CoreError::Queue(q) => q.into(),
             CoreError::Unreachable(m) => Self::new(StatusCode::BAD_GATEWAY, "unreachable", m, None),
+            CoreError::Busy(m) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", m, None),
             other => {
                 tracing::error!(error = %other, "internal error");
                 Self::new(

@@ -128,7 +128,7 @@ pub struct AddServer {
 }
 
 #[utoipa::path(post, path = "/v1/servers", tag = "servers", request_body = AddServer,
-    responses((status = 200, body = Server), (status = 409, body = ErrorBody, description = "The agent clashes with a server (name, subnet)"), (status = 422, body = ErrorBody, description = "Not a URL, or an agent that sends no heartbeats"), (status = 502, body = ErrorBody, description = "The agent cannot be reached, refused, or does not speak the protocol")))]
+    responses((status = 200, body = Server), (status = 409, body = ErrorBody, description = "The agent clashes with a server (name, subnet)"), (status = 422, body = ErrorBody, description = "Not a URL, or an agent that sends no heartbeats"), (status = 502, body = ErrorBody, description = "The agent cannot be reached, refused, or does not speak the protocol"), (status = 503, body = ErrorBody, description = "Other cores kept registering the same agent meanwhile; try again")))]
 pub(super) async fn add_server(
     State(core): State<Core>,
     ApiJson(req): ApiJson<AddServer>,

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use sea_orm::{ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set, SqlErr,
+};
 
 use crate::agent::protocol::{AgentInfo, Heartbeat};
 use crate::core::CoreError;
@@ -18,6 +20,9 @@ use crate::entities::server;
 use crate::fleet::{Fleet, RemoteFactory};
 use crate::health::Health;
 use crate::placement::PlacementCache;
+
+/// Registrations of one agent that another core's writes may make read the server again.
+const REGISTER_TRIES: usize = 3;
 
 /// Checks a server name an agent gives.
 fn valid_name(name: &str) -> Result<(), CoreError> {
@@ -137,6 +142,28 @@ impl Agents {
         stats.capacity.within_bounds().map_err(|m| {
             CoreError::invalid("capacity", format!("agent {}: capacity {m}", info.name))
         })?;
+        // Another core may register the same agent at the same moment (an agent's heartbeats
+        // reach a second core while it fails over, or `server add` races its first beat): the
+        // registration that loses reads the server again and is judged against the winner's row.
+        for _ in 0..REGISTER_TRIES {
+            if let Some(id) = self.register_once(info, stats).await? {
+                return Ok(id);
+            }
+        }
+        Err(CoreError::Busy(format!(
+            "other cores kept changing server {} while this one registered it \
+             ({REGISTER_TRIES} tries); the agent's next heartbeat tries again",
+            info.name
+        )))
+    }
+
+    /// One registration from a fresh read of the server; `None` when another core wrote the
+    /// server meanwhile (inserted it first, or gave it to another agent, or removed it).
+    async fn register_once(
+        &self,
+        info: &AgentInfo,
+        stats: &ServerStats,
+    ) -> Result<Option<i64>, CoreError> {
         let db = &self.db;
         let existing = server::Entity::find()
             .filter(server::Column::Name.eq(&info.name))
@@ -235,14 +262,10 @@ impl Agents {
                         .filter(read)
                         .exec_with_returning(db)
                         .await?;
-                    written.into_iter().next().ok_or_else(|| {
-                        CoreError::Db(sea_orm::DbErr::Custom(format!(
-                            "server {} was changed by another core (given to another agent, \
-                             or removed) while this one registered; its next heartbeat is \
-                             judged again",
-                            info.name
-                        )))
-                    })?
+                    let Some(row) = written.into_iter().next() else {
+                        return Ok(None);
+                    };
+                    row
                 };
                 (id, self.attach_agent(&row)?)
             }
@@ -265,7 +288,14 @@ impl Agents {
                     ..Default::default()
                 }
                 .insert(db)
-                .await?;
+                .await;
+                let row = match row {
+                    Ok(row) => row,
+                    Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let remote = self.attach_agent(&row)?;
                 self.placement.refresh(db, row.id).await?;
                 tracing::info!(server = %info.name, url = %info.url, driver = %info.driver, "registered a server run by an agent");
@@ -274,7 +304,7 @@ impl Agents {
         };
         remote.set_capabilities(info.capabilities);
         self.accepted.lock().unwrap().insert(id, info.id.clone());
-        Ok(id)
+        Ok(Some(id))
     }
 
     /// Refuses an agent whose subnet or address range is not one, or that could give one of

@@ -66,6 +66,9 @@ pub enum CoreError {
     /// A server's agent could not be reached, or answered what it should not.
     #[error("{0}")]
     Unreachable(String),
+    /// Other cores kept changing what the operation reads; the same request may succeed later.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl CoreError {
