@@ -273,7 +273,7 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             ),
             422,
             Some("requirements"),
-            "memory_mb 18446744073709551615 is more than any server has (at most 1099511627776)",
+            "memory_mb 18446744073709551615 is more than Cloud48 counts for one container or server (at most 1099511627776)",
         ),
         (
             "POST",

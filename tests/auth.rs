@@ -305,6 +305,8 @@ async fn anonymous_reads_by_default_and_cannot_change_anything() {
     assert!(body.contains("needs role operator"), "{body}");
     let (status, _, _) = send(&t, "GET", "/v1/servers", None).await;
     assert_eq!(status, 200, "anonymous read stays allowed when users exist");
+    let (status, _, body) = send(&t, "GET", "/v1/openapi.json", None).await;
+    assert_eq!(status, 200, "the API's description is public: {body}");
     let (status, challenges, body) = send(&t, "GET", "/v1/containers", None).await;
     assert_eq!(status, 401, "{body}");
     assert_eq!(challenges.len(), 2);

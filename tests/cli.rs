@@ -54,7 +54,15 @@ async fn cli_tour_through_the_real_binary() {
     let (ok, out, _) = run(vec!["env", "show", "web"]).await;
     assert!(ok);
     assert!(
-        out.contains("environment web") && out.contains("running"),
+        out.contains("environment web") && out.contains("running") && out.contains("1 member)"),
+        "{out}"
+    );
+
+    // A type's details say what runs in its containers and which parameters it takes.
+    let (ok, out, err) = run(vec!["plugin", "show", "redis"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("image:") && out.contains("replicas (integer, default"),
         "{out}"
     );
 

@@ -321,14 +321,19 @@ async fn bad_filters_are_refused_with_what_to_write() {
             .to_string();
         assert!(e.contains(says), "{query}: {e}");
     }
-    let resp = reqwest::Client::new()
-        .get(format!("{}/v1/events", t.url))
-        .header("Last-Event-ID", "yesterday")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 422);
-    assert!(resp.text().await.unwrap().contains("Last-Event-ID"));
+    for bad in ["yesterday", "-5"] {
+        let resp = reqwest::Client::new()
+            .get(format!("{}/v1/events", t.url))
+            .header("Last-Event-ID", bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422, "{bad}");
+        assert!(
+            resp.text().await.unwrap().contains("Last-Event-ID"),
+            "{bad}"
+        );
+    }
 }
 
 #[tokio::test]

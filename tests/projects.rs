@@ -134,6 +134,13 @@ async fn a_member_reads_and_acts_only_in_its_projects() {
         user(&t, "vic"),
         user(&t, "vera"),
     );
+    // Before any grant a member reads nothing, and is told how to get a role.
+    let err = refused(mo.get::<serde_json::Value>("/v1/servers").await);
+    assert!(
+        err.contains("user 'mo' has role member and no role in any project")
+            && err.contains("`cloud48 project grant PROJECT mo viewer`"),
+        "{err}"
+    );
     for name in ["shop", "lab"] {
         let p: Project = ada
             .post("/v1/projects", &json!({ "name": name }))

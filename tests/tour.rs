@@ -1,6 +1,6 @@
 //! The README's CLI tour, run as written against a real `cloud48 serve` on the default fleet:
-//! every line succeeds, except those whose comment says they are refused (which must fail and
-//! say why), and those that follow a stream (`Ctrl-C ends it`), which must still be running, or
+//! every line succeeds, except those whose comment says they are refused or fail (which must
+//! fail and say why), and those that follow a stream (`Ctrl-C ends it`), which must still be running, or
 //! have ended well, when they are interrupted.
 
 use std::path::Path;
@@ -37,7 +37,7 @@ fn tour(readme: &str) -> Vec<Step> {
                 Some(at) => (&l[..at], l[at + 3..].trim()),
                 None => (l, ""),
             };
-            let expect = if comment.starts_with("refused") {
+            let expect = if comment.starts_with("refused") || comment.starts_with("fails") {
                 Expect::Refused
             } else if comment.contains("Ctrl-C ends it") {
                 Expect::Follows

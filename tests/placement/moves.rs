@@ -344,11 +344,19 @@ async fn a_drained_server_empties_and_takes_nothing_new() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("live: only drain takes it"), "{err}");
-    let _: Value = t
+    let undone: Value = t
         .client
         .post("/v1/servers/sim-1/undrain", &json!({}))
         .await
         .unwrap();
+    assert!(undone.get("unchanged").is_none(), "{undone}");
+    // Again: nothing to undo, and it says so.
+    let again: Value = t
+        .client
+        .post("/v1/servers/sim-1/undrain", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(again["unchanged"], "was not draining: nothing to undo");
     let a = create(&t, &plain(Some("sim-1"))).await;
     t.ok(a.command_id).await;
     let err = t

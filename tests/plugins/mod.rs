@@ -300,6 +300,30 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
         err.contains("tomcat@1.0.0 is already installed") && err.contains("HTTP 409"),
         "{err}"
     );
+    // An older version: neither install nor upgrade takes it, and both say how to go back.
+    let older = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/wit-0.1.0/tomcat.wasm"),
+    )
+    .unwrap();
+    let err = install(&t, older.clone()).await.unwrap_err().to_string();
+    assert!(
+        err.contains("installed in version 1.0.0, newer than 0.2.0")
+            && err.contains("`cloud48 plugin remove tomcat`")
+            && !err.contains("plugin upgrade"),
+        "{err}"
+    );
+    let err = t
+        .client
+        .send_wasm::<serde_json::Value>(reqwest::Method::PUT, "/v1/plugins/tomcat", older)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tomcat@0.2.0 is not newer than the installed 1.0.0")
+            && err.contains("`cloud48 plugin remove tomcat`"),
+        "{err}"
+    );
     let list: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
     assert_eq!(list.len(), 4, "nothing was installed");
 }

@@ -297,6 +297,48 @@ fn natives(calls: &Arc<Mutex<Vec<String>>>) -> Vec<Arc<dyn ContainerType>> {
         .collect()
 }
 
+/// A redis asking for more replicas than there are servers to spread them over: its add fails
+/// at the first replica that fits nowhere, and says which containers it added before, as they
+/// stay (the primary and the replicas placed), and how to remove them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_action_names_the_containers_added_before_it() {
+    let t = TestCore::start(Opts {
+        sim_servers: 4,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    new_env(&t, "r1").await;
+    let a = add(
+        &t,
+        "r1",
+        json!({ "type": "redis", "params": { "replicas": "5" } }),
+    )
+    .await;
+    let done = t.wait(a.command_id).await;
+    assert_eq!(done.status, cloud48_engine::model::CommandStatus::Failed);
+    let error = done.error.unwrap_or_default();
+    let mut kept: Vec<ContainerId> = members(&t, "r1").await.iter().map(|c| c.id).collect();
+    kept.sort();
+    assert_eq!(
+        kept.len(),
+        4,
+        "the primary and a replica on each other server"
+    );
+    let listed = kept
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert!(error.contains("(spread)"), "{error}");
+    assert!(
+        error.contains(&format!(
+            "the containers added before it stay in 'r1': {listed}"
+        )) && error.contains("cloud48 env remove r1 ID"),
+        "{error}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameters_are_checked_filled_in_and_set_only_where_the_type_allows() {
     let calls = Arc::new(Mutex::new(Vec::new()));

@@ -79,9 +79,11 @@ fn bearer_is(headers: &axum::http::HeaderMap, expected: &str) -> bool {
 pub(super) async fn check(State(core): State<Core>, mut req: Request, next: Next) -> Response {
     // Agents authenticate their heartbeats with the agent token, checked by the handler.
     // Readiness is public: load balancers and supervisors ask it without credentials.
-    // The console's files carry no data: its pages sign in through the API.
+    // The console's files carry no data: its pages sign in through the API. Nor does the
+    // API's description, which client generators fetch without credentials.
     if req.uri().path() == "/v1/agents/heartbeat"
         || req.uri().path() == "/v1/health"
+        || (req.method() == Method::GET && req.uri().path() == "/v1/openapi.json")
         || super::console::is_console(req.uri().path())
     {
         return next.run(req).await;

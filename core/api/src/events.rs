@@ -196,10 +196,11 @@ pub(crate) async fn stream_events(
             v.to_str()
                 .ok()
                 .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|id| *id >= 0)
                 .ok_or_else(|| {
                     invalid(
                         "Last-Event-ID",
-                        "the Last-Event-ID header must be an event id (a number)".into(),
+                        "the Last-Event-ID header must be an event id (a number, 0 or more)".into(),
                     )
                 })?,
         ),

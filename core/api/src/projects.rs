@@ -27,7 +27,7 @@ pub(crate) async fn act_in(core: &Core, scope: &Scope, key: Option<&str>) -> Res
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
             format!(
-                "project: '{}' is not one of the projects you may act in (name one with --project)",
+                "project: '{}' is not one of the projects you may act in: name one in \"project\" (the CLI's --project)",
                 key.unwrap_or("default")
             ),
             Some("project"),

@@ -58,16 +58,35 @@ pub(super) async fn server_action(
         ));
     }
     let servers = core.servers();
-    let empty = |server: String| DrainReport {
+    let done = |server: String, changed: bool, unchanged: &str| DrainReport {
         server,
         commands: Vec::new(),
         skipped: Vec::new(),
+        unchanged: (!changed).then(|| unchanged.to_string()),
     };
     Ok(Json(match op {
         ServerOp::Drain => servers.drain(&server, body.live, who.audit_name()).await?,
-        ServerOp::Undrain => servers.undrain(&server).await.map(|()| empty(server))?,
-        ServerOp::Fail => servers.fail(&server).await.map(|()| empty(server))?,
-        ServerOp::Recover => servers.recover(&server).await.map(|()| empty(server))?,
+        ServerOp::Undrain => {
+            let changed = servers.undrain(&server).await?;
+            done(server, changed, "was not draining: nothing to undo")
+        }
+        ServerOp::Fail => {
+            let changed = servers.fail(&server).await?;
+            done(
+                server,
+                changed,
+                "has failed already (`server recover` ends it)",
+            )
+        }
+        ServerOp::Recover => {
+            let changed = servers.recover(&server).await?;
+            done(
+                server,
+                changed,
+                "was not failed on command: nothing to recover (a server down on its own comes \
+                 back when its heartbeats do)",
+            )
+        }
     }))
 }
 

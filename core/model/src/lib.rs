@@ -9,7 +9,7 @@ mod project;
 mod url;
 mod workload;
 pub use project::{Project, ProjectMember, Quota, Usage};
-pub use url::base_url;
+pub use url::{base_url, with_causes};
 pub use workload::{
     Check, Endpoint, ImageRef, ParamKind, ParamSpec, Params, Protocol, Readiness,
     SECRET_PLACEHOLDER, Volume, Workload, apply_settable, resolve_params, secret_param,
@@ -154,7 +154,7 @@ impl Resources {
     pub fn within_bounds(&self) -> Result<(), String> {
         match self.figures().into_iter().find(|(_, v)| *v > Self::MAX) {
             Some((name, value)) => Err(format!(
-                "{name} {value} is more than any server has (at most {})",
+                "{name} {value} is more than Cloud48 counts for one container or server (at most {})",
                 Self::MAX
             )),
             None => Ok(()),
@@ -588,6 +588,13 @@ pub struct Server {
     /// when the core has no driver for it (a remote server not connected).
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// The subnet its containers' addresses come from, as its agent reported it (none for a
+    /// simulated server of the core, or an agent that does not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// The part of that subnet it hands out, where agents share one network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<String>,
 }
 
 /// A persisted command as the API shows it.
@@ -794,7 +801,7 @@ mod tests {
             "memory_mb must be greater than 0"
         );
         let huge = r(u64::MAX).validate().unwrap_err();
-        assert!(huge.contains("memory_mb 18446744073709551615 is more than any server has"));
+        assert!(huge.contains("memory_mb 18446744073709551615 is more than Cloud48 counts"));
         assert!(r(0).within_bounds().is_ok(), "a server may report no disk");
     }
 

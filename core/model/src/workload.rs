@@ -319,6 +319,20 @@ pub struct ParamSpec {
 impl ParamSpec {
     /// Checks `value` against the kind; says what is expected otherwise.
     pub fn check(&self, value: &str) -> Result<(), String> {
+        if self.kind == ParamKind::Integer
+            && let Err(e) = value.parse::<i64>()
+            && matches!(
+                e.kind(),
+                std::num::IntErrorKind::PosOverflow | std::num::IntErrorKind::NegOverflow
+            )
+        {
+            return Err(format!(
+                "parameter '{}' is a decimal integer from {} to {}, not '{value}'",
+                self.name,
+                i64::MIN,
+                i64::MAX
+            ));
+        }
         let ok = match self.kind {
             ParamKind::Text => !value.contains('\0'),
             ParamKind::Integer => value.parse::<i64>().is_ok(),
@@ -456,6 +470,9 @@ mod tests {
         );
         let e = resolve_params(&specs, &params(&[("db", "x"), ("heap-mb", "big")])).unwrap_err();
         assert!(e.contains("decimal integer") && e.contains("big"), "{e}");
+        let huge = "99999999999999999999";
+        let e = resolve_params(&specs, &params(&[("db", "x"), ("heap-mb", huge)])).unwrap_err();
+        assert!(e.contains(&format!("to {}, not '{huge}'", i64::MAX)), "{e}");
         assert!(validate_schema(&[spec("on", ParamKind::Boolean, Some("yes"))]).is_err());
         let twice = [
             spec("a", ParamKind::Text, None),

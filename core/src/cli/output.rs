@@ -130,13 +130,18 @@ pub fn environments(list: &[Environment]) -> String {
 /// Details of one environment with its members.
 pub fn environment(e: &Environment) -> String {
     let mut out = format!(
-        "environment {}  (id {}, project {}, {}, {} members)\n",
+        "environment {}  (id {}, project {}, {}, {} member{})\n",
         e.name,
         e.id,
         e.project,
         e.status,
-        e.members.len()
+        e.members.len(),
+        if e.members.len() == 1 { "" } else { "s" }
     );
+    if !e.params.is_empty() {
+        let params: Vec<String> = e.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!("params: {}\n", params.join(", ")));
+    }
     if !e.members.is_empty() {
         let mut t = table(&["ID", "TYPE", "PRIORITY", "STATUS", "SERVER", "IP"]);
         for c in &e.members {
@@ -175,6 +180,7 @@ pub fn servers(list: &[Server]) -> String {
         "MEASURED USE",
         "LAST HEARTBEAT",
         "CAPABILITIES",
+        "NETWORK",
     ]);
     let now = cloud48_engine::model::now_ms();
     for s in list {
@@ -221,6 +227,11 @@ pub fn servers(list: &[Server]) -> String {
                 }),
             beat,
             s.capabilities.join(" "),
+            match (&s.subnet, &s.addresses) {
+                (Some(net), Some(range)) => format!("{net} ({range})"),
+                (Some(net), None) => net.clone(),
+                _ => "-".to_string(),
+            },
         ]);
     }
     t.to_string()
@@ -262,21 +273,129 @@ pub fn commands(list: &[Command]) -> String {
     t.to_string()
 }
 
+/// Details of one plugin: what it is, what runs in its containers, the parameters it takes.
+pub fn plugin(p: &cloud48_engine::plugins::PluginInfo) -> String {
+    let (m, r) = (&p.meta, &p.meta.requirements.resources);
+    let mut lines = vec![
+        format!("plugin {}", p.type_id),
+        format!("  description:  {}", m.description),
+        format!("  priority:     {}", m.priority),
+        format!("  WIT version:  {}", m.wit_version),
+        format!(
+            "  requirements: cpu {:.2}, memory {} MB, disk {} MB",
+            r.cpu_millis as f64 / 1000.0,
+            r.memory_mb,
+            r.disk_mb
+        ),
+    ];
+    let w = &m.workload;
+    if w.is_default() {
+        lines.push("  workload:     none declared (the server's idle default)".into());
+    } else {
+        let image = w
+            .image
+            .as_ref()
+            .map_or("the server's own files".into(), |i| match &i.digest {
+                Some(d) => format!("{}@{d}", i.reference),
+                None => i.reference.clone(),
+            });
+        lines.push(format!("  image:        {image}"));
+        if !w.command.is_empty() {
+            lines.push(format!("  command:      {}", w.command.join(" ")));
+        }
+        if !w.endpoints.is_empty() {
+            let e: Vec<String> = w
+                .endpoints
+                .iter()
+                .map(|e| format!("{} {}/{:?}", e.name, e.port, e.protocol).to_lowercase())
+                .collect();
+            lines.push(format!("  endpoints:    {}", e.join(", ")));
+        }
+        if !w.volumes.is_empty() {
+            let v: Vec<String> = w
+                .volumes
+                .iter()
+                .map(|v| format!("{} {}", v.name, v.path))
+                .collect();
+            lines.push(format!("  volumes:      {}", v.join(", ")));
+        }
+    }
+    if m.params.is_empty() {
+        lines.push("  parameters:   none".into());
+    } else {
+        lines.push("  parameters:   (--param NAME=VALUE)".into());
+        for s in &m.params {
+            let default = s
+                .default
+                .as_deref()
+                .map_or("required".to_string(), |d| format!("default {d:?}"));
+            let settable = if s.settable {
+                ", hooks may change it"
+            } else {
+                ""
+            };
+            lines.push(format!(
+                "    {} ({}, {default}{settable}): {}",
+                s.name,
+                format!("{:?}", s.kind).to_lowercase(),
+                s.description
+            ));
+        }
+    }
+    lines.push(format!("  containers:   {}", p.containers));
+    lines.push(format!("  sha256:       {}", p.sha256));
+    lines.push(format!("  size:         {} bytes", p.size));
+    lines.join("\n")
+}
+
+/// A command's parameters for people: the bytes of an image (`data`, such as an upload's
+/// reference) as text where they are text, else as their length.
+fn readable_params(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    let bytes = |a: &[Value]| -> Option<Vec<u8>> {
+        a.iter()
+            .map(|x| x.as_u64().and_then(|n| u8::try_from(n).ok()))
+            .collect()
+    };
+    match v {
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| {
+                    let shown = match v {
+                        Value::Array(a) if k == "data" => match bytes(a) {
+                            Some(b) => match String::from_utf8(b) {
+                                Ok(text) if !text.chars().any(char::is_control) => {
+                                    Value::String(text)
+                                }
+                                _ => Value::String(format!("<{} bytes>", a.len())),
+                            },
+                            None => readable_params(v),
+                        },
+                        _ => readable_params(v),
+                    };
+                    (k.clone(), shown)
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(readable_params).collect()),
+        other => other.clone(),
+    }
+}
+
 /// Details of one command.
 pub fn command(c: &Command) -> String {
     let mut lines = vec![
         format!("command {}  ({})", c.id, c.kind),
         format!("  status:       {}", c.status),
-        format!(
-            "  target:       {} {}",
-            c.target_type.as_deref().unwrap_or("-"),
-            opt(&c.target_id)
-        ),
+        match (&c.target_type, c.target_id) {
+            (Some(kind), Some(id)) => format!("  target:       {kind} {id}"),
+            _ => "  target:       -".to_string(),
+        },
         format!("  parent:       {}", opt(&c.parent)),
         format!("  step:         {}", c.step),
         format!("  attempts:     {}", c.attempts),
         format!("  requested by: {}", c.requested_by),
-        format!("  params:       {}", c.params),
+        format!("  params:       {}", readable_params(&c.params)),
     ];
     if let Some(r) = &c.result {
         lines.push(format!("  result:       {}", result_line(r)));
@@ -373,6 +492,24 @@ mod tests {
         );
         let short = json!({ "created": 3, "failed": [[4, "no room"]] });
         assert_eq!(super::result_line(&short), short.to_string());
+    }
+
+    #[test]
+    fn an_image_s_bytes_read_as_text_or_as_their_length() {
+        let upload: Vec<u8> = b"cloud48-core-upload:91f2".to_vec();
+        let params = json!({
+            "image": { "type_id": "plain", "data": upload },
+            "disk": { "data": [0, 159, 146, 150] },
+            "servers": [3, 4],
+        });
+        assert_eq!(
+            super::readable_params(&params),
+            json!({
+                "image": { "type_id": "plain", "data": "cloud48-core-upload:91f2" },
+                "disk": { "data": "<4 bytes>" },
+                "servers": [3, 4],
+            })
+        );
     }
 
     #[test]

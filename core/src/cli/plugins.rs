@@ -119,14 +119,7 @@ pub(super) async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<
         }
         PluginCmd::Show { name } => {
             let p: PluginInfo = client.get(&format!("/v1/plugins/{}", enc(&name))).await?;
-            out.show(&p, || {
-                let r = &p.meta.requirements.resources;
-                format!(
-                    "plugin {}\n  description:  {}\n  priority:     {}\n  WIT version:  {}\n  requirements: cpu {:.2}, memory {} MB, disk {} MB\n  containers:   {}\n  sha256:       {}\n  size:         {} bytes",
-                    p.type_id, p.meta.description, p.meta.priority, p.meta.wit_version,
-                    r.cpu_millis as f64 / 1000.0, r.memory_mb, r.disk_mb, p.containers, p.sha256, p.size
-                )
-            });
+            out.show(&p, || output::plugin(&p));
         }
         PluginCmd::Test { mut files } => {
             let scenario = files.pop().expect("clap requires two arguments");

@@ -20,91 +20,92 @@ pub struct CoreArgs {
     #[arg(long)]
     pub database_url: Option<String>,
     /// Connections to PostgreSQL [default 5].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub db_connections: Option<u64>,
     /// Commands executing at once [default 256].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub workers: Option<u64>,
     /// First retry delay after a transient driver error, ms; doubles per attempt [default 200].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub retry_base_ms: Option<u64>,
     /// Attempts before a transient driver error fails a command [default 5].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_attempts: Option<u64>,
     /// Lease of a claimed command, ms: another core resumes the commands of a core that died
     /// this long after its last renewal [default 2000].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lease_ms: Option<u64>,
     /// Lease of a cluster duty (health monitor, collector) held by one core of several on one
     /// PostgreSQL database, ms; another core takes it over this long after its holder dies
     /// [default 3000].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub duty_lease_ms: Option<u64>,
     /// URL node agents reach this core at, told to agents so that they can fail over to it
     /// when the core they talk to dies (several cores on one PostgreSQL database).
     #[arg(long)]
     pub advertise_url: Option<String>,
     /// Simulated servers created when none is registered [default 4].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sim_servers: Option<u64>,
     /// Latency of every simulated server operation, ms [default 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sim_latency_ms: Option<u64>,
     /// Deadline of one plugin hook call, ms [default 100].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub plugin_deadline_ms: Option<u64>,
     /// Memory cap of one plugin instance, MiB [default 64].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub plugin_memory_mb: Option<u64>,
     /// What anonymous requests may do: none, read or full (full: local development only) [default read].
     #[arg(long)]
     pub anonymous: Option<String>,
     /// Endpoint families anonymous requests may read when --anonymous is read: some of fleet,
-    /// environments, containers, commands, plugins; empty for none [default fleet,environments].
+    /// environments, containers, commands, plugins, metrics; empty for none [default
+    /// fleet,environments].
     #[arg(long)]
     pub anonymous_read: Option<String>,
     /// HTTP Digest realm; part of stored password hashes [default cloud48].
     #[arg(long)]
     pub realm: Option<String>,
     /// Lifetime of a Digest nonce, seconds [default 300].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub nonce_ttl_secs: Option<u64>,
     /// Interval of the simulated servers' heartbeats, ms [default 500].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub heartbeat_ms: Option<u64>,
     /// Silence after which a server is marked down, ms [default 2000].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub grace_ms: Option<u64>,
     /// Interval of the health monitor's checks, ms [default 250].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub health_check_ms: Option<u64>,
     /// Interval of the collector (and rebalancer), seconds [default 30].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub collector_secs: Option<u64>,
     /// How long the event log keeps events, seconds [default 86400].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub events_retention_secs: Option<u64>,
     /// Memory-utilisation spread (percentage points) above which the rebalancer migrates; 0 off [default 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub rebalance_spread: Option<u64>,
     /// Most migrations the rebalancer has in flight [default 2].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub rebalance_batch: Option<u64>,
     /// Placement weight of free cpu, a decimal such as 0.5 [default 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_cpu: Option<f64>,
     /// Placement weight of free memory [default 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_memory: Option<f64>,
     /// Placement weight of free disk [default 0.5].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_disk: Option<f64>,
     /// Placement score added for a server that already holds the container's image, so it
     /// need not pull it [default 0.25].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub weight_image: Option<f64>,
     /// Lifetime of a capacity reservation whose command did not finish, seconds [default 600].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub dummy_ttl_secs: Option<u64>,
 }
 

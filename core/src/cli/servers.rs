@@ -70,7 +70,13 @@ async fn server_op(client: &Client, out: Out, server: &str, op: &str, done: &str
     let r: cloud48_engine::managers::DrainReport = client
         .post(&format!("/v1/servers/{}/{op}", enc(server)), &json!({}))
         .await?;
-    out.show(&r, || format!("server {} {done}", r.server));
+    out.show(&r, || {
+        format!(
+            "server {} {}",
+            r.server,
+            r.unchanged.as_deref().unwrap_or(done)
+        )
+    });
     Ok(())
 }
 

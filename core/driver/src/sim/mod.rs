@@ -185,14 +185,15 @@ impl SimServer {
         &self.name
     }
 
-    /// Simulates a crash: every operation fails as unreachable until `recover`.
-    pub fn crash(&self) {
-        *self.crashed.lock().unwrap() = true;
+    /// Simulates a crash: every operation fails as unreachable until `recover`. False when it
+    /// was crashed already.
+    pub fn crash(&self) -> bool {
+        !std::mem::replace(&mut *self.crashed.lock().unwrap(), true)
     }
 
-    /// Ends a simulated crash; the guests are as they were.
-    pub fn recover(&self) {
-        *self.crashed.lock().unwrap() = false;
+    /// Ends a simulated crash; the guests are as they were. False when it was not crashed.
+    pub fn recover(&self) -> bool {
+        std::mem::replace(&mut *self.crashed.lock().unwrap(), false)
     }
 
     /// The load figures a heartbeat of this server carries, or `None` while crashed (a

@@ -117,10 +117,17 @@ impl Authenticator {
             .values()
             .map(|(p, r)| format!("{r} in project '{p}'"))
             .collect();
-        Err(AuthError::Forbidden(if held.is_empty() {
-            message.clone()
-        } else {
-            format!("{message} (and only {})", held.join(", "))
-        }))
+        Err(AuthError::Forbidden(
+            if held.is_empty() && needed < Role::Admin {
+                format!(
+                    "{message} and no role in any project: an admin grants one with `cloud48 \
+                 project grant PROJECT {name} {needed}`"
+                )
+            } else if held.is_empty() {
+                message.clone()
+            } else {
+                format!("{message} (and only {})", held.join(", "))
+            },
+        ))
     }
 }

@@ -428,6 +428,23 @@ async fn action_command(
     }))
 }
 
+/// The containers a command added (its own, for an add, then those its hooks' `add-container`
+/// actions added), in that order: what a failed action leaves in the environment.
+async fn added_before(ctx: &StepCtx<'_>) -> Result<Vec<i64>, StepError> {
+    let own = ctx.progress.get("container_id").and_then(Value::as_i64);
+    let children = ctx.svc.queue().children(ctx.cmd.id).await?;
+    let by_hooks = children
+        .iter()
+        .filter(|c| {
+            c.kind == CommandKind::EnvironmentAdd.as_str()
+                && c.status == CommandStatus::Succeeded.as_str()
+        })
+        .filter_map(|c| c.result.as_deref())
+        .filter_map(|r| serde_json::from_str::<Value>(r).ok())
+        .filter_map(|r| r["container_id"].as_i64());
+    Ok(own.into_iter().chain(by_hooks).collect())
+}
+
 /// A tagged script the last step spawned, waiting for its result to reach the requester.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct PendingExec {
@@ -481,8 +498,21 @@ pub(super) async fn drain_actions(
     then: impl FnOnce(Value) -> Next,
 ) -> Result<Transition, StepError> {
     if let Some(failure) = child_failures(ctx).await? {
+        let kept = match added_before(ctx).await?.as_slice() {
+            [] => String::new(),
+            ids => format!(
+                "; the containers added before it stay in '{}': {} (remove one with `cloud48 \
+                 env remove {} ID`, or add what is missing once a server has room)",
+                env.name,
+                ids.iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                env.name
+            ),
+        };
         return Ok(Transition::bare(Next::Fail(format!(
-            "an action requested by a hook failed: {failure}"
+            "an action requested by a hook failed: {failure}{kept}"
         ))));
     }
     let mut progress = ctx.progress.clone();

@@ -11,6 +11,10 @@ pub struct DrainReport {
     pub commands: Vec<CommandId>,
     /// Containers that could not be migrated, with the reason.
     pub skipped: Vec<String>,
+    /// Why the operation changed nothing, when it did not (undrain of a server that is not
+    /// draining, fail of one crashed already, recover of one that is not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchanged: Option<String>,
 }
 
 /// Servers of the platform.
@@ -74,6 +78,8 @@ impl<'a> ServerManager<'a> {
                     name: s.name,
                     driver: s.driver,
                     address: s.address,
+                    subnet: s.subnet,
+                    addresses: s.addresses,
                 }
             })
             .collect())
@@ -166,20 +172,25 @@ impl<'a> ServerManager<'a> {
             server: s.name,
             commands: ids.into_iter().map(CommandId).collect(),
             skipped,
+            unchanged: None,
         })
     }
 
     /// Ends a drain: placement may use the server again.
-    pub async fn undrain(&self, key: &str) -> Result<(), CoreError> {
+    /// False when it was not draining (nothing changed).
+    pub async fn undrain(&self, key: &str) -> Result<bool, CoreError> {
         let db = self.svc.db();
         let s = server_by_name(db, "server", key).await?;
+        if !s.draining {
+            return Ok(false);
+        }
         let up = s.status == "up";
         let id = s.id;
         let mut am: server::ActiveModel = s.into();
         am.draining = Set(false);
         am.update(db).await?;
         self.svc.placement().set_status(id, up, false);
-        Ok(())
+        Ok(true)
     }
 
     /// Makes images present on server `key` ahead of need (placement then prefers it for
@@ -249,15 +260,15 @@ impl<'a> ServerManager<'a> {
 
     /// Injects a crash into a simulated server (it stops answering and sending heartbeats);
     /// the health monitor marks it down after the grace period.
-    pub async fn fail(&self, key: &str) -> Result<(), CoreError> {
-        self.sim(key).await?.crash();
-        Ok(())
+    /// False when it was crashed already.
+    pub async fn fail(&self, key: &str) -> Result<bool, CoreError> {
+        Ok(self.sim(key).await?.crash())
     }
 
     /// Ends an injected crash: heartbeats resume and the monitor brings the server back.
-    pub async fn recover(&self, key: &str) -> Result<(), CoreError> {
-        self.sim(key).await?.recover();
-        Ok(())
+    /// False when it was not crashed.
+    pub async fn recover(&self, key: &str) -> Result<bool, CoreError> {
+        Ok(self.sim(key).await?.recover())
     }
 
     async fn sim(

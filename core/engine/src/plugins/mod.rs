@@ -118,10 +118,24 @@ impl<'a> PluginManager<'a> {
             )));
         }
         if let Some(r) = existing.first() {
-            return Err(CoreError::Conflict(format!(
-                "plugin {} is installed in version {}; use `cloud48 plugin upgrade` to move to {}",
-                meta.name, r.version, meta.version
-            )));
+            let newer = semver::Version::parse(&meta.version)
+                .ok()
+                .zip(semver::Version::parse(&r.version).ok())
+                .is_some_and(|(new, old)| new > old);
+            return Err(CoreError::Conflict(if newer {
+                format!(
+                    "plugin {} is installed in version {}; use `cloud48 plugin upgrade {} FILE` to move to {}",
+                    meta.name, r.version, meta.name, meta.version
+                )
+            } else {
+                format!(
+                    "plugin {} is installed in version {}, newer than {}: {}",
+                    meta.name,
+                    r.version,
+                    meta.version,
+                    no_downgrade(&meta.name)
+                )
+            }));
         }
         let row = self.insert(self.db, wasm, &meta).await?;
         self.types.register(Arc::new(loaded));
@@ -353,8 +367,11 @@ impl<'a> PluginManager<'a> {
         let to = semver::Version::parse(&meta.version).map_err(|e| invalid(e.to_string()))?;
         if to <= from {
             return Err(CoreError::Conflict(format!(
-                "{}@{} is not newer than the installed {}",
-                meta.name, meta.version, old.version
+                "{}@{} is not newer than the installed {}: {}",
+                meta.name,
+                meta.version,
+                old.version,
+                no_downgrade(&meta.name)
             )));
         }
         let sha256 = hex::encode(sha2::Sha256::digest(wasm));
@@ -418,6 +435,15 @@ impl<'a> PluginManager<'a> {
         }
         Ok(())
     }
+}
+
+/// How to go back to an older version of plugin `name`: upgrades only move forward.
+fn no_downgrade(name: &str) -> String {
+    format!(
+        "upgrades only move forward (its containers' state was written by the newer version); to \
+         go back, remove the plugin once no container uses it (`cloud48 plugin remove {name}`), \
+         then install the older one"
+    )
 }
 
 #[cfg(test)]
