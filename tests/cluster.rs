@@ -230,7 +230,7 @@ async fn a_duty_has_one_holder_until_its_lease_lapses_or_is_released() {
 /// over, or `server add` racing its first beat) both accept each of them, as one server: the
 /// registration that loses the race reads the winner's row instead of failing with a 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_cores_registering_the_same_agents_at_once_both_accept_them() {
+async fn two_cores_registering_agents_at_once_accept_each_once_and_one_per_subnet() {
     let Some(pg) = PgDb::create().await else {
         return;
     };
@@ -275,6 +275,35 @@ async fn two_cores_registering_the_same_agents_at_once_both_accept_them() {
         assert_eq!(first, second, "{} is one server", info.name);
     }
     assert_eq!(cores[0].servers().list().await.unwrap().len(), infos.len());
+    // Two new agents with one subnet heard at once by the two cores: one is accepted, the
+    // other refused (each registration reads the others' subnets, then writes its own).
+    let pairs: Vec<[AgentInfo; 2]> = (0..20)
+        .map(|i| {
+            [0, 1].map(|j| AgentInfo {
+                name: format!("twin-{i}-{j}"),
+                url: format!("http://127.0.0.1:{}", 21_000 + 2 * i + j),
+                id: Some(format!("twin-{i}-{j}")),
+                subnet: Some(format!("10.77.{i}.0/24")),
+                ..infos[0].clone()
+            })
+        })
+        .collect();
+    let registrations = pairs.iter().flat_map(|pair| {
+        let stats = &stats;
+        pair.iter()
+            .zip(&cores)
+            .map(move |(info, core)| core.agents().register(info, stats))
+    });
+    let answers = futures::future::join_all(registrations).await;
+    for (pair, answer) in answers.chunks(2).zip(&pairs) {
+        let accepted = pair.iter().filter(|a| a.is_ok()).count();
+        assert_eq!(accepted, 1, "{}: {pair:?}", answer[0].name);
+        let refused = pair.iter().find_map(|a| a.as_ref().err()).unwrap();
+        assert!(
+            refused.to_string().contains("clashes with server twin-"),
+            "{refused}"
+        );
+    }
 }
 
 /// Cores started together on a new database: one sets it up (schema, platform, simulated

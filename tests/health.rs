@@ -318,8 +318,13 @@ async fn failover_replaces_the_balancer_and_a_tomcat_and_the_collector_removes_t
     })
     .await;
     assert_eq!(show(&t, tomcats[0]).await.status, ContainerStatus::Illegal);
-    let (ok, _, _) = crate::common::cli(&t.url, &["server", "recover", "sim-3"]);
-    assert!(ok);
+    let (ok, out, _) = crate::common::cli(&t.url, &["server", "recover", "sim-3"]);
+    assert!(ok && out.contains("recovered: heartbeats resume"), "{out}");
+    let (ok, out, _) = crate::common::cli(&t.url, &["server", "recover", "sim-3"]);
+    assert!(
+        ok && out.contains("was not failed on command: nothing to recover"),
+        "{out}"
+    );
     eventually("the old tomcat is collected", || async {
         (show(&t, tomcats[0]).await.status == ContainerStatus::Destroyed).then_some(())
     })
@@ -740,7 +745,15 @@ async fn one_unreadable_guest_does_not_leave_the_others_of_its_server_down() {
     }
     let sim1 = t.core.servers().get("sim-1").await.unwrap();
     assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
-    t.sim("sim-1").await.fail_next(
+    // The server cannot list its guests (neither for the collector's pass nor for the
+    // containers' statuses): they are read one by one, and one of them fails.
+    let sim = t.sim("sim-1").await;
+    sim.fail_next(
+        "list",
+        2,
+        cloud48_engine::driver::DriverError::Permanent("its guest list is being rebuilt".into()),
+    );
+    sim.fail_next(
         "status",
         1,
         cloud48_engine::driver::DriverError::Permanent("its files cannot be read now".into()),
@@ -759,6 +772,48 @@ async fn one_unreadable_guest_does_not_leave_the_others_of_its_server_down() {
     assert_eq!(t.core.monitor().recheck_down().await.unwrap(), 1);
     for id in &ids {
         assert_eq!(show(&t, *id).await.status, ContainerStatus::Running);
+    }
+}
+
+/// A server back with many containers is asked for its guests once, not once per container
+/// (which held the monitor up for minutes on a slow server while others went silent
+/// unnoticed): with every single-guest read failing, all of them are still read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_back_is_asked_for_all_its_guests_at_once() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    for _ in 0..5 {
+        let a: Accepted = t
+            .client
+            .post(
+                "/v1/containers",
+                &json!({ "type": "plain", "server": "sim-1" }),
+            )
+            .await
+            .unwrap();
+        t.created(a.command_id).await;
+    }
+    let sim1 = t.core.servers().get("sim-1").await.unwrap();
+    assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
+    let stopped = t.sim("sim-1").await.guests()[0].info.guest_id.clone();
+    cloud48_engine::driver::Driver::stop(&*t.sim("sim-1").await, &stopped)
+        .await
+        .unwrap();
+    t.sim("sim-1").await.fail_next(
+        "status",
+        100,
+        cloud48_engine::driver::DriverError::Permanent("no guest can be read alone".into()),
+    );
+    assert!(t.core.monitor().mark_up(sim1.id.0).await.unwrap());
+    let list: Vec<cloud48_engine::model::Container> =
+        t.client.get("/v1/containers?server=sim-1").await.unwrap();
+    assert_eq!(list.len(), 5);
+    for c in &list {
+        let want = if c.guest_id == stopped {
+            ContainerStatus::Stopped
+        } else {
+            ContainerStatus::Running
+        };
+        assert_eq!(c.status, want, "{}", c.id);
     }
 }
 

@@ -538,8 +538,14 @@ async fn agents_register_by_heartbeat_and_by_server_add() {
         .post::<_, serde_json::Value>("/v1/servers", &json!({ "url": "http://127.0.0.1:1" }))
         .await
         .unwrap_err();
+    // Why, not only that it failed: the refused connection underneath the client's error.
     assert!(
-        err.to_string().contains("cannot reach an agent") && err.to_string().contains("502"),
+        err.to_string().contains("cannot reach an agent")
+            && err
+                .to_string()
+                .to_lowercase()
+                .contains("connection refused")
+            && err.to_string().contains("502"),
         "{err}"
     );
     // A core's URL is not an agent's.
@@ -764,6 +770,79 @@ async fn another_agent_under_a_server_s_name_is_refused_unless_it_takes_the_serv
         .unwrap_err()
         .to_string();
     assert!(e.contains("agent id agent-b"), "{e}");
+    // While the agent holding the name beats, a take-over waits out its grace: busy (503,
+    // which agents retry), not refused (which would stop the new agent).
+    agents
+        .heartbeat(cloud48_engine::agent::protocol::Heartbeat {
+            agent: info(2, "agent-b", false),
+            stats: idle_stats(),
+        })
+        .await
+        .unwrap();
+    let e = agents
+        .register(&info(4, "agent-c", true), &stats)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, cloud48_engine::core::CoreError::Busy(_))
+            && e.to_string()
+                .contains("a take-over waits until it has been silent"),
+        "{e}"
+    );
+}
+
+/// An agent that comes back with another subnet while containers of its server hold addresses
+/// of the old one is refused, naming them: they keep their addresses, which another server
+/// could otherwise hand out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_back_with_another_subnet_is_refused_while_its_containers_hold_the_old_one() {
+    use cloud48_engine::driver::address::Subnet;
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let old: Subnet = "10.61.0.0/24".parse().unwrap();
+    let driver = SimServer::new(
+        "node-s",
+        1,
+        Resources {
+            cpu_millis: 4000,
+            memory_mb: 4096,
+            disk_mb: 10_000,
+        },
+        SimLatency::uniform(Duration::ZERO),
+    )
+    .with_subnet(old);
+    let (agent, url) = serve_agent_on("node-s", Arc::new(driver), Some((old, None))).await;
+    tc.core.agents().add(&url).await.unwrap();
+    let a: cloud48_engine::model::Accepted = tc
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "node-s" }),
+        )
+        .await
+        .unwrap();
+    let id = tc.created(a.command_id).await;
+    let mut info = agent.info().clone();
+    info.subnet = Some("10.62.0.0/24".into());
+    let e = tc
+        .core
+        .agents()
+        .register(&info, &idle_stats())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("container {id} has 10.61.0.")) && e.contains("the --subnet"),
+        "{e}"
+    );
+    let row = tc.core.servers().get("node-s").await.unwrap();
+    assert_eq!(row.subnet.as_deref(), Some("10.61.0.0/24"), "unchanged");
+    // Its own subnet again is welcome.
+    info.subnet = Some(old.to_string());
+    tc.core
+        .agents()
+        .register(&info, &idle_stats())
+        .await
+        .unwrap();
 }
 
 /// Regression (review): a server registered before agents sent their id (an older release)

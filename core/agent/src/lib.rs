@@ -194,7 +194,7 @@ pub async fn heartbeats_over(
                         break;
                     }
                 }
-                Err(e) => problems.push(format!("{core}: {e}")),
+                Err(e) => problems.push(format!("{core}: {}", cloud48_model::with_causes(&e))),
             }
         }
         match refused {

@@ -9,7 +9,8 @@
 use std::sync::Arc;
 
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, Set, SqlErr,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection,
+    EntityTrait, QueryFilter, Set, SqlErr, TransactionTrait,
 };
 
 use crate::agent::protocol::{AgentInfo, Heartbeat};
@@ -23,6 +24,10 @@ use crate::placement::PlacementCache;
 
 /// Registrations of one agent that another core's writes may make read the server again.
 const REGISTER_TRIES: usize = 3;
+
+/// The key of the PostgreSQL advisory lock registrations that write take (one at a time in the
+/// cluster).
+const REGISTER_LOCK: i64 = 0x0c10_0d48_4e67;
 
 /// Checks a server name an agent gives.
 fn valid_name(name: &str) -> Result<(), CoreError> {
@@ -72,6 +77,8 @@ pub struct Agents {
     grace: std::time::Duration,
     /// The agent id each server registered here was last accepted with.
     accepted: Arc<std::sync::Mutex<std::collections::HashMap<i64, Option<String>>>>,
+    /// Held by the registration that writes (one at a time on this core).
+    registering: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Agents {
@@ -94,6 +101,7 @@ impl Agents {
             token,
             grace,
             accepted: Default::default(),
+            registering: Default::default(),
         }
     }
 
@@ -145,9 +153,20 @@ impl Agents {
         // Another core may register the same agent at the same moment (an agent's heartbeats
         // reach a second core while it fails over, or `server add` races its first beat): the
         // registration that loses reads the server again and is judged against the winner's row.
+        //
+        // One registration that writes at a time (the fast path above writes nothing): its
+        // checks read the other servers (their subnets) before it writes this one, so two
+        // agents with one subnet registering at once would both pass. A mutex orders this
+        // core's; on PostgreSQL a transaction lock orders every core's.
+        let _one = self.registering.lock().await;
         for _ in 0..REGISTER_TRIES {
-            if let Some(id) = self.register_once(info, stats).await? {
-                return Ok(id);
+            let written = if self.db.get_database_backend() == DatabaseBackend::Postgres {
+                self.register_locked(info, stats).await?
+            } else {
+                self.register_once(&self.db, info, stats).await?
+            };
+            if let Some((row, inserted)) = written {
+                return self.registered(&row, inserted, info).await;
             }
         }
         Err(CoreError::Busy(format!(
@@ -157,36 +176,90 @@ impl Agents {
         )))
     }
 
-    /// One registration from a fresh read of the server; `None` when another core wrote the
-    /// server meanwhile (inserted it first, or gave it to another agent, or removed it).
-    async fn register_once(
+    /// `register_once` in a transaction holding the cluster's registration lock (PostgreSQL):
+    /// database reads and writes only, committed before the agent is attached.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "database work only: the agent is attached after the commit"
+    )]
+    async fn register_locked(
         &self,
         info: &AgentInfo,
         stats: &ServerStats,
-    ) -> Result<Option<i64>, CoreError> {
-        let db = &self.db;
+    ) -> Result<Option<(server::Model, bool)>, CoreError> {
+        let txn = self.db.begin().await?;
+        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REGISTER_LOCK})"))
+            .await?;
+        let written = self.register_once(&txn, info, stats).await?;
+        if written.is_some() {
+            txn.commit().await?;
+        }
+        Ok(written)
+    }
+
+    /// What follows a registration's write: the agent's driver attached, placement told of a
+    /// new server, the agent remembered as accepted.
+    async fn registered(
+        &self,
+        row: &server::Model,
+        inserted: bool,
+        info: &AgentInfo,
+    ) -> Result<i64, CoreError> {
+        let remote = self.attach_agent(row)?;
+        if inserted {
+            self.placement.refresh(&self.db, row.id).await?;
+            tracing::info!(server = %info.name, url = %info.url, driver = %info.driver, "registered a server run by an agent");
+        }
+        remote.set_capabilities(info.capabilities);
+        self.accepted
+            .lock()
+            .unwrap()
+            .insert(row.id, info.id.clone());
+        Ok(row.id)
+    }
+
+    /// One registration from a fresh read of the server through `db`: the server's row as
+    /// written, and whether it is new; `None` when another core wrote the server meanwhile
+    /// (inserted it first, or gave it to another agent, or removed it).
+    async fn register_once<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        info: &AgentInfo,
+        stats: &ServerStats,
+    ) -> Result<Option<(server::Model, bool)>, CoreError> {
         let existing = server::Entity::find()
             .filter(server::Column::Name.eq(&info.name))
             .one(db)
             .await?;
-        self.check_subnet(info, existing.as_ref().map(|r| r.id))
+        self.check_subnet(db, info, existing.as_ref().map(|r| r.id))
             .await?;
-        let (id, remote) = match existing {
-            Some(row) if row.driver != RemoteFactory::KIND => {
-                return Err(CoreError::Conflict(format!(
-                    "server {} already exists with driver '{}'; give the agent another --name",
-                    row.name, row.driver
-                )));
-            }
+        match existing {
+            Some(row) if row.driver != RemoteFactory::KIND => Err(CoreError::Conflict(format!(
+                "server {} already exists with driver '{}'; give the agent another --name",
+                row.name, row.driver
+            ))),
             Some(row) => {
                 let id = row.id;
                 let grace = self.grace.as_millis() as i64;
-                let alive = self.health.age(id).is_some_and(|age| age < grace);
+                let age = self.health.age(id);
+                let alive = age.is_some_and(|age| age < grace);
                 // The same agent at its address (first heartbeat to this core, with several
                 // cores) is no conflict.
                 // Nor is the same agent (its id) come back at another address.
                 let same = row.address.as_deref() == Some(info.url.as_str())
                     || (row.agent_id.is_some() && row.agent_id == info.id);
+                if alive && !same && self.fleet.remote(id).is_some() && info.take_over {
+                    // The old agent may have just died: the take-over waits out its grace
+                    // (503: the new agent's heartbeats keep trying), rather than two agents
+                    // running one server's name at once.
+                    return Err(CoreError::Busy(format!(
+                        "server {}'s agent at {} beat {} ms ago: a take-over waits until it \
+                         has been silent for {grace} ms; this agent's heartbeats keep trying",
+                        info.name,
+                        row.address.as_deref().unwrap_or("?"),
+                        age.unwrap_or_default()
+                    )));
+                }
                 if alive && !same && self.fleet.remote(id).is_some() {
                     return Err(CoreError::Conflict(format!(
                         "server name {} is taken by the live agent at {}; give this agent another --name",
@@ -242,6 +315,13 @@ impl Agents {
                 let row = if unchanged {
                     row
                 } else {
+                    // Its containers keep their addresses: another network for the server
+                    // must still hold them (a take-over judges them by what it holds).
+                    if (row.subnet != info.subnet || row.addresses != info.addresses)
+                        && !info.take_over
+                    {
+                        check_own_addresses(db, info, id).await?;
+                    }
                     use sea_orm::sea_query::Expr;
                     // Only while no other core gave the server to another agent since it was
                     // read (a take-over there is not undone here); the agent's next heartbeat
@@ -267,7 +347,7 @@ impl Agents {
                     };
                     row
                 };
-                (id, self.attach_agent(&row)?)
+                Ok(Some((row, false)))
             }
             None => {
                 let row = server::ActiveModel {
@@ -289,28 +369,26 @@ impl Agents {
                 }
                 .insert(db)
                 .await;
-                let row = match row {
-                    Ok(row) => row,
+                match row {
+                    Ok(row) => Ok(Some((row, true))),
                     Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-                        return Ok(None);
+                        Ok(None)
                     }
-                    Err(e) => return Err(e.into()),
-                };
-                let remote = self.attach_agent(&row)?;
-                self.placement.refresh(db, row.id).await?;
-                tracing::info!(server = %info.name, url = %info.url, driver = %info.driver, "registered a server run by an agent");
-                (row.id, remote)
+                    Err(e) => Err(e.into()),
+                }
             }
-        };
-        remote.set_capabilities(info.capabilities);
-        self.accepted.lock().unwrap().insert(id, info.id.clone());
-        Ok(Some(id))
+        }
     }
 
     /// Refuses an agent whose subnet or address range is not one, or that could give one of
     /// its containers an address another server may give (overlapping subnets, unless one
     /// shared network with disjoint ranges); `own` is its server's id, when it has one.
-    async fn check_subnet(&self, info: &AgentInfo, own: Option<i64>) -> Result<(), CoreError> {
+    async fn check_subnet<C: ConnectionTrait>(
+        &self,
+        db: &C,
+        info: &AgentInfo,
+        own: Option<i64>,
+    ) -> Result<(), CoreError> {
         use cloud48_driver::address::{AddressRange, Subnet, address_clash};
         let Some(text) = &info.subnet else {
             return Ok(());
@@ -330,7 +408,7 @@ impl Agents {
         }
         let others = server::Entity::find()
             .filter(server::Column::Subnet.is_not_null())
-            .all(&self.db)
+            .all(db)
             .await?;
         for other in others.iter().filter(|o| Some(o.id) != own) {
             let Some(theirs) = other
@@ -381,7 +459,10 @@ impl Agents {
             let client = client.clone();
             async move {
                 let resp = req.send().await.map_err(|e| {
-                    CoreError::Unreachable(format!("cannot reach an agent at {base}: {e}"))
+                    CoreError::Unreachable(format!(
+                        "cannot reach an agent at {base}: {}",
+                        crate::model::with_causes(&e)
+                    ))
                 })?;
                 if !resp.status().is_success() {
                     let status = resp.status();
@@ -406,7 +487,10 @@ impl Agents {
                     )));
                 }
                 resp.bytes().await.map_err(|e| {
-                    CoreError::Unreachable(format!("the agent at {base} broke off: {e}"))
+                    CoreError::Unreachable(format!(
+                        "the agent at {base} broke off: {}",
+                        crate::model::with_causes(&e)
+                    ))
                 })
             }
         };
@@ -443,8 +527,68 @@ async fn is_core(client: &reqwest::Client, base: &str) -> bool {
         .is_ok_and(|v| v.get("node").is_some())
 }
 
+/// Refuses a subnet (and range) for server `own` that leaves out addresses its live
+/// containers hold: they keep them, and another server could hand them out again.
+async fn check_own_addresses<C: ConnectionTrait>(
+    db: &C,
+    info: &AgentInfo,
+    own: i64,
+) -> Result<(), CoreError> {
+    use crate::entities::container;
+    use crate::model::ContainerStatus;
+    use cloud48_driver::address::{AddressRange, Subnet};
+    use sea_orm::QuerySelect;
+    // Checked already (`check_subnet`); an agent that names none hands out no addresses of
+    // its own to check.
+    let Some(mine) = info
+        .subnet
+        .as_deref()
+        .and_then(|s| s.parse::<Subnet>().ok())
+    else {
+        return Ok(());
+    };
+    let range: Option<AddressRange> = info.addresses.as_deref().and_then(|r| r.parse().ok());
+    let range = range.as_ref();
+    let gone = [ContainerStatus::Destroyed, ContainerStatus::Failed].map(|s| s.as_str());
+    let held: Vec<(i64, Option<String>)> = container::Entity::find()
+        .select_only()
+        .column(container::Column::Id)
+        .column(container::Column::Ip)
+        .filter(container::Column::ServerId.eq(own))
+        .filter(container::Column::Status.is_not_in(gone))
+        .filter(container::Column::Ip.is_not_null())
+        .into_tuple()
+        .all(db)
+        .await?;
+    let outside: Vec<String> = held
+        .into_iter()
+        .filter_map(|(id, ip)| {
+            let ip: std::net::Ipv4Addr = ip?.parse().ok()?;
+            let inside = mine.contains(ip) && range.is_none_or(|r| r.contains(ip));
+            (!inside).then(|| format!("container {id} has {ip}"))
+        })
+        .collect();
+    if outside.is_empty() {
+        return Ok(());
+    }
+    Err(CoreError::Conflict(format!(
+        "agent {} gives addresses of {mine}{}, but containers of its server hold addresses \
+         outside that ({}{}); they keep them: start the agent with the --subnet (and \
+         --addresses) it had, or move those containers to other servers first",
+        info.name,
+        range.map_or(String::new(), |r| format!(" ({r})")),
+        outside
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        if outside.len() > 5 { ", ..." } else { "" }
+    )))
+}
+
 /// Whether server `id` has containers that are not destroyed.
-async fn holds_containers(db: &DatabaseConnection, id: i64) -> Result<bool, CoreError> {
+async fn holds_containers<C: ConnectionTrait>(db: &C, id: i64) -> Result<bool, CoreError> {
     use crate::entities::container;
     use sea_orm::PaginatorTrait;
     let n = container::Entity::find()

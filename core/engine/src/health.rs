@@ -406,14 +406,47 @@ impl Monitor {
         let mut seen = Vec::new();
         let mut unread = 0;
         let total = down.len();
+        let status_of = |state: GuestState| match state {
+            GuestState::Running => ContainerStatus::Running,
+            GuestState::Stopped => ContainerStatus::Stopped,
+            GuestState::Suspended => ContainerStatus::Suspended,
+        };
+        // All of them in one answer where the server lists its guests (a server back with
+        // hundreds of containers is one request, not one each); one by one where it cannot.
+        let listed = match (&driver, total) {
+            (Some(d), 2..) => match d.list().await {
+                Ok(guests) => Some(
+                    guests
+                        .into_iter()
+                        .map(|g| (g.guest_id, g.state))
+                        .collect::<std::collections::HashMap<_, _>>(),
+                ),
+                Err(e) => {
+                    tracing::info!(server = server_id, error = %e, "cannot list a server's guests after it came back; reading them one by one");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let down = match listed {
+            Some(guests) => {
+                seen = down
+                    .into_iter()
+                    .map(|row| {
+                        let status = guests
+                            .get(&row.guest_id)
+                            .map_or(ContainerStatus::Failed, |s| status_of(*s));
+                        (row, status)
+                    })
+                    .collect();
+                Vec::new()
+            }
+            None => down,
+        };
         for (n, row) in down.into_iter().enumerate() {
             let Some(d) = &driver else { continue };
             let status = match d.status(&row.guest_id).await {
-                Ok(Some(g)) => match g.state {
-                    GuestState::Running => ContainerStatus::Running,
-                    GuestState::Stopped => ContainerStatus::Stopped,
-                    GuestState::Suspended => ContainerStatus::Suspended,
-                },
+                Ok(Some(g)) => status_of(g.state),
                 Ok(None) => ContainerStatus::Failed,
                 Err(e) if e.is_transient() => {
                     // The server does not answer for its guests: the rest are read again with
