@@ -398,6 +398,12 @@ async fn heartbeats_refused_before_registration_end_with_the_core_s_reason() {
     .await
     .expect("an agent with a wrong token stops trying");
     assert_eq!(refused.status, 401, "{refused}");
+    assert!(
+        refused
+            .reason
+            .contains("the agent's token is not this core's agents.token"),
+        "{refused}"
+    );
     assert!(!beats.is_finished(), "the registered agent beats on");
     beats.abort();
 }

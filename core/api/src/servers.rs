@@ -168,11 +168,22 @@ pub(super) async fn agent_heartbeat(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_none_or(|g| !cloud48_engine::auth::constant_eq(g.as_bytes(), expected.as_bytes())) {
+    let refused = match given {
+        None => Some(
+            "heartbeats need 'Authorization: Bearer TOKEN' with the core's agents.token (the \
+             agent's --token)",
+        ),
+        Some(g) if !cloud48_engine::auth::constant_eq(g.as_bytes(), expected.as_bytes()) => Some(
+            "the agent's token is not this core's agents.token: start the agent with the \
+             core's token (--token, or CLOUD48_AGENT_TOKEN)",
+        ),
+        Some(_) => None,
+    };
+    if let Some(message) = refused {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "heartbeats need 'Authorization: Bearer TOKEN' with the core's agents.token",
+            message,
             None,
         ));
     }

@@ -425,10 +425,21 @@ impl Agents {
             if let Some(why) =
                 address_clash((&mine, range.as_ref()), (&theirs, their_range.as_ref()))
             {
+                // A server that is down may be the one this agent replaces.
+                let gone = if other.status == "down" {
+                    format!(
+                        "; if server {} is gone for good and this agent replaces it, start \
+                         this one as --name {} --take-over",
+                        other.name, other.name
+                    )
+                } else {
+                    String::new()
+                };
                 return Err(CoreError::Conflict(format!(
                     "agent {} clashes with server {}: {why}; two containers could get one \
                      address: start the agent with a --subnet of its own, or, to share the \
-                     network, with --addresses ranges of it that no other server gives",
+                     network (qemu and linux servers), with --addresses ranges of it that no \
+                     other server gives{gone}",
                     info.name, other.name
                 )));
             }
