@@ -708,6 +708,96 @@ async fn sim_agents(urls: &[String]) -> Vec<Arc<cloud48_engine::driver::sim::Sim
     sims
 }
 
+/// Two cores whose views of a small subnet were read apart place at once: together they never
+/// reserve more containers on its server than the subnet has addresses (the agent would refuse
+/// the extra ones, failing their creates); what does not fit there goes to the other server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cores_placing_at_once_do_not_place_more_containers_than_a_subnet_has_addresses() {
+    use cloud48_engine::driver::address::Subnet;
+    use cloud48_engine::driver::sim::{SimLatency, SimServer};
+    use cloud48_engine::model::{Accepted, CommandStatus, Resources};
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let dir = crate::common::tempdir();
+    let flags = ["--anonymous", "full"];
+    let cores = [
+        start_core(&pg, dir.path(), "a", &flags).await,
+        start_core(&pg, dir.path(), "b", &flags).await,
+    ];
+    let urls: Vec<String> = cores.iter().map(|c| c.url.clone()).collect();
+    // The small subnet's server has the most room, so both cores pick it first.
+    for (name, subnet, cpu) in [
+        ("small", "10.66.0.0/29", 64_000),
+        ("roomy", "10.67.0.0/24", 8_000),
+    ] {
+        let net: Subnet = subnet.parse().unwrap();
+        let driver = SimServer::new(
+            name,
+            1,
+            Resources {
+                cpu_millis: cpu,
+                memory_mb: 65_536,
+                disk_mb: 100_000,
+            },
+            SimLatency::uniform(Duration::from_millis(5)),
+        )
+        .with_subnet(net);
+        let (agent, _) =
+            crate::agent::serve_agent_on(name, Arc::new(driver), Some((net, None))).await;
+        tokio::spawn(cloud48_engine::agent::heartbeats(
+            agent,
+            urls.clone(),
+            TOKEN.into(),
+            Duration::from_millis(100),
+        ));
+    }
+    for url in &urls {
+        eventually("both servers up on every core", || async {
+            let servers: Vec<Server> = Client::new(url).get_all("/v1/servers").await.ok()?;
+            (servers
+                .iter()
+                .filter(|s| s.status == ServerStatus::Up)
+                .count()
+                == 2)
+                .then_some(())
+        })
+        .await;
+    }
+    let body = serde_json::json!({
+        "type": "plain",
+        "requirements": { "cpu_millis": 10, "memory_mb": 16, "disk_mb": 10 }
+    });
+    let submits = (0..16).map(|i| {
+        let (client, body) = (Client::new(&urls[i % 2]), body.clone());
+        async move {
+            client
+                .post::<_, Accepted>("/v1/containers", &body)
+                .await
+                .unwrap()
+                .command_id
+        }
+    });
+    let ids = futures::future::join_all(submits).await;
+    let client = Client::new(&urls[0]);
+    for id in ids {
+        let done: cloud48_engine::model::Command = eventually("the create ends", || async {
+            let c: cloud48_engine::model::Command =
+                client.get(&format!("/v1/commands/{id}")).await.ok()?;
+            c.status.is_terminal().then_some(c)
+        })
+        .await;
+        assert_eq!(done.status, CommandStatus::Succeeded, "{:?}", done.error);
+    }
+    let servers: Vec<Server> = client.get_all("/v1/servers").await.unwrap();
+    let small = servers.iter().find(|s| s.name == "small").unwrap();
+    assert!(
+        small.containers <= 5,
+        "a /29 has 5 addresses: {}",
+        small.containers
+    );
+}
+
 async fn four_servers_up(client: &Client) {
     eventually("four servers up", || async {
         let servers: Vec<Server> = client.get_all("/v1/servers").await.ok()?;

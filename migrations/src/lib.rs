@@ -36,6 +36,7 @@ mod m0026_event_reasons;
 mod m0027_agent_identity;
 mod m0028_down_index;
 mod m0029_owed_notices;
+mod m0030_address_slots;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -73,6 +74,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0027_agent_identity::Migration),
             Box::new(m0028_down_index::Migration),
             Box::new(m0029_owed_notices::Migration),
+            Box::new(m0030_address_slots::Migration),
         ]
     }
 }

@@ -842,13 +842,36 @@ async fn an_agent_back_with_another_subnet_is_refused_while_its_containers_hold_
     );
     let row = tc.core.servers().get("node-s").await.unwrap();
     assert_eq!(row.subnet.as_deref(), Some("10.61.0.0/24"), "unchanged");
-    // Its own subnet again is welcome.
+    // Its own subnet again is welcome, and so is a range of it that leaves the container's
+    // address out (a container moved in live from a peer keeps an address of the peer's).
     info.subnet = Some(old.to_string());
     tc.core
         .agents()
         .register(&info, &idle_stats())
         .await
         .unwrap();
+    info.addresses = Some("10.61.0.100-10.61.0.120".into());
+    tc.core
+        .agents()
+        .register(&info, &idle_stats())
+        .await
+        .unwrap();
+    let row = tc.core.servers().get("node-s").await.unwrap();
+    assert_eq!(row.addresses.as_deref(), Some("10.61.0.100-10.61.0.120"));
+    // Nor may it stop saying which subnet it uses while its containers hold addresses.
+    info.subnet = None;
+    info.addresses = None;
+    let e = tc
+        .core
+        .agents()
+        .register(&info, &idle_stats())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("reports no --subnet") && e.contains("(10.61.0.0/24)"),
+        "{e}"
+    );
 }
 
 /// Regression (review): a server registered before agents sent their id (an older release)

@@ -22,6 +22,19 @@ use crate::fleet::{Fleet, RemoteFactory};
 use crate::health::Health;
 use crate::placement::PlacementCache;
 
+/// What one registration did.
+enum Registration {
+    /// The server is as the agent says: nothing written.
+    Unchanged(server::Model),
+    /// The server's row as written; `refresh`: new, or its network changed.
+    Written { row: server::Model, refresh: bool },
+    /// Another core wrote the server meanwhile (inserted it first, gave it to another agent,
+    /// removed it): read it again.
+    Lost,
+    /// A write is due, which takes the registration lock.
+    NeedsLock,
+}
+
 /// Registrations of one agent that another core's writes may make read the server again.
 const REGISTER_TRIES: usize = 3;
 
@@ -150,23 +163,34 @@ impl Agents {
         stats.capacity.within_bounds().map_err(|m| {
             CoreError::invalid("capacity", format!("agent {}: capacity {m}", info.name))
         })?;
+        // An agent known to the database as it is now (a core that restarted, or one an agent
+        // failed over to) is judged without a lock: nothing is written.
+        if let Registration::Unchanged(row) =
+            self.register_once(&self.db, info, stats, false).await?
+        {
+            return self.registered(&row, false, info).await;
+        }
         // Another core may register the same agent at the same moment (an agent's heartbeats
         // reach a second core while it fails over, or `server add` races its first beat): the
         // registration that loses reads the server again and is judged against the winner's row.
         //
-        // One registration that writes at a time (the fast path above writes nothing): its
-        // checks read the other servers (their subnets) before it writes this one, so two
-        // agents with one subnet registering at once would both pass. A mutex orders this
-        // core's; on PostgreSQL a transaction lock orders every core's.
+        // One registration that writes at a time: its checks read the other servers (their
+        // subnets) before it writes this one, so two agents with one subnet registering at once
+        // would both pass. A mutex orders this core's; on PostgreSQL a transaction lock orders
+        // every core's (waited for a bounded time: a stalled holder makes this one busy).
         let _one = self.registering.lock().await;
         for _ in 0..REGISTER_TRIES {
-            let written = if self.db.get_database_backend() == DatabaseBackend::Postgres {
+            let outcome = if self.db.get_database_backend() == DatabaseBackend::Postgres {
                 self.register_locked(info, stats).await?
             } else {
-                self.register_once(&self.db, info, stats).await?
+                self.register_once(&self.db, info, stats, true).await?
             };
-            if let Some((row, inserted)) = written {
-                return self.registered(&row, inserted, info).await;
+            match outcome {
+                Registration::Unchanged(row) => return self.registered(&row, false, info).await,
+                Registration::Written { row, refresh } => {
+                    return self.registered(&row, refresh, info).await;
+                }
+                Registration::Lost | Registration::NeedsLock => {}
             }
         }
         Err(CoreError::Busy(format!(
@@ -186,29 +210,40 @@ impl Agents {
         &self,
         info: &AgentInfo,
         stats: &ServerStats,
-    ) -> Result<Option<(server::Model, bool)>, CoreError> {
+    ) -> Result<Registration, CoreError> {
         let txn = self.db.begin().await?;
-        txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REGISTER_LOCK})"))
+        txn.execute_unprepared("SET LOCAL lock_timeout = '2s'")
             .await?;
-        let written = self.register_once(&txn, info, stats).await?;
-        if written.is_some() {
+        if let Err(e) = txn
+            .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REGISTER_LOCK})"))
+            .await
+        {
+            return Err(CoreError::Busy(format!(
+                "another core has been registering an agent for 2 s ({}); the agent's next \
+                 heartbeat tries again",
+                crate::model::with_causes(&e)
+            )));
+        }
+        let outcome = self.register_once(&txn, info, stats, true).await?;
+        if matches!(outcome, Registration::Written { .. }) {
             txn.commit().await?;
         }
-        Ok(written)
+        Ok(outcome)
     }
 
-    /// What follows a registration's write: the agent's driver attached, placement told of a
-    /// new server, the agent remembered as accepted.
+    /// What follows a registration: the agent's driver attached, placement's view of the
+    /// server read again when it is new or its network changed, the agent remembered as
+    /// accepted.
     async fn registered(
         &self,
         row: &server::Model,
-        inserted: bool,
+        refresh: bool,
         info: &AgentInfo,
     ) -> Result<i64, CoreError> {
         let remote = self.attach_agent(row)?;
-        if inserted {
+        if refresh {
             self.placement.refresh(&self.db, row.id).await?;
-            tracing::info!(server = %info.name, url = %info.url, driver = %info.driver, "registered a server run by an agent");
+            tracing::info!(server = %info.name, url = %info.url, subnet = ?info.subnet, driver = %info.driver, "registered a server run by an agent");
         }
         remote.set_capabilities(info.capabilities);
         self.accepted
@@ -218,20 +253,18 @@ impl Agents {
         Ok(row.id)
     }
 
-    /// One registration from a fresh read of the server through `db`: the server's row as
-    /// written, and whether it is new; `None` when another core wrote the server meanwhile
-    /// (inserted it first, or gave it to another agent, or removed it).
+    /// One registration from a fresh read of the server through `db`; writes only when
+    /// `write` (else says it needs to).
     async fn register_once<C: ConnectionTrait>(
         &self,
         db: &C,
         info: &AgentInfo,
         stats: &ServerStats,
-    ) -> Result<Option<(server::Model, bool)>, CoreError> {
+        write: bool,
+    ) -> Result<Registration, CoreError> {
         let existing = server::Entity::find()
             .filter(server::Column::Name.eq(&info.name))
             .one(db)
-            .await?;
-        self.check_subnet(db, info, existing.as_ref().map(|r| r.id))
             .await?;
         match existing {
             Some(row) if row.driver != RemoteFactory::KIND => Err(CoreError::Conflict(format!(
@@ -308,20 +341,28 @@ impl Agents {
                 let agent_id = info.id.clone().or(row.agent_id.clone());
                 // A core that restarted hears every agent again: no write when nothing changed
                 // (each write would make every other core read every server again).
+                let slots = address_slots(info);
                 let unchanged = row.agent_id == agent_id
                     && row.address.as_deref() == Some(info.url.as_str())
                     && row.subnet == info.subnet
-                    && row.addresses == info.addresses;
-                let row = if unchanged {
-                    row
-                } else {
+                    && row.addresses == info.addresses
+                    && row.address_slots == slots;
+                if unchanged {
+                    return Ok(Registration::Unchanged(row));
+                }
+                if !write {
+                    return Ok(Registration::NeedsLock);
+                }
+                let network = row.subnet != info.subnet || row.addresses != info.addresses;
+                if network {
+                    self.check_subnet(db, info, Some(id)).await?;
                     // Its containers keep their addresses: another network for the server
                     // must still hold them (a take-over judges them by what it holds).
-                    if (row.subnet != info.subnet || row.addresses != info.addresses)
-                        && !info.take_over
-                    {
-                        check_own_addresses(db, info, id).await?;
+                    if !info.take_over {
+                        check_own_addresses(db, info, id, row.subnet.as_deref()).await?;
                     }
+                }
+                let row = {
                     use sea_orm::sea_query::Expr;
                     // Only while no other core gave the server to another agent since it was
                     // read (a take-over there is not undone here); the agent's next heartbeat
@@ -338,18 +379,24 @@ impl Agents {
                             server::Column::Addresses,
                             Expr::value(info.addresses.clone()),
                         )
+                        .col_expr(server::Column::AddressSlots, Expr::value(slots))
                         .filter(server::Column::Id.eq(id))
                         .filter(read)
                         .exec_with_returning(db)
                         .await?;
                     let Some(row) = written.into_iter().next() else {
-                        return Ok(None);
+                        return Ok(Registration::Lost);
                     };
                     row
                 };
-                Ok(Some((row, false)))
+                Ok(Registration::Written {
+                    row,
+                    refresh: network,
+                })
             }
+            None if !write => Ok(Registration::NeedsLock),
             None => {
+                self.check_subnet(db, info, None).await?;
                 let row = server::ActiveModel {
                     platform_id: Set(self.platform),
                     name: Set(info.name.clone()),
@@ -365,14 +412,16 @@ impl Agents {
                     subnet: Set(info.subnet.clone()),
                     addresses: Set(info.addresses.clone()),
                     agent_id: Set(info.id.clone()),
+                    address_slots: Set(address_slots(info)),
                     ..Default::default()
                 }
                 .insert(db)
                 .await;
                 match row {
-                    Ok(row) => Ok(Some((row, true))),
-                    Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-                        Ok(None)
+                    Ok(row) => Ok(Registration::Written { row, refresh: true }),
+                    // Another core inserted this name first (any other unique key is an error).
+                    Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(m)) if m.contains("name")) => {
+                        Ok(Registration::Lost)
                     }
                     Err(e) => Err(e.into()),
                 }
@@ -538,28 +587,34 @@ async fn is_core(client: &reqwest::Client, base: &str) -> bool {
         .is_ok_and(|v| v.get("node").is_some())
 }
 
-/// Refuses a subnet (and range) for server `own` that leaves out addresses its live
-/// containers hold: they keep them, and another server could hand them out again.
+/// How many guests the agent's server can give an address, as its row keeps it.
+fn address_slots(info: &AgentInfo) -> Option<i64> {
+    crate::placement::address_slots(info.subnet.as_deref(), info.addresses.as_deref())
+        .map(|n| n.min(i64::MAX as u64) as i64)
+}
+
+/// Refuses a network for server `own` (which had subnet `had`) that leaves out addresses its
+/// live containers hold: they keep them, and another server could hand them out again. Only
+/// the subnet counts: a range is what the server hands out, and a container moved in live from
+/// a peer of the network keeps an address of the peer's range.
 async fn check_own_addresses<C: ConnectionTrait>(
     db: &C,
     info: &AgentInfo,
     own: i64,
+    had: Option<&str>,
 ) -> Result<(), CoreError> {
     use crate::entities::container;
     use crate::model::ContainerStatus;
-    use cloud48_driver::address::{AddressRange, Subnet};
+    use cloud48_driver::address::Subnet;
     use sea_orm::QuerySelect;
-    // Checked already (`check_subnet`); an agent that names none hands out no addresses of
-    // its own to check.
-    let Some(mine) = info
+    // Checked already (`check_subnet`) where given.
+    let mine = info
         .subnet
         .as_deref()
-        .and_then(|s| s.parse::<Subnet>().ok())
-    else {
+        .and_then(|s| s.parse::<Subnet>().ok());
+    if mine.is_none() && had.is_none() {
         return Ok(());
-    };
-    let range: Option<AddressRange> = info.addresses.as_deref().and_then(|r| r.parse().ok());
-    let range = range.as_ref();
+    }
     let gone = [ContainerStatus::Destroyed, ContainerStatus::Failed].map(|s| s.as_str());
     let held: Vec<(i64, Option<String>)> = container::Entity::find()
         .select_only()
@@ -575,26 +630,30 @@ async fn check_own_addresses<C: ConnectionTrait>(
         .into_iter()
         .filter_map(|(id, ip)| {
             let ip: std::net::Ipv4Addr = ip?.parse().ok()?;
-            let inside = mine.contains(ip) && range.is_none_or(|r| r.contains(ip));
+            let inside = mine.is_some_and(|m| m.contains(ip));
             (!inside).then(|| format!("container {id} has {ip}"))
         })
         .collect();
     if outside.is_empty() {
         return Ok(());
     }
+    let now = match mine {
+        Some(m) => format!("gives addresses of {m}"),
+        None => "reports no --subnet".to_string(),
+    };
     Err(CoreError::Conflict(format!(
-        "agent {} gives addresses of {mine}{}, but containers of its server hold addresses \
-         outside that ({}{}); they keep them: start the agent with the --subnet (and \
-         --addresses) it had, or move those containers to other servers first",
+        "agent {} {now}, but containers of its server hold addresses outside that ({}{}); \
+         they keep them: start the agent with the --subnet it had{}, or move those containers \
+         to other servers first",
         info.name,
-        range.map_or(String::new(), |r| format!(" ({r})")),
         outside
             .iter()
             .take(5)
             .cloned()
             .collect::<Vec<_>>()
             .join(", "),
-        if outside.len() > 5 { ", ..." } else { "" }
+        if outside.len() > 5 { ", ..." } else { "" },
+        had.map_or(String::new(), |h| format!(" ({h})"))
     )))
 }
 

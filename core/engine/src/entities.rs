@@ -66,6 +66,9 @@ pub mod server {
         pub addresses: Option<String>,
         /// The id of the agent that runs it (made in the agent's data directory), once known.
         pub agent_id: Option<String>,
+        /// How many guests it can give an address (from `subnet` and `addresses`), when known:
+        /// reservations never count more containers on it.
+        pub address_slots: Option<i64>,
     }
     no_relations!();
 }

@@ -282,6 +282,7 @@ mod tests {
             subnet: None,
             addresses: None,
             agent_id: None,
+            address_slots: None,
         }
     }
 

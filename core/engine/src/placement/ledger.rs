@@ -48,6 +48,13 @@ pub async fn claim<C: ConnectionTrait>(
             Expr::col(S::AllocDiskMb)
                 .add(disk)
                 .lte(Expr::col(S::DiskMb)),
+        )
+        .filter(
+            Expr::col(S::AddressSlots)
+                .is_null()
+                .or(Expr::col(S::AllocContainers)
+                    .add(count)
+                    .lte(Expr::col(S::AddressSlots))),
         );
     if placeable {
         q = q.filter(S::Status.eq("up")).filter(S::Draining.eq(false));
@@ -89,6 +96,7 @@ pub async fn claim_many(
              AND servers.alloc_cpu_millis + v.column2 <= servers.cpu_millis \
              AND servers.alloc_memory_mb + v.column3 <= servers.memory_mb \
              AND servers.alloc_disk_mb + v.column4 <= servers.disk_mb \
+             AND (servers.address_slots IS NULL OR servers.alloc_containers + v.column5 <= servers.address_slots) \
              AND servers.status || '' = 'up' AND servers.draining = false"
         );
         // Usually every claim holds; otherwise undo the chunk and claim server by server.

@@ -130,22 +130,25 @@ impl Candidate {
     }
 }
 
-/// How many guests server `s` can give an address: the hosts of its range, else of its
-/// subnet (but the network, gateway and broadcast addresses); a simulated server without a
-/// subnet hands out the hosts of its own /22.
+/// How many guests server `s` can give an address: see [`address_slots`]; a simulated server
+/// without a subnet hands out the hosts of its own /22.
 fn slots_of(s: &server::Model) -> Option<u64> {
+    match address_slots(s.subnet.as_deref(), s.addresses.as_deref()) {
+        None if s.driver == crate::fleet::SimFactory::KIND => Some(cloud48_driver::sim::POOL_HOSTS),
+        slots => slots,
+    }
+}
+
+/// How many guests a server with this subnet and range can give an address: the hosts of its
+/// range, else of its subnet (but the network, gateway and broadcast addresses); `None` when
+/// it reports neither (or what it reports cannot be read).
+pub fn address_slots(subnet: Option<&str>, addresses: Option<&str>) -> Option<u64> {
     use cloud48_driver::address::{AddressRange, Subnet};
-    let range = s
-        .addresses
-        .as_deref()
-        .and_then(|r| r.parse::<AddressRange>().ok());
-    let subnet = s.subnet.as_deref().and_then(|n| n.parse::<Subnet>().ok());
+    let range = addresses.and_then(|r| r.parse::<AddressRange>().ok());
+    let subnet = subnet.and_then(|n| n.parse::<Subnet>().ok());
     match (range, subnet) {
         (Some(r), _) => Some(r.address_count()),
         (None, Some(n)) => Some(n.host_count()),
-        (None, None) if s.driver == crate::fleet::SimFactory::KIND => {
-            Some(cloud48_driver::sim::POOL_HOSTS)
-        }
         (None, None) => None,
     }
 }
