@@ -329,6 +329,19 @@ impl TestCore {
         )
     }
 
+    /// A `plain` container created on server `server`, once it runs.
+    pub async fn plain_on(&self, server: &str) -> ContainerId {
+        let a: cloud48_engine::model::Accepted = self
+            .client
+            .post(
+                "/v1/containers",
+                &serde_json::json!({ "type": "plain", "server": server }),
+            )
+            .await
+            .unwrap();
+        self.created(a.command_id).await
+    }
+
     /// The `ip:8080` of the given containers (as balancer upstreams), sorted.
     pub async fn addresses(&self, ids: &[ContainerId]) -> Vec<String> {
         let mut out = Vec::new();

@@ -578,15 +578,7 @@ async fn the_monitor_never_marks_a_server_down_on_silence_gathered_while_it_was_
 /// A core with a container on sim-1, and sim-1 marked down: (the core, the container, sim-1).
 async fn a_container_on_sim_1_marked_down() -> (TestCore, ContainerId, Server) {
     let t = TestCore::start(Opts::default()).await.unwrap();
-    let a: Accepted = t
-        .client
-        .post(
-            "/v1/containers",
-            &json!({ "type": "plain", "server": "sim-1" }),
-        )
-        .await
-        .unwrap();
-    let id = t.created(a.command_id).await;
+    let id = t.plain_on("sim-1").await;
     let sim1 = t.core.servers().get("sim-1").await.unwrap();
     assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
     (t, id, sim1)
@@ -733,15 +725,7 @@ async fn one_unreadable_guest_does_not_leave_the_others_of_its_server_down() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let a: Accepted = t
-            .client
-            .post(
-                "/v1/containers",
-                &json!({ "type": "plain", "server": "sim-1" }),
-            )
-            .await
-            .unwrap();
-        ids.push(t.created(a.command_id).await);
+        ids.push(t.plain_on("sim-1").await);
     }
     let sim1 = t.core.servers().get("sim-1").await.unwrap();
     assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
@@ -782,15 +766,7 @@ async fn one_unreadable_guest_does_not_leave_the_others_of_its_server_down() {
 async fn a_server_back_is_asked_for_all_its_guests_at_once() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     for _ in 0..5 {
-        let a: Accepted = t
-            .client
-            .post(
-                "/v1/containers",
-                &json!({ "type": "plain", "server": "sim-1" }),
-            )
-            .await
-            .unwrap();
-        t.created(a.command_id).await;
+        t.plain_on("sim-1").await;
     }
     let sim1 = t.core.servers().get("sim-1").await.unwrap();
     assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());

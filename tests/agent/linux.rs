@@ -75,15 +75,7 @@ async fn a_container_moves_between_an_agent_and_a_local_server() {
     let remote = sim("node-1", Duration::ZERO);
     let (_, url) = serve_agent("node-1", remote.clone()).await;
     tc.core.agents().add(&url).await.unwrap();
-    let cmd: serde_json::Value = tc
-        .client
-        .post(
-            "/v1/containers",
-            &json!({ "type": "plain", "server": "node-1" }),
-        )
-        .await
-        .unwrap();
-    let id = tc.created(cmd["command_id"].as_i64().unwrap()).await;
+    let id = tc.plain_on("node-1").await;
     let guest = tc.core.containers().get_by_id(id).await.unwrap().guest_id;
     let disk = remote.guest(&guest).unwrap().disk;
     // The agent's export is a reference; the local server cannot pull it, so the core does.

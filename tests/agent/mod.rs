@@ -818,15 +818,7 @@ async fn an_agent_back_with_another_subnet_is_refused_while_its_containers_hold_
     .with_subnet(old);
     let (agent, url) = serve_agent_on("node-s", Arc::new(driver), Some((old, None))).await;
     tc.core.agents().add(&url).await.unwrap();
-    let a: cloud48_engine::model::Accepted = tc
-        .client
-        .post(
-            "/v1/containers",
-            &json!({ "type": "plain", "server": "node-s" }),
-        )
-        .await
-        .unwrap();
-    let id = tc.created(a.command_id).await;
+    let id = tc.plain_on("node-s").await;
     let mut info = agent.info().clone();
     info.subnet = Some("10.62.0.0/24".into());
     let e = tc
@@ -905,15 +897,7 @@ async fn an_agent_elsewhere_is_not_taken_for_a_server_whose_agent_id_is_unknown(
         .register(&info(1, None, false), &stats)
         .await
         .unwrap();
-    let a: cloud48_engine::model::Accepted = tc
-        .client
-        .post(
-            "/v1/containers",
-            &json!({ "type": "plain", "server": "sim-1" }),
-        )
-        .await
-        .unwrap();
-    let c = tc.created(a.command_id).await;
+    let c = tc.plain_on("sim-1").await;
     tc.core
         .db()
         .execute_unprepared(&format!(
