@@ -340,6 +340,8 @@ impl Monitor {
         }
         self.placement.refresh(&self.db, server_id).await?;
         let report = self.collector.collect(Some(server_id)).await?;
+        // Its guests are listed again after the collector's pass (which listed them too): the
+        // statuses read are those left once it removed what must not exist.
         let (back, unread) = self.recover_down(server_id).await?;
         tracing::info!(
             server = server_id,
@@ -428,41 +430,36 @@ impl Monitor {
             },
             _ => None,
         };
-        let down = match listed {
-            Some(guests) => {
-                seen = down
-                    .into_iter()
-                    .map(|row| {
-                        let status = guests
-                            .get(&row.guest_id)
-                            .map_or(ContainerStatus::Failed, |s| status_of(*s));
-                        (row, status)
-                    })
-                    .collect();
-                Vec::new()
+        match listed {
+            Some(guests) => seen.extend(down.into_iter().map(|row| {
+                let status = guests
+                    .get(&row.guest_id)
+                    .map_or(ContainerStatus::Failed, |s| status_of(*s));
+                (row, status)
+            })),
+            None => {
+                for (n, row) in down.into_iter().enumerate() {
+                    let Some(d) = &driver else { continue };
+                    let status = match d.status(&row.guest_id).await {
+                        Ok(Some(g)) => status_of(g.state),
+                        Ok(None) => ContainerStatus::Failed,
+                        Err(e) if e.is_transient() => {
+                            // The server does not answer for its guests: the rest are read
+                            // again with the collector's next pass, not each waited for now.
+                            unread += total - n;
+                            tracing::warn!(container = row.id, unread, error = %e, "cannot read a container's status after its server came back");
+                            break;
+                        }
+                        Err(e) => {
+                            // This guest alone: the others are read on.
+                            unread += 1;
+                            tracing::warn!(container = row.id, error = %e, "cannot read a container's status after its server came back");
+                            continue;
+                        }
+                    };
+                    seen.push((row, status));
+                }
             }
-            None => down,
-        };
-        for (n, row) in down.into_iter().enumerate() {
-            let Some(d) = &driver else { continue };
-            let status = match d.status(&row.guest_id).await {
-                Ok(Some(g)) => status_of(g.state),
-                Ok(None) => ContainerStatus::Failed,
-                Err(e) if e.is_transient() => {
-                    // The server does not answer for its guests: the rest are read again with
-                    // the collector's next pass, not each waited for now.
-                    unread += total - n;
-                    tracing::warn!(container = row.id, unread, error = %e, "cannot read a container's status after its server came back");
-                    break;
-                }
-                Err(e) => {
-                    // This guest alone: the others are read on.
-                    unread += 1;
-                    tracing::warn!(container = row.id, error = %e, "cannot read a container's status after its server came back");
-                    continue;
-                }
-            };
-            seen.push((row, status));
         }
         let txn = self.db.begin().await?;
         let mut back = Vec::new();

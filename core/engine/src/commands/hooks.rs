@@ -8,7 +8,7 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseTransaction, DbErr, EntityTr
 use serde_json::Value;
 
 use super::{StepCtx, params};
-use crate::entities::{container, environment, server};
+use crate::entities::{command, container, environment, server};
 use crate::managers::parse_status;
 use crate::model::{
     CommandKind, CommandStatus, ContainerId, ContainerStatus, Params, Requirements, now_ms,
@@ -282,6 +282,11 @@ pub(super) const CHILDREN_FROM: &str = "children_from";
 /// `after-exec`.
 pub(super) async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, StepError> {
     let children = ctx.svc.queue().children(ctx.cmd.id).await?;
+    Ok(failures_among(ctx, &children))
+}
+
+/// [`child_failures`] among `children`, read already.
+fn failures_among(ctx: &StepCtx<'_>, children: &[command::Model]) -> Option<String> {
     let from = ctx.progress.get(CHILDREN_FROM).and_then(Value::as_i64);
     let failed: Vec<String> = children
         .iter()
@@ -303,7 +308,7 @@ pub(super) async fn child_failures(ctx: &StepCtx<'_>) -> Result<Option<String>, 
             )
         })
         .collect();
-    Ok((!failed.is_empty()).then(|| failed.join("; ")))
+    (!failed.is_empty()).then(|| failed.join("; "))
 }
 
 /// A server's id by name, for a hook's placement hints.
@@ -430,9 +435,8 @@ async fn action_command(
 
 /// The containers a command added (its own, for an add, then those its hooks' `add-container`
 /// actions added), in that order: what a failed action leaves in the environment.
-async fn added_before(ctx: &StepCtx<'_>) -> Result<Vec<i64>, StepError> {
+fn added_before(ctx: &StepCtx<'_>, children: &[command::Model]) -> Vec<i64> {
     let own = ctx.progress.get("container_id").and_then(Value::as_i64);
-    let children = ctx.svc.queue().children(ctx.cmd.id).await?;
     let by_hooks = children
         .iter()
         .filter(|c| {
@@ -442,7 +446,7 @@ async fn added_before(ctx: &StepCtx<'_>) -> Result<Vec<i64>, StepError> {
         .filter_map(|c| c.result.as_deref())
         .filter_map(|r| serde_json::from_str::<Value>(r).ok())
         .filter_map(|r| r["container_id"].as_i64());
-    Ok(own.into_iter().chain(by_hooks).collect())
+    own.into_iter().chain(by_hooks).collect()
 }
 
 /// A tagged script the last step spawned, waiting for its result to reach the requester.
@@ -497,8 +501,9 @@ pub(super) async fn drain_actions(
     env: &environment::Model,
     then: impl FnOnce(Value) -> Next,
 ) -> Result<Transition, StepError> {
-    if let Some(failure) = child_failures(ctx).await? {
-        let kept = match added_before(ctx).await?.as_slice() {
+    let children = ctx.svc.queue().children(ctx.cmd.id).await?;
+    if let Some(failure) = failures_among(ctx, &children) {
+        let kept = match added_before(ctx, &children).as_slice() {
             [] => String::new(),
             ids => format!(
                 "; the containers added before it stay in '{}': {} (remove one with `cloud48 \
