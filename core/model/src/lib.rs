@@ -758,7 +758,7 @@ pub fn type_name(type_id: &str) -> &str {
 pub fn validate_name(name: &str) -> Result<(), String> {
     if !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!(
-            "'{name}' is only digits, which reads as an id; give a name with a letter (e.g. env-{name})"
+            "'{name}' is only digits, which reads as an id; give a name with a letter in it (such as a-{name})"
         ));
     }
     let ok = !name.is_empty()
@@ -821,7 +821,7 @@ mod tests {
         }
         let err = validate_name("1").unwrap_err();
         assert!(
-            err.contains("reads as an id") && err.contains("env-1"),
+            err.contains("reads as an id") && err.contains("such as a-1)"),
             "{err}"
         );
         for bad in ["", "-a", "Shop", "a_b", &"a".repeat(64)] {
