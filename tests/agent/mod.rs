@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::common::{Opts, TestCore, eventually};
 
 mod linux;
+mod remove;
 
 pub const TOKEN: &str = "test-agent-token-0123456789";
 

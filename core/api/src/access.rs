@@ -337,6 +337,7 @@ mod tests {
         assert_eq!(get("/v1/containers/3"), Role::Viewer);
         assert_eq!(post("/v1/containers/3/exec"), Role::Admin);
         assert_eq!(post("/v1/servers/h1/images"), Role::Admin);
+        assert_eq!(needed_role(&Method::DELETE, "/v1/servers/h1"), Role::Admin);
         assert_eq!(get("/v1/exports/0123"), Role::Admin);
         assert_eq!(Family::of("/v1/exports/0123"), None);
         assert_eq!(post("/v1/containers/3/actions"), Role::Operator);

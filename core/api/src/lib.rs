@@ -39,6 +39,7 @@ pub use environments::{CloneEnvironment, CreateEnvironment};
 pub use error::{ApiError, ApiJson, ApiQuery, ErrorBody, ErrorDetail, OptionalApiJson, parse_id};
 pub use servers::{AddServer, FetchImage, FetchedImages, ServerAction, ServerOp};
 
+use cloud48_engine::agents::RemovedServer;
 use cloud48_engine::auth::{Principal, Scope};
 use cloud48_engine::core::Core;
 use cloud48_engine::managers::{
@@ -102,7 +103,7 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(containers::container_logs))
         .routes(routes!(containers::container_secret))
         .routes(routes!(containers::container_exec))
-        .routes(routes!(servers::show_server))
+        .routes(routes!(servers::show_server, servers::remove_server))
         .routes(routes!(servers::server_action))
         .routes(routes!(servers::server_fetch_image))
         .routes(routes!(commands::list_commands))

@@ -1,5 +1,5 @@
 //! `/v1/servers`: the fleet, its operations (drain, fail, recover), images fetched to a server,
-//! and agents' heartbeats.
+//! removal of a server gone for good, and agents' heartbeats.
 
 use super::*;
 
@@ -229,4 +229,17 @@ pub(super) async fn show_server(
     Path(server): Path<String>,
 ) -> Result<Json<Server>, ApiError> {
     Ok(Json(core.servers().get(&server).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/servers/{server}", tag = "servers",
+    description = "Removes a server whose agent is gone for good, so that its name and subnet are free again: refused while the server is up, holds containers other than destroyed ones, or has placements under way; containers destroyed while it was down are marked destroyed (their guests went with it). Admins.",
+    params(("server" = String, Path, description = "Server name or id")),
+    responses((status = 200, body = RemovedServer), (status = 404, body = ErrorBody),
+              (status = 409, body = ErrorBody, description = "Up, simulated, or still holding containers or placements"),
+              (status = 503, body = ErrorBody, description = "Another core kept registering or removing a server; try again")))]
+pub(super) async fn remove_server(
+    State(core): State<Core>,
+    Path(server): Path<String>,
+) -> Result<Json<RemovedServer>, ApiError> {
+    Ok(Json(core.agents().remove(&server).await?))
 }

@@ -246,6 +246,19 @@ impl Fleet {
         self.remotes.write().unwrap().insert(id, remote);
     }
 
+    /// Forgets server `id` (removed): its driver and network.
+    pub fn detach(&self, id: i64) {
+        self.drivers.write().unwrap().remove(&id);
+        self.sims.write().unwrap().remove(&id);
+        self.remotes.write().unwrap().remove(&id);
+        self.networks.write().unwrap().remove(&id);
+    }
+
+    /// The servers with a driver here.
+    pub fn ids(&self) -> Vec<i64> {
+        self.drivers.read().unwrap().keys().copied().collect()
+    }
+
     /// Registers a simulated server.
     pub fn add_sim(&self, id: i64, sim: Arc<SimServer>) {
         self.drivers

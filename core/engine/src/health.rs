@@ -131,6 +131,15 @@ impl Health {
         beats.insert(server, Beat { at, load });
     }
 
+    /// Forgets `server` (removed): its heartbeats and the notice of its silence.
+    pub fn forget(&self, server: i64) {
+        self.beats.lock().unwrap().remove(&server);
+        self.noticed.lock().unwrap().remove(&server);
+        if let Some(unwritten) = &self.unwritten {
+            unwritten.lock().unwrap().remove(&server);
+        }
+    }
+
     /// Milliseconds since the last heartbeat of `server` (by this core's clock, the one beats
     /// are stamped with).
     pub fn age(&self, server: i64) -> Option<i64> {

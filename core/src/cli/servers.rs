@@ -52,6 +52,16 @@ pub enum ServerCmd {
         #[arg(value_name = "SERVER")]
         name: String,
     },
+    /// Remove a server whose agent is gone for good: its name and subnet are free again.
+    /// Refused while it is up (drain it, stop its agent, wait until it is down) and while
+    /// containers other than destroyed ones are on it (destroy them first; a container down
+    /// with its server is given up at once). If its agent ever starts again, it registers as
+    /// a new server and the guests it still holds are destroyed as leftovers.
+    Remove {
+        /// Server name or id.
+        #[arg(value_name = "SERVER")]
+        name: String,
+    },
     /// Simulated servers: inject a crash (no answers, no heartbeats).
     Fail {
         /// Server name.
@@ -142,6 +152,23 @@ pub(super) async fn server(client: &Client, out: Out, cmd: ServerCmd) -> Result<
         }
         ServerCmd::Undrain { name: server } => {
             server_op(client, out, &server, "undrain", "takes containers again").await
+        }
+        ServerCmd::Remove { name: server } => {
+            let r: cloud48_engine::agents::RemovedServer = client
+                .delete(&format!("/v1/servers/{}", enc(&server)))
+                .await?;
+            out.show(&r, || {
+                let mut text = format!("server {} (id {}) removed", r.server, r.id);
+                if !r.destroyed.is_empty() {
+                    let ids: Vec<String> = r.destroyed.iter().map(i64::to_string).collect();
+                    text.push_str(&format!(
+                        "; containers {} were given up while it was down and are destroyed",
+                        ids.join(", ")
+                    ));
+                }
+                text
+            });
+            Ok(())
         }
         ServerCmd::Fail { name: server } => server_op(
             client,

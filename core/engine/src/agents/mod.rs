@@ -1,7 +1,8 @@
 //! The core's side of node agents: registering servers run by agents (by their heartbeats or
-//! by `server add URL`) and receiving their heartbeats.
+//! by `server add URL`), receiving their heartbeats, and removing servers gone for good
+//! (`remove`).
 //!
-//! Invariant: a server keeps its id and name for life; an agent that comes back under the same
+//! Invariant: a server keeps its id and name until it is removed; an agent that comes back under the same
 //! name at another address updates the address; another agent (another data directory, so
 //! none of the server's guests) under the name is refused unless it says it takes the server
 //! over.
@@ -21,6 +22,9 @@ use crate::entities::server;
 use crate::fleet::{Fleet, RemoteFactory};
 use crate::health::Health;
 use crate::placement::PlacementCache;
+
+mod remove;
+pub use remove::RemovedServer;
 
 /// What one registration did.
 enum Registration {
@@ -42,6 +46,23 @@ const REGISTER_TRIES: usize = 3;
 /// cluster).
 const REGISTER_LOCK: i64 = 0x0c10_0d48_4e67;
 
+/// Takes the cluster's registration lock in `txn` (PostgreSQL), held until it ends: waited for
+/// at most 2 s, then busy (a stalled holder must not stall every agent's registration).
+async fn lock_registrations(txn: &sea_orm::DatabaseTransaction) -> Result<(), CoreError> {
+    txn.execute_unprepared("SET LOCAL lock_timeout = '2s'")
+        .await?;
+    txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REGISTER_LOCK})"))
+        .await
+        .map_err(|e| {
+            CoreError::Busy(format!(
+                "another core has been registering or removing a server for 2 s ({}); try \
+                 again (an agent's next heartbeat does)",
+                crate::model::with_causes(&e)
+            ))
+        })?;
+    Ok(())
+}
+
 /// Checks a server name an agent gives.
 fn valid_name(name: &str) -> Result<(), CoreError> {
     if name.is_empty()
@@ -59,21 +80,15 @@ fn valid_name(name: &str) -> Result<(), CoreError> {
 }
 
 fn valid_url(url: &str) -> Result<(), CoreError> {
-    if url.starts_with("https://") {
+    if url.len() > 500 {
         return Err(CoreError::invalid(
             "agent.url",
-            format!(
-                "agent address '{url}': this build speaks plain HTTP to agents; use http:// on a trusted network (the token authenticates)"
-            ),
+            "agent address is longer than 500 characters: give the scheme, host and port only, as in http://10.0.0.7:7048",
         ));
     }
-    if !url.starts_with("http://") || url.len() > 500 || url.contains(char::is_whitespace) {
-        return Err(CoreError::invalid(
-            "agent.url",
-            format!("agent address '{url}' must be an http:// URL such as http://10.0.0.7:7048"),
-        ));
-    }
-    Ok(())
+    crate::model::base_url(url)
+        .map(|_| ())
+        .map_err(|e| CoreError::invalid("agent.url", format!("agent address {e}")))
 }
 
 /// The agents' registry, with what it uses: the database of servers, the fleet their drivers
@@ -212,18 +227,7 @@ impl Agents {
         stats: &ServerStats,
     ) -> Result<Registration, CoreError> {
         let txn = self.db.begin().await?;
-        txn.execute_unprepared("SET LOCAL lock_timeout = '2s'")
-            .await?;
-        if let Err(e) = txn
-            .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REGISTER_LOCK})"))
-            .await
-        {
-            return Err(CoreError::Busy(format!(
-                "another core has been registering an agent for 2 s ({}); the agent's next \
-                 heartbeat tries again",
-                crate::model::with_causes(&e)
-            )));
-        }
+        lock_registrations(&txn).await?;
         let outcome = self.register_once(&txn, info, stats, true).await?;
         if matches!(outcome, Registration::Written { .. }) {
             txn.commit().await?;
@@ -281,24 +285,24 @@ impl Agents {
                 // Nor is the same agent (its id) come back at another address.
                 let same = row.address.as_deref() == Some(info.url.as_str())
                     || (row.agent_id.is_some() && row.agent_id == info.id);
-                if alive && !same && self.fleet.remote(id).is_some() && info.take_over {
-                    // The old agent may have just died: the take-over waits out its grace
-                    // (503: the new agent's heartbeats keep trying), rather than two agents
-                    // running one server's name at once.
-                    return Err(CoreError::Busy(format!(
-                        "server {}'s agent at {} beat {} ms ago: a take-over waits until it \
-                         has been silent for {grace} ms; this agent's heartbeats keep trying",
-                        info.name,
-                        row.address.as_deref().unwrap_or("?"),
-                        age.unwrap_or_default()
-                    )));
-                }
                 if alive && !same && self.fleet.remote(id).is_some() {
-                    return Err(CoreError::Conflict(format!(
-                        "server name {} is taken by the live agent at {}; give this agent another --name",
-                        info.name,
-                        row.address.as_deref().unwrap_or("?")
-                    )));
+                    let at = row.address.as_deref().unwrap_or("?");
+                    return Err(if info.take_over {
+                        // The old agent may have just died: the take-over waits out its grace
+                        // (503: the new agent's heartbeats keep trying), rather than two agents
+                        // running one server's name at once.
+                        CoreError::Busy(format!(
+                            "server {}'s agent at {at} beat {} ms ago: a take-over waits until \
+                             it has been silent for {grace} ms; this agent's heartbeats keep trying",
+                            info.name,
+                            age.unwrap_or_default()
+                        ))
+                    } else {
+                        CoreError::Conflict(format!(
+                            "server name {} is taken by the live agent at {at}; give this agent another --name",
+                            info.name
+                        ))
+                    });
                 }
                 if let (Some(theirs), Some(mine)) = (&row.agent_id, &info.id)
                     && theirs != mine
@@ -340,7 +344,9 @@ impl Agents {
                 }
                 let agent_id = info.id.clone().or(row.agent_id.clone());
                 // A core that restarted hears every agent again: no write when nothing changed
-                // (each write would make every other core read every server again).
+                // (each write would make every other core read every server again). The address
+                // slots are compared too: a row written before they were stored (m0030) gets
+                // them on its agent's next registration, and reservations need them in the row.
                 let slots = address_slots(info);
                 let unchanged = row.agent_id == agent_id
                     && row.address.as_deref() == Some(info.url.as_str())
@@ -477,9 +483,9 @@ impl Agents {
                 // A server that is down may be the one this agent replaces.
                 let gone = if other.status == "down" {
                     format!(
-                        "; if server {} is gone for good and this agent replaces it, start \
-                         this one as --name {} --take-over",
-                        other.name, other.name
+                        "; if server {} is gone for good, remove it (`cloud48 server remove \
+                         {}`), or start this agent as --name {} --take-over to replace it",
+                        other.name, other.name, other.name
                     )
                 } else {
                     String::new()

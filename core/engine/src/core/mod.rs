@@ -433,6 +433,11 @@ impl Core {
                 {
                     fleet.attach(row)?;
                 }
+                // Servers another core removed: forgotten here too.
+                let now: std::collections::HashSet<i64> = rows.iter().map(|r| r.id).collect();
+                for gone in fleet.ids().into_iter().filter(|id| !now.contains(id)) {
+                    self.agents().forget(gone);
+                }
                 self.agents().forget_changed(&rows);
                 self.placement().load(read, &rows);
             }
