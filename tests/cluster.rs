@@ -151,6 +151,13 @@ async fn a_killed_core_hands_its_duties_and_its_agents_to_another() {
         (holders(&cluster(&api_b).await) == everything_on(&node_b)).then_some(())
     })
     .await;
+    // The killed core is listed for a while, as silent.
+    eventually("the killed core is shown as not running", || async {
+        let view = cluster(&api_b).await;
+        let killed = view.cores.iter().find(|c| c.node == node_a)?;
+        (!killed.running).then_some(())
+    })
+    .await;
     // Beyond the grace period (3 s) after the takeover, node-1 has not been marked down:
     // its agent moved its heartbeats to the second core.
     let watched = std::time::Instant::now();
@@ -176,7 +183,11 @@ async fn a_killed_core_hands_its_duties_and_its_agents_to_another() {
     assert_eq!(status(&api_a, "node-1").await, Some(ServerStatus::Down));
     let view = cluster(&api_a).await;
     assert_eq!(holders(&view), everything_on(&node_b));
-    assert!(view.cores.iter().any(|c| c.this && c.node == node_a));
+    assert!(
+        view.cores
+            .iter()
+            .any(|c| c.this && c.node == node_a && c.running)
+    );
 }
 
 /// A duty's lease: one holder at a time, renewed by it, taken by another only once it lapsed;

@@ -17,6 +17,10 @@ pub struct ClusterCore {
     pub url: Option<String>,
     /// Milliseconds since it last wrote to the database (by the database's clock).
     pub silent_ms: i64,
+    /// False once it has been silent for longer than the grace period (`health.grace_ms`; a
+    /// running core writes every heartbeat period): it has most likely stopped, and its duties
+    /// pass to another core when their leases run out. It leaves this list after a minute.
+    pub running: bool,
     /// Whether it is the core answering this request.
     pub this: bool,
 }
@@ -44,6 +48,7 @@ pub struct Cluster {
 pub(crate) async fn show_cluster(State(core): State<Core>) -> Result<Json<Cluster>, ApiError> {
     let cluster = core.cluster();
     let me = cluster.node().to_string();
+    let grace = core.config().health.grace.as_millis() as i64;
     let cores = cluster
         .cores(std::time::Duration::from_secs(60))
         .await
@@ -54,6 +59,7 @@ pub(crate) async fn show_cluster(State(core): State<Core>) -> Result<Json<Cluste
             node: c.node,
             url: c.url,
             silent_ms: c.silent_ms,
+            running: c.silent_ms <= grace,
         })
         .collect();
     let duties = cluster

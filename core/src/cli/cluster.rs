@@ -16,7 +16,7 @@ pub async fn show(client: &Client, out: Out) -> Result<()> {
 fn table(cluster: &Cluster) -> String {
     let mut t = comfy_table::Table::new();
     t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
-        .set_header(vec!["CORE", "URL", "LAST SEEN", "DUTIES"]);
+        .set_header(vec!["CORE", "URL", "STATUS", "LAST SEEN", "DUTIES"]);
     for c in &cluster.cores {
         let duties: Vec<&str> = cluster
             .duties
@@ -31,6 +31,11 @@ fn table(cluster: &Cluster) -> String {
                 c.node.clone()
             },
             c.url.clone().unwrap_or_else(|| "-".into()),
+            if c.running {
+                "running".into()
+            } else {
+                "silent (stopped?)".to_string()
+            },
             format!("{:.1} s ago", c.silent_ms as f64 / 1000.0),
             if duties.is_empty() {
                 "-".into()
