@@ -190,6 +190,54 @@ async fn a_killed_core_hands_its_duties_and_its_agents_to_another() {
     );
 }
 
+/// The monitor on one core judges a server whose agent beats to another core by the beats
+/// shared through the database, read afresh before it calls the server silent: its own view
+/// is a heartbeat period old, which under load was enough to mark a healthy server down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_beating_to_another_core_is_not_judged_on_a_stale_view() {
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let (_dirs, cores) = agent_cores(&pg, 2).await;
+    let (heard, judge) = (&cores[0], &cores[1]);
+    let info = AgentInfo {
+        name: "node-v".into(),
+        url: "http://127.0.0.1:20998".into(),
+        driver: "sim".into(),
+        capabilities: sim("node-v", Duration::ZERO).capabilities(),
+        labels: vec![],
+        subnet: None,
+        addresses: None,
+        heartbeats: Some(true),
+        id: Some("agent-v".into()),
+        take_over: false,
+    };
+    let id = heard.agents().register(&info, &idle_stats()).await.unwrap();
+    heard.health().heartbeat(id, None);
+    heard.sync_cluster().await.unwrap();
+    judge.sync_cluster().await.unwrap();
+    let grace = judge.config().health.grace.as_millis() as i64;
+    // The agent goes on beating to the first core, which shares its beats; the judging core
+    // does not read them on its own meanwhile.
+    eventually(
+        "the judging core's own view is older than the grace period",
+        || async {
+            heard.health().heartbeat(id, None);
+            heard.sync_cluster().await.unwrap();
+            (judge.health().age(id)? > grace).then_some(())
+        },
+    )
+    .await;
+    let report = judge.monitor().check().await.unwrap();
+    assert!(report.down.is_empty(), "{report:?}");
+    // Once the agent is silent, the same check marks it down.
+    eventually("the silent server is marked down", || async {
+        let report = judge.monitor().check().await.unwrap();
+        (report.down == [id]).then_some(())
+    })
+    .await;
+}
+
 /// A duty's lease: one holder at a time, renewed by it, taken by another only once it lapsed;
 /// a holder that could not renew stops acting when its own deadline passes; a graceful
 /// release hands the duty over at once.
@@ -237,15 +285,13 @@ async fn a_duty_has_one_holder_until_its_lease_lapses_or_is_released() {
     assert_eq!(a.claim(Duty::Collector).await.unwrap(), Claim::Taken);
 }
 
-/// Two cores that hear the same new agents at the same moment (an agent's heartbeats failing
-/// over, or `server add` racing its first beat) both accept each of them, as one server: the
-/// registration that loses the race reads the winner's row instead of failing with a 500.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_cores_registering_agents_at_once_accept_each_once_and_one_per_subnet() {
-    let Some(pg) = PgDb::create().await else {
-        return;
-    };
-    let dirs: Vec<_> = (0..2).map(|_| crate::common::tempdir()).collect();
+/// `n` cores on `pg` in this process, opened (nothing started), for agents only (their token,
+/// no simulated servers); with their directories.
+pub(crate) async fn agent_cores(
+    pg: &PgDb,
+    n: usize,
+) -> (Vec<tempfile::TempDir>, Vec<cloud48_engine::Core>) {
+    let dirs: Vec<_> = (0..n).map(|_| crate::common::tempdir()).collect();
     let mut cores = Vec::new();
     for d in &dirs {
         let mut config = cloud48_engine::CoreConfig::new(d.path());
@@ -258,6 +304,18 @@ async fn two_cores_registering_agents_at_once_accept_each_once_and_one_per_subne
                 .expect("core opens"),
         );
     }
+    (dirs, cores)
+}
+
+/// Two cores that hear the same new agents at the same moment (an agent's heartbeats failing
+/// over, or `server add` racing its first beat) both accept each of them, as one server: the
+/// registration that loses the race reads the winner's row instead of failing with a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cores_registering_agents_at_once_accept_each_once_and_one_per_subnet() {
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let (_dirs, cores) = agent_cores(&pg, 2).await;
     let infos: Vec<AgentInfo> = (0..40)
         .map(|i| AgentInfo {
             name: format!("racer-{i}"),

@@ -129,19 +129,7 @@ async fn a_server_removed_through_one_core_is_forgotten_by_the_others() {
     let Some(pg) = crate::common::PgDb::create().await else {
         return;
     };
-    let dirs: Vec<_> = (0..2).map(|_| crate::common::tempdir()).collect();
-    let mut cores = Vec::new();
-    for d in &dirs {
-        let mut config = cloud48_engine::CoreConfig::new(d.path());
-        config.database_url = Some(pg.url.clone());
-        config.agent_token = Some(TOKEN.into());
-        config.sim_servers = 0;
-        cores.push(
-            cloud48_engine::Core::open(config)
-                .await
-                .expect("core opens"),
-        );
-    }
+    let (_dirs, cores) = crate::cluster::agent_cores(&pg, 2).await;
     let (a, b) = (&cores[0], &cores[1]);
     let info = AgentInfo {
         name: "node-q".into(),

@@ -174,6 +174,8 @@ pub struct Monitor {
     placement: Arc<PlacementCache>,
     health: Arc<Health>,
     collector: Collector,
+    /// Where other cores' heartbeats are shared (several cores on PostgreSQL).
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     grace: std::time::Duration,
     /// Stalls of its own the monitor noticed.
     stalls: Arc<std::sync::atomic::AtomicU64>,
@@ -197,9 +199,16 @@ impl Monitor {
             placement,
             health,
             collector,
+            cluster: None,
             grace,
             stalls: Default::default(),
         }
+    }
+
+    /// The same, judging servers also by the heartbeats other cores share through `cluster`.
+    pub fn sharing(mut self, cluster: Arc<crate::cluster::Cluster>) -> Self {
+        self.cluster = cluster.shared().then_some(cluster);
+        self
     }
 
     /// One scheduled pass of the monitor, `delay` after it was due. A delay of a quarter of the
@@ -238,9 +247,23 @@ impl Monitor {
     /// One pass of the monitor: marks silent servers down and answering ones up.
     pub async fn check(&self) -> Result<HealthReport, CoreError> {
         let grace = self.grace.as_millis() as i64;
-        let now = self.health.clock.now_ms();
+        let mut now = self.health.clock.now_ms();
+        let servers = self.placement.snapshot();
+        // A server that looks silent may have beaten to another core since this one last read
+        // the shared beats (once a heartbeat period): they are read afresh before it is judged,
+        // so its silence here is at most the other core's period longer than the truth.
+        if let Some(cluster) = &self.cluster
+            && servers
+                .iter()
+                .any(|c| c.up && self.health.silence(c.id, now) > grace)
+        {
+            for (server, age, load) in cluster.read_beats().await? {
+                self.health.merge(server, age, load.as_deref());
+            }
+            now = self.health.clock.now_ms();
+        }
         let mut report = HealthReport::default();
-        for c in self.placement.snapshot() {
+        for c in servers {
             let silent = self.health.silence(c.id, now) > grace;
             if c.up && silent {
                 let cause = format!("server missed its heartbeats for more than {grace} ms");

@@ -2,10 +2,10 @@
 //! by `server add URL`), receiving their heartbeats, and removing servers gone for good
 //! (`remove`).
 //!
-//! Invariant: a server keeps its id and name until it is removed; an agent that comes back under the same
-//! name at another address updates the address; another agent (another data directory, so
-//! none of the server's guests) under the name is refused unless it says it takes the server
-//! over.
+//! Invariant: a server keeps its id and name until it is removed; an agent that comes back
+//! under the same name at another address updates the address; another agent (another data
+//! directory, so none of the server's guests) under the name is refused unless it says it
+//! takes the server over.
 
 use std::sync::Arc;
 
@@ -105,7 +105,7 @@ pub struct Agents {
     grace: std::time::Duration,
     /// The agent id each server registered here was last accepted with.
     accepted: Arc<std::sync::Mutex<std::collections::HashMap<i64, Option<String>>>>,
-    /// Held by the registration that writes (one at a time on this core).
+    /// Held by the registration that writes, or the removal (one at a time on this core).
     registering: Arc<tokio::sync::Mutex<()>>,
 }
 

@@ -156,7 +156,11 @@ impl Agents {
         .await?;
         txn.commit().await?;
         self.forget(row.id);
-        self.placement.refresh_all(&self.db).await?;
+        // Removed whatever follows: if placement's view cannot be read again now, it keeps the
+        // server, down and so never chosen, until it is next read whole.
+        if let Err(e) = self.placement.refresh_all(&self.db).await {
+            tracing::warn!(server = %name, error = %e, "placement's view not read again after a removal");
+        }
         tracing::warn!(server = %name, id = row.id, destroyed = illegal.len(), "server removed");
         Ok(RemovedServer {
             server: name,

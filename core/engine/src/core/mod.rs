@@ -194,7 +194,8 @@ impl Core {
             health.clone(),
             collector.clone(),
             h.grace,
-        );
+        )
+        .sharing(cluster.clone());
         let rebalancer = Rebalancer::new(
             db.clone(),
             queue.clone(),
