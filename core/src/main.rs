@@ -45,7 +45,10 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(cloud48_core::cli::run(cli)) {
-        eprintln!("error: {e:#}");
+        eprintln!(
+            "error: {}",
+            cloud48_core::cli::output::printable(&format!("{e:#}"))
+        );
         std::process::exit(1);
     }
 }

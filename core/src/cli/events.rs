@@ -77,7 +77,7 @@ pub async fn follow(client: &Client, out: Out, args: EventsArgs) -> Result<()> {
                 if out.json {
                     println!("{}", e.json());
                 } else {
-                    println!("{}", output::event(&e));
+                    println!("{}", output::printable(&output::event(&e)));
                 }
                 shown += 1;
                 Ok(args.count.is_some_and(|c| shown >= c).then_some(()))
@@ -124,7 +124,7 @@ pub async fn watch(client: &Client, out: Out, cmd: WatchCmd) -> Result<()> {
                     // Clear the screen and go home, as `watch` does.
                     print!("\x1b[2J\x1b[H");
                 }
-                println!("{}\n", output::environment(&now));
+                println!("{}\n", output::printable(&output::environment(&now)));
             }
             // A destroyed environment changes no more: the watch ends with its last view.
             let gone = now.status == cloud48_engine::model::EnvironmentStatus::Destroyed;

@@ -439,7 +439,7 @@ impl Out {
                         write!(out, "{sep}{text}")?;
                     }
                 } else {
-                    writeln!(out, "{}", table(&page))?;
+                    writeln!(out, "{}", output::printable(&table(&page)))?;
                     first = false;
                 }
                 Ok(())
@@ -457,7 +457,7 @@ impl Out {
         if self.json {
             output::json(v);
         } else {
-            println!("{}", human());
+            println!("{}", output::printable(&human()));
         }
     }
 

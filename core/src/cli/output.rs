@@ -18,6 +18,28 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
     v.as_ref().map_or("-".into(), |v| v.to_string())
 }
 
+/// `text` for a terminal: control characters other than newlines and tabs (escape sequences
+/// in a plugin's messages or logs that would recolour, clear or rewrite the screen) shown as
+/// escapes (`\u{1b}`), not sent to it.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// Prints a value as pretty JSON.
 pub fn json<T: Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
@@ -480,7 +502,17 @@ pub fn event(e: &Event) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::printable;
     use serde_json::json;
+
+    #[test]
+    fn control_characters_reach_the_terminal_as_escapes() {
+        assert_eq!(printable("a\nb\tc"), "a\nb\tc");
+        assert_eq!(
+            printable("x\u{1b}[2Jred\u{7}\r\0end"),
+            "x\\u{1b}[2Jred\\u{7}\\r\\u{0}end"
+        );
+    }
 
     #[test]
     fn a_long_batch_result_is_summed_up() {
