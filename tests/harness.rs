@@ -31,7 +31,7 @@ impl ContainerType for Recorded {
     fn default_requirements(&self) -> Requirements {
         self.plugin.default_requirements()
     }
-    fn initial_state(&self) -> Vec<u8> {
+    fn initial_state(&self) -> Result<Vec<u8>, TypeError> {
         self.plugin.initial_state()
     }
     fn handle(&self, hook: &Hook, ctx: &HookContext<'_>) -> Result<HookOutcome, TypeError> {

@@ -51,6 +51,8 @@ fn build(
         "MFLAGS",
         "HOSTILE_WIT",
         "HOSTILE_VERSION",
+        "HOSTILE_PARAMS",
+        "HOSTILE_INITIAL",
     ] {
         cmd.env_remove(var);
     }
@@ -109,16 +111,31 @@ fn main() {
     std::fs::create_dir_all(&target_dir).expect("the plugins' target directory");
     let lock = std::fs::File::create(target_dir.join("variants.lock")).expect("a lock file");
     lock.lock().expect("the plugins' build lock");
-    // The hostile test plugin in two more variants, built in the same target directory (their
+    // The hostile test plugin in more variants, built in the same target directory (their
     // dependencies compiled once) and copied out: claiming a WIT version the host does not
-    // support, and as a newer compatible version (to test upgrades with state migration).
+    // support; as a newer compatible version with a new parameter (to test upgrades with state
+    // migration and parameter defaults); as one with a new required parameter; with an
+    // `initial-state` that traps or returns too much.
     let future_dir = target_dir.join("future-wit");
     let newer_dir = target_dir.join("newer");
-    for (dir, env) in [
-        (&future_dir, ("HOSTILE_WIT", "9.0.0")),
-        (&newer_dir, ("HOSTILE_VERSION", "0.1.1")),
-    ] {
-        build(&root, &target_dir, &["hostile"], &[env]);
+    let required_dir = target_dir.join("required");
+    let trap_dir = target_dir.join("initial-trap");
+    let huge_dir = target_dir.join("initial-huge");
+    let variants: [(&PathBuf, &[(&str, &str)]); 5] = [
+        (&future_dir, &[("HOSTILE_WIT", "9.0.0")]),
+        (
+            &newer_dir,
+            &[("HOSTILE_VERSION", "0.1.1"), ("HOSTILE_PARAMS", "default")],
+        ),
+        (
+            &required_dir,
+            &[("HOSTILE_VERSION", "0.1.2"), ("HOSTILE_PARAMS", "required")],
+        ),
+        (&trap_dir, &[("HOSTILE_INITIAL", "trap")]),
+        (&huge_dir, &[("HOSTILE_INITIAL", "huge")]),
+    ];
+    for (dir, env) in variants {
+        build(&root, &target_dir, &["hostile"], env);
         let release = dir.join("wasm32-wasip2/release");
         std::fs::create_dir_all(&release).expect("a directory for a plugin variant");
         let file = "cloud48_plugin_hostile.wasm";
@@ -133,10 +150,17 @@ fn main() {
         &[PLUGINS, &["hostile", "hostile-import"]].concat(),
         &[],
     );
-    println!(
-        "cargo:rustc-env=CLOUD48_TEST_PLUGINS_NEWER={}",
-        newer_dir.join("wasm32-wasip2/release").display()
-    );
+    for (var, dir) in [
+        ("NEWER", &newer_dir),
+        ("REQUIRED", &required_dir),
+        ("INITIAL_TRAP", &trap_dir),
+        ("INITIAL_HUGE", &huge_dir),
+    ] {
+        println!(
+            "cargo:rustc-env=CLOUD48_TEST_PLUGINS_{var}={}",
+            dir.join("wasm32-wasip2/release").display()
+        );
+    }
     // Test plugins are not embedded; the integration tests find them here.
     println!(
         "cargo:rustc-env=CLOUD48_TEST_PLUGINS={}",

@@ -144,6 +144,20 @@ fn relative(to: &Path, from: &Path) -> PathBuf {
 /// Creates the crate; prints the next steps.
 pub fn new_plugin(name: &str, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Result<()> {
     cloud48_engine::model::validate_name(name).map_err(anyhow::Error::msg)?;
+    // A plugin is installed under its name: the built-in type's and the bundled ones' are taken.
+    if name == "plain" {
+        bail!("'plain' is the built-in type's name: a plugin cannot take it; choose another name");
+    }
+    if cloud48_engine::plugins::BUNDLED
+        .iter()
+        .any(|(b, _)| *b == name)
+    {
+        bail!(
+            "'{name}' is a bundled type's name: a plugin of that name could only replace it by \
+             an upgrade of a higher version; choose another name (or start from the bundled \
+             one's source in the repository's plugins/{name})"
+        );
+    }
     let dir = dir.unwrap_or_else(|| PathBuf::from(name));
     if dir.exists() {
         bail!("{} exists already; choose another --dir", dir.display());

@@ -324,6 +324,58 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
             && err.contains("`cloud48 plugin remove tomcat`"),
         "{err}"
     );
+    // The installed version as an upgrade, an upgrade of a plugin not installed, another
+    // build under an installed version: each says what to do.
+    let tomcat = test_plugin(cloud48_engine::plugins::TEST_PLUGINS, "tomcat");
+    let put = |path: &'static str, wasm: Vec<u8>| {
+        let client = &t.client;
+        async move {
+            client
+                .send_wasm::<serde_json::Value>(reqwest::Method::PUT, path, wasm)
+                .await
+                .unwrap_err()
+                .to_string()
+        }
+    };
+    let err = put("/v1/plugins/tomcat", tomcat.clone()).await;
+    assert!(
+        err.contains("tomcat@1.0.0 is the version installed") && err.contains("higher version"),
+        "{err}"
+    );
+    let err = put("/v1/plugins/nosuch", tomcat).await;
+    assert!(
+        err.contains("plugin 'nosuch' is not installed") && err.contains("HTTP 404"),
+        "{err}"
+    );
+    install(&t, hostile()).await.unwrap();
+    let rebuilt = test_plugin(
+        cloud48_engine::plugins::TEST_PLUGINS_INITIAL_TRAP,
+        "hostile",
+    );
+    let err = install(&t, rebuilt).await.unwrap_err().to_string();
+    assert!(
+        err.contains("hostile@0.1.0 is installed from another build")
+            && err.contains("higher version"),
+        "{err}"
+    );
+    // Removal by name@version, as `plugin show` takes it; a built-in type is not a plugin.
+    for (path, says) in [
+        (
+            "/v1/plugins/plain",
+            "'plain' is a built-in type, not a plugin",
+        ),
+        (
+            "/v1/plugins/hostile@9.9.9",
+            "installed in version 0.1.0, not 9.9.9",
+        ),
+    ] {
+        let err = t.client.delete_empty(path).await.unwrap_err().to_string();
+        assert!(err.contains(says), "{err}");
+    }
+    t.client
+        .delete_empty("/v1/plugins/hostile@0.1.0")
+        .await
+        .unwrap();
     let list: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
     assert_eq!(list.len(), 4, "nothing was installed");
 }
@@ -383,6 +435,11 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
     for c in [id, alone] {
         let c: Container = t.client.get(&format!("/v1/containers/{c}")).await.unwrap();
         assert_eq!(c.type_id, "hostile@0.1.1");
+        assert_eq!(
+            c.params.get("size").map(String::as_str),
+            Some("64"),
+            "the new version's parameter, with its default"
+        );
     }
     use sea_orm::EntityTrait;
     let row = cloud48_engine::entities::container::Entity::find_by_id(id.0)
@@ -427,6 +484,129 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
         .unwrap_err()
         .to_string();
     assert!(err.contains("not installed"), "{err}");
+}
+
+/// An upgrade whose new version requires a parameter existing containers lack is refused,
+/// naming it; two upgrades submitted from one version leave one version installed (the second
+/// says another came first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_adding_a_required_parameter_or_racing_another_changes_nothing() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    install(&t, hostile()).await.unwrap();
+    let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
+    t.ok(c).await;
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/calm/containers",
+            &json!({ "type": "hostile" }),
+        )
+        .await
+        .unwrap();
+    let id = t.created(a.command_id).await;
+    let required = test_plugin(cloud48_engine::plugins::TEST_PLUGINS_REQUIRED, "hostile");
+    let a: Accepted = t
+        .client
+        .send_wasm(reqwest::Method::PUT, "/v1/plugins/hostile", required)
+        .await
+        .unwrap();
+    let cmd = t.wait(a.command_id).await;
+    let error = cmd.error.unwrap_or_default();
+    assert!(
+        error.contains(&format!("container {id} (hostile@0.1.0)"))
+            && error.contains("requires parameter 'needed'")
+            && error.contains("nothing was changed"),
+        "{error}"
+    );
+    let c: Container = t.client.get(&format!("/v1/containers/{id}")).await.unwrap();
+    assert_eq!(c.type_id, "hostile@0.1.0");
+
+    // Two upgrades from 0.1.0, claimed together.
+    let t = TestCore::start(Opts {
+        paused: true,
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    install(&t, hostile()).await.unwrap();
+    let newer = test_plugin(cloud48_engine::plugins::TEST_PLUGINS_NEWER, "hostile");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let a: Accepted = t
+            .client
+            .send_wasm(reqwest::Method::PUT, "/v1/plugins/hostile", newer.clone())
+            .await
+            .unwrap();
+        ids.push(a.command_id);
+    }
+    t.core.start().await.unwrap();
+    let mut errors = Vec::new();
+    for id in ids {
+        let cmd = t.wait(id).await;
+        if cmd.status != CommandStatus::Succeeded {
+            errors.push(cmd.error.unwrap_or_default());
+        }
+    }
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].contains("plugin hostile is no longer at 0.1.0")
+            && errors[0].contains("at 0.1.1 now")
+            && errors[0].contains("nothing was changed"),
+        "{}",
+        errors[0]
+    );
+    let all: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
+    let versions: Vec<&str> = all
+        .iter()
+        .filter(|p| p.meta.name == "hostile")
+        .map(|p| p.type_id.as_str())
+        .collect();
+    assert_eq!(versions, ["hostile@0.1.1"]);
+}
+
+/// A type whose `initial-state` traps or returns more than the state limit makes no container:
+/// the add fails and a standalone create is refused, each saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_state_that_traps_or_is_too_big_makes_no_container() {
+    for (dir, why) in [
+        (
+            cloud48_engine::plugins::TEST_PLUGINS_INITIAL_TRAP,
+            "hook initial-state: trapped",
+        ),
+        (
+            cloud48_engine::plugins::TEST_PLUGINS_INITIAL_HUGE,
+            "a state blob of 2097152 bytes (limit 1048576 bytes)",
+        ),
+    ] {
+        let t = TestCore::start(Opts::default()).await.unwrap();
+        install(&t, test_plugin(dir, "hostile")).await.unwrap();
+        let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
+        t.ok(c).await;
+        let a: Accepted = t
+            .client
+            .post(
+                "/v1/environments/calm/containers",
+                &json!({ "type": "hostile" }),
+            )
+            .await
+            .unwrap();
+        let cmd = t.wait(a.command_id).await;
+        assert_eq!(cmd.status, CommandStatus::Failed);
+        let error = cmd.error.unwrap_or_default();
+        assert!(error.contains(why), "{error}");
+        let err = t
+            .client
+            .post::<_, Accepted>("/v1/containers", &json!({ "type": "hostile" }))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why), "{err}");
+        let left: Vec<Container> = t.client.get("/v1/containers?all=true").await.unwrap();
+        assert!(
+            left.iter().all(|c| !c.type_id.starts_with("hostile")),
+            "{left:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

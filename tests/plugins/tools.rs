@@ -276,6 +276,15 @@ expect_members = ["tomcat"]
 fn plugin_new_scaffolds_a_crate_that_builds_and_passes_its_own_scenario() {
     let dir = crate::common::tempdir();
     let sdk = concat!(env!("CARGO_MANIFEST_DIR"), "/../sdk");
+    // Names a plugin could never be installed under are refused before anything is written.
+    for (taken, why) in [
+        ("plain", "built-in type's name"),
+        ("tomcat", "bundled type's name"),
+    ] {
+        let (ok, _, err) = run_bin(&["plugin", "new", taken, "--sdk", sdk], dir.path(), &[]);
+        assert!(!ok && err.contains(why), "{err}");
+        assert!(!dir.path().join(taken).exists());
+    }
     let (ok, out, err) = run_bin(&["plugin", "new", "cache", "--sdk", sdk], dir.path(), &[]);
     assert!(ok, "{err}");
     assert!(out.contains("cargo test"), "{out}");

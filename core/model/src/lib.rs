@@ -13,7 +13,7 @@ pub use url::{base_url, with_causes};
 pub use workload::{
     Check, Endpoint, ImageRef, ParamKind, ParamSpec, Params, Protocol, Readiness,
     SECRET_PLACEHOLDER, Volume, Workload, apply_settable, resolve_params, secret_param,
-    validate_schema,
+    upgrade_params, validate_schema,
 };
 
 /// Load figures of a server.

@@ -402,6 +402,32 @@ pub fn resolve_params(specs: &[ParamSpec], given: &Params) -> Result<Params, Str
     Ok(out)
 }
 
+/// The parameters of a container moving to a version of its type that declares `specs`: its
+/// values of the parameters still declared (each checked against the new declaration), the
+/// defaults of new ones; parameters no longer declared are dropped. A new parameter without a
+/// default has no value for the containers that exist: refused, naming it.
+pub fn upgrade_params(specs: &[ParamSpec], current: &Params) -> Result<Params, String> {
+    let mut out = Params::new();
+    for s in specs {
+        match current.get(&s.name).or(s.default.as_ref()) {
+            Some(v) => {
+                s.check(v).map_err(|m| {
+                    format!("its value does not fit the new version's parameter: {m}")
+                })?;
+                out.insert(s.name.clone(), v.clone());
+            }
+            None => {
+                return Err(format!(
+                    "the new version requires parameter '{}' ({}), which containers made \
+                     before it do not have: give it a default in the new version",
+                    s.name, s.description
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `current` with `changes` applied, where every changed parameter exists and is `settable`
 /// (a hook of another member changes it).
 pub fn apply_settable(
@@ -479,6 +505,28 @@ mod tests {
             spec("a", ParamKind::Text, None),
         ];
         assert!(validate_schema(&twice).unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn an_upgrade_keeps_values_fills_new_defaults_drops_the_undeclared_and_refuses_new_required() {
+        let specs = [
+            spec("heap", ParamKind::Integer, Some("256")),
+            spec("size", ParamKind::Integer, Some("64")),
+        ];
+        let out = upgrade_params(&specs, &params(&[("heap", "512"), ("gone", "x")])).unwrap();
+        assert_eq!(out, params(&[("heap", "512"), ("size", "64")]));
+        let needed = [spec("needed", ParamKind::Text, None)];
+        let err = upgrade_params(&needed, &Params::new()).unwrap_err();
+        assert!(
+            err.contains("requires parameter 'needed'") && err.contains("give it a default"),
+            "{err}"
+        );
+        // A value the new declaration does not accept is named.
+        let err = upgrade_params(&specs, &params(&[("heap", "lots")])).unwrap_err();
+        assert!(
+            err.contains("does not fit") && err.contains("heap"),
+            "{err}"
+        );
     }
 
     #[test]

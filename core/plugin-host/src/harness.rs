@@ -269,7 +269,9 @@ impl Hooks for WasmHooks {
     }
 
     fn initial_state(&self, type_name: &str) -> Result<Vec<u8>, String> {
-        Ok(self.get(type_name)?.initial_state())
+        self.get(type_name)?
+            .initial_state()
+            .map_err(|e| e.to_string())
     }
 
     fn call(&self, type_name: &str, call: &Call<'_>, ctx: &Context) -> Result<HookResult, String> {

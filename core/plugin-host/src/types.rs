@@ -355,9 +355,9 @@ pub trait ContainerType: Send + Sync + 'static {
     fn priority(&self) -> i32;
     /// Requirements of a new container unless the user gives others.
     fn default_requirements(&self) -> Requirements;
-    /// Initial state blob of a new container.
-    fn initial_state(&self) -> Vec<u8> {
-        Vec::new()
+    /// Initial state blob of a new container; an error fails the add or create.
+    fn initial_state(&self) -> Result<Vec<u8>, TypeError> {
+        Ok(Vec::new())
     }
     /// What runs in its containers (default: nothing declared).
     fn workload(&self) -> Workload {

@@ -124,7 +124,7 @@ async fn place_case(config: CoreConfig, args: &PlaceBenchArgs) -> Result<()> {
                     cloud48_engine::projects::DEFAULT,
                 )
             })
-            .collect();
+            .collect::<Result<_, _>>()?;
         if let Some(previous) = writing.take() {
             previous.await??;
         }

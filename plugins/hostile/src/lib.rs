@@ -6,7 +6,10 @@
 //! randomness, and the host runs each of its calls afresh); anything else is allowed.
 //! Built with `HOSTILE_WIT=x.y.z` it claims that WIT version (to test install refusals); built with
 //! `HOSTILE_VERSION=x.y.z` it is that version and migrates states by prefixing `from->to:`,
-//! except in an environment named `keep`, whose containers it refuses to migrate.
+//! except in an environment named `keep`, whose containers it refuses to migrate. Built with
+//! `HOSTILE_PARAMS=default` it declares parameter `size` (default 64), with `=required` a
+//! parameter `needed` without a default (to test what an upgrade gives existing containers);
+//! built with `HOSTILE_INITIAL=trap` its `initial-state` panics, with `=huge` it returns 2 MiB.
 
 use cloud48_sdk::*;
 
@@ -21,11 +24,26 @@ impl ContainerType for Hostile {
         if let Some(w) = option_env!("HOSTILE_WIT") {
             m.wit_version = w.into();
         }
+        match option_env!("HOSTILE_PARAMS") {
+            Some("default") => m = m.with_param(ParamSpec::integer("size", 64, "a size")),
+            Some("required") => {
+                m = m.with_param(ParamSpec::required(
+                    "needed",
+                    ParamKind::Text,
+                    "a value without a default",
+                ))
+            }
+            _ => {}
+        }
         m.described("misbehaves on purpose")
     }
 
     fn initial_state(&self) -> Vec<u8> {
-        b"v0".to_vec()
+        match option_env!("HOSTILE_INITIAL") {
+            Some("trap") => panic!("hostile initial-state panics on purpose"),
+            Some("huge") => vec![7u8; 2 << 20],
+            _ => b"v0".to_vec(),
+        }
     }
 
     fn migrate_state(&self, from_version: &str, ctx: &Context) -> Result<Vec<u8>, String> {

@@ -2,9 +2,12 @@
 //!
 //! Step 0 loads the new component (kept in `plugin_uploads` by content hash), has its
 //! `migrate-state` convert the state of every container of the old version (each seeing its
-//! environment), then commits in one transaction: each container's new type and state (only if
-//! no command holds it or its environment and its state is still the one converted; otherwise
-//! the step is retried later), the new version's row in place of the old one, the upload gone.
+//! environment) and give it the parameters the new version declares (the defaults of new ones;
+//! a new parameter without a default is refused), then commits in one transaction: the old
+//! version's row gone (if another upgrade took it first, the command fails and changes
+//! nothing: one version of a plugin is installed at a time), each container's new type, state
+//! and parameters (only if no command holds it or its environment and its state is still the
+//! one converted; otherwise the step is retried later), the new version's row, the upload gone.
 //! A refusal fails the command naming the container and changes nothing. Step 1 puts this
 //! core's registry in line with the database (idempotent; a restarted core loads the database).
 
@@ -82,20 +85,38 @@ async fn migrate(ctx: &StepCtx<'_>, p: params::PluginUpgrade) -> Result<Transiti
             )));
         }
     }
+    // A refusal fails the command and changes nothing (the upload goes).
+    let refuse = |message: String| {
+        let sha = p.sha256.clone();
+        Ok(Transition::commit(move |txn| {
+            Box::pin(async move {
+                plugin_upload::Entity::delete_by_id(sha).exec(txn).await?;
+                Ok(Next::Fail(message))
+            })
+        }))
+    };
+    // Each container's parameters as the new version declares them (the defaults of new
+    // ones filled in), then its state as the new version's `migrate-state` converts it.
+    let specs = new.param_specs();
     let mut converted = Vec::with_capacity(containers.len());
     for c in containers {
-        match manager.migrate_one(&new, &p.from, &c).await {
-            Ok(state) => converted.push((c, state)),
-            Err(e) => {
-                let sha = p.sha256.clone();
-                let fail = Next::Fail(e.to_string());
-                return Ok(Transition::commit(move |txn| {
-                    Box::pin(async move {
-                        plugin_upload::Entity::delete_by_id(sha).exec(txn).await?;
-                        Ok(fail)
-                    })
-                }));
+        let current: cloud48_model::Params = serde_json::from_str(&c.params).unwrap_or_default();
+        let params = match cloud48_model::upgrade_params(&specs, &current) {
+            Ok(params) => params,
+            Err(m) => {
+                return refuse(format!(
+                    "container {} ({old_type}) cannot move to {new_type}: {m}; nothing was \
+                     changed",
+                    c.id
+                ));
             }
+        };
+        match manager.migrate_one(&new, &p.from, &c).await {
+            Ok(state) => {
+                let params = serde_json::to_string(&params).unwrap_or_else(|_| "{}".into());
+                converted.push((c, state, params));
+            }
+            Err(e) => return refuse(e.to_string()),
         }
     }
     let meta = new.meta().clone();
@@ -103,7 +124,28 @@ async fn migrate(ctx: &StepCtx<'_>, p: params::PluginUpgrade) -> Result<Transiti
     let count = converted.len();
     Ok(Transition::commit(move |txn| {
         Box::pin(async move {
-            for (c, state) in converted {
+            // The version this upgrade leaves goes first: another upgrade submitted from it as
+            // well may have committed meanwhile (then this one changes nothing and says so).
+            let left = plugin::Entity::delete_many()
+                .filter(plugin::Column::Name.eq(&name))
+                .filter(plugin::Column::Version.eq(&from))
+                .exec(txn)
+                .await?
+                .rows_affected;
+            if left != 1 {
+                let now = plugin::Entity::find()
+                    .filter(plugin::Column::Name.eq(&name))
+                    .one(txn)
+                    .await?
+                    .map_or("not installed".to_string(), |r| format!("at {}", r.version));
+                plugin_upload::Entity::delete_by_id(sha).exec(txn).await?;
+                return Ok(Next::Fail(format!(
+                    "plugin {name} is no longer at {from} (another upgrade or a removal came \
+                     first; it is {now} now): nothing was changed; upgrade it again from the \
+                     version installed now if this one is newer"
+                )));
+            }
+            for (c, state, params) in converted {
                 let changed = container::Entity::update_many()
                     .col_expr(
                         container::Column::TypeId,
@@ -114,12 +156,17 @@ async fn migrate(ctx: &StepCtx<'_>, p: params::PluginUpgrade) -> Result<Transiti
                         sea_orm::sea_query::Expr::val(state),
                     )
                     .col_expr(
+                        container::Column::Params,
+                        sea_orm::sea_query::Expr::val(params),
+                    )
+                    .col_expr(
                         container::Column::UpdatedAt,
                         sea_orm::sea_query::Expr::val(now_ms()),
                     )
                     .filter(container::Column::Id.eq(c.id))
                     .filter(container::Column::TypeId.is_in(of_old.clone()))
                     .filter(container::Column::State.eq(c.state.clone()))
+                    .filter(container::Column::Params.eq(c.params.clone()))
                     .filter(container::Column::LockedBy.is_null())
                     .exec(txn)
                     .await?;
@@ -134,11 +181,6 @@ async fn migrate(ctx: &StepCtx<'_>, p: params::PluginUpgrade) -> Result<Transiti
                 .one(txn)
                 .await?
                 .ok_or_else(|| StepError::Permanent("the uploaded component vanished".into()))?;
-            plugin::Entity::delete_many()
-                .filter(plugin::Column::Name.eq(&name))
-                .filter(plugin::Column::Version.eq(&from))
-                .exec(txn)
-                .await?;
             PluginManager::insert_row(txn, &upload.wasm, &meta).await?;
             plugin_upload::Entity::delete_by_id(sha).exec(txn).await?;
             Ok(Next::Continue {

@@ -239,7 +239,7 @@ impl<'a> ContainerManager<'a> {
         // the database connection.
         let mut rows: Vec<container::ActiveModel> = (0..count)
             .map(|_| creating_row(self.svc, ty.as_ref(), &text, None, project.id))
-            .collect();
+            .collect::<Result<_, _>>()?;
         let txn = self.svc.db().begin().await?;
         let command = NewCommand {
             project: Some(project.id),

@@ -336,21 +336,25 @@ pub(crate) async fn server_by_name<C: ConnectionTrait>(
 
 /// A new container row in status `creating`, with no server yet (its guest id is set once
 /// its id is known). Its initial state comes from its type, which for a plugin is a call into
-/// a fresh WASM instance: make rows before taking a transaction where that can be done.
+/// a fresh WASM instance: make rows before taking a transaction where that can be done. A type
+/// whose `initial-state` fails (a trap, a timeout, an oversized state) makes none.
 pub fn creating_row(
     svc: &Services,
     ty: &dyn crate::types::ContainerType,
     requirements: &str,
     environment: Option<i64>,
     project: i64,
-) -> container::ActiveModel {
+) -> Result<container::ActiveModel, CoreError> {
     let now = now_ms();
-    container::ActiveModel {
+    let state = ty
+        .initial_state()
+        .map_err(|e| CoreError::Conflict(format!("a new container cannot be made: {e}")))?;
+    Ok(container::ActiveModel {
         platform_id: Set(svc.platform_id()),
         // The type's own id (`tomcat@1.0.0`), not the name asked for: upgrades, removal and
         // exports go by it.
         type_id: Set(ty.type_id().to_string()),
-        state: Set(ty.initial_state()),
+        state: Set(state),
         status: Set(ContainerStatus::Creating.as_str().into()),
         server_id: Set(None),
         environment_id: Set(environment),
@@ -362,7 +366,7 @@ pub fn creating_row(
         created_at: Set(now),
         updated_at: Set(now),
         ..Default::default()
-    }
+    })
 }
 
 /// Most containers one `container.create_many` makes.
@@ -519,7 +523,7 @@ pub(crate) async fn prepare_container(
     )
     .await?;
     let requirements = serde_json::to_string(&requirements).expect("serializable");
-    let row = creating_row(svc, ty.as_ref(), &requirements, environment, project);
+    let row = creating_row(svc, ty.as_ref(), &requirements, environment, project)?;
     Ok(NewContainer { row, server_id })
 }
 

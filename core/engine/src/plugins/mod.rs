@@ -25,13 +25,23 @@ use crate::model::{ContainerStatus, now_ms};
 use cloud48_plugin_host::types::TypeRegistry;
 
 /// Where this build put the test plugins (the integration tests install them): the hostile
-/// plugins, then the same claiming a WIT version the host does not support, and a newer version.
+/// plugins, then the same claiming a WIT version the host does not support, a newer version
+/// with a new parameter (with a default), and the variants below.
 #[doc(hidden)]
 pub const TEST_PLUGINS: &str = env!("CLOUD48_TEST_PLUGINS");
 #[doc(hidden)]
 pub const TEST_PLUGINS_FUTURE: &str = env!("CLOUD48_TEST_PLUGINS_FUTURE");
 #[doc(hidden)]
 pub const TEST_PLUGINS_NEWER: &str = env!("CLOUD48_TEST_PLUGINS_NEWER");
+/// The hostile plugin as 0.1.2 with a new required parameter.
+#[doc(hidden)]
+pub const TEST_PLUGINS_REQUIRED: &str = env!("CLOUD48_TEST_PLUGINS_REQUIRED");
+/// The hostile plugin whose `initial-state` traps.
+#[doc(hidden)]
+pub const TEST_PLUGINS_INITIAL_TRAP: &str = env!("CLOUD48_TEST_PLUGINS_INITIAL_TRAP");
+/// The hostile plugin whose `initial-state` returns 2 MiB.
+#[doc(hidden)]
+pub const TEST_PLUGINS_INITIAL_HUGE: &str = env!("CLOUD48_TEST_PLUGINS_INITIAL_HUGE");
 
 /// The reference plugins built from `plugins/` and embedded in the binary.
 pub const BUNDLED: &[(&str, &[u8])] = &[
@@ -110,12 +120,23 @@ impl<'a> PluginManager<'a> {
     pub async fn install(&self, wasm: &[u8]) -> Result<PluginInfo, CoreError> {
         let loaded = self.host.load(wasm).map_err(|e| invalid(e.to_string()))?;
         let meta = loaded.meta().clone();
+        check_description(&meta)?;
         let existing = self.rows(&meta.name).await?;
-        if existing.iter().any(|r| r.version == meta.version) {
-            return Err(CoreError::Conflict(format!(
-                "plugin {}@{} is already installed: nothing to do (a newer version goes in with `cloud48 plugin upgrade {} FILE`)",
-                meta.name, meta.version, meta.name
-            )));
+        if let Some(same) = existing.iter().find(|r| r.version == meta.version) {
+            let sha = hex::encode(sha2::Sha256::digest(wasm));
+            return Err(CoreError::Conflict(if same.sha256 == sha {
+                format!(
+                    "plugin {}@{} is already installed: nothing to do (a newer version goes in with `cloud48 plugin upgrade {} FILE`)",
+                    meta.name, meta.version, meta.name
+                )
+            } else {
+                format!(
+                    "plugin {}@{} is installed from another build (sha256 {}, this one {sha}): \
+                     one version is one build; give the new build a higher version and \
+                     upgrade to it (`cloud48 plugin upgrade {} FILE`)",
+                    meta.name, meta.version, same.sha256, meta.name
+                )
+            }));
         }
         if let Some(r) = existing.first() {
             let newer = semver::Version::parse(&meta.version)
@@ -247,10 +268,26 @@ impl<'a> PluginManager<'a> {
 
     /// Removes a plugin (all its versions); refuses while containers use it.
     pub async fn remove(&self, name: &str) -> Result<(), CoreError> {
+        // `name@version`, as `plugin show` takes it: the version installed.
+        let (name, version) = match name.split_once('@') {
+            Some((n, v)) => (n, Some(v)),
+            None => (name, None),
+        };
         let rows = self.rows(name).await?;
         if rows.is_empty() {
+            let builtin = self.types.get(name).is_some();
+            return Err(CoreError::NotFound(if builtin {
+                format!("'{name}' is a built-in type, not a plugin: it cannot be removed")
+            } else {
+                format!("plugin '{name}' is not installed")
+            }));
+        }
+        if let Some(v) = version
+            && !rows.iter().any(|r| r.version == v)
+        {
             return Err(CoreError::NotFound(format!(
-                "plugin '{name}' is not installed"
+                "plugin {name} is installed in version {}, not {v}",
+                rows[0].version
             )));
         }
         // Containers made before types were recorded with their version carry the bare name.
@@ -346,11 +383,21 @@ impl<'a> PluginManager<'a> {
     ) -> Result<crate::model::CommandId, CoreError> {
         let loaded = self.host.load(wasm).map_err(|e| invalid(e.to_string()))?;
         let meta = loaded.meta().clone();
+        check_description(&meta)?;
         if meta.name != name {
-            return Err(invalid(format!(
-                "the component is plugin '{}', not '{name}'; upgrade it under its own name",
-                meta.name
-            )));
+            let installed = !self.rows(name).await?.is_empty();
+            return Err(if installed {
+                invalid(format!(
+                    "the component is plugin '{}', not '{name}'; upgrade it under its own name",
+                    meta.name
+                ))
+            } else {
+                CoreError::NotFound(format!(
+                    "plugin '{name}' is not installed (and the component is plugin '{}', which \
+                     `cloud48 plugin install` or `cloud48 plugin upgrade {}` takes)",
+                    meta.name, meta.name
+                ))
+            });
         }
         let old = self
             .rows(&meta.name)
@@ -365,7 +412,14 @@ impl<'a> PluginManager<'a> {
             })?;
         let from = semver::Version::parse(&old.version).map_err(|e| invalid(e.to_string()))?;
         let to = semver::Version::parse(&meta.version).map_err(|e| invalid(e.to_string()))?;
-        if to <= from {
+        if to == from {
+            return Err(CoreError::Conflict(format!(
+                "{}@{} is the version installed: an upgrade needs a higher version; give the \
+                 new build one (its metadata's version)",
+                meta.name, meta.version
+            )));
+        }
+        if to < from {
             return Err(CoreError::Conflict(format!(
                 "{}@{} is not newer than the installed {}: {}",
                 meta.name,
@@ -437,6 +491,27 @@ impl<'a> PluginManager<'a> {
     }
 }
 
+/// Most characters of a new plugin's description (plugins installed before keep theirs).
+pub const MAX_DESCRIPTION: usize = 200;
+
+/// Refuses a description that is not one short line: tables and listings show it whole.
+fn check_description(meta: &PluginMeta) -> Result<(), CoreError> {
+    let chars = meta.description.chars().count();
+    let control = meta.description.contains(char::is_control);
+    if chars > MAX_DESCRIPTION || control {
+        return Err(invalid(format!(
+            "description: one line of at most {MAX_DESCRIPTION} characters without control \
+             characters (this one has {chars} characters{}); shorten it in the plugin's metadata",
+            if control {
+                ", control characters among them"
+            } else {
+                ""
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// How to go back to an older version of plugin `name`: upgrades only move forward.
 fn no_downgrade(name: &str) -> String {
     format!(
@@ -451,6 +526,22 @@ mod tests {
     use super::*;
     use crate::types::ContainerType;
 
+    #[test]
+    fn a_description_is_one_short_line() {
+        let host = cloud48_plugin_host::PluginHost::new(None, Default::default()).unwrap();
+        let mut meta = host.load(BUNDLED[0].1).unwrap().meta().clone();
+        assert!(check_description(&meta).is_ok());
+        meta.description = "x".repeat(MAX_DESCRIPTION + 1);
+        let err = check_description(&meta).unwrap_err().to_string();
+        assert!(
+            err.contains("at most 200 characters") && err.contains("has 201"),
+            "{err}"
+        );
+        meta.description = "red\u{1b}[31m".into();
+        let err = check_description(&meta).unwrap_err().to_string();
+        assert!(err.contains("control characters among them"), "{err}");
+    }
+
     /// A plugin that imports no randomness gives every new container the same initial state,
     /// so its `initial-state` runs once; one that imports randomness is asked every time.
     #[test]
@@ -460,17 +551,17 @@ mod tests {
         assert_eq!(tomcat.meta().name, "tomcat");
         assert!(tomcat.is_deterministic());
         let before = tomcat.instances();
-        let first = tomcat.initial_state();
+        let first = tomcat.initial_state().unwrap();
         assert!(!first.is_empty(), "tomcat's initial state is its JSON");
-        assert_eq!(tomcat.initial_state(), first);
+        assert_eq!(tomcat.initial_state().unwrap(), first);
         assert_eq!(tomcat.instances() - before, 1, "asked once, then kept");
 
         let wasm = std::fs::read(format!("{TEST_PLUGINS}/cloud48_plugin_hostile.wasm")).unwrap();
         let hostile = host.load(&wasm).unwrap();
         assert!(!hostile.is_deterministic(), "it imports wasi:random");
         let before = hostile.instances();
-        assert_eq!(hostile.initial_state(), b"v0");
-        assert_eq!(hostile.initial_state(), b"v0");
+        assert_eq!(hostile.initial_state().unwrap(), b"v0");
+        assert_eq!(hostile.initial_state().unwrap(), b"v0");
         assert_eq!(hostile.instances() - before, 2, "asked every time");
     }
 }

@@ -15,11 +15,11 @@ impl ContainerType for WasmPlugin {
         self.meta.requirements.clone()
     }
 
-    fn initial_state(&self) -> Vec<u8> {
+    fn initial_state(&self) -> Result<Vec<u8>, TypeError> {
         // Called for every new container: a deterministic plugin's answer (it takes no input)
         // is the same every time, so it is asked once.
         if let Some(state) = self.initial.get() {
-            return state.clone();
+            return Ok(state.clone());
         }
         let raw = matches!(self.pre, Pre::V0_2_0(..));
         self.call_logged("initial-state", Params::new(), raw, |b, s| {
@@ -33,15 +33,12 @@ impl ContainerType for WasmPlugin {
                 _ => unreachable!("0.2.0 plugins run initial-state on raw instances"),
             }
         })
-        .map(|(state, _)| {
+        .and_then(|(state, _)| {
+            self.check_state("initial-state", &state)?;
             if self.deterministic {
                 let _ = self.initial.set(state.clone());
             }
-            state
-        })
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "initial-state failed; starting with an empty state");
-            Vec::new()
+            Ok(state)
         })
     }
 
@@ -109,10 +106,8 @@ impl ContainerType for WasmPlugin {
                 ),
             )
         };
-        if let Some(s) = &new_state
-            && s.len() > limits.max_output
-        {
-            return Err(too_big("a state blob", s.len()));
+        if let Some(s) = &new_state {
+            self.check_state(name, s)?;
         }
         if actions.len() > limits.max_actions {
             return Err(self.error(

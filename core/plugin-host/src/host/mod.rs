@@ -465,6 +465,22 @@ impl WasmPlugin {
         }
     }
 
+    /// Refuses a state blob `hook` returned past the output limit (a hook's, `initial-state`'s
+    /// or `migrate-state`'s alike: each is kept in the container's row).
+    fn check_state(&self, hook: &str, state: &[u8]) -> Result<(), TypeError> {
+        let limit = self.host.limits.max_output;
+        if state.len() > limit {
+            return Err(self.error(
+                hook,
+                format!(
+                    "returned oversized output: a state blob of {} bytes (limit {limit} bytes)",
+                    state.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     fn error(&self, hook: &str, cause: String) -> TypeError {
         let type_id = if self.type_id.is_empty() {
             "plugin"
@@ -529,7 +545,9 @@ impl WasmPlugin {
                 })?
             }
         };
-        out.map_err(|m| self.error("migrate-state", format!("refused: {m}")))
+        let state = out.map_err(|m| self.error("migrate-state", format!("refused: {m}")))?;
+        self.check_state("migrate-state", &state)?;
+        Ok(state)
     }
 }
 

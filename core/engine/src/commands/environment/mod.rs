@@ -104,7 +104,11 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                     let given: Params = serde_json::from_str(&src.params).unwrap_or_default();
                     (src.state, given)
                 }
-                None => (ty.initial_state(), params.params.clone()),
+                None => (
+                    ty.initial_state()
+                        .map_err(|e| StepError::Permanent(e.to_string()))?,
+                    params.params.clone(),
+                ),
             };
             let resolved = cloud48_model::resolve_params(&ty.param_specs(), &given)
                 .map_err(|m| StepError::Permanent(format!("a new {}: {m}", ty.type_id())))?;
