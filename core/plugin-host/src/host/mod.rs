@@ -196,7 +196,9 @@ impl PluginHost {
     }
 
     fn store(&self, env_params: Params) -> Store<HostState> {
+        let stderr = sandbox::KeptStderr::default();
         let wasi = WasiCtxBuilder::new()
+            .stderr(stderr.clone())
             .wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
             .allow_tcp(false)
@@ -213,6 +215,7 @@ impl PluginHost {
                 env_params,
                 logs: Vec::new(),
                 logs_dropped: 0,
+                stderr,
             },
         );
         store.limiter(|s| s as &mut dyn ResourceLimiter);
@@ -583,7 +586,11 @@ fn classify(e: &wasmtime::Error, store: &Store<HostState>, limits: &Limits) -> S
             "exceeded its deadline of {} ms",
             limits.deadline.as_millis()
         ),
-        Some(trap) => format!("trapped: {trap}"),
+        // A panic wrote its message to standard error just before the trap.
+        Some(trap) => match store.data().stderr.text() {
+            said if said.is_empty() => format!("trapped: {trap}"),
+            said => format!("trapped: {trap}; it wrote: {}", clip(&said, 1000)),
+        },
         None => format!("{e:#}"),
     }
 }

@@ -1,5 +1,6 @@
 //! What a hook call's instance may reach: a WASI context without files, network or
-//! environment, frozen clocks, a memory cap, and the host import's state for the call.
+//! environment, frozen clocks, a standard error the host keeps the start of, a memory cap, and
+//! the host import's state for the call.
 
 use super::*;
 
@@ -17,6 +18,8 @@ pub(super) struct HostState {
     pub(super) logs: Vec<LogLine>,
     /// Lines dropped past the limit.
     pub(super) logs_dropped: usize,
+    /// What the plugin wrote to its standard error (a panic's message, before its trap).
+    pub(super) stderr: KeptStderr,
 }
 
 impl WasiView for HostState {
@@ -69,5 +72,95 @@ impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
     }
     fn now(&self) -> u64 {
         0
+    }
+}
+
+/// A plugin's standard error: the first `STDERR_KEPT` bytes kept, the rest discarded, and no
+/// write ever fails (a plugin printing much must not trap for it). A Rust plugin's panic
+/// writes its message here just before it traps, and the trap's error then carries it.
+#[derive(Clone, Default)]
+pub(super) struct KeptStderr(Arc<std::sync::Mutex<Vec<u8>>>);
+
+/// How much of a plugin's standard error a call keeps.
+const STDERR_KEPT: usize = 4096;
+
+impl KeptStderr {
+    fn keep(&self, bytes: &[u8]) {
+        let mut kept = self.0.lock().unwrap();
+        let room = STDERR_KEPT.saturating_sub(kept.len());
+        kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// What was written, as one line: lines joined, Rust's hint about backtraces left out.
+    pub(super) fn text(&self) -> String {
+        let kept = self.0.lock().unwrap();
+        String::from_utf8_lossy(&kept)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for KeptStderr {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for KeptStderr {
+    fn p2_stream(&self) -> Box<dyn wasmtime_wasi::p2::OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::OutputStream for KeptStderr {
+    fn write(&mut self, bytes: bytes::Bytes) -> Result<(), wasmtime_wasi::p2::StreamError> {
+        self.keep(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), wasmtime_wasi::p2::StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, wasmtime_wasi::p2::StreamError> {
+        Ok(64 << 10)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi::p2::Pollable for KeptStderr {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for KeptStderr {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.keep(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
     }
 }
