@@ -236,6 +236,33 @@ async fn hostile_plugins_fail_their_command_with_a_clear_error_and_the_core_keep
         hostile_rows.is_empty(),
         "no failed hook left a container behind"
     );
+    // An action the core refuses fails the add, saying who asked and what the add left.
+    let (c, _) = t.core.environments().create("stray", "test").await.unwrap();
+    t.ok(c).await;
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/stray/containers",
+            &json!({ "type": "hostile" }),
+        )
+        .await
+        .unwrap();
+    let cmd = t.wait(a.command_id).await;
+    let err = cmd.error.unwrap_or_default();
+    let env: Environment = t.client.get("/v1/environments/stray").await.unwrap();
+    let added = env
+        .members
+        .first()
+        .map(|m| m.id.0)
+        .unwrap_or_else(|| panic!("the added container stays: {err}; {env:?}"));
+    assert!(
+        err.contains("a hook asked to remove container 999999, which is not a member of 'stray'")
+            && err.contains(&format!(
+                "(asked by a hook of container {added}, hostile@0.1.0)"
+            ))
+            && err.contains(&format!("stay in 'stray': {added}")),
+        "{err}"
+    );
     // The core still serves, and the same plugin still works where it behaves.
     let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
     t.ok(c).await;

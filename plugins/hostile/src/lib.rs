@@ -3,7 +3,8 @@
 //! `loop` spins forever, `bomb` allocates until memory runs out, `trap` panics, `huge` returns a
 //! 2 MiB state, `spam` asks for 10,000 actions, `fail` and `retry` return a hook error, `chatty`
 //! logs 1,000 lines, `random` keeps 8 random bytes as its state (so the plugin imports WASI's
-//! randomness, and the host runs each of its calls afresh); anything else is allowed.
+//! randomness, and the host runs each of its calls afresh); anything else is allowed. In an
+//! environment named `stray`, `after-it-is-added` asks to remove a container that is no member.
 //! Built with `HOSTILE_WIT=x.y.z` it claims that WIT version (to test install refusals); built with
 //! `HOSTILE_VERSION=x.y.z` it is that version and migrates states by prefixing `from->to:`,
 //! except in an environment named `keep`, whose containers it refuses to migrate. Built with
@@ -100,6 +101,15 @@ impl ContainerType for Hostile {
             }
             _ => Ok(Outcome::allow()),
         }
+    }
+
+    /// In an environment named `stray`, once added, asks for what the core refuses: the
+    /// removal of a container that is no member.
+    fn after_it_is_added(&self, ctx: &Context) -> HookResult {
+        if ctx.environment.name == "stray" {
+            return Ok(Outcome::allow().with_action(Action::RemoveContainer(999_999)));
+        }
+        Ok(Outcome::allow())
     }
 }
 

@@ -371,7 +371,8 @@ async fn action_command(
         HookAction::RemoveContainer(id) => {
             if !member(id.0) {
                 return Err(format!(
-                    "a hook asked to remove container {id}, which is not a member"
+                    "a hook asked to remove container {id}, which is not a member of '{}'",
+                    env.name
                 ));
             }
             (
@@ -449,6 +450,46 @@ fn added_before(ctx: &StepCtx<'_>, children: &[command::Model]) -> Vec<i64> {
     own.into_iter().chain(by_hooks).collect()
 }
 
+/// What a failed command leaves of what it added: `ids`, staying in `env`, and how to remove
+/// them (empty when it added none).
+fn kept_note(env: &environment::Model, ids: &[i64]) -> String {
+    if ids.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; the containers added before it stay in '{}': {} (remove one with `cloud48 env remove \
+         {} ID`, or add what is missing once a server has room)",
+        env.name,
+        ids.iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        env.name
+    )
+}
+
+/// A hook's action the core refuses: the command fails, saying which member's type asked for
+/// it (`by`, 0 when unknown) and which containers the command added before (they stay).
+async fn refused_action(
+    ctx: &StepCtx<'_>,
+    env: &environment::Model,
+    members: &[(container::Model, MemberView)],
+    by: i64,
+    message: String,
+) -> StepError {
+    let asker = members
+        .iter()
+        .find(|(r, _)| r.id == by)
+        .map_or(String::new(), |(r, _)| {
+            format!(" (asked by a hook of container {by}, {})", r.type_id)
+        });
+    let kept = match ctx.svc.queue().children(ctx.cmd.id).await {
+        Ok(children) => kept_note(env, &added_before(ctx, &children)),
+        Err(_) => String::new(),
+    };
+    StepError::Permanent(format!("{message}{asker}{kept}"))
+}
+
 /// A tagged script the last step spawned, waiting for its result to reach the requester.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct PendingExec {
@@ -503,19 +544,7 @@ pub(super) async fn drain_actions(
 ) -> Result<Transition, StepError> {
     let children = ctx.svc.queue().children(ctx.cmd.id).await?;
     if let Some(failure) = failures_among(ctx, &children) {
-        let kept = match added_before(ctx, &children).as_slice() {
-            [] => String::new(),
-            ids => format!(
-                "; the containers added before it stay in '{}': {} (remove one with `cloud48 \
-                 env remove {} ID`, or add what is missing once a server has room)",
-                env.name,
-                ids.iter()
-                    .map(i64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                env.name
-            ),
-        };
+        let kept = kept_note(env, &added_before(ctx, &children));
         return Ok(Transition::bare(Next::Fail(format!(
             "an action requested by a hook failed: {failure}{kept}"
         ))));
@@ -556,28 +585,29 @@ pub(super) async fn drain_actions(
     progress["actions"] = serde_json::to_value(&actions).expect("serializable");
     let members = members(ctx.svc.types(), ctx.svc.db(), env.id).await?;
     if let HookAction::SetParams { container, params } = &action {
-        let (row, _) = members
-            .iter()
-            .find(|(r, _)| r.id == container.0)
-            .ok_or_else(|| {
-                StepError::Permanent(format!(
-                    "a hook asked to set parameters of container {container}, which is not a member of '{}'",
-                    env.name
-                ))
-            })?;
+        let Some((row, _)) = members.iter().find(|(r, _)| r.id == container.0) else {
+            let m = format!(
+                "a hook asked to set parameters of container {container}, which is not a member of '{}'",
+                env.name
+            );
+            return Err(refused_action(ctx, env, &members, by, m).await);
+        };
         let ty = ctx
             .svc
             .types()
             .require(&row.type_id)
             .map_err(StepError::Permanent)?;
         let current: Params = serde_json::from_str(&row.params).unwrap_or_default();
-        let next =
-            cloud48_model::apply_settable(&ty.param_specs(), &current, params).map_err(|m| {
-                StepError::Permanent(format!(
+        let next = match cloud48_model::apply_settable(&ty.param_specs(), &current, params) {
+            Ok(next) => next,
+            Err(m) => {
+                let m = format!(
                     "a hook asked to set parameters of container {container} ({}): {m}",
                     row.type_id
-                ))
-            })?;
+                );
+                return Err(refused_action(ctx, env, &members, by, m).await);
+            }
+        };
         let (id, text) = (row.id, serde_json::to_string(&next).expect("serializable"));
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
@@ -586,9 +616,10 @@ pub(super) async fn drain_actions(
             })
         }));
     }
-    let child = action_command(ctx, env, &action, &members)
-        .await
-        .map_err(StepError::Permanent)?;
+    let child = match action_command(ctx, env, &action, &members).await {
+        Ok(child) => child,
+        Err(m) => return Err(refused_action(ctx, env, &members, by, m).await),
+    };
     if let (
         HookAction::Exec {
             container,
