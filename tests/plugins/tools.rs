@@ -237,6 +237,21 @@ expect_members = ["tomcat"]
         ok && out.contains("step 3: upgrade to") && out.contains("to hostile@0.1.1"),
         "{out}{err}"
     );
+    // `upgrade = FILE` is relative to the scenario file, not to where the command runs.
+    let sub = dir.path().join("scenarios");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::copy(&newer, sub.join("newer.wasm")).unwrap();
+    std::fs::write(
+        sub.join("relative.toml"),
+        "bundled = []\n[[step]]\nadd = \"hostile\"\n[[step]]\nupgrade = \"newer.wasm\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = run_bin(
+        &["plugin", "test", &hostile, "scenarios/relative.toml"],
+        dir.path(),
+        &[],
+    );
+    assert!(ok && out.contains("to hostile@0.1.1"), "{out}{err}");
     std::fs::write(
         dir.path().join("bad.toml"),
         "[[step]]\nadd = \"tomcat\"\nexpect_execs = 5\n",

@@ -260,6 +260,19 @@ pub fn servers(list: &[Server]) -> String {
 }
 
 /// A table of commands.
+/// Most characters of a command's error or wait a table row shows.
+const NOTE_CHARS: usize = 100;
+
+/// At most `n` characters of `text` on one line, with `…` where it was cut.
+fn cut(text: &str, n: usize) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= n {
+        return line;
+    }
+    let kept: String = line.chars().take(n - 1).collect();
+    format!("{kept}…")
+}
+
 pub fn commands(list: &[Command]) -> String {
     let mut t = table(&[
         "ID",
@@ -276,11 +289,13 @@ pub fn commands(list: &[Command]) -> String {
             (Some(t), Some(id)) => format!("{t} {id}"),
             _ => "-".into(),
         };
+        // A row per command: a long error (a chain of hook actions can run to thousands of
+        // characters) is cut here; `command show ID` has it whole.
         let note = c
             .error
-            .clone()
-            .or_else(|| c.waiting_on.clone())
-            .unwrap_or_default();
+            .as_deref()
+            .or(c.waiting_on.as_deref())
+            .map_or(String::new(), |n| cut(n, NOTE_CHARS));
         t.add_row(vec![
             c.id.to_string(),
             c.kind.clone(),
@@ -504,6 +519,15 @@ pub fn event(e: &Event) -> String {
 mod tests {
     use super::printable;
     use serde_json::json;
+
+    #[test]
+    fn a_long_note_is_cut_to_one_line() {
+        assert_eq!(super::cut("short\nnote", 100), "short note");
+        let long = "x".repeat(300);
+        let cut = super::cut(&long, 100);
+        assert_eq!(cut.chars().count(), 100);
+        assert!(cut.ends_with('…'));
+    }
 
     #[test]
     fn control_characters_reach_the_terminal_as_escapes() {

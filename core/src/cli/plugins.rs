@@ -38,7 +38,7 @@ pub enum PluginCmd {
     Test {
         /// The `.wasm` files to test (bundled plugins are available too), then the scenario
         /// file (TOML; see sdk/README.md).
-        #[arg(required = true, num_args = 2.., value_name = "FILE.wasm... SCENARIO.toml")]
+        #[arg(required = true, num_args = 2.., value_names = ["FILE.wasm", "SCENARIO.toml"])]
         files: Vec<PathBuf>,
     },
     /// Create a new plugin crate that builds and passes its own scenario test.
@@ -131,8 +131,16 @@ pub(super) async fn plugin(client: &Client, out: Out, cmd: PluginCmd) -> Result<
             }
             let text = std::fs::read_to_string(&scenario)
                 .with_context(|| format!("cannot read {}", scenario.display()))?;
-            let sc: cloud48_engine::plugins::harness::Scenario = toml_edit::de::from_str(&text)
+            let mut sc: cloud48_engine::plugins::harness::Scenario = toml_edit::de::from_str(&text)
                 .with_context(|| format!("{} is not a valid scenario", scenario.display()))?;
+            // A step's `upgrade = FILE` is a path relative to the scenario file, wherever the
+            // command runs.
+            let dir = scenario.parent().unwrap_or(std::path::Path::new(""));
+            for path in sc.steps.iter_mut().filter_map(|s| s.upgrade.as_mut()) {
+                if path.is_relative() {
+                    *path = dir.join(&*path);
+                }
+            }
             let wasm = files
                 .iter()
                 .map(|f| read_wasm(f))
