@@ -20,9 +20,15 @@ pub struct ClusterCore {
     /// False once it has been silent for longer than the grace period (`health.grace_ms`; a
     /// running core writes every heartbeat period): it has most likely stopped, and its duties
     /// pass to another core when their leases run out. It leaves this list after a minute.
+    #[serde(default = "running_by_default")]
     pub running: bool,
     /// Whether it is the core answering this request.
     pub this: bool,
+}
+
+/// What a core of an older release, which does not say, is taken for.
+fn running_by_default() -> bool {
+    true
 }
 
 /// A duty and the core holding it.

@@ -28,7 +28,9 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     {
         return text.into();
     }
-    text.chars()
+    // Lines ended CRLF (a plugin's log written on Windows) read as lines.
+    text.replace("\r\n", "\n")
+        .chars()
         .map(|c| {
             if c.is_control() && c != '\n' && c != '\t' {
                 c.escape_default().to_string()
@@ -259,7 +261,6 @@ pub fn servers(list: &[Server]) -> String {
     t.to_string()
 }
 
-/// A table of commands.
 /// Most characters of a command's error or wait a table row shows.
 const NOTE_CHARS: usize = 100;
 
@@ -273,6 +274,7 @@ fn cut(text: &str, n: usize) -> String {
     format!("{kept}…")
 }
 
+/// A table of commands.
 pub fn commands(list: &[Command]) -> String {
     let mut t = table(&[
         "ID",
@@ -532,6 +534,7 @@ mod tests {
     #[test]
     fn control_characters_reach_the_terminal_as_escapes() {
         assert_eq!(printable("a\nb\tc"), "a\nb\tc");
+        assert_eq!(printable("a\r\nb\u{7}"), "a\nb\\u{7}");
         assert_eq!(
             printable("x\u{1b}[2Jred\u{7}\r\0end"),
             "x\\u{1b}[2Jred\\u{7}\\r\\u{0}end"

@@ -48,15 +48,17 @@ const REGISTER_LOCK: i64 = 0x0c10_0d48_4e67;
 
 /// Takes the cluster's registration lock in `txn` (PostgreSQL), held until it ends: waited for
 /// at most 2 s, then busy (a stalled holder must not stall every agent's registration).
-async fn lock_registrations(txn: &sea_orm::DatabaseTransaction) -> Result<(), CoreError> {
+async fn lock_registrations(
+    txn: &sea_orm::DatabaseTransaction,
+    again: &str,
+) -> Result<(), CoreError> {
     txn.execute_unprepared("SET LOCAL lock_timeout = '2s'")
         .await?;
     txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REGISTER_LOCK})"))
         .await
         .map_err(|e| {
             CoreError::Busy(format!(
-                "another core has been registering or removing a server for 2 s ({}); try \
-                 again (an agent's next heartbeat does)",
+                "another core has been registering or removing a server for 2 s ({}); {again}",
                 crate::model::with_causes(&e)
             ))
         })?;
@@ -80,6 +82,12 @@ fn valid_name(name: &str) -> Result<(), CoreError> {
 }
 
 fn valid_url(url: &str) -> Result<(), CoreError> {
+    if url.contains(char::is_whitespace) {
+        return Err(CoreError::invalid(
+            "agent.url",
+            format!("agent address '{url}' has blanks in it: give it as in http://10.0.0.7:7048"),
+        ));
+    }
     if url.len() > 500 {
         return Err(CoreError::invalid(
             "agent.url",
@@ -183,7 +191,17 @@ impl Agents {
         if let Registration::Unchanged(row) =
             self.register_once(&self.db, info, stats, false).await?
         {
-            return self.registered(&row, false, info).await;
+            // A removal (which holds the same lock) may have deleted the row since it was
+            // read: the agent is attached only if its server is still there.
+            let one = self.registering.lock().await;
+            if server::Entity::find_by_id(row.id)
+                .one(&self.db)
+                .await?
+                .is_some()
+            {
+                return self.registered(&row, false, info).await;
+            }
+            drop(one);
         }
         // Another core may register the same agent at the same moment (an agent's heartbeats
         // reach a second core while it fails over, or `server add` races its first beat): the
@@ -227,7 +245,7 @@ impl Agents {
         stats: &ServerStats,
     ) -> Result<Registration, CoreError> {
         let txn = self.db.begin().await?;
-        lock_registrations(&txn).await?;
+        lock_registrations(&txn, "the agent's next heartbeat tries again").await?;
         let outcome = self.register_once(&txn, info, stats, true).await?;
         if matches!(outcome, Registration::Written { .. }) {
             txn.commit().await?;

@@ -1,8 +1,8 @@
 //! Removing a server gone for good: its name and subnet are free again, and no core keeps it.
 
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, TransactionTrait,
-    sea_query::Expr,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder,
+    TransactionTrait, sea_query::Expr,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -46,7 +46,7 @@ impl Agents {
         let _one = self.registering.lock().await;
         let txn = self.db.begin().await?;
         if self.db.get_database_backend() == DatabaseBackend::Postgres {
-            super::lock_registrations(&txn).await?;
+            super::lock_registrations(&txn, "try the removal again").await?;
         }
         let row = server::Entity::find()
             .filter(server::Column::Name.eq(key))
@@ -72,7 +72,28 @@ impl Agents {
             )));
         }
         let grace = self.grace.as_millis() as i64;
-        let age = self.health.age(row.id).filter(|age| *age <= grace);
+        // Its last beat as this core knows it, or as another core shared it (its agent may
+        // beat to another core; the monitor's verdict can be a check old).
+        let shared = if self.db.get_database_backend() == DatabaseBackend::Postgres {
+            txn.query_one_raw(sea_orm::Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                format!(
+                    "SELECT {} - at AS age FROM server_beats WHERE server_id = $1",
+                    crate::cluster::PG_NOW_MS
+                ),
+                [row.id.into()],
+            ))
+            .await?
+            .map(|r| r.try_get::<i64>("", "age"))
+            .transpose()?
+        } else {
+            None
+        };
+        let age = [self.health.age(row.id), shared]
+            .into_iter()
+            .flatten()
+            .min()
+            .filter(|age| *age <= grace);
         if row.status != "down" || age.is_some() {
             let beat = age.map_or(String::new(), |a| format!(" (its agent beat {a} ms ago)"));
             return Err(CoreError::Conflict(format!(
@@ -83,6 +104,7 @@ impl Agents {
         }
         let rows = container::Entity::find()
             .filter(container::Column::ServerId.eq(row.id))
+            .order_by_asc(container::Column::Id)
             .all(&txn)
             .await?;
         let mut held = Vec::new();

@@ -470,23 +470,19 @@ fn kept_note(env: &environment::Model, ids: &[i64]) -> String {
 
 /// A hook's action the core refuses: the command fails, saying which member's type asked for
 /// it (`by`, 0 when unknown) and which containers the command added before (they stay).
-async fn refused_action(
+fn refused_action(
     ctx: &StepCtx<'_>,
     env: &environment::Model,
-    members: &[(container::Model, MemberView)],
+    (members, children): (&[(container::Model, MemberView)], &[command::Model]),
     by: i64,
     message: String,
 ) -> StepError {
-    let asker = members
-        .iter()
-        .find(|(r, _)| r.id == by)
-        .map_or(String::new(), |(r, _)| {
-            format!(" (asked by a hook of container {by}, {})", r.type_id)
-        });
-    let kept = match ctx.svc.queue().children(ctx.cmd.id).await {
-        Ok(children) => kept_note(env, &added_before(ctx, &children)),
-        Err(_) => String::new(),
+    let asker = match members.iter().find(|(r, _)| r.id == by) {
+        Some((r, _)) => format!(" (asked by a hook of container {by}, {})", r.type_id),
+        None if by != 0 => format!(" (asked by a hook of container {by})"),
+        None => String::new(),
     };
+    let kept = kept_note(env, &added_before(ctx, children));
     StepError::Permanent(format!("{message}{asker}{kept}"))
 }
 
@@ -590,7 +586,7 @@ pub(super) async fn drain_actions(
                 "a hook asked to set parameters of container {container}, which is not a member of '{}'",
                 env.name
             );
-            return Err(refused_action(ctx, env, &members, by, m).await);
+            return Err(refused_action(ctx, env, (&members, &children), by, m));
         };
         let ty = ctx
             .svc
@@ -605,7 +601,7 @@ pub(super) async fn drain_actions(
                     "a hook asked to set parameters of container {container} ({}): {m}",
                     row.type_id
                 );
-                return Err(refused_action(ctx, env, &members, by, m).await);
+                return Err(refused_action(ctx, env, (&members, &children), by, m));
             }
         };
         let (id, text) = (row.id, serde_json::to_string(&next).expect("serializable"));
@@ -618,7 +614,7 @@ pub(super) async fn drain_actions(
     }
     let child = match action_command(ctx, env, &action, &members).await {
         Ok(child) => child,
-        Err(m) => return Err(refused_action(ctx, env, &members, by, m).await),
+        Err(m) => return Err(refused_action(ctx, env, (&members, &children), by, m)),
     };
     if let (
         HookAction::Exec {

@@ -122,8 +122,27 @@ async fn migrate(ctx: &StepCtx<'_>, p: params::PluginUpgrade) -> Result<Transiti
     let meta = new.meta().clone();
     let (name, from, sha) = (p.name.clone(), p.from.clone(), p.sha256.clone());
     let count = converted.len();
+    let ids: Vec<i64> = converted.iter().map(|(c, _, _)| c.id).collect();
     Ok(Transition::commit(move |txn| {
         Box::pin(async move {
+            // A container of the old version made while the states were converted would keep
+            // a type this upgrade unregisters: converted too, on the next try.
+            let newcomer = container::Entity::find()
+                .filter(container::Column::TypeId.is_in(of_old.clone()))
+                .filter(container::Column::Status.is_not_in([
+                    ContainerStatus::Destroyed.as_str(),
+                    ContainerStatus::Failed.as_str(),
+                ]))
+                .filter(container::Column::Id.is_not_in(ids))
+                .one(txn)
+                .await?;
+            if let Some(c) = newcomer {
+                return Err(StepError::Transient(format!(
+                    "container {} of {old_type} was made while the states were converted; \
+                     converting again",
+                    c.id
+                )));
+            }
             // The version this upgrade leaves goes first: another upgrade submitted from it as
             // well may have committed meanwhile (then this one changes nothing and says so).
             let left = plugin::Entity::delete_many()

@@ -415,6 +415,9 @@ impl Core {
         // again by the database when a reservation is written). Read only when they changed.
         // Begun before the read: what this core commits meanwhile is not lost from the view.
         let read = self.placement().reading();
+        // The servers attached before the read: one this core registers meanwhile is missing
+        // from the rows read, and is not taken for one another core removed.
+        let attached = self.fleet().ids();
         match cluster.changed_servers().await? {
             crate::cluster::ServerChanges::None => drop(read),
             crate::cluster::ServerChanges::All(rows) => {
@@ -436,7 +439,7 @@ impl Core {
                 }
                 // Servers another core removed: forgotten here too.
                 let now: std::collections::HashSet<i64> = rows.iter().map(|r| r.id).collect();
-                for gone in fleet.ids().into_iter().filter(|id| !now.contains(id)) {
+                for gone in attached.into_iter().filter(|id| !now.contains(id)) {
                     self.agents().forget(gone);
                 }
                 self.agents().forget_changed(&rows);
