@@ -192,8 +192,8 @@ impl<'a> ContainerManager<'a> {
             &req.type_id,
             req.server.as_deref(),
             req.requirements.clone(),
+            (None, project.id),
             None,
-            project.id,
         )
         .await?;
         let (cmd, id) = self

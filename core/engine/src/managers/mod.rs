@@ -345,11 +345,29 @@ pub fn creating_row(
     environment: Option<i64>,
     project: i64,
 ) -> Result<container::ActiveModel, CoreError> {
-    let now = now_ms();
     let state = ty
         .initial_state()
         .map_err(|e| CoreError::Conflict(format!("a new container cannot be made: {e}")))?;
-    Ok(container::ActiveModel {
+    Ok(row_with_state(
+        svc,
+        ty,
+        requirements,
+        (environment, project),
+        state,
+    ))
+}
+
+/// `creating_row` with a state known already (an environment's add ran its type's
+/// `initial-state` before its hooks; an import brings its own).
+fn row_with_state(
+    svc: &Services,
+    ty: &dyn crate::types::ContainerType,
+    requirements: &str,
+    (environment, project): (Option<i64>, i64),
+    state: Vec<u8>,
+) -> container::ActiveModel {
+    let now = now_ms();
+    container::ActiveModel {
         platform_id: Set(svc.platform_id()),
         // The type's own id (`tomcat@1.0.0`), not the name asked for: upgrades, removal and
         // exports go by it.
@@ -366,7 +384,7 @@ pub fn creating_row(
         created_at: Set(now),
         updated_at: Set(now),
         ..Default::default()
-    })
+    }
 }
 
 /// Most containers one `container.create_many` makes.
@@ -505,14 +523,14 @@ pub(crate) struct NewContainer {
 }
 
 /// Checks a new container's type, requirements, named server and its project's quota, and
-/// makes its row.
+/// makes its row, with `state` or else its type's initial state.
 pub(crate) async fn prepare_container(
     svc: &Services,
     type_id: &str,
     server: Option<&str>,
     requirements: Option<Requirements>,
-    environment: Option<i64>,
-    project: i64,
+    (environment, project): (Option<i64>, i64),
+    state: Option<Vec<u8>>,
 ) -> Result<NewContainer, CoreError> {
     let (ty, requirements, server_id) = checked_new(svc, type_id, server, requirements).await?;
     crate::projects::check(
@@ -523,7 +541,16 @@ pub(crate) async fn prepare_container(
     )
     .await?;
     let requirements = serde_json::to_string(&requirements).expect("serializable");
-    let row = creating_row(svc, ty.as_ref(), &requirements, environment, project)?;
+    let row = match state {
+        Some(state) => row_with_state(
+            svc,
+            ty.as_ref(),
+            &requirements,
+            (environment, project),
+            state,
+        ),
+        None => creating_row(svc, ty.as_ref(), &requirements, environment, project)?,
+    };
     Ok(NewContainer { row, server_id })
 }
 

@@ -191,20 +191,12 @@ impl ContainerManager<'_> {
             &export.type_id,
             None,
             Some(export.requirements.clone()),
-            None,
-            project.id,
+            (None, project.id),
+            Some(state),
         )
         .await?;
         let txn = self.svc.db().begin().await?;
         let (id, _) = insert_container(self.svc.platform_name(), &txn, new).await?;
-        container::Entity::update_many()
-            .col_expr(
-                container::Column::State,
-                sea_orm::sea_query::Expr::val(state),
-            )
-            .filter(container::Column::Id.eq(id))
-            .exec(&txn)
-            .await?;
         origin_identity::ActiveModel {
             container_id: Set(id),
             origin_platform: Set(export.platform.clone()),

@@ -8,7 +8,7 @@ use sea_orm::{ColumnTrait, DatabaseTransaction, DbErr, EntityTrait, QueryFilter}
 use serde_json::{Value, json};
 
 use super::hooks::{
-    Call, Queued, Written, child_failures, dispatch, drain_actions, env_view, members, save_states,
+    Call, Queued, Written, child_failures, dispatch, drain_actions, env_view, members,
     set_container, with_states,
 };
 use super::steps::{AddStep, NotifyStep, PlanStep, RemoveStep, ReplaceStep};
@@ -181,8 +181,8 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                 ty.type_id(),
                 server,
                 params.requirements,
-                Some(env.id),
-                env.project_id,
+                (Some(env.id), env.project_id),
+                Some(new_state),
             )
             .await
             .map_err(core_err)?;
@@ -195,7 +195,6 @@ async fn add(ctx: &StepCtx<'_>, env: &environment::Model) -> Result<Transition, 
                     let (id, server_id) = insert_container(&platform, txn, new)
                         .await
                         .map_err(core_err)?;
-                    save_states(txn, vec![(id, new_state)]).await?;
                     set_container(txn, id, container::Column::Params, own_params).await?;
                     let child = NewCommand {
                         project: None,
