@@ -597,6 +597,11 @@ mod tests {
         assert_eq!(p.inspect(web)["database"], ip.as_str());
         assert_eq!(p.upgrade::<Tomcat>(), Ok(1));
         assert_eq!(member(&p, web).type_id, "tomcat@1.0.0");
+        // The parameters 1.0 declares, with their defaults, as the core gives them.
+        assert_eq!(
+            member(&p, web).params.get("heap-mb").map(String::as_str),
+            Some("512")
+        );
         assert_eq!(
             p.inspect(web)["database"],
             format!("jdbc:mysql://{ip}:3306/app?user=app")

@@ -45,8 +45,10 @@ impl<H: Hooks> Platform<H> {
                     continue;
                 }
                 let ctx = self.context(m.id, None);
-                match convert(&self.hooks, &ctx) {
-                    Ok(state) => converted.push((name.clone(), m.id, state)),
+                match upgraded_params(meta, &m.params)
+                    .and_then(|params| Ok((convert(&self.hooks, &ctx)?, params)))
+                {
+                    Ok((state, params)) => converted.push((name.clone(), m.id, state, params)),
                     Err(reason) => {
                         self.use_environment(&current);
                         return Err(format!(
@@ -59,14 +61,35 @@ impl<H: Hooks> Platform<H> {
         }
         let type_id = format!("{}@{}", meta.name, meta.version);
         let count = converted.len();
-        for (name, id, state) in converted {
+        for (name, id, state, params) in converted {
             self.use_environment(&name);
             if let Some(slot) = self.members.iter_mut().find(|s| s.member.id == id) {
                 slot.member.type_id = type_id.clone();
+                slot.member.params = params;
                 slot.state = state;
             }
         }
         self.use_environment(&current);
         Ok(count)
     }
+}
+
+/// A member's parameters under `meta`, as the core gives them on an upgrade: its values of
+/// those still declared, the defaults of new ones, none of those no longer declared; a new
+/// parameter without a default is refused.
+fn upgraded_params(
+    meta: &Metadata,
+    current: &std::collections::BTreeMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, String> {
+    meta.params
+        .iter()
+        .map(|s| match current.get(&s.name).or(s.default.as_ref()) {
+            Some(v) => Ok((s.name.clone(), v.clone())),
+            None => Err(format!(
+                "the new version requires parameter '{}' ({}), which containers made before it \
+                 do not have: give it a default in the new version",
+                s.name, s.description
+            )),
+        })
+        .collect()
 }
