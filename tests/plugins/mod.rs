@@ -22,6 +22,24 @@ fn hostile() -> Vec<u8> {
     test_plugin(cloud48_engine::plugins::TEST_PLUGINS, "hostile")
 }
 
+/// A core with the hostile plugin installed and one of its containers in environment `calm`.
+async fn hostile_in_calm() -> (TestCore, ContainerId) {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    install(&t, hostile()).await.unwrap();
+    let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
+    t.ok(c).await;
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/calm/containers",
+            &json!({ "type": "hostile" }),
+        )
+        .await
+        .unwrap();
+    let id = t.created(a.command_id).await;
+    (t, id)
+}
+
 async fn install(t: &TestCore, wasm: Vec<u8>) -> anyhow::Result<PluginInfo> {
     t.client
         .send_wasm(reqwest::Method::POST, "/v1/plugins", wasm)
@@ -414,19 +432,7 @@ async fn install_refuses_bad_components_and_incompatible_wit_versions() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none_left() {
-    let t = TestCore::start(Opts::default()).await.unwrap();
-    install(&t, hostile()).await.unwrap();
-    let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
-    t.ok(c).await;
-    let a: Accepted = t
-        .client
-        .post(
-            "/v1/environments/calm/containers",
-            &json!({ "type": "hostile" }),
-        )
-        .await
-        .unwrap();
-    let id = t.created(a.command_id).await;
+    let (t, id) = hostile_in_calm().await;
     // A standalone container asked for by the type's bare name is of the installed version.
     let a: Accepted = t
         .client
@@ -523,19 +529,7 @@ async fn upgrade_moves_containers_and_migrates_their_state_and_remove_needs_none
 /// says another came first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_adding_a_required_parameter_or_racing_another_changes_nothing() {
-    let t = TestCore::start(Opts::default()).await.unwrap();
-    install(&t, hostile()).await.unwrap();
-    let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
-    t.ok(c).await;
-    let a: Accepted = t
-        .client
-        .post(
-            "/v1/environments/calm/containers",
-            &json!({ "type": "hostile" }),
-        )
-        .await
-        .unwrap();
-    let id = t.created(a.command_id).await;
+    let (t, id) = hostile_in_calm().await;
     let required = test_plugin(cloud48_engine::plugins::TEST_PLUGINS_REQUIRED, "hostile");
     let a: Accepted = t
         .client

@@ -131,6 +131,13 @@ impl Health {
         beats.insert(server, Beat { at, load });
     }
 
+    /// Takes in the heartbeats other cores shared (`Cluster::read_beats`).
+    pub fn merge_all(&self, beats: Vec<(i64, i64, Option<String>)>) {
+        for (server, age, load) in beats {
+            self.merge(server, age, load.as_deref());
+        }
+    }
+
     /// Forgets `server` (removed): its heartbeats and the notice of its silence.
     pub fn forget(&self, server: i64) {
         self.beats.lock().unwrap().remove(&server);
@@ -257,9 +264,7 @@ impl Monitor {
                 .iter()
                 .any(|c| c.up && self.health.silence(c.id, now) > grace)
         {
-            for (server, age, load) in cluster.read_beats().await? {
-                self.health.merge(server, age, load.as_deref());
-            }
+            self.health.merge_all(cluster.read_beats().await?);
             now = self.health.clock.now_ms();
         }
         let mut report = HealthReport::default();

@@ -384,20 +384,29 @@ pub fn resolve_params(specs: &[ParamSpec], given: &Params) -> Result<Params, Str
             });
         }
     }
+    filled(specs, given, |s| {
+        format!(
+            "parameter '{}' is required ({}); give it as {}=VALUE",
+            s.name, s.description, s.name
+        )
+    })
+}
+
+/// A value for every parameter of `specs`: from `values`, or its default (each checked),
+/// `missing` saying why where there is neither; values of undeclared names are left out.
+fn filled(
+    specs: &[ParamSpec],
+    values: &Params,
+    missing: impl Fn(&ParamSpec) -> String,
+) -> Result<Params, String> {
     let mut out = Params::new();
     for s in specs {
-        match given.get(&s.name).or(s.default.as_ref()) {
-            Some(v) => {
-                s.check(v)?;
-                out.insert(s.name.clone(), v.clone());
-            }
-            None => {
-                return Err(format!(
-                    "parameter '{}' is required ({}); give it as {}=VALUE",
-                    s.name, s.description, s.name
-                ));
-            }
-        }
+        let v = values
+            .get(&s.name)
+            .or(s.default.as_ref())
+            .ok_or_else(|| missing(s))?;
+        s.check(v)?;
+        out.insert(s.name.clone(), v.clone());
     }
     Ok(out)
 }
@@ -407,25 +416,13 @@ pub fn resolve_params(specs: &[ParamSpec], given: &Params) -> Result<Params, Str
 /// defaults of new ones; parameters no longer declared are dropped. A new parameter without a
 /// default has no value for the containers that exist: refused, naming it.
 pub fn upgrade_params(specs: &[ParamSpec], current: &Params) -> Result<Params, String> {
-    let mut out = Params::new();
-    for s in specs {
-        match current.get(&s.name).or(s.default.as_ref()) {
-            Some(v) => {
-                s.check(v).map_err(|m| {
-                    format!("its value does not fit the new version's parameter: {m}")
-                })?;
-                out.insert(s.name.clone(), v.clone());
-            }
-            None => {
-                return Err(format!(
-                    "the new version requires parameter '{}' ({}), which containers made \
-                     before it do not have: give it a default in the new version",
-                    s.name, s.description
-                ));
-            }
-        }
-    }
-    Ok(out)
+    filled(specs, current, |s| {
+        format!(
+            "the new version requires parameter '{}' ({}), which containers made before it do \
+             not have: give it a default in the new version",
+            s.name, s.description
+        )
+    })
 }
 
 /// `current` with `changes` applied, where every changed parameter exists and is `settable`
@@ -524,7 +521,7 @@ mod tests {
         // A value the new declaration does not accept is named.
         let err = upgrade_params(&specs, &params(&[("heap", "lots")])).unwrap_err();
         assert!(
-            err.contains("does not fit") && err.contains("heap"),
+            err.contains("parameter 'heap' must be a decimal integer"),
             "{err}"
         );
     }

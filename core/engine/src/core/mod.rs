@@ -407,9 +407,7 @@ impl Core {
         let health = self.health();
         let mine = health.take_unwritten();
         cluster.write_beats(&mine).await?;
-        for (server, age, load) in cluster.read_beats().await? {
-            health.merge(server, age, load.as_deref());
-        }
+        health.merge_all(cluster.read_beats().await?);
         // Servers other cores registered, marked down or up, drained or placed on: attach their
         // drivers and refresh placement's view (the allocation counters in it are checked
         // again by the database when a reservation is written). Read only when they changed.
