@@ -8,14 +8,13 @@ use cloud48_api::cluster::Cluster as ClusterView;
 use cloud48_core::cli::Client;
 use cloud48_engine::agent::protocol::AgentInfo;
 use cloud48_engine::cluster::{Claim, Cluster, DbClock, Duty};
-use cloud48_engine::driver::Driver;
 use cloud48_engine::entities::command;
 use cloud48_engine::model::{Server, ServerStatus};
 use cloud48_engine::queue::{
     Clock, Next, Queue, QueueConfig, Runner, StepError, SystemClock, Transition,
 };
 
-use crate::agent::{TOKEN, idle_stats, serve_agent, sim};
+use crate::agent::{TOKEN, idle_stats, serve_agent, sim, sim_agent};
 use crate::common::{PgDb, ServeProcess, eventually, serve};
 
 /// `cloud48 serve` on `pg` with short health periods and duty leases (1 s), and `extra` flags.
@@ -200,18 +199,7 @@ async fn a_server_beating_to_another_core_is_not_judged_on_a_stale_view() {
     };
     let (_dirs, cores) = agent_cores(&pg, 2).await;
     let (heard, judge) = (&cores[0], &cores[1]);
-    let info = AgentInfo {
-        name: "node-v".into(),
-        url: "http://127.0.0.1:20998".into(),
-        driver: "sim".into(),
-        capabilities: sim("node-v", Duration::ZERO).capabilities(),
-        labels: vec![],
-        subnet: None,
-        addresses: None,
-        heartbeats: Some(true),
-        id: Some("agent-v".into()),
-        take_over: false,
-    };
+    let info = sim_agent("node-v", 20_998);
     let id = heard.agents().register(&info, &idle_stats()).await.unwrap();
     heard.health().heartbeat(id, None);
     heard.sync_cluster().await.unwrap();
@@ -317,18 +305,7 @@ async fn two_cores_registering_agents_at_once_accept_each_once_and_one_per_subne
     };
     let (_dirs, cores) = agent_cores(&pg, 2).await;
     let infos: Vec<AgentInfo> = (0..40)
-        .map(|i| AgentInfo {
-            name: format!("racer-{i}"),
-            url: format!("http://127.0.0.1:{}", 20_000 + i),
-            driver: "sim".into(),
-            capabilities: sim("racer", Duration::ZERO).capabilities(),
-            labels: vec![],
-            subnet: None,
-            addresses: None,
-            heartbeats: Some(true),
-            id: Some(format!("agent-{i}")),
-            take_over: false,
-        })
+        .map(|i| sim_agent(&format!("racer-{i}"), 20_000 + i))
         .collect();
     let stats = idle_stats();
     let registrations = infos.iter().flat_map(|info| {

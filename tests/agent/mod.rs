@@ -321,6 +321,40 @@ async fn a_retried_operation_runs_once() {
     );
 }
 
+/// What an agent of a simulated server named `name`, listening on loopback port `port`, says
+/// of itself (id `agent-NAME`, no network of its own).
+pub fn sim_agent(name: &str, port: u16) -> AgentInfo {
+    AgentInfo {
+        name: name.into(),
+        url: format!("http://127.0.0.1:{port}"),
+        driver: "sim".into(),
+        capabilities: sim(name, Duration::ZERO).capabilities(),
+        labels: vec![],
+        subnet: None,
+        addresses: None,
+        heartbeats: Some(true),
+        id: Some(format!("agent-{name}")),
+        take_over: false,
+    }
+}
+
+/// A simulated server of 4 CPUs, 4 GiB and 10 GB giving its containers addresses of `net`.
+pub fn node(name: &str, net: cloud48_engine::driver::address::Subnet) -> Arc<SimServer> {
+    Arc::new(
+        SimServer::new(
+            name,
+            1,
+            Resources {
+                cpu_millis: 4000,
+                memory_mb: 4096,
+                disk_mb: 10_000,
+            },
+            SimLatency::uniform(Duration::ZERO),
+        )
+        .with_subnet(net),
+    )
+}
+
 /// What an idle agent with 4 cores, 4 GiB and 10 GB reports.
 pub fn idle_stats() -> cloud48_engine::driver::ServerStats {
     cloud48_engine::driver::ServerStats {
@@ -806,29 +840,14 @@ async fn an_agent_back_with_another_subnet_is_refused_while_its_containers_hold_
     use cloud48_engine::driver::address::Subnet;
     let tc = TestCore::start(agent_opts()).await.unwrap();
     let old: Subnet = "10.61.0.0/24".parse().unwrap();
-    let driver = SimServer::new(
-        "node-s",
-        1,
-        Resources {
-            cpu_millis: 4000,
-            memory_mb: 4096,
-            disk_mb: 10_000,
-        },
-        SimLatency::uniform(Duration::ZERO),
-    )
-    .with_subnet(old);
-    let (agent, url) = serve_agent_on("node-s", Arc::new(driver), Some((old, None))).await;
+    let (agent, url) = serve_agent_on("node-s", node("node-s", old), Some((old, None))).await;
     tc.core.agents().add(&url).await.unwrap();
     let id = tc.plain_on("node-s").await;
+    let agents = tc.core.agents();
+    let register = |info: AgentInfo| async move { agents.register(&info, &idle_stats()).await };
     let mut info = agent.info().clone();
     info.subnet = Some("10.62.0.0/24".into());
-    let e = tc
-        .core
-        .agents()
-        .register(&info, &idle_stats())
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = register(info.clone()).await.unwrap_err().to_string();
     assert!(
         e.contains(&format!("container {id} has 10.61.0.")) && e.contains("the --subnet"),
         "{e}"
@@ -838,29 +857,15 @@ async fn an_agent_back_with_another_subnet_is_refused_while_its_containers_hold_
     // Its own subnet again is welcome, and so is a range of it that leaves the container's
     // address out (a container moved in live from a peer keeps an address of the peer's).
     info.subnet = Some(old.to_string());
-    tc.core
-        .agents()
-        .register(&info, &idle_stats())
-        .await
-        .unwrap();
+    register(info.clone()).await.unwrap();
     info.addresses = Some("10.61.0.100-10.61.0.120".into());
-    tc.core
-        .agents()
-        .register(&info, &idle_stats())
-        .await
-        .unwrap();
+    register(info.clone()).await.unwrap();
     let row = tc.core.servers().get("node-s").await.unwrap();
     assert_eq!(row.addresses.as_deref(), Some("10.61.0.100-10.61.0.120"));
     // Nor may it stop saying which subnet it uses while its containers hold addresses.
     info.subnet = None;
     info.addresses = None;
-    let e = tc
-        .core
-        .agents()
-        .register(&info, &idle_stats())
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = register(info).await.unwrap_err().to_string();
     assert!(
         e.contains("reports no --subnet") && e.contains("(10.61.0.0/24)"),
         "{e}"

@@ -8,22 +8,6 @@ use cloud48_engine::model::{Container, ContainerStatus, Topic};
 use super::*;
 use crate::common::ManualClock;
 
-fn node(name: &str, net: Subnet) -> Arc<SimServer> {
-    Arc::new(
-        SimServer::new(
-            name,
-            1,
-            Resources {
-                cpu_millis: 4000,
-                memory_mb: 4096,
-                disk_mb: 10_000,
-            },
-            SimLatency::uniform(Duration::ZERO),
-        )
-        .with_subnet(net),
-    )
-}
-
 async fn remove(tc: &TestCore, key: &str) -> anyhow::Result<RemovedServer> {
     tc.client.delete(&format!("/v1/servers/{key}")).await
 }
@@ -132,16 +116,8 @@ async fn a_server_removed_through_one_core_is_forgotten_by_the_others() {
     let (_dirs, cores) = crate::cluster::agent_cores(&pg, 2).await;
     let (a, b) = (&cores[0], &cores[1]);
     let info = AgentInfo {
-        name: "node-q".into(),
-        url: "http://127.0.0.1:20999".into(),
-        driver: "sim".into(),
-        capabilities: sim("node-q", Duration::ZERO).capabilities(),
-        labels: vec![],
         subnet: Some("10.65.0.0/24".into()),
-        addresses: None,
-        heartbeats: Some(true),
-        id: Some("agent-q".into()),
-        take_over: false,
+        ..sim_agent("node-q", 20_999)
     };
     let id = a.agents().register(&info, &idle_stats()).await.unwrap();
     b.sync_cluster().await.unwrap();

@@ -22,20 +22,24 @@ fn hostile() -> Vec<u8> {
     test_plugin(cloud48_engine::plugins::TEST_PLUGINS, "hostile")
 }
 
+/// Creates environment `env` and submits the add of a hostile container to it.
+async fn add_hostile(t: &TestCore, env: &str) -> Accepted {
+    let (c, _) = t.core.environments().create(env, "test").await.unwrap();
+    t.ok(c).await;
+    t.client
+        .post(
+            &format!("/v1/environments/{env}/containers"),
+            &json!({ "type": "hostile" }),
+        )
+        .await
+        .unwrap()
+}
+
 /// A core with the hostile plugin installed and one of its containers in environment `calm`.
 async fn hostile_in_calm() -> (TestCore, ContainerId) {
     let t = TestCore::start(Opts::default()).await.unwrap();
     install(&t, hostile()).await.unwrap();
-    let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
-    t.ok(c).await;
-    let a: Accepted = t
-        .client
-        .post(
-            "/v1/environments/calm/containers",
-            &json!({ "type": "hostile" }),
-        )
-        .await
-        .unwrap();
+    let a = add_hostile(&t, "calm").await;
     let id = t.created(a.command_id).await;
     (t, id)
 }
@@ -225,16 +229,7 @@ async fn hostile_plugins_fail_their_command_with_a_clear_error_and_the_core_keep
         ("spam", &["10000 actions (limit 64)"]),
     ];
     for (env, causes) in cases {
-        let (c, _) = t.core.environments().create(env, "test").await.unwrap();
-        t.ok(c).await;
-        let a: Accepted = t
-            .client
-            .post(
-                &format!("/v1/environments/{env}/containers"),
-                &json!({ "type": "hostile" }),
-            )
-            .await
-            .unwrap();
+        let a = add_hostile(&t, env).await;
         let cmd = t.wait(a.command_id).await;
         assert_eq!(cmd.status, CommandStatus::Failed);
         let err = cmd.error.unwrap();
@@ -255,16 +250,7 @@ async fn hostile_plugins_fail_their_command_with_a_clear_error_and_the_core_keep
         "no failed hook left a container behind"
     );
     // An action the core refuses fails the add, saying who asked and what the add left.
-    let (c, _) = t.core.environments().create("stray", "test").await.unwrap();
-    t.ok(c).await;
-    let a: Accepted = t
-        .client
-        .post(
-            "/v1/environments/stray/containers",
-            &json!({ "type": "hostile" }),
-        )
-        .await
-        .unwrap();
+    let a = add_hostile(&t, "stray").await;
     let cmd = t.wait(a.command_id).await;
     let err = cmd.error.unwrap_or_default();
     let env: Environment = t.client.get("/v1/environments/stray").await.unwrap();
@@ -282,16 +268,7 @@ async fn hostile_plugins_fail_their_command_with_a_clear_error_and_the_core_keep
         "{err}"
     );
     // The core still serves, and the same plugin still works where it behaves.
-    let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
-    t.ok(c).await;
-    let a: Accepted = t
-        .client
-        .post(
-            "/v1/environments/calm/containers",
-            &json!({ "type": "hostile" }),
-        )
-        .await
-        .unwrap();
+    let a = add_hostile(&t, "calm").await;
     t.ok(a.command_id).await;
 }
 
@@ -606,16 +583,7 @@ async fn an_initial_state_that_traps_or_is_too_big_makes_no_container() {
     ] {
         let t = TestCore::start(Opts::default()).await.unwrap();
         install(&t, test_plugin(dir, "hostile")).await.unwrap();
-        let (c, _) = t.core.environments().create("calm", "test").await.unwrap();
-        t.ok(c).await;
-        let a: Accepted = t
-            .client
-            .post(
-                "/v1/environments/calm/containers",
-                &json!({ "type": "hostile" }),
-            )
-            .await
-            .unwrap();
+        let a = add_hostile(&t, "calm").await;
         let cmd = t.wait(a.command_id).await;
         assert_eq!(cmd.status, CommandStatus::Failed);
         let error = cmd.error.unwrap_or_default();
