@@ -616,6 +616,26 @@ impl Cluster {
     }
 }
 
+/// Milliseconds since any core last wrote a heartbeat of `server` (by the database's clock),
+/// through `conn`; `None` when none is shared (always on SQLite, where one core hears every
+/// agent).
+pub(crate) async fn beat_age<C: ConnectionTrait>(
+    conn: &C,
+    server: i64,
+) -> Result<Option<i64>, DbErr> {
+    if conn.get_database_backend() != DatabaseBackend::Postgres {
+        return Ok(None);
+    }
+    conn.query_one_raw(Statement::from_sql_and_values(
+        DatabaseBackend::Postgres,
+        format!("SELECT {PG_NOW_MS} - at AS age FROM server_beats WHERE server_id = $1"),
+        [Value::BigInt(Some(server))],
+    ))
+    .await?
+    .map(|r| r.try_get::<i64>("", "age"))
+    .transpose()
+}
+
 /// Calls `wake(Some(by))` whenever commands are inserted into the database at `url` (PostgreSQL
 /// `LISTEN cloud48_work`; the trigger of migration 17 notifies once per inserting statement,
 /// since migration 23 with the inserting connection's `application_name` as `by`: a core's

@@ -113,8 +113,10 @@ pub struct Agents {
     grace: std::time::Duration,
     /// The agent id each server registered here was last accepted with.
     accepted: Arc<std::sync::Mutex<std::collections::HashMap<i64, Option<String>>>>,
-    /// Held by the registration that writes, or the removal (one at a time on this core).
-    registering: Arc<tokio::sync::Mutex<()>>,
+    /// Written by the registration that writes and by the removal (one at a time on this
+    /// core); read by registrations that write nothing, which go on together but not while a
+    /// removal could delete the server they read.
+    registering: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Agents {
@@ -187,22 +189,16 @@ impl Agents {
             CoreError::invalid("capacity", format!("agent {}: capacity {m}", info.name))
         })?;
         // An agent known to the database as it is now (a core that restarted, or one an agent
-        // failed over to) is judged without a lock: nothing is written.
+        // failed over to) is judged without the database's lock: nothing is written. It reads
+        // the registrations' lock here, so a removal does not delete the server between its
+        // read and the agent's attachment.
+        let reading = self.registering.read().await;
         if let Registration::Unchanged(row) =
             self.register_once(&self.db, info, stats, false).await?
         {
-            // A removal (which holds the same lock) may have deleted the row since it was
-            // read: the agent is attached only if its server is still there.
-            let one = self.registering.lock().await;
-            if server::Entity::find_by_id(row.id)
-                .one(&self.db)
-                .await?
-                .is_some()
-            {
-                return self.registered(&row, false, info).await;
-            }
-            drop(one);
+            return self.registered(&row, false, info).await;
         }
+        drop(reading);
         // Another core may register the same agent at the same moment (an agent's heartbeats
         // reach a second core while it fails over, or `server add` races its first beat): the
         // registration that loses reads the server again and is judged against the winner's row.
@@ -211,7 +207,7 @@ impl Agents {
         // subnets) before it writes this one, so two agents with one subnet registering at once
         // would both pass. A mutex orders this core's; on PostgreSQL a transaction lock orders
         // every core's (waited for a bounded time: a stalled holder makes this one busy).
-        let _one = self.registering.lock().await;
+        let _one = self.registering.write().await;
         for _ in 0..REGISTER_TRIES {
             let outcome = if self.db.get_database_backend() == DatabaseBackend::Postgres {
                 self.register_locked(info, stats).await?

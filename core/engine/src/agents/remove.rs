@@ -1,8 +1,8 @@
 //! Removing a server gone for good: its name and subnet are free again, and no core keeps it.
 
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, QueryFilter, QueryOrder,
-    TransactionTrait, sea_query::Expr,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, EntityTrait, PaginatorTrait, QueryFilter,
+    QueryOrder, TransactionTrait, sea_query::Expr,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -43,7 +43,7 @@ impl Agents {
         // One registration or removal at a time (here, and across cores on PostgreSQL): an
         // agent registering meanwhile either comes first (then the server is up and stays)
         // or after (then it is a new server).
-        let _one = self.registering.lock().await;
+        let _one = self.registering.write().await;
         let txn = self.db.begin().await?;
         if self.db.get_database_backend() == DatabaseBackend::Postgres {
             super::lock_registrations(&txn, "try the removal again").await?;
@@ -74,21 +74,7 @@ impl Agents {
         let grace = self.grace.as_millis() as i64;
         // Its last beat as this core knows it, or as another core shared it (its agent may
         // beat to another core; the monitor's verdict can be a check old).
-        let shared = if self.db.get_database_backend() == DatabaseBackend::Postgres {
-            txn.query_one_raw(sea_orm::Statement::from_sql_and_values(
-                DatabaseBackend::Postgres,
-                format!(
-                    "SELECT {} - at AS age FROM server_beats WHERE server_id = $1",
-                    crate::cluster::PG_NOW_MS
-                ),
-                [row.id.into()],
-            ))
-            .await?
-            .map(|r| r.try_get::<i64>("", "age"))
-            .transpose()?
-        } else {
-            None
-        };
+        let shared = crate::cluster::beat_age(&txn, row.id).await?;
         let age = [self.health.age(row.id), shared]
             .into_iter()
             .flatten()
@@ -131,11 +117,10 @@ impl Agents {
                 held.join(", ")
             )));
         }
-        let placing = crate::placement::dummy_counts(&txn)
-            .await?
-            .get(&row.id)
-            .copied()
-            .unwrap_or(0);
+        let placing = crate::entities::dummy::Entity::find()
+            .filter(crate::entities::dummy::Column::ServerId.eq(row.id))
+            .count(&txn)
+            .await?;
         if placing > 0 {
             return Err(CoreError::Conflict(format!(
                 "{placing} placement(s) under way reserve room on server {name} (creates or \
