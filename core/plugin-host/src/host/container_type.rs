@@ -97,15 +97,6 @@ impl ContainerType for WasmPlugin {
             ..self.error(name, format!("failed: {}", clip(&message, 1000)))
         })?;
         let limits = &self.host.limits;
-        let too_big = |what: &str, n: usize| {
-            self.error(
-                name,
-                format!(
-                    "returned oversized output: {what} of {n} bytes (limit {} bytes)",
-                    limits.max_output
-                ),
-            )
-        };
         if let Some(s) = &new_state {
             self.check_state(name, s)?;
         }
@@ -123,7 +114,7 @@ impl ContainerType for WasmPlugin {
             if let HookAction::Exec { script, args, .. } = a {
                 let size = script.len() + args.iter().map(String::len).sum::<usize>();
                 if size > limits.max_output {
-                    return Err(too_big("an exec request", size));
+                    return Err(self.oversized(name, "an exec request", size));
                 }
             }
         }

@@ -471,17 +471,21 @@ impl WasmPlugin {
     /// Refuses a state blob `hook` returned past the output limit (a hook's, `initial-state`'s
     /// or `migrate-state`'s alike: each is kept in the container's row).
     fn check_state(&self, hook: &str, state: &[u8]) -> Result<(), TypeError> {
-        let limit = self.host.limits.max_output;
-        if state.len() > limit {
-            return Err(self.error(
-                hook,
-                format!(
-                    "returned oversized output: a state blob of {} bytes (limit {limit} bytes)",
-                    state.len()
-                ),
-            ));
+        if state.len() > self.host.limits.max_output {
+            return Err(self.oversized(hook, "a state blob", state.len()));
         }
         Ok(())
+    }
+
+    /// `hook` returned `what` of `n` bytes, past the output limit.
+    fn oversized(&self, hook: &str, what: &str, n: usize) -> TypeError {
+        self.error(
+            hook,
+            format!(
+                "returned oversized output: {what} of {n} bytes (limit {} bytes)",
+                self.host.limits.max_output
+            ),
+        )
     }
 
     fn error(&self, hook: &str, cause: String) -> TypeError {
