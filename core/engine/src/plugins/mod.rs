@@ -10,8 +10,8 @@ pub use cloud48_plugin_host::{harness, host};
 use std::sync::Arc;
 
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Set,
-    TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder, Set, TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -89,7 +89,7 @@ pub struct PluginManager<'a> {
 }
 
 fn invalid(m: impl Into<String>) -> CoreError {
-    CoreError::invalid("plugin", m)
+    CoreError::invalid("component", m)
 }
 
 impl<'a> PluginManager<'a> {
@@ -116,60 +116,71 @@ impl<'a> PluginManager<'a> {
     }
 
     /// Installs a component; refuses an invalid one, an incompatible WIT version or a version
-    /// that is already installed.
+    /// that is already installed, and a second version of a plugin (that is an upgrade).
+    ///
+    /// The check and the insert are one transaction that other installs wait for (PostgreSQL:
+    /// an advisory lock across cores; SQLite: the insert comes first and takes the database's
+    /// write lock), so two installs of a plugin not yet installed, in different versions, leave
+    /// one installed and refuse the other.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "database work only: the component was loaded before it"
+    )]
     pub async fn install(&self, wasm: &[u8]) -> Result<PluginInfo, CoreError> {
         let loaded = self.host.load(wasm).map_err(|e| invalid(e.to_string()))?;
         let meta = loaded.meta().clone();
         check_description(&meta)?;
-        let existing = self.rows(&meta.name).await?;
-        if let Some(same) = existing.iter().find(|r| r.version == meta.version) {
-            let sha = hex::encode(sha2::Sha256::digest(wasm));
-            return Err(CoreError::Conflict(if same.sha256 == sha {
-                format!(
-                    "plugin {}@{} is already installed: nothing to do (a newer version goes in with `cloud48 plugin upgrade {} FILE`)",
-                    meta.name, meta.version, meta.name
-                )
-            } else {
-                format!(
-                    "plugin {}@{} is installed from another build (sha256 {}, this one {sha}): \
-                     one version is one build; give the new build a higher version and \
-                     upgrade to it (`cloud48 plugin upgrade {} FILE`)",
-                    meta.name, meta.version, same.sha256, meta.name
-                )
-            }));
+        let sha = hex::encode(sha2::Sha256::digest(wasm));
+        // Most refusals are found without writing the component.
+        if let Some(refusal) = refusal(&meta, &sha, &self.rows(&meta.name).await?) {
+            return Err(refusal);
         }
-        if let Some(r) = existing.first() {
-            let newer = semver::Version::parse(&meta.version)
-                .ok()
-                .zip(semver::Version::parse(&r.version).ok())
-                .is_some_and(|(new, old)| new > old);
-            return Err(CoreError::Conflict(if newer {
-                format!(
-                    "plugin {} is installed in version {}; use `cloud48 plugin upgrade {} FILE` to move to {}",
-                    meta.name, r.version, meta.name, meta.version
-                )
-            } else {
-                format!(
-                    "plugin {} is installed in version {}, newer than {}: {}",
-                    meta.name,
-                    r.version,
-                    meta.version,
-                    no_downgrade(&meta.name)
-                )
-            }));
+        let txn = self.db.begin().await?;
+        if self.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+            txn.execute_unprepared("SET LOCAL lock_timeout = '10s'")
+                .await?;
+            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({INSTALL_LOCK})"))
+                .await
+                .map_err(|e| {
+                    CoreError::Busy(format!(
+                        "another core has been installing a plugin for 10 s ({}); try again",
+                        crate::model::with_causes(&e)
+                    ))
+                })?;
         }
-        let row = self.insert(self.db, wasm, &meta).await?;
+        let row = match Self::insert_row(&txn, wasm, &meta).await {
+            Ok(row) => row,
+            // The same version went in meanwhile: say so as the check above would have.
+            Err(e)
+                if matches!(
+                    e.sql_err(),
+                    Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+                ) =>
+            {
+                drop(txn);
+                let rows = self.rows(&meta.name).await?;
+                return Err(refusal(&meta, &sha, &rows).unwrap_or_else(|| {
+                    CoreError::Conflict(format!(
+                        "plugin {}@{} was being installed or removed meanwhile; try again",
+                        meta.name, meta.version
+                    ))
+                }));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let others: Vec<plugin::Model> = plugin::Entity::find()
+            .filter(plugin::Column::Name.eq(&meta.name))
+            .filter(plugin::Column::Id.ne(row.id))
+            .order_by_desc(plugin::Column::Id)
+            .all(&txn)
+            .await?;
+        if let Some(refusal) = refusal(&meta, &sha, &others) {
+            txn.rollback().await?;
+            return Err(refusal);
+        }
+        txn.commit().await?;
         self.types.register(Arc::new(loaded));
         self.info(row).await
-    }
-
-    async fn insert<C: sea_orm::ConnectionTrait>(
-        &self,
-        conn: &C,
-        wasm: &[u8],
-        meta: &PluginMeta,
-    ) -> Result<plugin::Model, CoreError> {
-        Ok(Self::insert_row(conn, wasm, meta).await?)
     }
 
     /// Writes the row of an installed plugin version.
@@ -478,7 +489,7 @@ impl<'a> PluginManager<'a> {
                 .load(wasm)
                 .map_err(|e| CoreError::Setup(format!("bundled plugin {name}: {e}")))?;
             let meta = loaded.meta().clone();
-            self.insert(self.db, wasm, &meta).await?;
+            Self::insert_row(self.db, wasm, &meta).await?;
             self.types.register(Arc::new(loaded));
             tracing::info!(plugin = %meta.name, version = %meta.version, "installed a bundled plugin");
         }
@@ -519,6 +530,48 @@ fn no_downgrade(name: &str) -> String {
          go back, remove the plugin once no container uses it (`cloud48 plugin remove {name}`), \
          then install the older one"
     )
+}
+
+/// The key of the PostgreSQL advisory lock an install holds while it checks and inserts.
+const INSTALL_LOCK: i64 = 0x0c10_0d48_1257;
+
+/// Why plugin `meta` (component digest `sha`) cannot be installed beside the installed
+/// versions `rows` of its name (newest first), if it cannot.
+fn refusal(meta: &PluginMeta, sha: &str, rows: &[plugin::Model]) -> Option<CoreError> {
+    if let Some(same) = rows.iter().find(|r| r.version == meta.version) {
+        return Some(CoreError::Conflict(if same.sha256 == sha {
+            format!(
+                "plugin {}@{} is already installed: nothing to do (a newer version goes in with `cloud48 plugin upgrade {} FILE`)",
+                meta.name, meta.version, meta.name
+            )
+        } else {
+            format!(
+                "plugin {}@{} is installed from another build (sha256 {}, this one {sha}): \
+                 one version is one build; give the new build a higher version and \
+                 upgrade to it (`cloud48 plugin upgrade {} FILE`)",
+                meta.name, meta.version, same.sha256, meta.name
+            )
+        }));
+    }
+    let r = rows.first()?;
+    let newer = semver::Version::parse(&meta.version)
+        .ok()
+        .zip(semver::Version::parse(&r.version).ok())
+        .is_some_and(|(new, old)| new > old);
+    Some(CoreError::Conflict(if newer {
+        format!(
+            "plugin {} is installed in version {}; use `cloud48 plugin upgrade {} FILE` to move to {}",
+            meta.name, r.version, meta.name, meta.version
+        )
+    } else {
+        format!(
+            "plugin {} is installed in version {}, newer than {}: {}",
+            meta.name,
+            r.version,
+            meta.version,
+            no_downgrade(&meta.name)
+        )
+    }))
 }
 
 #[cfg(test)]
