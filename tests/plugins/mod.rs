@@ -217,8 +217,9 @@ async fn hostile_plugins_fail_their_command_with_a_clear_error_and_the_core_keep
     let t = TestCore::start(opts).await.unwrap();
     let info = install(&t, hostile()).await.unwrap();
     assert_eq!(info.type_id, "hostile@0.1.0");
-    let cases: [(&str, &[&str]); 5] = [
+    let cases: [(&str, &[&str]); 6] = [
         ("loop", &["exceeded its deadline of 2000 ms"]),
+        ("fail", &["failed: hostile plugin refuses to work"]),
         ("bomb", &["exceeded its memory limit of 64 MiB"]),
         // With the panic's message, which the plugin wrote to its standard error before the trap.
         (
@@ -239,6 +240,23 @@ async fn hostile_plugins_fail_their_command_with_a_clear_error_and_the_core_keep
                 && causes.iter().all(|c| err.contains(c)),
             "{env}: {err}"
         );
+        // What the hook logged before it failed is kept with the command.
+        let logged = match env {
+            "trap" => vec![("warn", "about to panic")],
+            "fail" => vec![("error", "no licence key")],
+            _ => vec![],
+        };
+        let cmd: Command = t
+            .client
+            .get(&format!("/v1/commands/{}", a.command_id))
+            .await
+            .unwrap();
+        let log: Vec<(&str, &str)> = cmd
+            .log
+            .iter()
+            .map(|l| (l.level.as_str(), l.message.as_str()))
+            .collect();
+        assert_eq!(log, logged, "{env}");
     }
     let hostile_rows: Vec<Container> = t
         .client
@@ -566,6 +584,45 @@ async fn an_upgrade_adding_a_required_parameter_or_racing_another_changes_nothin
         .collect();
     assert_eq!(versions, ["hostile@0.1.1"]);
 }
+
+/// Installs of three versions of a plugin not yet installed, sent together, leave one version
+/// installed and refuse the others, saying which is installed (the check and the insert were
+/// apart, and all three went in).
+async fn installs_racing(postgres: bool) {
+    let Some(t) = TestCore::start(Opts {
+        postgres,
+        ..Opts::default()
+    })
+    .await
+    else {
+        return;
+    };
+    use cloud48_engine::plugins::{TEST_PLUGINS_NEWER, TEST_PLUGINS_REQUIRED};
+    let (a, b, c) = tokio::join!(
+        install(&t, hostile()),
+        install(&t, test_plugin(TEST_PLUGINS_NEWER, "hostile")),
+        install(&t, test_plugin(TEST_PLUGINS_REQUIRED, "hostile")),
+    );
+    let all: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
+    let versions: Vec<&str> = all
+        .iter()
+        .filter(|p| p.meta.name == "hostile")
+        .map(|p| p.type_id.as_str())
+        .collect();
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    let results = [a, b, c];
+    let installed: Vec<&PluginInfo> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(installed.len(), 1, "{results:?}");
+    assert_eq!(installed[0].type_id, versions[0]);
+    for e in results.iter().filter_map(|r| r.as_ref().err()) {
+        let e = e.to_string();
+        assert!(e.contains("plugin hostile is installed in version"), "{e}");
+    }
+}
+crate::on_both_databases!(
+    installs_of_versions_sent_together_leave_one,
+    installs_racing
+);
 
 /// A type whose `initial-state` traps or returns more than the state limit makes no container:
 /// the add fails and a standalone create is refused, each saying why.

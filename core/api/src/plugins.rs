@@ -21,8 +21,8 @@ pub(super) fn wasm_body(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid",
-            "plugin: the body is empty",
-            Some("plugin"),
+            "component: the body is empty; send the plugin's .wasm file",
+            Some("component"),
         ));
     }
     Ok(())

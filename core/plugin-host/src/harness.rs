@@ -285,23 +285,15 @@ impl Hooks for WasmHooks {
         let out = match plugin.handle(&hook_of(call), &hctx) {
             Ok(out) => out,
             Err(e) => {
+                // What it logged before it failed, as the core keeps it.
+                forward(e.logs.clone());
                 return Ok(Err(HookError {
                     message: e.to_string(),
                     retryable: e.retryable,
                 }));
             }
         };
-        for l in out.logs {
-            cloud48_sdk::log(
-                match l.level {
-                    crate::types::LogLevel::Debug => cloud48_sdk::Level::Debug,
-                    crate::types::LogLevel::Info => cloud48_sdk::Level::Info,
-                    crate::types::LogLevel::Warn => cloud48_sdk::Level::Warn,
-                    crate::types::LogLevel::Error => cloud48_sdk::Level::Error,
-                },
-                l.message,
-            );
-        }
+        forward(out.logs);
         Ok(Ok(Outcome {
             verdict: match out.verdict {
                 Verdict::Allow => SdkVerdict::Allow,
@@ -617,4 +609,19 @@ pub fn run_scenario(
         }
     }
     Ok(report)
+}
+
+/// Logs what a component logged as the harness's own lines.
+fn forward(logs: Vec<crate::types::LogLine>) {
+    for l in logs {
+        cloud48_sdk::log(
+            match l.level {
+                crate::types::LogLevel::Debug => cloud48_sdk::Level::Debug,
+                crate::types::LogLevel::Info => cloud48_sdk::Level::Info,
+                crate::types::LogLevel::Warn => cloud48_sdk::Level::Warn,
+                crate::types::LogLevel::Error => cloud48_sdk::Level::Error,
+            },
+            l.message,
+        );
+    }
 }

@@ -329,6 +329,9 @@ pub struct TypeError {
     pub cause: String,
     /// The hook said that trying again later may succeed.
     pub retryable: bool,
+    /// What the plugin logged in this call before it failed (kept with the command, for the
+    /// vendor to see what led to the failure).
+    pub logs: Vec<LogLine>,
 }
 
 impl TypeError {
@@ -343,6 +346,7 @@ impl TypeError {
             hook: hook.into(),
             cause: cause.into(),
             retryable: false,
+            logs: Vec::new(),
         }
     }
 }

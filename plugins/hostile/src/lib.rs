@@ -1,7 +1,8 @@
 //! A container type that misbehaves on purpose, for the plugin host's sandbox tests. What it does
 //! in `before-it-is-added` depends on the environment's name:
-//! `loop` spins forever, `bomb` allocates until memory runs out, `trap` panics, `huge` returns a
-//! 2 MiB state, `spam` asks for 10,000 actions, `fail` and `retry` return a hook error, `chatty`
+//! `loop` spins forever, `bomb` allocates until memory runs out, `trap` logs a line and panics,
+//! `huge` returns a 2 MiB state, `spam` asks for 10,000 actions, `fail` (after logging a line)
+//! and `retry` return a hook error, `chatty`
 //! logs 1,000 lines, `random` keeps 8 random bytes as its state (so the plugin imports WASI's
 //! randomness, and the host runs each of its calls afresh); anything else is allowed. In an
 //! environment named `stray`, `after-it-is-added` asks to remove a container that is no member.
@@ -75,7 +76,10 @@ impl ContainerType for Hostile {
                     std::hint::black_box(&hoard);
                 }
             }
-            "trap" => panic!("hostile plugin panics on purpose"),
+            "trap" => {
+                log(Level::Warn, "about to panic");
+                panic!("hostile plugin panics on purpose")
+            }
             "random" => {
                 use std::hash::{BuildHasher, Hasher};
                 let seed = std::collections::hash_map::RandomState::new()
@@ -84,7 +88,10 @@ impl ContainerType for Hostile {
                 Ok(Outcome::allow().with_state(seed.to_le_bytes().to_vec()))
             }
             "huge" => Ok(Outcome::allow().with_state(vec![7u8; 2 << 20])),
-            "fail" => Err(HookError::fail("hostile plugin refuses to work")),
+            "fail" => {
+                log(Level::Error, "no licence key");
+                Err(HookError::fail("hostile plugin refuses to work"))
+            }
             "retry" => Err(HookError::retry("hostile plugin asks to be retried")),
             "chatty" => {
                 for i in 0..1000 {

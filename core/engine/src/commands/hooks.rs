@@ -113,24 +113,7 @@ impl Written {
     /// Writes the states, and the log lines as command `cmd`'s record.
     pub async fn write(self, txn: &DatabaseTransaction, cmd: i64) -> Result<(), StepError> {
         save_states(txn, self.states).await?;
-        if self.logs.is_empty() {
-            return Ok(());
-        }
-        let at = now_ms();
-        let rows =
-            self.logs
-                .into_iter()
-                .map(|(container, l)| crate::entities::command_log::ActiveModel {
-                    command_id: sea_orm::Set(cmd),
-                    container_id: sea_orm::Set((container != 0).then_some(container)),
-                    level: sea_orm::Set(l.level.as_str().to_string()),
-                    message: sea_orm::Set(l.message),
-                    at: sea_orm::Set(at),
-                    ..Default::default()
-                });
-        crate::entities::command_log::Entity::insert_many(rows)
-            .exec(txn)
-            .await?;
+        crate::queue::store::insert_logs(txn, cmd, now_ms(), self.logs).await?;
         Ok(())
     }
 }
@@ -181,13 +164,21 @@ pub(super) fn dispatch(
         svc.queue()
             .recorder()
             .hook(&call.view.type_id, call.hook.name(), started.elapsed());
-        let outcome = outcome.map_err(|e| {
-            if e.retryable {
-                StepError::Transient(e.to_string())
-            } else {
-                StepError::Permanent(e.to_string())
+        let by = call.view.id.0;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(mut e) => {
+                // What this step's hooks logged up to the failure is kept with the command.
+                let logged = std::mem::take(&mut e.logs);
+                written.logs.extend(logged.into_iter().map(|l| (by, l)));
+                let error = if e.retryable {
+                    StepError::Transient(e.to_string())
+                } else {
+                    StepError::Permanent(e.to_string())
+                };
+                return Err(error.logged(written.logs));
             }
-        })?;
+        };
         tracing::debug!(container = call.view.id.0, hook = call.hook.name(), ?outcome.verdict, "hook ran");
         if let Verdict::Deny(reason) = outcome.verdict {
             if may_deny {
@@ -196,14 +187,17 @@ pub(super) fn dispatch(
                 } else {
                     format!("container {} ({})", call.view.id, call.view.type_id)
                 };
+                written
+                    .logs
+                    .extend(outcome.logs.into_iter().map(|l| (by, l)));
                 return Err(StepError::Permanent(format!(
                     "denied by {who} in {}: {reason}",
                     call.hook.name()
-                )));
+                ))
+                .logged(written.logs));
             }
             tracing::warn!(container = call.view.id.0, hook = call.hook.name(), %reason, "a hook denied after the fact; ignored");
         }
-        let by = call.view.id.0;
         if let Some(s) = outcome.new_state {
             latest.insert(by, s.clone());
             written.states.push((by, s));

@@ -310,6 +310,41 @@ pub enum StepError {
     /// The database failed; retried like a transient error.
     #[error("database error: {0}")]
     Db(#[from] DbErr),
+    /// `error`, with the lines plugins logged in the failed step (by container id, 0 for none):
+    /// they are kept in the command's log whatever comes of the step (a retry or a failure),
+    /// where the step's other writes are not.
+    #[error("{error}")]
+    Logged {
+        /// The failure.
+        error: Box<StepError>,
+        /// The lines.
+        logs: Vec<(i64, crate::types::LogLine)>,
+    },
+}
+
+impl StepError {
+    /// This error with `logs` to keep (itself when there are none).
+    pub fn logged(self, logs: Vec<(i64, crate::types::LogLine)>) -> StepError {
+        if logs.is_empty() {
+            return self;
+        }
+        StepError::Logged {
+            error: Box::new(self),
+            logs,
+        }
+    }
+
+    /// The failure itself, and the lines to keep.
+    pub(crate) fn unlogged(self) -> (StepError, Vec<(i64, crate::types::LogLine)>) {
+        match self {
+            StepError::Logged { error, mut logs } => {
+                let (error, earlier) = error.unlogged();
+                logs.extend(earlier);
+                (error, logs)
+            }
+            e => (e, Vec::new()),
+        }
+    }
 }
 
 /// Executes the steps of commands; implemented by the command handlers of the core.

@@ -92,6 +92,43 @@ impl ContainerType for WasmPlugin {
                 ..HookOutcome::allow()
             });
         };
+        match self.checked(name, returned) {
+            Ok(outcome) => Ok(HookOutcome { logs, ..outcome }),
+            // What the hook logged before it failed goes with the failure.
+            Err(e) => Err(TypeError { logs, ..e }),
+        }
+    }
+
+    fn inspect(&self, state: &[u8]) -> Result<serde_json::Value, TypeError> {
+        let text = self.call("inspect", Params::new(), |b, s| match b {
+            Bindings::V0_1_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
+            Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
+            Bindings::Raw(_) => unreachable!("raw instances only run hooks and initial-state"),
+        })?;
+        if text.len() > self.host.limits.max_output {
+            return Err(self.error(
+                "inspect",
+                format!(
+                    "returned {} bytes (limit {})",
+                    text.len(),
+                    self.host.limits.max_output
+                ),
+            ));
+        }
+        serde_json::from_str(&text)
+            .map_err(|e| self.error("inspect", format!("returned invalid JSON: {e}")))
+    }
+}
+
+/// What a hook returned: its verdict, actions and new state, or its own error (message, and
+/// whether a retry may succeed).
+type Returned = Result<(Verdict, Vec<HookAction>, Option<Vec<u8>>), (String, bool)>;
+
+impl WasmPlugin {
+    /// Checks what hook `name` returned against the limits: its own error, an oversized state,
+    /// too many actions or an oversized exec request fail the call (the outcome's lines are
+    /// the caller's to add).
+    fn checked(&self, name: &str, returned: Returned) -> Result<HookOutcome, TypeError> {
         let (verdict, actions, new_state) = returned.map_err(|(message, retryable)| TypeError {
             retryable,
             ..self.error(name, format!("failed: {}", clip(&message, 1000)))
@@ -126,27 +163,7 @@ impl ContainerType for WasmPlugin {
             verdict,
             actions,
             new_state,
-            logs,
+            logs: Vec::new(),
         })
-    }
-
-    fn inspect(&self, state: &[u8]) -> Result<serde_json::Value, TypeError> {
-        let text = self.call("inspect", Params::new(), |b, s| match b {
-            Bindings::V0_1_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
-            Bindings::V0_2_0(b) => b.cloud48_container_hooks().call_inspect(s, state),
-            Bindings::Raw(_) => unreachable!("raw instances only run hooks and initial-state"),
-        })?;
-        if text.len() > self.host.limits.max_output {
-            return Err(self.error(
-                "inspect",
-                format!(
-                    "returned {} bytes (limit {})",
-                    text.len(),
-                    self.host.limits.max_output
-                ),
-            ));
-        }
-        serde_json::from_str(&text)
-            .map_err(|e| self.error("inspect", format!("returned invalid JSON: {e}")))
     }
 }

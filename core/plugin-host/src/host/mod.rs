@@ -514,21 +514,16 @@ impl WasmPlugin {
             Pre::V0_2_0(p, _) => p.instantiate(&mut store).map(Bindings::V0_2_0),
         }
         .map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
-        let out =
-            f(&instance, &mut store).map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
-        let data = store.data_mut();
-        let mut logs = std::mem::take(&mut data.logs);
-        if data.logs_dropped > 0 {
-            logs.push(LogLine {
-                level: crate::types::LogLevel::Warn,
-                message: format!(
-                    "{} more lines dropped (a hook call keeps at most {})",
-                    data.logs_dropped,
-                    logs.len()
-                ),
-            });
+        match f(&instance, &mut store) {
+            Ok(out) => Ok((out, store.data_mut().take_logs())),
+            Err(e) => {
+                let cause = classify(&e, &store, limits);
+                Err(TypeError {
+                    logs: store.data_mut().take_logs(),
+                    ..self.error(hook, cause)
+                })
+            }
         }
-        Ok((out, logs))
     }
 
     /// Converts the state of a container of version `from` of this plugin to this version;

@@ -22,6 +22,25 @@ pub(super) struct HostState {
     pub(super) stderr: KeptStderr,
 }
 
+impl HostState {
+    /// Takes the lines logged so far, with a note of those dropped past the limit.
+    pub(super) fn take_logs(&mut self) -> Vec<LogLine> {
+        let mut logs = std::mem::take(&mut self.logs);
+        if self.logs_dropped > 0 {
+            logs.push(LogLine {
+                level: crate::types::LogLevel::Warn,
+                message: format!(
+                    "{} more lines dropped (a hook call keeps at most {})",
+                    self.logs_dropped,
+                    logs.len()
+                ),
+            });
+            self.logs_dropped = 0;
+        }
+        logs
+    }
+}
+
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {

@@ -411,6 +411,31 @@ pub(crate) fn to_api(row: &command::Model) -> Result<Command, QueueError> {
     })
 }
 
+/// Writes lines plugins logged (by container id, 0 for none) as command `cmd`'s, at `at`.
+pub(crate) async fn insert_logs<C: ConnectionTrait>(
+    conn: &C,
+    cmd: i64,
+    at: i64,
+    lines: Vec<(i64, crate::types::LogLine)>,
+) -> Result<(), DbErr> {
+    use crate::entities::command_log;
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let rows = lines
+        .into_iter()
+        .map(|(container, l)| command_log::ActiveModel {
+            command_id: sea_orm::Set(cmd),
+            container_id: sea_orm::Set((container != 0).then_some(container)),
+            level: sea_orm::Set(l.level.as_str().to_string()),
+            message: sea_orm::Set(l.message),
+            at: sea_orm::Set(at),
+            ..Default::default()
+        });
+    command_log::Entity::insert_many(rows).exec(conn).await?;
+    Ok(())
+}
+
 /// The lines plugins logged during command `id`, oldest first.
 pub(crate) async fn logs<C: ConnectionTrait>(
     db: &C,

@@ -158,10 +158,23 @@ pub(super) async fn run(
             // Nothing of the step was committed (its writes, if any, rolled back).
             runner.settled(row.id, false);
         }
+        let outcome = match outcome {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                // Kept whatever comes next (each its own write, like the activity lines).
+                let (e, logs) = e.unlogged();
+                if let Err(db) =
+                    store::insert_logs(&inner.db, row.id, inner.clock.now_ms(), logs).await
+                {
+                    tracing::warn!(command = row.id, error = %db, "what plugins logged before a failed step was not recorded");
+                }
+                Err(e)
+            }
+        };
         let (next, txn) = match outcome {
             Ok(t) => t,
             Err(StepError::Permanent(msg)) => return fail(inner, row, msg, None, None).await,
-            Err(e @ (StepError::Transient(_) | StepError::Db(_))) => {
+            Err(e) => {
                 let attempts = row.attempts + 1;
                 let max = inner.config.max_attempts;
                 if attempts >= max {
