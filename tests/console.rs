@@ -11,9 +11,18 @@ use crate::common::{Opts, TestCore};
 
 const REALM: &str = "cloud48";
 
+/// A heartbeat older than this is past the console core's grace period.
+const GRACE_MS: u64 = 300;
+
 async fn console_core() -> TestCore {
     TestCore::start(Opts {
         sim_servers: 4,
+        agent_token: Some(crate::agent::TOKEN.into()),
+        health: cloud48_engine::core::HealthConfig {
+            background: false,
+            grace: std::time::Duration::from_millis(GRACE_MS),
+            ..Default::default()
+        },
         auth: AuthConfig {
             realm: REALM.into(),
             anonymous: Anonymous::Read,
@@ -138,6 +147,23 @@ async fn the_console_works_in_chromium() {
         t.ok(envs.add("shop", &add, "ada").await.unwrap()).await;
     }
 
+    // A node agent's server whose agent is gone: down, for the console to remove.
+    let name = "node-gone";
+    let (_agent, agent_url) =
+        crate::agent::serve_agent(name, crate::agent::sim(name, std::time::Duration::ZERO)).await;
+    let id = t.core.agents().add(&agent_url).await.unwrap();
+    crate::common::eventually("node-gone silent past the grace period", || async {
+        (t.core.health().age(id).unwrap_or(i64::MAX) > GRACE_MS as i64).then_some(())
+    })
+    .await;
+    assert!(
+        t.core
+            .monitor()
+            .mark_down(id, "its agent is gone")
+            .await
+            .unwrap()
+    );
+
     let dir = playwright_dir();
     let out = crate::common::tempdir();
     let url = t.url.clone();
@@ -175,7 +201,7 @@ async fn the_console_works_in_chromium() {
         );
     }
     assert!(
-        stdout.contains("4 passed"),
+        stdout.contains("5 passed"),
         "every browser test ran:\n{stdout}"
     );
 }

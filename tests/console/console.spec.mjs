@@ -1,5 +1,5 @@
 // The web console in a real browser. The core (started by tests/console.rs) holds four
-// simulated servers, the users ada (admin) and vera (viewer), and the environment `shop`
+// simulated servers, a node agent's server `node-gone` that is down (its agent gone), the users ada (admin) and vera (viewer), and the environment `shop`
 // (two tomcats and the balancer the second one asked for), every command finished.
 import { test, expect } from "@playwright/test";
 
@@ -30,7 +30,7 @@ test("an anonymous visitor sees the fleet, is told to sign in for the rest, and 
   const page = await (await browser.newContext()).newPage();
   await page.goto("/");
   await expect(page.locator("#who")).toHaveText("anonymous");
-  await expect(page.locator("tr[data-server]")).toHaveCount(4);
+  await expect(page.locator("tr[data-server]")).toHaveCount(5);
   await page.getByRole("link", { name: "Commands" }).click();
   await expect(page.locator("#data")).toContainText("authentication required");
   await expect(page.locator("#data")).toContainText("Sign in");
@@ -46,8 +46,8 @@ test("screenshots of the main pages", async ({ browser }) => {
   const page = await signedIn(browser, ada);
   await loaded(page);
   // Fleet: every server with its load bars.
-  await expect(page.locator("tr[data-server]")).toHaveCount(4);
-  await expect(page.locator('[role="meter"]')).toHaveCount(12);
+  await expect(page.locator("tr[data-server]")).toHaveCount(5);
+  await expect(page.locator('[role="meter"]')).toHaveCount(15);
   await expect(page).toHaveScreenshot("fleet.png", { mask: mask(page) });
 
   await page.getByRole("link", { name: "Environments" }).click();
@@ -141,4 +141,21 @@ test("a viewer is told what role an action needs", async ({ browser }) => {
   await page.locator("tr[data-container]").getByRole("button", { name: "Stop" }).first().click();
   await expect(page.locator("#notice")).toContainText("this needs role operator");
   await expect(page.locator("tr[data-container] .status").first()).toHaveText("running");
+
+  await page.getByRole("link", { name: "Fleet" }).click();
+  await page.locator('tr[data-server="node-gone"]').getByRole("button", { name: "Remove" }).click();
+  await expect(page.locator("#notice")).toContainText("this needs role admin");
+  await expect(page.locator('tr[data-server="node-gone"]')).toHaveCount(1);
+});
+
+test("a server whose agent is gone is removed for good", async ({ browser }) => {
+  const page = await signedIn(browser, ada);
+  const gone = page.locator('tr[data-server="node-gone"]');
+  await expect(gone.locator(".status")).toHaveText("down");
+  // Only there: a simulated server, or one whose agent beats, offers no removal.
+  await expect(page.getByRole("button", { name: "Remove" })).toHaveCount(1);
+  await gone.getByRole("button", { name: "Remove" }).click();
+  await expect(page.locator("#notice")).toContainText("remove node-gone: done");
+  await expect(gone).toHaveCount(0);
+  await expect(page.locator("tr[data-server]")).toHaveCount(4);
 });

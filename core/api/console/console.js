@@ -156,17 +156,31 @@ async function fleetView() {
         h("td", {}, bar(s.allocated.disk_mb, s.capacity.disk_mb, mib, "Disk")),
         h("td", { class: "num" }, s.containers - s.dummies),
         h("td", {}, ago(s.last_heartbeat)),
-        h("td", { class: "actions" }, s.draining
-          ? button("Undrain", () => act(`undrain ${s.name}`, "POST", `/v1/servers/${s.name}/undrain`))
-          : button("Drain", () => {
-            if (confirm(`Migrate every container away from ${s.name}?`)) {
-              act(`drain ${s.name}`, "POST", `/v1/servers/${s.name}/drain`);
-            }
-          }))));
+        h("td", { class: "actions" }, serverActions(s))));
       return table(["Server", "Driver", "Status", "CPU", "Memory", "Disk", "Containers",
         "Heartbeat", ""], rows, "No servers yet: add one with `cloud48 server add`.");
     },
   };
+}
+
+/** What an operator may do with server `s`: drain or undrain it, or, when it is a node agent's
+ * server that is down, remove it (the core refuses while its agent beats or containers stay). */
+function serverActions(s) {
+  if (s.status === "down" && s.driver === "remote") {
+    return button("Remove", () => {
+      if (confirm(`Remove ${s.name} for good? Its agent must be gone; an agent starting under its name later registers a new server.`)) {
+        act(`remove ${s.name}`, "DELETE", `/v1/servers/${s.name}`);
+      }
+    });
+  }
+  if (s.draining) {
+    return button("Undrain", () => act(`undrain ${s.name}`, "POST", `/v1/servers/${s.name}/undrain`));
+  }
+  return button("Drain", () => {
+    if (confirm(`Migrate every container away from ${s.name}?`)) {
+      act(`drain ${s.name}`, "POST", `/v1/servers/${s.name}/drain`);
+    }
+  });
 }
 
 async function environmentsView() {
@@ -354,7 +368,7 @@ async function commandView(id) {
       return [
         facts([["Kind", c.kind], ["Status", status(c.status)],
           ["Target", targetLink(c)],
-          ["Parent", commandLink(c.parent)], ["Step", c.step], ["Attempts", c.attempts],
+          ["Parent", commandLink(c.parent)], ["Step", c.step], ["Retries", c.attempts],
           ["Waiting on", c.waiting_on ?? "–"], ["Requested by", c.requested_by],
           ["Submitted", when(c.created_at)], ["Finished", when(c.finished_at)],
           ["Result", c.result == null ? "–" : h("code", {}, JSON.stringify(c.result))],
