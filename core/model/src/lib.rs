@@ -623,7 +623,8 @@ pub struct Command {
     pub error: Option<String>,
     /// What a queued command waits for (a lock, a retry, its children).
     pub waiting_on: Option<String>,
-    /// Number of failed attempts retried so far.
+    /// Retries so far: failed runs of a step that were tried again (a command that "gave up
+    /// after N attempts" shows N - 1; the CLI and the console call it "retries").
     pub attempts: i32,
     /// Who submitted it.
     pub requested_by: String,

@@ -432,7 +432,7 @@ pub fn command(c: &Command) -> String {
         },
         format!("  parent:       {}", opt(&c.parent)),
         format!("  step:         {}", c.step),
-        format!("  attempts:     {}", c.attempts),
+        format!("  retries:      {}", c.attempts),
         format!("  requested by: {}", c.requested_by),
         format!("  params:       {}", readable_params(&c.params)),
     ];
