@@ -1,6 +1,5 @@
 //! The `cloud48` binary.
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc instead of the C library's allocator: a core allocates and frees many small,
@@ -20,7 +19,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = cloud48_core::cli::Cli::parse();
+    let cli = cloud48_core::cli::Cli::from_args();
     if !cli.is_server() {
         // A command's output piped into `head` ends it quietly, as for any Unix tool, instead
         // of a panic on the broken pipe. Servers keep ignoring SIGPIPE: a client that goes

@@ -72,7 +72,66 @@ pub struct Cli {
     pub command: Top,
 }
 
+/// The global flags only the client commands use: the servers' help leaves them out, and a
+/// server refuses them on its command line (from the environment they are left alone).
+const CLIENT_FLAGS: [&str; 4] = ["server", "json", "user", "credentials"];
+
+/// The commands that run a long-lived server.
+const SERVERS: [&str; 3] = ["serve", "agent", "guest-http"];
+
 impl Cli {
+    /// The command line's definition: `Cli`'s, with the client-only flags hidden from the
+    /// servers' help.
+    pub fn definition() -> clap::Command {
+        let command = <Cli as clap::CommandFactory>::command();
+        // A subcommand's own argument of a global one's id keeps the global one out of it.
+        let hidden: Vec<clap::Arg> = command
+            .get_arguments()
+            .filter(|a| CLIENT_FLAGS.contains(&a.get_id().as_str()))
+            .map(|a| a.clone().global(false).hide(true))
+            .collect();
+        SERVERS.iter().fold(command, |command, name| {
+            command.mut_subcommand(name, |sub| sub.args(hidden.clone()))
+        })
+    }
+
+    /// Parses the process's arguments as `Parser::parse` does (clap's message and exit on an
+    /// error), and refuses a client-only flag given to a server on its command line.
+    pub fn from_args() -> Cli {
+        Self::from_args_of(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    /// `from_args` for the arguments `args` (the first is the program's name).
+    pub fn from_args_of(
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+    ) -> Result<Cli, clap::Error> {
+        use clap::FromArgMatches;
+        let mut command = Self::definition();
+        let matches = command.try_get_matches_from_mut(args)?;
+        if let Some((name, sub)) = matches.subcommand()
+            && SERVERS.contains(&name)
+        {
+            let given = |m: &clap::ArgMatches, flag: &str| {
+                m.value_source(flag) == Some(clap::parser::ValueSource::CommandLine)
+            };
+            if let Some(flag) = CLIENT_FLAGS
+                .iter()
+                .find(|f| given(&matches, f) || given(sub, f))
+            {
+                let server = command.find_subcommand_mut(name).expect("a server command");
+                return Err(server.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "--{flag} is a flag of the client commands (which core they talk to, \
+                         how they print, who signs in); `cloud48 {name}` does not take it: \
+                         see `cloud48 {name} --help`"
+                    ),
+                ));
+            }
+        }
+        Cli::from_arg_matches(&matches)
+    }
+
     /// Whether this runs a long-lived server (core, agent, guest-http) rather than one command
     /// whose output may go into a pipe that closes early.
     pub fn is_server(&self) -> bool {
@@ -347,7 +406,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Top::Audit(args) => audit::list(&client, out, args).await,
         Top::Cluster => cluster::show(&client, out).await,
         Top::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut command = Cli::definition();
             clap_complete::generate(shell, &mut command, "cloud48", &mut std::io::stdout());
             Ok(())
         }
@@ -606,6 +665,48 @@ mod tests {
 
     use super::{Cli, Top};
     use cloud48_engine::config::{Source, declared};
+
+    /// The servers' help leaves out the client-only flags and their command lines refuse
+    /// them, naming the flag; a client command still shows and takes them.
+    #[test]
+    fn servers_neither_show_nor_take_the_client_flags() {
+        let mut definition = Cli::definition();
+        // As parsing does: global flags reach the subcommands.
+        definition.build();
+        for server in super::SERVERS {
+            let help = definition
+                .find_subcommand_mut(server)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            for flag in super::CLIENT_FLAGS {
+                assert!(
+                    !help.contains(&format!("--{flag} ")),
+                    "{server}: --{flag} in\n{help}"
+                );
+            }
+        }
+        let help = definition
+            .find_subcommand_mut("cluster")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--server <SERVER>"), "{help}");
+        for args in [
+            &["cloud48", "serve", "--server", "http://x"][..],
+            &["cloud48", "--json", "agent", "--token", "t"],
+            &["cloud48", "guest-http", "--user", "ada", "--answer", "hi"],
+        ] {
+            let e = Cli::from_args_of(args).unwrap_err();
+            let e = format!("{:?} {e}", e.kind());
+            assert!(
+                e.contains("is a flag of the client commands"),
+                "{args:?}: {e}"
+            );
+        }
+        assert!(Cli::from_args_of(["cloud48", "serve", "--listen", "127.0.0.1:1"]).is_ok());
+        assert!(Cli::from_args_of(["cloud48", "--json", "cluster"]).is_ok());
+    }
 
     /// Every declared setting has a flag that `serve` accepts and that sets that setting.
     #[test]
