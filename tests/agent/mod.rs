@@ -832,6 +832,57 @@ async fn another_agent_under_a_server_s_name_is_refused_unless_it_takes_the_serv
     );
 }
 
+/// An agent that takes over a server the monitor still holds up (its old agent killed a moment
+/// before) holds none of the old one's guests: the server is marked down with the cause, and
+/// once the new agent beats its containers are judged by what it holds (the old guest is gone:
+/// failed). Its containers had stayed `running` with no guest behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_of_a_server_still_up_judges_its_containers_by_the_new_agent() {
+    use cloud48_engine::driver::address::Subnet;
+    use cloud48_engine::model::ContainerStatus;
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let net: Subnet = "10.63.0.0/24".parse().unwrap();
+    let (old, url) = serve_agent_on("node-t", node("node-t", net), Some((net, None))).await;
+    let mut info = old.info().clone();
+    info.id = Some("agent-old".into());
+    let agents = tc.core.agents();
+    let server = agents.register(&info, &idle_stats()).await.unwrap();
+    assert_eq!(tc.core.servers().get("node-t").await.unwrap().id.0, server);
+    let id = tc.plain_on("node-t").await;
+    // Another agent, from an empty data directory, takes it over (by its id: at the same
+    // address or another alike).
+    let (new, _) = serve_agent_on("node-t", node("node-t", net), Some((net, None))).await;
+    let mut taking = new.info().clone();
+    taking.id = Some("agent-new".into());
+    taking.take_over = true;
+    agents
+        .heartbeat(cloud48_engine::agent::protocol::Heartbeat {
+            agent: taking.clone(),
+            stats: idle_stats(),
+        })
+        .await
+        .unwrap();
+    let row = tc.core.servers().get("node-t").await.unwrap();
+    assert_eq!(row.status, ServerStatus::Down);
+    let c: cloud48_engine::model::Container = tc
+        .client
+        .get(&format!("/v1/containers/{id}"))
+        .await
+        .unwrap();
+    assert_eq!(c.status, ContainerStatus::Down);
+    // The same agent again (the flag left on) changes nothing more.
+    agents.register(&taking, &idle_stats()).await.unwrap();
+    // The monitor sees it beat: up, and the container judged by what the new agent holds.
+    let report = tc.core.monitor().check().await.unwrap();
+    assert_eq!(report.up, vec![server]);
+    let c: cloud48_engine::model::Container = tc
+        .client
+        .get(&format!("/v1/containers/{id}"))
+        .await
+        .unwrap();
+    assert_eq!(c.status, ContainerStatus::Failed, "{c:?}");
+}
+
 /// An agent that comes back with another subnet while containers of its server hold addresses
 /// of the old one is refused, naming them: they keep their addresses, which another server
 /// could otherwise hand out again.

@@ -30,8 +30,13 @@ pub use remove::RemovedServer;
 enum Registration {
     /// The server is as the agent says: nothing written.
     Unchanged(server::Model),
-    /// The server's row as written; `refresh`: new, or its network changed.
-    Written { row: server::Model, refresh: bool },
+    /// The server's row as written; `refresh`: new, or its network changed; `replaced`: the
+    /// address of the agent another one took the server over from (`--take-over`).
+    Written {
+        row: server::Model,
+        refresh: bool,
+        replaced: Option<String>,
+    },
     /// Another core wrote the server meanwhile (inserted it first, gave it to another agent,
     /// removed it): read it again.
     Lost,
@@ -117,6 +122,9 @@ pub struct Agents {
     /// core); read by registrations that write nothing, which go on together but not while a
     /// removal could delete the server they read.
     registering: Arc<tokio::sync::RwLock<()>>,
+    /// Marks a server taken over while up down (its containers are then judged by what the new
+    /// agent holds, as after an outage).
+    monitor: Option<crate::health::Monitor>,
 }
 
 impl Agents {
@@ -140,6 +148,16 @@ impl Agents {
             grace,
             accepted: Default::default(),
             registering: Default::default(),
+            monitor: None,
+        }
+    }
+
+    /// These agents with the monitor that marks a server down when another agent takes it
+    /// over while it is up.
+    pub fn watched_by(self, monitor: crate::health::Monitor) -> Self {
+        Agents {
+            monitor: Some(monitor),
+            ..self
         }
     }
 
@@ -216,8 +234,27 @@ impl Agents {
             };
             match outcome {
                 Registration::Unchanged(row) => return self.registered(&row, false, info).await,
-                Registration::Written { row, refresh } => {
-                    return self.registered(&row, refresh, info).await;
+                Registration::Written {
+                    row,
+                    refresh,
+                    replaced,
+                } => {
+                    let id = self.registered(&row, refresh, info).await?;
+                    if let (Some(old), Some(monitor)) = (replaced, &self.monitor) {
+                        // The old agent's guests went with it (another data directory, or
+                        // another machine): its containers are down, their environments fail
+                        // over, and once this agent beats they are judged by what it holds.
+                        monitor
+                            .mark_down(
+                                id,
+                                &format!(
+                                    "another agent took it over (--take-over) from the agent \
+                                     at {old}, whose guests went with it"
+                                ),
+                            )
+                            .await?;
+                    }
+                    return Ok(id);
                 }
                 Registration::Lost | Registration::NeedsLock => {}
             }
@@ -353,9 +390,16 @@ impl Agents {
                         info.url
                     )));
                 }
-                if row.agent_id.is_some() && row.agent_id != info.id && info.take_over {
+                // Another agent takes the server over (by its id; where an id is unknown, by
+                // its address), not the same one with the flag left on.
+                let other = match (&row.agent_id, &info.id) {
+                    (Some(theirs), Some(mine)) => theirs != mine,
+                    _ => row.address.as_deref() != Some(info.url.as_str()),
+                };
+                let replaced = (info.take_over && other).then(|| {
                     tracing::warn!(server = %row.name, from = ?row.agent_id, to = ?info.id, "an agent takes a server over (--take-over): the containers the old one held are judged by what this one holds");
-                }
+                    row.address.clone().unwrap_or_else(|| "?".into())
+                });
                 let agent_id = info.id.clone().or(row.agent_id.clone());
                 // A core that restarted hears every agent again: no write when nothing changed
                 // (each write would make every other core read every server again). The address
@@ -412,6 +456,7 @@ impl Agents {
                 Ok(Registration::Written {
                     row,
                     refresh: network,
+                    replaced,
                 })
             }
             None if !write => Ok(Registration::NeedsLock),
@@ -438,7 +483,11 @@ impl Agents {
                 .insert(db)
                 .await;
                 match row {
-                    Ok(row) => Ok(Registration::Written { row, refresh: true }),
+                    Ok(row) => Ok(Registration::Written {
+                        row,
+                        refresh: true,
+                        replaced: None,
+                    }),
                     // Another core inserted this name first (any other unique key is an error).
                     Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(m)) if m.contains("name")) => {
                         Ok(Registration::Lost)

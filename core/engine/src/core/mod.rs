@@ -211,7 +211,8 @@ impl Core {
             platform.id,
             config.agent_token.clone(),
             h.grace,
-        );
+        )
+        .watched_by(monitor.clone());
         let plugin_host = crate::plugins::PluginHost::shared(
             Some(
                 config
