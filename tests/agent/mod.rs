@@ -842,7 +842,7 @@ async fn a_take_over_of_a_server_still_up_judges_its_containers_by_the_new_agent
     use cloud48_engine::model::ContainerStatus;
     let tc = TestCore::start(agent_opts()).await.unwrap();
     let net: Subnet = "10.63.0.0/24".parse().unwrap();
-    let (old, url) = serve_agent_on("node-t", node("node-t", net), Some((net, None))).await;
+    let (old, _) = serve_agent_on("node-t", node("node-t", net), Some((net, None))).await;
     let mut info = old.info().clone();
     info.id = Some("agent-old".into());
     let agents = tc.core.agents();
