@@ -437,3 +437,26 @@ async fn rows_changed_together_are_each_told_in_order_on_postgres() {
     let by: Vec<Option<&str>> = told.iter().map(|e| e.by.as_deref()).collect();
     assert!(by.iter().all(|b| *b == Some("events-test")), "{by:?}");
 }
+
+/// A core stopped (SIGTERM) while a client follows its event stream ends the stream and exits;
+/// it had waited for the client to hang up, keeping its duties all the while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_core_ends_its_event_streams_and_exits() {
+    let dir = crate::common::tempdir();
+    let mut serve = crate::common::serve(dir.path(), &["--anonymous", "full"]).await;
+    let (mut events, _) = open(&Client::new(&serve.url), "/v1/events").await;
+    let pid = serve.child.id() as i32;
+    // SAFETY: signalling the child this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(Ok(_)) = events.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ended");
+    let status = crate::common::eventually("the core exits", || {
+        let exited = serve.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "{status}");
+}

@@ -225,7 +225,7 @@ pub(crate) async fn stream_events(
                 &format!("the event log could not be read: {e}"),
             ),
         });
-    let messages = rechecked(core.clone(), who, readable, messages);
+    let messages = rechecked(core.clone(), who, readable, messages).take_until(core.closing());
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),

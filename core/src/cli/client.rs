@@ -532,11 +532,7 @@ impl Client {
         .map_err(|e| {
             // Cut off from the core: the command is the core's and goes on (another core of
             // a cluster resumes it).
-            let cut_off = e.chain().any(|c| {
-                c.downcast_ref::<reqwest::Error>().is_some()
-                    || c.to_string().starts_with("the event stream broke")
-            });
-            if cut_off {
+            if cut_off(&e) {
                 e.context(format!(
                     "stopped waiting for command {id}, which goes on; follow it with `cloud48 \
                      command wait {id}` (with several cores, --server naming another one)"
@@ -546,6 +542,15 @@ impl Client {
             }
         })
     }
+}
+
+/// Whether `e` says the client lost its core (it stopped, or the connection broke) rather
+/// than that the core refused something.
+pub fn cut_off(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<reqwest::Error>().is_some()
+            || c.to_string().starts_with("the event stream broke")
+    })
 }
 
 fn status_word(s: StatusCode) -> String {

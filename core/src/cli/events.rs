@@ -66,14 +66,20 @@ pub async fn follow(client: &Client, out: Out, args: EventsArgs) -> Result<()> {
         return Ok(());
     }
     let mut shown = 0u64;
+    let mut last = args.after;
     client
         .follow(
             args.after,
             |after| args.path(after),
             async |delivery| {
-                let Delivery::Event(e) = delivery else {
-                    return Ok(None);
+                let e = match delivery {
+                    Delivery::Ready(after) => {
+                        last = Some(after);
+                        return Ok(None);
+                    }
+                    Delivery::Event(e) => e,
                 };
+                last = Some(e.id);
                 if out.json {
                     println!("{}", e.json());
                 } else {
@@ -84,6 +90,19 @@ pub async fn follow(client: &Client, out: Out, args: EventsArgs) -> Result<()> {
             },
         )
         .await
+        .map_err(|e| lost(e, last.map(|a| format!("cloud48 events --after {a} ..."))))
+}
+
+/// `e`, when it says the core was lost, with how to go on from where the stream was.
+fn lost(e: anyhow::Error, again: Option<String>) -> anyhow::Error {
+    if !super::client::cut_off(&e) {
+        return e;
+    }
+    let again = again.map_or(String::new(), |a| format!(" with `{a}`"));
+    e.context(format!(
+        "the event stream ended: its core stopped or the connection broke; go on{again} \
+         (with several cores, --server naming another one)"
+    ))
 }
 
 /// `cloud48 watch ...`: a live view redrawn at each event of what it shows.
@@ -131,7 +150,7 @@ pub async fn watch(client: &Client, out: Out, cmd: WatchCmd) -> Result<()> {
             Ok(gone.then_some(()))
         })
         .await
-        .map(|_| ())
+        .map_err(|e| lost(e, Some(format!("cloud48 watch env {name}"))))
 }
 
 /// An event id: 0 or more.

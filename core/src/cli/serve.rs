@@ -233,11 +233,30 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
     tracing::info!(%listen, data_dir = %data_dir.display(), platform = core.platform_name(), "cloud48 core serving");
     let app =
         cloud48_api::router(core.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+    let closing = core.clone();
     let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal());
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            "stopping: ending event streams, waiting up to {} s for open requests",
+            DRAIN.as_secs()
+        );
+        closing.close();
+    });
+    // Requests still open a while after the signal (a long `--wait`) are cut off.
+    let drained = core.closing();
+    let served = async move {
+        tokio::select! {
+            served = served => served,
+            _ = async { drained.await; tokio::time::sleep(DRAIN).await } => {
+                tracing::warn!("requests still open {} s after the stop signal: cut off", DRAIN.as_secs());
+                Ok(())
+            }
+        }
+    };
     let starting = core.clone();
     let started = async move {
         starting.start().await?;
@@ -254,6 +273,9 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// How long a stopping core waits for the requests it is answering.
+const DRAIN: Duration = Duration::from_secs(10);
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -103,6 +103,8 @@ pub(crate) struct CoreInner {
     pub background: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// The data directory's lock (`database::lock_data_dir`), until `stop`.
     pub data_lock: std::sync::Mutex<Option<std::fs::File>>,
+    /// Set when the core begins to stop (`close`): open event streams end.
+    pub closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// A running cloud core; cheap to clone.
@@ -269,6 +271,7 @@ impl Core {
                 ready: std::sync::atomic::AtomicBool::new(false),
                 background: std::sync::Mutex::new(Vec::new()),
                 data_lock: std::sync::Mutex::new(data_lock),
+                closing: tokio::sync::watch::Sender::new(false),
             }),
         };
         core.load_servers().await?;
@@ -627,9 +630,26 @@ impl Core {
         ));
     }
 
+    /// Says the core is stopping: open event streams end (their clients resume elsewhere
+    /// with `Last-Event-ID`), so that an HTTP server draining its connections is not held
+    /// open by them. `stop` does it too.
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Resolves once the core began to stop (`close`).
+    pub fn closing(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closing = self.inner.closing.subscribe();
+        async move {
+            // An error means the core is gone, which is stopping too.
+            let _ = closing.wait_for(|c| *c).await;
+        }
+    }
+
     /// Stops the background tasks, stops claiming commands and waits up to `grace` for
     /// running steps.
     pub async fn stop(&self, grace: Duration) {
+        self.close();
         let tasks: Vec<_> = self.inner.background.lock().unwrap().drain(..).collect();
         for t in &tasks {
             t.abort();
