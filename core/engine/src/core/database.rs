@@ -81,10 +81,36 @@ impl SetupLock {
         }
         let mut opt = options(config, None);
         opt.max_connections(1).min_connections(1);
-        let url = opt.get_url().to_string();
+        let url = shown(opt.get_url());
+        // The pool retries a refused connection until its timeout and then says only that it
+        // timed out: one connection first says what is wrong, at once.
+        reachable(opt.get_url())
+            .await
+            .map_err(|why| CoreError::Setup(format!("cannot open database {url}: {why}")))?;
         let conn = Database::connect(opt)
             .await
             .map_err(|e| CoreError::Setup(format!("cannot open database {url}: {e}")))?;
+        let cannot = |e: sea_orm::DbErr| {
+            CoreError::Setup(format!(
+                "cannot wait for other cores starting on {url} to finish setting it up: {e}"
+            ))
+        };
+        let taken = conn
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DatabaseBackend::Postgres,
+                format!("SELECT pg_try_advisory_lock({SETUP_LOCK}) AS taken"),
+            ))
+            .await
+            .map_err(cannot)?
+            .map(|row| row.try_get::<bool>("", "taken"))
+            .transpose()
+            .map_err(cannot)?;
+        if taken == Some(true) {
+            return Ok(SetupLock(Some(conn)));
+        }
+        tracing::info!(
+            "another core is setting this database up (migrations, the first start): waiting for it"
+        );
         conn.execute_unprepared(&format!("SELECT pg_advisory_lock({SETUP_LOCK})"))
             .await
             .map_err(|e| {
@@ -165,7 +191,7 @@ pub(super) async fn connect_as(
     node: Option<&str>,
 ) -> Result<DatabaseConnection, CoreError> {
     let opt = options(config, node);
-    let url = opt.get_url().to_string();
+    let url = shown(opt.get_url());
     let db = Database::connect(opt)
         .await
         .map_err(|e| CoreError::Setup(format!("cannot open database {url}: {e}")))?;
@@ -192,6 +218,74 @@ fn migration_failed(error: &str) -> String {
              go back)"
         ),
         None => format!("database migration failed: {error}"),
+    }
+}
+
+/// A database URL as messages show it: without its password (in the user part or a
+/// `password=` parameter).
+pub(crate) fn shown(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{user}:****@{host}")
+        }
+        _ => authority.to_string(),
+    };
+    let path = match path.split_once("password=") {
+        Some((before, after)) => {
+            let rest = after.find('&').map_or("", |i| &after[i..]);
+            format!("{before}password=****{rest}")
+        }
+        None => path.to_string(),
+    };
+    format!("{scheme}://{authority}{path}")
+}
+
+/// Opens and closes one connection to the PostgreSQL database at `url` (SQLite: nothing),
+/// saying what is wrong when it cannot: refused, no answer, no such database or role.
+async fn reachable(url: &str) -> Result<(), String> {
+    use sea_orm::sqlx::Connection;
+    use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
+    if !url.starts_with("postgres") {
+        return Ok(());
+    }
+    let opts: PgConnectOptions = url.parse().map_err(|e| {
+        format!("not a PostgreSQL URL ({e}); write postgres://USER:PASSWORD@HOST:PORT/DATABASE")
+    })?;
+    let connected =
+        tokio::time::timeout(Duration::from_secs(10), PgConnection::connect_with(&opts)).await;
+    match connected {
+        Err(_) => Err(
+            "no answer within 10 s: is the host right, and does a firewall let the port through?"
+                .into(),
+        ),
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(sea_orm::sqlx::Error::Database(e))) => Err(match e.code().as_deref() {
+            // invalid_catalog_name
+            Some("3D000") => format!(
+                "{}: create it (`createdb NAME` as a PostgreSQL superuser) or fix the database in the URL",
+                e.message()
+            ),
+            // invalid_authorization_specification, invalid_password
+            Some("28000" | "28P01") => format!(
+                "{}: fix the user or password in the URL, or let that user in (pg_hba.conf, CREATE ROLE)",
+                e.message()
+            ),
+            _ => e.message().to_string(),
+        }),
+        Ok(Err(sea_orm::sqlx::Error::Io(e))) => Err(format!(
+            "{e}: is PostgreSQL running and listening at {}:{}?",
+            opts.get_host(),
+            opts.get_port()
+        )),
+        Ok(Err(e)) => Err(e.to_string()),
     }
 }
 
@@ -257,6 +351,24 @@ pub(super) fn node_id(data_dir: &std::path::Path) -> Result<String, CoreError> {
 
 #[cfg(test)]
 mod migration_tests {
+    #[test]
+    fn a_shown_url_keeps_all_but_the_password() {
+        use super::shown;
+        assert_eq!(
+            shown("postgres://ada:S3cret@db:5432/cloud48?sslmode=require"),
+            "postgres://ada:****@db:5432/cloud48?sslmode=require"
+        );
+        assert_eq!(
+            shown("postgres://ada@db/cloud48"),
+            "postgres://ada@db/cloud48"
+        );
+        assert_eq!(
+            shown("postgres://db/c?user=ada&password=S3cret&x=1"),
+            "postgres://db/c?user=ada&password=****&x=1"
+        );
+        assert_eq!(shown("sqlite:///var/c.db"), "sqlite:///var/c.db");
+    }
+
     /// The message sea-orm gives for a database with a migration this build lacks.
     #[test]
     fn a_database_of_a_newer_release_is_said_as_such() {
