@@ -423,6 +423,7 @@ async fn an_agent_pulls_an_image_from_a_peer_that_holds_it() {
     let beat = Heartbeat {
         agent: agent.info().clone(),
         stats,
+        period_ms: None,
     };
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/agents/heartbeat", serve.url))

@@ -211,6 +211,7 @@ async fn placement_prefers_a_server_that_holds_the_image() {
     let beat = cloud48_engine::agent::protocol::Heartbeat {
         agent: agents[0].info().clone(),
         stats,
+        period_ms: None,
     };
     tc.core.agents().heartbeat(beat).await.unwrap();
     assert_eq!(

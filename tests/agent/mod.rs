@@ -817,6 +817,7 @@ async fn another_agent_under_a_server_s_name_is_refused_unless_it_takes_the_serv
         .heartbeat(cloud48_engine::agent::protocol::Heartbeat {
             agent: info(2, "agent-b", false),
             stats: idle_stats(),
+            period_ms: None,
         })
         .await
         .unwrap();
@@ -830,6 +831,37 @@ async fn another_agent_under_a_server_s_name_is_refused_unless_it_takes_the_serv
                 .contains("a take-over waits until it has been silent"),
         "{e}"
     );
+}
+
+/// An agent that beats less often than twice in the core's grace period is refused, saying
+/// what to start it with: its server was judged down between two beats, over and over, and its
+/// containers replaced.
+#[tokio::test]
+async fn an_agent_beating_too_rarely_for_the_grace_period_is_refused() {
+    let tc = TestCore::start(agent_opts()).await.unwrap();
+    let grace = tc.core.config().health.grace.as_millis() as u64;
+    let beat = |period: u64| cloud48_engine::agent::protocol::Heartbeat {
+        agent: sim_agent("slow", 1),
+        stats: idle_stats(),
+        period_ms: Some(period),
+    };
+    let e = tc
+        .core
+        .agents()
+        .heartbeat(beat(grace))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("agent slow beats every {grace} ms"))
+            && e.contains(&format!("--heartbeat-ms {}", grace / 2)),
+        "{e}"
+    );
+    assert!(
+        tc.core.servers().get("slow").await.is_err(),
+        "not registered"
+    );
+    tc.core.agents().heartbeat(beat(grace / 2)).await.unwrap();
 }
 
 /// An agent that takes over a server the monitor still holds up (its old agent killed a moment
@@ -859,6 +891,7 @@ async fn a_take_over_of_a_server_still_up_judges_its_containers_by_the_new_agent
         .heartbeat(cloud48_engine::agent::protocol::Heartbeat {
             agent: taking.clone(),
             stats: idle_stats(),
+            period_ms: None,
         })
         .await
         .unwrap();

@@ -91,15 +91,17 @@ pub struct AgentArgs {
     /// distinct for every agent on one machine.
     #[arg(long, default_value = "c48")]
     pub prefix: String,
-    /// Capacity offered, as CPU_MILLIS,MEMORY_MB,DISK_MB [default: the machine's].
+    /// Capacity offered, as CPU_MILLIS,MEMORY_MB,DISK_MB [default: the machine's; sim
+    /// driver: 16 cores, 64 GiB, 1 TB].
     #[arg(long, value_name = "CPU,MEM,DISK")]
     pub capacity: Option<String>,
     /// Linux driver: how long a stop waits after SIGTERM before SIGKILL, ms (qemu driver: how
     /// long a VM may take to power off before QEMU is ended; at least 15 s).
     #[arg(long, default_value_t = 5000)]
     pub stop_grace_ms: u64,
-    /// Period of heartbeats to the core, ms.
-    #[arg(long, default_value_t = 500)]
+    /// Period of heartbeats to the core, ms (at most half the cores' grace period,
+    /// health.grace_ms: the core refuses an agent that beats less often).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub heartbeat_ms: u64,
     /// Linux driver: whether containers run their type's image on their own root (under
     /// runc, pulled from the core) or on this server's files.
@@ -150,6 +152,11 @@ fn parse_capacity(s: &str) -> Result<Resources> {
     let [cpu_millis, memory_mb, disk_mb] = parts[..] else {
         bail!("--capacity '{s}' must be three numbers: CPU_MILLIS,MEMORY_MB,DISK_MB");
     };
+    if parts.contains(&0) {
+        bail!(
+            "--capacity '{s}': a server offers some of each (CPU_MILLIS,MEMORY_MB,DISK_MB all above 0)"
+        );
+    }
     Ok(Resources {
         cpu_millis,
         memory_mb,
@@ -391,7 +398,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             agent.clone(),
             cores,
             args.token.clone(),
-            Duration::from_millis(args.heartbeat_ms.max(10)),
+            Duration::from_millis(args.heartbeat_ms),
         );
         tokio::spawn(async move {
             let _ = refused_tx.send(Some(beats.await));

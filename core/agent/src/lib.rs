@@ -143,6 +143,7 @@ pub async fn heartbeats_over(
         let beat = Heartbeat {
             agent: agent.info().clone(),
             stats,
+            period_ms: Some(period.as_millis() as u64),
         };
         let (before, rotation) = {
             let cores = cores.lock().unwrap();

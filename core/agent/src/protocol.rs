@@ -214,4 +214,9 @@ pub struct Heartbeat {
     pub agent: AgentInfo,
     /// Current load figures.
     pub stats: ServerStats,
+    /// How often the agent beats, ms: the core refuses an agent that beats less often than
+    /// twice in its grace period (its server would be judged down between two beats). Older
+    /// agents do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_ms: Option<u64>,
 }

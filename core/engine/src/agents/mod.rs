@@ -567,6 +567,21 @@ impl Agents {
 
     /// A heartbeat from an agent (registers its server on first contact).
     pub async fn heartbeat(&self, beat: Heartbeat) -> Result<i64, CoreError> {
+        let grace = self.grace.as_millis() as u64;
+        if let Some(period) = beat.period_ms
+            && period.saturating_mul(2) > grace
+        {
+            // Its server would be judged down between two beats, its containers replaced.
+            return Err(CoreError::Conflict(format!(
+                "agent {} beats every {period} ms, but this core judges a server down after \
+                 {grace} ms of silence (health.grace_ms): start the agent with --heartbeat-ms \
+                 {} or less (the default is 500), or give the cores a grace period of at least \
+                 {} ms",
+                beat.agent.name,
+                grace / 2,
+                period.saturating_mul(2)
+            )));
+        }
         let id = self.register(&beat.agent, &beat.stats).await?;
         self.placement.set_images(id, &beat.stats.images);
         self.health.heartbeat(id, Some(beat.stats));

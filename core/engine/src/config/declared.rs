@@ -4,7 +4,10 @@
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Kind {
     Text,
+    /// A whole number, 0 or more.
     Count,
+    /// A whole number from the first to the second (the core cannot work outside them).
+    Range(u64, u64),
     /// A decimal number from 0 to 1000 (placement weights).
     Weight,
     Address,
@@ -58,7 +61,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--db-connections",
         default: "5",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(2, 10000),
     },
     Spec {
         key: "queue.workers",
@@ -66,7 +69,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--workers",
         default: "256",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(1, 100000),
     },
     Spec {
         key: "queue.retry_base_ms",
@@ -82,7 +85,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--max-attempts",
         default: "5",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(1, 1000),
     },
     Spec {
         key: "queue.lease_ms",
@@ -90,7 +93,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--lease-ms",
         default: "2000",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(300, 86400000),
     },
     Spec {
         key: "cluster.duty_lease_ms",
@@ -98,7 +101,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--duty-lease-ms",
         default: "3000",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(300, 86400000),
     },
     Spec {
         key: "cluster.advertise_url",
@@ -130,7 +133,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--heartbeat-ms",
         default: "500",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(10, 86400000),
     },
     Spec {
         key: "health.grace_ms",
@@ -138,7 +141,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--grace-ms",
         default: "2000",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(10, 86400000),
     },
     Spec {
         key: "health.check_ms",
@@ -146,7 +149,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--health-check-ms",
         default: "250",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(10, 86400000),
     },
     Spec {
         key: "collector.interval_secs",
@@ -154,7 +157,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--collector-secs",
         default: "30",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(1, 86400),
     },
     Spec {
         key: "events.retention_secs",
@@ -162,7 +165,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--events-retention-secs",
         default: "86400",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(1, 315360000),
     },
     Spec {
         key: "rebalancer.spread_percent",
@@ -170,7 +173,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--rebalance-spread",
         default: "0",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(0, 100),
     },
     Spec {
         key: "rebalancer.batch",
@@ -178,7 +181,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--rebalance-batch",
         default: "2",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(1, 1000000),
     },
     Spec {
         key: "placement.weight_cpu",
@@ -218,7 +221,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--dummy-ttl-secs",
         default: "600",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(1, 86400),
     },
     Spec {
         key: "plugins.deadline_ms",
@@ -226,7 +229,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--plugin-deadline-ms",
         default: "100",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(1, 600000),
     },
     Spec {
         key: "plugins.memory_mb",
@@ -234,7 +237,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--plugin-memory-mb",
         default: "64",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(1, 4096),
     },
     Spec {
         key: "auth.anonymous",
@@ -284,6 +287,6 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "--nonce-ttl-secs",
         default: "300",
         secret: false,
-        kind: Kind::Count,
+        kind: Kind::Range(1, 86400),
     },
 ];

@@ -147,6 +147,15 @@ pub(super) fn check(spec: &Spec, value: &str) -> Result<(), String> {
             .parse::<u64>()
             .map(|_| ())
             .map_err(|_| format!("'{value}' is not a whole number")),
+        Kind::Range(least, most) => match value.parse::<u64>() {
+            Ok(n) if (least..=most).contains(&n) => Ok(()),
+            Ok(_) => Err(format!(
+                "{value} is out of range: give a whole number from {least} to {most}"
+            )),
+            Err(_) => Err(format!(
+                "'{value}' is not a whole number (from {least} to {most})"
+            )),
+        },
         Kind::Weight => match value.parse::<f64>() {
             Ok(w) if w.is_finite() && (0.0..=1000.0).contains(&w) => Ok(()),
             _ => Err(format!(

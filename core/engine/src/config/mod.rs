@@ -494,6 +494,39 @@ mod tests {
         );
     }
 
+    /// A value the core cannot work with (no workers, a lease shorter than its renewal
+    /// period, a percentage past 100) is refused naming the range; it was taken, shown as
+    /// given, and quietly raised.
+    #[test]
+    fn values_out_of_their_range_are_refused_with_the_range() {
+        let none = |_: &str| None;
+        for (key, value, range) in [
+            ("queue.workers", "0", "from 1 to"),
+            ("queue.lease_ms", "1", "from 300 to"),
+            ("database.connections", "1", "from 2 to"),
+            ("rebalancer.spread_percent", "101", "from 0 to 100"),
+        ] {
+            let given = BTreeMap::from([(key, value.to_string())]);
+            let e = Settings::load(None, &none, &given).unwrap_err();
+            assert!(
+                e.0.contains(&format!("bad value for {key}"))
+                    && e.0.contains(&format!("{value} is out of range"))
+                    && e.0.contains(range),
+                "{}",
+                e.0
+            );
+        }
+        let ok = BTreeMap::from([("queue.workers", "1".to_string())]);
+        assert_eq!(
+            Settings::load(None, &none, &ok)
+                .unwrap()
+                .core()
+                .queue
+                .workers,
+            1
+        );
+    }
+
     #[test]
     fn secrets_are_masked_but_urls_keep_their_host() {
         assert_eq!(mask("s3cret"), "****");
