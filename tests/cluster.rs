@@ -947,6 +947,43 @@ async fn a_rolling_restart_of_every_core_fails_no_command() {
     assert_eq!(guests, accepted.len(), "one guest per accepted create");
 }
 
+/// A core on a copy of another's data directory (its node-id with it: a cloned machine, a
+/// restored backup) ran as the same node beside it, each taking the other's running commands
+/// for its own. It is refused at start, naming the node; once that core stopped, it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_on_a_copied_data_directory_is_refused_while_the_original_runs() {
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let dirs: Vec<_> = (0..2).map(|_| crate::common::tempdir()).collect();
+    let config = |i: usize| {
+        let mut c = cloud48_engine::CoreConfig::new(dirs[i].path());
+        c.database_url = Some(pg.url.clone());
+        c.sim_servers = 0;
+        c
+    };
+    let first = cloud48_engine::Core::open(config(0)).await.unwrap();
+    first.start().await.unwrap();
+    std::fs::copy(
+        dirs[0].path().join("node-id"),
+        dirs[1].path().join("node-id"),
+    )
+    .unwrap();
+    let copy = cloud48_engine::Core::open(config(1)).await.unwrap();
+    assert_eq!(copy.cluster().node(), first.cluster().node());
+    let e = copy.start().await.unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "another core runs as node {} on this database",
+            first.cluster().node()
+        )) && e.contains("delete its node-id file"),
+        "{e}"
+    );
+    first.stop(Duration::from_secs(5)).await;
+    copy.start().await.unwrap();
+    copy.stop(Duration::from_secs(5)).await;
+}
+
 /// A core given another agents token than the running cores' joined silently: agents that
 /// failed over to it were refused and their servers judged down. It is refused at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,6 +37,7 @@ mod m0027_agent_identity;
 mod m0028_down_index;
 mod m0029_owed_notices;
 mod m0030_address_slots;
+mod m0031_core_instances;
 
 /// All migrations of Cloud48, in order.
 pub struct Migrator;
@@ -75,6 +76,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0028_down_index::Migration),
             Box::new(m0029_owed_notices::Migration),
             Box::new(m0030_address_slots::Migration),
+            Box::new(m0031_core_instances::Migration),
         ]
     }
 }

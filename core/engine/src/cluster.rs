@@ -148,6 +148,9 @@ pub struct Cluster {
     /// A fingerprint of the agents token this core takes (never the token), announced with it
     /// (`NO_TOKEN` when it takes none).
     agents_token: String,
+    /// This process's random id, announced with the node: another process announcing the same
+    /// node (a copied data directory) is told apart by it.
+    instance: String,
 }
 
 /// What changed in `servers` since a core last read it.
@@ -186,6 +189,7 @@ impl Cluster {
             clock: None,
             servers_seen: Mutex::new(None),
             agents_token: NO_TOKEN.into(),
+            instance: format!("{:016x}", rand::random::<u64>()),
         }
     }
 
@@ -209,11 +213,16 @@ impl Cluster {
             .execute_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
                 format!(
-                    "INSERT INTO cores (node, url, seen_at, agents_token) \
-                     VALUES ($1, NULL, {PG_NOW_MS}, $2) ON CONFLICT (node) DO UPDATE \
-                     SET seen_at = excluded.seen_at, agents_token = excluded.agents_token"
+                    "INSERT INTO cores (node, url, seen_at, agents_token, instance) \
+                     VALUES ($1, NULL, {PG_NOW_MS}, $2, $3) ON CONFLICT (node) DO UPDATE \
+                     SET seen_at = excluded.seen_at, agents_token = excluded.agents_token, \
+                     instance = excluded.instance"
                 ),
-                [self.node.clone().into(), self.agents_token.clone().into()],
+                [
+                    self.node.clone().into(),
+                    self.agents_token.clone().into(),
+                    self.instance.clone().into(),
+                ],
             ))
             .await
             .map_err(|e| e.to_string())?;
@@ -255,6 +264,63 @@ impl Cluster {
             },
             within.as_secs()
         ))
+    }
+
+    /// Refuses to run as a node another process runs as: a data directory copied with its
+    /// `node-id` (a cloned machine, a restored backup) would make two processes one node, each
+    /// taking the other's running commands for its own. Run before this core writes its row:
+    /// when another instance wrote it lately, this waits two announcement periods (`period`,
+    /// at least 1 s in all) and refuses if it wrote again; a core killed a moment ago has
+    /// stopped writing, and one that stopped gracefully left its row at once.
+    pub async fn check_node_free(&self, period: Duration) -> Result<(), String> {
+        if !self.shared() {
+            return Ok(());
+        }
+        let wait = (period * 2).max(Duration::from_secs(1));
+        let Some((instance, seen_at, age)) = self.node_row().await? else {
+            return Ok(());
+        };
+        if instance.is_none() || age > wait.as_millis() as i64 {
+            return Ok(());
+        }
+        tokio::time::sleep(wait).await;
+        match self.node_row().await? {
+            Some((again, at, _)) if again == instance && at > seen_at => Err(format!(
+                "another core runs as node {} on this database (it announced itself {} ms \
+                 before this one started, and again since): this data directory's node-id is \
+                 that core's, copied with the directory (a cloned machine, a restored backup). \
+                 Give this core a data directory of its own; to keep this one, delete its \
+                 node-id file and the core makes a new one",
+                self.node, age
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The row of this core's node: the instance that wrote it, when, and how long ago (ms).
+    async fn node_row(&self) -> Result<Option<(Option<String>, i64, i64)>, String> {
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                format!(
+                    "SELECT instance, seen_at, {PG_NOW_MS} - seen_at AS age FROM cores \
+                     WHERE node = $1"
+                ),
+                [self.node.clone().into()],
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
+        rows.first()
+            .map(|r| {
+                Ok((
+                    r.try_get("", "instance")?,
+                    r.try_get("", "seen_at")?,
+                    r.try_get("", "age")?,
+                ))
+            })
+            .transpose()
+            .map_err(|e: DbErr| e.to_string())
     }
 
     /// The same, keeping `clock` calibrated against the database.
@@ -485,15 +551,16 @@ impl Cluster {
             .execute_raw(Statement::from_sql_and_values(
                 DatabaseBackend::Postgres,
                 format!(
-                    "INSERT INTO cores (node, url, seen_at, agents_token) \
-                     VALUES ($1, $2, {PG_NOW_MS}, $3) ON CONFLICT (node) DO UPDATE \
+                    "INSERT INTO cores (node, url, seen_at, agents_token, instance) \
+                     VALUES ($1, $2, {PG_NOW_MS}, $3, $4) ON CONFLICT (node) DO UPDATE \
                      SET url = excluded.url, seen_at = excluded.seen_at, \
-                     agents_token = excluded.agents_token"
+                     agents_token = excluded.agents_token, instance = excluded.instance"
                 ),
                 [
                     self.node.clone().into(),
                     url.map(str::to_string).into(),
                     self.agents_token.clone().into(),
+                    self.instance.clone().into(),
                 ],
             ))
             .await?;

@@ -348,6 +348,11 @@ impl Core {
     /// collector once, tells every environment the core started (`after-cc-start`) and starts
     /// the background monitor, heartbeats, collector and rebalancer.
     pub async fn start(&self) -> Result<(), CoreError> {
+        // Before this core writes as its node: no other process may run as it.
+        self.cluster()
+            .check_node_free(self.inner.config.health.heartbeat)
+            .await
+            .map_err(CoreError::Setup)?;
         // If no other core runs, this one starts the control plane: the environments are owed
         // `after-cc-start`, sent by the core holding the monitor duty (maybe another one,
         // started at the same time).
