@@ -42,6 +42,12 @@ pub struct Client {
     probed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// How long the client waits for the next bytes of an answer before it gives the core up.
+const SILENT: Duration = Duration::from_secs(120);
+
+/// The longest one read of a command waits for it to finish, seconds.
+const WAIT_CHUNK: u64 = 60;
+
 impl Client {
     /// A client of the core at `base` (e.g. `http://127.0.0.1:4848`).
     pub fn new(base: &str) -> Self {
@@ -50,6 +56,11 @@ impl Client {
                 .map_err(|e| format!("--server (or CLOUD48_SERVER) {e}")),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(330))
+                .connect_timeout(Duration::from_secs(10))
+                // A core that stopped answering (frozen, overloaded) is given up on: every
+                // answer comes sooner (an event stream sends a comment every 15 s, a waiting
+                // read at most WAIT_CHUNK).
+                .read_timeout(SILENT)
                 .build()
                 .expect("HTTP client builds"),
             credentials: None,
@@ -300,6 +311,13 @@ impl Client {
                 // The transport's error stays in the chain (`wait` tells a cut-off by it).
                 if e.is_connect() {
                     anyhow::Error::new(e).context(format!("cannot reach the core at {base}: is `cloud48 serve` running there? (use --server URL)"))
+                } else if e.is_timeout() {
+                    anyhow::Error::new(e).context(format!(
+                        "the core at {base} did not answer within {} s: it may be stopped, \
+                         overloaded or cut off; try again (with several cores, --server naming \
+                         another one)",
+                        SILENT.as_secs()
+                    ))
                 } else {
                     anyhow::Error::new(e).context(format!("request to {url} failed"))
                 }
@@ -448,14 +466,24 @@ impl Client {
         }
     }
 
-    /// A command, waiting up to `wait_secs` for it to finish.
+    /// A command, waiting up to `wait_secs` for it to finish (in reads of at most
+    /// `WAIT_CHUNK` each, well within the client's read timeout).
     pub async fn command(
         &self,
         id: cloud48_engine::model::CommandId,
         wait_secs: u64,
     ) -> Result<Command> {
-        self.get(&format!("/v1/commands/{id}?wait={wait_secs}"))
-            .await
+        let deadline = std::time::Instant::now() + Duration::from_secs(wait_secs);
+        loop {
+            let left = deadline
+                .saturating_duration_since(std::time::Instant::now())
+                .as_secs();
+            let wait = left.min(WAIT_CHUNK);
+            let cmd: Command = self.get(&format!("/v1/commands/{id}?wait={wait}")).await?;
+            if cmd.status.is_terminal() || left <= WAIT_CHUNK {
+                return Ok(cmd);
+            }
+        }
     }
 
     /// Opens the event stream at `path` (`/v1/events?...`): its `ready` message, then events,
