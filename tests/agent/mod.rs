@@ -864,6 +864,55 @@ async fn an_agent_beating_too_rarely_for_the_grace_period_is_refused() {
     tc.core.agents().heartbeat(beat(grace / 2)).await.unwrap();
 }
 
+/// An agent registering a new server may hold guests of containers destroyed meanwhile (an
+/// agent back under the name of a server removed while it was down): they took room the core
+/// counted as free, and creates placed there failed until the collector's next pass. They go
+/// when the server registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_server_s_leftover_guests_are_removed_when_it_registers() {
+    use cloud48_engine::driver::address::Subnet;
+    let tc = TestCore::start(Opts {
+        sim_servers: 1,
+        ..agent_opts()
+    })
+    .await
+    .unwrap();
+    let id = tc.plain_on("sim-1").await;
+    let c: cloud48_engine::model::Container = tc
+        .client
+        .get(&format!("/v1/containers/{id}"))
+        .await
+        .unwrap();
+    let a: cloud48_engine::model::Accepted = tc
+        .client
+        .submit::<()>(&format!("/v1/containers/{id}"), None)
+        .await
+        .unwrap();
+    tc.ok(a.command_id).await;
+    let net: Subnet = "10.64.1.0/24".parse().unwrap();
+    let sim = node("node-l", net);
+    sim.create(&GuestSpec {
+        avoid: Vec::new(),
+        guest_id: c.guest_id.clone(),
+        type_id: "plain".into(),
+        resources: Resources {
+            cpu_millis: 500,
+            memory_mb: 256,
+            disk_mb: 1024,
+        },
+        ip: None,
+        workload: Default::default(),
+    })
+    .await
+    .unwrap();
+    let (_agent, url) = serve_agent_on("node-l", sim.clone(), Some((net, None))).await;
+    tc.core.agents().add(&url).await.unwrap();
+    eventually("the leftover guest removed", || async {
+        sim.list().await.unwrap().is_empty().then_some(())
+    })
+    .await;
+}
+
 /// An agent that takes over a server the monitor still holds up (its old agent killed a moment
 /// before) holds none of the old one's guests: the server is marked down with the cause, and
 /// once the new agent beats its containers are judged by what it holds (the old guest is gone:

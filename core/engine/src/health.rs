@@ -361,6 +361,25 @@ impl Monitor {
         Ok(true)
     }
 
+    /// Removes the leftover guests of a server that just registered (an agent back under the
+    /// name of a removed server may hold that server's guests); a failure waits for the
+    /// collector's next pass.
+    pub async fn collect_new(&self, server_id: i64) {
+        match self.collector.collect(Some(server_id)).await {
+            Ok(report) if report.leftovers > 0 => {
+                tracing::info!(
+                    server = server_id,
+                    leftovers = report.leftovers,
+                    "removed the guests a new server's agent held from before"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(server = server_id, error = %e, "cannot clean a new server yet; the collector's next pass will");
+            }
+        }
+    }
+
     /// Marks a server up again: the collector cleans it, containers that were not replaced
     /// take the status their server reports, and their environments get `environment.recover`.
     /// False if it was not down.

@@ -31,11 +31,13 @@ enum Registration {
     /// The server is as the agent says: nothing written.
     Unchanged(server::Model),
     /// The server's row as written; `refresh`: new, or its network changed; `replaced`: the
-    /// address of the agent another one took the server over from (`--take-over`).
+    /// address of the agent another one took the server over from (`--take-over`); `new`: the
+    /// row was inserted.
     Written {
         row: server::Model,
         refresh: bool,
         replaced: Option<String>,
+        new: bool,
     },
     /// Another core wrote the server meanwhile (inserted it first, gave it to another agent,
     /// removed it): read it again.
@@ -238,8 +240,16 @@ impl Agents {
                     row,
                     refresh,
                     replaced,
+                    new,
                 } => {
                     let id = self.registered(&row, refresh, info).await?;
+                    if let (true, Some(monitor)) = (new, &self.monitor) {
+                        // An agent back under the name of a server removed before may hold
+                        // that server's guests, taking room placement counts as free: they
+                        // go now, not at the collector's next pass.
+                        let monitor = monitor.clone();
+                        tokio::spawn(async move { monitor.collect_new(id).await });
+                    }
                     if let (Some(old), Some(monitor)) = (replaced, &self.monitor) {
                         // The old agent's guests went with it (another data directory, or
                         // another machine): its containers are down, their environments fail
@@ -457,6 +467,7 @@ impl Agents {
                     row,
                     refresh: network,
                     replaced,
+                    new: false,
                 })
             }
             None if !write => Ok(Registration::NeedsLock),
@@ -487,6 +498,7 @@ impl Agents {
                         row,
                         refresh: true,
                         replaced: None,
+                        new: true,
                     }),
                     // Another core inserted this name first (any other unique key is an error).
                     Err(e) if matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(m)) if m.contains("name")) => {
