@@ -182,7 +182,10 @@ pub async fn heartbeats_over(
                     let refusal = status.is_client_error()
                         && status != reqwest::StatusCode::REQUEST_TIMEOUT
                         && status != reqwest::StatusCode::TOO_MANY_REQUESTS;
-                    problems.push(format!("{core} answered {status}: {body}"));
+                    problems.push(format!(
+                        "{core} answered {status}: {}",
+                        refusal_reason(&body)
+                    ));
                     if refusal && !registered {
                         refused.get_or_insert(Refused {
                             core,
@@ -226,17 +229,45 @@ pub async fn heartbeats_over(
 }
 
 /// The message of a core's JSON error body (`{"error": {"message": "..."}}`), else the body
-/// as it came.
+/// as it came, on one line and cut at 200 characters (a server that is no core may answer a
+/// whole HTML page: "is this URL a Cloud48 core?").
 fn refusal_reason(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
+    if let Some(m) = serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_string))
-        .unwrap_or_else(|| body.trim().to_string())
+    {
+        return m;
+    }
+    let line = body.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(200) {
+        Some((cut, _)) => format!(
+            "{}... (not a Cloud48 core's answer: is this URL a core's?)",
+            &line[..cut]
+        ),
+        None => line,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::CoreList;
+
+    /// A refusal says the core's message; another server's page comes on one line, cut.
+    #[test]
+    fn a_refusal_is_the_core_s_message_or_a_line_of_the_body() {
+        assert_eq!(
+            super::refusal_reason(r#"{"error":{"message":"wrong token"}}"#),
+            "wrong token"
+        );
+        let page = format!("<html>\n<body>{}</body>\n</html>", "x".repeat(500));
+        let said = super::refusal_reason(&page);
+        assert!(
+            said.starts_with("<html> <body>xxx") && said.ends_with("is this URL a core's?)"),
+            "{said}"
+        );
+        assert!(said.chars().count() < 300, "{said}");
+        assert_eq!(super::refusal_reason("  busy \n"), "busy");
+    }
 
     #[test]
     fn a_refusal_says_the_cores_message() {

@@ -16,6 +16,9 @@ pub(super) enum Kind {
     Choice(&'static [&'static str]),
     /// A comma-separated list of endpoint families.
     Families,
+    /// A shared secret agents present: none, or at least `MIN_TOKEN` characters (agents
+    /// refuse shorter ones).
+    Token,
 }
 
 /// One setting: its key in the file, its environment variable and flag, its default, whether
@@ -279,7 +282,7 @@ pub(super) const SETTINGS: &[Spec] = &[
         flag: "",
         default: "",
         secret: true,
-        kind: Kind::Text,
+        kind: Kind::Token,
     },
     Spec {
         key: "auth.nonce_ttl_secs",

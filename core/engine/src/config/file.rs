@@ -143,6 +143,14 @@ pub(super) fn resolve(
 pub(super) fn check(spec: &Spec, value: &str) -> Result<(), String> {
     match spec.kind {
         Kind::Text => Ok(()),
+        // Agents refuse a shorter one (`cloud48 agent`), so a core given one would wait for
+        // agents that never come.
+        Kind::Token if value.is_empty() || value.chars().count() >= 16 => Ok(()),
+        Kind::Token => Err(format!(
+            "a token of {} characters: agents refuse tokens shorter than 16; choose a long \
+             random one (such as the output of `openssl rand -hex 24`)",
+            value.chars().count()
+        )),
         Kind::Count => value
             .parse::<u64>()
             .map(|_| ())

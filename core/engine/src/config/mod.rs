@@ -516,6 +516,14 @@ mod tests {
                 e.0
             );
         }
+        // An agents token agents would refuse (shorter than 16 characters).
+        let env = |name: &str| (name == "CLOUD48_AGENT_TOKEN").then(|| "short".to_string());
+        let e = Settings::load(None, &env, &BTreeMap::new()).unwrap_err();
+        assert!(
+            e.0.contains("bad value for agents.token") && e.0.contains("shorter than 16"),
+            "{}",
+            e.0
+        );
         let ok = BTreeMap::from([("queue.workers", "1".to_string())]);
         assert_eq!(
             Settings::load(None, &none, &ok)
