@@ -261,6 +261,7 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
     let started = async move {
         starting.start().await?;
         tracing::info!("cloud48 core ready");
+        check_advertised(&starting).await;
         std::future::pending::<Result<(), cloud48_engine::core::CoreError>>().await
     };
     tokio::select! {
@@ -272,6 +273,30 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
         tracing::warn!(error = %e, "before-cc-stop did not finish");
     }
     Ok(())
+}
+
+/// Warns when the URL this core tells agents (and other cores) to reach it at does not
+/// reach it: they would beat to nothing there, and `cloud48 cluster` lists a dead address.
+async fn check_advertised(core: &Core) {
+    let Some(url) = core.config().cluster.advertise_url.clone() else {
+        return;
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("an HTTP client without TLS builds");
+    let node = core.queue().node_id().to_string();
+    let answer = match client.get(format!("{url}/v1/health")).send().await {
+        Ok(resp) => resp.json::<serde_json::Value>().await.ok(),
+        Err(e) => {
+            tracing::warn!(%url, error = %cloud48_engine::model::with_causes(&e), "this core tells agents to reach it at a URL that does not answer: give --advertise-url (cluster.advertise_url) the address agents reach this core at");
+            return;
+        }
+    };
+    let theirs = answer.as_ref().and_then(|v| v.get("node")?.as_str());
+    if theirs != Some(node.as_str()) {
+        tracing::warn!(%url, answered = ?theirs, "this core tells agents to reach it at a URL another server (or another core) answers: give --advertise-url (cluster.advertise_url) the address agents reach this core at");
+    }
 }
 
 /// How long a stopping core waits for the requests it is answering.
