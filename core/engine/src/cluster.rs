@@ -153,6 +153,32 @@ pub struct Cluster {
     instance: String,
 }
 
+/// Takes the PostgreSQL advisory lock `key` for the rest of transaction `txn`, waiting at
+/// most `wait` (a stalled holder must not stall every caller): past it, busy, with `busy`
+/// given how long it waited and why it stopped.
+pub(crate) async fn xact_lock(
+    txn: &sea_orm::DatabaseTransaction,
+    key: i64,
+    wait: Duration,
+    busy: impl FnOnce(String) -> String,
+) -> Result<(), crate::core::CoreError> {
+    txn.execute_unprepared(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        wait.as_millis()
+    ))
+    .await?;
+    txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({key})"))
+        .await
+        .map_err(|e| {
+            crate::core::CoreError::Busy(busy(format!(
+                "{} s ({})",
+                wait.as_secs(),
+                crate::model::with_causes(&e)
+            )))
+        })?;
+    Ok(())
+}
+
 /// What changed in `servers` since a core last read it.
 #[derive(Debug)]
 pub enum ServerChanges {

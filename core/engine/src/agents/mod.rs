@@ -30,15 +30,16 @@ pub use remove::RemovedServer;
 enum Registration {
     /// The server is as the agent says: nothing written.
     Unchanged(server::Model),
-    /// The server's row as written; `refresh`: new, or its network changed; `replaced`: the
-    /// address of the agent another one took the server over from (`--take-over`); `new`: the
-    /// row was inserted.
+    /// The server's row as written; `refresh`: new, or its network changed; `new`: the row
+    /// was inserted.
     Written {
         row: server::Model,
         refresh: bool,
-        replaced: Option<String>,
         new: bool,
     },
+    /// Another agent takes over server `id`, which is up: it is to be marked down first (the
+    /// guests of the agent at `from` went with it), then the agent written.
+    TakeOver { id: i64, from: String },
     /// Another core wrote the server meanwhile (inserted it first, gave it to another agent,
     /// removed it): read it again.
     Lost,
@@ -59,17 +60,15 @@ async fn lock_registrations(
     txn: &sea_orm::DatabaseTransaction,
     again: &str,
 ) -> Result<(), CoreError> {
-    txn.execute_unprepared("SET LOCAL lock_timeout = '2s'")
-        .await?;
-    txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({REGISTER_LOCK})"))
-        .await
-        .map_err(|e| {
-            CoreError::Busy(format!(
-                "another core has been registering or removing a server for 2 s ({}); {again}",
-                crate::model::with_causes(&e)
-            ))
-        })?;
-    Ok(())
+    crate::cluster::xact_lock(
+        txn,
+        REGISTER_LOCK,
+        std::time::Duration::from_secs(2),
+        |waited| {
+            format!("another core has been registering or removing a server for {waited}; {again}")
+        },
+    )
+    .await
 }
 
 /// Checks a server name an agent gives.
@@ -236,12 +235,7 @@ impl Agents {
             };
             match outcome {
                 Registration::Unchanged(row) => return self.registered(&row, false, info).await,
-                Registration::Written {
-                    row,
-                    refresh,
-                    replaced,
-                    new,
-                } => {
+                Registration::Written { row, refresh, new } => {
                     let id = self.registered(&row, refresh, info).await?;
                     if let (true, Some(monitor)) = (new, &self.monitor) {
                         // An agent back under the name of a server removed before may hold
@@ -250,21 +244,20 @@ impl Agents {
                         let monitor = monitor.clone();
                         tokio::spawn(async move { monitor.collect_new(id).await });
                     }
-                    if let (Some(old), Some(monitor)) = (replaced, &self.monitor) {
-                        // The old agent's guests went with it (another data directory, or
-                        // another machine): its containers are down, their environments fail
-                        // over, and once this agent beats they are judged by what it holds.
-                        monitor
-                            .mark_down(
-                                id,
-                                &format!(
-                                    "another agent took it over (--take-over) from the agent \
-                                     at {old}, whose guests went with it"
-                                ),
-                            )
-                            .await?;
-                    }
                     return Ok(id);
+                }
+                Registration::TakeOver { id, from } => {
+                    // The old agent's guests went with it (another data directory, or another
+                    // machine): its containers go down and their environments fail over before
+                    // this agent is written, so that a failure here leaves the take-over to the
+                    // agent's next heartbeat; once this agent beats, the monitor marks the
+                    // server up and judges its containers by what this agent holds.
+                    let monitor = self.monitor.as_ref().expect("only with a monitor");
+                    let cause = format!(
+                        "another agent took it over (--take-over) from the agent at {from}, \
+                         whose guests went with it"
+                    );
+                    monitor.mark_down(id, &cause).await?;
                 }
                 Registration::Lost | Registration::NeedsLock => {}
             }
@@ -406,10 +399,15 @@ impl Agents {
                     (Some(theirs), Some(mine)) => theirs != mine,
                     _ => row.address.as_deref() != Some(info.url.as_str()),
                 };
-                let replaced = (info.take_over && other).then(|| {
+                if info.take_over && other {
+                    if write && row.status == "up" && self.monitor.is_some() {
+                        return Ok(Registration::TakeOver {
+                            id,
+                            from: row.address.clone().unwrap_or_else(|| "?".into()),
+                        });
+                    }
                     tracing::warn!(server = %row.name, from = ?row.agent_id, to = ?info.id, "an agent takes a server over (--take-over): the containers the old one held are judged by what this one holds");
-                    row.address.clone().unwrap_or_else(|| "?".into())
-                });
+                }
                 let agent_id = info.id.clone().or(row.agent_id.clone());
                 // A core that restarted hears every agent again: no write when nothing changed
                 // (each write would make every other core read every server again). The address
@@ -466,7 +464,6 @@ impl Agents {
                 Ok(Registration::Written {
                     row,
                     refresh: network,
-                    replaced,
                     new: false,
                 })
             }
@@ -497,7 +494,6 @@ impl Agents {
                     Ok(row) => Ok(Registration::Written {
                         row,
                         refresh: true,
-                        replaced: None,
                         new: true,
                     }),
                     // Another core inserted this name first (any other unique key is an error).

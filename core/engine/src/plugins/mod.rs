@@ -10,8 +10,8 @@ pub use cloud48_plugin_host::{harness, host};
 use std::sync::Arc;
 
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter,
-    QueryOrder, Set, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, Set,
+    TransactionTrait,
 };
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -137,16 +137,11 @@ impl<'a> PluginManager<'a> {
         }
         let txn = self.db.begin().await?;
         if self.db.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
-            txn.execute_unprepared("SET LOCAL lock_timeout = '10s'")
-                .await?;
-            txn.execute_unprepared(&format!("SELECT pg_advisory_xact_lock({INSTALL_LOCK})"))
-                .await
-                .map_err(|e| {
-                    CoreError::Busy(format!(
-                        "another core has been installing a plugin for 10 s ({}); try again",
-                        crate::model::with_causes(&e)
-                    ))
-                })?;
+            let wait = std::time::Duration::from_secs(10);
+            crate::cluster::xact_lock(&txn, INSTALL_LOCK, wait, |waited| {
+                format!("waited {waited} for another plugin install to finish; try again")
+            })
+            .await?;
         }
         let row = match Self::insert_row(&txn, wasm, &meta).await {
             Ok(row) => row,
