@@ -35,6 +35,9 @@ pub struct Client {
     /// commands that talk to no core do not mind it).
     base: std::result::Result<String, String>,
     http: reqwest::Client,
+    /// For requests that send a file (an image, an export): their answer comes after the
+    /// upload and the core's work on it, which may take longer than `SILENT`.
+    uploads: reqwest::Client,
     credentials: Option<Credentials>,
     /// The last Digest challenge, reused (with increasing nonce counts) until refused.
     prompt: std::sync::Arc<std::sync::Mutex<Option<digest_auth::WwwAuthenticateHeader>>>,
@@ -54,13 +57,17 @@ impl Client {
         Client {
             base: cloud48_engine::model::base_url(base)
                 .map_err(|e| format!("--server (or CLOUD48_SERVER) {e}")),
+            // A core that stopped answering (frozen, overloaded) is given up on: every answer
+            // comes sooner (an event stream sends a comment every 15 s, a waiting read at most
+            // WAIT_CHUNK). No bound on the whole: an event stream lasts as long as it is read.
             http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(330))
                 .connect_timeout(Duration::from_secs(10))
-                // A core that stopped answering (frozen, overloaded) is given up on: every
-                // answer comes sooner (an event stream sends a comment every 15 s, a waiting
-                // read at most WAIT_CHUNK).
                 .read_timeout(SILENT)
+                .build()
+                .expect("HTTP client builds"),
+            uploads: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(3600))
                 .build()
                 .expect("HTTP client builds"),
             credentials: None,
@@ -280,7 +287,11 @@ impl Client {
         let mut attempt = 0;
         let resp = loop {
             attempt += 1;
-            let mut req = self.http.request(method.clone(), &url);
+            let client = match &body {
+                Some(Body::File(..)) => &self.uploads,
+                _ => &self.http,
+            };
+            let mut req = client.request(method.clone(), &url);
             match &body {
                 Some(Body::Json(v)) => req = req.json(v),
                 Some(Body::Wasm(w)) => {
@@ -487,8 +498,7 @@ impl Client {
     }
 
     /// Opens the event stream at `path` (`/v1/events?...`): its `ready` message, then events,
-    /// until the connection ends (the client's timeout ends it after 330 s: reconnect after
-    /// the last id seen).
+    /// until the connection ends (the core stopping ends it: reconnect after the last id seen).
     pub async fn events(
         &self,
         path: &str,
