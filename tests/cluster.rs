@@ -969,9 +969,11 @@ async fn a_core_on_a_copied_data_directory_is_refused_while_the_original_runs() 
         dirs[1].path().join("node-id"),
     )
     .unwrap();
-    let copy = cloud48_engine::Core::open(config(1)).await.unwrap();
-    assert_eq!(copy.cluster().node(), first.cluster().node());
-    let e = copy.start().await.unwrap_err().to_string();
+    let e = cloud48_engine::Core::open(config(1))
+        .await
+        .err()
+        .expect("a core on a copied data directory is refused")
+        .to_string();
     assert!(
         e.contains(&format!(
             "another core runs as node {} on this database",
@@ -980,6 +982,8 @@ async fn a_core_on_a_copied_data_directory_is_refused_while_the_original_runs() 
         "{e}"
     );
     first.stop(Duration::from_secs(5)).await;
+    let copy = cloud48_engine::Core::open(config(1)).await.unwrap();
+    assert_eq!(copy.cluster().node(), first.cluster().node());
     copy.start().await.unwrap();
     copy.stop(Duration::from_secs(5)).await;
 }

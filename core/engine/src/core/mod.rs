@@ -149,6 +149,12 @@ impl Core {
             clock
         };
         let cluster = Arc::new(cluster);
+        // Before this core acts as its node (reconciling the servers' counters, resuming its
+        // commands, serving): no other process may run as it.
+        cluster
+            .check_node_free(config.health.heartbeat)
+            .await
+            .map_err(CoreError::Setup)?;
         let queue = Queue::with_recorder(
             db.clone(),
             node.clone(),
@@ -348,11 +354,6 @@ impl Core {
     /// collector once, tells every environment the core started (`after-cc-start`) and starts
     /// the background monitor, heartbeats, collector and rebalancer.
     pub async fn start(&self) -> Result<(), CoreError> {
-        // Before this core writes as its node: no other process may run as it.
-        self.cluster()
-            .check_node_free(self.inner.config.health.heartbeat)
-            .await
-            .map_err(CoreError::Setup)?;
         // If no other core runs, this one starts the control plane: the environments are owed
         // `after-cc-start`, sent by the core holding the monitor duty (maybe another one,
         // started at the same time).
