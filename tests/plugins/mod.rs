@@ -44,6 +44,15 @@ async fn hostile_in_calm() -> (TestCore, ContainerId) {
     (t, id)
 }
 
+/// The versions of plugin `name` installed, as type ids.
+async fn installed(t: &TestCore, name: &str) -> Vec<String> {
+    let all: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
+    all.into_iter()
+        .filter(|p| p.meta.name == name)
+        .map(|p| p.type_id)
+        .collect()
+}
+
 async fn install(t: &TestCore, wasm: Vec<u8>) -> anyhow::Result<PluginInfo> {
     t.client
         .send_wasm(reqwest::Method::POST, "/v1/plugins", wasm)
@@ -576,13 +585,7 @@ async fn an_upgrade_adding_a_required_parameter_or_racing_another_changes_nothin
         "{}",
         errors[0]
     );
-    let all: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
-    let versions: Vec<&str> = all
-        .iter()
-        .filter(|p| p.meta.name == "hostile")
-        .map(|p| p.type_id.as_str())
-        .collect();
-    assert_eq!(versions, ["hostile@0.1.1"]);
+    assert_eq!(installed(&t, "hostile").await, ["hostile@0.1.1"]);
 }
 
 /// Installs of three versions of a plugin not yet installed, sent together, leave one version
@@ -603,12 +606,7 @@ async fn installs_racing(postgres: bool) {
         install(&t, test_plugin(TEST_PLUGINS_NEWER, "hostile")),
         install(&t, test_plugin(TEST_PLUGINS_REQUIRED, "hostile")),
     );
-    let all: Vec<PluginInfo> = t.client.get("/v1/plugins").await.unwrap();
-    let versions: Vec<&str> = all
-        .iter()
-        .filter(|p| p.meta.name == "hostile")
-        .map(|p| p.type_id.as_str())
-        .collect();
+    let versions = installed(&t, "hostile").await;
     assert_eq!(versions.len(), 1, "{versions:?}");
     let results = [a, b, c];
     let installed: Vec<&PluginInfo> = results.iter().filter_map(|r| r.as_ref().ok()).collect();

@@ -172,9 +172,10 @@ fn host_name() -> String {
 
 /// Runs the agent until interrupted.
 pub async fn run(args: AgentArgs) -> Result<()> {
-    if args.token.len() < 16 {
+    if args.token.chars().count() < cloud48_model::MIN_AGENT_TOKEN {
         bail!(
-            "the agent token must have at least 16 characters (set CLOUD48_AGENT_TOKEN to the core's agents.token)"
+            "the agent token must have at least {} characters (set CLOUD48_AGENT_TOKEN to the core's agents.token)",
+            cloud48_model::MIN_AGENT_TOKEN
         );
     }
     let listen: std::net::SocketAddr = args.listen.parse().with_context(|| {

@@ -10,6 +10,10 @@ mod url;
 mod workload;
 pub use project::{Project, ProjectMember, Quota, Usage};
 pub use url::{base_url, with_causes};
+
+/// The fewest characters of the token agents present to cores (`agents.token`): agents and
+/// cores both refuse a shorter one.
+pub const MIN_AGENT_TOKEN: usize = 16;
 pub use workload::{
     Check, Endpoint, ImageRef, ParamKind, ParamSpec, Params, Protocol, Readiness,
     SECRET_PLACEHOLDER, Volume, Workload, apply_settable, resolve_params, secret_param,

@@ -16,8 +16,8 @@ pub(super) enum Kind {
     Choice(&'static [&'static str]),
     /// A comma-separated list of endpoint families.
     Families,
-    /// A shared secret agents present: none, or at least `MIN_TOKEN` characters (agents
-    /// refuse shorter ones).
+    /// A shared secret agents present: none, or at least `cloud48_model::MIN_AGENT_TOKEN`
+    /// characters (agents refuse shorter ones).
     Token,
 }
 

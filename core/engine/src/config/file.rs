@@ -145,11 +145,16 @@ pub(super) fn check(spec: &Spec, value: &str) -> Result<(), String> {
         Kind::Text => Ok(()),
         // Agents refuse a shorter one (`cloud48 agent`), so a core given one would wait for
         // agents that never come.
-        Kind::Token if value.is_empty() || value.chars().count() >= 16 => Ok(()),
+        Kind::Token
+            if value.is_empty() || value.chars().count() >= cloud48_model::MIN_AGENT_TOKEN =>
+        {
+            Ok(())
+        }
         Kind::Token => Err(format!(
-            "a token of {} characters: agents refuse tokens shorter than 16; choose a long \
+            "a token of {} characters: agents refuse tokens shorter than {}; choose a long \
              random one (such as the output of `openssl rand -hex 24`)",
-            value.chars().count()
+            value.chars().count(),
+            cloud48_model::MIN_AGENT_TOKEN
         )),
         Kind::Count => value
             .parse::<u64>()

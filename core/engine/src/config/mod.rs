@@ -266,11 +266,12 @@ impl Settings {
         let url = self.get("database.url");
         c.database_url = (!url.is_empty()).then(|| url.to_string());
         c.db_connections = self.count("database.connections") as u32;
-        c.queue.workers = (self.count("queue.workers") as usize).max(1);
+        // Each within its declared range (checked at load).
+        c.queue.workers = self.count("queue.workers") as usize;
         c.queue.backoff_base = Duration::from_millis(self.count("queue.retry_base_ms"));
-        c.queue.max_attempts = (self.count("queue.max_attempts") as i32).max(1);
-        c.queue.lease = Duration::from_millis(self.count("queue.lease_ms").max(300));
-        c.cluster.duty_lease = Duration::from_millis(self.count("cluster.duty_lease_ms").max(300));
+        c.queue.max_attempts = self.count("queue.max_attempts") as i32;
+        c.queue.lease = Duration::from_millis(self.count("queue.lease_ms"));
+        c.cluster.duty_lease = Duration::from_millis(self.count("cluster.duty_lease_ms"));
         // Default: the listen address, unless it is a wildcard that names no host.
         let url = self.get("cluster.advertise_url");
         let listen = self.listen();
@@ -282,29 +283,27 @@ impl Settings {
         };
         c.sim_servers = self.count("drivers.sim.servers") as u32;
         c.sim_latency = Duration::from_millis(self.count("drivers.sim.latency_ms"));
-        c.health.heartbeat = Duration::from_millis(self.count("health.heartbeat_ms").max(10));
-        c.health.grace = Duration::from_millis(self.count("health.grace_ms").max(10));
-        c.health.check = Duration::from_millis(self.count("health.check_ms").max(10));
-        c.health.collector = Duration::from_secs(self.count("collector.interval_secs").max(1));
-        c.events_retention = Duration::from_secs(self.count("events.retention_secs").max(1));
-        c.health.rebalance_spread = self.count("rebalancer.spread_percent").min(100);
-        c.health.rebalance_batch = self.count("rebalancer.batch").max(1) as usize;
+        c.health.heartbeat = Duration::from_millis(self.count("health.heartbeat_ms"));
+        c.health.grace = Duration::from_millis(self.count("health.grace_ms"));
+        c.health.check = Duration::from_millis(self.count("health.check_ms"));
+        c.health.collector = Duration::from_secs(self.count("collector.interval_secs"));
+        c.events_retention = Duration::from_secs(self.count("events.retention_secs"));
+        c.health.rebalance_spread = self.count("rebalancer.spread_percent");
+        c.health.rebalance_batch = self.count("rebalancer.batch") as usize;
         c.placement.weights = crate::placement::Weights {
             cpu: self.weight("placement.weight_cpu"),
             memory: self.weight("placement.weight_memory"),
             disk: self.weight("placement.weight_disk"),
             image: self.weight("placement.weight_image"),
         };
-        c.placement.dummy_ttl = Some(Duration::from_secs(
-            self.count("placement.dummy_ttl_secs").max(1),
-        ));
+        c.placement.dummy_ttl = Some(Duration::from_secs(self.count("placement.dummy_ttl_secs")));
         let token = self.get("agents.token");
         c.agent_token = (!token.is_empty()).then(|| token.to_string());
         let token = self.get("metrics.token");
         c.metrics_token = (!token.is_empty()).then(|| token.to_string());
         c.auth = self.auth();
-        c.plugin_limits.deadline = Duration::from_millis(self.count("plugins.deadline_ms").max(1));
-        c.plugin_limits.memory = (self.count("plugins.memory_mb").clamp(1, 4096) as usize) << 20;
+        c.plugin_limits.deadline = Duration::from_millis(self.count("plugins.deadline_ms"));
+        c.plugin_limits.memory = (self.count("plugins.memory_mb") as usize) << 20;
         c
     }
 
@@ -318,7 +317,7 @@ impl Settings {
                 .unwrap_or(Anonymous::Read),
             anonymous_read: crate::auth::Family::parse_list(self.get("auth.anonymous_read"))
                 .expect("checked when loaded"),
-            nonce_ttl: Duration::from_secs(self.count("auth.nonce_ttl_secs").max(1)),
+            nonce_ttl: Duration::from_secs(self.count("auth.nonce_ttl_secs")),
             users: self.users.iter().map(|u| u.record.clone()).collect(),
         }
     }

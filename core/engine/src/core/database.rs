@@ -227,13 +227,21 @@ pub(crate) fn shown(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
+    // The user part ends at the last '@' (a password may hold '/', '?' or '#').
+    let (authority, path) = match rest.rsplit_once('@') {
+        Some((userinfo, after)) => {
             let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{user}:****@{host}")
+            let masked = if userinfo.contains(':') { ":****" } else { "" };
+            let host_end = after.find('/').unwrap_or(after.len());
+            (
+                format!("{user}{masked}@{}", &after[..host_end]),
+                &after[host_end..],
+            )
         }
-        _ => authority.to_string(),
+        None => {
+            let host_end = rest.find('/').unwrap_or(rest.len());
+            (rest[..host_end].to_string(), &rest[host_end..])
+        }
     };
     let path = match path.split_once("password=") {
         Some((before, after)) => {
@@ -367,6 +375,10 @@ mod migration_tests {
             "postgres://db/c?user=ada&password=****&x=1"
         );
         assert_eq!(shown("sqlite:///var/c.db"), "sqlite:///var/c.db");
+        assert_eq!(
+            shown("postgres://ada:a/b?c#d@db:5432/cloud48"),
+            "postgres://ada:****@db:5432/cloud48"
+        );
     }
 
     /// The message sea-orm gives for a database with a migration this build lacks.

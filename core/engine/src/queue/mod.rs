@@ -337,10 +337,11 @@ impl StepError {
     /// The failure itself, and the lines to keep.
     pub(crate) fn unlogged(self) -> (StepError, Vec<(i64, crate::types::LogLine)>) {
         match self {
-            StepError::Logged { error, mut logs } => {
-                let (error, earlier) = error.unlogged();
-                logs.extend(earlier);
-                (error, logs)
+            StepError::Logged { error, logs } => {
+                // The inner error's lines came first.
+                let (error, mut all) = error.unlogged();
+                all.extend(logs);
+                (error, all)
             }
             e => (e, Vec::new()),
         }
