@@ -476,6 +476,12 @@ impl Core {
     /// server's silence afresh (it may not have seen the last beats of the previous holder).
     pub async fn claim_duties(&self) -> Result<(), CoreError> {
         for duty in crate::cluster::Duty::ALL {
+            // The monitor's checks run as soon as the claim below holds the duty: the silence
+            // they count must start before it, not once the claim has been followed up (a
+            // check in between judged a server on the previous holder's stale beats).
+            if duty == crate::cluster::Duty::Monitor && !self.cluster().holds(duty) {
+                self.health().begin();
+            }
             let claim = self.cluster().claim(duty).await?;
             if claim == crate::cluster::Claim::Taken {
                 tracing::info!(
