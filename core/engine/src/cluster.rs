@@ -235,23 +235,8 @@ impl Cluster {
         if !self.shared() {
             return Ok(());
         }
-        self.db
-            .execute_raw(Statement::from_sql_and_values(
-                DatabaseBackend::Postgres,
-                format!(
-                    "INSERT INTO cores (node, url, seen_at, agents_token, instance) \
-                     VALUES ($1, NULL, {PG_NOW_MS}, $2, $3) ON CONFLICT (node) DO UPDATE \
-                     SET seen_at = excluded.seen_at, agents_token = excluded.agents_token, \
-                     instance = excluded.instance"
-                ),
-                [
-                    self.node.clone().into(),
-                    self.agents_token.clone().into(),
-                    self.instance.clone().into(),
-                ],
-            ))
-            .await
-            .map_err(|e| e.to_string())?;
+        // Its URL comes with the next announcement, at the end of the start.
+        self.announce(None).await.map_err(|e| e.to_string())?;
         let rows = self
             .db
             .query_all_raw(Statement::from_sql_and_values(
