@@ -230,7 +230,7 @@ pub async fn serve(args: CoreArgs) -> Result<()> {
             return Err(e).with_context(|| format!("cannot listen on {listen}"));
         }
     };
-    tracing::info!(%listen, data_dir = %data_dir.display(), platform = core.platform_name(), "cloud48 core serving");
+    tracing::info!(%listen, data_dir = %data_dir.display(), platform = core.platform_name(), "cloud48 core listening; starting (resuming commands, joining the cluster)");
     let app =
         cloud48_api::router(core.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
     let closing = core.clone();

@@ -312,7 +312,6 @@ pub(super) async fn fail(
     result: Option<String>,
     txn: Option<DatabaseTransaction>,
 ) -> Result<(), sea_orm::DbErr> {
-    tracing::warn!(error = %msg, "command failed");
     let txn = match txn {
         Some(t) => t,
         None => {
@@ -347,7 +346,14 @@ pub(super) async fn commit_finish(
     if let Some(runner) = inner.runner.get() {
         runner.settled(row.id, true);
     }
-    tracing::info!(status = %f.status, "command finished");
+    // Said once committed: a core that lost the command's lease (another finished it) fails
+    // nothing.
+    match &f.error {
+        Some(error) if f.status == CommandStatus::Failed => {
+            tracing::warn!(%error, "command failed");
+        }
+        _ => tracing::info!(status = %f.status, "command finished"),
+    }
     inner.waiters.wake([row.id]);
     inner.work.notify_one();
     Ok(())
