@@ -284,9 +284,9 @@ impl Hooks for WasmHooks {
         };
         let out = match plugin.handle(&hook_of(call), &hctx) {
             Ok(out) => out,
-            Err(e) => {
+            Err(mut e) => {
                 // What it logged before it failed, as the core keeps it.
-                forward(e.logs.clone());
+                forward(std::mem::take(&mut e.logs));
                 return Ok(Err(HookError {
                     message: e.to_string(),
                     retryable: e.retryable,

@@ -323,26 +323,32 @@ pub enum StepError {
 }
 
 impl StepError {
-    /// This error with `logs` to keep (itself when there are none).
+    /// This error with `logs` to keep after those it keeps already (itself when there are
+    /// none): never nested, so `unlogged` takes one layer.
     pub fn logged(self, logs: Vec<(i64, crate::types::LogLine)>) -> StepError {
-        if logs.is_empty() {
-            return self;
-        }
-        StepError::Logged {
-            error: Box::new(self),
-            logs,
+        match (self, logs.is_empty()) {
+            (e, true) => e,
+            (
+                StepError::Logged {
+                    error,
+                    logs: mut kept,
+                },
+                false,
+            ) => {
+                kept.extend(logs);
+                StepError::Logged { error, logs: kept }
+            }
+            (e, false) => StepError::Logged {
+                error: Box::new(e),
+                logs,
+            },
         }
     }
 
     /// The failure itself, and the lines to keep.
     pub(crate) fn unlogged(self) -> (StepError, Vec<(i64, crate::types::LogLine)>) {
         match self {
-            StepError::Logged { error, logs } => {
-                // The inner error's lines came first.
-                let (error, mut all) = error.unlogged();
-                all.extend(logs);
-                (error, all)
-            }
+            StepError::Logged { error, logs } => (*error, logs),
             e => (e, Vec::new()),
         }
     }

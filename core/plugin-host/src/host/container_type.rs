@@ -65,8 +65,7 @@ impl ContainerType for WasmPlugin {
                         .map(v0_1_0::outcome)
                         .map(Ok)),
                     _ => unreachable!("instantiated from its own Pre"),
-                })
-                .map_err(|e| self.traced(name, e))?
+                })?
             }
             Pre::V0_2_0(_, hooks) => {
                 let c = v0_2_0::context(ctx);
@@ -81,11 +80,9 @@ impl ContainerType for WasmPlugin {
                     Ok(Some(
                         returned.map(v0_2_0::outcome).map_err(v0_2_0::hook_error),
                     ))
-                })
-                .map_err(|e| self.traced(name, e))?
+                })?
             }
         };
-        self.trace(name, &logs);
         let Some(returned) = returned else {
             return Ok(HookOutcome {
                 logs,
@@ -125,19 +122,6 @@ impl ContainerType for WasmPlugin {
 type Returned = Result<(Verdict, Vec<HookAction>, Option<Vec<u8>>), (String, bool)>;
 
 impl WasmPlugin {
-    /// Writes what hook `name` logged to the core's log.
-    fn trace(&self, name: &str, logs: &[LogLine]) {
-        for l in logs {
-            tracing::info!(plugin = %self.type_id, hook = name, level = ?l.level, "{}", l.message);
-        }
-    }
-
-    /// `e`, once what the hook logged before it failed is in the core's log.
-    fn traced(&self, name: &str, e: TypeError) -> TypeError {
-        self.trace(name, &e.logs);
-        e
-    }
-
     /// Checks what hook `name` returned against the limits: its own error, an oversized state,
     /// too many actions or an oversized exec request fail the call (the outcome's lines are
     /// the caller's to add).

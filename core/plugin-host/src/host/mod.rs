@@ -514,15 +514,18 @@ impl WasmPlugin {
             Pre::V0_2_0(p, _) => p.instantiate(&mut store).map(Bindings::V0_2_0),
         }
         .map_err(|e| self.error(hook, classify(&e, &store, limits)))?;
-        match f(&instance, &mut store) {
-            Ok(out) => Ok((out, store.data_mut().take_logs())),
-            Err(e) => {
-                let cause = classify(&e, &store, limits);
-                Err(TypeError {
-                    logs: store.data_mut().take_logs(),
-                    ..self.error(hook, cause)
-                })
-            }
+        let result = f(&instance, &mut store);
+        // What the call logged goes to the core's log whatever came of it.
+        let logs = store.data_mut().take_logs();
+        for l in &logs {
+            tracing::info!(plugin = %self.type_id, hook, level = ?l.level, "{}", l.message);
+        }
+        match result {
+            Ok(out) => Ok((out, logs)),
+            Err(e) => Err(TypeError {
+                logs,
+                ..self.error(hook, classify(&e, &store, limits))
+            }),
         }
     }
 
