@@ -560,3 +560,90 @@ async fn keeper_ends(pg: bool) {
         "the lease keeper still runs after stop"
     );
 }
+
+/// A runner whose step logs a line and fails (a retry) once a permit is given.
+struct LogsThenFails {
+    entered: Arc<tokio::sync::Notify>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl Runner for LogsThenFails {
+    async fn step(&self, _: &command::Model) -> Result<Transition, StepError> {
+        self.entered.notify_one();
+        // One step per permit: a permit given back would let the next step through.
+        self.gate.acquire().await.unwrap().forget();
+        let line = cloud48_engine::types::LogLine {
+            level: cloud48_engine::types::LogLevel::Info,
+            message: "logged before failing".into(),
+        };
+        Err(StepError::Transient("the step failed".into()).logged(vec![(0, line)]))
+    }
+}
+
+on_both_databases!(
+    a_failed_steps_lines_are_kept_only_under_its_lease,
+    failed_step_lines
+);
+/// What a failed step logged is kept while its core holds the command's lease, and not once
+/// another core has taken the command over (it runs the step again and logs its own lines).
+async fn failed_step_lines(pg: bool) {
+    use sea_orm::ConnectionTrait;
+    let Some(scratch) = crate::common::ScratchDb::create(pg).await else {
+        return;
+    };
+    let db = scratch.db.clone();
+    let q = Queue::new(
+        db.clone(),
+        "core-a".into(),
+        QueueConfig {
+            poll: Duration::from_millis(10),
+            max_attempts: 1,
+            ..QueueConfig::default()
+        },
+        Arc::new(SystemClock),
+    );
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    q.start(
+        Arc::new(LogsThenFails {
+            entered: entered.clone(),
+            gate: gate.clone(),
+        }),
+        false,
+    )
+    .await
+    .unwrap();
+    let lines = |id: CommandId| {
+        let q = &q;
+        async move { q.get(id).await.unwrap().log.len() }
+    };
+
+    // Held: the line is kept with the failure.
+    let kept = q.enqueue(crate::common::noop()).await.unwrap();
+    entered.notified().await;
+    gate.add_permits(1);
+    let done = q.wait(kept, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(done.status, CommandStatus::Failed);
+    assert_eq!(lines(kept).await, 1, "the failed step's line is kept");
+
+    // Taken over while the step ran (another core's lease, far from running out).
+    let taken = q.enqueue(crate::common::noop()).await.unwrap();
+    entered.notified().await;
+    db.execute_unprepared(&format!(
+        "UPDATE commands SET lease_owner = 'core-b', lease_until = 99999999999999 WHERE id = {}",
+        taken.0
+    ))
+    .await
+    .unwrap();
+    gate.add_permits(1);
+    // Waits for the step to end.
+    q.stop(Duration::from_secs(30)).await;
+    assert_eq!(lines(taken).await, 0, "a step taken over logs nothing here");
+    let row = q.get(taken).await.unwrap();
+    assert_eq!(
+        row.status,
+        CommandStatus::Running,
+        "the other core's command is left to it"
+    );
+}

@@ -436,6 +436,46 @@ pub(crate) async fn insert_logs<C: ConnectionTrait>(
     Ok(())
 }
 
+/// `insert_logs`, for a command `owner` runs: written only while `owner` still holds its lease
+/// (checked and written in one transaction, the command's row locked meanwhile), so that a
+/// step another core has taken over and will run again does not log its lines twice. Whether
+/// they were written.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "database work only: the lines were logged by calls that have returned"
+)]
+pub(crate) async fn insert_logs_leased(
+    db: &sea_orm::DatabaseConnection,
+    cmd: i64,
+    owner: &str,
+    at: i64,
+    lines: Vec<(i64, crate::types::LogLine)>,
+) -> Result<bool, DbErr> {
+    use sea_orm::TransactionTrait;
+    if lines.is_empty() {
+        return Ok(true);
+    }
+    let txn = db.begin().await?;
+    // A write that changes nothing, for its row lock (PostgreSQL) and its lease check.
+    let held = txn
+        .execute_raw(sql(
+            &txn,
+            "UPDATE commands SET lease_until = lease_until \
+             WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+            vec![cmd.into(), owner.into()],
+        ))
+        .await?
+        .rows_affected()
+        == 1;
+    if !held {
+        txn.rollback().await?;
+        return Ok(false);
+    }
+    insert_logs(&txn, cmd, at, lines).await?;
+    txn.commit().await?;
+    Ok(true)
+}
+
 /// The lines plugins logged during command `id`, oldest first.
 pub(crate) async fn logs<C: ConnectionTrait>(
     db: &C,

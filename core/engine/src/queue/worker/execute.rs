@@ -162,11 +162,20 @@ pub(super) async fn run(
             Ok(t) => Ok(t),
             Err(e) => {
                 // Kept whatever comes next (each its own write, like the activity lines).
+                // Only while this core holds the lease: one that lost it leaves the step
+                // to the core that took it over, which runs it again and logs its own lines.
                 let (e, logs) = e.unlogged();
-                if let Err(db) =
-                    store::insert_logs(&inner.db, row.id, inner.clock.now_ms(), logs).await
+                let now = inner.clock.now_ms();
+                match store::insert_logs_leased(&inner.db, row.id, &inner.node_id, now, logs).await
                 {
-                    tracing::warn!(command = row.id, error = %db, "what plugins logged before a failed step was not recorded");
+                    Ok(true) => {}
+                    Ok(false) => tracing::debug!(
+                        command = row.id,
+                        "lines of a step whose lease was lost were not recorded"
+                    ),
+                    Err(db) => {
+                        tracing::warn!(command = row.id, error = %db, "what plugins logged before a failed step was not recorded")
+                    }
                 }
                 Err(e)
             }
