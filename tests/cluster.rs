@@ -1053,3 +1053,67 @@ async fn a_core_with_another_agents_token_is_refused_at_start() {
         }
     }
 }
+
+/// Cores placing one after the other see each other's placements: the second core's view was
+/// read before the first placed, yet it reads the allocations again before deciding and picks
+/// another server (on a view a heartbeat period old it picked the same emptiest one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_places_on_what_another_core_placed_a_moment_before() {
+    use cloud48_engine::managers::CreateContainer;
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let dirs: Vec<_> = (0..2).map(|_| crate::common::tempdir()).collect();
+    let mut cores = Vec::new();
+    for d in &dirs {
+        let mut config = cloud48_engine::CoreConfig::new(d.path());
+        config.database_url = Some(pg.url.clone());
+        // No background sync: only what placement reads itself can tell it.
+        config.health.background = false;
+        config.placement.view_max_age = Some(Duration::ZERO);
+        let core = cloud48_engine::Core::open(config).await.unwrap();
+        core.start().await.unwrap();
+        cores.push(core);
+    }
+    // Each core learns that the other runs (and reads the servers, all empty).
+    for core in cores.iter().chain(cores.iter()) {
+        core.sync_cluster().await.unwrap();
+    }
+    let mut placed = Vec::new();
+    for core in &cores {
+        let (cmd, id) = core
+            .containers()
+            .create(
+                &CreateContainer {
+                    project: None,
+                    type_id: "plain".into(),
+                    server: None,
+                    requirements: None,
+                    count: None,
+                },
+                "test",
+            )
+            .await
+            .unwrap();
+        let done = core
+            .queue()
+            .wait(cmd, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            done.status,
+            cloud48_engine::model::CommandStatus::Succeeded,
+            "{:?}",
+            done.error
+        );
+        let container = core.containers().get_by_id(id).await.unwrap();
+        placed.push(container.server.unwrap());
+    }
+    assert_ne!(
+        placed[0], placed[1],
+        "the second core placed on the server the first had just filled"
+    );
+    for core in &cores {
+        core.stop(Duration::from_secs(5)).await;
+    }
+}

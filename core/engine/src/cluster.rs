@@ -140,6 +140,8 @@ pub struct Cluster {
     held: Mutex<HashMap<Duty, Instant>>,
     /// The URLs of the cores seen lately (told to agents).
     urls: Mutex<Vec<String>>,
+    /// Whether another core was seen lately (as of the last `sync_cores`).
+    others: std::sync::atomic::AtomicBool,
     /// The database's clock (PostgreSQL), recalibrated by `sync_cores`.
     clock: Option<std::sync::Arc<DbClock>>,
     /// The servers' fingerprints (what they are, what is placed on them) when this core last
@@ -212,6 +214,7 @@ impl Cluster {
             lease,
             held: Mutex::new(HashMap::new()),
             urls: Mutex::new(Vec::new()),
+            others: std::sync::atomic::AtomicBool::new(false),
             clock: None,
             servers_seen: Mutex::new(None),
             agents_token: NO_TOKEN.into(),
@@ -587,7 +590,7 @@ impl Cluster {
     /// emptiest and stacked containers on it).
     pub async fn changed_servers(&self) -> Result<ServerChanges, DbErr> {
         use crate::entities::server;
-        use sea_orm::{EntityTrait, QueryOrder, QuerySelect};
+        use sea_orm::{EntityTrait, QueryOrder};
         if !self.shared() {
             return Ok(ServerChanges::None);
         }
@@ -612,20 +615,9 @@ impl Cluster {
         let before = self.servers_seen.lock().unwrap().clone();
         let changes = match before {
             Some(b) if b == seen => return Ok(ServerChanges::None),
-            Some((what, _)) if what == seen.0 => ServerChanges::Allocations(
-                server::Entity::find()
-                    .select_only()
-                    .columns([
-                        server::Column::Id,
-                        server::Column::AllocCpuMillis,
-                        server::Column::AllocMemoryMb,
-                        server::Column::AllocDiskMb,
-                        server::Column::AllocContainers,
-                    ])
-                    .into_tuple()
-                    .all(&self.db)
-                    .await?,
-            ),
+            Some((what, _)) if what == seen.0 => {
+                ServerChanges::Allocations(crate::placement::read_allocations(&self.db).await?)
+            }
             _ => ServerChanges::All(
                 server::Entity::find()
                     .order_by_asc(server::Column::Id)
@@ -647,14 +639,16 @@ impl Cluster {
         if let Some(clock) = &self.clock {
             clock.calibrate(&self.db).await?;
         }
-        let urls = self
-            .cores(within)
-            .await?
-            .into_iter()
-            .filter_map(|c| c.url)
-            .collect();
-        *self.urls.lock().unwrap() = urls;
+        let cores = self.cores(within).await?;
+        let others = cores.iter().any(|c| c.node != self.node);
+        self.others.store(others, Ordering::Relaxed);
+        *self.urls.lock().unwrap() = cores.into_iter().filter_map(|c| c.url).collect();
         Ok(())
+    }
+
+    /// Whether another core was seen lately on this database (as of the last `sync_cores`).
+    pub fn others_seen(&self) -> bool {
+        self.others.load(Ordering::Relaxed)
     }
 
     /// The URLs of the cores seen lately (as of the last `sync_cores`).

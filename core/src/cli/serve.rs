@@ -107,6 +107,11 @@ pub struct CoreArgs {
     /// Lifetime of a capacity reservation whose command did not finish, seconds [default 600].
     #[arg(long, allow_negative_numbers = true)]
     pub dummy_ttl_secs: Option<u64>,
+    /// While other cores share the database: how old the servers' allocations this core
+    /// places on may be, ms; older, it reads them again before deciding (0: before every
+    /// decision) [default 100].
+    #[arg(long, allow_negative_numbers = true)]
+    pub placement_view_max_age_ms: Option<u64>,
 }
 
 impl CoreArgs {
@@ -171,6 +176,7 @@ impl CoreArgs {
             ("rebalancer.spread_percent", self.rebalance_spread),
             ("rebalancer.batch", self.rebalance_batch),
             ("placement.dummy_ttl_secs", self.dummy_ttl_secs),
+            ("placement.view_max_age_ms", self.placement_view_max_age_ms),
         ] {
             put(key, value.map(|v| v.to_string()));
         }

@@ -227,6 +227,14 @@ pub(super) const SETTINGS: &[Spec] = &[
         kind: Kind::Range(1, 86400),
     },
     Spec {
+        key: "placement.view_max_age_ms",
+        env: "CLOUD48_PLACEMENT_VIEW_MAX_AGE_MS",
+        flag: "--placement-view-max-age-ms",
+        default: "100",
+        secret: false,
+        kind: Kind::Range(0, 60000),
+    },
+    Spec {
         key: "plugins.deadline_ms",
         env: "CLOUD48_PLUGIN_DEADLINE_MS",
         flag: "--plugin-deadline-ms",

@@ -297,6 +297,9 @@ impl Settings {
             image: self.weight("placement.weight_image"),
         };
         c.placement.dummy_ttl = Some(Duration::from_secs(self.count("placement.dummy_ttl_secs")));
+        c.placement.view_max_age = Some(Duration::from_millis(
+            self.count("placement.view_max_age_ms"),
+        ));
         let token = self.get("agents.token");
         c.agent_token = (!token.is_empty()).then(|| token.to_string());
         let token = self.get("metrics.token");

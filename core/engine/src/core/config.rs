@@ -107,9 +107,18 @@ pub struct PlacementConfig {
     pub weights: crate::placement::Weights,
     /// Lifetime of a dummy (capacity reservation) if its command does not finish first.
     pub dummy_ttl: Option<Duration>,
+    /// While other cores place on the database: how old the servers' allocations in this
+    /// core's view may be when it places; older, they are read again first.
+    pub view_max_age: Option<Duration>,
 }
 
 impl PlacementConfig {
+    /// How old the allocations placement decides on may be while other cores place; default
+    /// 100 ms.
+    pub fn view_max_age(&self) -> Duration {
+        self.view_max_age.unwrap_or(Duration::from_millis(100))
+    }
+
     /// Lifetime of a dummy; default 10 minutes.
     pub fn dummy_ttl(&self) -> Duration {
         self.dummy_ttl.unwrap_or(Duration::from_secs(600))

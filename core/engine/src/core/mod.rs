@@ -463,6 +463,10 @@ impl Core {
                 self.seen_lately(),
             )
             .await?;
+        self.placement().others_place(
+            cluster.others_seen(),
+            self.inner.config.placement.view_max_age(),
+        );
         Ok(())
     }
 

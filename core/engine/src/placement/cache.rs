@@ -33,6 +33,42 @@ pub struct PlacementCache {
     refused: std::sync::atomic::AtomicU64,
     /// The last group holder handed out.
     groups: std::sync::atomic::AtomicU64,
+    /// How the view follows what other cores place (`follow_others`).
+    others: std::sync::Mutex<Others>,
+}
+
+/// Whether other cores place on this core's database, how old the allocations in the view may
+/// be when one of this core's decisions reads them, and when they were last read.
+#[derive(Default)]
+struct Others {
+    placing: bool,
+    max_age: std::time::Duration,
+    read_at: Option<Instant>,
+}
+
+/// Every server's allocation counters, `(id, cpu_millis, memory_mb, disk_mb, containers)`, as
+/// `set_allocations` takes them.
+pub async fn read_allocations<C: ConnectionTrait>(
+    conn: &C,
+) -> Result<Vec<(i64, i64, i64, i64, i64)>, DbErr> {
+    use sea_orm::QuerySelect;
+    server::Entity::find()
+        .select_only()
+        .columns([
+            server::Column::Id,
+            server::Column::AllocCpuMillis,
+            server::Column::AllocMemoryMb,
+            server::Column::AllocDiskMb,
+            server::Column::AllocContainers,
+        ])
+        .into_tuple()
+        .all(conn)
+        .await
+}
+
+/// Whether allocations read at `read_at` (never: `None`) are older than `max_age` at `now`.
+fn stale(read_at: Option<Instant>, now: Instant, max_age: std::time::Duration) -> bool {
+    read_at.is_none_or(|at| now.saturating_duration_since(at) >= max_age)
 }
 
 #[derive(Default)]
@@ -85,6 +121,7 @@ impl View {
 pub struct Reading<'a> {
     cache: &'a PlacementCache,
     at: u64,
+    began: Instant,
 }
 
 impl Drop for Reading<'_> {
@@ -117,7 +154,11 @@ impl PlacementCache {
     /// Begins a read of servers from the database, for `load` or `set_allocations`.
     pub fn reading(&self) -> Reading<'_> {
         let at = self.servers.write().unwrap().pending.begin_read();
-        Reading { cache: self, at }
+        Reading {
+            cache: self,
+            at,
+            began: Instant::now(),
+        }
     }
 
     /// Reloads every server.
@@ -151,6 +192,7 @@ impl PlacementCache {
         view.pending = std::mem::take(&mut guard.pending);
         view.add_back(read.at, None, within);
         *guard = view;
+        self.others.lock().unwrap().read_at = Some(read.began);
     }
 
     /// Reloads one server.
@@ -226,6 +268,16 @@ impl PlacementCache {
     /// Replaces the allocation counters of the servers named, from `(id, cpu_millis,
     /// memory_mb, disk_mb, containers)` as the database holds them (read by `read`).
     pub fn set_allocations(&self, read: Reading<'_>, counters: &[(i64, i64, i64, i64, i64)]) {
+        self.set_allocations_within(read, counters, None)
+    }
+
+    /// `set_allocations`, read through the transaction that holds the claims `within` counted.
+    fn set_allocations_within(
+        &self,
+        read: Reading<'_>,
+        counters: &[(i64, i64, i64, i64, i64)],
+        within: Option<Holder>,
+    ) {
         let mut guard = self.servers.write().unwrap();
         let view = &mut *guard;
         for &(id, cpu, memory, disk, containers) in counters {
@@ -235,7 +287,42 @@ impl PlacementCache {
             }
         }
         let named: HashSet<i64> = counters.iter().map(|c| c.0).collect();
-        view.add_back(read.at, Some(&named), None);
+        view.add_back(read.at, Some(&named), within);
+        drop(guard);
+        let mut others = self.others.lock().unwrap();
+        if others.read_at.is_none_or(|at| at < read.began) {
+            others.read_at = Some(read.began);
+        }
+    }
+
+    /// Tells the view whether other cores place on this core's database (the cluster's sync
+    /// does, from the cores seen lately), and how old the allocations it reads may be then.
+    pub fn others_place(&self, placing: bool, max_age: std::time::Duration) {
+        let mut others = self.others.lock().unwrap();
+        others.placing = placing;
+        others.max_age = max_age;
+    }
+
+    /// While other cores place on this database: reads every server's allocation counters
+    /// again (through `conn`, whose claims `within` counted) when the view's are older than
+    /// the age `others_place` set, so that a decision sees what the other cores placed since
+    /// (the cluster's sync reads them only once a heartbeat period; without this, cores
+    /// placing at once each picked the same emptiest server). Nothing otherwise.
+    pub async fn follow_others<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+        within: Option<Holder>,
+    ) -> Result<(), DbErr> {
+        {
+            let others = self.others.lock().unwrap();
+            if !others.placing || !stale(others.read_at, Instant::now(), others.max_age) {
+                return Ok(());
+            }
+        }
+        let read = self.reading();
+        let counters = read_allocations(conn).await?;
+        self.set_allocations_within(read, &counters, within);
+        Ok(())
     }
 
     /// Marks a server up or down and draining or not.
@@ -319,8 +406,8 @@ impl PlacementCache {
         )
     }
 
-    /// `decide_many`, and on a database other cores share once more on a fresh view when a
-    /// decision found no server: another core may have registered servers, or seen them come
+    /// `decide_many` (on a view that follows other cores' placements, `follow_others`), and on
+    /// a database other cores share once more on a fresh view when a decision found no server: another core may have registered servers, or seen them come
     /// back, since this view was read.
     pub async fn decide_many_fresh<C: ConnectionTrait>(
         &self,
@@ -330,6 +417,7 @@ impl PlacementCache {
         image: Option<&ImageRef>,
         count: usize,
     ) -> Result<Vec<Result<i64, String>>, DbErr> {
+        self.follow_others(conn, None).await?;
         let decisions = self.decide_many(holder, req, image, count);
         if decisions.iter().all(Result::is_ok)
             || conn.get_database_backend() != sea_orm::DatabaseBackend::Postgres
@@ -471,5 +559,25 @@ impl Settling {
 impl Drop for Settling {
     fn drop(&mut self) {
         self.cache.settle(self.holder, false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Allocations never read, or read at least the maximum age ago, are read again; younger
+    /// ones are not (a maximum age of 0 reads them before every decision).
+    #[test]
+    fn allocations_are_read_again_once_older_than_the_maximum_age() {
+        let now = Instant::now();
+        let max = Duration::from_millis(100);
+        assert!(stale(None, now, max));
+        assert!(!stale(Some(now - Duration::from_millis(99)), now, max));
+        assert!(stale(Some(now - max), now, max));
+        assert!(stale(Some(now), now, Duration::ZERO));
+        // A read that began after `now` (another task's) is not stale.
+        assert!(!stale(Some(now + Duration::from_millis(5)), now, max));
     }
 }

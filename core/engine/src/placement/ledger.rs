@@ -237,6 +237,9 @@ pub async fn place(
     // Other cores may have changed servers since this core's view was read: on a shared
     // database, a decision that finds no server is made once more on a fresh view.
     let mut fresh = txn.get_database_backend() != sea_orm::DatabaseBackend::Postgres;
+    if req.server.is_none() {
+        cache.follow_others(txn, holder).await?;
+    }
     for _ in 0..32 {
         let server_id = match req.server {
             Some(s) => s,

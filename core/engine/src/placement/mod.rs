@@ -36,7 +36,7 @@ mod cache;
 mod ledger;
 mod pending;
 
-pub use cache::{PlacementCache, Reading, Settling};
+pub use cache::{PlacementCache, Reading, Settling, read_allocations};
 pub use ledger::*;
 pub use pending::Holder;
 
