@@ -281,8 +281,19 @@ async fn throughput(args: &ClusterBenchArgs, url: &str, cores: usize) -> Result<
             error.unwrap_or_default()
         );
     }
+    // How evenly the cores together spread the containers over the (equal) servers.
+    let fewest = count(
+        &db,
+        "SELECT coalesce(min(alloc_containers), 0) FROM servers WHERE driver = 'remote'",
+    )
+    .await?;
+    let most = count(
+        &db,
+        "SELECT coalesce(max(alloc_containers), 0) FROM servers WHERE driver = 'remote'",
+    )
+    .await?;
     println!(
-        "bench cluster throughput: {cores} core(s), {n} single creates round-robin: submitted in {:.2} s, finished in {:.2} s: {:.0} creates/s ({failed} failed)",
+        "bench cluster throughput: {cores} core(s), {n} single creates round-robin: submitted in {:.2} s, finished in {:.2} s: {:.0} creates/s ({failed} failed); containers per server {fewest}..{most}",
         submitted.as_secs_f64(),
         finished.as_secs_f64(),
         n as f64 / finished.as_secs_f64()
