@@ -331,16 +331,7 @@ async fn anonymous_users_cannot_export_or_read_logs_and_read_only_the_configured
     let (cmd, container) = t
         .core
         .containers()
-        .create(
-            &cloud48_engine::managers::CreateContainer {
-                project: None,
-                type_id: "plain".into(),
-                server: None,
-                requirements: None,
-                count: None,
-            },
-            "test",
-        )
+        .create(&crate::common::plain(None), "test")
         .await
         .unwrap();
     t.ok(cmd).await;

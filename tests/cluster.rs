@@ -1059,7 +1059,6 @@ async fn a_core_with_another_agents_token_is_refused_at_start() {
 /// another server (on a view a heartbeat period old it picked the same emptiest one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_places_on_what_another_core_placed_a_moment_before() {
-    use cloud48_engine::managers::CreateContainer;
     let Some(pg) = PgDb::create().await else {
         return;
     };
@@ -1083,16 +1082,7 @@ async fn a_core_places_on_what_another_core_placed_a_moment_before() {
     for core in &cores {
         let (cmd, id) = core
             .containers()
-            .create(
-                &CreateContainer {
-                    project: None,
-                    type_id: "plain".into(),
-                    server: None,
-                    requirements: None,
-                    count: None,
-                },
-                "test",
-            )
+            .create(&crate::common::plain(None), "test")
             .await
             .unwrap();
         let done = core

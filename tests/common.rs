@@ -473,6 +473,18 @@ macro_rules! on_both_databases {
     };
 }
 
+/// A create of one `plain` container with its type's requirements, on `server` or where
+/// placement puts it.
+pub fn plain(server: Option<&str>) -> cloud48_engine::managers::CreateContainer {
+    cloud48_engine::managers::CreateContainer {
+        project: None,
+        type_id: "plain".into(),
+        server: server.map(Into::into),
+        requirements: None,
+        count: None,
+    }
+}
+
 /// Path of the `cloud48` binary under test.
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_cloud48")

@@ -14,16 +14,7 @@ mod creates;
 async fn create(t: &TestCore, server: Option<&str>) -> ContainerId {
     let a: Accepted = t
         .client
-        .post(
-            "/v1/containers",
-            &CreateContainer {
-                project: None,
-                type_id: "plain".into(),
-                server: server.map(Into::into),
-                requirements: None,
-                count: None,
-            },
-        )
+        .post("/v1/containers", &crate::common::plain(server))
         .await
         .unwrap();
     t.created(a.command_id).await
@@ -338,16 +329,7 @@ async fn a_failed_create_leaves_a_failed_container_and_no_guest() {
         .fail_next("start", 1, DriverError::Permanent("image broken".into()));
     let a: Accepted = t
         .client
-        .post(
-            "/v1/containers",
-            &CreateContainer {
-                project: None,
-                type_id: "plain".into(),
-                server: Some("sim-2".into()),
-                requirements: None,
-                count: None,
-            },
-        )
+        .post("/v1/containers", &crate::common::plain(Some("sim-2")))
         .await
         .unwrap();
     let cmd = t.wait(a.command_id).await;

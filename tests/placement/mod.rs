@@ -206,15 +206,7 @@ async fn assert_ledger_clean(t: &TestCore) {
     assert_view_is_the_database(t).await;
 }
 
-fn plain(server: Option<&str>) -> CreateContainer {
-    CreateContainer {
-        project: None,
-        type_id: "plain".into(),
-        server: server.map(Into::into),
-        requirements: None,
-        count: None,
-    }
-}
+use crate::common::plain;
 
 /// Three servers with room for 50 plain containers (256 MB) each.
 /// A core with room for 150 plain containers whose queue waits for `start`.

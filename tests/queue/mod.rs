@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cloud48_engine::entities::command;
-use cloud48_engine::managers::{ContainerCommand, CreateContainer};
+use cloud48_engine::managers::ContainerCommand;
 use cloud48_engine::model::{CommandId, CommandStatus, ContainerStatus};
 use cloud48_engine::queue::{
     NewCommand, Next, Queue, QueueConfig, Runner, StepError, SystemClock, Transition,
@@ -22,16 +22,7 @@ async fn running_container(t: &TestCore) -> (cloud48_engine::model::ContainerId,
     let (cmd, id) = t
         .core
         .containers()
-        .create(
-            &CreateContainer {
-                project: None,
-                type_id: "plain".into(),
-                server: Some("sim-1".into()),
-                requirements: None,
-                count: None,
-            },
-            "test",
-        )
+        .create(&crate::common::plain(Some("sim-1")), "test")
         .await
         .unwrap();
     t.ok(cmd).await;
