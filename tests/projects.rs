@@ -6,6 +6,7 @@ use cloud48_core::cli::{Client, Credentials};
 use cloud48_engine::auth::{Anonymous, AuthConfig, Role, UserRecord};
 use cloud48_engine::model::{Accepted, CommandStatus, Container, Environment, Project, Topic};
 use serde_json::json;
+use std::time::Duration;
 
 use crate::common::{Opts, TestCore};
 use crate::events::{open, until};
@@ -24,6 +25,19 @@ async fn core(paused: bool) -> TestCore {
 }
 
 async fn core_with(paused: bool, anonymous: Anonymous) -> TestCore {
+    core_on(paused, anonymous, false, Duration::ZERO)
+        .await
+        .unwrap()
+}
+
+/// `core_with`, on PostgreSQL when `pg` (`None` when it is unreachable and not required),
+/// with simulated servers taking `latency` per operation.
+async fn core_on(
+    paused: bool,
+    anonymous: Anonymous,
+    pg: bool,
+    latency: Duration,
+) -> Option<TestCore> {
     let record = |name: &str, role| {
         UserRecord::with_password(name, role, REALM, &format!("{name}-password"))
     };
@@ -40,10 +54,11 @@ async fn core_with(paused: bool, anonymous: Anonymous) -> TestCore {
             ..AuthConfig::default()
         },
         paused,
+        postgres: pg,
+        latency,
         ..Opts::default()
     })
     .await
-    .unwrap()
 }
 
 /// Project `shop`, made by admin `ada`, where `mo` is an operator.
@@ -490,6 +505,79 @@ async fn a_quota_refuses_at_submission_and_again_when_the_command_runs() {
         .await
         .unwrap();
     assert_eq!(c.project, "default");
+}
+
+crate::on_both_databases!(
+    two_updates_running_at_once_do_not_both_fit_in_what_is_left_of_a_quota,
+    racing_updates
+);
+/// Two updates that each fit in what is left of a project's memory quota, but not together,
+/// both pass their submission and run at once: the growth the first reserved is counted by
+/// the second, which fails; the project stays within its quota.
+async fn racing_updates(pg: bool) {
+    let Some(t) = core_on(false, Anonymous::None, pg, Duration::from_millis(1500)).await else {
+        return;
+    };
+    let ada = user(&t, "ada");
+    let _: Project = ada
+        .post(
+            "/v1/projects",
+            &json!({ "name": "race", "quota": { "memory_mb": 1024 } }),
+        )
+        .await
+        .unwrap();
+    let size = |memory: u64| json!({ "cpu_millis": 100, "memory_mb": memory, "disk_mb": 100 });
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let a: Accepted = ada
+            .post(
+                "/v1/containers",
+                &json!({ "type": "plain", "project": "race", "requirements": size(256) }),
+            )
+            .await
+            .unwrap();
+        ids.push((a.command_id, a.object_id.unwrap()));
+    }
+    for (cmd, _) in &ids {
+        t.ok(*cmd).await;
+    }
+    // Reboots (1.5 s each on these servers) hold both containers while the updates are
+    // submitted: both pass their submission, and run once the reboots end.
+    let act = |id: i64, op: serde_json::Value| {
+        let ada = &ada;
+        async move {
+            let a: Accepted = ada
+                .post(&format!("/v1/containers/{id}/actions"), &op)
+                .await
+                .unwrap();
+            a.command_id
+        }
+    };
+    let mut reboots = Vec::new();
+    for (_, id) in &ids {
+        reboots.push(act(*id, json!({ "op": "reboot" })).await);
+    }
+    // Each asks 512 more: 512 used + 512 fits, 512 + 1024 does not.
+    let mut updates = Vec::new();
+    for (_, id) in &ids {
+        updates.push(act(*id, json!({ "op": "update", "resources": size(768) })).await);
+    }
+    for cmd in reboots {
+        t.ok(cmd).await;
+    }
+    let mut outcomes = Vec::new();
+    for cmd in updates {
+        outcomes.push(t.wait(cmd).await);
+    }
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|c| c.status == CommandStatus::Failed)
+        .collect();
+    assert_eq!(failed.len(), 1, "{outcomes:?}");
+    let error = failed[0].error.clone().unwrap_or_default();
+    assert!(error.contains("over its quota"), "{error}");
+    let race: Project = ada.get("/v1/projects/race").await.unwrap();
+    assert_eq!(race.usage.resources.memory_mb, 1024, "{race:?}");
 }
 
 /// An open event stream stops once its reader's rights change: a member whose project role

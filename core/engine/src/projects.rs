@@ -162,7 +162,61 @@ pub async fn usage<C: ConnectionTrait>(
         })?;
         total = total.plus(&Usage::of(1, &r.resources));
     }
-    Ok(total)
+    Ok(total.plus(&growth(conn, project, before).await?))
+}
+
+/// What running updates of the project's live containers (all, or those before container
+/// `before`) reserved to grow them and have not yet written to them: their growth dummies.
+/// Counted in the usage, so that two updates running at once cannot each fit in what is left.
+async fn growth<C: ConnectionTrait>(
+    conn: &C,
+    project: i64,
+    before: Option<i64>,
+) -> Result<Usage, CoreError> {
+    let mut text = String::from(
+        "SELECT CAST(COALESCE(SUM(d.cpu_millis), 0) AS BIGINT) AS cpu, \
+         CAST(COALESCE(SUM(d.memory_mb), 0) AS BIGINT) AS memory, \
+         CAST(COALESCE(SUM(d.disk_mb), 0) AS BIGINT) AS disk \
+         FROM dummies d JOIN containers c ON c.id = d.container_id \
+         JOIN commands k ON k.id = d.command_id \
+         WHERE c.project_id = $1 AND k.kind = 'container.update' \
+         AND c.status NOT IN ('destroyed', 'failed')",
+    );
+    let mut values = vec![project.into()];
+    if let Some(b) = before {
+        text.push_str(" AND c.id < $2");
+        values.push(b.into());
+    }
+    let row = conn
+        .query_one_raw(crate::queue::store::sql(conn, &text, values))
+        .await?
+        .ok_or_else(|| CoreError::Corrupt("a sum answered no row".into()))?;
+    let sum = |column: &str| -> Result<u64, CoreError> {
+        Ok(row.try_get::<i64>("", column)?.max(0) as u64)
+    };
+    Ok(Usage {
+        containers: 0,
+        resources: crate::model::Resources {
+            cpu_millis: sum("cpu")?,
+            memory_mb: sum("memory")?,
+            disk_mb: sum("disk")?,
+        },
+    })
+}
+
+/// Holds the quota of `project` until `txn` ends (on PostgreSQL a lock of its row; SQLite
+/// runs one transaction at a time): a check and the reservation it allows, written in `txn`,
+/// are then seen whole by the next check.
+pub async fn hold_quota<C: ConnectionTrait>(txn: &C, project: i64) -> Result<(), CoreError> {
+    if txn.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+        txn.query_one_raw(crate::queue::store::sql(
+            txn,
+            "SELECT id FROM projects WHERE id = $1 FOR UPDATE",
+            vec![project.into()],
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
 /// Refuses `more` when it does not fit in the quota of `project` on top of what its live

@@ -30,11 +30,16 @@ pub(super) async fn update(
         let project = row.project_id;
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
-                // The quota again, now that it runs (it was checked when submitted).
+                // The quota again, now that it runs (it was checked when submitted), held
+                // until this growth's dummy is committed: another update running at once
+                // counts it.
                 let more = Usage {
                     containers: 0,
                     resources: grow,
                 };
+                crate::projects::hold_quota(txn, project)
+                    .await
+                    .map_err(crate::commands::core_err)?;
                 crate::projects::check(txn, project, &more, None)
                     .await
                     .map_err(crate::commands::core_err)?;
