@@ -504,6 +504,68 @@ async fn a_replacement_that_finds_no_room_leaves_the_container_down_not_illegal(
     );
 }
 
+/// A member retired for a replacement is illegal only until the replacement is made: when its
+/// server comes back while the replacement still runs, the collector leaves it (had the
+/// replacement failed, it would be the only copy, down again); once the replacement is made,
+/// the collector destroys it. An operator's trial lost a healthy Tomcat that way: its
+/// replacement failed after the collector had destroyed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_being_replaced_is_not_collected_until_its_replacement_is_made() {
+    let t = TestCore::start(Opts {
+        sim_servers: 2,
+        // Creates take seconds: the replacement is still being made when sim-1 comes back.
+        latency: Duration::from_millis(1500),
+        types: vec![Arc::new(Phoenix)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "slow" }))
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/environments/slow/containers",
+            &json!({ "type": "phoenix", "server": "sim-1" }),
+        )
+        .await
+        .unwrap();
+    let old = t.created(a.command_id).await;
+    let guest = show(&t, old).await.guest_id;
+    let sim1 = t.core.servers().get("sim-1").await.unwrap();
+    assert!(t.core.monitor().mark_down(sim1.id.0, "test").await.unwrap());
+    crate::common::eventually("the member is retired for its replacement", || async {
+        (show(&t, old).await.status == ContainerStatus::Illegal).then_some(())
+    })
+    .await;
+    let failover = commands_of(&t, "environment.failover").await;
+    assert!(
+        !t.core
+            .queue()
+            .get(failover[0].id)
+            .await
+            .unwrap()
+            .status
+            .is_terminal()
+    );
+    // Back while the replacement is made: collected (mark_up runs the collector) it is not.
+    assert!(t.core.monitor().mark_up(sim1.id.0).await.unwrap());
+    assert!(
+        t.sim("sim-1").await.guest(&guest).is_some(),
+        "the retired member's guest was destroyed while its replacement was being made"
+    );
+    assert_eq!(show(&t, old).await.status, ContainerStatus::Illegal);
+    t.ok(failover[0].id).await;
+    let report = t.core.collector().collect(None).await.unwrap();
+    assert_eq!(report.illegal, 1, "{report:?}");
+    assert!(t.sim("sim-1").await.guest(&guest).is_none());
+    assert_eq!(show(&t, old).await.status, ContainerStatus::Destroyed);
+}
+
 /// Regression (hardening): while one big batch starved the runtime, heartbeats were not
 /// processed and the monitor, running late, took its own stall for the servers' silence and
 /// marked a healthy server down. A pass that runs a quarter of the grace period late or more

@@ -1,7 +1,9 @@
 //! The container collector: removes what must not exist any more.
 //!
 //! - dummies whose command finished or whose deadline passed (their capacity is given back);
-//! - illegal containers (replaced while their server was down), once their server is up;
+//! - illegal containers (replaced while their server was down), once their server is up and
+//!   no replacement in their environment is still running (until it ends, the retired member
+//!   may become `down` again: no replacement could be made);
 //! - guests a server still runs although the database says their container was destroyed or
 //!   failed (a create or destroy that could not reach the server);
 //! - events older than the retention window (`events.retention_secs`).
@@ -83,11 +85,21 @@ impl Collector {
             .collect();
         // The illegal containers of every server in one statement (the partial index of
         // migration 18 holds only them): a pass costs the same with a million legal ones.
+        // Not while a replacement of a member of its environment runs: a member retired for
+        // one is illegal only until the replacement is made, and down again when none could
+        // be (read in the same statement, so a replacement that ended since is seen whole).
         let mut illegal: HashMap<i64, Vec<container::Model>> = HashMap::new();
-        let mut query = container::Entity::find().filter(Expr::cust(format!(
-            "status = '{}'",
-            ContainerStatus::Illegal.as_str()
-        )));
+        let mut query = container::Entity::find()
+            .filter(Expr::cust(format!(
+                "status = '{}'",
+                ContainerStatus::Illegal.as_str()
+            )))
+            .filter(Expr::cust(
+                "NOT EXISTS (SELECT 1 FROM commands k WHERE k.kind = 'environment.replace' \
+                 AND k.status IN ('queued', 'running', 'waiting') \
+                 AND k.target_type = 'environment' \
+                 AND k.target_id = containers.environment_id)",
+            ));
         if let Some(o) = only {
             query = query.filter(container::Column::ServerId.eq(o));
         }
