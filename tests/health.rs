@@ -566,6 +566,63 @@ async fn a_member_being_replaced_is_not_collected_until_its_replacement_is_made(
     assert_eq!(show(&t, old).await.status, ContainerStatus::Destroyed);
 }
 
+/// A container whose processes exited on their own (its server reports its guest stopped) is
+/// not shown running for ever: the collector's pass makes it stopped, saying why, and `start`
+/// runs it again (an operator's trial saw an out-of-memory kill leave a container "running",
+/// with `start` refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_whose_processes_exited_becomes_stopped_and_starts_again() {
+    use cloud48_engine::driver::Driver;
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "sim-1" }),
+        )
+        .await
+        .unwrap();
+    let id = t.created(a.command_id).await;
+    let a: Accepted = t
+        .client
+        .post(
+            "/v1/containers",
+            &json!({ "type": "plain", "server": "sim-1" }),
+        )
+        .await
+        .unwrap();
+    let other = t.created(a.command_id).await;
+    let guest = show(&t, id).await.guest_id;
+    // Behind the core's back, as a crash would.
+    t.sim("sim-1").await.stop(&guest).await.unwrap();
+    let report = t.core.collector().collect(None).await.unwrap();
+    assert_eq!(report.exited, 1, "{report:?}");
+    let c = show(&t, id).await;
+    assert_eq!(c.status, ContainerStatus::Stopped);
+    assert!(
+        c.status_reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("exited on their own"),
+        "{c:?}"
+    );
+    assert_eq!(show(&t, other).await.status, ContainerStatus::Running);
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "start" }),
+        )
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let c = show(&t, id).await;
+    assert_eq!(c.status, ContainerStatus::Running);
+    assert_eq!(c.status_reason, None, "the reason went with the status");
+    let again = t.core.collector().collect(None).await.unwrap();
+    assert_eq!(again.exited, 0, "{again:?}");
+}
+
 /// Regression (hardening): while one big batch starved the runtime, heartbeats were not
 /// processed and the monitor, running late, took its own stall for the servers' silence and
 /// marked a healthy server down. A pass that runs a quarter of the grace period late or more

@@ -8,6 +8,9 @@
 //!   failed (a create or destroy that could not reach the server);
 //! - events older than the retention window (`events.retention_secs`).
 //!
+//! Its pass over each server also notes containers held as running whose guest the server
+//! reports stopped (their processes exited on their own): they become stopped, saying why.
+//!
 //! It runs when a server comes back, periodically, and at start-up.
 //! Invariant: it never destroys a guest whose container the database holds as legal
 //! (any status other than destroyed, failed or illegal).
@@ -39,6 +42,9 @@ pub struct CollectReport {
     pub leftovers: usize,
     /// Events past the retention window forgotten.
     pub events: u64,
+    /// Containers held as running whose guest their server reports stopped (its processes
+    /// exited on their own), now stopped.
+    pub exited: usize,
 }
 
 /// The collector, with what it uses: the database, the servers' drivers, placement's view of
@@ -123,15 +129,16 @@ impl Collector {
                             "collector gave up on a server that did not answer within {} s",
                             SERVER_DEADLINE.as_secs()
                         );
-                        Ok((0, 0))
+                        Ok((0, 0, 0))
                     }
                 }
             }
         });
         for done in futures::future::join_all(passes).await {
-            let (illegal, leftovers) = done?;
+            let (illegal, leftovers, exited) = done?;
             report.illegal += illegal;
             report.leftovers += leftovers;
+            report.exited += exited;
         }
         if only.is_none() {
             let before = self.clock.now_ms() - self.events_retention.as_millis() as i64;
@@ -197,9 +204,9 @@ impl Collector {
         &self,
         server_id: i64,
         rows: Vec<container::Model>,
-    ) -> Result<(usize, usize), CoreError> {
+    ) -> Result<(usize, usize, usize), CoreError> {
         let Some((driver, name)) = self.fleet.named_driver(server_id) else {
-            return Ok((0, 0));
+            return Ok((0, 0, 0));
         };
         let mut illegal = 0;
         for row in rows {
@@ -230,15 +237,27 @@ impl Collector {
             }
             txn.commit().await?;
         }
+        // Taken before the list: a container written since (a command started it again)
+        // is not judged on it.
+        let listed_at = crate::model::now_ms();
         let guests = match driver.list().await {
             Ok(g) => g,
             Err(e) => {
                 tracing::warn!(server = %name, error = %e, "collector could not list guests");
-                return Ok((illegal, 0));
+                return Ok((illegal, 0, 0));
             }
         };
         if guests.is_empty() {
-            return Ok((illegal, 0));
+            return Ok((illegal, 0, 0));
+        }
+        let stopped: Vec<String> = guests
+            .iter()
+            .filter(|g| g.state == crate::driver::GuestState::Stopped)
+            .map(|g| g.guest_id.clone())
+            .collect();
+        let exited = self.note_exited(server_id, &stopped, listed_at).await?;
+        if exited > 0 {
+            tracing::warn!(server = %name, containers = exited, "containers whose processes exited on their own are now stopped");
         }
         let ids: Vec<String> = guests.iter().map(|g| g.guest_id.clone()).collect();
         let mut leftovers = 0;
@@ -262,6 +281,45 @@ impl Collector {
                 }
             }
         }
-        Ok((illegal, leftovers))
+        Ok((illegal, leftovers, exited))
+    }
+
+    /// Containers on `server_id` held as running whose guest (among `stopped`, as the server
+    /// listed them at `listed_at`) is stopped: their processes exited on their own (a crash, an
+    /// out-of-memory kill, a workload that ended). They become stopped, saying why, so that
+    /// `start` works and lists and events tell the truth; not one a command holds, nor one
+    /// written since the list (a start that ran meanwhile).
+    async fn note_exited(
+        &self,
+        server_id: i64,
+        stopped: &[String],
+        listed_at: i64,
+    ) -> Result<usize, CoreError> {
+        let mut exited = 0;
+        for chunk in stopped.chunks(500) {
+            exited += container::Entity::update_many()
+                .col_expr(
+                    container::Column::Status,
+                    Expr::val(ContainerStatus::Stopped.as_str()),
+                )
+                .col_expr(container::Column::StatusReason, Expr::val(EXITED))
+                .col_expr(
+                    container::Column::UpdatedAt,
+                    Expr::val(crate::model::now_ms()),
+                )
+                .filter(container::Column::ServerId.eq(server_id))
+                .filter(container::Column::GuestId.is_in(chunk.to_vec()))
+                .filter(container::Column::Status.eq(ContainerStatus::Running.as_str()))
+                .filter(container::Column::LockedBy.is_null())
+                .filter(container::Column::UpdatedAt.lt(listed_at))
+                .exec(&self.db)
+                .await?
+                .rows_affected as usize;
+        }
+        Ok(exited)
     }
 }
+
+/// Why a container the core held as running is stopped: its server reported its guest so.
+pub const EXITED: &str = "its processes exited on their own (its server reported it stopped): \
+                          `container logs` shows its last output, `container start` runs it again";

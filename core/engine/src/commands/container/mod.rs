@@ -215,7 +215,12 @@ pub(super) async fn step(ctx: &StepCtx<'_>, kind: CommandKind) -> Result<Transit
     };
     Ok(Transition::commit(move |txn| {
         Box::pin(async move {
-            write_in(txn, &row, |am| am.status = status_of(new_status)).await?;
+            write_in(txn, &row, |am| {
+                am.status = status_of(new_status);
+                // Why it had its former status (e.g. its processes had exited) no longer holds.
+                am.status_reason = Set(None);
+            })
+            .await?;
             forget_pending(txn, applied).await?;
             Ok(next)
         })
