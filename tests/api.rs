@@ -193,8 +193,43 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             "/v1/environments",
             Some("{}"),
             422,
+            Some("name"),
+            "name: required, but missing",
+        ),
+        // An array is not an object, in the schema's terms (not serde's Rust names).
+        (
+            "POST",
+            "/v1/environments",
+            Some("[1, 2]"),
+            422,
             None,
-            "missing field `name`",
+            "the body must be a JSON object, not an array",
+        ),
+        (
+            "POST",
+            "/v1/containers/1/actions",
+            Some("[\"start\"]"),
+            422,
+            None,
+            "the body must be a JSON object, not an array",
+        ),
+        // A figure left out of an update: named where it belongs, though the operation's
+        // fields are read from a copy (an internally tagged enum).
+        (
+            "POST",
+            "/v1/containers/1/actions",
+            Some("{\"op\": \"update\", \"resources\": {}}"),
+            422,
+            Some("resources.cpu_millis"),
+            "resources.cpu_millis: required, but missing (all three figures are required: cpu_millis, memory_mb and disk_mb)",
+        ),
+        (
+            "POST",
+            "/v1/containers/1/actions",
+            Some("{\"op\": \"update\"}"),
+            422,
+            Some("resources"),
+            "resources: required, but missing",
         ),
         // serde would read a struct from an array of its fields; the schema says object.
         (
@@ -435,6 +470,11 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             message.contains(text),
             "{method} {path}: '{message}' lacks '{text}'"
         );
+        // Errors speak the API's terms, not the Rust types' behind it.
+        assert!(
+            !message.contains("struct ") && !message.contains("enum "),
+            "{method} {path}: '{message}' names a Rust type"
+        );
         if let Some(f) = field {
             assert_eq!(
                 err["error"]["field"].as_str(),
@@ -648,4 +688,38 @@ async fn errors_axum_answers_itself_are_json_too() {
             .unwrap()
             .contains("64 MiB")
     );
+}
+
+/// A JSON body over the limit was answered 400 ("cannot read the body: ... length limit
+/// exceeded"): the documented 413, with the JSON error saying what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_json_body_gets_413() {
+    let t = TestCore::start(Opts {
+        paused: true,
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let mut big = String::from("{\"name\": \"");
+    big.push_str(&"a".repeat((64 << 20) + 1));
+    big.push_str("\"}");
+    for path in ["/v1/environments", "/v1/containers"] {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", t.url))
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 413, "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "too_large", "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("64 MiB"),
+            "{body}"
+        );
+    }
 }

@@ -305,7 +305,11 @@ async fn events_ready_together_leave_in_one_chunk() {
 async fn bad_filters_are_refused_with_what_to_write() {
     let t = TestCore::start(Opts::default()).await.unwrap();
     for (query, says) in [
-        ("topic=vm", "unknown Topic 'vm'"),
+        (
+            "topic=vm",
+            "unknown topic 'vm' (expected one of: command, container, server, environment)",
+        ),
+        ("object=vm:5", "object 'vm:5': unknown topic 'vm'"),
         ("object=container", "TOPIC:ID"),
         ("environment=nowhere", "nowhere"),
         ("since=3", "unknown field `since`"),

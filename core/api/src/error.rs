@@ -55,6 +55,16 @@ impl ApiError {
         }
     }
 
+    /// 413 for a body over the limit.
+    pub fn too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "the request body is larger than this endpoint takes (64 MiB; images are uploaded to /v1/images, which streams)",
+            None,
+        )
+    }
+
     /// 400 for unparsable input.
     pub fn bad_request(message: impl Into<String>, field: Option<&str>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message, field)
@@ -125,7 +135,8 @@ impl From<sea_orm::DbErr> for ApiError {
     }
 }
 
-/// A JSON body whose errors name the offending field.
+/// A JSON body (an object: every body the API takes is one) whose errors name the offending
+/// field.
 pub struct ApiJson<T>(pub T);
 
 /// The first place (a JSON path) where `input` has an array and `read`, what was made of it
@@ -183,25 +194,16 @@ impl<T: DeserializeOwned + Serialize, S: Send + Sync> FromRequest<S> for ApiJson
         }
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError::bad_request(format!("cannot read the body: {e}"), None))?;
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large()
+                } else {
+                    ApiError::bad_request(format!("cannot read the body: {e}"), None)
+                }
+            })?;
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            let (status, field) = if inner.is_data() {
-                (
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    (path != ".").then_some(path),
-                )
-            } else {
-                (StatusCode::BAD_REQUEST, None)
-            };
-            let message = match &field {
-                Some(f) => format!("{f}: {inner}"),
-                None => format!("invalid JSON body: {inner}"),
-            };
-            ApiError::new(status, "invalid", message, field.as_deref())
-        })?;
+        let value: T =
+            serde_path_to_error::deserialize(de).map_err(|e| body_error::<T>(&bytes, e))?;
         if bytes.len() <= SHAPE_CHECKED
             && let Ok(input) = serde_json::from_slice::<serde_json::Value>(&bytes)
             && let Ok(read) = serde_json::to_value(&value)
@@ -226,6 +228,182 @@ impl<T: DeserializeOwned + Serialize, S: Send + Sync> FromRequest<S> for ApiJson
             ));
         }
         Ok(ApiJson(value))
+    }
+}
+
+/// What was wrong with a JSON body that did not read as a `T`: the field at fault where it can
+/// be told, in the terms of the API's schema (a JSON object, not a Rust struct).
+fn body_error<T: DeserializeOwned>(
+    bytes: &[u8],
+    e: serde_path_to_error::Error<serde_json::Error>,
+) -> ApiError {
+    let at = value_path(e.path());
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if !inner.is_data() {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("invalid JSON body: {inner}"),
+            None,
+        );
+    }
+    let invalid = |message: String, field: Option<&str>| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message, field)
+    };
+    let field = (path != ".").then_some(path);
+    let input = (bytes.len() <= SHAPE_CHECKED)
+        .then(|| serde_json::from_slice::<serde_json::Value>(bytes).ok())
+        .flatten();
+    let text = inner.to_string();
+    let kind = |v: Option<&serde_json::Value>| match v {
+        Some(serde_json::Value::Array(_)) => Some("an array"),
+        Some(serde_json::Value::String(_)) => Some("a string"),
+        Some(serde_json::Value::Number(_)) => Some("a number"),
+        Some(serde_json::Value::Bool(_)) => Some("true or false"),
+        Some(serde_json::Value::Null) => Some("null"),
+        Some(serde_json::Value::Object(_)) | None => None,
+    };
+    // Every body the API takes is an object: serde would read a struct from an array of its
+    // fields, and say so in Rust's terms (`expected struct CreateEnvironment with 3 elements`).
+    if let Some(kind) = kind(input.as_ref()) {
+        return invalid(format!("the body must be a JSON object, not {kind}"), None);
+    }
+    // Within it, serde names the Rust type it expected (`internally tagged enum
+    // ContainerCommand`): where an object was expected, say so.
+    let rust_named = ["expected struct ", "expected internally tagged enum "]
+        .iter()
+        .any(|t| text.contains(t));
+    let given = input.as_ref().and_then(|v| {
+        at.as_ref()
+            .and_then(|at| at.iter().try_fold(v, |v, k| k.get(v)))
+    });
+    if rust_named && let (Some(kind), Some(f)) = (kind(given), &field) {
+        return invalid(
+            format!("{f}: must be a JSON object, not {kind}"),
+            Some(f.as_str()),
+        );
+    }
+    if let Some(missing) = text
+        .strip_prefix("missing field `")
+        .and_then(|t| t.split_once('`'))
+        .map(|(name, _)| name.to_string())
+    {
+        let place = match &field {
+            Some(f) => Some(f.clone()),
+            None => input.as_ref().and_then(|v| lacking::<T>(v, &missing)),
+        };
+        if let Some(place) = place {
+            let named = if place.is_empty() {
+                missing.clone()
+            } else {
+                format!("{place}.{missing}")
+            };
+            let hint = if RESOURCE_FIGURES.contains(&missing.as_str()) {
+                " (all three figures are required: cpu_millis, memory_mb and disk_mb)"
+            } else {
+                ""
+            };
+            return invalid(
+                format!("{named}: required, but missing{hint}"),
+                Some(&named),
+            );
+        }
+    }
+    match &field {
+        Some(f) => invalid(format!("{f}: {inner}"), Some(f.as_str())),
+        None => invalid(format!("invalid JSON body: {inner}"), None),
+    }
+}
+
+/// The figures of `Resources`: an update, and requirements, give all three.
+const RESOURCE_FIGURES: [&str; 3] = ["cpu_millis", "memory_mb", "disk_mb"];
+
+/// A step down a JSON value.
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+impl Step {
+    fn get<'v>(&self, v: &'v serde_json::Value) -> Option<&'v serde_json::Value> {
+        match self {
+            Step::Key(k) => v.get(k),
+            Step::Index(i) => v.get(i),
+        }
+    }
+}
+
+/// The steps to the value an error path names (none where the path goes through an enum).
+fn value_path(path: &serde_path_to_error::Path) -> Option<Vec<Step>> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .map(|s| match s {
+            Segment::Map { key } => Some(Step::Key(key.clone())),
+            Segment::Seq { index } => Some(Step::Index(*index)),
+            Segment::Enum { .. } | Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// Objects a missing-field search looks at, at most.
+const SEARCHED: usize = 16;
+
+/// Where in `input` the field `name` that `T` missed belongs (`""`: the top), when serde could
+/// not say (an internally tagged enum reads its fields from a copy, whose path is lost): the
+/// one object lacking `name` where adding it changes the error.
+fn lacking<T: DeserializeOwned>(input: &serde_json::Value, name: &str) -> Option<String> {
+    fn objects<'v>(
+        v: &'v serde_json::Value,
+        path: String,
+        out: &mut Vec<(String, &'v serde_json::Value)>,
+    ) {
+        if out.len() >= SEARCHED {
+            return;
+        }
+        if let serde_json::Value::Object(m) = v {
+            out.push((path.clone(), v));
+            for (k, w) in m {
+                let here = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                objects(w, here, out);
+            }
+        }
+    }
+    let mut candidates = Vec::new();
+    objects(input, String::new(), &mut candidates);
+    let still = format!("missing field `{name}`");
+    let unknown = format!("unknown field `{name}`");
+    let found: Vec<String> = candidates
+        .into_iter()
+        .filter(|(_, v)| v.get(name).is_none())
+        .filter(|(path, _)| {
+            let mut tried = input.clone();
+            let target = if path.is_empty() {
+                Some(&mut tried)
+            } else {
+                path.split('.').try_fold(&mut tried, |v, k| v.get_mut(k))
+            };
+            let Some(serde_json::Value::Object(m)) = target else {
+                return false;
+            };
+            m.insert(name.to_string(), serde_json::Value::Null);
+            match serde_json::from_value::<T>(tried) {
+                Ok(_) => true,
+                Err(e) => {
+                    let e = e.to_string();
+                    !e.contains(&still) && !e.contains(&unknown)
+                }
+            }
+        })
+        .map(|(path, _)| path)
+        .collect();
+    match found.as_slice() {
+        [one] => Some(one.clone()),
+        _ => None,
     }
 }
 
@@ -352,15 +530,23 @@ pub(crate) async fn json_errors(
                     .unwrap_or_default()
             ),
         ),
-        StatusCode::PAYLOAD_TOO_LARGE => (
-            "too_large",
-            "the request body is larger than this endpoint takes (64 MiB; images are uploaded to /v1/images, which streams)".to_string(),
-        ),
+        StatusCode::PAYLOAD_TOO_LARGE => return ApiError::too_large().into_response(),
         s if text.is_empty() || text.contains('\n') => (
-            if s.is_server_error() { "internal" } else { "bad_request" },
+            if s.is_server_error() {
+                "internal"
+            } else {
+                "bad_request"
+            },
             s.canonical_reason().unwrap_or("error").to_string(),
         ),
-        s => (if s.is_server_error() { "internal" } else { "bad_request" }, text),
+        s => (
+            if s.is_server_error() {
+                "internal"
+            } else {
+                "bad_request"
+            },
+            text,
+        ),
     };
     let mut json = ApiError::new(status, code, message, None).into_response();
     for (name, value) in parts.headers.iter() {

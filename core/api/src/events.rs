@@ -92,6 +92,15 @@ pub(crate) async fn readable(auth: &Authenticator, who: &Principal) -> Result<Re
     }
 }
 
+/// A topic that is not one, with the topics there are.
+fn unknown_topic(topic: &str) -> String {
+    let known: Vec<&str> = Topic::ALL.iter().map(Topic::as_str).collect();
+    format!(
+        "unknown topic '{topic}' (expected one of: {})",
+        known.join(", ")
+    )
+}
+
 fn invalid(field: &str, message: String) -> ApiError {
     ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -121,7 +130,10 @@ pub(crate) async fn stream_events(
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .map(|t| t.parse::<Topic>().map_err(|e| invalid("topic", e)))
+            .map(|t| {
+                t.parse::<Topic>()
+                    .map_err(|_| invalid("topic", unknown_topic(t)))
+            })
             .collect::<Result<_, _>>()?,
     };
     let topics: Vec<Topic> = asked
@@ -148,7 +160,12 @@ pub(crate) async fn stream_events(
     let object = q
         .object
         .as_deref()
-        .map(EventFilter::parse_object)
+        .map(|o| match o.split_once(':') {
+            Some((t, _)) if t.parse::<Topic>().is_err() => {
+                Err(format!("object '{o}': {}", unknown_topic(t)))
+            }
+            _ => EventFilter::parse_object(o),
+        })
         .transpose()
         .map_err(|e| invalid("object", e))?;
     let environment = match &q.environment {
