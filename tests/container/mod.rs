@@ -569,3 +569,51 @@ async fn an_update_behind_a_queued_migration_is_judged_where_the_container_will_
     assert_eq!(c.server.as_deref(), Some("sim-2"));
     assert_eq!(c.requirements.resources, had, "unchanged");
 }
+
+/// A cold migration that fails after its switch (the container is on the target, its source
+/// copy gone) cannot be undone: the container stays on the target, stopped, saying where it is
+/// and how to start it, and `start` runs it there (an operator's trial killed the target agent
+/// as the migration started the container: it was left stopped on the target with nothing said).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_that_cannot_start_its_container_on_the_target_says_where_it_is() {
+    let t = TestCore::start(Opts {
+        max_attempts: 2,
+        ..Opts::default()
+    })
+    .await
+    .unwrap();
+    let id = create(&t, Some("sim-1")).await;
+    // Every start on the target fails: the migration's, its retry's, and the undo's.
+    t.sim("sim-2").await.fail_next(
+        "start",
+        3,
+        DriverError::Transient("connection refused".into()),
+    );
+    let cmd = act(
+        &t,
+        id,
+        ContainerCommand::Migrate {
+            to: Some("sim-2".into()),
+            live: false,
+        },
+    )
+    .await;
+    let failed = t.wait(cmd).await;
+    assert_eq!(failed.status, cloud48_engine::model::CommandStatus::Failed);
+    let c = show(&t, id).await;
+    assert_eq!(c.server.as_deref(), Some("sim-2"));
+    assert_eq!(c.status, ContainerStatus::Stopped);
+    let reason = c.status_reason.unwrap_or_default();
+    assert!(
+        reason.contains("moved to server sim-2")
+            && reason.contains(&format!("cloud48 container start {id}")),
+        "{reason}"
+    );
+    t.ok(act(&t, id, ContainerCommand::Start {}).await).await;
+    let c = show(&t, id).await;
+    assert_eq!(
+        (c.status, c.server.as_deref()),
+        (ContainerStatus::Running, Some("sim-2"))
+    );
+    assert_eq!(c.status_reason, None);
+}

@@ -11,7 +11,10 @@ pub(super) async fn undo_migrate(
     row: &container::Model,
 ) -> Option<Undo> {
     let target = progress.server_id;
-    if target.is_none() || row.server_id == target || cmd.step < MigrateStep::Copy.number() {
+    if target.is_some() && row.server_id == target {
+        return undo_switched(svc, cmd, progress, row).await;
+    }
+    if target.is_none() || cmd.step < MigrateStep::Copy.number() {
         return None;
     }
     if let Some(driver) = target.and_then(|t| svc.fleet().driver(t))
@@ -26,13 +29,67 @@ pub(super) async fn undo_migrate(
     match driver.start(&row.guest_id).await {
         Ok(()) => Some(Undo {
             status: Some(ContainerStatus::Running),
-            unlock: false,
+            ..Undo::default()
         }),
         Err(e) => {
             tracing::warn!(error = %e, container = row.id, "could not restart a container after its migration failed");
             None
         }
     }
+}
+
+/// A migration that failed after its switch (the container is on the target, its source copy
+/// gone) cannot be undone: what is left is said and done. A container that ran is started on
+/// the target once more (its server may be back); if it cannot be, it stays stopped with a
+/// reason saying where it is and how to start it. Its environment hears of a new address.
+async fn undo_switched(
+    svc: &Services,
+    cmd: &command::Model,
+    progress: &Recorded,
+    row: &container::Model,
+) -> Option<Undo> {
+    let server = row.server_id.and_then(|s| svc.fleet().named_driver(s));
+    let name = server
+        .as_ref()
+        .map_or("its new server", |(_, n)| n.as_str());
+    let mut undo = Undo::default();
+    if progress.was_running {
+        let started = match &server {
+            Some((driver, _)) => driver.start(&row.guest_id).await.map_err(|e| e.to_string()),
+            None => Err("its server is not attached to this core".to_string()),
+        };
+        match started {
+            Ok(()) => undo.status = Some(ContainerStatus::Running),
+            Err(e) => {
+                undo.reason = Some(format!(
+                    "moved to server {name} by command {} ({}), which could not start it there \
+                     ({e}); start it with `cloud48 container start {}`",
+                    cmd.id, cmd.kind, row.id
+                ));
+            }
+        }
+    }
+    let previous = serde_json::from_str::<Value>(&cmd.progress)
+        .ok()
+        .and_then(|p| p.get("previous_ip")?.as_str().map(String::from));
+    if let Some(env) = row.environment_id
+        && previous.is_some()
+        && previous != row.ip
+    {
+        undo.notify = Some(NewCommand {
+            project: None,
+            kind: CommandKind::EnvironmentNotify,
+            target: Some(Target::Environment(env)),
+            params: params::to_value(params::Notify {
+                containers: vec![row.id],
+                cause: None,
+                hook: Some(params::NotifyHook::Moved),
+                previous_ip: previous,
+            }),
+            requested_by: cmd.requested_by.clone(),
+        });
+    }
+    Some(undo)
 }
 
 /// Steps: 0 check and place on the target (dummy), 1 stop, 2 copy to the target, 3 destroy on

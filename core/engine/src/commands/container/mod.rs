@@ -476,7 +476,7 @@ pub(super) async fn compensate(
         (Some(row), _) => undo_create(svc, cmd, row, reserved).await,
         (None, _) => None,
     };
-    let cache = svc.placement_shared();
+    let (cache, queue) = (svc.placement_shared(), svc.queue().clone());
     Ok(Some(Box::new(move |txn| {
         Box::pin(async move {
             if let Some(d) = dummy
@@ -484,7 +484,8 @@ pub(super) async fn compensate(
             {
                 cache.apply(d.server_id, &placement::dummy_resources(&d), 1, -1);
             }
-            if let (Some(row), Some(change)) = (row, change) {
+            if let (Some(row), Some(mut change)) = (row, change) {
+                let notify = change.notify.take();
                 write_in(txn, &row, |am| {
                     if let Some(status) = change.status {
                         am.status = status_of(status);
@@ -492,21 +493,31 @@ pub(super) async fn compensate(
                             am.status_reason = Set(Some(reason));
                         }
                     }
+                    if let Some(why) = change.reason {
+                        am.status_reason = Set(Some(why));
+                    }
                     if change.unlock {
                         am.locked_by = Set(None);
                     }
                 })
                 .await?;
+                if let Some(n) = notify {
+                    queue.enqueue_in(txn, vec![n], None).await?;
+                }
             }
             Ok(())
         })
     })))
 }
 
-/// What undoing a command changes on its container row.
+/// What undoing a command changes on its container row, and a command it leaves to run.
+#[derive(Default)]
 struct Undo {
     status: Option<ContainerStatus>,
     unlock: bool,
+    /// Why the container is as it is (a failed status gets the command's failure anyway).
+    reason: Option<String>,
+    notify: Option<NewCommand>,
 }
 
 /// A container that never got created becomes failed (its guest destroyed if it got made);
@@ -520,8 +531,8 @@ async fn undo_create(
     // A status this core does not know is left as it is (only the lock goes).
     if parse_status(row.id, &row.status).map_or(true, |s| s != ContainerStatus::Creating) {
         return (row.locked_by == Some(cmd.id)).then_some(Undo {
-            status: None,
             unlock: true,
+            ..Undo::default()
         });
     }
     if let Some(server_id) = reserved.map(|r| r.server_id).or(row.server_id)
@@ -533,6 +544,7 @@ async fn undo_create(
     Some(Undo {
         status: Some(ContainerStatus::Failed),
         unlock: true,
+        ..Undo::default()
     })
 }
 
