@@ -723,3 +723,90 @@ async fn an_oversized_json_body_gets_413() {
         );
     }
 }
+
+/// The document against the real answers: an export answers a tar archive (binary, not an
+/// array of integers) or, with `format=1`, JSON; `/v1/health` and `/metrics`, served and in
+/// the README's table, are operations of the document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_document_describes_binary_bodies_exports_health_and_metrics() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let (_, doc) = raw(&t, "GET", "/v1/openapi.json", None).await;
+    let binary = json!({ "type": "string", "format": "binary" });
+    let export = &doc["paths"]["/v1/containers/{id}/export"]["get"]["responses"]["200"]["content"];
+    assert_eq!(export["application/x-tar"]["schema"], binary, "{export}");
+    assert_eq!(
+        export["application/json"]["schema"]["$ref"], "#/components/schemas/ContainerExport",
+        "{export}"
+    );
+    // No bytes anywhere described as numbers.
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let bodies = op["responses"]
+                .as_object()
+                .unwrap()
+                .values()
+                .chain(op.get("requestBody"))
+                .filter_map(|r| r["content"].as_object())
+                .flatten();
+            for (media, content) in bodies {
+                if !media.contains("json") && !media.starts_with("text/") {
+                    assert_eq!(content["schema"], binary, "{method} {path} {media}");
+                }
+            }
+        }
+    }
+    let health = &doc["paths"]["/v1/health"]["get"];
+    assert_eq!(health["security"], json!([{}]), "needs no credentials");
+    for status in ["200", "503"] {
+        assert_eq!(
+            health["responses"][status]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/Health"
+        );
+    }
+    assert!(health["responses"].get("401").is_none());
+    let metrics = &doc["paths"]["/metrics"]["get"];
+    assert_eq!(
+        metrics["responses"]["200"]["content"]["text/plain"]["schema"]["type"],
+        "string"
+    );
+    assert_eq!(
+        metrics["security"],
+        json!([{}, { "digest": [] }, { "metrics_token": [] }])
+    );
+    assert_eq!(
+        doc["components"]["securitySchemes"]["metrics_token"]["scheme"],
+        "bearer"
+    );
+
+    // What they answer is what the document says.
+    let resp = reqwest::get(format!("{}/metrics", t.url)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let kind = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(kind.starts_with("text/plain"), "{kind}");
+    let (status, health) = raw(&t, "GET", "/v1/health", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ready");
+    let a: Accepted = t
+        .client
+        .post("/v1/containers", &crate::common::plain(None))
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let id = a.object_id.unwrap();
+    let a: Accepted = t
+        .client
+        .post(
+            &format!("/v1/containers/{id}/actions"),
+            &json!({ "op": "stop" }),
+        )
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    for (query, kind) in [("", "application/x-tar"), ("?format=1", "application/json")] {
+        let resp = reqwest::get(format!("{}/v1/containers/{id}/export{query}", t.url))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{query}");
+        assert_eq!(resp.headers()["content-type"], kind, "{query}");
+    }
+}

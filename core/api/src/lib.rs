@@ -66,6 +66,7 @@ use cloud48_engine::queue::CommandFilter;
         (name = "audit", description = "Who changed what, when, and how it went (admins)"),
         (name = "access", description = "Who the caller is, and signing in (the web console's)"),
         (name = "projects", description = "Projects: who may act on which environments and containers, and their quotas"),
+        (name = "monitoring", description = "Readiness and metrics, for load balancers, supervisors and scrapers"),
     )
 )]
 struct ApiDoc;
@@ -127,6 +128,8 @@ pub fn router(core: Core) -> Router {
         .routes(routes!(projects::show_project, projects::remove_project))
         .routes(routes!(projects::set_quota))
         .routes(routes!(projects::grant, projects::revoke))
+        .routes(routes!(health))
+        .routes(routes!(metrics))
         .with_state(core.clone())
         .split_for_parts();
     let mut api = api;
@@ -137,14 +140,6 @@ pub fn router(core: Core) -> Router {
         .route("/v1/openapi.json", get(move || async move { Json(doc) }))
         .route("/", get(console::index))
         .route("/console/{file}", get(console::asset))
-        .route("/v1/health", {
-            let core = core.clone();
-            get(move || health(core))
-        })
-        .route("/metrics", {
-            let core = core.clone();
-            get(move |scope: Option<Extension<Scope>>| metrics(core, scope.map(|s| s.0)))
-        })
         .route(
             "/v1/agents/heartbeat",
             axum::routing::post({
@@ -237,12 +232,16 @@ fn page<T: Serialize>(
     resp
 }
 
-/// The core's metrics in the Prometheus text format (viewers; anonymous callers when
-/// `auth.anonymous_read` names `metrics`; or with the `metrics.token` bearer token). A caller
-/// limited to some projects gets their containers and quotas only.
-async fn metrics(core: Core, scope: Option<Scope>) -> Result<axum::response::Response, ApiError> {
+#[utoipa::path(get, path = "/metrics", tag = "monitoring",
+    description = "The core's metrics in the Prometheus text format: queue depth and wait by command kind, commands, containers (by status, type and project), quotas and usage, servers, heartbeat age, placement decisions, hook and database statement times, event listeners. Viewers; anonymous callers when `auth.anonymous_read` names `metrics`; or scrapers with `Authorization: Bearer TOKEN`, the core's `metrics.token`. A caller limited to some projects gets their containers and quotas only.",
+    security((), ("digest" = []), ("metrics_token" = [])),
+    responses((status = 200, description = "The metrics (`text/plain; version=0.0.4`)", content_type = "text/plain", body = String)))]
+pub(crate) async fn metrics(
+    State(core): State<Core>,
+    scope: Option<Extension<Scope>>,
+) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
-    let only = scope.and_then(|s| s.readable());
+    let only = scope.and_then(|s| s.0.readable());
     let text = cloud48_engine::metrics::render(&core, only.as_deref()).await?;
     Ok((
         [(
@@ -254,21 +253,38 @@ async fn metrics(core: Core, scope: Option<Scope>) -> Result<axum::response::Res
         .into_response())
 }
 
-/// Readiness: 200 `{"status": "ready"}` once the core runs commands and has reconciled its
-/// servers, 503 `{"status": "starting"}` before (the API already accepts requests then); with
-/// `node`, the name of the core that answered (behind a load balancer, or to tell that an
-/// address is this core's and not another's).
-async fn health(core: Core) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let node = core.queue().node_id();
+/// Whether a core is ready.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ready` once the core runs commands and has reconciled its servers, `starting` before.
+    pub status: String,
+    /// The node id of the core that answered.
+    pub node: String,
+}
+
+#[utoipa::path(get, path = "/v1/health", tag = "monitoring",
+    description = "Readiness, without credentials: 200 once the core runs commands and has reconciled its servers, 503 before (the API already accepts requests then). `node` names the core that answered (behind a load balancer, or to tell that an address is this core's and not another's).",
+    security(()),
+    responses((status = 200, body = Health, description = "Ready"),
+              (status = 503, body = Health, description = "Starting")))]
+pub(crate) async fn health(State(core): State<Core>) -> (StatusCode, Json<Health>) {
+    let node = core.queue().node_id().to_string();
     if core.is_ready() {
-        Json(serde_json::json!({ "status": "ready", "node": node })).into_response()
+        (
+            StatusCode::OK,
+            Json(Health {
+                status: "ready".into(),
+                node,
+            }),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "starting", "node": node })),
+            Json(Health {
+                status: "starting".into(),
+                node,
+            }),
         )
-            .into_response()
     }
 }
 

@@ -5,7 +5,7 @@
 
 use axum::http::StatusCode;
 use utoipa::openapi::path::Operation;
-use utoipa::openapi::schema::Schema;
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
 use utoipa::openapi::{Content, OpenApi, Ref, RefOr, ResponseBuilder};
 
 /// HTTP Digest (RFC 7616), the API's sign-in; anonymous requests may read what
@@ -22,6 +22,12 @@ impl utoipa::Modify for DigestScheme {
                 .into(),
         );
         components.add_security_scheme("digest", SecurityScheme::Http(digest));
+        let mut token = Http::new(HttpAuthScheme::Bearer);
+        token.description = Some(
+            "`/metrics` only: the core's `metrics.token`, for scrapers that cannot do Digest"
+                .into(),
+        );
+        components.add_security_scheme("metrics_token", SecurityScheme::Http(token));
     }
 }
 
@@ -60,6 +66,23 @@ fn standard_errors(path: &str, op: &Operation) -> Vec<StatusCode> {
     codes
 }
 
+/// Bytes (an archive, a disk, a WASM component) as OpenAPI describes them: a binary string.
+/// The handlers' annotations say `Vec<u8>`, which would read as an array of integers.
+fn binary((media_type, content): (&String, &mut RefOr<Content>)) {
+    let json = media_type.starts_with("application/json") || media_type.starts_with("text/");
+    if let RefOr::T(content) = content
+        && !json
+        && matches!(content.schema, Some(RefOr::T(Schema::Array(_))))
+    {
+        content.schema = Some(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+                .into(),
+        );
+    }
+}
+
 impl utoipa::Modify for Described {
     fn modify(&self, openapi: &mut OpenApi) {
         let error = || {
@@ -89,7 +112,13 @@ impl utoipa::Modify for Described {
                             )
                         });
                 }
+                if let Some(RefOr::T(body)) = &mut op.request_body {
+                    body.content.iter_mut().for_each(binary);
+                }
                 for (code, resp) in op.responses.responses.iter_mut() {
+                    if let RefOr::T(r) = resp {
+                        r.content.iter_mut().for_each(binary);
+                    }
                     if let RefOr::T(r) = resp
                         && r.description.is_empty()
                     {

@@ -37,7 +37,8 @@ fn internal(message: String) -> ApiError {
 #[utoipa::path(get, path = "/v1/containers/{id}/export", tag = "containers",
     description = "A stopped container for another platform: a tar archive of `cloud48-export.json` and `disk`, streamed as the disk comes from its server (never whole in the core's memory); `?format=1` gives the older JSON document. Operators.",
     params(("id" = i64, Path, description = "Container id (stopped)"), ExportQuery),
-    responses((status = 200, description = "The archive (`application/x-tar`), or with `format=1` the JSON export", content_type = "application/x-tar", body = Vec<u8>),
+    responses((status = 200, description = "The archive (`application/x-tar`), or with `format=1` the JSON export (`application/json`)",
+               content((Vec<u8> = "application/x-tar"), (ContainerExport = "application/json"))),
               (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub(crate) async fn export_container(
     State(core): State<Core>,
