@@ -359,7 +359,7 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             None,
             422,
             None,
-            "unknown field `enviroment`",
+            "unknown query parameter 'enviroment': GET /v1/containers takes only ",
         ),
         (
             "GET",
@@ -367,7 +367,7 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             None,
             422,
             None,
-            "unknown field `stauts`",
+            "unknown query parameter 'stauts'",
         ),
         (
             "GET",
@@ -391,7 +391,7 @@ async fn bad_input_gets_a_json_error_naming_the_field_and_changes_nothing() {
             None,
             422,
             None,
-            "unknown field `limit`",
+            "unknown query parameter 'limit': GET /v1/projects takes no query parameters",
         ),
         // An operation takes no options: one sent is refused, not ignored.
         (
@@ -687,6 +687,148 @@ async fn errors_axum_answers_itself_are_json_too() {
             .as_str()
             .unwrap()
             .contains("64 MiB")
+    );
+}
+
+/// An API client's trial: list endpoints refused an unknown query parameter, every other
+/// endpoint ignored it. `POST /v1/containers?project=shop&count=3` created one container in
+/// project default (the caller meant shop). Every operation of the document now refuses one it
+/// does not take, before its handler runs (ids that do not exist: the refusal comes first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_refuses_a_query_parameter_it_does_not_take() {
+    let t = TestCore::start(Opts::default()).await.unwrap();
+    let a: Accepted = t
+        .client
+        .post("/v1/environments", &json!({ "name": "web" }))
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let before = command_count(&t).await;
+    let containers = t.core.containers().find(&Default::default(), None).await;
+    let containers = containers.unwrap().len();
+
+    let (_, doc) = raw(&t, "GET", "/v1/openapi.json", None).await;
+    let mut checked = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let concrete: String = path
+            .split('/')
+            .map(|s| {
+                if s.starts_with('{') {
+                    "nosuch-424242"
+                } else {
+                    s
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/");
+        for (method, op) in ops.as_object().unwrap() {
+            let method = method.to_uppercase();
+            let body = (method == "POST" || method == "PUT").then_some("{}");
+            let (status, err) = raw(&t, &method, &format!("{concrete}?bogus_param=1"), body).await;
+            assert_eq!(status, 422, "{method} {path}: {err}");
+            assert_eq!(err["error"]["code"], "invalid", "{method} {path}: {err}");
+            assert_eq!(
+                err["error"]["field"], "bogus_param",
+                "{method} {path}: {err}"
+            );
+            let message = err["error"]["message"].as_str().unwrap();
+            assert!(
+                message.starts_with(&format!(
+                    "unknown query parameter 'bogus_param': {method} {path} takes "
+                )),
+                "{method} {path}: {message}"
+            );
+            // The document says so.
+            assert!(
+                op["responses"].get("422").is_some(),
+                "{method} {path}: 422 is not in the document"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 40, "{checked} operations");
+
+    // The trial's requests: refused, saying where the parameter belongs.
+    let (status, err) = raw(
+        &t,
+        "POST",
+        "/v1/containers?project=shop&count=3",
+        Some("{\"type\": \"plain\"}"),
+    )
+    .await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(err["error"]["field"], "project", "{err}");
+    assert_eq!(
+        err["error"]["message"],
+        "unknown query parameter 'project': POST /v1/containers takes no query parameters; \
+         project belongs in the JSON body: {\"project\": ...}"
+    );
+    let (status, err) = raw(
+        &t,
+        "POST",
+        "/v1/environments?project=shop",
+        Some("{\"name\": \"shop-web\"}"),
+    )
+    .await;
+    assert_eq!(status, 422, "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("project belongs in the JSON body"),
+        "{err}"
+    );
+    for path in [
+        "/v1/environments/web?foo=1",
+        "/v1/servers/sim-1?x=1",
+        "/v1/health?x=1",
+        "/metrics?x=1",
+        "/v1/openapi.json?x=1",
+        // Taken parameters, and one that is not.
+        "/v1/containers?limit=5&foo=1",
+        "/v1/commands/1?wait=0&foo=1",
+    ] {
+        let (status, err) = raw(&t, "GET", path, None).await;
+        assert_eq!(status, 422, "{path}: {err}");
+        assert!(
+            err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("unknown query parameter '"),
+            "{path}: {err}"
+        );
+    }
+    // What an operation takes still works; HEAD reads as GET; the console's pages are no
+    // operation.
+    for path in [
+        "/v1/containers?limit=5&all=true",
+        "/v1/environments/web",
+        "/v1/servers/sim-1",
+        "/?utm_source=mail",
+    ] {
+        let (status, err) = raw(&t, "GET", path, None).await;
+        assert_eq!(status, 200, "{path}: {err}");
+    }
+    let head = reqwest::Client::new()
+        .head(format!("{}/v1/environments/web?foo=1", t.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 422);
+    // A method a path does not take is still a 405, whatever its query.
+    let (status, _) = raw(&t, "PATCH", "/v1/environments?foo=1", Some("{}")).await;
+    assert_eq!(status, 405);
+
+    assert_eq!(
+        command_count(&t).await,
+        before,
+        "nothing refused was submitted"
+    );
+    let now = t.core.containers().find(&Default::default(), None).await;
+    assert_eq!(now.unwrap().len(), containers);
+    assert!(
+        t.core.environments().get_by_id("shop-web").await.is_err(),
+        "no environment was made"
     );
 }
 

@@ -312,7 +312,10 @@ async fn bad_filters_are_refused_with_what_to_write() {
         ("object=vm:5", "object 'vm:5': unknown topic 'vm'"),
         ("object=container", "TOPIC:ID"),
         ("environment=nowhere", "nowhere"),
-        ("since=3", "unknown field `since`"),
+        (
+            "since=3",
+            "unknown query parameter 'since': GET /v1/events takes only ",
+        ),
         ("object=container:99999", "container 99999 does not exist"),
         ("object=server:99999", "does not exist"),
     ] {

@@ -17,6 +17,7 @@ mod images;
 mod openapi;
 mod plugins;
 mod projects;
+mod query;
 mod servers;
 mod transfer;
 
@@ -135,6 +136,7 @@ pub fn router(core: Core) -> Router {
     let mut api = api;
     // After the routes joined: every response gets a description.
     utoipa::Modify::modify(&openapi::Described, &mut api);
+    let parameters = query::Parameters::of(&api);
     let doc = api.clone();
     router
         .route("/v1/openapi.json", get(move || async move { Json(doc) }))
@@ -147,6 +149,11 @@ pub fn router(core: Core) -> Router {
                 move |headers, body| servers::agent_heartbeat(core, headers, body)
             }),
         )
+        // Every route, whatever its handler: a query parameter it does not take is refused.
+        .route_layer(axum::middleware::from_fn_with_state(
+            parameters,
+            query::refuse_unknown,
+        ))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -47,11 +47,9 @@ fn standard_errors(path: &str, op: &Operation) -> Vec<StatusCode> {
             StatusCode::TOO_MANY_REQUESTS,
         ]);
     }
-    let params = op.parameters.as_deref().unwrap_or_default();
-    if !params.is_empty() || op.request_body.is_some() {
-        // A parameter or a body that does not parse or breaks a rule.
-        codes.push(StatusCode::UNPROCESSABLE_ENTITY);
-    }
+    // A parameter or a body that does not parse or breaks a rule, or a query parameter the
+    // operation does not take (refused on every route).
+    codes.push(StatusCode::UNPROCESSABLE_ENTITY);
     if path.contains('{') {
         codes.push(StatusCode::NOT_FOUND);
     }
