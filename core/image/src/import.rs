@@ -338,9 +338,7 @@ impl Store {
         let what = format!("{kind} {digest} of {src}");
         match source {
             Source::Layout(dir) => {
-                if self.has_blob(&digest) {
-                    return Ok(digest);
-                }
+                // Read even when the store has it: a corrupt copy in the layout is refused.
                 let path = dir.join("blobs/sha256").join(digest.hex());
                 let mut f = File::open(&path).map_err(|e| match e.kind() {
                     std::io::ErrorKind::NotFound => ImageError::Corrupt(format!(

@@ -212,8 +212,10 @@ impl Store {
 
     /// Streams `reader` into the store as one blob, computing its digest on the way. With
     /// `expected`, the content must have that digest (and `size`, if given) or nothing is kept;
-    /// a blob already present is not read again. `what` names the blob in errors. Returns the
-    /// digest, the size and whether the blob is new.
+    /// a blob already present is not written again, but what `reader` gives is still checked
+    /// (an archive whose copy of a blob is corrupt is refused, whatever the store holds).
+    /// `what` names the blob in errors. Returns the digest, the size and whether the blob is
+    /// new.
     pub fn write_blob(
         &self,
         reader: &mut dyn Read,
@@ -225,6 +227,8 @@ impl Store {
             && let Ok(meta) = fs::metadata(self.blob_path(d))
             && size.is_none_or(|s| s == meta.len())
         {
+            let (digest, read) = hash_stream(reader, &mut std::io::sink(), what)?;
+            check_blob(expected, size, &digest, read, what)?;
             return Ok((d.clone(), meta.len(), false));
         }
         let tmp = self.temp_path();
@@ -236,18 +240,9 @@ impl Store {
                 return Err(e);
             }
         };
-        let mismatch = match (expected, size) {
-            (_, Some(s)) if s != written => Some(format!(
-                "{what} is truncated or padded: {written} bytes where its descriptor says {s}"
-            )),
-            (Some(d), _) if *d != digest => Some(format!(
-                "{what} does not match its digest: expected {d}, the content is {digest}"
-            )),
-            _ => None,
-        };
-        if let Some(m) = mismatch {
+        if let Err(e) = check_blob(expected, size, &digest, written, what) {
             let _ = fs::remove_file(&tmp);
-            return Err(ImageError::Corrupt(m));
+            return Err(e);
         }
         let path = self.blob_path(&digest);
         fs::rename(&tmp, &path).map_err(|e| {
@@ -270,31 +265,11 @@ impl Store {
             "creating {} for {what}",
             tmp.display()
         )))?;
-        let mut hash = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut written = 0u64;
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(ImageError::Io {
-                        context: format!("reading {what}"),
-                        source: e,
-                    });
-                }
-            };
-            hash.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(ImageError::io(format!(
-                "writing {what} into the image store"
-            )))?;
-            written += n as u64;
-        }
+        let done = hash_stream(reader, &mut out, what)?;
         out.sync_all().map_err(ImageError::io(format!(
             "writing {what} into the image store"
         )))?;
-        Ok((Digest::from_sha256(&hash.finalize()), written))
+        Ok(done)
     }
 
     /// Reads a small JSON blob (manifest, index, config) whole, checking its digest again.
@@ -568,4 +543,54 @@ pub(crate) fn empty_index() -> ImageIndex {
         .manifests(Vec::<Descriptor>::new())
         .build()
         .expect("an empty index is complete")
+}
+
+/// Copies `reader` into `out`, hashing it: its digest and length.
+fn hash_stream(
+    reader: &mut dyn Read,
+    out: &mut dyn Write,
+    what: &str,
+) -> Result<(Digest, u64), ImageError> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut written = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(ImageError::Io {
+                    context: format!("reading {what}"),
+                    source: e,
+                });
+            }
+        };
+        hash.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(ImageError::io(format!(
+            "writing {what} into the image store"
+        )))?;
+        written += n as u64;
+    }
+    Ok((Digest::from_sha256(&hash.finalize()), written))
+}
+
+/// Refuses a blob whose content (`digest`, `len` bytes) is not what its descriptor says.
+fn check_blob(
+    expected: Option<&Digest>,
+    size: Option<u64>,
+    digest: &Digest,
+    len: u64,
+    what: &str,
+) -> Result<(), ImageError> {
+    let mismatch = match (expected, size) {
+        (_, Some(s)) if s != len => Some(format!(
+            "{what} is truncated or padded: {len} bytes where its descriptor says {s}"
+        )),
+        (Some(d), _) if d != digest => Some(format!(
+            "{what} does not match its digest: expected {d}, the content is {digest}"
+        )),
+        _ => None,
+    };
+    mismatch.map_or(Ok(()), |m| Err(ImageError::Corrupt(m)))
 }

@@ -161,6 +161,39 @@ fn a_corrupt_or_truncated_source_is_refused_and_leaves_nothing() {
     assert!(target.show(summary.digest.as_str()).is_err());
 }
 
+/// A blob the store already holds is still checked in what is imported: an archive (or a
+/// layout) whose copy of it is corrupt is refused, not reported imported because the store's
+/// own copy is sound (an operator's trial was told a corrupt archive imported).
+#[test]
+fn a_corrupt_copy_of_a_blob_the_store_holds_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source, summary) = store_with(dir.path(), "cloud48/app", &[("big", &"z".repeat(100_000))]);
+    let layer = source.show("cloud48/app").unwrap().layers[0].digest.clone();
+    let target = Store::open(dir.path().join("t")).unwrap();
+    target.import_path(source.root(), None).unwrap();
+    let blobs = blob_count(&target);
+
+    let path = source.blob_path(&layer);
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&path, bytes).unwrap();
+    for result in [
+        target.import_path(source.root(), None),
+        target.import_archive(&archive_of(source.root())[..], "flipped.tar", None),
+    ] {
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("does not match its digest"), "{err}");
+        assert!(err.contains(layer.as_str()), "{err}");
+    }
+    // What the store held is untouched.
+    assert_eq!(blob_count(&target), blobs);
+    assert_eq!(
+        target.show(summary.digest.as_str()).unwrap().summary,
+        summary
+    );
+}
+
 #[test]
 fn docker_archives_and_other_architectures_are_refused_with_the_way_out() {
     let dir = tempfile::tempdir().unwrap();
