@@ -511,3 +511,60 @@ async fn linux_driver_refuses_what_it_cannot_do() {
     );
     d.teardown().await;
 }
+
+/// What `ip -j` says about interface `name`: its MAC address and its IPv4 addresses (`A/P`);
+/// `None` when there is no such interface.
+pub fn interface(name: &str) -> Option<(String, Vec<String>)> {
+    let out = std::process::Command::new("ip")
+        .args(["-j", "-4", "addr", "show", "dev", name])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let link = &shown[0];
+    let addrs = link["addr_info"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mac = std::process::Command::new("ip")
+        .args(["-j", "link", "show", "dev", name])
+        .output()
+        .unwrap();
+    let mac: serde_json::Value = serde_json::from_slice(&mac.stdout).unwrap();
+    Some((mac[0]["address"].as_str().unwrap().to_string(), addrs))
+}
+
+/// Regression (an operator's trial): an agent given an existing interface that is not a
+/// bridge (a veth; the host's eth0) as its bridge gave it the bridge's MAC address and the
+/// gateway address of its subnet. The driver refuses it naming its kind, and changes nothing.
+#[tokio::test]
+async fn an_interface_that_is_not_a_bridge_is_refused_unchanged() {
+    let prefix = unique_prefix('v');
+    let veth = format!("{prefix}v0");
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![veth.clone()],
+    };
+    let made = std::process::Command::new("ip")
+        .args(["link", "add", &veth, "type", "veth", "peer", "name"])
+        .arg(format!("{prefix}v1"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let before = interface(&veth).expect("the veth exists");
+    let dir = crate::common::tempdir();
+    let mut cfg = config(dir.path(), &prefix, 204, 0);
+    cfg.bridge = veth.clone();
+    let said = format!(
+        "--bridge {veth} is an existing interface that is not a bridge (veth); give the name of a bridge for the agent to own, or a new name and the agent creates it"
+    );
+    let err = LinuxDriver::open(cfg.clone()).await.err().expect("refused");
+    assert!(err.contains(&said), "{err}");
+    assert_eq!(interface(&veth), Some(before), "the veth is as it was");
+}

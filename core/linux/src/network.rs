@@ -94,16 +94,59 @@ pub fn bridge_mac(subnet: &Subnet) -> String {
     format!("02:48:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
+/// The interface `name` as `ip -j -d link show` describes it; `None` when there is none.
+/// (Through netlink, so in this process's network namespace: `/sys/class/net` shows the one
+/// sysfs was mounted in, not the one an agent started with `nsenter --net` runs in.)
+async fn link(name: &str) -> Result<Option<serde_json::Value>, String> {
+    match run("ip", &["-j", "-d", "link", "show", "dev", name]).await {
+        Ok(out) => Ok(first_of(&out)),
+        Err(e) if e.contains("does not exist") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The first object of `ip -j`'s answer (a list).
+fn first_of(out: &str) -> Option<serde_json::Value> {
+    serde_json::from_str::<Vec<serde_json::Value>>(out)
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+/// What kind of interface `ip -j -d link show` describes: its link kind (`bridge`, `veth`,
+/// `vlan`, …), else `loopback` or `physical device`.
+fn kind_of(link: &serde_json::Value) -> String {
+    if let Some(kind) = link.pointer("/linkinfo/info_kind").and_then(|k| k.as_str()) {
+        return kind.to_string();
+    }
+    match link.get("link_type").and_then(|t| t.as_str()) {
+        Some("loopback") => "loopback".into(),
+        _ => "physical device".into(),
+    }
+}
+
+/// Why an existing interface that is not a bridge is not taken as one: the driver would give
+/// it the bridge's MAC address and the gateway address of its subnet.
+fn not_a_bridge(name: &str, kind: &str) -> String {
+    format!(
+        "--bridge {name} is an existing interface that is not a bridge ({kind}); give the name of a bridge for the agent to own, or a new name and the agent creates it"
+    )
+}
+
 /// Creates the bridge with the gateway address and a fixed MAC address (if missing) and turns
-/// on forwarding.
+/// on forwarding. An existing interface that is not a bridge is refused, unchanged.
 pub async fn ensure_bridge(bridge: &str, subnet: &Subnet) -> Result<(), String> {
     // Agents sharing a bridge may start at once: what another made meanwhile is no error.
     let made_meanwhile = |r: Result<String, String>| match r {
         Err(e) if e.contains("File exists") || e.contains("already assigned") => Ok(String::new()),
         other => other,
     };
-    if run("ip", &["link", "show", bridge]).await.is_err() {
-        made_meanwhile(run("ip", &["link", "add", bridge, "type", "bridge"]).await)?;
+    match link(bridge).await? {
+        Some(l) if kind_of(&l) != "bridge" => return Err(not_a_bridge(bridge, &kind_of(&l))),
+        Some(_) => {}
+        None => {
+            made_meanwhile(run("ip", &["link", "add", bridge, "type", "bridge"]).await)?;
+        }
     }
     let mac = bridge_mac(subnet);
     let shown = run("ip", &["link", "show", bridge]).await?;
@@ -226,6 +269,28 @@ pub async fn detach(net: &GuestNet) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// An interface's kind: its link kind, else a loopback or a physical device (eth0).
+    #[test]
+    fn an_interface_s_kind_is_its_link_kind_or_physical() {
+        let veth: serde_json::Value = serde_json::from_str(
+            r#"{"ifname":"tav0","link_type":"ether","address":"4a:58:af:0c:cb:eb","linkinfo":{"info_kind":"veth"}}"#,
+        )
+        .unwrap();
+        assert_eq!(kind_of(&veth), "veth");
+        let eth0: serde_json::Value =
+            serde_json::from_str(r#"{"ifname":"eth0","link_type":"ether"}"#).unwrap();
+        assert_eq!(kind_of(&eth0), "physical device");
+        let lo: serde_json::Value =
+            serde_json::from_str(r#"{"ifname":"lo","link_type":"loopback"}"#).unwrap();
+        assert_eq!(kind_of(&lo), "loopback");
+        assert_eq!(
+            not_a_bridge("tav0", "veth"),
+            "--bridge tav0 is an existing interface that is not a bridge (veth); give the name of a bridge for the agent to own, or a new name and the agent creates it"
+        );
+    }
+
     #[test]
     fn a_bridge_has_a_fixed_mac_of_its_gateway() {
         let s: super::Subnet = "10.48.7.0/24".parse().unwrap();
