@@ -542,7 +542,8 @@ pub fn interface(name: &str) -> Option<(String, Vec<String>)> {
 
 /// Regression (an operator's trial): an agent given an existing interface that is not a
 /// bridge (a veth; the host's eth0) as its bridge gave it the bridge's MAC address and the
-/// gateway address of its subnet. The driver refuses it naming its kind, and changes nothing.
+/// gateway address of its subnet. The driver, and the agent's taking of its bridge, refuse
+/// it naming its kind, and change nothing.
 #[tokio::test]
 async fn an_interface_that_is_not_a_bridge_is_refused_unchanged() {
     let prefix = unique_prefix('v');
@@ -566,5 +567,14 @@ async fn an_interface_that_is_not_a_bridge_is_refused_unchanged() {
     );
     let err = LinuxDriver::open(cfg.clone()).await.err().expect("refused");
     assert!(err.contains(&said), "{err}");
+    std::fs::create_dir_all(&cfg.data_dir).unwrap();
+    let err = linux::network::take_bridge(&cfg.data_dir, &veth, &cfg.subnet, &cfg.prefix)
+        .await
+        .expect_err("refused");
+    assert_eq!(err, said);
     assert_eq!(interface(&veth), Some(before), "the veth is as it was");
+    assert!(
+        !cfg.data_dir.join(linux::network::BRIDGES_RECORD).exists(),
+        "nothing recorded"
+    );
 }

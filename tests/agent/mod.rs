@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::common::{Opts, TestCore, eventually};
 
+mod bridge;
 mod linux;
 mod remove;
 

@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 
 use cloud48_driver::Driver;
 use cloud48_driver::sim::{SimLatency, SimServer};
+use cloud48_linux::network::{TakenBridge, take_bridge};
 use cloud48_linux::{ImagesConfig, LinuxConfig, LinuxDriver};
 use cloud48_model::Resources;
 
@@ -170,8 +171,28 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "agent".into())
 }
 
-/// Runs the agent until interrupted.
+/// Runs the agent until interrupted. A run that ends in an error before a core accepted it
+/// gives back what it changed on the bridge.
 pub async fn run(args: AgentArgs) -> Result<()> {
+    let bridge = std::sync::OnceLock::new();
+    let accepted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ran = run_agent(args, &bridge, &accepted).await;
+    if ran.is_err()
+        && !accepted.load(std::sync::atomic::Ordering::SeqCst)
+        && let Some(bridge) = bridge.get()
+    {
+        bridge.give_back().await;
+    }
+    ran
+}
+
+/// `run`: the bridge it took in `bridge`; `accepted` once a core accepted it (or at once when
+/// it serves without cores).
+async fn run_agent(
+    args: AgentArgs,
+    bridge: &std::sync::OnceLock<Arc<TakenBridge>>,
+    accepted: &Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
     if args.token.chars().count() < cloud48_model::MIN_AGENT_TOKEN {
         bail!(
             "the agent token must have at least {} characters (set CLOUD48_AGENT_TOKEN to the core's agents.token)",
@@ -269,6 +290,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             .and_then(|u| u.host_str().map(String::from))
             .unwrap_or_else(|| "127.0.0.1".into()),
     };
+    // The bridge the guests join, taken before the driver opens (which finds it ready).
+    if matches!(args.driver, AgentDriver::Linux | AgentDriver::Qemu) {
+        let taken = take_bridge(&args.data_dir, &args.bridge, &subnet, &args.prefix)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let _ = bridge.set(Arc::new(taken));
+    }
     let driver: Arc<dyn Driver> = match args.driver {
         AgentDriver::Qemu => {
             let cfg = cloud48_qemu::QemuConfig {
@@ -391,6 +419,25 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     );
     if let Some(cores) = &cores {
         agent.know_cores(cores.clone());
+    }
+    // Once a core accepts this run (without cores, at once: nothing can refuse it), the
+    // addresses the agent put on bridges in runs with another --subnet or --bridge go.
+    match (bridge.get(), &cores) {
+        (Some(bridge), Some(_)) => {
+            let mut heard = agent.accepted();
+            let (bridge, accepted) = (bridge.clone(), accepted.clone());
+            tokio::spawn(async move {
+                if heard.wait_for(|a| *a).await.is_ok() {
+                    accepted.store(true, std::sync::atomic::Ordering::SeqCst);
+                    bridge.drop_stale().await;
+                }
+            });
+        }
+        (Some(bridge), None) => {
+            accepted.store(true, std::sync::atomic::Ordering::SeqCst);
+            bridge.drop_stale().await;
+        }
+        (None, _) => {}
     }
     // A core that refuses the agent before registering it ends the agent with its reason.
     let (refused_tx, refused) = tokio::sync::watch::channel::<Option<crate::Refused>>(None);

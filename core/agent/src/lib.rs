@@ -172,6 +172,7 @@ pub async fn heartbeats_over(
                     cores.answered(index);
                     problems.clear();
                     registered = true;
+                    agent.mark_accepted();
                     break;
                 }
                 Ok(r) => {

@@ -59,6 +59,8 @@ pub struct AgentService {
     images: std::sync::OnceLock<Arc<cloud48_image::Store>>,
     /// The cores this agent knows (heartbeats learn them): where `ImageSource::Core` is pulled.
     cores: std::sync::OnceLock<crate::SharedCores>,
+    /// Whether a core accepted one of this run's heartbeats.
+    accepted: watch::Sender<bool>,
     client: reqwest::Client,
 }
 
@@ -90,6 +92,7 @@ impl AgentService {
             spool,
             images: std::sync::OnceLock::new(),
             cores: std::sync::OnceLock::new(),
+            accepted: watch::Sender::new(false),
             client: reqwest::Client::builder()
                 .connect_timeout(PULL_TIMEOUT)
                 .read_timeout(PULL_TIMEOUT)
@@ -107,6 +110,17 @@ impl AgentService {
     /// The cores this agent knows, where it pulls guests uploaded to a core.
     pub fn know_cores(&self, cores: crate::SharedCores) {
         let _ = self.cores.set(cores);
+    }
+
+    /// Whether a core has accepted one of this run's heartbeats (it stays so).
+    pub fn accepted(&self) -> watch::Receiver<bool> {
+        self.accepted.subscribe()
+    }
+
+    /// A core accepted a heartbeat of this run.
+    pub(crate) fn mark_accepted(&self) {
+        self.accepted
+            .send_if_modified(|a| !std::mem::replace(a, true));
     }
 
     /// What the agent says about itself.
