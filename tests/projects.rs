@@ -295,6 +295,44 @@ async fn a_member_reads_and_acts_only_in_its_projects() {
     );
     let lab_only: Vec<Container> = ada.get("/v1/containers?project=lab").await.unwrap();
     assert!(!lab_only.is_empty() && lab_only.iter().all(|c| c.project == "lab"));
+    // A filter on a project the caller may not read is refused as one that does not exist:
+    // no list, command list or event stream tells which projects exist beyond the caller's.
+    for path in [
+        "/v1/containers?project=",
+        "/v1/environments?project=",
+        "/v1/commands?project=",
+    ] {
+        let said = |project: &'static str| {
+            let mo = &mo;
+            let url = format!("{path}{project}");
+            async move {
+                let why = refused(mo.get::<serde_json::Value>(&url).await);
+                why.replace(project, "P")
+            }
+        };
+        let (hidden, missing) = (said("lab").await, said("nowhere").await);
+        assert!(hidden.contains("HTTP 422"), "{hidden}");
+        assert_eq!(hidden, missing, "{path}");
+    }
+    let stream_refusal = |query: &str| {
+        let mo = &mo;
+        let url = format!("/v1/events?{query}");
+        async move { mo.events(&url).await.err().expect("refused").to_string() }
+    };
+    assert_eq!(
+        stream_refusal("project=lab").await.replace("lab", "P"),
+        stream_refusal("project=nowhere")
+            .await
+            .replace("nowhere", "P")
+    );
+    assert_eq!(
+        stream_refusal("environment=lab-env")
+            .await
+            .replace("lab-env", "E"),
+        stream_refusal("environment=nowhere")
+            .await
+            .replace("nowhere", "E")
+    );
     let commands: Vec<cloud48_engine::model::Command> = mo.get("/v1/commands").await.unwrap();
     assert!(!commands.is_empty());
     assert!(

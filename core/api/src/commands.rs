@@ -48,11 +48,11 @@ pub(super) async fn list_commands(
         before: q.before,
         projects: match &q.project {
             Some(p) => {
-                let id = cloud48_engine::projects::filter(core.db(), p).await?;
-                Some(match scope.readable() {
-                    Some(r) if !r.contains(&id) => Vec::new(),
-                    _ => vec![id],
-                })
+                let readable = scope.readable();
+                let within = readable.as_deref();
+                Some(vec![
+                    cloud48_engine::projects::filter_within(core.db(), p, within).await?,
+                ])
             }
             None => scope.readable(),
         },

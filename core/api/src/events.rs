@@ -168,11 +168,26 @@ pub(crate) async fn stream_events(
         })
         .transpose()
         .map_err(|e| invalid("object", e))?;
+    // One that does not exist and one the caller may not read are refused alike.
     let environment = match &q.environment {
         Some(env) => {
-            let id = core.environments().get_by_id(env).await?.id.0;
+            let hidden = || {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("environment '{env}' does not exist in the projects you may read"),
+                    Some("environment"),
+                )
+            };
+            let id = match core.environments().get_by_id(env).await {
+                Ok(e) => e.id.0,
+                Err(cloud48_engine::CoreError::NotFound(_)) => return Err(hidden()),
+                Err(e) => return Err(e.into()),
+            };
             let owned = Owned::Environment(id.to_string());
-            visible(&core, &readable, &owned, "environment").await?;
+            visible(&core, &readable, &owned, "environment")
+                .await
+                .map_err(|_| hidden())?;
             Some(id)
         }
         None => None,
@@ -195,16 +210,10 @@ pub(crate) async fn stream_events(
     // A caller limited to some projects sees theirs (and the servers'); `project` narrows.
     let projects = match &q.project {
         Some(p) => {
-            let id = cloud48_engine::projects::filter(core.db(), p).await?;
-            if readable.scope.readable().is_some_and(|r| !r.contains(&id)) {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    format!("project '{p}' does not exist in the projects you may read"),
-                    Some("project"),
-                ));
-            }
-            Some(vec![id])
+            let within = readable.scope.readable();
+            Some(vec![
+                cloud48_engine::projects::filter_within(core.db(), p, within.as_deref()).await?,
+            ])
         }
         None => readable.scope.readable(),
     };

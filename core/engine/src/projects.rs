@@ -116,10 +116,28 @@ pub async fn limited<C: ConnectionTrait>(conn: &C) -> Result<Vec<i64>, CoreError
 
 /// The project a list is filtered by (a field error when it does not exist).
 pub async fn filter<C: ConnectionTrait>(conn: &C, key: &str) -> Result<i64, CoreError> {
-    find(conn, key)
-        .await
-        .map(|p| p.id)
-        .map_err(|e| CoreError::invalid("project", e.to_string()))
+    filter_within(conn, key, None).await
+}
+
+/// `filter`, for a caller who may read only the projects `readable` (all: `None`): one it may
+/// not read is refused as one that does not exist, so that a filter tells no one which
+/// projects exist beyond theirs.
+pub async fn filter_within<C: ConnectionTrait>(
+    conn: &C,
+    key: &str,
+    readable: Option<&[i64]>,
+) -> Result<i64, CoreError> {
+    let missing = || {
+        CoreError::invalid(
+            "project",
+            format!("project '{key}' does not exist (see `cloud48 project list`)"),
+        )
+    };
+    let id = find(conn, key).await.map_err(|_| missing())?.id;
+    if readable.is_some_and(|r| !r.contains(&id)) {
+        return Err(missing());
+    }
+    Ok(id)
 }
 
 /// Names of all projects by id (few: read whole).

@@ -384,7 +384,7 @@ impl<'a> ContainerManager<'a> {
         let db = self.svc.db();
         let mut q = container::Entity::find();
         if let Some(p) = &query.project {
-            let p = crate::projects::filter(db, p).await?;
+            let p = crate::projects::filter_within(db, p, only).await?;
             q = q.filter(container::Column::ProjectId.eq(p));
         }
         if let Some(ids) = only {

@@ -304,7 +304,7 @@ impl<'a> EnvironmentManager<'a> {
     ) -> Result<Vec<Environment>, CoreError> {
         let mut q = environment::Entity::find();
         if let Some(p) = project {
-            let p = crate::projects::filter(self.svc.db(), p).await?;
+            let p = crate::projects::filter_within(self.svc.db(), p, only).await?;
             q = q.filter(environment::Column::ProjectId.eq(p));
         }
         if let Some(ids) = only {
