@@ -405,6 +405,67 @@ async fn stop_is_graceful_then_forced() {
     d.teardown().await;
 }
 
+/// A guest a start launched but did not see ready (the agent restarted while it waited) is
+/// started, when asked again, only once its workload is ready, as a launch is: the second
+/// start returned at once, and a create was reported done seconds before Tomcat answered.
+#[tokio::test]
+async fn starting_a_guest_that_runs_but_is_not_ready_waits_for_its_readiness() {
+    let prefix = unique_prefix('r');
+    let _sweep = Sweep {
+        prefix: prefix.clone(),
+        bridges: vec![format!("{prefix}br0")],
+    };
+    let dir = crate::common::tempdir();
+    let d = std::sync::Arc::new(
+        LinuxDriver::open(config(dir.path(), &prefix, 60, 0))
+            .await
+            .unwrap(),
+    );
+    let script = format!(
+        "sleep 4; exec {} guest-http --listen 0.0.0.0:8080 --answer late",
+        env!("CARGO_BIN_EXE_cloud48")
+    );
+    let workload = Workload {
+        endpoints: vec![Endpoint {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Http,
+        }],
+        readiness: Some(Readiness {
+            check: Check::Tcp {
+                endpoint: "http".into(),
+            },
+            interval_ms: 100,
+            retries: 200,
+        }),
+        ..shell(&script)
+    };
+    let info = d
+        .create(&with(spec("late", "late"), workload))
+        .await
+        .unwrap();
+    let ip = info.ip.unwrap();
+    // The first start is cut off once its guest runs, while it waits for readiness.
+    let first = tokio::spawn({
+        let d = d.clone();
+        async move { d.start("late").await }
+    });
+    crate::common::eventually("the guest runs", || async {
+        (d.status("late").await.unwrap()?.state == GuestState::Running).then_some(())
+    })
+    .await;
+    first.abort();
+    d.start("late").await.unwrap();
+    let body = reqwest::get(format!("http://{ip}:8080/"))
+        .await
+        .expect("ready once start returned")
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body.trim(), "late");
+    d.teardown().await;
+}
+
 /// A started guest has its private directories mounted: nothing run in it right after start
 /// writes to the server's own `/etc` (an exec that joined before the init's mounts wrote to the
 /// server's /etc/cloud48, then found its file hidden by the guest's directory).

@@ -46,7 +46,12 @@ impl Driver for LinuxDriver {
         let _held = self.hold(guest_id).await;
         let r = self.record(guest_id)?;
         match self.state(guest_id) {
-            GuestState::Running => Ok(()),
+            // Launched by an earlier call that did not see it through (the agent restarted
+            // while it waited): started once its workload is ready, as a launch is.
+            GuestState::Running => {
+                self.wait_ready(&r, &crate::ready::Probe::of(&r.spec.workload), None, None)
+                    .await
+            }
             GuestState::Suspended => Err(DriverError::InvalidState {
                 guest: guest_id.into(),
                 state: GuestState::Suspended,
