@@ -267,6 +267,20 @@ fn user_commands_outside_a_core_directory_say_where_they_looked() {
         "{err}"
     );
     assert!(!dir.path().join("cloud48-data").join("cloud48.db").exists());
+    // Its help offers where the database is, not the serving core's settings.
+    let out = std::process::Command::new(crate::common::binary())
+        .args(["user", "add", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--data-dir") && help.contains("--realm"),
+        "{help}"
+    );
+    assert!(
+        !help.contains("--workers") && !help.contains("--weight-cpu"),
+        "{help}"
+    );
 }
 
 /// `--wait` whose core dies says which command it waited for and how to follow it (the

@@ -23,7 +23,7 @@ pub use envs::EnvCmd;
 use envs::env;
 pub use plugins::PluginCmd;
 use plugins::plugin;
-pub use serve::{CoreArgs, serve};
+pub use serve::{CoreArgs, DatabaseArgs, serve};
 pub use servers::ServerCmd;
 use servers::server;
 pub use users::UserCmd;

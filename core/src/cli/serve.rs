@@ -114,6 +114,38 @@ pub struct CoreArgs {
     pub placement_view_max_age_ms: Option<u64>,
 }
 
+/// What commands that work on the core's database itself (`user ...`) take of its
+/// configuration: where the database is, and the realm its password hashes belong to.
+#[derive(Debug, Args, Default, Clone)]
+pub struct DatabaseArgs {
+    /// The core's config file (TOML); default: ./cloud48.toml if it exists.
+    #[arg(long, env = "CLOUD48_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The core's data directory, holding its SQLite database [default ./cloud48-data].
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// The core's database URL (`postgres://...`) [default: SQLite in the data directory].
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// HTTP Digest realm; part of stored password hashes [default cloud48].
+    #[arg(long)]
+    pub realm: Option<String>,
+}
+
+impl DatabaseArgs {
+    /// The core's settings these (with its file and environment) give.
+    pub fn settings(&self) -> Result<Settings> {
+        CoreArgs {
+            config: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
+            realm: self.realm.clone(),
+            ..CoreArgs::default()
+        }
+        .settings()
+    }
+}
+
 impl CoreArgs {
     fn flags(&self) -> std::collections::BTreeMap<&'static str, String> {
         let mut m = std::collections::BTreeMap::new();

@@ -15,26 +15,26 @@ pub enum UserCmd {
         #[arg(long)]
         role: String,
         #[command(flatten)]
-        core: CoreArgs,
+        core: DatabaseArgs,
     },
     /// List users.
     List {
         #[command(flatten)]
-        core: CoreArgs,
+        core: DatabaseArgs,
     },
     /// Remove a user.
     Remove {
         /// User name.
         name: String,
         #[command(flatten)]
-        core: CoreArgs,
+        core: DatabaseArgs,
     },
     /// Change a user's password (from CLOUD48_NEW_PASSWORD or a prompt).
     Passwd {
         /// User name.
         name: String,
         #[command(flatten)]
-        core: CoreArgs,
+        core: DatabaseArgs,
     },
 }
 
