@@ -138,6 +138,25 @@ async fn a_signed_in_member_gets_its_own_view_where_anonymous_callers_may_read()
     );
     let mine: Environment = mo.get("/v1/environments/shop-db").await.unwrap();
     assert_eq!(mine.project, "shop");
+    // In `default`, anonymous callers read a summary: parameter values are for users.
+    let a: Accepted = ada
+        .post(
+            "/v1/environments",
+            &json!({ "name": "pub", "params": { "db-password": "hunter2" } }),
+        )
+        .await
+        .unwrap();
+    t.ok(a.command_id).await;
+    let shown: Environment = anonymous.get("/v1/environments/pub").await.unwrap();
+    assert_eq!(shown.params["db-password"], "****");
+    let listed: Vec<Environment> = anonymous.get("/v1/environments").await.unwrap();
+    let text = serde_json::to_string(&listed).unwrap();
+    assert!(
+        text.contains("db-password") && !text.contains("hunter2"),
+        "{text}"
+    );
+    let signed: Environment = ada.get("/v1/environments/pub").await.unwrap();
+    assert_eq!(signed.params["db-password"], "hunter2");
 }
 
 #[tokio::test]

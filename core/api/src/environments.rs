@@ -22,6 +22,7 @@ pub struct CreateEnvironment {
 pub(super) async fn list_environments(
     State(core): State<Core>,
     uri: axum::http::Uri,
+    Extension(who): Extension<Principal>,
     Extension(scope): Extension<Scope>,
     ApiQuery(q): ApiQuery<ListAll>,
 ) -> Result<axum::response::Response, ApiError> {
@@ -30,8 +31,25 @@ pub(super) async fn list_environments(
     let items = core
         .environments()
         .find(q.all, after, q.limit, q.project.as_deref(), only.as_deref())
-        .await?;
+        .await?
+        .into_iter()
+        .map(|e| for_caller(&who, e))
+        .collect();
     Ok(page(items, q.limit, &uri, "after", |e| e.id.0))
+}
+
+/// An environment as `who` reads it: an anonymous caller reads a summary, the values of its
+/// and its members' parameters masked (they may hold what only users should read; the audit
+/// trail masks them too).
+fn for_caller(who: &Principal, mut env: Environment) -> Environment {
+    if matches!(who, Principal::Anonymous) {
+        let mask = |params: &mut cloud48_engine::model::Params| {
+            params.values_mut().for_each(|v| *v = "****".into());
+        };
+        mask(&mut env.params);
+        env.members.iter_mut().for_each(|m| mask(&mut m.params));
+    }
+    env
 }
 
 #[utoipa::path(post, path = "/v1/environments", tag = "environments", request_body = CreateEnvironment,
@@ -60,9 +78,11 @@ pub(super) async fn create_environment(
     responses((status = 200, body = Environment), (status = 404, body = ErrorBody)))]
 pub(super) async fn show_environment(
     State(core): State<Core>,
+    Extension(who): Extension<Principal>,
     Path(env): Path<String>,
 ) -> Result<Json<Environment>, ApiError> {
-    Ok(Json(core.environments().get_by_id(&env).await?))
+    let env = core.environments().get_by_id(&env).await?;
+    Ok(Json(for_caller(&who, env)))
 }
 
 #[utoipa::path(delete, path = "/v1/environments/{env}", tag = "environments",
