@@ -418,11 +418,7 @@ impl Store {
             .map(|(i, _)| i)
             .collect();
         if found.is_empty() {
-            return Err(ImageError::NotFound(format!(
-                "no image '{what}' in the store: build it (`cloud48 image build RECIPE`, e.g. \
-                 images/nginx.toml) or import it (`cloud48 image import FILE`); `cloud48 image \
-                 list` shows the images there are"
-            )));
+            return Err(ImageError::NotFound(not_found_message(index, what)));
         }
         Ok(found)
     }
@@ -543,6 +539,41 @@ pub(crate) fn empty_index() -> ImageIndex {
         .manifests(Vec::<Descriptor>::new())
         .build()
         .expect("an empty index is complete")
+}
+
+/// Why `what` designates no image of `index`, and how to get it: the tags the store holds of
+/// the same repository (a name without a tag means `:latest`), the reference recipe of a
+/// `cloud48/NAME` image.
+fn not_found_message(index: &ImageIndex, what: &str) -> String {
+    let repository = |n: &str| {
+        n.rsplit_once(':')
+            .filter(|(_, tag)| !tag.contains('/'))
+            .map_or(n, |(r, _)| r)
+            .to_string()
+    };
+    let wanted = repository(what);
+    let tags: Vec<String> = index
+        .manifests()
+        .iter()
+        .filter_map(|d| d.annotations().as_ref()?.get(REF_NAME).cloned())
+        .filter(|n| repository(n) == wanted)
+        .collect();
+    let recipe = match wanted.strip_prefix("cloud48/") {
+        Some(x) if !x.is_empty() => format!("images/{x}.toml"),
+        _ => "RECIPE".to_string(),
+    };
+    let mut message = format!("no image '{what}' in the store");
+    if !tags.is_empty() {
+        message.push_str(&format!(
+            " (a name without a tag means :latest; the store has {})",
+            tags.join(", ")
+        ));
+    }
+    message.push_str(&format!(
+        ": build it (`cloud48 image build {recipe}`) or import it (`cloud48 image import \
+         FILE`); `cloud48 image list` shows the images there are"
+    ));
+    message
 }
 
 /// Copies `reader` into `out`, hashing it: its digest and length.

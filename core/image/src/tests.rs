@@ -515,3 +515,20 @@ fn a_pull_verifies_every_blob_and_resumes_where_it_broke_off() {
         .unwrap();
     assert!(third.offsets.borrow().is_empty());
 }
+
+/// A name the store does not hold is answered with the tags it holds of the same repository
+/// and, for a reference image, the recipe that builds it.
+#[test]
+fn a_missing_image_names_the_tags_there_are_and_its_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = store_with(dir.path(), "cloud48/app", &[("f", "x")]);
+    let err = store.show("cloud48/app:v2").unwrap_err().to_string();
+    assert!(err.contains("no image 'cloud48/app:v2'"), "{err}");
+    assert!(err.contains("the store has cloud48/app"), "{err}");
+    assert!(err.contains("cloud48 image build images/app.toml"), "{err}");
+    let err = store.show("team/web").unwrap_err().to_string();
+    assert!(
+        err.contains("cloud48 image build RECIPE") && !err.contains("the store has"),
+        "{err}"
+    );
+}

@@ -375,7 +375,7 @@ pub fn fetch(
                         tracing::info!(image = %wanted, done = p.done, total = p.total, "pulling an image");
                     }
                 })
-                .map_err(|e| permanent(format!("server {server} cannot pull image {wanted}: {e}")))?;
+                .map_err(|e| permanent(format!("cannot pull image {wanted}: {e}")))?;
             store.show(summary.digest.as_str())
         }
         (here, None) => here,
