@@ -267,13 +267,16 @@ pub async fn place(
         }
         cache.refresh_within(txn, server_id, holder).await?;
         if req.server.is_some() {
-            let name = server::Entity::find_by_id(server_id)
-                .one(txn)
-                .await?
-                .map_or(format!("#{server_id}"), |s| s.name);
+            let row = server::Entity::find_by_id(server_id).one(txn).await?;
+            let Some(row) = row else {
+                return Err(PlacementError::NoFit(format!(
+                    "the requested server #{server_id} does not exist"
+                )));
+            };
+            let why = super::lacks(&super::Candidate::from_row(&row), &need);
             return Err(PlacementError::NoFit(format!(
-                "the requested server {name} is not up, is draining or lacks {} cpu_millis, {} memory_mb and {} disk_mb free",
-                need.cpu_millis, need.memory_mb, need.disk_mb
+                "the requested server {} cannot take it: {why}",
+                row.name
             )));
         }
         avoid.insert(server_id);

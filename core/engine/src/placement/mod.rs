@@ -308,9 +308,55 @@ fn no_fit_reason(servers: &[Candidate], req: &Requirements, avoid: &HashSet<i64>
     )
 }
 
+/// What server `c`, named for a container needing `need`, lacks to take it: that it is not
+/// up, is draining, has no address left, or each figure it has too little of.
+pub(crate) fn lacks(c: &Candidate, need: &Resources) -> String {
+    if !c.up {
+        return "it is not up".into();
+    }
+    if c.draining {
+        return "it is draining".into();
+    }
+    if c.slots.is_some_and(|n| c.containers >= n) {
+        return "all its addresses are in use (its subnet or range is full)".into();
+    }
+    let free = c.free();
+    let short: Vec<String> = [
+        ("cpu_millis", need.cpu_millis, free.cpu_millis),
+        ("memory_mb", need.memory_mb, free.memory_mb),
+        ("disk_mb", need.disk_mb, free.disk_mb),
+    ]
+    .into_iter()
+    .filter(|(_, need, have)| need > have)
+    .map(|(figure, need, have)| format!("{figure} {need} needed, {have} free"))
+    .collect();
+    if short.is_empty() {
+        "it filled up while this was placed; try again".into()
+    } else {
+        short.join(", ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A named server that cannot take a container says only what it lacks.
+    #[test]
+    fn a_named_server_says_what_it_lacks() {
+        let need = Resources {
+            cpu_millis: 200,
+            memory_mb: 256,
+            disk_mb: 2048,
+        };
+        let mut c = server(1, 1000, 1024, &[]);
+        c.allocated.disk_mb = 100_000 - 1000;
+        assert_eq!(lacks(&c, &need), "disk_mb 2048 needed, 1000 free");
+        c.draining = true;
+        assert_eq!(lacks(&c, &need), "it is draining");
+        c.up = false;
+        assert_eq!(lacks(&c, &need), "it is not up");
+    }
 
     fn server(id: i64, free_cpu: u64, free_mem: u64, labels: &[&str]) -> Candidate {
         let capacity = Resources {
