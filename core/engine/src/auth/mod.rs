@@ -354,7 +354,8 @@ impl Authenticator {
             let seen = counts.entry(auth.nonce.clone()).or_default();
             if !seen.accept(auth.nc) {
                 return Err(unauthorized(format!(
-                    "replayed request: nonce count {} was already used",
+                    "replayed request: nonce count {} was already used, or is more than 64 \
+                     below the highest this nonce has had; authenticate again",
                     auth.nc
                 )));
             }
