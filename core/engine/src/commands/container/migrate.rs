@@ -72,24 +72,30 @@ async fn undo_switched(
     let previous = serde_json::from_str::<Value>(&cmd.progress)
         .ok()
         .and_then(|p| p.get("previous_ip")?.as_str().map(String::from));
-    if let Some(env) = row.environment_id
-        && previous.is_some()
-        && previous != row.ip
-    {
-        undo.notify = Some(NewCommand {
-            project: None,
-            kind: CommandKind::EnvironmentNotify,
-            target: Some(Target::Environment(env)),
-            params: params::to_value(params::Notify {
-                containers: vec![row.id],
-                cause: None,
-                hook: Some(params::NotifyHook::Moved),
-                previous_ip: previous,
-            }),
-            requested_by: cmd.requested_by.clone(),
-        });
-    }
+    undo.notify = moved_notice(row, previous, &cmd.requested_by);
     Some(undo)
+}
+
+/// The `environment.notify` (`moved`) that tells container `row`'s environment it moved from
+/// address `previous` to its own; none when it has no environment or kept its address.
+fn moved_notice(
+    row: &container::Model,
+    previous: Option<String>,
+    requested_by: &str,
+) -> Option<NewCommand> {
+    let env = row.environment_id?;
+    (previous.is_some() && previous != row.ip).then(|| NewCommand {
+        project: None,
+        kind: CommandKind::EnvironmentNotify,
+        target: Some(Target::Environment(env)),
+        params: params::to_value(params::Notify {
+            containers: vec![row.id],
+            cause: None,
+            hook: Some(params::NotifyHook::Moved),
+            previous_ip: previous,
+        }),
+        requested_by: requested_by.to_string(),
+    })
 }
 
 /// Steps: 0 check and place on the target (dummy), 1 stop, 2 copy to the target, 3 destroy on
@@ -253,22 +259,11 @@ pub(super) async fn migrate(
                 .get("previous_ip")
                 .and_then(|v| v.as_str())
                 .map(String::from);
-            let then = match row.environment_id {
-                Some(env) if previous.is_some() && previous != row.ip => Next::Spawn {
+            let then = match moved_notice(&row, previous, &ctx.cmd.requested_by) {
+                Some(notice) => Next::Spawn {
                     step: MigrateStep::Rewired.number(),
                     progress: ctx.progress.clone(),
-                    children: vec![NewCommand {
-                        project: None,
-                        kind: CommandKind::EnvironmentNotify,
-                        target: Some(Target::Environment(env)),
-                        params: params::to_value(params::Notify {
-                            containers: vec![row.id],
-                            cause: None,
-                            hook: Some(params::NotifyHook::Moved),
-                            previous_ip: previous,
-                        }),
-                        requested_by: ctx.cmd.requested_by.clone(),
-                    }],
+                    children: vec![notice],
                 },
                 _ if live => Next::Done(json!({
                     "container_id": row.id,
