@@ -192,7 +192,8 @@ impl PlacementCache {
         view.pending = std::mem::take(&mut guard.pending);
         view.add_back(read.at, None, within);
         *guard = view;
-        self.others.lock().unwrap().read_at = Some(read.began);
+        drop(guard);
+        self.note_read(read.began);
     }
 
     /// Reloads one server.
@@ -289,9 +290,15 @@ impl PlacementCache {
         let named: HashSet<i64> = counters.iter().map(|c| c.0).collect();
         view.add_back(read.at, Some(&named), within);
         drop(guard);
+        self.note_read(read.began);
+    }
+
+    /// Records that the allocations in the view are as read at `began` (unless a later read
+    /// was recorded or taken).
+    fn note_read(&self, began: Instant) {
         let mut others = self.others.lock().unwrap();
-        if others.read_at.is_none_or(|at| at < read.began) {
-            others.read_at = Some(read.began);
+        if others.read_at.is_none_or(|at| at < began) {
+            others.read_at = Some(began);
         }
     }
 
@@ -314,10 +321,13 @@ impl PlacementCache {
         within: Option<Holder>,
     ) -> Result<(), DbErr> {
         {
-            let others = self.others.lock().unwrap();
-            if !others.placing || !stale(others.read_at, Instant::now(), others.max_age) {
+            let mut others = self.others.lock().unwrap();
+            let now = Instant::now();
+            if !others.placing || !stale(others.read_at, now, others.max_age) {
                 return Ok(());
             }
+            // Taken by this decision: those deciding meanwhile do not read them too.
+            others.read_at = Some(now);
         }
         let read = self.reading();
         let counters = read_allocations(conn).await?;
@@ -407,8 +417,9 @@ impl PlacementCache {
     }
 
     /// `decide_many` (on a view that follows other cores' placements, `follow_others`), and on
-    /// a database other cores share once more on a fresh view when a decision found no server: another core may have registered servers, or seen them come
-    /// back, since this view was read.
+    /// a database other cores share once more on a fresh view when a decision found no
+    /// server: another core may have registered servers, or seen them come back, since this
+    /// view was read.
     pub async fn decide_many_fresh<C: ConnectionTrait>(
         &self,
         conn: &C,
