@@ -222,10 +222,22 @@ async fn growth<C: ConnectionTrait>(
     })
 }
 
+/// `check` for a command that, in `txn`, writes what it checked only after the check (an
+/// update's growth, a clone's copy): the project's quota is held until `txn` ends, so that a
+/// check and the reservation it allows are seen whole by the next one (two running at once
+/// each fitted in what was left).
+pub async fn check_held<C: ConnectionTrait>(
+    txn: &C,
+    project: i64,
+    more: &Usage,
+) -> Result<(), CoreError> {
+    hold_quota(txn, project).await?;
+    check(txn, project, more, None).await
+}
+
 /// Holds the quota of `project` until `txn` ends (on PostgreSQL a lock of its row; SQLite
-/// runs one transaction at a time): a check and the reservation it allows, written in `txn`,
-/// are then seen whole by the next check.
-pub async fn hold_quota<C: ConnectionTrait>(txn: &C, project: i64) -> Result<(), CoreError> {
+/// runs one transaction at a time).
+async fn hold_quota<C: ConnectionTrait>(txn: &C, project: i64) -> Result<(), CoreError> {
     if txn.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
         txn.query_one_raw(crate::queue::store::sql(
             txn,

@@ -48,7 +48,7 @@ pub(super) async fn clone(
         return Ok(Transition::commit(move |txn| {
             Box::pin(async move {
                 let req = requirements_of(&row);
-                crate::projects::check(txn, row.project_id, &Usage::of(1, &req.resources), None)
+                crate::projects::check_held(txn, row.project_id, &Usage::of(1, &req.resources))
                     .await
                     .map_err(crate::commands::core_err)?;
                 let now = now_ms();

@@ -37,10 +37,7 @@ pub(super) async fn update(
                     containers: 0,
                     resources: grow,
                 };
-                crate::projects::hold_quota(txn, project)
-                    .await
-                    .map_err(crate::commands::core_err)?;
-                crate::projects::check(txn, project, &more, None)
+                crate::projects::check_held(txn, project, &more)
                     .await
                     .map_err(crate::commands::core_err)?;
                 let Some(r) =
